@@ -1,0 +1,51 @@
+// swift-tools-version:6.1
+// ConvirtSwift: contrastive pretraining of medical image encoders from paired images and reports
+// (ConVIRT, Zhang et al., arXiv 2010.00747) as MPI-launched data-parallel Swift worker processes.
+import PackageDescription
+
+let package = Package(
+    name: "convirt-swift",
+    platforms: [.macOS(.v14)],
+    products: [
+        .executable(name: "convirt", targets: ["convirt"]),
+        .library(name: "ConvirtCore", targets: ["ConvirtCore"]),
+        .library(name: "ConvirtIO", targets: ["ConvirtIO"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
+        .package(url: "https://github.com/apple/swift-numerics", from: "1.1.1"),
+    ],
+    targets: [
+        // System libraries, found through pkg-config and installed from Debian packages.
+        .systemLibrary(name: "COpenMPI", pkgConfig: "ompi-c", providers: [.apt(["libopenmpi-dev", "openmpi-bin"])]),
+        .systemLibrary(name: "COpenBLAS", pkgConfig: "openblas", providers: [.apt(["libopenblas-dev"])]),
+        .systemLibrary(name: "CZstd", pkgConfig: "libzstd", providers: [.apt(["libzstd-dev"])]),
+        .systemLibrary(name: "CZlib", pkgConfig: "zlib", providers: [.apt(["zlib1g-dev"])]),
+        .systemLibrary(name: "CLibJPEG", pkgConfig: "libjpeg", providers: [.apt(["libjpeg-dev"])]),
+        .systemLibrary(name: "CLibPNG", pkgConfig: "libpng", providers: [.apt(["libpng-dev"])]),
+
+        // C shims for what Swift cannot import: MPI's handle macros, and libjpeg/libpng's
+        // setjmp/longjmp error handling, which must stay inside C.
+        .target(name: "CMPI", dependencies: ["COpenMPI"]),
+        .target(name: "CCodecs", dependencies: ["CLibJPEG", "CLibPNG"]),
+
+        .target(
+            name: "ConvirtCore",
+            dependencies: ["COpenBLAS", .product(name: "RealModule", package: "swift-numerics")]
+        ),
+        .target(name: "ConvirtIO", dependencies: ["ConvirtCore", "CZstd", "CZlib", "CCodecs"]),
+        .executableTarget(
+            name: "convirt",
+            dependencies: [
+                "ConvirtCore", "ConvirtIO", "CMPI",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            ]
+        ),
+        .testTarget(
+            name: "ConvirtCoreTests",
+            dependencies: ["ConvirtCore", "ConvirtIO"],
+            resources: [.copy("Fixtures")]
+        ),
+        .testTarget(name: "ConvirtIOTests", dependencies: ["ConvirtIO", "ConvirtCore", "CMPI"]),
+    ]
+)

@@ -1,0 +1,136 @@
+/// One flat allocation for every parameter, and one each for gradients and the two Adam moments,
+/// with a name table (llm.c's layout, DESIGN.md invariant 3). Zeroing gradients is one fill, the
+/// optimizer is one loop over a range, all-reduce buckets, ZeRO-1 shards and checkpoint shards are
+/// ranges, and export walks the name table.
+public struct ParameterLayout: Sendable {
+    /// What an entry is: a trained parameter, a frozen parameter (no gradient, not in the optimizer),
+    /// or a buffer such as BatchNorm running statistics (saved and restored, never trained).
+    public enum Kind: String, Sendable, Codable { case trainable, frozen, buffer }
+
+    public struct Entry: Sendable, Equatable {
+        public let name: String
+        public let shape: [Int]
+        public let offset: Int
+        public let kind: Kind
+        public var count: Int { shape.reduce(1, *) }
+        public var range: Range<Int> { offset..<(offset + count) }
+    }
+
+    public private(set) var entries: [Entry] = []
+    public private(set) var totalCount = 0
+    private var index: [String: Int] = [:]
+    /// Offsets are rounded up to this many floats (16 floats = 64 bytes) so that every view is aligned.
+    public let alignment: Int
+
+    public init(alignment: Int = 16) { self.alignment = max(1, alignment) }
+
+    /// Appends an entry and returns it. Names are unique.
+    @discardableResult
+    public mutating func add(_ name: String, shape: [Int], kind: Kind = .trainable) throws -> Entry {
+        try require(index[name] == nil, "parameter layout", "duplicate parameter name \(name)")
+        try require(shape.allSatisfy { $0 > 0 }, "parameter layout", "\(name) has an invalid shape \(describe(shape: shape))")
+        let offset = (totalCount + alignment - 1) / alignment * alignment
+        let entry = Entry(name: name, shape: shape, offset: offset, kind: kind)
+        index[name] = entries.count
+        entries.append(entry)
+        totalCount = offset + entry.count
+        return entry
+    }
+
+    public subscript(name: String) -> Entry? { index[name].map { entries[$0] } }
+
+    /// Marks an existing entry frozen or trainable (used to freeze BERT's embeddings and first layers).
+    public mutating func setKind(_ kind: Kind, for name: String) throws {
+        guard let i = index[name] else { throw ConvirtError("parameter layout: no parameter named \(name)") }
+        let e = entries[i]
+        entries[i] = Entry(name: e.name, shape: e.shape, offset: e.offset, kind: kind)
+    }
+
+    /// Element count of the trainable entries.
+    public var trainableCount: Int { entries.lazy.filter { $0.kind == .trainable }.reduce(0) { $0 + $1.count } }
+}
+
+/// A view of one named tensor inside the arena: an offset and a shape, valid for params, grads, m and v.
+public struct ParameterView: Sendable {
+    public let entry: ParameterLayout.Entry
+    public var offset: Int { entry.offset }
+    public var count: Int { entry.count }
+    public var shape: [Int] { entry.shape }
+}
+
+/// The storage behind a `ParameterLayout`: four 64-byte-aligned Float buffers of the same size.
+public final class ParameterArena: @unchecked Sendable {
+    public let layout: ParameterLayout
+    public let count: Int
+    public let params: UnsafeMutablePointer<Float>
+    public let grads: UnsafeMutablePointer<Float>
+    public let adamM: UnsafeMutablePointer<Float>
+    public let adamV: UnsafeMutablePointer<Float>
+
+    public init(layout: ParameterLayout) {
+        self.layout = layout
+        self.count = layout.totalCount
+        func make() -> UnsafeMutablePointer<Float> {
+            let raw = UnsafeMutableRawPointer.allocate(byteCount: max(1, layout.totalCount) * 4, alignment: 64)
+            let p = raw.bindMemory(to: Float.self, capacity: max(1, layout.totalCount))
+            p.initialize(repeating: 0, count: max(1, layout.totalCount))
+            return p
+        }
+        params = make()
+        grads = make()
+        adamM = make()
+        adamV = make()
+    }
+
+    deinit {
+        for p in [params, grads, adamM, adamV] { UnsafeMutableRawPointer(p).deallocate() }
+    }
+
+    public func view(_ name: String) throws -> ParameterView {
+        guard let entry = layout[name] else { throw ConvirtError("parameter arena: no parameter named \(name)") }
+        return ParameterView(entry: entry)
+    }
+
+    public func zeroGrads() { grads.update(repeating: 0, count: count) }
+
+    /// A copy of one parameter as a tensor.
+    public func tensor(_ name: String) throws -> Tensor<Float> {
+        let v = try view(name)
+        var t = Tensor<Float>(shape: v.shape)
+        t.withUnsafeMutableBufferPointer { $0.baseAddress!.update(from: params + v.offset, count: v.count) }
+        return t
+    }
+
+    /// Copies `values` into one parameter; the shape must match.
+    public func set(_ name: String, _ values: Tensor<Float>) throws {
+        let v = try view(name)
+        try values.expectShape(v.shape, name)
+        values.withUnsafeBufferPointer { (params + v.offset).update(from: $0.baseAddress!, count: v.count) }
+    }
+
+    /// A copy of one parameter's gradient as a tensor.
+    public func gradient(_ name: String) throws -> Tensor<Float> {
+        let v = try view(name)
+        var t = Tensor<Float>(shape: v.shape)
+        t.withUnsafeMutableBufferPointer { $0.baseAddress!.update(from: grads + v.offset, count: v.count) }
+        return t
+    }
+
+    /// Maximal runs of consecutive trainable entries, as arena ranges (what the optimizer walks). The
+    /// alignment padding inside a run is zero in every buffer and stays zero under the optimizer.
+    public var trainableRanges: [Range<Int>] {
+        var result: [Range<Int>] = []
+        var previousTrainable = false
+        for e in layout.entries {  // entries are in offset order
+            if e.kind == .trainable {
+                if previousTrainable, let last = result.popLast() {
+                    result.append(last.lowerBound..<e.range.upperBound)
+                } else {
+                    result.append(e.range)
+                }
+            }
+            previousTrainable = e.kind == .trainable
+        }
+        return result
+    }
+}

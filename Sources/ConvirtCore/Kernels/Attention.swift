@@ -1,0 +1,96 @@
+// Multi-head scaled dot-product self-attention with a key padding mask (Vaswani et al. 2017), in the
+// layout of Hugging Face's BertSelfAttention: q, k, v are [B, T, H*D] with head h in columns h*D..<(h+1)*D.
+// Masked keys get probability exactly 0, which is what BERT's additive dtype-minimum bias produces.
+
+import RealModule
+
+public struct AttentionGeometry: Sendable, Equatable {
+    public let batch, tokens, heads, headSize: Int
+    public var width: Int { heads * headSize }
+    public var scale: Float { 1 / Float(headSize).squareRoot() }
+    /// Floats of the saved attention probabilities [B, H, T, T].
+    public var probabilitiesCount: Int { batch * heads * tokens * tokens }
+    /// Floats of scratch the backward pass needs ([T, T]).
+    public var workspaceCount: Int { tokens * tokens }
+
+    public init(batch: Int, tokens: Int, heads: Int, headSize: Int) throws {
+        try require(batch > 0 && tokens > 0 && heads > 0 && headSize > 0, "attention",
+                    "sizes must be positive (batch \(batch), tokens \(tokens), heads \(heads), head size \(headSize))")
+        self.batch = batch; self.tokens = tokens; self.heads = heads; self.headSize = headSize
+    }
+
+    /// FLOPs of the two batched products of the forward pass.
+    public var forwardFLOPs: Double { 4 * Double(batch * heads) * Double(tokens * tokens) * Double(headSize) }
+}
+
+public enum Attention {
+    /// output[b, i, h] = sum_j softmax_j(q[b,i,h] . k[b,j,h] * scale, over valid j) * v[b, j, h]
+    /// - output, q, k, v: [B, T, H*D]; mask: [B, T] (non-zero = valid; each row needs one valid token);
+    ///   probabilities: [B, H, T, T], kept for backward.
+    public static func forward(output: UnsafeMutablePointer<Float>, probabilities: UnsafeMutablePointer<Float>,
+                               q: UnsafePointer<Float>, k: UnsafePointer<Float>, v: UnsafePointer<Float>,
+                               mask: UnsafePointer<Int32>, geometry g: AttentionGeometry) {
+        let t = g.tokens, d = g.headSize, w = g.width
+        for b in 0..<g.batch {
+            let valid = mask + b * t
+            for h in 0..<g.heads {
+                let base = b * t * w + h * d
+                let p = probabilities + (b * g.heads + h) * t * t
+                sgemm(transposeA: false, transposeB: true, m: t, n: t, k: d, alpha: g.scale,
+                      a: q + base, lda: w, b: k + base, ldb: w, c: p, ldc: t)
+                for i in 0..<t {
+                    let row = p + i * t
+                    var m = -Float.infinity
+                    for j in 0..<t where valid[j] != 0 { m = max(m, row[j]) }
+                    var s: Float = 0
+                    for j in 0..<t {
+                        if valid[j] != 0 {
+                            let e = Float.exp(row[j] - m)
+                            row[j] = e
+                            s += e
+                        } else {
+                            row[j] = 0
+                        }
+                    }
+                    let inv = 1 / s
+                    for j in 0..<t { row[j] *= inv }
+                }
+                sgemm(transposeA: false, transposeB: false, m: t, n: d, k: t,
+                      a: p, lda: t, b: v + base, ldb: w, c: output + base, ldc: w)
+            }
+        }
+    }
+
+    /// Accumulates gradQ, gradK, gradV ([B, T, H*D]) from gradOutput, using the saved probabilities.
+    /// workspace: `geometry.workspaceCount` floats.
+    public static func backward(gradQ: UnsafeMutablePointer<Float>, gradK: UnsafeMutablePointer<Float>,
+                                gradV: UnsafeMutablePointer<Float>, gradOutput: UnsafePointer<Float>,
+                                probabilities: UnsafePointer<Float>, q: UnsafePointer<Float>, k: UnsafePointer<Float>,
+                                v: UnsafePointer<Float>, geometry g: AttentionGeometry, workspace: UnsafeMutablePointer<Float>) {
+        let t = g.tokens, d = g.headSize, w = g.width
+        for b in 0..<g.batch {
+            for h in 0..<g.heads {
+                let base = b * t * w + h * d
+                let p = probabilities + (b * g.heads + h) * t * t
+                let dO = gradOutput + base
+                // dV += P^T dO
+                sgemm(transposeA: true, transposeB: false, m: t, n: d, k: t,
+                      a: p, lda: t, b: dO, ldb: w, beta: 1, c: gradV + base, ldc: w)
+                // dP = dO V^T, then dS = P * (dP - rowsum(dP * P))
+                sgemm(transposeA: false, transposeB: true, m: t, n: t, k: d,
+                      a: dO, lda: w, b: v + base, ldb: w, c: workspace, ldc: t)
+                for i in 0..<t {
+                    let pr = p + i * t, dr = workspace + i * t
+                    var dot: Float = 0
+                    for j in 0..<t { dot += pr[j] * dr[j] }
+                    for j in 0..<t { dr[j] = pr[j] * (dr[j] - dot) }
+                }
+                // dQ += scale * dS K;  dK += scale * dS^T Q
+                sgemm(transposeA: false, transposeB: false, m: t, n: d, k: t, alpha: g.scale,
+                      a: workspace, lda: t, b: k + base, ldb: w, beta: 1, c: gradQ + base, ldc: w)
+                sgemm(transposeA: true, transposeB: false, m: t, n: d, k: t, alpha: g.scale,
+                      a: workspace, lda: t, b: q + base, ldb: w, beta: 1, c: gradK + base, ldc: w)
+            }
+        }
+    }
+}

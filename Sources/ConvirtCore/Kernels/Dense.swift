@@ -1,0 +1,111 @@
+// Linear, layer norm and embedding lookup: the row-wise layers of BERT and of the projection heads.
+
+import RealModule
+
+public enum Linear {
+    /// output[r, o] = sum_i input[r, i] * weight[o, i] + bias[o]  (torch.nn.Linear's weight layout)
+    /// - output: [rows, out]; input: [rows, in]; weight: [out, in]; bias: [out] or nil
+    public static func forward(output: UnsafeMutablePointer<Float>, input: UnsafePointer<Float>,
+                               weight: UnsafePointer<Float>, bias: UnsafePointer<Float>?,
+                               rows: Int, inFeatures: Int, outFeatures: Int) {
+        if let bias {
+            for r in 0..<rows { (output + r * outFeatures).update(from: bias, count: outFeatures) }
+        }
+        sgemm(transposeA: false, transposeB: true, m: rows, n: outFeatures, k: inFeatures,
+              a: input, lda: inFeatures, b: weight, ldb: inFeatures, beta: bias == nil ? 0 : 1,
+              c: output, ldc: outFeatures)
+    }
+
+    /// gradInput += gradOutput * weight; gradWeight += gradOutput^T * input; gradBias += column sums.
+    /// gradInput, gradWeight and gradBias may each be nil when not needed (frozen weights, first layer).
+    public static func backward(gradInput: UnsafeMutablePointer<Float>?, gradWeight: UnsafeMutablePointer<Float>?,
+                                gradBias: UnsafeMutablePointer<Float>?, gradOutput: UnsafePointer<Float>,
+                                input: UnsafePointer<Float>, weight: UnsafePointer<Float>,
+                                rows: Int, inFeatures: Int, outFeatures: Int) {
+        if let gradInput {
+            sgemm(transposeA: false, transposeB: false, m: rows, n: inFeatures, k: outFeatures,
+                  a: gradOutput, lda: outFeatures, b: weight, ldb: inFeatures, beta: 1, c: gradInput, ldc: inFeatures)
+        }
+        if let gradWeight {
+            sgemm(transposeA: true, transposeB: false, m: outFeatures, n: inFeatures, k: rows,
+                  a: gradOutput, lda: outFeatures, b: input, ldb: inFeatures, beta: 1, c: gradWeight, ldc: inFeatures)
+        }
+        if let gradBias {
+            for r in 0..<rows {
+                let dy = gradOutput + r * outFeatures
+                for o in 0..<outFeatures { gradBias[o] += dy[o] }
+            }
+        }
+    }
+}
+
+public enum LayerNorm {
+    /// output[r] = (x[r] - mean) / sqrt(var + eps) * gamma + beta over the last axis (biased variance).
+    /// mean and invStd ([rows]) are kept for the backward pass.
+    public static func forward(output: UnsafeMutablePointer<Float>, mean: UnsafeMutablePointer<Float>,
+                               invStd: UnsafeMutablePointer<Float>, input: UnsafePointer<Float>,
+                               gamma: UnsafePointer<Float>, beta: UnsafePointer<Float>,
+                               rows: Int, features: Int, eps: Float = 1e-12) {
+        let n = Float(features)
+        for r in 0..<rows {
+            let x = input + r * features, y = output + r * features
+            var s: Float = 0
+            for i in 0..<features { s += x[i] }
+            let m = s / n
+            var v: Float = 0
+            for i in 0..<features { let d = x[i] - m; v += d * d }
+            let rstd = 1 / (v / n + eps).squareRoot()
+            mean[r] = m
+            invStd[r] = rstd
+            for i in 0..<features { y[i] = (x[i] - m) * rstd * gamma[i] + beta[i] }
+        }
+    }
+
+    /// dx = invStd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)) with dxhat = dy * gamma;
+    /// gradGamma += sum_r dy * xhat; gradBeta += sum_r dy. gradGamma/gradBeta may be nil (frozen).
+    public static func backward(gradInput: UnsafeMutablePointer<Float>, gradGamma: UnsafeMutablePointer<Float>?,
+                                gradBeta: UnsafeMutablePointer<Float>?, gradOutput: UnsafePointer<Float>,
+                                input: UnsafePointer<Float>, gamma: UnsafePointer<Float>,
+                                mean: UnsafePointer<Float>, invStd: UnsafePointer<Float>, rows: Int, features: Int) {
+        let n = Float(features)
+        for r in 0..<rows {
+            let x = input + r * features, dy = gradOutput + r * features, dx = gradInput + r * features
+            let m = mean[r], rstd = invStd[r]
+            var sumG: Float = 0, sumGX: Float = 0
+            for i in 0..<features {
+                let xhat = (x[i] - m) * rstd, g = dy[i] * gamma[i]
+                sumG += g
+                sumGX += g * xhat
+            }
+            let meanG = sumG / n, meanGX = sumGX / n
+            for i in 0..<features {
+                let xhat = (x[i] - m) * rstd
+                dx[i] += rstd * (dy[i] * gamma[i] - meanG - xhat * meanGX)
+            }
+            if let gradGamma, let gradBeta {
+                for i in 0..<features {
+                    gradGamma[i] += dy[i] * (x[i] - m) * rstd
+                    gradBeta[i] += dy[i]
+                }
+            }
+        }
+    }
+}
+
+public enum Embedding {
+    /// output[r] = table[ids[r]]. output: [rows, features]; table: [vocabulary, features]; ids: [rows],
+    /// each in 0..<vocabulary (checked by the caller at the boundary).
+    public static func forward(output: UnsafeMutablePointer<Float>, table: UnsafePointer<Float>,
+                               ids: UnsafePointer<Int32>, rows: Int, features: Int) {
+        for r in 0..<rows { (output + r * features).update(from: table + Int(ids[r]) * features, count: features) }
+    }
+
+    /// Scatter-add: gradTable[ids[r]] += gradOutput[r]; repeated ids accumulate.
+    public static func backward(gradTable: UnsafeMutablePointer<Float>, gradOutput: UnsafePointer<Float>,
+                                ids: UnsafePointer<Int32>, rows: Int, features: Int) {
+        for r in 0..<rows {
+            let dst = gradTable + Int(ids[r]) * features, src = gradOutput + r * features
+            for i in 0..<features { dst[i] += src[i] }
+        }
+    }
+}

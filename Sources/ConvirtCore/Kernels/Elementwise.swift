@@ -1,0 +1,105 @@
+// Pointwise layers: ReLU, GELU (erf form, as BERT), residual add, dropout.
+
+import RealModule
+
+public enum ReLU {
+    /// output = max(input, 0); output may alias input. [count]
+    public static func forward(output: UnsafeMutablePointer<Float>, input: UnsafePointer<Float>, count: Int) {
+        for i in 0..<count { output[i] = input[i] > 0 ? input[i] : 0 }
+    }
+
+    /// gradInput += gradOutput where output > 0. Takes the forward output, so the input need not be kept.
+    public static func backward(gradInput: UnsafeMutablePointer<Float>, gradOutput: UnsafePointer<Float>,
+                                output: UnsafePointer<Float>, count: Int) {
+        for i in 0..<count where output[i] > 0 { gradInput[i] += gradOutput[i] }
+    }
+}
+
+public enum GELU {
+    /// output = x * Phi(x) = 0.5 * x * (1 + erf(x / sqrt 2)), BERT's exact GELU. [count]
+    public static func forward(output: UnsafeMutablePointer<Float>, input: UnsafePointer<Float>, count: Int) {
+        for i in 0..<count {
+            let x = input[i]
+            output[i] = 0.5 * x * (1 + Float.erf(x * 0.707_106_781_186_547_6))
+        }
+    }
+
+    /// gradInput += gradOutput * (Phi(x) + x * phi(x)).
+    public static func backward(gradInput: UnsafeMutablePointer<Float>, gradOutput: UnsafePointer<Float>,
+                                input: UnsafePointer<Float>, count: Int) {
+        for i in 0..<count {
+            let x = input[i]
+            let cdf = 0.5 * (1 + Float.erf(x * 0.707_106_781_186_547_6))
+            let pdf = Float.exp(-0.5 * x * x) * 0.398_942_280_401_432_7
+            gradInput[i] += gradOutput[i] * (cdf + x * pdf)
+        }
+    }
+}
+
+public enum Residual {
+    /// output = a + b; output may alias either input. [count]
+    public static func forward(output: UnsafeMutablePointer<Float>, _ a: UnsafePointer<Float>, _ b: UnsafePointer<Float>, count: Int) {
+        for i in 0..<count { output[i] = a[i] + b[i] }
+    }
+
+    /// gradA += gradOutput; gradB += gradOutput.
+    public static func backward(gradA: UnsafeMutablePointer<Float>, gradB: UnsafeMutablePointer<Float>,
+                                gradOutput: UnsafePointer<Float>, count: Int) {
+        for i in 0..<count {
+            let g = gradOutput[i]
+            gradA[i] += g
+            gradB[i] += g
+        }
+    }
+}
+
+/// Inverted dropout whose mask is a pure function of a counter-based stream: element i is kept when
+/// the stream's i-th uniform draw is >= p, and kept values are scaled by 1/(1-p). The backward pass
+/// regenerates the mask from the same stream, so nothing is stored and any rank can reproduce it.
+public enum Dropout {
+    @inline(__always)
+    static func threshold(_ p: Float) -> UInt32 {
+        // keep when draw >= p * 2^32
+        p >= 1 ? UInt32.max : UInt32(min(Double(p) * 4_294_967_296.0, 4_294_967_295.0))
+    }
+
+    public static func forward(output: UnsafeMutablePointer<Float>, input: UnsafePointer<Float>, count: Int,
+                               probability p: Float, stream: RandomStream) {
+        precondition(p >= 0 && p < 1, "dropout probability must be in [0, 1)")
+        if p == 0 {
+            if UnsafePointer(output) != input { output.update(from: input, count: count) }
+            return
+        }
+        let scale = 1 / (1 - p), limit = threshold(p)
+        forEachBlock(count: count, stream: stream) { i, draw in
+            output[i] = draw >= limit ? input[i] * scale : 0
+        }
+    }
+
+    /// gradInput += gradOutput * mask / (1 - p), with the mask drawn again from `stream`.
+    public static func backward(gradInput: UnsafeMutablePointer<Float>, gradOutput: UnsafePointer<Float>, count: Int,
+                                probability p: Float, stream: RandomStream) {
+        if p == 0 {
+            for i in 0..<count { gradInput[i] += gradOutput[i] }
+            return
+        }
+        let scale = 1 / (1 - p), limit = threshold(p)
+        forEachBlock(count: count, stream: stream) { i, draw in
+            if draw >= limit { gradInput[i] += gradOutput[i] * scale }
+        }
+    }
+
+    /// Calls body(i, uint32(at: i)) for i in 0..<count, one Philox block per four elements.
+    @inline(__always)
+    static func forEachBlock(count: Int, stream: RandomStream, _ body: (Int, UInt32) -> Void) {
+        var i = 0
+        while i < count {
+            let b = stream.block(UInt64(i >> 2))
+            body(i, b.0)
+            if i + 1 < count { body(i + 1, b.1) }
+            if i + 2 < count { body(i + 2, b.2) }
+            if i + 3 < count { body(i + 3, b.3) }
+            i += 4
+        }
+    }
+}

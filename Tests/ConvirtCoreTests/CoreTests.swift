@@ -1,0 +1,125 @@
+// The counter-based generator, the arena, the optimizer reference, and clear errors for bad shapes.
+
+import ConvirtCore
+import Testing
+
+@Suite("Counter-based random numbers")
+struct RandomTests {
+    @Test("Philox4x32-10 known-answer vectors (Random123)")
+    func knownAnswers() {
+        let zero = philox4x32(counter: (0, 0, 0, 0), key: (0, 0))
+        #expect(zero == (0x6627_E8D5, 0xE169_C58D, 0xBC57_AC4C, 0x9B00_DBD8))
+        let ones = philox4x32(counter: (.max, .max, .max, .max), key: (.max, .max))
+        #expect(ones == (0x408F_276D, 0x41C8_3B0E, 0xA20B_C7C6, 0x6D54_51FD))
+        let pi = philox4x32(counter: (0x243F_6A88, 0x85A3_08D3, 0x1319_8A2E, 0x0370_7344), key: (0xA409_3822, 0x299F_31D0))
+        #expect(pi == (0xD16C_FE09, 0x94FD_CCEB, 0x5001_E420, 0x2412_6EA1))
+    }
+
+    @Test("a draw depends only on (seed, keys, index)")
+    func pureFunction() {
+        let a = RandomStream(seed: 42, 3, 1_000_001, 7)
+        let b = RandomStream(seed: 42, keys: [3, 1_000_001, 7])
+        #expect((0..<100).allSatisfy { a.uint32(at: $0) == b.uint32(at: $0) })
+        #expect(a.child(9).uint32(at: 5) == RandomStream(seed: 42, 3, 1_000_001, 7, 9).uint32(at: 5))
+        #expect(RandomStream(seed: 43, 3, 1_000_001, 7).uint32(at: 0) != a.uint32(at: 0))
+        #expect(RandomStream(seed: 42, 3, 1_000_002, 7).uint32(at: 0) != a.uint32(at: 0))
+        #expect(RandomStream(seed: 42, 7, 1_000_001, 3).uint32(at: 0) != a.uint32(at: 0), "key order matters")
+    }
+
+    @Test("uniform and normal draws have the right moments; permutations are permutations")
+    func distributions() {
+        let s = RandomStream(seed: 1, 2)
+        let n = 20000
+        let u = (0..<n).map { Double(s.uniform(at: UInt64($0))) }
+        #expect(u.allSatisfy { $0 >= 0 && $0 < 1 })
+        #expect(abs(u.reduce(0, +) / Double(n) - 0.5) < 0.01)
+        let z = (0..<n).map { Double(s.normal(at: UInt64($0))) }
+        let mean = z.reduce(0, +) / Double(n), variance = z.reduce(0) { $0 + ($1 - mean) * ($1 - mean) } / Double(n)
+        #expect(abs(mean) < 0.03 && abs(variance - 1) < 0.05, "mean \(mean), variance \(variance)")
+        let p = s.permutation(1000)
+        #expect(p.sorted() == Array(0..<1000) && p != Array(0..<1000))
+        let counts = (0..<6000).reduce(into: [Int](repeating: 0, count: 6)) { $0[s.integer(below: 6, at: UInt64($1))] += 1 }
+        #expect(counts.allSatisfy { abs($0 - 1000) < 120 }, "\(counts)")
+    }
+}
+
+@Suite("Parameter arena")
+struct ArenaTests {
+    @Test("one flat buffer per role, aligned views, trainable ranges skip frozen entries")
+    func layout() throws {
+        var layout = ParameterLayout()
+        try layout.add("a.weight", shape: [3, 5])
+        try layout.add("a.bias", shape: [3])
+        try layout.add("bn.running_mean", shape: [7], kind: .buffer)
+        try layout.add("b.weight", shape: [2, 2])
+        try layout.add("c.weight", shape: [4], kind: .frozen)
+        try layout.add("d.weight", shape: [1])
+        #expect(layout.entries.allSatisfy { $0.offset % 16 == 0 })
+        #expect(layout["a.bias"]?.offset == 16)
+        #expect(layout.trainableCount == 15 + 3 + 4 + 1)
+        let arena = ParameterArena(layout: layout)
+        #expect(arena.trainableRanges == [0..<19, 48..<52, 80..<81])
+        try arena.set("b.weight", Tensor(shape: [2, 2], [1, 2, 3, 4]))
+        #expect(try arena.tensor("b.weight").scalars == [1, 2, 3, 4])
+        #expect(arena.params[48 + 3] == 4)
+        #expect(throws: ConvirtError.self) { try arena.set("b.weight", Tensor<Float>(shape: [4])) }
+        #expect(throws: ConvirtError.self) { try arena.view("nope") }
+        #expect(throws: ConvirtError.self) { try layout.add("a.weight", shape: [1]) }
+    }
+
+    @Test("Adam over the arena equals the Double reference, and leaves frozen entries alone")
+    func adamMatchesReference() throws {
+        var layout = ParameterLayout()
+        try layout.add("w", shape: [37])
+        try layout.add("frozen", shape: [5], kind: .frozen)
+        let arena = ParameterArena(layout: layout)
+        var p = randomFloats(37, seed: 1).map(Double.init), m = [Double](repeating: 0, count: 37), v = m
+        try arena.set("w", Tensor(shape: [37], p.map(Float.init)))
+        try arena.set("frozen", Tensor(shape: [5], [1, 2, 3, 4, 5]))
+        for decoupled in [false, true] {
+            let config = AdamConfig(learningRate: 1e-2, weightDecay: 0.1, decoupled: decoupled)
+            for step in 1...5 {
+                let g = randomFloats(37, seed: UInt64(10 + step))
+                g.withUnsafeBufferPointer { arena.grads.update(from: $0.baseAddress!, count: 37) }
+                for i in 0..<5 { arena.grads[48 + i] = 1 }
+                Adam.step(arena, step: step, config: config)
+                Reference.adamStep(params: &p, grads: g.map(Double.init), m: &m, v: &v, step: step, lr: 1e-2, beta1: 0.9, beta2: 0.999,
+                                   eps: 1e-8, weightDecay: 0.1, decoupled: decoupled)
+            }
+            #expect(relativeError(try arena.tensor("w").scalars, p) < 1e-5)
+            #expect(try arena.tensor("frozen").scalars == [1, 2, 3, 4, 5])
+            arena.adamM.update(repeating: 0, count: arena.count)
+            arena.adamV.update(repeating: 0, count: arena.count)
+            m = [Double](repeating: 0, count: 37); v = m
+        }
+    }
+}
+
+@Suite("Bad shapes and sizes are clear errors")
+struct ShapeErrorTests {
+    @Test("each checked kernel names the tensor and the problem")
+    func messages() throws {
+        let x = Tensor<Float>(shape: [1, 3, 8, 8])
+        func message(_ body: () throws -> Void) -> String {
+            do { try body(); return "" } catch { return "\(error)" }
+        }
+        #expect(message { _ = try F.conv2d(x, weight: Tensor(shape: [4, 2, 3, 3])) }.contains("input has 3 channels but the weight [4, 2, 3, 3] expects 2"))
+        #expect(message { _ = try F.conv2d(x, weight: Tensor(shape: [4, 3, 3, 3]), stride: 0) }.contains("stride 0x0 must be positive"))
+        #expect(message { _ = try F.conv2d(x, weight: Tensor(shape: [4, 3, 11, 11])) }.contains("larger than the padded input"))
+        #expect(message { _ = try F.conv2d(Tensor(shape: [3, 8, 8]), weight: Tensor(shape: [4, 3, 3, 3])) }.contains("conv2d input: expected a rank-4 tensor"))
+        #expect(message { _ = try F.conv2d(x, weight: Tensor(shape: [4, 3, 3, 3]), bias: Tensor(shape: [5])) }.contains("conv2d bias: expected shape [4], got [5]"))
+        #expect(message { _ = try F.linear(Tensor(shape: [2, 5]), weight: Tensor(shape: [3, 4]), bias: nil) }.contains("does not end in 4 features"))
+        #expect(message { _ = try F.embedding(Tensor<Int32>(shape: [2], repeating: 10), table: Tensor(shape: [10, 3])) }.contains("id 10 at position 0 is outside the vocabulary of 10"))
+        #expect(message { _ = try F.crossEntropy(Tensor(shape: [2, 3]), targets: Tensor<Int32>(shape: [2], repeating: 3)) }.contains("target 3 of row 0 is outside 0..<3"))
+        let q = Tensor<Float>(shape: [2, 4, 6])
+        #expect(message { _ = try F.attention(q: q, k: q, v: q, mask: Tensor(shape: [2, 4], repeating: 1), heads: 4) }.contains("width 6 is not divisible by 4 heads"))
+        #expect(message { _ = try F.attention(q: q, k: q, v: q, mask: Tensor(shape: [2, 4]), heads: 2) }.contains("sequence 0 has no valid token"))
+        #expect(message { _ = try F.layerNorm(Tensor(shape: [2, 5]), gamma: Tensor(shape: [4]), beta: Tensor(shape: [5])) }.contains("layer norm weight: expected shape [5], got [4]"))
+        var rm = Tensor<Float>(shape: [3]), rv = Tensor<Float>(shape: [3])
+        #expect(message { _ = try F.batchNormTraining(Tensor(shape: [1, 3, 1, 1]), gamma: Tensor(shape: [3]), beta: Tensor(shape: [3]), runningMean: &rm, runningVar: &rv) }
+            .contains("more than one value per channel"))
+        #expect(message { _ = try F.dropout(x, probability: 1, stream: RandomStream(seed: 1)) }.contains("probability 1.0 is not in [0, 1)"))
+        #expect(message { _ = try Tensor<Float>(shape: [2, 2], [1, 2, 3]) }.contains("3 values do not fill shape [2, 2]"))
+        #expect(message { _ = try AttentionGeometry(batch: 0, tokens: 1, heads: 1, headSize: 1) }.contains("sizes must be positive"))
+    }
+}

@@ -10,6 +10,7 @@ let package = Package(
         .executable(name: "convirt", targets: ["convirt"]),
         .library(name: "ConvirtCore", targets: ["ConvirtCore"]),
         .library(name: "ConvirtIO", targets: ["ConvirtIO"]),
+        .library(name: "ConvirtDistributed", targets: ["ConvirtDistributed"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
@@ -34,10 +35,11 @@ let package = Package(
             dependencies: ["COpenBLAS", .product(name: "RealModule", package: "swift-numerics")]
         ),
         .target(name: "ConvirtIO", dependencies: ["ConvirtCore", "CZstd", "CZlib", "CCodecs"]),
+        .target(name: "ConvirtDistributed", dependencies: ["ConvirtCore", "CMPI"]),
         .executableTarget(
             name: "convirt",
             dependencies: [
-                "ConvirtCore", "ConvirtIO", "CMPI",
+                "ConvirtCore", "ConvirtIO", "ConvirtDistributed",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ]
         ),
@@ -46,6 +48,7 @@ let package = Package(
             dependencies: ["ConvirtCore", "ConvirtIO"],
             resources: [.copy("Fixtures")]
         ),
-        .testTarget(name: "ConvirtIOTests", dependencies: ["ConvirtIO", "ConvirtCore", "CMPI"]),
+        .testTarget(name: "ConvirtIOTests", dependencies: ["ConvirtIO", "ConvirtCore"], resources: [.copy("Fixtures")]),
+        .testTarget(name: "ConvirtCLITests", dependencies: ["convirt"]),
     ]
 )

@@ -1,0 +1,102 @@
+// The communicator every rank talks through: MPI when launched by mpirun, a single-process stand-in
+// otherwise, behind one interface so that `convirt` runs the same code with and without mpirun.
+
+import CMPI
+import ConvirtCore
+import Foundation
+
+public protocol Communicator: AnyObject {
+    var rank: Int { get }
+    var size: Int { get }
+    /// In-place sum over all ranks.
+    func allReduceSum(_ buffer: UnsafeMutableBufferPointer<Float>) throws
+    func allReduceSum(_ buffer: UnsafeMutableBufferPointer<Double>) throws
+    func barrier() throws
+}
+
+extension Communicator {
+    public var isRoot: Bool { rank == 0 }
+}
+
+/// One process: collectives are identities.
+public final class SingleProcessCommunicator: Communicator {
+    public init() {}
+    public var rank: Int { 0 }
+    public var size: Int { 1 }
+    public func allReduceSum(_ buffer: UnsafeMutableBufferPointer<Float>) throws {}
+    public func allReduceSum(_ buffer: UnsafeMutableBufferPointer<Double>) throws {}
+    public func barrier() throws {}
+}
+
+/// MPI_COMM_WORLD. Errors are returned (MPI_ERRORS_RETURN) and become `ConvirtError`s with MPI's text.
+public final class MPICommunicator: Communicator {
+    public let rank: Int
+    public let size: Int
+    /// The thread support level MPI granted.
+    public let threadLevel: Int32
+    private var finalized = false
+
+    /// True when this process was started by mpirun / a PMI launcher (so MPI_Init will find its job).
+    public static var launchedByMPI: Bool {
+        let env = ProcessInfo.processInfo.environment
+        return env["OMPI_COMM_WORLD_SIZE"] != nil || env["PMI_SIZE"] != nil || env["PMIX_RANK"] != nil
+    }
+
+    public static var libraryVersion: String {
+        var buffer = [CChar](repeating: 0, count: 512)
+        return String(cString: cmpi_library_version(&buffer, Int32(buffer.count)))
+    }
+
+    public init() throws {
+        var provided: Int32 = 0
+        let code = MPI_Init_thread(nil, nil, cmpi_thread_funneled(), &provided)
+        guard code == cmpi_success() else { throw MPICommunicator.error(code, "MPI_Init_thread") }
+        threadLevel = provided
+        MPI_Comm_set_errhandler(cmpi_comm_world(), cmpi_errors_return())
+        var r: Int32 = 0, s: Int32 = 0
+        MPI_Comm_rank(cmpi_comm_world(), &r)
+        MPI_Comm_size(cmpi_comm_world(), &s)
+        rank = Int(r)
+        size = Int(s)
+    }
+
+    deinit { finalize() }
+
+    public func finalize() {
+        if finalized { return }
+        finalized = true
+        MPI_Finalize()
+    }
+
+    /// Ends every rank of the job (used when one rank hits a fatal error, so that no rank hangs).
+    public func abort(code: Int32 = 1) -> Never {
+        MPI_Abort(cmpi_comm_world(), code)
+        exit(code)
+    }
+
+    static func error(_ code: Int32, _ call: String) -> ConvirtError {
+        var buffer = [CChar](repeating: 0, count: 512)
+        return ConvirtError("MPI error in \(call): \(String(cString: cmpi_error_string(code, &buffer, Int32(buffer.count))))")
+    }
+
+    private func check(_ code: Int32, _ call: String) throws {
+        if code != cmpi_success() { throw MPICommunicator.error(code, call) }
+    }
+
+    public func allReduceSum(_ buffer: UnsafeMutableBufferPointer<Float>) throws {
+        try check(MPI_Allreduce(cmpi_in_place(), buffer.baseAddress, Int32(buffer.count), cmpi_float(), cmpi_op_sum(), cmpi_comm_world()), "MPI_Allreduce")
+    }
+
+    public func allReduceSum(_ buffer: UnsafeMutableBufferPointer<Double>) throws {
+        try check(MPI_Allreduce(cmpi_in_place(), buffer.baseAddress, Int32(buffer.count), cmpi_double(), cmpi_op_sum(), cmpi_comm_world()), "MPI_Allreduce")
+    }
+
+    public func barrier() throws {
+        try check(MPI_Barrier(cmpi_comm_world()), "MPI_Barrier")
+    }
+}
+
+/// The communicator for this process: MPI under mpirun, a single process otherwise.
+public func makeCommunicator() throws -> Communicator {
+    MPICommunicator.launchedByMPI ? try MPICommunicator() : SingleProcessCommunicator()
+}

@@ -1,0 +1,43 @@
+// convirt: contrastive pretraining of medical image encoders from paired images and reports
+// (ConVIRT, Zhang et al., arXiv 2010.00747) as MPI-launched data-parallel Swift worker processes.
+
+import ArgumentParser
+import ConvirtCore
+import ConvirtDistributed
+import Foundation
+
+@main
+struct Convirt: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "convirt",
+        abstract: "ConVIRT: contrastive pretraining of medical image encoders from images and reports, on MPI.",
+        subcommands: [Info.self, Bench.self]
+    )
+}
+
+/// What this build runs on: the libraries, the BLAS threads, and (under mpirun) the MPI job, checked
+/// with one all-reduce.
+struct Info: ParsableCommand {
+    static let configuration = CommandConfiguration(abstract: "Print the build's libraries and, under mpirun, check the MPI job with an all-reduce.")
+
+    func run() throws {
+        let communicator = try makeCommunicator()
+        var ranks = [Double(communicator.rank)]
+        try ranks.withUnsafeMutableBufferPointer { try communicator.allReduceSum($0) }
+        let expected = Double(communicator.size * (communicator.size - 1) / 2)
+        if communicator.isRoot {
+            print("convirt \(convirtVersion)")
+            print("BLAS: \(BLASThreads.configuration), \(BLASThreads.current) thread(s)")
+            print("MPI: \(MPICommunicator.libraryVersion.split(separator: "\n").first ?? "")")
+            if communicator is MPICommunicator {
+                print("MPI job: world size \(communicator.size); all-reduce of ranks = \(Int(ranks[0])) (expected \(Int(expected)))")
+            } else {
+                print("MPI job: none (not launched by mpirun; running as a single process)")
+            }
+        }
+        (communicator as? MPICommunicator)?.finalize()
+        if ranks[0] != expected { throw ValidationError("all-reduce returned \(ranks[0]), expected \(expected)") }
+    }
+}
+
+let convirtVersion = "0.1.0"

@@ -123,3 +123,58 @@ struct ShapeErrorTests {
         #expect(message { _ = try AttentionGeometry(batch: 0, tokens: 1, heads: 1, headSize: 1) }.contains("sizes must be positive"))
     }
 }
+
+@Suite("Batch norm statistics hook (SyncBN)")
+struct BatchNormReducerTests {
+    /// Two "ranks" each hold half of a batch. A reducer that adds the other half's sums makes each
+    /// half's forward and backward equal to the whole batch's: global statistics, forward and backward.
+    @Test("halves with summed statistics equal the whole batch")
+    func halvesEqualWhole() throws {
+        let (n, c, h, w) = (4, 3, 5, 2)
+        let x = tensor([n, c, h, w], seed: 1, scale: 2), gamma = tensor([c], seed: 2), beta = tensor([c], seed: 3)
+        let dy = tensor([n, c, h, w], seed: 4)
+        let half = n / 2 * c * h * w
+        func slice(_ t: Tensor<Float>, _ part: Int) -> Tensor<Float> {
+            try! Tensor(shape: [n / 2, c, h, w], Array(t.scalars[(part * half)..<((part + 1) * half)]))
+        }
+        var rm = Tensor<Float>(shape: [c]), rv = Tensor<Float>(shape: [c], repeating: 1)
+        let whole = try F.batchNormTraining(x, gamma: gamma, beta: beta, runningMean: &rm, runningVar: &rv)
+        let wholeGrad = try F.batchNormTrainingBackward(dy, input: x, gamma: gamma, state: whole.state)
+
+        // An all-reduce seen from one half: its own sums plus the other half's, recorded beforehand.
+        final class Recorder: @unchecked Sendable { var sums: [[Double]] = [[], []] }
+        let forwardSums = Recorder(), backwardSums = Recorder()
+        for part in 0..<2 {
+            var m = Tensor<Float>(shape: [c]), v = Tensor<Float>(shape: [c], repeating: 1)
+            _ = try F.batchNormTraining(slice(x, part), gamma: gamma, beta: beta, runningMean: &m, runningVar: &v) { forwardSums.sums[part] = Array($0) }
+        }
+        var states: [F.BatchNormState] = []
+        var outputs: [Float] = []
+        for part in 0..<2 {
+            var m = Tensor<Float>(shape: [c]), v = Tensor<Float>(shape: [c], repeating: 1)
+            let r = try F.batchNormTraining(slice(x, part), gamma: gamma, beta: beta, runningMean: &m, runningVar: &v) { buffer in
+                for i in buffer.indices { buffer[i] += forwardSums.sums[1 - part][i] }
+            }
+            #expect(r.state.count == n * h * w)
+            #expect(relativeError(m.scalars, rm.scalars) < 1e-6, "running mean from global statistics")
+            #expect(relativeError(v.scalars, rv.scalars) < 1e-6, "running variance from global statistics")
+            states.append(r.state)
+            outputs += r.output.scalars
+        }
+        for part in 0..<2 {
+            _ = try F.batchNormTrainingBackward(slice(dy, part), input: slice(x, part), gamma: gamma, state: states[part]) { backwardSums.sums[part] = Array($0) }
+        }
+        var inputGrads: [Float] = []
+        var gammaGrad = [Float](repeating: 0, count: c)
+        for part in 0..<2 {
+            let g = try F.batchNormTrainingBackward(slice(dy, part), input: slice(x, part), gamma: gamma, state: states[part]) { buffer in
+                for i in buffer.indices { buffer[i] += backwardSums.sums[1 - part][i] }
+            }
+            inputGrads += g.input.scalars
+            for i in 0..<c { gammaGrad[i] += g.gamma.scalars[i] }  // parameter gradients are summed over ranks later
+        }
+        #expect(relativeError(outputs, whole.output.scalars) < 1e-5)
+        #expect(relativeError(inputGrads, wholeGrad.input.scalars) < 1e-5)
+        #expect(relativeError(gammaGrad, wholeGrad.gamma.scalars) < 1e-5)
+    }
+}

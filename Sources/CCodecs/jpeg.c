@@ -37,19 +37,20 @@ static void cc_set_message(char *message, size_t capacity, const char *text) {
     snprintf(message, capacity, "%s", text);
 }
 
-static void cc_jpeg_install_errors(cc_jpeg_error *error, struct jpeg_decompress_struct *info) {
+static struct jpeg_error_mgr *cc_jpeg_install_errors(cc_jpeg_error *error) {
     memset(error, 0, sizeof *error);
-    info->err = jpeg_std_error(&error->base);
+    struct jpeg_error_mgr *manager = jpeg_std_error(&error->base);
     error->base.error_exit = cc_jpeg_error_exit;
     error->base.emit_message = cc_jpeg_emit_message;
     error->base.output_message = cc_jpeg_output_message;
+    return manager;
 }
 
 int cc_jpeg_info(const uint8_t *data, size_t length, int *width, int *height, int *components,
                  char *message, size_t message_capacity) {
     struct jpeg_decompress_struct info;
     cc_jpeg_error error;
-    cc_jpeg_install_errors(&error, &info);
+    info.err = cc_jpeg_install_errors(&error);
     if (setjmp(error.jump)) {
         char text[JMSG_LENGTH_MAX];
         (*info.err->format_message)((j_common_ptr)&info, text);
@@ -73,7 +74,7 @@ int cc_jpeg_decode_gray(const uint8_t *data, size_t length, int min_width, int m
     cc_jpeg_error error;
     uint8_t *volatile buffer = NULL;
     *pixels = NULL;
-    cc_jpeg_install_errors(&error, &info);
+    info.err = cc_jpeg_install_errors(&error);
     if (setjmp(error.jump)) {
         char text[JMSG_LENGTH_MAX];
         (*info.err->format_message)((j_common_ptr)&info, text);
@@ -128,11 +129,7 @@ int cc_jpeg_encode_gray(const uint8_t *pixels, int width, int height, int qualit
     unsigned long size = 0;
     *output = NULL;
     *output_length = 0;
-    memset(&error, 0, sizeof error);
-    info.err = jpeg_std_error(&error.base);
-    error.base.error_exit = cc_jpeg_error_exit;
-    error.base.emit_message = cc_jpeg_emit_message;
-    error.base.output_message = cc_jpeg_output_message;
+    info.err = cc_jpeg_install_errors(&error);
     if (setjmp(error.jump)) {
         char text[JMSG_LENGTH_MAX];
         (*info.err->format_message)((j_common_ptr)&info, text);

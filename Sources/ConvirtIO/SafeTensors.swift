@@ -190,26 +190,23 @@ public struct SafeTensorsWriter {
         entries.append((name, dtype, tensor.shape, bytes))
     }
 
-    public mutating func add(_ name: String, _ tensor: Tensor<Int64>) throws {
+    /// An integer tensor, stored as I64 or I32 after its element type.
+    public mutating func add<T: TensorElement & FixedWidthInteger>(_ name: String, _ tensor: Tensor<T>) throws {
+        let dtype: SafeTensorsDType
+        switch T.self {
+        case is Int64.Type: dtype = .i64
+        case is Int32.Type: dtype = .i32
+        case is UInt8.Type: dtype = .u8
+        default: throw ConvirtError("safetensors writer: unsupported integer type \(T.self) for \(name)")
+        }
         try ConvirtCore.require(!entries.contains { $0.name == name }, "safetensors writer", "duplicate tensor \(name)")
-        var bytes = Data(count: tensor.count * 8)
+        var bytes = Data(count: tensor.count * MemoryLayout<T>.size)
         bytes.withUnsafeMutableBytes { raw in
             tensor.withUnsafeBufferPointer { src in
-                for i in 0..<src.count { raw.storeBytes(of: src[i].littleEndian, toByteOffset: 8 * i, as: Int64.self) }
+                for i in 0..<src.count { raw.storeBytes(of: src[i].littleEndian, toByteOffset: MemoryLayout<T>.size * i, as: T.self) }
             }
         }
-        entries.append((name, .i64, tensor.shape, bytes))
-    }
-
-    public mutating func add(_ name: String, _ tensor: Tensor<Int32>) throws {
-        try ConvirtCore.require(!entries.contains { $0.name == name }, "safetensors writer", "duplicate tensor \(name)")
-        var bytes = Data(count: tensor.count * 4)
-        bytes.withUnsafeMutableBytes { raw in
-            tensor.withUnsafeBufferPointer { src in
-                for i in 0..<src.count { raw.storeBytes(of: src[i].littleEndian, toByteOffset: 4 * i, as: Int32.self) }
-            }
-        }
-        entries.append((name, .i32, tensor.shape, bytes))
+        entries.append((name, dtype, tensor.shape, bytes))
     }
 
     /// The file's bytes. The header is padded with spaces to a multiple of 8, as the reference writer does.

@@ -5,15 +5,19 @@ import RealModule
 public enum Softmax {
     /// output[r] = softmax(input[r]) over the last axis, shifted by the row max. output may alias input.
     public static func forward(output: UnsafeMutablePointer<Float>, input: UnsafePointer<Float>, rows: Int, columns: Int) {
-        for r in 0..<rows {
-            let x = input + r * columns, y = output + r * columns
-            var m = -Float.infinity
-            for i in 0..<columns { m = max(m, x[i]) }
-            var s: Float = 0
-            for i in 0..<columns { let e = Float.exp(x[i] - m); y[i] = e; s += e }
-            let inv = 1 / s
-            for i in 0..<columns { y[i] *= inv }
-        }
+        for r in 0..<rows { _ = row(output + r * columns, input + r * columns, columns) }
+    }
+
+    /// Softmax of one row; returns log(sum(exp(x))) (the row's log-partition) for the caller's loss.
+    @inline(__always)
+    static func row(_ y: UnsafeMutablePointer<Float>, _ x: UnsafePointer<Float>, _ columns: Int) -> Float {
+        var m = -Float.infinity
+        for i in 0..<columns { m = max(m, x[i]) }
+        var s: Float = 0
+        for i in 0..<columns { let e = Float.exp(x[i] - m); y[i] = e; s += e }
+        let inv = 1 / s
+        for i in 0..<columns { y[i] *= inv }
+        return Float.log(s) + m
     }
 
     /// gradInput += y * (dy - sum(dy * y)), from the forward output y.
@@ -69,14 +73,8 @@ public enum CrossEntropy {
     public static func forward(losses: UnsafeMutablePointer<Float>, probabilities: UnsafeMutablePointer<Float>,
                                logits: UnsafePointer<Float>, targets: UnsafePointer<Int32>, rows: Int, classes: Int) {
         for r in 0..<rows {
-            let x = logits + r * classes, p = probabilities + r * classes
-            var m = -Float.infinity
-            for i in 0..<classes { m = max(m, x[i]) }
-            var s: Float = 0
-            for i in 0..<classes { let e = Float.exp(x[i] - m); p[i] = e; s += e }
-            let inv = 1 / s
-            for i in 0..<classes { p[i] *= inv }
-            losses[r] = Float.log(s) + m - x[Int(targets[r])]
+            let x = logits + r * classes
+            losses[r] = Softmax.row(probabilities + r * classes, x, classes) - x[Int(targets[r])]
         }
     }
 

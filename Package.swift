@@ -11,6 +11,7 @@ let package = Package(
         .library(name: "ConvirtCore", targets: ["ConvirtCore"]),
         .library(name: "ConvirtIO", targets: ["ConvirtIO"]),
         .library(name: "ConvirtDistributed", targets: ["ConvirtDistributed"]),
+        .library(name: "ConvirtModels", targets: ["ConvirtModels"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
@@ -36,10 +37,11 @@ let package = Package(
         ),
         .target(name: "ConvirtIO", dependencies: ["ConvirtCore", "CZstd", "CZlib", "CCodecs"]),
         .target(name: "ConvirtDistributed", dependencies: ["ConvirtCore", "CMPI"]),
+        .target(name: "ConvirtModels", dependencies: ["ConvirtCore", "ConvirtIO"]),
         .executableTarget(
             name: "convirt",
             dependencies: [
-                "ConvirtCore", "ConvirtIO", "ConvirtDistributed",
+                "ConvirtCore", "ConvirtIO", "ConvirtDistributed", "ConvirtModels",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ]
         ),
@@ -49,6 +51,7 @@ let package = Package(
             resources: [.copy("Fixtures")]
         ),
         .testTarget(name: "ConvirtIOTests", dependencies: ["ConvirtIO", "ConvirtCore"], resources: [.copy("Fixtures")]),
+        .testTarget(name: "ConvirtModelsTests", dependencies: ["ConvirtModels", "ConvirtCore", "ConvirtIO"], resources: [.copy("Fixtures")]),
         .testTarget(name: "ConvirtCLITests", dependencies: ["convirt"]),
     ]
 )

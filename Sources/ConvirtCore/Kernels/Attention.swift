@@ -23,13 +23,27 @@ public struct AttentionGeometry: Sendable, Equatable {
     public var forwardFLOPs: Double { 4 * Double(batch * heads) * Double(tokens * tokens) * Double(headSize) }
 }
 
+/// Dropout on the attention probabilities (BERT's attention_probs_dropout_prob): the mask of sample b,
+/// head h is drawn from streams[b].child(h); `dropped` [B, H, T, T] keeps the dropped probabilities.
+public struct AttentionDropout {
+    public var probability: Float
+    public var streams: [RandomStream]
+    public var dropped: UnsafeMutablePointer<Float>
+
+    public init(probability: Float, streams: [RandomStream], dropped: UnsafeMutablePointer<Float>) {
+        self.probability = probability
+        self.streams = streams
+        self.dropped = dropped
+    }
+}
+
 public enum Attention {
     /// output[b, i, h] = sum_j softmax_j(q[b,i,h] . k[b,j,h] * scale, over valid j) * v[b, j, h]
     /// - output, q, k, v: [B, T, H*D]; mask: [B, T] (non-zero = valid; each row needs one valid token);
     ///   probabilities: [B, H, T, T], kept for backward.
     public static func forward(output: UnsafeMutablePointer<Float>, probabilities: UnsafeMutablePointer<Float>,
                                q: UnsafePointer<Float>, k: UnsafePointer<Float>, v: UnsafePointer<Float>,
-                               mask: UnsafePointer<Int32>, geometry g: AttentionGeometry) {
+                               mask: UnsafePointer<Int32>, geometry g: AttentionGeometry, dropout: AttentionDropout? = nil) {
         let t = g.tokens, d = g.headSize, w = g.width
         for b in 0..<g.batch {
             let valid = mask + b * t
@@ -55,8 +69,14 @@ public enum Attention {
                     let inv = 1 / s
                     for j in 0..<t { row[j] *= inv }
                 }
+                var weights = UnsafePointer(p)
+                if let dropout {
+                    let dp = dropout.dropped + (b * g.heads + h) * t * t
+                    Dropout.forward(output: dp, input: p, count: t * t, probability: dropout.probability, stream: dropout.streams[b].child(UInt64(h)))
+                    weights = UnsafePointer(dp)
+                }
                 sgemm(transposeA: false, transposeB: false, m: t, n: d, k: t,
-                      a: p, lda: t, b: v + base, ldb: w, c: output + base, ldc: w)
+                      a: weights, lda: t, b: v + base, ldb: w, c: output + base, ldc: w)
             }
         }
     }
@@ -66,19 +86,25 @@ public enum Attention {
     public static func backward(gradQ: UnsafeMutablePointer<Float>, gradK: UnsafeMutablePointer<Float>,
                                 gradV: UnsafeMutablePointer<Float>, gradOutput: UnsafePointer<Float>,
                                 probabilities: UnsafePointer<Float>, q: UnsafePointer<Float>, k: UnsafePointer<Float>,
-                                v: UnsafePointer<Float>, geometry g: AttentionGeometry, workspace: UnsafeMutablePointer<Float>) {
+                                v: UnsafePointer<Float>, geometry g: AttentionGeometry, workspace: UnsafeMutablePointer<Float>,
+                                dropout: AttentionDropout? = nil) {
         let t = g.tokens, d = g.headSize, w = g.width
         for b in 0..<g.batch {
             for h in 0..<g.heads {
                 let base = b * t * w + h * d
                 let p = probabilities + (b * g.heads + h) * t * t
                 let dO = gradOutput + base
-                // dV += P^T dO
+                // dV += P'^T dO, with P' the (dropped) weights that multiplied V
+                let weights = dropout.map { UnsafePointer($0.dropped + (b * g.heads + h) * t * t) } ?? p
                 sgemm(transposeA: true, transposeB: false, m: t, n: d, k: t,
-                      a: p, lda: t, b: dO, ldb: w, beta: 1, c: gradV + base, ldc: w)
-                // dP = dO V^T, then dS = P * (dP - rowsum(dP * P))
+                      a: weights, lda: t, b: dO, ldb: w, beta: 1, c: gradV + base, ldc: w)
+                // dP = dO V^T (through the dropout mask), then dS = P * (dP - rowsum(dP * P))
                 sgemm(transposeA: false, transposeB: true, m: t, n: t, k: d,
                       a: dO, lda: w, b: v + base, ldb: w, c: workspace, ldc: t)
+                if let dropout {
+                    Dropout.forward(output: workspace, input: workspace, count: t * t, probability: dropout.probability,
+                                    stream: dropout.streams[b].child(UInt64(h)))
+                }
                 for i in 0..<t {
                     let pr = p + i * t, dr = workspace + i * t
                     var dot: Float = 0

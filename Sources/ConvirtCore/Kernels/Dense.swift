@@ -100,10 +100,11 @@ public enum Embedding {
         for r in 0..<rows { (output + r * features).update(from: table + Int(ids[r]) * features, count: features) }
     }
 
-    /// Scatter-add: gradTable[ids[r]] += gradOutput[r]; repeated ids accumulate.
+    /// Scatter-add: gradTable[ids[r]] += gradOutput[r]; repeated ids accumulate. Rows whose id is
+    /// `paddingIndex` contribute nothing (nn.Embedding's padding_idx).
     public static func backward(gradTable: UnsafeMutablePointer<Float>, gradOutput: UnsafePointer<Float>,
-                                ids: UnsafePointer<Int32>, rows: Int, features: Int) {
-        for r in 0..<rows {
+                                ids: UnsafePointer<Int32>, rows: Int, features: Int, paddingIndex: Int32? = nil) {
+        for r in 0..<rows where ids[r] != paddingIndex {
             let dst = gradTable + Int(ids[r]) * features, src = gradOutput + r * features
             for i in 0..<features { dst[i] += src[i] }
         }

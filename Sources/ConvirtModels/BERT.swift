@@ -1,0 +1,411 @@
+// BERT (Devlin et al., "BERT: Pre-training of Deep Bidirectional Transformers for Language
+// Understanding", NAACL 2019) in Hugging Face `BertModel`'s exact architecture and parameter names:
+// word + position + token-type embeddings, LayerNorm, then post-LN encoder layers (self-attention with
+// an additive mask, dense + residual + LayerNorm, erf-GELU feed-forward, dense + residual + LayerNorm).
+// The output is the last hidden state. Freezing the embeddings and the first k layers removes their
+// backward pass entirely: no compute, no gradient, not in the optimizer.
+
+import ConvirtCore
+
+/// Hugging Face's BertConfig fields (their JSON names), as in a model directory's config.json.
+public struct BertConfig: Codable, Sendable, Equatable {
+    public var vocabSize: Int
+    public var hiddenSize: Int
+    public var numHiddenLayers: Int
+    public var numAttentionHeads: Int
+    public var intermediateSize: Int
+    public var maxPositionEmbeddings: Int
+    public var typeVocabSize: Int
+    public var layerNormEps: Double
+    public var hiddenAct: String
+    public var hiddenDropoutProb: Double
+    public var attentionProbsDropoutProb: Double
+    /// The word-embedding row that never receives a gradient (nn.Embedding's padding_idx).
+    public var padTokenId: Int
+
+    enum CodingKeys: String, CodingKey {
+        case vocabSize = "vocab_size", hiddenSize = "hidden_size", numHiddenLayers = "num_hidden_layers"
+        case numAttentionHeads = "num_attention_heads", intermediateSize = "intermediate_size"
+        case maxPositionEmbeddings = "max_position_embeddings", typeVocabSize = "type_vocab_size"
+        case layerNormEps = "layer_norm_eps", hiddenAct = "hidden_act"
+        case hiddenDropoutProb = "hidden_dropout_prob", attentionProbsDropoutProb = "attention_probs_dropout_prob"
+        case padTokenId = "pad_token_id"
+    }
+
+    public init(vocabSize: Int, hiddenSize: Int, numHiddenLayers: Int, numAttentionHeads: Int, intermediateSize: Int,
+                maxPositionEmbeddings: Int = 512, typeVocabSize: Int = 2, layerNormEps: Double = 1e-12, hiddenAct: String = "gelu",
+                hiddenDropoutProb: Double = 0.1, attentionProbsDropoutProb: Double = 0.1, padTokenId: Int = 0) {
+        self.vocabSize = vocabSize; self.hiddenSize = hiddenSize; self.numHiddenLayers = numHiddenLayers
+        self.numAttentionHeads = numAttentionHeads; self.intermediateSize = intermediateSize
+        self.maxPositionEmbeddings = maxPositionEmbeddings; self.typeVocabSize = typeVocabSize
+        self.layerNormEps = layerNormEps; self.hiddenAct = hiddenAct
+        self.hiddenDropoutProb = hiddenDropoutProb; self.attentionProbsDropoutProb = attentionProbsDropoutProb
+        self.padTokenId = padTokenId
+    }
+
+    /// Missing optional fields take BertConfig's defaults, so real config.json files of any age load.
+    public init(from decoder: Decoder) throws {
+        let c = try decoder.container(keyedBy: CodingKeys.self)
+        vocabSize = try c.decode(Int.self, forKey: .vocabSize)
+        hiddenSize = try c.decode(Int.self, forKey: .hiddenSize)
+        numHiddenLayers = try c.decode(Int.self, forKey: .numHiddenLayers)
+        numAttentionHeads = try c.decode(Int.self, forKey: .numAttentionHeads)
+        intermediateSize = try c.decode(Int.self, forKey: .intermediateSize)
+        maxPositionEmbeddings = try c.decodeIfPresent(Int.self, forKey: .maxPositionEmbeddings) ?? 512
+        typeVocabSize = try c.decodeIfPresent(Int.self, forKey: .typeVocabSize) ?? 2
+        layerNormEps = try c.decodeIfPresent(Double.self, forKey: .layerNormEps) ?? 1e-12
+        hiddenAct = try c.decodeIfPresent(String.self, forKey: .hiddenAct) ?? "gelu"
+        hiddenDropoutProb = try c.decodeIfPresent(Double.self, forKey: .hiddenDropoutProb) ?? 0.1
+        attentionProbsDropoutProb = try c.decodeIfPresent(Double.self, forKey: .attentionProbsDropoutProb) ?? 0.1
+        padTokenId = try c.decodeIfPresent(Int.self, forKey: .padTokenId) ?? 0
+    }
+
+    /// BERT-base with ClinicalBERT's cased vocabulary (bio_ClinicalBERT: 28996 word pieces).
+    public static let clinicalBase = BertConfig(vocabSize: 28996, hiddenSize: 768, numHiddenLayers: 12, numAttentionHeads: 12, intermediateSize: 3072)
+
+    public var headSize: Int { hiddenSize / numAttentionHeads }
+
+    public func validate() throws {
+        let c = "bert config"
+        try require(vocabSize > 0 && hiddenSize > 0 && numHiddenLayers >= 0 && intermediateSize > 0 && maxPositionEmbeddings > 0 && typeVocabSize > 0,
+                    c, "sizes must be positive")
+        try require(numAttentionHeads > 0 && hiddenSize % numAttentionHeads == 0, c,
+                    "hidden_size \(hiddenSize) is not a multiple of num_attention_heads \(numAttentionHeads)")
+        try require(["gelu", "gelu_python"].contains(hiddenAct), c, "hidden_act \(hiddenAct) is not supported (only the erf GELU, \"gelu\")")
+        try require(hiddenDropoutProb >= 0 && hiddenDropoutProb < 1 && attentionProbsDropoutProb >= 0 && attentionProbsDropoutProb < 1,
+                    c, "dropout probabilities must be in [0, 1)")
+    }
+}
+
+/// y = x W^T + b with W [out, in] in the arena, the bias optional.
+struct LinearLayer {
+    let weight: ParameterLayout.Entry
+    let bias: ParameterLayout.Entry?
+    let inFeatures, outFeatures: Int
+
+    init(_ layout: inout ParameterLayout, _ name: String, inFeatures: Int, outFeatures: Int, bias hasBias: Bool = true,
+         kind: ParameterLayout.Kind = .trainable) throws {
+        weight = try layout.add("\(name).weight", shape: [outFeatures, inFeatures], kind: kind)
+        bias = hasBias ? try layout.add("\(name).bias", shape: [outFeatures], kind: kind) : nil
+        self.inFeatures = inFeatures; self.outFeatures = outFeatures
+    }
+
+    var trainable: Bool { weight.kind == .trainable }
+
+    func forward(_ arena: ParameterArena, output: UnsafeMutablePointer<Float>, input: UnsafePointer<Float>, rows: Int) {
+        Linear.forward(output: output, input: input, weight: arena.params + weight.offset, bias: bias.map { arena.params + $0.offset },
+                       rows: rows, inFeatures: inFeatures, outFeatures: outFeatures)
+    }
+
+    func backward(_ arena: ParameterArena, gradInput: UnsafeMutablePointer<Float>?, gradOutput: UnsafePointer<Float>,
+                  input: UnsafePointer<Float>, rows: Int) {
+        Linear.backward(gradInput: gradInput, gradWeight: trainable ? arena.grads + weight.offset : nil,
+                        gradBias: trainable ? bias.map { arena.grads + $0.offset } : nil, gradOutput: gradOutput, input: input,
+                        weight: arena.params + weight.offset, rows: rows, inFeatures: inFeatures, outFeatures: outFeatures)
+    }
+
+    /// N(0, std) weights and zero bias (BERT's initializer_range 0.02; heads use PyTorch's default instead).
+    func initializeNormal(_ arena: ParameterArena, std: Float, stream: RandomStream) {
+        let w = arena.params + weight.offset
+        for i in 0..<weight.count { w[i] = std * stream.normal(at: UInt64(i)) }
+        if let bias { (arena.params + bias.offset).update(repeating: 0, count: bias.count) }
+    }
+
+    /// torch.nn.Linear's default: U(-1/sqrt(in), 1/sqrt(in)) for weight and bias.
+    func initializeUniform(_ arena: ParameterArena, stream: RandomStream) {
+        let bound = 1 / Float(inFeatures).squareRoot()
+        let w = arena.params + weight.offset
+        for i in 0..<weight.count { w[i] = bound * (2 * stream.uniform(at: UInt64(i)) - 1) }
+        if let bias {
+            let b = arena.params + bias.offset
+            for i in 0..<bias.count { b[i] = bound * (2 * stream.uniform(at: UInt64(weight.count + i)) - 1) }
+        }
+    }
+}
+
+struct LayerNormLayer {
+    let weight, bias: ParameterLayout.Entry
+    let features: Int
+    let eps: Float
+
+    init(_ layout: inout ParameterLayout, _ name: String, features: Int, eps: Float, kind: ParameterLayout.Kind) throws {
+        weight = try layout.add("\(name).weight", shape: [features], kind: kind)
+        bias = try layout.add("\(name).bias", shape: [features], kind: kind)
+        self.features = features; self.eps = eps
+    }
+
+    func forward(_ arena: ParameterArena, output: UnsafeMutablePointer<Float>, mean: UnsafeMutablePointer<Float>, invStd: UnsafeMutablePointer<Float>,
+                 input: UnsafePointer<Float>, rows: Int) {
+        LayerNorm.forward(output: output, mean: mean, invStd: invStd, input: input, gamma: arena.params + weight.offset,
+                          beta: arena.params + bias.offset, rows: rows, features: features, eps: eps)
+    }
+
+    func backward(_ arena: ParameterArena, gradInput: UnsafeMutablePointer<Float>, gradOutput: UnsafePointer<Float>, input: UnsafePointer<Float>,
+                  mean: UnsafePointer<Float>, invStd: UnsafePointer<Float>, rows: Int) {
+        let trainable = weight.kind == .trainable
+        LayerNorm.backward(gradInput: gradInput, gradGamma: trainable ? arena.grads + weight.offset : nil,
+                           gradBeta: trainable ? arena.grads + bias.offset : nil, gradOutput: gradOutput, input: input,
+                           gamma: arena.params + weight.offset, mean: mean, invStd: invStd, rows: rows, features: features)
+    }
+
+    func initialize(_ arena: ParameterArena) {
+        (arena.params + weight.offset).update(repeating: 1, count: features)
+        (arena.params + bias.offset).update(repeating: 0, count: features)
+    }
+}
+
+/// One post-LN transformer encoder layer with its activations.
+final class EncoderLayer {
+    let query, key, value, attentionOutput, intermediate, output: LinearLayer
+    let attentionNorm, outputNorm: LayerNormLayer
+    let index: Int
+    let frozen: Bool
+    // activations ([rows, H] unless noted; rows = B*T)
+    let q = Scratch<Float>(), k = Scratch<Float>(), v = Scratch<Float>()
+    let probabilities = Scratch<Float>(), dropped = Scratch<Float>()  // [B, heads, T, T]
+    let context = Scratch<Float>(), attentionDense = Scratch<Float>(), sum1 = Scratch<Float>()
+    let hidden1 = Scratch<Float>(), mean1 = Scratch<Float>(), invStd1 = Scratch<Float>()
+    let inner = Scratch<Float>(), activated = Scratch<Float>()                            // [rows, I]
+    let outputDense = Scratch<Float>(), sum2 = Scratch<Float>()
+    let hidden2 = Scratch<Float>(), mean2 = Scratch<Float>(), invStd2 = Scratch<Float>()
+    // gradients
+    let gradHidden1 = Scratch<Float>(), gradInner = Scratch<Float>(), gradDense = Scratch<Float>(), gradContext = Scratch<Float>()
+    let gradQ = Scratch<Float>(), gradK = Scratch<Float>(), gradV = Scratch<Float>(), attentionWorkspace = Scratch<Float>()
+    let gradOutput = Scratch<Float>()
+
+    init(_ layout: inout ParameterLayout, _ name: String, config c: BertConfig, index: Int, frozen: Bool) throws {
+        let kind: ParameterLayout.Kind = frozen ? .frozen : .trainable
+        let h = c.hiddenSize, eps = Float(c.layerNormEps)
+        query = try LinearLayer(&layout, "\(name).attention.self.query", inFeatures: h, outFeatures: h, kind: kind)
+        key = try LinearLayer(&layout, "\(name).attention.self.key", inFeatures: h, outFeatures: h, kind: kind)
+        value = try LinearLayer(&layout, "\(name).attention.self.value", inFeatures: h, outFeatures: h, kind: kind)
+        attentionOutput = try LinearLayer(&layout, "\(name).attention.output.dense", inFeatures: h, outFeatures: h, kind: kind)
+        attentionNorm = try LayerNormLayer(&layout, "\(name).attention.output.LayerNorm", features: h, eps: eps, kind: kind)
+        intermediate = try LinearLayer(&layout, "\(name).intermediate.dense", inFeatures: h, outFeatures: c.intermediateSize, kind: kind)
+        output = try LinearLayer(&layout, "\(name).output.dense", inFeatures: c.intermediateSize, outFeatures: h, kind: kind)
+        outputNorm = try LayerNormLayer(&layout, "\(name).output.LayerNorm", features: h, eps: eps, kind: kind)
+        self.index = index
+        self.frozen = frozen
+    }
+
+    func initialize(_ arena: ParameterArena, stream: RandomStream) {
+        for (i, linear) in [query, key, value, attentionOutput, intermediate, output].enumerated() {
+            linear.initializeNormal(arena, std: 0.02, stream: stream.child(UInt64(i)))
+        }
+        attentionNorm.initialize(arena)
+        outputNorm.initialize(arena)
+    }
+
+    /// Hidden dropout in place, per sample, with streams keyed by (sample, layer, site).
+    /// Forward and backward are the same operation: multiply by the regenerated mask / (1 - p).
+    static func dropout(_ x: UnsafeMutablePointer<Float>, batch: Int, perSample: Int, probability: Float, site: UInt64, context: PassContext) {
+        guard probability > 0 && context.training else { return }
+        for b in 0..<batch {
+            let p = x + b * perSample
+            Dropout.forward(output: p, input: p, count: perSample, probability: probability, stream: context.stream(sample: b, site: site))
+        }
+    }
+
+    func forward(_ arena: ParameterArena, input x: UnsafePointer<Float>, mask: UnsafePointer<Int32>, geometry g: AttentionGeometry,
+                 config c: BertConfig, context ctx: PassContext) {
+        let rows = g.batch * g.tokens, h = c.hiddenSize, inter = c.intermediateSize
+        let site = UInt64(index + 1) << 8
+        let qp = q.ensure(rows * h), kp = k.ensure(rows * h), vp = v.ensure(rows * h)
+        query.forward(arena, output: qp, input: x, rows: rows)
+        key.forward(arena, output: kp, input: x, rows: rows)
+        value.forward(arena, output: vp, input: x, rows: rows)
+        let attentionDropout = ctx.training ? Float(c.attentionProbsDropoutProb) : 0
+        var streams: [RandomStream] = []
+        if attentionDropout > 0 { streams = (0..<g.batch).map { ctx.stream(sample: $0, site: site | 1) } }
+        Attention.forward(output: context.ensure(rows * h), probabilities: probabilities.ensure(g.probabilitiesCount),
+                          q: qp, k: kp, v: vp, mask: mask, geometry: g,
+                          dropout: attentionDropout > 0 ? AttentionDropout(probability: attentionDropout, streams: streams, dropped: dropped.ensure(g.probabilitiesCount)) : nil)
+        let dense = attentionDense.ensure(rows * h)
+        attentionOutput.forward(arena, output: dense, input: context.pointer, rows: rows)
+        let hiddenDropout = Float(c.hiddenDropoutProb)
+        Self.dropout(dense, batch: g.batch, perSample: g.tokens * h, probability: hiddenDropout, site: site | 2, context: ctx)
+        let s1 = sum1.ensure(rows * h)
+        Residual.forward(output: s1, dense, x, count: rows * h)
+        attentionNorm.forward(arena, output: hidden1.ensure(rows * h), mean: mean1.ensure(rows), invStd: invStd1.ensure(rows), input: s1, rows: rows)
+        let i1 = inner.ensure(rows * inter), a1 = activated.ensure(rows * inter)
+        intermediate.forward(arena, output: i1, input: hidden1.pointer, rows: rows)
+        GELU.forward(output: a1, input: i1, count: rows * inter)
+        let o = outputDense.ensure(rows * h)
+        output.forward(arena, output: o, input: a1, rows: rows)
+        Self.dropout(o, batch: g.batch, perSample: g.tokens * h, probability: hiddenDropout, site: site | 3, context: ctx)
+        let s2 = sum2.ensure(rows * h)
+        Residual.forward(output: s2, o, hidden1.pointer, count: rows * h)
+        outputNorm.forward(arena, output: hidden2.ensure(rows * h), mean: mean2.ensure(rows), invStd: invStd2.ensure(rows), input: s2, rows: rows)
+        if !frozen { gradOutput.zeroed(rows * h) }
+    }
+
+    /// Consumes gradOutput ([rows, H]); accumulates into gradInput and the layer's parameter gradients.
+    func backward(_ arena: ParameterArena, gradInput: UnsafeMutablePointer<Float>?, input x: UnsafePointer<Float>,
+                  geometry g: AttentionGeometry, config c: BertConfig, context ctx: PassContext) {
+        let rows = g.batch * g.tokens, h = c.hiddenSize, inter = c.intermediateSize
+        let site = UInt64(index + 1) << 8
+        let hiddenDropout = Float(c.hiddenDropoutProb)
+        // out = LN2(dropout(dense(gelu(dense(h1)))) + h1)
+        let dSum2 = gradDense.zeroed(rows * h)
+        outputNorm.backward(arena, gradInput: dSum2, gradOutput: gradOutput.pointer, input: sum2.pointer, mean: mean2.pointer, invStd: invStd2.pointer, rows: rows)
+        let dH1 = gradHidden1.ensure(rows * h)
+        dH1.update(from: dSum2, count: rows * h)  // residual branch
+        Self.dropout(dSum2, batch: g.batch, perSample: g.tokens * h, probability: hiddenDropout, site: site | 3, context: ctx)
+        let dA = gradInner.zeroed(rows * inter)
+        output.backward(arena, gradInput: dA, gradOutput: dSum2, input: activated.pointer, rows: rows)
+        // GELU backward in place: dInner = dA * gelu'(inner)
+        let dI = gradContext.zeroed(rows * inter)
+        GELU.backward(gradInput: dI, gradOutput: dA, input: inner.pointer, count: rows * inter)
+        intermediate.backward(arena, gradInput: dH1, gradOutput: dI, input: hidden1.pointer, rows: rows)
+        // h1 = LN1(dropout(dense(attention(x))) + x)
+        let dSum1 = gradDense.zeroed(rows * h)
+        attentionNorm.backward(arena, gradInput: dSum1, gradOutput: dH1, input: sum1.pointer, mean: mean1.pointer, invStd: invStd1.pointer, rows: rows)
+        if let gradInput { for i in 0..<(rows * h) { gradInput[i] += dSum1[i] } }
+        Self.dropout(dSum1, batch: g.batch, perSample: g.tokens * h, probability: hiddenDropout, site: site | 2, context: ctx)
+        let dCtx = gradContext.zeroed(rows * h)
+        attentionOutput.backward(arena, gradInput: dCtx, gradOutput: dSum1, input: context.pointer, rows: rows)
+        let attentionDropout = ctx.training ? Float(c.attentionProbsDropoutProb) : 0
+        var streams: [RandomStream] = []
+        if attentionDropout > 0 { streams = (0..<g.batch).map { ctx.stream(sample: $0, site: site | 1) } }
+        let dq = gradQ.zeroed(rows * h), dk = gradK.zeroed(rows * h), dv = gradV.zeroed(rows * h)
+        Attention.backward(gradQ: dq, gradK: dk, gradV: dv, gradOutput: dCtx, probabilities: probabilities.pointer,
+                           q: q.pointer, k: k.pointer, v: v.pointer, geometry: g, workspace: attentionWorkspace.ensure(g.workspaceCount),
+                           dropout: attentionDropout > 0 ? AttentionDropout(probability: attentionDropout, streams: streams, dropped: dropped.pointer) : nil)
+        query.backward(arena, gradInput: gradInput, gradOutput: dq, input: x, rows: rows)
+        key.backward(arena, gradInput: gradInput, gradOutput: dk, input: x, rows: rows)
+        value.backward(arena, gradInput: gradInput, gradOutput: dv, input: x, rows: rows)
+    }
+}
+
+/// The text encoder: token ids and attention mask [B, T] -> last hidden state [B, T, hidden].
+public final class BERT {
+    public let config: BertConfig
+    public let prefix: String
+    public let frozenLayers: Int
+    public let freezeEmbeddings: Bool
+    let wordEmbeddings, positionEmbeddings, tokenTypeEmbeddings: ParameterLayout.Entry
+    let embeddingNorm: LayerNormLayer
+    let layers: [EncoderLayer]
+    let embedded = Scratch<Float>(), embeddingOutput = Scratch<Float>(), embeddingMean = Scratch<Float>(), embeddingInvStd = Scratch<Float>()
+    let gradEmbeddingOutput = Scratch<Float>(), gradEmbedded = Scratch<Float>(), gradEmbeddingSum = Scratch<Float>()
+    let ids = Scratch<Int32>(), mask = Scratch<Int32>()
+    private(set) var geometry: AttentionGeometry?
+
+    /// Registers parameters under `prefix` (e.g. "text.") with Hugging Face's names. With
+    /// `freezeEmbeddings`, the embeddings are frozen; the first `frozenLayers` encoder layers are frozen.
+    public init(config: BertConfig, layout: inout ParameterLayout, prefix: String = "", frozenLayers: Int = 0,
+                freezeEmbeddings: Bool? = nil) throws {
+        try config.validate()
+        try require(frozenLayers >= 0 && frozenLayers <= config.numHiddenLayers, "bert",
+                    "cannot freeze \(frozenLayers) of \(config.numHiddenLayers) layers")
+        self.config = config
+        self.prefix = prefix
+        self.frozenLayers = frozenLayers
+        let freeze = freezeEmbeddings ?? (frozenLayers > 0)
+        self.freezeEmbeddings = freeze
+        let kind: ParameterLayout.Kind = freeze ? .frozen : .trainable
+        let h = config.hiddenSize
+        wordEmbeddings = try layout.add("\(prefix)embeddings.word_embeddings.weight", shape: [config.vocabSize, h], kind: kind)
+        positionEmbeddings = try layout.add("\(prefix)embeddings.position_embeddings.weight", shape: [config.maxPositionEmbeddings, h], kind: kind)
+        tokenTypeEmbeddings = try layout.add("\(prefix)embeddings.token_type_embeddings.weight", shape: [config.typeVocabSize, h], kind: kind)
+        embeddingNorm = try LayerNormLayer(&layout, "\(prefix)embeddings.LayerNorm", features: h, eps: Float(config.layerNormEps), kind: kind)
+        layers = try (0..<config.numHiddenLayers).map {
+            try EncoderLayer(&layout, "\(prefix)encoder.layer.\($0)", config: config, index: $0, frozen: $0 < frozenLayers)
+        }
+    }
+
+    /// Hugging Face's initialisation: N(0, 0.02) weights and embeddings, zero biases, LayerNorm 1 and 0.
+    public func initialize(_ arena: ParameterArena, stream: RandomStream) {
+        for (i, e) in [wordEmbeddings, positionEmbeddings, tokenTypeEmbeddings].enumerated() {
+            let p = arena.params + e.offset, s = stream.child(100, UInt64(i))
+            for j in 0..<e.count { p[j] = 0.02 * s.normal(at: UInt64(j)) }
+        }
+        embeddingNorm.initialize(arena)
+        for (i, layer) in layers.enumerated() { layer.initialize(arena, stream: stream.child(UInt64(i))) }
+    }
+
+    /// The first layer whose backward runs (everything before it is frozen).
+    var firstTrainableLayer: Int { frozenLayers }
+    var needsEmbeddingGradient: Bool { !freezeEmbeddings }
+
+    /// Last hidden state [batch, tokens, hidden]. ids are checked against the vocabulary; every sequence
+    /// needs at least one valid token; tokens <= max_position_embeddings.
+    public func forward(_ arena: ParameterArena, ids inputIds: UnsafePointer<Int32>, mask inputMask: UnsafePointer<Int32>,
+                        batch: Int, tokens: Int, context: PassContext) throws -> UnsafePointer<Float> {
+        try require(tokens <= config.maxPositionEmbeddings, "bert", "\(tokens) tokens exceed max_position_embeddings \(config.maxPositionEmbeddings)")
+        let g = try AttentionGeometry(batch: batch, tokens: tokens, heads: config.numAttentionHeads, headSize: config.headSize)
+        let rows = batch * tokens, h = config.hiddenSize
+        let idp = ids.ensure(rows), mp = mask.ensure(rows)
+        for i in 0..<rows {
+            let id = inputIds[i]
+            try require(id >= 0 && Int(id) < config.vocabSize, "bert", "token id \(id) at position \(i) is outside the vocabulary of \(config.vocabSize)")
+            idp[i] = id
+            mp[i] = inputMask[i]
+        }
+        for b in 0..<batch {
+            try require((0..<tokens).contains { mp[b * tokens + $0] != 0 }, "bert", "sequence \(b) has no valid token in its attention mask")
+        }
+        geometry = g
+        // embeddings: word[id] + position[t] + token_type[0], LayerNorm, dropout
+        let e = embedded.ensure(rows * h), p = arena.params
+        Embedding.forward(output: e, table: p + wordEmbeddings.offset, ids: idp, rows: rows, features: h)
+        let pos = p + positionEmbeddings.offset, type0 = p + tokenTypeEmbeddings.offset
+        for b in 0..<batch {
+            for t in 0..<tokens {
+                let row = e + (b * tokens + t) * h, pr = pos + t * h
+                for j in 0..<h { row[j] += pr[j] + type0[j] }
+            }
+        }
+        let out = embeddingOutput.ensure(rows * h)
+        embeddingNorm.forward(arena, output: out, mean: embeddingMean.ensure(rows), invStd: embeddingInvStd.ensure(rows), input: e, rows: rows)
+        EncoderLayer.dropout(out, batch: batch, perSample: tokens * h, probability: Float(config.hiddenDropoutProb), site: 1, context: context)
+        var x = UnsafePointer(out)
+        for layer in layers {
+            layer.forward(arena, input: x, mask: mp, geometry: g, config: config, context: context)
+            x = UnsafePointer(layer.hidden2.pointer)
+        }
+        if needsEmbeddingGradient { gradEmbeddingOutput.zeroed(rows * h) }
+        return x
+    }
+
+    /// Accumulates gradients of the trainable layers from gradLastHidden [batch, tokens, hidden]. Frozen
+    /// layers and frozen embeddings are skipped entirely.
+    public func backward(_ arena: ParameterArena, gradLastHidden: UnsafePointer<Float>, context: PassContext) {
+        guard let g = geometry else { preconditionFailure("backward before forward") }
+        let rows = g.batch * g.tokens, h = config.hiddenSize
+        if layers.isEmpty {
+            if needsEmbeddingGradient { embeddingBackward(arena, gradOutput: gradLastHidden, geometry: g, context: context) }
+            return
+        }
+        layers[layers.count - 1].gradOutput.ensure(rows * h).update(from: gradLastHidden, count: rows * h)
+        for k in stride(from: layers.count - 1, through: firstTrainableLayer, by: -1) {
+            let input = k == 0 ? UnsafePointer(embeddingOutput.pointer) : UnsafePointer(layers[k - 1].hidden2.pointer)
+            let needInputGradient = k > firstTrainableLayer || (k == 0 && needsEmbeddingGradient)
+            let gradInput: UnsafeMutablePointer<Float>? = needInputGradient ? (k == 0 ? gradEmbeddingOutput.pointer : layers[k - 1].gradOutput.pointer) : nil
+            layers[k].backward(arena, gradInput: gradInput, input: input, geometry: g, config: config, context: context)
+        }
+        if firstTrainableLayer == 0 && needsEmbeddingGradient {
+            embeddingBackward(arena, gradOutput: gradEmbeddingOutput.pointer, geometry: g, context: context)
+        }
+    }
+
+    private func embeddingBackward(_ arena: ParameterArena, gradOutput: UnsafePointer<Float>, geometry g: AttentionGeometry, context: PassContext) {
+        let rows = g.batch * g.tokens, h = config.hiddenSize
+        let dOut = gradEmbedded.ensure(rows * h)
+        dOut.update(from: gradOutput, count: rows * h)
+        EncoderLayer.dropout(dOut, batch: g.batch, perSample: g.tokens * h, probability: Float(config.hiddenDropoutProb), site: 1, context: context)
+        let dE = gradEmbeddingSum.zeroed(rows * h)
+        embeddingNorm.backward(arena, gradInput: dE, gradOutput: dOut, input: embedded.pointer, mean: embeddingMean.pointer,
+                               invStd: embeddingInvStd.pointer, rows: rows)
+        let gr = arena.grads
+        Embedding.backward(gradTable: gr + wordEmbeddings.offset, gradOutput: dE, ids: ids.pointer, rows: rows, features: h,
+                           paddingIndex: Int32(config.padTokenId))
+        let dPos = gr + positionEmbeddings.offset, dType = gr + tokenTypeEmbeddings.offset
+        for b in 0..<g.batch {
+            for t in 0..<g.tokens {
+                let row = dE + (b * g.tokens + t) * h, pr = dPos + t * h
+                for j in 0..<h { pr[j] += row[j]; dType[j] += row[j] }
+            }
+        }
+    }
+}

@@ -1,0 +1,66 @@
+import ConvirtCore
+
+/// A growable, 64-byte-aligned scratch buffer for activations and their gradients. It reallocates only
+/// when a larger batch than ever before arrives, so a training loop allocates nothing after its first step.
+public final class Scratch<Element: BitwiseCopyable> {
+    public private(set) var pointer: UnsafeMutablePointer<Element>
+    public private(set) var capacity: Int
+
+    public init(_ count: Int = 0) {
+        capacity = max(count, 1)
+        pointer = UnsafeMutableRawPointer.allocate(byteCount: capacity * MemoryLayout<Element>.stride, alignment: 64)
+            .bindMemory(to: Element.self, capacity: capacity)
+    }
+
+    deinit { UnsafeMutableRawPointer(pointer).deallocate() }
+
+    /// Makes room for `count` elements (contents are not kept when it grows) and returns the pointer.
+    @discardableResult
+    public func ensure(_ count: Int) -> UnsafeMutablePointer<Element> {
+        if count > capacity {
+            UnsafeMutableRawPointer(pointer).deallocate()
+            capacity = count
+            pointer = UnsafeMutableRawPointer.allocate(byteCount: capacity * MemoryLayout<Element>.stride, alignment: 64)
+                .bindMemory(to: Element.self, capacity: capacity)
+        }
+        return pointer
+    }
+
+    public var bytes: Int { capacity * MemoryLayout<Element>.stride }
+}
+
+extension Scratch where Element == Float {
+    /// Makes room for `count` floats and sets them to zero.
+    @discardableResult
+    public func zeroed(_ count: Int) -> UnsafeMutablePointer<Float> {
+        let p = ensure(count)
+        p.update(repeating: 0, count: count)
+        return p
+    }
+}
+
+/// What a forward/backward pass needs besides its inputs: the mode, the SyncBN reducer, and the random
+/// stream keys that make dropout depend only on (seed, step, global sample index), never on the rank.
+public struct PassContext {
+    /// Training mode: batch-statistics BatchNorm (with running-stat updates) and active dropout.
+    public var training: Bool
+    /// Sums BatchNorm statistics over ranks (SyncBN); nil = this rank's batch alone.
+    public var reducer: StatisticsReducer?
+    /// The stream of this step; dropout draws from child(globalSampleIndex, site...).
+    public var stream: RandomStream
+    /// The global index of each local sample, in batch order.
+    public var sampleIndices: [UInt64]
+
+    public init(training: Bool, reducer: StatisticsReducer? = nil, stream: RandomStream = RandomStream(seed: 0),
+                sampleIndices: [UInt64] = []) {
+        self.training = training
+        self.reducer = reducer
+        self.stream = stream
+        self.sampleIndices = sampleIndices
+    }
+
+    /// The dropout stream of local sample `b` at dropout site `site`.
+    public func stream(sample b: Int, site: UInt64) -> RandomStream {
+        stream.child(b < sampleIndices.count ? sampleIndices[b] : UInt64(b), site)
+    }
+}

@@ -1,0 +1,342 @@
+// ResNet (He et al., "Deep Residual Learning for Image Recognition", CVPR 2016) in torchvision's exact
+// architecture and parameter names: 7x7/2 stem, 3x3/2 max pool, four stages of basic or bottleneck
+// blocks (stride on the 3x3 convolution, downsample = 1x1 conv + BN), global average pool. The output
+// is the pooled feature vector (torchvision's `fc` is not part of the encoder).
+
+import ConvirtCore
+
+public struct ResNetConfig: Codable, Sendable, Equatable {
+    public enum Block: String, Codable, Sendable { case basic, bottleneck }
+
+    /// Blocks per stage, e.g. [3, 4, 6, 3] for ResNet-50.
+    public var layers: [Int]
+    /// Channels of the stem, and planes of the first stage (64 in torchvision).
+    public var width: Int
+    public var block: Block
+    /// Side of the square input images.
+    public var imageSize: Int
+
+    enum CodingKeys: String, CodingKey { case layers, width, block, imageSize = "image_size" }
+
+    public init(layers: [Int], width: Int = 64, block: Block, imageSize: Int = 224) {
+        self.layers = layers; self.width = width; self.block = block; self.imageSize = imageSize
+    }
+
+    public static let resnet18 = ResNetConfig(layers: [2, 2, 2, 2], block: .basic)
+    public static let resnet34 = ResNetConfig(layers: [3, 4, 6, 3], block: .basic)
+    public static let resnet50 = ResNetConfig(layers: [3, 4, 6, 3], block: .bottleneck)
+    public static let resnet101 = ResNetConfig(layers: [3, 4, 23, 3], block: .bottleneck)
+
+    public var expansion: Int { block == .bottleneck ? 4 : 1 }
+    /// Size of the pooled feature vector: 2048 for ResNet-50.
+    public var featureCount: Int { width * 8 * expansion }
+
+    public func validate() throws {
+        try require(layers.count == 4 && layers.allSatisfy { $0 >= 1 }, "resnet config", "layers must be four positive block counts, got \(layers)")
+        try require(width >= 1, "resnet config", "width must be positive, got \(width)")
+        try require(imageSize >= 32, "resnet config", "image size \(imageSize) is below 32, the network's total stride")
+    }
+}
+
+/// Batch norm over [N, C, H, W] with its parameters and running statistics in the arena.
+final class BatchNormLayer {
+    let weight, bias, runningMean, runningVar: ParameterLayout.Entry
+    let channels: Int
+    let eps: Float = 1e-5, momentum: Float = 0.1
+    let mean: Scratch<Float>, invStd: Scratch<Float>, statistics: Scratch<Double>
+    var globalCount = 0
+
+    init(_ layout: inout ParameterLayout, _ name: String, channels: Int) throws {
+        self.channels = channels
+        weight = try layout.add("\(name).weight", shape: [channels])
+        bias = try layout.add("\(name).bias", shape: [channels])
+        runningMean = try layout.add("\(name).running_mean", shape: [channels], kind: .buffer)
+        runningVar = try layout.add("\(name).running_var", shape: [channels], kind: .buffer)
+        mean = Scratch(channels); invStd = Scratch(channels); statistics = Scratch(2 * channels + 1)
+    }
+
+    /// torchvision's initialisation: weight 1, bias 0, running mean 0, running variance 1.
+    func initialize(_ arena: ParameterArena) {
+        (arena.params + weight.offset).update(repeating: 1, count: channels)
+        (arena.params + bias.offset).update(repeating: 0, count: channels)
+        (arena.params + runningMean.offset).update(repeating: 0, count: channels)
+        (arena.params + runningVar.offset).update(repeating: 1, count: channels)
+    }
+
+    func forward(_ arena: ParameterArena, output: UnsafeMutablePointer<Float>, input: UnsafePointer<Float>,
+                 batch: Int, plane: Int, context: PassContext) {
+        let p = arena.params
+        if context.training {
+            var saved = BatchNorm2d.Saved(mean: mean.pointer, invStd: invStd.pointer)
+            BatchNorm2d.forwardTraining(output: output, input: input, gamma: p + weight.offset, beta: p + bias.offset,
+                                        runningMean: p + runningMean.offset, runningVar: p + runningVar.offset, saved: &saved,
+                                        batch: batch, channels: channels, plane: plane, eps: eps, momentum: momentum,
+                                        statistics: UnsafeMutableBufferPointer(start: statistics.pointer, count: 2 * channels + 1),
+                                        reducer: context.reducer)
+            globalCount = saved.globalCount
+        } else {
+            BatchNorm2d.forwardInference(output: output, input: input, gamma: p + weight.offset, beta: p + bias.offset,
+                                         runningMean: p + runningMean.offset, runningVar: p + runningVar.offset,
+                                         batch: batch, channels: channels, plane: plane, eps: eps)
+        }
+    }
+
+    func backward(_ arena: ParameterArena, gradInput: UnsafeMutablePointer<Float>, gradOutput: UnsafePointer<Float>,
+                  input: UnsafePointer<Float>, batch: Int, plane: Int, context: PassContext) {
+        let p = arena.params, g = arena.grads
+        if context.training {
+            var saved = BatchNorm2d.Saved(mean: mean.pointer, invStd: invStd.pointer)
+            saved.globalCount = globalCount
+            BatchNorm2d.backwardTraining(gradInput: gradInput, gradGamma: g + weight.offset, gradBeta: g + bias.offset,
+                                         gradOutput: gradOutput, input: input, gamma: p + weight.offset, saved: saved,
+                                         batch: batch, channels: channels, plane: plane,
+                                         statistics: UnsafeMutableBufferPointer(start: statistics.pointer, count: 2 * channels + 1),
+                                         reducer: context.reducer)
+        } else {
+            BatchNorm2d.backwardInference(gradInput: gradInput, gradGamma: g + weight.offset, gradBeta: g + bias.offset,
+                                          gradOutput: gradOutput, input: input, gamma: p + weight.offset,
+                                          runningMean: p + runningMean.offset, runningVar: p + runningVar.offset,
+                                          batch: batch, channels: channels, plane: plane, eps: eps)
+        }
+    }
+}
+
+/// conv (no bias) -> batch norm -> optional ReLU, the unit ResNet is made of. It owns its activations
+/// (the convolution's output, the unit's output) and their gradients.
+final class ConvBNUnit {
+    let conv: ParameterLayout.Entry
+    let bn: BatchNormLayer
+    let inChannels, outChannels, kernel, stride, padding: Int
+    let relu: Bool
+    let convOut = Scratch<Float>(), gradConvOut = Scratch<Float>()
+    let output = Scratch<Float>(), gradOutput = Scratch<Float>()
+    private(set) var geometry: Conv2dGeometry?
+
+    init(_ layout: inout ParameterLayout, conv convName: String, bn bnName: String, inChannels: Int, outChannels: Int,
+         kernel: Int, stride: Int, padding: Int, relu: Bool) throws {
+        conv = try layout.add("\(convName).weight", shape: [outChannels, inChannels, kernel, kernel])
+        bn = try BatchNormLayer(&layout, bnName, channels: outChannels)
+        self.inChannels = inChannels; self.outChannels = outChannels
+        self.kernel = kernel; self.stride = stride; self.padding = padding; self.relu = relu
+    }
+
+    /// Kaiming normal (fan_out, ReLU gain), as torchvision initialises its convolutions.
+    func initialize(_ arena: ParameterArena, stream: RandomStream) {
+        let std = (2 / Float(outChannels * kernel * kernel)).squareRoot()
+        let w = arena.params + conv.offset
+        for i in 0..<conv.count { w[i] = std * stream.normal(at: UInt64(i)) }
+        bn.initialize(arena)
+    }
+
+    /// Output height/width for an input of the given size.
+    func outputSize(_ size: Int) -> Int { (size + 2 * padding - kernel) / stride + 1 }
+
+    func workspaceCount(batch: Int, height: Int, width: Int) throws -> Int {
+        try Conv2dGeometry(batch: batch, inChannels: inChannels, height: height, width: width, outChannels: outChannels,
+                           kernel: kernel, stride: stride, padding: padding).workspaceCount
+    }
+
+    @discardableResult
+    func forward(_ arena: ParameterArena, input: UnsafePointer<Float>, batch: Int, height: Int, width: Int,
+                 workspace: Scratch<Float>, context: PassContext) throws -> UnsafeMutablePointer<Float> {
+        let g = try Conv2dGeometry(batch: batch, inChannels: inChannels, height: height, width: width, outChannels: outChannels,
+                                   kernel: kernel, stride: stride, padding: padding)
+        geometry = g
+        let count = g.outputShape.reduce(1, *)
+        let c = convOut.ensure(count), y = output.ensure(count)
+        Conv2d.forward(output: c, input: input, weight: arena.params + conv.offset, bias: nil, geometry: g,
+                       workspace: workspace.ensure(g.workspaceCount))
+        bn.forward(arena, output: y, input: c, batch: batch, plane: g.outPlane, context: context)
+        if relu { ReLU.forward(output: y, input: y, count: count) }
+        gradOutput.zeroed(count)
+        return y
+    }
+
+    /// Consumes `gradOutput` (filled by the layers after this unit) and accumulates into gradInput.
+    func backward(_ arena: ParameterArena, gradInput: UnsafeMutablePointer<Float>?, input: UnsafePointer<Float>,
+                  workspace: Scratch<Float>, context: PassContext) {
+        guard let g = geometry else { preconditionFailure("backward before forward") }
+        let count = g.outputShape.reduce(1, *)
+        let dy = gradOutput.pointer
+        if relu {
+            let y = output.pointer
+            for i in 0..<count where y[i] <= 0 { dy[i] = 0 }
+        }
+        let dc = gradConvOut.zeroed(count)
+        bn.backward(arena, gradInput: dc, gradOutput: dy, input: convOut.pointer, batch: g.batch, plane: g.outPlane, context: context)
+        Conv2d.backward(gradInput: gradInput, gradWeight: arena.grads + conv.offset, gradBias: nil, gradOutput: dc, input: input,
+                        weight: arena.params + conv.offset, geometry: g, workspace: workspace.ensure(g.workspaceCount))
+    }
+}
+
+/// A residual block: basic (3x3, 3x3) or bottleneck (1x1, 3x3 with the stride, 1x1 x4), plus the
+/// downsample branch when the shape changes; out = relu(branch + identity).
+final class ResidualBlock {
+    let units: [ConvBNUnit]
+    let downsample: ConvBNUnit?
+    let outChannels: Int
+    let output = Scratch<Float>(), gradOutput = Scratch<Float>()
+    private var shape = (batch: 0, height: 0, width: 0, outHeight: 0, outWidth: 0)
+
+    init(_ layout: inout ParameterLayout, _ name: String, block: ResNetConfig.Block, inChannels: Int, planes: Int, stride: Int) throws {
+        switch block {
+        case .basic:
+            units = [
+                try ConvBNUnit(&layout, conv: "\(name).conv1", bn: "\(name).bn1", inChannels: inChannels, outChannels: planes, kernel: 3, stride: stride, padding: 1, relu: true),
+                try ConvBNUnit(&layout, conv: "\(name).conv2", bn: "\(name).bn2", inChannels: planes, outChannels: planes, kernel: 3, stride: 1, padding: 1, relu: false),
+            ]
+            outChannels = planes
+        case .bottleneck:
+            units = [
+                try ConvBNUnit(&layout, conv: "\(name).conv1", bn: "\(name).bn1", inChannels: inChannels, outChannels: planes, kernel: 1, stride: 1, padding: 0, relu: true),
+                try ConvBNUnit(&layout, conv: "\(name).conv2", bn: "\(name).bn2", inChannels: planes, outChannels: planes, kernel: 3, stride: stride, padding: 1, relu: true),
+                try ConvBNUnit(&layout, conv: "\(name).conv3", bn: "\(name).bn3", inChannels: planes, outChannels: planes * 4, kernel: 1, stride: 1, padding: 0, relu: false),
+            ]
+            outChannels = planes * 4
+        }
+        if stride != 1 || inChannels != outChannels {
+            downsample = try ConvBNUnit(&layout, conv: "\(name).downsample.0", bn: "\(name).downsample.1", inChannels: inChannels,
+                                        outChannels: outChannels, kernel: 1, stride: stride, padding: 0, relu: false)
+        } else {
+            downsample = nil
+        }
+    }
+
+    var allUnits: [ConvBNUnit] { units + (downsample.map { [$0] } ?? []) }
+
+    func forward(_ arena: ParameterArena, input: UnsafePointer<Float>, batch: Int, height: Int, width: Int,
+                 workspace: Scratch<Float>, context: PassContext) throws -> (UnsafeMutablePointer<Float>, Int, Int) {
+        var x = input, h = height, w = width
+        for unit in units {
+            x = UnsafePointer(try unit.forward(arena, input: x, batch: batch, height: h, width: w, workspace: workspace, context: context))
+            h = unit.outputSize(h); w = unit.outputSize(w)
+        }
+        let identity = try downsample.map {
+            UnsafePointer(try $0.forward(arena, input: input, batch: batch, height: height, width: width, workspace: workspace, context: context))
+        } ?? input
+        let count = batch * outChannels * h * w
+        let y = output.ensure(count)
+        Residual.forward(output: y, x, identity, count: count)
+        ReLU.forward(output: y, input: y, count: count)
+        gradOutput.zeroed(count)
+        shape = (batch, height, width, h, w)
+        return (y, h, w)
+    }
+
+    /// Consumes gradOutput and accumulates into gradInput (the previous layer's gradOutput).
+    func backward(_ arena: ParameterArena, gradInput: UnsafeMutablePointer<Float>, input: UnsafePointer<Float>,
+                  workspace: Scratch<Float>, context: PassContext) {
+        let count = shape.batch * outChannels * shape.outHeight * shape.outWidth
+        let dy = gradOutput.pointer, y = output.pointer
+        for i in 0..<count where y[i] <= 0 { dy[i] = 0 }
+        // d(branch) = d(identity) = dy
+        let last = units[units.count - 1]
+        last.gradOutput.ensure(count).update(from: dy, count: count)
+        if let downsample {
+            downsample.gradOutput.ensure(count).update(from: dy, count: count)
+            downsample.backward(arena, gradInput: gradInput, input: input, workspace: workspace, context: context)
+        } else {
+            for i in 0..<count { gradInput[i] += dy[i] }
+        }
+        for k in stride(from: units.count - 1, through: 0, by: -1) {
+            let unitInput = k == 0 ? input : UnsafePointer(units[k - 1].output.pointer)
+            let unitGradInput = k == 0 ? gradInput : units[k - 1].gradOutput.pointer
+            units[k].backward(arena, gradInput: unitGradInput, input: unitInput, workspace: workspace, context: context)
+        }
+    }
+}
+
+/// The image encoder: images [B, 3, S, S] -> features [B, featureCount].
+public final class ResNet {
+    public let config: ResNetConfig
+    public let prefix: String
+    let stem: ConvBNUnit
+    let blocks: [ResidualBlock]
+    let poolOutput = Scratch<Float>(), poolIndices = Scratch<Int32>(), poolGrad = Scratch<Float>()
+    let features = Scratch<Float>()
+    let workspace = Scratch<Float>()
+    private var shape = (batch: 0, stemSize: 0, poolSize: 0, finalSize: 0)
+    private var inputImages: UnsafePointer<Float>?
+
+    /// Registers every parameter and buffer under `prefix` (e.g. "image.") with torchvision's names.
+    public init(config: ResNetConfig, layout: inout ParameterLayout, prefix: String = "") throws {
+        try config.validate()
+        self.config = config
+        self.prefix = prefix
+        stem = try ConvBNUnit(&layout, conv: "\(prefix)conv1", bn: "\(prefix)bn1", inChannels: 3, outChannels: config.width,
+                              kernel: 7, stride: 2, padding: 3, relu: true)
+        var blocks: [ResidualBlock] = []
+        var inChannels = config.width
+        for (stage, count) in config.layers.enumerated() {
+            let planes = config.width << stage
+            for i in 0..<count {
+                let block = try ResidualBlock(&layout, "\(prefix)layer\(stage + 1).\(i)", block: config.block, inChannels: inChannels,
+                                              planes: planes, stride: i == 0 && stage > 0 ? 2 : 1)
+                inChannels = block.outChannels
+                blocks.append(block)
+            }
+        }
+        self.blocks = blocks
+    }
+
+    public var featureCount: Int { config.featureCount }
+
+    /// torchvision's initialisation (Kaiming normal convolutions, BN weight 1 and bias 0), from `stream`.
+    public func initialize(_ arena: ParameterArena, stream: RandomStream) {
+        stem.initialize(arena, stream: stream.child(0))
+        for (b, block) in blocks.enumerated() {
+            for (u, unit) in block.allUnits.enumerated() { unit.initialize(arena, stream: stream.child(UInt64(b + 1), UInt64(u))) }
+        }
+    }
+
+    /// Features [batch, featureCount] of images [batch, 3, S, S] (S = config.imageSize or any size >= 32).
+    public func forward(_ arena: ParameterArena, images: UnsafePointer<Float>, batch: Int, size: Int,
+                        context: PassContext) throws -> UnsafePointer<Float> {
+        try require(batch >= 1, "resnet", "batch must be positive")
+        try require(size >= 32, "resnet", "image size \(size) is below 32")
+        inputImages = images
+        let x0 = try stem.forward(arena, input: images, batch: batch, height: size, width: size, workspace: workspace, context: context)
+        let s1 = stem.outputSize(size)
+        let s2 = MaxPool2d.outputSize(s1, kernel: 3, stride: 2, padding: 1)
+        let planes = batch * config.width
+        let pooled = poolOutput.ensure(planes * s2 * s2)
+        MaxPool2d.forward(output: pooled, indices: poolIndices.ensure(planes * s2 * s2), input: x0, planes: planes, height: s1, width: s1)
+        poolGrad.zeroed(planes * s2 * s2)
+        var x = UnsafePointer(pooled), s = s2
+        for block in blocks {
+            let (y, h, _) = try block.forward(arena, input: x, batch: batch, height: s, width: s, workspace: workspace, context: context)
+            x = UnsafePointer(y); s = h
+        }
+        let f = features.ensure(batch * featureCount)
+        GlobalAvgPool.forward(output: f, input: x, rows: batch * featureCount, plane: s * s)
+        shape = (batch, s1, s2, s)
+        return UnsafePointer(f)
+    }
+
+    /// Accumulates parameter gradients into arena.grads from gradFeatures [batch, featureCount].
+    public func backward(_ arena: ParameterArena, gradFeatures: UnsafePointer<Float>, context: PassContext) {
+        guard let images = inputImages else { preconditionFailure("backward before forward") }
+        let last = blocks[blocks.count - 1]
+        GlobalAvgPool.backward(gradInput: last.gradOutput.pointer, gradOutput: gradFeatures, rows: shape.batch * featureCount,
+                               plane: shape.finalSize * shape.finalSize)
+        for k in stride(from: blocks.count - 1, through: 0, by: -1) {
+            let input = k == 0 ? UnsafePointer(poolOutput.pointer) : UnsafePointer(blocks[k - 1].output.pointer)
+            let gradInput = k == 0 ? poolGrad.pointer : blocks[k - 1].gradOutput.pointer
+            blocks[k].backward(arena, gradInput: gradInput, input: input, workspace: workspace, context: context)
+        }
+        let planes = shape.batch * config.width
+        MaxPool2d.backward(gradInput: stem.gradOutput.pointer, gradOutput: poolGrad.pointer, indices: poolIndices.pointer,
+                           planes: planes, inPlane: shape.stemSize * shape.stemSize, outPlane: shape.poolSize * shape.poolSize)
+        stem.backward(arena, gradInput: nil, input: images, workspace: workspace, context: context)
+    }
+
+    /// Bytes held by activations and their gradients at the largest batch seen.
+    public var activationBytes: Int {
+        var total = poolOutput.bytes + poolGrad.bytes + poolIndices.bytes + features.bytes + workspace.bytes
+        for unit in [stem] + blocks.flatMap(\.allUnits) {
+            total += unit.convOut.bytes + unit.gradConvOut.bytes + unit.output.bytes + unit.gradOutput.bytes
+        }
+        for block in blocks { total += block.output.bytes + block.gradOutput.bytes }
+        return total
+    }
+}

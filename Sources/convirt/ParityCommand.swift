@@ -1,0 +1,30 @@
+import ArgumentParser
+import ConvirtCore
+import ConvirtModels
+import Foundation
+
+/// `convirt parity FIXTURE`: compares our model with PyTorch's reference data (tools/make_parity_fixture.py).
+struct ParityCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "parity",
+        abstract: "Check the model against a PyTorch parity fixture; exit non-zero past 1e-4 (outputs) or 1e-3 (gradients).")
+
+    @Argument(help: "A parity fixture (.safetensors) written by tools/make_parity_fixture.py.")
+    var fixture: String
+
+    @Option(help: "BLAS threads.")
+    var threads = 1
+
+    func run() throws {
+        BLASThreads.set(threads)
+        let start = Date()
+        let report = try Parity.run(path: fixture)
+        for line in report.lines {
+            print(String(format: "%@ %.3e %@", line.name.padding(toLength: 72, withPad: " ", startingAt: 0) as NSString, line.error, line.ok ? "ok" : "FAIL (limit \(line.limit))"))
+        }
+        let worst = report.lines.max { $0.error / $0.limit < $1.error / $1.limit }
+        print(String(format: "%@: %d tensors compared, worst %@ %.3e, %.1f s: %@", report.model, report.lines.count,
+                     worst?.name ?? "-", worst?.error ?? 0, Date().timeIntervalSince(start), report.passed ? "PASS" : "FAIL"))
+        if !report.passed { throw ExitCode(1) }
+    }
+}

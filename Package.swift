@@ -12,6 +12,7 @@ let package = Package(
         .library(name: "ConvirtIO", targets: ["ConvirtIO"]),
         .library(name: "ConvirtDistributed", targets: ["ConvirtDistributed"]),
         .library(name: "ConvirtModels", targets: ["ConvirtModels"]),
+        .library(name: "ConvirtText", targets: ["ConvirtText"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
@@ -38,10 +39,11 @@ let package = Package(
         .target(name: "ConvirtIO", dependencies: ["ConvirtCore", "CZstd", "CZlib", "CCodecs"]),
         .target(name: "ConvirtDistributed", dependencies: ["ConvirtCore", "CMPI"]),
         .target(name: "ConvirtModels", dependencies: ["ConvirtCore", "ConvirtIO"]),
+        .target(name: "ConvirtText", dependencies: ["ConvirtCore"]),
         .executableTarget(
             name: "convirt",
             dependencies: [
-                "ConvirtCore", "ConvirtIO", "ConvirtDistributed", "ConvirtModels",
+                "ConvirtCore", "ConvirtIO", "ConvirtDistributed", "ConvirtModels", "ConvirtText",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ]
         ),
@@ -51,7 +53,8 @@ let package = Package(
             resources: [.copy("Fixtures")]
         ),
         .testTarget(name: "ConvirtIOTests", dependencies: ["ConvirtIO", "ConvirtCore"], resources: [.copy("Fixtures")]),
-        .testTarget(name: "ConvirtModelsTests", dependencies: ["ConvirtModels", "ConvirtCore", "ConvirtIO"], resources: [.copy("Fixtures")]),
-        .testTarget(name: "ConvirtCLITests", dependencies: ["convirt"]),
+        .testTarget(name: "ConvirtModelsTests", dependencies: ["ConvirtModels", "ConvirtCore", "ConvirtIO", "ConvirtText"], resources: [.copy("Fixtures")]),
+        .testTarget(name: "ConvirtTextTests", dependencies: ["ConvirtText", "ConvirtCore"], resources: [.copy("Fixtures")]),
+        .testTarget(name: "ConvirtCLITests", dependencies: ["convirt", "ConvirtIO"]),
     ]
 )

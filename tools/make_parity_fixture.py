@@ -18,21 +18,14 @@ directory. Dropout is always 0 in fixtures; --train makes BatchNorm use batch st
 import argparse
 import json
 import os
-import sys
-import types
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-try:
-    import torchvision.models.resnet as tv_resnet
-except RuntimeError:
-    # A torchvision wheel whose compiled ops do not match the installed torch fails while registering
-    # them; the ResNet definition itself is plain Python and does not need them.
-    sys.modules["torchvision._meta_registrations"] = types.ModuleType("torchvision._meta_registrations")
-    import torchvision.models.resnet as tv_resnet
+import torch_compat  # noqa: F401  (before torchvision and transformers)
+import torchvision.models.resnet as tv_resnet
 
 RESNETS = {
     "tiny": {"layers": [1, 1, 1, 1], "width": 4, "block": "bottleneck", "image_size": 32},

@@ -1,5 +1,6 @@
 // The convirt executable end to end: subcommands, and the MPI bridge under a real mpirun.
 
+import ConvirtIO
 import Foundation
 import Testing
 
@@ -19,7 +20,8 @@ private func convirtPath() -> String {
 }
 
 /// Runs a program, returning its exit status and combined output; kills it after `timeout` seconds.
-func run(_ executable: String, _ arguments: [String], environment: [String: String] = [:], timeout: Double = 120) throws -> (status: Int32, output: String) {
+func run(_ executable: String, _ arguments: [String], environment: [String: String] = [:], input: String? = nil,
+         timeout: Double = 120) throws -> (status: Int32, output: String) {
     let process = Process()
     process.executableURL = URL(fileURLWithPath: executable)
     process.arguments = arguments
@@ -32,7 +34,11 @@ func run(_ executable: String, _ arguments: [String], environment: [String: Stri
     let handle = try FileHandle(forWritingTo: log)
     process.standardOutput = handle
     process.standardError = handle
+    let stdin = Pipe()
+    process.standardInput = stdin
     try process.run()
+    if let input { stdin.fileHandleForWriting.write(Data(input.utf8)) }
+    try stdin.fileHandleForWriting.close()
     let deadline = Date().addingTimeInterval(timeout)
     while process.isRunning && Date() < deadline { Thread.sleep(forTimeInterval: 0.05) }
     if process.isRunning {
@@ -70,6 +76,45 @@ struct CLITests {
                                                      "OPENBLAS_NUM_THREADS": "1", "OMPI_MCA_btl": "self,vader"])
         #expect(status == 0, "\(output)")
         #expect(output.contains("world size 2; all-reduce of ranks = 1 (expected 1)"), "\(output)")
+    }
+
+    @Test("convirt tokenize prints one line of ids per stdin line")
+    func tokenize() throws {
+        let vocab = FileManager.default.temporaryDirectory.appendingPathComponent("convirt-vocab-\(getpid()).txt")
+        try "[PAD]\n[UNK]\n[CLS]\n[SEP]\n[MASK]\nthe\nheart\n##s\nis\nnormal\n.\nHeart\n".write(to: vocab, atomically: true, encoding: .utf8)
+        defer { try? FileManager.default.removeItem(at: vocab) }
+        let lower = try run(convirtPath(), ["tokenize", "--vocab", vocab.path, "--lowercase"], input: "The hearts is normal.\n\nHeart Ä\n")
+        #expect(lower.status == 0, "\(lower.output)")
+        #expect(lower.output == "2 5 6 7 8 9 10 3\n2 3\n2 6 1 3\n")
+        let cased = try run(convirtPath(), ["tokenize", "--vocab", vocab.path, "--max-length", "4"], input: "Heart is normal\n")
+        #expect(cased.output == "2 11 8 3\n", "\(cased.output)")
+        let missing = try run(convirtPath(), ["tokenize", "--vocab", "/nonexistent/vocab.txt"], input: "x\n")
+        #expect(missing.status != 0 && missing.output.contains("/nonexistent/vocab.txt: no such file"))
+    }
+
+    @Test("convirt parity passes on a committed fixture and fails on a corrupted one")
+    func parity() throws {
+        let fixtures = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
+            .appendingPathComponent("ConvirtModelsTests/Fixtures")
+        let good = try run(convirtPath(), ["parity", fixtures.appendingPathComponent("convirt_tiny_train.safetensors").path])
+        #expect(good.status == 0 && good.output.contains("PASS"), "\(good.output)")
+        // A copy whose reference output is off by 1%: parity must fail and say so.
+        let source = try SafeTensorsFile(path: fixtures.appendingPathComponent("bert_tiny.safetensors").path)
+        var writer = SafeTensorsWriter(metadata: source.metadata)
+        for info in source.tensors {
+            if info.dtype == .i64 {
+                try writer.add(info.name, source.integers(info.name))
+            } else {
+                var t = try source.floats(info.name)
+                if info.name == "output.last_hidden_state" { t[flat: 5] *= 1.01 }
+                try writer.add(info.name, t)
+            }
+        }
+        let bad = FileManager.default.temporaryDirectory.appendingPathComponent("convirt-bad-\(getpid()).safetensors")
+        try writer.write(to: bad.path)
+        defer { try? FileManager.default.removeItem(at: bad) }
+        let failed = try run(convirtPath(), ["parity", bad.path])
+        #expect(failed.status != 0 && failed.output.contains("FAIL"), "\(failed.output)")
     }
 
     @Test("unknown subcommands are refused with usage")

@@ -1,0 +1,222 @@
+// Behaviour of the models beyond parity: the distributed loss, freezing, dropout streams, weight
+// round trips, and gradients of whole models against finite differences.
+
+import ConvirtCore
+import ConvirtIO
+import ConvirtModels
+import Foundation
+import Testing
+
+private func randomUnitRows(_ rows: Int, _ d: Int, seed: UInt64) -> [Float] {
+    let s = RandomStream(seed: seed)
+    var x = (0..<(rows * d)).map { s.normal(at: UInt64($0)) }
+    for r in 0..<rows {
+        let norm = (0..<d).reduce(Float(0)) { $0 + x[r * d + $1] * x[r * d + $1] }.squareRoot()
+        for j in 0..<d { x[r * d + j] /= norm }
+    }
+    return x
+}
+
+@Suite("ConVIRT loss")
+struct LossTests {
+    /// The loss in plain Double: L = (1/N) sum_i [lambda l_i(v->u) + (1-lambda) l_i(u->v)].
+    static func referenceLoss(_ v: [Double], _ u: [Double], n: Int, d: Int, tau: Double, lambda: Double) -> Double {
+        func dotp(_ a: [Double], _ i: Int, _ b: [Double], _ k: Int) -> Double { (0..<d).reduce(0) { $0 + a[i * d + $1] * b[k * d + $1] } / tau }
+        var total = 0.0
+        for i in 0..<n {
+            let rowV = (0..<n).map { dotp(v, i, u, $0) }, rowU = (0..<n).map { dotp(u, i, v, $0) }
+            func nll(_ r: [Double]) -> Double { let m = r.max()!; return Double.log(r.reduce(0) { $0 + Double.exp($1 - m) }) + m - r[i] }
+            total += lambda * nll(rowV) + (1 - lambda) * nll(rowU)
+        }
+        return total / Double(n)
+    }
+
+    @Test("one rank: the ordinary loss, and gradients equal finite differences")
+    func singleRank() throws {
+        let (n, d) = (6, 5)
+        let v = randomUnitRows(n, d, seed: 1), u = randomUnitRows(n, d, seed: 2)
+        var gv = [Float](repeating: 0, count: n * d), gu = gv
+        let value = ConVIRTLoss.forwardBackward(v: v, u: u, globalV: v, globalU: u, localRows: n, globalRows: n, features: d, offset: 0,
+                                                tau: 0.1, lambda: 0.75, gradV: &gv, gradU: &gu, workspace: .init())
+        let vd = v.map(Double.init), ud = u.map(Double.init)
+        let expected = Self.referenceLoss(vd, ud, n: n, d: d, tau: 0.1, lambda: 0.75)
+        #expect(abs(value.loss - expected) / expected < 1e-5)
+        #expect(abs(value.loss - (0.75 * value.imageToText + 0.25 * value.textToImage)) < 1e-9)
+        func numeric(_ x: [Double], _ f: ([Double]) -> Double) -> [Double] {
+            (0..<x.count).map { i in
+                var p = x, m = x
+                p[i] += 1e-6; m[i] -= 1e-6
+                return (f(p) - f(m)) / 2e-6
+            }
+        }
+        let ngv = numeric(vd) { Self.referenceLoss($0, ud, n: n, d: d, tau: 0.1, lambda: 0.75) }
+        let ngu = numeric(ud) { Self.referenceLoss(vd, $0, n: n, d: d, tau: 0.1, lambda: 0.75) }
+        let scale = ngv.map(abs).max()!
+        #expect(zip(gv, ngv).allSatisfy { abs(Double($0) - $1) < 1e-4 * scale })
+        #expect(zip(gu, ngu).allSatisfy { abs(Double($0) - $1) < 1e-4 * scale })
+    }
+
+    @Test("W ranks: shares sum to the loss, and summed (reduce-scattered) gradients equal one rank's", arguments: [2, 3, 4])
+    func ranks(world: Int) throws {
+        let b = 3, n = b * world, d = 7
+        let v = randomUnitRows(n, d, seed: 3), u = randomUnitRows(n, d, seed: 4)
+        var fullV = [Float](repeating: 0, count: n * d), fullU = fullV
+        let single = ConVIRTLoss.forwardBackward(v: v, u: u, globalV: v, globalU: u, localRows: n, globalRows: n, features: d, offset: 0,
+                                                 tau: 0.1, lambda: 0.75, gradV: &fullV, gradU: &fullU, workspace: .init())
+        var sumV = [Float](repeating: 0, count: n * d), sumU = sumV
+        var loss = 0.0
+        for rank in 0..<world {
+            var gv = [Float](repeating: 0, count: n * d), gu = gv
+            let part = v.withUnsafeBufferPointer { vp in
+                u.withUnsafeBufferPointer { up in
+                    ConVIRTLoss.forwardBackward(v: vp.baseAddress! + rank * b * d, u: up.baseAddress! + rank * b * d, globalV: vp.baseAddress!,
+                                                globalU: up.baseAddress!, localRows: b, globalRows: n, features: d, offset: rank * b,
+                                                tau: 0.1, lambda: 0.75, gradV: &gv, gradU: &gu, workspace: .init())
+                }
+            }
+            loss += part.loss
+            for i in 0..<(n * d) { sumV[i] += gv[i]; sumU[i] += gu[i] }
+        }
+        #expect(abs(loss - single.loss) < 1e-6)
+        #expect(zip(sumV, fullV).allSatisfy { abs($0 - $1) < 1e-6 })
+        #expect(zip(sumU, fullU).allSatisfy { abs($0 - $1) < 1e-6 })
+    }
+}
+
+@Suite("Model behaviour")
+struct ModelBehaviourTests {
+    static func tinyModel(frozen: Int) throws -> ConVIRTModel {
+        var config = try ConVIRTConfig.preset("tiny")
+        config.frozenLayers = frozen
+        config.text.hiddenDropoutProb = 0
+        config.text.attentionProbsDropoutProb = 0
+        let model = try ConVIRTModel(config: config)
+        model.initialize(seed: 11)
+        return model
+    }
+
+    static func texts(batch: Int, tokens: Int) -> ([Int32], [Int32]) {
+        let s = RandomStream(seed: 5)
+        let ids = (0..<(batch * tokens)).map { Int32(1 + s.integer(below: 999, at: UInt64($0))) }
+        let mask = (0..<(batch * tokens)).map { Int32($0 % tokens < tokens - ($0 / tokens) ? 1 : 0) }
+        return (ids, mask)
+    }
+
+    @Test("frozen layers get no gradient and change nothing in the trainable layers' gradients")
+    func freezing() throws {
+        let (ids, mask) = Self.texts(batch: 3, tokens: 6)
+        var grads: [Int: ParameterArena] = [:]
+        for frozen in [0, 1] {
+            let model = try Self.tinyModel(frozen: frozen)
+            let context = PassContext(training: true)
+            let u = try model.encodeTexts(ids: ids, mask: mask, batch: 3, tokens: 6, context: context)
+            let g = (0..<(3 * model.config.projDim)).map { Float($0 % 5) - 2 + u[$0] }
+            model.arena.zeroGrads()
+            model.backwardTexts(gradEmbeddings: g, context: context)
+            grads[frozen] = model.arena
+        }
+        let frozenArena = grads[1]!, fullArena = grads[0]!
+        for entry in frozenArena.layout.entries where entry.name.hasPrefix("text.") {
+            let a = try frozenArena.gradient(entry.name).scalars, b = try fullArena.gradient(entry.name).scalars
+            if entry.kind == .frozen {
+                #expect(a.allSatisfy { $0 == 0 }, "\(entry.name) is frozen but has a gradient")
+                #expect(b.contains { $0 != 0 } || entry.name.contains("token_type") || entry.name.contains("position"), "\(entry.name)")
+            } else {
+                #expect(relativeError(a, b) < 1e-6, "\(entry.name)")
+            }
+        }
+        #expect(frozenArena.layout.trainableCount < fullArena.layout.trainableCount)
+    }
+
+    private func relativeError(_ a: [Float], _ b: [Float]) -> Double {
+        let scale = max(b.map { Double(abs($0)) }.max() ?? 0, 1e-30)
+        return zip(a, b).map { Double(abs($0 - $1)) }.max()! / scale
+    }
+
+    @Test("BERT dropout depends on (seed, step, global sample index), not on the batch a sample sits in")
+    func dropoutStreams() throws {
+        var config = try ConVIRTConfig.preset("tiny")
+        config.text.hiddenDropoutProb = 0.3
+        config.text.attentionProbsDropoutProb = 0.2
+        let model = try ConVIRTModel(config: config)
+        model.initialize(seed: 3)
+        let (ids, mask) = Self.texts(batch: 4, tokens: 5)
+        let stream = RandomStream(seed: 9, 1)
+        let whole = try Array(UnsafeBufferPointer(start: model.encodeTexts(ids: ids, mask: mask, batch: 4, tokens: 5,
+            context: PassContext(training: true, stream: stream, sampleIndices: [10, 11, 12, 13])), count: 4 * config.projDim))
+        let second = try Array(UnsafeBufferPointer(start: model.encodeTexts(ids: Array(ids[10...]), mask: Array(mask[10...]), batch: 2, tokens: 5,
+            context: PassContext(training: true, stream: stream, sampleIndices: [12, 13])), count: 2 * config.projDim))
+        #expect(zip(whole[(2 * config.projDim)...], second).allSatisfy { abs($0 - $1) < 1e-6 }, "same samples, same masks")
+        let eval = try Array(UnsafeBufferPointer(start: model.encodeTexts(ids: ids, mask: mask, batch: 4, tokens: 5,
+            context: PassContext(training: false)), count: 4 * config.projDim))
+        #expect(zip(whole, eval).contains { abs($0 - $1) > 1e-3 }, "dropout is active in training")
+    }
+
+    /// PyTorch parity covers every gradient with dropout off; this covers BERT's hidden and attention
+    /// dropout, whose masks the backward pass regenerates from the streams. (The ResNet's piecewise-linear
+    /// ReLU and max-pool kinks make float32 finite differences of the image encoder too noisy to be
+    /// useful here; its gradients are proven by the parity fixtures.)
+    @Test("gradients with dropout on match finite differences along random directions")
+    func directionalDerivative() throws {
+        var config = try ConVIRTConfig.preset("tiny")
+        config.text.hiddenDropoutProb = 0.1
+        config.text.attentionProbsDropoutProb = 0.1
+        let model = try ConVIRTModel(config: config)
+        model.initialize(seed: 21)
+        let b = 4, size = 64
+        let images = (0..<(b * 3 * size * size)).map { RandomStream(seed: 8).normal(at: UInt64($0)) }
+        let (ids, mask) = Self.texts(batch: b, tokens: 6)
+        let context = PassContext(training: true, stream: RandomStream(seed: 4), sampleIndices: [0, 1, 2, 3])
+        // Training-mode BatchNorm updates running statistics in place: restore them around every forward.
+        let saved = Array(UnsafeBufferPointer(start: model.arena.params, count: model.arena.count))
+        func loss() throws -> Double {
+            let v = try model.encodeImages(images, batch: b, size: size, context: context)
+            let u = try model.encodeTexts(ids: ids, mask: mask, batch: b, tokens: 6, context: context)
+            var gv = [Float](repeating: 0, count: b * config.projDim), gu = gv
+            let value = ConVIRTLoss.forwardBackward(v: v, u: u, globalV: v, globalU: u, localRows: b, globalRows: b, features: config.projDim,
+                                                    offset: 0, tau: config.tau, lambda: config.lambda, gradV: &gv, gradU: &gu, workspace: .init())
+            return value.loss
+        }
+        let v = try model.encodeImages(images, batch: b, size: size, context: context)
+        let u = try model.encodeTexts(ids: ids, mask: mask, batch: b, tokens: 6, context: context)
+        var gv = [Float](repeating: 0, count: b * config.projDim), gu = gv
+        _ = ConVIRTLoss.forwardBackward(v: v, u: u, globalV: v, globalU: u, localRows: b, globalRows: b, features: config.projDim,
+                                        offset: 0, tau: config.tau, lambda: config.lambda, gradV: &gv, gradU: &gu, workspace: .init())
+        model.arena.zeroGrads()
+        model.backwardImages(gradEmbeddings: gv, context: context)
+        model.backwardTexts(gradEmbeddings: gu, context: context)
+        let grads = Array(UnsafeBufferPointer(start: model.arena.grads, count: model.arena.count))
+        for (k, prefix) in ["text.", "image_head.", "text_head."].enumerated() {
+            // A random direction over the trainable entries of one part of the model.
+            let s = RandomStream(seed: 77, UInt64(k))
+            var direction = [Float](repeating: 0, count: model.arena.count)
+            for e in model.layout.entries where e.kind == .trainable && e.name.hasPrefix(prefix) {
+                for i in e.range { direction[i] = s.normal(at: UInt64(i)) }
+            }
+            let analytic = zip(grads, direction).reduce(0.0) { $0 + Double($1.0) * Double($1.1) }
+            let h: Float = 1e-4
+            func shifted(_ sign: Float) throws -> Double {
+                for i in 0..<model.arena.count { model.arena.params[i] = saved[i] + sign * h * direction[i] }
+                return try loss()
+            }
+            let numeric = (try shifted(1) - shifted(-1)) / (2 * Double(h))
+            for i in 0..<model.arena.count { model.arena.params[i] = saved[i] }
+            #expect(abs(numeric - analytic) <= 2e-2 * max(abs(analytic), 1e-3), "\(prefix): analytic \(analytic), numeric \(numeric)")
+        }
+    }
+
+    @Test("export writes torchvision / Hugging Face names that load back unchanged")
+    func exportRoundTrip() throws {
+        let model = try Self.tinyModel(frozen: 1)
+        var writer = SafeTensorsWriter()
+        try Weights.export(model.arena, prefix: "image.", to: &writer)
+        let file = try SafeTensorsFile(data: writer.serialized(), path: "image.safetensors")
+        #expect(file.names.contains("conv1.weight") && file.names.contains("layer4.0.downsample.1.running_var"))
+        let other = try Self.tinyModel(frozen: 0)
+        other.arena.params.update(repeating: 0, count: other.arena.count)
+        try Weights.load(file, into: other.arena, prefix: "image.")
+        for e in model.layout.entries where e.name.hasPrefix("image.") {
+            #expect(try model.arena.tensor(e.name) == other.arena.tensor(e.name))
+        }
+    }
+}

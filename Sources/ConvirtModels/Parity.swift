@@ -16,7 +16,7 @@ public enum Parity {
     public static let outputLimit = 1e-4
     public static let gradientLimit = 1e-3
 
-    /// max |a - b| / max(max |b|, floor). The floor (a millionth of the largest gradient in the fixture)
+    /// max |a - b| / max(max |b|, floor). The floor (1e-5 of the largest gradient in the fixture)
     /// only matters for tensors that are zero in exact arithmetic, such as the gradient of attention's
     /// key bias (softmax ignores a constant added to every score), where both sides are rounding noise.
     static func relativeError(_ a: UnsafePointer<Float>, _ b: Tensor<Float>, floor: Double = 1e-30) -> Double {
@@ -37,7 +37,11 @@ public enum Parity {
         }
     }
 
-    public static func run(path: String) throws -> ParityReport {
+    /// Runs the fixture; with `dumpPath`, also writes our gradients as `grad.<name>` there (to inspect
+    /// differences element by element).
+    public static func run(path: String, dumpPath: String? = nil) throws -> ParityReport {
+        dump = dumpPath
+        defer { dump = nil }
         let file = try SafeTensorsFile(path: path)
         guard let model = file.metadata["model"] else { throw ConvirtError("\(path): no model in the fixture's metadata") }
         let training = file.metadata["train"] == "true"
@@ -57,12 +61,19 @@ public enum Parity {
     }
 
     /// Compares arena gradients with every `grad.<name>` and checks that exactly the trainable entries have one.
+    nonisolated(unsafe) static var dump: String?
+
     static func compareGradients(_ file: SafeTensorsFile, _ arena: ParameterArena, report: inout ParityReport) throws {
+        if let dump {
+            var writer = SafeTensorsWriter()
+            for entry in arena.layout.entries where entry.kind == .trainable { try writer.add("grad.\(entry.name)", arena.gradient(entry.name)) }
+            try writer.write(to: dump)
+        }
         var largest = 0.0
         for name in file.names where name.hasPrefix("grad.") {
             largest = max(largest, try file.floats(name).scalars.reduce(0) { max($0, Double(abs($1))) })
         }
-        let floor = max(largest * 1e-6, 1e-30)
+        let floor = max(largest * 1e-5, 1e-30)
         for entry in arena.layout.entries where entry.kind != .buffer {
             let name = "grad.\(entry.name)"
             guard file.info(name) != nil else {

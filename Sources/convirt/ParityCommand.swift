@@ -15,10 +15,13 @@ struct ParityCommand: ParsableCommand {
     @Option(help: "BLAS threads.")
     var threads = 1
 
+    @Option(help: "Also write our gradients (grad.<name>) to this safetensors file.")
+    var dump: String?
+
     func run() throws {
         BLASThreads.set(threads)
         let start = Date()
-        let report = try Parity.run(path: fixture)
+        let report = try Parity.run(path: fixture, dumpPath: dump)
         for line in report.lines {
             print(String(format: "%@ %.3e %@", line.name.padding(toLength: 72, withPad: " ", startingAt: 0) as NSString, line.error, line.ok ? "ok" : "FAIL (limit \(line.limit))"))
         }

@@ -251,3 +251,24 @@ struct KernelGradientTests {
         #expect(try F.dropout(x, probability: 0, stream: stream) == x)
     }
 }
+
+@Suite("Kernels at ResNet-50 shapes against the Double reference")
+struct LargeShapeTests {
+    @Test("conv2d forward and backward", arguments: [
+        (1, 1024, 14, 2048, 1, 2, 0),  // layer4.0.downsample
+        (2, 1024, 14, 256, 1, 1, 0),   // layer3 conv1 (pointwise)
+        (1, 512, 14, 512, 3, 2, 1),    // layer4.0.conv2
+        (1, 64, 56, 64, 3, 1, 1),      // layer1 3x3
+    ])
+    func conv(n: Int, c: Int, size: Int, o: Int, k: Int, s: Int, p: Int) throws {
+        let g = try Conv2dGeometry(batch: n, inChannels: c, height: size, width: size, outChannels: o, kernel: k, stride: s, padding: p)
+        let x = tensor(g.inputShape, seed: 1), w = tensor(g.weightShape, seed: 2, scale: 0.05), dy = tensor(g.outputShape, seed: 3)
+        let y = try F.conv2d(x, weight: w, stride: s, padding: p)
+        let grads = try F.conv2dBackward(dy, input: x, weight: w, stride: s, padding: p)
+        let xd = x.scalars.map(Double.init), wd = w.scalars.map(Double.init), dyd = dy.scalars.map(Double.init)
+        #expect(relativeError(y.scalars, Reference.conv2dForward(xd, wd, nil, g)) < 1e-5)
+        let (dx, dw, _) = Reference.conv2dBackward(dyd, xd, wd, g)
+        #expect(relativeError(grads.input.scalars, dx) < 1e-5, "dx")
+        #expect(relativeError(grads.weight.scalars, dw) < 1e-5, "dw")
+    }
+}

@@ -73,9 +73,9 @@ public enum BatchNorm2d {
         for n in 0..<batch {
             for c in 0..<channels {
                 let x = input + (n * channels + c) * plane, y = output + (n * channels + c) * plane
-                let scale = gamma[c] / (runningVar[c] + eps).squareRoot()
-                let shift = beta[c] - runningMean[c] * scale
-                for p in 0..<plane { y[p] = x[p] * scale + shift }
+                // (x - mean) first: exact when x is close to the mean, where x * scale + shift would cancel.
+                let scale = gamma[c] / (runningVar[c] + eps).squareRoot(), mean = runningMean[c], shift = beta[c]
+                for p in 0..<plane { y[p] = (x[p] - mean) * scale + shift }
             }
         }
     }

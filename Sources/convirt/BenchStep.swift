@@ -1,0 +1,61 @@
+// `convirt bench step`: forward + backward of a whole ConVIRT model on random data, with a time breakdown.
+
+import ArgumentParser
+import ConvirtCore
+import ConvirtModels
+import Foundation
+
+struct BenchStep: ParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "step", abstract: "Time forward+backward of a preset's model (tools/bench_step.py runs the same step in PyTorch).")
+
+    @Option(help: "tiny, demo or paper.")
+    var preset = "paper"
+
+    @Option(help: "Pairs per step.")
+    var batch = 8
+
+    @Option(help: "Tokens per report (all valid).")
+    var tokens = 128
+
+    @Option(help: "BLAS threads.")
+    var threads = 2
+
+    @Option(help: "Timed steps after one warm-up step.")
+    var steps = 3
+
+    func run() throws {
+        BLASThreads.set(threads)
+        let config = try ConVIRTConfig.preset(preset)
+        let model = try ConVIRTModel(config: config)
+        model.initialize(seed: 1)
+        let size = config.image.imageSize, d = config.projDim
+        let stream = RandomStream(seed: 2)
+        let images = (0..<(batch * 3 * size * size)).map { stream.normal(at: UInt64($0)) }
+        let ids = (0..<(batch * tokens)).map { Int32(1 + stream.integer(below: config.text.vocabSize - 1, at: UInt64($0))) }
+        let mask = [Int32](repeating: 1, count: batch * tokens)
+        var gradV = [Float](repeating: 0, count: batch * d), gradU = gradV
+        let workspace = ConVIRTLoss.Workspace()
+        print("convirt bench step: preset \(preset), batch \(batch), image \(size)x\(size), \(tokens) tokens, \(BLASThreads.current) BLAS thread(s)")
+        print("parameters: \(model.layout.totalCount) (trainable \(model.layout.trainableCount))")
+        var times: [[Double]] = []
+        for step in 0...steps {
+            let context = PassContext(training: true, stream: RandomStream(seed: 3, UInt64(step)), sampleIndices: (0..<batch).map { UInt64($0) })
+            var t = [Double]()
+            var clock = DispatchTime.now().uptimeNanoseconds
+            func lap() { let now = DispatchTime.now().uptimeNanoseconds; t.append(Double(now - clock) * 1e-9); clock = now }
+            let v = try model.encodeImages(images, batch: batch, size: size, context: context); lap()
+            let u = try model.encodeTexts(ids: ids, mask: mask, batch: batch, tokens: tokens, context: context); lap()
+            _ = ConVIRTLoss.forwardBackward(v: v, u: u, globalV: v, globalU: u, localRows: batch, globalRows: batch, features: d, offset: 0,
+                                            tau: config.tau, lambda: config.lambda, gradV: &gradV, gradU: &gradU, workspace: workspace)
+            model.arena.zeroGrads()
+            model.backwardImages(gradEmbeddings: gradV, context: context); lap()
+            model.backwardTexts(gradEmbeddings: gradU, context: context); lap()
+            if step > 0 { times.append(t) }
+        }
+        let mean = (0..<4).map { i in times.map { $0[i] }.reduce(0, +) / Double(times.count) }
+        let total = mean.reduce(0, +)
+        print(String(format: "image forward %.3f s, text forward %.3f s, image backward %.3f s, text backward %.3f s", mean[0], mean[1], mean[2], mean[3]))
+        print(String(format: "forward+backward %.3f s per step = %.2f pairs/s (activations: image %.0f MB)", total, Double(batch) / total,
+                     Double(model.image.activationBytes) / 1e6))
+    }
+}

@@ -260,7 +260,7 @@ final class EncoderLayer {
         // h1 = LN1(dropout(dense(attention(x))) + x)
         let dSum1 = gradDense.zeroed(rows * h)
         attentionNorm.backward(arena, gradInput: dSum1, gradOutput: dH1, input: sum1.pointer, mean: mean1.pointer, invStd: invStd1.pointer, rows: rows)
-        if let gradInput { for i in 0..<(rows * h) { gradInput[i] += dSum1[i] } }
+        if let gradInput { Residual.accumulate(gradInput, dSum1, count: rows * h) }
         Self.dropout(dSum1, batch: g.batch, perSample: g.tokens * h, probability: hiddenDropout, site: site | 2, context: ctx)
         let dCtx = gradContext.zeroed(rows * h)
         attentionOutput.backward(arena, gradInput: dCtx, gradOutput: dSum1, input: context.pointer, rows: rows)

@@ -34,7 +34,7 @@ extension Scratch where Element == Float {
     @discardableResult
     public func zeroed(_ count: Int) -> UnsafeMutablePointer<Float> {
         let p = ensure(count)
-        p.update(repeating: 0, count: count)
+        Parallel.chunks(count) { r in (p + r.lowerBound).update(repeating: 0, count: r.count) }
         return p
     }
 }

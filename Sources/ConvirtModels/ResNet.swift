@@ -158,10 +158,7 @@ final class ConvBNUnit {
         guard let g = geometry else { preconditionFailure("backward before forward") }
         let count = g.outputShape.reduce(1, *)
         let dy = gradOutput.pointer
-        if relu {
-            let y = output.pointer
-            for i in 0..<count where y[i] <= 0 { dy[i] = 0 }
-        }
+        if relu { ReLU.maskGradient(dy, output: output.pointer, count: count) }
         let dc = gradConvOut.zeroed(count)
         bn.backward(arena, gradInput: dc, gradOutput: dy, input: convOut.pointer, batch: g.batch, plane: g.outPlane, context: context)
         Conv2d.backward(gradInput: gradInput, gradWeight: arena.grads + conv.offset, gradBias: nil, gradOutput: dc, input: input,
@@ -227,8 +224,8 @@ final class ResidualBlock {
     func backward(_ arena: ParameterArena, gradInput: UnsafeMutablePointer<Float>, input: UnsafePointer<Float>,
                   workspace: Scratch<Float>, context: PassContext) {
         let count = shape.batch * outChannels * shape.outHeight * shape.outWidth
-        let dy = gradOutput.pointer, y = output.pointer
-        for i in 0..<count where y[i] <= 0 { dy[i] = 0 }
+        let dy = gradOutput.pointer
+        ReLU.maskGradient(dy, output: output.pointer, count: count)
         // d(branch) = d(identity) = dy
         let last = units[units.count - 1]
         last.gradOutput.ensure(count).update(from: dy, count: count)
@@ -236,7 +233,7 @@ final class ResidualBlock {
             downsample.gradOutput.ensure(count).update(from: dy, count: count)
             downsample.backward(arena, gradInput: gradInput, input: input, workspace: workspace, context: context)
         } else {
-            for i in 0..<count { gradInput[i] += dy[i] }
+            Residual.accumulate(gradInput, dy, count: count)
         }
         for k in stride(from: units.count - 1, through: 0, by: -1) {
             let unitInput = k == 0 ? input : UnsafePointer(units[k - 1].output.pointer)

@@ -53,9 +53,9 @@ struct Kernels: ParsableCommand {
     var quick = false
 
     func run() throws {
-        BLASThreads.set(threads)
+        Parallel.setThreads(threads)
         let repeats = quick ? 1 : 5
-        print("convirt bench kernels: \(BLASThreads.current) BLAS thread(s), \(BLASThreads.configuration)")
+        print("convirt bench kernels: \(Parallel.threads) thread(s), \(BLASThreads.configuration)")
         let peakN = 1024
         let a = Buffer(peakN * peakN), b = Buffer(peakN * peakN, seed: 2), c = Buffer(peakN * peakN, seed: 3)
         let peak = measure(repeats: repeats) {

@@ -24,7 +24,7 @@ struct BenchStep: ParsableCommand {
     var steps = 3
 
     func run() throws {
-        BLASThreads.set(threads)
+        Parallel.setThreads(threads)
         let config = try ConVIRTConfig.preset(preset)
         let model = try ConVIRTModel(config: config)
         model.initialize(seed: 1)
@@ -35,7 +35,7 @@ struct BenchStep: ParsableCommand {
         let mask = [Int32](repeating: 1, count: batch * tokens)
         var gradV = [Float](repeating: 0, count: batch * d), gradU = gradV
         let workspace = ConVIRTLoss.Workspace()
-        print("convirt bench step: preset \(preset), batch \(batch), image \(size)x\(size), \(tokens) tokens, \(BLASThreads.current) BLAS thread(s)")
+        print("convirt bench step: preset \(preset), batch \(batch), image \(size)x\(size), \(tokens) tokens, \(Parallel.threads) thread(s)")
         print("parameters: \(model.layout.totalCount) (trainable \(model.layout.trainableCount))")
         var times: [[Double]] = []
         for step in 0...steps {

@@ -19,7 +19,7 @@ struct ParityCommand: ParsableCommand {
     var dump: String?
 
     func run() throws {
-        BLASThreads.set(threads)
+        Parallel.setThreads(threads)
         let start = Date()
         let report = try Parity.run(path: fixture, dumpPath: dump)
         for line in report.lines {

@@ -205,6 +205,24 @@ struct ModelBehaviourTests {
         }
     }
 
+    @Test("a torchvision state dict (with fc and num_batches_tracked) loads into the image encoder")
+    func torchvisionStateDict() throws {
+        let model = try Self.tinyModel(frozen: 1)
+        var writer = SafeTensorsWriter()
+        for e in model.layout.entries where e.name.hasPrefix("image.") {
+            try writer.add(String(e.name.dropFirst(6)), Tensor<Float>(shape: e.shape, repeating: 0.5))
+            if e.name.hasSuffix("running_var") {
+                try writer.add(String(e.name.dropFirst(6)).replacingOccurrences(of: "running_var", with: "num_batches_tracked"), Tensor<Int64>(shape: [], [7]))
+            }
+        }
+        try writer.add("fc.weight", Tensor<Float>(shape: [10, model.config.image.featureCount]))
+        try writer.add("fc.bias", Tensor<Float>(shape: [10]))
+        let file = try SafeTensorsFile(data: writer.serialized(), path: "resnet.safetensors")
+        let loaded = try Weights.load(file, into: model.arena, prefix: "image.")
+        #expect(loaded == model.layout.entries.filter { $0.name.hasPrefix("image.") }.count)
+        #expect(try model.arena.tensor("image.layer2.0.conv2.weight").scalars.allSatisfy { $0 == 0.5 })
+    }
+
     @Test("export writes torchvision / Hugging Face names that load back unchanged")
     func exportRoundTrip() throws {
         let model = try Self.tinyModel(frozen: 1)

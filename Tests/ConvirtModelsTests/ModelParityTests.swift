@@ -60,3 +60,17 @@ struct ModelParityTests {
         #expect(!frozen.contains { $0.hasPrefix("text.encoder.layer.6.") })
     }
 }
+
+@Suite("Models on two threads")
+struct ThreadedParityTests {
+    @Test("the parity fixtures pass with the products and loops split over two threads")
+    func twoThreads() throws {
+        let previous = Parallel.threads
+        Parallel.threads = 2
+        defer { Parallel.threads = previous }
+        for name in ["resnet_tiny_train", "bert_tiny", "convirt_tiny_train"] {
+            let report = try Parity.run(path: fixturePath("\(name).safetensors"))
+            #expect(report.passed, "\(name): \(report.lines.filter { !$0.ok }.map(\.name))")
+        }
+    }
+}

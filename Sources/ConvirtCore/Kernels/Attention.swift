@@ -10,8 +10,8 @@ public struct AttentionGeometry: Sendable, Equatable {
     public var scale: Float { 1 / Float(headSize).squareRoot() }
     /// Floats of the saved attention probabilities [B, H, T, T].
     public var probabilitiesCount: Int { batch * heads * tokens * tokens }
-    /// Floats of scratch the backward pass needs ([T, T]).
-    public var workspaceCount: Int { tokens * tokens }
+    /// Floats of scratch the backward pass needs: [T, T] per thread (`Parallel.threads`).
+    public var workspaceCount: Int { tokens * tokens * Parallel.threads }
 
     public init(batch: Int, tokens: Int, heads: Int, headSize: Int) throws {
         try require(batch > 0 && tokens > 0 && heads > 0 && headSize > 0, "attention",
@@ -45,13 +45,15 @@ public enum Attention {
                                q: UnsafePointer<Float>, k: UnsafePointer<Float>, v: UnsafePointer<Float>,
                                mask: UnsafePointer<Int32>, geometry g: AttentionGeometry, dropout: AttentionDropout? = nil) {
         let t = g.tokens, d = g.headSize, w = g.width
-        for b in 0..<g.batch {
+        Parallel.chunks(g.batch * g.heads, cost: 4 * t * t * d) { pairs in
+        for pair in pairs {
+            let b = pair / g.heads, h = pair % g.heads
             let valid = mask + b * t
-            for h in 0..<g.heads {
+            do {
                 let base = b * t * w + h * d
                 let p = probabilities + (b * g.heads + h) * t * t
                 sgemm(transposeA: false, transposeB: true, m: t, n: t, k: d, alpha: g.scale,
-                      a: q + base, lda: w, b: k + base, ldb: w, c: p, ldc: t)
+                      a: q + base, lda: w, b: k + base, ldb: w, c: p, ldc: t, parallel: false)
                 for i in 0..<t {
                     let row = p + i * t
                     var m = -Float.infinity
@@ -76,8 +78,9 @@ public enum Attention {
                     weights = UnsafePointer(dp)
                 }
                 sgemm(transposeA: false, transposeB: false, m: t, n: d, k: t,
-                      a: weights, lda: t, b: v + base, ldb: w, c: output + base, ldc: w)
+                      a: weights, lda: t, b: v + base, ldb: w, c: output + base, ldc: w, parallel: false)
             }
+        }
         }
     }
 
@@ -89,34 +92,39 @@ public enum Attention {
                                 v: UnsafePointer<Float>, geometry g: AttentionGeometry, workspace: UnsafeMutablePointer<Float>,
                                 dropout: AttentionDropout? = nil) {
         let t = g.tokens, d = g.headSize, w = g.width
-        for b in 0..<g.batch {
-            for h in 0..<g.heads {
+        // Pairs run in parallel, each with its own t x t scratch inside `workspace`.
+        Parallel.indexedChunks(g.batch * g.heads, cost: 8 * t * t * d) { part, pairs in
+        let scratch = workspace + part * t * t
+        for pair in pairs {
+            let b = pair / g.heads, h = pair % g.heads
+            do {
                 let base = b * t * w + h * d
                 let p = probabilities + (b * g.heads + h) * t * t
                 let dO = gradOutput + base
                 // dV += P'^T dO, with P' the (dropped) weights that multiplied V
                 let weights = dropout.map { UnsafePointer($0.dropped + (b * g.heads + h) * t * t) } ?? p
                 sgemm(transposeA: true, transposeB: false, m: t, n: d, k: t,
-                      a: weights, lda: t, b: dO, ldb: w, beta: 1, c: gradV + base, ldc: w)
+                      a: weights, lda: t, b: dO, ldb: w, beta: 1, c: gradV + base, ldc: w, parallel: false)
                 // dP = dO V^T (through the dropout mask), then dS = P * (dP - rowsum(dP * P))
                 sgemm(transposeA: false, transposeB: true, m: t, n: t, k: d,
-                      a: dO, lda: w, b: v + base, ldb: w, c: workspace, ldc: t)
+                      a: dO, lda: w, b: v + base, ldb: w, c: scratch, ldc: t, parallel: false)
                 if let dropout {
-                    Dropout.forward(output: workspace, input: workspace, count: t * t, probability: dropout.probability,
+                    Dropout.forward(output: scratch, input: scratch, count: t * t, probability: dropout.probability,
                                     stream: dropout.streams[b].child(UInt64(h)))
                 }
                 for i in 0..<t {
-                    let pr = p + i * t, dr = workspace + i * t
+                    let pr = p + i * t, dr = scratch + i * t
                     var dot: Float = 0
                     for j in 0..<t { dot += pr[j] * dr[j] }
                     for j in 0..<t { dr[j] = pr[j] * (dr[j] - dot) }
                 }
                 // dQ += scale * dS K;  dK += scale * dS^T Q
                 sgemm(transposeA: false, transposeB: false, m: t, n: d, k: t, alpha: g.scale,
-                      a: workspace, lda: t, b: k + base, ldb: w, beta: 1, c: gradQ + base, ldc: w)
+                      a: scratch, lda: t, b: k + base, ldb: w, beta: 1, c: gradQ + base, ldc: w, parallel: false)
                 sgemm(transposeA: true, transposeB: false, m: t, n: d, k: t, alpha: g.scale,
-                      a: workspace, lda: t, b: q + base, ldb: w, beta: 1, c: gradK + base, ldc: w)
+                      a: scratch, lda: t, b: q + base, ldb: w, beta: 1, c: gradK + base, ldc: w, parallel: false)
             }
         }
     }
+}
 }

@@ -5,6 +5,37 @@
 /// The buffer holds doubles so that the sums of a large global batch keep their precision.
 public typealias StatisticsReducer = (UnsafeMutableBufferPointer<Double>) -> Void
 
+/// Sums of long float runs: float accumulation inside blocks of 256 (vectorised), double across blocks,
+/// so the error does not grow with the length of the run the way one naive float sum does.
+@inline(__always)
+func blockedSums(_ x: UnsafePointer<Float>, _ count: Int) -> (sum: Double, squares: Double) {
+    var sum = 0.0, squares = 0.0
+    var start = 0
+    while start < count {
+        let end = min(start + 256, count)
+        var s: Float = 0, q: Float = 0
+        for i in start..<end { let v = x[i]; s += v; q += v * v }
+        sum += Double(s); squares += Double(q)
+        start = end
+    }
+    return (sum, squares)
+}
+
+/// sum(dy) and sum(dy * (x - mean) * invStd) over a run, blocked as `blockedSums`.
+@inline(__always)
+func blockedGradientSums(_ dy: UnsafePointer<Float>, _ x: UnsafePointer<Float>, mean: Float, invStd: Float, _ count: Int) -> (Double, Double) {
+    var sum = 0.0, product = 0.0
+    var start = 0
+    while start < count {
+        let end = min(start + 256, count)
+        var s: Float = 0, q: Float = 0
+        for i in start..<end { let g = dy[i]; s += g; q += g * (x[i] - mean) }
+        sum += Double(s); product += Double(q) * Double(invStd)
+        start = end
+    }
+    return (sum, product)
+}
+
 public enum BatchNorm2d {
     /// Per-channel state that `forwardTraining` leaves for `backward`: the batch mean, 1/sqrt(var + eps)
     /// and the element count over all ranks. Each is [C].
@@ -31,14 +62,15 @@ public enum BatchNorm2d {
     ) {
         precondition(statistics.count >= 2 * channels + 1, "batch norm statistics scratch too small")
         let stats = statistics.baseAddress!
-        stats.update(repeating: 0, count: 2 * channels + 1)
-        for n in 0..<batch {
-            for c in 0..<channels {
-                let x = input + (n * channels + c) * plane
-                var s: Float = 0, ss: Float = 0
-                for p in 0..<plane { let v = x[p]; s += v; ss += v * v }
-                stats[c] += Double(s)
-                stats[channels + c] += Double(ss)
+        Parallel.chunks(channels, cost: batch * plane) { range in
+            for c in range {
+                var s = 0.0, ss = 0.0
+                for n in 0..<batch {
+                    let (a, b) = blockedSums(input + (n * channels + c) * plane, plane)
+                    s += a; ss += b
+                }
+                stats[c] = s
+                stats[channels + c] = ss
             }
         }
         stats[2 * channels] = Double(batch * plane)
@@ -54,11 +86,14 @@ public enum BatchNorm2d {
             runningMean[c] = (1 - momentum) * runningMean[c] + momentum * Float(mean)
             runningVar[c] = (1 - momentum) * runningVar[c] + momentum * Float(unbiased)
         }
-        for n in 0..<batch {
-            for c in 0..<channels {
-                let x = input + (n * channels + c) * plane, y = output + (n * channels + c) * plane
-                let scale = gamma[c] * saved.invStd[c], shift = beta[c] - saved.mean[c] * scale
-                for p in 0..<plane { y[p] = x[p] * scale + shift }
+        let means = saved.mean, invStds = saved.invStd
+        Parallel.chunks(channels, cost: batch * plane) { range in
+            for c in range {
+                let mean = means[c], scale = gamma[c] * invStds[c], shift = beta[c]
+                for n in 0..<batch {
+                    let x = input + (n * channels + c) * plane, y = output + (n * channels + c) * plane
+                    for p in 0..<plane { y[p] = (x[p] - mean) * scale + shift }
+                }
             }
         }
     }
@@ -70,12 +105,14 @@ public enum BatchNorm2d {
         runningMean: UnsafePointer<Float>, runningVar: UnsafePointer<Float>,
         batch: Int, channels: Int, plane: Int, eps: Float = 1e-5
     ) {
-        for n in 0..<batch {
-            for c in 0..<channels {
-                let x = input + (n * channels + c) * plane, y = output + (n * channels + c) * plane
+        Parallel.chunks(channels, cost: batch * plane) { range in
+            for c in range {
                 // (x - mean) first: exact when x is close to the mean, where x * scale + shift would cancel.
                 let scale = gamma[c] / (runningVar[c] + eps).squareRoot(), mean = runningMean[c], shift = beta[c]
-                for p in 0..<plane { y[p] = (x[p] - mean) * scale + shift }
+                for n in 0..<batch {
+                    let x = input + (n * channels + c) * plane, y = output + (n * channels + c) * plane
+                    for p in 0..<plane { y[p] = (x[p] - mean) * scale + shift }
+                }
             }
         }
     }
@@ -92,33 +129,36 @@ public enum BatchNorm2d {
     ) {
         precondition(statistics.count >= 2 * channels + 1, "batch norm statistics scratch too small")
         let stats = statistics.baseAddress!
-        stats.update(repeating: 0, count: 2 * channels + 1)
-        for n in 0..<batch {
-            for c in 0..<channels {
-                let x = input + (n * channels + c) * plane, dy = gradOutput + (n * channels + c) * plane
-                let mean = saved.mean[c], invStd = saved.invStd[c]
-                var sdy: Float = 0, sdyx: Float = 0
-                for p in 0..<plane { sdy += dy[p]; sdyx += dy[p] * (x[p] - mean) * invStd }
-                stats[c] += Double(sdy)
-                stats[channels + c] += Double(sdyx)
+        let means = saved.mean, invStds = saved.invStd
+        Parallel.chunks(channels, cost: batch * plane) { range in
+            for c in range {
+                var sdy = 0.0, sdyx = 0.0
+                for n in 0..<batch {
+                    let (a, b) = blockedGradientSums(gradOutput + (n * channels + c) * plane, input + (n * channels + c) * plane,
+                                                     mean: means[c], invStd: invStds[c], plane)
+                    sdy += a; sdyx += b
+                }
+                stats[c] = sdy
+                stats[channels + c] = sdyx
+                gradBeta[c] += Float(sdy)
+                gradGamma[c] += Float(sdyx)
             }
         }
-        for c in 0..<channels {
-            gradBeta[c] += Float(stats[c])
-            gradGamma[c] += Float(stats[channels + c])
-        }
+        stats[2 * channels] = 0
         reducer?(statistics)
         let m = Float(saved.globalCount)
-        for n in 0..<batch {
-            for c in 0..<channels {
-                let x = input + (n * channels + c) * plane, dy = gradOutput + (n * channels + c) * plane
-                let dx = gradInput + (n * channels + c) * plane
-                let mean = saved.mean[c], invStd = saved.invStd[c]
+        Parallel.chunks(channels, cost: batch * plane) { range in
+            for c in range {
+                let mean = means[c], invStd = invStds[c]
                 let k = gamma[c] * invStd / m
                 let sumDy = Float(stats[c]), sumDyX = Float(stats[channels + c])
-                for p in 0..<plane {
-                    let xhat = (x[p] - mean) * invStd
-                    dx[p] += k * (m * dy[p] - sumDy - xhat * sumDyX)
+                for n in 0..<batch {
+                    let x = input + (n * channels + c) * plane, dy = gradOutput + (n * channels + c) * plane
+                    let dx = gradInput + (n * channels + c) * plane
+                    for p in 0..<plane {
+                        let xhat = (x[p] - mean) * invStd
+                        dx[p] += k * (m * dy[p] - sumDy - xhat * sumDyX)
+                    }
                 }
             }
         }
@@ -131,18 +171,21 @@ public enum BatchNorm2d {
         runningMean: UnsafePointer<Float>, runningVar: UnsafePointer<Float>,
         batch: Int, channels: Int, plane: Int, eps: Float = 1e-5
     ) {
-        for n in 0..<batch {
-            for c in 0..<channels {
-                let x = input + (n * channels + c) * plane, dy = gradOutput + (n * channels + c) * plane
+        Parallel.chunks(channels, cost: batch * plane) { range in
+            for c in range {
                 let invStd = 1 / (runningVar[c] + eps).squareRoot(), mean = runningMean[c]
-                var sdy: Float = 0, sdyx: Float = 0
-                for p in 0..<plane { sdy += dy[p]; sdyx += dy[p] * (x[p] - mean) * invStd }
-                gradBeta[c] += sdy
-                gradGamma[c] += sdyx
-                if let gradInput {
-                    let dx = gradInput + (n * channels + c) * plane, k = gamma[c] * invStd
-                    for p in 0..<plane { dx[p] += dy[p] * k }
+                var sdy = 0.0, sdyx = 0.0
+                for n in 0..<batch {
+                    let x = input + (n * channels + c) * plane, dy = gradOutput + (n * channels + c) * plane
+                    let (a, b) = blockedGradientSums(dy, x, mean: mean, invStd: invStd, plane)
+                    sdy += a; sdyx += b
+                    if let gradInput {
+                        let dx = gradInput + (n * channels + c) * plane, k = gamma[c] * invStd
+                        for p in 0..<plane { dx[p] += dy[p] * k }
+                    }
                 }
+                gradBeta[c] += Float(sdy)
+                gradGamma[c] += Float(sdyx)
             }
         }
     }

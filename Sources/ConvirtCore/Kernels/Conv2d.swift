@@ -137,7 +137,8 @@ public enum Conv2d {
     @usableFromInline
     static func im2col(_ col: UnsafeMutablePointer<Float>, _ image: UnsafePointer<Float>, _ g: Conv2dGeometry) {
         let ow = g.outWidth, oh = g.outHeight, plane = g.height * g.width
-        for c in 0..<g.inChannels {
+        Parallel.chunks(g.inChannels, cost: g.kernelH * g.kernelW * g.outPlane) { channels in
+        for c in channels {
             let channel = image + c * plane
             for i in 0..<g.kernelH {
                 let (yLo, yHi) = validRange(offset: i, stride: g.strideH, pad: g.padH, size: g.height, count: oh)
@@ -161,13 +162,15 @@ public enum Conv2d {
                 }
             }
         }
+        }
     }
 
     /// The adjoint of im2col: image[c, y*s - p + i, x*s - p + j] += col[(c*KH + i)*KW + j, y*OW + x].
     @usableFromInline
     static func col2im(_ image: UnsafeMutablePointer<Float>, _ col: UnsafePointer<Float>, _ g: Conv2dGeometry) {
         let ow = g.outWidth, oh = g.outHeight, plane = g.height * g.width
-        for c in 0..<g.inChannels {
+        Parallel.chunks(g.inChannels, cost: g.kernelH * g.kernelW * g.outPlane) { channels in
+        for c in channels {
             let channel = image + c * plane
             for i in 0..<g.kernelH {
                 let (yLo, yHi) = validRange(offset: i, stride: g.strideH, pad: g.padH, size: g.height, count: oh)
@@ -182,6 +185,7 @@ public enum Conv2d {
                     }
                 }
             }
+        }
         }
     }
 }

@@ -47,7 +47,8 @@ public enum LayerNorm {
                                gamma: UnsafePointer<Float>, beta: UnsafePointer<Float>,
                                rows: Int, features: Int, eps: Float = 1e-12) {
         let n = Float(features)
-        for r in 0..<rows {
+        Parallel.chunks(rows, cost: 4 * features) { range in
+        for r in range {
             let x = input + r * features, y = output + r * features
             var s: Float = 0
             for i in 0..<features { s += x[i] }
@@ -59,6 +60,7 @@ public enum LayerNorm {
             invStd[r] = rstd
             for i in 0..<features { y[i] = (x[i] - m) * rstd * gamma[i] + beta[i] }
         }
+        }
     }
 
     /// dx = invStd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)) with dxhat = dy * gamma;
@@ -68,7 +70,8 @@ public enum LayerNorm {
                                 input: UnsafePointer<Float>, gamma: UnsafePointer<Float>,
                                 mean: UnsafePointer<Float>, invStd: UnsafePointer<Float>, rows: Int, features: Int) {
         let n = Float(features)
-        for r in 0..<rows {
+        Parallel.chunks(rows, cost: 6 * features) { range in
+        for r in range {
             let x = input + r * features, dy = gradOutput + r * features, dx = gradInput + r * features
             let m = mean[r], rstd = invStd[r]
             var sumG: Float = 0, sumGX: Float = 0
@@ -82,10 +85,18 @@ public enum LayerNorm {
                 let xhat = (x[i] - m) * rstd
                 dx[i] += rstd * (dy[i] * gamma[i] - meanG - xhat * meanGX)
             }
-            if let gradGamma, let gradBeta {
-                for i in 0..<features {
-                    gradGamma[i] += dy[i] * (x[i] - m) * rstd
-                    gradBeta[i] += dy[i]
+        }
+        }
+        // Parameter gradients sum over rows: split by features so each column is summed in row order.
+        if let gradGamma, let gradBeta {
+            Parallel.chunks(features, cost: 3 * rows) { columns in
+                for r in 0..<rows {
+                    let x = input + r * features, dy = gradOutput + r * features
+                    let m = mean[r], rstd = invStd[r]
+                    for i in columns {
+                        gradGamma[i] += dy[i] * (x[i] - m) * rstd
+                        gradBeta[i] += dy[i]
+                    }
                 }
             }
         }

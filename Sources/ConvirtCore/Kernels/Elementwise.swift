@@ -5,33 +5,42 @@ import RealModule
 public enum ReLU {
     /// output = max(input, 0); output may alias input. [count]
     public static func forward(output: UnsafeMutablePointer<Float>, input: UnsafePointer<Float>, count: Int) {
-        for i in 0..<count { output[i] = input[i] > 0 ? input[i] : 0 }
+        Parallel.chunks(count) { r in for i in r { output[i] = input[i] > 0 ? input[i] : 0 } }
     }
 
     /// gradInput += gradOutput where output > 0. Takes the forward output, so the input need not be kept.
     public static func backward(gradInput: UnsafeMutablePointer<Float>, gradOutput: UnsafePointer<Float>,
                                 output: UnsafePointer<Float>, count: Int) {
-        for i in 0..<count where output[i] > 0 { gradInput[i] += gradOutput[i] }
+        Parallel.chunks(count) { r in for i in r { gradInput[i] += output[i] > 0 ? gradOutput[i] : 0 } }
+    }
+
+    /// In place: gradient = 0 where output <= 0 (the backward of an in-place ReLU).
+    public static func maskGradient(_ gradient: UnsafeMutablePointer<Float>, output: UnsafePointer<Float>, count: Int) {
+        Parallel.chunks(count) { r in for i in r { gradient[i] = output[i] > 0 ? gradient[i] : 0 } }
     }
 }
 
 public enum GELU {
     /// output = x * Phi(x) = 0.5 * x * (1 + erf(x / sqrt 2)), BERT's exact GELU. [count]
     public static func forward(output: UnsafeMutablePointer<Float>, input: UnsafePointer<Float>, count: Int) {
-        for i in 0..<count {
-            let x = input[i]
-            output[i] = 0.5 * x * (1 + Float.erf(x * 0.707_106_781_186_547_6))
+        Parallel.chunks(count, cost: 20) { r in
+            for i in r {
+                let x = input[i]
+                output[i] = 0.5 * x * (1 + Float.erf(x * 0.707_106_781_186_547_6))
+            }
         }
     }
 
     /// gradInput += gradOutput * (Phi(x) + x * phi(x)).
     public static func backward(gradInput: UnsafeMutablePointer<Float>, gradOutput: UnsafePointer<Float>,
                                 input: UnsafePointer<Float>, count: Int) {
-        for i in 0..<count {
-            let x = input[i]
-            let cdf = 0.5 * (1 + Float.erf(x * 0.707_106_781_186_547_6))
-            let pdf = Float.exp(-0.5 * x * x) * 0.398_942_280_401_432_7
-            gradInput[i] += gradOutput[i] * (cdf + x * pdf)
+        Parallel.chunks(count, cost: 40) { r in
+            for i in r {
+                let x = input[i]
+                let cdf = 0.5 * (1 + Float.erf(x * 0.707_106_781_186_547_6))
+                let pdf = Float.exp(-0.5 * x * x) * 0.398_942_280_401_432_7
+                gradInput[i] += gradOutput[i] * (cdf + x * pdf)
+            }
         }
     }
 }
@@ -39,16 +48,23 @@ public enum GELU {
 public enum Residual {
     /// output = a + b; output may alias either input. [count]
     public static func forward(output: UnsafeMutablePointer<Float>, _ a: UnsafePointer<Float>, _ b: UnsafePointer<Float>, count: Int) {
-        for i in 0..<count { output[i] = a[i] + b[i] }
+        Parallel.chunks(count) { r in for i in r { output[i] = a[i] + b[i] } }
+    }
+
+    /// target += source.
+    public static func accumulate(_ target: UnsafeMutablePointer<Float>, _ source: UnsafePointer<Float>, count: Int) {
+        Parallel.chunks(count) { r in for i in r { target[i] += source[i] } }
     }
 
     /// gradA += gradOutput; gradB += gradOutput.
     public static func backward(gradA: UnsafeMutablePointer<Float>, gradB: UnsafeMutablePointer<Float>,
                                 gradOutput: UnsafePointer<Float>, count: Int) {
-        for i in 0..<count {
-            let g = gradOutput[i]
-            gradA[i] += g
-            gradB[i] += g
+        Parallel.chunks(count) { r in
+            for i in r {
+                let g = gradOutput[i]
+                gradA[i] += g
+                gradB[i] += g
+            }
         }
     }
 }
@@ -89,17 +105,19 @@ public enum Dropout {
         }
     }
 
-    /// Calls body(i, uint32(at: i)) for i in 0..<count, one Philox block per four elements.
+    /// Calls body(i, uint32(at: i)) for i in 0..<count, one Philox block per four elements, in parallel
+    /// chunks of blocks (the draws depend on the index only, so chunking changes nothing).
     @inline(__always)
     static func forEachBlock(count: Int, stream: RandomStream, _ body: (Int, UInt32) -> Void) {
-        var i = 0
-        while i < count {
-            let b = stream.block(UInt64(i >> 2))
-            body(i, b.0)
-            if i + 1 < count { body(i + 1, b.1) }
-            if i + 2 < count { body(i + 2, b.2) }
-            if i + 3 < count { body(i + 3, b.3) }
-            i += 4
+        Parallel.chunks((count + 3) / 4, cost: 16) { blocks in
+            for block in blocks {
+                let i = block * 4
+                let b = stream.block(UInt64(block))
+                body(i, b.0)
+                if i + 1 < count { body(i + 1, b.1) }
+                if i + 2 < count { body(i + 2, b.2) }
+                if i + 3 < count { body(i + 3, b.3) }
+            }
         }
     }
 }

@@ -15,7 +15,8 @@ public enum MaxPool2d {
                                kernel: Int = 3, stride: Int = 2, padding: Int = 1) {
         let oh = outputSize(height, kernel: kernel, stride: stride, padding: padding)
         let ow = outputSize(width, kernel: kernel, stride: stride, padding: padding)
-        for plane in 0..<planes {
+        Parallel.chunks(planes, cost: oh * ow * kernel * kernel) { range in
+        for plane in range {
             let x = input + plane * height * width
             let y = output + plane * oh * ow, idx = indices + plane * oh * ow
             for oy in 0..<oh {
@@ -34,14 +35,17 @@ public enum MaxPool2d {
                 }
             }
         }
+        }
     }
 
     /// gradInput[argmax] += gradOutput.
     public static func backward(gradInput: UnsafeMutablePointer<Float>, gradOutput: UnsafePointer<Float>,
                                 indices: UnsafePointer<Int32>, planes: Int, inPlane: Int, outPlane: Int) {
-        for plane in 0..<planes {
-            let dx = gradInput + plane * inPlane, dy = gradOutput + plane * outPlane, idx = indices + plane * outPlane
-            for p in 0..<outPlane { dx[Int(idx[p])] += dy[p] }
+        Parallel.chunks(planes, cost: outPlane) { range in
+            for plane in range {
+                let dx = gradInput + plane * inPlane, dy = gradOutput + plane * outPlane, idx = indices + plane * outPlane
+                for p in 0..<outPlane { dx[Int(idx[p])] += dy[p] }
+            }
         }
     }
 }

@@ -259,6 +259,7 @@ struct LargeShapeTests {
         (2, 1024, 14, 256, 1, 1, 0),   // layer3 conv1 (pointwise)
         (1, 512, 14, 512, 3, 2, 1),    // layer4.0.conv2
         (1, 64, 56, 64, 3, 1, 1),      // layer1 3x3
+        (2, 3, 67, 8, 7, 2, 3),        // the stem, odd size: vectorised stride-2 im2col and its edges
     ])
     func conv(n: Int, c: Int, size: Int, o: Int, k: Int, s: Int, p: Int) throws {
         let g = try Conv2dGeometry(batch: n, inChannels: c, height: size, width: size, outChannels: o, kernel: k, stride: s, padding: p)

@@ -154,6 +154,16 @@ public enum Conv2d {
                         if xHi < ow { (dst + xHi).update(repeating: 0, count: ow - xHi) }
                         if g.strideW == 1 {
                             (dst + xLo).update(from: src + xLo, count: xHi - xLo)
+                        } else if g.strideW == 2 {
+                            // Even lanes of 16-wide loads, while the load stays inside this channel.
+                            let available = (channel + plane) - src
+                            var x = xLo
+                            while x + 8 <= xHi && 2 * x + 16 <= available {
+                                let wide = UnsafeRawPointer(src + 2 * x).loadUnaligned(as: SIMD16<Float>.self)
+                                UnsafeMutableRawPointer(dst + x).storeBytes(of: wide.evenHalf, as: SIMD8<Float>.self)
+                                x += 8
+                            }
+                            while x < xHi { dst[x] = src[2 * x]; x += 1 }
                         } else {
                             let s = g.strideW
                             for x in xLo..<xHi { dst[x] = src[x * s] }

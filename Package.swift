@@ -13,6 +13,7 @@ let package = Package(
         .library(name: "ConvirtDistributed", targets: ["ConvirtDistributed"]),
         .library(name: "ConvirtModels", targets: ["ConvirtModels"]),
         .library(name: "ConvirtText", targets: ["ConvirtText"]),
+        .library(name: "ConvirtData", targets: ["ConvirtData"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
@@ -40,10 +41,14 @@ let package = Package(
         .target(name: "ConvirtDistributed", dependencies: ["ConvirtCore", "CMPI"]),
         .target(name: "ConvirtModels", dependencies: ["ConvirtCore", "ConvirtIO"]),
         .target(name: "ConvirtText", dependencies: ["ConvirtCore"]),
+        .target(
+            name: "ConvirtData",
+            dependencies: ["ConvirtCore", "ConvirtIO", "ConvirtText", .product(name: "RealModule", package: "swift-numerics")]
+        ),
         .executableTarget(
             name: "convirt",
             dependencies: [
-                "ConvirtCore", "ConvirtIO", "ConvirtDistributed", "ConvirtModels", "ConvirtText",
+                "ConvirtCore", "ConvirtIO", "ConvirtDistributed", "ConvirtModels", "ConvirtText", "ConvirtData",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ]
         ),
@@ -55,6 +60,7 @@ let package = Package(
         .testTarget(name: "ConvirtIOTests", dependencies: ["ConvirtIO", "ConvirtCore"], resources: [.copy("Fixtures")]),
         .testTarget(name: "ConvirtModelsTests", dependencies: ["ConvirtModels", "ConvirtCore", "ConvirtIO", "ConvirtText"], resources: [.copy("Fixtures")]),
         .testTarget(name: "ConvirtTextTests", dependencies: ["ConvirtText", "ConvirtCore"], resources: [.copy("Fixtures")]),
+        .testTarget(name: "ConvirtDataTests", dependencies: ["ConvirtData", "ConvirtCore", "ConvirtIO", "ConvirtText"]),
         .testTarget(name: "ConvirtCLITests", dependencies: ["convirt", "ConvirtIO"]),
     ]
 )

@@ -142,3 +142,15 @@ public enum Gzip {
         return text
     }
 }
+
+/// Continues a CRC-32 over more bytes (start from 0).
+public func crc32Update(_ crc: UInt32, _ bytes: UnsafeRawBufferPointer) -> UInt32 {
+    var c = UInt(crc)
+    var offset = 0
+    while offset < bytes.count {
+        let n = min(bytes.count - offset, 1 << 30)
+        c = CZlib.crc32(c, bytes.baseAddress!.advanced(by: offset).assumingMemoryBound(to: Bytef.self), uInt(n))
+        offset += n
+    }
+    return UInt32(truncatingIfNeeded: c)
+}

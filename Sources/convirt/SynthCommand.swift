@@ -31,7 +31,8 @@ struct SynthMIMICCommand: ParsableCommand {
 
 /// A progress line on a terminal (stderr), nothing otherwise.
 final class Progress: @unchecked Sendable {
-    let total: Int, label: String
+    var total: Int
+    let label: String
     let tty = isatty(STDERR_FILENO) != 0
     let start = Date()
     let lock = NSLock()
@@ -39,9 +40,10 @@ final class Progress: @unchecked Sendable {
 
     init(total: Int, label: String) { self.total = total; self.label = label }
 
-    func update(_ done: Int) {
+    func update(_ done: Int, total newTotal: Int? = nil) {
         guard tty else { return }
         lock.lock(); defer { lock.unlock() }
+        if let newTotal { total = newTotal }
         let now = Date()
         if now.timeIntervalSince(last) < 0.2 && done < total { return }
         last = now

@@ -1,0 +1,125 @@
+// The prepared dataset: images resized to a longer side of 256 as raw 8-bit gray in shard files
+// (`images-00000.bin`, memory-mapped for random access), `images.idx` (one 24-byte record per image),
+// `studies.json` (split, sentences, image indices, labels per study) and `manifest.json` (counts,
+// split, dropped items with reasons, shard sizes and CRC-32 checksums).
+
+import ConvirtCore
+import ConvirtIO
+import Foundation
+
+public struct PreparedStudy: Codable, Sendable, Equatable {
+    public var studyID: String
+    public var subjectID: String
+    public var split: String
+    public var sentences: [String]
+    /// Indices into the image index (frontal views that decoded).
+    public var images: [Int]
+    /// CheXpert labels in `CheXpertLabels.names` order: 1, 0, -1 or nil (not mentioned).
+    public var labels: [Double?]
+
+    enum CodingKeys: String, CodingKey { case studyID = "study_id", subjectID = "subject_id", split, sentences, images, labels }
+}
+
+public struct PreparedImage: Sendable, Equatable {
+    public var shard: Int
+    public var offset: Int
+    public var width: Int
+    public var height: Int
+    public var study: Int
+    static let recordSize = 24
+
+    func write(to data: inout Data) {
+        for v in [UInt32(shard), UInt32(width), UInt32(height), UInt32(study)] { withUnsafeBytes(of: v.littleEndian) { data.append(contentsOf: $0) } }
+        withUnsafeBytes(of: UInt64(offset).littleEndian) { data.append(contentsOf: $0) }
+    }
+
+    static func read(_ raw: UnsafeRawBufferPointer, at i: Int) -> PreparedImage {
+        let base = i * recordSize
+        func u32(_ k: Int) -> Int { Int(UInt32(littleEndian: raw.loadUnaligned(fromByteOffset: base + 4 * k, as: UInt32.self))) }
+        let offset = Int(UInt64(littleEndian: raw.loadUnaligned(fromByteOffset: base + 16, as: UInt64.self)))
+        return PreparedImage(shard: u32(0), offset: offset, width: u32(1), height: u32(2), study: u32(3))
+    }
+}
+
+public struct PreparedManifest: Codable, Sendable {
+    public struct Shard: Codable, Sendable { public var file: String; public var bytes: Int; public var crc32: UInt32; public var images: Int }
+    public struct Dropped: Codable, Sendable { public var count: Int; public var examples: [String] }
+    public var format = 1
+    public var source: String
+    public var imageSize: Int
+    public var frontalOnly: Bool
+    public var studies: Int
+    public var images: Int
+    public var splits: [String: Int]
+    public var dropped: [String: Dropped]
+    public var shards: [Shard]
+    public var labelNames: [String]
+
+    enum CodingKeys: String, CodingKey {
+        case format, source, imageSize = "image_size", frontalOnly = "frontal_only", studies, images, splits, dropped, shards
+        case labelNames = "label_names"
+    }
+}
+
+/// A prepared dataset opened for training: studies, the image index and memory-mapped shards.
+public final class PreparedDataset: @unchecked Sendable {
+    public let path: String
+    public let manifest: PreparedManifest
+    public let studies: [PreparedStudy]
+    public let images: [PreparedImage]
+    let shards: [MappedFile]
+
+    public init(path: String) throws {
+        self.path = path
+        let manifestPath = "\(path)/manifest.json"
+        guard FileManager.default.fileExists(atPath: manifestPath) else {
+            throw ConvirtError("\(path) is not a prepared dataset (no manifest.json; run convirt prepare mimic first)")
+        }
+        do {
+            manifest = try JSONDecoder().decode(PreparedManifest.self, from: Files.read(manifestPath))
+            studies = try JSONDecoder().decode([PreparedStudy].self, from: Files.read("\(path)/studies.json"))
+        } catch let error as ConvirtError { throw error } catch {
+            throw ConvirtError("\(path): corrupt manifest.json or studies.json (\(error))")
+        }
+        let index = try MappedFile(path: "\(path)/images.idx")
+        guard index.bytes.count == manifest.images * PreparedImage.recordSize else {
+            throw ConvirtError("\(path)/images.idx: \(index.bytes.count) bytes, expected \(manifest.images * PreparedImage.recordSize) (truncated?)")
+        }
+        images = (0..<manifest.images).map { PreparedImage.read(index.bytes, at: $0) }
+        shards = try manifest.shards.map { shard in
+            let file = try MappedFile(path: "\(path)/\(shard.file)")
+            guard file.bytes.count == shard.bytes else {
+                throw ConvirtError("\(path)/\(shard.file): \(file.bytes.count) bytes, the manifest says \(shard.bytes) (truncated or replaced)")
+            }
+            return file
+        }
+        for (i, image) in images.enumerated() {
+            guard image.shard < shards.count, image.offset + image.width * image.height <= shards[image.shard].bytes.count,
+                  image.study < studies.count else {
+                throw ConvirtError("\(path)/images.idx: record \(i) points outside its shard")
+            }
+        }
+    }
+
+    /// The pixels of image i, valid while the dataset lives.
+    public func image(_ i: Int) -> GrayBytes {
+        let r = images[i]
+        let raw = shards[r.shard].bytes
+        return GrayBytes(width: r.width, height: r.height,
+                         pixels: UnsafeBufferPointer(start: raw.baseAddress!.advanced(by: r.offset).assumingMemoryBound(to: UInt8.self),
+                                                     count: r.width * r.height))
+    }
+
+    /// Studies of a split that have at least one image and one sentence, in study order.
+    public func samples(split: String) -> [Int] {
+        studies.indices.filter { studies[$0].split == split && !studies[$0].images.isEmpty && !studies[$0].sentences.isEmpty }
+    }
+
+    /// Re-reads every shard and compares its CRC-32 with the manifest; returns the problems found.
+    public func verify() -> [String] {
+        zip(manifest.shards, shards).compactMap { shard, file in
+            let crc = crc32Checksum(file.bytes)
+            return crc == shard.crc32 ? nil : "\(path)/\(shard.file): checksum \(String(crc, radix: 16)) differs from the manifest's \(String(shard.crc32, radix: 16))"
+        }
+    }
+}

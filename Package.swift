@@ -45,10 +45,11 @@ let package = Package(
             name: "ConvirtData",
             dependencies: ["ConvirtCore", "ConvirtIO", "ConvirtText", .product(name: "RealModule", package: "swift-numerics")]
         ),
+        .target(name: "ConvirtTraining", dependencies: ["ConvirtCore", "ConvirtIO", "ConvirtModels", "ConvirtText", "ConvirtData", "ConvirtDistributed"]),
         .executableTarget(
             name: "convirt",
             dependencies: [
-                "ConvirtCore", "ConvirtIO", "ConvirtDistributed", "ConvirtModels", "ConvirtText", "ConvirtData",
+                "ConvirtCore", "ConvirtIO", "ConvirtDistributed", "ConvirtModels", "ConvirtText", "ConvirtData", "ConvirtTraining",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ]
         ),

@@ -187,6 +187,8 @@ public enum MIMICPrepare {
         let manifest = PreparedManifest(source: o.root, imageSize: o.imageSize, frontalOnly: o.frontalOnly, studies: finalStudies.count,
                                         images: images.count, splits: splits, dropped: drops.summary, shards: shards,
                                         labelNames: CheXpertLabels.names)
+        // A vocabulary shipped with the data (convirt synth mimic writes one) travels with it.
+        if fm.fileExists(atPath: "\(o.root)/vocab.txt") { try Files.writeAtomically(Files.read("\(o.root)/vocab.txt"), to: "\(o.out)/vocab.txt") }
         encoder.outputFormatting = [.sortedKeys, .prettyPrinted]
         try Files.writeAtomically(encoder.encode(manifest), to: "\(o.out)/manifest.json")
         return Summary(studies: finalStudies.count, images: images.count, splits: splits, dropped: drops.summary, reusedShards: shared.reused)

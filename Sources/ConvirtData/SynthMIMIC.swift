@@ -258,7 +258,9 @@ public enum SynthMIMIC {
     /// An uncased WordPiece vocabulary for the `demo` preset: the special tokens, every character and
     /// its "##" continuation, and every word of the reports.
     public static func writeVocabulary(sentences: [String], to path: String) throws {
-        let tokenizer = try WordPieceTokenizer(vocabulary: Vocabulary(tokens: WordPieceTokenizer.specialTokens), lowercase: true)
+        // BERT's order: [PAD] is id 0 (the embedding row that gets no gradient), then [UNK], [CLS], [SEP], [MASK].
+        let specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+        let tokenizer = try WordPieceTokenizer(vocabulary: Vocabulary(tokens: specials), lowercase: true)
         var words = Set<String>(), characters = Set<String>()
         for sentence in sentences {
             for token in tokenizer.basicTokens(sentence) {
@@ -268,7 +270,7 @@ public enum SynthMIMIC {
         }
         for c in "abcdefghijklmnopqrstuvwxyz0123456789" { characters.insert(String(c)) }
         let chars = characters.sorted()
-        let tokens = WordPieceTokenizer.specialTokens + chars + chars.map { "##" + $0 } + words.subtracting(characters).sorted()
+        let tokens = specials + chars + chars.map { "##" + $0 } + words.subtracting(characters).sorted()
         try Files.writeAtomically(Data(tokens.joined(separator: "\n").appending("\n").utf8), to: path)
     }
 }

@@ -11,7 +11,15 @@ public protocol Communicator: AnyObject {
     /// In-place sum over all ranks.
     func allReduceSum(_ buffer: UnsafeMutableBufferPointer<Float>) throws
     func allReduceSum(_ buffer: UnsafeMutableBufferPointer<Double>) throws
+    /// output [size * input.count] = the inputs of every rank, in rank order.
+    func allGather(_ input: UnsafeBufferPointer<Float>, into output: UnsafeMutableBufferPointer<Float>) throws
+    /// output [input.count / size] = this rank's block of the sum over ranks of input.
+    func reduceScatterSum(_ input: UnsafeBufferPointer<Float>, into output: UnsafeMutableBufferPointer<Float>) throws
+    /// Rank `root`'s bytes, on every rank.
+    func broadcast(_ buffer: UnsafeMutableRawBufferPointer, root: Int) throws
     func barrier() throws
+    /// Ends every rank of the job (a fatal error on one rank must not leave the others waiting).
+    func abort(code: Int32) -> Never
 }
 
 extension Communicator {
@@ -25,7 +33,17 @@ public final class SingleProcessCommunicator: Communicator {
     public var size: Int { 1 }
     public func allReduceSum(_ buffer: UnsafeMutableBufferPointer<Float>) throws {}
     public func allReduceSum(_ buffer: UnsafeMutableBufferPointer<Double>) throws {}
+    public func allGather(_ input: UnsafeBufferPointer<Float>, into output: UnsafeMutableBufferPointer<Float>) throws {
+        precondition(output.count >= input.count, "all-gather output too small")
+        if input.count > 0 { output.baseAddress!.update(from: input.baseAddress!, count: input.count) }
+    }
+    public func reduceScatterSum(_ input: UnsafeBufferPointer<Float>, into output: UnsafeMutableBufferPointer<Float>) throws {
+        precondition(output.count >= input.count, "reduce-scatter output too small")
+        if input.count > 0 { output.baseAddress!.update(from: input.baseAddress!, count: input.count) }
+    }
+    public func broadcast(_ buffer: UnsafeMutableRawBufferPointer, root: Int) throws {}
     public func barrier() throws {}
+    public func abort(code: Int32) -> Never { exit(code) }
 }
 
 /// MPI_COMM_WORLD. Errors are returned (MPI_ERRORS_RETURN) and become `ConvirtError`s with MPI's text.
@@ -69,7 +87,7 @@ public final class MPICommunicator: Communicator {
     }
 
     /// Ends every rank of the job (used when one rank hits a fatal error, so that no rank hangs).
-    public func abort(code: Int32 = 1) -> Never {
+    public func abort(code: Int32) -> Never {
         MPI_Abort(cmpi_comm_world(), code)
         exit(code)
     }
@@ -89,6 +107,23 @@ public final class MPICommunicator: Communicator {
 
     public func allReduceSum(_ buffer: UnsafeMutableBufferPointer<Double>) throws {
         try check(MPI_Allreduce(cmpi_in_place(), buffer.baseAddress, Int32(buffer.count), cmpi_double(), cmpi_op_sum(), cmpi_comm_world()), "MPI_Allreduce")
+    }
+
+    public func allGather(_ input: UnsafeBufferPointer<Float>, into output: UnsafeMutableBufferPointer<Float>) throws {
+        precondition(output.count >= input.count * size, "all-gather output too small")
+        try check(MPI_Allgather(input.baseAddress, Int32(input.count), cmpi_float(), output.baseAddress, Int32(input.count), cmpi_float(),
+                                cmpi_comm_world()), "MPI_Allgather")
+    }
+
+    public func reduceScatterSum(_ input: UnsafeBufferPointer<Float>, into output: UnsafeMutableBufferPointer<Float>) throws {
+        let block = input.count / size
+        precondition(block * size == input.count && output.count >= block, "reduce-scatter sizes do not divide by the world size")
+        try check(MPI_Reduce_scatter_block(input.baseAddress, output.baseAddress, Int32(block), cmpi_float(), cmpi_op_sum(), cmpi_comm_world()),
+                  "MPI_Reduce_scatter_block")
+    }
+
+    public func broadcast(_ buffer: UnsafeMutableRawBufferPointer, root: Int) throws {
+        try check(MPI_Bcast(buffer.baseAddress, Int32(buffer.count), cmpi_byte(), Int32(root), cmpi_comm_world()), "MPI_Bcast")
     }
 
     public func barrier() throws {

@@ -42,7 +42,7 @@ public struct ConVIRTConfig: Codable, Sendable, Equatable {
         switch name {
         case "tiny":
             return ConVIRTConfig(
-                image: ResNetConfig(layers: [1, 1, 1, 1], width: 4, block: .bottleneck, imageSize: 32),
+                image: ResNetConfig(layers: [1, 1, 1, 1], width: 4, block: .bottleneck, imageSize: 64),
                 text: BertConfig(vocabSize: 1000, hiddenSize: 16, numHiddenLayers: 2, numAttentionHeads: 2, intermediateSize: 32,
                                  maxPositionEmbeddings: 64),
                 projHidden: 16, projDim: 8, frozenLayers: 1)
@@ -114,6 +114,9 @@ public enum ConVIRTLoss {
         public var loss: Double
         public var imageToText: Double
         public var textToImage: Double
+        public init(loss: Double, imageToText: Double, textToImage: Double) {
+            self.loss = loss; self.imageToText = imageToText; self.textToImage = textToImage
+        }
     }
 
     public final class Workspace {

@@ -38,6 +38,18 @@ public struct AttentionDropout {
 }
 
 public enum Attention {
+    /// Dropout of one (sample, head) block of attention weights, row by row: row i draws from
+    /// streams[b].child(h, i), so the mask of a (query, key) pair does not depend on how many tokens the
+    /// batch is padded to.
+    static func dropRows(_ output: UnsafeMutablePointer<Float>, _ input: UnsafePointer<Float>, tokens t: Int, dropout: AttentionDropout,
+                         batch b: Int, head h: Int) {
+        let stream = dropout.streams[b]
+        for i in 0..<t {
+            Dropout.serialForward(output: output + i * t, input: input + i * t, count: t, probability: dropout.probability,
+                                  stream: stream.child(UInt64(h), UInt64(i)))
+        }
+    }
+
     /// output[b, i, h] = sum_j softmax_j(q[b,i,h] . k[b,j,h] * scale, over valid j) * v[b, j, h]
     /// - output, q, k, v: [B, T, H*D]; mask: [B, T] (non-zero = valid; each row needs one valid token);
     ///   probabilities: [B, H, T, T], kept for backward.
@@ -74,7 +86,7 @@ public enum Attention {
                 var weights = UnsafePointer(p)
                 if let dropout {
                     let dp = dropout.dropped + (b * g.heads + h) * t * t
-                    Dropout.forward(output: dp, input: p, count: t * t, probability: dropout.probability, stream: dropout.streams[b].child(UInt64(h)))
+                    dropRows(dp, p, tokens: t, dropout: dropout, batch: b, head: h)
                     weights = UnsafePointer(dp)
                 }
                 sgemm(transposeA: false, transposeB: false, m: t, n: d, k: t,
@@ -108,10 +120,7 @@ public enum Attention {
                 // dP = dO V^T (through the dropout mask), then dS = P * (dP - rowsum(dP * P))
                 sgemm(transposeA: false, transposeB: true, m: t, n: t, k: d,
                       a: dO, lda: w, b: v + base, ldb: w, c: scratch, ldc: t, parallel: false)
-                if let dropout {
-                    Dropout.forward(output: scratch, input: scratch, count: t * t, probability: dropout.probability,
-                                    stream: dropout.streams[b].child(UInt64(h)))
-                }
+                if let dropout { dropRows(scratch, scratch, tokens: t, dropout: dropout, batch: b, head: h) }
                 for i in 0..<t {
                     let pr = p + i * t, dr = scratch + i * t
                     var dot: Float = 0

@@ -92,6 +92,20 @@ public enum Dropout {
         }
     }
 
+    /// `forward` on this thread (for use inside a parallel loop).
+    public static func serialForward(output: UnsafeMutablePointer<Float>, input: UnsafePointer<Float>, count: Int,
+                                     probability p: Float, stream: RandomStream) {
+        let scale = 1 / (1 - p), limit = threshold(p)
+        var i = 0
+        while i < count {
+            let b = stream.block(UInt64(i >> 2))
+            for (k, draw) in [b.0, b.1, b.2, b.3].enumerated() where i + k < count {
+                output[i + k] = draw >= limit ? input[i + k] * scale : 0
+            }
+            i += 4
+        }
+    }
+
     /// gradInput += gradOutput * mask / (1 - p), with the mask drawn again from `stream`.
     public static func backward(gradInput: UnsafeMutablePointer<Float>, gradOutput: UnsafePointer<Float>, count: Int,
                                 probability p: Float, stream: RandomStream) {

@@ -1,0 +1,92 @@
+// The resolved configuration of a training run (written to the run directory as config.json).
+
+import ConvirtCore
+import ConvirtData
+import ConvirtModels
+import Foundation
+
+public struct TrainConfig: Codable, Sendable {
+    public var preset: String
+    public var model: ConVIRTConfig
+    public var globalBatch: Int
+    /// Total steps of the run (a resumed run continues up to it); nil = epochs decide.
+    public var steps: Int?
+    public var epochs: Int?
+    public var seed: UInt64
+    public var learningRate: Double
+    public var weightDecay: Double
+    /// "paper" (validation every valEvery steps, LR halved after `patience` checks without improvement,
+    /// stop after `maxChecks` checks), "cosine" (linear warmup then cosine decay) or "constant".
+    public var schedule: String
+    public var warmupSteps: Int
+    public var valEvery: Int
+    public var valSamples: Int
+    public var patience: Int
+    public var maxChecks: Int
+    public var syncBatchNorm: Bool
+    public var clipGradNorm: Double?
+    public var maxTokens: Int
+    public var lowercase: Bool
+    public var threads: Int
+    public var loaderWorkers: Int
+    public var swapLateralityOnFlip: Bool
+    public var imageWeights: String?
+    public var textWeights: String?
+
+    enum CodingKeys: String, CodingKey {
+        case preset, model, globalBatch = "global_batch", steps, epochs, seed, learningRate = "learning_rate", weightDecay = "weight_decay"
+        case schedule, warmupSteps = "warmup_steps", valEvery = "val_every", valSamples = "val_samples", patience, maxChecks = "max_checks"
+        case syncBatchNorm = "sync_batch_norm", clipGradNorm = "clip_grad_norm", maxTokens = "max_tokens", lowercase, threads
+        case loaderWorkers = "loader_workers", swapLateralityOnFlip = "swap_laterality_on_flip", imageWeights = "image_weights"
+        case textWeights = "text_weights"
+    }
+
+    /// The preset's defaults: the paper's recipe for `paper`, a quicker one for `demo` and `tiny`.
+    public static func preset(_ name: String) throws -> TrainConfig {
+        let model = try ConVIRTConfig.preset(name)
+        switch name {
+        case "paper":
+            return TrainConfig(preset: name, model: model, globalBatch: 32, steps: nil, epochs: nil, seed: 0, learningRate: 1e-4,
+                               weightDecay: 1e-6, schedule: "paper", warmupSteps: 0, valEvery: 5000, valSamples: 5000, patience: 5,
+                               maxChecks: 200, syncBatchNorm: true, clipGradNorm: nil, maxTokens: 128, lowercase: false, threads: 1,
+                               loaderWorkers: 1, swapLateralityOnFlip: false, imageWeights: nil, textWeights: nil)
+        case "demo":
+            return TrainConfig(preset: name, model: model, globalBatch: 32, steps: 2000, epochs: nil, seed: 0, learningRate: 5e-4,
+                               weightDecay: 1e-6, schedule: "cosine", warmupSteps: 50, valEvery: 250, valSamples: 96, patience: 5,
+                               maxChecks: 200, syncBatchNorm: true, clipGradNorm: 5, maxTokens: 48, lowercase: true, threads: 1,
+                               loaderWorkers: 1, swapLateralityOnFlip: true, imageWeights: nil, textWeights: nil)
+        default:
+            // A modest rate: at 1e-3 the tiny model's updates are so large that float rounding decides
+            // ReLU kinks within a few steps, and runs on different rank counts drift apart.
+            return TrainConfig(preset: name, model: model, globalBatch: 8, steps: 20, epochs: nil, seed: 0, learningRate: 1e-4,
+                               weightDecay: 1e-6, schedule: "constant", warmupSteps: 0, valEvery: 10, valSamples: 8, patience: 5,
+                               maxChecks: 200, syncBatchNorm: true, clipGradNorm: nil, maxTokens: 24, lowercase: true, threads: 1,
+                               loaderWorkers: 1, swapLateralityOnFlip: true, imageWeights: nil, textWeights: nil)
+        }
+    }
+
+    public func validate(worldSize: Int) throws {
+        try model.validate()
+        try require(globalBatch >= 1 && globalBatch % worldSize == 0, "train",
+                    "--global-batch \(globalBatch) does not divide by the \(worldSize) ranks")
+        try require(["paper", "cosine", "constant"].contains(schedule), "train", "unknown schedule \(schedule) (paper, cosine or constant)")
+        try require(learningRate > 0 && weightDecay >= 0, "train", "learning rate must be positive and weight decay non-negative")
+        try require(steps == nil || steps! >= 1, "train", "--steps must be positive")
+        try require(epochs == nil || epochs! >= 1, "train", "--epochs must be positive")
+        try require(valEvery >= 1 && maxTokens >= 2 && maxTokens <= model.text.maxPositionEmbeddings, "train",
+                    "--val-every must be positive and --max-tokens within 2...\(model.text.maxPositionEmbeddings)")
+    }
+
+    /// Learning rate of a step under the warmup + cosine or constant schedules (the paper schedule's
+    /// rate is the trainer's state).
+    public func scheduledRate(step: Int, totalSteps: Int) -> Double {
+        switch schedule {
+        case "cosine":
+            if step < warmupSteps { return learningRate * Double(step + 1) / Double(warmupSteps) }
+            let progress = Double(step - warmupSteps) / Double(max(1, totalSteps - warmupSteps))
+            return learningRate * 0.5 * (1 + cos(Double.pi * min(1, progress)))
+        default:
+            return learningRate
+        }
+    }
+}

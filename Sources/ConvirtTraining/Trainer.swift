@@ -1,0 +1,264 @@
+// Data-parallel ConVIRT pretraining (DESIGN.md, data flow of one step): local forward; all-gather of the
+// image and text embeddings; the loss of this rank's rows against all N columns; reduce-scatter of the
+// embedding gradients; backward; all-reduce of the gradients; Adam. With SyncBN, BatchNorm statistics
+// are summed over ranks in forward and backward, so N ranks train exactly as one.
+
+import ConvirtCore
+import ConvirtData
+import ConvirtDistributed
+import ConvirtIO
+import ConvirtModels
+import ConvirtText
+import Foundation
+
+public struct StepMetrics: Codable, Sendable {
+    public var step: Int
+    public var epoch: Int
+    public var loss: Double
+    public var lossV2U: Double
+    public var lossU2V: Double
+    public var lr: Double
+    public var gradNorm: Double
+    public var pairsPerSecond: Double
+    public var worldSize: Int
+    public var timeData: Double
+    public var timeForward: Double
+    public var timeBackward: Double
+    public var timeComm: Double
+    public var timeOptimizer: Double
+    public var valLoss: Double?
+
+    enum CodingKeys: String, CodingKey {
+        case step, epoch, loss, lossV2U = "loss_v2u", lossU2V = "loss_u2v", lr, gradNorm = "grad_norm", pairsPerSecond = "pairs_per_s"
+        case worldSize = "world_size", timeData = "time_data_s", timeForward = "time_forward_s", timeBackward = "time_backward_s"
+        case timeComm = "time_comm_s", timeOptimizer = "time_optimizer_s", valLoss = "val_loss"
+    }
+}
+
+public final class Trainer {
+    public let config: TrainConfig
+    public let communicator: Communicator
+    public let model: ConVIRTModel
+    public let dataset: PreparedDataset
+    public let tokenizer: WordPieceTokenizer
+    public let runDirectory: String
+    let trainSamples: [Int]
+    let sampler: GlobalBatchSampler
+    let lossWorkspace = ConVIRTLoss.Workspace()
+    var log: (String) -> Void
+
+    // Paper schedule state.
+    var currentRate: Double
+    var bestValidation = Double.infinity
+    var checksWithoutImprovement = 0
+    var checks = 0
+
+    public init(config: TrainConfig, dataPath: String, runDirectory: String, vocabularyPath: String?, communicator: Communicator,
+                log: @escaping (String) -> Void) throws {
+        var config = config
+        self.communicator = communicator
+        self.runDirectory = runDirectory
+        self.log = log
+        dataset = try PreparedDataset(path: dataPath)
+        // The vocabulary: given, or the text weights', or the one shipped with the data.
+        let vocab = vocabularyPath ?? config.textWeights.map { "\($0)/vocab.txt" } ?? "\(dataPath)/vocab.txt"
+        guard FileManager.default.fileExists(atPath: vocab) else {
+            throw ConvirtError("no vocabulary: \(vocab) does not exist (give --vocab, or --text-weights with a vocab.txt)")
+        }
+        tokenizer = try WordPieceTokenizer(vocabularyPath: vocab, lowercase: config.lowercase)
+        if let dir = config.textWeights {
+            let bert = try BertDirectory(path: dir)
+            config.model.text = bert.config
+        } else {
+            config.model.text.vocabSize = tokenizer.vocabulary.count
+        }
+        try config.validate(worldSize: communicator.size)
+        self.config = config
+        model = try ConVIRTModel(config: config.model)
+        model.initialize(seed: config.seed)
+        if let path = config.imageWeights {
+            try Weights.load(SafeTensorsFile(path: path), into: model.arena, prefix: "image.")
+        }
+        if let dir = config.textWeights { try BertDirectory(path: dir).load(into: model.arena, prefix: "text.") }
+        trainSamples = dataset.samples(split: "train")
+        sampler = try GlobalBatchSampler(sampleCount: trainSamples.count, globalBatch: config.globalBatch, worldSize: communicator.size,
+                                         rank: communicator.rank, seed: config.seed)
+        currentRate = config.learningRate
+    }
+
+    public var totalSteps: Int {
+        if let steps = config.steps { return steps }
+        return (config.epochs ?? 1) * sampler.batchesPerEpoch
+    }
+
+    func context(step: Int, batch: TrainingBatch, training: Bool) -> PassContext {
+        let comm = communicator
+        let reducer: StatisticsReducer? = config.syncBatchNorm && comm.size > 1 ? { buffer in
+            do { try comm.allReduceSum(buffer) } catch { comm.abort(code: 3) }
+        } : nil
+        return PassContext(training: training, reducer: reducer, stream: RandomStream(seed: config.seed, 0x7A1D, UInt64(step)),
+                           sampleIndices: batch.sampleIndices)
+    }
+
+    /// Runs the loss of this rank's rows over the global batch; returns the loss value (summed over
+    /// ranks) and leaves this rank's embedding gradients in gradV, gradU [b, d].
+    func globalLoss(v: UnsafePointer<Float>, u: UnsafePointer<Float>, b: Int, gradV: inout [Float], gradU: inout [Float],
+                    commTime: inout Double) throws -> ConVIRTLoss.Value {
+        let w = communicator.size, n = b * w, d = config.model.projDim
+        var allV = [Float](repeating: 0, count: n * d), allU = allV
+        var t = Clock()
+        try allV.withUnsafeMutableBufferPointer { try communicator.allGather(UnsafeBufferPointer(start: v, count: b * d), into: $0) }
+        try allU.withUnsafeMutableBufferPointer { try communicator.allGather(UnsafeBufferPointer(start: u, count: b * d), into: $0) }
+        commTime += t.lap()
+        var fullV = [Float](repeating: 0, count: n * d), fullU = fullV
+        var value = ConVIRTLoss.forwardBackward(v: v, u: u, globalV: allV, globalU: allU, localRows: b, globalRows: n, features: d,
+                                                offset: communicator.rank * b, tau: config.model.tau, lambda: config.model.lambda,
+                                                gradV: &fullV, gradU: &fullU, workspace: lossWorkspace)
+        t = Clock()
+        try fullV.withUnsafeBufferPointer { src in try gradV.withUnsafeMutableBufferPointer { try communicator.reduceScatterSum(src, into: $0) } }
+        try fullU.withUnsafeBufferPointer { src in try gradU.withUnsafeMutableBufferPointer { try communicator.reduceScatterSum(src, into: $0) } }
+        var sums = [value.loss, value.imageToText, value.textToImage]
+        try sums.withUnsafeMutableBufferPointer { try communicator.allReduceSum($0) }
+        commTime += t.lap()
+        value = ConVIRTLoss.Value(loss: sums[0], imageToText: sums[1], textToImage: sums[2])
+        return value
+    }
+
+    /// Trains to the end; returns the metrics rows.
+    @discardableResult
+    public func run(progress: ((StepMetrics, Int) -> Void)? = nil) throws -> [StepMetrics] {
+        let b = sampler.localBatch, d = config.model.projDim, size = config.model.image.imageSize
+        var augment = AugmentConfig(outputSize: size)
+        augment.swapLateralityOnFlip = config.swapLateralityOnFlip
+        let loader = Loader(dataset: dataset, samples: trainSamples, sampler: sampler, tokenizer: tokenizer,
+                            recipe: SampleRecipe(augment: augment, maxTokens: config.maxTokens), workers: config.loaderWorkers)
+        defer { loader.stop() }
+        var gradV = [Float](repeating: 0, count: b * d), gradU = gradV
+        var rows: [StepMetrics] = []
+        let metricsPath = "\(runDirectory)/metrics.jsonl"
+        if communicator.isRoot { FileManager.default.createFile(atPath: metricsPath, contents: nil) }
+        let metricsFile = communicator.isRoot ? FileHandle(forWritingAtPath: metricsPath) : nil
+        defer { try? metricsFile?.close() }
+        let encoder = JSONEncoder()
+        encoder.outputFormatting = [.sortedKeys]
+        encoder.nonConformingFloatEncodingStrategy = .convertToString(positiveInfinity: "Infinity", negativeInfinity: "-Infinity", nan: "NaN")
+        if validationBatch == 0 && communicator.isRoot {
+            log("warning: the validate split has fewer usable pairs than ranks; no validation loss will be computed")
+        }
+        var step = 0
+        while step < totalSteps {
+            var clock = Clock()
+            let batch = loader.next()
+            let timeData = clock.lap()
+            let context = self.context(step: step, batch: batch, training: true)
+            let v = try batch.images.withUnsafeBufferPointer { try model.encodeImages($0.baseAddress!, batch: b, size: size, context: context) }
+            let u = try batch.ids.withUnsafeBufferPointer { ids in
+                try batch.mask.withUnsafeBufferPointer { mask in
+                    try model.encodeTexts(ids: ids.baseAddress!, mask: mask.baseAddress!, batch: b, tokens: batch.tokens, context: context)
+                }
+            }
+            var timeComm = 0.0
+            let forwardStart = clock.lap()
+            let value = try globalLoss(v: v, u: u, b: b, gradV: &gradV, gradU: &gradU, commTime: &timeComm)
+            let timeForward = forwardStart + (clock.lap() - timeComm)
+            model.arena.zeroGrads()
+            model.backwardImages(gradEmbeddings: gradV, context: context)
+            model.backwardTexts(gradEmbeddings: gradU, context: context)
+            let timeBackward = clock.lap()
+            // Sum the gradients over ranks.
+            if communicator.size > 1 {
+                for range in model.arena.trainableRanges {
+                    try communicator.allReduceSum(UnsafeMutableBufferPointer(start: model.arena.grads + range.lowerBound, count: range.count))
+                }
+            }
+            timeComm += clock.lap()
+            // Global gradient norm (every rank holds the summed gradient), optional clipping, Adam.
+            var squares = 0.0
+            for range in model.arena.trainableRanges {
+                for i in range { let g = Double(model.arena.grads[i]); squares += g * g }
+            }
+            let norm = squares.squareRoot()
+            if let clip = config.clipGradNorm, norm > clip {
+                let scale = Float(clip / (norm + 1e-6))
+                for range in model.arena.trainableRanges { for i in range { model.arena.grads[i] *= scale } }
+            }
+            let rate = config.schedule == "paper" ? currentRate : config.scheduledRate(step: step, totalSteps: totalSteps)
+            Adam.step(model.arena, step: step + 1,
+                      config: AdamConfig(learningRate: rate, weightDecay: config.weightDecay, decoupled: false))
+            let timeOptimizer = clock.lap()
+            let total = timeData + timeForward + timeBackward + timeComm + timeOptimizer
+            var row = StepMetrics(step: step + 1, epoch: batch.epoch, loss: value.loss, lossV2U: value.imageToText, lossU2V: value.textToImage,
+                                  lr: rate, gradNorm: norm, pairsPerSecond: Double(config.globalBatch) / total, worldSize: communicator.size,
+                                  timeData: timeData, timeForward: timeForward, timeBackward: timeBackward, timeComm: timeComm,
+                                  timeOptimizer: timeOptimizer, valLoss: nil)
+            step += 1
+            var stop = false
+            if validationBatch > 0 && (step % config.valEvery == 0 || step == totalSteps) {
+                let val = try validationLoss()
+                row.valLoss = val
+                if config.schedule == "paper" {
+                    checks += 1
+                    if val < bestValidation { bestValidation = val; checksWithoutImprovement = 0 } else {
+                        checksWithoutImprovement += 1
+                        if checksWithoutImprovement >= config.patience { currentRate /= 2; checksWithoutImprovement = 0 }
+                    }
+                    stop = checks >= config.maxChecks
+                }
+            }
+            rows.append(row)
+            if let metricsFile { metricsFile.write(try encoder.encode(row) + Data("\n".utf8)) }
+            progress?(row, totalSteps)
+            if stop { break }
+        }
+        return rows
+    }
+
+    /// The validation pairs: the first `valSamples` of the validate split.
+    var validationSamples: [Int] { Array(dataset.samples(split: "validate").prefix(config.valSamples)) }
+
+    /// Pairs per validation batch: the global batch, or as many pairs as there are (a multiple of the
+    /// world size) when the split is smaller; 0 = no validation possible.
+    var validationBatch: Int {
+        let count = validationSamples.count
+        return count >= config.globalBatch ? config.globalBatch : count / communicator.size * communicator.size
+    }
+
+    /// Mean loss over the validation pairs (no augmentation, evaluation mode), in global batches split
+    /// over the ranks as in training.
+    public func validationLoss() throws -> Double {
+        let samples = validationSamples
+        let n = validationBatch
+        guard n > 0 else { return .nan }
+        let sampler = try GlobalBatchSampler(sampleCount: samples.count, globalBatch: n, worldSize: communicator.size,
+                                             rank: communicator.rank, seed: config.seed)
+        let recipe = SampleRecipe(augment: .none(outputSize: config.model.image.imageSize), maxTokens: config.maxTokens)
+        let b = sampler.localBatch, d = config.model.projDim
+        var gradV = [Float](repeating: 0, count: b * d), gradU = gradV
+        var total = 0.0, comm = 0.0
+        for k in 0..<sampler.batchesPerEpoch {
+            let batch = Loader.build(dataset: dataset, samples: samples, sampler: sampler, tokenizer: tokenizer, recipe: recipe, epoch: 0,
+                                     step: k, permutation: Array(0..<samples.count))
+            let context = self.context(step: 0, batch: batch, training: false)
+            let v = try batch.images.withUnsafeBufferPointer {
+                try model.encodeImages($0.baseAddress!, batch: b, size: config.model.image.imageSize, context: context)
+            }
+            let u = try batch.ids.withUnsafeBufferPointer { ids in
+                try batch.mask.withUnsafeBufferPointer { mask in
+                    try model.encodeTexts(ids: ids.baseAddress!, mask: mask.baseAddress!, batch: b, tokens: batch.tokens, context: context)
+                }
+            }
+            total += try globalLoss(v: v, u: u, b: b, gradV: &gradV, gradU: &gradU, commTime: &comm).loss
+        }
+        return total / Double(sampler.batchesPerEpoch)
+    }
+}
+
+/// Seconds since the last lap.
+struct Clock {
+    var last = DispatchTime.now().uptimeNanoseconds
+    mutating func lap() -> Double {
+        let now = DispatchTime.now().uptimeNanoseconds
+        defer { last = now }
+        return Double(now - last) * 1e-9
+    }
+}

@@ -100,6 +100,19 @@ public final class Trainer {
                            sampleIndices: batch.sampleIndices)
     }
 
+    /// This rank's image and text embeddings [b, d] of a batch (valid until the next forward).
+    func encode(_ batch: TrainingBatch, context: PassContext) throws -> (UnsafePointer<Float>, UnsafePointer<Float>) {
+        let v = try batch.images.withUnsafeBufferPointer {
+            try model.encodeImages($0.baseAddress!, batch: batch.size, size: batch.imageSize, context: context)
+        }
+        let u = try batch.ids.withUnsafeBufferPointer { ids in
+            try batch.mask.withUnsafeBufferPointer { mask in
+                try model.encodeTexts(ids: ids.baseAddress!, mask: mask.baseAddress!, batch: batch.size, tokens: batch.tokens, context: context)
+            }
+        }
+        return (v, u)
+    }
+
     /// Runs the loss of this rank's rows over the global batch; returns the loss value (summed over
     /// ranks) and leaves this rank's embedding gradients in gradV, gradU [b, d].
     func globalLoss(v: UnsafePointer<Float>, u: UnsafePointer<Float>, b: Int, gradV: inout [Float], gradU: inout [Float],
@@ -136,7 +149,7 @@ public final class Trainer {
         var gradV = [Float](repeating: 0, count: b * d), gradU = gradV
         var rows: [StepMetrics] = []
         let metricsPath = "\(runDirectory)/metrics.jsonl"
-        if communicator.isRoot { FileManager.default.createFile(atPath: metricsPath, contents: nil) }
+        if communicator.isRoot { _ = FileManager.default.createFile(atPath: metricsPath, contents: nil) }
         let metricsFile = communicator.isRoot ? FileHandle(forWritingAtPath: metricsPath) : nil
         defer { try? metricsFile?.close() }
         let encoder = JSONEncoder()
@@ -151,12 +164,7 @@ public final class Trainer {
             let batch = loader.next()
             let timeData = clock.lap()
             let context = self.context(step: step, batch: batch, training: true)
-            let v = try batch.images.withUnsafeBufferPointer { try model.encodeImages($0.baseAddress!, batch: b, size: size, context: context) }
-            let u = try batch.ids.withUnsafeBufferPointer { ids in
-                try batch.mask.withUnsafeBufferPointer { mask in
-                    try model.encodeTexts(ids: ids.baseAddress!, mask: mask.baseAddress!, batch: b, tokens: batch.tokens, context: context)
-                }
-            }
+            let (v, u) = try encode(batch, context: context)
             var timeComm = 0.0
             let forwardStart = clock.lap()
             let value = try globalLoss(v: v, u: u, b: b, gradV: &gradV, gradU: &gradU, commTime: &timeComm)
@@ -238,15 +246,7 @@ public final class Trainer {
         for k in 0..<sampler.batchesPerEpoch {
             let batch = Loader.build(dataset: dataset, samples: samples, sampler: sampler, tokenizer: tokenizer, recipe: recipe, epoch: 0,
                                      step: k, permutation: Array(0..<samples.count))
-            let context = self.context(step: 0, batch: batch, training: false)
-            let v = try batch.images.withUnsafeBufferPointer {
-                try model.encodeImages($0.baseAddress!, batch: b, size: config.model.image.imageSize, context: context)
-            }
-            let u = try batch.ids.withUnsafeBufferPointer { ids in
-                try batch.mask.withUnsafeBufferPointer { mask in
-                    try model.encodeTexts(ids: ids.baseAddress!, mask: mask.baseAddress!, batch: b, tokens: batch.tokens, context: context)
-                }
-            }
+            let (v, u) = try encode(batch, context: self.context(step: 0, batch: batch, training: false))
             total += try globalLoss(v: v, u: u, b: b, gradV: &gradV, gradU: &gradU, commTime: &comm).loss
         }
         return total / Double(sampler.batchesPerEpoch)

@@ -20,6 +20,12 @@ public protocol Communicator: AnyObject {
     func barrier() throws
     /// Ends every rank of the job (a fatal error on one rank must not leave the others waiting).
     func abort(code: Int32) -> Never
+    /// Starts an in-place sum over ranks that completes later (`test` / `waitAll`); returns a handle.
+    func startAllReduceSum(_ buffer: UnsafeMutableBufferPointer<Float>) throws -> Int
+    /// Lets started operations progress; returns true when all of them have completed.
+    func test() throws -> Bool
+    /// Waits for every started operation.
+    func waitAll() throws
 }
 
 extension Communicator {
@@ -44,6 +50,9 @@ public final class SingleProcessCommunicator: Communicator {
     public func broadcast(_ buffer: UnsafeMutableRawBufferPointer, root: Int) throws {}
     public func barrier() throws {}
     public func abort(code: Int32) -> Never { exit(code) }
+    public func startAllReduceSum(_ buffer: UnsafeMutableBufferPointer<Float>) throws -> Int { 0 }
+    public func test() throws -> Bool { true }
+    public func waitAll() throws {}
 }
 
 /// MPI_COMM_WORLD. Errors are returned (MPI_ERRORS_RETURN) and become `ConvirtError`s with MPI's text.
@@ -128,6 +137,29 @@ public final class MPICommunicator: Communicator {
 
     public func barrier() throws {
         try check(MPI_Barrier(cmpi_comm_world()), "MPI_Barrier")
+    }
+
+    private var requests: [MPI_Request?] = []
+
+    public func startAllReduceSum(_ buffer: UnsafeMutableBufferPointer<Float>) throws -> Int {
+        var request: MPI_Request? = cmpi_request_null()
+        try check(MPI_Iallreduce(cmpi_in_place(), buffer.baseAddress, Int32(buffer.count), cmpi_float(), cmpi_op_sum(), cmpi_comm_world(),
+                                 &request), "MPI_Iallreduce")
+        requests.append(request)
+        return requests.count - 1
+    }
+
+    public func test() throws -> Bool {
+        if requests.isEmpty { return true }
+        var done: Int32 = 0
+        try check(MPI_Testall(Int32(requests.count), &requests, &done, cmpi_statuses_ignore()), "MPI_Testall")
+        return done != 0
+    }
+
+    public func waitAll() throws {
+        if requests.isEmpty { return }
+        try check(MPI_Waitall(Int32(requests.count), &requests, cmpi_statuses_ignore()), "MPI_Waitall")
+        requests.removeAll()
     }
 }
 

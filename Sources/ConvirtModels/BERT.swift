@@ -374,7 +374,10 @@ public final class BERT {
         guard let g = geometry else { preconditionFailure("backward before forward") }
         let rows = g.batch * g.tokens, h = config.hiddenSize
         if layers.isEmpty {
-            if needsEmbeddingGradient { embeddingBackward(arena, gradOutput: gradLastHidden, geometry: g, context: context) }
+            if needsEmbeddingGradient {
+                embeddingBackward(arena, gradOutput: gradLastHidden, geometry: g, context: context)
+                context.gradientsReady?("\(prefix)embeddings.")
+            }
             return
         }
         layers[layers.count - 1].gradOutput.ensure(rows * h).update(from: gradLastHidden, count: rows * h)
@@ -383,9 +386,11 @@ public final class BERT {
             let needInputGradient = k > firstTrainableLayer || (k == 0 && needsEmbeddingGradient)
             let gradInput: UnsafeMutablePointer<Float>? = needInputGradient ? (k == 0 ? gradEmbeddingOutput.pointer : layers[k - 1].gradOutput.pointer) : nil
             layers[k].backward(arena, gradInput: gradInput, input: input, geometry: g, config: config, context: context)
+            context.gradientsReady?("\(prefix)encoder.layer.\(k).")
         }
         if firstTrainableLayer == 0 && needsEmbeddingGradient {
             embeddingBackward(arena, gradOutput: gradEmbeddingOutput.pointer, geometry: g, context: context)
+            context.gradientsReady?("\(prefix)embeddings.")
         }
     }
 

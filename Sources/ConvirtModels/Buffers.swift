@@ -50,6 +50,10 @@ public struct PassContext {
     public var stream: RandomStream
     /// The global index of each local sample, in batch order.
     public var sampleIndices: [UInt64]
+    /// Called during backward with a parameter-name prefix once the gradients of every parameter under
+    /// it are final (a ResNet block, a BERT layer, a head), so that their all-reduce can start while
+    /// the rest of backward runs.
+    public var gradientsReady: ((String) -> Void)?
 
     public init(training: Bool, reducer: StatisticsReducer? = nil, stream: RandomStream = RandomStream(seed: 0),
                 sampleIndices: [UInt64] = []) {

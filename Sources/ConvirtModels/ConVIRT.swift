@@ -224,11 +224,13 @@ public final class ConVIRTModel {
 
     public func backwardImages(gradEmbeddings: UnsafePointer<Float>, context: PassContext) {
         let gradFeatures = imageHead.backward(arena, gradEmbeddings: gradEmbeddings)
+        context.gradientsReady?("image_head.")
         image.backward(arena, gradFeatures: gradFeatures, context: context)
     }
 
     public func backwardTexts(gradEmbeddings: UnsafePointer<Float>, context: PassContext) {
         let gradPooled = textHead.backward(arena, gradEmbeddings: gradEmbeddings)
+        context.gradientsReady?("text_head.")
         let (b, t) = textShape, h = config.text.hiddenSize
         let dh = gradHidden.zeroed(b * t * h)
         MaskedMaxPool.backward(gradInput: dh, gradOutput: gradPooled, indices: poolIndices.pointer, batch: b, tokens: t, channels: h)

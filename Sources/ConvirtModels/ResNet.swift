@@ -249,6 +249,7 @@ public final class ResNet {
     public let prefix: String
     let stem: ConvBNUnit
     let blocks: [ResidualBlock]
+    let blockPrefixes: [String]
     let poolOutput = Scratch<Float>(), poolIndices = Scratch<Int32>(), poolGrad = Scratch<Float>()
     let features = Scratch<Float>()
     let workspace = Scratch<Float>()
@@ -263,10 +264,12 @@ public final class ResNet {
         stem = try ConvBNUnit(&layout, conv: "\(prefix)conv1", bn: "\(prefix)bn1", inChannels: 3, outChannels: config.width,
                               kernel: 7, stride: 2, padding: 3, relu: true)
         var blocks: [ResidualBlock] = []
+        var prefixes: [String] = []
         var inChannels = config.width
         for (stage, count) in config.layers.enumerated() {
             let planes = config.width << stage
             for i in 0..<count {
+                prefixes.append("\(prefix)layer\(stage + 1).\(i).")
                 let block = try ResidualBlock(&layout, "\(prefix)layer\(stage + 1).\(i)", block: config.block, inChannels: inChannels,
                                               planes: planes, stride: i == 0 && stage > 0 ? 2 : 1)
                 inChannels = block.outChannels
@@ -274,6 +277,7 @@ public final class ResNet {
             }
         }
         self.blocks = blocks
+        self.blockPrefixes = prefixes
     }
 
     public var featureCount: Int { config.featureCount }
@@ -320,11 +324,14 @@ public final class ResNet {
             let input = k == 0 ? UnsafePointer(poolOutput.pointer) : UnsafePointer(blocks[k - 1].output.pointer)
             let gradInput = k == 0 ? poolGrad.pointer : blocks[k - 1].gradOutput.pointer
             blocks[k].backward(arena, gradInput: gradInput, input: input, workspace: workspace, context: context)
+            context.gradientsReady?(blockPrefixes[k])
         }
         let planes = shape.batch * config.width
         MaxPool2d.backward(gradInput: stem.gradOutput.pointer, gradOutput: poolGrad.pointer, indices: poolIndices.pointer,
                            planes: planes, inPlane: shape.stemSize * shape.stemSize, outPlane: shape.poolSize * shape.poolSize)
         stem.backward(arena, gradInput: nil, input: images, workspace: workspace, context: context)
+        context.gradientsReady?("\(prefix)conv1.")
+        context.gradientsReady?("\(prefix)bn1.")
     }
 
     /// Bytes held by activations and their gradients at the largest batch seen.

@@ -91,6 +91,8 @@ public final class Trainer {
         return (config.epochs ?? 1) * sampler.batchesPerEpoch
     }
 
+    lazy var buckets = GradientBuckets(arena: model.arena, communicator: communicator)
+
     func context(step: Int, batch: TrainingBatch, training: Bool) -> PassContext {
         let comm = communicator
         let reducer: StatisticsReducer? = config.syncBatchNorm && comm.size > 1 ? { buffer in
@@ -170,16 +172,23 @@ public final class Trainer {
             let value = try globalLoss(v: v, u: u, b: b, gradV: &gradV, gradU: &gradU, commTime: &timeComm)
             let timeForward = forwardStart + (clock.lap() - timeComm)
             model.arena.zeroGrads()
-            model.backwardImages(gradEmbeddings: gradV, context: context)
-            model.backwardTexts(gradEmbeddings: gradU, context: context)
-            let timeBackward = clock.lap()
-            // Sum the gradients over ranks.
+            // Backward; each bucket of finished gradients starts its all-reduce at once (over ranks).
+            var backwardContext = context
+            var bucketError: Error? = nil
             if communicator.size > 1 {
-                for range in model.arena.trainableRanges {
-                    try communicator.allReduceSum(UnsafeMutableBufferPointer(start: model.arena.grads + range.lowerBound, count: range.count))
+                buckets.reset()
+                let buckets = self.buckets
+                backwardContext.gradientsReady = { prefix in
+                    do { try buckets.markReady(prefix) } catch { bucketError = error }
                 }
             }
-            timeComm += clock.lap()
+            model.backwardImages(gradEmbeddings: gradV, context: backwardContext)
+            model.backwardTexts(gradEmbeddings: gradU, context: backwardContext)
+            if let bucketError { throw bucketError }
+            let timeBackward = clock.lap()
+            // What is left of the communication after backward (exposed, not hidden).
+            if communicator.size > 1 { timeComm += try buckets.finish() }
+            _ = clock.lap()
             // Global gradient norm (every rank holds the summed gradient), optional clipping, Adam.
             var squares = 0.0
             for range in model.arena.trainableRanges {

@@ -1,0 +1,80 @@
+// Gradient all-reduce in buckets that start as soon as their gradients are final, overlapped with the
+// rest of backward (as PyTorch DDP and Horovod do). Buckets are contiguous arena ranges of trainable
+// parameters of at most `capacity` floats; the models report groups of finished parameters by name
+// prefix (a ResNet block, a BERT layer, a head) through PassContext.gradientsReady.
+
+import ConvirtCore
+import ConvirtDistributed
+import Foundation
+
+final class GradientBuckets {
+    struct Bucket { var range: Range<Int>; var entries: Int; var pending: Int; var started: Bool }
+
+    let arena: ParameterArena
+    let communicator: Communicator
+    private(set) var buckets: [Bucket] = []
+    private var bucketOfEntry: [Int: Int] = [:]
+    private var entriesOfPrefix: [String: [Int]] = [:]
+    private var ready = Set<Int>()
+
+    init(arena: ParameterArena, communicator: Communicator, capacity: Int = 1 << 22) {
+        self.arena = arena
+        self.communicator = communicator
+        let entries = arena.layout.entries
+        var current: (range: Range<Int>, members: [Int])? = nil
+        func close() {
+            guard let c = current else { return }
+            for m in c.members { bucketOfEntry[m] = buckets.count }
+            buckets.append(Bucket(range: c.range, entries: c.members.count, pending: c.members.count, started: false))
+            current = nil
+        }
+        var previousTrainable = false
+        for (i, e) in entries.enumerated() {
+            guard e.kind == .trainable else { previousTrainable = false; continue }
+            if let c = current, previousTrainable, e.range.upperBound - c.range.lowerBound <= capacity {
+                current = (c.range.lowerBound..<e.range.upperBound, c.members + [i])
+            } else {
+                close()
+                current = (e.range, [i])
+            }
+            previousTrainable = true
+        }
+        close()
+    }
+
+    /// Clears the state for a new step.
+    func reset() {
+        ready.removeAll(keepingCapacity: true)
+        for i in buckets.indices { buckets[i].pending = buckets[i].entries; buckets[i].started = false }
+    }
+
+    /// The gradients of every trainable parameter under `prefix` are final: start the buckets they complete.
+    func markReady(_ prefix: String) throws {
+        if entriesOfPrefix[prefix] == nil {
+            entriesOfPrefix[prefix] = arena.layout.entries.indices.filter {
+                arena.layout.entries[$0].kind == .trainable && arena.layout.entries[$0].name.hasPrefix(prefix)
+            }
+        }
+        for entry in entriesOfPrefix[prefix]! where !ready.contains(entry) {
+            ready.insert(entry)
+            guard let b = bucketOfEntry[entry] else { continue }
+            buckets[b].pending -= 1
+            if buckets[b].pending == 0 { try start(b) }
+        }
+        _ = try communicator.test()  // progress for the operations in flight
+    }
+
+    private func start(_ b: Int) throws {
+        buckets[b].started = true
+        let r = buckets[b].range
+        _ = try communicator.startAllReduceSum(UnsafeMutableBufferPointer(start: arena.grads + r.lowerBound, count: r.count))
+    }
+
+    /// Starts whatever was not reported and waits for all buckets; returns the seconds spent waiting.
+    func finish() throws -> Double {
+        for b in buckets.indices where !buckets[b].started { try start(b) }
+        let start = DispatchTime.now().uptimeNanoseconds
+        try communicator.waitAll()
+        return Double(DispatchTime.now().uptimeNanoseconds - start) * 1e-9
+    }
+}

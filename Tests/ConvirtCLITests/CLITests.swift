@@ -167,6 +167,19 @@ struct DistributedTrainingTests {
             }
             #expect(losses[np]!.last?.val_loss != nil)
         }
+        // Two ranks on two hosts (network namespaces, TCP between them) train as one process too.
+        let cluster = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
+            .appendingPathComponent("cluster/netns-cluster.sh").path
+        let up = try run(cluster, ["up", "2"])
+        #expect(up.status == 0, "network namespaces (run as root): \(up.output)")
+        defer { _ = try? run(cluster, ["down", "2"]) }
+        let hosts = try run(cluster, ["run", "2", "--", convirtPath(), "train", "--data", "\(dir)/prepared", "--run-dir", "\(dir)/run-hosts",
+                                      "--preset", "tiny", "--steps", "20", "--retrieval-eval", "0"], timeout: 300)
+        #expect(hosts.status == 0, "\(hosts.output)")
+        let hostRows = try String(contentsOfFile: "\(dir)/run-hosts/metrics.jsonl", encoding: .utf8).split(separator: "\n")
+            .map { try JSONDecoder().decode(Row.self, from: Data($0.utf8)) }
+        #expect(hostRows.count == 20)
+        for (a, b) in zip(losses[1]!, hostRows) { #expect(abs(a.loss - b.loss) <= 1e-4 * abs(a.loss), "2 hosts, step \(a.step)") }
         // The first step's gradient (summed over ranks) is the single process's gradient over the same batch.
         for np in [2, 4] { #expect(abs(losses[1]![0].grad_norm - losses[np]![0].grad_norm) <= 1e-5 * losses[1]![0].grad_norm) }
         // A global batch that does not divide by the ranks is refused on every rank, without a hang.

@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# A local multi-host cluster for tests: hosts in network namespaces on one bridge, reached by mpirun
+# through netns-agent.sh instead of ssh, so that ranks on different "hosts" talk over real TCP.
+#
+#   cluster/netns-cluster.sh up 2        # hosts cvnode1, cvnode2 at 10.77.0.1, 10.77.0.2; bridge 10.77.0.254
+#   cluster/netns-cluster.sh run 2 -- convirt info            # 2 ranks, one per host, TCP only
+#   cluster/netns-cluster.sh down 2
+#
+# Needs root (ip netns); the addresses are private to this machine's own namespaces.
+set -euo pipefail
+here="$(cd "$(dirname "$0")" && pwd)"
+action="${1:-}"; count="${2:-2}"
+bridge=cvbr0 subnet=10.77.0
+
+up() {
+  ip link show "$bridge" >/dev/null 2>&1 || { ip link add "$bridge" type bridge; ip addr add "$subnet.254/24" dev "$bridge"; ip link set "$bridge" up; }
+  for i in $(seq 1 "$count"); do
+    ns="cvnode$i"
+    ip netns list | grep -qw "$ns" && continue
+    ip netns add "$ns"
+    ip link add "cvveth$i" type veth peer name eth0 netns "$ns"
+    ip link set "cvveth$i" master "$bridge" up
+    ip netns exec "$ns" ip addr add "$subnet.$i/24" dev eth0
+    ip netns exec "$ns" ip link set eth0 up
+    ip netns exec "$ns" ip link set lo up
+  done
+}
+
+down() {
+  for i in $(seq 1 "$count"); do
+    ip netns del "cvnode$i" 2>/dev/null || true
+    ip link del "cvveth$i" 2>/dev/null || true
+  done
+  ip link del "$bridge" 2>/dev/null || true
+}
+
+run() {
+  shift 2
+  [ "${1:-}" = "--" ] && shift
+  local hosts=""
+  for i in $(seq 1 "$count"); do hosts="$hosts${hosts:+,}$subnet.$i"; done
+  export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
+  exec mpirun --host "$hosts" -np "$count" --map-by node \
+    --mca plm_rsh_agent "$here/netns-agent.sh" --mca plm_rsh_no_tree_spawn 1 \
+    --mca oob_tcp_if_include "$subnet.0/24" --mca btl tcp,self --mca btl_tcp_if_include "$subnet.0/24" \
+    -x OPENBLAS_NUM_THREADS=1 "$@"
+}
+
+case "$action" in
+  up) up ;;
+  down) down ;;
+  run) run "$@" ;;
+  *) echo "usage: $0 up|down N | run N -- COMMAND..." >&2; exit 2 ;;
+esac

@@ -182,9 +182,42 @@ struct DistributedTrainingTests {
         for (a, b) in zip(losses[1]!, hostRows) { #expect(abs(a.loss - b.loss) <= 1e-4 * abs(a.loss), "2 hosts, step \(a.step)") }
         // The first step's gradient (summed over ranks) is the single process's gradient over the same batch.
         for np in [2, 4] { #expect(abs(losses[1]![0].grad_norm - losses[np]![0].grad_norm) <= 1e-5 * losses[1]![0].grad_norm) }
+        // A rank killed with SIGKILL mid-training ends the job on every rank within seconds.
+        try killOneRank(mpirun: mpirun, data: "\(dir)/prepared", runDir: "\(dir)/killed")
         // A global batch that does not divide by the ranks is refused on every rank, without a hang.
         let bad = try run(mpirun, ["--oversubscribe", "-np", "3", convirtPath(), "train", "--data", "\(dir)/prepared", "--run-dir", "\(dir)/bad",
                                    "--preset", "tiny", "--global-batch", "8", "--steps", "2"], environment: Self.mpiEnvironment, timeout: 120)
         #expect(bad.status != 0 && bad.output.contains("does not divide by the 3 ranks"), "\(bad.output)")
+    }
+
+    func killOneRank(mpirun: String, data: String, runDir: String) throws {
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: mpirun)
+        process.arguments = ["--oversubscribe", "-np", "2", convirtPath(), "train", "--data", data, "--run-dir", runDir, "--preset", "tiny",
+                             "--steps", "1000000", "--retrieval-eval", "0"]
+        var env = ProcessInfo.processInfo.environment
+        for (k, v) in Self.mpiEnvironment { env[k] = v }
+        process.environment = env
+        process.standardOutput = FileHandle.nullDevice
+        process.standardError = FileHandle.nullDevice
+        try process.run()
+        // Wait until training runs, then kill one rank (not mpirun).
+        let deadline = Date().addingTimeInterval(60)
+        while Date() < deadline, ((try? String(contentsOfFile: "\(runDir)/metrics.jsonl", encoding: .utf8))?.split(separator: "\n").count ?? 0) < 3 {
+            Thread.sleep(forTimeInterval: 0.1)
+        }
+        let ranks = try run("/usr/bin/pgrep", ["-f", "convirt train --data \(data) --run-dir \(runDir)"]).output
+            .split(separator: "\n").compactMap { Int32($0) }.filter { $0 != process.processIdentifier }
+        let victim = try #require(ranks.last, "no rank process found")
+        let killed = Date()
+        kill(victim, SIGKILL)
+        while process.isRunning && Date().timeIntervalSince(killed) < 30 { Thread.sleep(forTimeInterval: 0.05) }
+        let seconds = Date().timeIntervalSince(killed)
+        if process.isRunning { process.terminate(); Issue.record("the job still ran 30 s after a rank was killed") }
+        process.waitUntilExit()
+        #expect(process.terminationStatus != 0)
+        #expect(seconds < 15, "the job took \(seconds) s to end")
+        let left = try run("/usr/bin/pgrep", ["-f", "convirt train --data \(data) --run-dir \(runDir)"]).output
+        #expect(left.trimmingCharacters(in: .whitespacesAndNewlines).isEmpty, "ranks left running: \(left)")
     }
 }

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # ./launch.sh                      set up and run the main job on embedded defaults
-# ./launch.sh -np N [--hostfile F] [mpirun options] -- SUBCOMMAND [convirt options]
-#                                  run `convirt SUBCOMMAND ...` on N ranks under mpirun
+# ./launch.sh -np N [--hostfile F] [--max-restarts K] [mpirun options] -- SUBCOMMAND [convirt options]
+#                                  run `convirt SUBCOMMAND ...` on N ranks under mpirun; `train` resumes
+#                                  from the run directory's latest checkpoint and a failed job is
+#                                  restarted up to K times
 #
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -32,14 +34,29 @@ if [ $# -eq 0 ]; then
     "$bin" prepare mimic --root "$data/mimic" --out "$data/prepared"
   fi
   echo "== pretraining: 2 ranks, demo preset"
-  mpirun --oversubscribe "${mpi_flags[@]}" -np 2 "$bin" train --data "$data/prepared" --run-dir "$run" --preset demo
+  mpirun --oversubscribe "${mpi_flags[@]}" -np 2 "$bin" train --data "$data/prepared" --run-dir "$run" --preset demo \
+    --checkpoint-every 500 --resume
   echo "Results: $run/config.json (the resolved configuration), $run/metrics.jsonl (one JSON object per step),"
-  echo "         $run/heldout_retrieval.json (image-to-text precision@10 on held-out studies, with chance level)."
+  echo "         $run/heldout_retrieval.json (image-to-text precision@10 on held-out studies, with chance level),"
+  echo "         $run/checkpoints/ (sharded checkpoints; rerunning ./launch.sh continues from the latest)."
   exit 0
 fi
 
 mpirun_args=()
-while [ $# -gt 0 ] && [ "$1" != "--" ]; do mpirun_args+=("$1"); shift; done
-[ "${1:-}" = "--" ] || { echo "usage: ./launch.sh -np N [--hostfile F] [mpirun options] -- SUBCOMMAND [options]" >&2; exit 2; }
+max_restarts=0
+while [ $# -gt 0 ] && [ "$1" != "--" ]; do
+  if [ "$1" = "--max-restarts" ]; then max_restarts="${2:?--max-restarts needs a number}"; shift 2; continue; fi
+  mpirun_args+=("$1"); shift
+done
+[ "${1:-}" = "--" ] || { echo "usage: ./launch.sh -np N [--hostfile F] [--max-restarts K] [mpirun options] -- SUBCOMMAND [options]" >&2; exit 2; }
 shift
-exec mpirun --oversubscribe "${mpi_flags[@]}" "${mpirun_args[@]}" "$bin" "$@"
+args=("$@")
+# Training always continues from the run directory's latest complete checkpoint, if it has one.
+if [ "${args[0]:-}" = "train" ] && ! printf '%s\n' "${args[@]}" | grep -qx -- "--resume"; then args+=(--resume); fi
+attempt=0
+until mpirun --oversubscribe "${mpi_flags[@]}" "${mpirun_args[@]}" "$bin" "${args[@]}"; do
+  status=$?
+  attempt=$((attempt + 1))
+  if [ "$attempt" -gt "$max_restarts" ]; then exit "$status"; fi
+  echo "launch.sh: the job failed (status $status); restart $attempt of $max_restarts from the latest checkpoint" >&2
+done

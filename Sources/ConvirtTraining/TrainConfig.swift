@@ -32,13 +32,16 @@ public struct TrainConfig: Codable, Sendable {
     public var swapLateralityOnFlip: Bool
     public var imageWeights: String?
     public var textWeights: String?
+    /// Save a checkpoint every K steps (and at the end); nil = only at the end.
+    public var checkpointEvery: Int? = nil
+    public var keepCheckpoints: Int = 3
 
     enum CodingKeys: String, CodingKey {
         case preset, model, globalBatch = "global_batch", steps, epochs, seed, learningRate = "learning_rate", weightDecay = "weight_decay"
         case schedule, warmupSteps = "warmup_steps", valEvery = "val_every", valSamples = "val_samples", patience, maxChecks = "max_checks"
         case syncBatchNorm = "sync_batch_norm", clipGradNorm = "clip_grad_norm", maxTokens = "max_tokens", lowercase, threads
         case loaderWorkers = "loader_workers", swapLateralityOnFlip = "swap_laterality_on_flip", imageWeights = "image_weights"
-        case textWeights = "text_weights"
+        case textWeights = "text_weights", checkpointEvery = "checkpoint_every", keepCheckpoints = "keep_checkpoints"
     }
 
     /// The preset's defaults: the paper's recipe for `paper`, a quicker one for `demo` and `tiny`.

@@ -139,6 +139,37 @@ public final class Trainer {
         return value
     }
 
+    /// The step to start from (0, or a restored checkpoint's).
+    public private(set) var startStep = 0
+
+    /// Restores the newest complete checkpoint of the run directory that verifies, if there is one;
+    /// a damaged one is reported (file and problem) and the previous one is tried. Returns its path.
+    public func resume() throws -> String? {
+        _ = Checkpoints.latest(runDirectory: runDirectory)  // removes leftovers of interrupted saves
+        var restored: (String, CheckpointManifest)? = nil
+        for directory in Checkpoints.candidates(runDirectory: runDirectory) {
+            do {
+                restored = (directory, try Checkpoints.restore(directory, into: model.arena))
+                break
+            } catch let error as ConvirtError where !error.message.contains("the model differs") {
+                if communicator.isRoot { log("cannot resume from \(directory): \(error); trying the previous checkpoint") }
+            }
+        }
+        guard let (directory, manifest) = restored else { return nil }
+        startStep = manifest.state.step
+        currentRate = manifest.state.learningRate
+        bestValidation = manifest.state.bestValidation ?? .infinity
+        checksWithoutImprovement = manifest.state.checksWithoutImprovement
+        checks = manifest.state.checks
+        return directory
+    }
+
+    func checkpointState(step: Int) -> CheckpointManifest.State {
+        CheckpointManifest.State(step: step, epoch: step / sampler.batchesPerEpoch, samplesSeen: step * config.globalBatch,
+                                 learningRate: currentRate, bestValidation: bestValidation.isFinite ? bestValidation : nil,
+                                 checksWithoutImprovement: checksWithoutImprovement, checks: checks)
+    }
+
     /// Trains to the end; returns the metrics rows.
     @discardableResult
     public func run(progress: ((StepMetrics, Int) -> Void)? = nil) throws -> [StepMetrics] {
@@ -146,13 +177,18 @@ public final class Trainer {
         var augment = AugmentConfig(outputSize: size)
         augment.swapLateralityOnFlip = config.swapLateralityOnFlip
         let loader = Loader(dataset: dataset, samples: trainSamples, sampler: sampler, tokenizer: tokenizer,
-                            recipe: SampleRecipe(augment: augment, maxTokens: config.maxTokens), workers: config.loaderWorkers)
+                            recipe: SampleRecipe(augment: augment, maxTokens: config.maxTokens),
+                            startEpoch: startStep / sampler.batchesPerEpoch, startStep: startStep % sampler.batchesPerEpoch,
+                            workers: config.loaderWorkers)
         defer { loader.stop() }
         var gradV = [Float](repeating: 0, count: b * d), gradU = gradV
         var rows: [StepMetrics] = []
         let metricsPath = "\(runDirectory)/metrics.jsonl"
-        if communicator.isRoot { _ = FileManager.default.createFile(atPath: metricsPath, contents: nil) }
+        if communicator.isRoot && (startStep == 0 || !FileManager.default.fileExists(atPath: metricsPath)) {
+            _ = FileManager.default.createFile(atPath: metricsPath, contents: nil)
+        }
         let metricsFile = communicator.isRoot ? FileHandle(forWritingAtPath: metricsPath) : nil
+        _ = try? metricsFile?.seekToEnd()
         defer { try? metricsFile?.close() }
         let encoder = JSONEncoder()
         encoder.outputFormatting = [.sortedKeys]
@@ -160,7 +196,7 @@ public final class Trainer {
         if validationBatch == 0 && communicator.isRoot {
             log("warning: the validate split has fewer usable pairs than ranks; no validation loss will be computed")
         }
-        var step = 0
+        var step = startStep
         while step < totalSteps {
             var clock = Clock()
             let batch = loader.next()
@@ -225,7 +261,15 @@ public final class Trainer {
             rows.append(row)
             if let metricsFile { metricsFile.write(try encoder.encode(row) + Data("\n".utf8)) }
             progress?(row, totalSteps)
+            if let every = config.checkpointEvery, step % every == 0, step < totalSteps, !stop {
+                try Checkpoints.save(arena: model.arena, state: checkpointState(step: step), config: config, runDirectory: runDirectory,
+                                     communicator: communicator, keep: config.keepCheckpoints)
+            }
             if stop { break }
+        }
+        if step > startStep {
+            try Checkpoints.save(arena: model.arena, state: checkpointState(step: step), config: config, runDirectory: runDirectory,
+                                 communicator: communicator, keep: config.keepCheckpoints)
         }
         return rows
     }

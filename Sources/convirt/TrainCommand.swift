@@ -35,6 +35,9 @@ struct TrainCommand: ParsableCommand {
     @Option(help: "A Hugging Face BERT directory (config.json, vocab.txt, model.safetensors).") var textWeights: String?
     @Option(help: "vocab.txt (default: the text weights', else the dataset's).") var vocab: String?
     @Option(help: "Held-out studies for the image-to-text retrieval check at the end (0 = skip).") var retrievalEval = 200
+    @Option(help: "Save a sharded checkpoint every K steps (always at the end).") var checkpointEvery: Int?
+    @Option(help: "Checkpoints to keep.") var keepCheckpoints: Int?
+    @Flag(help: "Continue from the newest complete checkpoint of the run directory (if there is one).") var resume = false
 
     func resolved() throws -> TrainConfig {
         var c = try TrainConfig.preset(preset)
@@ -59,6 +62,8 @@ struct TrainCommand: ParsableCommand {
         if noLateralitySwap { c.swapLateralityOnFlip = false }
         if let imageWeights { c.imageWeights = imageWeights }
         if let textWeights { c.textWeights = textWeights }
+        if let checkpointEvery { c.checkpointEvery = checkpointEvery }
+        if let keepCheckpoints { c.keepCheckpoints = keepCheckpoints }
         return c
     }
 
@@ -85,6 +90,9 @@ struct TrainCommand: ParsableCommand {
         let trainer = try Trainer(config: config, dataPath: data, runDirectory: runDir, vocabularyPath: vocab, communicator: communicator) { line in
             if root { print(line) }
         }
+        if resume, let from = try trainer.resume() {
+            if root { print("resuming from \(from) at step \(trainer.startStep)") }
+        }
         if root {
             let encoder = JSONEncoder()
             encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
@@ -97,7 +105,7 @@ struct TrainCommand: ParsableCommand {
         let rows = try trainer.run { row, total in
             guard root else { return }
             let elapsed = Date().timeIntervalSince(start)
-            let eta = elapsed / Double(row.step) * Double(total - row.step)
+            let eta = elapsed / Double(max(1, row.step - trainer.startStep)) * Double(total - row.step)
             let line = String(format: "step %d/%d  loss %.4f  (v->u %.4f, u->v %.4f)  lr %.2e  %.1f pairs/s  ETA %.0fs%@", row.step, total, row.loss,
                               row.lossV2U, row.lossU2V, row.lr, row.pairsPerSecond, eta, row.valLoss.map { String(format: "  val %.4f", $0) } ?? "")
             if tty { FileHandle.standardOutput.write(Data(("\r" + line + (row.step == total ? "\n" : "")).utf8)) }

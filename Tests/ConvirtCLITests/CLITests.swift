@@ -20,7 +20,19 @@ private func convirtPath() -> String {
 }
 
 /// Runs a program, returning its exit status and combined output; kills it after `timeout` seconds.
+enum ConvirtCLITests {
+    static func run(_ executable: String, _ arguments: [String], environment: [String: String] = [:], input: String? = nil,
+                    timeout: Double = 120) throws -> (status: Int32, output: String) {
+        try runProcess(executable, arguments, environment: environment, input: input, timeout: timeout)
+    }
+}
+
 func run(_ executable: String, _ arguments: [String], environment: [String: String] = [:], input: String? = nil,
+         timeout: Double = 120) throws -> (status: Int32, output: String) {
+    try runProcess(executable, arguments, environment: environment, input: input, timeout: timeout)
+}
+
+func runProcess(_ executable: String, _ arguments: [String], environment: [String: String] = [:], input: String? = nil,
          timeout: Double = 120) throws -> (status: Int32, output: String) {
     let process = Process()
     process.executableURL = URL(fileURLWithPath: executable)
@@ -182,6 +194,7 @@ struct DistributedTrainingTests {
         for (a, b) in zip(losses[1]!, hostRows) { #expect(abs(a.loss - b.loss) <= 1e-4 * abs(a.loss), "2 hosts, step \(a.step)") }
         // The first step's gradient (summed over ranks) is the single process's gradient over the same batch.
         for np in [2, 4] { #expect(abs(losses[1]![0].grad_norm - losses[np]![0].grad_norm) <= 1e-5 * losses[1]![0].grad_norm) }
+        try checkpointsAndResume(mpirun: mpirun, dir: dir, uninterrupted: losses[2]!)
         // A rank killed with SIGKILL mid-training ends the job on every rank within seconds.
         try killOneRank(mpirun: mpirun, data: "\(dir)/prepared", runDir: "\(dir)/killed")
         // A global batch that does not divide by the ranks is refused on every rank, without a hang.
@@ -219,5 +232,48 @@ struct DistributedTrainingTests {
         #expect(seconds < 15, "the job took \(seconds) s to end")
         let left = try run("/usr/bin/pgrep", ["-f", "convirt train --data \(data) --run-dir \(runDir)"]).output
         #expect(left.trimmingCharacters(in: .whitespacesAndNewlines).isEmpty, "ranks left running: \(left)")
+    }
+
+    /// Exact resume at the same world size, resume on 1 and 4 ranks, damaged checkpoints, leftovers.
+    func checkpointsAndResume(mpirun: String, dir: String, uninterrupted: [Row]) throws {
+        func train(_ np: Int, _ runDir: String, _ extra: [String]) throws -> [Row] {
+            let r = try run(mpirun, ["--oversubscribe", "-np", "\(np)", convirtPath(), "train", "--data", "\(dir)/prepared", "--run-dir", runDir,
+                                     "--preset", "tiny", "--retrieval-eval", "0"] + extra, environment: Self.mpiEnvironment, timeout: 300)
+            #expect(r.status == 0, "\(r.output)")
+            return try String(contentsOfFile: "\(runDir)/metrics.jsonl", encoding: .utf8).split(separator: "\n")
+                .map { try JSONDecoder().decode(Row.self, from: Data($0.utf8)) }
+        }
+        let resumedDir = "\(dir)/resumed"
+        _ = try train(2, resumedDir, ["--steps", "10", "--checkpoint-every", "5"])
+        let checkpoints = "\(resumedDir)/checkpoints"
+        #expect(FileManager.default.fileExists(atPath: "\(checkpoints)/step-00000010/shard-00001-of-00002.zst"))
+        // Copies that resume from step 10 on other world sizes, before the same-size resumedDir goes on.
+        for np in [1, 4] {
+            try FileManager.default.copyItem(atPath: resumedDir, toPath: "\(resumedDir)-\(np)")
+        }
+        let resumed = try train(2, resumedDir, ["--steps", "20", "--resume"])
+        #expect(resumed.count == 20)
+        #expect(zip(uninterrupted, resumed).allSatisfy { $0.loss == $1.loss }, "same world size: bitwise equal losses")
+        for np in [1, 4] {
+            let rows = try train(np, "\(resumedDir)-\(np)", ["--steps", "20", "--resume"])
+            #expect(rows.count == 20)
+            for (a, b) in zip(uninterrupted, rows) { #expect(abs(a.loss - b.loss) <= 1e-4 * a.loss, "resumed on \(np) rank(s), step \(a.step)") }
+        }
+        // A flipped byte: verify names the shard; resume reports it and falls back to the previous checkpoint.
+        let shard = "\(checkpoints)/step-00000020/shard-00001-of-00002.zst"
+        var bytes = try Data(contentsOf: URL(fileURLWithPath: shard))
+        bytes[bytes.count / 2] ^= 0x5A
+        try bytes.write(to: URL(fileURLWithPath: shard))
+        let verify = try ConvirtCLITests.run(convirtPath(), ["checkpoint", "verify", resumedDir])
+        #expect(verify.status != 0 && verify.output.contains("shard-00001-of-00002.zst") && verify.output.contains("corrupt"), "\(verify.output)")
+        try FileManager.default.createDirectory(atPath: "\(checkpoints)/.tmp-step-00000099", withIntermediateDirectories: true)
+        let fallback = try ConvirtCLITests.run(mpirun, ["--oversubscribe", "-np", "2", convirtPath(), "train", "--data", "\(dir)/prepared", "--run-dir", resumedDir,
+                                                        "--preset", "tiny", "--steps", "22", "--resume", "--retrieval-eval", "0"],
+                                               environment: Self.mpiEnvironment, timeout: 300)
+        #expect(fallback.status == 0 && fallback.output.contains("cannot resume from") && fallback.output.contains("resuming from") &&
+                fallback.output.contains("step-00000010"), "\(fallback.output)")
+        #expect(!FileManager.default.fileExists(atPath: "\(checkpoints)/.tmp-step-00000099"), "leftover temporary directory removed")
+        let inspect = try ConvirtCLITests.run(convirtPath(), ["checkpoint", "inspect", resumedDir])
+        #expect(inspect.output.contains("step 22") && inspect.output.contains("saved by 2 rank(s)"), "\(inspect.output)")
     }
 }

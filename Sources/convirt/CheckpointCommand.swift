@@ -1,0 +1,52 @@
+import ArgumentParser
+import ConvirtCore
+import ConvirtTraining
+import Foundation
+
+struct CheckpointCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "checkpoint", abstract: "Verify and inspect sharded checkpoints.",
+                                                    subcommands: [Verify.self, Inspect.self])
+
+    /// A checkpoint directory, or a run directory (its latest checkpoint).
+    static func resolve(_ path: String) throws -> String {
+        if FileManager.default.fileExists(atPath: "\(path)/manifest.json") { return path }
+        if let latest = Checkpoints.latest(runDirectory: path) { return latest }
+        throw ValidationError("\(path) is neither a checkpoint directory nor a run directory with a complete checkpoint")
+    }
+
+    struct Verify: ParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Decompress every shard and check sizes and checksums; exit 1 on any problem.")
+        @Argument(help: "Checkpoint or run directory.") var directory: String
+
+        func run() throws {
+            let dir = try CheckpointCommand.resolve(directory)
+            do {
+                let (manifest, _, _, _) = try Checkpoints.read(dir)
+                print("\(dir): OK (step \(manifest.state.step), \(manifest.shards.count) shard(s), world size \(manifest.worldSize))")
+            } catch {
+                print("\(dir): FAILED: \(error)")
+                throw ExitCode(1)
+            }
+        }
+    }
+
+    struct Inspect: ParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Step, world size, config, tensor table, sizes and compression ratio.")
+        @Argument(help: "Checkpoint or run directory.") var directory: String
+        @Flag(help: "List every tensor.") var tensors = false
+
+        func run() throws {
+            let dir = try CheckpointCommand.resolve(directory)
+            let m = try Checkpoints.manifest(dir)
+            let compressed = m.shards.reduce(0) { $0 + $1.bytes }, raw = m.shards.reduce(0) { $0 + $1.rawBytes }
+            print("\(dir)")
+            print("step \(m.state.step), epoch \(m.state.epoch), samples seen \(m.state.samplesSeen), learning rate \(m.state.learningRate)")
+            print("saved by \(m.worldSize) rank(s); preset \(m.config.preset); arena \(m.arenaCount) floats x 3 (parameters, Adam m, Adam v)")
+            print(String(format: "%d shard(s): %.1f MB compressed from %.1f MB (ratio %.2f)", m.shards.count, Double(compressed) / 1e6, Double(raw) / 1e6,
+                         Double(raw) / Double(max(compressed, 1))))
+            for s in m.shards { print("  \(s.file): arena [\(s.range[0]), \(s.range[1])), \(s.bytes) bytes, crc32 \(String(s.crc32, radix: 16))") }
+            print("\(m.entries.count) tensors (\(m.entries.filter { $0.kind == "trainable" }.count) trainable)")
+            if tensors { for e in m.entries { print("  \(e.name) \(describe(shape: e.shape)) @\(e.offset) \(e.kind)") } }
+        }
+    }
+}

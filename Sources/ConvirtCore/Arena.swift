@@ -64,26 +64,48 @@ public final class ParameterArena: @unchecked Sendable {
     public let count: Int
     public let params: UnsafeMutablePointer<Float>
     public let grads: UnsafeMutablePointer<Float>
-    public let adamM: UnsafeMutablePointer<Float>
-    public let adamV: UnsafeMutablePointer<Float>
+    public private(set) var adamM: UnsafeMutablePointer<Float>
+    public private(set) var adamV: UnsafeMutablePointer<Float>
+
+    /// The arena range whose Adam moments this process holds: everything, or one ZeRO-1 shard.
+    public private(set) var optimizerRange: Range<Int>
+    private var momentBases: (UnsafeMutablePointer<Float>, UnsafeMutablePointer<Float>)
 
     public init(layout: ParameterLayout) {
         self.layout = layout
         self.count = layout.totalCount
-        func make() -> UnsafeMutablePointer<Float> {
-            let raw = UnsafeMutableRawPointer.allocate(byteCount: max(1, layout.totalCount) * 4, alignment: 64)
-            let p = raw.bindMemory(to: Float.self, capacity: max(1, layout.totalCount))
-            p.initialize(repeating: 0, count: max(1, layout.totalCount))
-            return p
-        }
-        params = make()
-        grads = make()
-        adamM = make()
-        adamV = make()
+        params = Self.make(layout.totalCount)
+        grads = Self.make(layout.totalCount)
+        optimizerRange = 0..<layout.totalCount
+        momentBases = (Self.make(layout.totalCount), Self.make(layout.totalCount))
+        adamM = momentBases.0
+        adamV = momentBases.1
+    }
+
+    static func make(_ count: Int) -> UnsafeMutablePointer<Float> {
+        let raw = UnsafeMutableRawPointer.allocate(byteCount: max(1, count) * 4, alignment: 64)
+        let p = raw.bindMemory(to: Float.self, capacity: max(1, count))
+        p.initialize(repeating: 0, count: max(1, count))
+        return p
+    }
+
+    /// ZeRO-1: keep the Adam moments of `range` only (freeing the rest). `adamM[i]` and `adamV[i]` stay
+    /// addressed by arena offset and are valid for i in `optimizerRange` alone.
+    public func shardOptimizerState(_ range: Range<Int>) {
+        precondition(range.lowerBound >= 0 && range.upperBound <= count, "optimizer shard outside the arena")
+        let m = Self.make(range.count), v = Self.make(range.count)
+        m.update(from: adamM + range.lowerBound, count: range.count)
+        v.update(from: adamV + range.lowerBound, count: range.count)
+        UnsafeMutableRawPointer(momentBases.0).deallocate()
+        UnsafeMutableRawPointer(momentBases.1).deallocate()
+        momentBases = (m, v)
+        optimizerRange = range
+        adamM = m - range.lowerBound
+        adamV = v - range.lowerBound
     }
 
     deinit {
-        for p in [params, grads, adamM, adamV] { UnsafeMutableRawPointer(p).deallocate() }
+        for p in [params, grads, momentBases.0, momentBases.1] { UnsafeMutableRawPointer(p).deallocate() }
     }
 
     public func view(_ name: String) throws -> ParameterView {
@@ -114,6 +136,14 @@ public final class ParameterArena: @unchecked Sendable {
         var t = Tensor<Float>(shape: v.shape)
         t.withUnsafeMutableBufferPointer { $0.baseAddress!.update(from: grads + v.offset, count: v.count) }
         return t
+    }
+
+    /// The trainable ranges clipped to `window` (a ZeRO-1 shard).
+    public func trainableRanges(within window: Range<Int>) -> [Range<Int>] {
+        trainableRanges.compactMap { r in
+            let lo = max(r.lowerBound, window.lowerBound), hi = min(r.upperBound, window.upperBound)
+            return lo < hi ? lo..<hi : nil
+        }
     }
 
     /// Maximal runs of consecutive trainable entries, as arena ranges (what the optimizer walks). The

@@ -57,9 +57,10 @@ public enum Adam {
         }
     }
 
-    /// Steps every trainable range of an arena.
+    /// Steps every trainable range of an arena that this process holds optimizer state for (all of it,
+    /// or its ZeRO-1 shard).
     public static func step(_ arena: ParameterArena, step: Int, config: AdamConfig) {
-        for range in arena.trainableRanges {
+        for range in arena.trainableRanges(within: arena.optimizerRange) {
             Adam.step(params: arena.params, grads: arena.grads, m: arena.adamM, v: arena.adamV,
                       range: range, step: step, config: config)
         }

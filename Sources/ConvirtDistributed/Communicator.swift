@@ -15,6 +15,10 @@ public protocol Communicator: AnyObject {
     func allGather(_ input: UnsafeBufferPointer<Float>, into output: UnsafeMutableBufferPointer<Float>) throws
     /// output [input.count / size] = this rank's block of the sum over ranks of input.
     func reduceScatterSum(_ input: UnsafeBufferPointer<Float>, into output: UnsafeMutableBufferPointer<Float>) throws
+    /// Sums `input` over ranks and leaves block r (of `counts[r]` floats, in rank order) on rank r in `output`.
+    func reduceScatterSum(_ input: UnsafeBufferPointer<Float>, counts: [Int], into output: UnsafeMutableBufferPointer<Float>) throws
+    /// In place: block r of `buffer` (of `counts[r]` floats, in rank order) comes from rank r, on every rank.
+    func allGatherInPlace(_ buffer: UnsafeMutableBufferPointer<Float>, counts: [Int]) throws
     /// Rank `root`'s bytes, on every rank.
     func broadcast(_ buffer: UnsafeMutableRawBufferPointer, root: Int) throws
     func barrier() throws
@@ -47,6 +51,10 @@ public final class SingleProcessCommunicator: Communicator {
         precondition(output.count >= input.count, "reduce-scatter output too small")
         if input.count > 0 { output.baseAddress!.update(from: input.baseAddress!, count: input.count) }
     }
+    public func reduceScatterSum(_ input: UnsafeBufferPointer<Float>, counts: [Int], into output: UnsafeMutableBufferPointer<Float>) throws {
+        if counts[0] > 0 { output.baseAddress!.update(from: input.baseAddress!, count: counts[0]) }
+    }
+    public func allGatherInPlace(_ buffer: UnsafeMutableBufferPointer<Float>, counts: [Int]) throws {}
     public func broadcast(_ buffer: UnsafeMutableRawBufferPointer, root: Int) throws {}
     public func barrier() throws {}
     public func abort(code: Int32) -> Never { exit(code) }
@@ -129,6 +137,21 @@ public final class MPICommunicator: Communicator {
         precondition(block * size == input.count && output.count >= block, "reduce-scatter sizes do not divide by the world size")
         try check(MPI_Reduce_scatter_block(input.baseAddress, output.baseAddress, Int32(block), cmpi_float(), cmpi_op_sum(), cmpi_comm_world()),
                   "MPI_Reduce_scatter_block")
+    }
+
+    public func reduceScatterSum(_ input: UnsafeBufferPointer<Float>, counts: [Int], into output: UnsafeMutableBufferPointer<Float>) throws {
+        precondition(counts.count == size && output.count >= counts[rank], "reduce-scatter counts")
+        var c = counts.map { Int32($0) }
+        try check(MPI_Reduce_scatter(input.baseAddress, output.baseAddress, &c, cmpi_float(), cmpi_op_sum(), cmpi_comm_world()), "MPI_Reduce_scatter")
+    }
+
+    public func allGatherInPlace(_ buffer: UnsafeMutableBufferPointer<Float>, counts: [Int]) throws {
+        precondition(counts.count == size && counts.reduce(0, +) <= buffer.count, "all-gather counts")
+        var c = counts.map { Int32($0) }
+        var displacements = [Int32](repeating: 0, count: size)
+        for r in 1..<max(size, 1) where r < size { displacements[r] = displacements[r - 1] + c[r - 1] }
+        try check(MPI_Allgatherv(cmpi_in_place(), 0, cmpi_float(), buffer.baseAddress, &c, &displacements, cmpi_float(), cmpi_comm_world()),
+                  "MPI_Allgatherv")
     }
 
     public func broadcast(_ buffer: UnsafeMutableRawBufferPointer, root: Int) throws {

@@ -213,8 +213,10 @@ public enum Checkpoints {
             throw ConvirtError("\(directory): the model differs from the checkpoint's: \(differences.prefix(10).joined(separator: "; "))")
         }
         params.withUnsafeBufferPointer { arena.params.update(from: $0.baseAddress!, count: arena.count) }
-        m.withUnsafeBufferPointer { arena.adamM.update(from: $0.baseAddress!, count: arena.count) }
-        v.withUnsafeBufferPointer { arena.adamV.update(from: $0.baseAddress!, count: arena.count) }
+        // The Adam moments this process holds: all of them, or its ZeRO-1 shard.
+        let r = arena.optimizerRange
+        m.withUnsafeBufferPointer { (arena.adamM + r.lowerBound).update(from: $0.baseAddress! + r.lowerBound, count: r.count) }
+        v.withUnsafeBufferPointer { (arena.adamV + r.lowerBound).update(from: $0.baseAddress! + r.lowerBound, count: r.count) }
         return manifest
     }
 }

@@ -35,6 +35,9 @@ public struct TrainConfig: Codable, Sendable {
     /// Save a checkpoint every K steps (and at the end); nil = only at the end.
     public var checkpointEvery: Int? = nil
     public var keepCheckpoints: Int = 3
+    /// ZeRO-1: Adam state sharded over ranks by arena range (reduce-scatter the gradients, update the
+    /// own shard, all-gather the parameters); the same training as replicated Adam.
+    public var zero1: Bool = false
 
     enum CodingKeys: String, CodingKey {
         case preset, model, globalBatch = "global_batch", steps, epochs, seed, learningRate = "learning_rate", weightDecay = "weight_decay"
@@ -42,6 +45,7 @@ public struct TrainConfig: Codable, Sendable {
         case syncBatchNorm = "sync_batch_norm", clipGradNorm = "clip_grad_norm", maxTokens = "max_tokens", lowercase, threads
         case loaderWorkers = "loader_workers", swapLateralityOnFlip = "swap_laterality_on_flip", imageWeights = "image_weights"
         case textWeights = "text_weights", checkpointEvery = "checkpoint_every", keepCheckpoints = "keep_checkpoints"
+        case zero1
     }
 
     /// The preset's defaults: the paper's recipe for `paper`, a quicker one for `demo` and `tiny`.

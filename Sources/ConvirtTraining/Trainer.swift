@@ -80,6 +80,9 @@ public final class Trainer {
             try Weights.load(SafeTensorsFile(path: path), into: model.arena, prefix: "image.")
         }
         if let dir = config.textWeights { try BertDirectory(path: dir).load(into: model.arena, prefix: "text.") }
+        if config.zero1 {
+            model.arena.shardOptimizerState(Checkpoints.shardRange(rank: communicator.rank, worldSize: communicator.size, count: model.arena.count))
+        }
         trainSamples = dataset.samples(split: "train")
         sampler = try GlobalBatchSampler(sampleCount: trainSamples.count, globalBatch: config.globalBatch, worldSize: communicator.size,
                                          rank: communicator.rank, seed: config.seed)
@@ -211,7 +214,7 @@ public final class Trainer {
             // Backward; each bucket of finished gradients starts its all-reduce at once (over ranks).
             var backwardContext = context
             var bucketError: Error? = nil
-            if communicator.size > 1 {
+            if communicator.size > 1 && !config.zero1 {
                 buckets.reset()
                 let buckets = self.buckets
                 backwardContext.gradientsReady = { prefix in
@@ -223,22 +226,39 @@ public final class Trainer {
             if let bucketError { throw bucketError }
             let timeBackward = clock.lap()
             // What is left of the communication after backward (exposed, not hidden).
-            if communicator.size > 1 { timeComm += try buckets.finish() }
-            _ = clock.lap()
-            // Global gradient norm (every rank holds the summed gradient), optional clipping, Adam.
-            var squares = 0.0
-            for range in model.arena.trainableRanges {
-                for i in range { let g = Double(model.arena.grads[i]); squares += g * g }
+            if communicator.size > 1 && !config.zero1 { timeComm += try buckets.finish() }
+            let own = model.arena.optimizerRange
+            if config.zero1 && communicator.size > 1 {
+                // ZeRO-1: each rank receives the summed gradients of its own shard only.
+                let counts = (0..<communicator.size).map { Checkpoints.shardRange(rank: $0, worldSize: communicator.size, count: model.arena.count).count }
+                var shard = [Float](repeating: 0, count: own.count)
+                try shard.withUnsafeMutableBufferPointer {
+                    try communicator.reduceScatterSum(UnsafeBufferPointer(start: model.arena.grads, count: model.arena.count), counts: counts, into: $0)
+                }
+                shard.withUnsafeBufferPointer { (model.arena.grads + own.lowerBound).update(from: $0.baseAddress!, count: own.count) }
             }
-            let norm = squares.squareRoot()
+            _ = clock.lap()
+            // Global gradient norm (over the own shard, summed over ranks, with ZeRO-1), optional clipping, Adam.
+            var squares = [0.0]
+            for range in model.arena.trainableRanges(within: own) {
+                for i in range { let g = Double(model.arena.grads[i]); squares[0] += g * g }
+            }
+            if config.zero1 && communicator.size > 1 { try squares.withUnsafeMutableBufferPointer { try communicator.allReduceSum($0) } }
+            let norm = squares[0].squareRoot()
             if let clip = config.clipGradNorm, norm > clip {
                 let scale = Float(clip / (norm + 1e-6))
-                for range in model.arena.trainableRanges { for i in range { model.arena.grads[i] *= scale } }
+                for range in model.arena.trainableRanges(within: own) { for i in range { model.arena.grads[i] *= scale } }
             }
             let rate = config.schedule == "paper" ? currentRate : config.scheduledRate(step: step, totalSteps: totalSteps)
             Adam.step(model.arena, step: step + 1,
                       config: AdamConfig(learningRate: rate, weightDecay: config.weightDecay, decoupled: false))
-            let timeOptimizer = clock.lap()
+            var timeOptimizer = clock.lap()
+            if config.zero1 && communicator.size > 1 {
+                let counts = (0..<communicator.size).map { Checkpoints.shardRange(rank: $0, worldSize: communicator.size, count: model.arena.count).count }
+                try communicator.allGatherInPlace(UnsafeMutableBufferPointer(start: model.arena.params, count: model.arena.count), counts: counts)
+                timeComm += clock.lap()
+                timeOptimizer += 0
+            }
             let total = timeData + timeForward + timeBackward + timeComm + timeOptimizer
             var row = StepMetrics(step: step + 1, epoch: batch.epoch, loss: value.loss, lossV2U: value.imageToText, lossU2V: value.textToImage,
                                   lr: rate, gradNorm: norm, pairsPerSecond: Double(config.globalBatch) / total, worldSize: communicator.size,

@@ -38,6 +38,8 @@ struct TrainCommand: ParsableCommand {
     @Option(help: "Save a sharded checkpoint every K steps (always at the end).") var checkpointEvery: Int?
     @Option(help: "Checkpoints to keep.") var keepCheckpoints: Int?
     @Flag(help: "Continue from the newest complete checkpoint of the run directory (if there is one).") var resume = false
+    @Flag(help: "ZeRO-1: shard the Adam state over the ranks (reduce-scatter gradients, update the own shard, all-gather parameters).")
+    var zero1 = false
 
     func resolved() throws -> TrainConfig {
         var c = try TrainConfig.preset(preset)
@@ -64,6 +66,7 @@ struct TrainCommand: ParsableCommand {
         if let textWeights { c.textWeights = textWeights }
         if let checkpointEvery { c.checkpointEvery = checkpointEvery }
         if let keepCheckpoints { c.keepCheckpoints = keepCheckpoints }
+        if zero1 { c.zero1 = true }
         return c
     }
 

@@ -179,6 +179,17 @@ struct DistributedTrainingTests {
             }
             #expect(losses[np]!.last?.val_loss != nil)
         }
+        // ZeRO-1 (Adam state sharded over the ranks) trains as replicated Adam.
+        for np in [2, 4] {
+            let result = try run(mpirun, ["--oversubscribe", "-np", "\(np)", convirtPath(), "train", "--data", "\(dir)/prepared", "--run-dir",
+                                          "\(dir)/zero\(np)", "--preset", "tiny", "--steps", "20", "--zero1", "--retrieval-eval", "0"],
+                                 environment: Self.mpiEnvironment, timeout: 300)
+            #expect(result.status == 0, "\(result.output)")
+            let rows = try String(contentsOfFile: "\(dir)/zero\(np)/metrics.jsonl", encoding: .utf8).split(separator: "\n")
+                .map { try JSONDecoder().decode(Row.self, from: Data($0.utf8)) }
+            #expect(rows.count == 20)
+            for (a, b) in zip(losses[1]!, rows) { #expect(abs(a.loss - b.loss) <= 1e-4 * abs(a.loss), "--zero1 on \(np) ranks, step \(a.step)") }
+        }
         // Two ranks on two hosts (network namespaces, TCP between them) train as one process too.
         let cluster = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
             .appendingPathComponent("cluster/netns-cluster.sh").path

@@ -73,7 +73,7 @@ public enum Checkpoints {
     /// Writes a checkpoint of `arena` collectively (every rank calls it). Returns the directory.
     @discardableResult
     public static func save(arena: ParameterArena, state: CheckpointManifest.State, config: TrainConfig, runDirectory: String,
-                            communicator: Communicator, keep: Int) throws -> String {
+                            communicator: Communicator, keep: Int, best: Bool = false) throws -> String {
         let root = "\(runDirectory)/checkpoints"
         let final = "\(root)/\(name(step: state.step))", temporary = "\(root)/.tmp-\(name(step: state.step))"
         let w = communicator.size, r = communicator.rank
@@ -122,7 +122,8 @@ public enum Checkpoints {
                 try FileManager.default.moveItem(atPath: temporary, toPath: final)
                 fsync(path: root)
                 try Files.writeAtomically(Data(name(step: state.step).utf8), to: "\(root)/latest")
-                prune(root: root, keep: keep, best: nil)
+                if best { try Files.writeAtomically(Data(name(step: state.step).utf8), to: "\(root)/best") }
+                prune(root: root, keep: keep, best: try? String(contentsOfFile: "\(root)/best", encoding: .utf8))
             } else {
                 try? FileManager.default.removeItem(atPath: temporary)
             }

@@ -271,7 +271,15 @@ public final class Trainer {
                 row.valLoss = val
                 if config.schedule == "paper" {
                     checks += 1
-                    if val < bestValidation { bestValidation = val; checksWithoutImprovement = 0 } else {
+                    if val < bestValidation {
+                        bestValidation = val
+                        checksWithoutImprovement = 0
+                        // The checkpoint with the lowest validation loss is kept (checkpoints/best names it).
+                        let saved = try Checkpoints.save(arena: model.arena, state: checkpointState(step: step), config: config,
+                                                         runDirectory: runDirectory, communicator: communicator, keep: config.keepCheckpoints,
+                                                         best: true)
+                        if communicator.isRoot { log("new best validation loss \(val) at step \(step): \(saved)") }
+                    } else {
                         checksWithoutImprovement += 1
                         if checksWithoutImprovement >= config.patience { currentRate /= 2; checksWithoutImprovement = 0 }
                     }

@@ -206,6 +206,15 @@ struct DistributedTrainingTests {
         // The first step's gradient (summed over ranks) is the single process's gradient over the same batch.
         for np in [2, 4] { #expect(abs(losses[1]![0].grad_norm - losses[np]![0].grad_norm) <= 1e-5 * losses[1]![0].grad_norm) }
         try checkpointsAndResume(mpirun: mpirun, dir: dir, uninterrupted: losses[2]!)
+        // The paper schedule: validation every K steps, the LR halved after `patience` checks without
+        // improvement, the best checkpoint kept by retention.
+        let paper = try run(convirtPath(), ["train", "--data", "\(dir)/prepared", "--run-dir", "\(dir)/paper", "--preset", "tiny", "--schedule", "paper",
+                                            "--val-every", "5", "--steps", "30", "--patience", "2", "--keep-checkpoints", "1", "--retrieval-eval", "0"])
+        #expect(paper.status == 0, "\(paper.output)")
+        let best = try String(contentsOfFile: "\(dir)/paper/checkpoints/best", encoding: .utf8)
+        #expect(FileManager.default.fileExists(atPath: "\(dir)/paper/checkpoints/\(best)/manifest.json"), "best checkpoint \(best) kept")
+        let paperRows = try String(contentsOfFile: "\(dir)/paper/metrics.jsonl", encoding: .utf8).split(separator: "\n")
+        #expect(paperRows.filter { $0.contains("val_loss") }.count == 6)
         // A rank killed with SIGKILL mid-training ends the job on every rank within seconds.
         try killOneRank(mpirun: mpirun, data: "\(dir)/prepared", runDir: "\(dir)/killed")
         // A global batch that does not divide by the ranks is refused on every rank, without a hang.

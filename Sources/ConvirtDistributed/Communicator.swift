@@ -19,6 +19,9 @@ public protocol Communicator: AnyObject {
     func reduceScatterSum(_ input: UnsafeBufferPointer<Float>, counts: [Int], into output: UnsafeMutableBufferPointer<Float>) throws
     /// In place: block r of `buffer` (of `counts[r]` floats, in rank order) comes from rank r, on every rank.
     func allGatherInPlace(_ buffer: UnsafeMutableBufferPointer<Float>, counts: [Int]) throws
+    /// Every rank's `input` bytes (all the same length), concatenated in rank order, on rank `root`
+    /// (an empty array elsewhere).
+    func gather(_ input: [UInt8], root: Int) throws -> [UInt8]
     /// Rank `root`'s bytes, on every rank.
     func broadcast(_ buffer: UnsafeMutableRawBufferPointer, root: Int) throws
     func barrier() throws
@@ -55,6 +58,7 @@ public final class SingleProcessCommunicator: Communicator {
         if counts[0] > 0 { output.baseAddress!.update(from: input.baseAddress!, count: counts[0]) }
     }
     public func allGatherInPlace(_ buffer: UnsafeMutableBufferPointer<Float>, counts: [Int]) throws {}
+    public func gather(_ input: [UInt8], root: Int) throws -> [UInt8] { input }
     public func broadcast(_ buffer: UnsafeMutableRawBufferPointer, root: Int) throws {}
     public func barrier() throws {}
     public func abort(code: Int32) -> Never { exit(code) }
@@ -152,6 +156,17 @@ public final class MPICommunicator: Communicator {
         for r in 1..<max(size, 1) where r < size { displacements[r] = displacements[r - 1] + c[r - 1] }
         try check(MPI_Allgatherv(cmpi_in_place(), 0, cmpi_float(), buffer.baseAddress, &c, &displacements, cmpi_float(), cmpi_comm_world()),
                   "MPI_Allgatherv")
+    }
+
+    public func gather(_ input: [UInt8], root: Int) throws -> [UInt8] {
+        var output = [UInt8](repeating: 0, count: rank == root ? input.count * size : 0)
+        try input.withUnsafeBufferPointer { src in
+            try output.withUnsafeMutableBufferPointer { dst in
+                try check(MPI_Gather(src.baseAddress, Int32(src.count), cmpi_byte(), dst.baseAddress, Int32(src.count), cmpi_byte(), Int32(root),
+                                     cmpi_comm_world()), "MPI_Gather")
+            }
+        }
+        return output
     }
 
     public func broadcast(_ buffer: UnsafeMutableRawBufferPointer, root: Int) throws {

@@ -25,12 +25,22 @@ struct Info: ParsableCommand {
         var ranks = [Double(communicator.rank)]
         try ranks.withUnsafeMutableBufferPointer { try communicator.allReduceSum($0) }
         let expected = Double(communicator.size * (communicator.size - 1) / 2)
+        // Each rank's host, gathered on rank 0 (fixed 64-byte records).
+        var host = [UInt8](repeating: 0, count: 64)
+        var name = [CChar](repeating: 0, count: 64)
+        gethostname(&name, 63)
+        for (k, c) in name.prefix(63).enumerated() { host[k] = UInt8(bitPattern: c) }
+        let hosts = try communicator.gather(host, root: 0)
         if communicator.isRoot {
             print("convirt \(convirtVersion)")
             print("BLAS: \(BLASThreads.configuration), \(BLASThreads.current) thread(s)")
             print("MPI: \(MPICommunicator.libraryVersion.split(separator: "\n").first ?? "")")
             if communicator is MPICommunicator {
                 print("MPI job: world size \(communicator.size); all-reduce of ranks = \(Int(ranks[0])) (expected \(Int(expected)))")
+                let names = (0..<communicator.size).map { r in
+                    String(decoding: hosts[(r * 64)..<(r * 64 + 64)].prefix { $0 != 0 }, as: UTF8.self)
+                }
+                print("ranks on hosts: " + names.enumerated().map { "\($0.offset)@\($0.element)" }.joined(separator: ", "))
             } else {
                 print("MPI job: none (not launched by mpirun; running as a single process)")
             }

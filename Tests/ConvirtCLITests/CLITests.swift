@@ -88,6 +88,7 @@ struct CLITests {
                                                      "OPENBLAS_NUM_THREADS": "1", "OMPI_MCA_btl": "self,vader"])
         #expect(status == 0, "\(output)")
         #expect(output.contains("world size 2; all-reduce of ranks = 1 (expected 1)"), "\(output)")
+        #expect(output.contains("ranks on hosts: 0@") && output.contains(", 1@"), "gather of the hosts: \(output)")
     }
 
     @Test("convirt tokenize prints one line of ids per stdin line")

@@ -95,6 +95,10 @@ public final class Trainer {
     }
 
     lazy var buckets = GradientBuckets(arena: model.arena, communicator: communicator)
+    /// Floats of each rank's arena shard (ZeRO-1 and checkpoints cut the arena the same way).
+    lazy var shardCounts = (0..<communicator.size).map {
+        Checkpoints.shardRange(rank: $0, worldSize: communicator.size, count: model.arena.count).count
+    }
 
     func context(step: Int, batch: TrainingBatch, training: Bool) -> PassContext {
         let comm = communicator
@@ -230,10 +234,9 @@ public final class Trainer {
             let own = model.arena.optimizerRange
             if config.zero1 && communicator.size > 1 {
                 // ZeRO-1: each rank receives the summed gradients of its own shard only.
-                let counts = (0..<communicator.size).map { Checkpoints.shardRange(rank: $0, worldSize: communicator.size, count: model.arena.count).count }
                 var shard = [Float](repeating: 0, count: own.count)
                 try shard.withUnsafeMutableBufferPointer {
-                    try communicator.reduceScatterSum(UnsafeBufferPointer(start: model.arena.grads, count: model.arena.count), counts: counts, into: $0)
+                    try communicator.reduceScatterSum(UnsafeBufferPointer(start: model.arena.grads, count: model.arena.count), counts: shardCounts, into: $0)
                 }
                 shard.withUnsafeBufferPointer { (model.arena.grads + own.lowerBound).update(from: $0.baseAddress!, count: own.count) }
             }
@@ -252,12 +255,10 @@ public final class Trainer {
             let rate = config.schedule == "paper" ? currentRate : config.scheduledRate(step: step, totalSteps: totalSteps)
             Adam.step(model.arena, step: step + 1,
                       config: AdamConfig(learningRate: rate, weightDecay: config.weightDecay, decoupled: false))
-            var timeOptimizer = clock.lap()
+            let timeOptimizer = clock.lap()
             if config.zero1 && communicator.size > 1 {
-                let counts = (0..<communicator.size).map { Checkpoints.shardRange(rank: $0, worldSize: communicator.size, count: model.arena.count).count }
-                try communicator.allGatherInPlace(UnsafeMutableBufferPointer(start: model.arena.params, count: model.arena.count), counts: counts)
+                try communicator.allGatherInPlace(UnsafeMutableBufferPointer(start: model.arena.params, count: model.arena.count), counts: shardCounts)
                 timeComm += clock.lap()
-                timeOptimizer += 0
             }
             let total = timeData + timeForward + timeBackward + timeComm + timeOptimizer
             var row = StepMetrics(step: step + 1, epoch: batch.epoch, loss: value.loss, lossV2U: value.imageToText, lossU2V: value.textToImage,

@@ -56,6 +56,9 @@ func runProcess(_ executable: String, _ arguments: [String], environment: [Strin
     if process.isRunning {
         process.terminate()
         Issue.record("\(executable) \(arguments.joined(separator: " ")) did not finish within \(timeout) s")
+        let grace = Date().addingTimeInterval(5)
+        while process.isRunning && Date() < grace { Thread.sleep(forTimeInterval: 0.05) }
+        if process.isRunning { kill(process.processIdentifier, SIGKILL) }
     }
     process.waitUntilExit()
     try handle.close()
@@ -197,8 +200,15 @@ struct DistributedTrainingTests {
         let up = try run(cluster, ["up", "2"])
         #expect(up.status == 0, "network namespaces (run as root): \(up.output)")
         defer { _ = try? run(cluster, ["down", "2"]) }
-        let hosts = try run(cluster, ["run", "2", "--", convirtPath(), "train", "--data", "\(dir)/prepared", "--run-dir", "\(dir)/run-hosts",
-                                      "--preset", "tiny", "--steps", "20", "--retrieval-eval", "0"], timeout: 300)
+        // Open MPI's start-up across namespaces occasionally stalls (about one start in six here): each
+        // attempt is bounded, and a stalled one (status 124) is retried.
+        var hosts = (status: Int32(124), output: "")
+        for _ in 0..<4 where hosts.status == 124 {
+            try? FileManager.default.removeItem(atPath: "\(dir)/run-hosts")
+            hosts = try run(cluster, ["run", "2", "--", convirtPath(), "train", "--data", "\(dir)/prepared", "--run-dir", "\(dir)/run-hosts",
+                                      "--preset", "tiny", "--steps", "20", "--retrieval-eval", "0"],
+                            environment: ["CONVIRT_CLUSTER_TIMEOUT": "45"], timeout: 120)
+        }
         #expect(hosts.status == 0, "\(hosts.output)")
         let hostRows = try String(contentsOfFile: "\(dir)/run-hosts/metrics.jsonl", encoding: .utf8).split(separator: "\n")
             .map { try JSONDecoder().decode(Row.self, from: Data($0.utf8)) }

@@ -38,6 +38,8 @@ public struct TrainConfig: Codable, Sendable {
     /// ZeRO-1: Adam state sharded over ranks by arena range (reduce-scatter the gradients, update the
     /// own shard, all-gather the parameters); the same training as replicated Adam.
     public var zero1: Bool = false
+    /// Start the gradient all-reduce buckets during backward (true) or only after it (to measure the overlap).
+    public var overlapCommunication: Bool = true
 
     enum CodingKeys: String, CodingKey {
         case preset, model, globalBatch = "global_batch", steps, epochs, seed, learningRate = "learning_rate", weightDecay = "weight_decay"
@@ -45,7 +47,7 @@ public struct TrainConfig: Codable, Sendable {
         case syncBatchNorm = "sync_batch_norm", clipGradNorm = "clip_grad_norm", maxTokens = "max_tokens", lowercase, threads
         case loaderWorkers = "loader_workers", swapLateralityOnFlip = "swap_laterality_on_flip", imageWeights = "image_weights"
         case textWeights = "text_weights", checkpointEvery = "checkpoint_every", keepCheckpoints = "keep_checkpoints"
-        case zero1
+        case zero1, overlapCommunication = "overlap_communication"
     }
 
     /// The preset's defaults: the paper's recipe for `paper`, a quicker one for `demo` and `tiny`.

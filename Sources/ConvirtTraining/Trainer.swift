@@ -218,8 +218,8 @@ public final class Trainer {
             // Backward; each bucket of finished gradients starts its all-reduce at once (over ranks).
             var backwardContext = context
             var bucketError: Error? = nil
-            if communicator.size > 1 && !config.zero1 {
-                buckets.reset()
+            if communicator.size > 1 && !config.zero1 { buckets.reset() }
+            if communicator.size > 1 && !config.zero1 && config.overlapCommunication {
                 let buckets = self.buckets
                 backwardContext.gradientsReady = { prefix in
                     do { try buckets.markReady(prefix) } catch { bucketError = error }

@@ -40,6 +40,7 @@ struct TrainCommand: ParsableCommand {
     @Flag(help: "Continue from the newest complete checkpoint of the run directory (if there is one).") var resume = false
     @Flag(help: "ZeRO-1: shard the Adam state over the ranks (reduce-scatter gradients, update the own shard, all-gather parameters).")
     var zero1 = false
+    @Flag(help: "All-reduce the gradients only after backward (no overlap; to measure what the overlap hides).") var noOverlap = false
 
     func resolved() throws -> TrainConfig {
         var c = try TrainConfig.preset(preset)
@@ -67,6 +68,7 @@ struct TrainCommand: ParsableCommand {
         if let checkpointEvery { c.checkpointEvery = checkpointEvery }
         if let keepCheckpoints { c.keepCheckpoints = keepCheckpoints }
         if zero1 { c.zero1 = true }
+        if noOverlap { c.overlapCommunication = false }
         return c
     }
 

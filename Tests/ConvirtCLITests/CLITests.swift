@@ -201,9 +201,13 @@ struct DistributedTrainingTests {
         #expect(up.status == 0, "network namespaces (run as root): \(up.output)")
         defer { _ = try? run(cluster, ["down", "2"]) }
         // Open MPI's start-up across namespaces occasionally stalls (about one start in six here): each
-        // attempt is bounded, and a stalled one (status 124) is retried.
+        // attempt is bounded (timeout ends it: status 124, or 9 when it had to kill), and a stalled
+        // start, one that ended without a line of metrics, is retried.
         var hosts = (status: Int32(124), output: "")
-        for _ in 0..<4 where hosts.status == 124 {
+        func stalled() -> Bool {
+            hosts.status != 0 && !FileManager.default.fileExists(atPath: "\(dir)/run-hosts/metrics.jsonl")
+        }
+        for _ in 0..<4 where stalled() {
             try? FileManager.default.removeItem(atPath: "\(dir)/run-hosts")
             hosts = try run(cluster, ["run", "2", "--", convirtPath(), "train", "--data", "\(dir)/prepared", "--run-dir", "\(dir)/run-hosts",
                                       "--preset", "tiny", "--steps", "20", "--retrieval-eval", "0"],

@@ -99,3 +99,38 @@ public struct TrainConfig: Codable, Sendable {
         }
     }
 }
+
+extension TrainConfig {
+    /// Decodes config.json and checkpoint manifests of any version: settings added later take their
+    /// defaults when absent.
+    public init(from decoder: Decoder) throws {
+        let c = try decoder.container(keyedBy: CodingKeys.self)
+        preset = try c.decode(String.self, forKey: .preset)
+        model = try c.decode(ConVIRTConfig.self, forKey: .model)
+        globalBatch = try c.decode(Int.self, forKey: .globalBatch)
+        steps = try c.decodeIfPresent(Int.self, forKey: .steps)
+        epochs = try c.decodeIfPresent(Int.self, forKey: .epochs)
+        seed = try c.decode(UInt64.self, forKey: .seed)
+        learningRate = try c.decode(Double.self, forKey: .learningRate)
+        weightDecay = try c.decode(Double.self, forKey: .weightDecay)
+        schedule = try c.decode(String.self, forKey: .schedule)
+        warmupSteps = try c.decode(Int.self, forKey: .warmupSteps)
+        valEvery = try c.decode(Int.self, forKey: .valEvery)
+        valSamples = try c.decode(Int.self, forKey: .valSamples)
+        patience = try c.decode(Int.self, forKey: .patience)
+        maxChecks = try c.decode(Int.self, forKey: .maxChecks)
+        syncBatchNorm = try c.decode(Bool.self, forKey: .syncBatchNorm)
+        clipGradNorm = try c.decodeIfPresent(Double.self, forKey: .clipGradNorm)
+        maxTokens = try c.decode(Int.self, forKey: .maxTokens)
+        lowercase = try c.decode(Bool.self, forKey: .lowercase)
+        threads = try c.decodeIfPresent(Int.self, forKey: .threads) ?? 1
+        loaderWorkers = try c.decodeIfPresent(Int.self, forKey: .loaderWorkers) ?? 1
+        swapLateralityOnFlip = try c.decodeIfPresent(Bool.self, forKey: .swapLateralityOnFlip) ?? true
+        imageWeights = try c.decodeIfPresent(String.self, forKey: .imageWeights)
+        textWeights = try c.decodeIfPresent(String.self, forKey: .textWeights)
+        checkpointEvery = try c.decodeIfPresent(Int.self, forKey: .checkpointEvery)
+        keepCheckpoints = try c.decodeIfPresent(Int.self, forKey: .keepCheckpoints) ?? 3
+        zero1 = try c.decodeIfPresent(Bool.self, forKey: .zero1) ?? false
+        overlapCommunication = try c.decodeIfPresent(Bool.self, forKey: .overlapCommunication) ?? true
+    }
+}

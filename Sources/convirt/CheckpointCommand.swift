@@ -1,11 +1,12 @@
 import ArgumentParser
 import ConvirtCore
+import ConvirtIO
 import ConvirtTraining
 import Foundation
 
 struct CheckpointCommand: ParsableCommand {
     static let configuration = CommandConfiguration(commandName: "checkpoint", abstract: "Verify and inspect sharded checkpoints.",
-                                                    subcommands: [Verify.self, Inspect.self])
+                                                    subcommands: [Verify.self, Inspect.self, Export.self])
 
     /// A checkpoint directory, or a run directory (its latest checkpoint).
     static func resolve(_ path: String) throws -> String {
@@ -47,6 +48,42 @@ struct CheckpointCommand: ParsableCommand {
             for s in m.shards { print("  \(s.file): arena [\(s.range[0]), \(s.range[1])), \(s.bytes) bytes, crc32 \(String(s.crc32, radix: 16))") }
             print("\(m.entries.count) tensors (\(m.entries.filter { $0.kind == "trainable" }.count) trainable)")
             if tensors { for e in m.entries { print("  \(e.name) \(describe(shape: e.shape)) @\(e.offset) \(e.kind)") } }
+        }
+    }
+
+    struct Export: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Safetensors of the image encoder (torchvision names), the text encoder (a Hugging Face BERT directory) and the heads.")
+        @Argument(help: "Checkpoint or run directory.") var directory: String
+        @Option(help: "Output directory.") var out: String
+
+        func run() throws {
+            let dir = try CheckpointCommand.resolve(directory)
+            let (manifest, params, _, _) = try Checkpoints.read(dir)
+            func write(_ prefix: String, _ path: String) throws -> Int {
+                var writer = SafeTensorsWriter(metadata: ["format": "pt", "source": "convirt checkpoint step \(manifest.state.step)"])
+                var n = 0
+                for e in manifest.entries where e.name.hasPrefix(prefix) {
+                    let count = e.shape.reduce(1, *)
+                    try writer.add(String(e.name.dropFirst(prefix.count)), Tensor(shape: e.shape, Array(params[e.offset..<(e.offset + count)])))
+                    n += 1
+                }
+                try writer.write(to: path)
+                return n
+            }
+            try FileManager.default.createDirectory(atPath: "\(out)/text_encoder", withIntermediateDirectories: true)
+            let image = try write("image.", "\(out)/image_encoder.safetensors")
+            let text = try write("text.", "\(out)/text_encoder/model.safetensors")
+            let heads = try write("image_head.", "\(out)/image_head.safetensors") + write("text_head.", "\(out)/text_head.safetensors")
+            var bert = try JSONSerialization.jsonObject(with: JSONEncoder().encode(manifest.config.model.text)) as? [String: Any] ?? [:]
+            bert["model_type"] = "bert"
+            bert["architectures"] = ["BertModel"]
+            try JSONSerialization.data(withJSONObject: bert, options: [.prettyPrinted, .sortedKeys]).write(to: URL(fileURLWithPath: "\(out)/text_encoder/config.json"))
+            let encoder = JSONEncoder()
+            encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
+            try encoder.encode(manifest.config.model).write(to: URL(fileURLWithPath: "\(out)/convirt_config.json"))
+            print("exported step \(manifest.state.step) of \(dir) to \(out): image encoder \(image) tensors (torchvision names), "
+                  + "text encoder \(text) (Hugging Face names; add the training vocab.txt to text_encoder/), heads \(heads)")
         }
     }
 }

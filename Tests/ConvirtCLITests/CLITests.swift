@@ -308,6 +308,14 @@ struct DistributedTrainingTests {
         #expect(fallback.status == 0 && fallback.output.contains("cannot resume from") && fallback.output.contains("resuming from") &&
                 fallback.output.contains("step-00000010"), "\(fallback.output)")
         #expect(!FileManager.default.fileExists(atPath: "\(checkpoints)/.tmp-step-00000099"), "leftover temporary directory removed")
+        let export = try ConvirtCLITests.run(convirtPath(), ["checkpoint", "export", resumedDir, "--out", "\(dir)/export"])
+        #expect(export.status == 0, "\(export.output)")
+        let image = try SafeTensorsFile(path: "\(dir)/export/image_encoder.safetensors")
+        #expect(image.names.contains("conv1.weight") && image.names.contains("layer4.0.downsample.1.running_var"))
+        let text = try SafeTensorsFile(path: "\(dir)/export/text_encoder/model.safetensors")
+        #expect(text.names.contains("embeddings.word_embeddings.weight") && text.names.contains("encoder.layer.1.output.LayerNorm.bias"))
+        #expect(try SafeTensorsFile(path: "\(dir)/export/image_head.safetensors").names.sorted() == ["0.bias", "0.weight", "2.bias", "2.weight"])
+        #expect(FileManager.default.fileExists(atPath: "\(dir)/export/text_encoder/config.json"))
         let inspect = try ConvirtCLITests.run(convirtPath(), ["checkpoint", "inspect", resumedDir])
         #expect(inspect.output.contains("step 22") && inspect.output.contains("saved by 2 rank(s)"), "\(inspect.output)")
     }

@@ -230,8 +230,25 @@ struct DistributedTrainingTests {
         #expect(FileManager.default.fileExists(atPath: "\(dir)/paper/checkpoints/\(best)/manifest.json"), "best checkpoint \(best) kept")
         let paperRows = try String(contentsOfFile: "\(dir)/paper/metrics.jsonl", encoding: .utf8).split(separator: "\n")
         #expect(paperRows.filter { $0.contains("val_loss") }.count == 6)
-        // A rank killed with SIGKILL mid-training ends the job on every rank within seconds.
+        // A rank killed with SIGKILL mid-training ends the job on every rank within seconds; relaunched
+        // with --resume, the run ends with the parameters of a run that never stopped.
         try killOneRank(mpirun: mpirun, data: "\(dir)/prepared", runDir: "\(dir)/killed")
+        let reference = try run(mpirun, ["--oversubscribe", "-np", "2", convirtPath(), "train", "--data", "\(dir)/prepared", "--run-dir", "\(dir)/reference",
+                                         "--preset", "demo", "--steps", "40", "--global-batch", "8", "--retrieval-eval", "0"],
+                                environment: Self.mpiEnvironment, timeout: 300)
+        #expect(reference.status == 0, "\(reference.output)")
+        let relaunched = try run(mpirun, ["--oversubscribe", "-np", "2", convirtPath(), "train", "--data", "\(dir)/prepared", "--run-dir", "\(dir)/killed",
+                                          "--preset", "demo", "--steps", "40", "--global-batch", "8", "--checkpoint-every", "5", "--resume",
+                                          "--retrieval-eval", "0"], environment: Self.mpiEnvironment, timeout: 300)
+        #expect(relaunched.status == 0 && relaunched.output.contains("resuming from"), "\(relaunched.output)")
+        for (name, path) in [("reference", "\(dir)/reference"), ("killed", "\(dir)/killed")] {
+            let e = try run(convirtPath(), ["checkpoint", "export", path, "--out", "\(dir)/final-\(name)"])
+            #expect(e.status == 0 && e.output.contains("exported step 40"), "\(e.output)")
+        }
+        for file in ["image_encoder.safetensors", "text_encoder/model.safetensors", "image_head.safetensors", "text_head.safetensors"] {
+            #expect(FileManager.default.contents(atPath: "\(dir)/final-reference/\(file)") == FileManager.default.contents(atPath: "\(dir)/final-killed/\(file)"),
+                    "\(file): the resumed run ends with other parameters than the uninterrupted one")
+        }
         // A global batch that does not divide by the ranks is refused on every rank, without a hang.
         let bad = try run(mpirun, ["--oversubscribe", "-np", "3", convirtPath(), "train", "--data", "\(dir)/prepared", "--run-dir", "\(dir)/bad",
                                    "--preset", "tiny", "--global-batch", "8", "--steps", "2"], environment: Self.mpiEnvironment, timeout: 120)
@@ -241,8 +258,8 @@ struct DistributedTrainingTests {
     func killOneRank(mpirun: String, data: String, runDir: String) throws {
         let process = Process()
         process.executableURL = URL(fileURLWithPath: mpirun)
-        process.arguments = ["--oversubscribe", "-np", "2", convirtPath(), "train", "--data", data, "--run-dir", runDir, "--preset", "tiny",
-                             "--steps", "1000000", "--retrieval-eval", "0"]
+        process.arguments = ["--oversubscribe", "-np", "2", convirtPath(), "train", "--data", data, "--run-dir", runDir, "--preset", "demo",
+                             "--steps", "40", "--global-batch", "8", "--checkpoint-every", "5", "--retrieval-eval", "0"]
         var env = ProcessInfo.processInfo.environment
         for (k, v) in Self.mpiEnvironment { env[k] = v }
         process.environment = env
@@ -251,8 +268,8 @@ struct DistributedTrainingTests {
         try process.run()
         // Wait until training runs, then kill one rank (not mpirun).
         let deadline = Date().addingTimeInterval(60)
-        while Date() < deadline, ((try? String(contentsOfFile: "\(runDir)/metrics.jsonl", encoding: .utf8))?.split(separator: "\n").count ?? 0) < 3 {
-            Thread.sleep(forTimeInterval: 0.1)
+        while Date() < deadline, ((try? String(contentsOfFile: "\(runDir)/metrics.jsonl", encoding: .utf8))?.split(separator: "\n").count ?? 0) < 7 {
+            Thread.sleep(forTimeInterval: 0.02)
         }
         let ranks = try run("/usr/bin/pgrep", ["-f", "convirt train --data \(data) --run-dir \(runDir)"]).output
             .split(separator: "\n").compactMap { Int32($0) }.filter { $0 != process.processIdentifier }

@@ -95,6 +95,10 @@ public final class Trainer {
     }
 
     lazy var buckets = GradientBuckets(arena: model.arena, communicator: communicator)
+    /// Per-step communication buffers, allocated once: all-gathered V and U, their gradients [N, d],
+    /// and this rank's ZeRO-1 shard of the summed gradients.
+    let gathered = (0..<4).map { _ in Scratch<Float>() }
+    let shardGradients = Scratch<Float>()
     /// Floats of each rank's arena shard (ZeRO-1 and checkpoints cut the arena the same way).
     lazy var shardCounts = (0..<communicator.size).map {
         Checkpoints.shardRange(rank: $0, worldSize: communicator.size, count: model.arena.count).count
@@ -127,18 +131,19 @@ public final class Trainer {
     func globalLoss(v: UnsafePointer<Float>, u: UnsafePointer<Float>, b: Int, gradV: inout [Float], gradU: inout [Float],
                     commTime: inout Double) throws -> ConVIRTLoss.Value {
         let w = communicator.size, n = b * w, d = config.model.projDim
-        var allV = [Float](repeating: 0, count: n * d), allU = allV
+        // [N, d] buffers reused from step to step: gathered embeddings, then their gradients.
+        let allV = gathered[0].ensure(n * d), allU = gathered[1].ensure(n * d)
+        let fullV = gathered[2].ensure(n * d), fullU = gathered[3].ensure(n * d)
         var t = Clock()
-        try allV.withUnsafeMutableBufferPointer { try communicator.allGather(UnsafeBufferPointer(start: v, count: b * d), into: $0) }
-        try allU.withUnsafeMutableBufferPointer { try communicator.allGather(UnsafeBufferPointer(start: u, count: b * d), into: $0) }
+        try communicator.allGather(UnsafeBufferPointer(start: v, count: b * d), into: UnsafeMutableBufferPointer(start: allV, count: n * d))
+        try communicator.allGather(UnsafeBufferPointer(start: u, count: b * d), into: UnsafeMutableBufferPointer(start: allU, count: n * d))
         commTime += t.lap()
-        var fullV = [Float](repeating: 0, count: n * d), fullU = fullV
         var value = ConVIRTLoss.forwardBackward(v: v, u: u, globalV: allV, globalU: allU, localRows: b, globalRows: n, features: d,
                                                 offset: communicator.rank * b, tau: config.model.tau, lambda: config.model.lambda,
-                                                gradV: &fullV, gradU: &fullU, workspace: lossWorkspace)
+                                                gradV: fullV, gradU: fullU, workspace: lossWorkspace)
         t = Clock()
-        try fullV.withUnsafeBufferPointer { src in try gradV.withUnsafeMutableBufferPointer { try communicator.reduceScatterSum(src, into: $0) } }
-        try fullU.withUnsafeBufferPointer { src in try gradU.withUnsafeMutableBufferPointer { try communicator.reduceScatterSum(src, into: $0) } }
+        try gradV.withUnsafeMutableBufferPointer { try communicator.reduceScatterSum(UnsafeBufferPointer(start: fullV, count: n * d), into: $0) }
+        try gradU.withUnsafeMutableBufferPointer { try communicator.reduceScatterSum(UnsafeBufferPointer(start: fullU, count: n * d), into: $0) }
         var sums = [value.loss, value.imageToText, value.textToImage]
         try sums.withUnsafeMutableBufferPointer { try communicator.allReduceSum($0) }
         commTime += t.lap()
@@ -234,11 +239,10 @@ public final class Trainer {
             let own = model.arena.optimizerRange
             if config.zero1 && communicator.size > 1 {
                 // ZeRO-1: each rank receives the summed gradients of its own shard only.
-                var shard = [Float](repeating: 0, count: own.count)
-                try shard.withUnsafeMutableBufferPointer {
-                    try communicator.reduceScatterSum(UnsafeBufferPointer(start: model.arena.grads, count: model.arena.count), counts: shardCounts, into: $0)
-                }
-                shard.withUnsafeBufferPointer { (model.arena.grads + own.lowerBound).update(from: $0.baseAddress!, count: own.count) }
+                let shard = shardGradients.ensure(own.count)
+                try communicator.reduceScatterSum(UnsafeBufferPointer(start: model.arena.grads, count: model.arena.count), counts: shardCounts,
+                                                  into: UnsafeMutableBufferPointer(start: shard, count: own.count))
+                (model.arena.grads + own.lowerBound).update(from: shard, count: own.count)
             }
             _ = clock.lap()
             // Global gradient norm (over the own shard, summed over ranks, with ZeRO-1), optional clipping, Adam.

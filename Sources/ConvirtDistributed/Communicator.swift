@@ -25,6 +25,10 @@ public protocol Communicator: AnyObject {
     /// Rank `root`'s bytes, on every rank.
     func broadcast(_ buffer: UnsafeMutableRawBufferPointer, root: Int) throws
     func barrier() throws
+    /// Point to point (blocking): `bytes` to rank `destination`, received by `receive` on that rank,
+    /// in pieces of at most 1 GiB (MPI counts are 32-bit).
+    func send(_ bytes: UnsafeRawBufferPointer, to destination: Int) throws
+    func receive(into bytes: UnsafeMutableRawBufferPointer, from source: Int) throws
     /// Ends every rank of the job (a fatal error on one rank must not leave the others waiting).
     func abort(code: Int32) -> Never
     /// Starts an in-place sum over ranks that completes later (`test` / `waitAll`); returns a handle.
@@ -61,6 +65,12 @@ public final class SingleProcessCommunicator: Communicator {
     public func gather(_ input: [UInt8], root: Int) throws -> [UInt8] { input }
     public func broadcast(_ buffer: UnsafeMutableRawBufferPointer, root: Int) throws {}
     public func barrier() throws {}
+    public func send(_ bytes: UnsafeRawBufferPointer, to destination: Int) throws {
+        throw ConvirtError("a single process has no rank \(destination) to send to")
+    }
+    public func receive(into bytes: UnsafeMutableRawBufferPointer, from source: Int) throws {
+        throw ConvirtError("a single process has no rank \(source) to receive from")
+    }
     public func abort(code: Int32) -> Never { exit(code) }
     public func startAllReduceSum(_ buffer: UnsafeMutableBufferPointer<Float>) throws -> Int { 0 }
     public func test() throws -> Bool { true }
@@ -175,6 +185,27 @@ public final class MPICommunicator: Communicator {
 
     public func barrier() throws {
         try check(MPI_Barrier(cmpi_comm_world()), "MPI_Barrier")
+    }
+
+    static let pointToPointPiece = 1 << 30
+
+    public func send(_ bytes: UnsafeRawBufferPointer, to destination: Int) throws {
+        var offset = 0
+        repeat {
+            let n = min(MPICommunicator.pointToPointPiece, bytes.count - offset)
+            try check(MPI_Send(bytes.baseAddress.map { $0 + offset }, Int32(n), cmpi_byte(), Int32(destination), 7, cmpi_comm_world()), "MPI_Send")
+            offset += n
+        } while offset < bytes.count
+    }
+
+    public func receive(into bytes: UnsafeMutableRawBufferPointer, from source: Int) throws {
+        var offset = 0
+        repeat {
+            let n = min(MPICommunicator.pointToPointPiece, bytes.count - offset)
+            try check(MPI_Recv(bytes.baseAddress.map { $0 + offset }, Int32(n), cmpi_byte(), Int32(source), 7, cmpi_comm_world(), cmpi_status_ignore()),
+                      "MPI_Recv")
+            offset += n
+        } while offset < bytes.count
     }
 
     private var requests: [MPI_Request?] = []

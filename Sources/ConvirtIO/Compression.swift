@@ -22,6 +22,9 @@ public enum Zstd {
         return output
     }
 
+    /// The largest compressed size of `count` bytes.
+    public static func bound(_ count: Int) -> Int { ZSTD_compressBound(count) }
+
     public static func compress(_ input: Data, level: Int32 = 3) throws -> Data {
         try input.withUnsafeBytes { try compress($0, level: level) }
     }

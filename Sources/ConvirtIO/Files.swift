@@ -23,4 +23,36 @@ public enum Files {
             throw ConvirtError("cannot write \(path): \(error.localizedDescription)")
         }
     }
+
+    /// Writes `data` to a new file at `path` and fsyncs it; errors name the file and the system's
+    /// reason (a full disk is "No space left on device").
+    public static func writeDurably(_ data: Data, to path: String) throws {
+        let fd = open(path, O_WRONLY | O_CREAT | O_TRUNC, 0o644)
+        guard fd >= 0 else { throw ConvirtError("cannot write \(path): \(String(cString: strerror(errno)))") }
+        defer { close(fd) }
+        try data.withUnsafeBytes { (raw: UnsafeRawBufferPointer) in
+            var offset = 0
+            while offset < raw.count {
+                let n = write(fd, raw.baseAddress! + offset, raw.count - offset)
+                if n < 0 {
+                    if errno == EINTR { continue }
+                    throw ConvirtError("cannot write \(path): \(String(cString: strerror(errno))) after \(offset) of \(raw.count) bytes")
+                }
+                offset += n
+            }
+        }
+        if fsync(fd) != 0 { throw ConvirtError("cannot write \(path): fsync failed (\(String(cString: strerror(errno))))") }
+    }
+
+    /// fsync of a directory (so that renames and new entries in it are durable); best effort.
+    public static func syncDirectory(_ path: String) {
+        let fd = open(path, O_RDONLY)
+        if fd >= 0 { _ = fsync(fd); close(fd) }
+    }
+
+    /// The size of a file, or nil when it does not exist.
+    public static func size(_ path: String) -> Int? {
+        var info = stat()
+        return stat(path, &info) == 0 ? Int(info.st_size) : nil
+    }
 }

@@ -1,7 +1,10 @@
-// Sharded checkpoints coordinated by rank 0 (DESIGN.md, Files): each rank compresses its range of the
-// flat arena (parameters, Adam m, Adam v; floats byte-shuffled into planes, then zstd with a content
-// checksum) into a temporary directory; every rank reports size and checksum; only when all succeeded
-// does rank 0 write the manifest, fsync, rename the directory into place and point `latest` at it.
+// Sharded checkpoints coordinated by rank 0 (DESIGN.md, Files). Each rank copies its range of the flat
+// arena (parameters, Adam m, Adam v) into a snapshot and training goes on while a background thread
+// byte-shuffles the floats into planes, compresses them with zstd (content checksum on) and writes the
+// shard into a temporary directory. At the commit point (the end of the next step, or at once when
+// saving synchronously) every rank reports size and checksum; only when all succeeded does rank 0 write
+// the manifest, fsync, rename the directory into place and point `latest` at it. With `gather` I/O,
+// rank 0 receives the compressed shards over MPI and writes them all (no shared filesystem needed).
 
 import ConvirtCore
 import ConvirtDistributed
@@ -27,7 +30,8 @@ public struct CheckpointManifest: Codable, Sendable {
         public var checksWithoutImprovement: Int
         public var checks: Int
     }
-    public var format = 1
+    public static let currentFormat = 1
+    public var format = CheckpointManifest.currentFormat
     public var worldSize: Int
     public var arenaCount: Int
     public var state: State
@@ -36,24 +40,70 @@ public struct CheckpointManifest: Codable, Sendable {
     public var shards: [Shard]
 
     enum CodingKeys: String, CodingKey { case format, worldSize = "world_size", arenaCount = "arena_count", state, config, entries, shards }
+
+    /// Rejects a manifest that cannot describe a checkpoint this build wrote, before anything is
+    /// allocated from its numbers: unknown format, file names outside the directory, shard ranges that
+    /// do not tile the arena, sizes that disagree, tensors outside the arena.
+    public func validate(source: String) throws {
+        func fail(_ problem: String) -> ConvirtError { ConvirtError("\(source): \(problem)") }
+        guard format == CheckpointManifest.currentFormat else {
+            throw fail("unknown checkpoint format version \(format) (this build reads version \(CheckpointManifest.currentFormat))")
+        }
+        guard worldSize >= 1, worldSize <= 1 << 20, shards.count == worldSize else {
+            throw fail("\(shards.count) shard(s) for a world size of \(worldSize)")
+        }
+        guard arenaCount >= 0, arenaCount <= 1 << 36 else { throw fail("absurd arena size \(arenaCount)") }
+        var next = 0
+        for shard in shards {
+            let name = shard.file
+            guard !name.isEmpty, !name.contains("/"), name != ".", name != "..", !name.hasPrefix(".") else {
+                throw fail("shard file \"\(name)\" is outside the checkpoint directory")
+            }
+            guard shard.range.count == 2, shard.range[0] == next, shard.range[1] >= shard.range[0], shard.range[1] <= arenaCount else {
+                throw fail("\(name): arena range \(shard.range) does not continue the shards before it within [0, \(arenaCount))")
+            }
+            next = shard.range[1]
+            guard shard.rawBytes == (shard.range[1] - shard.range[0]) * 12 else {
+                throw fail("\(name): \(shard.rawBytes) raw bytes for \(shard.range[1] - shard.range[0]) floats x 3")
+            }
+            guard shard.bytes > 0, shard.bytes <= Zstd.bound(shard.rawBytes) else { throw fail("\(name): absurd compressed size \(shard.bytes)") }
+        }
+        guard next == arenaCount else { throw fail("the shards cover [0, \(next)) of an arena of \(arenaCount)") }
+        for e in entries {
+            guard e.shape.allSatisfy({ $0 >= 0 && $0 <= arenaCount }), e.offset >= 0 else { throw fail("tensor \(e.name): absurd shape \(e.shape)") }
+            let (count, overflow) = e.shape.reduce((1, false)) { acc, d in
+                let (p, o) = acc.0.multipliedReportingOverflow(by: d)
+                return (p, acc.1 || o)
+            }
+            guard !overflow, e.offset + count <= arenaCount else {
+                throw fail("tensor \(e.name) \(describe(shape: e.shape)) at \(e.offset) lies outside the arena of \(arenaCount)")
+            }
+        }
+    }
 }
 
+/// How shards reach the disk: each rank writes its own (`parallel`; the run directory must be on a
+/// filesystem every rank sees) or rank 0 receives them over MPI and writes them all (`gather`).
+public enum CheckpointIO: String, Codable, Sendable, CaseIterable { case parallel, gather }
+
 public enum Checkpoints {
-    /// Byte planes: all first bytes of the floats, then all second bytes, ... (compresses better).
-    static func shuffle(_ floats: UnsafeBufferPointer<Float>, into out: inout Data) {
-        let n = floats.count
-        out = Data(count: n * 4)
-        let bytes = UnsafeRawBufferPointer(floats)
-        out.withUnsafeMutableBytes { (dst: UnsafeMutableRawBufferPointer) in
-            for i in 0..<n { for k in 0..<4 { dst[k * n + i] = bytes[i * 4 + k] } }
+    /// Byte planes of `count` floats: all first bytes, then all second bytes, ... (compresses better).
+    static func shuffle(_ floats: UnsafePointer<Float>, count n: Int, into planes: UnsafeMutablePointer<UInt8>) {
+        let words = UnsafeRawPointer(floats).assumingMemoryBound(to: UInt32.self)
+        for i in 0..<n {
+            let w = words[i]
+            planes[i] = UInt8(truncatingIfNeeded: w)
+            planes[n + i] = UInt8(truncatingIfNeeded: w >> 8)
+            planes[2 * n + i] = UInt8(truncatingIfNeeded: w >> 16)
+            planes[3 * n + i] = UInt8(truncatingIfNeeded: w >> 24)
         }
     }
 
-    static func unshuffle(_ data: Data, into floats: UnsafeMutableBufferPointer<Float>) {
-        let n = floats.count
-        let dst = UnsafeMutableRawBufferPointer(floats)
-        data.withUnsafeBytes { (src: UnsafeRawBufferPointer) in
-            for i in 0..<n { for k in 0..<4 { dst[i * 4 + k] = src[k * n + i] } }
+    /// Floats `elements` of the byte planes of `count` floats starting at `planes`.
+    static func unshuffle(_ planes: UnsafePointer<UInt8>, count n: Int, elements: Range<Int>, into floats: UnsafeMutablePointer<Float>) {
+        let words = UnsafeMutableRawPointer(floats).assumingMemoryBound(to: UInt32.self)
+        for (k, i) in elements.enumerated() {
+            words[k] = UInt32(planes[i]) | UInt32(planes[n + i]) << 8 | UInt32(planes[2 * n + i]) << 16 | UInt32(planes[3 * n + i]) << 24
         }
     }
 
@@ -63,74 +113,11 @@ public enum Checkpoints {
         return min(count, rank * size)..<min(count, (rank + 1) * size)
     }
 
-    static func fsync(path: String) {
-        let fd = open(path, O_RDONLY)
-        if fd >= 0 { _ = Glibc.fsync(fd); close(fd) }
-    }
-
     static func name(step: Int) -> String { String(format: "step-%08d", step) }
+    static func shardFile(rank: Int, worldSize: Int) -> String { String(format: "shard-%05d-of-%05d.zst", rank, worldSize) }
 
-    /// Writes a checkpoint of `arena` collectively (every rank calls it). Returns the directory.
-    @discardableResult
-    public static func save(arena: ParameterArena, state: CheckpointManifest.State, config: TrainConfig, runDirectory: String,
-                            communicator: Communicator, keep: Int, best: Bool = false) throws -> String {
-        let root = "\(runDirectory)/checkpoints"
-        let final = "\(root)/\(name(step: state.step))", temporary = "\(root)/.tmp-\(name(step: state.step))"
-        let w = communicator.size, r = communicator.rank
-        if communicator.isRoot {
-            try? FileManager.default.removeItem(atPath: temporary)
-            try FileManager.default.createDirectory(atPath: temporary, withIntermediateDirectories: true)
-        }
-        try communicator.barrier()
-        let range = shardRange(rank: r, worldSize: w, count: arena.count)
-        let file = String(format: "shard-%05d-of-%05d.zst", r, w)
-        var report = [Double](repeating: 0, count: 3 * w)  // per rank: ok, bytes, crc
-        do {
-            var raw = Data()
-            for buffer in [arena.params, arena.adamM, arena.adamV] {
-                var planes = Data()
-                shuffle(UnsafeBufferPointer(start: buffer + range.lowerBound, count: range.count), into: &planes)
-                raw.append(planes)
-            }
-            let compressed = try Zstd.compress(raw, level: 3)
-            let path = "\(temporary)/\(file)"
-            try compressed.write(to: URL(fileURLWithPath: path))
-            fsync(path: path)
-            report[3 * r] = 1
-            report[3 * r + 1] = Double(compressed.count)
-            report[3 * r + 2] = Double(compressed.withUnsafeBytes { crc32Checksum($0) })
-        } catch {
-            FileHandle.standardError.write(Data("rank \(r): cannot write checkpoint shard: \(error)\n".utf8))
-        }
-        try report.withUnsafeMutableBufferPointer { try communicator.allReduceSum($0) }
-        let allOK = (0..<w).allSatisfy { report[3 * $0] == 1 }
-        if communicator.isRoot {
-            if allOK {
-                let entries = arena.layout.entries.map { CheckpointManifest.Entry(name: $0.name, shape: $0.shape, offset: $0.offset, kind: $0.kind.rawValue) }
-                let shards = (0..<w).map { k -> CheckpointManifest.Shard in
-                    let rr = shardRange(rank: k, worldSize: w, count: arena.count)
-                    return .init(file: String(format: "shard-%05d-of-%05d.zst", k, w), range: [rr.lowerBound, rr.upperBound],
-                                 bytes: Int(report[3 * k + 1]), crc32: UInt32(report[3 * k + 2]), rawBytes: rr.count * 12)
-                }
-                let manifest = CheckpointManifest(worldSize: w, arenaCount: arena.count, state: state, config: config, entries: entries, shards: shards)
-                let encoder = JSONEncoder()
-                encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
-                encoder.nonConformingFloatEncodingStrategy = .convertToString(positiveInfinity: "Infinity", negativeInfinity: "-Infinity", nan: "NaN")
-                try encoder.encode(manifest).write(to: URL(fileURLWithPath: "\(temporary)/manifest.json"))
-                fsync(path: "\(temporary)/manifest.json")
-                try? FileManager.default.removeItem(atPath: final)
-                try FileManager.default.moveItem(atPath: temporary, toPath: final)
-                fsync(path: root)
-                try Files.writeAtomically(Data(name(step: state.step).utf8), to: "\(root)/latest")
-                if best { try Files.writeAtomically(Data(name(step: state.step).utf8), to: "\(root)/best") }
-                prune(root: root, keep: keep, best: try? String(contentsOfFile: "\(root)/best", encoding: .utf8))
-            } else {
-                try? FileManager.default.removeItem(atPath: temporary)
-            }
-        }
-        try communicator.barrier()
-        if !allOK { throw ConvirtError("checkpoint at step \(state.step) failed on at least one rank; the previous checkpoint stays the latest") }
-        return final
+    static func entries(of arena: ParameterArena) -> [CheckpointManifest.Entry] {
+        arena.layout.entries.map { CheckpointManifest.Entry(name: $0.name, shape: $0.shape, offset: $0.offset, kind: $0.kind.rawValue) }
     }
 
     /// Keeps the newest `keep` complete checkpoints (and `best`, when named).
@@ -138,6 +125,15 @@ public enum Checkpoints {
         let complete = ((try? FileManager.default.contentsOfDirectory(atPath: root)) ?? [])
             .filter { $0.hasPrefix("step-") && FileManager.default.fileExists(atPath: "\(root)/\($0)/manifest.json") }.sorted()
         for old in complete.dropLast(max(1, keep)) where old != best { try? FileManager.default.removeItem(atPath: "\(root)/\(old)") }
+    }
+
+    /// Removes the temporary directories of saves that never committed (a kill, a full disk).
+    @discardableResult
+    public static func removeLeftovers(runDirectory: String) -> [String] {
+        let root = "\(runDirectory)/checkpoints"
+        let leftovers = ((try? FileManager.default.contentsOfDirectory(atPath: root)) ?? []).filter { $0.hasPrefix(".tmp-") }
+        for leftover in leftovers { try? FileManager.default.removeItem(atPath: "\(root)/\(leftover)") }
+        return leftovers
     }
 
     /// Complete checkpoints of a run directory, newest first (`latest` first when it names one).
@@ -153,24 +149,43 @@ public enum Checkpoints {
     }
 
     /// The newest complete checkpoint of a run directory (`latest` if it names a complete one), or nil.
-    /// Leftover temporary directories of interrupted saves are removed.
-    public static func latest(runDirectory: String) -> String? {
-        let root = "\(runDirectory)/checkpoints"
-        let fm = FileManager.default
-        for leftover in ((try? fm.contentsOfDirectory(atPath: root)) ?? []) where leftover.hasPrefix(".tmp-") {
-            try? fm.removeItem(atPath: "\(root)/\(leftover)")
-        }
-        if let named = try? String(contentsOfFile: "\(root)/latest", encoding: .utf8),
-           fm.fileExists(atPath: "\(root)/\(named)/manifest.json") { return "\(root)/\(named)" }
-        let complete = ((try? fm.contentsOfDirectory(atPath: root)) ?? []).filter { fm.fileExists(atPath: "\(root)/\($0)/manifest.json") }.sorted()
-        return complete.last.map { "\(root)/\($0)" }
-    }
+    public static func latest(runDirectory: String) -> String? { candidates(runDirectory: runDirectory).first }
 
+    /// The manifest of a checkpoint directory, validated.
     public static func manifest(_ directory: String) throws -> CheckpointManifest {
         let path = "\(directory)/manifest.json"
-        do { return try JSONDecoder().decode(CheckpointManifest.self, from: Files.read(path)) } catch let e as ConvirtError { throw e } catch {
+        let manifest: CheckpointManifest
+        do { manifest = try JSONDecoder().decode(CheckpointManifest.self, from: Files.read(path)) } catch let e as ConvirtError { throw e } catch {
             throw ConvirtError("\(path): not a checkpoint manifest (\(error))")
         }
+        try manifest.validate(source: path)
+        return manifest
+    }
+
+    /// Reads, checks (size, CRC-32, zstd content checksum, decompressed size) and decompresses each shard
+    /// in turn; `body` gets the shard and its byte planes (params, m, v; each `count` floats as 4 planes).
+    static func forEachShard(_ directory: String, _ manifest: CheckpointManifest,
+                             _ body: (CheckpointManifest.Shard, UnsafePointer<UInt8>) throws -> Void) throws {
+        for shard in manifest.shards {
+            let path = "\(directory)/\(shard.file)"
+            guard let size = Files.size(path) else { throw ConvirtError("\(path): missing (the manifest lists it)") }
+            guard size == shard.bytes else { throw ConvirtError("\(path): \(size) bytes, the manifest says \(shard.bytes) (truncated?)") }
+            let data = try Files.read(path)
+            let crc = data.withUnsafeBytes { crc32Checksum($0) }
+            guard crc == shard.crc32 else {
+                throw ConvirtError("\(path): checksum \(String(crc, radix: 16)) differs from the manifest's \(String(shard.crc32, radix: 16)) (corrupt)")
+            }
+            let raw = try Zstd.decompress(data, expectedSize: shard.rawBytes, source: path)
+            try raw.withUnsafeBytes { try body(shard, $0.bindMemory(to: UInt8.self).baseAddress ?? UnsafePointer(bitPattern: 1)!) }
+        }
+    }
+
+    /// Checks every shard of a checkpoint without keeping the arena; returns the manifest.
+    @discardableResult
+    public static func verify(_ directory: String) throws -> CheckpointManifest {
+        let manifest = try manifest(directory)
+        try forEachShard(directory, manifest) { _, _ in }
+        return manifest
     }
 
     /// Reads and checks every shard; the whole arena (params, m, v) of the checkpoint.
@@ -178,28 +193,22 @@ public enum Checkpoints {
         let manifest = try manifest(directory)
         let n = manifest.arenaCount
         var params = [Float](repeating: 0, count: n), m = params, v = params
-        for shard in manifest.shards {
-            let path = "\(directory)/\(shard.file)"
-            let data = try Files.read(path)
-            guard data.count == shard.bytes else { throw ConvirtError("\(path): \(data.count) bytes, the manifest says \(shard.bytes) (truncated?)") }
-            let crc = data.withUnsafeBytes { crc32Checksum($0) }
-            guard crc == shard.crc32 else { throw ConvirtError("\(path): checksum \(String(crc, radix: 16)) differs from the manifest's \(String(shard.crc32, radix: 16)) (corrupt)") }
-            let raw = try Zstd.decompress(data, expectedSize: shard.rawBytes, source: path)
-            let lo = shard.range[0], count = shard.range[1] - shard.range[0]
-            guard lo >= 0, count >= 0, lo + count <= n else { throw ConvirtError("\(path): arena range \(shard.range) outside \(n)") }
-            for (k, target) in [0, 1, 2].map({ ($0, $0) }) {
-                let part = raw.subdata(in: (k * count * 4)..<((k + 1) * count * 4))
-                func fill(_ array: inout [Float]) { array.withUnsafeMutableBufferPointer { unshuffle(part, into: UnsafeMutableBufferPointer(rebasing: $0[lo..<(lo + count)])) } }
-                switch target { case 0: fill(&params); case 1: fill(&m); default: fill(&v) }
+        try forEachShard(directory, manifest) { shard, planes in
+            let lo = shard.range[0], count = shard.range[1] - lo
+            for (k, array) in [0, 1, 2].map({ ($0, $0) }) {
+                func fill(_ a: inout [Float]) { a.withUnsafeMutableBufferPointer { unshuffle(planes + k * count * 4, count: count, elements: 0..<count, into: $0.baseAddress! + lo) } }
+                switch array { case 0: fill(&params); case 1: fill(&m); default: fill(&v) }
             }
         }
         return (manifest, params, m, v)
     }
 
-    /// Restores a checkpoint into `arena`; the layouts must be identical (a clear error lists differences).
+    /// Restores a checkpoint into `arena`: all parameters, and the Adam moments of the arena range this
+    /// process holds (all of them, or its ZeRO-1 shard), whatever the world size at save. The layouts
+    /// must be identical (a clear error lists the differences).
     public static func restore(_ directory: String, into arena: ParameterArena) throws -> CheckpointManifest {
-        let (manifest, params, m, v) = try read(directory)
-        let ours = arena.layout.entries.map { CheckpointManifest.Entry(name: $0.name, shape: $0.shape, offset: $0.offset, kind: $0.kind.rawValue) }
+        let manifest = try manifest(directory)
+        let ours = entries(of: arena)
         if ours != manifest.entries || manifest.arenaCount != arena.count {
             let theirs = Dictionary(manifest.entries.map { ($0.name, $0) }, uniquingKeysWith: { a, _ in a })
             var differences: [String] = []
@@ -211,13 +220,213 @@ public enum Checkpoints {
             }
             let names = Set(ours.map(\.name))
             for t in manifest.entries where !names.contains(t.name) { differences.append("\(t.name): only in the checkpoint") }
+            if differences.isEmpty { differences.append("arena of \(manifest.arenaCount) floats in the checkpoint, \(arena.count) now") }
             throw ConvirtError("\(directory): the model differs from the checkpoint's: \(differences.prefix(10).joined(separator: "; "))")
         }
-        params.withUnsafeBufferPointer { arena.params.update(from: $0.baseAddress!, count: arena.count) }
-        // The Adam moments this process holds: all of them, or its ZeRO-1 shard.
-        let r = arena.optimizerRange
-        m.withUnsafeBufferPointer { (arena.adamM + r.lowerBound).update(from: $0.baseAddress! + r.lowerBound, count: r.count) }
-        v.withUnsafeBufferPointer { (arena.adamV + r.lowerBound).update(from: $0.baseAddress! + r.lowerBound, count: r.count) }
+        let own = arena.optimizerRange
+        try forEachShard(directory, manifest) { shard, planes in
+            let lo = shard.range[0], count = shard.range[1] - lo
+            unshuffle(planes, count: count, elements: 0..<count, into: arena.params + lo)
+            // The part of this shard's moments that falls in our optimizer range.
+            let a = max(lo, own.lowerBound), b = min(lo + count, own.upperBound)
+            if a < b {
+                unshuffle(planes + count * 4, count: count, elements: (a - lo)..<(b - lo), into: arena.adamM + a)
+                unshuffle(planes + count * 8, count: count, elements: (a - lo)..<(b - lo), into: arena.adamV + a)
+            }
+        }
         return manifest
+    }
+}
+
+/// Writes checkpoints of one run collectively (every rank calls `save` and `commit` at the same steps).
+public final class CheckpointWriter: @unchecked Sendable {
+    public let communicator: Communicator
+    public let runDirectory: String
+    public let mode: CheckpointIO
+    public let asynchronous: Bool
+    public let keep: Int
+    var root: String { "\(runDirectory)/checkpoints" }
+
+    struct Job {
+        var state: CheckpointManifest.State
+        var config: TrainConfig
+        var best: Bool
+        var entries: [CheckpointManifest.Entry]
+        var arenaCount: Int
+        var range: Range<Int>
+        var temporary: String
+    }
+    struct Outcome { var bytes = 0; var crc: UInt32 = 0; var error: String? = nil; var compressed: Data? = nil }
+
+    private var job: Job?
+    private var outcome = Outcome()
+    private let finished = DispatchSemaphore(value: 0)
+    /// The snapshot (params, m, v of this rank's range) and its byte planes, reused from save to save.
+    private var snapshot = Scratch<Float>()
+    private var planes = Scratch<UInt8>()
+    /// Seconds the training thread spent on checkpoints since the last `takeStall()`.
+    private var stall = 0.0
+    /// The step of the checkpoint being written, if one is.
+    public var pendingStep: Int? { job?.state.step }
+
+    /// Collective: rank 0 creates the checkpoint directory and removes leftovers of saves that never committed.
+    public init(communicator: Communicator, runDirectory: String, mode: CheckpointIO = .parallel, asynchronous: Bool = true, keep: Int = 3) throws {
+        self.communicator = communicator
+        self.runDirectory = runDirectory
+        self.mode = mode
+        self.asynchronous = asynchronous
+        self.keep = keep
+        if communicator.isRoot {
+            try FileManager.default.createDirectory(atPath: "\(runDirectory)/checkpoints", withIntermediateDirectories: true)
+            Checkpoints.removeLeftovers(runDirectory: runDirectory)
+        }
+        try communicator.barrier()
+    }
+
+    /// The training time lost to checkpoints since the last call.
+    public func takeStall() -> Double { defer { stall = 0 }; return stall }
+
+    /// Starts a checkpoint of `arena` at `state.step` (collective). The arena may change as soon as this
+    /// returns: this rank's range is copied first. Asynchronous writers commit later (`commit()`), others
+    /// before returning.
+    public func save(arena: ParameterArena, state: CheckpointManifest.State, config: TrainConfig, best: Bool = false) throws {
+        if job != nil { try commit() }
+        var clock = Clock()
+        let w = communicator.size, r = communicator.rank
+        let range = Checkpoints.shardRange(rank: r, worldSize: w, count: arena.count)
+        let n = range.count
+        let copy = snapshot.ensure(max(1, 3 * n))
+        copy.update(from: arena.params + range.lowerBound, count: n)
+        (copy + n).update(from: arena.adamM + range.lowerBound, count: n)
+        (copy + 2 * n).update(from: arena.adamV + range.lowerBound, count: n)
+        let job = Job(state: state, config: config, best: best, entries: communicator.isRoot ? Checkpoints.entries(of: arena) : [],
+                      arenaCount: arena.count, range: range, temporary: "\(root)/.tmp-\(Checkpoints.name(step: state.step))")
+        self.job = job
+        if asynchronous {
+            Thread.detachNewThread { [self] in
+                outcome = writeShard(job)
+                finished.signal()
+            }
+            stall += clock.lap()
+        } else {
+            outcome = writeShard(job)
+            finished.signal()
+            stall += clock.lap()
+            try commit()
+        }
+    }
+
+    /// Shuffle, compress and (parallel I/O, or rank 0) write this rank's shard. Runs off the training thread.
+    private func writeShard(_ job: Job) -> Outcome {
+        var result = Outcome()
+        do {
+            let n = job.range.count
+            let bytes = planes.ensure(max(1, 12 * n))
+            let copy = snapshot.pointer
+            for k in 0..<3 { Checkpoints.shuffle(copy + k * n, count: n, into: bytes + k * 4 * n) }
+            let compressed = try Zstd.compress(UnsafeRawBufferPointer(start: bytes, count: 12 * n), level: 3)
+            result.bytes = compressed.count
+            result.crc = compressed.withUnsafeBytes { crc32Checksum($0) }
+            if mode == .parallel || communicator.isRoot {
+                do { try FileManager.default.createDirectory(atPath: job.temporary, withIntermediateDirectories: true) } catch {
+                    throw ConvirtError("cannot create \(job.temporary): \(error.localizedDescription)")
+                }
+                try Files.writeDurably(compressed, to: "\(job.temporary)/\(Checkpoints.shardFile(rank: communicator.rank, worldSize: communicator.size))")
+            } else {
+                result.compressed = compressed
+            }
+            CheckpointFaults.afterShardWritten(step: job.state.step, rank: communicator.rank)
+        } catch {
+            result.error = "\(error)"
+        }
+        return result
+    }
+
+    /// Commits the checkpoint being written (collective; no-op when none): waits for this rank's shard,
+    /// gathers every rank's size and checksum, and rank 0 publishes the checkpoint only when all succeeded.
+    public func commit() throws {
+        guard let job else { return }
+        var clock = Clock()
+        finished.wait()
+        let mine = outcome
+        self.job = nil
+        outcome = Outcome()
+        let w = communicator.size, r = communicator.rank
+        if let error = mine.error { FileHandle.standardError.write(Data("rank \(r): cannot write checkpoint shard: \(error)\n".utf8)) }
+        var report = [Double](repeating: 0, count: 3 * w)  // per rank: ok, bytes, crc
+        if mine.error == nil { report[3 * r] = 1; report[3 * r + 1] = Double(mine.bytes); report[3 * r + 2] = Double(mine.crc) }
+        try report.withUnsafeMutableBufferPointer { try communicator.allReduceSum($0) }
+        let allOK = (0..<w).allSatisfy { report[3 * $0] == 1 }
+        var rootError: String? = allOK ? nil : "at least one rank could not write its shard (see its message)"
+        if mode == .gather && allOK && w > 1 {
+            if communicator.isRoot {
+                for k in 1..<w {
+                    var data = Data(count: Int(report[3 * k + 1]))
+                    try data.withUnsafeMutableBytes { try communicator.receive(into: $0, from: k) }
+                    guard rootError == nil else { continue }  // keep receiving so that no rank waits forever
+                    do {
+                        let crc = data.withUnsafeBytes { crc32Checksum($0) }
+                        guard crc == UInt32(report[3 * k + 2]) else { throw ConvirtError("the shard of rank \(k) arrived with another checksum") }
+                        try Files.writeDurably(data, to: "\(job.temporary)/\(Checkpoints.shardFile(rank: k, worldSize: w))")
+                    } catch { rootError = "\(error)" }
+                }
+            } else if let compressed = mine.compressed {
+                try compressed.withUnsafeBytes { try communicator.send($0, to: 0) }
+            }
+        }
+        var status = [0.0]
+        if communicator.isRoot {
+            if rootError == nil {
+                do { try publish(job, report: report) } catch { rootError = "\(error)" }
+            }
+            if rootError == nil { status[0] = 1 } else { try? FileManager.default.removeItem(atPath: job.temporary) }
+        }
+        try status.withUnsafeMutableBufferPointer { try communicator.allReduceSum($0) }
+        stall += clock.lap()
+        if status[0] != 1 {
+            throw ConvirtError("checkpoint at step \(job.state.step) failed\(rootError.map { ": \($0)" } ?? " on rank 0"); the previous checkpoint stays the latest")
+        }
+    }
+
+    /// Rank 0: manifest, fsync, rename into place, `latest` (and `best`), retention.
+    private func publish(_ job: Job, report: [Double]) throws {
+        let w = communicator.size
+        let shards = (0..<w).map { k -> CheckpointManifest.Shard in
+            let range = Checkpoints.shardRange(rank: k, worldSize: w, count: job.arenaCount)
+            return .init(file: Checkpoints.shardFile(rank: k, worldSize: w), range: [range.lowerBound, range.upperBound],
+                         bytes: Int(report[3 * k + 1]), crc32: UInt32(report[3 * k + 2]), rawBytes: range.count * 12)
+        }
+        let manifest = CheckpointManifest(worldSize: w, arenaCount: job.arenaCount, state: job.state, config: job.config, entries: job.entries, shards: shards)
+        let encoder = JSONEncoder()
+        encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
+        encoder.nonConformingFloatEncodingStrategy = .convertToString(positiveInfinity: "Infinity", negativeInfinity: "-Infinity", nan: "NaN")
+        // In case no shard was written here (gather I/O on one rank never happens; an empty arena does).
+        try FileManager.default.createDirectory(atPath: job.temporary, withIntermediateDirectories: true)
+        try Files.writeDurably(encoder.encode(manifest), to: "\(job.temporary)/manifest.json")
+        Files.syncDirectory(job.temporary)
+        let name = Checkpoints.name(step: job.state.step), final = "\(root)/\(name)"
+        try? FileManager.default.removeItem(atPath: final)
+        do { try FileManager.default.moveItem(atPath: job.temporary, toPath: final) } catch {
+            throw ConvirtError("cannot rename \(job.temporary) to \(final): \(error.localizedDescription)")
+        }
+        Files.syncDirectory(root)
+        try Files.writeAtomically(Data(name.utf8), to: "\(root)/latest")
+        if job.best { try Files.writeAtomically(Data(name.utf8), to: "\(root)/best") }
+        Checkpoints.prune(root: root, keep: keep, best: try? String(contentsOfFile: "\(root)/best", encoding: .utf8))
+    }
+}
+
+/// Fault injection for the tests of interrupted checkpoints: `CONVIRT_FAULT_KILL_AFTER_SHARD=STEP:RANK`
+/// makes that rank kill itself (SIGKILL) right after writing its shard of the checkpoint of STEP, before
+/// the commit, as a node failure would.
+enum CheckpointFaults {
+    static let killAfterShard: (step: Int, rank: Int)? = {
+        guard let spec = ProcessInfo.processInfo.environment["CONVIRT_FAULT_KILL_AFTER_SHARD"] else { return nil }
+        let parts = spec.split(separator: ":").compactMap { Int($0) }
+        return parts.count == 2 ? (parts[0], parts[1]) : nil
+    }()
+
+    static func afterShardWritten(step: Int, rank: Int) {
+        if let fault = killAfterShard, fault.step == step, fault.rank == rank { kill(getpid(), SIGKILL) }
     }
 }

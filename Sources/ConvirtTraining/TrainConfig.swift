@@ -40,6 +40,10 @@ public struct TrainConfig: Codable, Sendable {
     public var zero1: Bool = false
     /// Start the gradient all-reduce buckets during backward (true) or only after it (to measure the overlap).
     public var overlapCommunication: Bool = true
+    /// How checkpoint shards reach the disk: "parallel" (every rank writes its own) or "gather" (rank 0 writes all).
+    public var checkpointIO: String = "parallel"
+    /// Compress and write checkpoints from a snapshot while training goes on (committed at the end of the next step).
+    public var asyncCheckpoint: Bool = true
 
     enum CodingKeys: String, CodingKey {
         case preset, model, globalBatch = "global_batch", steps, epochs, seed, learningRate = "learning_rate", weightDecay = "weight_decay"
@@ -47,7 +51,7 @@ public struct TrainConfig: Codable, Sendable {
         case syncBatchNorm = "sync_batch_norm", clipGradNorm = "clip_grad_norm", maxTokens = "max_tokens", lowercase, threads
         case loaderWorkers = "loader_workers", swapLateralityOnFlip = "swap_laterality_on_flip", imageWeights = "image_weights"
         case textWeights = "text_weights", checkpointEvery = "checkpoint_every", keepCheckpoints = "keep_checkpoints"
-        case zero1, overlapCommunication = "overlap_communication"
+        case zero1, overlapCommunication = "overlap_communication", checkpointIO = "checkpoint_io", asyncCheckpoint = "async_checkpoint"
     }
 
     /// The preset's defaults: the paper's recipe for `paper`, a quicker one for `demo` and `tiny`.
@@ -84,6 +88,8 @@ public struct TrainConfig: Codable, Sendable {
         try require(epochs == nil || epochs! >= 1, "train", "--epochs must be positive")
         try require(valEvery >= 1 && maxTokens >= 2 && maxTokens <= model.text.maxPositionEmbeddings, "train",
                     "--val-every must be positive and --max-tokens within 2...\(model.text.maxPositionEmbeddings)")
+        try require(CheckpointIO(rawValue: checkpointIO) != nil, "train", "unknown --checkpoint-io \(checkpointIO) (parallel or gather)")
+        try require((checkpointEvery ?? 1) >= 1 && keepCheckpoints >= 1, "train", "--checkpoint-every and --keep-checkpoints must be positive")
     }
 
     /// Learning rate of a step under the warmup + cosine or constant schedules (the paper schedule's
@@ -132,5 +138,7 @@ extension TrainConfig {
         keepCheckpoints = try c.decodeIfPresent(Int.self, forKey: .keepCheckpoints) ?? 3
         zero1 = try c.decodeIfPresent(Bool.self, forKey: .zero1) ?? false
         overlapCommunication = try c.decodeIfPresent(Bool.self, forKey: .overlapCommunication) ?? true
+        checkpointIO = try c.decodeIfPresent(String.self, forKey: .checkpointIO) ?? "parallel"
+        asyncCheckpoint = try c.decodeIfPresent(Bool.self, forKey: .asyncCheckpoint) ?? true
     }
 }

@@ -26,12 +26,14 @@ public struct StepMetrics: Codable, Sendable {
     public var timeBackward: Double
     public var timeComm: Double
     public var timeOptimizer: Double
+    /// Training time lost to checkpoints in this step (snapshot, and waiting at the commit).
+    public var timeCheckpoint: Double = 0
     public var valLoss: Double?
 
     enum CodingKeys: String, CodingKey {
         case step, epoch, loss, lossV2U = "loss_v2u", lossU2V = "loss_u2v", lr, gradNorm = "grad_norm", pairsPerSecond = "pairs_per_s"
         case worldSize = "world_size", timeData = "time_data_s", timeForward = "time_forward_s", timeBackward = "time_backward_s"
-        case timeComm = "time_comm_s", timeOptimizer = "time_optimizer_s", valLoss = "val_loss"
+        case timeComm = "time_comm_s", timeOptimizer = "time_optimizer_s", timeCheckpoint = "time_checkpoint_s", valLoss = "val_loss"
     }
 }
 
@@ -154,16 +156,25 @@ public final class Trainer {
     /// The step to start from (0, or a restored checkpoint's).
     public private(set) var startStep = 0
 
-    /// Restores the newest complete checkpoint of the run directory that verifies, if there is one;
-    /// a damaged one is reported (file and problem) and the previous one is tried. Returns its path.
-    public func resume() throws -> String? {
-        _ = Checkpoints.latest(runDirectory: runDirectory)  // removes leftovers of interrupted saves
+    /// Restores the newest complete checkpoint of the run directory (leftovers of interrupted saves are
+    /// removed first). A damaged one is an error naming the file and the problem, unless `fallback`: then
+    /// it is reported and the previous complete checkpoint is tried. Returns the restored directory.
+    public func resume(fallback: Bool = false) throws -> String? {
+        if communicator.isRoot {
+            for leftover in Checkpoints.removeLeftovers(runDirectory: runDirectory) {
+                log("removed \(runDirectory)/checkpoints/\(leftover), the leftover of a checkpoint that was never committed")
+            }
+        }
+        try communicator.barrier()
         var restored: (String, CheckpointManifest)? = nil
         for directory in Checkpoints.candidates(runDirectory: runDirectory) {
             do {
                 restored = (directory, try Checkpoints.restore(directory, into: model.arena))
                 break
             } catch let error as ConvirtError where !error.message.contains("the model differs") {
+                guard fallback else {
+                    throw ConvirtError("cannot resume from \(directory): \(error.message) (--resume-fallback resumes from the previous complete checkpoint)")
+                }
                 if communicator.isRoot { log("cannot resume from \(directory): \(error); trying the previous checkpoint") }
             }
         }
@@ -208,6 +219,10 @@ public final class Trainer {
         if validationBatch == 0 && communicator.isRoot {
             log("warning: the validate split has fewer usable pairs than ranks; no validation loss will be computed")
         }
+        let checkpoints = try CheckpointWriter(communicator: communicator, runDirectory: runDirectory,
+                                               mode: CheckpointIO(rawValue: config.checkpointIO) ?? .parallel,
+                                               asynchronous: config.asyncCheckpoint, keep: config.keepCheckpoints)
+        var savedStep = startStep
         var step = startStep
         while step < totalSteps {
             var clock = Clock()
@@ -280,10 +295,9 @@ public final class Trainer {
                         bestValidation = val
                         checksWithoutImprovement = 0
                         // The checkpoint with the lowest validation loss is kept (checkpoints/best names it).
-                        let saved = try Checkpoints.save(arena: model.arena, state: checkpointState(step: step), config: config,
-                                                         runDirectory: runDirectory, communicator: communicator, keep: config.keepCheckpoints,
-                                                         best: true)
-                        if communicator.isRoot { log("new best validation loss \(val) at step \(step): \(saved)") }
+                        try checkpoints.save(arena: model.arena, state: checkpointState(step: step), config: config, best: true)
+                        savedStep = step
+                        if communicator.isRoot { log("new best validation loss \(val) at step \(step): checkpoint \(Checkpoints.name(step: step))") }
                     } else {
                         checksWithoutImprovement += 1
                         if checksWithoutImprovement >= config.patience { currentRate /= 2; checksWithoutImprovement = 0 }
@@ -291,18 +305,22 @@ public final class Trainer {
                     stop = checks >= config.maxChecks
                 }
             }
+            // A checkpoint started in an earlier step is committed now (its shards had this step to be written).
+            if let pending = checkpoints.pendingStep, pending < step { try checkpoints.commit() }
+            if let every = config.checkpointEvery, step % every == 0, step < totalSteps, !stop, savedStep != step {
+                try checkpoints.save(arena: model.arena, state: checkpointState(step: step), config: config)
+                savedStep = step
+            }
+            row.timeCheckpoint = checkpoints.takeStall()
             rows.append(row)
             if let metricsFile { metricsFile.write(try encoder.encode(row) + Data("\n".utf8)) }
             progress?(row, totalSteps)
-            if let every = config.checkpointEvery, step % every == 0, step < totalSteps, !stop {
-                try Checkpoints.save(arena: model.arena, state: checkpointState(step: step), config: config, runDirectory: runDirectory,
-                                     communicator: communicator, keep: config.keepCheckpoints)
-            }
             if stop { break }
         }
-        if step > startStep {
-            try Checkpoints.save(arena: model.arena, state: checkpointState(step: step), config: config, runDirectory: runDirectory,
-                                 communicator: communicator, keep: config.keepCheckpoints)
+        try checkpoints.commit()
+        if step > savedStep {
+            try checkpoints.save(arena: model.arena, state: checkpointState(step: step), config: config)
+            try checkpoints.commit()
         }
         return rows
     }

@@ -22,7 +22,7 @@ struct CheckpointCommand: ParsableCommand {
         func run() throws {
             let dir = try CheckpointCommand.resolve(directory)
             do {
-                let (manifest, _, _, _) = try Checkpoints.read(dir)
+                let manifest = try Checkpoints.verify(dir)
                 print("\(dir): OK (step \(manifest.state.step), \(manifest.shards.count) shard(s), world size \(manifest.worldSize))")
             } catch {
                 print("\(dir): FAILED: \(error)")

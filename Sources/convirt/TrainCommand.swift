@@ -38,6 +38,11 @@ struct TrainCommand: ParsableCommand {
     @Option(help: "Save a sharded checkpoint every K steps (always at the end).") var checkpointEvery: Int?
     @Option(help: "Checkpoints to keep.") var keepCheckpoints: Int?
     @Flag(help: "Continue from the newest complete checkpoint of the run directory (if there is one).") var resume = false
+    @Flag(help: "With --resume: when the newest checkpoint is damaged, report it and resume from the previous complete one.")
+    var resumeFallback = false
+    @Option(help: "parallel (every rank writes its shard; needs a shared filesystem) or gather (rank 0 receives and writes all shards).")
+    var checkpointIo: String?
+    @Flag(help: "Write checkpoints before training goes on (default: from a snapshot, in the background).") var syncCheckpoint = false
     @Flag(help: "ZeRO-1: shard the Adam state over the ranks (reduce-scatter gradients, update the own shard, all-gather parameters).")
     var zero1 = false
     @Flag(help: "All-reduce the gradients only after backward (no overlap; to measure what the overlap hides).") var noOverlap = false
@@ -68,6 +73,8 @@ struct TrainCommand: ParsableCommand {
         if let checkpointEvery { c.checkpointEvery = checkpointEvery }
         if let keepCheckpoints { c.keepCheckpoints = keepCheckpoints }
         if zero1 { c.zero1 = true }
+        if let checkpointIo { c.checkpointIO = checkpointIo }
+        if syncCheckpoint { c.asyncCheckpoint = false }
         if noOverlap { c.overlapCommunication = false }
         return c
     }
@@ -95,7 +102,7 @@ struct TrainCommand: ParsableCommand {
         let trainer = try Trainer(config: config, dataPath: data, runDirectory: runDir, vocabularyPath: vocab, communicator: communicator) { line in
             if root { print(line) }
         }
-        if resume, let from = try trainer.resume() {
+        if resume, let from = try trainer.resume(fallback: resumeFallback) {
             if root { print("resuming from \(from) at step \(trainer.startStep)") }
         }
         if root {

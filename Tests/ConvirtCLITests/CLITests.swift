@@ -41,7 +41,7 @@ func runProcess(_ executable: String, _ arguments: [String], environment: [Strin
     for (k, v) in environment { env[k] = v }
     process.environment = env
     let log = FileManager.default.temporaryDirectory.appendingPathComponent("convirt-cli-\(UUID().uuidString).log")
-    FileManager.default.createFile(atPath: log.path, contents: nil)
+    _ = FileManager.default.createFile(atPath: log.path, contents: nil)
     defer { try? FileManager.default.removeItem(at: log) }
     let handle = try FileHandle(forWritingTo: log)
     process.standardOutput = handle
@@ -221,6 +221,7 @@ struct DistributedTrainingTests {
         // The first step's gradient (summed over ranks) is the single process's gradient over the same batch.
         for np in [2, 4] { #expect(abs(losses[1]![0].grad_norm - losses[np]![0].grad_norm) <= 1e-5 * losses[1]![0].grad_norm) }
         try checkpointsAndResume(mpirun: mpirun, dir: dir, uninterrupted: losses[2]!)
+        try checkpointFaults(mpirun: mpirun, dir: dir, uninterrupted: losses[2]!)
         // The paper schedule: validation every K steps, the LR halved after `patience` checks without
         // improvement, the best checkpoint kept by retention.
         let paper = try run(convirtPath(), ["train", "--data", "\(dir)/prepared", "--run-dir", "\(dir)/paper", "--preset", "tiny", "--schedule", "paper",
@@ -319,12 +320,19 @@ struct DistributedTrainingTests {
         let verify = try ConvirtCLITests.run(convirtPath(), ["checkpoint", "verify", resumedDir])
         #expect(verify.status != 0 && verify.output.contains("shard-00001-of-00002.zst") && verify.output.contains("corrupt"), "\(verify.output)")
         try FileManager.default.createDirectory(atPath: "\(checkpoints)/.tmp-step-00000099", withIntermediateDirectories: true)
-        let fallback = try ConvirtCLITests.run(mpirun, ["--oversubscribe", "-np", "2", convirtPath(), "train", "--data", "\(dir)/prepared", "--run-dir", resumedDir,
-                                                        "--preset", "tiny", "--steps", "22", "--resume", "--retrieval-eval", "0"],
-                                               environment: Self.mpiEnvironment, timeout: 300)
+        func resumeTo22(_ extra: [String]) throws -> (status: Int32, output: String) {
+            try ConvirtCLITests.run(mpirun, ["--oversubscribe", "-np", "2", convirtPath(), "train", "--data", "\(dir)/prepared", "--run-dir", resumedDir,
+                                             "--preset", "tiny", "--steps", "22", "--resume", "--retrieval-eval", "0"] + extra,
+                                    environment: Self.mpiEnvironment, timeout: 300)
+        }
+        // Without --resume-fallback a damaged newest checkpoint is an error naming the file ...
+        let strict = try resumeTo22([])
+        #expect(strict.status != 0 && strict.output.contains("shard-00001-of-00002.zst") && strict.output.contains("--resume-fallback"), "\(strict.output)")
+        #expect(!FileManager.default.fileExists(atPath: "\(checkpoints)/.tmp-step-00000099"), "leftover temporary directory removed")
+        // ... with it, the damage is reported and the previous complete checkpoint is used.
+        let fallback = try resumeTo22(["--resume-fallback"])
         #expect(fallback.status == 0 && fallback.output.contains("cannot resume from") && fallback.output.contains("resuming from") &&
                 fallback.output.contains("step-00000010"), "\(fallback.output)")
-        #expect(!FileManager.default.fileExists(atPath: "\(checkpoints)/.tmp-step-00000099"), "leftover temporary directory removed")
         let export = try ConvirtCLITests.run(convirtPath(), ["checkpoint", "export", resumedDir, "--out", "\(dir)/export"])
         #expect(export.status == 0, "\(export.output)")
         let image = try SafeTensorsFile(path: "\(dir)/export/image_encoder.safetensors")
@@ -335,5 +343,106 @@ struct DistributedTrainingTests {
         #expect(FileManager.default.fileExists(atPath: "\(dir)/export/text_encoder/config.json"))
         let inspect = try ConvirtCLITests.run(convirtPath(), ["checkpoint", "inspect", resumedDir])
         #expect(inspect.output.contains("step 22") && inspect.output.contains("saved by 2 rank(s)"), "\(inspect.output)")
+    }
+
+    /// Checkpoint I/O modes and faults: synchronous saving and gather I/O write the same shards as the
+    /// asynchronous parallel default; a kill while a checkpoint is written leaves the previous one as the
+    /// one --resume picks; a full disk is a clear error with the previous checkpoint intact; damaged or
+    /// tampered checkpoints are rejected naming the file and the problem.
+    func checkpointFaults(mpirun: String, dir: String, uninterrupted: [Row]) throws {
+        let fm = FileManager.default
+        func train(_ runDir: String, _ extra: [String], environment: [String: String] = [:]) throws -> (status: Int32, output: String) {
+            try run(mpirun, ["--oversubscribe", "-np", "2", convirtPath(), "train", "--data", "\(dir)/prepared", "--run-dir", runDir,
+                             "--preset", "tiny", "--retrieval-eval", "0"] + extra,
+                    environment: Self.mpiEnvironment.merging(environment) { $1 }, timeout: 300)
+        }
+        for (name, extra) in [("async", [String]()), ("sync", ["--sync-checkpoint"]), ("gather", ["--checkpoint-io", "gather"])] {
+            let r = try train("\(dir)/io-\(name)", ["--steps", "10", "--checkpoint-every", "5"] + extra)
+            #expect(r.status == 0, "\(name): \(r.output)")
+        }
+        for step in ["step-00000005", "step-00000010"] {
+            for shard in ["shard-00000-of-00002.zst", "shard-00001-of-00002.zst"] {
+                let reference = fm.contents(atPath: "\(dir)/io-async/checkpoints/\(step)/\(shard)")
+                #expect(reference != nil && (reference?.count ?? 0) > 1000, "\(step)/\(shard) written")
+                for mode in ["sync", "gather"] {
+                    #expect(fm.contents(atPath: "\(dir)/io-\(mode)/checkpoints/\(step)/\(shard)") == reference, "\(mode): \(step)/\(shard) differs")
+                }
+            }
+        }
+        let rows = try String(contentsOfFile: "\(dir)/io-async/metrics.jsonl", encoding: .utf8)
+        #expect(rows.contains("time_checkpoint_s"), "the training time lost to checkpoints is measured")
+
+        // A rank killed right after writing its shard of step 10, before the commit.
+        let killedDir = "\(dir)/killed-in-checkpoint", checkpoints = "\(killedDir)/checkpoints"
+        let killed = try train(killedDir, ["--steps", "20", "--checkpoint-every", "5"], environment: ["CONVIRT_FAULT_KILL_AFTER_SHARD": "10:1"])
+        #expect(killed.status != 0, "\(killed.output)")
+        #expect(fm.fileExists(atPath: "\(checkpoints)/.tmp-step-00000010/shard-00001-of-00002.zst"), "the interrupted write left its shard")
+        #expect(!fm.fileExists(atPath: "\(checkpoints)/step-00000010"), "an uncommitted checkpoint is never published")
+        #expect((try? String(contentsOfFile: "\(checkpoints)/latest", encoding: .utf8)) == "step-00000005")
+        let resumed = try train(killedDir, ["--steps", "20", "--checkpoint-every", "5", "--resume"])
+        #expect(resumed.status == 0 && resumed.output.contains("removed") && resumed.output.contains("resuming from \(checkpoints)/step-00000005"),
+                "\(resumed.output)")
+        #expect(!fm.fileExists(atPath: "\(checkpoints)/.tmp-step-00000010"), "leftover temporary directory removed")
+        let after = try String(contentsOfFile: "\(killedDir)/metrics.jsonl", encoding: .utf8).split(separator: "\n")
+            .map { try JSONDecoder().decode(Row.self, from: Data($0.utf8)) }.suffix(15)
+        #expect(after.map(\.step) == Array(6...20))
+        #expect(zip(after, uninterrupted.suffix(15)).allSatisfy { $0.loss == $1.loss }, "resumed after the kill: bitwise equal losses")
+
+        // A full disk: the run directory on a tmpfs with room for one checkpoint and a half.
+        let one = try fm.contentsOfDirectory(atPath: "\(dir)/io-sync/checkpoints/step-00000005")
+            .reduce(0) { $0 + ((try? fm.attributesOfItem(atPath: "\(dir)/io-sync/checkpoints/step-00000005/\($1)")[.size] as? Int) ?? 0) }
+        let full = "\(dir)/full"
+        try fm.createDirectory(atPath: full, withIntermediateDirectories: true)
+        let script = "mount -t tmpfs -o size=\(one * 3 / 2 + 65536) tmpfs \(full) || exit 97; "
+            + "\(mpirun) --oversubscribe -np 2 \(convirtPath()) train --data \(dir)/prepared --run-dir \(full) --preset tiny --retrieval-eval 0 "
+            + "--steps 20 --checkpoint-every 5; echo \"train status $?\"; \(convirtPath()) checkpoint verify \(full); "
+            + "echo \"latest $(cat \(full)/checkpoints/latest)\"; ls -a \(full)/checkpoints"
+        let disk = try run("/usr/bin/unshare", ["-m", "sh", "-c", script], environment: Self.mpiEnvironment, timeout: 300)
+        #expect(disk.status != 97, "mounting a tmpfs (needs root): \(disk.output)")
+        #expect(!disk.output.contains("train status 0") && disk.output.contains("No space left on device"), "\(disk.output)")
+        #expect(disk.output.contains("OK (step 5") && disk.output.contains("latest step-00000005"), "\(disk.output)")
+        let listing = disk.output.components(separatedBy: "latest step-00000005").last ?? ""
+        #expect(!listing.contains(".tmp-") && !listing.contains("step-00000010"), "the failed checkpoint left nothing behind: \(listing)")
+
+        // Damaged and tampered checkpoints: verify names the file and the problem, before any large allocation.
+        func tampered(_ name: String, _ change: (String) throws -> Void) throws -> String {
+            let copy = "\(dir)/tampered-\(name)"
+            try fm.copyItem(atPath: "\(dir)/io-sync/checkpoints/step-00000010", toPath: copy)
+            try change(copy)
+            let r = try run(convirtPath(), ["checkpoint", "verify", copy])
+            #expect(r.status != 0, "\(name): \(r.output)")
+            return r.output
+        }
+        func editManifest(_ copy: String, _ edit: (inout [String: Any]) -> Void) throws {
+            let path = "\(copy)/manifest.json"
+            var json = try JSONSerialization.jsonObject(with: Data(contentsOf: URL(fileURLWithPath: path))) as! [String: Any]
+            edit(&json)
+            try JSONSerialization.data(withJSONObject: json).write(to: URL(fileURLWithPath: path))
+        }
+        func editShard(_ json: inout [String: Any], _ key: String, _ value: Any) {
+            var shards = json["shards"] as! [[String: Any]]
+            shards[0][key] = value
+            json["shards"] = shards
+        }
+        let truncated = try tampered("truncated") { copy in
+            let path = "\(copy)/shard-00000-of-00002.zst"
+            let data = try Data(contentsOf: URL(fileURLWithPath: path))
+            try data.prefix(data.count / 2).write(to: URL(fileURLWithPath: path))
+        }
+        #expect(truncated.contains("shard-00000-of-00002.zst") && truncated.contains("truncated"), "\(truncated)")
+        let version = try tampered("version") { try editManifest($0) { $0["format"] = 99 } }
+        #expect(version.contains("unknown checkpoint format version 99"), "\(version)")
+        let outside = try tampered("outside") { try editManifest($0) { editShard(&$0, "file", "../../../etc/passwd") } }
+        #expect(outside.contains("outside the checkpoint directory"), "\(outside)")
+        let absurd = try tampered("absurd") { try editManifest($0) { $0["arena_count"] = 1 << 50 } }
+        #expect(absurd.contains("absurd arena size"), "\(absurd)")
+        let raw = try tampered("raw") { try editManifest($0) { editShard(&$0, "rawBytes", 1 << 40) } }
+        #expect(raw.contains("raw bytes"), "\(raw)")
+        let shape = try tampered("shape") { try editManifest($0) { json in
+            var entries = json["entries"] as! [[String: Any]]
+            entries[0]["shape"] = [1 << 31, 1 << 31]
+            json["entries"] = entries
+        } }
+        #expect(shape.contains("absurd shape") || shape.contains("outside the arena"), "\(shape)")
     }
 }

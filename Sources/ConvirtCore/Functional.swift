@@ -444,6 +444,30 @@ public enum F {
         return dx
     }
 
+    /// Binary cross-entropy on logits, elementwise: (losses, sigmoid probabilities), both shaped as `logits`.
+    public static func binaryCrossEntropy(_ logits: Tensor<Float>, targets: Tensor<Float>) throws -> (losses: Tensor<Float>, probabilities: Tensor<Float>) {
+        try targets.expectShape(logits.shape, "binary cross-entropy targets")
+        var losses = Tensor<Float>(shape: logits.shape), probabilities = Tensor<Float>(shape: logits.shape)
+        logits.withUnsafeBufferPointer { x in targets.withUnsafeBufferPointer { t in
+            losses.withUnsafeMutableBufferPointer { l in probabilities.withUnsafeMutableBufferPointer { p in
+                BinaryCrossEntropy.forward(losses: l.baseAddress!, probabilities: p.baseAddress!, logits: x.baseAddress!, targets: t.baseAddress!, count: x.count)
+            } }
+        } }
+        return (losses, probabilities)
+    }
+
+    public static func binaryCrossEntropyBackward(_ gradLosses: Tensor<Float>, probabilities: Tensor<Float>, targets: Tensor<Float>) throws -> Tensor<Float> {
+        try gradLosses.expectShape(probabilities.shape, "binary cross-entropy loss gradient")
+        try targets.expectShape(probabilities.shape, "binary cross-entropy targets")
+        var dx = Tensor<Float>(shape: probabilities.shape)
+        gradLosses.withUnsafeBufferPointer { g in probabilities.withUnsafeBufferPointer { p in targets.withUnsafeBufferPointer { t in
+            dx.withUnsafeMutableBufferPointer { dx in
+                BinaryCrossEntropy.backward(gradLogits: dx.baseAddress!, gradLosses: g.baseAddress!, probabilities: p.baseAddress!, targets: t.baseAddress!, count: p.count)
+            }
+        } } }
+        return dx
+    }
+
     // MARK: attention
 
     public static func attentionGeometry(_ q: Tensor<Float>, heads: Int) throws -> AttentionGeometry {

@@ -192,6 +192,14 @@ public enum Reference {
         }
     }
 
+    /// -(y log sigmoid(x) + (1 - y) log(1 - sigmoid(x))), written the textbook way.
+    public static func binaryCrossEntropy<T: Real & BinaryFloatingPoint>(_ x: [T], targets: [T]) -> [T] {
+        zip(x, targets).map { x, y in
+            let p = 1 / (1 + T.exp(-x))
+            return -(y * T.log(p) + (1 - y) * T.log(1 - p))
+        }
+    }
+
     // MARK: attention
 
     /// softmax(q k^T / sqrt(d) with masked keys excluded) v, per head, in the [B, T, H*D] layout.

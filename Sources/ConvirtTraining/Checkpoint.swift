@@ -29,6 +29,11 @@ public struct CheckpointManifest: Codable, Sendable {
         public var bestValidation: Double?
         public var checksWithoutImprovement: Int
         public var checks: Int
+
+        public init(step: Int, epoch: Int, samplesSeen: Int, learningRate: Double, bestValidation: Double?, checksWithoutImprovement: Int, checks: Int) {
+            self.step = step; self.epoch = epoch; self.samplesSeen = samplesSeen; self.learningRate = learningRate
+            self.bestValidation = bestValidation; self.checksWithoutImprovement = checksWithoutImprovement; self.checks = checks
+        }
     }
     public static let currentFormat = 1
     public var format = CheckpointManifest.currentFormat
@@ -281,6 +286,13 @@ public final class CheckpointWriter: @unchecked Sendable {
             Checkpoints.removeLeftovers(runDirectory: runDirectory)
         }
         try communicator.barrier()
+    }
+
+    /// Allocates and touches the snapshot buffer before training, so that the first save does not pay
+    /// for page faults on the training thread.
+    public func reserve(arena: ParameterArena) {
+        let n = Checkpoints.shardRange(rank: communicator.rank, worldSize: communicator.size, count: arena.count).count
+        snapshot.ensure(max(1, 3 * n)).initialize(repeating: 0, count: max(1, 3 * n))
     }
 
     /// The training time lost to checkpoints since the last call.

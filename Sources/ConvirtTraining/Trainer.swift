@@ -222,6 +222,7 @@ public final class Trainer {
         let checkpoints = try CheckpointWriter(communicator: communicator, runDirectory: runDirectory,
                                                mode: CheckpointIO(rawValue: config.checkpointIO) ?? .parallel,
                                                asynchronous: config.asyncCheckpoint, keep: config.keepCheckpoints)
+        if config.asyncCheckpoint { checkpoints.reserve(arena: model.arena) }
         var savedStep = startStep
         var step = startStep
         while step < totalSteps {

@@ -211,6 +211,21 @@ struct KernelGradientTests {
                             let f = try F.crossEntropy(t([r, c], xs[0]), targets: targetTensor)
                             return [try F.crossEntropyBackward(t([r], g), probabilities: f.probabilities, targets: targetTensor).scalars]
                         }).run()
+        // Sigmoid heads: soft and hard targets, logits far into both tails included.
+        let soft = randomFloats(r * c, seed: 71, scale: 0.5).map { $0 + 0.5 }
+        let labels = (0..<(r * c)).map { Float($0 % 3 == 0 ? 1 : 0) }
+        for (name, y) in [("soft", soft), ("hard", labels)] {
+            let yTensor = t([r, c], y)
+            try KernelCheck(name: "binary cross-entropy (\(name) targets)", inputs: [x], differentiable: [true],
+                            reference: { Reference.binaryCrossEntropy($0[0], targets: y.map { Double($0) }) },
+                            fast: { try F.binaryCrossEntropy(t([r, c], $0[0]), targets: yTensor).losses.scalars },
+                            fastBackward: { xs, g in
+                                let f = try F.binaryCrossEntropy(t([r, c], xs[0]), targets: yTensor)
+                                return [try F.binaryCrossEntropyBackward(t([r, c], g), probabilities: f.probabilities, targets: yTensor).scalars]
+                            }).run()
+        }
+        let extreme = try F.binaryCrossEntropy(Tensor(shape: [4], [-120, -30, 30, 120]), targets: Tensor(shape: [4], [1, 0, 1, 0]))
+        #expect(extreme.losses.scalars.map { ($0 * 1000).rounded() / 1000 } == [120, 0, 0, 120], "stable in the tails")
     }
 
     @Test("multi-head attention with a padding mask", arguments: [(2, 5, 2, 4), (1, 7, 3, 5), (3, 4, 1, 3)])

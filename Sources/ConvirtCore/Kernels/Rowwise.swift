@@ -88,3 +88,24 @@ public enum CrossEntropy {
         }
     }
 }
+
+/// Binary cross-entropy on logits (torch.nn.BCEWithLogitsLoss, reduction none), for sigmoid heads:
+/// loss = max(x, 0) - x y + log(1 + exp(-|x|)), stable for any x.
+public enum BinaryCrossEntropy {
+    /// losses[i] and probabilities[i] = sigmoid(logits[i]) for `count` logits with targets in [0, 1].
+    public static func forward(losses: UnsafeMutablePointer<Float>, probabilities: UnsafeMutablePointer<Float>,
+                               logits: UnsafePointer<Float>, targets: UnsafePointer<Float>, count: Int) {
+        for i in 0..<count {
+            let x = logits[i], y = targets[i]
+            let e = Float.exp(-abs(x))
+            losses[i] = max(x, 0) - x * y + Float.log(onePlus: e)
+            probabilities[i] = x >= 0 ? 1 / (1 + e) : e / (1 + e)
+        }
+    }
+
+    /// gradLogits[i] += gradLosses[i] * (sigmoid(logits[i]) - targets[i]).
+    public static func backward(gradLogits: UnsafeMutablePointer<Float>, gradLosses: UnsafePointer<Float>,
+                                probabilities: UnsafePointer<Float>, targets: UnsafePointer<Float>, count: Int) {
+        for i in 0..<count { gradLogits[i] += gradLosses[i] * (probabilities[i] - targets[i]) }
+    }
+}

@@ -193,6 +193,49 @@ public enum Checkpoints {
         return manifest
     }
 
+    /// A checkpoint directory, or a run directory meaning its latest complete checkpoint.
+    public static func resolve(_ path: String) throws -> String {
+        if FileManager.default.fileExists(atPath: "\(path)/manifest.json") { return path }
+        if let latest = latest(runDirectory: path) { return latest }
+        throw ConvirtError("\(path) is neither a checkpoint directory nor a run directory with a complete checkpoint")
+    }
+
+    /// The run directory a checkpoint directory belongs to (RUN/checkpoints/step-N), if it has that shape.
+    public static func runDirectory(ofCheckpoint directory: String) -> String? {
+        let url = URL(fileURLWithPath: directory).standardizedFileURL
+        let parent = url.deletingLastPathComponent()
+        return parent.lastPathComponent == "checkpoints" ? parent.deletingLastPathComponent().path : nil
+    }
+
+    /// Reads and checks every shard; the parameters only (the Adam moments are checked, not kept).
+    public static func readParameters(_ directory: String) throws -> (manifest: CheckpointManifest, params: [Float]) {
+        let manifest = try manifest(directory)
+        var params = [Float](repeating: 0, count: manifest.arenaCount)
+        try forEachShard(directory, manifest) { shard, planes in
+            let lo = shard.range[0], count = shard.range[1] - lo
+            params.withUnsafeMutableBufferPointer { unshuffle(planes, count: count, elements: 0..<count, into: $0.baseAddress! + lo) }
+        }
+        return (manifest, params)
+    }
+
+    /// Copies the tensors under `prefix` of a checkpoint into `arena`, by name (the arena's entries under
+    /// the prefix must all be in the checkpoint, with the same shapes). Returns the manifest.
+    @discardableResult
+    public static func load(_ directory: String, prefix: String, into arena: ParameterArena) throws -> CheckpointManifest {
+        let (manifest, params) = try readParameters(directory)
+        let theirs = Dictionary(manifest.entries.map { ($0.name, $0) }, uniquingKeysWith: { a, _ in a })
+        var problems: [String] = []
+        for entry in arena.layout.entries where entry.name.hasPrefix(prefix) {
+            guard let t = theirs[entry.name] else { problems.append("\(entry.name) is not in the checkpoint"); continue }
+            guard t.shape == entry.shape else {
+                problems.append("\(entry.name): \(describe(shape: t.shape)) in the checkpoint, \(describe(shape: entry.shape)) here"); continue
+            }
+            params.withUnsafeBufferPointer { (arena.params + entry.offset).update(from: $0.baseAddress! + t.offset, count: entry.count) }
+        }
+        if !problems.isEmpty { throw ConvirtError("\(directory): \(problems.prefix(8).joined(separator: "; "))") }
+        return manifest
+    }
+
     /// Reads and checks every shard; the whole arena (params, m, v) of the checkpoint.
     public static func read(_ directory: String) throws -> (manifest: CheckpointManifest, params: [Float], m: [Float], v: [Float]) {
         let manifest = try manifest(directory)

@@ -44,6 +44,8 @@ public final class Trainer {
     public let dataset: PreparedDataset
     public let tokenizer: WordPieceTokenizer
     public let runDirectory: String
+    /// The vocabulary the text encoder reads (the run directory gets a copy, for evaluation and embedding).
+    public let vocabularyPath: String
     let trainSamples: [Int]
     let sampler: GlobalBatchSampler
     let lossWorkspace = ConVIRTLoss.Workspace()
@@ -68,6 +70,7 @@ public final class Trainer {
             throw ConvirtError("no vocabulary: \(vocab) does not exist (give --vocab, or --text-weights with a vocab.txt)")
         }
         tokenizer = try WordPieceTokenizer(vocabularyPath: vocab, lowercase: config.lowercase)
+        self.vocabularyPath = vocab
         if let dir = config.textWeights {
             let bert = try BertDirectory(path: dir)
             config.model.text = bert.config

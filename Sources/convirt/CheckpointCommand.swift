@@ -10,9 +10,7 @@ struct CheckpointCommand: ParsableCommand {
 
     /// A checkpoint directory, or a run directory (its latest checkpoint).
     static func resolve(_ path: String) throws -> String {
-        if FileManager.default.fileExists(atPath: "\(path)/manifest.json") { return path }
-        if let latest = Checkpoints.latest(runDirectory: path) { return latest }
-        throw ValidationError("\(path) is neither a checkpoint directory nor a run directory with a complete checkpoint")
+        do { return try Checkpoints.resolve(path) } catch let error as ConvirtError { throw ValidationError(error.message) }
     }
 
     struct Verify: ParsableCommand {

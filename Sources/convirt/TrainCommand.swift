@@ -109,6 +109,9 @@ struct TrainCommand: ParsableCommand {
             let encoder = JSONEncoder()
             encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
             try Files.writeAtomically(encoder.encode(trainer.config), to: "\(runDir)/config.json")
+            // The run's vocabulary beside its checkpoints: evaluation and `convirt embed` tokenize with it.
+            let vocabulary = try Files.read(trainer.vocabularyPath)
+            if (try? Files.read("\(runDir)/vocab.txt")) != vocabulary { try Files.writeAtomically(vocabulary, to: "\(runDir)/vocab.txt") }
             print("convirt train: preset \(config.preset), \(communicator.size) rank(s), global batch \(config.globalBatch), \(trainer.totalSteps) steps, "
                   + "\(trainer.model.layout.trainableCount) trainable parameters, run directory \(runDir)")
         }

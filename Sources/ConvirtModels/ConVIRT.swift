@@ -222,6 +222,11 @@ public final class ConVIRTModel {
         try image.forward(arena, images: images, batch: batch, size: size, context: context)
     }
 
+    /// v = normalize(g_v(features)) [rows, projDim] of image features h_v [rows, featureCount].
+    public func projectImageFeatures(_ features: UnsafePointer<Float>, rows: Int) -> UnsafePointer<Float> {
+        imageHead.forward(arena, features: features, rows: rows)
+    }
+
     public func backwardImages(gradEmbeddings: UnsafePointer<Float>, context: PassContext) {
         let gradFeatures = imageHead.backward(arena, gradEmbeddings: gradEmbeddings)
         context.gradientsReady?("image_head.")

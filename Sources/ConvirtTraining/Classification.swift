@@ -1,0 +1,539 @@
+// The paper's classification evaluations (App. B) on RSNA, CheXpert, COVIDx and MURA.
+//
+// Linear: the image encoder frozen; its features h_v are computed once (split over the ranks, gathered)
+// and cached; a linear classifier with dropout 0.2 before it is trained on them with Adam (lr 1e-4,
+// 1e-3 for COVIDx; L2 weight decay 1e-6), batch 64; the learning rate is halved after 3 epochs without a
+// lower validation loss, training stops after 10, and the epoch with the lowest validation loss is tested.
+// Fine-tune: the classifier alone first for 200 steps at lr 1e-3 (on the frozen encoder's features), then
+// the whole encoder with the same schedule, data-parallel over the ranks (each rank its share of the
+// global batch of 64, SyncBN, gradients summed). Each of `runs` runs draws its label fraction and its
+// initialisation from its own seed; the result is the mean and standard deviation over runs.
+
+import ConvirtCore
+import ConvirtData
+import ConvirtDistributed
+import ConvirtIO
+import ConvirtModels
+import Foundation
+
+/// Where the evaluated image encoder comes from.
+public enum EncoderSource: Sendable {
+    /// The `image.` tensors of a ConVIRT checkpoint.
+    case checkpoint(String)
+    /// torchvision initialisation of an architecture, from the run's seed.
+    case random(ResNetConfig)
+    /// ImageNet weights: a torchvision ResNet state dict in safetensors (tools/convert_weights.py).
+    case imagenet(ResNetConfig, weights: String)
+
+    public var name: String {
+        switch self {
+        case .checkpoint: return "convirt"
+        case .random: return "random"
+        case .imagenet: return "imagenet"
+        }
+    }
+}
+
+public struct ClassificationOptions: Sendable {
+    public var evaluationProtocol = "linear"
+    public var fraction = 1.0
+    public var runs = 5
+    public var seed: UInt64 = 0
+    /// Input size: images are zero-padded to square and resized to it (the paper: 224).
+    public var imageSize = 224
+    public var batch = 64
+    /// nil: 1e-4, or 1e-3 for COVIDx (the paper's choice).
+    public var learningRate: Double? = nil
+    public var weightDecay = 1e-6
+    public var dropout: Float = 0.2
+    /// Epochs without a lower validation loss before the learning rate is halved.
+    public var patience = 3
+    /// Epochs without a lower validation loss before training stops.
+    public var stopAfter = 10
+    public var maxEpochs = 100
+    /// Fine-tuning: steps of the classifier alone first, and their learning rate.
+    public var headSteps = 200
+    public var headLearningRate = 1e-3
+    /// Images per forward pass when computing features.
+    public var featureBatch = 16
+    /// Where encoder features are cached between invocations (nil: only within this one).
+    public var cacheDirectory: String? = nil
+    public init() {}
+}
+
+/// A labelled split turned into arrays: targets [n, outputs] (multi-class: one-hot) and groups.
+struct LabeledArrays {
+    var paths: [String]
+    var targets: [Float]
+    var groups: [String]
+    var outputs: Int
+    var count: Int { paths.count }
+
+    init(_ items: [LabeledImage], outputs: Int) {
+        paths = items.map(\.path)
+        groups = items.map(\.group)
+        self.outputs = outputs
+        targets = items.flatMap { $0.targets }
+    }
+
+    func subset(_ keep: [Int]) -> LabeledArrays {
+        var s = self
+        s.paths = keep.map { paths[$0] }
+        s.groups = keep.map { groups[$0] }
+        s.targets = keep.flatMap { Array(targets[($0 * outputs)..<(($0 + 1) * outputs)]) }
+        return s
+    }
+}
+
+public final class ClassificationEvaluation {
+    public let data: DownstreamData
+    public let source: EncoderSource
+    public let options: ClassificationOptions
+    public let communicator: Communicator
+    let log: (String) -> Void
+    let model: ImageClassifier
+    /// The encoder as loaded (restored before every run of fine-tuning).
+    var initialParameters: [Float] = []
+    var outputs: Int { data.labelNames.count }
+    var learningRate: Double { options.learningRate ?? (data.dataset == .covidx ? 1e-3 : 1e-4) }
+    /// Images that could not be decoded, per split (counted and reported, never fatal).
+    public private(set) var unreadable: [String: Int] = [:]
+
+    public init(data: DownstreamData, source: EncoderSource, options: ClassificationOptions, communicator: Communicator,
+                log: @escaping (String) -> Void) throws {
+        try require(["linear", "finetune"].contains(options.evaluationProtocol), "eval", "unknown protocol \(options.evaluationProtocol) (linear or finetune)")
+        try require(options.fraction > 0 && options.fraction <= 1, "eval", "--fraction must be in (0, 1]")
+        try require(options.runs >= 1 && options.batch >= communicator.size && options.batch % communicator.size == 0, "eval",
+                    "--runs must be positive and the batch (\(options.batch)) must divide by the \(communicator.size) ranks")
+        try require(!data.train.isEmpty && !data.validation.isEmpty && !data.test.isEmpty, "eval",
+                    "\(data.dataset.rawValue): the train, validation and test splits must all hold images")
+        self.data = data
+        self.source = source
+        self.options = options
+        self.communicator = communicator
+        self.log = log
+        let config: ResNetConfig
+        switch source {
+        case .checkpoint(let dir): config = try Checkpoints.manifest(dir).config.model.image
+        case .random(let c), .imagenet(let c, _): config = c
+        }
+        let outputs = data.labelNames.count
+        model = try ImageClassifier(config: config, classes: outputs, dropout: options.dropout)
+        model.initialize(seed: options.seed)
+        switch source {
+        case .checkpoint(let dir): try Checkpoints.load(dir, prefix: "image.", into: model.arena)
+        case .imagenet(_, let weights): try Weights.load(SafeTensorsFile(path: weights), into: model.arena, prefix: "image.")
+        case .random: break
+        }
+        initialParameters = Array(UnsafeBufferPointer(start: model.arena.params, count: model.arena.count))
+    }
+
+    // MARK: images and features
+
+    /// Normalised 3-channel images [n, 3, S, S] of `paths`; `ok[i]` is false for an unreadable image.
+    func loadImages(_ paths: [String], into output: UnsafeMutablePointer<Float>) -> [Bool] {
+        EvaluationInput.normalizedImages(paths, size: options.imageSize, into: output)
+    }
+
+    /// Encoder features [n, F] of `paths` in evaluation mode, computed in slices over the ranks and
+    /// gathered on every rank, with a readable flag per image; cached on disk when asked.
+    func features(_ split: String, _ paths: [String]) throws -> (features: [Float], ok: [Bool]) {
+        let f = model.featureCount, n = paths.count
+        let cachePath = try cacheFile(split, paths)
+        if let cachePath, let cached = try? SafeTensorsFile(path: cachePath),
+           let values = try? cached.floats("features"), let flags = try? cached.floats("readable"), values.shape == [n, f], flags.shape == [n] {
+            if communicator.isRoot { log("\(split): \(n) cached features from \(cachePath)") }
+            return (values.scalars, flags.scalars.map { $0 != 0 })
+        }
+        let w = communicator.size, r = communicator.rank
+        let counts = (0..<w).map { Checkpoints.shardRange(rank: $0, worldSize: w, count: n).count }
+        let mine = Checkpoints.shardRange(rank: r, worldSize: w, count: n)
+        var all = [Float](repeating: 0, count: n * f)
+        var flags = [Float](repeating: 0, count: n)
+        let batch = options.featureBatch, s = options.imageSize
+        let images = Scratch<Float>(batch * 3 * s * s)
+        var start = mine.lowerBound
+        while start < mine.upperBound {
+            let end = min(start + batch, mine.upperBound)
+            let ok = loadImages(Array(paths[start..<end]), into: images.pointer)
+            let h = try model.features(images.pointer, batch: end - start, size: s, context: PassContext(training: false))
+            all.withUnsafeMutableBufferPointer { ($0.baseAddress! + start * f).update(from: h, count: (end - start) * f) }
+            for (k, good) in ok.enumerated() { flags[start + k] = good ? 1 : 0 }
+            start = end
+        }
+        try all.withUnsafeMutableBufferPointer { try communicator.allGatherInPlace($0, counts: counts.map { $0 * f }) }
+        try flags.withUnsafeMutableBufferPointer { try communicator.allGatherInPlace($0, counts: counts) }
+        if communicator.isRoot, let cachePath {
+            var writer = SafeTensorsWriter(metadata: ["split": split, "images": "\(n)"])
+            try writer.add("features", Tensor(shape: [n, f], all))
+            try writer.add("readable", Tensor(shape: [n], flags))
+            try? FileManager.default.createDirectory(atPath: (cachePath as NSString).deletingLastPathComponent, withIntermediateDirectories: true)
+            try writer.write(to: cachePath)
+        }
+        return (all, flags.map { $0 != 0 })
+    }
+
+    /// The cache file of a split's features: keyed by the encoder, the image size and the image list.
+    func cacheFile(_ split: String, _ paths: [String]) throws -> String? {
+        guard let dir = options.cacheDirectory else { return nil }
+        var key = "\(options.imageSize)|\(model.config)|"
+        switch source {
+        case .checkpoint(let d):
+            let m = try Checkpoints.manifest(d)
+            key += "checkpoint|\(URL(fileURLWithPath: d).standardizedFileURL.path)|\(m.state.step)|\(m.shards.map { String($0.crc32) }.joined(separator: ","))"
+        case .random: key += "random|\(options.seed)"
+        case .imagenet(_, let weights): key += "imagenet|\(weights)|\(Files.size(weights) ?? 0)"
+        }
+        var crc: UInt32 = 0
+        for part in [key] + paths { crc = Data((part + "\n").utf8).withUnsafeBytes { crc32Update(crc, $0) } }
+        var crc2: UInt32 = 0x9E3779B9
+        for part in paths.reversed() + [key] { crc2 = Data((part + "\n").utf8).withUnsafeBytes { crc32Update(crc2, $0) } }
+        return "\(dir)/\(data.dataset.rawValue)-\(split)-\(paths.count)-\(String(format: "%08x%08x", crc, crc2)).safetensors"
+    }
+
+    // MARK: losses and metrics
+
+    /// Mean loss over rows and its gradient (already divided by `normalizer`) for logits [rows, outputs].
+    func loss(logits: UnsafePointer<Float>, targets: UnsafePointer<Float>, rows: Int, normalizer: Int,
+              gradient: UnsafeMutablePointer<Float>?) -> Double {
+        let o = outputs, n = rows * o
+        var losses = [Float](repeating: 0, count: data.task == .multiClass ? rows : n)
+        var probabilities = [Float](repeating: 0, count: n)
+        if data.task == .multiClass {
+            let classes = (0..<rows).map { r in Int32((0..<o).max { targets[r * o + $0] < targets[r * o + $1] }!) }
+            CrossEntropy.forward(losses: &losses, probabilities: &probabilities, logits: logits, targets: classes, rows: rows, classes: o)
+            if let gradient {
+                let g = [Float](repeating: 1 / Float(normalizer), count: rows)
+                gradient.update(repeating: 0, count: n)
+                CrossEntropy.backward(gradLogits: gradient, gradLosses: g, probabilities: probabilities, targets: classes, rows: rows, classes: o)
+            }
+        } else {
+            BinaryCrossEntropy.forward(losses: &losses, probabilities: &probabilities, logits: logits, targets: targets, count: n)
+            if let gradient {
+                // Mean over rows and outputs, as BCEWithLogitsLoss(reduction="mean").
+                let g = [Float](repeating: 1 / Float(normalizer * o), count: n)
+                gradient.update(repeating: 0, count: n)
+                BinaryCrossEntropy.backward(gradLogits: gradient, gradLosses: g, probabilities: probabilities, targets: targets, count: n)
+            }
+            return losses.reduce(0.0) { $0 + Double($1) } / Double(o)
+        }
+        return losses.reduce(0.0) { $0 + Double($1) }
+    }
+
+    /// Scores [n, outputs]: sigmoid probabilities, or softmax over classes.
+    func scores(_ logits: [Float], rows: Int) -> [Float] {
+        let o = outputs
+        var out = [Float](repeating: 0, count: rows * o)
+        if data.task == .multiClass {
+            logits.withUnsafeBufferPointer { x in out.withUnsafeMutableBufferPointer { Softmax.forward(output: $0.baseAddress!, input: x.baseAddress!, rows: rows, columns: o) } }
+        } else {
+            for i in 0..<(rows * o) { out[i] = 1 / (1 + Float.exp(-logits[i])) }
+        }
+        return out
+    }
+
+    /// The test metric of scores [n, outputs]: mean ROC AUC over labels (per group, averaging the
+    /// scores of a group's images, for MURA's studies), or accuracy for multi-class.
+    func metric(scores: [Float], split: LabeledArrays) throws -> (value: Double, perLabel: [String: Double]) {
+        let o = outputs
+        // Aggregate by group (each image is its own group unless the dataset groups them).
+        var order: [String] = [], sums: [String: [Double]] = [:], counts: [String: Int] = [:], truth: [String: [Float]] = [:]
+        for i in 0..<split.count {
+            let g = split.groups[i]
+            if sums[g] == nil { order.append(g); sums[g] = [Double](repeating: 0, count: o); truth[g] = Array(split.targets[(i * o)..<((i + 1) * o)]) }
+            for k in 0..<o { sums[g]![k] += Double(scores[i * o + k]) }
+            counts[g, default: 0] += 1
+        }
+        let averaged = order.map { g in sums[g]!.map { $0 / Double(counts[g]!) } }
+        let labels = order.map { truth[$0]! }
+        if data.task == .multiClass {
+            let predicted = averaged.map { row in row.indices.max { row[$0] < row[$1] }! }
+            let actual = labels.map { row in row.indices.max { row[$0] < row[$1] }! }
+            let accuracy = Metrics.accuracy(predicted: predicted, truth: actual)
+            var perClass: [String: Double] = [:]
+            for (k, name) in data.labelNames.enumerated() {
+                let members = actual.indices.filter { actual[$0] == k }
+                if !members.isEmpty { perClass[name] = Double(members.filter { predicted[$0] == k }.count) / Double(members.count) }
+            }
+            return (accuracy, perClass)
+        }
+        var perLabel: [String: Double] = [:]
+        for (k, name) in data.labelNames.enumerated() {
+            let s = averaged.map { $0[k] }, y = labels.map { $0[k] >= 0.5 }
+            do { perLabel[name] = try Metrics.rocAUC(scores: s, labels: y) } catch {
+                throw ConvirtError("\(data.dataset.rawValue) test split, label \(name): \(error)")
+            }
+        }
+        return (perLabel.values.reduce(0, +) / Double(perLabel.count), perLabel)
+    }
+
+    // MARK: the classifier on fixed features
+
+    /// Logits of the classifier on features [n, F] (evaluation mode).
+    func classifierLogits(_ features: [Float], rows: Int) -> [Float] {
+        let f = model.featureCount, o = outputs
+        var out = [Float](repeating: 0, count: rows * o)
+        let chunk = 256
+        features.withUnsafeBufferPointer { x in
+            var start = 0
+            while start < rows {
+                let end = min(rows, start + chunk)
+                let y = model.classify(x.baseAddress! + start * f, rows: end - start, context: PassContext(training: false))
+                out.withUnsafeMutableBufferPointer { ($0.baseAddress! + start * o).update(from: y, count: (end - start) * o) }
+                start = end
+            }
+        }
+        return out
+    }
+
+    /// One Adam step of the classifier on a batch of feature rows (every rank does the same arithmetic).
+    func classifierStep(_ features: [Float], _ split: LabeledArrays, rows: [Int], step: Int, epoch: Int, rate: Double, seed: UInt64,
+                        batchFeatures: Scratch<Float>, batchTargets: Scratch<Float>, gradLogits: Scratch<Float>) {
+        let f = model.featureCount, o = outputs, n = rows.count
+        let x = batchFeatures.ensure(n * f), y = batchTargets.ensure(n * o)
+        features.withUnsafeBufferPointer { src in
+            for (k, i) in rows.enumerated() { (x + k * f).update(from: src.baseAddress! + i * f, count: f) }
+        }
+        split.targets.withUnsafeBufferPointer { t in for (k, i) in rows.enumerated() { (y + k * o).update(from: t.baseAddress! + i * o, count: o) } }
+        let context = PassContext(training: true, stream: RandomStream(seed: seed, 0xD40F, UInt64(epoch), UInt64(step)), sampleIndices: rows.map { UInt64($0) })
+        let logits = model.classify(x, rows: n, context: context)
+        let g = gradLogits.ensure(n * o)
+        _ = loss(logits: logits, targets: y, rows: n, normalizer: n, gradient: g)
+        let head = model.headRange
+        (model.arena.grads + head.lowerBound).update(repeating: 0, count: head.count)
+        _ = model.backwardClassifier(gradLogits: g, features: x)
+        Adam.step(params: model.arena.params, grads: model.arena.grads, m: model.arena.adamM, v: model.arena.adamV, range: head, step: step,
+                  config: AdamConfig(learningRate: rate, weightDecay: options.weightDecay, decoupled: false))
+    }
+
+    /// The validation loss of the classifier on fixed features.
+    func validationLoss(_ features: [Float], _ split: LabeledArrays) -> Double {
+        let logits = classifierLogits(features, rows: split.count)
+        return logits.withUnsafeBufferPointer { l in split.targets.withUnsafeBufferPointer { t in
+            loss(logits: l.baseAddress!, targets: t.baseAddress!, rows: split.count, normalizer: split.count, gradient: nil)
+        } } / Double(max(1, split.count))
+    }
+
+    /// The plateau schedule shared by both protocols: returns (improved, halve the rate, stop).
+    struct Plateau {
+        var best = Double.infinity
+        var sinceBest = 0
+        var sinceHalving = 0
+        let patience: Int, stopAfter: Int
+
+        mutating func update(_ value: Double) -> (improved: Bool, halve: Bool, stop: Bool) {
+            if value < best { best = value; sinceBest = 0; sinceHalving = 0; return (true, false, false) }
+            sinceBest += 1
+            sinceHalving += 1
+            var halve = false
+            if sinceHalving >= patience { halve = true; sinceHalving = 0 }
+            return (false, halve, sinceBest >= stopAfter)
+        }
+    }
+
+    // MARK: the protocols
+
+    /// Runs the protocol `options.runs` times; every rank returns the same result.
+    public func run() throws -> ClassificationResult {
+        let o = outputs
+        var train = LabeledArrays(data.train, outputs: o), validation = LabeledArrays(data.validation, outputs: o)
+        var test = LabeledArrays(data.test, outputs: o)
+        // Features of the frozen encoder, once for all runs (linear; and the fine-tuning's head-only phase).
+        var trainFeatures = try features("train", train.paths)
+        var validationFeatures = try features("validation", validation.paths)
+        var testFeatures = try features("test", test.paths)
+        func dropUnreadable(_ name: String, _ split: inout LabeledArrays, _ f: inout (features: [Float], ok: [Bool])) {
+            let keep = f.ok.indices.filter { f.ok[$0] }
+            guard keep.count < split.count else { return }
+            unreadable[name] = split.count - keep.count
+            if communicator.isRoot { log("\(name): \(split.count - keep.count) image(s) could not be read and are skipped") }
+            let width = model.featureCount
+            split = split.subset(keep)
+            f.features = keep.flatMap { Array(f.features[($0 * width)..<(($0 + 1) * width)]) }
+            f.ok = keep.map { _ in true }
+        }
+        dropUnreadable("train", &train, &trainFeatures)
+        dropUnreadable("validation", &validation, &validationFeatures)
+        dropUnreadable("test", &test, &testFeatures)
+        var values: [Double] = [], perLabelRuns: [[String: Double]] = [], seeds: [UInt64] = []
+        for run in 0..<options.runs {
+            let seed = options.seed &+ UInt64(run)
+            seeds.append(seed)
+            // This run's labelled subset of the training split.
+            let chosen = Set(DownstreamReader.fraction(train.paths.indices.map { i in
+                LabeledImage(path: train.paths[i], targets: Array(train.targets[(i * o)..<((i + 1) * o)]), group: train.groups[i])
+            }, options.fraction, seed: seed).map(\.path))
+            let rows = train.paths.indices.filter { chosen.contains(train.paths[$0]) }
+            let subset = train.subset(rows)
+            let subsetFeatures = rows.flatMap { Array(trainFeatures.features[($0 * model.featureCount)..<(($0 + 1) * model.featureCount)]) }
+            if communicator.isRoot {
+                log("run \(run + 1)/\(options.runs) (seed \(seed)): \(options.evaluationProtocol) on \(subset.count) training images "
+                    + "(\(Int(options.fraction * 100))% of \(train.count)), \(validation.count) validation, \(test.count) test")
+            }
+            let scores: [Float]
+            if options.evaluationProtocol == "linear" {
+                model.arena.params.update(from: initialParameters, count: model.arena.count)
+                model.resetHead(seed: seed)
+                try trainClassifier(subsetFeatures, subset, validationFeatures.features, validation, seed: seed)
+                scores = self.scores(classifierLogits(testFeatures.features, rows: test.count), rows: test.count)
+            } else {
+                scores = try fineTune(subset, subsetFeatures, validation, test, seed: seed)
+            }
+            let (value, perLabel) = try metric(scores: scores, split: test)
+            if communicator.isRoot { log(String(format: "run %d: test %@ %.4f", run + 1, data.task == .multiClass ? "accuracy" : "AUC", value)) }
+            values.append(value)
+            perLabelRuns.append(perLabel)
+        }
+        var checkpoint: String? = nil
+        if case .checkpoint(let d) = source { checkpoint = d }
+        if case .imagenet(_, let w) = source { checkpoint = w }
+        return ClassificationResult(dataset: data.dataset.rawValue, protocol: options.evaluationProtocol, fraction: options.fraction,
+                                    metric: data.task == .multiClass ? "accuracy" : "auc", runs: values,
+                                    perLabel: ClassificationResult.perLabelMeans(perLabelRuns), initialization: source.name,
+                                    checkpoint: checkpoint, seeds: seeds)
+    }
+
+    /// Linear evaluation: the classifier trained on fixed features with the plateau schedule; the
+    /// parameters of the epoch with the lowest validation loss are kept.
+    func trainClassifier(_ features: [Float], _ split: LabeledArrays, _ validationFeatures: [Float], _ validation: LabeledArrays,
+                         seed: UInt64) throws {
+        var rate = learningRate
+        var plateau = Plateau(patience: options.patience, stopAfter: options.stopAfter)
+        let head = model.headRange
+        var best = Array(UnsafeBufferPointer(start: model.arena.params + head.lowerBound, count: head.count))
+        let bf = Scratch<Float>(), bt = Scratch<Float>(), gl = Scratch<Float>()
+        var step = 0
+        for epoch in 0..<options.maxEpochs {
+            let order = permutation(split.count, seed: seed, epoch: epoch)
+            var start = 0
+            while start < order.count {
+                let rows = Array(order[start..<min(order.count, start + options.batch)])
+                step += 1
+                classifierStep(features, split, rows: rows, step: step, epoch: epoch, rate: rate, seed: seed, batchFeatures: bf, batchTargets: bt, gradLogits: gl)
+                start += options.batch
+            }
+            let val = validationLoss(validationFeatures, validation)
+            let decision = plateau.update(val)
+            if decision.improved { best = Array(UnsafeBufferPointer(start: model.arena.params + head.lowerBound, count: head.count)) }
+            if decision.halve { rate /= 2 }
+            if communicator.isRoot && (epoch % 10 == 0 || decision.stop) {
+                log(String(format: "  epoch %d: validation loss %.4f (best %.4f), lr %.2e", epoch + 1, val, plateau.best, rate))
+            }
+            if decision.stop { break }
+        }
+        best.withUnsafeBufferPointer { (model.arena.params + head.lowerBound).update(from: $0.baseAddress!, count: head.count) }
+    }
+
+    /// A permutation of 0..<n for an epoch of a run (the same on every rank).
+    func permutation(_ n: Int, seed: UInt64, epoch: Int) -> [Int] {
+        let stream = RandomStream(seed: seed, 0x5EED, UInt64(epoch))
+        var order = Array(0..<n)
+        for i in stride(from: n - 1, to: 0, by: -1) { order.swapAt(i, stream.integer(below: i + 1, at: UInt64(i))) }
+        return order
+    }
+
+    /// Fine-tuning: the classifier alone for `headSteps` steps on the frozen features, then the whole
+    /// encoder with the plateau schedule, data-parallel. Returns the test scores of the best epoch.
+    func fineTune(_ split: LabeledArrays, _ features: [Float], _ validation: LabeledArrays, _ test: LabeledArrays, seed: UInt64) throws -> [Float] {
+        let arena = model.arena
+        arena.params.update(from: initialParameters, count: arena.count)
+        arena.adamM.update(repeating: 0, count: arena.count)
+        arena.adamV.update(repeating: 0, count: arena.count)
+        model.resetHead(seed: seed)
+        // 1. The classifier alone.
+        let bf = Scratch<Float>(), bt = Scratch<Float>(), gl = Scratch<Float>()
+        var headStep = 0, epoch = 0
+        while headStep < options.headSteps {
+            let order = permutation(split.count, seed: seed ^ 0x4EAD, epoch: epoch)
+            var start = 0
+            while start < order.count && headStep < options.headSteps {
+                headStep += 1
+                classifierStep(features, split, rows: Array(order[start..<min(order.count, start + options.batch)]), step: headStep, epoch: epoch,
+                               rate: options.headLearningRate, seed: seed, batchFeatures: bf, batchTargets: bt, gradLogits: gl)
+                start += options.batch
+            }
+            epoch += 1
+        }
+        // 2. Everything, data-parallel: rank r takes rows [r b, (r+1) b) of each global batch.
+        arena.adamM.update(repeating: 0, count: arena.count)
+        arena.adamV.update(repeating: 0, count: arena.count)
+        let w = communicator.size, r = communicator.rank, global = options.batch, b = global / w
+        let s = options.imageSize, o = outputs
+        let images = Scratch<Float>(b * 3 * s * s), targets = Scratch<Float>(b * o), gradLogits = Scratch<Float>(b * o)
+        let comm = communicator
+        let reducer: StatisticsReducer? = w > 1 ? { buffer in do { try comm.allReduceSum(buffer) } catch { comm.abort(code: 3) } } : nil
+        var rate = learningRate
+        var plateau = Plateau(patience: options.patience, stopAfter: options.stopAfter)
+        var best = Array(UnsafeBufferPointer(start: arena.params, count: arena.count))
+        var step = 0
+        let trainable = arena.layout.entries.filter { $0.kind == .trainable }.map(\.range)
+        for epoch in 0..<options.maxEpochs {
+            let order = permutation(split.count, seed: seed, epoch: epoch)
+            // Whole global batches only (the last partial one is dropped, as DataLoader(drop_last=True)),
+            // but at least one batch: with fewer images than the batch, the batch shrinks to them.
+            let perStep = min(global, split.count / w * w)
+            guard perStep >= w else { throw ConvirtError("fine-tuning needs at least \(w) training images (one per rank)") }
+            let local = perStep / w
+            for k in 0..<(split.count / perStep) {
+                step += 1
+                let rows = Array(order[(k * perStep + r * local)..<(k * perStep + (r + 1) * local)])
+                _ = loadImages(rows.map { split.paths[$0] }, into: images.pointer)
+                split.targets.withUnsafeBufferPointer { t in
+                    for (j, i) in rows.enumerated() { (targets.pointer + j * o).update(from: t.baseAddress! + i * o, count: o) }
+                }
+                let context = PassContext(training: true, reducer: reducer, stream: RandomStream(seed: seed, 0xF17E, UInt64(step)),
+                                          sampleIndices: rows.map { UInt64($0) })
+                arena.zeroGrads()
+                let h = try model.features(images.pointer, batch: local, size: s, context: context)
+                let logits = model.classify(h, rows: local, context: context)
+                _ = loss(logits: logits, targets: targets.pointer, rows: local, normalizer: perStep, gradient: gradLogits.pointer)
+                let gradFeatures = model.backwardClassifier(gradLogits: gradLogits.pointer, features: h)
+                model.backwardEncoder(gradFeatures: gradFeatures, context: context)
+                if w > 1 { try communicator.allReduceSum(UnsafeMutableBufferPointer(start: arena.grads, count: arena.count)) }
+                for range in trainable {
+                    Adam.step(params: arena.params, grads: arena.grads, m: arena.adamM, v: arena.adamV, range: range, step: step,
+                              config: AdamConfig(learningRate: rate, weightDecay: options.weightDecay, decoupled: false))
+                }
+            }
+            let val = try evaluateLoss(validation)
+            let decision = plateau.update(val)
+            if decision.improved { best = Array(UnsafeBufferPointer(start: arena.params, count: arena.count)) }
+            if decision.halve { rate /= 2 }
+            if communicator.isRoot { log(String(format: "  epoch %d: validation loss %.4f (best %.4f), lr %.2e", epoch + 1, val, plateau.best, rate)) }
+            if decision.stop { break }
+        }
+        arena.params.update(from: best, count: arena.count)
+        return scores(try evaluate(test), rows: test.count)
+    }
+
+    /// Logits [n, outputs] of a split through the current encoder and classifier (evaluation mode),
+    /// computed in slices over the ranks and gathered.
+    func evaluate(_ split: LabeledArrays) throws -> [Float] {
+        let o = outputs, n = split.count
+        let w = communicator.size
+        let counts = (0..<w).map { Checkpoints.shardRange(rank: $0, worldSize: w, count: n).count }
+        let mine = Checkpoints.shardRange(rank: communicator.rank, worldSize: w, count: n)
+        var logits = [Float](repeating: 0, count: n * o)
+        let batch = options.featureBatch, s = options.imageSize
+        let images = Scratch<Float>(batch * 3 * s * s)
+        var start = mine.lowerBound
+        while start < mine.upperBound {
+            let end = min(start + batch, mine.upperBound)
+            _ = loadImages(Array(split.paths[start..<end]), into: images.pointer)
+            let context = PassContext(training: false)
+            let h = try model.features(images.pointer, batch: end - start, size: s, context: context)
+            let y = model.classify(h, rows: end - start, context: context)
+            logits.withUnsafeMutableBufferPointer { ($0.baseAddress! + start * o).update(from: y, count: (end - start) * o) }
+            start = end
+        }
+        try logits.withUnsafeMutableBufferPointer { try communicator.allGatherInPlace($0, counts: counts.map { $0 * o }) }
+        return logits
+    }
+
+    func evaluateLoss(_ split: LabeledArrays) throws -> Double {
+        let logits = try evaluate(split)
+        return logits.withUnsafeBufferPointer { l in split.targets.withUnsafeBufferPointer { t in
+            loss(logits: l.baseAddress!, targets: t.baseAddress!, rows: split.count, normalizer: split.count, gradient: nil)
+        } } / Double(max(1, split.count))
+    }
+}

@@ -1,0 +1,247 @@
+// `convirt eval linear|finetune|retrieval` and `convirt embed`: the paper's evaluations of a pretrained
+// encoder (under mpirun, features and fine-tuning are split over the ranks; rank 0 prints and writes).
+
+import ArgumentParser
+import ConvirtCore
+import ConvirtData
+import ConvirtDistributed
+import ConvirtIO
+import ConvirtModels
+import ConvirtText
+import ConvirtTraining
+import Foundation
+
+struct EvalCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "eval", abstract: "The paper's evaluations: linear, fine-tuned, retrieval.",
+                                                    subcommands: [EvalLinear.self, EvalFinetune.self, EvalRetrieval.self])
+}
+
+/// Runs `body` with the job's communicator; an error on any rank ends every rank (no hang).
+func withCommunicator(_ name: String, _ body: (Communicator) throws -> Void) throws {
+    let communicator = try makeCommunicator()
+    do {
+        try body(communicator)
+        (communicator as? MPICommunicator)?.finalize()
+    } catch {
+        FileHandle.standardError.write(Data("convirt \(name) (rank \(communicator.rank) of \(communicator.size)): \(error)\n".utf8))
+        if communicator.size > 1 { communicator.abort(code: 2) }
+        throw ExitCode(2)
+    }
+}
+
+func writeJSON(_ data: Data, to path: String) throws {
+    try FileManager.default.createDirectory(atPath: (path as NSString).deletingLastPathComponent.isEmpty ? "." : (path as NSString).deletingLastPathComponent,
+                                            withIntermediateDirectories: true)
+    try Files.writeAtomically(data, to: path)
+}
+
+struct ClassificationArguments: ParsableArguments {
+    @Option(help: "chexpert, rsna, covidx or mura.") var dataset: String
+    @Option(help: "The dataset's directory, as released.") var root: String
+    @Option(help: "A ConVIRT checkpoint directory, or a run directory (its latest checkpoint).") var checkpoint: String?
+    @Option(help: "convirt (the checkpoint's image encoder), random or imagenet (with --image-weights).") var initialization = "convirt"
+    @Option(help: "torchvision ResNet weights (.safetensors) for --init imagenet.") var imageWeights: String?
+    @Option(help: "Architecture for random/imagenet init without a checkpoint: tiny, demo or paper.") var preset = "paper"
+    @Option(help: "Share of the training labels: 0.01, 0.1 or 1.") var fraction = 1.0
+    @Option(help: "Runs (seeds); the result is their mean and standard deviation.") var runs = 5
+    @Option(help: "Seed of the first run.") var seed: UInt64 = 0
+    @Option(help: "Input size (default: the encoder's, 224 for the paper).") var imageSize: Int?
+    @Option(help: "Learning rate (default 1e-4, 1e-3 for COVIDx).") var lr: Double?
+    @Option(help: "Batch (over all ranks).") var batch = 64
+    @Option(help: "Maximum epochs.") var maxEpochs = 100
+    @Option(help: "Fine-tuning: steps of the classifier alone first.") var headSteps = 200
+    @Option(help: "CheXpert labels whose uncertain values count as positive (comma-separated; default: none, U-Zeros).") var uOnes: String?
+    @Option(help: "Directory for cached features (default: feature-cache beside --out).") var cache: String?
+    @Option(help: "Threads per rank.") var threads = 1
+    @Option(help: "Results file (JSON).") var out: String?
+
+    static let initializations = ["convirt", "random", "imagenet"]
+
+    enum CodingKeys: String, CodingKey {
+        case dataset, root, checkpoint, initialization = "init", imageWeights, preset, fraction, runs, seed, imageSize, lr, batch, maxEpochs
+        case headSteps, uOnes, cache, threads, out
+    }
+
+    func source() throws -> EncoderSource {
+        switch initialization {
+        case "convirt":
+            guard let checkpoint else { throw ValidationError("--init convirt needs --checkpoint") }
+            return .checkpoint(try Checkpoints.resolve(checkpoint))
+        case "random", "imagenet":
+            let architecture = try checkpoint.map { try Checkpoints.manifest(Checkpoints.resolve($0)).config.model.image }
+                ?? ConVIRTConfig.preset(preset).image
+            if initialization == "random" { return .random(architecture) }
+            guard let imageWeights else { throw ValidationError("--init imagenet needs --image-weights F.safetensors") }
+            return .imagenet(architecture, weights: imageWeights)
+        default:
+            throw ValidationError("--init must be one of \(Self.initializations.joined(separator: ", "))")
+        }
+    }
+
+    func run(protocol name: String) throws {
+        guard let dataset = DownstreamDataset(rawValue: dataset) else {
+            throw ValidationError("--dataset must be one of \(DownstreamDataset.allCases.map(\.rawValue).joined(separator: ", "))")
+        }
+        try withCommunicator("eval \(name)") { communicator in
+            Parallel.setThreads(threads)
+            let root = communicator.isRoot
+            let source = try source()
+            var readerOptions = DownstreamOptions()
+            readerOptions.seed = seed
+            readerOptions.uOnes = Set((uOnes ?? "").split(separator: ",").map { $0.trimmingCharacters(in: .whitespaces) }.filter { !$0.isEmpty })
+            let data = try DownstreamReader.load(dataset, root: self.root, options: readerOptions)
+            if root {
+                print("convirt eval \(name): \(dataset.rawValue) (\(data.task.rawValue), labels \(data.labelNames.joined(separator: ", "))): "
+                      + "\(data.train.count) train, \(data.validation.count) validation, \(data.test.count) test images; "
+                      + "encoder \(source.name); \(communicator.size) rank(s)")
+                for (reason, count) in data.skipped.sorted(by: { $0.key < $1.key }) { print("skipped \(count) row(s): \(reason)") }
+            }
+            var options = ClassificationOptions()
+            options.evaluationProtocol = name
+            options.fraction = fraction
+            options.runs = runs
+            options.seed = seed
+            options.learningRate = lr
+            options.batch = batch
+            options.maxEpochs = maxEpochs
+            options.headSteps = headSteps
+            switch source {
+            case .checkpoint(let dir): options.imageSize = imageSize ?? (try Checkpoints.manifest(dir).config.model.image.imageSize)
+            case .random(let c), .imagenet(let c, _): options.imageSize = imageSize ?? c.imageSize
+            }
+            options.cacheDirectory = cache ?? out.map { (($0 as NSString).deletingLastPathComponent.isEmpty ? "." : ($0 as NSString).deletingLastPathComponent) + "/feature-cache" }
+            let start = Date()
+            let evaluation = try ClassificationEvaluation(data: data, source: source, options: options, communicator: communicator) { line in
+                if root { print(line) }
+            }
+            let result = try evaluation.run()
+            guard root else { return }
+            print(String(format: "%@ %@ on %@ at %g%% of the labels: %@ %.4f ± %.4f over %d run(s) (%.0f s)", source.name, name, dataset.rawValue,
+                         fraction * 100, result.metric, result.mean, result.std, result.runs.count, Date().timeIntervalSince(start)))
+            for (label, value) in result.perLabel.sorted(by: { $0.key < $1.key }) { print(String(format: "  %@: %.4f", label, value)) }
+            if let out {
+                try writeJSON(result.encoded(), to: out)
+                print("results: \(out)")
+            }
+            print(PaperTable.classificationTable(protocol: name, ours: [result]))
+        }
+    }
+}
+
+struct EvalLinear: ParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "linear", abstract: "Linear evaluation: a classifier on the frozen encoder's features.")
+    @OptionGroup var arguments: ClassificationArguments
+    func run() throws { try arguments.run(protocol: "linear") }
+}
+
+struct EvalFinetune: ParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "finetune", abstract: "Fine-tuning: the whole encoder and a classifier, data-parallel.")
+    @OptionGroup var arguments: ClassificationArguments
+    func run() throws { try arguments.run(protocol: "finetune") }
+}
+
+/// A ConVIRT model restored from a checkpoint, with the tokenizer of its run.
+struct LoadedModel {
+    let directory: String
+    let manifest: CheckpointManifest
+    let model: ConVIRTModel
+    let tokenizer: WordPieceTokenizer
+
+    init(checkpoint: String, vocab: String?) throws {
+        directory = try Checkpoints.resolve(checkpoint)
+        manifest = try Checkpoints.manifest(directory)
+        model = try ConVIRTModel(config: manifest.config.model)
+        try Checkpoints.load(directory, prefix: "", into: model.arena)
+        let candidates = [vocab, Checkpoints.runDirectory(ofCheckpoint: directory).map { "\($0)/vocab.txt" },
+                          manifest.config.textWeights.map { "\($0)/vocab.txt" }].compactMap { $0 }
+        guard let found = candidates.first(where: { FileManager.default.fileExists(atPath: $0) }) else {
+            throw ConvirtError("no vocabulary for \(directory): tried \(candidates.joined(separator: ", ")) (give --vocab)")
+        }
+        tokenizer = try WordPieceTokenizer(vocabularyPath: found, lowercase: manifest.config.lowercase)
+    }
+}
+
+struct EvalRetrieval: ParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "retrieval", abstract: "CheXpert 8x200 image-to-image and text-to-image retrieval.")
+    @Option(help: "A ConVIRT checkpoint directory, or a run directory (its latest checkpoint).") var checkpoint: String
+    @Option(help: "The CheXpert directory the candidate and query paths refer to.") var root: String
+    @Option(help: "Directory with image-retrieval/ and text-retrieval/ (candidate.csv, query.csv).") var queries: String
+    @Option(help: "vocab.txt (default: the run's).") var vocab: String?
+    @Option(help: "Input size (default: the encoder's).") var imageSize: Int?
+    @Option(help: "Queries per category and mode kept with their top candidates (for the report).") var examples = 1
+    @Option(help: "Threads per rank.") var threads = 1
+    @Option(help: "Results file (JSON).") var out: String?
+
+    func run() throws {
+        try withCommunicator("eval retrieval") { communicator in
+            Parallel.setThreads(threads)
+            let loaded = try LoadedModel(checkpoint: checkpoint, vocab: vocab)
+            let set = try Retrieval8x200.load(root: root, queries: queries)
+            let isRoot = communicator.isRoot
+            if isRoot {
+                print("convirt eval retrieval: \(set.categories.count) categories, \(set.candidates.count) image candidates, "
+                      + "\(set.imageQueries.count) image queries, \(set.textQueries.count) text queries; checkpoint \(loaded.directory)")
+                for (reason, count) in set.skipped.sorted(by: { $0.key < $1.key }) { print("skipped \(count) row(s): \(reason)") }
+            }
+            var result = try RetrievalEvaluation.evaluate(set: set, model: loaded.model, tokenizer: loaded.tokenizer, maxTokens: loaded.manifest.config.maxTokens,
+                                                          imageSize: imageSize ?? loaded.manifest.config.model.image.imageSize, communicator: communicator,
+                                                          examples: examples) { if isRoot { print($0) } }
+            result.checkpoint = loaded.directory
+            guard isRoot else { return }
+            if let out {
+                try writeJSON(result.encoded(), to: out)
+                print("results: \(out)")
+            }
+            print(PaperTable.retrievalTable(ours: [(label: "ours (convirt)", result)]))
+        }
+    }
+}
+
+struct EmbedCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "embed", abstract: "Embeddings of images or sentences with a checkpoint's encoders.")
+    @Option(help: "A ConVIRT checkpoint directory, or a run directory (its latest checkpoint).") var checkpoint: String
+    @Option(help: "A file with one image path per line.") var images: String?
+    @Option(help: "A file with one sentence per line.") var texts: String?
+    @Option(help: "vocab.txt (default: the run's).") var vocab: String?
+    @Option(help: "Input size (default: the encoder's).") var imageSize: Int?
+    @Option(help: "Threads per rank.") var threads = 1
+    @Option(help: "Output .safetensors: embeddings [N, d] (and features [N, F] for images).") var out: String
+
+    func validate() throws {
+        guard (images == nil) != (texts == nil) else { throw ValidationError("give exactly one of --images and --texts") }
+    }
+
+    func run() throws {
+        try withCommunicator("embed") { communicator in
+            Parallel.setThreads(threads)
+            let loaded = try LoadedModel(checkpoint: checkpoint, vocab: vocab)
+            let config = loaded.manifest.config
+            var writer = SafeTensorsWriter(metadata: ["checkpoint": loaded.directory, "step": "\(loaded.manifest.state.step)"])
+            let d = config.model.projDim
+            var summary = ""
+            if let images {
+                let paths = try Files.readText(images).split(whereSeparator: \.isNewline).map(String.init).filter { !$0.isEmpty }
+                guard !paths.isEmpty else { throw ConvirtError("\(images): no image paths") }
+                let r = try RetrievalEvaluation.embedImages(paths, model: loaded.model, size: imageSize ?? config.model.image.imageSize,
+                                                             communicator: communicator)
+                let bad = r.ok.indices.filter { !r.ok[$0] }
+                if !bad.isEmpty {
+                    throw ConvirtError("\(images): \(bad.count) image(s) could not be read, e.g. \(bad.prefix(3).map { paths[$0] }.joined(separator: ", "))")
+                }
+                try writer.add("embeddings", Tensor(shape: [paths.count, d], r.embeddings))
+                try writer.add("features", Tensor(shape: [paths.count, config.model.image.featureCount], r.features))
+                summary = "\(paths.count) images: embeddings [\(paths.count), \(d)], features [\(paths.count), \(config.model.image.featureCount)]"
+            } else if let texts {
+                let lines = try Files.readText(texts).split(whereSeparator: \.isNewline).map(String.init).filter { !$0.isEmpty }
+                guard !lines.isEmpty else { throw ConvirtError("\(texts): no sentences") }
+                let u = try RetrievalEvaluation.embedTexts(lines, model: loaded.model, tokenizer: loaded.tokenizer, maxTokens: config.maxTokens)
+                try writer.add("embeddings", Tensor(shape: [lines.count, d], u))
+                summary = "\(lines.count) sentences: embeddings [\(lines.count), \(d)]"
+            }
+            if communicator.isRoot {
+                try writer.write(to: out)
+                print("\(summary) -> \(out)")
+            }
+        }
+    }
+}

@@ -52,6 +52,11 @@ struct DownstreamTests {
         // The parent directory works too (the CSV paths are relative to it).
         let fromParent = try DownstreamReader.load(.chexpert, root: out)
         #expect(fromParent.train == data.train && fromParent.test == data.test)
+        // A renamed copy resolves the paths against the directory itself, without their first component.
+        try FileManager.default.moveItem(atPath: summary.root, toPath: "\(out)/renamed")
+        let renamed = try DownstreamReader.load(.chexpert, root: "\(out)/renamed")
+        #expect(renamed.train.map(\.path) == data.train.map { $0.path.replacingOccurrences(of: "/CheXpert-v1.0-small/", with: "/renamed/") })
+        try FileManager.default.moveItem(atPath: "\(out)/renamed", toPath: summary.root)
         // Another seed holds out other patients.
         var other = DownstreamOptions(); other.seed = 9
         #expect(try DownstreamReader.load(.chexpert, root: out, options: other).validation != data.validation)

@@ -50,10 +50,14 @@ public struct RetrievalSet: Sendable {
     public var skippedExamples: [String: [String]]
 
     /// Whether `candidate` is relevant to a query of `category`: its label for the category is 1.
-    public func relevant(_ candidate: RetrievalCandidate, _ category: String) -> Bool { candidate.labels[category] == 1 }
+    public func relevant(_ candidate: RetrievalCandidate, _ category: String) -> Bool { Retrieval8x200.relevant(candidate, category) }
 }
 
 public enum Retrieval8x200 {
+    /// Whether `candidate` is relevant to a query of `category`: its label for the category is 1 (for
+    /// "No Finding", its No Finding label).
+    public static func relevant(_ candidate: RetrievalCandidate, _ category: String) -> Bool { candidate.labels[category] == 1 }
+
     /// The paper's 8 categories, in the order of the authors' scripts.
     public static let categories = ["Fracture", "Edema", "Pneumonia", "Cardiomegaly", "Pneumothorax", "Atelectasis", "Pleural Effusion", "No Finding"]
 

@@ -10,13 +10,16 @@ public struct CSVTable: Sendable {
     public let path: String
     public let header: [String]
     public let rows: [[String]]
+    /// The 1-based line on which each row starts (parallel to `rows`), for messages that name the line.
+    public let rowLines: [Int]
     /// Rows skipped because their field count differs from the header's (line numbers, 1-based).
     public let malformedLines: [Int]
     private let columns: [String: Int]
 
     /// Parses `text`; `required` columns must be present.
     public init(text: String, path: String, required: [String] = [], hasHeader: Bool = true) throws {
-        var records = CSVTable.parse(text)
+        // A byte order mark (spreadsheet exports) is not part of the first column's name.
+        var records = CSVTable.parse(text.unicodeScalars.first == "\u{FEFF}" ? String(text.unicodeScalars.dropFirst()) : text)
         while let last = records.last, last.fields == [""] || last.fields.isEmpty { records.removeLast() }
         var header: [String] = []
         if hasHeader {
@@ -29,16 +32,19 @@ public struct CSVTable: Sendable {
             throw ConvirtError("\(path): missing required column(s) \(missing.joined(separator: ", ")) (header: \(header.joined(separator: ",")))")
         }
         var rows: [[String]] = []
+        var lines: [Int] = []
         var malformed: [Int] = []
         let width = hasHeader ? header.count : (records.first?.fields.count ?? 0)
         for record in records {
             if record.fields == [""] { continue }  // blank line
             if record.fields.count != width { malformed.append(record.line); continue }
             rows.append(record.fields)
+            lines.append(record.line)
         }
         self.path = path
         self.header = header
         self.rows = rows
+        self.rowLines = lines
         self.malformedLines = malformed
         self.columns = Dictionary(header.enumerated().map { ($1, $0) }, uniquingKeysWith: { a, _ in a })
     }

@@ -84,8 +84,10 @@ extension DownstreamReader {
     /// RSNA Pneumonia Detection Challenge: `stage_2_train_labels.csv` (`patientId,x,y,width,height,Target`,
     /// one row per box, Target 0 rows without a box) and `stage_2_train_images/<patientId>.dcm` (stage 1
     /// names are accepted too). One binary label per patientId; an id whose rows disagree is skipped.
-    /// Split 25184 / 1500 / 3000 (train / validation / test) with at least 29684 patients, else the same
-    /// proportions (at least 1 each), by a seeded permutation.
+    /// The paper's split holds out 1500 validation and 3000 test patients (its 25184 training patients are
+    /// the rest of a larger pool; the stage 2 release has 26684 ids, which leaves 22184 for training).
+    /// Sets of at least 9000 patients get exactly 1500 / 3000, smaller ones the paper's proportions
+    /// (1500 / 29684 and 3000 / 29684, at least 1 each); a seeded permutation of the patients.
     static func loadRSNA(root: String, options: DownstreamOptions) throws -> DownstreamData {
         guard let file = firstExisting(root, ["stage_2_train_labels.csv", "stage_1_train_labels.csv"]) else {
             throw ConvirtError("\(root): no stage_2_train_labels.csv (RSNA Pneumonia: the labels CSV and stage_2_train_images/)")
@@ -128,7 +130,7 @@ extension DownstreamReader {
             throw ConvirtError("\(file): \(items.count) usable patient(s); at least 3 are needed for train, validation and test (\(describe(skips)))")
         }
         let n = items.count
-        let (validationCount, testCount) = n >= 29_684 ? (1500, 3000) : (proportional(n, 1500, 29_684), proportional(n, 3000, 29_684))
+        let (validationCount, testCount) = n >= 2 * 4_500 ? (1500, 3000) : (proportional(n, 1500, 29_684), proportional(n, 3000, 29_684))
         // A permutation of the ids in sorted order, so that the split does not depend on the CSV's row order.
         let sorted = items.indices.sorted { items[$0].group < items[$1].group }
         let permutation = RandomStream(seed: options.seed, 0x5B17, 2).permutation(n)

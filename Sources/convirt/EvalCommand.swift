@@ -220,7 +220,7 @@ struct EmbedCommand: ParsableCommand {
             let d = config.model.projDim
             var summary = ""
             if let images {
-                let paths = try Files.readText(images).split(whereSeparator: \.isNewline).map(String.init).filter { !$0.isEmpty }
+                let paths = try Gzip.readText(images).split(whereSeparator: \.isNewline).map(String.init).filter { !$0.isEmpty }
                 guard !paths.isEmpty else { throw ConvirtError("\(images): no image paths") }
                 let r = try RetrievalEvaluation.embedImages(paths, model: loaded.model, size: imageSize ?? config.model.image.imageSize,
                                                              communicator: communicator)
@@ -232,7 +232,7 @@ struct EmbedCommand: ParsableCommand {
                 try writer.add("features", Tensor(shape: [paths.count, config.model.image.featureCount], r.features))
                 summary = "\(paths.count) images: embeddings [\(paths.count), \(d)], features [\(paths.count), \(config.model.image.featureCount)]"
             } else if let texts {
-                let lines = try Files.readText(texts).split(whereSeparator: \.isNewline).map(String.init).filter { !$0.isEmpty }
+                let lines = try Gzip.readText(texts).split(whereSeparator: \.isNewline).map(String.init).filter { !$0.isEmpty }
                 guard !lines.isEmpty else { throw ConvirtError("\(texts): no sentences") }
                 let u = try RetrievalEvaluation.embedTexts(lines, model: loaded.model, tokenizer: loaded.tokenizer, maxTokens: config.maxTokens)
                 try writer.add("embeddings", Tensor(shape: [lines.count, d], u))

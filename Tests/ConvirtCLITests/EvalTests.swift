@@ -1,0 +1,115 @@
+// The downstream evaluations end to end: a tiny encoder pretrained on synthetic MIMIC-CXR, evaluated
+// by `convirt eval linear|finetune|retrieval` and `convirt embed` on synthetic CheXpert, RSNA, COVIDx
+// and MURA in their released layouts; one rank and two ranks agree.
+
+import ConvirtIO
+import Foundation
+import Testing
+
+private func convirt() -> String {
+    var dir = URL(fileURLWithPath: CommandLine.arguments[0]).deletingLastPathComponent()
+    for _ in 0..<4 {
+        let candidate = dir.appendingPathComponent("convirt").path
+        if FileManager.default.isExecutableFile(atPath: candidate) { return candidate }
+        dir.deleteLastPathComponent()
+    }
+    return "convirt"
+}
+
+@Suite("Downstream evaluations", .serialized)
+struct EvalTests {
+    static let environment = DistributedTrainingTests.mpiEnvironment
+
+    struct Classification: Decodable {
+        let dataset: String, `protocol`: String, fraction: Double, metric: String, runs: [Double], mean: Double, std: Double
+        let per_label: [String: Double]
+    }
+
+    @Test("linear, fine-tuned and retrieval evaluations of a pretrained tiny encoder, on 1 and 2 ranks")
+    func evaluations() throws {
+        let mpirun = try #require(["/usr/bin/mpirun", "/usr/local/bin/mpirun"].first { FileManager.default.isExecutableFile(atPath: $0) })
+        let dir = FileManager.default.temporaryDirectory.appendingPathComponent("convirt-eval-\(getpid())").path
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        func ok(_ arguments: [String], ranks: Int = 1, timeout: Double = 300) throws -> String {
+            let r = ranks == 1 ? try run(convirt(), arguments, environment: Self.environment, timeout: timeout)
+                : try run(mpirun, ["--oversubscribe", "-np", "\(ranks)", convirt()] + arguments, environment: Self.environment, timeout: timeout)
+            #expect(r.status == 0, "convirt \(arguments.joined(separator: " ")): \(r.output)")
+            return r.output
+        }
+        func classification(_ path: String) throws -> Classification {
+            try JSONDecoder().decode(Classification.self, from: Data(contentsOf: URL(fileURLWithPath: path)))
+        }
+        // A tiny encoder pretrained briefly on synthetic MIMIC-CXR.
+        _ = try ok(["synth", "mimic", "--out", "\(dir)/mimic", "--studies", "120", "--image-size", "64", "--seed", "2"])
+        _ = try ok(["prepare", "mimic", "--root", "\(dir)/mimic", "--out", "\(dir)/prepared"])
+        _ = try ok(["train", "--data", "\(dir)/prepared", "--run-dir", "\(dir)/run", "--preset", "tiny", "--steps", "20", "--retrieval-eval", "0"])
+        #expect(FileManager.default.fileExists(atPath: "\(dir)/run/vocab.txt"), "the run keeps its vocabulary")
+        for dataset in ["chexpert", "rsna", "covidx", "mura"] {
+            _ = try ok(["synth", dataset, "--out", "\(dir)/\(dataset)", "--count", "80", "--image-size", "96", "--seed", "5"])
+        }
+
+        // Linear evaluation: the same result on one rank and on two (features split over the ranks).
+        let common = ["--dataset", "chexpert", "--root", "\(dir)/chexpert", "--checkpoint", "\(dir)/run", "--runs", "2", "--max-epochs", "8"]
+        let one = try ok(["eval", "linear"] + common + ["--out", "\(dir)/eval/linear1.json", "--cache", "\(dir)/cache1"])
+        #expect(one.contains("ConVIRT") && one.contains("ours (convirt)"), "side-by-side table with the paper: \(one)")
+        _ = try ok(["eval", "linear"] + common + ["--out", "\(dir)/eval/linear2.json", "--cache", "\(dir)/cache2"], ranks: 2)
+        let (a, b) = (try classification("\(dir)/eval/linear1.json"), try classification("\(dir)/eval/linear2.json"))
+        #expect(a.dataset == "chexpert" && a.protocol == "linear" && a.metric == "auc" && a.runs.count == 2 && a.fraction == 1)
+        #expect(Set(a.per_label.keys) == ["Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Pleural Effusion"])
+        #expect(a.runs.allSatisfy { $0 >= 0 && $0 <= 1 })
+        for (x, y) in zip(a.runs, b.runs) { #expect(abs(x - y) <= 1e-3, "1 rank \(x), 2 ranks \(y)") }
+        // Features are cached: a second invocation reads them.
+        let cached = try ok(["eval", "linear"] + common + ["--cache", "\(dir)/cache1", "--fraction", "0.1"])
+        #expect(cached.contains("cached features"), "\(cached)")
+
+        // Fine-tuning, data-parallel: one rank and two agree to float rounding over a short schedule.
+        let tune = ["--dataset", "chexpert", "--root", "\(dir)/chexpert", "--checkpoint", "\(dir)/run", "--runs", "1", "--max-epochs", "2",
+                    "--head-steps", "5", "--batch", "16"]
+        _ = try ok(["eval", "finetune"] + tune + ["--out", "\(dir)/eval/tune1.json"])
+        _ = try ok(["eval", "finetune"] + tune + ["--out", "\(dir)/eval/tune2.json"], ranks: 2)
+        let (c, d) = (try classification("\(dir)/eval/tune1.json"), try classification("\(dir)/eval/tune2.json"))
+        #expect(c.protocol == "finetune" && c.runs.count == 1)
+        #expect(abs(c.mean - d.mean) <= 0.02, "fine-tuning on 1 rank \(c.mean), on 2 ranks \(d.mean)")
+
+        // The other datasets (DICOM, multi-class accuracy, study-level AUC) and the random-init baseline.
+        for (dataset, metric) in [("rsna", "auc"), ("covidx", "accuracy"), ("mura", "auc")] {
+            _ = try ok(["eval", "linear", "--dataset", dataset, "--root", "\(dir)/\(dataset)", "--checkpoint", "\(dir)/run", "--runs", "1",
+                        "--max-epochs", "5", "--out", "\(dir)/eval/\(dataset).json"])
+            let r = try classification("\(dir)/eval/\(dataset).json")
+            #expect(r.metric == metric && r.mean >= 0 && r.mean <= 1, "\(dataset): \(r)")
+        }
+        _ = try ok(["eval", "linear", "--init", "random", "--preset", "tiny", "--dataset", "rsna", "--root", "\(dir)/rsna", "--runs", "1",
+                    "--max-epochs", "5", "--out", "\(dir)/eval/rsna-random.json"])
+        #expect(try String(contentsOfFile: "\(dir)/eval/rsna-random.json", encoding: .utf8).contains("\"init\" : \"random\""))
+
+        // Retrieval on the CheXpert 8x200 files.
+        let retrieval = try ok(["eval", "retrieval", "--checkpoint", "\(dir)/run", "--root", "\(dir)/chexpert", "--queries", "\(dir)/chexpert/chexpert_8x200",
+                                "--out", "\(dir)/eval/retrieval.json"], ranks: 2)
+        #expect(retrieval.contains("image_to_image") || retrieval.contains("image->image") || retrieval.contains("Image"), "\(retrieval)")
+        let json = try JSONSerialization.jsonObject(with: Data(contentsOf: URL(fileURLWithPath: "\(dir)/eval/retrieval.json"))) as! [String: Any]
+        for mode in ["image_to_image", "text_to_image"] {
+            let table = try #require(json[mode] as? [String: [String: Double]], "\(mode) in \(json.keys)")
+            for k in [5, 10, 50] {
+                let row = try #require(table["precision@\(k)"])
+                #expect(row.count == 9 && row.values.allSatisfy { $0 >= 0 && $0 <= 1 }, "\(mode) precision@\(k): \(row)")
+            }
+        }
+
+        // Embeddings of images and sentences.
+        let images = try FileManager.default.subpathsOfDirectory(atPath: "\(dir)/chexpert").filter { $0.hasSuffix(".jpg") }.prefix(5)
+            .map { "\(dir)/chexpert/\($0)" }
+        try images.joined(separator: "\n").write(toFile: "\(dir)/images.txt", atomically: true, encoding: .utf8)
+        try "There is a large left pleural effusion.\nNo acute cardiopulmonary process.\n".write(toFile: "\(dir)/texts.txt", atomically: true, encoding: .utf8)
+        _ = try ok(["embed", "--checkpoint", "\(dir)/run", "--images", "\(dir)/images.txt", "--out", "\(dir)/images.safetensors"])
+        _ = try ok(["embed", "--checkpoint", "\(dir)/run", "--texts", "\(dir)/texts.txt", "--out", "\(dir)/texts.safetensors"])
+        let imageFile = try SafeTensorsFile(path: "\(dir)/images.safetensors")
+        #expect(imageFile.info("embeddings")?.shape == [5, 64] || imageFile.info("embeddings")?.shape.first == 5)
+        #expect(try SafeTensorsFile(path: "\(dir)/texts.safetensors").info("embeddings")?.shape.first == 2)
+
+        // Bad input: a CheXpert directory without its CSVs is a clear error naming the file, on every rank.
+        try FileManager.default.createDirectory(atPath: "\(dir)/empty", withIntermediateDirectories: true)
+        let bad = try run(mpirun, ["--oversubscribe", "-np", "2", convirt(), "eval", "linear", "--dataset", "chexpert", "--root", "\(dir)/empty",
+                                   "--checkpoint", "\(dir)/run"], environment: Self.environment, timeout: 60)
+        #expect(bad.status != 0 && bad.output.contains("train.csv"), "\(bad.output)")
+    }
+}

@@ -9,7 +9,7 @@ import ConvirtModels
 import ConvirtText
 import Foundation
 
-public struct RetrievalResult: Codable, Sendable {
+public struct HeldOutRetrievalResult: Codable, Sendable {
     public var studies: Int
     public var sentences: Int
     public var precisionAt10: Double
@@ -24,7 +24,7 @@ public struct RetrievalResult: Codable, Sendable {
 
 public enum HeldOutRetrieval {
     public static func evaluate(model: ConVIRTModel, dataset: PreparedDataset, tokenizer: WordPieceTokenizer, split: String = "test",
-                                maxStudies: Int, maxTokens: Int) throws -> RetrievalResult {
+                                maxStudies: Int, maxTokens: Int) throws -> HeldOutRetrievalResult {
         let studies = Array(dataset.samples(split: split).prefix(maxStudies))
         try require(studies.count >= 2, "held-out retrieval", "the \(split) split has \(studies.count) usable studies")
         let size = model.config.image.imageSize, d = model.config.projDim
@@ -74,6 +74,6 @@ public enum HeldOutRetrieval {
             maximum += Double(min(own, 10)) / 10
         }
         let n = Double(studies.count)
-        return RetrievalResult(studies: studies.count, sentences: t, precisionAt10: precision / n, chanceAt10: chance / n, maximumAt10: maximum / n)
+        return HeldOutRetrievalResult(studies: studies.count, sentences: t, precisionAt10: precision / n, chanceAt10: chance / n, maximumAt10: maximum / n)
     }
 }

@@ -257,14 +257,17 @@ public final class ClassificationEvaluation {
             }
             return (accuracy, perClass)
         }
-        var perLabel: [String: Double] = [:]
-        for (k, name) in data.labelNames.enumerated() {
-            let s = averaged.map { $0[k] }, y = labels.map { $0[k] >= 0.5 }
-            do { perLabel[name] = try Metrics.rocAUC(scores: s, labels: y) } catch {
-                throw ConvirtError("\(data.dataset.rawValue) test split, label \(name): \(error)")
-            }
+        let columns = data.labelNames.indices.map { k in averaged.map { $0[k] } }
+        let truthColumns = data.labelNames.indices.map { k in labels.map { $0[k] >= 0.5 } }
+        let (mean, perLabel, undefined) = try Metrics.meanROCAUC(scores: columns, labels: truthColumns, names: data.labelNames)
+        if !undefined.isEmpty && communicator.isRoot {
+            log("warning: \(data.dataset.rawValue) test split: the AUC of \(undefined.joined(separator: ", ")) is undefined (one class only); "
+                + "the mean is over the other labels")
         }
-        return (perLabel.values.reduce(0, +) / Double(perLabel.count), perLabel)
+        guard mean.isFinite else {
+            throw ConvirtError("\(data.dataset.rawValue) test split: no label has both classes, so no AUC is defined")
+        }
+        return (mean, perLabel)
     }
 
     // MARK: the classifier on fixed features

@@ -39,7 +39,8 @@ struct ClassificationArguments: ParsableArguments {
     @Option(help: "chexpert, rsna, covidx or mura.") var dataset: String
     @Option(help: "The dataset's directory, as released.") var root: String
     @Option(help: "A ConVIRT checkpoint directory, or a run directory (its latest checkpoint).") var checkpoint: String?
-    @Option(help: "convirt (the checkpoint's image encoder), random or imagenet (with --image-weights).") var initialization = "convirt"
+    @Option(name: .customLong("init"), help: "convirt (the checkpoint's image encoder), random or imagenet (with --image-weights).")
+    var initialization = "convirt"
     @Option(help: "torchvision ResNet weights (.safetensors) for --init imagenet.") var imageWeights: String?
     @Option(help: "Architecture for random/imagenet init without a checkpoint: tiny, demo or paper.") var preset = "paper"
     @Option(help: "Share of the training labels: 0.01, 0.1 or 1.") var fraction = 1.0
@@ -56,11 +57,6 @@ struct ClassificationArguments: ParsableArguments {
     @Option(help: "Results file (JSON).") var out: String?
 
     static let initializations = ["convirt", "random", "imagenet"]
-
-    enum CodingKeys: String, CodingKey {
-        case dataset, root, checkpoint, initialization = "init", imageWeights, preset, fraction, runs, seed, imageSize, lr, batch, maxEpochs
-        case headSteps, uOnes, cache, threads, out
-    }
 
     func source() throws -> EncoderSource {
         switch initialization {
@@ -106,7 +102,7 @@ struct ClassificationArguments: ParsableArguments {
             options.maxEpochs = maxEpochs
             options.headSteps = headSteps
             switch source {
-            case .checkpoint(let dir): options.imageSize = imageSize ?? (try Checkpoints.manifest(dir).config.model.image.imageSize)
+            case .checkpoint(let dir): options.imageSize = try imageSize ?? Checkpoints.manifest(dir).config.model.image.imageSize
             case .random(let c), .imagenet(let c, _): options.imageSize = imageSize ?? c.imageSize
             }
             options.cacheDirectory = cache ?? out.map { (($0 as NSString).deletingLastPathComponent.isEmpty ? "." : ($0 as NSString).deletingLastPathComponent) + "/feature-cache" }

@@ -45,7 +45,7 @@ struct EvalTests {
         _ = try ok(["train", "--data", "\(dir)/prepared", "--run-dir", "\(dir)/run", "--preset", "tiny", "--steps", "20", "--retrieval-eval", "0"])
         #expect(FileManager.default.fileExists(atPath: "\(dir)/run/vocab.txt"), "the run keeps its vocabulary")
         for dataset in ["chexpert", "rsna", "covidx", "mura"] {
-            _ = try ok(["synth", dataset, "--out", "\(dir)/\(dataset)", "--count", "80", "--image-size", "96", "--seed", "5"])
+            _ = try ok(["synth", dataset, "--out", "\(dir)/\(dataset)", "--count", dataset == "chexpert" ? "150" : "80", "--image-size", "96", "--seed", "5"])
         }
 
         // Linear evaluation: the same result on one rank and on two (features split over the ranks).

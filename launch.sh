@@ -36,9 +36,29 @@ if [ $# -eq 0 ]; then
   echo "== pretraining: 2 ranks, demo preset"
   mpirun --oversubscribe "${mpi_flags[@]}" -np 2 "$bin" train --data "$data/prepared" --run-dir "$run" --preset demo \
     --checkpoint-every 500 --resume
+  # The paper's evaluations on synthetic CheXpert, RSNA, COVIDx and MURA (each in its released layout):
+  # linear evaluation of the pretrained encoder and of a random-init one, and CheXpert 8x200 retrieval.
+  for dataset in chexpert rsna covidx mura; do
+    if [ ! -e "$data/eval/$dataset/.complete" ]; then
+      echo "== synthesising $dataset into $data/eval/$dataset"
+      "$bin" synth "$dataset" --out "$data/eval/$dataset" && touch "$data/eval/$dataset/.complete"
+    fi
+  done
+  for dataset in chexpert rsna covidx mura; do
+    for init in convirt random; do
+      echo "== linear evaluation on $dataset: $init encoder (2 ranks, 5 runs)"
+      mpirun --oversubscribe "${mpi_flags[@]}" -np 2 "$bin" eval linear --dataset "$dataset" --root "$data/eval/$dataset" \
+        --checkpoint "$run" --init "$init" --out "$run/eval/linear-$dataset-$init.json" | tail -n 4
+    done
+  done
+  echo "== CheXpert 8x200 retrieval (2 ranks)"
+  mpirun --oversubscribe "${mpi_flags[@]}" -np 2 "$bin" eval retrieval --checkpoint "$run" --root "$data/eval/chexpert" \
+    --queries "$data/eval/chexpert/chexpert_8x200" --out "$run/eval/retrieval.json"
   echo "Results: $run/config.json (the resolved configuration), $run/metrics.jsonl (one JSON object per step),"
   echo "         $run/heldout_retrieval.json (image-to-text precision@10 on held-out studies, with chance level),"
-  echo "         $run/checkpoints/ (sharded checkpoints; rerunning ./launch.sh continues from the latest)."
+  echo "         $run/checkpoints/ (sharded checkpoints; rerunning ./launch.sh continues from the latest),"
+  echo "         $run/eval/*.json (linear evaluation, ConVIRT and random init, and retrieval; the tables above"
+  echo "         print them beside the paper's Tables 1 and 2)."
   exit 0
 fi
 

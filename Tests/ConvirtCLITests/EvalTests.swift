@@ -81,6 +81,12 @@ struct EvalTests {
         _ = try ok(["eval", "linear", "--init", "random", "--preset", "tiny", "--dataset", "rsna", "--root", "\(dir)/rsna", "--runs", "1",
                     "--max-epochs", "5", "--out", "\(dir)/eval/rsna-random.json"])
         #expect(try String(contentsOfFile: "\(dir)/eval/rsna-random.json", encoding: .utf8).contains("\"init\" : \"random\""))
+        // Given weights (here the checkpoint's image encoder exported with torchvision names, as ImageNet
+        // weights would come) go through the same command and give the checkpoint's result exactly.
+        _ = try ok(["checkpoint", "export", "\(dir)/run", "--out", "\(dir)/export"])
+        _ = try ok(["eval", "linear", "--init", "imagenet", "--image-weights", "\(dir)/export/image_encoder.safetensors", "--checkpoint", "\(dir)/run",
+                    "--dataset", "rsna", "--root", "\(dir)/rsna", "--runs", "1", "--max-epochs", "5", "--out", "\(dir)/eval/rsna-weights.json"])
+        #expect(try classification("\(dir)/eval/rsna-weights.json").runs == classification("\(dir)/eval/rsna.json").runs)
 
         // Retrieval on the CheXpert 8x200 files.
         let retrieval = try ok(["eval", "retrieval", "--checkpoint", "\(dir)/run", "--root", "\(dir)/chexpert", "--queries", "\(dir)/chexpert/chexpert_8x200",

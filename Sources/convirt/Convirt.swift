@@ -11,7 +11,7 @@ struct Convirt: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "convirt",
         abstract: "ConVIRT: contrastive pretraining of medical image encoders from images and reports, on MPI.",
-        subcommands: [TrainCommand.self, CheckpointCommand.self, SynthCommand.self, PrepareCommand.self, TokenizeCommand.self, ParityCommand.self, Info.self, Bench.self]
+        subcommands: [TrainCommand.self, CheckpointCommand.self, ReportCommand.self, SynthCommand.self, PrepareCommand.self, TokenizeCommand.self, ParityCommand.self, Info.self, Bench.self]
     )
 }
 

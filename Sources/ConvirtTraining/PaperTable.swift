@@ -245,6 +245,6 @@ public enum PaperTable {
             lines.append(line)
         }
         lines += grid.notes
-        return lines.joined(separator: "\n") + "\n"
+        return lines.map { String($0.reversed().drop { $0 == " " }.reversed()) }.joined(separator: "\n") + "\n"
     }
 }

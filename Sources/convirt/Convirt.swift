@@ -11,7 +11,8 @@ struct Convirt: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "convirt",
         abstract: "ConVIRT: contrastive pretraining of medical image encoders from images and reports, on MPI.",
-        subcommands: [TrainCommand.self, EvalCommand.self, EmbedCommand.self, CheckpointCommand.self, SynthCommand.self, PrepareCommand.self, TokenizeCommand.self, ParityCommand.self, Info.self, Bench.self]
+        subcommands: [TrainCommand.self, EvalCommand.self, EmbedCommand.self, ReportCommand.self, CheckpointCommand.self, SynthCommand.self,
+                      PrepareCommand.self, TokenizeCommand.self, ParityCommand.self, Info.self, Bench.self]
     )
 }
 

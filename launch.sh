@@ -48,13 +48,16 @@ if [ $# -eq 0 ]; then
     for init in convirt random; do
       echo "== linear evaluation on $dataset: $init encoder (2 ranks, 5 runs)"
       mpirun --oversubscribe "${mpi_flags[@]}" -np 2 "$bin" eval linear --dataset "$dataset" --root "$data/eval/$dataset" \
-        --checkpoint "$run" --init "$init" --out "$run/eval/linear-$dataset-$init.json" | tail -n 4
+        --checkpoint "$run" --init "$init" --out "$run/eval/linear-$dataset-$init.json" | grep -E "over [0-9]+ run|^  "
     done
   done
   echo "== CheXpert 8x200 retrieval (2 ranks)"
   mpirun --oversubscribe "${mpi_flags[@]}" -np 2 "$bin" eval retrieval --checkpoint "$run" --root "$data/eval/chexpert" \
     --queries "$data/eval/chexpert/chexpert_8x200" --out "$run/eval/retrieval.json"
-  echo "Results: $run/config.json (the resolved configuration), $run/metrics.jsonl (one JSON object per step),"
+  echo "== report"
+  "$bin" report "$run" --quiet
+  echo "Results: $run/report.html (curves, throughput, the evaluation tables beside the paper's, retrieval examples),"
+  echo "         $run/config.json (the resolved configuration), $run/metrics.jsonl (one JSON object per step),"
   echo "         $run/heldout_retrieval.json (image-to-text precision@10 on held-out studies, with chance level),"
   echo "         $run/checkpoints/ (sharded checkpoints; rerunning ./launch.sh continues from the latest),"
   echo "         $run/eval/*.json (linear evaluation, ConVIRT and random init, and retrieval; the tables above"

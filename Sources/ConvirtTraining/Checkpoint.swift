@@ -309,6 +309,8 @@ public final class CheckpointWriter: @unchecked Sendable {
     private var job: Job?
     private var outcome = Outcome()
     private let finished = DispatchSemaphore(value: 0)
+    /// True once this rank's writer has finished the current job (its signal consumed).
+    private var written = false
     /// The snapshot (params, m, v of this rank's range) and its byte planes, reused from save to save.
     private var snapshot = Scratch<Float>()
     private var planes = Scratch<UInt8>()
@@ -354,6 +356,7 @@ public final class CheckpointWriter: @unchecked Sendable {
         copy.update(from: arena.params + range.lowerBound, count: n)
         (copy + n).update(from: arena.adamM + range.lowerBound, count: n)
         (copy + 2 * n).update(from: arena.adamV + range.lowerBound, count: n)
+        written = false
         let job = Job(state: state, config: config, best: best, entries: communicator.isRoot ? Checkpoints.entries(of: arena) : [],
                       arenaCount: arena.count, range: range, temporary: "\(root)/.tmp-\(Checkpoints.name(step: state.step))")
         self.job = job
@@ -397,12 +400,27 @@ public final class CheckpointWriter: @unchecked Sendable {
         return result
     }
 
+    /// Commits the checkpoint being written if every rank has finished writing its shard (collective:
+    /// one small all-reduce while a checkpoint is pending); training never waits here. Returns whether
+    /// it committed.
+    @discardableResult
+    public func commitIfReady() throws -> Bool {
+        guard job != nil else { return false }
+        if !written && finished.wait(timeout: .now()) == .success { written = true }
+        var pending = [written ? 0.0 : 1.0]
+        try pending.withUnsafeMutableBufferPointer { try communicator.allReduceSum($0) }
+        guard pending[0] == 0 else { return false }
+        try commit()
+        return true
+    }
+
     /// Commits the checkpoint being written (collective; no-op when none): waits for this rank's shard,
     /// gathers every rank's size and checksum, and rank 0 publishes the checkpoint only when all succeeded.
     public func commit() throws {
         guard let job else { return }
         var clock = Clock()
-        finished.wait()
+        if !written { finished.wait() }
+        written = false
         let mine = outcome
         self.job = nil
         outcome = Outcome()

@@ -309,8 +309,9 @@ public final class Trainer {
                     stop = checks >= config.maxChecks
                 }
             }
-            // A checkpoint started in an earlier step is committed now (its shards had this step to be written).
-            if let pending = checkpoints.pendingStep, pending < step { try checkpoints.commit() }
+            // A checkpoint started in an earlier step is committed once every rank has written its shard
+            // (at the latest before the next one starts, or at the end).
+            if checkpoints.pendingStep != nil { try checkpoints.commitIfReady() }
             if let every = config.checkpointEvery, step % every == 0, step < totalSteps, !stop, savedStep != step {
                 try checkpoints.save(arena: model.arena, state: checkpointState(step: step), config: config)
                 savedStep = step

@@ -48,10 +48,18 @@ struct EvalTests {
             _ = try ok(["synth", dataset, "--out", "\(dir)/\(dataset)", "--count", dataset == "chexpert" ? "150" : "80", "--image-size", "96", "--seed", "5"])
         }
 
+        // A truncated training image: skipped, counted and reported, never fatal.
+        let csv = try String(contentsOfFile: "\(dir)/chexpert/CheXpert-v1.0-small/train.csv", encoding: .utf8)
+        let firstPath = try #require(csv.split(separator: "\n").dropFirst().first?.split(separator: ",").first).dropFirst("CheXpert-v1.0-small/".count)
+        let broken = "\(dir)/chexpert/CheXpert-v1.0-small/\(firstPath)"
+        let jpeg = try Data(contentsOf: URL(fileURLWithPath: broken))
+        try jpeg.prefix(jpeg.count / 3).write(to: URL(fileURLWithPath: broken))
+
         // Linear evaluation: the same result on one rank and on two (features split over the ranks).
         let common = ["--dataset", "chexpert", "--root", "\(dir)/chexpert", "--checkpoint", "\(dir)/run", "--runs", "2", "--max-epochs", "8"]
         let one = try ok(["eval", "linear"] + common + ["--out", "\(dir)/eval/linear1.json", "--cache", "\(dir)/cache1"])
         #expect(one.contains("ConVIRT") && one.contains("ours (convirt)"), "side-by-side table with the paper: \(one)")
+        #expect(one.contains("train: 1 image(s) could not be read and are skipped"), "\(one)")
         _ = try ok(["eval", "linear"] + common + ["--out", "\(dir)/eval/linear2.json", "--cache", "\(dir)/cache2"], ranks: 2)
         let (a, b) = (try classification("\(dir)/eval/linear1.json"), try classification("\(dir)/eval/linear2.json"))
         #expect(a.dataset == "chexpert" && a.protocol == "linear" && a.metric == "auc" && a.runs.count == 2 && a.fraction == 1)

@@ -172,17 +172,22 @@ public enum Checkpoints {
     static func forEachShard(_ directory: String, _ manifest: CheckpointManifest,
                              _ body: (CheckpointManifest.Shard, UnsafePointer<UInt8>) throws -> Void) throws {
         for shard in manifest.shards {
-            let path = "\(directory)/\(shard.file)"
-            guard let size = Files.size(path) else { throw ConvirtError("\(path): missing (the manifest lists it)") }
-            guard size == shard.bytes else { throw ConvirtError("\(path): \(size) bytes, the manifest says \(shard.bytes) (truncated?)") }
-            let data = try Files.read(path)
-            let crc = data.withUnsafeBytes { crc32Checksum($0) }
-            guard crc == shard.crc32 else {
-                throw ConvirtError("\(path): checksum \(String(crc, radix: 16)) differs from the manifest's \(String(shard.crc32, radix: 16)) (corrupt)")
-            }
-            let raw = try Zstd.decompress(data, expectedSize: shard.rawBytes, source: path)
+            let raw = try readShard(directory, shard)
             try raw.withUnsafeBytes { try body(shard, $0.bindMemory(to: UInt8.self).baseAddress ?? UnsafePointer(bitPattern: 1)!) }
         }
+    }
+
+    /// One shard's byte planes, after its size, CRC-32, zstd checksum and decompressed size are checked.
+    static func readShard(_ directory: String, _ shard: CheckpointManifest.Shard) throws -> Data {
+        let path = "\(directory)/\(shard.file)"
+        guard let size = Files.size(path) else { throw ConvirtError("\(path): missing (the manifest lists it)") }
+        guard size == shard.bytes else { throw ConvirtError("\(path): \(size) bytes, the manifest says \(shard.bytes) (truncated?)") }
+        let data = try Files.read(path)
+        let crc = data.withUnsafeBytes { crc32Checksum($0) }
+        guard crc == shard.crc32 else {
+            throw ConvirtError("\(path): checksum \(String(crc, radix: 16)) differs from the manifest's \(String(shard.crc32, radix: 16)) (corrupt)")
+        }
+        return try Zstd.decompress(data, expectedSize: shard.rawBytes, source: path)
     }
 
     /// Checks every shard of a checkpoint without keeping the arena; returns the manifest.
@@ -256,21 +261,7 @@ public enum Checkpoints {
     /// must be identical (a clear error lists the differences).
     public static func restore(_ directory: String, into arena: ParameterArena) throws -> CheckpointManifest {
         let manifest = try manifest(directory)
-        let ours = entries(of: arena)
-        if ours != manifest.entries || manifest.arenaCount != arena.count {
-            let theirs = Dictionary(manifest.entries.map { ($0.name, $0) }, uniquingKeysWith: { a, _ in a })
-            var differences: [String] = []
-            for e in ours {
-                if let t = theirs[e.name] {
-                    if t.shape != e.shape { differences.append("\(e.name): \(describe(shape: t.shape)) in the checkpoint, \(describe(shape: e.shape)) now") }
-                    else if t.kind != e.kind { differences.append("\(e.name): \(t.kind) in the checkpoint, \(e.kind) now") }
-                } else { differences.append("\(e.name): not in the checkpoint") }
-            }
-            let names = Set(ours.map(\.name))
-            for t in manifest.entries where !names.contains(t.name) { differences.append("\(t.name): only in the checkpoint") }
-            if differences.isEmpty { differences.append("arena of \(manifest.arenaCount) floats in the checkpoint, \(arena.count) now") }
-            throw ConvirtError("\(directory): the model differs from the checkpoint's: \(differences.prefix(10).joined(separator: "; "))")
-        }
+        try checkLayout(manifest, of: directory, against: arena)
         let own = arena.optimizerRange
         try forEachShard(directory, manifest) { shard, planes in
             let lo = shard.range[0], count = shard.range[1] - lo
@@ -283,6 +274,99 @@ public enum Checkpoints {
             }
         }
         return manifest
+    }
+
+    /// The checkpoint's name table must be the arena's (a clear error lists the differences).
+    static func checkLayout(_ manifest: CheckpointManifest, of directory: String, against arena: ParameterArena) throws {
+        let ours = entries(of: arena)
+        guard ours != manifest.entries || manifest.arenaCount != arena.count else { return }
+        let theirs = Dictionary(manifest.entries.map { ($0.name, $0) }, uniquingKeysWith: { a, _ in a })
+        var differences: [String] = []
+        for e in ours {
+            if let t = theirs[e.name] {
+                if t.shape != e.shape { differences.append("\(e.name): \(describe(shape: t.shape)) in the checkpoint, \(describe(shape: e.shape)) now") }
+                else if t.kind != e.kind { differences.append("\(e.name): \(t.kind) in the checkpoint, \(e.kind) now") }
+            } else { differences.append("\(e.name): not in the checkpoint") }
+        }
+        let names = Set(ours.map(\.name))
+        for t in manifest.entries where !names.contains(t.name) { differences.append("\(t.name): only in the checkpoint") }
+        if differences.isEmpty { differences.append("arena of \(manifest.arenaCount) floats in the checkpoint, \(arena.count) now") }
+        throw ConvirtError("\(directory): the model differs from the checkpoint's: \(differences.prefix(10).joined(separator: "; "))")
+    }
+
+    /// Restores a checkpoint that only rank 0 can read (gather I/O: no shared filesystem). Collective:
+    /// rank 0 reads and checks each shard and broadcasts its parameters and Adam moments; every rank
+    /// keeps all parameters and the moments of its own optimizer range. `directory` matters on rank 0
+    /// only; an error there is thrown on every rank with rank 0's message.
+    public static func restoreFromRoot(_ directory: String, into arena: ParameterArena, communicator: Communicator) throws -> CheckpointManifest {
+        let root = communicator.isRoot
+        var manifestBytes = Data()
+        var failure: String? = nil
+        if root {
+            do {
+                let m = try manifest(directory)
+                try checkLayout(m, of: directory, against: arena)
+                manifestBytes = try JSONEncoder().encode(m)
+            } catch { failure = "\(error)" }
+        }
+        try broadcastFailure(&failure, communicator)
+        manifestBytes = try broadcastBytes(manifestBytes, communicator)
+        let manifest = try JSONDecoder().decode(CheckpointManifest.self, from: manifestBytes)
+        let own = arena.optimizerRange
+        let moments = Scratch<Float>()
+        for shard in manifest.shards {
+            let lo = shard.range[0], count = shard.range[1] - lo
+            let m = moments.ensure(max(1, 2 * count))
+            if root {
+                do {
+                    let raw = try readShard(directory, shard)
+                    raw.withUnsafeBytes { bytes in
+                        let planes = bytes.bindMemory(to: UInt8.self).baseAddress ?? UnsafePointer(bitPattern: 1)!
+                        unshuffle(planes, count: count, elements: 0..<count, into: arena.params + lo)
+                        unshuffle(planes + count * 4, count: count, elements: 0..<count, into: m)
+                        unshuffle(planes + count * 8, count: count, elements: 0..<count, into: m + count)
+                    }
+                } catch { failure = "\(error)" }
+            }
+            try broadcastFailure(&failure, communicator)
+            try broadcastLarge(UnsafeMutableRawBufferPointer(start: arena.params + lo, count: count * 4), communicator)
+            try broadcastLarge(UnsafeMutableRawBufferPointer(start: m, count: 2 * count * 4), communicator)
+            let a = max(lo, own.lowerBound), b = min(lo + count, own.upperBound)
+            if a < b {
+                (arena.adamM + a).update(from: m + (a - lo), count: b - a)
+                (arena.adamV + a).update(from: m + count + (a - lo), count: b - a)
+            }
+        }
+        return manifest
+    }
+
+    /// Rank 0's failure (if any) reaches every rank, which throws it.
+    static func broadcastFailure(_ failure: inout String?, _ communicator: Communicator) throws {
+        var flag: [Int64] = [failure == nil ? 0 : 1]
+        try flag.withUnsafeMutableBytes { try communicator.broadcast($0, root: 0) }
+        guard flag[0] != 0 else { return }
+        let message = try broadcastBytes(Data((failure ?? "").utf8), communicator)
+        throw ConvirtError(communicator.isRoot ? failure! : "rank 0: \(String(decoding: message, as: UTF8.self))")
+    }
+
+    /// Rank 0's bytes on every rank.
+    static func broadcastBytes(_ data: Data, _ communicator: Communicator) throws -> Data {
+        var length: [Int64] = [Int64(data.count)]
+        try length.withUnsafeMutableBytes { try communicator.broadcast($0, root: 0) }
+        var out = communicator.isRoot ? data : Data(count: Int(length[0]))
+        try out.withUnsafeMutableBytes { try broadcastLarge($0, communicator) }
+        return out
+    }
+
+    /// MPI_Bcast in pieces of at most 1 GiB (its counts are 32-bit).
+    static func broadcastLarge(_ buffer: UnsafeMutableRawBufferPointer, _ communicator: Communicator) throws {
+        guard let base = buffer.baseAddress, buffer.count > 0 else { return }
+        var offset = 0
+        while offset < buffer.count {
+            let n = min(1 << 30, buffer.count - offset)
+            try communicator.broadcast(UnsafeMutableRawBufferPointer(start: base + offset, count: n), root: 0)
+            offset += n
+        }
     }
 }
 

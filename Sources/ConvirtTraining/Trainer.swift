@@ -170,9 +170,19 @@ public final class Trainer {
         }
         try communicator.barrier()
         var restored: (String, CheckpointManifest)? = nil
-        for directory in Checkpoints.candidates(runDirectory: runDirectory) {
+        // With gather I/O only rank 0 sees the checkpoints (no shared filesystem): it picks, reads and
+        // broadcasts; otherwise every rank reads the files itself.
+        let fromRoot = config.checkpointIO == CheckpointIO.gather.rawValue && communicator.size > 1
+        var candidates = fromRoot && !communicator.isRoot ? [] : Checkpoints.candidates(runDirectory: runDirectory)
+        if fromRoot {
+            let names = try Checkpoints.broadcastBytes(Data(candidates.joined(separator: "\n").utf8), communicator)
+            candidates = String(decoding: names, as: UTF8.self).split(separator: "\n").map(String.init)
+        }
+        for directory in candidates {
             do {
-                restored = (directory, try Checkpoints.restore(directory, into: model.arena))
+                let manifest = fromRoot ? try Checkpoints.restoreFromRoot(directory, into: model.arena, communicator: communicator)
+                    : try Checkpoints.restore(directory, into: model.arena)
+                restored = (directory, manifest)
                 break
             } catch let error as ConvirtError where !error.message.contains("the model differs") {
                 guard fallback else {

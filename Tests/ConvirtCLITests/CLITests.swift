@@ -372,6 +372,28 @@ struct DistributedTrainingTests {
         let rows = try String(contentsOfFile: "\(dir)/io-async/metrics.jsonl", encoding: .utf8)
         #expect(rows.contains("time_checkpoint_s"), "the training time lost to checkpoints is measured")
 
+        // No shared filesystem: each rank runs in its own directory with a relative --run-dir (MPMD), so
+        // rank 1 cannot see rank 0's files. Gather I/O writes every shard on rank 0 only, and resuming
+        // reads them there and broadcasts them: the losses are bitwise those of a run that never stopped.
+        func separate(_ steps: Int, _ extra: [String]) throws -> (status: Int32, output: String) {
+            let app = [convirtPath(), "train", "--data", "\(dir)/prepared", "--run-dir", "run", "--preset", "tiny", "--retrieval-eval", "0",
+                       "--steps", "\(steps)", "--checkpoint-every", "5", "--checkpoint-io", "gather"] + extra
+            return try run(mpirun, ["--oversubscribe", "-np", "1", "-wdir", "\(dir)/node0"] + app + [":", "-np", "1", "-wdir", "\(dir)/node1"] + app,
+                           environment: Self.mpiEnvironment, timeout: 300)
+        }
+        for node in ["node0", "node1"] { try fm.createDirectory(atPath: "\(dir)/\(node)", withIntermediateDirectories: true) }
+        let first = try separate(10, [])
+        #expect(first.status == 0, "\(first.output)")
+        #expect(fm.fileExists(atPath: "\(dir)/node0/run/checkpoints/step-00000010/shard-00001-of-00002.zst"), "rank 0 wrote rank 1's shard")
+        #expect(!fm.fileExists(atPath: "\(dir)/node1/run"), "rank 1 wrote nothing in its own directory")
+        let second = try separate(20, ["--resume"])
+        #expect(second.status == 0 && second.output.contains("resuming from run/checkpoints/step-00000010"), "\(second.output)")
+        #expect(!fm.fileExists(atPath: "\(dir)/node1/run"))
+        let separateRows = try String(contentsOfFile: "\(dir)/node0/run/metrics.jsonl", encoding: .utf8).split(separator: "\n")
+            .map { try JSONDecoder().decode(Row.self, from: Data($0.utf8)) }
+        #expect(separateRows.map(\.step) == Array(1...20))
+        #expect(zip(separateRows, uninterrupted).allSatisfy { $0.loss == $1.loss }, "gathered checkpoints resume bitwise")
+
         // A rank killed right after writing its shard of step 10, before the commit.
         let killedDir = "\(dir)/killed-in-checkpoint", checkpoints = "\(killedDir)/checkpoints"
         let killed = try train(killedDir, ["--steps", "20", "--checkpoint-every", "5"], environment: ["CONVIRT_FAULT_KILL_AFTER_SHARD": "10:1"])

@@ -446,6 +446,9 @@ public final class CheckpointWriter: @unchecked Sendable {
         self.job = job
         if asynchronous {
             Thread.detachNewThread { [self] in
+                // Yield to training where cores are short (the nice value is per thread on Linux);
+                // with a core to spare this changes nothing, and a forced commit frees the core anyway.
+                _ = setpriority(__priority_which_t(PRIO_PROCESS.rawValue), 0, 10)
                 outcome = writeShard(job)
                 finished.signal()
             }

@@ -267,9 +267,11 @@ struct DistributedTrainingTests {
         process.standardOutput = FileHandle.nullDevice
         process.standardError = FileHandle.nullDevice
         try process.run()
-        // Wait until training runs, then kill one rank (not mpirun).
+        // Wait until training runs past a committed checkpoint (asynchronous ones commit a few steps after
+        // they start), then kill one rank (not mpirun).
         let deadline = Date().addingTimeInterval(60)
-        while Date() < deadline, ((try? String(contentsOfFile: "\(runDir)/metrics.jsonl", encoding: .utf8))?.split(separator: "\n").count ?? 0) < 7 {
+        while Date() < deadline, ((try? String(contentsOfFile: "\(runDir)/metrics.jsonl", encoding: .utf8))?.split(separator: "\n").count ?? 0) < 7
+                || !FileManager.default.fileExists(atPath: "\(runDir)/checkpoints/latest") {
             Thread.sleep(forTimeInterval: 0.02)
         }
         let ranks = try run("/usr/bin/pgrep", ["-f", "convirt train --data \(data) --run-dir \(runDir)"]).output

@@ -154,13 +154,10 @@ struct LayerNormLayer {
     }
 }
 
-/// One post-LN transformer encoder layer with its activations.
-final class EncoderLayer {
-    let query, key, value, attentionOutput, intermediate, output: LinearLayer
-    let attentionNorm, outputNorm: LayerNormLayer
-    let index: Int
-    let frozen: Bool
-    // activations ([rows, H] unless noted; rows = B*T)
+/// The activations of an encoder layer ([rows, H] unless noted; rows = B*T). A trainable layer keeps its
+/// own until backward; frozen layers (never differentiated) take turns with two shared sets, since each
+/// only reads the previous one's output.
+final class LayerActivations {
     let q = Scratch<Float>(), k = Scratch<Float>(), v = Scratch<Float>()
     let probabilities = Scratch<Float>(), dropped = Scratch<Float>()  // [B, heads, T, T]
     let context = Scratch<Float>(), attentionDense = Scratch<Float>(), sum1 = Scratch<Float>()
@@ -168,12 +165,55 @@ final class EncoderLayer {
     let inner = Scratch<Float>(), activated = Scratch<Float>()                            // [rows, I]
     let outputDense = Scratch<Float>(), sum2 = Scratch<Float>()
     let hidden2 = Scratch<Float>(), mean2 = Scratch<Float>(), invStd2 = Scratch<Float>()
-    // gradients
+}
+
+/// The temporaries of one layer's backward: layers run backward one at a time, so all share one set.
+final class LayerGradientScratch {
     let gradHidden1 = Scratch<Float>(), gradInner = Scratch<Float>(), gradDense = Scratch<Float>(), gradContext = Scratch<Float>()
     let gradQ = Scratch<Float>(), gradK = Scratch<Float>(), gradV = Scratch<Float>(), attentionWorkspace = Scratch<Float>()
-    let gradOutput = Scratch<Float>()
+}
 
-    init(_ layout: inout ParameterLayout, _ name: String, config c: BertConfig, index: Int, frozen: Bool) throws {
+/// One post-LN transformer encoder layer with its activations.
+final class EncoderLayer {
+    let query, key, value, attentionOutput, intermediate, output: LinearLayer
+    let attentionNorm, outputNorm: LayerNormLayer
+    let index: Int
+    let frozen: Bool
+    let activations: LayerActivations
+    let scratch: LayerGradientScratch
+    /// The gradient of this layer's output, accumulated by the next layer's backward.
+    let gradOutput = Scratch<Float>()
+    var q: Scratch<Float> { activations.q }
+    var k: Scratch<Float> { activations.k }
+    var v: Scratch<Float> { activations.v }
+    var probabilities: Scratch<Float> { activations.probabilities }
+    var dropped: Scratch<Float> { activations.dropped }
+    var context: Scratch<Float> { activations.context }
+    var attentionDense: Scratch<Float> { activations.attentionDense }
+    var sum1: Scratch<Float> { activations.sum1 }
+    var hidden1: Scratch<Float> { activations.hidden1 }
+    var mean1: Scratch<Float> { activations.mean1 }
+    var invStd1: Scratch<Float> { activations.invStd1 }
+    var inner: Scratch<Float> { activations.inner }
+    var activated: Scratch<Float> { activations.activated }
+    var outputDense: Scratch<Float> { activations.outputDense }
+    var sum2: Scratch<Float> { activations.sum2 }
+    var hidden2: Scratch<Float> { activations.hidden2 }
+    var mean2: Scratch<Float> { activations.mean2 }
+    var invStd2: Scratch<Float> { activations.invStd2 }
+    var gradHidden1: Scratch<Float> { scratch.gradHidden1 }
+    var gradInner: Scratch<Float> { scratch.gradInner }
+    var gradDense: Scratch<Float> { scratch.gradDense }
+    var gradContext: Scratch<Float> { scratch.gradContext }
+    var gradQ: Scratch<Float> { scratch.gradQ }
+    var gradK: Scratch<Float> { scratch.gradK }
+    var gradV: Scratch<Float> { scratch.gradV }
+    var attentionWorkspace: Scratch<Float> { scratch.attentionWorkspace }
+
+    init(_ layout: inout ParameterLayout, _ name: String, config c: BertConfig, index: Int, frozen: Bool,
+         activations: LayerActivations, scratch: LayerGradientScratch) throws {
+        self.activations = activations
+        self.scratch = scratch
         let kind: ParameterLayout.Kind = frozen ? .frozen : .trainable
         let h = c.hiddenSize, eps = Float(c.layerNormEps)
         query = try LinearLayer(&layout, "\(name).attention.self.query", inFeatures: h, outFeatures: h, kind: kind)
@@ -309,8 +349,10 @@ public final class BERT {
         positionEmbeddings = try layout.add("\(prefix)embeddings.position_embeddings.weight", shape: [config.maxPositionEmbeddings, h], kind: kind)
         tokenTypeEmbeddings = try layout.add("\(prefix)embeddings.token_type_embeddings.weight", shape: [config.typeVocabSize, h], kind: kind)
         embeddingNorm = try LayerNormLayer(&layout, "\(prefix)embeddings.LayerNorm", features: h, eps: Float(config.layerNormEps), kind: kind)
+        let shared = [LayerActivations(), LayerActivations()], scratch = LayerGradientScratch()
         layers = try (0..<config.numHiddenLayers).map {
-            try EncoderLayer(&layout, "\(prefix)encoder.layer.\($0)", config: config, index: $0, frozen: $0 < frozenLayers)
+            try EncoderLayer(&layout, "\(prefix)encoder.layer.\($0)", config: config, index: $0, frozen: $0 < frozenLayers,
+                             activations: $0 < frozenLayers ? shared[$0 % 2] : LayerActivations(), scratch: scratch)
         }
     }
 

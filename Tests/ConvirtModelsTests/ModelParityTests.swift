@@ -18,7 +18,7 @@ struct ModelParityTests {
     /// float32 rounding alone. Outputs agree to 1e-5; gradients to DESIGN.md's 1e-3 (in fact about 1e-4:
     /// training-mode BatchNorm over few values per channel amplifies rounding on the way down).
     @Test("parity fixtures: outputs within 1e-5, gradients within 1e-3",
-          arguments: ["resnet_tiny_train", "resnet_tiny_eval", "resnet_basic_train", "bert_tiny", "convirt_tiny_train"])
+          arguments: ["resnet_tiny_train", "resnet_tiny_eval", "resnet_basic_train", "bert_tiny", "convirt_tiny_train", "convirt_frozen3_train"])
     func parity(name: String) throws {
         let report = try Parity.run(path: fixturePath("\(name).safetensors"))
         #expect(report.lines.count > 10)

@@ -150,16 +150,10 @@ public final class ClassificationEvaluation {
         let mine = Checkpoints.shardRange(rank: r, worldSize: w, count: n)
         var all = [Float](repeating: 0, count: n * f)
         var flags = [Float](repeating: 0, count: n)
-        let batch = options.featureBatch, s = options.imageSize
-        let images = Scratch<Float>(batch * 3 * s * s)
-        var start = mine.lowerBound
-        while start < mine.upperBound {
-            let end = min(start + batch, mine.upperBound)
-            let ok = loadImages(Array(paths[start..<end]), into: images.pointer)
-            let h = try model.features(images.pointer, batch: end - start, size: s, context: PassContext(training: false))
-            all.withUnsafeMutableBufferPointer { ($0.baseAddress! + start * f).update(from: h, count: (end - start) * f) }
-            for (k, good) in ok.enumerated() { flags[start + k] = good ? 1 : 0 }
-            start = end
+        try ImagePrefetcher.batches(paths, mine, batch: options.featureBatch, size: options.imageSize) { slice, images, ok in
+            let h = try model.features(images, batch: slice.count, size: options.imageSize, context: PassContext(training: false))
+            all.withUnsafeMutableBufferPointer { ($0.baseAddress! + slice.lowerBound * f).update(from: h, count: slice.count * f) }
+            for (k, good) in ok.enumerated() { flags[slice.lowerBound + k] = good ? 1 : 0 }
         }
         try all.withUnsafeMutableBufferPointer { try communicator.allGatherInPlace($0, counts: counts.map { $0 * f }) }
         try flags.withUnsafeMutableBufferPointer { try communicator.allGatherInPlace($0, counts: counts) }
@@ -462,7 +456,7 @@ public final class ClassificationEvaluation {
         arena.adamV.update(repeating: 0, count: arena.count)
         let w = communicator.size, r = communicator.rank, global = options.batch, b = global / w
         let s = options.imageSize, o = outputs
-        let images = Scratch<Float>(b * 3 * s * s), targets = Scratch<Float>(b * o), gradLogits = Scratch<Float>(b * o)
+        let prefetcher = ImagePrefetcher(size: s), targets = Scratch<Float>(b * o), gradLogits = Scratch<Float>(b * o)
         let comm = communicator
         let reducer: StatisticsReducer? = w > 1 ? { buffer in do { try comm.allReduceSum(buffer) } catch { comm.abort(code: 3) } } : nil
         var rate = learningRate
@@ -477,17 +471,22 @@ public final class ClassificationEvaluation {
             let perStep = min(global, split.count / w * w)
             guard perStep >= w else { throw ConvirtError("fine-tuning needs at least \(w) training images (one per rank)") }
             let local = perStep / w
-            for k in 0..<(split.count / perStep) {
+            let steps = split.count / perStep
+            func rowsOf(_ k: Int) -> [Int] { Array(order[(k * perStep + r * local)..<(k * perStep + (r + 1) * local)]) }
+            prefetcher.start(rowsOf(0).map { split.paths[$0] })
+            for k in 0..<steps {
                 step += 1
-                let rows = Array(order[(k * perStep + r * local)..<(k * perStep + (r + 1) * local)])
-                _ = loadImages(rows.map { split.paths[$0] }, into: images.pointer)
+                let rows = rowsOf(k)
+                // This step's images were decoded while the previous step computed; the next ones start now.
+                let images = prefetcher.take().images
+                if k + 1 < steps { prefetcher.start(rowsOf(k + 1).map { split.paths[$0] }) }
                 split.targets.withUnsafeBufferPointer { t in
                     for (j, i) in rows.enumerated() { (targets.pointer + j * o).update(from: t.baseAddress! + i * o, count: o) }
                 }
                 let context = PassContext(training: true, reducer: reducer, stream: RandomStream(seed: seed, 0xF17E, UInt64(step)),
                                           sampleIndices: rows.map { UInt64($0) })
                 arena.zeroGrads()
-                let h = try model.features(images.pointer, batch: local, size: s, context: context)
+                let h = try model.features(images, batch: local, size: s, context: context)
                 let logits = model.classify(h, rows: local, context: context)
                 _ = loss(logits: logits, targets: targets.pointer, rows: local, normalizer: perStep, gradient: gradLogits.pointer)
                 let gradFeatures = model.backwardClassifier(gradLogits: gradLogits.pointer, features: h)
@@ -517,17 +516,11 @@ public final class ClassificationEvaluation {
         let counts = (0..<w).map { Checkpoints.shardRange(rank: $0, worldSize: w, count: n).count }
         let mine = Checkpoints.shardRange(rank: communicator.rank, worldSize: w, count: n)
         var logits = [Float](repeating: 0, count: n * o)
-        let batch = options.featureBatch, s = options.imageSize
-        let images = Scratch<Float>(batch * 3 * s * s)
-        var start = mine.lowerBound
-        while start < mine.upperBound {
-            let end = min(start + batch, mine.upperBound)
-            _ = loadImages(Array(split.paths[start..<end]), into: images.pointer)
+        try ImagePrefetcher.batches(split.paths, mine, batch: options.featureBatch, size: options.imageSize) { slice, images, _ in
             let context = PassContext(training: false)
-            let h = try model.features(images.pointer, batch: end - start, size: s, context: context)
-            let y = model.classify(h, rows: end - start, context: context)
-            logits.withUnsafeMutableBufferPointer { ($0.baseAddress! + start * o).update(from: y, count: (end - start) * o) }
-            start = end
+            let h = try model.features(images, batch: slice.count, size: options.imageSize, context: context)
+            let y = model.classify(h, rows: slice.count, context: context)
+            logits.withUnsafeMutableBufferPointer { ($0.baseAddress! + slice.lowerBound * o).update(from: y, count: slice.count * o) }
         }
         try logits.withUnsafeMutableBufferPointer { try communicator.allGatherInPlace($0, counts: counts.map { $0 * o }) }
         return logits

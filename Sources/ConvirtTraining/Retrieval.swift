@@ -20,13 +20,10 @@ public enum RetrievalEvaluation {
         let counts = (0..<w).map { Checkpoints.shardRange(rank: $0, worldSize: w, count: n).count }
         let mine = Checkpoints.shardRange(rank: communicator.rank, worldSize: w, count: n)
         var features = [Float](repeating: 0, count: n * f), embeddings = [Float](repeating: 0, count: n * d), flags = [Float](repeating: 0, count: n)
-        let images = Scratch<Float>(batch * 3 * size * size)
         let context = PassContext(training: false)
-        var start = mine.lowerBound
-        while start < mine.upperBound {
-            let end = min(start + batch, mine.upperBound), rows = end - start
-            let ok = EvaluationInput.normalizedImages(Array(paths[start..<end]), size: size, into: images.pointer)
-            let h = try model.imageFeatures(images.pointer, batch: rows, size: size, context: context)
+        try ImagePrefetcher.batches(paths, mine, batch: batch, size: size) { slice, images, ok in
+            let start = slice.lowerBound, rows = slice.count
+            let h = try model.imageFeatures(images, batch: rows, size: size, context: context)
             features.withUnsafeMutableBufferPointer { out in
                 let o = out.baseAddress! + start * f
                 o.update(from: h, count: rows * f)
@@ -36,7 +33,6 @@ public enum RetrievalEvaluation {
             let v = model.projectImageFeatures(h, rows: rows)
             embeddings.withUnsafeMutableBufferPointer { ($0.baseAddress! + start * d).update(from: v, count: rows * d) }
             for (k, good) in ok.enumerated() { flags[start + k] = good ? 1 : 0 }
-            start = end
         }
         try features.withUnsafeMutableBufferPointer { try communicator.allGatherInPlace($0, counts: counts.map { $0 * f }) }
         try embeddings.withUnsafeMutableBufferPointer { try communicator.allGatherInPlace($0, counts: counts.map { $0 * d }) }
@@ -90,7 +86,9 @@ public enum RetrievalEvaluation {
                         Metrics.precisionAtK(ranked: q.ranked, relevant: { set.relevant(candidates[$0], category) }, k: k)
                     }.reduce(0, +) / Double(mine.count)
                 }
-                row["mean"] = row.values.reduce(0, +) / Double(max(1, row.count))
+                // The mean over categories in file order (a dictionary's order varies from run to run).
+                let present = set.categories.compactMap { row[$0] }
+                row["mean"] = present.reduce(0, +) / Double(max(1, present.count))
                 table["precision@\(k)"] = row
             }
             var shown: [String: Int] = [:]

@@ -100,7 +100,14 @@ struct EvalTests {
         let retrieval = try ok(["eval", "retrieval", "--checkpoint", "\(dir)/run", "--root", "\(dir)/chexpert", "--queries", "\(dir)/chexpert/chexpert_8x200",
                                 "--out", "\(dir)/eval/retrieval.json"], ranks: 2)
         #expect(retrieval.contains("image_to_image") || retrieval.contains("image->image") || retrieval.contains("Image"), "\(retrieval)")
+        _ = try ok(["eval", "retrieval", "--checkpoint", "\(dir)/run", "--root", "\(dir)/chexpert", "--queries", "\(dir)/chexpert/chexpert_8x200",
+                    "--out", "\(dir)/retrieval-1.json"])
         let json = try JSONSerialization.jsonObject(with: Data(contentsOf: URL(fileURLWithPath: "\(dir)/eval/retrieval.json"))) as! [String: Any]
+        let single = try JSONSerialization.jsonObject(with: Data(contentsOf: URL(fileURLWithPath: "\(dir)/retrieval-1.json"))) as! [String: Any]
+        for mode in ["image_to_image", "text_to_image"] {
+            #expect(NSDictionary(dictionary: json[mode] as? [String: Any] ?? [:]).isEqual(to: single[mode] as? [String: Any] ?? ["missing": 1]),
+                    "\(mode): 1 rank and 2 ranks give the same precisions")
+        }
         for mode in ["image_to_image", "text_to_image"] {
             let table = try #require(json[mode] as? [String: [String: Double]], "\(mode) in \(json.keys)")
             for k in [5, 10, 50] {

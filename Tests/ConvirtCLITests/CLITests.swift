@@ -200,19 +200,11 @@ struct DistributedTrainingTests {
         let up = try run(cluster, ["up", "2"])
         #expect(up.status == 0, "network namespaces (run as root): \(up.output)")
         defer { _ = try? run(cluster, ["down", "2"]) }
-        // Open MPI's start-up across namespaces occasionally stalls (about one start in six here): each
-        // attempt is bounded (timeout ends it: status 124, or 9 when it had to kill), and a stalled
-        // start, one that ended without a line of metrics, is retried.
-        var hosts = (status: Int32(124), output: "")
-        func stalled() -> Bool {
-            hosts.status != 0 && !FileManager.default.fileExists(atPath: "\(dir)/run-hosts/metrics.jsonl")
-        }
-        for _ in 0..<4 where stalled() {
-            try? FileManager.default.removeItem(atPath: "\(dir)/run-hosts")
-            hosts = try run(cluster, ["run", "2", "--", convirtPath(), "train", "--data", "\(dir)/prepared", "--run-dir", "\(dir)/run-hosts",
+        // One attempt, bounded: the start-up stall seen earlier (an orted crashing in hwloc's shared-memory
+        // topology when several share one machine) is fixed in netns-cluster.sh, so a hang now is a failure.
+        let hosts = try run(cluster, ["run", "2", "--", convirtPath(), "train", "--data", "\(dir)/prepared", "--run-dir", "\(dir)/run-hosts",
                                       "--preset", "tiny", "--steps", "20", "--retrieval-eval", "0"],
-                            environment: ["CONVIRT_CLUSTER_TIMEOUT": "45"], timeout: 120)
-        }
+                            environment: ["CONVIRT_CLUSTER_TIMEOUT": "90"], timeout: 150)
         #expect(hosts.status == 0, "\(hosts.output)")
         let hostRows = try String(contentsOfFile: "\(dir)/run-hosts/metrics.jsonl", encoding: .utf8).split(separator: "\n")
             .map { try JSONDecoder().decode(Row.self, from: Data($0.utf8)) }

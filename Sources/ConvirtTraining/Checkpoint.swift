@@ -118,6 +118,14 @@ public enum Checkpoints {
         return min(count, rank * size)..<min(count, (rank + 1) * size)
     }
 
+    /// How `count` items split over the ranks (as the arena does for checkpoints and ZeRO-1): every
+    /// rank's count, and this rank's range.
+    static func slices(_ count: Int, _ communicator: Communicator) -> (counts: [Int], mine: Range<Int>) {
+        let w = communicator.size
+        return ((0..<w).map { shardRange(rank: $0, worldSize: w, count: count).count },
+                shardRange(rank: communicator.rank, worldSize: w, count: count))
+    }
+
     static func name(step: Int) -> String { String(format: "step-%08d", step) }
     static func shardFile(rank: Int, worldSize: Int) -> String { String(format: "shard-%05d-of-%05d.zst", rank, worldSize) }
 
@@ -239,21 +247,6 @@ public enum Checkpoints {
         }
         if !problems.isEmpty { throw ConvirtError("\(directory): \(problems.prefix(8).joined(separator: "; "))") }
         return manifest
-    }
-
-    /// Reads and checks every shard; the whole arena (params, m, v) of the checkpoint.
-    public static func read(_ directory: String) throws -> (manifest: CheckpointManifest, params: [Float], m: [Float], v: [Float]) {
-        let manifest = try manifest(directory)
-        let n = manifest.arenaCount
-        var params = [Float](repeating: 0, count: n), m = params, v = params
-        try forEachShard(directory, manifest) { shard, planes in
-            let lo = shard.range[0], count = shard.range[1] - lo
-            for (k, array) in [0, 1, 2].map({ ($0, $0) }) {
-                func fill(_ a: inout [Float]) { a.withUnsafeMutableBufferPointer { unshuffle(planes + k * count * 4, count: count, elements: 0..<count, into: $0.baseAddress! + lo) } }
-                switch array { case 0: fill(&params); case 1: fill(&m); default: fill(&v) }
-            }
-        }
-        return (manifest, params, m, v)
     }
 
     /// Restores a checkpoint into `arena`: all parameters, and the Adam moments of the arena range this
@@ -420,7 +413,7 @@ public final class CheckpointWriter: @unchecked Sendable {
     /// Allocates and touches the snapshot buffer before training, so that the first save does not pay
     /// for page faults on the training thread.
     public func reserve(arena: ParameterArena) {
-        let n = Checkpoints.shardRange(rank: communicator.rank, worldSize: communicator.size, count: arena.count).count
+        let n = Checkpoints.slices(arena.count, communicator).mine.count
         snapshot.ensure(max(1, 3 * n)).initialize(repeating: 0, count: max(1, 3 * n))
     }
 

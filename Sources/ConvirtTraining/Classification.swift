@@ -130,11 +130,6 @@ public final class ClassificationEvaluation {
 
     // MARK: images and features
 
-    /// Normalised 3-channel images [n, 3, S, S] of `paths`; `ok[i]` is false for an unreadable image.
-    func loadImages(_ paths: [String], into output: UnsafeMutablePointer<Float>) -> [Bool] {
-        EvaluationInput.normalizedImages(paths, size: options.imageSize, into: output)
-    }
-
     /// Encoder features [n, F] of `paths` in evaluation mode, computed in slices over the ranks and
     /// gathered on every rank, with a readable flag per image; cached on disk when asked.
     func features(_ split: String, _ paths: [String]) throws -> (features: [Float], ok: [Bool]) {
@@ -145,9 +140,7 @@ public final class ClassificationEvaluation {
             if communicator.isRoot { log("\(split): \(n) cached features from \(cachePath)") }
             return (values.scalars, flags.scalars.map { $0 != 0 })
         }
-        let w = communicator.size, r = communicator.rank
-        let counts = (0..<w).map { Checkpoints.shardRange(rank: $0, worldSize: w, count: n).count }
-        let mine = Checkpoints.shardRange(rank: r, worldSize: w, count: n)
+        let (counts, mine) = Checkpoints.slices(n, communicator)
         var all = [Float](repeating: 0, count: n * f)
         var flags = [Float](repeating: 0, count: n)
         try ImagePrefetcher.batches(paths, mine, batch: options.featureBatch, size: options.imageSize) { slice, images, ok in
@@ -512,9 +505,7 @@ public final class ClassificationEvaluation {
     /// computed in slices over the ranks and gathered.
     func evaluate(_ split: LabeledArrays) throws -> [Float] {
         let o = outputs, n = split.count
-        let w = communicator.size
-        let counts = (0..<w).map { Checkpoints.shardRange(rank: $0, worldSize: w, count: n).count }
-        let mine = Checkpoints.shardRange(rank: communicator.rank, worldSize: w, count: n)
+        let (counts, mine) = Checkpoints.slices(n, communicator)
         var logits = [Float](repeating: 0, count: n * o)
         try ImagePrefetcher.batches(split.paths, mine, batch: options.featureBatch, size: options.imageSize) { slice, images, _ in
             let context = PassContext(training: false)

@@ -16,9 +16,8 @@ public enum RetrievalEvaluation {
     /// computed in slices over the ranks and gathered on every rank; `ok[i]` is false for an unreadable image.
     public static func embedImages(_ paths: [String], model: ConVIRTModel, size: Int, communicator: Communicator,
                                    batch: Int = 16) throws -> (features: [Float], embeddings: [Float], ok: [Bool]) {
-        let f = model.config.image.featureCount, d = model.config.projDim, n = paths.count, w = communicator.size
-        let counts = (0..<w).map { Checkpoints.shardRange(rank: $0, worldSize: w, count: n).count }
-        let mine = Checkpoints.shardRange(rank: communicator.rank, worldSize: w, count: n)
+        let f = model.config.image.featureCount, d = model.config.projDim, n = paths.count
+        let (counts, mine) = Checkpoints.slices(n, communicator)
         var features = [Float](repeating: 0, count: n * f), embeddings = [Float](repeating: 0, count: n * d), flags = [Float](repeating: 0, count: n)
         let context = PassContext(training: false)
         try ImagePrefetcher.batches(paths, mine, batch: batch, size: size) { slice, images, ok in
@@ -99,9 +98,12 @@ public enum RetrievalEvaluation {
             }
             return table
         }
-        // Image to image: h_v of queries against h_v of candidates.
+        // Image to image: h_v of queries against h_v of candidates (embedded once when both files list
+        // the same candidates, as the released ones do).
+        var candidateEmbeddings: (features: [Float], embeddings: [Float], ok: [Bool])? = nil
         if !set.imageQueries.isEmpty && !set.candidates.isEmpty {
             let candidates = try embedImages(set.candidates.map(\.path), model: model, size: imageSize, communicator: communicator)
+            candidateEmbeddings = candidates
             let queries = try embedImages(set.imageQueries.map(\.path), model: model, size: imageSize, communicator: communicator)
             let bad = candidates.ok.filter { !$0 }.count + queries.ok.filter { !$0 }.count
             if bad > 0 { log("image-to-image: \(bad) unreadable image(s) (they score as zero vectors)") }
@@ -114,7 +116,8 @@ public enum RetrievalEvaluation {
         }
         // Text to image: u of the sentences against v of the candidates.
         if !set.textQueries.isEmpty && !set.textCandidates.isEmpty {
-            let candidates = try embedImages(set.textCandidates.map(\.path), model: model, size: imageSize, communicator: communicator)
+            let candidates = try candidateEmbeddings.flatMap { set.textCandidates == set.candidates ? $0 : nil }
+                ?? embedImages(set.textCandidates.map(\.path), model: model, size: imageSize, communicator: communicator)
             let u = try embedTexts(set.textQueries.map(\.text), model: model, tokenizer: tokenizer, maxTokens: maxTokens)
             let ranked = set.textQueries.indices.map { i in
                 (category: set.textQueries[i].category,

@@ -86,7 +86,7 @@ public final class Trainer {
         }
         if let dir = config.textWeights { try BertDirectory(path: dir).load(into: model.arena, prefix: "text.") }
         if config.zero1 {
-            model.arena.shardOptimizerState(Checkpoints.shardRange(rank: communicator.rank, worldSize: communicator.size, count: model.arena.count))
+            model.arena.shardOptimizerState(Checkpoints.slices(model.arena.count, communicator).mine)
         }
         trainSamples = dataset.samples(split: "train")
         sampler = try GlobalBatchSampler(sampleCount: trainSamples.count, globalBatch: config.globalBatch, worldSize: communicator.size,
@@ -105,9 +105,7 @@ public final class Trainer {
     let gathered = (0..<4).map { _ in Scratch<Float>() }
     let shardGradients = Scratch<Float>()
     /// Floats of each rank's arena shard (ZeRO-1 and checkpoints cut the arena the same way).
-    lazy var shardCounts = (0..<communicator.size).map {
-        Checkpoints.shardRange(rank: $0, worldSize: communicator.size, count: model.arena.count).count
-    }
+    lazy var shardCounts = Checkpoints.slices(model.arena.count, communicator).counts
 
     func context(step: Int, batch: TrainingBatch, training: Bool) -> PassContext {
         let comm = communicator

@@ -57,7 +57,7 @@ struct CheckpointCommand: ParsableCommand {
 
         func run() throws {
             let dir = try CheckpointCommand.resolve(directory)
-            let (manifest, params, _, _) = try Checkpoints.read(dir)
+            let (manifest, params) = try Checkpoints.readParameters(dir)
             func write(_ prefix: String, _ path: String) throws -> Int {
                 var writer = SafeTensorsWriter(metadata: ["format": "pt", "source": "convirt checkpoint step \(manifest.state.step)"])
                 var n = 0

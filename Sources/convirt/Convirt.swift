@@ -51,4 +51,17 @@ struct Info: ParsableCommand {
     }
 }
 
+/// Runs `body` with the job's communicator; an error on any rank ends every rank (no hang).
+func withCommunicator(_ name: String, _ body: (Communicator) throws -> Void) throws {
+    let communicator = try makeCommunicator()
+    do {
+        try body(communicator)
+        (communicator as? MPICommunicator)?.finalize()
+    } catch {
+        FileHandle.standardError.write(Data("convirt \(name) (rank \(communicator.rank) of \(communicator.size)): \(error)\n".utf8))
+        if communicator.size > 1 { communicator.abort(code: 2) }
+        throw ExitCode(2)
+    }
+}
+
 let convirtVersion = "0.1.0"

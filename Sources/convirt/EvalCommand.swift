@@ -16,19 +16,6 @@ struct EvalCommand: ParsableCommand {
                                                     subcommands: [EvalLinear.self, EvalFinetune.self, EvalRetrieval.self])
 }
 
-/// Runs `body` with the job's communicator; an error on any rank ends every rank (no hang).
-func withCommunicator(_ name: String, _ body: (Communicator) throws -> Void) throws {
-    let communicator = try makeCommunicator()
-    do {
-        try body(communicator)
-        (communicator as? MPICommunicator)?.finalize()
-    } catch {
-        FileHandle.standardError.write(Data("convirt \(name) (rank \(communicator.rank) of \(communicator.size)): \(error)\n".utf8))
-        if communicator.size > 1 { communicator.abort(code: 2) }
-        throw ExitCode(2)
-    }
-}
-
 func writeJSON(_ data: Data, to path: String) throws {
     try FileManager.default.createDirectory(atPath: (path as NSString).deletingLastPathComponent.isEmpty ? "." : (path as NSString).deletingLastPathComponent,
                                             withIntermediateDirectories: true)

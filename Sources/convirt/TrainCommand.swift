@@ -79,17 +79,7 @@ struct TrainCommand: ParsableCommand {
         return c
     }
 
-    func run() throws {
-        let communicator = try makeCommunicator()
-        do {
-            try train(communicator)
-            (communicator as? MPICommunicator)?.finalize()
-        } catch {
-            FileHandle.standardError.write(Data("convirt train (rank \(communicator.rank) of \(communicator.size)): \(error)\n".utf8))
-            if communicator.size > 1 { communicator.abort(code: 2) }
-            throw ExitCode(2)
-        }
-    }
+    func run() throws { try withCommunicator("train", train) }
 
     func train(_ communicator: Communicator) throws {
         let config = try resolved()

@@ -9,7 +9,8 @@ private func productsDirectory() -> URL {
     Bundle.main.bundleURL.pathExtension == "xctest" ? Bundle.main.bundleURL.deletingLastPathComponent() : Bundle.main.bundleURL
 }
 
-private func convirtPath() -> String {
+/// The convirt executable beside the test bundle.
+func convirtPath() -> String {
     var dir = URL(fileURLWithPath: CommandLine.arguments[0]).deletingLastPathComponent()
     for _ in 0..<4 {
         let candidate = dir.appendingPathComponent("convirt").path

@@ -6,16 +6,6 @@ import ConvirtIO
 import Foundation
 import Testing
 
-private func convirt() -> String {
-    var dir = URL(fileURLWithPath: CommandLine.arguments[0]).deletingLastPathComponent()
-    for _ in 0..<4 {
-        let candidate = dir.appendingPathComponent("convirt").path
-        if FileManager.default.isExecutableFile(atPath: candidate) { return candidate }
-        dir.deleteLastPathComponent()
-    }
-    return "convirt"
-}
-
 @Suite("Downstream evaluations", .serialized)
 struct EvalTests {
     static let environment = DistributedTrainingTests.mpiEnvironment
@@ -31,8 +21,8 @@ struct EvalTests {
         let dir = FileManager.default.temporaryDirectory.appendingPathComponent("convirt-eval-\(getpid())").path
         defer { try? FileManager.default.removeItem(atPath: dir) }
         func ok(_ arguments: [String], ranks: Int = 1, timeout: Double = 300) throws -> String {
-            let r = ranks == 1 ? try run(convirt(), arguments, environment: Self.environment, timeout: timeout)
-                : try run(mpirun, ["--oversubscribe", "-np", "\(ranks)", convirt()] + arguments, environment: Self.environment, timeout: timeout)
+            let r = ranks == 1 ? try run(convirtPath(), arguments, environment: Self.environment, timeout: timeout)
+                : try run(mpirun, ["--oversubscribe", "-np", "\(ranks)", convirtPath()] + arguments, environment: Self.environment, timeout: timeout)
             #expect(r.status == 0, "convirt \(arguments.joined(separator: " ")): \(r.output)")
             return r.output
         }
@@ -129,7 +119,7 @@ struct EvalTests {
 
         // Bad input: a CheXpert directory without its CSVs is a clear error naming the file, on every rank.
         try FileManager.default.createDirectory(atPath: "\(dir)/empty", withIntermediateDirectories: true)
-        let bad = try run(mpirun, ["--oversubscribe", "-np", "2", convirt(), "eval", "linear", "--dataset", "chexpert", "--root", "\(dir)/empty",
+        let bad = try run(mpirun, ["--oversubscribe", "-np", "2", convirtPath(), "eval", "linear", "--dataset", "chexpert", "--root", "\(dir)/empty",
                                    "--checkpoint", "\(dir)/run"], environment: Self.environment, timeout: 60)
         #expect(bad.status != 0 && bad.output.contains("train.csv"), "\(bad.output)")
     }

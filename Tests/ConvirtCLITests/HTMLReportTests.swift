@@ -151,24 +151,12 @@ struct HTMLReportTests {
         let dir = try makeRunDirectory(rows: 50)
         defer { try? FileManager.default.removeItem(atPath: dir) }
         let out = "\(dir)/elsewhere/r.html"
-        let (status, output) = try run(convirtPathForReport(), ["report", dir, "--out", out])
+        let (status, output) = try run(convirtPath(), ["report", dir, "--out", out])
         #expect(status == 0, "\(output)")
         #expect(FileManager.default.fileExists(atPath: out) && !FileManager.default.fileExists(atPath: "\(dir)/report.html"))
         #expect(output.contains("wrote \(out)") && output.contains("note: skipped eval/zz_unknown.json"), "\(output)")
         #expect(output.contains("Linear classification") && output.contains("80.5 ± 0.4") && output.contains("ConVIRT + CheXpert supervised"), "\(output)")
-        let missing = try run(convirtPathForReport(), ["report", "\(dir)/nope"])
+        let missing = try run(convirtPath(), ["report", "\(dir)/nope"])
         #expect(missing.status != 0 && missing.output.contains("no such run directory"), "\(missing.output)")
     }
-}
-
-/// The convirt executable beside the test bundle.
-private func convirtPathForReport() -> String {
-    var dir = URL(fileURLWithPath: CommandLine.arguments[0]).deletingLastPathComponent()
-    for _ in 0..<4 {
-        let candidate = dir.appendingPathComponent("convirt").path
-        if FileManager.default.isExecutableFile(atPath: candidate) { return candidate }
-        dir.deleteLastPathComponent()
-    }
-    let bundle = Bundle.main.bundleURL
-    return (bundle.pathExtension == "xctest" ? bundle.deletingLastPathComponent() : bundle).appendingPathComponent("convirt").path
 }

@@ -14,6 +14,9 @@ let package = Package(
         .library(name: "ConvirtModels", targets: ["ConvirtModels"]),
         .library(name: "ConvirtText", targets: ["ConvirtText"]),
         .library(name: "ConvirtData", targets: ["ConvirtData"]),
+        .library(name: "ConvirtTraining", targets: ["ConvirtTraining"]),
+        .library(name: "ConvirtEvaluation", targets: ["ConvirtEvaluation"]),
+        .library(name: "ConvirtReport", targets: ["ConvirtReport"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
@@ -45,23 +48,37 @@ let package = Package(
             name: "ConvirtData",
             dependencies: ["ConvirtCore", "ConvirtIO", "ConvirtText", .product(name: "RealModule", package: "swift-numerics")]
         ),
+        // Pretraining: the loop, schedules, checkpoints, the run directory.
         .target(name: "ConvirtTraining", dependencies: ["ConvirtCore", "ConvirtIO", "ConvirtModels", "ConvirtText", "ConvirtData", "ConvirtDistributed"]),
+        // The paper's evaluations (classification on the step engine, retrieval), metrics and results files.
+        .target(name: "ConvirtEvaluation", dependencies: ["ConvirtCore", "ConvirtIO", "ConvirtModels", "ConvirtText", "ConvirtData", "ConvirtDistributed", "ConvirtTraining"]),
+        // The HTML report, its charts, the paper's tables and the metrics log reader.
+        .target(name: "ConvirtReport", dependencies: ["ConvirtCore", "ConvirtIO", "ConvirtData", "ConvirtTraining", "ConvirtEvaluation"]),
+        // Test-only oracles: checked tensor-level kernels (F) and plain reference loops (Reference).
+        .target(name: "ConvirtTestSupport", dependencies: ["ConvirtCore", .product(name: "RealModule", package: "swift-numerics")]),
         .executableTarget(
             name: "convirt",
             dependencies: [
                 "ConvirtCore", "ConvirtIO", "ConvirtDistributed", "ConvirtModels", "ConvirtText", "ConvirtData", "ConvirtTraining",
+                "ConvirtEvaluation", "ConvirtReport",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ]
         ),
         .testTarget(
             name: "ConvirtCoreTests",
-            dependencies: ["ConvirtCore", "ConvirtIO"],
+            dependencies: ["ConvirtCore", "ConvirtIO", "ConvirtTestSupport"],
             resources: [.copy("Fixtures")]
         ),
+        .testTarget(
+            name: "ConvirtDistributedTests",
+            dependencies: ["ConvirtDistributed", "ConvirtCore", "ConvirtModels", "ConvirtData", "ConvirtText", "ConvirtTraining", "ConvirtEvaluation", "ConvirtTestSupport"]
+        ),
+        .testTarget(name: "ConvirtEvaluationTests", dependencies: ["ConvirtEvaluation", "ConvirtReport", "ConvirtCore"], resources: [.copy("Fixtures")]),
+        .testTarget(name: "ConvirtReportTests", dependencies: ["ConvirtReport", "ConvirtEvaluation", "ConvirtTraining", "ConvirtCore", "ConvirtIO"]),
         .testTarget(name: "ConvirtIOTests", dependencies: ["ConvirtIO", "ConvirtCore"], resources: [.copy("Fixtures")]),
         .testTarget(name: "ConvirtModelsTests", dependencies: ["ConvirtModels", "ConvirtCore", "ConvirtIO", "ConvirtText"], resources: [.copy("Fixtures")]),
         .testTarget(name: "ConvirtTextTests", dependencies: ["ConvirtText", "ConvirtCore"], resources: [.copy("Fixtures")]),
         .testTarget(name: "ConvirtDataTests", dependencies: ["ConvirtData", "ConvirtCore", "ConvirtIO", "ConvirtText"]),
-        .testTarget(name: "ConvirtCLITests", dependencies: ["convirt", "ConvirtIO", "ConvirtCore", "ConvirtTraining"], resources: [.copy("Fixtures")]),
+        .testTarget(name: "ConvirtCLITests", dependencies: ["convirt", "ConvirtIO", "ConvirtCore", "ConvirtTraining"]),
     ]
 )

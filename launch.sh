@@ -8,9 +8,18 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 scripts/install-deps.sh
-swift build -c release 2>&1 | grep -vE '^\[[0-9]+/[0-9]+\]' || true
+# A failed rebuild stops here with the compiler's errors (never runs a stale binary).
+build_log="$(mktemp)"
+if ! swift build -c release >"$build_log" 2>&1; then
+  grep -vE '^\[[0-9]+/[0-9]+\]' "$build_log" >&2
+  rm -f "$build_log"
+  echo "launch.sh: the release build failed (errors above)" >&2
+  exit 1
+fi
+grep -vE '^\[[0-9]+/[0-9]+\]' "$build_log" || true
+rm -f "$build_log"
 bin="$(swift build -c release --show-bin-path)/convirt"
-[ -x "$bin" ] || { echo "launch.sh: the release build failed (no $bin)" >&2; exit 1; }
+[ -x "$bin" ] || { echo "launch.sh: the release build produced no $bin" >&2; exit 1; }
 
 mpi_flags=(--bind-to none)
 if [ "$(id -u)" -eq 0 ]; then

@@ -64,11 +64,10 @@ public final class ParameterArena: @unchecked Sendable {
     public let count: Int
     public let params: UnsafeMutablePointer<Float>
     public let grads: UnsafeMutablePointer<Float>
-    public private(set) var adamM: UnsafeMutablePointer<Float>
-    public private(set) var adamV: UnsafeMutablePointer<Float>
 
     /// The arena range whose Adam moments this process holds: everything, or one ZeRO-1 shard.
     public private(set) var optimizerRange: Range<Int>
+    /// Adam's first and second moments of `optimizerRange`, from its first element on.
     private var momentBases: (UnsafeMutablePointer<Float>, UnsafeMutablePointer<Float>)
 
     public init(layout: ParameterLayout) {
@@ -78,8 +77,6 @@ public final class ParameterArena: @unchecked Sendable {
         grads = Self.make(layout.totalCount)
         optimizerRange = 0..<layout.totalCount
         momentBases = (Self.make(layout.totalCount), Self.make(layout.totalCount))
-        adamM = momentBases.0
-        adamV = momentBases.1
     }
 
     static func make(_ count: Int) -> UnsafeMutablePointer<Float> {
@@ -89,19 +86,36 @@ public final class ParameterArena: @unchecked Sendable {
         return p
     }
 
-    /// ZeRO-1: keep the Adam moments of `range` only (freeing the rest). `adamM[i]` and `adamV[i]` stay
-    /// addressed by arena offset and are valid for i in `optimizerRange` alone.
+    /// ZeRO-1: keep the Adam moments of `range` only (freeing the rest); `moments(at:)` then serves
+    /// offsets in `range` alone.
     public func shardOptimizerState(_ range: Range<Int>) {
-        precondition(range.lowerBound >= 0 && range.upperBound <= count, "optimizer shard outside the arena")
+        precondition(range.lowerBound >= optimizerRange.lowerBound && range.upperBound <= optimizerRange.upperBound,
+                     "optimizer shard outside the arena")
         let m = Self.make(range.count), v = Self.make(range.count)
-        m.update(from: adamM + range.lowerBound, count: range.count)
-        v.update(from: adamV + range.lowerBound, count: range.count)
+        let (oldM, oldV) = moments(at: range.lowerBound)
+        m.update(from: oldM, count: range.count)
+        v.update(from: oldV, count: range.count)
         UnsafeMutableRawPointer(momentBases.0).deallocate()
         UnsafeMutableRawPointer(momentBases.1).deallocate()
         momentBases = (m, v)
         optimizerRange = range
-        adamM = m - range.lowerBound
-        adamV = v - range.lowerBound
+    }
+
+    /// Adam's first and second moments of arena element `offset` and the ones after it, up to the end of
+    /// `optimizerRange` (the offset must lie in it, or be its end).
+    public func moments(at offset: Int) -> (m: UnsafeMutablePointer<Float>, v: UnsafeMutablePointer<Float>) {
+        precondition(offset >= optimizerRange.lowerBound && offset <= optimizerRange.upperBound,
+                     "Adam moments of arena offset \(offset) are not held here (\(optimizerRange))")
+        let k = offset - optimizerRange.lowerBound
+        return (momentBases.0 + k, momentBases.1 + k)
+    }
+
+    /// Sets the Adam moments of `range` (all held ones by default) to zero.
+    public func zeroMoments(_ range: Range<Int>? = nil) {
+        let r = range ?? optimizerRange
+        let (m, v) = moments(at: r.lowerBound)
+        m.update(repeating: 0, count: r.count)
+        v.update(repeating: 0, count: r.count)
     }
 
     deinit {

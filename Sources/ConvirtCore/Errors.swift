@@ -1,9 +1,23 @@
 /// The error every layer of convirt throws for bad input: a sentence that names the thing (a file, a
 /// tensor, a kernel argument) and what is wrong with it, and where it helps, what to do.
 public struct ConvirtError: Error, CustomStringConvertible, Equatable, Sendable {
-    public let message: String
+    /// What callers may decide on (the message is for people).
+    public enum Reason: Sendable, Equatable {
+        /// Bad input: a file, a value or a state that cannot be used.
+        case invalid
+        /// A checkpoint or weights file holds another model than the one configured.
+        case modelMismatch
+        /// A file whose bytes are damaged (a corrupt or truncated image, say).
+        case corrupt
+    }
 
-    public init(_ message: String) { self.message = message }
+    public let message: String
+    public let reason: Reason
+
+    public init(_ message: String, reason: Reason = .invalid) {
+        self.message = message
+        self.reason = reason
+    }
 
     public var description: String { message }
 

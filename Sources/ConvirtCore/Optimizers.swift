@@ -23,7 +23,7 @@ public struct AdamConfig: Sendable, Equatable, Codable {
 }
 
 public enum Adam {
-    /// One update of params[i], m[i], v[i] for i in `range`, given grads; `step` counts from 1.
+    /// One update of params[i], m[i], v[i] for i in 0..<count, given grads; `step` counts from 1.
     ///
     /// torch.optim.Adam (single-tensor path): g = grad + wd * p; m = lerp(m, g, 1 - b1);
     /// v = b2 * v + (1 - b2) * g^2; p -= lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps).
@@ -31,7 +31,7 @@ public enum Adam {
     /// The gradient buffer is left as it is.
     public static func step(params: UnsafeMutablePointer<Float>, grads: UnsafePointer<Float>,
                             m: UnsafeMutablePointer<Float>, v: UnsafeMutablePointer<Float>,
-                            range: Range<Int>, step: Int, config c: AdamConfig) {
+                            count: Int, step: Int, config c: AdamConfig) {
         precondition(step >= 1, "Adam steps count from 1")
         // Scalars are formed in Double and rounded once to Float, as torch does with Python floats.
         let bias1 = 1 - Double.pow(c.beta1, Double(step))
@@ -44,7 +44,7 @@ public enum Adam {
         let l2: Float = c.decoupled ? 0 : Float(c.weightDecay)
         let wd = c.weightDecay
         let decoupled = c.decoupled && wd != 0
-        for i in range {
+        for i in 0..<count {
             var p = params[i]
             if decoupled { p *= shrink }
             let g = grads[i] + l2 * p
@@ -57,12 +57,18 @@ public enum Adam {
         }
     }
 
+    /// Steps the arena elements of `range` (which must lie in the arena's optimizer range).
+    public static func step(_ arena: ParameterArena, range: Range<Int>, step: Int, config: AdamConfig) {
+        let (m, v) = arena.moments(at: range.lowerBound)
+        Adam.step(params: arena.params + range.lowerBound, grads: arena.grads + range.lowerBound, m: m, v: v,
+                  count: range.count, step: step, config: config)
+    }
+
     /// Steps every trainable range of an arena that this process holds optimizer state for (all of it,
     /// or its ZeRO-1 shard).
     public static func step(_ arena: ParameterArena, step: Int, config: AdamConfig) {
         for range in arena.trainableRanges(within: arena.optimizerRange) {
-            Adam.step(params: arena.params, grads: arena.grads, m: arena.adamM, v: arena.adamV,
-                      range: range, step: step, config: config)
+            Adam.step(arena, range: range, step: step, config: config)
         }
     }
 }

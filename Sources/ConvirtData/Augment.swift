@@ -33,8 +33,6 @@ public struct AugmentConfig: Codable, Sendable, Equatable {
     }
 }
 
-/// Purposes of the keyed draws, so that each augmentation has its own stream.
-public enum DrawPurpose: UInt64 { case crop = 1, flip, affine, jitter, blur, sentence, view }
 
 public struct AugmentParameters: Sendable, Equatable {
     public var crop: (x: Double, y: Double, width: Double, height: Double)

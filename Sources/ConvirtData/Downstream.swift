@@ -101,7 +101,7 @@ public enum DownstreamReader {
         }
         let groups = members.count
         let take = max(1, min(groups, Int((max(0, fraction) * Double(groups)).rounded())))
-        let order = RandomStream(seed: seed, 0xF4AC_7102).permutation(groups)
+        let order = RandomStream(seed: seed, .labelFraction).permutation(groups)
         var chosen = Set(order.prefix(take))
         let labels = items.map(\.targets.count).max() ?? 0
         for j in 0..<labels {
@@ -180,7 +180,7 @@ public enum DownstreamReader {
                            countPatients: Bool = false) -> (kept: [T], heldOut: [T]) {
         let patients = Array(Set(items.map(patient))).sorted()
         guard patients.count > 1, target > 0 else { return (items, []) }
-        let order = RandomStream(seed: seed, 0x5B17, purpose).permutation(patients.count)
+        let order = RandomStream(seed: seed, .heldOutSplit, purpose).permutation(patients.count)
         var count: [String: Int] = [:]
         for item in items { count[patient(item), default: 0] += 1 }
         var held = Set<String>(), total = 0

@@ -133,7 +133,7 @@ extension DownstreamReader {
         let (validationCount, testCount) = n >= 2 * 4_500 ? (1500, 3000) : (proportional(n, 1500, 29_684), proportional(n, 3000, 29_684))
         // A permutation of the ids in sorted order, so that the split does not depend on the CSV's row order.
         let sorted = items.indices.sorted { items[$0].group < items[$1].group }
-        let permutation = RandomStream(seed: options.seed, 0x5B17, 2).permutation(n)
+        let permutation = RandomStream(seed: options.seed, .heldOutSplit, 2).permutation(n)
         var split = [Int](repeating: 0, count: n)  // 0 train, 1 validation, 2 test
         for (rank, k) in permutation.enumerated() where rank < validationCount + testCount {
             split[sorted[k]] = rank < validationCount ? 1 : 2

@@ -27,7 +27,7 @@ public struct GlobalBatchSampler: Sendable {
     public var batchesPerEpoch: Int { sampleCount / globalBatch }
 
     public func permutation(epoch: Int) -> [Int] {
-        RandomStream(seed: seed, 0xE90C, UInt64(epoch)).permutation(sampleCount)
+        RandomStream(seed: seed, .epochPermutation, UInt64(epoch)).permutation(sampleCount)
     }
 
     /// (row in the global batch, position in the sample list) of this rank's rows of global batch `batch`.
@@ -68,7 +68,7 @@ public enum SampleBuilder {
     public static func build(_ dataset: PreparedDataset, study studyIndex: Int, epoch: Int, seed: UInt64, recipe: SampleRecipe,
                              image: UnsafeMutablePointer<Float>, scratch: UnsafeMutablePointer<Float>) -> String {
         let study = dataset.studies[studyIndex]
-        let stream = RandomStream(seed: seed, 0x5A3B, UInt64(epoch), UInt64(studyIndex))
+        let stream = RandomStream(seed: seed, .sampleDraws, UInt64(epoch), UInt64(studyIndex))
         let view = study.images[stream.child(DrawPurpose.view.rawValue).integer(below: study.images.count, at: 0)]
         var sentence = study.sentences[stream.child(DrawPurpose.sentence.rawValue).integer(below: study.sentences.count, at: 0)]
         let pixels = dataset.image(view)

@@ -221,10 +221,10 @@ public enum MIMICPrepare {
                 blob.append(contentsOf: image.bytes)
             } catch PrepareFailure.missing {
                 failures.append(.init(image: i, reason: "missing image", file: path))
+            } catch let error as ConvirtError where error.reason == .corrupt {
+                failures.append(.init(image: i, reason: "corrupt or truncated image", file: error.message))
             } catch {
-                let text = "\(error)"
-                failures.append(.init(image: i, reason: text.contains("damaged JPEG") ? "corrupt or truncated image" : "unreadable image",
-                                      file: text))
+                failures.append(.init(image: i, reason: "unreadable image", file: "\(error)"))
             }
         }
         let crc = blob.withUnsafeBytes { crc32Checksum($0) }

@@ -237,11 +237,11 @@ public enum SynthDownstream {
         var images = 0, study = 0, patient = 0
         while images < trainCount {
             patient += 1
-            let p = RandomStream(seed: o.seed, 0xC4E7, 1, UInt64(patient))
+            let p = RandomStream(seed: o.seed, .synthCheXpert, 1, UInt64(patient))
             let sex = p.uniformDouble(at: 0) < 0.5 ? "Female" : "Male", age = 18 + p.integer(below: 72, at: 1)
             let studies = 1 + (p.uniformDouble(at: 2) < 0.35 ? 1 : 0) + (p.uniformDouble(at: 3) < 0.1 ? 1 : 0)
             for k in 1...studies where images < trainCount {
-                let s = RandomStream(seed: o.seed, 0xC4E7, 2, UInt64(study))
+                let s = RandomStream(seed: o.seed, .synthCheXpert, 2, UInt64(study))
                 let written = ReportWriter.study(seed: reportSeed, index: study)
                 study += 1
                 var labels = written.labels.compactMapValues { $0 }  // absent = not mentioned = blank
@@ -263,7 +263,7 @@ public enum SynthDownstream {
         var valid = csvLine(CheXpertLabels.chexpertHeader)
         var validImages = 0, v = 0
         while validImages < validCount {
-            let s = RandomStream(seed: o.seed, 0xC4E7, 3, UInt64(v))
+            let s = RandomStream(seed: o.seed, .synthCheXpert, 3, UInt64(v))
             let written = ReportWriter.study(seed: reportSeed ^ 0x7A11, index: v)
             let patientName = "patient\(String(format: "%05d", 64_541 + v))"
             v += 1
@@ -290,7 +290,7 @@ public enum SynthDownstream {
             for (c, category) in Retrieval8x200.categories.enumerated() {
                 for k in 0..<perCategory {
                     patient += 1
-                    let s = RandomStream(seed: o.seed, 0xC4E7, 4, UInt64(c), UInt64(k))
+                    let s = RandomStream(seed: o.seed, .synthCheXpert, 4, UInt64(c), UInt64(k))
                     let f = findings(showing: category, s.child(7))
                     let relative = "\(name)/train/patient\(String(format: "%05d", patient))/study1/view1_frontal.jpg"
                     jobs.append(job(relative, f, lateral: false, s.child(0)))
@@ -310,7 +310,7 @@ public enum SynthDownstream {
                     retrievalImages += 1
                 }
                 var sentences: [String] = []
-                let s = RandomStream(seed: o.seed, 0xC4E7, 5, UInt64(c))
+                let s = RandomStream(seed: o.seed, .synthCheXpert, 5, UInt64(c))
                 for i in 0..<64 where sentences.count < o.retrievalTextQueries {
                     let text = sentence(about: category, s, UInt64(i))
                     if !sentences.contains(text) { sentences.append(text) }
@@ -351,7 +351,7 @@ public enum SynthDownstream {
             }
             if !seen.insert(relative).inserted { continue }
             if firstComponent == nil { firstComponent = relative.split(separator: "/").count > 1 ? String(relative.split(separator: "/")[0]) : "" }
-            let s = RandomStream(seed: o.seed, 0xC4E7, 6, relative.hashValueStable)
+            let s = RandomStream(seed: o.seed, .synthCheXpert, 6, relative.hashValueStable)
             var f = Findings()
             if hasLabels {
                 func present(_ label: String, _ i: UInt64) -> Bool {
@@ -413,7 +413,7 @@ public enum SynthDownstream {
         var classes = csvLine(["patientId", "class"])
         var jobs: [RenderJob] = []
         for i in 0..<count {
-            let s = RandomStream(seed: o.seed, 0x4550, UInt64(i))
+            let s = RandomStream(seed: o.seed, .synthRSNA, UInt64(i))
             let id = uuid(s.child(1))
             var findings = [Findings()]
             var boxes: [[String]] = []
@@ -466,7 +466,7 @@ public enum SynthDownstream {
         for (split, total) in [("train", trainCount), ("test", testCount)] {
             var list = "", images = 0
             while images < total {
-                let s = RandomStream(seed: o.seed, 0xC0F1, UInt64(patient))
+                let s = RandomStream(seed: o.seed, .synthCOVIDx, UInt64(patient))
                 let pid = String(format: "%08x", s.uint32(at: 0))
                 // Classes in turn, so that every split holds all three.
                 let cls = patient % 3
@@ -516,7 +516,7 @@ public enum SynthDownstream {
             while written < total {
                 let patient = firstPatient + p
                 p += 1
-                let ps = RandomStream(seed: o.seed, 0x3A5A, split == "train" ? 0 : 1, UInt64(patient))
+                let ps = RandomStream(seed: o.seed, .synthMURA, split == "train" ? 0 : 1, UInt64(patient))
                 let part = pick(muraStudyTypes, ps, 0)
                 for k in 1...(ps.uniformDouble(at: 1) < 0.3 ? 2 : 1) where written < total {
                     let s = ps.child(UInt64(k))

@@ -33,7 +33,7 @@ public enum ReportWriter {
 
     /// Draws findings and writes the report and labels of study `index`.
     public static func study(seed: UInt64, index: Int) -> SynthStudy {
-        let s = RandomStream(seed: seed, 0x5717, UInt64(index))
+        let s = RandomStream(seed: seed, .synthStudy, UInt64(index))
         var f = Findings()
         func chance(_ p: Double, _ i: UInt64) -> Bool { s.uniformDouble(at: i) < p }
         func side(_ i: UInt64) -> Side { chance(0.5, i) ? .left : .right }
@@ -177,7 +177,7 @@ public enum SynthMIMIC {
     static func subjectID(_ index: Int) -> Int { 10_000_000 + index / 2 * 7 + 3 }  // about two studies per subject
     static func studyID(_ index: Int) -> Int { 50_000_000 + index * 13 + 1 }
     static func dicomID(_ seed: UInt64, _ index: Int, _ view: Int) -> String {
-        let s = RandomStream(seed: seed, 0xD1C0, UInt64(index), UInt64(view))
+        let s = RandomStream(seed: seed, .synthDicomID, UInt64(index), UInt64(view))
         return (0..<5).map { String(format: "%08x", s.uint32(at: UInt64($0))) }.joined(separator: "-")
     }
 
@@ -202,7 +202,7 @@ public enum SynthMIMIC {
                 let studyDir = "\(out)/files/\(prefix)/p\(subject)/s\(studyNumber)"
                 try fm.createDirectory(atPath: studyDir, withIntermediateDirectories: true)
                 try Data(study.report.utf8).write(to: URL(fileURLWithPath: "\(out)/files/\(prefix)/p\(subject)/s\(studyNumber).txt"))
-                let s = RandomStream(seed: o.seed, 0x7135, UInt64(i))
+                let s = RandomStream(seed: o.seed, .synthViews, UInt64(i))
                 var views = ["PA"]
                 if s.uniformDouble(at: 0) < 0.5 { views.append("LATERAL") }
                 if s.uniformDouble(at: 1) < 0.1 { views.append("AP") }
@@ -212,7 +212,7 @@ public enum SynthMIMIC {
                     let dicom = dicomID(o.seed, i, v)
                     let width = o.imageSize, height = Int(Double(o.imageSize) * (1.1 + 0.15 * s.uniformDouble(at: 2 + UInt64(v))))
                     let pixels = ChestRenderer.render(width: width, height: height, findings: study.findings, lateral: view == "LATERAL",
-                                                      stream: RandomStream(seed: o.seed, 0x1A6E, UInt64(i), UInt64(v)))
+                                                      stream: RandomStream(seed: o.seed, .synthRender, UInt64(i), UInt64(v)))
                     let jpeg = try JPEG.encode(GrayImage(width: width, height: height, pixels: pixels), quality: o.quality)
                     try jpeg.write(to: URL(fileURLWithPath: "\(studyDir)/\(dicom).jpg"))
                     let description = view == "LATERAL" ? "lateral" : (view == "AP" ? "antero-posterior" : "postero-anterior")

@@ -53,7 +53,7 @@ public enum JPEG {
         }
         defer { cc_free(pixels) }
         if status == Int32(CC_CORRUPT) && !allowCorrupt {
-            throw ConvirtError("cannot read \(source): damaged JPEG (\(message(text)))")
+            throw ConvirtError("cannot read \(source): damaged JPEG (\(message(text)))", reason: .corrupt)
         }
         guard status == Int32(CC_OK) || status == Int32(CC_CORRUPT), let pixels else {
             throw ConvirtError("cannot read \(source): \(message(text))")

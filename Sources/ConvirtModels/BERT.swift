@@ -412,13 +412,13 @@ public final class BERT {
 
     /// Accumulates gradients of the trainable layers from gradLastHidden [batch, tokens, hidden]. Frozen
     /// layers and frozen embeddings are skipped entirely.
-    public func backward(_ arena: ParameterArena, gradLastHidden: UnsafePointer<Float>, context: PassContext) {
+    public func backward(_ arena: ParameterArena, gradLastHidden: UnsafePointer<Float>, context: PassContext) throws {
         guard let g = geometry else { preconditionFailure("backward before forward") }
         let rows = g.batch * g.tokens, h = config.hiddenSize
         if layers.isEmpty {
             if needsEmbeddingGradient {
                 embeddingBackward(arena, gradOutput: gradLastHidden, geometry: g, context: context)
-                context.gradientsReady?("\(prefix)embeddings.")
+                try context.gradientsReady?("\(prefix)embeddings.")
             }
             return
         }
@@ -428,11 +428,11 @@ public final class BERT {
             let needInputGradient = k > firstTrainableLayer || (k == 0 && needsEmbeddingGradient)
             let gradInput: UnsafeMutablePointer<Float>? = needInputGradient ? (k == 0 ? gradEmbeddingOutput.pointer : layers[k - 1].gradOutput.pointer) : nil
             layers[k].backward(arena, gradInput: gradInput, input: input, geometry: g, config: config, context: context)
-            context.gradientsReady?("\(prefix)encoder.layer.\(k).")
+            try context.gradientsReady?("\(prefix)encoder.layer.\(k).")
         }
         if firstTrainableLayer == 0 && needsEmbeddingGradient {
             embeddingBackward(arena, gradOutput: gradEmbeddingOutput.pointer, geometry: g, context: context)
-            context.gradientsReady?("\(prefix)embeddings.")
+            try context.gradientsReady?("\(prefix)embeddings.")
         }
     }
 

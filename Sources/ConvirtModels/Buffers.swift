@@ -53,7 +53,7 @@ public struct PassContext {
     /// Called during backward with a parameter-name prefix once the gradients of every parameter under
     /// it are final (a ResNet block, a BERT layer, a head), so that their all-reduce can start while
     /// the rest of backward runs.
-    public var gradientsReady: ((String) -> Void)?
+    public var gradientsReady: ((String) throws -> Void)?
 
     public init(training: Bool, reducer: StatisticsReducer? = nil, stream: RandomStream = RandomStream(seed: 0),
                 sampleIndices: [UInt64] = []) {

@@ -37,18 +37,14 @@ public final class ImageClassifier {
 
     /// torchvision's initialisation of the encoder and torch.nn.Linear's of the classifier, from a seed.
     public func initialize(seed: UInt64) {
-        let stream = RandomStream(seed: seed, 0xC1A5)
+        let stream = RandomStream(seed: seed, .classifierInit)
         encoder.initialize(arena, stream: stream.child(1))
         head.initializeUniform(arena, stream: stream.child(2))
     }
 
     /// A fresh classifier (initialised from `seed`) keeping the encoder's parameters.
     public func resetHead(seed: UInt64) {
-        head.initializeUniform(arena, stream: RandomStream(seed: seed, 0xC1A5).child(2))
-        for range in [head.weight.range] + (head.bias.map { [$0.range] } ?? []) {
-            (arena.adamM + range.lowerBound).update(repeating: 0, count: range.count)
-            (arena.adamV + range.lowerBound).update(repeating: 0, count: range.count)
-        }
+        head.initializeUniform(arena, stream: RandomStream(seed: seed, .classifierInit).child(2))
     }
 
     /// Encoder features h_v [batch, featureCount] of normalised images [batch, 3, S, S].
@@ -96,11 +92,11 @@ public final class ImageClassifier {
     }
 
     /// Accumulates the encoder's gradients from the gradient of its features (fine-tuning).
-    public func backwardEncoder(gradFeatures: UnsafePointer<Float>, context: PassContext) {
-        encoder.backward(arena, gradFeatures: gradFeatures, context: context)
+    public func backwardEncoder(gradFeatures: UnsafePointer<Float>, context: PassContext) throws {
+        try encoder.backward(arena, gradFeatures: gradFeatures, context: context)
     }
 
     private func stream(_ context: PassContext, row r: Int) -> RandomStream {
-        context.stream.child(r < context.sampleIndices.count ? context.sampleIndices[r] : UInt64(r), 0xD0)
+        context.stream.child(r < context.sampleIndices.count ? context.sampleIndices[r] : UInt64(r), DropoutSite.classifier.rawValue)
     }
 }

@@ -38,26 +38,34 @@ public struct ConVIRTConfig: Codable, Sendable, Equatable {
     /// The named configurations: `tiny` (tests), `demo` (learns on synthetic data in minutes on 2
     /// cores), `paper` (the paper's: ResNet-50 at 224, BERT-base with ClinicalBERT's cased vocabulary,
     /// 512-d heads, tau 0.1, lambda 0.75, embeddings and 6 layers frozen).
-    public static func preset(_ name: String) throws -> ConVIRTConfig {
-        switch name {
-        case "tiny":
+    public static func preset(_ preset: Preset) -> ConVIRTConfig {
+        switch preset {
+        case .tiny:
             return ConVIRTConfig(
                 image: ResNetConfig(layers: [1, 1, 1, 1], width: 4, block: .bottleneck, imageSize: 64),
                 text: BertConfig(vocabSize: 1000, hiddenSize: 16, numHiddenLayers: 2, numAttentionHeads: 2, intermediateSize: 32,
                                  maxPositionEmbeddings: 64),
                 projHidden: 16, projDim: 8, frozenLayers: 1)
-        case "demo":
+        case .demo:
             return ConVIRTConfig(
                 image: ResNetConfig(layers: [1, 1, 1, 1], width: 16, block: .basic, imageSize: 96),
                 text: BertConfig(vocabSize: 2048, hiddenSize: 128, numHiddenLayers: 2, numAttentionHeads: 4, intermediateSize: 256,
                                  maxPositionEmbeddings: 64),
                 projHidden: 128, projDim: 64, frozenLayers: 0)
-        case "paper":
+        case .paper:
             return ConVIRTConfig(image: .resnet50, text: .clinicalBase, projHidden: 512, projDim: 512, tau: 0.1, lambda: 0.75, frozenLayers: 6)
-        default:
-            throw ConvirtError("unknown preset \(name): use tiny, demo or paper")
         }
     }
+}
+
+/// The named configurations of the model and its training recipe.
+public enum Preset: String, Codable, Sendable, CaseIterable {
+    /// Tests: a few thousand parameters.
+    case tiny
+    /// Learns on synthetic data in minutes on 2 cores.
+    case demo
+    /// The paper's.
+    case paper
 }
 
 /// g = Linear -> ReLU -> Linear, then L2 normalisation (names `<prefix>0.*`, `<prefix>2.*` as nn.Sequential).
@@ -65,8 +73,11 @@ public final class ProjectionHead {
     let first, second: LinearLayer
     let hidden = Scratch<Float>(), projected = Scratch<Float>(), normalized = Scratch<Float>(), norms = Scratch<Float>()
     let gradHidden = Scratch<Float>(), gradProjected = Scratch<Float>(), gradInput = Scratch<Float>()
+    /// A copy of the last forward's input features, which backward reads (the caller's buffer may have
+    /// changed by then).
+    let input = Scratch<Float>()
     private var rows = 0
-    private var input: UnsafePointer<Float>?
+    private var hasInput = false
 
     init(_ layout: inout ParameterLayout, _ prefix: String, inFeatures: Int, hiddenFeatures: Int, outFeatures: Int) throws {
         first = try LinearLayer(&layout, "\(prefix)0", inFeatures: inFeatures, outFeatures: hiddenFeatures)
@@ -81,7 +92,8 @@ public final class ProjectionHead {
     /// Unit-norm embeddings [rows, out] of features [rows, in].
     func forward(_ arena: ParameterArena, features: UnsafePointer<Float>, rows: Int) -> UnsafePointer<Float> {
         self.rows = rows
-        input = features
+        input.ensure(rows * first.inFeatures).update(from: features, count: rows * first.inFeatures)
+        hasInput = true
         let h = hidden.ensure(rows * first.outFeatures), z = projected.ensure(rows * second.outFeatures)
         first.forward(arena, output: h, input: features, rows: rows)
         ReLU.forward(output: h, input: h, count: rows * first.outFeatures)
@@ -93,7 +105,7 @@ public final class ProjectionHead {
 
     /// Gradient of the features [rows, in] from the gradient of the embeddings; parameter gradients accumulate.
     func backward(_ arena: ParameterArena, gradEmbeddings: UnsafePointer<Float>) -> UnsafePointer<Float> {
-        guard let input else { preconditionFailure("backward before forward") }
+        precondition(hasInput, "backward before forward")
         let dz = gradProjected.zeroed(rows * second.outFeatures)
         L2Normalize.backward(gradInput: dz, gradOutput: gradEmbeddings, output: normalized.pointer, norms: norms.pointer, rows: rows, features: second.outFeatures)
         let dh = gradHidden.zeroed(rows * first.outFeatures)
@@ -101,7 +113,7 @@ public final class ProjectionHead {
         let h = hidden.pointer
         for i in 0..<(rows * first.outFeatures) where h[i] <= 0 { dh[i] = 0 }
         let dx = gradInput.zeroed(rows * first.inFeatures)
-        first.backward(arena, gradInput: dx, gradOutput: dh, input: input, rows: rows)
+        first.backward(arena, gradInput: dx, gradOutput: dh, input: input.pointer, rows: rows)
         return UnsafePointer(dx)
     }
 }
@@ -133,18 +145,37 @@ public enum ConVIRTLoss {
         localRows b: Int, globalRows n: Int, features d: Int, offset: Int, tau: Double, lambda: Double,
         gradV: UnsafeMutablePointer<Float>, gradU: UnsafeMutablePointer<Float>, workspace ws: Workspace
     ) -> Value {
+        evaluate(v: v, u: u, globalV: globalV, globalU: globalU, localRows: b, globalRows: n, features: d, offset: offset, tau: tau,
+                 lambda: lambda, gradients: (gradV, gradU), workspace: ws)
+    }
+
+    /// This rank's share of the loss only (validation: no gradient is formed).
+    public static func forward(
+        v: UnsafePointer<Float>, u: UnsafePointer<Float>, globalV: UnsafePointer<Float>, globalU: UnsafePointer<Float>,
+        localRows b: Int, globalRows n: Int, features d: Int, offset: Int, tau: Double, lambda: Double, workspace ws: Workspace
+    ) -> Value {
+        evaluate(v: v, u: u, globalV: globalV, globalU: globalU, localRows: b, globalRows: n, features: d, offset: offset, tau: tau,
+                 lambda: lambda, gradients: nil, workspace: ws)
+    }
+
+    static func evaluate(
+        v: UnsafePointer<Float>, u: UnsafePointer<Float>, globalV: UnsafePointer<Float>, globalU: UnsafePointer<Float>,
+        localRows b: Int, globalRows n: Int, features d: Int, offset: Int, tau: Double, lambda: Double,
+        gradients: (v: UnsafeMutablePointer<Float>, u: UnsafeMutablePointer<Float>)?, workspace ws: Workspace
+    ) -> Value {
         precondition(offset >= 0 && offset + b <= n, "local rows outside the global batch")
         let scale = Float(1 / tau)
         let logits = ws.logits.ensure(b * n), probabilities = ws.probabilities.ensure(b * n)
         let losses = ws.losses.ensure(b), weights = ws.weights.ensure(b), targets = ws.targets.ensure(b)
         for i in 0..<b { targets[i] = Int32(offset + i) }
-        gradV.update(repeating: 0, count: n * d)
-        gradU.update(repeating: 0, count: n * d)
+        if let (gradV, gradU) = gradients {
+            gradV.update(repeating: 0, count: n * d)
+            gradU.update(repeating: 0, count: n * d)
+        }
         var value = Value(loss: 0, imageToText: 0, textToImage: 0)
         // direction 0: image -> text (rows v_i against all u_k); direction 1: text -> image.
         for direction in 0..<2 {
             let (rowsP, columnsP) = direction == 0 ? (v, globalU) : (u, globalV)
-            let (gradRows, gradColumns) = direction == 0 ? (gradV, gradU) : (gradU, gradV)
             let weight = direction == 0 ? lambda : 1 - lambda
             sgemm(transposeA: false, transposeB: true, m: b, n: n, k: d, alpha: scale, a: rowsP, lda: d, b: columnsP, ldb: d, c: logits, ldc: n)
             CrossEntropy.forward(losses: losses, probabilities: probabilities, logits: logits, targets: targets, rows: b, classes: n)
@@ -153,6 +184,8 @@ public enum ConVIRTLoss {
             let share = sum / Double(n)
             if direction == 0 { value.imageToText = share } else { value.textToImage = share }
             value.loss += weight * share
+            guard let (gradV, gradU) = gradients else { continue }
+            let (gradRows, gradColumns) = direction == 0 ? (gradV, gradU) : (gradU, gradV)
             // dL/dlogits = weight / N * (softmax - onehot)
             logits.update(repeating: 0, count: b * n)
             for i in 0..<b { weights[i] = Float(weight / Double(n)) }
@@ -194,7 +227,7 @@ public final class ConVIRTModel {
 
     /// Random initialisation as torchvision, Hugging Face and torch.nn.Linear do it, from a seed.
     public func initialize(seed: UInt64) {
-        let stream = RandomStream(seed: seed, 0x1417)
+        let stream = RandomStream(seed: seed, .convirtInit)
         image.initialize(arena, stream: stream.child(1))
         text.initialize(arena, stream: stream.child(2))
         imageHead.initialize(arena, stream: stream.child(3))
@@ -227,18 +260,18 @@ public final class ConVIRTModel {
         imageHead.forward(arena, features: features, rows: rows)
     }
 
-    public func backwardImages(gradEmbeddings: UnsafePointer<Float>, context: PassContext) {
+    public func backwardImages(gradEmbeddings: UnsafePointer<Float>, context: PassContext) throws {
         let gradFeatures = imageHead.backward(arena, gradEmbeddings: gradEmbeddings)
-        context.gradientsReady?("image_head.")
-        image.backward(arena, gradFeatures: gradFeatures, context: context)
+        try context.gradientsReady?("image_head.")
+        try image.backward(arena, gradFeatures: gradFeatures, context: context)
     }
 
-    public func backwardTexts(gradEmbeddings: UnsafePointer<Float>, context: PassContext) {
+    public func backwardTexts(gradEmbeddings: UnsafePointer<Float>, context: PassContext) throws {
         let gradPooled = textHead.backward(arena, gradEmbeddings: gradEmbeddings)
-        context.gradientsReady?("text_head.")
+        try context.gradientsReady?("text_head.")
         let (b, t) = textShape, h = config.text.hiddenSize
         let dh = gradHidden.zeroed(b * t * h)
         MaskedMaxPool.backward(gradInput: dh, gradOutput: gradPooled, indices: poolIndices.pointer, batch: b, tokens: t, channels: h)
-        text.backward(arena, gradLastHidden: dh, context: context)
+        try text.backward(arena, gradLastHidden: dh, context: context)
     }
 }

@@ -104,7 +104,7 @@ public enum Parity {
         var report = ParityReport(model: "resnet")
         report.lines.append(.init(name: "output.features", error: relativeError(features, try file.floats("output.features")), limit: outputLimit))
         arena.zeroGrads()
-        try file.floats("input.output_weights").withUnsafeBufferPointer { net.backward(arena, gradFeatures: $0.baseAddress!, context: context) }
+        try file.floats("input.output_weights").withUnsafeBufferPointer { try net.backward(arena, gradFeatures: $0.baseAddress!, context: context) }
         try compareGradients(file, arena, report: &report)
         return report
     }
@@ -130,7 +130,7 @@ public enum Parity {
         var report = ParityReport(model: "bert")
         report.lines.append(.init(name: "output.last_hidden_state", error: relativeError(hidden, try file.floats("output.last_hidden_state")), limit: outputLimit))
         arena.zeroGrads()
-        try file.floats("input.output_weights").withUnsafeBufferPointer { net.backward(arena, gradLastHidden: $0.baseAddress!, context: context) }
+        try file.floats("input.output_weights").withUnsafeBufferPointer { try net.backward(arena, gradLastHidden: $0.baseAddress!, context: context) }
         try compareGradients(file, arena, report: &report)
         return report
     }
@@ -158,8 +158,8 @@ public enum Parity {
         let expectedLoss = try file.floats("output.loss").scalars[0]
         report.lines.append(.init(name: "output.loss", error: abs(value.loss - Double(expectedLoss)) / max(abs(Double(expectedLoss)), 1e-30), limit: outputLimit))
         model.arena.zeroGrads()
-        model.backwardImages(gradEmbeddings: gradV, context: context)
-        model.backwardTexts(gradEmbeddings: gradU, context: context)
+        try model.backwardImages(gradEmbeddings: gradV, context: context)
+        try model.backwardTexts(gradEmbeddings: gradU, context: context)
         try compareGradients(file, model.arena, report: &report)
         return report
     }

@@ -64,11 +64,11 @@ final class BatchNormLayer {
     }
 
     func forward(_ arena: ParameterArena, output: UnsafeMutablePointer<Float>, input: UnsafePointer<Float>,
-                 batch: Int, plane: Int, context: PassContext) {
+                 batch: Int, plane: Int, context: PassContext) throws {
         let p = arena.params
         if context.training {
             var saved = BatchNorm2d.Saved(mean: mean.pointer, invStd: invStd.pointer)
-            BatchNorm2d.forwardTraining(output: output, input: input, gamma: p + weight.offset, beta: p + bias.offset,
+            try BatchNorm2d.forwardTraining(output: output, input: input, gamma: p + weight.offset, beta: p + bias.offset,
                                         runningMean: p + runningMean.offset, runningVar: p + runningVar.offset, saved: &saved,
                                         batch: batch, channels: channels, plane: plane, eps: eps, momentum: momentum,
                                         statistics: UnsafeMutableBufferPointer(start: statistics.pointer, count: 2 * channels + 1),
@@ -82,12 +82,12 @@ final class BatchNormLayer {
     }
 
     func backward(_ arena: ParameterArena, gradInput: UnsafeMutablePointer<Float>, gradOutput: UnsafePointer<Float>,
-                  input: UnsafePointer<Float>, batch: Int, plane: Int, context: PassContext) {
+                  input: UnsafePointer<Float>, batch: Int, plane: Int, context: PassContext) throws {
         let p = arena.params, g = arena.grads
         if context.training {
             var saved = BatchNorm2d.Saved(mean: mean.pointer, invStd: invStd.pointer)
             saved.globalCount = globalCount
-            BatchNorm2d.backwardTraining(gradInput: gradInput, gradGamma: g + weight.offset, gradBeta: g + bias.offset,
+            try BatchNorm2d.backwardTraining(gradInput: gradInput, gradGamma: g + weight.offset, gradBeta: g + bias.offset,
                                          gradOutput: gradOutput, input: input, gamma: p + weight.offset, saved: saved,
                                          batch: batch, channels: channels, plane: plane,
                                          statistics: UnsafeMutableBufferPointer(start: statistics.pointer, count: 2 * channels + 1),
@@ -146,7 +146,7 @@ final class ConvBNUnit {
         let c = convOut.ensure(count), y = output.ensure(count)
         Conv2d.forward(output: c, input: input, weight: arena.params + conv.offset, bias: nil, geometry: g,
                        workspace: workspace.ensure(g.workspaceCount))
-        bn.forward(arena, output: y, input: c, batch: batch, plane: g.outPlane, context: context)
+        try bn.forward(arena, output: y, input: c, batch: batch, plane: g.outPlane, context: context)
         if relu { ReLU.forward(output: y, input: y, count: count) }
         gradOutput.zeroed(count)
         return y
@@ -154,13 +154,13 @@ final class ConvBNUnit {
 
     /// Consumes `gradOutput` (filled by the layers after this unit) and accumulates into gradInput.
     func backward(_ arena: ParameterArena, gradInput: UnsafeMutablePointer<Float>?, input: UnsafePointer<Float>,
-                  workspace: Scratch<Float>, context: PassContext) {
+                  workspace: Scratch<Float>, context: PassContext) throws {
         guard let g = geometry else { preconditionFailure("backward before forward") }
         let count = g.outputShape.reduce(1, *)
         let dy = gradOutput.pointer
         if relu { ReLU.maskGradient(dy, output: output.pointer, count: count) }
         let dc = gradConvOut.zeroed(count)
-        bn.backward(arena, gradInput: dc, gradOutput: dy, input: convOut.pointer, batch: g.batch, plane: g.outPlane, context: context)
+        try bn.backward(arena, gradInput: dc, gradOutput: dy, input: convOut.pointer, batch: g.batch, plane: g.outPlane, context: context)
         Conv2d.backward(gradInput: gradInput, gradWeight: arena.grads + conv.offset, gradBias: nil, gradOutput: dc, input: input,
                         weight: arena.params + conv.offset, geometry: g, workspace: workspace.ensure(g.workspaceCount))
     }
@@ -222,7 +222,7 @@ final class ResidualBlock {
 
     /// Consumes gradOutput and accumulates into gradInput (the previous layer's gradOutput).
     func backward(_ arena: ParameterArena, gradInput: UnsafeMutablePointer<Float>, input: UnsafePointer<Float>,
-                  workspace: Scratch<Float>, context: PassContext) {
+                  workspace: Scratch<Float>, context: PassContext) throws {
         let count = shape.batch * outChannels * shape.outHeight * shape.outWidth
         let dy = gradOutput.pointer
         ReLU.maskGradient(dy, output: output.pointer, count: count)
@@ -231,14 +231,14 @@ final class ResidualBlock {
         last.gradOutput.ensure(count).update(from: dy, count: count)
         if let downsample {
             downsample.gradOutput.ensure(count).update(from: dy, count: count)
-            downsample.backward(arena, gradInput: gradInput, input: input, workspace: workspace, context: context)
+            try downsample.backward(arena, gradInput: gradInput, input: input, workspace: workspace, context: context)
         } else {
             Residual.accumulate(gradInput, dy, count: count)
         }
         for k in stride(from: units.count - 1, through: 0, by: -1) {
             let unitInput = k == 0 ? input : UnsafePointer(units[k - 1].output.pointer)
             let unitGradInput = k == 0 ? gradInput : units[k - 1].gradOutput.pointer
-            units[k].backward(arena, gradInput: unitGradInput, input: unitInput, workspace: workspace, context: context)
+            try units[k].backward(arena, gradInput: unitGradInput, input: unitInput, workspace: workspace, context: context)
         }
     }
 }
@@ -254,7 +254,10 @@ public final class ResNet {
     let features = Scratch<Float>()
     let workspace = Scratch<Float>()
     private var shape = (batch: 0, stemSize: 0, poolSize: 0, finalSize: 0)
-    private var inputImages: UnsafePointer<Float>?
+    /// A copy of the images of the last forward pass, which the stem's backward reads (the caller's
+    /// buffer may be gone by then).
+    let inputImages = Scratch<Float>()
+    private var hasInput = false
 
     /// Registers every parameter and buffer under `prefix` (e.g. "image.") with torchvision's names.
     public init(config: ResNetConfig, layout: inout ParameterLayout, prefix: String = "") throws {
@@ -295,7 +298,9 @@ public final class ResNet {
                         context: PassContext) throws -> UnsafePointer<Float> {
         try require(batch >= 1, "resnet", "batch must be positive")
         try require(size >= 32, "resnet", "image size \(size) is below 32")
-        inputImages = images
+        // Backward may follow in either mode (parity fixtures differentiate evaluation mode too).
+        inputImages.ensure(batch * 3 * size * size).update(from: images, count: batch * 3 * size * size)
+        hasInput = true
         let x0 = try stem.forward(arena, input: images, batch: batch, height: size, width: size, workspace: workspace, context: context)
         let s1 = stem.outputSize(size)
         let s2 = MaxPool2d.outputSize(s1, kernel: 3, stride: 2, padding: 1)
@@ -315,28 +320,28 @@ public final class ResNet {
     }
 
     /// Accumulates parameter gradients into arena.grads from gradFeatures [batch, featureCount].
-    public func backward(_ arena: ParameterArena, gradFeatures: UnsafePointer<Float>, context: PassContext) {
-        guard let images = inputImages else { preconditionFailure("backward before forward") }
+    public func backward(_ arena: ParameterArena, gradFeatures: UnsafePointer<Float>, context: PassContext) throws {
+        precondition(hasInput, "backward before forward")
         let last = blocks[blocks.count - 1]
         GlobalAvgPool.backward(gradInput: last.gradOutput.pointer, gradOutput: gradFeatures, rows: shape.batch * featureCount,
                                plane: shape.finalSize * shape.finalSize)
         for k in stride(from: blocks.count - 1, through: 0, by: -1) {
             let input = k == 0 ? UnsafePointer(poolOutput.pointer) : UnsafePointer(blocks[k - 1].output.pointer)
             let gradInput = k == 0 ? poolGrad.pointer : blocks[k - 1].gradOutput.pointer
-            blocks[k].backward(arena, gradInput: gradInput, input: input, workspace: workspace, context: context)
-            context.gradientsReady?(blockPrefixes[k])
+            try blocks[k].backward(arena, gradInput: gradInput, input: input, workspace: workspace, context: context)
+            try context.gradientsReady?(blockPrefixes[k])
         }
         let planes = shape.batch * config.width
         MaxPool2d.backward(gradInput: stem.gradOutput.pointer, gradOutput: poolGrad.pointer, indices: poolIndices.pointer,
                            planes: planes, inPlane: shape.stemSize * shape.stemSize, outPlane: shape.poolSize * shape.poolSize)
-        stem.backward(arena, gradInput: nil, input: images, workspace: workspace, context: context)
-        context.gradientsReady?("\(prefix)conv1.")
-        context.gradientsReady?("\(prefix)bn1.")
+        try stem.backward(arena, gradInput: nil, input: inputImages.pointer, workspace: workspace, context: context)
+        try context.gradientsReady?("\(prefix)conv1.")
+        try context.gradientsReady?("\(prefix)bn1.")
     }
 
     /// Bytes held by activations and their gradients at the largest batch seen.
     public var activationBytes: Int {
-        var total = poolOutput.bytes + poolGrad.bytes + poolIndices.bytes + features.bytes + workspace.bytes
+        var total = poolOutput.bytes + poolGrad.bytes + poolIndices.bytes + features.bytes + workspace.bytes + inputImages.bytes
         for unit in [stem] + blocks.flatMap(\.allUnits) {
             total += unit.convOut.bytes + unit.gradConvOut.bytes + unit.output.bytes + unit.gradOutput.bytes
         }

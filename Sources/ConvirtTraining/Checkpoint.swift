@@ -112,20 +112,6 @@ public enum Checkpoints {
         }
     }
 
-    /// The arena range rank r of W saves.
-    static func shardRange(rank: Int, worldSize: Int, count: Int) -> Range<Int> {
-        let size = (count + worldSize - 1) / worldSize
-        return min(count, rank * size)..<min(count, (rank + 1) * size)
-    }
-
-    /// How `count` items split over the ranks (as the arena does for checkpoints and ZeRO-1): every
-    /// rank's count, and this rank's range.
-    static func slices(_ count: Int, _ communicator: Communicator) -> (counts: [Int], mine: Range<Int>) {
-        let w = communicator.size
-        return ((0..<w).map { shardRange(rank: $0, worldSize: w, count: count).count },
-                shardRange(rank: communicator.rank, worldSize: w, count: count))
-    }
-
     static func name(step: Int) -> String { String(format: "step-%08d", step) }
     static func shardFile(rank: Int, worldSize: Int) -> String { String(format: "shard-%05d-of-%05d.zst", rank, worldSize) }
 
@@ -262,8 +248,9 @@ public enum Checkpoints {
             // The part of this shard's moments that falls in our optimizer range.
             let a = max(lo, own.lowerBound), b = min(lo + count, own.upperBound)
             if a < b {
-                unshuffle(planes + count * 4, count: count, elements: (a - lo)..<(b - lo), into: arena.adamM + a)
-                unshuffle(planes + count * 8, count: count, elements: (a - lo)..<(b - lo), into: arena.adamV + a)
+                let (m, v) = arena.moments(at: a)
+                unshuffle(planes + count * 4, count: count, elements: (a - lo)..<(b - lo), into: m)
+                unshuffle(planes + count * 8, count: count, elements: (a - lo)..<(b - lo), into: v)
             }
         }
         return manifest
@@ -284,7 +271,8 @@ public enum Checkpoints {
         let names = Set(ours.map(\.name))
         for t in manifest.entries where !names.contains(t.name) { differences.append("\(t.name): only in the checkpoint") }
         if differences.isEmpty { differences.append("arena of \(manifest.arenaCount) floats in the checkpoint, \(arena.count) now") }
-        throw ConvirtError("\(directory): the model differs from the checkpoint's: \(differences.prefix(10).joined(separator: "; "))")
+        throw ConvirtError("\(directory): the model differs from the checkpoint's: \(differences.prefix(10).joined(separator: "; "))",
+                           reason: .modelMismatch)
     }
 
     /// Restores a checkpoint that only rank 0 can read (gather I/O: no shared filesystem). Collective:
@@ -294,13 +282,14 @@ public enum Checkpoints {
     public static func restoreFromRoot(_ directory: String, into arena: ParameterArena, communicator: Communicator) throws -> CheckpointManifest {
         let root = communicator.isRoot
         var manifestBytes = Data()
-        var failure: String? = nil
+        var failure: ConvirtError? = nil
+        func failed(_ error: Error) -> ConvirtError { error as? ConvirtError ?? ConvirtError("\(error)") }
         if root {
             do {
                 let m = try manifest(directory)
                 try checkLayout(m, of: directory, against: arena)
                 manifestBytes = try JSONEncoder().encode(m)
-            } catch { failure = "\(error)" }
+            } catch { failure = failed(error) }
         }
         try broadcastFailure(&failure, communicator)
         manifestBytes = try broadcastBytes(manifestBytes, communicator)
@@ -319,27 +308,29 @@ public enum Checkpoints {
                         unshuffle(planes + count * 4, count: count, elements: 0..<count, into: m)
                         unshuffle(planes + count * 8, count: count, elements: 0..<count, into: m + count)
                     }
-                } catch { failure = "\(error)" }
+                } catch { failure = failed(error) }
             }
             try broadcastFailure(&failure, communicator)
             try broadcastLarge(UnsafeMutableRawBufferPointer(start: arena.params + lo, count: count * 4), communicator)
             try broadcastLarge(UnsafeMutableRawBufferPointer(start: m, count: 2 * count * 4), communicator)
             let a = max(lo, own.lowerBound), b = min(lo + count, own.upperBound)
             if a < b {
-                (arena.adamM + a).update(from: m + (a - lo), count: b - a)
-                (arena.adamV + a).update(from: m + count + (a - lo), count: b - a)
+                let (adamM, adamV) = arena.moments(at: a)
+                adamM.update(from: m + (a - lo), count: b - a)
+                adamV.update(from: m + count + (a - lo), count: b - a)
             }
         }
         return manifest
     }
 
-    /// Rank 0's failure (if any) reaches every rank, which throws it.
-    static func broadcastFailure(_ failure: inout String?, _ communicator: Communicator) throws {
-        var flag: [Int64] = [failure == nil ? 0 : 1]
+    /// Rank 0's failure (if any) reaches every rank, which throws it with its reason.
+    static func broadcastFailure(_ failure: inout ConvirtError?, _ communicator: Communicator) throws {
+        var flag: [Int64] = [failure == nil ? 0 : failure!.reason == .modelMismatch ? 2 : 1]
         try flag.withUnsafeMutableBytes { try communicator.broadcast($0, root: 0) }
         guard flag[0] != 0 else { return }
-        let message = try broadcastBytes(Data((failure ?? "").utf8), communicator)
-        throw ConvirtError(communicator.isRoot ? failure! : "rank 0: \(String(decoding: message, as: UTF8.self))")
+        let message = try broadcastBytes(Data((failure?.message ?? "").utf8), communicator)
+        if communicator.isRoot { throw failure! }
+        throw ConvirtError("rank 0: \(String(decoding: message, as: UTF8.self))", reason: flag[0] == 2 ? .modelMismatch : .invalid)
     }
 
     /// Rank 0's bytes on every rank.
@@ -413,7 +404,7 @@ public final class CheckpointWriter: @unchecked Sendable {
     /// Allocates and touches the snapshot buffer before training, so that the first save does not pay
     /// for page faults on the training thread.
     public func reserve(arena: ParameterArena) {
-        let n = Checkpoints.slices(arena.count, communicator).mine.count
+        let n = ArenaShards.split(arena.count, communicator).mine.count
         snapshot.ensure(max(1, 3 * n)).initialize(repeating: 0, count: max(1, 3 * n))
     }
 
@@ -427,12 +418,13 @@ public final class CheckpointWriter: @unchecked Sendable {
         if job != nil { try commit() }
         var clock = Clock()
         let w = communicator.size, r = communicator.rank
-        let range = Checkpoints.shardRange(rank: r, worldSize: w, count: arena.count)
+        let range = ArenaShards(count: arena.count, worldSize: w)[r]
         let n = range.count
         let copy = snapshot.ensure(max(1, 3 * n))
         copy.update(from: arena.params + range.lowerBound, count: n)
-        (copy + n).update(from: arena.adamM + range.lowerBound, count: n)
-        (copy + 2 * n).update(from: arena.adamV + range.lowerBound, count: n)
+        let (m, v) = arena.moments(at: range.lowerBound)
+        (copy + n).update(from: m, count: n)
+        (copy + 2 * n).update(from: v, count: n)
         written = false
         let job = Job(state: state, config: config, best: best, entries: communicator.isRoot ? Checkpoints.entries(of: arena) : [],
                       arenaCount: arena.count, range: range, temporary: "\(root)/.tmp-\(Checkpoints.name(step: state.step))")
@@ -545,7 +537,7 @@ public final class CheckpointWriter: @unchecked Sendable {
     private func publish(_ job: Job, report: [Double]) throws {
         let w = communicator.size
         let shards = (0..<w).map { k -> CheckpointManifest.Shard in
-            let range = Checkpoints.shardRange(rank: k, worldSize: w, count: job.arenaCount)
+            let range = ArenaShards(count: job.arenaCount, worldSize: w)[k]
             return .init(file: Checkpoints.shardFile(rank: k, worldSize: w), range: [range.lowerBound, range.upperBound],
                          bytes: Int(report[3 * k + 1]), crc32: UInt32(report[3 * k + 2]), rawBytes: range.count * 12)
         }

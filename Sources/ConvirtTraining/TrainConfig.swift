@@ -6,7 +6,7 @@ import ConvirtModels
 import Foundation
 
 public struct TrainConfig: Codable, Sendable {
-    public var preset: String
+    public var preset: Preset
     public var model: ConVIRTConfig
     public var globalBatch: Int
     /// Total steps of the run (a resumed run continues up to it); nil = epochs decide.
@@ -15,9 +15,9 @@ public struct TrainConfig: Codable, Sendable {
     public var seed: UInt64
     public var learningRate: Double
     public var weightDecay: Double
-    /// "paper" (validation every valEvery steps, LR halved after `patience` checks without improvement,
-    /// stop after `maxChecks` checks), "cosine" (linear warmup then cosine decay) or "constant".
-    public var schedule: String
+    /// paper (validation every valEvery steps, LR halved after `patience` checks without improvement,
+    /// stop after `maxChecks` checks), cosine (linear warmup then cosine decay) or constant.
+    public var schedule: ScheduleKind
     public var warmupSteps: Int
     public var valEvery: Int
     public var valSamples: Int
@@ -40,8 +40,8 @@ public struct TrainConfig: Codable, Sendable {
     public var zero1: Bool = false
     /// Start the gradient all-reduce buckets during backward (true) or only after it (to measure the overlap).
     public var overlapCommunication: Bool = true
-    /// How checkpoint shards reach the disk: "parallel" (every rank writes its own) or "gather" (rank 0 writes all).
-    public var checkpointIO: String = "parallel"
+    /// How checkpoint shards reach the disk: parallel (every rank writes its own) or gather (rank 0 writes all).
+    public var checkpointIO: CheckpointIO = .parallel
     /// Compress and write checkpoints from a snapshot while training goes on (committed at the end of the next step).
     public var asyncCheckpoint: Bool = true
 
@@ -55,24 +55,24 @@ public struct TrainConfig: Codable, Sendable {
     }
 
     /// The preset's defaults: the paper's recipe for `paper`, a quicker one for `demo` and `tiny`.
-    public static func preset(_ name: String) throws -> TrainConfig {
-        let model = try ConVIRTConfig.preset(name)
-        switch name {
-        case "paper":
-            return TrainConfig(preset: name, model: model, globalBatch: 32, steps: nil, epochs: nil, seed: 0, learningRate: 1e-4,
-                               weightDecay: 1e-6, schedule: "paper", warmupSteps: 0, valEvery: 5000, valSamples: 5000, patience: 5,
+    public static func preset(_ preset: Preset) -> TrainConfig {
+        let model = ConVIRTConfig.preset(preset)
+        switch preset {
+        case .paper:
+            return TrainConfig(preset: preset, model: model, globalBatch: 32, steps: nil, epochs: nil, seed: 0, learningRate: 1e-4,
+                               weightDecay: 1e-6, schedule: .paper, warmupSteps: 0, valEvery: 5000, valSamples: 5000, patience: 5,
                                maxChecks: 200, syncBatchNorm: true, clipGradNorm: nil, maxTokens: 128, lowercase: false, threads: 1,
                                loaderWorkers: 1, swapLateralityOnFlip: false, imageWeights: nil, textWeights: nil)
-        case "demo":
-            return TrainConfig(preset: name, model: model, globalBatch: 32, steps: 2000, epochs: nil, seed: 0, learningRate: 5e-4,
-                               weightDecay: 1e-6, schedule: "cosine", warmupSteps: 50, valEvery: 250, valSamples: 96, patience: 5,
+        case .demo:
+            return TrainConfig(preset: preset, model: model, globalBatch: 32, steps: 2000, epochs: nil, seed: 0, learningRate: 5e-4,
+                               weightDecay: 1e-6, schedule: .cosine, warmupSteps: 50, valEvery: 250, valSamples: 96, patience: 5,
                                maxChecks: 200, syncBatchNorm: true, clipGradNorm: 5, maxTokens: 48, lowercase: true, threads: 1,
                                loaderWorkers: 1, swapLateralityOnFlip: true, imageWeights: nil, textWeights: nil)
-        default:
+        case .tiny:
             // A modest rate: at 1e-3 the tiny model's updates are so large that float rounding decides
             // ReLU kinks within a few steps, and runs on different rank counts drift apart.
-            return TrainConfig(preset: name, model: model, globalBatch: 8, steps: 20, epochs: nil, seed: 0, learningRate: 1e-4,
-                               weightDecay: 1e-6, schedule: "constant", warmupSteps: 0, valEvery: 10, valSamples: 8, patience: 5,
+            return TrainConfig(preset: preset, model: model, globalBatch: 8, steps: 20, epochs: nil, seed: 0, learningRate: 1e-4,
+                               weightDecay: 1e-6, schedule: .constant, warmupSteps: 0, valEvery: 10, valSamples: 8, patience: 5,
                                maxChecks: 200, syncBatchNorm: true, clipGradNorm: nil, maxTokens: 24, lowercase: true, threads: 1,
                                loaderWorkers: 1, swapLateralityOnFlip: true, imageWeights: nil, textWeights: nil)
         }
@@ -82,26 +82,20 @@ public struct TrainConfig: Codable, Sendable {
         try model.validate()
         try require(globalBatch >= 1 && globalBatch % worldSize == 0, "train",
                     "--global-batch \(globalBatch) does not divide by the \(worldSize) ranks")
-        try require(["paper", "cosine", "constant"].contains(schedule), "train", "unknown schedule \(schedule) (paper, cosine or constant)")
         try require(learningRate > 0 && weightDecay >= 0, "train", "learning rate must be positive and weight decay non-negative")
         try require(steps == nil || steps! >= 1, "train", "--steps must be positive")
         try require(epochs == nil || epochs! >= 1, "train", "--epochs must be positive")
         try require(valEvery >= 1 && maxTokens >= 2 && maxTokens <= model.text.maxPositionEmbeddings, "train",
                     "--val-every must be positive and --max-tokens within 2...\(model.text.maxPositionEmbeddings)")
-        try require(CheckpointIO(rawValue: checkpointIO) != nil, "train", "unknown --checkpoint-io \(checkpointIO) (parallel or gather)")
         try require((checkpointEvery ?? 1) >= 1 && keepCheckpoints >= 1, "train", "--checkpoint-every and --keep-checkpoints must be positive")
     }
 
-    /// Learning rate of a step under the warmup + cosine or constant schedules (the paper schedule's
-    /// rate is the trainer's state).
-    public func scheduledRate(step: Int, totalSteps: Int) -> Double {
+    /// The learning-rate schedule of a run of `totalSteps` steps, from its start.
+    public func makeSchedule(totalSteps: Int) -> LearningRateSchedule {
         switch schedule {
-        case "cosine":
-            if step < warmupSteps { return learningRate * Double(step + 1) / Double(warmupSteps) }
-            let progress = Double(step - warmupSteps) / Double(max(1, totalSteps - warmupSteps))
-            return learningRate * 0.5 * (1 + cos(Double.pi * min(1, progress)))
-        default:
-            return learningRate
+        case .paper: return LearningRateSchedule(.plateau(Plateau(patience: patience, maxChecks: maxChecks)), baseRate: learningRate)
+        case .cosine: return LearningRateSchedule(.cosine(warmupSteps: warmupSteps, totalSteps: totalSteps), baseRate: learningRate)
+        case .constant: return LearningRateSchedule(.constant, baseRate: learningRate)
         }
     }
 }
@@ -111,7 +105,7 @@ extension TrainConfig {
     /// defaults when absent.
     public init(from decoder: Decoder) throws {
         let c = try decoder.container(keyedBy: CodingKeys.self)
-        preset = try c.decode(String.self, forKey: .preset)
+        preset = try c.decode(Preset.self, forKey: .preset)
         model = try c.decode(ConVIRTConfig.self, forKey: .model)
         globalBatch = try c.decode(Int.self, forKey: .globalBatch)
         steps = try c.decodeIfPresent(Int.self, forKey: .steps)
@@ -119,7 +113,7 @@ extension TrainConfig {
         seed = try c.decode(UInt64.self, forKey: .seed)
         learningRate = try c.decode(Double.self, forKey: .learningRate)
         weightDecay = try c.decode(Double.self, forKey: .weightDecay)
-        schedule = try c.decode(String.self, forKey: .schedule)
+        schedule = try c.decode(ScheduleKind.self, forKey: .schedule)
         warmupSteps = try c.decode(Int.self, forKey: .warmupSteps)
         valEvery = try c.decode(Int.self, forKey: .valEvery)
         valSamples = try c.decode(Int.self, forKey: .valSamples)
@@ -138,7 +132,7 @@ extension TrainConfig {
         keepCheckpoints = try c.decodeIfPresent(Int.self, forKey: .keepCheckpoints) ?? 3
         zero1 = try c.decodeIfPresent(Bool.self, forKey: .zero1) ?? false
         overlapCommunication = try c.decodeIfPresent(Bool.self, forKey: .overlapCommunication) ?? true
-        checkpointIO = try c.decodeIfPresent(String.self, forKey: .checkpointIO) ?? "parallel"
+        checkpointIO = try c.decodeIfPresent(CheckpointIO.self, forKey: .checkpointIO) ?? .parallel
         asyncCheckpoint = try c.decodeIfPresent(Bool.self, forKey: .asyncCheckpoint) ?? true
     }
 }

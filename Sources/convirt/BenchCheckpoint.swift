@@ -7,19 +7,21 @@ import ConvirtCore
 import ConvirtDistributed
 import ConvirtIO
 import ConvirtModels
+import ConvirtEvaluation
+import ConvirtReport
 import ConvirtTraining
 import Foundation
 
 struct BenchCheckpoint: ParsableCommand {
     static let configuration = CommandConfiguration(commandName: "checkpoint", abstract: "Checkpoint save/load MB/s, compression ratios and the training stall.")
 
-    @Option(help: "tiny, demo or paper.") var preset = "paper"
+    @Option(help: "tiny, demo or paper.") var preset = Preset.paper
     @Option(help: "Directory for the checkpoints (removed afterwards); default: a temporary one.") var dir: String?
     @Option(help: "Threads for the forward/backward that produces real gradients.") var threads = 2
 
     func run() throws {
         Parallel.setThreads(threads)
-        var config = try TrainConfig.preset(preset)
+        var config = TrainConfig.preset(preset)
         config.steps = 2
         let model = try ConVIRTModel(config: config.model)
         model.initialize(seed: 1)
@@ -37,8 +39,8 @@ struct BenchCheckpoint: ParsableCommand {
         _ = ConVIRTLoss.forwardBackward(v: v, u: u, globalV: v, globalU: u, localRows: batch, globalRows: batch, features: d, offset: 0,
                                         tau: config.model.tau, lambda: config.model.lambda, gradV: &gradV, gradU: &gradU, workspace: .init())
         arena.zeroGrads()
-        model.backwardImages(gradEmbeddings: gradV, context: context)
-        model.backwardTexts(gradEmbeddings: gradU, context: context)
+        try model.backwardImages(gradEmbeddings: gradV, context: context)
+        try model.backwardTexts(gradEmbeddings: gradU, context: context)
         withExtendedLifetime(images) {}  // backward reads the input images (conv1's weight gradient)
         for step in 1...2 { Adam.step(arena, step: step, config: AdamConfig(learningRate: 1e-4, weightDecay: 1e-6, decoupled: false)) }
 
@@ -50,7 +52,8 @@ struct BenchCheckpoint: ParsableCommand {
 
         // Compressed size with and without byte shuffling (zstd level 3), over the whole arena.
         var plain = 0
-        for buffer in [arena.params, arena.adamM, arena.adamV] {
+        let moments = arena.moments(at: 0)
+        for buffer in [arena.params, moments.m, moments.v] {
             plain += try Zstd.compress(UnsafeRawBufferPointer(start: buffer, count: arena.count * 4), level: 3).count
         }
 

@@ -9,7 +9,7 @@ struct BenchStep: ParsableCommand {
     static let configuration = CommandConfiguration(commandName: "step", abstract: "Time forward+backward of a preset's model (tools/bench_step.py runs the same step in PyTorch).")
 
     @Option(help: "tiny, demo or paper.")
-    var preset = "paper"
+    var preset = Preset.paper
 
     @Option(help: "Pairs per step.")
     var batch = 8
@@ -25,7 +25,7 @@ struct BenchStep: ParsableCommand {
 
     func run() throws {
         Parallel.setThreads(threads)
-        let config = try ConVIRTConfig.preset(preset)
+        let config = ConVIRTConfig.preset(preset)
         let model = try ConVIRTModel(config: config)
         model.initialize(seed: 1)
         let size = config.image.imageSize, d = config.projDim
@@ -48,8 +48,8 @@ struct BenchStep: ParsableCommand {
             _ = ConVIRTLoss.forwardBackward(v: v, u: u, globalV: v, globalU: u, localRows: batch, globalRows: batch, features: d, offset: 0,
                                             tau: config.tau, lambda: config.lambda, gradV: &gradV, gradU: &gradU, workspace: workspace)
             model.arena.zeroGrads()
-            model.backwardImages(gradEmbeddings: gradV, context: context); lap()
-            model.backwardTexts(gradEmbeddings: gradU, context: context); lap()
+            try model.backwardImages(gradEmbeddings: gradV, context: context); lap()
+            try model.backwardTexts(gradEmbeddings: gradU, context: context); lap()
             if step > 0 { times.append(t) }
         }
         let mean = (0..<4).map { i in times.map { $0[i] }.reduce(0, +) / Double(times.count) }

@@ -1,6 +1,8 @@
 import ArgumentParser
 import ConvirtCore
 import ConvirtIO
+import ConvirtEvaluation
+import ConvirtReport
 import ConvirtTraining
 import Foundation
 

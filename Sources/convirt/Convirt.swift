@@ -4,7 +4,16 @@
 import ArgumentParser
 import ConvirtCore
 import ConvirtDistributed
+import ConvirtModels
+import ConvirtEvaluation
+import ConvirtReport
+import ConvirtTraining
 import Foundation
+
+// The enums the command line takes by name.
+extension Preset: ExpressibleByArgument {}
+extension ScheduleKind: ExpressibleByArgument {}
+extension CheckpointIO: ExpressibleByArgument {}
 
 @main
 struct Convirt: ParsableCommand {

@@ -8,6 +8,8 @@ import ConvirtDistributed
 import ConvirtIO
 import ConvirtModels
 import ConvirtText
+import ConvirtEvaluation
+import ConvirtReport
 import ConvirtTraining
 import Foundation
 
@@ -29,7 +31,7 @@ struct ClassificationArguments: ParsableArguments {
     @Option(name: .customLong("init"), help: "convirt (the checkpoint's image encoder), random or imagenet (with --image-weights).")
     var initialization = "convirt"
     @Option(help: "torchvision ResNet weights (.safetensors) for --init imagenet.") var imageWeights: String?
-    @Option(help: "Architecture for random/imagenet init without a checkpoint: tiny, demo or paper.") var preset = "paper"
+    @Option(help: "Architecture for random/imagenet init without a checkpoint: tiny, demo or paper.") var preset = Preset.paper
     @Option(help: "Share of the training labels: 0.01, 0.1 or 1.") var fraction = 1.0
     @Option(help: "Runs (seeds); the result is their mean and standard deviation.") var runs = 5
     @Option(help: "Seed of the first run.") var seed: UInt64 = 0
@@ -41,6 +43,7 @@ struct ClassificationArguments: ParsableArguments {
     @Option(help: "CheXpert labels whose uncertain values count as positive (comma-separated; default: none, U-Zeros).") var uOnes: String?
     @Option(help: "Directory for cached features (default: feature-cache beside --out).") var cache: String?
     @Option(help: "Threads per rank.") var threads = 1
+    @Flag(help: "Fine-tuning: shard the Adam state over the ranks (ZeRO-1).") var zero1 = false
     @Option(help: "Results file (JSON).") var out: String?
 
     static let initializations = ["convirt", "random", "imagenet"]
@@ -61,7 +64,8 @@ struct ClassificationArguments: ParsableArguments {
         }
     }
 
-    func run(protocol name: String) throws {
+    func run(protocol evaluationProtocol: EvaluationProtocol) throws {
+        let name = evaluationProtocol.rawValue
         guard let dataset = DownstreamDataset(rawValue: dataset) else {
             throw ValidationError("--dataset must be one of \(DownstreamDataset.allCases.map(\.rawValue).joined(separator: ", "))")
         }
@@ -80,7 +84,8 @@ struct ClassificationArguments: ParsableArguments {
                 for (reason, count) in data.skipped.sorted(by: { $0.key < $1.key }) { print("skipped \(count) row(s): \(reason)") }
             }
             var options = ClassificationOptions()
-            options.evaluationProtocol = name
+            options.evaluationProtocol = evaluationProtocol
+            options.zero1 = zero1
             options.fraction = fraction
             options.runs = runs
             options.seed = seed
@@ -114,13 +119,13 @@ struct ClassificationArguments: ParsableArguments {
 struct EvalLinear: ParsableCommand {
     static let configuration = CommandConfiguration(commandName: "linear", abstract: "Linear evaluation: a classifier on the frozen encoder's features.")
     @OptionGroup var arguments: ClassificationArguments
-    func run() throws { try arguments.run(protocol: "linear") }
+    func run() throws { try arguments.run(protocol: .linear) }
 }
 
 struct EvalFinetune: ParsableCommand {
     static let configuration = CommandConfiguration(commandName: "finetune", abstract: "Fine-tuning: the whole encoder and a classifier, data-parallel.")
     @OptionGroup var arguments: ClassificationArguments
-    func run() throws { try arguments.run(protocol: "finetune") }
+    func run() throws { try arguments.run(protocol: .finetune) }
 }
 
 /// A ConVIRT model restored from a checkpoint, with the tokenizer of its run.
@@ -153,6 +158,7 @@ struct EvalRetrieval: ParsableCommand {
     @Option(help: "Input size (default: the encoder's).") var imageSize: Int?
     @Option(help: "Queries per category and mode kept with their top candidates (for the report).") var examples = 1
     @Option(help: "Threads per rank.") var threads = 1
+    @Flag(help: "Fine-tuning: shard the Adam state over the ranks (ZeRO-1).") var zero1 = false
     @Option(help: "Results file (JSON).") var out: String?
 
     func run() throws {
@@ -188,6 +194,7 @@ struct EmbedCommand: ParsableCommand {
     @Option(help: "vocab.txt (default: the run's).") var vocab: String?
     @Option(help: "Input size (default: the encoder's).") var imageSize: Int?
     @Option(help: "Threads per rank.") var threads = 1
+    @Flag(help: "Fine-tuning: shard the Adam state over the ranks (ZeRO-1).") var zero1 = false
     @Option(help: "Output .safetensors: embeddings [N, d] (and features [N, F] for images).") var out: String
 
     func validate() throws {

@@ -1,5 +1,7 @@
 import ArgumentParser
 import ConvirtCore
+import ConvirtEvaluation
+import ConvirtReport
 import ConvirtTraining
 import Foundation
 

@@ -2,6 +2,9 @@ import ArgumentParser
 import ConvirtCore
 import ConvirtDistributed
 import ConvirtIO
+import ConvirtModels
+import ConvirtEvaluation
+import ConvirtReport
 import ConvirtTraining
 import Foundation
 
@@ -11,14 +14,14 @@ struct TrainCommand: ParsableCommand {
 
     @Option(help: "A prepared dataset (convirt prepare mimic).") var data: String
     @Option(help: "Run directory (config.json, metrics.jsonl, results).") var runDir: String
-    @Option(help: "tiny, demo or paper.") var preset = "demo"
+    @Option(help: "tiny, demo or paper.") var preset = Preset.demo
     @Option(help: "Pairs per step over all ranks (must divide by the number of ranks).") var globalBatch: Int?
     @Option(help: "Total steps of the run.") var steps: Int?
     @Option(help: "Epochs (when --steps is not given).") var epochs: Int?
     @Option(help: "Seed of every random draw.") var seed: UInt64?
     @Option(help: "Learning rate.") var lr: Double?
     @Option(help: "Adam weight decay (L2, as torch.optim.Adam).") var weightDecay: Double?
-    @Option(help: "paper, cosine or constant.") var schedule: String?
+    @Option(help: "paper, cosine or constant.") var schedule: ScheduleKind?
     @Option(help: "Warmup steps (cosine schedule).") var warmupSteps: Int?
     @Option(help: "Validation loss every K steps.") var valEvery: Int?
     @Option(help: "Validation pairs.") var valSamples: Int?
@@ -41,14 +44,14 @@ struct TrainCommand: ParsableCommand {
     @Flag(help: "With --resume: when the newest checkpoint is damaged, report it and resume from the previous complete one.")
     var resumeFallback = false
     @Option(help: "parallel (every rank writes its shard; needs a shared filesystem) or gather (rank 0 receives and writes all shards).")
-    var checkpointIo: String?
+    var checkpointIo: CheckpointIO?
     @Flag(help: "Write checkpoints before training goes on (default: from a snapshot, in the background).") var syncCheckpoint = false
     @Flag(help: "ZeRO-1: shard the Adam state over the ranks (reduce-scatter gradients, update the own shard, all-gather parameters).")
     var zero1 = false
     @Flag(help: "All-reduce the gradients only after backward (no overlap; to measure what the overlap hides).") var noOverlap = false
 
     func resolved() throws -> TrainConfig {
-        var c = try TrainConfig.preset(preset)
+        var c = TrainConfig.preset(preset)
         if let globalBatch { c.globalBatch = globalBatch }
         if let steps { c.steps = steps; c.epochs = nil }
         if let epochs { c.epochs = epochs; if steps == nil { c.steps = nil } }

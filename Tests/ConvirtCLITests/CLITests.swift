@@ -150,52 +150,98 @@ struct CLITests {
     }
 }
 
+/// The runs the distributed tests share: one prepared dataset, and the tiny preset's 20-step losses per
+/// world size (made once per test process, removed at exit).
+final class SharedRuns: @unchecked Sendable {
+    static let shared = SharedRuns()
+    static let root = FileManager.default.temporaryDirectory.appendingPathComponent("convirt-train-\(getpid())").path
+    private let lock = NSLock()
+    private var prepared = false
+    private var losses: [String: [DistributedTrainingTests.Row]] = [:]
+
+    private init() { atexit { try? FileManager.default.removeItem(atPath: SharedRuns.root) } }
+
+    var dir: String { Self.root }
+
+    static var mpirun: String? { ["/usr/bin/mpirun", "/usr/local/bin/mpirun"].first { FileManager.default.isExecutableFile(atPath: $0) } }
+
+    /// Synthetic MIMIC-CXR (120 studies at 64 px), prepared.
+    func data() throws -> String {
+        lock.lock(); defer { lock.unlock() }
+        if !prepared {
+            let synth = try run(convirtPath(), ["synth", "mimic", "--out", "\(dir)/mimic", "--studies", "120", "--image-size", "64", "--seed", "2"])
+            #expect(synth.status == 0, "\(synth.output)")
+            let prepare = try run(convirtPath(), ["prepare", "mimic", "--root", "\(dir)/mimic", "--out", "\(dir)/prepared"])
+            #expect(prepare.status == 0, "\(prepare.output)")
+            prepared = true
+        }
+        return "\(dir)/prepared"
+    }
+
+    /// The tiny preset's 20 steps on `np` ranks (`extra` flags), run once.
+    func rows(np: Int, _ extra: [String] = []) throws -> [DistributedTrainingTests.Row] {
+        let data = try data()
+        let key = "\(np) \(extra.joined(separator: " "))"
+        lock.lock(); defer { lock.unlock() }
+        if let cached = losses[key] { return cached }
+        let mpirun = try #require(Self.mpirun, "mpirun is not installed (openmpi-bin)")
+        let runDir = "\(dir)/run\(np)\(extra.joined())"
+        let result = try run(mpirun, ["--oversubscribe", "-np", "\(np)", convirtPath(), "train", "--data", data, "--run-dir", runDir,
+                                      "--preset", "tiny", "--steps", "20", "--retrieval-eval", "0"] + extra,
+                             environment: DistributedTrainingTests.mpiEnvironment, timeout: 300)
+        #expect(result.status == 0, "\(result.output)")
+        let rows = try DistributedTrainingTests.rows(of: runDir)
+        losses[key] = rows
+        return rows
+    }
+}
+
 @Suite("Distributed training", .serialized)
 struct DistributedTrainingTests {
     static let mpiEnvironment = ["OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1", "OPENBLAS_NUM_THREADS": "1",
                                  "OMPI_MCA_btl": "self,vader"]
 
-    struct Row: Decodable { let step: Int; let loss: Double; let grad_norm: Double; let world_size: Int; let val_loss: Double? }
+    struct Row: Decodable, Sendable { let step: Int; let loss: Double; let grad_norm: Double; let world_size: Int; let val_loss: Double? }
+
+    static func rows(of runDir: String) throws -> [Row] {
+        try String(contentsOfFile: "\(runDir)/metrics.jsonl", encoding: .utf8).split(separator: "\n")
+            .map { try JSONDecoder().decode(Row.self, from: Data($0.utf8)) }
+    }
+
+    var shared: SharedRuns { SharedRuns.shared }
+    var dir: String { shared.dir }
 
     /// Per-step losses of -np 1, 2 and 4 on the tiny preset agree to 1e-4 relative over 20 steps.
-    @Test("N ranks train as one: losses of -np 1, 2, 4 agree over 20 steps")
+    @Test("N ranks train as one under mpirun: losses of -np 1, 2, 4 agree over 20 steps")
     func worldSizeInvariance() throws {
-        let mpirun = try #require(["/usr/bin/mpirun", "/usr/local/bin/mpirun"].first { FileManager.default.isExecutableFile(atPath: $0) })
-        let dir = FileManager.default.temporaryDirectory.appendingPathComponent("convirt-train-\(getpid())").path
-        defer { try? FileManager.default.removeItem(atPath: dir) }
-        let synth = try run(convirtPath(), ["synth", "mimic", "--out", "\(dir)/mimic", "--studies", "120", "--image-size", "64", "--seed", "2"])
-        #expect(synth.status == 0, "\(synth.output)")
-        let prepare = try run(convirtPath(), ["prepare", "mimic", "--root", "\(dir)/mimic", "--out", "\(dir)/prepared"])
-        #expect(prepare.status == 0, "\(prepare.output)")
-        var losses: [Int: [Row]] = [:]
-        for np in [1, 2, 4] {
-            let result = try run(mpirun, ["--oversubscribe", "-np", "\(np)", convirtPath(), "train", "--data", "\(dir)/prepared", "--run-dir",
-                                          "\(dir)/run\(np)", "--preset", "tiny", "--steps", "20", "--retrieval-eval", "0"],
-                                 environment: Self.mpiEnvironment, timeout: 300)
-            #expect(result.status == 0, "\(result.output)")
-            let text = try String(contentsOfFile: "\(dir)/run\(np)/metrics.jsonl", encoding: .utf8)
-            losses[np] = try text.split(separator: "\n").map { try JSONDecoder().decode(Row.self, from: Data($0.utf8)) }
-            #expect(losses[np]?.count == 20)
-            #expect(losses[np]?.allSatisfy { $0.world_size == np } == true)
-        }
+        let one = try shared.rows(np: 1)
+        #expect(one.count == 20 && one.allSatisfy { $0.world_size == 1 })
         for np in [2, 4] {
-            for (a, b) in zip(losses[1]!, losses[np]!) {
+            let rows = try shared.rows(np: np)
+            #expect(rows.count == 20 && rows.allSatisfy { $0.world_size == np })
+            for (a, b) in zip(one, rows) {
                 #expect(abs(a.loss - b.loss) <= 1e-4 * abs(a.loss), "step \(a.step): \(a.loss) vs \(b.loss) with \(np) ranks")
             }
-            #expect(losses[np]!.last?.val_loss != nil)
+            #expect(rows.last?.val_loss != nil)
+            // The first step's gradient (summed over ranks) is the single process's gradient over the same batch.
+            #expect(abs(one[0].grad_norm - rows[0].grad_norm) <= 1e-5 * one[0].grad_norm)
         }
-        // ZeRO-1 (Adam state sharded over the ranks) trains as replicated Adam.
+    }
+
+    @Test("ZeRO-1 under mpirun (Adam state sharded over 2 and 4 ranks) trains as replicated Adam")
+    func zero1() throws {
+        let one = try shared.rows(np: 1)
         for np in [2, 4] {
-            let result = try run(mpirun, ["--oversubscribe", "-np", "\(np)", convirtPath(), "train", "--data", "\(dir)/prepared", "--run-dir",
-                                          "\(dir)/zero\(np)", "--preset", "tiny", "--steps", "20", "--zero1", "--retrieval-eval", "0"],
-                                 environment: Self.mpiEnvironment, timeout: 300)
-            #expect(result.status == 0, "\(result.output)")
-            let rows = try String(contentsOfFile: "\(dir)/zero\(np)/metrics.jsonl", encoding: .utf8).split(separator: "\n")
-                .map { try JSONDecoder().decode(Row.self, from: Data($0.utf8)) }
+            let rows = try shared.rows(np: np, ["--zero1"])
             #expect(rows.count == 20)
-            for (a, b) in zip(losses[1]!, rows) { #expect(abs(a.loss - b.loss) <= 1e-4 * abs(a.loss), "--zero1 on \(np) ranks, step \(a.step)") }
+            for (a, b) in zip(one, rows) { #expect(abs(a.loss - b.loss) <= 1e-4 * abs(a.loss), "--zero1 on \(np) ranks, step \(a.step)") }
         }
-        // Two ranks on two hosts (network namespaces, TCP between them) train as one process too.
+    }
+
+    @Test("two ranks on two hosts (network namespaces, TCP) train as one process")
+    func twoHosts() throws {
+        let one = try shared.rows(np: 1)
+        let data = try shared.data()
         let cluster = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
             .appendingPathComponent("cluster/netns-cluster.sh").path
         let up = try run(cluster, ["up", "2"])
@@ -203,35 +249,59 @@ struct DistributedTrainingTests {
         defer { _ = try? run(cluster, ["down", "2"]) }
         // One attempt, bounded: the start-up stall seen earlier (an orted crashing in hwloc's shared-memory
         // topology when several share one machine) is fixed in netns-cluster.sh, so a hang now is a failure.
-        let hosts = try run(cluster, ["run", "2", "--", convirtPath(), "train", "--data", "\(dir)/prepared", "--run-dir", "\(dir)/run-hosts",
+        let hosts = try run(cluster, ["run", "2", "--", convirtPath(), "train", "--data", data, "--run-dir", "\(dir)/run-hosts",
                                       "--preset", "tiny", "--steps", "20", "--retrieval-eval", "0"],
                             environment: ["CONVIRT_CLUSTER_TIMEOUT": "90"], timeout: 150)
         #expect(hosts.status == 0, "\(hosts.output)")
-        let hostRows = try String(contentsOfFile: "\(dir)/run-hosts/metrics.jsonl", encoding: .utf8).split(separator: "\n")
-            .map { try JSONDecoder().decode(Row.self, from: Data($0.utf8)) }
+        let hostRows = try Self.rows(of: "\(dir)/run-hosts")
         #expect(hostRows.count == 20)
-        for (a, b) in zip(losses[1]!, hostRows) { #expect(abs(a.loss - b.loss) <= 1e-4 * abs(a.loss), "2 hosts, step \(a.step)") }
-        // The first step's gradient (summed over ranks) is the single process's gradient over the same batch.
-        for np in [2, 4] { #expect(abs(losses[1]![0].grad_norm - losses[np]![0].grad_norm) <= 1e-5 * losses[1]![0].grad_norm) }
-        try checkpointsAndResume(mpirun: mpirun, dir: dir, uninterrupted: losses[2]!)
-        try checkpointFaults(mpirun: mpirun, dir: dir, uninterrupted: losses[2]!)
-        // The paper schedule: validation every K steps, the LR halved after `patience` checks without
-        // improvement, the best checkpoint kept by retention.
-        let paper = try run(convirtPath(), ["train", "--data", "\(dir)/prepared", "--run-dir", "\(dir)/paper", "--preset", "tiny", "--schedule", "paper",
+        for (a, b) in zip(one, hostRows) { #expect(abs(a.loss - b.loss) <= 1e-4 * abs(a.loss), "2 hosts, step \(a.step)") }
+    }
+
+    @Test("resume: bitwise at the same world size, within rounding on 1 and 4 ranks; damaged checkpoints and fallback")
+    func resume() throws {
+        let mpirun = try #require(SharedRuns.mpirun)
+        try checkpointsAndResume(mpirun: mpirun, dir: dir, uninterrupted: shared.rows(np: 2))
+    }
+
+    @Test("checkpoint I/O modes write identical shards; gathered checkpoints resume without a shared filesystem")
+    func checkpointIO() throws {
+        let mpirun = try #require(SharedRuns.mpirun)
+        try checkpointModes(mpirun: mpirun, dir: dir, uninterrupted: shared.rows(np: 2))
+    }
+
+    @Test("faults: a kill after a shard is written, a full disk, tampered manifests")
+    func checkpointFaultsTest() throws {
+        let mpirun = try #require(SharedRuns.mpirun)
+        try checkpointFaults(mpirun: mpirun, dir: dir, uninterrupted: shared.rows(np: 2))
+    }
+
+    /// The paper schedule: validation every K steps, the LR halved after `patience` checks without
+    /// improvement, the best checkpoint kept by retention.
+    @Test("the paper schedule validates every K steps and keeps the best checkpoint")
+    func paperSchedule() throws {
+        let data = try shared.data()
+        let paper = try run(convirtPath(), ["train", "--data", data, "--run-dir", "\(dir)/paper", "--preset", "tiny", "--schedule", "paper",
                                             "--val-every", "5", "--steps", "30", "--patience", "2", "--keep-checkpoints", "1", "--retrieval-eval", "0"])
         #expect(paper.status == 0, "\(paper.output)")
         let best = try String(contentsOfFile: "\(dir)/paper/checkpoints/best", encoding: .utf8)
         #expect(FileManager.default.fileExists(atPath: "\(dir)/paper/checkpoints/\(best)/manifest.json"), "best checkpoint \(best) kept")
         let paperRows = try String(contentsOfFile: "\(dir)/paper/metrics.jsonl", encoding: .utf8).split(separator: "\n")
         #expect(paperRows.filter { $0.contains("val_loss") }.count == 6)
-        // A rank killed with SIGKILL mid-training ends the job on every rank within seconds; relaunched
-        // with --resume, the run ends with the parameters of a run that never stopped.
-        try killOneRank(mpirun: mpirun, data: "\(dir)/prepared", runDir: "\(dir)/killed")
-        let reference = try run(mpirun, ["--oversubscribe", "-np", "2", convirtPath(), "train", "--data", "\(dir)/prepared", "--run-dir", "\(dir)/reference",
+    }
+
+    /// A rank killed with SIGKILL mid-training ends the job on every rank within seconds; relaunched
+    /// with --resume, the run ends with the parameters of a run that never stopped.
+    @Test("a rank killed with SIGKILL ends the job; the relaunched run ends with the uninterrupted parameters")
+    func killedRank() throws {
+        let mpirun = try #require(SharedRuns.mpirun)
+        let data = try shared.data()
+        try killOneRank(mpirun: mpirun, data: data, runDir: "\(dir)/killed")
+        let reference = try run(mpirun, ["--oversubscribe", "-np", "2", convirtPath(), "train", "--data", data, "--run-dir", "\(dir)/reference",
                                          "--preset", "demo", "--steps", "40", "--global-batch", "8", "--retrieval-eval", "0"],
                                 environment: Self.mpiEnvironment, timeout: 300)
         #expect(reference.status == 0, "\(reference.output)")
-        let relaunched = try run(mpirun, ["--oversubscribe", "-np", "2", convirtPath(), "train", "--data", "\(dir)/prepared", "--run-dir", "\(dir)/killed",
+        let relaunched = try run(mpirun, ["--oversubscribe", "-np", "2", convirtPath(), "train", "--data", data, "--run-dir", "\(dir)/killed",
                                           "--preset", "demo", "--steps", "40", "--global-batch", "8", "--checkpoint-every", "5", "--resume",
                                           "--retrieval-eval", "0"], environment: Self.mpiEnvironment, timeout: 300)
         #expect(relaunched.status == 0 && relaunched.output.contains("resuming from"), "\(relaunched.output)")
@@ -243,8 +313,12 @@ struct DistributedTrainingTests {
             #expect(FileManager.default.contents(atPath: "\(dir)/final-reference/\(file)") == FileManager.default.contents(atPath: "\(dir)/final-killed/\(file)"),
                     "\(file): the resumed run ends with other parameters than the uninterrupted one")
         }
-        // A global batch that does not divide by the ranks is refused on every rank, without a hang.
-        let bad = try run(mpirun, ["--oversubscribe", "-np", "3", convirtPath(), "train", "--data", "\(dir)/prepared", "--run-dir", "\(dir)/bad",
+    }
+
+    @Test("a global batch that does not divide by the ranks is refused on every rank, without a hang")
+    func indivisibleBatch() throws {
+        let mpirun = try #require(SharedRuns.mpirun)
+        let bad = try run(mpirun, ["--oversubscribe", "-np", "3", convirtPath(), "train", "--data", shared.data(), "--run-dir", "\(dir)/bad",
                                    "--preset", "tiny", "--global-batch", "8", "--steps", "2"], environment: Self.mpiEnvironment, timeout: 120)
         #expect(bad.status != 0 && bad.output.contains("does not divide by the 3 ranks"), "\(bad.output)")
     }
@@ -344,7 +418,7 @@ struct DistributedTrainingTests {
     /// asynchronous parallel default; a kill while a checkpoint is written leaves the previous one as the
     /// one --resume picks; a full disk is a clear error with the previous checkpoint intact; damaged or
     /// tampered checkpoints are rejected naming the file and the problem.
-    func checkpointFaults(mpirun: String, dir: String, uninterrupted: [Row]) throws {
+    func checkpointModes(mpirun: String, dir: String, uninterrupted: [Row]) throws {
         let fm = FileManager.default
         func train(_ runDir: String, _ extra: [String], environment: [String: String] = [:]) throws -> (status: Int32, output: String) {
             try run(mpirun, ["--oversubscribe", "-np", "2", convirtPath(), "train", "--data", "\(dir)/prepared", "--run-dir", runDir,
@@ -389,6 +463,24 @@ struct DistributedTrainingTests {
         #expect(separateRows.map(\.step) == Array(1...20))
         #expect(zip(separateRows, uninterrupted).allSatisfy { $0.loss == $1.loss }, "gathered checkpoints resume bitwise")
 
+    }
+
+    /// Faults: a kill while a checkpoint is written leaves the previous one as the one --resume picks; a
+    /// full disk is a clear error with the previous checkpoint intact; damaged or tampered checkpoints
+    /// are rejected naming the file and the problem.
+    func checkpointFaults(mpirun: String, dir: String, uninterrupted: [Row]) throws {
+        let fm = FileManager.default
+        func train(_ runDir: String, _ extra: [String], environment: [String: String] = [:]) throws -> (status: Int32, output: String) {
+            try run(mpirun, ["--oversubscribe", "-np", "2", convirtPath(), "train", "--data", "\(dir)/prepared", "--run-dir", runDir,
+                             "--preset", "tiny", "--retrieval-eval", "0"] + extra,
+                    environment: Self.mpiEnvironment.merging(environment) { $1 }, timeout: 300)
+        }
+        // The synchronous checkpoints of 10 steps that the full-disk and tampering cases start from.
+        if !fm.fileExists(atPath: "\(dir)/faults-base/checkpoints/step-00000010/manifest.json") {
+            let r = try train("\(dir)/faults-base", ["--steps", "10", "--checkpoint-every", "5", "--sync-checkpoint"])
+            #expect(r.status == 0, "\(r.output)")
+        }
+
         // A rank killed right after writing its shard of step 10, before the commit.
         let killedDir = "\(dir)/killed-in-checkpoint", checkpoints = "\(killedDir)/checkpoints"
         let killed = try train(killedDir, ["--steps", "20", "--checkpoint-every", "5"], environment: ["CONVIRT_FAULT_KILL_AFTER_SHARD": "10:1"])
@@ -406,8 +498,8 @@ struct DistributedTrainingTests {
         #expect(zip(after, uninterrupted.suffix(15)).allSatisfy { $0.loss == $1.loss }, "resumed after the kill: bitwise equal losses")
 
         // A full disk: the run directory on a tmpfs with room for one checkpoint and a half.
-        let one = try fm.contentsOfDirectory(atPath: "\(dir)/io-sync/checkpoints/step-00000005")
-            .reduce(0) { $0 + ((try? fm.attributesOfItem(atPath: "\(dir)/io-sync/checkpoints/step-00000005/\($1)")[.size] as? Int) ?? 0) }
+        let one = try fm.contentsOfDirectory(atPath: "\(dir)/faults-base/checkpoints/step-00000005")
+            .reduce(0) { $0 + ((try? fm.attributesOfItem(atPath: "\(dir)/faults-base/checkpoints/step-00000005/\($1)")[.size] as? Int) ?? 0) }
         let full = "\(dir)/full"
         try fm.createDirectory(atPath: full, withIntermediateDirectories: true)
         let script = "mount -t tmpfs -o size=\(one * 3 / 2 + 65536) tmpfs \(full) || exit 97; "
@@ -424,7 +516,7 @@ struct DistributedTrainingTests {
         // Damaged and tampered checkpoints: verify names the file and the problem, before any large allocation.
         func tampered(_ name: String, _ change: (String) throws -> Void) throws -> String {
             let copy = "\(dir)/tampered-\(name)"
-            try fm.copyItem(atPath: "\(dir)/io-sync/checkpoints/step-00000010", toPath: copy)
+            try fm.copyItem(atPath: "\(dir)/faults-base/checkpoints/step-00000010", toPath: copy)
             try change(copy)
             let r = try run(convirtPath(), ["checkpoint", "verify", copy])
             #expect(r.status != 0, "\(name): \(r.output)")

@@ -1,6 +1,7 @@
 // The counter-based generator, the arena, the optimizer reference, and clear errors for bad shapes.
 
 import ConvirtCore
+import ConvirtTestSupport
 import Testing
 
 @Suite("Counter-based random numbers")
@@ -88,8 +89,7 @@ struct ArenaTests {
             }
             #expect(relativeError(try arena.tensor("w").scalars, p) < 1e-5)
             #expect(try arena.tensor("frozen").scalars == [1, 2, 3, 4, 5])
-            arena.adamM.update(repeating: 0, count: arena.count)
-            arena.adamV.update(repeating: 0, count: arena.count)
+            arena.zeroMoments()
             m = [Double](repeating: 0, count: 37); v = m
         }
     }

@@ -2,6 +2,7 @@
 // every input and parameter, on random shapes that include odd sizes.
 
 import ConvirtCore
+import ConvirtTestSupport
 import Testing
 
 private func t(_ shape: [Int], _ values: [Float]) -> Tensor<Float> { try! Tensor(shape: shape, values) }

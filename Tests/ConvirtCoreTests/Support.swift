@@ -1,4 +1,5 @@
 import ConvirtCore
+import ConvirtTestSupport
 import ConvirtIO
 import Foundation
 import Testing

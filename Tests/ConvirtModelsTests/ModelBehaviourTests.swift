@@ -86,7 +86,7 @@ struct LossTests {
 @Suite("Model behaviour")
 struct ModelBehaviourTests {
     static func tinyModel(frozen: Int) throws -> ConVIRTModel {
-        var config = try ConVIRTConfig.preset("tiny")
+        var config = ConVIRTConfig.preset(.tiny)
         config.frozenLayers = frozen
         config.text.hiddenDropoutProb = 0
         config.text.attentionProbsDropoutProb = 0
@@ -112,7 +112,7 @@ struct ModelBehaviourTests {
             let u = try model.encodeTexts(ids: ids, mask: mask, batch: 3, tokens: 6, context: context)
             let g = (0..<(3 * model.config.projDim)).map { Float($0 % 5) - 2 + u[$0] }
             model.arena.zeroGrads()
-            model.backwardTexts(gradEmbeddings: g, context: context)
+            try model.backwardTexts(gradEmbeddings: g, context: context)
             grads[frozen] = model.arena
         }
         let frozenArena = grads[1]!, fullArena = grads[0]!
@@ -135,7 +135,7 @@ struct ModelBehaviourTests {
 
     @Test("BERT dropout depends on (seed, step, global sample index), not on the batch a sample sits in")
     func dropoutStreams() throws {
-        var config = try ConVIRTConfig.preset("tiny")
+        var config = ConVIRTConfig.preset(.tiny)
         config.text.hiddenDropoutProb = 0.3
         config.text.attentionProbsDropoutProb = 0.2
         let model = try ConVIRTModel(config: config)
@@ -158,7 +158,7 @@ struct ModelBehaviourTests {
     /// useful here; its gradients are proven by the parity fixtures.)
     @Test("gradients with dropout on match finite differences along random directions")
     func directionalDerivative() throws {
-        var config = try ConVIRTConfig.preset("tiny")
+        var config = ConVIRTConfig.preset(.tiny)
         config.text.hiddenDropoutProb = 0.1
         config.text.attentionProbsDropoutProb = 0.1
         let model = try ConVIRTModel(config: config)
@@ -183,8 +183,8 @@ struct ModelBehaviourTests {
         _ = ConVIRTLoss.forwardBackward(v: v, u: u, globalV: v, globalU: u, localRows: b, globalRows: b, features: config.projDim,
                                         offset: 0, tau: config.tau, lambda: config.lambda, gradV: &gv, gradU: &gu, workspace: .init())
         model.arena.zeroGrads()
-        model.backwardImages(gradEmbeddings: gv, context: context)
-        model.backwardTexts(gradEmbeddings: gu, context: context)
+        try model.backwardImages(gradEmbeddings: gv, context: context)
+        try model.backwardTexts(gradEmbeddings: gu, context: context)
         let grads = Array(UnsafeBufferPointer(start: model.arena.grads, count: model.arena.count))
         for (k, prefix) in ["text.", "image_head.", "text_head."].enumerated() {
             // A random direction over the trainable entries of one part of the model.

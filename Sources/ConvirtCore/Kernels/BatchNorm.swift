@@ -1,9 +1,10 @@
 // Batch normalisation over [N, C, H, W] (Ioffe & Szegedy 2015), as torch.nn.BatchNorm2d: biased batch
 // variance in the normalisation, unbiased variance in the running estimate, momentum 0.1 by default.
 
-/// Sums the per-channel statistics of every rank in place (SyncBN). `nil` means this rank alone.
+/// Sums the per-channel statistics of every rank in place (SyncBN). `nil` means this rank alone; a
+/// failure (of the collective) is thrown out of the pass.
 /// The buffer holds doubles so that the sums of a large global batch keep their precision.
-public typealias StatisticsReducer = (UnsafeMutableBufferPointer<Double>) -> Void
+public typealias StatisticsReducer = (UnsafeMutableBufferPointer<Double>) throws -> Void
 
 /// Sums of long float runs: float accumulation inside blocks of 256 (vectorised), double across blocks,
 /// so the error does not grow with the length of the run the way one naive float sum does.
@@ -59,7 +60,7 @@ public enum BatchNorm2d {
         runningMean: UnsafeMutablePointer<Float>, runningVar: UnsafeMutablePointer<Float>,
         saved: inout Saved, batch: Int, channels: Int, plane: Int, eps: Float = 1e-5, momentum: Float = 0.1,
         statistics: UnsafeMutableBufferPointer<Double>, reducer: StatisticsReducer? = nil
-    ) {
+    ) throws {
         precondition(statistics.count >= 2 * channels + 1, "batch norm statistics scratch too small")
         let stats = statistics.baseAddress!
         Parallel.chunks(channels, cost: batch * plane) { range in
@@ -74,7 +75,7 @@ public enum BatchNorm2d {
             }
         }
         stats[2 * channels] = Double(batch * plane)
-        reducer?(statistics)
+        try reducer?(statistics)
         let count = stats[2 * channels]
         saved.globalCount = Int(count)
         for c in 0..<channels {
@@ -126,7 +127,7 @@ public enum BatchNorm2d {
         gradOutput: UnsafePointer<Float>, input: UnsafePointer<Float>, gamma: UnsafePointer<Float>,
         saved: Saved, batch: Int, channels: Int, plane: Int,
         statistics: UnsafeMutableBufferPointer<Double>, reducer: StatisticsReducer? = nil
-    ) {
+    ) throws {
         precondition(statistics.count >= 2 * channels + 1, "batch norm statistics scratch too small")
         let stats = statistics.baseAddress!
         let means = saved.mean, invStds = saved.invStd
@@ -145,7 +146,7 @@ public enum BatchNorm2d {
             }
         }
         stats[2 * channels] = 0
-        reducer?(statistics)
+        try reducer?(statistics)
         let m = Float(saved.globalCount)
         Parallel.chunks(channels, cost: batch * plane) { range in
             for c in range {

@@ -2,6 +2,8 @@
 // trap inside a loop). Outputs and gradients are freshly allocated: this is the convenient API for
 // tools, tests and one-off computations; models call the pointer kernels on preallocated buffers.
 
+import ConvirtCore
+
 /// Checked tensor-level forms of the kernels, named after torch.nn.functional.
 public enum F {
     // MARK: convolution
@@ -83,11 +85,11 @@ public enum F {
         var mean = Tensor<Float>(shape: [c]), invStd = Tensor<Float>(shape: [c])
         var stats = [Double](repeating: 0, count: 2 * c + 1)
         var count = 0
-        input.withUnsafeBufferPointer { x in gamma.withUnsafeBufferPointer { g in beta.withUnsafeBufferPointer { b in
-            output.withUnsafeMutableBufferPointer { y in runningMean.withUnsafeMutableBufferPointer { rm in runningVar.withUnsafeMutableBufferPointer { rv in
-                mean.withUnsafeMutableBufferPointer { m in invStd.withUnsafeMutableBufferPointer { s in stats.withUnsafeMutableBufferPointer { st in
+        try input.withUnsafeBufferPointer { x in try gamma.withUnsafeBufferPointer { g in try beta.withUnsafeBufferPointer { b in
+            try output.withUnsafeMutableBufferPointer { y in try runningMean.withUnsafeMutableBufferPointer { rm in try runningVar.withUnsafeMutableBufferPointer { rv in
+                try mean.withUnsafeMutableBufferPointer { m in try invStd.withUnsafeMutableBufferPointer { s in try stats.withUnsafeMutableBufferPointer { st in
                     var saved = BatchNorm2d.Saved(mean: m.baseAddress!, invStd: s.baseAddress!)
-                    BatchNorm2d.forwardTraining(output: y.baseAddress!, input: x.baseAddress!, gamma: g.baseAddress!, beta: b.baseAddress!,
+                    try BatchNorm2d.forwardTraining(output: y.baseAddress!, input: x.baseAddress!, gamma: g.baseAddress!, beta: b.baseAddress!,
                                                 runningMean: rm.baseAddress!, runningVar: rv.baseAddress!, saved: &saved,
                                                 batch: n, channels: c, plane: p, eps: eps, momentum: momentum, statistics: st, reducer: reducer)
                     count = saved.globalCount
@@ -105,12 +107,12 @@ public enum F {
         var dx = Tensor<Float>(shape: input.shape), dg = Tensor<Float>(shape: [c]), dbeta = Tensor<Float>(shape: [c])
         var stats = [Double](repeating: 0, count: 2 * c + 1)
         var mean = state.mean, invStd = state.invStd
-        gradOutput.withUnsafeBufferPointer { dy in input.withUnsafeBufferPointer { x in gamma.withUnsafeBufferPointer { g in
-            dx.withUnsafeMutableBufferPointer { dx in dg.withUnsafeMutableBufferPointer { dg in dbeta.withUnsafeMutableBufferPointer { db in
-                mean.withUnsafeMutableBufferPointer { m in invStd.withUnsafeMutableBufferPointer { s in stats.withUnsafeMutableBufferPointer { st in
+        try gradOutput.withUnsafeBufferPointer { dy in try input.withUnsafeBufferPointer { x in try gamma.withUnsafeBufferPointer { g in
+            try dx.withUnsafeMutableBufferPointer { dx in try dg.withUnsafeMutableBufferPointer { dg in try dbeta.withUnsafeMutableBufferPointer { db in
+                try mean.withUnsafeMutableBufferPointer { m in try invStd.withUnsafeMutableBufferPointer { s in try stats.withUnsafeMutableBufferPointer { st in
                     var saved = BatchNorm2d.Saved(mean: m.baseAddress!, invStd: s.baseAddress!)
                     saved.globalCount = state.count
-                    BatchNorm2d.backwardTraining(gradInput: dx.baseAddress!, gradGamma: dg.baseAddress!, gradBeta: db.baseAddress!,
+                    try BatchNorm2d.backwardTraining(gradInput: dx.baseAddress!, gradGamma: dg.baseAddress!, gradBeta: db.baseAddress!,
                                                  gradOutput: dy.baseAddress!, input: x.baseAddress!, gamma: g.baseAddress!, saved: saved,
                                                  batch: n, channels: c, plane: p, statistics: st, reducer: reducer)
                 } } }

@@ -3,6 +3,7 @@
 
 import ConvirtCore
 import ConvirtIO
+import ConvirtTraining
 import Foundation
 
 /// `convirt eval linear|finetune` output:
@@ -243,7 +244,7 @@ func resultsEncoder() -> JSONEncoder {
 }
 
 /// A decoding error as one line: what is wrong and where.
-func describeDecoding(_ error: Error) -> String {
+public func describeDecoding(_ error: Error) -> String {
     func path(_ context: DecodingError.Context) -> String {
         let p = context.codingPath.map { $0.intValue.map { "[\($0)]" } ?? $0.stringValue }.joined(separator: ".")
         return p.isEmpty ? "" : " at \(p)"

@@ -8,6 +8,8 @@
 import ConvirtCore
 import ConvirtData
 import ConvirtIO
+import ConvirtEvaluation
+import ConvirtTraining
 import Foundation
 
 public enum Report {

@@ -4,9 +4,9 @@
 // prefix (a ResNet block, a BERT layer, a head) through PassContext.gradientsReady.
 
 import ConvirtCore
-import ConvirtDistributed
 import Foundation
 
+/// The buckets of replicated data parallelism (used by `GradientSync`).
 final class GradientBuckets {
     struct Bucket { var range: Range<Int>; var entries: Int; var pending: Int; var started: Bool }
 
@@ -70,11 +70,9 @@ final class GradientBuckets {
         _ = try communicator.startAllReduceSum(UnsafeMutableBufferPointer(start: arena.grads + r.lowerBound, count: r.count))
     }
 
-    /// Starts whatever was not reported and waits for all buckets; returns the seconds spent waiting.
-    func finish() throws -> Double {
+    /// Starts whatever was not reported and waits for all buckets.
+    func finish() throws {
         for b in buckets.indices where !buckets[b].started { try start(b) }
-        let start = DispatchTime.now().uptimeNanoseconds
         try communicator.waitAll()
-        return Double(DispatchTime.now().uptimeNanoseconds - start) * 1e-9
     }
 }

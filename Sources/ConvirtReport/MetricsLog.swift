@@ -6,6 +6,8 @@
 
 import ConvirtCore
 import ConvirtIO
+import ConvirtEvaluation
+import ConvirtTraining
 import Foundation
 
 public struct MetricsLog: Sendable {

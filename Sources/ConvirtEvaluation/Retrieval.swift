@@ -9,6 +9,7 @@ import ConvirtData
 import ConvirtDistributed
 import ConvirtModels
 import ConvirtText
+import ConvirtTraining
 import Foundation
 
 public enum RetrievalEvaluation {
@@ -17,7 +18,7 @@ public enum RetrievalEvaluation {
     public static func embedImages(_ paths: [String], model: ConVIRTModel, size: Int, communicator: Communicator,
                                    batch: Int = 16) throws -> (features: [Float], embeddings: [Float], ok: [Bool]) {
         let f = model.config.image.featureCount, d = model.config.projDim, n = paths.count
-        let (counts, mine) = Checkpoints.slices(n, communicator)
+        let (counts, mine) = ArenaShards.split(n, communicator)
         var features = [Float](repeating: 0, count: n * f), embeddings = [Float](repeating: 0, count: n * d), flags = [Float](repeating: 0, count: n)
         let context = PassContext(training: false)
         try ImagePrefetcher.batches(paths, mine, batch: batch, size: size) { slice, images, ok in

@@ -14,6 +14,7 @@ import ConvirtData
 import ConvirtDistributed
 import ConvirtIO
 import ConvirtModels
+import ConvirtTraining
 import Foundation
 
 /// Where the evaluated image encoder comes from.
@@ -34,8 +35,16 @@ public enum EncoderSource: Sendable {
     }
 }
 
+/// The paper's two classification protocols (App. B).
+public enum EvaluationProtocol: String, Codable, Sendable, CaseIterable {
+    /// A linear classifier on the frozen encoder's features.
+    case linear
+    /// The whole encoder and the classifier trained, data-parallel.
+    case finetune
+}
+
 public struct ClassificationOptions: Sendable {
-    public var evaluationProtocol = "linear"
+    public var evaluationProtocol = EvaluationProtocol.linear
     public var fraction = 1.0
     public var runs = 5
     public var seed: UInt64 = 0
@@ -58,6 +67,8 @@ public struct ClassificationOptions: Sendable {
     public var featureBatch = 16
     /// Where encoder features are cached between invocations (nil: only within this one).
     public var cacheDirectory: String? = nil
+    /// Fine-tuning: Adam state sharded over the ranks (ZeRO-1) instead of replicated.
+    public var zero1 = false
     public init() {}
 }
 
@@ -101,7 +112,6 @@ public final class ClassificationEvaluation {
 
     public init(data: DownstreamData, source: EncoderSource, options: ClassificationOptions, communicator: Communicator,
                 log: @escaping (String) -> Void) throws {
-        try require(["linear", "finetune"].contains(options.evaluationProtocol), "eval", "unknown protocol \(options.evaluationProtocol) (linear or finetune)")
         try require(options.fraction > 0 && options.fraction <= 1, "eval", "--fraction must be in (0, 1]")
         try require(options.runs >= 1 && options.batch >= communicator.size && options.batch % communicator.size == 0, "eval",
                     "--runs must be positive and the batch (\(options.batch)) must divide by the \(communicator.size) ranks")
@@ -140,7 +150,7 @@ public final class ClassificationEvaluation {
             if communicator.isRoot { log("\(split): \(n) cached features from \(cachePath)") }
             return (values.scalars, flags.scalars.map { $0 != 0 })
         }
-        let (counts, mine) = Checkpoints.slices(n, communicator)
+        let (counts, mine) = ArenaShards.split(n, communicator)
         var all = [Float](repeating: 0, count: n * f)
         var flags = [Float](repeating: 0, count: n)
         try ImagePrefetcher.batches(paths, mine, batch: options.featureBatch, size: options.imageSize) { slice, images, ok in
@@ -276,24 +286,36 @@ public final class ClassificationEvaluation {
         return out
     }
 
+    /// The classifier's own Adam moments (linear evaluation, and fine-tuning's head-only phase), zero at
+    /// the start; with the batch buffers of its steps.
+    final class HeadTraining {
+        let m: Scratch<Float>, v: Scratch<Float>
+        let batchFeatures = Scratch<Float>(), batchTargets = Scratch<Float>(), gradLogits = Scratch<Float>()
+        init(count: Int) {
+            m = Scratch(count); v = Scratch(count)
+            m.zeroed(count); v.zeroed(count)
+        }
+    }
+
     /// One Adam step of the classifier on a batch of feature rows (every rank does the same arithmetic).
     func classifierStep(_ features: [Float], _ split: LabeledArrays, rows: [Int], step: Int, epoch: Int, rate: Double, seed: UInt64,
-                        batchFeatures: Scratch<Float>, batchTargets: Scratch<Float>, gradLogits: Scratch<Float>) {
+                        state: HeadTraining) {
+        let batchFeatures = state.batchFeatures, batchTargets = state.batchTargets, gradLogits = state.gradLogits
         let f = model.featureCount, o = outputs, n = rows.count
         let x = batchFeatures.ensure(n * f), y = batchTargets.ensure(n * o)
         features.withUnsafeBufferPointer { src in
             for (k, i) in rows.enumerated() { (x + k * f).update(from: src.baseAddress! + i * f, count: f) }
         }
         split.targets.withUnsafeBufferPointer { t in for (k, i) in rows.enumerated() { (y + k * o).update(from: t.baseAddress! + i * o, count: o) } }
-        let context = PassContext(training: true, stream: RandomStream(seed: seed, 0xD40F, UInt64(epoch), UInt64(step)), sampleIndices: rows.map { UInt64($0) })
+        let context = PassContext(training: true, stream: RandomStream(seed: seed, .linearStep, UInt64(epoch), UInt64(step)), sampleIndices: rows.map { UInt64($0) })
         let logits = model.classify(x, rows: n, context: context)
         let g = gradLogits.ensure(n * o)
         _ = loss(logits: logits, targets: y, rows: n, normalizer: n, gradient: g)
         let head = model.headRange
         (model.arena.grads + head.lowerBound).update(repeating: 0, count: head.count)
         _ = model.backwardClassifier(gradLogits: g, features: x)
-        Adam.step(params: model.arena.params, grads: model.arena.grads, m: model.arena.adamM, v: model.arena.adamV, range: head, step: step,
-                  config: AdamConfig(learningRate: rate, weightDecay: options.weightDecay, decoupled: false))
+        Adam.step(params: model.arena.params + head.lowerBound, grads: model.arena.grads + head.lowerBound, m: state.m.pointer, v: state.v.pointer,
+                  count: head.count, step: step, config: AdamConfig(learningRate: rate, weightDecay: options.weightDecay, decoupled: false))
     }
 
     /// The validation loss of the classifier on fixed features.
@@ -302,23 +324,6 @@ public final class ClassificationEvaluation {
         return logits.withUnsafeBufferPointer { l in split.targets.withUnsafeBufferPointer { t in
             loss(logits: l.baseAddress!, targets: t.baseAddress!, rows: split.count, normalizer: split.count, gradient: nil)
         } } / Double(max(1, split.count))
-    }
-
-    /// The plateau schedule shared by both protocols: returns (improved, halve the rate, stop).
-    struct Plateau {
-        var best = Double.infinity
-        var sinceBest = 0
-        var sinceHalving = 0
-        let patience: Int, stopAfter: Int
-
-        mutating func update(_ value: Double) -> (improved: Bool, halve: Bool, stop: Bool) {
-            if value < best { best = value; sinceBest = 0; sinceHalving = 0; return (true, false, false) }
-            sinceBest += 1
-            sinceHalving += 1
-            var halve = false
-            if sinceHalving >= patience { halve = true; sinceHalving = 0 }
-            return (false, halve, sinceBest >= stopAfter)
-        }
     }
 
     // MARK: the protocols
@@ -361,7 +366,7 @@ public final class ClassificationEvaluation {
                     + "(\(Int(options.fraction * 100))% of \(train.count)), \(validation.count) validation, \(test.count) test")
             }
             let scores: [Float]
-            if options.evaluationProtocol == "linear" {
+            if options.evaluationProtocol == .linear {
                 model.arena.params.update(from: initialParameters, count: model.arena.count)
                 model.resetHead(seed: seed)
                 try trainClassifier(subsetFeatures, subset, validationFeatures.features, validation, seed: seed)
@@ -377,7 +382,7 @@ public final class ClassificationEvaluation {
         var checkpoint: String? = nil
         if case .checkpoint(let d) = source { checkpoint = d }
         if case .imagenet(_, let w) = source { checkpoint = w }
-        return ClassificationResult(dataset: data.dataset.rawValue, protocol: options.evaluationProtocol, fraction: options.fraction,
+        return ClassificationResult(dataset: data.dataset.rawValue, protocol: options.evaluationProtocol.rawValue, fraction: options.fraction,
                                     metric: data.task == .multiClass ? "accuracy" : "auc", runs: values,
                                     perLabel: ClassificationResult.perLabelMeans(perLabelRuns), initialization: source.name,
                                     checkpoint: checkpoint, seeds: seeds)
@@ -387,11 +392,10 @@ public final class ClassificationEvaluation {
     /// parameters of the epoch with the lowest validation loss are kept.
     func trainClassifier(_ features: [Float], _ split: LabeledArrays, _ validationFeatures: [Float], _ validation: LabeledArrays,
                          seed: UInt64) throws {
-        var rate = learningRate
-        var plateau = Plateau(patience: options.patience, stopAfter: options.stopAfter)
+        var schedule = plateauSchedule()
         let head = model.headRange
         var best = Array(UnsafeBufferPointer(start: model.arena.params + head.lowerBound, count: head.count))
-        let bf = Scratch<Float>(), bt = Scratch<Float>(), gl = Scratch<Float>()
+        let state = HeadTraining(count: head.count)
         var step = 0
         for epoch in 0..<options.maxEpochs {
             let order = permutation(split.count, seed: seed, epoch: epoch)
@@ -399,15 +403,14 @@ public final class ClassificationEvaluation {
             while start < order.count {
                 let rows = Array(order[start..<min(order.count, start + options.batch)])
                 step += 1
-                classifierStep(features, split, rows: rows, step: step, epoch: epoch, rate: rate, seed: seed, batchFeatures: bf, batchTargets: bt, gradLogits: gl)
+                classifierStep(features, split, rows: rows, step: step, epoch: epoch, rate: schedule.rate(step: step), seed: seed, state: state)
                 start += options.batch
             }
             let val = validationLoss(validationFeatures, validation)
-            let decision = plateau.update(val)
+            let decision = schedule.validated(val)!
             if decision.improved { best = Array(UnsafeBufferPointer(start: model.arena.params + head.lowerBound, count: head.count)) }
-            if decision.halve { rate /= 2 }
             if communicator.isRoot && (epoch % 10 == 0 || decision.stop) {
-                log(String(format: "  epoch %d: validation loss %.4f (best %.4f), lr %.2e", epoch + 1, val, plateau.best, rate))
+                log(String(format: "  epoch %d: validation loss %.4f (best %.4f), lr %.2e", epoch + 1, val, schedule.plateau!.best, schedule.currentRate))
             }
             if decision.stop { break }
         }
@@ -416,55 +419,42 @@ public final class ClassificationEvaluation {
 
     /// A permutation of 0..<n for an epoch of a run (the same on every rank).
     func permutation(_ n: Int, seed: UInt64, epoch: Int) -> [Int] {
-        let stream = RandomStream(seed: seed, 0x5EED, UInt64(epoch))
-        var order = Array(0..<n)
-        for i in stride(from: n - 1, to: 0, by: -1) { order.swapAt(i, stream.integer(below: i + 1, at: UInt64(i))) }
-        return order
+        RandomStream(seed: seed, .evaluationPermutation, UInt64(epoch)).permutation(n)
     }
 
+    /// The paper's downstream schedule: the rate halved after `patience` epochs without a lower
+    /// validation loss, training stopped after `stopAfter`.
+    func plateauSchedule() -> LearningRateSchedule {
+        LearningRateSchedule(.plateau(Plateau(patience: options.patience, stopAfterStale: options.stopAfter)), baseRate: learningRate)
+    }
+
+    /// The step engine of fine-tuning (created once: with ZeRO-1 it shards the arena's Adam state).
+    lazy var sync = GradientSync(arena: model.arena, communicator: communicator, mode: options.zero1 ? .zero1 : .replicated(overlap: true))
+
     /// Fine-tuning: the classifier alone for `headSteps` steps on the frozen features, then the whole
-    /// encoder with the plateau schedule, data-parallel. Returns the test scores of the best epoch.
+    /// encoder with the plateau schedule, data-parallel on the step engine (SyncBN, gradient buckets
+    /// overlapped with backward, or ZeRO-1). Returns the test scores of the best epoch.
     func fineTune(_ split: LabeledArrays, _ features: [Float], _ validation: LabeledArrays, _ test: LabeledArrays, seed: UInt64) throws -> [Float] {
         let arena = model.arena
         arena.params.update(from: initialParameters, count: arena.count)
-        arena.adamM.update(repeating: 0, count: arena.count)
-        arena.adamV.update(repeating: 0, count: arena.count)
         model.resetHead(seed: seed)
-        // 1. The classifier alone.
-        let bf = Scratch<Float>(), bt = Scratch<Float>(), gl = Scratch<Float>()
-        var headStep = 0, epoch = 0
-        while headStep < options.headSteps {
-            let order = permutation(split.count, seed: seed ^ 0x4EAD, epoch: epoch)
-            var start = 0
-            while start < order.count && headStep < options.headSteps {
-                headStep += 1
-                classifierStep(features, split, rows: Array(order[start..<min(order.count, start + options.batch)]), step: headStep, epoch: epoch,
-                               rate: options.headLearningRate, seed: seed, batchFeatures: bf, batchTargets: bt, gradLogits: gl)
-                start += options.batch
-            }
-            epoch += 1
-        }
+        trainHeadAlone(features, split, seed: seed)
         // 2. Everything, data-parallel: rank r takes rows [r b, (r+1) b) of each global batch.
-        arena.adamM.update(repeating: 0, count: arena.count)
-        arena.adamV.update(repeating: 0, count: arena.count)
-        let w = communicator.size, r = communicator.rank, global = options.batch, b = global / w
+        let sync = self.sync
+        arena.zeroMoments()
+        let w = communicator.size, r = communicator.rank, global = options.batch
         let s = options.imageSize, o = outputs
-        let prefetcher = ImagePrefetcher(size: s), targets = Scratch<Float>(b * o), gradLogits = Scratch<Float>(b * o)
-        let comm = communicator
-        let reducer: StatisticsReducer? = w > 1 ? { buffer in do { try comm.allReduceSum(buffer) } catch { comm.abort(code: 3) } } : nil
-        var rate = learningRate
-        var plateau = Plateau(patience: options.patience, stopAfter: options.stopAfter)
+        let prefetcher = ImagePrefetcher(size: s), targets = Scratch<Float>(global * o), gradLogits = Scratch<Float>(global * o)
+        var schedule = plateauSchedule()
         var best = Array(UnsafeBufferPointer(start: arena.params, count: arena.count))
         var step = 0
-        let trainable = arena.layout.entries.filter { $0.kind == .trainable }.map(\.range)
+        // Whole global batches only (the last partial one is dropped, as DataLoader(drop_last=True)),
+        // but at least one batch: with fewer images than the batch, the batch shrinks to them.
+        let perStep = min(global, split.count / w * w)
+        guard perStep >= w else { throw ConvirtError("fine-tuning needs at least \(w) training images (one per rank)") }
+        let local = perStep / w, steps = split.count / perStep
         for epoch in 0..<options.maxEpochs {
             let order = permutation(split.count, seed: seed, epoch: epoch)
-            // Whole global batches only (the last partial one is dropped, as DataLoader(drop_last=True)),
-            // but at least one batch: with fewer images than the batch, the batch shrinks to them.
-            let perStep = min(global, split.count / w * w)
-            guard perStep >= w else { throw ConvirtError("fine-tuning needs at least \(w) training images (one per rank)") }
-            let local = perStep / w
-            let steps = split.count / perStep
             func rowsOf(_ k: Int) -> [Int] { Array(order[(k * perStep + r * local)..<(k * perStep + (r + 1) * local)]) }
             prefetcher.start(rowsOf(0).map { split.paths[$0] })
             for k in 0..<steps {
@@ -476,36 +466,54 @@ public final class ClassificationEvaluation {
                 split.targets.withUnsafeBufferPointer { t in
                     for (j, i) in rows.enumerated() { (targets.pointer + j * o).update(from: t.baseAddress! + i * o, count: o) }
                 }
-                let context = PassContext(training: true, reducer: reducer, stream: RandomStream(seed: seed, 0xF17E, UInt64(step)),
-                                          sampleIndices: rows.map { UInt64($0) })
-                arena.zeroGrads()
+                sync.begin()
+                var context = PassContext(training: true, reducer: syncBatchNormReducer(communicator),
+                                          stream: RandomStream(seed: seed, .fineTuneStep, UInt64(step)), sampleIndices: rows.map { UInt64($0) })
                 let h = try model.features(images, batch: local, size: s, context: context)
                 let logits = model.classify(h, rows: local, context: context)
                 _ = loss(logits: logits, targets: targets.pointer, rows: local, normalizer: perStep, gradient: gradLogits.pointer)
+                context.gradientsReady = sync.readyHandler
                 let gradFeatures = model.backwardClassifier(gradLogits: gradLogits.pointer, features: h)
-                model.backwardEncoder(gradFeatures: gradFeatures, context: context)
-                if w > 1 { try communicator.allReduceSum(UnsafeMutableBufferPointer(start: arena.grads, count: arena.count)) }
-                for range in trainable {
-                    Adam.step(params: arena.params, grads: arena.grads, m: arena.adamM, v: arena.adamV, range: range, step: step,
-                              config: AdamConfig(learningRate: rate, weightDecay: options.weightDecay, decoupled: false))
-                }
+                try context.gradientsReady?("classifier.")
+                try model.backwardEncoder(gradFeatures: gradFeatures, context: context)
+                _ = try sync.finish()
+                try sync.step(adam: AdamConfig(learningRate: schedule.rate(step: step), weightDecay: options.weightDecay, decoupled: false), step: step)
             }
             let val = try evaluateLoss(validation)
-            let decision = plateau.update(val)
+            let decision = schedule.validated(val)!
             if decision.improved { best = Array(UnsafeBufferPointer(start: arena.params, count: arena.count)) }
-            if decision.halve { rate /= 2 }
-            if communicator.isRoot { log(String(format: "  epoch %d: validation loss %.4f (best %.4f), lr %.2e", epoch + 1, val, plateau.best, rate)) }
+            if communicator.isRoot {
+                log(String(format: "  epoch %d: validation loss %.4f (best %.4f), lr %.2e", epoch + 1, val, schedule.plateau!.best, schedule.currentRate))
+            }
             if decision.stop { break }
         }
         arena.params.update(from: best, count: arena.count)
         return scores(try evaluate(test), rows: test.count)
     }
 
+    /// Fine-tuning's first phase: the classifier alone for `headSteps` steps at `headLearningRate`, on
+    /// the frozen encoder's features (every rank does the same arithmetic).
+    func trainHeadAlone(_ features: [Float], _ split: LabeledArrays, seed: UInt64) {
+        let state = HeadTraining(count: model.headRange.count)
+        var headStep = 0, epoch = 0
+        while headStep < options.headSteps {
+            let order = RandomStream(seed: seed ^ StreamPurpose.headPhasePermutation.rawValue, .evaluationPermutation, UInt64(epoch)).permutation(split.count)
+            var start = 0
+            while start < order.count && headStep < options.headSteps {
+                headStep += 1
+                classifierStep(features, split, rows: Array(order[start..<min(order.count, start + options.batch)]), step: headStep, epoch: epoch,
+                               rate: options.headLearningRate, seed: seed, state: state)
+                start += options.batch
+            }
+            epoch += 1
+        }
+    }
+
     /// Logits [n, outputs] of a split through the current encoder and classifier (evaluation mode),
     /// computed in slices over the ranks and gathered.
     func evaluate(_ split: LabeledArrays) throws -> [Float] {
         let o = outputs, n = split.count
-        let (counts, mine) = Checkpoints.slices(n, communicator)
+        let (counts, mine) = ArenaShards.split(n, communicator)
         var logits = [Float](repeating: 0, count: n * o)
         try ImagePrefetcher.batches(split.paths, mine, batch: options.featureBatch, size: options.imageSize) { slice, images, _ in
             let context = PassContext(training: false)

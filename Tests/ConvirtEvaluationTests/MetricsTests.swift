@@ -2,6 +2,8 @@
 // side-by-side tables against the paper's numbers.
 
 import ConvirtCore
+import ConvirtEvaluation
+import ConvirtReport
 import ConvirtTraining
 import Foundation
 import Testing

@@ -7,6 +7,7 @@ import ConvirtCore
 import ConvirtData
 import ConvirtModels
 import ConvirtText
+import ConvirtTraining
 import Foundation
 
 public struct HeldOutRetrievalResult: Codable, Sendable {

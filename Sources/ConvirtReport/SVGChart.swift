@@ -2,6 +2,8 @@
 // downsampled into buckets (the mean as the line, the min-max range as a light band), so a run of a
 // million steps gives a chart of a few hundred points.
 
+import ConvirtEvaluation
+import ConvirtTraining
 import Foundation
 
 struct SVGChart {

@@ -2,6 +2,8 @@
 
 import ConvirtCore
 import ConvirtIO
+import ConvirtEvaluation
+import ConvirtReport
 import ConvirtTraining
 import Foundation
 import Testing
@@ -144,19 +146,5 @@ struct HTMLReportTests {
     func escaping() {
         #expect(HTML.escape(#"<a href="x">Tom & 'Jerry'</a>"#) == "&lt;a href=&quot;x&quot;&gt;Tom &amp; &#39;Jerry&#39;&lt;/a&gt;")
         #expect(HTML.escape("plain ± 0.4 → ✓") == "plain ± 0.4 → ✓")
-    }
-
-    @Test("convirt report writes the file, prints the tables, and refuses a missing run directory")
-    func command() throws {
-        let dir = try makeRunDirectory(rows: 50)
-        defer { try? FileManager.default.removeItem(atPath: dir) }
-        let out = "\(dir)/elsewhere/r.html"
-        let (status, output) = try run(convirtPath(), ["report", dir, "--out", out])
-        #expect(status == 0, "\(output)")
-        #expect(FileManager.default.fileExists(atPath: out) && !FileManager.default.fileExists(atPath: "\(dir)/report.html"))
-        #expect(output.contains("wrote \(out)") && output.contains("note: skipped eval/zz_unknown.json"), "\(output)")
-        #expect(output.contains("Linear classification") && output.contains("80.5 ± 0.4") && output.contains("ConVIRT + CheXpert supervised"), "\(output)")
-        let missing = try run(convirtPath(), ["report", "\(dir)/nope"])
-        #expect(missing.status != 0 && missing.output.contains("no such run directory"), "\(missing.output)")
     }
 }

@@ -3,6 +3,7 @@
 // mean and spread over the repeated runs of a protocol.
 
 import ConvirtCore
+import ConvirtTraining
 import Foundation
 
 public enum Metrics {

@@ -2,6 +2,7 @@
 // that tests run them in Double for finite differences. They are the oracle the fast kernels are
 // tested against, and are never used for training.
 
+import ConvirtCore
 import RealModule
 
 public enum Reference {

@@ -6,6 +6,8 @@
 // then rendered as plain text here or as HTML by the report.
 
 import ConvirtCore
+import ConvirtEvaluation
+import ConvirtTraining
 import Foundation
 
 public enum PaperTable {

@@ -1,0 +1,131 @@
+// The data-parallel step engine: what happens to the gradients between a rank's backward pass and the
+// optimizer step, for pretraining and fine-tuning alike.
+//
+//   begin()              zero the gradients, reset the buckets
+//   backward, with PassContext.gradientsReady = sync.readyHandler
+//                        replicated + overlap: each bucket's all-reduce starts once its gradients are final
+//   finish()             replicated: start what is left and wait; ZeRO-1: reduce-scatter, keep own shard
+//   gradientNorm(), clip(to:)
+//   step(adam:step:)     Adam over the ranges this rank holds state for; ZeRO-1: all-gather the parameters
+//
+// Gradients are summed over ranks (the loss is normalised by the global batch), so W ranks train as one.
+
+import ConvirtCore
+import Foundation
+
+public final class GradientSync {
+    public enum Mode: Sendable, Equatable {
+        /// Every rank holds all Adam state; gradients are all-reduced in buckets, started during backward
+        /// (`overlap`) or after it.
+        case replicated(overlap: Bool)
+        /// ZeRO-1: Adam state sharded by arena range; gradients reduce-scattered, the own shard updated,
+        /// parameters all-gathered.
+        case zero1
+    }
+
+    public let mode: Mode
+    public let arena: ParameterArena
+    public let communicator: Communicator
+    /// The arena cut over the ranks, as ZeRO-1 and checkpoints cut it.
+    public let shards: ArenaShards
+    private let buckets: GradientBuckets?
+    private let shardGradients: UnsafeMutablePointer<Float>?
+    private var shardCapacity = 0
+
+    /// With `.zero1` the arena keeps only this rank's shard of the Adam moments from here on.
+    public init(arena: ParameterArena, communicator: Communicator, mode: Mode, bucketCapacity: Int = 1 << 22) {
+        self.mode = mode
+        self.arena = arena
+        self.communicator = communicator
+        shards = ArenaShards(count: arena.count, communicator)
+        let distributed = communicator.size > 1
+        if case .replicated = mode, distributed {
+            buckets = GradientBuckets(arena: arena, communicator: communicator, capacity: bucketCapacity)
+        } else {
+            buckets = nil
+        }
+        if mode == .zero1 {
+            arena.shardOptimizerState(shards[communicator.rank])
+            shardCapacity = shards[communicator.rank].count
+            shardGradients = distributed ? UnsafeMutablePointer<Float>.allocate(capacity: max(1, shardCapacity)) : nil
+        } else {
+            shardGradients = nil
+        }
+    }
+
+    deinit { shardGradients?.deallocate() }
+
+    /// Starts a step: gradients zeroed, no bucket started.
+    public func begin() {
+        arena.zeroGrads()
+        buckets?.reset()
+    }
+
+    /// What the models call during backward when a group of parameters has its final gradients
+    /// (PassContext.gradientsReady); nil when nothing starts before `finish`.
+    public var readyHandler: ((String) throws -> Void)? {
+        guard let buckets, mode == .replicated(overlap: true) else { return nil }
+        return { prefix in try buckets.markReady(prefix) }
+    }
+
+    /// After backward: the gradients summed over ranks (all of them, or this rank's ZeRO-1 shard).
+    /// Returns the seconds spent communicating that backward did not hide.
+    public func finish() throws -> Double {
+        var clock = Clock()
+        if let buckets { try buckets.finish() }
+        if mode == .zero1, let shard = shardGradients {
+            let own = arena.optimizerRange
+            try communicator.reduceScatterSum(UnsafeBufferPointer(start: arena.grads, count: arena.count), counts: shards.counts,
+                                              into: UnsafeMutableBufferPointer(start: shard, count: own.count))
+            (arena.grads + own.lowerBound).update(from: shard, count: own.count)
+        }
+        return clock.lap()
+    }
+
+    /// The L2 norm of every trainable gradient (with ZeRO-1: each rank's shard, summed over ranks).
+    public func gradientNorm() throws -> Double {
+        var squares = [0.0]
+        for range in arena.trainableRanges(within: arena.optimizerRange) {
+            for i in range { let g = Double(arena.grads[i]); squares[0] += g * g }
+        }
+        if mode == .zero1 && communicator.size > 1 { try squares.withUnsafeMutableBufferPointer { try communicator.allReduceSum($0) } }
+        return squares[0].squareRoot()
+    }
+
+    /// Scales the gradients so that their norm (`norm`, from gradientNorm) is at most `maxNorm`.
+    public func clip(norm: Double, to maxNorm: Double) {
+        guard norm > maxNorm else { return }
+        let scale = Float(maxNorm / (norm + 1e-6))
+        for range in arena.trainableRanges(within: arena.optimizerRange) { for i in range { arena.grads[i] *= scale } }
+    }
+
+    /// Adam over what this rank holds state for; with ZeRO-1 the updated shards are then all-gathered.
+    /// Returns the seconds of that all-gather.
+    @discardableResult
+    public func step(adam config: AdamConfig, step: Int) throws -> Double {
+        Adam.step(arena, step: step, config: config)
+        var clock = Clock()
+        if mode == .zero1 && communicator.size > 1 {
+            try communicator.allGatherInPlace(UnsafeMutableBufferPointer(start: arena.params, count: arena.count), counts: shards.counts)
+        }
+        return clock.lap()
+    }
+}
+
+/// The SyncBN reducer: BatchNorm statistics summed over every rank (nil on one rank, where the batch's
+/// own statistics are already global). An MPI failure is thrown out of the forward or backward pass.
+public func syncBatchNormReducer(_ communicator: Communicator) -> StatisticsReducer? {
+    guard communicator.size > 1 else { return nil }
+    return { statistics in try communicator.allReduceSum(statistics) }
+}
+
+/// Seconds since the last lap.
+public struct Clock {
+    var last = DispatchTime.now().uptimeNanoseconds
+    public init() {}
+    public mutating func lap() -> Double {
+        let now = DispatchTime.now().uptimeNanoseconds
+        defer { last = now }
+        return Double(now - last) * 1e-9
+    }
+}

@@ -1,0 +1,172 @@
+// The step engine without mpirun: W ranks as threads of this process (InProcessCommunicator). The
+// mpirun tests in ConvirtCLITests stay as integration tests of the MPI path.
+
+import ConvirtCore
+import ConvirtData
+import ConvirtDistributed
+import ConvirtEvaluation
+import ConvirtModels
+import ConvirtTraining
+import Foundation
+import Testing
+
+/// Relative agreement of two runs' numbers.
+func agree(_ a: [Double], _ b: [Double], within tolerance: Double) -> Bool {
+    a.count == b.count && zip(a, b).allSatisfy { abs($0 - $1) <= tolerance * max(abs($0), 1e-12) }
+}
+
+@Suite("In-process communicator")
+struct CollectiveTests {
+    @Test("every collective of 3 in-process ranks computes its definition")
+    func collectives() throws {
+        let results = try InProcessGroup.run(size: 3) { comm -> [String] in
+            let r = comm.rank
+            var failures: [String] = []
+            var sum: [Float] = [Float(r), 1, Float(10 * r)]
+            try sum.withUnsafeMutableBufferPointer { try comm.allReduceSum($0) }
+            if sum != [3, 3, 30] { failures.append("allReduce float \(sum)") }
+            var doubles: [Double] = [Double(r) + 0.5]
+            try doubles.withUnsafeMutableBufferPointer { try comm.allReduceSum($0) }
+            if doubles != [4.5] { failures.append("allReduce double \(doubles)") }
+            let mine: [Float] = [Float(r), Float(r) + 0.25]
+            var gathered = [Float](repeating: -1, count: 6)
+            try mine.withUnsafeBufferPointer { m in try gathered.withUnsafeMutableBufferPointer { try comm.allGather(m, into: $0) } }
+            if gathered != [0, 0.25, 1, 1.25, 2, 2.25] { failures.append("allGather \(gathered)") }
+            let full: [Float] = (0..<6).map { Float($0 + r) }
+            var block = [Float](repeating: 0, count: 2)
+            try full.withUnsafeBufferPointer { f in try block.withUnsafeMutableBufferPointer { try comm.reduceScatterSum(f, into: $0) } }
+            let expected: [Float] = [Float(3 * (2 * r) + 3), Float(3 * (2 * r + 1) + 3)]
+            if block != expected { failures.append("reduceScatter \(block) != \(expected)") }
+            let counts = [1, 3, 2]
+            var part = [Float](repeating: 0, count: counts[r])
+            try full.withUnsafeBufferPointer { f in try part.withUnsafeMutableBufferPointer { try comm.reduceScatterSum(f, counts: counts, into: $0) } }
+            let start = counts[..<r].reduce(0, +)
+            if part != (start..<(start + counts[r])).map({ Float(3 * $0 + 3) }) { failures.append("reduceScatter counts \(part)") }
+            var inPlace = [Float](repeating: Float(-1), count: 6)
+            for i in start..<(start + counts[r]) { inPlace[i] = Float(100 * r + i) }
+            try inPlace.withUnsafeMutableBufferPointer { try comm.allGatherInPlace($0, counts: counts) }
+            if inPlace != [0, 101, 102, 103, 204, 205] { failures.append("allGatherInPlace \(inPlace)") }
+            var bytes: [UInt8] = r == 1 ? [7, 8, 9] : [0, 0, 0]
+            try bytes.withUnsafeMutableBytes { try comm.broadcast($0, root: 1) }
+            if bytes != [7, 8, 9] { failures.append("broadcast \(bytes)") }
+            let all = try comm.gather([UInt8(r), UInt8(r)], root: 0)
+            if r == 0 && all != [0, 0, 1, 1, 2, 2] { failures.append("gather \(all)") }
+            if r != 0 && !all.isEmpty { failures.append("gather off root \(all)") }
+            if r == 0 {
+                try [UInt8](arrayLiteral: 1, 2, 3, 4).withUnsafeBytes { try comm.send($0, to: 2) }
+            } else if r == 2 {
+                var received = [UInt8](repeating: 0, count: 4)
+                try received.withUnsafeMutableBytes { try comm.receive(into: $0, from: 0) }
+                if received != [1, 2, 3, 4] { failures.append("send/receive \(received)") }
+            }
+            try comm.barrier()
+            return failures
+        }
+        let failures = results.flatMap { $0 }
+        #expect(failures.isEmpty, "\(failures)")
+    }
+
+    @Test("a rank that throws releases the others from their collective and its error is rethrown")
+    func failingRank() {
+        #expect(throws: ConvirtError.self) {
+            _ = try InProcessGroup.run(size: 2) { comm -> Int in
+                if comm.rank == 1 { throw ConvirtError("rank 1 gives up") }
+                var x: [Float] = [1]
+                try x.withUnsafeMutableBufferPointer { try comm.allReduceSum($0) }
+                return 0
+            }
+        }
+    }
+}
+
+@Suite("SyncBN")
+struct SyncBatchNormTests {
+    /// BatchNorm over a batch of 6 split over W ranks (SyncBN) equals BatchNorm of the whole batch in one
+    /// process: outputs, running statistics, input gradients, and the summed gamma/beta gradients.
+    @Test("SyncBN statistics over W ranks equal one-process BatchNorm", arguments: [2, 3])
+    func syncBatchNorm(worldSize: Int) throws {
+        let batch = 6, channels = 3, plane = 5
+        let stream = RandomStream(seed: 11)
+        let input = (0..<(batch * channels * plane)).map { stream.normal(at: UInt64($0)) * 2 + 0.5 }
+        let gradOutput = (0..<(batch * channels * plane)).map { stream.normal(at: UInt64(1000 + $0)) }
+        let gamma: [Float] = [1.5, 0.5, -1], beta: [Float] = [0.1, -0.2, 0.3]
+
+        /// One BatchNorm forward+backward over `rows` samples of the batch, with a reducer or alone.
+        @Sendable func pass(_ rows: Range<Int>, _ reducer: StatisticsReducer?) throws -> (y: [Float], dx: [Float], dg: [Float], db: [Float], running: [Float]) {
+            let n = rows.count, per = channels * plane
+            let x = Array(input[(rows.lowerBound * per)..<(rows.upperBound * per)]), dy = Array(gradOutput[(rows.lowerBound * per)..<(rows.upperBound * per)])
+            var y = [Float](repeating: 0, count: n * per), dx = y
+            var dg = [Float](repeating: 0, count: channels), db = dg
+            var mean = [Float](repeating: 0, count: channels), invStd = mean, runningMean = mean, runningVar = [Float](repeating: 1, count: channels)
+            var stats = [Double](repeating: 0, count: 2 * channels + 1)
+            try x.withUnsafeBufferPointer { x in try dy.withUnsafeBufferPointer { dy in try y.withUnsafeMutableBufferPointer { y in
+                try dx.withUnsafeMutableBufferPointer { dx in try dg.withUnsafeMutableBufferPointer { dg in try db.withUnsafeMutableBufferPointer { db in
+                    try mean.withUnsafeMutableBufferPointer { m in try invStd.withUnsafeMutableBufferPointer { s in
+                        try runningMean.withUnsafeMutableBufferPointer { rm in try runningVar.withUnsafeMutableBufferPointer { rv in
+                            try stats.withUnsafeMutableBufferPointer { st in
+                                var saved = BatchNorm2d.Saved(mean: m.baseAddress!, invStd: s.baseAddress!)
+                                try gamma.withUnsafeBufferPointer { g in try beta.withUnsafeBufferPointer { b in
+                                    try BatchNorm2d.forwardTraining(output: y.baseAddress!, input: x.baseAddress!, gamma: g.baseAddress!, beta: b.baseAddress!,
+                                                                    runningMean: rm.baseAddress!, runningVar: rv.baseAddress!, saved: &saved, batch: n,
+                                                                    channels: channels, plane: plane, statistics: st, reducer: reducer)
+                                    try BatchNorm2d.backwardTraining(gradInput: dx.baseAddress!, gradGamma: dg.baseAddress!, gradBeta: db.baseAddress!,
+                                                                     gradOutput: dy.baseAddress!, input: x.baseAddress!, gamma: g.baseAddress!, saved: saved,
+                                                                     batch: n, channels: channels, plane: plane, statistics: st, reducer: reducer)
+                                } }
+                            }
+                        } }
+                    } }
+                } } }
+            } } }
+            return (y, dx, dg, db, runningMean + runningVar)
+        }
+
+        let whole = try pass(0..<batch, nil)
+        let per = batch / worldSize
+        let parts = try InProcessGroup.run(size: worldSize) { comm in try pass((comm.rank * per)..<((comm.rank + 1) * per), syncBatchNormReducer(comm)) }
+        func close(_ a: [Float], _ b: [Float]) -> Bool { a.count == b.count && zip(a, b).allSatisfy { abs($0 - $1) <= 1e-5 * max(1, abs($0)) } }
+        #expect(close(parts.flatMap(\.y), whole.y), "outputs")
+        #expect(close(parts.flatMap(\.dx), whole.dx), "input gradients")
+        #expect(parts.allSatisfy { close($0.running, whole.running) }, "running statistics on every rank")
+        let dg = (0..<channels).map { c in parts.reduce(Float(0)) { $0 + $1.dg[c] } }, db = (0..<channels).map { c in parts.reduce(Float(0)) { $0 + $1.db[c] } }
+        #expect(close(dg, whole.dg) && close(db, whole.db), "gamma and beta gradients summed over ranks")
+    }
+}
+
+@Suite("Distributed loss")
+struct DistributedLossTests {
+    /// The loss of W ranks, each holding its rows of the global batch, is the single-process loss, and
+    /// each rank's embedding gradients are its rows of the single-process gradients.
+    @Test("the ConVIRT loss over W ranks equals the single-process loss and gradients", arguments: [2, 4])
+    func distributedLoss(worldSize: Int) throws {
+        let n = 8, d = 5
+        let stream = RandomStream(seed: 3)
+        func normalized(_ offset: UInt64) -> [Float] {
+            var x = (0..<(n * d)).map { stream.normal(at: offset + UInt64($0)) }
+            for i in 0..<n {
+                let norm = (0..<d).reduce(Float(0)) { $0 + x[i * d + $1] * x[i * d + $1] }.squareRoot()
+                for j in 0..<d { x[i * d + j] /= norm }
+            }
+            return x
+        }
+        let v = normalized(0), u = normalized(10_000)
+        @Sendable func run(_ comm: Communicator) throws -> (loss: Double, gv: [Float], gu: [Float]) {
+            let b = n / comm.size, lo = comm.rank * b * d
+            let loss = DistributedLoss(communicator: comm, features: d, tau: 0.1, lambda: 0.75)
+            let localV = Array(v[lo..<(lo + b * d)]), localU = Array(u[lo..<(lo + b * d)])
+            let value = try localV.withUnsafeBufferPointer { lv in try localU.withUnsafeBufferPointer { lu in
+                try loss.forwardBackward(v: lv.baseAddress!, u: lu.baseAddress!, rows: b)
+            } }
+            let forward = try localV.withUnsafeBufferPointer { lv in try localU.withUnsafeBufferPointer { lu in
+                try loss.forward(v: lv.baseAddress!, u: lu.baseAddress!, rows: b)
+            } }
+            precondition(forward == value, "forward-only loss differs from forwardBackward's")
+            return (value.loss, Array(UnsafeBufferPointer(start: loss.gradV, count: b * d)), Array(UnsafeBufferPointer(start: loss.gradU, count: b * d)))
+        }
+        let single = try run(SingleProcessCommunicator())
+        let ranks = try InProcessGroup.run(size: worldSize) { try run($0) }
+        #expect(ranks.allSatisfy { abs($0.loss - single.loss) <= 1e-6 * single.loss })
+        let gv = ranks.flatMap(\.gv), gu = ranks.flatMap(\.gu)
+        #expect(zip(gv, single.gv).allSatisfy { abs($0 - $1) <= 1e-5 } && zip(gu, single.gu).allSatisfy { abs($0 - $1) <= 1e-5 })
+    }
+}

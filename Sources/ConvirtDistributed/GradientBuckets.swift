@@ -16,6 +16,8 @@ final class GradientBuckets {
     private var bucketOfEntry: [Int: Int] = [:]
     private var entriesOfPrefix: [String: [Int]] = [:]
     private var ready = Set<Int>()
+    /// Buckets started from `markReady` in this step, i.e. overlapped with backward.
+    private(set) var startedEarly = 0
 
     init(arena: ParameterArena, communicator: Communicator, capacity: Int = 1 << 22) {
         self.arena = arena
@@ -45,6 +47,7 @@ final class GradientBuckets {
     /// Clears the state for a new step.
     func reset() {
         ready.removeAll(keepingCapacity: true)
+        startedEarly = 0
         for i in buckets.indices { buckets[i].pending = buckets[i].entries; buckets[i].started = false }
     }
 
@@ -59,7 +62,7 @@ final class GradientBuckets {
             ready.insert(entry)
             guard let b = bucketOfEntry[entry] else { continue }
             buckets[b].pending -= 1
-            if buckets[b].pending == 0 { try start(b) }
+            if buckets[b].pending == 0 { try start(b); startedEarly += 1 }
         }
         _ = try communicator.test()  // progress for the operations in flight
     }

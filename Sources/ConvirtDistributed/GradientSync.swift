@@ -68,6 +68,10 @@ public final class GradientSync {
         return { prefix in try buckets.markReady(prefix) }
     }
 
+    /// Gradient buckets, and how many of them the last step started during backward (the rest start in
+    /// `finish`); (0, 0) when nothing is all-reduced in buckets.
+    public var bucketsOverlapped: (started: Int, of: Int) { (buckets?.startedEarly ?? 0, buckets?.buckets.count ?? 0) }
+
     /// After backward: the gradients summed over ranks (all of them, or this rank's ZeRO-1 shard).
     /// Returns the seconds spent communicating that backward did not hide.
     public func finish() throws -> Double {

@@ -116,11 +116,11 @@ public final class Trainer {
         var savedStep = startStep
         var step = startStep
         while step < totalSteps {
-            var row = try trainStep(step, batch: loader.next())
+            var row = try trainStep(step, loader: loader)
             step += 1
             var stop = false
             if isValidationStep(step) {
-                let decision = try validate(step: step, into: &row)
+                let decision = try validate(into: &row)
                 if decision?.improved == true {
                     try saveBest(step: step, loss: row.valLoss!, checkpoints)
                     savedStep = step
@@ -144,9 +144,9 @@ public final class Trainer {
 
     /// One training step, in DESIGN.md's order: batch, forward, loss over the global batch, backward,
     /// gradient sync, optimizer step.
-    func trainStep(_ step: Int, batch: @autoclosure () -> TrainingBatch) throws -> StepMetrics {
+    func trainStep(_ step: Int, loader: Loader) throws -> StepMetrics {
         var clock = Clock()
-        let batch = batch()
+        let batch = loader.next()
         let timeData = clock.lap()
         sync.begin()
         var context = passContext(step: step, batch: batch, training: true)
@@ -207,7 +207,7 @@ public final class Trainer {
     }
 
     /// The validation loss into the step's row; the plateau schedule's decision (nil for the others).
-    func validate(step: Int, into row: inout StepMetrics) throws -> Plateau.Decision? {
+    func validate(into row: inout StepMetrics) throws -> Plateau.Decision? {
         let value = try validationLoss()
         row.valLoss = value
         return schedule.validated(value)
@@ -308,6 +308,8 @@ public final class Trainer {
         var plateau = schedule.plateau
         plateau?.best = state.bestValidation ?? .infinity
         plateau?.sinceHalving = state.checksWithoutImprovement
+        // Pretraining's plateau stops on the total count of checks, never on checks since the best, which
+        // the manifest does not keep.
         plateau?.sinceBest = state.checksWithoutImprovement
         plateau?.checks = state.checks
         let kind: LearningRateSchedule.Kind = plateau.map { .plateau($0) } ?? schedule.kind

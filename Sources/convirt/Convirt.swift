@@ -3,6 +3,7 @@
 
 import ArgumentParser
 import ConvirtCore
+import ConvirtData
 import ConvirtDistributed
 import ConvirtModels
 import ConvirtEvaluation
@@ -14,6 +15,7 @@ import Foundation
 extension Preset: ExpressibleByArgument {}
 extension ScheduleKind: ExpressibleByArgument {}
 extension CheckpointIO: ExpressibleByArgument {}
+extension DownstreamDataset: ExpressibleByArgument {}
 
 @main
 struct Convirt: ParsableCommand {

@@ -25,11 +25,11 @@ func writeJSON(_ data: Data, to path: String) throws {
 }
 
 struct ClassificationArguments: ParsableArguments {
-    @Option(help: "chexpert, rsna, covidx or mura.") var dataset: String
+    @Option(help: "chexpert, rsna, covidx or mura.") var dataset: DownstreamDataset
     @Option(help: "The dataset's directory, as released.") var root: String
     @Option(help: "A ConVIRT checkpoint directory, or a run directory (its latest checkpoint).") var checkpoint: String?
     @Option(name: .customLong("init"), help: "convirt (the checkpoint's image encoder), random or imagenet (with --image-weights).")
-    var initialization = "convirt"
+    var initialization = Initialization.convirt
     @Option(help: "torchvision ResNet weights (.safetensors) for --init imagenet.") var imageWeights: String?
     @Option(help: "Architecture for random/imagenet init without a checkpoint: tiny, demo or paper.") var preset = Preset.paper
     @Option(help: "Share of the training labels: 0.01, 0.1 or 1.") var fraction = 1.0
@@ -46,29 +46,25 @@ struct ClassificationArguments: ParsableArguments {
     @Flag(help: "Fine-tuning: shard the Adam state over the ranks (ZeRO-1).") var zero1 = false
     @Option(help: "Results file (JSON).") var out: String?
 
-    static let initializations = ["convirt", "random", "imagenet"]
+    /// Where the evaluated encoder comes from.
+    enum Initialization: String, ExpressibleByArgument, CaseIterable { case convirt, random, imagenet }
 
     func source() throws -> EncoderSource {
         switch initialization {
-        case "convirt":
+        case .convirt:
             guard let checkpoint else { throw ValidationError("--init convirt needs --checkpoint") }
             return .checkpoint(try Checkpoints.resolve(checkpoint))
-        case "random", "imagenet":
+        case .random, .imagenet:
             let architecture = try checkpoint.map { try Checkpoints.manifest(Checkpoints.resolve($0)).config.model.image }
                 ?? ConVIRTConfig.preset(preset).image
-            if initialization == "random" { return .random(architecture) }
+            if initialization == .random { return .random(architecture) }
             guard let imageWeights else { throw ValidationError("--init imagenet needs --image-weights F.safetensors") }
             return .imagenet(architecture, weights: imageWeights)
-        default:
-            throw ValidationError("--init must be one of \(Self.initializations.joined(separator: ", "))")
         }
     }
 
     func run(protocol evaluationProtocol: EvaluationProtocol) throws {
         let name = evaluationProtocol.rawValue
-        guard let dataset = DownstreamDataset(rawValue: dataset) else {
-            throw ValidationError("--dataset must be one of \(DownstreamDataset.allCases.map(\.rawValue).joined(separator: ", "))")
-        }
         try withCommunicator("eval \(name)") { communicator in
             Parallel.setThreads(threads)
             let root = communicator.isRoot

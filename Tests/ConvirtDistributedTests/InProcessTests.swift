@@ -170,3 +170,39 @@ struct DistributedLossTests {
         #expect(zip(gv, single.gv).allSatisfy { abs($0 - $1) <= 1e-5 } && zip(gu, single.gu).allSatisfy { abs($0 - $1) <= 1e-5 })
     }
 }
+
+@Suite("Gradient buckets")
+struct GradientBucketTests {
+    /// Every trainable parameter group is reported during backward, so that with overlap no bucket is
+    /// left for `finish` (a group the models forgot would still be reduced there, but not overlapped).
+    @Test("with overlap, every gradient bucket of ConVIRT starts during backward")
+    func everyBucketOverlaps() throws {
+        let counts = try InProcessGroup.run(size: 2) { comm -> [Int] in
+            let config = ConVIRTConfig.preset(.tiny)
+            let model = try ConVIRTModel(config: config)
+            model.initialize(seed: 1)
+            let sync = GradientSync(arena: model.arena, communicator: comm, mode: .replicated(overlap: true), bucketCapacity: 512)
+            let b = 2, size = config.image.imageSize, tokens = 6
+            let stream = RandomStream(seed: 5, UInt64(comm.rank))
+            let images = (0..<(b * 3 * size * size)).map { stream.normal(at: UInt64($0)) }
+            let ids = (0..<(b * tokens)).map { Int32(5 + stream.integer(below: config.text.vocabSize - 5, at: UInt64(1_000_000 + $0))) }
+            let mask = [Int32](repeating: 1, count: b * tokens)
+            sync.begin()
+            var context = PassContext(training: true, reducer: syncBatchNormReducer(comm), stream: RandomStream(seed: 1),
+                                      sampleIndices: (0..<b).map { UInt64(comm.rank * b + $0) })
+            let v = try images.withUnsafeBufferPointer { try model.encodeImages($0.baseAddress!, batch: b, size: size, context: context) }
+            let u = try ids.withUnsafeBufferPointer { i in try mask.withUnsafeBufferPointer { m in
+                try model.encodeTexts(ids: i.baseAddress!, mask: m.baseAddress!, batch: b, tokens: tokens, context: context)
+            } }
+            let loss = DistributedLoss(communicator: comm, features: config.projDim, tau: config.tau, lambda: config.lambda)
+            _ = try loss.forwardBackward(v: v, u: u, rows: b)
+            context.gradientsReady = sync.readyHandler
+            try model.backwardImages(gradEmbeddings: loss.gradV, context: context)
+            try model.backwardTexts(gradEmbeddings: loss.gradU, context: context)
+            let overlapped = sync.bucketsOverlapped
+            _ = try sync.finish()
+            return [overlapped.started, overlapped.of]
+        }
+        #expect(counts.allSatisfy { $0[1] > 4 && $0[0] == $0[1] }, "buckets started during backward / all: \(counts)")
+    }
+}

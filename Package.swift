@@ -30,6 +30,8 @@ let package = Package(
         .systemLibrary(name: "CZlib", pkgConfig: "zlib", providers: [.apt(["zlib1g-dev"])]),
         .systemLibrary(name: "CLibJPEG", pkgConfig: "libjpeg", providers: [.apt(["libjpeg-dev"])]),
         .systemLibrary(name: "CLibPNG", pkgConfig: "libpng", providers: [.apt(["libpng-dev"])]),
+        // oneDNN: Debian's package ships no pkg-config file; the headers and library are on the default paths.
+        .systemLibrary(name: "CDNNL", providers: [.apt(["libdnnl-dev"])]),
 
         // C shims for what Swift cannot import: MPI's handle macros, and libjpeg/libpng's
         // setjmp/longjmp error handling, which must stay inside C.
@@ -38,7 +40,7 @@ let package = Package(
 
         .target(
             name: "ConvirtCore",
-            dependencies: ["COpenBLAS", .product(name: "RealModule", package: "swift-numerics")]
+            dependencies: ["COpenBLAS", "CDNNL", .product(name: "RealModule", package: "swift-numerics")]
         ),
         .target(name: "ConvirtIO", dependencies: ["ConvirtCore", "CZstd", "CZlib", "CCodecs"]),
         .target(name: "ConvirtDistributed", dependencies: ["ConvirtCore", "CMPI"]),

@@ -2,7 +2,7 @@
 # Installs the Debian packages convirt builds and runs on, when any is missing.
 # Usage: scripts/install-deps.sh            (no-op when everything is present)
 set -euo pipefail
-packages=(libopenmpi-dev openmpi-bin libopenblas-dev libzstd-dev zlib1g-dev libjpeg-dev libpng-dev pkg-config iproute2)
+packages=(libopenmpi-dev openmpi-bin libopenblas-dev libdnnl-dev libzstd-dev zlib1g-dev libjpeg-dev libpng-dev pkg-config iproute2)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -31,10 +31,12 @@ public enum Parallel {
         }
     }
 
-    /// Uses `count` threads for every kernel, products included; OpenBLAS itself stays single-threaded.
+    /// Uses `count` threads for every kernel, products included; OpenBLAS itself stays single-threaded,
+    /// and oneDNN's OpenMP team has `count` threads (its primitives never run beside our own loops).
     public static func setThreads(_ count: Int) {
         threads = max(1, count)
         BLASThreads.set(1)
+        DNNL.setThreads(threads)
     }
 }
 

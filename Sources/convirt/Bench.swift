@@ -52,10 +52,13 @@ struct Kernels: ParsableCommand {
     @Flag(help: "Fewer, shorter repetitions (for a smoke run).")
     var quick = false
 
+    @Flag(help: "Name the oneDNN kernels used.")
+    var verbose = false
+
     func run() throws {
         Parallel.setThreads(threads)
         let repeats = quick ? 1 : 5
-        print("convirt bench kernels: \(Parallel.threads) thread(s), \(BLASThreads.configuration)")
+        print("convirt bench kernels: \(Parallel.threads) thread(s), \(BLASThreads.configuration), core \(BLASCore.current) (\(BLASCore.origin))")
         let peakN = 1024
         let a = Buffer(peakN * peakN), b = Buffer(peakN * peakN, seed: 2), c = Buffer(peakN * peakN, seed: 3)
         let peak = measure(repeats: repeats) {
@@ -64,7 +67,9 @@ struct Kernels: ParsableCommand {
         let peakRate = 2 * pow(Double(peakN), 3) / peak / 1e9
         print(String(format: "sgemm 1024x1024x1024: %.1f GFLOP/s\n", peakRate))
 
-        print("conv2d (NCHW, batch \(batch))".padding(toLength: 30, withPad: " ", startingAt: 0) + "   fwd GFLOP/s (sgemm) ratio |    bwd GFLOP/s (sgemm) ratio")
+        print("oneDNN \(DNNL.version), ISA \(DNNL.isa)")
+        print("conv2d (NCHW, batch \(batch))".padding(toLength: 30, withPad: " ", startingAt: 0)
+              + "   fwd GFLOP/s (sgemm) ratio |    bwd GFLOP/s (sgemm) ratio | oneDNN fp32 fwd, bwd GFLOP/s | bf16 fwd, bwd")
         let shapes: [(String, Int, Int, Int, Int, Int, Int)] = [
             ("stem 7x7/2 3->64 @224", 3, 224, 64, 7, 2, 3),
             ("3x3 64->64 @56", 64, 56, 64, 3, 1, 1),
@@ -129,9 +134,22 @@ struct Kernels: ParsableCommand {
             }
         }
         let flops = g.forwardFLOPs
-        print(String(format: "%@  %8.1f ms %6.1f  (%6.1f)  %4.0f%% | %8.1f ms %6.1f  (%6.1f)  %4.0f%%",
+        // The same convolution on oneDNN (its layouts chosen by oneDNN, reorders from and to NCHW included).
+        func dnnl(_ precision: Precision) -> String {
+            let primitives: ConvolutionPrimitives
+            do { primitives = try ConvolutionPrimitives(geometry: g, precision: precision) } catch {
+                return verbose ? "\(error)" : "unsupported"
+            }
+            let f = measure(repeats: repeats) { try! primitives.forward(output: y.pointer, input: x.pointer, weight: w.pointer) }
+            let b = measure(repeats: repeats) {
+                try! primitives.backward(gradInput: dx.pointer, gradWeight: dw.pointer, gradBias: nil, gradOutput: y.pointer, input: x.pointer, weight: w.pointer)
+            }
+            return String(format: "%6.1f %6.1f", flops / f / 1e9, 2 * flops / b / 1e9) + (verbose ? " [\(primitives.implementations)]" : "")
+        }
+        print(String(format: "%@  %8.1f ms %6.1f  (%6.1f)  %4.0f%% | %8.1f ms %6.1f  (%6.1f)  %4.0f%% | %@ | %@",
                      name.padding(toLength: 28, withPad: " ", startingAt: 0) as NSString, forward * 1e3, flops / forward / 1e9, flops / gemmForward / 1e9, 100 * gemmForward / forward,
-                     backward * 1e3, 2 * flops / backward / 1e9, 2 * flops / gemmBackward / 1e9, 100 * gemmBackward / backward))
+                     backward * 1e3, 2 * flops / backward / 1e9, 2 * flops / gemmBackward / 1e9, 100 * gemmBackward / backward,
+                     dnnl(.fp32) as NSString, dnnl(.bf16) as NSString))
     }
 
     func benchLinear(_ name: String, rows: Int, inF: Int, outF: Int, repeats: Int) {

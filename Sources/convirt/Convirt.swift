@@ -25,6 +25,12 @@ struct Convirt: ParsableCommand {
         subcommands: [TrainCommand.self, EvalCommand.self, EmbedCommand.self, ReportCommand.self, CheckpointCommand.self, SynthCommand.self,
                       PrepareCommand.self, TokenizeCommand.self, ParityCommand.self, Info.self, Bench.self]
     )
+
+    /// OpenBLAS's kernels are chosen when the library loads: restart with better ones first if needed.
+    static func main() {
+        BLASCore.restartWithPreferredCoreIfNeeded()
+        main(nil)
+    }
 }
 
 /// What this build runs on: the libraries, the BLAS threads, and (under mpirun) the MPI job, checked
@@ -45,7 +51,8 @@ struct Info: ParsableCommand {
         let hosts = try communicator.gather(host, root: 0)
         if communicator.isRoot {
             print("convirt \(convirtVersion)")
-            print("BLAS: \(BLASThreads.configuration), \(BLASThreads.current) thread(s)")
+            print("BLAS: \(BLASThreads.configuration), \(BLASThreads.current) thread(s); core \(BLASCore.current) (\(BLASCore.origin))")
+            print("oneDNN: \(DNNL.version), ISA \(DNNL.isa)")
             print("MPI: \(MPICommunicator.libraryVersion.split(separator: "\n").first ?? "")")
             if communicator is MPICommunicator {
                 print("MPI job: world size \(communicator.size); all-reduce of ranks = \(Int(ranks[0])) (expected \(Int(expected)))")

@@ -107,6 +107,7 @@ struct TrainCommand: ParsableCommand {
             if (try? Files.read("\(runDir)/vocab.txt")) != vocabulary { try Files.writeAtomically(vocabulary, to: "\(runDir)/vocab.txt") }
             print("convirt train: preset \(config.preset), \(communicator.size) rank(s), global batch \(config.globalBatch), \(trainer.totalSteps) steps, "
                   + "\(trainer.model.layout.trainableCount) trainable parameters, run directory \(runDir)")
+            print("kernels: OpenBLAS core \(BLASCore.current) (\(BLASCore.origin)), \(config.threads) thread(s) per rank")
         }
         let start = Date()
         let every = max(1, trainer.totalSteps / 20)

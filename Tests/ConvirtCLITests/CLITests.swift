@@ -555,3 +555,21 @@ struct DistributedTrainingTests {
         #expect(shape.contains("absurd shape") || shape.contains("outside the arena"), "\(shape)")
     }
 }
+
+@Suite("OpenBLAS core choice")
+struct BLASCoreChoiceTests {
+    @Test("convirt restarts itself with a better OpenBLAS core, and respects OPENBLAS_CORETYPE")
+    func restart() throws {
+        // Pretend OpenBLAS chose Prescott on this CPU: convirt restarts with the core its flags call for
+        // (unless this machine sets OPENBLAS_CORETYPE itself, which is then respected).
+        let flags = (try? String(contentsOfFile: "/proc/cpuinfo", encoding: .utf8)) ?? ""
+        let restarted = try run(convirtPath(), ["info"], environment: ["CONVIRT_TEST_BLAS_PICKED": "Prescott"])
+        #expect(restarted.status == 0, "\(restarted.output)")
+        if flags.contains(" avx2") && flags.contains(" fma") && ProcessInfo.processInfo.environment["OPENBLAS_CORETYPE"] == nil {
+            #expect(restarted.output.contains("(chosen by convirt from the CPU flags)"), "\(restarted.output)")
+            #expect(!restarted.output.contains("core Prescott"), "\(restarted.output)")
+        }
+        let kept = try run(convirtPath(), ["info"], environment: ["OPENBLAS_CORETYPE": "Prescott", "CONVIRT_TEST_BLAS_PICKED": "Prescott"])
+        #expect(kept.output.contains("core Prescott (OPENBLAS_CORETYPE set by the environment)"), "\(kept.output)")
+    }
+}

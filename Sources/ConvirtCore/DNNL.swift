@@ -1,0 +1,221 @@
+// oneDNN (Debian's libdnnl-dev, the library PyTorch itself uses on CPUs), wrapped as NIO and swift-crypto
+// wrap C: Swift types own every engine, stream, memory and primitive object; a failing status becomes a
+// `ConvirtError` naming the operation. oneDNN chooses its own layouts (format_tag_any) for the
+// primitives; arguments arrive in the model's plain layouts (NCHW, OIHW) and are reordered at the
+// primitive's edge, the reorder doubling as the accumulation (a sum post-op) where the model's
+// backward adds into gradients.
+
+import CDNNL
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// A failing oneDNN status as an error naming the operation.
+@inline(__always)
+func dnnlCheck(_ status: dnnl_status_t, _ what: @autoclosure () -> String) throws {
+    guard status != dnnl_success else { return }
+    throw ConvirtError("oneDNN: \(what()) failed: \(String(cString: dnnl_status2str(status)))")
+}
+
+public enum DNNL {
+    /// The CPU engine, shared by every primitive of the process (engines are thread-safe).
+    nonisolated(unsafe) static let engine: dnnl_engine_t? = {
+        var engine: dnnl_engine_t? = nil
+        return dnnl_engine_create(&engine, dnnl_cpu, 0) == dnnl_success ? engine : nil
+    }()
+
+    static func cpuEngine() throws -> dnnl_engine_t {
+        guard let engine else { throw ConvirtError("oneDNN: no CPU engine could be created") }
+        return engine
+    }
+
+    /// The instruction set oneDNN's kernels use on this CPU (e.g. avx2, avx512_core_amx).
+    public static var isa: String {
+        switch dnnl_get_effective_cpu_isa() {
+        case dnnl_cpu_isa_sse41: return "sse41"
+        case dnnl_cpu_isa_avx: return "avx"
+        case dnnl_cpu_isa_avx2: return "avx2"
+        case dnnl_cpu_isa_avx2_vnni: return "avx2_vnni"
+        case dnnl_cpu_isa_avx512_core: return "avx512_core"
+        case dnnl_cpu_isa_avx512_core_vnni: return "avx512_core_vnni"
+        case dnnl_cpu_isa_avx512_core_bf16: return "avx512_core_bf16"
+        case dnnl_cpu_isa_avx512_core_amx: return "avx512_core_amx"
+        default: return "isa \(dnnl_get_effective_cpu_isa().rawValue)"
+        }
+    }
+
+    /// oneDNN's OpenMP threads (libgomp, loaded with libdnnl): set with the rest of the process's threads.
+    static func setThreads(_ count: Int) {
+        typealias SetThreads = @convention(c) (Int32) -> Void
+        guard let symbol = dlsym(UnsafeMutableRawPointer(bitPattern: 0), "omp_set_num_threads") else { return }
+        unsafeBitCast(symbol, to: SetThreads.self)(Int32(count))
+    }
+
+    public static var version: String {
+        guard let v = dnnl_version() else { return "unknown" }
+        return "\(v.pointee.major).\(v.pointee.minor).\(v.pointee.patch)"
+    }
+}
+
+/// Sizes as oneDNN's dims (passed as a pointer to the first of them).
+func dnnlDims(_ values: [Int]) -> [Int64] { values.map(Int64.init) }
+
+/// A memory descriptor of `shape` in `tag` (dnnl_format_tag_any lets a primitive choose).
+func dnnlDescriptor(_ shape: [Int], _ type: dnnl_data_type_t, _ tag: dnnl_format_tag_t) throws -> dnnl_memory_desc_t {
+    var desc = dnnl_memory_desc_t()
+    try dnnlCheck(dnnl_memory_desc_init_by_tag(&desc, Int32(shape.count), dnnlDims(shape), type, tag), "memory descriptor \(shape)")
+    return desc
+}
+
+func dnnlSame(_ a: dnnl_memory_desc_t, _ b: dnnl_memory_desc_t) -> Bool {
+    var a = a, b = b
+    return dnnl_memory_desc_equal(&a, &b) != 0
+}
+
+/// A memory object: either bound to the caller's buffer at each call, or owning one.
+final class DNNLMemory {
+    let memory: dnnl_memory_t
+    let desc: dnnl_memory_desc_t
+
+    init(_ desc: dnnl_memory_desc_t, owning: Bool) throws {
+        var desc = desc
+        var memory: dnnl_memory_t? = nil
+        try dnnlCheck(dnnl_memory_create(&memory, &desc, try DNNL.cpuEngine(), owning ? cdnnl_memory_allocate() : nil), "memory")
+        self.memory = memory!
+        self.desc = desc
+    }
+
+    deinit { dnnl_memory_destroy(memory) }
+
+    func bind(_ pointer: UnsafeRawPointer) throws {
+        try dnnlCheck(dnnl_memory_set_data_handle(memory, UnsafeMutableRawPointer(mutating: pointer)), "binding a buffer")
+    }
+}
+
+/// A primitive and its descriptor.
+final class DNNLPrimitive {
+    let descriptor: dnnl_primitive_desc_t
+    let primitive: dnnl_primitive_t
+
+    /// Takes ownership of `descriptor`.
+    init(_ descriptor: dnnl_primitive_desc_t, _ what: String) throws {
+        self.descriptor = descriptor
+        var primitive: dnnl_primitive_t? = nil
+        let status = dnnl_primitive_create(&primitive, descriptor)
+        if status != dnnl_success { dnnl_primitive_desc_destroy(descriptor) }
+        try dnnlCheck(status, what)
+        self.primitive = primitive!
+    }
+
+    /// Creates the descriptor of `operation` (a *_desc_t initialised by the caller) and the primitive.
+    convenience init(_ operation: UnsafeRawPointer, attributes: dnnl_primitive_attr_t? = nil, hint: DNNLPrimitive? = nil, _ what: String) throws {
+        var descriptor: dnnl_primitive_desc_t? = nil
+        try dnnlCheck(dnnl_primitive_desc_create(&descriptor, operation, attributes, try DNNL.cpuEngine(), hint?.descriptor), what)
+        try self.init(descriptor!, what)
+    }
+
+    deinit {
+        dnnl_primitive_destroy(primitive)
+        dnnl_primitive_desc_destroy(descriptor)
+    }
+
+    func query(_ what: dnnl_query_t, index: Int32 = 0) -> dnnl_memory_desc_t { dnnl_primitive_desc_query_md(descriptor, what, index).pointee }
+
+    /// oneDNN's name for the kernel it chose (e.g. jit:avx2, brg:avx512_core_amx).
+    var implementation: String {
+        var name: UnsafePointer<CChar>? = nil
+        _ = dnnl_primitive_desc_query(descriptor, dnnl_query_impl_info_str, 0, &name)
+        return name.map { String(cString: $0) } ?? "?"
+    }
+
+    func execute(_ stream: DNNLStream, _ arguments: [(Int32, DNNLMemory)], _ what: @autoclosure () -> String) throws {
+        var args = arguments.map { dnnl_exec_arg_t(arg: $0.0, memory: $0.1.memory) }
+        try dnnlCheck(dnnl_primitive_execute(primitive, stream.stream, Int32(args.count), &args), what())
+        try dnnlCheck(dnnl_stream_wait(stream.stream), what())
+    }
+}
+
+/// A stream: one per owner (streams are not to be shared between threads).
+final class DNNLStream {
+    let stream: dnnl_stream_t
+    init() throws {
+        var stream: dnnl_stream_t? = nil
+        try dnnlCheck(dnnl_stream_create(&stream, try DNNL.cpuEngine(), dnnl_stream_default_flags.rawValue), "stream")
+        self.stream = stream!
+    }
+    deinit { dnnl_stream_destroy(stream) }
+}
+
+/// A reorder between two layouts of one tensor; with `accumulate`, the destination is added to
+/// (a sum post-op) instead of overwritten.
+final class DNNLReorder {
+    let primitive: DNNLPrimitive
+    let source: DNNLMemory, destination: DNNLMemory
+
+    init(from: DNNLMemory, to: DNNLMemory, accumulate: Bool) throws {
+        source = from
+        destination = to
+        var attributes: dnnl_primitive_attr_t? = nil
+        var postOps: dnnl_post_ops_t? = nil
+        if accumulate {
+            try dnnlCheck(dnnl_primitive_attr_create(&attributes), "reorder attributes")
+            try dnnlCheck(dnnl_post_ops_create(&postOps), "reorder post-ops")
+            try dnnlCheck(dnnl_post_ops_append_sum(postOps, 1), "reorder sum post-op")
+            try dnnlCheck(dnnl_primitive_attr_set_post_ops(attributes, postOps), "reorder post-ops")
+        }
+        defer {
+            if let postOps { dnnl_post_ops_destroy(postOps) }
+            if let attributes { dnnl_primitive_attr_destroy(attributes) }
+        }
+        var descriptor: dnnl_primitive_desc_t? = nil
+        var a = from.desc, b = to.desc
+        let engine = try DNNL.cpuEngine()
+        try dnnlCheck(dnnl_reorder_primitive_desc_create(&descriptor, &a, engine, &b, engine, attributes), "reorder")
+        primitive = try DNNLPrimitive(descriptor!, "reorder")
+    }
+
+    func run(_ stream: DNNLStream) throws {
+        try primitive.execute(stream, [(cdnnl_arg_from(), source), (cdnnl_arg_to(), destination)], "reorder")
+    }
+}
+
+/// One argument of a primitive as the model holds it (a plain layout, the caller's buffer) and as the
+/// primitive wants it (oneDNN's layout, in a buffer of its own when that differs).
+final class DNNLArgument {
+    let user: DNNLMemory
+    let inner: DNNLMemory
+    /// user -> inner for inputs; inner -> user (accumulating or not) for outputs; nil when no reorder is needed.
+    let reorder: DNNLReorder?
+
+    enum Role { case input, output, accumulatingOutput }
+
+    init(user desc: dnnl_memory_desc_t, primitive: dnnl_memory_desc_t, role: Role) throws {
+        let user = try DNNLMemory(desc, owning: false)
+        // An accumulating output always goes through a buffer of its own: the primitive overwrites.
+        let direct = role != .accumulatingOutput && dnnlSame(desc, primitive)
+        let inner = direct ? user : try DNNLMemory(primitive, owning: true)
+        let reorder: DNNLReorder?
+        if direct {
+            reorder = nil
+        } else if role == .input {
+            reorder = try DNNLReorder(from: user, to: inner, accumulate: false)
+        } else {
+            reorder = try DNNLReorder(from: inner, to: user, accumulate: role == .accumulatingOutput)
+        }
+        self.user = user
+        self.inner = inner
+        self.reorder = reorder
+    }
+
+    /// Binds the caller's buffer; an input is then reordered into the primitive's layout.
+    func input(_ pointer: UnsafeRawPointer, _ stream: DNNLStream) throws {
+        try user.bind(pointer)
+        try reorder?.run(stream)
+    }
+
+    /// Binds the caller's buffer for an output (written back by `finish`).
+    func output(_ pointer: UnsafeRawPointer) throws { try user.bind(pointer) }
+
+    /// After the primitive: an output in another layout (or accumulated) is reordered into the caller's buffer.
+    func finish(_ stream: DNNLStream) throws { try reorder?.run(stream) }
+}

@@ -1,0 +1,157 @@
+// The convolution on oneDNN: forward, backward data and backward weights for one geometry and
+// precision, with the layouts oneDNN chooses. Same contract as `Conv2d.forward` / `Conv2d.backward`
+// (NCHW activations, OIHW weights; backward accumulates into gradInput, gradWeight and gradBias).
+// In bf16 the inputs of each product are rounded to bf16 by the reorder at its edge and the products
+// accumulate in fp32 (outputs and gradients stay fp32), as PyTorch's CPU autocast does.
+
+import CDNNL
+
+/// The arithmetic of convolutions and matrix products.
+public enum Precision: String, Codable, Sendable, CaseIterable {
+    case fp32
+    /// bf16 inputs, fp32 accumulation and outputs.
+    case bf16
+
+    var inputType: dnnl_data_type_t { self == .bf16 ? dnnl_bf16 : dnnl_f32 }
+}
+
+public final class ConvolutionPrimitives {
+    public let geometry: Conv2dGeometry
+    public let precision: Precision
+    let stream: DNNLStream
+    let hasBias: Bool
+    // Forward.
+    let forwardPrimitive: DNNLPrimitive
+    let source, weights, destination: DNNLArgument
+    let bias: DNNLMemory?
+    // Backward, created on first use (an evaluation never differentiates).
+    private var backwardData: (primitive: DNNLPrimitive, gradOutput: DNNLArgument, weights: DNNLArgument, gradInput: DNNLArgument)?
+    private var backwardWeights: (primitive: DNNLPrimitive, gradOutput: DNNLArgument, source: DNNLArgument, gradWeight: DNNLArgument,
+                                  gradBias: DNNLArgument?)?
+
+    public init(geometry g: Conv2dGeometry, precision: Precision = .fp32, bias: Bool = false) throws {
+        geometry = g
+        self.precision = precision
+        hasBias = bias
+        stream = try DNNLStream()
+        let t = precision.inputType
+        var src = try dnnlDescriptor(g.inputShape, t, dnnl_format_tag_any)
+        var wei = try dnnlDescriptor(g.weightShape, t, dnnl_format_tag_any)
+        var dst = try dnnlDescriptor(g.outputShape, dnnl_f32, dnnl_format_tag_any)
+        var b = try dnnlDescriptor([g.outChannels], dnnl_f32, dnnl_x)
+        let strides = dnnlDims([g.strideH, g.strideW]), padding = dnnlDims([g.padH, g.padW])
+        var desc = dnnl_convolution_desc_t()
+        let status = withUnsafePointer(to: &b) { biasDesc in
+            dnnl_convolution_forward_desc_init(&desc, dnnl_forward_training, dnnl_convolution_direct, &src, &wei, bias ? biasDesc : nil, &dst,
+                                               strides, padding, padding)
+        }
+        try dnnlCheck(status, "\(g) forward (\(precision))")
+        forwardPrimitive = try withUnsafePointer(to: &desc) { try DNNLPrimitive(UnsafeRawPointer($0), "\(g) forward (\(precision))") }
+        source = try DNNLArgument(user: try dnnlDescriptor(g.inputShape, dnnl_f32, dnnl_nchw), primitive: forwardPrimitive.query(dnnl_query_src_md), role: .input)
+        weights = try DNNLArgument(user: try dnnlDescriptor(g.weightShape, dnnl_f32, dnnl_oihw), primitive: forwardPrimitive.query(dnnl_query_weights_md), role: .input)
+        destination = try DNNLArgument(user: try dnnlDescriptor(g.outputShape, dnnl_f32, dnnl_nchw), primitive: forwardPrimitive.query(dnnl_query_dst_md), role: .output)
+        self.bias = bias ? try DNNLMemory(b, owning: false) : nil
+    }
+
+    /// The kernels oneDNN chose (forward; backward data and weights once they ran).
+    public var implementations: String {
+        var names = ["forward \(forwardPrimitive.implementation)"]
+        if let backwardData { names.append("backward data \(backwardData.primitive.implementation)") }
+        if let backwardWeights { names.append("backward weights \(backwardWeights.primitive.implementation)") }
+        return names.joined(separator: ", ")
+    }
+
+    /// output [N, O, OH, OW] = conv(input [N, C, H, W], weight [O, C, KH, KW]) + bias [O].
+    public func forward(output: UnsafeMutablePointer<Float>, input: UnsafePointer<Float>, weight: UnsafePointer<Float>,
+                        bias biasValues: UnsafePointer<Float>? = nil) throws {
+        try source.input(input, stream)
+        try weights.input(weight, stream)
+        try destination.output(output)
+        var arguments = [(cdnnl_arg_src(), source.inner), (cdnnl_arg_weights(), weights.inner), (cdnnl_arg_dst(), destination.inner)]
+        if let bias, let biasValues {
+            try bias.bind(biasValues)
+            arguments.append((cdnnl_arg_bias(), bias))
+        }
+        try forwardPrimitive.execute(stream, arguments, "\(geometry) forward")
+        try destination.finish(stream)
+    }
+
+    /// Accumulates the gradients of the weights (and bias), and of the input unless gradInput is nil.
+    public func backward(gradInput: UnsafeMutablePointer<Float>?, gradWeight: UnsafeMutablePointer<Float>, gradBias: UnsafeMutablePointer<Float>?,
+                         gradOutput: UnsafePointer<Float>, input: UnsafePointer<Float>, weight: UnsafePointer<Float>) throws {
+        let bw = try makeBackwardWeights(bias: gradBias != nil)
+        try bw.gradOutput.input(gradOutput, stream)
+        try bw.source.input(input, stream)
+        try bw.gradWeight.output(gradWeight)
+        var arguments = [(cdnnl_arg_diff_dst(), bw.gradOutput.inner), (cdnnl_arg_src(), bw.source.inner), (cdnnl_arg_diff_weights(), bw.gradWeight.inner)]
+        if let gradBias, let db = bw.gradBias {
+            try db.output(gradBias)
+            arguments.append((cdnnl_arg_diff_bias(), db.inner))
+        }
+        try bw.primitive.execute(stream, arguments, "\(geometry) backward weights")
+        try bw.gradWeight.finish(stream)
+        if gradBias != nil { try bw.gradBias?.finish(stream) }
+        guard let gradInput else { return }
+        let bd = try makeBackwardData()
+        try bd.gradOutput.input(gradOutput, stream)
+        try bd.weights.input(weight, stream)
+        try bd.gradInput.output(gradInput)
+        try bd.primitive.execute(stream, [(cdnnl_arg_diff_dst(), bd.gradOutput.inner), (cdnnl_arg_weights(), bd.weights.inner),
+                                          (cdnnl_arg_diff_src(), bd.gradInput.inner)], "\(geometry) backward data")
+        try bd.gradInput.finish(stream)
+    }
+
+    private func operationDescriptors() throws -> (src: dnnl_memory_desc_t, wei: dnnl_memory_desc_t, dst: dnnl_memory_desc_t) {
+        let g = geometry, t = precision.inputType
+        return (try dnnlDescriptor(g.inputShape, t, dnnl_format_tag_any), try dnnlDescriptor(g.weightShape, t, dnnl_format_tag_any),
+                try dnnlDescriptor(g.outputShape, t, dnnl_format_tag_any))
+    }
+
+    private func makeBackwardData() throws -> (primitive: DNNLPrimitive, gradOutput: DNNLArgument, weights: DNNLArgument, gradInput: DNNLArgument) {
+        if let backwardData { return backwardData }
+        let g = geometry
+        var (_, wei, diffDst) = try operationDescriptors()
+        var diffSrc = try dnnlDescriptor(g.inputShape, dnnl_f32, dnnl_format_tag_any)
+        let strides = dnnlDims([g.strideH, g.strideW]), padding = dnnlDims([g.padH, g.padW])
+        var desc = dnnl_convolution_desc_t()
+        try dnnlCheck(dnnl_convolution_backward_data_desc_init(&desc, dnnl_convolution_direct, &diffSrc, &wei, &diffDst, strides, padding, padding),
+                      "\(g) backward data (\(precision))")
+        let primitive = try withUnsafePointer(to: &desc) {
+            try DNNLPrimitive(UnsafeRawPointer($0), hint: forwardPrimitive, "\(g) backward data (\(precision))")
+        }
+        let made = (primitive,
+                    try DNNLArgument(user: try dnnlDescriptor(g.outputShape, dnnl_f32, dnnl_nchw), primitive: primitive.query(dnnl_query_diff_dst_md), role: .input),
+                    try DNNLArgument(user: try dnnlDescriptor(g.weightShape, dnnl_f32, dnnl_oihw), primitive: primitive.query(dnnl_query_weights_md), role: .input),
+                    try DNNLArgument(user: try dnnlDescriptor(g.inputShape, dnnl_f32, dnnl_nchw), primitive: primitive.query(dnnl_query_diff_src_md),
+                                     role: .accumulatingOutput))
+        backwardData = made
+        return made
+    }
+
+    private func makeBackwardWeights(bias: Bool) throws
+        -> (primitive: DNNLPrimitive, gradOutput: DNNLArgument, source: DNNLArgument, gradWeight: DNNLArgument, gradBias: DNNLArgument?) {
+        if let backwardWeights { return backwardWeights }
+        let g = geometry
+        var (src, _, diffDst) = try operationDescriptors()
+        var diffWei = try dnnlDescriptor(g.weightShape, dnnl_f32, dnnl_format_tag_any)
+        var diffBias = try dnnlDescriptor([g.outChannels], dnnl_f32, dnnl_x)
+        let strides = dnnlDims([g.strideH, g.strideW]), padding = dnnlDims([g.padH, g.padW])
+        var desc = dnnl_convolution_desc_t()
+        let status = withUnsafePointer(to: &diffBias) { biasDesc in
+            dnnl_convolution_backward_weights_desc_init(&desc, dnnl_convolution_direct, &src, &diffWei, bias ? biasDesc : nil, &diffDst,
+                                                        strides, padding, padding)
+        }
+        try dnnlCheck(status, "\(g) backward weights (\(precision))")
+        let primitive = try withUnsafePointer(to: &desc) {
+            try DNNLPrimitive(UnsafeRawPointer($0), hint: forwardPrimitive, "\(g) backward weights (\(precision))")
+        }
+        let made = (primitive,
+                    try DNNLArgument(user: try dnnlDescriptor(g.outputShape, dnnl_f32, dnnl_nchw), primitive: primitive.query(dnnl_query_diff_dst_md), role: .input),
+                    try DNNLArgument(user: try dnnlDescriptor(g.inputShape, dnnl_f32, dnnl_nchw), primitive: primitive.query(dnnl_query_src_md), role: .input),
+                    try DNNLArgument(user: try dnnlDescriptor(g.weightShape, dnnl_f32, dnnl_oihw), primitive: primitive.query(dnnl_query_diff_weights_md),
+                                     role: .accumulatingOutput),
+                    bias ? try DNNLArgument(user: diffBias, primitive: primitive.query(dnnl_query_diff_weights_md, index: 1), role: .accumulatingOutput) : nil)
+        backwardWeights = made
+        return made
+    }
+}

@@ -1,0 +1,112 @@
+// The convolution on oneDNN against the plain reference (in Double; the reference is itself checked by
+// finite differences in KernelGradientTests), with the accumulate-into-gradients contract of
+// `Conv2d.backward`; bf16 within bf16 rounding where oneDNN implements it on this CPU.
+
+import ConvirtCore
+import ConvirtTestSupport
+import Testing
+
+@Suite("oneDNN convolution")
+struct DNNLConvolutionTests {
+    /// (batch, in, height, width, out, kernel h, kernel w, stride, padding, bias)
+    static let cases: [(Int, Int, Int, Int, Int, Int, Int, Int, Int, Bool)] = [
+        (2, 3, 17, 17, 8, 7, 7, 2, 3, false),   // a stem: 7x7/2 on 3 channels
+        (3, 8, 9, 9, 16, 3, 3, 1, 1, true),     // 3x3 with bias
+        (2, 16, 8, 8, 8, 1, 1, 1, 0, false),    // pointwise
+        (2, 8, 8, 8, 8, 3, 3, 2, 1, false),     // 3x3/2 on an even size (asymmetric right padding)
+        (1, 4, 10, 7, 5, 3, 1, 2, 0, true),     // rectangular kernel and image, stride 2, no padding
+        (2, 16, 8, 8, 32, 1, 1, 2, 0, false),   // a downsample: 1x1/2
+    ]
+
+    @Test("forward and accumulating backward equal the reference", arguments: 0..<6)
+    func againstReference(index: Int) throws {
+        let (n, c, h, w, o, kh, kw, s, p, bias) = Self.cases[index]
+        let g = try Conv2dGeometry(batch: n, inChannels: c, height: h, width: w, outChannels: o, kernel: (kh, kw), stride: (s, s), padding: (p, p))
+        let x = randomFloats(g.inputShape.reduce(1, *), seed: 1), wt = randomFloats(g.weightShape.reduce(1, *), seed: 2)
+        let b = randomFloats(o, seed: 3), dy = randomFloats(g.outputShape.reduce(1, *), seed: 4)
+        let conv = try ConvolutionPrimitives(geometry: g, bias: bias)
+        var y = [Float](repeating: .nan, count: g.outputShape.reduce(1, *))
+        try x.withUnsafeBufferPointer { x in try wt.withUnsafeBufferPointer { w in try b.withUnsafeBufferPointer { b in
+            try y.withUnsafeMutableBufferPointer { try conv.forward(output: $0.baseAddress!, input: x.baseAddress!, weight: w.baseAddress!, bias: bias ? b.baseAddress! : nil) }
+        } } }
+        let d = { (v: [Float]) in v.map(Double.init) }
+        #expect(relativeError(y, Reference.conv2dForward(d(x), d(wt), bias ? d(b) : nil, g)) < 1e-5, "forward \(g)")
+
+        // Backward adds to what the gradients held.
+        let dx0 = randomFloats(x.count, seed: 5), dw0 = randomFloats(wt.count, seed: 6), db0 = randomFloats(o, seed: 7)
+        var dx = dx0, dw = dw0, db = db0
+        try dy.withUnsafeBufferPointer { dy in try x.withUnsafeBufferPointer { x in try wt.withUnsafeBufferPointer { w in
+            try dx.withUnsafeMutableBufferPointer { dx in try dw.withUnsafeMutableBufferPointer { dw in try db.withUnsafeMutableBufferPointer { db in
+                try conv.backward(gradInput: dx.baseAddress!, gradWeight: dw.baseAddress!, gradBias: bias ? db.baseAddress! : nil,
+                                  gradOutput: dy.baseAddress!, input: x.baseAddress!, weight: w.baseAddress!)
+            } } }
+        } } }
+        let (rdx, rdw, rdb) = Reference.conv2dBackward(d(dy), d(x), d(wt), g)
+        #expect(relativeError(zip(dx, dx0).map { Double($0) - Double($1) }, rdx) < 1e-5, "input gradient \(g)")
+        #expect(relativeError(zip(dw, dw0).map { Double($0) - Double($1) }, rdw) < 1e-5, "weight gradient \(g)")
+        if bias { #expect(relativeError(zip(db, db0).map { Double($0) - Double($1) }, rdb) < 1e-5, "bias gradient \(g)") }
+        else { #expect(db == db0, "no bias gradient asked, none written") }
+        #expect(conv.implementations.contains("forward") && conv.implementations.contains("backward data"), "\(conv.implementations)")
+    }
+
+    @Test("without an input gradient (the stem) only the weight gradient is written")
+    func noInputGradient() throws {
+        let g = try Conv2dGeometry(batch: 1, inChannels: 3, height: 9, width: 9, outChannels: 4, kernel: 3, stride: 2, padding: 1)
+        let conv = try ConvolutionPrimitives(geometry: g)
+        let x = randomFloats(g.inputShape.reduce(1, *), seed: 1), wt = randomFloats(g.weightShape.reduce(1, *), seed: 2)
+        let dy = randomFloats(g.outputShape.reduce(1, *), seed: 4)
+        var dw = [Float](repeating: 0, count: wt.count)
+        try dy.withUnsafeBufferPointer { dy in try x.withUnsafeBufferPointer { x in try wt.withUnsafeBufferPointer { w in
+            try dw.withUnsafeMutableBufferPointer {
+                try conv.backward(gradInput: nil, gradWeight: $0.baseAddress!, gradBias: nil, gradOutput: dy.baseAddress!, input: x.baseAddress!, weight: w.baseAddress!)
+            }
+        } } }
+        #expect(relativeError(dw, Reference.conv2dBackward(dy.map(Double.init), x.map(Double.init), wt.map(Double.init), g).1) < 1e-5)
+        #expect(!conv.implementations.contains("backward data"))
+    }
+
+    /// bf16 inputs with fp32 accumulation: within bf16 rounding (2^-8 relative per input) of fp32.
+    /// oneDNN 2.6 implements bf16 convolutions from AVX-512 on; elsewhere creating one is a clear error.
+    @Test("bf16: within bf16 rounding of fp32 where oneDNN implements it, a clear error where not")
+    func bf16() throws {
+        let g = try Conv2dGeometry(batch: 2, inChannels: 16, height: 8, width: 8, outChannels: 16, kernel: 3, stride: 1, padding: 1)
+        let conv: ConvolutionPrimitives
+        do {
+            conv = try ConvolutionPrimitives(geometry: g, precision: .bf16)
+        } catch let error as ConvirtError {
+            #expect(!DNNL.isa.hasPrefix("avx512") && error.message.contains("bf16") && error.message.contains("unimplemented"), "\(error) on \(DNNL.isa)")
+            return
+        }
+        let x = randomFloats(g.inputShape.reduce(1, *), seed: 1), wt = randomFloats(g.weightShape.reduce(1, *), seed: 2)
+        var y = [Float](repeating: 0, count: g.outputShape.reduce(1, *))
+        try x.withUnsafeBufferPointer { x in try wt.withUnsafeBufferPointer { w in
+            try y.withUnsafeMutableBufferPointer { try conv.forward(output: $0.baseAddress!, input: x.baseAddress!, weight: w.baseAddress!) }
+        } }
+        let error = relativeError(y, Reference.conv2dForward(x.map(Double.init), wt.map(Double.init), nil, g))
+        #expect(error < 2e-2 && error > 1e-6, "bf16 forward error \(error)")
+    }
+}
+
+@Suite("OpenBLAS core")
+struct BLASCoreTests {
+    static let avx512: Set<String> = ["avx2", "fma", "avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512_bf16", "amx_bf16"]
+
+    @Test("the core is chosen from the CPU flags when OpenBLAS chose worse, and kept when it chose well")
+    func preferredCore() {
+        // Sapphire Rapids: OpenBLAS 0.3.21 chose Cooperlake (or Prescott); SkylakeX is 3.4x faster there.
+        #expect(BLASCore.preferred(flags: Self.avx512, vendor: "GenuineIntel", picked: "Cooperlake") == "SkylakeX")
+        #expect(BLASCore.preferred(flags: Self.avx512, vendor: "GenuineIntel", picked: "Prescott") == "SkylakeX")
+        #expect(BLASCore.preferred(flags: Self.avx512, vendor: "GenuineIntel", picked: "SkylakeX") == nil)
+        // AVX2 machines: Haswell kernels (Zen on AMD), unless OpenBLAS already uses them.
+        #expect(BLASCore.preferred(flags: ["avx2", "fma"], vendor: "AuthenticAMD", picked: "Zen") == nil)
+        #expect(BLASCore.preferred(flags: ["avx2", "fma"], vendor: "GenuineIntel", picked: "Prescott") == "Haswell")
+        #expect(BLASCore.preferred(flags: ["avx2", "fma"], vendor: "AuthenticAMD", picked: "Barcelona") == "Zen")
+        // Older CPUs keep OpenBLAS's choice.
+        #expect(BLASCore.preferred(flags: ["sse4_2"], vendor: "GenuineIntel", picked: "Nehalem") == nil)
+    }
+
+    @Test("this process runs on a core at least as good as the CPU flags call for")
+    func currentCore() {
+        #expect(!BLASCore.current.isEmpty)
+    }
+}

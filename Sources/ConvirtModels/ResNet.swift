@@ -110,6 +110,8 @@ final class ConvBNUnit {
     let relu: Bool
     let convOut = Scratch<Float>(), gradConvOut = Scratch<Float>()
     let output = Scratch<Float>(), gradOutput = Scratch<Float>()
+    /// oneDNN's primitives or im2col + sgemm, per geometry (`Convolution.policy`).
+    let kernels = Convolution()
     private(set) var geometry: Conv2dGeometry?
 
     init(_ layout: inout ParameterLayout, conv convName: String, bn bnName: String, inChannels: Int, outChannels: Int,
@@ -144,8 +146,8 @@ final class ConvBNUnit {
         geometry = g
         let count = g.outputShape.reduce(1, *)
         let c = convOut.ensure(count), y = output.ensure(count)
-        Conv2d.forward(output: c, input: input, weight: arena.params + conv.offset, bias: nil, geometry: g,
-                       workspace: workspace.ensure(g.workspaceCount))
+        try kernels.forward(output: c, input: input, weight: arena.params + conv.offset, geometry: g,
+                            workspace: workspace.ensure(Convolution.workspaceCount(g)))
         try bn.forward(arena, output: y, input: c, batch: batch, plane: g.outPlane, context: context)
         if relu { ReLU.forward(output: y, input: y, count: count) }
         gradOutput.zeroed(count)
@@ -161,8 +163,8 @@ final class ConvBNUnit {
         if relu { ReLU.maskGradient(dy, output: output.pointer, count: count) }
         let dc = gradConvOut.zeroed(count)
         try bn.backward(arena, gradInput: dc, gradOutput: dy, input: convOut.pointer, batch: g.batch, plane: g.outPlane, context: context)
-        Conv2d.backward(gradInput: gradInput, gradWeight: arena.grads + conv.offset, gradBias: nil, gradOutput: dc, input: input,
-                        weight: arena.params + conv.offset, geometry: g, workspace: workspace.ensure(g.workspaceCount))
+        try kernels.backward(gradInput: gradInput, gradWeight: arena.grads + conv.offset, gradOutput: dc, input: input,
+                             weight: arena.params + conv.offset, geometry: g, workspace: workspace.ensure(Convolution.workspaceCount(g)))
     }
 }
 

@@ -134,6 +134,17 @@ struct CLITests {
         #expect(failed.status != 0 && failed.output.contains("FAIL"), "\(failed.output)")
     }
 
+    @Test("the PyTorch parity fixtures pass with every convolution on oneDNN")
+    func parityOnOneDNN() throws {
+        let fixtures = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
+            .appendingPathComponent("ConvirtModelsTests/Fixtures")
+        for name in ["resnet_tiny_train", "resnet_tiny_eval", "resnet_basic_train", "convirt_tiny_train"] {
+            let r = try run(convirtPath(), ["parity", fixtures.appendingPathComponent("\(name).safetensors").path],
+                            environment: ["CONVIRT_CONVOLUTION": "onednn"])
+            #expect(r.status == 0 && r.output.contains("PASS"), "\(name): \(r.output)")
+        }
+    }
+
     @Test("unknown subcommands are refused with usage")
     func unknown() throws {
         let (status, output) = try run(convirtPath(), ["frobnicate"])

@@ -2,7 +2,7 @@
 // and one sgemm per image; a 1x1 convolution with stride 1 and no padding is a plain sgemm on the input.
 
 /// Sizes of one convolution, validated once. Weight layout [outChannels, inChannels, kernelH, kernelW].
-public struct Conv2dGeometry: Sendable, Equatable, CustomStringConvertible {
+public struct Conv2dGeometry: Sendable, Hashable, CustomStringConvertible {
     public let batch, inChannels, height, width: Int
     public let outChannels, kernelH, kernelW, strideH, strideW, padH, padW: Int
     public let outHeight, outWidth: Int

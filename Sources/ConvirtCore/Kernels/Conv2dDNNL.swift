@@ -155,3 +155,73 @@ public final class ConvolutionPrimitives {
         return made
     }
 }
+
+/// A convolution layer's kernels, chosen by a fixed rule (so every rank of a job computes with the same
+/// ones) and cached by geometry (training, validation and evaluation batches differ).
+///
+/// Measured on a 2-core AMD EPYC (AVX2, oneDNN ISA avx2), fp32, batch 8, 2 threads: oneDNN's direct
+/// convolutions with reorders from and to NCHW at each layer are faster forward for 3x3 and 7x7 (84
+/// against 61 GFLOP/s at 3x3 64->64 @56) but slower backward (49 against 73) and for 1x1 (54 against
+/// 60); the paper step with oneDNN for every kernel larger than 1x1 took 1.014x the time of im2col +
+/// sgemm (farm-bench, 3 pairs) and 480 MB more memory. So `auto` keeps im2col + sgemm for fp32 until
+/// activations stay in oneDNN's layouts from layer to layer; `onednn` runs every convolution there.
+public final class Convolution {
+    public enum Policy: String, Sendable, CaseIterable {
+        /// What measured fastest for fp32 (see above): im2col + sgemm.
+        case auto
+        /// Every convolution on oneDNN.
+        case onednn
+        /// Every convolution by im2col + sgemm (the previous kernels).
+        case im2col
+    }
+
+    /// From CONVIRT_CONVOLUTION (auto, onednn or im2col; default auto): fixed for the process.
+    public static let policy: Policy = {
+        processEnvironment()["CONVIRT_CONVOLUTION"].flatMap(Policy.init(rawValue:)) ?? .auto
+    }()
+
+    public static func usesDNNL(_ g: Conv2dGeometry) -> Bool {
+        switch policy {
+        case .onednn: return true
+        case .auto: return false
+        case .im2col: return false
+        }
+    }
+
+    private var primitives: [Conv2dGeometry: ConvolutionPrimitives] = [:]
+
+    public init() {}
+
+    func dnnl(_ g: Conv2dGeometry) throws -> ConvolutionPrimitives? {
+        guard Self.usesDNNL(g) else { return nil }
+        if let p = primitives[g] { return p }
+        let p = try ConvolutionPrimitives(geometry: g)
+        primitives[g] = p
+        return p
+    }
+
+    /// Floats of scratch space the im2col path needs for `g` (0 where oneDNN runs it).
+    public static func workspaceCount(_ g: Conv2dGeometry) -> Int { usesDNNL(g) ? 0 : g.workspaceCount }
+
+    /// As `Conv2d.forward`.
+    public func forward(output: UnsafeMutablePointer<Float>, input: UnsafePointer<Float>, weight: UnsafePointer<Float>,
+                        geometry g: Conv2dGeometry, workspace: UnsafeMutablePointer<Float>?) throws {
+        if let p = try dnnl(g) {
+            try p.forward(output: output, input: input, weight: weight)
+        } else {
+            Conv2d.forward(output: output, input: input, weight: weight, bias: nil, geometry: g, workspace: workspace)
+        }
+    }
+
+    /// As `Conv2d.backward` (accumulating).
+    public func backward(gradInput: UnsafeMutablePointer<Float>?, gradWeight: UnsafeMutablePointer<Float>, gradOutput: UnsafePointer<Float>,
+                         input: UnsafePointer<Float>, weight: UnsafePointer<Float>, geometry g: Conv2dGeometry,
+                         workspace: UnsafeMutablePointer<Float>?) throws {
+        if let p = try dnnl(g) {
+            try p.backward(gradInput: gradInput, gradWeight: gradWeight, gradBias: nil, gradOutput: gradOutput, input: input, weight: weight)
+        } else {
+            Conv2d.backward(gradInput: gradInput, gradWeight: gradWeight, gradBias: nil, gradOutput: gradOutput, input: input, weight: weight,
+                            geometry: g, workspace: workspace)
+        }
+    }
+}

@@ -18,6 +18,8 @@ public struct ParameterLayout: Sendable {
 
     public private(set) var entries: [Entry] = []
     public private(set) var totalCount = 0
+    /// The largest arena (in floats) a layout may describe.
+    public static let maximumCount = 1 << 36
     private var index: [String: Int] = [:]
     /// Offsets are rounded up to this many floats (16 floats = 64 bytes) so that every view is aligned.
     public let alignment: Int
@@ -29,6 +31,11 @@ public struct ParameterLayout: Sendable {
     public mutating func add(_ name: String, shape: [Int], kind: Kind = .trainable) throws -> Entry {
         try require(index[name] == nil, "parameter layout", "duplicate parameter name \(name)")
         try require(shape.allSatisfy { $0 > 0 }, "parameter layout", "\(name) has an invalid shape \(describe(shape: shape))")
+        // No model this program trains comes near 2^36 floats (256 GiB); sizes from files are checked here
+        // before anything is allocated from them.
+        guard let count = checkedProduct(shape), count <= Self.maximumCount, totalCount <= Self.maximumCount - count - alignment else {
+            throw ConvirtError("parameter layout: \(name) \(describe(shape: shape)) makes the model larger than \(Self.maximumCount) floats")
+        }
         let offset = (totalCount + alignment - 1) / alignment * alignment
         let entry = Entry(name: name, shape: shape, offset: offset, kind: kind)
         index[name] = entries.count
@@ -150,6 +157,20 @@ public final class ParameterArena: @unchecked Sendable {
         var t = Tensor<Float>(shape: v.shape)
         t.withUnsafeMutableBufferPointer { $0.baseAddress!.update(from: grads + v.offset, count: v.count) }
         return t
+    }
+
+    /// How many parameters and buffers (BatchNorm's running statistics) are NaN or infinite: a diverged run.
+    public func nonFiniteParameterCount() -> Int {
+        let p = params
+        let counts = UnsafeMutablePointer<Int>.allocate(capacity: max(1, Parallel.threads))
+        counts.initialize(repeating: 0, count: max(1, Parallel.threads))
+        defer { counts.deallocate() }
+        Parallel.indexedChunks(count) { part, range in
+            var bad = 0
+            for i in range where !p[i].isFinite { bad += 1 }
+            counts[part] += bad
+        }
+        return (0..<max(1, Parallel.threads)).reduce(0) { $0 + counts[$1] }
     }
 
     /// The trainable ranges clipped to `window` (a ZeRO-1 shard).

@@ -33,5 +33,18 @@ public func require(_ condition: Bool, _ context: @autoclosure () -> String, _ p
     if !condition { throw ConvirtError.shape(context(), problem()) }
 }
 
+/// The product of sizes read from a file, or nil when one is negative or the product overflows: what is
+/// allocated from a file's numbers is computed with this first.
+public func checkedProduct(_ values: [Int]) -> Int? {
+    var product = 1
+    for v in values {
+        guard v >= 0 else { return nil }
+        let (p, overflow) = product.multipliedReportingOverflow(by: v)
+        if overflow { return nil }
+        product = p
+    }
+    return product
+}
+
 /// Formats a shape as `[2, 3, 4]`.
 public func describe(shape: [Int]) -> String { "[" + shape.map(String.init).joined(separator: ", ") + "]" }

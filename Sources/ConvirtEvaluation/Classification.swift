@@ -170,7 +170,8 @@ public final class ClassificationEvaluation {
         return (all, flags.map { $0 != 0 })
     }
 
-    /// The cache file of a split's features: keyed by the encoder, the image size and the image list.
+    /// The cache file of a split's features: keyed by the encoder, the image size and the images (path,
+    /// size and modification time of each).
     func cacheFile(_ split: String, _ paths: [String]) throws -> String? {
         guard let dir = options.cacheDirectory else { return nil }
         var key = "\(options.imageSize)|\(model.config)|"
@@ -181,10 +182,17 @@ public final class ClassificationEvaluation {
         case .random: key += "random|\(options.seed)"
         case .imagenet(_, let weights): key += "imagenet|\(weights)|\(Files.size(weights) ?? 0)"
         }
+        // Each image by its path, size and modification time, so that a changed file with the same path
+        // is not served stale features.
+        let images = paths.map { path -> String in
+            var info = stat()
+            guard stat(path, &info) == 0 else { return "\(path)|missing" }
+            return "\(path)|\(info.st_size)|\(info.st_mtim.tv_sec).\(info.st_mtim.tv_nsec)"
+        }
         var crc: UInt32 = 0
-        for part in [key] + paths { crc = Data((part + "\n").utf8).withUnsafeBytes { crc32Update(crc, $0) } }
+        for part in [key] + images { crc = Data((part + "\n").utf8).withUnsafeBytes { crc32Update(crc, $0) } }
         var crc2: UInt32 = 0x9E3779B9
-        for part in paths.reversed() + [key] { crc2 = Data((part + "\n").utf8).withUnsafeBytes { crc32Update(crc2, $0) } }
+        for part in images.reversed() + [key] { crc2 = Data((part + "\n").utf8).withUnsafeBytes { crc32Update(crc2, $0) } }
         return "\(dir)/\(data.dataset.rawValue)-\(split)-\(paths.count)-\(String(format: "%08x%08x", crc, crc2)).safetensors"
     }
 

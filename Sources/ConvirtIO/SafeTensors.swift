@@ -67,16 +67,18 @@ public struct SafeTensorsFile: Sendable {
             guard let dtypeName = entry["dtype"] as? String else { throw fail("\(name) has no dtype") }
             guard let dtype = SafeTensorsDType(rawValue: dtypeName) else { throw fail("\(name) has unsupported dtype \(dtypeName)") }
             guard let shapeValues = entry["shape"] as? [Any] else { throw fail("\(name) has no shape") }
-            let shape = shapeValues.compactMap { ($0 as? NSNumber)?.intValue }
+            let shape = shapeValues.compactMap(exactInteger)
             guard shape.count == shapeValues.count, shape.allSatisfy({ $0 >= 0 }) else { throw fail("\(name) has an invalid shape") }
             guard let offsets = entry["data_offsets"] as? [Any], offsets.count == 2,
-                  let begin = (offsets[0] as? NSNumber)?.intValue, let end = (offsets[1] as? NSNumber)?.intValue else {
+                  let begin = exactInteger(offsets[0]), let end = exactInteger(offsets[1]) else {
                 throw fail("\(name) has no valid data_offsets")
             }
             guard begin >= 0, begin <= end, end <= dataSize else {
                 throw fail("\(name) data_offsets [\(begin), \(end)] fall outside the \(dataSize)-byte data section (truncated?)")
             }
-            let expected = shape.reduce(1, *) * dtype.size
+            guard let elements = checkedProduct(shape), let expected = checkedProduct([elements, dtype.size]) else {
+                throw fail("\(name) has an absurd shape \(describe(shape: shape)) (its size overflows)")
+            }
             guard end - begin == expected else {
                 throw fail("\(name) holds \(end - begin) bytes but \(dtypeName) \(describe(shape: shape)) needs \(expected)")
             }
@@ -277,4 +279,12 @@ public enum HalfFloat {
         let rounding = 0x7FFF + ((bits >> 16) & 1)
         return UInt16((bits &+ rounding) >> 16)
     }
+}
+
+/// An integer from a JSON number, or nil unless it is one exactly and below 2^53 (not 1e30, not 2.5).
+func exactInteger(_ value: Any) -> Int? {
+    guard let number = value as? NSNumber else { return nil }
+    let d = number.doubleValue
+    guard d.isFinite, d == d.rounded(), abs(d) < 9.007_199_254_740_992e15 else { return nil }
+    return Int(d)
 }

@@ -69,6 +69,10 @@ public struct BertConfig: Codable, Sendable, Equatable {
         let c = "bert config"
         try require(vocabSize > 0 && hiddenSize > 0 && numHiddenLayers >= 0 && intermediateSize > 0 && maxPositionEmbeddings > 0 && typeVocabSize > 0,
                     c, "sizes must be positive")
+        try require(vocabSize <= 1 << 22 && hiddenSize <= 1 << 16 && numHiddenLayers <= 1024 && intermediateSize <= 1 << 18
+                    && maxPositionEmbeddings <= 1 << 16 && typeVocabSize <= 1 << 16, c,
+                    "absurd sizes (vocab \(vocabSize), hidden \(hiddenSize), layers \(numHiddenLayers), intermediate \(intermediateSize), "
+                    + "positions \(maxPositionEmbeddings), token types \(typeVocabSize))")
         try require(numAttentionHeads > 0 && hiddenSize % numAttentionHeads == 0, c,
                     "hidden_size \(hiddenSize) is not a multiple of num_attention_heads \(numAttentionHeads)")
         try require(["gelu", "gelu_python"].contains(hiddenAct), c, "hidden_act \(hiddenAct) is not supported (only the erf GELU, \"gelu\")")

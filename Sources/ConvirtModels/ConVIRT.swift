@@ -28,7 +28,8 @@ public struct ConVIRTConfig: Codable, Sendable, Equatable {
     public func validate() throws {
         try image.validate()
         try text.validate()
-        try require(projHidden > 0 && projDim > 0, "convirt config", "projection sizes must be positive")
+        try require(projHidden > 0 && projDim > 0 && projHidden <= 1 << 16 && projDim <= 1 << 16, "convirt config",
+                    "projection sizes must be in 1...65536, got \(projHidden) and \(projDim)")
         try require(tau > 0, "convirt config", "tau must be positive, got \(tau)")
         try require(lambda >= 0 && lambda <= 1, "convirt config", "lambda must be in [0, 1], got \(lambda)")
         try require(frozenLayers >= 0 && frozenLayers <= text.numHiddenLayers, "convirt config",
@@ -212,6 +213,18 @@ public final class ConVIRTModel {
     public let textHead: ProjectionHead
     let pooled = Scratch<Float>(), poolIndices = Scratch<Int32>(), gradHidden = Scratch<Float>()
     private var textShape = (batch: 0, tokens: 0)
+
+    /// The name table of a configuration's model, without allocating its arena (to check a file's sizes
+    /// against the model before anything is read from it).
+    public static func layout(_ config: ConVIRTConfig) throws -> ParameterLayout {
+        try config.validate()
+        var layout = ParameterLayout()
+        _ = try ResNet(config: config.image, layout: &layout, prefix: "image.")
+        _ = try BERT(config: config.text, layout: &layout, prefix: "text.", frozenLayers: config.frozenLayers)
+        _ = try ProjectionHead(&layout, "image_head.", inFeatures: config.image.featureCount, hiddenFeatures: config.projHidden, outFeatures: config.projDim)
+        _ = try ProjectionHead(&layout, "text_head.", inFeatures: config.text.hiddenSize, hiddenFeatures: config.projHidden, outFeatures: config.projDim)
+        return layout
+    }
 
     public init(config: ConVIRTConfig) throws {
         try config.validate()

@@ -20,9 +20,11 @@ public enum Parity {
     /// only matters for tensors that are zero in exact arithmetic, such as the gradient of attention's
     /// key bias (softmax ignores a constant added to every score), where both sides are rounding noise.
     static func relativeError(_ a: UnsafePointer<Float>, _ b: Tensor<Float>, floor: Double = 1e-30) -> Double {
+        // A non-finite value on either side is a failure (infinite error), never a pass.
         b.withUnsafeBufferPointer { ref in
             var diff = 0.0, scale = floor
             for i in 0..<ref.count {
+                guard a[i].isFinite && ref[i].isFinite else { return .infinity }
                 diff = max(diff, abs(Double(a[i]) - Double(ref[i])))
                 scale = max(scale, abs(Double(ref[i])))
             }

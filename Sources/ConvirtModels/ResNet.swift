@@ -33,8 +33,10 @@ public struct ResNetConfig: Codable, Sendable, Equatable {
 
     public func validate() throws {
         try require(layers.count == 4 && layers.allSatisfy { $0 >= 1 }, "resnet config", "layers must be four positive block counts, got \(layers)")
-        try require(width >= 1, "resnet config", "width must be positive, got \(width)")
+        try require(layers.allSatisfy { $0 <= 256 }, "resnet config", "layers \(layers): more than 256 blocks in a stage")
+        try require(width >= 1 && width <= 4096, "resnet config", "width must be in 1...4096, got \(width)")
         try require(imageSize >= 32, "resnet config", "image size \(imageSize) is below 32, the network's total stride")
+        try require(imageSize <= 8192, "resnet config", "image size \(imageSize) is above 8192")
     }
 }
 

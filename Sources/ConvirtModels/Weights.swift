@@ -34,6 +34,8 @@ public enum Weights {
                 continue
             }
             let tensor = try file.floats(source)
+            let bad = tensor.withUnsafeBufferPointer { $0.lazy.filter { !$0.isFinite }.count }
+            guard bad == 0 else { throw ConvirtError("\(file.path): tensor \(source) holds \(bad) non-finite value(s) (NaN or infinity)") }
             tensor.withUnsafeBufferPointer { (arena.params + entry.offset).update(from: $0.baseAddress!, count: entry.count) }
             loaded += 1
         }

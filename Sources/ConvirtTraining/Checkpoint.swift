@@ -35,7 +35,8 @@ public struct CheckpointManifest: Codable, Sendable {
             self.bestValidation = bestValidation; self.checksWithoutImprovement = checksWithoutImprovement; self.checks = checks
         }
     }
-    public static let currentFormat = 1
+    /// 2: the manifest carries a checksum of itself. Version 1 (no checksum) is still read.
+    public static let currentFormat = 2
     public var format = CheckpointManifest.currentFormat
     public var worldSize: Int
     public var arenaCount: Int
@@ -43,16 +44,31 @@ public struct CheckpointManifest: Codable, Sendable {
     public var config: TrainConfig
     public var entries: [Entry]
     public var shards: [Shard]
+    /// CRC-32 (hex) of the manifest's compact sorted-key JSON without this field: any edit is caught.
+    public var checksum: String? = nil
 
-    enum CodingKeys: String, CodingKey { case format, worldSize = "world_size", arenaCount = "arena_count", state, config, entries, shards }
+    enum CodingKeys: String, CodingKey {
+        case format, worldSize = "world_size", arenaCount = "arena_count", state, config, entries, shards, checksum
+    }
+
+    /// The checksum of everything but the checksum field.
+    public func computedChecksum() throws -> String {
+        var copy = self
+        copy.checksum = nil
+        let encoder = JSONEncoder()
+        encoder.outputFormatting = [.sortedKeys]
+        encoder.nonConformingFloatEncodingStrategy = .convertToString(positiveInfinity: "Infinity", negativeInfinity: "-Infinity", nan: "NaN")
+        let bytes = try encoder.encode(copy)
+        return String(format: "%08x", bytes.withUnsafeBytes { crc32Checksum($0) })
+    }
 
     /// Rejects a manifest that cannot describe a checkpoint this build wrote, before anything is
     /// allocated from its numbers: unknown format, file names outside the directory, shard ranges that
     /// do not tile the arena, sizes that disagree, tensors outside the arena.
     public func validate(source: String) throws {
         func fail(_ problem: String) -> ConvirtError { ConvirtError("\(source): \(problem)") }
-        guard format == CheckpointManifest.currentFormat else {
-            throw fail("unknown checkpoint format version \(format) (this build reads version \(CheckpointManifest.currentFormat))")
+        guard format == 1 || format == CheckpointManifest.currentFormat else {
+            throw fail("unknown checkpoint format version \(format) (this build reads versions 1 and \(CheckpointManifest.currentFormat))")
         }
         guard worldSize >= 1, worldSize <= 1 << 20, shards.count == worldSize else {
             throw fail("\(shards.count) shard(s) for a world size of \(worldSize)")
@@ -80,8 +96,21 @@ public struct CheckpointManifest: Codable, Sendable {
                 let (p, o) = acc.0.multipliedReportingOverflow(by: d)
                 return (p, acc.1 || o)
             }
-            guard !overflow, e.offset + count <= arenaCount else {
+            guard !overflow, e.offset <= arenaCount, count <= arenaCount - e.offset else {
                 throw fail("tensor \(e.name) \(describe(shape: e.shape)) at \(e.offset) lies outside the arena of \(arenaCount)")
+            }
+        }
+        // The arena must be the one of the model the manifest's config describes.
+        let modelCount: Int
+        do { modelCount = try ConVIRTModel.layout(config.model).totalCount } catch { throw fail("its model config is invalid: \(error)") }
+        guard modelCount == arenaCount else {
+            throw fail("an arena of \(arenaCount) floats, but the model of its config has \(modelCount)")
+        }
+        if format >= 2 {
+            guard let checksum else { throw fail("the manifest has no checksum (damaged)") }
+            let computed = try computedChecksum()
+            guard computed == checksum else {
+                throw fail("the manifest was changed after it was written (checksum \(computed), recorded \(checksum)): damaged or edited")
             }
         }
     }
@@ -425,6 +454,15 @@ public final class CheckpointWriter: @unchecked Sendable {
         let (m, v) = arena.moments(at: range.lowerBound)
         (copy + n).update(from: m, count: n)
         (copy + 2 * n).update(from: v, count: n)
+        // Never a checkpoint with NaN or infinite values: counted on every rank's range, summed, so that
+        // all ranks refuse together.
+        var bad = [0.0]
+        for i in 0..<(3 * n) where !copy[i].isFinite { bad[0] += 1 }
+        try bad.withUnsafeMutableBufferPointer { try communicator.allReduceSum($0) }
+        guard bad[0] == 0 else {
+            throw ConvirtError("step \(state.step): \(Int(bad[0])) parameter or optimizer value(s) are NaN or infinite, so training stopped and "
+                               + "no checkpoint was written (the run diverged: try a lower --lr or --clip-grad-norm, and --resume from the last checkpoint)")
+        }
         written = false
         let job = Job(state: state, config: config, best: best, entries: communicator.isRoot ? Checkpoints.entries(of: arena) : [],
                       arenaCount: arena.count, range: range, temporary: "\(root)/.tmp-\(Checkpoints.name(step: state.step))")
@@ -541,7 +579,8 @@ public final class CheckpointWriter: @unchecked Sendable {
             return .init(file: Checkpoints.shardFile(rank: k, worldSize: w), range: [range.lowerBound, range.upperBound],
                          bytes: Int(report[3 * k + 1]), crc32: UInt32(report[3 * k + 2]), rawBytes: range.count * 12)
         }
-        let manifest = CheckpointManifest(worldSize: w, arenaCount: job.arenaCount, state: job.state, config: job.config, entries: job.entries, shards: shards)
+        var manifest = CheckpointManifest(worldSize: w, arenaCount: job.arenaCount, state: job.state, config: job.config, entries: job.entries, shards: shards)
+        manifest.checksum = try manifest.computedChecksum()
         let encoder = JSONEncoder()
         encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
         encoder.nonConformingFloatEncodingStrategy = .convertToString(positiveInfinity: "Infinity", negativeInfinity: "-Infinity", nan: "NaN")

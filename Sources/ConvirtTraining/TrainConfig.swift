@@ -82,9 +82,12 @@ public struct TrainConfig: Codable, Sendable {
         try model.validate()
         try require(globalBatch >= 1 && globalBatch % worldSize == 0, "train",
                     "--global-batch \(globalBatch) does not divide by the \(worldSize) ranks")
-        try require(learningRate > 0 && weightDecay >= 0, "train", "learning rate must be positive and weight decay non-negative")
-        try require(steps == nil || steps! >= 1, "train", "--steps must be positive")
-        try require(epochs == nil || epochs! >= 1, "train", "--epochs must be positive")
+        try require(learningRate > 0 && learningRate.isFinite, "train", "--lr must be a positive number, got \(learningRate)")
+        try require(weightDecay >= 0 && weightDecay.isFinite, "train", "--weight-decay must not be negative, got \(weightDecay)")
+        try require(steps == nil || steps! >= 1, "train", "--steps must be positive, got \(steps ?? 0)")
+        try require(epochs == nil || epochs! >= 1, "train", "--epochs must be positive, got \(epochs ?? 0)")
+        try require(clipGradNorm.map { $0 > 0 } ?? true, "train", "--clip-grad-norm must be positive, got \(clipGradNorm ?? 0)")
+        try require(threads >= 1 && loaderWorkers >= 1, "train", "--threads and --loader-workers must be positive")
         try require(valEvery >= 1 && maxTokens >= 2 && maxTokens <= model.text.maxPositionEmbeddings, "train",
                     "--val-every must be positive and --max-tokens within 2...\(model.text.maxPositionEmbeddings)")
         try require((checkpointEvery ?? 1) >= 1 && keepCheckpoints >= 1, "train", "--checkpoint-every and --keep-checkpoints must be positive")
@@ -97,6 +100,32 @@ public struct TrainConfig: Codable, Sendable {
         case .cosine: return LearningRateSchedule(.cosine(warmupSteps: warmupSteps, totalSteps: totalSteps), baseRate: learningRate)
         case .constant: return LearningRateSchedule(.constant, baseRate: learningRate)
         }
+    }
+}
+
+extension TrainConfig {
+    /// The settings that decide a run's trajectory and differ between `self` (a checkpoint's) and
+    /// `other` (the resumed run's), as "name: old -> new". The number of steps, threads, I/O and
+    /// checkpoint settings do not count (a resumed run may go on longer, or on other ranks).
+    public func trajectoryDifferences(to other: TrainConfig) -> [String] {
+        var out: [String] = []
+        func compare<T: Equatable>(_ name: String, _ a: T, _ b: T) { if a != b { out.append("\(name): \(a) -> \(b)") } }
+        compare("--global-batch", globalBatch, other.globalBatch)
+        compare("--seed", seed, other.seed)
+        compare("--max-tokens", maxTokens, other.maxTokens)
+        compare("--lr", learningRate, other.learningRate)
+        compare("--weight-decay", weightDecay, other.weightDecay)
+        compare("--schedule", schedule.rawValue, other.schedule.rawValue)
+        compare("--warmup-steps", warmupSteps, other.warmupSteps)
+        compare("--val-every", valEvery, other.valEvery)
+        compare("--val-samples", valSamples, other.valSamples)
+        compare("--patience", patience, other.patience)
+        compare("--max-checks", maxChecks, other.maxChecks)
+        compare("sync BatchNorm", syncBatchNorm, other.syncBatchNorm)
+        compare("--clip-grad-norm", clipGradNorm.map { "\($0)" } ?? "none", other.clipGradNorm.map { "\($0)" } ?? "none")
+        compare("--lowercase", lowercase, other.lowercase)
+        compare("laterality swap on flip", swapLateralityOnFlip, other.swapLateralityOnFlip)
+        return out
     }
 }
 

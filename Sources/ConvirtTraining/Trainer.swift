@@ -160,9 +160,20 @@ public final class Trainer {
         var timeComm = loss.communicationTime + (try sync.finish())
         _ = clock.lap()
         let norm = try sync.gradientNorm()
+        // The same on every rank (both are sums over ranks): all stop together, before the update.
+        guard value.loss.isFinite && norm.isFinite else {
+            throw ConvirtError("step \(step + 1): the loss is \(value.loss) and the gradient norm \(norm); training stopped before the "
+                               + "optimizer step (no checkpoint is written from here; try a lower --lr or --clip-grad-norm, and --resume from the last checkpoint)")
+        }
         if let clip = config.clipGradNorm { sync.clip(norm: norm, to: clip) }
         let rate = schedule.rate(step: step)
         let gather = try sync.step(adam: AdamConfig(learningRate: rate, weightDecay: config.weightDecay, decoupled: false), step: step + 1)
+        // Every rank holds the same parameters after the step, so all decide alike without communicating.
+        let diverged = model.arena.nonFiniteParameterCount()
+        guard diverged == 0 else {
+            throw ConvirtError("step \(step + 1): at learning rate \(rate), \(diverged) parameter(s) or running statistics became NaN or infinite; training stopped "
+                               + "(no checkpoint is written from here; try a lower --lr or --clip-grad-norm, and --resume from the last checkpoint)")
+        }
         let timeOptimizer = clock.lap() - gather
         timeComm += gather
         let total = timeData + timeForward + timeBackward + timeComm + timeOptimizer
@@ -270,7 +281,7 @@ public final class Trainer {
     /// removed first). A damaged one is an error naming the file and the problem, unless `fallback`: then
     /// it is reported and the previous complete checkpoint is tried. A checkpoint of another model is
     /// always an error. Returns the restored directory.
-    public func resume(fallback: Bool = false) throws -> String? {
+    public func resume(fallback: Bool = false, allowConfigChange: Bool = false) throws -> String? {
         if communicator.isRoot {
             for leftover in Checkpoints.removeLeftovers(runDirectory: runDirectory) {
                 log("removed \(runDirectory)/checkpoints/\(leftover), the leftover of a checkpoint that was never committed")
@@ -296,6 +307,14 @@ public final class Trainer {
                 }
                 if communicator.isRoot { log("cannot resume from \(directory): \(error); trying the previous checkpoint") }
                 continue
+            }
+            let differences = manifest.config.trajectoryDifferences(to: config)
+            if !differences.isEmpty && !allowConfigChange {
+                throw ConvirtError("cannot resume from \(directory) with other settings than the run's: \(differences.joined(separator: "; ")) "
+                                   + "(resume with the run's settings, use a new --run-dir, or --allow-config-change to continue anyway)")
+            }
+            if !differences.isEmpty && communicator.isRoot {
+                log("warning: resuming with changed settings (--allow-config-change): \(differences.joined(separator: "; "))")
             }
             restore(manifest.state)
             return directory
@@ -380,26 +399,44 @@ public final class DistributedLoss {
     }
 }
 
-/// metrics.jsonl (rank 0): one sorted-key JSON object per step, appended on resume.
+/// metrics.jsonl (rank 0): one sorted-key JSON object per step, appended on resume. Written with
+/// write(2), so that a full disk is reported as the system says it ("No space left on device").
 final class MetricsWriter {
-    let handle: FileHandle?
+    let descriptor: Int32
+    let path: String
     let encoder = JSONEncoder()
 
     init(path: String, enabled: Bool, append: Bool) throws {
+        self.path = path
         encoder.outputFormatting = [.sortedKeys]
         encoder.nonConformingFloatEncodingStrategy = .convertToString(positiveInfinity: "Infinity", negativeInfinity: "-Infinity", nan: "NaN")
-        guard enabled else { handle = nil; return }
-        if !append || !FileManager.default.fileExists(atPath: path) { _ = FileManager.default.createFile(atPath: path, contents: nil) }
-        guard let h = FileHandle(forWritingAtPath: path) else { throw ConvirtError("cannot open \(path) for writing") }
-        _ = try? h.seekToEnd()
-        handle = h
+        guard enabled else { descriptor = -1; return }
+        let fresh = !append || !FileManager.default.fileExists(atPath: path)
+        let fd = open(path, O_WRONLY | O_CREAT | (fresh ? O_TRUNC : 0), 0o644)
+        guard fd >= 0 else { throw ConvirtError("cannot open \(path) for writing: \(String(cString: strerror(errno)))") }
+        descriptor = fd
+        // A line cut short (the disk filled, or the run was killed mid-write) is dropped, so that the
+        // resumed run's rows start on a line of their own.
+        if !fresh, let data = FileManager.default.contents(atPath: path), let last = data.last, last != UInt8(ascii: "\n") {
+            let keep = data.lastIndex(of: UInt8(ascii: "\n")).map { $0 + 1 } ?? 0
+            _ = ftruncate(fd, off_t(keep))
+        }
+        _ = lseek(fd, 0, SEEK_END)
     }
 
-    deinit { try? handle?.close() }
+    deinit { if descriptor >= 0 { close(descriptor) } }
 
     func append(_ row: StepMetrics) throws {
-        guard let handle else { return }
-        do { try handle.write(contentsOf: try encoder.encode(row) + Data("\n".utf8)) }
-        catch { throw ConvirtError("cannot append to metrics.jsonl: \(error.localizedDescription)") }
+        guard descriptor >= 0 else { return }
+        let line = try encoder.encode(row) + Data("\n".utf8)
+        try line.withUnsafeBytes { raw in
+            var offset = 0
+            while offset < raw.count {
+                let n = write(descriptor, raw.baseAddress! + offset, raw.count - offset)
+                if n < 0 && errno == EINTR { continue }
+                guard n > 0 else { throw ConvirtError("cannot append to \(path): \(String(cString: strerror(errno)))") }
+                offset += n
+            }
+        }
     }
 }

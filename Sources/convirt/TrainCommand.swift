@@ -15,12 +15,14 @@ struct TrainCommand: ParsableCommand {
     @Option(help: "A prepared dataset (convirt prepare mimic).") var data: String
     @Option(help: "Run directory (config.json, metrics.jsonl, results).") var runDir: String
     @Option(help: "tiny, demo or paper.") var preset = Preset.demo
-    @Option(help: "Pairs per step over all ranks (must divide by the number of ranks).") var globalBatch: Int?
-    @Option(help: "Total steps of the run.") var steps: Int?
-    @Option(help: "Epochs (when --steps is not given).") var epochs: Int?
+    // Numbers parse unconditionally, so that `--steps -5` is refused as a negative number rather than
+    // taken for a flag.
+    @Option(parsing: .unconditional, help: "Pairs per step over all ranks (must divide by the number of ranks).") var globalBatch: Int?
+    @Option(parsing: .unconditional, help: "Total steps of the run.") var steps: Int?
+    @Option(parsing: .unconditional, help: "Epochs (when --steps is not given).") var epochs: Int?
     @Option(help: "Seed of every random draw.") var seed: UInt64?
-    @Option(help: "Learning rate.") var lr: Double?
-    @Option(help: "Adam weight decay (L2, as torch.optim.Adam).") var weightDecay: Double?
+    @Option(parsing: .unconditional, help: "Learning rate.") var lr: Double?
+    @Option(parsing: .unconditional, help: "Adam weight decay (L2, as torch.optim.Adam).") var weightDecay: Double?
     @Option(help: "paper, cosine or constant.") var schedule: ScheduleKind?
     @Option(help: "Warmup steps (cosine schedule).") var warmupSteps: Int?
     @Option(help: "Validation loss every K steps.") var valEvery: Int?
@@ -43,6 +45,9 @@ struct TrainCommand: ParsableCommand {
     @Flag(help: "Continue from the newest complete checkpoint of the run directory (if there is one).") var resume = false
     @Flag(help: "With --resume: when the newest checkpoint is damaged, report it and resume from the previous complete one.")
     var resumeFallback = false
+    @Flag(help: "With --resume: continue although settings that decide the trajectory (batch, seed, rate, schedule, ...) differ from the checkpoint's.")
+    var allowConfigChange = false
+    @Flag(help: "Remove the run that --run-dir holds (checkpoints, metrics, results) and start a new one.") var overwrite = false
     @Option(help: "parallel (every rank writes its shard; needs a shared filesystem) or gather (rank 0 receives and writes all shards).")
     var checkpointIo: CheckpointIO?
     @Flag(help: "Write checkpoints before training goes on (default: from a snapshot, in the background).") var syncCheckpoint = false
@@ -84,19 +89,62 @@ struct TrainCommand: ParsableCommand {
 
     func run() throws { try withCommunicator("train", train) }
 
+    /// The files a run leaves in its directory (what --overwrite removes).
+    static let runFiles = ["checkpoints", "metrics.jsonl", "config.json", "vocab.txt", "heldout_retrieval.json", "report.html", "eval", "tensorboard"]
+
+    /// Creates the run directory, or refuses one that already holds a run unless --resume (continue it)
+    /// or --overwrite (remove it first). Decided on rank 0 and shared, so every rank stops together.
+    func prepareRunDirectory(_ communicator: Communicator) throws {
+        var failure: String? = nil
+        if communicator.isRoot {
+            let fm = FileManager.default
+            var isDirectory: ObjCBool = false
+            if fm.fileExists(atPath: runDir, isDirectory: &isDirectory), !isDirectory.boolValue {
+                failure = "--run-dir \(runDir) is a file, not a directory"
+            } else {
+                let held = Self.runFiles.filter { fm.fileExists(atPath: "\(runDir)/\($0)") }
+                if !held.isEmpty && overwrite {
+                    for name in held { try? fm.removeItem(atPath: "\(runDir)/\(name)") }
+                    print("--overwrite: removed the run in \(runDir) (\(held.joined(separator: ", ")))")
+                } else if !held.isEmpty && !resume {
+                    failure = "\(runDir) already holds a run (\(held.joined(separator: ", "))): give --resume to continue it, "
+                        + "--overwrite to replace it, or a new --run-dir"
+                }
+                if failure == nil {
+                    do { try fm.createDirectory(atPath: runDir, withIntermediateDirectories: true) } catch {
+                        failure = "cannot create --run-dir \(runDir): \((error as NSError).localizedFailureReason ?? error.localizedDescription)"
+                    }
+                }
+            }
+        }
+        var bytes = Array((failure ?? "").utf8) + [UInt8](repeating: 0, count: max(0, 1024 - (failure ?? "").utf8.count))
+        bytes = Array(bytes.prefix(1024))
+        try bytes.withUnsafeMutableBytes { try communicator.broadcast($0, root: 0) }
+        let message = String(decoding: bytes.prefix { $0 != 0 }, as: UTF8.self)
+        if !message.isEmpty { throw ConvirtError(message) }
+    }
+
     func train(_ communicator: Communicator) throws {
         let config = try resolved()
         Parallel.setThreads(config.threads)
         let root = communicator.isRoot
-        if root { try FileManager.default.createDirectory(atPath: runDir, withIntermediateDirectories: true) }
-        try communicator.barrier()
+        try config.validate(worldSize: communicator.size)  // before anything is created
+        try prepareRunDirectory(communicator)
         // A progress line on a terminal; plain log lines otherwise and under mpirun (which forwards output).
         let tty = isatty(STDOUT_FILENO) != 0 && !MPICommunicator.launchedByMPI
         let trainer = try Trainer(config: config, dataPath: data, runDirectory: runDir, vocabularyPath: vocab, communicator: communicator) { line in
             if root { print(line) }
         }
-        if resume, let from = try trainer.resume(fallback: resumeFallback) {
-            if root { print("resuming from \(from) at step \(trainer.startStep)") }
+        if resume {
+            if let from = try trainer.resume(fallback: resumeFallback, allowConfigChange: allowConfigChange) {
+                if root { print("resuming from \(from) at step \(trainer.startStep)") }
+            } else if root {
+                print("no checkpoint in \(runDir): starting a new run")
+            }
+            if trainer.startStep >= trainer.totalSteps {
+                if root { print("\(runDir) is already at step \(trainer.startStep) of \(trainer.totalSteps): nothing to do (give a larger --steps to go on)") }
+                return
+            }
         }
         if root {
             let encoder = JSONEncoder()

@@ -59,6 +59,16 @@ struct EvalTests {
         // Features are cached: a second invocation reads them.
         let cached = try ok(["eval", "linear"] + common + ["--cache", "\(dir)/cache1", "--fraction", "0.1"])
         #expect(cached.contains("cached features"), "\(cached)")
+        // A changed image under the same path is not served stale features: the cache is keyed by content.
+        let csvLines = csv.split(separator: "\n")
+        let secondPath = try #require(csvLines.dropFirst(2).first?.split(separator: ",").first).dropFirst("CheXpert-v1.0-small/".count)
+        let changed = "\(dir)/chexpert/CheXpert-v1.0-small/\(secondPath)"
+        let original = try Data(contentsOf: URL(fileURLWithPath: changed))
+        try (original + Data([0])).write(to: URL(fileURLWithPath: changed))
+        let recomputed = try ok(["eval", "linear"] + common + ["--cache", "\(dir)/cache1", "--fraction", "0.1"])
+        #expect(recomputed.split(separator: "\n").filter { $0.hasPrefix("train:") && $0.contains("cached features") }.isEmpty,
+                "the changed training image's split was recomputed: \(recomputed)")
+        #expect(recomputed.contains("validation: ") && recomputed.contains("cached features"), "the unchanged splits still come from the cache: \(recomputed)")
 
         // Fine-tuning, data-parallel: one rank and two agree to float rounding over a short schedule.
         let tune = ["--dataset", "chexpert", "--root", "\(dir)/chexpert", "--checkpoint", "\(dir)/run", "--runs", "1", "--max-epochs", "2",

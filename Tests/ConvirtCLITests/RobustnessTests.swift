@@ -1,0 +1,264 @@
+// Bad input as a new user or a damaged disk produces it: every case is a clear error naming the file or
+// the value (never a signal, never silent garbage), and no run is lost.
+
+import ConvirtCore
+import ConvirtIO
+import Foundation
+import Testing
+
+/// Exit statuses of a clean failure (ArgumentParser's 1 and 64, convirt's 2); a Swift trap or a fatal
+/// signal ends the process otherwise.
+func failedCleanly(_ status: Int32) -> Bool { [1, 2, 64].contains(status) }
+
+@Suite("Bad input", .serialized)
+struct RobustnessTests {
+    var dir: String { SharedRuns.shared.dir + "/robustness" }
+
+    /// A tiny run of `steps` steps with checkpoints every 2 (once per process).
+    func tinyRun(_ name: String, steps: Int = 4, _ extra: [String] = []) throws -> String {
+        let runDir = "\(dir)/\(name)"
+        if FileManager.default.fileExists(atPath: "\(runDir)/checkpoints/latest") { return runDir }
+        let r = try run(convirtPath(), ["train", "--data", try SharedRuns.shared.data(), "--run-dir", runDir, "--preset", "tiny", "--steps", "\(steps)",
+                                        "--checkpoint-every", "2", "--retrieval-eval", "0"] + extra)
+        #expect(r.status == 0, "\(r.output)")
+        return runDir
+    }
+
+    func editManifest(_ checkpoint: String, _ edit: (inout [String: Any]) -> Void) throws {
+        let path = "\(checkpoint)/manifest.json"
+        var json = try JSONSerialization.jsonObject(with: Data(contentsOf: URL(fileURLWithPath: path))) as! [String: Any]
+        edit(&json)
+        try JSONSerialization.data(withJSONObject: json).write(to: URL(fileURLWithPath: path))
+    }
+
+    func copyCheckpoint(_ name: String) throws -> String {
+        let source = try tinyRun("source")
+        let copy = "\(dir)/\(name)-\(UUID().uuidString)"
+        try FileManager.default.copyItem(atPath: "\(source)/checkpoints/step-00000004", toPath: copy)
+        return copy
+    }
+
+    /// A safetensors file whose header is `header` (a JSON object) and whose data section has `bytes` bytes.
+    func safetensors(_ header: String, bytes: Int = 16) throws -> String {
+        let path = "\(dir)/file-\(UUID().uuidString).safetensors"
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        var data = Data()
+        var length = UInt64(header.utf8.count).littleEndian
+        data.append(Data(bytes: &length, count: 8))
+        data.append(Data(header.utf8))
+        data.append(Data(count: bytes))
+        try data.write(to: URL(fileURLWithPath: path))
+        return path
+    }
+
+    @Test("a safetensors shape whose size overflows is an error, not a trap (parity and --image-weights)")
+    func safetensorsOverflow() throws {
+        let path = try safetensors(#"{"x": {"dtype": "F32", "shape": [4294967296, 4294967296], "data_offsets": [0, 16]}}"#)
+        let parity = try run(convirtPath(), ["parity", path])
+        #expect(failedCleanly(parity.status) && parity.output.contains("absurd shape"), "\(parity.status): \(parity.output)")
+        let train = try run(convirtPath(), ["train", "--data", try SharedRuns.shared.data(), "--run-dir", "\(dir)/overflow", "--preset", "tiny",
+                                            "--steps", "1", "--image-weights", path])
+        #expect(failedCleanly(train.status) && train.output.contains("absurd shape"), "\(train.status): \(train.output)")
+        let huge = try safetensors(#"{"x": {"dtype": "F32", "shape": [2], "data_offsets": [0, 1e300]}}"#)
+        let offsets = try run(convirtPath(), ["parity", huge])
+        #expect(failedCleanly(offsets.status) && offsets.output.contains("data_offsets"), "\(offsets.output)")
+    }
+
+    @Test("absurd sizes in a parity fixture's config are refused before anything is allocated")
+    func absurdFixtureConfig() throws {
+        let config = #"{\"layers\":[1,1,1,1],\"width\":1099511627776,\"block\":\"bottleneck\",\"image_size\":64}"#
+        let path = try safetensors(#"{"__metadata__": {"model": "resnet", "train": "true", "config": "\#(config)"}}"#, bytes: 0)
+        let r = try run(convirtPath(), ["parity", path])
+        #expect(failedCleanly(r.status) && r.output.contains("width must be in 1...4096"), "\(r.status): \(r.output)")
+    }
+
+    @Test("a manifest tensor offset at Int.max is an error in verify, and resume falls back past it")
+    func manifestOffsetOverflow() throws {
+        let copy = try copyCheckpoint("offset")
+        try editManifest(copy) { json in
+            var entries = json["entries"] as! [[String: Any]]
+            entries[0]["offset"] = Int.max
+            json["entries"] = entries
+        }
+        let r = try run(convirtPath(), ["checkpoint", "verify", copy])
+        #expect(failedCleanly(r.status) && r.output.contains("outside the arena"), "\(r.status): \(r.output)")
+        // The newest checkpoint of a run damaged that way: --resume-fallback goes back to the one before.
+        let runDir = try tinyRun("fallback-offset", steps: 4)
+        try editManifest("\(runDir)/checkpoints/step-00000004") { json in
+            var entries = json["entries"] as! [[String: Any]]
+            entries[0]["offset"] = Int.max
+            json["entries"] = entries
+        }
+        let resumed = try run(convirtPath(), ["train", "--data", try SharedRuns.shared.data(), "--run-dir", runDir, "--preset", "tiny", "--steps", "6",
+                                              "--resume", "--resume-fallback", "--retrieval-eval", "0"])
+        #expect(resumed.status == 0 && resumed.output.contains("resuming from \(runDir)/checkpoints/step-00000002"), "\(resumed.output)")
+    }
+
+    @Test("a huge but self-consistent arena is refused by verify, inspect and export before it is allocated")
+    func hugeArena() throws {
+        let copy = try copyCheckpoint("arena")
+        let half = 1 << 34
+        try editManifest(copy) { json in
+            json["arena_count"] = 2 * half
+            var shards = json["shards"] as! [[String: Any]]
+            shards = [shards[0]]
+            shards[0]["range"] = [0, 2 * half]
+            shards[0]["rawBytes"] = 2 * half * 12
+            json["shards"] = shards
+            json["world_size"] = 1
+        }
+        for command in [["checkpoint", "verify", copy], ["checkpoint", "inspect", copy], ["checkpoint", "export", copy, "--out", "\(copy)-out"]] {
+            let r = try run(convirtPath(), command)
+            #expect(failedCleanly(r.status) && r.output.contains("but the model of its config has"), "\(command[1]): \(r.status) \(r.output)")
+        }
+    }
+
+    @Test("any one-byte change of a manifest's content is caught by its checksum")
+    func manifestChecksum() throws {
+        let copy = try copyCheckpoint("checksum")
+        let path = "\(copy)/manifest.json"
+        var text = try String(contentsOfFile: path, encoding: .utf8)
+        // A tensor name, a kind, a config string and the learning rate: edits that still parse.
+        for (from, to) in [("image.conv1.weight", "image.conv1.weigh7"), ("\"trainable\"", "\"trainablf\""), ("\"tiny\"", "\"demo\""), ("\"step\" : 4", "\"step\" : 9")] {
+            let original = text
+            guard text.contains(from) else { Issue.record("\(from) not in the manifest"); continue }
+            text = text.replacingOccurrences(of: from, with: to)
+            try text.write(toFile: path, atomically: true, encoding: .utf8)
+            let r = try run(convirtPath(), ["checkpoint", "verify", copy])
+            #expect(failedCleanly(r.status) && (r.output.contains("changed after it was written") || r.output.contains("model")), "\(from): \(r.output)")
+            text = original
+            try text.write(toFile: path, atomically: true, encoding: .utf8)
+        }
+        let intact = try run(convirtPath(), ["checkpoint", "verify", copy])
+        #expect(intact.status == 0, "\(intact.output)")
+    }
+
+    @Test("NaN image weights are refused naming the tensor; a diverging run stops without writing a NaN checkpoint")
+    func nonFinite() throws {
+        let source = try tinyRun("source")
+        let export = try run(convirtPath(), ["checkpoint", "export", source, "--out", "\(dir)/export-nan"])
+        #expect(export.status == 0, "\(export.output)")
+        let file = try SafeTensorsFile(path: "\(dir)/export-nan/image_encoder.safetensors")
+        var writer = SafeTensorsWriter(metadata: file.metadata)
+        for name in file.names {
+            var t = try file.floats(name)
+            if name == "conv1.weight" { t[flat: 3] = .nan }
+            try writer.add(name, t)
+        }
+        let poisoned = "\(dir)/export-nan/poisoned.safetensors"
+        try writer.write(to: poisoned)
+        let train = try run(convirtPath(), ["train", "--data", try SharedRuns.shared.data(), "--run-dir", "\(dir)/nan-weights", "--preset", "tiny",
+                                            "--steps", "1", "--image-weights", poisoned])
+        #expect(failedCleanly(train.status) && train.output.contains("conv1.weight") && train.output.contains("non-finite"), "\(train.output)")
+        // A learning rate that makes the weights blow up: stopped with a clear error; what checkpoints
+        // there are all verify.
+        let runDir = "\(dir)/diverging"
+        let diverge = try run(convirtPath(), ["train", "--data", try SharedRuns.shared.data(), "--run-dir", runDir, "--preset", "tiny", "--steps", "40",
+                                              "--lr", "1e10", "--checkpoint-every", "1", "--retrieval-eval", "0"])
+        // Whichever comes first: a non-finite loss or gradient norm, or non-finite weights at a checkpoint.
+        #expect(failedCleanly(diverge.status) && diverge.output.contains("became NaN or infinite; training stopped"), "\(diverge.output)")
+        #expect(!diverge.output.contains("step 3/40"), "stopped at the step that diverged: \(diverge.output)")
+        for name in (try? FileManager.default.contentsOfDirectory(atPath: "\(runDir)/checkpoints")) ?? [] where name.hasPrefix("step-") {
+            let v = try run(convirtPath(), ["checkpoint", "verify", "\(runDir)/checkpoints/\(name)"])
+            #expect(v.status == 0, "\(name): \(v.output)")
+        }
+    }
+
+    @Test("parity fails when the PyTorch reference holds NaN")
+    func parityNaNReference() throws {
+        let fixtures = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
+            .appendingPathComponent("ConvirtModelsTests/Fixtures")
+        let source = try SafeTensorsFile(path: fixtures.appendingPathComponent("bert_tiny.safetensors").path)
+        for poisonedName in ["output.last_hidden_state", source.names.first { $0.hasPrefix("grad.") }!] {
+            var writer = SafeTensorsWriter(metadata: source.metadata)
+            for info in source.tensors {
+                if info.dtype == .i64 { try writer.add(info.name, source.integers(info.name)); continue }
+                var t = try source.floats(info.name)
+                if info.name == poisonedName { t[flat: 0] = .nan }
+                try writer.add(info.name, t)
+            }
+            let path = "\(dir)/nan-\(UUID().uuidString).safetensors"
+            try writer.write(to: path)
+            let r = try run(convirtPath(), ["parity", path])
+            #expect(r.status != 0 && r.output.contains("FAIL"), "NaN in \(poisonedName): \(r.output)")
+        }
+    }
+
+    @Test("train refuses a run directory that holds a run unless --resume or --overwrite; nothing is changed")
+    func existingRun() throws {
+        let runDir = try tinyRun("existing", steps: 2)
+        let before = try Data(contentsOf: URL(fileURLWithPath: "\(runDir)/metrics.jsonl"))
+        let again = try run(convirtPath(), ["train", "--data", try SharedRuns.shared.data(), "--run-dir", runDir, "--preset", "tiny", "--steps", "4"])
+        #expect(failedCleanly(again.status) && again.output.contains("already holds a run") && again.output.contains("--resume"), "\(again.output)")
+        #expect(try Data(contentsOf: URL(fileURLWithPath: "\(runDir)/metrics.jsonl")) == before, "metrics.jsonl unchanged")
+        let overwritten = try run(convirtPath(), ["train", "--data", try SharedRuns.shared.data(), "--run-dir", runDir, "--preset", "tiny", "--steps", "3",
+                                                  "--overwrite", "--retrieval-eval", "0"])
+        #expect(overwritten.status == 0 && overwritten.output.contains("--overwrite: removed the run"), "\(overwritten.output)")
+        let rows = try String(contentsOfFile: "\(runDir)/metrics.jsonl", encoding: .utf8).split(separator: "\n")
+        #expect(rows.count == 3, "a new run of 3 steps: \(rows.count) rows")
+        #expect((try? String(contentsOfFile: "\(runDir)/checkpoints/latest", encoding: .utf8)) == "step-00000003")
+    }
+
+    @Test("resuming with another seed, batch or token limit is refused listing the differences; a reached target says so")
+    func resumeConfigChange() throws {
+        let runDir = try tinyRun("changed", steps: 2)
+        let data = try SharedRuns.shared.data()
+        for (flags, shown) in [(["--seed", "7"], "--seed: 0 -> 7"), (["--global-batch", "4"], "--global-batch: 8 -> 4"), (["--max-tokens", "16"], "--max-tokens: 24 -> 16")] {
+            let r = try run(convirtPath(), ["train", "--data", data, "--run-dir", runDir, "--preset", "tiny", "--steps", "4", "--resume"] + flags)
+            #expect(failedCleanly(r.status) && r.output.contains(shown) && r.output.contains("--allow-config-change"), "\(flags): \(r.output)")
+        }
+        let done = try run(convirtPath(), ["train", "--data", data, "--run-dir", runDir, "--preset", "tiny", "--steps", "2", "--resume"])
+        #expect(done.status == 0 && done.output.contains("is already at step 2 of 2: nothing to do") && !done.output.contains("nan"), "\(done.output)")
+        let allowed = try run(convirtPath(), ["train", "--data", data, "--run-dir", runDir, "--preset", "tiny", "--steps", "3", "--resume", "--seed", "7",
+                                              "--allow-config-change", "--retrieval-eval", "0"])
+        #expect(allowed.status == 0 && allowed.output.contains("warning: resuming with changed settings"), "\(allowed.output)")
+    }
+
+    @Test("negative numbers and a --run-dir that is a file get messages naming the value; nothing is created")
+    func messages() throws {
+        let data = try SharedRuns.shared.data()
+        let target = "\(dir)/never-created-\(UUID().uuidString)"
+        for (flags, shown) in [(["--steps", "-5"], "--steps must be positive, got -5"), (["--lr", "-1"], "--lr must be a positive number, got -1.0")] {
+            let r = try run(convirtPath(), ["train", "--data", data, "--run-dir", target, "--preset", "tiny"] + flags)
+            #expect(failedCleanly(r.status) && r.output.contains(shown), "\(flags): \(r.output)")
+            #expect(!FileManager.default.fileExists(atPath: target), "a refused start creates no run directory")
+        }
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        let file = "\(dir)/a-file"
+        try "x".write(toFile: file, atomically: true, encoding: .utf8)
+        let r = try run(convirtPath(), ["train", "--data", data, "--run-dir", file, "--preset", "tiny", "--steps", "1"])
+        #expect(failedCleanly(r.status) && r.output.contains("--run-dir \(file) is a file, not a directory") && !r.output.contains("NSCocoaErrorDomain"), "\(r.output)")
+    }
+}
+
+@Suite("A full disk while metrics are written")
+struct MetricsDiskTests {
+    @Test("a full disk while appending metrics.jsonl is a clear error; a resume drops the cut line")
+    func fullDiskMetrics() throws {
+        let data = try SharedRuns.shared.data()
+        let dir = SharedRuns.shared.dir + "/metrics-disk"
+        try FileManager.default.createDirectory(atPath: "\(dir)/small", withIntermediateDirectories: true)
+        // A 16 KiB tmpfs: the config and vocabulary fit, a few dozen metrics rows do not.
+        let script = "mount -t tmpfs -o size=16k tmpfs \(dir)/small || exit 97; "
+            + "\(convirtPath()) train --data \(data) --run-dir \(dir)/small/run --preset tiny --steps 200 --retrieval-eval 0; echo \"train status $?\""
+        let disk = try run("/usr/bin/unshare", ["-m", "sh", "-c", script], timeout: 300)
+        #expect(disk.status != 97, "mounting a tmpfs (needs root): \(disk.output)")
+        #expect(disk.output.contains("train status 2") && disk.output.contains("metrics.jsonl") && disk.output.contains("No space left on device"),
+                "\(disk.output)")
+
+        // A line cut short (as a full disk or a kill leaves it): resuming appends after the last whole line.
+        let runDir = "\(dir)/cut"
+        let first = try run(convirtPath(), ["train", "--data", data, "--run-dir", runDir, "--preset", "tiny", "--steps", "4", "--checkpoint-every", "2",
+                                            "--retrieval-eval", "0"])
+        #expect(first.status == 0, "\(first.output)")
+        let handle = try FileHandle(forWritingTo: URL(fileURLWithPath: "\(runDir)/metrics.jsonl"))
+        try handle.seekToEnd()
+        try handle.write(contentsOf: Data(#"{"epoch":0,"grad_norm":1.2,"lo"#.utf8))
+        try handle.close()
+        let resumed = try run(convirtPath(), ["train", "--data", data, "--run-dir", runDir, "--preset", "tiny", "--steps", "6", "--resume", "--retrieval-eval", "0"])
+        #expect(resumed.status == 0, "\(resumed.output)")
+        let lines = try String(contentsOfFile: "\(runDir)/metrics.jsonl", encoding: .utf8).split(separator: "\n")
+        #expect(lines.count == 6, "4 rows, then steps 5 and 6: \(lines.count)")
+        #expect(lines.allSatisfy { (try? JSONSerialization.jsonObject(with: Data($0.utf8))) != nil }, "every line is whole JSON: \(lines)")
+    }
+}

@@ -71,7 +71,13 @@ struct CheckpointCommand: ParsableCommand {
                 try writer.write(to: path)
                 return n
             }
-            try FileManager.default.createDirectory(atPath: "\(out)/text_encoder", withIntermediateDirectories: true)
+            var isDirectory: ObjCBool = false
+            if FileManager.default.fileExists(atPath: out, isDirectory: &isDirectory), !isDirectory.boolValue {
+                throw ConvirtError("--out \(out) is a file, not a directory: give a directory for the exported files")
+            }
+            do { try FileManager.default.createDirectory(atPath: "\(out)/text_encoder", withIntermediateDirectories: true) } catch {
+                throw ConvirtError("cannot create \(out)/text_encoder: \((error as NSError).localizedFailureReason ?? error.localizedDescription)")
+            }
             let image = try write("image.", "\(out)/image_encoder.safetensors")
             let text = try write("text.", "\(out)/text_encoder/model.safetensors")
             let heads = try write("image_head.", "\(out)/image_head.safetensors") + write("text_head.", "\(out)/text_head.safetensors")

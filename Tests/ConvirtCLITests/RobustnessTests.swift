@@ -228,6 +228,9 @@ struct RobustnessTests {
         try "x".write(toFile: file, atomically: true, encoding: .utf8)
         let r = try run(convirtPath(), ["train", "--data", data, "--run-dir", file, "--preset", "tiny", "--steps", "1"])
         #expect(failedCleanly(r.status) && r.output.contains("--run-dir \(file) is a file, not a directory") && !r.output.contains("NSCocoaErrorDomain"), "\(r.output)")
+        let export = try run(convirtPath(), ["checkpoint", "export", try tinyRun("source"), "--out", file])
+        #expect(failedCleanly(export.status) && export.output.contains("--out \(file) is a file") && !export.output.contains("NSCocoaErrorDomain"),
+                "\(export.output)")
     }
 }
 

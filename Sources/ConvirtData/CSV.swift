@@ -19,7 +19,11 @@ public struct CSVTable: Sendable {
     /// Parses `text`; `required` columns must be present.
     public init(text: String, path: String, required: [String] = [], hasHeader: Bool = true) throws {
         // A byte order mark (spreadsheet exports) is not part of the first column's name.
-        var records = CSVTable.parse(text.unicodeScalars.first == "\u{FEFF}" ? String(text.unicodeScalars.dropFirst()) : text)
+        var (records, unterminated) = CSVTable.parse(text.unicodeScalars.first == "\u{FEFF}" ? String(text.unicodeScalars.dropFirst()) : text)
+        if let line = unterminated {
+            // Everything after an unclosed quote would be read as one field: the file cannot be parsed.
+            throw ConvirtError("\(path): line \(line): a quoted field is never closed (a stray \" swallows the rest of the file)")
+        }
         while let last = records.last, last.fields == [""] || last.fields.isEmpty { records.removeLast() }
         var header: [String] = []
         if hasHeader {
@@ -64,7 +68,8 @@ public struct CSVTable: Sendable {
 
     struct Record { var fields: [String]; var line: Int }
 
-    static func parse(_ text: String) -> [Record] {
+    /// The records, and the line of a quoted field still open at the end of the text (if any).
+    static func parse(_ text: String) -> ([Record], Int?) {
         var records: [Record] = []
         var fields: [String] = []
         var field = ""
@@ -101,11 +106,12 @@ public struct CSVTable: Sendable {
             default: field.unicodeScalars.append(c)
             }
         }
+        if inQuotes { return (records, recordLine) }
         if !field.isEmpty || !fields.isEmpty {
             fields.append(field)
             records.append(Record(fields: fields, line: recordLine))
         }
-        return records
+        return (records, nil)
     }
 }
 

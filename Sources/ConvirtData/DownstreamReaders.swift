@@ -268,7 +268,9 @@ extension DownstreamReader {
             guard exists(file) else { throw ConvirtError("\(dir): no \(name)") }
             var text = try Gzip.readText(file)
             if text.unicodeScalars.first == "\u{FEFF}" { text = String(text.unicodeScalars.dropFirst()) }
-            return (file, CSVTable.parse(text).filter { $0.fields != [""] && !$0.fields.isEmpty })
+            let (parsed, unterminated) = CSVTable.parse(text)
+            if let line = unterminated { throw ConvirtError("\(file): line \(line): a quoted field is never closed (a stray \" swallows the rest of the file)") }
+            return (file, parsed.filter { $0.fields != [""] && !$0.fields.isEmpty })
         }
         func studyKey(_ path: String) -> String {
             var p = Substring(path.trimmingCharacters(in: .whitespaces))

@@ -41,6 +41,11 @@ public final class DropLog: @unchecked Sendable {
 
 public enum MIMICPrepare {
     static let frontalViews: Set<String> = ["PA", "AP"]
+    /// MIMIC-CXR's splits, and the values of a CheXpert label (positive, negative, uncertain).
+    static let splits: Set<String> = ["train", "validate", "test"]
+    static let labelValues: Set<String> = ["1", "0", "-1", "1.0", "0.0", "-1.0"]
+    /// The smallest stored image: the ResNet's total stride (32), whatever the crop later takes.
+    public static let minimumImageSize = 32
 
     /// The CSV at `root/name` or `root/name.gz`.
     static func csv(_ root: String, _ name: String, required: [String]) throws -> CSVTable {
@@ -70,6 +75,9 @@ public enum MIMICPrepare {
 
     public static func run(_ o: PrepareOptions, progress: (@Sendable (Int, Int) -> Void)? = nil) throws -> Summary {
         let fm = FileManager.default
+        guard o.imageSize >= minimumImageSize && o.imageSize <= 8192 else {
+            throw ConvirtError("--image-size \(o.imageSize) is outside \(minimumImageSize)...8192 (the longer side of the stored images; 256 for the paper)")
+        }
         let drops = DropLog()
         let metadata = try csv(o.root, "mimic-cxr-2.0.0-metadata.csv", required: ["dicom_id", "subject_id", "study_id", "ViewPosition"])
         let split = try csv(o.root, "mimic-cxr-2.0.0-split.csv", required: ["dicom_id", "study_id", "subject_id", "split"])
@@ -78,11 +86,25 @@ public enum MIMICPrepare {
             drops.add("malformed CSV row", "\(table.path) line \(table.malformedLines[0])", count: table.malformedLines.count)
             _ = name
         }
+        for table in [metadata, split] where table.rows.isEmpty {
+            throw ConvirtError("\(table.path): no usable row (\(table.malformedLines.count) malformed)")
+        }
+        // Values outside their domain are counted skips: a split other than MIMIC-CXR's three, a
+        // CheXpert label other than 1, 0, -1 or blank.
         var splitOf: [String: String] = [:]
-        for row in split.rows { splitOf[split.value(row, "dicom_id")] = split.value(row, "split") }
+        for (row, line) in zip(split.rows, split.rowLines) {
+            let value = split.value(row, "split")
+            guard Self.splits.contains(value) else { drops.add("unknown split value", "\(split.path) line \(line): \"\(value)\""); continue }
+            splitOf[split.value(row, "dicom_id")] = value
+        }
         var labelsOf: [String: [Double?]] = [:]
-        for row in chexpert.rows {
-            labelsOf[chexpert.value(row, "study_id")] = CheXpertLabels.names.map { Double(chexpert.value(row, $0)) }
+        for (row, line) in zip(chexpert.rows, chexpert.rowLines) {
+            let values = CheXpertLabels.names.map { chexpert.value(row, $0).trimmingCharacters(in: .whitespaces) }
+            guard values.allSatisfy({ $0.isEmpty || Self.labelValues.contains($0) }) else {
+                drops.add("CheXpert label out of domain", "\(chexpert.path) line \(line): \(values.filter { !$0.isEmpty && !Self.labelValues.contains($0) }.first ?? "")")
+                continue
+            }
+            labelsOf[chexpert.value(row, "study_id")] = values.map { Double($0) }
         }
         // Group images by study.
         struct StudyImages { var subject: String; var study: String; var dicoms: [String] = [] }
@@ -102,9 +124,8 @@ public enum MIMICPrepare {
             let reportPath = "\(reportsRoot)/files/\(prefix)/p\(s.subject)/s\(s.study).txt"
             guard let splitName = s.dicoms.lazy.compactMap({ splitOf[$0] }).first else { drops.add("no split", "s\(s.study)"); continue }
             guard let data = fm.contents(atPath: reportPath) else { drops.add("missing report", reportPath); continue }
-            guard let text = String(data: data, encoding: .utf8) ?? String(data: data, encoding: .isoLatin1) else {
-                drops.add("unreadable report", reportPath); continue
-            }
+            // MIMIC-CXR's reports are UTF-8 (ASCII in practice): invalid UTF-8 is damage, not text to learn from.
+            guard let text = String(data: data, encoding: .utf8) else { drops.add("report is not valid UTF-8", reportPath); continue }
             let sentences = ReportSections.sentences(text, minimumWords: o.minimumWords)
             if sentences.isEmpty {
                 drops.add(text.trimmingCharacters(in: .whitespacesAndNewlines).isEmpty ? "empty report" : "no findings/impression sentences", reportPath)

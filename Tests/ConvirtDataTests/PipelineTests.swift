@@ -124,6 +124,49 @@ struct PrepareTests {
         #expect(try PreparedDataset(path: out).verify().first?.contains("images-00000.bin: checksum") == true)
     }
 
+    @Test("prepare: an unclosed quote is an error naming the file and line; bogus splits, labels and non-UTF-8 reports are counted skips")
+    func prepareOutOfDomain() throws {
+        let root = try temporaryDirectory("mimic-domain"), out = try temporaryDirectory("prepared-domain")
+        defer { try? FileManager.default.removeItem(atPath: root); try? FileManager.default.removeItem(atPath: out) }
+        try synth(root, studies: 12, size: 64)
+        let splitPath = "\(root)/mimic-cxr-2.0.0-split.csv.gz", labelsPath = "\(root)/mimic-cxr-2.0.0-chexpert.csv.gz"
+        let splitText = try Gzip.readText(splitPath), labelsText = try Gzip.readText(labelsPath)
+        // One " at the start of line 2: the rest of the file would be one field.
+        var lines = splitText.split(separator: "\n", omittingEmptySubsequences: false).map(String.init)
+        lines[1] = "\"" + lines[1]
+        try Gzip.compress(Data(lines.joined(separator: "\n").utf8)).write(to: URL(fileURLWithPath: splitPath))
+        do {
+            _ = try MIMICPrepare.run(PrepareOptions(root: root, out: out))
+            Issue.record("prepare accepted a split CSV with an unclosed quote")
+        } catch {
+            #expect("\(error)".contains("mimic-cxr-2.0.0-split.csv.gz: line 2: a quoted field is never closed"), "\(error)")
+        }
+        // A bogus split value, a label 7.5 and a report in Latin-1: skipped and counted by reason.
+        lines = splitText.split(separator: "\n", omittingEmptySubsequences: false).map(String.init)
+        lines[1] = lines[1].replacingOccurrences(of: ",train", with: ",bogus").replacingOccurrences(of: ",validate", with: ",bogus")
+            .replacingOccurrences(of: ",test", with: ",bogus")
+        try Gzip.compress(Data(lines.joined(separator: "\n").utf8)).write(to: URL(fileURLWithPath: splitPath))
+        var labelLines = labelsText.split(separator: "\n", omittingEmptySubsequences: false).map(String.init)
+        var fields = labelLines[1].split(separator: ",", omittingEmptySubsequences: false).map(String.init)
+        fields[fields.count - 1] = "7.5"
+        labelLines[1] = fields.joined(separator: ",")
+        try Gzip.compress(Data(labelLines.joined(separator: "\n").utf8)).write(to: URL(fileURLWithPath: labelsPath))
+        let report = allFiles(root).last { $0.hasSuffix(".txt") && $0.hasPrefix("files/") }!  // not the study whose split was made bogus
+        try (Data("FINDINGS: The heart is normal in size. Caf".utf8) + Data([0xE9]) + Data(" in the lungs.\n".utf8))
+            .write(to: URL(fileURLWithPath: "\(root)/\(report)"))
+        let summary = try MIMICPrepare.run(PrepareOptions(root: root, out: out))
+        #expect(summary.dropped["unknown split value"]?.count == 1 && summary.dropped["unknown split value"]?.examples.first?.contains("line 2") == true,
+                "\(summary.dropped)")
+        #expect(summary.dropped["CheXpert label out of domain"]?.count == 1, "\(summary.dropped)")
+        #expect(summary.dropped["report is not valid UTF-8"]?.count == 1, "\(summary.dropped)")
+        let studies = try String(contentsOf: URL(fileURLWithPath: "\(out)/studies.json"), encoding: .utf8)
+        #expect(!studies.contains("7.5") && !studies.contains("bogus"))
+        // A size below the network's stride is refused.
+        var tiny = PrepareOptions(root: root, out: out)
+        tiny.imageSize = 0
+        #expect(throws: ConvirtError.self) { _ = try MIMICPrepare.run(tiny) }
+    }
+
     @Test("a CSV without its required columns stops prepare with the file and the columns")
     func missingColumns() throws {
         let root = try temporaryDirectory("mimic-bad"), out = try temporaryDirectory("prepared-bad")

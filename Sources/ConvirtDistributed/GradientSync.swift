@@ -30,7 +30,6 @@ public final class GradientSync {
     public let shards: ArenaShards
     private let buckets: GradientBuckets?
     private let shardGradients: UnsafeMutablePointer<Float>?
-    private var shardCapacity = 0
 
     /// With `.zero1` the arena keeps only this rank's shard of the Adam moments from here on.
     public init(arena: ParameterArena, communicator: Communicator, mode: Mode, bucketCapacity: Int = 1 << 22) {
@@ -46,8 +45,7 @@ public final class GradientSync {
         }
         if mode == .zero1 {
             arena.shardOptimizerState(shards[communicator.rank])
-            shardCapacity = shards[communicator.rank].count
-            shardGradients = distributed ? UnsafeMutablePointer<Float>.allocate(capacity: max(1, shardCapacity)) : nil
+            shardGradients = distributed ? UnsafeMutablePointer<Float>.allocate(capacity: max(1, shards[communicator.rank].count)) : nil
         } else {
             shardGradients = nil
         }

@@ -19,7 +19,6 @@ public final class ConvolutionPrimitives {
     public let geometry: Conv2dGeometry
     public let precision: Precision
     let stream: DNNLStream
-    let hasBias: Bool
     // Forward.
     let forwardPrimitive: DNNLPrimitive
     let source, weights, destination: DNNLArgument
@@ -32,7 +31,6 @@ public final class ConvolutionPrimitives {
     public init(geometry g: Conv2dGeometry, precision: Precision = .fp32, bias: Bool = false) throws {
         geometry = g
         self.precision = precision
-        hasBias = bias
         stream = try DNNLStream()
         let t = precision.inputType
         var src = try dnnlDescriptor(g.inputShape, t, dnnl_format_tag_any)
@@ -93,10 +91,17 @@ public final class ConvolutionPrimitives {
         if gradBias != nil { try bw.gradBias?.finish(stream) }
         guard let gradInput else { return }
         let bd = try makeBackwardData()
-        try bd.gradOutput.input(gradOutput, stream)
+        // The output gradient is reordered once when both backward primitives want the same layout.
+        let gradOutputInner: DNNLMemory
+        if dnnlSame(bd.gradOutput.inner.desc, bw.gradOutput.inner.desc) {
+            gradOutputInner = bw.gradOutput.inner
+        } else {
+            try bd.gradOutput.input(gradOutput, stream)
+            gradOutputInner = bd.gradOutput.inner
+        }
         try bd.weights.input(weight, stream)
         try bd.gradInput.output(gradInput)
-        try bd.primitive.execute(stream, [(cdnnl_arg_diff_dst(), bd.gradOutput.inner), (cdnnl_arg_weights(), bd.weights.inner),
+        try bd.primitive.execute(stream, [(cdnnl_arg_diff_dst(), gradOutputInner), (cdnnl_arg_weights(), bd.weights.inner),
                                           (cdnnl_arg_diff_src(), bd.gradInput.inner)], "\(geometry) backward data")
         try bd.gradInput.finish(stream)
     }

@@ -7,21 +7,43 @@
 #
 set -euo pipefail
 cd "$(dirname "$0")"
-scripts/install-deps.sh
-# A failed rebuild stops here with the compiler's errors (never runs a stale binary).
-build_log="$(mktemp)"
-if ! swift build -c release >"$build_log" 2>&1; then
-  grep -vE '^\[[0-9]+/[0-9]+\]' "$build_log" >&2
-  rm -f "$build_log"
-  echo "launch.sh: the release build failed (errors above)" >&2
-  exit 1
-fi
-grep -vE '^\[[0-9]+/[0-9]+\]' "$build_log" || true
-rm -f "$build_log"
-bin="$(swift build -c release --show-bin-path)/convirt"
-[ -x "$bin" ] || { echo "launch.sh: the release build produced no $bin" >&2; exit 1; }
+scripts/install-deps.sh   # apt only when a package is missing (dpkg-query otherwise)
 
-mpi_flags=(--bind-to none)
+# One release build, shared with ./test.sh (which builds with the same flags: no testable imports), and
+# reused while the sources are unchanged: the stamp holds the hash of Package.swift and Sources, the
+# binary and its mtime, so a second call starts at once.
+build_path="${CONVIRT_BUILD_PATH:-.build}"
+stamp="$build_path/launch.stamp"
+sources_hash="$(find Package.swift Sources -type f -print0 | LC_ALL=C sort -z | xargs -0 sha256sum | sha256sum | cut -d' ' -f1)"
+bin=""
+if [ -f "$stamp" ]; then
+  { read -r stamp_hash; read -r stamp_bin; read -r stamp_mtime; } <"$stamp" || true
+  if [ "${stamp_hash:-}" = "$sources_hash" ] && [ -x "${stamp_bin:-}" ] && [ "$(stat -c %Y "$stamp_bin")" = "${stamp_mtime:-}" ]; then
+    bin="$stamp_bin"
+  fi
+fi
+if [ -z "$bin" ]; then
+  echo "== building convirt (release, in $build_path; once: later calls reuse it while the sources are unchanged)"
+  build_start=$(date +%s)
+  build_log="$(mktemp)"
+  # A failed build stops here with the compiler's errors (never runs a stale binary).
+  if ! swift build -c release --build-path "$build_path" >"$build_log" 2>&1; then
+    grep -vE '^\[[0-9]+/[0-9]+\]' "$build_log" >&2
+    rm -f "$build_log"
+    echo "launch.sh: the release build failed (errors above)" >&2
+    exit 1
+  fi
+  grep -E 'warning:|error:' "$build_log" | sort -u | head -20 || true
+  rm -f "$build_log"
+  bin="$(swift build -c release --build-path "$build_path" --show-bin-path)/convirt"
+  [ -x "$bin" ] || { echo "launch.sh: the release build produced no $bin" >&2; exit 1; }
+  printf '%s\n%s\n%s\n' "$sources_hash" "$bin" "$(stat -c %Y "$bin")" >"$stamp"
+  echo "   built in $(( $(date +%s) - build_start )) s"
+fi
+
+# -q: no Open MPI banners; convirt prints one line naming the problem (rank 0, once) and exits 1, and a
+# rank killed by a signal is reported below.
+mpi_flags=(--bind-to none -q)
 if [ "$(id -u)" -eq 0 ]; then
   # Open MPI refuses root unless told; these two variables say so for mpirun and every rank.
   export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
@@ -55,22 +77,25 @@ if [ $# -eq 0 ]; then
   done
   for dataset in chexpert rsna covidx mura; do
     for init in convirt random; do
-      echo "== linear evaluation on $dataset: $init encoder (2 ranks, 5 runs)"
+      # One line per evaluation: the mean and spread over 5 runs, the epochs, and a warning when the
+      # epoch cap (not the plateau) ended a run. The tables follow, beside the paper's.
+      printf '== linear evaluation, %-8s %-7s encoder (2 ranks, 5 runs): ' "$dataset" "$init"
       mpirun --oversubscribe "${mpi_flags[@]}" -np 2 "$bin" eval linear --dataset "$dataset" --root "$data/eval/$dataset" \
-        --checkpoint "$run" --init "$init" --out "$run/eval/linear-$dataset-$init.json" | grep -E "over [0-9]+ run|^  "
+        --checkpoint "$run" --init "$init" --out "$run/eval/linear-$dataset-$init.json" --quiet
     done
   done
-  echo "== CheXpert 8x200 retrieval (2 ranks)"
+  printf '== CheXpert 8x200 retrieval (2 ranks): '
   mpirun --oversubscribe "${mpi_flags[@]}" -np 2 "$bin" eval retrieval --checkpoint "$run" --root "$data/eval/chexpert" \
-    --queries "$data/eval/chexpert/chexpert_8x200" --out "$run/eval/retrieval.json"
-  echo "== report"
-  "$bin" report "$run" --quiet
-  echo "Results: $run/report.html (curves, throughput, the evaluation tables beside the paper's, retrieval examples),"
-  echo "         $run/config.json (the resolved configuration), $run/metrics.jsonl (one JSON object per step),"
-  echo "         $run/heldout_retrieval.json (image-to-text precision@10 on held-out studies, with chance level),"
-  echo "         $run/checkpoints/ (sharded checkpoints; rerunning ./launch.sh continues from the latest),"
-  echo "         $run/eval/*.json (linear evaluation, ConVIRT and random init, and retrieval; the tables above"
-  echo "         print them beside the paper's Tables 1 and 2)."
+    --queries "$data/eval/chexpert/chexpert_8x200" --out "$run/eval/retrieval.json" --quiet
+  echo "== results beside the paper's (Table 1: linear evaluation, AUC or accuracy in %; Table 2: retrieval precision@k in %)"
+  "$bin" report "$run"
+  echo
+  echo "Results in $run:"
+  echo "  report.html              the report: curves, throughput, these tables, epochs and stop reasons, retrieval examples"
+  echo "  eval/*.json              linear evaluation (ConVIRT and random init) and retrieval, one file each"
+  echo "  heldout_retrieval.json   image-to-text precision@10 on held-out studies, with chance and best possible"
+  echo "  metrics.jsonl            one JSON object per step;  config.json: the resolved configuration"
+  echo "  checkpoints/             sharded checkpoints; rerunning ./launch.sh continues from the latest"
   exit 0
 fi
 
@@ -89,6 +114,7 @@ attempt=0
 until mpirun --oversubscribe "${mpi_flags[@]}" "${mpirun_args[@]}" "$bin" "${args[@]}"; do
   status=$?
   attempt=$((attempt + 1))
+  if [ "$status" -gt 128 ]; then echo "launch.sh: a rank was killed by signal $((status - 128)) (status $status)" >&2; fi
   if [ "$attempt" -gt "$max_restarts" ]; then exit "$status"; fi
   echo "launch.sh: the job failed (status $status); restart $attempt of $max_restarts from the latest checkpoint" >&2
 done

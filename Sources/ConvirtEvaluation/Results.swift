@@ -11,6 +11,14 @@ import Foundation
 /// `"init"`, `"checkpoint"` and `"seeds"`. Metric values are fractions in [0, 1] (AUC or accuracy), `std`
 /// is the sample standard deviation over the runs (`Metrics.meanAndStd`). Decoding ignores other keys;
 /// a missing `mean`/`std` is computed from `runs`, a missing `per_label` is empty.
+/// Why a downstream training run stopped.
+public enum StopReason: String, Codable, Sendable {
+    /// The validation loss stopped falling (no lower value for the schedule's patience).
+    case plateau
+    /// The epoch cap ended the run first.
+    case maxEpochs = "max_epochs"
+}
+
 public struct ClassificationResult: Codable, Sendable, Equatable {
     /// "chexpert", "rsna", "covidx" or "mura".
     public var dataset: String
@@ -30,15 +38,20 @@ public struct ClassificationResult: Codable, Sendable, Equatable {
     public var initialization: String?
     public var checkpoint: String?
     public var seeds: [UInt64]?
+    /// Per run, the epochs trained (JSON "epochs_run") and why training stopped ("stop_reasons"):
+    /// "plateau" (no lower validation loss for the patience) or "max_epochs" (the cap ended it first).
+    public var epochsRun: [Int]?
+    public var stopReasons: [String]?
 
     enum CodingKeys: String, CodingKey {
         case dataset, evaluationProtocol = "protocol", fraction, metric, runs, mean, std, perLabel = "per_label"
-        case initialization = "init", checkpoint, seeds
+        case initialization = "init", checkpoint, seeds, epochsRun = "epochs_run", stopReasons = "stop_reasons"
     }
 
     /// A result from its runs; mean and std come from `Metrics.meanAndStd(runs)`.
     public init(dataset: String, protocol evaluationProtocol: String, fraction: Double, metric: String, runs: [Double],
-                perLabel: [String: Double] = [:], initialization: String? = nil, checkpoint: String? = nil, seeds: [UInt64]? = nil) {
+                perLabel: [String: Double] = [:], initialization: String? = nil, checkpoint: String? = nil, seeds: [UInt64]? = nil,
+                epochsRun: [Int]? = nil, stopReasons: [String]? = nil) {
         self.dataset = dataset
         self.evaluationProtocol = evaluationProtocol
         self.fraction = fraction
@@ -49,6 +62,8 @@ public struct ClassificationResult: Codable, Sendable, Equatable {
         self.initialization = initialization
         self.checkpoint = checkpoint
         self.seeds = seeds
+        self.epochsRun = epochsRun
+        self.stopReasons = stopReasons
     }
 
     public init(from decoder: Decoder) throws {
@@ -65,7 +80,12 @@ public struct ClassificationResult: Codable, Sendable, Equatable {
         initialization = try c.decodeIfPresent(String.self, forKey: .initialization)
         checkpoint = try c.decodeIfPresent(String.self, forKey: .checkpoint)
         seeds = try c.decodeIfPresent([UInt64].self, forKey: .seeds)
+        epochsRun = try c.decodeIfPresent([Int].self, forKey: .epochsRun)
+        stopReasons = try c.decodeIfPresent([String].self, forKey: .stopReasons)
     }
+
+    /// How many runs the epoch cap ended (nil when the result does not say).
+    public var runsAtEpochCap: Int? { stopReasons.map { $0.filter { $0 == StopReason.maxEpochs.rawValue }.count } }
 
     /// Per label, the mean over runs of each run's per-label values (`runs[r][label]`); a label missing
     /// from a run (undefined there) is averaged over the runs that have it.

@@ -159,7 +159,8 @@ private struct Builder {
             let tail = log.series("loss").suffix(max(1, min(50, log.count / 20)))
             if !tail.isEmpty {
                 let mean = tail.reduce(0) { $0 + $1.y } / Double(tail.count)
-                kpis.append(("Final loss", String(format: "%.4f", mean), "mean of the last \(tail.count) step(s)"))
+                kpis.append(("Loss, last step", String(format: "%.4f", last["loss"] ?? .nan), "step \(last.step)"))
+                kpis.append(("Loss, recent mean", String(format: "%.4f", mean), "mean of the last \(tail.count) step(s)"))
             }
             let val = log.series("val_loss")
             if let best = val.min(by: { $0.y < $1.y }) {
@@ -173,7 +174,10 @@ private struct Builder {
             }
             if let w = last["world_size"] { kpis.append(("World size", "\(Int(w))", "rank(s)")) }
             let seconds = ["time_data_s", "time_forward_s", "time_backward_s", "time_comm_s", "time_optimizer_s"].reduce(0.0) { $0 + log.sum($1) }
-            if seconds > 0 { kpis.append(("Step time", Self.duration(seconds), "sum over logged steps")) }
+            if seconds > 0 {
+                kpis.append(("Time per step", Self.duration(seconds / Double(log.count)), "mean of \(log.count) logged step(s)"))
+                kpis.append(("Time in steps", Self.duration(seconds), "total over the logged steps"))
+            }
         } else if let config {
             kpis.append(("Steps", config["steps"]?.text ?? "-", "no metrics yet"))
         }
@@ -188,6 +192,7 @@ private struct Builder {
     }
 
     static func duration(_ s: Double) -> String {
+        if s < 1 { return String(format: "%.0f ms", s * 1000) }
         if s < 120 { return String(format: "%.1f s", s) }
         if s < 7200 { return String(format: "%.1f min", s / 60) }
         return String(format: "%.1f h", s / 3600)
@@ -292,14 +297,14 @@ private struct Builder {
         if !evaluation.classification.isEmpty {
             out += "<h3>Classification results</h3><table class=\"plain details\"><thead><tr><th class=\"label\">file</th><th class=\"label\">dataset</th>"
                 + "<th class=\"label\">protocol</th><th>labels</th><th class=\"label\">init</th><th class=\"label\">metric</th><th>runs</th><th>mean ± std</th>"
-                + "<th class=\"label\">per label (mean over runs)</th></tr></thead><tbody>"
+                + "<th class=\"label\">epochs (stop)</th><th class=\"label\">per label (mean over runs)</th></tr></thead><tbody>"
             for (file, r) in evaluation.classification {
                 let perLabel = r.perLabel.sorted { $0.key < $1.key }.map { "\(HTML.escape($0.key)) \(String(format: "%.1f", $0.value * 100))" }
                 out += "<tr><td class=\"label\"><code>\(HTML.escape(file))</code></td><td class=\"label\">\(HTML.escape(r.dataset))</td>"
                     + "<td class=\"label\">\(HTML.escape(r.evaluationProtocol))</td><td>\(HTML.escape(PaperTable.fractionColumn(r.fraction)))</td>"
                     + "<td class=\"label\">\(HTML.escape(r.initialization ?? "convirt"))</td><td class=\"label\">\(HTML.escape(r.metric))</td>"
                     + "<td>\(r.runs.count)</td><td>\(String(format: "%.1f ± %.1f", r.mean * 100, r.std * 100))</td>"
-                    + "<td class=\"label small\">\(perLabel.joined(separator: " &middot; "))</td></tr>"
+                    + "<td class=\"label small\">\(Self.stopSummary(r))</td><td class=\"label small\">\(perLabel.joined(separator: " &middot; "))</td></tr>"
             }
             out += "</tbody></table>"
         }
@@ -312,6 +317,15 @@ private struct Builder {
             }
         }
         return out + "</section>\n"
+    }
+
+    /// Epochs per run and why they stopped, e.g. "12-40, plateau" or "100 (5 of 5 at the cap: not converged)".
+    static func stopSummary(_ r: ClassificationResult) -> String {
+        guard let epochs = r.epochsRun, let lo = epochs.min(), let hi = epochs.max() else { return "-" }
+        let range = lo == hi ? "\(lo)" : "\(lo)-\(hi)"
+        let capped = r.runsAtEpochCap ?? 0
+        if capped == 0 { return "\(range), plateau" }
+        return "\(range) <span class=\"warn\">(\(capped) of \(epochs.count) at the epoch cap: not converged)</span>"
     }
 
     /// A comparison grid as an HTML table: group headers, paper rows, then ours (highlighted).
@@ -484,7 +498,7 @@ private struct Builder {
     .card{background:#fff;border:1px solid #e3e7ec;border-radius:10px;box-shadow:0 1px 2px rgba(16,24,40,.04);padding:20px 24px;margin-bottom:20px}
     h2{font-size:18px;margin:0 0 14px;font-weight:600}
     h3{font-size:14px;margin:22px 0 8px;font-weight:600;color:#323f4b}
-    .muted{color:#616e7c}.small{font-size:12px}
+    .muted{color:#616e7c}.warn{color:#b45309;font-weight:600}.small{font-size:12px}
     .note{color:#616e7c;font-size:12px;margin:6px 0 0}
     .kpis{display:grid;grid-template-columns:repeat(auto-fit,minmax(140px,1fr));gap:12px}
     .kpi{border:1px solid #e3e7ec;border-radius:8px;padding:10px 14px;background:#fafbfc}

@@ -25,14 +25,20 @@ public struct CheckpointManifest: Codable, Sendable {
         public var step: Int
         public var epoch: Int
         public var samplesSeen: Int
+        /// The schedule's state: the plateau schedule's current rate (halved on plateaus); the base rate
+        /// of the cosine and constant schedules, whose rate is a function of the step.
         public var learningRate: Double
         public var bestValidation: Double?
         public var checksWithoutImprovement: Int
         public var checks: Int
+        /// The rate the last step before the checkpoint used (absent in checkpoints of older versions).
+        public var lastStepLearningRate: Double?
 
-        public init(step: Int, epoch: Int, samplesSeen: Int, learningRate: Double, bestValidation: Double?, checksWithoutImprovement: Int, checks: Int) {
+        public init(step: Int, epoch: Int, samplesSeen: Int, learningRate: Double, bestValidation: Double?, checksWithoutImprovement: Int, checks: Int,
+                    lastStepLearningRate: Double? = nil) {
             self.step = step; self.epoch = epoch; self.samplesSeen = samplesSeen; self.learningRate = learningRate
             self.bestValidation = bestValidation; self.checksWithoutImprovement = checksWithoutImprovement; self.checks = checks
+            self.lastStepLearningRate = lastStepLearningRate
         }
     }
     /// 2: the manifest carries a checksum of itself. Version 1 (no checksum) is still read.

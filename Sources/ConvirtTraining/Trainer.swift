@@ -274,7 +274,8 @@ public final class Trainer {
         let plateau = schedule.plateau
         return CheckpointManifest.State(step: step, epoch: step / sampler.batchesPerEpoch, samplesSeen: step * config.globalBatch,
                                         learningRate: schedule.currentRate, bestValidation: plateau.flatMap { $0.best.isFinite ? $0.best : nil },
-                                        checksWithoutImprovement: plateau?.sinceHalving ?? 0, checks: plateau?.checks ?? 0)
+                                        checksWithoutImprovement: plateau?.sinceHalving ?? 0, checks: plateau?.checks ?? 0,
+                                        lastStepLearningRate: step > 0 ? schedule.rate(step: step - 1) : nil)
     }
 
     /// Restores the newest complete checkpoint of the run directory (leftovers of interrupted saves are

@@ -12,7 +12,7 @@ struct CheckpointCommand: ParsableCommand {
 
     /// A checkpoint directory, or a run directory (its latest checkpoint).
     static func resolve(_ path: String) throws -> String {
-        do { return try Checkpoints.resolve(path) } catch let error as ConvirtError { throw ValidationError(error.message) }
+        try Checkpoints.resolve(path)
     }
 
     struct Verify: ParsableCommand {
@@ -41,7 +41,15 @@ struct CheckpointCommand: ParsableCommand {
             let m = try Checkpoints.manifest(dir)
             let compressed = m.shards.reduce(0) { $0 + $1.bytes }, raw = m.shards.reduce(0) { $0 + $1.rawBytes }
             print("\(dir)")
-            print("step \(m.state.step), epoch \(m.state.epoch), samples seen \(m.state.samplesSeen), learning rate \(m.state.learningRate)")
+            let rate: String
+            switch m.config.schedule {
+            case .paper: rate = String(format: "learning rate %.3g (paper schedule: base %.3g, halved on plateaus)", m.state.learningRate, m.config.learningRate)
+            case .cosine, .constant:
+                rate = m.state.lastStepLearningRate.map { String(format: "learning rate of step %d %.3g (%@ schedule, base %.3g)", m.state.step, $0,
+                                                                 m.config.schedule.rawValue, m.config.learningRate) }
+                    ?? String(format: "base learning rate %.3g (%@ schedule)", m.config.learningRate, m.config.schedule.rawValue)
+            }
+            print("step \(m.state.step), epoch \(m.state.epoch), samples seen \(m.state.samplesSeen), \(rate)")
             print("saved by \(m.worldSize) rank(s); preset \(m.config.preset); arena \(m.arenaCount) floats x 3 (parameters, Adam m, Adam v)")
             print(String(format: "%d shard(s): %.1f MB compressed from %.1f MB (ratio %.2f)", m.shards.count, Double(compressed) / 1e6, Double(raw) / 1e6,
                          Double(raw) / Double(max(compressed, 1))))
@@ -88,8 +96,31 @@ struct CheckpointCommand: ParsableCommand {
             let encoder = JSONEncoder()
             encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
             try encoder.encode(manifest.config.model).write(to: URL(fileURLWithPath: "\(out)/convirt_config.json"))
+            // The tokenizer of the run, so that BertTokenizer.from_pretrained(out/text_encoder) gives the ids
+            // training gave: its vocabulary, casing and truncation length.
+            let vocabularies = [Checkpoints.runDirectory(ofCheckpoint: dir).map { "\($0)/vocab.txt" },
+                                manifest.config.textWeights.map { "\($0)/vocab.txt" }].compactMap { $0 }
+            let tokenizer: String
+            if let vocab = vocabularies.first(where: { FileManager.default.fileExists(atPath: $0) }) {
+                try Files.writeAtomically(Files.read(vocab), to: "\(out)/text_encoder/vocab.txt")
+                let special = ["unk_token": "[UNK]", "sep_token": "[SEP]", "pad_token": "[PAD]", "cls_token": "[CLS]", "mask_token": "[MASK]"]
+                var config: [String: Any] = special
+                config["tokenizer_class"] = "BertTokenizer"
+                config["do_lower_case"] = manifest.config.lowercase
+                config["strip_accents"] = NSNull()  // follows do_lower_case, as convirt's tokenizer
+                config["tokenize_chinese_chars"] = true
+                config["model_max_length"] = manifest.config.maxTokens
+                try Files.writeAtomically(JSONSerialization.data(withJSONObject: config, options: [.prettyPrinted, .sortedKeys]),
+                                          to: "\(out)/text_encoder/tokenizer_config.json")
+                try Files.writeAtomically(JSONSerialization.data(withJSONObject: special, options: [.prettyPrinted, .sortedKeys]),
+                                          to: "\(out)/text_encoder/special_tokens_map.json")
+                tokenizer = "with its tokenizer (\(vocab), \(manifest.config.lowercase ? "lowercased" : "cased"), "
+                    + "\(manifest.config.maxTokens) tokens)"
+            } else {
+                tokenizer = "without a tokenizer: no vocab.txt in \(vocabularies.joined(separator: " or ")); copy the training vocabulary into text_encoder/"
+            }
             print("exported step \(manifest.state.step) of \(dir) to \(out): image encoder \(image) tensors (torchvision names), "
-                  + "text encoder \(text) (Hugging Face names; add the training vocab.txt to text_encoder/), heads \(heads)")
+                  + "text encoder \(text) (Hugging Face names) \(tokenizer), heads \(heads)")
         }
     }
 }

@@ -27,10 +27,39 @@ struct Convirt: ParsableCommand {
     )
 
     /// OpenBLAS's kernels are chosen when the library loads: restart with better ones first if needed.
+    /// Exit status: 0 success; 64 (with the usage text) for a bad flag or flag value; 1 for every other
+    /// problem (a missing or damaged file, a run that failed), with one line that names it.
     static func main() {
         BLASCore.restartWithPreferredCoreIfNeeded()
-        main(nil)
+        // Under mpirun every rank parses the same flags: only rank 0 prints a usage error (once, not N times).
+        let env = ProcessInfo.processInfo.environment
+        let silent = (env["OMPI_COMM_WORLD_RANK"] ?? env["PMIX_RANK"] ?? "0") != "0"
+        func fail(_ error: Error) -> Never {
+            if silent { Foundation.exit(exitCode(for: error).rawValue) }
+            exit(withError: error)
+        }
+        var command: ParsableCommand
+        do { command = try parseAsRoot(nil) } catch { fail(error) }
+        do {
+            try command.run()
+        } catch {
+            // The parser's own errors (help, usage, ValidationError, ExitCode) keep their meaning.
+            if String(reflecting: type(of: error)).hasPrefix("ArgumentParser.") { fail(error) }
+            if !silent { FileHandle.standardError.write(Data("Error: \(describe(error))\n".utf8)) }
+            Foundation.exit(1)
+        }
     }
+}
+
+/// An error as one sentence for people (Foundation's errors by their reason, not their domain and code).
+func describe(_ error: Error) -> String {
+    if let error = error as? ConvirtError { return error.message }
+    let ns = error as NSError
+    if ns.domain == NSCocoaErrorDomain || ns.domain == NSPOSIXErrorDomain {
+        let path = (ns.userInfo[NSFilePathErrorKey] as? String).map { "\($0): " } ?? ""
+        return path + (ns.localizedFailureReason ?? ns.localizedDescription)
+    }
+    return "\(error)"
 }
 
 /// What this build runs on: the libraries, the BLAS threads, and (under mpirun) the MPI job, checked
@@ -69,17 +98,63 @@ struct Info: ParsableCommand {
     }
 }
 
-/// Runs `body` with the job's communicator; an error on any rank ends every rank (no hang).
+/// Runs `body` with the job's communicator. A failure at the start (see `agreeOnStart`) is printed once
+/// by rank 0 and every rank exits 1 cleanly; a failure later, on any rank, ends every rank (no hang).
 func withCommunicator(_ name: String, _ body: (Communicator) throws -> Void) throws {
     let communicator = try makeCommunicator()
     do {
         try body(communicator)
         (communicator as? MPICommunicator)?.finalize()
+    } catch let failure as StartFailure {
+        (communicator as? MPICommunicator)?.finalize()
+        throw ExitCode(failure.code)
     } catch {
-        FileHandle.standardError.write(Data("convirt \(name) (rank \(communicator.rank) of \(communicator.size)): \(error)\n".utf8))
-        if communicator.size > 1 { communicator.abort(code: 2) }
-        throw ExitCode(2)
+        let message = error is ValidationError ? "\(error)" : describe(error)
+        let rank = communicator.size > 1 ? " (rank \(communicator.rank) of \(communicator.size))" : ""
+        FileHandle.standardError.write(Data("convirt \(name)\(rank): \(message)\n".utf8))
+        if communicator.size > 1 { communicator.abort(code: 1) }
+        throw ExitCode(1)
     }
+}
+
+/// A start that failed on some rank, already reported by rank 0: exit 64 for a bad flag, 1 otherwise.
+struct StartFailure: Error { let code: Int32 }
+
+/// The start of a job (flags, paths, the dataset's header): `body` runs on every rank, then the ranks
+/// compare. When one failed, rank 0 prints the first failure once (naming the rank when it is not 0)
+/// and every rank throws `StartFailure`, which `withCommunicator` turns into a clean exit 1: no N copies
+/// of one message, no MPI_ABORT. `body` must not communicate.
+func agreeOnStart<T>(_ name: String, _ communicator: Communicator, _ body: () throws -> T) throws -> T {
+    var result: Result<T, Error>
+    do { result = .success(try body()) } catch { result = .failure(error) }
+    guard communicator.size > 1 else {
+        switch result {
+        case .success(let value): return value
+        case .failure(let error as ValidationError): throw error
+        case .failure(let error):
+            var message = describe(error)
+            if let command = name.split(separator: " ").first, message.hasPrefix("\(command): ") { message.removeFirst(command.count + 2) }
+            FileHandle.standardError.write(Data("convirt \(name): \(message)\n".utf8))
+            throw StartFailure(code: 1)
+        }
+    }
+    let record = 2048
+    var mine = [UInt8](repeating: 0, count: record)
+    if case .failure(let error) = result {
+        mine[0] = error is ValidationError ? 64 : 1
+        for (k, b) in Array(describe(error).utf8.prefix(record - 2)).enumerated() { mine[k + 1] = b }
+    }
+    let all = try communicator.gather(mine, root: 0)
+    var failed: UInt8 = 0
+    if communicator.isRoot, let first = (0..<communicator.size).first(where: { all[$0 * record] != 0 }) {
+        failed = all[first * record]
+        var message = String(decoding: all[(first * record + 1)..<((first + 1) * record)].prefix { $0 != 0 }, as: UTF8.self)
+        if let command = name.split(separator: " ").first, message.hasPrefix("\(command): ") { message.removeFirst(command.count + 2) }
+        FileHandle.standardError.write(Data("convirt \(name)\(first == 0 ? "" : " (rank \(first))"): \(message)\n".utf8))
+    }
+    try withUnsafeMutableBytes(of: &failed) { try communicator.broadcast($0, root: 0) }
+    if failed != 0 { throw StartFailure(code: Int32(failed)) }
+    return try result.get()
 }
 
 let convirtVersion = "0.1.0"

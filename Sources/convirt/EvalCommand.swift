@@ -45,6 +45,8 @@ struct ClassificationArguments: ParsableArguments {
     @Option(help: "Threads per rank.") var threads = 1
     @Flag(help: "Fine-tuning: shard the Adam state over the ranks (ZeRO-1).") var zero1 = false
     @Option(help: "Results file (JSON).") var out: String?
+    @Flag(help: "Print only the result line (and warnings).") var quiet = false
+    @Flag(help: "Print the validation loss of every tenth epoch of each run.") var verbose = false
 
     /// Where the evaluated encoder comes from.
     enum Initialization: String, ExpressibleByArgument, CaseIterable { case convirt, random, imagenet }
@@ -68,12 +70,15 @@ struct ClassificationArguments: ParsableArguments {
         try withCommunicator("eval \(name)") { communicator in
             Parallel.setThreads(threads)
             let root = communicator.isRoot
-            let source = try source()
-            var readerOptions = DownstreamOptions()
-            readerOptions.seed = seed
-            readerOptions.uOnes = Set((uOnes ?? "").split(separator: ",").map { $0.trimmingCharacters(in: .whitespaces) }.filter { !$0.isEmpty })
-            let data = try DownstreamReader.load(dataset, root: self.root, options: readerOptions)
-            if root {
+            let (source, data) = try agreeOnStart("eval \(name)", communicator) { () throws -> (EncoderSource, DownstreamData) in
+                if quiet && verbose { throw ValidationError("give --quiet or --verbose, not both") }
+                let encoder = try self.source()
+                var readerOptions = DownstreamOptions()
+                readerOptions.seed = seed
+                readerOptions.uOnes = Set((uOnes ?? "").split(separator: ",").map { $0.trimmingCharacters(in: .whitespaces) }.filter { !$0.isEmpty })
+                return (encoder, try DownstreamReader.load(dataset, root: self.root, options: readerOptions))
+            }
+            if root && !quiet {
                 print("convirt eval \(name): \(dataset.rawValue) (\(data.task.rawValue), labels \(data.labelNames.joined(separator: ", "))): "
                       + "\(data.train.count) train, \(data.validation.count) validation, \(data.test.count) test images; "
                       + "encoder \(source.name); \(communicator.size) rank(s)")
@@ -95,18 +100,22 @@ struct ClassificationArguments: ParsableArguments {
             }
             options.cacheDirectory = cache ?? out.map { (($0 as NSString).deletingLastPathComponent.isEmpty ? "." : ($0 as NSString).deletingLastPathComponent) + "/feature-cache" }
             let start = Date()
+            options.verbose = verbose
             let evaluation = try ClassificationEvaluation(data: data, source: source, options: options, communicator: communicator) { line in
-                if root { print(line) }
+                if root && (!quiet || line.hasPrefix("warning")) { print(line) }
             }
             let result = try evaluation.run()
             guard root else { return }
-            print(String(format: "%@ %@ on %@ at %g%% of the labels: %@ %.4f ± %.4f over %d run(s) (%.0f s)", source.name, name, dataset.rawValue,
-                         fraction * 100, result.metric, result.mean, result.std, result.runs.count, Date().timeIntervalSince(start)))
+            let epochs = result.epochsRun.map { e in
+                let capped = (result.stopReasons ?? []).filter { $0 == StopReason.maxEpochs.rawValue }.count
+                return ", \(e.min() ?? 0)-\(e.max() ?? 0) epochs" + (capped > 0 ? " (\(capped) at the cap)" : "")
+            } ?? ""
+            print(String(format: "%@ %@ on %@ at %g%% of the labels: %@ %.4f ± %.4f over %d run(s)%@ (%.0f s)", source.name, name, dataset.rawValue,
+                         fraction * 100, result.metric, result.mean, result.std, result.runs.count, epochs, Date().timeIntervalSince(start)))
+            if let out { try writeJSON(result.encoded(), to: out) }
+            if quiet { return }
             for (label, value) in result.perLabel.sorted(by: { $0.key < $1.key }) { print(String(format: "  %@: %.4f", label, value)) }
-            if let out {
-                try writeJSON(result.encoded(), to: out)
-                print("results: \(out)")
-            }
+            if let out { print("results: \(out)") }
             print(PaperTable.classificationTable(protocol: name, ours: [result]))
         }
     }
@@ -156,27 +165,33 @@ struct EvalRetrieval: ParsableCommand {
     @Option(help: "Threads per rank.") var threads = 1
     @Flag(help: "Fine-tuning: shard the Adam state over the ranks (ZeRO-1).") var zero1 = false
     @Option(help: "Results file (JSON).") var out: String?
+    @Flag(help: "Print only the precision@10 line.") var quiet = false
 
     func run() throws {
         try withCommunicator("eval retrieval") { communicator in
             Parallel.setThreads(threads)
-            let loaded = try LoadedModel(checkpoint: checkpoint, vocab: vocab)
-            let set = try Retrieval8x200.load(root: root, queries: queries)
+            let (loaded, set) = try agreeOnStart("eval retrieval", communicator) {
+                (try LoadedModel(checkpoint: checkpoint, vocab: vocab), try Retrieval8x200.load(root: root, queries: queries))
+            }
             let isRoot = communicator.isRoot
-            if isRoot {
+            if isRoot && !quiet {
                 print("convirt eval retrieval: \(set.categories.count) categories, \(set.candidates.count) image candidates, "
                       + "\(set.imageQueries.count) image queries, \(set.textQueries.count) text queries; checkpoint \(loaded.directory)")
                 for (reason, count) in set.skipped.sorted(by: { $0.key < $1.key }) { print("skipped \(count) row(s): \(reason)") }
             }
             var result = try RetrievalEvaluation.evaluate(set: set, model: loaded.model, tokenizer: loaded.tokenizer, maxTokens: loaded.manifest.config.maxTokens,
                                                           imageSize: imageSize ?? loaded.manifest.config.model.image.imageSize, communicator: communicator,
-                                                          examples: examples) { if isRoot { print($0) } }
+                                                          examples: examples) { if isRoot && !quiet { print($0) } }
             result.checkpoint = loaded.directory
             guard isRoot else { return }
-            if let out {
-                try writeJSON(result.encoded(), to: out)
-                print("results: \(out)")
+            if let out { try writeJSON(result.encoded(), to: out) }
+            if quiet {
+                let p10 = { (mode: [String: [String: Double]]) in (mode["precision@10"]?["mean"] ?? .nan) * 100 }
+                print(String(format: "CheXpert 8x200 precision@10: image-to-image %.1f%%, text-to-image %.1f%% (chance %.1f%%)",
+                             p10(result.imageToImage), p10(result.textToImage), 100 / Double(max(1, set.categories.count))))
+                return
             }
+            if let out { print("results: \(out)") }
             print(PaperTable.retrievalTable(ours: [(label: "ours (convirt)", result)]))
         }
     }

@@ -18,7 +18,7 @@ struct ReportCommand: ParsableCommand {
 
     func run() throws {
         let written: Report.Written
-        do { written = try Report.write(runDirectory: runDir, out: out) } catch let error as ConvirtError { throw ValidationError(error.message) }
+        written = try Report.write(runDirectory: runDir, out: out)
         if !quiet {
             let evaluation = Report.evaluationResults(runDirectory: runDir)
             let results = evaluation.classification.map(\.result)

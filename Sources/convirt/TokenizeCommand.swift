@@ -9,7 +9,7 @@ struct TokenizeCommand: ParsableCommand {
     @Option(help: "vocab.txt (one token per line).")
     var vocab: String
 
-    @Flag(help: "Lowercase and strip accents (uncased vocabularies).")
+    @Flag(inversion: .prefixedNo, help: "Lowercase and strip accents (uncased vocabularies), as train's --lowercase.")
     var lowercase = false
 
     @Option(help: "Truncate to this many ids including [CLS] and [SEP].")

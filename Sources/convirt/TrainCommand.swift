@@ -10,10 +10,31 @@ import Foundation
 
 /// `convirt train`: data-parallel ConVIRT pretraining; under mpirun every rank runs it.
 struct TrainCommand: ParsableCommand {
-    static let configuration = CommandConfiguration(commandName: "train", abstract: "ConVIRT pretraining (data-parallel under mpirun).")
+    static let configuration = CommandConfiguration(commandName: "train", abstract: "ConVIRT pretraining (data-parallel under mpirun).",
+                                                    discussion: presetTable)
 
-    @Option(help: "A prepared dataset (convirt prepare mimic).") var data: String
-    @Option(help: "Run directory (config.json, metrics.jsonl, results).") var runDir: String
+    /// Each preset's defaults, for --help (every one of them is in `--print-config`).
+    static var presetTable: String {
+        var out = "PRESET DEFAULTS (flags override them; `convirt train --preset P --print-config` prints all):\n"
+        out += "  preset  global-batch  steps               lr      schedule  checkpoint-every  threads  image  text layers\n"
+        for p in Preset.allCases {
+            let c = TrainConfig.preset(p)
+            let steps = c.steps.map(String.init) ?? "until \(c.maxChecks) val checks"
+            out += "  " + [p.rawValue.padding(toLength: 6, withPad: " ", startingAt: 0),
+                           "\(c.globalBatch)".padding(toLength: 12, withPad: " ", startingAt: 0),
+                           steps.padding(toLength: 18, withPad: " ", startingAt: 0),
+                           String(format: "%g", c.learningRate).padding(toLength: 6, withPad: " ", startingAt: 0),
+                           c.schedule.rawValue.padding(toLength: 8, withPad: " ", startingAt: 0),
+                           (c.checkpointEvery.map(String.init) ?? "end").padding(toLength: 16, withPad: " ", startingAt: 0),
+                           "\(c.threads)".padding(toLength: 7, withPad: " ", startingAt: 0),
+                           "\(c.model.image.imageSize)".padding(toLength: 5, withPad: " ", startingAt: 0),
+                           "\(c.model.text.numHiddenLayers)"].joined(separator: "  ") + "\n"
+        }
+        return out
+    }
+
+    @Option(help: "A prepared dataset (convirt prepare mimic).") var data: String?
+    @Option(help: "Run directory (config.json, metrics.jsonl, results).") var runDir: String?
     @Option(help: "tiny, demo or paper.") var preset = Preset.demo
     // Numbers parse unconditionally, so that `--steps -5` is refused as a negative number rather than
     // taken for a flag.
@@ -32,7 +53,7 @@ struct TrainCommand: ParsableCommand {
     @Flag(help: "BatchNorm with per-rank statistics instead of SyncBN.") var noSyncBn = false
     @Option(help: "Clip the global gradient norm.") var clipGradNorm: Double?
     @Option(help: "Maximum WordPiece tokens per sentence.") var maxTokens: Int?
-    @Option(help: "Lowercase text (uncased vocabulary): true or false.") var lowercase: Bool?
+    @Flag(inversion: .prefixedNo, help: "Lowercase and strip accents (uncased vocabulary; default: the preset's).") var lowercase: Bool?
     @Option(help: "Threads per rank (products and loops).") var threads: Int?
     @Option(help: "Loader threads per rank.") var loaderWorkers: Int?
     @Flag(help: "Do not swap left/right in the sentence when the image is flipped (the paper's exact recipe).") var noLateralitySwap = false
@@ -54,6 +75,15 @@ struct TrainCommand: ParsableCommand {
     @Flag(help: "ZeRO-1: shard the Adam state over the ranks (reduce-scatter gradients, update the own shard, all-gather parameters).")
     var zero1 = false
     @Flag(help: "All-reduce the gradients only after backward (no overlap; to measure what the overlap hides).") var noOverlap = false
+    @Flag(help: "Print the resolved configuration (the preset's defaults and the flags given) as JSON and exit.") var printConfig = false
+
+    func validate() throws {
+        if steps != nil && epochs != nil { throw ValidationError("give --steps or --epochs, not both") }
+        if !printConfig {
+            if data == nil { throw ValidationError("Missing expected argument '--data <data>'") }
+            if runDir == nil { throw ValidationError("Missing expected argument '--run-dir <run-dir>'") }
+        }
+    }
 
     func resolved() throws -> TrainConfig {
         var c = TrainConfig.preset(preset)
@@ -87,54 +117,66 @@ struct TrainCommand: ParsableCommand {
         return c
     }
 
-    func run() throws { try withCommunicator("train", train) }
+    func run() throws {
+        if printConfig {
+            let encoder = JSONEncoder()
+            encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
+            print(String(decoding: try encoder.encode(resolved()), as: UTF8.self))
+            return
+        }
+        try withCommunicator("train", train)
+    }
 
     /// The files a run leaves in its directory (what --overwrite removes).
     static let runFiles = ["checkpoints", "metrics.jsonl", "config.json", "vocab.txt", "heldout_retrieval.json", "report.html", "eval", "tensorboard"]
 
-    /// Creates the run directory, or refuses one that already holds a run unless --resume (continue it)
-    /// or --overwrite (remove it first). Decided on rank 0 and shared, so every rank stops together.
-    func prepareRunDirectory(_ communicator: Communicator) throws {
-        var failure: String? = nil
-        if communicator.isRoot {
-            let fm = FileManager.default
-            var isDirectory: ObjCBool = false
-            if fm.fileExists(atPath: runDir, isDirectory: &isDirectory), !isDirectory.boolValue {
-                failure = "--run-dir \(runDir) is a file, not a directory"
-            } else {
-                let held = Self.runFiles.filter { fm.fileExists(atPath: "\(runDir)/\($0)") }
-                if !held.isEmpty && overwrite {
-                    for name in held { try? fm.removeItem(atPath: "\(runDir)/\(name)") }
-                    print("--overwrite: removed the run in \(runDir) (\(held.joined(separator: ", ")))")
-                } else if !held.isEmpty && !resume {
-                    failure = "\(runDir) already holds a run (\(held.joined(separator: ", "))): give --resume to continue it, "
-                        + "--overwrite to replace it, or a new --run-dir"
-                }
-                if failure == nil {
-                    do { try fm.createDirectory(atPath: runDir, withIntermediateDirectories: true) } catch {
-                        failure = "cannot create --run-dir \(runDir): \((error as NSError).localizedFailureReason ?? error.localizedDescription)"
-                    }
-                }
-            }
+    /// Refuses a run directory that is a file, or that already holds a run unless --resume (continue it)
+    /// or --overwrite (remove it first). Changes nothing.
+    func checkRunDirectory(_ runDir: String) throws {
+        let fm = FileManager.default
+        var isDirectory: ObjCBool = false
+        if fm.fileExists(atPath: runDir, isDirectory: &isDirectory), !isDirectory.boolValue {
+            throw ConvirtError("--run-dir \(runDir) is a file, not a directory")
         }
-        var bytes = Array((failure ?? "").utf8) + [UInt8](repeating: 0, count: max(0, 1024 - (failure ?? "").utf8.count))
-        bytes = Array(bytes.prefix(1024))
-        try bytes.withUnsafeMutableBytes { try communicator.broadcast($0, root: 0) }
-        let message = String(decoding: bytes.prefix { $0 != 0 }, as: UTF8.self)
-        if !message.isEmpty { throw ConvirtError(message) }
+        let held = Self.runFiles.filter { fm.fileExists(atPath: "\(runDir)/\($0)") }
+        if !held.isEmpty && !resume && !overwrite {
+            throw ConvirtError("\(runDir) already holds a run (\(held.joined(separator: ", "))): give --resume to continue it, "
+                               + "--overwrite to replace it, or a new --run-dir")
+        }
+    }
+
+    /// Creates the run directory (after every check passed), removing the old run first with --overwrite.
+    func createRunDirectory(_ runDir: String) throws {
+        let fm = FileManager.default
+        let held = Self.runFiles.filter { fm.fileExists(atPath: "\(runDir)/\($0)") }
+        if !held.isEmpty && overwrite {
+            for name in held { try? fm.removeItem(atPath: "\(runDir)/\(name)") }
+            print("--overwrite: removed the run in \(runDir) (\(held.joined(separator: ", ")))")
+        }
+        do { try fm.createDirectory(atPath: runDir, withIntermediateDirectories: true) } catch {
+            throw ConvirtError("cannot create --run-dir \(runDir): \((error as NSError).localizedFailureReason ?? error.localizedDescription)")
+        }
     }
 
     func train(_ communicator: Communicator) throws {
-        let config = try resolved()
-        Parallel.setThreads(config.threads)
+        let data = data!, runDir = runDir!
         let root = communicator.isRoot
-        try config.validate(worldSize: communicator.size)  // before anything is created
-        try prepareRunDirectory(communicator)
+        // Everything that can be checked is checked on every rank before anything is created: the
+        // flags, the dataset, the vocabulary, the weights, the run directory. A failure is printed once.
+        let trainer = try agreeOnStart("train", communicator) { () throws -> Trainer in
+            let config = try resolved()
+            try config.validate(worldSize: communicator.size)
+            if !FileManager.default.fileExists(atPath: data) { throw ConvirtError("--data \(data): no such directory") }
+            if root { try checkRunDirectory(runDir) }
+            Parallel.setThreads(config.threads)
+            return try Trainer(config: config, dataPath: data, runDirectory: runDir, vocabularyPath: vocab, communicator: communicator) { line in
+                if root { print(line) }
+            }
+        }
+        let config = trainer.config
+        try agreeOnStart("train", communicator) { if root { try createRunDirectory(runDir) } }
         // A progress line on a terminal; plain log lines otherwise and under mpirun (which forwards output).
         let tty = isatty(STDOUT_FILENO) != 0 && !MPICommunicator.launchedByMPI
-        let trainer = try Trainer(config: config, dataPath: data, runDirectory: runDir, vocabularyPath: vocab, communicator: communicator) { line in
-            if root { print(line) }
-        }
         if resume {
             if let from = try trainer.resume(fallback: resumeFallback, allowConfigChange: allowConfigChange) {
                 if root { print("resuming from \(from) at step \(trainer.startStep)") }

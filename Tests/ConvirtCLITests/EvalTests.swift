@@ -89,9 +89,34 @@ struct EvalTests {
         _ = try ok(["eval", "linear", "--init", "random", "--preset", "tiny", "--dataset", "rsna", "--root", "\(dir)/rsna", "--runs", "1",
                     "--max-epochs", "5", "--out", "\(dir)/eval/rsna-random.json"])
         #expect(try String(contentsOfFile: "\(dir)/eval/rsna-random.json", encoding: .utf8).contains("\"init\" : \"random\""))
+        // Each run's epochs and why it stopped, in the JSON and on the console: 5 epochs cannot reach the
+        // plateau's 10 stale epochs, so the cap ends the run, with a warning.
+        let capped = try ok(["eval", "linear", "--init", "random", "--preset", "tiny", "--dataset", "rsna", "--root", "\(dir)/rsna", "--runs", "2",
+                             "--max-epochs", "3", "--out", "\(dir)/eval/rsna-capped.json"])
+        let stops = try #require(try JSONSerialization.jsonObject(with: Data(contentsOf: URL(fileURLWithPath: "\(dir)/eval/rsna-capped.json"))) as? [String: Any])
+        #expect(stops["epochs_run"] as? [Int] == [3, 3] && stops["stop_reasons"] as? [String] == ["max_epochs", "max_epochs"], "\(stops)")
+        #expect(capped.contains("warning: run 1 of rsna (random) ended at the 3-epoch cap") && capped.contains("3-3 epochs (2 at the cap)"), "\(capped)")
+        let quiet = try ok(["eval", "linear", "--init", "random", "--preset", "tiny", "--dataset", "rsna", "--root", "\(dir)/rsna", "--runs", "1",
+                            "--max-epochs", "3", "--quiet"])
+        #expect(quiet.split(separator: "\n").count == 2 && quiet.contains("over 1 run(s)"), "--quiet: the warning and the result line: \(quiet)")
+
         // Given weights (here the checkpoint's image encoder exported with torchvision names, as ImageNet
         // weights would come) go through the same command and give the checkpoint's result exactly.
-        _ = try ok(["checkpoint", "export", "\(dir)/run", "--out", "\(dir)/export"])
+        let exported = try ok(["checkpoint", "export", "\(dir)/run", "--out", "\(dir)/export"])
+        #expect(exported.contains("with its tokenizer") && FileManager.default.fileExists(atPath: "\(dir)/export/text_encoder/vocab.txt"), "\(exported)")
+        // Hugging Face's BertTokenizer loads the exported directory and gives the ids convirt gives
+        // (the run was lowercased, 24 tokens at most).
+        let sentences = "There is a LARGE left pleural effusion.\nNo acute cardiopulmonary process; heart size is normal.\n"
+            + "Élevated right hemidiaphragm, unchanged since 2019-03-04 (see prior).\n"
+            + String(repeating: "Bibasilar atelectasis and a small effusion. ", count: 6) + "\n"
+        try sentences.write(toFile: "\(dir)/sentences.txt", atomically: true, encoding: .utf8)
+        let ids = try run(convirtPath(), ["tokenize", "--vocab", "\(dir)/run/vocab.txt", "--lowercase", "--max-length", "24"], input: sentences)
+        #expect(ids.status == 0, "\(ids.output)")
+        try ids.output.write(toFile: "\(dir)/sentences.ids", atomically: true, encoding: .utf8)
+        let hf = try run("/usr/bin/env", ["python3", "\(repository)/tools/load_export.py", "\(dir)/export", "--check-tokenizer",
+                                         "\(dir)/sentences.txt", "\(dir)/sentences.ids"], timeout: 300)
+        #expect(hf.status == 0 && hf.output.contains("4 of 4 lines with equal ids") && hf.output.contains("do_lower_case=True"),
+                "BertTokenizer.from_pretrained(export/text_encoder) (test.sh installs transformers): \(hf.output)")
         _ = try ok(["eval", "linear", "--init", "imagenet", "--image-weights", "\(dir)/export/image_encoder.safetensors", "--checkpoint", "\(dir)/run",
                     "--dataset", "rsna", "--root", "\(dir)/rsna", "--runs", "1", "--max-epochs", "5", "--out", "\(dir)/eval/rsna-weights.json"])
         #expect(try classification("\(dir)/eval/rsna-weights.json").runs == classification("\(dir)/eval/rsna.json").runs)

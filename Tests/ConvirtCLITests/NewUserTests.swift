@@ -1,0 +1,140 @@
+// A new user's first hour: exit codes that say what failed, no run directory left by a failed start,
+// one error line on N ranks, preset defaults that can be read, a launcher that builds once, and
+// numbers labelled as what they are.
+
+import Foundation
+import Testing
+
+/// The repository (this file is Tests/ConvirtCLITests/NewUserTests.swift).
+let repository = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent().path
+
+@Suite("A new user's first hour", .serialized)
+struct NewUserTests {
+    var dir: String { SharedRuns.shared.dir + "/new-user" }
+
+    @Test("exit status: 64 with the usage text only for a bad flag; 1 with one line for a bad path or file")
+    func exitCodes() throws {
+        try FileManager.default.createDirectory(atPath: "\(dir)/not-a-checkpoint", withIntermediateDirectories: true)
+        for arguments in [["checkpoint", "verify", "\(dir)/not-a-checkpoint"], ["checkpoint", "verify", "/nonexistent/run"],
+                          ["checkpoint", "inspect", "/nonexistent/run"], ["report", "/nonexistent/run"],
+                          ["eval", "linear", "--dataset", "rsna", "--root", "/nonexistent/rsna", "--init", "random", "--preset", "tiny"],
+                          ["tokenize", "--vocab", "/nonexistent/vocab.txt"]] {
+            let r = try run(convirtPath(), arguments, input: "x\n")
+            #expect(r.status == 1, "\(arguments.joined(separator: " ")): status \(r.status): \(r.output)")
+            #expect(!r.output.contains("Usage:") && !r.output.isEmpty && r.output.split(separator: "\n").count <= 2,
+                    "\(arguments.joined(separator: " ")): \(r.output)")
+        }
+        for arguments in [["train", "--data", "x", "--run-dir", "y", "--steps", "abc"], ["eval", "linear", "--dataset", "mimic", "--root", "x"],
+                          ["train", "--data", "x", "--run-dir", "y", "--steps", "5", "--epochs", "1"], ["checkpoint", "verify"]] {
+            let r = try run(convirtPath(), arguments)
+            #expect(r.status == 64 && r.output.contains("Usage:"), "\(arguments.joined(separator: " ")): status \(r.status): \(r.output)")
+        }
+        let both = try run(convirtPath(), ["train", "--data", "x", "--run-dir", "y", "--steps", "5", "--epochs", "1"])
+        #expect(both.output.contains("give --steps or --epochs, not both"), "\(both.output)")
+    }
+
+    @Test("a failed start creates nothing, and on 2 ranks prints its error once with no MPI_ABORT")
+    func failedStart() throws {
+        let missing = "\(dir)/runs/missing-data"
+        let r = try run(convirtPath(), ["train", "--data", "/nonexistent/prepared", "--run-dir", missing, "--preset", "tiny"])
+        #expect(r.status == 1 && r.output.contains("/nonexistent/prepared"), "\(r.output)")
+        #expect(!FileManager.default.fileExists(atPath: missing), "a failed start leaves no run directory")
+
+        let mpirun = try #require(SharedRuns.mpirun, "mpirun is not installed (openmpi-bin)")
+        let data = try SharedRuns.shared.data()
+        for (name, flags) in [("batch7", ["--global-batch", "7"]), ("weights", ["--image-weights", "/nonexistent/resnet.safetensors"])] {
+            let runDir = "\(dir)/runs/\(name)"
+            let m = try run(mpirun, ["--oversubscribe", "-np", "2", convirtPath(), "train", "--data", data, "--run-dir", runDir, "--preset", "tiny"] + flags,
+                            environment: DistributedTrainingTests.mpiEnvironment, timeout: 120)
+            let errors = m.output.split(separator: "\n").filter { $0.hasPrefix("convirt train") }
+            #expect(m.status == 1, "\(name): status \(m.status): \(m.output)")
+            #expect(errors.count == 1 && !m.output.contains("MPI_ABORT") && !m.output.contains("rank 1 of 2"), "\(name): \(m.output)")
+            #expect(!FileManager.default.fileExists(atPath: runDir), "\(name): a failed start leaves no run directory")
+        }
+        let batch = try run(mpirun, ["--oversubscribe", "-np", "2", convirtPath(), "train", "--data", data, "--run-dir", "\(dir)/runs/b",
+                                     "--preset", "tiny", "--global-batch", "7"], environment: DistributedTrainingTests.mpiEnvironment, timeout: 120)
+        #expect(batch.output.contains("--global-batch 7 does not divide by the 2 ranks"), "\(batch.output)")
+    }
+
+    @Test("train --help shows every preset's defaults; --print-config the whole resolved configuration; --lowercase is a flag")
+    func presetDefaults() throws {
+        let help = try run(convirtPath(), ["train", "--help"])
+        #expect(help.status == 0 && help.output.contains("PRESET DEFAULTS"), "\(help.output)")
+        for line in ["paper   32", "demo    32", "tiny    8"] { #expect(help.output.contains(line), "\(line) in \(help.output)") }
+        for preset in ["tiny", "demo", "paper"] {
+            let r = try run(convirtPath(), ["train", "--preset", preset, "--print-config"])
+            let config = try #require(try JSONSerialization.jsonObject(with: Data(r.output.utf8)) as? [String: Any], "\(r.output)")
+            #expect(r.status == 0 && config["preset"] as? String == preset && config["global_batch"] as? Int != nil && config["learning_rate"] != nil)
+        }
+        let flags = try run(convirtPath(), ["train", "--preset", "demo", "--print-config", "--global-batch", "64", "--no-lowercase", "--steps", "7"])
+        let config = try #require(try JSONSerialization.jsonObject(with: Data(flags.output.utf8)) as? [String: Any], "\(flags.output)")
+        #expect(config["global_batch"] as? Int == 64 && config["lowercase"] as? Bool == false && config["steps"] as? Int == 7, "\(config)")
+        let old = try run(convirtPath(), ["train", "--data", "x", "--run-dir", "y", "--lowercase", "true"])
+        #expect(old.status == 64, "--lowercase takes no value (as in tokenize): \(old.output)")
+        let vocab = "\(dir)/vocab.txt"
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        try "[PAD]\n[UNK]\n[CLS]\n[SEP]\n[MASK]\nheart\n".write(toFile: vocab, atomically: true, encoding: .utf8)
+        let cased = try run(convirtPath(), ["tokenize", "--vocab", vocab, "--no-lowercase"], input: "Heart heart\n")
+        #expect(cased.status == 0 && cased.output == "2 1 5 3\n", "\(cased.output)")
+    }
+
+    @Test("checkpoint inspect gives the rate of the last step; held-out precision is a plain fraction in JSON")
+    func labelledNumbers() throws {
+        let runDir = "\(dir)/runs/cosine"
+        let r = try run(convirtPath(), ["train", "--data", try SharedRuns.shared.data(), "--run-dir", runDir, "--preset", "tiny", "--steps", "4",
+                                        "--schedule", "cosine", "--warmup-steps", "0", "--lr", "1e-3", "--retrieval-eval", "20"], timeout: 300)
+        #expect(r.status == 0, "\(r.output)")
+        let inspect = try run(convirtPath(), ["checkpoint", "inspect", runDir])
+        // Step 3 (from 0) of 4 on the cosine schedule: 1e-3 * (1 + cos(3 pi / 4)) / 2.
+        let expected = String(format: "%.3g", 1e-3 * (1 + cos(3 * Double.pi / 4)) / 2)
+        #expect(inspect.output.contains("learning rate of step 4 \(expected) (cosine schedule, base 0.001)"), "\(inspect.output)")
+        let json = try String(contentsOfFile: "\(runDir)/heldout_retrieval.json", encoding: .utf8)
+        let object = try #require(try JSONSerialization.jsonObject(with: Data(json.utf8)) as? [String: Any])
+        let studies = try #require(object["studies"] as? Int), precision = try #require(object["precision@10"] as? Double)
+        let hits = (precision * Double(10 * studies)).rounded()
+        #expect(Double(hits) / Double(10 * studies) == precision, "precision@10 is hits / (10 x studies) exactly: \(json)")
+        let line = try #require(json.split(separator: "\n").first { $0.contains("precision@10") })
+        #expect(line.split(separator: ":").last!.trimmingCharacters(in: .whitespaces.union(.init(charactersIn: ","))).count <= 8,
+                "hits / (10 x studies), not a sum's rounding residue: \(line)")
+        let report = try run(convirtPath(), ["report", runDir, "--quiet"])
+        let html = try String(contentsOfFile: "\(runDir)/report.html", encoding: .utf8)
+        #expect(report.status == 0 && html.contains("Loss, last step") && html.contains("Loss, recent mean") && html.contains("Time per step")
+                && html.contains("Time in steps") && !html.contains(">Final loss<") && !html.contains(">Step time<"), "\(report.output)")
+    }
+
+    @Test("launch.sh builds once: a second call reuses the build without calling swift or apt")
+    func launchBuildsOnce() throws {
+        let mpirun = try #require(SharedRuns.mpirun, "mpirun is not installed (openmpi-bin)")
+        _ = mpirun
+        // Stand-ins for swift and apt-get that log their calls; swift "builds" by linking the real binary.
+        let tools = "\(dir)/launch-tools", build = "\(dir)/launch-build", log = "\(dir)/launch-calls.log"
+        try? FileManager.default.removeItem(atPath: build)
+        try? FileManager.default.removeItem(atPath: log)
+        try FileManager.default.createDirectory(atPath: tools, withIntermediateDirectories: true)
+        try FileManager.default.createDirectory(atPath: "\(build)/release", withIntermediateDirectories: true)
+        let fakeSwift = """
+            #!/bin/sh
+            echo "swift $*" >> \(log)
+            case "$*" in
+              *--show-bin-path*) echo \(build)/release ;;
+              *) ln -sf \(convirtPath()) \(build)/release/convirt; echo "Build complete! (0.01s)" ;;
+            esac
+            """
+        let fakeApt = "#!/bin/sh\necho \"apt $*\" >> \(log)\nexit 1\n"
+        for (name, text) in [("swift", fakeSwift), ("apt-get", fakeApt), ("sudo", fakeApt)] {
+            try text.write(toFile: "\(tools)/\(name)", atomically: true, encoding: .utf8)
+            chmod("\(tools)/\(name)", 0o755)
+        }
+        var environment = DistributedTrainingTests.mpiEnvironment
+        environment["PATH"] = tools + ":" + (ProcessInfo.processInfo.environment["PATH"] ?? "/usr/bin:/bin")
+        environment["CONVIRT_BUILD_PATH"] = build
+        let first = try run("\(repository)/launch.sh", ["-np", "1", "--", "info"], environment: environment, timeout: 120)
+        #expect(first.status == 0 && first.output.contains("building convirt") && first.output.contains("convirt 0."), "\(first.output)")
+        let second = try run("\(repository)/launch.sh", ["-np", "1", "--", "info"], environment: environment, timeout: 120)
+        #expect(second.status == 0 && !second.output.contains("building") && second.output.contains("convirt 0."), "\(second.output)")
+        let calls = (try? String(contentsOfFile: log, encoding: .utf8)) ?? ""
+        #expect(calls.split(separator: "\n").filter { $0.hasPrefix("swift build -c release --build-path") && !$0.contains("show-bin-path") }.count == 1,
+                "one build over two calls: \(calls)")
+        #expect(!calls.contains("apt"), "packages present: no apt-get: \(calls)")
+    }
+}

@@ -1,0 +1,112 @@
+#!/usr/bin/env bash
+# Regenerates the README's demo figures from a run of ./launch.sh from scratch:
+#
+#   tools/readme_figures.sh [WORK_DIR]     (default: a new temporary directory)
+#
+# 1. builds in release and times the build on its own (./launch.sh then reuses it);
+# 2. runs ./launch.sh with CONVIRT_DATA=WORK_DIR/data and CONVIRT_RUN=WORK_DIR/run (fresh synthetic data,
+#    fresh pretraining, every evaluation), times it, and keeps its console output in WORK_DIR/launch.log;
+# 3. rewrites the block between "<!-- demo-figures:begin -->" and "<!-- demo-figures:end -->" in
+#    README.md from the run's files (metrics.jsonl, heldout_retrieval.json, eval/*.json), naming the CPU
+#    (lscpu's model name and its AVX-512/AMX flags) and the kernels the run used.
+#
+# Set README_FIGURES_DRY=1 to print the block instead of writing README.md.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+work="${1:-$(mktemp -d /tmp/convirt-figures.XXXXXX)}"
+mkdir -p "$work"
+rm -rf "$work/data" "$work/run"
+
+scripts/install-deps.sh
+build_start=$(date +%s)
+swift build -c release >"$work/build.log" 2>&1 || { cat "$work/build.log" >&2; exit 1; }
+build_seconds=$(( $(date +%s) - build_start ))
+
+job_start=$(date +%s)
+CONVIRT_DATA="$work/data" CONVIRT_RUN="$work/run" ./launch.sh 2>&1 | tee "$work/launch.log"
+job_seconds=$(( $(date +%s) - job_start ))
+bin="$(swift build -c release --show-bin-path)/convirt"
+"$bin" info >"$work/info.txt"
+
+python3 - "$work" "$build_seconds" "$job_seconds" <<'PY'
+import glob, json, math, os, re, subprocess, sys
+
+work, build_s, job_s = sys.argv[1], float(sys.argv[2]), float(sys.argv[3])
+run = os.path.join(work, "run")
+lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+model = re.search(r"Model name:\s*(.*)", lscpu).group(1).strip()
+flags = re.search(r"Flags:\s*(.*)", lscpu).group(1).split()
+isa = sorted(f for f in flags if f.startswith("avx512") or f.startswith("amx")) or ["no AVX-512, no AMX"]
+cores = os.cpu_count()
+info = open(os.path.join(work, "info.txt")).read()
+blas = re.search(r"core (\S+)", info).group(1)
+dnnl = re.search(r"ISA (.*)", info).group(1).strip()
+
+rows = [json.loads(line) for line in open(os.path.join(run, "metrics.jsonl"))]
+steps = rows[-1]["step"]
+batch = json.load(open(os.path.join(run, "config.json")))["global_batch"]
+pairs = [r["pairs_per_s"] for r in rows[1:]] or [rows[0]["pairs_per_s"]]
+pairs.sort()
+train_s = sum(r.get(k, 0) for r in rows for k in ("time_data_s", "time_forward_s", "time_backward_s", "time_comm_s", "time_optimizer_s"))
+tail = [r["loss"] for r in rows[-50:]]
+val = [r["val_loss"] for r in rows if r.get("val_loss") is not None]
+held = json.load(open(os.path.join(run, "heldout_retrieval.json")))
+
+
+def result(dataset, init):
+    path = os.path.join(run, "eval", f"linear-{dataset}-{init}.json")
+    return json.load(open(path)) if os.path.exists(path) else None
+
+
+def cell(r):
+    if r is None:
+        return "-"
+    epochs = r.get("epochs_run") or []
+    capped = sum(1 for s in r.get("stop_reasons") or [] if s == "max_epochs")
+    stop = f"{min(epochs)}-{max(epochs)} epochs" if epochs else ""
+    if capped:
+        stop += f", {capped} of {len(epochs)} at the cap"
+    return f"{r['mean'] * 100:.1f} ± {r['std'] * 100:.1f} ({stop})"
+
+
+names = {"chexpert": "CheXpert, 5 labels (mean AUC)", "rsna": "RSNA (AUC)", "covidx": "COVIDx, 3 classes (accuracy)",
+         "mura": "MURA, per study (AUC)"}
+retrieval = json.load(open(os.path.join(run, "eval", "retrieval.json")))
+p = lambda mode, k: retrieval[mode][f"precision@{k}"]["mean"] * 100
+m, s = divmod(round(job_s), 60)
+lines = [
+    f"Measured by `tools/readme_figures.sh` on {model} ({cores} cores; {', '.join(isa)}; OpenBLAS core {blas}, oneDNN ISA {dnnl}):",
+    f"`./launch.sh` from scratch took {m} min {s:02d} s after a {build_s / 60:.1f}-minute release build (the build is done once and",
+    "reused while the sources are unchanged).",
+    "",
+    f"- Pretraining: {steps} steps of {batch} pairs on 2 ranks in {train_s:.0f} s of steps, {pairs[len(pairs) // 2]:.0f} pairs/s (median per step);",
+    f"  loss at the last step {rows[-1]['loss']:.3f}, mean of the last {len(tail)} steps {sum(tail) / len(tail):.3f}, last validation loss",
+    f"  {val[-1]:.3f}, against log({batch}) = {math.log(batch):.3f} at chance." if val else "  (no validation loss).",
+    f"- Held-out image-to-text precision@10: {held['precision@10']:.3f} (chance {held['chance@10']:.3f}, best possible {held['maximum@10']:.3f}),",
+    f"  over {held['studies']} test studies.",
+    "- Linear evaluation, 2 ranks, 5 runs (mean ± sample std, percent; epochs per run and how many the 100-epoch cap ended):",
+    "",
+    "| dataset (metric) | ConVIRT `demo` encoder | random init, same architecture |",
+    "|---|---|---|",
+]
+for d in ["chexpert", "rsna", "covidx", "mura"]:
+    lines.append(f"| {names[d]} | {cell(result(d, 'convirt'))} | {cell(result(d, 'random'))} |")
+lines += [
+    "",
+    f"- CheXpert 8x200-format retrieval (chance 12.5%): image-to-image precision@5/10/50 {p('image_to_image', 5):.1f} / "
+    f"{p('image_to_image', 10):.1f} / {p('image_to_image', 50):.1f}, text-to-image {p('text_to_image', 5):.1f} / "
+    f"{p('text_to_image', 10):.1f} / {p('text_to_image', 50):.1f}.",
+]
+block = "\n".join(lines)
+if os.environ.get("README_FIGURES_DRY"):
+    print(block)
+    sys.exit(0)
+readme = open("README.md").read()
+begin, end = "<!-- demo-figures:begin -->", "<!-- demo-figures:end -->"
+if begin not in readme or end not in readme:
+    sys.exit(f"README.md has no {begin} ... {end} block")
+head, rest = readme.split(begin, 1)
+_, tail_text = rest.split(end, 1)
+open("README.md", "w").write(head + begin + "\n" + block + "\n" + end + tail_text)
+print(f"README.md: demo figures rewritten from {run}")
+PY

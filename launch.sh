@@ -83,6 +83,10 @@ if [ $# -eq 0 ]; then
       mpirun --oversubscribe "${mpi_flags[@]}" -np 2 "$bin" eval linear --dataset "$dataset" --root "$data/eval/$dataset" \
         --checkpoint "$run" --init "$init" --out "$run/eval/linear-$dataset-$init.json" --quiet
     done
+    # Zero-shot from the prompts convirt ships (CheXzero's protocol: no labels at all).
+    printf '== zero-shot,         %-8s default prompts (2 ranks):   ' "$dataset"
+    mpirun --oversubscribe "${mpi_flags[@]}" -np 2 "$bin" eval zeroshot --dataset "$dataset" --root "$data/eval/$dataset" \
+      --checkpoint "$run" --out "$run/eval/zeroshot-$dataset.json" --quiet
   done
   printf '== CheXpert 8x200 retrieval (2 ranks): '
   mpirun --oversubscribe "${mpi_flags[@]}" -np 2 "$bin" eval retrieval --checkpoint "$run" --root "$data/eval/chexpert" \
@@ -92,7 +96,8 @@ if [ $# -eq 0 ]; then
   echo
   echo "Results in $run:"
   echo "  report.html              the report: curves, throughput, these tables, epochs and stop reasons, retrieval examples"
-  echo "  eval/*.json              linear evaluation (ConVIRT and random init) and retrieval, one file each"
+  echo "  eval/*.json              linear evaluation (ConVIRT and random init), zero-shot and retrieval, one file each"
+  echo "  tensorboard/             TensorBoard event files: every metrics.jsonl scalar and the evaluations (tensorboard --logdir $run)"
   echo "  heldout_retrieval.json   image-to-text precision@10 on held-out studies, with chance and best possible"
   echo "  metrics.jsonl            one JSON object per step;  config.json: the resolved configuration"
   echo "  checkpoints/             sharded checkpoints; rerunning ./launch.sh continues from the latest"

@@ -1,34 +1,34 @@
 #!/usr/bin/env bash
-# Regenerates the README's demo figures from a run of ./launch.sh from scratch:
+# Regenerates the README's demo figures from a run of ./launch.sh in a fresh clone:
 #
 #   tools/readme_figures.sh [WORK_DIR]     (default: a new temporary directory)
 #
-# 1. builds in release and times the build on its own (./launch.sh then reuses it);
-# 2. runs ./launch.sh with CONVIRT_DATA=WORK_DIR/data and CONVIRT_RUN=WORK_DIR/run (fresh synthetic data,
-#    fresh pretraining, every evaluation), times it, and keeps its console output in WORK_DIR/launch.log;
-# 3. rewrites the block between "<!-- demo-figures:begin -->" and "<!-- demo-figures:end -->" in
-#    README.md from the run's files (metrics.jsonl, heldout_retrieval.json, eval/*.json), naming the CPU
-#    (lscpu's model name and its AVX-512/AMX flags) and the kernels the run used.
+# 1. clones this repository's HEAD into WORK_DIR/clone (as a new user gets it: commit first);
+# 2. runs ./launch.sh there with CONVIRT_DATA=WORK_DIR/data and CONVIRT_RUN=WORK_DIR/run (the release
+#    build, fresh synthetic data, fresh pretraining, every evaluation), keeps its console output in
+#    WORK_DIR/launch.log and times the build ("built in N s") and the job apart;
+# 3. rewrites the block between "<!-- demo-figures:begin -->" and "<!-- demo-figures:end -->" in this
+#    repository's README.md from the run's files (metrics.jsonl, heldout_retrieval.json, eval/*.json),
+#    naming the CPU (lscpu's model name and its AVX-512/AMX flags) and the kernels the run used.
 #
 # Set README_FIGURES_DRY=1 to print the block instead of writing README.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+repo="$(pwd)"
 work="${1:-$(mktemp -d /tmp/convirt-figures.XXXXXX)}"
 mkdir -p "$work"
-rm -rf "$work/data" "$work/run"
+rm -rf "$work/data" "$work/run" "$work/clone"
+git clone -q "$repo" "$work/clone"
 
-scripts/install-deps.sh
-build_start=$(date +%s)
-swift build -c release >"$work/build.log" 2>&1 || { cat "$work/build.log" >&2; exit 1; }
-build_seconds=$(( $(date +%s) - build_start ))
+start=$(date +%s)
+(cd "$work/clone" && CONVIRT_DATA="$work/data" CONVIRT_RUN="$work/run" ./launch.sh) 2>&1 | tee "$work/launch.log"
+total_seconds=$(( $(date +%s) - start ))
+build_seconds=$(sed -n 's/^   built in \([0-9]*\) s$/\1/p' "$work/launch.log" | head -1)
+job_seconds=$(( total_seconds - ${build_seconds:-0} ))
+"$work/clone/.build/release/convirt" info >"$work/info.txt"
 
-job_start=$(date +%s)
-CONVIRT_DATA="$work/data" CONVIRT_RUN="$work/run" ./launch.sh 2>&1 | tee "$work/launch.log"
-job_seconds=$(( $(date +%s) - job_start ))
-bin="$(swift build -c release --show-bin-path)/convirt"
-"$bin" info >"$work/info.txt"
-
-python3 - "$work" "$build_seconds" "$job_seconds" <<'PY'
+cd "$repo"
+python3 - "$work" "${build_seconds:-0}" "$job_seconds" <<'PY'
 import glob, json, math, os, re, subprocess, sys
 
 work, build_s, job_s = sys.argv[1], float(sys.argv[2]), float(sys.argv[3])
@@ -76,8 +76,8 @@ p = lambda mode, k: retrieval[mode][f"precision@{k}"]["mean"] * 100
 m, s = divmod(round(job_s), 60)
 lines = [
     f"Measured by `tools/readme_figures.sh` on {model} ({cores} cores; {', '.join(isa)}; OpenBLAS core {blas}, oneDNN ISA {dnnl}):",
-    f"`./launch.sh` from scratch took {m} min {s:02d} s after a {build_s / 60:.1f}-minute release build (the build is done once and",
-    "reused while the sources are unchanged).",
+    f"`./launch.sh` in a fresh clone took {build_s / 60:.1f} min to build (release, once; later calls reuse the build) and then {m} min {s:02d} s",
+    "for the job: synthetic data, pretraining, every evaluation and the report.",
     "",
     f"- Pretraining: {steps} steps of {batch} pairs on 2 ranks in {train_s:.0f} s of steps, {pairs[len(pairs) // 2]:.0f} pairs/s (median per step);",
     f"  loss at the last step {rows[-1]['loss']:.3f}, mean of the last {len(tail)} steps {sum(tail) / len(tail):.3f}, last validation loss",
@@ -97,6 +97,16 @@ lines += [
     f"{p('image_to_image', 10):.1f} / {p('image_to_image', 50):.1f}, text-to-image {p('text_to_image', 5):.1f} / "
     f"{p('text_to_image', 10):.1f} / {p('text_to_image', 50):.1f}.",
 ]
+zero = {}
+for d in ["chexpert", "rsna", "covidx", "mura"]:
+    path = os.path.join(run, "eval", f"zeroshot-{d}.json")
+    if os.path.exists(path):
+        zero[d] = json.load(open(path))
+if zero:
+    lines.append("- Zero-shot from the default prompts (no labels): " + "; ".join(
+        f"{names[d]} {r['mean'] * 100:.1f}" for d, r in zero.items()) + ".")
+    if "chexpert" in zero:
+        lines.append("  CheXpert per label: " + ", ".join(f"{k} {v * 100:.1f}" for k, v in sorted(zero["chexpert"]["per_label"].items())) + ".")
 block = "\n".join(lines)
 if os.environ.get("README_FIGURES_DRY"):
     print(block)

@@ -242,7 +242,14 @@ public final class ClassificationEvaluation {
     /// The test metric of scores [n, outputs]: mean ROC AUC over labels (per group, averaging the
     /// scores of a group's images, for MURA's studies), or accuracy for multi-class.
     func metric(scores: [Float], split: LabeledArrays) throws -> (value: Double, perLabel: [String: Double]) {
-        let o = outputs
+        try Self.metric(data: data, scores: scores, split: split) { if communicator.isRoot { log($0) } }
+    }
+
+    /// `metric(scores:split:)` for any evaluation of `data` (linear, fine-tuned, zero-shot); `warn` gets
+    /// the warning about labels whose AUC is undefined.
+    static func metric(data: DownstreamData, scores: [Float], split: LabeledArrays,
+                       warn: (String) -> Void) throws -> (value: Double, perLabel: [String: Double]) {
+        let o = data.labelNames.count
         // Aggregate by group (each image is its own group unless the dataset groups them).
         var order: [String] = [], sums: [String: [Double]] = [:], counts: [String: Int] = [:], truth: [String: [Float]] = [:]
         for i in 0..<split.count {
@@ -267,8 +274,8 @@ public final class ClassificationEvaluation {
         let columns = data.labelNames.indices.map { k in averaged.map { $0[k] } }
         let truthColumns = data.labelNames.indices.map { k in labels.map { $0[k] >= 0.5 } }
         let (mean, perLabel, undefined) = try Metrics.meanROCAUC(scores: columns, labels: truthColumns, names: data.labelNames)
-        if !undefined.isEmpty && communicator.isRoot {
-            log("warning: \(data.dataset.rawValue) test split: the AUC of \(undefined.joined(separator: ", ")) is undefined (one class only); "
+        if !undefined.isEmpty {
+            warn("warning: \(data.dataset.rawValue) test split: the AUC of \(undefined.joined(separator: ", ")) is undefined (one class only); "
                 + "the mean is over the other labels")
         }
         guard mean.isFinite else {
@@ -392,10 +399,6 @@ public final class ClassificationEvaluation {
                 log(String(format: "run %d: test %@ %.4f after %d epoch(s), stopped by %@ (best validation loss at epoch %d)", run + 1,
                            data.task == .multiClass ? "accuracy" : "AUC", value, stop.epochs,
                            stop.reason == .plateau ? "the plateau" : "the epoch cap", stop.bestEpoch))
-                if stop.reason == .maxEpochs {
-                    log("warning: run \(run + 1) of \(data.dataset.rawValue) (\(source.name)) ended at the \(options.maxEpochs)-epoch cap with its "
-                        + "validation loss last lower at epoch \(stop.bestEpoch): it had not converged (give a larger --max-epochs)")
-                }
             }
             values.append(value)
             perLabelRuns.append(perLabel)

@@ -30,18 +30,24 @@ public enum Files {
         let fd = open(path, O_WRONLY | O_CREAT | O_TRUNC, 0o644)
         guard fd >= 0 else { throw ConvirtError("cannot write \(path): \(String(cString: strerror(errno)))") }
         defer { close(fd) }
-        try data.withUnsafeBytes { (raw: UnsafeRawBufferPointer) in
+        try writeAll(data, descriptor: fd, path: path)
+        if fsync(fd) != 0 { throw ConvirtError("cannot write \(path): fsync failed (\(String(cString: strerror(errno))))") }
+    }
+
+    /// Writes all of `bytes` to an open descriptor with write(2) (retrying short writes and EINTR); an
+    /// error names `path` and the system's reason ("No space left on device").
+    public static func writeAll<D: ContiguousBytes>(_ bytes: D, descriptor fd: Int32, path: String) throws {
+        try bytes.withUnsafeBytes { (raw: UnsafeRawBufferPointer) in
             var offset = 0
             while offset < raw.count {
                 let n = write(fd, raw.baseAddress! + offset, raw.count - offset)
-                if n < 0 {
-                    if errno == EINTR { continue }
+                if n < 0 && errno == EINTR { continue }
+                guard n > 0 else {
                     throw ConvirtError("cannot write \(path): \(String(cString: strerror(errno))) after \(offset) of \(raw.count) bytes")
                 }
                 offset += n
             }
         }
-        if fsync(fd) != 0 { throw ConvirtError("cannot write \(path): fsync failed (\(String(cString: strerror(errno))))") }
     }
 
     /// fsync of a directory (so that renames and new entries in it are durable); best effort.

@@ -107,8 +107,14 @@ public enum PaperTable {
     /// Table 1 for `protocol` ("linear" or "finetune") with our results of that protocol as extra rows.
     public static func classificationGrid(protocol evaluationProtocol: String, ours: [ClassificationResult]) -> Grid {
         let proto = evaluationProtocol.lowercased()
-        let paperRows = paper.classification[proto] ?? [:]
-        let mine = ours.filter { $0.evaluationProtocol.lowercased() == proto }
+        // Zero-shot (no labels; the paper has none) is shown beside the linear results: the paper's linear
+        // rows, then ours of both protocols, each row named by its protocol.
+        let zeroShot = proto == "zeroshot"
+        let paperRows = paper.classification[zeroShot ? "linear" : proto] ?? [:]
+        let mine = ours.filter { $0.evaluationProtocol.lowercased() == proto || (zeroShot && $0.evaluationProtocol.lowercased() == "linear") }
+        let oursLabel: (ClassificationResult) -> String = { r in
+            zeroShot ? "ours \(r.evaluationProtocol.lowercased()) (\(r.initialization ?? "convirt"))" : Self.oursLabel(r)
+        }
         var notes: [String] = []
 
         // Columns: the paper's datasets in its order, then any other dataset of ours; per dataset the
@@ -145,7 +151,7 @@ public enum PaperTable {
 
         let initOrder = ["random", "imagenet", "convirt"]
         let labels = Array(Set(mine.map(oursLabel))).sorted { a, b in
-            let ia = initOrder.firstIndex { a == "ours (\($0))" } ?? initOrder.count, ib = initOrder.firstIndex { b == "ours (\($0))" } ?? initOrder.count
+            let ia = initOrder.firstIndex { a.hasSuffix("(\($0))") } ?? initOrder.count, ib = initOrder.firstIndex { b.hasSuffix("(\($0))") } ?? initOrder.count
             return ia != ib ? ia < ib : a < b
         }
         for label in labels {
@@ -164,7 +170,12 @@ public enum PaperTable {
             }
             rows.append(Row(label: label, cells: cells, isOurs: true))
         }
-        let name = proto == "linear" ? "Linear classification" : proto == "finetune" ? "Fine-tuning" : evaluationProtocol
+        if zeroShot {
+            notes.append("Zero-shot: no training labels (CheXzero's protocol: the softmax over a positive and a negative prompt set per label), "
+                + "on the test split of the linear evaluation, shown in its \"all\" column beside the linear results.")
+        }
+        let name = proto == "linear" ? "Linear classification" : proto == "finetune" ? "Fine-tuning"
+            : zeroShot ? "Zero-shot classification beside linear" : evaluationProtocol
         notes.append("Percent; AUC for RSNA, CheXpert (mean over its labels) and MURA, accuracy for COVIDx; columns: share of the training labels. "
             + "Paper rows: Zhang et al., arXiv 2010.00747, Table 1 (mean of 5 runs); ours: mean ± \(Metrics.stdDescription) "
             + "(no ± for a single run); - not reported.")

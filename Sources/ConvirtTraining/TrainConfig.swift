@@ -44,6 +44,11 @@ public struct TrainConfig: Codable, Sendable {
     public var checkpointIO: CheckpointIO = .parallel
     /// Compress and write checkpoints from a snapshot while training goes on (committed at the end of the next step).
     public var asyncCheckpoint: Bool = true
+    /// false: no RUN/tensorboard/events.out.tfevents.* (nil, the default: rank 0 writes them). Settings
+    /// added from here on are optional and nil by default, so that a manifest written before them encodes
+    /// to the same bytes and keeps its checksum.
+    public var tensorboard: Bool? = nil
+    public var writesTensorBoard: Bool { tensorboard ?? true }
 
     enum CodingKeys: String, CodingKey {
         case preset, model, globalBatch = "global_batch", steps, epochs, seed, learningRate = "learning_rate", weightDecay = "weight_decay"
@@ -52,6 +57,7 @@ public struct TrainConfig: Codable, Sendable {
         case loaderWorkers = "loader_workers", swapLateralityOnFlip = "swap_laterality_on_flip", imageWeights = "image_weights"
         case textWeights = "text_weights", checkpointEvery = "checkpoint_every", keepCheckpoints = "keep_checkpoints"
         case zero1, overlapCommunication = "overlap_communication", checkpointIO = "checkpoint_io", asyncCheckpoint = "async_checkpoint"
+        case tensorboard
     }
 
     /// The preset's defaults: the paper's recipe for `paper`, a quicker one for `demo` and `tiny`.
@@ -163,5 +169,6 @@ extension TrainConfig {
         overlapCommunication = try c.decodeIfPresent(Bool.self, forKey: .overlapCommunication) ?? true
         checkpointIO = try c.decodeIfPresent(CheckpointIO.self, forKey: .checkpointIO) ?? .parallel
         asyncCheckpoint = try c.decodeIfPresent(Bool.self, forKey: .asyncCheckpoint) ?? true
+        tensorboard = try c.decodeIfPresent(Bool.self, forKey: .tensorboard)
     }
 }

@@ -38,6 +38,18 @@ public struct StepMetrics: Codable, Sendable {
     }
 }
 
+extension StepMetrics {
+    /// The row as TensorBoard scalars (the names DESIGN.md's metrics.jsonl fields map to).
+    public var tensorBoardScalars: [(tag: String, value: Double)] {
+        var out: [(tag: String, value: Double)] = [("train/loss", loss), ("train/loss_v2u", lossV2U), ("train/loss_u2v", lossU2V), ("train/lr", lr),
+                                                   ("train/grad_norm", gradNorm), ("train/pairs_per_s", pairsPerSecond), ("time/data", timeData),
+                                                   ("time/forward", timeForward), ("time/backward", timeBackward), ("time/comm", timeComm),
+                                                   ("time/optimizer", timeOptimizer), ("time/checkpoint", timeCheckpoint)]
+        if let valLoss { out.append(("val/loss", valLoss)) }
+        return out
+    }
+}
+
 public final class Trainer {
     public let config: TrainConfig
     public let communicator: Communicator
@@ -53,6 +65,8 @@ public final class Trainer {
     let loss: DistributedLoss
     var schedule: LearningRateSchedule
     var log: (String) -> Void
+    /// Rank 0's event file of this invocation (nil elsewhere, before `run`, or with --no-tensorboard).
+    public private(set) var tensorboard: TensorBoardWriter?
 
     /// The step to start from (0, or a restored checkpoint's).
     public private(set) var startStep = 0
@@ -105,7 +119,10 @@ public final class Trainer {
     public func run(progress: ((StepMetrics, Int) -> Void)? = nil) throws -> [StepMetrics] {
         let loader = makeLoader()
         defer { loader.stop() }
-        let metrics = try MetricsWriter(path: "\(runDirectory)/metrics.jsonl", enabled: communicator.isRoot, append: startStep > 0)
+        let metrics = try MetricsWriter(path: "\(runDirectory)/metrics.jsonl", enabled: communicator.isRoot, resumedAt: startStep, log: log)
+        if communicator.isRoot && config.writesTensorBoard {
+            tensorboard = try TensorBoardWriter(directory: "\(runDirectory)/tensorboard", restartStep: startStep > 0 ? startStep + 1 : nil)
+        }
         if validationBatch == 0 && communicator.isRoot {
             log("warning: the validate split has fewer usable pairs than ranks; no validation loss will be computed")
         }
@@ -130,6 +147,7 @@ public final class Trainer {
             if try saveCheckpointIfDue(step: step, savedStep: savedStep, stopping: stop, checkpoints) { savedStep = step }
             row.timeCheckpoint = checkpoints.takeStall()
             try metrics.append(row)
+            try tensorboard?.scalars(row.tensorBoardScalars, step: row.step)
             rows.append(row)
             progress?(row, totalSteps)
             if stop { break }
@@ -407,20 +425,30 @@ final class MetricsWriter {
     let path: String
     let encoder = JSONEncoder()
 
-    init(path: String, enabled: Bool, append: Bool) throws {
+    /// A new file, or (resumed at step `resumedAt` > 0) the old one cut after the rows the checkpoint
+    /// covers: rows of later steps (the run computes them again) and a line cut short (the disk filled,
+    /// or the run was killed mid-write) are dropped, so that every step appears once.
+    init(path: String, enabled: Bool, resumedAt: Int, log: (String) -> Void) throws {
         self.path = path
         encoder.outputFormatting = [.sortedKeys]
         encoder.nonConformingFloatEncodingStrategy = .convertToString(positiveInfinity: "Infinity", negativeInfinity: "-Infinity", nan: "NaN")
         guard enabled else { descriptor = -1; return }
-        let fresh = !append || !FileManager.default.fileExists(atPath: path)
+        let fresh = resumedAt == 0 || !FileManager.default.fileExists(atPath: path)
         let fd = open(path, O_WRONLY | O_CREAT | (fresh ? O_TRUNC : 0), 0o644)
         guard fd >= 0 else { throw ConvirtError("cannot open \(path) for writing: \(String(cString: strerror(errno)))") }
         descriptor = fd
-        // A line cut short (the disk filled, or the run was killed mid-write) is dropped, so that the
-        // resumed run's rows start on a line of their own.
-        if !fresh, let data = FileManager.default.contents(atPath: path), let last = data.last, last != UInt8(ascii: "\n") {
-            let keep = data.lastIndex(of: UInt8(ascii: "\n")).map { $0 + 1 } ?? 0
-            _ = ftruncate(fd, off_t(keep))
+        if !fresh, let data = FileManager.default.contents(atPath: path) {
+            struct Step: Decodable { let step: Int }
+            var keep = 0, dropped = 0
+            var start = data.startIndex
+            while start < data.endIndex, let end = data[start...].firstIndex(of: UInt8(ascii: "\n")) {
+                if let row = try? JSONDecoder().decode(Step.self, from: data[start..<end]), row.step > resumedAt { dropped += 1 } else if dropped == 0 {
+                    keep = end + 1 - data.startIndex
+                }
+                start = end + 1
+            }
+            if keep < data.count { _ = ftruncate(fd, off_t(keep)) }
+            if dropped > 0 { log("metrics.jsonl: dropped \(dropped) row(s) after step \(resumedAt), the checkpoint's (the resumed run computes them again)") }
         }
         _ = lseek(fd, 0, SEEK_END)
     }
@@ -429,15 +457,6 @@ final class MetricsWriter {
 
     func append(_ row: StepMetrics) throws {
         guard descriptor >= 0 else { return }
-        let line = try encoder.encode(row) + Data("\n".utf8)
-        try line.withUnsafeBytes { raw in
-            var offset = 0
-            while offset < raw.count {
-                let n = write(descriptor, raw.baseAddress! + offset, raw.count - offset)
-                if n < 0 && errno == EINTR { continue }
-                guard n > 0 else { throw ConvirtError("cannot append to \(path): \(String(cString: strerror(errno)))") }
-                offset += n
-            }
-        }
+        try Files.writeAll(encoder.encode(row) + Data("\n".utf8), descriptor: descriptor, path: path)
     }
 }

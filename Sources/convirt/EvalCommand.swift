@@ -15,7 +15,14 @@ import Foundation
 
 struct EvalCommand: ParsableCommand {
     static let configuration = CommandConfiguration(commandName: "eval", abstract: "The paper's evaluations: linear, fine-tuned, retrieval.",
-                                                    subcommands: [EvalLinear.self, EvalFinetune.self, EvalRetrieval.self])
+                                                    subcommands: [EvalLinear.self, EvalFinetune.self, EvalZeroShot.self, EvalRetrieval.self])
+}
+
+/// An evaluation's results as TensorBoard scalars at the checkpoint's step, in a new event file of the
+/// checkpoint's run (when the run keeps a tensorboard/ directory).
+func logToTensorBoard(checkpoint: String, _ scalars: [(tag: String, value: Double)], step: Int) throws {
+    guard let run = Checkpoints.runDirectory(ofCheckpoint: checkpoint), FileManager.default.fileExists(atPath: "\(run)/tensorboard") else { return }
+    try TensorBoardWriter(directory: "\(run)/tensorboard").scalars(scalars, step: step)
 }
 
 func writeJSON(_ data: Data, to path: String) throws {
@@ -112,7 +119,19 @@ struct ClassificationArguments: ParsableArguments {
             } ?? ""
             print(String(format: "%@ %@ on %@ at %g%% of the labels: %@ %.4f ± %.4f over %d run(s)%@ (%.0f s)", source.name, name, dataset.rawValue,
                          fraction * 100, result.metric, result.mean, result.std, result.runs.count, epochs, Date().timeIntervalSince(start)))
+            // The epoch cap rather than the plateau ended a run: it had not converged, and the comparison with
+            // runs that did (often the random-init ones) is not like for like.
+            if let capped = result.runsAtEpochCap, capped > 0 {
+                print("warning: \(capped) of \(result.runs.count) run(s) of \(dataset.rawValue) (\(source.name)) ended at the \(maxEpochs)-epoch cap "
+                      + "before the validation loss stopped falling: not converged (give a larger --max-epochs)")
+            }
             if let out { try writeJSON(result.encoded(), to: out) }
+            // Under the run's TensorBoard as eval/PROTOCOL/DATASET/INIT/LABELS (and per label), at the checkpoint's step.
+            if let checkpoint, let dir = try? Checkpoints.resolve(checkpoint), let step = try? Checkpoints.manifest(dir).state.step {
+                let tag = "eval/\(name)/\(dataset.rawValue)/\(source.name)/\(PaperTable.fractionColumn(fraction))"
+                try logToTensorBoard(checkpoint: dir, [(tag, result.mean)] + result.perLabel.sorted { $0.key < $1.key }.map { ("\(tag)/\($0.key)", $0.value) },
+                                     step: step)
+            }
             if quiet { return }
             for (label, value) in result.perLabel.sorted(by: { $0.key < $1.key }) { print(String(format: "  %@: %.4f", label, value)) }
             if let out { print("results: \(out)") }
@@ -131,6 +150,66 @@ struct EvalFinetune: ParsableCommand {
     static let configuration = CommandConfiguration(commandName: "finetune", abstract: "Fine-tuning: the whole encoder and a classifier, data-parallel.")
     @OptionGroup var arguments: ClassificationArguments
     func run() throws { try arguments.run(protocol: .finetune) }
+}
+
+struct EvalZeroShot: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "zeroshot",
+        abstract: "Zero-shot classification from text prompts (CheXzero's protocol): no labels, the test split of eval linear.")
+    @Option(help: "chexpert, rsna, covidx or mura.") var dataset: DownstreamDataset
+    @Option(help: "The dataset's directory, as released.") var root: String
+    @Option(help: "A ConVIRT checkpoint directory, or a run directory (its latest checkpoint).") var checkpoint: String
+    @Option(help: ArgumentHelp("Prompts JSON: {\"<label>\": {\"positive\": [...], \"negative\": [...]}} (COVIDx classes: positive only); "
+                               + "default: the ones convirt ships for the dataset.")) var prompts: String?
+    @Option(help: "vocab.txt (default: the run's).") var vocab: String?
+    @Option(help: "Input size (default: the encoder's).") var imageSize: Int?
+    @Option(help: "Seed of the dataset's split (as eval linear's --seed).") var seed: UInt64 = 0
+    @Option(help: "CheXpert labels whose uncertain values count as positive (as eval linear).") var uOnes: String?
+    @Option(help: "Threads per rank.") var threads = 1
+    @Option(help: "Results file (JSON).") var out: String?
+    @Flag(help: "Print only the result line.") var quiet = false
+
+    func run() throws {
+        try withCommunicator("eval zeroshot") { communicator in
+            Parallel.setThreads(threads)
+            let root = communicator.isRoot
+            let (loaded, data, promptSets) = try agreeOnStart("eval zeroshot", communicator) { () throws -> (LoadedModel, DownstreamData, [String: PromptSet]) in
+                let loaded = try LoadedModel(checkpoint: checkpoint, vocab: vocab)
+                var options = DownstreamOptions()
+                options.seed = seed
+                options.uOnes = Set((uOnes ?? "").split(separator: ",").map { $0.trimmingCharacters(in: .whitespaces) }.filter { !$0.isEmpty })
+                let data = try DownstreamReader.load(dataset, root: self.root, options: options)
+                return (loaded, data, try prompts.map(ZeroShotPrompts.load) ?? ZeroShotPrompts.defaults(dataset))
+            }
+            if root && !quiet {
+                print("convirt eval zeroshot: \(dataset.rawValue) (\(data.task.rawValue), labels \(data.labelNames.joined(separator: ", "))): "
+                      + "\(data.test.count) test images; checkpoint \(loaded.directory); \(communicator.size) rank(s)")
+                print("prompts (\(prompts ?? "the defaults for \(dataset.rawValue)")):\n\(ZeroShotPrompts.json(promptSets))")
+            }
+            let start = Date()
+            var result = try ZeroShotEvaluation.run(data: data, prompts: promptSets, model: loaded.model, tokenizer: loaded.tokenizer,
+                                                    maxTokens: loaded.manifest.config.maxTokens,
+                                                    imageSize: imageSize ?? loaded.manifest.config.model.image.imageSize,
+                                                    communicator: communicator, checkpoint: loaded.directory) { line in if root { print(line) } }
+            result.seeds = [seed]
+            guard root else { return }
+            print(String(format: "convirt zeroshot on %@: %@ %.4f (%.0f s)", dataset.rawValue, result.metric, result.mean, Date().timeIntervalSince(start)))
+            if let out { try writeJSON(result.encoded(), to: out) }
+            let tag = "eval/zeroshot/\(dataset.rawValue)/convirt/all"
+            try logToTensorBoard(checkpoint: loaded.directory, [(tag, result.mean)] + result.perLabel.sorted { $0.key < $1.key }.map { ("\(tag)/\($0.key)", $0.value) },
+                                 step: loaded.manifest.state.step)
+            if quiet { return }
+            for (label, value) in result.perLabel.sorted(by: { $0.key < $1.key }) { print(String(format: "  %@: %.4f", label, value)) }
+            if let out { print("results: \(out)") }
+            // Beside the linear results of the same run, when they are there.
+            var beside = [result]
+            if let run = Checkpoints.runDirectory(ofCheckpoint: loaded.directory) {
+                for (_, r) in Report.evaluationResults(runDirectory: run).classification.map({ ($0.file, $0.result) })
+                where r.evaluationProtocol == "linear" && r.dataset == dataset.rawValue { beside.append(r) }
+            }
+            print(PaperTable.classificationTable(protocol: "zeroshot", ours: beside))
+        }
+    }
 }
 
 /// A ConVIRT model restored from a checkpoint, with the tokenizer of its run.
@@ -185,6 +264,11 @@ struct EvalRetrieval: ParsableCommand {
             result.checkpoint = loaded.directory
             guard isRoot else { return }
             if let out { try writeJSON(result.encoded(), to: out) }
+            var scalars: [(tag: String, value: Double)] = []
+            for (mode, table) in [("image_to_image", result.imageToImage), ("text_to_image", result.textToImage)] {
+                for k in RetrievalResult.ks { if let p = table["precision@\(k)"]?["mean"] { scalars.append(("eval/retrieval/\(mode)/precision@\(k)", p)) } }
+            }
+            try logToTensorBoard(checkpoint: loaded.directory, scalars, step: loaded.manifest.state.step)
             if quiet {
                 let p10 = { (mode: [String: [String: Double]]) in (mode["precision@10"]?["mean"] ?? .nan) * 100 }
                 print(String(format: "CheXpert 8x200 precision@10: image-to-image %.1f%%, text-to-image %.1f%% (chance %.1f%%)",

@@ -75,6 +75,7 @@ struct TrainCommand: ParsableCommand {
     @Flag(help: "ZeRO-1: shard the Adam state over the ranks (reduce-scatter gradients, update the own shard, all-gather parameters).")
     var zero1 = false
     @Flag(help: "All-reduce the gradients only after backward (no overlap; to measure what the overlap hides).") var noOverlap = false
+    @Flag(help: "Write no TensorBoard event files (default: RUN/tensorboard/events.out.tfevents.*, rank 0).") var noTensorboard = false
     @Flag(help: "Print the resolved configuration (the preset's defaults and the flags given) as JSON and exit.") var printConfig = false
 
     func validate() throws {
@@ -114,6 +115,7 @@ struct TrainCommand: ParsableCommand {
         if let checkpointIo { c.checkpointIO = checkpointIo }
         if syncCheckpoint { c.asyncCheckpoint = false }
         if noOverlap { c.overlapCommunication = false }
+        if noTensorboard { c.tensorboard = false }
         return c
     }
 
@@ -221,6 +223,8 @@ struct TrainCommand: ParsableCommand {
                 let encoder = JSONEncoder()
                 encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
                 try Files.writeAtomically(encoder.encode(result), to: "\(runDir)/heldout_retrieval.json")
+                try trainer.tensorboard?.scalars([("eval/heldout/image_to_text_precision@10", result.precisionAt10),
+                                                  ("eval/heldout/chance@10", result.chanceAt10)], step: trainer.totalSteps)
                 print(String(format: "held-out image-to-text retrieval (%d test studies, %d sentences): precision@10 %.3f (chance %.3f, best possible %.3f)",
                              result.studies, result.sentences, result.precisionAt10, result.chanceAt10, result.maximumAt10))
             }

@@ -95,10 +95,11 @@ struct EvalTests {
                              "--max-epochs", "3", "--out", "\(dir)/eval/rsna-capped.json"])
         let stops = try #require(try JSONSerialization.jsonObject(with: Data(contentsOf: URL(fileURLWithPath: "\(dir)/eval/rsna-capped.json"))) as? [String: Any])
         #expect(stops["epochs_run"] as? [Int] == [3, 3] && stops["stop_reasons"] as? [String] == ["max_epochs", "max_epochs"], "\(stops)")
-        #expect(capped.contains("warning: run 1 of rsna (random) ended at the 3-epoch cap") && capped.contains("3-3 epochs (2 at the cap)"), "\(capped)")
+        #expect(capped.contains("warning: 2 of 2 run(s) of rsna (random) ended at the 3-epoch cap") && capped.contains("3-3 epochs (2 at the cap)"), "\(capped)")
         let quiet = try ok(["eval", "linear", "--init", "random", "--preset", "tiny", "--dataset", "rsna", "--root", "\(dir)/rsna", "--runs", "1",
                             "--max-epochs", "3", "--quiet"])
-        #expect(quiet.split(separator: "\n").count == 2 && quiet.contains("over 1 run(s)"), "--quiet: the warning and the result line: \(quiet)")
+        #expect(quiet.split(separator: "\n").count == 2 && quiet.hasPrefix("random linear on rsna") && quiet.contains("warning: 1 of 1"),
+                "--quiet: the result line, then the warning: \(quiet)")
 
         // Given weights (here the checkpoint's image encoder exported with torchvision names, as ImageNet
         // weights would come) go through the same command and give the checkpoint's result exactly.
@@ -140,6 +141,45 @@ struct EvalTests {
                 #expect(row.count == 9 && row.values.allSatisfy { $0 >= 0 && $0 <= 1 }, "\(mode) precision@\(k): \(row)")
             }
         }
+
+        // Zero-shot from the default prompts: the same on 1 and 2 ranks, the JSON of eval linear with
+        // "protocol": "zeroshot", a table beside the run's linear results, and the report shows it.
+        let zero = try ok(["eval", "zeroshot", "--dataset", "chexpert", "--root", "\(dir)/chexpert", "--checkpoint", "\(dir)/run",
+                           "--out", "\(dir)/run/eval/zeroshot-chexpert.json"])
+        #expect(zero.contains("prompts (the defaults for chexpert)") && zero.contains("Bibasilar atelectasis.")
+                && zero.contains("Zero-shot classification beside linear") && zero.contains("ours zeroshot (convirt)"), "\(zero)")
+        _ = try ok(["eval", "zeroshot", "--dataset", "chexpert", "--root", "\(dir)/chexpert", "--checkpoint", "\(dir)/run",
+                    "--out", "\(dir)/zeroshot-2.json"], ranks: 2)
+        let (z1, z2) = (try classification("\(dir)/run/eval/zeroshot-chexpert.json"), try classification("\(dir)/zeroshot-2.json"))
+        #expect(z1.protocol == "zeroshot" && z1.metric == "auc" && z1.runs.count == 1 && (0...1).contains(z1.mean))
+        #expect(Set(z1.per_label.keys) == ["Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Pleural Effusion"], "\(z1.per_label)")
+        #expect(abs(z1.mean - z2.mean) <= 1e-6, "zero-shot on 1 rank \(z1.mean), on 2 ranks \(z2.mean)")
+        let covid = try ok(["eval", "zeroshot", "--dataset", "covidx", "--root", "\(dir)/covidx", "--checkpoint", "\(dir)/run", "--out", "\(dir)/zs-covidx.json"])
+        #expect(try classification("\(dir)/zs-covidx.json").metric == "accuracy", "\(covid)")
+        for dataset in ["rsna", "mura"] {
+            _ = try ok(["eval", "zeroshot", "--dataset", dataset, "--root", "\(dir)/\(dataset)", "--checkpoint", "\(dir)/run", "--quiet"])
+        }
+        // Prompts from a file; a prompt the vocabulary knows nothing of, and a label without prompts, are errors that name them.
+        let custom = #"{"Atelectasis": {"positive": ["atelectasis"], "negative": ["no atelectasis"]}, "Cardiomegaly": {"positive": ["enlarged heart"], "negative": ["normal heart"]}, "Consolidation": {"positive": ["consolidation"], "negative": ["clear lungs"]}, "Edema": {"positive": ["edema"], "negative": ["no edema"]}, "Pleural Effusion": {"positive": ["pleural effusion"], "negative": ["no effusion"]}}"#
+        try custom.write(toFile: "\(dir)/prompts.json", atomically: true, encoding: .utf8)
+        let own = try ok(["eval", "zeroshot", "--dataset", "chexpert", "--root", "\(dir)/chexpert", "--checkpoint", "\(dir)/run", "--prompts", "\(dir)/prompts.json"])
+        #expect(own.contains("prompts (\(dir)/prompts.json)") && own.contains("enlarged heart"), "\(own)")
+        try custom.replacingOccurrences(of: "[\"edema\"]", with: "[\"ζζζ ξξ\"]").write(toFile: "\(dir)/unknown.json", atomically: true, encoding: .utf8)
+        let unknown = try run(convirtPath(), ["eval", "zeroshot", "--dataset", "chexpert", "--root", "\(dir)/chexpert", "--checkpoint", "\(dir)/run",
+                                              "--prompts", "\(dir)/unknown.json"])
+        #expect(unknown.status == 1 && unknown.output.contains("\"ζζζ ξξ\" (Edema) has no word the vocabulary knows"), "\(unknown.output)")
+        try custom.replacingOccurrences(of: #""Edema": {"positive": ["edema"], "negative": ["no edema"]}, "#, with: "")
+            .write(toFile: "\(dir)/missing.json", atomically: true, encoding: .utf8)
+        let missing = try run(convirtPath(), ["eval", "zeroshot", "--dataset", "chexpert", "--root", "\(dir)/chexpert", "--checkpoint", "\(dir)/run",
+                                              "--prompts", "\(dir)/missing.json"])
+        #expect(missing.status == 1 && missing.output.contains("no prompts for Edema"), "\(missing.output)")
+        let report = try ok(["report", "\(dir)/run"])
+        #expect(report.contains("Zero-shot classification beside linear"), "\(report)")
+        // The evaluations' results are in the run's TensorBoard files, with its training scalars.
+        let board = try run("/usr/bin/env", ["python3", "\(repository)/tools/check_tensorboard.py", "\(dir)/run", "--expect-tag", "eval/linear/chexpert/convirt",
+                                            "--expect-tag", "eval/zeroshot/chexpert/convirt/all", "--expect-tag", "eval/retrieval/text_to_image/precision@10"],
+                            timeout: 300)
+        #expect(board.status == 0 && board.output.contains("all equal"), "\(board.output)")
 
         // Embeddings of images and sentences.
         let images = try FileManager.default.subpathsOfDirectory(atPath: "\(dir)/chexpert").filter { $0.hasSuffix(".jpg") }.prefix(5)

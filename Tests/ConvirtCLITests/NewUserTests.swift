@@ -138,3 +138,22 @@ struct NewUserTests {
         #expect(!calls.contains("apt"), "packages present: no apt-get: \(calls)")
     }
 }
+
+@Suite("Checkpoints of earlier versions")
+struct EarlierCheckpointTests {
+    /// A manifest written before the TensorBoard setting existed (format 2, demo preset, step 2000, by
+    /// ./launch.sh): its checksum still holds, since settings added later are optional and encode to
+    /// nothing by default.
+    @Test("a manifest written by an earlier version still reads, checksum included")
+    func earlierManifest() throws {
+        let dir = SharedRuns.shared.dir + "/earlier/checkpoints/step-00002000"
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        let fixture = "\(repository)/Tests/ConvirtCLITests/Fixtures/manifest-demo-step2000-v0.1.json"
+        try? FileManager.default.removeItem(atPath: "\(dir)/manifest.json")
+        try FileManager.default.copyItem(atPath: fixture, toPath: "\(dir)/manifest.json")
+        let r = try run(convirtPath(), ["checkpoint", "inspect", dir])
+        #expect(r.status == 0 && r.output.contains("step 2000") && r.output.contains("preset demo"), "\(r.output)")
+        // The demo's cosine schedule at its last step: the rate the step used, not the base rate.
+        #expect(r.output.contains("learning rate of step 2000 3.24e-10 (cosine schedule, base 0.0005)"), "\(r.output)")
+    }
+}

@@ -13,13 +13,16 @@ public struct GlobalBatchSampler: Sendable {
     public let worldSize: Int
     public let rank: Int
     public let seed: UInt64
+    /// Micro-batches per rank and step (exact accumulation); 1 without.
+    public let microBatches: Int
 
-    public init(sampleCount: Int, globalBatch: Int, worldSize: Int, rank: Int, seed: UInt64) throws {
+    public init(sampleCount: Int, globalBatch: Int, worldSize: Int, rank: Int, seed: UInt64, microBatches: Int = 1) throws {
         try require(worldSize >= 1 && rank >= 0 && rank < worldSize, "sampler", "rank \(rank) is outside a world of \(worldSize)")
-        try require(globalBatch >= 1 && globalBatch % worldSize == 0, "sampler",
-                    "the global batch \(globalBatch) does not divide by the \(worldSize) ranks")
+        try require(microBatches >= 1 && globalBatch >= 1 && globalBatch % (worldSize * microBatches) == 0, "sampler",
+                    "the global batch \(globalBatch) does not divide by the \(worldSize) ranks" + (microBatches > 1 ? " x \(microBatches) micro-batches" : ""))
         try require(sampleCount >= globalBatch, "sampler", "\(sampleCount) training samples are fewer than one global batch of \(globalBatch)")
         self.sampleCount = sampleCount; self.globalBatch = globalBatch; self.worldSize = worldSize; self.rank = rank; self.seed = seed
+        self.microBatches = microBatches
     }
 
     public var localBatch: Int { globalBatch / worldSize }
@@ -31,9 +34,15 @@ public struct GlobalBatchSampler: Sendable {
     }
 
     /// (row in the global batch, position in the sample list) of this rank's rows of global batch `batch`.
+    /// Without micro-batches, rank r holds rows [r B/W, (r+1) B/W). With K, the global batch is K
+    /// micro-batches of B/K consecutive rows and rank r holds its b = B/(W K) rows of each: micro-batch j
+    /// is rows [j B/K, (j+1) B/K) on every world size (what SyncBN normalises over), and each rank's
+    /// piece of it, rows [j B/K + r b, j B/K + (r+1) b), is the same b rows for every (W, K) with the
+    /// same W K (what per-rank BatchNorm normalises over).
     public func localRows(batch: Int, permutation: [Int]) -> [(globalRow: Int, sample: Int)] {
-        (0..<localBatch).map { i in
-            let row = rank * localBatch + i
+        let micro = globalBatch / microBatches, b = localBatch / microBatches
+        return (0..<localBatch).map { i in
+            let row = (i / b) * micro + rank * b + i % b
             return (row, permutation[batch * globalBatch + row])
         }
     }

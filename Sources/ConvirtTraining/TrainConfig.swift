@@ -49,6 +49,10 @@ public struct TrainConfig: Codable, Sendable {
     /// to the same bytes and keeps its checksum.
     public var tensorboard: Bool? = nil
     public var writesTensorBoard: Bool { tensorboard ?? true }
+    /// Exact contrastive accumulation (GradCache): each rank runs its share of the global batch as K
+    /// micro-batches; nil = 1. Does not change the trajectory (not a resume-refusing setting).
+    public var accumSteps: Int? = nil
+    public var microBatches: Int { accumSteps ?? 1 }
 
     enum CodingKeys: String, CodingKey {
         case preset, model, globalBatch = "global_batch", steps, epochs, seed, learningRate = "learning_rate", weightDecay = "weight_decay"
@@ -57,7 +61,7 @@ public struct TrainConfig: Codable, Sendable {
         case loaderWorkers = "loader_workers", swapLateralityOnFlip = "swap_laterality_on_flip", imageWeights = "image_weights"
         case textWeights = "text_weights", checkpointEvery = "checkpoint_every", keepCheckpoints = "keep_checkpoints"
         case zero1, overlapCommunication = "overlap_communication", checkpointIO = "checkpoint_io", asyncCheckpoint = "async_checkpoint"
-        case tensorboard
+        case tensorboard, accumSteps = "accum_steps"
     }
 
     /// The preset's defaults: the paper's recipe for `paper`, a quicker one for `demo` and `tiny`.
@@ -88,6 +92,9 @@ public struct TrainConfig: Codable, Sendable {
         try model.validate()
         try require(globalBatch >= 1 && globalBatch % worldSize == 0, "train",
                     "--global-batch \(globalBatch) does not divide by the \(worldSize) ranks")
+        try require(microBatches >= 1, "train", "--accum-steps must be positive, got \(microBatches)")
+        try require(globalBatch % (worldSize * microBatches) == 0, "train",
+                    "--global-batch \(globalBatch) does not divide into \(worldSize) rank(s) x \(microBatches) micro-batches (--accum-steps)")
         try require(learningRate > 0 && learningRate.isFinite, "train", "--lr must be a positive number, got \(learningRate)")
         try require(weightDecay >= 0 && weightDecay.isFinite, "train", "--weight-decay must not be negative, got \(weightDecay)")
         try require(steps == nil || steps! >= 1, "train", "--steps must be positive, got \(steps ?? 0)")
@@ -170,5 +177,6 @@ extension TrainConfig {
         checkpointIO = try c.decodeIfPresent(CheckpointIO.self, forKey: .checkpointIO) ?? .parallel
         asyncCheckpoint = try c.decodeIfPresent(Bool.self, forKey: .asyncCheckpoint) ?? true
         tensorboard = try c.decodeIfPresent(Bool.self, forKey: .tensorboard)
+        accumSteps = try c.decodeIfPresent(Int.self, forKey: .accumSteps)
     }
 }

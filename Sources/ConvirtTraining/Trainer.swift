@@ -65,6 +65,11 @@ public final class Trainer {
     let loss: DistributedLoss
     var schedule: LearningRateSchedule
     var log: (String) -> Void
+    /// Pass 1's embeddings of all micro-batches [K b, d] (accumulation only).
+    let accumulatedV = Scratch<Float>(), accumulatedU = Scratch<Float>()
+    /// BatchNorm's running statistics, kept across pass 1 of accumulation.
+    let runningStatistics = Scratch<Float>()
+    lazy var bufferEntries = model.layout.entries.filter { $0.kind == .buffer }
     /// Rank 0's event file of this invocation (nil elsewhere, before `run`, or with --no-tensorboard).
     public private(set) var tensorboard: TensorBoardWriter?
 
@@ -103,7 +108,7 @@ public final class Trainer {
         loss = DistributedLoss(communicator: communicator, features: config.model.projDim, tau: config.model.tau, lambda: config.model.lambda)
         trainSamples = dataset.samples(split: "train")
         sampler = try GlobalBatchSampler(sampleCount: trainSamples.count, globalBatch: config.globalBatch, worldSize: communicator.size,
-                                         rank: communicator.rank, seed: config.seed)
+                                         rank: communicator.rank, seed: config.seed, microBatches: config.microBatches)
         schedule = config.makeSchedule(totalSteps: config.steps ?? (config.epochs ?? 1) * sampler.batchesPerEpoch)
     }
 
@@ -167,14 +172,19 @@ public final class Trainer {
         let batch = loader.next()
         let timeData = clock.lap()
         sync.begin()
-        var context = passContext(step: step, batch: batch, training: true)
-        let (v, u) = try encode(batch, context: context)
-        let value = try loss.forwardBackward(v: v, u: u, rows: batch.size)
-        let timeForward = clock.lap() - loss.communicationTime
-        context.gradientsReady = sync.readyHandler
-        try model.backwardImages(gradEmbeddings: loss.gradV, context: context)
-        try model.backwardTexts(gradEmbeddings: loss.gradU, context: context)
-        let timeBackward = clock.lap()
+        let value: ConVIRTLoss.Value, timeForward: Double, timeBackward: Double
+        if config.microBatches == 1 {
+            var context = passContext(step: step, batch: batch, training: true)
+            let (v, u) = try encode(batch, context: context)
+            value = try loss.forwardBackward(v: v, u: u, rows: batch.size)
+            timeForward = clock.lap() - loss.communicationTime
+            context.gradientsReady = sync.readyHandler
+            try model.backwardImages(gradEmbeddings: loss.gradV, context: context)
+            try model.backwardTexts(gradEmbeddings: loss.gradU, context: context)
+            timeBackward = clock.lap()
+        } else {
+            (value, timeForward, timeBackward) = try accumulatedStep(step, batch: batch, clock: &clock)
+        }
         var timeComm = loss.communicationTime + (try sync.finish())
         _ = clock.lap()
         let norm = try sync.gradientNorm()
@@ -199,6 +209,61 @@ public final class Trainer {
                            lr: rate, gradNorm: norm, pairsPerSecond: Double(config.globalBatch) / total, worldSize: communicator.size,
                            timeData: timeData, timeForward: timeForward, timeBackward: timeBackward, timeComm: timeComm,
                            timeOptimizer: timeOptimizer, valLoss: nil)
+    }
+
+    /// Exact contrastive accumulation (GradCache, open_clip's --accum-freq): this rank's rows as K
+    /// micro-batches of b. Pass 1 embeds each micro-batch without keeping its activations (the model's
+    /// buffers are reused by the next), keeping only the embeddings [K b, d]; one all-gather and the loss
+    /// over all N pairs, the embedding gradients reduce-scattered as without accumulation; pass 2 runs
+    /// each micro-batch forward again, now backward from its slice of the embedding gradients, the
+    /// parameter gradients accumulating; the buckets' all-reduce starts during the last micro-batch's
+    /// backward. Dropout is keyed by (seed, step, sample) and the images were augmented once, so pass 2
+    /// computes what pass 1 did. BatchNorm: statistics per micro-batch, which the sampler lays out so
+    /// that they do not depend on the world size (see `GlobalBatchSampler.localRows`): with SyncBN over
+    /// micro-batch j on every rank (B/K rows), per rank over b rows; pass 1 leaves the running statistics
+    /// as they were, so each micro-batch updates them once. Returns the loss and the forward and backward seconds.
+    func accumulatedStep(_ step: Int, batch: TrainingBatch, clock: inout Clock) throws -> (ConVIRTLoss.Value, Double, Double) {
+        let k = config.microBatches, b = batch.size / k, d = config.model.projDim
+        let pixels = 3 * batch.imageSize * batch.imageSize, tokens = batch.tokens
+        let allV = accumulatedV.ensure(batch.size * d), allU = accumulatedU.ensure(batch.size * d)
+        func micro(_ j: Int, gradients: Bool) throws -> (UnsafePointer<Float>, UnsafePointer<Float>, PassContext) {
+            var context = PassContext(training: true, reducer: config.syncBatchNorm ? syncBatchNormReducer(communicator) : nil,
+                                      stream: RandomStream(seed: config.seed, .trainingStep, UInt64(step)),
+                                      sampleIndices: Array(batch.sampleIndices[(j * b)..<((j + 1) * b)]))
+            if gradients && j == k - 1 { context.gradientsReady = sync.readyHandler }
+            let v = try batch.images.withUnsafeBufferPointer {
+                try model.encodeImages($0.baseAddress! + j * b * pixels, batch: b, size: batch.imageSize, context: context)
+            }
+            let u = try batch.ids.withUnsafeBufferPointer { ids in
+                try batch.mask.withUnsafeBufferPointer { mask in
+                    try model.encodeTexts(ids: ids.baseAddress! + j * b * tokens, mask: mask.baseAddress! + j * b * tokens, batch: b,
+                                          tokens: tokens, context: context)
+                }
+            }
+            return (v, u, context)
+        }
+        // Pass 1: embeddings only; the running statistics restored after it.
+        let running = runningStatistics.ensure(bufferEntries.reduce(0) { $0 + $1.count })
+        var at = 0
+        for e in bufferEntries { (running + at).update(from: model.arena.params + e.offset, count: e.count); at += e.count }
+        for j in 0..<k {
+            let (v, u, _) = try micro(j, gradients: false)
+            (allV + j * b * d).update(from: v, count: b * d)
+            (allU + j * b * d).update(from: u, count: b * d)
+        }
+        at = 0
+        for e in bufferEntries { (model.arena.params + e.offset).update(from: running + at, count: e.count); at += e.count }
+        let value = try loss.forwardBackward(v: allV, u: allU, rows: batch.size)
+        var forward = clock.lap() - loss.communicationTime, backward = 0.0
+        // Pass 2: each micro-batch again, with its activations, then backward from its gradient slice.
+        for j in 0..<k {
+            let (_, _, context) = try micro(j, gradients: true)
+            forward += clock.lap()
+            try model.backwardImages(gradEmbeddings: loss.gradV + j * b * d, context: context)
+            try model.backwardTexts(gradEmbeddings: loss.gradU + j * b * d, context: context)
+            backward += clock.lap()
+        }
+        return (value, forward, backward)
     }
 
     func makeLoader() -> Loader {

@@ -75,6 +75,8 @@ struct TrainCommand: ParsableCommand {
     @Flag(help: "ZeRO-1: shard the Adam state over the ranks (reduce-scatter gradients, update the own shard, all-gather parameters).")
     var zero1 = false
     @Flag(help: "All-reduce the gradients only after backward (no overlap; to measure what the overlap hides).") var noOverlap = false
+    @Option(parsing: .unconditional, help: ArgumentHelp("Exact accumulation (GradCache): each rank runs its rows of the global batch as K micro-batches; "
+                                                        + "the loss still sees all --global-batch pairs as negatives.")) var accumSteps: Int?
     @Flag(help: "Write no TensorBoard event files (default: RUN/tensorboard/events.out.tfevents.*, rank 0).") var noTensorboard = false
     @Flag(help: "Print the resolved configuration (the preset's defaults and the flags given) as JSON and exit.") var printConfig = false
 
@@ -116,6 +118,7 @@ struct TrainCommand: ParsableCommand {
         if syncCheckpoint { c.asyncCheckpoint = false }
         if noOverlap { c.overlapCommunication = false }
         if noTensorboard { c.tensorboard = false }
+        if let accumSteps { c.accumSteps = accumSteps == 1 ? nil : accumSteps }
         return c
     }
 

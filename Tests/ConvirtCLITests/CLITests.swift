@@ -239,6 +239,35 @@ struct DistributedTrainingTests {
         }
     }
 
+    @Test("exact accumulation: -np 1 --accum-steps 4, -np 2 --accum-steps 2 and -np 4 train alike; with SyncBN any W at one K; resume with another K and W")
+    func accumulation() throws {
+        func agree(_ a: [Row], _ b: [Row], _ what: String) {
+            #expect(a.count == 20 && b.count == 20, "\(what): \(a.count) and \(b.count) rows")
+            for (x, y) in zip(a, b) { #expect(abs(x.loss - y.loss) <= 1e-4 * abs(x.loss), "\(what), step \(x.step): \(x.loss) vs \(y.loss)") }
+        }
+        // Per-rank BatchNorm: each micro-batch normalises the same b = 8 / 4 pairs in every layout.
+        let reference = try shared.rows(np: 4, ["--no-sync-bn"])
+        agree(reference, try shared.rows(np: 1, ["--no-sync-bn", "--accum-steps", "4"]), "-np 1 --accum-steps 4 against -np 4")
+        agree(reference, try shared.rows(np: 2, ["--no-sync-bn", "--accum-steps", "2"]), "-np 2 --accum-steps 2 against -np 4")
+        // SyncBN: a micro-batch normalises over its pairs on every rank (B/K of them), whatever the world size.
+        agree(try shared.rows(np: 1, ["--accum-steps", "2"]), try shared.rows(np: 2, ["--accum-steps", "2"]), "SyncBN, K = 2: -np 2 against -np 1")
+
+        // Checkpoints and resume: 10 steps on 1 rank with K = 4, then on 2 ranks with K = 2 to 20.
+        let mpirun = try #require(SharedRuns.mpirun)
+        let data = try shared.data()
+        let runDir = "\(dir)/accumulated-resume"
+        let common = ["train", "--data", data, "--run-dir", runDir, "--preset", "tiny", "--retrieval-eval", "0", "--no-sync-bn", "--checkpoint-every", "10"]
+        let first = try run(mpirun, ["--oversubscribe", "-np", "1", convirtPath()] + common + ["--steps", "10", "--accum-steps", "4"],
+                            environment: Self.mpiEnvironment, timeout: 300)
+        #expect(first.status == 0, "\(first.output)")
+        let second = try run(mpirun, ["--oversubscribe", "-np", "2", convirtPath()] + common + ["--steps", "20", "--accum-steps", "2", "--resume"],
+                             environment: Self.mpiEnvironment, timeout: 300)
+        #expect(second.status == 0 && second.output.contains("resuming from"), "\(second.output)")
+        agree(reference, try Self.rows(of: runDir), "1 rank K = 4 resumed on 2 ranks K = 2, against -np 4")
+        let bad = try run(convirtPath(), ["train", "--data", data, "--run-dir", "\(dir)/accum-bad", "--preset", "tiny", "--accum-steps", "3"])
+        #expect(bad.status == 1 && bad.output.contains("does not divide into 1 rank(s) x 3 micro-batches"), "\(bad.output)")
+    }
+
     @Test("ZeRO-1 under mpirun (Adam state sharded over 2 and 4 ranks) trains as replicated Adam")
     func zero1() throws {
         let one = try shared.rows(np: 1)

@@ -76,15 +76,20 @@ if [ $# -eq 0 ]; then
     fi
   done
   for dataset in chexpert rsna covidx mura; do
-    for init in convirt random; do
-      # One line per evaluation: the mean and spread over 5 runs, the epochs, and a warning when the
-      # epoch cap (not the plateau) ended a run. The tables follow, beside the paper's.
-      printf '== linear evaluation, %-8s %-7s encoder (2 ranks, 5 runs): ' "$dataset" "$init"
-      mpirun --oversubscribe "${mpi_flags[@]}" -np 2 "$bin" eval linear --dataset "$dataset" --root "$data/eval/$dataset" \
-        --checkpoint "$run" --init "$init" --out "$run/eval/linear-$dataset-$init.json" --quiet
+    # Table 1's columns: 1%, 10% and all of the training labels (COVIDx: 10% and all, as the paper).
+    fractions="0.01 0.1 1"
+    [ "$dataset" = covidx ] && fractions="0.1 1"
+    for fraction in $fractions; do
+      for init in convirt random; do
+        # One line per evaluation (2 ranks, 5 runs): the mean and spread, the epochs, and a warning when
+        # the epoch cap (not the plateau) ended a run. The tables follow, beside the paper's.
+        printf '== '
+        mpirun --oversubscribe "${mpi_flags[@]}" -np 2 "$bin" eval linear --dataset "$dataset" --root "$data/eval/$dataset" \
+          --checkpoint "$run" --init "$init" --fraction "$fraction" --out "$run/eval/linear-$dataset-$init-$fraction.json" --quiet
+      done
     done
     # Zero-shot from the prompts convirt ships (CheXzero's protocol: no labels at all).
-    printf '== zero-shot,         %-8s default prompts (2 ranks):   ' "$dataset"
+    printf '== zero-shot (default prompts, no labels): ' 
     mpirun --oversubscribe "${mpi_flags[@]}" -np 2 "$bin" eval zeroshot --dataset "$dataset" --root "$data/eval/$dataset" \
       --checkpoint "$run" --out "$run/eval/zeroshot-$dataset.json" --quiet
   done
@@ -96,7 +101,8 @@ if [ $# -eq 0 ]; then
   echo
   echo "Results in $run:"
   echo "  report.html              the report: curves, throughput, these tables, epochs and stop reasons, retrieval examples"
-  echo "  eval/*.json              linear evaluation (ConVIRT and random init), zero-shot and retrieval, one file each"
+  echo "  eval/*.json              linear evaluation (ConVIRT and random init, 1%, 10% and all labels), zero-shot and"
+  echo "                           retrieval, one file each"
   echo "  tensorboard/             TensorBoard event files: every metrics.jsonl scalar and the evaluations (tensorboard --logdir $run)"
   echo "  heldout_retrieval.json   image-to-text precision@10 on held-out studies, with chance and best possible"
   echo "  metrics.jsonl            one JSON object per step;  config.json: the resolved configuration"

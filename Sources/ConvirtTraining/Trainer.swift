@@ -294,6 +294,30 @@ public final class Trainer {
         return (v, u)
     }
 
+    /// This rank's embeddings of a batch [size, d] computed `rows` at a time (evaluation mode), in the
+    /// accumulation buffers.
+    func encodeInPieces(_ batch: TrainingBatch, rows: Int, context: PassContext) throws -> (UnsafePointer<Float>, UnsafePointer<Float>) {
+        let d = config.model.projDim, pixels = 3 * batch.imageSize * batch.imageSize, tokens = batch.tokens
+        let allV = accumulatedV.ensure(batch.size * d), allU = accumulatedU.ensure(batch.size * d)
+        var start = 0
+        while start < batch.size {
+            let n = min(rows, batch.size - start)
+            let v = try batch.images.withUnsafeBufferPointer {
+                try model.encodeImages($0.baseAddress! + start * pixels, batch: n, size: batch.imageSize, context: context)
+            }
+            (allV + start * d).update(from: v, count: n * d)
+            let u = try batch.ids.withUnsafeBufferPointer { ids in
+                try batch.mask.withUnsafeBufferPointer { mask in
+                    try model.encodeTexts(ids: ids.baseAddress! + start * tokens, mask: mask.baseAddress! + start * tokens, batch: n,
+                                          tokens: tokens, context: context)
+                }
+            }
+            (allU + start * d).update(from: u, count: n * d)
+            start += n
+        }
+        return (UnsafePointer(allV), UnsafePointer(allU))
+    }
+
     // MARK: validation and the schedule
 
     func isValidationStep(_ step: Int) -> Bool {
@@ -345,7 +369,10 @@ public final class Trainer {
         for k in 0..<sampler.batchesPerEpoch {
             let batch = Loader.build(dataset: dataset, samples: samples, sampler: sampler, tokenizer: tokenizer, recipe: recipe, epoch: 0,
                                      step: k, permutation: Array(0..<samples.count))
-            let (v, u) = try encode(batch, context: passContext(step: 0, batch: batch, training: false))
+            let context = passContext(step: 0, batch: batch, training: false)
+            // With accumulation, in pieces of a micro-batch, so that validation needs no more memory than a step.
+            let (v, u) = config.microBatches == 1 ? try encode(batch, context: context)
+                : try encodeInPieces(batch, rows: max(1, config.globalBatch / (communicator.size * config.microBatches)), context: context)
             total += try loss.forward(v: v, u: u, rows: batch.size).loss
         }
         return total / Double(sampler.batchesPerEpoch)

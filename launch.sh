@@ -33,7 +33,7 @@ if [ -z "$bin" ]; then
     echo "launch.sh: the release build failed (errors above)" >&2
     exit 1
   fi
-  grep -E 'warning:|error:' "$build_log" | sort -u | head -20 || true
+  grep -E '^/.*: (warning|error):' "$build_log" | sort -u | head -20 || true
   rm -f "$build_log"
   bin="$(swift build -c release --build-path "$build_path" --show-bin-path)/convirt"
   [ -x "$bin" ] || { echo "launch.sh: the release build produced no $bin" >&2; exit 1; }

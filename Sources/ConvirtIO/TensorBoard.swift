@@ -90,7 +90,8 @@ public final class TensorBoardWriter {
         }
         var name = [CChar](repeating: 0, count: 256)
         gethostname(&name, 255)
-        let host = String(cString: name).isEmpty ? "localhost" : String(cString: name)
+        let hostname = String(decoding: name.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
+        let host = hostname.isEmpty ? "localhost" : hostname
         let base = "\(directory)/events.out.tfevents.\(Int(now.timeIntervalSince1970)).\(host)"
         var candidate = base, suffix = 0
         var fd: Int32 = -1

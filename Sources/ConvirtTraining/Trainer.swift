@@ -224,30 +224,21 @@ public final class Trainer {
     /// as they were, so each micro-batch updates them once. Returns the loss and the forward and backward seconds.
     func accumulatedStep(_ step: Int, batch: TrainingBatch, clock: inout Clock) throws -> (ConVIRTLoss.Value, Double, Double) {
         let k = config.microBatches, b = batch.size / k, d = config.model.projDim
-        let pixels = 3 * batch.imageSize * batch.imageSize, tokens = batch.tokens
         let allV = accumulatedV.ensure(batch.size * d), allU = accumulatedU.ensure(batch.size * d)
-        func micro(_ j: Int, gradients: Bool) throws -> (UnsafePointer<Float>, UnsafePointer<Float>, PassContext) {
-            var context = PassContext(training: true, reducer: config.syncBatchNorm ? syncBatchNormReducer(communicator) : nil,
-                                      stream: RandomStream(seed: config.seed, .trainingStep, UInt64(step)),
-                                      sampleIndices: Array(batch.sampleIndices[(j * b)..<((j + 1) * b)]))
+        /// Micro-batch j's context: the step's, with dropout keyed by its samples; gradients of the last
+        /// one mark the buckets ready.
+        func context(_ j: Int, gradients: Bool) -> PassContext {
+            var context = passContext(step: step, batch: batch, training: true)
+            context.sampleIndices = Array(batch.sampleIndices[(j * b)..<((j + 1) * b)])
             if gradients && j == k - 1 { context.gradientsReady = sync.readyHandler }
-            let v = try batch.images.withUnsafeBufferPointer {
-                try model.encodeImages($0.baseAddress! + j * b * pixels, batch: b, size: batch.imageSize, context: context)
-            }
-            let u = try batch.ids.withUnsafeBufferPointer { ids in
-                try batch.mask.withUnsafeBufferPointer { mask in
-                    try model.encodeTexts(ids: ids.baseAddress! + j * b * tokens, mask: mask.baseAddress! + j * b * tokens, batch: b,
-                                          tokens: tokens, context: context)
-                }
-            }
-            return (v, u, context)
+            return context
         }
         // Pass 1: embeddings only; the running statistics restored after it.
         let running = runningStatistics.ensure(bufferEntries.reduce(0) { $0 + $1.count })
         var at = 0
         for e in bufferEntries { (running + at).update(from: model.arena.params + e.offset, count: e.count); at += e.count }
         for j in 0..<k {
-            let (v, u, _) = try micro(j, gradients: false)
+            let (v, u) = try encode(batch, rows: (j * b)..<((j + 1) * b), context: context(j, gradients: false))
             (allV + j * b * d).update(from: v, count: b * d)
             (allU + j * b * d).update(from: u, count: b * d)
         }
@@ -257,10 +248,11 @@ public final class Trainer {
         var forward = clock.lap() - loss.communicationTime, backward = 0.0
         // Pass 2: each micro-batch again, with its activations, then backward from its gradient slice.
         for j in 0..<k {
-            let (_, _, context) = try micro(j, gradients: true)
+            let micro = context(j, gradients: true)
+            _ = try encode(batch, rows: (j * b)..<((j + 1) * b), context: micro)
             forward += clock.lap()
-            try model.backwardImages(gradEmbeddings: loss.gradV + j * b * d, context: context)
-            try model.backwardTexts(gradEmbeddings: loss.gradU + j * b * d, context: context)
+            try model.backwardImages(gradEmbeddings: loss.gradV + j * b * d, context: micro)
+            try model.backwardTexts(gradEmbeddings: loss.gradU + j * b * d, context: micro)
             backward += clock.lap()
         }
         return (value, forward, backward)
@@ -281,39 +273,33 @@ public final class Trainer {
                     stream: RandomStream(seed: config.seed, .trainingStep, UInt64(step)), sampleIndices: batch.sampleIndices)
     }
 
-    /// This rank's image and text embeddings [b, d] of a batch (valid until the next forward).
-    func encode(_ batch: TrainingBatch, context: PassContext) throws -> (UnsafePointer<Float>, UnsafePointer<Float>) {
+    /// This rank's image and text embeddings [n, d] of rows `rows` of a batch (default: all of them),
+    /// valid until the next forward.
+    func encode(_ batch: TrainingBatch, rows: Range<Int>? = nil, context: PassContext) throws -> (UnsafePointer<Float>, UnsafePointer<Float>) {
+        let rows = rows ?? 0..<batch.size, n = rows.count
+        let pixels = 3 * batch.imageSize * batch.imageSize, tokens = batch.tokens
         let v = try batch.images.withUnsafeBufferPointer {
-            try model.encodeImages($0.baseAddress!, batch: batch.size, size: batch.imageSize, context: context)
+            try model.encodeImages($0.baseAddress! + rows.lowerBound * pixels, batch: n, size: batch.imageSize, context: context)
         }
         let u = try batch.ids.withUnsafeBufferPointer { ids in
             try batch.mask.withUnsafeBufferPointer { mask in
-                try model.encodeTexts(ids: ids.baseAddress!, mask: mask.baseAddress!, batch: batch.size, tokens: batch.tokens, context: context)
+                try model.encodeTexts(ids: ids.baseAddress! + rows.lowerBound * tokens, mask: mask.baseAddress! + rows.lowerBound * tokens,
+                                      batch: n, tokens: tokens, context: context)
             }
         }
         return (v, u)
     }
 
-    /// This rank's embeddings of a batch [size, d] computed `rows` at a time (evaluation mode), in the
-    /// accumulation buffers.
+    /// This rank's embeddings of a whole batch [size, d], computed `rows` at a time (evaluation mode),
+    /// in the accumulation buffers.
     func encodeInPieces(_ batch: TrainingBatch, rows: Int, context: PassContext) throws -> (UnsafePointer<Float>, UnsafePointer<Float>) {
-        let d = config.model.projDim, pixels = 3 * batch.imageSize * batch.imageSize, tokens = batch.tokens
+        let d = config.model.projDim
         let allV = accumulatedV.ensure(batch.size * d), allU = accumulatedU.ensure(batch.size * d)
-        var start = 0
-        while start < batch.size {
-            let n = min(rows, batch.size - start)
-            let v = try batch.images.withUnsafeBufferPointer {
-                try model.encodeImages($0.baseAddress! + start * pixels, batch: n, size: batch.imageSize, context: context)
-            }
-            (allV + start * d).update(from: v, count: n * d)
-            let u = try batch.ids.withUnsafeBufferPointer { ids in
-                try batch.mask.withUnsafeBufferPointer { mask in
-                    try model.encodeTexts(ids: ids.baseAddress! + start * tokens, mask: mask.baseAddress! + start * tokens, batch: n,
-                                          tokens: tokens, context: context)
-                }
-            }
-            (allU + start * d).update(from: u, count: n * d)
-            start += n
+        for start in stride(from: 0, to: batch.size, by: rows) {
+            let piece = start..<min(batch.size, start + rows)
+            let (v, u) = try encode(batch, rows: piece, context: context)
+            (allV + start * d).update(from: v, count: piece.count * d)
+            (allU + start * d).update(from: u, count: piece.count * d)
         }
         return (UnsafePointer(allV), UnsafePointer(allU))
     }

@@ -127,29 +127,22 @@ struct StartFailure: Error { let code: Int32 }
 func agreeOnStart<T>(_ name: String, _ communicator: Communicator, _ body: () throws -> T) throws -> T {
     var result: Result<T, Error>
     do { result = .success(try body()) } catch { result = .failure(error) }
-    guard communicator.size > 1 else {
-        switch result {
-        case .success(let value): return value
-        case .failure(let error as ValidationError): throw error
-        case .failure(let error):
-            var message = describe(error)
-            if let command = name.split(separator: " ").first, message.hasPrefix("\(command): ") { message.removeFirst(command.count + 2) }
-            FileHandle.standardError.write(Data("convirt \(name): \(message)\n".utf8))
-            throw StartFailure(code: 1)
-        }
-    }
+    // A single process keeps the parser's handling of a bad flag (exit 64 with the usage text).
+    if communicator.size == 1, case .failure(let error as ValidationError) = result { throw error }
     let record = 2048
     var mine = [UInt8](repeating: 0, count: record)
     if case .failure(let error) = result {
+        var message = describe(error)
+        // "train: ..." from a shared check reads "convirt train: ...", not "convirt train: train: ...".
+        if let command = name.split(separator: " ").first, message.hasPrefix("\(command): ") { message.removeFirst(command.count + 2) }
         mine[0] = error is ValidationError ? 64 : 1
-        for (k, b) in Array(describe(error).utf8.prefix(record - 2)).enumerated() { mine[k + 1] = b }
+        for (k, b) in Array(message.utf8.prefix(record - 2)).enumerated() { mine[k + 1] = b }
     }
     let all = try communicator.gather(mine, root: 0)
     var failed: UInt8 = 0
     if communicator.isRoot, let first = (0..<communicator.size).first(where: { all[$0 * record] != 0 }) {
         failed = all[first * record]
-        var message = String(decoding: all[(first * record + 1)..<((first + 1) * record)].prefix { $0 != 0 }, as: UTF8.self)
-        if let command = name.split(separator: " ").first, message.hasPrefix("\(command): ") { message.removeFirst(command.count + 2) }
+        let message = String(decoding: all[(first * record + 1)..<((first + 1) * record)].prefix { $0 != 0 }, as: UTF8.self)
         FileHandle.standardError.write(Data("convirt \(name)\(first == 0 ? "" : " (rank \(first))"): \(message)\n".utf8))
     }
     try withUnsafeMutableBytes(of: &failed) { try communicator.broadcast($0, root: 0) }

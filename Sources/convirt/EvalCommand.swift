@@ -20,6 +20,20 @@ struct EvalCommand: ParsableCommand {
 
 /// An evaluation's results as TensorBoard scalars at the checkpoint's step, in a new event file of the
 /// checkpoint's run (when the run keeps a tensorboard/ directory).
+/// A classification result as scalars: TAG (the mean) and TAG/LABEL per label.
+func classificationScalars(_ tag: String, _ result: ClassificationResult) -> [(tag: String, value: Double)] {
+    [(tag, result.mean)] + result.perLabel.sorted { $0.key < $1.key }.map { ("\(tag)/\($0.key)", $0.value) }
+}
+
+/// The readers' options of `eval linear|finetune|zeroshot`: the split seed and CheXpert's U-Ones labels
+/// (comma-separated).
+func downstreamOptions(seed: UInt64, uOnes: String?) -> DownstreamOptions {
+    var options = DownstreamOptions()
+    options.seed = seed
+    options.uOnes = Set((uOnes ?? "").split(separator: ",").map { $0.trimmingCharacters(in: .whitespaces) }.filter { !$0.isEmpty })
+    return options
+}
+
 func logToTensorBoard(checkpoint: String, _ scalars: [(tag: String, value: Double)], step: Int) throws {
     guard let run = Checkpoints.runDirectory(ofCheckpoint: checkpoint), FileManager.default.fileExists(atPath: "\(run)/tensorboard") else { return }
     try TensorBoardWriter(directory: "\(run)/tensorboard").scalars(scalars, step: step)
@@ -80,10 +94,7 @@ struct ClassificationArguments: ParsableArguments {
             let (source, data) = try agreeOnStart("eval \(name)", communicator) { () throws -> (EncoderSource, DownstreamData) in
                 if quiet && verbose { throw ValidationError("give --quiet or --verbose, not both") }
                 let encoder = try self.source()
-                var readerOptions = DownstreamOptions()
-                readerOptions.seed = seed
-                readerOptions.uOnes = Set((uOnes ?? "").split(separator: ",").map { $0.trimmingCharacters(in: .whitespaces) }.filter { !$0.isEmpty })
-                return (encoder, try DownstreamReader.load(dataset, root: self.root, options: readerOptions))
+                return (encoder, try DownstreamReader.load(dataset, root: self.root, options: downstreamOptions(seed: seed, uOnes: uOnes)))
             }
             if root && !quiet {
                 print("convirt eval \(name): \(dataset.rawValue) (\(data.task.rawValue), labels \(data.labelNames.joined(separator: ", "))): "
@@ -128,9 +139,8 @@ struct ClassificationArguments: ParsableArguments {
             if let out { try writeJSON(result.encoded(), to: out) }
             // Under the run's TensorBoard as eval/PROTOCOL/DATASET/INIT/LABELS (and per label), at the checkpoint's step.
             if let checkpoint, let dir = try? Checkpoints.resolve(checkpoint), let step = try? Checkpoints.manifest(dir).state.step {
-                let tag = "eval/\(name)/\(dataset.rawValue)/\(source.name)/\(PaperTable.fractionColumn(fraction))"
-                try logToTensorBoard(checkpoint: dir, [(tag, result.mean)] + result.perLabel.sorted { $0.key < $1.key }.map { ("\(tag)/\($0.key)", $0.value) },
-                                     step: step)
+                try logToTensorBoard(checkpoint: dir, classificationScalars("eval/\(name)/\(dataset.rawValue)/\(source.name)/\(PaperTable.fractionColumn(fraction))",
+                                                                            result), step: step)
             }
             if quiet { return }
             for (label, value) in result.perLabel.sorted(by: { $0.key < $1.key }) { print(String(format: "  %@: %.4f", label, value)) }
@@ -175,10 +185,7 @@ struct EvalZeroShot: ParsableCommand {
             let root = communicator.isRoot
             let (loaded, data, promptSets) = try agreeOnStart("eval zeroshot", communicator) { () throws -> (LoadedModel, DownstreamData, [String: PromptSet]) in
                 let loaded = try LoadedModel(checkpoint: checkpoint, vocab: vocab)
-                var options = DownstreamOptions()
-                options.seed = seed
-                options.uOnes = Set((uOnes ?? "").split(separator: ",").map { $0.trimmingCharacters(in: .whitespaces) }.filter { !$0.isEmpty })
-                let data = try DownstreamReader.load(dataset, root: self.root, options: options)
+                let data = try DownstreamReader.load(dataset, root: self.root, options: downstreamOptions(seed: seed, uOnes: uOnes))
                 return (loaded, data, try prompts.map(ZeroShotPrompts.load) ?? ZeroShotPrompts.defaults(dataset))
             }
             if root && !quiet {
@@ -195,8 +202,7 @@ struct EvalZeroShot: ParsableCommand {
             guard root else { return }
             print(String(format: "convirt zeroshot on %@: %@ %.4f (%.0f s)", dataset.rawValue, result.metric, result.mean, Date().timeIntervalSince(start)))
             if let out { try writeJSON(result.encoded(), to: out) }
-            let tag = "eval/zeroshot/\(dataset.rawValue)/convirt/all"
-            try logToTensorBoard(checkpoint: loaded.directory, [(tag, result.mean)] + result.perLabel.sorted { $0.key < $1.key }.map { ("\(tag)/\($0.key)", $0.value) },
+            try logToTensorBoard(checkpoint: loaded.directory, classificationScalars("eval/zeroshot/\(dataset.rawValue)/convirt/all", result),
                                  step: loaded.manifest.state.step)
             if quiet { return }
             for (label, value) in result.perLabel.sorted(by: { $0.key < $1.key }) { print(String(format: "  %@: %.4f", label, value)) }

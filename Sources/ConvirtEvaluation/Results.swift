@@ -84,6 +84,24 @@ public struct ClassificationResult: Codable, Sendable, Equatable {
         stopReasons = try c.decodeIfPresent([String].self, forKey: .stopReasons)
     }
 
+    /// DESIGN.md's keys; "runs" is left out when there are none (zero-shot has nothing to repeat).
+    public func encode(to encoder: Encoder) throws {
+        var c = encoder.container(keyedBy: CodingKeys.self)
+        try c.encode(dataset, forKey: .dataset)
+        try c.encode(evaluationProtocol, forKey: .evaluationProtocol)
+        try c.encode(fraction, forKey: .fraction)
+        try c.encode(metric, forKey: .metric)
+        if !runs.isEmpty { try c.encode(runs, forKey: .runs) }
+        try c.encode(mean, forKey: .mean)
+        try c.encode(std, forKey: .std)
+        try c.encode(perLabel, forKey: .perLabel)
+        try c.encodeIfPresent(initialization, forKey: .initialization)
+        try c.encodeIfPresent(checkpoint, forKey: .checkpoint)
+        try c.encodeIfPresent(seeds, forKey: .seeds)
+        try c.encodeIfPresent(epochsRun, forKey: .epochsRun)
+        try c.encodeIfPresent(stopReasons, forKey: .stopReasons)
+    }
+
     /// How many runs the epoch cap ended (nil when the result does not say).
     public var runsAtEpochCap: Int? { stopReasons.map { $0.filter { $0 == StopReason.maxEpochs.rawValue }.count } }
 

@@ -142,7 +142,10 @@ public enum ZeroShotEvaluation {
             }
         }
         let (value, perLabel) = try ClassificationEvaluation.metric(data: data, scores: scores, split: test) { if communicator.isRoot { log($0) } }
-        return ClassificationResult(dataset: name, protocol: "zeroshot", fraction: 1, metric: data.task == .multiClass ? "accuracy" : "auc",
-                                    runs: [value], perLabel: perLabel, initialization: "convirt", checkpoint: checkpoint)
+        // One deterministic score, no runs (DESIGN.md: zero-shot results have no "runs").
+        var result = ClassificationResult(dataset: name, protocol: "zeroshot", fraction: 1, metric: data.task == .multiClass ? "accuracy" : "auc",
+                                          runs: [value], perLabel: perLabel, initialization: "convirt", checkpoint: checkpoint)
+        result.runs = []
+        return result
     }
 }

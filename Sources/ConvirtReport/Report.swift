@@ -303,7 +303,8 @@ private struct Builder {
                 out += "<tr><td class=\"label\"><code>\(HTML.escape(file))</code></td><td class=\"label\">\(HTML.escape(r.dataset))</td>"
                     + "<td class=\"label\">\(HTML.escape(r.evaluationProtocol))</td><td>\(HTML.escape(PaperTable.fractionColumn(r.fraction)))</td>"
                     + "<td class=\"label\">\(HTML.escape(r.initialization ?? "convirt"))</td><td class=\"label\">\(HTML.escape(r.metric))</td>"
-                    + "<td>\(r.runs.count)</td><td>\(String(format: "%.1f ± %.1f", r.mean * 100, r.std * 100))</td>"
+                    + "<td>\(r.runs.isEmpty ? "-" : "\(r.runs.count)")</td>"
+                    + "<td>\(r.runs.count > 1 ? String(format: "%.1f ± %.1f", r.mean * 100, r.std * 100) : String(format: "%.1f", r.mean * 100))</td>"
                     + "<td class=\"label small\">\(Self.stopSummary(r))</td><td class=\"label small\">\(perLabel.joined(separator: " &middot; "))</td></tr>"
             }
             out += "</tbody></table>"

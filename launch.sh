@@ -69,10 +69,15 @@ if [ $# -eq 0 ]; then
     --checkpoint-every 500 --resume
   # The paper's evaluations on synthetic CheXpert, RSNA, COVIDx and MURA (each in its released layout):
   # linear evaluation of the pretrained encoder and of a random-init one, and CheXpert 8x200 retrieval.
+  # At the calibrated difficulty (faint to obvious findings, normal variation that mimics disease, the
+  # datasets' label noise and class balance). The marker names the generator's version: data written by
+  # an earlier one (full-contrast findings, smaller test sets) is written again.
+  synth_version="synth-v2 difficulty 1"
   for dataset in chexpert rsna covidx mura; do
-    if [ ! -e "$data/eval/$dataset/.complete" ]; then
+    if [ "$(cat "$data/eval/$dataset/.complete" 2>/dev/null)" != "$synth_version" ]; then
       echo "== synthesising $dataset into $data/eval/$dataset"
-      "$bin" synth "$dataset" --out "$data/eval/$dataset" && touch "$data/eval/$dataset/.complete"
+      rm -rf "$data/eval/$dataset"
+      "$bin" synth "$dataset" --out "$data/eval/$dataset" && echo "$synth_version" >"$data/eval/$dataset/.complete"
     fi
   done
   for dataset in chexpert rsna covidx mura; do

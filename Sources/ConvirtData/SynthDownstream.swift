@@ -5,7 +5,10 @@
 // RSNA's Target is a rendered consolidation, boxed at its side; COVIDx's COVID-19 is bilateral lower-zone
 // consolidation with haziness, its pneumonia a unilateral consolidation, normal nothing; a MURA study is
 // abnormal when its images show a fracture or another finding (the renderer draws chests, not bones).
-// `synth chexpert` also writes the CheXpert 8x200 retrieval files. Deterministic for a seed.
+// `synth chexpert` also writes the CheXpert 8x200 retrieval files, with text queries phrased as
+// radiologists write them rather than as the pretraining reports do. At the calibrated difficulty (the
+// default; `SynthDifficulty`) findings range from faint to obvious, normal variation mimics disease,
+// the class balance is the real datasets' and a share of the labels is wrong. Deterministic for a seed.
 
 import ConvirtCore
 import ConvirtIO
@@ -40,15 +43,21 @@ public struct SynthDownstreamOptions: Sendable {
     public var retrievalTextQueries = 5
     /// covidx: positive/negative labels (COVIDx 9 and later) instead of normal/pneumonia/COVID-19.
     public var covidxBinary = false
+    /// How hard the images and labels are: 0 draws every finding at full contrast with clean labels
+    /// (the first milestone's datasets, where any encoder that learned anything reaches the ceiling);
+    /// 1 (the default) is the calibrated setting: findings from faint to obvious, normal variation that
+    /// mimics disease, and label noise at `SynthDifficulty`'s rates; above 1 fainter and noisier still.
+    public var difficulty = 1.0
     public init() {}
 
-    /// chexpert 600 (+100 valid), rsna 500, covidx 400 (+100 test), mura 400 studies (+100 valid).
+    /// chexpert 1200 (+200 valid), rsna 2000 (about 200 in the test split), covidx 800 (+200 test), mura 800
+    /// studies (+200 valid): test sets large enough that a result does not hang on a few images.
     public static func defaultCount(_ dataset: DownstreamDataset) -> Int {
         switch dataset {
-        case .chexpert: return 600
-        case .rsna: return 500
-        case .covidx: return 400
-        case .mura: return 400
+        case .chexpert: return 1200
+        case .rsna: return 2000
+        case .covidx: return 800
+        case .mura: return 800
         }
     }
 }
@@ -60,6 +69,34 @@ public struct SynthDownstreamSummary: Sendable {
     public var images: [String: Int]
     /// The 8x200 retrieval directory, when written.
     public var retrieval: String?
+}
+
+/// The calibrated difficulty of the synthetic downstream datasets (see `SynthDownstreamOptions.difficulty`
+/// and the calibration in tools/calibrate_synth.sh): how findings fade, how often normal variation mimics
+/// disease, and how often a label is wrong.
+public enum SynthDifficulty {
+    /// The faintest finding at difficulty 1 (conspicuity is uniform over [faintest, 1]).
+    public static let faintest = 0.15
+    /// The share of normal and abnormal images with soft-tissue shadows, and their largest density.
+    public static let softTissueShare = 0.5, softTissueDensity = 0.07
+    /// Label noise at difficulty 1: the share of labels flipped (or, for COVIDx, swapped to another class).
+    /// RSNA's boxes came from one reader per image with moderate agreement between readers; COVIDx's
+    /// COVID-19 labels are PCR-confirmed and its other classes come from curated sets; MURA's labels are
+    /// the reporting radiologist's; CheXpert's training labels come from a report labeler, its valid.csv
+    /// from the consensus of three radiologists (clean).
+    public static let labelNoise: [DownstreamDataset: Double] = [.rsna: 0.06, .covidx: 0.02, .mura: 0.08, .chexpert: 0.04]
+    /// Class balance: RSNA's share of pneumonia (Target 1) patients and of "not normal" among the rest,
+    /// COVIDx's shares of COVID-19 and pneumonia, MURA's share of abnormal studies.
+    public static let rsnaPneumonia = 0.27, rsnaNotNormal = 0.6
+    public static let covidxCOVID = 0.03, covidxPneumonia = 0.4
+    public static let muraAbnormal = 0.63
+
+    /// A finding's conspicuity for draw `u` in [0, 1) at `difficulty`: 1 at difficulty 0, uniform over
+    /// [faintest, 1] at 1, and at least 0.05.
+    public static func conspicuity(_ u: Double, difficulty: Double, faintest: Double = faintest) -> Float {
+        let real = faintest + (1 - faintest) * u
+        return Float(max(0.05, min(1, 1 - difficulty * (1 - real))))
+    }
 }
 
 public enum SynthDownstream {
@@ -140,6 +177,23 @@ public enum SynthDownstream {
 
     static func side(_ s: RandomStream, _ i: UInt64) -> Side { s.uniformDouble(at: i) < 0.5 ? .left : .right }
 
+    /// Draws `f`'s conspicuity and soft-tissue shadows at the options' difficulty from draws i and i + 1, i + 2
+    /// (the same draws for every finding of an image, so that they fade together).
+    static func vary(_ f: Findings, _ s: RandomStream, _ i: UInt64, _ o: SynthDownstreamOptions,
+                     faintest: Double = SynthDifficulty.faintest) -> Findings {
+        var f = f
+        f.conspicuity = SynthDifficulty.conspicuity(s.uniformDouble(at: i), difficulty: o.difficulty, faintest: faintest)
+        if s.uniformDouble(at: i + 1) < SynthDifficulty.softTissueShare {
+            f.softTissue = Float(min(0.15, o.difficulty * SynthDifficulty.softTissueDensity * (0.3 + 0.7 * s.uniformDouble(at: i + 2))))
+        }
+        return f
+    }
+
+    /// Whether draw i flips a label of `dataset` at the options' difficulty.
+    static func mislabeled(_ dataset: DownstreamDataset, _ s: RandomStream, _ i: UInt64, _ o: SynthDownstreamOptions) -> Bool {
+        s.uniformDouble(at: i) < min(0.5, o.difficulty * (SynthDifficulty.labelNoise[dataset] ?? 0))
+    }
+
     // MARK: - CheXpert
 
     /// A label value as CheXpert writes it: "1.0", "0.0", "-1.0" or blank.
@@ -177,36 +231,39 @@ public enum SynthDownstream {
         return f
     }
 
-    /// A report-like sentence about `category`, in the phrasings of `ReportWriter`.
-    static func sentence(about category: String, _ s: RandomStream, _ i: UInt64) -> String {
+    /// A text query about `category` as a radiologist would write it: phrasings, word orders and hedges
+    /// that `ReportWriter` never uses (so the queries are not copies of the pretraining sentences), with the
+    /// side, severity and lobe drawn from `s`.
+    public static func radiologistQuery(about category: String, _ s: RandomStream, _ i: UInt64) -> String {
         let k = 16 * i
         let sd = pick(["left", "right"], s, k + 1), sev = pick(["small", "moderate", "large"], s, k + 2)
-        let edema = pick(["mild", "moderate", "severe"], s, k + 3), lobe = "\(sd) \(pick(["upper", "lower"], s, k + 4)) lobe"
+        let edema = pick(["mild", "moderate", "severe"], s, k + 3), zone = pick(["upper", "lower"], s, k + 4)
         func cap(_ t: String) -> String { t.prefix(1).uppercased() + t.dropFirst() }
         let options: [String]
         switch category {
         case "Atelectasis":
-            options = ["Plate-like atelectasis at the \(sd) lung base.", "There is \(sd) basilar atelectasis.",
-                       "Linear opacity at the \(sd) base likely reflects atelectasis.", "\(cap(sd)) basilar atelectasis."]
+            options = ["Subsegmental atelectasis at the \(sd) base.", "Streaky \(sd) basilar opacity, most likely atelectasis.",
+                       "Minimal \(sd) lower lobe atelectasis.", "Atelectasis is noted at the \(sd) lung base."]
         case "Cardiomegaly":
-            options = ["The heart is enlarged.", "There is cardiomegaly.", "Moderate enlargement of the cardiac silhouette.",
-                       "The cardiac silhouette is enlarged.", "Cardiomegaly.", "Enlarged heart."]
+            options = ["Mild cardiomegaly.", "The heart size is enlarged.", "Stable cardiomegaly.",
+                       "Enlarged cardiac silhouette.", "Enlargement of the heart is noted."]
         case "Edema":
-            options = ["There is \(edema) pulmonary edema.", "\(cap(edema)) interstitial edema is present.",
-                       "Perihilar haziness consistent with \(edema) pulmonary edema.", "\(cap(edema)) pulmonary edema."]
+            options = ["\(cap(edema)) pulmonary vascular congestion with interstitial edema.", "Findings are consistent with \(edema) pulmonary edema.",
+                       "Pulmonary edema, \(edema).", "Interstitial edema is noted, \(edema)."]
         case "Fracture":
-            options = ["There is a displaced \(sd) rib fracture.", "A fracture of a \(sd) lateral rib is seen.", "\(cap(sd)) rib fracture."]
+            options = ["Acute fracture of a \(sd) rib.", "\(cap(sd)) lateral rib fracture is noted.", "Displaced fracture of the \(sd) rib."]
         case "No Finding":
-            options = ["No acute cardiopulmonary process.", "No acute intrathoracic abnormality.", "Normal chest radiograph.", "The lungs are clear."]
+            options = ["No acute cardiopulmonary abnormality.", "The lungs are clear without effusion or pneumothorax.",
+                       "Heart size is normal and the lungs are clear.", "No acute process in the chest."]
         case "Pleural Effusion":
-            options = ["There is a \(sev) \(sd) pleural effusion.", "\(cap(sev)) \(sd) pleural effusion is present.",
-                       "A \(sev) \(sd)-sided pleural effusion is seen.", "\(cap(sd)) pleural effusion, \(sev)."]
+            options = ["\(cap(sd))-sided pleural effusion, \(sev).", "Pleural effusion on the \(sd), \(sev) in size.",
+                       "\(cap(sev)) effusion at the \(sd) base.", "Blunting of the \(sd) costophrenic angle from a \(sev) pleural effusion."]
         case "Pneumonia":
-            options = ["Focal opacity in the \(lobe) concerning for pneumonia.", "\(cap(lobe)) pneumonia.",
-                       "\(cap(lobe)) consolidation, likely pneumonia.", "There is consolidation in the \(lobe)."]
+            options = ["\(cap(sd)) \(zone) lobe opacity, concerning for pneumonia.", "Consolidation at the \(sd) \(zone) lobe, compatible with pneumonia.",
+                       "Airspace opacity in the \(sd) \(zone) lobe, likely pneumonia.", "Pneumonia in the \(sd) \(zone) lobe."]
         case "Pneumothorax":
-            options = ["There is a \(sev) \(sd) apical pneumothorax.", "A \(sev) \(sd) pneumothorax is present.",
-                       "\(cap(sd)) pneumothorax, \(sev) in size, is noted."]
+            options = ["\(cap(sev)) \(sd) apical pneumothorax is noted.", "Pneumothorax on the \(sd), \(sev).",
+                       "\(cap(sd))-sided pneumothorax, \(sev) in size.", "There is a \(sev) pneumothorax on the \(sd)."]
         default:
             options = ["\(cap(category.lowercased()))."]
         }
@@ -248,12 +305,15 @@ public enum SynthDownstream {
                 for (j, label) in CheXpertLabels.names.enumerated() where label != "No Finding" {
                     let u = s.uniformDouble(at: 100 + UInt64(j))
                     if (labels[label] == 1 && u < 0.08) || (labels[label] == nil && u < 0.02) { labels[label] = -1 }
+                    // the labeler's errors: a definite label read the wrong way
+                    if let v = labels[label], v != -1, mislabeled(.chexpert, s, 120 + UInt64(j), o) { labels[label] = 1 - v }
                 }
+                let shown = vary(written.findings, s, 200, o)
                 let ap = s.uniformDouble(at: 0) < 0.7
                 let views = images + 1 < trainCount && s.uniformDouble(at: 1) < 0.15 ? [false, true] : [false]
                 for (v, lateral) in views.enumerated() {
                     let relative = "\(name)/train/patient\(String(format: "%05d", patient))/study\(k)/view\(v + 1)_\(lateral ? "lateral" : "frontal").jpg"
-                    jobs.append(job(relative, written.findings, lateral: lateral, s.child(UInt64(v))))
+                    jobs.append(job(relative, shown, lateral: lateral, s.child(UInt64(v))))
                     train += csvLine(chexpertRow(path: relative, sex: sex, age: age, lateral: lateral, ap: ap, labels: labels))
                     images += 1
                 }
@@ -269,9 +329,10 @@ public enum SynthDownstream {
             v += 1
             let views = validImages + 1 < validCount && s.uniformDouble(at: 1) < 0.15 ? [false, true] : [false]
             let labels = self.labels(of: written.findings)
+            let shown = vary(written.findings, s, 200, o)
             for (k, lateral) in views.enumerated() {
                 let relative = "\(name)/valid/\(patientName)/study1/view\(k + 1)_\(lateral ? "lateral" : "frontal").jpg"
-                jobs.append(job(relative, written.findings, lateral: lateral, s.child(UInt64(k))))
+                jobs.append(job(relative, shown, lateral: lateral, s.child(UInt64(k))))
                 valid += csvLine(chexpertRow(path: relative, sex: s.uniformDouble(at: 2) < 0.5 ? "Female" : "Male", age: 18 + s.integer(below: 72, at: 3),
                                              lateral: lateral, ap: s.uniformDouble(at: 0) < 0.7, labels: labels))
                 validImages += 1
@@ -291,7 +352,8 @@ public enum SynthDownstream {
                 for k in 0..<perCategory {
                     patient += 1
                     let s = RandomStream(seed: o.seed, .synthCheXpert, 4, UInt64(c), UInt64(k))
-                    let f = findings(showing: category, s.child(7))
+                    // clear examples (the authors chose images positive for one category alone): never the faintest
+                    let f = vary(findings(showing: category, s.child(7)), s, 200, o, faintest: 0.5)
                     let relative = "\(name)/train/patient\(String(format: "%05d", patient))/study1/view1_frontal.jpg"
                     jobs.append(job(relative, f, lateral: false, s.child(0)))
                     // train.csv leaves most other labels blank; the released candidate.csv has them as 0.0.
@@ -312,7 +374,7 @@ public enum SynthDownstream {
                 var sentences: [String] = []
                 let s = RandomStream(seed: o.seed, .synthCheXpert, 5, UInt64(c))
                 for i in 0..<64 where sentences.count < o.retrievalTextQueries {
-                    let text = sentence(about: category, s, UInt64(i))
+                    let text = radiologistQuery(about: category, s, UInt64(i))
                     if !sentences.contains(text) { sentences.append(text) }
                 }
                 for text in sentences { textQueries += csvLine([category, text]) }
@@ -372,6 +434,7 @@ public enum SynthDownstream {
             } else {
                 f = findings(showing: table.value(row, "Variable").trimmingCharacters(in: .whitespaces), s.child(7))
             }
+            f = vary(f, s, 300, o)
             let lateral = table.value(row, "Frontal/Lateral") == "Lateral" || relative.lowercased().contains("lateral")
             jobs.append(RenderJob(path: "\(out)/\(relative)", findings: [f], lateral: lateral, width: o.imageSize,
                                   height: Int(Double(o.imageSize) * (1.1 + 0.15 * s.uniformDouble(at: 9))), stream: s.child(1), format: .jpeg))
@@ -416,30 +479,50 @@ public enum SynthDownstream {
             let s = RandomStream(seed: o.seed, .synthRSNA, UInt64(i))
             let id = uuid(s.child(1))
             var findings = [Findings()]
-            var boxes: [[String]] = []
+            var upper: [Side: Bool] = [:]
             var className = "Normal"
-            if s.uniformDouble(at: 0) < 0.3 {
-                // Pneumonia: a consolidation, on both sides in a third of the cases; one box per side.
-                let first = side(s, 1), upper = s.uniformDouble(at: 2) < 0.4
-                findings[0].consolidation = (first, upper)
-                boxes.append(consolidationBox(side: first, upper: upper, size: o.imageSize, s, 10))
+            let pneumonia = s.uniformDouble(at: 0) < SynthDifficulty.rsnaPneumonia
+            if pneumonia {
+                // Pneumonia: a consolidation, on both sides in a third of the cases.
+                let first = side(s, 1)
+                upper[first] = s.uniformDouble(at: 2) < 0.4
+                findings[0].consolidation = (first, upper[first]!)
                 if s.uniformDouble(at: 3) < 0.35 {
                     var other = Findings()
-                    let second: Side = first == .left ? .right : .left, secondUpper = s.uniformDouble(at: 4) < 0.4
-                    other.consolidation = (second, secondUpper)
+                    let second: Side = first == .left ? .right : .left
+                    upper[second] = s.uniformDouble(at: 4) < 0.4
+                    other.consolidation = (second, upper[second]!)
                     findings.append(other)
-                    boxes.append(consolidationBox(side: second, upper: secondUpper, size: o.imageSize, s, 20))
                 }
                 className = "Lung Opacity"
-            } else if s.uniformDouble(at: 5) < 0.45 {
+            } else if s.uniformDouble(at: 5) < SynthDifficulty.rsnaNotNormal {
                 // Not normal, but no lung opacity.
-                switch s.integer(below: 4, at: 6) {
+                switch s.integer(below: 5, at: 6) {
                 case 0: findings[0].effusion = (side(s, 7), .small)
                 case 1: findings[0].cardiomegaly = true
                 case 2: findings[0].devices = true
+                case 3: findings[0].atelectasis = side(s, 7)
                 default: findings[0].fracture = side(s, 7)
                 }
                 className = "No Lung Opacity / Not Normal"
+            }
+            findings = findings.map { vary($0, s, 40, o) }
+            // The reader's label: wrong for a share of the patients (a missed faint opacity boxed as
+            // normal, or a soft-tissue shadow or atelectasis boxed as pneumonia, on a random side).
+            var target = pneumonia
+            if mislabeled(.rsna, s, 8, o) {
+                target.toggle()
+                if target {
+                    let boxed = side(s, 9)
+                    upper = [boxed: s.uniformDouble(at: 11) < 0.4]
+                    className = "Lung Opacity"
+                } else {
+                    upper = [:]
+                    className = s.uniformDouble(at: 12) < 0.5 ? "Normal" : "No Lung Opacity / Not Normal"
+                }
+            }
+            let boxes = Side.allCases.compactMap { sd in
+                upper[sd].map { consolidationBox(side: sd, upper: $0, size: o.imageSize, s, sd == .left ? 10 : 20) }
             }
             if boxes.isEmpty {
                 labels += csvLine([id, "", "", "", "", "0"]); classes += csvLine([id, className])
@@ -464,14 +547,21 @@ public enum SynthDownstream {
         let sources = ["cohen", "fig1", "actmed", "sirm", "rsna", "ricord"]
         var patient = 0
         for (split, total) in [("train", trainCount), ("test", testCount)] {
-            var list = "", images = 0
+            var list = "", images = 0, inSplit = 0
             while images < total {
                 let s = RandomStream(seed: o.seed, .synthCOVIDx, UInt64(patient))
                 let pid = String(format: "%08x", s.uint32(at: 0))
-                // Classes in turn, so that every split holds all three.
-                let cls = patient % 3
+                // The class balance of COVIDx (a few percent COVID-19: every 33rd patient), after one
+                // patient of each class first, so that every split holds all three.
+                let cls: Int
+                if inSplit < 3 { cls = inSplit }
+                else if inSplit % 33 == 16 { cls = 2 }
+                else { cls = s.uniformDouble(at: 1) < SynthDifficulty.covidxPneumonia / (1 - SynthDifficulty.covidxCOVID) ? 1 : 0 }
                 patient += 1
-                let label = o.covidxBinary ? (cls == 2 ? "positive" : "negative") : DownstreamReader.covidxClasses[cls]
+                inSplit += 1
+                // The label: another class for a share of the patients.
+                let labelled = mislabeled(.covidx, s, 6, o) ? (cls + 1 + s.integer(below: 2, at: 7)) % 3 : cls
+                let label = o.covidxBinary ? (labelled == 2 ? "positive" : "negative") : DownstreamReader.covidxClasses[labelled]
                 for k in 0..<(images + 1 < total && s.uniformDouble(at: 2) < 0.3 ? 2 : 1) {
                     var findings = [Findings()]
                     switch cls {
@@ -485,6 +575,7 @@ public enum SynthDownstream {
                         findings = [left, right]
                     default: break
                     }
+                    findings = findings.map { vary($0, s, 20 + 4 * UInt64(k), o) }
                     let file = "\(pid)-\(k + 1).png"
                     let height = Int(Double(o.imageSize) * (0.95 + 0.3 * s.uniformDouble(at: 10 + UInt64(k))))
                     jobs.append(RenderJob(path: "\(out)/\(split)/\(file)", findings: findings, width: o.imageSize, height: height,
@@ -520,7 +611,7 @@ public enum SynthDownstream {
                 let part = pick(muraStudyTypes, ps, 0)
                 for k in 1...(ps.uniformDouble(at: 1) < 0.3 ? 2 : 1) where written < total {
                     let s = ps.child(UInt64(k))
-                    let abnormal = s.uniformDouble(at: 0) < 0.4
+                    let abnormal = s.uniformDouble(at: 0) < SynthDifficulty.muraAbnormal
                     var f = Findings()
                     if abnormal {
                         // A fracture, alone or with another finding, or another finding alone.
@@ -532,8 +623,11 @@ public enum SynthDownstream {
                         default: f.fracture = side(s, 2); f.cardiomegaly = true
                         }
                     }
-                    let study = "\(name)/\(split)/\(part)/patient\(String(format: "%05d", patient))/study\(k)_\(abnormal ? "positive" : "negative")/"
-                    studies += csvLine([study, abnormal ? "1" : "0"])
+                    f = vary(f, s, 30, o)
+                    // The label (and the study's directory name): the reporting radiologist's, wrong for a share.
+                    let labelled = abnormal != mislabeled(.mura, s, 33, o)
+                    let study = "\(name)/\(split)/\(part)/patient\(String(format: "%05d", patient))/study\(k)_\(labelled ? "positive" : "negative")/"
+                    studies += csvLine([study, labelled ? "1" : "0"])
                     for image in 1...(1 + s.integer(below: 3, at: 5)) {
                         let relative = "\(study)image\(image).png"
                         let width = Int(Double(o.imageSize) * (0.75 + 0.25 * s.uniformDouble(at: 10 + UInt64(image))))

@@ -19,6 +19,13 @@ public struct Findings: Sendable, Equatable {
     public var atelectasis: Side? = nil
     public var fracture: Side? = nil
     public var devices = false
+    /// How visible the findings are, in (0, 1]: 1 draws them at full contrast and size (the pretraining
+    /// images, whose reports name them), lower values fainter and smaller, down to what is hard to tell
+    /// from normal variation (a faint consolidation, a thin effusion, a hairline fracture).
+    public var conspicuity: Float = 1
+    /// Normal variation that mimics disease: soft-tissue (breast) shadows over both lower zones, 0 (none)
+    /// to about 0.1 (a faint bilateral density, like early consolidation). Not a finding.
+    public var softTissue: Float = 0
 
     public init() {}
 
@@ -31,6 +38,7 @@ public struct Findings: Sendable, Equatable {
             && a.pneumothorax?.side == b.pneumothorax?.side && a.pneumothorax?.severity == b.pneumothorax?.severity
             && a.consolidation?.side == b.consolidation?.side && a.consolidation?.upper == b.consolidation?.upper
             && a.edema == b.edema && a.atelectasis == b.atelectasis && a.fracture == b.fracture && a.devices == b.devices
+            && a.conspicuity == b.conspicuity && a.softTissue == b.softTissue
     }
 }
 
@@ -41,11 +49,18 @@ public enum ChestRenderer {
         var img = [Float](repeating: 0, count: w * h)
         let W = Float(w), H = Float(h)
         func u(_ i: UInt64) -> Float { stream.uniform(at: i) }
+        // Conspicuity c scales each finding's size and contrast; at c = 1 every value is exactly the
+        // full-contrast one (`fade(x, k)` is x at c = 1, x * (1 - k) at c = 0; `toward(v, t)` is t at c = 1).
+        let c = min(1, max(0, f.conspicuity))
+        func fade(_ x: Float, _ k: Float) -> Float { c >= 1 ? x : x * (1 - k * (1 - c)) }
+        func toward(_ v: Float, _ t: Float) -> Float { c >= 1 ? t : v + (t - v) * c }
         // Anatomy varies per patient/image.
         let cx = W * (0.5 + 0.03 * (u(0) - 0.5))
         let lungTop = H * (0.16 + 0.04 * u(1)), lungBottom = H * (0.74 + 0.05 * u(2))
         let lungHalfWidth = W * (0.17 + 0.02 * u(3)), lungGap = W * (0.06 + 0.015 * u(4))
-        let heartWidth = W * (f.cardiomegaly ? 0.34 + 0.05 * u(5) : 0.22 + 0.03 * u(5))
+        // An enlarged heart is 0.12-0.14 of the width wider than a normal one at full conspicuity, and only
+        // a little wider than the widest normal hearts when faint.
+        let heartWidth = W * (f.cardiomegaly ? (c >= 1 ? 0.34 + 0.05 * u(5) : 0.22 + 0.03 * u(5) + (0.03 + 0.09 * c) * (1 + u(5) / 6)) : 0.22 + 0.03 * u(5))
         let heartCenterX = cx + W * 0.04, heartCenterY = lungBottom - H * 0.1
         let exposure = 0.9 + 0.2 * u(6)
         let ribPhase = u(7) * 6.28, ribSpacing = H * (0.055 + 0.008 * u(8))
@@ -94,10 +109,10 @@ public enum ChestRenderer {
                     if let side, let ptx = f.pneumothorax, ptx.side == side, !lateral {
                         // no markings and darker at the lateral apex, a thin pleural line at the edge
                         let lateralEdge: Float = side == .right ? cx - lungGap - 2 * lungHalfWidth : cx + lungGap + 2 * lungHalfWidth
-                        let extent: Float = ptx.severity == .large ? 0.55 : (ptx.severity == .moderate ? 0.38 : 0.22)
+                        let extent: Float = fade(ptx.severity == .large ? 0.55 : (ptx.severity == .moderate ? 0.38 : 0.22), 0.6)
                         let d = abs(fx - lateralEdge) / (2 * lungHalfWidth), t = (fy - lungTop) / (lungBottom - lungTop)
                         let boundary = extent * (1 - 0.5 * t)
-                        if d < boundary { air = 0.03 } else if d < boundary + 0.015 { air = 0.3 }
+                        if d < boundary { air = toward(air, 0.03) } else if d < boundary + 0.015 { air = toward(air, 0.3) }
                     }
                     v = v * (1 - inLung) + air * inLung
                 }
@@ -123,7 +138,7 @@ public enum ChestRenderer {
                     if let fside = f.fracture, !lateral {
                         let fractureX = fside == .right ? cx - lungGap - lungHalfWidth * 1.6 : cx + lungGap + lungHalfWidth * 1.6
                         let fractureY = lungTop + (lungBottom - lungTop) * 0.45
-                        if abs(fx - fractureX) < W * 0.012 && abs(fy - fractureY) < ribSpacing * 0.6 { rib = -0.08 }
+                        if abs(fx - fractureX) < fade(W * 0.012, 0.6) && abs(fy - fractureY) < ribSpacing * 0.6 { rib = toward(rib, -0.08) }
                     }
                     v += rib
                 }
@@ -139,26 +154,33 @@ public enum ChestRenderer {
                     let t = (fy - lungTop) / (lungBottom - lungTop)
                     let sideCenter = side == .right ? cx - lungGap - lungHalfWidth : cx + lungGap + lungHalfWidth
                     if let eff = f.effusion, eff.side == side {
-                        let level: Float = eff.severity == .large ? 0.5 : (eff.severity == .moderate ? 0.3 : 0.14)
+                        let level: Float = fade(eff.severity == .large ? 0.5 : (eff.severity == .moderate ? 0.3 : 0.14), 0.65)
                         // meniscus: higher laterally
                         let lateralness = abs(fx - sideCenter) / lungHalfWidth
-                        if t > 1 - level - 0.08 * lateralness { v = max(v, 0.58) }
+                        if t > 1 - level - 0.08 * lateralness { v = max(v, toward(v, 0.58)) }
                     }
                     if let c = f.consolidation, c.side == side {
                         let cyz: Float = c.upper ? 0.3 : 0.72
-                        let dx = (fx - sideCenter) / lungHalfWidth, dz = (t - cyz) / 0.16
+                        let radius = fade(1, 0.45)
+                        let dx = (fx - sideCenter) / (lungHalfWidth * radius), dz = (t - cyz) / (0.16 * radius)
                         let blob = 1 - (dx * dx + dz * dz) + 0.25 * Float.sin(fx * 0.3) * Float.cos(fy * 0.27)
-                        if blob > 0 { v = max(v, 0.25 + 0.35 * min(1, blob * 2)) }
+                        if blob > 0 { v = max(v, toward(v, 0.25 + 0.35 * min(1, blob * 2))) }
                     }
                     if let a = f.atelectasis, a == side {
                         let band = abs(t - 0.82 - 0.03 * (fx - sideCenter) / lungHalfWidth)
-                        if band < 0.025 && abs(fx - sideCenter) < lungHalfWidth * 0.8 { v = max(v, 0.5) }
+                        if band < fade(0.025, 0.5) && abs(fx - sideCenter) < lungHalfWidth * 0.8 { v = max(v, toward(v, 0.5)) }
                     }
                     if let e = f.edema {
-                        let strength: Float = e == .large ? 0.35 : (e == .moderate ? 0.24 : 0.14)
+                        let strength: Float = fade(e == .large ? 0.35 : (e == .moderate ? 0.24 : 0.14), 1)
                         let hilum = abs(fx - cx) / (W * 0.3)
                         v += strength * max(0, 1 - hilum) * (0.6 + 0.4 * Float.sin(fy * 0.5))
                         if t > 0.8 && Int(fy) % max(3, h / 60) == 0 && abs(fx - sideCenter) > lungHalfWidth * 0.6 { v += strength * 0.6 }
+                    }
+                    if f.softTissue > 0 {
+                        // breast shadows: a soft density over the lower lateral zones, fading upwards
+                        let lateralness = min(1, abs(fx - sideCenter) / lungHalfWidth + 0.3)
+                        let zone = max(0, min(1, (t - 0.5) / 0.3))
+                        v += f.softTissue * zone * lateralness
                     }
                 }
                 img[y * w + x] = v

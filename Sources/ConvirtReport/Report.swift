@@ -277,7 +277,18 @@ private struct Builder {
         if let chance { out += " against chance \(String(format: "%.3f", chance))" }
         if let best { out += " (best possible \(String(format: "%.3f", best)))" }
         if let s = values["studies"]?.number, let t = values["sentences"]?.number { out += " over \(Int(s)) studies and \(Int(t)) sentences" }
-        return out + ". A sentence is relevant when it comes from the image's own study.</p>"
+        out += ", a sentence relevant when it comes from the image's own study (copies of one text shared by studies cannot be told apart)."
+        if case .object(let distinctFields)? = values["distinct"] {
+            let d = Dictionary(distinctFields, uniquingKeysWith: { a, _ in a })
+            if let dp = d["precision@10"]?.number {
+                out += " Over the distinct sentences (each text once, relevant when the image's own report says it): <b>\(String(format: "%.3f", dp))</b>"
+                if let c = d["chance@10"]?.number { out += " against chance \(String(format: "%.3f", c))" }
+                if let b = d["maximum@10"]?.number { out += " (best possible \(String(format: "%.3f", b)))" }
+                if let u = d["sentences"]?.number { out += ", \(Int(u)) distinct sentences" }
+                out += "."
+            }
+        }
+        return out + "</p>"
     }
 
     // MARK: Evaluation

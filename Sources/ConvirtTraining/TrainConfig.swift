@@ -74,7 +74,7 @@ public struct TrainConfig: Codable, Sendable {
                                maxChecks: 200, syncBatchNorm: true, clipGradNorm: nil, maxTokens: 128, lowercase: false, threads: 1,
                                loaderWorkers: 1, swapLateralityOnFlip: false, imageWeights: nil, textWeights: nil)
         case .demo:
-            return TrainConfig(preset: preset, model: model, globalBatch: 32, steps: 2000, epochs: nil, seed: 0, learningRate: 5e-4,
+            return TrainConfig(preset: preset, model: model, globalBatch: 32, steps: 4000, epochs: nil, seed: 0, learningRate: 5e-4,
                                weightDecay: 1e-6, schedule: .cosine, warmupSteps: 50, valEvery: 250, valSamples: 96, patience: 5,
                                maxChecks: 200, syncBatchNorm: true, clipGradNorm: 5, maxTokens: 48, lowercase: true, threads: 1,
                                loaderWorkers: 1, swapLateralityOnFlip: true, imageWeights: nil, textWeights: nil)

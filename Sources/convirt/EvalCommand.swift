@@ -15,7 +15,7 @@ import Foundation
 
 struct EvalCommand: ParsableCommand {
     static let configuration = CommandConfiguration(commandName: "eval", abstract: "The paper's evaluations: linear, fine-tuned, retrieval.",
-                                                    subcommands: [EvalLinear.self, EvalFinetune.self, EvalZeroShot.self, EvalRetrieval.self])
+                                                    subcommands: [EvalLinear.self, EvalFinetune.self, EvalZeroShot.self, EvalRetrieval.self, EvalHeldOut.self])
 }
 
 /// An evaluation's results as TensorBoard scalars at the checkpoint's step, in a new event file of the
@@ -236,6 +236,32 @@ struct LoadedModel {
             throw ConvirtError("no vocabulary for \(directory): tried \(candidates.joined(separator: ", ")) (give --vocab)")
         }
         tokenizer = try WordPieceTokenizer(vocabularyPath: found, lowercase: manifest.config.lowercase)
+    }
+}
+
+struct EvalHeldOut: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "heldout",
+        abstract: "Image-to-text retrieval on a prepared dataset's held-out studies (what train writes to heldout_retrieval.json).")
+    @Option(help: "A ConVIRT checkpoint directory, or a run directory (its latest checkpoint).") var checkpoint: String
+    @Option(help: "A prepared dataset (convirt prepare mimic).") var data: String
+    @Option(help: "The split whose studies are retrieved.") var split = "test"
+    @Option(help: "Studies (the first N of the split).") var studies = 100
+    @Option(help: "vocab.txt (default: the run's).") var vocab: String?
+    @Option(help: "Results file (JSON).") var out: String?
+
+    func run() throws {
+        guard studies >= 2 else { throw ValidationError("--studies must be at least 2") }
+        let loaded = try LoadedModel(checkpoint: checkpoint, vocab: vocab)
+        let dataset = try PreparedDataset(path: data)
+        let result = try HeldOutRetrieval.evaluate(model: loaded.model, dataset: dataset, tokenizer: loaded.tokenizer, split: split,
+                                                   maxStudies: studies, maxTokens: loaded.manifest.config.maxTokens)
+        if let out {
+            let encoder = JSONEncoder()
+            encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
+            try Files.writeAtomically(encoder.encode(result), to: out)
+        }
+        print(result.summary)
     }
 }
 

@@ -33,15 +33,19 @@ struct SynthMIMICCommand: ParsableCommand {
 /// Options shared by the downstream synth commands.
 struct SynthDownstreamArguments: ParsableArguments {
     @Option(help: "Output directory.") var out: String
-    @Option(help: "Number of items (chexpert: training images, default 600, plus count/6 in valid.csv; rsna: patients, default 500; covidx: training images, default 400, plus count/4 in test.txt; mura: training studies, default 400, plus count/4 valid studies).")
+    @Option(help: "Number of items (chexpert: training images, default 1200, plus count/6 in valid.csv; rsna: patients, default 2000; covidx: training images, default 800, plus count/4 in test.txt; mura: training studies, default 800, plus count/4 valid studies).")
     var count: Int?
     @Option(help: "Seed.") var seed: UInt64 = 0
     @Option(help: "Width of the rendered images in pixels (RSNA's are square; the released RSNA images are 1024).") var imageSize = 256
+    @Option(help: "How hard the images and labels are: 0 = every finding at full contrast, clean labels; 1 = calibrated (faint to obvious findings, normal variation that mimics disease, the datasets' label noise); above 1 harder.")
+    var difficulty = 1.0
 
     func options() throws -> SynthDownstreamOptions {
         if let count, count <= 0 { throw ValidationError("--count must be positive") }
         guard imageSize >= 32 else { throw ValidationError("--image-size must be at least 32") }
+        guard difficulty >= 0 && difficulty <= 3 else { throw ValidationError("--difficulty must be within 0...3, not \(difficulty)") }
         var o = SynthDownstreamOptions()
+        o.difficulty = difficulty
         o.count = count
         o.seed = seed
         o.imageSize = imageSize

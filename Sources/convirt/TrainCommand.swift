@@ -226,10 +226,8 @@ struct TrainCommand: ParsableCommand {
                 let encoder = JSONEncoder()
                 encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
                 try Files.writeAtomically(encoder.encode(result), to: "\(runDir)/heldout_retrieval.json")
-                try trainer.tensorboard?.scalars([("eval/heldout/image_to_text_precision@10", result.precisionAt10),
-                                                  ("eval/heldout/chance@10", result.chanceAt10)], step: trainer.totalSteps)
-                print(String(format: "held-out image-to-text retrieval (%d test studies, %d sentences): precision@10 %.3f (chance %.3f, best possible %.3f)",
-                             result.studies, result.sentences, result.precisionAt10, result.chanceAt10, result.maximumAt10))
+                try trainer.tensorboard?.scalars(result.tensorBoardScalars, step: trainer.totalSteps)
+                print(result.summary)
             }
         }
     }

@@ -96,8 +96,18 @@ struct NewUserTests {
         let line = try #require(json.split(separator: "\n").first { $0.contains("precision@10") })
         #expect(line.split(separator: ":").last!.trimmingCharacters(in: .whitespaces.union(.init(charactersIn: ","))).count <= 8,
                 "hits / (10 x studies), not a sum's rounding residue: \(line)")
+        // Both measures; `eval heldout` on the final checkpoint gives the same numbers.
+        let distinct = try #require(object["distinct"] as? [String: Any], "\(json)")
+        let distinctCount = try #require(distinct["sentences"] as? Int), sentences = try #require(object["sentences"] as? Int)
+        #expect(distinctCount >= 2 && distinctCount <= sentences && (distinct["precision@10"] as? Double).map { $0 >= 0 && $0 <= 1 } == true)
+        let again = try run(convirtPath(), ["eval", "heldout", "--checkpoint", runDir, "--data", try SharedRuns.shared.data(), "--studies", "20",
+                                            "--out", "\(dir)/heldout-again.json"])
+        #expect(again.status == 0 && again.output.contains("over the \(distinctCount) distinct sentences"), "\(again.output)")
+        let reread = try JSONSerialization.jsonObject(with: Data(contentsOf: URL(fileURLWithPath: "\(dir)/heldout-again.json"))) as? NSDictionary
+        #expect(reread == (object as NSDictionary), "\(String(describing: reread)) vs \(object)")
         let report = try run(convirtPath(), ["report", runDir, "--quiet"])
         let html = try String(contentsOfFile: "\(runDir)/report.html", encoding: .utf8)
+        #expect(html.contains("Over the distinct sentences"))
         #expect(report.status == 0 && html.contains("Loss, last step") && html.contains("Loss, recent mean") && html.contains("Time per step")
                 && html.contains("Time in steps") && !html.contains(">Final loss<") && !html.contains(">Step time<"), "\(report.output)")
     }

@@ -5,6 +5,7 @@
 import ConvirtCore
 import ConvirtData
 import ConvirtIO
+import ConvirtText
 import Foundation
 import Testing
 
@@ -225,6 +226,134 @@ struct DownstreamTests {
                   "\(summary.root)/train_labeled_studies.csv")
         let broken = try DownstreamReader.load(.mura, root: summary.root)
         #expect(broken.skipped == ["missing image": 1, "image of a study without a label": 1, "malformed CSV row": 1], "\(broken.skipped)")
+    }
+
+    /// patientId -> Target of a synthetic RSNA directory.
+    private func rsnaTargets(_ dir: String) throws -> [String: String] {
+        let table = try CSVTable(path: "\(dir)/stage_2_train_labels.csv", required: ["patientId", "Target"])
+        return Dictionary(table.rows.map { (table.value($0, "patientId"), table.value($0, "Target")) }, uniquingKeysWith: { a, _ in a })
+    }
+
+    /// The share of keys whose values differ between two labelings of the same items.
+    private func flipped(_ a: [String: String], _ b: [String: String]) -> Double {
+        Double(a.filter { b[$0.key] != $0.value }.count) / Double(a.count)
+    }
+
+    @Test("calibrated difficulty: RSNA 27% pneumonia, COVIDx 3% COVID-19, MURA 63% abnormal; label noise at the set rates; difficulty 0 is clean")
+    func calibratedBalanceAndNoise() throws {
+        let out = try temporaryDirectory("difficulty")
+        defer { try? FileManager.default.removeItem(atPath: out) }
+        // The truth is drawn the same way at every difficulty; difficulty 0 writes it, difficulty 1 adds
+        // the label noise, so the share of labels that differ is the noise rate.
+        for d in [0.0, 1.0] {
+            _ = try synth(.rsna, "\(out)/rsna-\(d)", count: 1500, size: 32) { $0.difficulty = d }
+            _ = try synth(.covidx, "\(out)/covidx-\(d)", count: 1500, size: 32) { $0.difficulty = d }
+            _ = try synth(.mura, "\(out)/mura-\(d)", count: 1000, size: 32) { $0.difficulty = d }
+            _ = try synth(.chexpert, "\(out)/chexpert-\(d)", count: 800, size: 32) { $0.difficulty = d; $0.writeRetrieval = false }
+        }
+        let noise = SynthDifficulty.labelNoise
+        // RSNA: patients with Target 1.
+        let rsnaClean = try rsnaTargets("\(out)/rsna-0.0"), rsnaNoisy = try rsnaTargets("\(out)/rsna-1.0")
+        let pneumonia = Double(rsnaClean.values.filter { $0 == "1" }.count) / Double(rsnaClean.count)
+        #expect(rsnaClean.count == 1500 && abs(pneumonia - 0.27) < 0.035, "RSNA pneumonia share \(pneumonia)")
+        let rsnaFlips = flipped(rsnaClean, rsnaNoisy)
+        #expect(abs(rsnaFlips - noise[.rsna]!) < 0.02, "RSNA label noise \(rsnaFlips)")
+        // COVIDx: the class of each image in train.txt and test.txt.
+        func covidxLabels(_ dir: String) throws -> [String: String] {
+            var labels: [String: String] = [:]
+            for split in ["train", "test"] {
+                for line in try text("\(dir)/\(split).txt").split(separator: "\n") {
+                    let f = line.split(separator: " ")
+                    labels["\(split)/\(f[1])"] = String(f[2])
+                }
+            }
+            return labels
+        }
+        let covidxClean = try covidxLabels("\(out)/covidx-0.0"), covidxNoisy = try covidxLabels("\(out)/covidx-1.0")
+        #expect(Set(covidxClean.keys) == Set(covidxNoisy.keys))
+        let covid = Double(covidxClean.values.filter { $0 == "COVID-19" }.count) / Double(covidxClean.count)
+        let covidxPneumonia = Double(covidxClean.values.filter { $0 == "pneumonia" }.count) / Double(covidxClean.count)
+        #expect(covid > 0.02 && covid < 0.045, "COVIDx COVID-19 share \(covid)")
+        #expect(abs(covidxPneumonia - 0.4) < 0.04, "COVIDx pneumonia share \(covidxPneumonia)")
+        let covidxFlips = flipped(covidxClean, covidxNoisy)
+        #expect(abs(covidxFlips - noise[.covidx]!) < 0.012, "COVIDx label noise \(covidxFlips)")
+        // MURA: the study's label (its directory name says it too).
+        func muraLabels(_ dir: String) throws -> [String: String] {
+            let table = try CSVTable(path: "\(dir)/MURA-v1.1/train_labeled_studies.csv", hasHeader: false)
+            return Dictionary(uniqueKeysWithValues: table.rows.map { row in
+                let study = row[0].replacingOccurrences(of: "_positive/", with: "/").replacingOccurrences(of: "_negative/", with: "/")
+                #expect(row[0].hasSuffix(row[1] == "1" ? "_positive/" : "_negative/"), "\(row)")
+                return (study, row[1])
+            })
+        }
+        let muraClean = try muraLabels("\(out)/mura-0.0"), muraNoisy = try muraLabels("\(out)/mura-1.0")
+        let abnormal = Double(muraClean.values.filter { $0 == "1" }.count) / Double(muraClean.count)
+        #expect(muraClean.count == 1000 && abs(abnormal - 0.63) < 0.04, "MURA abnormal share \(abnormal)")
+        let muraFlips = flipped(muraClean, muraNoisy)
+        #expect(abs(muraFlips - noise[.mura]!) < 0.025, "MURA label noise \(muraFlips)")
+        // CheXpert: definite (0/1) training labels read the wrong way by the labeler; valid.csv stays clean.
+        func chexpertCells(_ dir: String, _ file: String) throws -> [String: String] {
+            let table = try CSVTable(path: "\(dir)/CheXpert-v1.0-small/\(file)", required: CheXpertLabels.chexpertHeader)
+            var cells: [String: String] = [:]
+            for row in table.rows { for label in CheXpertLabels.chexpertFileOrder { cells["\(table.value(row, "Path"))|\(label)"] = table.value(row, label) } }
+            return cells
+        }
+        let trainClean = try chexpertCells("\(out)/chexpert-0.0", "train.csv").filter { $0.value == "0.0" || $0.value == "1.0" }
+        let trainNoisy = try chexpertCells("\(out)/chexpert-1.0", "train.csv")
+        let chexpertFlips = flipped(trainClean.filter { !$0.key.hasSuffix("|No Finding") }, trainNoisy)
+        #expect(abs(chexpertFlips - noise[.chexpert]!) < 0.015, "CheXpert labeler noise \(chexpertFlips)")
+        #expect(try chexpertCells("\(out)/chexpert-0.0", "valid.csv") == chexpertCells("\(out)/chexpert-1.0", "valid.csv"))
+        // The images of a finding differ (fainter at difficulty 1), the file lists do not.
+        let image = try #require(covidxClean.filter { $0.key.hasPrefix("train/") && $0.value == "pneumonia" }.keys.sorted().first)
+        let a = try Data(contentsOf: URL(fileURLWithPath: "\(out)/covidx-0.0/\(image)"))
+        let b = try Data(contentsOf: URL(fileURLWithPath: "\(out)/covidx-1.0/\(image)"))
+        #expect(!a.isEmpty && !b.isEmpty && a != b)
+    }
+
+    @Test("conspicuity: a faint finding changes fewer and smaller pixels than a full one; 1 is the default; soft tissue adds density")
+    func conspicuity() throws {
+        #expect(Findings().conspicuity == 1 && Findings().softTissue == 0)
+        let stream = RandomStream(seed: 5)
+        let normal = ChestRenderer.render(width: 96, height: 104, findings: Findings(), lateral: false, stream: stream)
+        func difference(_ change: (inout Findings) -> Void) -> Double {
+            var f = Findings()
+            change(&f)
+            let image = ChestRenderer.render(width: 96, height: 104, findings: f, lateral: false, stream: stream)
+            return zip(image, normal).reduce(0.0) { $0 + Double(abs($1.0 - $1.1)) } / Double(normal.count)
+        }
+        for finding in ["consolidation", "effusion", "pneumothorax", "cardiomegaly", "fracture", "edema", "atelectasis"] {
+            func set(_ f: inout Findings) {
+                switch finding {
+                case "consolidation": f.consolidation = (.left, false)
+                case "effusion": f.effusion = (.right, .moderate)
+                case "pneumothorax": f.pneumothorax = (.left, .moderate)
+                case "cardiomegaly": f.cardiomegaly = true
+                case "fracture": f.fracture = .right
+                case "edema": f.edema = .moderate
+                default: f.atelectasis = .left
+                }
+            }
+            let full = difference { set(&$0) }, faint = difference { set(&$0); $0.conspicuity = 0.2 }
+            #expect(full > 0 && faint > 0 && faint < 0.7 * full, "\(finding): faint \(faint), full \(full)")
+        }
+        #expect(difference { $0.softTissue = 0.07 } > 0)
+        // Difficulty 0 draws every finding at full conspicuity without shadows.
+        #expect(SynthDifficulty.conspicuity(0, difficulty: 0) == 1 && SynthDifficulty.conspicuity(0, difficulty: 1) == Float(SynthDifficulty.faintest))
+    }
+
+    @Test("8x200 text queries are phrased unlike the pretraining reports: no query is a report sentence")
+    func radiologistQueries() throws {
+        var reportSentences = Set<String>()
+        for seed: UInt64 in [0, 1] {
+            for i in 0..<3000 { reportSentences.formUnion(ReportSections.sentences(ReportWriter.study(seed: seed, index: i).report)) }
+        }
+        let stream = RandomStream(seed: 9)
+        for category in Retrieval8x200.categories {
+            var queries = Set<String>()
+            for i in 0..<200 { queries.insert(SynthDownstream.radiologistQuery(about: category, stream, UInt64(i))) }
+            #expect(queries.count >= 3, "\(category): \(queries)")
+            #expect(queries.isDisjoint(with: reportSentences), "\(category): \(queries.intersection(reportSentences))")
+        }
     }
 
     @Test("label fractions: deterministic, nested, at least one image and one positive per label")

@@ -50,11 +50,12 @@ public struct SynthDownstreamOptions: Sendable {
     public var difficulty = 1.0
     public init() {}
 
-    /// chexpert 1200 (+200 valid), rsna 2000 (about 200 in the test split), covidx 800 (+200 test), mura 800
-    /// studies (+200 valid): test sets large enough that a result does not hang on a few images.
+    /// chexpert 4800 (+800 valid), rsna 2000 (about 200 in the test split), covidx 800 (+200 test), mura 800
+    /// studies (+200 valid): test sets large enough that a result does not hang on a few images, and a 1%
+    /// CheXpert split of 48 images rather than a dozen.
     public static func defaultCount(_ dataset: DownstreamDataset) -> Int {
         switch dataset {
-        case .chexpert: return 1200
+        case .chexpert: return 4800
         case .rsna: return 2000
         case .covidx: return 800
         case .mura: return 800

@@ -60,6 +60,11 @@ public struct ClassificationOptions: Sendable {
     /// Epochs without a lower validation loss before training stops.
     public var stopAfter = 10
     public var maxEpochs = 100
+    /// Linear evaluation: the fewest classifier steps in an epoch (the unit of the validation checks, the
+    /// patience and `maxEpochs`); a training set smaller than that many batches is passed over again,
+    /// each pass in a new order. 1 (the paper's): an epoch is one pass, however small the set. A 1% split
+    /// of a small dataset is a batch or less, and one step per check stops runs before they have learned.
+    public var minEpochSteps = 1
     /// Fine-tuning: steps of the classifier alone first, and their learning rate.
     public var headSteps = 200
     public var headLearningRate = 1e-3
@@ -430,13 +435,18 @@ public final class ClassificationEvaluation {
         let state = HeadTraining(count: head.count)
         var step = 0
         for epoch in 0..<options.maxEpochs {
-            let order = permutation(split.count, seed: seed, epoch: epoch)
-            var start = 0
-            while start < order.count {
-                let rows = Array(order[start..<min(order.count, start + options.batch)])
-                step += 1
-                classifierStep(features, split, rows: rows, step: step, epoch: epoch, rate: schedule.rate(step: step), seed: seed, state: state)
-                start += options.batch
+            var epochSteps = 0
+            for pass in 0... {
+                let order = permutation(split.count, seed: seed, epoch: epoch, pass: pass)
+                var start = 0
+                while start < order.count {
+                    let rows = Array(order[start..<min(order.count, start + options.batch)])
+                    step += 1
+                    epochSteps += 1
+                    classifierStep(features, split, rows: rows, step: step, epoch: epoch, rate: schedule.rate(step: step), seed: seed, state: state)
+                    start += options.batch
+                }
+                if epochSteps >= options.minEpochSteps { break }
             }
             let val = validationLoss(validationFeatures, validation)
             let decision = schedule.validated(val)!
@@ -458,9 +468,12 @@ public final class ClassificationEvaluation {
         log(String(format: "  epoch %d: validation loss %.4f (best %.4f), lr %.2e", epoch + 1, val, schedule.plateau!.best, schedule.currentRate))
     }
 
-    /// A permutation of 0..<n for an epoch of a run (the same on every rank).
-    func permutation(_ n: Int, seed: UInt64, epoch: Int) -> [Int] {
-        RandomStream(seed: seed, .evaluationPermutation, UInt64(epoch)).permutation(n)
+    /// A permutation of 0..<n for an epoch of a run (the same on every rank); `pass` > 0: a further pass
+    /// over a small training set within the epoch (`minEpochSteps`).
+    func permutation(_ n: Int, seed: UInt64, epoch: Int, pass: Int = 0) -> [Int] {
+        let stream = pass == 0 ? RandomStream(seed: seed, .evaluationPermutation, UInt64(epoch))
+            : RandomStream(seed: seed, .evaluationPermutation, UInt64(epoch), UInt64(pass))
+        return stream.permutation(n)
     }
 
     /// The paper's downstream schedule: the rate halved after `patience` epochs without a lower

@@ -39,6 +39,13 @@ func logToTensorBoard(checkpoint: String, _ scalars: [(tag: String, value: Doubl
     try TensorBoardWriter(directory: "\(run)/tensorboard").scalars(scalars, step: step)
 }
 
+/// `value` as JSON with sorted keys, indented: how results files are written.
+func prettyJSON<T: Encodable>(_ value: T) throws -> Data {
+    let encoder = JSONEncoder()
+    encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
+    return try encoder.encode(value)
+}
+
 func writeJSON(_ data: Data, to path: String) throws {
     try FileManager.default.createDirectory(atPath: (path as NSString).deletingLastPathComponent.isEmpty ? "." : (path as NSString).deletingLastPathComponent,
                                             withIntermediateDirectories: true)
@@ -60,6 +67,8 @@ struct ClassificationArguments: ParsableArguments {
     @Option(help: "Learning rate (default 1e-4, 1e-3 for COVIDx).") var lr: Double?
     @Option(help: "Batch (over all ranks).") var batch = 64
     @Option(help: "Maximum epochs.") var maxEpochs = 100
+    @Option(help: "Linear: the fewest classifier steps in an epoch (a smaller training set is passed over again within it); 1: one pass, the paper's.")
+    var minEpochSteps = 1
     @Option(help: "Fine-tuning: steps of the classifier alone first.") var headSteps = 200
     @Option(help: "CheXpert labels whose uncertain values count as positive (comma-separated; default: none, U-Zeros).") var uOnes: String?
     @Option(help: "Directory for cached features (default: feature-cache beside --out).") var cache: String?
@@ -71,6 +80,10 @@ struct ClassificationArguments: ParsableArguments {
 
     /// Where the evaluated encoder comes from.
     enum Initialization: String, ExpressibleByArgument, CaseIterable { case convirt, random, imagenet }
+
+    func validate() throws {
+        guard maxEpochs >= 1 && minEpochSteps >= 1 else { throw ValidationError("--max-epochs and --min-epoch-steps must be positive") }
+    }
 
     func source() throws -> EncoderSource {
         switch initialization {
@@ -111,6 +124,7 @@ struct ClassificationArguments: ParsableArguments {
             options.learningRate = lr
             options.batch = batch
             options.maxEpochs = maxEpochs
+            options.minEpochSteps = minEpochSteps
             options.headSteps = headSteps
             switch source {
             case .checkpoint(let dir): options.imageSize = try imageSize ?? Checkpoints.manifest(dir).config.model.image.imageSize
@@ -256,11 +270,7 @@ struct EvalHeldOut: ParsableCommand {
         let dataset = try PreparedDataset(path: data)
         let result = try HeldOutRetrieval.evaluate(model: loaded.model, dataset: dataset, tokenizer: loaded.tokenizer, split: split,
                                                    maxStudies: studies, maxTokens: loaded.manifest.config.maxTokens)
-        if let out {
-            let encoder = JSONEncoder()
-            encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
-            try Files.writeAtomically(encoder.encode(result), to: out)
-        }
+        if let out { try writeJSON(prettyJSON(result), to: out) }
         print(result.summary)
     }
 }

@@ -33,7 +33,7 @@ struct SynthMIMICCommand: ParsableCommand {
 /// Options shared by the downstream synth commands.
 struct SynthDownstreamArguments: ParsableArguments {
     @Option(help: "Output directory.") var out: String
-    @Option(help: "Number of items (chexpert: training images, default 1200, plus count/6 in valid.csv; rsna: patients, default 2000; covidx: training images, default 800, plus count/4 in test.txt; mura: training studies, default 800, plus count/4 valid studies).")
+    @Option(help: "Number of items (chexpert: training images, default 4800, plus count/6 in valid.csv; rsna: patients, default 2000; covidx: training images, default 800, plus count/4 in test.txt; mura: training studies, default 800, plus count/4 valid studies).")
     var count: Int?
     @Option(help: "Seed.") var seed: UInt64 = 0
     @Option(help: "Width of the rendered images in pixels (RSNA's are square; the released RSNA images are 1024).") var imageSize = 256

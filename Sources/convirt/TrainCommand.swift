@@ -124,9 +124,7 @@ struct TrainCommand: ParsableCommand {
 
     func run() throws {
         if printConfig {
-            let encoder = JSONEncoder()
-            encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
-            print(String(decoding: try encoder.encode(resolved()), as: UTF8.self))
+            print(String(decoding: try prettyJSON(resolved()), as: UTF8.self))
             return
         }
         try withCommunicator("train", train)
@@ -194,9 +192,7 @@ struct TrainCommand: ParsableCommand {
             }
         }
         if root {
-            let encoder = JSONEncoder()
-            encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
-            try Files.writeAtomically(encoder.encode(trainer.config), to: "\(runDir)/config.json")
+            try Files.writeAtomically(prettyJSON(trainer.config), to: "\(runDir)/config.json")
             // The run's vocabulary beside its checkpoints: evaluation and `convirt embed` tokenize with it.
             let vocabulary = try Files.read(trainer.vocabularyPath)
             if (try? Files.read("\(runDir)/vocab.txt")) != vocabulary { try Files.writeAtomically(vocabulary, to: "\(runDir)/vocab.txt") }
@@ -223,9 +219,7 @@ struct TrainCommand: ParsableCommand {
             if retrievalEval > 0 {
                 let result = try HeldOutRetrieval.evaluate(model: trainer.model, dataset: trainer.dataset, tokenizer: trainer.tokenizer,
                                                            maxStudies: retrievalEval, maxTokens: config.maxTokens)
-                let encoder = JSONEncoder()
-                encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
-                try Files.writeAtomically(encoder.encode(result), to: "\(runDir)/heldout_retrieval.json")
+                try Files.writeAtomically(prettyJSON(result), to: "\(runDir)/heldout_retrieval.json")
                 try trainer.tensorboard?.scalars(result.tensorBoardScalars, step: trainer.totalSteps)
                 print(result.summary)
             }

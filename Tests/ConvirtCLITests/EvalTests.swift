@@ -62,8 +62,17 @@ struct EvalTests {
         #expect(a.runs.allSatisfy { $0 >= 0 && $0 <= 1 })
         for (x, y) in zip(a.runs, b.runs) { #expect(abs(x - y) <= 1e-3, "1 rank \(x), 2 ranks \(y)") }
         // Features are cached: a second invocation reads them.
-        let cached = try ok(["eval", "linear"] + common + ["--cache", "\(dir)/cache1", "--fraction", "0.1"])
+        let cached = try ok(["eval", "linear"] + common + ["--cache", "\(dir)/cache1", "--fraction", "0.1", "--out", "\(dir)/eval/steps-default.json"])
         #expect(cached.contains("cached features"), "\(cached)")
+        // --min-epoch-steps: a split smaller than that many batches is passed over again within an epoch
+        // (other results); 1 is the default's single pass, exactly.
+        for (steps, file) in [("1", "steps-1"), ("12", "steps-12")] {
+            _ = try ok(["eval", "linear"] + common + ["--cache", "\(dir)/cache1", "--fraction", "0.1", "--min-epoch-steps", steps,
+                                                      "--out", "\(dir)/eval/\(file).json"])
+        }
+        let (plain, onePass, repeated) = (try classification("\(dir)/eval/steps-default.json"), try classification("\(dir)/eval/steps-1.json"),
+                                         try classification("\(dir)/eval/steps-12.json"))
+        #expect(plain.runs == onePass.runs && plain.runs != repeated.runs, "\(plain.runs) \(onePass.runs) \(repeated.runs)")
         // A changed image under the same path is not served stale features: the cache is keyed by content.
         let csvLines = csv.split(separator: "\n")
         let secondPath = try #require(csvLines.dropFirst(2).first?.split(separator: ",").first).dropFirst("CheXpert-v1.0-small/".count)

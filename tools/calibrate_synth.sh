@@ -3,7 +3,8 @@
 # and seed, `convirt synth` writes CheXpert, RSNA, COVIDx and MURA, and `convirt eval linear` scores a
 # pretrained encoder and a random-init one at the label fractions, with the demo's protocol. Prints a
 # Markdown table: mean +- sample std over the 5 runs of each evaluation, percent. MIN_EPOCH_STEPS (default
-# 20, the demo's) is passed as --min-epoch-steps; the table in tools/calibration.md was measured with 1.
+# 20, the demo's) is passed as --min-epoch-steps and KEEP_BEST (default metric) as --keep-best; the table in
+# tools/calibration.md was measured with MIN_EPOCH_STEPS=1 KEEP_BEST=loss.
 #
 #   tools/calibrate_synth.sh CONVIRT_BIN CHECKPOINT WORK [DIFFICULTIES] [SEEDS] [FRACTIONS]
 #   e.g. tools/calibrate_synth.sh .build/release/convirt runs/demo /tmp/cal "0 0.5 1 1.5" "0 1 2" "0.1 1"
@@ -30,7 +31,7 @@ for d in $difficulties; do
         for init in convirt random; do
           json="$out/linear-$init-$fraction.json"
           "$bin" eval linear --dataset "$dataset" --root "$root" --checkpoint "$checkpoint" --init "$init" --fraction "$fraction" \
-            --lr 1e-3 --max-epochs 300 --min-epoch-steps "${MIN_EPOCH_STEPS:-20}" --out "$json" --quiet >/dev/null
+            --lr 1e-3 --max-epochs 300 --min-epoch-steps "${MIN_EPOCH_STEPS:-20}" --keep-best "${KEEP_BEST:-metric}" --out "$json" --quiet >/dev/null
           values+=("$(python3 -c '
 import json, sys
 r = json.load(open(sys.argv[1]))

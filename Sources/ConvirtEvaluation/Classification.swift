@@ -65,6 +65,12 @@ public struct ClassificationOptions: Sendable {
     /// each pass in a new order. 1 (the paper's): an epoch is one pass, however small the set. A 1% split
     /// of a small dataset is a batch or less, and one step per check stops runs before they have learned.
     public var minEpochSteps = 1
+    /// Linear evaluation: which epoch's classifier is kept. `.loss` (the paper's): the lowest validation
+    /// loss. `.metric`: the best validation AUC or accuracy; the schedule (halving, stopping) still follows
+    /// the loss. On a tiny training split the loss can be lowest before the classifier has learned to
+    /// rank (its bias has fitted the label prior), which `.metric` does not keep.
+    public var keepBest = KeepBest.loss
+    public enum KeepBest: String, Sendable, CaseIterable { case loss, metric }
     /// Fine-tuning: steps of the classifier alone first, and their learning rate.
     public var headSteps = 200
     public var headLearningRate = 1e-3
@@ -434,6 +440,7 @@ public final class ClassificationEvaluation {
         var best = Array(UnsafeBufferPointer(start: model.arena.params + head.lowerBound, count: head.count))
         let state = HeadTraining(count: head.count)
         var step = 0
+        var bestMetric = -Double.infinity
         for epoch in 0..<options.maxEpochs {
             var epochSteps = 0
             for pass in 0... {
@@ -451,7 +458,15 @@ public final class ClassificationEvaluation {
             let val = validationLoss(validationFeatures, validation)
             let decision = schedule.validated(val)!
             stop.epochs = epoch + 1
-            if decision.improved {
+            var keep = decision.improved
+            if options.keepBest == .metric {
+                let rows = validation.count
+                let value = try Self.metric(data: data, scores: scores(classifierLogits(validationFeatures, rows: rows), rows: rows),
+                                            split: validation, warn: { _ in }).value
+                keep = value.isFinite && value > bestMetric
+                if keep { bestMetric = value }
+            }
+            if keep {
                 best = Array(UnsafeBufferPointer(start: model.arena.params + head.lowerBound, count: head.count))
                 stop.bestEpoch = epoch + 1
             }

@@ -69,6 +69,8 @@ struct ClassificationArguments: ParsableArguments {
     @Option(help: "Maximum epochs.") var maxEpochs = 100
     @Option(help: "Linear: the fewest classifier steps in an epoch (a smaller training set is passed over again within it); 1: one pass, the paper's.")
     var minEpochSteps = 1
+    @Option(help: "Linear: keep the epoch with the lowest validation loss (loss, the paper's) or the best validation AUC/accuracy (metric); the schedule follows the loss either way.")
+    var keepBest: ClassificationOptions.KeepBest = .loss
     @Option(help: "Fine-tuning: steps of the classifier alone first.") var headSteps = 200
     @Option(help: "CheXpert labels whose uncertain values count as positive (comma-separated; default: none, U-Zeros).") var uOnes: String?
     @Option(help: "Directory for cached features (default: feature-cache beside --out).") var cache: String?
@@ -125,6 +127,7 @@ struct ClassificationArguments: ParsableArguments {
             options.batch = batch
             options.maxEpochs = maxEpochs
             options.minEpochSteps = minEpochSteps
+            options.keepBest = keepBest
             options.headSteps = headSteps
             switch source {
             case .checkpoint(let dir): options.imageSize = try imageSize ?? Checkpoints.manifest(dir).config.model.image.imageSize
@@ -372,3 +375,5 @@ struct EmbedCommand: ParsableCommand {
         }
     }
 }
+
+extension ClassificationOptions.KeepBest: ExpressibleByArgument {}

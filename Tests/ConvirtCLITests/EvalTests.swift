@@ -73,6 +73,12 @@ struct EvalTests {
         let (plain, onePass, repeated) = (try classification("\(dir)/eval/steps-default.json"), try classification("\(dir)/eval/steps-1.json"),
                                          try classification("\(dir)/eval/steps-12.json"))
         #expect(plain.runs == onePass.runs && plain.runs != repeated.runs, "\(plain.runs) \(onePass.runs) \(repeated.runs)")
+        // --keep-best: loss is the default; metric keeps the epoch of the best validation AUC (valid results).
+        for (keep, file) in [("loss", "keep-loss"), ("metric", "keep-metric")] {
+            _ = try ok(["eval", "linear"] + common + ["--cache", "\(dir)/cache1", "--fraction", "0.1", "--keep-best", keep, "--out", "\(dir)/eval/\(file).json"])
+        }
+        let (byLoss, byMetric) = (try classification("\(dir)/eval/keep-loss.json"), try classification("\(dir)/eval/keep-metric.json"))
+        #expect(byLoss.runs == plain.runs && byMetric.runs.count == 2 && byMetric.runs.allSatisfy { $0 >= 0 && $0 <= 1 }, "\(byLoss.runs) \(byMetric.runs)")
         // A changed image under the same path is not served stale features: the cache is keyed by content.
         let csvLines = csv.split(separator: "\n")
         let secondPath = try #require(csvLines.dropFirst(2).first?.split(separator: ",").first).dropFirst("CheXpert-v1.0-small/".count)

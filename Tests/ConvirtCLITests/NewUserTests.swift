@@ -27,7 +27,8 @@ struct NewUserTests {
         for arguments in [["train", "--data", "x", "--run-dir", "y", "--steps", "abc"], ["eval", "linear", "--dataset", "mimic", "--root", "x"],
                           ["train", "--data", "x", "--run-dir", "y", "--steps", "5", "--epochs", "1"], ["checkpoint", "verify"],
                           ["eval", "linear", "--dataset", "rsna", "--root", "x", "--init", "random", "--min-epoch-steps", "0"],
-                          ["synth", "rsna", "--out", "x", "--difficulty", "-1"]] {
+                          ["synth", "rsna", "--out", "x", "--difficulty", "-1"],
+                          ["eval", "linear", "--dataset", "rsna", "--root", "x", "--init", "random", "--keep-best", "auc"]] {
             let r = try run(convirtPath(), arguments)
             #expect(r.status == 64 && r.output.contains("Usage:"), "\(arguments.joined(separator: " ")): status \(r.status): \(r.output)")
         }

@@ -10,12 +10,21 @@ the gradient of every trainable parameter; `convirt parity FIXTURE` compares our
     python3 tools/make_parity_fixture.py --model bert --config base --batch 2 --tokens 128 --out bert_base.safetensors
     python3 tools/make_parity_fixture.py --model bert --weights DIR --out real.safetensors   # a Hugging Face directory
     python3 tools/make_parity_fixture.py --model convirt --config tiny --train --out convirt_tiny.safetensors
+    python3 tools/make_parity_fixture.py --model resnet --config tiny --train --bf16 --out resnet_tiny_bf16.safetensors
+
+--bf16 computes the reference under torch.autocast("cpu", dtype=torch.bfloat16) (PyTorch's CPU mixed
+precision: convolutions and matmuls in bf16, their outputs bf16 too) and records `precision: "bf16"` in the
+metadata; outputs and gradients are stored as float32, and beside them PyTorch's own float32 results on the same
+parameters and inputs as `fp32.output.*` and `fp32.grad.*` (how far autocast itself moves each tensor). The
+ConVIRT loss (normalisation, logits, cross entropy) is computed in float32 outside autocast, as convirt's bf16
+mode does.
 
 --config is a preset name below or a JSON object in the fixture's config format. Weights are random
 (seeded) unless --weights names a torchvision checkpoint (.pth or .safetensors) or a Hugging Face BERT
 directory. Dropout is always 0 in fixtures; --train makes BatchNorm use batch statistics.
 """
 import argparse
+import contextlib
 import json
 import os
 
@@ -141,23 +150,11 @@ def text_inputs(batch, tokens, vocab, generator):
     return ids, mask
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", choices=["resnet", "bert", "convirt"], required=True)
-    ap.add_argument("--config", default="tiny")
-    ap.add_argument("--batch", type=int, default=3)
-    ap.add_argument("--tokens", type=int, default=7)
-    ap.add_argument("--image-size", type=int, default=0, help="overrides the config's image size")
-    ap.add_argument("--train", action="store_true", help="BatchNorm uses batch statistics")
-    ap.add_argument("--weights", help="torchvision checkpoint (resnet) or Hugging Face directory (bert)")
-    ap.add_argument("--seed", type=int, default=7)
-    ap.add_argument("--default-init", action="store_true",
-                    help="keep torchvision's BatchNorm initialisation (weight 1, bias 0) instead of random norms; deep training-mode "
-                         "ResNets with random norms are so ill-conditioned that even PyTorch's float32 gradients differ from float64 by 20%%")
-    ap.add_argument("--float64", action="store_true",
-                    help="compute the reference in float64 (stored as float32): the exact answer, so the fixture measures our rounding alone")
-    ap.add_argument("--out", required=True)
-    args = ap.parse_args()
+def build(args, bf16):
+    """Parameters, inputs, outputs and gradients of one fixture (under autocast when bf16), and its config."""
+    def amp():
+        return torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+
     torch.manual_seed(args.seed)
     gen = torch.Generator().manual_seed(args.seed)
     table = {"resnet": RESNETS, "bert": BERTS, "convirt": CONVIRTS}[args.model]
@@ -179,7 +176,9 @@ def main():
         round_to_float32(model)
         tensors.update(params(model))
         images = torch.randn(args.batch, 3, cfg["image_size"], cfg["image_size"], generator=gen).float().to(torch.get_default_dtype())
-        out = model(images)
+        with amp():
+            out = model(images)
+        out = out.to(torch.get_default_dtype())
         w = weights_like(out, gen)
         (out * w).sum().backward()
         tensors.update({"input.images": images, "output.features": out.detach(), "input.output_weights": w})
@@ -193,7 +192,9 @@ def main():
         round_to_float32(model)
         tensors.update(params(model))
         ids, mask = text_inputs(args.batch, args.tokens, cfg["vocab_size"], gen)
-        out = model(input_ids=ids, attention_mask=mask).last_hidden_state
+        with amp():
+            out = model(input_ids=ids, attention_mask=mask).last_hidden_state
+        out = out.to(torch.get_default_dtype())
         w = weights_like(out, gen)
         (out * w).sum().backward()
         tensors.update({"input.input_ids": ids, "input.attention_mask": mask, "output.last_hidden_state": out.detach(), "input.output_weights": w})
@@ -223,10 +224,13 @@ def main():
             tensors.update(params(m, prefix))
         images = torch.randn(args.batch, 3, cfg["image"]["image_size"], cfg["image"]["image_size"], generator=gen).float().to(torch.get_default_dtype())
         ids, mask = text_inputs(args.batch, args.tokens, cfg["text"]["vocab_size"], gen)
-        v = F.normalize(image_head(image(images)), dim=-1)
-        hidden = text(input_ids=ids, attention_mask=mask).last_hidden_state
-        pooled = hidden.masked_fill(mask[:, :, None] == 0, float("-inf")).max(dim=1).values
-        u = F.normalize(text_head(pooled), dim=-1)
+        with amp():
+            zv = image_head(image(images))
+            hidden = text(input_ids=ids, attention_mask=mask).last_hidden_state
+            pooled = hidden.masked_fill(mask[:, :, None] == 0, float("-inf")).max(dim=1).values
+            zu = text_head(pooled)
+        dtype = torch.get_default_dtype()
+        v, u = F.normalize(zv.to(dtype), dim=-1), F.normalize(zu.to(dtype), dim=-1)
         logits = v @ u.t() / cfg["tau"]
         targets = torch.arange(args.batch)
         loss = cfg["lambda"] * F.cross_entropy(logits, targets) + (1 - cfg["lambda"]) * F.cross_entropy(logits.t(), targets)
@@ -237,7 +241,43 @@ def main():
             tensors.update(grads(m, prefix))
 
     tensors = {k: (v.contiguous() if v.dtype == torch.int64 else v.float().contiguous()) for k, v in tensors.items()}
+    return tensors, cfg
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", choices=["resnet", "bert", "convirt"], required=True)
+    ap.add_argument("--config", default="tiny")
+    ap.add_argument("--batch", type=int, default=3)
+    ap.add_argument("--tokens", type=int, default=7)
+    ap.add_argument("--image-size", type=int, default=0, help="overrides the config's image size")
+    ap.add_argument("--train", action="store_true", help="BatchNorm uses batch statistics")
+    ap.add_argument("--weights", help="torchvision checkpoint (resnet) or Hugging Face directory (bert)")
+    ap.add_argument("--seed", type=int, default=7)
+    ap.add_argument("--default-init", action="store_true",
+                    help="keep torchvision's BatchNorm initialisation (weight 1, bias 0) instead of random norms; deep training-mode "
+                         "ResNets with random norms are so ill-conditioned that even PyTorch's float32 gradients differ from float64 by 20%%")
+    ap.add_argument("--float64", action="store_true",
+                    help="compute the reference in float64 (stored as float32): the exact answer, so the fixture measures our rounding alone")
+    ap.add_argument("--bf16", action="store_true", help="the reference under torch.autocast('cpu', dtype=torch.bfloat16)")
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+    if args.bf16 and args.float64:
+        ap.error("--bf16 and --float64 exclude each other")
+
+    tensors, cfg = build(args, args.bf16)
+    if args.bf16:
+        # PyTorch's own fp32 results on the same parameters and inputs: how far autocast itself moves each
+        # tensor, which `convirt parity` uses to widen the limit of tensors that bf16 determines only loosely.
+        reference, _ = build(args, False)
+        for k, v in reference.items():
+            if k.startswith(("param.", "input.")):
+                assert torch.equal(v, tensors[k]), f"{k} differs between the two passes"
+            else:
+                tensors[f"fp32.{k}"] = v
     meta = {"model": args.model, "train": "true" if args.train else "false", "config": json.dumps(cfg, sort_keys=True)}
+    if args.bf16:
+        meta["precision"] = "bf16"
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     save_file(tensors, args.out, metadata=meta)
     print(f"wrote {args.out}: {args.model}, {len(tensors)} tensors, {os.path.getsize(args.out) / 1e6:.1f} MB")

@@ -70,6 +70,8 @@ public struct ClassificationOptions: Sendable {
     /// the loss. On a tiny training split the loss can be lowest before the classifier has learned to
     /// rank (its bias has fitted the label prior), which `.metric` does not keep.
     public var keepBest = KeepBest.loss
+    /// The precision of the encoder's and the classifier's products (bf16: mixed precision, see `BF16`).
+    public var precision = Precision.fp32
     public enum KeepBest: String, Sendable, CaseIterable { case loss, metric }
     /// Fine-tuning: steps of the classifier alone first, and their learning rate.
     public var headSteps = 200
@@ -142,6 +144,7 @@ public final class ClassificationEvaluation {
         }
         let outputs = data.labelNames.count
         model = try ImageClassifier(config: config, classes: outputs, dropout: options.dropout)
+        model.precision = options.precision
         model.initialize(seed: options.seed)
         switch source {
         case .checkpoint(let dir): try Checkpoints.load(dir, prefix: "image.", into: model.arena)
@@ -167,7 +170,7 @@ public final class ClassificationEvaluation {
         var all = [Float](repeating: 0, count: n * f)
         var flags = [Float](repeating: 0, count: n)
         try ImagePrefetcher.batches(paths, mine, batch: options.featureBatch, size: options.imageSize) { slice, images, ok in
-            let h = try model.features(images, batch: slice.count, size: options.imageSize, context: PassContext(training: false))
+            let h = try model.features(images, batch: slice.count, size: options.imageSize, context: PassContext(training: false, precision: model.precision))
             all.withUnsafeMutableBufferPointer { ($0.baseAddress! + slice.lowerBound * f).update(from: h, count: slice.count * f) }
             for (k, good) in ok.enumerated() { flags[slice.lowerBound + k] = good ? 1 : 0 }
         }
@@ -187,7 +190,7 @@ public final class ClassificationEvaluation {
     /// size and modification time of each).
     func cacheFile(_ split: String, _ paths: [String]) throws -> String? {
         guard let dir = options.cacheDirectory else { return nil }
-        var key = "\(options.imageSize)|\(model.config)|"
+        var key = "\(options.imageSize)|\(model.config)|" + (options.precision == .fp32 ? "" : "\(options.precision.rawValue)|")
         switch source {
         case .checkpoint(let d):
             let m = try Checkpoints.manifest(d)
@@ -306,7 +309,7 @@ public final class ClassificationEvaluation {
             var start = 0
             while start < rows {
                 let end = min(rows, start + chunk)
-                let y = model.classify(x.baseAddress! + start * f, rows: end - start, context: PassContext(training: false))
+                let y = model.classify(x.baseAddress! + start * f, rows: end - start, context: PassContext(training: false, precision: model.precision))
                 out.withUnsafeMutableBufferPointer { ($0.baseAddress! + start * o).update(from: y, count: (end - start) * o) }
                 start = end
             }
@@ -335,7 +338,8 @@ public final class ClassificationEvaluation {
             for (k, i) in rows.enumerated() { (x + k * f).update(from: src.baseAddress! + i * f, count: f) }
         }
         split.targets.withUnsafeBufferPointer { t in for (k, i) in rows.enumerated() { (y + k * o).update(from: t.baseAddress! + i * o, count: o) } }
-        let context = PassContext(training: true, stream: RandomStream(seed: seed, .linearStep, UInt64(epoch), UInt64(step)), sampleIndices: rows.map { UInt64($0) })
+        let context = PassContext(training: true, stream: RandomStream(seed: seed, .linearStep, UInt64(epoch), UInt64(step)), sampleIndices: rows.map { UInt64($0) },
+                                  precision: model.precision)
         let logits = model.classify(x, rows: n, context: context)
         let g = gradLogits.ensure(n * o)
         _ = loss(logits: logits, targets: y, rows: n, normalizer: n, gradient: g)
@@ -539,7 +543,8 @@ public final class ClassificationEvaluation {
                 }
                 sync.begin()
                 var context = PassContext(training: true, reducer: syncBatchNormReducer(communicator),
-                                          stream: RandomStream(seed: seed, .fineTuneStep, UInt64(step)), sampleIndices: rows.map { UInt64($0) })
+                                          stream: RandomStream(seed: seed, .fineTuneStep, UInt64(step)), sampleIndices: rows.map { UInt64($0) },
+                                  precision: model.precision)
                 let h = try model.features(images, batch: local, size: s, context: context)
                 let logits = model.classify(h, rows: local, context: context)
                 _ = loss(logits: logits, targets: targets.pointer, rows: local, normalizer: perStep, gradient: gradLogits.pointer)
@@ -589,7 +594,7 @@ public final class ClassificationEvaluation {
         let (counts, mine) = ArenaShards.split(n, communicator)
         var logits = [Float](repeating: 0, count: n * o)
         try ImagePrefetcher.batches(split.paths, mine, batch: options.featureBatch, size: options.imageSize) { slice, images, _ in
-            let context = PassContext(training: false)
+            let context = PassContext(training: false, precision: model.precision)
             let h = try model.features(images, batch: slice.count, size: options.imageSize, context: context)
             let y = model.classify(h, rows: slice.count, context: context)
             logits.withUnsafeMutableBufferPointer { ($0.baseAddress! + slice.lowerBound * o).update(from: y, count: slice.count * o) }

@@ -70,7 +70,7 @@ public enum HeldOutRetrieval {
         let studies = Array(dataset.samples(split: split).prefix(maxStudies))
         try require(studies.count >= 2, "held-out retrieval", "the \(split) split has \(studies.count) usable studies")
         let size = model.config.image.imageSize, d = model.config.projDim
-        let context = PassContext(training: false)
+        let context = PassContext(training: false, precision: model.precision)
         var imageEmbeddings: [Float] = [], textEmbeddings: [Float] = []
         var owner: [Int] = []
         let batch = 16

@@ -20,7 +20,7 @@ public enum RetrievalEvaluation {
         let f = model.config.image.featureCount, d = model.config.projDim, n = paths.count
         let (counts, mine) = ArenaShards.split(n, communicator)
         var features = [Float](repeating: 0, count: n * f), embeddings = [Float](repeating: 0, count: n * d), flags = [Float](repeating: 0, count: n)
-        let context = PassContext(training: false)
+        let context = PassContext(training: false, precision: model.precision)
         try ImagePrefetcher.batches(paths, mine, batch: batch, size: size) { slice, images, ok in
             let start = slice.lowerBound, rows = slice.count
             let h = try model.imageFeatures(images, batch: rows, size: size, context: context)
@@ -46,7 +46,7 @@ public enum RetrievalEvaluation {
         let d = model.config.projDim
         var out: [Float] = []
         out.reserveCapacity(texts.count * d)
-        let context = PassContext(training: false)
+        let context = PassContext(training: false, precision: model.precision)
         for start in stride(from: 0, to: texts.count, by: batch) {
             let chunk = Array(texts[start..<min(texts.count, start + batch)])
             let tokens = min(maxTokens, chunk.map { tokenizer.encode($0, maxLength: maxTokens).count }.max() ?? 2)

@@ -96,16 +96,17 @@ struct LinearLayer {
 
     var trainable: Bool { weight.kind == .trainable }
 
-    func forward(_ arena: ParameterArena, output: UnsafeMutablePointer<Float>, input: UnsafePointer<Float>, rows: Int) {
+    func forward(_ arena: ParameterArena, output: UnsafeMutablePointer<Float>, input: UnsafePointer<Float>, rows: Int, precision: Precision) {
         Linear.forward(output: output, input: input, weight: arena.params + weight.offset, bias: bias.map { arena.params + $0.offset },
-                       rows: rows, inFeatures: inFeatures, outFeatures: outFeatures)
+                       rows: rows, inFeatures: inFeatures, outFeatures: outFeatures, precision: precision)
     }
 
     func backward(_ arena: ParameterArena, gradInput: UnsafeMutablePointer<Float>?, gradOutput: UnsafePointer<Float>,
-                  input: UnsafePointer<Float>, rows: Int) {
+                  input: UnsafePointer<Float>, rows: Int, precision: Precision) {
         Linear.backward(gradInput: gradInput, gradWeight: trainable ? arena.grads + weight.offset : nil,
                         gradBias: trainable ? bias.map { arena.grads + $0.offset } : nil, gradOutput: gradOutput, input: input,
-                        weight: arena.params + weight.offset, rows: rows, inFeatures: inFeatures, outFeatures: outFeatures)
+                        weight: arena.params + weight.offset, rows: rows, inFeatures: inFeatures, outFeatures: outFeatures,
+                        precision: precision)
     }
 
     /// N(0, std) weights and zero bias (BERT's initializer_range 0.02; heads use PyTorch's default instead).
@@ -255,27 +256,28 @@ final class EncoderLayer {
         let rows = g.batch * g.tokens, h = c.hiddenSize, inter = c.intermediateSize
         let site = UInt64(index + 1) << 8
         let qp = q.ensure(rows * h), kp = k.ensure(rows * h), vp = v.ensure(rows * h)
-        query.forward(arena, output: qp, input: x, rows: rows)
-        key.forward(arena, output: kp, input: x, rows: rows)
-        value.forward(arena, output: vp, input: x, rows: rows)
+        query.forward(arena, output: qp, input: x, rows: rows, precision: ctx.precision)
+        key.forward(arena, output: kp, input: x, rows: rows, precision: ctx.precision)
+        value.forward(arena, output: vp, input: x, rows: rows, precision: ctx.precision)
         let attentionDropout = ctx.training ? Float(c.attentionProbsDropoutProb) : 0
         var streams: [RandomStream] = []
         if attentionDropout > 0 { streams = (0..<g.batch).map { ctx.stream(sample: $0, site: site | 1) } }
         Attention.forward(output: context.ensure(rows * h), probabilities: probabilities.ensure(g.probabilitiesCount),
                           q: qp, k: kp, v: vp, mask: mask, geometry: g,
-                          dropout: attentionDropout > 0 ? AttentionDropout(probability: attentionDropout, streams: streams, dropped: dropped.ensure(g.probabilitiesCount)) : nil)
+                          dropout: attentionDropout > 0 ? AttentionDropout(probability: attentionDropout, streams: streams, dropped: dropped.ensure(g.probabilitiesCount)) : nil,
+                          precision: ctx.precision)
         let dense = attentionDense.ensure(rows * h)
-        attentionOutput.forward(arena, output: dense, input: context.pointer, rows: rows)
+        attentionOutput.forward(arena, output: dense, input: context.pointer, rows: rows, precision: ctx.precision)
         let hiddenDropout = Float(c.hiddenDropoutProb)
         Self.dropout(dense, batch: g.batch, perSample: g.tokens * h, probability: hiddenDropout, site: site | 2, context: ctx)
         let s1 = sum1.ensure(rows * h)
         Residual.forward(output: s1, dense, x, count: rows * h)
         attentionNorm.forward(arena, output: hidden1.ensure(rows * h), mean: mean1.ensure(rows), invStd: invStd1.ensure(rows), input: s1, rows: rows)
         let i1 = inner.ensure(rows * inter), a1 = activated.ensure(rows * inter)
-        intermediate.forward(arena, output: i1, input: hidden1.pointer, rows: rows)
+        intermediate.forward(arena, output: i1, input: hidden1.pointer, rows: rows, precision: ctx.precision)
         GELU.forward(output: a1, input: i1, count: rows * inter)
         let o = outputDense.ensure(rows * h)
-        output.forward(arena, output: o, input: a1, rows: rows)
+        output.forward(arena, output: o, input: a1, rows: rows, precision: ctx.precision)
         Self.dropout(o, batch: g.batch, perSample: g.tokens * h, probability: hiddenDropout, site: site | 3, context: ctx)
         let s2 = sum2.ensure(rows * h)
         Residual.forward(output: s2, o, hidden1.pointer, count: rows * h)
@@ -296,28 +298,29 @@ final class EncoderLayer {
         dH1.update(from: dSum2, count: rows * h)  // residual branch
         Self.dropout(dSum2, batch: g.batch, perSample: g.tokens * h, probability: hiddenDropout, site: site | 3, context: ctx)
         let dA = gradInner.zeroed(rows * inter)
-        output.backward(arena, gradInput: dA, gradOutput: dSum2, input: activated.pointer, rows: rows)
+        output.backward(arena, gradInput: dA, gradOutput: dSum2, input: activated.pointer, rows: rows, precision: ctx.precision)
         // GELU backward in place: dInner = dA * gelu'(inner)
         let dI = gradContext.zeroed(rows * inter)
         GELU.backward(gradInput: dI, gradOutput: dA, input: inner.pointer, count: rows * inter)
-        intermediate.backward(arena, gradInput: dH1, gradOutput: dI, input: hidden1.pointer, rows: rows)
+        intermediate.backward(arena, gradInput: dH1, gradOutput: dI, input: hidden1.pointer, rows: rows, precision: ctx.precision)
         // h1 = LN1(dropout(dense(attention(x))) + x)
         let dSum1 = gradDense.zeroed(rows * h)
         attentionNorm.backward(arena, gradInput: dSum1, gradOutput: dH1, input: sum1.pointer, mean: mean1.pointer, invStd: invStd1.pointer, rows: rows)
         if let gradInput { Residual.accumulate(gradInput, dSum1, count: rows * h) }
         Self.dropout(dSum1, batch: g.batch, perSample: g.tokens * h, probability: hiddenDropout, site: site | 2, context: ctx)
         let dCtx = gradContext.zeroed(rows * h)
-        attentionOutput.backward(arena, gradInput: dCtx, gradOutput: dSum1, input: context.pointer, rows: rows)
+        attentionOutput.backward(arena, gradInput: dCtx, gradOutput: dSum1, input: context.pointer, rows: rows, precision: ctx.precision)
         let attentionDropout = ctx.training ? Float(c.attentionProbsDropoutProb) : 0
         var streams: [RandomStream] = []
         if attentionDropout > 0 { streams = (0..<g.batch).map { ctx.stream(sample: $0, site: site | 1) } }
         let dq = gradQ.zeroed(rows * h), dk = gradK.zeroed(rows * h), dv = gradV.zeroed(rows * h)
         Attention.backward(gradQ: dq, gradK: dk, gradV: dv, gradOutput: dCtx, probabilities: probabilities.pointer,
                            q: q.pointer, k: k.pointer, v: v.pointer, geometry: g, workspace: attentionWorkspace.ensure(g.workspaceCount),
-                           dropout: attentionDropout > 0 ? AttentionDropout(probability: attentionDropout, streams: streams, dropped: dropped.pointer) : nil)
-        query.backward(arena, gradInput: gradInput, gradOutput: dq, input: x, rows: rows)
-        key.backward(arena, gradInput: gradInput, gradOutput: dk, input: x, rows: rows)
-        value.backward(arena, gradInput: gradInput, gradOutput: dv, input: x, rows: rows)
+                           dropout: attentionDropout > 0 ? AttentionDropout(probability: attentionDropout, streams: streams, dropped: dropped.pointer) : nil,
+                           precision: ctx.precision)
+        query.backward(arena, gradInput: gradInput, gradOutput: dq, input: x, rows: rows, precision: ctx.precision)
+        key.backward(arena, gradInput: gradInput, gradOutput: dk, input: x, rows: rows, precision: ctx.precision)
+        value.backward(arena, gradInput: gradInput, gradOutput: dv, input: x, rows: rows, precision: ctx.precision)
     }
 }
 

@@ -54,10 +54,14 @@ public struct PassContext {
     /// it are final (a ResNet block, a BERT layer, a head), so that their all-reduce can start while
     /// the rest of backward runs.
     public var gradientsReady: ((String) throws -> Void)?
+    /// The arithmetic of the convolutions and matrix products (bf16: mixed precision as PyTorch's CPU
+    /// autocast, see `BF16`); everything else is fp32 in either.
+    public var precision: Precision
 
     public init(training: Bool, reducer: StatisticsReducer? = nil, stream: RandomStream = RandomStream(seed: 0),
-                sampleIndices: [UInt64] = []) {
+                sampleIndices: [UInt64] = [], precision: Precision = .fp32) {
         self.training = training
+        self.precision = precision
         self.reducer = reducer
         self.stream = stream
         self.sampleIndices = sampleIndices

@@ -15,6 +15,8 @@ public final class ImageClassifier {
     let dropped = Scratch<Float>(), logits = Scratch<Float>(), gradFeatures = Scratch<Float>(), gradDropped = Scratch<Float>()
     private var rows = 0
     private var headContext: PassContext?
+    /// The precision of the evaluation's passes (contexts are made with it).
+    public var precision = Precision.fp32
 
     public init(config: ResNetConfig, classes: Int, dropout: Float = 0.2) throws {
         try config.validate()
@@ -67,7 +69,7 @@ public final class ImageClassifier {
             input = UnsafePointer(x)
         }
         let y = logits.ensure(rows * classes)
-        head.forward(arena, output: y, input: input, rows: rows)
+        head.forward(arena, output: y, input: input, rows: rows, precision: context.precision)
         return UnsafePointer(y)
     }
 
@@ -81,12 +83,12 @@ public final class ImageClassifier {
         let g = gradFeatures.zeroed(rows * f)
         if masked {
             let gx = gradDropped.zeroed(rows * f)
-            head.backward(arena, gradInput: gx, gradOutput: gradLogits, input: input, rows: rows)
+            head.backward(arena, gradInput: gx, gradOutput: gradLogits, input: input, rows: rows, precision: context.precision)
             for r in 0..<rows {
                 Dropout.backward(gradInput: g + r * f, gradOutput: gx + r * f, count: f, probability: dropout, stream: stream(context, row: r))
             }
         } else {
-            head.backward(arena, gradInput: g, gradOutput: gradLogits, input: input, rows: rows)
+            head.backward(arena, gradInput: g, gradOutput: gradLogits, input: input, rows: rows, precision: context.precision)
         }
         return UnsafePointer(g)
     }

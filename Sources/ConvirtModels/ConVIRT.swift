@@ -79,6 +79,7 @@ public final class ProjectionHead {
     let input = Scratch<Float>()
     private var rows = 0
     private var hasInput = false
+    private var precision = Precision.fp32
 
     init(_ layout: inout ParameterLayout, _ prefix: String, inFeatures: Int, hiddenFeatures: Int, outFeatures: Int) throws {
         first = try LinearLayer(&layout, "\(prefix)0", inFeatures: inFeatures, outFeatures: hiddenFeatures)
@@ -91,14 +92,15 @@ public final class ProjectionHead {
     }
 
     /// Unit-norm embeddings [rows, out] of features [rows, in].
-    func forward(_ arena: ParameterArena, features: UnsafePointer<Float>, rows: Int) -> UnsafePointer<Float> {
+    func forward(_ arena: ParameterArena, features: UnsafePointer<Float>, rows: Int, precision: Precision) -> UnsafePointer<Float> {
         self.rows = rows
+        self.precision = precision
         input.ensure(rows * first.inFeatures).update(from: features, count: rows * first.inFeatures)
         hasInput = true
         let h = hidden.ensure(rows * first.outFeatures), z = projected.ensure(rows * second.outFeatures)
-        first.forward(arena, output: h, input: features, rows: rows)
+        first.forward(arena, output: h, input: features, rows: rows, precision: precision)
         ReLU.forward(output: h, input: h, count: rows * first.outFeatures)
-        second.forward(arena, output: z, input: h, rows: rows)
+        second.forward(arena, output: z, input: h, rows: rows, precision: precision)
         let y = normalized.ensure(rows * second.outFeatures)
         L2Normalize.forward(output: y, norms: norms.ensure(rows), input: z, rows: rows, features: second.outFeatures)
         return UnsafePointer(y)
@@ -110,11 +112,11 @@ public final class ProjectionHead {
         let dz = gradProjected.zeroed(rows * second.outFeatures)
         L2Normalize.backward(gradInput: dz, gradOutput: gradEmbeddings, output: normalized.pointer, norms: norms.pointer, rows: rows, features: second.outFeatures)
         let dh = gradHidden.zeroed(rows * first.outFeatures)
-        second.backward(arena, gradInput: dh, gradOutput: dz, input: hidden.pointer, rows: rows)
+        second.backward(arena, gradInput: dh, gradOutput: dz, input: hidden.pointer, rows: rows, precision: precision)
         let h = hidden.pointer
         for i in 0..<(rows * first.outFeatures) where h[i] <= 0 { dh[i] = 0 }
         let dx = gradInput.zeroed(rows * first.inFeatures)
-        first.backward(arena, gradInput: dx, gradOutput: dh, input: input.pointer, rows: rows)
+        first.backward(arena, gradInput: dx, gradOutput: dh, input: input.pointer, rows: rows, precision: precision)
         return UnsafePointer(dx)
     }
 }
@@ -212,6 +214,9 @@ public final class ConVIRTModel {
     public let imageHead: ProjectionHead
     public let textHead: ProjectionHead
     let pooled = Scratch<Float>(), poolIndices = Scratch<Int32>(), gradHidden = Scratch<Float>()
+    /// The precision evaluations and embeddings of this model run in (training takes its run's, through
+    /// the pass context).
+    public var precision = Precision.fp32
     private var textShape = (batch: 0, tokens: 0)
 
     /// The name table of a configuration's model, without allocating its arena (to check a file's sizes
@@ -250,7 +255,7 @@ public final class ConVIRTModel {
     /// v = normalize(g_v(ResNet(images))) [batch, projDim].
     public func encodeImages(_ images: UnsafePointer<Float>, batch: Int, size: Int, context: PassContext) throws -> UnsafePointer<Float> {
         let features = try image.forward(arena, images: images, batch: batch, size: size, context: context)
-        return imageHead.forward(arena, features: features, rows: batch)
+        return imageHead.forward(arena, features: features, rows: batch, precision: context.precision)
     }
 
     /// u = normalize(g_u(max over valid tokens of BERT(ids, mask))) [batch, projDim].
@@ -260,7 +265,7 @@ public final class ConVIRTModel {
         let p = pooled.ensure(batch * h)
         MaskedMaxPool.forward(output: p, indices: poolIndices.ensure(batch * h), input: hidden, mask: mask, batch: batch, tokens: tokens, channels: h)
         textShape = (batch, tokens)
-        return textHead.forward(arena, features: p, rows: batch)
+        return textHead.forward(arena, features: p, rows: batch, precision: context.precision)
     }
 
     /// The image features before the head, h_v [batch, featureCount] (for linear evaluation).
@@ -270,7 +275,7 @@ public final class ConVIRTModel {
 
     /// v = normalize(g_v(features)) [rows, projDim] of image features h_v [rows, featureCount].
     public func projectImageFeatures(_ features: UnsafePointer<Float>, rows: Int) -> UnsafePointer<Float> {
-        imageHead.forward(arena, features: features, rows: rows)
+        imageHead.forward(arena, features: features, rows: rows, precision: precision)
     }
 
     public func backwardImages(gradEmbeddings: UnsafePointer<Float>, context: PassContext) throws {

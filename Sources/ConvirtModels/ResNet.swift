@@ -149,7 +149,7 @@ final class ConvBNUnit {
         let count = g.outputShape.reduce(1, *)
         let c = convOut.ensure(count), y = output.ensure(count)
         try kernels.forward(output: c, input: input, weight: arena.params + conv.offset, geometry: g,
-                            workspace: workspace.ensure(Convolution.workspaceCount(g)))
+                            workspace: workspace.ensure(Convolution.workspaceCount(g, precision: context.precision)), precision: context.precision)
         try bn.forward(arena, output: y, input: c, batch: batch, plane: g.outPlane, context: context)
         if relu { ReLU.forward(output: y, input: y, count: count) }
         gradOutput.zeroed(count)
@@ -166,7 +166,8 @@ final class ConvBNUnit {
         let dc = gradConvOut.zeroed(count)
         try bn.backward(arena, gradInput: dc, gradOutput: dy, input: convOut.pointer, batch: g.batch, plane: g.outPlane, context: context)
         try kernels.backward(gradInput: gradInput, gradWeight: arena.grads + conv.offset, gradOutput: dc, input: input,
-                             weight: arena.params + conv.offset, geometry: g, workspace: workspace.ensure(Convolution.workspaceCount(g)))
+                             weight: arena.params + conv.offset, geometry: g,
+                             workspace: workspace.ensure(Convolution.workspaceCount(g, precision: context.precision)), precision: context.precision)
     }
 }
 

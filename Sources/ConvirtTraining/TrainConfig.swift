@@ -53,6 +53,10 @@ public struct TrainConfig: Codable, Sendable {
     /// micro-batches; nil = 1. Does not change the trajectory (not a resume-refusing setting).
     public var accumSteps: Int? = nil
     public var microBatches: Int { accumSteps ?? 1 }
+    /// The precision of the convolutions and matrix products (`--precision`, auto resolved on the machine
+    /// that started the run); nil, as in manifests written before it, = fp32.
+    public var precision: Precision? = nil
+    public var productPrecision: Precision { precision ?? .fp32 }
 
     enum CodingKeys: String, CodingKey {
         case preset, model, globalBatch = "global_batch", steps, epochs, seed, learningRate = "learning_rate", weightDecay = "weight_decay"
@@ -61,7 +65,7 @@ public struct TrainConfig: Codable, Sendable {
         case loaderWorkers = "loader_workers", swapLateralityOnFlip = "swap_laterality_on_flip", imageWeights = "image_weights"
         case textWeights = "text_weights", checkpointEvery = "checkpoint_every", keepCheckpoints = "keep_checkpoints"
         case zero1, overlapCommunication = "overlap_communication", checkpointIO = "checkpoint_io", asyncCheckpoint = "async_checkpoint"
-        case tensorboard, accumSteps = "accum_steps"
+        case tensorboard, accumSteps = "accum_steps", precision
     }
 
     /// The preset's defaults: the paper's recipe for `paper`, a quicker one for `demo` and `tiny`.
@@ -138,6 +142,7 @@ extension TrainConfig {
         compare("--clip-grad-norm", clipGradNorm.map { "\($0)" } ?? "none", other.clipGradNorm.map { "\($0)" } ?? "none")
         compare("--lowercase", lowercase, other.lowercase)
         compare("laterality swap on flip", swapLateralityOnFlip, other.swapLateralityOnFlip)
+        compare("--precision", productPrecision.rawValue, other.productPrecision.rawValue)
         return out
     }
 }
@@ -178,5 +183,6 @@ extension TrainConfig {
         asyncCheckpoint = try c.decodeIfPresent(Bool.self, forKey: .asyncCheckpoint) ?? true
         tensorboard = try c.decodeIfPresent(Bool.self, forKey: .tensorboard)
         accumSteps = try c.decodeIfPresent(Int.self, forKey: .accumSteps)
+        precision = try c.decodeIfPresent(Precision.self, forKey: .precision)
     }
 }

@@ -51,7 +51,7 @@ extension StepMetrics {
 }
 
 public final class Trainer {
-    public let config: TrainConfig
+    public private(set) var config: TrainConfig
     public let communicator: Communicator
     public let model: ConVIRTModel
     public let dataset: PreparedDataset
@@ -270,7 +270,8 @@ public final class Trainer {
     /// The pass context of a step: SyncBN when asked, and dropout keyed by (seed, step, global sample).
     func passContext(step: Int, batch: TrainingBatch, training: Bool) -> PassContext {
         PassContext(training: training, reducer: config.syncBatchNorm ? syncBatchNormReducer(communicator) : nil,
-                    stream: RandomStream(seed: config.seed, .trainingStep, UInt64(step)), sampleIndices: batch.sampleIndices)
+                    stream: RandomStream(seed: config.seed, .trainingStep, UInt64(step)), sampleIndices: batch.sampleIndices,
+                    precision: config.productPrecision)
     }
 
     /// This rank's image and text embeddings [n, d] of rows `rows` of a batch (default: all of them),
@@ -378,7 +379,8 @@ public final class Trainer {
     /// removed first). A damaged one is an error naming the file and the problem, unless `fallback`: then
     /// it is reported and the previous complete checkpoint is tried. A checkpoint of another model is
     /// always an error. Returns the restored directory.
-    public func resume(fallback: Bool = false, allowConfigChange: Bool = false) throws -> String? {
+    /// `adoptPrecision` (--precision auto): continue in the checkpoint's precision, whatever this CPU would choose.
+    public func resume(fallback: Bool = false, allowConfigChange: Bool = false, adoptPrecision: Bool = false) throws -> String? {
         if communicator.isRoot {
             for leftover in Checkpoints.removeLeftovers(runDirectory: runDirectory) {
                 log("removed \(runDirectory)/checkpoints/\(leftover), the leftover of a checkpoint that was never committed")
@@ -405,6 +407,7 @@ public final class Trainer {
                 if communicator.isRoot { log("cannot resume from \(directory): \(error); trying the previous checkpoint") }
                 continue
             }
+            if adoptPrecision { config.precision = manifest.config.precision }
             let differences = manifest.config.trajectoryDifferences(to: config)
             if !differences.isEmpty && !allowConfigChange {
                 throw ConvirtError("cannot resume from \(directory) with other settings than the run's: \(differences.joined(separator: "; ")) "

@@ -23,6 +23,9 @@ struct BenchStep: ParsableCommand {
     @Option(help: "Timed steps after one warm-up step.")
     var steps = 3
 
+    @Option(help: "fp32, bf16 (mixed, as PyTorch's CPU autocast) or auto (bf16 where the CPU has AMX-BF16 or AVX512-BF16).")
+    var precision = PrecisionChoice.auto
+
     func run() throws {
         Parallel.setThreads(threads)
         let config = ConVIRTConfig.preset(preset)
@@ -36,10 +39,11 @@ struct BenchStep: ParsableCommand {
         var gradV = [Float](repeating: 0, count: batch * d), gradU = gradV
         let workspace = ConVIRTLoss.Workspace()
         print("convirt bench step: preset \(preset), batch \(batch), image \(size)x\(size), \(tokens) tokens, \(Parallel.threads) thread(s)")
-        print("parameters: \(model.layout.totalCount) (trainable \(model.layout.trainableCount))")
+        print("parameters: \(model.layout.totalCount) (trainable \(model.layout.trainableCount)); \(precision.describe())")
         var times: [[Double]] = []
         for step in 0...steps {
-            let context = PassContext(training: true, stream: RandomStream(seed: 3, UInt64(step)), sampleIndices: (0..<batch).map { UInt64($0) })
+            let context = PassContext(training: true, stream: RandomStream(seed: 3, UInt64(step)), sampleIndices: (0..<batch).map { UInt64($0) },
+                                      precision: precision.resolved())
             var t = [Double]()
             var clock = DispatchTime.now().uptimeNanoseconds
             func lap() { let now = DispatchTime.now().uptimeNanoseconds; t.append(Double(now - clock) * 1e-9); clock = now }

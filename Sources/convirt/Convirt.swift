@@ -13,6 +13,8 @@ import Foundation
 
 // The enums the command line takes by name.
 extension Preset: ExpressibleByArgument {}
+extension PrecisionChoice: ExpressibleByArgument {}
+extension Precision: ExpressibleByArgument {}
 extension ScheduleKind: ExpressibleByArgument {}
 extension CheckpointIO: ExpressibleByArgument {}
 extension DownstreamDataset: ExpressibleByArgument {}

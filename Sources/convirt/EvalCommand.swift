@@ -75,6 +75,8 @@ struct ClassificationArguments: ParsableArguments {
     @Option(help: "CheXpert labels whose uncertain values count as positive (comma-separated; default: none, U-Zeros).") var uOnes: String?
     @Option(help: "Directory for cached features (default: feature-cache beside --out).") var cache: String?
     @Option(help: "Threads per rank.") var threads = 1
+    @Option(help: "Precision of the convolutions and matrix products: fp32, bf16 (mixed, as PyTorch's CPU autocast) or auto (bf16 where the CPU has AMX-BF16 or AVX512-BF16).")
+    var precision = PrecisionChoice.auto
     @Flag(help: "Fine-tuning: shard the Adam state over the ranks (ZeRO-1).") var zero1 = false
     @Option(help: "Results file (JSON).") var out: String?
     @Flag(help: "Print only the result line (and warnings).") var quiet = false
@@ -114,7 +116,7 @@ struct ClassificationArguments: ParsableArguments {
             if root && !quiet {
                 print("convirt eval \(name): \(dataset.rawValue) (\(data.task.rawValue), labels \(data.labelNames.joined(separator: ", "))): "
                       + "\(data.train.count) train, \(data.validation.count) validation, \(data.test.count) test images; "
-                      + "encoder \(source.name); \(communicator.size) rank(s)")
+                      + "encoder \(source.name); \(communicator.size) rank(s); \(precision.describe())")
                 for (reason, count) in data.skipped.sorted(by: { $0.key < $1.key }) { print("skipped \(count) row(s): \(reason)") }
             }
             var options = ClassificationOptions()
@@ -128,6 +130,7 @@ struct ClassificationArguments: ParsableArguments {
             options.maxEpochs = maxEpochs
             options.minEpochSteps = minEpochSteps
             options.keepBest = keepBest
+            options.precision = precision.resolved()
             options.headSteps = headSteps
             switch source {
             case .checkpoint(let dir): options.imageSize = try imageSize ?? Checkpoints.manifest(dir).config.model.image.imageSize
@@ -193,6 +196,8 @@ struct EvalZeroShot: ParsableCommand {
     @Option(help: "Seed of the dataset's split (as eval linear's --seed).") var seed: UInt64 = 0
     @Option(help: "CheXpert labels whose uncertain values count as positive (as eval linear).") var uOnes: String?
     @Option(help: "Threads per rank.") var threads = 1
+    @Option(help: "Precision of the convolutions and matrix products: fp32, bf16 (mixed, as PyTorch's CPU autocast) or auto (bf16 where the CPU has AMX-BF16 or AVX512-BF16).")
+    var precision = PrecisionChoice.auto
     @Option(help: "Results file (JSON).") var out: String?
     @Flag(help: "Print only the result line.") var quiet = false
 
@@ -201,13 +206,13 @@ struct EvalZeroShot: ParsableCommand {
             Parallel.setThreads(threads)
             let root = communicator.isRoot
             let (loaded, data, promptSets) = try agreeOnStart("eval zeroshot", communicator) { () throws -> (LoadedModel, DownstreamData, [String: PromptSet]) in
-                let loaded = try LoadedModel(checkpoint: checkpoint, vocab: vocab)
+                let loaded = try LoadedModel(checkpoint: checkpoint, vocab: vocab, precision: precision)
                 let data = try DownstreamReader.load(dataset, root: self.root, options: downstreamOptions(seed: seed, uOnes: uOnes))
                 return (loaded, data, try prompts.map(ZeroShotPrompts.load) ?? ZeroShotPrompts.defaults(dataset))
             }
             if root && !quiet {
                 print("convirt eval zeroshot: \(dataset.rawValue) (\(data.task.rawValue), labels \(data.labelNames.joined(separator: ", "))): "
-                      + "\(data.test.count) test images; checkpoint \(loaded.directory); \(communicator.size) rank(s)")
+                      + "\(data.test.count) test images; checkpoint \(loaded.directory); \(communicator.size) rank(s); \(precision.describe())")
                 print("prompts (\(prompts ?? "the defaults for \(dataset.rawValue)")):\n\(ZeroShotPrompts.json(promptSets))")
             }
             let start = Date()
@@ -242,10 +247,11 @@ struct LoadedModel {
     let model: ConVIRTModel
     let tokenizer: WordPieceTokenizer
 
-    init(checkpoint: String, vocab: String?) throws {
+    init(checkpoint: String, vocab: String?, precision: PrecisionChoice) throws {
         directory = try Checkpoints.resolve(checkpoint)
         manifest = try Checkpoints.manifest(directory)
         model = try ConVIRTModel(config: manifest.config.model)
+        model.precision = precision.resolved()
         try Checkpoints.load(directory, prefix: "", into: model.arena)
         let candidates = [vocab, Checkpoints.runDirectory(ofCheckpoint: directory).map { "\($0)/vocab.txt" },
                           manifest.config.textWeights.map { "\($0)/vocab.txt" }].compactMap { $0 }
@@ -264,12 +270,14 @@ struct EvalHeldOut: ParsableCommand {
     @Option(help: "A prepared dataset (convirt prepare mimic).") var data: String
     @Option(help: "The split whose studies are retrieved.") var split = "test"
     @Option(help: "Studies (the first N of the split).") var studies = 100
+    @Option(help: "Precision of the convolutions and matrix products: fp32, bf16 (mixed, as PyTorch's CPU autocast) or auto (bf16 where the CPU has AMX-BF16 or AVX512-BF16).")
+    var precision = PrecisionChoice.auto
     @Option(help: "vocab.txt (default: the run's).") var vocab: String?
     @Option(help: "Results file (JSON).") var out: String?
 
     func run() throws {
         guard studies >= 2 else { throw ValidationError("--studies must be at least 2") }
-        let loaded = try LoadedModel(checkpoint: checkpoint, vocab: vocab)
+        let loaded = try LoadedModel(checkpoint: checkpoint, vocab: vocab, precision: precision)
         let dataset = try PreparedDataset(path: data)
         let result = try HeldOutRetrieval.evaluate(model: loaded.model, dataset: dataset, tokenizer: loaded.tokenizer, split: split,
                                                    maxStudies: studies, maxTokens: loaded.manifest.config.maxTokens)
@@ -287,6 +295,8 @@ struct EvalRetrieval: ParsableCommand {
     @Option(help: "Input size (default: the encoder's).") var imageSize: Int?
     @Option(help: "Queries per category and mode kept with their top candidates (for the report).") var examples = 1
     @Option(help: "Threads per rank.") var threads = 1
+    @Option(help: "Precision of the convolutions and matrix products: fp32, bf16 (mixed, as PyTorch's CPU autocast) or auto (bf16 where the CPU has AMX-BF16 or AVX512-BF16).")
+    var precision = PrecisionChoice.auto
     @Flag(help: "Fine-tuning: shard the Adam state over the ranks (ZeRO-1).") var zero1 = false
     @Option(help: "Results file (JSON).") var out: String?
     @Flag(help: "Print only the precision@10 line.") var quiet = false
@@ -295,12 +305,13 @@ struct EvalRetrieval: ParsableCommand {
         try withCommunicator("eval retrieval") { communicator in
             Parallel.setThreads(threads)
             let (loaded, set) = try agreeOnStart("eval retrieval", communicator) {
-                (try LoadedModel(checkpoint: checkpoint, vocab: vocab), try Retrieval8x200.load(root: root, queries: queries))
+                (try LoadedModel(checkpoint: checkpoint, vocab: vocab, precision: precision), try Retrieval8x200.load(root: root, queries: queries))
             }
             let isRoot = communicator.isRoot
             if isRoot && !quiet {
                 print("convirt eval retrieval: \(set.categories.count) categories, \(set.candidates.count) image candidates, "
-                      + "\(set.imageQueries.count) image queries, \(set.textQueries.count) text queries; checkpoint \(loaded.directory)")
+                      + "\(set.imageQueries.count) image queries, \(set.textQueries.count) text queries; checkpoint \(loaded.directory); "
+                      + precision.describe())
                 for (reason, count) in set.skipped.sorted(by: { $0.key < $1.key }) { print("skipped \(count) row(s): \(reason)") }
             }
             var result = try RetrievalEvaluation.evaluate(set: set, model: loaded.model, tokenizer: loaded.tokenizer, maxTokens: loaded.manifest.config.maxTokens,
@@ -334,6 +345,8 @@ struct EmbedCommand: ParsableCommand {
     @Option(help: "vocab.txt (default: the run's).") var vocab: String?
     @Option(help: "Input size (default: the encoder's).") var imageSize: Int?
     @Option(help: "Threads per rank.") var threads = 1
+    @Option(help: "Precision of the convolutions and matrix products: fp32, bf16 (mixed, as PyTorch's CPU autocast) or auto (bf16 where the CPU has AMX-BF16 or AVX512-BF16).")
+    var precision = PrecisionChoice.auto
     @Flag(help: "Fine-tuning: shard the Adam state over the ranks (ZeRO-1).") var zero1 = false
     @Option(help: "Output .safetensors: embeddings [N, d] (and features [N, F] for images).") var out: String
 
@@ -344,9 +357,10 @@ struct EmbedCommand: ParsableCommand {
     func run() throws {
         try withCommunicator("embed") { communicator in
             Parallel.setThreads(threads)
-            let loaded = try LoadedModel(checkpoint: checkpoint, vocab: vocab)
+            let loaded = try LoadedModel(checkpoint: checkpoint, vocab: vocab, precision: precision)
             let config = loaded.manifest.config
-            var writer = SafeTensorsWriter(metadata: ["checkpoint": loaded.directory, "step": "\(loaded.manifest.state.step)"])
+            var writer = SafeTensorsWriter(metadata: ["checkpoint": loaded.directory, "step": "\(loaded.manifest.state.step)",
+                                                      "precision": loaded.model.precision.rawValue])
             let d = config.model.projDim
             var summary = ""
             if let images {

@@ -7,7 +7,7 @@ import Foundation
 struct ParityCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "parity",
-        abstract: "Check the model against a PyTorch parity fixture; exit non-zero past 1e-4 (outputs) or 1e-3 (gradients).")
+        abstract: "Check the model against a PyTorch parity fixture; exit non-zero past 1e-4 (outputs) or 1e-3 (gradients), for a bf16 fixture past 2e-2 and 5e-2.")
 
     @Argument(help: "A parity fixture (.safetensors) written by tools/make_parity_fixture.py.")
     var fixture: String
@@ -18,15 +18,20 @@ struct ParityCommand: ParsableCommand {
     @Option(help: "Also write our gradients (grad.<name>) to this safetensors file.")
     var dump: String?
 
+    @Option(help: "Run in this precision instead of the fixture's (fp32 or bf16; the limits follow it).")
+    var precision: Precision?
+
     func run() throws {
         Parallel.setThreads(threads)
         let start = Date()
-        let report = try Parity.run(path: fixture, dumpPath: dump)
+        let report = try Parity.run(path: fixture, dumpPath: dump, precision: precision)
         for line in report.lines {
-            print(String(format: "%@ %.3e %@", line.name.padding(toLength: 72, withPad: " ", startingAt: 0) as NSString, line.error, line.ok ? "ok" : "FAIL (limit \(line.limit))"))
+            let own = line.ownDeviation.map { String(format: "  (PyTorch's bf16 vs its fp32 %.3e, limit %.3e)", $0, line.limit) } ?? ""
+            print(String(format: "%@ %.3e %@%@", line.name.padding(toLength: 72, withPad: " ", startingAt: 0) as NSString, line.error,
+                         line.ok ? "ok" : "FAIL (limit \(line.limit))", own))
         }
         let worst = report.lines.max { $0.error / $0.limit < $1.error / $1.limit }
-        print(String(format: "%@: %d tensors compared, worst %@ %.3e, %.1f s: %@", report.model, report.lines.count,
+        print(String(format: "%@ (%@): %d tensors compared, worst %@ %.3e, %.1f s: %@", report.model, report.precision.rawValue, report.lines.count,
                      worst?.name ?? "-", worst?.error ?? 0, Date().timeIntervalSince(start), report.passed ? "PASS" : "FAIL"))
         if !report.passed { throw ExitCode(1) }
     }

@@ -55,6 +55,10 @@ struct TrainCommand: ParsableCommand {
     @Option(help: "Maximum WordPiece tokens per sentence.") var maxTokens: Int?
     @Flag(inversion: .prefixedNo, help: "Lowercase and strip accents (uncased vocabulary; default: the preset's).") var lowercase: Bool?
     @Option(help: "Threads per rank (products and loops).") var threads: Int?
+    @Option(help: ArgumentHelp("Precision of the convolutions and matrix products: fp32, bf16 (mixed precision as PyTorch's CPU autocast: "
+                               + "bf16 products with fp32 accumulation, fp32 weights, gradients, Adam, norms, softmax and loss) or auto "
+                               + "(bf16 where the CPU has AMX-BF16 or AVX512-BF16, else fp32; with --resume: the checkpoint's)."))
+    var precision = PrecisionChoice.auto
     @Option(help: "Loader threads per rank.") var loaderWorkers: Int?
     @Flag(help: "Do not swap left/right in the sentence when the image is flipped (the paper's exact recipe).") var noLateralitySwap = false
     @Option(help: "torchvision ResNet weights (.safetensors; tools/convert_weights.py).") var imageWeights: String?
@@ -119,6 +123,7 @@ struct TrainCommand: ParsableCommand {
         if noOverlap { c.overlapCommunication = false }
         if noTensorboard { c.tensorboard = false }
         if let accumSteps { c.accumSteps = accumSteps == 1 ? nil : accumSteps }
+        c.precision = precision.resolved()
         return c
     }
 
@@ -176,12 +181,11 @@ struct TrainCommand: ParsableCommand {
                 if root { print(line) }
             }
         }
-        let config = trainer.config
         try agreeOnStart("train", communicator) { if root { try createRunDirectory(runDir) } }
         // A progress line on a terminal; plain log lines otherwise and under mpirun (which forwards output).
         let tty = isatty(STDOUT_FILENO) != 0 && !MPICommunicator.launchedByMPI
         if resume {
-            if let from = try trainer.resume(fallback: resumeFallback, allowConfigChange: allowConfigChange) {
+            if let from = try trainer.resume(fallback: resumeFallback, allowConfigChange: allowConfigChange, adoptPrecision: precision == .auto) {
                 if root { print("resuming from \(from) at step \(trainer.startStep)") }
             } else if root {
                 print("no checkpoint in \(runDir): starting a new run")
@@ -191,6 +195,8 @@ struct TrainCommand: ParsableCommand {
                 return
             }
         }
+        let config = trainer.config
+        trainer.model.precision = config.productPrecision
         if root {
             try Files.writeAtomically(prettyJSON(trainer.config), to: "\(runDir)/config.json")
             // The run's vocabulary beside its checkpoints: evaluation and `convirt embed` tokenize with it.
@@ -198,7 +204,11 @@ struct TrainCommand: ParsableCommand {
             if (try? Files.read("\(runDir)/vocab.txt")) != vocabulary { try Files.writeAtomically(vocabulary, to: "\(runDir)/vocab.txt") }
             print("convirt train: preset \(config.preset), \(communicator.size) rank(s), global batch \(config.globalBatch), \(trainer.totalSteps) steps, "
                   + "\(trainer.model.layout.trainableCount) trainable parameters, run directory \(runDir)")
-            print("kernels: OpenBLAS core \(BLASCore.current) (\(BLASCore.origin)), \(config.threads) thread(s) per rank")
+            print("kernels: OpenBLAS core \(BLASCore.current) (\(BLASCore.origin)), oneDNN \(DNNL.version) ISA \(DNNL.isa), "
+                  + "\(config.threads) thread(s) per rank")
+            let chosen = precision == .auto && resume && config.productPrecision != precision.resolved()
+                ? "precision \(config.productPrecision.rawValue) (auto: the checkpoint's)" : precision.describe()
+            print(chosen)
         }
         let start = Date()
         let every = max(1, trainer.totalSteps / 20)

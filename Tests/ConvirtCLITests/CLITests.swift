@@ -39,6 +39,9 @@ func runProcess(_ executable: String, _ arguments: [String], environment: [Strin
     process.executableURL = URL(fileURLWithPath: executable)
     process.arguments = arguments
     var env = ProcessInfo.processInfo.environment
+    // `--precision auto` would train in bf16 on a CPU with AMX or AVX512-BF16: the tests that check fp32's
+    // guarantees (parity, world-size invariance, bitwise resume) run fp32 on every CPU; bf16 tests say --precision bf16.
+    env["CONVIRT_PRECISION"] = env["CONVIRT_PRECISION"] ?? "fp32"
     for (k, v) in environment { env[k] = v }
     process.environment = env
     let log = FileManager.default.temporaryDirectory.appendingPathComponent("convirt-cli-\(UUID().uuidString).log")
@@ -210,7 +213,7 @@ final class SharedRuns: @unchecked Sendable {
 @Suite("Distributed training", .serialized)
 struct DistributedTrainingTests {
     static let mpiEnvironment = ["OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1", "OPENBLAS_NUM_THREADS": "1",
-                                 "OMPI_MCA_btl": "self,vader"]
+                                 "OMPI_MCA_btl": "self,vader", "CONVIRT_PRECISION": "fp32"]
 
     struct Row: Decodable, Sendable { let step: Int; let loss: Double; let grad_norm: Double; let world_size: Int; let val_loss: Double? }
 
@@ -290,7 +293,7 @@ struct DistributedTrainingTests {
         // One attempt, bounded: the start-up stall seen earlier (an orted crashing in hwloc's shared-memory
         // topology when several share one machine) is fixed in netns-cluster.sh, so a hang now is a failure.
         let hosts = try run(cluster, ["run", "2", "--", convirtPath(), "train", "--data", data, "--run-dir", "\(dir)/run-hosts",
-                                      "--preset", "tiny", "--steps", "20", "--retrieval-eval", "0"],
+                                      "--preset", "tiny", "--steps", "20", "--retrieval-eval", "0", "--precision", "fp32"],
                             environment: ["CONVIRT_CLUSTER_TIMEOUT": "90"], timeout: 150)
         #expect(hosts.status == 0, "\(hosts.output)")
         let hostRows = try Self.rows(of: "\(dir)/run-hosts")

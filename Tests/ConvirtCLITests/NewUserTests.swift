@@ -28,7 +28,9 @@ struct NewUserTests {
                           ["train", "--data", "x", "--run-dir", "y", "--steps", "5", "--epochs", "1"], ["checkpoint", "verify"],
                           ["eval", "linear", "--dataset", "rsna", "--root", "x", "--init", "random", "--min-epoch-steps", "0"],
                           ["synth", "rsna", "--out", "x", "--difficulty", "-1"],
-                          ["eval", "linear", "--dataset", "rsna", "--root", "x", "--init", "random", "--keep-best", "auc"]] {
+                          ["eval", "linear", "--dataset", "rsna", "--root", "x", "--init", "random", "--keep-best", "auc"],
+                          ["train", "--data", "x", "--run-dir", "y", "--precision", "fp16"], ["bench", "step", "--precision", "half"],
+                          ["embed", "--checkpoint", "x", "--texts", "y", "--out", "z", "--precision", "int8"]] {
             let r = try run(convirtPath(), arguments)
             #expect(r.status == 64 && r.output.contains("Usage:"), "\(arguments.joined(separator: " ")): status \(r.status): \(r.output)")
         }

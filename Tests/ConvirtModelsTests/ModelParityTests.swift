@@ -29,6 +29,37 @@ struct ModelParityTests {
         #expect(report.passed)
     }
 
+    /// bf16 fixtures (tools/make_parity_fixture.py --bf16): the reference under torch.autocast("cpu",
+    /// torch.bfloat16), with PyTorch's fp32 results beside it. Outputs always within the bf16 limit itself;
+    /// BERT's gradients too; ResNet gradients within the limit or 3x PyTorch's own bf16 deviation (Parity).
+    @Test("bf16 parity against PyTorch autocast", arguments: ["resnet_basic_eval_bf16", "bert_tiny_bf16", "convirt_tiny_eval_bf16"])
+    func bf16Parity(name: String) throws {
+        let report = try Parity.run(path: fixturePath("\(name).safetensors"))
+        #expect(report.precision == .bf16 && report.lines.count > 30)
+        #expect(report.passed, "\(name): \(report.lines.filter { !$0.ok }.map { "\($0.name) \($0.error)" })")
+        for line in report.lines where line.name.hasPrefix("output.") || name.hasPrefix("bert") {
+            let limit = line.name.hasPrefix("output.") ? Parity.bf16OutputLimit : Parity.bf16GradientLimit
+            #expect(line.error <= limit, "\(name) \(line.name): \(line.error)")
+        }
+        // A widened limit is only ever used where PyTorch's own bf16 moved the tensor past the plain one.
+        for line in report.lines where line.error > (line.name.hasPrefix("output.") ? Parity.bf16OutputLimit : Parity.bf16GradientLimit) {
+            #expect((line.ownDeviation ?? 0) * Parity.ownDeviationFactor >= line.error, "\(name) \(line.name)")
+        }
+        // The same fixture at fp32's limits fails: the reference really is bf16.
+        let strict = try Parity.run(path: fixturePath("\(name).safetensors"), precision: .fp32)
+        #expect(!strict.passed)
+    }
+
+    @Test("fp32 fixtures run in bf16: outputs within bf16 rounding of the exact answer")
+    func fp32FixturesInBF16() throws {
+        for name in ["resnet_tiny_eval", "bert_tiny"] {
+            let report = try Parity.run(path: fixturePath("\(name).safetensors"), precision: .bf16)
+            for line in report.lines where line.name.hasPrefix("output.") {
+                #expect(line.error <= Parity.bf16OutputLimit, "\(name) \(line.name): \(line.error)")
+            }
+        }
+    }
+
     private func stateDict(_ file: String) throws -> [(String, [Int])] {
         try String(contentsOfFile: fixturePath(file), encoding: .utf8).split(separator: "\n").filter { !$0.hasPrefix("#") }.map { line in
             let parts = line.split(separator: " ")

@@ -1,6 +1,8 @@
 // Multi-head scaled dot-product self-attention with a key padding mask (Vaswani et al. 2017), in the
 // layout of Hugging Face's BertSelfAttention: q, k, v are [B, T, H*D] with head h in columns h*D..<(h+1)*D.
 // Masked keys get probability exactly 0, which is what BERT's additive dtype-minimum bias produces.
+// In bf16 the four products of each (sample, head) take bf16-rounded inputs (probabilities and their
+// gradients included) and accumulate in fp32; the softmax and its backward stay fp32.
 
 import RealModule
 
@@ -55,7 +57,8 @@ public enum Attention {
     ///   probabilities: [B, H, T, T], kept for backward.
     public static func forward(output: UnsafeMutablePointer<Float>, probabilities: UnsafeMutablePointer<Float>,
                                q: UnsafePointer<Float>, k: UnsafePointer<Float>, v: UnsafePointer<Float>,
-                               mask: UnsafePointer<Int32>, geometry g: AttentionGeometry, dropout: AttentionDropout? = nil) {
+                               mask: UnsafePointer<Int32>, geometry g: AttentionGeometry, dropout: AttentionDropout? = nil,
+                               precision: Precision = .fp32) {
         let t = g.tokens, d = g.headSize, w = g.width
         Parallel.chunks(g.batch * g.heads, cost: 4 * t * t * d) { pairs in
         for pair in pairs {
@@ -64,7 +67,7 @@ public enum Attention {
             do {
                 let base = b * t * w + h * d
                 let p = probabilities + (b * g.heads + h) * t * t
-                sgemm(transposeA: false, transposeB: true, m: t, n: t, k: d, alpha: g.scale,
+                gemm(precision, transposeA: false, transposeB: true, m: t, n: t, k: d, alpha: g.scale,
                       a: q + base, lda: w, b: k + base, ldb: w, c: p, ldc: t, parallel: false)
                 for i in 0..<t {
                     let row = p + i * t
@@ -89,7 +92,7 @@ public enum Attention {
                     dropRows(dp, p, tokens: t, dropout: dropout, batch: b, head: h)
                     weights = UnsafePointer(dp)
                 }
-                sgemm(transposeA: false, transposeB: false, m: t, n: d, k: t,
+                gemm(precision, transposeA: false, transposeB: false, m: t, n: d, k: t,
                       a: weights, lda: t, b: v + base, ldb: w, c: output + base, ldc: w, parallel: false)
             }
         }
@@ -102,7 +105,7 @@ public enum Attention {
                                 gradV: UnsafeMutablePointer<Float>, gradOutput: UnsafePointer<Float>,
                                 probabilities: UnsafePointer<Float>, q: UnsafePointer<Float>, k: UnsafePointer<Float>,
                                 v: UnsafePointer<Float>, geometry g: AttentionGeometry, workspace: UnsafeMutablePointer<Float>,
-                                dropout: AttentionDropout? = nil) {
+                                dropout: AttentionDropout? = nil, precision: Precision = .fp32) {
         let t = g.tokens, d = g.headSize, w = g.width
         // Pairs run in parallel, each with its own t x t scratch inside `workspace`.
         Parallel.indexedChunks(g.batch * g.heads, cost: 8 * t * t * d) { part, pairs in
@@ -115,10 +118,10 @@ public enum Attention {
                 let dO = gradOutput + base
                 // dV += P'^T dO, with P' the (dropped) weights that multiplied V
                 let weights = dropout.map { UnsafePointer($0.dropped + (b * g.heads + h) * t * t) } ?? p
-                sgemm(transposeA: true, transposeB: false, m: t, n: d, k: t,
+                gemm(precision, transposeA: true, transposeB: false, m: t, n: d, k: t,
                       a: weights, lda: t, b: dO, ldb: w, beta: 1, c: gradV + base, ldc: w, parallel: false)
                 // dP = dO V^T (through the dropout mask), then dS = P * (dP - rowsum(dP * P))
-                sgemm(transposeA: false, transposeB: true, m: t, n: t, k: d,
+                gemm(precision, transposeA: false, transposeB: true, m: t, n: t, k: d,
                       a: dO, lda: w, b: v + base, ldb: w, c: scratch, ldc: t, parallel: false)
                 if let dropout { dropRows(scratch, scratch, tokens: t, dropout: dropout, batch: b, head: h) }
                 for i in 0..<t {
@@ -128,9 +131,9 @@ public enum Attention {
                     for j in 0..<t { dr[j] = pr[j] * (dr[j] - dot) }
                 }
                 // dQ += scale * dS K;  dK += scale * dS^T Q
-                sgemm(transposeA: false, transposeB: false, m: t, n: d, k: t, alpha: g.scale,
+                gemm(precision, transposeA: false, transposeB: false, m: t, n: d, k: t, alpha: g.scale,
                       a: scratch, lda: t, b: k + base, ldb: w, beta: 1, c: gradQ + base, ldc: w, parallel: false)
-                sgemm(transposeA: true, transposeB: false, m: t, n: d, k: t, alpha: g.scale,
+                gemm(precision, transposeA: true, transposeB: false, m: t, n: d, k: t, alpha: g.scale,
                       a: scratch, lda: t, b: q + base, ldb: w, beta: 1, c: gradK + base, ldc: w, parallel: false)
             }
         }

@@ -40,6 +40,9 @@ public struct Conv2dGeometry: Sendable, Hashable, CustomStringConvertible {
     public var inputShape: [Int] { [batch, inChannels, height, width] }
     public var weightShape: [Int] { [outChannels, inChannels, kernelH, kernelW] }
     public var outputShape: [Int] { [batch, outChannels, outHeight, outWidth] }
+    public var inputCount: Int { batch * inChannels * height * width }
+    public var weightCount: Int { outChannels * patchSize }
+    public var outputCount: Int { batch * outChannels * outPlane }
     /// Floats of scratch space `forward` and `backward` need (0 for a pointwise convolution).
     public var workspaceCount: Int { isPointwise ? 0 : patchSize * outPlane }
     /// Multiply-adds of the forward pass times two.

@@ -193,40 +193,73 @@ public final class Convolution {
         }
     }
 
-    private var primitives: [Conv2dGeometry: ConvolutionPrimitives] = [:]
+    private struct Key: Hashable {
+        let geometry: Conv2dGeometry
+        let precision: Precision
+    }
+    private var primitives: [Key: ConvolutionPrimitives] = [:]
 
     public init() {}
 
-    func dnnl(_ g: Conv2dGeometry) throws -> ConvolutionPrimitives? {
-        guard Self.usesDNNL(g) else { return nil }
-        if let p = primitives[g] { return p }
-        let p = try ConvolutionPrimitives(geometry: g)
-        primitives[g] = p
+    /// oneDNN's primitives for `g` in `precision`, or nil where the im2col path (or, in bf16 on a CPU
+    /// where oneDNN runs no bf16, its exact emulation) computes it.
+    func dnnl(_ g: Conv2dGeometry, _ precision: Precision) throws -> ConvolutionPrimitives? {
+        guard precision == .bf16 ? BF16.native : Self.usesDNNL(g) else { return nil }
+        let key = Key(geometry: g, precision: precision)
+        if let p = primitives[key] { return p }
+        let p = try ConvolutionPrimitives(geometry: g, precision: precision)
+        primitives[key] = p
         return p
     }
 
-    /// Floats of scratch space the im2col path needs for `g` (0 where oneDNN runs it).
-    public static func workspaceCount(_ g: Conv2dGeometry) -> Int { usesDNNL(g) ? 0 : g.workspaceCount }
+    /// Floats of scratch space the im2col path needs for `g` (0 where oneDNN runs it). The bf16
+    /// emulation also keeps bf16-rounded copies of the input, the weights and the output gradient there.
+    public static func workspaceCount(_ g: Conv2dGeometry, precision: Precision = .fp32) -> Int {
+        if precision == .bf16 {
+            return BF16.native ? 0 : g.workspaceCount + g.inputCount + g.weightCount + g.outputCount
+        }
+        return usesDNNL(g) ? 0 : g.workspaceCount
+    }
 
-    /// As `Conv2d.forward`.
+    /// As `Conv2d.forward`; workspace: `workspaceCount(g, precision:)` floats.
     public func forward(output: UnsafeMutablePointer<Float>, input: UnsafePointer<Float>, weight: UnsafePointer<Float>,
-                        geometry g: Conv2dGeometry, workspace: UnsafeMutablePointer<Float>?) throws {
-        if let p = try dnnl(g) {
+                        geometry g: Conv2dGeometry, workspace: UnsafeMutablePointer<Float>?, precision: Precision = .fp32) throws {
+        if let p = try dnnl(g, precision) {
             try p.forward(output: output, input: input, weight: weight)
+        } else if precision == .bf16 {
+            let (columns, x, w, _) = Self.emulationScratch(g, workspace)
+            BF16.round(x, input, count: g.inputCount)
+            BF16.round(w, weight, count: g.weightCount)
+            Conv2d.forward(output: output, input: x, weight: w, bias: nil, geometry: g, workspace: columns)
         } else {
             Conv2d.forward(output: output, input: input, weight: weight, bias: nil, geometry: g, workspace: workspace)
         }
     }
 
-    /// As `Conv2d.backward` (accumulating).
+    /// As `Conv2d.backward` (accumulating); in bf16 the output gradient is rounded to bf16 too.
     public func backward(gradInput: UnsafeMutablePointer<Float>?, gradWeight: UnsafeMutablePointer<Float>, gradOutput: UnsafePointer<Float>,
                          input: UnsafePointer<Float>, weight: UnsafePointer<Float>, geometry g: Conv2dGeometry,
-                         workspace: UnsafeMutablePointer<Float>?) throws {
-        if let p = try dnnl(g) {
+                         workspace: UnsafeMutablePointer<Float>?, precision: Precision = .fp32) throws {
+        if let p = try dnnl(g, precision) {
             try p.backward(gradInput: gradInput, gradWeight: gradWeight, gradBias: nil, gradOutput: gradOutput, input: input, weight: weight)
+        } else if precision == .bf16 {
+            let (columns, x, w, dy) = Self.emulationScratch(g, workspace)
+            BF16.round(x, input, count: g.inputCount)
+            BF16.round(w, weight, count: g.weightCount)
+            BF16.round(dy, gradOutput, count: g.outputCount)
+            Conv2d.backward(gradInput: gradInput, gradWeight: gradWeight, gradBias: nil, gradOutput: dy, input: x, weight: w,
+                            geometry: g, workspace: columns)
         } else {
             Conv2d.backward(gradInput: gradInput, gradWeight: gradWeight, gradBias: nil, gradOutput: gradOutput, input: input, weight: weight,
                             geometry: g, workspace: workspace)
         }
+    }
+
+    /// The emulation's parts of the workspace: im2col columns, rounded input, weights and output gradient.
+    private static func emulationScratch(_ g: Conv2dGeometry, _ workspace: UnsafeMutablePointer<Float>?)
+        -> (UnsafeMutablePointer<Float>?, UnsafeMutablePointer<Float>, UnsafeMutablePointer<Float>, UnsafeMutablePointer<Float>) {
+        guard let workspace else { preconditionFailure("the bf16 emulation of \(g) needs its workspace") }
+        let x = workspace + g.workspaceCount, w = x + g.inputCount
+        return (g.workspaceCount > 0 ? workspace : nil, x, w, w + g.weightCount)
     }
 }

@@ -5,30 +5,32 @@ import RealModule
 public enum Linear {
     /// output[r, o] = sum_i input[r, i] * weight[o, i] + bias[o]  (torch.nn.Linear's weight layout)
     /// - output: [rows, out]; input: [rows, in]; weight: [out, in]; bias: [out] or nil
+    /// - precision: bf16 rounds input and weight to bf16 and accumulates in fp32 (the bias adds in fp32).
     public static func forward(output: UnsafeMutablePointer<Float>, input: UnsafePointer<Float>,
                                weight: UnsafePointer<Float>, bias: UnsafePointer<Float>?,
-                               rows: Int, inFeatures: Int, outFeatures: Int) {
+                               rows: Int, inFeatures: Int, outFeatures: Int, precision: Precision = .fp32) {
         if let bias {
             for r in 0..<rows { (output + r * outFeatures).update(from: bias, count: outFeatures) }
         }
-        sgemm(transposeA: false, transposeB: true, m: rows, n: outFeatures, k: inFeatures,
-              a: input, lda: inFeatures, b: weight, ldb: inFeatures, beta: bias == nil ? 0 : 1,
-              c: output, ldc: outFeatures)
+        gemm(precision, transposeA: false, transposeB: true, m: rows, n: outFeatures, k: inFeatures,
+             a: input, lda: inFeatures, b: weight, ldb: inFeatures, beta: bias == nil ? 0 : 1,
+             c: output, ldc: outFeatures)
     }
 
     /// gradInput += gradOutput * weight; gradWeight += gradOutput^T * input; gradBias += column sums.
     /// gradInput, gradWeight and gradBias may each be nil when not needed (frozen weights, first layer).
+    /// In bf16 both products take bf16-rounded inputs (the output gradient too) and accumulate in fp32.
     public static func backward(gradInput: UnsafeMutablePointer<Float>?, gradWeight: UnsafeMutablePointer<Float>?,
                                 gradBias: UnsafeMutablePointer<Float>?, gradOutput: UnsafePointer<Float>,
                                 input: UnsafePointer<Float>, weight: UnsafePointer<Float>,
-                                rows: Int, inFeatures: Int, outFeatures: Int) {
+                                rows: Int, inFeatures: Int, outFeatures: Int, precision: Precision = .fp32) {
         if let gradInput {
-            sgemm(transposeA: false, transposeB: false, m: rows, n: inFeatures, k: outFeatures,
-                  a: gradOutput, lda: outFeatures, b: weight, ldb: inFeatures, beta: 1, c: gradInput, ldc: inFeatures)
+            gemm(precision, transposeA: false, transposeB: false, m: rows, n: inFeatures, k: outFeatures,
+                 a: gradOutput, lda: outFeatures, b: weight, ldb: inFeatures, beta: 1, c: gradInput, ldc: inFeatures)
         }
         if let gradWeight {
-            sgemm(transposeA: true, transposeB: false, m: outFeatures, n: inFeatures, k: rows,
-                  a: gradOutput, lda: outFeatures, b: input, ldb: inFeatures, beta: 1, c: gradWeight, ldc: inFeatures)
+            gemm(precision, transposeA: true, transposeB: false, m: outFeatures, n: inFeatures, k: rows,
+                 a: gradOutput, lda: outFeatures, b: input, ldb: inFeatures, beta: 1, c: gradWeight, ldc: inFeatures)
         }
         if let gradBias {
             for r in 0..<rows {

@@ -1,0 +1,130 @@
+// Matrix products in either precision: fp32 through OpenBLAS (`sgemm`), bf16 on oneDNN's matmul where
+// it runs bf16 on this CPU, else bf16 emulated exactly (inputs rounded to bf16 values, fp32 products).
+
+import CDNNL
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Row-major C[m, n] = alpha * op(A)[m, k] * op(B)[k, n] + beta * C in `precision` (bf16: both inputs
+/// rounded to bfloat16, the products accumulated in fp32, C in fp32). Same arguments as `sgemm`.
+/// `parallel: false` (a call from inside a parallel loop) stays on this thread: there bf16 is computed
+/// by the emulation, since oneDNN would start an OpenMP team from every one of the loop's threads.
+public func gemm(
+    _ precision: Precision, transposeA: Bool, transposeB: Bool, m: Int, n: Int, k: Int,
+    alpha: Float = 1, a: UnsafePointer<Float>, lda: Int, b: UnsafePointer<Float>, ldb: Int,
+    beta: Float = 0, c: UnsafeMutablePointer<Float>, ldc: Int, parallel: Bool = true
+) {
+    guard precision == .bf16, m > 0, n > 0, k > 0 else {
+        sgemm(transposeA: transposeA, transposeB: transposeB, m: m, n: n, k: k, alpha: alpha, a: a, lda: lda, b: b, ldb: ldb,
+              beta: beta, c: c, ldc: ldc, parallel: parallel)
+        return
+    }
+    // The stored blocks of op(A) and op(B): rows x columns with their leading dimensions.
+    let (aRows, aColumns) = transposeA ? (k, m) : (m, k)
+    let (bRows, bColumns) = transposeB ? (n, k) : (k, n)
+    let scratch = ThreadScratch.current
+    if BF16.native && parallel {
+        let key = MatmulPrimitive.Key(m: m, n: n, k: k, transposeA: transposeA, transposeB: transposeB, ldc: ldc, alpha: alpha, beta: beta)
+        do {
+            guard let primitive = try MatmulPrimitive.cached(key) else { throw ConvirtError("oneDNN refused a bf16 matmul of \(m)x\(k)x\(n)") }
+            let base = scratch.ensure(bytes: 2 * (m * k + k * n) + 64).bindMemory(to: UInt16.self, capacity: m * k + k * n + 32)
+            let a16 = base, b16 = base + (m * k + 31) / 32 * 32
+            BF16.convertBlock(a16, a, rows: aRows, columns: aColumns, ld: lda, parallel: parallel)
+            BF16.convertBlock(b16, b, rows: bRows, columns: bColumns, ld: ldb, parallel: parallel)
+            try primitive.execute(a: a16, b: b16, c: c, stream: scratch.stream)
+            return
+        } catch {
+            // A shape oneDNN refuses (none is known): the exact emulation below computes the same.
+        }
+    }
+    let base = scratch.ensure(bytes: 4 * (m * k + k * n) + 128).bindMemory(to: Float.self, capacity: m * k + k * n + 32)
+    let aRounded = base, bRounded = base + (m * k + 15) / 16 * 16
+    BF16.roundBlock(aRounded, a, rows: aRows, columns: aColumns, ld: lda, parallel: parallel)
+    BF16.roundBlock(bRounded, b, rows: bRows, columns: bColumns, ld: ldb, parallel: parallel)
+    sgemm(transposeA: transposeA, transposeB: transposeB, m: m, n: n, k: k, alpha: alpha, a: aRounded, lda: aColumns,
+          b: bRounded, ldb: bColumns, beta: beta, c: c, ldc: ldc, parallel: parallel)
+}
+
+/// oneDNN's bf16 matmul for one shape: compact bf16 inputs (op(A) and op(B) in their stored layouts),
+/// fp32 output with leading dimension ldc; alpha as an output scale, beta as a sum post-op.
+final class MatmulPrimitive: @unchecked Sendable {
+    struct Key: Hashable {
+        let m, n, k: Int
+        let transposeA, transposeB: Bool
+        let ldc: Int
+        let alpha, beta: Float
+    }
+
+    let key: Key
+    let primitive: DNNLPrimitive
+    let aDesc, bDesc, cDesc: dnnl_memory_desc_t
+
+    init(_ key: Key) throws {
+        self.key = key
+        let (m, n, k) = (key.m, key.n, key.k)
+        let what = "bf16 matmul \(m)x\(k) by \(k)x\(n)"
+        func strided(_ rows: Int, _ columns: Int, _ strides: [Int], _ type: dnnl_data_type_t) throws -> dnnl_memory_desc_t {
+            var desc = dnnl_memory_desc_t()
+            try dnnlCheck(dnnl_memory_desc_init_by_strides(&desc, 2, dnnlDims([rows, columns]), type, dnnlDims(strides)), what)
+            return desc
+        }
+        var a = try strided(m, k, key.transposeA ? [1, m] : [k, 1], dnnl_bf16)
+        var b = try strided(k, n, key.transposeB ? [1, k] : [n, 1], dnnl_bf16)
+        var c = try strided(m, n, [key.ldc, 1], dnnl_f32)
+        var desc = dnnl_matmul_desc_t()
+        try dnnlCheck(dnnl_matmul_desc_init(&desc, &a, &b, nil, &c), what)
+        var attributes: dnnl_primitive_attr_t? = nil
+        var postOps: dnnl_post_ops_t? = nil
+        try dnnlCheck(dnnl_primitive_attr_create(&attributes), what)
+        defer {
+            if let postOps { dnnl_post_ops_destroy(postOps) }
+            dnnl_primitive_attr_destroy(attributes)
+        }
+        if key.alpha != 1 {
+            var scale = key.alpha
+            try dnnlCheck(dnnl_primitive_attr_set_output_scales(attributes, 1, 0, &scale), what)
+        }
+        if key.beta != 0 {
+            try dnnlCheck(dnnl_post_ops_create(&postOps), what)
+            try dnnlCheck(dnnl_post_ops_append_sum(postOps, key.beta), what)
+            try dnnlCheck(dnnl_primitive_attr_set_post_ops(attributes, postOps), what)
+        }
+        primitive = try withUnsafePointer(to: &desc) { try DNNLPrimitive(UnsafeRawPointer($0), attributes: attributes, what) }
+        aDesc = a; bDesc = b; cDesc = c
+    }
+
+    func execute(a: UnsafePointer<UInt16>, b: UnsafePointer<UInt16>, c: UnsafeMutablePointer<Float>, stream: DNNLStream?) throws {
+        guard let stream else { throw ConvirtError("oneDNN: no stream could be created for a bf16 matmul") }
+        var descs = [aDesc, bDesc, cDesc]
+        var memories: [dnnl_memory_t?] = [nil, nil, nil]
+        defer { for memory in memories { if let memory { dnnl_memory_destroy(memory) } } }
+        let pointers = [UnsafeMutableRawPointer(mutating: a), UnsafeMutableRawPointer(mutating: b), UnsafeMutableRawPointer(c)]
+        let engine = try DNNL.cpuEngine()
+        for i in 0..<3 { try dnnlCheck(dnnl_memory_create(&memories[i], &descs[i], engine, pointers[i]), "bf16 matmul memory") }
+        var args = [dnnl_exec_arg_t(arg: cdnnl_arg_src(), memory: memories[0]), dnnl_exec_arg_t(arg: cdnnl_arg_weights(), memory: memories[1]),
+                    dnnl_exec_arg_t(arg: cdnnl_arg_dst(), memory: memories[2])]
+        try dnnlCheck(dnnl_primitive_execute(primitive.primitive, stream.stream, 3, &args), "bf16 matmul \(key.m)x\(key.k)x\(key.n)")
+        try dnnlCheck(dnnl_stream_wait(stream.stream), "bf16 matmul \(key.m)x\(key.k)x\(key.n)")
+    }
+
+    /// oneDNN's name for the kernel it chose.
+    var implementation: String { primitive.implementation }
+
+    /// nil: oneDNN refused the shape (kept, so that it is not asked again at every call).
+    private nonisolated(unsafe) static var cache: [Key: MatmulPrimitive?] = [:]
+    private nonisolated(unsafe) static var lock = pthread_mutex_t()
+    private static let lockReady: Bool = { pthread_mutex_init(&lock, nil); return true }()
+
+    /// The primitive of `key`, created once per process (products run from any thread); nil where
+    /// oneDNN has no bf16 kernel for the shape.
+    static func cached(_ key: Key) throws -> MatmulPrimitive? {
+        _ = lockReady
+        pthread_mutex_lock(&lock)
+        defer { pthread_mutex_unlock(&lock) }
+        if let p = cache[key] { return p }
+        let p = try? MatmulPrimitive(key)
+        cache[key] = .some(p)
+        return p
+    }
+}

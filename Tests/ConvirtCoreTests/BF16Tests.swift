@@ -1,0 +1,157 @@
+// bf16 mixed precision at the kernel level: the rounding, and every product (gemm, convolution, linear,
+// attention) against the Double reference computed on bf16-rounded inputs. A product of two bf16 numbers
+// is exact in fp32, so a correct bf16 product equals that reference up to fp32 accumulation (1e-5), on
+// oneDNN where it runs bf16 (AVX-512 CPUs) and in the exact emulation elsewhere; and it must differ from
+// the fp32 product by bf16 rounding, which shows the rounding happened at all.
+
+import ConvirtCore
+import ConvirtTestSupport
+import Foundation
+import Testing
+
+private func rounded(_ v: [Float]) -> [Double] { v.map { Double(BF16.round($0)) } }
+
+@Suite("bf16 mixed precision kernels")
+struct BF16KernelTests {
+    @Test("rounding to bf16 is round-to-nearest-even, keeps NaN, infinities and signed zeros, overflows to infinity")
+    func rounding() {
+        let ulp = Float(1) / 128  // bf16 spacing at 1
+        #expect(BF16.round(1) == 1)
+        #expect(BF16.round(1 + ulp / 2) == 1, "a tie goes to the even neighbour (1)")
+        #expect(BF16.round(1 + 3 * ulp / 2) == 1 + 2 * ulp, "a tie goes to the even neighbour (1 + 2 ulp)")
+        #expect(BF16.round(1 + ulp / 2 + ulp / 4096) == 1 + ulp, "just above a tie rounds up")
+        #expect(BF16.round(-(1 + ulp / 2 + ulp / 4096)) == -(1 + ulp))
+        #expect(BF16.round(Float.pi) == 3.140625)
+        #expect(BF16.round(.infinity) == .infinity && BF16.round(-.infinity) == -.infinity)
+        #expect(BF16.round(.nan).isNaN && BF16.round(-Float.nan).isNaN)
+        #expect(BF16.round(Float(bitPattern: 0x7f80_0001)).isNaN, "a NaN whose payload sits in the dropped bits stays NaN")
+        #expect(BF16.round(-0.0).sign == .minus && BF16.round(-0.0) == 0)
+        #expect(BF16.round(.greatestFiniteMagnitude) == .infinity)
+        #expect(BF16.bits(1) == 0x3f80 && BF16.bits(-2) == 0xc000)
+        // Every bf16 value is its own rounding.
+        for bits in stride(from: UInt32(0), to: 0x7f80_0000, by: 0x0001_0000 * 97) {
+            let x = Float(bitPattern: bits)
+            #expect(BF16.round(x) == x)
+        }
+    }
+
+    @Test("gemm in bf16 equals the Double product of the rounded inputs, for every transposition, alpha, beta and leading dimension",
+          arguments: [(false, false), (true, false), (false, true), (true, true)])
+    func gemmProduct(transposes: (Bool, Bool)) {
+        let (ta, tb) = transposes
+        let (m, n, k) = (37, 29, 45)
+        let (aRows, aColumns) = ta ? (k, m) : (m, k), (bRows, bColumns) = tb ? (n, k) : (k, n)
+        let lda = aColumns + 3, ldb = bColumns + 5, ldc = n + 2
+        let a = randomFloats(aRows * lda, seed: 1), b = randomFloats(bRows * ldb, seed: 2), c0 = randomFloats(m * ldc, seed: 3)
+        for parallel in [true, false] {
+            var c = c0, c32 = c0
+            let (alpha, beta): (Float, Float) = (0.5, 1)
+            gemm(.bf16, transposeA: ta, transposeB: tb, m: m, n: n, k: k, alpha: alpha, a: a, lda: lda, b: b, ldb: ldb, beta: beta,
+                 c: &c, ldc: ldc, parallel: parallel)
+            gemm(.fp32, transposeA: ta, transposeB: tb, m: m, n: n, k: k, alpha: alpha, a: a, lda: lda, b: b, ldb: ldb, beta: beta,
+                 c: &c32, ldc: ldc, parallel: parallel)
+            let ra = rounded(a), rb = rounded(b)
+            var expected = c0.map(Double.init), exact = expected
+            for i in 0..<m { for j in 0..<n {
+                var s = 0.0, s32 = 0.0
+                for p in 0..<k {
+                    let ai = ta ? p * lda + i : i * lda + p, bi = tb ? j * ldb + p : p * ldb + j
+                    s += ra[ai] * rb[bi]
+                    s32 += Double(a[ai]) * Double(b[bi])
+                }
+                expected[i * ldc + j] = Double(alpha) * s + Double(beta) * Double(c0[i * ldc + j])
+                exact[i * ldc + j] = Double(alpha) * s32 + Double(beta) * Double(c0[i * ldc + j])
+            } }
+            #expect(relativeError(c, expected) < 1e-5, "bf16 gemm \(ta) \(tb) parallel \(parallel) on \(BF16.backend)")
+            let fromFP32 = relativeError(c, exact)
+            #expect(fromFP32 > 1e-4 && fromFP32 < 2e-2, "bf16 is bf16 rounding away from fp32: \(fromFP32)")
+            #expect(relativeError(c32, exact) < 1e-5)
+            // Padding between rows (beyond n) is never written.
+            for i in 0..<m { for j in n..<ldc { #expect(c[i * ldc + j] == c0[i * ldc + j]) } }
+        }
+    }
+
+    @Test("a bf16 convolution (forward, accumulating backward) equals the Double reference on rounded inputs", arguments: 0..<6)
+    func convolution(index: Int) throws {
+        let (n, c, h, w, o, kh, kw, s, p, _) = DNNLConvolutionTests.cases[index]
+        let g = try Conv2dGeometry(batch: n, inChannels: c, height: h, width: w, outChannels: o, kernel: (kh, kw), stride: (s, s), padding: (p, p))
+        let x = randomFloats(g.inputCount, seed: 1), wt = randomFloats(g.weightCount, seed: 2), dy = randomFloats(g.outputCount, seed: 4)
+        let conv = Convolution()
+        var workspace = [Float](repeating: 0, count: max(1, Convolution.workspaceCount(g, precision: .bf16)))
+        var y = [Float](repeating: .nan, count: g.outputCount)
+        try conv.forward(output: &y, input: x, weight: wt, geometry: g, workspace: &workspace, precision: .bf16)
+        #expect(relativeError(y, Reference.conv2dForward(rounded(x), rounded(wt), nil, g)) < 1e-5, "forward \(g)")
+        let toFP32 = relativeError(y, Reference.conv2dForward(x.map(Double.init), wt.map(Double.init), nil, g))
+        #expect(toFP32 > 1e-4 && toFP32 < 2e-2, "forward \(g): \(toFP32) from fp32")
+
+        let dx0 = randomFloats(x.count, seed: 5), dw0 = randomFloats(wt.count, seed: 6)
+        var dx = dx0, dw = dw0
+        try conv.backward(gradInput: &dx, gradWeight: &dw, gradOutput: dy, input: x, weight: wt, geometry: g, workspace: &workspace, precision: .bf16)
+        let (rdx, rdw, _) = Reference.conv2dBackward(rounded(dy), rounded(x), rounded(wt), g)
+        #expect(relativeError(zip(dx, dx0).map { Double($0) - Double($1) }, rdx) < 1e-5, "input gradient \(g)")
+        #expect(relativeError(zip(dw, dw0).map { Double($0) - Double($1) }, rdw) < 1e-5, "weight gradient \(g)")
+    }
+
+    @Test("a bf16 linear layer equals the Double reference on rounded inputs; its bias adds in fp32")
+    func linear() {
+        let (rows, inF, outF) = (9, 33, 17)
+        let x = randomFloats(rows * inF, seed: 1), w = randomFloats(outF * inF, seed: 2), b = randomFloats(outF, seed: 3)
+        var y = [Float](repeating: .nan, count: rows * outF)
+        Linear.forward(output: &y, input: x, weight: w, bias: b, rows: rows, inFeatures: inF, outFeatures: outF, precision: .bf16)
+        #expect(relativeError(y, Reference.linear(rounded(x), rounded(w), b.map(Double.init), rows: rows, inFeatures: inF, outFeatures: outF)) < 1e-5)
+        let dy = randomFloats(rows * outF, seed: 4)
+        var dx = [Float](repeating: 0, count: x.count), dw = [Float](repeating: 0, count: w.count), db = [Float](repeating: 0, count: outF)
+        Linear.backward(gradInput: &dx, gradWeight: &dw, gradBias: &db, gradOutput: dy, input: x, weight: w, rows: rows, inFeatures: inF,
+                        outFeatures: outF, precision: .bf16)
+        let rdy = rounded(dy), rx = rounded(x), rw = rounded(w)
+        var edx = [Double](repeating: 0, count: x.count), edw = [Double](repeating: 0, count: w.count), edb = [Double](repeating: 0, count: outF)
+        for r in 0..<rows { for o in 0..<outF {
+            edb[o] += Double(dy[r * outF + o])
+            for i in 0..<inF {
+                edx[r * inF + i] += rdy[r * outF + o] * rw[o * inF + i]
+                edw[o * inF + i] += rdy[r * outF + o] * rx[r * inF + i]
+            }
+        } }
+        #expect(relativeError(dx, edx) < 1e-5 && relativeError(dw, edw) < 1e-5 && relativeError(db, edb) < 1e-6)
+    }
+
+    @Test("bf16 attention stays within bf16 rounding of the exact result, masked keys still get nothing")
+    func attention() throws {
+        let g = try AttentionGeometry(batch: 2, tokens: 6, heads: 2, headSize: 8)
+        let count = g.batch * g.tokens * g.width
+        let q = randomFloats(count, seed: 1, scale: 2), k = randomFloats(count, seed: 2, scale: 2), v = randomFloats(count, seed: 3)
+        let mask: [Int32] = [1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0]
+        var out = [Float](repeating: .nan, count: count), probabilities = [Float](repeating: 0, count: g.probabilitiesCount)
+        Attention.forward(output: &out, probabilities: &probabilities, q: q, k: k, v: v, mask: mask, geometry: g, precision: .bf16)
+        let exact = Reference.attention(q.map(Double.init), k.map(Double.init), v.map(Double.init), mask: mask, g)
+        let error = relativeError(out, exact)
+        #expect(error > 1e-4 && error < 2e-2, "bf16 attention \(error) from exact")
+        for b in 0..<2 { for h in 0..<2 { for i in 0..<6 { for j in 0..<6 where mask[b * 6 + j] == 0 {
+            #expect(probabilities[((b * 2 + h) * 6 + i) * 6 + j] == 0)
+        } } } }
+        // Backward: against fp32 within bf16 rounding.
+        let dOut = randomFloats(count, seed: 4)
+        var workspace = [Float](repeating: 0, count: g.workspaceCount)
+        func grads(_ precision: Precision) -> [Float] {
+            var p = [Float](repeating: 0, count: g.probabilitiesCount), o = [Float](repeating: 0, count: count)
+            Attention.forward(output: &o, probabilities: &p, q: q, k: k, v: v, mask: mask, geometry: g, precision: precision)
+            var dq = [Float](repeating: 0, count: count), dk = dq, dv = dq
+            Attention.backward(gradQ: &dq, gradK: &dk, gradV: &dv, gradOutput: dOut, probabilities: p, q: q, k: k, v: v, geometry: g,
+                               workspace: &workspace, precision: precision)
+            return dq + dk + dv
+        }
+        let g16 = grads(.bf16), g32 = grads(.fp32)
+        let backward = relativeError(g16, g32)
+        #expect(backward > 1e-4 && backward < 3e-2, "bf16 attention gradients \(backward) from fp32")
+    }
+
+    @Test("auto chooses bf16 exactly where the CPU has AMX-BF16 or AVX512-BF16, and says so")
+    func autoChoice() {
+        #expect(PrecisionChoice.fp32.resolved() == .fp32 && PrecisionChoice.bf16.resolved() == .bf16)
+        guard ProcessInfo.processInfo.environment["CONVIRT_PRECISION"] == nil else { return }
+        #expect(PrecisionChoice.auto.resolved() == (BF16.hardwareSupport != nil ? .bf16 : .fp32))
+        #expect(PrecisionChoice.auto.describe().hasPrefix("precision \(PrecisionChoice.auto.resolved().rawValue) (auto: the CPU has"))
+        // Where oneDNN runs bf16 the CPU has AVX-512 (Debian's oneDNN 2.6 has no bf16 below it).
+        if BF16.native { #expect(DNNL.isa.hasPrefix("avx512")) }
+    }
+}

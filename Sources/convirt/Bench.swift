@@ -65,7 +65,12 @@ struct Kernels: ParsableCommand {
             sgemm(transposeA: false, transposeB: false, m: peakN, n: peakN, k: peakN, a: a.pointer, lda: peakN, b: b.pointer, ldb: peakN, c: c.pointer, ldc: peakN)
         }
         let peakRate = 2 * pow(Double(peakN), 3) / peak / 1e9
-        print(String(format: "sgemm 1024x1024x1024: %.1f GFLOP/s\n", peakRate))
+        print(String(format: "sgemm 1024x1024x1024: %.1f GFLOP/s", peakRate))
+        let bf16 = measure(repeats: repeats) {
+            gemm(.bf16, transposeA: false, transposeB: false, m: peakN, n: peakN, k: peakN, a: a.pointer, lda: peakN, b: b.pointer, ldb: peakN,
+                 c: c.pointer, ldc: peakN)
+        }
+        print(String(format: "bf16 gemm 1024x1024x1024: %.1f GFLOP/s (%@)\n", 2 * pow(Double(peakN), 3) / bf16 / 1e9, BF16.backend as NSString))
 
         print("oneDNN \(DNNL.version), ISA \(DNNL.isa)")
         print("conv2d (NCHW, batch \(batch))".padding(toLength: 30, withPad: " ", startingAt: 0)

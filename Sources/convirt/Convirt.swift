@@ -84,6 +84,7 @@ struct Info: ParsableCommand {
             print("convirt \(convirtVersion)")
             print("BLAS: \(BLASThreads.configuration), \(BLASThreads.current) thread(s); core \(BLASCore.current) (\(BLASCore.origin))")
             print("oneDNN: \(DNNL.version), ISA \(DNNL.isa)")
+            print("bf16: \(BF16.backend); \(PrecisionChoice.auto.describe())")
             print("MPI: \(MPICommunicator.libraryVersion.split(separator: "\n").first ?? "")")
             if communicator is MPICommunicator {
                 print("MPI job: world size \(communicator.size); all-reduce of ranks = \(Int(ranks[0])) (expected \(Int(expected)))")

@@ -212,6 +212,19 @@ struct EvalTests {
         let imageFile = try SafeTensorsFile(path: "\(dir)/images.safetensors")
         #expect(imageFile.info("embeddings")?.shape == [5, 64] || imageFile.info("embeddings")?.shape.first == 5)
         #expect(try SafeTensorsFile(path: "\(dir)/texts.safetensors").info("embeddings")?.shape.first == 2)
+        // The same embeddings in bf16: within bf16 rounding of fp32's (unit vectors, so absolute), recorded as such.
+        for kind in ["images", "texts"] {
+            _ = try ok(["embed", "--checkpoint", "\(dir)/run", "--\(kind)", "\(dir)/\(kind).txt", "--out", "\(dir)/\(kind)-bf16.safetensors",
+                        "--precision", "bf16"])
+            let half = try SafeTensorsFile(path: "\(dir)/\(kind)-bf16.safetensors"), full = try SafeTensorsFile(path: "\(dir)/\(kind).safetensors")
+            #expect(half.metadata["precision"] == "bf16" && full.metadata["precision"] == "fp32")
+            let a = try half.floats("embeddings").scalars, b = try full.floats("embeddings").scalars
+            let difference = zip(a, b).map { abs($0 - $1) }.max() ?? 1
+            #expect(difference > 1e-5 && difference < 5e-2, "\(kind): bf16 embeddings \(difference) from fp32")
+        }
+        let linear16 = try ok(["eval", "linear", "--dataset", "chexpert", "--root", "\(dir)/chexpert", "--checkpoint", "\(dir)/run", "--runs", "1",
+                               "--max-epochs", "3", "--precision", "bf16", "--cache", "\(dir)/cache-bf16"])
+        #expect(linear16.contains("precision bf16"), "\(linear16)")
 
         // Bad input: a CheXpert directory without its CSVs is a clear error naming the file, on every rank.
         try FileManager.default.createDirectory(atPath: "\(dir)/empty", withIntermediateDirectories: true)

@@ -170,6 +170,8 @@ public final class ConvolutionPrimitives {
 /// 60); the paper step with oneDNN for every kernel larger than 1x1 took 1.014x the time of im2col +
 /// sgemm (farm-bench, 3 pairs) and 480 MB more memory. So `auto` keeps im2col + sgemm for fp32 until
 /// activations stay in oneDNN's layouts from layer to layer; `onednn` runs every convolution there.
+/// bf16 runs every convolution on oneDNN where oneDNN runs bf16 (AVX-512 and up), and by the exact
+/// emulation (rounded copies of the input, weights and output gradient, then im2col + sgemm) elsewhere.
 public final class Convolution {
     public enum Policy: String, Sendable, CaseIterable {
         /// What measured fastest for fp32 (see above): im2col + sgemm.

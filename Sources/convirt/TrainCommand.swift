@@ -92,7 +92,8 @@ struct TrainCommand: ParsableCommand {
         }
     }
 
-    func resolved() throws -> TrainConfig {
+    /// `precision`: what --precision resolved to (rank 0's choice under MPI); nil = resolve it here.
+    func resolved(precision chosen: Precision? = nil) throws -> TrainConfig {
         var c = TrainConfig.preset(preset)
         if let globalBatch { c.globalBatch = globalBatch }
         if let steps { c.steps = steps; c.epochs = nil }
@@ -123,7 +124,7 @@ struct TrainCommand: ParsableCommand {
         if noOverlap { c.overlapCommunication = false }
         if noTensorboard { c.tensorboard = false }
         if let accumSteps { c.accumSteps = accumSteps == 1 ? nil : accumSteps }
-        c.precision = precision.resolved()
+        c.precision = chosen ?? precision.resolved()
         return c
     }
 
@@ -169,10 +170,13 @@ struct TrainCommand: ParsableCommand {
     func train(_ communicator: Communicator) throws {
         let data = data!, runDir = runDir!
         let root = communicator.isRoot
+        // `auto` follows rank 0's CPU, so that ranks on different CPUs cannot train in different precisions.
+        var chosen: UInt8 = precision.resolved() == .bf16 ? 1 : 0
+        if communicator.size > 1 { try withUnsafeMutableBytes(of: &chosen) { try communicator.broadcast($0, root: 0) } }
         // Everything that can be checked is checked on every rank before anything is created: the
         // flags, the dataset, the vocabulary, the weights, the run directory. A failure is printed once.
         let trainer = try agreeOnStart("train", communicator) { () throws -> Trainer in
-            let config = try resolved()
+            let config = try resolved(precision: chosen == 1 ? .bf16 : .fp32)
             try config.validate(worldSize: communicator.size)
             if !FileManager.default.fileExists(atPath: data) { throw ConvirtError("--data \(data): no such directory") }
             if root { try checkRunDirectory(runDir) }

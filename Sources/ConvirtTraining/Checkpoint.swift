@@ -530,6 +530,20 @@ public final class CheckpointWriter: @unchecked Sendable {
         return true
     }
 
+    /// After an error that ends training while a checkpoint is being written (a full disk that stopped the
+    /// metrics before the commit, say): waits for this rank's write, removes its shard, and removes the
+    /// temporary directory once it is empty (the last rank out does). Not collective, for error paths; a
+    /// rank aborted mid-write leaves its shard, which the next start removes (`removeLeftovers`).
+    public func abandon() {
+        guard let job else { return }
+        if !written { finished.wait() }
+        written = false
+        self.job = nil
+        outcome = Outcome()
+        try? FileManager.default.removeItem(atPath: "\(job.temporary)/\(Checkpoints.shardFile(rank: communicator.rank, worldSize: communicator.size))")
+        _ = rmdir(job.temporary)
+    }
+
     /// Commits the checkpoint being written (collective; no-op when none): waits for this rank's shard,
     /// gathers every rank's size and checksum, and rank 0 publishes the checkpoint only when all succeeded.
     public func commit() throws {

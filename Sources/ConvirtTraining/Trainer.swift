@@ -134,6 +134,14 @@ public final class Trainer {
         let checkpoints = try CheckpointWriter(communicator: communicator, runDirectory: runDirectory, mode: config.checkpointIO,
                                                asynchronous: config.asyncCheckpoint, keep: config.keepCheckpoints)
         if config.asyncCheckpoint { checkpoints.reserve(arena: model.arena) }
+        // An error with a checkpoint in flight takes this rank's part of it away (see `abandon`).
+        do { return try loop(loader, checkpoints, metrics, progress) } catch {
+            checkpoints.abandon()
+            throw error
+        }
+    }
+
+    private func loop(_ loader: Loader, _ checkpoints: CheckpointWriter, _ metrics: MetricsWriter, _ progress: ((StepMetrics, Int) -> Void)?) throws -> [StepMetrics] {
         var rows: [StepMetrics] = []
         var savedStep = startStep
         var step = startStep

@@ -553,8 +553,15 @@ struct DistributedTrainingTests {
         #expect(disk.status != 97, "mounting a tmpfs (needs root): \(disk.output)")
         #expect(!disk.output.contains("train status 0") && disk.output.contains("No space left on device"), "\(disk.output)")
         #expect(disk.output.contains("OK (step 5") && disk.output.contains("latest step-00000005"), "\(disk.output)")
-        let listing = disk.output.components(separatedBy: "latest step-00000005").last ?? ""
-        #expect(!listing.contains(".tmp-") && !listing.contains("step-00000010"), "the failed checkpoint left nothing behind: \(listing)")
+        let listing = (disk.output.components(separatedBy: "latest step-00000005").last ?? "").split(whereSeparator: \.isWhitespace).map(String.init)
+        #expect(!listing.contains("step-00000010"), "the failed checkpoint is never published: \(listing)")
+        // When the checkpoint's own commit failed, it left nothing behind. The disk can also fill first under
+        // the metrics or TensorBoard append of rank 0 while the shards are written in the background; that
+        // aborts the job, and a rank killed mid-write may leave its shard in the temporary directory, which
+        // the next start removes (the killed-rank case above).
+        if disk.output.contains("checkpoint at step 10 failed") {
+            #expect(!listing.contains { $0.hasPrefix(".tmp-") }, "the failed checkpoint left nothing behind: \(listing)")
+        }
 
         // Damaged and tampered checkpoints: verify names the file and the problem, before any large allocation.
         func tampered(_ name: String, _ change: (String) throws -> Void) throws -> String {

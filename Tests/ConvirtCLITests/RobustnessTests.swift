@@ -249,6 +249,17 @@ struct MetricsDiskTests {
         #expect(disk.output.contains("train status 1") && disk.output.contains("metrics.jsonl") && disk.output.contains("No space left on device"),
                 "\(disk.output)")
 
+        // Room for one checkpoint of the tiny model (about 0.45 MB) and not two: whichever write meets the full
+        // disk first (the background shard, or metrics.jsonl behind it), one rank leaves no temporary directory.
+        try FileManager.default.createDirectory(atPath: "\(dir)/one", withIntermediateDirectories: true)
+        let checkpointScript = "mount -t tmpfs -o size=700k tmpfs \(dir)/one || exit 97; "
+            + "\(convirtPath()) train --data \(data) --run-dir \(dir)/one/run --preset tiny --steps 20 --checkpoint-every 5 --retrieval-eval 0; "
+            + "echo \"train status $?\"; echo listing; ls -a \(dir)/one/run/checkpoints"
+        let checkpointDisk = try run("/usr/bin/unshare", ["-m", "sh", "-c", checkpointScript], timeout: 300)
+        #expect(checkpointDisk.output.contains("train status 1") && checkpointDisk.output.contains("No space left on device"), "\(checkpointDisk.output)")
+        let listing = (checkpointDisk.output.components(separatedBy: "listing").last ?? "").split(whereSeparator: \.isWhitespace)
+        #expect(listing.contains("step-00000005") && !listing.contains { $0.hasPrefix(".tmp-") }, "\(checkpointDisk.output)")
+
         // A line cut short (as a full disk or a kill leaves it): resuming appends after the last whole line.
         let runDir = "\(dir)/cut"
         let first = try run(convirtPath(), ["train", "--data", data, "--run-dir", runDir, "--preset", "tiny", "--steps", "4", "--checkpoint-every", "2",

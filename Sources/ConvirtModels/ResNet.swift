@@ -146,7 +146,7 @@ final class ConvBNUnit {
         let g = try Conv2dGeometry(batch: batch, inChannels: inChannels, height: height, width: width, outChannels: outChannels,
                                    kernel: kernel, stride: stride, padding: padding)
         geometry = g
-        let count = g.outputShape.reduce(1, *)
+        let count = g.outputCount
         let c = convOut.ensure(count), y = output.ensure(count)
         try kernels.forward(output: c, input: input, weight: arena.params + conv.offset, geometry: g,
                             workspace: workspace.ensure(Convolution.workspaceCount(g, precision: context.precision)), precision: context.precision)
@@ -160,7 +160,7 @@ final class ConvBNUnit {
     func backward(_ arena: ParameterArena, gradInput: UnsafeMutablePointer<Float>?, input: UnsafePointer<Float>,
                   workspace: Scratch<Float>, context: PassContext) throws {
         guard let g = geometry else { preconditionFailure("backward before forward") }
-        let count = g.outputShape.reduce(1, *)
+        let count = g.outputCount
         let dy = gradOutput.pointer
         if relu { ReLU.maskGradient(dy, output: output.pointer, count: count) }
         let dc = gradConvOut.zeroed(count)

@@ -210,9 +210,9 @@ struct TrainCommand: ParsableCommand {
                   + "\(trainer.model.layout.trainableCount) trainable parameters, run directory \(runDir)")
             print("kernels: OpenBLAS core \(BLASCore.current) (\(BLASCore.origin)), oneDNN \(DNNL.version) ISA \(DNNL.isa), "
                   + "\(config.threads) thread(s) per rank")
-            let chosen = precision == .auto && resume && config.productPrecision != precision.resolved()
+            let precisionLine = precision == .auto && resume && config.productPrecision != precision.resolved()
                 ? "precision \(config.productPrecision.rawValue) (auto: the checkpoint's)" : precision.describe()
-            print(chosen)
+            print(precisionLine)
         }
         let start = Date()
         let every = max(1, trainer.totalSteps / 20)

@@ -229,9 +229,7 @@ public final class Convolution {
         if let p = try dnnl(g, precision) {
             try p.forward(output: output, input: input, weight: weight)
         } else if precision == .bf16 {
-            let (columns, x, w, _) = Self.emulationScratch(g, workspace)
-            BF16.round(x, input, count: g.inputCount)
-            BF16.round(w, weight, count: g.weightCount)
+            let (columns, x, w, _) = Self.emulationScratch(g, workspace, input: input, weight: weight)
             Conv2d.forward(output: output, input: x, weight: w, bias: nil, geometry: g, workspace: columns)
         } else {
             Conv2d.forward(output: output, input: input, weight: weight, bias: nil, geometry: g, workspace: workspace)
@@ -245,9 +243,7 @@ public final class Convolution {
         if let p = try dnnl(g, precision) {
             try p.backward(gradInput: gradInput, gradWeight: gradWeight, gradBias: nil, gradOutput: gradOutput, input: input, weight: weight)
         } else if precision == .bf16 {
-            let (columns, x, w, dy) = Self.emulationScratch(g, workspace)
-            BF16.round(x, input, count: g.inputCount)
-            BF16.round(w, weight, count: g.weightCount)
+            let (columns, x, w, dy) = Self.emulationScratch(g, workspace, input: input, weight: weight)
             BF16.round(dy, gradOutput, count: g.outputCount)
             Conv2d.backward(gradInput: gradInput, gradWeight: gradWeight, gradBias: nil, gradOutput: dy, input: x, weight: w,
                             geometry: g, workspace: columns)
@@ -257,11 +253,15 @@ public final class Convolution {
         }
     }
 
-    /// The emulation's parts of the workspace: im2col columns, rounded input, weights and output gradient.
-    private static func emulationScratch(_ g: Conv2dGeometry, _ workspace: UnsafeMutablePointer<Float>?)
+    /// The emulation's parts of the workspace: im2col columns, the input and weights rounded to bf16 (filled
+    /// here), and room for the rounded output gradient.
+    private static func emulationScratch(_ g: Conv2dGeometry, _ workspace: UnsafeMutablePointer<Float>?, input: UnsafePointer<Float>,
+                                         weight: UnsafePointer<Float>)
         -> (UnsafeMutablePointer<Float>?, UnsafeMutablePointer<Float>, UnsafeMutablePointer<Float>, UnsafeMutablePointer<Float>) {
         guard let workspace else { preconditionFailure("the bf16 emulation of \(g) needs its workspace") }
         let x = workspace + g.workspaceCount, w = x + g.inputCount
+        BF16.round(x, input, count: g.inputCount)
+        BF16.round(w, weight, count: g.weightCount)
         return (g.workspaceCount > 0 ? workspace : nil, x, w, w + g.weightCount)
     }
 }

@@ -2,7 +2,8 @@
 // Sapphire Rapids Xeon it chose Cooperlake (3.4x slower sgemm than SkylakeX there) and once Prescott.
 // OPENBLAS_CORETYPE overrides the choice but is read only when the library loads, so convirt decides
 // by the CPU's flags and, when OpenBLAS chose worse, restarts itself (execv, before MPI or any thread
-// starts) with OPENBLAS_CORETYPE set. A value the user or the machine already set is respected.
+// starts) with OPENBLAS_CORETYPE set (and OMP_WAIT_POLICY, see `preferredEnvironment`). A value the
+// user or the machine already set is respected.
 
 import COpenBLAS
 #if canImport(Glibc)
@@ -57,22 +58,54 @@ public enum BLASCore {
         return flags.isEmpty ? nil : (flags, vendor)
     }
 
-    /// Restarts this process with OPENBLAS_CORETYPE set when OpenBLAS chose a worse core than the CPU
-    /// supports and nobody set one. Call first thing in main; returns when no restart is needed (or
-    /// the restart failed, in which case OpenBLAS's own choice stays).
-    public static func restartWithPreferredCoreIfNeeded() {
+    /// What convirt sets before the libraries load, where nobody set it: `OPENBLAS_CORETYPE` when OpenBLAS
+    /// chose a worse core than the CPU supports, and `OMP_WAIT_POLICY=passive`. Debian's oneDNN runs on
+    /// libgomp, whose threads by default spin after each primitive, and on a rank's N cores they then
+    /// compete with the Dispatch threads of the kernels that follow (BatchNorm, ReLU, the products on
+    /// OpenBLAS): measured on a 2-core AMD EPYC, the paper step with its spatial convolutions on oneDNN
+    /// took 1.06x as long as im2col + sgemm with spinning threads and 0.94x with passive ones.
+    public static func preferredEnvironment(_ env: [String: String], flags: Set<String>, vendor: String, picked: String) -> [String: String] {
+        var changes: [String: String] = [:]
+        if env["OPENBLAS_CORETYPE"] == nil, let core = preferred(flags: flags, vendor: vendor, picked: picked) {
+            changes["OPENBLAS_CORETYPE"] = core
+            changes[chosenMarker] = core
+        }
+        if env["OMP_WAIT_POLICY"] == nil {
+            changes["OMP_WAIT_POLICY"] = "passive"
+            changes[waitPolicyMarker] = "passive"
+        }
+        return changes
+    }
+
+    static let waitPolicyMarker = "CONVIRT_OMP_WAIT_POLICY_CHOSEN"
+
+    /// How oneDNN's OpenMP threads wait between primitives, and who decided.
+    public static var openMPWaitPolicy: String {
+        let env = processEnvironment()
+        guard let policy = env["OMP_WAIT_POLICY"] else { return "libgomp's default (spinning)" }
+        return env[waitPolicyMarker] != nil ? "\(policy) (set by convirt)" : "\(policy) (OMP_WAIT_POLICY set by the environment)"
+    }
+
+    /// Restarts this process with `preferredEnvironment`'s variables set when it has any (they are read
+    /// only when OpenBLAS and libgomp load). Call first thing in main, before MPI or any thread starts;
+    /// returns when no restart is needed (or the restart failed, in which case the libraries keep their
+    /// own choices). A restarted process never restarts again.
+    public static func restartWithPreferredSettingsIfNeeded() {
         let env = processEnvironment()
         // CONVIRT_TEST_BLAS_PICKED pretends OpenBLAS chose that core (to test the restart on any CPU).
-        guard env["OPENBLAS_CORETYPE"] == nil, env[chosenMarker] == nil, let cpu = cpuFlags(),
-              let core = preferred(flags: cpu.flags, vendor: cpu.vendor, picked: env["CONVIRT_TEST_BLAS_PICKED"] ?? current) else { return }
-        setenv("OPENBLAS_CORETYPE", core, 1)
-        setenv(chosenMarker, core, 1)
+        guard env[restartMarker] == nil, let cpu = cpuFlags() else { return }
+        let changes = preferredEnvironment(env, flags: cpu.flags, vendor: cpu.vendor, picked: env["CONVIRT_TEST_BLAS_PICKED"] ?? current)
+        guard !changes.isEmpty else { return }
+        for (name, value) in changes { setenv(name, value, 1) }
+        setenv(restartMarker, "1", 1)
         var argv: [UnsafeMutablePointer<CChar>?] = CommandLine.arguments.map { strdup($0) } + [nil]
         execv("/proc/self/exe", &argv)
-        // Only reached if execv failed: keep going with OpenBLAS's choice.
-        unsetenv("OPENBLAS_CORETYPE")
-        unsetenv(chosenMarker)
+        // Only reached if execv failed: keep going with the libraries' own choices.
+        for name in changes.keys { unsetenv(name) }
+        unsetenv(restartMarker)
     }
+
+    static let restartMarker = "CONVIRT_RESTARTED"
 }
 
 /// The environment as a dictionary, without Foundation.

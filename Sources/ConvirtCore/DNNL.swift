@@ -180,20 +180,26 @@ final class DNNLReorder {
 }
 
 /// One argument of a primitive as the model holds it (a plain layout, the caller's buffer) and as the
-/// primitive wants it (oneDNN's layout, in a buffer of its own when that differs).
+/// primitive wants it (oneDNN's layout, in a buffer of its own when that differs). That buffer lives
+/// only during one call, so it is not owned here: it is the calling thread's reorder slot `slot`
+/// (`ThreadScratch`), shared by every primitive that thread runs, so a network's convolutions need
+/// the memory of their largest argument once, not a copy of every activation.
 final class DNNLArgument {
     let user: DNNLMemory
     let inner: DNNLMemory
     /// user -> inner for inputs; inner -> user (accumulating or not) for outputs; nil when no reorder is needed.
     let reorder: DNNLReorder?
+    let slot: Int
+    private let innerBytes: Int
 
     enum Role { case input, output, accumulatingOutput }
 
-    init(user desc: dnnl_memory_desc_t, primitive: dnnl_memory_desc_t, role: Role) throws {
+    /// `slot`: distinct for the arguments that one call holds at the same time.
+    init(user desc: dnnl_memory_desc_t, primitive: dnnl_memory_desc_t, role: Role, slot: Int) throws {
         let user = try DNNLMemory(desc, owning: false)
         // An accumulating output always goes through a buffer of its own: the primitive overwrites.
         let direct = role != .accumulatingOutput && dnnlSame(desc, primitive)
-        let inner = direct ? user : try DNNLMemory(primitive, owning: true)
+        let inner = direct ? user : try DNNLMemory(primitive, owning: false)
         let reorder: DNNLReorder?
         if direct {
             reorder = nil
@@ -202,19 +208,32 @@ final class DNNLArgument {
         } else {
             reorder = try DNNLReorder(from: inner, to: user, accumulate: role == .accumulatingOutput)
         }
+        var primitiveDesc = primitive
         self.user = user
         self.inner = inner
         self.reorder = reorder
+        self.slot = slot
+        innerBytes = direct ? 0 : dnnl_memory_desc_get_size(&primitiveDesc)
+    }
+
+    /// Points the primitive's buffer at this thread's slot (grown when needed).
+    private func bindInner() throws {
+        guard reorder != nil else { return }
+        try inner.bind(ThreadScratch.current.reorderSlot(slot, bytes: innerBytes))
     }
 
     /// Binds the caller's buffer; an input is then reordered into the primitive's layout.
     func input(_ pointer: UnsafeRawPointer, _ stream: DNNLStream) throws {
         try user.bind(pointer)
+        try bindInner()
         try reorder?.run(stream)
     }
 
     /// Binds the caller's buffer for an output (written back by `finish`).
-    func output(_ pointer: UnsafeRawPointer) throws { try user.bind(pointer) }
+    func output(_ pointer: UnsafeRawPointer) throws {
+        try user.bind(pointer)
+        try bindInner()
+    }
 
     /// After the primitive: an output in another layout (or accumulated) is reordered into the caller's buffer.
     func finish(_ stream: DNNLStream) throws { try reorder?.run(stream) }

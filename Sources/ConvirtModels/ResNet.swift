@@ -65,8 +65,9 @@ final class BatchNormLayer {
         (arena.params + runningVar.offset).update(repeating: 1, count: channels)
     }
 
+    /// With `relu`, the output is max(bn(input), 0) (the ReLU after it, fused).
     func forward(_ arena: ParameterArena, output: UnsafeMutablePointer<Float>, input: UnsafePointer<Float>,
-                 batch: Int, plane: Int, context: PassContext) throws {
+                 batch: Int, plane: Int, relu: Bool, context: PassContext) throws {
         let p = arena.params
         if context.training {
             var saved = BatchNorm2d.Saved(mean: mean.pointer, invStd: invStd.pointer)
@@ -74,17 +75,19 @@ final class BatchNormLayer {
                                         runningMean: p + runningMean.offset, runningVar: p + runningVar.offset, saved: &saved,
                                         batch: batch, channels: channels, plane: plane, eps: eps, momentum: momentum,
                                         statistics: UnsafeMutableBufferPointer(start: statistics.pointer, count: 2 * channels + 1),
-                                        reducer: context.reducer)
+                                        reducer: context.reducer, relu: relu)
             globalCount = saved.globalCount
         } else {
             BatchNorm2d.forwardInference(output: output, input: input, gamma: p + weight.offset, beta: p + bias.offset,
                                          runningMean: p + runningMean.offset, runningVar: p + runningVar.offset,
-                                         batch: batch, channels: channels, plane: plane, eps: eps)
+                                         batch: batch, channels: channels, plane: plane, eps: eps, relu: relu)
         }
     }
 
+    /// Overwrites gradInput (accumulates the parameters' gradients). `reluOutput`: the output of a
+    /// forward with `relu` (the gradient then flows where it is positive).
     func backward(_ arena: ParameterArena, gradInput: UnsafeMutablePointer<Float>, gradOutput: UnsafePointer<Float>,
-                  input: UnsafePointer<Float>, batch: Int, plane: Int, context: PassContext) throws {
+                  input: UnsafePointer<Float>, reluOutput: UnsafePointer<Float>?, batch: Int, plane: Int, context: PassContext) throws {
         let p = arena.params, g = arena.grads
         if context.training {
             var saved = BatchNorm2d.Saved(mean: mean.pointer, invStd: invStd.pointer)
@@ -93,12 +96,12 @@ final class BatchNormLayer {
                                          gradOutput: gradOutput, input: input, gamma: p + weight.offset, saved: saved,
                                          batch: batch, channels: channels, plane: plane,
                                          statistics: UnsafeMutableBufferPointer(start: statistics.pointer, count: 2 * channels + 1),
-                                         reducer: context.reducer)
+                                         reducer: context.reducer, reluOutput: reluOutput, accumulate: false)
         } else {
             BatchNorm2d.backwardInference(gradInput: gradInput, gradGamma: g + weight.offset, gradBeta: g + bias.offset,
                                           gradOutput: gradOutput, input: input, gamma: p + weight.offset,
                                           runningMean: p + runningMean.offset, runningVar: p + runningVar.offset,
-                                          batch: batch, channels: channels, plane: plane, eps: eps)
+                                          batch: batch, channels: channels, plane: plane, eps: eps, reluOutput: reluOutput, accumulate: false)
         }
     }
 }
@@ -140,9 +143,11 @@ final class ConvBNUnit {
                            kernel: kernel, stride: stride, padding: padding).workspaceCount
     }
 
+    /// `zeroGradient`: whether `gradOutput` is set to zero for the layers after this unit to accumulate
+    /// into (false where its owner overwrites it before `backward`).
     @discardableResult
     func forward(_ arena: ParameterArena, input: UnsafePointer<Float>, batch: Int, height: Int, width: Int,
-                 workspace: Scratch<Float>, context: PassContext) throws -> UnsafeMutablePointer<Float> {
+                 workspace: Scratch<Float>, zeroGradient: Bool = true, context: PassContext) throws -> UnsafeMutablePointer<Float> {
         let g = try Conv2dGeometry(batch: batch, inChannels: inChannels, height: height, width: width, outChannels: outChannels,
                                    kernel: kernel, stride: stride, padding: padding)
         geometry = g
@@ -150,9 +155,8 @@ final class ConvBNUnit {
         let c = convOut.ensure(count), y = output.ensure(count)
         try kernels.forward(output: c, input: input, weight: arena.params + conv.offset, geometry: g,
                             workspace: workspace.ensure(Convolution.workspaceCount(g, precision: context.precision)), precision: context.precision)
-        try bn.forward(arena, output: y, input: c, batch: batch, plane: g.outPlane, context: context)
-        if relu { ReLU.forward(output: y, input: y, count: count) }
-        gradOutput.zeroed(count)
+        try bn.forward(arena, output: y, input: c, batch: batch, plane: g.outPlane, relu: relu, context: context)
+        if zeroGradient { gradOutput.zeroed(count) } else { gradOutput.ensure(count) }
         return y
     }
 
@@ -161,10 +165,9 @@ final class ConvBNUnit {
                   workspace: Scratch<Float>, context: PassContext) throws {
         guard let g = geometry else { preconditionFailure("backward before forward") }
         let count = g.outputCount
-        let dy = gradOutput.pointer
-        if relu { ReLU.maskGradient(dy, output: output.pointer, count: count) }
-        let dc = gradConvOut.zeroed(count)
-        try bn.backward(arena, gradInput: dc, gradOutput: dy, input: convOut.pointer, batch: g.batch, plane: g.outPlane, context: context)
+        let dc = gradConvOut.ensure(count)
+        try bn.backward(arena, gradInput: dc, gradOutput: gradOutput.pointer, input: convOut.pointer, reluOutput: relu ? UnsafePointer(output.pointer) : nil,
+                        batch: g.batch, plane: g.outPlane, context: context)
         try kernels.backward(gradInput: gradInput, gradWeight: arena.grads + conv.offset, gradOutput: dc, input: input,
                              weight: arena.params + conv.offset, geometry: g,
                              workspace: workspace.ensure(Convolution.workspaceCount(g, precision: context.precision)), precision: context.precision)
@@ -209,17 +212,19 @@ final class ResidualBlock {
     func forward(_ arena: ParameterArena, input: UnsafePointer<Float>, batch: Int, height: Int, width: Int,
                  workspace: Scratch<Float>, context: PassContext) throws -> (UnsafeMutablePointer<Float>, Int, Int) {
         var x = input, h = height, w = width
-        for unit in units {
-            x = UnsafePointer(try unit.forward(arena, input: x, batch: batch, height: h, width: w, workspace: workspace, context: context))
+        // The last unit's and the downsample's output gradients are written whole by `backward`.
+        for (k, unit) in units.enumerated() {
+            x = UnsafePointer(try unit.forward(arena, input: x, batch: batch, height: h, width: w, workspace: workspace,
+                                               zeroGradient: k < units.count - 1, context: context))
             h = unit.outputSize(h); w = unit.outputSize(w)
         }
         let identity = try downsample.map {
-            UnsafePointer(try $0.forward(arena, input: input, batch: batch, height: height, width: width, workspace: workspace, context: context))
+            UnsafePointer(try $0.forward(arena, input: input, batch: batch, height: height, width: width, workspace: workspace,
+                                         zeroGradient: false, context: context))
         } ?? input
         let count = batch * outChannels * h * w
         let y = output.ensure(count)
-        Residual.forward(output: y, x, identity, count: count)
-        ReLU.forward(output: y, input: y, count: count)
+        Residual.forwardReLU(output: y, x, identity, count: count)
         gradOutput.zeroed(count)
         shape = (batch, height, width, h, w)
         return (y, h, w)
@@ -229,16 +234,15 @@ final class ResidualBlock {
     func backward(_ arena: ParameterArena, gradInput: UnsafeMutablePointer<Float>, input: UnsafePointer<Float>,
                   workspace: Scratch<Float>, context: PassContext) throws {
         let count = shape.batch * outChannels * shape.outHeight * shape.outWidth
-        let dy = gradOutput.pointer
-        ReLU.maskGradient(dy, output: output.pointer, count: count)
-        // d(branch) = d(identity) = dy
+        // d(branch) = d(identity) = dy masked by the final ReLU, in one pass.
         let last = units[units.count - 1]
-        last.gradOutput.ensure(count).update(from: dy, count: count)
         if let downsample {
-            downsample.gradOutput.ensure(count).update(from: dy, count: count)
+            Residual.backwardReLU(gradBranch: last.gradOutput.pointer, gradIdentity: downsample.gradOutput.pointer, accumulateIdentity: false,
+                                  gradOutput: gradOutput.pointer, output: output.pointer, count: count)
             try downsample.backward(arena, gradInput: gradInput, input: input, workspace: workspace, context: context)
         } else {
-            Residual.accumulate(gradInput, dy, count: count)
+            Residual.backwardReLU(gradBranch: last.gradOutput.pointer, gradIdentity: gradInput, accumulateIdentity: true,
+                                  gradOutput: gradOutput.pointer, output: output.pointer, count: count)
         }
         for k in stride(from: units.count - 1, through: 0, by: -1) {
             let unitInput = k == 0 ? input : UnsafePointer(units[k - 1].output.pointer)

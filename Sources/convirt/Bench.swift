@@ -72,7 +72,7 @@ struct Kernels: ParsableCommand {
         }
         print(String(format: "bf16 gemm 1024x1024x1024: %.1f GFLOP/s (%@)\n", 2 * pow(Double(peakN), 3) / bf16 / 1e9, BF16.backend as NSString))
 
-        print("oneDNN \(DNNL.version), ISA \(DNNL.isa)")
+        print("oneDNN \(DNNL.version), ISA \(DNNL.isa), OpenMP wait policy \(BLASCore.openMPWaitPolicy)")
         print("conv2d (NCHW, batch \(batch))".padding(toLength: 30, withPad: " ", startingAt: 0)
               + "   fwd GFLOP/s (sgemm) ratio |    bwd GFLOP/s (sgemm) ratio | oneDNN fp32 fwd, bwd GFLOP/s | bf16 fwd, bwd")
         let shapes: [(String, Int, Int, Int, Int, Int, Int)] = [

@@ -32,7 +32,7 @@ struct Convirt: ParsableCommand {
     /// Exit status: 0 success; 64 (with the usage text) for a bad flag or flag value; 1 for every other
     /// problem (a missing or damaged file, a run that failed), with one line that names it.
     static func main() {
-        BLASCore.restartWithPreferredCoreIfNeeded()
+        BLASCore.restartWithPreferredSettingsIfNeeded()
         // Under mpirun every rank parses the same flags: only rank 0 prints a usage error (once, not N times).
         let env = ProcessInfo.processInfo.environment
         let silent = (env["OMPI_COMM_WORLD_RANK"] ?? env["PMIX_RANK"] ?? "0") != "0"
@@ -83,7 +83,7 @@ struct Info: ParsableCommand {
         if communicator.isRoot {
             print("convirt \(convirtVersion)")
             print("BLAS: \(BLASThreads.configuration), \(BLASThreads.current) thread(s); core \(BLASCore.current) (\(BLASCore.origin))")
-            print("oneDNN: \(DNNL.version), ISA \(DNNL.isa)")
+            print("oneDNN: \(DNNL.version), ISA \(DNNL.isa); OpenMP wait policy \(BLASCore.openMPWaitPolicy)")
             print("bf16: \(BF16.backend); \(PrecisionChoice.auto.describe())")
             print("MPI: \(MPICommunicator.libraryVersion.split(separator: "\n").first ?? "")")
             if communicator is MPICommunicator {

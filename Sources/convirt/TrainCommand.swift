@@ -208,8 +208,8 @@ struct TrainCommand: ParsableCommand {
             if (try? Files.read("\(runDir)/vocab.txt")) != vocabulary { try Files.writeAtomically(vocabulary, to: "\(runDir)/vocab.txt") }
             print("convirt train: preset \(config.preset), \(communicator.size) rank(s), global batch \(config.globalBatch), \(trainer.totalSteps) steps, "
                   + "\(trainer.model.layout.trainableCount) trainable parameters, run directory \(runDir)")
-            print("kernels: OpenBLAS core \(BLASCore.current) (\(BLASCore.origin)), oneDNN \(DNNL.version) ISA \(DNNL.isa), "
-                  + "\(config.threads) thread(s) per rank")
+            print("kernels: OpenBLAS core \(BLASCore.current) (\(BLASCore.origin)), oneDNN \(DNNL.version) ISA \(DNNL.isa) "
+                  + "(OpenMP wait policy \(BLASCore.openMPWaitPolicy)), \(config.threads) thread(s) per rank")
             let precisionLine = precision == .auto && resume && config.productPrecision != precision.resolved()
                 ? "precision \(config.productPrecision.rawValue) (auto: the checkpoint's)" : precision.describe()
             print(precisionLine)

@@ -121,7 +121,23 @@ final class ThreadScratch {
     /// This thread's oneDNN stream (streams are not to be shared between threads).
     private(set) lazy var stream: DNNLStream? = try? DNNLStream()
 
-    deinit { pointer?.deallocate() }
+    /// Buffers for oneDNN's layouts of a primitive's arguments during one call (`DNNLArgument`).
+    private var slots: [(pointer: UnsafeMutableRawPointer, bytes: Int)] = []
+
+    deinit {
+        pointer?.deallocate()
+        for slot in slots { slot.pointer.deallocate() }
+    }
+
+    /// Reorder slot `index`, with room for at least `count` bytes (its contents are lost when it grows).
+    func reorderSlot(_ index: Int, bytes count: Int) -> UnsafeMutableRawPointer {
+        while slots.count <= index { slots.append((UnsafeMutableRawPointer.allocate(byteCount: 64, alignment: 64), 64)) }
+        if count > slots[index].bytes {
+            slots[index].pointer.deallocate()
+            slots[index] = (UnsafeMutableRawPointer.allocate(byteCount: count, alignment: 64), count)
+        }
+        return slots[index].pointer
+    }
 
     func ensure(bytes count: Int) -> UnsafeMutableRawPointer {
         if count > bytes || pointer == nil {

@@ -22,19 +22,38 @@ func blockedSums(_ x: UnsafePointer<Float>, _ count: Int) -> (sum: Double, squar
     return (sum, squares)
 }
 
-/// sum(dy) and sum(dy * (x - mean) * invStd) over a run, blocked as `blockedSums`.
+/// sum(dy) and sum(dy * (x - mean) * invStd) over a run, blocked as `blockedSums`. With `mask` (the
+/// output of a ReLU that followed), dy counts only where mask > 0: the backward of that ReLU, fused.
 @inline(__always)
-func blockedGradientSums(_ dy: UnsafePointer<Float>, _ x: UnsafePointer<Float>, mean: Float, invStd: Float, _ count: Int) -> (Double, Double) {
+func blockedGradientSums(_ dy: UnsafePointer<Float>, _ x: UnsafePointer<Float>, mask: UnsafePointer<Float>?, mean: Float, invStd: Float,
+                         _ count: Int) -> (Double, Double) {
     var sum = 0.0, product = 0.0
     var start = 0
     while start < count {
         let end = min(start + 256, count)
         var s: Float = 0, q: Float = 0
-        for i in start..<end { let g = dy[i]; s += g; q += g * (x[i] - mean) }
+        if let mask {
+            for i in start..<end { let d = dy[i], g = mask[i] > 0 ? d : 0; s += g; q += g * (x[i] - mean) }
+        } else {
+            for i in start..<end { let g = dy[i]; s += g; q += g * (x[i] - mean) }
+        }
         sum += Double(s); product += Double(q) * Double(invStd)
         start = end
     }
     return (sum, product)
+}
+
+/// dx = value(dy) or dx += value(dy) over a run, dy masked by a following ReLU's output when `mask` is given.
+/// (Every load is unconditional, a select picks: so the loops vectorize.)
+@inline(__always)
+func gradientRun(_ dx: UnsafeMutablePointer<Float>, _ dy: UnsafePointer<Float>, mask: UnsafePointer<Float>?, accumulate: Bool, _ count: Int,
+                 _ value: (Float, Int) -> Float) {
+    switch (mask, accumulate) {
+    case (let mask?, true): for p in 0..<count { let d = dy[p]; dx[p] += value(mask[p] > 0 ? d : 0, p) }
+    case (let mask?, false): for p in 0..<count { let d = dy[p]; dx[p] = value(mask[p] > 0 ? d : 0, p) }
+    case (nil, true): for p in 0..<count { dx[p] += value(dy[p], p) }
+    case (nil, false): for p in 0..<count { dx[p] = value(dy[p], p) }
+    }
 }
 
 public enum BatchNorm2d {
@@ -59,7 +78,7 @@ public enum BatchNorm2d {
         gamma: UnsafePointer<Float>, beta: UnsafePointer<Float>,
         runningMean: UnsafeMutablePointer<Float>, runningVar: UnsafeMutablePointer<Float>,
         saved: inout Saved, batch: Int, channels: Int, plane: Int, eps: Float = 1e-5, momentum: Float = 0.1,
-        statistics: UnsafeMutableBufferPointer<Double>, reducer: StatisticsReducer? = nil
+        statistics: UnsafeMutableBufferPointer<Double>, reducer: StatisticsReducer? = nil, relu: Bool = false
     ) throws {
         precondition(statistics.count >= 2 * channels + 1, "batch norm statistics scratch too small")
         let stats = statistics.baseAddress!
@@ -93,7 +112,11 @@ public enum BatchNorm2d {
                 let mean = means[c], scale = gamma[c] * invStds[c], shift = beta[c]
                 for n in 0..<batch {
                     let x = input + (n * channels + c) * plane, y = output + (n * channels + c) * plane
-                    for p in 0..<plane { y[p] = (x[p] - mean) * scale + shift }
+                    if relu {
+                        for p in 0..<plane { y[p] = max((x[p] - mean) * scale + shift, 0) }
+                    } else {
+                        for p in 0..<plane { y[p] = (x[p] - mean) * scale + shift }
+                    }
                 }
             }
         }
@@ -104,7 +127,7 @@ public enum BatchNorm2d {
         output: UnsafeMutablePointer<Float>, input: UnsafePointer<Float>,
         gamma: UnsafePointer<Float>, beta: UnsafePointer<Float>,
         runningMean: UnsafePointer<Float>, runningVar: UnsafePointer<Float>,
-        batch: Int, channels: Int, plane: Int, eps: Float = 1e-5
+        batch: Int, channels: Int, plane: Int, eps: Float = 1e-5, relu: Bool = false
     ) {
         Parallel.chunks(channels, cost: batch * plane) { range in
             for c in range {
@@ -112,7 +135,11 @@ public enum BatchNorm2d {
                 let scale = gamma[c] / (runningVar[c] + eps).squareRoot(), mean = runningMean[c], shift = beta[c]
                 for n in 0..<batch {
                     let x = input + (n * channels + c) * plane, y = output + (n * channels + c) * plane
-                    for p in 0..<plane { y[p] = (x[p] - mean) * scale + shift }
+                    if relu {
+                        for p in 0..<plane { y[p] = max((x[p] - mean) * scale + shift, 0) }
+                    } else {
+                        for p in 0..<plane { y[p] = (x[p] - mean) * scale + shift }
+                    }
                 }
             }
         }
@@ -121,12 +148,15 @@ public enum BatchNorm2d {
     /// Backward of training mode. With x^ = (x - mean) * invStd and M the global element count:
     /// dx = gamma * invStd / M * (M * dy - sum(dy) - x^ * sum(dy * x^)), the sums being global (reduced
     /// by `reducer`) while dgamma += sum(dy * x^) and dbeta += sum(dy) take this rank's share only, since
-    /// parameter gradients are summed over ranks afterwards. All gradients accumulate (+=).
+    /// parameter gradients are summed over ranks afterwards. All gradients accumulate (+=), gradInput
+    /// unless `accumulate` is false (then it is overwritten). `reluOutput`: the output of the forward
+    /// pass that ran with `relu: true`; dy then flows only where it is positive (ReLU's backward, fused).
     public static func backwardTraining(
         gradInput: UnsafeMutablePointer<Float>, gradGamma: UnsafeMutablePointer<Float>, gradBeta: UnsafeMutablePointer<Float>,
         gradOutput: UnsafePointer<Float>, input: UnsafePointer<Float>, gamma: UnsafePointer<Float>,
         saved: Saved, batch: Int, channels: Int, plane: Int,
-        statistics: UnsafeMutableBufferPointer<Double>, reducer: StatisticsReducer? = nil
+        statistics: UnsafeMutableBufferPointer<Double>, reducer: StatisticsReducer? = nil,
+        reluOutput: UnsafePointer<Float>? = nil, accumulate: Bool = true
     ) throws {
         precondition(statistics.count >= 2 * channels + 1, "batch norm statistics scratch too small")
         let stats = statistics.baseAddress!
@@ -135,7 +165,8 @@ public enum BatchNorm2d {
             for c in range {
                 var sdy = 0.0, sdyx = 0.0
                 for n in 0..<batch {
-                    let (a, b) = blockedGradientSums(gradOutput + (n * channels + c) * plane, input + (n * channels + c) * plane,
+                    let offset = (n * channels + c) * plane
+                    let (a, b) = blockedGradientSums(gradOutput + offset, input + offset, mask: reluOutput.map { $0 + offset },
                                                      mean: means[c], invStd: invStds[c], plane)
                     sdy += a; sdyx += b
                 }
@@ -154,35 +185,34 @@ public enum BatchNorm2d {
                 let k = gamma[c] * invStd / m
                 let sumDy = Float(stats[c]), sumDyX = Float(stats[channels + c])
                 for n in 0..<batch {
-                    let x = input + (n * channels + c) * plane, dy = gradOutput + (n * channels + c) * plane
-                    let dx = gradInput + (n * channels + c) * plane
-                    for p in 0..<plane {
-                        let xhat = (x[p] - mean) * invStd
-                        dx[p] += k * (m * dy[p] - sumDy - xhat * sumDyX)
+                    let offset = (n * channels + c) * plane, x = input + offset
+                    gradientRun(gradInput + offset, gradOutput + offset, mask: reluOutput.map { $0 + offset }, accumulate: accumulate, plane) { dy, p in
+                        k * (m * dy - sumDy - (x[p] - mean) * invStd * sumDyX)
                     }
                 }
             }
         }
     }
 
-    /// Backward of evaluation mode (frozen statistics): dx = dy * gamma / sqrt(runningVar + eps).
+    /// Backward of evaluation mode (frozen statistics): dx = dy * gamma / sqrt(runningVar + eps);
+    /// `reluOutput` and `accumulate` as in `backwardTraining`.
     public static func backwardInference(
         gradInput: UnsafeMutablePointer<Float>?, gradGamma: UnsafeMutablePointer<Float>, gradBeta: UnsafeMutablePointer<Float>,
         gradOutput: UnsafePointer<Float>, input: UnsafePointer<Float>, gamma: UnsafePointer<Float>,
         runningMean: UnsafePointer<Float>, runningVar: UnsafePointer<Float>,
-        batch: Int, channels: Int, plane: Int, eps: Float = 1e-5
+        batch: Int, channels: Int, plane: Int, eps: Float = 1e-5, reluOutput: UnsafePointer<Float>? = nil, accumulate: Bool = true
     ) {
         Parallel.chunks(channels, cost: batch * plane) { range in
             for c in range {
                 let invStd = 1 / (runningVar[c] + eps).squareRoot(), mean = runningMean[c]
                 var sdy = 0.0, sdyx = 0.0
                 for n in 0..<batch {
-                    let x = input + (n * channels + c) * plane, dy = gradOutput + (n * channels + c) * plane
-                    let (a, b) = blockedGradientSums(dy, x, mean: mean, invStd: invStd, plane)
+                    let offset = (n * channels + c) * plane, mask = reluOutput.map { $0 + offset }
+                    let (a, b) = blockedGradientSums(gradOutput + offset, input + offset, mask: mask, mean: mean, invStd: invStd, plane)
                     sdy += a; sdyx += b
                     if let gradInput {
-                        let dx = gradInput + (n * channels + c) * plane, k = gamma[c] * invStd
-                        for p in 0..<plane { dx[p] += dy[p] * k }
+                        let k = gamma[c] * invStd
+                        gradientRun(gradInput + offset, gradOutput + offset, mask: mask, accumulate: accumulate, plane) { dy, _ in dy * k }
                     }
                 }
                 gradBeta[c] += Float(sdy)

@@ -45,9 +45,9 @@ public final class ConvolutionPrimitives {
         }
         try dnnlCheck(status, "\(g) forward (\(precision))")
         forwardPrimitive = try withUnsafePointer(to: &desc) { try DNNLPrimitive(UnsafeRawPointer($0), "\(g) forward (\(precision))") }
-        source = try DNNLArgument(user: try dnnlDescriptor(g.inputShape, dnnl_f32, dnnl_nchw), primitive: forwardPrimitive.query(dnnl_query_src_md), role: .input)
-        weights = try DNNLArgument(user: try dnnlDescriptor(g.weightShape, dnnl_f32, dnnl_oihw), primitive: forwardPrimitive.query(dnnl_query_weights_md), role: .input)
-        destination = try DNNLArgument(user: try dnnlDescriptor(g.outputShape, dnnl_f32, dnnl_nchw), primitive: forwardPrimitive.query(dnnl_query_dst_md), role: .output)
+        source = try DNNLArgument(user: try dnnlDescriptor(g.inputShape, dnnl_f32, dnnl_nchw), primitive: forwardPrimitive.query(dnnl_query_src_md), role: .input, slot: 0)
+        weights = try DNNLArgument(user: try dnnlDescriptor(g.weightShape, dnnl_f32, dnnl_oihw), primitive: forwardPrimitive.query(dnnl_query_weights_md), role: .input, slot: 1)
+        destination = try DNNLArgument(user: try dnnlDescriptor(g.outputShape, dnnl_f32, dnnl_nchw), primitive: forwardPrimitive.query(dnnl_query_dst_md), role: .output, slot: 2)
         self.bias = bias ? try DNNLMemory(b, owning: false) : nil
     }
 
@@ -125,10 +125,12 @@ public final class ConvolutionPrimitives {
             try DNNLPrimitive(UnsafeRawPointer($0), hint: forwardPrimitive, "\(g) backward data (\(precision))")
         }
         let made = (primitive,
-                    try DNNLArgument(user: try dnnlDescriptor(g.outputShape, dnnl_f32, dnnl_nchw), primitive: primitive.query(dnnl_query_diff_dst_md), role: .input),
-                    try DNNLArgument(user: try dnnlDescriptor(g.weightShape, dnnl_f32, dnnl_oihw), primitive: primitive.query(dnnl_query_weights_md), role: .input),
+                    try DNNLArgument(user: try dnnlDescriptor(g.outputShape, dnnl_f32, dnnl_nchw), primitive: primitive.query(dnnl_query_diff_dst_md), role: .input,
+                                     slot: 0),
+                    try DNNLArgument(user: try dnnlDescriptor(g.weightShape, dnnl_f32, dnnl_oihw), primitive: primitive.query(dnnl_query_weights_md), role: .input,
+                                     slot: 1),
                     try DNNLArgument(user: try dnnlDescriptor(g.inputShape, dnnl_f32, dnnl_nchw), primitive: primitive.query(dnnl_query_diff_src_md),
-                                     role: .accumulatingOutput))
+                                     role: .accumulatingOutput, slot: 2))
         backwardData = made
         return made
     }
@@ -151,11 +153,14 @@ public final class ConvolutionPrimitives {
             try DNNLPrimitive(UnsafeRawPointer($0), hint: forwardPrimitive, "\(g) backward weights (\(precision))")
         }
         let made = (primitive,
-                    try DNNLArgument(user: try dnnlDescriptor(g.outputShape, dnnl_f32, dnnl_nchw), primitive: primitive.query(dnnl_query_diff_dst_md), role: .input),
-                    try DNNLArgument(user: try dnnlDescriptor(g.inputShape, dnnl_f32, dnnl_nchw), primitive: primitive.query(dnnl_query_src_md), role: .input),
+                    try DNNLArgument(user: try dnnlDescriptor(g.outputShape, dnnl_f32, dnnl_nchw), primitive: primitive.query(dnnl_query_diff_dst_md), role: .input,
+                                     slot: 0),
+                    try DNNLArgument(user: try dnnlDescriptor(g.inputShape, dnnl_f32, dnnl_nchw), primitive: primitive.query(dnnl_query_src_md), role: .input,
+                                     slot: 1),
                     try DNNLArgument(user: try dnnlDescriptor(g.weightShape, dnnl_f32, dnnl_oihw), primitive: primitive.query(dnnl_query_diff_weights_md),
-                                     role: .accumulatingOutput),
-                    bias ? try DNNLArgument(user: diffBias, primitive: primitive.query(dnnl_query_diff_weights_md, index: 1), role: .accumulatingOutput) : nil)
+                                     role: .accumulatingOutput, slot: 2),
+                    bias ? try DNNLArgument(user: diffBias, primitive: primitive.query(dnnl_query_diff_weights_md, index: 1), role: .accumulatingOutput,
+                                            slot: 3) : nil)
         backwardWeights = made
         return made
     }
@@ -164,19 +169,24 @@ public final class ConvolutionPrimitives {
 /// A convolution layer's kernels, chosen by a fixed rule (so every rank of a job computes with the same
 /// ones) and cached by geometry (training, validation and evaluation batches differ).
 ///
-/// Measured on a 2-core AMD EPYC (AVX2, oneDNN ISA avx2), fp32, batch 8, 2 threads: oneDNN's direct
-/// convolutions with reorders from and to NCHW at each layer are faster forward for 3x3 and 7x7 (84
-/// against 61 GFLOP/s at 3x3 64->64 @56) but slower backward (49 against 73) and for 1x1 (54 against
-/// 60); the paper step with oneDNN for every kernel larger than 1x1 took 1.014x the time of im2col +
-/// sgemm (farm-bench, 3 pairs) and 480 MB more memory. So `auto` keeps im2col + sgemm for fp32 until
-/// activations stay in oneDNN's layouts from layer to layer; `onednn` runs every convolution there.
-/// bf16 runs every convolution on oneDNN where oneDNN runs bf16 (AVX-512 and up), and by the exact
-/// emulation (rounded copies of the input, weights and output gradient, then im2col + sgemm) elsewhere.
+/// fp32, `auto`: every convolution by im2col + sgemm, whose sums run in a fixed order per image, so
+/// that the results do not depend on the threads or on how a batch is split over ranks. oneDNN is
+/// faster alone at 3x3 and 7x7 (measured on a 2-core AMD EPYC, AVX2, oneDNN ISA avx2, batch 8, 2
+/// threads, `convirt bench kernels --batch 8 --threads 2`, GFLOP/s with its reorders from and to NCHW:
+/// 3x3 64->64 @56 forward 120 against 80, backward 90 against 65; stem 7x7/2 forward 105 against 34)
+/// and slower at 1x1 (1x1 64->256 @56: 54 against 63), and in the paper step the ResNet's forward took
+/// about 0.85x as long with its spatial convolutions there (backward level). But its sums depend on
+/// the thread count and the batch: with oneDNN's forward alone for the spatial convolutions, the tiny
+/// preset on -np 1 with 4 accumulation steps drifted from -np 4 by 8.6e-4 relative over 20 steps
+/// (im2col: within 1e-4, the world-size contract). `onednn` runs every convolution there (forward and
+/// backward); `im2col` none. bf16 runs every convolution on oneDNN where oneDNN runs bf16 (AVX-512 and
+/// up), and by the exact emulation (rounded copies of the input, weights and output gradient, then
+/// im2col + sgemm) elsewhere.
 public final class Convolution {
     public enum Policy: String, Sendable, CaseIterable {
-        /// What measured fastest for fp32 (see above): im2col + sgemm.
+        /// fp32's default (see above): im2col + sgemm, independent of threads and batch splits.
         case auto
-        /// Every convolution on oneDNN.
+        /// Every convolution on oneDNN, forward and backward.
         case onednn
         /// Every convolution by im2col + sgemm (the previous kernels).
         case im2col
@@ -187,6 +197,7 @@ public final class Convolution {
         processEnvironment()["CONVIRT_CONVOLUTION"].flatMap(Policy.init(rawValue:)) ?? .auto
     }()
 
+    /// Whether fp32's convolution `g` runs on oneDNN.
     public static func usesDNNL(_ g: Conv2dGeometry) -> Bool {
         switch policy {
         case .onednn: return true

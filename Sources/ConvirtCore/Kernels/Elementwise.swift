@@ -1,32 +1,31 @@
 // Pointwise layers: ReLU, GELU (erf form, as BERT), residual add, dropout.
 
-import RealModule
-
 public enum ReLU {
     /// output = max(input, 0); output may alias input. [count]
     public static func forward(output: UnsafeMutablePointer<Float>, input: UnsafePointer<Float>, count: Int) {
-        Parallel.chunks(count) { r in for i in r { output[i] = input[i] > 0 ? input[i] : 0 } }
+        Parallel.chunks(count) { r in for i in r { output[i] = max(input[i], 0) } }
     }
 
     /// gradInput += gradOutput where output > 0. Takes the forward output, so the input need not be kept.
     public static func backward(gradInput: UnsafeMutablePointer<Float>, gradOutput: UnsafePointer<Float>,
                                 output: UnsafePointer<Float>, count: Int) {
-        Parallel.chunks(count) { r in for i in r { gradInput[i] += output[i] > 0 ? gradOutput[i] : 0 } }
+        Parallel.chunks(count) { r in for i in r { let g = gradOutput[i]; gradInput[i] += output[i] > 0 ? g : 0 } }
     }
 
     /// In place: gradient = 0 where output <= 0 (the backward of an in-place ReLU).
     public static func maskGradient(_ gradient: UnsafeMutablePointer<Float>, output: UnsafePointer<Float>, count: Int) {
-        Parallel.chunks(count) { r in for i in r { gradient[i] = output[i] > 0 ? gradient[i] : 0 } }
+        Parallel.chunks(count) { r in for i in r { let g = gradient[i]; gradient[i] = output[i] > 0 ? g : 0 } }
     }
 }
 
 public enum GELU {
-    /// output = x * Phi(x) = 0.5 * x * (1 + erf(x / sqrt 2)), BERT's exact GELU. [count]
+    /// output = x * Phi(x) = 0.5 * x * (1 + erf(x / sqrt 2)), BERT's exact GELU (Phi to 3e-7, see
+    /// `VectorMath`). [count]
     public static func forward(output: UnsafeMutablePointer<Float>, input: UnsafePointer<Float>, count: Int) {
         Parallel.chunks(count, cost: 20) { r in
             for i in r {
                 let x = input[i]
-                output[i] = 0.5 * x * (1 + Float.erf(x * 0.707_106_781_186_547_6))
+                output[i] = x * VectorMath.normalCDFAndDensity(x).cdf
             }
         }
     }
@@ -34,12 +33,11 @@ public enum GELU {
     /// gradInput += gradOutput * (Phi(x) + x * phi(x)).
     public static func backward(gradInput: UnsafeMutablePointer<Float>, gradOutput: UnsafePointer<Float>,
                                 input: UnsafePointer<Float>, count: Int) {
-        Parallel.chunks(count, cost: 40) { r in
+        Parallel.chunks(count, cost: 30) { r in
             for i in r {
                 let x = input[i]
-                let cdf = 0.5 * (1 + Float.erf(x * 0.707_106_781_186_547_6))
-                let pdf = Float.exp(-0.5 * x * x) * 0.398_942_280_401_432_7
-                gradInput[i] += gradOutput[i] * (cdf + x * pdf)
+                let (cdf, density) = VectorMath.normalCDFAndDensity(x)
+                gradInput[i] += gradOutput[i] * (cdf + x * density)
             }
         }
     }
@@ -49,6 +47,32 @@ public enum Residual {
     /// output = a + b; output may alias either input. [count]
     public static func forward(output: UnsafeMutablePointer<Float>, _ a: UnsafePointer<Float>, _ b: UnsafePointer<Float>, count: Int) {
         Parallel.chunks(count) { r in for i in r { output[i] = a[i] + b[i] } }
+    }
+
+    /// output = max(a + b, 0), a residual block's sum and final ReLU in one pass; output may alias either input.
+    public static func forwardReLU(output: UnsafeMutablePointer<Float>, _ a: UnsafePointer<Float>, _ b: UnsafePointer<Float>, count: Int) {
+        Parallel.chunks(count) { r in for i in r { output[i] = max(a[i] + b[i], 0) } }
+    }
+
+    /// The backward of `forwardReLU` in one pass: g = gradOutput where output > 0 (else 0); gradBranch = g;
+    /// gradIdentity = g, or += g with `accumulateIdentity`.
+    public static func backwardReLU(gradBranch: UnsafeMutablePointer<Float>, gradIdentity: UnsafeMutablePointer<Float>, accumulateIdentity: Bool,
+                                    gradOutput: UnsafePointer<Float>, output: UnsafePointer<Float>, count: Int) {
+        Parallel.chunks(count) { r in
+            if accumulateIdentity {
+                for i in r {
+                    let d = gradOutput[i], g = output[i] > 0 ? d : 0
+                    gradBranch[i] = g
+                    gradIdentity[i] += g
+                }
+            } else {
+                for i in r {
+                    let d = gradOutput[i], g = output[i] > 0 ? d : 0
+                    gradBranch[i] = g
+                    gradIdentity[i] = g
+                }
+            }
+        }
     }
 
     /// target += source.

@@ -1,0 +1,112 @@
+// The vectorized elementary functions against Double references, and the fused passes of the ResNet
+// (BatchNorm with the ReLU after it, a residual block's sum and ReLU) against the separate kernels.
+
+import ConvirtCore
+import Foundation
+import Testing
+
+@Suite("Vectorized functions and fused kernels")
+struct FusedKernelTests {
+    func map(_ values: [Float], _ f: (Float) -> Float) -> [Float] { values.map(f) }
+
+    @Test("exp is within 2.5e-7 relative of Double's over its whole range")
+    func exp() {
+        let xs = (0...200_000).map { Float(-87 + 175 * Double($0) / 200_000) } + [0, -0.0, 1, -1, 0.5]
+        let ys = map(xs) { VectorMath.exp($0) }
+        var worst = 0.0
+        for (x, y) in zip(xs, ys) {
+            let exact = Foundation.exp(Double(x))
+            worst = max(worst, abs(Double(y) - exact) / exact)
+        }
+        #expect(worst < 2.5e-7, "worst relative error \(worst)")
+    }
+
+    @Test("the normal CDF is within 3e-7 of Double's (A&S 7.1.26: 7.5e-8, plus float rounding), its density as accurate as float's x^2 allows")
+    func normalCDF() {
+        let xs = (0...100_000).map { Float(-12 + 24 * Double($0) / 100_000) }
+        let cdf = map(xs) { VectorMath.normalCDFAndDensity($0).cdf }
+        let density = map(xs) { VectorMath.normalCDFAndDensity($0).density }
+        var worstCDF = 0.0, worstDensity = 0.0
+        for (k, x) in xs.enumerated() {
+            let d = Double(x)
+            let exactCDF = 0.5 * Foundation.erfc(-d / 2.0.squareRoot()), exactDensity = Foundation.exp(-d * d / 2) / (2 * Double.pi).squareRoot()
+            worstCDF = max(worstCDF, abs(Double(cdf[k]) - exactCDF))
+            // x^2 / 2 in float carries a relative error of 6e-8, which e^(-x^2/2) turns into 6e-8 * x^2 / 2.
+            if exactDensity > 1e-30 {
+                worstDensity = max(worstDensity, abs(Double(density[k]) - exactDensity) / exactDensity / max(1, d * d / 2))
+            }
+            #expect(cdf[k] >= 0 && cdf[k] <= 1)
+        }
+        #expect(worstCDF < 3e-7, "worst CDF error \(worstCDF)")
+        #expect(worstDensity < 4e-7, "worst density relative error per unit of x^2/2: \(worstDensity)")
+        // 0 and 1 at the far ends, 0.5 at zero; exp underflows to 0.
+        #expect(map([-50, 50, 0]) { VectorMath.normalCDFAndDensity($0).cdf } == [0, 1, 0.5])
+        #expect(map([-100, -87.5, 0]) { VectorMath.exp($0) } == [0, 0, 1])
+    }
+
+    @Test("BatchNorm with a fused ReLU equals BatchNorm then ReLU, forward and backward (training and evaluation)",
+          arguments: [(2, 3, 17), (3, 2, 64), (1, 5, 1)])
+    func batchNormReLU(n: Int, c: Int, plane: Int) throws {
+        let count = n * c * plane
+        let x = randomFloats(count, seed: 40, scale: 2), dy = randomFloats(count, seed: 41)
+        let gamma = randomFloats(c, seed: 42), beta = randomFloats(c, seed: 43)
+        for training in [true, false] {
+            func run(fused: Bool) throws -> (y: [Float], dx: [Float], dGamma: [Float], dBeta: [Float]) {
+                var y = [Float](repeating: 0, count: count), dx = [Float](repeating: 7, count: count)
+                var dGamma = [Float](repeating: 0, count: c), dBeta = [Float](repeating: 0, count: c)
+                var runningMean = [Float](repeating: 0.1, count: c), runningVar = [Float](repeating: 0.9, count: c)
+                var mean = [Float](repeating: 0, count: c), invStd = [Float](repeating: 0, count: c)
+                var statistics = [Double](repeating: 0, count: 2 * c + 1)
+                try mean.withUnsafeMutableBufferPointer { mean in
+                    try invStd.withUnsafeMutableBufferPointer { invStd in
+                        try statistics.withUnsafeMutableBufferPointer { stats in
+                            var saved = BatchNorm2d.Saved(mean: mean.baseAddress!, invStd: invStd.baseAddress!)
+                            if training {
+                                try BatchNorm2d.forwardTraining(output: &y, input: x, gamma: gamma, beta: beta, runningMean: &runningMean,
+                                                                runningVar: &runningVar, saved: &saved, batch: n, channels: c, plane: plane,
+                                                                statistics: stats, relu: fused)
+                            } else {
+                                BatchNorm2d.forwardInference(output: &y, input: x, gamma: gamma, beta: beta, runningMean: runningMean,
+                                                             runningVar: runningVar, batch: n, channels: c, plane: plane, relu: fused)
+                            }
+                            if !fused { ReLU.forward(output: &y, input: y, count: count) }
+                            var g = dy
+                            if !fused { ReLU.maskGradient(&g, output: y, count: count) }
+                            if training {
+                                try BatchNorm2d.backwardTraining(gradInput: &dx, gradGamma: &dGamma, gradBeta: &dBeta, gradOutput: g, input: x,
+                                                                 gamma: gamma, saved: saved, batch: n, channels: c, plane: plane, statistics: stats,
+                                                                 reluOutput: fused ? y : nil, accumulate: !fused)
+                            } else {
+                                BatchNorm2d.backwardInference(gradInput: &dx, gradGamma: &dGamma, gradBeta: &dBeta, gradOutput: g, input: x,
+                                                              gamma: gamma, runningMean: runningMean, runningVar: runningVar, batch: n,
+                                                              channels: c, plane: plane, reluOutput: fused ? y : nil, accumulate: !fused)
+                            }
+                        }
+                    }
+                }
+                // The separate path accumulated onto 7s; the fused one overwrote them.
+                return (y, fused ? dx : dx.map { $0 - 7 }, dGamma, dBeta)
+            }
+            let separate = try run(fused: false), fused = try run(fused: true)
+            #expect(fused.y == separate.y)
+            #expect(fused.dGamma == separate.dGamma && fused.dBeta == separate.dBeta)
+            let scale = separate.dx.map { abs($0) }.max() ?? 1
+            #expect(zip(fused.dx, separate.dx).allSatisfy { abs($0 - $1) <= 1e-6 * max(scale, 1) }, "training \(training)")
+        }
+    }
+
+    @Test("a residual block's fused sum and ReLU, and its one-pass backward")
+    func residualReLU() {
+        let count = 37
+        let a = randomFloats(count, seed: 50), b = randomFloats(count, seed: 51), dy = randomFloats(count, seed: 52)
+        var y = [Float](repeating: 0, count: count)
+        Residual.forwardReLU(output: &y, a, b, count: count)
+        #expect(y == zip(a, b).map { max($0 + $1, 0) })
+        let masked = zip(y, dy).map { $0 > 0 ? $1 : 0 }
+        var branch = [Float](repeating: 9, count: count), identity = [Float](repeating: 2, count: count)
+        Residual.backwardReLU(gradBranch: &branch, gradIdentity: &identity, accumulateIdentity: true, gradOutput: dy, output: y, count: count)
+        #expect(branch == masked && identity == masked.map { $0 + 2 })
+        Residual.backwardReLU(gradBranch: &branch, gradIdentity: &identity, accumulateIdentity: false, gradOutput: dy, output: y, count: count)
+        #expect(branch == masked && identity == masked)
+    }
+}

@@ -71,6 +71,29 @@ public struct RandomStream: Sendable, Hashable {
             key: (UInt32(truncatingIfNeeded: seed), UInt32(truncatingIfNeeded: seed >> 32)))
     }
 
+    /// Blocks first ..< first + 8 at once, the same draws as `block`: word w of block first + k is lane k
+    /// of the w-th vector. (Philox on vector lanes: the 32x32->64-bit products of eight counters in one
+    /// instruction, for dropout's tens of millions of draws a step.)
+    @inlinable
+    public func blocks8(_ first: UInt64) -> (SIMD8<UInt32>, SIMD8<UInt32>, SIMD8<UInt32>, SIMD8<UInt32>) {
+        let counters = SIMD8<UInt64>(repeating: first) &+ SIMD8<UInt64>(0, 1, 2, 3, 4, 5, 6, 7)
+        var c0 = SIMD8<UInt32>(truncatingIfNeeded: counters), c1 = SIMD8<UInt32>(truncatingIfNeeded: counters &>> 32)
+        var c2 = SIMD8<UInt32>(repeating: UInt32(truncatingIfNeeded: streamID)), c3 = SIMD8<UInt32>(repeating: UInt32(truncatingIfNeeded: streamID >> 32))
+        var k0 = UInt32(truncatingIfNeeded: seed), k1 = UInt32(truncatingIfNeeded: seed >> 32)
+        for round in 0..<10 {
+            if round > 0 {
+                k0 &+= 0x9E37_79B9
+                k1 &+= 0xBB67_AE85
+            }
+            let p0 = SIMD8<UInt64>(truncatingIfNeeded: c0) &* 0xD251_1F53
+            let p1 = SIMD8<UInt64>(truncatingIfNeeded: c2) &* 0xCD9E_8D57
+            let hi0 = SIMD8<UInt32>(truncatingIfNeeded: p0 &>> 32), lo0 = SIMD8<UInt32>(truncatingIfNeeded: p0)
+            let hi1 = SIMD8<UInt32>(truncatingIfNeeded: p1 &>> 32), lo1 = SIMD8<UInt32>(truncatingIfNeeded: p1)
+            (c0, c1, c2, c3) = (hi1 ^ c1 ^ SIMD8(repeating: k0), lo1, hi0 ^ c3 ^ SIMD8(repeating: k1), lo0)
+        }
+        return (c0, c1, c2, c3)
+    }
+
     @inlinable
     public func uint32(at index: UInt64) -> UInt32 {
         let b = block(index >> 2)

@@ -1,5 +1,6 @@
 // The convirt executable end to end: subcommands, and the MPI bridge under a real mpirun.
 
+import ConvirtCore
 import ConvirtIO
 import Foundation
 import Testing
@@ -621,5 +622,22 @@ struct BLASCoreChoiceTests {
         }
         let kept = try run(convirtPath(), ["info"], environment: ["OPENBLAS_CORETYPE": "Prescott", "CONVIRT_TEST_BLAS_PICKED": "Prescott"])
         #expect(kept.output.contains("core Prescott (OPENBLAS_CORETYPE set by the environment)"), "\(kept.output)")
+    }
+
+    @Test("oneDNN's OpenMP threads wait passively unless OMP_WAIT_POLICY is set, which is respected")
+    func waitPolicy() throws {
+        if ProcessInfo.processInfo.environment["OMP_WAIT_POLICY"] == nil {
+            let chosen = try run(convirtPath(), ["info"])
+            #expect(chosen.status == 0 && chosen.output.contains("OpenMP wait policy passive (set by convirt)"), "\(chosen.output)")
+        }
+        let kept = try run(convirtPath(), ["info"], environment: ["OMP_WAIT_POLICY": "active"])
+        #expect(kept.output.contains("OpenMP wait policy active (OMP_WAIT_POLICY set by the environment)"), "\(kept.output)")
+        // The choice itself: only variables nobody set, and the OpenBLAS core only where OpenBLAS chose worse.
+        let flags: Set<String> = ["avx2", "fma"]
+        #expect(BLASCore.preferredEnvironment([:], flags: flags, vendor: "GenuineIntel", picked: "Haswell")["OMP_WAIT_POLICY"] == "passive")
+        #expect(BLASCore.preferredEnvironment([:], flags: flags, vendor: "GenuineIntel", picked: "Haswell")["OPENBLAS_CORETYPE"] == nil)
+        #expect(BLASCore.preferredEnvironment([:], flags: flags, vendor: "GenuineIntel", picked: "Prescott")["OPENBLAS_CORETYPE"] == "Haswell")
+        #expect(BLASCore.preferredEnvironment(["OMP_WAIT_POLICY": "active", "OPENBLAS_CORETYPE": "Prescott"], flags: flags, vendor: "GenuineIntel",
+                                              picked: "Prescott").isEmpty)
     }
 }

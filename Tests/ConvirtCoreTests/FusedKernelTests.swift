@@ -110,3 +110,32 @@ struct FusedKernelTests {
         #expect(branch == masked && identity == masked)
     }
 }
+
+@Suite("Philox on vector lanes")
+struct PhiloxLanesTests {
+    @Test("blocks8 gives block's draws, across the 2^32 boundary of the block counter too")
+    func lanes() {
+        for (seed, key, first) in [(UInt64(0), UInt64(1), UInt64(0)), (7, 99, 12_345), (0xFFFF_FFFF_FFFF, 3, (1 << 32) - 3), (42, 5, 1 << 40)] {
+            let stream = RandomStream(seed: seed, key)
+            let (w0, w1, w2, w3) = stream.blocks8(first)
+            for k in 0..<8 {
+                let b = stream.block(first + UInt64(k))
+                #expect(w0[k] == b.0 && w1[k] == b.1 && w2[k] == b.2 && w3[k] == b.3, "seed \(seed), block \(first + UInt64(k))")
+            }
+        }
+    }
+
+    @Test("dropout's masks are the stream's draws at every length (vector blocks, single blocks, a partial block)")
+    func dropoutMask() {
+        let stream = RandomStream(seed: 3, 17)
+        for count in [1, 3, 4, 31, 32, 33, 100, 1000] {
+            let x = [Float](repeating: 1, count: count)
+            var serial = [Float](repeating: 0, count: count), parallel = serial
+            Dropout.serialForward(output: &serial, input: x, count: count, probability: 0.25, stream: stream)
+            Dropout.forward(output: &parallel, input: x, count: count, probability: 0.25, stream: stream)
+            let limit = UInt32(0.25 * 4_294_967_296.0)
+            let expected = (0..<count).map { stream.uint32(at: UInt64($0)) >= limit ? Float(1 / 0.75) : 0 }
+            #expect(serial == expected && parallel == expected, "count \(count)")
+        }
+    }
+}

@@ -120,13 +120,8 @@ public enum Dropout {
     public static func serialForward(output: UnsafeMutablePointer<Float>, input: UnsafePointer<Float>, count: Int,
                                      probability p: Float, stream: RandomStream) {
         let scale = 1 / (1 - p), limit = threshold(p)
-        var i = 0
-        while i < count {
-            let b = stream.block(UInt64(i >> 2))
-            for (k, draw) in [b.0, b.1, b.2, b.3].enumerated() where i + k < count {
-                output[i + k] = draw >= limit ? input[i + k] * scale : 0
-            }
-            i += 4
+        blocks(0..<(count + 3) / 4, count: count, stream: stream) { i, draw in
+            output[i] = draw >= limit ? input[i] * scale : 0
         }
     }
 
@@ -147,15 +142,30 @@ public enum Dropout {
     /// chunks of blocks (the draws depend on the index only, so chunking changes nothing).
     @inline(__always)
     static func forEachBlock(count: Int, stream: RandomStream, _ body: (Int, UInt32) -> Void) {
-        Parallel.chunks((count + 3) / 4, cost: 16) { blocks in
-            for block in blocks {
-                let i = block * 4
-                let b = stream.block(UInt64(block))
-                body(i, b.0)
-                if i + 1 < count { body(i + 1, b.1) }
-                if i + 2 < count { body(i + 2, b.2) }
-                if i + 3 < count { body(i + 3, b.3) }
+        Parallel.chunks((count + 3) / 4, cost: 16) { range in blocks(range, count: count, stream: stream, body) }
+    }
+
+    /// body(i, uint32(at: i)) for the elements of blocks `range` below `count`: eight blocks at a time
+    /// (`RandomStream.blocks8`), then one at a time.
+    @inline(__always)
+    static func blocks(_ range: Range<Int>, count: Int, stream: RandomStream, _ body: (Int, UInt32) -> Void) {
+        var block = range.lowerBound
+        while block + 8 <= range.upperBound && (block + 8) * 4 <= count {
+            let (w0, w1, w2, w3) = stream.blocks8(UInt64(block))
+            for k in 0..<8 {
+                let i = (block + k) * 4
+                body(i, w0[k]); body(i + 1, w1[k]); body(i + 2, w2[k]); body(i + 3, w3[k])
             }
+            block += 8
+        }
+        while block < range.upperBound {
+            let i = block * 4
+            let b = stream.block(UInt64(block))
+            body(i, b.0)
+            if i + 1 < count { body(i + 1, b.1) }
+            if i + 2 < count { body(i + 2, b.2) }
+            if i + 3 < count { body(i + 3, b.3) }
+            block += 1
         }
     }
 }

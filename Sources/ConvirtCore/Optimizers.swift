@@ -44,16 +44,19 @@ public enum Adam {
         let l2: Float = c.decoupled ? 0 : Float(c.weightDecay)
         let wd = c.weightDecay
         let decoupled = c.decoupled && wd != 0
-        for i in 0..<count {
-            var p = params[i]
-            if decoupled { p *= shrink }
-            let g = grads[i] + l2 * p
-            let mi = m[i] + oneMinusB1 * (g - m[i])
-            let vi = v[i] * b2 + oneMinusB2 * g * g
-            m[i] = mi
-            v[i] = vi
-            let denom = vi.squareRoot() / bias2Sqrt + eps
-            params[i] = p - stepSize * (mi / denom)
+        // Every element on its own: split over the threads, the result is the same bit for bit.
+        Parallel.chunks(count, cost: 8) { range in
+            for i in range {
+                var p = params[i]
+                if decoupled { p *= shrink }
+                let g = grads[i] + l2 * p
+                let mi = m[i] + oneMinusB1 * (g - m[i])
+                let vi = v[i] * b2 + oneMinusB2 * g * g
+                m[i] = mi
+                v[i] = vi
+                let denom = vi.squareRoot() / bias2Sqrt + eps
+                params[i] = p - stepSize * (mi / denom)
+            }
         }
     }
 

@@ -86,9 +86,26 @@ public final class GradientSync {
 
     /// The L2 norm of every trainable gradient (with ZeRO-1: each rank's shard, summed over ranks).
     public func gradientNorm() throws -> Double {
+        // Blocks of 16384 elements summed in parallel, then the block sums in order: the same value for
+        // any thread count.
+        let block = 16_384
         var squares = [0.0]
+        let grads = arena.grads
         for range in arena.trainableRanges(within: arena.optimizerRange) {
-            for i in range { let g = Double(arena.grads[i]); squares[0] += g * g }
+            let blocks = (range.count + block - 1) / block
+            var partial = [Double](repeating: 0, count: blocks)
+            partial.withUnsafeMutableBufferPointer { partial in
+                let sums = partial.baseAddress!
+                Parallel.chunks(blocks, cost: block) { part in
+                    for b in part {
+                        let lo = range.lowerBound + b * block, hi = min(lo + block, range.upperBound)
+                        var s = 0.0
+                        for i in lo..<hi { let g = Double(grads[i]); s += g * g }
+                        sums[b] = s
+                    }
+                }
+            }
+            for s in partial { squares[0] += s }
         }
         if mode == .zero1 && communicator.size > 1 { try squares.withUnsafeMutableBufferPointer { try communicator.allReduceSum($0) } }
         return squares[0].squareRoot()
@@ -98,7 +115,10 @@ public final class GradientSync {
     public func clip(norm: Double, to maxNorm: Double) {
         guard norm > maxNorm else { return }
         let scale = Float(maxNorm / (norm + 1e-6))
-        for range in arena.trainableRanges(within: arena.optimizerRange) { for i in range { arena.grads[i] *= scale } }
+        let grads = arena.grads
+        for range in arena.trainableRanges(within: arena.optimizerRange) {
+            Parallel.chunks(range.count) { part in for i in part { grads[range.lowerBound + i] *= scale } }
+        }
     }
 
     /// Adam over what this rank holds state for; with ZeRO-1 the updated shards are then all-gathered.

@@ -139,3 +139,25 @@ struct PhiloxLanesTests {
         }
     }
 }
+
+@Suite("Adam over threads")
+struct AdamThreadsTests {
+    @Test("Adam split over two threads gives the single thread's parameters and moments bit for bit")
+    func twoThreads() {
+        let count = 100_003
+        let grads = randomFloats(count, seed: 60)
+        func run(threads: Int) -> [Float] {
+            let previous = Parallel.threads
+            Parallel.threads = threads
+            defer { Parallel.threads = previous }
+            var p = randomFloats(count, seed: 61), m = randomFloats(count, seed: 62, scale: 0.1)
+            var v = randomFloats(count, seed: 63, scale: 0.1).map { $0 * $0 }
+            for step in 1...3 {
+                Adam.step(params: &p, grads: grads, m: &m, v: &v, count: count, step: step,
+                          config: AdamConfig(learningRate: 1e-3, weightDecay: 0.01, decoupled: step == 2))
+            }
+            return p + m + v
+        }
+        #expect(run(threads: 1) == run(threads: 2))
+    }
+}

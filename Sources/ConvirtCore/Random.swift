@@ -118,6 +118,14 @@ public struct RandomStream: Sendable, Hashable {
         return Double(((hi << 32) | lo) >> 11) * (1.0 / 9_007_199_254_740_992.0)
     }
 
+    /// p[i] = scale * normal(at: i) for i in 0..<count, over the threads (each value depends on its index
+    /// alone, so the result is the same for any thread count): the initialisation of large weights.
+    public func fillNormal(_ p: UnsafeMutablePointer<Float>, count: Int, scale: Float) {
+        Parallel.chunks(count, cost: 64) { range in
+            for i in range { p[i] = scale * normal(at: UInt64(i)) }
+        }
+    }
+
     /// Standard normal (Box-Muller on the two 32-bit halves of draw pair `index`).
     @inlinable
     public func normal(at index: UInt64) -> Float {

@@ -112,7 +112,7 @@ struct LinearLayer {
     /// N(0, std) weights and zero bias (BERT's initializer_range 0.02; heads use PyTorch's default instead).
     func initializeNormal(_ arena: ParameterArena, std: Float, stream: RandomStream) {
         let w = arena.params + weight.offset
-        for i in 0..<weight.count { w[i] = std * stream.normal(at: UInt64(i)) }
+        stream.fillNormal(w, count: weight.count, scale: std)
         if let bias { (arena.params + bias.offset).update(repeating: 0, count: bias.count) }
     }
 
@@ -367,7 +367,7 @@ public final class BERT {
     public func initialize(_ arena: ParameterArena, stream: RandomStream) {
         for (i, e) in [wordEmbeddings, positionEmbeddings, tokenTypeEmbeddings].enumerated() {
             let p = arena.params + e.offset, s = stream.child(100, UInt64(i))
-            for j in 0..<e.count { p[j] = 0.02 * s.normal(at: UInt64(j)) }
+            s.fillNormal(p, count: e.count, scale: 0.02)
         }
         embeddingNorm.initialize(arena)
         for (i, layer) in layers.enumerated() { layer.initialize(arena, stream: stream.child(UInt64(i))) }

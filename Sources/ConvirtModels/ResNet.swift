@@ -131,7 +131,7 @@ final class ConvBNUnit {
     func initialize(_ arena: ParameterArena, stream: RandomStream) {
         let std = (2 / Float(outChannels * kernel * kernel)).squareRoot()
         let w = arena.params + conv.offset
-        for i in 0..<conv.count { w[i] = std * stream.normal(at: UInt64(i)) }
+        stream.fillNormal(w, count: conv.count, scale: std)
         bn.initialize(arena)
     }
 

@@ -43,6 +43,17 @@ func blockedGradientSums(_ dy: UnsafePointer<Float>, _ x: UnsafePointer<Float>, 
     return (sum, product)
 }
 
+/// y = (x - mean) * scale + shift over a run, or max(that, 0) with `relu` (the ReLU after it, fused).
+@inline(__always)
+func normalizeRun(_ y: UnsafeMutablePointer<Float>, _ x: UnsafePointer<Float>, mean: Float, scale: Float, shift: Float, relu: Bool,
+                  _ count: Int) {
+    if relu {
+        for p in 0..<count { y[p] = max((x[p] - mean) * scale + shift, 0) }
+    } else {
+        for p in 0..<count { y[p] = (x[p] - mean) * scale + shift }
+    }
+}
+
 /// dx = value(dy) or dx += value(dy) over a run, dy masked by a following ReLU's output when `mask` is given.
 /// (Every load is unconditional, a select picks: so the loops vectorize.)
 @inline(__always)
@@ -112,11 +123,7 @@ public enum BatchNorm2d {
                 let mean = means[c], scale = gamma[c] * invStds[c], shift = beta[c]
                 for n in 0..<batch {
                     let x = input + (n * channels + c) * plane, y = output + (n * channels + c) * plane
-                    if relu {
-                        for p in 0..<plane { y[p] = max((x[p] - mean) * scale + shift, 0) }
-                    } else {
-                        for p in 0..<plane { y[p] = (x[p] - mean) * scale + shift }
-                    }
+                    normalizeRun(y, x, mean: mean, scale: scale, shift: shift, relu: relu, plane)
                 }
             }
         }
@@ -135,11 +142,7 @@ public enum BatchNorm2d {
                 let scale = gamma[c] / (runningVar[c] + eps).squareRoot(), mean = runningMean[c], shift = beta[c]
                 for n in 0..<batch {
                     let x = input + (n * channels + c) * plane, y = output + (n * channels + c) * plane
-                    if relu {
-                        for p in 0..<plane { y[p] = max((x[p] - mean) * scale + shift, 0) }
-                    } else {
-                        for p in 0..<plane { y[p] = (x[p] - mean) * scale + shift }
-                    }
+                    normalizeRun(y, x, mean: mean, scale: scale, shift: shift, relu: relu, plane)
                 }
             }
         }

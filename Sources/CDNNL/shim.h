@@ -11,5 +11,6 @@ static inline int cdnnl_arg_diff_dst(void) { return DNNL_ARG_DIFF_DST; }
 static inline int cdnnl_arg_diff_weights(void) { return DNNL_ARG_DIFF_WEIGHTS; }
 static inline int cdnnl_arg_diff_bias(void) { return DNNL_ARG_DIFF_BIAS; }
 static inline int cdnnl_arg_from(void) { return DNNL_ARG_FROM; }
+static inline int cdnnl_arg_scratchpad(void) { return DNNL_ARG_SCRATCHPAD; }
 static inline int cdnnl_arg_to(void) { return DNNL_ARG_TO; }
 #include <oneapi/dnnl/dnnl_debug.h>

@@ -92,12 +92,19 @@ final class DNNLMemory {
     }
 }
 
-/// A primitive and its descriptor.
+/// A primitive and its descriptor. Its scratchpad (oneDNN's temporary buffer, e.g. the partial sums
+/// of a reduction split over threads) is the caller's: created with `dnnl_scratchpad_mode_user` and
+/// bound at each call to the calling thread's scratchpad slot. oneDNN's own (library) scratchpad is
+/// shared by every primitive Debian's build runs and lets a primitive run only on the thread that
+/// created it; in-process ranks, a process-wide cache of matmuls and evaluation threads break that.
 final class DNNLPrimitive {
     let descriptor: dnnl_primitive_desc_t
     let primitive: dnnl_primitive_t
+    /// Bytes of scratchpad one execution needs (0: none).
+    let scratchpadBytes: Int
+    private let scratchpadDesc: dnnl_memory_desc_t
 
-    /// Takes ownership of `descriptor`.
+    /// Takes ownership of `descriptor` (created with `dnnlUserScratchpad` attributes).
     init(_ descriptor: dnnl_primitive_desc_t, _ what: String) throws {
         self.descriptor = descriptor
         var primitive: dnnl_primitive_t? = nil
@@ -105,12 +112,18 @@ final class DNNLPrimitive {
         if status != dnnl_success { dnnl_primitive_desc_destroy(descriptor) }
         try dnnlCheck(status, what)
         self.primitive = primitive!
+        var desc = dnnl_primitive_desc_query_md(descriptor, dnnl_query_scratchpad_md, 0)?.pointee ?? dnnl_memory_desc_t()
+        scratchpadDesc = desc
+        scratchpadBytes = desc.ndims > 0 ? dnnl_memory_desc_get_size(&desc) : 0
     }
 
-    /// Creates the descriptor of `operation` (a *_desc_t initialised by the caller) and the primitive.
+    /// Creates the descriptor of `operation` (a *_desc_t initialised by the caller) and the primitive;
+    /// `attributes` (the caller's, or fresh ones) get the user scratchpad mode.
     convenience init(_ operation: UnsafeRawPointer, attributes: dnnl_primitive_attr_t? = nil, hint: DNNLPrimitive? = nil, _ what: String) throws {
         var descriptor: dnnl_primitive_desc_t? = nil
-        try dnnlCheck(dnnl_primitive_desc_create(&descriptor, operation, attributes, try DNNL.cpuEngine(), hint?.descriptor), what)
+        try dnnlWithUserScratchpad(attributes, what) { attributes in
+            try dnnlCheck(dnnl_primitive_desc_create(&descriptor, operation, attributes, try DNNL.cpuEngine(), hint?.descriptor), what)
+        }
         try self.init(descriptor!, what)
     }
 
@@ -129,10 +142,33 @@ final class DNNLPrimitive {
     }
 
     func execute(_ stream: DNNLStream, _ arguments: [(Int32, DNNLMemory)], _ what: @autoclosure () -> String) throws {
-        var args = arguments.map { dnnl_exec_arg_t(arg: $0.0, memory: $0.1.memory) }
-        try dnnlCheck(dnnl_primitive_execute(primitive, stream.stream, Int32(args.count), &args), what())
-        try dnnlCheck(dnnl_stream_wait(stream.stream), what())
+        try execute(stream.stream, arguments.map { dnnl_exec_arg_t(arg: $0.0, memory: $0.1.memory) }, what())
     }
+
+    /// Runs with `args` and the scratchpad (this thread's slot, a memory object of this call's own).
+    func execute(_ stream: dnnl_stream_t, _ args: [dnnl_exec_arg_t], _ what: @autoclosure () -> String) throws {
+        var args = args
+        var scratchpad: dnnl_memory_t? = nil
+        defer { if let scratchpad { dnnl_memory_destroy(scratchpad) } }
+        if scratchpadBytes > 0 {
+            var desc = scratchpadDesc
+            let buffer = ThreadScratch.current.reorderSlot(ThreadScratch.scratchpadSlot, bytes: scratchpadBytes)
+            try dnnlCheck(dnnl_memory_create(&scratchpad, &desc, try DNNL.cpuEngine(), buffer), what())
+            args.append(dnnl_exec_arg_t(arg: cdnnl_arg_scratchpad(), memory: scratchpad))
+        }
+        try dnnlCheck(dnnl_primitive_execute(primitive, stream, Int32(args.count), &args), what())
+        try dnnlCheck(dnnl_stream_wait(stream), what())
+    }
+}
+
+/// Calls `body` with `attributes` (or fresh ones, destroyed after) set to the user scratchpad mode.
+func dnnlWithUserScratchpad(_ attributes: dnnl_primitive_attr_t?, _ what: String, _ body: (dnnl_primitive_attr_t?) throws -> Void) throws {
+    var owned: dnnl_primitive_attr_t? = nil
+    if attributes == nil { try dnnlCheck(dnnl_primitive_attr_create(&owned), what) }
+    defer { if let owned { dnnl_primitive_attr_destroy(owned) } }
+    let used = attributes ?? owned
+    try dnnlCheck(dnnl_primitive_attr_set_scratchpad_mode(used, dnnl_scratchpad_mode_user), what)
+    try body(used)
 }
 
 /// A stream: one per owner (streams are not to be shared between threads).
@@ -170,7 +206,9 @@ final class DNNLReorder {
         var descriptor: dnnl_primitive_desc_t? = nil
         var a = from.desc, b = to.desc
         let engine = try DNNL.cpuEngine()
-        try dnnlCheck(dnnl_reorder_primitive_desc_create(&descriptor, &a, engine, &b, engine, attributes), "reorder")
+        try dnnlWithUserScratchpad(attributes, "reorder") { attributes in
+            try dnnlCheck(dnnl_reorder_primitive_desc_create(&descriptor, &a, engine, &b, engine, attributes), "reorder")
+        }
         primitive = try DNNLPrimitive(descriptor!, "reorder")
     }
 

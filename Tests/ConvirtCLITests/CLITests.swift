@@ -194,16 +194,17 @@ final class SharedRuns: @unchecked Sendable {
     }
 
     /// The tiny preset's 20 steps on `np` ranks (`extra` flags), run once.
-    func rows(np: Int, _ extra: [String] = []) throws -> [DistributedTrainingTests.Row] {
+    func rows(np: Int, _ extra: [String] = [], environment: [String: String] = [:]) throws -> [DistributedTrainingTests.Row] {
         let data = try data()
-        let key = "\(np) \(extra.joined(separator: " "))"
+        let settings = environment.sorted { $0.key < $1.key }.map { "\($0.key)=\($0.value)" }
+        let key = "\(np) \(extra.joined(separator: " ")) \(settings.joined(separator: " "))"
         lock.lock(); defer { lock.unlock() }
         if let cached = losses[key] { return cached }
         let mpirun = try #require(Self.mpirun, "mpirun is not installed (openmpi-bin)")
-        let runDir = "\(dir)/run\(np)\(extra.joined())"
+        let runDir = "\(dir)/run\(np)\(extra.joined())\(settings.joined())"
         let result = try run(mpirun, ["--oversubscribe", "-np", "\(np)", convirtPath(), "train", "--data", data, "--run-dir", runDir,
                                       "--preset", "tiny", "--steps", "20", "--retrieval-eval", "0"] + extra,
-                             environment: DistributedTrainingTests.mpiEnvironment, timeout: 300)
+                             environment: DistributedTrainingTests.mpiEnvironment.merging(environment) { $1 }, timeout: 300)
         #expect(result.status == 0, "\(result.output)")
         let rows = try DistributedTrainingTests.rows(of: runDir)
         losses[key] = rows
@@ -218,6 +219,14 @@ struct DistributedTrainingTests {
 
     struct Row: Decodable, Sendable { let step: Int; let loss: Double; let grad_norm: Double; let world_size: Int; let val_loss: Double? }
 
+    /// Relative bound on step `step`'s loss between two layouts of one run (world sizes, accumulation,
+    /// hosts) over the tiny preset's 20 steps: 1e-4 over the first 10, 2e-3 after. Their gradients differ
+    /// by fp32 summation order alone, but from some step on rounding decides a ReLU or max-pool tie (in
+    /// bf16 a weight's rounding) the other way and the runs part: on a 2-core Xeon with AVX-512 SyncBN
+    /// with K = 2 on -np 1 and 2 came 4e-4 apart from step 14 (on an AMD EPYC all within 1e-4); bf16
+    /// on oneDNN's kernels 9e-5 to 8e-4 over steps 17-19. A wrong reduction shows within the first steps.
+    static func lossBound(step: Int) -> Double { step <= 10 ? 1e-4 : 2e-3 }
+
     static func rows(of runDir: String) throws -> [Row] {
         try String(contentsOfFile: "\(runDir)/metrics.jsonl", encoding: .utf8).split(separator: "\n")
             .map { try JSONDecoder().decode(Row.self, from: Data($0.utf8)) }
@@ -226,7 +235,7 @@ struct DistributedTrainingTests {
     var shared: SharedRuns { SharedRuns.shared }
     var dir: String { shared.dir }
 
-    /// Per-step losses of -np 1, 2 and 4 on the tiny preset agree to 1e-4 relative over 20 steps.
+    /// Per-step losses of -np 1, 2 and 4 on the tiny preset agree to `lossBound` over 20 steps.
     @Test("N ranks train as one under mpirun: losses of -np 1, 2, 4 agree over 20 steps")
     func worldSizeInvariance() throws {
         let one = try shared.rows(np: 1)
@@ -235,7 +244,7 @@ struct DistributedTrainingTests {
             let rows = try shared.rows(np: np)
             #expect(rows.count == 20 && rows.allSatisfy { $0.world_size == np })
             for (a, b) in zip(one, rows) {
-                #expect(abs(a.loss - b.loss) <= 1e-4 * abs(a.loss), "step \(a.step): \(a.loss) vs \(b.loss) with \(np) ranks")
+                #expect(abs(a.loss - b.loss) <= Self.lossBound(step: a.step) * abs(a.loss), "step \(a.step): \(a.loss) vs \(b.loss) with \(np) ranks")
             }
             #expect(rows.last?.val_loss != nil)
             // The first step's gradient (summed over ranks) is the single process's gradient over the same batch.
@@ -247,7 +256,9 @@ struct DistributedTrainingTests {
     func accumulation() throws {
         func agree(_ a: [Row], _ b: [Row], _ what: String) {
             #expect(a.count == 20 && b.count == 20, "\(what): \(a.count) and \(b.count) rows")
-            for (x, y) in zip(a, b) { #expect(abs(x.loss - y.loss) <= 1e-4 * abs(x.loss), "\(what), step \(x.step): \(x.loss) vs \(y.loss)") }
+            for (x, y) in zip(a, b) {
+                #expect(abs(x.loss - y.loss) <= Self.lossBound(step: x.step) * abs(x.loss), "\(what), step \(x.step): \(x.loss) vs \(y.loss)")
+            }
         }
         // Per-rank BatchNorm: each micro-batch normalises the same b = 8 / 4 pairs in every layout.
         let reference = try shared.rows(np: 4, ["--no-sync-bn"])
@@ -278,7 +289,9 @@ struct DistributedTrainingTests {
         for np in [2, 4] {
             let rows = try shared.rows(np: np, ["--zero1"])
             #expect(rows.count == 20)
-            for (a, b) in zip(one, rows) { #expect(abs(a.loss - b.loss) <= 1e-4 * abs(a.loss), "--zero1 on \(np) ranks, step \(a.step)") }
+            for (a, b) in zip(one, rows) {
+                #expect(abs(a.loss - b.loss) <= Self.lossBound(step: a.step) * abs(a.loss), "--zero1 on \(np) ranks, step \(a.step)")
+            }
         }
     }
 
@@ -299,7 +312,7 @@ struct DistributedTrainingTests {
         #expect(hosts.status == 0, "\(hosts.output)")
         let hostRows = try Self.rows(of: "\(dir)/run-hosts")
         #expect(hostRows.count == 20)
-        for (a, b) in zip(one, hostRows) { #expect(abs(a.loss - b.loss) <= 1e-4 * abs(a.loss), "2 hosts, step \(a.step)") }
+        for (a, b) in zip(one, hostRows) { #expect(abs(a.loss - b.loss) <= Self.lossBound(step: a.step) * abs(a.loss), "2 hosts, step \(a.step)") }
     }
 
     @Test("resume: bitwise at the same world size, within rounding on 1 and 4 ranks; damaged checkpoints and fallback")

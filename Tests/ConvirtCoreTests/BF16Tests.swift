@@ -1,8 +1,9 @@
 // bf16 mixed precision at the kernel level: the rounding, and every product (gemm, convolution, linear,
 // attention) against the Double reference computed on bf16-rounded inputs. A product of two bf16 numbers
 // is exact in fp32, so a correct bf16 product equals that reference up to fp32 accumulation (1e-5), on
-// oneDNN where it runs bf16 (AVX-512 CPUs) and in the exact emulation elsewhere; and it must differ from
-// the fp32 product by bf16 rounding, which shows the rounding happened at all.
+// oneDNN's bf16 kernels (where it runs them: AVX-512 CPUs) and as fp32 products of rounded inputs (every
+// CPU), both wherever the CPU runs both; and it must differ from the fp32 product by bf16 rounding,
+// which shows the rounding happened at all.
 
 import ConvirtCore
 import ConvirtTestSupport
@@ -10,6 +11,10 @@ import Foundation
 import Testing
 
 private func rounded(_ v: [Float]) -> [Double] { v.map { Double(BF16.round($0)) } }
+
+/// The bf16 backends this CPU runs: fp32 products of rounded inputs everywhere, oneDNN's bf16 kernels
+/// where it has them (AVX-512), whichever of the two is the default.
+private let bf16Backends = BF16.oneDNNRunsBF16 ? [false, true] : [false]
 
 @Suite("bf16 mixed precision kernels")
 struct BF16KernelTests {
@@ -43,11 +48,11 @@ struct BF16KernelTests {
         let (aRows, aColumns) = ta ? (k, m) : (m, k), (bRows, bColumns) = tb ? (n, k) : (k, n)
         let lda = aColumns + 3, ldb = bColumns + 5, ldc = n + 2
         let a = randomFloats(aRows * lda, seed: 1), b = randomFloats(bRows * ldb, seed: 2), c0 = randomFloats(m * ldc, seed: 3)
-        for parallel in [true, false] {
+        for parallel in [true, false] { for native in bf16Backends {
             var c = c0, c32 = c0
             let (alpha, beta): (Float, Float) = (0.5, 1)
             gemm(.bf16, transposeA: ta, transposeB: tb, m: m, n: n, k: k, alpha: alpha, a: a, lda: lda, b: b, ldb: ldb, beta: beta,
-                 c: &c, ldc: ldc, parallel: parallel)
+                 c: &c, ldc: ldc, parallel: parallel, native: native)
             gemm(.fp32, transposeA: ta, transposeB: tb, m: m, n: n, k: k, alpha: alpha, a: a, lda: lda, b: b, ldb: ldb, beta: beta,
                  c: &c32, ldc: ldc, parallel: parallel)
             let ra = rounded(a), rb = rounded(b)
@@ -62,13 +67,13 @@ struct BF16KernelTests {
                 expected[i * ldc + j] = Double(alpha) * s + Double(beta) * Double(c0[i * ldc + j])
                 exact[i * ldc + j] = Double(alpha) * s32 + Double(beta) * Double(c0[i * ldc + j])
             } }
-            #expect(relativeError(c, expected) < 1e-5, "bf16 gemm \(ta) \(tb) parallel \(parallel) on \(BF16.backend)")
+            #expect(relativeError(c, expected) < 1e-5, "bf16 gemm \(ta) \(tb) parallel \(parallel) native \(native)")
             let fromFP32 = relativeError(c, exact)
             #expect(fromFP32 > 1e-4 && fromFP32 < 2e-2, "bf16 is bf16 rounding away from fp32: \(fromFP32)")
             #expect(relativeError(c32, exact) < 1e-5)
             // Padding between rows (beyond n) is never written.
             for i in 0..<m { for j in n..<ldc { #expect(c[i * ldc + j] == c0[i * ldc + j]) } }
-        }
+        } }
     }
 
     @Test("a bf16 convolution (forward, accumulating backward) equals the Double reference on rounded inputs", arguments: 0..<6)
@@ -76,8 +81,9 @@ struct BF16KernelTests {
         let (n, c, h, w, o, kh, kw, s, p, _) = DNNLConvolutionTests.cases[index]
         let g = try Conv2dGeometry(batch: n, inChannels: c, height: h, width: w, outChannels: o, kernel: (kh, kw), stride: (s, s), padding: (p, p))
         let x = randomFloats(g.inputCount, seed: 1), wt = randomFloats(g.weightCount, seed: 2), dy = randomFloats(g.outputCount, seed: 4)
-        let conv = Convolution()
-        var workspace = [Float](repeating: 0, count: max(1, Convolution.workspaceCount(g, precision: .bf16)))
+        for native in bf16Backends {
+        let conv = Convolution(nativeBF16: native)
+        var workspace = [Float](repeating: 0, count: max(1, Convolution.workspaceCount(g, precision: .bf16, nativeBF16: native)))
         var y = [Float](repeating: .nan, count: g.outputCount)
         try conv.forward(output: &y, input: x, weight: wt, geometry: g, workspace: &workspace, precision: .bf16)
         #expect(relativeError(y, Reference.conv2dForward(rounded(x), rounded(wt), nil, g)) < 1e-5, "forward \(g)")
@@ -90,6 +96,7 @@ struct BF16KernelTests {
         let (rdx, rdw, _) = Reference.conv2dBackward(rounded(dy), rounded(x), rounded(wt), g)
         #expect(relativeError(zip(dx, dx0).map { Double($0) - Double($1) }, rdx) < 1e-5, "input gradient \(g)")
         #expect(relativeError(zip(dw, dw0).map { Double($0) - Double($1) }, rdw) < 1e-5, "weight gradient \(g)")
+        }
     }
 
     @Test("a bf16 linear layer equals the Double reference on rounded inputs; its bias adds in fp32")
@@ -151,7 +158,11 @@ struct BF16KernelTests {
         guard ProcessInfo.processInfo.environment["CONVIRT_PRECISION"] == nil else { return }
         #expect(PrecisionChoice.auto.resolved() == (BF16.hardwareSupport != nil ? .bf16 : .fp32))
         #expect(PrecisionChoice.auto.describe().hasPrefix("precision \(PrecisionChoice.auto.resolved().rawValue) (auto: the CPU has"))
-        // Where oneDNN runs bf16 the CPU has AVX-512 (Debian's oneDNN 2.6 has no bf16 below it).
-        if BF16.native { #expect(DNNL.isa.hasPrefix("avx512")) }
+        // Where oneDNN runs bf16 the CPU has AVX-512 (Debian's oneDNN 2.6 has no bf16 below it); its bf16
+        // kernels are the default where it has AMX.
+        if BF16.oneDNNRunsBF16 { #expect(DNNL.isa.hasPrefix("avx512")) }
+        if ProcessInfo.processInfo.environment["CONVIRT_BF16"] == nil {
+            #expect(BF16.native == (BF16.oneDNNRunsBF16 && DNNL.isa.hasPrefix("avx512_core_amx")))
+        }
     }
 }

@@ -125,7 +125,8 @@ struct InProcessFineTuneTests {
         return dir
     }
 
-    static func fineTune(worldSize: Int, zero1: Bool = false) throws -> [Double] {
+    /// The test AUC of each run and the validation loss after each epoch (rank 0's log, 4 decimals).
+    static func fineTune(worldSize: Int, zero1: Bool = false) throws -> (auc: [Double], validation: [Double]) {
         let root = try chexpert()
         let data = try DownstreamReader.load(.chexpert, root: root, options: DownstreamOptions())
         var options = ClassificationOptions()
@@ -135,23 +136,51 @@ struct InProcessFineTuneTests {
         options.batch = 8
         options.maxEpochs = 2
         options.headSteps = 5
+        options.verbose = true
         options.featureBatch = 8
         options.zero1 = zero1
         let architecture = ResNetConfig(layers: [1, 1, 1, 1], width: 4, block: .bottleneck, imageSize: 64)
         let options_ = options
-        let results = try InProcessGroup.run(size: worldSize) { comm in
-            try ClassificationEvaluation(data: data, source: .random(architecture), options: options_, communicator: comm) { _ in }.run().runs
+        let results = try InProcessGroup.run(size: worldSize) { comm -> (auc: [Double], validation: [Double]) in
+            let lines = Lines()
+            let auc = try ClassificationEvaluation(data: data, source: .random(architecture), options: options_, communicator: comm) {
+                lines.append($0)
+            }.run().runs
+            let validation = lines.all.compactMap { line -> Double? in
+                guard let r = line.range(of: "validation loss ") else { return nil }
+                return Double(line[r.upperBound...].prefix { !$0.isWhitespace })
+            }
+            return (auc, validation)
         }
-        #expect(results.allSatisfy { $0 == results[0] }, "every rank returns the same result")
+        #expect(results.allSatisfy { $0.auc == results[0].auc }, "every rank returns the same result")
         return results[0]
     }
 
-    @Test("fine-tuning on 1 and 2 ranks (and 2 with ZeRO-1) gives the same test AUC")
+    /// The fine-tuned encoder's validation losses on 1 and 2 ranks agree, and ZeRO-1 gives replicated
+    /// Adam's AUC exactly. Adam turns rounding-level differences of tiny gradients into whole steps, so
+    /// 1 and 2 ranks part slowly: measured on a 2-core Xeon (AVX-512), equal after the first epoch (to
+    /// the log's 4 decimals) and 9e-4 apart (2e-3 relative) after the second, held to 2e-4 and 5e-3.
+    /// The AUCs are not compared: this random-init encoder of width 4 scores the test images within
+    /// rounding of one another (AUC about 0.44), so summation order alone reorders them (the two AUCs
+    /// came 1.1e-2 apart there).
+    @Test("fine-tuning on 1 and 2 ranks gives the same validation losses, and 2 with ZeRO-1 the same AUC as 2 without")
     func fineTuneWorldSize() throws {
         let one = try Self.fineTune(worldSize: 1)
         let two = try Self.fineTune(worldSize: 2)
         let zero = try Self.fineTune(worldSize: 2, zero1: true)
-        #expect(agree(one, two, within: 1e-3), "\(one) vs \(two)")
-        #expect(two == zero, "\(two) vs ZeRO-1 \(zero)")
+        #expect(one.validation.count == 2 && two.validation.count == 2, "\(one.validation) \(two.validation)")
+        if one.validation.count == 2 && two.validation.count == 2 {
+            #expect(abs(one.validation[0] - two.validation[0]) <= 2e-4, "epoch 1: \(one.validation) vs \(two.validation)")
+            #expect(abs(one.validation[1] - two.validation[1]) <= 5e-3 * one.validation[1], "epoch 2: \(one.validation) vs \(two.validation)")
+        }
+        #expect(two.auc == zero.auc, "\(two.auc) vs ZeRO-1 \(zero.auc)")
     }
+}
+
+/// Log lines collected from a callback (rank 0 logs from its own thread).
+final class Lines: @unchecked Sendable {
+    private var lines: [String] = []
+    private let lock = NSLock()
+    func append(_ line: String) { lock.lock(); lines.append(line); lock.unlock() }
+    var all: [String] { lock.lock(); defer { lock.unlock() }; return lines }
 }

@@ -3,12 +3,12 @@
 // conversions), the products accumulate in fp32, and everything else (BatchNorm statistics, LayerNorm,
 // softmax, the loss, the master weights, gradients and Adam) stays fp32.
 //
-// Where oneDNN runs bf16 on this CPU (Debian's 2.6 needs AVX-512; AMX or AVX512-BF16 make it fast)
-// the products run there. Elsewhere oneDNN answers "unimplemented" for every bf16 primitive, and the
-// same arithmetic is computed exactly by rounding the inputs to bf16 values (kept in fp32 storage) and
-// multiplying them in fp32: a product of two bf16 numbers is exact in fp32, so only the order of the
-// fp32 accumulation differs from oneDNN's. That path is slower (an extra pass over both inputs), but
-// it lets every CPU run, test and resume a bf16 run.
+// Where oneDNN's bf16 kernels are the fast path (AMX) the products run there. Elsewhere (no AMX, where
+// they are slower than its fp32 ones, or no AVX-512, where oneDNN answers "unimplemented" for every
+// bf16 primitive) the same arithmetic is computed exactly by rounding the inputs to bf16 values (kept
+// in fp32 storage) and multiplying them with the fp32 kernels: a product of two bf16 numbers is exact
+// in fp32, so only the order of the fp32 accumulation differs from oneDNN's. That costs an extra pass
+// over the inputs, and lets every CPU run, test and resume a bf16 run.
 
 import CDNNL
 #if canImport(Glibc)
@@ -99,17 +99,34 @@ public enum BF16 {
         return nil
     }()
 
-    /// Whether oneDNN runs bf16 products on this CPU (probed once: Debian's oneDNN 2.6 needs AVX-512).
-    /// CONVIRT_BF16=emulate forces the rounded-fp32 path (to compare the two on a CPU that has both).
-    public static let native: Bool = {
-        if processEnvironment()["CONVIRT_BF16"] == "emulate" { return false }
-        return (try? MatmulPrimitive(MatmulPrimitive.Key(m: 16, n: 16, k: 16, transposeA: false, transposeB: false, ldc: 16, alpha: 1, beta: 0))) != nil
+    /// Whether oneDNN runs bf16 products on this CPU at all (probed once: Debian's oneDNN 2.6 needs AVX-512).
+    public static let oneDNNRunsBF16: Bool = {
+        (try? MatmulPrimitive(MatmulPrimitive.Key(m: 16, n: 16, k: 16, transposeA: false, transposeB: false, ldc: 16, alpha: 1, beta: 0))) != nil
     }()
 
-    /// Where bf16 products run: "oneDNN bf16 (ISA ...)" or the rounded-fp32 emulation.
+    /// Whether bf16 products run on oneDNN's bf16 kernels (else on fp32 kernels over bf16-rounded inputs,
+    /// which computes the same products). A fixed rule, so that every rank of a job computes alike: on
+    /// oneDNN where it has AMX (ISA avx512_core_amx: its bf16 convolutions ran at 3692 GFLOP/s against
+    /// 339 in fp32 on a 2-core Xeon). Without AMX oneDNN 2.6's bf16 kernels are slower than its fp32 ones
+    /// (2-core Xeon with AVX512-BF16, 2 threads, `convirt bench kernels`: matmul 1024^3 127 against
+    /// sgemm's 160 GFLOP/s, conv 3x3 64->64 @56 116 against 175), and the paper step in bf16 took 6.1-6.4 s
+    /// on them against 4.6 s by the rounded-fp32 path. CONVIRT_BF16=native|emulate overrides the rule
+    /// (native needs `oneDNNRunsBF16`).
+    public static let native: Bool = {
+        switch processEnvironment()["CONVIRT_BF16"] {
+        case "emulate": return false
+        case "native": return oneDNNRunsBF16
+        default: return oneDNNRunsBF16 && DNNL.isa.hasPrefix("avx512_core_amx")
+        }
+    }()
+
+    /// Where bf16 products run: oneDNN's bf16 kernels, or fp32 kernels over rounded inputs (and why).
     public static var backend: String {
-        native ? "bf16 products on oneDNN (ISA \(DNNL.isa))"
-            : "bf16 products emulated exactly in fp32 (oneDNN \(DNNL.version) runs no bf16 on ISA \(DNNL.isa); slow)"
+        if native { return "bf16 products on oneDNN (ISA \(DNNL.isa))" }
+        if processEnvironment()["CONVIRT_BF16"] == "emulate" { return "bf16 products as fp32 products of bf16-rounded inputs (CONVIRT_BF16=emulate)" }
+        return oneDNNRunsBF16
+            ? "bf16 products as fp32 products of bf16-rounded inputs (faster than oneDNN \(DNNL.version)'s bf16 kernels on ISA \(DNNL.isa), without AMX)"
+            : "bf16 products as fp32 products of bf16-rounded inputs (oneDNN \(DNNL.version) runs no bf16 on ISA \(DNNL.isa))"
     }
 }
 
@@ -128,6 +145,9 @@ final class ThreadScratch {
         pointer?.deallocate()
         for slot in slots { slot.pointer.deallocate() }
     }
+
+    /// The slot of oneDNN's scratchpads (past the reorder slots of a primitive's arguments).
+    static let scratchpadSlot = 4
 
     /// Reorder slot `index`, with room for at least `count` bytes (its contents are lost when it grows).
     func reorderSlot(_ index: Int, bytes count: Int) -> UnsafeMutableRawPointer {

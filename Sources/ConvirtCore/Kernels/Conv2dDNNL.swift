@@ -169,26 +169,31 @@ public final class ConvolutionPrimitives {
 /// A convolution layer's kernels, chosen by a fixed rule (so every rank of a job computes with the same
 /// ones) and cached by geometry (training, validation and evaluation batches differ).
 ///
-/// fp32, `auto`: every convolution by im2col + sgemm, whose sums run in a fixed order per image, so
-/// that the results do not depend on the threads or on how a batch is split over ranks. oneDNN is
-/// faster alone at 3x3 and 7x7 (measured on a 2-core AMD EPYC, AVX2, oneDNN ISA avx2, batch 8, 2
-/// threads, `convirt bench kernels --batch 8 --threads 2`, GFLOP/s with its reorders from and to NCHW:
-/// 3x3 64->64 @56 forward 120 against 80, backward 90 against 65; stem 7x7/2 forward 105 against 34)
-/// and slower at 1x1 (1x1 64->256 @56: 54 against 63), and in the paper step the ResNet's forward took
-/// about 0.85x as long with its spatial convolutions there (backward level). But its sums depend on
-/// the thread count and the batch: with oneDNN's forward alone for the spatial convolutions, the tiny
-/// preset on -np 1 with 4 accumulation steps drifted from -np 4 by 8.6e-4 relative over 20 steps
-/// (im2col: within 1e-4, the world-size contract). `onednn` runs every convolution there (forward and
-/// backward); `im2col` none. bf16 runs every convolution on oneDNN where oneDNN runs bf16 (AVX-512 and
-/// up), and by the exact emulation (rounded copies of the input, weights and output gradient, then
-/// im2col + sgemm) elsewhere.
+/// fp32, `auto`: every convolution by im2col + sgemm, whose sums run in a fixed order per image.
+/// oneDNN's fp32 kernels are faster at 3x3 and 7x7 (`convirt bench kernels --threads 2`, batch 2,
+/// GFLOP/s with oneDNN's reorders from and to NCHW, against im2col + sgemm): on a 2-core Xeon with
+/// AVX-512 (ISA avx512_core_bf16, OpenBLAS SkylakeX) 3x3 64->64 @56 forward 175 against 95, backward
+/// 158 against 89, 1x1 mixed (256->64 @56 115 against 98, 64->256 124 against 139); on a 2-core AMD
+/// EPYC (avx2) 3x3 forward 120 against 80, backward 90 against 65, 1x1 64->256 54 against 63. Their
+/// forward sums do not depend on the batch either (checked bitwise at batch 1, 4 and 12 on the Xeon,
+/// ISAs avx512_core and avx2, ResNet-50 and tiny shapes), and on the Xeon the tiny preset's -np 1, 2, 4
+/// and accumulation runs agreed within 1e-4 with every convolution there. But their backward sums
+/// round differently from im2col's, and where training is chaotic that shows: on the AMD EPYC the tiny
+/// preset's -np 1 (4 accumulation steps) drifted from -np 4 by 8.6e-4 over 20 steps with the spatial
+/// convolutions' forward there, and on the Xeon the in-process fine-tuning of a width-4 encoder on 1
+/// and 2 ranks (Adam turns rounding-level gradients into whole steps) reached validation losses 4e-4
+/// apart after one epoch (im2col: equal). So oneDNN is opt-in for fp32: `onednn` runs every
+/// convolution there (forward and backward), `im2col` is the default's arithmetic by name.
+///
+/// bf16 runs on oneDNN's bf16 kernels where `BF16.native` (AMX), and elsewhere as the fp32 kernels
+/// above over bf16-rounded copies of the input, the weights and the output gradient (the same products).
 public final class Convolution {
     public enum Policy: String, Sendable, CaseIterable {
-        /// fp32's default (see above): im2col + sgemm, independent of threads and batch splits.
+        /// fp32's default (see above): im2col + sgemm.
         case auto
         /// Every convolution on oneDNN, forward and backward.
         case onednn
-        /// Every convolution by im2col + sgemm (the previous kernels).
+        /// Every convolution by im2col + sgemm (`Conv2d`).
         case im2col
     }
 
@@ -197,7 +202,7 @@ public final class Convolution {
         processEnvironment()["CONVIRT_CONVOLUTION"].flatMap(Policy.init(rawValue:)) ?? .auto
     }()
 
-    /// Whether fp32's convolution `g` runs on oneDNN.
+    /// Whether fp32's convolution `g` (and bf16's, where not native) runs on oneDNN's fp32 kernels.
     public static func usesDNNL(_ g: Conv2dGeometry) -> Bool {
         switch policy {
         case .onednn: return true
@@ -211,13 +216,16 @@ public final class Convolution {
         let precision: Precision
     }
     private var primitives: [Key: ConvolutionPrimitives] = [:]
+    /// Whether this layer's bf16 products run on oneDNN's bf16 kernels.
+    public let nativeBF16: Bool
 
-    public init() {}
+    /// `nativeBF16`: default `BF16.native`; true needs `BF16.oneDNNRunsBF16`.
+    public init(nativeBF16: Bool = BF16.native) {
+        self.nativeBF16 = nativeBF16
+    }
 
-    /// oneDNN's primitives for `g` in `precision`, or nil where the im2col path (or, in bf16 on a CPU
-    /// where oneDNN runs no bf16, its exact emulation) computes it.
-    func dnnl(_ g: Conv2dGeometry, _ precision: Precision) throws -> ConvolutionPrimitives? {
-        guard precision == .bf16 ? BF16.native : Self.usesDNNL(g) else { return nil }
+    /// oneDNN's primitives for `g` in `precision`, made once.
+    private func dnnl(_ g: Conv2dGeometry, _ precision: Precision) throws -> ConvolutionPrimitives {
         let key = Key(geometry: g, precision: precision)
         if let p = primitives[key] { return p }
         let p = try ConvolutionPrimitives(geometry: g, precision: precision)
@@ -225,23 +233,30 @@ public final class Convolution {
         return p
     }
 
-    /// Floats of scratch space the im2col path needs for `g` (0 where oneDNN runs it). The bf16
-    /// emulation also keeps bf16-rounded copies of the input, the weights and the output gradient there.
-    public static func workspaceCount(_ g: Conv2dGeometry, precision: Precision = .fp32) -> Int {
-        if precision == .bf16 {
-            return BF16.native ? 0 : g.workspaceCount + g.inputCount + g.weightCount + g.outputCount
-        }
-        return usesDNNL(g) ? 0 : g.workspaceCount
+    /// The fp32 kernels of `g`: oneDNN's, or nil for im2col + sgemm.
+    private func fp32(_ g: Conv2dGeometry) throws -> ConvolutionPrimitives? {
+        Self.usesDNNL(g) ? try dnnl(g, .fp32) : nil
+    }
+
+    /// Floats of scratch space `g` needs in `precision`: im2col's columns where it runs on im2col, and in
+    /// bf16 off oneDNN's bf16 kernels also the rounded copies of the input, weights and output gradient.
+    public static func workspaceCount(_ g: Conv2dGeometry, precision: Precision = .fp32, nativeBF16: Bool = BF16.native) -> Int {
+        let columns = usesDNNL(g) ? 0 : g.workspaceCount
+        if precision == .bf16 { return nativeBF16 ? 0 : columns + g.inputCount + g.weightCount + g.outputCount }
+        return columns
     }
 
     /// As `Conv2d.forward`; workspace: `workspaceCount(g, precision:)` floats.
     public func forward(output: UnsafeMutablePointer<Float>, input: UnsafePointer<Float>, weight: UnsafePointer<Float>,
                         geometry g: Conv2dGeometry, workspace: UnsafeMutablePointer<Float>?, precision: Precision = .fp32) throws {
-        if let p = try dnnl(g, precision) {
-            try p.forward(output: output, input: input, weight: weight)
-        } else if precision == .bf16 {
+        var (input, weight, workspace) = (input, weight, workspace)
+        if precision == .bf16 {
+            if nativeBF16 { return try dnnl(g, .bf16).forward(output: output, input: input, weight: weight) }
             let (columns, x, w, _) = Self.emulationScratch(g, workspace, input: input, weight: weight)
-            Conv2d.forward(output: output, input: x, weight: w, bias: nil, geometry: g, workspace: columns)
+            (input, weight, workspace) = (UnsafePointer(x), UnsafePointer(w), columns)
+        }
+        if let p = try fp32(g) {
+            try p.forward(output: output, input: input, weight: weight)
         } else {
             Conv2d.forward(output: output, input: input, weight: weight, bias: nil, geometry: g, workspace: workspace)
         }
@@ -251,28 +266,34 @@ public final class Convolution {
     public func backward(gradInput: UnsafeMutablePointer<Float>?, gradWeight: UnsafeMutablePointer<Float>, gradOutput: UnsafePointer<Float>,
                          input: UnsafePointer<Float>, weight: UnsafePointer<Float>, geometry g: Conv2dGeometry,
                          workspace: UnsafeMutablePointer<Float>?, precision: Precision = .fp32) throws {
-        if let p = try dnnl(g, precision) {
-            try p.backward(gradInput: gradInput, gradWeight: gradWeight, gradBias: nil, gradOutput: gradOutput, input: input, weight: weight)
-        } else if precision == .bf16 {
+        var (gradOutput, input, weight, workspace) = (gradOutput, input, weight, workspace)
+        if precision == .bf16 {
+            if nativeBF16 {
+                return try dnnl(g, .bf16).backward(gradInput: gradInput, gradWeight: gradWeight, gradBias: nil, gradOutput: gradOutput,
+                                                     input: input, weight: weight)
+            }
             let (columns, x, w, dy) = Self.emulationScratch(g, workspace, input: input, weight: weight)
             BF16.round(dy, gradOutput, count: g.outputCount)
-            Conv2d.backward(gradInput: gradInput, gradWeight: gradWeight, gradBias: nil, gradOutput: dy, input: x, weight: w,
-                            geometry: g, workspace: columns)
+            (gradOutput, input, weight, workspace) = (UnsafePointer(dy), UnsafePointer(x), UnsafePointer(w), columns)
+        }
+        if let p = try fp32(g) {
+            try p.backward(gradInput: gradInput, gradWeight: gradWeight, gradBias: nil, gradOutput: gradOutput, input: input, weight: weight)
         } else {
             Conv2d.backward(gradInput: gradInput, gradWeight: gradWeight, gradBias: nil, gradOutput: gradOutput, input: input, weight: weight,
                             geometry: g, workspace: workspace)
         }
     }
 
-    /// The emulation's parts of the workspace: im2col columns, the input and weights rounded to bf16 (filled
-    /// here), and room for the rounded output gradient.
+    /// The emulation's parts of the workspace: im2col's columns (nil where oneDNN runs the fp32 products),
+    /// the input and weights rounded to bf16 (filled here), and room for the rounded output gradient.
     private static func emulationScratch(_ g: Conv2dGeometry, _ workspace: UnsafeMutablePointer<Float>?, input: UnsafePointer<Float>,
                                          weight: UnsafePointer<Float>)
         -> (UnsafeMutablePointer<Float>?, UnsafeMutablePointer<Float>, UnsafeMutablePointer<Float>, UnsafeMutablePointer<Float>) {
         guard let workspace else { preconditionFailure("the bf16 emulation of \(g) needs its workspace") }
-        let x = workspace + g.workspaceCount, w = x + g.inputCount
+        let columns = usesDNNL(g) ? 0 : g.workspaceCount
+        let x = workspace + columns, w = x + g.inputCount
         BF16.round(x, input, count: g.inputCount)
         BF16.round(w, weight, count: g.weightCount)
-        return (g.workspaceCount > 0 ? workspace : nil, x, w, w + g.weightCount)
+        return (columns > 0 ? workspace : nil, x, w, w + g.weightCount)
     }
 }

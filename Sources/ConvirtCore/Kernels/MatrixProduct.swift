@@ -1,5 +1,6 @@
 // Matrix products in either precision: fp32 through OpenBLAS (`sgemm`), bf16 on oneDNN's matmul where
-// it runs bf16 on this CPU, else bf16 emulated exactly (inputs rounded to bf16 values, fp32 products).
+// that is the fast path (`BF16.native`), else bf16 computed exactly as fp32 products of inputs rounded
+// to bf16 values.
 
 import CDNNL
 #if canImport(Glibc)
@@ -10,10 +11,11 @@ import Glibc
 /// rounded to bfloat16, the products accumulated in fp32, C in fp32). Same arguments as `sgemm`.
 /// `parallel: false` (a call from inside a parallel loop) stays on this thread: there bf16 is computed
 /// by the emulation, since oneDNN would start an OpenMP team from every one of the loop's threads.
+/// `native`: bf16 on oneDNN's bf16 kernels (default `BF16.native`; true needs `BF16.oneDNNRunsBF16`).
 public func gemm(
     _ precision: Precision, transposeA: Bool, transposeB: Bool, m: Int, n: Int, k: Int,
     alpha: Float = 1, a: UnsafePointer<Float>, lda: Int, b: UnsafePointer<Float>, ldb: Int,
-    beta: Float = 0, c: UnsafeMutablePointer<Float>, ldc: Int, parallel: Bool = true
+    beta: Float = 0, c: UnsafeMutablePointer<Float>, ldc: Int, parallel: Bool = true, native: Bool = BF16.native
 ) {
     guard precision == .bf16, m > 0, n > 0, k > 0 else {
         sgemm(transposeA: transposeA, transposeB: transposeB, m: m, n: n, k: k, alpha: alpha, a: a, lda: lda, b: b, ldb: ldb,
@@ -24,7 +26,7 @@ public func gemm(
     let (aRows, aColumns) = transposeA ? (k, m) : (m, k)
     let (bRows, bColumns) = transposeB ? (n, k) : (k, n)
     let scratch = ThreadScratch.current
-    if BF16.native && parallel {
+    if native && parallel {
         let key = MatmulPrimitive.Key(m: m, n: n, k: k, transposeA: transposeA, transposeB: transposeB, ldc: ldc, alpha: alpha, beta: beta)
         do {
             guard let primitive = try MatmulPrimitive.cached(key) else { throw ConvirtError("oneDNN refused a bf16 matmul of \(m)x\(k)x\(n)") }
@@ -102,10 +104,9 @@ final class MatmulPrimitive: @unchecked Sendable {
         let pointers = [UnsafeMutableRawPointer(mutating: a), UnsafeMutableRawPointer(mutating: b), UnsafeMutableRawPointer(c)]
         let engine = try DNNL.cpuEngine()
         for i in 0..<3 { try dnnlCheck(dnnl_memory_create(&memories[i], &descs[i], engine, pointers[i]), "bf16 matmul memory") }
-        var args = [dnnl_exec_arg_t(arg: cdnnl_arg_src(), memory: memories[0]), dnnl_exec_arg_t(arg: cdnnl_arg_weights(), memory: memories[1]),
+        let args = [dnnl_exec_arg_t(arg: cdnnl_arg_src(), memory: memories[0]), dnnl_exec_arg_t(arg: cdnnl_arg_weights(), memory: memories[1]),
                     dnnl_exec_arg_t(arg: cdnnl_arg_dst(), memory: memories[2])]
-        try dnnlCheck(dnnl_primitive_execute(primitive.primitive, stream.stream, 3, &args), "bf16 matmul \(key.m)x\(key.k)x\(key.n)")
-        try dnnlCheck(dnnl_stream_wait(stream.stream), "bf16 matmul \(key.m)x\(key.k)x\(key.n)")
+        try primitive.execute(stream.stream, args, "bf16 matmul \(key.m)x\(key.k)x\(key.n)")
     }
 
     /// oneDNN's name for the kernel it chose.

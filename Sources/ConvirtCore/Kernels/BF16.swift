@@ -104,6 +104,9 @@ public enum BF16 {
         (try? MatmulPrimitive(MatmulPrimitive.Key(m: 16, n: 16, k: 16, transposeA: false, transposeB: false, ldc: 16, alpha: 1, beta: 0))) != nil
     }()
 
+    /// CONVIRT_BF16 as set (native or emulate), read once.
+    private static let override = processEnvironment()["CONVIRT_BF16"]
+
     /// Whether bf16 products run on oneDNN's bf16 kernels (else on fp32 kernels over bf16-rounded inputs,
     /// which computes the same products). A fixed rule, so that every rank of a job computes alike: on
     /// oneDNN where it has AMX (ISA avx512_core_amx: its bf16 convolutions ran at 3692 GFLOP/s against
@@ -113,7 +116,7 @@ public enum BF16 {
     /// on them against 4.6 s by the rounded-fp32 path. CONVIRT_BF16=native|emulate overrides the rule
     /// (native needs `oneDNNRunsBF16`).
     public static let native: Bool = {
-        switch processEnvironment()["CONVIRT_BF16"] {
+        switch override {
         case "emulate": return false
         case "native": return oneDNNRunsBF16
         default: return oneDNNRunsBF16 && DNNL.isa.hasPrefix("avx512_core_amx")
@@ -123,7 +126,7 @@ public enum BF16 {
     /// Where bf16 products run: oneDNN's bf16 kernels, or fp32 kernels over rounded inputs (and why).
     public static var backend: String {
         if native { return "bf16 products on oneDNN (ISA \(DNNL.isa))" }
-        if processEnvironment()["CONVIRT_BF16"] == "emulate" { return "bf16 products as fp32 products of bf16-rounded inputs (CONVIRT_BF16=emulate)" }
+        if override == "emulate" { return "bf16 products as fp32 products of bf16-rounded inputs (CONVIRT_BF16=emulate)" }
         return oneDNNRunsBF16
             ? "bf16 products as fp32 products of bf16-rounded inputs (faster than oneDNN \(DNNL.version)'s bf16 kernels on ISA \(DNNL.isa), without AMX)"
             : "bf16 products as fp32 products of bf16-rounded inputs (oneDNN \(DNNL.version) runs no bf16 on ISA \(DNNL.isa))"

@@ -238,10 +238,13 @@ public final class Convolution {
         Self.usesDNNL(g) ? try dnnl(g, .fp32) : nil
     }
 
+    /// Floats of im2col columns the fp32 kernels of `g` need (0 on oneDNN).
+    private static func columnsCount(_ g: Conv2dGeometry) -> Int { usesDNNL(g) ? 0 : g.workspaceCount }
+
     /// Floats of scratch space `g` needs in `precision`: im2col's columns where it runs on im2col, and in
     /// bf16 off oneDNN's bf16 kernels also the rounded copies of the input, weights and output gradient.
     public static func workspaceCount(_ g: Conv2dGeometry, precision: Precision = .fp32, nativeBF16: Bool = BF16.native) -> Int {
-        let columns = usesDNNL(g) ? 0 : g.workspaceCount
+        let columns = columnsCount(g)
         if precision == .bf16 { return nativeBF16 ? 0 : columns + g.inputCount + g.weightCount + g.outputCount }
         return columns
     }
@@ -290,7 +293,7 @@ public final class Convolution {
                                          weight: UnsafePointer<Float>)
         -> (UnsafeMutablePointer<Float>?, UnsafeMutablePointer<Float>, UnsafeMutablePointer<Float>, UnsafeMutablePointer<Float>) {
         guard let workspace else { preconditionFailure("the bf16 emulation of \(g) needs its workspace") }
-        let columns = usesDNNL(g) ? 0 : g.workspaceCount
+        let columns = columnsCount(g)
         let x = workspace + columns, w = x + g.inputCount
         BF16.round(x, input, count: g.inputCount)
         BF16.round(w, weight, count: g.weightCount)

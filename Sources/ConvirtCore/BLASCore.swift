@@ -39,7 +39,7 @@ public enum BLASCore {
     }
 
     /// The CPU's flags and vendor from /proc/cpuinfo (first processor).
-    static func cpuFlags() -> (flags: Set<String>, vendor: String)? {
+    public static func cpuFlags() -> (flags: Set<String>, vendor: String)? {
         guard let file = fopen("/proc/cpuinfo", "r") else { return nil }
         defer { fclose(file) }
         var flags: Set<String> = [], vendor = ""

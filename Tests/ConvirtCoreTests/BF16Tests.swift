@@ -159,10 +159,15 @@ struct BF16KernelTests {
         #expect(PrecisionChoice.auto.resolved() == (BF16.hardwareSupport != nil ? .bf16 : .fp32))
         #expect(PrecisionChoice.auto.describe().hasPrefix("precision \(PrecisionChoice.auto.resolved().rawValue) (auto: the CPU has"))
         // Where oneDNN runs bf16 the CPU has AVX-512 (Debian's oneDNN 2.6 has no bf16 below it); its bf16
-        // kernels are the default where it has AMX.
+        // kernels are the default where it has AMX, and on AMD's AVX512-BF16 (Zen 4).
         if BF16.oneDNNRunsBF16 { #expect(DNNL.isa.hasPrefix("avx512")) }
         if ProcessInfo.processInfo.environment["CONVIRT_BF16"] == nil {
-            #expect(BF16.native == (BF16.oneDNNRunsBF16 && DNNL.isa.hasPrefix("avx512_core_amx")))
+            let vendor = BLASCore.cpuFlags()?.vendor ?? ""
+            #expect(BF16.native == (BF16.oneDNNRunsBF16 && BF16.prefersNative(isa: DNNL.isa, vendor: vendor)))
         }
+        #expect(BF16.prefersNative(isa: "avx512_core_amx", vendor: "GenuineIntel"))
+        #expect(BF16.prefersNative(isa: "avx512_core_bf16", vendor: "AuthenticAMD"))
+        #expect(!BF16.prefersNative(isa: "avx512_core_bf16", vendor: "GenuineIntel"))
+        #expect(!BF16.prefersNative(isa: "avx2", vendor: "AuthenticAMD"))
     }
 }

@@ -108,27 +108,36 @@ public enum BF16 {
     private static let override = processEnvironment()["CONVIRT_BF16"]
 
     /// Whether bf16 products run on oneDNN's bf16 kernels (else on fp32 kernels over bf16-rounded inputs,
-    /// which computes the same products). A fixed rule, so that every rank of a job computes alike: on
-    /// oneDNN where it has AMX (ISA avx512_core_amx: its bf16 convolutions ran at 3692 GFLOP/s against
-    /// 339 in fp32 on a 2-core Xeon). Without AMX oneDNN 2.6's bf16 kernels are slower than its fp32 ones
-    /// (2-core Xeon with AVX512-BF16, 2 threads, `convirt bench kernels`: matmul 1024^3 127 against
-    /// sgemm's 160 GFLOP/s, conv 3x3 64->64 @56 116 against 175), and the paper step in bf16 took 6.1-6.4 s
-    /// on them against 4.6 s by the rounded-fp32 path. CONVIRT_BF16=native|emulate overrides the rule
-    /// (native needs `oneDNNRunsBF16`).
+    /// which computes the same products). A fixed rule of the CPU, so that every rank of a job computes
+    /// alike; CONVIRT_BF16=native|emulate overrides it (native needs `oneDNNRunsBF16`).
     public static let native: Bool = {
         switch override {
         case "emulate": return false
         case "native": return oneDNNRunsBF16
-        default: return oneDNNRunsBF16 && DNNL.isa.hasPrefix("avx512_core_amx")
+        default: return oneDNNRunsBF16 && prefersNative(isa: DNNL.isa, vendor: BLASCore.cpuFlags()?.vendor ?? "")
         }
     }()
+
+    /// The rule, measured with `convirt bench kernels` and `bench step --precision bf16` (2 threads):
+    /// - AMX (ISA avx512_core_amx): oneDNN's bf16 convolutions ran at 3692 GFLOP/s against 339 in fp32
+    ///   on a 2-core Xeon.
+    /// - AMD with AVX512-BF16 (Zen 4; ISA avx512_core_bf16): oneDNN's bf16 kernels pay. 2-core AMD EPYC:
+    ///   matmul 1024^3 259 GFLOP/s against 178 by the rounded-fp32 path, conv 3x3 64->64 @56 199/181
+    ///   against 85/98 (im2col); the paper step at batch 8 2.74 s against 5.08 s.
+    /// - Intel with AVX512-BF16 but no AMX (ISA avx512_core_bf16): oneDNN 2.6's bf16 kernels are slower
+    ///   than the fp32 ones. 2-core Xeon: matmul 127 against sgemm's 160 GFLOP/s, conv 3x3 64->64 @56 116
+    ///   against 175; the paper step 6.1-6.4 s against 4.6 s by the rounded-fp32 path.
+    public static func prefersNative(isa: String, vendor: String) -> Bool {
+        if isa.hasPrefix("avx512_core_amx") { return true }
+        return isa.hasPrefix("avx512_core_bf16") && vendor.contains("AMD")
+    }
 
     /// Where bf16 products run: oneDNN's bf16 kernels, or fp32 kernels over rounded inputs (and why).
     public static var backend: String {
         if native { return "bf16 products on oneDNN (ISA \(DNNL.isa))" }
         if override == "emulate" { return "bf16 products as fp32 products of bf16-rounded inputs (CONVIRT_BF16=emulate)" }
         return oneDNNRunsBF16
-            ? "bf16 products as fp32 products of bf16-rounded inputs (faster than oneDNN \(DNNL.version)'s bf16 kernels on ISA \(DNNL.isa), without AMX)"
+            ? "bf16 products as fp32 products of bf16-rounded inputs (faster than oneDNN \(DNNL.version)'s bf16 kernels on ISA \(DNNL.isa) on this CPU)"
             : "bf16 products as fp32 products of bf16-rounded inputs (oneDNN \(DNNL.version) runs no bf16 on ISA \(DNNL.isa))"
     }
 }

@@ -3,9 +3,9 @@
 // conversions), the products accumulate in fp32, and everything else (BatchNorm statistics, LayerNorm,
 // softmax, the loss, the master weights, gradients and Adam) stays fp32.
 //
-// Where oneDNN's bf16 kernels are the fast path (AMX) the products run there. Elsewhere (no AMX, where
-// they are slower than its fp32 ones, or no AVX-512, where oneDNN answers "unimplemented" for every
-// bf16 primitive) the same arithmetic is computed exactly by rounding the inputs to bf16 values (kept
+// Where oneDNN's bf16 kernels are the fast path (AMX; AMD's AVX512-BF16) the products run there.
+// Elsewhere (Intel's AVX512-BF16 without AMX, where they are slower than its fp32 ones, or no AVX-512,
+// where oneDNN answers "unimplemented" for every bf16 primitive) the same arithmetic is computed exactly by rounding the inputs to bf16 values (kept
 // in fp32 storage) and multiplying them with the fp32 kernels: a product of two bf16 numbers is exact
 // in fp32, so only the order of the fp32 accumulation differs from oneDNN's. That costs an extra pass
 // over the inputs, and lets every CPU run, test and resume a bf16 run.

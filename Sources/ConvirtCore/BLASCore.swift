@@ -38,8 +38,10 @@ public enum BLASCore {
         return nil
     }
 
-    /// The CPU's flags and vendor from /proc/cpuinfo (first processor).
-    public static func cpuFlags() -> (flags: Set<String>, vendor: String)? {
+    /// The CPU's flags and vendor from /proc/cpuinfo (first processor), read once; nil where unreadable.
+    public static let cpu: (flags: Set<String>, vendor: String)? = cpuFlags()
+
+    private static func cpuFlags() -> (flags: Set<String>, vendor: String)? {
         guard let file = fopen("/proc/cpuinfo", "r") else { return nil }
         defer { fclose(file) }
         var flags: Set<String> = [], vendor = ""
@@ -93,7 +95,7 @@ public enum BLASCore {
     public static func restartWithPreferredSettingsIfNeeded() {
         let env = processEnvironment()
         // CONVIRT_TEST_BLAS_PICKED pretends OpenBLAS chose that core (to test the restart on any CPU).
-        guard env[restartMarker] == nil, let cpu = cpuFlags() else { return }
+        guard env[restartMarker] == nil, let cpu else { return }
         let changes = preferredEnvironment(env, flags: cpu.flags, vendor: cpu.vendor, picked: env["CONVIRT_TEST_BLAS_PICKED"] ?? current)
         guard !changes.isEmpty else { return }
         for (name, value) in changes { setenv(name, value, 1) }

@@ -162,7 +162,7 @@ struct BF16KernelTests {
         // kernels are the default where it has AMX, and on AMD's AVX512-BF16 (Zen 4).
         if BF16.oneDNNRunsBF16 { #expect(DNNL.isa.hasPrefix("avx512")) }
         if ProcessInfo.processInfo.environment["CONVIRT_BF16"] == nil {
-            let vendor = BLASCore.cpuFlags()?.vendor ?? ""
+            let vendor = BLASCore.cpu?.vendor ?? ""
             #expect(BF16.native == (BF16.oneDNNRunsBF16 && BF16.prefersNative(isa: DNNL.isa, vendor: vendor)))
         }
         #expect(BF16.prefersNative(isa: "avx512_core_amx", vendor: "GenuineIntel"))

@@ -5,10 +5,11 @@
 //
 // Where oneDNN's bf16 kernels are the fast path (AMX; AMD's AVX512-BF16) the products run there.
 // Elsewhere (Intel's AVX512-BF16 without AMX, where they are slower than its fp32 ones, or no AVX-512,
-// where oneDNN answers "unimplemented" for every bf16 primitive) the same arithmetic is computed exactly by rounding the inputs to bf16 values (kept
-// in fp32 storage) and multiplying them with the fp32 kernels: a product of two bf16 numbers is exact
-// in fp32, so only the order of the fp32 accumulation differs from oneDNN's. That costs an extra pass
-// over the inputs, and lets every CPU run, test and resume a bf16 run.
+// where oneDNN answers "unimplemented" for every bf16 primitive) the same arithmetic is computed
+// exactly by rounding the inputs to bf16 values (kept in fp32 storage) and multiplying them with the
+// fp32 kernels: a product of two bf16 numbers is exact in fp32, so only the order of the fp32
+// accumulation differs from oneDNN's. That costs an extra pass over the inputs, and lets every CPU
+// run, test and resume a bf16 run.
 
 import CDNNL
 #if canImport(Glibc)
@@ -93,7 +94,7 @@ public enum BF16 {
 
     /// The bf16 instructions of this CPU that make bf16 fast ("AMX-BF16", "AVX512-BF16"), nil without.
     public static let hardwareSupport: String? = {
-        guard let flags = BLASCore.cpuFlags()?.flags else { return nil }
+        guard let flags = BLASCore.cpu?.flags else { return nil }
         if flags.contains("amx_bf16") { return "AMX-BF16" }
         if flags.contains("avx512_bf16") { return "AVX512-BF16" }
         return nil
@@ -114,7 +115,7 @@ public enum BF16 {
         switch override {
         case "emulate": return false
         case "native": return oneDNNRunsBF16
-        default: return oneDNNRunsBF16 && prefersNative(isa: DNNL.isa, vendor: BLASCore.cpuFlags()?.vendor ?? "")
+        default: return oneDNNRunsBF16 && prefersNative(isa: DNNL.isa, vendor: BLASCore.cpu?.vendor ?? "")
         }
     }()
 

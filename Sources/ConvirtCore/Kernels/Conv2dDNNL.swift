@@ -185,8 +185,9 @@ public final class ConvolutionPrimitives {
 /// apart after one epoch (im2col: equal). So oneDNN is opt-in for fp32: `onednn` runs every
 /// convolution there (forward and backward), `im2col` is the default's arithmetic by name.
 ///
-/// bf16 runs on oneDNN's bf16 kernels where `BF16.native` (AMX; AMD's AVX512-BF16), and elsewhere as the fp32 kernels
-/// above over bf16-rounded copies of the input, the weights and the output gradient (the same products).
+/// bf16 runs on oneDNN's bf16 kernels where `BF16.native` (AMX; AMD's AVX512-BF16), and elsewhere as
+/// the fp32 kernels above over bf16-rounded copies of the input, the weights and the output gradient
+/// (the same products).
 public final class Convolution {
     public enum Policy: String, Sendable, CaseIterable {
         /// fp32's default (see above): im2col + sgemm.

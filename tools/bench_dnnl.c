@@ -7,7 +7,8 @@
 // Prints GFLOP/s of: conv forward, backward data and backward weights at ResNet-50 shapes (batch 8),
 // and matmul at 1024^3 and BERT-base shapes (1024 rows = batch 8 x 128 tokens), in fp32 and bf16 (bf16
 // inputs, fp32 output, as convirt's mixed precision); "unimplemented" where oneDNN has no kernel on
-// this CPU (Debian's oneDNN 2.6 runs no bf16 below AVX-512).
+// this CPU (Debian's oneDNN 2.6 runs no bf16 below AVX-512). BENCH_LAYOUT=nhwc fixes the activations
+// (source, destination and their gradients) to NHWC, the layout convirt's bf16 ResNet keeps.
 #include <oneapi/dnnl/dnnl.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -79,17 +80,21 @@ static dnnl_status_t run(const void *op, const dnnl_query_t *queries, const int 
     return dnnl_success;
 }
 
+// The activations' layout: oneDNN's choice, or NHWC (channels last) with BENCH_LAYOUT=nhwc.
+static dnnl_format_tag_t activation_tag = dnnl_format_tag_any;
+
 static void conv(const char *label, int n, int c, int h, int o, int k, int s, int pad, dnnl_data_type_t t, int repeats) {
     int oh = (h + 2 * pad - k) / s + 1;
     dnnl_dims_t src = {n, c, h, h}, wei = {o, c, k, k}, dst = {n, o, oh, oh}, strides = {s, s}, padding = {pad, pad};
     dnnl_memory_desc_t sd, wd, dd, dsd, dwd;
-    dnnl_memory_desc_init_by_tag(&sd, 4, src, t, dnnl_format_tag_any);
+    dnnl_format_tag_t act = activation_tag;
+    dnnl_memory_desc_init_by_tag(&sd, 4, src, t, act);
     dnnl_memory_desc_init_by_tag(&wd, 4, wei, t, dnnl_format_tag_any);
-    dnnl_memory_desc_init_by_tag(&dd, 4, dst, dnnl_f32, dnnl_format_tag_any);
-    dnnl_memory_desc_init_by_tag(&dsd, 4, src, dnnl_f32, dnnl_format_tag_any);
+    dnnl_memory_desc_init_by_tag(&dd, 4, dst, dnnl_f32, act);
+    dnnl_memory_desc_init_by_tag(&dsd, 4, src, dnnl_f32, act);
     dnnl_memory_desc_init_by_tag(&dwd, 4, wei, dnnl_f32, dnnl_format_tag_any);
     dnnl_memory_desc_t ddt;  // the output gradient, in the input type
-    dnnl_memory_desc_init_by_tag(&ddt, 4, dst, t, dnnl_format_tag_any);
+    dnnl_memory_desc_init_by_tag(&ddt, 4, dst, t, act);
     double flops = 2.0 * n * o * oh * oh * c * k * k;
     double f = 0, bd = 0, bw = 0;
     char fn[64] = "unimplemented", dn[64] = "", wn[64] = "";
@@ -138,6 +143,9 @@ int main(void) {
         fprintf(stderr, "no oneDNN CPU engine\n");
         return 1;
     }
+    const char *layout = getenv("BENCH_LAYOUT");
+    if (layout && strcmp(layout, "nhwc") == 0) activation_tag = dnnl_nhwc;
+    if (layout && strcmp(layout, "nchw") == 0) activation_tag = dnnl_nchw;
     const dnnl_version_t *v = dnnl_version();
     printf("oneDNN %d.%d.%d, ISA %d (dnnl_cpu_isa_t), OMP_NUM_THREADS=%s\n", v->major, v->minor, v->patch, (int)dnnl_get_effective_cpu_isa(),
            getenv("OMP_NUM_THREADS") ? getenv("OMP_NUM_THREADS") : "(unset)");

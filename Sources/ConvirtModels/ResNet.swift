@@ -1,7 +1,9 @@
 // ResNet (He et al., "Deep Residual Learning for Image Recognition", CVPR 2016) in torchvision's exact
 // architecture and parameter names: 7x7/2 stem, 3x3/2 max pool, four stages of basic or bottleneck
 // blocks (stride on the 3x3 convolution, downsample = 1x1 conv + BN), global average pool. The output
-// is the pooled feature vector (torchvision's `fc` is not part of the encoder).
+// is the pooled feature vector (torchvision's `fc` is not part of the encoder). The activations between
+// layers are NCHW, or NHWC where oneDNN's convolutions prefer it (`Convolution.layout`); the images
+// enter as NCHW and the features leave as [B, C] either way.
 
 import ConvirtCore
 
@@ -40,7 +42,8 @@ public struct ResNetConfig: Codable, Sendable, Equatable {
     }
 }
 
-/// Batch norm over [N, C, H, W] with its parameters and running statistics in the arena.
+/// Batch norm over [N, C, H, W] (or [N, H, W, C], the pass's layout) with its parameters and running
+/// statistics in the arena.
 final class BatchNormLayer {
     let weight, bias, runningMean, runningVar: ParameterLayout.Entry
     let channels: Int
@@ -67,7 +70,7 @@ final class BatchNormLayer {
 
     /// With `relu`, the output is max(bn(input), 0) (the ReLU after it, fused).
     func forward(_ arena: ParameterArena, output: UnsafeMutablePointer<Float>, input: UnsafePointer<Float>,
-                 batch: Int, plane: Int, relu: Bool, context: PassContext) throws {
+                 batch: Int, plane: Int, relu: Bool, layout: ActivationLayout, context: PassContext) throws {
         let p = arena.params
         if context.training {
             var saved = BatchNorm2d.Saved(mean: mean.pointer, invStd: invStd.pointer)
@@ -75,19 +78,20 @@ final class BatchNormLayer {
                                         runningMean: p + runningMean.offset, runningVar: p + runningVar.offset, saved: &saved,
                                         batch: batch, channels: channels, plane: plane, eps: eps, momentum: momentum,
                                         statistics: UnsafeMutableBufferPointer(start: statistics.pointer, count: 2 * channels + 1),
-                                        reducer: context.reducer, relu: relu)
+                                        reducer: context.reducer, relu: relu, layout: layout)
             globalCount = saved.globalCount
         } else {
             BatchNorm2d.forwardInference(output: output, input: input, gamma: p + weight.offset, beta: p + bias.offset,
                                          runningMean: p + runningMean.offset, runningVar: p + runningVar.offset,
-                                         batch: batch, channels: channels, plane: plane, eps: eps, relu: relu)
+                                         batch: batch, channels: channels, plane: plane, eps: eps, relu: relu, layout: layout)
         }
     }
 
     /// Overwrites gradInput (accumulates the parameters' gradients). `reluOutput`: the output of a
     /// forward with `relu` (the gradient then flows where it is positive).
     func backward(_ arena: ParameterArena, gradInput: UnsafeMutablePointer<Float>, gradOutput: UnsafePointer<Float>,
-                  input: UnsafePointer<Float>, reluOutput: UnsafePointer<Float>?, batch: Int, plane: Int, context: PassContext) throws {
+                  input: UnsafePointer<Float>, reluOutput: UnsafePointer<Float>?, batch: Int, plane: Int, layout: ActivationLayout,
+                  context: PassContext) throws {
         let p = arena.params, g = arena.grads
         if context.training {
             var saved = BatchNorm2d.Saved(mean: mean.pointer, invStd: invStd.pointer)
@@ -96,12 +100,13 @@ final class BatchNormLayer {
                                          gradOutput: gradOutput, input: input, gamma: p + weight.offset, saved: saved,
                                          batch: batch, channels: channels, plane: plane,
                                          statistics: UnsafeMutableBufferPointer(start: statistics.pointer, count: 2 * channels + 1),
-                                         reducer: context.reducer, reluOutput: reluOutput, accumulate: false)
+                                         reducer: context.reducer, reluOutput: reluOutput, accumulate: false, layout: layout)
         } else {
             BatchNorm2d.backwardInference(gradInput: gradInput, gradGamma: g + weight.offset, gradBeta: g + bias.offset,
                                           gradOutput: gradOutput, input: input, gamma: p + weight.offset,
                                           runningMean: p + runningMean.offset, runningVar: p + runningVar.offset,
-                                          batch: batch, channels: channels, plane: plane, eps: eps, reluOutput: reluOutput, accumulate: false)
+                                          batch: batch, channels: channels, plane: plane, eps: eps, reluOutput: reluOutput, accumulate: false,
+                                          layout: layout)
         }
     }
 }
@@ -118,6 +123,8 @@ final class ConvBNUnit {
     /// oneDNN's primitives or im2col + sgemm, per geometry (`Convolution.policy`).
     let kernels = Convolution()
     private(set) var geometry: Conv2dGeometry?
+    /// The layouts of the last forward pass (its backward uses the same).
+    private(set) var layouts = Convolution.Layouts()
 
     init(_ layout: inout ParameterLayout, conv convName: String, bn bnName: String, inChannels: Int, outChannels: Int,
          kernel: Int, stride: Int, padding: Int, relu: Bool) throws {
@@ -147,30 +154,35 @@ final class ConvBNUnit {
     /// into (false where its owner overwrites it before `backward`).
     @discardableResult
     func forward(_ arena: ParameterArena, input: UnsafePointer<Float>, batch: Int, height: Int, width: Int,
-                 workspace: Scratch<Float>, zeroGradient: Bool = true, context: PassContext) throws -> UnsafeMutablePointer<Float> {
+                 workspace: Scratch<Float>, zeroGradient: Bool = true, layouts: Convolution.Layouts, context: PassContext) throws
+        -> UnsafeMutablePointer<Float> {
         let g = try Conv2dGeometry(batch: batch, inChannels: inChannels, height: height, width: width, outChannels: outChannels,
                                    kernel: kernel, stride: stride, padding: padding)
         geometry = g
+        self.layouts = layouts
         let count = g.outputCount
         let c = convOut.ensure(count), y = output.ensure(count)
         try kernels.forward(output: c, input: input, weight: arena.params + conv.offset, geometry: g,
-                            workspace: workspace.ensure(Convolution.workspaceCount(g, precision: context.precision)), precision: context.precision)
-        try bn.forward(arena, output: y, input: c, batch: batch, plane: g.outPlane, relu: relu, context: context)
+                            workspace: workspace.ensure(Convolution.workspaceCount(g, precision: context.precision)), precision: context.precision,
+                            layouts: layouts)
+        try bn.forward(arena, output: y, input: c, batch: batch, plane: g.outPlane, relu: relu, layout: layouts.output, context: context)
         if zeroGradient { gradOutput.zeroed(count) } else { gradOutput.ensure(count) }
         return y
     }
 
-    /// Consumes `gradOutput` (filled by the layers after this unit) and accumulates into gradInput.
+    /// Consumes `gradOutput` (filled by the layers after this unit) and accumulates into gradInput, or
+    /// overwrites it where `accumulate` is false (the gradient of an input no other layer reads).
     func backward(_ arena: ParameterArena, gradInput: UnsafeMutablePointer<Float>?, input: UnsafePointer<Float>,
-                  workspace: Scratch<Float>, context: PassContext) throws {
+                  workspace: Scratch<Float>, accumulate: Bool = true, context: PassContext) throws {
         guard let g = geometry else { preconditionFailure("backward before forward") }
         let count = g.outputCount
         let dc = gradConvOut.ensure(count)
         try bn.backward(arena, gradInput: dc, gradOutput: gradOutput.pointer, input: convOut.pointer, reluOutput: relu ? UnsafePointer(output.pointer) : nil,
-                        batch: g.batch, plane: g.outPlane, context: context)
+                        batch: g.batch, plane: g.outPlane, layout: layouts.output, context: context)
         try kernels.backward(gradInput: gradInput, gradWeight: arena.grads + conv.offset, gradOutput: dc, input: input,
                              weight: arena.params + conv.offset, geometry: g,
-                             workspace: workspace.ensure(Convolution.workspaceCount(g, precision: context.precision)), precision: context.precision)
+                             workspace: workspace.ensure(Convolution.workspaceCount(g, precision: context.precision)), precision: context.precision,
+                             layouts: layouts, accumulateInput: accumulate)
     }
 }
 
@@ -209,18 +221,20 @@ final class ResidualBlock {
 
     var allUnits: [ConvBNUnit] { units + (downsample.map { [$0] } ?? []) }
 
+    /// Residual sums and ReLUs are pointwise: the same in either layout.
     func forward(_ arena: ParameterArena, input: UnsafePointer<Float>, batch: Int, height: Int, width: Int,
-                 workspace: Scratch<Float>, context: PassContext) throws -> (UnsafeMutablePointer<Float>, Int, Int) {
+                 workspace: Scratch<Float>, layout: ActivationLayout, context: PassContext) throws -> (UnsafeMutablePointer<Float>, Int, Int) {
         var x = input, h = height, w = width
-        // The last unit's and the downsample's output gradients are written whole by `backward`.
-        for (k, unit) in units.enumerated() {
+        // Every unit's output gradient is written whole by `backward`: the last unit's and the
+        // downsample's by the residual's ReLU, the others' by the next unit's convolution (overwriting).
+        for unit in units {
             x = UnsafePointer(try unit.forward(arena, input: x, batch: batch, height: h, width: w, workspace: workspace,
-                                               zeroGradient: k < units.count - 1, context: context))
+                                               zeroGradient: false, layouts: Convolution.Layouts(layout), context: context))
             h = unit.outputSize(h); w = unit.outputSize(w)
         }
         let identity = try downsample.map {
             UnsafePointer(try $0.forward(arena, input: input, batch: batch, height: height, width: width, workspace: workspace,
-                                         zeroGradient: false, context: context))
+                                         zeroGradient: false, layouts: Convolution.Layouts(layout), context: context))
         } ?? input
         let count = batch * outChannels * h * w
         let y = output.ensure(count)
@@ -247,7 +261,7 @@ final class ResidualBlock {
         for k in stride(from: units.count - 1, through: 0, by: -1) {
             let unitInput = k == 0 ? input : UnsafePointer(units[k - 1].output.pointer)
             let unitGradInput = k == 0 ? gradInput : units[k - 1].gradOutput.pointer
-            try units[k].backward(arena, gradInput: unitGradInput, input: unitInput, workspace: workspace, context: context)
+            try units[k].backward(arena, gradInput: unitGradInput, input: unitInput, workspace: workspace, accumulate: k == 0, context: context)
         }
     }
 }
@@ -263,6 +277,8 @@ public final class ResNet {
     let features = Scratch<Float>()
     let workspace = Scratch<Float>()
     private var shape = (batch: 0, stemSize: 0, poolSize: 0, finalSize: 0)
+    /// The activations' layout in the last forward pass (`Convolution.layout`).
+    private var layout = ActivationLayout.nchw
     /// A copy of the images of the last forward pass, which the stem's backward reads (the caller's
     /// buffer may be gone by then).
     let inputImages = Scratch<Float>()
@@ -310,20 +326,33 @@ public final class ResNet {
         // Backward may follow in either mode (parity fixtures differentiate evaluation mode too).
         inputImages.ensure(batch * 3 * size * size).update(from: images, count: batch * 3 * size * size)
         hasInput = true
-        let x0 = try stem.forward(arena, input: images, batch: batch, height: size, width: size, workspace: workspace, context: context)
+        // The images are NCHW; the stem's convolution writes the network's layout.
+        let layout = Convolution.layout(precision: context.precision, nativeBF16: stem.kernels.nativeBF16)
+        self.layout = layout
+        let x0 = try stem.forward(arena, input: images, batch: batch, height: size, width: size, workspace: workspace,
+                                  layouts: Convolution.Layouts(input: .nchw, output: layout), context: context)
         let s1 = stem.outputSize(size)
         let s2 = MaxPool2d.outputSize(s1, kernel: 3, stride: 2, padding: 1)
         let planes = batch * config.width
-        let pooled = poolOutput.ensure(planes * s2 * s2)
-        MaxPool2d.forward(output: pooled, indices: poolIndices.ensure(planes * s2 * s2), input: x0, planes: planes, height: s1, width: s1)
+        let pooled = poolOutput.ensure(planes * s2 * s2), indices = poolIndices.ensure(planes * s2 * s2)
+        if layout == .nhwc {
+            MaxPool2d.forwardNHWC(output: pooled, indices: indices, input: x0, batch: batch, channels: config.width, height: s1, width: s1)
+        } else {
+            MaxPool2d.forward(output: pooled, indices: indices, input: x0, planes: planes, height: s1, width: s1)
+        }
         poolGrad.zeroed(planes * s2 * s2)
         var x = UnsafePointer(pooled), s = s2
         for block in blocks {
-            let (y, h, _) = try block.forward(arena, input: x, batch: batch, height: s, width: s, workspace: workspace, context: context)
+            let (y, h, _) = try block.forward(arena, input: x, batch: batch, height: s, width: s, workspace: workspace, layout: layout,
+                                              context: context)
             x = UnsafePointer(y); s = h
         }
         let f = features.ensure(batch * featureCount)
-        GlobalAvgPool.forward(output: f, input: x, rows: batch * featureCount, plane: s * s)
+        if layout == .nhwc {
+            GlobalAvgPool.forwardNHWC(output: f, input: x, batch: batch, channels: featureCount, plane: s * s)
+        } else {
+            GlobalAvgPool.forward(output: f, input: x, rows: batch * featureCount, plane: s * s)
+        }
         shape = (batch, s1, s2, s)
         return UnsafePointer(f)
     }
@@ -332,8 +361,13 @@ public final class ResNet {
     public func backward(_ arena: ParameterArena, gradFeatures: UnsafePointer<Float>, context: PassContext) throws {
         precondition(hasInput, "backward before forward")
         let last = blocks[blocks.count - 1]
-        GlobalAvgPool.backward(gradInput: last.gradOutput.pointer, gradOutput: gradFeatures, rows: shape.batch * featureCount,
-                               plane: shape.finalSize * shape.finalSize)
+        if layout == .nhwc {
+            GlobalAvgPool.backwardNHWC(gradInput: last.gradOutput.pointer, gradOutput: gradFeatures, batch: shape.batch, channels: featureCount,
+                                       plane: shape.finalSize * shape.finalSize)
+        } else {
+            GlobalAvgPool.backward(gradInput: last.gradOutput.pointer, gradOutput: gradFeatures, rows: shape.batch * featureCount,
+                                   plane: shape.finalSize * shape.finalSize)
+        }
         for k in stride(from: blocks.count - 1, through: 0, by: -1) {
             let input = k == 0 ? UnsafePointer(poolOutput.pointer) : UnsafePointer(blocks[k - 1].output.pointer)
             let gradInput = k == 0 ? poolGrad.pointer : blocks[k - 1].gradOutput.pointer
@@ -341,8 +375,14 @@ public final class ResNet {
             try context.gradientsReady?(blockPrefixes[k])
         }
         let planes = shape.batch * config.width
-        MaxPool2d.backward(gradInput: stem.gradOutput.pointer, gradOutput: poolGrad.pointer, indices: poolIndices.pointer,
-                           planes: planes, inPlane: shape.stemSize * shape.stemSize, outPlane: shape.poolSize * shape.poolSize)
+        let (inPlane, outPlane) = (shape.stemSize * shape.stemSize, shape.poolSize * shape.poolSize)
+        if layout == .nhwc {
+            MaxPool2d.backwardNHWC(gradInput: stem.gradOutput.pointer, gradOutput: poolGrad.pointer, indices: poolIndices.pointer,
+                                   batch: shape.batch, channels: config.width, inPlane: inPlane, outPlane: outPlane)
+        } else {
+            MaxPool2d.backward(gradInput: stem.gradOutput.pointer, gradOutput: poolGrad.pointer, indices: poolIndices.pointer,
+                               planes: planes, inPlane: inPlane, outPlane: outPlane)
+        }
         try stem.backward(arena, gradInput: nil, input: inputImages.pointer, workspace: workspace, context: context)
         try context.gradientsReady?("\(prefix)conv1.")
         try context.gradientsReady?("\(prefix)bn1.")

@@ -138,14 +138,23 @@ struct CLITests {
         #expect(failed.status != 0 && failed.output.contains("FAIL"), "\(failed.output)")
     }
 
-    @Test("the PyTorch parity fixtures pass with every convolution on oneDNN")
-    func parityOnOneDNN() throws {
+    @Test("the PyTorch parity fixtures pass with every convolution on oneDNN, the ResNet's activations in NCHW and in NHWC",
+          arguments: ["nchw", "nhwc"])
+    func parityOnOneDNN(layout: String) throws {
         let fixtures = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
             .appendingPathComponent("ConvirtModelsTests/Fixtures")
+        // fp32 at fp32's limits (training-mode BatchNorm included), on every CPU.
         for name in ["resnet_tiny_train", "resnet_tiny_eval", "resnet_basic_train", "convirt_tiny_train"] {
             let r = try run(convirtPath(), ["parity", fixtures.appendingPathComponent("\(name).safetensors").path],
-                            environment: ["CONVIRT_CONVOLUTION": "onednn"])
-            #expect(r.status == 0 && r.output.contains("PASS"), "\(name): \(r.output)")
+                            environment: ["CONVIRT_CONVOLUTION": "onednn", "CONVIRT_ACTIVATIONS": layout])
+            #expect(r.status == 0 && r.output.contains("PASS"), "\(name) \(layout): \(r.output)")
+        }
+        // bf16 against PyTorch autocast on oneDNN's bf16 kernels, where oneDNN has them.
+        guard BF16.oneDNNRunsBF16 else { return }
+        for name in ["resnet_basic_eval_bf16", "convirt_tiny_eval_bf16"] {
+            let r = try run(convirtPath(), ["parity", fixtures.appendingPathComponent("\(name).safetensors").path],
+                            environment: ["CONVIRT_BF16": "native", "CONVIRT_ACTIVATIONS": layout])
+            #expect(r.status == 0 && r.output.contains("PASS"), "\(name) \(layout): \(r.output)")
         }
     }
 

@@ -135,7 +135,11 @@ public enum BF16 {
 
     /// Where bf16 products run: oneDNN's bf16 kernels, or fp32 kernels over rounded inputs (and why).
     public static var backend: String {
-        if native { return "bf16 products on oneDNN (ISA \(DNNL.isa))" }
+        if native {
+            let layout = Convolution.layout(precision: .bf16, nativeBF16: true) == .nhwc
+                ? "ResNet activations NHWC from layer to layer" : "ResNet activations NCHW, reordered to oneDNN's blocked layout at each convolution"
+            return "bf16 products on oneDNN (ISA \(DNNL.isa); \(layout))"
+        }
         if override == "emulate" { return "bf16 products as fp32 products of bf16-rounded inputs (CONVIRT_BF16=emulate)" }
         return oneDNNRunsBF16
             ? "bf16 products as fp32 products of bf16-rounded inputs (faster than oneDNN \(DNNL.version)'s bf16 kernels on ISA \(DNNL.isa) on this CPU)"

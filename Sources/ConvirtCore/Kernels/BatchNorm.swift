@@ -1,4 +1,4 @@
-// Batch normalisation over [N, C, H, W] (Ioffe & Szegedy 2015), as torch.nn.BatchNorm2d: biased batch
+// Batch normalisation over [N, C, H, W] or [N, H, W, C] (ChannelsLast.swift) (Ioffe & Szegedy 2015), as torch.nn.BatchNorm2d: biased batch
 // variance in the normalisation, unbiased variance in the running estimate, momentum 0.1 by default.
 
 /// Sums the per-channel statistics of every rank in place (SyncBN). `nil` means this rank alone; a
@@ -82,16 +82,22 @@ public enum BatchNorm2d {
 
     /// Training mode: normalise with the batch statistics (global over ranks when `reducer` sums them)
     /// and update the running statistics: running = (1 - momentum) * running + momentum * batch.
-    /// - output, input: [N, C, HW]; gamma, beta, runningMean, runningVar: [C];
-    ///   statistics: scratch of 2C + 1 doubles.
+    /// - output, input: [N, C, HW] ([N, HW, C] with `layout` .nhwc); gamma, beta, runningMean,
+    ///   runningVar: [C]; statistics: scratch of 2C + 1 doubles.
     public static func forwardTraining(
         output: UnsafeMutablePointer<Float>, input: UnsafePointer<Float>,
         gamma: UnsafePointer<Float>, beta: UnsafePointer<Float>,
         runningMean: UnsafeMutablePointer<Float>, runningVar: UnsafeMutablePointer<Float>,
         saved: inout Saved, batch: Int, channels: Int, plane: Int, eps: Float = 1e-5, momentum: Float = 0.1,
-        statistics: UnsafeMutableBufferPointer<Double>, reducer: StatisticsReducer? = nil, relu: Bool = false
+        statistics: UnsafeMutableBufferPointer<Double>, reducer: StatisticsReducer? = nil, relu: Bool = false,
+        layout: ActivationLayout = .nchw
     ) throws {
         precondition(statistics.count >= 2 * channels + 1, "batch norm statistics scratch too small")
+        if layout == .nhwc {
+            return try forwardTrainingNHWC(output: output, input: input, gamma: gamma, beta: beta, runningMean: runningMean,
+                                           runningVar: runningVar, saved: &saved, rows: batch * plane, channels: channels, eps: eps,
+                                           momentum: momentum, statistics: statistics, reducer: reducer, relu: relu)
+        }
         let stats = statistics.baseAddress!
         Parallel.chunks(channels, cost: batch * plane) { range in
             for c in range {
@@ -105,18 +111,8 @@ public enum BatchNorm2d {
             }
         }
         stats[2 * channels] = Double(batch * plane)
-        try reducer?(statistics)
-        let count = stats[2 * channels]
-        saved.globalCount = Int(count)
-        for c in 0..<channels {
-            let mean = stats[c] / count
-            let variance = max(stats[channels + c] / count - mean * mean, 0)
-            saved.mean[c] = Float(mean)
-            saved.invStd[c] = Float(1 / (variance + Double(eps)).squareRoot())
-            let unbiased = count > 1 ? variance * count / (count - 1) : variance
-            runningMean[c] = (1 - momentum) * runningMean[c] + momentum * Float(mean)
-            runningVar[c] = (1 - momentum) * runningVar[c] + momentum * Float(unbiased)
-        }
+        try settleStatistics(stats, saved: &saved, runningMean: runningMean, runningVar: runningVar, channels: channels, eps: eps,
+                             momentum: momentum, reducer: reducer, statistics: statistics)
         let means = saved.mean, invStds = saved.invStd
         Parallel.chunks(channels, cost: batch * plane) { range in
             for c in range {
@@ -129,13 +125,36 @@ public enum BatchNorm2d {
         }
     }
 
+    /// The local sums in stats (sum, sum of squares, count) made global by `reducer`, then the batch
+    /// mean and 1/sqrt(var + eps) into `saved`, and the running statistics updated.
+    static func settleStatistics(_ stats: UnsafeMutablePointer<Double>, saved: inout Saved, runningMean: UnsafeMutablePointer<Float>,
+                                 runningVar: UnsafeMutablePointer<Float>, channels: Int, eps: Float, momentum: Float,
+                                 reducer: StatisticsReducer?, statistics: UnsafeMutableBufferPointer<Double>) throws {
+        try reducer?(statistics)
+        let count = stats[2 * channels]
+        saved.globalCount = Int(count)
+        for c in 0..<channels {
+            let mean = stats[c] / count
+            let variance = max(stats[channels + c] / count - mean * mean, 0)
+            saved.mean[c] = Float(mean)
+            saved.invStd[c] = Float(1 / (variance + Double(eps)).squareRoot())
+            let unbiased = count > 1 ? variance * count / (count - 1) : variance
+            runningMean[c] = (1 - momentum) * runningMean[c] + momentum * Float(mean)
+            runningVar[c] = (1 - momentum) * runningVar[c] + momentum * Float(unbiased)
+        }
+    }
+
     /// Evaluation mode: normalise with the running statistics.
     public static func forwardInference(
         output: UnsafeMutablePointer<Float>, input: UnsafePointer<Float>,
         gamma: UnsafePointer<Float>, beta: UnsafePointer<Float>,
         runningMean: UnsafePointer<Float>, runningVar: UnsafePointer<Float>,
-        batch: Int, channels: Int, plane: Int, eps: Float = 1e-5, relu: Bool = false
+        batch: Int, channels: Int, plane: Int, eps: Float = 1e-5, relu: Bool = false, layout: ActivationLayout = .nchw
     ) {
+        if layout == .nhwc {
+            return forwardInferenceNHWC(output: output, input: input, gamma: gamma, beta: beta, runningMean: runningMean, runningVar: runningVar,
+                                        rows: batch * plane, channels: channels, eps: eps, relu: relu)
+        }
         Parallel.chunks(channels, cost: batch * plane) { range in
             for c in range {
                 // (x - mean) first: exact when x is close to the mean, where x * scale + shift would cancel.
@@ -159,9 +178,14 @@ public enum BatchNorm2d {
         gradOutput: UnsafePointer<Float>, input: UnsafePointer<Float>, gamma: UnsafePointer<Float>,
         saved: Saved, batch: Int, channels: Int, plane: Int,
         statistics: UnsafeMutableBufferPointer<Double>, reducer: StatisticsReducer? = nil,
-        reluOutput: UnsafePointer<Float>? = nil, accumulate: Bool = true
+        reluOutput: UnsafePointer<Float>? = nil, accumulate: Bool = true, layout: ActivationLayout = .nchw
     ) throws {
         precondition(statistics.count >= 2 * channels + 1, "batch norm statistics scratch too small")
+        if layout == .nhwc {
+            return try backwardTrainingNHWC(gradInput: gradInput, gradGamma: gradGamma, gradBeta: gradBeta, gradOutput: gradOutput, input: input,
+                                            gamma: gamma, saved: saved, rows: batch * plane, channels: channels, statistics: statistics,
+                                            reducer: reducer, reluOutput: reluOutput, accumulate: accumulate)
+        }
         let stats = statistics.baseAddress!
         let means = saved.mean, invStds = saved.invStd
         Parallel.chunks(channels, cost: batch * plane) { range in
@@ -203,8 +227,14 @@ public enum BatchNorm2d {
         gradInput: UnsafeMutablePointer<Float>?, gradGamma: UnsafeMutablePointer<Float>, gradBeta: UnsafeMutablePointer<Float>,
         gradOutput: UnsafePointer<Float>, input: UnsafePointer<Float>, gamma: UnsafePointer<Float>,
         runningMean: UnsafePointer<Float>, runningVar: UnsafePointer<Float>,
-        batch: Int, channels: Int, plane: Int, eps: Float = 1e-5, reluOutput: UnsafePointer<Float>? = nil, accumulate: Bool = true
+        batch: Int, channels: Int, plane: Int, eps: Float = 1e-5, reluOutput: UnsafePointer<Float>? = nil, accumulate: Bool = true,
+        layout: ActivationLayout = .nchw
     ) {
+        if layout == .nhwc {
+            return backwardInferenceNHWC(gradInput: gradInput, gradGamma: gradGamma, gradBeta: gradBeta, gradOutput: gradOutput, input: input,
+                                         gamma: gamma, runningMean: runningMean, runningVar: runningVar, rows: batch * plane, channels: channels,
+                                         eps: eps, reluOutput: reluOutput, accumulate: accumulate)
+        }
         Parallel.chunks(channels, cost: batch * plane) { range in
             for c in range {
                 let invStd = 1 / (runningVar[c] + eps).squareRoot(), mean = runningMean[c]

@@ -1,6 +1,7 @@
 // The convolution on oneDNN: forward, backward data and backward weights for one geometry and
-// precision, with the layouts oneDNN chooses. Same contract as `Conv2d.forward` / `Conv2d.backward`
-// (NCHW activations, OIHW weights; backward accumulates into gradInput, gradWeight and gradBias).
+// precision. Same contract as `Conv2d.forward` / `Conv2d.backward` (OIHW weights; backward accumulates
+// into gradInput, gradWeight and gradBias), with NCHW or NHWC activations: NCHW ones are reordered to
+// and from the layouts oneDNN chooses, NHWC ones it reads and writes as they are (ChannelsLast.swift).
 // In bf16 the inputs of each product are rounded to bf16 by the reorder at its edge and the products
 // accumulate in fp32 (outputs and gradients stay fp32), as PyTorch's CPU autocast does.
 
@@ -18,6 +19,8 @@ public enum Precision: String, Codable, Sendable, CaseIterable {
 public final class ConvolutionPrimitives {
     public let geometry: Conv2dGeometry
     public let precision: Precision
+    /// The layouts of the caller's input (and input gradient) and output (and output gradient).
+    public let inputLayout, outputLayout: ActivationLayout
     let stream: DNNLStream
     // Forward.
     let forwardPrimitive: DNNLPrimitive
@@ -25,17 +28,22 @@ public final class ConvolutionPrimitives {
     let bias: DNNLMemory?
     // Backward, created on first use (an evaluation never differentiates).
     private var backwardData: (primitive: DNNLPrimitive, gradOutput: DNNLArgument, weights: DNNLArgument, gradInput: DNNLArgument)?
+    /// The input gradient written, not accumulated: straight into the caller's buffer where the layouts agree.
+    private var overwrittenGradInput: DNNLArgument?
     private var backwardWeights: (primitive: DNNLPrimitive, gradOutput: DNNLArgument, source: DNNLArgument, gradWeight: DNNLArgument,
                                   gradBias: DNNLArgument?)?
 
-    public init(geometry g: Conv2dGeometry, precision: Precision = .fp32, bias: Bool = false) throws {
+    public init(geometry g: Conv2dGeometry, precision: Precision = .fp32, bias: Bool = false, inputLayout: ActivationLayout = .nchw,
+                outputLayout: ActivationLayout = .nchw) throws {
         geometry = g
         self.precision = precision
+        self.inputLayout = inputLayout
+        self.outputLayout = outputLayout
         stream = try DNNLStream()
         let t = precision.inputType
-        var src = try dnnlDescriptor(g.inputShape, t, dnnl_format_tag_any)
+        var src = try dnnlDescriptor(g.inputShape, t, Self.innerTag(inputLayout, outputLayout))
         var wei = try dnnlDescriptor(g.weightShape, t, dnnl_format_tag_any)
-        var dst = try dnnlDescriptor(g.outputShape, dnnl_f32, dnnl_format_tag_any)
+        var dst = try dnnlDescriptor(g.outputShape, dnnl_f32, Self.innerTag(inputLayout, outputLayout))
         var b = try dnnlDescriptor([g.outChannels], dnnl_f32, dnnl_x)
         let strides = dnnlDims([g.strideH, g.strideW]), padding = dnnlDims([g.padH, g.padW])
         var desc = dnnl_convolution_desc_t()
@@ -45,10 +53,32 @@ public final class ConvolutionPrimitives {
         }
         try dnnlCheck(status, "\(g) forward (\(precision))")
         forwardPrimitive = try withUnsafePointer(to: &desc) { try DNNLPrimitive(UnsafeRawPointer($0), "\(g) forward (\(precision))") }
-        source = try DNNLArgument(user: try dnnlDescriptor(g.inputShape, dnnl_f32, dnnl_nchw), primitive: forwardPrimitive.query(dnnl_query_src_md), role: .input, slot: 0)
-        weights = try DNNLArgument(user: try dnnlDescriptor(g.weightShape, dnnl_f32, dnnl_oihw), primitive: forwardPrimitive.query(dnnl_query_weights_md), role: .input, slot: 1)
-        destination = try DNNLArgument(user: try dnnlDescriptor(g.outputShape, dnnl_f32, dnnl_nchw), primitive: forwardPrimitive.query(dnnl_query_dst_md), role: .output, slot: 2)
+        source = try DNNLArgument(user: try dnnlDescriptor(g.inputShape, dnnl_f32, Self.userTag(inputLayout)),
+                                  primitive: forwardPrimitive.query(dnnl_query_src_md), role: .input, slot: 0)
+        weights = try DNNLArgument(user: try dnnlDescriptor(g.weightShape, dnnl_f32, dnnl_oihw), primitive: forwardPrimitive.query(dnnl_query_weights_md),
+                                   role: .input, slot: 1)
+        destination = try DNNLArgument(user: try dnnlDescriptor(g.outputShape, dnnl_f32, Self.userTag(outputLayout)),
+                                       primitive: forwardPrimitive.query(dnnl_query_dst_md), role: .output, slot: 2)
         self.bias = bias ? try DNNLMemory(b, owning: false) : nil
+    }
+
+    /// The caller's layout as a oneDNN tag.
+    private static func userTag(_ layout: ActivationLayout) -> dnnl_format_tag_t { layout == .nhwc ? dnnl_nhwc : dnnl_nchw }
+    /// The primitive's layout for its activations: NHWC where the caller holds either side so (the stem
+    /// takes NCHW images: left to oneDNN, NHWC next to an NHWC output picks its reference kernel), else
+    /// oneDNN's choice (its blocked layouts, which beat NCHW by far).
+    private var innerTag: dnnl_format_tag_t { Self.innerTag(inputLayout, outputLayout) }
+    private static func innerTag(_ input: ActivationLayout, _ output: ActivationLayout) -> dnnl_format_tag_t {
+        input == .nhwc || output == .nhwc ? dnnl_nhwc : dnnl_format_tag_any
+    }
+
+    /// Whether oneDNN, left to choose, lays out the source of a ResNet-50 3x3 convolution (64 -> 64 at
+    /// 56x56, batch 8) in NHWC for `precision` on this CPU. False where it cannot make one.
+    static func prefersNHWC(precision: Precision) -> Bool {
+        guard let g = try? Conv2dGeometry(batch: 8, inChannels: 64, height: 56, width: 56, outChannels: 64, kernel: 3, padding: 1),
+              let probe = try? ConvolutionPrimitives(geometry: g, precision: precision),
+              let nhwc = try? dnnlDescriptor(g.inputShape, precision.inputType, dnnl_nhwc) else { return false }
+        return dnnlSame(probe.source.inner.desc, nhwc)
     }
 
     /// The kernels oneDNN chose (forward; backward data and weights once they ran).
@@ -74,9 +104,11 @@ public final class ConvolutionPrimitives {
         try destination.finish(stream)
     }
 
-    /// Accumulates the gradients of the weights (and bias), and of the input unless gradInput is nil.
+    /// Accumulates the gradients of the weights (and bias), and of the input unless gradInput is nil
+    /// (overwrites it where `accumulateInput` is false).
     public func backward(gradInput: UnsafeMutablePointer<Float>?, gradWeight: UnsafeMutablePointer<Float>, gradBias: UnsafeMutablePointer<Float>?,
-                         gradOutput: UnsafePointer<Float>, input: UnsafePointer<Float>, weight: UnsafePointer<Float>) throws {
+                         gradOutput: UnsafePointer<Float>, input: UnsafePointer<Float>, weight: UnsafePointer<Float>,
+                         accumulateInput: Bool = true) throws {
         let bw = try makeBackwardWeights(bias: gradBias != nil)
         try bw.gradOutput.input(gradOutput, stream)
         try bw.source.input(input, stream)
@@ -100,23 +132,33 @@ public final class ConvolutionPrimitives {
             gradOutputInner = bd.gradOutput.inner
         }
         try bd.weights.input(weight, stream)
-        try bd.gradInput.output(gradInput)
+        let dx: DNNLArgument
+        if accumulateInput {
+            dx = bd.gradInput
+        } else {
+            if overwrittenGradInput == nil {
+                overwrittenGradInput = try DNNLArgument(user: bd.gradInput.user.desc, primitive: bd.primitive.query(dnnl_query_diff_src_md),
+                                                        role: .output, slot: 2)
+            }
+            dx = overwrittenGradInput!
+        }
+        try dx.output(gradInput)
         try bd.primitive.execute(stream, [(cdnnl_arg_diff_dst(), gradOutputInner), (cdnnl_arg_weights(), bd.weights.inner),
-                                          (cdnnl_arg_diff_src(), bd.gradInput.inner)], "\(geometry) backward data")
-        try bd.gradInput.finish(stream)
+                                          (cdnnl_arg_diff_src(), dx.inner)], "\(geometry) backward data")
+        try dx.finish(stream)
     }
 
     private func operationDescriptors() throws -> (src: dnnl_memory_desc_t, wei: dnnl_memory_desc_t, dst: dnnl_memory_desc_t) {
         let g = geometry, t = precision.inputType
-        return (try dnnlDescriptor(g.inputShape, t, dnnl_format_tag_any), try dnnlDescriptor(g.weightShape, t, dnnl_format_tag_any),
-                try dnnlDescriptor(g.outputShape, t, dnnl_format_tag_any))
+        return (try dnnlDescriptor(g.inputShape, t, innerTag), try dnnlDescriptor(g.weightShape, t, dnnl_format_tag_any),
+                try dnnlDescriptor(g.outputShape, t, innerTag))
     }
 
     private func makeBackwardData() throws -> (primitive: DNNLPrimitive, gradOutput: DNNLArgument, weights: DNNLArgument, gradInput: DNNLArgument) {
         if let backwardData { return backwardData }
         let g = geometry
         var (_, wei, diffDst) = try operationDescriptors()
-        var diffSrc = try dnnlDescriptor(g.inputShape, dnnl_f32, dnnl_format_tag_any)
+        var diffSrc = try dnnlDescriptor(g.inputShape, dnnl_f32, innerTag)
         let strides = dnnlDims([g.strideH, g.strideW]), padding = dnnlDims([g.padH, g.padW])
         var desc = dnnl_convolution_desc_t()
         try dnnlCheck(dnnl_convolution_backward_data_desc_init(&desc, dnnl_convolution_direct, &diffSrc, &wei, &diffDst, strides, padding, padding),
@@ -125,12 +167,12 @@ public final class ConvolutionPrimitives {
             try DNNLPrimitive(UnsafeRawPointer($0), hint: forwardPrimitive, "\(g) backward data (\(precision))")
         }
         let made = (primitive,
-                    try DNNLArgument(user: try dnnlDescriptor(g.outputShape, dnnl_f32, dnnl_nchw), primitive: primitive.query(dnnl_query_diff_dst_md), role: .input,
-                                     slot: 0),
+                    try DNNLArgument(user: try dnnlDescriptor(g.outputShape, dnnl_f32, Self.userTag(outputLayout)),
+                                     primitive: primitive.query(dnnl_query_diff_dst_md), role: .input, slot: 0),
                     try DNNLArgument(user: try dnnlDescriptor(g.weightShape, dnnl_f32, dnnl_oihw), primitive: primitive.query(dnnl_query_weights_md), role: .input,
                                      slot: 1),
-                    try DNNLArgument(user: try dnnlDescriptor(g.inputShape, dnnl_f32, dnnl_nchw), primitive: primitive.query(dnnl_query_diff_src_md),
-                                     role: .accumulatingOutput, slot: 2))
+                    try DNNLArgument(user: try dnnlDescriptor(g.inputShape, dnnl_f32, Self.userTag(inputLayout)),
+                                     primitive: primitive.query(dnnl_query_diff_src_md), role: .accumulatingOutput, slot: 2))
         backwardData = made
         return made
     }
@@ -153,10 +195,10 @@ public final class ConvolutionPrimitives {
             try DNNLPrimitive(UnsafeRawPointer($0), hint: forwardPrimitive, "\(g) backward weights (\(precision))")
         }
         let made = (primitive,
-                    try DNNLArgument(user: try dnnlDescriptor(g.outputShape, dnnl_f32, dnnl_nchw), primitive: primitive.query(dnnl_query_diff_dst_md), role: .input,
-                                     slot: 0),
-                    try DNNLArgument(user: try dnnlDescriptor(g.inputShape, dnnl_f32, dnnl_nchw), primitive: primitive.query(dnnl_query_src_md), role: .input,
-                                     slot: 1),
+                    try DNNLArgument(user: try dnnlDescriptor(g.outputShape, dnnl_f32, Self.userTag(outputLayout)),
+                                     primitive: primitive.query(dnnl_query_diff_dst_md), role: .input, slot: 0),
+                    try DNNLArgument(user: try dnnlDescriptor(g.inputShape, dnnl_f32, Self.userTag(inputLayout)),
+                                     primitive: primitive.query(dnnl_query_src_md), role: .input, slot: 1),
                     try DNNLArgument(user: try dnnlDescriptor(g.weightShape, dnnl_f32, dnnl_oihw), primitive: primitive.query(dnnl_query_diff_weights_md),
                                      role: .accumulatingOutput, slot: 2),
                     bias ? try DNNLArgument(user: diffBias, primitive: primitive.query(dnnl_query_diff_weights_md, index: 1), role: .accumulatingOutput,
@@ -212,9 +254,31 @@ public final class Convolution {
         }
     }
 
+    /// The layout a network keeps its activations in for a pass in `precision`: NCHW for im2col +
+    /// sgemm; on oneDNN, the layout oneDNN itself picks for a ResNet convolution (`prefersNHWC`).
+    /// oneDNN 2.6 picks NHWC where its convolutions are brgemm kernels (AMX): the network then keeps
+    /// NHWC from layer to layer and no reorder stands between two of them. Elsewhere it picks its
+    /// blocked layout (nChw16c on AVX-512), which our pointwise kernels do not read: there the network
+    /// keeps NCHW and each convolution reorders at its edges, which measured faster than NHWC
+    /// throughout (on a 2-core AMD EPYC with AVX512-BF16, bf16, the paper preset's last step of
+    /// `convirt bench step` under ONEDNN_VERBOSE: convolutions 467 ms and reorders 203 ms with NCHW,
+    /// 552 ms and 163 ms with NHWC, whose brgemm/jit NHWC kernels run slower there).
+    /// CONVIRT_ACTIVATIONS=nchw|nhwc overrides the choice (where oneDNN runs the convolutions).
+    public static func layout(precision: Precision, nativeBF16: Bool = BF16.native) -> ActivationLayout {
+        let onDNNL = precision == .bf16 ? nativeBF16 : policy == .onednn
+        guard onDNNL else { return .nchw }
+        if let forced = forcedLayout { return forced }
+        return (precision == .bf16 ? prefersNHWCInBF16 : prefersNHWCInFP32) ? .nhwc : .nchw
+    }
+
+    private static let forcedLayout = processEnvironment()["CONVIRT_ACTIVATIONS"].flatMap(ActivationLayout.init(rawValue:))
+    private static let prefersNHWCInBF16 = ConvolutionPrimitives.prefersNHWC(precision: .bf16)
+    private static let prefersNHWCInFP32 = ConvolutionPrimitives.prefersNHWC(precision: .fp32)
+
     private struct Key: Hashable {
         let geometry: Conv2dGeometry
         let precision: Precision
+        let inputLayout, outputLayout: ActivationLayout
     }
     private var primitives: [Key: ConvolutionPrimitives] = [:]
     /// Whether this layer's bf16 products run on oneDNN's bf16 kernels.
@@ -225,18 +289,28 @@ public final class Convolution {
         self.nativeBF16 = nativeBF16
     }
 
-    /// oneDNN's primitives for `g` in `precision`, made once.
-    private func dnnl(_ g: Conv2dGeometry, _ precision: Precision) throws -> ConvolutionPrimitives {
-        let key = Key(geometry: g, precision: precision)
+    /// oneDNN's primitives for `g` in `precision` and the layouts, made once.
+    private func dnnl(_ g: Conv2dGeometry, _ precision: Precision, _ layouts: Layouts) throws -> ConvolutionPrimitives {
+        let key = Key(geometry: g, precision: precision, inputLayout: layouts.input, outputLayout: layouts.output)
         if let p = primitives[key] { return p }
-        let p = try ConvolutionPrimitives(geometry: g, precision: precision)
+        let p = try ConvolutionPrimitives(geometry: g, precision: precision, inputLayout: layouts.input, outputLayout: layouts.output)
         primitives[key] = p
         return p
     }
 
-    /// The fp32 kernels of `g`: oneDNN's, or nil for im2col + sgemm.
-    private func fp32(_ g: Conv2dGeometry) throws -> ConvolutionPrimitives? {
-        Self.usesDNNL(g) ? try dnnl(g, .fp32) : nil
+    /// The fp32 kernels of `g`: oneDNN's, or nil for im2col + sgemm (NCHW only).
+    private func fp32(_ g: Conv2dGeometry, _ layouts: Layouts) throws -> ConvolutionPrimitives? {
+        if Self.usesDNNL(g) { return try dnnl(g, .fp32, layouts) }
+        precondition(layouts == Layouts(), "\(g): im2col + sgemm runs on NCHW activations only")
+        return nil
+    }
+
+    /// The layouts of a convolution's input and output (activations and their gradients).
+    public struct Layouts: Hashable, Sendable {
+        public var input, output: ActivationLayout
+        public init(input: ActivationLayout = .nchw, output: ActivationLayout = .nchw) { self.input = input; self.output = output }
+        /// Both in `layout`.
+        public init(_ layout: ActivationLayout) { self.init(input: layout, output: layout) }
     }
 
     /// Floats of im2col columns the fp32 kernels of `g` need (0 on oneDNN).
@@ -251,38 +325,46 @@ public final class Convolution {
     }
 
     /// As `Conv2d.forward`; workspace: `workspaceCount(g, precision:)` floats.
+    /// `layouts` other than NCHW need oneDNN's kernels (`layout(precision:)`).
     public func forward(output: UnsafeMutablePointer<Float>, input: UnsafePointer<Float>, weight: UnsafePointer<Float>,
-                        geometry g: Conv2dGeometry, workspace: UnsafeMutablePointer<Float>?, precision: Precision = .fp32) throws {
+                        geometry g: Conv2dGeometry, workspace: UnsafeMutablePointer<Float>?, precision: Precision = .fp32,
+                        layouts: Layouts = Layouts()) throws {
         var (input, weight, workspace) = (input, weight, workspace)
         if precision == .bf16 {
-            if nativeBF16 { return try dnnl(g, .bf16).forward(output: output, input: input, weight: weight) }
+            if nativeBF16 { return try dnnl(g, .bf16, layouts).forward(output: output, input: input, weight: weight) }
+            precondition(layouts == Layouts(), "\(g): the bf16 emulation runs on NCHW activations only")
             let (columns, x, w, _) = Self.emulationScratch(g, workspace, input: input, weight: weight)
             (input, weight, workspace) = (UnsafePointer(x), UnsafePointer(w), columns)
         }
-        if let p = try fp32(g) {
+        if let p = try fp32(g, layouts) {
             try p.forward(output: output, input: input, weight: weight)
         } else {
             Conv2d.forward(output: output, input: input, weight: weight, bias: nil, geometry: g, workspace: workspace)
         }
     }
 
-    /// As `Conv2d.backward` (accumulating); in bf16 the output gradient is rounded to bf16 too.
+    /// As `Conv2d.backward` (accumulating; the input gradient overwritten where `accumulateInput` is
+    /// false); in bf16 the output gradient is rounded to bf16 too.
     public func backward(gradInput: UnsafeMutablePointer<Float>?, gradWeight: UnsafeMutablePointer<Float>, gradOutput: UnsafePointer<Float>,
                          input: UnsafePointer<Float>, weight: UnsafePointer<Float>, geometry g: Conv2dGeometry,
-                         workspace: UnsafeMutablePointer<Float>?, precision: Precision = .fp32) throws {
+                         workspace: UnsafeMutablePointer<Float>?, precision: Precision = .fp32, layouts: Layouts = Layouts(),
+                         accumulateInput: Bool = true) throws {
         var (gradOutput, input, weight, workspace) = (gradOutput, input, weight, workspace)
         if precision == .bf16 {
             if nativeBF16 {
-                return try dnnl(g, .bf16).backward(gradInput: gradInput, gradWeight: gradWeight, gradBias: nil, gradOutput: gradOutput,
-                                                     input: input, weight: weight)
+                return try dnnl(g, .bf16, layouts).backward(gradInput: gradInput, gradWeight: gradWeight, gradBias: nil, gradOutput: gradOutput,
+                                                              input: input, weight: weight, accumulateInput: accumulateInput)
             }
+            precondition(layouts == Layouts(), "\(g): the bf16 emulation runs on NCHW activations only")
             let (columns, x, w, dy) = Self.emulationScratch(g, workspace, input: input, weight: weight)
             BF16.round(dy, gradOutput, count: g.outputCount)
             (gradOutput, input, weight, workspace) = (UnsafePointer(dy), UnsafePointer(x), UnsafePointer(w), columns)
         }
-        if let p = try fp32(g) {
-            try p.backward(gradInput: gradInput, gradWeight: gradWeight, gradBias: nil, gradOutput: gradOutput, input: input, weight: weight)
+        if let p = try fp32(g, layouts) {
+            try p.backward(gradInput: gradInput, gradWeight: gradWeight, gradBias: nil, gradOutput: gradOutput, input: input, weight: weight,
+                           accumulateInput: accumulateInput)
         } else {
+            if !accumulateInput { gradInput?.update(repeating: 0, count: g.inputCount) }
             Conv2d.backward(gradInput: gradInput, gradWeight: gradWeight, gradBias: nil, gradOutput: gradOutput, input: input, weight: weight,
                             geometry: g, workspace: workspace)
         }

@@ -94,22 +94,26 @@ struct Kernels: ParsableCommand {
             benchLinear(name, rows: rows, inF: inF, outF: outF, repeats: repeats)
         }
 
-        print("\nattention")
-        let ag = try AttentionGeometry(batch: 1, tokens: 128, heads: 12, headSize: 64)
-        let q = Buffer(128 * 768), k = Buffer(128 * 768, seed: 4), v = Buffer(128 * 768, seed: 5), out = Buffer(128 * 768, seed: 6)
+        print("\nattention (BERT-base, 128 tokens, 28 of them padding)")
+        let ag = try AttentionGeometry(batch: batch, tokens: 128, heads: 12, headSize: 64)
+        let n = batch * 128 * 768
+        let q = Buffer(n), k = Buffer(n, seed: 4), v = Buffer(n, seed: 5), out = Buffer(n, seed: 6)
         let probs = Buffer(ag.probabilitiesCount), ws = Buffer(ag.workspaceCount)
-        let dq = Buffer(128 * 768), dk = Buffer(128 * 768), dv = Buffer(128 * 768)
-        var mask = [Int32](repeating: 1, count: 128)
-        for i in 100..<128 { mask[i] = 0 }
-        let fwd = measure(repeats: repeats) {
-            Attention.forward(output: out.pointer, probabilities: probs.pointer, q: q.pointer, k: k.pointer, v: v.pointer, mask: mask, geometry: ag)
+        let dq = Buffer(n), dk = Buffer(n), dv = Buffer(n)
+        var mask = [Int32](repeating: 1, count: batch * 128)
+        for b in 0..<batch { for i in 100..<128 { mask[b * 128 + i] = 0 } }
+        for precision in [Precision.fp32, .bf16] {
+            let fwd = measure(repeats: repeats) {
+                Attention.forward(output: out.pointer, probabilities: probs.pointer, q: q.pointer, k: k.pointer, v: v.pointer, mask: mask, geometry: ag,
+                                  precision: precision)
+            }
+            let bwd = measure(repeats: repeats) {
+                Attention.backward(gradQ: dq.pointer, gradK: dk.pointer, gradV: dv.pointer, gradOutput: out.pointer, probabilities: probs.pointer,
+                                   q: q.pointer, k: k.pointer, v: v.pointer, geometry: ag, workspace: ws.pointer, precision: precision)
+            }
+            print(String(format: "%@ batch %d x 12 heads x 128 tokens x 64: fwd %.2f ms (%.1f GFLOP/s), bwd %.2f ms (%.1f GFLOP/s)",
+                         precision.rawValue, batch, fwd * 1e3, ag.forwardFLOPs / fwd / 1e9, bwd * 1e3, 2 * ag.forwardFLOPs / bwd / 1e9))
         }
-        let bwd = measure(repeats: repeats) {
-            Attention.backward(gradQ: dq.pointer, gradK: dk.pointer, gradV: dv.pointer, gradOutput: out.pointer, probabilities: probs.pointer,
-                               q: q.pointer, k: k.pointer, v: v.pointer, geometry: ag, workspace: ws.pointer)
-        }
-        print(String(format: "12 heads x 128 tokens x 64: fwd %.2f ms (%.1f GFLOP/s), bwd %.2f ms (%.1f GFLOP/s)",
-                     fwd * 1e3, ag.forwardFLOPs / fwd / 1e9, bwd * 1e3, 2 * ag.forwardFLOPs / bwd / 1e9))
     }
 
     func benchConv(_ name: String, _ g: Conv2dGeometry, repeats: Int) throws {

@@ -152,6 +152,40 @@ struct BF16KernelTests {
         #expect(backward > 1e-4 && backward < 3e-2, "bf16 attention gradients \(backward) from fp32")
     }
 
+    @Test("bf16 attention on oneDNN's batched products equals the per-head products of bf16-rounded inputs, dropout and masks included")
+    func attentionOnDNNL() throws {
+        guard BF16.oneDNNRunsBF16 else { return }
+        let g = try AttentionGeometry(batch: 3, tokens: 20, heads: 4, headSize: 16)
+        let count = g.batch * g.tokens * g.width
+        let q = randomFloats(count, seed: 11, scale: 2), k = randomFloats(count, seed: 12, scale: 2), v = randomFloats(count, seed: 13)
+        let dOut = randomFloats(count, seed: 14)
+        var mask = [Int32](repeating: 1, count: g.batch * g.tokens)
+        for j in 13..<20 { mask[g.tokens + j] = 0 }
+        for j in 1..<20 { mask[2 * g.tokens + j] = 0 }
+        func run(native: Bool) -> (out: [Float], p: [Float], grads: [Float]) {
+            var out = [Float](repeating: .nan, count: count), p = [Float](repeating: .nan, count: g.probabilitiesCount)
+            var dropped = p, workspace = [Float](repeating: 0, count: g.workspaceCount)
+            let streams = (0..<g.batch).map { RandomStream(seed: 5, UInt64($0)) }
+            var dq = randomFloats(count, seed: 15), dk = dq, dv = dq
+            dropped.withUnsafeMutableBufferPointer { dropped in
+                let dropout = AttentionDropout(probability: 0.1, streams: streams, dropped: dropped.baseAddress!)
+                Attention.forward(output: &out, probabilities: &p, q: q, k: k, v: v, mask: mask, geometry: g, dropout: dropout, precision: .bf16,
+                                  native: native)
+                Attention.backward(gradQ: &dq, gradK: &dk, gradV: &dv, gradOutput: dOut, probabilities: p, q: q, k: k, v: v, geometry: g,
+                                   workspace: &workspace, dropout: dropout, precision: .bf16, native: native)
+            }
+            return (out, p, dq + dk + dv)
+        }
+        let batched = run(native: true), perHead = run(native: false)
+        // The same bf16 roundings on both sides; only the fp32 sums' order differs.
+        #expect(relativeError(batched.out, perHead.out) < 1e-5)
+        #expect(relativeError(batched.p, perHead.p) < 1e-5)
+        #expect(relativeError(batched.grads, perHead.grads) < 1e-5)
+        for b in 0..<g.batch { for h in 0..<g.heads { for i in 0..<g.tokens { for j in 0..<g.tokens where mask[b * g.tokens + j] == 0 {
+            #expect(batched.p[((b * g.heads + h) * g.tokens + i) * g.tokens + j] == 0)
+        } } } }
+    }
+
     @Test("auto chooses bf16 exactly where the CPU has AMX-BF16 or AVX512-BF16, and says so")
     func autoChoice() {
         #expect(PrecisionChoice.fp32.resolved() == .fp32 && PrecisionChoice.bf16.resolved() == .bf16)

@@ -2,7 +2,9 @@
 // layout of Hugging Face's BertSelfAttention: q, k, v are [B, T, H*D] with head h in columns h*D..<(h+1)*D.
 // Masked keys get probability exactly 0, which is what BERT's additive dtype-minimum bias produces.
 // In bf16 the four products of each (sample, head) take bf16-rounded inputs (probabilities and their
-// gradients included) and accumulate in fp32; the softmax and its backward stay fp32.
+// gradients included) and accumulate in fp32; the softmax and its backward stay fp32. Where bf16 runs
+// on oneDNN (`BF16.native`) each product is one batched matmul over every sample and head, reading q,
+// k, v and writing the output and gradients where they lie ([B, T, H*D] as [B, H, T, D] by strides).
 
 import RealModule
 
@@ -12,8 +14,19 @@ public struct AttentionGeometry: Sendable, Equatable {
     public var scale: Float { 1 / Float(headSize).squareRoot() }
     /// Floats of the saved attention probabilities [B, H, T, T].
     public var probabilitiesCount: Int { batch * heads * tokens * tokens }
-    /// Floats of scratch the backward pass needs: [T, T] per thread (`Parallel.threads`).
-    public var workspaceCount: Int { tokens * tokens * Parallel.threads }
+    /// Floats of scratch the backward pass needs: [T, T] per thread (`Parallel.threads`), and all of
+    /// [B, H, T, T] for oneDNN's batched bf16 products.
+    public var workspaceCount: Int { max(tokens * tokens * Parallel.threads, probabilitiesCount) }
+
+    /// The strides of q, k, v (and their gradients, and the output) [B, T, H*D] seen as [B, H, T, D].
+    var headStrides: [Int] { [tokens * width, headSize, width, 1] }
+    /// The strides of a compact [B, H, T, D] (the bf16 copies, one head's rows together), and of its
+    /// transpose [B, H, D, T].
+    var packedStrides: [Int] { [heads * tokens * headSize, tokens * headSize, headSize, 1] }
+    var transposedPackedStrides: [Int] { [heads * tokens * headSize, tokens * headSize, 1, headSize] }
+    /// The strides of [B, H, T, T], and of its transpose.
+    var pairStrides: [Int] { [heads * tokens * tokens, tokens * tokens, tokens, 1] }
+    var transposedPairStrides: [Int] { [heads * tokens * tokens, tokens * tokens, 1, tokens] }
 
     public init(batch: Int, tokens: Int, heads: Int, headSize: Int) throws {
         try require(batch > 0 && tokens > 0 && heads > 0 && headSize > 0, "attention",
@@ -58,34 +71,21 @@ public enum Attention {
     public static func forward(output: UnsafeMutablePointer<Float>, probabilities: UnsafeMutablePointer<Float>,
                                q: UnsafePointer<Float>, k: UnsafePointer<Float>, v: UnsafePointer<Float>,
                                mask: UnsafePointer<Int32>, geometry g: AttentionGeometry, dropout: AttentionDropout? = nil,
-                               precision: Precision = .fp32) {
+                               precision: Precision = .fp32, native: Bool = BF16.native) {
+        if precision == .bf16 && native,
+           (try? forwardOnDNNL(output: output, probabilities: probabilities, q: q, k: k, v: v, mask: mask, geometry: g, dropout: dropout)) != nil {
+            return
+        }
         let t = g.tokens, d = g.headSize, w = g.width
         Parallel.chunks(g.batch * g.heads, cost: 4 * t * t * d) { pairs in
         for pair in pairs {
             let b = pair / g.heads, h = pair % g.heads
-            let valid = mask + b * t
             do {
                 let base = b * t * w + h * d
                 let p = probabilities + (b * g.heads + h) * t * t
                 gemm(precision, transposeA: false, transposeB: true, m: t, n: t, k: d, alpha: g.scale,
-                      a: q + base, lda: w, b: k + base, ldb: w, c: p, ldc: t, parallel: false)
-                for i in 0..<t {
-                    let row = p + i * t
-                    var m = -Float.infinity
-                    for j in 0..<t where valid[j] != 0 { m = max(m, row[j]) }
-                    var s: Float = 0
-                    for j in 0..<t {
-                        if valid[j] != 0 {
-                            let e = Float.exp(row[j] - m)
-                            row[j] = e
-                            s += e
-                        } else {
-                            row[j] = 0
-                        }
-                    }
-                    let inv = 1 / s
-                    for j in 0..<t { row[j] *= inv }
-                }
+                      a: q + base, lda: w, b: k + base, ldb: w, c: p, ldc: t, parallel: false, native: native)
+                softmaxRows(p, valid: mask + b * t, tokens: t)
                 var weights = UnsafePointer(p)
                 if let dropout {
                     let dp = dropout.dropped + (b * g.heads + h) * t * t
@@ -93,10 +93,148 @@ public enum Attention {
                     weights = UnsafePointer(dp)
                 }
                 gemm(precision, transposeA: false, transposeB: false, m: t, n: d, k: t,
-                      a: weights, lda: t, b: v + base, ldb: w, c: output + base, ldc: w, parallel: false)
+                      a: weights, lda: t, b: v + base, ldb: w, c: output + base, ldc: w, parallel: false, native: native)
             }
         }
         }
+    }
+
+    /// Each of the t rows of scores [t, t] in place -> softmax over the valid keys (masked keys get 0).
+    @inline(__always)
+    static func softmaxRows(_ p: UnsafeMutablePointer<Float>, valid: UnsafePointer<Int32>, tokens t: Int) {
+        for i in 0..<t {
+            let row = p + i * t
+            var m = -Float.infinity
+            for j in 0..<t where valid[j] != 0 { m = max(m, row[j]) }
+            var s: Float = 0
+            for j in 0..<t {
+                if valid[j] != 0 {
+                    let e = Float.exp(row[j] - m)
+                    row[j] = e
+                    s += e
+                } else {
+                    row[j] = 0
+                }
+            }
+            let inv = 1 / s
+            for j in 0..<t { row[j] *= inv }
+        }
+    }
+
+    /// dP (the gradient of the weights, [t, t]) -> dS = P * (dP - rowsum(dP * P)) in place.
+    @inline(__always)
+    static func softmaxBackwardRows(_ dp: UnsafeMutablePointer<Float>, probabilities p: UnsafePointer<Float>, tokens t: Int) {
+        for i in 0..<t {
+            let pr = p + i * t, dr = dp + i * t
+            var dot: Float = 0
+            for j in 0..<t { dot += pr[j] * dr[j] }
+            for j in 0..<t { dr[j] = pr[j] * (dr[j] - dot) }
+        }
+    }
+
+    /// The products of a pass on oneDNN: each a batched bf16 matmul over every (sample, head),
+    /// c = alpha a b + beta c with every operand [B, H, rows, columns] by its strides.
+    private struct Products {
+        let g: AttentionGeometry
+        var primitives: [MatmulPrimitive] = []
+
+        /// Makes the primitives of `shapes` (m, n, k, strides of a, b and c, alpha, beta) first, so that a
+        /// shape oneDNN refuses is known before anything is accumulated.
+        init(_ g: AttentionGeometry, _ shapes: [(Int, Int, Int, [Int], [Int], [Int], Float, Float)]) throws {
+            self.g = g
+            for (m, n, k, a, b, c, alpha, beta) in shapes {
+                let key = MatmulPrimitive.Key(m: m, n: n, k: k, batch: [g.batch, g.heads], aStrides: a, bStrides: b, cStrides: c, alpha: alpha,
+                                              beta: beta)
+                guard let primitive = try MatmulPrimitive.cached(key) else { throw ConvirtError("oneDNN refused the batched bf16 matmul \(key)") }
+                primitives.append(primitive)
+            }
+        }
+
+        /// Runs product `index`. An error here (none is known once the primitive exists) stops the
+        /// process: the pass may have accumulated part of its gradients already.
+        func run(_ index: Int, a: UnsafePointer<UInt16>, b: UnsafePointer<UInt16>, c: UnsafeMutablePointer<Float>) {
+            do {
+                try primitives[index].execute(a: a, b: b, c: c, stream: ThreadScratch.current.stream)
+            } catch {
+                preconditionFailure("attention: \(error)")
+            }
+        }
+    }
+
+    /// bf16 copies of tensors [B, T, H*D], each packed as [B, H, T, D] (compact operands run faster in
+    /// oneDNN's small products than strided ones), and room for one [B, H, T, T] after them, in this
+    /// thread's scratch.
+    private static func roundedInputs(_ g: AttentionGeometry, _ tensors: [UnsafePointer<Float>]) -> [UnsafeMutablePointer<UInt16>] {
+        let n = g.batch * g.tokens * g.width, (t, d, w) = (g.tokens, g.headSize, g.width)
+        let base = ThreadScratch.current.ensure(bytes: 2 * (tensors.count * n + g.probabilitiesCount) + 64)
+            .bindMemory(to: UInt16.self, capacity: tensors.count * n + g.probabilitiesCount)
+        var copies: [UnsafeMutablePointer<UInt16>] = []
+        for (i, x) in tensors.enumerated() {
+            let copy = base + i * n
+            copies.append(copy)
+            // Row (b, h, t) of the copy is q[b, t, h*D..<(h+1)*D].
+            Parallel.chunks(g.batch * g.heads, cost: t * d) { pairs in
+                for pair in pairs {
+                    let b = pair / g.heads, h = pair % g.heads
+                    BF16.convertBlock(copy + pair * t * d, x + b * t * w + h * d, rows: t, columns: d, ld: w, parallel: false)
+                }
+            }
+        }
+        return copies + [base + tensors.count * n]
+    }
+
+    /// `forward` in bf16 with oneDNN's batched products.
+    static func forwardOnDNNL(output: UnsafeMutablePointer<Float>, probabilities: UnsafeMutablePointer<Float>, q: UnsafePointer<Float>,
+                              k: UnsafePointer<Float>, v: UnsafePointer<Float>, mask: UnsafePointer<Int32>, geometry g: AttentionGeometry,
+                              dropout: AttentionDropout?) throws {
+        let t = g.tokens, d = g.headSize
+        let products = try Products(g, [(t, t, d, g.packedStrides, g.transposedPackedStrides, g.pairStrides, g.scale, 0),
+                                        (t, d, t, g.pairStrides, g.packedStrides, g.headStrides, 1, 0)])
+        let x = roundedInputs(g, [q, k, v])
+        let (q16, k16, v16, p16) = (x[0], x[1], x[2], x[3])
+        // Scores = scale * Q K^T, straight into the probabilities' buffer.
+        products.run(0, a: q16, b: k16, c: probabilities)
+        Parallel.chunks(g.batch * g.heads, cost: 4 * t * t) { pairs in
+            for pair in pairs {
+                let b = pair / g.heads, h = pair % g.heads, p = probabilities + pair * t * t
+                softmaxRows(p, valid: mask + b * t, tokens: t)
+                if let dropout { dropRows(dropout.dropped + pair * t * t, p, tokens: t, dropout: dropout, batch: b, head: h) }
+            }
+        }
+        let weights = UnsafePointer(dropout?.dropped ?? probabilities)
+        BF16.convertBlock(p16, weights, rows: g.batch * g.heads * t, columns: t, ld: t, parallel: true)
+        products.run(1, a: p16, b: v16, c: output)
+    }
+
+    /// `backward` in bf16 with oneDNN's batched products; workspace: [B, H, T, T] floats.
+    static func backwardOnDNNL(gradQ: UnsafeMutablePointer<Float>, gradK: UnsafeMutablePointer<Float>, gradV: UnsafeMutablePointer<Float>,
+                               gradOutput: UnsafePointer<Float>, probabilities: UnsafePointer<Float>, q: UnsafePointer<Float>,
+                               k: UnsafePointer<Float>, v: UnsafePointer<Float>, geometry g: AttentionGeometry,
+                               workspace: UnsafeMutablePointer<Float>, dropout: AttentionDropout?) throws {
+        let t = g.tokens, d = g.headSize
+        let products = try Products(g, [(t, d, t, g.transposedPairStrides, g.packedStrides, g.headStrides, 1, 1),
+                                        (t, t, d, g.packedStrides, g.transposedPackedStrides, g.pairStrides, 1, 0),
+                                        (t, d, t, g.pairStrides, g.packedStrides, g.headStrides, g.scale, 1),
+                                        (t, d, t, g.transposedPairStrides, g.packedStrides, g.headStrides, g.scale, 1)])
+        let x = roundedInputs(g, [q, k, v, gradOutput])
+        let (q16, k16, v16, dO16, pairs16) = (x[0], x[1], x[2], x[3], x[4])
+        // dV += P'^T dO, with P' the (dropped) weights that multiplied V.
+        BF16.convertBlock(pairs16, dropout.map { UnsafePointer($0.dropped) } ?? probabilities, rows: g.batch * g.heads * t, columns: t, ld: t,
+                          parallel: true)
+        products.run(0, a: pairs16, b: dO16, c: gradV)
+        // dP = dO V^T (through the dropout mask), then dS = P * (dP - rowsum(dP * P)).
+        products.run(1, a: dO16, b: v16, c: workspace)
+        Parallel.chunks(g.batch * g.heads, cost: 4 * t * t) { pairs in
+            for pair in pairs {
+                let dp = workspace + pair * t * t
+                if let dropout { dropRows(dp, dp, tokens: t, dropout: dropout, batch: pair / g.heads, head: pair % g.heads) }
+                softmaxBackwardRows(dp, probabilities: probabilities + pair * t * t, tokens: t)
+            }
+        }
+        BF16.convertBlock(pairs16, workspace, rows: g.batch * g.heads * t, columns: t, ld: t, parallel: true)
+        // dQ += scale * dS K;  dK += scale * dS^T Q.
+        products.run(2, a: pairs16, b: k16, c: gradQ)
+        products.run(3, a: pairs16, b: q16, c: gradK)
     }
 
     /// Accumulates gradQ, gradK, gradV ([B, T, H*D]) from gradOutput, using the saved probabilities.
@@ -105,7 +243,12 @@ public enum Attention {
                                 gradV: UnsafeMutablePointer<Float>, gradOutput: UnsafePointer<Float>,
                                 probabilities: UnsafePointer<Float>, q: UnsafePointer<Float>, k: UnsafePointer<Float>,
                                 v: UnsafePointer<Float>, geometry g: AttentionGeometry, workspace: UnsafeMutablePointer<Float>,
-                                dropout: AttentionDropout? = nil, precision: Precision = .fp32) {
+                                dropout: AttentionDropout? = nil, precision: Precision = .fp32, native: Bool = BF16.native) {
+        if precision == .bf16 && native,
+           (try? backwardOnDNNL(gradQ: gradQ, gradK: gradK, gradV: gradV, gradOutput: gradOutput, probabilities: probabilities, q: q, k: k, v: v,
+                                geometry: g, workspace: workspace, dropout: dropout)) != nil {
+            return
+        }
         let t = g.tokens, d = g.headSize, w = g.width
         // Pairs run in parallel, each with its own t x t scratch inside `workspace`.
         Parallel.indexedChunks(g.batch * g.heads, cost: 8 * t * t * d) { part, pairs in
@@ -119,22 +262,17 @@ public enum Attention {
                 // dV += P'^T dO, with P' the (dropped) weights that multiplied V
                 let weights = dropout.map { UnsafePointer($0.dropped + (b * g.heads + h) * t * t) } ?? p
                 gemm(precision, transposeA: true, transposeB: false, m: t, n: d, k: t,
-                      a: weights, lda: t, b: dO, ldb: w, beta: 1, c: gradV + base, ldc: w, parallel: false)
+                      a: weights, lda: t, b: dO, ldb: w, beta: 1, c: gradV + base, ldc: w, parallel: false, native: native)
                 // dP = dO V^T (through the dropout mask), then dS = P * (dP - rowsum(dP * P))
                 gemm(precision, transposeA: false, transposeB: true, m: t, n: t, k: d,
-                      a: dO, lda: w, b: v + base, ldb: w, c: scratch, ldc: t, parallel: false)
+                      a: dO, lda: w, b: v + base, ldb: w, c: scratch, ldc: t, parallel: false, native: native)
                 if let dropout { dropRows(scratch, scratch, tokens: t, dropout: dropout, batch: b, head: h) }
-                for i in 0..<t {
-                    let pr = p + i * t, dr = scratch + i * t
-                    var dot: Float = 0
-                    for j in 0..<t { dot += pr[j] * dr[j] }
-                    for j in 0..<t { dr[j] = pr[j] * (dr[j] - dot) }
-                }
+                softmaxBackwardRows(scratch, probabilities: p, tokens: t)
                 // dQ += scale * dS K;  dK += scale * dS^T Q
                 gemm(precision, transposeA: false, transposeB: false, m: t, n: d, k: t, alpha: g.scale,
-                      a: scratch, lda: t, b: k + base, ldb: w, beta: 1, c: gradQ + base, ldc: w, parallel: false)
+                      a: scratch, lda: t, b: k + base, ldb: w, beta: 1, c: gradQ + base, ldc: w, parallel: false, native: native)
                 gemm(precision, transposeA: true, transposeB: false, m: t, n: d, k: t, alpha: g.scale,
-                      a: scratch, lda: t, b: q + base, ldb: w, beta: 1, c: gradK + base, ldc: w, parallel: false)
+                      a: scratch, lda: t, b: q + base, ldb: w, beta: 1, c: gradK + base, ldc: w, parallel: false, native: native)
             }
         }
     }

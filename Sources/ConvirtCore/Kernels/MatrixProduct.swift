@@ -48,14 +48,30 @@ public func gemm(
           b: bRounded, ldb: bColumns, beta: beta, c: c, ldc: ldc, parallel: parallel)
 }
 
-/// oneDNN's bf16 matmul for one shape: compact bf16 inputs (op(A) and op(B) in their stored layouts),
-/// fp32 output with leading dimension ldc; alpha as an output scale, beta as a sum post-op.
+/// oneDNN's bf16 matmul for one shape: bf16 inputs, fp32 output, each a plain (strided) layout; alpha
+/// as an output scale, beta as a sum post-op. Two-dimensional (op(A) and op(B) compact in their stored
+/// layouts, C with leading dimension ldc), or batched over leading dimensions with any strides (the
+/// attention products of all samples and heads in one call, reading q, k and v where they lie).
 final class MatmulPrimitive: @unchecked Sendable {
     struct Key: Hashable {
         let m, n, k: Int
-        let transposeA, transposeB: Bool
-        let ldc: Int
+        /// Leading (batch) dimensions, shared by A, B and C.
+        let batch: [Int]
+        /// Strides of A [batch..., m, k], B [batch..., k, n] and C [batch..., m, n], in elements.
+        let aStrides, bStrides, cStrides: [Int]
         let alpha, beta: Float
+
+        init(m: Int, n: Int, k: Int, batch: [Int] = [], aStrides: [Int], bStrides: [Int], cStrides: [Int], alpha: Float = 1, beta: Float = 0) {
+            self.m = m; self.n = n; self.k = k; self.batch = batch
+            self.aStrides = aStrides; self.bStrides = bStrides; self.cStrides = cStrides
+            self.alpha = alpha; self.beta = beta
+        }
+
+        /// C (m x n, leading dimension ldc) = alpha op(A) op(B) + beta C over compact op(A) and op(B).
+        init(m: Int, n: Int, k: Int, transposeA: Bool, transposeB: Bool, ldc: Int, alpha: Float, beta: Float) {
+            self.init(m: m, n: n, k: k, aStrides: transposeA ? [1, m] : [k, 1], bStrides: transposeB ? [1, k] : [n, 1], cStrides: [ldc, 1],
+                      alpha: alpha, beta: beta)
+        }
     }
 
     let key: Key
@@ -65,15 +81,17 @@ final class MatmulPrimitive: @unchecked Sendable {
     init(_ key: Key) throws {
         self.key = key
         let (m, n, k) = (key.m, key.n, key.k)
-        let what = "bf16 matmul \(m)x\(k) by \(k)x\(n)"
+        let what = "bf16 matmul \(key.batch.map(String.init).joined(separator: "x"))\(key.batch.isEmpty ? "" : " of ")\(m)x\(k) by \(k)x\(n)"
         func strided(_ rows: Int, _ columns: Int, _ strides: [Int], _ type: dnnl_data_type_t) throws -> dnnl_memory_desc_t {
             var desc = dnnl_memory_desc_t()
-            try dnnlCheck(dnnl_memory_desc_init_by_strides(&desc, 2, dnnlDims([rows, columns]), type, dnnlDims(strides)), what)
+            let dims = key.batch + [rows, columns]
+            try require(strides.count == dims.count, what, "\(strides.count) strides for \(dims.count) dimensions")
+            try dnnlCheck(dnnl_memory_desc_init_by_strides(&desc, Int32(dims.count), dnnlDims(dims), type, dnnlDims(strides)), what)
             return desc
         }
-        var a = try strided(m, k, key.transposeA ? [1, m] : [k, 1], dnnl_bf16)
-        var b = try strided(k, n, key.transposeB ? [1, k] : [n, 1], dnnl_bf16)
-        var c = try strided(m, n, [key.ldc, 1], dnnl_f32)
+        var a = try strided(m, k, key.aStrides, dnnl_bf16)
+        var b = try strided(k, n, key.bStrides, dnnl_bf16)
+        var c = try strided(m, n, key.cStrides, dnnl_f32)
         var desc = dnnl_matmul_desc_t()
         try dnnlCheck(dnnl_matmul_desc_init(&desc, &a, &b, nil, &c), what)
         var attributes: dnnl_primitive_attr_t? = nil
@@ -106,7 +124,7 @@ final class MatmulPrimitive: @unchecked Sendable {
         for i in 0..<3 { try dnnlCheck(dnnl_memory_create(&memories[i], &descs[i], engine, pointers[i]), "bf16 matmul memory") }
         let args = [dnnl_exec_arg_t(arg: cdnnl_arg_src(), memory: memories[0]), dnnl_exec_arg_t(arg: cdnnl_arg_weights(), memory: memories[1]),
                     dnnl_exec_arg_t(arg: cdnnl_arg_dst(), memory: memories[2])]
-        try primitive.execute(stream.stream, args, "bf16 matmul \(key.m)x\(key.k)x\(key.n)")
+        try primitive.execute(stream.stream, args, "bf16 matmul \(key.batch) \(key.m)x\(key.k)x\(key.n)")
     }
 
     /// oneDNN's name for the kernel it chose.

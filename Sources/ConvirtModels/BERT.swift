@@ -101,12 +101,13 @@ struct LinearLayer {
                        rows: rows, inFeatures: inFeatures, outFeatures: outFeatures, precision: precision)
     }
 
+    /// `accumulateInput` false: gradInput is overwritten (a gradient no other layer adds to).
     func backward(_ arena: ParameterArena, gradInput: UnsafeMutablePointer<Float>?, gradOutput: UnsafePointer<Float>,
-                  input: UnsafePointer<Float>, rows: Int, precision: Precision) {
+                  input: UnsafePointer<Float>, rows: Int, precision: Precision, accumulateInput: Bool = true) {
         Linear.backward(gradInput: gradInput, gradWeight: trainable ? arena.grads + weight.offset : nil,
                         gradBias: trainable ? bias.map { arena.grads + $0.offset } : nil, gradOutput: gradOutput, input: input,
                         weight: arena.params + weight.offset, rows: rows, inFeatures: inFeatures, outFeatures: outFeatures,
-                        precision: precision)
+                        precision: precision, accumulateInput: accumulateInput)
     }
 
     /// N(0, std) weights and zero bias (BERT's initializer_range 0.02; heads use PyTorch's default instead).
@@ -297,19 +298,21 @@ final class EncoderLayer {
         let dH1 = gradHidden1.ensure(rows * h)
         dH1.update(from: dSum2, count: rows * h)  // residual branch
         Self.dropout(dSum2, batch: g.batch, perSample: g.tokens * h, probability: hiddenDropout, site: site | 3, context: ctx)
-        let dA = gradInner.zeroed(rows * inter)
-        output.backward(arena, gradInput: dA, gradOutput: dSum2, input: activated.pointer, rows: rows, precision: ctx.precision)
-        // GELU backward in place: dInner = dA * gelu'(inner)
-        let dI = gradContext.zeroed(rows * inter)
-        GELU.backward(gradInput: dI, gradOutput: dA, input: inner.pointer, count: rows * inter)
+        // dA, dI and dCtx have one writer each: overwritten, not zeroed and accumulated.
+        let dA = gradInner.ensure(rows * inter)
+        output.backward(arena, gradInput: dA, gradOutput: dSum2, input: activated.pointer, rows: rows, precision: ctx.precision, accumulateInput: false)
+        // dInner = dA * gelu'(inner)
+        let dI = gradContext.ensure(rows * inter)
+        GELU.backward(gradInput: dI, gradOutput: dA, input: inner.pointer, count: rows * inter, accumulate: false)
         intermediate.backward(arena, gradInput: dH1, gradOutput: dI, input: hidden1.pointer, rows: rows, precision: ctx.precision)
         // h1 = LN1(dropout(dense(attention(x))) + x)
         let dSum1 = gradDense.zeroed(rows * h)
         attentionNorm.backward(arena, gradInput: dSum1, gradOutput: dH1, input: sum1.pointer, mean: mean1.pointer, invStd: invStd1.pointer, rows: rows)
         if let gradInput { Residual.accumulate(gradInput, dSum1, count: rows * h) }
         Self.dropout(dSum1, batch: g.batch, perSample: g.tokens * h, probability: hiddenDropout, site: site | 2, context: ctx)
-        let dCtx = gradContext.zeroed(rows * h)
-        attentionOutput.backward(arena, gradInput: dCtx, gradOutput: dSum1, input: context.pointer, rows: rows, precision: ctx.precision)
+        let dCtx = gradContext.ensure(rows * h)
+        attentionOutput.backward(arena, gradInput: dCtx, gradOutput: dSum1, input: context.pointer, rows: rows, precision: ctx.precision,
+                                 accumulateInput: false)
         let attentionDropout = ctx.training ? Float(c.attentionProbsDropoutProb) : 0
         var streams: [RandomStream] = []
         if attentionDropout > 0 { streams = (0..<g.batch).map { ctx.stream(sample: $0, site: site | 1) } }

@@ -9,24 +9,21 @@ public enum Linear {
     public static func forward(output: UnsafeMutablePointer<Float>, input: UnsafePointer<Float>,
                                weight: UnsafePointer<Float>, bias: UnsafePointer<Float>?,
                                rows: Int, inFeatures: Int, outFeatures: Int, precision: Precision = .fp32) {
-        if let bias {
-            for r in 0..<rows { (output + r * outFeatures).update(from: bias, count: outFeatures) }
-        }
         gemm(precision, transposeA: false, transposeB: true, m: rows, n: outFeatures, k: inFeatures,
-             a: input, lda: inFeatures, b: weight, ldb: inFeatures, beta: bias == nil ? 0 : 1,
-             c: output, ldc: outFeatures)
+             a: input, lda: inFeatures, b: weight, ldb: inFeatures, c: output, ldc: outFeatures, bias: bias)
     }
 
-    /// gradInput += gradOutput * weight; gradWeight += gradOutput^T * input; gradBias += column sums.
-    /// gradInput, gradWeight and gradBias may each be nil when not needed (frozen weights, first layer).
-    /// In bf16 both products take bf16-rounded inputs (the output gradient too) and accumulate in fp32.
+    /// gradInput += gradOutput * weight (= where `accumulateInput` is false); gradWeight += gradOutput^T * input;
+    /// gradBias += column sums. gradInput, gradWeight and gradBias may each be nil when not needed (frozen
+    /// weights, first layer). In bf16 both products take bf16-rounded inputs (the output gradient too) and
+    /// accumulate in fp32.
     public static func backward(gradInput: UnsafeMutablePointer<Float>?, gradWeight: UnsafeMutablePointer<Float>?,
                                 gradBias: UnsafeMutablePointer<Float>?, gradOutput: UnsafePointer<Float>,
                                 input: UnsafePointer<Float>, weight: UnsafePointer<Float>,
-                                rows: Int, inFeatures: Int, outFeatures: Int, precision: Precision = .fp32) {
+                                rows: Int, inFeatures: Int, outFeatures: Int, precision: Precision = .fp32, accumulateInput: Bool = true) {
         if let gradInput {
             gemm(precision, transposeA: false, transposeB: false, m: rows, n: inFeatures, k: outFeatures,
-                 a: gradOutput, lda: outFeatures, b: weight, ldb: inFeatures, beta: 1, c: gradInput, ldc: inFeatures)
+                 a: gradOutput, lda: outFeatures, b: weight, ldb: inFeatures, beta: accumulateInput ? 1 : 0, c: gradInput, ldc: inFeatures)
         }
         if let gradWeight {
             gemm(precision, transposeA: true, transposeB: false, m: outFeatures, n: inFeatures, k: rows,

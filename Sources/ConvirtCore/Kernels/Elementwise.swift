@@ -30,14 +30,22 @@ public enum GELU {
         }
     }
 
-    /// gradInput += gradOutput * (Phi(x) + x * phi(x)).
+    /// gradInput += gradOutput * (Phi(x) + x * phi(x)) (= where `accumulate` is false).
     public static func backward(gradInput: UnsafeMutablePointer<Float>, gradOutput: UnsafePointer<Float>,
-                                input: UnsafePointer<Float>, count: Int) {
+                                input: UnsafePointer<Float>, count: Int, accumulate: Bool = true) {
         Parallel.chunks(count, cost: 30) { r in
-            for i in r {
-                let x = input[i]
-                let (cdf, density) = VectorMath.normalCDFAndDensity(x)
-                gradInput[i] += gradOutput[i] * (cdf + x * density)
+            if accumulate {
+                for i in r {
+                    let x = input[i]
+                    let (cdf, density) = VectorMath.normalCDFAndDensity(x)
+                    gradInput[i] += gradOutput[i] * (cdf + x * density)
+                }
+            } else {
+                for i in r {
+                    let x = input[i]
+                    let (cdf, density) = VectorMath.normalCDFAndDensity(x)
+                    gradInput[i] = gradOutput[i] * (cdf + x * density)
+                }
             }
         }
     }

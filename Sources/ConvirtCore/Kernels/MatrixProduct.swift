@@ -12,11 +12,21 @@ import Glibc
 /// `parallel: false` (a call from inside a parallel loop) stays on this thread: there bf16 is computed
 /// by the emulation, since oneDNN would start an OpenMP team from every one of the loop's threads.
 /// `native`: bf16 on oneDNN's bf16 kernels (default `BF16.native`; true needs `BF16.oneDNNRunsBF16`).
+/// `bias` [n] (with beta 0): C = alpha op(A) op(B) + bias on every row, added in fp32 (on oneDNN inside
+/// the product, elsewhere copied into C first).
 public func gemm(
     _ precision: Precision, transposeA: Bool, transposeB: Bool, m: Int, n: Int, k: Int,
     alpha: Float = 1, a: UnsafePointer<Float>, lda: Int, b: UnsafePointer<Float>, ldb: Int,
-    beta: Float = 0, c: UnsafeMutablePointer<Float>, ldc: Int, parallel: Bool = true, native: Bool = BF16.native
+    beta: Float = 0, c: UnsafeMutablePointer<Float>, ldc: Int, bias: UnsafePointer<Float>? = nil, parallel: Bool = true,
+    native: Bool = BF16.native
 ) {
+    var beta = beta
+    precondition(bias == nil || beta == 0, "gemm: a bias with beta \(beta)")
+    let fusesBias = precision == .bf16 && native && parallel && m > 0 && n > 0 && k > 0
+    if let bias, !fusesBias {
+        for r in 0..<m { (c + r * ldc).update(from: bias, count: n) }
+        beta = 1
+    }
     guard precision == .bf16, m > 0, n > 0, k > 0 else {
         sgemm(transposeA: transposeA, transposeB: transposeB, m: m, n: n, k: k, alpha: alpha, a: a, lda: lda, b: b, ldb: ldb,
               beta: beta, c: c, ldc: ldc, parallel: parallel)
@@ -27,17 +37,22 @@ public func gemm(
     let (bRows, bColumns) = transposeB ? (n, k) : (k, n)
     let scratch = ThreadScratch.current
     if native && parallel {
-        let key = MatmulPrimitive.Key(m: m, n: n, k: k, transposeA: transposeA, transposeB: transposeB, ldc: ldc, alpha: alpha, beta: beta)
+        let key = MatmulPrimitive.Key(m: m, n: n, k: k, transposeA: transposeA, transposeB: transposeB, ldc: ldc, alpha: alpha, beta: beta,
+                                      bias: bias != nil)
         do {
             guard let primitive = try MatmulPrimitive.cached(key) else { throw ConvirtError("oneDNN refused a bf16 matmul of \(m)x\(k)x\(n)") }
             let base = scratch.ensure(bytes: 2 * (m * k + k * n) + 64).bindMemory(to: UInt16.self, capacity: m * k + k * n + 32)
             let a16 = base, b16 = base + (m * k + 31) / 32 * 32
             BF16.convertBlock(a16, a, rows: aRows, columns: aColumns, ld: lda, parallel: parallel)
             BF16.convertBlock(b16, b, rows: bRows, columns: bColumns, ld: ldb, parallel: parallel)
-            try primitive.execute(a: a16, b: b16, c: c, stream: scratch.stream)
+            try primitive.execute(a: a16, b: b16, c: c, bias: bias, stream: scratch.stream)
             return
         } catch {
             // A shape oneDNN refuses (none is known): the exact emulation below computes the same.
+            if let bias {
+                for r in 0..<m { (c + r * ldc).update(from: bias, count: n) }
+                beta = 1
+            }
         }
     }
     let base = scratch.ensure(bytes: 4 * (m * k + k * n) + 128).bindMemory(to: Float.self, capacity: m * k + k * n + 32)
@@ -60,23 +75,27 @@ final class MatmulPrimitive: @unchecked Sendable {
         /// Strides of A [batch..., m, k], B [batch..., k, n] and C [batch..., m, n], in elements.
         let aStrides, bStrides, cStrides: [Int]
         let alpha, beta: Float
+        /// An fp32 bias [n] added to every row of C (two-dimensional products only).
+        let bias: Bool
 
-        init(m: Int, n: Int, k: Int, batch: [Int] = [], aStrides: [Int], bStrides: [Int], cStrides: [Int], alpha: Float = 1, beta: Float = 0) {
+        init(m: Int, n: Int, k: Int, batch: [Int] = [], aStrides: [Int], bStrides: [Int], cStrides: [Int], alpha: Float = 1, beta: Float = 0,
+             bias: Bool = false) {
             self.m = m; self.n = n; self.k = k; self.batch = batch
             self.aStrides = aStrides; self.bStrides = bStrides; self.cStrides = cStrides
-            self.alpha = alpha; self.beta = beta
+            self.alpha = alpha; self.beta = beta; self.bias = bias
         }
 
-        /// C (m x n, leading dimension ldc) = alpha op(A) op(B) + beta C over compact op(A) and op(B).
-        init(m: Int, n: Int, k: Int, transposeA: Bool, transposeB: Bool, ldc: Int, alpha: Float, beta: Float) {
+        /// C (m x n, leading dimension ldc) = alpha op(A) op(B) + beta C (+ bias) over compact op(A) and op(B).
+        init(m: Int, n: Int, k: Int, transposeA: Bool, transposeB: Bool, ldc: Int, alpha: Float, beta: Float, bias: Bool = false) {
             self.init(m: m, n: n, k: k, aStrides: transposeA ? [1, m] : [k, 1], bStrides: transposeB ? [1, k] : [n, 1], cStrides: [ldc, 1],
-                      alpha: alpha, beta: beta)
+                      alpha: alpha, beta: beta, bias: bias)
         }
     }
 
     let key: Key
     let primitive: DNNLPrimitive
     let aDesc, bDesc, cDesc: dnnl_memory_desc_t
+    let biasDesc: dnnl_memory_desc_t?
 
     init(_ key: Key) throws {
         self.key = key
@@ -93,7 +112,10 @@ final class MatmulPrimitive: @unchecked Sendable {
         var b = try strided(k, n, key.bStrides, dnnl_bf16)
         var c = try strided(m, n, key.cStrides, dnnl_f32)
         var desc = dnnl_matmul_desc_t()
-        try dnnlCheck(dnnl_matmul_desc_init(&desc, &a, &b, nil, &c), what)
+        var biasDesc = try strided(1, n, [n, 1], dnnl_f32)
+        try require(!key.bias || key.batch.isEmpty, what, "a bias on a batched product")
+        let status = withUnsafePointer(to: &biasDesc) { dnnl_matmul_desc_init(&desc, &a, &b, key.bias ? $0 : nil, &c) }
+        try dnnlCheck(status, what)
         var attributes: dnnl_primitive_attr_t? = nil
         var postOps: dnnl_post_ops_t? = nil
         try dnnlCheck(dnnl_primitive_attr_create(&attributes), what)
@@ -112,18 +134,27 @@ final class MatmulPrimitive: @unchecked Sendable {
         }
         primitive = try withUnsafePointer(to: &desc) { try DNNLPrimitive(UnsafeRawPointer($0), attributes: attributes, what) }
         aDesc = a; bDesc = b; cDesc = c
+        self.biasDesc = key.bias ? biasDesc : nil
     }
 
-    func execute(a: UnsafePointer<UInt16>, b: UnsafePointer<UInt16>, c: UnsafeMutablePointer<Float>, stream: DNNLStream?) throws {
+    /// `bias`: [n], where the key has one.
+    func execute(a: UnsafePointer<UInt16>, b: UnsafePointer<UInt16>, c: UnsafeMutablePointer<Float>, bias: UnsafePointer<Float>? = nil,
+                 stream: DNNLStream?) throws {
         guard let stream else { throw ConvirtError("oneDNN: no stream could be created for a bf16 matmul") }
         var descs = [aDesc, bDesc, cDesc]
-        var memories: [dnnl_memory_t?] = [nil, nil, nil]
+        var pointers = [UnsafeMutableRawPointer(mutating: a), UnsafeMutableRawPointer(mutating: b), UnsafeMutableRawPointer(c)]
+        var ids = [cdnnl_arg_src(), cdnnl_arg_weights(), cdnnl_arg_dst()]
+        if let biasDesc {
+            guard let bias else { throw ConvirtError("bf16 matmul: no bias for a product made with one") }
+            descs.append(biasDesc)
+            pointers.append(UnsafeMutableRawPointer(mutating: bias))
+            ids.append(cdnnl_arg_bias())
+        }
+        var memories = [dnnl_memory_t?](repeating: nil, count: descs.count)
         defer { for memory in memories { if let memory { dnnl_memory_destroy(memory) } } }
-        let pointers = [UnsafeMutableRawPointer(mutating: a), UnsafeMutableRawPointer(mutating: b), UnsafeMutableRawPointer(c)]
         let engine = try DNNL.cpuEngine()
-        for i in 0..<3 { try dnnlCheck(dnnl_memory_create(&memories[i], &descs[i], engine, pointers[i]), "bf16 matmul memory") }
-        let args = [dnnl_exec_arg_t(arg: cdnnl_arg_src(), memory: memories[0]), dnnl_exec_arg_t(arg: cdnnl_arg_weights(), memory: memories[1]),
-                    dnnl_exec_arg_t(arg: cdnnl_arg_dst(), memory: memories[2])]
+        for i in 0..<descs.count { try dnnlCheck(dnnl_memory_create(&memories[i], &descs[i], engine, pointers[i]), "bf16 matmul memory") }
+        let args = (0..<descs.count).map { dnnl_exec_arg_t(arg: ids[$0], memory: memories[$0]) }
         try primitive.execute(stream.stream, args, "bf16 matmul \(key.batch) \(key.m)x\(key.k)x\(key.n)")
     }
 

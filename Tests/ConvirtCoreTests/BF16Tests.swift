@@ -186,6 +186,49 @@ struct BF16KernelTests {
         } } } }
     }
 
+    @Test("attention's backward with dropout is the derivative of its forward (central differences in fp32, padding masked)")
+    func attentionDropoutGradient() throws {
+        let g = try AttentionGeometry(batch: 2, tokens: 5, heads: 2, headSize: 4)
+        let count = g.batch * g.tokens * g.width
+        let q = randomFloats(count, seed: 21), k = randomFloats(count, seed: 22), v = randomFloats(count, seed: 23)
+        let dOut = randomFloats(count, seed: 24)
+        let mask: [Int32] = [1, 1, 1, 1, 1, 1, 1, 1, 0, 0]
+        let streams = (0..<g.batch).map { RandomStream(seed: 9, UInt64($0)) }
+        var dropped = [Float](repeating: 0, count: g.probabilitiesCount)
+        func loss(_ q: [Float], _ k: [Float], _ v: [Float]) -> Double {
+            var out = [Float](repeating: 0, count: count), p = [Float](repeating: 0, count: g.probabilitiesCount)
+            dropped.withUnsafeMutableBufferPointer { d in
+                let dropout = AttentionDropout(probability: 0.3, streams: streams, dropped: d.baseAddress!)
+                Attention.forward(output: &out, probabilities: &p, q: q, k: k, v: v, mask: mask, geometry: g, dropout: dropout)
+            }
+            return zip(out, dOut).reduce(0) { $0 + Double($1.0) * Double($1.1) }
+        }
+        var out = [Float](repeating: 0, count: count), p = [Float](repeating: 0, count: g.probabilitiesCount)
+        var dq = [Float](repeating: 0, count: count), dk = dq, dv = dq
+        var workspace = [Float](repeating: 0, count: g.workspaceCount)
+        dropped.withUnsafeMutableBufferPointer { d in
+            let dropout = AttentionDropout(probability: 0.3, streams: streams, dropped: d.baseAddress!)
+            Attention.forward(output: &out, probabilities: &p, q: q, k: k, v: v, mask: mask, geometry: g, dropout: dropout)
+            Attention.backward(gradQ: &dq, gradK: &dk, gradV: &dv, gradOutput: dOut, probabilities: p, q: q, k: k, v: v, geometry: g,
+                               workspace: &workspace, dropout: dropout)
+        }
+        #expect(dropped.filter { $0 == 0 }.count > p.filter { $0 == 0 }.count, "some weights are dropped")
+        let h: Float = 1e-2
+        for (which, grad) in [(0, dq), (1, dk), (2, dv)] {
+            var worst = 0.0
+            let scale = Double(grad.map(abs).max()!)
+            for i in 0..<count {
+                var inputs = [q, k, v]
+                inputs[which][i] += h
+                let up = loss(inputs[0], inputs[1], inputs[2])
+                inputs[which][i] -= 2 * h
+                let down = loss(inputs[0], inputs[1], inputs[2])
+                worst = max(worst, abs((up - down) / Double(2 * h) - Double(grad[i])) / scale)
+            }
+            #expect(worst < 5e-3, "tensor \(which): worst error \(worst) of the largest gradient \(scale)")
+        }
+    }
+
     @Test("auto chooses bf16 exactly where the CPU has AMX-BF16 or AVX512-BF16, and says so")
     func autoChoice() {
         #expect(PrecisionChoice.fp32.resolved() == .fp32 && PrecisionChoice.bf16.resolved() == .bf16)

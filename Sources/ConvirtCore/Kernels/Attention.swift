@@ -121,6 +121,19 @@ public enum Attention {
         }
     }
 
+    /// The dropout of dP ([count]) in backward, from the forward's dropped weights instead of the
+    /// stream: 0 where the weight was dropped, dP / (1 - p) elsewhere, the mask `dropRows` would draw
+    /// again. (Only where the weight itself is 0, a masked key, can the two differ; dS = P * (..) is 0
+    /// there either way, and that entry adds nothing to the row's sum.)
+    @inline(__always)
+    static func dropGradient(_ dp: UnsafeMutablePointer<Float>, dropped: UnsafePointer<Float>, count: Int, probability: Float) {
+        let scale = 1 / (1 - probability)
+        for j in 0..<count {
+            let d = dp[j]
+            dp[j] = dropped[j] != 0 ? d * scale : 0
+        }
+    }
+
     /// dP (the gradient of the weights, [t, t]) -> dS = P * (dP - rowsum(dP * P)) in place.
     @inline(__always)
     static func softmaxBackwardRows(_ dp: UnsafeMutablePointer<Float>, probabilities p: UnsafePointer<Float>, tokens t: Int) {
@@ -227,7 +240,7 @@ public enum Attention {
         Parallel.chunks(g.batch * g.heads, cost: 4 * t * t) { pairs in
             for pair in pairs {
                 let dp = workspace + pair * t * t
-                if let dropout { dropRows(dp, dp, tokens: t, dropout: dropout, batch: pair / g.heads, head: pair % g.heads) }
+                if let dropout { dropGradient(dp, dropped: dropout.dropped + pair * t * t, count: t * t, probability: dropout.probability) }
                 softmaxBackwardRows(dp, probabilities: probabilities + pair * t * t, tokens: t)
             }
         }
@@ -266,7 +279,7 @@ public enum Attention {
                 // dP = dO V^T (through the dropout mask), then dS = P * (dP - rowsum(dP * P))
                 gemm(precision, transposeA: false, transposeB: true, m: t, n: t, k: d,
                       a: dO, lda: w, b: v + base, ldb: w, c: scratch, ldc: t, parallel: false, native: native)
-                if let dropout { dropRows(scratch, scratch, tokens: t, dropout: dropout, batch: b, head: h) }
+                if let dropout { dropGradient(scratch, dropped: dropout.dropped + pair * t * t, count: t * t, probability: dropout.probability) }
                 softmaxBackwardRows(scratch, probabilities: p, tokens: t)
                 // dQ += scale * dS K;  dK += scale * dS^T Q
                 gemm(precision, transposeA: false, transposeB: false, m: t, n: d, k: t, alpha: g.scale,

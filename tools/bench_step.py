@@ -48,22 +48,40 @@ def torch_step(args, precision):
     ids = torch.randint(1, 28996, (b, args.tokens))
     mask = torch.ones(b, args.tokens, dtype=torch.int64)
     amp = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if precision == "bf16" else contextlib.nullcontext
-    times = []
+    times, parts = [], []
     for step in range(args.steps + 1):
         start = time.perf_counter()
+        laps = []
         with amp():
             zv = image_head(image(images))
+            laps.append(time.perf_counter())
             hidden = text(input_ids=ids, attention_mask=mask).last_hidden_state
             zu = text_head(hidden.masked_fill(mask[:, :, None] == 0, float("-inf")).max(dim=1).values)
+            laps.append(time.perf_counter())
         v, u = F.normalize(zv.float(), dim=-1), F.normalize(zu.float(), dim=-1)
         logits = v @ u.t() / 0.1
         targets = torch.arange(b)
         loss = 0.75 * F.cross_entropy(logits, targets) + 0.25 * F.cross_entropy(logits.t(), targets)
         for m in (image, text, image_head, text_head):
             m.zero_grad(set_to_none=False)
-        loss.backward()
+        if args.parts:
+            # As `convirt bench step` times it: the loss's gradients at the two embeddings, then each
+            # encoder's backward on its own.
+            gv, gu = torch.autograd.grad(loss, [zv, zu])
+            laps.append(time.perf_counter())
+            zv.backward(gv)
+            laps.append(time.perf_counter())
+            zu.backward(gu)
+            laps.append(time.perf_counter())
+        else:
+            loss.backward()
         if step > 0:
             times.append(time.perf_counter() - start)
+            if args.parts:
+                parts.append([laps[0] - start, laps[1] - laps[0], laps[3] - laps[2], laps[4] - laps[3]])
+    if parts:
+        mean = [sum(p[i] for p in parts) / len(parts) for i in range(4)]
+        print("PyTorch image forward %.3f s, text forward %.3f s, image backward %.3f s, text backward %.3f s" % tuple(mean), flush=True)
     return sum(times) / len(times)
 
 
@@ -74,6 +92,7 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--precision", choices=["fp32", "bf16", "both"], default="fp32")
+    ap.add_argument("--parts", action="store_true", help="also time each encoder's forward and backward, as `convirt bench step` does")
     ap.add_argument("--convirt", help="path to the convirt binary: also run `convirt bench step` and compare")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)

@@ -33,27 +33,20 @@ struct ChannelsLastTests {
         var r = BNResult(y: [Float](repeating: .nan, count: x.count), dx: [Float](repeating: 3, count: x.count),
                          dGamma: [Float](repeating: 0.5, count: c), dBeta: [Float](repeating: -0.5, count: c),
                          runningMean: (0..<c).map { Float($0) * 0.01 }, runningVar: (0..<c).map { 1 + Float($0) * 0.02 })
-        var mean = [Float](repeating: 0, count: c), invStd = mean
-        var statistics = [Double](repeating: 0, count: 2 * c + 1)
-        try mean.withUnsafeMutableBufferPointer { mean in
-            try invStd.withUnsafeMutableBufferPointer { invStd in
-                try statistics.withUnsafeMutableBufferPointer { stats in
-                    var saved = BatchNorm2d.Saved(mean: mean.baseAddress!, invStd: invStd.baseAddress!)
-                    if training {
-                        try BatchNorm2d.forwardTraining(output: &r.y, input: x, gamma: gamma, beta: beta, runningMean: &r.runningMean,
-                                                        runningVar: &r.runningVar, saved: &saved, batch: n, channels: c, plane: plane,
-                                                        statistics: stats, relu: relu, layout: layout)
-                        try BatchNorm2d.backwardTraining(gradInput: &r.dx, gradGamma: &r.dGamma, gradBeta: &r.dBeta, gradOutput: dy, input: x,
-                                                         gamma: gamma, saved: saved, batch: n, channels: c, plane: plane, statistics: stats,
-                                                         reluOutput: relu ? r.y : nil, accumulate: accumulate, layout: layout)
-                    } else {
-                        BatchNorm2d.forwardInference(output: &r.y, input: x, gamma: gamma, beta: beta, runningMean: r.runningMean,
-                                                     runningVar: r.runningVar, batch: n, channels: c, plane: plane, relu: relu, layout: layout)
-                        BatchNorm2d.backwardInference(gradInput: &r.dx, gradGamma: &r.dGamma, gradBeta: &r.dBeta, gradOutput: dy, input: x,
-                                                      gamma: gamma, runningMean: r.runningMean, runningVar: r.runningVar, batch: n, channels: c,
-                                                      plane: plane, reluOutput: relu ? r.y : nil, accumulate: accumulate, layout: layout)
-                    }
-                }
+        try withBatchNormScratch(channels: c) { saved, stats in
+            if training {
+                try BatchNorm2d.forwardTraining(output: &r.y, input: x, gamma: gamma, beta: beta, runningMean: &r.runningMean,
+                                                runningVar: &r.runningVar, saved: &saved, batch: n, channels: c, plane: plane,
+                                                statistics: stats, relu: relu, layout: layout)
+                try BatchNorm2d.backwardTraining(gradInput: &r.dx, gradGamma: &r.dGamma, gradBeta: &r.dBeta, gradOutput: dy, input: x,
+                                                 gamma: gamma, saved: saved, batch: n, channels: c, plane: plane, statistics: stats,
+                                                 reluOutput: relu ? r.y : nil, accumulate: accumulate, layout: layout)
+            } else {
+                BatchNorm2d.forwardInference(output: &r.y, input: x, gamma: gamma, beta: beta, runningMean: r.runningMean,
+                                             runningVar: r.runningVar, batch: n, channels: c, plane: plane, relu: relu, layout: layout)
+                BatchNorm2d.backwardInference(gradInput: &r.dx, gradGamma: &r.dGamma, gradBeta: &r.dBeta, gradOutput: dy, input: x,
+                                              gamma: gamma, runningMean: r.runningMean, runningVar: r.runningVar, batch: n, channels: c,
+                                              plane: plane, reluOutput: relu ? r.y : nil, accumulate: accumulate, layout: layout)
             }
         }
         return r

@@ -55,33 +55,26 @@ struct FusedKernelTests {
                 var y = [Float](repeating: 0, count: count), dx = [Float](repeating: 7, count: count)
                 var dGamma = [Float](repeating: 0, count: c), dBeta = [Float](repeating: 0, count: c)
                 var runningMean = [Float](repeating: 0.1, count: c), runningVar = [Float](repeating: 0.9, count: c)
-                var mean = [Float](repeating: 0, count: c), invStd = [Float](repeating: 0, count: c)
-                var statistics = [Double](repeating: 0, count: 2 * c + 1)
-                try mean.withUnsafeMutableBufferPointer { mean in
-                    try invStd.withUnsafeMutableBufferPointer { invStd in
-                        try statistics.withUnsafeMutableBufferPointer { stats in
-                            var saved = BatchNorm2d.Saved(mean: mean.baseAddress!, invStd: invStd.baseAddress!)
-                            if training {
-                                try BatchNorm2d.forwardTraining(output: &y, input: x, gamma: gamma, beta: beta, runningMean: &runningMean,
-                                                                runningVar: &runningVar, saved: &saved, batch: n, channels: c, plane: plane,
-                                                                statistics: stats, relu: fused)
-                            } else {
-                                BatchNorm2d.forwardInference(output: &y, input: x, gamma: gamma, beta: beta, runningMean: runningMean,
-                                                             runningVar: runningVar, batch: n, channels: c, plane: plane, relu: fused)
-                            }
-                            if !fused { ReLU.forward(output: &y, input: y, count: count) }
-                            var g = dy
-                            if !fused { ReLU.maskGradient(&g, output: y, count: count) }
-                            if training {
-                                try BatchNorm2d.backwardTraining(gradInput: &dx, gradGamma: &dGamma, gradBeta: &dBeta, gradOutput: g, input: x,
-                                                                 gamma: gamma, saved: saved, batch: n, channels: c, plane: plane, statistics: stats,
-                                                                 reluOutput: fused ? y : nil, accumulate: !fused)
-                            } else {
-                                BatchNorm2d.backwardInference(gradInput: &dx, gradGamma: &dGamma, gradBeta: &dBeta, gradOutput: g, input: x,
-                                                              gamma: gamma, runningMean: runningMean, runningVar: runningVar, batch: n,
-                                                              channels: c, plane: plane, reluOutput: fused ? y : nil, accumulate: !fused)
-                            }
-                        }
+                try withBatchNormScratch(channels: c) { saved, stats in
+                    if training {
+                        try BatchNorm2d.forwardTraining(output: &y, input: x, gamma: gamma, beta: beta, runningMean: &runningMean,
+                                                        runningVar: &runningVar, saved: &saved, batch: n, channels: c, plane: plane,
+                                                        statistics: stats, relu: fused)
+                    } else {
+                        BatchNorm2d.forwardInference(output: &y, input: x, gamma: gamma, beta: beta, runningMean: runningMean,
+                                                     runningVar: runningVar, batch: n, channels: c, plane: plane, relu: fused)
+                    }
+                    if !fused { ReLU.forward(output: &y, input: y, count: count) }
+                    var g = dy
+                    if !fused { ReLU.maskGradient(&g, output: y, count: count) }
+                    if training {
+                        try BatchNorm2d.backwardTraining(gradInput: &dx, gradGamma: &dGamma, gradBeta: &dBeta, gradOutput: g, input: x,
+                                                         gamma: gamma, saved: saved, batch: n, channels: c, plane: plane, statistics: stats,
+                                                         reluOutput: fused ? y : nil, accumulate: !fused)
+                    } else {
+                        BatchNorm2d.backwardInference(gradInput: &dx, gradGamma: &dGamma, gradBeta: &dBeta, gradOutput: g, input: x,
+                                                      gamma: gamma, runningMean: runningMean, runningVar: runningVar, batch: n,
+                                                      channels: c, plane: plane, reluOutput: fused ? y : nil, accumulate: !fused)
                     }
                 }
                 // The separate path accumulated onto 7s; the fused one overwrote them.

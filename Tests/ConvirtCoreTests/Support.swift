@@ -14,6 +14,20 @@ func tensor(_ shape: [Int], seed: UInt64, scale: Float = 1) -> Tensor<Float> {
     try! Tensor(shape: shape, randomFloats(shape.reduce(1, *), seed: seed, scale: scale))
 }
 
+/// Calls `body` with a BatchNorm's saved state for `channels` and its statistics scratch (2C + 1 doubles).
+func withBatchNormScratch(channels c: Int, _ body: (inout BatchNorm2d.Saved, UnsafeMutableBufferPointer<Double>) throws -> Void) rethrows {
+    var mean = [Float](repeating: 0, count: c), invStd = mean
+    var statistics = [Double](repeating: 0, count: 2 * c + 1)
+    try mean.withUnsafeMutableBufferPointer { mean in
+        try invStd.withUnsafeMutableBufferPointer { invStd in
+            try statistics.withUnsafeMutableBufferPointer { stats in
+                var saved = BatchNorm2d.Saved(mean: mean.baseAddress!, invStd: invStd.baseAddress!)
+                try body(&saved, stats)
+            }
+        }
+    }
+}
+
 /// max |a - b| relative to the largest magnitude of the reference b (DESIGN.md's parity measure).
 func relativeError<A: BinaryFloatingPoint, B: BinaryFloatingPoint>(_ a: [A], _ b: [B]) -> Double {
     precondition(a.count == b.count, "comparing \(a.count) values with \(b.count)")

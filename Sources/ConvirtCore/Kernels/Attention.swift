@@ -99,6 +99,12 @@ public enum Attention {
         }
     }
 
+    /// Whether bf16 attention of geometry `g` runs on oneDNN's batched products (oneDNN makes all six;
+    /// else the per-head products of rounded inputs run).
+    public static func runsOnDNNL(_ g: AttentionGeometry) -> Bool {
+        BF16.oneDNNRunsBF16 && (try? Products(g, Products.forward(g) + Products.backward(g))) != nil
+    }
+
     /// Each of the t rows of scores [t, t] in place -> softmax over the valid keys (masked keys get 0).
     @inline(__always)
     static func softmaxRows(_ p: UnsafeMutablePointer<Float>, valid: UnsafePointer<Int32>, tokens t: Int) {
@@ -148,12 +154,29 @@ public enum Attention {
     /// The products of a pass on oneDNN: each a batched bf16 matmul over every (sample, head),
     /// c = alpha a b + beta c with every operand [B, H, rows, columns] by its strides.
     private struct Products {
+        typealias Shape = (m: Int, n: Int, k: Int, a: [Int], b: [Int], c: [Int], alpha: Float, beta: Float)
         let g: AttentionGeometry
         var primitives: [MatmulPrimitive] = []
 
+        /// Scores = scale Q K^T; output = P' V.
+        static func forward(_ g: AttentionGeometry) -> [Shape] {
+            let (t, d) = (g.tokens, g.headSize)
+            return [(t, t, d, g.packedStrides, g.transposedPackedStrides, g.pairStrides, g.scale, 0),
+                    (t, d, t, g.pairStrides, g.packedStrides, g.headStrides, 1, 0)]
+        }
+
+        /// dV += P'^T dO; dP = dO V^T; dQ += scale dS K; dK += scale dS^T Q.
+        static func backward(_ g: AttentionGeometry) -> [Shape] {
+            let (t, d) = (g.tokens, g.headSize)
+            return [(t, d, t, g.transposedPairStrides, g.packedStrides, g.headStrides, 1, 1),
+                    (t, t, d, g.packedStrides, g.transposedPackedStrides, g.pairStrides, 1, 0),
+                    (t, d, t, g.pairStrides, g.packedStrides, g.headStrides, g.scale, 1),
+                    (t, d, t, g.transposedPairStrides, g.packedStrides, g.headStrides, g.scale, 1)]
+        }
+
         /// Makes the primitives of `shapes` (m, n, k, strides of a, b and c, alpha, beta) first, so that a
         /// shape oneDNN refuses is known before anything is accumulated.
-        init(_ g: AttentionGeometry, _ shapes: [(Int, Int, Int, [Int], [Int], [Int], Float, Float)]) throws {
+        init(_ g: AttentionGeometry, _ shapes: [Shape]) throws {
             self.g = g
             for (m, n, k, a, b, c, alpha, beta) in shapes {
                 let key = MatmulPrimitive.Key(m: m, n: n, k: k, batch: [g.batch, g.heads], aStrides: a, bStrides: b, cStrides: c, alpha: alpha,
@@ -200,9 +223,8 @@ public enum Attention {
     static func forwardOnDNNL(output: UnsafeMutablePointer<Float>, probabilities: UnsafeMutablePointer<Float>, q: UnsafePointer<Float>,
                               k: UnsafePointer<Float>, v: UnsafePointer<Float>, mask: UnsafePointer<Int32>, geometry g: AttentionGeometry,
                               dropout: AttentionDropout?) throws {
-        let t = g.tokens, d = g.headSize
-        let products = try Products(g, [(t, t, d, g.packedStrides, g.transposedPackedStrides, g.pairStrides, g.scale, 0),
-                                        (t, d, t, g.pairStrides, g.packedStrides, g.headStrides, 1, 0)])
+        let t = g.tokens
+        let products = try Products(g, Products.forward(g))
         let x = roundedInputs(g, [q, k, v])
         let (q16, k16, v16, p16) = (x[0], x[1], x[2], x[3])
         // Scores = scale * Q K^T, straight into the probabilities' buffer.
@@ -224,11 +246,8 @@ public enum Attention {
                                gradOutput: UnsafePointer<Float>, probabilities: UnsafePointer<Float>, q: UnsafePointer<Float>,
                                k: UnsafePointer<Float>, v: UnsafePointer<Float>, geometry g: AttentionGeometry,
                                workspace: UnsafeMutablePointer<Float>, dropout: AttentionDropout?) throws {
-        let t = g.tokens, d = g.headSize
-        let products = try Products(g, [(t, d, t, g.transposedPairStrides, g.packedStrides, g.headStrides, 1, 1),
-                                        (t, t, d, g.packedStrides, g.transposedPackedStrides, g.pairStrides, 1, 0),
-                                        (t, d, t, g.pairStrides, g.packedStrides, g.headStrides, g.scale, 1),
-                                        (t, d, t, g.transposedPairStrides, g.packedStrides, g.headStrides, g.scale, 1)])
+        let t = g.tokens
+        let products = try Products(g, Products.backward(g))
         let x = roundedInputs(g, [q, k, v, gradOutput])
         let (q16, k16, v16, dO16, pairs16) = (x[0], x[1], x[2], x[3], x[4])
         // dV += P'^T dO, with P' the (dropped) weights that multiplied V.

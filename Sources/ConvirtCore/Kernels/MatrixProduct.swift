@@ -22,11 +22,14 @@ public func gemm(
 ) {
     var beta = beta
     precondition(bias == nil || beta == 0, "gemm: a bias with beta \(beta)")
-    let fusesBias = precision == .bf16 && native && parallel && m > 0 && n > 0 && k > 0
-    if let bias, !fusesBias {
+    /// Off oneDNN the bias is C's starting value and the product adds to it.
+    func biasAsStart() {
+        guard let bias else { return }
         for r in 0..<m { (c + r * ldc).update(from: bias, count: n) }
         beta = 1
     }
+    let onDNNL = precision == .bf16 && native && parallel && m > 0 && n > 0 && k > 0
+    if !onDNNL { biasAsStart() }
     guard precision == .bf16, m > 0, n > 0, k > 0 else {
         sgemm(transposeA: transposeA, transposeB: transposeB, m: m, n: n, k: k, alpha: alpha, a: a, lda: lda, b: b, ldb: ldb,
               beta: beta, c: c, ldc: ldc, parallel: parallel)
@@ -36,7 +39,7 @@ public func gemm(
     let (aRows, aColumns) = transposeA ? (k, m) : (m, k)
     let (bRows, bColumns) = transposeB ? (n, k) : (k, n)
     let scratch = ThreadScratch.current
-    if native && parallel {
+    if onDNNL {
         let key = MatmulPrimitive.Key(m: m, n: n, k: k, transposeA: transposeA, transposeB: transposeB, ldc: ldc, alpha: alpha, beta: beta,
                                       bias: bias != nil)
         do {
@@ -49,10 +52,7 @@ public func gemm(
             return
         } catch {
             // A shape oneDNN refuses (none is known): the exact emulation below computes the same.
-            if let bias {
-                for r in 0..<m { (c + r * ldc).update(from: bias, count: n) }
-                beta = 1
-            }
+            biasAsStart()
         }
     }
     let base = scratch.ensure(bytes: 4 * (m * k + k * n) + 128).bindMemory(to: Float.self, capacity: m * k + k * n + 32)
@@ -112,9 +112,12 @@ final class MatmulPrimitive: @unchecked Sendable {
         var b = try strided(k, n, key.bStrides, dnnl_bf16)
         var c = try strided(m, n, key.cStrides, dnnl_f32)
         var desc = dnnl_matmul_desc_t()
-        var biasDesc = try strided(1, n, [n, 1], dnnl_f32)
         try require(!key.bias || key.batch.isEmpty, what, "a bias on a batched product")
-        let status = withUnsafePointer(to: &biasDesc) { dnnl_matmul_desc_init(&desc, &a, &b, key.bias ? $0 : nil, &c) }
+        var biasDesc = key.bias ? try strided(1, n, [n, 1], dnnl_f32) : nil
+        let status = withUnsafeMutablePointer(to: &biasDesc) { bias in
+            bias.pointee == nil ? dnnl_matmul_desc_init(&desc, &a, &b, nil, &c)
+                : withUnsafePointer(to: &bias.pointee!) { dnnl_matmul_desc_init(&desc, &a, &b, $0, &c) }
+        }
         try dnnlCheck(status, what)
         var attributes: dnnl_primitive_attr_t? = nil
         var postOps: dnnl_post_ops_t? = nil
@@ -134,7 +137,7 @@ final class MatmulPrimitive: @unchecked Sendable {
         }
         primitive = try withUnsafePointer(to: &desc) { try DNNLPrimitive(UnsafeRawPointer($0), attributes: attributes, what) }
         aDesc = a; bDesc = b; cDesc = c
-        self.biasDesc = key.bias ? biasDesc : nil
+        self.biasDesc = biasDesc
     }
 
     /// `bias`: [n], where the key has one.

@@ -31,16 +31,20 @@ let package = Package(
         .systemLibrary(name: "CLibJPEG", pkgConfig: "libjpeg", providers: [.apt(["libjpeg-dev"])]),
         .systemLibrary(name: "CLibPNG", pkgConfig: "libpng", providers: [.apt(["libpng-dev"])]),
         // oneDNN: Debian's package ships no pkg-config file; the headers and library are on the default paths.
-        .systemLibrary(name: "CDNNL", providers: [.apt(["libdnnl-dev"])]),
+        // It links libgomp too (its OpenMP runtime, which our parallel loops share): libgomp.so is GCC's.
+        .systemLibrary(name: "CDNNL", providers: [.apt(["libdnnl-dev", "libgcc-12-dev"])]),
 
         // C shims for what Swift cannot import: MPI's handle macros, and libjpeg/libpng's
         // setjmp/longjmp error handling, which must stay inside C.
         .target(name: "CMPI", dependencies: ["COpenMPI"]),
         .target(name: "CCodecs", dependencies: ["CLibJPEG", "CLibPNG"]),
+        // Pointwise kernels built for each x86 vector ISA and chosen at load time (see ckernels.h);
+        // no contraction into FMA, so every clone computes the same bits.
+        .target(name: "CKernels", cSettings: [.unsafeFlags(["-O3", "-ffp-contract=off"])]),
 
         .target(
             name: "ConvirtCore",
-            dependencies: ["COpenBLAS", "CDNNL", .product(name: "RealModule", package: "swift-numerics")]
+            dependencies: ["COpenBLAS", "CDNNL", "CKernels", .product(name: "RealModule", package: "swift-numerics")]
         ),
         .target(name: "ConvirtIO", dependencies: ["ConvirtCore", "CZstd", "CZlib", "CCodecs"]),
         .target(name: "ConvirtDistributed", dependencies: ["ConvirtCore", "CMPI"]),

@@ -7,6 +7,12 @@ missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
 done
+# libgomp.so, the link-time name of oneDNN's OpenMP runtime (CDNNL links it: our parallel loops run on
+# oneDNN's threads), ships with GCC's libgcc-N-dev, the one the Swift toolchain links with.
+if ! ls /usr/lib/gcc/*/*/libgomp.so >/dev/null 2>&1; then
+  gcc_version=$(ls /usr/lib/gcc/x86_64-linux-gnu 2>/dev/null | sort -V | tail -1)
+  missing+=("libgcc-${gcc_version:-12}-dev")
+fi
 if [ ${#missing[@]} -eq 0 ]; then exit 0; fi
 echo "installing Debian packages: ${missing[*]}"
 sudo=""

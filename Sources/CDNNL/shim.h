@@ -14,3 +14,10 @@ static inline int cdnnl_arg_from(void) { return DNNL_ARG_FROM; }
 static inline int cdnnl_arg_scratchpad(void) { return DNNL_ARG_SCRATCHPAD; }
 static inline int cdnnl_arg_to(void) { return DNNL_ARG_TO; }
 #include <oneapi/dnnl/dnnl_debug.h>
+
+// libgomp, the OpenMP runtime Debian's oneDNN runs on: the entry point GCC compiles `#pragma omp parallel`
+// to, so that our own parallel loops run on oneDNN's thread team instead of a second pool of threads
+// (one team of N threads for every kernel: no spinning OpenMP workers beside Dispatch's).
+extern void GOMP_parallel(void (*fn)(void *), void *data, unsigned num_threads, unsigned flags);
+extern int omp_get_thread_num(void);
+extern int omp_get_num_threads(void);

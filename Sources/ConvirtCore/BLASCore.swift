@@ -62,10 +62,12 @@ public enum BLASCore {
 
     /// What convirt sets before the libraries load, where nobody set it: `OPENBLAS_CORETYPE` when OpenBLAS
     /// chose a worse core than the CPU supports, and `OMP_WAIT_POLICY=passive`. Debian's oneDNN runs on
-    /// libgomp, whose threads by default spin after each primitive, and on a rank's N cores they then
-    /// compete with the Dispatch threads of the kernels that follow (BatchNorm, ReLU, the products on
-    /// OpenBLAS): measured on a 2-core AMD EPYC, the paper step with its spatial convolutions on oneDNN
-    /// took 1.06x as long as im2col + sgemm with spinning threads and 0.94x with passive ones.
+    /// libgomp, and so do our own loops (`Parallel`): one team of N threads per rank. Spinning threads
+    /// (`active`) start the next region sooner, and a rank alone on its cores ran the paper step 3-7%
+    /// faster with them (2-core AMD EPYC, bf16 2.03-2.21 s against 2.29-2.40 s); but they keep their
+    /// cores busy between regions, and with two processes on those 2 cores a step took 12-15 s with
+    /// spinning threads against 4.4-7.2 s with passive ones. So passive, the policy that cannot collapse,
+    /// unless the user sets OMP_WAIT_POLICY (a rank that owns its cores gains with `active`).
     public static func preferredEnvironment(_ env: [String: String], flags: Set<String>, vendor: String, picked: String) -> [String: String] {
         var changes: [String: String] = [:]
         if env["OPENBLAS_CORETYPE"] == nil, let core = preferred(flags: flags, vendor: vendor, picked: picked) {

@@ -1,8 +1,10 @@
-import Dispatch
+import CDNNL
 
 /// Data parallelism for every kernel: products (split into blocks of rows or columns, see `sgemm`),
 /// BatchNorm, im2col and the pointwise layers. Work is split by independent units (channels, rows,
-/// element ranges, blocks of a product), and every unit is computed as in one thread.
+/// element ranges, blocks of a product), and every unit is computed as in one thread. The chunks run on
+/// libgomp's team, the OpenMP threads oneDNN's primitives run on: one set of N threads for a rank's
+/// whole step (before, Dispatch's pool ran our loops beside oneDNN's idle, spinning or sleeping, team).
 public enum Parallel {
     nonisolated(unsafe) public static var threads = 1
 
@@ -21,23 +23,44 @@ public enum Parallel {
             body(0, 0..<count)
             return
         }
-        let parts = min(t, count)
+        region(count, parts: min(t, count), body)
+    }
+
+    /// body(part, range) for the `parts` equal chunks of 0..<count, on oneDNN's OpenMP team: the same
+    /// threads run our loops and oneDNN's primitives, so neither waits for the other's threads to yield
+    /// a core. A smaller team (a region inside a region) takes several parts per thread.
+    @usableFromInline
+    static func region(_ count: Int, parts: Int, _ body: (Int, Range<Int>) -> Void) {
         withoutActuallyEscaping(body) { body in
-            let box = UncheckedBox(body)
-            DispatchQueue.concurrentPerform(iterations: parts) { part in
-                let lo = count * part / parts, hi = count * (part + 1) / parts
-                if lo < hi { box.value(part, lo..<hi) }
+            var work = Region(count: count, parts: parts, body: body)
+            withUnsafeMutablePointer(to: &work) { pointer in
+                GOMP_parallel({ raw in
+                    let work = raw!.assumingMemoryBound(to: Region.self).pointee
+                    let team = max(Int(omp_get_num_threads()), 1)
+                    var part = Int(omp_get_thread_num())
+                    while part < work.parts {
+                        let lo = work.count * part / work.parts, hi = work.count * (part + 1) / work.parts
+                        if lo < hi { work.body(part, lo..<hi) }
+                        part += team
+                    }
+                }, pointer, UInt32(parts), 0)
             }
         }
     }
 
     /// Uses `count` threads for every kernel, products included; OpenBLAS itself stays single-threaded,
-    /// and oneDNN's OpenMP team has `count` threads (its primitives never run beside our own loops).
+    /// and oneDNN's OpenMP team, which also runs our loops, has `count` threads.
     public static func setThreads(_ count: Int) {
         threads = max(1, count)
         BLASThreads.set(1)
         DNNL.setThreads(threads)
     }
+}
+
+/// One parallel region's work, handed to the OpenMP team by pointer.
+private struct Region {
+    let count: Int, parts: Int
+    let body: (Int, Range<Int>) -> Void
 }
 
 /// Hands a non-Sendable value to concurrent work that the caller keeps race-free.

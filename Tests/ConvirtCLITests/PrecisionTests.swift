@@ -17,8 +17,15 @@ struct PrecisionCLITests {
     /// moves its bf16 value by 2^-8 relative, and the runs part from there. Measured on the tiny preset
     /// (2-core Xeon, AVX512-BF16): as fp32 products of rounded inputs, -np 1, 2, 4 within 7e-8 over the 20
     /// steps; on oneDNN's bf16 kernels, equal up to step 16, then -np 2 at 9e-5, 6e-4 and 8e-4 at steps
-    /// 17-19 (-np 4 equal throughout). Held to fp32's bound (`lossBound`: 1e-4 over the first 10 steps,
-    /// 2e-3 after) on each backend this CPU runs. bf16 itself is about 1e-2 from fp32 there.
+    /// 17-19 (-np 4 equal throughout). When the flip comes is chance: with BatchNorm's sums in 16 lanes
+    /// (an AMD EPYC, AVX512-BF16), fp32 products of rounded inputs gave -np 1 and 2 equal bits up to step
+    /// 8, then 1.2e-4 at step 9 and up to 8e-3 over steps 15-17, while seeds 7 and 11 stayed equal for all
+    /// 20 steps. So `bf16Bound`: 1e-4 up to step 8 (a wrong reduction shows there), then 1e-2, the size of
+    /// bf16's own distance from fp32 (about 1e-2 here): past a flip the world sizes are as far apart as
+    /// two bf16 runs can be, and no further.
+    /// The relative bound on a step's loss between world sizes in bf16 (see `worldSizeInvariance`).
+    static func bf16Bound(step: Int) -> Double { step <= 8 ? 1e-4 : 1e-2 }
+
     @Test("bf16 under mpirun: -np 1, 2, 4 agree within bf16's bound on each backend, and differ from fp32 by bf16 rounding")
     func worldSizeInvariance() throws {
         let fp32 = try shared.rows(np: 1)
@@ -33,7 +40,7 @@ struct PrecisionCLITests {
                 let rows = try shared.rows(np: np, ["--precision", "bf16"], environment: environment)
                 #expect(rows.count == 20 && rows.allSatisfy { $0.world_size == np })
                 for (a, b) in zip(one, rows) {
-                    #expect(abs(a.loss - b.loss) <= DistributedTrainingTests.lossBound(step: a.step) * abs(a.loss), "bf16 (\(backend)) step \(a.step): \(a.loss) vs \(b.loss) with \(np) ranks")
+                    #expect(abs(a.loss - b.loss) <= Self.bf16Bound(step: a.step) * abs(a.loss), "bf16 (\(backend)) step \(a.step): \(a.loss) vs \(b.loss) with \(np) ranks")
                 }
             }
         }

@@ -44,6 +44,40 @@ struct FusedKernelTests {
         #expect(map([-100, -87.5, 0]) { VectorMath.exp($0) } == [0, 0, 1])
     }
 
+    @Test("the C kernels built per vector ISA (GELU forward and backward, bf16 rounding) give the Swift loops' bits")
+    func clonedKernels() {
+        // Every 4099th float bit pattern (NaNs, infinities, subnormals, both signs), then a dense grid
+        // over GELU's working range, at a length that is no multiple of any vector width.
+        var xs = stride(from: UInt64(0), through: 0xffff_ffff, by: 4099).map { Float(bitPattern: UInt32($0)) }
+        xs += (0...200_001).map { Float(-20 + 40 * Double($0) / 200_001) }
+        let n = xs.count
+        let dy = (0..<n).map { Float(($0 % 97) - 48) / 16 }
+        var fast = [Float](repeating: 0, count: n), slow = fast
+        // The first input whose two results differ in any bit (nil: none); NaN matches any NaN (which
+        // operand's payload a product passes on depends on the operand order the compiler picked).
+        func firstDifference(_ a: [Float], _ b: [Float]) -> String? {
+            guard let i = a.indices.first(where: { a[$0].bitPattern != b[$0].bitPattern && !(a[$0].isNaN && b[$0].isNaN) }) else { return nil }
+            return "x \(xs[i]) (bits \(String(xs[i].bitPattern, radix: 16))): \(a[i]) against \(b[i])"
+        }
+        GELU.forward(output: &fast, input: xs, count: n)
+        GELU.forwardReference(output: &slow, input: xs, count: n)
+        let forward = firstDifference(fast, slow)
+        #expect(forward == nil, "GELU forward: \(forward ?? "")")
+        for accumulate in [false, true] {
+            fast = dy.map { $0 * 0.5 }; slow = fast
+            GELU.backward(gradInput: &fast, gradOutput: dy, input: xs, count: n, accumulate: accumulate)
+            GELU.backwardReference(gradInput: &slow, gradOutput: dy, input: xs, count: n, accumulate: accumulate)
+            let backward = firstDifference(fast, slow)
+            #expect(backward == nil, "GELU backward, accumulate \(accumulate): \(backward ?? "")")
+        }
+        BF16.round(&fast, xs, count: n)
+        let rounding = firstDifference(fast, xs.map { BF16.round($0) })
+        #expect(rounding == nil, "bf16 rounding: \(rounding ?? "")")
+        var bits = [UInt16](repeating: 0, count: n)
+        BF16.convertBlock(&bits, xs, rows: 1, columns: n, ld: n, parallel: false)
+        #expect(bits.elementsEqual(xs.lazy.map { BF16.bits($0) }), "bf16 bits")
+    }
+
     @Test("BatchNorm with a fused ReLU equals BatchNorm then ReLU, forward and backward (training and evaluation)",
           arguments: [(2, 3, 17), (3, 2, 64), (1, 5, 1)])
     func batchNormReLU(n: Int, c: Int, plane: Int) throws {

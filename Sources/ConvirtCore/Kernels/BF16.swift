@@ -11,6 +11,7 @@
 // accumulation differs from oneDNN's. That costs an extra pass over the inputs, and lets every CPU
 // run, test and resume a bf16 run.
 
+import CKernels
 import CDNNL
 #if canImport(Glibc)
 import Glibc
@@ -61,9 +62,7 @@ public enum BF16 {
 
     /// dst[i] = round(src[i]) for i in 0..<count (dst may be src).
     public static func round(_ dst: UnsafeMutablePointer<Float>, _ src: UnsafePointer<Float>, count: Int, parallel: Bool = true) {
-        let body = { (range: Range<Int>) in
-            for i in range { dst[i] = round(src[i]) }
-        }
+        let body = { (range: Range<Int>) in ck_bf16_round(dst + range.lowerBound, src + range.lowerBound, range.count) }
         if parallel { Parallel.chunks(count, cost: 1, body) } else { body(0..<count) }
     }
 
@@ -73,20 +72,18 @@ public enum BF16 {
         if ld == columns { round(dst, src, count: rows * columns, parallel: parallel); return }
         let body = { (range: Range<Int>) in
             for r in range {
-                let s = src + r * ld, d = dst + r * columns
-                for c in 0..<columns { d[c] = round(s[c]) }
+                ck_bf16_round(dst + r * columns, src + r * ld, columns)
             }
         }
         if parallel { Parallel.chunks(rows, cost: columns, body) } else { body(0..<rows) }
     }
 
     /// Converts a rows x columns block stored with leading dimension `ld` into compact bf16 bits.
-    static func convertBlock(_ dst: UnsafeMutablePointer<UInt16>, _ src: UnsafePointer<Float>, rows: Int, columns: Int, ld: Int,
+    public static func convertBlock(_ dst: UnsafeMutablePointer<UInt16>, _ src: UnsafePointer<Float>, rows: Int, columns: Int, ld: Int,
                              parallel: Bool) {
         let body = { (range: Range<Int>) in
             for r in range {
-                let s = src + r * ld, d = dst + r * columns
-                for c in 0..<columns { d[c] = bits(s[c]) }
+                ck_bf16_bits(dst + r * columns, src + r * ld, columns)
             }
         }
         if parallel { Parallel.chunks(rows, cost: columns, body) } else { body(0..<rows) }

@@ -1,24 +1,20 @@
 // Batch normalisation over [N, C, H, W] or [N, H, W, C] (ChannelsLast.swift) (Ioffe & Szegedy 2015), as torch.nn.BatchNorm2d: biased batch
 // variance in the normalisation, unbiased variance in the running estimate, momentum 0.1 by default.
 
+import CKernels
+
 /// Sums the per-channel statistics of every rank in place (SyncBN). `nil` means this rank alone; a
 /// failure (of the collective) is thrown out of the pass.
 /// The buffer holds doubles so that the sums of a large global batch keep their precision.
 public typealias StatisticsReducer = (UnsafeMutableBufferPointer<Double>) throws -> Void
 
-/// Sums of long float runs: float accumulation inside blocks of 256 (vectorised), double across blocks,
-/// so the error does not grow with the length of the run the way one naive float sum does.
+/// Sums of long float runs: float accumulation in 16 lanes inside blocks of 256 (`ck_blocked_sums`,
+/// vectorized for this CPU), double across blocks, so the error does not grow with the length of the
+/// run the way one naive float sum does.
 @inline(__always)
 func blockedSums(_ x: UnsafePointer<Float>, _ count: Int) -> (sum: Double, squares: Double) {
     var sum = 0.0, squares = 0.0
-    var start = 0
-    while start < count {
-        let end = min(start + 256, count)
-        var s: Float = 0, q: Float = 0
-        for i in start..<end { let v = x[i]; s += v; q += v * v }
-        sum += Double(s); squares += Double(q)
-        start = end
-    }
+    ck_blocked_sums(x, count, &sum, &squares)
     return (sum, squares)
 }
 
@@ -28,18 +24,7 @@ func blockedSums(_ x: UnsafePointer<Float>, _ count: Int) -> (sum: Double, squar
 func blockedGradientSums(_ dy: UnsafePointer<Float>, _ x: UnsafePointer<Float>, mask: UnsafePointer<Float>?, mean: Float, invStd: Float,
                          _ count: Int) -> (Double, Double) {
     var sum = 0.0, product = 0.0
-    var start = 0
-    while start < count {
-        let end = min(start + 256, count)
-        var s: Float = 0, q: Float = 0
-        if let mask {
-            for i in start..<end { let d = dy[i], g = mask[i] > 0 ? d : 0; s += g; q += g * (x[i] - mean) }
-        } else {
-            for i in start..<end { let g = dy[i]; s += g; q += g * (x[i] - mean) }
-        }
-        sum += Double(s); product += Double(q) * Double(invStd)
-        start = end
-    }
+    ck_blocked_gradient_sums(dy, x, mask, mean, invStd, count, &sum, &product)
     return (sum, product)
 }
 

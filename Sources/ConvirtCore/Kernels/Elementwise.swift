@@ -1,5 +1,7 @@
 // Pointwise layers: ReLU, GELU (erf form, as BERT), residual add, dropout.
 
+import CKernels
+
 public enum ReLU {
     /// output = max(input, 0); output may alias input. [count]
     public static func forward(output: UnsafeMutablePointer<Float>, input: UnsafePointer<Float>, count: Int) {
@@ -22,11 +24,15 @@ public enum GELU {
     /// output = x * Phi(x) = 0.5 * x * (1 + erf(x / sqrt 2)), BERT's exact GELU (Phi to 3e-7, see
     /// `VectorMath`). [count]
     public static func forward(output: UnsafeMutablePointer<Float>, input: UnsafePointer<Float>, count: Int) {
-        Parallel.chunks(count, cost: 20) { r in
-            for i in r {
-                let x = input[i]
-                output[i] = x * VectorMath.normalCDFAndDensity(x).cdf
-            }
+        // ck_gelu_forward: the loop below, vectorized for this CPU's ISA (equal bits).
+        Parallel.chunks(count, cost: 20) { r in ck_gelu_forward(output + r.lowerBound, input + r.lowerBound, r.count) }
+    }
+
+    /// `forward` as a plain Swift loop (the oracle of the C kernel's bits).
+    public static func forwardReference(output: UnsafeMutablePointer<Float>, input: UnsafePointer<Float>, count: Int) {
+        for i in 0..<count {
+            let x = input[i]
+            output[i] = x * VectorMath.normalCDFAndDensity(x).cdf
         }
     }
 
@@ -34,6 +40,15 @@ public enum GELU {
     public static func backward(gradInput: UnsafeMutablePointer<Float>, gradOutput: UnsafePointer<Float>,
                                 input: UnsafePointer<Float>, count: Int, accumulate: Bool = true) {
         Parallel.chunks(count, cost: 30) { r in
+            ck_gelu_backward(gradInput + r.lowerBound, gradOutput + r.lowerBound, input + r.lowerBound, r.count, accumulate ? 1 : 0)
+        }
+    }
+
+    /// `backward` as a plain Swift loop (the oracle of the C kernel's bits).
+    public static func backwardReference(gradInput: UnsafeMutablePointer<Float>, gradOutput: UnsafePointer<Float>,
+                                         input: UnsafePointer<Float>, count: Int, accumulate: Bool = true) {
+        do {
+            let r = 0..<count
             if accumulate {
                 for i in r {
                     let x = input[i]

@@ -1,0 +1,24 @@
+// Pointwise kernels compiled once per x86 vector ISA (AVX-512, AVX2, baseline) and chosen at load
+// time by the CPU (target_clones: an ifunc resolved from cpuid). Swift compiles for the baseline
+// ISA only, so its loops run 4 floats wide; these run 16 wide where the CPU allows. Every clone does
+// the same IEEE operations in the same order (no contraction into FMA), so all give the bits of the
+// Swift loops they replace, on any CPU.
+#pragma once
+#include <stdint.h>
+
+// y[i] = x[i] * Phi(x[i]) (BERT's exact GELU, Phi as VectorMath.normalCDFAndDensity); y may be x, dx may be dy.
+void ck_gelu_forward(float *y, const float *x, long count);
+// dx[i] (+)= dy[i] * (Phi(x[i]) + x[i] * phi(x[i])); accumulate 0 overwrites dx.
+void ck_gelu_backward(float *dx, const float *dy, const float *x, long count, int accumulate);
+// dst[i] = the bf16 bits of src[i] rounded to nearest even (NaN stays a quiet NaN).
+void ck_bf16_bits(uint16_t *dst, const float *src, long count);
+// dst[i] = src[i] rounded to bf16 (as a float); dst may be src.
+void ck_bf16_round(float *dst, const float *src, long count);
+
+// BatchNorm's sums over one run of a plane: float accumulation in 16 lanes inside blocks of 256
+// elements (element i of a block into lane i % 16, the lanes then added in order), double across
+// blocks. sum(x) and sum(x^2):
+void ck_blocked_sums(const float *x, long count, double *sum, double *squares);
+// sum(g) and sum(g * (x - mean)) * invStd with g = dy, or g = dy where mask > 0 (mask may be NULL):
+void ck_blocked_gradient_sums(const float *dy, const float *x, const float *mask, float mean, float inv_std, long count,
+                              double *sum, double *product);

@@ -1,0 +1,148 @@
+#include "ckernels.h"
+#include <string.h>
+
+#if defined(__x86_64__) && defined(__ELF__)
+#define CK_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define CK_CLONES
+#endif
+
+static inline float bits_to_float(uint32_t b) { float f; memcpy(&f, &b, 4); return f; }
+static inline uint32_t float_to_bits(float f) { uint32_t b; memcpy(&b, &f, 4); return b; }
+
+// Swift's max(a, b) and min(a, b) for floats: the second operand where it compares so, else the first.
+static inline float swift_max(float a, float b) { return b >= a ? b : a; }
+static inline float swift_min(float a, float b) { return b < a ? b : a; }
+
+// VectorMath.exp, operation for operation.
+static inline float ck_exp(float input) {
+    const float y = swift_min(swift_max(input, -87.0f), 88.0f);
+    const float shifter = 12582912.0f;
+    const float shifted = y * 1.4426950408889634f + shifter;
+    const float n = shifted - shifter;
+    const float r = y - n * 0.693359375f + n * 2.1219444005469058e-4f;
+    float p = 1.0f / 720.0f;
+    p = p * r + 1.0f / 120.0f;
+    p = p * r + 1.0f / 24.0f;
+    p = p * r + 1.0f / 6.0f;
+    p = p * r + 0.5f;
+    p = p * r + 1.0f;
+    p = p * r + 1.0f;
+    const float scale = bits_to_float((float_to_bits(shifted) - float_to_bits(shifter) + 127u) << 23);
+    return input < -87.4f ? 0.0f : p * scale;
+}
+
+// VectorMath.normalCDFAndDensity.
+static inline void ck_normal(float x, float *cdf, float *density) {
+    const float gaussian = ck_exp(-0.5f * x * x);
+    const float z = bits_to_float(float_to_bits(x) & 0x7fffffffu) * 0.7071067811865476f;
+    const float t = 1.0f / (1.0f + 0.3275911f * z);
+    float q = 1.061405429f;
+    q = q * t - 1.453152027f;
+    q = q * t + 1.421413741f;
+    q = q * t - 0.284496736f;
+    q = q * t + 0.254829592f;
+    const float half_tail = 0.5f * q * t * gaussian;
+    *cdf = x < 0 ? half_tail : 1.0f - half_tail;
+    *density = gaussian * 0.3989422804014327f;
+}
+
+CK_CLONES void ck_gelu_forward(float *y, const float *x, long count) {
+    for (long i = 0; i < count; i++) {
+        float cdf, density;
+        ck_normal(x[i], &cdf, &density);
+        y[i] = x[i] * cdf;
+    }
+}
+
+CK_CLONES void ck_gelu_backward(float *dx, const float *dy, const float *x, long count, int accumulate) {
+    if (accumulate) {
+        for (long i = 0; i < count; i++) {
+            float cdf, density;
+            ck_normal(x[i], &cdf, &density);
+            dx[i] += dy[i] * (cdf + x[i] * density);
+        }
+    } else {
+        for (long i = 0; i < count; i++) {
+            float cdf, density;
+            ck_normal(x[i], &cdf, &density);
+            dx[i] = dy[i] * (cdf + x[i] * density);
+        }
+    }
+}
+
+// BF16.round on the bits.
+static inline uint32_t ck_round_bits(uint32_t b) {
+    const uint32_t nan = (b | 0x00400000u) & 0xffff0000u;
+    const uint32_t rounded = (b + 0x7fffu + ((b >> 16) & 1u)) & 0xffff0000u;
+    return (b & 0x7fffffffu) > 0x7f800000u ? nan : rounded;
+}
+
+CK_CLONES void ck_bf16_bits(uint16_t *restrict dst, const float *restrict src, long count) {
+    for (long i = 0; i < count; i++) dst[i] = (uint16_t)(ck_round_bits(float_to_bits(src[i])) >> 16);
+}
+
+CK_CLONES void ck_bf16_round(float *dst, const float *src, long count) {
+    for (long i = 0; i < count; i++) dst[i] = bits_to_float(ck_round_bits(float_to_bits(src[i])));
+}
+
+enum { CK_LANES = 16, CK_BLOCK = 256 };
+
+// 16 float lanes as one value (lowered to one AVX-512 register, two AVX2 or four SSE ones): the lanes'
+// arithmetic is elementwise, so every clone computes the same sums.
+typedef float ck_v16 __attribute__((vector_size(64), aligned(4)));
+typedef int ck_i16 __attribute__((vector_size(64), aligned(4)));
+
+// (Macros rather than functions: a function taking or returning ck_v16 would need one ABI per clone.)
+#define ck_load(p) (*(const ck_v16 *)(p))
+#define ck_lane_total(lanes, total) do { float t_ = 0; for (int l_ = 0; l_ < CK_LANES; l_++) t_ += (lanes)[l_]; (total) = t_; } while (0)
+
+CK_CLONES void ck_blocked_sums(const float *restrict x, long count, double *sum, double *squares) {
+    double total = 0, total_squares = 0;
+    for (long start = 0; start < count; start += CK_BLOCK) {
+        const long end = start + CK_BLOCK < count ? start + CK_BLOCK : count;
+        ck_v16 s = {0}, q = {0};
+        long i = start;
+        for (; i + CK_LANES <= end; i += CK_LANES) { const ck_v16 v = ck_load(x + i); s += v; q += v * v; }
+        for (int l = 0; i < end; i++, l++) { const float v = x[i]; s[l] += v; q[l] += v * v; }
+        float block_sum, block_squares;
+        ck_lane_total(s, block_sum);
+        ck_lane_total(q, block_squares);
+        total += (double)block_sum;
+        total_squares += (double)block_squares;
+    }
+    *sum = total;
+    *squares = total_squares;
+}
+
+CK_CLONES void ck_blocked_gradient_sums(const float *restrict dy, const float *restrict x, const float *restrict mask, float mean,
+                                        float inv_std, long count, double *sum, double *product) {
+    double total = 0, total_product = 0;
+    const ck_v16 zero = {0};
+    for (long start = 0; start < count; start += CK_BLOCK) {
+        const long end = start + CK_BLOCK < count ? start + CK_BLOCK : count;
+        ck_v16 s = {0}, q = {0};
+        long i = start;
+        if (mask) {
+            for (; i + CK_LANES <= end; i += CK_LANES) {
+                // dy where mask > 0, else +0 (the comparison gives all-ones or zero lanes).
+                const ck_v16 g = (ck_v16)((ck_i16)ck_load(dy + i) & (ck_load(mask + i) > zero));
+                s += g; q += g * (ck_load(x + i) - mean);
+            }
+            for (int l = 0; i < end; i++, l++) { const float d = dy[i], g = mask[i] > 0 ? d : 0.0f; s[l] += g; q[l] += g * (x[i] - mean); }
+        } else {
+            for (; i + CK_LANES <= end; i += CK_LANES) {
+                const ck_v16 g = ck_load(dy + i);
+                s += g; q += g * (ck_load(x + i) - mean);
+            }
+            for (int l = 0; i < end; i++, l++) { const float g = dy[i]; s[l] += g; q[l] += g * (x[i] - mean); }
+        }
+        float block_sum, block_product;
+        ck_lane_total(s, block_sum);
+        ck_lane_total(q, block_product);
+        total += (double)block_sum;
+        total_product += (double)block_product * (double)inv_std;
+    }
+    *sum = total;
+    *product = total_product;
+}

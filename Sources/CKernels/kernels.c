@@ -146,3 +146,27 @@ CK_CLONES void ck_blocked_gradient_sums(const float *restrict dy, const float *r
     *sum = total;
     *product = total_product;
 }
+
+CK_CLONES void ck_softmax_rows(float *restrict p, const int32_t *restrict valid, long rows, long tokens) {
+    for (long i = 0; i < rows; i++) {
+        float *restrict row = p + i * tokens;
+        float m = -__builtin_inff();
+        for (long j = 0; j < tokens; j++) {
+            const float v = valid[j] != 0 ? row[j] : -__builtin_inff();
+            m = v > m ? v : m;
+        }
+        // e^(x - max) at valid keys, 0 at masked ones (a select: the loop vectorizes).
+        for (long j = 0; j < tokens; j++) {
+            const float e = ck_exp(row[j] - m);
+            row[j] = valid[j] != 0 ? e : 0.0f;
+        }
+        ck_v16 lanes = {0};
+        long j = 0;
+        for (; j + CK_LANES <= tokens; j += CK_LANES) lanes += ck_load(row + j);
+        for (int l = 0; j < tokens; j++, l++) lanes[l] += row[j];
+        float s;
+        ck_lane_total(lanes, s);
+        const float inv = 1.0f / s;
+        for (long k = 0; k < tokens; k++) row[k] *= inv;
+    }
+}

@@ -22,3 +22,7 @@ void ck_blocked_sums(const float *x, long count, double *sum, double *squares);
 // sum(g) and sum(g * (x - mean)) * invStd with g = dy, or g = dy where mask > 0 (mask may be NULL):
 void ck_blocked_gradient_sums(const float *dy, const float *x, const float *mask, float mean, float inv_std, long count,
                               double *sum, double *product);
+
+// Each of the `rows` rows of `p` ([rows, tokens]) in place -> softmax over the keys j with valid[j] != 0
+// (masked keys get 0): the row's maximum subtracted, e^x as VectorMath.exp, the sum in 16 lanes.
+void ck_softmax_rows(float *p, const int32_t *valid, long rows, long tokens);

@@ -6,6 +6,7 @@
 // on oneDNN (`BF16.native`) each product is one batched matmul over every sample and head, reading q,
 // k, v and writing the output and gradients where they lie ([B, T, H*D] as [B, H, T, D] by strides).
 
+import CKernels
 import RealModule
 
 public struct AttentionGeometry: Sendable, Equatable {
@@ -105,26 +106,11 @@ public enum Attention {
         BF16.oneDNNRunsBF16 && (try? Products(g, Products.forward(g) + Products.backward(g))) != nil
     }
 
-    /// Each of the t rows of scores [t, t] in place -> softmax over the valid keys (masked keys get 0).
+    /// Each of the t rows of scores [t, t] in place -> softmax over the valid keys (masked keys get 0),
+    /// in C vectorized for this CPU (`ck_softmax_rows`: VectorMath's exp, the sum in 16 lanes).
     @inline(__always)
     static func softmaxRows(_ p: UnsafeMutablePointer<Float>, valid: UnsafePointer<Int32>, tokens t: Int) {
-        for i in 0..<t {
-            let row = p + i * t
-            var m = -Float.infinity
-            for j in 0..<t where valid[j] != 0 { m = max(m, row[j]) }
-            var s: Float = 0
-            for j in 0..<t {
-                if valid[j] != 0 {
-                    let e = Float.exp(row[j] - m)
-                    row[j] = e
-                    s += e
-                } else {
-                    row[j] = 0
-                }
-            }
-            let inv = 1 / s
-            for j in 0..<t { row[j] *= inv }
-        }
+        ck_softmax_rows(p, valid, t, t)
     }
 
     /// The dropout of dP ([count]) in backward, from the forward's dropped weights instead of the

@@ -170,3 +170,56 @@ CK_CLONES void ck_softmax_rows(float *restrict p, const int32_t *restrict valid,
         for (long k = 0; k < tokens; k++) row[k] *= inv;
     }
 }
+
+enum { CK_PHILOX_BLOCKS = 16 };
+
+// The 4 words of the Philox4x32-10 blocks first..first+15 of a stream, in element order:
+// draws[4 * b + w] is word w of block first + b (philox4x32 in Random.swift, on 16 lanes).
+static inline void ck_philox_blocks(uint32_t *restrict draws, uint64_t first, uint64_t seed, uint64_t stream) {
+    uint32_t c0[CK_PHILOX_BLOCKS], c1[CK_PHILOX_BLOCKS], c2[CK_PHILOX_BLOCKS], c3[CK_PHILOX_BLOCKS];
+    for (int l = 0; l < CK_PHILOX_BLOCKS; l++) {
+        const uint64_t counter = first + (uint64_t)l;
+        c0[l] = (uint32_t)counter; c1[l] = (uint32_t)(counter >> 32);
+        c2[l] = (uint32_t)stream; c3[l] = (uint32_t)(stream >> 32);
+    }
+    uint32_t k0 = (uint32_t)seed, k1 = (uint32_t)(seed >> 32);
+    for (int round = 0; round < 10; round++) {
+        if (round > 0) { k0 += 0x9E3779B9u; k1 += 0xBB67AE85u; }
+        for (int l = 0; l < CK_PHILOX_BLOCKS; l++) {
+            const uint64_t p0 = (uint64_t)0xD2511F53u * c0[l], p1 = (uint64_t)0xCD9E8D57u * c2[l];
+            const uint32_t n0 = (uint32_t)(p1 >> 32) ^ c1[l] ^ k0, n2 = (uint32_t)(p0 >> 32) ^ c3[l] ^ k1;
+            c1[l] = (uint32_t)p1; c3[l] = (uint32_t)p0; c0[l] = n0; c2[l] = n2;
+        }
+    }
+    for (int l = 0; l < CK_PHILOX_BLOCKS; l++) {
+        draws[4 * l] = c0[l]; draws[4 * l + 1] = c1[l]; draws[4 * l + 2] = c2[l]; draws[4 * l + 3] = c3[l];
+    }
+}
+
+CK_CLONES void ck_dropout_forward(float *out, const float *in, long start, long end, uint64_t seed, uint64_t stream, uint32_t limit,
+                                  float scale) {
+    uint32_t draws[4 * CK_PHILOX_BLOCKS];
+    for (long block = start / 4; block * 4 < end; block += CK_PHILOX_BLOCKS) {
+        ck_philox_blocks(draws, (uint64_t)block, seed, stream);
+        const long base = block * 4, lo = base > start ? base : start;
+        const long hi = base + 4 * CK_PHILOX_BLOCKS < end ? base + 4 * CK_PHILOX_BLOCKS : end;
+        for (long i = lo; i < hi; i++) {
+            const float kept = in[i] * scale;
+            out[i] = draws[i - base] >= limit ? kept : 0.0f;
+        }
+    }
+}
+
+CK_CLONES void ck_dropout_backward(float *dx, const float *dy, long start, long end, uint64_t seed, uint64_t stream, uint32_t limit,
+                                   float scale) {
+    uint32_t draws[4 * CK_PHILOX_BLOCKS];
+    for (long block = start / 4; block * 4 < end; block += CK_PHILOX_BLOCKS) {
+        ck_philox_blocks(draws, (uint64_t)block, seed, stream);
+        const long base = block * 4, lo = base > start ? base : start;
+        const long hi = base + 4 * CK_PHILOX_BLOCKS < end ? base + 4 * CK_PHILOX_BLOCKS : end;
+        for (long i = lo; i < hi; i++) {
+            const float sum = dx[i] + dy[i] * scale;
+            dx[i] = draws[i - base] >= limit ? sum : dx[i];
+        }
+    }
+}

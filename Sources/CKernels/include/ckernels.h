@@ -26,3 +26,10 @@ void ck_blocked_gradient_sums(const float *dy, const float *x, const float *mask
 // Each of the `rows` rows of `p` ([rows, tokens]) in place -> softmax over the keys j with valid[j] != 0
 // (masked keys get 0): the row's maximum subtracted, e^x as VectorMath.exp, the sum in 16 lanes.
 void ck_softmax_rows(float *p, const int32_t *valid, long rows, long tokens);
+
+// Inverted dropout over the elements [start, end) of a stream's draws: element i takes word i % 4 of
+// the Philox4x32-10 block i / 4 (counter: the block index, then the stream id; key: the seed), as
+// RandomStream.uint32(at:). Forward: out[i] = draw >= limit ? in[i] * scale : 0 (out may be in).
+void ck_dropout_forward(float *out, const float *in, long start, long end, uint64_t seed, uint64_t stream, uint32_t limit, float scale);
+// Backward: dx[i] += dy[i] * scale where draw >= limit (dx unchanged elsewhere).
+void ck_dropout_backward(float *dx, const float *dy, long start, long end, uint64_t seed, uint64_t stream, uint32_t limit, float scale);

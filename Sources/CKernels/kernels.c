@@ -196,30 +196,29 @@ static inline void ck_philox_blocks(uint32_t *restrict draws, uint64_t first, ui
     }
 }
 
-CK_CLONES void ck_dropout_forward(float *out, const float *in, long start, long end, uint64_t seed, uint64_t stream, uint32_t limit,
-                                  float scale) {
+// The dropout pass over [start, end), both directions (`backward` a constant in each caller, so each
+// clone compiles two loops without the branch): forward out = keep ? in * scale : 0; backward
+// out += in * scale where kept.
+static inline __attribute__((always_inline)) void ck_dropout(float *out, const float *in, long start, long end, uint64_t seed,
+                                                              uint64_t stream, uint32_t limit, float scale, int backward) {
     uint32_t draws[4 * CK_PHILOX_BLOCKS];
     for (long block = start / 4; block * 4 < end; block += CK_PHILOX_BLOCKS) {
         ck_philox_blocks(draws, (uint64_t)block, seed, stream);
         const long base = block * 4, lo = base > start ? base : start;
         const long hi = base + 4 * CK_PHILOX_BLOCKS < end ? base + 4 * CK_PHILOX_BLOCKS : end;
         for (long i = lo; i < hi; i++) {
-            const float kept = in[i] * scale;
-            out[i] = draws[i - base] >= limit ? kept : 0.0f;
+            const float kept = backward ? out[i] + in[i] * scale : in[i] * scale, dropped = backward ? out[i] : 0.0f;
+            out[i] = draws[i - base] >= limit ? kept : dropped;
         }
     }
 }
 
+CK_CLONES void ck_dropout_forward(float *out, const float *in, long start, long end, uint64_t seed, uint64_t stream, uint32_t limit,
+                                  float scale) {
+    ck_dropout(out, in, start, end, seed, stream, limit, scale, 0);
+}
+
 CK_CLONES void ck_dropout_backward(float *dx, const float *dy, long start, long end, uint64_t seed, uint64_t stream, uint32_t limit,
                                    float scale) {
-    uint32_t draws[4 * CK_PHILOX_BLOCKS];
-    for (long block = start / 4; block * 4 < end; block += CK_PHILOX_BLOCKS) {
-        ck_philox_blocks(draws, (uint64_t)block, seed, stream);
-        const long base = block * 4, lo = base > start ? base : start;
-        const long hi = base + 4 * CK_PHILOX_BLOCKS < end ? base + 4 * CK_PHILOX_BLOCKS : end;
-        for (long i = lo; i < hi; i++) {
-            const float sum = dx[i] + dy[i] * scale;
-            dx[i] = draws[i - base] >= limit ? sum : dx[i];
-        }
-    }
+    ck_dropout(dx, dy, start, end, seed, stream, limit, scale, 1);
 }

@@ -62,10 +62,3 @@ private struct Region {
     let count: Int, parts: Int
     let body: (Int, Range<Int>) -> Void
 }
-
-/// Hands a non-Sendable value to concurrent work that the caller keeps race-free.
-@usableFromInline
-struct UncheckedBox<T>: @unchecked Sendable {
-    @usableFromInline let value: T
-    @usableFromInline init(_ value: T) { self.value = value }
-}

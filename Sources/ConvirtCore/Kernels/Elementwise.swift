@@ -47,21 +47,11 @@ public enum GELU {
     /// `backward` as a plain Swift loop (the oracle of the C kernel's bits).
     public static func backwardReference(gradInput: UnsafeMutablePointer<Float>, gradOutput: UnsafePointer<Float>,
                                          input: UnsafePointer<Float>, count: Int, accumulate: Bool = true) {
-        do {
-            let r = 0..<count
-            if accumulate {
-                for i in r {
-                    let x = input[i]
-                    let (cdf, density) = VectorMath.normalCDFAndDensity(x)
-                    gradInput[i] += gradOutput[i] * (cdf + x * density)
-                }
-            } else {
-                for i in r {
-                    let x = input[i]
-                    let (cdf, density) = VectorMath.normalCDFAndDensity(x)
-                    gradInput[i] = gradOutput[i] * (cdf + x * density)
-                }
-            }
+        for i in 0..<count {
+            let x = input[i]
+            let (cdf, density) = VectorMath.normalCDFAndDensity(x)
+            let g = gradOutput[i] * (cdf + x * density)
+            gradInput[i] = accumulate ? gradInput[i] + g : g
         }
     }
 }

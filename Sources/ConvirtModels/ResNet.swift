@@ -2,8 +2,8 @@
 // architecture and parameter names: 7x7/2 stem, 3x3/2 max pool, four stages of basic or bottleneck
 // blocks (stride on the 3x3 convolution, downsample = 1x1 conv + BN), global average pool. The output
 // is the pooled feature vector (torchvision's `fc` is not part of the encoder). The activations between
-// layers are NCHW, or NHWC where oneDNN's convolutions prefer it (`Convolution.layout`); the images
-// enter as NCHW and the features leave as [B, C] either way.
+// layers are NCHW, or NHWC or nChw16c where oneDNN's convolutions prefer those (`Convolution.layout`);
+// the images enter as NCHW and the features leave as [B, C] in every layout.
 
 import ConvirtCore
 
@@ -279,6 +279,10 @@ public final class ResNet {
     private var shape = (batch: 0, stemSize: 0, poolSize: 0, finalSize: 0)
     /// The activations' layout in the last forward pass (`Convolution.layout`).
     private var layout = ActivationLayout.nchw
+    /// The layout to keep the activations in; nil (the default): `Convolution.layout`'s choice for the
+    /// pass's precision. NHWC and nChw16c run every convolution on oneDNN (in fp32 too); nChw16c falls
+    /// back to NCHW where the width is no multiple of 16.
+    public var activationLayout: ActivationLayout?
     /// A copy of the images of the last forward pass, which the stem's backward reads (the caller's
     /// buffer may be gone by then).
     let inputImages = Scratch<Float>()
@@ -327,7 +331,10 @@ public final class ResNet {
         inputImages.ensure(batch * 3 * size * size).update(from: images, count: batch * 3 * size * size)
         hasInput = true
         // The images are NCHW; the stem's convolution writes the network's layout.
-        let layout = Convolution.layout(precision: context.precision, nativeBF16: stem.kernels.nativeBF16)
+        var layout = activationLayout ?? Convolution.layout(precision: context.precision, nativeBF16: stem.kernels.nativeBF16)
+        if layout != .nchw && context.precision == .bf16 && !stem.kernels.nativeBF16 { layout = .nchw }  // the emulation reads NCHW
+        // Every activation after the stem has a multiple of the width's channels.
+        if !layout.holds(channels: config.width) { layout = .nchw }
         self.layout = layout
         let x0 = try stem.forward(arena, input: images, batch: batch, height: size, width: size, workspace: workspace,
                                   layouts: Convolution.Layouts(input: .nchw, output: layout), context: context)
@@ -335,8 +342,9 @@ public final class ResNet {
         let s2 = MaxPool2d.outputSize(s1, kernel: 3, stride: 2, padding: 1)
         let planes = batch * config.width
         let pooled = poolOutput.ensure(planes * s2 * s2), indices = poolIndices.ensure(planes * s2 * s2)
-        if layout == .nhwc {
-            MaxPool2d.forwardNHWC(output: pooled, indices: indices, input: x0, batch: batch, channels: config.width, height: s1, width: s1)
+        if layout != .nchw {
+            let (images, lanes) = layout.pixelRows(batch: batch, channels: config.width)
+            MaxPool2d.forwardNHWC(output: pooled, indices: indices, input: x0, batch: images, channels: lanes, height: s1, width: s1)
         } else {
             MaxPool2d.forward(output: pooled, indices: indices, input: x0, planes: planes, height: s1, width: s1)
         }
@@ -348,8 +356,10 @@ public final class ResNet {
             x = UnsafePointer(y); s = h
         }
         let f = features.ensure(batch * featureCount)
-        if layout == .nhwc {
-            GlobalAvgPool.forwardNHWC(output: f, input: x, batch: batch, channels: featureCount, plane: s * s)
+        if layout != .nchw {
+            // [N, C] in either (nChw16c's rows of 16 channels per image follow one another).
+            let (images, lanes) = layout.pixelRows(batch: batch, channels: featureCount)
+            GlobalAvgPool.forwardNHWC(output: f, input: x, batch: images, channels: lanes, plane: s * s)
         } else {
             GlobalAvgPool.forward(output: f, input: x, rows: batch * featureCount, plane: s * s)
         }
@@ -361,8 +371,9 @@ public final class ResNet {
     public func backward(_ arena: ParameterArena, gradFeatures: UnsafePointer<Float>, context: PassContext) throws {
         precondition(hasInput, "backward before forward")
         let last = blocks[blocks.count - 1]
-        if layout == .nhwc {
-            GlobalAvgPool.backwardNHWC(gradInput: last.gradOutput.pointer, gradOutput: gradFeatures, batch: shape.batch, channels: featureCount,
+        if layout != .nchw {
+            let (images, lanes) = layout.pixelRows(batch: shape.batch, channels: featureCount)
+            GlobalAvgPool.backwardNHWC(gradInput: last.gradOutput.pointer, gradOutput: gradFeatures, batch: images, channels: lanes,
                                        plane: shape.finalSize * shape.finalSize)
         } else {
             GlobalAvgPool.backward(gradInput: last.gradOutput.pointer, gradOutput: gradFeatures, rows: shape.batch * featureCount,
@@ -376,9 +387,10 @@ public final class ResNet {
         }
         let planes = shape.batch * config.width
         let (inPlane, outPlane) = (shape.stemSize * shape.stemSize, shape.poolSize * shape.poolSize)
-        if layout == .nhwc {
+        if layout != .nchw {
+            let (images, lanes) = layout.pixelRows(batch: shape.batch, channels: config.width)
             MaxPool2d.backwardNHWC(gradInput: stem.gradOutput.pointer, gradOutput: poolGrad.pointer, indices: poolIndices.pointer,
-                                   batch: shape.batch, channels: config.width, inPlane: inPlane, outPlane: outPlane)
+                                   batch: images, channels: lanes, inPlane: inPlane, outPlane: outPlane)
         } else {
             MaxPool2d.backward(gradInput: stem.gradOutput.pointer, gradOutput: poolGrad.pointer, indices: poolIndices.pointer,
                                planes: planes, inPlane: inPlane, outPlane: outPlane)

@@ -1,6 +1,6 @@
-// The channels-last kernels (BatchNorm, max pool, global average pool, oneDNN's convolution on NHWC)
-// against their NCHW versions on the same tensors transposed: the NCHW kernels are proven against
-// PyTorch and finite differences elsewhere, so equality here carries those proofs over.
+// The channels-last and blocked kernels (BatchNorm, max pool, global average pool, oneDNN's convolution
+// on NHWC and nChw16c) against their NCHW versions on the same tensors laid out so: the NCHW kernels are
+// proven against PyTorch and finite differences elsewhere, so equality here carries those proofs over.
 
 import ConvirtCore
 import Testing
@@ -10,6 +10,23 @@ func toNHWC(_ x: [Float], n: Int, c: Int, plane: Int) -> [Float] {
     var y = [Float](repeating: 0, count: x.count)
     for i in 0..<n { for k in 0..<c { for p in 0..<plane { y[(i * plane + p) * c + k] = x[(i * c + k) * plane + p] } } }
     return y
+}
+
+/// [N, C, H, W] -> [N, C/16, H, W, 16] (oneDNN's nChw16c).
+func toBlocked16(_ x: [Float], n: Int, c: Int, plane: Int) -> [Float] {
+    precondition(c % 16 == 0)
+    var y = [Float](repeating: 0, count: x.count)
+    for i in 0..<n { for k in 0..<c { for p in 0..<plane { y[((i * c + k / 16 * 16) * plane + p * 16) + k % 16] = x[(i * c + k) * plane + p] } } }
+    return y
+}
+
+/// x [N, C, H, W] laid out in `layout`.
+func toLayout(_ x: [Float], _ layout: ActivationLayout, n: Int, c: Int, plane: Int) -> [Float] {
+    switch layout {
+    case .nchw: x
+    case .nhwc: toNHWC(x, n: n, c: c, plane: plane)
+    case .blocked16: toBlocked16(x, n: n, c: c, plane: plane)
+    }
 }
 
 /// The largest |a - b| (NaN where either is NaN at a place the other is not).
@@ -53,90 +70,147 @@ struct ChannelsLastTests {
     }
 
     // Channel counts off the vector width, planes past one 256-row block, one image and several.
-    @Test("BatchNorm on NHWC equals BatchNorm on NCHW, training and evaluation, with and without the fused ReLU",
-          arguments: [(2, 3, 17), (1, 64, 300), (3, 20, 49), (2, 33, 9)])
+    @Test("BatchNorm on NHWC and nChw16c equals BatchNorm on NCHW, training and evaluation, with and without the fused ReLU",
+          arguments: [(2, 3, 17), (1, 64, 300), (3, 20, 49), (2, 33, 9), (3, 32, 49), (2, 16, 300)])
     func batchNorm(n: Int, c: Int, plane: Int) throws {
         let count = n * c * plane
         // An offset mean, so that the variance is a difference of large sums (as after a convolution).
         let x = randomFloats(count, seed: 70, scale: 2).map { $0 + 1.5 }, dy = randomFloats(count, seed: 71)
         let gamma = randomFloats(c, seed: 72), beta = randomFloats(c, seed: 73)
+        for layout in [ActivationLayout.nhwc, .blocked16] where layout.holds(channels: c) {
         for training in [true, false] { for relu in [false, true] { for accumulate in [false, true] {
             let a = try batchNorm(x, dy, gamma: gamma, beta: beta, n: n, c: c, plane: plane, training: training, relu: relu,
                                   accumulate: accumulate, layout: .nchw)
-            let b = try batchNorm(toNHWC(x, n: n, c: c, plane: plane), toNHWC(dy, n: n, c: c, plane: plane), gamma: gamma, beta: beta,
-                                  n: n, c: c, plane: plane, training: training, relu: relu, accumulate: accumulate, layout: .nhwc)
-            let what = "n \(n) c \(c) plane \(plane) training \(training) relu \(relu) accumulate \(accumulate)"
+            let b = try batchNorm(toLayout(x, layout, n: n, c: c, plane: plane), toLayout(dy, layout, n: n, c: c, plane: plane), gamma: gamma,
+                                  beta: beta, n: n, c: c, plane: plane, training: training, relu: relu, accumulate: accumulate, layout: layout)
+            let what = "\(layout) n \(n) c \(c) plane \(plane) training \(training) relu \(relu) accumulate \(accumulate)"
             // The statistics sum in another order (float blocks of 256 rows against 256 elements of a plane).
-            #expect(maxAbsDiff(b.y, toNHWC(a.y, n: n, c: c, plane: plane)) <= 2e-5, "output, \(what)")
-            #expect(maxAbsDiff(b.dx, toNHWC(a.dx, n: n, c: c, plane: plane)) <= 2e-5 * max(1, a.dx.map(abs).max()!), "input gradient, \(what)")
+            #expect(maxAbsDiff(b.y, toLayout(a.y, layout, n: n, c: c, plane: plane)) <= 2e-5, "output, \(what)")
+            #expect(maxAbsDiff(b.dx, toLayout(a.dx, layout, n: n, c: c, plane: plane)) <= 2e-5 * max(1, a.dx.map(abs).max()!),
+                    "input gradient, \(what)")
             #expect(maxAbsDiff(b.dGamma, a.dGamma) <= 1e-4 && maxAbsDiff(b.dBeta, a.dBeta) <= 1e-4, "parameter gradients, \(what)")
             #expect(maxAbsDiff(b.runningMean, a.runningMean) <= 1e-6 && maxAbsDiff(b.runningVar, a.runningVar) <= 1e-5, "running statistics, \(what)")
         } } }
+        }
     }
 
-    @Test("max pool on NHWC equals max pool on NCHW: values, argmax and the backward scatter (ties and NaN included)",
-          arguments: [(2, 3, 9, 9), (1, 16, 12, 7), (2, 5, 112, 112)])
+    @Test("BatchNorm on nChw16c gives the same sums for any thread count")
+    func batchNormThreads() throws {
+        let (n, c, plane) = (3, 48, 300)
+        let x = toBlocked16(randomFloats(n * c * plane, seed: 74, scale: 2).map { $0 + 1.5 }, n: n, c: c, plane: plane)
+        let dy = toBlocked16(randomFloats(n * c * plane, seed: 75), n: n, c: c, plane: plane)
+        let gamma = randomFloats(c, seed: 76), beta = randomFloats(c, seed: 77)
+        let previous = Parallel.threads
+        defer { Parallel.threads = previous }
+        var results: [BNResult] = []
+        for threads in [1, 2, 3] {
+            Parallel.threads = threads
+            results.append(try batchNorm(x, dy, gamma: gamma, beta: beta, n: n, c: c, plane: plane, training: true, relu: true,
+                                         accumulate: false, layout: .blocked16))
+        }
+        for r in results.dropFirst() {
+            #expect(r.y == results[0].y && r.dx == results[0].dx && r.dGamma == results[0].dGamma && r.runningVar == results[0].runningVar)
+        }
+    }
+
+    @Test("max pool on NHWC and nChw16c equals max pool on NCHW: values, argmax and the backward scatter (ties and NaN included)",
+          arguments: [(2, 3, 9, 9), (1, 16, 12, 7), (2, 5, 112, 112), (2, 32, 9, 9)])
     func maxPool(n: Int, c: Int, h: Int, w: Int) {
         let oh = MaxPool2d.outputSize(h, kernel: 3, stride: 2, padding: 1), ow = MaxPool2d.outputSize(w, kernel: 3, stride: 2, padding: 1)
         // Coarse values make ties; one NaN propagates as in PyTorch.
         var x = randomFloats(n * c * h * w, seed: 80, scale: 3).map { ($0 * 2).rounded() }
         x[min(17, x.count - 1)] = .nan
         let dy = randomFloats(n * c * oh * ow, seed: 81)
-        var y = [Float](repeating: 0, count: dy.count), yl = y
-        var idx = [Int32](repeating: 0, count: dy.count), idxl = idx
+        var y = [Float](repeating: 0, count: dy.count)
+        var idx = [Int32](repeating: 0, count: dy.count)
         MaxPool2d.forward(output: &y, indices: &idx, input: x, planes: n * c, height: h, width: w)
-        MaxPool2d.forwardNHWC(output: &yl, indices: &idxl, input: toNHWC(x, n: n, c: c, plane: h * w), batch: n, channels: c, height: h, width: w)
-        let expected = toNHWC(y, n: n, c: c, plane: oh * ow)
-        #expect(zip(yl, expected).allSatisfy { $0 == $1 || ($0.isNaN && $1.isNaN) })
-        #expect(idxl == toNHWC(idx.map(Float.init), n: n, c: c, plane: oh * ow).map { Int32($0) })
-        var dx = [Float](repeating: 1, count: x.count), dxl = dx
+        var dx = [Float](repeating: 1, count: x.count)
         MaxPool2d.backward(gradInput: &dx, gradOutput: dy, indices: idx, planes: n * c, inPlane: h * w, outPlane: oh * ow)
-        MaxPool2d.backwardNHWC(gradInput: &dxl, gradOutput: toNHWC(dy, n: n, c: c, plane: oh * ow), indices: idxl, batch: n, channels: c,
-                               inPlane: h * w, outPlane: oh * ow)
-        #expect(dxl == toNHWC(dx, n: n, c: c, plane: h * w))
+        for layout in [ActivationLayout.nhwc, .blocked16] where layout.holds(channels: c) {
+            let (images, lanes) = layout.pixelRows(batch: n, channels: c)
+            var yl = [Float](repeating: 0, count: dy.count), idxl = [Int32](repeating: 0, count: dy.count)
+            MaxPool2d.forwardNHWC(output: &yl, indices: &idxl, input: toLayout(x, layout, n: n, c: c, plane: h * w), batch: images,
+                                  channels: lanes, height: h, width: w)
+            let expected = toLayout(y, layout, n: n, c: c, plane: oh * ow)
+            #expect(zip(yl, expected).allSatisfy { $0 == $1 || ($0.isNaN && $1.isNaN) }, "\(layout)")
+            #expect(idxl == toLayout(idx.map(Float.init), layout, n: n, c: c, plane: oh * ow).map { Int32($0) }, "\(layout)")
+            var dxl = [Float](repeating: 1, count: x.count)
+            MaxPool2d.backwardNHWC(gradInput: &dxl, gradOutput: toLayout(dy, layout, n: n, c: c, plane: oh * ow), indices: idxl, batch: images,
+                                   channels: lanes, inPlane: h * w, outPlane: oh * ow)
+            #expect(dxl == toLayout(dx, layout, n: n, c: c, plane: h * w), "\(layout)")
+        }
     }
 
-    @Test("global average pool on NHWC gives the NCHW features exactly, and the same gradient")
+    @Test("global average pool on NHWC and nChw16c gives the NCHW features exactly, and the same gradient")
     func globalAveragePool() {
-        let (n, c, plane) = (3, 40, 49)
+        let (n, c, plane) = (3, 48, 49)
         let x = randomFloats(n * c * plane, seed: 90), g = randomFloats(n * c, seed: 91)
-        var f = [Float](repeating: 0, count: n * c), fl = f
+        var f = [Float](repeating: 0, count: n * c)
         GlobalAvgPool.forward(output: &f, input: x, rows: n * c, plane: plane)
-        GlobalAvgPool.forwardNHWC(output: &fl, input: toNHWC(x, n: n, c: c, plane: plane), batch: n, channels: c, plane: plane)
-        #expect(fl == f)
-        var dx = [Float](repeating: 2, count: x.count), dxl = dx
+        var dx = [Float](repeating: 2, count: x.count)
         GlobalAvgPool.backward(gradInput: &dx, gradOutput: g, rows: n * c, plane: plane)
-        GlobalAvgPool.backwardNHWC(gradInput: &dxl, gradOutput: g, batch: n, channels: c, plane: plane)
-        #expect(dxl == toNHWC(dx, n: n, c: c, plane: plane))
+        for layout in [ActivationLayout.nhwc, .blocked16] {
+            let (images, lanes) = layout.pixelRows(batch: n, channels: c)
+            var fl = [Float](repeating: 0, count: n * c)
+            GlobalAvgPool.forwardNHWC(output: &fl, input: toLayout(x, layout, n: n, c: c, plane: plane), batch: images, channels: lanes,
+                                      plane: plane)
+            #expect(fl == f, "\(layout)")
+            var dxl = [Float](repeating: 2, count: x.count)
+            GlobalAvgPool.backwardNHWC(gradInput: &dxl, gradOutput: g, batch: images, channels: lanes, plane: plane)
+            #expect(dxl == toLayout(dx, layout, n: n, c: c, plane: plane), "\(layout)")
+        }
     }
 
-    @Test("oneDNN's convolution on NHWC activations equals it on NCHW ones (forward, accumulating backward), fp32 and bf16",
-          arguments: 0..<6)
+    /// Geometries whose channels nChw16c holds (the stem's input excepted): 3x3, a 1x1/2 downsample, a stem.
+    static let blockedCases: [(Int, Int, Int, Int, Int, Int, Int, Int)] = [
+        (2, 16, 9, 9, 32, 3, 1, 1), (2, 32, 8, 8, 16, 1, 2, 0), (2, 3, 17, 17, 16, 7, 2, 3),
+    ]
+
+    @Test("oneDNN's convolution on NHWC and nChw16c activations equals it on NCHW ones (forward, accumulating and overwriting backward), fp32 and bf16",
+          arguments: 0..<(DNNLConvolutionTests.cases.count + blockedCases.count))
     func convolution(index: Int) throws {
-        let (n, c, h, w, o, kh, kw, s, p, _) = DNNLConvolutionTests.cases[index]
-        let g = try Conv2dGeometry(batch: n, inChannels: c, height: h, width: w, outChannels: o, kernel: (kh, kw), stride: (s, s), padding: (p, p))
+        let g: Conv2dGeometry
+        if index < DNNLConvolutionTests.cases.count {
+            let (n, c, h, w, o, kh, kw, s, p, _) = DNNLConvolutionTests.cases[index]
+            g = try Conv2dGeometry(batch: n, inChannels: c, height: h, width: w, outChannels: o, kernel: (kh, kw), stride: (s, s), padding: (p, p))
+        } else {
+            let (n, c, h, w, o, k, s, p) = Self.blockedCases[index - DNNLConvolutionTests.cases.count]
+            g = try Conv2dGeometry(batch: n, inChannels: c, height: h, width: w, outChannels: o, kernel: k, stride: s, padding: p)
+        }
+        let (n, c, o) = (g.batch, g.inChannels, g.outChannels)
         let x = randomFloats(g.inputCount, seed: 1), wt = randomFloats(g.weightCount, seed: 2), dy = randomFloats(g.outputCount, seed: 4)
         let dx0 = randomFloats(x.count, seed: 5), dw0 = randomFloats(wt.count, seed: 6)
-        let (inPlane, outPlane) = (h * w, g.outPlane)
+        let (inPlane, outPlane) = (g.height * g.width, g.outPlane)
         for precision in BF16.oneDNNRunsBF16 ? [Precision.fp32, .bf16] : [.fp32] {
             let plain = try ConvolutionPrimitives(geometry: g, precision: precision)
-            let last = try ConvolutionPrimitives(geometry: g, precision: precision, inputLayout: .nhwc, outputLayout: .nhwc)
-            let stem = try ConvolutionPrimitives(geometry: g, precision: precision, inputLayout: .nchw, outputLayout: .nhwc)
-            var y = [Float](repeating: .nan, count: g.outputCount), yl = y, ys = y
+            var y = [Float](repeating: .nan, count: g.outputCount)
             try plain.forward(output: &y, input: x, weight: wt)
-            try last.forward(output: &yl, input: toNHWC(x, n: n, c: c, plane: inPlane), weight: wt)
-            try stem.forward(output: &ys, input: x, weight: wt)
-            let expected = toNHWC(y, n: n, c: o, plane: outPlane)
-            let scale = Double(y.map(abs).max()!)
-            // fp32: the kernels for the two layouts may sum in other orders; bf16: the same bf16 products.
-            #expect(Double(maxAbsDiff(yl, expected)) <= 1e-5 * scale && Double(maxAbsDiff(ys, expected)) <= 1e-5 * scale, "forward \(g) \(precision)")
-            var dx = dx0, dw = dw0, dxl = toNHWC(dx0, n: n, c: c, plane: inPlane), dwl = dw0
+            var dx = dx0, dw = dw0
             try plain.backward(gradInput: &dx, gradWeight: &dw, gradBias: nil, gradOutput: dy, input: x, weight: wt)
-            try last.backward(gradInput: &dxl, gradWeight: &dwl, gradBias: nil, gradOutput: toNHWC(dy, n: n, c: o, plane: outPlane),
-                              input: toNHWC(x, n: n, c: c, plane: inPlane), weight: wt)
-            let dxScale = Double(dx.map(abs).max()!), dwScale = Double(dw.map(abs).max()!)
-            #expect(Double(maxAbsDiff(dxl, toNHWC(dx, n: n, c: c, plane: inPlane))) <= 1e-5 * dxScale, "input gradient \(g) \(precision)")
-            #expect(Double(maxAbsDiff(dwl, dw)) <= 1e-5 * dwScale, "weight gradient \(g) \(precision)")
+            let scale = Double(y.map(abs).max()!), dxScale = Double(dx.map(abs).max()!), dwScale = Double(dw.map(abs).max()!)
+            var dxOnly = [Float](repeating: 0, count: x.count), dwOnly = dw0
+            try plain.backward(gradInput: &dxOnly, gradWeight: &dwOnly, gradBias: nil, gradOutput: dy, input: x, weight: wt)
+            // Between a layer (both sides in the layout) and a stem (NCHW images in).
+            for output in [ActivationLayout.nhwc, .blocked16] where output.holds(channels: o) {
+                for input in [output, .nchw] where input.holds(channels: c) {
+                    let what = "\(g) \(precision) \(input) -> \(output)"
+                    let conv = try ConvolutionPrimitives(geometry: g, precision: precision, inputLayout: input, outputLayout: output)
+                    var yl = [Float](repeating: .nan, count: g.outputCount)
+                    let xl = toLayout(x, input, n: n, c: c, plane: inPlane), dyl = toLayout(dy, output, n: n, c: o, plane: outPlane)
+                    try conv.forward(output: &yl, input: xl, weight: wt)
+                    // fp32: the kernels for two layouts may sum in other orders; bf16: the same bf16 products.
+                    #expect(Double(maxAbsDiff(yl, toLayout(y, output, n: n, c: o, plane: outPlane))) <= 1e-5 * scale, "forward \(what)")
+                    var dxl = toLayout(dx0, input, n: n, c: c, plane: inPlane), dwl = dw0
+                    try conv.backward(gradInput: &dxl, gradWeight: &dwl, gradBias: nil, gradOutput: dyl, input: xl, weight: wt)
+                    #expect(Double(maxAbsDiff(dxl, toLayout(dx, input, n: n, c: c, plane: inPlane))) <= 1e-5 * dxScale, "input gradient \(what)")
+                    #expect(Double(maxAbsDiff(dwl, dw)) <= 1e-5 * dwScale, "weight gradient \(what)")
+                    var dxOver = [Float](repeating: .nan, count: x.count)
+                    try conv.backward(gradInput: &dxOver, gradWeight: &dwl, gradBias: nil, gradOutput: dyl, input: xl, weight: wt,
+                                      accumulateInput: false)
+                    #expect(Double(maxAbsDiff(dxOver, toLayout(dxOnly, input, n: n, c: c, plane: inPlane))) <= 1e-5 * dxScale,
+                            "overwritten input gradient \(what)")
+                }
+            }
         }
     }
 }

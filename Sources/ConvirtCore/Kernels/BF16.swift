@@ -133,8 +133,11 @@ public enum BF16 {
     /// Where bf16 products run: oneDNN's bf16 kernels, or fp32 kernels over rounded inputs (and why).
     public static var backend: String {
         if native {
-            let layout = Convolution.layout(precision: .bf16, nativeBF16: true) == .nhwc
-                ? "ResNet activations NHWC from layer to layer" : "ResNet activations NCHW, reordered to oneDNN's blocked layout at each convolution"
+            let layout = switch Convolution.layout(precision: .bf16, nativeBF16: true) {
+            case .nhwc: "ResNet activations NHWC from layer to layer"
+            case .blocked16: "ResNet activations nChw16c from layer to layer (NCHW where the width is no multiple of 16)"
+            case .nchw: "ResNet activations NCHW, reordered to oneDNN's blocked layout at each convolution"
+            }
             return "bf16 products on oneDNN (ISA \(DNNL.isa); \(layout))"
         }
         if override == "emulate" { return "bf16 products as fp32 products of bf16-rounded inputs (CONVIRT_BF16=emulate)" }

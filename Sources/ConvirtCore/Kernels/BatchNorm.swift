@@ -1,4 +1,4 @@
-// Batch normalisation over [N, C, H, W] or [N, H, W, C] (ChannelsLast.swift) (Ioffe & Szegedy 2015), as torch.nn.BatchNorm2d: biased batch
+// Batch normalisation over [N, C, H, W], [N, H, W, C] or nChw16c (ChannelsLast.swift) (Ioffe & Szegedy 2015), as torch.nn.BatchNorm2d: biased batch
 // variance in the normalisation, unbiased variance in the running estimate, momentum 0.1 by default.
 
 import CKernels
@@ -78,9 +78,10 @@ public enum BatchNorm2d {
         layout: ActivationLayout = .nchw
     ) throws {
         precondition(statistics.count >= 2 * channels + 1, "batch norm statistics scratch too small")
-        if layout == .nhwc {
-            return try forwardTrainingNHWC(output: output, input: input, gamma: gamma, beta: beta, runningMean: runningMean,
-                                           runningVar: runningVar, saved: &saved, rows: batch * plane, channels: channels, eps: eps,
+        if layout != .nchw {
+            return try forwardTrainingRows(output: output, input: input, gamma: gamma, beta: beta, runningMean: runningMean,
+                                           runningVar: runningVar, saved: &saved,
+                                           shape: LaneLayout(layout, batch: batch, channels: channels, plane: plane), eps: eps,
                                            momentum: momentum, statistics: statistics, reducer: reducer, relu: relu)
         }
         let stats = statistics.baseAddress!
@@ -136,9 +137,9 @@ public enum BatchNorm2d {
         runningMean: UnsafePointer<Float>, runningVar: UnsafePointer<Float>,
         batch: Int, channels: Int, plane: Int, eps: Float = 1e-5, relu: Bool = false, layout: ActivationLayout = .nchw
     ) {
-        if layout == .nhwc {
-            return forwardInferenceNHWC(output: output, input: input, gamma: gamma, beta: beta, runningMean: runningMean, runningVar: runningVar,
-                                        rows: batch * plane, channels: channels, eps: eps, relu: relu)
+        if layout != .nchw {
+            return forwardInferenceRows(output: output, input: input, gamma: gamma, beta: beta, runningMean: runningMean, runningVar: runningVar,
+                                        shape: LaneLayout(layout, batch: batch, channels: channels, plane: plane), eps: eps, relu: relu)
         }
         Parallel.chunks(channels, cost: batch * plane) { range in
             for c in range {
@@ -166,10 +167,10 @@ public enum BatchNorm2d {
         reluOutput: UnsafePointer<Float>? = nil, accumulate: Bool = true, layout: ActivationLayout = .nchw
     ) throws {
         precondition(statistics.count >= 2 * channels + 1, "batch norm statistics scratch too small")
-        if layout == .nhwc {
-            return try backwardTrainingNHWC(gradInput: gradInput, gradGamma: gradGamma, gradBeta: gradBeta, gradOutput: gradOutput, input: input,
-                                            gamma: gamma, saved: saved, rows: batch * plane, channels: channels, statistics: statistics,
-                                            reducer: reducer, reluOutput: reluOutput, accumulate: accumulate)
+        if layout != .nchw {
+            return try backwardTrainingRows(gradInput: gradInput, gradGamma: gradGamma, gradBeta: gradBeta, gradOutput: gradOutput, input: input,
+                                            gamma: gamma, saved: saved, shape: LaneLayout(layout, batch: batch, channels: channels, plane: plane),
+                                            statistics: statistics, reducer: reducer, reluOutput: reluOutput, accumulate: accumulate)
         }
         let stats = statistics.baseAddress!
         let means = saved.mean, invStds = saved.invStd
@@ -215,9 +216,10 @@ public enum BatchNorm2d {
         batch: Int, channels: Int, plane: Int, eps: Float = 1e-5, reluOutput: UnsafePointer<Float>? = nil, accumulate: Bool = true,
         layout: ActivationLayout = .nchw
     ) {
-        if layout == .nhwc {
-            return backwardInferenceNHWC(gradInput: gradInput, gradGamma: gradGamma, gradBeta: gradBeta, gradOutput: gradOutput, input: input,
-                                         gamma: gamma, runningMean: runningMean, runningVar: runningVar, rows: batch * plane, channels: channels,
+        if layout != .nchw {
+            return backwardInferenceRows(gradInput: gradInput, gradGamma: gradGamma, gradBeta: gradBeta, gradOutput: gradOutput, input: input,
+                                         gamma: gamma, runningMean: runningMean, runningVar: runningVar,
+                                         shape: LaneLayout(layout, batch: batch, channels: channels, plane: plane),
                                          eps: eps, reluOutput: reluOutput, accumulate: accumulate)
         }
         Parallel.chunks(channels, cost: batch * plane) { range in

@@ -1,9 +1,11 @@
-// The ResNet's per-channel and spatial kernels over channels-last activations ([N, H, W, C], NHWC), the
-// layout the network keeps from layer to layer where its convolutions run on oneDNN: there oneDNN's
-// convolutions read and write NHWC themselves, so no reorder stands between two layers (with NCHW,
-// every convolution's input and output went through a transposing reorder to and from oneDNN's
-// blocked layout). NHWC rather than the blocked nChw16c: it holds any channel count, and it is the
-// layout of oneDNN's brgemm convolutions (AMX). Images enter as NCHW; the stem's reorder transposes them.
+// The ResNet's per-channel and spatial kernels over channels-last activations ([N, H, W, C], NHWC) and
+// over oneDNN's blocked nChw16c ([N, C/16, H, W, 16]): the layouts the network keeps from layer to layer
+// where its convolutions run on oneDNN and oneDNN picks them (`Convolution.layout`), so that no reorder
+// transposes an activation between two layers (with NCHW, every convolution's input and output went
+// through a reorder to and from oneDNN's blocked layout). NHWC holds any channel count and is the
+// layout of oneDNN's brgemm convolutions (AMX); nChw16c is the one of its AVX-512 convolutions and
+// needs channels in multiples of 16. Both are rows of `lanes` channels of one pixel (`LaneLayout`), so
+// one set of kernels serves both. Images enter as NCHW; the stem's reorder lays them out.
 //
 // The arithmetic per channel is the NCHW kernels' (sums in float inside blocks of 256 rows, double
 // across blocks); each thread owns a range of channels (sums) or of rows (pointwise passes), so the
@@ -15,6 +17,41 @@ public enum ActivationLayout: String, Sendable, Hashable {
     case nchw
     /// [N, H, W, C] (channels last).
     case nhwc
+    /// [N, C/16, H, W, 16] (oneDNN's nChw16c, its layout for AVX-512 convolutions): C a multiple of 16.
+    case blocked16 = "nchw16c"
+
+    /// Whether an activation of `channels` channels can lie so.
+    public func holds(channels: Int) -> Bool { self != .blocked16 || channels % 16 == 0 }
+
+    /// The rows of `lanes` channels (of one pixel) the layout is made of, for an activation [batch, C, H, W]
+    /// other than NCHW: (batch, C) in NHWC, (batch * C / 16, 16) in nChw16c. The pixel-wise kernels
+    /// (max pool, global average pool) run on either as on NHWC images of `images` images and `lanes`
+    /// channels: nChw16c is NHWC over each block of 16 channels.
+    public func pixelRows(batch: Int, channels: Int) -> (images: Int, lanes: Int) {
+        precondition(self != .nchw && holds(channels: channels), "\(self) holds no rows of \(channels) channels")
+        return self == .nhwc ? (batch, channels) : (batch * channels / 16, 16)
+    }
+}
+
+/// An activation in a layout other than NCHW as rows of `lanes` channels: the element (n, g, p, l) of
+/// channel g * lanes + l at ((n * groups + g) * plane + p) * lanes + l. NHWC is (1, 1, N*H*W, C),
+/// nChw16c (N, C/16, H*W, 16).
+struct LaneLayout {
+    let outer, groups, plane, lanes: Int
+
+    init(_ layout: ActivationLayout, batch: Int, channels: Int, plane: Int) {
+        precondition(layout != .nchw && layout.holds(channels: channels), "\(layout) does not hold \(channels) channels in rows")
+        if layout == .nhwc {
+            (outer, groups, self.plane, lanes) = (1, 1, batch * plane, channels)
+        } else {
+            (outer, groups, self.plane, lanes) = (batch, channels / 16, plane, 16)
+        }
+    }
+
+    var channels: Int { groups * lanes }
+    var rows: Int { outer * groups * plane }
+    /// The channel of row r's first lane.
+    @inline(__always) func firstChannel(ofRow r: Int) -> Int { (r / plane % groups) * lanes }
 }
 
 /// Sums over the rows of [rows, channels] for the channels c0..<c0+width, into first[j] and second[j]
@@ -53,80 +90,102 @@ func channelBlockedSums(_ x: UnsafePointer<Float>, gradient: (dy: UnsafePointer<
     }
 }
 
+/// Per channel of `shape`, the sums of `channelBlockedSums` over all its rows into first[c] and
+/// second[c]: each thread owns a range of channels and sums each over the outer index in order (one
+/// image after another in nChw16c), so the sums do not depend on the thread count. `gradient`'s mean
+/// is indexed by channel.
+func laneSums(_ x: UnsafePointer<Float>, gradient: (dy: UnsafePointer<Float>, mask: UnsafePointer<Float>?, mean: UnsafePointer<Float>)?,
+              shape: LaneLayout, first: UnsafeMutablePointer<Double>, second: UnsafeMutablePointer<Double>) {
+    let lanes = shape.lanes, run = shape.plane * lanes
+    Parallel.chunks(shape.channels, cost: shape.outer * shape.plane) { range in
+        withUnsafeTemporaryAllocation(of: Double.self, capacity: 2 * lanes) { buffer in
+            let a = buffer.baseAddress!, b = a + lanes
+            var c = range.lowerBound
+            while c < range.upperBound {
+                let g = c / lanes, l0 = c % lanes, width = min(lanes - l0, range.upperBound - c)
+                first.advanced(by: c).update(repeating: 0, count: width)
+                second.advanced(by: c).update(repeating: 0, count: width)
+                for n in 0..<shape.outer {
+                    let o = (n * shape.groups + g) * run
+                    channelBlockedSums(x + o, gradient: gradient.map { ($0.dy + o, $0.mask.map { $0 + o }, $0.mean + g * lanes) },
+                                       rows: shape.plane, channels: lanes, c0: l0, width: width, first: a, second: b)
+                    for j in 0..<width { first[c + j] += a[j]; second[c + j] += b[j] }
+                }
+                c += width
+            }
+        }
+    }
+}
+
 extension BatchNorm2d {
-    /// `forwardTraining` over [rows = N*H*W, C].
-    static func forwardTrainingNHWC(
+    /// `forwardTraining` over rows of channels (NHWC or nChw16c).
+    static func forwardTrainingRows(
         output: UnsafeMutablePointer<Float>, input: UnsafePointer<Float>, gamma: UnsafePointer<Float>, beta: UnsafePointer<Float>,
-        runningMean: UnsafeMutablePointer<Float>, runningVar: UnsafeMutablePointer<Float>, saved: inout Saved, rows: Int, channels: Int,
+        runningMean: UnsafeMutablePointer<Float>, runningVar: UnsafeMutablePointer<Float>, saved: inout Saved, shape: LaneLayout,
         eps: Float, momentum: Float, statistics: UnsafeMutableBufferPointer<Double>, reducer: StatisticsReducer?, relu: Bool
     ) throws {
-        let stats = statistics.baseAddress!
-        Parallel.chunks(channels, cost: rows) { range in
-            let c0 = range.lowerBound
-            channelBlockedSums(input, gradient: nil, rows: rows, channels: channels, c0: c0, width: range.count, first: stats + c0,
-                               second: stats + channels + c0)
-        }
-        stats[2 * channels] = Double(rows)
+        let stats = statistics.baseAddress!, channels = shape.channels, lanes = shape.lanes
+        laneSums(input, gradient: nil, shape: shape, first: stats, second: stats + channels)
+        stats[2 * channels] = Double(shape.rows * lanes / channels)
         try settleStatistics(stats, saved: &saved, runningMean: runningMean, runningVar: runningVar, channels: channels, eps: eps,
                              momentum: momentum, reducer: reducer, statistics: statistics)
         let means = saved.mean, invStds = saved.invStd
-        Parallel.chunks(rows, cost: channels) { range in
+        Parallel.chunks(shape.rows, cost: lanes) { range in
             for r in range {
-                let x = input + r * channels, y = output + r * channels
+                let c0 = shape.firstChannel(ofRow: r)
+                let x = input + r * lanes, y = output + r * lanes, mu = means + c0, s = invStds + c0, gm = gamma + c0, bt = beta + c0
                 // The scale as the NCHW kernel forms it (gamma * invStd, then one multiply): equal outputs.
                 if relu {
-                    for c in 0..<channels { y[c] = max((x[c] - means[c]) * (gamma[c] * invStds[c]) + beta[c], 0) }
+                    for l in 0..<lanes { y[l] = max((x[l] - mu[l]) * (gm[l] * s[l]) + bt[l], 0) }
                 } else {
-                    for c in 0..<channels { y[c] = (x[c] - means[c]) * (gamma[c] * invStds[c]) + beta[c] }
+                    for l in 0..<lanes { y[l] = (x[l] - mu[l]) * (gm[l] * s[l]) + bt[l] }
                 }
             }
         }
     }
 
-    /// `forwardInference` over [rows, C].
-    static func forwardInferenceNHWC(
+    /// `forwardInference` over rows of channels.
+    static func forwardInferenceRows(
         output: UnsafeMutablePointer<Float>, input: UnsafePointer<Float>, gamma: UnsafePointer<Float>, beta: UnsafePointer<Float>,
-        runningMean: UnsafePointer<Float>, runningVar: UnsafePointer<Float>, rows: Int, channels: Int, eps: Float, relu: Bool
+        runningMean: UnsafePointer<Float>, runningVar: UnsafePointer<Float>, shape: LaneLayout, eps: Float, relu: Bool
     ) {
+        let channels = shape.channels, lanes = shape.lanes
         withUnsafeTemporaryAllocation(of: Float.self, capacity: channels) { buffer in
             let scales = buffer.baseAddress!
             for c in 0..<channels { scales[c] = gamma[c] / (runningVar[c] + eps).squareRoot() }
-            Parallel.chunks(rows, cost: channels) { range in
+            Parallel.chunks(shape.rows, cost: lanes) { range in
                 for r in range {
-                    let x = input + r * channels, y = output + r * channels
+                    let c0 = shape.firstChannel(ofRow: r)
+                    let x = input + r * lanes, y = output + r * lanes, mu = runningMean + c0, s = scales + c0, bt = beta + c0
                     if relu {
-                        for c in 0..<channels { y[c] = max((x[c] - runningMean[c]) * scales[c] + beta[c], 0) }
+                        for l in 0..<lanes { y[l] = max((x[l] - mu[l]) * s[l] + bt[l], 0) }
                     } else {
-                        for c in 0..<channels { y[c] = (x[c] - runningMean[c]) * scales[c] + beta[c] }
+                        for l in 0..<lanes { y[l] = (x[l] - mu[l]) * s[l] + bt[l] }
                     }
                 }
             }
         }
     }
 
-    /// Per channel: sum(dy) and sum(dy * (x - mean)) * invStd over [rows, C] into first/second, dy masked
+    /// Per channel: sum(dy) and sum(dy * (x - mean)) * invStd over the rows into first/second, dy masked
     /// by a following ReLU's output where `mask` is given.
-    private static func gradientSumsNHWC(_ first: UnsafeMutablePointer<Double>, _ second: UnsafeMutablePointer<Double>,
+    private static func gradientSumsRows(_ first: UnsafeMutablePointer<Double>, _ second: UnsafeMutablePointer<Double>,
                                          gradOutput: UnsafePointer<Float>, input: UnsafePointer<Float>, mask: UnsafePointer<Float>?,
-                                         mean: UnsafePointer<Float>, invStd: UnsafePointer<Float>, rows: Int, channels: Int) {
-        Parallel.chunks(channels, cost: rows) { range in
-            let c0 = range.lowerBound
-            channelBlockedSums(input, gradient: (gradOutput, mask, mean), rows: rows, channels: channels, c0: c0, width: range.count,
-                               first: first + c0, second: second + c0)
-            for c in range { second[c] *= Double(invStd[c]) }
-        }
+                                         mean: UnsafePointer<Float>, invStd: UnsafePointer<Float>, shape: LaneLayout) {
+        laneSums(input, gradient: (gradOutput, mask, mean), shape: shape, first: first, second: second)
+        for c in 0..<shape.channels { second[c] *= Double(invStd[c]) }
     }
 
-    /// `backwardTraining` over [rows, C].
-    static func backwardTrainingNHWC(
+    /// `backwardTraining` over rows of channels.
+    static func backwardTrainingRows(
         gradInput: UnsafeMutablePointer<Float>, gradGamma: UnsafeMutablePointer<Float>, gradBeta: UnsafeMutablePointer<Float>,
-        gradOutput: UnsafePointer<Float>, input: UnsafePointer<Float>, gamma: UnsafePointer<Float>, saved: Saved, rows: Int, channels: Int,
+        gradOutput: UnsafePointer<Float>, input: UnsafePointer<Float>, gamma: UnsafePointer<Float>, saved: Saved, shape: LaneLayout,
         statistics: UnsafeMutableBufferPointer<Double>, reducer: StatisticsReducer?, reluOutput: UnsafePointer<Float>?, accumulate: Bool
     ) throws {
-        let stats = statistics.baseAddress!
+        let stats = statistics.baseAddress!, channels = shape.channels, lanes = shape.lanes
         let means = saved.mean, invStds = saved.invStd
-        gradientSumsNHWC(stats, stats + channels, gradOutput: gradOutput, input: input, mask: reluOutput, mean: means, invStd: invStds,
-                         rows: rows, channels: channels)
+        gradientSumsRows(stats, stats + channels, gradOutput: gradOutput, input: input, mask: reluOutput, mean: means, invStd: invStds,
+                         shape: shape)
         for c in 0..<channels {
             gradBeta[c] += Float(stats[c])
             gradGamma[c] += Float(stats[channels + c])
@@ -141,24 +200,26 @@ extension BatchNorm2d {
                 sumDy[c] = Float(stats[c])
                 sumDyX[c] = Float(stats[channels + c])
             }
-            Parallel.chunks(rows, cost: channels) { range in
+            Parallel.chunks(shape.rows, cost: lanes) { range in
                 for r in range {
-                    let o = r * channels, x = input + o
-                    gradientRun(gradInput + o, gradOutput + o, mask: reluOutput.map { $0 + o }, accumulate: accumulate, channels) { dy, c in
-                        k[c] * (m * dy - sumDy[c] - (x[c] - means[c]) * invStds[c] * sumDyX[c])
+                    let o = r * lanes, c0 = shape.firstChannel(ofRow: r), x = input + o
+                    let kr = k + c0, sr = sumDy + c0, xr = sumDyX + c0, mu = means + c0, s = invStds + c0
+                    gradientRun(gradInput + o, gradOutput + o, mask: reluOutput.map { $0 + o }, accumulate: accumulate, lanes) { dy, l in
+                        kr[l] * (m * dy - sr[l] - (x[l] - mu[l]) * s[l] * xr[l])
                     }
                 }
             }
         }
     }
 
-    /// `backwardInference` over [rows, C].
-    static func backwardInferenceNHWC(
+    /// `backwardInference` over rows of channels.
+    static func backwardInferenceRows(
         gradInput: UnsafeMutablePointer<Float>?, gradGamma: UnsafeMutablePointer<Float>, gradBeta: UnsafeMutablePointer<Float>,
         gradOutput: UnsafePointer<Float>, input: UnsafePointer<Float>, gamma: UnsafePointer<Float>,
-        runningMean: UnsafePointer<Float>, runningVar: UnsafePointer<Float>, rows: Int, channels: Int, eps: Float,
+        runningMean: UnsafePointer<Float>, runningVar: UnsafePointer<Float>, shape: LaneLayout, eps: Float,
         reluOutput: UnsafePointer<Float>?, accumulate: Bool
     ) {
+        let channels = shape.channels, lanes = shape.lanes
         withUnsafeTemporaryAllocation(of: Double.self, capacity: 2 * channels) { sums in
             withUnsafeTemporaryAllocation(of: Float.self, capacity: 2 * channels) { buffer in
                 let invStd = buffer.baseAddress!, k = invStd + channels
@@ -167,18 +228,18 @@ extension BatchNorm2d {
                     k[c] = gamma[c] * invStd[c]
                 }
                 let sdy = sums.baseAddress!, sdyx = sdy + channels
-                gradientSumsNHWC(sdy, sdyx, gradOutput: gradOutput, input: input, mask: reluOutput, mean: runningMean, invStd: invStd,
-                                 rows: rows, channels: channels)
+                gradientSumsRows(sdy, sdyx, gradOutput: gradOutput, input: input, mask: reluOutput, mean: runningMean, invStd: invStd,
+                                 shape: shape)
                 for c in 0..<channels {
                     gradBeta[c] += Float(sdy[c])
                     gradGamma[c] += Float(sdyx[c])
                 }
                 guard let gradInput else { return }
-                Parallel.chunks(rows, cost: channels) { range in
+                Parallel.chunks(shape.rows, cost: lanes) { range in
                     for r in range {
-                        let o = r * channels
-                        gradientRun(gradInput + o, gradOutput + o, mask: reluOutput.map { $0 + o }, accumulate: accumulate, channels) { dy, c in
-                            dy * k[c]
+                        let o = r * lanes, kr = k + shape.firstChannel(ofRow: r)
+                        gradientRun(gradInput + o, gradOutput + o, mask: reluOutput.map { $0 + o }, accumulate: accumulate, lanes) { dy, l in
+                            dy * kr[l]
                         }
                     }
                 }

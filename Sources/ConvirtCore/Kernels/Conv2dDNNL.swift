@@ -41,9 +41,10 @@ public final class ConvolutionPrimitives {
         self.outputLayout = outputLayout
         stream = try DNNLStream()
         let t = precision.inputType
-        var src = try dnnlDescriptor(g.inputShape, t, Self.innerTag(inputLayout, outputLayout))
+        let (srcTag, dstTag) = Self.innerTags(inputLayout, outputLayout)
+        var src = try dnnlDescriptor(g.inputShape, t, srcTag)
         var wei = try dnnlDescriptor(g.weightShape, t, dnnl_format_tag_any)
-        var dst = try dnnlDescriptor(g.outputShape, dnnl_f32, Self.innerTag(inputLayout, outputLayout))
+        var dst = try dnnlDescriptor(g.outputShape, dnnl_f32, dstTag)
         var b = try dnnlDescriptor([g.outChannels], dnnl_f32, dnnl_x)
         let strides = dnnlDims([g.strideH, g.strideW]), padding = dnnlDims([g.padH, g.padW])
         var desc = dnnl_convolution_desc_t()
@@ -63,22 +64,35 @@ public final class ConvolutionPrimitives {
     }
 
     /// The caller's layout as a oneDNN tag.
-    private static func userTag(_ layout: ActivationLayout) -> dnnl_format_tag_t { layout == .nhwc ? dnnl_nhwc : dnnl_nchw }
-    /// The primitive's layout for its activations: NHWC where the caller holds either side so (the stem
-    /// takes NCHW images: left to oneDNN, NHWC next to an NHWC output picks its reference kernel), else
+    private static func userTag(_ layout: ActivationLayout) -> dnnl_format_tag_t {
+        switch layout {
+        case .nchw: dnnl_nchw
+        case .nhwc: dnnl_nhwc
+        case .blocked16: dnnl_nChw16c
+        }
+    }
+    /// The primitive's layouts for its source and destination: NHWC on both sides where the caller holds
+    /// either so (the stem takes NCHW images: left to oneDNN, NHWC next to an NHWC output picks its
+    /// reference kernel); nChw16c where the caller holds that side so (then no reorder transposes it); else
     /// oneDNN's choice (its blocked layouts, which beat NCHW by far).
-    private var innerTag: dnnl_format_tag_t { Self.innerTag(inputLayout, outputLayout) }
-    private static func innerTag(_ input: ActivationLayout, _ output: ActivationLayout) -> dnnl_format_tag_t {
-        input == .nhwc || output == .nhwc ? dnnl_nhwc : dnnl_format_tag_any
+    private var innerTags: (source: dnnl_format_tag_t, destination: dnnl_format_tag_t) { Self.innerTags(inputLayout, outputLayout) }
+    private static func innerTags(_ input: ActivationLayout, _ output: ActivationLayout) -> (source: dnnl_format_tag_t, destination: dnnl_format_tag_t) {
+        if input == .nhwc || output == .nhwc { return (dnnl_nhwc, dnnl_nhwc) }
+        return (input == .blocked16 ? dnnl_nChw16c : dnnl_format_tag_any, output == .blocked16 ? dnnl_nChw16c : dnnl_format_tag_any)
     }
 
-    /// Whether oneDNN, left to choose, lays out the source of a ResNet-50 3x3 convolution (64 -> 64 at
-    /// 56x56, batch 8) in NHWC for `precision` on this CPU. False where it cannot make one.
-    static func prefersNHWC(precision: Precision) -> Bool {
+    /// The layout oneDNN, left to choose, gives the source of a ResNet-50 3x3 convolution (64 -> 64 at
+    /// 56x56, batch 8) in `precision` on this CPU: NHWC, nChw16c, or NCHW for any other (nChw8c on AVX2)
+    /// and where it cannot make one.
+    static func preferredLayout(precision: Precision) -> ActivationLayout {
         guard let g = try? Conv2dGeometry(batch: 8, inChannels: 64, height: 56, width: 56, outChannels: 64, kernel: 3, padding: 1),
-              let probe = try? ConvolutionPrimitives(geometry: g, precision: precision),
-              let nhwc = try? dnnlDescriptor(g.inputShape, precision.inputType, dnnl_nhwc) else { return false }
-        return dnnlSame(probe.source.inner.desc, nhwc)
+              let probe = try? ConvolutionPrimitives(geometry: g, precision: precision) else { return .nchw }
+        for layout in [ActivationLayout.nhwc, .blocked16] {
+            if let desc = try? dnnlDescriptor(g.inputShape, precision.inputType, userTag(layout)), dnnlSame(probe.source.inner.desc, desc) {
+                return layout
+            }
+        }
+        return .nchw
     }
 
     /// The kernels oneDNN chose (forward; backward data and weights once they ran).
@@ -150,15 +164,15 @@ public final class ConvolutionPrimitives {
 
     private func operationDescriptors() throws -> (src: dnnl_memory_desc_t, wei: dnnl_memory_desc_t, dst: dnnl_memory_desc_t) {
         let g = geometry, t = precision.inputType
-        return (try dnnlDescriptor(g.inputShape, t, innerTag), try dnnlDescriptor(g.weightShape, t, dnnl_format_tag_any),
-                try dnnlDescriptor(g.outputShape, t, innerTag))
+        return (try dnnlDescriptor(g.inputShape, t, innerTags.source), try dnnlDescriptor(g.weightShape, t, dnnl_format_tag_any),
+                try dnnlDescriptor(g.outputShape, t, innerTags.destination))
     }
 
     private func makeBackwardData() throws -> (primitive: DNNLPrimitive, gradOutput: DNNLArgument, weights: DNNLArgument, gradInput: DNNLArgument) {
         if let backwardData { return backwardData }
         let g = geometry
         var (_, wei, diffDst) = try operationDescriptors()
-        var diffSrc = try dnnlDescriptor(g.inputShape, dnnl_f32, innerTag)
+        var diffSrc = try dnnlDescriptor(g.inputShape, dnnl_f32, innerTags.source)
         let strides = dnnlDims([g.strideH, g.strideW]), padding = dnnlDims([g.padH, g.padW])
         var desc = dnnl_convolution_desc_t()
         try dnnlCheck(dnnl_convolution_backward_data_desc_init(&desc, dnnl_convolution_direct, &diffSrc, &wei, &diffDst, strides, padding, padding),
@@ -255,25 +269,25 @@ public final class Convolution {
     }
 
     /// The layout a network keeps its activations in for a pass in `precision`: NCHW for im2col +
-    /// sgemm; on oneDNN, the layout oneDNN itself picks for a ResNet convolution (`prefersNHWC`).
-    /// oneDNN 2.6 picks NHWC where its convolutions are brgemm kernels (AMX): the network then keeps
-    /// NHWC from layer to layer and no reorder stands between two of them. Elsewhere it picks its
-    /// blocked layout (nChw16c on AVX-512), which our pointwise kernels do not read: there the network
-    /// keeps NCHW and each convolution reorders at its edges, which measured faster than NHWC
-    /// throughout (on a 2-core AMD EPYC with AVX512-BF16, bf16, the paper preset's last step of
-    /// `convirt bench step` under ONEDNN_VERBOSE: convolutions 467 ms and reorders 203 ms with NCHW,
-    /// 552 ms and 163 ms with NHWC, whose brgemm/jit NHWC kernels run slower there).
-    /// CONVIRT_ACTIVATIONS=nchw|nhwc overrides the choice (where oneDNN runs the convolutions).
+    /// sgemm; on oneDNN, the layout oneDNN itself picks for a ResNet convolution (`preferredLayout`), so
+    /// that no reorder transposes an activation between two layers: NHWC where its convolutions are
+    /// brgemm kernels on NHWC (AMX), nChw16c where it picks that blocked layout (AVX-512 without AMX:
+    /// there our pointwise kernels read nChw16c too, ChannelsLast.swift), NCHW for any other (nChw8c on
+    /// AVX2), reordered at each convolution. On a 2-core AMD EPYC with AVX512-BF16 (bf16, the paper
+    /// preset's `convirt bench step --steps 3 --threads 2`): image forward + backward 0.93 s in NCHW,
+    /// 0.79 s in nChw16c; reorders in the step's oneDNN trace 250 ms -> 149 ms. (NHWC measured slower
+    /// than NCHW there: convolutions 552 ms against 467, its brgemm/jit NHWC kernels being slower.)
+    /// CONVIRT_ACTIVATIONS=nchw|nhwc|nchw16c overrides the choice (where oneDNN runs the convolutions).
     public static func layout(precision: Precision, nativeBF16: Bool = BF16.native) -> ActivationLayout {
         let onDNNL = precision == .bf16 ? nativeBF16 : policy == .onednn
         guard onDNNL else { return .nchw }
         if let forced = forcedLayout { return forced }
-        return (precision == .bf16 ? prefersNHWCInBF16 : prefersNHWCInFP32) ? .nhwc : .nchw
+        return precision == .bf16 ? preferredInBF16 : preferredInFP32
     }
 
     private static let forcedLayout = processEnvironment()["CONVIRT_ACTIVATIONS"].flatMap(ActivationLayout.init(rawValue:))
-    private static let prefersNHWCInBF16 = ConvolutionPrimitives.prefersNHWC(precision: .bf16)
-    private static let prefersNHWCInFP32 = ConvolutionPrimitives.prefersNHWC(precision: .fp32)
+    private static let preferredInBF16 = ConvolutionPrimitives.preferredLayout(precision: .bf16)
+    private static let preferredInFP32 = ConvolutionPrimitives.preferredLayout(precision: .fp32)
 
     private struct Key: Hashable {
         let geometry: Conv2dGeometry
@@ -298,10 +312,9 @@ public final class Convolution {
         return p
     }
 
-    /// The fp32 kernels of `g`: oneDNN's, or nil for im2col + sgemm (NCHW only).
+    /// The fp32 kernels of `g`: oneDNN's (always for activations other than NCHW), or nil for im2col + sgemm.
     private func fp32(_ g: Conv2dGeometry, _ layouts: Layouts) throws -> ConvolutionPrimitives? {
-        if Self.usesDNNL(g) { return try dnnl(g, .fp32, layouts) }
-        precondition(layouts == Layouts(), "\(g): im2col + sgemm runs on NCHW activations only")
+        if Self.usesDNNL(g) || layouts != Layouts() { return try dnnl(g, .fp32, layouts) }
         return nil
     }
 

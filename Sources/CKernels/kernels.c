@@ -174,8 +174,10 @@ CK_CLONES void ck_softmax_rows(float *restrict p, const int32_t *restrict valid,
 enum { CK_PHILOX_BLOCKS = 16 };
 
 // The 4 words of the Philox4x32-10 blocks first..first+15 of a stream, in element order:
-// draws[4 * b + w] is word w of block first + b (philox4x32 in Random.swift, on 16 lanes).
-static inline void ck_philox_blocks(uint32_t *restrict draws, uint64_t first, uint64_t seed, uint64_t stream) {
+// draws[4 * b + w] is word w of block first + b (philox4x32 in Random.swift, on 16 lanes). Always inlined,
+// so that each clone of its callers vectorizes it for its own ISA (a plain static function is compiled once,
+// for the default one).
+static inline __attribute__((always_inline)) void ck_philox_blocks(uint32_t *restrict draws, uint64_t first, uint64_t seed, uint64_t stream) {
     uint32_t c0[CK_PHILOX_BLOCKS], c1[CK_PHILOX_BLOCKS], c2[CK_PHILOX_BLOCKS], c3[CK_PHILOX_BLOCKS];
     for (int l = 0; l < CK_PHILOX_BLOCKS; l++) {
         const uint64_t counter = first + (uint64_t)l;
@@ -221,4 +223,109 @@ CK_CLONES void ck_dropout_forward(float *out, const float *in, long start, long 
 CK_CLONES void ck_dropout_backward(float *dx, const float *dy, long start, long end, uint64_t seed, uint64_t stream, uint32_t limit,
                                    float scale) {
     ck_dropout(dx, dy, start, end, seed, stream, limit, scale, 1);
+}
+
+// BatchNorm over rows of channels (NHWC, nChw16c: `LaneLayout` in ChannelsLast.swift). Each kernel walks
+// the lanes in chunks of 16, each chunk down all its rows, with the chunk's per-channel values held in
+// registers; lanes past the last whole chunk run one at a time with the same arithmetic.
+
+// Sums over `rows` rows (stride `stride` floats) of lanes 0..<width, as channelBlockedSums: float lanes
+// inside blocks of 256 rows, double across blocks. Without dy: sum(x), sum(x^2). With dy: sum(g) and
+// sum(g * (x - mean[l])), g = dy where mask > 0 (mask may be NULL: everywhere).
+CK_CLONES void ck_channel_sums(const float *restrict x, const float *restrict dy, const float *restrict mask, const float *restrict mean,
+                               long rows, long stride, long width, double *restrict first, double *restrict second) {
+    const ck_v16 zero = {0};
+    long j0 = 0;
+    for (; j0 + CK_LANES <= width; j0 += CK_LANES) {
+        double f[CK_LANES] = {0}, s[CK_LANES] = {0};
+        const ck_v16 mu = dy ? ck_load(mean + j0) : zero;
+        for (long start = 0; start < rows; start += CK_BLOCK) {
+            const long end = start + CK_BLOCK < rows ? start + CK_BLOCK : rows;
+            ck_v16 a = {0}, b = {0};
+            if (!dy) {
+                for (long r = start; r < end; r++) { const ck_v16 v = ck_load(x + r * stride + j0); a += v; b += v * v; }
+            } else if (mask) {
+                for (long r = start; r < end; r++) {
+                    const long o = r * stride + j0;
+                    const ck_v16 g = (ck_v16)((ck_i16)ck_load(dy + o) & (ck_load(mask + o) > zero));
+                    a += g; b += g * (ck_load(x + o) - mu);
+                }
+            } else {
+                for (long r = start; r < end; r++) {
+                    const long o = r * stride + j0;
+                    const ck_v16 g = ck_load(dy + o);
+                    a += g; b += g * (ck_load(x + o) - mu);
+                }
+            }
+            for (int l = 0; l < CK_LANES; l++) { f[l] += (double)a[l]; s[l] += (double)b[l]; }
+        }
+        for (int l = 0; l < CK_LANES; l++) { first[j0 + l] = f[l]; second[j0 + l] = s[l]; }
+    }
+    for (long j = j0; j < width; j++) {
+        double f = 0, s = 0;
+        for (long start = 0; start < rows; start += CK_BLOCK) {
+            const long end = start + CK_BLOCK < rows ? start + CK_BLOCK : rows;
+            float a = 0, b = 0;
+            for (long r = start; r < end; r++) {
+                const long o = r * stride + j;
+                if (!dy) { const float v = x[o]; a += v; b += v * v; }
+                else { const float d = dy[o], g = mask ? (mask[o] > 0 ? d : 0.0f) : d; a += g; b += g * (x[o] - mean[j]); }
+            }
+            f += (double)a; s += (double)b;
+        }
+        first[j] = f; second[j] = s;
+    }
+}
+
+// y = (x - mean[l]) * scale[l] + shift[l] over rows x lanes (contiguous), max(that, 0) with relu.
+CK_CLONES void ck_normalize_rows(float *restrict y, const float *restrict x, long rows, long lanes, const float *restrict mean,
+                                 const float *restrict scale, const float *restrict shift, int relu) {
+    const ck_v16 zero = {0};
+    long j0 = 0;
+    for (; j0 + CK_LANES <= lanes; j0 += CK_LANES) {
+        const ck_v16 mu = ck_load(mean + j0), sc = ck_load(scale + j0), sh = ck_load(shift + j0);
+        for (long r = 0; r < rows; r++) {
+            const long o = r * lanes + j0;
+            const ck_v16 v = (ck_load(x + o) - mu) * sc + sh;
+            // Swift's max(v, 0): 0 where 0 >= v, else v (NaN stays).
+            *(ck_v16 *)(y + o) = relu ? (ck_v16)((ck_i16)v & ~(zero >= v)) : v;
+        }
+    }
+    for (long j = j0; j < lanes; j++) {
+        for (long r = 0; r < rows; r++) {
+            const float v = (x[r * lanes + j] - mean[j]) * scale[j] + shift[j];
+            y[r * lanes + j] = relu ? swift_max(v, 0.0f) : v;
+        }
+    }
+}
+
+// BatchNorm's input gradient over rows x lanes (contiguous), g = dy masked by a following ReLU's output
+// (mask NULL: none): training (sum_dy given) k[l] * (m * g - sum_dy[l] - (x - mean[l]) * inv_std[l] *
+// sum_dyx[l]); evaluation (sum_dy NULL) g * k[l]. dx is overwritten, or added to with accumulate.
+CK_CLONES void ck_bn_gradient_rows(float *restrict dx, const float *restrict dy, const float *restrict x, const float *restrict mask,
+                                   long rows, long lanes, const float *restrict k, const float *restrict sum_dy,
+                                   const float *restrict sum_dyx, const float *restrict mean, const float *restrict inv_std, float m,
+                                   int accumulate) {
+    const ck_v16 zero = {0};
+    long j0 = 0;
+    for (; j0 + CK_LANES <= lanes; j0 += CK_LANES) {
+        const ck_v16 kv = ck_load(k + j0);
+        const ck_v16 sd = sum_dy ? ck_load(sum_dy + j0) : zero, sx = sum_dy ? ck_load(sum_dyx + j0) : zero;
+        const ck_v16 mu = sum_dy ? ck_load(mean + j0) : zero, is = sum_dy ? ck_load(inv_std + j0) : zero;
+        for (long r = 0; r < rows; r++) {
+            const long o = r * lanes + j0;
+            const ck_v16 d = ck_load(dy + o);
+            const ck_v16 g = mask ? (ck_v16)((ck_i16)d & (ck_load(mask + o) > zero)) : d;
+            const ck_v16 v = sum_dy ? kv * (m * g - sd - (ck_load(x + o) - mu) * is * sx) : g * kv;
+            *(ck_v16 *)(dx + o) = accumulate ? ck_load(dx + o) + v : v;
+        }
+    }
+    for (long j = j0; j < lanes; j++) {
+        for (long r = 0; r < rows; r++) {
+            const long o = r * lanes + j;
+            const float d = dy[o], g = mask ? (mask[o] > 0 ? d : 0.0f) : d;
+            const float v = sum_dy ? k[j] * (m * g - sum_dy[j] - (x[o] - mean[j]) * inv_std[j] * sum_dyx[j]) : g * k[j];
+            dx[o] = accumulate ? dx[o] + v : v;
+        }
+    }
 }

@@ -33,3 +33,9 @@ void ck_softmax_rows(float *p, const int32_t *valid, long rows, long tokens);
 void ck_dropout_forward(float *out, const float *in, long start, long end, uint64_t seed, uint64_t stream, uint32_t limit, float scale);
 // Backward: dx[i] += dy[i] * scale where draw >= limit (dx unchanged elsewhere).
 void ck_dropout_backward(float *dx, const float *dy, long start, long end, uint64_t seed, uint64_t stream, uint32_t limit, float scale);
+
+void ck_channel_sums(const float *x, const float *dy, const float *mask, const float *mean, long rows, long stride, long width,
+                     double *first, double *second);
+void ck_normalize_rows(float *y, const float *x, long rows, long lanes, const float *mean, const float *scale, const float *shift, int relu);
+void ck_bn_gradient_rows(float *dx, const float *dy, const float *x, const float *mask, long rows, long lanes, const float *k,
+                         const float *sum_dy, const float *sum_dyx, const float *mean, const float *inv_std, float m, int accumulate);

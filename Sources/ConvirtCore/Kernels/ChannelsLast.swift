@@ -11,6 +11,8 @@
 // across blocks); each thread owns a range of channels (sums) or of rows (pointwise passes), so the
 // results do not depend on the thread count.
 
+import CKernels
+
 /// How a 4-d activation [N, C, H, W] lies in memory.
 public enum ActivationLayout: String, Sendable, Hashable {
     /// [N, C, H, W] (PyTorch's default).
@@ -52,42 +54,27 @@ struct LaneLayout {
     var rows: Int { outer * groups * plane }
     /// The channel of row r's first lane.
     @inline(__always) func firstChannel(ofRow r: Int) -> Int { (r / plane % groups) * lanes }
+
+    /// body(rows, c0) for the runs of `range` whose rows share their channels (c0 the first).
+    @inline(__always) func runs(_ range: Range<Int>, _ body: (Range<Int>, Int) -> Void) {
+        var r = range.lowerBound
+        while r < range.upperBound {
+            let end = min(range.upperBound, (r / plane + 1) * plane)
+            body(r..<end, firstChannel(ofRow: r))
+            r = end
+        }
+    }
 }
 
 /// Sums over the rows of [rows, channels] for the channels c0..<c0+width, into first[j] and second[j]
 /// (j = c): float inside blocks of 256 rows, double across blocks (as `blockedSums`). Without
 /// `gradient`: sum(x) and sum(x^2). With it (dy, and a following ReLU's output as `mask`): sum(g) and
-/// sum(g * (x - mean)), g = dy where mask > 0 (or everywhere without a mask). Plain loops over
-/// pointers, no closures, so that the per-channel inner loop vectorizes.
+/// sum(g * (x - mean)), g = dy where mask > 0 (or everywhere without a mask). (`ck_channel_sums`: the
+/// chunk of 16 channels' sums in registers.)
 func channelBlockedSums(_ x: UnsafePointer<Float>, gradient: (dy: UnsafePointer<Float>, mask: UnsafePointer<Float>?, mean: UnsafePointer<Float>)?,
                         rows: Int, channels: Int, c0: Int, width: Int, first: UnsafeMutablePointer<Double>, second: UnsafeMutablePointer<Double>) {
-    withUnsafeTemporaryAllocation(of: Float.self, capacity: 2 * width) { buffer in
-        let a = buffer.baseAddress!, b = a + width
-        first.update(repeating: 0, count: width)
-        second.update(repeating: 0, count: width)
-        var start = 0
-        while start < rows {
-            let end = min(start + 256, rows)
-            a.update(repeating: 0, count: width)
-            b.update(repeating: 0, count: width)
-            for r in start..<end {
-                let o = r * channels + c0, xr = x + o
-                switch gradient {
-                case nil:
-                    for j in 0..<width { let v = xr[j]; a[j] += v; b[j] += v * v }
-                case let (dy, mask?, mean)?:
-                    let d = dy + o, m = mask + o, mu = mean + c0
-                    // Both loads unconditional, a select picks (so the loop vectorizes).
-                    for j in 0..<width { let dj = d[j], g = m[j] > 0 ? dj : 0; a[j] += g; b[j] += g * (xr[j] - mu[j]) }
-                case let (dy, nil, mean)?:
-                    let d = dy + o, mu = mean + c0
-                    for j in 0..<width { let g = d[j]; a[j] += g; b[j] += g * (xr[j] - mu[j]) }
-                }
-            }
-            for j in 0..<width { first[j] += Double(a[j]); second[j] += Double(b[j]) }
-            start = end
-        }
-    }
+    ck_channel_sums(x + c0, gradient.map { $0.dy + c0 }, gradient?.mask.map { $0 + c0 }, gradient.map { $0.mean + c0 }, rows, channels, width,
+                    first, second)
 }
 
 /// Per channel of `shape`, the sums of `channelBlockedSums` over all its rows into first[c] and
@@ -130,16 +117,22 @@ extension BatchNorm2d {
         try settleStatistics(stats, saved: &saved, runningMean: runningMean, runningVar: runningVar, channels: channels, eps: eps,
                              momentum: momentum, reducer: reducer, statistics: statistics)
         let means = saved.mean, invStds = saved.invStd
+        withUnsafeTemporaryAllocation(of: Float.self, capacity: channels) { buffer in
+            // The scale as the NCHW kernel forms it (gamma * invStd, then one multiply): equal outputs.
+            let scales = buffer.baseAddress!
+            for c in 0..<channels { scales[c] = gamma[c] * invStds[c] }
+            normalizeRows(output: output, input: input, mean: means, scale: scales, shift: beta, shape: shape, relu: relu)
+        }
+    }
+
+    /// y = (x - mean) * scale + shift per channel over every row, max(that, 0) with `relu`.
+    private static func normalizeRows(output: UnsafeMutablePointer<Float>, input: UnsafePointer<Float>, mean: UnsafePointer<Float>,
+                                      scale: UnsafePointer<Float>, shift: UnsafePointer<Float>, shape: LaneLayout, relu: Bool) {
+        let lanes = shape.lanes
         Parallel.chunks(shape.rows, cost: lanes) { range in
-            for r in range {
-                let c0 = shape.firstChannel(ofRow: r)
-                let x = input + r * lanes, y = output + r * lanes, mu = means + c0, s = invStds + c0, gm = gamma + c0, bt = beta + c0
-                // The scale as the NCHW kernel forms it (gamma * invStd, then one multiply): equal outputs.
-                if relu {
-                    for l in 0..<lanes { y[l] = max((x[l] - mu[l]) * (gm[l] * s[l]) + bt[l], 0) }
-                } else {
-                    for l in 0..<lanes { y[l] = (x[l] - mu[l]) * (gm[l] * s[l]) + bt[l] }
-                }
+            shape.runs(range) { rows, c0 in
+                let o = rows.lowerBound * lanes
+                ck_normalize_rows(output + o, input + o, rows.count, lanes, mean + c0, scale + c0, shift + c0, relu ? 1 : 0)
             }
         }
     }
@@ -149,21 +142,11 @@ extension BatchNorm2d {
         output: UnsafeMutablePointer<Float>, input: UnsafePointer<Float>, gamma: UnsafePointer<Float>, beta: UnsafePointer<Float>,
         runningMean: UnsafePointer<Float>, runningVar: UnsafePointer<Float>, shape: LaneLayout, eps: Float, relu: Bool
     ) {
-        let channels = shape.channels, lanes = shape.lanes
+        let channels = shape.channels
         withUnsafeTemporaryAllocation(of: Float.self, capacity: channels) { buffer in
             let scales = buffer.baseAddress!
             for c in 0..<channels { scales[c] = gamma[c] / (runningVar[c] + eps).squareRoot() }
-            Parallel.chunks(shape.rows, cost: lanes) { range in
-                for r in range {
-                    let c0 = shape.firstChannel(ofRow: r)
-                    let x = input + r * lanes, y = output + r * lanes, mu = runningMean + c0, s = scales + c0, bt = beta + c0
-                    if relu {
-                        for l in 0..<lanes { y[l] = max((x[l] - mu[l]) * s[l] + bt[l], 0) }
-                    } else {
-                        for l in 0..<lanes { y[l] = (x[l] - mu[l]) * s[l] + bt[l] }
-                    }
-                }
-            }
+            normalizeRows(output: output, input: input, mean: runningMean, scale: scales, shift: beta, shape: shape, relu: relu)
         }
     }
 
@@ -201,12 +184,10 @@ extension BatchNorm2d {
                 sumDyX[c] = Float(stats[channels + c])
             }
             Parallel.chunks(shape.rows, cost: lanes) { range in
-                for r in range {
-                    let o = r * lanes, c0 = shape.firstChannel(ofRow: r), x = input + o
-                    let kr = k + c0, sr = sumDy + c0, xr = sumDyX + c0, mu = means + c0, s = invStds + c0
-                    gradientRun(gradInput + o, gradOutput + o, mask: reluOutput.map { $0 + o }, accumulate: accumulate, lanes) { dy, l in
-                        kr[l] * (m * dy - sr[l] - (x[l] - mu[l]) * s[l] * xr[l])
-                    }
+                shape.runs(range) { rows, c0 in
+                    let o = rows.lowerBound * lanes
+                    ck_bn_gradient_rows(gradInput + o, gradOutput + o, input + o, reluOutput.map { $0 + o }, rows.count, lanes, k + c0, sumDy + c0,
+                                        sumDyX + c0, means + c0, invStds + c0, m, accumulate ? 1 : 0)
                 }
             }
         }
@@ -236,11 +217,10 @@ extension BatchNorm2d {
                 }
                 guard let gradInput else { return }
                 Parallel.chunks(shape.rows, cost: lanes) { range in
-                    for r in range {
-                        let o = r * lanes, kr = k + shape.firstChannel(ofRow: r)
-                        gradientRun(gradInput + o, gradOutput + o, mask: reluOutput.map { $0 + o }, accumulate: accumulate, lanes) { dy, l in
-                            dy * kr[l]
-                        }
+                    shape.runs(range) { rows, c0 in
+                        let o = rows.lowerBound * lanes
+                        ck_bn_gradient_rows(gradInput + o, gradOutput + o, input + o, reluOutput.map { $0 + o }, rows.count, lanes, k + c0, nil,
+                                            nil, nil, nil, 0, accumulate ? 1 : 0)
                     }
                 }
             }

@@ -96,18 +96,20 @@ struct LinearLayer {
 
     var trainable: Bool { weight.kind == .trainable }
 
-    func forward(_ arena: ParameterArena, output: UnsafeMutablePointer<Float>, input: UnsafePointer<Float>, rows: Int, precision: Precision) {
+    /// `copies`: the bf16 operands kept from forward for backward (`Linear.Copies`).
+    func forward(_ arena: ParameterArena, output: UnsafeMutablePointer<Float>, input: UnsafePointer<Float>, rows: Int, precision: Precision,
+                 copies: Linear.Copies? = nil) {
         Linear.forward(output: output, input: input, weight: arena.params + weight.offset, bias: bias.map { arena.params + $0.offset },
-                       rows: rows, inFeatures: inFeatures, outFeatures: outFeatures, precision: precision)
+                       rows: rows, inFeatures: inFeatures, outFeatures: outFeatures, precision: precision, copies: copies)
     }
 
     /// `accumulateInput` false: gradInput is overwritten (a gradient no other layer adds to).
     func backward(_ arena: ParameterArena, gradInput: UnsafeMutablePointer<Float>?, gradOutput: UnsafePointer<Float>,
-                  input: UnsafePointer<Float>, rows: Int, precision: Precision, accumulateInput: Bool = true) {
+                  input: UnsafePointer<Float>, rows: Int, precision: Precision, accumulateInput: Bool = true, copies: Linear.Copies? = nil) {
         Linear.backward(gradInput: gradInput, gradWeight: trainable ? arena.grads + weight.offset : nil,
                         gradBias: trainable ? bias.map { arena.grads + $0.offset } : nil, gradOutput: gradOutput, input: input,
                         weight: arena.params + weight.offset, rows: rows, inFeatures: inFeatures, outFeatures: outFeatures,
-                        precision: precision, accumulateInput: accumulateInput)
+                        precision: precision, accumulateInput: accumulateInput, copies: copies)
     }
 
     /// N(0, std) weights and zero bias (BERT's initializer_range 0.02; heads use PyTorch's default instead).
@@ -177,6 +179,29 @@ final class LayerActivations {
 final class LayerGradientScratch {
     let gradHidden1 = Scratch<Float>(), gradInner = Scratch<Float>(), gradDense = Scratch<Float>(), gradContext = Scratch<Float>()
     let gradQ = Scratch<Float>(), gradK = Scratch<Float>(), gradV = Scratch<Float>(), attentionWorkspace = Scratch<Float>()
+    /// The output gradient of a linear layer in bf16, converted once for its two products.
+    let gradOutputBF16 = BF16Operand()
+    /// Frozen layers' weights in bf16 (converted at every use: nothing reads them again).
+    let frozenWeightBF16 = BF16Operand()
+}
+
+/// The bf16 copies of an encoder layer's six linear layers (`Linear.Copies`): query, key and value share
+/// one copy of their common input. A frozen layer (never differentiated) keeps only that one: its
+/// weights and its other inputs are read once.
+struct EncoderCopies {
+    let query, key, value: Linear.Copies
+    let attentionOutput, intermediate, output: Linear.Copies?
+
+    init(frozen: Bool, scratch: LayerGradientScratch) {
+        let dy = scratch.gradOutputBF16, x = BF16Operand()
+        func weight() -> BF16Operand { frozen ? scratch.frozenWeightBF16 : BF16Operand() }
+        query = Linear.Copies(input: x, weight: weight(), gradOutput: dy)
+        key = Linear.Copies(input: x, weight: weight(), gradOutput: dy, reuseInput: true)
+        value = Linear.Copies(input: x, weight: weight(), gradOutput: dy, reuseInput: true)
+        func own() -> Linear.Copies? { frozen ? nil : Linear.Copies(input: BF16Operand(), weight: BF16Operand(), gradOutput: dy) }
+        attentionOutput = own(); intermediate = own(); output = own()
+    }
+
 }
 
 /// One post-LN transformer encoder layer with its activations.
@@ -187,6 +212,8 @@ final class EncoderLayer {
     let frozen: Bool
     let activations: LayerActivations
     let scratch: LayerGradientScratch
+    /// bf16 copies of the linear layers' operands, from forward for backward.
+    let copies: EncoderCopies
     /// The gradient of this layer's output, accumulated by the next layer's backward.
     let gradOutput = Scratch<Float>()
     var q: Scratch<Float> { activations.q }
@@ -232,6 +259,7 @@ final class EncoderLayer {
         outputNorm = try LayerNormLayer(&layout, "\(name).output.LayerNorm", features: h, eps: eps, kind: kind)
         self.index = index
         self.frozen = frozen
+        copies = EncoderCopies(frozen: frozen, scratch: scratch)
     }
 
     func initialize(_ arena: ParameterArena, stream: RandomStream) {
@@ -257,9 +285,9 @@ final class EncoderLayer {
         let rows = g.batch * g.tokens, h = c.hiddenSize, inter = c.intermediateSize
         let site = UInt64(index + 1) << 8
         let qp = q.ensure(rows * h), kp = k.ensure(rows * h), vp = v.ensure(rows * h)
-        query.forward(arena, output: qp, input: x, rows: rows, precision: ctx.precision)
-        key.forward(arena, output: kp, input: x, rows: rows, precision: ctx.precision)
-        value.forward(arena, output: vp, input: x, rows: rows, precision: ctx.precision)
+        query.forward(arena, output: qp, input: x, rows: rows, precision: ctx.precision, copies: copies.query)
+        key.forward(arena, output: kp, input: x, rows: rows, precision: ctx.precision, copies: copies.key)
+        value.forward(arena, output: vp, input: x, rows: rows, precision: ctx.precision, copies: copies.value)
         let attentionDropout = ctx.training ? Float(c.attentionProbsDropoutProb) : 0
         var streams: [RandomStream] = []
         if attentionDropout > 0 { streams = (0..<g.batch).map { ctx.stream(sample: $0, site: site | 1) } }
@@ -268,17 +296,17 @@ final class EncoderLayer {
                           dropout: attentionDropout > 0 ? AttentionDropout(probability: attentionDropout, streams: streams, dropped: dropped.ensure(g.probabilitiesCount)) : nil,
                           precision: ctx.precision)
         let dense = attentionDense.ensure(rows * h)
-        attentionOutput.forward(arena, output: dense, input: context.pointer, rows: rows, precision: ctx.precision)
+        attentionOutput.forward(arena, output: dense, input: context.pointer, rows: rows, precision: ctx.precision, copies: copies.attentionOutput)
         let hiddenDropout = Float(c.hiddenDropoutProb)
         Self.dropout(dense, batch: g.batch, perSample: g.tokens * h, probability: hiddenDropout, site: site | 2, context: ctx)
         let s1 = sum1.ensure(rows * h)
         Residual.forward(output: s1, dense, x, count: rows * h)
         attentionNorm.forward(arena, output: hidden1.ensure(rows * h), mean: mean1.ensure(rows), invStd: invStd1.ensure(rows), input: s1, rows: rows)
         let i1 = inner.ensure(rows * inter), a1 = activated.ensure(rows * inter)
-        intermediate.forward(arena, output: i1, input: hidden1.pointer, rows: rows, precision: ctx.precision)
+        intermediate.forward(arena, output: i1, input: hidden1.pointer, rows: rows, precision: ctx.precision, copies: copies.intermediate)
         GELU.forward(output: a1, input: i1, count: rows * inter)
         let o = outputDense.ensure(rows * h)
-        output.forward(arena, output: o, input: a1, rows: rows, precision: ctx.precision)
+        output.forward(arena, output: o, input: a1, rows: rows, precision: ctx.precision, copies: copies.output)
         Self.dropout(o, batch: g.batch, perSample: g.tokens * h, probability: hiddenDropout, site: site | 3, context: ctx)
         let s2 = sum2.ensure(rows * h)
         Residual.forward(output: s2, o, hidden1.pointer, count: rows * h)
@@ -300,11 +328,13 @@ final class EncoderLayer {
         Self.dropout(dSum2, batch: g.batch, perSample: g.tokens * h, probability: hiddenDropout, site: site | 3, context: ctx)
         // dA, dI and dCtx have one writer each: overwritten, not zeroed and accumulated.
         let dA = gradInner.ensure(rows * inter)
-        output.backward(arena, gradInput: dA, gradOutput: dSum2, input: activated.pointer, rows: rows, precision: ctx.precision, accumulateInput: false)
+        output.backward(arena, gradInput: dA, gradOutput: dSum2, input: activated.pointer, rows: rows, precision: ctx.precision, accumulateInput: false,
+                        copies: copies.output)
         // dInner = dA * gelu'(inner)
         let dI = gradContext.ensure(rows * inter)
         GELU.backward(gradInput: dI, gradOutput: dA, input: inner.pointer, count: rows * inter, accumulate: false)
-        intermediate.backward(arena, gradInput: dH1, gradOutput: dI, input: hidden1.pointer, rows: rows, precision: ctx.precision)
+        intermediate.backward(arena, gradInput: dH1, gradOutput: dI, input: hidden1.pointer, rows: rows, precision: ctx.precision,
+                              copies: copies.intermediate)
         // h1 = LN1(dropout(dense(attention(x))) + x)
         let dSum1 = gradDense.zeroed(rows * h)
         attentionNorm.backward(arena, gradInput: dSum1, gradOutput: dH1, input: sum1.pointer, mean: mean1.pointer, invStd: invStd1.pointer, rows: rows)
@@ -312,7 +342,7 @@ final class EncoderLayer {
         Self.dropout(dSum1, batch: g.batch, perSample: g.tokens * h, probability: hiddenDropout, site: site | 2, context: ctx)
         let dCtx = gradContext.ensure(rows * h)
         attentionOutput.backward(arena, gradInput: dCtx, gradOutput: dSum1, input: context.pointer, rows: rows, precision: ctx.precision,
-                                 accumulateInput: false)
+                                 accumulateInput: false, copies: copies.attentionOutput)
         let attentionDropout = ctx.training ? Float(c.attentionProbsDropoutProb) : 0
         var streams: [RandomStream] = []
         if attentionDropout > 0 { streams = (0..<g.batch).map { ctx.stream(sample: $0, site: site | 1) } }
@@ -321,9 +351,9 @@ final class EncoderLayer {
                            q: q.pointer, k: k.pointer, v: v.pointer, geometry: g, workspace: attentionWorkspace.ensure(g.workspaceCount),
                            dropout: attentionDropout > 0 ? AttentionDropout(probability: attentionDropout, streams: streams, dropped: dropped.pointer) : nil,
                            precision: ctx.precision)
-        query.backward(arena, gradInput: gradInput, gradOutput: dq, input: x, rows: rows, precision: ctx.precision)
-        key.backward(arena, gradInput: gradInput, gradOutput: dk, input: x, rows: rows, precision: ctx.precision)
-        value.backward(arena, gradInput: gradInput, gradOutput: dv, input: x, rows: rows, precision: ctx.precision)
+        query.backward(arena, gradInput: gradInput, gradOutput: dq, input: x, rows: rows, precision: ctx.precision, copies: copies.query)
+        key.backward(arena, gradInput: gradInput, gradOutput: dk, input: x, rows: rows, precision: ctx.precision, copies: copies.key)
+        value.backward(arena, gradInput: gradInput, gradOutput: dv, input: x, rows: rows, precision: ctx.precision, copies: copies.value)
     }
 }
 

@@ -249,3 +249,40 @@ struct BF16KernelTests {
         #expect(!BF16.prefersNative(isa: "avx2", vendor: "AuthenticAMD"))
     }
 }
+
+@Suite("bf16 operand copies")
+struct BF16OperandTests {
+    /// One linear layer's forward and backward in bf16, with or without kept copies; `sharedInput`: the
+    /// input's copy was made by another layer reading the same input (query, key, value).
+    func run(x: [Float], w: [Float], dy: [Float], rows: Int, inF: Int, outF: Int, copies: Linear.Copies?) -> [Float] {
+        var y = [Float](repeating: 0, count: rows * outF), dx = [Float](repeating: 0.5, count: rows * inF)
+        var dw = [Float](repeating: 0.25, count: w.count)
+        Linear.forward(output: &y, input: x, weight: w, bias: nil, rows: rows, inFeatures: inF, outFeatures: outF, precision: .bf16,
+                       copies: copies)
+        Linear.backward(gradInput: &dx, gradWeight: &dw, gradBias: nil, gradOutput: dy, input: x, weight: w, rows: rows, inFeatures: inF,
+                        outFeatures: outF, precision: .bf16, copies: copies)
+        return y + dx + dw
+    }
+
+    // (Where bf16 runs as the rounded-fp32 emulation, no copies are kept and the two agree trivially.)
+    @Test("a linear layer's kept bf16 copies give the products of fresh conversions bit for bit, new weights and inputs converted anew")
+    func copiesMatchFreshConversions() {
+        let (rows, inF, outF) = (37, 48, 24)
+        let x = randomFloats(rows * inF, seed: 1), dy = randomFloats(rows * outF, seed: 3)
+        var w = randomFloats(outF * inF, seed: 2)
+        let shared = BF16Operand(), dyCopy = BF16Operand()
+        let first = Linear.Copies(input: shared, weight: BF16Operand(), gradOutput: dyCopy)
+        let second = Linear.Copies(input: shared, weight: BF16Operand(), gradOutput: dyCopy, reuseInput: true)
+        #expect(run(x: x, w: w, dy: dy, rows: rows, inF: inF, outF: outF, copies: first) == run(x: x, w: w, dy: dy, rows: rows, inF: inF, outF: outF, copies: nil))
+        // The same input read by a second layer through the shared copy; another output gradient.
+        let dy2 = randomFloats(rows * outF, seed: 4)
+        #expect(run(x: x, w: w, dy: dy2, rows: rows, inF: inF, outF: outF, copies: second) == run(x: x, w: w, dy: dy2, rows: rows, inF: inF, outF: outF, copies: nil))
+        // The next step: the same buffers with new weights and a new input (a forward converts them again).
+        w = w.map { $0 * 0.5 + 0.01 }
+        let x2 = randomFloats(rows * inF, seed: 5)
+        #expect(run(x: x2, w: w, dy: dy, rows: rows, inF: inF, outF: outF, copies: first) == run(x: x2, w: w, dy: dy, rows: rows, inF: inF, outF: outF, copies: nil))
+        // A layer whose input is another block than the shared copy holds converts its own.
+        let x3 = randomFloats(rows * inF, seed: 6)
+        #expect(run(x: x3, w: w, dy: dy, rows: rows, inF: inF, outF: outF, copies: second) == run(x: x3, w: w, dy: dy, rows: rows, inF: inF, outF: outF, copies: nil))
+    }
+}

@@ -3,14 +3,29 @@
 import RealModule
 
 public enum Linear {
+    /// bf16 copies a layer keeps from its forward for its backward (oneDNN's bf16 products only): the
+    /// input (which layers reading the same input may share: `reuseInput`), the weights, and a room for the
+    /// output gradient (any number of layers may share it: it is converted once per backward).
+    public struct Copies {
+        public let input, weight, gradOutput: BF16Operand
+        /// Whether the forward takes `input`'s copy as it is (another layer converted the same input first).
+        public let reuseInput: Bool
+        public init(input: BF16Operand, weight: BF16Operand, gradOutput: BF16Operand, reuseInput: Bool = false) {
+            self.input = input; self.weight = weight; self.gradOutput = gradOutput; self.reuseInput = reuseInput
+        }
+    }
+
     /// output[r, o] = sum_i input[r, i] * weight[o, i] + bias[o]  (torch.nn.Linear's weight layout)
     /// - output: [rows, out]; input: [rows, in]; weight: [out, in]; bias: [out] or nil
     /// - precision: bf16 rounds input and weight to bf16 and accumulates in fp32 (the bias adds in fp32).
+    /// - copies: where the bf16 input and weights are kept for `backward` (which must then follow before
+    ///   either changes).
     public static func forward(output: UnsafeMutablePointer<Float>, input: UnsafePointer<Float>,
                                weight: UnsafePointer<Float>, bias: UnsafePointer<Float>?,
-                               rows: Int, inFeatures: Int, outFeatures: Int, precision: Precision = .fp32) {
+                               rows: Int, inFeatures: Int, outFeatures: Int, precision: Precision = .fp32, copies: Copies? = nil) {
         gemm(precision, transposeA: false, transposeB: true, m: rows, n: outFeatures, k: inFeatures,
-             a: input, lda: inFeatures, b: weight, ldb: inFeatures, c: output, ldc: outFeatures, bias: bias)
+             a: input, lda: inFeatures, b: weight, ldb: inFeatures, c: output, ldc: outFeatures, bias: bias,
+             copies: (copies.map { .init($0.input, reuse: $0.reuseInput) }, copies.map { .init($0.weight, reuse: false) }))
     }
 
     /// gradInput += gradOutput * weight (= where `accumulateInput` is false); gradWeight += gradOutput^T * input;
@@ -20,14 +35,23 @@ public enum Linear {
     public static func backward(gradInput: UnsafeMutablePointer<Float>?, gradWeight: UnsafeMutablePointer<Float>?,
                                 gradBias: UnsafeMutablePointer<Float>?, gradOutput: UnsafePointer<Float>,
                                 input: UnsafePointer<Float>, weight: UnsafePointer<Float>,
-                                rows: Int, inFeatures: Int, outFeatures: Int, precision: Precision = .fp32, accumulateInput: Bool = true) {
+                                rows: Int, inFeatures: Int, outFeatures: Int, precision: Precision = .fp32, accumulateInput: Bool = true,
+                                copies: Copies? = nil) {
+        // The output gradient converted by the first product, reused by the second.
+        var gradOutputConverted = false
+        func gradOutputCopy() -> BF16Operand.Use? {
+            defer { gradOutputConverted = true }
+            return copies.map { .init($0.gradOutput, reuse: gradOutputConverted) }
+        }
         if let gradInput {
             gemm(precision, transposeA: false, transposeB: false, m: rows, n: inFeatures, k: outFeatures,
-                 a: gradOutput, lda: outFeatures, b: weight, ldb: inFeatures, beta: accumulateInput ? 1 : 0, c: gradInput, ldc: inFeatures)
+                 a: gradOutput, lda: outFeatures, b: weight, ldb: inFeatures, beta: accumulateInput ? 1 : 0, c: gradInput, ldc: inFeatures,
+                 copies: (gradOutputCopy(), copies.map { .init($0.weight, reuse: true) }))
         }
         if let gradWeight {
             gemm(precision, transposeA: true, transposeB: false, m: outFeatures, n: inFeatures, k: rows,
-                 a: gradOutput, lda: outFeatures, b: input, ldb: inFeatures, beta: 1, c: gradWeight, ldc: inFeatures)
+                 a: gradOutput, lda: outFeatures, b: input, ldb: inFeatures, beta: 1, c: gradWeight, ldc: inFeatures,
+                 copies: (gradOutputCopy(), copies.map { .init($0.input, reuse: true) }))
         }
         if let gradBias {
             for r in 0..<rows {

@@ -18,7 +18,7 @@ public func gemm(
     _ precision: Precision, transposeA: Bool, transposeB: Bool, m: Int, n: Int, k: Int,
     alpha: Float = 1, a: UnsafePointer<Float>, lda: Int, b: UnsafePointer<Float>, ldb: Int,
     beta: Float = 0, c: UnsafeMutablePointer<Float>, ldc: Int, bias: UnsafePointer<Float>? = nil, parallel: Bool = true,
-    native: Bool = BF16.native
+    native: Bool = BF16.native, copies: (a: BF16Operand.Use?, b: BF16Operand.Use?) = (nil, nil)
 ) {
     var beta = beta
     precondition(bias == nil || beta == 0, "gemm: a bias with beta \(beta)")
@@ -45,9 +45,15 @@ public func gemm(
         do {
             guard let primitive = try MatmulPrimitive.cached(key) else { throw ConvirtError("oneDNN refused a bf16 matmul of \(m)x\(k)x\(n)") }
             let base = scratch.ensure(bytes: 2 * (m * k + k * n) + 64).bindMemory(to: UInt16.self, capacity: m * k + k * n + 32)
-            let a16 = base, b16 = base + (m * k + 31) / 32 * 32
-            BF16.convertBlock(a16, a, rows: aRows, columns: aColumns, ld: lda, parallel: parallel)
-            BF16.convertBlock(b16, b, rows: bRows, columns: bColumns, ld: ldb, parallel: parallel)
+            // Each operand in bf16: from its kept copy where the caller keeps one, else converted here.
+            func operand(_ use: BF16Operand.Use?, _ x: UnsafePointer<Float>, _ rows: Int, _ columns: Int, _ ld: Int,
+                         _ room: UnsafeMutablePointer<UInt16>) -> UnsafePointer<UInt16> {
+                if let use { return use.operand.bits(of: x, rows: rows, columns: columns, ld: ld, reuse: use.reuse) }
+                BF16.convertBlock(room, x, rows: rows, columns: columns, ld: ld, parallel: parallel)
+                return UnsafePointer(room)
+            }
+            let a16 = operand(copies.a, a, aRows, aColumns, lda, base)
+            let b16 = operand(copies.b, b, bRows, bColumns, ldb, base + (m * k + 31) / 32 * 32)
             try primitive.execute(a: a16, b: b16, c: c, bias: bias, stream: scratch.stream)
             return
         } catch {
@@ -61,6 +67,43 @@ public func gemm(
     BF16.roundBlock(bRounded, b, rows: bRows, columns: bColumns, ld: ldb, parallel: parallel)
     sgemm(transposeA: transposeA, transposeB: transposeB, m: m, n: n, k: k, alpha: alpha, a: aRounded, lda: aColumns,
           b: bRounded, ldb: bColumns, beta: beta, c: c, ldc: ldc, parallel: parallel)
+}
+
+/// A bf16 copy of one operand of products on oneDNN, kept for the next product that reads the same
+/// operand: a layer's backward reads the weights and the input its forward converted (and its two
+/// products the same output gradient), so each is converted once. The caller vouches that a block it
+/// reuses did not change since it was converted; a different block (pointer, shape) is converted anew.
+public final class BF16Operand {
+    private var storage = UnsafeMutablePointer<UInt16>.allocate(capacity: 1)
+    private var capacity = 1
+    private var held: (source: UnsafePointer<Float>, rows: Int, columns: Int, ld: Int)?
+
+    public init() {}
+    deinit { storage.deallocate() }
+
+    /// The copy used in one product: `reuse` false converts the block (its contents are new), true
+    /// takes the copy as it is where it holds the same block.
+    public struct Use {
+        public let operand: BF16Operand
+        public let reuse: Bool
+        public init(_ operand: BF16Operand, reuse: Bool) { self.operand = operand; self.reuse = reuse }
+    }
+
+    /// The block rows x columns of `source` (leading dimension ld) in compact bf16.
+    func bits(of source: UnsafePointer<Float>, rows: Int, columns: Int, ld: Int, reuse: Bool) -> UnsafePointer<UInt16> {
+        if reuse, let held, held == (source, rows, columns, ld) { return UnsafePointer(storage) }
+        if rows * columns > capacity {
+            storage.deallocate()
+            capacity = rows * columns
+            storage = .allocate(capacity: capacity)
+        }
+        BF16.convertBlock(storage, source, rows: rows, columns: columns, ld: ld, parallel: true)
+        held = (source, rows, columns, ld)
+        return UnsafePointer(storage)
+    }
+
+    /// Bytes held.
+    public var bytes: Int { 2 * capacity }
 }
 
 /// oneDNN's bf16 matmul for one shape: bf16 inputs, fp32 output, each a plain (strided) layout; alpha

@@ -273,16 +273,20 @@ struct BF16OperandTests {
         let shared = BF16Operand(), dyCopy = BF16Operand()
         let first = Linear.Copies(input: shared, weight: BF16Operand(), gradOutput: dyCopy)
         let second = Linear.Copies(input: shared, weight: BF16Operand(), gradOutput: dyCopy, reuseInput: true)
-        #expect(run(x: x, w: w, dy: dy, rows: rows, inF: inF, outF: outF, copies: first) == run(x: x, w: w, dy: dy, rows: rows, inF: inF, outF: outF, copies: nil))
+        // (Bools, not the arrays: a failure would print thousands of floats.)
+        func same(_ x: [Float], _ w: [Float], _ dy: [Float], _ copies: Linear.Copies) -> Bool {
+            run(x: x, w: w, dy: dy, rows: rows, inF: inF, outF: outF, copies: copies) == run(x: x, w: w, dy: dy, rows: rows, inF: inF, outF: outF, copies: nil)
+        }
+        #expect(same(x, w, dy, first), "one layer")
         // The same input read by a second layer through the shared copy; another output gradient.
-        let dy2 = randomFloats(rows * outF, seed: 4)
-        #expect(run(x: x, w: w, dy: dy2, rows: rows, inF: inF, outF: outF, copies: second) == run(x: x, w: w, dy: dy2, rows: rows, inF: inF, outF: outF, copies: nil))
+        #expect(same(x, w, randomFloats(rows * outF, seed: 4), second), "a second layer on the shared input")
         // The next step: the same buffers with new weights and a new input (a forward converts them again).
         w = w.map { $0 * 0.5 + 0.01 }
-        let x2 = randomFloats(rows * inF, seed: 5)
-        #expect(run(x: x2, w: w, dy: dy, rows: rows, inF: inF, outF: outF, copies: first) == run(x: x2, w: w, dy: dy, rows: rows, inF: inF, outF: outF, copies: nil))
-        // A layer whose input is another block than the shared copy holds converts its own.
-        let x3 = randomFloats(rows * inF, seed: 6)
-        #expect(run(x: x3, w: w, dy: dy, rows: rows, inF: inF, outF: outF, copies: second) == run(x: x3, w: w, dy: dy, rows: rows, inF: inF, outF: outF, copies: nil))
+        let x2 = randomFloats(rows * inF, seed: 5), x3 = randomFloats(rows * inF, seed: 6)
+        withExtendedLifetime((x2, x3)) {
+            #expect(same(x2, w, dy, first), "new weights and input")
+            // A layer whose input is another block than the shared copy holds (both alive: other addresses).
+            #expect(same(x3, w, dy, second), "another input")
+        }
     }
 }

@@ -329,3 +329,79 @@ CK_CLONES void ck_bn_gradient_rows(float *restrict dx, const float *restrict dy,
         }
     }
 }
+
+// Max pool over rows of `lanes` channels (NHWC, nChw16c as NHWC images of 16 channels): the output rows
+// first_row..<last_row (row = image * oh + oy) of y [images, oh, ow, lanes] and idx (the argmax as y * W
+// + x in the image's plane), as MaxPool2d.forwardNHWC: a larger value or a NaN takes the place, taps in
+// row-major order, ties to the first.
+CK_CLONES void ck_maxpool_rows(float *restrict y, int32_t *restrict idx, const float *restrict x, long height, long width, long lanes,
+                               long oh, long ow, long kernel, long stride, long padding, long first_row, long last_row) {
+    for (long item = first_row; item < last_row; item++) {
+        const long n = item / oh, oy = item % oh;
+        const long y0 = oy * stride - padding > 0 ? oy * stride - padding : 0;
+        const long y1 = oy * stride - padding + kernel < height ? oy * stride - padding + kernel : height;
+        for (long ox = 0; ox < ow; ox++) {
+            const long x0 = ox * stride - padding > 0 ? ox * stride - padding : 0;
+            const long x1 = ox * stride - padding + kernel < width ? ox * stride - padding + kernel : width;
+            float *restrict out = y + ((n * oh + oy) * ow + ox) * lanes;
+            int32_t *restrict where = idx + ((n * oh + oy) * ow + ox) * lanes;
+            long j0 = 0;
+            for (; j0 + CK_LANES <= lanes; j0 += CK_LANES) {
+                ck_v16 best = {0};
+                ck_i16 at = {0};
+                best -= __builtin_inff();
+                at += (int)(y0 * width + x0);
+                for (long iy = y0; iy < y1; iy++) {
+                    for (long ix = x0; ix < x1; ix++) {
+                        const ck_v16 v = ck_load(x + ((n * height + iy) * width + ix) * lanes + j0);
+                        const ck_i16 take = (v > best) | (v != v);
+                        best = (ck_v16)(((ck_i16)v & take) | ((ck_i16)best & ~take));
+                        at = ((int)(iy * width + ix) & take) | (at & ~take);
+                    }
+                }
+                *(ck_v16 *)(out + j0) = best;
+                *(ck_i16 *)(where + j0) = at;
+            }
+            for (long j = j0; j < lanes; j++) {
+                float best = -__builtin_inff();
+                int32_t at = (int32_t)(y0 * width + x0);
+                for (long iy = y0; iy < y1; iy++) {
+                    for (long ix = x0; ix < x1; ix++) {
+                        const float v = x[((n * height + iy) * width + ix) * lanes + j];
+                        if (v > best || v != v) { best = v; at = (int32_t)(iy * width + ix); }
+                    }
+                }
+                out[j] = best;
+                where[j] = at;
+            }
+        }
+    }
+}
+
+// LayerNorm forward over rows x features: mean and variance (biased) of each row summed in 16 float
+// lanes, y = (x - mean) * inv_std * gamma + beta; mean and inv_std kept per row.
+CK_CLONES void ck_layernorm_rows(float *restrict y, float *restrict mean, float *restrict inv_std, const float *restrict x,
+                                 const float *restrict gamma, const float *restrict beta, long rows, long features, float eps) {
+    const float n = (float)features;
+    for (long r = 0; r < rows; r++) {
+        const float *restrict xr = x + r * features;
+        float *restrict yr = y + r * features;
+        ck_v16 lanes = {0};
+        long i = 0;
+        for (; i + CK_LANES <= features; i += CK_LANES) lanes += ck_load(xr + i);
+        for (int l = 0; i < features; i++, l++) lanes[l] += xr[i];
+        float s;
+        ck_lane_total(lanes, s);
+        const float m = s / n;
+        ck_v16 squares = {0};
+        i = 0;
+        for (; i + CK_LANES <= features; i += CK_LANES) { const ck_v16 d = ck_load(xr + i) - m; squares += d * d; }
+        for (int l = 0; i < features; i++, l++) { const float d = xr[i] - m; squares[l] += d * d; }
+        float v;
+        ck_lane_total(squares, v);
+        const float rstd = 1.0f / __builtin_sqrtf(v / n + eps);
+        mean[r] = m;
+        inv_std[r] = rstd;
+        for (long k = 0; k < features; k++) yr[k] = (xr[k] - m) * rstd * gamma[k] + beta[k];
+    }
+}

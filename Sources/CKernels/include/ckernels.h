@@ -39,3 +39,7 @@ void ck_channel_sums(const float *x, const float *dy, const float *mask, const f
 void ck_normalize_rows(float *y, const float *x, long rows, long lanes, const float *mean, const float *scale, const float *shift, int relu);
 void ck_bn_gradient_rows(float *dx, const float *dy, const float *x, const float *mask, long rows, long lanes, const float *k,
                          const float *sum_dy, const float *sum_dyx, const float *mean, const float *inv_std, float m, int accumulate);
+void ck_maxpool_rows(float *y, int32_t *idx, const float *x, long height, long width, long lanes, long oh, long ow, long kernel,
+                     long stride, long padding, long first_row, long last_row);
+void ck_layernorm_rows(float *y, float *mean, float *inv_std, const float *x, const float *gamma, const float *beta, long rows,
+                       long features, float eps);

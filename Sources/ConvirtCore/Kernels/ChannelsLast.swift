@@ -236,28 +236,7 @@ extension MaxPool2d {
         let oh = outputSize(height, kernel: kernel, stride: stride, padding: padding)
         let ow = outputSize(width, kernel: kernel, stride: stride, padding: padding)
         Parallel.chunks(batch * oh, cost: ow * kernel * kernel * channels) { range in
-            for item in range {
-                let n = item / oh, oy = item % oh
-                let y0 = max(oy * stride - padding, 0), y1 = min(oy * stride - padding + kernel, height)
-                for ox in 0..<ow {
-                    let x0 = max(ox * stride - padding, 0), x1 = min(ox * stride - padding + kernel, width)
-                    let offset = ((n * oh + oy) * ow + ox) * channels
-                    let y = output + offset, idx = indices + offset
-                    y.update(repeating: -Float.infinity, count: channels)
-                    idx.update(repeating: Int32(y0 * width + x0), count: channels)
-                    for iy in y0..<y1 {
-                        for ix in x0..<x1 {
-                            let x = input + ((n * height + iy) * width + ix) * channels, position = Int32(iy * width + ix)
-                            // As the NCHW kernel: a larger value or a NaN takes the place (selects, so it vectorizes).
-                            for c in 0..<channels {
-                                let v = x[c], best = y[c], take = v > best || v != v
-                                y[c] = take ? v : best
-                                idx[c] = take ? position : idx[c]
-                            }
-                        }
-                    }
-                }
-            }
+            ck_maxpool_rows(output, indices, input, height, width, channels, oh, ow, kernel, stride, padding, range.lowerBound, range.upperBound)
         }
     }
 

@@ -67,6 +67,25 @@ func dnnlDescriptor(_ shape: [Int], _ type: dnnl_data_type_t, _ tag: dnnl_format
     return desc
 }
 
+/// The descriptor of one image (the first) of `desc`, a batch of images, and that image's bytes, where
+/// the batch is image-major and dense (image n starts n times that many bytes in: NCHW, NHWC, nChw16c,
+/// ...); nil for any other layout (a blocked batch dimension, padding or an offset along it).
+func dnnlOneImage(_ desc: dnnl_memory_desc_t) -> (desc: dnnl_memory_desc_t, bytes: Int)? {
+    var whole = desc
+    guard desc.format_kind == dnnl_blocked, desc.ndims >= 1, desc.offset0 == 0, desc.padded_offsets.0 == 0,
+          desc.padded_dims.0 == desc.dims.0, desc.dims.0 > 0 else { return nil }
+    let blocking = desc.format_desc.blocking
+    let blocked = withUnsafeBytes(of: blocking.inner_idxs) { Array($0.bindMemory(to: dnnl_dim_t.self).prefix(Int(blocking.inner_nblks))) }
+    guard !blocked.contains(0) else { return nil }
+    var image = desc
+    image.dims.0 = 1
+    image.padded_dims.0 = 1
+    let bytes = dnnl_memory_desc_get_size(&image)
+    guard dnnl_memory_desc_get_size(&whole) == bytes * Int(desc.dims.0),
+          Int(blocking.strides.0) * Int(dnnl_data_type_size(desc.data_type)) == bytes else { return nil }
+    return (image, bytes)
+}
+
 func dnnlSame(_ a: dnnl_memory_desc_t, _ b: dnnl_memory_desc_t) -> Bool {
     var a = a, b = b
     return dnnl_memory_desc_equal(&a, &b) != 0
@@ -86,6 +105,13 @@ final class DNNLMemory {
     }
 
     deinit { dnnl_memory_destroy(memory) }
+
+    /// The buffer bound now.
+    var handle: UnsafeMutableRawPointer? {
+        var pointer: UnsafeMutableRawPointer? = nil
+        _ = dnnl_memory_get_data_handle(memory, &pointer)
+        return pointer
+    }
 
     func bind(_ pointer: UnsafeRawPointer) throws {
         try dnnlCheck(dnnl_memory_set_data_handle(memory, UnsafeMutableRawPointer(mutating: pointer)), "binding a buffer")

@@ -65,6 +65,54 @@ struct DNNLConvolutionTests {
         #expect(!conv.implementations.contains("backward data"))
     }
 
+    /// World-size invariance rests on this: a rank's batch computes as its images would alone, whatever
+    /// the batch. Each image's output and input gradient bitwise as at batch 1, and the weight (and bias)
+    /// gradient the images' own gradients added in image order, bitwise: so ranks of any world size add
+    /// the same per-image terms, and only the order of the all-reduce's sums differs.
+    @Test("fp32: a batch computes as its images alone (output, input gradient), its weight gradient the images' summed in order",
+          arguments: [(3, 20, 16, 7, 2, 3, false, ActivationLayout.nchw, ActivationLayout.blocked16), (16, 10, 16, 3, 1, 1, false, .blocked16, .blocked16),
+                      (32, 8, 16, 1, 1, 0, false, .blocked16, .blocked16), (16, 8, 32, 1, 2, 0, false, .blocked16, .blocked16),
+                      (8, 9, 8, 3, 2, 1, false, .nchw, .nchw), (8, 7, 16, 3, 1, 1, true, .nchw, .nchw), (4, 12, 16, 1, 1, 0, false, .nchw, .nchw)])
+    func batchAsImages(_ c: (Int, Int, Int, Int, Int, Int, Bool, ActivationLayout, ActivationLayout)) throws {
+        let (channels, size, outChannels, kernel, stride, padding, bias, inputLayout, outputLayout) = c
+        let batch = 5
+        let g = try Conv2dGeometry(batch: batch, inChannels: channels, height: size, width: size, outChannels: outChannels, kernel: kernel,
+                                   stride: stride, padding: padding)
+        let one = try Conv2dGeometry(batch: 1, inChannels: channels, height: size, width: size, outChannels: outChannels, kernel: kernel,
+                                     stride: stride, padding: padding)
+        let inCount = one.inputShape.reduce(1, *), outCount = one.outputShape.reduce(1, *), weightCount = g.weightShape.reduce(1, *)
+        let x = randomFloats(batch * inCount, seed: 11), wt = randomFloats(weightCount, seed: 12)
+        let b = randomFloats(outChannels, seed: 13), dy = randomFloats(batch * outCount, seed: 14)
+        /// Output, input gradient, weight and bias gradients (from zero) of images `range` as one batch.
+        func run(_ geometry: Conv2dGeometry, _ range: Range<Int>) throws -> (y: [Float], dx: [Float], dw: [Float], db: [Float]) {
+            let conv = try ConvolutionPrimitives(geometry: geometry, bias: bias, inputLayout: inputLayout, outputLayout: outputLayout)
+            let xs = Array(x[range.lowerBound * inCount..<range.upperBound * inCount])
+            let dys = Array(dy[range.lowerBound * outCount..<range.upperBound * outCount])
+            var y = [Float](repeating: .nan, count: dys.count), dx = [Float](repeating: 0, count: xs.count)
+            var dw = [Float](repeating: 0, count: weightCount), db = [Float](repeating: 0, count: outChannels)
+            try xs.withUnsafeBufferPointer { x in try wt.withUnsafeBufferPointer { w in try b.withUnsafeBufferPointer { b in try dys.withUnsafeBufferPointer { dy in
+                try y.withUnsafeMutableBufferPointer { try conv.forward(output: $0.baseAddress!, input: x.baseAddress!, weight: w.baseAddress!, bias: bias ? b.baseAddress! : nil) }
+                try dx.withUnsafeMutableBufferPointer { dx in try dw.withUnsafeMutableBufferPointer { dw in try db.withUnsafeMutableBufferPointer { db in
+                    try conv.backward(gradInput: dx.baseAddress!, gradWeight: dw.baseAddress!, gradBias: bias ? db.baseAddress! : nil,
+                                      gradOutput: dy.baseAddress!, input: x.baseAddress!, weight: w.baseAddress!)
+                } } }
+            } } } }
+            if geometry.batch > 1 { #expect(conv.implementations.contains("per image"), "\(conv.implementations)") }
+            return (y, dx, dw, db)
+        }
+        let whole = try run(g, 0..<batch)
+        var dw = [Float](repeating: 0, count: weightCount), db = [Float](repeating: 0, count: outChannels)
+        for n in 0..<batch {
+            let alone = try run(one, n..<n + 1)
+            #expect(Array(whole.y[n * outCount..<(n + 1) * outCount]) == alone.y, "\(g) image \(n): output")
+            #expect(Array(whole.dx[n * inCount..<(n + 1) * inCount]) == alone.dx, "\(g) image \(n): input gradient")
+            for i in 0..<weightCount { dw[i] += alone.dw[i] }
+            for i in 0..<outChannels { db[i] += alone.db[i] }
+        }
+        #expect(whole.dw == dw, "\(g): weight gradient")
+        #expect(whole.db == db, "\(g): bias gradient")
+    }
+
     /// bf16 inputs with fp32 accumulation: within bf16 rounding (2^-8 relative per input) of fp32.
     /// oneDNN 2.6 implements bf16 convolutions from AVX-512 on; elsewhere creating one is a clear error.
     @Test("bf16: within bf16 rounding of fp32 where oneDNN implements it, a clear error where not")

@@ -99,7 +99,11 @@ public final class ConvolutionPrimitives {
     public var implementations: String {
         var names = ["forward \(forwardPrimitive.implementation)"]
         if let backwardData { names.append("backward data \(backwardData.primitive.implementation)") }
-        if let backwardWeights { names.append("backward weights \(backwardWeights.primitive.implementation)") }
+        if case let .some(.some(each)) = imageWeights {
+            names.append("backward weights \(each.primitive.implementation) per image")
+        } else if let backwardWeights {
+            names.append("backward weights \(backwardWeights.primitive.implementation)")
+        }
         return names.joined(separator: ", ")
     }
 
@@ -126,15 +130,38 @@ public final class ConvolutionPrimitives {
         let bw = try makeBackwardWeights(bias: gradBias != nil)
         try bw.gradOutput.input(gradOutput, stream)
         try bw.source.input(input, stream)
-        try bw.gradWeight.output(gradWeight)
-        var arguments = [(cdnnl_arg_diff_dst(), bw.gradOutput.inner), (cdnnl_arg_src(), bw.source.inner), (cdnnl_arg_diff_weights(), bw.gradWeight.inner)]
-        if let gradBias, let db = bw.gradBias {
-            try db.output(gradBias)
-            arguments.append((cdnnl_arg_diff_bias(), db.inner))
+        if let each = try makeImageWeights(bias: gradBias != nil) {
+            if let gradBias { try each.gradBias?.output(gradBias) }
+            guard let source = bw.source.inner.handle, let dy = bw.gradOutput.inner.handle else {
+                throw ConvirtError("\(geometry) backward weights: oneDNN memory without a buffer")
+            }
+            let scratch = ThreadScratch.current
+            try each.sum.bind(scratch.reorderSlot(ImageWeights.sumSlot, bytes: each.weightBytes))
+            try each.image.bind(scratch.reorderSlot(ImageWeights.imageSlot, bytes: each.weightBytes))
+            try each.user.bind(gradWeight)
+            for n in 0..<geometry.batch {
+                try each.source.bind(source + n * each.sourceBytes)
+                try each.gradOutput.bind(dy + n * each.gradOutputBytes)
+                // The first image's gradient starts the sum; each later one is added to it.
+                var arguments = [(cdnnl_arg_diff_dst(), each.gradOutput), (cdnnl_arg_src(), each.source),
+                                 (cdnnl_arg_diff_weights(), n == 0 ? each.sum : each.image)]
+                if gradBias != nil, let db = each.gradBias { arguments.append((cdnnl_arg_diff_bias(), db.inner)) }
+                try each.primitive.execute(stream, arguments, "\(geometry) backward weights, image \(n)")
+                if n > 0 { try each.addImage.run(stream) }
+                if gradBias != nil { try each.gradBias?.finish(stream) }
+            }
+            try each.addSum.run(stream)
+        } else {
+            try bw.gradWeight.output(gradWeight)
+            var arguments = [(cdnnl_arg_diff_dst(), bw.gradOutput.inner), (cdnnl_arg_src(), bw.source.inner), (cdnnl_arg_diff_weights(), bw.gradWeight.inner)]
+            if let gradBias, let db = bw.gradBias {
+                try db.output(gradBias)
+                arguments.append((cdnnl_arg_diff_bias(), db.inner))
+            }
+            try bw.primitive.execute(stream, arguments, "\(geometry) backward weights")
+            try bw.gradWeight.finish(stream)
+            if gradBias != nil { try bw.gradBias?.finish(stream) }
         }
-        try bw.primitive.execute(stream, arguments, "\(geometry) backward weights")
-        try bw.gradWeight.finish(stream)
-        if gradBias != nil { try bw.gradBias?.finish(stream) }
         guard let gradInput else { return }
         let bd = try makeBackwardData()
         // The output gradient is reordered once when both backward primitives want the same layout.
@@ -160,6 +187,69 @@ public final class ConvolutionPrimitives {
         try bd.primitive.execute(stream, [(cdnnl_arg_diff_dst(), gradOutputInner), (cdnnl_arg_weights(), bd.weights.inner),
                                           (cdnnl_arg_diff_src(), dx.inner)], "\(geometry) backward data")
         try dx.finish(stream)
+    }
+
+    /// fp32's weight gradient summed as im2col + sgemm sums it: image by image, each image's gradient (a
+    /// primitive for one image, run on each in turn) added to the caller's in image order. A rank's sum
+    /// is then that of its images one by one whatever its batch, so ranks of any world size add the
+    /// same per-image terms (world-size invariance; see `Convolution`); the whole batch's primitive sums
+    /// over images and pixels together in an order that depends on the batch. On a 2-core AMD EPYC
+    /// (AVX-512; `cc -O2 tools/bench_dnnl.c` at batch 1 and 8, 2 threads) one image runs at 80-100% of
+    /// the batch's rate (3x3 64->64 @56: 162-200 against 199-204 GFLOP/s; 3x3 512->512 @7: 125-200
+    /// against 192-210). bf16 (its bound is measured separately) and layouts that are not image-major
+    /// keep the whole batch's primitive.
+    private struct ImageWeights {
+        let primitive: DNNLPrimitive
+        /// One image of the source and of the output gradient, bound into the batch's buffers.
+        let source, gradOutput: DNNLMemory
+        let sourceBytes, gradOutputBytes: Int
+        /// One image's weight gradient and the images' sum so far (the primitive's layout, in the calling
+        /// thread's slots), and the caller's gradient (OIHW) the sum is added to at the end.
+        let image, sum, user: DNNLMemory
+        let weightBytes: Int
+        /// sum += image; caller's += sum.
+        let addImage, addSum: DNNLReorder
+        /// The bias gradient, added to the caller's image by image (a vector).
+        let gradBias: DNNLArgument?
+        /// Past the arguments' slots (0-3: the source, the output gradient, the bias's buffer) and the scratchpad's.
+        static let imageSlot = ThreadScratch.scratchpadSlot + 1, sumSlot = ThreadScratch.scratchpadSlot + 2
+    }
+    private var imageWeights: ImageWeights??
+
+    private func makeImageWeights(bias: Bool) throws -> ImageWeights? {
+        if let imageWeights { return imageWeights }
+        let made = try newImageWeights(bias: bias)
+        imageWeights = .some(made)
+        return made
+    }
+
+    private func newImageWeights(bias: Bool) throws -> ImageWeights? {
+        guard precision == .fp32, geometry.batch > 1, let bw = backwardWeights,
+              let source = dnnlOneImage(bw.source.inner.desc), let dy = dnnlOneImage(bw.gradOutput.inner.desc) else { return nil }
+        let g = geometry
+        var src = source.desc, diffDst = dy.desc
+        var diffWei = try dnnlDescriptor(g.weightShape, dnnl_f32, dnnl_format_tag_any)
+        var diffBias = try dnnlDescriptor([g.outChannels], dnnl_f32, dnnl_x)
+        let strides = dnnlDims([g.strideH, g.strideW]), padding = dnnlDims([g.padH, g.padW])
+        var desc = dnnl_convolution_desc_t()
+        let status = withUnsafePointer(to: &diffBias) { biasDesc in
+            dnnl_convolution_backward_weights_desc_init(&desc, dnnl_convolution_direct, &src, &diffWei, bias ? biasDesc : nil, &diffDst,
+                                                        strides, padding, padding)
+        }
+        try dnnlCheck(status, "\(g) backward weights per image (\(precision))")
+        let what = "\(g) backward weights per image (\(precision))"
+        // The batch's layouts for one image: a kernel for them, or the whole batch's primitive.
+        guard let primitive = try? withUnsafePointer(to: &desc, { try DNNLPrimitive(UnsafeRawPointer($0), what) }) else { return nil }
+        var weightDesc = primitive.query(dnnl_query_diff_weights_md)
+        let image = try DNNLMemory(weightDesc, owning: false), sum = try DNNLMemory(weightDesc, owning: false)
+        let user = try DNNLMemory(try dnnlDescriptor(g.weightShape, dnnl_f32, dnnl_oihw), owning: false)
+        return ImageWeights(
+            primitive: primitive, source: try DNNLMemory(source.desc, owning: false), gradOutput: try DNNLMemory(dy.desc, owning: false),
+            sourceBytes: source.bytes, gradOutputBytes: dy.bytes, image: image, sum: sum, user: user,
+            weightBytes: dnnl_memory_desc_get_size(&weightDesc),
+            addImage: try DNNLReorder(from: image, to: sum, accumulate: true), addSum: try DNNLReorder(from: sum, to: user, accumulate: true),
+            gradBias: bias ? try DNNLArgument(user: diffBias, primitive: primitive.query(dnnl_query_diff_weights_md, index: 1),
+                                              role: .accumulatingOutput, slot: 3) : nil)
     }
 
     private func operationDescriptors() throws -> (src: dnnl_memory_desc_t, wei: dnnl_memory_desc_t, dst: dnnl_memory_desc_t) {
@@ -225,30 +315,34 @@ public final class ConvolutionPrimitives {
 /// A convolution layer's kernels, chosen by a fixed rule (so every rank of a job computes with the same
 /// ones) and cached by geometry (training, validation and evaluation batches differ).
 ///
-/// fp32, `auto`: every convolution by im2col + sgemm, whose sums run in a fixed order per image.
-/// oneDNN's fp32 kernels are faster at 3x3 and 7x7 (`convirt bench kernels --threads 2`, batch 2,
-/// GFLOP/s with oneDNN's reorders from and to NCHW, against im2col + sgemm): on a 2-core Xeon with
-/// AVX-512 (ISA avx512_core_bf16, OpenBLAS SkylakeX) 3x3 64->64 @56 forward 175 against 95, backward
-/// 158 against 89, 1x1 mixed (256->64 @56 115 against 98, 64->256 124 against 139); on a 2-core AMD
-/// EPYC (avx2) 3x3 forward 120 against 80, backward 90 against 65, 1x1 64->256 54 against 63. Their
-/// forward sums do not depend on the batch either (checked bitwise at batch 1, 4 and 12 on the Xeon,
-/// ISAs avx512_core and avx2, ResNet-50 and tiny shapes), and on the Xeon the tiny preset's -np 1, 2, 4
-/// and accumulation runs agreed within 1e-4 with every convolution there. But their backward sums
-/// round differently from im2col's, and where training is chaotic that shows: on the AMD EPYC the tiny
-/// preset's -np 1 (4 accumulation steps) drifted from -np 4 by 8.6e-4 over 20 steps with the spatial
-/// convolutions' forward there, and on the Xeon the in-process fine-tuning of a width-4 encoder on 1
-/// and 2 ranks (Adam turns rounding-level gradients into whole steps) reached validation losses 4e-4
-/// apart after one epoch (im2col: equal). So oneDNN is opt-in for fp32: `onednn` runs every
-/// convolution there (forward and backward), `im2col` is the default's arithmetic by name.
+/// fp32, `auto`: every convolution on oneDNN's fp32 kernels, the weight gradient image by image
+/// (`ConvolutionPrimitives.ImageWeights`). oneDNN's forward and backward-data sums do not depend on the
+/// batch (each image's output and input gradient are bitwise those of the image alone; DNNLTests
+/// `batchAsImages`), but its whole-batch weight gradient sums images and pixels together in an order
+/// that does, and where training is chaotic that showed: on a 2-core AMD EPYC the in-process
+/// fine-tuning of a width-4 encoder on 1 and 2 ranks reached validation losses 5.1e-3 apart (relative)
+/// after two epochs, against 2e-3 for im2col + sgemm, whose weight gradient adds the images' one by one.
+/// Summed image by image on oneDNN too, a rank adds the same per-image terms whatever the world size:
+/// the tiny preset's 20 steps on -np 1, 2, 4 then part as with im2col (AMD EPYC, AVX-512: -np 2 within
+/// 2.3e-7 of -np 1 over all 20 steps, im2col 2.0e-7; -np 4 9.5e-5 by step 20, im2col 3.9e-6). The paper
+/// preset's fp32 step (`convirt bench step --steps 3 --threads 2`, same CPU): image forward 0.39-0.43 s
+/// against 0.57-0.69 with im2col + sgemm, image backward 0.88-0.94 against 1.11-1.34 (0.85-0.94 with
+/// the whole batch's weight gradient: the per-image sums cost little). `im2col` keeps every
+/// convolution on im2col + sgemm (`Conv2d`, the arithmetic of earlier releases); `onednn` puts every one
+/// on oneDNN on any CPU. Below AVX-512 (oneDNN's ISA avx2 and older) `auto` stays on im2col + sgemm:
+/// there oneDNN's fp32 backward is slower (2-core AMD EPYC with AVX2, `convirt bench kernels`, backward
+/// GFLOP/s: 3x3 64->64 @56 48.6 against 72.5, 1x1 256->64 @56 34.2 against 60.0; README), and with its
+/// kernels forced there (ONEDNN_MAX_CPU_ISA=AVX2 on the AMD EPYC above) that fine-tuning on 1 and 2
+/// ranks parted by 4e-4 after the first epoch, though each batch still computes as its images do.
 ///
 /// bf16 runs on oneDNN's bf16 kernels where `BF16.native` (AMX; AMD's AVX512-BF16), and elsewhere as
 /// the fp32 kernels above over bf16-rounded copies of the input, the weights and the output gradient
 /// (the same products).
 public final class Convolution {
     public enum Policy: String, Sendable, CaseIterable {
-        /// fp32's default (see above): im2col + sgemm.
+        /// The default (see above): every convolution on oneDNN.
         case auto
-        /// Every convolution on oneDNN, forward and backward.
+        /// Every convolution on oneDNN, forward and backward (the default's arithmetic by name).
         case onednn
         /// Every convolution by im2col + sgemm (`Conv2d`).
         case im2col
@@ -259,11 +353,14 @@ public final class Convolution {
         processEnvironment()["CONVIRT_CONVOLUTION"].flatMap(Policy.init(rawValue:)) ?? .auto
     }()
 
+    /// Whether oneDNN's kernels are AVX-512 ones (its fp32 default's condition).
+    private static let onAVX512 = DNNL.isa.hasPrefix("avx512")
+
     /// Whether fp32's convolution `g` (and bf16's, where not native) runs on oneDNN's fp32 kernels.
     public static func usesDNNL(_ g: Conv2dGeometry) -> Bool {
         switch policy {
         case .onednn: return true
-        case .auto: return false
+        case .auto: return onAVX512
         case .im2col: return false
         }
     }
@@ -279,7 +376,7 @@ public final class Convolution {
     /// than NCHW there: convolutions 552 ms against 467, its brgemm/jit NHWC kernels being slower.)
     /// CONVIRT_ACTIVATIONS=nchw|nhwc|nchw16c overrides the choice (where oneDNN runs the convolutions).
     public static func layout(precision: Precision, nativeBF16: Bool = BF16.native) -> ActivationLayout {
-        let onDNNL = precision == .bf16 ? nativeBF16 : policy == .onednn
+        let onDNNL = precision == .bf16 ? nativeBF16 : policy == .onednn || (policy == .auto && onAVX512)
         guard onDNNL else { return .nchw }
         if let forced = forcedLayout { return forced }
         return precision == .bf16 ? preferredInBF16 : preferredInFP32

@@ -134,7 +134,14 @@ public final class ParameterArena: @unchecked Sendable {
         return ParameterView(entry: entry)
     }
 
-    public func zeroGrads() { grads.update(repeating: 0, count: count) }
+    /// Sets the gradients of the trainable entries to zero, split over the threads. Frozen parameters
+    /// and buffers get no gradient (no kernel writes theirs), so theirs stay as allocated: zero. In the
+    /// paper preset that is 68M of 133M floats (BERT's embeddings and first 6 layers are frozen).
+    public func zeroGrads() {
+        for r in trainableRanges {
+            Parallel.chunks(r.count) { part in (grads + r.lowerBound + part.lowerBound).update(repeating: 0, count: part.count) }
+        }
+    }
 
     /// A copy of one parameter as a tensor.
     public func tensor(_ name: String) throws -> Tensor<Float> {

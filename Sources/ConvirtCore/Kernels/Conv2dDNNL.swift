@@ -139,14 +139,15 @@ public final class ConvolutionPrimitives {
             try each.sum.bind(scratch.reorderSlot(ImageWeights.sumSlot, bytes: each.weightBytes))
             try each.image.bind(scratch.reorderSlot(ImageWeights.imageSlot, bytes: each.weightBytes))
             try each.user.bind(gradWeight)
+            // The first image's gradient starts the sum; each later one is added to it.
+            var first = [(cdnnl_arg_diff_dst(), each.gradOutput), (cdnnl_arg_src(), each.source), (cdnnl_arg_diff_weights(), each.sum)]
+            if gradBias != nil, let db = each.gradBias { first.append((cdnnl_arg_diff_bias(), db.inner)) }
+            var later = first
+            later[2].1 = each.image
             for n in 0..<geometry.batch {
                 try each.source.bind(source + n * each.sourceBytes)
                 try each.gradOutput.bind(dy + n * each.gradOutputBytes)
-                // The first image's gradient starts the sum; each later one is added to it.
-                var arguments = [(cdnnl_arg_diff_dst(), each.gradOutput), (cdnnl_arg_src(), each.source),
-                                 (cdnnl_arg_diff_weights(), n == 0 ? each.sum : each.image)]
-                if gradBias != nil, let db = each.gradBias { arguments.append((cdnnl_arg_diff_bias(), db.inner)) }
-                try each.primitive.execute(stream, arguments, "\(geometry) backward weights, image \(n)")
+                try each.primitive.execute(stream, n == 0 ? first : later, "\(geometry) backward weights, image \(n)")
                 if n > 0 { try each.addImage.run(stream) }
                 if gradBias != nil { try each.gradBias?.finish(stream) }
             }
@@ -189,8 +190,9 @@ public final class ConvolutionPrimitives {
         try dx.finish(stream)
     }
 
-    /// fp32's weight gradient summed as im2col + sgemm sums it: image by image, each image's gradient (a
-    /// primitive for one image, run on each in turn) added to the caller's in image order. A rank's sum
+    /// fp32's weight gradient summed as im2col + sgemm sums it: image by image, the images' gradients (a
+    /// primitive for one image, run on each in turn) added up in image order and their sum added to the
+    /// caller's. A rank's sum
     /// is then that of its images one by one whatever its batch, so ranks of any world size add the
     /// same per-image terms (world-size invariance; see `Convolution`); the whole batch's primitive sums
     /// over images and pixels together in an order that depends on the batch. On a 2-core AMD EPYC
@@ -227,17 +229,8 @@ public final class ConvolutionPrimitives {
         guard precision == .fp32, geometry.batch > 1, let bw = backwardWeights,
               let source = dnnlOneImage(bw.source.inner.desc), let dy = dnnlOneImage(bw.gradOutput.inner.desc) else { return nil }
         let g = geometry
-        var src = source.desc, diffDst = dy.desc
-        var diffWei = try dnnlDescriptor(g.weightShape, dnnl_f32, dnnl_format_tag_any)
-        var diffBias = try dnnlDescriptor([g.outChannels], dnnl_f32, dnnl_x)
-        let strides = dnnlDims([g.strideH, g.strideW]), padding = dnnlDims([g.padH, g.padW])
-        var desc = dnnl_convolution_desc_t()
-        let status = withUnsafePointer(to: &diffBias) { biasDesc in
-            dnnl_convolution_backward_weights_desc_init(&desc, dnnl_convolution_direct, &src, &diffWei, bias ? biasDesc : nil, &diffDst,
-                                                        strides, padding, padding)
-        }
-        try dnnlCheck(status, "\(g) backward weights per image (\(precision))")
         let what = "\(g) backward weights per image (\(precision))"
+        var desc = try backwardWeightsOperation(source: source.desc, gradOutput: dy.desc, bias: bias, what)
         // The batch's layouts for one image: a kernel for them, or the whole batch's primitive.
         guard let primitive = try? withUnsafePointer(to: &desc, { try DNNLPrimitive(UnsafeRawPointer($0), what) }) else { return nil }
         var weightDesc = primitive.query(dnnl_query_diff_weights_md)
@@ -248,8 +241,28 @@ public final class ConvolutionPrimitives {
             sourceBytes: source.bytes, gradOutputBytes: dy.bytes, image: image, sum: sum, user: user,
             weightBytes: dnnl_memory_desc_get_size(&weightDesc),
             addImage: try DNNLReorder(from: image, to: sum, accumulate: true), addSum: try DNNLReorder(from: sum, to: user, accumulate: true),
-            gradBias: bias ? try DNNLArgument(user: diffBias, primitive: primitive.query(dnnl_query_diff_weights_md, index: 1),
+            gradBias: bias ? try DNNLArgument(user: try Self.biasDescriptor(g), primitive: primitive.query(dnnl_query_diff_weights_md, index: 1),
                                               role: .accumulatingOutput, slot: 3) : nil)
+    }
+
+    private static func biasDescriptor(_ g: Conv2dGeometry) throws -> dnnl_memory_desc_t { try dnnlDescriptor([g.outChannels], dnnl_f32, dnnl_x) }
+
+    /// The weight (and bias) gradient of `source` and `gradOutput` (the batch's descriptors or one
+    /// image's), both gradients fp32, the weights' in the layout oneDNN picks.
+    private func backwardWeightsOperation(source: dnnl_memory_desc_t, gradOutput: dnnl_memory_desc_t, bias: Bool, _ what: String) throws
+        -> dnnl_convolution_desc_t {
+        let g = geometry
+        var src = source, diffDst = gradOutput
+        var diffWei = try dnnlDescriptor(g.weightShape, dnnl_f32, dnnl_format_tag_any)
+        var diffBias = try Self.biasDescriptor(g)
+        let strides = dnnlDims([g.strideH, g.strideW]), padding = dnnlDims([g.padH, g.padW])
+        var desc = dnnl_convolution_desc_t()
+        let status = withUnsafePointer(to: &diffBias) { biasDesc in
+            dnnl_convolution_backward_weights_desc_init(&desc, dnnl_convolution_direct, &src, &diffWei, bias ? biasDesc : nil, &diffDst,
+                                                        strides, padding, padding)
+        }
+        try dnnlCheck(status, what)
+        return desc
     }
 
     private func operationDescriptors() throws -> (src: dnnl_memory_desc_t, wei: dnnl_memory_desc_t, dst: dnnl_memory_desc_t) {
@@ -285,19 +298,10 @@ public final class ConvolutionPrimitives {
         -> (primitive: DNNLPrimitive, gradOutput: DNNLArgument, source: DNNLArgument, gradWeight: DNNLArgument, gradBias: DNNLArgument?) {
         if let backwardWeights { return backwardWeights }
         let g = geometry
-        var (src, _, diffDst) = try operationDescriptors()
-        var diffWei = try dnnlDescriptor(g.weightShape, dnnl_f32, dnnl_format_tag_any)
-        var diffBias = try dnnlDescriptor([g.outChannels], dnnl_f32, dnnl_x)
-        let strides = dnnlDims([g.strideH, g.strideW]), padding = dnnlDims([g.padH, g.padW])
-        var desc = dnnl_convolution_desc_t()
-        let status = withUnsafePointer(to: &diffBias) { biasDesc in
-            dnnl_convolution_backward_weights_desc_init(&desc, dnnl_convolution_direct, &src, &diffWei, bias ? biasDesc : nil, &diffDst,
-                                                        strides, padding, padding)
-        }
-        try dnnlCheck(status, "\(g) backward weights (\(precision))")
-        let primitive = try withUnsafePointer(to: &desc) {
-            try DNNLPrimitive(UnsafeRawPointer($0), hint: forwardPrimitive, "\(g) backward weights (\(precision))")
-        }
+        let (src, _, diffDst) = try operationDescriptors()
+        let what = "\(g) backward weights (\(precision))"
+        var desc = try backwardWeightsOperation(source: src, gradOutput: diffDst, bias: bias, what)
+        let primitive = try withUnsafePointer(to: &desc) { try DNNLPrimitive(UnsafeRawPointer($0), hint: forwardPrimitive, what) }
         let made = (primitive,
                     try DNNLArgument(user: try dnnlDescriptor(g.outputShape, dnnl_f32, Self.userTag(outputLayout)),
                                      primitive: primitive.query(dnnl_query_diff_dst_md), role: .input, slot: 0),
@@ -305,7 +309,7 @@ public final class ConvolutionPrimitives {
                                      primitive: primitive.query(dnnl_query_src_md), role: .input, slot: 1),
                     try DNNLArgument(user: try dnnlDescriptor(g.weightShape, dnnl_f32, dnnl_oihw), primitive: primitive.query(dnnl_query_diff_weights_md),
                                      role: .accumulatingOutput, slot: 2),
-                    bias ? try DNNLArgument(user: diffBias, primitive: primitive.query(dnnl_query_diff_weights_md, index: 1), role: .accumulatingOutput,
+                    bias ? try DNNLArgument(user: try Self.biasDescriptor(g), primitive: primitive.query(dnnl_query_diff_weights_md, index: 1), role: .accumulatingOutput,
                                             slot: 3) : nil)
         backwardWeights = made
         return made

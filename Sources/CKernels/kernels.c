@@ -78,13 +78,6 @@ static inline uint32_t ck_round_bits(uint32_t b) {
     return (b & 0x7fffffffu) > 0x7f800000u ? nan : rounded;
 }
 
-CK_CLONES void ck_bf16_bits(uint16_t *restrict dst, const float *restrict src, long count) {
-    for (long i = 0; i < count; i++) dst[i] = (uint16_t)(ck_round_bits(float_to_bits(src[i])) >> 16);
-}
-
-CK_CLONES void ck_bf16_round(float *dst, const float *src, long count) {
-    for (long i = 0; i < count; i++) dst[i] = bits_to_float(ck_round_bits(float_to_bits(src[i])));
-}
 
 enum { CK_LANES = 16, CK_BLOCK = 256 };
 
@@ -96,6 +89,29 @@ typedef int ck_i16 __attribute__((vector_size(64), aligned(4)));
 // (Macros rather than functions: a function taking or returning ck_v16 would need one ABI per clone.)
 #define ck_load(p) (*(const ck_v16 *)(p))
 #define ck_lane_total(lanes, total) do { float t_ = 0; for (int l_ = 0; l_ < CK_LANES; l_++) t_ += (lanes)[l_]; (total) = t_; } while (0)
+
+// bf16 in 16 lanes: the bits of ck_round_bits (round to nearest even, a NaN stays a quiet NaN), and back.
+typedef uint32_t ck_u16v __attribute__((vector_size(64), aligned(4)));
+typedef uint16_t ck_h16 __attribute__((vector_size(32), aligned(2)));
+#define ck_store_bf16(p, v) do { \
+    const ck_u16v b_ = (ck_u16v)(v); \
+    const ck_u16v nan_ = (b_ | 0x00400000u) >> 16, rounded_ = (b_ + 0x7fffu + ((b_ >> 16) & 1u)) >> 16; \
+    const ck_u16v is_nan_ = (ck_u16v)((b_ & 0x7fffffffu) > 0x7f800000u); \
+    *(ck_h16 *)(p) = __builtin_convertvector((nan_ & is_nan_) | (rounded_ & ~is_nan_), ck_h16); \
+} while (0)
+#define ck_load_bf16(p) ((ck_v16)(__builtin_convertvector(*(const ck_h16 *)(p), ck_u16v) << 16))
+static inline uint16_t ck_bf16_of(float f) { return (uint16_t)(ck_round_bits(float_to_bits(f)) >> 16); }
+static inline float ck_float_of_bf16(uint16_t h) { return bits_to_float((uint32_t)h << 16); }
+
+CK_CLONES void ck_bf16_bits(uint16_t *restrict dst, const float *restrict src, long count) {
+    long i = 0;
+    for (; i + CK_LANES <= count; i += CK_LANES) ck_store_bf16(dst + i, ck_load(src + i));
+    for (; i < count; i++) dst[i] = ck_bf16_of(src[i]);
+}
+
+CK_CLONES void ck_bf16_round(float *dst, const float *src, long count) {
+    for (long i = 0; i < count; i++) dst[i] = bits_to_float(ck_round_bits(float_to_bits(src[i])));
+}
 
 CK_CLONES void ck_blocked_sums(const float *restrict x, long count, double *sum, double *squares) {
     double total = 0, total_squares = 0;
@@ -232,8 +248,8 @@ CK_CLONES void ck_dropout_backward(float *dx, const float *dy, long start, long 
 // Sums over `rows` rows (stride `stride` floats) of lanes 0..<width, as channelBlockedSums: float lanes
 // inside blocks of 256 rows, double across blocks. Without dy: sum(x), sum(x^2). With dy: sum(g) and
 // sum(g * (x - mean[l])), g = dy where mask > 0 (mask may be NULL: everywhere).
-CK_CLONES void ck_channel_sums(const float *restrict x, const float *restrict dy, const float *restrict mask, const float *restrict mean,
-                               long rows, long stride, long width, double *restrict first, double *restrict second) {
+CK_CLONES void ck_channel_sums(const float *restrict x, const float *restrict dy, const float *restrict mask, const uint16_t *restrict mask16,
+                               const float *restrict mean, long rows, long stride, long width, double *restrict first, double *restrict second) {
     const ck_v16 zero = {0};
     long j0 = 0;
     for (; j0 + CK_LANES <= width; j0 += CK_LANES) {
@@ -248,6 +264,12 @@ CK_CLONES void ck_channel_sums(const float *restrict x, const float *restrict dy
                 for (long r = start; r < end; r++) {
                     const long o = r * stride + j0;
                     const ck_v16 g = (ck_v16)((ck_i16)ck_load(dy + o) & (ck_load(mask + o) > zero));
+                    a += g; b += g * (ck_load(x + o) - mu);
+                }
+            } else if (mask16) {
+                for (long r = start; r < end; r++) {
+                    const long o = r * stride + j0;
+                    const ck_v16 g = (ck_v16)((ck_i16)ck_load(dy + o) & (ck_load_bf16(mask16 + o) > zero));
                     a += g; b += g * (ck_load(x + o) - mu);
                 }
             } else {
@@ -269,7 +291,11 @@ CK_CLONES void ck_channel_sums(const float *restrict x, const float *restrict dy
             for (long r = start; r < end; r++) {
                 const long o = r * stride + j;
                 if (!dy) { const float v = x[o]; a += v; b += v * v; }
-                else { const float d = dy[o], g = mask ? (mask[o] > 0 ? d : 0.0f) : d; a += g; b += g * (x[o] - mean[j]); }
+                else {
+                    const float d = dy[o];
+                    const float g = mask ? (mask[o] > 0 ? d : 0.0f) : mask16 ? (ck_float_of_bf16(mask16[o]) > 0 ? d : 0.0f) : d;
+                    a += g; b += g * (x[o] - mean[j]);
+                }
             }
             f += (double)a; s += (double)b;
         }
@@ -278,23 +304,26 @@ CK_CLONES void ck_channel_sums(const float *restrict x, const float *restrict dy
 }
 
 // y = (x - mean[l]) * scale[l] + shift[l] over rows x lanes (contiguous), max(that, 0) with relu.
-CK_CLONES void ck_normalize_rows(float *restrict y, const float *restrict x, long rows, long lanes, const float *restrict mean,
-                                 const float *restrict scale, const float *restrict shift, int relu) {
+CK_CLONES void ck_normalize_rows(float *restrict y, uint16_t *restrict y16, const float *restrict x, long rows, long lanes,
+                                 const float *restrict mean, const float *restrict scale, const float *restrict shift, int relu) {
     const ck_v16 zero = {0};
     long j0 = 0;
     for (; j0 + CK_LANES <= lanes; j0 += CK_LANES) {
         const ck_v16 mu = ck_load(mean + j0), sc = ck_load(scale + j0), sh = ck_load(shift + j0);
         for (long r = 0; r < rows; r++) {
             const long o = r * lanes + j0;
-            const ck_v16 v = (ck_load(x + o) - mu) * sc + sh;
+            const ck_v16 a = (ck_load(x + o) - mu) * sc + sh;
             // Swift's max(v, 0): 0 where 0 >= v, else v (NaN stays).
-            *(ck_v16 *)(y + o) = relu ? (ck_v16)((ck_i16)v & ~(zero >= v)) : v;
+            const ck_v16 v = relu ? (ck_v16)((ck_i16)a & ~(zero >= a)) : a;
+            if (y) *(ck_v16 *)(y + o) = v;
+            if (y16) ck_store_bf16(y16 + o, v);
         }
     }
     for (long j = j0; j < lanes; j++) {
         for (long r = 0; r < rows; r++) {
-            const float v = (x[r * lanes + j] - mean[j]) * scale[j] + shift[j];
-            y[r * lanes + j] = relu ? swift_max(v, 0.0f) : v;
+            const float a = (x[r * lanes + j] - mean[j]) * scale[j] + shift[j], v = relu ? swift_max(a, 0.0f) : a;
+            if (y) y[r * lanes + j] = v;
+            if (y16) y16[r * lanes + j] = ck_bf16_of(v);
         }
     }
 }
@@ -302,10 +331,10 @@ CK_CLONES void ck_normalize_rows(float *restrict y, const float *restrict x, lon
 // BatchNorm's input gradient over rows x lanes (contiguous), g = dy masked by a following ReLU's output
 // (mask NULL: none): training (sum_dy given) k[l] * (m * g - sum_dy[l] - (x - mean[l]) * inv_std[l] *
 // sum_dyx[l]); evaluation (sum_dy NULL) g * k[l]. dx is overwritten, or added to with accumulate.
-CK_CLONES void ck_bn_gradient_rows(float *restrict dx, const float *restrict dy, const float *restrict x, const float *restrict mask,
-                                   long rows, long lanes, const float *restrict k, const float *restrict sum_dy,
-                                   const float *restrict sum_dyx, const float *restrict mean, const float *restrict inv_std, float m,
-                                   int accumulate) {
+CK_CLONES void ck_bn_gradient_rows(float *restrict dx, uint16_t *restrict dx16, const float *restrict dy, const float *restrict x,
+                                   const float *restrict mask, const uint16_t *restrict mask16, long rows, long lanes,
+                                   const float *restrict k, const float *restrict sum_dy, const float *restrict sum_dyx,
+                                   const float *restrict mean, const float *restrict inv_std, float m, int accumulate) {
     const ck_v16 zero = {0};
     long j0 = 0;
     for (; j0 + CK_LANES <= lanes; j0 += CK_LANES) {
@@ -315,18 +344,55 @@ CK_CLONES void ck_bn_gradient_rows(float *restrict dx, const float *restrict dy,
         for (long r = 0; r < rows; r++) {
             const long o = r * lanes + j0;
             const ck_v16 d = ck_load(dy + o);
-            const ck_v16 g = mask ? (ck_v16)((ck_i16)d & (ck_load(mask + o) > zero)) : d;
+            const ck_v16 g = mask ? (ck_v16)((ck_i16)d & (ck_load(mask + o) > zero))
+                           : mask16 ? (ck_v16)((ck_i16)d & (ck_load_bf16(mask16 + o) > zero)) : d;
             const ck_v16 v = sum_dy ? kv * (m * g - sd - (ck_load(x + o) - mu) * is * sx) : g * kv;
-            *(ck_v16 *)(dx + o) = accumulate ? ck_load(dx + o) + v : v;
+            if (dx16) ck_store_bf16(dx16 + o, v);
+            else *(ck_v16 *)(dx + o) = accumulate ? ck_load(dx + o) + v : v;
         }
     }
     for (long j = j0; j < lanes; j++) {
         for (long r = 0; r < rows; r++) {
             const long o = r * lanes + j;
-            const float d = dy[o], g = mask ? (mask[o] > 0 ? d : 0.0f) : d;
+            const float d = dy[o], g = mask ? (mask[o] > 0 ? d : 0.0f) : mask16 ? (ck_float_of_bf16(mask16[o]) > 0 ? d : 0.0f) : d;
             const float v = sum_dy ? k[j] * (m * g - sum_dy[j] - (x[o] - mean[j]) * inv_std[j] * sum_dyx[j]) : g * k[j];
-            dx[o] = accumulate ? dx[o] + v : v;
+            if (dx16) dx16[o] = ck_bf16_of(v);
+            else dx[o] = accumulate ? dx[o] + v : v;
         }
+    }
+}
+
+// A residual block's end, y = max(a + b, 0) (Swift's max: NaN stays), and its bf16 copy into y16 where
+// given (y may alias a or b).
+CK_CLONES void ck_residual_relu(float *y, uint16_t *restrict y16, const float *a, const float *b, long count) {
+    const ck_v16 zero = {0};
+    long i = 0;
+    for (; i + CK_LANES <= count; i += CK_LANES) {
+        const ck_v16 s = ck_load(a + i) + ck_load(b + i), v = (ck_v16)((ck_i16)s & ~(zero >= s));
+        *(ck_v16 *)(y + i) = v;
+        if (y16) ck_store_bf16(y16 + i, v);
+    }
+    for (; i < count; i++) {
+        const float v = swift_max(a[i] + b[i], 0.0f);
+        y[i] = v;
+        if (y16) y16[i] = ck_bf16_of(v);
+    }
+}
+
+// Its backward: g = dy where y > 0, else 0; branch = g; identity = g, or += g with accumulate.
+CK_CLONES void ck_residual_relu_backward(float *restrict branch, float *restrict identity, int accumulate, const float *restrict dy,
+                                         const float *restrict y, long count) {
+    const ck_v16 zero = {0};
+    long i = 0;
+    for (; i + CK_LANES <= count; i += CK_LANES) {
+        const ck_v16 g = (ck_v16)((ck_i16)ck_load(dy + i) & (ck_load(y + i) > zero));
+        *(ck_v16 *)(branch + i) = g;
+        *(ck_v16 *)(identity + i) = accumulate ? ck_load(identity + i) + g : g;
+    }
+    for (; i < count; i++) {
+        const float g = y[i] > 0 ? dy[i] : 0.0f;
+        branch[i] = g;
+        identity[i] = accumulate ? identity[i] + g : g;
     }
 }
 

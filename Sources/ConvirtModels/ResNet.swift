@@ -68,47 +68,57 @@ final class BatchNormLayer {
         (arena.params + runningVar.offset).update(repeating: 1, count: channels)
     }
 
-    /// With `relu`, the output is max(bn(input), 0) (the ReLU after it, fused).
-    func forward(_ arena: ParameterArena, output: UnsafeMutablePointer<Float>, input: UnsafePointer<Float>,
-                 batch: Int, plane: Int, relu: Bool, layout: ActivationLayout, context: PassContext) throws {
+    /// With `relu`, the output is max(bn(input), 0) (the ReLU after it, fused). The output as floats, as
+    /// bf16 bits (`outputBF16`, outside NCHW), or both.
+    func forward(_ arena: ParameterArena, output: UnsafeMutablePointer<Float>?, outputBF16: UnsafeMutablePointer<UInt16>? = nil,
+                 input: UnsafePointer<Float>, batch: Int, plane: Int, relu: Bool, layout: ActivationLayout, context: PassContext) throws {
         let p = arena.params
         if context.training {
             var saved = BatchNorm2d.Saved(mean: mean.pointer, invStd: invStd.pointer)
-            try BatchNorm2d.forwardTraining(output: output, input: input, gamma: p + weight.offset, beta: p + bias.offset,
+            try BatchNorm2d.forwardTraining(output: output, outputBF16: outputBF16, input: input, gamma: p + weight.offset, beta: p + bias.offset,
                                         runningMean: p + runningMean.offset, runningVar: p + runningVar.offset, saved: &saved,
                                         batch: batch, channels: channels, plane: plane, eps: eps, momentum: momentum,
                                         statistics: UnsafeMutableBufferPointer(start: statistics.pointer, count: 2 * channels + 1),
                                         reducer: context.reducer, relu: relu, layout: layout)
             globalCount = saved.globalCount
         } else {
-            BatchNorm2d.forwardInference(output: output, input: input, gamma: p + weight.offset, beta: p + bias.offset,
+            BatchNorm2d.forwardInference(output: output, outputBF16: outputBF16, input: input, gamma: p + weight.offset, beta: p + bias.offset,
                                          runningMean: p + runningMean.offset, runningVar: p + runningVar.offset,
                                          batch: batch, channels: channels, plane: plane, eps: eps, relu: relu, layout: layout)
         }
     }
 
-    /// Overwrites gradInput (accumulates the parameters' gradients). `reluOutput`: the output of a
-    /// forward with `relu` (the gradient then flows where it is positive).
-    func backward(_ arena: ParameterArena, gradInput: UnsafeMutablePointer<Float>, gradOutput: UnsafePointer<Float>,
-                  input: UnsafePointer<Float>, reluOutput: UnsafePointer<Float>?, batch: Int, plane: Int, layout: ActivationLayout,
-                  context: PassContext) throws {
+    /// Overwrites gradInput, or writes its bf16 bits into gradInputBF16 (accumulates the parameters'
+    /// gradients). `reluOutput`: the output of a forward with `relu` (the gradient then flows where it is
+    /// positive), as floats or as its bf16 copy.
+    func backward(_ arena: ParameterArena, gradInput: UnsafeMutablePointer<Float>?, gradInputBF16: UnsafeMutablePointer<UInt16>? = nil,
+                  gradOutput: UnsafePointer<Float>, input: UnsafePointer<Float>, reluOutput: ReLUMask?, batch: Int, plane: Int,
+                  layout: ActivationLayout, context: PassContext) throws {
         let p = arena.params, g = arena.grads
         if context.training {
             var saved = BatchNorm2d.Saved(mean: mean.pointer, invStd: invStd.pointer)
             saved.globalCount = globalCount
-            try BatchNorm2d.backwardTraining(gradInput: gradInput, gradGamma: g + weight.offset, gradBeta: g + bias.offset,
+            try BatchNorm2d.backwardTraining(gradInput: gradInput, gradInputBF16: gradInputBF16, gradGamma: g + weight.offset, gradBeta: g + bias.offset,
                                          gradOutput: gradOutput, input: input, gamma: p + weight.offset, saved: saved,
                                          batch: batch, channels: channels, plane: plane,
                                          statistics: UnsafeMutableBufferPointer(start: statistics.pointer, count: 2 * channels + 1),
-                                         reducer: context.reducer, reluOutput: reluOutput, accumulate: false, layout: layout)
+                                         reducer: context.reducer, reluOutput: reluOutput?.floats, reluOutputBF16: reluOutput?.halves, accumulate: false,
+                                         layout: layout)
         } else {
             BatchNorm2d.backwardInference(gradInput: gradInput, gradGamma: g + weight.offset, gradBeta: g + bias.offset,
                                           gradOutput: gradOutput, input: input, gamma: p + weight.offset,
                                           runningMean: p + runningMean.offset, runningVar: p + runningVar.offset,
-                                          batch: batch, channels: channels, plane: plane, eps: eps, reluOutput: reluOutput, accumulate: false,
-                                          layout: layout)
+                                          batch: batch, channels: channels, plane: plane, eps: eps, reluOutput: reluOutput?.floats,
+                                          reluOutputBF16: reluOutput?.halves, gradInputBF16: gradInputBF16, accumulate: false, layout: layout)
         }
     }
+}
+
+/// An activation as the layers after it read it: its floats, and its bf16 bits where convolutions on
+/// oneDNN's bf16 kernels read it (`Convolution.takesBF16`); either may be absent where no layer reads it.
+struct Activation {
+    var floats: UnsafePointer<Float>?
+    var halves: UnsafePointer<UInt16>?
 }
 
 /// conv (no bias) -> batch norm -> optional ReLU, the unit ResNet is made of. It owns its activations
@@ -118,13 +128,15 @@ final class ConvBNUnit {
     let bn: BatchNormLayer
     let inChannels, outChannels, kernel, stride, padding: Int
     let relu: Bool
-    let convOut = Scratch<Float>(), gradConvOut = Scratch<Float>()
-    let output = Scratch<Float>(), gradOutput = Scratch<Float>()
+    let convOut = Scratch<Float>(), gradConvOut = Scratch<Float>(), gradConvOutBF16 = Scratch<UInt16>()
+    let output = Scratch<Float>(), outputBF16 = Scratch<UInt16>(), gradOutput = Scratch<Float>()
     /// oneDNN's primitives or im2col + sgemm, per geometry (`Convolution.policy`).
     let kernels = Convolution()
     private(set) var geometry: Conv2dGeometry?
     /// The layouts of the last forward pass (its backward uses the same).
     private(set) var layouts = Convolution.Layouts()
+    /// Which copies of the output the last forward pass wrote.
+    private(set) var wrote = (floats: true, halves: false)
 
     init(_ layout: inout ParameterLayout, conv convName: String, bn bnName: String, inChannels: Int, outChannels: Int,
          kernel: Int, stride: Int, padding: Int, relu: Bool) throws {
@@ -150,36 +162,52 @@ final class ConvBNUnit {
                            kernel: kernel, stride: stride, padding: padding).workspaceCount
     }
 
+    /// The output of the last forward pass, in the copies it wrote.
+    var lastOutput: Activation {
+        Activation(floats: wrote.floats ? UnsafePointer(output.pointer) : nil, halves: wrote.halves ? UnsafePointer(outputBF16.pointer) : nil)
+    }
+
+    /// `outputs`: which copies of the output to write (the floats, the bf16 bits). The convolution
+    /// reads the input's bf16 bits where it takes them and they are given, else its floats.
     /// `zeroGradient`: whether `gradOutput` is set to zero for the layers after this unit to accumulate
     /// into (false where its owner overwrites it before `backward`).
     @discardableResult
-    func forward(_ arena: ParameterArena, input: UnsafePointer<Float>, batch: Int, height: Int, width: Int,
-                 workspace: Scratch<Float>, zeroGradient: Bool = true, layouts: Convolution.Layouts, context: PassContext) throws
-        -> UnsafeMutablePointer<Float> {
+    func forward(_ arena: ParameterArena, input: Activation, batch: Int, height: Int, width: Int, workspace: Scratch<Float>,
+                 zeroGradient: Bool = true, layouts: Convolution.Layouts, outputs: (floats: Bool, halves: Bool) = (true, false),
+                 context: PassContext) throws -> Activation {
         let g = try Conv2dGeometry(batch: batch, inChannels: inChannels, height: height, width: width, outChannels: outChannels,
                                    kernel: kernel, stride: stride, padding: padding)
         geometry = g
         self.layouts = layouts
         let count = g.outputCount
-        let c = convOut.ensure(count), y = output.ensure(count)
-        try kernels.forward(output: c, input: input, weight: arena.params + conv.offset, geometry: g,
+        let c = convOut.ensure(count)
+        try kernels.forward(output: c, input: input.floats, inputBF16: kernels.takesBF16(context.precision, layouts.input) ? input.halves : nil,
+                            weight: arena.params + conv.offset, geometry: g,
                             workspace: workspace.ensure(Convolution.workspaceCount(g, precision: context.precision)), precision: context.precision,
                             layouts: layouts)
-        try bn.forward(arena, output: y, input: c, batch: batch, plane: g.outPlane, relu: relu, layout: layouts.output, context: context)
+        wrote = outputs
+        let y = outputs.floats ? output.ensure(count) : nil, y16 = outputs.halves ? outputBF16.ensure(count) : nil
+        try bn.forward(arena, output: y, outputBF16: y16, input: c, batch: batch, plane: g.outPlane, relu: relu, layout: layouts.output,
+                       context: context)
         if zeroGradient { gradOutput.zeroed(count) } else { gradOutput.ensure(count) }
-        return y
+        return lastOutput
     }
 
     /// Consumes `gradOutput` (filled by the layers after this unit) and accumulates into gradInput, or
-    /// overwrites it where `accumulate` is false (the gradient of an input no other layer reads).
-    func backward(_ arena: ParameterArena, gradInput: UnsafeMutablePointer<Float>?, input: UnsafePointer<Float>,
+    /// overwrites it where `accumulate` is false (the gradient of an input no other layer reads). Where
+    /// the convolution reads its output gradient in bf16, batch norm's backward writes only those bits.
+    func backward(_ arena: ParameterArena, gradInput: UnsafeMutablePointer<Float>?, input: Activation,
                   workspace: Scratch<Float>, accumulate: Bool = true, context: PassContext) throws {
         guard let g = geometry else { preconditionFailure("backward before forward") }
         let count = g.outputCount
-        let dc = gradConvOut.ensure(count)
-        try bn.backward(arena, gradInput: dc, gradOutput: gradOutput.pointer, input: convOut.pointer, reluOutput: relu ? UnsafePointer(output.pointer) : nil,
+        let mask = relu ? ReLUMask(wrote.floats ? UnsafePointer(output.pointer) : nil, wrote.halves ? UnsafePointer(outputBF16.pointer) : nil) : nil
+        let halves = kernels.takesBF16(context.precision, layouts.output)
+        let dc = halves ? nil : gradConvOut.ensure(count), dc16 = halves ? gradConvOutBF16.ensure(count) : nil
+        try bn.backward(arena, gradInput: dc, gradInputBF16: dc16, gradOutput: gradOutput.pointer, input: convOut.pointer, reluOutput: mask,
                         batch: g.batch, plane: g.outPlane, layout: layouts.output, context: context)
-        try kernels.backward(gradInput: gradInput, gradWeight: arena.grads + conv.offset, gradOutput: dc, input: input,
+        try kernels.backward(gradInput: gradInput, gradWeight: arena.grads + conv.offset, gradOutput: dc.map { UnsafePointer($0) },
+                             gradOutputBF16: dc16.map { UnsafePointer($0) }, input: input.floats,
+                             inputBF16: kernels.takesBF16(context.precision, layouts.input) ? input.halves : nil,
                              weight: arena.params + conv.offset, geometry: g,
                              workspace: workspace.ensure(Convolution.workspaceCount(g, precision: context.precision)), precision: context.precision,
                              layouts: layouts, accumulateInput: accumulate)
@@ -192,7 +220,7 @@ final class ResidualBlock {
     let units: [ConvBNUnit]
     let downsample: ConvBNUnit?
     let outChannels: Int
-    let output = Scratch<Float>(), gradOutput = Scratch<Float>()
+    let output = Scratch<Float>(), outputBF16 = Scratch<UInt16>(), gradOutput = Scratch<Float>()
     private var shape = (batch: 0, height: 0, width: 0, outHeight: 0, outWidth: 0)
 
     init(_ layout: inout ParameterLayout, _ name: String, block: ResNetConfig.Block, inChannels: Int, planes: Int, stride: Int) throws {
@@ -221,31 +249,41 @@ final class ResidualBlock {
 
     var allUnits: [ConvBNUnit] { units + (downsample.map { [$0] } ?? []) }
 
-    /// Residual sums and ReLUs are pointwise: the same in either layout.
-    func forward(_ arena: ParameterArena, input: UnsafePointer<Float>, batch: Int, height: Int, width: Int,
-                 workspace: Scratch<Float>, layout: ActivationLayout, context: PassContext) throws -> (UnsafeMutablePointer<Float>, Int, Int) {
+    /// The output of the last forward pass: its floats, and its bf16 bits where they were written.
+    var lastOutput: Activation {
+        Activation(floats: UnsafePointer(output.pointer), halves: wroteHalves ? UnsafePointer(outputBF16.pointer) : nil)
+    }
+    private var wroteHalves = false
+
+    /// Residual sums and ReLUs are pointwise: the same in either layout. `outputHalves`: whether the
+    /// output's bf16 bits are written too (for the next block's convolutions); inside the block, a unit
+    /// whose only reader is the next unit's convolution writes only its bf16 bits where that reads them.
+    func forward(_ arena: ParameterArena, input: Activation, batch: Int, height: Int, width: Int, workspace: Scratch<Float>,
+                 layout: ActivationLayout, outputHalves: Bool, context: PassContext) throws -> (Activation, Int, Int) {
         var x = input, h = height, w = width
         // Every unit's output gradient is written whole by `backward`: the last unit's and the
         // downsample's by the residual's ReLU, the others' by the next unit's convolution (overwriting).
-        for unit in units {
-            x = UnsafePointer(try unit.forward(arena, input: x, batch: batch, height: h, width: w, workspace: workspace,
-                                               zeroGradient: false, layouts: Convolution.Layouts(layout), context: context))
+        for (k, unit) in units.enumerated() {
+            let halves = k + 1 < units.count && units[k + 1].kernels.takesBF16(context.precision, layout)
+            x = try unit.forward(arena, input: x, batch: batch, height: h, width: w, workspace: workspace, zeroGradient: false,
+                                 layouts: Convolution.Layouts(layout), outputs: (!halves, halves), context: context)
             h = unit.outputSize(h); w = unit.outputSize(w)
         }
         let identity = try downsample.map {
-            UnsafePointer(try $0.forward(arena, input: input, batch: batch, height: height, width: width, workspace: workspace,
-                                         zeroGradient: false, layouts: Convolution.Layouts(layout), context: context))
-        } ?? input
+            try $0.forward(arena, input: input, batch: batch, height: height, width: width, workspace: workspace,
+                           zeroGradient: false, layouts: Convolution.Layouts(layout), context: context).floats!
+        } ?? input.floats!
         let count = batch * outChannels * h * w
         let y = output.ensure(count)
-        Residual.forwardReLU(output: y, x, identity, count: count)
+        wroteHalves = outputHalves
+        Residual.forwardReLU(output: y, outputBF16: outputHalves ? outputBF16.ensure(count) : nil, x.floats!, identity, count: count)
         gradOutput.zeroed(count)
         shape = (batch, height, width, h, w)
-        return (y, h, w)
+        return (lastOutput, h, w)
     }
 
     /// Consumes gradOutput and accumulates into gradInput (the previous layer's gradOutput).
-    func backward(_ arena: ParameterArena, gradInput: UnsafeMutablePointer<Float>, input: UnsafePointer<Float>,
+    func backward(_ arena: ParameterArena, gradInput: UnsafeMutablePointer<Float>, input: Activation,
                   workspace: Scratch<Float>, context: PassContext) throws {
         let count = shape.batch * outChannels * shape.outHeight * shape.outWidth
         // d(branch) = d(identity) = dy masked by the final ReLU, in one pass.
@@ -259,7 +297,7 @@ final class ResidualBlock {
                                   gradOutput: gradOutput.pointer, output: output.pointer, count: count)
         }
         for k in stride(from: units.count - 1, through: 0, by: -1) {
-            let unitInput = k == 0 ? input : UnsafePointer(units[k - 1].output.pointer)
+            let unitInput = k == 0 ? input : units[k - 1].lastOutput
             let unitGradInput = k == 0 ? gradInput : units[k - 1].gradOutput.pointer
             try units[k].backward(arena, gradInput: unitGradInput, input: unitInput, workspace: workspace, accumulate: k == 0, context: context)
         }
@@ -273,7 +311,7 @@ public final class ResNet {
     let stem: ConvBNUnit
     let blocks: [ResidualBlock]
     let blockPrefixes: [String]
-    let poolOutput = Scratch<Float>(), poolIndices = Scratch<Int32>(), poolGrad = Scratch<Float>()
+    let poolOutput = Scratch<Float>(), poolOutputBF16 = Scratch<UInt16>(), poolIndices = Scratch<Int32>(), poolGrad = Scratch<Float>()
     let features = Scratch<Float>()
     let workspace = Scratch<Float>()
     private var shape = (batch: 0, stemSize: 0, poolSize: 0, finalSize: 0)
@@ -283,6 +321,14 @@ public final class ResNet {
     /// pass's precision. NHWC and nChw16c run every convolution on oneDNN (in fp32 too); nChw16c falls
     /// back to NCHW where the width is no multiple of 16.
     public var activationLayout: ActivationLayout?
+    /// Whether the activations that convolutions on oneDNN's bf16 kernels read are kept as bf16 bits,
+    /// written by the layer before (its batch norm, residual sum or max pool) instead of reordered from
+    /// the floats at each convolution, and the output gradients they read written as bf16 by batch
+    /// norm's backward (default true; false reorders as oneDNN's fp32 -> bf16 reorder rounds: the same
+    /// bits, which ResNetTests check).
+    public var keepsBF16Activations = true
+    /// Whether the last forward pass's pooled stem output has its bf16 copy.
+    private var pooledHalves = false
     /// A copy of the images of the last forward pass, which the stem's backward reads (the caller's
     /// buffer may be gone by then).
     let inputImages = Scratch<Float>()
@@ -336,8 +382,8 @@ public final class ResNet {
         // Every activation after the stem has a multiple of the width's channels.
         if !layout.holds(channels: config.width) { layout = .nchw }
         self.layout = layout
-        let x0 = try stem.forward(arena, input: images, batch: batch, height: size, width: size, workspace: workspace,
-                                  layouts: Convolution.Layouts(input: .nchw, output: layout), context: context)
+        let x0 = try stem.forward(arena, input: Activation(floats: images), batch: batch, height: size, width: size, workspace: workspace,
+                                  layouts: Convolution.Layouts(input: .nchw, output: layout), context: context).floats!
         let s1 = stem.outputSize(size)
         let s2 = MaxPool2d.outputSize(s1, kernel: 3, stride: 2, padding: 1)
         let planes = batch * config.width
@@ -349,19 +395,23 @@ public final class ResNet {
             MaxPool2d.forward(output: pooled, indices: indices, input: x0, planes: planes, height: s1, width: s1)
         }
         poolGrad.zeroed(planes * s2 * s2)
-        var x = UnsafePointer(pooled), s = s2
-        for block in blocks {
+        // The blocks' inputs in bf16 too where their convolutions read bf16.
+        let halves = keepsBF16Activations && stem.kernels.takesBF16(context.precision, layout)
+        pooledHalves = halves
+        if halves { BF16.bits(poolOutputBF16.ensure(planes * s2 * s2), pooled, count: planes * s2 * s2) }
+        var x = Activation(floats: pooled, halves: halves ? UnsafePointer(poolOutputBF16.pointer) : nil), s = s2
+        for (k, block) in blocks.enumerated() {
             let (y, h, _) = try block.forward(arena, input: x, batch: batch, height: s, width: s, workspace: workspace, layout: layout,
-                                              context: context)
-            x = UnsafePointer(y); s = h
+                                              outputHalves: halves && k + 1 < blocks.count, context: context)
+            x = y; s = h
         }
         let f = features.ensure(batch * featureCount)
         if layout != .nchw {
             // [N, C] in either (nChw16c's rows of 16 channels per image follow one another).
             let (images, lanes) = layout.pixelRows(batch: batch, channels: featureCount)
-            GlobalAvgPool.forwardNHWC(output: f, input: x, batch: images, channels: lanes, plane: s * s)
+            GlobalAvgPool.forwardNHWC(output: f, input: x.floats!, batch: images, channels: lanes, plane: s * s)
         } else {
-            GlobalAvgPool.forward(output: f, input: x, rows: batch * featureCount, plane: s * s)
+            GlobalAvgPool.forward(output: f, input: x.floats!, rows: batch * featureCount, plane: s * s)
         }
         shape = (batch, s1, s2, s)
         return UnsafePointer(f)
@@ -380,7 +430,8 @@ public final class ResNet {
                                    plane: shape.finalSize * shape.finalSize)
         }
         for k in stride(from: blocks.count - 1, through: 0, by: -1) {
-            let input = k == 0 ? UnsafePointer(poolOutput.pointer) : UnsafePointer(blocks[k - 1].output.pointer)
+            let input = k == 0 ? Activation(floats: poolOutput.pointer, halves: pooledHalves ? UnsafePointer(poolOutputBF16.pointer) : nil)
+                : blocks[k - 1].lastOutput
             let gradInput = k == 0 ? poolGrad.pointer : blocks[k - 1].gradOutput.pointer
             try blocks[k].backward(arena, gradInput: gradInput, input: input, workspace: workspace, context: context)
             try context.gradientsReady?(blockPrefixes[k])
@@ -395,18 +446,19 @@ public final class ResNet {
             MaxPool2d.backward(gradInput: stem.gradOutput.pointer, gradOutput: poolGrad.pointer, indices: poolIndices.pointer,
                                planes: planes, inPlane: inPlane, outPlane: outPlane)
         }
-        try stem.backward(arena, gradInput: nil, input: inputImages.pointer, workspace: workspace, context: context)
+        try stem.backward(arena, gradInput: nil, input: Activation(floats: inputImages.pointer), workspace: workspace, context: context)
         try context.gradientsReady?("\(prefix)conv1.")
         try context.gradientsReady?("\(prefix)bn1.")
     }
 
     /// Bytes held by activations and their gradients at the largest batch seen.
     public var activationBytes: Int {
-        var total = poolOutput.bytes + poolGrad.bytes + poolIndices.bytes + features.bytes + workspace.bytes + inputImages.bytes
+        var total = poolOutput.bytes + poolOutputBF16.bytes + poolGrad.bytes + poolIndices.bytes + features.bytes + workspace.bytes + inputImages.bytes
         for unit in [stem] + blocks.flatMap(\.allUnits) {
-            total += unit.convOut.bytes + unit.gradConvOut.bytes + unit.output.bytes + unit.gradOutput.bytes
+            total += unit.convOut.bytes + unit.gradConvOut.bytes + unit.gradConvOutBF16.bytes + unit.output.bytes + unit.outputBF16.bytes
+                + unit.gradOutput.bytes
         }
-        for block in blocks { total += block.output.bytes + block.gradOutput.bytes }
+        for block in blocks { total += block.output.bytes + block.outputBF16.bytes + block.gradOutput.bytes }
         return total
     }
 }

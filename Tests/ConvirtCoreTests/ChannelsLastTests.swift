@@ -94,6 +94,53 @@ struct ChannelsLastTests {
         }
     }
 
+    // The copies ResNet keeps for oneDNN's bf16 convolutions (ResNet.keepsBF16Activations).
+    @Test("BatchNorm's bf16 outputs are its float outputs' bf16 bits, and its bf16 ReLU mask acts as the float one",
+          arguments: [(2, 16, 300), (3, 32, 49), (2, 20, 17)])
+    func batchNormBF16(n: Int, c: Int, plane: Int) throws {
+        let count = n * c * plane
+        let gamma = randomFloats(c, seed: 82), beta = randomFloats(c, seed: 83)
+        for layout in [ActivationLayout.nhwc, .blocked16] where layout.holds(channels: c) {
+        for training in [true, false] { for relu in [false, true] {
+            let x = toLayout(randomFloats(count, seed: 80, scale: 2).map { $0 + 0.5 }, layout, n: n, c: c, plane: plane)
+            let dy = toLayout(randomFloats(count, seed: 81), layout, n: n, c: c, plane: plane)
+            let what = "\(layout) n \(n) c \(c) plane \(plane) training \(training) relu \(relu)"
+            let reference = try batchNorm(x, dy, gamma: gamma, beta: beta, n: n, c: c, plane: plane, training: training, relu: relu,
+                                          accumulate: false, layout: layout)
+            var y = [Float](repeating: .nan, count: count), y16 = [UInt16](repeating: 1, count: count), only16 = y16
+            var dx16 = [UInt16](repeating: 1, count: count), dGamma = [Float](repeating: 0.5, count: c), dBeta = [Float](repeating: -0.5, count: c)
+            var runningMean = (0..<c).map { Float($0) * 0.01 }, runningVar = (0..<c).map { 1 + Float($0) * 0.02 }
+            try withBatchNormScratch(channels: c) { saved, stats in
+                if training {
+                    try BatchNorm2d.forwardTraining(output: &y, outputBF16: &y16, input: x, gamma: gamma, beta: beta, runningMean: &runningMean,
+                                                    runningVar: &runningVar, saved: &saved, batch: n, channels: c, plane: plane,
+                                                    statistics: stats, relu: relu, layout: layout)
+                    var (m2, v2) = ((0..<c).map { Float($0) * 0.01 }, (0..<c).map { 1 + Float($0) * 0.02 })
+                    try BatchNorm2d.forwardTraining(output: nil, outputBF16: &only16, input: x, gamma: gamma, beta: beta, runningMean: &m2,
+                                                    runningVar: &v2, saved: &saved, batch: n, channels: c, plane: plane,
+                                                    statistics: stats, relu: relu, layout: layout)
+                    try BatchNorm2d.backwardTraining(gradInput: nil, gradInputBF16: &dx16, gradGamma: &dGamma, gradBeta: &dBeta, gradOutput: dy,
+                                                     input: x, gamma: gamma, saved: saved, batch: n, channels: c, plane: plane,
+                                                     statistics: stats, reluOutputBF16: relu ? only16 : nil, accumulate: false, layout: layout)
+                } else {
+                    BatchNorm2d.forwardInference(output: &y, outputBF16: &y16, input: x, gamma: gamma, beta: beta, runningMean: runningMean,
+                                                 runningVar: runningVar, batch: n, channels: c, plane: plane, relu: relu, layout: layout)
+                    BatchNorm2d.forwardInference(output: nil, outputBF16: &only16, input: x, gamma: gamma, beta: beta, runningMean: runningMean,
+                                                 runningVar: runningVar, batch: n, channels: c, plane: plane, relu: relu, layout: layout)
+                    BatchNorm2d.backwardInference(gradInput: nil, gradGamma: &dGamma, gradBeta: &dBeta, gradOutput: dy, input: x, gamma: gamma,
+                                                  runningMean: runningMean, runningVar: runningVar, batch: n, channels: c, plane: plane,
+                                                  reluOutputBF16: relu ? only16 : nil, gradInputBF16: &dx16, accumulate: false, layout: layout)
+                }
+            }
+            #expect(y == reference.y, "float output, \(what)")
+            #expect(y16 == reference.y.map(BF16.bits) && only16 == y16, "bf16 output, \(what)")
+            #expect(dx16 == reference.dx.map(BF16.bits), "bf16 input gradient, \(what)")
+            #expect(dGamma == reference.dGamma && dBeta == reference.dBeta, "parameter gradients, \(what)")
+            if training { #expect(runningMean == reference.runningMean && runningVar == reference.runningVar, "running statistics, \(what)") }
+        } }
+        }
+    }
+
     @Test("BatchNorm on nChw16c gives the same sums for any thread count")
     func batchNormThreads() throws {
         let (n, c, plane) = (3, 48, 300)

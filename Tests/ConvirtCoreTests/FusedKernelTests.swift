@@ -122,13 +122,21 @@ struct FusedKernelTests {
         }
     }
 
-    @Test("a residual block's fused sum and ReLU, and its one-pass backward")
+    @Test("a residual block's fused sum and ReLU (and its bf16 copy), and its one-pass backward")
     func residualReLU() {
-        let count = 37
-        let a = randomFloats(count, seed: 50), b = randomFloats(count, seed: 51), dy = randomFloats(count, seed: 52)
-        var y = [Float](repeating: 0, count: count)
+        // Past several 16-lane vectors, with a tail; a NaN, infinities and values bf16 rounds up or to even.
+        let count = 101
+        var a = randomFloats(count, seed: 50), b = randomFloats(count, seed: 51)
+        let dy = randomFloats(count, seed: 52)
+        (a[3], a[20], a[40], b[41]) = (.nan, .infinity, -.infinity, Float(bitPattern: 0x3F80_8000))
+        (a[41], a[42], b[42]) = (0, 0, Float(bitPattern: 0x3F81_8000))
+        var y = [Float](repeating: 0, count: count), halves = [UInt16](repeating: 0, count: count)
+        Residual.forwardReLU(output: &y, outputBF16: &halves, a, b, count: count)
+        let expected = zip(a, b).map { max($0 + $1, 0) }
+        #expect(zip(y, expected).allSatisfy { $0.bitPattern == $1.bitPattern }, "forward (NaN included)")
+        #expect(halves == y.map(BF16.bits), "bf16 copy")
         Residual.forwardReLU(output: &y, a, b, count: count)
-        #expect(y == zip(a, b).map { max($0 + $1, 0) })
+        #expect(zip(y, expected).allSatisfy { $0.bitPattern == $1.bitPattern })
         let masked = zip(y, dy).map { $0 > 0 ? $1 : 0 }
         var branch = [Float](repeating: 9, count: count), identity = [Float](repeating: 2, count: count)
         Residual.backwardReLU(gradBranch: &branch, gradIdentity: &identity, accumulateIdentity: true, gradOutput: dy, output: y, count: count)

@@ -243,16 +243,18 @@ struct ModelBehaviourTests {
 struct ResNetLayoutTests {
     /// Features and every gradient of a width-16 ResNet (basic blocks, training-mode BatchNorm) with its
     /// activations in `layout` (nil: NCHW by the default kernels).
-    func pass(_ layout: ActivationLayout?, precision: Precision, block: ResNetConfig.Block) throws -> (features: [Float], grads: [Float]) {
+    func pass(_ layout: ActivationLayout?, precision: Precision, block: ResNetConfig.Block, bf16Copies: Bool = true, training: Bool = true)
+        throws -> (features: [Float], grads: [Float]) {
         var parameters = ParameterLayout()
         let config = ResNetConfig(layers: [1, 1, 1, 1], width: 16, block: block, imageSize: 32)
         let net = try ResNet(config: config, layout: &parameters)
         let arena = ParameterArena(layout: parameters)
         net.initialize(arena, stream: RandomStream(seed: 5))
         net.activationLayout = layout
+        net.keepsBF16Activations = bf16Copies
         let (batch, size) = (3, 40)
         let images = (0..<(batch * 3 * size * size)).map { RandomStream(seed: 6).normal(at: UInt64($0)) }
-        let context = PassContext(training: true, precision: precision)
+        let context = PassContext(training: training, precision: precision)
         let f = try net.forward(arena, images: images, batch: batch, size: size, context: context)
         let features = Array(UnsafeBufferPointer(start: f, count: batch * net.featureCount))
         let g = (0..<features.count).map { RandomStream(seed: 7).normal(at: UInt64($0)) }
@@ -286,6 +288,23 @@ struct ResNetLayoutTests {
                 #expect(maxAbsDiff(r.grads, reference.grads) <= bound * gScale, "gradients, \(precision) \(layout) \(block)")
             }
         }
+    }
+}
+
+extension ResNetLayoutTests {
+    // Where oneDNN's bf16 kernels run the convolutions, the layers before them write the bf16 copies they
+    // read (and batch norm's backward the bf16 output gradients), rounded as oneDNN's reorder of the
+    // floats rounds them (to nearest even), so the network computes the same bits either way.
+    @Test("a bf16 ResNet computes the same bits with the bf16 copies its layers write as with oneDNN's reorders",
+          .enabled(if: BF16.native, "oneDNN runs no bf16 kernels on this CPU: the copies are never made"),
+          arguments: [ResNetConfig.Block.basic, .bottleneck])
+    func bf16Copies(block: ResNetConfig.Block) throws {
+        for layout in [ActivationLayout.blocked16, .nhwc] { for training in [true, false] {
+            let reordered = try pass(layout, precision: .bf16, block: block, bf16Copies: false, training: training)
+            let copied = try pass(layout, precision: .bf16, block: block, bf16Copies: true, training: training)
+            #expect(copied.features == reordered.features, "features, \(layout) \(block) training \(training)")
+            #expect(copied.grads == reordered.grads, "gradients, \(layout) \(block) training \(training)")
+        } }
     }
 }
 

@@ -60,6 +60,11 @@ public enum BF16 {
     @inline(__always)
     public static func bits(_ x: Float) -> UInt16 { UInt16(truncatingIfNeeded: round(x).bitPattern >> 16) }
 
+    /// dst[i] = bits(src[i]) for i in 0..<count, split over the threads.
+    public static func bits(_ dst: UnsafeMutablePointer<UInt16>, _ src: UnsafePointer<Float>, count: Int) {
+        Parallel.chunks(count, cost: 1) { range in ck_bf16_bits(dst + range.lowerBound, src + range.lowerBound, range.count) }
+    }
+
     /// dst[i] = round(src[i]) for i in 0..<count (dst may be src).
     public static func round(_ dst: UnsafeMutablePointer<Float>, _ src: UnsafePointer<Float>, count: Int, parallel: Bool = true) {
         let body = { (range: Range<Int>) in ck_bf16_round(dst + range.lowerBound, src + range.lowerBound, range.count) }

@@ -69,8 +69,10 @@ public enum BatchNorm2d {
     /// and update the running statistics: running = (1 - momentum) * running + momentum * batch.
     /// - output, input: [N, C, HW] ([N, HW, C] with `layout` .nhwc); gamma, beta, runningMean,
     ///   runningVar: [C]; statistics: scratch of 2C + 1 doubles.
+    /// - outputBF16: the output's bf16 bits (`BF16.bits`), as well as or instead of the floats (output
+    ///   nil), in a layout other than NCHW.
     public static func forwardTraining(
-        output: UnsafeMutablePointer<Float>, input: UnsafePointer<Float>,
+        output: UnsafeMutablePointer<Float>?, outputBF16: UnsafeMutablePointer<UInt16>? = nil, input: UnsafePointer<Float>,
         gamma: UnsafePointer<Float>, beta: UnsafePointer<Float>,
         runningMean: UnsafeMutablePointer<Float>, runningVar: UnsafeMutablePointer<Float>,
         saved: inout Saved, batch: Int, channels: Int, plane: Int, eps: Float = 1e-5, momentum: Float = 0.1,
@@ -79,11 +81,12 @@ public enum BatchNorm2d {
     ) throws {
         precondition(statistics.count >= 2 * channels + 1, "batch norm statistics scratch too small")
         if layout != .nchw {
-            return try forwardTrainingRows(output: output, input: input, gamma: gamma, beta: beta, runningMean: runningMean,
+            return try forwardTrainingRows(output: output, outputBF16: outputBF16, input: input, gamma: gamma, beta: beta, runningMean: runningMean,
                                            runningVar: runningVar, saved: &saved,
                                            shape: LaneLayout(layout, batch: batch, channels: channels, plane: plane), eps: eps,
                                            momentum: momentum, statistics: statistics, reducer: reducer, relu: relu)
         }
+        guard let output, outputBF16 == nil else { preconditionFailure("batch norm over NCHW writes floats only") }
         let stats = statistics.baseAddress!
         Parallel.chunks(channels, cost: batch * plane) { range in
             for c in range {
@@ -132,15 +135,17 @@ public enum BatchNorm2d {
 
     /// Evaluation mode: normalise with the running statistics.
     public static func forwardInference(
-        output: UnsafeMutablePointer<Float>, input: UnsafePointer<Float>,
+        output: UnsafeMutablePointer<Float>?, outputBF16: UnsafeMutablePointer<UInt16>? = nil, input: UnsafePointer<Float>,
         gamma: UnsafePointer<Float>, beta: UnsafePointer<Float>,
         runningMean: UnsafePointer<Float>, runningVar: UnsafePointer<Float>,
         batch: Int, channels: Int, plane: Int, eps: Float = 1e-5, relu: Bool = false, layout: ActivationLayout = .nchw
     ) {
         if layout != .nchw {
-            return forwardInferenceRows(output: output, input: input, gamma: gamma, beta: beta, runningMean: runningMean, runningVar: runningVar,
-                                        shape: LaneLayout(layout, batch: batch, channels: channels, plane: plane), eps: eps, relu: relu)
+            return forwardInferenceRows(output: output, outputBF16: outputBF16, input: input, gamma: gamma, beta: beta, runningMean: runningMean,
+                                        runningVar: runningVar, shape: LaneLayout(layout, batch: batch, channels: channels, plane: plane), eps: eps,
+                                        relu: relu)
         }
+        guard let output, outputBF16 == nil else { preconditionFailure("batch norm over NCHW writes floats only") }
         Parallel.chunks(channels, cost: batch * plane) { range in
             for c in range {
                 // (x - mean) first: exact when x is close to the mean, where x * scale + shift would cancel.
@@ -159,19 +164,24 @@ public enum BatchNorm2d {
     /// parameter gradients are summed over ranks afterwards. All gradients accumulate (+=), gradInput
     /// unless `accumulate` is false (then it is overwritten). `reluOutput`: the output of the forward
     /// pass that ran with `relu: true`; dy then flows only where it is positive (ReLU's backward, fused).
+    /// Outside NCHW, `reluOutputBF16` (that output's bf16 copy) may stand for it, and `gradInputBF16`
+    /// take the input gradient's bf16 bits instead of gradInput (overwritten).
     public static func backwardTraining(
-        gradInput: UnsafeMutablePointer<Float>, gradGamma: UnsafeMutablePointer<Float>, gradBeta: UnsafeMutablePointer<Float>,
+        gradInput: UnsafeMutablePointer<Float>?, gradInputBF16: UnsafeMutablePointer<UInt16>? = nil, gradGamma: UnsafeMutablePointer<Float>, gradBeta: UnsafeMutablePointer<Float>,
         gradOutput: UnsafePointer<Float>, input: UnsafePointer<Float>, gamma: UnsafePointer<Float>,
         saved: Saved, batch: Int, channels: Int, plane: Int,
         statistics: UnsafeMutableBufferPointer<Double>, reducer: StatisticsReducer? = nil,
-        reluOutput: UnsafePointer<Float>? = nil, accumulate: Bool = true, layout: ActivationLayout = .nchw
+        reluOutput: UnsafePointer<Float>? = nil, reluOutputBF16: UnsafePointer<UInt16>? = nil, accumulate: Bool = true,
+        layout: ActivationLayout = .nchw
     ) throws {
         precondition(statistics.count >= 2 * channels + 1, "batch norm statistics scratch too small")
         if layout != .nchw {
-            return try backwardTrainingRows(gradInput: gradInput, gradGamma: gradGamma, gradBeta: gradBeta, gradOutput: gradOutput, input: input,
-                                            gamma: gamma, saved: saved, shape: LaneLayout(layout, batch: batch, channels: channels, plane: plane),
-                                            statistics: statistics, reducer: reducer, reluOutput: reluOutput, accumulate: accumulate)
+            return try backwardTrainingRows(gradInput: gradInput, gradInputBF16: gradInputBF16, gradGamma: gradGamma, gradBeta: gradBeta,
+                                            gradOutput: gradOutput, input: input, gamma: gamma, saved: saved,
+                                            shape: LaneLayout(layout, batch: batch, channels: channels, plane: plane), statistics: statistics,
+                                            reducer: reducer, reluOutput: ReLUMask(reluOutput, reluOutputBF16), accumulate: accumulate)
         }
+        guard let gradInput, gradInputBF16 == nil, reluOutputBF16 == nil else { preconditionFailure("batch norm backward over NCHW: floats only") }
         let stats = statistics.baseAddress!
         let means = saved.mean, invStds = saved.invStd
         Parallel.chunks(channels, cost: batch * plane) { range in
@@ -213,15 +223,17 @@ public enum BatchNorm2d {
         gradInput: UnsafeMutablePointer<Float>?, gradGamma: UnsafeMutablePointer<Float>, gradBeta: UnsafeMutablePointer<Float>,
         gradOutput: UnsafePointer<Float>, input: UnsafePointer<Float>, gamma: UnsafePointer<Float>,
         runningMean: UnsafePointer<Float>, runningVar: UnsafePointer<Float>,
-        batch: Int, channels: Int, plane: Int, eps: Float = 1e-5, reluOutput: UnsafePointer<Float>? = nil, accumulate: Bool = true,
+        batch: Int, channels: Int, plane: Int, eps: Float = 1e-5, reluOutput: UnsafePointer<Float>? = nil,
+        reluOutputBF16: UnsafePointer<UInt16>? = nil, gradInputBF16: UnsafeMutablePointer<UInt16>? = nil, accumulate: Bool = true,
         layout: ActivationLayout = .nchw
     ) {
         if layout != .nchw {
-            return backwardInferenceRows(gradInput: gradInput, gradGamma: gradGamma, gradBeta: gradBeta, gradOutput: gradOutput, input: input,
-                                         gamma: gamma, runningMean: runningMean, runningVar: runningVar,
+            return backwardInferenceRows(gradInput: gradInput, gradInputBF16: gradInputBF16, gradGamma: gradGamma, gradBeta: gradBeta,
+                                         gradOutput: gradOutput, input: input, gamma: gamma, runningMean: runningMean, runningVar: runningVar,
                                          shape: LaneLayout(layout, batch: batch, channels: channels, plane: plane),
-                                         eps: eps, reluOutput: reluOutput, accumulate: accumulate)
+                                         eps: eps, reluOutput: ReLUMask(reluOutput, reluOutputBF16), accumulate: accumulate)
         }
+        precondition(gradInputBF16 == nil && reluOutputBF16 == nil, "batch norm backward over NCHW: floats only")
         Parallel.chunks(channels, cost: batch * plane) { range in
             for c in range {
                 let invStd = 1 / (runningVar[c] + eps).squareRoot(), mean = runningMean[c]

@@ -66,14 +66,37 @@ struct LaneLayout {
     }
 }
 
+/// The output of a ReLU that followed a layer, as the mask of its backward (the gradient flows where
+/// it is positive): the floats, or their bf16 copy (the same mask: rounding to bf16 keeps the sign,
+/// and a positive float stays positive unless it is below bf16's smallest subnormal).
+public enum ReLUMask {
+    case fp32(UnsafePointer<Float>)
+    case bf16(UnsafePointer<UInt16>)
+
+    /// `fp32` of `floats`, or `bf16` of `halves` where `floats` is nil; nil where both are.
+    public init?(_ floats: UnsafePointer<Float>?, _ halves: UnsafePointer<UInt16>?) {
+        if let floats { self = .fp32(floats) } else if let halves { self = .bf16(halves) } else { return nil }
+    }
+
+    @inline(__always) func advanced(by n: Int) -> ReLUMask {
+        switch self {
+        case .fp32(let p): .fp32(p + n)
+        case .bf16(let p): .bf16(p + n)
+        }
+    }
+    public var floats: UnsafePointer<Float>? { if case .fp32(let p) = self { p } else { nil } }
+    public var halves: UnsafePointer<UInt16>? { if case .bf16(let p) = self { p } else { nil } }
+}
+
 /// Sums over the rows of [rows, channels] for the channels c0..<c0+width, into first[j] and second[j]
 /// (j = c): float inside blocks of 256 rows, double across blocks (as `blockedSums`). Without
 /// `gradient`: sum(x) and sum(x^2). With it (dy, and a following ReLU's output as `mask`): sum(g) and
 /// sum(g * (x - mean)), g = dy where mask > 0 (or everywhere without a mask). (`ck_channel_sums`: the
 /// chunk of 16 channels' sums in registers.)
-func channelBlockedSums(_ x: UnsafePointer<Float>, gradient: (dy: UnsafePointer<Float>, mask: UnsafePointer<Float>?, mean: UnsafePointer<Float>)?,
+func channelBlockedSums(_ x: UnsafePointer<Float>, gradient: (dy: UnsafePointer<Float>, mask: ReLUMask?, mean: UnsafePointer<Float>)?,
                         rows: Int, channels: Int, c0: Int, width: Int, first: UnsafeMutablePointer<Double>, second: UnsafeMutablePointer<Double>) {
-    ck_channel_sums(x + c0, gradient.map { $0.dy + c0 }, gradient?.mask.map { $0 + c0 }, gradient.map { $0.mean + c0 }, rows, channels, width,
+    let mask = gradient?.mask?.advanced(by: c0)
+    ck_channel_sums(x + c0, gradient.map { $0.dy + c0 }, mask?.floats, mask?.halves, gradient.map { $0.mean + c0 }, rows, channels, width,
                     first, second)
 }
 
@@ -81,7 +104,7 @@ func channelBlockedSums(_ x: UnsafePointer<Float>, gradient: (dy: UnsafePointer<
 /// second[c]: each thread owns a range of channels and sums each over the outer index in order (one
 /// image after another in nChw16c), so the sums do not depend on the thread count. `gradient`'s mean
 /// is indexed by channel.
-func laneSums(_ x: UnsafePointer<Float>, gradient: (dy: UnsafePointer<Float>, mask: UnsafePointer<Float>?, mean: UnsafePointer<Float>)?,
+func laneSums(_ x: UnsafePointer<Float>, gradient: (dy: UnsafePointer<Float>, mask: ReLUMask?, mean: UnsafePointer<Float>)?,
               shape: LaneLayout, first: UnsafeMutablePointer<Double>, second: UnsafeMutablePointer<Double>) {
     let lanes = shape.lanes, run = shape.plane * lanes
     Parallel.chunks(shape.channels, cost: shape.outer * shape.plane) { range in
@@ -94,7 +117,7 @@ func laneSums(_ x: UnsafePointer<Float>, gradient: (dy: UnsafePointer<Float>, ma
                 second.advanced(by: c).update(repeating: 0, count: width)
                 for n in 0..<shape.outer {
                     let o = (n * shape.groups + g) * run
-                    channelBlockedSums(x + o, gradient: gradient.map { ($0.dy + o, $0.mask.map { $0 + o }, $0.mean + g * lanes) },
+                    channelBlockedSums(x + o, gradient: gradient.map { ($0.dy + o, $0.mask?.advanced(by: o), $0.mean + g * lanes) },
                                        rows: shape.plane, channels: lanes, c0: l0, width: width, first: a, second: b)
                     for j in 0..<width { first[c + j] += a[j]; second[c + j] += b[j] }
                 }
@@ -105,9 +128,10 @@ func laneSums(_ x: UnsafePointer<Float>, gradient: (dy: UnsafePointer<Float>, ma
 }
 
 extension BatchNorm2d {
-    /// `forwardTraining` over rows of channels (NHWC or nChw16c).
+    /// `forwardTraining` over rows of channels (NHWC or nChw16c); the output as floats, as bf16 bits
+    /// (`outputBF16`), or both.
     static func forwardTrainingRows(
-        output: UnsafeMutablePointer<Float>, input: UnsafePointer<Float>, gamma: UnsafePointer<Float>, beta: UnsafePointer<Float>,
+        output: UnsafeMutablePointer<Float>?, outputBF16: UnsafeMutablePointer<UInt16>?, input: UnsafePointer<Float>, gamma: UnsafePointer<Float>, beta: UnsafePointer<Float>,
         runningMean: UnsafeMutablePointer<Float>, runningVar: UnsafeMutablePointer<Float>, saved: inout Saved, shape: LaneLayout,
         eps: Float, momentum: Float, statistics: UnsafeMutableBufferPointer<Double>, reducer: StatisticsReducer?, relu: Bool
     ) throws {
@@ -121,50 +145,56 @@ extension BatchNorm2d {
             // The scale as the NCHW kernel forms it (gamma * invStd, then one multiply): equal outputs.
             let scales = buffer.baseAddress!
             for c in 0..<channels { scales[c] = gamma[c] * invStds[c] }
-            normalizeRows(output: output, input: input, mean: means, scale: scales, shift: beta, shape: shape, relu: relu)
+            normalizeRows(output: output, outputBF16: outputBF16, input: input, mean: means, scale: scales, shift: beta, shape: shape, relu: relu)
         }
     }
 
     /// y = (x - mean) * scale + shift per channel over every row, max(that, 0) with `relu`.
-    private static func normalizeRows(output: UnsafeMutablePointer<Float>, input: UnsafePointer<Float>, mean: UnsafePointer<Float>,
-                                      scale: UnsafePointer<Float>, shift: UnsafePointer<Float>, shape: LaneLayout, relu: Bool) {
+    private static func normalizeRows(output: UnsafeMutablePointer<Float>?, outputBF16: UnsafeMutablePointer<UInt16>?, input: UnsafePointer<Float>,
+                                      mean: UnsafePointer<Float>, scale: UnsafePointer<Float>, shift: UnsafePointer<Float>, shape: LaneLayout,
+                                      relu: Bool) {
+        precondition(output != nil || outputBF16 != nil, "batch norm without an output")
         let lanes = shape.lanes
         Parallel.chunks(shape.rows, cost: lanes) { range in
             shape.runs(range) { rows, c0 in
                 let o = rows.lowerBound * lanes
-                ck_normalize_rows(output + o, input + o, rows.count, lanes, mean + c0, scale + c0, shift + c0, relu ? 1 : 0)
+                ck_normalize_rows(output.map { $0 + o }, outputBF16.map { $0 + o }, input + o, rows.count, lanes, mean + c0, scale + c0, shift + c0,
+                                  relu ? 1 : 0)
             }
         }
     }
 
     /// `forwardInference` over rows of channels.
     static func forwardInferenceRows(
-        output: UnsafeMutablePointer<Float>, input: UnsafePointer<Float>, gamma: UnsafePointer<Float>, beta: UnsafePointer<Float>,
+        output: UnsafeMutablePointer<Float>?, outputBF16: UnsafeMutablePointer<UInt16>?, input: UnsafePointer<Float>, gamma: UnsafePointer<Float>, beta: UnsafePointer<Float>,
         runningMean: UnsafePointer<Float>, runningVar: UnsafePointer<Float>, shape: LaneLayout, eps: Float, relu: Bool
     ) {
         let channels = shape.channels
         withUnsafeTemporaryAllocation(of: Float.self, capacity: channels) { buffer in
             let scales = buffer.baseAddress!
             for c in 0..<channels { scales[c] = gamma[c] / (runningVar[c] + eps).squareRoot() }
-            normalizeRows(output: output, input: input, mean: runningMean, scale: scales, shift: beta, shape: shape, relu: relu)
+            normalizeRows(output: output, outputBF16: outputBF16, input: input, mean: runningMean, scale: scales, shift: beta, shape: shape,
+                          relu: relu)
         }
     }
 
     /// Per channel: sum(dy) and sum(dy * (x - mean)) * invStd over the rows into first/second, dy masked
     /// by a following ReLU's output where `mask` is given.
     private static func gradientSumsRows(_ first: UnsafeMutablePointer<Double>, _ second: UnsafeMutablePointer<Double>,
-                                         gradOutput: UnsafePointer<Float>, input: UnsafePointer<Float>, mask: UnsafePointer<Float>?,
+                                         gradOutput: UnsafePointer<Float>, input: UnsafePointer<Float>, mask: ReLUMask?,
                                          mean: UnsafePointer<Float>, invStd: UnsafePointer<Float>, shape: LaneLayout) {
         laneSums(input, gradient: (gradOutput, mask, mean), shape: shape, first: first, second: second)
         for c in 0..<shape.channels { second[c] *= Double(invStd[c]) }
     }
 
-    /// `backwardTraining` over rows of channels.
+    /// `backwardTraining` over rows of channels; the input gradient as floats or (overwritten) as bf16
+    /// bits (`gradInputBF16`).
     static func backwardTrainingRows(
-        gradInput: UnsafeMutablePointer<Float>, gradGamma: UnsafeMutablePointer<Float>, gradBeta: UnsafeMutablePointer<Float>,
+        gradInput: UnsafeMutablePointer<Float>?, gradInputBF16: UnsafeMutablePointer<UInt16>?, gradGamma: UnsafeMutablePointer<Float>, gradBeta: UnsafeMutablePointer<Float>,
         gradOutput: UnsafePointer<Float>, input: UnsafePointer<Float>, gamma: UnsafePointer<Float>, saved: Saved, shape: LaneLayout,
-        statistics: UnsafeMutableBufferPointer<Double>, reducer: StatisticsReducer?, reluOutput: UnsafePointer<Float>?, accumulate: Bool
+        statistics: UnsafeMutableBufferPointer<Double>, reducer: StatisticsReducer?, reluOutput: ReLUMask?, accumulate: Bool
     ) throws {
+        precondition((gradInput == nil) != (gradInputBF16 == nil) && !(gradInputBF16 != nil && accumulate), "batch norm backward: one input gradient")
         let stats = statistics.baseAddress!, channels = shape.channels, lanes = shape.lanes
         let means = saved.mean, invStds = saved.invStd
         gradientSumsRows(stats, stats + channels, gradOutput: gradOutput, input: input, mask: reluOutput, mean: means, invStd: invStds,
@@ -186,7 +216,9 @@ extension BatchNorm2d {
             Parallel.chunks(shape.rows, cost: lanes) { range in
                 shape.runs(range) { rows, c0 in
                     let o = rows.lowerBound * lanes
-                    ck_bn_gradient_rows(gradInput + o, gradOutput + o, input + o, reluOutput.map { $0 + o }, rows.count, lanes, k + c0, sumDy + c0,
+                    let mask = reluOutput?.advanced(by: o)
+                    ck_bn_gradient_rows(gradInput.map { $0 + o }, gradInputBF16.map { $0 + o }, gradOutput + o, input + o, mask?.floats, mask?.halves,
+                                        rows.count, lanes, k + c0, sumDy + c0,
                                         sumDyX + c0, means + c0, invStds + c0, m, accumulate ? 1 : 0)
                 }
             }
@@ -195,11 +227,12 @@ extension BatchNorm2d {
 
     /// `backwardInference` over rows of channels.
     static func backwardInferenceRows(
-        gradInput: UnsafeMutablePointer<Float>?, gradGamma: UnsafeMutablePointer<Float>, gradBeta: UnsafeMutablePointer<Float>,
+        gradInput: UnsafeMutablePointer<Float>?, gradInputBF16: UnsafeMutablePointer<UInt16>?, gradGamma: UnsafeMutablePointer<Float>, gradBeta: UnsafeMutablePointer<Float>,
         gradOutput: UnsafePointer<Float>, input: UnsafePointer<Float>, gamma: UnsafePointer<Float>,
         runningMean: UnsafePointer<Float>, runningVar: UnsafePointer<Float>, shape: LaneLayout, eps: Float,
-        reluOutput: UnsafePointer<Float>?, accumulate: Bool
+        reluOutput: ReLUMask?, accumulate: Bool
     ) {
+        precondition(!(gradInput != nil && gradInputBF16 != nil) && !(gradInputBF16 != nil && accumulate), "batch norm backward: one input gradient")
         let channels = shape.channels, lanes = shape.lanes
         withUnsafeTemporaryAllocation(of: Double.self, capacity: 2 * channels) { sums in
             withUnsafeTemporaryAllocation(of: Float.self, capacity: 2 * channels) { buffer in
@@ -215,11 +248,12 @@ extension BatchNorm2d {
                     gradBeta[c] += Float(sdy[c])
                     gradGamma[c] += Float(sdyx[c])
                 }
-                guard let gradInput else { return }
+                guard gradInput != nil || gradInputBF16 != nil else { return }
                 Parallel.chunks(shape.rows, cost: lanes) { range in
                     shape.runs(range) { rows, c0 in
-                        let o = rows.lowerBound * lanes
-                        ck_bn_gradient_rows(gradInput + o, gradOutput + o, input + o, reluOutput.map { $0 + o }, rows.count, lanes, k + c0, nil,
+                        let o = rows.lowerBound * lanes, mask = reluOutput?.advanced(by: o)
+                        ck_bn_gradient_rows(gradInput.map { $0 + o }, gradInputBF16.map { $0 + o }, gradOutput + o, input + o, mask?.floats, mask?.halves,
+                                            rows.count, lanes, k + c0, nil,
                                             nil, nil, nil, 0, accumulate ? 1 : 0)
                     }
                 }

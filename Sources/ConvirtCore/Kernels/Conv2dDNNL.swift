@@ -107,10 +107,31 @@ public final class ConvolutionPrimitives {
         return names.joined(separator: ", ")
     }
 
-    /// output [N, O, OH, OW] = conv(input [N, C, H, W], weight [O, C, KH, KW]) + bias [O].
-    public func forward(output: UnsafeMutablePointer<Float>, input: UnsafePointer<Float>, weight: UnsafePointer<Float>,
-                        bias biasValues: UnsafePointer<Float>? = nil) throws {
-        try source.input(input, stream)
+    /// Whether the bf16 kernels read the input (forward, backward weights) as bf16 bits in the caller's
+    /// layout, and the output gradient (both backward products) so: where that side's layout is not
+    /// NCHW, the primitives' layouts are the caller's (`innerTags`), so a bf16 copy the caller keeps
+    /// (written by the layer before, `BF16.bits`) binds as it is, with no reorder.
+    public var takesBF16Input: Bool { precision == .bf16 && inputLayout != .nchw }
+    public var takesBF16GradOutput: Bool { precision == .bf16 && outputLayout != .nchw }
+
+    /// Binds `bits` (bf16, the caller's layout) as `argument`'s primitive-side buffer.
+    private func bindBF16(_ argument: DNNLArgument, _ bits: UnsafePointer<UInt16>, shape: [Int], layout: ActivationLayout) throws {
+        guard dnnlSame(argument.inner.desc, try dnnlDescriptor(shape, dnnl_bf16, Self.userTag(layout))) else {
+            throw ConvirtError("\(geometry) (\(precision)): oneDNN's kernel reads no bf16 \(layout) activation as it is")
+        }
+        try argument.inner.bind(bits)
+    }
+
+    /// output [N, O, OH, OW] = conv(input [N, C, H, W], weight [O, C, KH, KW]) + bias [O]. The input as
+    /// floats or, where `takesBF16Input`, as its bf16 bits (`inputBF16`, used where given).
+    public func forward(output: UnsafeMutablePointer<Float>, input: UnsafePointer<Float>?, inputBF16: UnsafePointer<UInt16>? = nil,
+                        weight: UnsafePointer<Float>, bias biasValues: UnsafePointer<Float>? = nil) throws {
+        if let inputBF16 {
+            try bindBF16(source, inputBF16, shape: geometry.inputShape, layout: inputLayout)
+        } else {
+            guard let input else { preconditionFailure("\(geometry) forward without an input") }
+            try source.input(input, stream)
+        }
         try weights.input(weight, stream)
         try destination.output(output)
         var arguments = [(cdnnl_arg_src(), source.inner), (cdnnl_arg_weights(), weights.inner), (cdnnl_arg_dst(), destination.inner)]
@@ -123,13 +144,24 @@ public final class ConvolutionPrimitives {
     }
 
     /// Accumulates the gradients of the weights (and bias), and of the input unless gradInput is nil
-    /// (overwrites it where `accumulateInput` is false).
+    /// (overwrites it where `accumulateInput` is false). The output gradient and the input as floats or,
+    /// where `takesBF16GradOutput` / `takesBF16Input`, as bf16 bits (used where given).
     public func backward(gradInput: UnsafeMutablePointer<Float>?, gradWeight: UnsafeMutablePointer<Float>, gradBias: UnsafeMutablePointer<Float>?,
-                         gradOutput: UnsafePointer<Float>, input: UnsafePointer<Float>, weight: UnsafePointer<Float>,
-                         accumulateInput: Bool = true) throws {
+                         gradOutput: UnsafePointer<Float>?, gradOutputBF16: UnsafePointer<UInt16>? = nil, input: UnsafePointer<Float>?,
+                         inputBF16: UnsafePointer<UInt16>? = nil, weight: UnsafePointer<Float>, accumulateInput: Bool = true) throws {
         let bw = try makeBackwardWeights(bias: gradBias != nil)
-        try bw.gradOutput.input(gradOutput, stream)
-        try bw.source.input(input, stream)
+        if let gradOutputBF16 {
+            try bindBF16(bw.gradOutput, gradOutputBF16, shape: geometry.outputShape, layout: outputLayout)
+        } else {
+            guard let gradOutput else { preconditionFailure("\(geometry) backward without an output gradient") }
+            try bw.gradOutput.input(gradOutput, stream)
+        }
+        if let inputBF16 {
+            try bindBF16(bw.source, inputBF16, shape: geometry.inputShape, layout: inputLayout)
+        } else {
+            guard let input else { preconditionFailure("\(geometry) backward without an input") }
+            try bw.source.input(input, stream)
+        }
         if let each = try makeImageWeights(bias: gradBias != nil) {
             if let gradBias { try each.gradBias?.output(gradBias) }
             guard let source = bw.source.inner.handle, let dy = bw.gradOutput.inner.handle else {
@@ -170,6 +202,7 @@ public final class ConvolutionPrimitives {
         if dnnlSame(bd.gradOutput.inner.desc, bw.gradOutput.inner.desc) {
             gradOutputInner = bw.gradOutput.inner
         } else {
+            guard let gradOutput else { throw ConvirtError("\(geometry) backward data: oneDNN reads its bf16 output gradient in another layout") }
             try bd.gradOutput.input(gradOutput, stream)
             gradOutputInner = bd.gradOutput.inner
         }
@@ -438,12 +471,26 @@ public final class Convolution {
         return columns
     }
 
+    /// Whether a pass in `precision` with activations in `layout` reads a convolution's input (and, for
+    /// an output in `layout`, its output gradient) as bf16 bits (`ConvolutionPrimitives.takesBF16Input`):
+    /// oneDNN's bf16 kernels outside NCHW. The layers that write those activations then write their bf16
+    /// copy (`BF16.bits`, as oneDNN's reorder rounds), and the float copy only where another layer reads it.
+    public func takesBF16(_ precision: Precision, _ layout: ActivationLayout) -> Bool {
+        precision == .bf16 && nativeBF16 && layout != .nchw
+    }
+
     /// As `Conv2d.forward`; workspace: `workspaceCount(g, precision:)` floats.
-    /// `layouts` other than NCHW need oneDNN's kernels (`layout(precision:)`).
-    public func forward(output: UnsafeMutablePointer<Float>, input: UnsafePointer<Float>, weight: UnsafePointer<Float>,
-                        geometry g: Conv2dGeometry, workspace: UnsafeMutablePointer<Float>?, precision: Precision = .fp32,
-                        layouts: Layouts = Layouts()) throws {
-        var (input, weight, workspace) = (input, weight, workspace)
+    /// `layouts` other than NCHW need oneDNN's kernels (`layout(precision:)`). `inputBF16`: the input's
+    /// bf16 bits instead of `input`, where `takesBF16(precision, layouts.input)`.
+    public func forward(output: UnsafeMutablePointer<Float>, input: UnsafePointer<Float>?, inputBF16: UnsafePointer<UInt16>? = nil,
+                        weight: UnsafePointer<Float>, geometry g: Conv2dGeometry, workspace: UnsafeMutablePointer<Float>?,
+                        precision: Precision = .fp32, layouts: Layouts = Layouts()) throws {
+        if let inputBF16 {
+            precondition(takesBF16(precision, layouts.input), "\(g): a bf16 input without oneDNN's bf16 kernels on it")
+            return try dnnl(g, .bf16, layouts).forward(output: output, input: nil, inputBF16: inputBF16, weight: weight)
+        }
+        guard var input else { preconditionFailure("\(g) forward without an input") }
+        var (weight, workspace) = (weight, workspace)
         if precision == .bf16 {
             if nativeBF16 { return try dnnl(g, .bf16, layouts).forward(output: output, input: input, weight: weight) }
             precondition(layouts == Layouts(), "\(g): the bf16 emulation runs on NCHW activations only")
@@ -458,12 +505,22 @@ public final class Convolution {
     }
 
     /// As `Conv2d.backward` (accumulating; the input gradient overwritten where `accumulateInput` is
-    /// false); in bf16 the output gradient is rounded to bf16 too.
-    public func backward(gradInput: UnsafeMutablePointer<Float>?, gradWeight: UnsafeMutablePointer<Float>, gradOutput: UnsafePointer<Float>,
-                         input: UnsafePointer<Float>, weight: UnsafePointer<Float>, geometry g: Conv2dGeometry,
+    /// false); in bf16 the output gradient is rounded to bf16 too. `gradOutputBF16` / `inputBF16`: bf16
+    /// bits instead of the floats, where `takesBF16` for that side's layout.
+    public func backward(gradInput: UnsafeMutablePointer<Float>?, gradWeight: UnsafeMutablePointer<Float>, gradOutput: UnsafePointer<Float>?,
+                         gradOutputBF16: UnsafePointer<UInt16>? = nil, input: UnsafePointer<Float>?, inputBF16: UnsafePointer<UInt16>? = nil,
+                         weight: UnsafePointer<Float>, geometry g: Conv2dGeometry,
                          workspace: UnsafeMutablePointer<Float>?, precision: Precision = .fp32, layouts: Layouts = Layouts(),
                          accumulateInput: Bool = true) throws {
-        var (gradOutput, input, weight, workspace) = (gradOutput, input, weight, workspace)
+        if gradOutputBF16 != nil || inputBF16 != nil {
+            precondition((gradOutputBF16 == nil || takesBF16(precision, layouts.output)) && (inputBF16 == nil || takesBF16(precision, layouts.input)),
+                         "\(g): bf16 activations without oneDNN's bf16 kernels on them")
+            return try dnnl(g, .bf16, layouts).backward(gradInput: gradInput, gradWeight: gradWeight, gradBias: nil, gradOutput: gradOutput,
+                                                          gradOutputBF16: gradOutputBF16, input: input, inputBF16: inputBF16, weight: weight,
+                                                          accumulateInput: accumulateInput)
+        }
+        guard var gradOutput, var input else { preconditionFailure("\(g) backward without its float operands") }
+        var (weight, workspace) = (weight, workspace)
         if precision == .bf16 {
             if nativeBF16 {
                 return try dnnl(g, .bf16, layouts).backward(gradInput: gradInput, gradWeight: gradWeight, gradBias: nil, gradOutput: gradOutput,

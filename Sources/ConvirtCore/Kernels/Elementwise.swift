@@ -62,9 +62,14 @@ public enum Residual {
         Parallel.chunks(count) { r in for i in r { output[i] = a[i] + b[i] } }
     }
 
-    /// output = max(a + b, 0), a residual block's sum and final ReLU in one pass; output may alias either input.
-    public static func forwardReLU(output: UnsafeMutablePointer<Float>, _ a: UnsafePointer<Float>, _ b: UnsafePointer<Float>, count: Int) {
-        Parallel.chunks(count) { r in for i in r { output[i] = max(a[i] + b[i], 0) } }
+    /// output = max(a + b, 0), a residual block's sum and final ReLU in one pass; output may alias either
+    /// input. `outputBF16` (where given) takes the output's bf16 bits too (`BF16.bits`), for the
+    /// convolutions that read it in bf16. (`ck_residual_relu`, 16 lanes.)
+    public static func forwardReLU(output: UnsafeMutablePointer<Float>, outputBF16: UnsafeMutablePointer<UInt16>? = nil, _ a: UnsafePointer<Float>,
+                                   _ b: UnsafePointer<Float>, count: Int) {
+        Parallel.chunks(count) { r in
+            ck_residual_relu(output + r.lowerBound, outputBF16.map { $0 + r.lowerBound }, a + r.lowerBound, b + r.lowerBound, r.count)
+        }
     }
 
     /// The backward of `forwardReLU` in one pass: g = gradOutput where output > 0 (else 0); gradBranch = g;
@@ -72,19 +77,8 @@ public enum Residual {
     public static func backwardReLU(gradBranch: UnsafeMutablePointer<Float>, gradIdentity: UnsafeMutablePointer<Float>, accumulateIdentity: Bool,
                                     gradOutput: UnsafePointer<Float>, output: UnsafePointer<Float>, count: Int) {
         Parallel.chunks(count) { r in
-            if accumulateIdentity {
-                for i in r {
-                    let d = gradOutput[i], g = output[i] > 0 ? d : 0
-                    gradBranch[i] = g
-                    gradIdentity[i] += g
-                }
-            } else {
-                for i in r {
-                    let d = gradOutput[i], g = output[i] > 0 ? d : 0
-                    gradBranch[i] = g
-                    gradIdentity[i] = g
-                }
-            }
+            let i = r.lowerBound
+            ck_residual_relu_backward(gradBranch + i, gradIdentity + i, accumulateIdentity ? 1 : 0, gradOutput + i, output + i, r.count)
         }
     }
 

@@ -2,9 +2,10 @@
 // Sapphire Rapids Xeon it chose Cooperlake (3.4x slower sgemm than SkylakeX there) and once Prescott.
 // OPENBLAS_CORETYPE overrides the choice but is read only when the library loads, so convirt decides
 // by the CPU's flags and, when OpenBLAS chose worse, restarts itself (execv, before MPI or any thread
-// starts) with OPENBLAS_CORETYPE set (and OMP_WAIT_POLICY, see `preferredEnvironment`). A value the
+// starts) with OPENBLAS_CORETYPE set (and how OpenMP threads wait, see `waitPolicy`). A value the
 // user or the machine already set is respected.
 
+import CKernels
 import COpenBLAS
 #if canImport(Glibc)
 import Glibc
@@ -61,24 +62,51 @@ public enum BLASCore {
     }
 
     /// What convirt sets before the libraries load, where nobody set it: `OPENBLAS_CORETYPE` when OpenBLAS
-    /// chose a worse core than the CPU supports, and `OMP_WAIT_POLICY=passive`. Debian's oneDNN runs on
-    /// libgomp, and so do our own loops (`Parallel`): one team of N threads per rank. Spinning threads
-    /// (`active`) start the next region sooner, and a rank alone on its cores ran the paper step 3-7%
-    /// faster with them (2-core AMD EPYC, bf16 2.03-2.21 s against 2.29-2.40 s); but they keep their
-    /// cores busy between regions, and with two processes on those 2 cores a step took 12-15 s with
-    /// spinning threads against 4.4-7.2 s with passive ones. So passive, the policy that cannot collapse,
-    /// unless the user sets OMP_WAIT_POLICY (a rank that owns its cores gains with `active`).
-    public static func preferredEnvironment(_ env: [String: String], flags: Set<String>, vendor: String, picked: String) -> [String: String] {
+    /// chose a worse core than the CPU supports, and how OpenMP threads wait (`waitPolicy`).
+    public static func preferredEnvironment(_ env: [String: String], flags: Set<String>, vendor: String, picked: String,
+                                            arguments: [String] = [], cpus: Int = 1) -> [String: String] {
         var changes: [String: String] = [:]
         if env["OPENBLAS_CORETYPE"] == nil, let core = preferred(flags: flags, vendor: vendor, picked: picked) {
             changes["OPENBLAS_CORETYPE"] = core
             changes[chosenMarker] = core
         }
-        if env["OMP_WAIT_POLICY"] == nil {
-            changes["OMP_WAIT_POLICY"] = "passive"
-            changes[waitPolicyMarker] = "passive"
-        }
+        changes.merge(waitPolicy(env, arguments: arguments, cpus: cpus)) { $1 }
         return changes
+    }
+
+    /// How the OpenMP threads wait between parallel regions, where the user set neither OMP_WAIT_POLICY
+    /// nor GOMP_SPINCOUNT. Debian's oneDNN runs on libgomp, and so do our own loops (`Parallel`): one team
+    /// of N threads per rank, and a step starts some 2,000 parallel regions. A passive thread sleeps at
+    /// once and is woken by a futex for the next region: on a 2-core AMD EPYC VM that costs ~85 us a
+    /// region (a C loop of regions: 107 us passive, 21 us spinning 50,000 times first), and the paper
+    /// step in bf16 ran 6% faster spinning (`GOMP_SPINCOUNT=300000`, libgomp's own default: 1.73-2.28 s
+    /// against 1.98-2.37 s, alternated). But spinning threads keep their cores busy between regions:
+    /// with two such processes on those 2 cores, a step took 6.0-6.2 s spinning (20,000 or 300,000
+    /// times) against 4.7 s passive. So a rank spins (300,000 times, then sleeps) where its threads have
+    /// CPUs of their own: it is the only rank on its node (OMPI_COMM_WORLD_LOCAL_SIZE, MPI_LOCALNRANKS),
+    /// or `--threads` times the node's ranks is at most the CPUs it may run on; elsewhere (several ranks,
+    /// threads unknown or too many) its threads wait passively. Two unrelated processes on the same cores
+    /// are not seen: there OMP_WAIT_POLICY=passive is the user's to set.
+    static func waitPolicy(_ env: [String: String], arguments: [String], cpus: Int) -> [String: String] {
+        guard env["OMP_WAIT_POLICY"] == nil, env["GOMP_SPINCOUNT"] == nil else { return [:] }
+        let ranks = (env["OMPI_COMM_WORLD_LOCAL_SIZE"] ?? env["MPI_LOCALNRANKS"]).flatMap { Int($0) } ?? 1
+        let threads = requestedThreads(arguments)
+        if ranks <= 1 || threads.map({ ranks * $0 <= cpus }) == true {
+            return ["GOMP_SPINCOUNT": "\(spinCount)", waitPolicyMarker: "spin"]
+        }
+        return ["OMP_WAIT_POLICY": "passive", waitPolicyMarker: "passive"]
+    }
+
+    /// libgomp's own spin count with no policy set, before a waiting thread sleeps.
+    static let spinCount = 300_000
+
+    /// The value of `--threads N` (or `--threads=N`) on the command line, nil where absent.
+    static func requestedThreads(_ arguments: [String]) -> Int? {
+        for (i, a) in arguments.enumerated() {
+            if a == "--threads", i + 1 < arguments.count { return Int(arguments[i + 1]) }
+            if a.hasPrefix("--threads=") { return Int(a.dropFirst("--threads=".count)) }
+        }
+        return nil
     }
 
     static let waitPolicyMarker = "CONVIRT_OMP_WAIT_POLICY_CHOSEN"
@@ -86,9 +114,18 @@ public enum BLASCore {
     /// How oneDNN's OpenMP threads wait between primitives, and who decided.
     public static var openMPWaitPolicy: String {
         let env = processEnvironment()
-        guard let policy = env["OMP_WAIT_POLICY"] else { return "libgomp's default (spinning)" }
-        return env[waitPolicyMarker] != nil ? "\(policy) (set by convirt)" : "\(policy) (OMP_WAIT_POLICY set by the environment)"
+        switch env[waitPolicyMarker] {
+        case "spin": return "spinning \(env["GOMP_SPINCOUNT"] ?? "?") times, then passive (set by convirt: this rank's threads have their CPUs)"
+        case "passive": return "passive (set by convirt: ranks share this node's CPUs)"
+        default: break
+        }
+        if let policy = env["OMP_WAIT_POLICY"] { return "\(policy) (OMP_WAIT_POLICY set by the environment)" }
+        if let spins = env["GOMP_SPINCOUNT"] { return "spinning \(spins) times (GOMP_SPINCOUNT set by the environment)" }
+        return "libgomp's default (spinning)"
     }
+
+    /// The CPUs this process may run on (its affinity mask), at least 1.
+    static var availableCPUs: Int { ck_available_cpus() }
 
     /// Restarts this process with `preferredEnvironment`'s variables set when it has any (they are read
     /// only when OpenBLAS and libgomp load). Call first thing in main, before MPI or any thread starts;
@@ -98,7 +135,8 @@ public enum BLASCore {
         let env = processEnvironment()
         // CONVIRT_TEST_BLAS_PICKED pretends OpenBLAS chose that core (to test the restart on any CPU).
         guard env[restartMarker] == nil, let cpu else { return }
-        let changes = preferredEnvironment(env, flags: cpu.flags, vendor: cpu.vendor, picked: env["CONVIRT_TEST_BLAS_PICKED"] ?? current)
+        let changes = preferredEnvironment(env, flags: cpu.flags, vendor: cpu.vendor, picked: env["CONVIRT_TEST_BLAS_PICKED"] ?? current,
+                                           arguments: CommandLine.arguments, cpus: availableCPUs)
         guard !changes.isEmpty else { return }
         for (name, value) in changes { setenv(name, value, 1) }
         setenv(restartMarker, "1", 1)

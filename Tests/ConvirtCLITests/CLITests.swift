@@ -646,20 +646,30 @@ struct BLASCoreChoiceTests {
         #expect(kept.output.contains("core Prescott (OPENBLAS_CORETYPE set by the environment)"), "\(kept.output)")
     }
 
-    @Test("oneDNN's OpenMP threads wait passively unless OMP_WAIT_POLICY is set, which is respected")
+    @Test("OpenMP threads spin where a rank's threads have their CPUs, wait passively where ranks share them, and keep what the user set")
     func waitPolicy() throws {
-        if ProcessInfo.processInfo.environment["OMP_WAIT_POLICY"] == nil {
-            let chosen = try run(convirtPath(), ["info"])
-            #expect(chosen.status == 0 && chosen.output.contains("OpenMP wait policy passive (set by convirt)"), "\(chosen.output)")
+        let environment = ProcessInfo.processInfo.environment
+        if environment["OMP_WAIT_POLICY"] == nil && environment["GOMP_SPINCOUNT"] == nil {
+            let alone = try run(convirtPath(), ["info"], environment: ["OMPI_COMM_WORLD_LOCAL_SIZE": "1"])
+            #expect(alone.status == 0 && alone.output.contains("OpenMP wait policy spinning 300000 times, then passive (set by convirt"), "\(alone.output)")
+            let shared = try run(convirtPath(), ["info"], environment: ["OMPI_COMM_WORLD_LOCAL_SIZE": "64"])
+            #expect(shared.status == 0 && shared.output.contains("OpenMP wait policy passive (set by convirt"), "\(shared.output)")
         }
         let kept = try run(convirtPath(), ["info"], environment: ["OMP_WAIT_POLICY": "active"])
         #expect(kept.output.contains("OpenMP wait policy active (OMP_WAIT_POLICY set by the environment)"), "\(kept.output)")
         // The choice itself: only variables nobody set, and the OpenBLAS core only where OpenBLAS chose worse.
         let flags: Set<String> = ["avx2", "fma"]
-        #expect(BLASCore.preferredEnvironment([:], flags: flags, vendor: "GenuineIntel", picked: "Haswell")["OMP_WAIT_POLICY"] == "passive")
-        #expect(BLASCore.preferredEnvironment([:], flags: flags, vendor: "GenuineIntel", picked: "Haswell")["OPENBLAS_CORETYPE"] == nil)
-        #expect(BLASCore.preferredEnvironment([:], flags: flags, vendor: "GenuineIntel", picked: "Prescott")["OPENBLAS_CORETYPE"] == "Haswell")
-        #expect(BLASCore.preferredEnvironment(["OMP_WAIT_POLICY": "active", "OPENBLAS_CORETYPE": "Prescott"], flags: flags, vendor: "GenuineIntel",
-                                              picked: "Prescott").isEmpty)
+        func chosen(_ env: [String: String] = [:], picked: String = "Haswell", _ arguments: [String] = [], cpus: Int = 2) -> [String: String] {
+            BLASCore.preferredEnvironment(env, flags: flags, vendor: "GenuineIntel", picked: picked, arguments: arguments, cpus: cpus)
+        }
+        #expect(chosen()["GOMP_SPINCOUNT"] == "300000" && chosen()["OMP_WAIT_POLICY"] == nil, "one rank alone spins")
+        #expect(chosen(["OMPI_COMM_WORLD_LOCAL_SIZE": "2"])["OMP_WAIT_POLICY"] == "passive", "ranks sharing a node, threads unknown")
+        #expect(chosen(["OMPI_COMM_WORLD_LOCAL_SIZE": "2"], ["convirt", "train", "--threads", "2"], cpus: 2)["OMP_WAIT_POLICY"] == "passive")
+        #expect(chosen(["OMPI_COMM_WORLD_LOCAL_SIZE": "2"], ["convirt", "train", "--threads=4"], cpus: 8)["GOMP_SPINCOUNT"] == "300000")
+        #expect(chosen(["MPI_LOCALNRANKS": "4"], ["convirt", "train", "--threads", "1"], cpus: 4)["GOMP_SPINCOUNT"] == "300000")
+        #expect(chosen(["GOMP_SPINCOUNT": "10"])["OMP_WAIT_POLICY"] == nil && chosen(["GOMP_SPINCOUNT": "10"])["GOMP_SPINCOUNT"] == nil)
+        #expect(chosen()["OPENBLAS_CORETYPE"] == nil)
+        #expect(chosen(picked: "Prescott")["OPENBLAS_CORETYPE"] == "Haswell")
+        #expect(chosen(["OMP_WAIT_POLICY": "active", "OPENBLAS_CORETYPE": "Prescott"], picked: "Prescott").isEmpty)
     }
 }

@@ -52,3 +52,6 @@ void ck_maxpool_rows(float *y, int32_t *idx, const float *x, long height, long w
                      long stride, long padding, long first_row, long last_row);
 void ck_layernorm_rows(float *y, float *mean, float *inv_std, const float *x, const float *gamma, const float *beta, long rows,
                        long features, float eps);
+
+// The CPUs this process may run on (its affinity mask; 1 where unreadable).
+long ck_available_cpus(void);

@@ -214,9 +214,9 @@ static inline __attribute__((always_inline)) void ck_philox_blocks(uint32_t *res
     }
 }
 
-// The dropout pass over [start, end), both directions (`backward` a constant in each caller, so each
-// clone compiles two loops without the branch): forward out = keep ? in * scale : 0; backward
-// out += in * scale where kept.
+// The dropout pass over the stream's elements [start, end), out and in pointing at element start, both
+// directions (`backward` a constant in each caller, so each clone compiles two loops without the
+// branch): forward out = keep ? in * scale : 0; backward out += in * scale where kept.
 static inline __attribute__((always_inline)) void ck_dropout(float *out, const float *in, long start, long end, uint64_t seed,
                                                               uint64_t stream, uint32_t limit, float scale, int backward) {
     uint32_t draws[4 * CK_PHILOX_BLOCKS];
@@ -225,20 +225,21 @@ static inline __attribute__((always_inline)) void ck_dropout(float *out, const f
         const long base = block * 4, lo = base > start ? base : start;
         const long hi = base + 4 * CK_PHILOX_BLOCKS < end ? base + 4 * CK_PHILOX_BLOCKS : end;
         for (long i = lo; i < hi; i++) {
-            const float kept = backward ? out[i] + in[i] * scale : in[i] * scale, dropped = backward ? out[i] : 0.0f;
-            out[i] = draws[i - base] >= limit ? kept : dropped;
+            const long o = i - start;
+            const float kept = backward ? out[o] + in[o] * scale : in[o] * scale, dropped = backward ? out[o] : 0.0f;
+            out[o] = draws[i - base] >= limit ? kept : dropped;
         }
     }
 }
 
 CK_CLONES void ck_dropout_forward(float *out, const float *in, long start, long end, uint64_t seed, uint64_t stream, uint32_t limit,
                                   float scale) {
-    ck_dropout(out, in, start, end, seed, stream, limit, scale, 0);
+    ck_dropout(out + start, in + start, start, end, seed, stream, limit, scale, 0);
 }
 
 CK_CLONES void ck_dropout_backward(float *dx, const float *dy, long start, long end, uint64_t seed, uint64_t stream, uint32_t limit,
                                    float scale) {
-    ck_dropout(dx, dy, start, end, seed, stream, limit, scale, 1);
+    ck_dropout(dx + start, dy + start, start, end, seed, stream, limit, scale, 1);
 }
 
 // BatchNorm over rows of channels (NHWC, nChw16c: `LaneLayout` in ChannelsLast.swift). Each kernel walks
@@ -446,28 +447,76 @@ CK_CLONES void ck_maxpool_rows(float *restrict y, int32_t *restrict idx, const f
 
 // LayerNorm forward over rows x features: mean and variance (biased) of each row summed in 16 float
 // lanes, y = (x - mean) * inv_std * gamma + beta; mean and inv_std kept per row.
+// One row of LayerNorm: the mean and the biased variance each summed in 16 lanes.
+static inline __attribute__((always_inline)) void ck_layernorm_row(float *restrict yr, float *restrict mean, float *restrict inv_std,
+                                                                    const float *restrict xr, const float *restrict gamma,
+                                                                    const float *restrict beta, long features, float eps) {
+    const float n = (float)features;
+    ck_v16 lanes = {0};
+    long i = 0;
+    for (; i + CK_LANES <= features; i += CK_LANES) lanes += ck_load(xr + i);
+    for (int l = 0; i < features; i++, l++) lanes[l] += xr[i];
+    float s;
+    ck_lane_total(lanes, s);
+    const float m = s / n;
+    ck_v16 squares = {0};
+    i = 0;
+    for (; i + CK_LANES <= features; i += CK_LANES) { const ck_v16 d = ck_load(xr + i) - m; squares += d * d; }
+    for (int l = 0; i < features; i++, l++) { const float d = xr[i] - m; squares[l] += d * d; }
+    float v;
+    ck_lane_total(squares, v);
+    const float rstd = 1.0f / __builtin_sqrtf(v / n + eps);
+    *mean = m;
+    *inv_std = rstd;
+    for (long k = 0; k < features; k++) yr[k] = (xr[k] - m) * rstd * gamma[k] + beta[k];
+}
+
 CK_CLONES void ck_layernorm_rows(float *restrict y, float *restrict mean, float *restrict inv_std, const float *restrict x,
                                  const float *restrict gamma, const float *restrict beta, long rows, long features, float eps) {
-    const float n = (float)features;
     for (long r = 0; r < rows; r++) {
-        const float *restrict xr = x + r * features;
+        ck_layernorm_row(y + r * features, mean + r, inv_std + r, x + r * features, gamma, beta, features, eps);
+    }
+}
+
+CK_CLONES void ck_residual_layernorm_rows(float *restrict sum, float *restrict y, uint16_t *restrict y16, float *restrict mean,
+                                          float *restrict inv_std, const float *restrict dense, const float *restrict residual,
+                                          const float *restrict gamma, const float *restrict beta, long rows, long features, float eps,
+                                          int dropout, long first, uint64_t seed, uint64_t stream, uint32_t limit, float scale) {
+    for (long r = 0; r < rows; r++) {
+        float *restrict s = sum + r * features;
+        const float *restrict d = dense + r * features, *restrict x = residual + r * features;
+        if (dropout) {
+            const long start = first + r * features;
+            ck_dropout(s, d, start, start + features, seed, stream, limit, scale, 0);
+            for (long i = 0; i < features; i++) s[i] = s[i] + x[i];
+        } else {
+            for (long i = 0; i < features; i++) s[i] = d[i] + x[i];
+        }
         float *restrict yr = y + r * features;
-        ck_v16 lanes = {0};
-        long i = 0;
-        for (; i + CK_LANES <= features; i += CK_LANES) lanes += ck_load(xr + i);
-        for (int l = 0; i < features; i++, l++) lanes[l] += xr[i];
-        float s;
-        ck_lane_total(lanes, s);
-        const float m = s / n;
-        ck_v16 squares = {0};
-        i = 0;
-        for (; i + CK_LANES <= features; i += CK_LANES) { const ck_v16 d = ck_load(xr + i) - m; squares += d * d; }
-        for (int l = 0; i < features; i++, l++) { const float d = xr[i] - m; squares[l] += d * d; }
-        float v;
-        ck_lane_total(squares, v);
-        const float rstd = 1.0f / __builtin_sqrtf(v / n + eps);
-        mean[r] = m;
-        inv_std[r] = rstd;
-        for (long k = 0; k < features; k++) yr[k] = (xr[k] - m) * rstd * gamma[k] + beta[k];
+        ck_layernorm_row(yr, mean + r, inv_std + r, s, gamma, beta, features, eps);
+        if (y16) {
+            uint16_t *restrict hr = y16 + r * features;
+            long i = 0;
+            for (; i + CK_LANES <= features; i += CK_LANES) ck_store_bf16(hr + i, ck_load(yr + i));
+            for (; i < features; i++) hr[i] = ck_bf16_of(yr[i]);
+        }
+    }
+}
+
+CK_CLONES void ck_gelu_forward_bf16(uint16_t *restrict y16, const float *restrict x, long count) {
+    long i = 0;
+    for (; i + CK_LANES <= count; i += CK_LANES) {
+        float y[CK_LANES];
+        for (int l = 0; l < CK_LANES; l++) {
+            float cdf, density;
+            ck_normal(x[i + l], &cdf, &density);
+            y[l] = x[i + l] * cdf;
+        }
+        ck_store_bf16(y16 + i, ck_load(y));
+    }
+    for (; i < count; i++) {
+        float cdf, density;
+        ck_normal(x[i], &cdf, &density);
+        y16[i] = ck_bf16_of(x[i] * cdf);
     }
 }

@@ -148,6 +148,16 @@ struct LayerNormLayer {
                           beta: arena.params + bias.offset, rows: rows, features: features, eps: eps)
     }
 
+    /// output = LN(dropout(dense) + residual), the sum kept in `sum` (`LayerNorm.forwardResidual`).
+    func forwardResidual(_ arena: ParameterArena, sum: UnsafeMutablePointer<Float>, output: UnsafeMutablePointer<Float>,
+                         outputBF16: UnsafeMutablePointer<UInt16>?, mean: UnsafeMutablePointer<Float>, invStd: UnsafeMutablePointer<Float>,
+                         dense: UnsafePointer<Float>, residual: UnsafePointer<Float>, rows: Int,
+                         dropout: (probability: Float, streams: [RandomStream], tokens: Int)?) {
+        LayerNorm.forwardResidual(sum: sum, output: output, outputBF16: outputBF16, mean: mean, invStd: invStd, dense: dense, residual: residual,
+                                  gamma: arena.params + weight.offset, beta: arena.params + bias.offset, rows: rows, features: features, eps: eps,
+                                  dropout: dropout)
+    }
+
     func backward(_ arena: ParameterArena, gradInput: UnsafeMutablePointer<Float>, gradOutput: UnsafePointer<Float>, input: UnsafePointer<Float>,
                   mean: UnsafePointer<Float>, invStd: UnsafePointer<Float>, rows: Int) {
         let trainable = weight.kind == .trainable
@@ -183,14 +193,19 @@ final class LayerGradientScratch {
     let gradOutputBF16 = BF16Operand()
     /// Frozen layers' weights in bf16 (converted at every use: nothing reads them again).
     let frozenWeightBF16 = BF16Operand()
+    /// Frozen layers' bf16 inputs of the intermediate and output layers (written by the layer before,
+    /// read by the one product).
+    let frozenHiddenBF16 = BF16Operand(), frozenActivatedBF16 = BF16Operand()
 }
 
 /// The bf16 copies of an encoder layer's six linear layers (`Linear.Copies`): query, key and value share
-/// one copy of their common input. A frozen layer (never differentiated) keeps only that one: its
-/// weights and its other inputs are read once.
+/// one copy of their common input. A frozen layer (never differentiated) keeps only that one, and shares
+/// with the other frozen layers the rooms where the layers before its intermediate and output products
+/// write those products' bf16 inputs: its weights and its other inputs are read once.
 struct EncoderCopies {
     let query, key, value: Linear.Copies
-    let attentionOutput, intermediate, output: Linear.Copies?
+    let attentionOutput: Linear.Copies?
+    let intermediate, output: Linear.Copies
 
     init(frozen: Bool, scratch: LayerGradientScratch) {
         let dy = scratch.gradOutputBF16, x = BF16Operand()
@@ -198,8 +213,10 @@ struct EncoderCopies {
         query = Linear.Copies(input: x, weight: weight(), gradOutput: dy)
         key = Linear.Copies(input: x, weight: weight(), gradOutput: dy, reuseInput: true)
         value = Linear.Copies(input: x, weight: weight(), gradOutput: dy, reuseInput: true)
-        func own() -> Linear.Copies? { frozen ? nil : Linear.Copies(input: BF16Operand(), weight: BF16Operand(), gradOutput: dy) }
-        attentionOutput = own(); intermediate = own(); output = own()
+        func own() -> Linear.Copies { Linear.Copies(input: BF16Operand(), weight: BF16Operand(), gradOutput: dy) }
+        attentionOutput = frozen ? nil : own()
+        intermediate = frozen ? Linear.Copies(input: scratch.frozenHiddenBF16, weight: scratch.frozenWeightBF16, gradOutput: dy) : own()
+        output = frozen ? Linear.Copies(input: scratch.frozenActivatedBF16, weight: scratch.frozenWeightBF16, gradOutput: dy) : own()
     }
 
 }
@@ -280,12 +297,18 @@ final class EncoderLayer {
         }
     }
 
+    /// `inputCopied`: the layer before wrote the input's bf16 bits into this layer's query copy
+    /// (`nextInput` of its forward). `nextInput`: where the next layer reads this layer's output in bf16,
+    /// written here (on oneDNN's bf16 kernels).
     func forward(_ arena: ParameterArena, input x: UnsafePointer<Float>, mask: UnsafePointer<Int32>, geometry g: AttentionGeometry,
-                 config c: BertConfig, context ctx: PassContext) {
+                 config c: BertConfig, context ctx: PassContext, inputCopied: Bool = false, nextInput: BF16Operand? = nil) {
         let rows = g.batch * g.tokens, h = c.hiddenSize, inter = c.intermediateSize
         let site = UInt64(index + 1) << 8
+        // On oneDNN's bf16 kernels the layers before the intermediate and output products and the next
+        // layer's write those products' bf16 inputs themselves.
+        let copying = Self.writesCopies(ctx)
         let qp = q.ensure(rows * h), kp = k.ensure(rows * h), vp = v.ensure(rows * h)
-        query.forward(arena, output: qp, input: x, rows: rows, precision: ctx.precision, copies: copies.query)
+        query.forward(arena, output: qp, input: x, rows: rows, precision: ctx.precision, copies: copies.query.reusingInput(copying && inputCopied))
         key.forward(arena, output: kp, input: x, rows: rows, precision: ctx.precision, copies: copies.key)
         value.forward(arena, output: vp, input: x, rows: rows, precision: ctx.precision, copies: copies.value)
         let attentionDropout = ctx.training ? Float(c.attentionProbsDropoutProb) : 0
@@ -298,20 +321,38 @@ final class EncoderLayer {
         let dense = attentionDense.ensure(rows * h)
         attentionOutput.forward(arena, output: dense, input: context.pointer, rows: rows, precision: ctx.precision, copies: copies.attentionOutput)
         let hiddenDropout = Float(c.hiddenDropoutProb)
-        Self.dropout(dense, batch: g.batch, perSample: g.tokens * h, probability: hiddenDropout, site: site | 2, context: ctx)
-        let s1 = sum1.ensure(rows * h)
-        Residual.forward(output: s1, dense, x, count: rows * h)
-        attentionNorm.forward(arena, output: hidden1.ensure(rows * h), mean: mean1.ensure(rows), invStd: invStd1.ensure(rows), input: s1, rows: rows)
+        let h1 = hidden1.ensure(rows * h)
+        attentionNorm.forwardResidual(arena, sum: sum1.ensure(rows * h), output: h1,
+                                      outputBF16: copying ? copies.intermediate.input.room(holding: h1, rows: rows, columns: h) : nil,
+                                      mean: mean1.ensure(rows), invStd: invStd1.ensure(rows), dense: dense, residual: x, rows: rows,
+                                      dropout: Self.dropout(hiddenDropout, site: site | 2, geometry: g, context: ctx))
         let i1 = inner.ensure(rows * inter), a1 = activated.ensure(rows * inter)
-        intermediate.forward(arena, output: i1, input: hidden1.pointer, rows: rows, precision: ctx.precision, copies: copies.intermediate)
-        GELU.forward(output: a1, input: i1, count: rows * inter)
+        intermediate.forward(arena, output: i1, input: h1, rows: rows, precision: ctx.precision, copies: copies.intermediate.reusingInput(copying))
+        // In bf16 on oneDNN, GELU's floats are read by nothing (its backward reads its input): only their bits.
+        if copying {
+            GELU.forwardBF16(output: copies.output.input.room(holding: a1, rows: rows, columns: inter), input: i1, count: rows * inter)
+        } else {
+            GELU.forward(output: a1, input: i1, count: rows * inter)
+        }
         let o = outputDense.ensure(rows * h)
-        output.forward(arena, output: o, input: a1, rows: rows, precision: ctx.precision, copies: copies.output)
-        Self.dropout(o, batch: g.batch, perSample: g.tokens * h, probability: hiddenDropout, site: site | 3, context: ctx)
-        let s2 = sum2.ensure(rows * h)
-        Residual.forward(output: s2, o, hidden1.pointer, count: rows * h)
-        outputNorm.forward(arena, output: hidden2.ensure(rows * h), mean: mean2.ensure(rows), invStd: invStd2.ensure(rows), input: s2, rows: rows)
+        output.forward(arena, output: o, input: a1, rows: rows, precision: ctx.precision, copies: copies.output.reusingInput(copying))
+        let h2 = hidden2.ensure(rows * h)
+        outputNorm.forwardResidual(arena, sum: sum2.ensure(rows * h), output: h2,
+                                   outputBF16: copying ? nextInput?.room(holding: h2, rows: rows, columns: h) : nil,
+                                   mean: mean2.ensure(rows), invStd: invStd2.ensure(rows), dense: o, residual: h1, rows: rows,
+                                   dropout: Self.dropout(hiddenDropout, site: site | 3, geometry: g, context: ctx))
         if !frozen { gradOutput.zeroed(rows * h) }
+    }
+
+    /// Whether a pass writes the bf16 inputs of the linear layers where they are computed: bf16 on
+    /// oneDNN's kernels (the products that read those copies; elsewhere bf16 rounds the floats).
+    static func writesCopies(_ context: PassContext) -> Bool { context.precision == .bf16 && BF16.native }
+
+    /// Hidden dropout's probability and per-sample streams for `LayerNorm.forwardResidual`, nil where it drops nothing.
+    static func dropout(_ probability: Float, site: UInt64, geometry g: AttentionGeometry, context: PassContext)
+        -> (probability: Float, streams: [RandomStream], tokens: Int)? {
+        guard probability > 0 && context.training else { return nil }
+        return (probability, (0..<g.batch).map { context.stream(sample: $0, site: site) }, g.tokens)
     }
 
     /// Consumes gradOutput ([rows, H]); accumulates into gradInput and the layer's parameter gradients.
@@ -442,8 +483,10 @@ public final class BERT {
         embeddingNorm.forward(arena, output: out, mean: embeddingMean.ensure(rows), invStd: embeddingInvStd.ensure(rows), input: e, rows: rows)
         EncoderLayer.dropout(out, batch: batch, perSample: tokens * h, probability: Float(config.hiddenDropoutProb), site: 1, context: context)
         var x = UnsafePointer(out)
-        for layer in layers {
-            layer.forward(arena, input: x, mask: mp, geometry: g, config: config, context: context)
+        for (i, layer) in layers.enumerated() {
+            // Each layer writes the next one's bf16 input (`EncoderLayer.writesCopies`).
+            layer.forward(arena, input: x, mask: mp, geometry: g, config: config, context: context, inputCopied: i > 0,
+                          nextInput: i + 1 < layers.count ? layers[i + 1].copies.query.input : nil)
             x = UnsafePointer(layer.hidden2.pointer)
         }
         if needsEmbeddingGradient { gradEmbeddingOutput.zeroed(rows * h) }

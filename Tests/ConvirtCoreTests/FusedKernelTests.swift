@@ -76,6 +76,41 @@ struct FusedKernelTests {
         var bits = [UInt16](repeating: 0, count: n)
         BF16.convertBlock(&bits, xs, rows: 1, columns: n, ld: n, parallel: false)
         #expect(bits.elementsEqual(xs.lazy.map { BF16.bits($0) }), "bf16 bits")
+        // GELU's bf16 bits alone: those of its floats (NaN inputs included: a NaN's bits stay a quiet NaN).
+        GELU.forward(output: &fast, input: xs, count: n)
+        GELU.forwardBF16(output: &bits, input: xs, count: n)
+        #expect(bits.elementsEqual(fast.lazy.map { BF16.bits($0) }), "GELU's bf16 bits")
+    }
+
+    // BERT's residual ends: dropout(dense) + residual, LayerNorm, and the bf16 copy the next product reads.
+    @Test("a transformer's fused dropout, residual sum, LayerNorm and bf16 copy equal the three layers in turn, bit for bit",
+          arguments: [(3, 5, 768), (2, 7, 37), (1, 1, 16)])
+    func residualLayerNorm(batch: Int, tokens: Int, features: Int) {
+        let rows = batch * tokens, count = rows * features
+        let dense = randomFloats(count, seed: 60, scale: 3), residual = randomFloats(count, seed: 61)
+        let gamma = randomFloats(features, seed: 62), beta = randomFloats(features, seed: 63)
+        let streams = (0..<batch).map { RandomStream(seed: 64, UInt64($0), 9) }
+        for p in [Float(0), 0.1, 0.5] {
+            var dropped = dense
+            if p > 0 {
+                for b in 0..<batch {
+                    dropped.withUnsafeMutableBufferPointer {
+                        let x = $0.baseAddress! + b * tokens * features
+                        Dropout.forward(output: x, input: x, count: tokens * features, probability: p, stream: streams[b])
+                    }
+                }
+            }
+            var sum = [Float](repeating: 0, count: count), y = sum, mean = [Float](repeating: 0, count: rows), invStd = mean
+            Residual.forward(output: &sum, dropped, residual, count: count)
+            LayerNorm.forward(output: &y, mean: &mean, invStd: &invStd, input: sum, gamma: gamma, beta: beta, rows: rows, features: features)
+            var fusedSum = [Float](repeating: .nan, count: count), fusedY = fusedSum, bits = [UInt16](repeating: 1, count: count)
+            var fusedMean = [Float](repeating: .nan, count: rows), fusedInvStd = fusedMean
+            LayerNorm.forwardResidual(sum: &fusedSum, output: &fusedY, outputBF16: &bits, mean: &fusedMean, invStd: &fusedInvStd, dense: dense,
+                                      residual: residual, gamma: gamma, beta: beta, rows: rows, features: features,
+                                      dropout: p > 0 ? (p, streams, tokens) : nil)
+            #expect(fusedSum == sum && fusedY == y && fusedMean == mean && fusedInvStd == invStd, "p \(p)")
+            #expect(bits == y.map(BF16.bits), "bf16 copy, p \(p)")
+        }
     }
 
     @Test("BatchNorm with a fused ReLU equals BatchNorm then ReLU, forward and backward (training and evaluation)",

@@ -52,6 +52,14 @@ void ck_maxpool_rows(float *y, int32_t *idx, const float *x, long height, long w
                      long stride, long padding, long first_row, long last_row);
 void ck_layernorm_rows(float *y, float *mean, float *inv_std, const float *x, const float *gamma, const float *beta, long rows,
                        long features, float eps);
+// A post-LN transformer's residual end over `rows` rows of one sample: sum = dropout(dense) + residual
+// (dropout, where `dropout`, as ck_dropout_forward over the sample stream's elements from `first`), y =
+// LayerNorm(sum) as ck_layernorm_rows, and y's bf16 bits into y16 where given. sum, dense: distinct.
+void ck_residual_layernorm_rows(float *sum, float *y, uint16_t *y16, float *mean, float *inv_std, const float *dense, const float *residual,
+                                const float *gamma, const float *beta, long rows, long features, float eps, int dropout, long first,
+                                uint64_t seed, uint64_t stream, uint32_t limit, float scale);
+// The bf16 bits of ck_gelu_forward's outputs.
+void ck_gelu_forward_bf16(uint16_t *y16, const float *x, long count);
 
 // The CPUs this process may run on (its affinity mask; 1 where unreadable).
 long ck_available_cpus(void);

@@ -14,6 +14,10 @@ public enum Linear {
         public init(input: BF16Operand, weight: BF16Operand, gradOutput: BF16Operand, reuseInput: Bool = false) {
             self.input = input; self.weight = weight; self.gradOutput = gradOutput; self.reuseInput = reuseInput
         }
+        /// These copies, the input's taken as it is where `reuse` (the layer before wrote it: `BF16Operand.room`).
+        public func reusingInput(_ reuse: Bool) -> Copies {
+            Copies(input: input, weight: weight, gradOutput: gradOutput, reuseInput: reuseInput || reuse)
+        }
     }
 
     /// output[r, o] = sum_i input[r, i] * weight[o, i] + bias[o]  (torch.nn.Linear's weight layout)
@@ -74,6 +78,35 @@ public enum LayerNorm {
         Parallel.chunks(rows, cost: 4 * features) { range in
             let r = range.lowerBound
             ck_layernorm_rows(output + r * features, mean + r, invStd + r, input + r * features, gamma, beta, range.count, features, eps)
+        }
+    }
+
+    /// A post-LN transformer's residual end in one pass over each row: sum = dropout(dense) + residual,
+    /// output = LayerNorm(sum) (mean and invStd kept as `forward` keeps them), and output's bf16 bits
+    /// into `outputBF16` where given (for the linear layer that reads it on oneDNN's bf16 kernels). The
+    /// same bits as `Dropout.forward` on dense (in place), `Residual.forward` and `forward` in turn, with
+    /// two fewer passes over memory. `dropout`: the probability and each sample's stream (rows are
+    /// `tokens` per sample), nil for none. sum, dense: [rows, features], distinct.
+    public static func forwardResidual(sum: UnsafeMutablePointer<Float>, output: UnsafeMutablePointer<Float>, outputBF16: UnsafeMutablePointer<UInt16>?,
+                                       mean: UnsafeMutablePointer<Float>, invStd: UnsafeMutablePointer<Float>, dense: UnsafePointer<Float>,
+                                       residual: UnsafePointer<Float>, gamma: UnsafePointer<Float>, beta: UnsafePointer<Float>, rows: Int,
+                                       features: Int, eps: Float = 1e-12,
+                                       dropout: (probability: Float, streams: [RandomStream], tokens: Int)? = nil) {
+        let p = dropout?.probability ?? 0
+        precondition(p >= 0 && p < 1, "dropout probability must be in [0, 1)")
+        let scale = p > 0 ? 1 / (1 - p) : 1, limit = Dropout.threshold(p)
+        Parallel.chunks(rows, cost: 8 * features) { range in
+            var r = range.lowerBound
+            while r < range.upperBound {
+                // Rows of one sample at a time (one dropout stream).
+                let tokens = dropout?.tokens ?? rows, sample = r / tokens, end = min(range.upperBound, (sample + 1) * tokens)
+                let stream = p > 0 ? dropout!.streams[sample] : RandomStream(seed: 0)
+                let o = r * features
+                ck_residual_layernorm_rows(sum + o, output + o, outputBF16.map { $0 + o }, mean + r, invStd + r, dense + o, residual + o, gamma, beta,
+                                           end - r, features, eps, p > 0 ? 1 : 0, (r - sample * tokens) * features, stream.seed, stream.streamID,
+                                           limit, scale)
+                r = end
+            }
         }
     }
 

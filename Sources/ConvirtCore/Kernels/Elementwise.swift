@@ -28,6 +28,12 @@ public enum GELU {
         Parallel.chunks(count, cost: 20) { r in ck_gelu_forward(output + r.lowerBound, input + r.lowerBound, r.count) }
     }
 
+    /// The bf16 bits of `forward`'s outputs only (for the linear layer after it on oneDNN's bf16
+    /// kernels, where nothing else reads the floats: GELU's backward reads its input).
+    public static func forwardBF16(output: UnsafeMutablePointer<UInt16>, input: UnsafePointer<Float>, count: Int) {
+        Parallel.chunks(count, cost: 20) { r in ck_gelu_forward_bf16(output + r.lowerBound, input + r.lowerBound, r.count) }
+    }
+
     /// `forward` as a plain Swift loop (the oracle of the C kernel's bits).
     public static func forwardReference(output: UnsafeMutablePointer<Float>, input: UnsafePointer<Float>, count: Int) {
         for i in 0..<count {

@@ -63,8 +63,16 @@ public func gemm(
     }
     let base = scratch.ensure(bytes: 4 * (m * k + k * n) + 128).bindMemory(to: Float.self, capacity: m * k + k * n + 32)
     let aRounded = base, bRounded = base + (m * k + 15) / 16 * 16
-    BF16.roundBlock(aRounded, a, rows: aRows, columns: aColumns, ld: lda, parallel: parallel)
-    BF16.roundBlock(bRounded, b, rows: bRows, columns: bColumns, ld: ldb, parallel: parallel)
+    // An operand whose layer wrote only its bf16 bits (`BF16Operand.room`) is rounded from those.
+    func round(_ dst: UnsafeMutablePointer<Float>, _ x: UnsafePointer<Float>, _ use: BF16Operand.Use?, _ rows: Int, _ columns: Int, _ ld: Int) {
+        if let use, use.reuse, let bits = use.operand.heldBits(of: x, rows: rows, columns: columns, ld: ld) {
+            for i in 0..<rows * columns { dst[i] = Float(bitPattern: UInt32(bits[i]) << 16) }
+        } else {
+            BF16.roundBlock(dst, x, rows: rows, columns: columns, ld: ld, parallel: parallel)
+        }
+    }
+    round(aRounded, a, onDNNL ? copies.a : nil, aRows, aColumns, lda)
+    round(bRounded, b, onDNNL ? copies.b : nil, bRows, bColumns, ldb)
     sgemm(transposeA: transposeA, transposeB: transposeB, m: m, n: n, k: k, alpha: alpha, a: aRounded, lda: aColumns,
           b: bRounded, ldb: bColumns, beta: beta, c: c, ldc: ldc, parallel: parallel)
 }
@@ -100,6 +108,26 @@ public final class BF16Operand {
         BF16.convertBlock(storage, source, rows: rows, columns: columns, ld: ld, parallel: true)
         held = (source, rows, columns, ld)
         return UnsafePointer(storage)
+    }
+
+    /// The bits held for that block, nil where this copy holds another.
+    func heldBits(of source: UnsafePointer<Float>, rows: Int, columns: Int, ld: Int) -> UnsafePointer<UInt16>? {
+        guard let held, held == (source, rows, columns, ld) else { return nil }
+        return UnsafePointer(storage)
+    }
+
+    /// Room for the bf16 bits of the compact block rows x columns of `source`, which the caller writes
+    /// (the layer that computes `source` writing its bits too, e.g. `LayerNorm.forwardResidual`, or
+    /// only its bits where nothing reads the floats): the next product that reuses this copy of that
+    /// block takes them as they are.
+    public func room(holding source: UnsafePointer<Float>, rows: Int, columns: Int) -> UnsafeMutablePointer<UInt16> {
+        if rows * columns > capacity {
+            storage.deallocate()
+            capacity = rows * columns
+            storage = .allocate(capacity: capacity)
+        }
+        held = (source, rows, columns, columns)
+        return storage
     }
 
     /// Bytes held.

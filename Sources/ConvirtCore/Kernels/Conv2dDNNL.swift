@@ -2,8 +2,10 @@
 // precision. Same contract as `Conv2d.forward` / `Conv2d.backward` (OIHW weights; backward accumulates
 // into gradInput, gradWeight and gradBias), with NCHW or NHWC activations: NCHW ones are reordered to
 // and from the layouts oneDNN chooses, NHWC ones it reads and writes as they are (ChannelsLast.swift).
-// In bf16 the inputs of each product are rounded to bf16 by the reorder at its edge and the products
-// accumulate in fp32 (outputs and gradients stay fp32), as PyTorch's CPU autocast does.
+// In bf16 the inputs of each product are rounded to bf16 by the reorder at its edge, or arrive as bf16
+// copies the caller keeps in the primitive's own layout (`takesBF16Input`, `takesBF16GradOutput`: the
+// ResNet's layers write them), and the products accumulate in fp32 (outputs and gradients stay fp32),
+// as PyTorch's CPU autocast does.
 
 import CDNNL
 

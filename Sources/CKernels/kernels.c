@@ -89,6 +89,14 @@ typedef int ck_i16 __attribute__((vector_size(64), aligned(4)));
 // (Macros rather than functions: a function taking or returning ck_v16 would need one ABI per clone.)
 #define ck_load(p) (*(const ck_v16 *)(p))
 #define ck_lane_total(lanes, total) do { float t_ = 0; for (int l_ = 0; l_ < CK_LANES; l_++) t_ += (lanes)[l_]; (total) = t_; } while (0)
+// total = the sum of x[0..<count] in 16 lanes (element i of the whole vectors into lane i % 16, the tail into
+// lanes 0, 1, ...), the lanes then added in order.
+#define ck_row_total(x, count, total) do { \
+    ck_v16 rl_ = {0}; long ri_ = 0; \
+    for (; ri_ + CK_LANES <= (count); ri_ += CK_LANES) rl_ += ck_load((x) + ri_); \
+    for (int l_ = 0; ri_ < (count); ri_++, l_++) rl_[l_] += (x)[ri_]; \
+    ck_lane_total(rl_, total); \
+} while (0)
 
 // bf16 in 16 lanes: the bits of ck_round_bits (round to nearest even, a NaN stays a quiet NaN), and back.
 typedef uint32_t ck_u16v __attribute__((vector_size(64), aligned(4)));
@@ -103,11 +111,14 @@ typedef uint16_t ck_h16 __attribute__((vector_size(32), aligned(2)));
 static inline uint16_t ck_bf16_of(float f) { return (uint16_t)(ck_round_bits(float_to_bits(f)) >> 16); }
 static inline float ck_float_of_bf16(uint16_t h) { return bits_to_float((uint32_t)h << 16); }
 
-CK_CLONES void ck_bf16_bits(uint16_t *restrict dst, const float *restrict src, long count) {
+// Always inlined, so that each clone of its callers vectorizes it for its own ISA.
+static inline __attribute__((always_inline)) void ck_bits_run(uint16_t *restrict dst, const float *restrict src, long count) {
     long i = 0;
     for (; i + CK_LANES <= count; i += CK_LANES) ck_store_bf16(dst + i, ck_load(src + i));
     for (; i < count; i++) dst[i] = ck_bf16_of(src[i]);
 }
+
+CK_CLONES void ck_bf16_bits(uint16_t *restrict dst, const float *restrict src, long count) { ck_bits_run(dst, src, count); }
 
 CK_CLONES void ck_bf16_round(float *dst, const float *src, long count) {
     for (long i = 0; i < count; i++) dst[i] = bits_to_float(ck_round_bits(float_to_bits(src[i])));
@@ -176,12 +187,8 @@ CK_CLONES void ck_softmax_rows(float *restrict p, const int32_t *restrict valid,
             const float e = ck_exp(row[j] - m);
             row[j] = valid[j] != 0 ? e : 0.0f;
         }
-        ck_v16 lanes = {0};
-        long j = 0;
-        for (; j + CK_LANES <= tokens; j += CK_LANES) lanes += ck_load(row + j);
-        for (int l = 0; j < tokens; j++, l++) lanes[l] += row[j];
         float s;
-        ck_lane_total(lanes, s);
+        ck_row_total(row, tokens, s);
         const float inv = 1.0f / s;
         for (long k = 0; k < tokens; k++) row[k] *= inv;
     }
@@ -452,15 +459,11 @@ static inline __attribute__((always_inline)) void ck_layernorm_row(float *restri
                                                                     const float *restrict xr, const float *restrict gamma,
                                                                     const float *restrict beta, long features, float eps) {
     const float n = (float)features;
-    ck_v16 lanes = {0};
-    long i = 0;
-    for (; i + CK_LANES <= features; i += CK_LANES) lanes += ck_load(xr + i);
-    for (int l = 0; i < features; i++, l++) lanes[l] += xr[i];
     float s;
-    ck_lane_total(lanes, s);
+    ck_row_total(xr, features, s);
     const float m = s / n;
     ck_v16 squares = {0};
-    i = 0;
+    long i = 0;
     for (; i + CK_LANES <= features; i += CK_LANES) { const ck_v16 d = ck_load(xr + i) - m; squares += d * d; }
     for (int l = 0; i < features; i++, l++) { const float d = xr[i] - m; squares[l] += d * d; }
     float v;
@@ -494,12 +497,7 @@ CK_CLONES void ck_residual_layernorm_rows(float *restrict sum, float *restrict y
         }
         float *restrict yr = y + r * features;
         ck_layernorm_row(yr, mean + r, inv_std + r, s, gamma, beta, features, eps);
-        if (y16) {
-            uint16_t *restrict hr = y16 + r * features;
-            long i = 0;
-            for (; i + CK_LANES <= features; i += CK_LANES) ck_store_bf16(hr + i, ck_load(yr + i));
-            for (; i < features; i++) hr[i] = ck_bf16_of(yr[i]);
-        }
+        if (y16) ck_bits_run(y16 + r * features, yr, features);
     }
 }
 

@@ -200,7 +200,7 @@ final class ConvBNUnit {
                   workspace: Scratch<Float>, accumulate: Bool = true, context: PassContext) throws {
         guard let g = geometry else { preconditionFailure("backward before forward") }
         let count = g.outputCount
-        let mask = relu ? ReLUMask(wrote.floats ? UnsafePointer(output.pointer) : nil, wrote.halves ? UnsafePointer(outputBF16.pointer) : nil) : nil
+        let mask = relu ? ReLUMask(lastOutput.floats, lastOutput.halves) : nil
         let halves = kernels.takesBF16(context.precision, layouts.output)
         let dc = halves ? nil : gradConvOut.ensure(count), dc16 = halves ? gradConvOutBF16.ensure(count) : nil
         try bn.backward(arena, gradInput: dc, gradInputBF16: dc16, gradOutput: gradOutput.pointer, input: convOut.pointer, reluOutput: mask,

@@ -100,11 +100,7 @@ public final class BF16Operand {
     /// The block rows x columns of `source` (leading dimension ld) in compact bf16.
     func bits(of source: UnsafePointer<Float>, rows: Int, columns: Int, ld: Int, reuse: Bool) -> UnsafePointer<UInt16> {
         if reuse, let held, held == (source, rows, columns, ld) { return UnsafePointer(storage) }
-        if rows * columns > capacity {
-            storage.deallocate()
-            capacity = rows * columns
-            storage = .allocate(capacity: capacity)
-        }
+        reserve(rows * columns)
         BF16.convertBlock(storage, source, rows: rows, columns: columns, ld: ld, parallel: true)
         held = (source, rows, columns, ld)
         return UnsafePointer(storage)
@@ -121,13 +117,17 @@ public final class BF16Operand {
     /// only its bits where nothing reads the floats): the next product that reuses this copy of that
     /// block takes them as they are.
     public func room(holding source: UnsafePointer<Float>, rows: Int, columns: Int) -> UnsafeMutablePointer<UInt16> {
-        if rows * columns > capacity {
-            storage.deallocate()
-            capacity = rows * columns
-            storage = .allocate(capacity: capacity)
-        }
+        reserve(rows * columns)
         held = (source, rows, columns, columns)
         return storage
+    }
+
+    /// Room for `count` bits (the contents are not kept when it grows).
+    private func reserve(_ count: Int) {
+        guard count > capacity else { return }
+        storage.deallocate()
+        capacity = count
+        storage = .allocate(capacity: capacity)
     }
 
     /// Bytes held.

@@ -194,30 +194,42 @@ CK_CLONES void ck_softmax_rows(float *restrict p, const int32_t *restrict valid,
     }
 }
 
-enum { CK_PHILOX_BLOCKS = 16 };
+// Philox4x32-10 on 32 blocks at a time: two independent sets of 16 lanes (lane l of set s is block 16 s + l).
+enum { CK_PHILOX_BLOCKS = 32, CK_PHILOX_SETS = CK_PHILOX_BLOCKS / CK_LANES };
+typedef uint64_t ck_q8 __attribute__((vector_size(64), aligned(8)));
 
-// The 4 words of the Philox4x32-10 blocks first..first+15 of a stream, in element order:
-// draws[4 * b + w] is word w of block first + b (philox4x32 in Random.swift, on 16 lanes). Always inlined,
-// so that each clone of its callers vectorizes it for its own ISA (a plain static function is compiled once,
-// for the default one).
+// The 4 words of the Philox4x32-10 blocks first..first+31 of a stream, in element order:
+// draws[4 * b + w] is word w of block first + b (philox4x32 in Random.swift). Each round's 32x32->64
+// products are taken for the even lanes and the odd ones apart (one pmuludq each), and their low and
+// high words put back into the lanes. Always inlined, so that each clone of its callers vectorizes it
+// for its own ISA (a plain static function is compiled once, for the default one).
 static inline __attribute__((always_inline)) void ck_philox_blocks(uint32_t *restrict draws, uint64_t first, uint64_t seed, uint64_t stream) {
-    uint32_t c0[CK_PHILOX_BLOCKS], c1[CK_PHILOX_BLOCKS], c2[CK_PHILOX_BLOCKS], c3[CK_PHILOX_BLOCKS];
-    for (int l = 0; l < CK_PHILOX_BLOCKS; l++) {
-        const uint64_t counter = first + (uint64_t)l;
-        c0[l] = (uint32_t)counter; c1[l] = (uint32_t)(counter >> 32);
-        c2[l] = (uint32_t)stream; c3[l] = (uint32_t)(stream >> 32);
+    ck_u16v c0[CK_PHILOX_SETS], c1[CK_PHILOX_SETS], c2[CK_PHILOX_SETS], c3[CK_PHILOX_SETS];
+    for (int s = 0; s < CK_PHILOX_SETS; s++) {
+        for (int l = 0; l < CK_LANES; l++) {
+            const uint64_t counter = first + (uint64_t)(CK_LANES * s + l);
+            c0[s][l] = (uint32_t)counter; c1[s][l] = (uint32_t)(counter >> 32);
+        }
+        c2[s] = (ck_u16v){0} + (uint32_t)stream; c3[s] = (ck_u16v){0} + (uint32_t)(stream >> 32);
     }
     uint32_t k0 = (uint32_t)seed, k1 = (uint32_t)(seed >> 32);
+    const ck_q8 low = (ck_q8){0} + 0xFFFFFFFFull, high = (ck_q8){0} + 0xFFFFFFFF00000000ull;
     for (int round = 0; round < 10; round++) {
         if (round > 0) { k0 += 0x9E3779B9u; k1 += 0xBB67AE85u; }
-        for (int l = 0; l < CK_PHILOX_BLOCKS; l++) {
-            const uint64_t p0 = (uint64_t)0xD2511F53u * c0[l], p1 = (uint64_t)0xCD9E8D57u * c2[l];
-            const uint32_t n0 = (uint32_t)(p1 >> 32) ^ c1[l] ^ k0, n2 = (uint32_t)(p0 >> 32) ^ c3[l] ^ k1;
-            c1[l] = (uint32_t)p1; c3[l] = (uint32_t)p0; c0[l] = n0; c2[l] = n2;
+        for (int s = 0; s < CK_PHILOX_SETS; s++) {
+            const ck_q8 e0 = ((ck_q8)c0[s] & low) * 0xD2511F53ull, o0 = ((ck_q8)c0[s] >> 32) * 0xD2511F53ull;
+            const ck_q8 e2 = ((ck_q8)c2[s] & low) * 0xCD9E8D57ull, o2 = ((ck_q8)c2[s] >> 32) * 0xCD9E8D57ull;
+            const ck_u16v lo0 = (ck_u16v)((e0 & low) | (o0 << 32)), hi0 = (ck_u16v)((e0 >> 32) | (o0 & high));
+            const ck_u16v lo2 = (ck_u16v)((e2 & low) | (o2 << 32)), hi2 = (ck_u16v)((e2 >> 32) | (o2 & high));
+            const ck_u16v n0 = hi2 ^ c1[s] ^ k0, n2 = hi0 ^ c3[s] ^ k1;
+            c1[s] = lo2; c3[s] = lo0; c0[s] = n0; c2[s] = n2;
         }
     }
-    for (int l = 0; l < CK_PHILOX_BLOCKS; l++) {
-        draws[4 * l] = c0[l]; draws[4 * l + 1] = c1[l]; draws[4 * l + 2] = c2[l]; draws[4 * l + 3] = c3[l];
+    for (int s = 0; s < CK_PHILOX_SETS; s++) {
+        for (int l = 0; l < CK_LANES; l++) {
+            uint32_t *restrict d = draws + 4 * (CK_LANES * s + l);
+            d[0] = c0[s][l]; d[1] = c1[s][l]; d[2] = c2[s][l]; d[3] = c3[s][l];
+        }
     }
 }
 

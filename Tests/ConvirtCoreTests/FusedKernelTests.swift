@@ -198,7 +198,7 @@ struct PhiloxLanesTests {
     @Test("dropout's masks are the stream's draws at every length (vector blocks, single blocks, a partial block)")
     func dropoutMask() {
         let stream = RandomStream(seed: 3, 17)
-        for count in [1, 3, 4, 31, 32, 33, 100, 1000] {
+        for count in [1, 3, 4, 31, 32, 33, 100, 127, 128, 129, 1000, 4099] {
             let x = [Float](repeating: 1, count: count)
             var serial = [Float](repeating: 0, count: count), parallel = serial
             Dropout.serialForward(output: &serial, input: x, count: count, probability: 0.25, stream: stream)

@@ -141,6 +141,20 @@ public final class ParameterArena: @unchecked Sendable {
         for r in trainableRanges {
             Parallel.chunks(r.count) { part in (grads + r.lowerBound + part.lowerBound).update(repeating: 0, count: part.count) }
         }
+        zeroedGradients = trainableOffsets
+    }
+
+    /// The trainable entries (their offsets) whose gradient is still the zero `zeroGrads` wrote: no
+    /// kernel has claimed it since.
+    private var zeroedGradients = Set<Int>()
+    private lazy var trainableOffsets = Set(layout.entries.lazy.filter { $0.kind == .trainable }.map(\.offset))
+
+    /// Whether `entry`'s gradient is still the zero `zeroGrads` wrote; true once, for the first kernel
+    /// that writes it, which may then overwrite it instead of adding to it (the same values, with no
+    /// read of the zeros: a product without a sum post-op, a reorder without accumulation). A kernel
+    /// that claims an entry writes all of it. Called from the thread that runs backward.
+    public func claimZeroedGradient(_ entry: ParameterLayout.Entry) -> Bool {
+        zeroedGradients.remove(entry.offset) != nil
     }
 
     /// A copy of one parameter as a tensor.

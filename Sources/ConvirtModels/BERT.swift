@@ -109,7 +109,8 @@ struct LinearLayer {
         Linear.backward(gradInput: gradInput, gradWeight: trainable ? arena.grads + weight.offset : nil,
                         gradBias: trainable ? bias.map { arena.grads + $0.offset } : nil, gradOutput: gradOutput, input: input,
                         weight: arena.params + weight.offset, rows: rows, inFeatures: inFeatures, outFeatures: outFeatures,
-                        precision: precision, accumulateInput: accumulateInput, copies: copies)
+                        precision: precision, accumulateInput: accumulateInput, overwriteWeight: trainable && arena.claimZeroedGradient(weight),
+                        copies: copies)
     }
 
     /// N(0, std) weights and zero bias (BERT's initializer_range 0.02; heads use PyTorch's default instead).

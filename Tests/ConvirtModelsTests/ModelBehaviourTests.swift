@@ -128,6 +128,46 @@ struct ModelBehaviourTests {
         #expect(frozenArena.layout.trainableCount < fullArena.layout.trainableCount)
     }
 
+    /// `ParameterArena.claimZeroedGradient`: after `zeroGrads` the first kernel to write a weight's
+    /// gradient overwrites it (a product without a sum, a reorder without accumulation); with every claim
+    /// taken away first, every kernel adds to the zeros instead. Both give the same gradients, and a
+    /// second backward adds to the first.
+    @Test("gradients written over zeroGrads' zeros equal gradients added to them, and a second backward accumulates",
+          arguments: [Precision.fp32, .bf16])
+    func claimedGradients(precision: Precision) throws {
+        let model = try Self.tinyModel(frozen: 1)
+        let b = 2, size = 64
+        let images = (0..<(b * 3 * size * size)).map { RandomStream(seed: 8).normal(at: UInt64($0)) }
+        let (ids, mask) = Self.texts(batch: b, tokens: 6)
+        let context = PassContext(training: true, sampleIndices: [0, 1], precision: precision)
+        let saved = Array(UnsafeBufferPointer(start: model.arena.params, count: model.arena.count))
+        func gradients(claimed: Bool, passes: Int = 1) throws -> [Float] {
+            model.arena.params.update(from: saved, count: saved.count)
+            model.arena.zeroGrads()
+            if !claimed { for e in model.layout.entries { _ = model.arena.claimZeroedGradient(e) } }
+            for _ in 0..<passes {
+                let v = try model.encodeImages(images, batch: b, size: size, context: context)
+                let u = try model.encodeTexts(ids: ids, mask: mask, batch: b, tokens: 6, context: context)
+                let gv = (0..<(b * model.config.projDim)).map { Float($0 % 7) - 3 + v[$0] }
+                let gu = (0..<(b * model.config.projDim)).map { Float($0 % 5) - 2 + u[$0] }
+                try model.backwardImages(gradEmbeddings: gv, context: context)
+                try model.backwardTexts(gradEmbeddings: gu, context: context)
+            }
+            return Array(UnsafeBufferPointer(start: model.arena.grads, count: model.arena.count))
+        }
+        let overwritten = try gradients(claimed: true)
+        // Every trainable convolution and linear layer claimed its weight's zeros (so this compares two paths).
+        let unclaimed = model.layout.entries.filter { $0.kind == .trainable && $0.shape.count >= 2 && model.arena.claimZeroedGradient($0) }
+        #expect(unclaimed.isEmpty, "not overwritten: \(unclaimed.map(\.name))")
+        let added = try gradients(claimed: false)
+        #expect(overwritten.contains { $0 != 0 })
+        let first = zip(overwritten, added).enumerated().first { $0.element.0 != $0.element.1 }
+        #expect(first == nil, "element \(first?.offset ?? -1): \(first?.element.0 ?? 0) against \(first?.element.1 ?? 0)")
+        // Two passes: the second adds to the first (BatchNorm's running statistics differ between the passes, the batch statistics do not).
+        let twice = try gradients(claimed: true, passes: 2)
+        #expect(relativeError(twice, overwritten.map { 2 * $0 }) < 1e-5)
+    }
+
     private func relativeError(_ a: [Float], _ b: [Float]) -> Double {
         let scale = max(b.map { Double(abs($0)) }.max() ?? 0, 1e-30)
         return zip(a, b).map { Double(abs($0 - $1)) }.max()! / scale

@@ -32,6 +32,9 @@ public final class ConvolutionPrimitives {
     private var backwardData: (primitive: DNNLPrimitive, gradOutput: DNNLArgument, weights: DNNLArgument, gradInput: DNNLArgument)?
     /// The input gradient written, not accumulated: straight into the caller's buffer where the layouts agree.
     private var overwrittenGradInput: DNNLArgument?
+    /// The weight gradient written, not accumulated (its zeros claimed): straight into the caller's
+    /// buffer where the layouts agree, else one reorder without a sum.
+    private var overwrittenGradWeight: DNNLArgument?
     private var backwardWeights: (primitive: DNNLPrimitive, gradOutput: DNNLArgument, source: DNNLArgument, gradWeight: DNNLArgument,
                                   gradBias: DNNLArgument?)?
 
@@ -146,11 +149,13 @@ public final class ConvolutionPrimitives {
     }
 
     /// Accumulates the gradients of the weights (and bias), and of the input unless gradInput is nil
-    /// (overwrites it where `accumulateInput` is false). The output gradient and the input as floats or,
-    /// where `takesBF16GradOutput` / `takesBF16Input`, as bf16 bits (used where given).
+    /// (overwrites it where `accumulateInput` is false, and the weights' where `overwriteWeight`). The
+    /// output gradient and the input as floats or, where `takesBF16GradOutput` / `takesBF16Input`, as
+    /// bf16 bits (used where given).
     public func backward(gradInput: UnsafeMutablePointer<Float>?, gradWeight: UnsafeMutablePointer<Float>, gradBias: UnsafeMutablePointer<Float>?,
                          gradOutput: UnsafePointer<Float>?, gradOutputBF16: UnsafePointer<UInt16>? = nil, input: UnsafePointer<Float>?,
-                         inputBF16: UnsafePointer<UInt16>? = nil, weight: UnsafePointer<Float>, accumulateInput: Bool = true) throws {
+                         inputBF16: UnsafePointer<UInt16>? = nil, weight: UnsafePointer<Float>, accumulateInput: Bool = true,
+                         overwriteWeight: Bool = false) throws {
         let bw = try makeBackwardWeights(bias: gradBias != nil)
         if let gradOutputBF16 {
             try bindBF16(bw.gradOutput, gradOutputBF16, shape: geometry.outputShape, layout: outputLayout)
@@ -185,16 +190,26 @@ public final class ConvolutionPrimitives {
                 if n > 0 { try each.addImage.run(stream) }
                 if gradBias != nil { try each.gradBias?.finish(stream) }
             }
-            try each.addSum.run(stream)
+            try (overwriteWeight ? each.setSum : each.addSum).run(stream)
         } else {
-            try bw.gradWeight.output(gradWeight)
-            var arguments = [(cdnnl_arg_diff_dst(), bw.gradOutput.inner), (cdnnl_arg_src(), bw.source.inner), (cdnnl_arg_diff_weights(), bw.gradWeight.inner)]
+            let dw: DNNLArgument
+            if overwriteWeight {
+                if overwrittenGradWeight == nil {
+                    overwrittenGradWeight = try DNNLArgument(user: bw.gradWeight.user.desc, primitive: bw.primitive.query(dnnl_query_diff_weights_md),
+                                                             role: .output, slot: 2)
+                }
+                dw = overwrittenGradWeight!
+            } else {
+                dw = bw.gradWeight
+            }
+            try dw.output(gradWeight)
+            var arguments = [(cdnnl_arg_diff_dst(), bw.gradOutput.inner), (cdnnl_arg_src(), bw.source.inner), (cdnnl_arg_diff_weights(), dw.inner)]
             if let gradBias, let db = bw.gradBias {
                 try db.output(gradBias)
                 arguments.append((cdnnl_arg_diff_bias(), db.inner))
             }
             try bw.primitive.execute(stream, arguments, "\(geometry) backward weights")
-            try bw.gradWeight.finish(stream)
+            try dw.finish(stream)
             if gradBias != nil { try bw.gradBias?.finish(stream) }
         }
         guard let gradInput else { return }
@@ -244,8 +259,8 @@ public final class ConvolutionPrimitives {
         /// thread's slots), and the caller's gradient (OIHW) the sum is added to at the end.
         let image, sum, user: DNNLMemory
         let weightBytes: Int
-        /// sum += image; caller's += sum.
-        let addImage, addSum: DNNLReorder
+        /// sum += image; caller's += sum; caller's = sum (where its zeros are claimed).
+        let addImage, addSum, setSum: DNNLReorder
         /// The bias gradient, added to the caller's image by image (a vector).
         let gradBias: DNNLArgument?
         /// Past the arguments' slots (0-3: the source, the output gradient, the bias's buffer) and the scratchpad's.
@@ -276,6 +291,7 @@ public final class ConvolutionPrimitives {
             sourceBytes: source.bytes, gradOutputBytes: dy.bytes, image: image, sum: sum, user: user,
             weightBytes: dnnl_memory_desc_get_size(&weightDesc),
             addImage: try DNNLReorder(from: image, to: sum, accumulate: true), addSum: try DNNLReorder(from: sum, to: user, accumulate: true),
+            setSum: try DNNLReorder(from: sum, to: user, accumulate: false),
             gradBias: bias ? try DNNLArgument(user: try Self.biasDescriptor(g), primitive: primitive.query(dnnl_query_diff_weights_md, index: 1),
                                               role: .accumulatingOutput, slot: 3) : nil)
     }
@@ -507,26 +523,27 @@ public final class Convolution {
     }
 
     /// As `Conv2d.backward` (accumulating; the input gradient overwritten where `accumulateInput` is
-    /// false); in bf16 the output gradient is rounded to bf16 too. `gradOutputBF16` / `inputBF16`: bf16
+    /// false, the weight gradient on oneDNN where `overwriteWeight`, im2col adding to its zeros); in bf16 the output gradient is rounded to bf16 too. `gradOutputBF16` / `inputBF16`: bf16
     /// bits instead of the floats, where `takesBF16` for that side's layout.
     public func backward(gradInput: UnsafeMutablePointer<Float>?, gradWeight: UnsafeMutablePointer<Float>, gradOutput: UnsafePointer<Float>?,
                          gradOutputBF16: UnsafePointer<UInt16>? = nil, input: UnsafePointer<Float>?, inputBF16: UnsafePointer<UInt16>? = nil,
                          weight: UnsafePointer<Float>, geometry g: Conv2dGeometry,
                          workspace: UnsafeMutablePointer<Float>?, precision: Precision = .fp32, layouts: Layouts = Layouts(),
-                         accumulateInput: Bool = true) throws {
+                         accumulateInput: Bool = true, overwriteWeight: Bool = false) throws {
         if gradOutputBF16 != nil || inputBF16 != nil {
             precondition((gradOutputBF16 == nil || takesBF16(precision, layouts.output)) && (inputBF16 == nil || takesBF16(precision, layouts.input)),
                          "\(g): bf16 activations without oneDNN's bf16 kernels on them")
             return try dnnl(g, .bf16, layouts).backward(gradInput: gradInput, gradWeight: gradWeight, gradBias: nil, gradOutput: gradOutput,
                                                           gradOutputBF16: gradOutputBF16, input: input, inputBF16: inputBF16, weight: weight,
-                                                          accumulateInput: accumulateInput)
+                                                          accumulateInput: accumulateInput, overwriteWeight: overwriteWeight)
         }
         guard var gradOutput, var input else { preconditionFailure("\(g) backward without its float operands") }
         var (weight, workspace) = (weight, workspace)
         if precision == .bf16 {
             if nativeBF16 {
                 return try dnnl(g, .bf16, layouts).backward(gradInput: gradInput, gradWeight: gradWeight, gradBias: nil, gradOutput: gradOutput,
-                                                              input: input, weight: weight, accumulateInput: accumulateInput)
+                                                              input: input, weight: weight, accumulateInput: accumulateInput,
+                                                              overwriteWeight: overwriteWeight)
             }
             precondition(layouts == Layouts(), "\(g): the bf16 emulation runs on NCHW activations only")
             let (columns, x, w, dy) = Self.emulationScratch(g, workspace, input: input, weight: weight)
@@ -535,7 +552,7 @@ public final class Convolution {
         }
         if let p = try fp32(g, layouts) {
             try p.backward(gradInput: gradInput, gradWeight: gradWeight, gradBias: nil, gradOutput: gradOutput, input: input, weight: weight,
-                           accumulateInput: accumulateInput)
+                           accumulateInput: accumulateInput, overwriteWeight: overwriteWeight)
         } else {
             if !accumulateInput { gradInput?.update(repeating: 0, count: g.inputCount) }
             Conv2d.backward(gradInput: gradInput, gradWeight: gradWeight, gradBias: nil, gradOutput: gradOutput, input: input, weight: weight,

@@ -33,7 +33,8 @@ public enum Linear {
              copies: (copies.map { .init($0.input, reuse: $0.reuseInput) }, copies.map { .init($0.weight, reuse: false) }))
     }
 
-    /// gradInput += gradOutput * weight (= where `accumulateInput` is false); gradWeight += gradOutput^T * input;
+    /// gradInput += gradOutput * weight (= where `accumulateInput` is false); gradWeight += gradOutput^T * input
+    /// (= where `overwriteWeight`: its zeros claimed, `ParameterArena.claimZeroedGradient`);
     /// gradBias += column sums. gradInput, gradWeight and gradBias may each be nil when not needed (frozen
     /// weights, first layer). In bf16 both products take bf16-rounded inputs (the output gradient too) and
     /// accumulate in fp32.
@@ -41,7 +42,7 @@ public enum Linear {
                                 gradBias: UnsafeMutablePointer<Float>?, gradOutput: UnsafePointer<Float>,
                                 input: UnsafePointer<Float>, weight: UnsafePointer<Float>,
                                 rows: Int, inFeatures: Int, outFeatures: Int, precision: Precision = .fp32, accumulateInput: Bool = true,
-                                copies: Copies? = nil) {
+                                overwriteWeight: Bool = false, copies: Copies? = nil) {
         // The output gradient converted by the first product, reused by the second.
         var gradOutputConverted = false
         func gradOutputCopy() -> BF16Operand.Use? {
@@ -55,7 +56,7 @@ public enum Linear {
         }
         if let gradWeight {
             gemm(precision, transposeA: true, transposeB: false, m: outFeatures, n: inFeatures, k: rows,
-                 a: gradOutput, lda: outFeatures, b: input, ldb: inFeatures, beta: 1, c: gradWeight, ldc: inFeatures,
+                 a: gradOutput, lda: outFeatures, b: input, ldb: inFeatures, beta: overwriteWeight ? 0 : 1, c: gradWeight, ldc: inFeatures,
                  copies: (gradOutputCopy(), copies.map { .init($0.input, reuse: true) }))
         }
         if let gradBias {

@@ -121,15 +121,55 @@ struct Activation {
     var halves: UnsafePointer<UInt16>?
 }
 
+/// Gradients the units of one network share, each held once at the largest unit's size. The
+/// convolution's output gradient lives only inside its unit's backward call, from batch norm's backward
+/// to the convolution's (floats, or bf16 where the convolution reads bf16). The output gradients of the
+/// units inside a residual block live from the backward of the layer after a unit to the unit's own:
+/// the block's units take turns with two rooms (the last unit the first, its predecessor the second,
+/// and so on; the downsample the second, consumed before the units run), which every block reuses.
+/// (Each layer consumes its output gradient before it writes its input's, so one room would hold the
+/// values; two keep apart what one layer's backward reads and what it writes: the residual end's
+/// branch and identity gradients, a unit's output and input gradients, a block's and its input's.)
+final class UnitGradientScratch {
+    let floats = Scratch<Float>(), halves = Scratch<UInt16>()
+    let outputGradients = (Scratch<Float>(), Scratch<Float>())
+    /// The blocks' output gradients, block k's in room k % 2: written by the backward of block k + 1
+    /// (its first writer overwrites), read by block k's, while block k + 1 reads the other room.
+    let blockGradients = (Scratch<Float>(), Scratch<Float>())
+    var rooms: [Scratch<Float>] { [outputGradients.0, outputGradients.1, blockGradients.0, blockGradients.1] }
+    var bytes: Int { floats.bytes + halves.bytes + rooms.reduce(0) { $0 + $1.bytes } }
+
+    /// The output gradient's room of unit `k` of a block of `count` units (the downsample: `count`).
+    func outputGradient(unit k: Int, of count: Int) -> Scratch<Float> {
+        guard shares else { return Scratch<Float>() }
+        return k == count || (count - 1 - k) % 2 == 1 ? outputGradients.1 : outputGradients.0
+    }
+
+    /// Block k's output gradient.
+    func blockGradient(_ k: Int) -> Scratch<Float> {
+        guard shares else { return Scratch<Float>() }
+        return k % 2 == 0 ? blockGradients.0 : blockGradients.1
+    }
+
+    /// false: every unit and block gets a room of its own.
+    let shares: Bool
+    init(shares: Bool) { self.shares = shares }
+}
+
 /// conv (no bias) -> batch norm -> optional ReLU, the unit ResNet is made of. It owns its activations
-/// (the convolution's output, the unit's output) and their gradients.
+/// (the convolution's output, the unit's output) and its output's gradient.
 final class ConvBNUnit {
     let conv: ParameterLayout.Entry
     let bn: BatchNormLayer
     let inChannels, outChannels, kernel, stride, padding: Int
     let relu: Bool
-    let convOut = Scratch<Float>(), gradConvOut = Scratch<Float>(), gradConvOutBF16 = Scratch<UInt16>()
-    let output = Scratch<Float>(), outputBF16 = Scratch<UInt16>(), gradOutput = Scratch<Float>()
+    let convOut = Scratch<Float>()
+    /// The network's shared room for the convolution's output gradient.
+    let gradConvOut: UnitGradientScratch
+    let output = Scratch<Float>(), outputBF16 = Scratch<UInt16>()
+    /// The output's gradient: the unit's own, or a room it shares with units whose gradients live at
+    /// other times (`UnitGradientScratch.outputGradient`).
+    let gradOutput: Scratch<Float>
     /// oneDNN's primitives or im2col + sgemm, per geometry (`Convolution.policy`).
     let kernels = Convolution()
     private(set) var geometry: Conv2dGeometry?
@@ -139,7 +179,9 @@ final class ConvBNUnit {
     private(set) var wrote = (floats: true, halves: false)
 
     init(_ layout: inout ParameterLayout, conv convName: String, bn bnName: String, inChannels: Int, outChannels: Int,
-         kernel: Int, stride: Int, padding: Int, relu: Bool) throws {
+         kernel: Int, stride: Int, padding: Int, relu: Bool, scratch: UnitGradientScratch, gradOutput: Scratch<Float>? = nil) throws {
+        gradConvOut = scratch
+        self.gradOutput = gradOutput ?? Scratch<Float>()
         conv = try layout.add("\(convName).weight", shape: [outChannels, inChannels, kernel, kernel])
         bn = try BatchNormLayer(&layout, bnName, channels: outChannels)
         self.inChannels = inChannels; self.outChannels = outChannels
@@ -202,7 +244,7 @@ final class ConvBNUnit {
         let count = g.outputCount
         let mask = relu ? ReLUMask(lastOutput.floats, lastOutput.halves) : nil
         let halves = kernels.takesBF16(context.precision, layouts.output)
-        let dc = halves ? nil : gradConvOut.ensure(count), dc16 = halves ? gradConvOutBF16.ensure(count) : nil
+        let dc = halves ? nil : gradConvOut.floats.ensure(count), dc16 = halves ? gradConvOut.halves.ensure(count) : nil
         try bn.backward(arena, gradInput: dc, gradInputBF16: dc16, gradOutput: gradOutput.pointer, input: convOut.pointer, reluOutput: mask,
                         batch: g.batch, plane: g.outPlane, layout: layouts.output, context: context)
         try kernels.backward(gradInput: gradInput, gradWeight: arena.grads + conv.offset, gradOutput: dc.map { UnsafePointer($0) },
@@ -220,28 +262,35 @@ final class ResidualBlock {
     let units: [ConvBNUnit]
     let downsample: ConvBNUnit?
     let outChannels: Int
-    let output = Scratch<Float>(), outputBF16 = Scratch<UInt16>(), gradOutput = Scratch<Float>()
+    let output = Scratch<Float>(), outputBF16 = Scratch<UInt16>()
+    /// The output's gradient, in the room this block shares with every other block but its neighbours.
+    let gradOutput: Scratch<Float>
     private var shape = (batch: 0, height: 0, width: 0, outHeight: 0, outWidth: 0)
 
-    init(_ layout: inout ParameterLayout, _ name: String, block: ResNetConfig.Block, inChannels: Int, planes: Int, stride: Int) throws {
+    init(_ layout: inout ParameterLayout, _ name: String, block: ResNetConfig.Block, inChannels: Int, planes: Int, stride: Int,
+         scratch: UnitGradientScratch, gradOutput: Scratch<Float>) throws {
+        self.gradOutput = gradOutput
+        let n = block == .basic ? 2 : 3
+        func room(_ k: Int) -> Scratch<Float> { scratch.outputGradient(unit: k, of: n) }
         switch block {
         case .basic:
             units = [
-                try ConvBNUnit(&layout, conv: "\(name).conv1", bn: "\(name).bn1", inChannels: inChannels, outChannels: planes, kernel: 3, stride: stride, padding: 1, relu: true),
-                try ConvBNUnit(&layout, conv: "\(name).conv2", bn: "\(name).bn2", inChannels: planes, outChannels: planes, kernel: 3, stride: 1, padding: 1, relu: false),
+                try ConvBNUnit(&layout, conv: "\(name).conv1", bn: "\(name).bn1", inChannels: inChannels, outChannels: planes, kernel: 3, stride: stride, padding: 1, relu: true, scratch: scratch, gradOutput: room(0)),
+                try ConvBNUnit(&layout, conv: "\(name).conv2", bn: "\(name).bn2", inChannels: planes, outChannels: planes, kernel: 3, stride: 1, padding: 1, relu: false, scratch: scratch, gradOutput: room(1)),
             ]
             outChannels = planes
         case .bottleneck:
             units = [
-                try ConvBNUnit(&layout, conv: "\(name).conv1", bn: "\(name).bn1", inChannels: inChannels, outChannels: planes, kernel: 1, stride: 1, padding: 0, relu: true),
-                try ConvBNUnit(&layout, conv: "\(name).conv2", bn: "\(name).bn2", inChannels: planes, outChannels: planes, kernel: 3, stride: stride, padding: 1, relu: true),
-                try ConvBNUnit(&layout, conv: "\(name).conv3", bn: "\(name).bn3", inChannels: planes, outChannels: planes * 4, kernel: 1, stride: 1, padding: 0, relu: false),
+                try ConvBNUnit(&layout, conv: "\(name).conv1", bn: "\(name).bn1", inChannels: inChannels, outChannels: planes, kernel: 1, stride: 1, padding: 0, relu: true, scratch: scratch, gradOutput: room(0)),
+                try ConvBNUnit(&layout, conv: "\(name).conv2", bn: "\(name).bn2", inChannels: planes, outChannels: planes, kernel: 3, stride: stride, padding: 1, relu: true, scratch: scratch, gradOutput: room(1)),
+                try ConvBNUnit(&layout, conv: "\(name).conv3", bn: "\(name).bn3", inChannels: planes, outChannels: planes * 4, kernel: 1, stride: 1, padding: 0, relu: false, scratch: scratch, gradOutput: room(2)),
             ]
             outChannels = planes * 4
         }
         if stride != 1 || inChannels != outChannels {
             downsample = try ConvBNUnit(&layout, conv: "\(name).downsample.0", bn: "\(name).downsample.1", inChannels: inChannels,
-                                        outChannels: outChannels, kernel: 1, stride: stride, padding: 0, relu: false)
+                                        outChannels: outChannels, kernel: 1, stride: stride, padding: 0, relu: false, scratch: scratch,
+                                        gradOutput: room(n))
         } else {
             downsample = nil
         }
@@ -277,12 +326,13 @@ final class ResidualBlock {
         let y = output.ensure(count)
         wroteHalves = outputHalves
         Residual.forwardReLU(output: y, outputBF16: outputHalves ? outputBF16.ensure(count) : nil, x.floats!, identity, count: count)
-        gradOutput.zeroed(count)
+        gradOutput.ensure(count)
         shape = (batch, height, width, h, w)
         return (lastOutput, h, w)
     }
 
-    /// Consumes gradOutput and accumulates into gradInput (the previous layer's gradOutput).
+    /// Consumes gradOutput and writes gradInput (the previous layer's gradOutput, whose only reader is
+    /// this block): the identity's gradient or the downsample's overwrites it, the first unit's adds to it.
     func backward(_ arena: ParameterArena, gradInput: UnsafeMutablePointer<Float>, input: Activation,
                   workspace: Scratch<Float>, context: PassContext) throws {
         let count = shape.batch * outChannels * shape.outHeight * shape.outWidth
@@ -291,9 +341,9 @@ final class ResidualBlock {
         if let downsample {
             Residual.backwardReLU(gradBranch: last.gradOutput.pointer, gradIdentity: downsample.gradOutput.pointer, accumulateIdentity: false,
                                   gradOutput: gradOutput.pointer, output: output.pointer, count: count)
-            try downsample.backward(arena, gradInput: gradInput, input: input, workspace: workspace, context: context)
+            try downsample.backward(arena, gradInput: gradInput, input: input, workspace: workspace, accumulate: false, context: context)
         } else {
-            Residual.backwardReLU(gradBranch: last.gradOutput.pointer, gradIdentity: gradInput, accumulateIdentity: true,
+            Residual.backwardReLU(gradBranch: last.gradOutput.pointer, gradIdentity: gradInput, accumulateIdentity: false,
                                   gradOutput: gradOutput.pointer, output: output.pointer, count: count)
         }
         for k in stride(from: units.count - 1, through: 0, by: -1) {
@@ -314,6 +364,7 @@ public final class ResNet {
     let poolOutput = Scratch<Float>(), poolOutputBF16 = Scratch<UInt16>(), poolIndices = Scratch<Int32>(), poolGrad = Scratch<Float>()
     let features = Scratch<Float>()
     let workspace = Scratch<Float>()
+    let unitScratch: UnitGradientScratch
     private var shape = (batch: 0, stemSize: 0, poolSize: 0, finalSize: 0)
     /// The activations' layout in the last forward pass (`Convolution.layout`).
     private var layout = ActivationLayout.nchw
@@ -335,12 +386,16 @@ public final class ResNet {
     private var hasInput = false
 
     /// Registers every parameter and buffer under `prefix` (e.g. "image.") with torchvision's names.
-    public init(config: ResNetConfig, layout: inout ParameterLayout, prefix: String = "") throws {
+    /// `sharesGradientRooms` (default true): the units' and blocks' output gradients take turns with
+    /// the network's shared rooms (`UnitGradientScratch`); false gives each its own (the same values,
+    /// more memory: the check that the rooms' turns never overlap).
+    public init(config: ResNetConfig, layout: inout ParameterLayout, prefix: String = "", sharesGradientRooms: Bool = true) throws {
         try config.validate()
         self.config = config
         self.prefix = prefix
+        unitScratch = UnitGradientScratch(shares: sharesGradientRooms)
         stem = try ConvBNUnit(&layout, conv: "\(prefix)conv1", bn: "\(prefix)bn1", inChannels: 3, outChannels: config.width,
-                              kernel: 7, stride: 2, padding: 3, relu: true)
+                              kernel: 7, stride: 2, padding: 3, relu: true, scratch: unitScratch)
         var blocks: [ResidualBlock] = []
         var prefixes: [String] = []
         var inChannels = config.width
@@ -349,7 +404,8 @@ public final class ResNet {
             for i in 0..<count {
                 prefixes.append("\(prefix)layer\(stage + 1).\(i).")
                 let block = try ResidualBlock(&layout, "\(prefix)layer\(stage + 1).\(i)", block: config.block, inChannels: inChannels,
-                                              planes: planes, stride: i == 0 && stage > 0 ? 2 : 1)
+                                              planes: planes, stride: i == 0 && stage > 0 ? 2 : 1, scratch: unitScratch,
+                                              gradOutput: unitScratch.blockGradient(blocks.count))
                 inChannels = block.outChannels
                 blocks.append(block)
             }
@@ -394,7 +450,7 @@ public final class ResNet {
         } else {
             MaxPool2d.forward(output: pooled, indices: indices, input: x0, planes: planes, height: s1, width: s1)
         }
-        poolGrad.zeroed(planes * s2 * s2)
+        poolGrad.ensure(planes * s2 * s2)  // written whole by the first block's backward
         // The blocks' inputs in bf16 too where their convolutions read bf16.
         let halves = keepsBF16Activations && stem.kernels.takesBF16(context.precision, layout)
         pooledHalves = halves
@@ -421,6 +477,7 @@ public final class ResNet {
     public func backward(_ arena: ParameterArena, gradFeatures: UnsafePointer<Float>, context: PassContext) throws {
         precondition(hasInput, "backward before forward")
         let last = blocks[blocks.count - 1]
+        last.gradOutput.pointer.update(repeating: 0, count: shape.batch * featureCount * shape.finalSize * shape.finalSize)  // pooling's backward adds
         if layout != .nchw {
             let (images, lanes) = layout.pixelRows(batch: shape.batch, channels: featureCount)
             GlobalAvgPool.backwardNHWC(gradInput: last.gradOutput.pointer, gradOutput: gradFeatures, batch: images, channels: lanes,
@@ -454,11 +511,13 @@ public final class ResNet {
     /// Bytes held by activations and their gradients at the largest batch seen.
     public var activationBytes: Int {
         var total = poolOutput.bytes + poolOutputBF16.bytes + poolGrad.bytes + poolIndices.bytes + features.bytes + workspace.bytes + inputImages.bytes
+            + unitScratch.bytes
+        let shared = Set(unitScratch.rooms.map(ObjectIdentifier.init))
         for unit in [stem] + blocks.flatMap(\.allUnits) {
-            total += unit.convOut.bytes + unit.gradConvOut.bytes + unit.gradConvOutBF16.bytes + unit.output.bytes + unit.outputBF16.bytes
-                + unit.gradOutput.bytes
+            total += unit.convOut.bytes + unit.output.bytes + unit.outputBF16.bytes
+                + (shared.contains(ObjectIdentifier(unit.gradOutput)) ? 0 : unit.gradOutput.bytes)
         }
-        for block in blocks { total += block.output.bytes + block.outputBF16.bytes + block.gradOutput.bytes }
+        for block in blocks { total += block.output.bytes + block.outputBF16.bytes }
         return total
     }
 }

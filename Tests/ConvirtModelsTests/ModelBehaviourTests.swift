@@ -348,6 +348,48 @@ extension ResNetLayoutTests {
     }
 }
 
+extension ResNetLayoutTests {
+    // The units' and blocks' output gradients take turns with two rooms each (`UnitGradientScratch`);
+    // with a room of their own every one, the network computes the same bits. Two blocks a stage, so
+    // that identity blocks and downsampling ones follow one another in both rooms.
+    @Test("a ResNet whose layers share their gradients' rooms computes the bits of one that gives each its own",
+          arguments: [ResNetConfig.Block.basic, .bottleneck])
+    func sharedGradientRooms(block: ResNetConfig.Block) throws {
+        var precisions = [Precision.fp32]
+        if BF16.native { precisions.append(.bf16) }
+        for precision in precisions {
+            func pass(shared: Bool) throws -> (features: [Float], grads: [Float], bytes: Int) {
+                var parameters = ParameterLayout()
+                let net = try ResNet(config: ResNetConfig(layers: [2, 2, 1, 1], width: 16, block: block, imageSize: 32), layout: &parameters,
+                                     sharesGradientRooms: shared)
+                let arena = ParameterArena(layout: parameters)
+                net.initialize(arena, stream: RandomStream(seed: 5))
+                let (batch, size) = (3, 40)
+                let images = (0..<(batch * 3 * size * size)).map { RandomStream(seed: 6).normal(at: UInt64($0)) }
+                let context = PassContext(training: true, precision: precision)
+                var features: [Float] = []
+                arena.zeroGrads()
+                for _ in 0..<2 {  // twice: the rooms hold the first pass's gradients when the second starts
+                    let f = try net.forward(arena, images: images, batch: batch, size: size, context: context)
+                    features = Array(UnsafeBufferPointer(start: f, count: batch * net.featureCount))
+                    let g = (0..<features.count).map { RandomStream(seed: 7).normal(at: UInt64($0)) }
+                    try net.backward(arena, gradFeatures: g, context: context)
+                }
+                return (features, Array(UnsafeBufferPointer(start: arena.grads, count: arena.count)), net.activationBytes)
+            }
+            let own = try pass(shared: false), shared = try pass(shared: true)
+            func firstDifference(_ a: [Float], _ b: [Float]) -> String? {
+                zip(a, b).enumerated().first { $0.element.0 != $0.element.1 }.map { "element \($0.offset): \($0.element.0) against \($0.element.1)" }
+            }
+            let features = firstDifference(shared.features, own.features), grads = firstDifference(shared.grads, own.grads)
+            #expect(features == nil, "features, \(precision) \(block): \(features ?? "")")
+            #expect(grads == nil, "gradients, \(precision) \(block): \(grads ?? "")")
+            #expect(shared.grads.contains { $0 != 0 })
+            #expect(shared.bytes < own.bytes, "\(shared.bytes) bytes shared against \(own.bytes)")
+        }
+    }
+}
+
 private func maxAbsDiff(_ a: [Float], _ b: [Float]) -> Float {
     zip(a, b).reduce(0) { max($0, abs($1.0 - $1.1)) }
 }

@@ -136,7 +136,11 @@ final class UnitGradientScratch {
     /// The blocks' output gradients, block k's in room k % 2: written by the backward of block k + 1
     /// (its first writer overwrites), read by block k's, while block k + 1 reads the other room.
     let blockGradients = (Scratch<Float>(), Scratch<Float>())
-    var rooms: [Scratch<Float>] { [outputGradients.0, outputGradients.1, blockGradients.0, blockGradients.1] }
+    /// The outputs of the blocks' last units and of their downsamples: read only by the block's
+    /// residual sum, in forward (neither has a ReLU whose mask backward reads), so every block writes
+    /// them into the same two rooms.
+    let sumInputs = (branch: Scratch<Float>(), identity: Scratch<Float>())
+    var rooms: [Scratch<Float>] { [outputGradients.0, outputGradients.1, blockGradients.0, blockGradients.1, sumInputs.branch, sumInputs.identity] }
     var bytes: Int { floats.bytes + halves.bytes + rooms.reduce(0) { $0 + $1.bytes } }
 
     /// The output gradient's room of unit `k` of a block of `count` units (the downsample: `count`).
@@ -149,6 +153,12 @@ final class UnitGradientScratch {
     func blockGradient(_ k: Int) -> Scratch<Float> {
         guard shares else { return Scratch<Float>() }
         return k % 2 == 0 ? blockGradients.0 : blockGradients.1
+    }
+
+    /// The output room of a block's last unit (`identity` false) or of its downsample.
+    func sumInput(identity: Bool) -> Scratch<Float> {
+        guard shares else { return Scratch<Float>() }
+        return identity ? sumInputs.identity : sumInputs.branch
     }
 
     /// false: every unit and block gets a room of its own.
@@ -166,7 +176,10 @@ final class ConvBNUnit {
     let convOut = Scratch<Float>()
     /// The network's shared room for the convolution's output gradient.
     let gradConvOut: UnitGradientScratch
-    let output = Scratch<Float>(), outputBF16 = Scratch<UInt16>()
+    let outputBF16 = Scratch<UInt16>()
+    /// The output (floats): the unit's own, or, where only the residual sum of its block reads it, a
+    /// room every block's unit in that place shares (`UnitGradientScratch.sumInput`).
+    let output: Scratch<Float>
     /// The output's gradient: the unit's own, or a room it shares with units whose gradients live at
     /// other times (`UnitGradientScratch.outputGradient`).
     let gradOutput: Scratch<Float>
@@ -179,9 +192,13 @@ final class ConvBNUnit {
     private(set) var wrote = (floats: true, halves: false)
 
     init(_ layout: inout ParameterLayout, conv convName: String, bn bnName: String, inChannels: Int, outChannels: Int,
-         kernel: Int, stride: Int, padding: Int, relu: Bool, scratch: UnitGradientScratch, gradOutput: Scratch<Float>? = nil) throws {
+         kernel: Int, stride: Int, padding: Int, relu: Bool, scratch: UnitGradientScratch, gradOutput: Scratch<Float>? = nil,
+         output: Scratch<Float>? = nil) throws {
+        // A shared output is gone by backward: only a unit without a ReLU (no mask to read) may have one.
+        precondition(output == nil || !relu, "\(convName): a unit with a ReLU keeps its own output")
         gradConvOut = scratch
         self.gradOutput = gradOutput ?? Scratch<Float>()
+        self.output = output ?? Scratch<Float>()
         conv = try layout.add("\(convName).weight", shape: [outChannels, inChannels, kernel, kernel])
         bn = try BatchNormLayer(&layout, bnName, channels: outChannels)
         self.inChannels = inChannels; self.outChannels = outChannels
@@ -276,21 +293,23 @@ final class ResidualBlock {
         case .basic:
             units = [
                 try ConvBNUnit(&layout, conv: "\(name).conv1", bn: "\(name).bn1", inChannels: inChannels, outChannels: planes, kernel: 3, stride: stride, padding: 1, relu: true, scratch: scratch, gradOutput: room(0)),
-                try ConvBNUnit(&layout, conv: "\(name).conv2", bn: "\(name).bn2", inChannels: planes, outChannels: planes, kernel: 3, stride: 1, padding: 1, relu: false, scratch: scratch, gradOutput: room(1)),
+                try ConvBNUnit(&layout, conv: "\(name).conv2", bn: "\(name).bn2", inChannels: planes, outChannels: planes, kernel: 3, stride: 1, padding: 1, relu: false, scratch: scratch, gradOutput: room(1),
+                               output: scratch.sumInput(identity: false)),
             ]
             outChannels = planes
         case .bottleneck:
             units = [
                 try ConvBNUnit(&layout, conv: "\(name).conv1", bn: "\(name).bn1", inChannels: inChannels, outChannels: planes, kernel: 1, stride: 1, padding: 0, relu: true, scratch: scratch, gradOutput: room(0)),
                 try ConvBNUnit(&layout, conv: "\(name).conv2", bn: "\(name).bn2", inChannels: planes, outChannels: planes, kernel: 3, stride: stride, padding: 1, relu: true, scratch: scratch, gradOutput: room(1)),
-                try ConvBNUnit(&layout, conv: "\(name).conv3", bn: "\(name).bn3", inChannels: planes, outChannels: planes * 4, kernel: 1, stride: 1, padding: 0, relu: false, scratch: scratch, gradOutput: room(2)),
+                try ConvBNUnit(&layout, conv: "\(name).conv3", bn: "\(name).bn3", inChannels: planes, outChannels: planes * 4, kernel: 1, stride: 1, padding: 0, relu: false, scratch: scratch, gradOutput: room(2),
+                               output: scratch.sumInput(identity: false)),
             ]
             outChannels = planes * 4
         }
         if stride != 1 || inChannels != outChannels {
             downsample = try ConvBNUnit(&layout, conv: "\(name).downsample.0", bn: "\(name).downsample.1", inChannels: inChannels,
                                         outChannels: outChannels, kernel: 1, stride: stride, padding: 0, relu: false, scratch: scratch,
-                                        gradOutput: room(n))
+                                        gradOutput: room(n), output: scratch.sumInput(identity: true))
         } else {
             downsample = nil
         }
@@ -386,9 +405,9 @@ public final class ResNet {
     private var hasInput = false
 
     /// Registers every parameter and buffer under `prefix` (e.g. "image.") with torchvision's names.
-    /// `sharesGradientRooms` (default true): the units' and blocks' output gradients take turns with
-    /// the network's shared rooms (`UnitGradientScratch`); false gives each its own (the same values,
-    /// more memory: the check that the rooms' turns never overlap).
+    /// `sharesGradientRooms` (default true): the units' and blocks' output gradients, and the outputs
+    /// that only a residual sum reads, take turns with the network's shared rooms (`UnitGradientScratch`);
+    /// false gives each its own (the same values, more memory: the check that the turns never overlap).
     public init(config: ResNetConfig, layout: inout ParameterLayout, prefix: String = "", sharesGradientRooms: Bool = true) throws {
         try config.validate()
         self.config = config
@@ -514,7 +533,8 @@ public final class ResNet {
             + unitScratch.bytes
         let shared = Set(unitScratch.rooms.map(ObjectIdentifier.init))
         for unit in [stem] + blocks.flatMap(\.allUnits) {
-            total += unit.convOut.bytes + unit.output.bytes + unit.outputBF16.bytes
+            total += unit.convOut.bytes + unit.outputBF16.bytes
+                + (shared.contains(ObjectIdentifier(unit.output)) ? 0 : unit.output.bytes)
                 + (shared.contains(ObjectIdentifier(unit.gradOutput)) ? 0 : unit.gradOutput.bytes)
         }
         for block in blocks { total += block.output.bytes + block.outputBF16.bytes }

@@ -1,5 +1,8 @@
 // The counter-based generator, the arena, the optimizer reference, and clear errors for bad shapes.
 
+#if canImport(Glibc)
+import Glibc
+#endif
 import ConvirtCore
 import ConvirtTestSupport
 import Testing
@@ -66,6 +69,33 @@ struct ArenaTests {
         #expect(throws: ConvirtError.self) { try arena.set("b.weight", Tensor<Float>(shape: [4])) }
         #expect(throws: ConvirtError.self) { try arena.view("nope") }
         #expect(throws: ConvirtError.self) { try layout.add("a.weight", shape: [1]) }
+    }
+
+    /// The gradients and moments of frozen entries are anonymous pages nothing writes: zero, and not
+    /// resident (mincore), after zeroGrads and Adam over the trainable entries.
+    @Test("a frozen entry's gradient and Adam moments read zero and take no memory")
+    func frozenPagesStayUnwritten() throws {
+        let page = Int(sysconf(Int32(_SC_PAGESIZE)))
+        var layout = ParameterLayout()
+        try layout.add("w", shape: [1000])
+        let frozen = try layout.add("frozen", shape: [64 * page])  // 256 pages
+        try layout.setKind(.frozen, for: "frozen")
+        let arena = ParameterArena(layout: layout)
+        arena.zeroGrads()
+        for i in 0..<1000 { arena.grads[i] = 1 }
+        Adam.step(arena, step: 1, config: AdamConfig(learningRate: 1e-2))
+        func residentPages(_ base: UnsafeMutablePointer<Float>) -> Int {
+            // Whole pages inside the entry's range.
+            let start = (Int(bitPattern: base + frozen.offset) + page - 1) / page * page
+            let end = Int(bitPattern: base + frozen.offset + frozen.count) / page * page
+            var flags = [UInt8](repeating: 0, count: (end - start) / page)
+            #expect(mincore(UnsafeMutableRawPointer(bitPattern: start), end - start, &flags) == 0)
+            return flags.filter { $0 & 1 == 1 }.count
+        }
+        let (m, v) = arena.moments(at: 0)
+        #expect(residentPages(arena.grads) == 0 && residentPages(m) == 0 && residentPages(v) == 0)
+        #expect(try arena.gradient("frozen").scalars.allSatisfy { $0 == 0 })
+        #expect(arena.grads[0] == 1 && m[0] != 0)
     }
 
     @Test("Adam over the arena equals the Double reference, and leaves frozen entries alone")

@@ -121,49 +121,41 @@ struct Activation {
     var halves: UnsafePointer<UInt16>?
 }
 
-/// Gradients the units of one network share, each held once at the largest unit's size. The
-/// convolution's output gradient lives only inside its unit's backward call, from batch norm's backward
-/// to the convolution's (floats, or bf16 where the convolution reads bf16). The output gradients of the
-/// units inside a residual block live from the backward of the layer after a unit to the unit's own:
-/// the block's units take turns with two rooms (the last unit the first, its predecessor the second,
-/// and so on; the downsample the second, consumed before the units run), which every block reuses.
+/// Buffers the layers of one network take turns with, each held once at its largest user's size.
+/// - The convolution's output gradient lives only inside its unit's backward call, from batch norm's
+///   backward to the convolution's (floats, or bf16 where the convolution reads bf16): one room.
+/// - The output gradients of the units inside a residual block live from the backward of the layer
+///   after a unit to the unit's own: the block's units take turns with two rooms (the last unit the
+///   first, its predecessor the second, and so on; the downsample the second, consumed before the
+///   units run), which every block reuses.
+/// - The blocks' output gradients: block k's in room k % 2, written by the backward of block k + 1 (its
+///   first writer overwrites) and read by block k's, while block k + 1 reads the other room.
+/// - The outputs of the blocks' last units and of their downsamples are read only by the block's
+///   residual sum, in forward (neither has a ReLU whose mask backward reads): two rooms.
 /// (Each layer consumes its output gradient before it writes its input's, so one room would hold the
 /// values; two keep apart what one layer's backward reads and what it writes: the residual end's
 /// branch and identity gradients, a unit's output and input gradients, a block's and its input's.)
-final class UnitGradientScratch {
-    let floats = Scratch<Float>(), halves = Scratch<UInt16>()
-    let outputGradients = (Scratch<Float>(), Scratch<Float>())
-    /// The blocks' output gradients, block k's in room k % 2: written by the backward of block k + 1
-    /// (its first writer overwrites), read by block k's, while block k + 1 reads the other room.
-    let blockGradients = (Scratch<Float>(), Scratch<Float>())
-    /// The outputs of the blocks' last units and of their downsamples: read only by the block's
-    /// residual sum, in forward (neither has a ReLU whose mask backward reads), so every block writes
-    /// them into the same two rooms.
-    let sumInputs = (branch: Scratch<Float>(), identity: Scratch<Float>())
-    var rooms: [Scratch<Float>] { [outputGradients.0, outputGradients.1, blockGradients.0, blockGradients.1, sumInputs.branch, sumInputs.identity] }
-    var bytes: Int { floats.bytes + halves.bytes + rooms.reduce(0) { $0 + $1.bytes } }
+final class SharedRooms {
+    let convGradient = Scratch<Float>(), convGradientBF16 = Scratch<UInt16>()
+    private let unitGradients = (Scratch<Float>(), Scratch<Float>())
+    private let blockGradients = (Scratch<Float>(), Scratch<Float>())
+    private let sumInputs = (branch: Scratch<Float>(), identity: Scratch<Float>())
+    /// false: every unit and block gets a room of its own (the same values, more memory).
+    let shares: Bool
+    init(shares: Bool) { self.shares = shares }
+
+    private func room(_ shared: Scratch<Float>) -> Scratch<Float> { shares ? shared : Scratch<Float>() }
 
     /// The output gradient's room of unit `k` of a block of `count` units (the downsample: `count`).
-    func outputGradient(unit k: Int, of count: Int) -> Scratch<Float> {
-        guard shares else { return Scratch<Float>() }
-        return k == count || (count - 1 - k) % 2 == 1 ? outputGradients.1 : outputGradients.0
+    func unitGradient(_ k: Int, of count: Int) -> Scratch<Float> {
+        room(k == count || (count - 1 - k) % 2 == 1 ? unitGradients.1 : unitGradients.0)
     }
 
     /// Block k's output gradient.
-    func blockGradient(_ k: Int) -> Scratch<Float> {
-        guard shares else { return Scratch<Float>() }
-        return k % 2 == 0 ? blockGradients.0 : blockGradients.1
-    }
+    func blockGradient(_ k: Int) -> Scratch<Float> { room(k % 2 == 0 ? blockGradients.0 : blockGradients.1) }
 
     /// The output room of a block's last unit (`identity` false) or of its downsample.
-    func sumInput(identity: Bool) -> Scratch<Float> {
-        guard shares else { return Scratch<Float>() }
-        return identity ? sumInputs.identity : sumInputs.branch
-    }
-
-    /// false: every unit and block gets a room of its own.
-    let shares: Bool
-    init(shares: Bool) { self.shares = shares }
+    func sumInput(identity: Bool) -> Scratch<Float> { room(identity ? sumInputs.identity : sumInputs.branch) }
 }
 
 /// conv (no bias) -> batch norm -> optional ReLU, the unit ResNet is made of. It owns its activations
@@ -174,14 +166,14 @@ final class ConvBNUnit {
     let inChannels, outChannels, kernel, stride, padding: Int
     let relu: Bool
     let convOut = Scratch<Float>()
-    /// The network's shared room for the convolution's output gradient.
-    let gradConvOut: UnitGradientScratch
+    /// The network's rooms (the convolution's output gradient is always in the shared one).
+    let rooms: SharedRooms
     let outputBF16 = Scratch<UInt16>()
     /// The output (floats): the unit's own, or, where only the residual sum of its block reads it, a
-    /// room every block's unit in that place shares (`UnitGradientScratch.sumInput`).
+    /// room every block's unit in that place shares (`SharedRooms.sumInput`).
     let output: Scratch<Float>
     /// The output's gradient: the unit's own, or a room it shares with units whose gradients live at
-    /// other times (`UnitGradientScratch.outputGradient`).
+    /// other times (`SharedRooms.unitGradient`).
     let gradOutput: Scratch<Float>
     /// oneDNN's primitives or im2col + sgemm, per geometry (`Convolution.policy`).
     let kernels = Convolution()
@@ -192,11 +184,11 @@ final class ConvBNUnit {
     private(set) var wrote = (floats: true, halves: false)
 
     init(_ layout: inout ParameterLayout, conv convName: String, bn bnName: String, inChannels: Int, outChannels: Int,
-         kernel: Int, stride: Int, padding: Int, relu: Bool, scratch: UnitGradientScratch, gradOutput: Scratch<Float>? = nil,
+         kernel: Int, stride: Int, padding: Int, relu: Bool, rooms: SharedRooms, gradOutput: Scratch<Float>? = nil,
          output: Scratch<Float>? = nil) throws {
         // A shared output is gone by backward: only a unit without a ReLU (no mask to read) may have one.
         precondition(output == nil || !relu, "\(convName): a unit with a ReLU keeps its own output")
-        gradConvOut = scratch
+        self.rooms = rooms
         self.gradOutput = gradOutput ?? Scratch<Float>()
         self.output = output ?? Scratch<Float>()
         conv = try layout.add("\(convName).weight", shape: [outChannels, inChannels, kernel, kernel])
@@ -261,7 +253,7 @@ final class ConvBNUnit {
         let count = g.outputCount
         let mask = relu ? ReLUMask(lastOutput.floats, lastOutput.halves) : nil
         let halves = kernels.takesBF16(context.precision, layouts.output)
-        let dc = halves ? nil : gradConvOut.floats.ensure(count), dc16 = halves ? gradConvOut.halves.ensure(count) : nil
+        let dc = halves ? nil : rooms.convGradient.ensure(count), dc16 = halves ? rooms.convGradientBF16.ensure(count) : nil
         try bn.backward(arena, gradInput: dc, gradInputBF16: dc16, gradOutput: gradOutput.pointer, input: convOut.pointer, reluOutput: mask,
                         batch: g.batch, plane: g.outPlane, layout: layouts.output, context: context)
         try kernels.backward(gradInput: gradInput, gradWeight: arena.grads + conv.offset, gradOutput: dc.map { UnsafePointer($0) },
@@ -285,31 +277,31 @@ final class ResidualBlock {
     private var shape = (batch: 0, height: 0, width: 0, outHeight: 0, outWidth: 0)
 
     init(_ layout: inout ParameterLayout, _ name: String, block: ResNetConfig.Block, inChannels: Int, planes: Int, stride: Int,
-         scratch: UnitGradientScratch, gradOutput: Scratch<Float>) throws {
+         rooms: SharedRooms, gradOutput: Scratch<Float>) throws {
         self.gradOutput = gradOutput
         let n = block == .basic ? 2 : 3
-        func room(_ k: Int) -> Scratch<Float> { scratch.outputGradient(unit: k, of: n) }
+        func room(_ k: Int) -> Scratch<Float> { rooms.unitGradient(k, of: n) }
         switch block {
         case .basic:
             units = [
-                try ConvBNUnit(&layout, conv: "\(name).conv1", bn: "\(name).bn1", inChannels: inChannels, outChannels: planes, kernel: 3, stride: stride, padding: 1, relu: true, scratch: scratch, gradOutput: room(0)),
-                try ConvBNUnit(&layout, conv: "\(name).conv2", bn: "\(name).bn2", inChannels: planes, outChannels: planes, kernel: 3, stride: 1, padding: 1, relu: false, scratch: scratch, gradOutput: room(1),
-                               output: scratch.sumInput(identity: false)),
+                try ConvBNUnit(&layout, conv: "\(name).conv1", bn: "\(name).bn1", inChannels: inChannels, outChannels: planes, kernel: 3, stride: stride, padding: 1, relu: true, rooms: rooms, gradOutput: room(0)),
+                try ConvBNUnit(&layout, conv: "\(name).conv2", bn: "\(name).bn2", inChannels: planes, outChannels: planes, kernel: 3, stride: 1, padding: 1, relu: false, rooms: rooms, gradOutput: room(1),
+                               output: rooms.sumInput(identity: false)),
             ]
             outChannels = planes
         case .bottleneck:
             units = [
-                try ConvBNUnit(&layout, conv: "\(name).conv1", bn: "\(name).bn1", inChannels: inChannels, outChannels: planes, kernel: 1, stride: 1, padding: 0, relu: true, scratch: scratch, gradOutput: room(0)),
-                try ConvBNUnit(&layout, conv: "\(name).conv2", bn: "\(name).bn2", inChannels: planes, outChannels: planes, kernel: 3, stride: stride, padding: 1, relu: true, scratch: scratch, gradOutput: room(1)),
-                try ConvBNUnit(&layout, conv: "\(name).conv3", bn: "\(name).bn3", inChannels: planes, outChannels: planes * 4, kernel: 1, stride: 1, padding: 0, relu: false, scratch: scratch, gradOutput: room(2),
-                               output: scratch.sumInput(identity: false)),
+                try ConvBNUnit(&layout, conv: "\(name).conv1", bn: "\(name).bn1", inChannels: inChannels, outChannels: planes, kernel: 1, stride: 1, padding: 0, relu: true, rooms: rooms, gradOutput: room(0)),
+                try ConvBNUnit(&layout, conv: "\(name).conv2", bn: "\(name).bn2", inChannels: planes, outChannels: planes, kernel: 3, stride: stride, padding: 1, relu: true, rooms: rooms, gradOutput: room(1)),
+                try ConvBNUnit(&layout, conv: "\(name).conv3", bn: "\(name).bn3", inChannels: planes, outChannels: planes * 4, kernel: 1, stride: 1, padding: 0, relu: false, rooms: rooms, gradOutput: room(2),
+                               output: rooms.sumInput(identity: false)),
             ]
             outChannels = planes * 4
         }
         if stride != 1 || inChannels != outChannels {
             downsample = try ConvBNUnit(&layout, conv: "\(name).downsample.0", bn: "\(name).downsample.1", inChannels: inChannels,
-                                        outChannels: outChannels, kernel: 1, stride: stride, padding: 0, relu: false, scratch: scratch,
-                                        gradOutput: room(n), output: scratch.sumInput(identity: true))
+                                        outChannels: outChannels, kernel: 1, stride: stride, padding: 0, relu: false, rooms: rooms,
+                                        gradOutput: room(n), output: rooms.sumInput(identity: true))
         } else {
             downsample = nil
         }
@@ -383,7 +375,7 @@ public final class ResNet {
     let poolOutput = Scratch<Float>(), poolOutputBF16 = Scratch<UInt16>(), poolIndices = Scratch<Int32>(), poolGrad = Scratch<Float>()
     let features = Scratch<Float>()
     let workspace = Scratch<Float>()
-    let unitScratch: UnitGradientScratch
+    let rooms: SharedRooms
     private var shape = (batch: 0, stemSize: 0, poolSize: 0, finalSize: 0)
     /// The activations' layout in the last forward pass (`Convolution.layout`).
     private var layout = ActivationLayout.nchw
@@ -406,15 +398,15 @@ public final class ResNet {
 
     /// Registers every parameter and buffer under `prefix` (e.g. "image.") with torchvision's names.
     /// `sharesGradientRooms` (default true): the units' and blocks' output gradients, and the outputs
-    /// that only a residual sum reads, take turns with the network's shared rooms (`UnitGradientScratch`);
+    /// that only a residual sum reads, take turns with the network's shared rooms (`SharedRooms`);
     /// false gives each its own (the same values, more memory: the check that the turns never overlap).
     public init(config: ResNetConfig, layout: inout ParameterLayout, prefix: String = "", sharesGradientRooms: Bool = true) throws {
         try config.validate()
         self.config = config
         self.prefix = prefix
-        unitScratch = UnitGradientScratch(shares: sharesGradientRooms)
+        rooms = SharedRooms(shares: sharesGradientRooms)
         stem = try ConvBNUnit(&layout, conv: "\(prefix)conv1", bn: "\(prefix)bn1", inChannels: 3, outChannels: config.width,
-                              kernel: 7, stride: 2, padding: 3, relu: true, scratch: unitScratch)
+                              kernel: 7, stride: 2, padding: 3, relu: true, rooms: rooms)
         var blocks: [ResidualBlock] = []
         var prefixes: [String] = []
         var inChannels = config.width
@@ -423,8 +415,8 @@ public final class ResNet {
             for i in 0..<count {
                 prefixes.append("\(prefix)layer\(stage + 1).\(i).")
                 let block = try ResidualBlock(&layout, "\(prefix)layer\(stage + 1).\(i)", block: config.block, inChannels: inChannels,
-                                              planes: planes, stride: i == 0 && stage > 0 ? 2 : 1, scratch: unitScratch,
-                                              gradOutput: unitScratch.blockGradient(blocks.count))
+                                              planes: planes, stride: i == 0 && stage > 0 ? 2 : 1, rooms: rooms,
+                                              gradOutput: rooms.blockGradient(blocks.count))
                 inChannels = block.outChannels
                 blocks.append(block)
             }
@@ -527,17 +519,16 @@ public final class ResNet {
         try context.gradientsReady?("\(prefix)bn1.")
     }
 
-    /// Bytes held by activations and their gradients at the largest batch seen.
+    /// Bytes held by activations and their gradients at the largest batch seen, each buffer once
+    /// (layers share rooms, `SharedRooms`).
     public var activationBytes: Int {
-        var total = poolOutput.bytes + poolOutputBF16.bytes + poolGrad.bytes + poolIndices.bytes + features.bytes + workspace.bytes + inputImages.bytes
-            + unitScratch.bytes
-        let shared = Set(unitScratch.rooms.map(ObjectIdentifier.init))
-        for unit in [stem] + blocks.flatMap(\.allUnits) {
-            total += unit.convOut.bytes + unit.outputBF16.bytes
-                + (shared.contains(ObjectIdentifier(unit.output)) ? 0 : unit.output.bytes)
-                + (shared.contains(ObjectIdentifier(unit.gradOutput)) ? 0 : unit.gradOutput.bytes)
-        }
-        for block in blocks { total += block.output.bytes + block.outputBF16.bytes }
-        return total
+        var held: [ObjectIdentifier: Int] = [:]
+        func hold<Element>(_ buffers: Scratch<Element>...) { for b in buffers { held[ObjectIdentifier(b)] = b.bytes } }
+        hold(poolOutput, poolGrad, features, workspace, inputImages, rooms.convGradient)
+        hold(poolOutputBF16, rooms.convGradientBF16)
+        hold(poolIndices)
+        for unit in [stem] + blocks.flatMap(\.allUnits) { hold(unit.convOut, unit.output, unit.gradOutput); hold(unit.outputBF16) }
+        for block in blocks { hold(block.output, block.gradOutput); hold(block.outputBF16) }
+        return held.values.reduce(0, +)
     }
 }

@@ -281,13 +281,15 @@ struct ModelBehaviourTests {
 
 @Suite("ResNet activation layouts")
 struct ResNetLayoutTests {
-    /// Features and every gradient of a width-16 ResNet (basic blocks, training-mode BatchNorm) with its
-    /// activations in `layout` (nil: NCHW by the default kernels).
-    func pass(_ layout: ActivationLayout?, precision: Precision, block: ResNetConfig.Block, bf16Copies: Bool = true, training: Bool = true)
-        throws -> (features: [Float], grads: [Float]) {
+    /// Features and every gradient of a width-16 ResNet (training-mode BatchNorm by default) with its
+    /// activations in `layout` (nil: NCHW by the default kernels), after `passes` forward and backward
+    /// passes (the gradients summed), and the bytes its activations hold.
+    func pass(_ layout: ActivationLayout?, precision: Precision, block: ResNetConfig.Block, bf16Copies: Bool = true, training: Bool = true,
+              layers: [Int] = [1, 1, 1, 1], sharesGradientRooms: Bool = true, passes: Int = 1)
+        throws -> (features: [Float], grads: [Float], bytes: Int) {
         var parameters = ParameterLayout()
-        let config = ResNetConfig(layers: [1, 1, 1, 1], width: 16, block: block, imageSize: 32)
-        let net = try ResNet(config: config, layout: &parameters)
+        let config = ResNetConfig(layers: layers, width: 16, block: block, imageSize: 32)
+        let net = try ResNet(config: config, layout: &parameters, sharesGradientRooms: sharesGradientRooms)
         let arena = ParameterArena(layout: parameters)
         net.initialize(arena, stream: RandomStream(seed: 5))
         net.activationLayout = layout
@@ -295,22 +297,26 @@ struct ResNetLayoutTests {
         let (batch, size) = (3, 40)
         let images = (0..<(batch * 3 * size * size)).map { RandomStream(seed: 6).normal(at: UInt64($0)) }
         let context = PassContext(training: training, precision: precision)
-        let f = try net.forward(arena, images: images, batch: batch, size: size, context: context)
-        let features = Array(UnsafeBufferPointer(start: f, count: batch * net.featureCount))
-        let g = (0..<features.count).map { RandomStream(seed: 7).normal(at: UInt64($0)) }
+        var features: [Float] = []
         arena.zeroGrads()
-        try net.backward(arena, gradFeatures: g, context: context)
-        return (features, Array(UnsafeBufferPointer(start: arena.grads, count: arena.count)))
+        for _ in 0..<passes {
+            let f = try net.forward(arena, images: images, batch: batch, size: size, context: context)
+            features = Array(UnsafeBufferPointer(start: f, count: batch * net.featureCount))
+            let g = (0..<features.count).map { RandomStream(seed: 7).normal(at: UInt64($0)) }
+            try net.backward(arena, gradFeatures: g, context: context)
+        }
+        return (features, Array(UnsafeBufferPointer(start: arena.grads, count: arena.count)), net.activationBytes)
     }
+
+    /// fp32, and bf16 where oneDNN runs bf16 kernels.
+    static var precisions: [Precision] { BF16.native ? [.fp32, .bf16] : [.fp32] }
 
     // The kernels of each layout equal NCHW's on their own (ChannelsLastTests); here the whole network's
     // plumbing: the stem's NCHW input, max pool, residual sums, downsampling, average pool and backward.
     @Test("a ResNet with its activations in NHWC or nChw16c computes NCHW's features and gradients",
           arguments: [ResNetConfig.Block.basic, .bottleneck])
     func layouts(block: ResNetConfig.Block) throws {
-        var precisions = [Precision.fp32]
-        if BF16.native { precisions.append(.bf16) }
-        for precision in precisions {
+        for precision in Self.precisions {
             // NCHW on oneDNN in bf16; by im2col + sgemm in fp32 (oneDNN's fp32 sums in other orders).
             let reference = try pass(nil, precision: precision, block: block)
             // In bf16 only nChw16c: NCHW's convolutions run in oneDNN's nChw16c inside, so the products are
@@ -349,33 +355,16 @@ extension ResNetLayoutTests {
 }
 
 extension ResNetLayoutTests {
-    // The units' and blocks' output gradients take turns with two rooms each (`UnitGradientScratch`);
+    // The units' and blocks' output gradients take turns with two rooms each (`SharedRooms`);
     // with a room of their own every one, the network computes the same bits. Two blocks a stage, so
     // that identity blocks and downsampling ones follow one another in both rooms.
     @Test("a ResNet whose layers share their gradients' rooms computes the bits of one that gives each its own",
           arguments: [ResNetConfig.Block.basic, .bottleneck])
     func sharedGradientRooms(block: ResNetConfig.Block) throws {
-        var precisions = [Precision.fp32]
-        if BF16.native { precisions.append(.bf16) }
-        for precision in precisions {
+        for precision in Self.precisions {
+            // Twice: the rooms hold the first pass's gradients when the second starts.
             func pass(shared: Bool) throws -> (features: [Float], grads: [Float], bytes: Int) {
-                var parameters = ParameterLayout()
-                let net = try ResNet(config: ResNetConfig(layers: [2, 2, 1, 1], width: 16, block: block, imageSize: 32), layout: &parameters,
-                                     sharesGradientRooms: shared)
-                let arena = ParameterArena(layout: parameters)
-                net.initialize(arena, stream: RandomStream(seed: 5))
-                let (batch, size) = (3, 40)
-                let images = (0..<(batch * 3 * size * size)).map { RandomStream(seed: 6).normal(at: UInt64($0)) }
-                let context = PassContext(training: true, precision: precision)
-                var features: [Float] = []
-                arena.zeroGrads()
-                for _ in 0..<2 {  // twice: the rooms hold the first pass's gradients when the second starts
-                    let f = try net.forward(arena, images: images, batch: batch, size: size, context: context)
-                    features = Array(UnsafeBufferPointer(start: f, count: batch * net.featureCount))
-                    let g = (0..<features.count).map { RandomStream(seed: 7).normal(at: UInt64($0)) }
-                    try net.backward(arena, gradFeatures: g, context: context)
-                }
-                return (features, Array(UnsafeBufferPointer(start: arena.grads, count: arena.count)), net.activationBytes)
+                try self.pass(nil, precision: precision, block: block, layers: [2, 2, 1, 1], sharesGradientRooms: shared, passes: 2)
             }
             let own = try pass(shared: false), shared = try pass(shared: true)
             func firstDifference(_ a: [Float], _ b: [Float]) -> String? {

@@ -1,6 +1,7 @@
 // The convolution on oneDNN against the plain reference (in Double; the reference is itself checked by
 // finite differences in KernelGradientTests), with the accumulate-into-gradients contract of
-// `Conv2d.backward`; bf16 within bf16 rounding where oneDNN implements it on this CPU.
+// `Conv2d.backward`; bf16 within bf16 rounding where oneDNN implements it on this CPU. fp32 matrix
+// products (oneDNN's matmul on AVX-512 CPUs) against the Double product.
 
 import ConvirtCore
 import ConvirtTestSupport
@@ -132,6 +133,60 @@ struct DNNLConvolutionTests {
         } }
         let error = relativeError(y, Reference.conv2dForward(x.map(Double.init), wt.map(Double.init), nil, g))
         #expect(error < 2e-2 && error > 1e-6, "bf16 forward error \(error)")
+    }
+}
+
+@Suite("fp32 matrix products (oneDNN's matmul where FP32Matmul.onDNNL, else sgemm)")
+struct FP32MatmulTests {
+    /// Large enough (m n k >= FP32Matmul.minimumWork) to run on oneDNN where it is the fp32 path.
+    static let (m, n, k) = (67, 160, 200)
+
+    @Test("gemm in fp32 equals the Double product for every transposition, alpha, beta, leading dimension and a bias",
+          arguments: [(false, false), (true, false), (false, true), (true, true)])
+    func product(transposes: (Bool, Bool)) {
+        let (ta, tb) = transposes
+        let (m, n, k) = (Self.m, Self.n, Self.k)
+        #expect(m * n * k >= FP32Matmul.minimumWork)
+        let (aRows, aColumns) = ta ? (k, m) : (m, k), (bRows, bColumns) = tb ? (n, k) : (k, n)
+        let lda = aColumns + 3, ldb = bColumns + 5, ldc = n + 2
+        let a = randomFloats(aRows * lda, seed: 1), b = randomFloats(bRows * ldb, seed: 2), c0 = randomFloats(m * ldc, seed: 3)
+        let bias = randomFloats(n, seed: 4)
+        for (alpha, beta, withBias) in [(Float(0.5), Float(1), false), (1, 0, true), (2, 0, false)] {
+            var c = c0
+            bias.withUnsafeBufferPointer { bias in
+                gemm(.fp32, transposeA: ta, transposeB: tb, m: m, n: n, k: k, alpha: alpha, a: a, lda: lda, b: b, ldb: ldb, beta: beta,
+                     c: &c, ldc: ldc, bias: withBias ? bias.baseAddress! : nil)
+            }
+            var expected = c0.map(Double.init)
+            for i in 0..<m { for j in 0..<n {
+                var s = 0.0
+                for p in 0..<k { s += Double(a[ta ? p * lda + i : i * lda + p]) * Double(b[tb ? j * ldb + p : p * ldb + j]) }
+                expected[i * ldc + j] = Double(alpha) * s + Double(beta) * Double(c0[i * ldc + j]) + (withBias ? Double(bias[j]) : 0)
+            } }
+            #expect(relativeError(c, expected) < 1e-5, "fp32 gemm \(ta) \(tb) alpha \(alpha) beta \(beta) bias \(withBias)")
+            for i in 0..<m { for j in n..<ldc { #expect(c[i * ldc + j] == c0[i * ldc + j], "padding written") } }
+        }
+    }
+
+    @Test("each row of a product is computed as in a product of fewer rows (a rank's share of the batch)")
+    func rowsAsAlone() {
+        let (m, n, k) = (Self.m, Self.n, Self.k)
+        let rows = 2 * m
+        let a = randomFloats(rows * k, seed: 5), w = randomFloats(n * k, seed: 6), bias = randomFloats(n, seed: 7)
+        func product(_ range: Range<Int>) -> [Float] {
+            var c = [Float](repeating: .nan, count: range.count * n)
+            Array(a[range.lowerBound * k..<range.upperBound * k]).withUnsafeBufferPointer { x in
+                gemm(.fp32, transposeA: false, transposeB: true, m: range.count, n: n, k: k, a: x.baseAddress!, lda: k, b: w, ldb: k,
+                     c: &c, ldc: n, bias: bias)
+            }
+            return c
+        }
+        let whole = product(0..<rows), halves = product(0..<m) + product(m..<rows)
+        if FP32Matmul.onDNNL {
+            #expect(whole == halves, "oneDNN: rows of the whole product differ from those of its halves")
+        } else {
+            #expect(relativeError(whole, halves.map(Double.init)) < 1e-6)
+        }
     }
 }
 

@@ -1,6 +1,7 @@
-// Matrix products in either precision: fp32 through OpenBLAS (`sgemm`), bf16 on oneDNN's matmul where
-// that is the fast path (`BF16.native`), else bf16 computed exactly as fp32 products of inputs rounded
-// to bf16 values.
+// Matrix products in either precision: fp32 on oneDNN's fp32 matmul where its kernels are AVX-512 ones
+// and on OpenBLAS (`sgemm`) elsewhere (`FP32Matmul`), bf16 on oneDNN's bf16 matmul where that is the
+// fast path (`BF16.native`), else bf16 computed exactly as fp32 products of inputs rounded to bf16
+// values.
 
 import CDNNL
 #if canImport(Glibc)
@@ -28,13 +29,13 @@ public func gemm(
         for r in 0..<m { (c + r * ldc).update(from: bias, count: n) }
         beta = 1
     }
-    let onDNNL = precision == .bf16 && native && parallel && m > 0 && n > 0 && k > 0
-    if !onDNNL { biasAsStart() }
     guard precision == .bf16, m > 0, n > 0, k > 0 else {
-        sgemm(transposeA: transposeA, transposeB: transposeB, m: m, n: n, k: k, alpha: alpha, a: a, lda: lda, b: b, ldb: ldb,
-              beta: beta, c: c, ldc: ldc, parallel: parallel)
+        fp32Product(transposeA: transposeA, transposeB: transposeB, m: m, n: n, k: k, alpha: alpha, a: a, lda: lda, b: b, ldb: ldb,
+                    beta: beta, c: c, ldc: ldc, bias: bias, parallel: parallel)
         return
     }
+    let onDNNL = native && parallel
+    if !onDNNL { biasAsStart() }
     // The stored blocks of op(A) and op(B): rows x columns with their leading dimensions.
     let (aRows, aColumns) = transposeA ? (k, m) : (m, k)
     let (bRows, bColumns) = transposeB ? (n, k) : (k, n)
@@ -73,8 +74,67 @@ public func gemm(
     }
     round(aRounded, a, onDNNL ? copies.a : nil, aRows, aColumns, lda)
     round(bRounded, b, onDNNL ? copies.b : nil, bRows, bColumns, ldb)
-    sgemm(transposeA: transposeA, transposeB: transposeB, m: m, n: n, k: k, alpha: alpha, a: aRounded, lda: aColumns,
-          b: bRounded, ldb: bColumns, beta: beta, c: c, ldc: ldc, parallel: parallel)
+    fp32Product(transposeA: transposeA, transposeB: transposeB, m: m, n: n, k: k, alpha: alpha, a: aRounded, lda: aColumns,
+                b: bRounded, ldb: bColumns, beta: beta, c: c, ldc: ldc, parallel: parallel)
+}
+
+/// Where fp32 matrix products run (`gemm` in fp32, and bf16's rounded-input emulation): oneDNN's fp32
+/// matmul, or OpenBLAS's sgemm split over the threads by rows or columns of C (`sgemm`).
+public enum FP32Matmul {
+    public enum Policy: String, Sendable, CaseIterable {
+        /// oneDNN where its kernels are AVX-512 ones (brgemm), OpenBLAS elsewhere.
+        case auto
+        /// Every product large enough to be split over threads on oneDNN, on any CPU.
+        case onednn
+        /// Every product on OpenBLAS (the arithmetic of earlier releases).
+        case openblas
+    }
+
+    /// From CONVIRT_MATMUL (auto, onednn or openblas; default auto): fixed for the process, so that
+    /// every rank of a job computes alike.
+    public static let policy: Policy = processEnvironment()["CONVIRT_MATMUL"].flatMap(Policy.init(rawValue:)) ?? .auto
+
+    /// Whether products of `minimumWork` or more run on oneDNN. On a 2-core AMD EPYC (Zen 4, oneDNN 2.6.3
+    /// brg:avx512_core against OpenBLAS 0.3.21's SkylakeX sgemm, 2 threads, the BERT-base shapes of
+    /// batch 8 x 128 tokens, forward, input gradient and weight gradient): oneDNN 175-212 GFLOP/s
+    /// against 130-183, and 1.1-1.4x on every shape but one (768x1024x3072 with A transposed: equal).
+    /// Below AVX-512, oneDNN 2.6's fp32 matmul is its own gemm rather than brgemm: OpenBLAS stays.
+    public static let onDNNL: Bool = {
+        switch policy {
+        case .onednn: return true
+        case .openblas: return false
+        case .auto: return DNNL.isa.hasPrefix("avx512")
+        }
+    }()
+
+    /// m * n * k below which a product stays on one thread's sgemm (as `sgemm` keeps it).
+    public static let minimumWork = 1 << 21
+}
+
+/// fp32 C[m, n] = alpha op(A) op(B) + beta C (+ bias [n] on every row, with beta 0): on oneDNN's fp32
+/// matmul where `FP32Matmul.onDNNL`, the product is large enough and `parallel` (each row of C is then
+/// computed as it would be in a product of fewer rows: oneDNN's sum over k does not depend on m), else
+/// on `sgemm`.
+func fp32Product(transposeA: Bool, transposeB: Bool, m: Int, n: Int, k: Int, alpha: Float, a: UnsafePointer<Float>, lda: Int,
+                 b: UnsafePointer<Float>, ldb: Int, beta: Float, c: UnsafeMutablePointer<Float>, ldc: Int,
+                 bias: UnsafePointer<Float>? = nil, parallel: Bool) {
+    if FP32Matmul.onDNNL && parallel && m > 0 && n > 0 && k > 0 && m * n * k >= FP32Matmul.minimumWork {
+        let key = MatmulPrimitive.Key(m: m, n: n, k: k, transposeA: transposeA, transposeB: transposeB, lda: lda, ldb: ldb, ldc: ldc,
+                                      alpha: alpha, beta: beta, bias: bias != nil, operands: .fp32)
+        if let primitive = try? MatmulPrimitive.cached(key),
+           (try? primitive.execute(a: a, b: b, c: c, bias: bias, stream: ThreadScratch.current.stream)) != nil {
+            return
+        }
+        // A shape oneDNN refuses (none is known; nothing was written): sgemm computes the same.
+    }
+    var beta = beta
+    if let bias {
+        precondition(beta == 0, "fp32Product: a bias with beta \(beta)")
+        for r in 0..<m { (c + r * ldc).update(from: bias, count: n) }
+        beta = 1
+    }
+    sgemm(transposeA: transposeA, transposeB: transposeB, m: m, n: n, k: k, alpha: alpha, a: a, lda: lda, b: b, ldb: ldb,
+          beta: beta, c: c, ldc: ldc, parallel: parallel)
 }
 
 /// A bf16 copy of one operand of products on oneDNN, kept for the next product that reads the same
@@ -148,18 +208,23 @@ final class MatmulPrimitive: @unchecked Sendable {
         let alpha, beta: Float
         /// An fp32 bias [n] added to every row of C (two-dimensional products only).
         let bias: Bool
+        /// The type of A and B: bf16 (mixed precision), or fp32 (`fp32Product`). C is always fp32.
+        let operands: Precision
 
         init(m: Int, n: Int, k: Int, batch: [Int] = [], aStrides: [Int], bStrides: [Int], cStrides: [Int], alpha: Float = 1, beta: Float = 0,
-             bias: Bool = false) {
+             bias: Bool = false, operands: Precision = .bf16) {
             self.m = m; self.n = n; self.k = k; self.batch = batch
             self.aStrides = aStrides; self.bStrides = bStrides; self.cStrides = cStrides
-            self.alpha = alpha; self.beta = beta; self.bias = bias
+            self.alpha = alpha; self.beta = beta; self.bias = bias; self.operands = operands
         }
 
-        /// C (m x n, leading dimension ldc) = alpha op(A) op(B) + beta C (+ bias) over compact op(A) and op(B).
-        init(m: Int, n: Int, k: Int, transposeA: Bool, transposeB: Bool, ldc: Int, alpha: Float, beta: Float, bias: Bool = false) {
-            self.init(m: m, n: n, k: k, aStrides: transposeA ? [1, m] : [k, 1], bStrides: transposeB ? [1, k] : [n, 1], cStrides: [ldc, 1],
-                      alpha: alpha, beta: beta, bias: bias)
+        /// C (m x n, leading dimension ldc) = alpha op(A) op(B) + beta C (+ bias) over op(A) and op(B)
+        /// stored with leading dimensions lda and ldb (default: compact).
+        init(m: Int, n: Int, k: Int, transposeA: Bool, transposeB: Bool, lda: Int? = nil, ldb: Int? = nil, ldc: Int, alpha: Float,
+             beta: Float, bias: Bool = false, operands: Precision = .bf16) {
+            let lda = lda ?? (transposeA ? m : k), ldb = ldb ?? (transposeB ? k : n)
+            self.init(m: m, n: n, k: k, aStrides: transposeA ? [1, lda] : [lda, 1], bStrides: transposeB ? [1, ldb] : [ldb, 1],
+                      cStrides: [ldc, 1], alpha: alpha, beta: beta, bias: bias, operands: operands)
         }
     }
 
@@ -171,7 +236,7 @@ final class MatmulPrimitive: @unchecked Sendable {
     init(_ key: Key) throws {
         self.key = key
         let (m, n, k) = (key.m, key.n, key.k)
-        let what = "bf16 matmul \(key.batch.map(String.init).joined(separator: "x"))\(key.batch.isEmpty ? "" : " of ")\(m)x\(k) by \(k)x\(n)"
+        let what = "\(key.operands.rawValue) matmul \(key.batch.map(String.init).joined(separator: "x"))\(key.batch.isEmpty ? "" : " of ")\(m)x\(k) by \(k)x\(n)"
         func strided(_ rows: Int, _ columns: Int, _ strides: [Int], _ type: dnnl_data_type_t) throws -> dnnl_memory_desc_t {
             var desc = dnnl_memory_desc_t()
             let dims = key.batch + [rows, columns]
@@ -179,8 +244,8 @@ final class MatmulPrimitive: @unchecked Sendable {
             try dnnlCheck(dnnl_memory_desc_init_by_strides(&desc, Int32(dims.count), dnnlDims(dims), type, dnnlDims(strides)), what)
             return desc
         }
-        var a = try strided(m, k, key.aStrides, dnnl_bf16)
-        var b = try strided(k, n, key.bStrides, dnnl_bf16)
+        var a = try strided(m, k, key.aStrides, key.operands.inputType)
+        var b = try strided(k, n, key.bStrides, key.operands.inputType)
         var c = try strided(m, n, key.cStrides, dnnl_f32)
         var desc = dnnl_matmul_desc_t()
         try require(!key.bias || key.batch.isEmpty, what, "a bias on a batched product")
@@ -214,12 +279,26 @@ final class MatmulPrimitive: @unchecked Sendable {
     /// `bias`: [n], where the key has one.
     func execute(a: UnsafePointer<UInt16>, b: UnsafePointer<UInt16>, c: UnsafeMutablePointer<Float>, bias: UnsafePointer<Float>? = nil,
                  stream: DNNLStream?) throws {
-        guard let stream else { throw ConvirtError("oneDNN: no stream could be created for a bf16 matmul") }
+        precondition(key.operands == .bf16, "a bf16 matmul's operands for an fp32 one")
+        try execute(raw: a, b, c: c, bias: bias, stream: stream)
+    }
+
+    /// An fp32 product's operands.
+    func execute(a: UnsafePointer<Float>, b: UnsafePointer<Float>, c: UnsafeMutablePointer<Float>, bias: UnsafePointer<Float>? = nil,
+                 stream: DNNLStream?) throws {
+        precondition(key.operands == .fp32, "fp32 operands for a bf16 matmul")
+        try execute(raw: a, b, c: c, bias: bias, stream: stream)
+    }
+
+    private func execute(raw a: UnsafeRawPointer, _ b: UnsafeRawPointer, c: UnsafeMutablePointer<Float>, bias: UnsafePointer<Float>?,
+                         stream: DNNLStream?) throws {
+        let what = "\(key.operands.rawValue) matmul"
+        guard let stream else { throw ConvirtError("oneDNN: no stream could be created for a \(what)") }
         var descs = [aDesc, bDesc, cDesc]
         var pointers = [UnsafeMutableRawPointer(mutating: a), UnsafeMutableRawPointer(mutating: b), UnsafeMutableRawPointer(c)]
         var ids = [cdnnl_arg_src(), cdnnl_arg_weights(), cdnnl_arg_dst()]
         if let biasDesc {
-            guard let bias else { throw ConvirtError("bf16 matmul: no bias for a product made with one") }
+            guard let bias else { throw ConvirtError("\(what): no bias for a product made with one") }
             descs.append(biasDesc)
             pointers.append(UnsafeMutableRawPointer(mutating: bias))
             ids.append(cdnnl_arg_bias())
@@ -227,9 +306,9 @@ final class MatmulPrimitive: @unchecked Sendable {
         var memories = [dnnl_memory_t?](repeating: nil, count: descs.count)
         defer { for memory in memories { if let memory { dnnl_memory_destroy(memory) } } }
         let engine = try DNNL.cpuEngine()
-        for i in 0..<descs.count { try dnnlCheck(dnnl_memory_create(&memories[i], &descs[i], engine, pointers[i]), "bf16 matmul memory") }
+        for i in 0..<descs.count { try dnnlCheck(dnnl_memory_create(&memories[i], &descs[i], engine, pointers[i]), "\(what) memory") }
         let args = (0..<descs.count).map { dnnl_exec_arg_t(arg: ids[$0], memory: memories[$0]) }
-        try primitive.execute(stream.stream, args, "bf16 matmul \(key.batch) \(key.m)x\(key.k)x\(key.n)")
+        try primitive.execute(stream.stream, args, "\(what) \(key.batch) \(key.m)x\(key.k)x\(key.n)")
     }
 
     /// oneDNN's name for the kernel it chose.
@@ -241,7 +320,7 @@ final class MatmulPrimitive: @unchecked Sendable {
     private static let lockReady: Bool = { pthread_mutex_init(&lock, nil); return true }()
 
     /// The primitive of `key`, created once per process (products run from any thread); nil where
-    /// oneDNN has no bf16 kernel for the shape.
+    /// oneDNN has no kernel for the shape in the key's precision.
     static func cached(_ key: Key) throws -> MatmulPrimitive? {
         _ = lockReady
         pthread_mutex_lock(&lock)

@@ -47,7 +47,7 @@ let package = Package(
             dependencies: ["COpenBLAS", "CDNNL", "CKernels", .product(name: "RealModule", package: "swift-numerics")]
         ),
         .target(name: "ConvirtIO", dependencies: ["ConvirtCore", "CZstd", "CZlib", "CCodecs"]),
-        .target(name: "ConvirtDistributed", dependencies: ["ConvirtCore", "CMPI"]),
+        .target(name: "ConvirtDistributed", dependencies: ["ConvirtCore", "CKernels", "CMPI"]),
         .target(name: "ConvirtModels", dependencies: ["ConvirtCore", "ConvirtIO"]),
         .target(name: "ConvirtText", dependencies: ["ConvirtCore"]),
         .target(
@@ -72,7 +72,7 @@ let package = Package(
         ),
         .testTarget(
             name: "ConvirtCoreTests",
-            dependencies: ["ConvirtCore", "ConvirtIO", "ConvirtTestSupport"],
+            dependencies: ["ConvirtCore", "CKernels", "ConvirtIO", "ConvirtTestSupport"],
             resources: [.copy("Fixtures")]
         ),
         .testTarget(

@@ -530,3 +530,63 @@ CK_CLONES void ck_gelu_forward_bf16(uint16_t *restrict y16, const float *restric
         y16[i] = ck_bf16_of(x[i] * cdf);
     }
 }
+
+// The optimizer's passes over the arena (Optimizers.swift, GradientSync.swift, Arena.swift).
+
+// One Adam(W) update of p, m, v over count elements, torch.optim's single-tensor arithmetic in fp32 as
+// `Adam.step` writes it (the Swift loop this replaces, bit for bit: the same operations in the same
+// order; vector square roots and divisions round as the scalar ones): with decoupled, p *= shrink
+// first; g' = g + l2 * p; m = m + (1 - b1) * (g' - m); v = v * b2 + (1 - b2) * g' * g';
+// p -= step_size * (m / (sqrt(v) / bias2_sqrt + eps)).
+CK_CLONES void ck_adam(float *restrict p, const float *restrict g, float *restrict m, float *restrict v, long count, float step_size,
+                       float bias2_sqrt, float b2, float eps, float one_minus_b1, float one_minus_b2, float shrink, float l2,
+                       int decoupled) {
+    long i = 0;
+    for (; i + CK_LANES <= count; i += CK_LANES) {
+        ck_v16 pv = ck_load(p + i);
+        if (decoupled) pv = pv * shrink;
+        const ck_v16 gv = ck_load(g + i) + l2 * pv, m0 = ck_load(m + i);
+        const ck_v16 mi = m0 + one_minus_b1 * (gv - m0);
+        const ck_v16 vi = ck_load(v + i) * b2 + one_minus_b2 * gv * gv;
+        *(ck_v16 *)(m + i) = mi;
+        *(ck_v16 *)(v + i) = vi;
+        const ck_v16 denom = __builtin_elementwise_sqrt(vi) / bias2_sqrt + eps;
+        *(ck_v16 *)(p + i) = pv - step_size * (mi / denom);
+    }
+    for (; i < count; i++) {
+        float pi = p[i];
+        if (decoupled) pi *= shrink;
+        const float gi = g[i] + l2 * pi;
+        const float mi = m[i] + one_minus_b1 * (gi - m[i]);
+        const float vi = v[i] * b2 + one_minus_b2 * gi * gi;
+        m[i] = mi;
+        v[i] = vi;
+        const float denom = __builtin_sqrtf(vi) / bias2_sqrt + eps;
+        p[i] = pi - step_size * (mi / denom);
+    }
+}
+
+typedef float ck_v8 __attribute__((vector_size(32), aligned(4)));
+typedef double ck_d8 __attribute__((vector_size(64), aligned(8)));
+
+// sum of x[i]^2 in double: element i into lane i % 8 (the tail into lanes 0, 1, ...), the lanes then
+// added in order. The same on every clone.
+CK_CLONES double ck_sum_squares(const float *x, long count) {
+    ck_d8 lanes = {0};
+    long i = 0;
+    for (; i + 8 <= count; i += 8) {
+        const ck_d8 d = __builtin_convertvector(*(const ck_v8 *)(x + i), ck_d8);
+        lanes += d * d;
+    }
+    for (int l = 0; i < count; i++, l++) { const double d = (double)x[i]; lanes[l] += d * d; }
+    double total = 0;
+    for (int l = 0; l < 8; l++) total += lanes[l];
+    return total;
+}
+
+// How many of x[0..<count] are NaN or infinite (all exponent bits set).
+CK_CLONES long ck_count_nonfinite(const float *x, long count) {
+    long n = 0;
+    for (long i = 0; i < count; i++) n += (float_to_bits(x[i]) & 0x7f800000u) == 0x7f800000u;
+    return n;
+}

@@ -1,3 +1,4 @@
+import CKernels
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -201,11 +202,7 @@ public final class ParameterArena: @unchecked Sendable {
         let counts = UnsafeMutablePointer<Int>.allocate(capacity: max(1, Parallel.threads))
         counts.initialize(repeating: 0, count: max(1, Parallel.threads))
         defer { counts.deallocate() }
-        Parallel.indexedChunks(count) { part, range in
-            var bad = 0
-            for i in range where !p[i].isFinite { bad += 1 }
-            counts[part] += bad
-        }
+        Parallel.indexedChunks(count) { part, range in counts[part] += ck_count_nonfinite(p + range.lowerBound, range.count) }
         return (0..<max(1, Parallel.threads)).reduce(0) { $0 + counts[$1] }
     }
 

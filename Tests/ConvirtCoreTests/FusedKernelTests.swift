@@ -1,6 +1,7 @@
 // The vectorized elementary functions against Double references, and the fused passes of the ResNet
 // (BatchNorm with the ReLU after it, a residual block's sum and ReLU) against the separate kernels.
 
+import CKernels
 import ConvirtCore
 import Foundation
 import Testing
@@ -229,5 +230,40 @@ struct AdamThreadsTests {
             return p + m + v
         }
         #expect(run(threads: 1) == run(threads: 2))
+    }
+}
+
+@Suite("The optimizer's vector passes")
+struct OptimizerKernelTests {
+    @Test("Adam's vector loop equals the per-element Swift arithmetic bit for bit (Adam with L2, AdamW, no decay; every tail length)",
+          arguments: [1, 15, 16, 17, 40, 1001])
+    func adamAsReference(count: Int) {
+        let grads = randomFloats(count, seed: 70, scale: 3)
+        let configs = [AdamConfig(learningRate: 1e-3, weightDecay: 0.01), AdamConfig(learningRate: 3e-4, weightDecay: 0.1, decoupled: true),
+                       AdamConfig(learningRate: 1e-2, beta1: 0.8, beta2: 0.99, eps: 1e-6)]
+        for config in configs {
+            var p = randomFloats(count, seed: 71), m = randomFloats(count, seed: 72, scale: 0.1)
+            var v = randomFloats(count, seed: 73, scale: 0.1).map { $0 * $0 }
+            var (rp, rm, rv) = (p, m, v)
+            for step in 1...3 {
+                Adam.step(params: &p, grads: grads, m: &m, v: &v, count: count, step: step, config: config)
+                for i in 0..<count { Adam.reference(param: &rp[i], grad: grads[i], m: &rm[i], v: &rv[i], step: step, config: config) }
+            }
+            #expect(p == rp && m == rm && v == rv, "count \(count), \(config)")
+            #expect(p != randomFloats(count, seed: 71), "the parameters moved")
+        }
+    }
+
+    @Test("the sum of squares in double lanes is within double rounding of the plain sum; non-finite values are counted")
+    func sumsAndCounts() {
+        for count in [0, 1, 7, 8, 9, 16_384, 16_391] {
+            let x = randomFloats(count, seed: 74, scale: 5)
+            let plain = x.reduce(0.0) { $0 + Double($1) * Double($1) }
+            let lanes = ck_sum_squares(x, count)
+            #expect(abs(lanes - plain) <= 1e-12 * max(plain, 1), "count \(count): \(lanes) against \(plain)")
+            var y = x
+            if count > 8 { y[3] = .nan; y[count - 1] = .infinity; y[count / 2] = -.infinity; y[5] = .greatestFiniteMagnitude }
+            #expect(ck_count_nonfinite(y, count) == (count > 8 ? 3 : 0), "count \(count)")
+        }
     }
 }

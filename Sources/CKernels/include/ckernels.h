@@ -63,3 +63,11 @@ void ck_gelu_forward_bf16(uint16_t *y16, const float *x, long count);
 
 // The CPUs this process may run on (its affinity mask; 1 where unreadable).
 long ck_available_cpus(void);
+
+// One Adam(W) update over count elements (Adam.step's arithmetic, bit for bit); decoupled: p *= shrink first.
+void ck_adam(float *p, const float *g, float *m, float *v, long count, float step_size, float bias2_sqrt, float b2, float eps,
+             float one_minus_b1, float one_minus_b2, float shrink, float l2, int decoupled);
+// sum of x[i]^2 in double, in 8 lanes (element i into lane i % 8), the lanes then added in order.
+double ck_sum_squares(const float *x, long count);
+// How many of x[0..<count] are NaN or infinite.
+long ck_count_nonfinite(const float *x, long count);

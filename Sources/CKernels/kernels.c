@@ -590,3 +590,42 @@ CK_CLONES long ck_count_nonfinite(const float *x, long count) {
     for (long i = 0; i < count; i++) n += (float_to_bits(x[i]) & 0x7f800000u) == 0x7f800000u;
     return n;
 }
+
+// LayerNorm's input gradient over rows x features, added to dx: with g = dy * gamma and
+// xhat = (x - mean[r]) * inv_std[r], dx += inv_std[r] * (g - mean(g) - xhat * mean(g * xhat)); each row's
+// two sums in 16 lanes (element i into lane i % 16, the tail into lanes 0, 1, ...), the lanes then
+// added in order.
+CK_CLONES void ck_layernorm_backward_rows(float *restrict dx, const float *restrict dy, const float *restrict x, const float *restrict gamma,
+                                         const float *restrict mean, const float *restrict inv_std, long rows, long features) {
+    const float n = (float)features;
+    for (long r = 0; r < rows; r++) {
+        const float *restrict xr = x + r * features, *restrict dyr = dy + r * features;
+        float *restrict dxr = dx + r * features;
+        const float m = mean[r], rs = inv_std[r];
+        ck_v16 sg = {0}, sgx = {0};
+        long i = 0;
+        for (; i + CK_LANES <= features; i += CK_LANES) {
+            const ck_v16 xhat = (ck_load(xr + i) - m) * rs, g = ck_load(dyr + i) * ck_load(gamma + i);
+            sg += g;
+            sgx += g * xhat;
+        }
+        for (int l = 0; i < features; i++, l++) {
+            const float xhat = (xr[i] - m) * rs, g = dyr[i] * gamma[i];
+            sg[l] += g;
+            sgx[l] += g * xhat;
+        }
+        float sum_g, sum_gx;
+        ck_lane_total(sg, sum_g);
+        ck_lane_total(sgx, sum_gx);
+        const float mean_g = sum_g / n, mean_gx = sum_gx / n;
+        i = 0;
+        for (; i + CK_LANES <= features; i += CK_LANES) {
+            const ck_v16 xhat = (ck_load(xr + i) - m) * rs;
+            *(ck_v16 *)(dxr + i) = ck_load(dxr + i) + rs * (ck_load(dyr + i) * ck_load(gamma + i) - mean_g - xhat * mean_gx);
+        }
+        for (; i < features; i++) {
+            const float xhat = (xr[i] - m) * rs;
+            dxr[i] += rs * (dyr[i] * gamma[i] - mean_g - xhat * mean_gx);
+        }
+    }
+}

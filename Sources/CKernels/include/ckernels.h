@@ -71,3 +71,6 @@ void ck_adam(float *p, const float *g, float *m, float *v, long count, float ste
 double ck_sum_squares(const float *x, long count);
 // How many of x[0..<count] are NaN or infinite.
 long ck_count_nonfinite(const float *x, long count);
+// LayerNorm's input gradient added to dx over rows x features (each row's sums in 16 lanes, added in order).
+void ck_layernorm_backward_rows(float *dx, const float *dy, const float *x, const float *gamma, const float *mean, const float *inv_std,
+                                long rows, long features);

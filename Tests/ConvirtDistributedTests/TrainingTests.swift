@@ -158,8 +158,13 @@ struct InProcessFineTuneTests {
 
     /// The fine-tuned encoder's validation losses on 1 and 2 ranks agree, and ZeRO-1 gives replicated
     /// Adam's AUC exactly. Adam turns rounding-level differences of tiny gradients into whole steps, so
-    /// 1 and 2 ranks part slowly: measured on a 2-core Xeon (AVX-512), equal after the first epoch (to
-    /// the log's 4 decimals) and 9e-4 apart (2e-3 relative) after the second, held to 2e-4 and 5e-3.
+    /// 1 and 2 ranks part slowly, by how much depending on the rounding of the kernels: measured on a
+    /// 2-core Xeon (AVX-512) with the head's products on OpenBLAS, equal after the first epoch (to the
+    /// log's 4 decimals) and 9e-4 apart (2e-3 relative) after the second; on a 2-core AMD EPYC with them
+    /// on oneDNN's fp32 matmul (every product's rows bitwise as in fewer rows, its weight gradients'
+    /// sums as close to exact as sgemm's: FP32MatmulTests), 4e-4 and 2.9e-3 (7e-3 relative); with the
+    /// convolutions forced to oneDNN's AVX2 kernels, 4e-4 after the first. Held to 1e-3 and 1.5e-2
+    /// relative (the pretraining world-size tests hold the step engine to 1e-4 without this chaos).
     /// The AUCs are not compared: this random-init encoder of width 4 scores the test images within
     /// rounding of one another (AUC about 0.44), so summation order alone reorders them (the two AUCs
     /// came 1.1e-2 apart there).
@@ -170,8 +175,8 @@ struct InProcessFineTuneTests {
         let zero = try Self.fineTune(worldSize: 2, zero1: true)
         #expect(one.validation.count == 2 && two.validation.count == 2, "\(one.validation) \(two.validation)")
         if one.validation.count == 2 && two.validation.count == 2 {
-            #expect(abs(one.validation[0] - two.validation[0]) <= 2e-4, "epoch 1: \(one.validation) vs \(two.validation)")
-            #expect(abs(one.validation[1] - two.validation[1]) <= 5e-3 * one.validation[1], "epoch 2: \(one.validation) vs \(two.validation)")
+            #expect(abs(one.validation[0] - two.validation[0]) <= 1e-3, "epoch 1: \(one.validation) vs \(two.validation)")
+            #expect(abs(one.validation[1] - two.validation[1]) <= 1.5e-2 * one.validation[1], "epoch 2: \(one.validation) vs \(two.validation)")
         }
         #expect(two.auc == zero.auc, "\(two.auc) vs ZeRO-1 \(zero.auc)")
     }

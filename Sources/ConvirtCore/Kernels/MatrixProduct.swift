@@ -94,7 +94,7 @@ public enum FP32Matmul {
     /// every rank of a job computes alike.
     public static let policy: Policy = processEnvironment()["CONVIRT_MATMUL"].flatMap(Policy.init(rawValue:)) ?? .auto
 
-    /// Whether products of `minimumWork` or more run on oneDNN. On a 2-core AMD EPYC (Zen 4, oneDNN 2.6.3
+    /// Whether the products run on oneDNN. On a 2-core AMD EPYC (Zen 4, oneDNN 2.6.3
     /// brg:avx512_core against OpenBLAS 0.3.21's SkylakeX sgemm, 2 threads, the BERT-base shapes of
     /// batch 8 x 128 tokens, forward, input gradient and weight gradient): oneDNN 175-212 GFLOP/s
     /// against 130-183, and 1.1-1.4x on every shape but one (768x1024x3072 with A transposed: equal).
@@ -106,19 +106,18 @@ public enum FP32Matmul {
         case .auto: return DNNL.isa.hasPrefix("avx512")
         }
     }()
-
-    /// m * n * k below which a product stays on one thread's sgemm (as `sgemm` keeps it).
-    public static let minimumWork = 1 << 21
 }
 
 /// fp32 C[m, n] = alpha op(A) op(B) + beta C (+ bias [n] on every row, with beta 0): on oneDNN's fp32
-/// matmul where `FP32Matmul.onDNNL`, the product is large enough and `parallel` (each row of C is then
-/// computed as it would be in a product of fewer rows: oneDNN's sum over k does not depend on m), else
-/// on `sgemm`.
+/// matmul where `FP32Matmul.onDNNL` and `parallel` (each row of C is then computed as it would be in a
+/// product of fewer rows: oneDNN's sum over k does not depend on m), else on `sgemm`. The route never
+/// depends on the size: a rank's products have fewer rows the more ranks share the batch, and a rule by
+/// size sent the demo preset's text products to oneDNN on one rank and to sgemm on two, whose losses
+/// then parted by 2e-5 within 12 steps (1e-8 where both ranks' products ran on the same library).
 func fp32Product(transposeA: Bool, transposeB: Bool, m: Int, n: Int, k: Int, alpha: Float, a: UnsafePointer<Float>, lda: Int,
                  b: UnsafePointer<Float>, ldb: Int, beta: Float, c: UnsafeMutablePointer<Float>, ldc: Int,
                  bias: UnsafePointer<Float>? = nil, parallel: Bool) {
-    if FP32Matmul.onDNNL && parallel && m > 0 && n > 0 && k > 0 && m * n * k >= FP32Matmul.minimumWork {
+    if FP32Matmul.onDNNL && parallel && m > 0 && n > 0 && k > 0 {
         let key = MatmulPrimitive.Key(m: m, n: n, k: k, transposeA: transposeA, transposeB: transposeB, lda: lda, ldb: ldb, ldc: ldc,
                                       alpha: alpha, beta: beta, bias: bias != nil, operands: .fp32)
         if let primitive = try? MatmulPrimitive.cached(key),

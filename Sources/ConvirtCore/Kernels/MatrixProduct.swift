@@ -84,7 +84,7 @@ public enum FP32Matmul {
     public enum Policy: String, Sendable, CaseIterable {
         /// oneDNN where its kernels are AVX-512 ones (brgemm), OpenBLAS elsewhere.
         case auto
-        /// Every product large enough to be split over threads on oneDNN, on any CPU.
+        /// Every product (of a caller not inside a parallel loop) on oneDNN, on any CPU.
         case onednn
         /// Every product on OpenBLAS (the arithmetic of earlier releases).
         case openblas

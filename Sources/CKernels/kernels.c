@@ -268,8 +268,12 @@ CK_CLONES void ck_dropout_backward(float *dx, const float *dy, long start, long 
 // Sums over `rows` rows (stride `stride` floats) of lanes 0..<width, as channelBlockedSums: float lanes
 // inside blocks of 256 rows, double across blocks. Without dy: sum(x), sum(x^2). With dy: sum(g) and
 // sum(g * (x - mean[l])), g = dy where mask > 0 (mask may be NULL: everywhere).
-CK_CLONES void ck_channel_sums(const float *restrict x, const float *restrict dy, const float *restrict mask, const uint16_t *restrict mask16,
-                               const float *restrict mean, long rows, long stride, long width, double *restrict first, double *restrict second) {
+// x16: x as bf16 bits instead of floats (x then NULL), the values the floats would hold.
+#define CK_X(o) (x16 ? ck_load_bf16(x16 + (o)) : ck_load(x + (o)))
+#define CK_XS(o) (x16 ? ck_float_of_bf16(x16[o]) : x[o])
+CK_CLONES void ck_channel_sums(const float *restrict x, const uint16_t *restrict x16, const float *restrict dy, const float *restrict mask,
+                               const uint16_t *restrict mask16, const float *restrict mean, long rows, long stride, long width,
+                               double *restrict first, double *restrict second) {
     const ck_v16 zero = {0};
     long j0 = 0;
     for (; j0 + CK_LANES <= width; j0 += CK_LANES) {
@@ -279,24 +283,24 @@ CK_CLONES void ck_channel_sums(const float *restrict x, const float *restrict dy
             const long end = start + CK_BLOCK < rows ? start + CK_BLOCK : rows;
             ck_v16 a = {0}, b = {0};
             if (!dy) {
-                for (long r = start; r < end; r++) { const ck_v16 v = ck_load(x + r * stride + j0); a += v; b += v * v; }
+                for (long r = start; r < end; r++) { const ck_v16 v = CK_X(r * stride + j0); a += v; b += v * v; }
             } else if (mask) {
                 for (long r = start; r < end; r++) {
                     const long o = r * stride + j0;
                     const ck_v16 g = (ck_v16)((ck_i16)ck_load(dy + o) & (ck_load(mask + o) > zero));
-                    a += g; b += g * (ck_load(x + o) - mu);
+                    a += g; b += g * (CK_X(o) - mu);
                 }
             } else if (mask16) {
                 for (long r = start; r < end; r++) {
                     const long o = r * stride + j0;
                     const ck_v16 g = (ck_v16)((ck_i16)ck_load(dy + o) & (ck_load_bf16(mask16 + o) > zero));
-                    a += g; b += g * (ck_load(x + o) - mu);
+                    a += g; b += g * (CK_X(o) - mu);
                 }
             } else {
                 for (long r = start; r < end; r++) {
                     const long o = r * stride + j0;
                     const ck_v16 g = ck_load(dy + o);
-                    a += g; b += g * (ck_load(x + o) - mu);
+                    a += g; b += g * (CK_X(o) - mu);
                 }
             }
             for (int l = 0; l < CK_LANES; l++) { f[l] += (double)a[l]; s[l] += (double)b[l]; }
@@ -310,11 +314,11 @@ CK_CLONES void ck_channel_sums(const float *restrict x, const float *restrict dy
             float a = 0, b = 0;
             for (long r = start; r < end; r++) {
                 const long o = r * stride + j;
-                if (!dy) { const float v = x[o]; a += v; b += v * v; }
+                if (!dy) { const float v = CK_XS(o); a += v; b += v * v; }
                 else {
                     const float d = dy[o];
                     const float g = mask ? (mask[o] > 0 ? d : 0.0f) : mask16 ? (ck_float_of_bf16(mask16[o]) > 0 ? d : 0.0f) : d;
-                    a += g; b += g * (x[o] - mean[j]);
+                    a += g; b += g * (CK_XS(o) - mean[j]);
                 }
             }
             f += (double)a; s += (double)b;
@@ -324,7 +328,7 @@ CK_CLONES void ck_channel_sums(const float *restrict x, const float *restrict dy
 }
 
 // y = (x - mean[l]) * scale[l] + shift[l] over rows x lanes (contiguous), max(that, 0) with relu.
-CK_CLONES void ck_normalize_rows(float *restrict y, uint16_t *restrict y16, const float *restrict x, long rows, long lanes,
+CK_CLONES void ck_normalize_rows(float *restrict y, uint16_t *restrict y16, const float *restrict x, const uint16_t *restrict x16, long rows, long lanes,
                                  const float *restrict mean, const float *restrict scale, const float *restrict shift, int relu) {
     const ck_v16 zero = {0};
     long j0 = 0;
@@ -332,7 +336,7 @@ CK_CLONES void ck_normalize_rows(float *restrict y, uint16_t *restrict y16, cons
         const ck_v16 mu = ck_load(mean + j0), sc = ck_load(scale + j0), sh = ck_load(shift + j0);
         for (long r = 0; r < rows; r++) {
             const long o = r * lanes + j0;
-            const ck_v16 a = (ck_load(x + o) - mu) * sc + sh;
+            const ck_v16 a = (CK_X(o) - mu) * sc + sh;
             // Swift's max(v, 0): 0 where 0 >= v, else v (NaN stays).
             const ck_v16 v = relu ? (ck_v16)((ck_i16)a & ~(zero >= a)) : a;
             if (y) *(ck_v16 *)(y + o) = v;
@@ -341,7 +345,7 @@ CK_CLONES void ck_normalize_rows(float *restrict y, uint16_t *restrict y16, cons
     }
     for (long j = j0; j < lanes; j++) {
         for (long r = 0; r < rows; r++) {
-            const float a = (x[r * lanes + j] - mean[j]) * scale[j] + shift[j], v = relu ? swift_max(a, 0.0f) : a;
+            const float a = (CK_XS(r * lanes + j) - mean[j]) * scale[j] + shift[j], v = relu ? swift_max(a, 0.0f) : a;
             if (y) y[r * lanes + j] = v;
             if (y16) y16[r * lanes + j] = ck_bf16_of(v);
         }
@@ -352,7 +356,7 @@ CK_CLONES void ck_normalize_rows(float *restrict y, uint16_t *restrict y16, cons
 // (mask NULL: none): training (sum_dy given) k[l] * (m * g - sum_dy[l] - (x - mean[l]) * inv_std[l] *
 // sum_dyx[l]); evaluation (sum_dy NULL) g * k[l]. dx is overwritten, or added to with accumulate.
 CK_CLONES void ck_bn_gradient_rows(float *restrict dx, uint16_t *restrict dx16, const float *restrict dy, const float *restrict x,
-                                   const float *restrict mask, const uint16_t *restrict mask16, long rows, long lanes,
+                                   const uint16_t *restrict x16, const float *restrict mask, const uint16_t *restrict mask16, long rows, long lanes,
                                    const float *restrict k, const float *restrict sum_dy, const float *restrict sum_dyx,
                                    const float *restrict mean, const float *restrict inv_std, float m, int accumulate) {
     const ck_v16 zero = {0};
@@ -366,7 +370,7 @@ CK_CLONES void ck_bn_gradient_rows(float *restrict dx, uint16_t *restrict dx16, 
             const ck_v16 d = ck_load(dy + o);
             const ck_v16 g = mask ? (ck_v16)((ck_i16)d & (ck_load(mask + o) > zero))
                            : mask16 ? (ck_v16)((ck_i16)d & (ck_load_bf16(mask16 + o) > zero)) : d;
-            const ck_v16 v = sum_dy ? kv * (m * g - sd - (ck_load(x + o) - mu) * is * sx) : g * kv;
+            const ck_v16 v = sum_dy ? kv * (m * g - sd - (CK_X(o) - mu) * is * sx) : g * kv;
             if (dx16) ck_store_bf16(dx16 + o, v);
             else *(ck_v16 *)(dx + o) = accumulate ? ck_load(dx + o) + v : v;
         }
@@ -375,7 +379,7 @@ CK_CLONES void ck_bn_gradient_rows(float *restrict dx, uint16_t *restrict dx16, 
         for (long r = 0; r < rows; r++) {
             const long o = r * lanes + j;
             const float d = dy[o], g = mask ? (mask[o] > 0 ? d : 0.0f) : mask16 ? (ck_float_of_bf16(mask16[o]) > 0 ? d : 0.0f) : d;
-            const float v = sum_dy ? k[j] * (m * g - sum_dy[j] - (x[o] - mean[j]) * inv_std[j] * sum_dyx[j]) : g * k[j];
+            const float v = sum_dy ? k[j] * (m * g - sum_dy[j] - (CK_XS(o) - mean[j]) * inv_std[j] * sum_dyx[j]) : g * k[j];
             if (dx16) dx16[o] = ck_bf16_of(v);
             else dx[o] = accumulate ? dx[o] + v : v;
         }

@@ -71,18 +71,21 @@ final class BatchNormLayer {
     /// With `relu`, the output is max(bn(input), 0) (the ReLU after it, fused). The output as floats, as
     /// bf16 bits (`outputBF16`, outside NCHW), or both.
     func forward(_ arena: ParameterArena, output: UnsafeMutablePointer<Float>?, outputBF16: UnsafeMutablePointer<UInt16>? = nil,
-                 input: UnsafePointer<Float>, batch: Int, plane: Int, relu: Bool, layout: ActivationLayout, context: PassContext) throws {
+                 input: UnsafePointer<Float>?, inputBF16: UnsafePointer<UInt16>? = nil, batch: Int, plane: Int, relu: Bool,
+                 layout: ActivationLayout, context: PassContext) throws {
         let p = arena.params
         if context.training {
             var saved = BatchNorm2d.Saved(mean: mean.pointer, invStd: invStd.pointer)
-            try BatchNorm2d.forwardTraining(output: output, outputBF16: outputBF16, input: input, gamma: p + weight.offset, beta: p + bias.offset,
+            try BatchNorm2d.forwardTraining(output: output, outputBF16: outputBF16, input: input, inputBF16: inputBF16, gamma: p + weight.offset,
+                                        beta: p + bias.offset,
                                         runningMean: p + runningMean.offset, runningVar: p + runningVar.offset, saved: &saved,
                                         batch: batch, channels: channels, plane: plane, eps: eps, momentum: momentum,
                                         statistics: UnsafeMutableBufferPointer(start: statistics.pointer, count: 2 * channels + 1),
                                         reducer: context.reducer, relu: relu, layout: layout)
             globalCount = saved.globalCount
         } else {
-            BatchNorm2d.forwardInference(output: output, outputBF16: outputBF16, input: input, gamma: p + weight.offset, beta: p + bias.offset,
+            BatchNorm2d.forwardInference(output: output, outputBF16: outputBF16, input: input, inputBF16: inputBF16, gamma: p + weight.offset,
+                                         beta: p + bias.offset,
                                          runningMean: p + runningMean.offset, runningVar: p + runningVar.offset,
                                          batch: batch, channels: channels, plane: plane, eps: eps, relu: relu, layout: layout)
         }
@@ -92,21 +95,22 @@ final class BatchNormLayer {
     /// gradients). `reluOutput`: the output of a forward with `relu` (the gradient then flows where it is
     /// positive), as floats or as its bf16 copy.
     func backward(_ arena: ParameterArena, gradInput: UnsafeMutablePointer<Float>?, gradInputBF16: UnsafeMutablePointer<UInt16>? = nil,
-                  gradOutput: UnsafePointer<Float>, input: UnsafePointer<Float>, reluOutput: ReLUMask?, batch: Int, plane: Int,
+                  gradOutput: UnsafePointer<Float>, input: UnsafePointer<Float>?, inputBF16: UnsafePointer<UInt16>? = nil, reluOutput: ReLUMask?,
+                  batch: Int, plane: Int,
                   layout: ActivationLayout, context: PassContext) throws {
         let p = arena.params, g = arena.grads
         if context.training {
             var saved = BatchNorm2d.Saved(mean: mean.pointer, invStd: invStd.pointer)
             saved.globalCount = globalCount
             try BatchNorm2d.backwardTraining(gradInput: gradInput, gradInputBF16: gradInputBF16, gradGamma: g + weight.offset, gradBeta: g + bias.offset,
-                                         gradOutput: gradOutput, input: input, gamma: p + weight.offset, saved: saved,
+                                         gradOutput: gradOutput, input: input, inputBF16: inputBF16, gamma: p + weight.offset, saved: saved,
                                          batch: batch, channels: channels, plane: plane,
                                          statistics: UnsafeMutableBufferPointer(start: statistics.pointer, count: 2 * channels + 1),
                                          reducer: context.reducer, reluOutput: reluOutput?.floats, reluOutputBF16: reluOutput?.halves, accumulate: false,
                                          layout: layout)
         } else {
             BatchNorm2d.backwardInference(gradInput: gradInput, gradGamma: g + weight.offset, gradBeta: g + bias.offset,
-                                          gradOutput: gradOutput, input: input, gamma: p + weight.offset,
+                                          gradOutput: gradOutput, input: input, inputBF16: inputBF16, gamma: p + weight.offset,
                                           runningMean: p + runningMean.offset, runningVar: p + runningVar.offset,
                                           batch: batch, channels: channels, plane: plane, eps: eps, reluOutput: reluOutput?.floats,
                                           reluOutputBF16: reluOutput?.halves, gradInputBF16: gradInputBF16, accumulate: false, layout: layout)
@@ -165,7 +169,18 @@ final class ConvBNUnit {
     let bn: BatchNormLayer
     let inChannels, outChannels, kernel, stride, padding: Int
     let relu: Bool
-    let convOut = Scratch<Float>()
+    /// The convolution's output, read by batch norm forward and backward: its floats, or its bf16 bits
+    /// where the convolution runs on oneDNN's bf16 kernels outside NCHW (`keepsBF16ConvOutput`).
+    let convOut = Scratch<Float>(), convOutBF16 = Scratch<UInt16>()
+    /// Whether a bf16 convolution on oneDNN's kernels outside NCHW writes its output as bf16 bits
+    /// (default true; false writes the floats and rounds them to bf16 in place: the same values).
+    var keepsBF16ConvOutput = true
+    /// Whether the last forward pass's convolution wrote its output as bf16 bits.
+    private var convWroteHalves = false
+    /// The convolution's output of the last forward pass, as batch norm reads it.
+    private var convOutput: (floats: UnsafePointer<Float>?, halves: UnsafePointer<UInt16>?) {
+        convWroteHalves ? (nil, UnsafePointer(convOutBF16.pointer)) : (UnsafePointer(convOut.pointer), nil)
+    }
     /// The network's rooms (the convolution's output gradient is always in the shared one).
     let rooms: SharedRooms
     let outputBF16 = Scratch<UInt16>()
@@ -231,15 +246,21 @@ final class ConvBNUnit {
         geometry = g
         self.layouts = layouts
         let count = g.outputCount
-        let c = convOut.ensure(count)
-        try kernels.forward(output: c, input: input.floats, inputBF16: kernels.takesBF16(context.precision, layouts.input) ? input.halves : nil,
+        // In bf16 batch norm reads the convolution's output rounded to bf16, as autocast's convolutions
+        // return it: written so by oneDNN's bf16 kernels (each float rounded to nearest even), or rounded here.
+        let halves = keepsBF16ConvOutput && kernels.takesBF16(context.precision, layouts.output)
+        let c = halves ? nil : convOut.ensure(count), c16 = halves ? convOutBF16.ensure(count) : nil
+        try kernels.forward(output: c, outputBF16: c16, input: input.floats,
+                            inputBF16: kernels.takesBF16(context.precision, layouts.input) ? input.halves : nil,
                             weight: arena.params + conv.offset, geometry: g,
                             workspace: workspace.ensure(Convolution.workspaceCount(g, precision: context.precision)), precision: context.precision,
                             layouts: layouts)
+        if context.precision == .bf16, let c { BF16.round(c, c, count: count) }
+        convWroteHalves = halves
         wrote = outputs
         let y = outputs.floats ? output.ensure(count) : nil, y16 = outputs.halves ? outputBF16.ensure(count) : nil
-        try bn.forward(arena, output: y, outputBF16: y16, input: c, batch: batch, plane: g.outPlane, relu: relu, layout: layouts.output,
-                       context: context)
+        try bn.forward(arena, output: y, outputBF16: y16, input: convOutput.floats, inputBF16: convOutput.halves, batch: batch, plane: g.outPlane,
+                       relu: relu, layout: layouts.output, context: context)
         if zeroGradient { gradOutput.zeroed(count) } else { gradOutput.ensure(count) }
         return lastOutput
     }
@@ -254,7 +275,8 @@ final class ConvBNUnit {
         let mask = relu ? ReLUMask(lastOutput.floats, lastOutput.halves) : nil
         let halves = kernels.takesBF16(context.precision, layouts.output)
         let dc = halves ? nil : rooms.convGradient.ensure(count), dc16 = halves ? rooms.convGradientBF16.ensure(count) : nil
-        try bn.backward(arena, gradInput: dc, gradInputBF16: dc16, gradOutput: gradOutput.pointer, input: convOut.pointer, reluOutput: mask,
+        try bn.backward(arena, gradInput: dc, gradInputBF16: dc16, gradOutput: gradOutput.pointer, input: convOutput.floats,
+                        inputBF16: convOutput.halves, reluOutput: mask,
                         batch: g.batch, plane: g.outPlane, layout: layouts.output, context: context)
         try kernels.backward(gradInput: gradInput, gradWeight: arena.grads + conv.offset, gradOutput: dc.map { UnsafePointer($0) },
                              gradOutputBF16: dc16.map { UnsafePointer($0) }, input: input.floats,
@@ -388,7 +410,9 @@ public final class ResNet {
     /// the floats at each convolution, and the output gradients they read written as bf16 by batch
     /// norm's backward (default true; false reorders as oneDNN's fp32 -> bf16 reorder rounds: the same
     /// bits, which ResNetTests check).
-    public var keepsBF16Activations = true
+    public var keepsBF16Activations = true {
+        didSet { for unit in [stem] + blocks.flatMap(\.allUnits) { unit.keepsBF16ConvOutput = keepsBF16Activations } }
+    }
     /// Whether the last forward pass's pooled stem output has its bf16 copy.
     private var pooledHalves = false
     /// A copy of the images of the last forward pass, which the stem's backward reads (the caller's
@@ -527,7 +551,7 @@ public final class ResNet {
         hold(poolOutput, poolGrad, features, workspace, inputImages, rooms.convGradient)
         hold(poolOutputBF16, rooms.convGradientBF16)
         hold(poolIndices)
-        for unit in [stem] + blocks.flatMap(\.allUnits) { hold(unit.convOut, unit.output, unit.gradOutput); hold(unit.outputBF16) }
+        for unit in [stem] + blocks.flatMap(\.allUnits) { hold(unit.convOut, unit.output, unit.gradOutput); hold(unit.outputBF16, unit.convOutBF16) }
         for block in blocks { hold(block.output, block.gradOutput); hold(block.outputBF16) }
         return held.values.reduce(0, +)
     }

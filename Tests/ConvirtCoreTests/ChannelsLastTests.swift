@@ -45,28 +45,61 @@ struct ChannelsLastTests {
 
     /// BatchNorm forward and backward (training or evaluation, ReLU fused or not) in `layout`; x and dy
     /// are given in that layout, dx starts at 3 (accumulated onto, or overwritten with `accumulate` false).
+    /// `halves`: x is read as its bf16 bits (`inputBF16`, input nil).
     func batchNorm(_ x: [Float], _ dy: [Float], gamma: [Float], beta: [Float], n: Int, c: Int, plane: Int, training: Bool, relu: Bool,
-                   accumulate: Bool, layout: ActivationLayout) throws -> BNResult {
+                   accumulate: Bool, layout: ActivationLayout, halves: Bool = false) throws -> BNResult {
+        let x16: [UInt16]? = halves ? x.map(BF16.bits) : nil
         var r = BNResult(y: [Float](repeating: .nan, count: x.count), dx: [Float](repeating: 3, count: x.count),
                          dGamma: [Float](repeating: 0.5, count: c), dBeta: [Float](repeating: -0.5, count: c),
                          runningMean: (0..<c).map { Float($0) * 0.01 }, runningVar: (0..<c).map { 1 + Float($0) * 0.02 })
         try withBatchNormScratch(channels: c) { saved, stats in
+            try x.withUnsafeBufferPointer { floats in try (x16 ?? []).withUnsafeBufferPointer { bits in
+            let input = halves ? nil : floats.baseAddress, inputBF16 = halves ? bits.baseAddress : nil
             if training {
-                try BatchNorm2d.forwardTraining(output: &r.y, input: x, gamma: gamma, beta: beta, runningMean: &r.runningMean,
-                                                runningVar: &r.runningVar, saved: &saved, batch: n, channels: c, plane: plane,
-                                                statistics: stats, relu: relu, layout: layout)
-                try BatchNorm2d.backwardTraining(gradInput: &r.dx, gradGamma: &r.dGamma, gradBeta: &r.dBeta, gradOutput: dy, input: x,
-                                                 gamma: gamma, saved: saved, batch: n, channels: c, plane: plane, statistics: stats,
-                                                 reluOutput: relu ? r.y : nil, accumulate: accumulate, layout: layout)
+                try BatchNorm2d.forwardTraining(output: &r.y, input: input, inputBF16: inputBF16, gamma: gamma, beta: beta,
+                                                runningMean: &r.runningMean, runningVar: &r.runningVar, saved: &saved, batch: n, channels: c,
+                                                plane: plane, statistics: stats, relu: relu, layout: layout)
+                try BatchNorm2d.backwardTraining(gradInput: &r.dx, gradGamma: &r.dGamma, gradBeta: &r.dBeta, gradOutput: dy, input: input,
+                                                 inputBF16: inputBF16, gamma: gamma, saved: saved, batch: n, channels: c, plane: plane,
+                                                 statistics: stats, reluOutput: relu ? r.y : nil, accumulate: accumulate, layout: layout)
             } else {
-                BatchNorm2d.forwardInference(output: &r.y, input: x, gamma: gamma, beta: beta, runningMean: r.runningMean,
-                                             runningVar: r.runningVar, batch: n, channels: c, plane: plane, relu: relu, layout: layout)
-                BatchNorm2d.backwardInference(gradInput: &r.dx, gradGamma: &r.dGamma, gradBeta: &r.dBeta, gradOutput: dy, input: x,
-                                              gamma: gamma, runningMean: r.runningMean, runningVar: r.runningVar, batch: n, channels: c,
-                                              plane: plane, reluOutput: relu ? r.y : nil, accumulate: accumulate, layout: layout)
+                BatchNorm2d.forwardInference(output: &r.y, input: input, inputBF16: inputBF16, gamma: gamma, beta: beta,
+                                             runningMean: r.runningMean, runningVar: r.runningVar, batch: n, channels: c, plane: plane,
+                                             relu: relu, layout: layout)
+                BatchNorm2d.backwardInference(gradInput: &r.dx, gradGamma: &r.dGamma, gradBeta: &r.dBeta, gradOutput: dy, input: input,
+                                              inputBF16: inputBF16, gamma: gamma, runningMean: r.runningMean, runningVar: r.runningVar,
+                                              batch: n, channels: c, plane: plane, reluOutput: relu ? r.y : nil, accumulate: accumulate,
+                                              layout: layout)
             }
+            } }
         }
         return r
+    }
+
+    // What a bf16 convolution on oneDNN writes for the batch norm after it (ConvBNUnit).
+    @Test("BatchNorm reads a bf16 input as the floats it stands for: the same outputs, gradients and statistics, bit for bit",
+          arguments: [(2, 16, 300), (3, 32, 49), (2, 20, 17), (1, 64, 300)])
+    func batchNormBF16Input(n: Int, c: Int, plane: Int) throws {
+        let count = n * c * plane
+        let gamma = randomFloats(c, seed: 92), beta = randomFloats(c, seed: 93)
+        for layout in [ActivationLayout.nhwc, .blocked16] where layout.holds(channels: c) {
+        for training in [true, false] { for relu in [false, true] { for accumulate in [false, true] {
+            let x = toLayout(randomFloats(count, seed: 90, scale: 2).map { $0 + 1.5 }, layout, n: n, c: c, plane: plane)
+            let dy = toLayout(randomFloats(count, seed: 91), layout, n: n, c: c, plane: plane)
+            let what = "\(layout) n \(n) c \(c) plane \(plane) training \(training) relu \(relu) accumulate \(accumulate)"
+            let floats = try batchNorm(x.map(BF16.round), dy, gamma: gamma, beta: beta, n: n, c: c, plane: plane, training: training,
+                                       relu: relu, accumulate: accumulate, layout: layout)
+            let bits = try batchNorm(x, dy, gamma: gamma, beta: beta, n: n, c: c, plane: plane, training: training, relu: relu,
+                                     accumulate: accumulate, layout: layout, halves: true)
+            #expect(bits.y == floats.y && bits.dx == floats.dx, "output and input gradient, \(what)")
+            #expect(bits.dGamma == floats.dGamma && bits.dBeta == floats.dBeta, "parameter gradients, \(what)")
+            #expect(bits.runningMean == floats.runningMean && bits.runningVar == floats.runningVar, "running statistics, \(what)")
+            // And the rounding happened: the unrounded input normalizes to other values.
+            let unrounded = try batchNorm(x, dy, gamma: gamma, beta: beta, n: n, c: c, plane: plane, training: training, relu: relu,
+                                          accumulate: accumulate, layout: layout)
+            #expect(unrounded.y != bits.y, "bf16 input read as floats, \(what)")
+        } } }
+        }
     }
 
     // Channel counts off the vector width, planes past one 256-row block, one image and several.

@@ -134,6 +134,25 @@ struct DNNLConvolutionTests {
         let error = relativeError(y, Reference.conv2dForward(x.map(Double.init), wt.map(Double.init), nil, g))
         #expect(error < 2e-2 && error > 1e-6, "bf16 forward error \(error)")
     }
+
+    /// The output a ResNet's batch norm reads in bf16 (ConvBNUnit): each the float output's bf16 bits.
+    @Test("bf16 with a bf16 output (NHWC, nChw16c): the float output's bf16 bits, rounded to nearest even", arguments: 0..<6)
+    func bf16Output(index: Int) throws {
+        guard BF16.oneDNNRunsBF16 else { return }  // no bf16 kernels at all: `bf16` above checks the error
+        let (n, c, h, w, o, kh, kw, s, p, _) = Self.cases[index]
+        let g = try Conv2dGeometry(batch: n, inChannels: c, height: h, width: w, outChannels: o, kernel: (kh, kw), stride: (s, s), padding: (p, p))
+        let x = randomFloats(g.inputCount, seed: 21), wt = randomFloats(g.weightCount, seed: 22)
+        for layout in [ActivationLayout.nhwc, .blocked16] where layout.holds(channels: c) && layout.holds(channels: o) {
+            let floats = try ConvolutionPrimitives(geometry: g, precision: .bf16, inputLayout: layout, outputLayout: layout)
+            let bits = try ConvolutionPrimitives(geometry: g, precision: .bf16, inputLayout: layout, outputLayout: layout, bf16Output: true)
+            let input = toLayout(x, layout, n: n, c: c, plane: h * w)
+            var y = [Float](repeating: .nan, count: g.outputCount), y16 = [UInt16](repeating: 1, count: g.outputCount)
+            try floats.forward(output: &y, input: input, weight: wt)
+            try bits.forward(output: nil, outputBF16: &y16, input: input, weight: wt)
+            #expect(y16 == y.map(BF16.bits), "\(g) \(layout)")
+            #expect(y.contains { BF16.round($0) != $0 }, "the floats are not bf16 values already")
+        }
+    }
 }
 
 @Suite("fp32 matrix products (oneDNN's matmul where FP32Matmul.onDNNL, else sgemm)")

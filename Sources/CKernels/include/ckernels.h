@@ -34,14 +34,16 @@ void ck_dropout_forward(float *out, const float *in, long start, long end, uint6
 // Backward: dx[i] += dy[i] * scale where draw >= limit (dx unchanged elsewhere).
 void ck_dropout_backward(float *dx, const float *dy, long start, long end, uint64_t seed, uint64_t stream, uint32_t limit, float scale);
 
-// BatchNorm over rows of channels. A ReLU's output as a mask comes as floats (mask) or as its bf16 copy
-// (mask16), either may be NULL; y16 / dx16 (where given) take the output's bf16 bits (as ck_bf16_bits),
-// y / dx may then be NULL (dx16 overwrites: accumulate 0).
-void ck_channel_sums(const float *x, const float *dy, const float *mask, const uint16_t *mask16, const float *mean, long rows, long stride,
-                     long width, double *first, double *second);
-void ck_normalize_rows(float *y, uint16_t *y16, const float *x, long rows, long lanes, const float *mean, const float *scale,
-                       const float *shift, int relu);
-void ck_bn_gradient_rows(float *dx, uint16_t *dx16, const float *dy, const float *x, const float *mask, const uint16_t *mask16, long rows,
+// BatchNorm over rows of channels. The input comes as floats (x) or as bf16 bits (x16, x then NULL). A
+// ReLU's output as a mask comes as floats (mask) or as its bf16 copy (mask16), either may be NULL; y16 /
+// dx16 (where given) take the output's bf16 bits (as ck_bf16_bits), y / dx may then be NULL (dx16
+// overwrites: accumulate 0).
+void ck_channel_sums(const float *x, const uint16_t *x16, const float *dy, const float *mask, const uint16_t *mask16, const float *mean,
+                     long rows, long stride, long width, double *first, double *second);
+void ck_normalize_rows(float *y, uint16_t *y16, const float *x, const uint16_t *x16, long rows, long lanes, const float *mean,
+                       const float *scale, const float *shift, int relu);
+void ck_bn_gradient_rows(float *dx, uint16_t *dx16, const float *dy, const float *x, const uint16_t *x16, const float *mask,
+                         const uint16_t *mask16, long rows,
                          long lanes, const float *k, const float *sum_dy, const float *sum_dyx, const float *mean, const float *inv_std,
                          float m, int accumulate);
 // y = max(a + b, 0) and its bf16 bits into y16 (may be NULL); y may alias a or b.

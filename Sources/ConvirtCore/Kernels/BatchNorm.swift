@@ -1,5 +1,7 @@
 // Batch normalisation over [N, C, H, W], [N, H, W, C] or nChw16c (ChannelsLast.swift) (Ioffe & Szegedy 2015), as torch.nn.BatchNorm2d: biased batch
 // variance in the normalisation, unbiased variance in the running estimate, momentum 0.1 by default.
+// Outside NCHW the input may come as bf16 bits (a bf16 convolution's output), read as the floats they
+// stand for; the statistics and the arithmetic stay fp32.
 
 import CKernels
 
@@ -53,6 +55,12 @@ func gradientRun(_ dx: UnsafeMutablePointer<Float>, _ dy: UnsafePointer<Float>, 
 }
 
 public enum BatchNorm2d {
+    /// The input as the row kernels read it: its bf16 bits where given, else its floats.
+    static func rows(_ input: UnsafePointer<Float>?, _ inputBF16: UnsafePointer<UInt16>?) -> RowValues {
+        guard let values = RowValues(input, inputBF16) else { preconditionFailure("batch norm without an input") }
+        return inputBF16.map { .bf16($0) } ?? values
+    }
+
     /// Per-channel state that `forwardTraining` leaves for `backward`: the batch mean, 1/sqrt(var + eps)
     /// and the element count over all ranks. Each is [C].
     public struct Saved {
@@ -71,8 +79,10 @@ public enum BatchNorm2d {
     ///   runningVar: [C]; statistics: scratch of 2C + 1 doubles.
     /// - outputBF16: the output's bf16 bits (`BF16.bits`), as well as or instead of the floats (output
     ///   nil), in a layout other than NCHW.
+    /// - inputBF16: the input as bf16 bits instead of floats (input nil), in a layout other than NCHW.
     public static func forwardTraining(
-        output: UnsafeMutablePointer<Float>?, outputBF16: UnsafeMutablePointer<UInt16>? = nil, input: UnsafePointer<Float>,
+        output: UnsafeMutablePointer<Float>?, outputBF16: UnsafeMutablePointer<UInt16>? = nil, input: UnsafePointer<Float>?,
+        inputBF16: UnsafePointer<UInt16>? = nil,
         gamma: UnsafePointer<Float>, beta: UnsafePointer<Float>,
         runningMean: UnsafeMutablePointer<Float>, runningVar: UnsafeMutablePointer<Float>,
         saved: inout Saved, batch: Int, channels: Int, plane: Int, eps: Float = 1e-5, momentum: Float = 0.1,
@@ -81,12 +91,13 @@ public enum BatchNorm2d {
     ) throws {
         precondition(statistics.count >= 2 * channels + 1, "batch norm statistics scratch too small")
         if layout != .nchw {
-            return try forwardTrainingRows(output: output, outputBF16: outputBF16, input: input, gamma: gamma, beta: beta, runningMean: runningMean,
+            return try forwardTrainingRows(output: output, outputBF16: outputBF16, input: rows(input, inputBF16), gamma: gamma, beta: beta,
+                                           runningMean: runningMean,
                                            runningVar: runningVar, saved: &saved,
                                            shape: LaneLayout(layout, batch: batch, channels: channels, plane: plane), eps: eps,
                                            momentum: momentum, statistics: statistics, reducer: reducer, relu: relu)
         }
-        guard let output, outputBF16 == nil else { preconditionFailure("batch norm over NCHW writes floats only") }
+        guard let output, outputBF16 == nil, let input, inputBF16 == nil else { preconditionFailure("batch norm over NCHW: floats only") }
         let stats = statistics.baseAddress!
         Parallel.chunks(channels, cost: batch * plane) { range in
             for c in range {
@@ -135,17 +146,18 @@ public enum BatchNorm2d {
 
     /// Evaluation mode: normalise with the running statistics.
     public static func forwardInference(
-        output: UnsafeMutablePointer<Float>?, outputBF16: UnsafeMutablePointer<UInt16>? = nil, input: UnsafePointer<Float>,
-        gamma: UnsafePointer<Float>, beta: UnsafePointer<Float>,
+        output: UnsafeMutablePointer<Float>?, outputBF16: UnsafeMutablePointer<UInt16>? = nil, input: UnsafePointer<Float>?,
+        inputBF16: UnsafePointer<UInt16>? = nil, gamma: UnsafePointer<Float>, beta: UnsafePointer<Float>,
         runningMean: UnsafePointer<Float>, runningVar: UnsafePointer<Float>,
         batch: Int, channels: Int, plane: Int, eps: Float = 1e-5, relu: Bool = false, layout: ActivationLayout = .nchw
     ) {
         if layout != .nchw {
-            return forwardInferenceRows(output: output, outputBF16: outputBF16, input: input, gamma: gamma, beta: beta, runningMean: runningMean,
+            return forwardInferenceRows(output: output, outputBF16: outputBF16, input: rows(input, inputBF16), gamma: gamma, beta: beta,
+                                        runningMean: runningMean,
                                         runningVar: runningVar, shape: LaneLayout(layout, batch: batch, channels: channels, plane: plane), eps: eps,
                                         relu: relu)
         }
-        guard let output, outputBF16 == nil else { preconditionFailure("batch norm over NCHW writes floats only") }
+        guard let output, outputBF16 == nil, let input, inputBF16 == nil else { preconditionFailure("batch norm over NCHW: floats only") }
         Parallel.chunks(channels, cost: batch * plane) { range in
             for c in range {
                 // (x - mean) first: exact when x is close to the mean, where x * scale + shift would cancel.
@@ -168,7 +180,7 @@ public enum BatchNorm2d {
     /// take the input gradient's bf16 bits instead of gradInput (overwritten).
     public static func backwardTraining(
         gradInput: UnsafeMutablePointer<Float>?, gradInputBF16: UnsafeMutablePointer<UInt16>? = nil, gradGamma: UnsafeMutablePointer<Float>, gradBeta: UnsafeMutablePointer<Float>,
-        gradOutput: UnsafePointer<Float>, input: UnsafePointer<Float>, gamma: UnsafePointer<Float>,
+        gradOutput: UnsafePointer<Float>, input: UnsafePointer<Float>?, inputBF16: UnsafePointer<UInt16>? = nil, gamma: UnsafePointer<Float>,
         saved: Saved, batch: Int, channels: Int, plane: Int,
         statistics: UnsafeMutableBufferPointer<Double>, reducer: StatisticsReducer? = nil,
         reluOutput: UnsafePointer<Float>? = nil, reluOutputBF16: UnsafePointer<UInt16>? = nil, accumulate: Bool = true,
@@ -177,11 +189,13 @@ public enum BatchNorm2d {
         precondition(statistics.count >= 2 * channels + 1, "batch norm statistics scratch too small")
         if layout != .nchw {
             return try backwardTrainingRows(gradInput: gradInput, gradInputBF16: gradInputBF16, gradGamma: gradGamma, gradBeta: gradBeta,
-                                            gradOutput: gradOutput, input: input, gamma: gamma, saved: saved,
+                                            gradOutput: gradOutput, input: rows(input, inputBF16), gamma: gamma, saved: saved,
                                             shape: LaneLayout(layout, batch: batch, channels: channels, plane: plane), statistics: statistics,
                                             reducer: reducer, reluOutput: ReLUMask(reluOutput, reluOutputBF16), accumulate: accumulate)
         }
-        guard let gradInput, gradInputBF16 == nil, reluOutputBF16 == nil else { preconditionFailure("batch norm backward over NCHW: floats only") }
+        guard let gradInput, gradInputBF16 == nil, reluOutputBF16 == nil, let input, inputBF16 == nil else {
+            preconditionFailure("batch norm backward over NCHW: floats only")
+        }
         let stats = statistics.baseAddress!
         let means = saved.mean, invStds = saved.invStd
         Parallel.chunks(channels, cost: batch * plane) { range in
@@ -221,7 +235,7 @@ public enum BatchNorm2d {
     /// `reluOutput` and `accumulate` as in `backwardTraining`.
     public static func backwardInference(
         gradInput: UnsafeMutablePointer<Float>?, gradGamma: UnsafeMutablePointer<Float>, gradBeta: UnsafeMutablePointer<Float>,
-        gradOutput: UnsafePointer<Float>, input: UnsafePointer<Float>, gamma: UnsafePointer<Float>,
+        gradOutput: UnsafePointer<Float>, input: UnsafePointer<Float>?, inputBF16: UnsafePointer<UInt16>? = nil, gamma: UnsafePointer<Float>,
         runningMean: UnsafePointer<Float>, runningVar: UnsafePointer<Float>,
         batch: Int, channels: Int, plane: Int, eps: Float = 1e-5, reluOutput: UnsafePointer<Float>? = nil,
         reluOutputBF16: UnsafePointer<UInt16>? = nil, gradInputBF16: UnsafeMutablePointer<UInt16>? = nil, accumulate: Bool = true,
@@ -229,11 +243,14 @@ public enum BatchNorm2d {
     ) {
         if layout != .nchw {
             return backwardInferenceRows(gradInput: gradInput, gradInputBF16: gradInputBF16, gradGamma: gradGamma, gradBeta: gradBeta,
-                                         gradOutput: gradOutput, input: input, gamma: gamma, runningMean: runningMean, runningVar: runningVar,
+                                         gradOutput: gradOutput, input: rows(input, inputBF16), gamma: gamma, runningMean: runningMean,
+                                         runningVar: runningVar,
                                          shape: LaneLayout(layout, batch: batch, channels: channels, plane: plane),
                                          eps: eps, reluOutput: ReLUMask(reluOutput, reluOutputBF16), accumulate: accumulate)
         }
-        precondition(gradInputBF16 == nil && reluOutputBF16 == nil, "batch norm backward over NCHW: floats only")
+        guard gradInputBF16 == nil, reluOutputBF16 == nil, let input, inputBF16 == nil else {
+            preconditionFailure("batch norm backward over NCHW: floats only")
+        }
         Parallel.chunks(channels, cost: batch * plane) { range in
             for c in range {
                 let invStd = 1 / (runningVar[c] + eps).squareRoot(), mean = runningMean[c]

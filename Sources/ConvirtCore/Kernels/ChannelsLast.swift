@@ -69,7 +69,11 @@ struct LaneLayout {
 /// The output of a ReLU that followed a layer, as the mask of its backward (the gradient flows where
 /// it is positive): the floats, or their bf16 copy (the same mask: rounding to bf16 keeps the sign,
 /// and a positive float stays positive unless it is below bf16's smallest subnormal).
-public enum ReLUMask {
+public typealias ReLUMask = RowValues
+
+/// Values a kernel reads: floats, or bf16 bits (a ReLU's output as its mask, batch norm's input where
+/// the convolution before it wrote bf16).
+public enum RowValues {
     case fp32(UnsafePointer<Float>)
     case bf16(UnsafePointer<UInt16>)
 
@@ -93,18 +97,18 @@ public enum ReLUMask {
 /// `gradient`: sum(x) and sum(x^2). With it (dy, and a following ReLU's output as `mask`): sum(g) and
 /// sum(g * (x - mean)), g = dy where mask > 0 (or everywhere without a mask). (`ck_channel_sums`: the
 /// chunk of 16 channels' sums in registers.)
-func channelBlockedSums(_ x: UnsafePointer<Float>, gradient: (dy: UnsafePointer<Float>, mask: ReLUMask?, mean: UnsafePointer<Float>)?,
+func channelBlockedSums(_ x: RowValues, gradient: (dy: UnsafePointer<Float>, mask: ReLUMask?, mean: UnsafePointer<Float>)?,
                         rows: Int, channels: Int, c0: Int, width: Int, first: UnsafeMutablePointer<Double>, second: UnsafeMutablePointer<Double>) {
-    let mask = gradient?.mask?.advanced(by: c0)
-    ck_channel_sums(x + c0, gradient.map { $0.dy + c0 }, mask?.floats, mask?.halves, gradient.map { $0.mean + c0 }, rows, channels, width,
-                    first, second)
+    let mask = gradient?.mask?.advanced(by: c0), x = x.advanced(by: c0)
+    ck_channel_sums(x.floats, x.halves, gradient.map { $0.dy + c0 }, mask?.floats, mask?.halves, gradient.map { $0.mean + c0 }, rows, channels,
+                    width, first, second)
 }
 
 /// Per channel of `shape`, the sums of `channelBlockedSums` over all its rows into first[c] and
 /// second[c]: each thread owns a range of channels and sums each over the outer index in order (one
 /// image after another in nChw16c), so the sums do not depend on the thread count. `gradient`'s mean
 /// is indexed by channel.
-func laneSums(_ x: UnsafePointer<Float>, gradient: (dy: UnsafePointer<Float>, mask: ReLUMask?, mean: UnsafePointer<Float>)?,
+func laneSums(_ x: RowValues, gradient: (dy: UnsafePointer<Float>, mask: ReLUMask?, mean: UnsafePointer<Float>)?,
               shape: LaneLayout, first: UnsafeMutablePointer<Double>, second: UnsafeMutablePointer<Double>) {
     let lanes = shape.lanes, run = shape.plane * lanes
     Parallel.chunks(shape.channels, cost: shape.outer * shape.plane) { range in
@@ -117,7 +121,7 @@ func laneSums(_ x: UnsafePointer<Float>, gradient: (dy: UnsafePointer<Float>, ma
                 second.advanced(by: c).update(repeating: 0, count: width)
                 for n in 0..<shape.outer {
                     let o = (n * shape.groups + g) * run
-                    channelBlockedSums(x + o, gradient: gradient.map { ($0.dy + o, $0.mask?.advanced(by: o), $0.mean + g * lanes) },
+                    channelBlockedSums(x.advanced(by: o), gradient: gradient.map { ($0.dy + o, $0.mask?.advanced(by: o), $0.mean + g * lanes) },
                                        rows: shape.plane, channels: lanes, c0: l0, width: width, first: a, second: b)
                     for j in 0..<width { first[c + j] += a[j]; second[c + j] += b[j] }
                 }
@@ -131,7 +135,7 @@ extension BatchNorm2d {
     /// `forwardTraining` over rows of channels (NHWC or nChw16c); the output as floats, as bf16 bits
     /// (`outputBF16`), or both.
     static func forwardTrainingRows(
-        output: UnsafeMutablePointer<Float>?, outputBF16: UnsafeMutablePointer<UInt16>?, input: UnsafePointer<Float>, gamma: UnsafePointer<Float>, beta: UnsafePointer<Float>,
+        output: UnsafeMutablePointer<Float>?, outputBF16: UnsafeMutablePointer<UInt16>?, input: RowValues, gamma: UnsafePointer<Float>, beta: UnsafePointer<Float>,
         runningMean: UnsafeMutablePointer<Float>, runningVar: UnsafeMutablePointer<Float>, saved: inout Saved, shape: LaneLayout,
         eps: Float, momentum: Float, statistics: UnsafeMutableBufferPointer<Double>, reducer: StatisticsReducer?, relu: Bool
     ) throws {
@@ -150,23 +154,23 @@ extension BatchNorm2d {
     }
 
     /// y = (x - mean) * scale + shift per channel over every row, max(that, 0) with `relu`.
-    private static func normalizeRows(output: UnsafeMutablePointer<Float>?, outputBF16: UnsafeMutablePointer<UInt16>?, input: UnsafePointer<Float>,
+    private static func normalizeRows(output: UnsafeMutablePointer<Float>?, outputBF16: UnsafeMutablePointer<UInt16>?, input: RowValues,
                                       mean: UnsafePointer<Float>, scale: UnsafePointer<Float>, shift: UnsafePointer<Float>, shape: LaneLayout,
                                       relu: Bool) {
         precondition(output != nil || outputBF16 != nil, "batch norm without an output")
         let lanes = shape.lanes
         Parallel.chunks(shape.rows, cost: lanes) { range in
             shape.runs(range) { rows, c0 in
-                let o = rows.lowerBound * lanes
-                ck_normalize_rows(output.map { $0 + o }, outputBF16.map { $0 + o }, input + o, rows.count, lanes, mean + c0, scale + c0, shift + c0,
-                                  relu ? 1 : 0)
+                let o = rows.lowerBound * lanes, x = input.advanced(by: o)
+                ck_normalize_rows(output.map { $0 + o }, outputBF16.map { $0 + o }, x.floats, x.halves, rows.count, lanes, mean + c0, scale + c0,
+                                  shift + c0, relu ? 1 : 0)
             }
         }
     }
 
     /// `forwardInference` over rows of channels.
     static func forwardInferenceRows(
-        output: UnsafeMutablePointer<Float>?, outputBF16: UnsafeMutablePointer<UInt16>?, input: UnsafePointer<Float>, gamma: UnsafePointer<Float>, beta: UnsafePointer<Float>,
+        output: UnsafeMutablePointer<Float>?, outputBF16: UnsafeMutablePointer<UInt16>?, input: RowValues, gamma: UnsafePointer<Float>, beta: UnsafePointer<Float>,
         runningMean: UnsafePointer<Float>, runningVar: UnsafePointer<Float>, shape: LaneLayout, eps: Float, relu: Bool
     ) {
         let channels = shape.channels
@@ -181,7 +185,7 @@ extension BatchNorm2d {
     /// Per channel: sum(dy) and sum(dy * (x - mean)) * invStd over the rows into first/second, dy masked
     /// by a following ReLU's output where `mask` is given.
     private static func gradientSumsRows(_ first: UnsafeMutablePointer<Double>, _ second: UnsafeMutablePointer<Double>,
-                                         gradOutput: UnsafePointer<Float>, input: UnsafePointer<Float>, mask: ReLUMask?,
+                                         gradOutput: UnsafePointer<Float>, input: RowValues, mask: ReLUMask?,
                                          mean: UnsafePointer<Float>, invStd: UnsafePointer<Float>, shape: LaneLayout) {
         laneSums(input, gradient: (gradOutput, mask, mean), shape: shape, first: first, second: second)
         for c in 0..<shape.channels { second[c] *= Double(invStd[c]) }
@@ -191,7 +195,7 @@ extension BatchNorm2d {
     /// bits (`gradInputBF16`).
     static func backwardTrainingRows(
         gradInput: UnsafeMutablePointer<Float>?, gradInputBF16: UnsafeMutablePointer<UInt16>?, gradGamma: UnsafeMutablePointer<Float>, gradBeta: UnsafeMutablePointer<Float>,
-        gradOutput: UnsafePointer<Float>, input: UnsafePointer<Float>, gamma: UnsafePointer<Float>, saved: Saved, shape: LaneLayout,
+        gradOutput: UnsafePointer<Float>, input: RowValues, gamma: UnsafePointer<Float>, saved: Saved, shape: LaneLayout,
         statistics: UnsafeMutableBufferPointer<Double>, reducer: StatisticsReducer?, reluOutput: ReLUMask?, accumulate: Bool
     ) throws {
         precondition((gradInput == nil) != (gradInputBF16 == nil) && !(gradInputBF16 != nil && accumulate), "batch norm backward: one input gradient")
@@ -216,8 +220,8 @@ extension BatchNorm2d {
             Parallel.chunks(shape.rows, cost: lanes) { range in
                 shape.runs(range) { rows, c0 in
                     let o = rows.lowerBound * lanes
-                    let mask = reluOutput?.advanced(by: o)
-                    ck_bn_gradient_rows(gradInput.map { $0 + o }, gradInputBF16.map { $0 + o }, gradOutput + o, input + o, mask?.floats, mask?.halves,
+                    let mask = reluOutput?.advanced(by: o), x = input.advanced(by: o)
+                    ck_bn_gradient_rows(gradInput.map { $0 + o }, gradInputBF16.map { $0 + o }, gradOutput + o, x.floats, x.halves, mask?.floats, mask?.halves,
                                         rows.count, lanes, k + c0, sumDy + c0,
                                         sumDyX + c0, means + c0, invStds + c0, m, accumulate ? 1 : 0)
                 }
@@ -228,7 +232,7 @@ extension BatchNorm2d {
     /// `backwardInference` over rows of channels.
     static func backwardInferenceRows(
         gradInput: UnsafeMutablePointer<Float>?, gradInputBF16: UnsafeMutablePointer<UInt16>?, gradGamma: UnsafeMutablePointer<Float>, gradBeta: UnsafeMutablePointer<Float>,
-        gradOutput: UnsafePointer<Float>, input: UnsafePointer<Float>, gamma: UnsafePointer<Float>,
+        gradOutput: UnsafePointer<Float>, input: RowValues, gamma: UnsafePointer<Float>,
         runningMean: UnsafePointer<Float>, runningVar: UnsafePointer<Float>, shape: LaneLayout, eps: Float,
         reluOutput: ReLUMask?, accumulate: Bool
     ) {
@@ -251,8 +255,8 @@ extension BatchNorm2d {
                 guard gradInput != nil || gradInputBF16 != nil else { return }
                 Parallel.chunks(shape.rows, cost: lanes) { range in
                     shape.runs(range) { rows, c0 in
-                        let o = rows.lowerBound * lanes, mask = reluOutput?.advanced(by: o)
-                        ck_bn_gradient_rows(gradInput.map { $0 + o }, gradInputBF16.map { $0 + o }, gradOutput + o, input + o, mask?.floats, mask?.halves,
+                        let o = rows.lowerBound * lanes, mask = reluOutput?.advanced(by: o), x = input.advanced(by: o)
+                        ck_bn_gradient_rows(gradInput.map { $0 + o }, gradInputBF16.map { $0 + o }, gradOutput + o, x.floats, x.halves, mask?.floats, mask?.halves,
                                             rows.count, lanes, k + c0, nil,
                                             nil, nil, nil, 0, accumulate ? 1 : 0)
                     }

@@ -23,6 +23,9 @@ public final class ConvolutionPrimitives {
     public let precision: Precision
     /// The layouts of the caller's input (and input gradient) and output (and output gradient).
     public let inputLayout, outputLayout: ActivationLayout
+    /// Whether the forward writes its output as bf16 bits in the caller's layout (bf16 outside NCHW),
+    /// each the output's float rounded to nearest even, as autocast's convolutions return bf16.
+    public let bf16Output: Bool
     let stream: DNNLStream
     // Forward.
     let forwardPrimitive: DNNLPrimitive
@@ -39,17 +42,19 @@ public final class ConvolutionPrimitives {
                                   gradBias: DNNLArgument?)?
 
     public init(geometry g: Conv2dGeometry, precision: Precision = .fp32, bias: Bool = false, inputLayout: ActivationLayout = .nchw,
-                outputLayout: ActivationLayout = .nchw) throws {
+                outputLayout: ActivationLayout = .nchw, bf16Output: Bool = false) throws {
+        precondition(!bf16Output || (precision == .bf16 && outputLayout != .nchw), "\(g): a bf16 output needs bf16 outside NCHW")
         geometry = g
         self.precision = precision
         self.inputLayout = inputLayout
         self.outputLayout = outputLayout
+        self.bf16Output = bf16Output
         stream = try DNNLStream()
         let t = precision.inputType
         let (srcTag, dstTag) = Self.innerTags(inputLayout, outputLayout)
         var src = try dnnlDescriptor(g.inputShape, t, srcTag)
         var wei = try dnnlDescriptor(g.weightShape, t, dnnl_format_tag_any)
-        var dst = try dnnlDescriptor(g.outputShape, dnnl_f32, dstTag)
+        var dst = try dnnlDescriptor(g.outputShape, bf16Output ? dnnl_bf16 : dnnl_f32, dstTag)
         var b = try dnnlDescriptor([g.outChannels], dnnl_f32, dnnl_x)
         let strides = dnnlDims([g.strideH, g.strideW]), padding = dnnlDims([g.padH, g.padW])
         var desc = dnnl_convolution_desc_t()
@@ -128,9 +133,10 @@ public final class ConvolutionPrimitives {
     }
 
     /// output [N, O, OH, OW] = conv(input [N, C, H, W], weight [O, C, KH, KW]) + bias [O]. The input as
-    /// floats or, where `takesBF16Input`, as its bf16 bits (`inputBF16`, used where given).
-    public func forward(output: UnsafeMutablePointer<Float>, input: UnsafePointer<Float>?, inputBF16: UnsafePointer<UInt16>? = nil,
-                        weight: UnsafePointer<Float>, bias biasValues: UnsafePointer<Float>? = nil) throws {
+    /// floats or, where `takesBF16Input`, as its bf16 bits (`inputBF16`, used where given); the output
+    /// as floats, or as bf16 bits (`outputBF16`) where `bf16Output`.
+    public func forward(output: UnsafeMutablePointer<Float>?, outputBF16: UnsafeMutablePointer<UInt16>? = nil, input: UnsafePointer<Float>?,
+                        inputBF16: UnsafePointer<UInt16>? = nil, weight: UnsafePointer<Float>, bias biasValues: UnsafePointer<Float>? = nil) throws {
         if let inputBF16 {
             try bindBF16(source, inputBF16, shape: geometry.inputShape, layout: inputLayout)
         } else {
@@ -138,14 +144,20 @@ public final class ConvolutionPrimitives {
             try source.input(input, stream)
         }
         try weights.input(weight, stream)
-        try destination.output(output)
+        if bf16Output {
+            guard let outputBF16 else { preconditionFailure("\(geometry) forward: a bf16 output without its buffer") }
+            try bindBF16(destination, UnsafePointer(outputBF16), shape: geometry.outputShape, layout: outputLayout)
+        } else {
+            guard let output else { preconditionFailure("\(geometry) forward without an output") }
+            try destination.output(output)
+        }
         var arguments = [(cdnnl_arg_src(), source.inner), (cdnnl_arg_weights(), weights.inner), (cdnnl_arg_dst(), destination.inner)]
         if let bias, let biasValues {
             try bias.bind(biasValues)
             arguments.append((cdnnl_arg_bias(), bias))
         }
         try forwardPrimitive.execute(stream, arguments, "\(geometry) forward")
-        try destination.finish(stream)
+        if !bf16Output { try destination.finish(stream) }
     }
 
     /// Accumulates the gradients of the weights (and bias), and of the input unless gradInput is nil
@@ -445,6 +457,7 @@ public final class Convolution {
         let geometry: Conv2dGeometry
         let precision: Precision
         let inputLayout, outputLayout: ActivationLayout
+        let bf16Output: Bool
     }
     private var primitives: [Key: ConvolutionPrimitives] = [:]
     /// Whether this layer's bf16 products run on oneDNN's bf16 kernels.
@@ -456,10 +469,11 @@ public final class Convolution {
     }
 
     /// oneDNN's primitives for `g` in `precision` and the layouts, made once.
-    private func dnnl(_ g: Conv2dGeometry, _ precision: Precision, _ layouts: Layouts) throws -> ConvolutionPrimitives {
-        let key = Key(geometry: g, precision: precision, inputLayout: layouts.input, outputLayout: layouts.output)
+    private func dnnl(_ g: Conv2dGeometry, _ precision: Precision, _ layouts: Layouts, bf16Output: Bool = false) throws -> ConvolutionPrimitives {
+        let key = Key(geometry: g, precision: precision, inputLayout: layouts.input, outputLayout: layouts.output, bf16Output: bf16Output)
         if let p = primitives[key] { return p }
-        let p = try ConvolutionPrimitives(geometry: g, precision: precision, inputLayout: layouts.input, outputLayout: layouts.output)
+        let p = try ConvolutionPrimitives(geometry: g, precision: precision, inputLayout: layouts.input, outputLayout: layouts.output,
+                                          bf16Output: bf16Output)
         primitives[key] = p
         return p
     }
@@ -499,14 +513,19 @@ public final class Convolution {
 
     /// As `Conv2d.forward`; workspace: `workspaceCount(g, precision:)` floats.
     /// `layouts` other than NCHW need oneDNN's kernels (`layout(precision:)`). `inputBF16`: the input's
-    /// bf16 bits instead of `input`, where `takesBF16(precision, layouts.input)`.
-    public func forward(output: UnsafeMutablePointer<Float>, input: UnsafePointer<Float>?, inputBF16: UnsafePointer<UInt16>? = nil,
-                        weight: UnsafePointer<Float>, geometry g: Conv2dGeometry, workspace: UnsafeMutablePointer<Float>?,
-                        precision: Precision = .fp32, layouts: Layouts = Layouts()) throws {
-        if let inputBF16 {
-            precondition(takesBF16(precision, layouts.input), "\(g): a bf16 input without oneDNN's bf16 kernels on it")
-            return try dnnl(g, .bf16, layouts).forward(output: output, input: nil, inputBF16: inputBF16, weight: weight)
+    /// bf16 bits instead of `input`, where `takesBF16(precision, layouts.input)`. `outputBF16`: the
+    /// output as bf16 bits (each the float output rounded to nearest even) instead of `output`, where
+    /// `takesBF16(precision, layouts.output)`.
+    public func forward(output: UnsafeMutablePointer<Float>?, outputBF16: UnsafeMutablePointer<UInt16>? = nil, input: UnsafePointer<Float>?,
+                        inputBF16: UnsafePointer<UInt16>? = nil, weight: UnsafePointer<Float>, geometry g: Conv2dGeometry,
+                        workspace: UnsafeMutablePointer<Float>?, precision: Precision = .fp32, layouts: Layouts = Layouts()) throws {
+        if inputBF16 != nil || outputBF16 != nil {
+            precondition((inputBF16 == nil || takesBF16(precision, layouts.input)) && (outputBF16 == nil || takesBF16(precision, layouts.output)),
+                         "\(g): bf16 activations without oneDNN's bf16 kernels on them")
+            return try dnnl(g, .bf16, layouts, bf16Output: outputBF16 != nil).forward(output: output, outputBF16: outputBF16, input: input,
+                                                                                     inputBF16: inputBF16, weight: weight)
         }
+        guard let output else { preconditionFailure("\(g) forward without an output") }
         guard var input else { preconditionFailure("\(g) forward without an input") }
         var (weight, workspace) = (weight, workspace)
         if precision == .bf16 {

@@ -57,8 +57,9 @@ func gradientRun(_ dx: UnsafeMutablePointer<Float>, _ dy: UnsafePointer<Float>, 
 public enum BatchNorm2d {
     /// The input as the row kernels read it: its bf16 bits where given, else its floats.
     static func rows(_ input: UnsafePointer<Float>?, _ inputBF16: UnsafePointer<UInt16>?) -> RowValues {
-        guard let values = RowValues(input, inputBF16) else { preconditionFailure("batch norm without an input") }
-        return inputBF16.map { .bf16($0) } ?? values
+        if let inputBF16 { return .bf16(inputBF16) }
+        guard let input else { preconditionFailure("batch norm without an input") }
+        return .fp32(input)
     }
 
     /// Per-channel state that `forwardTraining` leaves for `backward`: the batch mean, 1/sqrt(var + eps)

@@ -313,11 +313,22 @@ struct DistributedTrainingTests {
         let up = try run(cluster, ["up", "2"])
         #expect(up.status == 0, "network namespaces (run as root): \(up.output)")
         defer { _ = try? run(cluster, ["down", "2"]) }
-        // One attempt, bounded: the start-up stall seen earlier (an orted crashing in hwloc's shared-memory
-        // topology when several share one machine) is fixed in netns-cluster.sh, so a hang now is a failure.
-        let hosts = try run(cluster, ["run", "2", "--", convirtPath(), "train", "--data", data, "--run-dir", "\(dir)/run-hosts",
-                                      "--preset", "tiny", "--steps", "20", "--retrieval-eval", "0", "--precision", "fp32"],
-                            environment: ["CONVIRT_CLUSTER_TIMEOUT": "90"], timeout: 150)
+        // Bounded. The start-up stall seen earlier (an orted crashing in hwloc's shared-memory topology when
+        // several share one machine) is fixed in netns-cluster.sh, but Open MPI's start over the namespaces'
+        // TCP still stalled once in about 20 full suites (December 3: cut off at 90 s with no output at
+        // all, convirt never started): a start that printed nothing gets one more try. A job that started
+        // and then hung or failed is a failure.
+        func attempt() throws -> (status: Int32, output: String) {
+            try run(cluster, ["run", "2", "--", convirtPath(), "train", "--data", data, "--run-dir", "\(dir)/run-hosts",
+                              "--preset", "tiny", "--steps", "20", "--retrieval-eval", "0", "--precision", "fp32"],
+                    environment: ["CONVIRT_CLUSTER_TIMEOUT": "90"], timeout: 150)
+        }
+        var hosts = try attempt()
+        if hosts.status != 0 && !hosts.output.contains("convirt train:") {
+            print("two hosts: Open MPI's start stalled (status \(hosts.status), no output from convirt); starting once more")
+            try? FileManager.default.removeItem(atPath: "\(dir)/run-hosts")
+            hosts = try attempt()
+        }
         #expect(hosts.status == 0, "\(hosts.output)")
         let hostRows = try Self.rows(of: "\(dir)/run-hosts")
         #expect(hostRows.count == 20)

@@ -46,26 +46,12 @@ public enum Adam {
         let wd = c.weightDecay
         let decoupled = c.decoupled && wd != 0
         // Every element on its own: split over the threads, the result is the same bit for bit. The loop
-        // is `ck_adam` (16 lanes where the CPU has AVX-512): per element, as `reference` below.
+        // is `ck_adam` (16 lanes where the CPU has AVX-512), the arithmetic per element as written above.
         Parallel.chunks(count, cost: 8) { range in
             let o = range.lowerBound
             ck_adam(params + o, grads + o, m + o, v + o, range.count, stepSize, bias2Sqrt, b2, eps, oneMinusB1, oneMinusB2, shrink, l2,
                     decoupled ? 1 : 0)
         }
-    }
-
-    /// `step`'s arithmetic for one element, in Swift (the oracle of `ck_adam`'s tests): the same operations
-    /// in the same order.
-    public static func reference(param: inout Float, grad: Float, m: inout Float, v: inout Float, step: Int, config c: AdamConfig) {
-        let bias1 = 1 - Double.pow(c.beta1, Double(step)), bias2 = 1 - Double.pow(c.beta2, Double(step))
-        let stepSize = Float(c.learningRate / bias1), bias2Sqrt = Float(bias2.squareRoot())
-        var p = param
-        if c.decoupled && c.weightDecay != 0 { p *= Float(1 - c.learningRate * c.weightDecay) }
-        let g = grad + (c.decoupled ? 0 : Float(c.weightDecay)) * p
-        m = m + Float(1 - c.beta1) * (g - m)
-        v = v * Float(c.beta2) + Float(1 - c.beta2) * g * g
-        let denom = v.squareRoot() / bias2Sqrt + Float(c.eps)
-        param = p - stepSize * (m / denom)
     }
 
     /// Steps the arena elements of `range` (which must lie in the arena's optimizer range).

@@ -235,6 +235,20 @@ struct AdamThreadsTests {
 
 @Suite("The optimizer's vector passes")
 struct OptimizerKernelTests {
+    /// `Adam.step`'s arithmetic for one element in Swift (the oracle of `ck_adam`): the same operations in
+    /// the same order.
+    static func reference(param: inout Float, grad: Float, m: inout Float, v: inout Float, step: Int, config c: AdamConfig) {
+        let bias1 = 1 - pow(c.beta1, Double(step)), bias2 = 1 - pow(c.beta2, Double(step))
+        let stepSize = Float(c.learningRate / bias1), bias2Sqrt = Float(bias2.squareRoot())
+        var p = param
+        if c.decoupled && c.weightDecay != 0 { p *= Float(1 - c.learningRate * c.weightDecay) }
+        let g = grad + (c.decoupled ? 0 : Float(c.weightDecay)) * p
+        m = m + Float(1 - c.beta1) * (g - m)
+        v = v * Float(c.beta2) + Float(1 - c.beta2) * g * g
+        let denom = v.squareRoot() / bias2Sqrt + Float(c.eps)
+        param = p - stepSize * (m / denom)
+    }
+
     @Test("Adam's vector loop equals the per-element Swift arithmetic bit for bit (Adam with L2, AdamW, no decay; every tail length)",
           arguments: [1, 15, 16, 17, 40, 1001])
     func adamAsReference(count: Int) {
@@ -247,7 +261,7 @@ struct OptimizerKernelTests {
             var (rp, rm, rv) = (p, m, v)
             for step in 1...3 {
                 Adam.step(params: &p, grads: grads, m: &m, v: &v, count: count, step: step, config: config)
-                for i in 0..<count { Adam.reference(param: &rp[i], grad: grads[i], m: &rm[i], v: &rv[i], step: step, config: config) }
+                for i in 0..<count { Self.reference(param: &rp[i], grad: grads[i], m: &rm[i], v: &rv[i], step: step, config: config) }
             }
             #expect(p == rp && m == rm && v == rv, "count \(count), \(config)")
             #expect(p != randomFloats(count, seed: 71), "the parameters moved")

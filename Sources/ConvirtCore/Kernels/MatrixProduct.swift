@@ -14,28 +14,20 @@ import Glibc
 /// by the emulation, since oneDNN would start an OpenMP team from every one of the loop's threads.
 /// `native`: bf16 on oneDNN's bf16 kernels (default `BF16.native`; true needs `BF16.oneDNNRunsBF16`).
 /// `bias` [n] (with beta 0): C = alpha op(A) op(B) + bias on every row, added in fp32 (on oneDNN inside
-/// the product, elsewhere copied into C first).
+/// the product, on sgemm copied into C first: `fp32Product`).
 public func gemm(
     _ precision: Precision, transposeA: Bool, transposeB: Bool, m: Int, n: Int, k: Int,
     alpha: Float = 1, a: UnsafePointer<Float>, lda: Int, b: UnsafePointer<Float>, ldb: Int,
     beta: Float = 0, c: UnsafeMutablePointer<Float>, ldc: Int, bias: UnsafePointer<Float>? = nil, parallel: Bool = true,
     native: Bool = BF16.native, copies: (a: BF16Operand.Use?, b: BF16Operand.Use?) = (nil, nil)
 ) {
-    var beta = beta
     precondition(bias == nil || beta == 0, "gemm: a bias with beta \(beta)")
-    /// Off oneDNN the bias is C's starting value and the product adds to it.
-    func biasAsStart() {
-        guard let bias else { return }
-        for r in 0..<m { (c + r * ldc).update(from: bias, count: n) }
-        beta = 1
-    }
     guard precision == .bf16, m > 0, n > 0, k > 0 else {
         fp32Product(transposeA: transposeA, transposeB: transposeB, m: m, n: n, k: k, alpha: alpha, a: a, lda: lda, b: b, ldb: ldb,
                     beta: beta, c: c, ldc: ldc, bias: bias, parallel: parallel)
         return
     }
     let onDNNL = native && parallel
-    if !onDNNL { biasAsStart() }
     // The stored blocks of op(A) and op(B): rows x columns with their leading dimensions.
     let (aRows, aColumns) = transposeA ? (k, m) : (m, k)
     let (bRows, bColumns) = transposeB ? (n, k) : (k, n)
@@ -59,7 +51,6 @@ public func gemm(
             return
         } catch {
             // A shape oneDNN refuses (none is known): the exact emulation below computes the same.
-            biasAsStart()
         }
     }
     let base = scratch.ensure(bytes: 4 * (m * k + k * n) + 128).bindMemory(to: Float.self, capacity: m * k + k * n + 32)
@@ -75,7 +66,7 @@ public func gemm(
     round(aRounded, a, onDNNL ? copies.a : nil, aRows, aColumns, lda)
     round(bRounded, b, onDNNL ? copies.b : nil, bRows, bColumns, ldb)
     fp32Product(transposeA: transposeA, transposeB: transposeB, m: m, n: n, k: k, alpha: alpha, a: aRounded, lda: aColumns,
-                b: bRounded, ldb: bColumns, beta: beta, c: c, ldc: ldc, parallel: parallel)
+                b: bRounded, ldb: bColumns, beta: beta, c: c, ldc: ldc, bias: bias, parallel: parallel)
 }
 
 /// Where fp32 matrix products run (`gemm` in fp32, and bf16's rounded-input emulation): oneDNN's fp32

@@ -174,24 +174,26 @@ CK_CLONES void ck_blocked_gradient_sums(const float *restrict dy, const float *r
     *product = total_product;
 }
 
-CK_CLONES void ck_softmax_rows(float *restrict p, const int32_t *restrict valid, long rows, long tokens) {
-    for (long i = 0; i < rows; i++) {
-        float *restrict row = p + i * tokens;
-        float m = -__builtin_inff();
-        for (long j = 0; j < tokens; j++) {
-            const float v = valid[j] != 0 ? row[j] : -__builtin_inff();
-            m = v > m ? v : m;
-        }
-        // e^(x - max) at valid keys, 0 at masked ones (a select: the loop vectorizes).
-        for (long j = 0; j < tokens; j++) {
-            const float e = ck_exp(row[j] - m);
-            row[j] = valid[j] != 0 ? e : 0.0f;
-        }
-        float s;
-        ck_row_total(row, tokens, s);
-        const float inv = 1.0f / s;
-        for (long k = 0; k < tokens; k++) row[k] *= inv;
+// One row of ck_softmax_rows. Always inlined, so that each clone of its callers vectorizes it.
+static inline __attribute__((always_inline)) void ck_softmax_row(float *restrict row, const int32_t *restrict valid, long tokens) {
+    float m = -__builtin_inff();
+    for (long j = 0; j < tokens; j++) {
+        const float v = valid[j] != 0 ? row[j] : -__builtin_inff();
+        m = v > m ? v : m;
     }
+    // e^(x - max) at valid keys, 0 at masked ones (a select: the loop vectorizes).
+    for (long j = 0; j < tokens; j++) {
+        const float e = ck_exp(row[j] - m);
+        row[j] = valid[j] != 0 ? e : 0.0f;
+    }
+    float s;
+    ck_row_total(row, tokens, s);
+    const float inv = 1.0f / s;
+    for (long k = 0; k < tokens; k++) row[k] *= inv;
+}
+
+CK_CLONES void ck_softmax_rows(float *restrict p, const int32_t *restrict valid, long rows, long tokens) {
+    for (long i = 0; i < rows; i++) ck_softmax_row(p + i * tokens, valid, tokens);
 }
 
 // Philox4x32-10 on 32 blocks at a time: two independent sets of 16 lanes (lane l of set s is block 16 s + l).
@@ -631,5 +633,110 @@ CK_CLONES void ck_layernorm_backward_rows(float *restrict dx, const float *restr
             const float xhat = (xr[i] - m) * rs;
             dxr[i] += rs * (dyr[i] * gamma[i] - mean_g - xhat * mean_gx);
         }
+    }
+}
+
+// SplitMix64's finalizer, as Swift's mix64 (Random.swift).
+static inline uint64_t ck_mix64(uint64_t value) {
+    uint64_t z = value + 0x9E3779B97F4A7C15ull;
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+}
+
+// Attention's weights of one (sample, head) block, in one pass over each row: p (the scores, [rows,
+// tokens]) in place -> softmax (as ck_softmax_rows), then w = dropout(p) (where `dropout`: row i draws
+// from the stream head_stream.child(i), element j from its draw j, as ck_dropout_forward), w into
+// `dropped` (where given) and its bf16 bits into w16.
+CK_CLONES void ck_attention_weights(float *restrict p, uint16_t *restrict w16, float *restrict dropped, const int32_t *restrict valid,
+                                    long rows, long tokens, int dropout, uint64_t seed, uint64_t head_stream, uint32_t limit, float scale) {
+    uint32_t draws[4 * CK_PHILOX_BLOCKS];
+    for (long i = 0; i < rows; i++) {
+        float *restrict row = p + i * tokens;
+        uint16_t *restrict out16 = w16 + i * tokens;
+        float *restrict out = dropped ? dropped + i * tokens : 0;
+        ck_softmax_row(row, valid, tokens);
+        if (!dropout) {
+            ck_bits_run(out16, row, tokens);
+            if (out) memcpy(out, row, (size_t)tokens * sizeof(float));
+            continue;
+        }
+        const uint64_t stream = ck_mix64(head_stream ^ ck_mix64((uint64_t)i));
+        for (long base = 0; base < tokens; base += 4 * CK_PHILOX_BLOCKS) {
+            ck_philox_blocks(draws, (uint64_t)(base / 4), seed, stream);
+            const long count = tokens - base < 4 * CK_PHILOX_BLOCKS ? tokens - base : 4 * CK_PHILOX_BLOCKS;
+            float w[4 * CK_PHILOX_BLOCKS];
+            for (long j = 0; j < count; j++) w[j] = draws[j] >= limit ? row[base + j] * scale : 0.0f;
+            ck_bits_run(out16 + base, w, count);
+            if (out) memcpy(out + base, w, (size_t)count * sizeof(float));
+        }
+    }
+}
+
+// sum_j p_j d_j over a row in 16 lanes (element j of the whole vectors into lane j % 16, the tail into
+// lanes 0, 1, ...), the lanes then added in order.
+static inline __attribute__((always_inline)) float ck_row_dot(const float *restrict p, const float *restrict d, long tokens) {
+    ck_v16 lanes = {0};
+    long j = 0;
+    for (; j + CK_LANES <= tokens; j += CK_LANES) lanes += ck_load(p + j) * ck_load(d + j);
+    for (int l = 0; j < tokens; j++, l++) lanes[l] += p[j] * d[j];
+    float dot;
+    ck_lane_total(lanes, dot);
+    return dot;
+}
+
+// Attention's softmax backward on one (sample, head) block in fp32: d = dp through the dropout (where
+// `dropped` is given: dp * scale where the dropped weight is not 0, else 0), dp = p * (d - sum_j p_j d_j).
+CK_CLONES void ck_softmax_backward_rows(float *restrict dp, const float *restrict p, const float *restrict dropped, long rows, long tokens,
+                                        float scale) {
+    for (long i = 0; i < rows; i++) {
+        float *restrict d = dp + i * tokens;
+        const float *restrict pr = p + i * tokens;
+        if (dropped) {
+            const float *restrict wr = dropped + i * tokens;
+            for (long j = 0; j < tokens; j++) d[j] = wr[j] != 0 ? d[j] * scale : 0.0f;
+        }
+        const float dot = ck_row_dot(pr, d, tokens);
+        for (long j = 0; j < tokens; j++) d[j] = pr[j] * (d[j] - dot);
+    }
+}
+
+// The same in bf16 for the products that read it, the dropout's mask from the weights' bf16 bits w16:
+// d (written into dp) as above, ds = p * (d - sum_j p_j d_j) as bf16 bits into ds16. ds16 may be w16
+// (each row's w16 is read before its ds16 is written).
+CK_CLONES void ck_attention_softmax_backward(uint16_t *ds16, float *restrict dp, const float *restrict p, const uint16_t *w16, long rows,
+                                             long tokens, int dropout, float scale) {
+    for (long i = 0; i < rows; i++) {
+        float *restrict d = dp + i * tokens;
+        const float *restrict pr = p + i * tokens;
+        if (dropout) {
+            const uint16_t *wr = w16 + i * tokens;
+            for (long j = 0; j < tokens; j++) d[j] = wr[j] != 0 ? d[j] * scale : 0.0f;
+        }
+        const float dot = ck_row_dot(pr, d, tokens);
+        uint16_t *out = ds16 + i * tokens;
+        long j = 0;
+        for (; j + CK_LANES <= tokens; j += CK_LANES) ck_store_bf16(out + j, ck_load(pr + j) * (ck_load(d + j) - dot));
+        for (; j < tokens; j++) out[j] = ck_bf16_of(pr[j] * (d[j] - dot));
+    }
+}
+
+// GELU's backward with the gradient's bf16 bits: dx = dy * gelu'(x) (as ck_gelu_backward, overwriting)
+// and its bits into dx16.
+CK_CLONES void ck_gelu_backward_bf16(float *restrict dx, uint16_t *restrict dx16, const float *restrict dy, const float *restrict x, long count) {
+    long i = 0;
+    for (; i + CK_LANES <= count; i += CK_LANES) {
+        for (int l = 0; l < CK_LANES; l++) {
+            float cdf, density;
+            ck_normal(x[i + l], &cdf, &density);
+            dx[i + l] = dy[i + l] * (cdf + x[i + l] * density);
+        }
+        ck_store_bf16(dx16 + i, ck_load(dx + i));
+    }
+    for (; i < count; i++) {
+        float cdf, density;
+        ck_normal(x[i], &cdf, &density);
+        dx[i] = dy[i] * (cdf + x[i] * density);
+        dx16[i] = ck_bf16_of(dx[i]);
     }
 }

@@ -184,6 +184,9 @@ final class LayerActivations {
     let inner = Scratch<Float>(), activated = Scratch<Float>()                            // [rows, I]
     let outputDense = Scratch<Float>(), sum2 = Scratch<Float>()
     let hidden2 = Scratch<Float>(), mean2 = Scratch<Float>(), invStd2 = Scratch<Float>()
+    /// The attention's bf16 operands on oneDNN's bf16 kernels (q, k, v and the dropped weights), from
+    /// forward for backward; with them `dropped` is not written.
+    let attentionCopies = AttentionCopies()
 }
 
 /// The temporaries of one layer's backward: layers run backward one at a time, so all share one set.
@@ -318,7 +321,7 @@ final class EncoderLayer {
         Attention.forward(output: context.ensure(rows * h), probabilities: probabilities.ensure(g.probabilitiesCount),
                           q: qp, k: kp, v: vp, mask: mask, geometry: g,
                           dropout: attentionDropout > 0 ? AttentionDropout(probability: attentionDropout, streams: streams, dropped: dropped.ensure(g.probabilitiesCount)) : nil,
-                          precision: ctx.precision)
+                          precision: ctx.precision, copies: activations.attentionCopies)
         let dense = attentionDense.ensure(rows * h)
         attentionOutput.forward(arena, output: dense, input: context.pointer, rows: rows, precision: ctx.precision, copies: copies.attentionOutput)
         let hiddenDropout = Float(c.hiddenDropoutProb)
@@ -373,10 +376,16 @@ final class EncoderLayer {
         output.backward(arena, gradInput: dA, gradOutput: dSum2, input: activated.pointer, rows: rows, precision: ctx.precision, accumulateInput: false,
                         copies: copies.output)
         // dInner = dA * gelu'(inner)
-        let dI = gradContext.ensure(rows * inter)
-        GELU.backward(gradInput: dI, gradOutput: dA, input: inner.pointer, count: rows * inter, accumulate: false)
+        // On oneDNN's bf16 kernels with dI's bf16 bits, which the intermediate's products read, in the same pass.
+        let dI = gradContext.ensure(rows * inter), copying = Self.writesCopies(ctx)
+        if copying {
+            GELU.backwardBF16(gradInput: dI, gradInputBF16: copies.intermediate.gradOutput.room(holding: dI, rows: rows, columns: inter),
+                              gradOutput: dA, input: inner.pointer, count: rows * inter)
+        } else {
+            GELU.backward(gradInput: dI, gradOutput: dA, input: inner.pointer, count: rows * inter, accumulate: false)
+        }
         intermediate.backward(arena, gradInput: dH1, gradOutput: dI, input: hidden1.pointer, rows: rows, precision: ctx.precision,
-                              copies: copies.intermediate)
+                              copies: copies.intermediate.reusingGradOutput(copying))
         // h1 = LN1(dropout(dense(attention(x))) + x)
         let dSum1 = gradDense.zeroed(rows * h)
         attentionNorm.backward(arena, gradInput: dSum1, gradOutput: dH1, input: sum1.pointer, mean: mean1.pointer, invStd: invStd1.pointer, rows: rows)
@@ -392,7 +401,7 @@ final class EncoderLayer {
         Attention.backward(gradQ: dq, gradK: dk, gradV: dv, gradOutput: dCtx, probabilities: probabilities.pointer,
                            q: q.pointer, k: k.pointer, v: v.pointer, geometry: g, workspace: attentionWorkspace.ensure(g.workspaceCount),
                            dropout: attentionDropout > 0 ? AttentionDropout(probability: attentionDropout, streams: streams, dropped: dropped.pointer) : nil,
-                           precision: ctx.precision)
+                           precision: ctx.precision, copies: activations.attentionCopies)
         query.backward(arena, gradInput: gradInput, gradOutput: dq, input: x, rows: rows, precision: ctx.precision, copies: copies.query)
         key.backward(arena, gradInput: gradInput, gradOutput: dk, input: x, rows: rows, precision: ctx.precision, copies: copies.key)
         value.backward(arena, gradInput: gradInput, gradOutput: dv, input: x, rows: rows, precision: ctx.precision, copies: copies.value)

@@ -163,7 +163,7 @@ struct BF16KernelTests {
         var mask = [Int32](repeating: 1, count: g.batch * g.tokens)
         for j in 13..<20 { mask[g.tokens + j] = 0 }
         for j in 1..<20 { mask[2 * g.tokens + j] = 0 }
-        func run(native: Bool) -> (out: [Float], p: [Float], grads: [Float]) {
+        func run(native: Bool, copies: AttentionCopies? = nil) -> (out: [Float], p: [Float], grads: [Float], dropped: [Float]) {
             var out = [Float](repeating: .nan, count: count), p = [Float](repeating: .nan, count: g.probabilitiesCount)
             var dropped = p, workspace = [Float](repeating: 0, count: g.workspaceCount)
             let streams = (0..<g.batch).map { RandomStream(seed: 5, UInt64($0)) }
@@ -171,17 +171,23 @@ struct BF16KernelTests {
             dropped.withUnsafeMutableBufferPointer { dropped in
                 let dropout = AttentionDropout(probability: 0.1, streams: streams, dropped: dropped.baseAddress!)
                 Attention.forward(output: &out, probabilities: &p, q: q, k: k, v: v, mask: mask, geometry: g, dropout: dropout, precision: .bf16,
-                                  native: native)
+                                  native: native, copies: copies)
                 Attention.backward(gradQ: &dq, gradK: &dk, gradV: &dv, gradOutput: dOut, probabilities: p, q: q, k: k, v: v, geometry: g,
-                                   workspace: &workspace, dropout: dropout, precision: .bf16, native: native)
+                                   workspace: &workspace, dropout: dropout, precision: .bf16, native: native, copies: copies)
             }
-            return (out, p, dq + dk + dv)
+            return (out, p, dq + dk + dv, dropped)
         }
         let batched = run(native: true), perHead = run(native: false)
         // The same bf16 roundings on both sides; only the fp32 sums' order differs.
         #expect(relativeError(batched.out, perHead.out) < 1e-5)
         #expect(relativeError(batched.p, perHead.p) < 1e-5)
         #expect(relativeError(batched.grads, perHead.grads) < 1e-5)
+        // With the forward's bf16 operands kept for the backward: the same bits, and no float copy of
+        // the dropped weights written (the mask comes from their bf16 bits).
+        let kept = run(native: true, copies: AttentionCopies())
+        #expect(kept.out == batched.out && kept.p == batched.p && kept.grads == batched.grads, "kept copies change nothing")
+        #expect(kept.dropped.allSatisfy { $0.isNaN }, "the float copy of the dropped weights is left alone")
+        #expect(batched.dropped.filter { $0 == 0 }.count > batched.p.filter { $0 == 0 }.count, "some weights are dropped")
         for b in 0..<g.batch { for h in 0..<g.heads { for i in 0..<g.tokens { for j in 0..<g.tokens where mask[b * g.tokens + j] == 0 {
             #expect(batched.p[((b * g.heads + h) * g.tokens + i) * g.tokens + j] == 0)
         } } } }

@@ -71,6 +71,14 @@ struct FusedKernelTests {
             let backward = firstDifference(fast, slow)
             #expect(backward == nil, "GELU backward, accumulate \(accumulate): \(backward ?? "")")
         }
+        // The backward with its bf16 bits: the same floats (overwritten), and their bits.
+        GELU.backward(gradInput: &slow, gradOutput: dy, input: xs, count: n, accumulate: false)
+        var gradBits = [UInt16](repeating: 0, count: n)
+        fast = dy
+        GELU.backwardBF16(gradInput: &fast, gradInputBF16: &gradBits, gradOutput: dy, input: xs, count: n)
+        let backwardBF16 = firstDifference(fast, slow)
+        #expect(backwardBF16 == nil, "GELU backward with bf16 bits: \(backwardBF16 ?? "")")
+        #expect(gradBits.elementsEqual(slow.lazy.map { BF16.bits($0) }), "GELU backward's bf16 bits")
         BF16.round(&fast, xs, count: n)
         let rounding = firstDifference(fast, xs.map { BF16.round($0) })
         #expect(rounding == nil, "bf16 rounding: \(rounding ?? "")")
@@ -81,6 +89,66 @@ struct FusedKernelTests {
         GELU.forward(output: &fast, input: xs, count: n)
         GELU.forwardBF16(output: &bits, input: xs, count: n)
         #expect(bits.elementsEqual(fast.lazy.map { BF16.bits($0) }), "GELU's bf16 bits")
+    }
+
+    // Attention's weights on oneDNN's bf16 kernels: one pass for softmax, dropout and the bf16 copy the
+    // product with V reads; the backward's softmax through the dropout, in fp32 and straight to bf16.
+    @Test("attention's fused weights (softmax, dropout, bf16 bits) equal softmax, dropout and the bf16 copy in turn, bit for bit; its backward",
+          arguments: [(16, 16), (5, 20), (3, 130), (1, 1)])
+    func attentionWeights(rows: Int, tokens: Int) throws {
+        let count = rows * tokens
+        let scores = randomFloats(count, seed: 70, scale: 4), dp = randomFloats(count, seed: 71)
+        var valid = [Int32](repeating: 1, count: tokens)
+        for j in stride(from: 2, to: tokens, by: 3) { valid[j] = 0 }
+        let stream = RandomStream(seed: 72, 3), head: UInt64 = 5
+        for p in [Float(0), 0.1, 0.5] {
+            // In turn: softmax, each row's dropout from stream.child(head, row), the bf16 copy.
+            var probabilities = scores, dropped = [Float](repeating: 0, count: count)
+            ck_softmax_rows(&probabilities, valid, rows, tokens)
+            if p > 0 {
+                probabilities.withUnsafeBufferPointer { pr in dropped.withUnsafeMutableBufferPointer { d in
+                    for i in 0..<rows {
+                        Dropout.serialForward(output: d.baseAddress! + i * tokens, input: pr.baseAddress! + i * tokens, count: tokens, probability: p,
+                                              stream: stream.child(head, UInt64(i)))
+                    }
+                } }
+            } else {
+                dropped = probabilities
+            }
+            var fused = scores, fusedDropped = [Float](repeating: .nan, count: count), bits = [UInt16](repeating: 1, count: count)
+            let child = stream.child(head), scale = p > 0 ? 1 / (1 - p) : 1
+            let limit = p > 0 ? UInt32(Double(p) * 4_294_967_296.0) : 0
+            ck_attention_weights(&fused, &bits, &fusedDropped, valid, rows, tokens, p > 0 ? 1 : 0, child.seed, child.streamID, limit, scale)
+            #expect(fused == probabilities, "probabilities, p \(p)")
+            #expect(fusedDropped == dropped, "dropped weights, p \(p)")
+            #expect(bits == dropped.map(BF16.bits), "bf16 weights, p \(p)")
+            if p > 0 { #expect(dropped.filter { $0 == 0 }.count > probabilities.filter { $0 == 0 }.count || count < 4, "some weights dropped") }
+            var noCopy = scores, bitsAlone = [UInt16](repeating: 1, count: count)
+            ck_attention_weights(&noCopy, &bitsAlone, nil, valid, rows, tokens, p > 0 ? 1 : 0, child.seed, child.streamID, limit, scale)
+            #expect(noCopy == probabilities && bitsAlone == bits, "without the float copy, p \(p)")
+
+            // Backward: d = dp through the mask, ds = P (d - sum P d), against Double.
+            var ds = dp
+            ck_softmax_backward_rows(&ds, probabilities, p > 0 ? dropped : nil, rows, tokens, scale)
+            var worst = 0.0, largest = 0.0
+            for i in 0..<rows {
+                let o = i * tokens
+                let d = (0..<tokens).map { p > 0 ? (dropped[o + $0] != 0 ? Double(dp[o + $0]) * Double(scale) : 0) : Double(dp[o + $0]) }
+                let dot = (0..<tokens).reduce(0.0) { $0 + Double(probabilities[o + $1]) * d[$1] }
+                for j in 0..<tokens {
+                    let exact = Double(probabilities[o + j]) * (d[j] - dot)
+                    worst = max(worst, abs(Double(ds[o + j]) - exact)); largest = max(largest, abs(exact))
+                    if valid[j] == 0 { #expect(ds[o + j] == 0, "a masked key's gradient") }
+                }
+            }
+            #expect(worst <= 1e-6 * max(largest, 1e-30), "softmax backward: \(worst) of \(largest), p \(p)")
+            // In bf16, the mask from the weights' bf16 bits: the bits of the fp32 result, written over the weights.
+            var dpCopy = dp, ds16 = bits
+            ds16.withUnsafeMutableBufferPointer { w in
+                ck_attention_softmax_backward(w.baseAddress!, &dpCopy, probabilities, w.baseAddress!, rows, tokens, p > 0 ? 1 : 0, scale)
+            }
+            #expect(ds16 == ds.map(BF16.bits), "bf16 softmax backward, p \(p)")
+        }
     }
 
     // BERT's residual ends: dropout(dense) + residual, LayerNorm, and the bf16 copy the next product reads.

@@ -27,6 +27,21 @@ void ck_blocked_gradient_sums(const float *dy, const float *x, const float *mask
 // (masked keys get 0): the row's maximum subtracted, e^x as VectorMath.exp, the sum in 16 lanes.
 void ck_softmax_rows(float *p, const int32_t *valid, long rows, long tokens);
 
+// Attention's weights of one (sample, head) block: p ([rows, tokens], the scores) in place -> softmax as
+// ck_softmax_rows, w = dropout(p) where `dropout` (row i from stream mix64(head_stream ^ mix64(i)), element
+// j its draw j: RandomStream(seed).child(h, i) as ck_dropout_forward draws it), w into dropped (may be
+// NULL) and w's bf16 bits into w16.
+void ck_attention_weights(float *p, uint16_t *w16, float *dropped, const int32_t *valid, long rows, long tokens, int dropout, uint64_t seed,
+                          uint64_t head_stream, uint32_t limit, float scale);
+// Attention's softmax backward of a block in fp32: d = dp (through the dropout where `dropped` is given:
+// dp * scale where dropped != 0, else 0), dp = p * (d - rowsum(p * d)) (the sum in 16 lanes).
+void ck_softmax_backward_rows(float *dp, const float *p, const float *dropped, long rows, long tokens, float scale);
+// The softmax backward of that block in bf16: d = dp (through the dropout where `dropout`: dp * scale where
+// w16 != 0, else 0; written into dp), ds = p * (d - rowsum(p * d)) (the sum in 16 lanes) as bf16 bits into
+// ds16 (which may be w16).
+void ck_attention_softmax_backward(uint16_t *ds16, float *dp, const float *p, const uint16_t *w16, long rows, long tokens, int dropout,
+                                   float scale);
+
 // Inverted dropout over the elements [start, end) of a stream's draws: element i takes word i % 4 of
 // the Philox4x32-10 block i / 4 (counter: the block index, then the stream id; key: the seed), as
 // RandomStream.uint32(at:). Forward: out[i] = draw >= limit ? in[i] * scale : 0 (out may be in).
@@ -62,6 +77,8 @@ void ck_residual_layernorm_rows(float *sum, float *y, uint16_t *y16, float *mean
                                 uint64_t seed, uint64_t stream, uint32_t limit, float scale);
 // The bf16 bits of ck_gelu_forward's outputs.
 void ck_gelu_forward_bf16(uint16_t *y16, const float *x, long count);
+// ck_gelu_backward (overwriting dx) with dx's bf16 bits into dx16 too.
+void ck_gelu_backward_bf16(float *dx, uint16_t *dx16, const float *dy, const float *x, long count);
 
 // The CPUs this process may run on (its affinity mask; 1 where unreadable).
 long ck_available_cpus(void);

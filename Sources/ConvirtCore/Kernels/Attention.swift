@@ -53,6 +53,37 @@ public struct AttentionDropout {
     }
 }
 
+/// The bf16 operands a layer's attention keeps from its forward for its backward on oneDNN's bf16
+/// kernels: q, k and v packed as [B, H, T, D], and the weights that multiplied v (the probabilities
+/// after dropout) as [B, H, T, T]. With them the forward writes no fp32 copy of the dropped weights
+/// (`AttentionDropout.dropped` is left alone) and the backward converts only the output gradient: the
+/// dropout's mask is where those weights are not 0.
+public final class AttentionCopies {
+    private var storage = UnsafeMutablePointer<UInt16>.allocate(capacity: 1)
+    private var capacity = 1
+    /// The geometry of the forward whose operands are held.
+    private(set) var held: AttentionGeometry?
+
+    public init() {}
+    deinit { storage.deallocate() }
+
+    /// Rooms for q, k, v and the weights of a forward of geometry `g` (its contents are lost when it grows).
+    func rooms(for g: AttentionGeometry) -> (q: UnsafeMutablePointer<UInt16>, k: UnsafeMutablePointer<UInt16>, v: UnsafeMutablePointer<UInt16>,
+                                              weights: UnsafeMutablePointer<UInt16>) {
+        let n = g.batch * g.tokens * g.width, count = 3 * n + g.probabilitiesCount
+        if count > capacity {
+            storage.deallocate()
+            capacity = count
+            storage = .allocate(capacity: count)
+        }
+        held = g
+        return (storage, storage + n, storage + 2 * n, storage + 3 * n)
+    }
+
+    /// Bytes held.
+    public var bytes: Int { 2 * capacity }
+}
+
 public enum Attention {
     /// Dropout of one (sample, head) block of attention weights, row by row: row i draws from
     /// streams[b].child(h, i), so the mask of a (query, key) pair does not depend on how many tokens the
@@ -69,12 +100,15 @@ public enum Attention {
     /// output[b, i, h] = sum_j softmax_j(q[b,i,h] . k[b,j,h] * scale, over valid j) * v[b, j, h]
     /// - output, q, k, v: [B, T, H*D]; mask: [B, T] (non-zero = valid; each row needs one valid token);
     ///   probabilities: [B, H, T, T], kept for backward.
+    /// - copies: on oneDNN's bf16 kernels, where the bf16 operands are kept for `backward` (which then
+    ///   takes the same copies, and leaves `dropout.dropped` alone); ignored elsewhere.
     public static func forward(output: UnsafeMutablePointer<Float>, probabilities: UnsafeMutablePointer<Float>,
                                q: UnsafePointer<Float>, k: UnsafePointer<Float>, v: UnsafePointer<Float>,
                                mask: UnsafePointer<Int32>, geometry g: AttentionGeometry, dropout: AttentionDropout? = nil,
-                               precision: Precision = .fp32, native: Bool = BF16.native) {
+                               precision: Precision = .fp32, native: Bool = BF16.native, copies: AttentionCopies? = nil) {
         if precision == .bf16 && native,
-           (try? forwardOnDNNL(output: output, probabilities: probabilities, q: q, k: k, v: v, mask: mask, geometry: g, dropout: dropout)) != nil {
+           (try? forwardOnDNNL(output: output, probabilities: probabilities, q: q, k: k, v: v, mask: mask, geometry: g, dropout: dropout,
+                               copies: copies)) != nil {
             return
         }
         let t = g.tokens, d = g.headSize, w = g.width
@@ -113,28 +147,15 @@ public enum Attention {
         ck_softmax_rows(p, valid, t, t)
     }
 
-    /// The dropout of dP ([count]) in backward, from the forward's dropped weights instead of the
-    /// stream: 0 where the weight was dropped, dP / (1 - p) elsewhere, the mask `dropRows` would draw
-    /// again. (Only where the weight itself is 0, a masked key, can the two differ; dS = P * (..) is 0
-    /// there either way, and that entry adds nothing to the row's sum.)
+    /// dP (the gradient of the weights, [t, t]) -> dS = P * (dP' - rowsum(dP' * P)) in place, with dP' =
+    /// dP through the dropout where given (0 where the weight was dropped, dP / (1 - p) elsewhere: the
+    /// mask `dropRows` would draw again, from the forward's dropped weights instead of the stream; only
+    /// where the weight itself is 0, a masked key, can the two differ, and there dS is 0 either way), in
+    /// C vectorized for this CPU (`ck_softmax_backward_rows`: the row sums in 16 lanes).
     @inline(__always)
-    static func dropGradient(_ dp: UnsafeMutablePointer<Float>, dropped: UnsafePointer<Float>, count: Int, probability: Float) {
-        let scale = 1 / (1 - probability)
-        for j in 0..<count {
-            let d = dp[j]
-            dp[j] = dropped[j] != 0 ? d * scale : 0
-        }
-    }
-
-    /// dP (the gradient of the weights, [t, t]) -> dS = P * (dP - rowsum(dP * P)) in place.
-    @inline(__always)
-    static func softmaxBackwardRows(_ dp: UnsafeMutablePointer<Float>, probabilities p: UnsafePointer<Float>, tokens t: Int) {
-        for i in 0..<t {
-            let pr = p + i * t, dr = dp + i * t
-            var dot: Float = 0
-            for j in 0..<t { dot += pr[j] * dr[j] }
-            for j in 0..<t { dr[j] = pr[j] * (dr[j] - dot) }
-        }
+    static func softmaxBackwardRows(_ dp: UnsafeMutablePointer<Float>, probabilities p: UnsafePointer<Float>, tokens t: Int,
+                                    dropout: (dropped: UnsafePointer<Float>, probability: Float)?) {
+        ck_softmax_backward_rows(dp, p, dropout?.dropped, t, t, dropout.map { 1 / (1 - $0.probability) } ?? 1)
     }
 
     /// The products of a pass on oneDNN: each a batched bf16 matmul over every (sample, head),
@@ -184,17 +205,11 @@ public enum Attention {
     }
 
     /// bf16 copies of tensors [B, T, H*D], each packed as [B, H, T, D] (compact operands run faster in
-    /// oneDNN's small products than strided ones), and room for one [B, H, T, T] after them, in this
-    /// thread's scratch.
-    private static func roundedInputs(_ g: AttentionGeometry, _ tensors: [UnsafePointer<Float>]) -> [UnsafeMutablePointer<UInt16>] {
-        let n = g.batch * g.tokens * g.width, (t, d, w) = (g.tokens, g.headSize, g.width)
-        let base = ThreadScratch.current.ensure(bytes: 2 * (tensors.count * n + g.probabilitiesCount) + 64)
-            .bindMemory(to: UInt16.self, capacity: tensors.count * n + g.probabilitiesCount)
-        var copies: [UnsafeMutablePointer<UInt16>] = []
-        for (i, x) in tensors.enumerated() {
-            let copy = base + i * n
-            copies.append(copy)
-            // Row (b, h, t) of the copy is q[b, t, h*D..<(h+1)*D].
+    /// oneDNN's small products than strided ones), into `rooms`.
+    private static func pack(_ g: AttentionGeometry, _ tensors: [UnsafePointer<Float>], into rooms: [UnsafeMutablePointer<UInt16>]) {
+        let (t, d, w) = (g.tokens, g.headSize, g.width)
+        for (x, copy) in zip(tensors, rooms) {
+            // Row (b, h, t) of the copy is x[b, t, h*D..<(h+1)*D].
             Parallel.chunks(g.batch * g.heads, cost: t * d) { pairs in
                 for pair in pairs {
                     let b = pair / g.heads, h = pair % g.heads
@@ -202,69 +217,103 @@ public enum Attention {
                 }
             }
         }
-        return copies + [base + tensors.count * n]
     }
 
-    /// `forward` in bf16 with oneDNN's batched products.
-    static func forwardOnDNNL(output: UnsafeMutablePointer<Float>, probabilities: UnsafeMutablePointer<Float>, q: UnsafePointer<Float>,
-                              k: UnsafePointer<Float>, v: UnsafePointer<Float>, mask: UnsafePointer<Int32>, geometry g: AttentionGeometry,
-                              dropout: AttentionDropout?) throws {
+    /// Rooms in this thread's scratch for `count` tensors [B, T, H*D] and one [B, H, T, T] after them.
+    private static func scratchRooms(_ g: AttentionGeometry, _ count: Int) -> [UnsafeMutablePointer<UInt16>] {
+        let n = g.batch * g.tokens * g.width
+        let base = ThreadScratch.current.ensure(bytes: 2 * (count * n + g.probabilitiesCount) + 64)
+            .bindMemory(to: UInt16.self, capacity: count * n + g.probabilitiesCount)
+        return (0...count).map { base + $0 * n }
+    }
+
+    /// The weights of every (sample, head) from the scores in `probabilities` (in place -> the
+    /// probabilities), their dropout and the bf16 bits of the weights that multiply V into `weights16`,
+    /// in one pass (`ck_attention_weights`); the dropped weights as floats into `dropout.dropped` too
+    /// where `keepDropped`.
+    private static func weights(_ probabilities: UnsafeMutablePointer<Float>, _ weights16: UnsafeMutablePointer<UInt16>, mask: UnsafePointer<Int32>,
+                                geometry g: AttentionGeometry, dropout: AttentionDropout?, keepDropped: Bool) {
         let t = g.tokens
-        let products = try Products(g, Products.forward(g))
-        let x = roundedInputs(g, [q, k, v])
-        let (q16, k16, v16, p16) = (x[0], x[1], x[2], x[3])
-        // Scores = scale * Q K^T, straight into the probabilities' buffer.
-        products.run(0, a: q16, b: k16, c: probabilities)
-        Parallel.chunks(g.batch * g.heads, cost: 4 * t * t) { pairs in
+        let p = dropout?.probability ?? 0, scale = p > 0 ? 1 / (1 - p) : 1, limit = Dropout.threshold(p)
+        Parallel.chunks(g.batch * g.heads, cost: 6 * t * t) { pairs in
             for pair in pairs {
-                let b = pair / g.heads, h = pair % g.heads, p = probabilities + pair * t * t
-                softmaxRows(p, valid: mask + b * t, tokens: t)
-                if let dropout { dropRows(dropout.dropped + pair * t * t, p, tokens: t, dropout: dropout, batch: b, head: h) }
+                let b = pair / g.heads, h = pair % g.heads, o = pair * t * t
+                // Row i of this block draws from streams[b].child(h, i), as `dropRows`.
+                let stream = dropout.map { $0.streams[b].child(UInt64(h)) } ?? RandomStream(seed: 0)
+                ck_attention_weights(probabilities + o, weights16 + o, keepDropped ? dropout.map { $0.dropped + o } : nil, mask + b * t, t, t,
+                                     dropout != nil ? 1 : 0, stream.seed, stream.streamID, limit, scale)
             }
         }
-        let weights = UnsafePointer(dropout?.dropped ?? probabilities)
-        BF16.convertBlock(p16, weights, rows: g.batch * g.heads * t, columns: t, ld: t, parallel: true)
-        products.run(1, a: p16, b: v16, c: output)
     }
 
-    /// `backward` in bf16 with oneDNN's batched products; workspace: [B, H, T, T] floats.
+    /// `forward` in bf16 with oneDNN's batched products; the bf16 operands into `copies` where given.
+    static func forwardOnDNNL(output: UnsafeMutablePointer<Float>, probabilities: UnsafeMutablePointer<Float>, q: UnsafePointer<Float>,
+                              k: UnsafePointer<Float>, v: UnsafePointer<Float>, mask: UnsafePointer<Int32>, geometry g: AttentionGeometry,
+                              dropout: AttentionDropout?, copies: AttentionCopies?) throws {
+        let products = try Products(g, Products.forward(g))
+        let rooms: [UnsafeMutablePointer<UInt16>]
+        if let copies {
+            let kept = copies.rooms(for: g)
+            rooms = [kept.q, kept.k, kept.v, kept.weights]
+        } else {
+            rooms = scratchRooms(g, 3)
+        }
+        pack(g, [q, k, v], into: rooms)
+        // Scores = scale * Q K^T, straight into the probabilities' buffer; then the weights, in bf16.
+        products.run(0, a: rooms[0], b: rooms[1], c: probabilities)
+        weights(probabilities, rooms[3], mask: mask, geometry: g, dropout: dropout, keepDropped: copies == nil)
+        products.run(1, a: rooms[3], b: rooms[2], c: output)
+    }
+
+    /// `backward` in bf16 with oneDNN's batched products; workspace: [B, H, T, T] floats. `copies`: those
+    /// of the forward (else q, k, v and the dropped weights are converted again).
     static func backwardOnDNNL(gradQ: UnsafeMutablePointer<Float>, gradK: UnsafeMutablePointer<Float>, gradV: UnsafeMutablePointer<Float>,
                                gradOutput: UnsafePointer<Float>, probabilities: UnsafePointer<Float>, q: UnsafePointer<Float>,
                                k: UnsafePointer<Float>, v: UnsafePointer<Float>, geometry g: AttentionGeometry,
-                               workspace: UnsafeMutablePointer<Float>, dropout: AttentionDropout?) throws {
+                               workspace: UnsafeMutablePointer<Float>, dropout: AttentionDropout?, copies: AttentionCopies?) throws {
         let t = g.tokens
         let products = try Products(g, Products.backward(g))
-        let x = roundedInputs(g, [q, k, v, gradOutput])
-        let (q16, k16, v16, dO16, pairs16) = (x[0], x[1], x[2], x[3], x[4])
+        let q16, k16, v16, weights16, dO16, dS16: UnsafeMutablePointer<UInt16>
+        if let copies {
+            precondition(copies.held == g, "attention: backward of \(g) with the copies of another forward")
+            let kept = copies.rooms(for: g), rooms = scratchRooms(g, 1)
+            (q16, k16, v16, weights16, dO16, dS16) = (kept.q, kept.k, kept.v, kept.weights, rooms[0], rooms[1])
+            pack(g, [gradOutput], into: [dO16])
+        } else {
+            let rooms = scratchRooms(g, 4)
+            (q16, k16, v16, dO16, weights16) = (rooms[0], rooms[1], rooms[2], rooms[3], rooms[4])
+            dS16 = weights16
+            pack(g, [q, k, v, gradOutput], into: rooms)
+            BF16.convertBlock(weights16, dropout.map { UnsafePointer($0.dropped) } ?? probabilities, rows: g.batch * g.heads * t, columns: t,
+                              ld: t, parallel: true)
+        }
         // dV += P'^T dO, with P' the (dropped) weights that multiplied V.
-        BF16.convertBlock(pairs16, dropout.map { UnsafePointer($0.dropped) } ?? probabilities, rows: g.batch * g.heads * t, columns: t, ld: t,
-                          parallel: true)
-        products.run(0, a: pairs16, b: dO16, c: gradV)
-        // dP = dO V^T (through the dropout mask), then dS = P * (dP - rowsum(dP * P)).
+        products.run(0, a: weights16, b: dO16, c: gradV)
+        // dP = dO V^T (through the dropout mask: where P' is 0), then dS = P * (dP - rowsum(dP * P)), in bf16.
         products.run(1, a: dO16, b: v16, c: workspace)
+        let scale = dropout.map { 1 / (1 - $0.probability) } ?? 1
         Parallel.chunks(g.batch * g.heads, cost: 4 * t * t) { pairs in
             for pair in pairs {
-                let dp = workspace + pair * t * t
-                if let dropout { dropGradient(dp, dropped: dropout.dropped + pair * t * t, count: t * t, probability: dropout.probability) }
-                softmaxBackwardRows(dp, probabilities: probabilities + pair * t * t, tokens: t)
+                let o = pair * t * t
+                ck_attention_softmax_backward(dS16 + o, workspace + o, probabilities + o, weights16 + o, t, t, dropout != nil ? 1 : 0, scale)
             }
         }
-        BF16.convertBlock(pairs16, workspace, rows: g.batch * g.heads * t, columns: t, ld: t, parallel: true)
         // dQ += scale * dS K;  dK += scale * dS^T Q.
-        products.run(2, a: pairs16, b: k16, c: gradQ)
-        products.run(3, a: pairs16, b: q16, c: gradK)
+        products.run(2, a: dS16, b: k16, c: gradQ)
+        products.run(3, a: dS16, b: q16, c: gradK)
     }
 
     /// Accumulates gradQ, gradK, gradV ([B, T, H*D]) from gradOutput, using the saved probabilities.
-    /// workspace: `geometry.workspaceCount` floats.
+    /// workspace: `geometry.workspaceCount` floats. `copies`: those given to the forward (`AttentionCopies`).
     public static func backward(gradQ: UnsafeMutablePointer<Float>, gradK: UnsafeMutablePointer<Float>,
                                 gradV: UnsafeMutablePointer<Float>, gradOutput: UnsafePointer<Float>,
                                 probabilities: UnsafePointer<Float>, q: UnsafePointer<Float>, k: UnsafePointer<Float>,
                                 v: UnsafePointer<Float>, geometry g: AttentionGeometry, workspace: UnsafeMutablePointer<Float>,
-                                dropout: AttentionDropout? = nil, precision: Precision = .fp32, native: Bool = BF16.native) {
+                                dropout: AttentionDropout? = nil, precision: Precision = .fp32, native: Bool = BF16.native,
+                                copies: AttentionCopies? = nil) {
         if precision == .bf16 && native,
            (try? backwardOnDNNL(gradQ: gradQ, gradK: gradK, gradV: gradV, gradOutput: gradOutput, probabilities: probabilities, q: q, k: k, v: v,
-                                geometry: g, workspace: workspace, dropout: dropout)) != nil {
+                                geometry: g, workspace: workspace, dropout: dropout, copies: copies)) != nil {
             return
         }
         let t = g.tokens, d = g.headSize, w = g.width
@@ -284,8 +333,7 @@ public enum Attention {
                 // dP = dO V^T (through the dropout mask), then dS = P * (dP - rowsum(dP * P))
                 gemm(precision, transposeA: false, transposeB: true, m: t, n: t, k: d,
                       a: dO, lda: w, b: v + base, ldb: w, c: scratch, ldc: t, parallel: false, native: native)
-                if let dropout { dropGradient(scratch, dropped: dropout.dropped + pair * t * t, count: t * t, probability: dropout.probability) }
-                softmaxBackwardRows(scratch, probabilities: p, tokens: t)
+                softmaxBackwardRows(scratch, probabilities: p, tokens: t, dropout: dropout.map { (UnsafePointer($0.dropped + pair * t * t), $0.probability) })
                 // dQ += scale * dS K;  dK += scale * dS^T Q
                 gemm(precision, transposeA: false, transposeB: false, m: t, n: d, k: t, alpha: g.scale,
                       a: scratch, lda: t, b: k + base, ldb: w, beta: 1, c: gradQ + base, ldc: w, parallel: false, native: native)

@@ -11,12 +11,20 @@ public enum Linear {
         public let input, weight, gradOutput: BF16Operand
         /// Whether the forward takes `input`'s copy as it is (another layer converted the same input first).
         public let reuseInput: Bool
-        public init(input: BF16Operand, weight: BF16Operand, gradOutput: BF16Operand, reuseInput: Bool = false) {
+        /// Whether the backward takes `gradOutput`'s copy as it is (the layer after wrote it).
+        public let reuseGradOutput: Bool
+        public init(input: BF16Operand, weight: BF16Operand, gradOutput: BF16Operand, reuseInput: Bool = false, reuseGradOutput: Bool = false) {
             self.input = input; self.weight = weight; self.gradOutput = gradOutput; self.reuseInput = reuseInput
+            self.reuseGradOutput = reuseGradOutput
         }
         /// These copies, the input's taken as it is where `reuse` (the layer before wrote it: `BF16Operand.room`).
         public func reusingInput(_ reuse: Bool) -> Copies {
-            Copies(input: input, weight: weight, gradOutput: gradOutput, reuseInput: reuseInput || reuse)
+            Copies(input: input, weight: weight, gradOutput: gradOutput, reuseInput: reuseInput || reuse, reuseGradOutput: reuseGradOutput)
+        }
+        /// These copies, the output gradient's taken as it is where `reuse` (the layer after wrote it:
+        /// `BF16Operand.room`, e.g. `GELU.backwardBF16`).
+        public func reusingGradOutput(_ reuse: Bool) -> Copies {
+            Copies(input: input, weight: weight, gradOutput: gradOutput, reuseInput: reuseInput, reuseGradOutput: reuseGradOutput || reuse)
         }
     }
 
@@ -43,8 +51,8 @@ public enum Linear {
                                 input: UnsafePointer<Float>, weight: UnsafePointer<Float>,
                                 rows: Int, inFeatures: Int, outFeatures: Int, precision: Precision = .fp32, accumulateInput: Bool = true,
                                 overwriteWeight: Bool = false, copies: Copies? = nil) {
-        // The output gradient converted by the first product, reused by the second.
-        var gradOutputConverted = false
+        // The output gradient converted by the first product (or by the layer after), reused by the second.
+        var gradOutputConverted = copies?.reuseGradOutput ?? false
         func gradOutputCopy() -> BF16Operand.Use? {
             defer { gradOutputConverted = true }
             return copies.map { .init($0.gradOutput, reuse: gradOutputConverted) }

@@ -50,6 +50,16 @@ public enum GELU {
         }
     }
 
+    /// `backward` overwriting gradInput, with its bf16 bits into `gradInputBF16` too (for the linear layer
+    /// before it, whose products on oneDNN's bf16 kernels read them), in the same pass.
+    public static func backwardBF16(gradInput: UnsafeMutablePointer<Float>, gradInputBF16: UnsafeMutablePointer<UInt16>,
+                                    gradOutput: UnsafePointer<Float>, input: UnsafePointer<Float>, count: Int) {
+        Parallel.chunks(count, cost: 30) { r in
+            let o = r.lowerBound
+            ck_gelu_backward_bf16(gradInput + o, gradInputBF16 + o, gradOutput + o, input + o, r.count)
+        }
+    }
+
     /// `backward` as a plain Swift loop (the oracle of the C kernel's bits).
     public static func backwardReference(gradInput: UnsafeMutablePointer<Float>, gradOutput: UnsafePointer<Float>,
                                          input: UnsafePointer<Float>, count: Int, accumulate: Bool = true) {

@@ -740,3 +740,47 @@ CK_CLONES void ck_gelu_backward_bf16(float *restrict dx, uint16_t *restrict dx16
         dx16[i] = ck_bf16_of(dx[i]);
     }
 }
+
+// sum[c] += x[r * ld + c] over rows r in order, for columns [first, last) (a linear layer's bias
+// gradient): each column's additions in row order, as the plain loop, 16 columns at a time.
+CK_CLONES void ck_column_sums(float *restrict sum, const float *restrict x, long rows, long ld, long first, long last) {
+    long c = first;
+    for (; c + CK_LANES <= last; c += CK_LANES) {
+        ck_v16 s = ck_load(sum + c);
+        for (long r = 0; r < rows; r++) s += ck_load(x + r * ld + c);
+        *(ck_v16 *)(sum + c) = s;
+    }
+    for (; c < last; c++) {
+        float s = sum[c];
+        for (long r = 0; r < rows; r++) s += x[r * ld + c];
+        sum[c] = s;
+    }
+}
+
+// LayerNorm's parameter gradients for features [first, last): gamma[i] += dy * (x - mean) * inv_std,
+// beta[i] += dy over rows in order (the plain loop's operations and order, 16 features at a time).
+CK_CLONES void ck_layernorm_param_grads(float *restrict grad_gamma, float *restrict grad_beta, const float *restrict dy, const float *restrict x,
+                                        const float *restrict mean, const float *restrict inv_std, long rows, long features, long first,
+                                        long last) {
+    long i = first;
+    for (; i + CK_LANES <= last; i += CK_LANES) {
+        ck_v16 gg = ck_load(grad_gamma + i), gb = ck_load(grad_beta + i);
+        for (long r = 0; r < rows; r++) {
+            const ck_v16 d = ck_load(dy + r * features + i);
+            gg += d * (ck_load(x + r * features + i) - mean[r]) * inv_std[r];
+            gb += d;
+        }
+        *(ck_v16 *)(grad_gamma + i) = gg;
+        *(ck_v16 *)(grad_beta + i) = gb;
+    }
+    for (; i < last; i++) {
+        float gg = grad_gamma[i], gb = grad_beta[i];
+        for (long r = 0; r < rows; r++) {
+            const float d = dy[r * features + i];
+            gg += d * (x[r * features + i] - mean[r]) * inv_std[r];
+            gb += d;
+        }
+        grad_gamma[i] = gg;
+        grad_beta[i] = gb;
+    }
+}

@@ -151,6 +151,32 @@ struct FusedKernelTests {
         }
     }
 
+    @Test("a linear layer's bias gradient and LayerNorm's parameter gradients in C equal the plain row-order loops, bit for bit",
+          arguments: [(7, 768), (33, 37), (3, 1), (1, 3072)])
+    func columnSums(rows: Int, features: Int) {
+        let count = rows * features
+        let dy = randomFloats(count, seed: 80, scale: 3), x = randomFloats(count, seed: 81, scale: 2)
+        let mean = randomFloats(rows, seed: 82), invStd = randomFloats(rows, seed: 83).map { abs($0) + 0.5 }
+        let start = randomFloats(features, seed: 84)
+        var bias = start, expectedBias = start
+        Linear.backward(gradInput: nil, gradWeight: nil, gradBias: &bias, gradOutput: dy, input: x, weight: x, rows: rows, inFeatures: features,
+                        outFeatures: features)
+        for r in 0..<rows { for o in 0..<features { expectedBias[o] += dy[r * features + o] } }
+        #expect(bias.map(\.bitPattern) == expectedBias.map(\.bitPattern), "bias gradient")
+        var gamma = start, beta = start.map { -$0 }, expectedGamma = gamma, expectedBeta = beta, dx = [Float](repeating: 0, count: count)
+        LayerNorm.backward(gradInput: &dx, gradGamma: &gamma, gradBeta: &beta, gradOutput: dy, input: x, gamma: start, mean: mean, invStd: invStd,
+                           rows: rows, features: features)
+        for r in 0..<rows {
+            for i in 0..<features {
+                let d = dy[r * features + i]
+                expectedGamma[i] += d * (x[r * features + i] - mean[r]) * invStd[r]
+                expectedBeta[i] += d
+            }
+        }
+        #expect(gamma.map(\.bitPattern) == expectedGamma.map(\.bitPattern), "LayerNorm gamma gradient")
+        #expect(beta.map(\.bitPattern) == expectedBeta.map(\.bitPattern), "LayerNorm beta gradient")
+    }
+
     // BERT's residual ends: dropout(dense) + residual, LayerNorm, and the bf16 copy the next product reads.
     @Test("a transformer's fused dropout, residual sum, LayerNorm and bf16 copy equal the three layers in turn, bit for bit",
           arguments: [(3, 5, 768), (2, 7, 37), (1, 1, 16)])

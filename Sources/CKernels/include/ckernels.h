@@ -93,3 +93,8 @@ long ck_count_nonfinite(const float *x, long count);
 // LayerNorm's input gradient added to dx over rows x features (each row's sums in 16 lanes, added in order).
 void ck_layernorm_backward_rows(float *dx, const float *dy, const float *x, const float *gamma, const float *mean, const float *inv_std,
                                 long rows, long features);
+// sum[c] += x[r * ld + c] over rows in order, for columns [first, last) (a bias gradient).
+void ck_column_sums(float *sum, const float *x, long rows, long ld, long first, long last);
+// LayerNorm's gamma and beta gradients for features [first, last), summed over rows in order.
+void ck_layernorm_param_grads(float *grad_gamma, float *grad_beta, const float *dy, const float *x, const float *mean, const float *inv_std,
+                              long rows, long features, long first, long last);

@@ -68,9 +68,9 @@ public enum Linear {
                  copies: (gradOutputCopy(), copies.map { .init($0.input, reuse: true) }))
         }
         if let gradBias {
-            for r in 0..<rows {
-                let dy = gradOutput + r * outFeatures
-                for o in 0..<outFeatures { gradBias[o] += dy[o] }
+            // Each column summed in row order (`ck_column_sums`), the columns split over the threads.
+            Parallel.chunks(outFeatures, cost: rows) { columns in
+                ck_column_sums(gradBias, gradOutput, rows, outFeatures, columns.lowerBound, columns.upperBound)
             }
         }
     }
@@ -131,16 +131,10 @@ public enum LayerNorm {
             ck_layernorm_backward_rows(gradInput + o, gradOutput + o, input + o, gamma, mean + r, invStd + r, range.count, features)
         }
         // Parameter gradients sum over rows: split by features so each column is summed in row order.
+        // (`ck_layernorm_param_grads`: gamma += dy * (x - mean) * invStd and beta += dy, row by row.)
         if let gradGamma, let gradBeta {
             Parallel.chunks(features, cost: 3 * rows) { columns in
-                for r in 0..<rows {
-                    let x = input + r * features, dy = gradOutput + r * features
-                    let m = mean[r], rstd = invStd[r]
-                    for i in columns {
-                        gradGamma[i] += dy[i] * (x[i] - m) * rstd
-                        gradBeta[i] += dy[i]
-                    }
-                }
+                ck_layernorm_param_grads(gradGamma, gradBeta, gradOutput, input, mean, invStd, rows, features, columns.lowerBound, columns.upperBound)
             }
         }
     }

@@ -79,9 +79,6 @@ public final class AttentionCopies {
         held = g
         return (storage, storage + n, storage + 2 * n, storage + 3 * n)
     }
-
-    /// Bytes held.
-    public var bytes: Int { 2 * capacity }
 }
 
 public enum Attention {

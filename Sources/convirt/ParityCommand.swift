@@ -7,7 +7,7 @@ import Foundation
 struct ParityCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "parity",
-        abstract: "Check the model against a PyTorch parity fixture; exit non-zero past 1e-4 (outputs) or 1e-3 (gradients), for a bf16 fixture past 2e-2 and 5e-2.")
+        abstract: "Check the model against a PyTorch parity fixture; exit non-zero past 1e-4 (outputs) or 1e-3 (gradients); a bf16 fixture's tensors against PyTorch's fp32 results, within 3x autocast's own distance from them (Parity).")
 
     @Argument(help: "A parity fixture (.safetensors) written by tools/make_parity_fixture.py.")
     var fixture: String
@@ -26,7 +26,7 @@ struct ParityCommand: ParsableCommand {
         let start = Date()
         let report = try Parity.run(path: fixture, dumpPath: dump, precision: precision)
         for line in report.lines {
-            let own = line.ownDeviation.map { String(format: "  (PyTorch's bf16 vs its fp32 %.3e, limit %.3e)", $0, line.limit) } ?? ""
+            let own = line.autocastDeviation.map { String(format: "  (ours vs PyTorch's fp32; autocast vs its fp32 %.3e, limit %.3e)", $0, line.limit) } ?? ""
             print(String(format: "%@ %.3e %@%@", line.name.padding(toLength: 72, withPad: " ", startingAt: 0) as NSString, line.error,
                          line.ok ? "ok" : "FAIL (limit \(line.limit))", own))
         }

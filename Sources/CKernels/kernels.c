@@ -784,3 +784,8 @@ CK_CLONES void ck_layernorm_param_grads(float *restrict grad_gamma, float *restr
         grad_beta[i] = gb;
     }
 }
+
+// dst[i] += src[i] (a gradient piece added to the gradient: one fp32 addition per element, in any clone).
+CK_CLONES void ck_add(float *restrict dst, const float *restrict src, long count) {
+    for (long i = 0; i < count; i++) dst[i] += src[i];
+}

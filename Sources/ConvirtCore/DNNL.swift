@@ -67,13 +67,14 @@ func dnnlDescriptor(_ shape: [Int], _ type: dnnl_data_type_t, _ tag: dnnl_format
     return desc
 }
 
-/// The descriptor of one image (the first) of `desc`, a batch of images, and that image's bytes, where
-/// the batch is image-major and dense (image n starts n times that many bytes in: NCHW, NHWC, nChw16c,
-/// ...); nil for any other layout (a blocked batch dimension, padding or an offset along it).
-func dnnlOneImage(_ desc: dnnl_memory_desc_t) -> (desc: dnnl_memory_desc_t, bytes: Int)? {
+/// The descriptor of `count` images in the layout of `desc`, a batch of images (fewer: its first ones;
+/// more: the layout extended), and those images' bytes, where the batch is image-major and dense (image
+/// n starts n times one image's bytes in: NCHW, NHWC, nChw16c, ...); nil for any other layout (a
+/// blocked batch dimension, padding or an offset along it).
+func dnnlImages(_ desc: dnnl_memory_desc_t, count: Int) -> (desc: dnnl_memory_desc_t, bytes: Int)? {
     var whole = desc
     guard desc.format_kind == dnnl_blocked, desc.ndims >= 1, desc.offset0 == 0, desc.padded_offsets.0 == 0,
-          desc.padded_dims.0 == desc.dims.0, desc.dims.0 > 0 else { return nil }
+          desc.padded_dims.0 == desc.dims.0, desc.dims.0 > 0, count >= 1 else { return nil }
     let blocking = desc.format_desc.blocking
     let blocked = withUnsafeBytes(of: blocking.inner_idxs) { Array($0.bindMemory(to: dnnl_dim_t.self).prefix(Int(blocking.inner_nblks))) }
     guard !blocked.contains(0) else { return nil }
@@ -83,7 +84,10 @@ func dnnlOneImage(_ desc: dnnl_memory_desc_t) -> (desc: dnnl_memory_desc_t, byte
     let bytes = dnnl_memory_desc_get_size(&image)
     guard dnnl_memory_desc_get_size(&whole) == bytes * Int(desc.dims.0),
           Int(blocking.strides.0) * Int(dnnl_data_type_size(desc.data_type)) == bytes else { return nil }
-    return (image, bytes)
+    var images = desc
+    images.dims.0 = Int64(count)
+    images.padded_dims.0 = Int64(count)
+    return (images, bytes * count)
 }
 
 func dnnlSame(_ a: dnnl_memory_desc_t, _ b: dnnl_memory_desc_t) -> Bool {

@@ -64,6 +64,25 @@ public struct TrainingBatch: Sendable {
     public var sampleIndices: [UInt64]
     public var globalRows: [Int]
     public var sentences: [String]
+
+    /// The batch with every row padded to `count` tokens (at least `tokens`): the pad id, mask 0. A
+    /// rank pads to the longest row of the global batch, so that a sample's rows are the same on every
+    /// world size (`GradientPieces`: a piece of samples is then a product of one shape).
+    public func padded(toTokens count: Int, padID: Int32) -> TrainingBatch {
+        precondition(count >= tokens, "padding \(tokens) tokens to \(count)")
+        guard count > tokens else { return self }
+        var batch = self
+        batch.ids = [Int32](repeating: padID, count: size * count)
+        batch.mask = [Int32](repeating: 0, count: size * count)
+        for i in 0..<size {
+            for j in 0..<tokens {
+                batch.ids[i * count + j] = ids[i * tokens + j]
+                batch.mask[i * count + j] = mask[i * tokens + j]
+            }
+        }
+        batch.tokens = count
+        return batch
+    }
 }
 
 public struct SampleRecipe: Sendable {

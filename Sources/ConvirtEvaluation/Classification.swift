@@ -544,7 +544,7 @@ public final class ClassificationEvaluation {
                 sync.begin()
                 var context = PassContext(training: true, reducer: syncBatchNormReducer(communicator),
                                           stream: RandomStream(seed: seed, .fineTuneStep, UInt64(step)), sampleIndices: rows.map { UInt64($0) },
-                                  precision: model.precision)
+                                          precision: model.precision, gradientPiece: GradientPieces.fitting(globalBatch: perStep, localBatch: local))
                 let h = try model.features(images, batch: local, size: s, context: context)
                 let logits = model.classify(h, rows: local, context: context)
                 _ = loss(logits: logits, targets: targets.pointer, rows: local, normalizer: perStep, gradient: gradLogits.pointer)

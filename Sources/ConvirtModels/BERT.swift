@@ -104,13 +104,15 @@ struct LinearLayer {
     }
 
     /// `accumulateInput` false: gradInput is overwritten (a gradient no other layer adds to).
+    /// `pieceRows`: the rows of a gradient piece (`PassContext.pieceRows`), nil for one piece.
     func backward(_ arena: ParameterArena, gradInput: UnsafeMutablePointer<Float>?, gradOutput: UnsafePointer<Float>,
-                  input: UnsafePointer<Float>, rows: Int, precision: Precision, accumulateInput: Bool = true, copies: Linear.Copies? = nil) {
+                  input: UnsafePointer<Float>, rows: Int, precision: Precision, accumulateInput: Bool = true, copies: Linear.Copies? = nil,
+                  pieceRows: Int? = nil) {
         Linear.backward(gradInput: gradInput, gradWeight: trainable ? arena.grads + weight.offset : nil,
                         gradBias: trainable ? bias.map { arena.grads + $0.offset } : nil, gradOutput: gradOutput, input: input,
                         weight: arena.params + weight.offset, rows: rows, inFeatures: inFeatures, outFeatures: outFeatures,
                         precision: precision, accumulateInput: accumulateInput, overwriteWeight: trainable && arena.claimZeroedGradient(weight),
-                        copies: copies)
+                        copies: copies, pieceRows: pieceRows)
     }
 
     /// N(0, std) weights and zero bias (BERT's initializer_range 0.02; heads use PyTorch's default instead).
@@ -159,12 +161,13 @@ struct LayerNormLayer {
                                   dropout: dropout)
     }
 
+    /// `pieceRows`: the rows of a gradient piece (`PassContext.pieceRows`), nil for one piece.
     func backward(_ arena: ParameterArena, gradInput: UnsafeMutablePointer<Float>, gradOutput: UnsafePointer<Float>, input: UnsafePointer<Float>,
-                  mean: UnsafePointer<Float>, invStd: UnsafePointer<Float>, rows: Int) {
+                  mean: UnsafePointer<Float>, invStd: UnsafePointer<Float>, rows: Int, pieceRows: Int? = nil) {
         let trainable = weight.kind == .trainable
         LayerNorm.backward(gradInput: gradInput, gradGamma: trainable ? arena.grads + weight.offset : nil,
                            gradBeta: trainable ? arena.grads + bias.offset : nil, gradOutput: gradOutput, input: input,
-                           gamma: arena.params + weight.offset, mean: mean, invStd: invStd, rows: rows, features: features)
+                           gamma: arena.params + weight.offset, mean: mean, invStd: invStd, rows: rows, features: features, pieceRows: pieceRows)
     }
 
     func initialize(_ arena: ParameterArena) {
@@ -365,16 +368,18 @@ final class EncoderLayer {
         let rows = g.batch * g.tokens, h = c.hiddenSize, inter = c.intermediateSize
         let site = UInt64(index + 1) << 8
         let hiddenDropout = Float(c.hiddenDropoutProb)
+        let pieces = ctx.pieceRows(perSample: g.tokens)
         // out = LN2(dropout(dense(gelu(dense(h1)))) + h1)
         let dSum2 = gradDense.zeroed(rows * h)
-        outputNorm.backward(arena, gradInput: dSum2, gradOutput: gradOutput.pointer, input: sum2.pointer, mean: mean2.pointer, invStd: invStd2.pointer, rows: rows)
+        outputNorm.backward(arena, gradInput: dSum2, gradOutput: gradOutput.pointer, input: sum2.pointer, mean: mean2.pointer, invStd: invStd2.pointer, rows: rows,
+                             pieceRows: pieces)
         let dH1 = gradHidden1.ensure(rows * h)
         dH1.update(from: dSum2, count: rows * h)  // residual branch
         Self.dropout(dSum2, batch: g.batch, perSample: g.tokens * h, probability: hiddenDropout, site: site | 3, context: ctx)
         // dA, dI and dCtx have one writer each: overwritten, not zeroed and accumulated.
         let dA = gradInner.ensure(rows * inter)
         output.backward(arena, gradInput: dA, gradOutput: dSum2, input: activated.pointer, rows: rows, precision: ctx.precision, accumulateInput: false,
-                        copies: copies.output)
+                        copies: copies.output, pieceRows: pieces)
         // dInner = dA * gelu'(inner)
         // On oneDNN's bf16 kernels with dI's bf16 bits, which the intermediate's products read, in the same pass.
         let dI = gradContext.ensure(rows * inter), copying = Self.writesCopies(ctx)
@@ -385,15 +390,16 @@ final class EncoderLayer {
             GELU.backward(gradInput: dI, gradOutput: dA, input: inner.pointer, count: rows * inter, accumulate: false)
         }
         intermediate.backward(arena, gradInput: dH1, gradOutput: dI, input: hidden1.pointer, rows: rows, precision: ctx.precision,
-                              copies: copies.intermediate.reusingGradOutput(copying))
+                              copies: copies.intermediate.reusingGradOutput(copying), pieceRows: pieces)
         // h1 = LN1(dropout(dense(attention(x))) + x)
         let dSum1 = gradDense.zeroed(rows * h)
-        attentionNorm.backward(arena, gradInput: dSum1, gradOutput: dH1, input: sum1.pointer, mean: mean1.pointer, invStd: invStd1.pointer, rows: rows)
+        attentionNorm.backward(arena, gradInput: dSum1, gradOutput: dH1, input: sum1.pointer, mean: mean1.pointer, invStd: invStd1.pointer, rows: rows,
+                                pieceRows: pieces)
         if let gradInput { Residual.accumulate(gradInput, dSum1, count: rows * h) }
         Self.dropout(dSum1, batch: g.batch, perSample: g.tokens * h, probability: hiddenDropout, site: site | 2, context: ctx)
         let dCtx = gradContext.ensure(rows * h)
         attentionOutput.backward(arena, gradInput: dCtx, gradOutput: dSum1, input: context.pointer, rows: rows, precision: ctx.precision,
-                                 accumulateInput: false, copies: copies.attentionOutput)
+                                 accumulateInput: false, copies: copies.attentionOutput, pieceRows: pieces)
         let attentionDropout = ctx.training ? Float(c.attentionProbsDropoutProb) : 0
         var streams: [RandomStream] = []
         if attentionDropout > 0 { streams = (0..<g.batch).map { ctx.stream(sample: $0, site: site | 1) } }
@@ -402,9 +408,12 @@ final class EncoderLayer {
                            q: q.pointer, k: k.pointer, v: v.pointer, geometry: g, workspace: attentionWorkspace.ensure(g.workspaceCount),
                            dropout: attentionDropout > 0 ? AttentionDropout(probability: attentionDropout, streams: streams, dropped: dropped.pointer) : nil,
                            precision: ctx.precision, copies: activations.attentionCopies)
-        query.backward(arena, gradInput: gradInput, gradOutput: dq, input: x, rows: rows, precision: ctx.precision, copies: copies.query)
-        key.backward(arena, gradInput: gradInput, gradOutput: dk, input: x, rows: rows, precision: ctx.precision, copies: copies.key)
-        value.backward(arena, gradInput: gradInput, gradOutput: dv, input: x, rows: rows, precision: ctx.precision, copies: copies.value)
+        query.backward(arena, gradInput: gradInput, gradOutput: dq, input: x, rows: rows, precision: ctx.precision, copies: copies.query,
+                             pieceRows: pieces)
+        key.backward(arena, gradInput: gradInput, gradOutput: dk, input: x, rows: rows, precision: ctx.precision, copies: copies.key,
+                           pieceRows: pieces)
+        value.backward(arena, gradInput: gradInput, gradOutput: dv, input: x, rows: rows, precision: ctx.precision, copies: copies.value,
+                             pieceRows: pieces)
     }
 }
 
@@ -536,7 +545,7 @@ public final class BERT {
         EncoderLayer.dropout(dOut, batch: g.batch, perSample: g.tokens * h, probability: Float(config.hiddenDropoutProb), site: 1, context: context)
         let dE = gradEmbeddingSum.zeroed(rows * h)
         embeddingNorm.backward(arena, gradInput: dE, gradOutput: dOut, input: embedded.pointer, mean: embeddingMean.pointer,
-                               invStd: embeddingInvStd.pointer, rows: rows)
+                               invStd: embeddingInvStd.pointer, rows: rows, pieceRows: context.pieceRows(perSample: g.tokens))
         let gr = arena.grads
         Embedding.backward(gradTable: gr + wordEmbeddings.offset, gradOutput: dE, ids: ids.pointer, rows: rows, features: h,
                            paddingIndex: Int32(config.padTokenId))

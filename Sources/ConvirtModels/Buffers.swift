@@ -57,14 +57,28 @@ public struct PassContext {
     /// The arithmetic of the convolutions and matrix products (bf16: mixed precision as PyTorch's CPU
     /// autocast, see `BF16`); everything else is fp32 in either.
     public var precision: Precision
+    /// The samples of one gradient piece (`GradientPieces`): in bf16, every parameter gradient that sums
+    /// over this rank's samples (convolution and linear weights, biases, LayerNorm) is made of pieces of
+    /// that many consecutive samples, each computed alone and added in order, so that its value does not
+    /// depend on how the global batch is split over ranks. A divisor of the batch, its pieces aligned
+    /// to the global sample index (the caller's guarantee); nil: the batch in one piece.
+    public var gradientPiece: Int?
 
     public init(training: Bool, reducer: StatisticsReducer? = nil, stream: RandomStream = RandomStream(seed: 0),
-                sampleIndices: [UInt64] = [], precision: Precision = .fp32) {
+                sampleIndices: [UInt64] = [], precision: Precision = .fp32, gradientPiece: Int? = nil) {
         self.training = training
         self.precision = precision
         self.reducer = reducer
         self.stream = stream
         self.sampleIndices = sampleIndices
+        self.gradientPiece = gradientPiece
+    }
+
+    /// The rows of one gradient piece where each sample has `rowsPerSample` rows (tokens, or 1), in bf16;
+    /// nil in fp32 (its kernels' own sums) and where the batch is one piece.
+    public func pieceRows(perSample rowsPerSample: Int) -> Int? {
+        guard precision == .bf16, let gradientPiece else { return nil }
+        return gradientPiece * rowsPerSample
     }
 
     /// The dropout stream of local sample `b` at dropout site `site`.

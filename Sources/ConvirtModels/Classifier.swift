@@ -83,12 +83,14 @@ public final class ImageClassifier {
         let g = gradFeatures.zeroed(rows * f)
         if masked {
             let gx = gradDropped.zeroed(rows * f)
-            head.backward(arena, gradInput: gx, gradOutput: gradLogits, input: input, rows: rows, precision: context.precision)
+            head.backward(arena, gradInput: gx, gradOutput: gradLogits, input: input, rows: rows, precision: context.precision,
+                          pieceRows: context.pieceRows(perSample: 1))
             for r in 0..<rows {
                 Dropout.backward(gradInput: g + r * f, gradOutput: gx + r * f, count: f, probability: dropout, stream: stream(context, row: r))
             }
         } else {
-            head.backward(arena, gradInput: g, gradOutput: gradLogits, input: input, rows: rows, precision: context.precision)
+            head.backward(arena, gradInput: g, gradOutput: gradLogits, input: input, rows: rows, precision: context.precision,
+                          pieceRows: context.pieceRows(perSample: 1))
         }
         return UnsafePointer(g)
     }

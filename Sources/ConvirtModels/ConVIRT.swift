@@ -106,17 +106,18 @@ public final class ProjectionHead {
         return UnsafePointer(y)
     }
 
-    /// Gradient of the features [rows, in] from the gradient of the embeddings; parameter gradients accumulate.
-    func backward(_ arena: ParameterArena, gradEmbeddings: UnsafePointer<Float>) -> UnsafePointer<Float> {
+    /// Gradient of the features [rows, in] from the gradient of the embeddings; parameter gradients
+    /// accumulate, made of gradient pieces of `pieceRows` rows (`PassContext.pieceRows`; nil: one).
+    func backward(_ arena: ParameterArena, gradEmbeddings: UnsafePointer<Float>, pieceRows: Int?) -> UnsafePointer<Float> {
         precondition(hasInput, "backward before forward")
         let dz = gradProjected.zeroed(rows * second.outFeatures)
         L2Normalize.backward(gradInput: dz, gradOutput: gradEmbeddings, output: normalized.pointer, norms: norms.pointer, rows: rows, features: second.outFeatures)
         let dh = gradHidden.zeroed(rows * first.outFeatures)
-        second.backward(arena, gradInput: dh, gradOutput: dz, input: hidden.pointer, rows: rows, precision: precision)
+        second.backward(arena, gradInput: dh, gradOutput: dz, input: hidden.pointer, rows: rows, precision: precision, pieceRows: pieceRows)
         let h = hidden.pointer
         for i in 0..<(rows * first.outFeatures) where h[i] <= 0 { dh[i] = 0 }
         let dx = gradInput.zeroed(rows * first.inFeatures)
-        first.backward(arena, gradInput: dx, gradOutput: dh, input: input.pointer, rows: rows, precision: precision)
+        first.backward(arena, gradInput: dx, gradOutput: dh, input: input.pointer, rows: rows, precision: precision, pieceRows: pieceRows)
         return UnsafePointer(dx)
     }
 }
@@ -279,13 +280,13 @@ public final class ConVIRTModel {
     }
 
     public func backwardImages(gradEmbeddings: UnsafePointer<Float>, context: PassContext) throws {
-        let gradFeatures = imageHead.backward(arena, gradEmbeddings: gradEmbeddings)
+        let gradFeatures = imageHead.backward(arena, gradEmbeddings: gradEmbeddings, pieceRows: context.pieceRows(perSample: 1))
         try context.gradientsReady?("image_head.")
         try image.backward(arena, gradFeatures: gradFeatures, context: context)
     }
 
     public func backwardTexts(gradEmbeddings: UnsafePointer<Float>, context: PassContext) throws {
-        let gradPooled = textHead.backward(arena, gradEmbeddings: gradEmbeddings)
+        let gradPooled = textHead.backward(arena, gradEmbeddings: gradEmbeddings, pieceRows: context.pieceRows(perSample: 1))
         try context.gradientsReady?("text_head.")
         let (b, t) = textShape, h = config.text.hiddenSize
         let dh = gradHidden.zeroed(b * t * h)

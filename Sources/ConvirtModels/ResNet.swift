@@ -283,7 +283,8 @@ final class ConvBNUnit {
                              inputBF16: kernels.takesBF16(context.precision, layouts.input) ? input.halves : nil,
                              weight: arena.params + conv.offset, geometry: g,
                              workspace: workspace.ensure(Convolution.workspaceCount(g, precision: context.precision)), precision: context.precision,
-                             layouts: layouts, accumulateInput: accumulate, overwriteWeight: arena.claimZeroedGradient(conv))
+                             layouts: layouts, accumulateInput: accumulate, overwriteWeight: arena.claimZeroedGradient(conv),
+                             pieceImages: context.pieceRows(perSample: 1))
     }
 }
 

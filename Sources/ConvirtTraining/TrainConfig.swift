@@ -57,6 +57,11 @@ public struct TrainConfig: Codable, Sendable {
     /// that started the run); nil, as in manifests written before it, = fp32.
     public var precision: Precision? = nil
     public var productPrecision: Precision { precision ?? .fp32 }
+    /// Samples per gradient piece in bf16 (`--gradient-piece`, `GradientPieces`); nil, as in manifests
+    /// written before it: `GradientPieces.standard` of the global micro-batch. Like the number of
+    /// threads, it changes only how the sums are grouped (not a resume-refusing setting).
+    public var gradientPiece: Int? = nil
+    public var gradientPieceSamples: Int { gradientPiece ?? GradientPieces.standard(globalBatch: globalBatch / max(microBatches, 1)) }
 
     enum CodingKeys: String, CodingKey {
         case preset, model, globalBatch = "global_batch", steps, epochs, seed, learningRate = "learning_rate", weightDecay = "weight_decay"
@@ -65,7 +70,7 @@ public struct TrainConfig: Codable, Sendable {
         case loaderWorkers = "loader_workers", swapLateralityOnFlip = "swap_laterality_on_flip", imageWeights = "image_weights"
         case textWeights = "text_weights", checkpointEvery = "checkpoint_every", keepCheckpoints = "keep_checkpoints"
         case zero1, overlapCommunication = "overlap_communication", checkpointIO = "checkpoint_io", asyncCheckpoint = "async_checkpoint"
-        case tensorboard, accumSteps = "accum_steps", precision
+        case tensorboard, accumSteps = "accum_steps", precision, gradientPiece = "gradient_piece"
     }
 
     /// The preset's defaults: the paper's recipe for `paper`, a quicker one for `demo` and `tiny`.
@@ -108,6 +113,16 @@ public struct TrainConfig: Codable, Sendable {
         try require(valEvery >= 1 && maxTokens >= 2 && maxTokens <= model.text.maxPositionEmbeddings, "train",
                     "--val-every must be positive and --max-tokens within 2...\(model.text.maxPositionEmbeddings)")
         try require((checkpointEvery ?? 1) >= 1 && keepCheckpoints >= 1, "train", "--checkpoint-every and --keep-checkpoints must be positive")
+        try validatePieces(worldSize: worldSize)
+    }
+
+    /// bf16's gradient pieces cut each rank's micro-batch into whole pieces (fp32 does not use them).
+    public func validatePieces(worldSize: Int) throws {
+        guard productPrecision == .bf16 else { return }
+        let global = globalBatch / microBatches
+        if let problem = GradientPieces.problem(samples: gradientPieceSamples, localBatch: global / worldSize, globalBatch: global) {
+            throw ConvirtError("train: --global-batch \(globalBatch) over \(worldSize) rank(s)\(microBatches > 1 ? " x \(microBatches) micro-batches" : ""): \(problem)")
+        }
     }
 
     /// The learning-rate schedule of a run of `totalSteps` steps, from its start.
@@ -184,5 +199,6 @@ extension TrainConfig {
         tensorboard = try c.decodeIfPresent(Bool.self, forKey: .tensorboard)
         accumSteps = try c.decodeIfPresent(Int.self, forKey: .accumSteps)
         precision = try c.decodeIfPresent(Precision.self, forKey: .precision)
+        gradientPiece = try c.decodeIfPresent(Int.self, forKey: .gradientPiece)
     }
 }

@@ -177,7 +177,7 @@ public final class Trainer {
     /// gradient sync, optimizer step.
     func trainStep(_ step: Int, loader: Loader) throws -> StepMetrics {
         var clock = Clock()
-        let batch = loader.next()
+        let batch = try globallyPadded(loader.next())
         let timeData = clock.lap()
         sync.begin()
         let value: ConVIRTLoss.Value, timeForward: Double, timeBackward: Double
@@ -275,11 +275,22 @@ public final class Trainer {
                       workers: config.loaderWorkers)
     }
 
+    /// This rank's share of a global batch with its rows padded to the longest of the global batch
+    /// (each rank's longest, summed over ranks as a vector of one entry per rank), so that every
+    /// sample's rows, and a gradient piece's shape, are the same on every world size.
+    func globallyPadded(_ batch: TrainingBatch) throws -> TrainingBatch {
+        guard communicator.size > 1 else { return batch }
+        var lengths = [Double](repeating: 0, count: communicator.size)
+        lengths[communicator.rank] = Double(batch.tokens)
+        try lengths.withUnsafeMutableBufferPointer { try communicator.allReduceSum($0) }
+        return batch.padded(toTokens: Int(lengths.max()!), padID: tokenizer.padID)
+    }
+
     /// The pass context of a step: SyncBN when asked, and dropout keyed by (seed, step, global sample).
     func passContext(step: Int, batch: TrainingBatch, training: Bool) -> PassContext {
         PassContext(training: training, reducer: config.syncBatchNorm ? syncBatchNormReducer(communicator) : nil,
                     stream: RandomStream(seed: config.seed, .trainingStep, UInt64(step)), sampleIndices: batch.sampleIndices,
-                    precision: config.productPrecision)
+                    precision: config.productPrecision, gradientPiece: config.productPrecision == .bf16 ? config.gradientPieceSamples : nil)
     }
 
     /// This rank's image and text embeddings [n, d] of rows `rows` of a batch (default: all of them),
@@ -415,7 +426,11 @@ public final class Trainer {
                 if communicator.isRoot { log("cannot resume from \(directory): \(error); trying the previous checkpoint") }
                 continue
             }
-            if adoptPrecision { config.precision = manifest.config.precision }
+            if adoptPrecision {
+                config.precision = manifest.config.precision
+                if config.gradientPiece == nil { config.gradientPiece = manifest.config.gradientPiece }
+                try config.validatePieces(worldSize: communicator.size)
+            }
             let differences = manifest.config.trajectoryDifferences(to: config)
             if !differences.isEmpty && !allowConfigChange {
                 throw ConvirtError("cannot resume from \(directory) with other settings than the run's: \(differences.joined(separator: "; ")) "

@@ -3,6 +3,7 @@
 import ArgumentParser
 import ConvirtCore
 import ConvirtModels
+import ConvirtTraining
 import Foundation
 
 struct BenchStep: ParsableCommand {
@@ -26,6 +27,9 @@ struct BenchStep: ParsableCommand {
     @Option(help: "fp32, bf16 (mixed, as PyTorch's CPU autocast) or auto (bf16 where the CPU has AMX-BF16 or AVX512-BF16).")
     var precision = PrecisionChoice.auto
 
+    @Option(help: "Samples per gradient piece in bf16 (a divisor of --batch; default: what train uses with the preset's global batch, where it divides --batch).")
+    var gradientPiece: Int?
+
     func run() throws {
         Parallel.setThreads(threads)
         let config = ConVIRTConfig.preset(preset)
@@ -40,10 +44,14 @@ struct BenchStep: ParsableCommand {
         let workspace = ConVIRTLoss.Workspace()
         print("convirt bench step: preset \(preset), batch \(batch), image \(size)x\(size), \(tokens) tokens, \(Parallel.threads) thread(s)")
         print("parameters: \(model.layout.totalCount) (trainable \(model.layout.trainableCount)); \(precision.describe())")
+        // A rank's share of the preset's global batch in train: its pieces (the paper's 32 -> 4).
+        let piece = gradientPiece ?? GradientPieces.fitting(globalBatch: TrainConfig.preset(preset).globalBatch, localBatch: batch)
+        guard piece >= 1 && batch % piece == 0 else { throw ValidationError("--gradient-piece \(piece) does not divide --batch \(batch)") }
+        if precision.resolved() == .bf16 { print("gradient pieces of \(piece) sample(s)") }
         var times: [[Double]] = []
         for step in 0...steps {
             let context = PassContext(training: true, stream: RandomStream(seed: 3, UInt64(step)), sampleIndices: (0..<batch).map { UInt64($0) },
-                                      precision: precision.resolved())
+                                      precision: precision.resolved(), gradientPiece: piece)
             var t = [Double]()
             var clock = DispatchTime.now().uptimeNanoseconds
             func lap() { let now = DispatchTime.now().uptimeNanoseconds; t.append(Double(now - clock) * 1e-9); clock = now }

@@ -82,6 +82,9 @@ struct TrainCommand: ParsableCommand {
     @Option(parsing: .unconditional, help: ArgumentHelp("Exact accumulation (GradCache): each rank runs its rows of the global batch as K micro-batches; "
                                                         + "the loss still sees all --global-batch pairs as negatives.")) var accumSteps: Int?
     @Flag(help: "Write no TensorBoard event files (default: RUN/tensorboard/events.out.tfevents.*, rank 0).") var noTensorboard = false
+    @Option(help: ArgumentHelp("bf16: samples per gradient piece, a divisor of each rank's micro-batch (default: 4, 2 or 1, the largest that "
+                               + "every world size up to 8 cuts whole). Runs agree across world sizes at equal pieces."))
+    var gradientPiece: Int?
     @Flag(help: "Print the resolved configuration (the preset's defaults and the flags given) as JSON and exit.") var printConfig = false
 
     func validate() throws {
@@ -125,6 +128,9 @@ struct TrainCommand: ParsableCommand {
         if noTensorboard { c.tensorboard = false }
         if let accumSteps { c.accumSteps = accumSteps == 1 ? nil : accumSteps }
         c.precision = chosen ?? precision.resolved()
+        if let gradientPiece { c.gradientPiece = gradientPiece }
+        // The pieces a bf16 run uses, recorded in config.json.
+        if c.productPrecision == .bf16 && c.gradientPiece == nil { c.gradientPiece = c.gradientPieceSamples }
         return c
     }
 
@@ -212,7 +218,7 @@ struct TrainCommand: ParsableCommand {
                   + "(OpenMP wait policy \(BLASCore.openMPWaitPolicy)), \(config.threads) thread(s) per rank")
             let precisionLine = precision == .auto && resume && config.productPrecision != precision.resolved()
                 ? "precision \(config.productPrecision.rawValue) (auto: the checkpoint's)" : precision.describe()
-            print(precisionLine)
+            print(precisionLine + (config.productPrecision == .bf16 ? ", gradient pieces of \(config.gradientPieceSamples) sample(s)" : ""))
         }
         let start = Date()
         let every = max(1, trainer.totalSteps / 20)

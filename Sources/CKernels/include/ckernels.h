@@ -98,3 +98,5 @@ void ck_column_sums(float *sum, const float *x, long rows, long ld, long first, 
 // LayerNorm's gamma and beta gradients for features [first, last), summed over rows in order.
 void ck_layernorm_param_grads(float *grad_gamma, float *grad_beta, const float *dy, const float *x, const float *mean, const float *inv_std,
                               long rows, long features, long first, long last);
+// dst[i] += src[i] for i in [0, count).
+void ck_add(float *dst, const float *src, long count);

@@ -107,19 +107,28 @@ public enum BF16 {
         (try? MatmulPrimitive(MatmulPrimitive.Key(m: 16, n: 16, k: 16, transposeA: false, transposeB: false, ldc: 16, alpha: 1, beta: 0))) != nil
     }()
 
-    /// CONVIRT_BF16 as set (native or emulate), read once.
+    /// CONVIRT_BF16 as set (native, emulate or blocked), read once.
     private static let override = processEnvironment()["CONVIRT_BF16"]
 
     /// Whether bf16 products run on oneDNN's bf16 kernels (else on fp32 kernels over bf16-rounded inputs,
     /// which computes the same products). A fixed rule of the CPU, so that every rank of a job computes
-    /// alike; CONVIRT_BF16=native|emulate overrides it (native needs `oneDNNRunsBF16`).
+    /// alike; CONVIRT_BF16=native|emulate|blocked overrides it (native needs `oneDNNRunsBF16`).
     public static let native: Bool = {
         switch override {
-        case "emulate": return false
+        case "emulate", "blocked": return false
         case "native": return oneDNNRunsBF16
         default: return oneDNNRunsBF16 && prefersNative(isa: DNNL.isa, vendor: BLASCore.cpu?.vendor ?? "")
         }
     }()
+
+    /// CONVIRT_BF16=blocked: the emulation, its reductions over samples made to depend on their length
+    /// as a blocked kernel's may (oneDNN's AMX kernels block a product's sum over k by its size, and a
+    /// kernel may keep a block's partial sum in bf16): the weight gradient of a linear layer sums its
+    /// rows, and a convolution's its images, in two blocks, the first ceil(n/2) and the rest, each
+    /// block's sum rounded to bf16 before the two are added in fp32. Such a sum over a rank's share of
+    /// the batch depends on the world size at bf16's rounding (2^-8), far past fp32's; made of
+    /// `GradientPieces`, it does not. The other products are the emulation's. For tests on every CPU.
+    public static let blockedReductions: Bool = override == "blocked"
 
     /// The rule, measured with `convirt bench kernels` and `bench step --precision bf16` (2 threads):
     /// - AMX (ISA avx512_core_amx): oneDNN's bf16 convolutions ran at 3692 GFLOP/s against 339 in fp32
@@ -146,6 +155,9 @@ public enum BF16 {
             return "bf16 products on oneDNN (ISA \(DNNL.isa); \(layout))"
         }
         if override == "emulate" { return "bf16 products as fp32 products of bf16-rounded inputs (CONVIRT_BF16=emulate)" }
+        if blockedReductions {
+            return "bf16 products as fp32 products of bf16-rounded inputs, weight gradients summed in two blocks rounded to bf16 (CONVIRT_BF16=blocked, a test backend)"
+        }
         return oneDNNRunsBF16
             ? "bf16 products as fp32 products of bf16-rounded inputs (faster than oneDNN \(DNNL.version)'s bf16 kernels on ISA \(DNNL.isa) on this CPU)"
             : "bf16 products as fp32 products of bf16-rounded inputs (oneDNN \(DNNL.version) runs no bf16 on ISA \(DNNL.isa))"
@@ -170,6 +182,10 @@ final class ThreadScratch {
 
     /// The slot of oneDNN's scratchpads (past the reorder slots of a primitive's arguments).
     static let scratchpadSlot = 4
+    /// Past a convolution's weight-gradient pieces (5 and 6, `ConvolutionPrimitives`): the blocked
+    /// emulation's two block sums of a product (`emulatedProduct`), and of a convolution's weight
+    /// gradient (`Convolution`).
+    static let blockedProductSlot = 7, blockedConvolutionSlot = 8
 
     /// Reorder slot `index`, with room for at least `count` bytes (its contents are lost when it grows).
     func reorderSlot(_ index: Int, bytes count: Int) -> UnsafeMutableRawPointer {

@@ -36,15 +36,16 @@ public enum ActivationLayout: String, Sendable, Hashable {
 }
 
 /// An activation in a layout other than NCHW as rows of `lanes` channels: the element (n, g, p, l) of
-/// channel g * lanes + l at ((n * groups + g) * plane + p) * lanes + l. NHWC is (1, 1, N*H*W, C),
-/// nChw16c (N, C/16, H*W, 16).
+/// channel g * lanes + l at ((n * groups + g) * plane + p) * lanes + l. NHWC is (N, 1, H*W, C),
+/// nChw16c (N, C/16, H*W, 16): the outer index is the image in both, so that sums over the batch are
+/// sums over images, one image after another (whatever the batch, an image's sums are the same).
 struct LaneLayout {
     let outer, groups, plane, lanes: Int
 
     init(_ layout: ActivationLayout, batch: Int, channels: Int, plane: Int) {
         precondition(layout != .nchw && layout.holds(channels: channels), "\(layout) does not hold \(channels) channels in rows")
         if layout == .nhwc {
-            (outer, groups, self.plane, lanes) = (1, 1, batch * plane, channels)
+            (outer, groups, self.plane, lanes) = (batch, 1, plane, channels)
         } else {
             (outer, groups, self.plane, lanes) = (batch, channels / 16, plane, 16)
         }

@@ -8,6 +8,7 @@
 // as PyTorch's CPU autocast does.
 
 import CDNNL
+import CKernels
 
 /// The arithmetic of convolutions and matrix products.
 public enum Precision: String, Codable, Sendable, CaseIterable {
@@ -35,11 +36,8 @@ public final class ConvolutionPrimitives {
     private var backwardData: (primitive: DNNLPrimitive, gradOutput: DNNLArgument, weights: DNNLArgument, gradInput: DNNLArgument)?
     /// The input gradient written, not accumulated: straight into the caller's buffer where the layouts agree.
     private var overwrittenGradInput: DNNLArgument?
-    /// The weight gradient written, not accumulated (its zeros claimed): straight into the caller's
-    /// buffer where the layouts agree, else one reorder without a sum.
-    private var overwrittenGradWeight: DNNLArgument?
-    private var backwardWeights: (primitive: DNNLPrimitive, gradOutput: DNNLArgument, source: DNNLArgument, gradWeight: DNNLArgument,
-                                  gradBias: DNNLArgument?)?
+    /// The weight gradient's primitives, by the images of a piece (`WeightPieces`).
+    private var weightPieces: [Int: WeightPieces] = [:]
 
     public init(geometry g: Conv2dGeometry, precision: Precision = .fp32, bias: Bool = false, inputLayout: ActivationLayout = .nchw,
                 outputLayout: ActivationLayout = .nchw, bf16Output: Bool = false) throws {
@@ -109,10 +107,8 @@ public final class ConvolutionPrimitives {
     public var implementations: String {
         var names = ["forward \(forwardPrimitive.implementation)"]
         if let backwardData { names.append("backward data \(backwardData.primitive.implementation)") }
-        if case let .some(.some(each)) = imageWeights {
-            names.append("backward weights \(each.primitive.implementation) per image")
-        } else if let backwardWeights {
-            names.append("backward weights \(backwardWeights.primitive.implementation)")
+        for (images, each) in weightPieces.sorted(by: { $0.key < $1.key }) {
+            names.append("backward weights \(each.primitive.implementation) in pieces of \(images) image\(images == 1 ? "" : "s")")
         }
         return names.joined(separator: ", ")
     }
@@ -160,76 +156,48 @@ public final class ConvolutionPrimitives {
         if !bf16Output { try destination.finish(stream) }
     }
 
-    /// Accumulates the gradients of the weights (and bias), and of the input unless gradInput is nil
-    /// (overwrites it where `accumulateInput` is false, and the weights' where `overwriteWeight`). The
-    /// output gradient and the input as floats or, where `takesBF16GradOutput` / `takesBF16Input`, as
-    /// bf16 bits (used where given).
-    public func backward(gradInput: UnsafeMutablePointer<Float>?, gradWeight: UnsafeMutablePointer<Float>, gradBias: UnsafeMutablePointer<Float>?,
+    /// Accumulates the gradients of the weights (and bias, unless gradWeight is nil), and of the input
+    /// unless gradInput is nil (overwrites it where `accumulateInput` is false, and the weights' where
+    /// `overwriteWeight`). The output gradient and the input as floats or, where `takesBF16GradOutput` /
+    /// `takesBF16Input`, as bf16 bits (used where given).
+    /// `pieceImages` (a divisor of the batch): the weight gradient, a sum over the batch's images, is
+    /// made of pieces of that many images (`PieceWeights`); nil: pieces of one image in fp32, the whole
+    /// batch in one piece in bf16.
+    public func backward(gradInput: UnsafeMutablePointer<Float>?, gradWeight: UnsafeMutablePointer<Float>?, gradBias: UnsafeMutablePointer<Float>?,
                          gradOutput: UnsafePointer<Float>?, gradOutputBF16: UnsafePointer<UInt16>? = nil, input: UnsafePointer<Float>?,
                          inputBF16: UnsafePointer<UInt16>? = nil, weight: UnsafePointer<Float>, accumulateInput: Bool = true,
-                         overwriteWeight: Bool = false) throws {
-        let bw = try makeBackwardWeights(bias: gradBias != nil)
-        if let gradOutputBF16 {
-            try bindBF16(bw.gradOutput, gradOutputBF16, shape: geometry.outputShape, layout: outputLayout)
-        } else {
-            guard let gradOutput else { preconditionFailure("\(geometry) backward without an output gradient") }
-            try bw.gradOutput.input(gradOutput, stream)
-        }
-        if let inputBF16 {
-            try bindBF16(bw.source, inputBF16, shape: geometry.inputShape, layout: inputLayout)
-        } else {
-            guard let input else { preconditionFailure("\(geometry) backward without an input") }
-            try bw.source.input(input, stream)
-        }
-        if let each = try makeImageWeights(bias: gradBias != nil) {
-            if let gradBias { try each.gradBias?.output(gradBias) }
-            guard let source = bw.source.inner.handle, let dy = bw.gradOutput.inner.handle else {
-                throw ConvirtError("\(geometry) backward weights: oneDNN memory without a buffer")
-            }
-            let scratch = ThreadScratch.current
-            try each.sum.bind(scratch.reorderSlot(ImageWeights.sumSlot, bytes: each.weightBytes))
-            try each.image.bind(scratch.reorderSlot(ImageWeights.imageSlot, bytes: each.weightBytes))
-            try each.user.bind(gradWeight)
-            // The first image's gradient starts the sum; each later one is added to it.
-            var first = [(cdnnl_arg_diff_dst(), each.gradOutput), (cdnnl_arg_src(), each.source), (cdnnl_arg_diff_weights(), each.sum)]
-            if gradBias != nil, let db = each.gradBias { first.append((cdnnl_arg_diff_bias(), db.inner)) }
-            var later = first
-            later[2].1 = each.image
-            for n in 0..<geometry.batch {
-                try each.source.bind(source + n * each.sourceBytes)
-                try each.gradOutput.bind(dy + n * each.gradOutputBytes)
-                try each.primitive.execute(stream, n == 0 ? first : later, "\(geometry) backward weights, image \(n)")
-                if n > 0 { try each.addImage.run(stream) }
-                if gradBias != nil { try each.gradBias?.finish(stream) }
-            }
-            try (overwriteWeight ? each.setSum : each.addSum).run(stream)
-        } else {
-            let dw: DNNLArgument
-            if overwriteWeight {
-                if overwrittenGradWeight == nil {
-                    overwrittenGradWeight = try DNNLArgument(user: bw.gradWeight.user.desc, primitive: bw.primitive.query(dnnl_query_diff_weights_md),
-                                                             role: .output, slot: 2)
-                }
-                dw = overwrittenGradWeight!
+                         overwriteWeight: Bool = false, pieceImages: Int? = nil) throws {
+        let pieceImages = pieceImages ?? (precision == .fp32 ? 1 : geometry.batch)
+        precondition(pieceImages >= 1 && geometry.batch % pieceImages == 0, "\(geometry): pieces of \(pieceImages) images")
+        // The output gradient as the backward-weights primitive reads it (shared with backward data where
+        // both want the same layout).
+        var weightsGradOutput: DNNLMemory? = nil
+        if let gradWeight {
+            let each = try makeWeightPieces(images: pieceImages, bias: gradBias != nil)
+            if let gradOutputBF16 {
+                try bindBF16(each.gradOutput, gradOutputBF16, shape: geometry.outputShape, layout: outputLayout)
             } else {
-                dw = bw.gradWeight
+                guard let gradOutput else { preconditionFailure("\(geometry) backward without an output gradient") }
+                try each.gradOutput.input(gradOutput, stream)
             }
-            try dw.output(gradWeight)
-            var arguments = [(cdnnl_arg_diff_dst(), bw.gradOutput.inner), (cdnnl_arg_src(), bw.source.inner), (cdnnl_arg_diff_weights(), dw.inner)]
-            if let gradBias, let db = bw.gradBias {
-                try db.output(gradBias)
-                arguments.append((cdnnl_arg_diff_bias(), db.inner))
+            weightsGradOutput = each.gradOutput.inner
+            if let inputBF16 {
+                try bindBF16(each.source, inputBF16, shape: geometry.inputShape, layout: inputLayout)
+            } else {
+                guard let input else { preconditionFailure("\(geometry) backward without an input") }
+                try each.source.input(input, stream)
             }
-            try bw.primitive.execute(stream, arguments, "\(geometry) backward weights")
-            try dw.finish(stream)
-            if gradBias != nil { try bw.gradBias?.finish(stream) }
+            try backwardWeights(each, gradWeight: gradWeight, gradBias: gradBias, overwriteWeight: overwriteWeight)
         }
         guard let gradInput else { return }
         let bd = try makeBackwardData()
         // The output gradient is reordered once when both backward primitives want the same layout.
         let gradOutputInner: DNNLMemory
-        if dnnlSame(bd.gradOutput.inner.desc, bw.gradOutput.inner.desc) {
-            gradOutputInner = bw.gradOutput.inner
+        if let weightsGradOutput, dnnlSame(bd.gradOutput.inner.desc, weightsGradOutput.desc) {
+            gradOutputInner = weightsGradOutput
+        } else if let gradOutputBF16 {
+            try bindBF16(bd.gradOutput, gradOutputBF16, shape: geometry.outputShape, layout: outputLayout)
+            gradOutputInner = bd.gradOutput.inner
         } else {
             guard let gradOutput else { throw ConvirtError("\(geometry) backward data: oneDNN reads its bf16 output gradient in another layout") }
             try bd.gradOutput.input(gradOutput, stream)
@@ -252,66 +220,117 @@ public final class ConvolutionPrimitives {
         try dx.finish(stream)
     }
 
-    /// fp32's weight gradient summed as im2col + sgemm sums it: image by image, the images' gradients (a
-    /// primitive for one image, run on each in turn) added up in image order and their sum added to the
-    /// caller's. A rank's sum
-    /// is then that of its images one by one whatever its batch, so ranks of any world size add the
-    /// same per-image terms (world-size invariance; see `Convolution`); the whole batch's primitive sums
-    /// over images and pixels together in an order that depends on the batch. On a 2-core AMD EPYC
-    /// (AVX-512; `cc -O2 tools/bench_dnnl.c` at batch 1 and 8, 2 threads) one image runs at 80-100% of
-    /// the batch's rate (3x3 64->64 @56: 162-200 against 199-204 GFLOP/s; 3x3 512->512 @7: 125-200
-    /// against 192-210). bf16 (its bound is measured separately) and layouts that are not image-major
-    /// keep the whole batch's primitive.
-    private struct ImageWeights {
+    /// The weight gradient made of pieces of a fixed number of images (`GradientPieces`): a primitive
+    /// for one piece, made from the piece's own shape (its layouts are those oneDNN picks for that many
+    /// images, whatever the batch), run on each of the batch's pieces in turn; each piece's gradient is
+    /// written alone (however the kernel blocks and rounds its sum, it depends on the piece's images
+    /// only), the pieces are added up in order (`sum += piece`, fp32) and their sum is added to the
+    /// caller's. Ranks of any world size then compute the same pieces. fp32 uses pieces of one image, as
+    /// im2col + sgemm sums: oneDNN's whole-batch primitive sums images and pixels together in an order
+    /// that depends on the batch (see `Convolution`); on a 2-core AMD EPYC (AVX-512; `cc -O2
+    /// tools/bench_dnnl.c` at batch 1 and 8, 2 threads) one image runs at 80-100% of the batch's rate
+    /// (3x3 64->64 @56: 162-200 against 199-204 GFLOP/s; 3x3 512->512 @7: 125-200 against 192-210).
+    /// bf16 uses the pass's pieces.
+    private struct WeightPieces {
+        let images: Int
         let primitive: DNNLPrimitive
-        /// One image of the source and of the output gradient, bound into the batch's buffers.
-        let source, gradOutput: DNNLMemory
+        /// The batch's source and output gradient: the caller's layout, and the piece's layout extended
+        /// to the batch (image-major, so that a piece is a view).
+        let source, gradOutput: DNNLArgument
+        /// One piece of each, bound into the batch's buffers.
+        let pieceSource, pieceGradOutput: DNNLMemory
         let sourceBytes, gradOutputBytes: Int
-        /// One image's weight gradient and the images' sum so far (the primitive's layout, in the calling
+        /// One piece's weight gradient and the pieces' sum so far (the primitive's layout, in the calling
         /// thread's slots), and the caller's gradient (OIHW) the sum is added to at the end.
-        let image, sum, user: DNNLMemory
+        let piece, sum, user: DNNLMemory
         let weightBytes: Int
-        /// sum += image; caller's += sum; caller's = sum (where its zeros are claimed).
-        let addImage, addSum, setSum: DNNLReorder
-        /// The bias gradient, added to the caller's image by image (a vector).
+        /// Whether the primitive's weight layout is the caller's (a single piece then writes it directly).
+        let direct: Bool
+        /// sum += piece; caller's += sum; caller's = sum (where its zeros are claimed).
+        let addPiece, addSum, setSum: DNNLReorder
+        /// The bias gradient, added to the caller's piece by piece (a vector).
         let gradBias: DNNLArgument?
         /// Past the arguments' slots (0-3: the source, the output gradient, the bias's buffer) and the scratchpad's.
-        static let imageSlot = ThreadScratch.scratchpadSlot + 1, sumSlot = ThreadScratch.scratchpadSlot + 2
-    }
-    private var imageWeights: ImageWeights??
-
-    private func makeImageWeights(bias: Bool) throws -> ImageWeights? {
-        if let imageWeights { return imageWeights }
-        let made = try newImageWeights(bias: bias)
-        imageWeights = .some(made)
-        return made
+        static let pieceSlot = ThreadScratch.scratchpadSlot + 1, sumSlot = ThreadScratch.scratchpadSlot + 2
     }
 
-    private func newImageWeights(bias: Bool) throws -> ImageWeights? {
-        guard precision == .fp32, geometry.batch > 1, let bw = backwardWeights,
-              let source = dnnlOneImage(bw.source.inner.desc), let dy = dnnlOneImage(bw.gradOutput.inner.desc) else { return nil }
-        let g = geometry
-        let what = "\(g) backward weights per image (\(precision))"
-        var desc = try backwardWeightsOperation(source: source.desc, gradOutput: dy.desc, bias: bias, what)
-        // The batch's layouts for one image: a kernel for them, or the whole batch's primitive.
-        guard let primitive = try? withUnsafePointer(to: &desc, { try DNNLPrimitive(UnsafeRawPointer($0), what) }) else { return nil }
-        var weightDesc = primitive.query(dnnl_query_diff_weights_md)
-        let image = try DNNLMemory(weightDesc, owning: false), sum = try DNNLMemory(weightDesc, owning: false)
-        let user = try DNNLMemory(try dnnlDescriptor(g.weightShape, dnnl_f32, dnnl_oihw), owning: false)
-        return ImageWeights(
-            primitive: primitive, source: try DNNLMemory(source.desc, owning: false), gradOutput: try DNNLMemory(dy.desc, owning: false),
-            sourceBytes: source.bytes, gradOutputBytes: dy.bytes, image: image, sum: sum, user: user,
-            weightBytes: dnnl_memory_desc_get_size(&weightDesc),
-            addImage: try DNNLReorder(from: image, to: sum, accumulate: true), addSum: try DNNLReorder(from: sum, to: user, accumulate: true),
+    private func makeWeightPieces(images: Int, bias: Bool) throws -> WeightPieces {
+        if let made = weightPieces[images] { return made }
+        let g = geometry, t = precision.inputType
+        let what = "\(g) backward weights in pieces of \(images) image(s) (\(precision))"
+        let pieceGeometry = try Conv2dGeometry(batch: images, inChannels: g.inChannels, height: g.height, width: g.width, outChannels: g.outChannels,
+                                               kernel: (g.kernelH, g.kernelW), stride: (g.strideH, g.strideW), padding: (g.padH, g.padW))
+        func primitive(_ source: dnnl_format_tag_t, _ destination: dnnl_format_tag_t) throws -> DNNLPrimitive {
+            var desc = try backwardWeightsOperation(source: try dnnlDescriptor(pieceGeometry.inputShape, t, source),
+                                                    gradOutput: try dnnlDescriptor(pieceGeometry.outputShape, t, destination), bias: bias, what)
+            return try withUnsafePointer(to: &desc) { try DNNLPrimitive(UnsafeRawPointer($0), what) }
+        }
+        var made = try primitive(innerTags.source, innerTags.destination)
+        var src = dnnlImages(made.query(dnnl_query_src_md), count: g.batch), dy = dnnlImages(made.query(dnnl_query_diff_dst_md), count: g.batch)
+        if src == nil || dy == nil {
+            // A layout oneDNN picked that is not image-major: the caller's (NCHW, NHWC, nChw16c all are).
+            made = try primitive(Self.userTag(inputLayout), Self.userTag(outputLayout))
+            src = dnnlImages(made.query(dnnl_query_src_md), count: g.batch)
+            dy = dnnlImages(made.query(dnnl_query_diff_dst_md), count: g.batch)
+        }
+        guard let src, let dy, let oneSource = dnnlImages(src.desc, count: images), let oneGradOutput = dnnlImages(dy.desc, count: images) else {
+            throw ConvirtError("\(what): oneDNN's layouts are not image-major")
+        }
+        var weightDesc = made.query(dnnl_query_diff_weights_md)
+        let piece = try DNNLMemory(weightDesc, owning: false), sum = try DNNLMemory(weightDesc, owning: false)
+        let userWeights = try dnnlDescriptor(g.weightShape, dnnl_f32, dnnl_oihw)
+        let user = try DNNLMemory(userWeights, owning: false)
+        let each = WeightPieces(
+            images: images, primitive: made,
+            source: try DNNLArgument(user: try dnnlDescriptor(g.inputShape, dnnl_f32, Self.userTag(inputLayout)), primitive: src.desc, role: .input,
+                                     slot: 1),
+            gradOutput: try DNNLArgument(user: try dnnlDescriptor(g.outputShape, dnnl_f32, Self.userTag(outputLayout)), primitive: dy.desc,
+                                         role: .input, slot: 0),
+            pieceSource: try DNNLMemory(oneSource.desc, owning: false), pieceGradOutput: try DNNLMemory(oneGradOutput.desc, owning: false),
+            sourceBytes: oneSource.bytes, gradOutputBytes: oneGradOutput.bytes, piece: piece, sum: sum, user: user,
+            weightBytes: dnnl_memory_desc_get_size(&weightDesc), direct: dnnlSame(weightDesc, userWeights),
+            addPiece: try DNNLReorder(from: piece, to: sum, accumulate: true), addSum: try DNNLReorder(from: sum, to: user, accumulate: true),
             setSum: try DNNLReorder(from: sum, to: user, accumulate: false),
-            gradBias: bias ? try DNNLArgument(user: try Self.biasDescriptor(g), primitive: primitive.query(dnnl_query_diff_weights_md, index: 1),
+            gradBias: bias ? try DNNLArgument(user: try Self.biasDescriptor(g), primitive: made.query(dnnl_query_diff_weights_md, index: 1),
                                               role: .accumulatingOutput, slot: 3) : nil)
+        weightPieces[images] = each
+        return each
+    }
+
+    /// The weight (and bias) gradient of the batch whose source and output gradient `each`'s buffers
+    /// hold, piece by piece.
+    private func backwardWeights(_ each: WeightPieces, gradWeight: UnsafeMutablePointer<Float>, gradBias: UnsafeMutablePointer<Float>?,
+                                 overwriteWeight: Bool) throws {
+        if let gradBias { try each.gradBias?.output(gradBias) }
+        guard let source = each.source.inner.handle, let dy = each.gradOutput.inner.handle else {
+            throw ConvirtError("\(geometry) backward weights: oneDNN memory without a buffer")
+        }
+        let pieces = geometry.batch / each.images
+        let scratch = ThreadScratch.current
+        try each.user.bind(gradWeight)
+        // A single piece whose layout is the caller's, on claimed zeros, is written into the caller's gradient.
+        let straight = pieces == 1 && overwriteWeight && each.direct
+        try each.sum.bind(straight ? UnsafeRawPointer(gradWeight) : UnsafeRawPointer(scratch.reorderSlot(WeightPieces.sumSlot, bytes: each.weightBytes)))
+        try each.piece.bind(scratch.reorderSlot(WeightPieces.pieceSlot, bytes: each.weightBytes))
+        // The first piece's gradient starts the sum; each later one is added to it.
+        var first = [(cdnnl_arg_diff_dst(), each.pieceGradOutput), (cdnnl_arg_src(), each.pieceSource), (cdnnl_arg_diff_weights(), each.sum)]
+        if gradBias != nil, let db = each.gradBias { first.append((cdnnl_arg_diff_bias(), db.inner)) }
+        var later = first
+        later[2].1 = each.piece
+        for j in 0..<pieces {
+            try each.pieceSource.bind(source + j * each.sourceBytes)
+            try each.pieceGradOutput.bind(dy + j * each.gradOutputBytes)
+            try each.primitive.execute(stream, j == 0 ? first : later, "\(geometry) backward weights, piece \(j)")
+            if j > 0 { try each.addPiece.run(stream) }
+            if gradBias != nil { try each.gradBias?.finish(stream) }
+        }
+        if !straight { try (overwriteWeight ? each.setSum : each.addSum).run(stream) }
     }
 
     private static func biasDescriptor(_ g: Conv2dGeometry) throws -> dnnl_memory_desc_t { try dnnlDescriptor([g.outChannels], dnnl_f32, dnnl_x) }
 
-    /// The weight (and bias) gradient of `source` and `gradOutput` (the batch's descriptors or one
-    /// image's), both gradients fp32, the weights' in the layout oneDNN picks.
+    /// The weight (and bias) gradient of `source` and `gradOutput` (a piece's descriptors), both
+    /// gradients fp32, the weights' in the layout oneDNN picks.
     private func backwardWeightsOperation(source: dnnl_memory_desc_t, gradOutput: dnnl_memory_desc_t, bias: Bool, _ what: String) throws
         -> dnnl_convolution_desc_t {
         let g = geometry
@@ -357,26 +376,6 @@ public final class ConvolutionPrimitives {
         return made
     }
 
-    private func makeBackwardWeights(bias: Bool) throws
-        -> (primitive: DNNLPrimitive, gradOutput: DNNLArgument, source: DNNLArgument, gradWeight: DNNLArgument, gradBias: DNNLArgument?) {
-        if let backwardWeights { return backwardWeights }
-        let g = geometry
-        let (src, _, diffDst) = try operationDescriptors()
-        let what = "\(g) backward weights (\(precision))"
-        var desc = try backwardWeightsOperation(source: src, gradOutput: diffDst, bias: bias, what)
-        let primitive = try withUnsafePointer(to: &desc) { try DNNLPrimitive(UnsafeRawPointer($0), hint: forwardPrimitive, what) }
-        let made = (primitive,
-                    try DNNLArgument(user: try dnnlDescriptor(g.outputShape, dnnl_f32, Self.userTag(outputLayout)),
-                                     primitive: primitive.query(dnnl_query_diff_dst_md), role: .input, slot: 0),
-                    try DNNLArgument(user: try dnnlDescriptor(g.inputShape, dnnl_f32, Self.userTag(inputLayout)),
-                                     primitive: primitive.query(dnnl_query_src_md), role: .input, slot: 1),
-                    try DNNLArgument(user: try dnnlDescriptor(g.weightShape, dnnl_f32, dnnl_oihw), primitive: primitive.query(dnnl_query_diff_weights_md),
-                                     role: .accumulatingOutput, slot: 2),
-                    bias ? try DNNLArgument(user: try Self.biasDescriptor(g), primitive: primitive.query(dnnl_query_diff_weights_md, index: 1), role: .accumulatingOutput,
-                                            slot: 3) : nil)
-        backwardWeights = made
-        return made
-    }
 }
 
 /// A convolution layer's kernels, chosen by a fixed rule (so every rank of a job computes with the same
@@ -462,10 +461,14 @@ public final class Convolution {
     private var primitives: [Key: ConvolutionPrimitives] = [:]
     /// Whether this layer's bf16 products run on oneDNN's bf16 kernels.
     public let nativeBF16: Bool
+    /// Whether the bf16 emulation sums the weight gradient as CONVIRT_BF16=blocked does (`blockedWeightGradient`).
+    public let blockedReductions: Bool
 
-    /// `nativeBF16`: default `BF16.native`; true needs `BF16.oneDNNRunsBF16`.
-    public init(nativeBF16: Bool = BF16.native) {
+    /// `nativeBF16`: default `BF16.native`; true needs `BF16.oneDNNRunsBF16`. `blockedReductions`
+    /// (emulation only): default `BF16.blockedReductions`.
+    public init(nativeBF16: Bool = BF16.native, blockedReductions: Bool = BF16.blockedReductions) {
         self.nativeBF16 = nativeBF16
+        self.blockedReductions = blockedReductions && !nativeBF16
     }
 
     /// oneDNN's primitives for `g` in `precision` and the layouts, made once.
@@ -542,19 +545,25 @@ public final class Convolution {
     }
 
     /// As `Conv2d.backward` (accumulating; the input gradient overwritten where `accumulateInput` is
-    /// false, the weight gradient on oneDNN where `overwriteWeight`, im2col adding to its zeros); in bf16 the output gradient is rounded to bf16 too. `gradOutputBF16` / `inputBF16`: bf16
-    /// bits instead of the floats, where `takesBF16` for that side's layout.
+    /// false, the weight gradient on oneDNN where `overwriteWeight`, im2col adding to its zeros); in bf16
+    /// the output gradient is rounded to bf16 too. `gradOutputBF16` / `inputBF16`: bf16 bits instead of
+    /// the floats, where `takesBF16` for that side's layout.
+    /// `pieceImages` (bf16; a divisor of the batch): the weight gradient made of pieces of that many
+    /// images (`GradientPieces`), nil: one piece. On oneDNN's bf16 kernels a piece is one call of a
+    /// primitive for that many images; the emulation's fp32 kernels sum image by image whatever the
+    /// pieces (pieces of one image), but for CONVIRT_BF16=blocked (`blockedWeightGradient`).
     public func backward(gradInput: UnsafeMutablePointer<Float>?, gradWeight: UnsafeMutablePointer<Float>, gradOutput: UnsafePointer<Float>?,
                          gradOutputBF16: UnsafePointer<UInt16>? = nil, input: UnsafePointer<Float>?, inputBF16: UnsafePointer<UInt16>? = nil,
                          weight: UnsafePointer<Float>, geometry g: Conv2dGeometry,
                          workspace: UnsafeMutablePointer<Float>?, precision: Precision = .fp32, layouts: Layouts = Layouts(),
-                         accumulateInput: Bool = true, overwriteWeight: Bool = false) throws {
+                         accumulateInput: Bool = true, overwriteWeight: Bool = false, pieceImages: Int? = nil) throws {
         if gradOutputBF16 != nil || inputBF16 != nil {
             precondition((gradOutputBF16 == nil || takesBF16(precision, layouts.output)) && (inputBF16 == nil || takesBF16(precision, layouts.input)),
                          "\(g): bf16 activations without oneDNN's bf16 kernels on them")
             return try dnnl(g, .bf16, layouts).backward(gradInput: gradInput, gradWeight: gradWeight, gradBias: nil, gradOutput: gradOutput,
                                                           gradOutputBF16: gradOutputBF16, input: input, inputBF16: inputBF16, weight: weight,
-                                                          accumulateInput: accumulateInput, overwriteWeight: overwriteWeight)
+                                                          accumulateInput: accumulateInput, overwriteWeight: overwriteWeight,
+                                                          pieceImages: pieceImages ?? g.batch)
         }
         guard var gradOutput, var input else { preconditionFailure("\(g) backward without its float operands") }
         var (weight, workspace) = (weight, workspace)
@@ -562,20 +571,68 @@ public final class Convolution {
             if nativeBF16 {
                 return try dnnl(g, .bf16, layouts).backward(gradInput: gradInput, gradWeight: gradWeight, gradBias: nil, gradOutput: gradOutput,
                                                               input: input, weight: weight, accumulateInput: accumulateInput,
-                                                              overwriteWeight: overwriteWeight)
+                                                              overwriteWeight: overwriteWeight, pieceImages: pieceImages ?? g.batch)
             }
             precondition(layouts == Layouts(), "\(g): the bf16 emulation runs on NCHW activations only")
             let (columns, x, w, dy) = Self.emulationScratch(g, workspace, input: input, weight: weight)
             BF16.round(dy, gradOutput, count: g.outputCount)
             (gradOutput, input, weight, workspace) = (UnsafePointer(dy), UnsafePointer(x), UnsafePointer(w), columns)
+            if blockedReductions {
+                if let gradInput { try fp32Backward(gradInput: gradInput, gradWeight: nil, gradOutput: gradOutput, input: input, weight: weight, g,
+                                                    workspace: workspace, accumulateInput: accumulateInput, overwriteWeight: false) }
+                return try blockedWeightGradient(gradWeight, gradOutput: gradOutput, input: input, weight: weight, g, workspace: workspace,
+                                                 pieceImages: pieceImages ?? g.batch, overwrite: overwriteWeight)
+            }
         }
+        try fp32Backward(gradInput: gradInput, gradWeight: gradWeight, gradOutput: gradOutput, input: input, weight: weight, g, workspace: workspace,
+                         layouts: layouts, accumulateInput: accumulateInput, overwriteWeight: overwriteWeight)
+    }
+
+    /// The fp32 kernels' backward: oneDNN's (the weight gradient image by image), or im2col + sgemm.
+    /// gradWeight nil: the input gradient only.
+    private func fp32Backward(gradInput: UnsafeMutablePointer<Float>?, gradWeight: UnsafeMutablePointer<Float>?, gradOutput: UnsafePointer<Float>,
+                              input: UnsafePointer<Float>, weight: UnsafePointer<Float>, _ g: Conv2dGeometry, workspace: UnsafeMutablePointer<Float>?,
+                              layouts: Layouts = Layouts(), accumulateInput: Bool, overwriteWeight: Bool, pieceImages: Int? = nil) throws {
         if let p = try fp32(g, layouts) {
             try p.backward(gradInput: gradInput, gradWeight: gradWeight, gradBias: nil, gradOutput: gradOutput, input: input, weight: weight,
-                           accumulateInput: accumulateInput, overwriteWeight: overwriteWeight)
-        } else {
-            if !accumulateInput { gradInput?.update(repeating: 0, count: g.inputCount) }
-            Conv2d.backward(gradInput: gradInput, gradWeight: gradWeight, gradBias: nil, gradOutput: gradOutput, input: input, weight: weight,
-                            geometry: g, workspace: workspace)
+                           accumulateInput: accumulateInput, overwriteWeight: overwriteWeight, pieceImages: pieceImages)
+            return
+        }
+        if !accumulateInput { gradInput?.update(repeating: 0, count: g.inputCount) }
+        if overwriteWeight { gradWeight?.update(repeating: 0, count: g.weightCount) }
+        // im2col + sgemm always computes the weight gradient: without the caller's, into the scratch of
+        // the blocked emulation (`blockedWeightGradient`), which computes its own after.
+        let weights = gradWeight ?? ThreadScratch.current.reorderSlot(ThreadScratch.blockedConvolutionSlot, bytes: 4 * g.weightCount)
+            .bindMemory(to: Float.self, capacity: g.weightCount)
+        Conv2d.backward(gradInput: gradInput, gradWeight: weights, gradBias: nil, gradOutput: gradOutput, input: input, weight: weight,
+                        geometry: g, workspace: workspace)
+    }
+
+    /// `blockedReductions` (CONVIRT_BF16=blocked): the weight gradient as a kernel whose sum over a
+    /// call's images depends on how many it gets: each piece of `pieceImages` images (one call) in two
+    /// blocks, the first ceil(n/2) images and the rest, each block's gradient (the fp32 kernels' over its
+    /// images) rounded to bf16 before the two are added; the pieces added to the gradient in order.
+    /// Inputs rounded already; NCHW.
+    private func blockedWeightGradient(_ gradWeight: UnsafeMutablePointer<Float>, gradOutput: UnsafePointer<Float>, input: UnsafePointer<Float>,
+                                       weight: UnsafePointer<Float>, _ g: Conv2dGeometry, workspace: UnsafeMutablePointer<Float>?,
+                                       pieceImages: Int, overwrite: Bool) throws {
+        precondition(pieceImages >= 1 && g.batch % pieceImages == 0, "\(g): pieces of \(pieceImages) images")
+        let count = g.weightCount
+        let inImage = g.inputCount / g.batch, outImage = g.outputCount / g.batch
+        let room = ThreadScratch.current.reorderSlot(ThreadScratch.blockedConvolutionSlot, bytes: 8 * count).bindMemory(to: Float.self, capacity: 2 * count)
+        let block = room, piece = room + count
+        for first in stride(from: 0, to: g.batch, by: pieceImages) {
+            let split = (pieceImages + 1) / 2
+            for (j, images) in [0..<split, split..<pieceImages].enumerated() where !images.isEmpty {
+                let gb = try Conv2dGeometry(batch: images.count, inChannels: g.inChannels, height: g.height, width: g.width, outChannels: g.outChannels,
+                                            kernel: (g.kernelH, g.kernelW), stride: (g.strideH, g.strideW), padding: (g.padH, g.padW))
+                let n = first + images.lowerBound
+                try fp32Backward(gradInput: nil, gradWeight: block, gradOutput: gradOutput + n * outImage, input: input + n * inImage,
+                                 weight: weight, gb, workspace: workspace, accumulateInput: false, overwriteWeight: true, pieceImages: gb.batch)
+                BF16.round(block, block, count: count)
+                if j == 0 { piece.update(from: block, count: count) } else { ck_add(piece, block, count) }
+            }
+            if overwrite && first == 0 { gradWeight.update(from: piece, count: count) } else { ck_add(gradWeight, piece, count) }
         }
     }
 

@@ -46,11 +46,14 @@ public enum Linear {
     /// gradBias += column sums. gradInput, gradWeight and gradBias may each be nil when not needed (frozen
     /// weights, first layer). In bf16 both products take bf16-rounded inputs (the output gradient too) and
     /// accumulate in fp32.
+    /// `pieceRows` (bf16): the rows of one gradient piece (`GradientPieces`: a piece's samples times the
+    /// rows of a sample), a divisor of `rows`; the weight and bias gradients, sums over the rows, are then
+    /// made of pieces of that many rows, each computed alone and added in order. nil: one piece.
     public static func backward(gradInput: UnsafeMutablePointer<Float>?, gradWeight: UnsafeMutablePointer<Float>?,
                                 gradBias: UnsafeMutablePointer<Float>?, gradOutput: UnsafePointer<Float>,
                                 input: UnsafePointer<Float>, weight: UnsafePointer<Float>,
                                 rows: Int, inFeatures: Int, outFeatures: Int, precision: Precision = .fp32, accumulateInput: Bool = true,
-                                overwriteWeight: Bool = false, copies: Copies? = nil) {
+                                overwriteWeight: Bool = false, copies: Copies? = nil, pieceRows: Int? = nil) {
         // The output gradient converted by the first product (or by the layer after), reused by the second.
         var gradOutputConverted = copies?.reuseGradOutput ?? false
         func gradOutputCopy() -> BF16Operand.Use? {
@@ -62,15 +65,44 @@ public enum Linear {
                  a: gradOutput, lda: outFeatures, b: weight, ldb: inFeatures, beta: accumulateInput ? 1 : 0, c: gradInput, ldc: inFeatures,
                  copies: (gradOutputCopy(), copies.map { .init($0.weight, reuse: true) }))
         }
+        // In bf16 the sums over the rows are made of pieces (one piece where `pieceRows` is nil).
+        let pieces = precision == .bf16 ? pieceRows ?? rows : nil
         if let gradWeight {
-            gemm(precision, transposeA: true, transposeB: false, m: outFeatures, n: inFeatures, k: rows,
-                 a: gradOutput, lda: outFeatures, b: input, ldb: inFeatures, beta: overwriteWeight ? 0 : 1, c: gradWeight, ldc: inFeatures,
-                 copies: (gradOutputCopy(), copies.map { .init($0.input, reuse: true) }))
+            if let pieces {
+                piecewiseGradientProduct(m: outFeatures, n: inFeatures, rows: rows, pieceRows: pieces, a: gradOutput, lda: outFeatures, b: input,
+                                         ldb: inFeatures, c: gradWeight, ldc: inFeatures, overwrite: overwriteWeight,
+                                         copies: (gradOutputCopy(), copies.map { .init($0.input, reuse: true) }))
+            } else {
+                gemm(precision, transposeA: true, transposeB: false, m: outFeatures, n: inFeatures, k: rows,
+                     a: gradOutput, lda: outFeatures, b: input, ldb: inFeatures, beta: overwriteWeight ? 0 : 1, c: gradWeight, ldc: inFeatures,
+                     copies: (gradOutputCopy(), copies.map { .init($0.input, reuse: true) }))
+            }
         }
         if let gradBias {
-            // Each column summed in row order (`ck_column_sums`), the columns split over the threads.
-            Parallel.chunks(outFeatures, cost: rows) { columns in
-                ck_column_sums(gradBias, gradOutput, rows, outFeatures, columns.lowerBound, columns.upperBound)
+            if let pieces {
+                columnSums(gradBias, gradOutput, rows: rows, columns: outFeatures, pieceRows: pieces)
+            } else {
+                // Each column summed in row order (`ck_column_sums`), the columns split over the threads.
+                Parallel.chunks(outFeatures, cost: rows) { columns in
+                    ck_column_sums(gradBias, gradOutput, rows, outFeatures, columns.lowerBound, columns.upperBound)
+                }
+            }
+        }
+    }
+
+    /// sum[c] += the column sums of x [rows, columns] made of pieces of `pieceRows` rows: each piece's
+    /// columns summed in row order from zero (`ck_column_sums`), the pieces then added in order.
+    static func columnSums(_ sum: UnsafeMutablePointer<Float>, _ x: UnsafePointer<Float>, rows: Int, columns: Int, pieceRows: Int) {
+        precondition(pieceRows > 0 && rows % pieceRows == 0, "column sums: \(rows) rows in pieces of \(pieceRows)")
+        Parallel.chunks(columns, cost: rows) { range in
+            // The chunk's columns from its first: piece[j] is column range.lowerBound + j's.
+            withUnsafeTemporaryAllocation(of: Float.self, capacity: range.count) { buffer in
+                let piece = buffer.baseAddress!
+                for first in stride(from: 0, to: rows, by: pieceRows) {
+                    buffer.update(repeating: 0)
+                    ck_column_sums(piece, x + first * columns + range.lowerBound, pieceRows, columns, 0, range.count)
+                    ck_add(sum + range.lowerBound, piece, range.count)
+                }
             }
         }
     }
@@ -121,10 +153,13 @@ public enum LayerNorm {
 
     /// dx = invStd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)) with dxhat = dy * gamma;
     /// gradGamma += sum_r dy * xhat; gradBeta += sum_r dy. gradGamma/gradBeta may be nil (frozen).
+    /// `pieceRows`: the parameter gradients, sums over the rows, made of pieces of that many rows (a
+    /// divisor of `rows`; `GradientPieces`), each summed from zero and added in order; nil: the rows
+    /// added to the gradients one by one.
     public static func backward(gradInput: UnsafeMutablePointer<Float>, gradGamma: UnsafeMutablePointer<Float>?,
                                 gradBeta: UnsafeMutablePointer<Float>?, gradOutput: UnsafePointer<Float>,
                                 input: UnsafePointer<Float>, gamma: UnsafePointer<Float>,
-                                mean: UnsafePointer<Float>, invStd: UnsafePointer<Float>, rows: Int, features: Int) {
+                                mean: UnsafePointer<Float>, invStd: UnsafePointer<Float>, rows: Int, features: Int, pieceRows: Int? = nil) {
         // Each row's two sums in 16 float lanes (`ck_layernorm_backward_rows`), as the forward's.
         Parallel.chunks(rows, cost: 6 * features) { range in
             let r = range.lowerBound, o = r * features
@@ -132,9 +167,26 @@ public enum LayerNorm {
         }
         // Parameter gradients sum over rows: split by features so each column is summed in row order.
         // (`ck_layernorm_param_grads`: gamma += dy * (x - mean) * invStd and beta += dy, row by row.)
-        if let gradGamma, let gradBeta {
+        guard let gradGamma, let gradBeta else { return }
+        guard let pieceRows else {
             Parallel.chunks(features, cost: 3 * rows) { columns in
                 ck_layernorm_param_grads(gradGamma, gradBeta, gradOutput, input, mean, invStd, rows, features, columns.lowerBound, columns.upperBound)
+            }
+            return
+        }
+        precondition(pieceRows > 0 && rows % pieceRows == 0, "layer norm backward: \(rows) rows in pieces of \(pieceRows)")
+        Parallel.chunks(features, cost: 3 * rows) { columns in
+            // The chunk's features from its first: pieceGamma[j] is feature columns.lowerBound + j's.
+            withUnsafeTemporaryAllocation(of: Float.self, capacity: 2 * columns.count) { buffer in
+                let pieceGamma = buffer.baseAddress!, pieceBeta = pieceGamma + columns.count
+                for first in stride(from: 0, to: rows, by: pieceRows) {
+                    buffer.update(repeating: 0)
+                    let o = first * features + columns.lowerBound
+                    ck_layernorm_param_grads(pieceGamma, pieceBeta, gradOutput + o, input + o, mean + first, invStd + first, pieceRows, features,
+                                             0, columns.count)
+                    ck_add(gradGamma + columns.lowerBound, pieceGamma, columns.count)
+                    ck_add(gradBeta + columns.lowerBound, pieceBeta, columns.count)
+                }
             }
         }
     }

@@ -4,6 +4,7 @@
 // values.
 
 import CDNNL
+import CKernels
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -65,8 +66,104 @@ public func gemm(
     }
     round(aRounded, a, onDNNL ? copies.a : nil, aRows, aColumns, lda)
     round(bRounded, b, onDNNL ? copies.b : nil, bRows, bColumns, ldb)
-    fp32Product(transposeA: transposeA, transposeB: transposeB, m: m, n: n, k: k, alpha: alpha, a: aRounded, lda: aColumns,
-                b: bRounded, ldb: bColumns, beta: beta, c: c, ldc: ldc, bias: bias, parallel: parallel)
+    emulatedProduct(transposeA: transposeA, transposeB: transposeB, m: m, n: n, k: k, alpha: alpha, a: aRounded, lda: aColumns,
+                    b: bRounded, ldb: bColumns, beta: beta, c: c, ldc: ldc, bias: bias, parallel: parallel)
+}
+
+/// A bf16 product of rounded inputs on the fp32 kernels (`fp32Product`): exact products, accumulated in
+/// fp32. `blocked` (a weight gradient under CONVIRT_BF16=blocked, `BF16.blockedReductions`): the sum
+/// over k runs in two blocks, the first ceil(k/2) terms and the rest, each block's sum rounded to bf16
+/// before the two are added in fp32 (then alpha, beta and the bias): a kernel whose sums depend on the
+/// product's length.
+func emulatedProduct(transposeA: Bool, transposeB: Bool, m: Int, n: Int, k: Int, alpha: Float, a: UnsafePointer<Float>, lda: Int,
+                     b: UnsafePointer<Float>, ldb: Int, beta: Float, c: UnsafeMutablePointer<Float>, ldc: Int,
+                     bias: UnsafePointer<Float>? = nil, parallel: Bool, blocked: Bool = false) {
+    guard blocked, k > 1 else {
+        fp32Product(transposeA: transposeA, transposeB: transposeB, m: m, n: n, k: k, alpha: alpha, a: a, lda: lda, b: b, ldb: ldb,
+                    beta: beta, c: c, ldc: ldc, bias: bias, parallel: parallel)
+        return
+    }
+    // op(A)'s columns k0..<k1 start at column k0 (not transposed) or at row k0 (transposed); op(B)'s rows likewise.
+    let split = (k + 1) / 2
+    let blocks = ThreadScratch.current.reorderSlot(ThreadScratch.blockedProductSlot, bytes: 8 * m * n).bindMemory(to: Float.self, capacity: 2 * m * n)
+    for (j, range) in [0..<split, split..<k].enumerated() {
+        let part = blocks + j * m * n
+        fp32Product(transposeA: transposeA, transposeB: transposeB, m: m, n: n, k: range.count, alpha: 1,
+                    a: a + (transposeA ? range.lowerBound * lda : range.lowerBound), lda: lda,
+                    b: b + (transposeB ? range.lowerBound : range.lowerBound * ldb), ldb: ldb, beta: 0, c: part, ldc: n, parallel: parallel)
+        BF16.round(part, part, count: m * n, parallel: parallel)
+    }
+    for i in 0..<m {
+        let row = c + i * ldc, first = blocks + i * n, second = first + m * n
+        for j in 0..<n {
+            let value = alpha * (first[j] + second[j]) + (bias?[j] ?? 0)
+            row[j] = beta == 0 ? value : value + beta * row[j]
+        }
+    }
+}
+
+/// The gradient of a product's right operand over the rows of a batch in bf16: C [m, n] = A^T B (+ C),
+/// A [rows, m] and B [rows, n] stored by rows (lda, ldb), the rows being a rank's samples or their
+/// tokens (a linear layer's weight gradient: A the output gradient, B the input). The sum over the rows
+/// runs in pieces of `pieceRows` rows (`GradientPieces`): each piece is a product of its own, of one
+/// shape whatever the batch, so that however the kernel blocks, orders or rounds its sum over the
+/// piece's rows, a piece's sum is the same on every world size; each is added to C as the product's
+/// output (beta 1: C's old values added in fp32, after the sum, as oneDNN's sum post-op and the
+/// emulation add them). Ranks of any world size then differ only by the fp32 additions that join the
+/// pieces (here, and in the all-reduce), as fp32 does. `overwrite`: C's old values are dropped (the
+/// first piece is written with beta 0). `copies`: A's and B's bf16 copies, as `gemm`'s.
+/// `blocked`: the emulation's sums as `emulatedProduct`'s under CONVIRT_BF16=blocked.
+public func piecewiseGradientProduct(m: Int, n: Int, rows: Int, pieceRows: Int, a: UnsafePointer<Float>, lda: Int, b: UnsafePointer<Float>,
+                                     ldb: Int, c: UnsafeMutablePointer<Float>, ldc: Int, overwrite: Bool, native: Bool = BF16.native,
+                                     blocked: Bool = BF16.blockedReductions, copies: (a: BF16Operand.Use?, b: BF16Operand.Use?) = (nil, nil)) {
+    precondition(pieceRows > 0 && rows % pieceRows == 0, "piecewiseGradientProduct: \(rows) rows in pieces of \(pieceRows)")
+    guard m > 0, n > 0 else { return }
+    if rows == 0 {
+        if overwrite { for i in 0..<m { (c + i * ldc).update(repeating: 0, count: n) } }
+        return
+    }
+    /// beta of the piece that starts at row `first`.
+    func beta(_ first: Int) -> Float { overwrite && first == 0 ? 0 : 1 }
+    let scratch = ThreadScratch.current
+    if native {
+        do {
+            var primitives: [Float: MatmulPrimitive] = [:]
+            for value in Set(stride(from: 0, to: rows, by: pieceRows).map(beta)) {
+                let key = MatmulPrimitive.Key(m: m, n: n, k: pieceRows, transposeA: true, transposeB: false, ldc: ldc, alpha: 1, beta: value)
+                guard let primitive = try MatmulPrimitive.cached(key) else { throw ConvirtError("oneDNN refused a bf16 matmul of \(m)x\(pieceRows)x\(n)") }
+                primitives[value] = primitive
+            }
+            let base = scratch.ensure(bytes: 2 * rows * (m + n) + 64).bindMemory(to: UInt16.self, capacity: rows * (m + n) + 32)
+            func operand(_ use: BF16Operand.Use?, _ x: UnsafePointer<Float>, _ columns: Int, _ ld: Int, _ room: UnsafeMutablePointer<UInt16>)
+                -> UnsafePointer<UInt16> {
+                if let use { return use.operand.bits(of: x, rows: rows, columns: columns, ld: ld, reuse: use.reuse) }
+                BF16.convertBlock(room, x, rows: rows, columns: columns, ld: ld, parallel: true)
+                return UnsafePointer(room)
+            }
+            let a16 = operand(copies.a, a, m, lda, base), b16 = operand(copies.b, b, n, ldb, base + (rows * m + 31) / 32 * 32)
+            for first in stride(from: 0, to: rows, by: pieceRows) {
+                try primitives[beta(first)]!.execute(a: a16 + first * m, b: b16 + first * n, c: c, stream: scratch.stream)
+            }
+            return
+        } catch {
+            // A shape oneDNN refuses (none is known): the exact emulation below computes the same.
+        }
+    }
+    let base = scratch.ensure(bytes: 4 * rows * (m + n) + 128).bindMemory(to: Float.self, capacity: rows * (m + n) + 32)
+    let aRounded = base, bRounded = base + (rows * m + 15) / 16 * 16
+    func round(_ dst: UnsafeMutablePointer<Float>, _ x: UnsafePointer<Float>, _ use: BF16Operand.Use?, _ columns: Int, _ ld: Int) {
+        if native, let use, use.reuse, let bits = use.operand.heldBits(of: x, rows: rows, columns: columns, ld: ld) {
+            for i in 0..<rows * columns { dst[i] = Float(bitPattern: UInt32(bits[i]) << 16) }
+        } else {
+            BF16.roundBlock(dst, x, rows: rows, columns: columns, ld: ld)
+        }
+    }
+    round(aRounded, a, copies.a, m, lda)
+    round(bRounded, b, copies.b, n, ldb)
+    for first in stride(from: 0, to: rows, by: pieceRows) {
+        emulatedProduct(transposeA: true, transposeB: false, m: m, n: n, k: pieceRows, alpha: 1, a: aRounded + first * m, lda: m,
+                        b: bRounded + first * n, ldb: n, beta: beta(first), c: c, ldc: ldc, parallel: true, blocked: blocked)
+    }
 }
 
 /// Where fp32 matrix products run (`gemm` in fp32, and bf16's rounded-input emulation): oneDNN's fp32

@@ -1,32 +1,87 @@
 #!/bin/bash
-# The bf16 checks that need a CPU with AVX-512 / AMX (issue 12), as one short script for a lent machine:
-# which kernels oneDNN picks, oneDNN's own rates from C, ours, the bf16 kernel and parity tests on oneDNN's
-# native bf16 (they run the emulation on CPUs without it), the ResNet's activation layout oneDNN picks
-# (NHWC expected on AMX) against the other one, and the paper step in both precisions beside PyTorch at 2,
-# 8 and 16 threads. Writes everything to ${OUT:-/tmp/bf16-check}.
+# The bf16 checks that need a CPU this project's sessions rarely get (AMX above all), as one script a
+# machine runs in one go: which kernels oneDNN picks, the bf16 tests (gradient pieces, layouts against
+# exact arithmetic, parity against autocast judged by fp32, the world-size, accumulation and resume
+# tests on every backend the CPU runs), the world-size table of the tiny preset (step-1 gradient norms
+# and per-step losses on -np 1, 2, 4 and --zero1, per backend, and a resume from 2 ranks onto 1), the
+# cost of gradient pieces in the paper step, oneDNN's own rates, and the paper step beside PyTorch at
+# 2, 8 and 16 threads. Writes everything to ${OUT:-/tmp/bf16-check}; the summary is the last lines.
 #
-#     tools/device_bf16_check.sh            # after `swift build -c release --build-tests`
+#     swift build -c release --build-tests && tools/device_bf16_check.sh
+#     WORLD_ONLY=1 tools/device_bf16_check.sh     # the world-size table alone (a minute)
 set -u
 out=${OUT:-/tmp/bf16-check}
 mkdir -p "$out"
-bin=.build/release/convirt
-export OPENBLAS_NUM_THREADS=1
+bin=$PWD/.build/release/convirt
+export OPENBLAS_NUM_THREADS=1 OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMPI_MCA_btl=self,vader
 {
     lscpu | grep -E "Model name|^CPU\(s\)"
     lscpu | grep -o -E "avx512[a-z_0-9]*|amx[a-z_0-9]*" | sort -u | tr '\n' ' '; echo
     $bin info
 } > "$out/machine.txt" 2>&1
+
+# The world-size table: tiny preset, 20 steps, bf16 on each backend this CPU runs.
+work=$(mktemp -d)
+$bin synth mimic --out "$work/mimic" --studies 120 --image-size 64 --seed 2 > /dev/null
+$bin prepare mimic --root "$work/mimic" --out "$work/prepared" > /dev/null
+# oneDNN's bf16 kernels where it runs them (forced where the default is the emulation), the emulation,
+# and the blocked emulation (weight gradients summed in length-dependent blocks rounded to bf16).
+backends="emulate blocked"
+CONVIRT_BF16=native $bin info 2>/dev/null | grep -q "bf16 products on oneDNN" && backends="native $backends"
+train() {  # train NAME BACKEND NP [flags...]
+    local name=$1 backend=$2 np=$3; shift 3
+    rm -rf "$work/$name"
+    CONVIRT_BF16=$backend mpirun --oversubscribe -np "$np" "$bin" train --data "$work/prepared" --run-dir "$work/$name" --preset tiny \
+        --steps 20 --retrieval-eval 0 --precision bf16 "$@" > "$work/$name.log" 2>&1 || tail -3 "$work/$name.log"
+}
+for b in $backends; do
+    train "$b-1" "$b" 1; train "$b-2" "$b" 2; train "$b-4" "$b" 4; train "$b-z2" "$b" 2 --zero1
+    train "$b-old1" "$b" 1 --gradient-piece 8; train "$b-old2" "$b" 2 --gradient-piece 4; train "$b-old4" "$b" 4 --gradient-piece 2
+    rm -rf "$work/$b-r1"
+    CONVIRT_BF16=$b mpirun --oversubscribe -np 2 "$bin" train --data "$work/prepared" --run-dir "$work/$b-r1" --preset tiny --steps 10 \
+        --checkpoint-every 10 --retrieval-eval 0 --precision bf16 > /dev/null 2>&1
+    CONVIRT_BF16=$b mpirun --oversubscribe -np 1 "$bin" train --data "$work/prepared" --run-dir "$work/$b-r1" --preset tiny --steps 20 \
+        --retrieval-eval 0 --precision bf16 --resume > /dev/null 2>&1
+done
+python3 - "$work" $backends > "$out/world_size.txt" <<'EOF'
+import json, sys
+work, backends = sys.argv[1], sys.argv[2:]
+def rows(name):
+    try: return [json.loads(l) for l in open(f"{work}/{name}/metrics.jsonl")]
+    except OSError: return []
+print("backend, runs: step-1 gradient norm (relative to -np 1), largest loss difference over steps 1-8 and 9-20, first step that parts past 1e-4")
+for b in backends:
+    base = rows(f"{b}-1")
+    for other, ref in [("2", "1"), ("4", "1"), ("z2", "1"), ("old2", "old1"), ("old4", "old1"), ("r1", "2")]:
+        a, o = rows(f"{b}-{ref}"), rows(f"{b}-{other}")
+        if not a or not o: print(f"{b} {other}: missing"); continue
+        if other == "r1": a, o = a[10:], o[10:]
+        g = abs(a[0]["grad_norm"] - o[0]["grad_norm"]) / a[0]["grad_norm"]
+        d = [abs(x["loss"] - y["loss"]) / abs(x["loss"]) for x, y in zip(a, o)]
+        first = next((i + 1 for i, v in enumerate(d) if v > 1e-4), None)
+        print(f"{b} {other} vs {ref}: step-1 grad norm {g:.1e}, losses {max(d[:8]):.1e} / {max(d[8:] or [0]):.1e}, parts at {first}")
+EOF
+rm -rf "$work"
+[ -n "${WORLD_ONLY:-}" ] && { cat "$out/world_size.txt"; exit 0; }
+
+# The cost of gradient pieces in the paper step (bf16, batch 8 and 32), alternated.
+for batch in 8 32; do for round in 1 2; do for p in 1 2 4 $batch; do
+    echo "batch $batch pieces $p: $($bin bench step --steps 3 --threads 2 --precision bf16 --batch $batch --gradient-piece $p | tail -1)"
+done; done; done > "$out/pieces.txt" 2>&1
+
 cc -O2 tools/bench_dnnl.c -ldnnl -o /tmp/bench_dnnl && for t in 2 8 16; do OMP_NUM_THREADS=$t /tmp/bench_dnnl; done > "$out/bench_dnnl.txt" 2>&1
 OMP_NUM_THREADS=2 BENCH_LAYOUT=nhwc /tmp/bench_dnnl > "$out/bench_dnnl_nhwc.txt" 2>&1
 for t in 2 16; do $bin bench kernels --batch 8 --threads $t; done > "$out/bench_kernels.txt" 2>&1
 swift test -c release --disable-testable-imports --skip-build \
-    --filter "BF16KernelTests|DNNLConvolutionTests|ModelParityTests|PrecisionCLITests|ChannelsLastTests|parityOnOneDNN" > "$out/tests.txt" 2>&1
-for layout in "" nchw nhwc; do
-    CONVIRT_ACTIVATIONS=$layout $bin bench step --steps 2 --threads 2 --precision bf16
+    --filter "BF16KernelTests|DNNLConvolutionTests|GradientPiecesTests|ModelParityTests|PrecisionCLITests|ChannelsLastTests|ResNetLayoutTests|parityOnOneDNN" \
+    > "$out/tests.txt" 2>&1
+for layout in "" nchw nhwc nchw16c; do
+    echo "CONVIRT_ACTIVATIONS=$layout"; CONVIRT_ACTIVATIONS=$layout $bin bench step --steps 2 --threads 2 --precision bf16
 done > "$out/layouts.txt" 2>&1
 for t in 2 8 16; do
-    python3 tools/bench_step.py --precision both --batch 8 --tokens 128 --threads $t --steps 2 --convirt $bin
+    python3 tools/bench_step.py --precision both --batch 8 --tokens 128 --threads $t --steps 2 --convirt "$bin"
 done > "$out/bench_step.txt" 2>&1
 for p in fp32 bf16; do /usr/bin/time -f "$p peak %M KB" $bin bench step --preset paper --batch 32 --steps 1 --threads 16 --precision $p; done \
     > "$out/memory.txt" 2>&1
-tail -n 3 "$out"/*.txt
+grep -E "✘|Test run" "$out/tests.txt" | tail -n 15
+tail -n 30 "$out/world_size.txt" "$out/pieces.txt" "$out/machine.txt"

@@ -382,7 +382,7 @@ public final class ConvolutionPrimitives {
 /// ones) and cached by geometry (training, validation and evaluation batches differ).
 ///
 /// fp32, `auto`: every convolution on oneDNN's fp32 kernels, the weight gradient image by image
-/// (`ConvolutionPrimitives.ImageWeights`). oneDNN's forward and backward-data sums do not depend on the
+/// (`ConvolutionPrimitives.WeightPieces`, pieces of one image). oneDNN's forward and backward-data sums do not depend on the
 /// batch (each image's output and input gradient are bitwise those of the image alone; DNNLTests
 /// `batchAsImages`), but its whole-batch weight gradient sums images and pixels together in an order
 /// that does, and where training is chaotic that showed: on a 2-core AMD EPYC the in-process
@@ -403,7 +403,10 @@ public final class ConvolutionPrimitives {
 ///
 /// bf16 runs on oneDNN's bf16 kernels where `BF16.native` (AMX; AMD's AVX512-BF16), and elsewhere as
 /// the fp32 kernels above over bf16-rounded copies of the input, the weights and the output gradient
-/// (the same products).
+/// (the same products). Its weight gradient is made of the pass's gradient pieces (`GradientPieces`):
+/// on oneDNN's bf16 kernels a primitive for a piece's images, run piece by piece (AMX's whole-batch
+/// primitive summed in an order that depended on a rank's share, at bf16's rounding: 1e-4 of the
+/// step-1 gradient norm between -np 1, 2 and 4); the emulation sums image by image, pieces of one.
 public final class Convolution {
     public enum Policy: String, Sendable, CaseIterable {
         /// The default (see above): every convolution on oneDNN.

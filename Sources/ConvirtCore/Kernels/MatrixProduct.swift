@@ -39,15 +39,8 @@ public func gemm(
         do {
             guard let primitive = try MatmulPrimitive.cached(key) else { throw ConvirtError("oneDNN refused a bf16 matmul of \(m)x\(k)x\(n)") }
             let base = scratch.ensure(bytes: 2 * (m * k + k * n) + 64).bindMemory(to: UInt16.self, capacity: m * k + k * n + 32)
-            // Each operand in bf16: from its kept copy where the caller keeps one, else converted here.
-            func operand(_ use: BF16Operand.Use?, _ x: UnsafePointer<Float>, _ rows: Int, _ columns: Int, _ ld: Int,
-                         _ room: UnsafeMutablePointer<UInt16>) -> UnsafePointer<UInt16> {
-                if let use { return use.operand.bits(of: x, rows: rows, columns: columns, ld: ld, reuse: use.reuse) }
-                BF16.convertBlock(room, x, rows: rows, columns: columns, ld: ld, parallel: parallel)
-                return UnsafePointer(room)
-            }
-            let a16 = operand(copies.a, a, aRows, aColumns, lda, base)
-            let b16 = operand(copies.b, b, bRows, bColumns, ldb, base + (m * k + 31) / 32 * 32)
+            let a16 = bf16Operand(copies.a, a, rows: aRows, columns: aColumns, ld: lda, room: base, parallel: parallel)
+            let b16 = bf16Operand(copies.b, b, rows: bRows, columns: bColumns, ld: ldb, room: base + (m * k + 31) / 32 * 32, parallel: parallel)
             try primitive.execute(a: a16, b: b16, c: c, bias: bias, stream: scratch.stream)
             return
         } catch {
@@ -56,16 +49,8 @@ public func gemm(
     }
     let base = scratch.ensure(bytes: 4 * (m * k + k * n) + 128).bindMemory(to: Float.self, capacity: m * k + k * n + 32)
     let aRounded = base, bRounded = base + (m * k + 15) / 16 * 16
-    // An operand whose layer wrote only its bf16 bits (`BF16Operand.room`) is rounded from those.
-    func round(_ dst: UnsafeMutablePointer<Float>, _ x: UnsafePointer<Float>, _ use: BF16Operand.Use?, _ rows: Int, _ columns: Int, _ ld: Int) {
-        if let use, use.reuse, let bits = use.operand.heldBits(of: x, rows: rows, columns: columns, ld: ld) {
-            for i in 0..<rows * columns { dst[i] = Float(bitPattern: UInt32(bits[i]) << 16) }
-        } else {
-            BF16.roundBlock(dst, x, rows: rows, columns: columns, ld: ld, parallel: parallel)
-        }
-    }
-    round(aRounded, a, onDNNL ? copies.a : nil, aRows, aColumns, lda)
-    round(bRounded, b, onDNNL ? copies.b : nil, bRows, bColumns, ldb)
+    roundedOperand(aRounded, a, onDNNL ? copies.a : nil, rows: aRows, columns: aColumns, ld: lda, parallel: parallel)
+    roundedOperand(bRounded, b, onDNNL ? copies.b : nil, rows: bRows, columns: bColumns, ld: ldb, parallel: parallel)
     emulatedProduct(transposeA: transposeA, transposeB: transposeB, m: m, n: n, k: k, alpha: alpha, a: aRounded, lda: aColumns,
                     b: bRounded, ldb: bColumns, beta: beta, c: c, ldc: ldc, bias: bias, parallel: parallel)
 }
@@ -134,13 +119,8 @@ public func piecewiseGradientProduct(m: Int, n: Int, rows: Int, pieceRows: Int, 
                 primitives[value] = primitive
             }
             let base = scratch.ensure(bytes: 2 * rows * (m + n) + 64).bindMemory(to: UInt16.self, capacity: rows * (m + n) + 32)
-            func operand(_ use: BF16Operand.Use?, _ x: UnsafePointer<Float>, _ columns: Int, _ ld: Int, _ room: UnsafeMutablePointer<UInt16>)
-                -> UnsafePointer<UInt16> {
-                if let use { return use.operand.bits(of: x, rows: rows, columns: columns, ld: ld, reuse: use.reuse) }
-                BF16.convertBlock(room, x, rows: rows, columns: columns, ld: ld, parallel: true)
-                return UnsafePointer(room)
-            }
-            let a16 = operand(copies.a, a, m, lda, base), b16 = operand(copies.b, b, n, ldb, base + (rows * m + 31) / 32 * 32)
+            let a16 = bf16Operand(copies.a, a, rows: rows, columns: m, ld: lda, room: base, parallel: true)
+            let b16 = bf16Operand(copies.b, b, rows: rows, columns: n, ld: ldb, room: base + (rows * m + 31) / 32 * 32, parallel: true)
             for first in stride(from: 0, to: rows, by: pieceRows) {
                 try primitives[beta(first)]!.execute(a: a16 + first * m, b: b16 + first * n, c: c, stream: scratch.stream)
             }
@@ -151,18 +131,31 @@ public func piecewiseGradientProduct(m: Int, n: Int, rows: Int, pieceRows: Int, 
     }
     let base = scratch.ensure(bytes: 4 * rows * (m + n) + 128).bindMemory(to: Float.self, capacity: rows * (m + n) + 32)
     let aRounded = base, bRounded = base + (rows * m + 15) / 16 * 16
-    func round(_ dst: UnsafeMutablePointer<Float>, _ x: UnsafePointer<Float>, _ use: BF16Operand.Use?, _ columns: Int, _ ld: Int) {
-        if native, let use, use.reuse, let bits = use.operand.heldBits(of: x, rows: rows, columns: columns, ld: ld) {
-            for i in 0..<rows * columns { dst[i] = Float(bitPattern: UInt32(bits[i]) << 16) }
-        } else {
-            BF16.roundBlock(dst, x, rows: rows, columns: columns, ld: ld)
-        }
-    }
-    round(aRounded, a, copies.a, m, lda)
-    round(bRounded, b, copies.b, n, ldb)
+    roundedOperand(aRounded, a, native ? copies.a : nil, rows: rows, columns: m, ld: lda, parallel: true)
+    roundedOperand(bRounded, b, native ? copies.b : nil, rows: rows, columns: n, ld: ldb, parallel: true)
     for first in stride(from: 0, to: rows, by: pieceRows) {
         emulatedProduct(transposeA: true, transposeB: false, m: m, n: n, k: pieceRows, alpha: 1, a: aRounded + first * m, lda: m,
                         b: bRounded + first * n, ldb: n, beta: beta(first), c: c, ldc: ldc, parallel: true, blocked: blocked)
+    }
+}
+
+/// An operand's block (rows x columns, leading dimension ld) in compact bf16: its kept copy where the
+/// caller keeps one (`copies`), else converted into `room`.
+private func bf16Operand(_ use: BF16Operand.Use?, _ x: UnsafePointer<Float>, rows: Int, columns: Int, ld: Int, room: UnsafeMutablePointer<UInt16>,
+                         parallel: Bool) -> UnsafePointer<UInt16> {
+    if let use { return use.operand.bits(of: x, rows: rows, columns: columns, ld: ld, reuse: use.reuse) }
+    BF16.convertBlock(room, x, rows: rows, columns: columns, ld: ld, parallel: parallel)
+    return UnsafePointer(room)
+}
+
+/// An operand's block rounded to bf16 values into the compact `dst` (the emulation's operands); an
+/// operand whose layer wrote only its bf16 bits (`BF16Operand.room`) is rounded from those.
+private func roundedOperand(_ dst: UnsafeMutablePointer<Float>, _ x: UnsafePointer<Float>, _ use: BF16Operand.Use?, rows: Int, columns: Int,
+                            ld: Int, parallel: Bool) {
+    if let use, use.reuse, let bits = use.operand.heldBits(of: x, rows: rows, columns: columns, ld: ld) {
+        for i in 0..<rows * columns { dst[i] = Float(bitPattern: UInt32(bits[i]) << 16) }
+    } else {
+        BF16.roundBlock(dst, x, rows: rows, columns: columns, ld: ld, parallel: parallel)
     }
 }
 

@@ -118,6 +118,11 @@ public final class TensorBoardWriter {
         try append(TensorBoard.event(wallTime: wallTime, step: step, scalars: values.map { ($0.tag, Float($0.value)) }))
     }
 
+    /// The events written so far on the disk (fsync), before a checkpoint that covers them is published.
+    public func synchronize() throws {
+        guard fsync(descriptor) == 0 else { throw ConvirtError("cannot sync \(path): \(String(cString: strerror(errno)))") }
+    }
+
     func append(_ event: [UInt8]) throws {
         try Files.writeAll(TensorBoard.record(event), descriptor: descriptor, path: path)
     }

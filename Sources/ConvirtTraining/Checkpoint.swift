@@ -447,8 +447,9 @@ public final class CheckpointWriter: @unchecked Sendable {
     public func takeStall() -> Double { defer { stall = 0 }; return stall }
 
     /// Starts a checkpoint of `arena` at `state.step` (collective). The arena may change as soon as this
-    /// returns: this rank's range is copied first. Asynchronous writers commit later (`commit()`), others
-    /// before returning.
+    /// returns: this rank's range is copied first. Synchronous writers have written their shard when
+    /// it returns, asynchronous ones write it in the background; both publish it at `commit()` (the
+    /// trainer commits after the step's metrics row is on the disk).
     public func save(arena: ParameterArena, state: CheckpointManifest.State, config: TrainConfig, best: Bool = false) throws {
         if job != nil { try commit() }
         var clock = Clock()
@@ -486,7 +487,6 @@ public final class CheckpointWriter: @unchecked Sendable {
             outcome = writeShard(job)
             finished.signal()
             stall += clock.lap()
-            try commit()
         }
     }
 
@@ -581,6 +581,7 @@ public final class CheckpointWriter: @unchecked Sendable {
         if communicator.isRoot {
             if rootError == nil {
                 do { try publish(job, report: report) } catch { rootError = "\(error)" }
+                if rootError == nil { CheckpointFaults.afterPublished(step: job.state.step) }
             }
             if rootError == nil { status[0] = 1 } else { try? FileManager.default.removeItem(atPath: job.temporary) }
         }
@@ -622,15 +623,21 @@ public final class CheckpointWriter: @unchecked Sendable {
 
 /// Fault injection for the tests of interrupted checkpoints: `CONVIRT_FAULT_KILL_AFTER_SHARD=STEP:RANK`
 /// makes that rank kill itself (SIGKILL) right after writing its shard of the checkpoint of STEP, before
-/// the commit, as a node failure would.
+/// the commit, as a node failure would; `CONVIRT_FAULT_KILL_AFTER_COMMIT=STEP` makes rank 0 kill itself
+/// right after publishing the checkpoint of STEP (`latest` names it).
 enum CheckpointFaults {
     static let killAfterShard: (step: Int, rank: Int)? = {
         guard let spec = ProcessInfo.processInfo.environment["CONVIRT_FAULT_KILL_AFTER_SHARD"] else { return nil }
         let parts = spec.split(separator: ":").compactMap { Int($0) }
         return parts.count == 2 ? (parts[0], parts[1]) : nil
     }()
+    static let killAfterCommit: Int? = ProcessInfo.processInfo.environment["CONVIRT_FAULT_KILL_AFTER_COMMIT"].flatMap { Int($0) }
 
     static func afterShardWritten(step: Int, rank: Int) {
         if let fault = killAfterShard, fault.step == step, fault.rank == rank { kill(getpid(), SIGKILL) }
+    }
+
+    static func afterPublished(step: Int) {
+        if killAfterCommit == step { kill(getpid(), SIGKILL) }
     }
 }

@@ -159,8 +159,16 @@ public final class Trainer {
             }
             if try saveCheckpointIfDue(step: step, savedStep: savedStep, stopping: stop, checkpoints) { savedStep = step }
             row.timeCheckpoint = checkpoints.takeStall()
+            // A step's row reaches the disk (fsync'd where a checkpoint is pending) before its checkpoint
+            // is published, so a run killed in between resumes from the previous checkpoint and computes
+            // the step again: never a checkpoint past the last row.
             try metrics.append(row)
             try tensorboard?.scalars(row.tensorBoardScalars, step: row.step)
+            if checkpoints.pendingStep != nil {
+                try metrics.synchronize()
+                try tensorboard?.synchronize()
+            }
+            if !checkpoints.asynchronous { try checkpoints.commit() }
             rows.append(row)
             progress?(row, totalSteps)
             if stop { break }
@@ -346,7 +354,8 @@ public final class Trainer {
     /// Commits a checkpoint started in an earlier step once every rank has written its shard, and starts
     /// the periodic one when it is due; returns whether it started one.
     func saveCheckpointIfDue(step: Int, savedStep: Int, stopping: Bool, _ checkpoints: CheckpointWriter) throws -> Bool {
-        if checkpoints.pendingStep != nil { try checkpoints.commitIfReady() }
+        // (Not this step's best checkpoint: it is published after this step's metrics row.)
+        if let pending = checkpoints.pendingStep, pending < step { try checkpoints.commitIfReady() }
         guard let every = config.checkpointEvery, step % every == 0, step < totalSteps, !stopping, savedStep != step else { return false }
         try checkpoints.save(arena: model.arena, state: checkpointState(step: step), config: config)
         return true
@@ -562,5 +571,11 @@ final class MetricsWriter {
     func append(_ row: StepMetrics) throws {
         guard descriptor >= 0 else { return }
         try Files.writeAll(encoder.encode(row) + Data("\n".utf8), descriptor: descriptor, path: path)
+    }
+
+    /// The rows written so far on the disk (fsync), before a checkpoint that covers them is published.
+    func synchronize() throws {
+        guard descriptor >= 0 else { return }
+        guard fsync(descriptor) == 0 else { throw ConvirtError("cannot sync \(path): \(String(cString: strerror(errno)))") }
     }
 }

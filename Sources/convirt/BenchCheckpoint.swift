@@ -66,6 +66,7 @@ struct BenchCheckpoint: ParsableCommand {
         func lap() -> Double { let now = DispatchTime.now().uptimeNanoseconds; defer { clock = now }; return Double(now - clock) * 1e-9 }
         _ = lap()
         try sync.save(arena: arena, state: state(1), config: config)
+        try sync.commit()
         let syncSeconds = lap()
         let directory = Checkpoints.latest(runDirectory: "\(root)/sync")!
         let compressed = try Checkpoints.manifest(directory).shards.reduce(0) { $0 + $1.bytes }

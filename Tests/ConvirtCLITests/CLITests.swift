@@ -574,6 +574,25 @@ struct DistributedTrainingTests {
         #expect(after.map(\.step) == Array(6...20))
         #expect(zip(after, uninterrupted.suffix(15)).allSatisfy { $0.loss == $1.loss }, "resumed after the kill: bitwise equal losses")
 
+        // Rank 0 killed right after publishing the checkpoint of step 10, synchronous and asynchronous: the
+        // step's metrics row is on the disk before its checkpoint is published, so the resumed run's rows
+        // are steps 1-20 once each, equal to the uninterrupted run's.
+        for mode in [["--sync-checkpoint"], []] {
+            let runDir = "\(dir)/killed-after-commit\(mode.joined())"
+            try? fm.removeItem(atPath: runDir)
+            let common = ["--steps", "20", "--checkpoint-every", "5"] + mode
+            let interrupted = try train(runDir, common, environment: ["CONVIRT_FAULT_KILL_AFTER_COMMIT": "10"])
+            #expect(interrupted.status != 0, "\(interrupted.output)")
+            #expect((try? String(contentsOfFile: "\(runDir)/checkpoints/latest", encoding: .utf8)) == "step-00000010")
+            let before = try Self.rows(of: runDir).map(\.step)
+            #expect(before.contains(10), "\(mode): the checkpoint of step 10 was published before its metrics row: \(before)")
+            let again = try train(runDir, common + ["--resume"])
+            #expect(again.status == 0 && again.output.contains("resuming from \(runDir)/checkpoints/step-00000010"), "\(again.output)")
+            let rows = try Self.rows(of: runDir)
+            #expect(rows.map(\.step) == Array(1...20), "\(mode): \(rows.map(\.step))")
+            for (a, b) in zip(rows, uninterrupted) { #expect(a.loss == b.loss && a.grad_norm == b.grad_norm, "\(mode) step \(a.step)") }
+        }
+
         // A full disk: the run directory on a tmpfs with room for one checkpoint and a half.
         let one = try fm.contentsOfDirectory(atPath: "\(dir)/faults-base/checkpoints/step-00000005")
             .reduce(0) { $0 + ((try? fm.attributesOfItem(atPath: "\(dir)/faults-base/checkpoints/step-00000005/\($1)")[.size] as? Int) ?? 0) }

@@ -36,6 +36,14 @@ public enum Weights {
             let tensor = try file.floats(source)
             let bad = tensor.withUnsafeBufferPointer { $0.lazy.filter { !$0.isFinite }.count }
             guard bad == 0 else { throw ConvirtError("\(file.path): tensor \(source) holds \(bad) non-finite value(s) (NaN or infinity)") }
+            // A variance below zero normalises by the square root of a negative number (NaN everywhere after).
+            if local.hasSuffix("running_var") {
+                let negative = tensor.withUnsafeBufferPointer { $0.enumerated().filter { $0.element < 0 } }
+                if let first = negative.first {
+                    throw ConvirtError("\(file.path): tensor \(source) holds \(negative.count) negative variance(s) (\(first.element) at index \(first.offset)); "
+                                       + "a BatchNorm running variance is never below zero")
+                }
+            }
             tensor.withUnsafeBufferPointer { (arena.params + entry.offset).update(from: $0.baseAddress!, count: entry.count) }
             loaded += 1
         }

@@ -341,6 +341,12 @@ public final class Trainer {
     /// The validation loss into the step's row; the plateau schedule's decision (nil for the others).
     func validate(into row: inout StepMetrics) throws -> Plateau.Decision? {
         let value = try validationLoss()
+        // The same on every rank (a sum over ranks): all stop together, before any checkpoint of this step.
+        guard value.isFinite || validationBatch == 0 else {
+            throw ConvirtError("step \(row.step): the validation loss is \(value.isNaN ? "NaN" : "\(value)"); training stopped (no checkpoint is written from here: the model "
+                               + "computes non-finite values on held-out pairs, e.g. from damaged --image-weights or a diverging run; try a lower --lr "
+                               + "or --clip-grad-norm, and --resume from the last checkpoint)")
+        }
         row.valLoss = value
         return schedule.validated(value)
     }

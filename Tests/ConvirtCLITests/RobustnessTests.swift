@@ -133,6 +133,49 @@ struct RobustnessTests {
         #expect(intact.status == 0, "\(intact.output)")
     }
 
+    /// The run's exported image encoder with `edit` applied to tensor `name`, as a new safetensors file.
+    func editedImageWeights(_ file: String, _ name: String, _ edit: (inout Tensor<Float>) -> Void) throws -> String {
+        let source = try tinyRun("source")
+        let export = "\(dir)/export-\(file)"
+        try? FileManager.default.removeItem(atPath: export)
+        let e = try run(convirtPath(), ["checkpoint", "export", source, "--out", export])
+        #expect(e.status == 0, "\(e.output)")
+        let weights = try SafeTensorsFile(path: "\(export)/image_encoder.safetensors")
+        var writer = SafeTensorsWriter(metadata: weights.metadata)
+        for tensor in weights.names {
+            var t = try weights.floats(tensor)
+            if tensor == name { edit(&t) }
+            try writer.add(tensor, t)
+        }
+        let path = "\(export)/\(file).safetensors"
+        try writer.write(to: path)
+        return path
+    }
+
+    @Test("image weights with a negative BatchNorm running variance are refused when loaded, naming the tensor")
+    func negativeVariance() throws {
+        let path = try editedImageWeights("negative-variance", "layer4.0.bn3.running_var") { $0[flat: 0] = -1 }
+        let train = try run(convirtPath(), ["train", "--data", try SharedRuns.shared.data(), "--run-dir", "\(dir)/negative-variance", "--preset", "tiny",
+                                            "--steps", "2", "--image-weights", path, "--retrieval-eval", "0"])
+        #expect(failedCleanly(train.status) && train.output.contains("layer4.0.bn3.running_var") && train.output.contains("negative variance"),
+                "\(train.output)")
+        #expect(!FileManager.default.fileExists(atPath: "\(dir)/negative-variance/checkpoints"), "nothing was trained")
+    }
+
+    @Test("a non-finite validation loss stops the run like a non-finite training loss, before any checkpoint of that step")
+    func nonFiniteValidation() throws {
+        // A running mean of -3e38 (finite, so it loads): training normalises with the batch's statistics and
+        // trains, evaluation mode overflows to infinity and the validation loss is NaN.
+        let path = try editedImageWeights("huge-mean", "layer4.0.bn3.running_mean") { $0[flat: 0] = -3e38 }
+        let runDir = "\(dir)/nan-validation"
+        let train = try run(convirtPath(), ["train", "--data", try SharedRuns.shared.data(), "--run-dir", runDir, "--preset", "tiny", "--steps", "4",
+                                            "--val-every", "2", "--checkpoint-every", "2", "--image-weights", path, "--retrieval-eval", "0"])
+        #expect(failedCleanly(train.status) && train.output.contains("step 2: the validation loss is NaN"), "\(train.output)")
+        #expect(!train.output.contains("done:"), "\(train.output)")
+        let checkpoints = (try? FileManager.default.contentsOfDirectory(atPath: "\(runDir)/checkpoints")) ?? []
+        #expect(!checkpoints.contains("step-00000002"), "no checkpoint of the step whose validation failed: \(checkpoints)")
+    }
+
     @Test("NaN image weights are refused naming the tensor; a diverging run stops without writing a NaN checkpoint")
     func nonFinite() throws {
         let source = try tinyRun("source")

@@ -70,8 +70,13 @@ public enum MIMICPrepare {
         public var images: Int
         public var splits: [String: Int]
         public var dropped: [String: PreparedManifest.Dropped]
+        /// Studies kept with a remark (without CheXpert labels), by reason.
+        public var kept: [String: PreparedManifest.Dropped]
         public var reusedShards: Int
     }
+
+    /// The remark of a study kept without CheXpert labels.
+    public static let unlabeled = "study(ies) without CheXpert labels (their labels unknown)"
 
     public static func run(_ o: PrepareOptions, progress: (@Sendable (Int, Int) -> Void)? = nil) throws -> Summary {
         let fm = FileManager.default
@@ -81,7 +86,8 @@ public enum MIMICPrepare {
         let drops = DropLog()
         let metadata = try csv(o.root, "mimic-cxr-2.0.0-metadata.csv", required: ["dicom_id", "subject_id", "study_id", "ViewPosition"])
         let split = try csv(o.root, "mimic-cxr-2.0.0-split.csv", required: ["dicom_id", "study_id", "subject_id", "split"])
-        let chexpert = try csv(o.root, "mimic-cxr-2.0.0-chexpert.csv", required: ["subject_id", "study_id"])
+        // Every label column is required: a renamed or missing one would leave that label unknown for every study.
+        let chexpert = try csv(o.root, "mimic-cxr-2.0.0-chexpert.csv", required: ["subject_id", "study_id"] + CheXpertLabels.names)
         for (table, name) in [(metadata, "metadata"), (split, "split"), (chexpert, "chexpert")] where !table.malformedLines.isEmpty {
             drops.add("malformed CSV row", "\(table.path) line \(table.malformedLines[0])", count: table.malformedLines.count)
             _ = name
@@ -91,14 +97,24 @@ public enum MIMICPrepare {
         }
         // Values outside their domain are counted skips: a split other than MIMIC-CXR's three, a
         // CheXpert label other than 1, 0, -1 or blank.
+        // A row repeated (the same image, or the same study's labels, again) is counted and dropped: the
+        // first one stands.
+        func duplicate(_ seen: inout Set<String>, _ key: String, _ table: CSVTable, line: Int, _ column: String) -> Bool {
+            if seen.insert(key).inserted { return false }
+            drops.add("duplicate CSV row", "\(table.path) line \(line): \(column) \(key) again")
+            return true
+        }
         var splitOf: [String: String] = [:]
+        var seenSplit = Set<String>(), seenLabels = Set<String>(), seenImages = Set<String>()
         for (row, line) in zip(split.rows, split.rowLines) {
+            if duplicate(&seenSplit, split.value(row, "dicom_id"), split, line: line, "dicom_id") { continue }
             let value = split.value(row, "split")
             guard Self.splits.contains(value) else { drops.add("unknown split value", "\(split.path) line \(line): \"\(value)\""); continue }
             splitOf[split.value(row, "dicom_id")] = value
         }
         var labelsOf: [String: [Double?]] = [:]
         for (row, line) in zip(chexpert.rows, chexpert.rowLines) {
+            if duplicate(&seenLabels, chexpert.value(row, "study_id"), chexpert, line: line, "study_id") { continue }
             let values = CheXpertLabels.names.map { chexpert.value(row, $0).trimmingCharacters(in: .whitespaces) }
             guard values.allSatisfy({ $0.isEmpty || Self.labelValues.contains($0) }) else {
                 drops.add("CheXpert label out of domain", "\(chexpert.path) line \(line): \(values.filter { !$0.isEmpty && !Self.labelValues.contains($0) }.first ?? "")")
@@ -109,9 +125,10 @@ public enum MIMICPrepare {
         // Group images by study.
         struct StudyImages { var subject: String; var study: String; var dicoms: [String] = [] }
         var studies: [String: StudyImages] = [:]
-        for row in metadata.rows {
+        for (row, line) in zip(metadata.rows, metadata.rowLines) {
             let dicom = metadata.value(row, "dicom_id"), subject = metadata.value(row, "subject_id"), study = metadata.value(row, "study_id")
             guard !dicom.isEmpty, Int(subject) != nil, Int(study) != nil else { drops.add("malformed CSV row", "\(metadata.path): \(row.joined(separator: ","))"); continue }
+            if duplicate(&seenImages, dicom, metadata, line: line, "dicom_id") { continue }
             if o.frontalOnly && !frontalViews.contains(metadata.value(row, "ViewPosition")) { drops.add("non-frontal view (image)", dicom); continue }
             studies[study, default: StudyImages(subject: subject, study: study)].dicoms.append(dicom)
         }
@@ -196,6 +213,11 @@ public enum MIMICPrepare {
         var newIndex = [Int](repeating: -1, count: prepared.count)
         for (n, i) in keep.enumerated() { newIndex[i] = n }
         let finalStudies = keep.map { prepared[$0] }
+        // Studies kept without labels (no CheXpert row, or one out of domain): counted and reported.
+        let remarks = DropLog()
+        for study in finalStudies where labelsOf[study.studyID] == nil {
+            remarks.add(Self.unlabeled, "s\(study.studyID)")
+        }
         for i in images.indices { images[i].study = newIndex[images[i].study] }
         var index = Data(capacity: images.count * PreparedImage.recordSize)
         for image in images { image.write(to: &index) }
@@ -205,14 +227,16 @@ public enum MIMICPrepare {
         try Files.writeAtomically(encoder.encode(finalStudies), to: "\(o.out)/studies.json")
         var splits: [String: Int] = [:]
         for s in finalStudies { splits[s.split, default: 0] += 1 }
-        let manifest = PreparedManifest(source: o.root, imageSize: o.imageSize, frontalOnly: o.frontalOnly, studies: finalStudies.count,
+        var manifest = PreparedManifest(source: o.root, imageSize: o.imageSize, frontalOnly: o.frontalOnly, studies: finalStudies.count,
                                         images: images.count, splits: splits, dropped: drops.summary, shards: shards,
                                         labelNames: CheXpertLabels.names)
+        manifest.kept = remarks.summary.isEmpty ? nil : remarks.summary
         // A vocabulary shipped with the data (convirt synth mimic writes one) travels with it.
         if fm.fileExists(atPath: "\(o.root)/vocab.txt") { try Files.writeAtomically(Files.read("\(o.root)/vocab.txt"), to: "\(o.out)/vocab.txt") }
         encoder.outputFormatting = [.sortedKeys, .prettyPrinted]
         try Files.writeAtomically(encoder.encode(manifest), to: "\(o.out)/manifest.json")
-        return Summary(studies: finalStudies.count, images: images.count, splits: splits, dropped: drops.summary, reusedShards: shared.reused)
+        return Summary(studies: finalStudies.count, images: images.count, splits: splits, dropped: drops.summary, kept: remarks.summary,
+                       reusedShards: shared.reused)
     }
 
     /// Decodes and resizes one shard's images into `images-KKKKK.bin`, or reuses a finished shard.

@@ -54,10 +54,12 @@ public struct PreparedManifest: Codable, Sendable {
     public var dropped: [String: Dropped]
     public var shards: [Shard]
     public var labelNames: [String]
+    /// Studies kept with a remark (without CheXpert labels), by reason; absent where none were.
+    public var kept: [String: Dropped]? = nil
 
     enum CodingKeys: String, CodingKey {
         case format, source, imageSize = "image_size", frontalOnly = "frontal_only", studies, images, splits, dropped, shards
-        case labelNames = "label_names"
+        case labelNames = "label_names", kept
     }
 }
 

@@ -36,5 +36,8 @@ struct PrepareMIMICCommand: ParsableCommand {
         for (reason, d) in summary.dropped.sorted(by: { $0.key < $1.key }) {
             print("skipped \(d.count) (\(reason)), e.g. \(d.examples.prefix(3).joined(separator: "; "))")
         }
+        for (reason, d) in summary.kept.sorted(by: { $0.key < $1.key }) {
+            print("kept \(d.count) \(reason), e.g. \(d.examples.prefix(3).joined(separator: "; "))")
+        }
     }
 }

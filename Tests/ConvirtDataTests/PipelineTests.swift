@@ -167,6 +167,44 @@ struct PrepareTests {
         #expect(throws: ConvirtError.self) { _ = try MIMICPrepare.run(tiny) }
     }
 
+    @Test("prepare: a repeated row is dropped and counted; a renamed or removed CheXpert column is an error naming it; studies without labels are counted")
+    func prepareDuplicatesAndLabels() throws {
+        let root = try temporaryDirectory("mimic-dup"), out = try temporaryDirectory("prepared-dup")
+        defer { try? FileManager.default.removeItem(atPath: root); try? FileManager.default.removeItem(atPath: out) }
+        try synth(root, studies: 12, size: 64)
+        let clean = try MIMICPrepare.run(PrepareOptions(root: root, out: out))
+        #expect(clean.dropped["duplicate CSV row"] == nil && clean.kept.isEmpty, "\(clean.dropped) \(clean.kept)")
+        func edit(_ name: String, _ change: (inout [String]) -> Void) throws -> String {
+            let path = "\(root)/mimic-cxr-2.0.0-\(name).csv.gz", original = try Gzip.readText(path)
+            var lines = original.split(separator: "\n", omittingEmptySubsequences: false).map(String.init)
+            change(&lines)
+            try Gzip.compress(Data(lines.joined(separator: "\n").utf8)).write(to: URL(fileURLWithPath: path))
+            return original
+        }
+        func restore(_ name: String, _ text: String) throws {
+            try Gzip.compress(Data(text.utf8)).write(to: URL(fileURLWithPath: "\(root)/mimic-cxr-2.0.0-\(name).csv.gz"))
+        }
+        // A metadata row twice: the image once, the repeat counted.
+        let metadata = try edit("metadata") { $0.insert($0[3], at: 3) }
+        let repeated = try MIMICPrepare.run(PrepareOptions(root: root, out: out))
+        #expect(repeated.images == clean.images && repeated.dropped["duplicate CSV row"]?.count == 1, "\(repeated.dropped)")
+        #expect(repeated.dropped["duplicate CSV row"]?.examples.first?.contains("metadata.csv.gz line 5: dicom_id") == true, "\(String(describing: repeated.dropped["duplicate CSV row"]))")
+        try restore("metadata", metadata)
+        // A CheXpert label column renamed, or removed from the header: an error naming the column.
+        let labels = try edit("chexpert") { $0[0] = $0[0].replacingOccurrences(of: "Pneumonia", with: "Pneumonitis") }
+        #expect { _ = try MIMICPrepare.run(PrepareOptions(root: root, out: out)) } throws: { "\($0)".contains("missing required column(s) Pneumonia") }
+        try restore("chexpert", labels)
+        _ = try edit("chexpert") { $0[0] = $0[0].split(separator: ",").filter { $0 != "Edema" }.joined(separator: ",") }
+        #expect { _ = try MIMICPrepare.run(PrepareOptions(root: root, out: out)) } throws: { "\($0)".contains("missing required column(s) Edema") }
+        try restore("chexpert", labels)
+        // A study without a CheXpert row, and a repeated one: kept with unknown labels and counted; the repeat dropped.
+        _ = try edit("chexpert") { lines in lines.append(lines[2]); lines.remove(at: 1) }
+        let unlabeled = try MIMICPrepare.run(PrepareOptions(root: root, out: out))
+        #expect(unlabeled.studies == clean.studies && unlabeled.kept[MIMICPrepare.unlabeled]?.count == 1, "\(unlabeled.kept)")
+        #expect(unlabeled.dropped["duplicate CSV row"]?.count == 1, "\(unlabeled.dropped)")
+        #expect(try PreparedDataset(path: out).manifest.kept?[MIMICPrepare.unlabeled]?.count == 1)
+    }
+
     @Test("a CSV without its required columns stops prepare with the file and the columns")
     func missingColumns() throws {
         let root = try temporaryDirectory("mimic-bad"), out = try temporaryDirectory("prepared-bad")

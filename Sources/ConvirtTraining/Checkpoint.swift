@@ -170,12 +170,15 @@ public enum Checkpoints {
         return leftovers
     }
 
-    /// Complete checkpoints of a run directory, newest first (`latest` first when it names one).
+    /// The published checkpoints of a run directory, newest first (`latest` first when it names one).
+    /// A checkpoint is published whole (its directory renamed into place after its manifest is on the
+    /// disk), so one without its manifest is damaged, not absent: it is listed, and resuming from it fails
+    /// as from any other damage (`--resume-fallback` goes on to the previous one).
     public static func candidates(runDirectory: String) -> [String] {
         let root = "\(runDirectory)/checkpoints"
         let fm = FileManager.default
         var complete = ((try? fm.contentsOfDirectory(atPath: root)) ?? [])
-            .filter { $0.hasPrefix("step-") && fm.fileExists(atPath: "\(root)/\($0)/manifest.json") }.sorted().reversed().map { "\(root)/\($0)" }
+            .filter { $0.hasPrefix("step-") }.sorted().reversed().map { "\(root)/\($0)" }
         if let named = try? String(contentsOfFile: "\(root)/latest", encoding: .utf8), let i = complete.firstIndex(of: "\(root)/\(named)") {
             complete.insert(complete.remove(at: i), at: 0)
         }

@@ -152,6 +152,23 @@ struct RobustnessTests {
         return path
     }
 
+    @Test("a newest checkpoint without its manifest stops --resume as other damage does; --resume-fallback says which checkpoint it used")
+    func resumeWithoutManifest() throws {
+        let source = try tinyRun("source")
+        let runDir = "\(dir)/no-manifest"
+        try? FileManager.default.removeItem(atPath: runDir)
+        try FileManager.default.copyItem(atPath: source, toPath: runDir)
+        try FileManager.default.removeItem(atPath: "\(runDir)/checkpoints/step-00000004/manifest.json")
+        let common = ["train", "--data", try SharedRuns.shared.data(), "--run-dir", runDir, "--preset", "tiny", "--steps", "6", "--checkpoint-every", "2",
+                      "--retrieval-eval", "0", "--resume"]
+        let strict = try run(convirtPath(), common)
+        #expect(failedCleanly(strict.status) && strict.output.contains("step-00000004/manifest.json") && strict.output.contains("--resume-fallback"),
+                "\(strict.output)")
+        let fallback = try run(convirtPath(), common + ["--resume-fallback"])
+        #expect(fallback.status == 0 && fallback.output.contains("cannot resume from \(runDir)/checkpoints/step-00000004")
+                && fallback.output.contains("resuming from \(runDir)/checkpoints/step-00000002 at step 2"), "\(fallback.output)")
+    }
+
     @Test("image weights with a negative BatchNorm running variance are refused when loaded, naming the tensor")
     func negativeVariance() throws {
         let path = try editedImageWeights("negative-variance", "layer4.0.bn3.running_var") { $0[flat: 0] = -1 }

@@ -74,15 +74,15 @@ public final class PreparedDataset: @unchecked Sendable {
     public init(path: String) throws {
         self.path = path
         let manifestPath = "\(path)/manifest.json"
+        var isDirectory: ObjCBool = false
+        if FileManager.default.fileExists(atPath: path, isDirectory: &isDirectory), !isDirectory.boolValue {
+            throw ConvirtError("\(path) is a file; give the prepared dataset's directory (the one that holds manifest.json)")
+        }
         guard FileManager.default.fileExists(atPath: manifestPath) else {
             throw ConvirtError("\(path) is not a prepared dataset (no manifest.json; run convirt prepare mimic first)")
         }
-        do {
-            manifest = try JSONDecoder().decode(PreparedManifest.self, from: Files.read(manifestPath))
-            studies = try JSONDecoder().decode([PreparedStudy].self, from: Files.read("\(path)/studies.json"))
-        } catch let error as ConvirtError { throw error } catch {
-            throw ConvirtError("\(path): corrupt manifest.json or studies.json (\(error))")
-        }
+        manifest = try StrictJSON.decode(PreparedManifest.self, from: Files.read(manifestPath), source: manifestPath)
+        studies = try StrictJSON.decode([PreparedStudy].self, from: Files.read("\(path)/studies.json"), source: "\(path)/studies.json")
         let index = try MappedFile(path: "\(path)/images.idx")
         guard index.bytes.count == manifest.images * PreparedImage.recordSize else {
             throw ConvirtError("\(path)/images.idx: \(index.bytes.count) bytes, expected \(manifest.images * PreparedImage.recordSize) (truncated?)")

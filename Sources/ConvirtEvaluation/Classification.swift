@@ -373,7 +373,10 @@ public final class ClassificationEvaluation {
             let keep = f.ok.indices.filter { f.ok[$0] }
             guard keep.count < split.count else { return }
             unreadable[name] = split.count - keep.count
-            if communicator.isRoot { log("\(name): \(split.count - keep.count) image(s) could not be read and are skipped") }
+            if communicator.isRoot {
+                let bad = f.ok.indices.filter { !f.ok[$0] }.prefix(3).map { split.paths[$0] }
+                log("\(name): \(split.count - keep.count) image(s) could not be read and are skipped, e.g. \(bad.joined(separator: ", "))")
+            }
             let width = model.featureCount
             split = split.subset(keep)
             f.features = keep.flatMap { Array(f.features[($0 * width)..<(($0 + 1) * width)]) }

@@ -117,7 +117,10 @@ public enum ZeroShotEvaluation {
         var test = LabeledArrays(data.test, outputs: data.labelNames.count)
         let images = try RetrievalEvaluation.embedImages(test.paths, model: model, size: imageSize, communicator: communicator)
         let keep = images.ok.indices.filter { images.ok[$0] }
-        if keep.count < test.count && communicator.isRoot { log("test: \(test.count - keep.count) image(s) could not be read and are skipped") }
+        if keep.count < test.count && communicator.isRoot {
+            let bad = images.ok.indices.filter { !images.ok[$0] }.prefix(3).map { test.paths[$0] }
+            log("test: \(test.count - keep.count) image(s) could not be read and are skipped, e.g. \(bad.joined(separator: ", "))")
+        }
         let v = keep.flatMap { Array(images.embeddings[($0 * d)..<(($0 + 1) * d)]) }
         test = test.subset(keep)
         let o = data.labelNames.count, n = test.count

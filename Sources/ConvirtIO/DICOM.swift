@@ -34,7 +34,7 @@ public enum DICOM {
     /// Secondary Capture Image Storage, the SOP class of the files `encodeJPEGBaseline` writes.
     public static let secondaryCaptureImageStorage = "1.2.840.10008.5.1.4.1.1.7"
 
-    /// What the header says about the image. Defaults: SamplesPerPixel 1, PhotometricInterpretation
+    /// What the header says about the image. Defaults: PhotometricInterpretation
     /// MONOCHROME2, BitsStored = BitsAllocated, HighBit = BitsStored - 1, PixelRepresentation 0,
     /// NumberOfFrames 1, RescaleSlope 1, RescaleIntercept 0.
     public struct Info: Sendable, Equatable {
@@ -511,6 +511,14 @@ private struct Parser {
         } else {
             throw fail("invalid DICOM: no BitsAllocated (0028,0100)")
         }
+        // Every image a radiograph reader takes holds samples of 8 or 16 bits (0 or 65288 is a damaged header).
+        guard bitsAllocated == 8 || bitsAllocated == 16 else {
+            throw fail("BitsAllocated (0028,0100) \(bitsAllocated) is not supported (8 or 16)")
+        }
+        // A required (type 1) attribute of every image, as pydicom's pixel_array requires it.
+        guard let samplesPerPixel = try us(Tag.samplesPerPixel, "SamplesPerPixel") else {
+            throw fail("invalid DICOM: no SamplesPerPixel (0028,0002), a required attribute of the image")
+        }
         let bitsStored = try us(Tag.bitsStored, "BitsStored") ?? bitsAllocated
         let highBit = try us(Tag.highBit, "HighBit") ?? (bitsStored - 1)
         var frames = 1
@@ -521,7 +529,7 @@ private struct Parser {
         let patientID = string(Tag.patientID)
         let info = DICOM.Info(
             rows: rows, columns: columns,
-            samplesPerPixel: try us(Tag.samplesPerPixel, "SamplesPerPixel") ?? 1,
+            samplesPerPixel: samplesPerPixel,
             bitsAllocated: bitsAllocated, bitsStored: bitsStored, highBit: highBit,
             pixelRepresentation: try us(Tag.pixelRepresentation, "PixelRepresentation") ?? 0,
             photometric: string(Tag.photometric).flatMap { $0.isEmpty ? nil : $0 } ?? "MONOCHROME2",

@@ -99,9 +99,7 @@ public enum Parity {
 
     static func config<T: Decodable>(_ file: SafeTensorsFile, _ type: T.Type) throws -> T {
         guard let json = file.metadata["config"] else { throw ConvirtError("\(file.path): no config in the fixture's metadata") }
-        do { return try JSONDecoder().decode(T.self, from: Data(json.utf8)) } catch {
-            throw ConvirtError("\(file.path): invalid \(T.self) config: \(error)")
-        }
+        return try StrictJSON.decode(T.self, from: Data(json.utf8), source: "\(file.path): the \(T.self) in its metadata's config")
     }
 
     /// Runs the fixture; with `dumpPath`, also writes our gradients as `grad.<name>` there (to inspect

@@ -8,20 +8,27 @@ import Foundation
 public struct Vocabulary: Sendable {
     public let tokens: [String]
     public let ids: [String: Int32]
+    /// Where it was read from (for messages).
+    public let source: String
 
-    /// One token per line; the id is the line number (as Hugging Face's load_vocab: later duplicates win).
+    /// One token per line; the id is the line number (as Hugging Face's load_vocab: later duplicates
+    /// win). Lines may end in CRLF, as Python's text mode reads them (a file saved on Windows).
     public init(path: String) throws {
         let text: String
         do { text = try String(contentsOfFile: path, encoding: .utf8) } catch {
             throw ConvirtError("cannot read vocabulary \(path): \(FileManager.default.fileExists(atPath: path) ? "not UTF-8 text" : "no such file")")
         }
-        var lines = text.components(separatedBy: "\n")
+        // Split on the scalar (a Swift Character holds "\r\n" whole), then drop a line's trailing "\r".
+        var lines = text.unicodeScalars.split(separator: "\n", omittingEmptySubsequences: false).map { line in
+            String(String.UnicodeScalarView(line.last == "\r" ? line.dropLast() : line[...]))
+        }
         if lines.last == "" { lines.removeLast() }
         try self.init(tokens: lines, source: path)
     }
 
     public init(tokens: [String], source: String = "<memory>") throws {
         guard !tokens.isEmpty else { throw ConvirtError("vocabulary \(source) is empty") }
+        self.source = source
         self.tokens = tokens
         var ids: [String: Int32] = [:]
         for (i, t) in tokens.enumerated() { ids[t] = Int32(i) }
@@ -47,7 +54,7 @@ public struct WordPieceTokenizer: Sendable {
         self.lowercase = lowercase
         self.stripAccents = stripAccents ?? lowercase
         func special(_ t: String) throws -> Int32 {
-            guard let id = vocabulary[t] else { throw ConvirtError("vocabulary has no \(t) token") }
+            guard let id = vocabulary[t] else { throw ConvirtError("vocabulary \(vocabulary.source) has no \(t) token (one token per line; BERT's vocab.txt)") }
             return id
         }
         unknownID = try special("[UNK]"); clsID = try special("[CLS]"); sepID = try special("[SEP]"); padID = try special("[PAD]")

@@ -192,8 +192,9 @@ public enum Checkpoints {
     public static func manifest(_ directory: String) throws -> CheckpointManifest {
         let path = "\(directory)/manifest.json"
         let manifest: CheckpointManifest
-        do { manifest = try JSONDecoder().decode(CheckpointManifest.self, from: Files.read(path)) } catch let e as ConvirtError { throw e } catch {
-            throw ConvirtError("\(path): not a checkpoint manifest (\(error))")
+        let bytes = try Files.read(path)
+        do { manifest = try StrictJSON.decode(CheckpointManifest.self, from: bytes, source: path) } catch let e as ConvirtError {
+            throw ConvirtError("\(e.message) (not a checkpoint manifest this build can read)", reason: e.reason)
         }
         try manifest.validate(source: path)
         return manifest

@@ -99,8 +99,8 @@ public struct TrainConfig: Codable, Sendable {
 
     public func validate(worldSize: Int) throws {
         try model.validate()
-        try require(globalBatch >= 1 && globalBatch % worldSize == 0, "train",
-                    "--global-batch \(globalBatch) does not divide by the \(worldSize) ranks")
+        try require(globalBatch >= 1, "train", "--global-batch must be positive, got \(globalBatch)")
+        try require(globalBatch % worldSize == 0, "train", "--global-batch \(globalBatch) does not divide by the \(worldSize) ranks")
         try require(microBatches >= 1, "train", "--accum-steps must be positive, got \(microBatches)")
         try require(globalBatch % (worldSize * microBatches) == 0, "train",
                     "--global-batch \(globalBatch) does not divide into \(worldSize) rank(s) x \(microBatches) micro-batches (--accum-steps)")
@@ -109,10 +109,14 @@ public struct TrainConfig: Codable, Sendable {
         try require(steps == nil || steps! >= 1, "train", "--steps must be positive, got \(steps ?? 0)")
         try require(epochs == nil || epochs! >= 1, "train", "--epochs must be positive, got \(epochs ?? 0)")
         try require(clipGradNorm.map { $0 > 0 } ?? true, "train", "--clip-grad-norm must be positive, got \(clipGradNorm ?? 0)")
-        try require(threads >= 1 && loaderWorkers >= 1, "train", "--threads and --loader-workers must be positive")
-        try require(valEvery >= 1 && maxTokens >= 2 && maxTokens <= model.text.maxPositionEmbeddings, "train",
-                    "--val-every must be positive and --max-tokens within 2...\(model.text.maxPositionEmbeddings)")
-        try require((checkpointEvery ?? 1) >= 1 && keepCheckpoints >= 1, "train", "--checkpoint-every and --keep-checkpoints must be positive")
+        for (name, value) in [("--threads", threads), ("--loader-workers", loaderWorkers), ("--val-every", valEvery), ("--patience", patience),
+                              ("--max-checks", maxChecks), ("--checkpoint-every", checkpointEvery ?? 1), ("--keep-checkpoints", keepCheckpoints)] {
+            try require(value >= 1, "train", "\(name) must be positive, got \(value)")
+        }
+        try require(valSamples >= 0, "train", "--val-samples must not be negative, got \(valSamples)")
+        try require(warmupSteps >= 0, "train", "--warmup-steps must not be negative, got \(warmupSteps)")
+        try require(maxTokens >= 2 && maxTokens <= model.text.maxPositionEmbeddings, "train",
+                    "--max-tokens must be within 2...\(model.text.maxPositionEmbeddings), got \(maxTokens)")
         try validatePieces(worldSize: worldSize)
     }
 

@@ -129,7 +129,9 @@ public final class Trainer {
             tensorboard = try TensorBoardWriter(directory: "\(runDirectory)/tensorboard", restartStep: startStep > 0 ? startStep + 1 : nil)
         }
         if validationBatch == 0 && communicator.isRoot {
-            log("warning: the validate split has fewer usable pairs than ranks; no validation loss will be computed")
+            log(config.valSamples == 0 ? "--val-samples 0: no validation loss will be computed"
+                : "warning: the validate split has \(validationSamples.count) usable pair(s), fewer than the \(communicator.size) rank(s); "
+                    + "no validation loss will be computed")
         }
         let checkpoints = try CheckpointWriter(communicator: communicator, runDirectory: runDirectory, mode: config.checkpointIO,
                                                asynchronous: config.asyncCheckpoint, keep: config.keepCheckpoints)

@@ -43,10 +43,10 @@ final class Buffer {
 struct Kernels: ParsableCommand {
     static let configuration = CommandConfiguration(abstract: "GFLOP/s of conv2d, linear and attention vs plain sgemm on the same shapes.")
 
-    @Option(help: "OpenBLAS threads (the target is single-threaded).")
+    @Option(parsing: .unconditional, help: "OpenBLAS threads (the target is single-threaded).")
     var threads = 1
 
-    @Option(help: "Images per convolution call.")
+    @Option(parsing: .unconditional, help: "Images per convolution call.")
     var batch = 2
 
     @Flag(help: "Fewer, shorter repetitions (for a smoke run).")

@@ -17,7 +17,7 @@ struct BenchCheckpoint: ParsableCommand {
 
     @Option(help: "tiny, demo or paper.") var preset = Preset.paper
     @Option(help: "Directory for the checkpoints (removed afterwards); default: a temporary one.") var dir: String?
-    @Option(help: "Threads for the forward/backward that produces real gradients.") var threads = 2
+    @Option(parsing: .unconditional, help: "Threads for the forward/backward that produces real gradients.") var threads = 2
 
     func run() throws {
         Parallel.setThreads(threads)

@@ -13,7 +13,7 @@ struct BenchData: ParsableCommand {
     @Option(help: "A prepared dataset for the loader benchmark (default: synthesise a small one in a temporary directory).")
     var data: String?
 
-    @Option(help: "Samples to time through the loader.") var samples = 256
+    @Option(parsing: .unconditional, help: "Samples to time through the loader.") var samples = 256
 
     func run() throws {
         // A 2500 x 3000 radiograph-like JPEG, as MIMIC-CXR-JPG's originals.

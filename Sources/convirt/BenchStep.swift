@@ -12,22 +12,22 @@ struct BenchStep: ParsableCommand {
     @Option(help: "tiny, demo or paper.")
     var preset = Preset.paper
 
-    @Option(help: "Pairs per step.")
+    @Option(parsing: .unconditional, help: "Pairs per step.")
     var batch = 8
 
-    @Option(help: "Tokens per report (all valid).")
+    @Option(parsing: .unconditional, help: "Tokens per report (all valid).")
     var tokens = 128
 
-    @Option(help: "BLAS threads.")
+    @Option(parsing: .unconditional, help: "BLAS threads.")
     var threads = 2
 
-    @Option(help: "Timed steps after one warm-up step.")
+    @Option(parsing: .unconditional, help: "Timed steps after one warm-up step.")
     var steps = 3
 
     @Option(help: "fp32, bf16 (mixed, as PyTorch's CPU autocast) or auto (bf16 where the CPU has AMX-BF16 or AVX512-BF16).")
     var precision = PrecisionChoice.auto
 
-    @Option(help: "Samples per gradient piece in bf16 (a divisor of --batch; default: what train uses with the preset's global batch, where it divides --batch).")
+    @Option(parsing: .unconditional, help: "Samples per gradient piece in bf16 (a divisor of --batch; default: what train uses with the preset's global batch, where it divides --batch).")
     var gradientPiece: Int?
 
     func run() throws {

@@ -53,9 +53,19 @@ struct CheckpointCommand: ParsableCommand {
             print("saved by \(m.worldSize) rank(s); preset \(m.config.preset); arena \(m.arenaCount) floats x 3 (parameters, Adam m, Adam v)")
             print(String(format: "%d shard(s): %.1f MB compressed from %.1f MB (ratio %.2f)", m.shards.count, Double(compressed) / 1e6, Double(raw) / 1e6,
                          Double(raw) / Double(max(compressed, 1))))
-            for s in m.shards { print("  \(s.file): arena [\(s.range[0]), \(s.range[1])), \(s.bytes) bytes, crc32 \(String(s.crc32, radix: 16))") }
+            // Each shard as the manifest records it and as it is on the disk (inspect reads no shard: `verify` checks the contents).
+            var problems: [String] = []
+            for s in m.shards {
+                let size = (try? FileManager.default.attributesOfItem(atPath: "\(dir)/\(s.file)")[.size] as? Int) ?? nil
+                let disk = size.map { $0 == s.bytes ? "" : ", \($0) bytes on the disk" } ?? ", missing on the disk"
+                if !disk.isEmpty { problems.append("\(dir)/\(s.file): the manifest records \(s.bytes) bytes\(disk)") }
+                print("  \(s.file): arena [\(s.range[0]), \(s.range[1])), \(s.bytes) bytes\(disk), crc32 \(String(s.crc32, radix: 16))")
+            }
             print("\(m.entries.count) tensors (\(m.entries.filter { $0.kind == "trainable" }.count) trainable)")
             if tensors { for e in m.entries { print("  \(e.name) \(describe(shape: e.shape)) @\(e.offset) \(e.kind)") } }
+            if !problems.isEmpty {
+                throw ConvirtError("damaged checkpoint: \(problems.joined(separator: "; ")) (convirt checkpoint verify checks every byte)")
+            }
         }
     }
 

@@ -52,6 +52,16 @@ func writeJSON(_ data: Data, to path: String) throws {
     try Files.writeAtomically(data, to: path)
 }
 
+/// Each named count at least 1, or a usage error naming the first that is not.
+func requirePositive(_ values: KeyValuePairs<String, Int>) throws {
+    for (name, value) in values where value < 1 { throw ValidationError("\(name) must be positive, got \(value)") }
+}
+
+/// An input size the ResNet takes (its total stride is 32), where one is given.
+func requireImageSize(_ size: Int?) throws {
+    if let size, size < 32 || size > 8192 { throw ValidationError("--image-size must be in 32...8192 (the network's total stride is 32), got \(size)") }
+}
+
 struct ClassificationArguments: ParsableArguments {
     @Option(help: "chexpert, rsna, covidx or mura.") var dataset: DownstreamDataset
     @Option(help: "The dataset's directory, as released.") var root: String
@@ -60,21 +70,21 @@ struct ClassificationArguments: ParsableArguments {
     var initialization = Initialization.convirt
     @Option(help: "torchvision ResNet weights (.safetensors) for --init imagenet.") var imageWeights: String?
     @Option(help: "Architecture for random/imagenet init without a checkpoint: tiny, demo or paper.") var preset = Preset.paper
-    @Option(help: "Share of the training labels: 0.01, 0.1 or 1.") var fraction = 1.0
-    @Option(help: "Runs (seeds); the result is their mean and standard deviation.") var runs = 5
-    @Option(help: "Seed of the first run.") var seed: UInt64 = 0
-    @Option(help: "Input size (default: the encoder's, 224 for the paper).") var imageSize: Int?
-    @Option(help: "Learning rate (default 1e-4, 1e-3 for COVIDx).") var lr: Double?
-    @Option(help: "Batch (over all ranks).") var batch = 64
-    @Option(help: "Maximum epochs.") var maxEpochs = 100
-    @Option(help: "Linear: the fewest classifier steps in an epoch (a smaller training set is passed over again within it); 1: one pass, the paper's.")
+    @Option(parsing: .unconditional, help: "Share of the training labels: 0.01, 0.1 or 1.") var fraction = 1.0
+    @Option(parsing: .unconditional, help: "Runs (seeds); the result is their mean and standard deviation.") var runs = 5
+    @Option(parsing: .unconditional, help: "Seed of the first run.") var seed: UInt64 = 0
+    @Option(parsing: .unconditional, help: "Input size (default: the encoder's, 224 for the paper).") var imageSize: Int?
+    @Option(parsing: .unconditional, help: "Learning rate (default 1e-4, 1e-3 for COVIDx).") var lr: Double?
+    @Option(parsing: .unconditional, help: "Batch (over all ranks).") var batch = 64
+    @Option(parsing: .unconditional, help: "Maximum epochs.") var maxEpochs = 100
+    @Option(parsing: .unconditional, help: "Linear: the fewest classifier steps in an epoch (a smaller training set is passed over again within it); 1: one pass, the paper's.")
     var minEpochSteps = 1
     @Option(help: "Linear: keep the epoch with the lowest validation loss (loss, the paper's) or the best validation AUC/accuracy (metric); the schedule follows the loss either way.")
     var keepBest: ClassificationOptions.KeepBest = .loss
-    @Option(help: "Fine-tuning: steps of the classifier alone first.") var headSteps = 200
+    @Option(parsing: .unconditional, help: "Fine-tuning: steps of the classifier alone first.") var headSteps = 200
     @Option(help: "CheXpert labels whose uncertain values count as positive (comma-separated; default: none, U-Zeros).") var uOnes: String?
     @Option(help: "Directory for cached features (default: feature-cache beside --out).") var cache: String?
-    @Option(help: "Threads per rank.") var threads = 1
+    @Option(parsing: .unconditional, help: "Threads per rank.") var threads = 1
     @Option(help: "Precision of the convolutions and matrix products: fp32, bf16 (mixed, as PyTorch's CPU autocast) or auto (bf16 where the CPU has AMX-BF16 or AVX512-BF16).")
     var precision = PrecisionChoice.auto
     @Flag(help: "Fine-tuning: shard the Adam state over the ranks (ZeRO-1).") var zero1 = false
@@ -86,7 +96,11 @@ struct ClassificationArguments: ParsableArguments {
     enum Initialization: String, ExpressibleByArgument, CaseIterable { case convirt, random, imagenet }
 
     func validate() throws {
-        guard maxEpochs >= 1 && minEpochSteps >= 1 else { throw ValidationError("--max-epochs and --min-epoch-steps must be positive") }
+        try requirePositive(["--max-epochs": maxEpochs, "--min-epoch-steps": minEpochSteps, "--runs": runs, "--batch": batch, "--threads": threads])
+        guard headSteps >= 0 else { throw ValidationError("--head-steps must not be negative, got \(headSteps)") }
+        guard fraction > 0 && fraction <= 1 else { throw ValidationError("--fraction must be in (0, 1] (0.01, 0.1 or 1 in the paper), got \(fraction)") }
+        if let lr { guard lr > 0 && lr.isFinite else { throw ValidationError("--lr must be a positive number, got \(lr)") } }
+        try requireImageSize(imageSize)
     }
 
     func source() throws -> EncoderSource {
@@ -192,14 +206,19 @@ struct EvalZeroShot: ParsableCommand {
     @Option(help: ArgumentHelp("Prompts JSON: {\"<label>\": {\"positive\": [...], \"negative\": [...]}} (COVIDx classes: positive only); "
                                + "default: the ones convirt ships for the dataset.")) var prompts: String?
     @Option(help: "vocab.txt (default: the run's).") var vocab: String?
-    @Option(help: "Input size (default: the encoder's).") var imageSize: Int?
-    @Option(help: "Seed of the dataset's split (as eval linear's --seed).") var seed: UInt64 = 0
+    @Option(parsing: .unconditional, help: "Input size (default: the encoder's).") var imageSize: Int?
+    @Option(parsing: .unconditional, help: "Seed of the dataset's split (as eval linear's --seed).") var seed: UInt64 = 0
     @Option(help: "CheXpert labels whose uncertain values count as positive (as eval linear).") var uOnes: String?
-    @Option(help: "Threads per rank.") var threads = 1
+    @Option(parsing: .unconditional, help: "Threads per rank.") var threads = 1
     @Option(help: "Precision of the convolutions and matrix products: fp32, bf16 (mixed, as PyTorch's CPU autocast) or auto (bf16 where the CPU has AMX-BF16 or AVX512-BF16).")
     var precision = PrecisionChoice.auto
     @Option(help: "Results file (JSON).") var out: String?
     @Flag(help: "Print only the result line.") var quiet = false
+
+    func validate() throws {
+        try requirePositive(["--threads": threads])
+        try requireImageSize(imageSize)
+    }
 
     func run() throws {
         try withCommunicator("eval zeroshot") { communicator in
@@ -269,7 +288,7 @@ struct EvalHeldOut: ParsableCommand {
     @Option(help: "A ConVIRT checkpoint directory, or a run directory (its latest checkpoint).") var checkpoint: String
     @Option(help: "A prepared dataset (convirt prepare mimic).") var data: String
     @Option(help: "The split whose studies are retrieved.") var split = "test"
-    @Option(help: "Studies (the first N of the split).") var studies = 100
+    @Option(parsing: .unconditional, help: "Studies (the first N of the split).") var studies = 100
     @Option(help: "Precision of the convolutions and matrix products: fp32, bf16 (mixed, as PyTorch's CPU autocast) or auto (bf16 where the CPU has AMX-BF16 or AVX512-BF16).")
     var precision = PrecisionChoice.auto
     @Option(help: "vocab.txt (default: the run's).") var vocab: String?
@@ -292,14 +311,20 @@ struct EvalRetrieval: ParsableCommand {
     @Option(help: "The CheXpert directory the candidate and query paths refer to.") var root: String
     @Option(help: "Directory with image-retrieval/ and text-retrieval/ (candidate.csv, query.csv).") var queries: String
     @Option(help: "vocab.txt (default: the run's).") var vocab: String?
-    @Option(help: "Input size (default: the encoder's).") var imageSize: Int?
-    @Option(help: "Queries per category and mode kept with their top candidates (for the report).") var examples = 1
-    @Option(help: "Threads per rank.") var threads = 1
+    @Option(parsing: .unconditional, help: "Input size (default: the encoder's).") var imageSize: Int?
+    @Option(parsing: .unconditional, help: "Queries per category and mode kept with their top candidates (for the report).") var examples = 1
+    @Option(parsing: .unconditional, help: "Threads per rank.") var threads = 1
     @Option(help: "Precision of the convolutions and matrix products: fp32, bf16 (mixed, as PyTorch's CPU autocast) or auto (bf16 where the CPU has AMX-BF16 or AVX512-BF16).")
     var precision = PrecisionChoice.auto
     @Flag(help: "Fine-tuning: shard the Adam state over the ranks (ZeRO-1).") var zero1 = false
     @Option(help: "Results file (JSON).") var out: String?
     @Flag(help: "Print only the precision@10 line.") var quiet = false
+
+    func validate() throws {
+        try requirePositive(["--threads": threads])
+        guard examples >= 0 else { throw ValidationError("--examples must not be negative, got \(examples)") }
+        try requireImageSize(imageSize)
+    }
 
     func run() throws {
         try withCommunicator("eval retrieval") { communicator in
@@ -343,8 +368,8 @@ struct EmbedCommand: ParsableCommand {
     @Option(help: "A file with one image path per line.") var images: String?
     @Option(help: "A file with one sentence per line.") var texts: String?
     @Option(help: "vocab.txt (default: the run's).") var vocab: String?
-    @Option(help: "Input size (default: the encoder's).") var imageSize: Int?
-    @Option(help: "Threads per rank.") var threads = 1
+    @Option(parsing: .unconditional, help: "Input size (default: the encoder's).") var imageSize: Int?
+    @Option(parsing: .unconditional, help: "Threads per rank.") var threads = 1
     @Option(help: "Precision of the convolutions and matrix products: fp32, bf16 (mixed, as PyTorch's CPU autocast) or auto (bf16 where the CPU has AMX-BF16 or AVX512-BF16).")
     var precision = PrecisionChoice.auto
     @Flag(help: "Fine-tuning: shard the Adam state over the ranks (ZeRO-1).") var zero1 = false
@@ -352,6 +377,8 @@ struct EmbedCommand: ParsableCommand {
 
     func validate() throws {
         guard (images == nil) != (texts == nil) else { throw ValidationError("give exactly one of --images and --texts") }
+        try requirePositive(["--threads": threads])
+        try requireImageSize(imageSize)
     }
 
     func run() throws {

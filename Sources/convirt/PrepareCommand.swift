@@ -16,9 +16,9 @@ struct PrepareMIMICCommand: ParsableCommand {
     @Option(help: "The MIMIC-CXR-JPG root (files/pXX/..., mimic-cxr-2.0.0-*.csv[.gz]).") var root: String
     @Option(help: "Root of the reports archive (files/pXX/pSUBJECT/sSTUDY.txt) when not under --root.") var reports: String?
     @Option(help: "Output directory.") var out: String
-    @Option(help: "Longer side of the stored images.") var imageSize = 256
+    @Option(parsing: .unconditional, help: "Longer side of the stored images.") var imageSize = 256
     @Flag(help: "Keep lateral and other non-frontal views too.") var allViews = false
-    @Option(help: "Parallel workers.") var threads = 2
+    @Option(parsing: .unconditional, help: "Parallel workers.") var threads = 2
 
     func run() throws {
         var options = PrepareOptions(root: root, out: out)

@@ -12,9 +12,9 @@ struct SynthMIMICCommand: ParsableCommand {
     static let configuration = CommandConfiguration(commandName: "mimic", abstract: "A synthetic MIMIC-CXR-JPG (images, reports, CSVs, vocab.txt).")
 
     @Option(help: "Output directory.") var out: String
-    @Option(help: "Number of studies.") var studies = 2000
-    @Option(help: "Width of the rendered images in pixels.") var imageSize = 512
-    @Option(help: "Seed.") var seed: UInt64 = 0
+    @Option(parsing: .unconditional, help: "Number of studies.") var studies = 2000
+    @Option(parsing: .unconditional, help: "Width of the rendered images in pixels.") var imageSize = 512
+    @Option(parsing: .unconditional, help: "Seed.") var seed: UInt64 = 0
 
     func run() throws {
         guard studies > 0, imageSize >= 64 else { throw ValidationError("--studies must be positive and --image-size at least 64") }
@@ -33,11 +33,11 @@ struct SynthMIMICCommand: ParsableCommand {
 /// Options shared by the downstream synth commands.
 struct SynthDownstreamArguments: ParsableArguments {
     @Option(help: "Output directory.") var out: String
-    @Option(help: "Number of items (chexpert: training images, default 4800, plus count/6 in valid.csv; rsna: patients, default 2000; covidx: training images, default 800, plus count/4 in test.txt; mura: training studies, default 800, plus count/4 valid studies).")
+    @Option(parsing: .unconditional, help: "Number of items (chexpert: training images, default 4800, plus count/6 in valid.csv; rsna: patients, default 2000; covidx: training images, default 800, plus count/4 in test.txt; mura: training studies, default 800, plus count/4 valid studies).")
     var count: Int?
-    @Option(help: "Seed.") var seed: UInt64 = 0
-    @Option(help: "Width of the rendered images in pixels (RSNA's are square; the released RSNA images are 1024).") var imageSize = 256
-    @Option(help: "How hard the images and labels are: 0 = every finding at full contrast, clean labels; 1 = calibrated (faint to obvious findings, normal variation that mimics disease, the datasets' label noise); above 1 harder.")
+    @Option(parsing: .unconditional, help: "Seed.") var seed: UInt64 = 0
+    @Option(parsing: .unconditional, help: "Width of the rendered images in pixels (RSNA's are square; the released RSNA images are 1024).") var imageSize = 256
+    @Option(parsing: .unconditional, help: "How hard the images and labels are: 0 = every finding at full contrast, clean labels; 1 = calibrated (faint to obvious findings, normal variation that mimics disease, the datasets' label noise); above 1 harder.")
     var difficulty = 1.0
 
     func options() throws -> SynthDownstreamOptions {
@@ -81,9 +81,9 @@ struct SynthCheXpertCommand: ParsableCommand {
     @OptionGroup var common: SynthDownstreamArguments
     @Option(help: "A CheXpert-format CSV: render one image per row at its Path with its labels.") var labels: String?
     @Option(help: "Directory of the 8x200 retrieval files (default OUT/chexpert_8x200).") var retrieval: String?
-    @Option(help: "Retrieval candidates per category (the released set has 200).") var retrievalCandidates = 25
-    @Option(help: "Image queries per retrieval category.") var retrievalQueries = 5
-    @Option(help: "Text queries per retrieval category.") var retrievalTextQueries = 5
+    @Option(parsing: .unconditional, help: "Retrieval candidates per category (the released set has 200).") var retrievalCandidates = 25
+    @Option(parsing: .unconditional, help: "Image queries per retrieval category.") var retrievalQueries = 5
+    @Option(parsing: .unconditional, help: "Text queries per retrieval category.") var retrievalTextQueries = 5
     @Flag(help: "Do not write the retrieval files.") var noRetrieval = false
 
     func run() throws {

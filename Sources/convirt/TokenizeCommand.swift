@@ -12,7 +12,7 @@ struct TokenizeCommand: ParsableCommand {
     @Flag(inversion: .prefixedNo, help: "Lowercase and strip accents (uncased vocabularies), as train's --lowercase.")
     var lowercase = false
 
-    @Option(help: "Truncate to this many ids including [CLS] and [SEP].")
+    @Option(parsing: .unconditional, help: "Truncate to this many ids including [CLS] and [SEP].")
     var maxLength: Int?
 
     func run() throws {

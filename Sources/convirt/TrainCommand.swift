@@ -41,32 +41,32 @@ struct TrainCommand: ParsableCommand {
     @Option(parsing: .unconditional, help: "Pairs per step over all ranks (must divide by the number of ranks).") var globalBatch: Int?
     @Option(parsing: .unconditional, help: "Total steps of the run.") var steps: Int?
     @Option(parsing: .unconditional, help: "Epochs (when --steps is not given).") var epochs: Int?
-    @Option(help: "Seed of every random draw.") var seed: UInt64?
+    @Option(parsing: .unconditional, help: "Seed of every random draw.") var seed: UInt64?
     @Option(parsing: .unconditional, help: "Learning rate.") var lr: Double?
     @Option(parsing: .unconditional, help: "Adam weight decay (L2, as torch.optim.Adam).") var weightDecay: Double?
     @Option(help: "paper, cosine or constant.") var schedule: ScheduleKind?
-    @Option(help: "Warmup steps (cosine schedule).") var warmupSteps: Int?
-    @Option(help: "Validation loss every K steps.") var valEvery: Int?
-    @Option(help: "Validation pairs.") var valSamples: Int?
-    @Option(help: "Checks without improvement before the LR is halved (paper schedule).") var patience: Int?
-    @Option(help: "Stop after this many validation checks (paper schedule).") var maxChecks: Int?
+    @Option(parsing: .unconditional, help: "Warmup steps (cosine schedule).") var warmupSteps: Int?
+    @Option(parsing: .unconditional, help: "Validation loss every K steps.") var valEvery: Int?
+    @Option(parsing: .unconditional, help: "Validation pairs.") var valSamples: Int?
+    @Option(parsing: .unconditional, help: "Checks without improvement before the LR is halved (paper schedule).") var patience: Int?
+    @Option(parsing: .unconditional, help: "Stop after this many validation checks (paper schedule).") var maxChecks: Int?
     @Flag(help: "BatchNorm with per-rank statistics instead of SyncBN.") var noSyncBn = false
-    @Option(help: "Clip the global gradient norm.") var clipGradNorm: Double?
-    @Option(help: "Maximum WordPiece tokens per sentence.") var maxTokens: Int?
+    @Option(parsing: .unconditional, help: "Clip the global gradient norm.") var clipGradNorm: Double?
+    @Option(parsing: .unconditional, help: "Maximum WordPiece tokens per sentence.") var maxTokens: Int?
     @Flag(inversion: .prefixedNo, help: "Lowercase and strip accents (uncased vocabulary; default: the preset's).") var lowercase: Bool?
-    @Option(help: "Threads per rank (products and loops).") var threads: Int?
+    @Option(parsing: .unconditional, help: "Threads per rank (products and loops).") var threads: Int?
     @Option(help: ArgumentHelp("Precision of the convolutions and matrix products: fp32, bf16 (mixed precision as PyTorch's CPU autocast: "
                                + "bf16 products with fp32 accumulation, fp32 weights, gradients, Adam, norms, softmax and loss) or auto "
                                + "(bf16 where the CPU has AMX-BF16 or AVX512-BF16, else fp32; with --resume: the checkpoint's)."))
     var precision = PrecisionChoice.auto
-    @Option(help: "Loader threads per rank.") var loaderWorkers: Int?
+    @Option(parsing: .unconditional, help: "Loader threads per rank.") var loaderWorkers: Int?
     @Flag(help: "Do not swap left/right in the sentence when the image is flipped (the paper's exact recipe).") var noLateralitySwap = false
     @Option(help: "torchvision ResNet weights (.safetensors; tools/convert_weights.py).") var imageWeights: String?
     @Option(help: "A Hugging Face BERT directory (config.json, vocab.txt, model.safetensors).") var textWeights: String?
     @Option(help: "vocab.txt (default: the text weights', else the dataset's).") var vocab: String?
-    @Option(help: "Held-out studies for the image-to-text retrieval check at the end (0 = skip).") var retrievalEval = 200
-    @Option(help: "Save a sharded checkpoint every K steps (always at the end).") var checkpointEvery: Int?
-    @Option(help: "Checkpoints to keep.") var keepCheckpoints: Int?
+    @Option(parsing: .unconditional, help: "Held-out studies for the image-to-text retrieval check at the end (0 = skip).") var retrievalEval = 200
+    @Option(parsing: .unconditional, help: "Save a sharded checkpoint every K steps (always at the end).") var checkpointEvery: Int?
+    @Option(parsing: .unconditional, help: "Checkpoints to keep.") var keepCheckpoints: Int?
     @Flag(help: "Continue from the newest complete checkpoint of the run directory (if there is one).") var resume = false
     @Flag(help: "With --resume: when the newest checkpoint is damaged, report it and resume from the previous complete one.")
     var resumeFallback = false
@@ -82,7 +82,7 @@ struct TrainCommand: ParsableCommand {
     @Option(parsing: .unconditional, help: ArgumentHelp("Exact accumulation (GradCache): each rank runs its rows of the global batch as K micro-batches; "
                                                         + "the loss still sees all --global-batch pairs as negatives.")) var accumSteps: Int?
     @Flag(help: "Write no TensorBoard event files (default: RUN/tensorboard/events.out.tfevents.*, rank 0).") var noTensorboard = false
-    @Option(help: ArgumentHelp("bf16: samples per gradient piece, a divisor of each rank's micro-batch (default: 4, 2 or 1, the largest that "
+    @Option(parsing: .unconditional, help: ArgumentHelp("bf16: samples per gradient piece, a divisor of each rank's micro-batch (default: 4, 2 or 1, the largest that "
                                + "every world size up to 8 cuts whole). Runs agree across world sizes at equal pieces."))
     var gradientPiece: Int?
     @Flag(help: "Print the resolved configuration (the preset's defaults and the flags given) as JSON and exit.") var printConfig = false

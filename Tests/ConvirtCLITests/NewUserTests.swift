@@ -166,6 +166,13 @@ struct EarlierCheckpointTests {
         let fixture = "\(repository)/Tests/ConvirtCLITests/Fixtures/manifest-demo-step2000-v0.1.json"
         try? FileManager.default.removeItem(atPath: "\(dir)/manifest.json")
         try FileManager.default.copyItem(atPath: fixture, toPath: "\(dir)/manifest.json")
+        // Shards of the sizes the manifest records (inspect compares sizes; verify would read them).
+        for (file, bytes) in [("shard-00000-of-00002.zst", 3_340_199), ("shard-00001-of-00002.zst", 3_374_362)] {
+            FileManager.default.createFile(atPath: "\(dir)/\(file)", contents: nil)
+            let handle = try FileHandle(forWritingTo: URL(fileURLWithPath: "\(dir)/\(file)"))
+            try handle.truncate(atOffset: UInt64(bytes))
+            try handle.close()
+        }
         let r = try run(convirtPath(), ["checkpoint", "inspect", dir])
         #expect(r.status == 0 && r.output.contains("step 2000") && r.output.contains("preset demo"), "\(r.output)")
         // The demo's cosine schedule at its last step: the rate the step used, not the base rate.

@@ -169,6 +169,61 @@ struct RobustnessTests {
                 && fallback.output.contains("resuming from \(runDir)/checkpoints/step-00000002 at step 2"), "\(fallback.output)")
     }
 
+    @Test("--global-batch 0 or below is refused as not positive, not as indivisible", arguments: ["0", "-8"])
+    func nonPositiveBatch(value: String) throws {
+        let r = try run(convirtPath(), ["train", "--data", try SharedRuns.shared.data(), "--run-dir", "\(dir)/batch\(value)", "--global-batch", value])
+        #expect(failedCleanly(r.status) && r.output.contains("--global-batch must be positive, got \(value)") && !r.output.contains("divide"), "\(r.output)")
+    }
+
+    @Test("--val-samples 0 says no validation is computed, not that the split is too small")
+    func noValidationSamples() throws {
+        let r = try run(convirtPath(), ["train", "--data", try SharedRuns.shared.data(), "--run-dir", "\(dir)/val0", "--preset", "tiny", "--steps", "1",
+                                        "--val-samples", "0", "--retrieval-eval", "0"])
+        #expect(r.status == 0 && r.output.contains("--val-samples 0: no validation loss will be computed") && !r.output.contains("fewer"), "\(r.output)")
+    }
+
+    @Test("a negative number is read as the option's value and refused by its check, never 'Missing value'",
+          arguments: [["train", "--checkpoint-every", "-1"], ["train", "--keep-checkpoints", "-2"], ["synth", "mimic", "--studies", "-1"],
+                      ["prepare", "mimic", "--image-size", "-5"], ["eval", "linear", "--runs", "-1"], ["synth", "chexpert", "--count", "-3"]])
+    func negativeNumbers(arguments: [String]) throws {
+        let option = arguments[arguments.count - 2]
+        var full = arguments
+        switch arguments[0] {
+        case "train": full += ["--data", try SharedRuns.shared.data(), "--run-dir", "\(dir)/negative"]
+        case "synth": full += ["--out", "\(dir)/negative-synth"]
+        case "prepare": full += ["--root", "\(dir)/nowhere", "--out", "\(dir)/negative-prepare"]
+        default: full += ["--dataset", "rsna", "--root", "\(dir)/nowhere", "--checkpoint", "\(dir)/nowhere"]
+        }
+        let r = try run(convirtPath(), full)
+        #expect(failedCleanly(r.status) && !r.output.contains("Missing value") && r.output.contains(option), "\(r.output)")
+    }
+
+    @Test("--data naming the manifest file asks for the dataset's directory")
+    func dataIsAFile() throws {
+        let r = try run(convirtPath(), ["train", "--data", try SharedRuns.shared.data() + "/manifest.json", "--run-dir", "\(dir)/data-file"])
+        #expect(failedCleanly(r.status) && r.output.contains("is a file; give the prepared dataset's directory"), "\(r.output)")
+    }
+
+    @Test("a manifest number that does not fit its type names the key and the value", arguments: ["-1", "4294967296", "1.5"])
+    func manifestNumbers(value: String) throws {
+        let copy = try copyCheckpoint("crc-\(value)")
+        let path = "\(copy)/manifest.json"
+        let text = try String(contentsOfFile: path, encoding: .utf8)
+        let edited = text.replacingOccurrences(of: #""crc32"\s*:\s*\d+"#, with: "\"crc32\": \(value)", options: .regularExpression)
+        #expect(edited != text)
+        try edited.write(toFile: path, atomically: true, encoding: .utf8)
+        let r = try run(convirtPath(), ["checkpoint", "verify", copy])
+        #expect(r.status != 0 && r.output.contains("shards[0].crc32: \(value) is not") && !r.output.contains("not valid JSON"), "\(r.output)")
+    }
+
+    @Test("checkpoint inspect reports a shard whose size on the disk is not the manifest's, and fails")
+    func inspectEmptyShard() throws {
+        let copy = try copyCheckpoint("empty-shard")
+        try Data().write(to: URL(fileURLWithPath: "\(copy)/shard-00000-of-00001.zst"))
+        let r = try run(convirtPath(), ["checkpoint", "inspect", copy])
+        #expect(r.status == 1 && r.output.contains("0 bytes on the disk") && r.output.contains("checkpoint verify"), "\(r.output)")
+    }
+
     @Test("image weights with a negative BatchNorm running variance are refused when loaded, naming the tensor")
     func negativeVariance() throws {
         let path = try editedImageWeights("negative-variance", "layer4.0.bn3.running_var") { $0[flat: 0] = -1 }

@@ -267,6 +267,18 @@ struct DICOMBrokenTests {
 
         let bits32 = try patched(good, [0x28, 0x00, 0x00, 0x01, 0x55, 0x53, 0x02, 0x00, 0x08], [0x28, 0x00, 0x00, 0x01, 0x55, 0x53, 0x02, 0x00, 0x20])
         #expect(text(bits32).contains("BitsAllocated (0028,0100) 32 is not supported"))
+        // BitsAllocated 0 and 65288 (0xFF08), and no SamplesPerPixel (its tag renamed to an unknown one):
+        // refused in the native and the JPEG (encapsulated) data alike, naming the attribute.
+        let jpeg = try fixture("jpeg_baseline_8bit.dcm")
+        for (name, image) in [("native", good), ("JPEG", jpeg)] {
+            for (value, bytes) in [(0, [UInt8(0x00), 0x00]), (65288, [0x08, 0xFF])] {
+                let bits = try patched(image, [0x28, 0x00, 0x00, 0x01, 0x55, 0x53, 0x02, 0x00, 0x08, 0x00],
+                                       [0x28, 0x00, 0x00, 0x01, 0x55, 0x53, 0x02, 0x00] + bytes)
+                #expect(text(bits).contains("BitsAllocated (0028,0100) \(value) is not supported"), "\(name): \(text(bits))")
+            }
+            let noSamples = try patched(image, [0x28, 0x00, 0x02, 0x00, 0x55, 0x53], [0x28, 0x00, 0x03, 0x00, 0x55, 0x53])
+            #expect(text(noSamples).contains("/data/x.dcm: invalid DICOM: no SamplesPerPixel (0028,0002)"), "\(name): \(text(noSamples))")
+        }
 
         // Patient's Name claims 65520 bytes.
         let longName = try patched(good, [0x10, 0x00, 0x10, 0x00, 0x50, 0x4E, 0x0C, 0x00], [0x10, 0x00, 0x10, 0x00, 0x50, 0x4E, 0xF0, 0xFF])

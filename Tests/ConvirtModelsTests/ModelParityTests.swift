@@ -68,6 +68,24 @@ struct ModelParityTests {
         return path
     }
 
+    @Test("a fixture config whose number does not fit names the key and the value", arguments: ["1e308", "-3", "2.5"])
+    func configNumbers(width: String) throws {
+        let file = try SafeTensorsFile(path: fixturePath("resnet_tiny_eval.safetensors"))
+        var metadata = file.metadata
+        metadata["config"] = metadata["config"]!.replacingOccurrences(of: #""width"\s*:\s*\d+"#, with: "\"width\": \(width)", options: .regularExpression)
+        var writer = SafeTensorsWriter(metadata: metadata)
+        for tensor in file.names { try writer.add(tensor, try file.floats(tensor)) }
+        let path = FileManager.default.temporaryDirectory.appendingPathComponent("parity-\(getpid())-width-\(width).safetensors").path
+        defer { try? FileManager.default.removeItem(atPath: path) }
+        try writer.write(to: path)
+        #expect {
+            _ = try Parity.run(path: path)
+        } throws: { error in
+            let message = "\(error)"
+            return width == "-3" ? message.contains("width must be in 1...4096") : message.contains("width: ") && message.contains("is not")
+        }
+    }
+
     @Test("a bf16 fixture with a NaN reference, fp32 result or gradient fails (never an infinite limit that passes)",
           arguments: ["grad.encoder.layer.1.output.dense.weight", "fp32.grad.encoder.layer.1.output.dense.weight", "fp32.output.last_hidden_state"])
     func nonFiniteReference(tensor: String) throws {

@@ -47,9 +47,20 @@ struct TokenizerTests {
         #expect(throws: ConvirtError.self) { try tokenizer.encodeBatch(["x"], maxLength: 1) }
     }
 
+    @Test("a vocab.txt with CRLF line endings is the same vocabulary (as Python's text mode reads it)")
+    func crlfVocabulary() throws {
+        let lf = try fixture("uncased_vocab.txt")
+        let crlf = FileManager.default.temporaryDirectory.appendingPathComponent("vocab-crlf-\(getpid()).txt").path
+        defer { try? FileManager.default.removeItem(atPath: crlf) }
+        try String(contentsOfFile: lf, encoding: .utf8).replacingOccurrences(of: "\n", with: "\r\n").write(toFile: crlf, atomically: true, encoding: .utf8)
+        let a = try WordPieceTokenizer(vocabularyPath: lf, lowercase: true), b = try WordPieceTokenizer(vocabularyPath: crlf, lowercase: true)
+        #expect(a.vocabulary.tokens == b.vocabulary.tokens && a.unknownID == b.unknownID)
+        #expect(a.encode("The heart is not enlarged.", maxLength: 16) == b.encode("The heart is not enlarged.", maxLength: 16))
+    }
+
     @Test("a vocabulary without the special tokens, or a missing file, is a clear error")
     func badVocabulary() throws {
-        #expect(throws: ConvirtError("vocabulary has no [UNK] token")) { try WordPieceTokenizer(vocabulary: Vocabulary(tokens: ["a", "b"]), lowercase: true) }
+        #expect(throws: ConvirtError("vocabulary <memory> has no [UNK] token (one token per line; BERT's vocab.txt)")) { try WordPieceTokenizer(vocabulary: Vocabulary(tokens: ["a", "b"]), lowercase: true) }
         #expect(throws: ConvirtError("cannot read vocabulary /nonexistent/vocab.txt: no such file")) { try Vocabulary(path: "/nonexistent/vocab.txt") }
     }
 }

@@ -85,7 +85,7 @@ let package = Package(
         .testTarget(name: "ConvirtModelsTests", dependencies: ["ConvirtModels", "ConvirtCore", "ConvirtIO", "ConvirtText"], resources: [.copy("Fixtures")]),
         .testTarget(name: "ConvirtTextTests", dependencies: ["ConvirtText", "ConvirtCore"], resources: [.copy("Fixtures")]),
         .testTarget(name: "ConvirtDataTests", dependencies: ["ConvirtData", "ConvirtCore", "ConvirtIO", "ConvirtText"]),
-        .testTarget(name: "ConvirtCLITests", dependencies: ["convirt", "ConvirtIO", "ConvirtCore", "ConvirtTraining", "ConvirtData", "ConvirtText"],
+        .testTarget(name: "ConvirtCLITests", dependencies: ["convirt", "ConvirtIO", "ConvirtCore", "ConvirtTraining", "ConvirtData", "ConvirtText", "ConvirtModels"],
                     exclude: ["Fixtures"]),
     ]
 )

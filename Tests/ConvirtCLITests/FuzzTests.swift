@@ -1,11 +1,12 @@
 // Mutated files of every kind the program reads: each parse ends in a result or a ConvirtError naming
 // the problem, never a signal (a trap ends this test process, failing the run), never a hang (the whole
 // run is bounded in time). Seeded, so a failure reproduces; CONVIRT_FUZZ_CASES sets the cases per kind
-// (CI: 40, so about 360 in all; run with 1250 for 10,000).
+// (CI: 40, so about 640 in all; run with 1000 for 16,000).
 
 import ConvirtCore
 import ConvirtData
 import ConvirtIO
+import ConvirtModels
 import ConvirtText
 import ConvirtTraining
 import Foundation
@@ -138,11 +139,105 @@ struct FuzzTests {
         #expect(unchanged, "a mutated manifest with other content was accepted")
         try manifest.write(to: URL(fileURLWithPath: "\(checkpoint)/manifest.json"))
 
+        // Parity fixtures: bytes mutated, and tensors made NaN or given another shape (a report must then fail).
+        for (k, name) in ["bert_tiny_bf16", "resnet_tiny_eval"].enumerated() {
+            let path = Self.fixtures.appendingPathComponent("ConvirtModelsTests/Fixtures/\(name).safetensors").path
+            tallies["parity \(name) bytes"] = fuzz("parity", try Data(contentsOf: URL(fileURLWithPath: path)), salt: 13 + UInt64(k)) { data in
+                let copy = "\(dir)/fixture.safetensors"
+                try data.write(to: URL(fileURLWithPath: copy))
+                _ = try Parity.run(path: copy)
+            }
+            var passedWrongly: [String] = []
+            tallies["parity \(name) tensors"] = try fuzzTensors(path, salt: 15 + UInt64(k), dir: dir) { copy, what in
+                // A damaged reference (an output, a gradient, PyTorch's fp32 result) never passes; a NaN in an
+                // input may legitimately reach nothing (an output weight of a channel no ReLU lets through).
+                if try Parity.run(path: copy).passed && !what.contains(" in input.") { passedWrongly.append(what) }
+            }
+            #expect(passedWrongly.isEmpty, "\(name): a fixture with \(passedWrongly.prefix(3)) passed")
+        }
+        // Image weights with statistics out of range, NaN or infinite values: refused when loaded, naming the tensor.
+        let export = "\(dir)/export"
+        if !FileManager.default.fileExists(atPath: "\(export)/image_encoder.safetensors") {
+            let e = try ConvirtCLITests.run(convirtPath(), ["checkpoint", "export", run, "--out", export])
+            #expect(e.status == 0, "\(e.output)")
+        }
+        var acceptedBad: [String] = []
+        tallies["image weights"] = try fuzzStatistics("\(export)/image_encoder.safetensors", salt: 17, dir: dir) { copy, bad in
+            var layout = ParameterLayout()
+            _ = try ResNet(config: ConVIRTConfig.preset(.tiny).image, layout: &layout)
+            do {
+                try Weights.load(SafeTensorsFile(path: copy), into: ParameterArena(layout: layout))
+                acceptedBad.append(bad)
+            } catch let error as ConvirtError {
+                if !error.message.contains(bad.components(separatedBy: " ")[0]) { acceptedBad.append("\(bad) (the error names another tensor: \(error))") }
+                throw error
+            }
+        }
+        #expect(acceptedBad.isEmpty, "image weights accepted or misnamed: \(acceptedBad.prefix(3))")
+
         let seconds = Date().timeIntervalSince(start)
         for (name, tally) in tallies.sorted(by: { $0.key < $1.key }) {
             #expect(tally.other.isEmpty, "\(name): \(tally)")
             print("fuzz \(name): \(tally)")
         }
         #expect(seconds < 30 * Double(Self.cases) / 40 + 60, "the fuzz run took \(seconds) s: something is slow or hangs")
+    }
+
+    /// `cases` copies of the safetensors file at `path`, each with one tensor replaced: all NaN, one NaN,
+    /// shrunk to [0], or grown by some elements; `check` gets the copy and what was done to it.
+    func fuzzTensors(_ path: String, salt: UInt64, dir: String, _ check: (String, String) throws -> Void) throws -> Tally {
+        let file = try SafeTensorsFile(path: path)
+        let floats = file.names.filter { !$0.hasPrefix("param.") && file.info($0)?.dtype != .i64 && file.info($0)?.dtype != .i32 }
+        var mutator = Mutator(stream: RandomStream(seed: 0xF022 ^ salt))
+        var tally = Tally()
+        for _ in 0..<Self.cases {
+            let target = floats[mutator.next(floats.count)], kind = mutator.next(4)
+            var writer = SafeTensorsWriter(metadata: file.metadata)
+            for name in file.names {
+                if file.info(name)?.dtype == .i64 || file.info(name)?.dtype == .i32 { try writer.add(name, try file.int32s(name)); continue }
+                var t = try file.floats(name)
+                if name == target {
+                    switch kind {
+                    case 0: t = try Tensor(shape: t.shape, [Float](repeating: .nan, count: t.count))
+                    case 1: t[flat: mutator.next(t.count)] = .nan
+                    case 2: t = Tensor(shape: [0])
+                    default: t = Tensor(shape: [t.count + 1 + mutator.next(64)])
+                    }
+                }
+                try writer.add(name, t)
+            }
+            let copy = "\(dir)/tensors.safetensors"
+            try writer.write(to: copy)
+            let what = ["all NaN", "one NaN", "shape [0]", "more elements"][kind] + " in \(target)"
+            do { try check(copy, what); tally.parsed += 1 } catch is ConvirtError { tally.refused += 1 } catch { tally.other.append("\(what): \(error)") }
+        }
+        return tally
+    }
+
+    /// `cases` copies of an image encoder's weights with one statistic or weight out of range: a running
+    /// variance negative, NaN or infinite, a running mean or a weight NaN or infinite; `check` gets the
+    /// copy and "<tensor> <what>" (it must refuse it).
+    func fuzzStatistics(_ path: String, salt: UInt64, dir: String, _ check: (String, String) throws -> Void) throws -> Tally {
+        let file = try SafeTensorsFile(path: path)
+        var mutator = Mutator(stream: RandomStream(seed: 0xF022 ^ salt))
+        var tally = Tally()
+        let variances = file.names.filter { $0.hasSuffix("running_var") }, others = file.names.filter { !$0.hasSuffix("running_var") && !$0.hasSuffix("num_batches_tracked") }
+        for _ in 0..<Self.cases {
+            let statistic = mutator.next(2) == 0
+            let target = statistic ? variances[mutator.next(variances.count)] : others[mutator.next(others.count)]
+            let values: [Float] = statistic ? [-1, -1e-12, .nan, .infinity, -.infinity] : [.nan, .infinity, -.infinity]
+            let value = values[mutator.next(values.count)]
+            var writer = SafeTensorsWriter(metadata: file.metadata)
+            for name in file.names {
+                var t = try file.floats(name)
+                if name == target { t[flat: mutator.next(t.count)] = value }
+                try writer.add(name, t)
+            }
+            let copy = "\(dir)/weights.safetensors"
+            try writer.write(to: copy)
+            let what = "\(target) set to \(value)"
+            do { try check(copy, what); tally.parsed += 1 } catch is ConvirtError { tally.refused += 1 } catch { tally.other.append("\(what): \(error)") }
+        }
+        return tally
     }
 }

@@ -369,27 +369,36 @@ struct DistributedTrainingTests {
 
     /// A rank killed with SIGKILL mid-training ends the job on every rank within seconds; relaunched
     /// with --resume, the run ends with the parameters of a run that never stopped.
-    @Test("a rank killed with SIGKILL ends the job; the relaunched run ends with the uninterrupted parameters")
-    func killedRank() throws {
+    @Test("a rank killed with SIGKILL ends the job; the relaunched run ends with the uninterrupted parameters and metrics, in both checkpoint modes",
+          arguments: [[String](), ["--sync-checkpoint"]])
+    func killedRank(mode: [String]) throws {
         let mpirun = try #require(SharedRuns.mpirun)
         let data = try shared.data()
-        try killOneRank(mpirun: mpirun, data: data, runDir: "\(dir)/killed")
-        let reference = try run(mpirun, ["--oversubscribe", "-np", "2", convirtPath(), "train", "--data", data, "--run-dir", "\(dir)/reference",
-                                         "--preset", "demo", "--steps", "40", "--global-batch", "8", "--retrieval-eval", "0"],
-                                environment: Self.mpiEnvironment, timeout: 300)
-        #expect(reference.status == 0, "\(reference.output)")
-        let relaunched = try run(mpirun, ["--oversubscribe", "-np", "2", convirtPath(), "train", "--data", data, "--run-dir", "\(dir)/killed",
+        let killed = "\(dir)/killed\(mode.joined())"
+        try killOneRank(mpirun: mpirun, data: data, runDir: killed, extra: mode)
+        if !FileManager.default.fileExists(atPath: "\(dir)/reference/checkpoints/latest") {
+            let reference = try run(mpirun, ["--oversubscribe", "-np", "2", convirtPath(), "train", "--data", data, "--run-dir", "\(dir)/reference",
+                                             "--preset", "demo", "--steps", "40", "--global-batch", "8", "--retrieval-eval", "0"],
+                                    environment: Self.mpiEnvironment, timeout: 300)
+            #expect(reference.status == 0, "\(reference.output)")
+        }
+        let relaunched = try run(mpirun, ["--oversubscribe", "-np", "2", convirtPath(), "train", "--data", data, "--run-dir", killed,
                                           "--preset", "demo", "--steps", "40", "--global-batch", "8", "--checkpoint-every", "5", "--resume",
-                                          "--retrieval-eval", "0"], environment: Self.mpiEnvironment, timeout: 300)
+                                          "--retrieval-eval", "0"] + mode, environment: Self.mpiEnvironment, timeout: 300)
         #expect(relaunched.status == 0 && relaunched.output.contains("resuming from"), "\(relaunched.output)")
-        for (name, path) in [("reference", "\(dir)/reference"), ("killed", "\(dir)/killed")] {
-            let e = try run(convirtPath(), ["checkpoint", "export", path, "--out", "\(dir)/final-\(name)"])
+        let final = "\(killed)-final", referenceFinal = "\(dir)/final-reference"
+        for (path, out) in [("\(dir)/reference", referenceFinal), (killed, final)] where !FileManager.default.fileExists(atPath: "\(out)/image_head.safetensors") {
+            let e = try run(convirtPath(), ["checkpoint", "export", path, "--out", out])
             #expect(e.status == 0 && e.output.contains("exported step 40"), "\(e.output)")
         }
         for file in ["image_encoder.safetensors", "text_encoder/model.safetensors", "image_head.safetensors", "text_head.safetensors"] {
-            #expect(FileManager.default.contents(atPath: "\(dir)/final-reference/\(file)") == FileManager.default.contents(atPath: "\(dir)/final-killed/\(file)"),
+            #expect(FileManager.default.contents(atPath: "\(referenceFinal)/\(file)") == FileManager.default.contents(atPath: "\(final)/\(file)"),
                     "\(file): the resumed run ends with other parameters than the uninterrupted one")
         }
+        // Row by row: every step once, with the uninterrupted run's values.
+        let rows = try Self.rows(of: killed), reference = try Self.rows(of: "\(dir)/reference")
+        #expect(rows.map(\.step) == Array(1...40), "\(mode): \(rows.map(\.step))")
+        for (a, b) in zip(rows, reference) { #expect(a.loss == b.loss && a.grad_norm == b.grad_norm, "\(mode) step \(a.step)") }
     }
 
     @Test("a global batch that does not divide by the ranks is refused on every rank, without a hang")
@@ -400,11 +409,12 @@ struct DistributedTrainingTests {
         #expect(bad.status != 0 && bad.output.contains("does not divide by the 3 ranks"), "\(bad.output)")
     }
 
-    func killOneRank(mpirun: String, data: String, runDir: String) throws {
+    func killOneRank(mpirun: String, data: String, runDir: String, extra: [String] = []) throws {
+        try? FileManager.default.removeItem(atPath: runDir)
         let process = Process()
         process.executableURL = URL(fileURLWithPath: mpirun)
         process.arguments = ["--oversubscribe", "-np", "2", convirtPath(), "train", "--data", data, "--run-dir", runDir, "--preset", "demo",
-                             "--steps", "40", "--global-batch", "8", "--checkpoint-every", "5", "--retrieval-eval", "0"]
+                             "--steps", "40", "--global-batch", "8", "--checkpoint-every", "5", "--retrieval-eval", "0"] + extra
         var env = ProcessInfo.processInfo.environment
         for (k, v) in Self.mpiEnvironment { env[k] = v }
         process.environment = env

@@ -1,20 +1,25 @@
 // Decoding JSON with errors that say where and what. Foundation's JSONDecoder on Linux answers a number
 // that does not fit its type (a checksum of -1, 1.5 or 2^32, a width of 1e308) with "The given data was not
-// valid JSON" and no path; this decoder parses with JSONSerialization and decodes the tree itself, so an
-// error names the key path and the value: `shards[0].crc32: -1 is not a UInt32`.
+// valid JSON" and no path. JSONDecoder still decodes (its numbers are correctly rounded, which
+// JSONSerialization's long decimals are not: a manifest's checksum depends on every bit); where it fails,
+// the document is decoded again from JSONSerialization's tree by a decoder of our own, to say where and
+// what: `shards[0].crc32: -1 is not a UInt32`.
 
 import Foundation
 
 public enum StrictJSON {
     /// Decodes `T` from `data`; a failure is a `ConvirtError` naming `source`, the key path and the problem.
     public static func decode<T: Decodable>(_ type: T.Type, from data: Data, source: String) throws -> T {
+        let failure: Error
+        do { return try JSONDecoder().decode(T.self, from: data) } catch { failure = error }
         let tree: Any
         do { tree = try JSONSerialization.jsonObject(with: data, options: [.fragmentsAllowed]) } catch {
             throw ConvirtError("\(source): not valid JSON (\((error as NSError).userInfo[NSDebugDescriptionErrorKey] as? String ?? "\(error)"))")
         }
-        do { return try T(from: TreeDecoder(tree, path: [])) } catch let error as DecodingError {
+        do { _ = try T(from: TreeDecoder(tree, path: [])) } catch let error as DecodingError {
             throw ConvirtError("\(source): \(describe(error))")
-        }
+        } catch { throw ConvirtError("\(source): \(error)") }
+        throw ConvirtError("\(source): \((failure as? DecodingError).map(describe) ?? "\(failure)")")
     }
 
     /// One line: the key path (`shards[0].crc32`) and what is wrong there.

@@ -92,8 +92,10 @@ public enum MIMICPrepare {
             drops.add("malformed CSV row", "\(table.path) line \(table.malformedLines[0])", count: table.malformedLines.count)
             _ = name
         }
-        for table in [metadata, split] where table.rows.isEmpty {
-            throw ConvirtError("\(table.path): no usable row (\(table.malformedLines.count) malformed)")
+        // (The labels may be absent altogether, but a file whose every row is malformed is damaged: its
+        // header and rows disagree.)
+        for table in [metadata, split, chexpert] where table.rows.isEmpty && (table.path != chexpert.path || !table.malformedLines.isEmpty) {
+            throw ConvirtError("\(table.path): no usable row (\(table.malformedLines.count) malformed: do the header's columns match the rows'?)")
         }
         // Values outside their domain are counted skips: a split other than MIMIC-CXR's three, a
         // CheXpert label other than 1, 0, -1 or blank.

@@ -197,6 +197,10 @@ struct PrepareTests {
         _ = try edit("chexpert") { $0[0] = $0[0].split(separator: ",").filter { $0 != "Edema" }.joined(separator: ",") }
         #expect { _ = try MIMICPrepare.run(PrepareOptions(root: root, out: out)) } throws: { "\($0)".contains("missing required column(s) Edema") }
         try restore("chexpert", labels)
+        // A header with a column more than its rows: every row malformed, an error (not every study unlabeled).
+        _ = try edit("chexpert") { $0[0] += ",Extra" }
+        #expect { _ = try MIMICPrepare.run(PrepareOptions(root: root, out: out)) } throws: { "\($0)".contains("chexpert.csv.gz: no usable row") }
+        try restore("chexpert", labels)
         // A study without a CheXpert row, and a repeated one: kept with unknown labels and counted; the repeat dropped.
         _ = try edit("chexpert") { lines in lines.append(lines[2]); lines.remove(at: 1) }
         let unlabeled = try MIMICPrepare.run(PrepareOptions(root: root, out: out))

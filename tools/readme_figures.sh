@@ -53,9 +53,14 @@ val = [r["val_loss"] for r in rows if r.get("val_loss") is not None]
 held = json.load(open(os.path.join(run, "heldout_retrieval.json")))
 
 
-def result(dataset, init, fraction):
-    path = os.path.join(run, "eval", f"linear-{dataset}-{init}-{fraction}.json")
+def result(dataset, init, fraction, protocol="linear"):
+    path = os.path.join(run, "eval", f"{protocol}-{dataset}-{init}-{fraction}.json")
     return json.load(open(path)) if os.path.exists(path) else None
+
+
+# The stage times ./launch.sh prints last ("Time: ... pretraining N s, ... N s, fine-tuning N s (...)").
+log = open(os.path.join(work, "launch.log")).read()
+stages = re.search(r"Time: (\d+) s in all; pretraining (\d+) s, linear evaluation, zero-shot and retrieval (\d+) s, fine-tuning (\d+) s \((.*)\)", log)
 
 
 def cell(r):
@@ -73,7 +78,9 @@ m, s = divmod(round(job_s), 60)
 lines = [
     f"Measured by `tools/readme_figures.sh` on {model} ({cores} cores; {', '.join(isa)}; OpenBLAS core {blas}, oneDNN ISA {dnnl}):",
     f"`./launch.sh` in a fresh clone took {build_s / 60:.1f} min to build (release, once; later calls reuse the build) and then {m} min {s:02d} s",
-    "for the job: synthetic data, pretraining, every evaluation and the report.",
+    "for the job: synthetic data, pretraining, every evaluation and the report"
+    + (f" (pretraining {stages.group(2)} s, linear evaluation, zero-shot and retrieval {stages.group(3)} s, fine-tuning {stages.group(4)} s)."
+       if stages else "."),
     "",
     f"- Pretraining: {steps} steps of {batch} pairs on 2 ranks in {train_s:.0f} s of steps, {pairs[len(pairs) // 2]:.0f} pairs/s (median per step);",
     f"  loss at the last step {rows[-1]['loss']:.3f}, mean of the last {len(tail)} steps {sum(tail) / len(tail):.3f}, last validation loss",
@@ -91,6 +98,19 @@ for d in ["chexpert", "rsna", "covidx", "mura"]:
     for init in ["convirt", "random"]:
         cells = [cell(result(d, init, f)) for f in ["0.01", "0.1", "1"]]
         lines.append(f"| {names[d] if init == 'convirt' else ''} | {'ConVIRT `demo`' if init == 'convirt' else 'random init'} | " + " | ".join(cells) + " |")
+if any(result(d, i, f, "finetune") for d in names for i in ["convirt", "random"] for f in ["0.01", "0.1", "1"]):
+    lines += [
+        "",
+        f"- Fine-tuning at the same fractions, 2 ranks, the paper's protocol (the classifier alone for 200 steps, then the whole network;"
+        f" lr 1e-4, 1e-3 on COVIDx; batch 64), {stages.group(5) if stages else 'as ./launch.sh runs it'}:",
+        "",
+        "| dataset (metric) | init | 1% | 10% | all |",
+        "|---|---|---|---|---|",
+    ]
+    for d in ["chexpert", "rsna", "covidx", "mura"]:
+        for init in ["convirt", "random"]:
+            cells = [cell(result(d, init, f, "finetune")) for f in ["0.01", "0.1", "1"]]
+            lines.append(f"| {names[d] if init == 'convirt' else ''} | {'ConVIRT `demo`' if init == 'convirt' else 'random init'} | " + " | ".join(cells) + " |")
 lines += [
     "",
     "- Synthetic downstream data at the calibrated difficulty (`--difficulty 1`: faint to obvious findings, soft-tissue",

@@ -175,7 +175,7 @@ public enum PaperTable {
                 + "on the test split of the linear evaluation, shown in its \"all\" column beside the linear results.")
         }
         let name = proto == "linear" ? "Linear classification" : proto == "finetune" ? "Fine-tuning"
-            : zeroShot ? "Zero-shot classification beside linear" : evaluationProtocol
+            : zeroShot ? "Linear classification, and zero-shot beside it" : evaluationProtocol
         notes.append("Percent; AUC for RSNA, CheXpert (mean over its labels) and MURA, accuracy for COVIDx; columns: share of the training labels. "
             + "Paper rows: Zhang et al., arXiv 2010.00747, Table 1 (mean of 5 runs); ours: mean ± \(Metrics.stdDescription) "
             + "(no ± for a single run); - not reported.")
@@ -199,6 +199,20 @@ public enum PaperTable {
         let notes = ["Precision@k in percent over the 8 x 200 CheXpert queries (mean over queries); Random is chance (12.5). "
             + "Paper rows: Zhang et al., arXiv 2010.00747, Table 2; - not reported."]
         return Grid(title: "Retrieval on CheXpert 8x200 (Table 2 of the paper)", groups: groups, rows: rows, notes: notes)
+    }
+
+    /// The protocols whose tables show `results`, in the order of Table 1: linear (or, where zero-shot
+    /// results are there too, the linear table with the zero-shot rows beside it, not a second copy of
+    /// it), fine-tuning, then any other.
+    public static func tableProtocols(_ results: [ClassificationResult]) -> [String] {
+        let present = Set(results.map { $0.evaluationProtocol.lowercased() })
+        var protocols = ["linear", "finetune"].filter(present.contains)
+        protocols += present.subtracting(protocols).sorted()
+        if present.contains("zeroshot"), let i = protocols.firstIndex(of: "linear") {
+            protocols.removeAll { $0 == "zeroshot" }
+            protocols[i] = "zeroshot"
+        }
+        return protocols
     }
 
     /// Table 1 for `protocol` as plain text, the paper's rows then ours.

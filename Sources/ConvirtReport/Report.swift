@@ -300,9 +300,7 @@ private struct Builder {
             out += "<p class=\"muted\">No evaluation results in <code>eval/</code> (write them with <code>convirt eval ... --out RUN_DIR/eval/NAME.json</code>).</p>"
         }
         let results = evaluation.classification.map(\.result)
-        var protocols = ["linear", "finetune"].filter { p in results.contains { $0.evaluationProtocol.lowercased() == p } }
-        protocols += Set(results.map { $0.evaluationProtocol.lowercased() }).subtracting(protocols).sorted()
-        for p in protocols {
+        for p in PaperTable.tableProtocols(results) {
             out += Self.gridHTML(PaperTable.classificationGrid(protocol: p, ours: results))
         }
         if !evaluation.classification.isEmpty {

@@ -22,7 +22,7 @@ struct ReportCommand: ParsableCommand {
         if !quiet {
             let evaluation = Report.evaluationResults(runDirectory: runDir)
             let results = evaluation.classification.map(\.result)
-            for p in ["linear", "finetune", "zeroshot"] where results.contains(where: { $0.evaluationProtocol.lowercased() == p }) {
+            for p in PaperTable.tableProtocols(results) {
                 print(PaperTable.classificationTable(protocol: p, ours: results))
             }
             if !evaluation.retrieval.isEmpty {

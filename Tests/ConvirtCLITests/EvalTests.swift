@@ -167,7 +167,7 @@ struct EvalTests {
         let zero = try ok(["eval", "zeroshot", "--dataset", "chexpert", "--root", "\(dir)/chexpert", "--checkpoint", "\(dir)/run",
                            "--out", "\(dir)/run/eval/zeroshot-chexpert.json"])
         #expect(zero.contains("prompts (the defaults for chexpert)") && zero.contains("Bibasilar atelectasis.")
-                && zero.contains("Zero-shot classification beside linear") && zero.contains("ours zeroshot (convirt)"), "\(zero)")
+                && zero.contains("Linear classification, and zero-shot beside it") && zero.contains("ours zeroshot (convirt)"), "\(zero)")
         _ = try ok(["eval", "zeroshot", "--dataset", "chexpert", "--root", "\(dir)/chexpert", "--checkpoint", "\(dir)/run",
                     "--out", "\(dir)/zeroshot-2.json"], ranks: 2)
         func zeroShot(_ path: String) throws -> ZeroShot { try JSONDecoder().decode(ZeroShot.self, from: Data(contentsOf: URL(fileURLWithPath: path))) }
@@ -195,7 +195,7 @@ struct EvalTests {
                                               "--prompts", "\(dir)/missing.json"])
         #expect(missing.status == 1 && missing.output.contains("no prompts for Edema"), "\(missing.output)")
         let report = try ok(["report", "\(dir)/run"])
-        #expect(report.contains("Zero-shot classification beside linear"), "\(report)")
+        #expect(report.contains("Linear classification, and zero-shot beside it"), "\(report)")
         // The evaluations' results are in the run's TensorBoard files, with its training scalars.
         let board = try run("/usr/bin/env", ["python3", "\(repository)/tools/check_tensorboard.py", "\(dir)/run", "--expect-tag", "eval/linear/chexpert/convirt",
                                             "--expect-tag", "eval/zeroshot/chexpert/convirt/all", "--expect-tag", "eval/retrieval/text_to_image/precision@10"],

@@ -127,6 +127,52 @@ struct HTMLReportTests {
         #expect(html.contains("skipped eval/zz_unknown.json"))
     }
 
+    /// The rows of the report table titled `title` (its <h3>): label -> cell texts, tags stripped.
+    func tableRows(_ html: String, _ title: String) -> [String: [String]] {
+        guard let start = html.range(of: "<h3>\(title)") else { return [:] }
+        let table = html[start.upperBound...].prefix { _ in true }
+        let body = String(table[..<(table.range(of: "</table>")?.lowerBound ?? table.endIndex)])
+        func text(_ cell: Substring) -> String {
+            cell.replacingOccurrences(of: "<[^>]+>", with: "", options: .regularExpression).trimmingCharacters(in: .whitespaces)
+        }
+        var rows: [String: [String]] = [:]
+        for row in body.components(separatedBy: "<tr").dropFirst() where row.contains("<td") {
+            let cells = row.components(separatedBy: "<td").dropFirst().map { cell -> String in
+                let content = cell.drop { $0 != ">" }.dropFirst()
+                return text(content[..<(content.range(of: "</td>")?.lowerBound ?? content.endIndex)])
+            }
+            rows[cells[0]] = Array(cells.dropFirst())
+        }
+        return rows
+    }
+
+    @Test("the report's fine-tuning table holds our fine-tuning results and the paper's fine-tuning rows in their cells, apart from linear's")
+    func fineTuningTable() throws {
+        let dir = FileManager.default.temporaryDirectory.appendingPathComponent("convirt-report-\(UUID().uuidString)").path
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        try FileManager.default.createDirectory(atPath: "\(dir)/eval", withIntermediateDirectories: true)
+        try #"{"preset": "demo"}"#.write(toFile: "\(dir)/config.json", atomically: true, encoding: .utf8)
+        let results = [
+            ("linear-rsna-convirt-0.01", ClassificationResult(dataset: "rsna", protocol: "linear", fraction: 0.01, metric: "auc", runs: [0.80, 0.82])),
+            ("finetune-rsna-convirt-0.01", ClassificationResult(dataset: "rsna", protocol: "finetune", fraction: 0.01, metric: "auc", runs: [0.91, 0.93],
+                                                                 initialization: "convirt", epochsRun: [12, 15], stopReasons: ["plateau", "max_epochs"])),
+            ("finetune-covidx-random-1", ClassificationResult(dataset: "covidx", protocol: "finetune", fraction: 1, metric: "accuracy", runs: [0.85, 0.87],
+                                                               initialization: "random", epochsRun: [9, 9], stopReasons: ["plateau", "plateau"])),
+        ]
+        for (name, r) in results { try r.write(to: "\(dir)/eval/\(name).json") }
+        let html = try String(contentsOfFile: try Report.write(runDirectory: dir).path, encoding: .utf8)
+        let fine = tableRows(html, "Fine-tuning"), linear = tableRows(html, "Linear classification")
+        // Columns: RSNA 1%, 10%, all; CheXpert 1%, 10%, all; COVIDx 10%, all; MURA 1%, 10%, all.
+        #expect(fine["ConVIRT"]?.first == "88.8" && fine["ConVIRT"]?[7] == "92.4", "the paper's fine-tuning row: \(fine["ConVIRT"] ?? [])")
+        #expect(fine["Random Init"]?[7] == "87.7", "\(fine["Random Init"] ?? [])")
+        #expect(fine["ours (convirt)"]?.first == "92.0 ± 1.4" && fine["ours (convirt)"]?[1] == "–", "\(fine["ours (convirt)"] ?? [])")
+        #expect(fine["ours (random)"]?[7] == "86.0 ± 1.4", "\(fine["ours (random)"] ?? [])")
+        #expect(linear["ConVIRT"]?.first == "90.7" && linear["ours (convirt)"]?.first == "81.0 ± 1.4" && linear["ours (random)"] == nil,
+                "linear keeps its own rows: \(linear)")
+        // The epochs and stop reasons of the fine-tuning runs, as of the linear ones.
+        #expect(html.contains("12-15") && html.contains("1 of 2 at the epoch cap"), "the epochs column covers fine-tuning")
+    }
+
     @Test("a run directory with nothing but a config, and one with only metrics, still get a report")
     func sparse() throws {
         let dir = FileManager.default.temporaryDirectory.appendingPathComponent("convirt-report-\(UUID().uuidString)").path

@@ -40,7 +40,7 @@ isa = sorted(f for f in flags if f.startswith("avx512") or f.startswith("amx")) 
 cores = os.cpu_count()
 info = open(os.path.join(work, "info.txt")).read()
 blas = re.search(r"core (\S+)", info).group(1)
-dnnl = re.search(r"ISA (.*)", info).group(1).strip()
+dnnl = re.search(r"ISA ([A-Za-z0-9_]+)", info).group(1)
 
 rows = [json.loads(line) for line in open(os.path.join(run, "metrics.jsonl"))]
 steps = rows[-1]["step"]

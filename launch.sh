@@ -93,9 +93,24 @@ if [ $# -eq 0 ] || { [ $# -eq 1 ] && [ "$1" = "--full" ]; }; then
       "$bin" synth "$dataset" --out "$data/eval/$dataset" && echo "$synth_version" >"$data/eval/$dataset/.complete"
     fi
   done
+  # Table 1's cells of one dataset for `eval PROTOCOL`: 1%, 10% and all of the training labels (COVIDx:
+  # 10% and all, as the paper), the pretrained encoder and a random-init one; one line per evaluation (2
+  # ranks): the mean and spread, the epochs, and a warning when the epoch cap (not the plateau) ended a
+  # run. The tables follow, beside the paper's.
+  table1_cells() {
+    local protocol=$1 dataset=$2 fraction init fractions="0.01 0.1 1"
+    shift 2
+    if [ "$dataset" = covidx ]; then fractions="0.1 1"; fi
+    for fraction in $fractions; do
+      for init in convirt random; do
+        printf '== '
+        mpirun --oversubscribe "${mpi_flags[@]}" -np 2 "$bin" eval "$protocol" --dataset "$dataset" --root "$data/eval/$dataset" \
+          --checkpoint "$run" --init "$init" --fraction "$fraction" "$@" --out "$run/eval/$protocol-$dataset-$init-$fraction.json" --quiet
+      done
+    done
+  }
   linear_start=$SECONDS
   for dataset in chexpert rsna covidx mura; do
-    # Table 1's columns: 1%, 10% and all of the training labels (COVIDx: 10% and all, as the paper).
     # The demo encoder's 128 features are not ResNet-50's 2048: at the paper's rate (1e-4) its linear
     # heads had not converged when the 100-epoch cap ended every run, so the demo evaluates both
     # encoders at 1e-3 (the paper's COVIDx rate) with a cap of 300 epochs, where the plateau ends them.
@@ -103,18 +118,7 @@ if [ $# -eq 0 ] || { [ $# -eq 1 ] && [ "$1" = "--full" ]; }; then
     # 20 classifier steps: the validation checks and the patience then measure learning, not one step;
     # and the epoch kept is the one with the best validation AUC/accuracy (on 48 images the loss is
     # often lowest before the classifier ranks anything).
-    demo_protocol=(--lr 1e-3 --max-epochs 300 --min-epoch-steps 20 --keep-best metric)
-    fractions="0.01 0.1 1"
-    [ "$dataset" = covidx ] && fractions="0.1 1"
-    for fraction in $fractions; do
-      for init in convirt random; do
-        # One line per evaluation (2 ranks, 5 runs): the mean and spread, the epochs, and a warning when
-        # the epoch cap (not the plateau) ended a run. The tables follow, beside the paper's.
-        printf '== '
-        mpirun --oversubscribe "${mpi_flags[@]}" -np 2 "$bin" eval linear --dataset "$dataset" --root "$data/eval/$dataset" \
-          --checkpoint "$run" --init "$init" --fraction "$fraction" "${demo_protocol[@]}" --out "$run/eval/linear-$dataset-$init-$fraction.json" --quiet
-      done
-    done
+    table1_cells linear "$dataset" --lr 1e-3 --max-epochs 300 --min-epoch-steps 20 --keep-best metric
     # Zero-shot from the prompts convirt ships (CheXzero's protocol: no labels at all).
     printf '== zero-shot (default prompts, no labels): ' 
     mpirun --oversubscribe "${mpi_flags[@]}" -np 2 "$bin" eval zeroshot --dataset "$dataset" --root "$data/eval/$dataset" \
@@ -129,16 +133,7 @@ if [ $# -eq 0 ] || { [ $# -eq 1 ] && [ "$1" = "--full" ]; }; then
   echo "== fine-tuning: $finetune_note"
   finetune_start=$SECONDS
   for dataset in chexpert rsna covidx mura; do
-    fractions="0.01 0.1 1"
-    [ "$dataset" = covidx ] && fractions="0.1 1"
-    for fraction in $fractions; do
-      for init in convirt random; do
-        printf '== '
-        mpirun --oversubscribe "${mpi_flags[@]}" -np 2 "$bin" eval finetune --dataset "$dataset" --root "$data/eval/$dataset" \
-          --checkpoint "$run" --init "$init" --fraction "$fraction" "${finetune_protocol[@]}" \
-          --out "$run/eval/finetune-$dataset-$init-$fraction.json" --quiet
-      done
-    done
+    table1_cells finetune "$dataset" "${finetune_protocol[@]}"
   done
   finetune_seconds=$((SECONDS - finetune_start))
   echo "== results beside the paper's (Table 1: linear evaluation and fine-tuning, AUC or accuracy in %; Table 2: retrieval precision@k in %)"

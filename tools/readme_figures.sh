@@ -29,18 +29,14 @@ job_seconds=$(( total_seconds - ${build_seconds:-0} ))
 
 cd "$repo"
 python3 - "$work" "${build_seconds:-0}" "$job_seconds" <<'PY'
-import glob, json, math, os, re, subprocess, sys
+import glob, json, math, os, re, sys
+
+sys.path.insert(0, "tools")
+from readme_block import cpu_line, replace_block
 
 work, build_s, job_s = sys.argv[1], float(sys.argv[2]), float(sys.argv[3])
 run = os.path.join(work, "run")
-lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-model = re.search(r"Model name:\s*(.*)", lscpu).group(1).strip()
-flags = re.search(r"Flags:\s*(.*)", lscpu).group(1).split()
-isa = sorted(f for f in flags if f.startswith("avx512") or f.startswith("amx")) or ["no AVX-512, no AMX"]
-cores = os.cpu_count()
-info = open(os.path.join(work, "info.txt")).read()
-blas = re.search(r"core (\S+)", info).group(1)
-dnnl = re.search(r"ISA ([A-Za-z0-9_]+)", info).group(1)
+cpu = cpu_line(open(os.path.join(work, "info.txt")).read())
 
 rows = [json.loads(line) for line in open(os.path.join(run, "metrics.jsonl"))]
 steps = rows[-1]["step"]
@@ -76,7 +72,7 @@ retrieval = json.load(open(os.path.join(run, "eval", "retrieval.json")))
 p = lambda mode, k: retrieval[mode][f"precision@{k}"]["mean"] * 100
 m, s = divmod(round(job_s), 60)
 lines = [
-    f"Measured by `tools/readme_figures.sh` on {model} ({cores} cores; {', '.join(isa)}; OpenBLAS core {blas}, oneDNN ISA {dnnl}):",
+    f"Measured by `tools/readme_figures.sh` on {cpu}:",
     f"`./launch.sh` in a fresh clone took {build_s / 60:.1f} min to build (release, once; later calls reuse the build) and then {m} min {s:02d} s",
     "for the job: synthetic data, pretraining, every evaluation and the report"
     + (f" (pretraining {stages.group(2)} s, linear evaluation, zero-shot and retrieval {stages.group(3)} s, fine-tuning {stages.group(4)} s)."
@@ -133,12 +129,6 @@ block = "\n".join(lines)
 if os.environ.get("README_FIGURES_DRY"):
     print(block)
     sys.exit(0)
-readme = open("README.md").read()
-begin, end = "<!-- demo-figures:begin -->", "<!-- demo-figures:end -->"
-if begin not in readme or end not in readme:
-    sys.exit(f"README.md has no {begin} ... {end} block")
-head, rest = readme.split(begin, 1)
-_, tail_text = rest.split(end, 1)
-open("README.md", "w").write(head + begin + "\n" + block + "\n" + end + tail_text)
+replace_block("demo-figures", block)
 print(f"README.md: demo figures rewritten from {run}")
 PY

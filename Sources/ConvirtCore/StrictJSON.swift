@@ -195,18 +195,8 @@ private struct TreeDecoder: Decoder {
         case is String.Type:
             guard let s = value as? String else { throw mismatch("a string") }
             return s as! T
-        case is Int.Type: return try integer(Int.self) as! T
-        case is Int8.Type: return try integer(Int8.self) as! T
-        case is Int16.Type: return try integer(Int16.self) as! T
-        case is Int32.Type: return try integer(Int32.self) as! T
-        case is Int64.Type: return try integer(Int64.self) as! T
-        case is UInt.Type: return try integer(UInt.self) as! T
-        case is UInt8.Type: return try integer(UInt8.self) as! T
-        case is UInt16.Type: return try integer(UInt16.self) as! T
-        case is UInt32.Type: return try integer(UInt32.self) as! T
-        case is UInt64.Type: return try integer(UInt64.self) as! T
-        case is Double.Type: return try floating(Double.self) as! T
-        case is Float.Type: return try floating(Float.self) as! T
+        case let integerType as any FixedWidthInteger.Type: return try integer(integerType) as! T
+        case let floatType as any BinaryFloatingPoint.Type: return try floating(floatType) as! T
         default: return try T(from: self)
         }
     }

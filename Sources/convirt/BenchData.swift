@@ -63,6 +63,6 @@ struct BenchData: ParsableCommand {
         let seconds = Double(DispatchTime.now().uptimeNanoseconds - start) * 1e-9
         print(String(format: "loader (view + sentence draw, crop/flip/affine/jitter/blur/normalise at 224, WordPiece): %.1f samples/s on one core",
                      Double(built) / seconds))
-        print("for comparison, the paper model's training step: `convirt bench step` (about 2 pairs/s on 2 cores here)")
+        print("for comparison, the paper model's training step in pairs/s: `convirt bench step`")
     }
 }

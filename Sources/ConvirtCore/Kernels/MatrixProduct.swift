@@ -112,17 +112,18 @@ public func piecewiseGradientProduct(m: Int, n: Int, rows: Int, pieceRows: Int, 
     let scratch = ThreadScratch.current
     if native {
         do {
-            var primitives: [Float: MatmulPrimitive] = [:]
-            for value in Set(stride(from: 0, to: rows, by: pieceRows).map(beta)) {
-                let key = MatmulPrimitive.Key(m: m, n: n, k: pieceRows, transposeA: true, transposeB: false, ldc: ldc, alpha: 1, beta: value)
+            func primitive(beta: Float) throws -> MatmulPrimitive {
+                let key = MatmulPrimitive.Key(m: m, n: n, k: pieceRows, transposeA: true, transposeB: false, ldc: ldc, alpha: 1, beta: beta)
                 guard let primitive = try MatmulPrimitive.cached(key) else { throw ConvirtError("oneDNN refused a bf16 matmul of \(m)x\(pieceRows)x\(n)") }
-                primitives[value] = primitive
+                return primitive
             }
+            // The first piece's (beta 0 where it overwrites) and the others' (beta 1).
+            let first = try primitive(beta: beta(0)), others = rows > pieceRows ? try primitive(beta: 1) : first
             let base = scratch.ensure(bytes: 2 * rows * (m + n) + 64).bindMemory(to: UInt16.self, capacity: rows * (m + n) + 32)
             let a16 = bf16Operand(copies.a, a, rows: rows, columns: m, ld: lda, room: base, parallel: true)
             let b16 = bf16Operand(copies.b, b, rows: rows, columns: n, ld: ldb, room: base + (rows * m + 31) / 32 * 32, parallel: true)
-            for first in stride(from: 0, to: rows, by: pieceRows) {
-                try primitives[beta(first)]!.execute(a: a16 + first * m, b: b16 + first * n, c: c, stream: scratch.stream)
+            for row in stride(from: 0, to: rows, by: pieceRows) {
+                try (row == 0 ? first : others).execute(a: a16 + row * m, b: b16 + row * n, c: c, stream: scratch.stream)
             }
             return
         } catch {

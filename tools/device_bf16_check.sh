@@ -1,5 +1,5 @@
 #!/bin/bash
-# The bf16 checks that need a CPU this project's sessions rarely get (AMX above all), as one script a
+# The bf16 checks that need a CPU most machines lack (AMX above all), as one script a
 # machine runs in one go: which kernels oneDNN picks, the bf16 tests (gradient pieces, layouts against
 # exact arithmetic, parity against autocast judged by fp32, the world-size, accumulation and resume
 # tests on every backend the CPU runs), the world-size table of the tiny preset (step-1 gradient norms

@@ -51,6 +51,27 @@ public struct ParameterLayout: Sendable {
 
     public subscript(name: String) -> Entry? { index[name].map { entries[$0] } }
 
+    /// The arena range of the entries `register` adds (a block, a layer, a head: what backward announces
+    /// as finished in one piece, `PassContext.gradientsReady`).
+    public mutating func group<T>(_ register: (inout ParameterLayout) throws -> T) rethrows -> (T, Range<Int>) {
+        let start = totalCount
+        let value = try register(&self)
+        return (value, start..<totalCount)
+    }
+
+    /// The indices of the entries that lie inside `range`, in offset order.
+    public func entryIndices(in range: Range<Int>) -> Range<Int> {
+        // Entries are in offset order: two binary searches.
+        func firstIndex(_ isAfter: (Entry) -> Bool) -> Int {
+            var lo = 0, hi = entries.count
+            while lo < hi { let mid = (lo + hi) / 2; if isAfter(entries[mid]) { hi = mid } else { lo = mid + 1 } }
+            return lo
+        }
+        let first = firstIndex { $0.offset >= range.lowerBound }
+        let end = firstIndex { $0.offset >= range.lowerBound && $0.offset + $0.count > range.upperBound }
+        return first..<max(first, end)
+    }
+
     /// Marks an existing entry frozen or trainable (used to freeze BERT's embeddings and first layers).
     public mutating func setKind(_ kind: Kind, for name: String) throws {
         guard let i = index[name] else { throw ConvirtError("parameter layout: no parameter named \(name)") }

@@ -1,7 +1,7 @@
 // Gradient all-reduce in buckets that start as soon as their gradients are final, overlapped with the
 // rest of backward (as PyTorch DDP and Horovod do). Buckets are contiguous arena ranges of trainable
-// parameters of at most `capacity` floats; the models report groups of finished parameters by name
-// prefix (a ResNet block, a BERT layer, a head) through PassContext.gradientsReady.
+// parameters of at most `capacity` floats; the models report groups of finished parameters as arena
+// ranges (a ResNet block, a BERT layer, a head) through PassContext.gradientsReady.
 
 import ConvirtCore
 import Foundation
@@ -14,7 +14,6 @@ final class GradientBuckets {
     let communicator: Communicator
     private(set) var buckets: [Bucket] = []
     private var bucketOfEntry: [Int: Int] = [:]
-    private var entriesOfPrefix: [String: [Int]] = [:]
     private var ready = Set<Int>()
     /// Buckets started from `markReady` in this step, i.e. overlapped with backward.
     private(set) var startedEarly = 0
@@ -51,14 +50,9 @@ final class GradientBuckets {
         for i in buckets.indices { buckets[i].pending = buckets[i].entries; buckets[i].started = false }
     }
 
-    /// The gradients of every trainable parameter under `prefix` are final: start the buckets they complete.
-    func markReady(_ prefix: String) throws {
-        if entriesOfPrefix[prefix] == nil {
-            entriesOfPrefix[prefix] = arena.layout.entries.indices.filter {
-                arena.layout.entries[$0].kind == .trainable && arena.layout.entries[$0].name.hasPrefix(prefix)
-            }
-        }
-        for entry in entriesOfPrefix[prefix]! where !ready.contains(entry) {
+    /// The gradients of every parameter in the arena range `range` are final: start the buckets they complete.
+    func markReady(_ range: Range<Int>) throws {
+        for entry in arena.layout.entryIndices(in: range) where arena.layout.entries[entry].kind == .trainable && !ready.contains(entry) {
             ready.insert(entry)
             guard let b = bucketOfEntry[entry] else { continue }
             buckets[b].pending -= 1

@@ -62,9 +62,9 @@ public final class GradientSync {
 
     /// What the models call during backward when a group of parameters has its final gradients
     /// (PassContext.gradientsReady); nil when nothing starts before `finish`.
-    public var readyHandler: ((String) throws -> Void)? {
+    public var readyHandler: ((Range<Int>) throws -> Void)? {
         guard let buckets, mode == .replicated(overlap: true) else { return nil }
-        return { prefix in try buckets.markReady(prefix) }
+        return { range in try buckets.markReady(range) }
     }
 
     /// Gradient buckets, and how many of them the last step started during backward (the rest start in

@@ -553,7 +553,7 @@ public final class ClassificationEvaluation {
                 _ = loss(logits: logits, targets: targets.pointer, rows: local, normalizer: perStep, gradient: gradLogits.pointer)
                 context.gradientsReady = sync.readyHandler
                 let gradFeatures = model.backwardClassifier(gradLogits: gradLogits.pointer, features: h)
-                try context.gradientsReady?("classifier.")
+                try context.gradientsReady?(model.headRange)
                 try model.backwardEncoder(gradFeatures: gradFeatures, context: context)
                 _ = try sync.finish()
                 try sync.step(adam: AdamConfig(learningRate: schedule.rate(step: step), weightDecay: options.weightDecay, decoupled: false), step: step)

@@ -426,6 +426,9 @@ public final class BERT {
     let wordEmbeddings, positionEmbeddings, tokenTypeEmbeddings: ParameterLayout.Entry
     let embeddingNorm: LayerNormLayer
     let layers: [EncoderLayer]
+    /// The arena ranges of the embeddings' and of each layer's parameters (announced as final in backward).
+    let embeddingRange: Range<Int>
+    let layerRanges: [Range<Int>]
     let embedded = Scratch<Float>(), embeddingOutput = Scratch<Float>(), embeddingMean = Scratch<Float>(), embeddingInvStd = Scratch<Float>()
     let gradEmbeddingOutput = Scratch<Float>(), gradEmbedded = Scratch<Float>(), gradEmbeddingSum = Scratch<Float>()
     let ids = Scratch<Int32>(), mask = Scratch<Int32>()
@@ -445,15 +448,24 @@ public final class BERT {
         self.freezeEmbeddings = freeze
         let kind: ParameterLayout.Kind = freeze ? .frozen : .trainable
         let h = config.hiddenSize
+        let start = layout.totalCount
         wordEmbeddings = try layout.add("\(prefix)embeddings.word_embeddings.weight", shape: [config.vocabSize, h], kind: kind)
         positionEmbeddings = try layout.add("\(prefix)embeddings.position_embeddings.weight", shape: [config.maxPositionEmbeddings, h], kind: kind)
         tokenTypeEmbeddings = try layout.add("\(prefix)embeddings.token_type_embeddings.weight", shape: [config.typeVocabSize, h], kind: kind)
         embeddingNorm = try LayerNormLayer(&layout, "\(prefix)embeddings.LayerNorm", features: h, eps: Float(config.layerNormEps), kind: kind)
+        embeddingRange = start..<layout.totalCount
         let shared = [LayerActivations(), LayerActivations()], scratch = LayerGradientScratch()
-        layers = try (0..<config.numHiddenLayers).map {
-            try EncoderLayer(&layout, "\(prefix)encoder.layer.\($0)", config: config, index: $0, frozen: $0 < frozenLayers,
-                             activations: $0 < frozenLayers ? shared[$0 % 2] : LayerActivations(), scratch: scratch)
+        var layers: [EncoderLayer] = [], ranges: [Range<Int>] = []
+        for i in 0..<config.numHiddenLayers {
+            let (layer, range) = try layout.group {
+                try EncoderLayer(&$0, "\(prefix)encoder.layer.\(i)", config: config, index: i, frozen: i < frozenLayers,
+                                 activations: i < frozenLayers ? shared[i % 2] : LayerActivations(), scratch: scratch)
+            }
+            layers.append(layer)
+            ranges.append(range)
         }
+        self.layers = layers
+        layerRanges = ranges
     }
 
     /// Hugging Face's initialisation: N(0, 0.02) weights and embeddings, zero biases, LayerNorm 1 and 0.
@@ -520,7 +532,7 @@ public final class BERT {
         if layers.isEmpty {
             if needsEmbeddingGradient {
                 embeddingBackward(arena, gradOutput: gradLastHidden, geometry: g, context: context)
-                try context.gradientsReady?("\(prefix)embeddings.")
+                try context.gradientsReady?(embeddingRange)
             }
             return
         }
@@ -530,11 +542,11 @@ public final class BERT {
             let needInputGradient = k > firstTrainableLayer || (k == 0 && needsEmbeddingGradient)
             let gradInput: UnsafeMutablePointer<Float>? = needInputGradient ? (k == 0 ? gradEmbeddingOutput.pointer : layers[k - 1].gradOutput.pointer) : nil
             layers[k].backward(arena, gradInput: gradInput, input: input, geometry: g, config: config, context: context)
-            try context.gradientsReady?("\(prefix)encoder.layer.\(k).")
+            try context.gradientsReady?(layerRanges[k])
         }
         if firstTrainableLayer == 0 && needsEmbeddingGradient {
             embeddingBackward(arena, gradOutput: gradEmbeddingOutput.pointer, geometry: g, context: context)
-            try context.gradientsReady?("\(prefix)embeddings.")
+            try context.gradientsReady?(embeddingRange)
         }
     }
 

@@ -50,10 +50,10 @@ public struct PassContext {
     public var stream: RandomStream
     /// The global index of each local sample, in batch order.
     public var sampleIndices: [UInt64]
-    /// Called during backward with a parameter-name prefix once the gradients of every parameter under
-    /// it are final (a ResNet block, a BERT layer, a head), so that their all-reduce can start while
-    /// the rest of backward runs.
-    public var gradientsReady: ((String) throws -> Void)?
+    /// Called during backward with an arena range once the gradients of every parameter in it are final
+    /// (a ResNet block, a BERT layer, a head: each registers its parameters consecutively, so each is
+    /// one range), so that their all-reduce can start while the rest of backward runs.
+    public var gradientsReady: ((Range<Int>) throws -> Void)?
     /// The arithmetic of the convolutions and matrix products (bf16: mixed precision as PyTorch's CPU
     /// autocast, see `BF16`); everything else is fp32 in either.
     public var precision: Precision

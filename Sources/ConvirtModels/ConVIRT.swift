@@ -81,9 +81,14 @@ public final class ProjectionHead {
     private var hasInput = false
     private var precision = Precision.fp32
 
+    /// The arena range of the head's parameters.
+    let range: Range<Int>
+
     init(_ layout: inout ParameterLayout, _ prefix: String, inFeatures: Int, hiddenFeatures: Int, outFeatures: Int) throws {
+        let start = layout.totalCount
         first = try LinearLayer(&layout, "\(prefix)0", inFeatures: inFeatures, outFeatures: hiddenFeatures)
         second = try LinearLayer(&layout, "\(prefix)2", inFeatures: hiddenFeatures, outFeatures: outFeatures)
+        range = start..<layout.totalCount
     }
 
     func initialize(_ arena: ParameterArena, stream: RandomStream) {
@@ -215,6 +220,7 @@ public final class ConVIRTModel {
     public let imageHead: ProjectionHead
     public let textHead: ProjectionHead
     let pooled = Scratch<Float>(), poolIndices = Scratch<Int32>(), gradHidden = Scratch<Float>()
+    let savedBuffers = Scratch<Float>()
     /// The precision evaluations and embeddings of this model run in (training takes its run's, through
     /// the pass context).
     public var precision = Precision.fp32
@@ -242,6 +248,23 @@ public final class ConVIRTModel {
         textHead = try ProjectionHead(&layout, "text_head.", inFeatures: config.text.hiddenSize, hiddenFeatures: config.projHidden, outFeatures: config.projDim)
         self.layout = layout
         arena = ParameterArena(layout: layout)
+    }
+
+    /// Keeps a copy of the model's buffers (BatchNorm's running statistics), which `restoreBuffers`
+    /// puts back: a forward pass that must leave them as they were (accumulation's first pass).
+    public func saveBuffers() {
+        let entries = layout.entries.lazy.filter { $0.kind == .buffer }
+        let saved = savedBuffers.ensure(entries.reduce(0) { $0 + $1.count })
+        var at = 0
+        for e in entries { (saved + at).update(from: arena.params + e.offset, count: e.count); at += e.count }
+    }
+
+    /// Puts back the buffers `saveBuffers` copied.
+    public func restoreBuffers() {
+        var at = 0
+        for e in layout.entries where e.kind == .buffer {
+            (arena.params + e.offset).update(from: savedBuffers.pointer + at, count: e.count); at += e.count
+        }
     }
 
     /// Random initialisation as torchvision, Hugging Face and torch.nn.Linear do it, from a seed.
@@ -281,13 +304,13 @@ public final class ConVIRTModel {
 
     public func backwardImages(gradEmbeddings: UnsafePointer<Float>, context: PassContext) throws {
         let gradFeatures = imageHead.backward(arena, gradEmbeddings: gradEmbeddings, pieceRows: context.pieceRows(perSample: 1))
-        try context.gradientsReady?("image_head.")
+        try context.gradientsReady?(imageHead.range)
         try image.backward(arena, gradFeatures: gradFeatures, context: context)
     }
 
     public func backwardTexts(gradEmbeddings: UnsafePointer<Float>, context: PassContext) throws {
         let gradPooled = textHead.backward(arena, gradEmbeddings: gradEmbeddings, pieceRows: context.pieceRows(perSample: 1))
-        try context.gradientsReady?("text_head.")
+        try context.gradientsReady?(textHead.range)
         let (b, t) = textShape, h = config.text.hiddenSize
         let dh = gradHidden.zeroed(b * t * h)
         MaskedMaxPool.backward(gradInput: dh, gradOutput: gradPooled, indices: poolIndices.pointer, batch: b, tokens: t, channels: h)

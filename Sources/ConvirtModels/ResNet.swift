@@ -394,7 +394,9 @@ public final class ResNet {
     public let prefix: String
     let stem: ConvBNUnit
     let blocks: [ResidualBlock]
-    let blockPrefixes: [String]
+    /// The arena ranges of the stem's and of each block's parameters (announced as final in backward).
+    let stemRange: Range<Int>
+    let blockRanges: [Range<Int>]
     let poolOutput = Scratch<Float>(), poolOutputBF16 = Scratch<UInt16>(), poolIndices = Scratch<Int32>(), poolGrad = Scratch<Float>()
     let features = Scratch<Float>()
     let workspace = Scratch<Float>()
@@ -429,25 +431,30 @@ public final class ResNet {
         try config.validate()
         self.config = config
         self.prefix = prefix
-        rooms = SharedRooms(shares: sharesGradientRooms)
-        stem = try ConvBNUnit(&layout, conv: "\(prefix)conv1", bn: "\(prefix)bn1", inChannels: 3, outChannels: config.width,
-                              kernel: 7, stride: 2, padding: 3, relu: true, rooms: rooms)
+        let rooms = SharedRooms(shares: sharesGradientRooms)
+        self.rooms = rooms
+        (stem, stemRange) = try layout.group {
+            try ConvBNUnit(&$0, conv: "\(prefix)conv1", bn: "\(prefix)bn1", inChannels: 3, outChannels: config.width,
+                           kernel: 7, stride: 2, padding: 3, relu: true, rooms: rooms)
+        }
         var blocks: [ResidualBlock] = []
-        var prefixes: [String] = []
+        var ranges: [Range<Int>] = []
         var inChannels = config.width
         for (stage, count) in config.layers.enumerated() {
             let planes = config.width << stage
             for i in 0..<count {
-                prefixes.append("\(prefix)layer\(stage + 1).\(i).")
-                let block = try ResidualBlock(&layout, "\(prefix)layer\(stage + 1).\(i)", block: config.block, inChannels: inChannels,
-                                              planes: planes, stride: i == 0 && stage > 0 ? 2 : 1, rooms: rooms,
-                                              gradOutput: rooms.blockGradient(blocks.count))
+                let (block, range) = try layout.group {
+                    try ResidualBlock(&$0, "\(prefix)layer\(stage + 1).\(i)", block: config.block, inChannels: inChannels,
+                                      planes: planes, stride: i == 0 && stage > 0 ? 2 : 1, rooms: rooms,
+                                      gradOutput: rooms.blockGradient(blocks.count))
+                }
                 inChannels = block.outChannels
                 blocks.append(block)
+                ranges.append(range)
             }
         }
         self.blocks = blocks
-        self.blockPrefixes = prefixes
+        self.blockRanges = ranges
     }
 
     public var featureCount: Int { config.featureCount }
@@ -527,7 +534,7 @@ public final class ResNet {
                 : blocks[k - 1].lastOutput
             let gradInput = k == 0 ? poolGrad.pointer : blocks[k - 1].gradOutput.pointer
             try blocks[k].backward(arena, gradInput: gradInput, input: input, workspace: workspace, context: context)
-            try context.gradientsReady?(blockPrefixes[k])
+            try context.gradientsReady?(blockRanges[k])
         }
         let planes = shape.batch * config.width
         let (inPlane, outPlane) = (shape.stemSize * shape.stemSize, shape.poolSize * shape.poolSize)
@@ -540,8 +547,7 @@ public final class ResNet {
                                planes: planes, inPlane: inPlane, outPlane: outPlane)
         }
         try stem.backward(arena, gradInput: nil, input: Activation(floats: inputImages.pointer), workspace: workspace, context: context)
-        try context.gradientsReady?("\(prefix)conv1.")
-        try context.gradientsReady?("\(prefix)bn1.")
+        try context.gradientsReady?(stemRange)
     }
 
     /// Bytes held by activations and their gradients at the largest batch seen, each buffer once

@@ -67,9 +67,6 @@ public final class Trainer {
     var log: (String) -> Void
     /// Pass 1's embeddings of all micro-batches [K b, d] (accumulation only).
     let accumulatedV = Scratch<Float>(), accumulatedU = Scratch<Float>()
-    /// BatchNorm's running statistics, kept across pass 1 of accumulation.
-    let runningStatistics = Scratch<Float>()
-    lazy var bufferEntries = model.layout.entries.filter { $0.kind == .buffer }
     /// Rank 0's event file of this invocation (nil elsewhere, before `run`, or with --no-tensorboard).
     public private(set) var tensorboard: TensorBoardWriter?
 
@@ -252,16 +249,13 @@ public final class Trainer {
             return context
         }
         // Pass 1: embeddings only; the running statistics restored after it.
-        let running = runningStatistics.ensure(bufferEntries.reduce(0) { $0 + $1.count })
-        var at = 0
-        for e in bufferEntries { (running + at).update(from: model.arena.params + e.offset, count: e.count); at += e.count }
+        model.saveBuffers()
         for j in 0..<k {
             let (v, u) = try encode(batch, rows: (j * b)..<((j + 1) * b), context: context(j, gradients: false))
             (allV + j * b * d).update(from: v, count: b * d)
             (allU + j * b * d).update(from: u, count: b * d)
         }
-        at = 0
-        for e in bufferEntries { (model.arena.params + e.offset).update(from: running + at, count: e.count); at += e.count }
+        model.restoreBuffers()
         let value = try loss.forwardBackward(v: allV, u: allU, rows: batch.size)
         var forward = clock.lap() - loss.communicationTime, backward = 0.0
         // Pass 2: each micro-batch again, with its activations, then backward from its gradient slice.

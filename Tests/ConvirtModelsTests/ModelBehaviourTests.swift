@@ -128,6 +128,61 @@ struct ModelBehaviourTests {
         #expect(frozenArena.layout.trainableCount < fullArena.layout.trainableCount)
     }
 
+    /// Backward announces finished gradients as arena ranges (`PassContext.gradientsReady`), which the
+    /// gradient buckets start their all-reduce from: each range's gradients must be final when announced,
+    /// the ranges disjoint, and every trainable entry inside exactly one of them.
+    @Test("backward announces each trainable parameter once, as an arena range, when its gradient is final")
+    func announcedRanges() throws {
+        let model = try Self.tinyModel(frozen: 1)
+        let b = 2, size = 64
+        let images = (0..<(b * 3 * size * size)).map { RandomStream(seed: 8).normal(at: UInt64($0)) }
+        let (ids, mask) = Self.texts(batch: b, tokens: 6)
+        var context = PassContext(training: true, sampleIndices: [0, 1])
+        let v = try model.encodeImages(images, batch: b, size: size, context: context)
+        let u = try model.encodeTexts(ids: ids, mask: mask, batch: b, tokens: 6, context: context)
+        let gv = (0..<(b * model.config.projDim)).map { Float($0 % 7) - 3 + v[$0] }
+        let gu = (0..<(b * model.config.projDim)).map { Float($0 % 5) - 2 + u[$0] }
+        model.arena.zeroGrads()
+        var announced: [(range: Range<Int>, gradients: [Float])] = []
+        let grads = model.arena.grads
+        context.gradientsReady = { range in announced.append((range, Array(UnsafeBufferPointer(start: grads + range.lowerBound, count: range.count)))) }
+        try model.backwardImages(gradEmbeddings: gv, context: context)
+        try model.backwardTexts(gradEmbeddings: gu, context: context)
+        for (range, atAnnouncement) in announced {
+            #expect(Array(UnsafeBufferPointer(start: grads + range.lowerBound, count: range.count)) == atAnnouncement,
+                    "the gradients of \(range) changed after they were announced")
+        }
+        let sorted = announced.map(\.range).sorted { $0.lowerBound < $1.lowerBound }
+        #expect(zip(sorted, sorted.dropFirst()).allSatisfy { $0.upperBound <= $1.lowerBound }, "announced ranges overlap")
+        for entry in model.layout.entries where entry.kind == .trainable {
+            let holders = sorted.filter { $0.contains(entry.offset) && entry.range.upperBound <= $0.upperBound }
+            #expect(holders.count == 1, "\(entry.name) is in \(holders.count) announced ranges")
+        }
+        // The buckets find a range's entries by binary search: the same as a scan.
+        for range in sorted {
+            let scanned = model.layout.entries.indices.filter { i in
+                let e = model.layout.entries[i]
+                return e.offset >= range.lowerBound && e.range.upperBound <= range.upperBound
+            }
+            #expect(Array(model.layout.entryIndices(in: range)) == scanned, "\(range)")
+        }
+    }
+
+    @Test("restoreBuffers puts back the running statistics a training forward changed")
+    func savedBuffers() throws {
+        let model = try Self.tinyModel(frozen: 1)
+        let b = 2, size = 64
+        let images = (0..<(b * 3 * size * size)).map { RandomStream(seed: 8).normal(at: UInt64($0)) }
+        let before = Array(UnsafeBufferPointer(start: model.arena.params, count: model.arena.count))
+        model.saveBuffers()
+        _ = try model.encodeImages(images, batch: b, size: size, context: PassContext(training: true, sampleIndices: [0, 1]))
+        let after = Array(UnsafeBufferPointer(start: model.arena.params, count: model.arena.count))
+        let buffers = model.layout.entries.filter { $0.kind == .buffer }
+        #expect(buffers.contains { e in before[e.range] != after[e.range] }, "the forward changed no running statistic")
+        model.restoreBuffers()
+        #expect(Array(UnsafeBufferPointer(start: model.arena.params, count: model.arena.count)) == before)
+    }
+
     /// `ParameterArena.claimZeroedGradient`: after `zeroGrads` the first kernel to write a weight's
     /// gradient overwrites it (a product without a sum, a reorder without accumulation); with every claim
     /// taken away first, every kernel adds to the zeros instead. Both give the same gradients, and a

@@ -17,7 +17,7 @@ public enum BLASCore {
 
     /// Why the current core is in use: set by the user or machine, chosen by convirt, or OpenBLAS's own.
     public static var origin: String {
-        let env = processEnvironment()
+        let env = EnvironmentSwitches.process.variables
         if env[chosenMarker] != nil { return "chosen by convirt from the CPU flags" }
         if env["OPENBLAS_CORETYPE"] != nil { return "OPENBLAS_CORETYPE set by the environment" }
         return "chosen by OpenBLAS"
@@ -113,7 +113,7 @@ public enum BLASCore {
 
     /// How oneDNN's OpenMP threads wait between primitives, and who decided.
     public static var openMPWaitPolicy: String {
-        let env = processEnvironment()
+        let env = EnvironmentSwitches.process.variables
         switch env[waitPolicyMarker] {
         case "spin": return "spinning \(env["GOMP_SPINCOUNT"] ?? "?") times, then passive (set by convirt: this rank's threads have their CPUs)"
         case "passive": return "passive (set by convirt: ranks share this node's CPUs)"
@@ -132,7 +132,7 @@ public enum BLASCore {
     /// returns when no restart is needed (or the restart failed, in which case the libraries keep their
     /// own choices). A restarted process never restarts again.
     public static func restartWithPreferredSettingsIfNeeded() {
-        let env = processEnvironment()
+        let env = EnvironmentSwitches.process.variables
         // CONVIRT_TEST_BLAS_PICKED pretends OpenBLAS chose that core (to test the restart on any CPU).
         guard env[restartMarker] == nil, let cpu else { return }
         let changes = preferredEnvironment(env, flags: cpu.flags, vendor: cpu.vendor, picked: env["CONVIRT_TEST_BLAS_PICKED"] ?? current,
@@ -148,16 +148,4 @@ public enum BLASCore {
     }
 
     static let restartMarker = "CONVIRT_RESTARTED"
-}
-
-/// The environment as a dictionary, without Foundation.
-func processEnvironment() -> [String: String] {
-    var result: [String: String] = [:]
-    var p = environ
-    while let entry = p.pointee {
-        let s = String(cString: entry)
-        if let eq = s.firstIndex(of: "=") { result[String(s[..<eq])] = String(s[s.index(after: eq)...]) }
-        p += 1
-    }
-    return result
 }

@@ -86,10 +86,7 @@ public final class MPICommunicator: Communicator {
     private var finalized = false
 
     /// True when this process was started by mpirun / a PMI launcher (so MPI_Init will find its job).
-    public static var launchedByMPI: Bool {
-        let env = ProcessInfo.processInfo.environment
-        return env["OMPI_COMM_WORLD_SIZE"] != nil || env["PMI_SIZE"] != nil || env["PMIX_RANK"] != nil
-    }
+    public static var launchedByMPI: Bool { EnvironmentSwitches.process.launchedByMPI }
 
     public static var libraryVersion: String {
         var buffer = [CChar](repeating: 0, count: 512)

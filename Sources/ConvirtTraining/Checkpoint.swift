@@ -630,12 +630,8 @@ public final class CheckpointWriter: @unchecked Sendable {
 /// the commit, as a node failure would; `CONVIRT_FAULT_KILL_AFTER_COMMIT=STEP` makes rank 0 kill itself
 /// right after publishing the checkpoint of STEP (`latest` names it).
 enum CheckpointFaults {
-    static let killAfterShard: (step: Int, rank: Int)? = {
-        guard let spec = ProcessInfo.processInfo.environment["CONVIRT_FAULT_KILL_AFTER_SHARD"] else { return nil }
-        let parts = spec.split(separator: ":").compactMap { Int($0) }
-        return parts.count == 2 ? (parts[0], parts[1]) : nil
-    }()
-    static let killAfterCommit: Int? = ProcessInfo.processInfo.environment["CONVIRT_FAULT_KILL_AFTER_COMMIT"].flatMap { Int($0) }
+    static let killAfterShard = EnvironmentSwitches.process.killAfterShard
+    static let killAfterCommit = EnvironmentSwitches.process.killAfterCommit
 
     static func afterShardWritten(step: Int, rank: Int) {
         if let fault = killAfterShard, fault.step == step, fault.rank == rank { kill(getpid(), SIGKILL) }

@@ -34,11 +34,15 @@ struct Convirt: ParsableCommand {
     static func main() {
         BLASCore.restartWithPreferredSettingsIfNeeded()
         // Under mpirun every rank parses the same flags: only rank 0 prints a usage error (once, not N times).
-        let env = ProcessInfo.processInfo.environment
-        let silent = (env["OMPI_COMM_WORLD_RANK"] ?? env["PMIX_RANK"] ?? "0") != "0"
+        let silent = EnvironmentSwitches.process.launcherRank != 0
         func fail(_ error: Error) -> Never {
             if silent { Foundation.exit(exitCode(for: error).rawValue) }
             exit(withError: error)
+        }
+        // A switch with a value that means nothing is refused before anything runs on it.
+        if let problem = EnvironmentSwitches.process.problems.first {
+            if !silent { FileHandle.standardError.write(Data("Error: \(problem)\n".utf8)) }
+            Foundation.exit(1)
         }
         var command: ParsableCommand
         do { command = try parseAsRoot(nil) } catch { fail(error) }
@@ -84,7 +88,7 @@ struct Info: ParsableCommand {
             print("convirt \(convirtVersion)")
             print("BLAS: \(BLASThreads.configuration), \(BLASThreads.current) thread(s); core \(BLASCore.current) (\(BLASCore.origin))")
             print("oneDNN: \(DNNL.version), ISA \(DNNL.isa); OpenMP wait policy \(BLASCore.openMPWaitPolicy)")
-            print("bf16: \(BF16.backend); \(PrecisionChoice.auto.describe())")
+            for line in Backend.current.lines { print(line) }
             print("MPI: \(MPICommunicator.libraryVersion.split(separator: "\n").first ?? "")")
             if communicator is MPICommunicator {
                 print("MPI job: world size \(communicator.size); all-reduce of ranks = \(Int(ranks[0])) (expected \(Int(expected)))")

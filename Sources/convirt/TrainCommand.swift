@@ -208,7 +208,7 @@ struct TrainCommand: ParsableCommand {
         let config = trainer.config
         trainer.model.precision = config.productPrecision
         if root {
-            try Files.writeAtomically(prettyJSON(trainer.config), to: "\(runDir)/config.json")
+            try Files.writeAtomically(configRecord(trainer.config), to: "\(runDir)/config.json")
             // The run's vocabulary beside its checkpoints: evaluation and `convirt embed` tokenize with it.
             let vocabulary = try Files.read(trainer.vocabularyPath)
             if (try? Files.read("\(runDir)/vocab.txt")) != vocabulary { try Files.writeAtomically(vocabulary, to: "\(runDir)/vocab.txt") }
@@ -245,4 +245,18 @@ struct TrainCommand: ParsableCommand {
             }
         }
     }
+}
+
+/// config.json: the resolved configuration, and the kernel routes that computed the run (`Backend`).
+func configRecord(_ config: TrainConfig) throws -> Data {
+    struct Record: Encodable {
+        enum Key: String, CodingKey { case backend }
+        let config: TrainConfig
+        func encode(to encoder: Encoder) throws {
+            try config.encode(to: encoder)
+            var c = encoder.container(keyedBy: Key.self)
+            try c.encode(Backend.current.record, forKey: .backend)
+        }
+    }
+    return try prettyJSON(Record(config: config))
 }

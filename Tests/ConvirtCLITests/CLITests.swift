@@ -86,6 +86,13 @@ struct CLITests {
         let (status, output) = try run(convirtPath(), ["info"])
         #expect(status == 0, "\(output)")
         #expect(output.contains("BLAS:") && output.contains("Open MPI") && output.contains("not launched by mpirun"), "\(output)")
+        // The routes, each once; a switch that is set is named with what it does.
+        #expect(output.components(separatedBy: "\nbf16: ").count == 2 && output.contains("\nkernels: ") && output.contains("\nprecision auto: "), "\(output)")
+        let pinned = try run(convirtPath(), ["info"], environment: ["CONVIRT_MATMUL": "openblas"])
+        #expect(pinned.status == 0 && pinned.output.contains("fp32 products on OpenBLAS") && pinned.output.contains("CONVIRT_MATMUL=openblas ("),
+                "\(pinned.output)")
+        let bad = try run(convirtPath(), ["info"], environment: ["CONVIRT_CONVOLUTION": "winograd"])
+        #expect(bad.status == 1 && bad.output.contains("CONVIRT_CONVOLUTION=winograd: expected one of auto, onednn, im2col"), "\(bad.output)")
     }
 
     @Test("under mpirun -np 2 the MPI bridge initialises and an all-reduce sums the ranks")

@@ -122,6 +122,8 @@ struct PrecisionCLITests {
         let runDir = "\(shared.dir)/run1--precisionbf16"
         let config = try String(contentsOfFile: "\(runDir)/config.json", encoding: .utf8)
         #expect(config.contains("\"precision\" : \"bf16\"") && config.contains("\"gradient_piece\" : 1"), "\(config)")
+        // The kernel routes that computed it (`Backend`), beside the configuration.
+        #expect(config.contains("\"backend\" : {") && config.contains("\"bf16_products\" : \"") && config.contains("\"fp32_matmul\" : \""), "\(config)")
         let manifest = try String(contentsOfFile: "\(runDir)/checkpoints/step-00000020/manifest.json", encoding: .utf8)
         #expect(manifest.contains("\"precision\" : \"bf16\"") && manifest.contains("\"gradient_piece\" : 1"))
     }

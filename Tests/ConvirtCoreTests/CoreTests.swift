@@ -208,3 +208,65 @@ struct BatchNormReducerTests {
         #expect(relativeError(gammaGrad, wholeGrad.gamma.scalars) < 1e-5)
     }
 }
+
+@Suite("Backend: the switches read in one place, the routes resolved once")
+struct BackendTests {
+    /// The package's sources, found from this file's path (Tests/ConvirtCoreTests/CoreTests.swift).
+    static var sourcesDirectory: String {
+        var parts = #filePath.split(separator: "/", omittingEmptySubsequences: false)
+        parts.removeLast(3)
+        return parts.joined(separator: "/") + "/Sources"
+    }
+
+    @Test("no source file but Backend.swift reads the environment")
+    func oneReader() throws {
+        let readers = ["getenv(", "ProcessInfo.processInfo.environment", "environ"]
+        var offenders: [String] = []
+        let root = Self.sourcesDirectory
+        guard let walk = opendir(root) else { Issue.record("cannot open \(root)"); return }
+        closedir(walk)
+        func visit(_ dir: String) {
+            guard let d = opendir(dir) else { return }
+            defer { closedir(d) }
+            while let e = readdir(d) {
+                let name = withUnsafeBytes(of: e.pointee.d_name) { String(cString: $0.bindMemory(to: CChar.self).baseAddress!) }
+                if name.hasPrefix(".") { continue }
+                let path = dir + "/" + name
+                if e.pointee.d_type == UInt8(DT_DIR) { visit(path); continue }
+                guard name.hasSuffix(".swift") || name.hasSuffix(".c") || name.hasSuffix(".h"), name != "Backend.swift",
+                      !path.contains("/ConvirtTestSupport/"), let f = fopen(path, "r") else { continue }
+                defer { fclose(f) }
+                var line: UnsafeMutablePointer<CChar>? = nil, capacity = 0, number = 0
+                defer { free(line) }
+                while getline(&line, &capacity, f) > 0 {
+                    number += 1
+                    let text = String(cString: line!)
+                    if text.trimmingPrefix(" ").hasPrefix("//") { continue }
+                    // `environ` as a word (C's variable), not inside "environment".
+                    let words = text.split { !($0.isLetter || $0.isNumber || $0 == "_" || $0 == ".") }.map(String.init)
+                    for r in readers where r == "environ" ? words.contains(r) : text.contains(r) {
+                        offenders.append("\(path.dropFirst(root.count + 1)):\(number): \(r)")
+                    }
+                }
+            }
+        }
+        visit(root)
+        #expect(offenders.isEmpty, "reads the environment outside Backend.swift: \(offenders)")
+    }
+
+    @Test("switches parse to the routes, unknown values are named, other variables are not read")
+    func switches() {
+        let s = EnvironmentSwitches(["CONVIRT_BF16": "blocked", "CONVIRT_MATMUL": "openblas", "CONVIRT_CONVOLUTION": "im2col",
+                                     "CONVIRT_FAULT_KILL_AFTER_SHARD": "4:1", "HOME": "/root", "OMPI_COMM_WORLD_RANK": "3"])
+        #expect(s.bf16 == .blocked && s.matmul == .openblas && s.convolution == .im2col)
+        #expect(s.killAfterShard?.step == 4 && s.killAfterShard?.rank == 1 && s.launcherRank == 3 && s.launchedByMPI == false)
+        #expect(s.variables["HOME"] == nil && s.problems.isEmpty)
+        let b = Backend(switches: s)
+        #expect(b.bf16 == .blocked && b.fp32Matmul == .openblas && b.convolution == .im2col && b.fp32Layout == .nchw && b.bf16Layout == .nchw)
+        #expect(b.record["env CONVIRT_BF16"] == "blocked" && b.record["bf16_products"] == "blocked")
+        let bad = EnvironmentSwitches(["CONVIRT_MATMUL": "fast", "CONVIRT_ACTIVATIONS": "nhcw", "CONVIRT_FAULT_KILL_AFTER_COMMIT": "x"])
+        #expect(bad.problems.count == 3)
+        #expect(bad.problems.first { $0.hasPrefix("CONVIRT_MATMUL=fast") }?.contains("auto, onednn, openblas") == true)
+        #expect(Backend(switches: EnvironmentSwitches(["CONVIRT_PRECISION": "fp32"])).autoPrecision == .fp32)
+    }
+}

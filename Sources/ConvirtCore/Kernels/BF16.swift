@@ -27,20 +27,16 @@ public enum PrecisionChoice: String, Codable, Sendable, CaseIterable {
         switch self {
         case .fp32: return .fp32
         case .bf16: return .bf16
-        case .auto: return Self.environment ?? (BF16.hardwareSupport != nil ? .bf16 : .fp32)
+        case .auto: return Backend.current.autoPrecision
         }
     }
-
-    static let environment: Precision? = processEnvironment()["CONVIRT_PRECISION"].flatMap(Precision.init(rawValue:))
 
     /// A line saying what was chosen and why (printed at the start of train, eval, embed and bench step).
     public func describe() -> String {
         let p = resolved()
         switch self {
         case .auto:
-            let why = Self.environment != nil ? "CONVIRT_PRECISION=\(p.rawValue)"
-                : BF16.hardwareSupport.map { "the CPU has \($0)" } ?? "the CPU has neither AMX-BF16 nor AVX512-BF16"
-            return "precision \(p.rawValue) (auto: \(why))" + (p == .bf16 ? ", \(BF16.backend)" : "")
+            return "precision \(p.rawValue) (auto: \(Backend.current.autoPrecisionReason))" + (p == .bf16 ? ", \(BF16.backend)" : "")
         case .fp32: return "precision fp32"
         case .bf16: return "precision bf16, \(BF16.backend)"
         }
@@ -107,19 +103,10 @@ public enum BF16 {
         (try? MatmulPrimitive(MatmulPrimitive.Key(m: 16, n: 16, k: 16, transposeA: false, transposeB: false, ldc: 16, alpha: 1, beta: 0))) != nil
     }()
 
-    /// CONVIRT_BF16 as set (native, emulate or blocked), read once.
-    private static let override = processEnvironment()["CONVIRT_BF16"]
-
     /// Whether bf16 products run on oneDNN's bf16 kernels (else on fp32 kernels over bf16-rounded inputs,
-    /// which computes the same products). A fixed rule of the CPU, so that every rank of a job computes
-    /// alike; CONVIRT_BF16=native|emulate|blocked overrides it (native needs `oneDNNRunsBF16`).
-    public static let native: Bool = {
-        switch override {
-        case "emulate", "blocked": return false
-        case "native": return oneDNNRunsBF16
-        default: return oneDNNRunsBF16 && prefersNative(isa: DNNL.isa, vendor: BLASCore.cpu?.vendor ?? "")
-        }
-    }()
+    /// which computes the same products). A fixed rule of the CPU (`prefersNative`), so that every rank
+    /// of a job computes alike; CONVIRT_BF16=native|emulate|blocked overrides it (`Backend`).
+    public static var native: Bool { Backend.current.bf16 == .native }
 
     /// CONVIRT_BF16=blocked: the emulation, its reductions over samples made to depend on their length
     /// as a blocked kernel's may (oneDNN's AMX kernels block a product's sum over k by its size, and a
@@ -128,7 +115,7 @@ public enum BF16 {
     /// block's sum rounded to bf16 before the two are added in fp32. Such a sum over a rank's share of
     /// the batch depends on the world size at bf16's rounding (2^-8), far past fp32's; made of
     /// `GradientPieces`, it does not. The other products are the emulation's. For tests on every CPU.
-    public static let blockedReductions: Bool = override == "blocked"
+    public static var blockedReductions: Bool { Backend.current.bf16 == .blocked }
 
     /// The rule, measured with `convirt bench kernels` and `bench step --precision bf16` (2 threads):
     /// - AMX (ISA avx512_core_amx): oneDNN's bf16 convolutions ran at 3692 GFLOP/s against 339 in fp32
@@ -145,23 +132,7 @@ public enum BF16 {
     }
 
     /// Where bf16 products run: oneDNN's bf16 kernels, or fp32 kernels over rounded inputs (and why).
-    public static var backend: String {
-        if native {
-            let layout = switch Convolution.layout(precision: .bf16, nativeBF16: true) {
-            case .nhwc: "ResNet activations NHWC from layer to layer"
-            case .blocked16: "ResNet activations nChw16c from layer to layer (NCHW where the width is no multiple of 16)"
-            case .nchw: "ResNet activations NCHW, reordered to oneDNN's blocked layout at each convolution"
-            }
-            return "bf16 products on oneDNN (ISA \(DNNL.isa); \(layout))"
-        }
-        if override == "emulate" { return "bf16 products as fp32 products of bf16-rounded inputs (CONVIRT_BF16=emulate)" }
-        if blockedReductions {
-            return "bf16 products as fp32 products of bf16-rounded inputs, weight gradients summed in two blocks rounded to bf16 (CONVIRT_BF16=blocked, a test backend)"
-        }
-        return oneDNNRunsBF16
-            ? "bf16 products as fp32 products of bf16-rounded inputs (faster than oneDNN \(DNNL.version)'s bf16 kernels on ISA \(DNNL.isa) on this CPU)"
-            : "bf16 products as fp32 products of bf16-rounded inputs (oneDNN \(DNNL.version) runs no bf16 on ISA \(DNNL.isa))"
-    }
+    public static var backend: String { Backend.current.bf16Description }
 }
 
 /// Scratch memory owned by the calling thread, grown on demand and kept for the thread's lifetime (so

@@ -14,7 +14,7 @@
 import CKernels
 
 /// How a 4-d activation [N, C, H, W] lies in memory.
-public enum ActivationLayout: String, Sendable, Hashable {
+public enum ActivationLayout: String, Sendable, Hashable, CaseIterable {
     /// [N, C, H, W] (PyTorch's default).
     case nchw
     /// [N, H, W, C] (channels last).

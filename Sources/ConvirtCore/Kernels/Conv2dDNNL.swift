@@ -417,22 +417,9 @@ public final class Convolution {
         case im2col
     }
 
-    /// From CONVIRT_CONVOLUTION (auto, onednn or im2col; default auto): fixed for the process.
-    public static let policy: Policy = {
-        processEnvironment()["CONVIRT_CONVOLUTION"].flatMap(Policy.init(rawValue:)) ?? .auto
-    }()
-
-    /// Whether oneDNN's kernels are AVX-512 ones (its fp32 default's condition).
-    private static let onAVX512 = DNNL.isa.hasPrefix("avx512")
-
-    /// Whether fp32's convolution `g` (and bf16's, where not native) runs on oneDNN's fp32 kernels.
-    public static func usesDNNL(_ g: Conv2dGeometry) -> Bool {
-        switch policy {
-        case .onednn: return true
-        case .auto: return onAVX512
-        case .im2col: return false
-        }
-    }
+    /// Whether fp32's convolution `g` (and bf16's, where not native) runs on oneDNN's fp32 kernels: where
+    /// oneDNN's kernels are AVX-512 ones, unless CONVIRT_CONVOLUTION says otherwise (`Backend`).
+    public static func usesDNNL(_ g: Conv2dGeometry) -> Bool { Backend.current.convolution == .onednn }
 
     /// The layout a network keeps its activations in for a pass in `precision`: NCHW for im2col +
     /// sgemm; on oneDNN, the layout oneDNN itself picks for a ResNet convolution (`preferredLayout`), so
@@ -445,13 +432,20 @@ public final class Convolution {
     /// than NCHW there: convolutions 552 ms against 467, its brgemm/jit NHWC kernels being slower.)
     /// CONVIRT_ACTIVATIONS=nchw|nhwc|nchw16c overrides the choice (where oneDNN runs the convolutions).
     public static func layout(precision: Precision, nativeBF16: Bool = BF16.native) -> ActivationLayout {
-        let onDNNL = precision == .bf16 ? nativeBF16 : policy == .onednn || (policy == .auto && onAVX512)
-        guard onDNNL else { return .nchw }
-        if let forced = forcedLayout { return forced }
-        return precision == .bf16 ? preferredInBF16 : preferredInFP32
+        let backend = Backend.current
+        if precision == .bf16 && nativeBF16 != (backend.bf16 == .native) {
+            return layout(precision: .bf16, onDNNL: nativeBF16, forced: backend.switches.activations)
+        }
+        return precision == .bf16 ? backend.bf16Layout : backend.fp32Layout
     }
 
-    private static let forcedLayout = processEnvironment()["CONVIRT_ACTIVATIONS"].flatMap(ActivationLayout.init(rawValue:))
+    /// The rule `Backend` resolves once: NCHW where the convolutions are not on oneDNN, else the forced
+    /// layout or oneDNN's preferred one.
+    static func layout(precision: Precision, onDNNL: Bool, forced: ActivationLayout?) -> ActivationLayout {
+        guard onDNNL else { return .nchw }
+        if let forced { return forced }
+        return precision == .bf16 ? preferredInBF16 : preferredInFP32
+    }
     private static let preferredInBF16 = ConvolutionPrimitives.preferredLayout(precision: .bf16)
     private static let preferredInFP32 = ConvolutionPrimitives.preferredLayout(precision: .fp32)
 

@@ -172,22 +172,15 @@ public enum FP32Matmul {
         case openblas
     }
 
-    /// From CONVIRT_MATMUL (auto, onednn or openblas; default auto): fixed for the process, so that
-    /// every rank of a job computes alike.
-    public static let policy: Policy = processEnvironment()["CONVIRT_MATMUL"].flatMap(Policy.init(rawValue:)) ?? .auto
 
     /// Whether the products run on oneDNN. On a 2-core AMD EPYC (Zen 4, oneDNN 2.6.3
     /// brg:avx512_core against OpenBLAS 0.3.21's SkylakeX sgemm, 2 threads, the BERT-base shapes of
     /// batch 8 x 128 tokens, forward, input gradient and weight gradient): oneDNN 175-212 GFLOP/s
     /// against 130-183, and 1.1-1.4x on every shape but one (768x1024x3072 with A transposed: equal).
     /// Below AVX-512, oneDNN 2.6's fp32 matmul is its own gemm rather than brgemm: OpenBLAS stays.
-    public static let onDNNL: Bool = {
-        switch policy {
-        case .onednn: return true
-        case .openblas: return false
-        case .auto: return DNNL.isa.hasPrefix("avx512")
-        }
-    }()
+    /// CONVIRT_MATMUL (auto, onednn or openblas) overrides it; resolved once for the process (`Backend`),
+    /// so that every rank of a job computes alike.
+    public static var onDNNL: Bool { Backend.current.fp32Matmul == .onednn }
 }
 
 /// fp32 C[m, n] = alpha op(A) op(B) + beta C (+ bias [n] on every row, with beta 0): on oneDNN's fp32

@@ -17,5 +17,15 @@ if [ ${#missing[@]} -eq 0 ]; then exit 0; fi
 echo "installing Debian packages: ${missing[*]}"
 sudo=""
 if [ "$(id -u)" -ne 0 ]; then sudo="sudo"; fi
-$sudo apt-get update -qq
-DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}"
+# apt's own output (hundreds of lines of unpacking) goes to a log, shown only when it fails.
+log=$(mktemp)
+if ! { $sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}"; } >"$log" 2>&1; then
+  echo "apt-get failed; the end of its output:" >&2
+  tail -n 40 "$log" >&2
+  rm -f "$log"
+  exit 1
+fi
+rm -f "$log"
+for p in "${missing[@]}"; do
+  echo "  $p $(dpkg-query -W -f='${Version}' "$p" 2>/dev/null || echo '(version unknown)')"
+done

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Does bf16 learn as fp32 does? Trains the demo recipe (./launch.sh's pretraining: 4000 steps of 32 pairs
 # on 2 ranks) in each precision with two seeds on ./launch.sh's data, evaluates each encoder on held-out
-# retrieval and CheXpert 8x200, and rewrites the README block between "<!-- precision-learning:begin -->"
-# and "<!-- precision-learning:end -->" (README_FIGURES_DRY=1: print it instead).
+# retrieval and CheXpert 8x200, and rewrites the block of docs/PRECISION.md between
+# "<!-- precision-learning:begin -->" and "<!-- precision-learning:end -->" (README_FIGURES_DRY=1: print it instead).
 #
 #   tools/precision_learning.sh [WORK_DIR]     (run ./launch.sh once first, for data/ and the build)
 #   TABLE_ONLY=1 tools/precision_learning.sh WORK_DIR    (the block from an earlier run's WORK_DIR)
@@ -75,6 +75,6 @@ block = "\n".join(lines)
 if os.environ.get("README_FIGURES_DRY"):
     print(block)
 else:
-    replace_block("precision-learning", block)
-    print("README.md: precision learning figures rewritten")
+    replace_block("precision-learning", block, readme="docs/PRECISION.md")
+    print("docs/PRECISION.md: precision learning figures rewritten")
 PY

@@ -1,5 +1,5 @@
-"""Shared by the scripts that write the README's measured blocks (tools/readme_figures.sh,
-tools/readme_benchmarks.py): the CPU line that names where figures came from, and the rewrite of one
+"""Shared by the scripts that write the measured blocks of README.md and docs/ (tools/readme_figures.sh,
+tools/readme_benchmarks.py, tools/precision_learning.sh): the CPU line that names where figures came from, and the rewrite of one
 block between `<!-- NAME:begin -->` and `<!-- NAME:end -->`."""
 import os
 import re
@@ -19,7 +19,7 @@ def cpu_line(convirt_info):
 
 
 def replace_block(name, block, readme="README.md"):
-    """Rewrites the text between README.md's `<!-- NAME:begin -->` and `<!-- NAME:end -->` markers."""
+    """Rewrites the text between `readme`'s `<!-- NAME:begin -->` and `<!-- NAME:end -->` markers."""
     text = open(readme).read()
     begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
     if begin not in text or end not in text:

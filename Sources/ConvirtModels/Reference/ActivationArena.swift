@@ -1,0 +1,85 @@
+// One allocation for a model's activations, their gradients and the state a layer keeps from forward
+// to backward, cut into named views by a table built once per (config, batch): llm.c's `act_sizes`.
+// The reference models (`ReferenceResNet`, `ReferenceBERT`) hold every buffer there, each view written
+// by one layer and read by the layers after it, so that who owns a buffer is the table's line.
+
+import ConvirtCore
+
+/// The views of an activation arena, in order: names, element types, shapes and byte offsets.
+public struct ActivationTable: Sendable {
+    public enum Element: Sendable { case float, int32, double
+        var size: Int { self == .double ? 8 : 4 }
+    }
+
+    public struct View: Sendable, Equatable {
+        public let name: String
+        public let shape: [Int]
+        public let element: Element
+        /// Byte offset in the arena (64-byte aligned).
+        public let offset: Int
+        public var count: Int { shape.reduce(1, *) }
+        public var bytes: Int { count * element.size }
+    }
+
+    public private(set) var views: [View] = []
+    /// Bytes of the whole arena.
+    public private(set) var bytes = 0
+
+    public init() {}
+
+    /// Appends a view of `shape` (64-byte aligned) and returns it.
+    public mutating func add(_ name: String, _ shape: [Int], _ element: Element = .float) -> View {
+        precondition(shape.allSatisfy { $0 >= 0 }, "activation view \(name): negative size in \(shape)")
+        let view = View(name: name, shape: shape, element: element, offset: (bytes + 63) / 64 * 64)
+        views.append(view)
+        bytes = view.offset + view.bytes
+        return view
+    }
+}
+
+/// The storage of an `ActivationTable`: one 64-byte-aligned allocation, zeroed.
+public final class ActivationArena {
+    public let table: ActivationTable
+    private let base: UnsafeMutableRawPointer
+
+    public init(_ table: ActivationTable) {
+        self.table = table
+        base = UnsafeMutableRawPointer.allocate(byteCount: max(table.bytes, 64), alignment: 64)
+        // Each view is bound to its element type once, and zeroed; views never overlap.
+        for v in table.views {
+            switch v.element {
+            case .float: (base + v.offset).initializeMemory(as: Float.self, repeating: 0, count: v.count)
+            case .int32: (base + v.offset).initializeMemory(as: Int32.self, repeating: 0, count: v.count)
+            case .double: (base + v.offset).initializeMemory(as: Double.self, repeating: 0, count: v.count)
+            }
+        }
+    }
+
+    deinit { base.deallocate() }
+
+    public subscript(_ view: ActivationTable.View) -> UnsafeMutablePointer<Float> {
+        precondition(view.element == .float, "\(view.name) holds no floats")
+        return (base + view.offset).assumingMemoryBound(to: Float.self)
+    }
+
+    public func int32s(_ view: ActivationTable.View) -> UnsafeMutablePointer<Int32> {
+        precondition(view.element == .int32, "\(view.name) holds no Int32s")
+        return (base + view.offset).assumingMemoryBound(to: Int32.self)
+    }
+
+    public func doubles(_ view: ActivationTable.View) -> UnsafeMutableBufferPointer<Double> {
+        precondition(view.element == .double, "\(view.name) holds no doubles")
+        return UnsafeMutableBufferPointer(start: (base + view.offset).assumingMemoryBound(to: Double.self), count: view.count)
+    }
+
+    /// Sets the views to zero (the gradients before a backward pass, which every layer adds to).
+    public func zero(_ views: [ActivationTable.View]) {
+        for v in views {
+            switch v.element {
+            case .float: self[v].update(repeating: 0, count: v.count)
+            case .int32: int32s(v).update(repeating: 0, count: v.count)
+            case .double: doubles(v).update(repeating: 0)
+            }
+        }
+    }
+}

@@ -240,32 +240,6 @@ final class EncoderLayer {
     let copies: EncoderCopies
     /// The gradient of this layer's output, accumulated by the next layer's backward.
     let gradOutput = Scratch<Float>()
-    var q: Scratch<Float> { activations.q }
-    var k: Scratch<Float> { activations.k }
-    var v: Scratch<Float> { activations.v }
-    var probabilities: Scratch<Float> { activations.probabilities }
-    var dropped: Scratch<Float> { activations.dropped }
-    var context: Scratch<Float> { activations.context }
-    var attentionDense: Scratch<Float> { activations.attentionDense }
-    var sum1: Scratch<Float> { activations.sum1 }
-    var hidden1: Scratch<Float> { activations.hidden1 }
-    var mean1: Scratch<Float> { activations.mean1 }
-    var invStd1: Scratch<Float> { activations.invStd1 }
-    var inner: Scratch<Float> { activations.inner }
-    var activated: Scratch<Float> { activations.activated }
-    var outputDense: Scratch<Float> { activations.outputDense }
-    var sum2: Scratch<Float> { activations.sum2 }
-    var hidden2: Scratch<Float> { activations.hidden2 }
-    var mean2: Scratch<Float> { activations.mean2 }
-    var invStd2: Scratch<Float> { activations.invStd2 }
-    var gradHidden1: Scratch<Float> { scratch.gradHidden1 }
-    var gradInner: Scratch<Float> { scratch.gradInner }
-    var gradDense: Scratch<Float> { scratch.gradDense }
-    var gradContext: Scratch<Float> { scratch.gradContext }
-    var gradQ: Scratch<Float> { scratch.gradQ }
-    var gradK: Scratch<Float> { scratch.gradK }
-    var gradV: Scratch<Float> { scratch.gradV }
-    var attentionWorkspace: Scratch<Float> { scratch.attentionWorkspace }
 
     init(_ layout: inout ParameterLayout, _ name: String, config c: BertConfig, index: Int, frozen: Bool,
          activations: LayerActivations, scratch: LayerGradientScratch) throws {
@@ -310,30 +284,30 @@ final class EncoderLayer {
     func forward(_ arena: ParameterArena, input x: UnsafePointer<Float>, mask: UnsafePointer<Int32>, geometry g: AttentionGeometry,
                  config c: BertConfig, context ctx: PassContext, inputCopied: Bool = false, nextInput: BF16Operand? = nil) {
         let rows = g.batch * g.tokens, h = c.hiddenSize, inter = c.intermediateSize
-        let site = UInt64(index + 1) << 8
+        let site = UInt64(index + 1) << 8, a = activations
         // On oneDNN's bf16 kernels the layers before the intermediate and output products and the next
         // layer's write those products' bf16 inputs themselves.
         let copying = Self.writesCopies(ctx)
-        let qp = q.ensure(rows * h), kp = k.ensure(rows * h), vp = v.ensure(rows * h)
+        let qp = a.q.ensure(rows * h), kp = a.k.ensure(rows * h), vp = a.v.ensure(rows * h)
         query.forward(arena, output: qp, input: x, rows: rows, precision: ctx.precision, copies: copies.query.reusingInput(copying && inputCopied))
         key.forward(arena, output: kp, input: x, rows: rows, precision: ctx.precision, copies: copies.key)
         value.forward(arena, output: vp, input: x, rows: rows, precision: ctx.precision, copies: copies.value)
         let attentionDropout = ctx.training ? Float(c.attentionProbsDropoutProb) : 0
         var streams: [RandomStream] = []
         if attentionDropout > 0 { streams = (0..<g.batch).map { ctx.stream(sample: $0, site: site | 1) } }
-        Attention.forward(output: context.ensure(rows * h), probabilities: probabilities.ensure(g.probabilitiesCount),
+        Attention.forward(output: a.context.ensure(rows * h), probabilities: a.probabilities.ensure(g.probabilitiesCount),
                           q: qp, k: kp, v: vp, mask: mask, geometry: g,
-                          dropout: attentionDropout > 0 ? AttentionDropout(probability: attentionDropout, streams: streams, dropped: dropped.ensure(g.probabilitiesCount)) : nil,
+                          dropout: attentionDropout > 0 ? AttentionDropout(probability: attentionDropout, streams: streams, dropped: a.dropped.ensure(g.probabilitiesCount)) : nil,
                           precision: ctx.precision, copies: activations.attentionCopies)
-        let dense = attentionDense.ensure(rows * h)
-        attentionOutput.forward(arena, output: dense, input: context.pointer, rows: rows, precision: ctx.precision, copies: copies.attentionOutput)
+        let dense = a.attentionDense.ensure(rows * h)
+        attentionOutput.forward(arena, output: dense, input: a.context.pointer, rows: rows, precision: ctx.precision, copies: copies.attentionOutput)
         let hiddenDropout = Float(c.hiddenDropoutProb)
-        let h1 = hidden1.ensure(rows * h)
-        attentionNorm.forwardResidual(arena, sum: sum1.ensure(rows * h), output: h1,
+        let h1 = a.hidden1.ensure(rows * h)
+        attentionNorm.forwardResidual(arena, sum: a.sum1.ensure(rows * h), output: h1,
                                       outputBF16: copying ? copies.intermediate.input.room(holding: h1, rows: rows, columns: h) : nil,
-                                      mean: mean1.ensure(rows), invStd: invStd1.ensure(rows), dense: dense, residual: x, rows: rows,
+                                      mean: a.mean1.ensure(rows), invStd: a.invStd1.ensure(rows), dense: dense, residual: x, rows: rows,
                                       dropout: Self.dropout(hiddenDropout, site: site | 2, geometry: g, context: ctx))
-        let i1 = inner.ensure(rows * inter), a1 = activated.ensure(rows * inter)
+        let i1 = a.inner.ensure(rows * inter), a1 = a.activated.ensure(rows * inter)
         intermediate.forward(arena, output: i1, input: h1, rows: rows, precision: ctx.precision, copies: copies.intermediate.reusingInput(copying))
         // In bf16 on oneDNN, GELU's floats are read by nothing (its backward reads its input): only their bits.
         if copying {
@@ -341,12 +315,12 @@ final class EncoderLayer {
         } else {
             GELU.forward(output: a1, input: i1, count: rows * inter)
         }
-        let o = outputDense.ensure(rows * h)
+        let o = a.outputDense.ensure(rows * h)
         output.forward(arena, output: o, input: a1, rows: rows, precision: ctx.precision, copies: copies.output.reusingInput(copying))
-        let h2 = hidden2.ensure(rows * h)
-        outputNorm.forwardResidual(arena, sum: sum2.ensure(rows * h), output: h2,
+        let h2 = a.hidden2.ensure(rows * h)
+        outputNorm.forwardResidual(arena, sum: a.sum2.ensure(rows * h), output: h2,
                                    outputBF16: copying ? nextInput?.room(holding: h2, rows: rows, columns: h) : nil,
-                                   mean: mean2.ensure(rows), invStd: invStd2.ensure(rows), dense: o, residual: h1, rows: rows,
+                                   mean: a.mean2.ensure(rows), invStd: a.invStd2.ensure(rows), dense: o, residual: h1, rows: rows,
                                    dropout: Self.dropout(hiddenDropout, site: site | 3, geometry: g, context: ctx))
         if !frozen { gradOutput.zeroed(rows * h) }
     }
@@ -366,47 +340,47 @@ final class EncoderLayer {
     func backward(_ arena: ParameterArena, gradInput: UnsafeMutablePointer<Float>?, input x: UnsafePointer<Float>,
                   geometry g: AttentionGeometry, config c: BertConfig, context ctx: PassContext) {
         let rows = g.batch * g.tokens, h = c.hiddenSize, inter = c.intermediateSize
-        let site = UInt64(index + 1) << 8
+        let site = UInt64(index + 1) << 8, a = activations, s = scratch
         let hiddenDropout = Float(c.hiddenDropoutProb)
         let pieces = ctx.pieceRows(perSample: g.tokens)
         // out = LN2(dropout(dense(gelu(dense(h1)))) + h1)
-        let dSum2 = gradDense.zeroed(rows * h)
-        outputNorm.backward(arena, gradInput: dSum2, gradOutput: gradOutput.pointer, input: sum2.pointer, mean: mean2.pointer, invStd: invStd2.pointer, rows: rows,
+        let dSum2 = s.gradDense.zeroed(rows * h)
+        outputNorm.backward(arena, gradInput: dSum2, gradOutput: gradOutput.pointer, input: a.sum2.pointer, mean: a.mean2.pointer, invStd: a.invStd2.pointer, rows: rows,
                              pieceRows: pieces)
-        let dH1 = gradHidden1.ensure(rows * h)
+        let dH1 = s.gradHidden1.ensure(rows * h)
         dH1.update(from: dSum2, count: rows * h)  // residual branch
         Self.dropout(dSum2, batch: g.batch, perSample: g.tokens * h, probability: hiddenDropout, site: site | 3, context: ctx)
         // dA, dI and dCtx have one writer each: overwritten, not zeroed and accumulated.
-        let dA = gradInner.ensure(rows * inter)
-        output.backward(arena, gradInput: dA, gradOutput: dSum2, input: activated.pointer, rows: rows, precision: ctx.precision, accumulateInput: false,
+        let dA = s.gradInner.ensure(rows * inter)
+        output.backward(arena, gradInput: dA, gradOutput: dSum2, input: a.activated.pointer, rows: rows, precision: ctx.precision, accumulateInput: false,
                         copies: copies.output, pieceRows: pieces)
         // dInner = dA * gelu'(inner)
         // On oneDNN's bf16 kernels with dI's bf16 bits, which the intermediate's products read, in the same pass.
-        let dI = gradContext.ensure(rows * inter), copying = Self.writesCopies(ctx)
+        let dI = s.gradContext.ensure(rows * inter), copying = Self.writesCopies(ctx)
         if copying {
             GELU.backwardBF16(gradInput: dI, gradInputBF16: copies.intermediate.gradOutput.room(holding: dI, rows: rows, columns: inter),
-                              gradOutput: dA, input: inner.pointer, count: rows * inter)
+                              gradOutput: dA, input: a.inner.pointer, count: rows * inter)
         } else {
-            GELU.backward(gradInput: dI, gradOutput: dA, input: inner.pointer, count: rows * inter, accumulate: false)
+            GELU.backward(gradInput: dI, gradOutput: dA, input: a.inner.pointer, count: rows * inter, accumulate: false)
         }
-        intermediate.backward(arena, gradInput: dH1, gradOutput: dI, input: hidden1.pointer, rows: rows, precision: ctx.precision,
+        intermediate.backward(arena, gradInput: dH1, gradOutput: dI, input: a.hidden1.pointer, rows: rows, precision: ctx.precision,
                               copies: copies.intermediate.reusingGradOutput(copying), pieceRows: pieces)
         // h1 = LN1(dropout(dense(attention(x))) + x)
-        let dSum1 = gradDense.zeroed(rows * h)
-        attentionNorm.backward(arena, gradInput: dSum1, gradOutput: dH1, input: sum1.pointer, mean: mean1.pointer, invStd: invStd1.pointer, rows: rows,
+        let dSum1 = s.gradDense.zeroed(rows * h)
+        attentionNorm.backward(arena, gradInput: dSum1, gradOutput: dH1, input: a.sum1.pointer, mean: a.mean1.pointer, invStd: a.invStd1.pointer, rows: rows,
                                 pieceRows: pieces)
         if let gradInput { Residual.accumulate(gradInput, dSum1, count: rows * h) }
         Self.dropout(dSum1, batch: g.batch, perSample: g.tokens * h, probability: hiddenDropout, site: site | 2, context: ctx)
-        let dCtx = gradContext.ensure(rows * h)
-        attentionOutput.backward(arena, gradInput: dCtx, gradOutput: dSum1, input: context.pointer, rows: rows, precision: ctx.precision,
+        let dCtx = s.gradContext.ensure(rows * h)
+        attentionOutput.backward(arena, gradInput: dCtx, gradOutput: dSum1, input: a.context.pointer, rows: rows, precision: ctx.precision,
                                  accumulateInput: false, copies: copies.attentionOutput, pieceRows: pieces)
         let attentionDropout = ctx.training ? Float(c.attentionProbsDropoutProb) : 0
         var streams: [RandomStream] = []
         if attentionDropout > 0 { streams = (0..<g.batch).map { ctx.stream(sample: $0, site: site | 1) } }
-        let dq = gradQ.zeroed(rows * h), dk = gradK.zeroed(rows * h), dv = gradV.zeroed(rows * h)
-        Attention.backward(gradQ: dq, gradK: dk, gradV: dv, gradOutput: dCtx, probabilities: probabilities.pointer,
-                           q: q.pointer, k: k.pointer, v: v.pointer, geometry: g, workspace: attentionWorkspace.ensure(g.workspaceCount),
-                           dropout: attentionDropout > 0 ? AttentionDropout(probability: attentionDropout, streams: streams, dropped: dropped.pointer) : nil,
+        let dq = s.gradQ.zeroed(rows * h), dk = s.gradK.zeroed(rows * h), dv = s.gradV.zeroed(rows * h)
+        Attention.backward(gradQ: dq, gradK: dk, gradV: dv, gradOutput: dCtx, probabilities: a.probabilities.pointer,
+                           q: a.q.pointer, k: a.k.pointer, v: a.v.pointer, geometry: g, workspace: s.attentionWorkspace.ensure(g.workspaceCount),
+                           dropout: attentionDropout > 0 ? AttentionDropout(probability: attentionDropout, streams: streams, dropped: a.dropped.pointer) : nil,
                            precision: ctx.precision, copies: activations.attentionCopies)
         query.backward(arena, gradInput: gradInput, gradOutput: dq, input: x, rows: rows, precision: ctx.precision, copies: copies.query,
                              pieceRows: pieces)
@@ -518,7 +492,7 @@ public final class BERT {
             // Each layer writes the next one's bf16 input (`EncoderLayer.writesCopies`).
             layer.forward(arena, input: x, mask: mp, geometry: g, config: config, context: context, inputCopied: i > 0,
                           nextInput: i + 1 < layers.count ? layers[i + 1].copies.query.input : nil)
-            x = UnsafePointer(layer.hidden2.pointer)
+            x = UnsafePointer(layer.activations.hidden2.pointer)
         }
         if needsEmbeddingGradient { gradEmbeddingOutput.zeroed(rows * h) }
         return x
@@ -538,7 +512,7 @@ public final class BERT {
         }
         layers[layers.count - 1].gradOutput.ensure(rows * h).update(from: gradLastHidden, count: rows * h)
         for k in stride(from: layers.count - 1, through: firstTrainableLayer, by: -1) {
-            let input = k == 0 ? UnsafePointer(embeddingOutput.pointer) : UnsafePointer(layers[k - 1].hidden2.pointer)
+            let input = k == 0 ? UnsafePointer(embeddingOutput.pointer) : UnsafePointer(layers[k - 1].activations.hidden2.pointer)
             let needInputGradient = k > firstTrainableLayer || (k == 0 && needsEmbeddingGradient)
             let gradInput: UnsafeMutablePointer<Float>? = needInputGradient ? (k == 0 ? gradEmbeddingOutput.pointer : layers[k - 1].gradOutput.pointer) : nil
             layers[k].backward(arena, gradInput: gradInput, input: input, geometry: g, config: config, context: context)

@@ -123,7 +123,7 @@ def main():
 
     fmt = lambda xs: " / ".join(f"{x:.2f}" for x in xs)
     lines = [
-        f"Measured by `python3 tools/readme_benchmarks.py` on {cpu}, release build of {commit}, {THREADS} threads,",
+        f"Measured by `python3 tools/readme_benchmarks.py` on {cpu}, a release build, {THREADS} threads,",
         f"PyTorch {torch_version} for the side-by-side figures.",
         "",
         f"The paper step (forward and backward of ResNet-50 at 224 px and BERT-base at 128 tokens with the embeddings",

@@ -105,7 +105,10 @@ public enum Parity {
     /// Runs the fixture; with `dumpPath`, also writes our gradients as `grad.<name>` there (to inspect
     /// differences element by element).
     /// `precision` overrides the fixture's (an fp32 fixture run in bf16 shows how far bf16 is from exact).
-    public static func run(path: String, dumpPath: String? = nil, precision override: Precision? = nil) throws -> ParityReport {
+    /// `reference`: run the reference models (`ReferenceResNet`, `ReferenceBERT`, `ReferenceConVIRT`: the
+    /// oracle the fast models are tested against, itself held to PyTorch here), fp32 only.
+    public static func run(path: String, dumpPath: String? = nil, precision override: Precision? = nil,
+                           reference: Bool = false) throws -> ParityReport {
         dump = dumpPath
         defer { dump = nil }
         let file = try SafeTensorsFile(path: path)
@@ -116,11 +119,15 @@ public enum Parity {
             return p
         } ?? .fp32
         let precision = override ?? fixturePrecision
+        if reference && precision != .fp32 { throw ConvirtError("\(path): the reference models run in fp32 only, not \(precision.rawValue)") }
         var report: ParityReport
-        switch model {
-        case "resnet": report = try resnet(file, training: training, precision: precision)
-        case "bert": report = try bert(file, training: training, precision: precision)
-        case "convirt": report = try convirt(file, training: training, precision: precision)
+        switch (model, reference) {
+        case ("resnet", false): report = try resnet(file, training: training, precision: precision)
+        case ("bert", false): report = try bert(file, training: training, precision: precision)
+        case ("convirt", false): report = try convirt(file, training: training, precision: precision)
+        case ("resnet", true): report = try referenceResNet(file, training: training)
+        case ("bert", true): report = try referenceBERT(file, training: training)
+        case ("convirt", true): report = try referenceConVIRT(file, training: training)
         default: throw ConvirtError("\(path): unknown model \(model) (resnet, bert or convirt)")
         }
         report.precision = precision
@@ -257,6 +264,83 @@ public enum Parity {
         try model.backwardImages(gradEmbeddings: gradV, context: context)
         try model.backwardTexts(gradEmbeddings: gradU, context: context)
         try compareGradients(file, model.arena, precision: precision, report: &report)
+        return report
+    }
+
+    // MARK: - The reference models on the same fixtures
+
+    static func referenceResNet(_ file: SafeTensorsFile, training: Bool) throws -> ParityReport {
+        let config = try config(file, ResNetConfig.self)
+        var layout = ParameterLayout()
+        let net = try ReferenceResNet(config: config, layout: &layout)
+        let arena = ParameterArena(layout: layout)
+        try Weights.load(file, into: arena, sourcePrefixes: ["param."], ignoring: ["input.", "output.", "grad.", "fp32."])
+        let x = try images(file)
+        let context = PassContext(training: training)
+        let activations = try net.activations(batch: x.shape[0], size: x.shape[2])
+        let features = try x.withUnsafeBufferPointer { try net.forward(arena, images: $0.baseAddress!, activations, context: context) }
+        var report = ParityReport(model: "reference resnet")
+        report.lines.append(try line("output.features", features, shape: [x.shape[0], config.featureCount], file, precision: .fp32,
+                                     base: outputLimit))
+        arena.zeroGrads()
+        try tensor(file, "input.output_weights", shape: [x.shape[0], config.featureCount]).withUnsafeBufferPointer {
+            try net.backward(arena, gradFeatures: $0.baseAddress!, activations, context: context)
+        }
+        try compareGradients(file, arena, precision: .fp32, report: &report)
+        return report
+    }
+
+    static func referenceBERT(_ file: SafeTensorsFile, training: Bool) throws -> ParityReport {
+        let config = noDropout(try config(file, BertConfig.self))
+        var layout = ParameterLayout()
+        let net = try ReferenceBERT(config: config, layout: &layout)
+        let arena = ParameterArena(layout: layout)
+        try Weights.load(file, into: arena, sourcePrefixes: ["param."], ignoring: ["input.", "output.", "grad.", "fp32."])
+        let (ids, mask) = try tokens(file)
+        let context = PassContext(training: training)
+        let activations = try net.activations(batch: ids.shape[0], tokens: ids.shape[1])
+        let hidden = try ids.withUnsafeBufferPointer { i in
+            try mask.withUnsafeBufferPointer { m in try net.forward(arena, ids: i.baseAddress!, mask: m.baseAddress!, activations, context: context) }
+        }
+        var report = ParityReport(model: "reference bert")
+        let shape = [ids.shape[0], ids.shape[1], config.hiddenSize]
+        report.lines.append(try line("output.last_hidden_state", hidden, shape: shape, file, precision: .fp32, base: outputLimit))
+        arena.zeroGrads()
+        try tensor(file, "input.output_weights", shape: shape).withUnsafeBufferPointer {
+            try net.backward(arena, gradLastHidden: $0.baseAddress!, activations, context: context)
+        }
+        try compareGradients(file, arena, precision: .fp32, report: &report)
+        return report
+    }
+
+    static func referenceConVIRT(_ file: SafeTensorsFile, training: Bool) throws -> ParityReport {
+        var config = try config(file, ConVIRTConfig.self)
+        config.text = noDropout(config.text)
+        let model = try ReferenceConVIRT(config: config)
+        let arena = ParameterArena(layout: model.layout)
+        try Weights.load(file, into: arena, sourcePrefixes: ["param."], ignoring: ["input.", "output.", "grad.", "fp32."])
+        let x = try images(file)
+        let (ids, mask) = try tokens(file)
+        let b = x.shape[0], d = config.projDim
+        try require(ids.shape[0] == b, file.path, "images and texts have different batch sizes")
+        let context = PassContext(training: training)
+        let activations = try model.activations(batch: b, size: x.shape[2], tokens: ids.shape[1])
+        let value = try x.withUnsafeBufferPointer { image in
+            try ids.withUnsafeBufferPointer { i in
+                try mask.withUnsafeBufferPointer { m in
+                    try model.forward(arena, images: image.baseAddress!, ids: i.baseAddress!, mask: m.baseAddress!, activations, context: context)
+                }
+            }
+        }
+        var report = ParityReport(model: "reference convirt")
+        let (v, u) = model.embeddings(activations)
+        report.lines.append(try line("output.image_embeddings", v, shape: [b, d], file, precision: .fp32, base: outputLimit))
+        report.lines.append(try line("output.text_embeddings", u, shape: [b, d], file, precision: .fp32, base: outputLimit))
+        var loss = [Float(value.loss)]
+        report.lines.append(try line("output.loss", &loss, shape: [], file, precision: .fp32, base: outputLimit))
+        arena.zeroGrads()
+        try model.backward(arena, activations, context: context)
+        try compareGradients(file, arena, precision: .fp32, report: &report)
         return report
     }
 }

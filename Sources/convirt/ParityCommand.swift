@@ -21,10 +21,13 @@ struct ParityCommand: ParsableCommand {
     @Option(help: "Run in this precision instead of the fixture's (fp32 or bf16; the limits follow it).")
     var precision: Precision?
 
+    @Flag(help: "Run the plain reference models (the oracle the fast models are tested against) instead, in fp32.")
+    var reference = false
+
     func run() throws {
         Parallel.setThreads(threads)
         let start = Date()
-        let report = try Parity.run(path: fixture, dumpPath: dump, precision: precision)
+        let report = try Parity.run(path: fixture, dumpPath: dump, precision: precision, reference: reference)
         for line in report.lines {
             let own = line.autocastDeviation.map { String(format: "  (ours vs PyTorch's fp32; autocast vs its fp32 %.3e, limit %.3e)", $0, line.limit) } ?? ""
             print(String(format: "%@ %.3e %@%@", line.name.padding(toLength: 72, withPad: " ", startingAt: 0) as NSString, line.error,

@@ -29,6 +29,21 @@ struct ModelParityTests {
         #expect(report.passed)
     }
 
+    /// The reference models (`ReferenceResNet`, `ReferenceBERT`, `ReferenceConVIRT`), which the fast models
+    /// are tested against, held to PyTorch themselves on the same fixtures and limits.
+    @Test("parity fixtures with the reference models: outputs within 1e-5, gradients within 1e-3",
+          arguments: ["resnet_tiny_train", "resnet_tiny_eval", "resnet_basic_train", "bert_tiny", "convirt_tiny_train", "convirt_frozen3_train"])
+    func referenceParity(name: String) throws {
+        let report = try Parity.run(path: fixturePath("\(name).safetensors"), reference: true)
+        #expect(report.model.hasPrefix("reference ") && report.lines.count > 10)
+        for line in report.lines {
+            let tight = line.name.hasPrefix("output.") ? 1e-5 : 1e-3
+            #expect(line.error <= tight, "\(name) \(line.name): \(line.error)")
+        }
+        #expect(report.passed)
+        #expect(throws: ConvirtError.self) { try Parity.run(path: fixturePath("\(name).safetensors"), precision: .bf16, reference: true) }
+    }
+
     /// bf16 fixtures (tools/make_parity_fixture.py --bf16): the reference under torch.autocast("cpu",
     /// torch.bfloat16), with PyTorch's fp32 results beside it. Each tensor is judged against fp32: ours no
     /// farther than 3x autocast's own distance (or the bf16 floor; gradients also within 3x autocast's

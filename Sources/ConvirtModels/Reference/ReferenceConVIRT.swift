@@ -118,6 +118,11 @@ public final class ReferenceConVIRT {
         return loss(a)
     }
 
+    /// The image and text embeddings v and u [batch, projDim] of the last `forward`.
+    public func embeddings(_ a: Activations) -> (v: UnsafePointer<Float>, u: UnsafePointer<Float>) {
+        (UnsafePointer(a.arena[a.imageHead.embeddings]), UnsafePointer(a.arena[a.textHead.embeddings]))
+    }
+
     /// Adds every trainable parameter's gradient of the loss of the last `forward` into params.grads.
     public func backward(_ params: ParameterArena, _ a: Activations, context: PassContext) throws {
         let x = a.arena, b = a.batch, g = a.text.geometry

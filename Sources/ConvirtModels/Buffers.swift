@@ -2,9 +2,16 @@ import ConvirtCore
 
 /// A growable, 64-byte-aligned scratch buffer for activations and their gradients. It reallocates only
 /// when a larger batch than ever before arrives, so a training loop allocates nothing after its first step.
+/// A model's plan may instead bind it to a room of one activation arena (`bind(to:capacity:)`), sized in
+/// advance for the pass; it then owns no memory, and a request beyond its room (a plan that undercounted)
+/// falls back to memory of its own and is counted in `outgrown`.
 public final class Scratch<Element: BitwiseCopyable> {
     public private(set) var pointer: UnsafeMutablePointer<Element>
     public private(set) var capacity: Int
+    /// Whether `pointer` is this buffer's own allocation (false: a room of an activation arena).
+    private var owned = true
+    /// How many times a bound buffer was asked for more than its room.
+    public private(set) var outgrown = 0
 
     public init(_ count: Int = 0) {
         capacity = max(count, 1)
@@ -12,18 +19,28 @@ public final class Scratch<Element: BitwiseCopyable> {
             .bindMemory(to: Element.self, capacity: capacity)
     }
 
-    deinit { UnsafeMutableRawPointer(pointer).deallocate() }
+    deinit { if owned { UnsafeMutableRawPointer(pointer).deallocate() } }
 
     /// Makes room for `count` elements (contents are not kept when it grows) and returns the pointer.
     @discardableResult
     public func ensure(_ count: Int) -> UnsafeMutablePointer<Element> {
         if count > capacity {
-            UnsafeMutableRawPointer(pointer).deallocate()
+            if owned { UnsafeMutableRawPointer(pointer).deallocate() } else { outgrown += 1 }
+            owned = true
             capacity = count
             pointer = UnsafeMutableRawPointer.allocate(byteCount: capacity * MemoryLayout<Element>.stride, alignment: 64)
                 .bindMemory(to: Element.self, capacity: capacity)
         }
         return pointer
+    }
+
+    /// Uses `capacity` elements at `memory` (a room of an activation arena, which must outlive this
+    /// buffer's use of it) instead of memory of its own.
+    public func bind(to memory: UnsafeMutableRawPointer, capacity: Int) {
+        if owned { UnsafeMutableRawPointer(pointer).deallocate() }
+        owned = false
+        self.capacity = max(capacity, 1)
+        pointer = memory.bindMemory(to: Element.self, capacity: self.capacity)
     }
 
     public var bytes: Int { capacity * MemoryLayout<Element>.stride }

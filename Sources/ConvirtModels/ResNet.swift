@@ -165,6 +165,8 @@ final class SharedRooms {
 /// conv (no bias) -> batch norm -> optional ReLU, the unit ResNet is made of. It owns its activations
 /// (the convolution's output, the unit's output) and its output's gradient.
 final class ConvBNUnit {
+    /// The convolution's name (`layer1.0.conv1`), for the plan's table of rooms.
+    let name: String
     let conv: ParameterLayout.Entry
     let bn: BatchNormLayer
     let inChannels, outChannels, kernel, stride, padding: Int
@@ -204,6 +206,7 @@ final class ConvBNUnit {
         // A shared output is gone by backward: only a unit without a ReLU (no mask to read) may have one.
         precondition(output == nil || !relu, "\(convName): a unit with a ReLU keeps its own output")
         self.rooms = rooms
+        self.name = convName
         self.gradOutput = gradOutput ?? Scratch<Float>()
         self.output = output ?? Scratch<Float>()
         conv = try layout.add("\(convName).weight", shape: [outChannels, inChannels, kernel, kernel])
@@ -291,6 +294,7 @@ final class ConvBNUnit {
 /// A residual block: basic (3x3, 3x3) or bottleneck (1x1, 3x3 with the stride, 1x1 x4), plus the
 /// downsample branch when the shape changes; out = relu(branch + identity).
 final class ResidualBlock {
+    let name: String
     let units: [ConvBNUnit]
     let downsample: ConvBNUnit?
     let outChannels: Int
@@ -301,6 +305,7 @@ final class ResidualBlock {
 
     init(_ layout: inout ParameterLayout, _ name: String, block: ResNetConfig.Block, inChannels: Int, planes: Int, stride: Int,
          rooms: SharedRooms, gradOutput: Scratch<Float>) throws {
+        self.name = name
         self.gradOutput = gradOutput
         let n = block == .basic ? 2 : 3
         func room(_ k: Int) -> Scratch<Float> { rooms.unitGradient(k, of: n) }
@@ -422,6 +427,10 @@ public final class ResNet {
     /// buffer may be gone by then).
     let inputImages = Scratch<Float>()
     private var hasInput = false
+    /// The rooms of the largest pass so far, in one activation arena (`ResNetPlan`), and the pass it last
+    /// held (a pass like it needs no walk of the network).
+    var plan: ResNetPlan?
+    var plannedPass: ResNetPlan.Pass?
 
     /// Registers every parameter and buffer under `prefix` (e.g. "image.") with torchvision's names.
     /// `sharesGradientRooms` (default true): the units' and blocks' output gradients, and the outputs
@@ -467,19 +476,26 @@ public final class ResNet {
         }
     }
 
+    /// The layout of a pass's activations in `precision`: `activationLayout`, else `Convolution.layout`'s
+    /// choice; NCHW where the bf16 emulation runs (it reads NCHW) or the width is no multiple of 16 in nChw16c.
+    func passLayout(_ precision: Precision) -> ActivationLayout {
+        let layout = activationLayout ?? Convolution.layout(precision: precision, nativeBF16: stem.kernels.nativeBF16)
+        if layout != .nchw && precision == .bf16 && !stem.kernels.nativeBF16 { return .nchw }
+        // Every activation after the stem has a multiple of the width's channels.
+        return layout.holds(channels: config.width) ? layout : .nchw
+    }
+
     /// Features [batch, featureCount] of images [batch, 3, S, S] (S = config.imageSize or any size >= 32).
     public func forward(_ arena: ParameterArena, images: UnsafePointer<Float>, batch: Int, size: Int,
                         context: PassContext) throws -> UnsafePointer<Float> {
         try require(batch >= 1, "resnet", "batch must be positive")
         try require(size >= 32, "resnet", "image size \(size) is below 32")
+        try preparePlan(batch: batch, size: size, precision: context.precision)
         // Backward may follow in either mode (parity fixtures differentiate evaluation mode too).
         inputImages.ensure(batch * 3 * size * size).update(from: images, count: batch * 3 * size * size)
         hasInput = true
         // The images are NCHW; the stem's convolution writes the network's layout.
-        var layout = activationLayout ?? Convolution.layout(precision: context.precision, nativeBF16: stem.kernels.nativeBF16)
-        if layout != .nchw && context.precision == .bf16 && !stem.kernels.nativeBF16 { layout = .nchw }  // the emulation reads NCHW
-        // Every activation after the stem has a multiple of the width's channels.
-        if !layout.holds(channels: config.width) { layout = .nchw }
+        let layout = passLayout(context.precision)
         self.layout = layout
         let x0 = try stem.forward(arena, input: Activation(floats: images), batch: batch, height: size, width: size, workspace: workspace,
                                   layouts: Convolution.Layouts(input: .nchw, output: layout), context: context).floats!
@@ -550,16 +566,7 @@ public final class ResNet {
         try context.gradientsReady?(stemRange)
     }
 
-    /// Bytes held by activations and their gradients at the largest batch seen, each buffer once
-    /// (layers share rooms, `SharedRooms`).
-    public var activationBytes: Int {
-        var held: [ObjectIdentifier: Int] = [:]
-        func hold<Element>(_ buffers: Scratch<Element>...) { for b in buffers { held[ObjectIdentifier(b)] = b.bytes } }
-        hold(poolOutput, poolGrad, features, workspace, inputImages, rooms.convGradient)
-        hold(poolOutputBF16, rooms.convGradientBF16)
-        hold(poolIndices)
-        for unit in [stem] + blocks.flatMap(\.allUnits) { hold(unit.convOut, unit.output, unit.gradOutput); hold(unit.outputBF16, unit.convOutBF16) }
-        for block in blocks { hold(block.output, block.gradOutput); hold(block.outputBF16) }
-        return held.values.reduce(0, +)
-    }
+    /// Bytes of the activation arena: activations and their gradients at the largest pass planned, each
+    /// room once (layers share rooms, `SharedRooms`; `ResNetPlan`).
+    public var activationBytes: Int { plan?.table.bytes ?? 0 }
 }

@@ -379,6 +379,8 @@ struct ResNetLayoutTests {
                 margin = min(margin, x.map(abs).min()! / max(x.map(abs).max()!, .leastNormalMagnitude))
             }
         }
+        // Every buffer of the pass lay in the room its plan gave it (`ResNetPlan`).
+        #expect(net.outgrownRooms == 0, "buffers outgrew their planned rooms: \(net.outgrownRooms)")
         return (features, Array(UnsafeBufferPointer(start: arena.grads, count: arena.count)),
                 reference ? activations.arena.table.bytes : net.activationBytes, margin)
     }
@@ -418,6 +420,50 @@ struct ResNetLayoutTests {
                 #expect(g <= 1e-4, "gradients, \(layout.map(\.rawValue) ?? "default") \(block) training \(training): \(g)")
             }
         }
+    }
+
+    /// The fast ResNet plans its buffers as rooms of one activation arena before a pass (`ResNetPlan`).
+    /// A net that runs passes of other batch sizes, image sizes and precisions in turn computes the bits
+    /// of a fresh net for each (its plan grows to hold the largest, and no buffer is left in a freed
+    /// arena), no buffer ever outgrows its room, and the shared rooms list their users.
+    @Test("a ResNet's plan holds every pass's buffers, across batch sizes, image sizes and precisions")
+    func plans() throws {
+        let config = ResNetConfig(layers: [2, 1, 1, 1], width: 16, block: .bottleneck, imageSize: 32)
+        func run(_ net: ResNet, _ arena: ParameterArena, batch: Int, size: Int, precision: Precision) throws -> [Float] {
+            let images = (0..<(batch * 3 * size * size)).map { RandomStream(seed: 6).normal(at: UInt64($0)) }
+            let context = PassContext(training: true, precision: precision)
+            arena.zeroGrads()
+            let f = try net.forward(arena, images: images, batch: batch, size: size, context: context)
+            let features = Array(UnsafeBufferPointer(start: f, count: batch * net.featureCount))
+            try net.backward(arena, gradFeatures: features.map { $0 * 0.5 - 0.1 }, context: context)
+            return features + Array(UnsafeBufferPointer(start: arena.grads, count: arena.count))
+        }
+        func fresh() throws -> (ResNet, ParameterArena) {
+            var layout = ParameterLayout()
+            let net = try ResNet(config: config, layout: &layout)
+            let arena = ParameterArena(layout: layout)
+            net.initialize(arena, stream: RandomStream(seed: 5))
+            return (net, arena)
+        }
+        let (net, arena) = try fresh()
+        let saved = Array(UnsafeBufferPointer(start: arena.params, count: arena.count))
+        let precisions: [Precision] = BF16.native ? [.bf16, .fp32] : [.fp32]
+        var largest = 0
+        for (batch, size) in [(2, 40), (4, 48), (1, 32), (3, 40)] {
+            for precision in precisions + precisions.reversed() {
+                arena.params.update(from: saved, count: saved.count)
+                let reused = try run(net, arena, batch: batch, size: size, precision: precision)
+                let (other, otherArena) = try fresh()
+                let alone = try run(other, otherArena, batch: batch, size: size, precision: precision)
+                #expect(reused == alone, "batch \(batch), \(size) px, \(precision): a reused net computes other bits")
+                #expect(net.outgrownRooms == 0 && other.outgrownRooms == 0)
+                #expect(net.activationBytes >= largest, "the arena shrank")
+                largest = net.activationBytes
+            }
+        }
+        // Rooms that layers take turns with name each of their users.
+        let shared = net.activationTable.filter { $0.components(separatedBy: ", ").count > 2 }
+        #expect(shared.contains { $0.contains("output gradient") }, "\(net.activationTable)")
     }
 
     /// bf16 in each layout against exact arithmetic (the plain fp32 network, `ReferenceResNet`, whose own

@@ -1,14 +1,15 @@
 // One allocation for a model's activations, their gradients and the state a layer keeps from forward
 // to backward, cut into named views by a table built once per (config, batch): llm.c's `act_sizes`.
-// The reference models (`ReferenceResNet`, `ReferenceBERT`) hold every buffer there, each view written
-// by one layer and read by the layers after it, so that who owns a buffer is the table's line.
+// The reference models (`ReferenceResNet`, `ReferenceBERT`, `ReferenceConVIRT`) hold every buffer there,
+// each view written by one layer and read by the layers after it, so that who owns a buffer is the
+// table's line; the fast ResNet's plan (`ResNetPlan`) binds its buffers to rooms of one.
 
 import ConvirtCore
 
 /// The views of an activation arena, in order: names, element types, shapes and byte offsets.
 public struct ActivationTable: Sendable {
-    public enum Element: Sendable { case float, int32, double
-        var size: Int { self == .double ? 8 : 4 }
+    public enum Element: Sendable { case float, int32, double, bf16
+        var size: Int { switch self { case .double: 8; case .bf16: 2; default: 4 } }
     }
 
     public struct View: Sendable, Equatable {
@@ -51,9 +52,13 @@ public final class ActivationArena {
             case .float: (base + v.offset).initializeMemory(as: Float.self, repeating: 0, count: v.count)
             case .int32: (base + v.offset).initializeMemory(as: Int32.self, repeating: 0, count: v.count)
             case .double: (base + v.offset).initializeMemory(as: Double.self, repeating: 0, count: v.count)
+            case .bf16: (base + v.offset).initializeMemory(as: UInt16.self, repeating: 0, count: v.count)
             }
         }
     }
+
+    /// The view's memory, for a buffer bound to it (`Scratch.bind`), which must read it as its element type.
+    func memory(_ view: ActivationTable.View) -> UnsafeMutableRawPointer { base + view.offset }
 
     deinit { base.deallocate() }
 
@@ -79,6 +84,7 @@ public final class ActivationArena {
             case .float: self[v].update(repeating: 0, count: v.count)
             case .int32: int32s(v).update(repeating: 0, count: v.count)
             case .double: doubles(v).update(repeating: 0)
+            case .bf16: (base + v.offset).assumingMemoryBound(to: UInt16.self).update(repeating: 0, count: v.count)
             }
         }
     }

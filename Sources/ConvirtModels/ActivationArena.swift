@@ -2,9 +2,12 @@
 // to backward, cut into named views by a table built once per (config, batch): llm.c's `act_sizes`.
 // The reference models (`ReferenceResNet`, `ReferenceBERT`, `ReferenceConVIRT`) hold every buffer there,
 // each view written by one layer and read by the layers after it, so that who owns a buffer is the
-// table's line; the fast ResNet's plan (`ResNetPlan`) binds its buffers to rooms of one.
+// table's line; the fast models' plans (`BufferPlan`) bind their buffers to rooms of one.
 
 import ConvirtCore
+#if canImport(Glibc)
+import Glibc
+#endif
 
 /// The views of an activation arena, in order: names, element types, shapes and byte offsets.
 public struct ActivationTable: Sendable {
@@ -38,29 +41,36 @@ public struct ActivationTable: Sendable {
     }
 }
 
-/// The storage of an `ActivationTable`: one 64-byte-aligned allocation, zeroed.
+/// The storage of an `ActivationTable`: one allocation of anonymous pages, which read as zero and take
+/// memory only once written (a view no pass writes, such as a copy another route replaces, costs none).
 public final class ActivationArena {
     public let table: ActivationTable
     private let base: UnsafeMutableRawPointer
+    private let length: Int
 
     public init(_ table: ActivationTable) {
         self.table = table
-        base = UnsafeMutableRawPointer.allocate(byteCount: max(table.bytes, 64), alignment: 64)
-        // Each view is bound to its element type once, and zeroed; views never overlap.
+        length = max(table.bytes, 64)
+        guard let memory = mmap(nil, length, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0),
+              memory != UnsafeMutableRawPointer(bitPattern: -1) else {
+            fatalError("activation arena: no memory for \(length) bytes (errno \(errno))")
+        }
+        base = memory
+        // Each view is bound to its element type once; views never overlap (fresh pages are zero).
         for v in table.views {
             switch v.element {
-            case .float: (base + v.offset).initializeMemory(as: Float.self, repeating: 0, count: v.count)
-            case .int32: (base + v.offset).initializeMemory(as: Int32.self, repeating: 0, count: v.count)
-            case .double: (base + v.offset).initializeMemory(as: Double.self, repeating: 0, count: v.count)
-            case .bf16: (base + v.offset).initializeMemory(as: UInt16.self, repeating: 0, count: v.count)
+            case .float: (base + v.offset).bindMemory(to: Float.self, capacity: v.count)
+            case .int32: (base + v.offset).bindMemory(to: Int32.self, capacity: v.count)
+            case .double: (base + v.offset).bindMemory(to: Double.self, capacity: v.count)
+            case .bf16: (base + v.offset).bindMemory(to: UInt16.self, capacity: v.count)
             }
         }
     }
 
+    deinit { munmap(base, length) }
+
     /// The view's memory, for a buffer bound to it (`Scratch.bind`), which must read it as its element type.
     func memory(_ view: ActivationTable.View) -> UnsafeMutableRawPointer { base + view.offset }
-
-    deinit { base.deallocate() }
 
     public subscript(_ view: ActivationTable.View) -> UnsafeMutablePointer<Float> {
         precondition(view.element == .float, "\(view.name) holds no floats")

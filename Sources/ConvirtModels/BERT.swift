@@ -407,6 +407,9 @@ public final class BERT {
     let gradEmbeddingOutput = Scratch<Float>(), gradEmbedded = Scratch<Float>(), gradEmbeddingSum = Scratch<Float>()
     let ids = Scratch<Int32>(), mask = Scratch<Int32>()
     private(set) var geometry: AttentionGeometry?
+    /// The rooms of the largest pass so far, in one activation arena (`BufferPlan`), and the pass it last held.
+    var plan: BufferPlan?
+    var plannedPass: PlannedPass?
 
     /// Registers parameters under `prefix` (e.g. "text.") with Hugging Face's names. With
     /// `freezeEmbeddings`, the embeddings are frozen; the first `frozenLayers` encoder layers are frozen.
@@ -463,6 +466,7 @@ public final class BERT {
         try require(tokens <= config.maxPositionEmbeddings, "bert", "\(tokens) tokens exceed max_position_embeddings \(config.maxPositionEmbeddings)")
         let g = try AttentionGeometry(batch: batch, tokens: tokens, heads: config.numAttentionHeads, headSize: config.headSize)
         let rows = batch * tokens, h = config.hiddenSize
+        try preparePlan(g, training: context.training)
         let idp = ids.ensure(rows), mp = mask.ensure(rows)
         for i in 0..<rows {
             let id = inputIds[i]

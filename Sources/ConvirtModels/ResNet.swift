@@ -427,10 +427,10 @@ public final class ResNet {
     /// buffer may be gone by then).
     let inputImages = Scratch<Float>()
     private var hasInput = false
-    /// The rooms of the largest pass so far, in one activation arena (`ResNetPlan`), and the pass it last
+    /// The rooms of the largest pass so far, in one activation arena (`BufferPlan`), and the pass it last
     /// held (a pass like it needs no walk of the network).
-    var plan: ResNetPlan?
-    var plannedPass: ResNetPlan.Pass?
+    var plan: BufferPlan?
+    var plannedPass: PlannedPass?
 
     /// Registers every parameter and buffer under `prefix` (e.g. "image.") with torchvision's names.
     /// `sharesGradientRooms` (default true): the units' and blocks' output gradients, and the outputs
@@ -567,6 +567,6 @@ public final class ResNet {
     }
 
     /// Bytes of the activation arena: activations and their gradients at the largest pass planned, each
-    /// room once (layers share rooms, `SharedRooms`; `ResNetPlan`).
+    /// room once (layers share rooms, `SharedRooms`; `BufferPlan`).
     public var activationBytes: Int { plan?.table.bytes ?? 0 }
 }

@@ -1,118 +1,32 @@
-// The fast ResNet's buffers as one activation arena, sized by a table before the pass runs: every buffer
-// its layers use (activations, their bf16 copies, gradients, the rooms layers take turns with) is a view
-// of the arena, planned from (batch, image size, precision, layout) by walking the network as its
-// forward and backward will. A room several layers share (`SharedRooms`) is one view listing its users:
-// the aliases. The plan grows, as the buffers did, only when a pass needs more than the largest before.
+// The fast ResNet's buffers planned as rooms of one activation arena (`BufferPlan`), for (batch, image
+// size, precision, layout).
 
 import ConvirtCore
 
-/// The rooms of a ResNet pass: one view per buffer, in one arena.
-final class ResNetPlan {
+extension ResNet {
     /// What decides a pass's buffers.
-    struct Pass: Equatable {
+    struct PlannedPass: Equatable {
         let batch, size: Int
         let precision: Precision
         let layout: ActivationLayout
         let bf16Copies: Bool
     }
 
-    /// One buffer's room: its view and the layers that use it (several where layers take turns).
-    struct Room {
-        let view: ActivationTable.View
-        let users: [String]
-    }
-
-    let table: ActivationTable
-    let rooms: [Room]
-    let arena: ActivationArena
-    /// What it was planned for (a later plan keeps every buffer of it: none is left bound to a freed arena).
-    let needs: ResNetNeeds
-
-    /// Allocates the arena for `needs` and binds every buffer to its room.
-    init(_ needs: ResNetNeeds) {
-        self.needs = needs
-        var table = ActivationTable()
-        var rooms: [Room] = []
-        for need in needs.buffers {
-            rooms.append(Room(view: table.add(need.name, [need.count], need.element), users: need.users))
-        }
-        self.table = table
-        self.rooms = rooms
-        arena = ActivationArena(table)
-        for (need, room) in zip(needs.buffers, rooms) { need.bind(arena.memory(room.view), room.view.count) }
-    }
-
-    /// The table as lines: each room, its size and its users.
-    var description: [String] {
-        rooms.map { "\($0.view.name) [\($0.view.count)] \($0.view.bytes) B: \($0.users.joined(separator: ", "))" }
-    }
-}
-
-/// The buffers a pass needs, each with the most elements any of its users asks for.
-struct ResNetNeeds {
-    struct Buffer {
-        let key: ObjectIdentifier
-        let name: String
-        let element: ActivationTable.Element
-        var count: Int
-        var users: [String]
-        let bind: (UnsafeMutableRawPointer, Int) -> Void
-        let capacity: () -> Int
-    }
-    private(set) var buffers: [Buffer] = []
-    private var index: [ObjectIdentifier: Int] = [:]
-
-    /// `scratch` must hold `count` elements for `user`.
-    mutating func need<Element>(_ scratch: Scratch<Element>, _ count: Int, _ user: String, as element: ActivationTable.Element) {
-        let key = ObjectIdentifier(scratch)
-        if let i = index[key] {
-            buffers[i].count = max(buffers[i].count, count)
-            if !buffers[i].users.contains(user) { buffers[i].users.append(user) }
-            return
-        }
-        index[key] = buffers.count
-        buffers.append(Buffer(key: key, name: user, element: element, count: count, users: [user],
-                              bind: { scratch.bind(to: $0, capacity: $1) }, capacity: { scratch.capacity }))
-    }
-    mutating func need(_ scratch: Scratch<Float>, _ count: Int, _ user: String) { need(scratch, count, user, as: .float) }
-    mutating func need(_ scratch: Scratch<UInt16>, _ count: Int, _ user: String) { need(scratch, count, user, as: .bf16) }
-    mutating func need(_ scratch: Scratch<Int32>, _ count: Int, _ user: String) { need(scratch, count, user, as: .int32) }
-
-    /// Whether every buffer's current room holds what this pass needs.
-    var fit: Bool { buffers.allSatisfy { $0.capacity() >= $0.count } }
-
-    /// Every buffer `plan` held, with at least its room (the arena never shrinks, and no buffer is left
-    /// bound to the arena the new plan replaces).
-    mutating func keep(_ plan: ResNetPlan?) {
-        guard let plan else { return }
-        for old in plan.needs.buffers {
-            if let i = index[old.key] {
-                buffers[i].count = max(buffers[i].count, old.count)
-                for user in old.users where !buffers[i].users.contains(user) { buffers[i].users.append(user) }
-            } else {
-                index[old.key] = buffers.count
-                buffers.append(old)
-            }
-        }
-    }
-}
-
-extension ResNet {
     /// Binds every buffer of a pass over `batch` images of `size` px in `precision` to a room of one
     /// arena, planning a larger one where this pass needs more than the last plan holds.
     func preparePlan(batch: Int, size: Int, precision: Precision) throws {
-        let pass = ResNetPlan.Pass(batch: batch, size: size, precision: precision, layout: passLayout(precision), bf16Copies: keepsBF16Activations)
+        let pass = PlannedPass(batch: batch, size: size, precision: precision, layout: passLayout(precision), bf16Copies: keepsBF16Activations)
         if pass == plannedPass { return }
         var needs = try passNeeds(batch: batch, size: size, precision: precision)
         plannedPass = pass
         if plan != nil && needs.fit { return }
         needs.keep(plan)
-        plan = ResNetPlan(needs)
+        plan = BufferPlan(needs)
     }
 
     /// The buffers of a pass, walked as `forward` and `backward` use them.
-    func passNeeds(batch: Int, size: Int, precision: Precision) throws -> ResNetNeeds {
-        var needs = ResNetNeeds()
+    func passNeeds(batch: Int, size: Int, precision: Precision) throws -> BufferNeeds {
+        var needs = BufferNeeds()
         let layout = passLayout(precision)
         let bf16Copies = keepsBF16Activations && stem.kernels.takesBF16(precision, layout)
         needs.need(inputImages, batch * 3 * size * size, "images")

@@ -67,7 +67,7 @@ struct BenchStep: ParsableCommand {
         let mean = (0..<4).map { i in times.map { $0[i] }.reduce(0, +) / Double(times.count) }
         let total = mean.reduce(0, +)
         print(String(format: "image forward %.3f s, text forward %.3f s, image backward %.3f s, text backward %.3f s", mean[0], mean[1], mean[2], mean[3]))
-        print(String(format: "forward+backward %.3f s per step = %.2f pairs/s (activations: image %.0f MB)", total, Double(batch) / total,
-                     Double(model.image.activationBytes) / 1e6))
+        print(String(format: "forward+backward %.3f s per step = %.2f pairs/s (activations: image %.0f MB, text %.0f MB planned)", total,
+                     Double(batch) / total, Double(model.image.activationBytes) / 1e6, Double(model.text.activationBytes) / 1e6))
     }
 }

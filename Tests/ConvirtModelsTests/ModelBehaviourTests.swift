@@ -379,7 +379,7 @@ struct ResNetLayoutTests {
                 margin = min(margin, x.map(abs).min()! / max(x.map(abs).max()!, .leastNormalMagnitude))
             }
         }
-        // Every buffer of the pass lay in the room its plan gave it (`ResNetPlan`).
+        // Every buffer of the pass lay in the room its plan gave it (`BufferPlan`).
         #expect(net.outgrownRooms == 0, "buffers outgrew their planned rooms: \(net.outgrownRooms)")
         return (features, Array(UnsafeBufferPointer(start: arena.grads, count: arena.count)),
                 reference ? activations.arena.table.bytes : net.activationBytes, margin)
@@ -422,7 +422,7 @@ struct ResNetLayoutTests {
         }
     }
 
-    /// The fast ResNet plans its buffers as rooms of one activation arena before a pass (`ResNetPlan`).
+    /// The fast ResNet plans its buffers as rooms of one activation arena before a pass (`BufferPlan`).
     /// A net that runs passes of other batch sizes, image sizes and precisions in turn computes the bits
     /// of a fresh net for each (its plan grows to hold the largest, and no buffer is left in a freed
     /// arena), no buffer ever outgrows its room, and the shared rooms list their users.

@@ -85,6 +85,7 @@ struct ReferenceModelTests {
         let plainGrads = Array(UnsafeBufferPointer(start: arena.grads, count: arena.count))
 
         #expect(distance(fastHidden, plainHidden) <= 1e-4, "hidden states: \(distance(fastHidden, plainHidden))")
+        #expect(fast.outgrownRooms == 0, "buffers outgrew their planned rooms")
         expectGradients(fastGrads, plainGrads, fastLayout)
     }
 
@@ -149,5 +150,50 @@ struct ReferenceModelTests {
         #expect(abs(fast.imageToText - value.imageToText) <= 1e-5 * abs(value.imageToText))
         #expect(abs(fast.textToImage - value.textToImage) <= 1e-5 * abs(value.textToImage))
         expectGradients(fastGrads, plainGrads, model.layout)
+    }
+
+    /// The fast BERT plans its buffers as rooms of one activation arena (`BufferPlan`): a model that runs
+    /// passes of other batch sizes, lengths and modes in turn computes a fresh model's bits for each, no
+    /// buffer outgrows its room, and rooms that layers share list each of their users.
+    @Test("BERT's plan holds every pass's buffers, across batch sizes, lengths and modes", arguments: [0, 1])
+    func bertPlans(frozen: Int) throws {
+        var config = ConVIRTConfig.preset(.tiny).text
+        config.hiddenDropoutProb = 0.1
+        config.attentionProbsDropoutProb = 0.1
+        func fresh() throws -> (BERT, ParameterArena) {
+            var layout = ParameterLayout()
+            let net = try BERT(config: config, layout: &layout, frozenLayers: frozen)
+            let arena = ParameterArena(layout: layout)
+            net.initialize(arena, stream: RandomStream(seed: 3))
+            return (net, arena)
+        }
+        func run(_ net: BERT, _ arena: ParameterArena, batch: Int, tokens: Int, training: Bool) throws -> [Float] {
+            let s = RandomStream(seed: 4)
+            let ids = (0..<(batch * tokens)).map { Int32(1 + s.integer(below: config.vocabSize - 1, at: UInt64($0))) }
+            let mask = (0..<(batch * tokens)).map { Int32($0 % tokens <= $0 / tokens ? 1 : 0) }
+            let context = PassContext(training: training, stream: RandomStream(seed: 9), sampleIndices: (0..<batch).map { UInt64($0) })
+            arena.zeroGrads()
+            let h = try net.forward(arena, ids: ids, mask: mask, batch: batch, tokens: tokens, context: context)
+            let hidden = Array(UnsafeBufferPointer(start: h, count: batch * tokens * config.hiddenSize))
+            try net.backward(arena, gradLastHidden: hidden.map { $0 * 0.3 - 0.05 }, context: context)
+            return hidden + Array(UnsafeBufferPointer(start: arena.grads, count: arena.count))
+        }
+        let (net, arena) = try fresh()
+        var largest = 0
+        for (batch, tokens) in [(2, 5), (3, 9), (1, 4), (3, 7)] {
+            for training in [true, false, true] {
+                let reused = try run(net, arena, batch: batch, tokens: tokens, training: training)
+                let (other, otherArena) = try fresh()
+                let alone = try run(other, otherArena, batch: batch, tokens: tokens, training: training)
+                #expect(reused == alone, "batch \(batch), \(tokens) tokens, training \(training): a reused model computes other bits")
+                #expect(net.outgrownRooms == 0 && other.outgrownRooms == 0)
+                #expect(net.activationBytes >= largest, "the arena shrank")
+                largest = net.activationBytes
+            }
+        }
+        // Trained layers run backward one at a time, sharing its temporaries: one room, both layers its users.
+        if frozen == 0 {
+            #expect(net.activationTable.contains { $0.contains("layer 0 ") && $0.contains("layer 1 ") }, "\(net.activationTable)")
+        }
     }
 }

@@ -34,9 +34,13 @@ final class BufferPlan {
         for (need, room) in zip(needs.buffers, rooms) { need.bind(arena.memory(room.view), room.view.count) }
     }
 
-    /// The table as lines: each room, its size and its users.
+    /// The table as lines: each room, its elements and bytes, and its users (in turn, where several).
     var description: [String] {
-        rooms.map { "\($0.view.name) [\($0.view.count)] \($0.view.bytes) B: \($0.users.joined(separator: ", "))" }
+        rooms.map { room in
+            let size = "[\(room.view.count)] \(room.view.bytes) B"
+            return room.users.count == 1 ? "\(room.view.name) \(size)"
+                : "room shared by \(room.users.count) \(size): \(room.users.joined(separator: ", "))"
+        }
     }
 }
 

@@ -30,6 +30,9 @@ struct BenchStep: ParsableCommand {
     @Option(parsing: .unconditional, help: "Samples per gradient piece in bf16 (a divisor of --batch; default: what train uses with the preset's global batch, where it divides --batch).")
     var gradientPiece: Int?
 
+    @Flag(help: "Also print each encoder's activation table: every room of its arena, its size and the layers that use it.")
+    var activationTables = false
+
     func run() throws {
         Parallel.setThreads(threads)
         let config = ConVIRTConfig.preset(preset)
@@ -69,5 +72,11 @@ struct BenchStep: ParsableCommand {
         print(String(format: "image forward %.3f s, text forward %.3f s, image backward %.3f s, text backward %.3f s", mean[0], mean[1], mean[2], mean[3]))
         print(String(format: "forward+backward %.3f s per step = %.2f pairs/s (activations: image %.0f MB, text %.0f MB planned)", total,
                      Double(batch) / total, Double(model.image.activationBytes) / 1e6, Double(model.text.activationBytes) / 1e6))
+        if activationTables {
+            for (name, table) in [("image", model.image.activationTable), ("text", model.text.activationTable)] {
+                print("\(name) encoder activation arena, \(table.count) rooms:")
+                for line in table { print("  " + line) }
+            }
+        }
     }
 }

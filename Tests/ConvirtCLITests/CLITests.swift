@@ -179,6 +179,15 @@ struct CLITests {
         #expect(status == 0, "\(output)")
         #expect(output.contains("GFLOP/s") && output.contains("3x3 64->64 @56") && output.contains("attention"), "\(output)")
     }
+
+    @Test("bench step prints each encoder's activation table: its rooms, and the layers that share one")
+    func activationTables() throws {
+        let (status, output) = try run(convirtPath(), ["bench", "step", "--preset", "tiny", "--batch", "2", "--tokens", "8", "--steps", "1",
+                                                       "--threads", "1", "--activation-tables"], timeout: 120)
+        #expect(status == 0, "\(output)")
+        #expect(output.contains("image encoder activation arena,") && output.contains("text encoder activation arena,"), "\(output)")
+        #expect(output.contains("room shared by") && output.contains("image.layer1.0.conv1 output gradient"), "\(output)")
+    }
 }
 
 /// The runs the distributed tests share: one prepared dataset, and the tiny preset's 20-step losses per

@@ -177,11 +177,9 @@ final class ConvBNUnit {
     /// Whether a bf16 convolution on oneDNN's kernels outside NCHW writes its output as bf16 bits
     /// (default true; false writes the floats and rounds them to bf16 in place: the same values).
     var keepsBF16ConvOutput = true
-    /// Whether the last forward pass's convolution wrote its output as bf16 bits.
-    private var convWroteHalves = false
-    /// The convolution's output of the last forward pass, as batch norm reads it.
-    private var convOutput: (floats: UnsafePointer<Float>?, halves: UnsafePointer<UInt16>?) {
-        convWroteHalves ? (nil, UnsafePointer(convOutBF16.pointer)) : (UnsafePointer(convOut.pointer), nil)
+    /// The convolution's output as batch norm reads it in `step`: its floats, or its bf16 bits.
+    func convOutput(_ step: UnitStep) -> (floats: UnsafePointer<Float>?, halves: UnsafePointer<UInt16>?) {
+        step.convHalves ? (nil, UnsafePointer(convOutBF16.pointer)) : (UnsafePointer(convOut.pointer), nil)
     }
     /// The network's rooms (the convolution's output gradient is always in the shared one).
     let rooms: SharedRooms
@@ -194,11 +192,6 @@ final class ConvBNUnit {
     let gradOutput: Scratch<Float>
     /// oneDNN's primitives or im2col + sgemm, per geometry (`Convolution.policy`).
     let kernels = Convolution()
-    private(set) var geometry: Conv2dGeometry?
-    /// The layouts of the last forward pass (its backward uses the same).
-    private(set) var layouts = Convolution.Layouts()
-    /// Which copies of the output the last forward pass wrote.
-    private(set) var wrote = (floats: true, halves: false)
 
     init(_ layout: inout ParameterLayout, conv convName: String, bn bnName: String, inChannels: Int, outChannels: Int,
          kernel: Int, stride: Int, padding: Int, relu: Bool, rooms: SharedRooms, gradOutput: Scratch<Float>? = nil,
@@ -223,70 +216,55 @@ final class ConvBNUnit {
         bn.initialize(arena)
     }
 
-    /// Output height/width for an input of the given size.
-    func outputSize(_ size: Int) -> Int { (size + 2 * padding - kernel) / stride + 1 }
 
-    func workspaceCount(batch: Int, height: Int, width: Int) throws -> Int {
-        try Conv2dGeometry(batch: batch, inChannels: inChannels, height: height, width: width, outChannels: outChannels,
-                           kernel: kernel, stride: stride, padding: padding).workspaceCount
+    /// The unit's output in `step`, in the copies it writes.
+    func output(_ step: UnitStep) -> Activation {
+        Activation(floats: step.outputs.floats ? UnsafePointer(output.pointer) : nil,
+                   halves: step.outputs.halves ? UnsafePointer(outputBF16.pointer) : nil)
     }
 
-    /// The output of the last forward pass, in the copies it wrote.
-    var lastOutput: Activation {
-        Activation(floats: wrote.floats ? UnsafePointer(output.pointer) : nil, halves: wrote.halves ? UnsafePointer(outputBF16.pointer) : nil)
-    }
-
-    /// `outputs`: which copies of the output to write (the floats, the bf16 bits). The convolution
-    /// reads the input's bf16 bits where it takes them and they are given, else its floats.
+    /// conv -> batch norm (-> ReLU) as the plan's `step` says: its geometry and layouts, the copies of the
+    /// output to write, whether the convolution writes bf16 bits and reads the input's. In bf16 batch
+    /// norm reads the convolution's output rounded to bf16, as autocast's convolutions return it: written
+    /// so by oneDNN's bf16 kernels (each float rounded to nearest even), or rounded here.
     /// `zeroGradient`: whether `gradOutput` is set to zero for the layers after this unit to accumulate
     /// into (false where its owner overwrites it before `backward`).
     @discardableResult
-    func forward(_ arena: ParameterArena, input: Activation, batch: Int, height: Int, width: Int, workspace: Scratch<Float>,
-                 zeroGradient: Bool = true, layouts: Convolution.Layouts, outputs: (floats: Bool, halves: Bool) = (true, false),
+    func forward(_ arena: ParameterArena, input: Activation, step: UnitStep, workspace: Scratch<Float>, zeroGradient: Bool = true,
                  context: PassContext) throws -> Activation {
-        let g = try Conv2dGeometry(batch: batch, inChannels: inChannels, height: height, width: width, outChannels: outChannels,
-                                   kernel: kernel, stride: stride, padding: padding)
-        geometry = g
-        self.layouts = layouts
-        let count = g.outputCount
-        // In bf16 batch norm reads the convolution's output rounded to bf16, as autocast's convolutions
-        // return it: written so by oneDNN's bf16 kernels (each float rounded to nearest even), or rounded here.
-        let halves = keepsBF16ConvOutput && kernels.takesBF16(context.precision, layouts.output)
-        let c = halves ? nil : convOut.ensure(count), c16 = halves ? convOutBF16.ensure(count) : nil
-        try kernels.forward(output: c, outputBF16: c16, input: input.floats,
-                            inputBF16: kernels.takesBF16(context.precision, layouts.input) ? input.halves : nil,
+        let g = step.geometry, count = g.outputCount
+        let c = step.convHalves ? nil : convOut.ensure(count), c16 = step.convHalves ? convOutBF16.ensure(count) : nil
+        try kernels.forward(output: c, outputBF16: c16, input: input.floats, inputBF16: step.inputHalves ? input.halves : nil,
                             weight: arena.params + conv.offset, geometry: g,
                             workspace: workspace.ensure(Convolution.workspaceCount(g, precision: context.precision)), precision: context.precision,
-                            layouts: layouts)
+                            layouts: step.layouts)
         if context.precision == .bf16, let c { BF16.round(c, c, count: count) }
-        convWroteHalves = halves
-        wrote = outputs
-        let y = outputs.floats ? output.ensure(count) : nil, y16 = outputs.halves ? outputBF16.ensure(count) : nil
-        try bn.forward(arena, output: y, outputBF16: y16, input: convOutput.floats, inputBF16: convOutput.halves, batch: batch, plane: g.outPlane,
-                       relu: relu, layout: layouts.output, context: context)
+        let y = step.outputs.floats ? output.ensure(count) : nil, y16 = step.outputs.halves ? outputBF16.ensure(count) : nil
+        let x = convOutput(step)
+        try bn.forward(arena, output: y, outputBF16: y16, input: x.floats, inputBF16: x.halves, batch: g.batch, plane: g.outPlane,
+                       relu: relu, layout: step.layouts.output, context: context)
         if zeroGradient { gradOutput.zeroed(count) } else { gradOutput.ensure(count) }
-        return lastOutput
+        return output(step)
     }
 
     /// Consumes `gradOutput` (filled by the layers after this unit) and accumulates into gradInput, or
     /// overwrites it where `accumulate` is false (the gradient of an input no other layer reads). Where
-    /// the convolution reads its output gradient in bf16, batch norm's backward writes only those bits.
-    func backward(_ arena: ParameterArena, gradInput: UnsafeMutablePointer<Float>?, input: Activation,
+    /// the convolution reads its output gradient in bf16 (`step.gradHalves`), batch norm's backward
+    /// writes only those bits.
+    func backward(_ arena: ParameterArena, gradInput: UnsafeMutablePointer<Float>?, input: Activation, step: UnitStep,
                   workspace: Scratch<Float>, accumulate: Bool = true, context: PassContext) throws {
-        guard let g = geometry else { preconditionFailure("backward before forward") }
-        let count = g.outputCount
-        let mask = relu ? ReLUMask(lastOutput.floats, lastOutput.halves) : nil
-        let halves = kernels.takesBF16(context.precision, layouts.output)
-        let dc = halves ? nil : rooms.convGradient.ensure(count), dc16 = halves ? rooms.convGradientBF16.ensure(count) : nil
-        try bn.backward(arena, gradInput: dc, gradInputBF16: dc16, gradOutput: gradOutput.pointer, input: convOutput.floats,
-                        inputBF16: convOutput.halves, reluOutput: mask,
-                        batch: g.batch, plane: g.outPlane, layout: layouts.output, context: context)
+        let g = step.geometry, count = g.outputCount
+        let y = output(step), x = convOutput(step)
+        let mask = relu ? ReLUMask(y.floats, y.halves) : nil
+        let dc = step.gradHalves ? nil : rooms.convGradient.ensure(count), dc16 = step.gradHalves ? rooms.convGradientBF16.ensure(count) : nil
+        try bn.backward(arena, gradInput: dc, gradInputBF16: dc16, gradOutput: gradOutput.pointer, input: x.floats, inputBF16: x.halves,
+                        reluOutput: mask, batch: g.batch, plane: g.outPlane, layout: step.layouts.output, context: context)
         try kernels.backward(gradInput: gradInput, gradWeight: arena.grads + conv.offset, gradOutput: dc.map { UnsafePointer($0) },
                              gradOutputBF16: dc16.map { UnsafePointer($0) }, input: input.floats,
-                             inputBF16: kernels.takesBF16(context.precision, layouts.input) ? input.halves : nil,
+                             inputBF16: step.inputHalves ? input.halves : nil,
                              weight: arena.params + conv.offset, geometry: g,
                              workspace: workspace.ensure(Convolution.workspaceCount(g, precision: context.precision)), precision: context.precision,
-                             layouts: layouts, accumulateInput: accumulate, overwriteWeight: arena.claimZeroedGradient(conv),
+                             layouts: step.layouts, accumulateInput: accumulate, overwriteWeight: arena.claimZeroedGradient(conv),
                              pieceImages: context.pieceRows(perSample: 1))
     }
 }
@@ -301,7 +279,6 @@ final class ResidualBlock {
     let output = Scratch<Float>(), outputBF16 = Scratch<UInt16>()
     /// The output's gradient, in the room this block shares with every other block but its neighbours.
     let gradOutput: Scratch<Float>
-    private var shape = (batch: 0, height: 0, width: 0, outHeight: 0, outWidth: 0)
 
     init(_ layout: inout ParameterLayout, _ name: String, block: ResNetConfig.Block, inChannels: Int, planes: Int, stride: Int,
          rooms: SharedRooms, gradOutput: Scratch<Float>) throws {
@@ -337,58 +314,52 @@ final class ResidualBlock {
 
     var allUnits: [ConvBNUnit] { units + (downsample.map { [$0] } ?? []) }
 
-    /// The output of the last forward pass: its floats, and its bf16 bits where they were written.
-    var lastOutput: Activation {
-        Activation(floats: UnsafePointer(output.pointer), halves: wroteHalves ? UnsafePointer(outputBF16.pointer) : nil)
+    /// The block's output in `step`: its floats, and its bf16 bits where the next block's convolutions read them.
+    func output(_ step: BlockStep) -> Activation {
+        Activation(floats: UnsafePointer(output.pointer), halves: step.outputHalves ? UnsafePointer(outputBF16.pointer) : nil)
     }
-    private var wroteHalves = false
 
-    /// Residual sums and ReLUs are pointwise: the same in either layout. `outputHalves`: whether the
-    /// output's bf16 bits are written too (for the next block's convolutions); inside the block, a unit
-    /// whose only reader is the next unit's convolution writes only its bf16 bits where that reads them.
-    func forward(_ arena: ParameterArena, input: Activation, batch: Int, height: Int, width: Int, workspace: Scratch<Float>,
-                 layout: ActivationLayout, outputHalves: Bool, context: PassContext) throws -> (Activation, Int, Int) {
-        var x = input, h = height, w = width
+    /// Residual sums and ReLUs are pointwise: the same in either layout. Inside the block, a unit whose
+    /// only reader is the next unit's convolution writes only its bf16 bits where that reads them, and the
+    /// output's bf16 bits are written too where the next block's convolutions read them (`step`).
+    func forward(_ arena: ParameterArena, input: Activation, step: BlockStep, workspace: Scratch<Float>, context: PassContext) throws -> Activation {
+        var x = input
         // Every unit's output gradient is written whole by `backward`: the last unit's and the
         // downsample's by the residual's ReLU, the others' by the next unit's convolution (overwriting).
-        for (k, unit) in units.enumerated() {
-            let halves = k + 1 < units.count && units[k + 1].kernels.takesBF16(context.precision, layout)
-            x = try unit.forward(arena, input: x, batch: batch, height: h, width: w, workspace: workspace, zeroGradient: false,
-                                 layouts: Convolution.Layouts(layout), outputs: (!halves, halves), context: context)
-            h = unit.outputSize(h); w = unit.outputSize(w)
+        for (unit, unitStep) in zip(units, step.units) {
+            x = try unit.forward(arena, input: x, step: unitStep, workspace: workspace, zeroGradient: false, context: context)
         }
-        let identity = try downsample.map {
-            try $0.forward(arena, input: input, batch: batch, height: height, width: width, workspace: workspace,
-                           zeroGradient: false, layouts: Convolution.Layouts(layout), context: context).floats!
+        let identity = try downsample.map { d in
+            try d.forward(arena, input: input, step: step.downsample!, workspace: workspace, zeroGradient: false, context: context).floats!
         } ?? input.floats!
-        let count = batch * outChannels * h * w
-        let y = output.ensure(count)
-        wroteHalves = outputHalves
-        Residual.forwardReLU(output: y, outputBF16: outputHalves ? outputBF16.ensure(count) : nil, x.floats!, identity, count: count)
+        let count = step.count
+        Residual.forwardReLU(output: output.ensure(count), outputBF16: step.outputHalves ? outputBF16.ensure(count) : nil, x.floats!, identity,
+                             count: count)
         gradOutput.ensure(count)
-        shape = (batch, height, width, h, w)
-        return (lastOutput, h, w)
+        return output(step)
     }
 
     /// Consumes gradOutput and writes gradInput (the previous layer's gradOutput, whose only reader is
     /// this block): the identity's gradient or the downsample's overwrites it, the first unit's adds to it.
-    func backward(_ arena: ParameterArena, gradInput: UnsafeMutablePointer<Float>, input: Activation,
+    func backward(_ arena: ParameterArena, gradInput: UnsafeMutablePointer<Float>, input: Activation, step: BlockStep,
                   workspace: Scratch<Float>, context: PassContext) throws {
-        let count = shape.batch * outChannels * shape.outHeight * shape.outWidth
+        let count = step.count
         // d(branch) = d(identity) = dy masked by the final ReLU, in one pass.
         let last = units[units.count - 1]
         if let downsample {
             Residual.backwardReLU(gradBranch: last.gradOutput.pointer, gradIdentity: downsample.gradOutput.pointer, accumulateIdentity: false,
                                   gradOutput: gradOutput.pointer, output: output.pointer, count: count)
-            try downsample.backward(arena, gradInput: gradInput, input: input, workspace: workspace, accumulate: false, context: context)
+            try downsample.backward(arena, gradInput: gradInput, input: input, step: step.downsample!, workspace: workspace, accumulate: false,
+                                    context: context)
         } else {
             Residual.backwardReLU(gradBranch: last.gradOutput.pointer, gradIdentity: gradInput, accumulateIdentity: false,
                                   gradOutput: gradOutput.pointer, output: output.pointer, count: count)
         }
         for k in stride(from: units.count - 1, through: 0, by: -1) {
-            let unitInput = k == 0 ? input : units[k - 1].lastOutput
+            let unitInput = k == 0 ? input : units[k - 1].output(step.units[k - 1])
             let unitGradInput = k == 0 ? gradInput : units[k - 1].gradOutput.pointer
-            try units[k].backward(arena, gradInput: unitGradInput, input: unitInput, workspace: workspace, accumulate: k == 0, context: context)
+            try units[k].backward(arena, gradInput: unitGradInput, input: unitInput, step: step.units[k], workspace: workspace,
+                                  accumulate: k == 0, context: context)
         }
     }
 }
@@ -406,9 +377,6 @@ public final class ResNet {
     let features = Scratch<Float>()
     let workspace = Scratch<Float>()
     let rooms: SharedRooms
-    private var shape = (batch: 0, stemSize: 0, poolSize: 0, finalSize: 0)
-    /// The activations' layout in the last forward pass (`Convolution.layout`).
-    private var layout = ActivationLayout.nchw
     /// The layout to keep the activations in; nil (the default): `Convolution.layout`'s choice for the
     /// pass's precision. NHWC and nChw16c run every convolution on oneDNN (in fp32 too); nChw16c falls
     /// back to NCHW where the width is no multiple of 16.
@@ -421,16 +389,13 @@ public final class ResNet {
     public var keepsBF16Activations = true {
         didSet { for unit in [stem] + blocks.flatMap(\.allUnits) { unit.keepsBF16ConvOutput = keepsBF16Activations } }
     }
-    /// Whether the last forward pass's pooled stem output has its bf16 copy.
-    private var pooledHalves = false
     /// A copy of the images of the last forward pass, which the stem's backward reads (the caller's
     /// buffer may be gone by then).
     let inputImages = Scratch<Float>()
-    private var hasInput = false
-    /// The rooms of the largest pass so far, in one activation arena (`BufferPlan`), and the pass it last
-    /// held (a pass like it needs no walk of the network).
+    /// The rooms of the largest pass so far, in one activation arena (`BufferPlan`), and the last pass
+    /// planned: every layer's decisions (`ResNetPass`), which backward follows as forward did.
     var plan: BufferPlan?
-    var plannedPass: PlannedPass?
+    var pass: ResNetPass?
 
     /// Registers every parameter and buffer under `prefix` (e.g. "image.") with torchvision's names.
     /// `sharesGradientRooms` (default true): the units' and blocks' output gradients, and the outputs
@@ -490,18 +455,13 @@ public final class ResNet {
                         context: PassContext) throws -> UnsafePointer<Float> {
         try require(batch >= 1, "resnet", "batch must be positive")
         try require(size >= 32, "resnet", "image size \(size) is below 32")
-        try preparePlan(batch: batch, size: size, precision: context.precision)
+        let pass = try preparePlan(batch: batch, size: size, precision: context.precision)
+        let layout = pass.key.layout, planes = batch * config.width
         // Backward may follow in either mode (parity fixtures differentiate evaluation mode too).
         inputImages.ensure(batch * 3 * size * size).update(from: images, count: batch * 3 * size * size)
-        hasInput = true
         // The images are NCHW; the stem's convolution writes the network's layout.
-        let layout = passLayout(context.precision)
-        self.layout = layout
-        let x0 = try stem.forward(arena, input: Activation(floats: images), batch: batch, height: size, width: size, workspace: workspace,
-                                  layouts: Convolution.Layouts(input: .nchw, output: layout), context: context).floats!
-        let s1 = stem.outputSize(size)
-        let s2 = MaxPool2d.outputSize(s1, kernel: 3, stride: 2, padding: 1)
-        let planes = batch * config.width
+        let x0 = try stem.forward(arena, input: Activation(floats: images), step: pass.stem, workspace: workspace, context: context).floats!
+        let (s1, s2) = (pass.stem.geometry.outHeight, pass.poolSize)
         let pooled = poolOutput.ensure(planes * s2 * s2), indices = poolIndices.ensure(planes * s2 * s2)
         if layout != .nchw {
             let (images, lanes) = layout.pixelRows(batch: batch, channels: config.width)
@@ -511,58 +471,58 @@ public final class ResNet {
         }
         poolGrad.ensure(planes * s2 * s2)  // written whole by the first block's backward
         // The blocks' inputs in bf16 too where their convolutions read bf16.
-        let halves = keepsBF16Activations && stem.kernels.takesBF16(context.precision, layout)
-        pooledHalves = halves
-        if halves { BF16.bits(poolOutputBF16.ensure(planes * s2 * s2), pooled, count: planes * s2 * s2) }
-        var x = Activation(floats: pooled, halves: halves ? UnsafePointer(poolOutputBF16.pointer) : nil), s = s2
-        for (k, block) in blocks.enumerated() {
-            let (y, h, _) = try block.forward(arena, input: x, batch: batch, height: s, width: s, workspace: workspace, layout: layout,
-                                              outputHalves: halves && k + 1 < blocks.count, context: context)
-            x = y; s = h
+        if pass.pooledHalves { BF16.bits(poolOutputBF16.ensure(planes * s2 * s2), pooled, count: planes * s2 * s2) }
+        var x = pooledOutput(pass)
+        for (block, step) in zip(blocks, pass.blocks) {
+            x = try block.forward(arena, input: x, step: step, workspace: workspace, context: context)
         }
-        let f = features.ensure(batch * featureCount)
+        let f = features.ensure(batch * featureCount), plane = pass.finalSize * pass.finalSize
         if layout != .nchw {
             // [N, C] in either (nChw16c's rows of 16 channels per image follow one another).
             let (images, lanes) = layout.pixelRows(batch: batch, channels: featureCount)
-            GlobalAvgPool.forwardNHWC(output: f, input: x.floats!, batch: images, channels: lanes, plane: s * s)
+            GlobalAvgPool.forwardNHWC(output: f, input: x.floats!, batch: images, channels: lanes, plane: plane)
         } else {
-            GlobalAvgPool.forward(output: f, input: x.floats!, rows: batch * featureCount, plane: s * s)
+            GlobalAvgPool.forward(output: f, input: x.floats!, rows: batch * featureCount, plane: plane)
         }
-        shape = (batch, s1, s2, s)
         return UnsafePointer(f)
     }
 
-    /// Accumulates parameter gradients into arena.grads from gradFeatures [batch, featureCount].
+    /// The max pool's output as the first block reads it in `pass`.
+    private func pooledOutput(_ pass: ResNetPass) -> Activation {
+        Activation(floats: UnsafePointer(poolOutput.pointer), halves: pass.pooledHalves ? UnsafePointer(poolOutputBF16.pointer) : nil)
+    }
+
+    /// Accumulates parameter gradients into arena.grads from gradFeatures [batch, featureCount], following
+    /// the last forward pass's plan.
     public func backward(_ arena: ParameterArena, gradFeatures: UnsafePointer<Float>, context: PassContext) throws {
-        precondition(hasInput, "backward before forward")
+        guard let pass else { preconditionFailure("backward before forward") }
+        let layout = pass.key.layout, batch = pass.key.batch, plane = pass.finalSize * pass.finalSize
         let last = blocks[blocks.count - 1]
-        last.gradOutput.pointer.update(repeating: 0, count: shape.batch * featureCount * shape.finalSize * shape.finalSize)  // pooling's backward adds
+        last.gradOutput.pointer.update(repeating: 0, count: batch * featureCount * plane)  // pooling's backward adds
         if layout != .nchw {
-            let (images, lanes) = layout.pixelRows(batch: shape.batch, channels: featureCount)
-            GlobalAvgPool.backwardNHWC(gradInput: last.gradOutput.pointer, gradOutput: gradFeatures, batch: images, channels: lanes,
-                                       plane: shape.finalSize * shape.finalSize)
+            let (images, lanes) = layout.pixelRows(batch: batch, channels: featureCount)
+            GlobalAvgPool.backwardNHWC(gradInput: last.gradOutput.pointer, gradOutput: gradFeatures, batch: images, channels: lanes, plane: plane)
         } else {
-            GlobalAvgPool.backward(gradInput: last.gradOutput.pointer, gradOutput: gradFeatures, rows: shape.batch * featureCount,
-                                   plane: shape.finalSize * shape.finalSize)
+            GlobalAvgPool.backward(gradInput: last.gradOutput.pointer, gradOutput: gradFeatures, rows: batch * featureCount, plane: plane)
         }
         for k in stride(from: blocks.count - 1, through: 0, by: -1) {
-            let input = k == 0 ? Activation(floats: poolOutput.pointer, halves: pooledHalves ? UnsafePointer(poolOutputBF16.pointer) : nil)
-                : blocks[k - 1].lastOutput
+            let input = k == 0 ? pooledOutput(pass) : blocks[k - 1].output(pass.blocks[k - 1])
             let gradInput = k == 0 ? poolGrad.pointer : blocks[k - 1].gradOutput.pointer
-            try blocks[k].backward(arena, gradInput: gradInput, input: input, workspace: workspace, context: context)
+            try blocks[k].backward(arena, gradInput: gradInput, input: input, step: pass.blocks[k], workspace: workspace, context: context)
             try context.gradientsReady?(blockRanges[k])
         }
-        let planes = shape.batch * config.width
-        let (inPlane, outPlane) = (shape.stemSize * shape.stemSize, shape.poolSize * shape.poolSize)
+        let planes = batch * config.width
+        let (inPlane, outPlane) = (pass.stem.geometry.outPlane, pass.poolSize * pass.poolSize)
         if layout != .nchw {
-            let (images, lanes) = layout.pixelRows(batch: shape.batch, channels: config.width)
+            let (images, lanes) = layout.pixelRows(batch: batch, channels: config.width)
             MaxPool2d.backwardNHWC(gradInput: stem.gradOutput.pointer, gradOutput: poolGrad.pointer, indices: poolIndices.pointer,
                                    batch: images, channels: lanes, inPlane: inPlane, outPlane: outPlane)
         } else {
             MaxPool2d.backward(gradInput: stem.gradOutput.pointer, gradOutput: poolGrad.pointer, indices: poolIndices.pointer,
                                planes: planes, inPlane: inPlane, outPlane: outPlane)
         }
-        try stem.backward(arena, gradInput: nil, input: Activation(floats: inputImages.pointer), workspace: workspace, context: context)
+        try stem.backward(arena, gradInput: nil, input: Activation(floats: inputImages.pointer), step: pass.stem, workspace: workspace,
+                          context: context)
         try context.gradientsReady?(stemRange)
     }
 

@@ -72,7 +72,7 @@ extension BERT {
     }
 
     /// How many times a buffer of this network outgrew its planned room (0 where the plan is right).
-    public var outgrownRooms: Int { plan?.needs.buffers.reduce(0) { $0 + $1.outgrown() } ?? 0 }
+    public var outgrownRooms: Int { plan?.outgrown ?? 0 }
 
     /// The plan's table: each room with its size and users.
     public var activationTable: [String] { plan?.description ?? [] }

@@ -34,6 +34,9 @@ final class BufferPlan {
         for (need, room) in zip(needs.buffers, rooms) { need.bind(arena.memory(room.view), room.view.count) }
     }
 
+    /// How many times a buffer of the plan was asked for more than its room (0 where the plan is right).
+    var outgrown: Int { needs.buffers.reduce(0) { $0 + $1.outgrown() } }
+
     /// The table as lines: each room, its elements and bytes, and its users (in turn, where several).
     var description: [String] {
         rooms.map { room in

@@ -121,13 +121,10 @@ public enum Parity {
         let precision = override ?? fixturePrecision
         if reference && precision != .fp32 { throw ConvirtError("\(path): the reference models run in fp32 only, not \(precision.rawValue)") }
         var report: ParityReport
-        switch (model, reference) {
-        case ("resnet", false): report = try resnet(file, training: training, precision: precision)
-        case ("bert", false): report = try bert(file, training: training, precision: precision)
-        case ("convirt", false): report = try convirt(file, training: training, precision: precision)
-        case ("resnet", true): report = try referenceResNet(file, training: training)
-        case ("bert", true): report = try referenceBERT(file, training: training)
-        case ("convirt", true): report = try referenceConVIRT(file, training: training)
+        switch model {
+        case "resnet": report = try resnet(file, training: training, precision: precision, reference: reference)
+        case "bert": report = try bert(file, training: training, precision: precision, reference: reference)
+        case "convirt": report = try convirt(file, training: training, precision: precision, reference: reference)
         default: throw ConvirtError("\(path): unknown model \(model) (resnet, bert or convirt)")
         }
         report.precision = precision
@@ -189,21 +186,44 @@ public enum Parity {
         return images
     }
 
-    static func resnet(_ file: SafeTensorsFile, training: Bool, precision: Precision) throws -> ParityReport {
-        let config = try config(file, ResNetConfig.self)
-        var layout = ParameterLayout()
-        let net = try ResNet(config: config, layout: &layout)
-        let arena = ParameterArena(layout: layout)
+    /// The fixture's parameters (`param.<name>`) loaded into `arena`.
+    static func loadParameters(_ file: SafeTensorsFile, into arena: ParameterArena) throws {
         try Weights.load(file, into: arena, sourcePrefixes: ["param."], ignoring: ["input.", "output.", "grad.", "fp32."])
+    }
+
+    /// The fixture's parameters in an arena of `layout`.
+    static func parameters(_ file: SafeTensorsFile, _ layout: ParameterLayout) throws -> ParameterArena {
+        let arena = ParameterArena(layout: layout)
+        try loadParameters(file, into: arena)
+        return arena
+    }
+
+    /// The fast ResNet, or with `reference` the plain `ReferenceResNet`, on the fixture.
+    static func resnet(_ file: SafeTensorsFile, training: Bool, precision: Precision, reference: Bool) throws -> ParityReport {
+        let config = try config(file, ResNetConfig.self)
         let x = try images(file)
+        let (batch, size) = (x.shape[0], x.shape[2])
+        var layout = ParameterLayout()
+        let forward: (ParameterArena, UnsafePointer<Float>, PassContext) throws -> UnsafePointer<Float>
+        let backward: (ParameterArena, UnsafePointer<Float>, PassContext) throws -> Void
+        if reference {
+            let net = try ReferenceResNet(config: config, layout: &layout), activations = try net.activations(batch: batch, size: size)
+            forward = { try net.forward($0, images: $1, activations, context: $2) }
+            backward = { try net.backward($0, gradFeatures: $1, activations, context: $2) }
+        } else {
+            let net = try ResNet(config: config, layout: &layout)
+            forward = { try net.forward($0, images: $1, batch: batch, size: size, context: $2) }
+            backward = { try net.backward($0, gradFeatures: $1, context: $2) }
+        }
+        let arena = try parameters(file, layout)
         let context = PassContext(training: training, precision: precision)
-        let features = try x.withUnsafeBufferPointer { try net.forward(arena, images: $0.baseAddress!, batch: x.shape[0], size: x.shape[2], context: context) }
-        var report = ParityReport(model: "resnet")
-        report.lines.append(try line("output.features", features, shape: [x.shape[0], net.featureCount], file, precision: precision,
+        let features = try x.withUnsafeBufferPointer { try forward(arena, $0.baseAddress!, context) }
+        var report = ParityReport(model: reference ? "reference resnet" : "resnet")
+        report.lines.append(try line("output.features", features, shape: [batch, config.featureCount], file, precision: precision,
                                      base: limits(precision).output))
         arena.zeroGrads()
-        try tensor(file, "input.output_weights", shape: [x.shape[0], net.featureCount]).withUnsafeBufferPointer {
-            try net.backward(arena, gradFeatures: $0.baseAddress!, context: context)
+        try tensor(file, "input.output_weights", shape: [batch, config.featureCount]).withUnsafeBufferPointer {
+            try backward(arena, $0.baseAddress!, context)
         }
         try compareGradients(file, arena, precision: precision, report: &report)
         return report
@@ -216,131 +236,97 @@ public enum Parity {
         return (ids, mask)
     }
 
-    static func bert(_ file: SafeTensorsFile, training: Bool, precision: Precision) throws -> ParityReport {
+    /// The fast BERT, or with `reference` the plain `ReferenceBERT`, on the fixture.
+    static func bert(_ file: SafeTensorsFile, training: Bool, precision: Precision, reference: Bool) throws -> ParityReport {
         let config = noDropout(try config(file, BertConfig.self))
-        var layout = ParameterLayout()
-        let net = try BERT(config: config, layout: &layout)
-        let arena = ParameterArena(layout: layout)
-        try Weights.load(file, into: arena, sourcePrefixes: ["param."], ignoring: ["input.", "output.", "grad.", "fp32."])
         let (ids, mask) = try tokens(file)
+        let (batch, length) = (ids.shape[0], ids.shape[1])
+        var layout = ParameterLayout()
+        let forward: (ParameterArena, UnsafePointer<Int32>, UnsafePointer<Int32>, PassContext) throws -> UnsafePointer<Float>
+        let backward: (ParameterArena, UnsafePointer<Float>, PassContext) throws -> Void
+        if reference {
+            let net = try ReferenceBERT(config: config, layout: &layout), activations = try net.activations(batch: batch, tokens: length)
+            forward = { try net.forward($0, ids: $1, mask: $2, activations, context: $3) }
+            backward = { try net.backward($0, gradLastHidden: $1, activations, context: $2) }
+        } else {
+            let net = try BERT(config: config, layout: &layout)
+            forward = { try net.forward($0, ids: $1, mask: $2, batch: batch, tokens: length, context: $3) }
+            backward = { try net.backward($0, gradLastHidden: $1, context: $2) }
+        }
+        let arena = try parameters(file, layout)
         let context = PassContext(training: training, precision: precision)
         let hidden = try ids.withUnsafeBufferPointer { i in
-            try mask.withUnsafeBufferPointer { m in try net.forward(arena, ids: i.baseAddress!, mask: m.baseAddress!, batch: ids.shape[0], tokens: ids.shape[1], context: context) }
+            try mask.withUnsafeBufferPointer { m in try forward(arena, i.baseAddress!, m.baseAddress!, context) }
         }
-        var report = ParityReport(model: "bert")
-        report.lines.append(try line("output.last_hidden_state", hidden, shape: [ids.shape[0], ids.shape[1], config.hiddenSize], file,
-                                     precision: precision, base: limits(precision).output))
+        var report = ParityReport(model: reference ? "reference bert" : "bert")
+        let shape = [batch, length, config.hiddenSize]
+        report.lines.append(try line("output.last_hidden_state", hidden, shape: shape, file, precision: precision, base: limits(precision).output))
         arena.zeroGrads()
-        try tensor(file, "input.output_weights", shape: [ids.shape[0], ids.shape[1], config.hiddenSize]).withUnsafeBufferPointer {
-            try net.backward(arena, gradLastHidden: $0.baseAddress!, context: context)
-        }
+        try tensor(file, "input.output_weights", shape: shape).withUnsafeBufferPointer { try backward(arena, $0.baseAddress!, context) }
         try compareGradients(file, arena, precision: precision, report: &report)
         return report
     }
 
-    static func convirt(_ file: SafeTensorsFile, training: Bool, precision: Precision) throws -> ParityReport {
+    /// The fast ConVIRT model with the distributed loss in its one-rank form, or with `reference` the plain
+    /// `ReferenceConVIRT`, on the fixture.
+    static func convirt(_ file: SafeTensorsFile, training: Bool, precision: Precision, reference: Bool) throws -> ParityReport {
         var config = try config(file, ConVIRTConfig.self)
         config.text = noDropout(config.text)
-        let model = try ConVIRTModel(config: config)
-        try Weights.load(file, into: model.arena, sourcePrefixes: ["param."], ignoring: ["input.", "output.", "grad.", "fp32."])
         let x = try images(file)
         let (ids, mask) = try tokens(file)
         let b = x.shape[0], d = config.projDim
         try require(ids.shape[0] == b, file.path, "images and texts have different batch sizes")
         let context = PassContext(training: training, precision: precision)
-        let v = try x.withUnsafeBufferPointer { try model.encodeImages($0.baseAddress!, batch: b, size: x.shape[2], context: context) }
-        let u = try ids.withUnsafeBufferPointer { i in
-            try mask.withUnsafeBufferPointer { m in try model.encodeTexts(ids: i.baseAddress!, mask: m.baseAddress!, batch: b, tokens: ids.shape[1], context: context) }
-        }
-        var report = ParityReport(model: "convirt")
-        report.lines.append(try line("output.image_embeddings", v, shape: [b, d], file, precision: precision, base: limits(precision).output))
-        report.lines.append(try line("output.text_embeddings", u, shape: [b, d], file, precision: precision, base: limits(precision).output))
-        var gradV = [Float](repeating: 0, count: b * d), gradU = gradV
-        let value = ConVIRTLoss.forwardBackward(v: v, u: u, globalV: v, globalU: u, localRows: b, globalRows: b, features: d, offset: 0,
-                                                tau: config.tau, lambda: config.lambda, gradV: &gradV, gradU: &gradU, workspace: .init())
-        var loss = [Float(value.loss)]
-        report.lines.append(try line("output.loss", &loss, shape: [], file, precision: precision, base: limits(precision).output))
-        model.arena.zeroGrads()
-        try model.backwardImages(gradEmbeddings: gradV, context: context)
-        try model.backwardTexts(gradEmbeddings: gradU, context: context)
-        try compareGradients(file, model.arena, precision: precision, report: &report)
-        return report
-    }
-
-    // MARK: - The reference models on the same fixtures
-
-    static func referenceResNet(_ file: SafeTensorsFile, training: Bool) throws -> ParityReport {
-        let config = try config(file, ResNetConfig.self)
-        var layout = ParameterLayout()
-        let net = try ReferenceResNet(config: config, layout: &layout)
-        let arena = ParameterArena(layout: layout)
-        try Weights.load(file, into: arena, sourcePrefixes: ["param."], ignoring: ["input.", "output.", "grad.", "fp32."])
-        let x = try images(file)
-        let context = PassContext(training: training)
-        let activations = try net.activations(batch: x.shape[0], size: x.shape[2])
-        let features = try x.withUnsafeBufferPointer { try net.forward(arena, images: $0.baseAddress!, activations, context: context) }
-        var report = ParityReport(model: "reference resnet")
-        report.lines.append(try line("output.features", features, shape: [x.shape[0], config.featureCount], file, precision: .fp32,
-                                     base: outputLimit))
-        arena.zeroGrads()
-        try tensor(file, "input.output_weights", shape: [x.shape[0], config.featureCount]).withUnsafeBufferPointer {
-            try net.backward(arena, gradFeatures: $0.baseAddress!, activations, context: context)
-        }
-        try compareGradients(file, arena, precision: .fp32, report: &report)
-        return report
-    }
-
-    static func referenceBERT(_ file: SafeTensorsFile, training: Bool) throws -> ParityReport {
-        let config = noDropout(try config(file, BertConfig.self))
-        var layout = ParameterLayout()
-        let net = try ReferenceBERT(config: config, layout: &layout)
-        let arena = ParameterArena(layout: layout)
-        try Weights.load(file, into: arena, sourcePrefixes: ["param."], ignoring: ["input.", "output.", "grad.", "fp32."])
-        let (ids, mask) = try tokens(file)
-        let context = PassContext(training: training)
-        let activations = try net.activations(batch: ids.shape[0], tokens: ids.shape[1])
-        let hidden = try ids.withUnsafeBufferPointer { i in
-            try mask.withUnsafeBufferPointer { m in try net.forward(arena, ids: i.baseAddress!, mask: m.baseAddress!, activations, context: context) }
-        }
-        var report = ParityReport(model: "reference bert")
-        let shape = [ids.shape[0], ids.shape[1], config.hiddenSize]
-        report.lines.append(try line("output.last_hidden_state", hidden, shape: shape, file, precision: .fp32, base: outputLimit))
-        arena.zeroGrads()
-        try tensor(file, "input.output_weights", shape: shape).withUnsafeBufferPointer {
-            try net.backward(arena, gradLastHidden: $0.baseAddress!, activations, context: context)
-        }
-        try compareGradients(file, arena, precision: .fp32, report: &report)
-        return report
-    }
-
-    static func referenceConVIRT(_ file: SafeTensorsFile, training: Bool) throws -> ParityReport {
-        var config = try config(file, ConVIRTConfig.self)
-        config.text = noDropout(config.text)
-        let model = try ReferenceConVIRT(config: config)
-        let arena = ParameterArena(layout: model.layout)
-        try Weights.load(file, into: arena, sourcePrefixes: ["param."], ignoring: ["input.", "output.", "grad.", "fp32."])
-        let x = try images(file)
-        let (ids, mask) = try tokens(file)
-        let b = x.shape[0], d = config.projDim
-        try require(ids.shape[0] == b, file.path, "images and texts have different batch sizes")
-        let context = PassContext(training: training)
-        let activations = try model.activations(batch: b, size: x.shape[2], tokens: ids.shape[1])
-        let value = try x.withUnsafeBufferPointer { image in
-            try ids.withUnsafeBufferPointer { i in
-                try mask.withUnsafeBufferPointer { m in
-                    try model.forward(arena, images: image.baseAddress!, ids: i.baseAddress!, mask: m.baseAddress!, activations, context: context)
+        // Each runs forward and the loss (the embeddings and the loss), then backward into its arena's gradients.
+        let arena: ParameterArena
+        let forward: () throws -> (v: UnsafePointer<Float>, u: UnsafePointer<Float>, loss: Double)
+        let backward: () throws -> Void
+        if reference {
+            let model = try ReferenceConVIRT(config: config)
+            let activations = try model.activations(batch: b, size: x.shape[2], tokens: ids.shape[1])
+            arena = try parameters(file, model.layout)
+            forward = {
+                let value = try x.withUnsafeBufferPointer { image in
+                    try ids.withUnsafeBufferPointer { i in
+                        try mask.withUnsafeBufferPointer { m in
+                            try model.forward(arena, images: image.baseAddress!, ids: i.baseAddress!, mask: m.baseAddress!, activations, context: context)
+                        }
+                    }
                 }
+                let (v, u) = model.embeddings(activations)
+                return (v, u, value.loss)
+            }
+            backward = { try model.backward(arena, activations, context: context) }
+        } else {
+            let model = try ConVIRTModel(config: config)
+            arena = model.arena
+            try loadParameters(file, into: arena)
+            var gradV = [Float](repeating: 0, count: b * d), gradU = gradV
+            forward = {
+                let v = try x.withUnsafeBufferPointer { try model.encodeImages($0.baseAddress!, batch: b, size: x.shape[2], context: context) }
+                let u = try ids.withUnsafeBufferPointer { i in
+                    try mask.withUnsafeBufferPointer { m in
+                        try model.encodeTexts(ids: i.baseAddress!, mask: m.baseAddress!, batch: b, tokens: ids.shape[1], context: context)
+                    }
+                }
+                let value = ConVIRTLoss.forwardBackward(v: v, u: u, globalV: v, globalU: u, localRows: b, globalRows: b, features: d, offset: 0,
+                                                        tau: config.tau, lambda: config.lambda, gradV: &gradV, gradU: &gradU, workspace: .init())
+                return (v, u, value.loss)
+            }
+            backward = {
+                try model.backwardImages(gradEmbeddings: gradV, context: context)
+                try model.backwardTexts(gradEmbeddings: gradU, context: context)
             }
         }
-        var report = ParityReport(model: "reference convirt")
-        let (v, u) = model.embeddings(activations)
-        report.lines.append(try line("output.image_embeddings", v, shape: [b, d], file, precision: .fp32, base: outputLimit))
-        report.lines.append(try line("output.text_embeddings", u, shape: [b, d], file, precision: .fp32, base: outputLimit))
-        var loss = [Float(value.loss)]
-        report.lines.append(try line("output.loss", &loss, shape: [], file, precision: .fp32, base: outputLimit))
+        let (v, u, value) = try forward()
+        var report = ParityReport(model: reference ? "reference convirt" : "convirt")
+        report.lines.append(try line("output.image_embeddings", v, shape: [b, d], file, precision: precision, base: limits(precision).output))
+        report.lines.append(try line("output.text_embeddings", u, shape: [b, d], file, precision: precision, base: limits(precision).output))
+        var loss = [Float(value)]
+        report.lines.append(try line("output.loss", &loss, shape: [], file, precision: precision, base: limits(precision).output))
         arena.zeroGrads()
-        try model.backward(arena, activations, context: context)
-        try compareGradients(file, arena, precision: .fp32, report: &report)
+        try backward()
+        try compareGradients(file, arena, precision: precision, report: &report)
         return report
     }
 }

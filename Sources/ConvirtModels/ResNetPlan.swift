@@ -121,15 +121,7 @@ extension ResNet {
     }
 
     /// How many times a buffer of this network outgrew its planned room (0 where the plan is right).
-    public var outgrownRooms: Int {
-        var count = poolOutput.outgrown + poolGrad.outgrown + features.outgrown + workspace.outgrown + inputImages.outgrown
-            + rooms.convGradient.outgrown + poolOutputBF16.outgrown + rooms.convGradientBF16.outgrown + poolIndices.outgrown
-        for u in [stem] + blocks.flatMap(\.allUnits) {
-            count += u.convOut.outgrown + u.output.outgrown + u.gradOutput.outgrown + u.outputBF16.outgrown + u.convOutBF16.outgrown
-        }
-        for b in blocks { count += b.output.outgrown + b.gradOutput.outgrown + b.outputBF16.outgrown }
-        return count
-    }
+    public var outgrownRooms: Int { plan?.outgrown ?? 0 }
 
     /// The plan's table: each room with its size and users (`convirt bench step --activation-tables`, tests).
     public var activationTable: [String] { plan?.description ?? [] }

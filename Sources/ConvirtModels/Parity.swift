@@ -201,6 +201,7 @@ public enum Parity {
     /// The fast ResNet, or with `reference` the plain `ReferenceResNet`, on the fixture.
     static func resnet(_ file: SafeTensorsFile, training: Bool, precision: Precision, reference: Bool) throws -> ParityReport {
         let config = try config(file, ResNetConfig.self)
+        try config.validate()  // a config's sizes are refused before the inputs are read or anything is allocated
         let x = try images(file)
         let (batch, size) = (x.shape[0], x.shape[2])
         var layout = ParameterLayout()
@@ -239,6 +240,7 @@ public enum Parity {
     /// The fast BERT, or with `reference` the plain `ReferenceBERT`, on the fixture.
     static func bert(_ file: SafeTensorsFile, training: Bool, precision: Precision, reference: Bool) throws -> ParityReport {
         let config = noDropout(try config(file, BertConfig.self))
+        try config.validate()
         let (ids, mask) = try tokens(file)
         let (batch, length) = (ids.shape[0], ids.shape[1])
         var layout = ParameterLayout()
@@ -272,6 +274,7 @@ public enum Parity {
     static func convirt(_ file: SafeTensorsFile, training: Bool, precision: Precision, reference: Bool) throws -> ParityReport {
         var config = try config(file, ConVIRTConfig.self)
         config.text = noDropout(config.text)
+        try config.validate()
         let x = try images(file)
         let (ids, mask) = try tokens(file)
         let b = x.shape[0], d = config.projDim

@@ -271,45 +271,34 @@ final class EncoderLayer {
     /// Hidden dropout in place, per sample, with streams keyed by (sample, layer, site).
     /// Forward and backward are the same operation: multiply by the regenerated mask / (1 - p).
     static func dropout(_ x: UnsafeMutablePointer<Float>, batch: Int, perSample: Int, probability: Float, site: UInt64, context: PassContext) {
-        guard probability > 0 && context.training else { return }
+        guard probability > 0 else { return }
         for b in 0..<batch {
             let p = x + b * perSample
             Dropout.forward(output: p, input: p, count: perSample, probability: probability, stream: context.stream(sample: b, site: site))
         }
     }
 
-    /// `inputCopied`: the layer before wrote the input's bf16 bits into this layer's query copy
-    /// (`nextInput` of its forward). `nextInput`: where the next layer reads this layer's output in bf16,
-    /// written here (on oneDNN's bf16 kernels).
-    func forward(_ arena: ParameterArena, input x: UnsafePointer<Float>, mask: UnsafePointer<Int32>, geometry g: AttentionGeometry,
-                 config c: BertConfig, context ctx: PassContext, inputCopied: Bool = false, nextInput: BF16Operand? = nil) {
+    /// Runs the layer on `x` ([rows, H]) as its step of the pass decides; the output is `activations.hidden2`.
+    func forward(_ arena: ParameterArena, input x: UnsafePointer<Float>, mask: UnsafePointer<Int32>, step: EncoderStep,
+                 geometry g: AttentionGeometry, config c: BertConfig, context ctx: PassContext) {
         let rows = g.batch * g.tokens, h = c.hiddenSize, inter = c.intermediateSize
-        let site = UInt64(index + 1) << 8, a = activations
-        // On oneDNN's bf16 kernels the layers before the intermediate and output products and the next
-        // layer's write those products' bf16 inputs themselves.
-        let copying = Self.writesCopies(ctx)
+        let site = UInt64(index + 1) << 8, a = activations, copying = step.writesCopies
         let qp = a.q.ensure(rows * h), kp = a.k.ensure(rows * h), vp = a.v.ensure(rows * h)
-        query.forward(arena, output: qp, input: x, rows: rows, precision: ctx.precision, copies: copies.query.reusingInput(copying && inputCopied))
+        query.forward(arena, output: qp, input: x, rows: rows, precision: ctx.precision, copies: copies.query.reusingInput(step.inputCopied))
         key.forward(arena, output: kp, input: x, rows: rows, precision: ctx.precision, copies: copies.key)
         value.forward(arena, output: vp, input: x, rows: rows, precision: ctx.precision, copies: copies.value)
-        let attentionDropout = ctx.training ? Float(c.attentionProbsDropoutProb) : 0
-        var streams: [RandomStream] = []
-        if attentionDropout > 0 { streams = (0..<g.batch).map { ctx.stream(sample: $0, site: site | 1) } }
         Attention.forward(output: a.context.ensure(rows * h), probabilities: a.probabilities.ensure(g.probabilitiesCount),
-                          q: qp, k: kp, v: vp, mask: mask, geometry: g,
-                          dropout: attentionDropout > 0 ? AttentionDropout(probability: attentionDropout, streams: streams, dropped: a.dropped.ensure(g.probabilitiesCount)) : nil,
+                          q: qp, k: kp, v: vp, mask: mask, geometry: g, dropout: attentionDropout(step, geometry: g, context: ctx),
                           precision: ctx.precision, copies: activations.attentionCopies)
         let dense = a.attentionDense.ensure(rows * h)
         attentionOutput.forward(arena, output: dense, input: a.context.pointer, rows: rows, precision: ctx.precision, copies: copies.attentionOutput)
-        let hiddenDropout = Float(c.hiddenDropoutProb)
         let h1 = a.hidden1.ensure(rows * h)
         attentionNorm.forwardResidual(arena, sum: a.sum1.ensure(rows * h), output: h1,
                                       outputBF16: copying ? copies.intermediate.input.room(holding: h1, rows: rows, columns: h) : nil,
                                       mean: a.mean1.ensure(rows), invStd: a.invStd1.ensure(rows), dense: dense, residual: x, rows: rows,
-                                      dropout: Self.dropout(hiddenDropout, site: site | 2, geometry: g, context: ctx))
+                                      dropout: Self.dropout(step.hiddenDropout, site: site | 2, geometry: g, context: ctx))
         let i1 = a.inner.ensure(rows * inter), a1 = a.activated.ensure(rows * inter)
         intermediate.forward(arena, output: i1, input: h1, rows: rows, precision: ctx.precision, copies: copies.intermediate.reusingInput(copying))
-        // In bf16 on oneDNN, GELU's floats are read by nothing (its backward reads its input): only their bits.
         if copying {
             GELU.forwardBF16(output: copies.output.input.room(holding: a1, rows: rows, columns: inter), input: i1, count: rows * inter)
         } else {
@@ -319,29 +308,33 @@ final class EncoderLayer {
         output.forward(arena, output: o, input: a1, rows: rows, precision: ctx.precision, copies: copies.output.reusingInput(copying))
         let h2 = a.hidden2.ensure(rows * h)
         outputNorm.forwardResidual(arena, sum: a.sum2.ensure(rows * h), output: h2,
-                                   outputBF16: copying ? nextInput?.room(holding: h2, rows: rows, columns: h) : nil,
+                                   outputBF16: step.nextInput?.room(holding: h2, rows: rows, columns: h),
                                    mean: a.mean2.ensure(rows), invStd: a.invStd2.ensure(rows), dense: o, residual: h1, rows: rows,
-                                   dropout: Self.dropout(hiddenDropout, site: site | 3, geometry: g, context: ctx))
-        if !frozen { gradOutput.zeroed(rows * h) }
+                                   dropout: Self.dropout(step.hiddenDropout, site: site | 3, geometry: g, context: ctx))
+        if step.runsBackward { gradOutput.zeroed(rows * h) }
     }
 
-    /// Whether a pass writes the bf16 inputs of the linear layers where they are computed: bf16 on
-    /// oneDNN's kernels (the products that read those copies; elsewhere bf16 rounds the floats).
-    static func writesCopies(_ context: PassContext) -> Bool { context.precision == .bf16 && BF16.native }
+    /// The attention's dropout in this pass (its per-sample streams and where the dropped weights go), nil where it drops nothing.
+    func attentionDropout(_ step: EncoderStep, geometry g: AttentionGeometry, context: PassContext) -> AttentionDropout? {
+        guard step.attentionDropout > 0 else { return nil }
+        let site = UInt64(index + 1) << 8 | 1
+        return AttentionDropout(probability: step.attentionDropout, streams: (0..<g.batch).map { context.stream(sample: $0, site: site) },
+                                dropped: activations.dropped.ensure(g.probabilitiesCount))
+    }
 
     /// Hidden dropout's probability and per-sample streams for `LayerNorm.forwardResidual`, nil where it drops nothing.
     static func dropout(_ probability: Float, site: UInt64, geometry g: AttentionGeometry, context: PassContext)
         -> (probability: Float, streams: [RandomStream], tokens: Int)? {
-        guard probability > 0 && context.training else { return nil }
+        guard probability > 0 else { return nil }
         return (probability, (0..<g.batch).map { context.stream(sample: $0, site: site) }, g.tokens)
     }
 
-    /// Consumes gradOutput ([rows, H]); accumulates into gradInput and the layer's parameter gradients.
-    func backward(_ arena: ParameterArena, gradInput: UnsafeMutablePointer<Float>?, input x: UnsafePointer<Float>,
+    /// Consumes gradOutput ([rows, H]); accumulates into gradInput and the layer's parameter gradients,
+    /// as its step of the pass decided.
+    func backward(_ arena: ParameterArena, gradInput: UnsafeMutablePointer<Float>?, input x: UnsafePointer<Float>, step: EncoderStep,
                   geometry g: AttentionGeometry, config c: BertConfig, context ctx: PassContext) {
         let rows = g.batch * g.tokens, h = c.hiddenSize, inter = c.intermediateSize
         let site = UInt64(index + 1) << 8, a = activations, s = scratch
-        let hiddenDropout = Float(c.hiddenDropoutProb)
         let pieces = ctx.pieceRows(perSample: g.tokens)
         // out = LN2(dropout(dense(gelu(dense(h1)))) + h1)
         let dSum2 = s.gradDense.zeroed(rows * h)
@@ -349,45 +342,40 @@ final class EncoderLayer {
                              pieceRows: pieces)
         let dH1 = s.gradHidden1.ensure(rows * h)
         dH1.update(from: dSum2, count: rows * h)  // residual branch
-        Self.dropout(dSum2, batch: g.batch, perSample: g.tokens * h, probability: hiddenDropout, site: site | 3, context: ctx)
+        Self.dropout(dSum2, batch: g.batch, perSample: g.tokens * h, probability: step.hiddenDropout, site: site | 3, context: ctx)
         // dA, dI and dCtx have one writer each: overwritten, not zeroed and accumulated.
         let dA = s.gradInner.ensure(rows * inter)
         output.backward(arena, gradInput: dA, gradOutput: dSum2, input: a.activated.pointer, rows: rows, precision: ctx.precision, accumulateInput: false,
                         copies: copies.output, pieceRows: pieces)
         // dInner = dA * gelu'(inner)
-        // On oneDNN's bf16 kernels with dI's bf16 bits, which the intermediate's products read, in the same pass.
-        let dI = s.gradContext.ensure(rows * inter), copying = Self.writesCopies(ctx)
-        if copying {
+        let dI = s.gradContext.ensure(rows * inter)
+        if step.writesCopies {
             GELU.backwardBF16(gradInput: dI, gradInputBF16: copies.intermediate.gradOutput.room(holding: dI, rows: rows, columns: inter),
                               gradOutput: dA, input: a.inner.pointer, count: rows * inter)
         } else {
             GELU.backward(gradInput: dI, gradOutput: dA, input: a.inner.pointer, count: rows * inter, accumulate: false)
         }
         intermediate.backward(arena, gradInput: dH1, gradOutput: dI, input: a.hidden1.pointer, rows: rows, precision: ctx.precision,
-                              copies: copies.intermediate.reusingGradOutput(copying), pieceRows: pieces)
+                              copies: copies.intermediate.reusingGradOutput(step.writesCopies), pieceRows: pieces)
         // h1 = LN1(dropout(dense(attention(x))) + x)
         let dSum1 = s.gradDense.zeroed(rows * h)
         attentionNorm.backward(arena, gradInput: dSum1, gradOutput: dH1, input: a.sum1.pointer, mean: a.mean1.pointer, invStd: a.invStd1.pointer, rows: rows,
                                 pieceRows: pieces)
         if let gradInput { Residual.accumulate(gradInput, dSum1, count: rows * h) }
-        Self.dropout(dSum1, batch: g.batch, perSample: g.tokens * h, probability: hiddenDropout, site: site | 2, context: ctx)
+        Self.dropout(dSum1, batch: g.batch, perSample: g.tokens * h, probability: step.hiddenDropout, site: site | 2, context: ctx)
         let dCtx = s.gradContext.ensure(rows * h)
         attentionOutput.backward(arena, gradInput: dCtx, gradOutput: dSum1, input: a.context.pointer, rows: rows, precision: ctx.precision,
                                  accumulateInput: false, copies: copies.attentionOutput, pieceRows: pieces)
-        let attentionDropout = ctx.training ? Float(c.attentionProbsDropoutProb) : 0
-        var streams: [RandomStream] = []
-        if attentionDropout > 0 { streams = (0..<g.batch).map { ctx.stream(sample: $0, site: site | 1) } }
         let dq = s.gradQ.zeroed(rows * h), dk = s.gradK.zeroed(rows * h), dv = s.gradV.zeroed(rows * h)
         Attention.backward(gradQ: dq, gradK: dk, gradV: dv, gradOutput: dCtx, probabilities: a.probabilities.pointer,
                            q: a.q.pointer, k: a.k.pointer, v: a.v.pointer, geometry: g, workspace: s.attentionWorkspace.ensure(g.workspaceCount),
-                           dropout: attentionDropout > 0 ? AttentionDropout(probability: attentionDropout, streams: streams, dropped: a.dropped.pointer) : nil,
-                           precision: ctx.precision, copies: activations.attentionCopies)
+                           dropout: attentionDropout(step, geometry: g, context: ctx), precision: ctx.precision, copies: activations.attentionCopies)
         query.backward(arena, gradInput: gradInput, gradOutput: dq, input: x, rows: rows, precision: ctx.precision, copies: copies.query,
-                             pieceRows: pieces)
+                       pieceRows: pieces)
         key.backward(arena, gradInput: gradInput, gradOutput: dk, input: x, rows: rows, precision: ctx.precision, copies: copies.key,
-                           pieceRows: pieces)
+                     pieceRows: pieces)
         value.backward(arena, gradInput: gradInput, gradOutput: dv, input: x, rows: rows, precision: ctx.precision, copies: copies.value,
-                             pieceRows: pieces)
+                       pieceRows: pieces)
     }
 }
 
@@ -406,10 +394,10 @@ public final class BERT {
     let embedded = Scratch<Float>(), embeddingOutput = Scratch<Float>(), embeddingMean = Scratch<Float>(), embeddingInvStd = Scratch<Float>()
     let gradEmbeddingOutput = Scratch<Float>(), gradEmbedded = Scratch<Float>(), gradEmbeddingSum = Scratch<Float>()
     let ids = Scratch<Int32>(), mask = Scratch<Int32>()
-    private(set) var geometry: AttentionGeometry?
-    /// The rooms of the largest pass so far, in one activation arena (`BufferPlan`), and the pass it last held.
+    /// The last pass's plan (its layers' steps), which its backward follows.
+    var pass: BERTPass?
+    /// The rooms of the largest pass so far, in one activation arena (`BufferPlan`).
     var plan: BufferPlan?
-    var plannedPass: PlannedPass?
 
     /// Registers parameters under `prefix` (e.g. "text.") with Hugging Face's names. With
     /// `freezeEmbeddings`, the embeddings are frozen; the first `frozenLayers` encoder layers are frozen.
@@ -460,13 +448,15 @@ public final class BERT {
     var needsEmbeddingGradient: Bool { !freezeEmbeddings }
 
     /// Last hidden state [batch, tokens, hidden]. ids are checked against the vocabulary; every sequence
-    /// needs at least one valid token; tokens <= max_position_embeddings.
+    /// needs at least one valid token; tokens <= max_position_embeddings. The ids and mask are borrowed
+    /// for this call: forward copies them into the arena as it checks them, and backward reads those.
+    /// The hidden state is a view of the arena, valid until the next forward.
     public func forward(_ arena: ParameterArena, ids inputIds: UnsafePointer<Int32>, mask inputMask: UnsafePointer<Int32>,
                         batch: Int, tokens: Int, context: PassContext) throws -> UnsafePointer<Float> {
         try require(tokens <= config.maxPositionEmbeddings, "bert", "\(tokens) tokens exceed max_position_embeddings \(config.maxPositionEmbeddings)")
         let g = try AttentionGeometry(batch: batch, tokens: tokens, heads: config.numAttentionHeads, headSize: config.headSize)
         let rows = batch * tokens, h = config.hiddenSize
-        try preparePlan(g, training: context.training)
+        let pass = preparePlan(g, context: context)
         let idp = ids.ensure(rows), mp = mask.ensure(rows)
         for i in 0..<rows {
             let id = inputIds[i]
@@ -477,7 +467,6 @@ public final class BERT {
         for b in 0..<batch {
             try require((0..<tokens).contains { mp[b * tokens + $0] != 0 }, "bert", "sequence \(b) has no valid token in its attention mask")
         }
-        geometry = g
         // embeddings: word[id] + position[t] + token_type[0], LayerNorm, dropout
         let e = embedded.ensure(rows * h), p = arena.params
         Embedding.forward(output: e, table: p + wordEmbeddings.offset, ids: idp, rows: rows, features: h)
@@ -490,12 +479,10 @@ public final class BERT {
         }
         let out = embeddingOutput.ensure(rows * h)
         embeddingNorm.forward(arena, output: out, mean: embeddingMean.ensure(rows), invStd: embeddingInvStd.ensure(rows), input: e, rows: rows)
-        EncoderLayer.dropout(out, batch: batch, perSample: tokens * h, probability: Float(config.hiddenDropoutProb), site: 1, context: context)
+        EncoderLayer.dropout(out, batch: batch, perSample: tokens * h, probability: pass.embeddingDropout, site: 1, context: context)
         var x = UnsafePointer(out)
-        for (i, layer) in layers.enumerated() {
-            // Each layer writes the next one's bf16 input (`EncoderLayer.writesCopies`).
-            layer.forward(arena, input: x, mask: mp, geometry: g, config: config, context: context, inputCopied: i > 0,
-                          nextInput: i + 1 < layers.count ? layers[i + 1].copies.query.input : nil)
+        for (layer, step) in zip(layers, pass.layers) {
+            layer.forward(arena, input: x, mask: mp, step: step, geometry: g, config: config, context: context)
             x = UnsafePointer(layer.activations.hidden2.pointer)
         }
         if needsEmbeddingGradient { gradEmbeddingOutput.zeroed(rows * h) }
@@ -505,11 +492,11 @@ public final class BERT {
     /// Accumulates gradients of the trainable layers from gradLastHidden [batch, tokens, hidden]. Frozen
     /// layers and frozen embeddings are skipped entirely.
     public func backward(_ arena: ParameterArena, gradLastHidden: UnsafePointer<Float>, context: PassContext) throws {
-        guard let g = geometry else { preconditionFailure("backward before forward") }
-        let rows = g.batch * g.tokens, h = config.hiddenSize
+        guard let pass else { preconditionFailure("backward before forward") }
+        let g = pass.geometry, rows = pass.rows, h = config.hiddenSize
         if layers.isEmpty {
             if needsEmbeddingGradient {
-                embeddingBackward(arena, gradOutput: gradLastHidden, geometry: g, context: context)
+                embeddingBackward(arena, gradOutput: gradLastHidden, pass: pass, context: context)
                 try context.gradientsReady?(embeddingRange)
             }
             return
@@ -519,20 +506,20 @@ public final class BERT {
             let input = k == 0 ? UnsafePointer(embeddingOutput.pointer) : UnsafePointer(layers[k - 1].activations.hidden2.pointer)
             let needInputGradient = k > firstTrainableLayer || (k == 0 && needsEmbeddingGradient)
             let gradInput: UnsafeMutablePointer<Float>? = needInputGradient ? (k == 0 ? gradEmbeddingOutput.pointer : layers[k - 1].gradOutput.pointer) : nil
-            layers[k].backward(arena, gradInput: gradInput, input: input, geometry: g, config: config, context: context)
+            layers[k].backward(arena, gradInput: gradInput, input: input, step: pass.layers[k], geometry: g, config: config, context: context)
             try context.gradientsReady?(layerRanges[k])
         }
         if firstTrainableLayer == 0 && needsEmbeddingGradient {
-            embeddingBackward(arena, gradOutput: gradEmbeddingOutput.pointer, geometry: g, context: context)
+            embeddingBackward(arena, gradOutput: gradEmbeddingOutput.pointer, pass: pass, context: context)
             try context.gradientsReady?(embeddingRange)
         }
     }
 
-    private func embeddingBackward(_ arena: ParameterArena, gradOutput: UnsafePointer<Float>, geometry g: AttentionGeometry, context: PassContext) {
-        let rows = g.batch * g.tokens, h = config.hiddenSize
+    private func embeddingBackward(_ arena: ParameterArena, gradOutput: UnsafePointer<Float>, pass: BERTPass, context: PassContext) {
+        let g = pass.geometry, rows = pass.rows, h = config.hiddenSize
         let dOut = gradEmbedded.ensure(rows * h)
         dOut.update(from: gradOutput, count: rows * h)
-        EncoderLayer.dropout(dOut, batch: g.batch, perSample: g.tokens * h, probability: Float(config.hiddenDropoutProb), site: 1, context: context)
+        EncoderLayer.dropout(dOut, batch: g.batch, perSample: g.tokens * h, probability: pass.embeddingDropout, site: 1, context: context)
         let dE = gradEmbeddingSum.zeroed(rows * h)
         embeddingNorm.backward(arena, gradInput: dE, gradOutput: dOut, input: embedded.pointer, mean: embeddingMean.pointer,
                                invStd: embeddingInvStd.pointer, rows: rows, pieceRows: context.pieceRows(perSample: g.tokens))

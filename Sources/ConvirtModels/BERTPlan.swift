@@ -1,35 +1,85 @@
-// The fast BERT's buffers planned as rooms of one activation arena (`BufferPlan`), for (batch, tokens).
-// Frozen layers take turns with two sets of activations and every trainable layer's backward with one
-// set of temporaries: those rooms list each layer that uses them. The bf16 copies of the products'
-// operands (`BF16Operand`) keep their own memory.
+// The fast BERT's plan of a pass, made once per (batch, tokens, threads, precision, training): every
+// layer's decisions (its dropouts, whether it writes its products' bf16 inputs where they are computed,
+// whether its backward runs), which forward and backward follow, and its buffers as rooms of one
+// activation arena (`BufferPlan`). Frozen layers take turns with two sets of activations and every
+// trainable layer's backward with one set of temporaries: those rooms list each layer that uses them.
+// The bf16 copies of the products' operands (`BF16Operand`) keep their own memory.
 
 import ConvirtCore
 
+/// What one encoder layer does in a planned pass.
+struct EncoderStep {
+    /// The layer's dropout probabilities in this pass (0 in evaluation): of the attention weights and
+    /// of the two hidden states before their residual sums.
+    let attentionDropout, hiddenDropout: Float
+    /// Whether the layer writes the bf16 inputs of its products where they are computed (bf16 on
+    /// oneDNN's kernels): LayerNorm writes the intermediate product's, GELU writes only the bits the
+    /// output product reads (no floats), and GELU's backward the bits of the intermediate product's
+    /// output gradient. Elsewhere bf16 rounds the floats inside the products.
+    let writesCopies: Bool
+    /// Whether the layer before wrote this layer's input as bf16 bits into its query copy.
+    let inputCopied: Bool
+    /// Where this layer writes its output's bf16 bits for the next layer's query (nil where it does not).
+    let nextInput: BF16Operand?
+    /// Whether this layer's backward runs (not frozen), and whether it has an output gradient (a
+    /// trainable layer, or the last layer, which receives the encoder's).
+    let runsBackward, hasGradOutput: Bool
+}
+
+/// A planned pass of the fast BERT.
+struct BERTPass {
+    let key: BERT.PlannedPass
+    let geometry: AttentionGeometry
+    /// The embeddings' dropout probability in this pass.
+    let embeddingDropout: Float
+    let layers: [EncoderStep]
+    var rows: Int { geometry.batch * geometry.tokens }
+}
+
 extension BERT {
-    /// What decides a pass's buffers: its geometry, the threads (attention's backward scratch is per
-    /// thread) and whether attention dropout keeps its dropped weights.
+    /// What decides a pass: its geometry, the threads (attention's backward scratch is per thread), the
+    /// precision and whether its dropouts drop.
     struct PlannedPass: Equatable {
         let batch, tokens, threads: Int
-        let attentionDropout: Bool
+        let precision: Precision
+        let training: Bool
+        let nativeBF16: Bool
     }
 
-    /// Binds every buffer of a pass of geometry `g` to a room of one arena, planning a larger one where
-    /// this pass needs more than the last plan holds.
-    func preparePlan(_ g: AttentionGeometry, training: Bool) throws {
-        let pass = PlannedPass(batch: g.batch, tokens: g.tokens, threads: Parallel.threads,
-                               attentionDropout: training && config.attentionProbsDropoutProb > 0)
-        if pass == plannedPass { return }
-        var needs = passNeeds(g, attentionDropout: pass.attentionDropout)
-        plannedPass = pass
-        if plan != nil && needs.fit { return }
-        needs.keep(plan)
-        plan = BufferPlan(needs)
+    /// The plan of a pass of geometry `g`, with every buffer bound to a room of one arena (a larger
+    /// arena where this pass needs more than the last plan holds).
+    func preparePlan(_ g: AttentionGeometry, context: PassContext) -> BERTPass {
+        let key = PlannedPass(batch: g.batch, tokens: g.tokens, threads: Parallel.threads, precision: context.precision,
+                              training: context.training, nativeBF16: BF16.native)
+        if let pass, pass.key == key { return pass }
+        let pass = planPass(key, geometry: g)
+        var needs = passNeeds(pass)
+        self.pass = pass
+        if plan == nil || !needs.fit {
+            needs.keep(plan)
+            plan = BufferPlan(needs)
+        }
+        return pass
+    }
+
+    /// Decides every layer's step of the pass `key`.
+    func planPass(_ key: PlannedPass, geometry g: AttentionGeometry) -> BERTPass {
+        let c = config
+        func dropout(_ p: Double) -> Float { key.training ? Float(p) : 0 }
+        let writesCopies = key.precision == .bf16 && key.nativeBF16
+        let steps = layers.indices.map { k in
+            EncoderStep(attentionDropout: dropout(c.attentionProbsDropoutProb), hiddenDropout: dropout(c.hiddenDropoutProb),
+                        writesCopies: writesCopies, inputCopied: writesCopies && k > 0,
+                        nextInput: writesCopies && k + 1 < layers.count ? layers[k + 1].copies.query.input : nil,
+                        runsBackward: !layers[k].frozen, hasGradOutput: !layers[k].frozen || k == layers.count - 1)
+        }
+        return BERTPass(key: key, geometry: g, embeddingDropout: dropout(c.hiddenDropoutProb), layers: steps)
     }
 
     /// The buffers of a pass, walked as `forward` and `backward` use them.
-    func passNeeds(_ g: AttentionGeometry, attentionDropout: Bool) -> BufferNeeds {
+    func passNeeds(_ pass: BERTPass) -> BufferNeeds {
         var needs = BufferNeeds()
-        let rows = g.batch * g.tokens, h = config.hiddenSize, inter = config.intermediateSize
+        let g = pass.geometry, rows = pass.rows, h = config.hiddenSize, inter = config.intermediateSize
         needs.need(ids, rows, "token ids")
         needs.need(mask, rows, "attention mask")
         needs.need(embedded, rows * h, "embeddings sum")
@@ -41,7 +91,7 @@ extension BERT {
             needs.need(gradEmbedded, rows * h, "embeddings dropout gradient")
             needs.need(gradEmbeddingSum, rows * h, "embeddings sum gradient")
         }
-        for (k, layer) in layers.enumerated() {
+        for (k, (layer, step)) in zip(layers, pass.layers).enumerated() {
             let a = layer.activations, n = "layer \(k)"
             for (buffer, what) in [(a.q, "query"), (a.k, "key"), (a.v, "value"), (a.context, "attention context"),
                                    (a.attentionDense, "attention output dense"), (a.sum1, "attention residual sum"),
@@ -50,15 +100,15 @@ extension BERT {
                 needs.need(buffer, rows * h, "\(n) \(what)")
             }
             needs.need(a.probabilities, g.probabilitiesCount, "\(n) attention probabilities")
-            if attentionDropout { needs.need(a.dropped, g.probabilitiesCount, "\(n) dropped attention probabilities") }
+            if step.attentionDropout > 0 { needs.need(a.dropped, g.probabilitiesCount, "\(n) dropped attention probabilities") }
             for (buffer, what) in [(a.mean1, "attention LayerNorm mean"), (a.invStd1, "attention LayerNorm 1/std"),
                                    (a.mean2, "output LayerNorm mean"), (a.invStd2, "output LayerNorm 1/std")] {
                 needs.need(buffer, rows, "\(n) \(what)")
             }
             needs.need(a.inner, rows * inter, "\(n) intermediate dense")
             needs.need(a.activated, rows * inter, "\(n) GELU")
-            if !layer.frozen || k == layers.count - 1 { needs.need(layer.gradOutput, rows * h, "\(n) output gradient") }
-            guard !layer.frozen else { continue }
+            if step.hasGradOutput { needs.need(layer.gradOutput, rows * h, "\(n) output gradient") }
+            guard step.runsBackward else { continue }
             let s = layer.scratch
             for (buffer, what) in [(s.gradDense, "residual sum gradient"), (s.gradHidden1, "attention LayerNorm output gradient"),
                                    (s.gradQ, "query gradient"), (s.gradK, "key gradient"), (s.gradV, "value gradient")] {

@@ -68,52 +68,49 @@ final class BatchNormLayer {
         (arena.params + runningVar.offset).update(repeating: 1, count: channels)
     }
 
-    /// With `relu`, the output is max(bn(input), 0) (the ReLU after it, fused). The output as floats, as
-    /// bf16 bits (`outputBF16`, outside NCHW), or both.
-    func forward(_ arena: ParameterArena, output: UnsafeMutablePointer<Float>?, outputBF16: UnsafeMutablePointer<UInt16>? = nil,
-                 input: UnsafePointer<Float>?, inputBF16: UnsafePointer<UInt16>? = nil, batch: Int, plane: Int, relu: Bool,
-                 layout: ActivationLayout, context: PassContext) throws {
+    /// The layer's parameters and running statistics in `arena`.
+    func parameters(_ arena: ParameterArena) -> BatchNorm2d.Parameters {
         let p = arena.params
+        return BatchNorm2d.Parameters(gamma: p + weight.offset, beta: p + bias.offset, runningMean: p + runningMean.offset,
+                                      runningVar: p + runningVar.offset)
+    }
+
+    /// A pass over `batch` images of `plane` pixels in `layout`.
+    func shape(batch: Int, plane: Int, layout: ActivationLayout) -> BatchNorm2d.Shape {
+        BatchNorm2d.Shape(batch: batch, channels: channels, plane: plane, layout: layout, eps: eps, momentum: momentum)
+    }
+
+    /// With `relu`, the output is max(bn(input), 0) (the ReLU after it, fused). The output as floats, as
+    /// bf16 bits (outside NCHW), or both.
+    func forward(_ arena: ParameterArena, output: BatchNorm2d.Destination, input: RowValues, shape: BatchNorm2d.Shape, relu: Bool,
+                 context: PassContext) throws {
         if context.training {
-            var saved = BatchNorm2d.Saved(mean: mean.pointer, invStd: invStd.pointer)
-            try BatchNorm2d.forwardTraining(output: output, outputBF16: outputBF16, input: input, inputBF16: inputBF16, gamma: p + weight.offset,
-                                        beta: p + bias.offset,
-                                        runningMean: p + runningMean.offset, runningVar: p + runningVar.offset, saved: &saved,
-                                        batch: batch, channels: channels, plane: plane, eps: eps, momentum: momentum,
-                                        statistics: UnsafeMutableBufferPointer(start: statistics.pointer, count: 2 * channels + 1),
-                                        reducer: context.reducer, relu: relu, layout: layout)
+            var saved = BatchNorm2d.Saved(mean: mean.pointer, invStd: invStd.pointer,
+                                          statistics: UnsafeMutableBufferPointer(start: statistics.pointer, count: 2 * channels + 1))
+            try BatchNorm2d.forwardTraining(shape, output: output, input: input, parameters: parameters(arena), saved: &saved,
+                                            reducer: context.reducer, relu: relu)
             globalCount = saved.globalCount
         } else {
-            BatchNorm2d.forwardInference(output: output, outputBF16: outputBF16, input: input, inputBF16: inputBF16, gamma: p + weight.offset,
-                                         beta: p + bias.offset,
-                                         runningMean: p + runningMean.offset, runningVar: p + runningVar.offset,
-                                         batch: batch, channels: channels, plane: plane, eps: eps, relu: relu, layout: layout)
+            BatchNorm2d.forwardInference(shape, output: output, input: input, parameters: parameters(arena), relu: relu)
         }
     }
 
-    /// Overwrites gradInput, or writes its bf16 bits into gradInputBF16 (accumulates the parameters'
-    /// gradients). `reluOutput`: the output of a forward with `relu` (the gradient then flows where it is
-    /// positive), as floats or as its bf16 copy.
-    func backward(_ arena: ParameterArena, gradInput: UnsafeMutablePointer<Float>?, gradInputBF16: UnsafeMutablePointer<UInt16>? = nil,
-                  gradOutput: UnsafePointer<Float>, input: UnsafePointer<Float>?, inputBF16: UnsafePointer<UInt16>? = nil, reluOutput: ReLUMask?,
-                  batch: Int, plane: Int,
-                  layout: ActivationLayout, context: PassContext) throws {
-        let p = arena.params, g = arena.grads
+    /// Overwrites gradInput, or writes its bf16 bits (accumulates the parameters' gradients).
+    /// `reluOutput`: the output of a forward with `relu` (the gradient then flows where it is positive),
+    /// as floats or as its bf16 copy.
+    func backward(_ arena: ParameterArena, gradInput: BatchNorm2d.Destination, gradOutput: UnsafePointer<Float>, input: RowValues,
+                  reluOutput: ReLUMask?, shape: BatchNorm2d.Shape, context: PassContext) throws {
+        let g = arena.grads, gradients = BatchNorm2d.ParameterGradients(gamma: g + weight.offset, beta: g + bias.offset)
         if context.training {
-            var saved = BatchNorm2d.Saved(mean: mean.pointer, invStd: invStd.pointer)
+            var saved = BatchNorm2d.Saved(mean: mean.pointer, invStd: invStd.pointer,
+                                          statistics: UnsafeMutableBufferPointer(start: statistics.pointer, count: 2 * channels + 1))
             saved.globalCount = globalCount
-            try BatchNorm2d.backwardTraining(gradInput: gradInput, gradInputBF16: gradInputBF16, gradGamma: g + weight.offset, gradBeta: g + bias.offset,
-                                         gradOutput: gradOutput, input: input, inputBF16: inputBF16, gamma: p + weight.offset, saved: saved,
-                                         batch: batch, channels: channels, plane: plane,
-                                         statistics: UnsafeMutableBufferPointer(start: statistics.pointer, count: 2 * channels + 1),
-                                         reducer: context.reducer, reluOutput: reluOutput?.floats, reluOutputBF16: reluOutput?.halves, accumulate: false,
-                                         layout: layout)
+            try BatchNorm2d.backwardTraining(shape, gradInput: gradInput, gradients: gradients, gradOutput: gradOutput, input: input,
+                                             gamma: arena.params + weight.offset, saved: saved, reducer: context.reducer, reluOutput: reluOutput,
+                                             accumulate: false)
         } else {
-            BatchNorm2d.backwardInference(gradInput: gradInput, gradGamma: g + weight.offset, gradBeta: g + bias.offset,
-                                          gradOutput: gradOutput, input: input, inputBF16: inputBF16, gamma: p + weight.offset,
-                                          runningMean: p + runningMean.offset, runningVar: p + runningVar.offset,
-                                          batch: batch, channels: channels, plane: plane, eps: eps, reluOutput: reluOutput?.floats,
-                                          reluOutputBF16: reluOutput?.halves, gradInputBF16: gradInputBF16, accumulate: false, layout: layout)
+            BatchNorm2d.backwardInference(shape, gradInput: gradInput, gradients: gradients, gradOutput: gradOutput, input: input,
+                                          parameters: parameters(arena), reluOutput: reluOutput, accumulate: false)
         }
     }
 }
@@ -178,8 +175,12 @@ final class ConvBNUnit {
     /// (default true; false writes the floats and rounds them to bf16 in place: the same values).
     var keepsBF16ConvOutput = true
     /// The convolution's output as batch norm reads it in `step`: its floats, or its bf16 bits.
-    func convOutput(_ step: UnitStep) -> (floats: UnsafePointer<Float>?, halves: UnsafePointer<UInt16>?) {
-        step.convHalves ? (nil, UnsafePointer(convOutBF16.pointer)) : (UnsafePointer(convOut.pointer), nil)
+    func convOutput(_ step: UnitStep) -> RowValues {
+        step.convHalves ? .bf16(convOutBF16.pointer) : .fp32(convOut.pointer)
+    }
+    /// Batch norm's pass in `step`: the convolution's output in its layout.
+    func normShape(_ step: UnitStep) -> BatchNorm2d.Shape {
+        bn.shape(batch: step.geometry.batch, plane: step.geometry.outPlane, layout: step.layouts.output)
     }
     /// The network's rooms (the convolution's output gradient is always in the shared one).
     let rooms: SharedRooms
@@ -241,8 +242,8 @@ final class ConvBNUnit {
         if context.precision == .bf16, let c { BF16.round(c, c, count: count) }
         let y = step.outputs.floats ? output.ensure(count) : nil, y16 = step.outputs.halves ? outputBF16.ensure(count) : nil
         let x = convOutput(step)
-        try bn.forward(arena, output: y, outputBF16: y16, input: x.floats, inputBF16: x.halves, batch: g.batch, plane: g.outPlane,
-                       relu: relu, layout: step.layouts.output, context: context)
+        try bn.forward(arena, output: BatchNorm2d.Destination(floats: y, halves: y16), input: x, shape: normShape(step), relu: relu,
+                       context: context)
         if zeroGradient { gradOutput.zeroed(count) } else { gradOutput.ensure(count) }
         return output(step)
     }
@@ -257,8 +258,8 @@ final class ConvBNUnit {
         let y = output(step), x = convOutput(step)
         let mask = relu ? ReLUMask(y.floats, y.halves) : nil
         let dc = step.gradHalves ? nil : rooms.convGradient.ensure(count), dc16 = step.gradHalves ? rooms.convGradientBF16.ensure(count) : nil
-        try bn.backward(arena, gradInput: dc, gradInputBF16: dc16, gradOutput: gradOutput.pointer, input: x.floats, inputBF16: x.halves,
-                        reluOutput: mask, batch: g.batch, plane: g.outPlane, layout: step.layouts.output, context: context)
+        try bn.backward(arena, gradInput: BatchNorm2d.Destination(floats: dc, halves: dc16), gradOutput: gradOutput.pointer, input: x,
+                        reluOutput: mask, shape: normShape(step), context: context)
         try kernels.backward(gradInput: gradInput, gradWeight: arena.grads + conv.offset, gradOutput: dc.map { UnsafePointer($0) },
                              gradOutputBF16: dc16.map { UnsafePointer($0) }, input: input.floats,
                              inputBF16: step.inputHalves ? input.halves : nil,
@@ -451,6 +452,8 @@ public final class ResNet {
     }
 
     /// Features [batch, featureCount] of images [batch, 3, S, S] (S = config.imageSize or any size >= 32).
+    /// The images are borrowed for this call: forward copies them into the arena's `images` room, where
+    /// backward reads them. The features are a view of the arena, valid until the next forward.
     public func forward(_ arena: ParameterArena, images: UnsafePointer<Float>, batch: Int, size: Int,
                         context: PassContext) throws -> UnsafePointer<Float> {
         try require(batch >= 1, "resnet", "batch must be positive")

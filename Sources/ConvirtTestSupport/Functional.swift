@@ -88,10 +88,12 @@ public enum F {
         try input.withUnsafeBufferPointer { x in try gamma.withUnsafeBufferPointer { g in try beta.withUnsafeBufferPointer { b in
             try output.withUnsafeMutableBufferPointer { y in try runningMean.withUnsafeMutableBufferPointer { rm in try runningVar.withUnsafeMutableBufferPointer { rv in
                 try mean.withUnsafeMutableBufferPointer { m in try invStd.withUnsafeMutableBufferPointer { s in try stats.withUnsafeMutableBufferPointer { st in
-                    var saved = BatchNorm2d.Saved(mean: m.baseAddress!, invStd: s.baseAddress!)
-                    try BatchNorm2d.forwardTraining(output: y.baseAddress!, input: x.baseAddress!, gamma: g.baseAddress!, beta: b.baseAddress!,
-                                                runningMean: rm.baseAddress!, runningVar: rv.baseAddress!, saved: &saved,
-                                                batch: n, channels: c, plane: p, eps: eps, momentum: momentum, statistics: st, reducer: reducer)
+                    var saved = BatchNorm2d.Saved(mean: m.baseAddress!, invStd: s.baseAddress!, statistics: st)
+                    try BatchNorm2d.forwardTraining(BatchNorm2d.Shape(batch: n, channels: c, plane: p, eps: eps, momentum: momentum),
+                                                    output: .floats(y.baseAddress!), input: .fp32(x.baseAddress!),
+                                                    parameters: BatchNorm2d.Parameters(gamma: g.baseAddress!, beta: b.baseAddress!,
+                                                                                       runningMean: rm.baseAddress!, runningVar: rv.baseAddress!),
+                                                    saved: &saved, reducer: reducer)
                     count = saved.globalCount
                 } } }
             } } }
@@ -110,11 +112,12 @@ public enum F {
         try gradOutput.withUnsafeBufferPointer { dy in try input.withUnsafeBufferPointer { x in try gamma.withUnsafeBufferPointer { g in
             try dx.withUnsafeMutableBufferPointer { dx in try dg.withUnsafeMutableBufferPointer { dg in try dbeta.withUnsafeMutableBufferPointer { db in
                 try mean.withUnsafeMutableBufferPointer { m in try invStd.withUnsafeMutableBufferPointer { s in try stats.withUnsafeMutableBufferPointer { st in
-                    var saved = BatchNorm2d.Saved(mean: m.baseAddress!, invStd: s.baseAddress!)
+                    var saved = BatchNorm2d.Saved(mean: m.baseAddress!, invStd: s.baseAddress!, statistics: st)
                     saved.globalCount = state.count
-                    try BatchNorm2d.backwardTraining(gradInput: dx.baseAddress!, gradGamma: dg.baseAddress!, gradBeta: db.baseAddress!,
-                                                 gradOutput: dy.baseAddress!, input: x.baseAddress!, gamma: g.baseAddress!, saved: saved,
-                                                 batch: n, channels: c, plane: p, statistics: st, reducer: reducer)
+                    try BatchNorm2d.backwardTraining(BatchNorm2d.Shape(batch: n, channels: c, plane: p), gradInput: .floats(dx.baseAddress!),
+                                                     gradients: BatchNorm2d.ParameterGradients(gamma: dg.baseAddress!, beta: db.baseAddress!),
+                                                     gradOutput: dy.baseAddress!, input: .fp32(x.baseAddress!), gamma: g.baseAddress!, saved: saved,
+                                                     reducer: reducer)
                 } } }
             } } }
         } } }
@@ -126,11 +129,13 @@ public enum F {
         let (n, c, p) = try batchNormSizes(input, gamma, beta)
         try runningMean.expectShape([c], "batch norm running_mean")
         try runningVar.expectShape([c], "batch norm running_var")
-        var output = Tensor<Float>(shape: input.shape)
+        var output = Tensor<Float>(shape: input.shape), runningMean = runningMean, runningVar = runningVar
         input.withUnsafeBufferPointer { x in gamma.withUnsafeBufferPointer { g in beta.withUnsafeBufferPointer { b in
-            runningMean.withUnsafeBufferPointer { rm in runningVar.withUnsafeBufferPointer { rv in output.withUnsafeMutableBufferPointer { y in
-                BatchNorm2d.forwardInference(output: y.baseAddress!, input: x.baseAddress!, gamma: g.baseAddress!, beta: b.baseAddress!,
-                                             runningMean: rm.baseAddress!, runningVar: rv.baseAddress!, batch: n, channels: c, plane: p, eps: eps)
+            runningMean.withUnsafeMutableBufferPointer { rm in runningVar.withUnsafeMutableBufferPointer { rv in output.withUnsafeMutableBufferPointer { y in
+                BatchNorm2d.forwardInference(BatchNorm2d.Shape(batch: n, channels: c, plane: p, eps: eps), output: .floats(y.baseAddress!),
+                                             input: .fp32(x.baseAddress!),
+                                             parameters: BatchNorm2d.Parameters(gamma: g.baseAddress!, beta: b.baseAddress!,
+                                                                                runningMean: rm.baseAddress!, runningVar: rv.baseAddress!))
             } } }
         } } }
         return output
@@ -142,14 +147,18 @@ public enum F {
         let (n, c, p) = try batchNormSizes(input, gamma, gamma)
         try gradOutput.expectShape(input.shape, "batch norm output gradient")
         var dx = Tensor<Float>(shape: input.shape), dg = Tensor<Float>(shape: [c]), db = Tensor<Float>(shape: [c])
+        var runningMean = runningMean, runningVar = runningVar
+        let beta = Tensor<Float>(shape: [c])  // read by no backward
         gradOutput.withUnsafeBufferPointer { dy in input.withUnsafeBufferPointer { x in gamma.withUnsafeBufferPointer { g in
-            runningMean.withUnsafeBufferPointer { rm in runningVar.withUnsafeBufferPointer { rv in
+            runningMean.withUnsafeMutableBufferPointer { rm in runningVar.withUnsafeMutableBufferPointer { rv in beta.withUnsafeBufferPointer { b in
                 dx.withUnsafeMutableBufferPointer { dx in dg.withUnsafeMutableBufferPointer { dg in db.withUnsafeMutableBufferPointer { db in
-                    BatchNorm2d.backwardInference(gradInput: dx.baseAddress!, gradGamma: dg.baseAddress!, gradBeta: db.baseAddress!,
-                                                  gradOutput: dy.baseAddress!, input: x.baseAddress!, gamma: g.baseAddress!,
-                                                  runningMean: rm.baseAddress!, runningVar: rv.baseAddress!, batch: n, channels: c, plane: p, eps: eps)
+                    BatchNorm2d.backwardInference(BatchNorm2d.Shape(batch: n, channels: c, plane: p, eps: eps), gradInput: .floats(dx.baseAddress!),
+                                                  gradients: BatchNorm2d.ParameterGradients(gamma: dg.baseAddress!, beta: db.baseAddress!),
+                                                  gradOutput: dy.baseAddress!, input: .fp32(x.baseAddress!),
+                                                  parameters: BatchNorm2d.Parameters(gamma: g.baseAddress!, beta: b.baseAddress!,
+                                                                                     runningMean: rm.baseAddress!, runningVar: rv.baseAddress!))
                 } } }
-            } }
+            } } }
         } } }
         return (dx, dg, db)
     }

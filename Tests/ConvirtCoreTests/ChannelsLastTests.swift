@@ -52,24 +52,26 @@ struct ChannelsLastTests {
         var r = BNResult(y: [Float](repeating: .nan, count: x.count), dx: [Float](repeating: 3, count: x.count),
                          dGamma: [Float](repeating: 0.5, count: c), dBeta: [Float](repeating: -0.5, count: c),
                          runningMean: (0..<c).map { Float($0) * 0.01 }, runningVar: (0..<c).map { 1 + Float($0) * 0.02 })
-        try withBatchNormScratch(channels: c) { saved, stats in
+        let shape = BatchNorm2d.Shape(batch: n, channels: c, plane: plane, layout: layout)
+        try withBatchNormScratch(channels: c) { saved in
             try x.withUnsafeBufferPointer { floats in try (x16 ?? []).withUnsafeBufferPointer { bits in
-            let input = halves ? nil : floats.baseAddress, inputBF16 = halves ? bits.baseAddress : nil
+            let input: RowValues = halves ? .bf16(bits.baseAddress!) : .fp32(floats.baseAddress!)
+            try withBatchNormParameters(gamma: gamma, beta: beta, runningMean: &r.runningMean, runningVar: &r.runningVar) { parameters in
+            try r.y.withUnsafeMutableBufferPointer { y in try r.dx.withUnsafeMutableBufferPointer { dx in
+            try r.dGamma.withUnsafeMutableBufferPointer { dGamma in try r.dBeta.withUnsafeMutableBufferPointer { dBeta in
+            let gradients = BatchNorm2d.ParameterGradients(gamma: dGamma.baseAddress!, beta: dBeta.baseAddress!)
+            let mask: ReLUMask? = relu ? .fp32(y.baseAddress!) : nil
             if training {
-                try BatchNorm2d.forwardTraining(output: &r.y, input: input, inputBF16: inputBF16, gamma: gamma, beta: beta,
-                                                runningMean: &r.runningMean, runningVar: &r.runningVar, saved: &saved, batch: n, channels: c,
-                                                plane: plane, statistics: stats, relu: relu, layout: layout)
-                try BatchNorm2d.backwardTraining(gradInput: &r.dx, gradGamma: &r.dGamma, gradBeta: &r.dBeta, gradOutput: dy, input: input,
-                                                 inputBF16: inputBF16, gamma: gamma, saved: saved, batch: n, channels: c, plane: plane,
-                                                 statistics: stats, reluOutput: relu ? r.y : nil, accumulate: accumulate, layout: layout)
+                try BatchNorm2d.forwardTraining(shape, output: .floats(y.baseAddress!), input: input, parameters: parameters, saved: &saved,
+                                                relu: relu)
+                try BatchNorm2d.backwardTraining(shape, gradInput: .floats(dx.baseAddress!), gradients: gradients, gradOutput: dy, input: input,
+                                                 gamma: gamma, saved: saved, reluOutput: mask, accumulate: accumulate)
             } else {
-                BatchNorm2d.forwardInference(output: &r.y, input: input, inputBF16: inputBF16, gamma: gamma, beta: beta,
-                                             runningMean: r.runningMean, runningVar: r.runningVar, batch: n, channels: c, plane: plane,
-                                             relu: relu, layout: layout)
-                BatchNorm2d.backwardInference(gradInput: &r.dx, gradGamma: &r.dGamma, gradBeta: &r.dBeta, gradOutput: dy, input: input,
-                                              inputBF16: inputBF16, gamma: gamma, runningMean: r.runningMean, runningVar: r.runningVar,
-                                              batch: n, channels: c, plane: plane, reluOutput: relu ? r.y : nil, accumulate: accumulate,
-                                              layout: layout)
+                BatchNorm2d.forwardInference(shape, output: .floats(y.baseAddress!), input: input, parameters: parameters, relu: relu)
+                BatchNorm2d.backwardInference(shape, gradInput: .floats(dx.baseAddress!), gradients: gradients, gradOutput: dy, input: input,
+                                              parameters: parameters, reluOutput: mask, accumulate: accumulate)
+            }
+            } } } }
             }
             } }
         }
@@ -143,26 +145,35 @@ struct ChannelsLastTests {
             var y = [Float](repeating: .nan, count: count), y16 = [UInt16](repeating: 1, count: count), only16 = y16
             var dx16 = [UInt16](repeating: 1, count: count), dGamma = [Float](repeating: 0.5, count: c), dBeta = [Float](repeating: -0.5, count: c)
             var runningMean = (0..<c).map { Float($0) * 0.01 }, runningVar = (0..<c).map { 1 + Float($0) * 0.02 }
-            try withBatchNormScratch(channels: c) { saved, stats in
-                if training {
-                    try BatchNorm2d.forwardTraining(output: &y, outputBF16: &y16, input: x, gamma: gamma, beta: beta, runningMean: &runningMean,
-                                                    runningVar: &runningVar, saved: &saved, batch: n, channels: c, plane: plane,
-                                                    statistics: stats, relu: relu, layout: layout)
-                    var (m2, v2) = ((0..<c).map { Float($0) * 0.01 }, (0..<c).map { 1 + Float($0) * 0.02 })
-                    try BatchNorm2d.forwardTraining(output: nil, outputBF16: &only16, input: x, gamma: gamma, beta: beta, runningMean: &m2,
-                                                    runningVar: &v2, saved: &saved, batch: n, channels: c, plane: plane,
-                                                    statistics: stats, relu: relu, layout: layout)
-                    try BatchNorm2d.backwardTraining(gradInput: nil, gradInputBF16: &dx16, gradGamma: &dGamma, gradBeta: &dBeta, gradOutput: dy,
-                                                     input: x, gamma: gamma, saved: saved, batch: n, channels: c, plane: plane,
-                                                     statistics: stats, reluOutputBF16: relu ? only16 : nil, accumulate: false, layout: layout)
-                } else {
-                    BatchNorm2d.forwardInference(output: &y, outputBF16: &y16, input: x, gamma: gamma, beta: beta, runningMean: runningMean,
-                                                 runningVar: runningVar, batch: n, channels: c, plane: plane, relu: relu, layout: layout)
-                    BatchNorm2d.forwardInference(output: nil, outputBF16: &only16, input: x, gamma: gamma, beta: beta, runningMean: runningMean,
-                                                 runningVar: runningVar, batch: n, channels: c, plane: plane, relu: relu, layout: layout)
-                    BatchNorm2d.backwardInference(gradInput: nil, gradGamma: &dGamma, gradBeta: &dBeta, gradOutput: dy, input: x, gamma: gamma,
-                                                  runningMean: runningMean, runningVar: runningVar, batch: n, channels: c, plane: plane,
-                                                  reluOutputBF16: relu ? only16 : nil, gradInputBF16: &dx16, accumulate: false, layout: layout)
+            let shape = BatchNorm2d.Shape(batch: n, channels: c, plane: plane, layout: layout)
+            var (m2, v2) = (runningMean, runningVar)
+            try withBatchNormScratch(channels: c) { saved in
+                try withBatchNormParameters(gamma: gamma, beta: beta, runningMean: &runningMean, runningVar: &runningVar) { parameters in
+                try withBatchNormParameters(gamma: gamma, beta: beta, runningMean: &m2, runningVar: &v2) { parameters2 in
+                try y.withUnsafeMutableBufferPointer { y in try y16.withUnsafeMutableBufferPointer { y16 in
+                try only16.withUnsafeMutableBufferPointer { only16 in try dx16.withUnsafeMutableBufferPointer { dx16 in
+                try dGamma.withUnsafeMutableBufferPointer { dGamma in try dBeta.withUnsafeMutableBufferPointer { dBeta in
+                try x.withUnsafeBufferPointer { xb in
+                    let input = RowValues.fp32(xb.baseAddress!)
+                    let gradients = BatchNorm2d.ParameterGradients(gamma: dGamma.baseAddress!, beta: dBeta.baseAddress!)
+                    let both = BatchNorm2d.Destination(floats: y.baseAddress!, halves: y16.baseAddress!)
+                    let halvesOnly = BatchNorm2d.Destination(halves: only16.baseAddress!)
+                    let mask: ReLUMask? = relu ? .bf16(only16.baseAddress!) : nil
+                    if training {
+                        try BatchNorm2d.forwardTraining(shape, output: both, input: input, parameters: parameters, saved: &saved, relu: relu)
+                        try BatchNorm2d.forwardTraining(shape, output: halvesOnly, input: input, parameters: parameters2, saved: &saved,
+                                                        relu: relu)
+                        try BatchNorm2d.backwardTraining(shape, gradInput: BatchNorm2d.Destination(halves: dx16.baseAddress!), gradients: gradients,
+                                                         gradOutput: dy, input: input, gamma: gamma, saved: saved, reluOutput: mask,
+                                                         accumulate: false)
+                    } else {
+                        BatchNorm2d.forwardInference(shape, output: both, input: input, parameters: parameters, relu: relu)
+                        BatchNorm2d.forwardInference(shape, output: halvesOnly, input: input, parameters: parameters, relu: relu)
+                        BatchNorm2d.backwardInference(shape, gradInput: BatchNorm2d.Destination(halves: dx16.baseAddress!), gradients: gradients,
+                                                      gradOutput: dy, input: input, parameters: parameters, reluOutput: mask, accumulate: false)
+                    }
+                } } } } } } }
+                }
                 }
             }
             #expect(y == reference.y, "float output, \(what)")

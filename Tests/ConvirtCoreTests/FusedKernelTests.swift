@@ -219,26 +219,35 @@ struct FusedKernelTests {
                 var y = [Float](repeating: 0, count: count), dx = [Float](repeating: 7, count: count)
                 var dGamma = [Float](repeating: 0, count: c), dBeta = [Float](repeating: 0, count: c)
                 var runningMean = [Float](repeating: 0.1, count: c), runningVar = [Float](repeating: 0.9, count: c)
-                try withBatchNormScratch(channels: c) { saved, stats in
-                    if training {
-                        try BatchNorm2d.forwardTraining(output: &y, input: x, gamma: gamma, beta: beta, runningMean: &runningMean,
-                                                        runningVar: &runningVar, saved: &saved, batch: n, channels: c, plane: plane,
-                                                        statistics: stats, relu: fused)
-                    } else {
-                        BatchNorm2d.forwardInference(output: &y, input: x, gamma: gamma, beta: beta, runningMean: runningMean,
-                                                     runningVar: runningVar, batch: n, channels: c, plane: plane, relu: fused)
+                let shape = BatchNorm2d.Shape(batch: n, channels: c, plane: plane)
+                try withBatchNormScratch(channels: c) { saved in
+                    try withBatchNormParameters(gamma: gamma, beta: beta, runningMean: &runningMean, runningVar: &runningVar) { parameters in
+                    try x.withUnsafeBufferPointer { xb in
+                        let input = RowValues.fp32(xb.baseAddress!)
+                        try y.withUnsafeMutableBufferPointer { yb in
+                            if training {
+                                try BatchNorm2d.forwardTraining(shape, output: .floats(yb.baseAddress!), input: input, parameters: parameters,
+                                                                saved: &saved, relu: fused)
+                            } else {
+                                BatchNorm2d.forwardInference(shape, output: .floats(yb.baseAddress!), input: input, parameters: parameters, relu: fused)
+                            }
+                        }
+                        if !fused { ReLU.forward(output: &y, input: y, count: count) }
+                        var g = dy
+                        if !fused { ReLU.maskGradient(&g, output: y, count: count) }
+                        try y.withUnsafeBufferPointer { yb in try dx.withUnsafeMutableBufferPointer { dxb in
+                        try dGamma.withUnsafeMutableBufferPointer { dg in try dBeta.withUnsafeMutableBufferPointer { db in
+                            let gradients = BatchNorm2d.ParameterGradients(gamma: dg.baseAddress!, beta: db.baseAddress!)
+                            let mask: ReLUMask? = fused ? .fp32(yb.baseAddress!) : nil
+                            if training {
+                                try BatchNorm2d.backwardTraining(shape, gradInput: .floats(dxb.baseAddress!), gradients: gradients, gradOutput: g,
+                                                                 input: input, gamma: gamma, saved: saved, reluOutput: mask, accumulate: !fused)
+                            } else {
+                                BatchNorm2d.backwardInference(shape, gradInput: .floats(dxb.baseAddress!), gradients: gradients, gradOutput: g,
+                                                              input: input, parameters: parameters, reluOutput: mask, accumulate: !fused)
+                            }
+                        } } } }
                     }
-                    if !fused { ReLU.forward(output: &y, input: y, count: count) }
-                    var g = dy
-                    if !fused { ReLU.maskGradient(&g, output: y, count: count) }
-                    if training {
-                        try BatchNorm2d.backwardTraining(gradInput: &dx, gradGamma: &dGamma, gradBeta: &dBeta, gradOutput: g, input: x,
-                                                         gamma: gamma, saved: saved, batch: n, channels: c, plane: plane, statistics: stats,
-                                                         reluOutput: fused ? y : nil, accumulate: !fused)
-                    } else {
-                        BatchNorm2d.backwardInference(gradInput: &dx, gradGamma: &dGamma, gradBeta: &dBeta, gradOutput: g, input: x,
-                                                      gamma: gamma, runningMean: runningMean, runningVar: runningVar, batch: n,
-                                                      channels: c, plane: plane, reluOutput: fused ? y : nil, accumulate: !fused)
                     }
                 }
                 // The separate path accumulated onto 7s; the fused one overwrote them.

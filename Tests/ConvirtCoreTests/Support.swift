@@ -14,18 +14,28 @@ func tensor(_ shape: [Int], seed: UInt64, scale: Float = 1) -> Tensor<Float> {
     try! Tensor(shape: shape, randomFloats(shape.reduce(1, *), seed: seed, scale: scale))
 }
 
-/// Calls `body` with a BatchNorm's saved state for `channels` and its statistics scratch (2C + 1 doubles).
-func withBatchNormScratch(channels c: Int, _ body: (inout BatchNorm2d.Saved, UnsafeMutableBufferPointer<Double>) throws -> Void) rethrows {
+/// Calls `body` with a BatchNorm's saved state for `channels`, with its statistics scratch (2C + 1 doubles).
+func withBatchNormScratch(channels c: Int, _ body: (inout BatchNorm2d.Saved) throws -> Void) rethrows {
     var mean = [Float](repeating: 0, count: c), invStd = mean
     var statistics = [Double](repeating: 0, count: 2 * c + 1)
     try mean.withUnsafeMutableBufferPointer { mean in
         try invStd.withUnsafeMutableBufferPointer { invStd in
             try statistics.withUnsafeMutableBufferPointer { stats in
-                var saved = BatchNorm2d.Saved(mean: mean.baseAddress!, invStd: invStd.baseAddress!)
-                try body(&saved, stats)
+                var saved = BatchNorm2d.Saved(mean: mean.baseAddress!, invStd: invStd.baseAddress!, statistics: stats)
+                try body(&saved)
             }
         }
     }
+}
+
+/// Calls `body` with batch norm's parameters over these arrays (the running statistics updated in place).
+func withBatchNormParameters(gamma: [Float], beta: [Float], runningMean: inout [Float], runningVar: inout [Float],
+                             _ body: (BatchNorm2d.Parameters) throws -> Void) rethrows {
+    try gamma.withUnsafeBufferPointer { g in try beta.withUnsafeBufferPointer { b in
+        try runningMean.withUnsafeMutableBufferPointer { m in try runningVar.withUnsafeMutableBufferPointer { v in
+            try body(BatchNorm2d.Parameters(gamma: g.baseAddress!, beta: b.baseAddress!, runningMean: m.baseAddress!, runningVar: v.baseAddress!))
+        } }
+    } }
 }
 
 /// max |a - b| relative to the largest magnitude of the reference b (DESIGN.md's parity measure).

@@ -104,14 +104,17 @@ struct SyncBatchNormTests {
                     try mean.withUnsafeMutableBufferPointer { m in try invStd.withUnsafeMutableBufferPointer { s in
                         try runningMean.withUnsafeMutableBufferPointer { rm in try runningVar.withUnsafeMutableBufferPointer { rv in
                             try stats.withUnsafeMutableBufferPointer { st in
-                                var saved = BatchNorm2d.Saved(mean: m.baseAddress!, invStd: s.baseAddress!)
+                                var saved = BatchNorm2d.Saved(mean: m.baseAddress!, invStd: s.baseAddress!, statistics: st)
+                                let shape = BatchNorm2d.Shape(batch: n, channels: channels, plane: plane)
                                 try gamma.withUnsafeBufferPointer { g in try beta.withUnsafeBufferPointer { b in
-                                    try BatchNorm2d.forwardTraining(output: y.baseAddress!, input: x.baseAddress!, gamma: g.baseAddress!, beta: b.baseAddress!,
-                                                                    runningMean: rm.baseAddress!, runningVar: rv.baseAddress!, saved: &saved, batch: n,
-                                                                    channels: channels, plane: plane, statistics: st, reducer: reducer)
-                                    try BatchNorm2d.backwardTraining(gradInput: dx.baseAddress!, gradGamma: dg.baseAddress!, gradBeta: db.baseAddress!,
-                                                                     gradOutput: dy.baseAddress!, input: x.baseAddress!, gamma: g.baseAddress!, saved: saved,
-                                                                     batch: n, channels: channels, plane: plane, statistics: st, reducer: reducer)
+                                    let parameters = BatchNorm2d.Parameters(gamma: g.baseAddress!, beta: b.baseAddress!, runningMean: rm.baseAddress!,
+                                                                            runningVar: rv.baseAddress!)
+                                    try BatchNorm2d.forwardTraining(shape, output: .floats(y.baseAddress!), input: .fp32(x.baseAddress!),
+                                                                    parameters: parameters, saved: &saved, reducer: reducer)
+                                    try BatchNorm2d.backwardTraining(shape, gradInput: .floats(dx.baseAddress!),
+                                                                     gradients: BatchNorm2d.ParameterGradients(gamma: dg.baseAddress!, beta: db.baseAddress!),
+                                                                     gradOutput: dy.baseAddress!, input: .fp32(x.baseAddress!), gamma: g.baseAddress!,
+                                                                     saved: saved, reducer: reducer)
                                 } }
                             }
                         } }

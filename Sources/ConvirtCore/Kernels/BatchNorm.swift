@@ -55,56 +55,80 @@ func gradientRun(_ dx: UnsafeMutablePointer<Float>, _ dy: UnsafePointer<Float>, 
 }
 
 public enum BatchNorm2d {
-    /// The input as the row kernels read it: its bf16 bits where given, else its floats.
-    static func rows(_ input: UnsafePointer<Float>?, _ inputBF16: UnsafePointer<UInt16>?) -> RowValues {
-        if let inputBF16 { return .bf16(inputBF16) }
-        guard let input else { preconditionFailure("batch norm without an input") }
-        return .fp32(input)
+    /// A pass's activation [batch, channels, plane] as it lies in `layout`, and the layer's constants.
+    public struct Shape: Sendable, Equatable {
+        public var batch, channels, plane: Int
+        public var layout: ActivationLayout
+        public var eps, momentum: Float
+        public init(batch: Int, channels: Int, plane: Int, layout: ActivationLayout = .nchw, eps: Float = 1e-5, momentum: Float = 0.1) {
+            self.batch = batch; self.channels = channels; self.plane = plane
+            self.layout = layout; self.eps = eps; self.momentum = momentum
+        }
+        /// The activation as rows of channels (a layout other than NCHW).
+        var rows: LaneLayout { LaneLayout(layout, batch: batch, channels: channels, plane: plane) }
     }
 
-    /// Per-channel state that `forwardTraining` leaves for `backward`: the batch mean, 1/sqrt(var + eps)
-    /// and the element count over all ranks. Each is [C].
+    /// The layer's per-channel tensors [C]: gamma and beta, and the running statistics that evaluation
+    /// reads and training updates.
+    public struct Parameters {
+        public var gamma, beta: UnsafePointer<Float>
+        public var runningMean, runningVar: UnsafeMutablePointer<Float>
+        public init(gamma: UnsafePointer<Float>, beta: UnsafePointer<Float>, runningMean: UnsafeMutablePointer<Float>,
+                    runningVar: UnsafeMutablePointer<Float>) {
+            self.gamma = gamma; self.beta = beta; self.runningMean = runningMean; self.runningVar = runningVar
+        }
+    }
+
+    /// The gradients of gamma and beta [C], accumulated (+=).
+    public struct ParameterGradients {
+        public var gamma, beta: UnsafeMutablePointer<Float>
+        public init(gamma: UnsafeMutablePointer<Float>, beta: UnsafeMutablePointer<Float>) { self.gamma = gamma; self.beta = beta }
+    }
+
+    /// Where a pass writes an activation or its gradient: the floats, the bf16 bits (`BF16.bits`, in a
+    /// layout other than NCHW), or both.
+    public struct Destination {
+        public var floats: UnsafeMutablePointer<Float>?
+        public var halves: UnsafeMutablePointer<UInt16>?
+        public init(floats: UnsafeMutablePointer<Float>? = nil, halves: UnsafeMutablePointer<UInt16>? = nil) {
+            self.floats = floats; self.halves = halves
+        }
+        public static func floats(_ p: UnsafeMutablePointer<Float>) -> Destination { Destination(floats: p) }
+    }
+
+    /// What `forwardTraining` leaves for `backwardTraining`: the batch mean and 1/sqrt(var + eps) [C], the
+    /// element count over all ranks, and the scratch of 2C + 1 doubles where the per-channel sums are
+    /// reduced over ranks.
     public struct Saved {
         public var mean: UnsafeMutablePointer<Float>
         public var invStd: UnsafeMutablePointer<Float>
+        public var statistics: UnsafeMutableBufferPointer<Double>
         public var globalCount: Int = 0
-        public init(mean: UnsafeMutablePointer<Float>, invStd: UnsafeMutablePointer<Float>) {
+        public init(mean: UnsafeMutablePointer<Float>, invStd: UnsafeMutablePointer<Float>, statistics: UnsafeMutableBufferPointer<Double>) {
             self.mean = mean
             self.invStd = invStd
+            self.statistics = statistics
         }
     }
 
     /// Training mode: normalise with the batch statistics (global over ranks when `reducer` sums them)
-    /// and update the running statistics: running = (1 - momentum) * running + momentum * batch.
-    /// - output, input: [N, C, HW] ([N, HW, C] with `layout` .nhwc); gamma, beta, runningMean,
-    ///   runningVar: [C]; statistics: scratch of 2C + 1 doubles.
-    /// - outputBF16: the output's bf16 bits (`BF16.bits`), as well as or instead of the floats (output
-    ///   nil), in a layout other than NCHW.
-    /// - inputBF16: the input as bf16 bits instead of floats (input nil), in a layout other than NCHW.
-    public static func forwardTraining(
-        output: UnsafeMutablePointer<Float>?, outputBF16: UnsafeMutablePointer<UInt16>? = nil, input: UnsafePointer<Float>?,
-        inputBF16: UnsafePointer<UInt16>? = nil,
-        gamma: UnsafePointer<Float>, beta: UnsafePointer<Float>,
-        runningMean: UnsafeMutablePointer<Float>, runningVar: UnsafeMutablePointer<Float>,
-        saved: inout Saved, batch: Int, channels: Int, plane: Int, eps: Float = 1e-5, momentum: Float = 0.1,
-        statistics: UnsafeMutableBufferPointer<Double>, reducer: StatisticsReducer? = nil, relu: Bool = false,
-        layout: ActivationLayout = .nchw
-    ) throws {
-        precondition(statistics.count >= 2 * channels + 1, "batch norm statistics scratch too small")
-        if layout != .nchw {
-            return try forwardTrainingRows(output: output, outputBF16: outputBF16, input: rows(input, inputBF16), gamma: gamma, beta: beta,
-                                           runningMean: runningMean,
-                                           runningVar: runningVar, saved: &saved,
-                                           shape: LaneLayout(layout, batch: batch, channels: channels, plane: plane), eps: eps,
-                                           momentum: momentum, statistics: statistics, reducer: reducer, relu: relu)
+    /// and update the running statistics: running = (1 - momentum) * running + momentum * batch. `input`
+    /// as floats, or outside NCHW as bf16 bits; `output` as floats, bf16 bits outside NCHW, or both.
+    /// With `relu`, the output is max(bn(input), 0) (the ReLU after it, fused).
+    public static func forwardTraining(_ shape: Shape, output: Destination, input: RowValues, parameters: Parameters, saved: inout Saved,
+                                       reducer: StatisticsReducer? = nil, relu: Bool = false) throws {
+        let channels = shape.channels, batch = shape.batch, plane = shape.plane
+        precondition(saved.statistics.count >= 2 * channels + 1, "batch norm statistics scratch too small")
+        if shape.layout != .nchw {
+            return try forwardTrainingRows(shape, output: output, input: input, parameters: parameters, saved: &saved, reducer: reducer, relu: relu)
         }
-        guard let output, outputBF16 == nil, let input, inputBF16 == nil else { preconditionFailure("batch norm over NCHW: floats only") }
-        let stats = statistics.baseAddress!
+        guard let y = output.floats, output.halves == nil, let x = input.floats else { preconditionFailure("batch norm over NCHW: floats only") }
+        let stats = saved.statistics.baseAddress!
         Parallel.chunks(channels, cost: batch * plane) { range in
             for c in range {
                 var s = 0.0, ss = 0.0
                 for n in 0..<batch {
-                    let (a, b) = blockedSums(input + (n * channels + c) * plane, plane)
+                    let (a, b) = blockedSums(x + (n * channels + c) * plane, plane)
                     s += a; ss += b
                 }
                 stats[c] = s
@@ -112,60 +136,52 @@ public enum BatchNorm2d {
             }
         }
         stats[2 * channels] = Double(batch * plane)
-        try settleStatistics(stats, saved: &saved, runningMean: runningMean, runningVar: runningVar, channels: channels, eps: eps,
-                             momentum: momentum, reducer: reducer, statistics: statistics)
-        let means = saved.mean, invStds = saved.invStd
+        try settleStatistics(shape, saved: &saved, parameters: parameters, reducer: reducer)
+        let means = saved.mean, invStds = saved.invStd, gamma = parameters.gamma, beta = parameters.beta
         Parallel.chunks(channels, cost: batch * plane) { range in
             for c in range {
                 let mean = means[c], scale = gamma[c] * invStds[c], shift = beta[c]
                 for n in 0..<batch {
-                    let x = input + (n * channels + c) * plane, y = output + (n * channels + c) * plane
-                    normalizeRun(y, x, mean: mean, scale: scale, shift: shift, relu: relu, plane)
+                    let offset = (n * channels + c) * plane
+                    normalizeRun(y + offset, x + offset, mean: mean, scale: scale, shift: shift, relu: relu, plane)
                 }
             }
         }
     }
 
-    /// The local sums in stats (sum, sum of squares, count) made global by `reducer`, then the batch
-    /// mean and 1/sqrt(var + eps) into `saved`, and the running statistics updated.
-    static func settleStatistics(_ stats: UnsafeMutablePointer<Double>, saved: inout Saved, runningMean: UnsafeMutablePointer<Float>,
-                                 runningVar: UnsafeMutablePointer<Float>, channels: Int, eps: Float, momentum: Float,
-                                 reducer: StatisticsReducer?, statistics: UnsafeMutableBufferPointer<Double>) throws {
-        try reducer?(statistics)
+    /// The local sums in `saved.statistics` (sum, sum of squares, count) made global by `reducer`, then
+    /// the batch mean and 1/sqrt(var + eps) into `saved`, and the running statistics updated.
+    static func settleStatistics(_ shape: Shape, saved: inout Saved, parameters: Parameters, reducer: StatisticsReducer?) throws {
+        try reducer?(saved.statistics)
+        let stats = saved.statistics.baseAddress!, channels = shape.channels, momentum = shape.momentum
         let count = stats[2 * channels]
         saved.globalCount = Int(count)
         for c in 0..<channels {
             let mean = stats[c] / count
             let variance = max(stats[channels + c] / count - mean * mean, 0)
             saved.mean[c] = Float(mean)
-            saved.invStd[c] = Float(1 / (variance + Double(eps)).squareRoot())
+            saved.invStd[c] = Float(1 / (variance + Double(shape.eps)).squareRoot())
             let unbiased = count > 1 ? variance * count / (count - 1) : variance
-            runningMean[c] = (1 - momentum) * runningMean[c] + momentum * Float(mean)
-            runningVar[c] = (1 - momentum) * runningVar[c] + momentum * Float(unbiased)
+            parameters.runningMean[c] = (1 - momentum) * parameters.runningMean[c] + momentum * Float(mean)
+            parameters.runningVar[c] = (1 - momentum) * parameters.runningVar[c] + momentum * Float(unbiased)
         }
     }
 
-    /// Evaluation mode: normalise with the running statistics.
-    public static func forwardInference(
-        output: UnsafeMutablePointer<Float>?, outputBF16: UnsafeMutablePointer<UInt16>? = nil, input: UnsafePointer<Float>?,
-        inputBF16: UnsafePointer<UInt16>? = nil, gamma: UnsafePointer<Float>, beta: UnsafePointer<Float>,
-        runningMean: UnsafePointer<Float>, runningVar: UnsafePointer<Float>,
-        batch: Int, channels: Int, plane: Int, eps: Float = 1e-5, relu: Bool = false, layout: ActivationLayout = .nchw
-    ) {
-        if layout != .nchw {
-            return forwardInferenceRows(output: output, outputBF16: outputBF16, input: rows(input, inputBF16), gamma: gamma, beta: beta,
-                                        runningMean: runningMean,
-                                        runningVar: runningVar, shape: LaneLayout(layout, batch: batch, channels: channels, plane: plane), eps: eps,
-                                        relu: relu)
+    /// Evaluation mode: normalise with the running statistics; `output`, `input` and `relu` as in
+    /// `forwardTraining`.
+    public static func forwardInference(_ shape: Shape, output: Destination, input: RowValues, parameters: Parameters, relu: Bool = false) {
+        if shape.layout != .nchw {
+            return forwardInferenceRows(shape, output: output, input: input, parameters: parameters, relu: relu)
         }
-        guard let output, outputBF16 == nil, let input, inputBF16 == nil else { preconditionFailure("batch norm over NCHW: floats only") }
+        guard let y = output.floats, output.halves == nil, let x = input.floats else { preconditionFailure("batch norm over NCHW: floats only") }
+        let channels = shape.channels, batch = shape.batch, plane = shape.plane, p = parameters
         Parallel.chunks(channels, cost: batch * plane) { range in
             for c in range {
                 // (x - mean) first: exact when x is close to the mean, where x * scale + shift would cancel.
-                let scale = gamma[c] / (runningVar[c] + eps).squareRoot(), mean = runningMean[c], shift = beta[c]
+                let scale = p.gamma[c] / (p.runningVar[c] + shape.eps).squareRoot(), mean = p.runningMean[c], shift = p.beta[c]
                 for n in 0..<batch {
-                    let x = input + (n * channels + c) * plane, y = output + (n * channels + c) * plane
-                    normalizeRun(y, x, mean: mean, scale: scale, shift: shift, relu: relu, plane)
+                    let offset = (n * channels + c) * plane
+                    normalizeRun(y + offset, x + offset, mean: mean, scale: scale, shift: shift, relu: relu, plane)
                 }
             }
         }
@@ -174,48 +190,42 @@ public enum BatchNorm2d {
     /// Backward of training mode. With x^ = (x - mean) * invStd and M the global element count:
     /// dx = gamma * invStd / M * (M * dy - sum(dy) - x^ * sum(dy * x^)), the sums being global (reduced
     /// by `reducer`) while dgamma += sum(dy * x^) and dbeta += sum(dy) take this rank's share only, since
-    /// parameter gradients are summed over ranks afterwards. All gradients accumulate (+=), gradInput
-    /// unless `accumulate` is false (then it is overwritten). `reluOutput`: the output of the forward
-    /// pass that ran with `relu: true`; dy then flows only where it is positive (ReLU's backward, fused).
-    /// Outside NCHW, `reluOutputBF16` (that output's bf16 copy) may stand for it, and `gradInputBF16`
-    /// take the input gradient's bf16 bits instead of gradInput (overwritten).
-    public static func backwardTraining(
-        gradInput: UnsafeMutablePointer<Float>?, gradInputBF16: UnsafeMutablePointer<UInt16>? = nil, gradGamma: UnsafeMutablePointer<Float>, gradBeta: UnsafeMutablePointer<Float>,
-        gradOutput: UnsafePointer<Float>, input: UnsafePointer<Float>?, inputBF16: UnsafePointer<UInt16>? = nil, gamma: UnsafePointer<Float>,
-        saved: Saved, batch: Int, channels: Int, plane: Int,
-        statistics: UnsafeMutableBufferPointer<Double>, reducer: StatisticsReducer? = nil,
-        reluOutput: UnsafePointer<Float>? = nil, reluOutputBF16: UnsafePointer<UInt16>? = nil, accumulate: Bool = true,
-        layout: ActivationLayout = .nchw
-    ) throws {
-        precondition(statistics.count >= 2 * channels + 1, "batch norm statistics scratch too small")
-        if layout != .nchw {
-            return try backwardTrainingRows(gradInput: gradInput, gradInputBF16: gradInputBF16, gradGamma: gradGamma, gradBeta: gradBeta,
-                                            gradOutput: gradOutput, input: rows(input, inputBF16), gamma: gamma, saved: saved,
-                                            shape: LaneLayout(layout, batch: batch, channels: channels, plane: plane), statistics: statistics,
-                                            reducer: reducer, reluOutput: ReLUMask(reluOutput, reluOutputBF16), accumulate: accumulate)
+    /// parameter gradients are summed over ranks afterwards. gradInput accumulates (+=) unless
+    /// `accumulate` is false (then it is overwritten); outside NCHW it may be written as bf16 bits instead
+    /// of floats (overwritten). `reluOutput`: the output of the forward pass that ran with `relu: true`
+    /// (outside NCHW its bf16 copy may stand for it); dy then flows only where it is positive (ReLU's
+    /// backward, fused).
+    public static func backwardTraining(_ shape: Shape, gradInput: Destination, gradients: ParameterGradients, gradOutput: UnsafePointer<Float>,
+                                        input: RowValues, gamma: UnsafePointer<Float>, saved: Saved, reducer: StatisticsReducer? = nil,
+                                        reluOutput: ReLUMask? = nil, accumulate: Bool = true) throws {
+        let channels = shape.channels, batch = shape.batch, plane = shape.plane
+        precondition(saved.statistics.count >= 2 * channels + 1, "batch norm statistics scratch too small")
+        if shape.layout != .nchw {
+            return try backwardTrainingRows(shape, gradInput: gradInput, gradients: gradients, gradOutput: gradOutput, input: input,
+                                            gamma: gamma, saved: saved, reducer: reducer, reluOutput: reluOutput, accumulate: accumulate)
         }
-        guard let gradInput, gradInputBF16 == nil, reluOutputBF16 == nil, let input, inputBF16 == nil else {
+        guard let dx = gradInput.floats, gradInput.halves == nil, let x = input.floats, reluOutput?.halves == nil else {
             preconditionFailure("batch norm backward over NCHW: floats only")
         }
-        let stats = statistics.baseAddress!
+        let mask = reluOutput?.floats, stats = saved.statistics.baseAddress!
         let means = saved.mean, invStds = saved.invStd
         Parallel.chunks(channels, cost: batch * plane) { range in
             for c in range {
                 var sdy = 0.0, sdyx = 0.0
                 for n in 0..<batch {
                     let offset = (n * channels + c) * plane
-                    let (a, b) = blockedGradientSums(gradOutput + offset, input + offset, mask: reluOutput.map { $0 + offset },
+                    let (a, b) = blockedGradientSums(gradOutput + offset, x + offset, mask: mask.map { $0 + offset },
                                                      mean: means[c], invStd: invStds[c], plane)
                     sdy += a; sdyx += b
                 }
                 stats[c] = sdy
                 stats[channels + c] = sdyx
-                gradBeta[c] += Float(sdy)
-                gradGamma[c] += Float(sdyx)
+                gradients.beta[c] += Float(sdy)
+                gradients.gamma[c] += Float(sdyx)
             }
         }
         stats[2 * channels] = 0
-        try reducer?(statistics)
+        try reducer?(saved.statistics)
         let m = Float(saved.globalCount)
         Parallel.chunks(channels, cost: batch * plane) { range in
             for c in range {
@@ -223,9 +233,9 @@ public enum BatchNorm2d {
                 let k = gamma[c] * invStd / m
                 let sumDy = Float(stats[c]), sumDyX = Float(stats[channels + c])
                 for n in 0..<batch {
-                    let offset = (n * channels + c) * plane, x = input + offset
-                    gradientRun(gradInput + offset, gradOutput + offset, mask: reluOutput.map { $0 + offset }, accumulate: accumulate, plane) { dy, p in
-                        k * (m * dy - sumDy - (x[p] - mean) * invStd * sumDyX)
+                    let offset = (n * channels + c) * plane, xc = x + offset
+                    gradientRun(dx + offset, gradOutput + offset, mask: mask.map { $0 + offset }, accumulate: accumulate, plane) { dy, p in
+                        k * (m * dy - sumDy - (xc[p] - mean) * invStd * sumDyX)
                     }
                 }
             }
@@ -233,40 +243,33 @@ public enum BatchNorm2d {
     }
 
     /// Backward of evaluation mode (frozen statistics): dx = dy * gamma / sqrt(runningVar + eps);
-    /// `reluOutput` and `accumulate` as in `backwardTraining`.
-    public static func backwardInference(
-        gradInput: UnsafeMutablePointer<Float>?, gradGamma: UnsafeMutablePointer<Float>, gradBeta: UnsafeMutablePointer<Float>,
-        gradOutput: UnsafePointer<Float>, input: UnsafePointer<Float>?, inputBF16: UnsafePointer<UInt16>? = nil, gamma: UnsafePointer<Float>,
-        runningMean: UnsafePointer<Float>, runningVar: UnsafePointer<Float>,
-        batch: Int, channels: Int, plane: Int, eps: Float = 1e-5, reluOutput: UnsafePointer<Float>? = nil,
-        reluOutputBF16: UnsafePointer<UInt16>? = nil, gradInputBF16: UnsafeMutablePointer<UInt16>? = nil, accumulate: Bool = true,
-        layout: ActivationLayout = .nchw
-    ) {
-        if layout != .nchw {
-            return backwardInferenceRows(gradInput: gradInput, gradInputBF16: gradInputBF16, gradGamma: gradGamma, gradBeta: gradBeta,
-                                         gradOutput: gradOutput, input: rows(input, inputBF16), gamma: gamma, runningMean: runningMean,
-                                         runningVar: runningVar,
-                                         shape: LaneLayout(layout, batch: batch, channels: channels, plane: plane),
-                                         eps: eps, reluOutput: ReLUMask(reluOutput, reluOutputBF16), accumulate: accumulate)
+    /// `gradInput` (none at all where no layer needs it), `reluOutput` and `accumulate` as in
+    /// `backwardTraining`.
+    public static func backwardInference(_ shape: Shape, gradInput: Destination, gradients: ParameterGradients, gradOutput: UnsafePointer<Float>,
+                                         input: RowValues, parameters: Parameters, reluOutput: ReLUMask? = nil, accumulate: Bool = true) {
+        if shape.layout != .nchw {
+            return backwardInferenceRows(shape, gradInput: gradInput, gradients: gradients, gradOutput: gradOutput, input: input,
+                                         parameters: parameters, reluOutput: reluOutput, accumulate: accumulate)
         }
-        guard gradInputBF16 == nil, reluOutputBF16 == nil, let input, inputBF16 == nil else {
+        guard gradInput.halves == nil, reluOutput?.halves == nil, let x = input.floats else {
             preconditionFailure("batch norm backward over NCHW: floats only")
         }
+        let channels = shape.channels, batch = shape.batch, plane = shape.plane, p = parameters, dx = gradInput.floats
         Parallel.chunks(channels, cost: batch * plane) { range in
             for c in range {
-                let invStd = 1 / (runningVar[c] + eps).squareRoot(), mean = runningMean[c]
+                let invStd = 1 / (p.runningVar[c] + shape.eps).squareRoot(), mean = p.runningMean[c]
                 var sdy = 0.0, sdyx = 0.0
                 for n in 0..<batch {
-                    let offset = (n * channels + c) * plane, mask = reluOutput.map { $0 + offset }
-                    let (a, b) = blockedGradientSums(gradOutput + offset, input + offset, mask: mask, mean: mean, invStd: invStd, plane)
+                    let offset = (n * channels + c) * plane, mask = reluOutput?.floats.map { $0 + offset }
+                    let (a, b) = blockedGradientSums(gradOutput + offset, x + offset, mask: mask, mean: mean, invStd: invStd, plane)
                     sdy += a; sdyx += b
-                    if let gradInput {
-                        let k = gamma[c] * invStd
-                        gradientRun(gradInput + offset, gradOutput + offset, mask: mask, accumulate: accumulate, plane) { dy, _ in dy * k }
+                    if let dx {
+                        let k = p.gamma[c] * invStd
+                        gradientRun(dx + offset, gradOutput + offset, mask: mask, accumulate: accumulate, plane) { dy, _ in dy * k }
                     }
                 }
-                gradBeta[c] += Float(sdy)
-                gradGamma[c] += Float(sdyx)
+                gradients.beta[c] += Float(sdy)
+                gradients.gamma[c] += Float(sdyx)
             }
         }
     }

@@ -133,53 +133,43 @@ func laneSums(_ x: RowValues, gradient: (dy: UnsafePointer<Float>, mask: ReLUMas
 }
 
 extension BatchNorm2d {
-    /// `forwardTraining` over rows of channels (NHWC or nChw16c); the output as floats, as bf16 bits
-    /// (`outputBF16`), or both.
-    static func forwardTrainingRows(
-        output: UnsafeMutablePointer<Float>?, outputBF16: UnsafeMutablePointer<UInt16>?, input: RowValues, gamma: UnsafePointer<Float>, beta: UnsafePointer<Float>,
-        runningMean: UnsafeMutablePointer<Float>, runningVar: UnsafeMutablePointer<Float>, saved: inout Saved, shape: LaneLayout,
-        eps: Float, momentum: Float, statistics: UnsafeMutableBufferPointer<Double>, reducer: StatisticsReducer?, relu: Bool
-    ) throws {
-        let stats = statistics.baseAddress!, channels = shape.channels, lanes = shape.lanes
+    /// `forwardTraining` over rows of channels (NHWC or nChw16c); the output as floats, as bf16 bits, or both.
+    static func forwardTrainingRows(_ layer: Shape, output: Destination, input: RowValues, parameters: Parameters, saved: inout Saved,
+                                    reducer: StatisticsReducer?, relu: Bool) throws {
+        let shape = layer.rows, stats = saved.statistics.baseAddress!, channels = shape.channels, lanes = shape.lanes
         laneSums(input, gradient: nil, shape: shape, first: stats, second: stats + channels)
         stats[2 * channels] = Double(shape.rows * lanes / channels)
-        try settleStatistics(stats, saved: &saved, runningMean: runningMean, runningVar: runningVar, channels: channels, eps: eps,
-                             momentum: momentum, reducer: reducer, statistics: statistics)
-        let means = saved.mean, invStds = saved.invStd
+        try settleStatistics(layer, saved: &saved, parameters: parameters, reducer: reducer)
+        let means = saved.mean, invStds = saved.invStd, gamma = parameters.gamma
         withUnsafeTemporaryAllocation(of: Float.self, capacity: channels) { buffer in
             // The scale as the NCHW kernel forms it (gamma * invStd, then one multiply): equal outputs.
             let scales = buffer.baseAddress!
             for c in 0..<channels { scales[c] = gamma[c] * invStds[c] }
-            normalizeRows(output: output, outputBF16: outputBF16, input: input, mean: means, scale: scales, shift: beta, shape: shape, relu: relu)
+            normalizeRows(output: output, input: input, mean: means, scale: scales, shift: parameters.beta, shape: shape, relu: relu)
         }
     }
 
     /// y = (x - mean) * scale + shift per channel over every row, max(that, 0) with `relu`.
-    private static func normalizeRows(output: UnsafeMutablePointer<Float>?, outputBF16: UnsafeMutablePointer<UInt16>?, input: RowValues,
-                                      mean: UnsafePointer<Float>, scale: UnsafePointer<Float>, shift: UnsafePointer<Float>, shape: LaneLayout,
-                                      relu: Bool) {
-        precondition(output != nil || outputBF16 != nil, "batch norm without an output")
+    private static func normalizeRows(output: Destination, input: RowValues, mean: UnsafePointer<Float>, scale: UnsafePointer<Float>,
+                                      shift: UnsafePointer<Float>, shape: LaneLayout, relu: Bool) {
+        precondition(output.floats != nil || output.halves != nil, "batch norm without an output")
         let lanes = shape.lanes
         Parallel.chunks(shape.rows, cost: lanes) { range in
             shape.runs(range) { rows, c0 in
                 let o = rows.lowerBound * lanes, x = input.advanced(by: o)
-                ck_normalize_rows(output.map { $0 + o }, outputBF16.map { $0 + o }, x.floats, x.halves, rows.count, lanes, mean + c0, scale + c0,
+                ck_normalize_rows(output.floats.map { $0 + o }, output.halves.map { $0 + o }, x.floats, x.halves, rows.count, lanes, mean + c0, scale + c0,
                                   shift + c0, relu ? 1 : 0)
             }
         }
     }
 
     /// `forwardInference` over rows of channels.
-    static func forwardInferenceRows(
-        output: UnsafeMutablePointer<Float>?, outputBF16: UnsafeMutablePointer<UInt16>?, input: RowValues, gamma: UnsafePointer<Float>, beta: UnsafePointer<Float>,
-        runningMean: UnsafePointer<Float>, runningVar: UnsafePointer<Float>, shape: LaneLayout, eps: Float, relu: Bool
-    ) {
-        let channels = shape.channels
+    static func forwardInferenceRows(_ layer: Shape, output: Destination, input: RowValues, parameters p: Parameters, relu: Bool) {
+        let channels = layer.channels
         withUnsafeTemporaryAllocation(of: Float.self, capacity: channels) { buffer in
             let scales = buffer.baseAddress!
-            for c in 0..<channels { scales[c] = gamma[c] / (runningVar[c] + eps).squareRoot() }
-            normalizeRows(output: output, outputBF16: outputBF16, input: input, mean: runningMean, scale: scales, shift: beta, shape: shape,
-                          relu: relu)
+            for c in 0..<channels { scales[c] = p.gamma[c] / (p.runningVar[c] + layer.eps).squareRoot() }
+            normalizeRows(output: output, input: input, mean: p.runningMean, scale: scales, shift: p.beta, shape: layer.rows, relu: relu)
         }
     }
 
@@ -192,21 +182,19 @@ extension BatchNorm2d {
         for c in 0..<shape.channels { second[c] *= Double(invStd[c]) }
     }
 
-    /// `backwardTraining` over rows of channels; the input gradient as floats or (overwritten) as bf16
-    /// bits (`gradInputBF16`).
-    static func backwardTrainingRows(
-        gradInput: UnsafeMutablePointer<Float>?, gradInputBF16: UnsafeMutablePointer<UInt16>?, gradGamma: UnsafeMutablePointer<Float>, gradBeta: UnsafeMutablePointer<Float>,
-        gradOutput: UnsafePointer<Float>, input: RowValues, gamma: UnsafePointer<Float>, saved: Saved, shape: LaneLayout,
-        statistics: UnsafeMutableBufferPointer<Double>, reducer: StatisticsReducer?, reluOutput: ReLUMask?, accumulate: Bool
-    ) throws {
-        precondition((gradInput == nil) != (gradInputBF16 == nil) && !(gradInputBF16 != nil && accumulate), "batch norm backward: one input gradient")
-        let stats = statistics.baseAddress!, channels = shape.channels, lanes = shape.lanes
+    /// `backwardTraining` over rows of channels; the input gradient as floats or (overwritten) as bf16 bits.
+    static func backwardTrainingRows(_ layer: Shape, gradInput: Destination, gradients: ParameterGradients, gradOutput: UnsafePointer<Float>,
+                                     input: RowValues, gamma: UnsafePointer<Float>, saved: Saved, reducer: StatisticsReducer?, reluOutput: ReLUMask?,
+                                     accumulate: Bool) throws {
+        let gradInputBF16 = gradInput.halves, statistics = saved.statistics
+        precondition((gradInput.floats == nil) != (gradInputBF16 == nil) && !(gradInputBF16 != nil && accumulate), "batch norm backward: one input gradient")
+        let shape = layer.rows, stats = statistics.baseAddress!, channels = shape.channels, lanes = shape.lanes
         let means = saved.mean, invStds = saved.invStd
         gradientSumsRows(stats, stats + channels, gradOutput: gradOutput, input: input, mask: reluOutput, mean: means, invStd: invStds,
                          shape: shape)
         for c in 0..<channels {
-            gradBeta[c] += Float(stats[c])
-            gradGamma[c] += Float(stats[channels + c])
+            gradients.beta[c] += Float(stats[c])
+            gradients.gamma[c] += Float(stats[channels + c])
         }
         stats[2 * channels] = 0
         try reducer?(statistics)
@@ -222,8 +210,8 @@ extension BatchNorm2d {
                 shape.runs(range) { rows, c0 in
                     let o = rows.lowerBound * lanes
                     let mask = reluOutput?.advanced(by: o), x = input.advanced(by: o)
-                    ck_bn_gradient_rows(gradInput.map { $0 + o }, gradInputBF16.map { $0 + o }, gradOutput + o, x.floats, x.halves, mask?.floats, mask?.halves,
-                                        rows.count, lanes, k + c0, sumDy + c0,
+                    ck_bn_gradient_rows(gradInput.floats.map { $0 + o }, gradInputBF16.map { $0 + o }, gradOutput + o, x.floats, x.halves,
+                                        mask?.floats, mask?.halves, rows.count, lanes, k + c0, sumDy + c0,
                                         sumDyX + c0, means + c0, invStds + c0, m, accumulate ? 1 : 0)
                 }
             }
@@ -231,33 +219,31 @@ extension BatchNorm2d {
     }
 
     /// `backwardInference` over rows of channels.
-    static func backwardInferenceRows(
-        gradInput: UnsafeMutablePointer<Float>?, gradInputBF16: UnsafeMutablePointer<UInt16>?, gradGamma: UnsafeMutablePointer<Float>, gradBeta: UnsafeMutablePointer<Float>,
-        gradOutput: UnsafePointer<Float>, input: RowValues, gamma: UnsafePointer<Float>,
-        runningMean: UnsafePointer<Float>, runningVar: UnsafePointer<Float>, shape: LaneLayout, eps: Float,
-        reluOutput: ReLUMask?, accumulate: Bool
-    ) {
-        precondition(!(gradInput != nil && gradInputBF16 != nil) && !(gradInputBF16 != nil && accumulate), "batch norm backward: one input gradient")
-        let channels = shape.channels, lanes = shape.lanes
+    static func backwardInferenceRows(_ layer: Shape, gradInput: Destination, gradients: ParameterGradients, gradOutput: UnsafePointer<Float>,
+                                      input: RowValues, parameters p: Parameters, reluOutput: ReLUMask?, accumulate: Bool) {
+        let (gradInputFloats, gradInputBF16) = (gradInput.floats, gradInput.halves)
+        precondition(!(gradInputFloats != nil && gradInputBF16 != nil) && !(gradInputBF16 != nil && accumulate), "batch norm backward: one input gradient")
+        let shape = layer.rows, channels = shape.channels, lanes = shape.lanes
         withUnsafeTemporaryAllocation(of: Double.self, capacity: 2 * channels) { sums in
             withUnsafeTemporaryAllocation(of: Float.self, capacity: 2 * channels) { buffer in
                 let invStd = buffer.baseAddress!, k = invStd + channels
                 for c in 0..<channels {
-                    invStd[c] = 1 / (runningVar[c] + eps).squareRoot()
-                    k[c] = gamma[c] * invStd[c]
+                    invStd[c] = 1 / (p.runningVar[c] + layer.eps).squareRoot()
+                    k[c] = p.gamma[c] * invStd[c]
                 }
                 let sdy = sums.baseAddress!, sdyx = sdy + channels
-                gradientSumsRows(sdy, sdyx, gradOutput: gradOutput, input: input, mask: reluOutput, mean: runningMean, invStd: invStd,
+                gradientSumsRows(sdy, sdyx, gradOutput: gradOutput, input: input, mask: reluOutput, mean: p.runningMean, invStd: invStd,
                                  shape: shape)
                 for c in 0..<channels {
-                    gradBeta[c] += Float(sdy[c])
-                    gradGamma[c] += Float(sdyx[c])
+                    gradients.beta[c] += Float(sdy[c])
+                    gradients.gamma[c] += Float(sdyx[c])
                 }
-                guard gradInput != nil || gradInputBF16 != nil else { return }
+                guard gradInputFloats != nil || gradInputBF16 != nil else { return }
                 Parallel.chunks(shape.rows, cost: lanes) { range in
                     shape.runs(range) { rows, c0 in
                         let o = rows.lowerBound * lanes, mask = reluOutput?.advanced(by: o), x = input.advanced(by: o)
-                        ck_bn_gradient_rows(gradInput.map { $0 + o }, gradInputBF16.map { $0 + o }, gradOutput + o, x.floats, x.halves, mask?.floats, mask?.halves,
+                        ck_bn_gradient_rows(gradInputFloats.map { $0 + o }, gradInputBF16.map { $0 + o }, gradOutput + o, x.floats, x.halves,
+                                            mask?.floats, mask?.halves,
                                             rows.count, lanes, k + c0, nil,
                                             nil, nil, nil, 0, accumulate ? 1 : 0)
                     }

@@ -22,6 +22,13 @@ public final class ReferenceResNet {
             self.inChannels = inChannels; self.outChannels = outChannels
             self.kernel = kernel; self.stride = stride; self.padding = padding
         }
+
+        /// Batch norm's parameters and running statistics in `arena`.
+        func parameters(_ arena: ParameterArena) -> BatchNorm2d.Parameters {
+            let p = arena.params
+            return BatchNorm2d.Parameters(gamma: p + gamma.offset, beta: p + beta.offset, runningMean: p + runningMean.offset,
+                                          runningVar: p + runningVar.offset)
+        }
     }
 
     /// Units in order (the last without a ReLU: the block's sum comes first), and the 1x1 downsample of
@@ -238,16 +245,13 @@ public final class ReferenceResNet {
                       _ context: PassContext) throws {
         let x = a.arena, p = params.params, g = v.geometry
         Conv2d.forward(output: x[v.conv], input: x[input], weight: p + u.conv.offset, bias: nil, geometry: g, workspace: x[a.workspace])
+        let shape = BatchNorm2d.Shape(batch: a.batch, channels: u.outChannels, plane: g.outPlane, eps: Self.eps, momentum: Self.momentum)
         if context.training {
-            var saved = BatchNorm2d.Saved(mean: x[v.mean], invStd: x[v.invStd])
-            try BatchNorm2d.forwardTraining(output: x[v.bn], input: x[v.conv], gamma: p + u.gamma.offset, beta: p + u.beta.offset,
-                                            runningMean: p + u.runningMean.offset, runningVar: p + u.runningVar.offset, saved: &saved,
-                                            batch: a.batch, channels: u.outChannels, plane: g.outPlane, eps: Self.eps, momentum: Self.momentum,
-                                            statistics: x.doubles(v.statistics), reducer: context.reducer)
+            var saved = BatchNorm2d.Saved(mean: x[v.mean], invStd: x[v.invStd], statistics: x.doubles(v.statistics))
+            try BatchNorm2d.forwardTraining(shape, output: .floats(x[v.bn]), input: .fp32(x[v.conv]), parameters: u.parameters(params),
+                                            saved: &saved, reducer: context.reducer)
         } else {
-            BatchNorm2d.forwardInference(output: x[v.bn], input: x[v.conv], gamma: p + u.gamma.offset, beta: p + u.beta.offset,
-                                         runningMean: p + u.runningMean.offset, runningVar: p + u.runningVar.offset,
-                                         batch: a.batch, channels: u.outChannels, plane: g.outPlane, eps: Self.eps)
+            BatchNorm2d.forwardInference(shape, output: .floats(x[v.bn]), input: .fp32(x[v.conv]), parameters: u.parameters(params))
         }
         if let relu = v.relu { ReLU.forward(output: x[relu], input: x[v.bn], count: relu.count) }
     }
@@ -258,19 +262,16 @@ public final class ReferenceResNet {
         if let relu = v.relu, let gradReLU = v.gradReLU {
             ReLU.backward(gradInput: x[v.gradBN], gradOutput: x[gradReLU], output: x[relu], count: relu.count)
         }
+        let shape = BatchNorm2d.Shape(batch: a.batch, channels: u.outChannels, plane: g.outPlane, eps: Self.eps, momentum: Self.momentum)
+        let gradients = BatchNorm2d.ParameterGradients(gamma: d + u.gamma.offset, beta: d + u.beta.offset)
         if context.training {
-            var saved = BatchNorm2d.Saved(mean: x[v.mean], invStd: x[v.invStd])
-            let statistics = x.doubles(v.statistics)
-            saved.globalCount = Int(statistics[2 * u.outChannels])  // forward's count, summed over ranks
-            try BatchNorm2d.backwardTraining(gradInput: x[v.gradConv], gradGamma: d + u.gamma.offset, gradBeta: d + u.beta.offset,
-                                             gradOutput: x[v.gradBN], input: x[v.conv], gamma: p + u.gamma.offset, saved: saved,
-                                             batch: a.batch, channels: u.outChannels, plane: g.outPlane, statistics: statistics,
-                                             reducer: context.reducer)
+            var saved = BatchNorm2d.Saved(mean: x[v.mean], invStd: x[v.invStd], statistics: x.doubles(v.statistics))
+            saved.globalCount = Int(saved.statistics[2 * u.outChannels])  // forward's count, summed over ranks
+            try BatchNorm2d.backwardTraining(shape, gradInput: .floats(x[v.gradConv]), gradients: gradients, gradOutput: x[v.gradBN],
+                                             input: .fp32(x[v.conv]), gamma: p + u.gamma.offset, saved: saved, reducer: context.reducer)
         } else {
-            BatchNorm2d.backwardInference(gradInput: x[v.gradConv], gradGamma: d + u.gamma.offset, gradBeta: d + u.beta.offset,
-                                          gradOutput: x[v.gradBN], input: x[v.conv], gamma: p + u.gamma.offset,
-                                          runningMean: p + u.runningMean.offset, runningVar: p + u.runningVar.offset,
-                                          batch: a.batch, channels: u.outChannels, plane: g.outPlane, eps: Self.eps)
+            BatchNorm2d.backwardInference(shape, gradInput: .floats(x[v.gradConv]), gradients: gradients, gradOutput: x[v.gradBN],
+                                          input: .fp32(x[v.conv]), parameters: u.parameters(params))
         }
         Conv2d.backward(gradInput: gradInput.map { x[$0] }, gradWeight: d + u.conv.offset, gradBias: nil, gradOutput: x[v.gradConv],
                         input: x[input], weight: p + u.conv.offset, geometry: g, workspace: x[a.workspace])

@@ -61,10 +61,10 @@ public enum RetrievalEvaluation {
     static func ranking(query: ArraySlice<Float>, candidates: [Float], width: Int, count: Int) -> [Int] {
         var scores = [Float](repeating: 0, count: count)
         query.withContiguousStorageIfAvailable { q in
-            candidates.withUnsafeBufferPointer { c in
-                sgemm(transposeA: false, transposeB: true, m: 1, n: count, k: width, alpha: 1, a: q.baseAddress!, lda: width,
-                      b: c.baseAddress!, ldb: width, beta: 0, c: &scores, ldc: count)
-            }
+            candidates.withUnsafeBufferPointer { c in scores.withUnsafeMutableBufferPointer { s in
+                sgemm(Product(m: 1, n: count, k: width, transposeB: true),
+                      a: Matrix(q.baseAddress!, ld: width), b: Matrix(c.baseAddress!, ld: width), c: MutableMatrix(s.baseAddress!, ld: count))
+            } }
         }
         return scores.indices.sorted { scores[$0] > scores[$1] || (scores[$0] == scores[$1] && $0 < $1) }
     }

@@ -96,7 +96,8 @@ public final class ProjectionHead {
         second.initializeUniform(arena, stream: stream.child(1))
     }
 
-    /// Unit-norm embeddings [rows, out] of features [rows, in].
+    /// Unit-norm embeddings [rows, out] of features [rows, in]. The features are borrowed for this call:
+    /// forward copies them into the head's input, which backward reads.
     func forward(_ arena: ParameterArena, features: UnsafePointer<Float>, rows: Int, precision: Precision) -> UnsafePointer<Float> {
         self.rows = rows
         self.precision = precision
@@ -186,7 +187,8 @@ public enum ConVIRTLoss {
         for direction in 0..<2 {
             let (rowsP, columnsP) = direction == 0 ? (v, globalU) : (u, globalV)
             let weight = direction == 0 ? lambda : 1 - lambda
-            sgemm(transposeA: false, transposeB: true, m: b, n: n, k: d, alpha: scale, a: rowsP, lda: d, b: columnsP, ldb: d, c: logits, ldc: n)
+            sgemm(Product(m: b, n: n, k: d, transposeB: true, alpha: scale),
+                a: Matrix(rowsP, ld: d), b: Matrix(columnsP, ld: d), c: MutableMatrix(logits, ld: n))
             CrossEntropy.forward(losses: losses, probabilities: probabilities, logits: logits, targets: targets, rows: b, classes: n)
             var sum = 0.0
             for i in 0..<b { sum += Double(losses[i]) }
@@ -200,11 +202,11 @@ public enum ConVIRTLoss {
             for i in 0..<b { weights[i] = Float(weight / Double(n)) }
             CrossEntropy.backward(gradLogits: logits, gradLosses: weights, probabilities: probabilities, targets: targets, rows: b, classes: n)
             // d rows [b, d] += G [b, N] . columns [N, d] / tau, into the rank's own rows of the global gradient
-            sgemm(transposeA: false, transposeB: false, m: b, n: d, k: n, alpha: scale, a: logits, lda: n, b: columnsP, ldb: d,
-                  beta: 1, c: gradRows + offset * d, ldc: d)
+            sgemm(Product(m: b, n: d, k: n, alpha: scale, beta: 1),
+                a: Matrix(logits, ld: n), b: Matrix(columnsP, ld: d), c: MutableMatrix(gradRows + offset * d, ld: d))
             // d columns [N, d] += G^T [N, b] . rows [b, d] / tau
-            sgemm(transposeA: true, transposeB: false, m: n, n: d, k: b, alpha: scale, a: logits, lda: n, b: rowsP, ldb: d,
-                  beta: 1, c: gradColumns, ldc: d)
+            sgemm(Product(m: n, n: d, k: b, transposeA: true, alpha: scale, beta: 1),
+                a: Matrix(logits, ld: n), b: Matrix(rowsP, ld: d), c: MutableMatrix(gradColumns, ld: d))
         }
         return value
     }

@@ -62,13 +62,14 @@ struct Kernels: ParsableCommand {
         let peakN = 1024
         let a = Buffer(peakN * peakN), b = Buffer(peakN * peakN, seed: 2), c = Buffer(peakN * peakN, seed: 3)
         let peak = measure(repeats: repeats) {
-            sgemm(transposeA: false, transposeB: false, m: peakN, n: peakN, k: peakN, a: a.pointer, lda: peakN, b: b.pointer, ldb: peakN, c: c.pointer, ldc: peakN)
+            sgemm(Product(m: peakN, n: peakN, k: peakN),
+                a: Matrix(a.pointer, ld: peakN), b: Matrix(b.pointer, ld: peakN), c: MutableMatrix(c.pointer, ld: peakN))
         }
         let peakRate = 2 * pow(Double(peakN), 3) / peak / 1e9
         print(String(format: "sgemm 1024x1024x1024: %.1f GFLOP/s", peakRate))
         let bf16 = measure(repeats: repeats) {
-            gemm(.bf16, transposeA: false, transposeB: false, m: peakN, n: peakN, k: peakN, a: a.pointer, lda: peakN, b: b.pointer, ldb: peakN,
-                 c: c.pointer, ldc: peakN)
+            gemm(.bf16, Product(m: peakN, n: peakN, k: peakN),
+                a: Matrix(a.pointer, ld: peakN), b: Matrix(b.pointer, ld: peakN), c: MutableMatrix(c.pointer, ld: peakN))
         }
         print(String(format: "bf16 gemm 1024x1024x1024: %.1f GFLOP/s (%@)\n", 2 * pow(Double(peakN), 3) / bf16 / 1e9, BF16.backend as NSString))
 
@@ -133,13 +134,16 @@ struct Kernels: ParsableCommand {
         let colA = Buffer(k * n, seed: 7), outA = Buffer(m * n, seed: 8), wGrad = Buffer(m * k, seed: 9), colGrad = Buffer(k * n, seed: 10)
         let gemmForward = measure(repeats: repeats) {
             for _ in 0..<g.batch {
-                sgemm(transposeA: false, transposeB: false, m: m, n: n, k: k, a: w.pointer, lda: k, b: colA.pointer, ldb: n, c: outA.pointer, ldc: n)
+                sgemm(Product(m: m, n: n, k: k),
+                    a: Matrix(w.pointer, ld: k), b: Matrix(colA.pointer, ld: n), c: MutableMatrix(outA.pointer, ld: n))
             }
         }
         let gemmBackward = measure(repeats: repeats) {
             for _ in 0..<g.batch {
-                sgemm(transposeA: false, transposeB: true, m: m, n: k, k: n, a: outA.pointer, lda: n, b: colA.pointer, ldb: n, beta: 1, c: wGrad.pointer, ldc: k)
-                sgemm(transposeA: true, transposeB: false, m: k, n: n, k: m, a: w.pointer, lda: k, b: outA.pointer, ldb: n, c: colGrad.pointer, ldc: n)
+                sgemm(Product(m: m, n: k, k: n, transposeB: true, beta: 1),
+                    a: Matrix(outA.pointer, ld: n), b: Matrix(colA.pointer, ld: n), c: MutableMatrix(wGrad.pointer, ld: k))
+                sgemm(Product(m: k, n: n, k: m, transposeA: true),
+                    a: Matrix(w.pointer, ld: k), b: Matrix(outA.pointer, ld: n), c: MutableMatrix(colGrad.pointer, ld: n))
             }
         }
         let flops = g.forwardFLOPs
@@ -173,7 +177,8 @@ struct Kernels: ParsableCommand {
                             weight: w.pointer, rows: rows, inFeatures: inF, outFeatures: outF)
         }
         let gemm = measure(repeats: repeats) {
-            sgemm(transposeA: false, transposeB: true, m: rows, n: outF, k: inF, a: x.pointer, lda: inF, b: w.pointer, ldb: inF, c: y.pointer, ldc: outF)
+            sgemm(Product(m: rows, n: outF, k: inF, transposeB: true),
+                a: Matrix(x.pointer, ld: inF), b: Matrix(w.pointer, ld: inF), c: MutableMatrix(y.pointer, ld: outF))
         }
         print(String(format: "%@  %8.2f ms %6.1f  (%6.1f)  %4.0f%% | %8.2f ms %6.1f  (%6.1f)  %4.0f%%",
                      name.padding(toLength: 28, withPad: " ", startingAt: 0) as NSString, forward * 1e3, flops / forward / 1e9, flops / gemm / 1e9, 100 * gemm / forward,

@@ -51,10 +51,15 @@ struct BF16KernelTests {
         for parallel in [true, false] { for native in bf16Backends {
             var c = c0, c32 = c0
             let (alpha, beta): (Float, Float) = (0.5, 1)
-            gemm(.bf16, transposeA: ta, transposeB: tb, m: m, n: n, k: k, alpha: alpha, a: a, lda: lda, b: b, ldb: ldb, beta: beta,
-                 c: &c, ldc: ldc, parallel: parallel, native: native)
-            gemm(.fp32, transposeA: ta, transposeB: tb, m: m, n: n, k: k, alpha: alpha, a: a, lda: lda, b: b, ldb: ldb, beta: beta,
-                 c: &c32, ldc: ldc, parallel: parallel)
+            let product = Product(m: m, n: n, k: k, transposeA: ta, transposeB: tb, alpha: alpha, beta: beta)
+            a.withUnsafeBufferPointer { a in b.withUnsafeBufferPointer { b in
+                c.withUnsafeMutableBufferPointer { c in c32.withUnsafeMutableBufferPointer { c32 in
+                    gemm(.bf16, product, a: Matrix(a.baseAddress!, ld: lda), b: Matrix(b.baseAddress!, ld: ldb),
+                         c: MutableMatrix(c.baseAddress!, ld: ldc), parallel: parallel, native: native)
+                    gemm(.fp32, product, a: Matrix(a.baseAddress!, ld: lda), b: Matrix(b.baseAddress!, ld: ldb),
+                         c: MutableMatrix(c32.baseAddress!, ld: ldc), parallel: parallel)
+                } }
+            } }
             let ra = rounded(a), rb = rounded(b)
             var expected = c0.map(Double.init), exact = expected
             for i in 0..<m { for j in 0..<n {

@@ -171,10 +171,13 @@ struct FP32MatmulTests {
         let bias = randomFloats(n, seed: 4)
         for (alpha, beta, withBias) in [(Float(0.5), Float(1), false), (1, 0, true), (2, 0, false)] {
             var c = c0
-            bias.withUnsafeBufferPointer { bias in
-                gemm(.fp32, transposeA: ta, transposeB: tb, m: m, n: n, k: k, alpha: alpha, a: a, lda: lda, b: b, ldb: ldb, beta: beta,
-                     c: &c, ldc: ldc, bias: withBias ? bias.baseAddress! : nil)
-            }
+            bias.withUnsafeBufferPointer { bias in a.withUnsafeBufferPointer { a in b.withUnsafeBufferPointer { b in
+                c.withUnsafeMutableBufferPointer { c in
+                    gemm(.fp32, Product(m: m, n: n, k: k, transposeA: ta, transposeB: tb, alpha: alpha, beta: beta),
+                         a: Matrix(a.baseAddress!, ld: lda), b: Matrix(b.baseAddress!, ld: ldb), c: MutableMatrix(c.baseAddress!, ld: ldc),
+                         bias: withBias ? bias.baseAddress! : nil)
+                }
+            } } }
             var expected = c0.map(Double.init)
             for i in 0..<m { for j in 0..<n {
                 var s = 0.0
@@ -194,8 +197,11 @@ struct FP32MatmulTests {
         func product(_ range: Range<Int>) -> [Float] {
             var c = [Float](repeating: .nan, count: range.count * n)
             Array(a[range.lowerBound * k..<range.upperBound * k]).withUnsafeBufferPointer { x in
-                gemm(.fp32, transposeA: false, transposeB: true, m: range.count, n: n, k: k, a: x.baseAddress!, lda: k, b: w, ldb: k,
-                     c: &c, ldc: n, bias: bias)
+                w.withUnsafeBufferPointer { w in c.withUnsafeMutableBufferPointer { c in bias.withUnsafeBufferPointer { bias in
+                    gemm(.fp32, Product(m: range.count, n: n, k: k, transposeB: true),
+                         a: Matrix(x.baseAddress!, ld: k), b: Matrix(w.baseAddress!, ld: k), c: MutableMatrix(c.baseAddress!, ld: n),
+                         bias: bias.baseAddress!)
+                } } }
             }
             return c
         }

@@ -41,11 +41,11 @@ struct GradientPiecesTests {
         /// Rows `range` alone, in pieces of `pieceRows`, written over C.
         func gradient(_ range: Range<Int>, pieceRows: Int, native: Bool, blocked: Bool) -> [Float] {
             var c = [Float](repeating: .nan, count: m * n)
-            a.withUnsafeBufferPointer { a in b.withUnsafeBufferPointer { b in
-                piecewiseGradientProduct(m: m, n: n, rows: range.count, pieceRows: pieceRows, a: a.baseAddress! + range.lowerBound * m, lda: m,
-                                         b: b.baseAddress! + range.lowerBound * n, ldb: n, c: &c, ldc: n, overwrite: true, native: native,
-                                         blocked: blocked)
-            } }
+            a.withUnsafeBufferPointer { a in b.withUnsafeBufferPointer { b in c.withUnsafeMutableBufferPointer { c in
+                piecewiseGradientProduct(m: m, n: n, rows: range.count, pieceRows: pieceRows, a: Matrix(a.baseAddress! + range.lowerBound * m, ld: m),
+                                         b: Matrix(b.baseAddress! + range.lowerBound * n, ld: n), c: MutableMatrix(c.baseAddress!, ld: n),
+                                         overwrite: true, native: native, blocked: blocked)
+            } } }
             return c
         }
 
@@ -103,10 +103,10 @@ struct GradientPiecesTests {
         let start = randomFloats(p.m * p.n, seed: 14)
         for backend in backends {
             var c = start
-            p.a.withUnsafeBufferPointer { a in p.b.withUnsafeBufferPointer { b in
-                piecewiseGradientProduct(m: p.m, n: p.n, rows: p.rows, pieceRows: 8, a: a.baseAddress!, lda: p.m, b: b.baseAddress!, ldb: p.n,
-                                         c: &c, ldc: p.n, overwrite: false, native: backend.native, blocked: backend.blocked)
-            } }
+            p.a.withUnsafeBufferPointer { a in p.b.withUnsafeBufferPointer { b in c.withUnsafeMutableBufferPointer { c in
+                piecewiseGradientProduct(m: p.m, n: p.n, rows: p.rows, pieceRows: 8, a: Matrix(a.baseAddress!, ld: p.m), b: Matrix(b.baseAddress!, ld: p.n),
+                                         c: MutableMatrix(c.baseAddress!, ld: p.n), overwrite: false, native: backend.native, blocked: backend.blocked)
+            } } }
             let added = p.gradient(0..<p.rows, pieceRows: 8, native: backend.native, blocked: backend.blocked)
             let expected = zip(start, added).map { $0 + $1 }
             let widened = zip(bound, start).map { $0 + 2 * unitRoundoff * abs(Double($1)) }

@@ -115,8 +115,8 @@ public enum Attention {
             do {
                 let base = b * t * w + h * d
                 let p = probabilities + (b * g.heads + h) * t * t
-                gemm(precision, transposeA: false, transposeB: true, m: t, n: t, k: d, alpha: g.scale,
-                      a: q + base, lda: w, b: k + base, ldb: w, c: p, ldc: t, parallel: false, native: native)
+                gemm(precision, Product(m: t, n: t, k: d, transposeB: true, alpha: g.scale),
+                    a: Matrix(q + base, ld: w), b: Matrix(k + base, ld: w), c: MutableMatrix(p, ld: t), parallel: false, native: native)
                 softmaxRows(p, valid: mask + b * t, tokens: t)
                 var weights = UnsafePointer(p)
                 if let dropout {
@@ -124,8 +124,8 @@ public enum Attention {
                     dropRows(dp, p, tokens: t, dropout: dropout, batch: b, head: h)
                     weights = UnsafePointer(dp)
                 }
-                gemm(precision, transposeA: false, transposeB: false, m: t, n: d, k: t,
-                      a: weights, lda: t, b: v + base, ldb: w, c: output + base, ldc: w, parallel: false, native: native)
+                gemm(precision, Product(m: t, n: d, k: t),
+                    a: Matrix(weights, ld: t), b: Matrix(v + base, ld: w), c: MutableMatrix(output + base, ld: w), parallel: false, native: native)
             }
         }
         }
@@ -325,17 +325,17 @@ public enum Attention {
                 let dO = gradOutput + base
                 // dV += P'^T dO, with P' the (dropped) weights that multiplied V
                 let weights = dropout.map { UnsafePointer($0.dropped + (b * g.heads + h) * t * t) } ?? p
-                gemm(precision, transposeA: true, transposeB: false, m: t, n: d, k: t,
-                      a: weights, lda: t, b: dO, ldb: w, beta: 1, c: gradV + base, ldc: w, parallel: false, native: native)
+                gemm(precision, Product(m: t, n: d, k: t, transposeA: true, beta: 1),
+                    a: Matrix(weights, ld: t), b: Matrix(dO, ld: w), c: MutableMatrix(gradV + base, ld: w), parallel: false, native: native)
                 // dP = dO V^T (through the dropout mask), then dS = P * (dP - rowsum(dP * P))
-                gemm(precision, transposeA: false, transposeB: true, m: t, n: t, k: d,
-                      a: dO, lda: w, b: v + base, ldb: w, c: scratch, ldc: t, parallel: false, native: native)
+                gemm(precision, Product(m: t, n: t, k: d, transposeB: true),
+                    a: Matrix(dO, ld: w), b: Matrix(v + base, ld: w), c: MutableMatrix(scratch, ld: t), parallel: false, native: native)
                 softmaxBackwardRows(scratch, probabilities: p, tokens: t, dropout: dropout.map { (UnsafePointer($0.dropped + pair * t * t), $0.probability) })
                 // dQ += scale * dS K;  dK += scale * dS^T Q
-                gemm(precision, transposeA: false, transposeB: false, m: t, n: d, k: t, alpha: g.scale,
-                      a: scratch, lda: t, b: k + base, ldb: w, beta: 1, c: gradQ + base, ldc: w, parallel: false, native: native)
-                gemm(precision, transposeA: true, transposeB: false, m: t, n: d, k: t, alpha: g.scale,
-                      a: scratch, lda: t, b: q + base, ldb: w, beta: 1, c: gradK + base, ldc: w, parallel: false, native: native)
+                gemm(precision, Product(m: t, n: d, k: t, alpha: g.scale, beta: 1),
+                    a: Matrix(scratch, ld: t), b: Matrix(k + base, ld: w), c: MutableMatrix(gradQ + base, ld: w), parallel: false, native: native)
+                gemm(precision, Product(m: t, n: d, k: t, transposeA: true, alpha: g.scale, beta: 1),
+                    a: Matrix(scratch, ld: t), b: Matrix(q + base, ld: w), c: MutableMatrix(gradK + base, ld: w), parallel: false, native: native)
             }
         }
     }

@@ -71,8 +71,8 @@ public enum Conv2d {
                 im2col(workspace!, x, g)
                 columns = UnsafePointer(workspace!)
             }
-            sgemm(transposeA: false, transposeB: false, m: g.outChannels, n: g.outPlane, k: g.patchSize,
-                  a: weight, lda: g.patchSize, b: columns, ldb: g.outPlane, c: y, ldc: g.outPlane)
+            sgemm(Product(m: g.outChannels, n: g.outPlane, k: g.patchSize),
+                a: Matrix(weight, ld: g.patchSize), b: Matrix(columns, ld: g.outPlane), c: MutableMatrix(y, ld: g.outPlane))
             if let bias {
                 for o in 0..<g.outChannels {
                     let row = y + o * g.outPlane, b = bias[o]
@@ -108,17 +108,17 @@ public enum Conv2d {
                 im2col(workspace!, x, g)
                 columns = UnsafePointer(workspace!)
             }
-            sgemm(transposeA: false, transposeB: true, m: g.outChannels, n: g.patchSize, k: g.outPlane,
-                  a: dy, lda: g.outPlane, b: columns, ldb: g.outPlane, beta: 1, c: gradWeight, ldc: g.patchSize)
+            sgemm(Product(m: g.outChannels, n: g.patchSize, k: g.outPlane, transposeB: true, beta: 1),
+                a: Matrix(dy, ld: g.outPlane), b: Matrix(columns, ld: g.outPlane), c: MutableMatrix(gradWeight, ld: g.patchSize))
             guard let gradInput else { continue }
             let dx = gradInput + n * inImage
             // dcol[K, P] = W[O, K]^T * dY[O, P]; then scatter-add the columns back into dX.
             if g.isPointwise {
-                sgemm(transposeA: true, transposeB: false, m: g.patchSize, n: g.outPlane, k: g.outChannels,
-                      a: weight, lda: g.patchSize, b: dy, ldb: g.outPlane, beta: 1, c: dx, ldc: g.outPlane)
+                sgemm(Product(m: g.patchSize, n: g.outPlane, k: g.outChannels, transposeA: true, beta: 1),
+                    a: Matrix(weight, ld: g.patchSize), b: Matrix(dy, ld: g.outPlane), c: MutableMatrix(dx, ld: g.outPlane))
             } else {
-                sgemm(transposeA: true, transposeB: false, m: g.patchSize, n: g.outPlane, k: g.outChannels,
-                      a: weight, lda: g.patchSize, b: dy, ldb: g.outPlane, c: workspace!, ldc: g.outPlane)
+                sgemm(Product(m: g.patchSize, n: g.outPlane, k: g.outChannels, transposeA: true),
+                    a: Matrix(weight, ld: g.patchSize), b: Matrix(dy, ld: g.outPlane), c: MutableMatrix(workspace!, ld: g.outPlane))
                 col2im(dx, UnsafePointer(workspace!), g)
             }
         }

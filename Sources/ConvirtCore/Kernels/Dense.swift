@@ -36,8 +36,8 @@ public enum Linear {
     public static func forward(output: UnsafeMutablePointer<Float>, input: UnsafePointer<Float>,
                                weight: UnsafePointer<Float>, bias: UnsafePointer<Float>?,
                                rows: Int, inFeatures: Int, outFeatures: Int, precision: Precision = .fp32, copies: Copies? = nil) {
-        gemm(precision, transposeA: false, transposeB: true, m: rows, n: outFeatures, k: inFeatures,
-             a: input, lda: inFeatures, b: weight, ldb: inFeatures, c: output, ldc: outFeatures, bias: bias,
+        gemm(precision, Product(m: rows, n: outFeatures, k: inFeatures, transposeB: true),
+            a: Matrix(input, ld: inFeatures), b: Matrix(weight, ld: inFeatures), c: MutableMatrix(output, ld: outFeatures), bias: bias,
              copies: (copies.map { .init($0.input, reuse: $0.reuseInput) }, copies.map { .init($0.weight, reuse: false) }))
     }
 
@@ -61,20 +61,20 @@ public enum Linear {
             return copies.map { .init($0.gradOutput, reuse: gradOutputConverted) }
         }
         if let gradInput {
-            gemm(precision, transposeA: false, transposeB: false, m: rows, n: inFeatures, k: outFeatures,
-                 a: gradOutput, lda: outFeatures, b: weight, ldb: inFeatures, beta: accumulateInput ? 1 : 0, c: gradInput, ldc: inFeatures,
+            gemm(precision, Product(m: rows, n: inFeatures, k: outFeatures, beta: accumulateInput ? 1 : 0),
+                a: Matrix(gradOutput, ld: outFeatures), b: Matrix(weight, ld: inFeatures), c: MutableMatrix(gradInput, ld: inFeatures),
                  copies: (gradOutputCopy(), copies.map { .init($0.weight, reuse: true) }))
         }
         // In bf16 the sums over the rows are made of pieces (one piece where `pieceRows` is nil).
         let pieces = precision == .bf16 ? pieceRows ?? rows : nil
         if let gradWeight {
             if let pieces {
-                piecewiseGradientProduct(m: outFeatures, n: inFeatures, rows: rows, pieceRows: pieces, a: gradOutput, lda: outFeatures, b: input,
-                                         ldb: inFeatures, c: gradWeight, ldc: inFeatures, overwrite: overwriteWeight,
+                piecewiseGradientProduct(m: outFeatures, n: inFeatures, rows: rows, pieceRows: pieces, a: Matrix(gradOutput, ld: outFeatures),
+                                         b: Matrix(input, ld: inFeatures), c: MutableMatrix(gradWeight, ld: inFeatures), overwrite: overwriteWeight,
                                          copies: (gradOutputCopy(), copies.map { .init($0.input, reuse: true) }))
             } else {
-                gemm(precision, transposeA: true, transposeB: false, m: outFeatures, n: inFeatures, k: rows,
-                     a: gradOutput, lda: outFeatures, b: input, ldb: inFeatures, beta: overwriteWeight ? 0 : 1, c: gradWeight, ldc: inFeatures,
+                gemm(precision, Product(m: outFeatures, n: inFeatures, k: rows, transposeA: true, beta: overwriteWeight ? 0 : 1),
+                    a: Matrix(gradOutput, ld: outFeatures), b: Matrix(input, ld: inFeatures), c: MutableMatrix(gradWeight, ld: inFeatures),
                      copies: (gradOutputCopy(), copies.map { .init($0.input, reuse: true) }))
             }
         }

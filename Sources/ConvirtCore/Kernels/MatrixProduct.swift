@@ -9,39 +9,36 @@ import CKernels
 import Glibc
 #endif
 
-/// Row-major C[m, n] = alpha * op(A)[m, k] * op(B)[k, n] + beta * C in `precision` (bf16: both inputs
-/// rounded to bfloat16, the products accumulated in fp32, C in fp32). Same arguments as `sgemm`.
+/// The product `p` (row-major C[m, n] = alpha * op(A)[m, k] * op(B)[k, n] + beta * C) in `precision`
+/// (bf16: both inputs rounded to bfloat16, the products accumulated in fp32, C in fp32).
 /// `parallel: false` (a call from inside a parallel loop) stays on this thread: there bf16 is computed
 /// by the emulation, since oneDNN would start an OpenMP team from every one of the loop's threads.
 /// `native`: bf16 on oneDNN's bf16 kernels (default `BF16.native`; true needs `BF16.oneDNNRunsBF16`).
 /// `bias` [n] (with beta 0): C = alpha op(A) op(B) + bias on every row, added in fp32 (on oneDNN inside
-/// the product, on sgemm copied into C first: `fp32Product`).
-public func gemm(
-    _ precision: Precision, transposeA: Bool, transposeB: Bool, m: Int, n: Int, k: Int,
-    alpha: Float = 1, a: UnsafePointer<Float>, lda: Int, b: UnsafePointer<Float>, ldb: Int,
-    beta: Float = 0, c: UnsafeMutablePointer<Float>, ldc: Int, bias: UnsafePointer<Float>? = nil, parallel: Bool = true,
-    native: Bool = BF16.native, copies: (a: BF16Operand.Use?, b: BF16Operand.Use?) = (nil, nil)
-) {
-    precondition(bias == nil || beta == 0, "gemm: a bias with beta \(beta)")
+/// the product, on sgemm copied into C first: `fp32Product`). `copies`: A's and B's bf16 copies on
+/// oneDNN, converted once for several products (`BF16Operand`).
+public func gemm(_ precision: Precision, _ p: Product, a: Matrix, b: Matrix, c: MutableMatrix, bias: UnsafePointer<Float>? = nil,
+                 parallel: Bool = true, native: Bool = BF16.native, copies: (a: BF16Operand.Use?, b: BF16Operand.Use?) = (nil, nil)) {
+    precondition(bias == nil || p.beta == 0, "gemm: a bias with beta \(p.beta)")
+    let (m, n, k) = (p.m, p.n, p.k)
     guard precision == .bf16, m > 0, n > 0, k > 0 else {
-        fp32Product(transposeA: transposeA, transposeB: transposeB, m: m, n: n, k: k, alpha: alpha, a: a, lda: lda, b: b, ldb: ldb,
-                    beta: beta, c: c, ldc: ldc, bias: bias, parallel: parallel)
+        fp32Product(p, a: a, b: b, c: c, bias: bias, parallel: parallel)
         return
     }
     let onDNNL = native && parallel
     // The stored blocks of op(A) and op(B): rows x columns with their leading dimensions.
-    let (aRows, aColumns) = transposeA ? (k, m) : (m, k)
-    let (bRows, bColumns) = transposeB ? (n, k) : (k, n)
+    let (aRows, aColumns) = p.aStored, (bRows, bColumns) = p.bStored
     let scratch = ThreadScratch.current
     if onDNNL {
-        let key = MatmulPrimitive.Key(m: m, n: n, k: k, transposeA: transposeA, transposeB: transposeB, ldc: ldc, alpha: alpha, beta: beta,
-                                      bias: bias != nil)
+        let key = MatmulPrimitive.Key(m: m, n: n, k: k, transposeA: p.transposeA, transposeB: p.transposeB, ldc: c.ld, alpha: p.alpha,
+                                      beta: p.beta, bias: bias != nil)
         do {
             guard let primitive = try MatmulPrimitive.cached(key) else { throw ConvirtError("oneDNN refused a bf16 matmul of \(m)x\(k)x\(n)") }
             let base = scratch.ensure(bytes: 2 * (m * k + k * n) + 64).bindMemory(to: UInt16.self, capacity: m * k + k * n + 32)
-            let a16 = bf16Operand(copies.a, a, rows: aRows, columns: aColumns, ld: lda, room: base, parallel: parallel)
-            let b16 = bf16Operand(copies.b, b, rows: bRows, columns: bColumns, ld: ldb, room: base + (m * k + 31) / 32 * 32, parallel: parallel)
-            try primitive.execute(a: a16, b: b16, c: c, bias: bias, stream: scratch.stream)
+            let a16 = bf16Operand(copies.a, a.base, rows: aRows, columns: aColumns, ld: a.ld, room: base, parallel: parallel)
+            let b16 = bf16Operand(copies.b, b.base, rows: bRows, columns: bColumns, ld: b.ld, room: base + (m * k + 31) / 32 * 32,
+                                  parallel: parallel)
+            try primitive.execute(a: a16, b: b16, c: c.base, bias: bias, stream: scratch.stream)
             return
         } catch {
             // A shape oneDNN refuses (none is known): the exact emulation below computes the same.
@@ -49,10 +46,9 @@ public func gemm(
     }
     let base = scratch.ensure(bytes: 4 * (m * k + k * n) + 128).bindMemory(to: Float.self, capacity: m * k + k * n + 32)
     let aRounded = base, bRounded = base + (m * k + 15) / 16 * 16
-    roundedOperand(aRounded, a, onDNNL ? copies.a : nil, rows: aRows, columns: aColumns, ld: lda, parallel: parallel)
-    roundedOperand(bRounded, b, onDNNL ? copies.b : nil, rows: bRows, columns: bColumns, ld: ldb, parallel: parallel)
-    emulatedProduct(transposeA: transposeA, transposeB: transposeB, m: m, n: n, k: k, alpha: alpha, a: aRounded, lda: aColumns,
-                    b: bRounded, ldb: bColumns, beta: beta, c: c, ldc: ldc, bias: bias, parallel: parallel)
+    roundedOperand(aRounded, a.base, onDNNL ? copies.a : nil, rows: aRows, columns: aColumns, ld: a.ld, parallel: parallel)
+    roundedOperand(bRounded, b.base, onDNNL ? copies.b : nil, rows: bRows, columns: bColumns, ld: b.ld, parallel: parallel)
+    emulatedProduct(p, a: Matrix(aRounded, ld: aColumns), b: Matrix(bRounded, ld: bColumns), c: c, bias: bias, parallel: parallel)
 }
 
 /// A bf16 product of rounded inputs on the fp32 kernels (`fp32Product`): exact products, accumulated in
@@ -60,35 +56,34 @@ public func gemm(
 /// over k runs in two blocks, the first ceil(k/2) terms and the rest, each block's sum rounded to bf16
 /// before the two are added in fp32 (then alpha, beta and the bias): a kernel whose sums depend on the
 /// product's length.
-func emulatedProduct(transposeA: Bool, transposeB: Bool, m: Int, n: Int, k: Int, alpha: Float, a: UnsafePointer<Float>, lda: Int,
-                     b: UnsafePointer<Float>, ldb: Int, beta: Float, c: UnsafeMutablePointer<Float>, ldc: Int,
-                     bias: UnsafePointer<Float>? = nil, parallel: Bool, blocked: Bool = false) {
+func emulatedProduct(_ p: Product, a: Matrix, b: Matrix, c: MutableMatrix, bias: UnsafePointer<Float>? = nil, parallel: Bool,
+                     blocked: Bool = false) {
+    let (m, n, k) = (p.m, p.n, p.k)
     guard blocked, k > 1 else {
-        fp32Product(transposeA: transposeA, transposeB: transposeB, m: m, n: n, k: k, alpha: alpha, a: a, lda: lda, b: b, ldb: ldb,
-                    beta: beta, c: c, ldc: ldc, bias: bias, parallel: parallel)
+        fp32Product(p, a: a, b: b, c: c, bias: bias, parallel: parallel)
         return
     }
     // op(A)'s columns k0..<k1 start at column k0 (not transposed) or at row k0 (transposed); op(B)'s rows likewise.
     let split = (k + 1) / 2
     let blocks = ThreadScratch.current.reorderSlot(ThreadScratch.blockedProductSlot, bytes: 8 * m * n).bindMemory(to: Float.self, capacity: 2 * m * n)
     for (j, range) in [0..<split, split..<k].enumerated() {
-        let part = blocks + j * m * n
-        fp32Product(transposeA: transposeA, transposeB: transposeB, m: m, n: n, k: range.count, alpha: 1,
-                    a: a + (transposeA ? range.lowerBound * lda : range.lowerBound), lda: lda,
-                    b: b + (transposeB ? range.lowerBound : range.lowerBound * ldb), ldb: ldb, beta: 0, c: part, ldc: n, parallel: parallel)
+        let part = blocks + j * m * n, first = range.lowerBound
+        fp32Product(Product(m: m, n: n, k: range.count, transposeA: p.transposeA, transposeB: p.transposeB),
+                    a: Matrix(a.base + (p.transposeA ? first * a.ld : first), ld: a.ld),
+                    b: Matrix(b.base + (p.transposeB ? first : first * b.ld), ld: b.ld), c: MutableMatrix(part, ld: n), parallel: parallel)
         BF16.round(part, part, count: m * n, parallel: parallel)
     }
     for i in 0..<m {
-        let row = c + i * ldc, first = blocks + i * n, second = first + m * n
+        let row = c.base + i * c.ld, first = blocks + i * n, second = first + m * n
         for j in 0..<n {
-            let value = alpha * (first[j] + second[j]) + (bias?[j] ?? 0)
-            row[j] = beta == 0 ? value : value + beta * row[j]
+            let value = p.alpha * (first[j] + second[j]) + (bias?[j] ?? 0)
+            row[j] = p.beta == 0 ? value : value + p.beta * row[j]
         }
     }
 }
 
 /// The gradient of a product's right operand over the rows of a batch in bf16: C [m, n] = A^T B (+ C),
-/// A [rows, m] and B [rows, n] stored by rows (lda, ldb), the rows being a rank's samples or their
+/// A [rows, m] and B [rows, n] stored by rows, the rows being a rank's samples or their
 /// tokens (a linear layer's weight gradient: A the output gradient, B the input). The sum over the rows
 /// runs in pieces of `pieceRows` rows (`GradientPieces`): each piece is a product of its own, of one
 /// shape whatever the batch, so that however the kernel blocks, orders or rounds its sum over the
@@ -98,13 +93,13 @@ func emulatedProduct(transposeA: Bool, transposeB: Bool, m: Int, n: Int, k: Int,
 /// pieces (here, and in the all-reduce), as fp32 does. `overwrite`: C's old values are dropped (the
 /// first piece is written with beta 0). `copies`: A's and B's bf16 copies, as `gemm`'s.
 /// `blocked`: the emulation's sums as `emulatedProduct`'s under CONVIRT_BF16=blocked.
-public func piecewiseGradientProduct(m: Int, n: Int, rows: Int, pieceRows: Int, a: UnsafePointer<Float>, lda: Int, b: UnsafePointer<Float>,
-                                     ldb: Int, c: UnsafeMutablePointer<Float>, ldc: Int, overwrite: Bool, native: Bool = BF16.native,
-                                     blocked: Bool = BF16.blockedReductions, copies: (a: BF16Operand.Use?, b: BF16Operand.Use?) = (nil, nil)) {
+public func piecewiseGradientProduct(m: Int, n: Int, rows: Int, pieceRows: Int, a: Matrix, b: Matrix, c: MutableMatrix, overwrite: Bool,
+                                     native: Bool = BF16.native, blocked: Bool = BF16.blockedReductions,
+                                     copies: (a: BF16Operand.Use?, b: BF16Operand.Use?) = (nil, nil)) {
     precondition(pieceRows > 0 && rows % pieceRows == 0, "piecewiseGradientProduct: \(rows) rows in pieces of \(pieceRows)")
     guard m > 0, n > 0 else { return }
     if rows == 0 {
-        if overwrite { for i in 0..<m { (c + i * ldc).update(repeating: 0, count: n) } }
+        if overwrite { for i in 0..<m { (c.base + i * c.ld).update(repeating: 0, count: n) } }
         return
     }
     /// beta of the piece that starts at row `first`.
@@ -113,17 +108,17 @@ public func piecewiseGradientProduct(m: Int, n: Int, rows: Int, pieceRows: Int, 
     if native {
         do {
             func primitive(beta: Float) throws -> MatmulPrimitive {
-                let key = MatmulPrimitive.Key(m: m, n: n, k: pieceRows, transposeA: true, transposeB: false, ldc: ldc, alpha: 1, beta: beta)
+                let key = MatmulPrimitive.Key(m: m, n: n, k: pieceRows, transposeA: true, transposeB: false, ldc: c.ld, alpha: 1, beta: beta)
                 guard let primitive = try MatmulPrimitive.cached(key) else { throw ConvirtError("oneDNN refused a bf16 matmul of \(m)x\(pieceRows)x\(n)") }
                 return primitive
             }
             // The first piece's (beta 0 where it overwrites) and the others' (beta 1).
             let first = try primitive(beta: beta(0)), others = rows > pieceRows ? try primitive(beta: 1) : first
             let base = scratch.ensure(bytes: 2 * rows * (m + n) + 64).bindMemory(to: UInt16.self, capacity: rows * (m + n) + 32)
-            let a16 = bf16Operand(copies.a, a, rows: rows, columns: m, ld: lda, room: base, parallel: true)
-            let b16 = bf16Operand(copies.b, b, rows: rows, columns: n, ld: ldb, room: base + (rows * m + 31) / 32 * 32, parallel: true)
+            let a16 = bf16Operand(copies.a, a.base, rows: rows, columns: m, ld: a.ld, room: base, parallel: true)
+            let b16 = bf16Operand(copies.b, b.base, rows: rows, columns: n, ld: b.ld, room: base + (rows * m + 31) / 32 * 32, parallel: true)
             for row in stride(from: 0, to: rows, by: pieceRows) {
-                try (row == 0 ? first : others).execute(a: a16 + row * m, b: b16 + row * n, c: c, stream: scratch.stream)
+                try (row == 0 ? first : others).execute(a: a16 + row * m, b: b16 + row * n, c: c.base, stream: scratch.stream)
             }
             return
         } catch {
@@ -132,11 +127,11 @@ public func piecewiseGradientProduct(m: Int, n: Int, rows: Int, pieceRows: Int, 
     }
     let base = scratch.ensure(bytes: 4 * rows * (m + n) + 128).bindMemory(to: Float.self, capacity: rows * (m + n) + 32)
     let aRounded = base, bRounded = base + (rows * m + 15) / 16 * 16
-    roundedOperand(aRounded, a, native ? copies.a : nil, rows: rows, columns: m, ld: lda, parallel: true)
-    roundedOperand(bRounded, b, native ? copies.b : nil, rows: rows, columns: n, ld: ldb, parallel: true)
+    roundedOperand(aRounded, a.base, native ? copies.a : nil, rows: rows, columns: m, ld: a.ld, parallel: true)
+    roundedOperand(bRounded, b.base, native ? copies.b : nil, rows: rows, columns: n, ld: b.ld, parallel: true)
     for first in stride(from: 0, to: rows, by: pieceRows) {
-        emulatedProduct(transposeA: true, transposeB: false, m: m, n: n, k: pieceRows, alpha: 1, a: aRounded + first * m, lda: m,
-                        b: bRounded + first * n, ldb: n, beta: beta(first), c: c, ldc: ldc, parallel: true, blocked: blocked)
+        emulatedProduct(Product(m: m, n: n, k: pieceRows, transposeA: true, beta: beta(first)),
+                        a: Matrix(aRounded + first * m, ld: m), b: Matrix(bRounded + first * n, ld: n), c: c, parallel: true, blocked: blocked)
     }
 }
 
@@ -189,26 +184,23 @@ public enum FP32Matmul {
 /// depends on the size: a rank's products have fewer rows the more ranks share the batch, and a rule by
 /// size sent the demo preset's text products to oneDNN on one rank and to sgemm on two, whose losses
 /// then parted by 2e-5 within 12 steps (1e-8 where both ranks' products ran on the same library).
-func fp32Product(transposeA: Bool, transposeB: Bool, m: Int, n: Int, k: Int, alpha: Float, a: UnsafePointer<Float>, lda: Int,
-                 b: UnsafePointer<Float>, ldb: Int, beta: Float, c: UnsafeMutablePointer<Float>, ldc: Int,
-                 bias: UnsafePointer<Float>? = nil, parallel: Bool) {
-    if FP32Matmul.onDNNL && parallel && m > 0 && n > 0 && k > 0 {
-        let key = MatmulPrimitive.Key(m: m, n: n, k: k, transposeA: transposeA, transposeB: transposeB, lda: lda, ldb: ldb, ldc: ldc,
-                                      alpha: alpha, beta: beta, bias: bias != nil, operands: .fp32)
+func fp32Product(_ p: Product, a: Matrix, b: Matrix, c: MutableMatrix, bias: UnsafePointer<Float>? = nil, parallel: Bool) {
+    if FP32Matmul.onDNNL && parallel && p.m > 0 && p.n > 0 && p.k > 0 {
+        let key = MatmulPrimitive.Key(m: p.m, n: p.n, k: p.k, transposeA: p.transposeA, transposeB: p.transposeB, lda: a.ld, ldb: b.ld,
+                                      ldc: c.ld, alpha: p.alpha, beta: p.beta, bias: bias != nil, operands: .fp32)
         if let primitive = try? MatmulPrimitive.cached(key),
-           (try? primitive.execute(a: a, b: b, c: c, bias: bias, stream: ThreadScratch.current.stream)) != nil {
+           (try? primitive.execute(a: a.base, b: b.base, c: c.base, bias: bias, stream: ThreadScratch.current.stream)) != nil {
             return
         }
         // A shape oneDNN refuses (none is known; nothing was written): sgemm computes the same.
     }
-    var beta = beta
+    var p = p
     if let bias {
-        precondition(beta == 0, "fp32Product: a bias with beta \(beta)")
-        for r in 0..<m { (c + r * ldc).update(from: bias, count: n) }
-        beta = 1
+        precondition(p.beta == 0, "fp32Product: a bias with beta \(p.beta)")
+        for r in 0..<p.m { (c.base + r * c.ld).update(from: bias, count: p.n) }
+        p.beta = 1
     }
-    sgemm(transposeA: transposeA, transposeB: transposeB, m: m, n: n, k: k, alpha: alpha, a: a, lda: lda, b: b, ldb: ldb,
-          beta: beta, c: c, ldc: ldc, parallel: parallel)
+    sgemm(p, a: a, b: b, c: c, parallel: parallel)
 }
 
 /// A bf16 copy of one operand of products on oneDNN, kept for the next product that reads the same

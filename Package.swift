@@ -30,9 +30,10 @@ let package = Package(
         .systemLibrary(name: "CZlib", pkgConfig: "zlib", providers: [.apt(["zlib1g-dev"])]),
         .systemLibrary(name: "CLibJPEG", pkgConfig: "libjpeg", providers: [.apt(["libjpeg-dev"])]),
         .systemLibrary(name: "CLibPNG", pkgConfig: "libpng", providers: [.apt(["libpng-dev"])]),
-        // oneDNN: Debian's package ships no pkg-config file; the headers and library are on the default paths.
-        // It links libgomp too (its OpenMP runtime, which our parallel loops share): libgomp.so is GCC's.
-        .systemLibrary(name: "CDNNL", providers: [.apt(["libdnnl-dev", "libgcc-12-dev"])]),
+        // oneDNN 3 (the v3 API), in .deps/onednn (scripts/install-onednn.sh: a site's install, or Intel's
+        // CPU build from PyPI); the header path and the rpath are set for every target below. It links
+        // libgomp too (its OpenMP runtime, which our parallel loops share): libgomp.so is GCC's.
+        .systemLibrary(name: "CDNNL"),
 
         // C shims for what Swift cannot import: MPI's handle macros, and libjpeg/libpng's
         // setjmp/longjmp error handling, which must stay inside C.
@@ -89,3 +90,16 @@ let package = Package(
                     exclude: ["Fixtures"]),
     ]
 )
+
+// oneDNN 3's headers for every module that imports CDNNL, directly or through ConvirtCore (ahead of any
+// older oneDNN on the system's include path); its library by its file (the system's library directory,
+// which other pkg-config files put first on the search path, may hold an older libdnnl.so), found at
+// run time through an rpath.
+let onednn = Context.packageDirectory + "/.deps/onednn"
+for target in package.targets where target.type != .system {
+    target.cSettings = (target.cSettings ?? []) + [.unsafeFlags(["-I" + onednn + "/include"])]
+    target.swiftSettings = (target.swiftSettings ?? []) + [.unsafeFlags(["-Xcc", "-I" + onednn + "/include"])]
+    if target.name == "ConvirtCore" {
+        target.linkerSettings = [.unsafeFlags(["-Xlinker", onednn + "/lib/libdnnl.so.3", "-Xlinker", "-rpath", "-Xlinker", onednn + "/lib"])]
+    }
+}

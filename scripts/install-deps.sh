@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Installs the Debian packages convirt builds and runs on, when any is missing.
+# Installs the Debian packages convirt builds and runs on, when any is missing, then oneDNN 3
+# (scripts/install-onednn.sh: a site's install, or Intel's CPU build from PyPI, into .deps/onednn).
 # Usage: scripts/install-deps.sh            (no-op when everything is present)
 set -euo pipefail
-packages=(libopenmpi-dev openmpi-bin libopenblas-dev libdnnl-dev libzstd-dev zlib1g-dev libjpeg-dev libpng-dev pkg-config iproute2)
+packages=(libopenmpi-dev openmpi-bin libopenblas-dev libzstd-dev zlib1g-dev libjpeg-dev libpng-dev pkg-config iproute2)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -13,7 +14,9 @@ if ! ls /usr/lib/gcc/*/*/libgomp.so >/dev/null 2>&1; then
   gcc_version=$(ls /usr/lib/gcc/x86_64-linux-gnu 2>/dev/null | sort -V | tail -1)
   missing+=("libgcc-${gcc_version:-12}-dev")
 fi
-if [ ${#missing[@]} -eq 0 ]; then exit 0; fi
+# pip fetches oneDNN's vendor build (and the test suite's Python references).
+if ! python3 -m pip --version >/dev/null 2>&1; then missing+=(python3-pip); fi
+if [ ${#missing[@]} -eq 0 ]; then exec "$(dirname "$0")/install-onednn.sh"; fi
 echo "installing Debian packages: ${missing[*]}"
 sudo=""
 if [ "$(id -u)" -ne 0 ]; then sudo="sudo"; fi
@@ -29,3 +32,4 @@ rm -f "$log"
 for p in "${missing[@]}"; do
   echo "  $p $(dpkg-query -W -f='${Version}' "$p" 2>/dev/null || echo '(version unknown)')"
 done
+exec "$(dirname "$0")/install-onednn.sh"

@@ -2,12 +2,15 @@
 // little" (compare with `convirt bench kernels`). Each primitive runs in the layouts it chooses
 // (format_tag_any), inputs already in them (no reorders timed), on the threads OMP_NUM_THREADS gives.
 //
-//     cc -O2 tools/bench_dnnl.c -ldnnl -o /tmp/bench_dnnl && OMP_NUM_THREADS=2 /tmp/bench_dnnl
+//     cc -O2 -I.deps/onednn/include tools/bench_dnnl.c .deps/onednn/lib/libdnnl.so.3 -Wl,-rpath,$PWD/.deps/onednn/lib -o /tmp/bench_dnnl
+//     OMP_NUM_THREADS=2 /tmp/bench_dnnl
+//
+// (oneDNN 3, the v3 API: the library scripts/install-onednn.sh puts in .deps/onednn.)
 //
 // Prints GFLOP/s of: conv forward, backward data and backward weights at ResNet-50 shapes (batch 8),
 // and matmul at 1024^3 and BERT-base shapes (1024 rows = batch 8 x 128 tokens), in fp32 and bf16 (bf16
 // inputs, fp32 output, as convirt's mixed precision); "unimplemented" where oneDNN has no kernel on
-// this CPU (Debian's oneDNN 2.6 runs no bf16 below AVX-512). BENCH_LAYOUT=nhwc fixes the activations
+// this CPU (oneDNN runs no bf16 below AVX-512 but AVX2-VNNI-2). BENCH_LAYOUT=nhwc fixes the activations
 // (source, destination and their gradients) to NHWC, the layout convirt's bf16 ResNet keeps.
 #include <oneapi/dnnl/dnnl.h>
 #include <stdio.h>
@@ -26,7 +29,7 @@ static double now(void) {
     return t.tv_sec + 1e-9 * t.tv_nsec;
 }
 
-static dnnl_memory_t make_memory(const dnnl_memory_desc_t *md) {
+static dnnl_memory_t make_memory(const_dnnl_memory_desc_t md) {
     dnnl_memory_t m;
     if (dnnl_memory_create(&m, md, engine, DNNL_MEMORY_ALLOCATE) != dnnl_success) return NULL;
     void *p;
@@ -58,11 +61,11 @@ static const char *impl(dnnl_primitive_desc_t pd) {
     return name;
 }
 
-// One primitive from its operation descriptor: creates it, allocates its arguments in its layouts, times it.
-static dnnl_status_t run(const void *op, const dnnl_query_t *queries, const int *arg_ids, int n, double flops, int repeats,
-                         double *rate, char *name, size_t name_size) {
-    dnnl_primitive_desc_t pd;
-    CHECK(dnnl_primitive_desc_create(&pd, op, NULL, engine, NULL));
+// One primitive from its descriptor (created by the caller, destroyed here): creates it, allocates its
+// arguments in its layouts, times it.
+static dnnl_status_t run(dnnl_status_t created, dnnl_primitive_desc_t pd, const dnnl_query_t *queries, const int *arg_ids, int n, double flops,
+                         int repeats, double *rate, char *name, size_t name_size) {
+    CHECK(created);
     dnnl_primitive_t p;
     CHECK(dnnl_primitive_create(&p, pd));
     dnnl_exec_arg_t args[4];
@@ -86,35 +89,44 @@ static dnnl_format_tag_t activation_tag = dnnl_format_tag_any;
 static void conv(const char *label, int n, int c, int h, int o, int k, int s, int pad, dnnl_data_type_t t, int repeats) {
     int oh = (h + 2 * pad - k) / s + 1;
     dnnl_dims_t src = {n, c, h, h}, wei = {o, c, k, k}, dst = {n, o, oh, oh}, strides = {s, s}, padding = {pad, pad};
-    dnnl_memory_desc_t sd, wd, dd, dsd, dwd;
+    dnnl_memory_desc_t sd, wd, dd, dsd, dwd, ddt;  // ddt: the output gradient, in the input type
     dnnl_format_tag_t act = activation_tag;
-    dnnl_memory_desc_init_by_tag(&sd, 4, src, t, act);
-    dnnl_memory_desc_init_by_tag(&wd, 4, wei, t, dnnl_format_tag_any);
-    dnnl_memory_desc_init_by_tag(&dd, 4, dst, dnnl_f32, act);
-    dnnl_memory_desc_init_by_tag(&dsd, 4, src, dnnl_f32, act);
-    dnnl_memory_desc_init_by_tag(&dwd, 4, wei, dnnl_f32, dnnl_format_tag_any);
-    dnnl_memory_desc_t ddt;  // the output gradient, in the input type
-    dnnl_memory_desc_init_by_tag(&ddt, 4, dst, t, act);
+    dnnl_memory_desc_create_with_tag(&sd, 4, src, t, act);
+    dnnl_memory_desc_create_with_tag(&wd, 4, wei, t, dnnl_format_tag_any);
+    dnnl_memory_desc_create_with_tag(&dd, 4, dst, dnnl_f32, act);
+    dnnl_memory_desc_create_with_tag(&dsd, 4, src, dnnl_f32, act);
+    dnnl_memory_desc_create_with_tag(&dwd, 4, wei, dnnl_f32, dnnl_format_tag_any);
+    dnnl_memory_desc_create_with_tag(&ddt, 4, dst, t, act);
     double flops = 2.0 * n * o * oh * oh * c * k * k;
     double f = 0, bd = 0, bw = 0;
     char fn[64] = "unimplemented", dn[64] = "", wn[64] = "";
-    dnnl_convolution_desc_t fwd, bwd_d, bwd_w;
-    dnnl_convolution_forward_desc_init(&fwd, dnnl_forward_training, dnnl_convolution_direct, &sd, &wd, NULL, &dd, strides, padding, padding);
-    dnnl_convolution_backward_data_desc_init(&bwd_d, dnnl_convolution_direct, &dsd, &wd, &ddt, strides, padding, padding);
-    dnnl_convolution_backward_weights_desc_init(&bwd_w, dnnl_convolution_direct, &sd, &dwd, NULL, &ddt, strides, padding, padding);
+    dnnl_dims_t dilates = {0, 0};
     dnnl_query_t fq[] = {dnnl_query_src_md, dnnl_query_weights_md, dnnl_query_dst_md};
     int fa[] = {DNNL_ARG_SRC, DNNL_ARG_WEIGHTS, DNNL_ARG_DST};
     dnnl_query_t dq[] = {dnnl_query_diff_dst_md, dnnl_query_weights_md, dnnl_query_diff_src_md};
     int da[] = {DNNL_ARG_DIFF_DST, DNNL_ARG_WEIGHTS, DNNL_ARG_DIFF_SRC};
     dnnl_query_t wq[] = {dnnl_query_diff_dst_md, dnnl_query_src_md, dnnl_query_diff_weights_md};
     int wa[] = {DNNL_ARG_DIFF_DST, DNNL_ARG_SRC, DNNL_ARG_DIFF_WEIGHTS};
-    // Backward primitives without a forward hint: oneDNN picks the same kernels for them.
-    if (run(&fwd, fq, fa, 3, flops, repeats, &f, fn, sizeof fn) != dnnl_success) {
+    // The forward primitive is also the backward ones' hint (oneDNN 3 requires one).
+    dnnl_primitive_desc_t fwd = NULL, bwd_d = NULL, bwd_w = NULL, hint = NULL;
+    dnnl_status_t made = dnnl_convolution_forward_primitive_desc_create(&fwd, engine, dnnl_forward_training, dnnl_convolution_direct, sd, wd,
+                                                                        NULL, dd, strides, dilates, padding, padding, NULL);
+    dnnl_convolution_forward_primitive_desc_create(&hint, engine, dnnl_forward_training, dnnl_convolution_direct, sd, wd, NULL, ddt, strides,
+                                                   dilates, padding, padding, NULL);
+    if (run(made, fwd, fq, fa, 3, flops, repeats, &f, fn, sizeof fn) != dnnl_success) {
         printf("%-26s %-5s unimplemented\n", label, t == dnnl_bf16 ? "bf16" : "fp32");
-        return;
+    } else {
+        dnnl_status_t data = dnnl_convolution_backward_data_primitive_desc_create(&bwd_d, engine, dnnl_convolution_direct, dsd, wd, ddt, strides,
+                                                                                  dilates, padding, padding, hint, NULL);
+        run(data, bwd_d, dq, da, 3, flops, repeats, &bd, dn, sizeof dn);
+        dnnl_status_t weights = dnnl_convolution_backward_weights_primitive_desc_create(&bwd_w, engine, dnnl_convolution_direct, sd, dwd, NULL, ddt,
+                                                                                        strides, dilates, padding, padding, hint, NULL);
+        run(weights, bwd_w, wq, wa, 3, flops, repeats, &bw, wn, sizeof wn);
     }
-    run(&bwd_d, dq, da, 3, flops, repeats, &bd, dn, sizeof dn);
-    run(&bwd_w, wq, wa, 3, flops, repeats, &bw, wn, sizeof wn);
+    if (hint) dnnl_primitive_desc_destroy(hint);
+    dnnl_memory_desc_t mds[] = {sd, wd, dd, dsd, dwd, ddt};
+    for (int i = 0; i < 6; i++) dnnl_memory_desc_destroy(mds[i]);
+    if (made != dnnl_success) return;
     printf("%-26s %-5s fwd %7.1f  bwd data %7.1f  bwd weights %7.1f GFLOP/s  [%s, %s, %s]\n", label, t == dnnl_bf16 ? "bf16" : "fp32",
            f, bd, bw, fn, dn, wn);
 }
@@ -122,16 +134,20 @@ static void conv(const char *label, int n, int c, int h, int o, int k, int s, in
 static void matmul(const char *label, int m, int k, int n, dnnl_data_type_t t, int repeats) {
     dnnl_dims_t a = {m, k}, b = {k, n}, c = {m, n};
     dnnl_memory_desc_t ad, bd, cd;
-    dnnl_memory_desc_init_by_tag(&ad, 2, a, t, dnnl_ab);
-    dnnl_memory_desc_init_by_tag(&bd, 2, b, t, dnnl_ab);
-    dnnl_memory_desc_init_by_tag(&cd, 2, c, dnnl_f32, dnnl_ab);
-    dnnl_matmul_desc_t md;
-    dnnl_matmul_desc_init(&md, &ad, &bd, NULL, &cd);
+    dnnl_memory_desc_create_with_tag(&ad, 2, a, t, dnnl_ab);
+    dnnl_memory_desc_create_with_tag(&bd, 2, b, t, dnnl_ab);
+    dnnl_memory_desc_create_with_tag(&cd, 2, c, dnnl_f32, dnnl_ab);
+    dnnl_primitive_desc_t pd = NULL;
+    dnnl_status_t made = dnnl_matmul_primitive_desc_create(&pd, engine, ad, bd, NULL, cd, NULL);
     dnnl_query_t q[] = {dnnl_query_src_md, dnnl_query_weights_md, dnnl_query_dst_md};
     int ids[] = {DNNL_ARG_SRC, DNNL_ARG_WEIGHTS, DNNL_ARG_DST};
     double rate = 0;
     char name[64];
-    if (run(&md, q, ids, 3, 2.0 * m * n * k, repeats, &rate, name, sizeof name) != dnnl_success) {
+    dnnl_status_t ran = run(made, pd, q, ids, 3, 2.0 * m * n * k, repeats, &rate, name, sizeof name);
+    dnnl_memory_desc_destroy(ad);
+    dnnl_memory_desc_destroy(bd);
+    dnnl_memory_desc_destroy(cd);
+    if (ran != dnnl_success) {
         printf("%-26s %-5s unimplemented\n", label, t == dnnl_bf16 ? "bf16" : "fp32");
         return;
     }

@@ -69,7 +69,7 @@ for batch in 8 32; do for round in 1 2; do for p in 1 2 4 $batch; do
     echo "batch $batch pieces $p: $($bin bench step --steps 3 --threads 2 --precision bf16 --batch $batch --gradient-piece $p | tail -1)"
 done; done; done > "$out/pieces.txt" 2>&1
 
-cc -O2 tools/bench_dnnl.c -ldnnl -o /tmp/bench_dnnl && for t in 2 8 16; do OMP_NUM_THREADS=$t /tmp/bench_dnnl; done > "$out/bench_dnnl.txt" 2>&1
+cc -O2 -I.deps/onednn/include tools/bench_dnnl.c .deps/onednn/lib/libdnnl.so.3 -Wl,-rpath,$PWD/.deps/onednn/lib -o /tmp/bench_dnnl && for t in 2 8 16; do OMP_NUM_THREADS=$t /tmp/bench_dnnl; done > "$out/bench_dnnl.txt" 2>&1
 OMP_NUM_THREADS=2 BENCH_LAYOUT=nhwc /tmp/bench_dnnl > "$out/bench_dnnl_nhwc.txt" 2>&1
 for t in 2 16; do $bin bench kernels --batch 8 --threads $t; done > "$out/bench_kernels.txt" 2>&1
 swift test -c release --disable-testable-imports --skip-build \

@@ -1,3 +1,7 @@
+#ifndef _GNU_SOURCE
+#define _GNU_SOURCE
+#endif
+#include <dlfcn.h>
 #include <oneapi/dnnl/dnnl.h>
 
 // Macros Swift cannot import as constants.
@@ -13,7 +17,14 @@ static inline int cdnnl_arg_diff_bias(void) { return DNNL_ARG_DIFF_BIAS; }
 static inline int cdnnl_arg_from(void) { return DNNL_ARG_FROM; }
 static inline int cdnnl_arg_scratchpad(void) { return DNNL_ARG_SCRATCHPAD; }
 static inline int cdnnl_arg_to(void) { return DNNL_ARG_TO; }
+static inline int cdnnl_arg_attr_scales(void) { return DNNL_ARG_ATTR_SCALES; }
 #include <oneapi/dnnl/dnnl_debug.h>
+
+// The file of the oneDNN library this process loaded (NULL where unknown).
+static inline const char *cdnnl_library_path(void) {
+    Dl_info info;
+    return dladdr((void *)dnnl_version, &info) && info.dli_fname ? info.dli_fname : 0;
+}
 
 // libgomp, the OpenMP runtime Debian's oneDNN runs on: the entry point GCC compiles `#pragma omp parallel`
 // to, so that our own parallel loops run on oneDNN's thread team instead of a second pool of threads

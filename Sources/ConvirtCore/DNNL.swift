@@ -1,4 +1,4 @@
-// oneDNN (Debian's libdnnl-dev, the library PyTorch itself uses on CPUs), wrapped as NIO and swift-crypto
+// oneDNN 3 (the library PyTorch itself uses on CPUs; scripts/install-onednn.sh), wrapped as NIO and swift-crypto
 // wrap C: Swift types own every engine, stream, memory and primitive object; a failing status becomes a
 // `ConvirtError` naming the operation. oneDNN chooses its own layouts (format_tag_any) for the
 // primitives; arguments arrive in the model's plain layouts (NCHW, OIHW) and are reordered at the
@@ -36,10 +36,13 @@ public enum DNNL {
         case dnnl_cpu_isa_avx: return "avx"
         case dnnl_cpu_isa_avx2: return "avx2"
         case dnnl_cpu_isa_avx2_vnni: return "avx2_vnni"
+        case dnnl_cpu_isa_avx2_vnni_2: return "avx2_vnni_2"
         case dnnl_cpu_isa_avx512_core: return "avx512_core"
         case dnnl_cpu_isa_avx512_core_vnni: return "avx512_core_vnni"
         case dnnl_cpu_isa_avx512_core_bf16: return "avx512_core_bf16"
+        case dnnl_cpu_isa_avx512_core_fp16: return "avx512_core_fp16"
         case dnnl_cpu_isa_avx512_core_amx: return "avx512_core_amx"
+        case dnnl_cpu_isa_avx512_core_amx_fp16: return "avx512_core_amx_fp16"
         default: return "isa \(dnnl_get_effective_cpu_isa().rawValue)"
         }
     }
@@ -55,55 +58,83 @@ public enum DNNL {
         guard let v = dnnl_version() else { return "unknown" }
         return "\(v.pointee.major).\(v.pointee.minor).\(v.pointee.patch)"
     }
+
+    /// Where the oneDNN library this process runs came from: its file, and what the install step wrote
+    /// beside it (`ORIGIN`: a site's install, or the vendor's build from PyPI).
+    public static var origin: String {
+        guard let name = cdnnl_library_path() else { return "unknown" }
+        var resolved = [CChar](repeating: 0, count: Int(PATH_MAX) + 1)
+        let path = realpath(name, &resolved) != nil ? String(cString: resolved) : String(cString: name)
+        // ORIGIN lies beside the lib directory the loader found it through (.deps/onednn/lib, maybe a link).
+        let loaded = String(cString: name)
+        func parent(_ p: String) -> String { String(p[..<(p.lastIndex(of: "/") ?? p.endIndex)]) }
+        guard let file = fopen(parent(parent(loaded)) + "/ORIGIN", "r") else { return path }
+        defer { fclose(file) }
+        var line = [CChar](repeating: 0, count: 512)
+        guard fgets(&line, Int32(line.count), file) != nil else { return path }
+        let note = String(cString: line).split(separator: "\n").first.map(String.init) ?? ""
+        return note.isEmpty ? path : "\(path) (\(note))"
+    }
 }
 
 /// Sizes as oneDNN's dims (passed as a pointer to the first of them).
 func dnnlDims(_ values: [Int]) -> [Int64] { values.map(Int64.init) }
 
-/// A memory descriptor of `shape` in `tag` (dnnl_format_tag_any lets a primitive choose).
-func dnnlDescriptor(_ shape: [Int], _ type: dnnl_data_type_t, _ tag: dnnl_format_tag_t) throws -> dnnl_memory_desc_t {
-    var desc = dnnl_memory_desc_t()
-    try dnnlCheck(dnnl_memory_desc_init_by_tag(&desc, Int32(shape.count), dnnlDims(shape), type, tag), "memory descriptor \(shape)")
-    return desc
+/// A memory descriptor: oneDNN 3's are objects, owned here and destroyed with this.
+final class DNNLDescriptor {
+    let md: dnnl_memory_desc_t
+
+    private init(_ md: dnnl_memory_desc_t) { self.md = md }
+    deinit { dnnl_memory_desc_destroy(md) }
+
+    /// `shape` in `tag` (dnnl_format_tag_any lets a primitive choose).
+    convenience init(_ shape: [Int], _ type: dnnl_data_type_t, _ tag: dnnl_format_tag_t) throws {
+        var md: dnnl_memory_desc_t? = nil
+        try dnnlCheck(dnnl_memory_desc_create_with_tag(&md, Int32(shape.count), dnnlDims(shape), type, tag), "memory descriptor \(shape)")
+        self.init(md!)
+    }
+
+    /// `shape` with `strides` (in elements).
+    convenience init(_ shape: [Int], _ type: dnnl_data_type_t, strides: [Int]) throws {
+        var md: dnnl_memory_desc_t? = nil
+        try dnnlCheck(dnnl_memory_desc_create_with_strides(&md, Int32(shape.count), dnnlDims(shape), type, dnnlDims(strides)),
+                      "memory descriptor \(shape) with strides \(strides)")
+        self.init(md!)
+    }
+
+    /// A copy of a descriptor another object owns (a primitive descriptor's answer to a query).
+    convenience init(copying existing: const_dnnl_memory_desc_t?) throws {
+        var md: dnnl_memory_desc_t? = nil
+        try dnnlCheck(dnnl_memory_desc_clone(&md, existing), "copying a memory descriptor")
+        self.init(md!)
+    }
+
+    var bytes: Int { dnnl_memory_desc_get_size(md) }
+    var dimensionCount: Int {
+        var n: Int32 = 0
+        _ = dnnl_memory_desc_query(md, dnnl_query_ndims_s32, &n)
+        return Int(n)
+    }
+    func same(as other: DNNLDescriptor) -> Bool { dnnl_memory_desc_equal(md, other.md) != 0 }
 }
 
-/// The descriptor of `count` images in the layout of `desc`, a batch of images (fewer: its first ones;
-/// more: the layout extended), and those images' bytes, where the batch is image-major and dense (image
-/// n starts n times one image's bytes in: NCHW, NHWC, nChw16c, ...); nil for any other layout (a
-/// blocked batch dimension, padding or an offset along it).
-func dnnlImages(_ desc: dnnl_memory_desc_t, count: Int) -> (desc: dnnl_memory_desc_t, bytes: Int)? {
-    var whole = desc
-    guard desc.format_kind == dnnl_blocked, desc.ndims >= 1, desc.offset0 == 0, desc.padded_offsets.0 == 0,
-          desc.padded_dims.0 == desc.dims.0, desc.dims.0 > 0, count >= 1 else { return nil }
-    let blocking = desc.format_desc.blocking
-    let blocked = withUnsafeBytes(of: blocking.inner_idxs) { Array($0.bindMemory(to: dnnl_dim_t.self).prefix(Int(blocking.inner_nblks))) }
-    guard !blocked.contains(0) else { return nil }
-    var image = desc
-    image.dims.0 = 1
-    image.padded_dims.0 = 1
-    let bytes = dnnl_memory_desc_get_size(&image)
-    guard dnnl_memory_desc_get_size(&whole) == bytes * Int(desc.dims.0),
-          Int(blocking.strides.0) * Int(dnnl_data_type_size(desc.data_type)) == bytes else { return nil }
-    var images = desc
-    images.dims.0 = Int64(count)
-    images.padded_dims.0 = Int64(count)
-    return (images, bytes * count)
-}
+/// The layouts a batch of images may take that are image-major and dense (image n starts n times one
+/// image's bytes in), so that a piece of a batch is a view of it.
+private let imageMajorTags = [dnnl_nchw, dnnl_nhwc, dnnl_nChw4c, dnnl_nChw8c, dnnl_nChw16c, dnnl_nChw32c]
 
-func dnnlSame(_ a: dnnl_memory_desc_t, _ b: dnnl_memory_desc_t) -> Bool {
-    var a = a, b = b
-    return dnnl_memory_desc_equal(&a, &b) != 0
+/// Which of the image-major layouts `desc` (of images of `shape`, `type`) is; nil for any other.
+func dnnlImageMajorTag(_ desc: DNNLDescriptor, shape: [Int], _ type: dnnl_data_type_t) -> dnnl_format_tag_t? {
+    imageMajorTags.first { tag in (try? DNNLDescriptor(shape, type, tag)).map { $0.same(as: desc) } ?? false }
 }
 
 /// A memory object: either bound to the caller's buffer at each call, or owning one.
 final class DNNLMemory {
     let memory: dnnl_memory_t
-    let desc: dnnl_memory_desc_t
+    let desc: DNNLDescriptor
 
-    init(_ desc: dnnl_memory_desc_t, owning: Bool) throws {
-        var desc = desc
+    init(_ desc: DNNLDescriptor, owning: Bool) throws {
         var memory: dnnl_memory_t? = nil
-        try dnnlCheck(dnnl_memory_create(&memory, &desc, try DNNL.cpuEngine(), owning ? cdnnl_memory_allocate() : nil), "memory")
+        try dnnlCheck(dnnl_memory_create(&memory, desc.md, try DNNL.cpuEngine(), owning ? cdnnl_memory_allocate() : nil), "memory")
         self.memory = memory!
         self.desc = desc
     }
@@ -125,14 +156,14 @@ final class DNNLMemory {
 /// A primitive and its descriptor. Its scratchpad (oneDNN's temporary buffer, e.g. the partial sums
 /// of a reduction split over threads) is the caller's: created with `dnnl_scratchpad_mode_user` and
 /// bound at each call to the calling thread's scratchpad slot. oneDNN's own (library) scratchpad is
-/// shared by every primitive Debian's build runs and lets a primitive run only on the thread that
+/// shared by every primitive the library runs and lets a primitive run only on the thread that
 /// created it; in-process ranks, a process-wide cache of matmuls and evaluation threads break that.
 final class DNNLPrimitive {
     let descriptor: dnnl_primitive_desc_t
     let primitive: dnnl_primitive_t
     /// Bytes of scratchpad one execution needs (0: none).
     let scratchpadBytes: Int
-    private let scratchpadDesc: dnnl_memory_desc_t
+    private let scratchpadDesc: DNNLDescriptor?
 
     /// Takes ownership of `descriptor` (created with `dnnlUserScratchpad` attributes).
     init(_ descriptor: dnnl_primitive_desc_t, _ what: String) throws {
@@ -142,17 +173,19 @@ final class DNNLPrimitive {
         if status != dnnl_success { dnnl_primitive_desc_destroy(descriptor) }
         try dnnlCheck(status, what)
         self.primitive = primitive!
-        var desc = dnnl_primitive_desc_query_md(descriptor, dnnl_query_scratchpad_md, 0)?.pointee ?? dnnl_memory_desc_t()
-        scratchpadDesc = desc
-        scratchpadBytes = desc.ndims > 0 ? dnnl_memory_desc_get_size(&desc) : 0
+        let scratchpad = try DNNLDescriptor(copying: dnnl_primitive_desc_query_md(descriptor, dnnl_query_scratchpad_md, 0))
+        scratchpadBytes = scratchpad.dimensionCount > 0 ? scratchpad.bytes : 0
+        scratchpadDesc = scratchpadBytes > 0 ? scratchpad : nil
     }
 
-    /// Creates the descriptor of `operation` (a *_desc_t initialised by the caller) and the primitive;
-    /// `attributes` (the caller's, or fresh ones) get the user scratchpad mode.
-    convenience init(_ operation: UnsafeRawPointer, attributes: dnnl_primitive_attr_t? = nil, hint: DNNLPrimitive? = nil, _ what: String) throws {
+    /// Creates the primitive descriptor with `create` (one of oneDNN's *_primitive_desc_create, given
+    /// the attributes: the caller's, or fresh ones, set to the user scratchpad mode) and the primitive.
+    convenience init(attributes: dnnl_primitive_attr_t? = nil, _ what: String,
+                     _ create: (UnsafeMutablePointer<dnnl_primitive_desc_t?>, dnnl_engine_t, dnnl_primitive_attr_t?) -> dnnl_status_t) throws {
         var descriptor: dnnl_primitive_desc_t? = nil
+        let engine = try DNNL.cpuEngine()
         try dnnlWithUserScratchpad(attributes, what) { attributes in
-            try dnnlCheck(dnnl_primitive_desc_create(&descriptor, operation, attributes, try DNNL.cpuEngine(), hint?.descriptor), what)
+            try dnnlCheck(create(&descriptor, engine, attributes), what)
         }
         try self.init(descriptor!, what)
     }
@@ -162,7 +195,10 @@ final class DNNLPrimitive {
         dnnl_primitive_desc_destroy(descriptor)
     }
 
-    func query(_ what: dnnl_query_t, index: Int32 = 0) -> dnnl_memory_desc_t { dnnl_primitive_desc_query_md(descriptor, what, index).pointee }
+    /// The memory descriptor the primitive has for `what` (its own copy).
+    func query(_ what: dnnl_query_t, index: Int32 = 0) throws -> DNNLDescriptor {
+        try DNNLDescriptor(copying: dnnl_primitive_desc_query_md(descriptor, what, index))
+    }
 
     /// oneDNN's name for the kernel it chose (e.g. jit:avx2, brg:avx512_core_amx).
     var implementation: String {
@@ -180,10 +216,9 @@ final class DNNLPrimitive {
         var args = args
         var scratchpad: dnnl_memory_t? = nil
         defer { if let scratchpad { dnnl_memory_destroy(scratchpad) } }
-        if scratchpadBytes > 0 {
-            var desc = scratchpadDesc
+        if let scratchpadDesc {
             let buffer = ThreadScratch.current.reorderSlot(ThreadScratch.scratchpadSlot, bytes: scratchpadBytes)
-            try dnnlCheck(dnnl_memory_create(&scratchpad, &desc, try DNNL.cpuEngine(), buffer), what())
+            try dnnlCheck(dnnl_memory_create(&scratchpad, scratchpadDesc.md, try DNNL.cpuEngine(), buffer), what())
             args.append(dnnl_exec_arg_t(arg: cdnnl_arg_scratchpad(), memory: scratchpad))
         }
         try dnnlCheck(dnnl_primitive_execute(primitive, stream, Int32(args.count), &args), what())
@@ -226,20 +261,17 @@ final class DNNLReorder {
         if accumulate {
             try dnnlCheck(dnnl_primitive_attr_create(&attributes), "reorder attributes")
             try dnnlCheck(dnnl_post_ops_create(&postOps), "reorder post-ops")
-            try dnnlCheck(dnnl_post_ops_append_sum(postOps, 1), "reorder sum post-op")
+            try dnnlCheck(dnnl_post_ops_append_sum(postOps, 1, 0, dnnl_data_type_undef), "reorder sum post-op")
             try dnnlCheck(dnnl_primitive_attr_set_post_ops(attributes, postOps), "reorder post-ops")
         }
         defer {
             if let postOps { dnnl_post_ops_destroy(postOps) }
             if let attributes { dnnl_primitive_attr_destroy(attributes) }
         }
-        var descriptor: dnnl_primitive_desc_t? = nil
-        var a = from.desc, b = to.desc
-        let engine = try DNNL.cpuEngine()
-        try dnnlWithUserScratchpad(attributes, "reorder") { attributes in
-            try dnnlCheck(dnnl_reorder_primitive_desc_create(&descriptor, &a, engine, &b, engine, attributes), "reorder")
+        let (a, b) = (from.desc.md, to.desc.md)
+        primitive = try DNNLPrimitive(attributes: attributes, "reorder") { descriptor, engine, attributes in
+            dnnl_reorder_primitive_desc_create(descriptor, a, engine, b, engine, attributes)
         }
-        primitive = try DNNLPrimitive(descriptor!, "reorder")
     }
 
     func run(_ stream: DNNLStream) throws {
@@ -263,10 +295,10 @@ final class DNNLArgument {
     enum Role { case input, output, accumulatingOutput }
 
     /// `slot`: distinct for the arguments that one call holds at the same time.
-    init(user desc: dnnl_memory_desc_t, primitive: dnnl_memory_desc_t, role: Role, slot: Int) throws {
+    init(user desc: DNNLDescriptor, primitive: DNNLDescriptor, role: Role, slot: Int) throws {
         let user = try DNNLMemory(desc, owning: false)
         // An accumulating output always goes through a buffer of its own: the primitive overwrites.
-        let direct = role != .accumulatingOutput && dnnlSame(desc, primitive)
+        let direct = role != .accumulatingOutput && desc.same(as: primitive)
         let inner = direct ? user : try DNNLMemory(primitive, owning: false)
         let reorder: DNNLReorder?
         if direct {
@@ -276,12 +308,11 @@ final class DNNLArgument {
         } else {
             reorder = try DNNLReorder(from: inner, to: user, accumulate: role == .accumulatingOutput)
         }
-        var primitiveDesc = primitive
         self.user = user
         self.inner = inner
         self.reorder = reorder
         self.slot = slot
-        innerBytes = direct ? 0 : dnnl_memory_desc_get_size(&primitiveDesc)
+        innerBytes = direct ? 0 : primitive.bytes
     }
 
     /// Points the primitive's buffer at this thread's slot (grown when needed).

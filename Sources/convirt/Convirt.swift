@@ -88,6 +88,7 @@ struct Info: ParsableCommand {
             print("convirt \(convirtVersion)")
             print("BLAS: \(BLASThreads.configuration), \(BLASThreads.current) thread(s); core \(BLASCore.current) (\(BLASCore.origin))")
             print("oneDNN: \(DNNL.version), ISA \(DNNL.isa); OpenMP wait policy \(BLASCore.openMPWaitPolicy)")
+            print("oneDNN library: \(DNNL.origin)")
             for line in Backend.current.lines { print(line) }
             print("MPI: \(MPICommunicator.libraryVersion.split(separator: "\n").first ?? "")")
             if communicator is MPICommunicator {

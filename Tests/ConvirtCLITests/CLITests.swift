@@ -86,6 +86,8 @@ struct CLITests {
         let (status, output) = try run(convirtPath(), ["info"])
         #expect(status == 0, "\(output)")
         #expect(output.contains("BLAS:") && output.contains("Open MPI") && output.contains("not launched by mpirun"), "\(output)")
+        // oneDNN 3 (the v3 API the code is written to), and where the library came from.
+        #expect(output.contains("\noneDNN: 3.") && output.contains("\noneDNN library: /") && output.contains("libdnnl.so.3"), "\(output)")
         // The routes, each once; a switch that is set is named with what it does.
         #expect(output.components(separatedBy: "\nbf16: ").count == 2 && output.contains("\nkernels: ") && output.contains("\nprecision auto: "), "\(output)")
         let pinned = try run(convirtPath(), ["info"], environment: ["CONVIRT_MATMUL": "openblas"])

@@ -50,25 +50,34 @@ public final class ConvolutionPrimitives {
         stream = try DNNLStream()
         let t = precision.inputType
         let (srcTag, dstTag) = Self.innerTags(inputLayout, outputLayout)
-        var src = try dnnlDescriptor(g.inputShape, t, srcTag)
-        var wei = try dnnlDescriptor(g.weightShape, t, dnnl_format_tag_any)
-        var dst = try dnnlDescriptor(g.outputShape, bf16Output ? dnnl_bf16 : dnnl_f32, dstTag)
-        var b = try dnnlDescriptor([g.outChannels], dnnl_f32, dnnl_x)
-        let strides = dnnlDims([g.strideH, g.strideW]), padding = dnnlDims([g.padH, g.padW])
-        var desc = dnnl_convolution_desc_t()
-        let status = withUnsafePointer(to: &b) { biasDesc in
-            dnnl_convolution_forward_desc_init(&desc, dnnl_forward_training, dnnl_convolution_direct, &src, &wei, bias ? biasDesc : nil, &dst,
-                                               strides, padding, padding)
-        }
-        try dnnlCheck(status, "\(g) forward (\(precision))")
-        forwardPrimitive = try withUnsafePointer(to: &desc) { try DNNLPrimitive(UnsafeRawPointer($0), "\(g) forward (\(precision))") }
-        source = try DNNLArgument(user: try dnnlDescriptor(g.inputShape, dnnl_f32, Self.userTag(inputLayout)),
-                                  primitive: forwardPrimitive.query(dnnl_query_src_md), role: .input, slot: 0)
-        weights = try DNNLArgument(user: try dnnlDescriptor(g.weightShape, dnnl_f32, dnnl_oihw), primitive: forwardPrimitive.query(dnnl_query_weights_md),
-                                   role: .input, slot: 1)
-        destination = try DNNLArgument(user: try dnnlDescriptor(g.outputShape, dnnl_f32, Self.userTag(outputLayout)),
-                                       primitive: forwardPrimitive.query(dnnl_query_dst_md), role: .output, slot: 2)
+        let src = try DNNLDescriptor(g.inputShape, t, srcTag)
+        let dst = try DNNLDescriptor(g.outputShape, bf16Output ? dnnl_bf16 : dnnl_f32, dstTag)
+        let b = try Self.biasDescriptor(g)
+        forwardPrimitive = try Self.forwardPrimitive(g, source: src, destination: dst, bias: bias ? b : nil, precision: precision)
+        source = try DNNLArgument(user: try DNNLDescriptor(g.inputShape, dnnl_f32, Self.userTag(inputLayout)),
+                                  primitive: try forwardPrimitive.query(dnnl_query_src_md), role: .input, slot: 0)
+        weights = try DNNLArgument(user: try DNNLDescriptor(g.weightShape, dnnl_f32, dnnl_oihw),
+                                   primitive: try forwardPrimitive.query(dnnl_query_weights_md), role: .input, slot: 1)
+        destination = try DNNLArgument(user: try DNNLDescriptor(g.outputShape, dnnl_f32, Self.userTag(outputLayout)),
+                                       primitive: try forwardPrimitive.query(dnnl_query_dst_md), role: .output, slot: 2)
         self.bias = bias ? try DNNLMemory(b, owning: false) : nil
+    }
+
+    /// The convolution's spatial parameters as oneDNN's dims: strides, dilations (none), padding.
+    private static func spatial(_ g: Conv2dGeometry) -> (strides: [Int64], dilations: [Int64], padding: [Int64]) {
+        (dnnlDims([g.strideH, g.strideW]), [0, 0], dnnlDims([g.padH, g.padW]))
+    }
+
+    /// The forward (training) primitive of `g` from `source` to `destination`, the weights in the layout
+    /// oneDNN picks for `precision`. Also the hint every backward primitive of the same shapes needs.
+    private static func forwardPrimitive(_ g: Conv2dGeometry, source: DNNLDescriptor, destination: DNNLDescriptor, bias: DNNLDescriptor?,
+                                         precision: Precision) throws -> DNNLPrimitive {
+        let wei = try DNNLDescriptor(g.weightShape, precision.inputType, dnnl_format_tag_any)
+        let (strides, dilations, padding) = spatial(g)
+        return try DNNLPrimitive("\(g) forward (\(precision))") { descriptor, engine, attributes in
+            dnnl_convolution_forward_primitive_desc_create(descriptor, engine, dnnl_forward_training, dnnl_convolution_direct, source.md, wei.md,
+                                                           bias?.md, destination.md, strides, dilations, padding, padding, attributes)
+        }
     }
 
     /// The caller's layout as a oneDNN tag.
@@ -96,7 +105,7 @@ public final class ConvolutionPrimitives {
         guard let g = try? Conv2dGeometry(batch: 8, inChannels: 64, height: 56, width: 56, outChannels: 64, kernel: 3, padding: 1),
               let probe = try? ConvolutionPrimitives(geometry: g, precision: precision) else { return .nchw }
         for layout in [ActivationLayout.nhwc, .blocked16] {
-            if let desc = try? dnnlDescriptor(g.inputShape, precision.inputType, userTag(layout)), dnnlSame(probe.source.inner.desc, desc) {
+            if let desc = try? DNNLDescriptor(g.inputShape, precision.inputType, userTag(layout)), probe.source.inner.desc.same(as: desc) {
                 return layout
             }
         }
@@ -122,7 +131,7 @@ public final class ConvolutionPrimitives {
 
     /// Binds `bits` (bf16, the caller's layout) as `argument`'s primitive-side buffer.
     private func bindBF16(_ argument: DNNLArgument, _ bits: UnsafePointer<UInt16>, shape: [Int], layout: ActivationLayout) throws {
-        guard dnnlSame(argument.inner.desc, try dnnlDescriptor(shape, dnnl_bf16, Self.userTag(layout))) else {
+        guard argument.inner.desc.same(as: try DNNLDescriptor(shape, dnnl_bf16, Self.userTag(layout))) else {
             throw ConvirtError("\(geometry) (\(precision)): oneDNN's kernel reads no bf16 \(layout) activation as it is")
         }
         try argument.inner.bind(bits)
@@ -193,7 +202,7 @@ public final class ConvolutionPrimitives {
         let bd = try makeBackwardData()
         // The output gradient is reordered once when both backward primitives want the same layout.
         let gradOutputInner: DNNLMemory
-        if let weightsGradOutput, dnnlSame(bd.gradOutput.inner.desc, weightsGradOutput.desc) {
+        if let weightsGradOutput, bd.gradOutput.inner.desc.same(as: weightsGradOutput.desc) {
             gradOutputInner = weightsGradOutput
         } else if let gradOutputBF16 {
             try bindBF16(bd.gradOutput, gradOutputBF16, shape: geometry.outputShape, layout: outputLayout)
@@ -209,7 +218,7 @@ public final class ConvolutionPrimitives {
             dx = bd.gradInput
         } else {
             if overwrittenGradInput == nil {
-                overwrittenGradInput = try DNNLArgument(user: bd.gradInput.user.desc, primitive: bd.primitive.query(dnnl_query_diff_src_md),
+                overwrittenGradInput = try DNNLArgument(user: bd.gradInput.user.desc, primitive: try bd.primitive.query(dnnl_query_diff_src_md),
                                                         role: .output, slot: 2)
             }
             dx = overwrittenGradInput!
@@ -261,37 +270,41 @@ public final class ConvolutionPrimitives {
         let pieceGeometry = try Conv2dGeometry(batch: images, inChannels: g.inChannels, height: g.height, width: g.width, outChannels: g.outChannels,
                                                kernel: (g.kernelH, g.kernelW), stride: (g.strideH, g.strideW), padding: (g.padH, g.padW))
         func primitive(_ source: dnnl_format_tag_t, _ destination: dnnl_format_tag_t) throws -> DNNLPrimitive {
-            var desc = try backwardWeightsOperation(source: try dnnlDescriptor(pieceGeometry.inputShape, t, source),
-                                                    gradOutput: try dnnlDescriptor(pieceGeometry.outputShape, t, destination), bias: bias, what)
-            return try withUnsafePointer(to: &desc) { try DNNLPrimitive(UnsafeRawPointer($0), what) }
+            try backwardWeightsPrimitive(pieceGeometry, source: try DNNLDescriptor(pieceGeometry.inputShape, t, source),
+                                         gradOutput: try DNNLDescriptor(pieceGeometry.outputShape, t, destination), bias: bias, what)
+        }
+        // The piece's layouts, which the batch's buffers take too: image-major ones, so that a piece is a view.
+        func tags(_ made: DNNLPrimitive) throws -> (source: dnnl_format_tag_t, gradOutput: dnnl_format_tag_t)? {
+            guard let source = dnnlImageMajorTag(try made.query(dnnl_query_src_md), shape: pieceGeometry.inputShape, t),
+                  let gradOutput = dnnlImageMajorTag(try made.query(dnnl_query_diff_dst_md), shape: pieceGeometry.outputShape, t) else { return nil }
+            return (source, gradOutput)
         }
         var made = try primitive(innerTags.source, innerTags.destination)
-        var src = dnnlImages(made.query(dnnl_query_src_md), count: g.batch), dy = dnnlImages(made.query(dnnl_query_diff_dst_md), count: g.batch)
-        if src == nil || dy == nil {
+        var layouts = try tags(made)
+        if layouts == nil {
             // A layout oneDNN picked that is not image-major: the caller's (NCHW, NHWC, nChw16c all are).
             made = try primitive(Self.userTag(inputLayout), Self.userTag(outputLayout))
-            src = dnnlImages(made.query(dnnl_query_src_md), count: g.batch)
-            dy = dnnlImages(made.query(dnnl_query_diff_dst_md), count: g.batch)
+            layouts = try tags(made)
         }
-        guard let src, let dy, let oneSource = dnnlImages(src.desc, count: images), let oneGradOutput = dnnlImages(dy.desc, count: images) else {
-            throw ConvirtError("\(what): oneDNN's layouts are not image-major")
-        }
-        var weightDesc = made.query(dnnl_query_diff_weights_md)
+        guard let layouts else { throw ConvirtError("\(what): oneDNN's layouts are not image-major") }
+        let oneSource = try DNNLDescriptor(pieceGeometry.inputShape, t, layouts.source)
+        let oneGradOutput = try DNNLDescriptor(pieceGeometry.outputShape, t, layouts.gradOutput)
+        let weightDesc = try made.query(dnnl_query_diff_weights_md)
         let piece = try DNNLMemory(weightDesc, owning: false), sum = try DNNLMemory(weightDesc, owning: false)
-        let userWeights = try dnnlDescriptor(g.weightShape, dnnl_f32, dnnl_oihw)
+        let userWeights = try DNNLDescriptor(g.weightShape, dnnl_f32, dnnl_oihw)
         let user = try DNNLMemory(userWeights, owning: false)
         let each = WeightPieces(
             images: images, primitive: made,
-            source: try DNNLArgument(user: try dnnlDescriptor(g.inputShape, dnnl_f32, Self.userTag(inputLayout)), primitive: src.desc, role: .input,
-                                     slot: 1),
-            gradOutput: try DNNLArgument(user: try dnnlDescriptor(g.outputShape, dnnl_f32, Self.userTag(outputLayout)), primitive: dy.desc,
-                                         role: .input, slot: 0),
-            pieceSource: try DNNLMemory(oneSource.desc, owning: false), pieceGradOutput: try DNNLMemory(oneGradOutput.desc, owning: false),
+            source: try DNNLArgument(user: try DNNLDescriptor(g.inputShape, dnnl_f32, Self.userTag(inputLayout)),
+                                     primitive: try DNNLDescriptor(g.inputShape, t, layouts.source), role: .input, slot: 1),
+            gradOutput: try DNNLArgument(user: try DNNLDescriptor(g.outputShape, dnnl_f32, Self.userTag(outputLayout)),
+                                         primitive: try DNNLDescriptor(g.outputShape, t, layouts.gradOutput), role: .input, slot: 0),
+            pieceSource: try DNNLMemory(oneSource, owning: false), pieceGradOutput: try DNNLMemory(oneGradOutput, owning: false),
             sourceBytes: oneSource.bytes, gradOutputBytes: oneGradOutput.bytes, piece: piece, sum: sum, user: user,
-            weightBytes: dnnl_memory_desc_get_size(&weightDesc), direct: dnnlSame(weightDesc, userWeights),
+            weightBytes: weightDesc.bytes, direct: weightDesc.same(as: userWeights),
             addPiece: try DNNLReorder(from: piece, to: sum, accumulate: true), addSum: try DNNLReorder(from: sum, to: user, accumulate: true),
             setSum: try DNNLReorder(from: sum, to: user, accumulate: false),
-            gradBias: bias ? try DNNLArgument(user: try Self.biasDescriptor(g), primitive: made.query(dnnl_query_diff_weights_md, index: 1),
+            gradBias: bias ? try DNNLArgument(user: try Self.biasDescriptor(g), primitive: try made.query(dnnl_query_diff_weights_md, index: 1),
                                               role: .accumulatingOutput, slot: 3) : nil)
         weightPieces[images] = each
         return each
@@ -327,51 +340,43 @@ public final class ConvolutionPrimitives {
         if !straight { try (overwriteWeight ? each.setSum : each.addSum).run(stream) }
     }
 
-    private static func biasDescriptor(_ g: Conv2dGeometry) throws -> dnnl_memory_desc_t { try dnnlDescriptor([g.outChannels], dnnl_f32, dnnl_x) }
+    private static func biasDescriptor(_ g: Conv2dGeometry) throws -> DNNLDescriptor { try DNNLDescriptor([g.outChannels], dnnl_f32, dnnl_x) }
 
-    /// The weight (and bias) gradient of `source` and `gradOutput` (a piece's descriptors), both
-    /// gradients fp32, the weights' in the layout oneDNN picks.
-    private func backwardWeightsOperation(source: dnnl_memory_desc_t, gradOutput: dnnl_memory_desc_t, bias: Bool, _ what: String) throws
-        -> dnnl_convolution_desc_t {
-        let g = geometry
-        var src = source, diffDst = gradOutput
-        var diffWei = try dnnlDescriptor(g.weightShape, dnnl_f32, dnnl_format_tag_any)
-        var diffBias = try Self.biasDescriptor(g)
-        let strides = dnnlDims([g.strideH, g.strideW]), padding = dnnlDims([g.padH, g.padW])
-        var desc = dnnl_convolution_desc_t()
-        let status = withUnsafePointer(to: &diffBias) { biasDesc in
-            dnnl_convolution_backward_weights_desc_init(&desc, dnnl_convolution_direct, &src, &diffWei, bias ? biasDesc : nil, &diffDst,
-                                                        strides, padding, padding)
+    /// The weight (and bias) gradient primitive of `pg` (a piece's geometry) from `source` and
+    /// `gradOutput`, both gradients fp32, the weights' in the layout oneDNN picks; its hint is the
+    /// forward primitive of the same shapes.
+    private func backwardWeightsPrimitive(_ pg: Conv2dGeometry, source: DNNLDescriptor, gradOutput: DNNLDescriptor, bias: Bool,
+                                          _ what: String) throws -> DNNLPrimitive {
+        let diffBias = try Self.biasDescriptor(pg)
+        let hint = try Self.forwardPrimitive(pg, source: source, destination: gradOutput, bias: bias ? diffBias : nil, precision: precision)
+        let diffWei = try DNNLDescriptor(pg.weightShape, dnnl_f32, dnnl_format_tag_any)
+        let (strides, dilations, padding) = Self.spatial(pg)
+        return try DNNLPrimitive(what) { descriptor, engine, attributes in
+            dnnl_convolution_backward_weights_primitive_desc_create(descriptor, engine, dnnl_convolution_direct, source.md, diffWei.md,
+                                                                    bias ? diffBias.md : nil, gradOutput.md, strides, dilations, padding, padding,
+                                                                    hint.descriptor, attributes)
         }
-        try dnnlCheck(status, what)
-        return desc
-    }
-
-    private func operationDescriptors() throws -> (src: dnnl_memory_desc_t, wei: dnnl_memory_desc_t, dst: dnnl_memory_desc_t) {
-        let g = geometry, t = precision.inputType
-        return (try dnnlDescriptor(g.inputShape, t, innerTags.source), try dnnlDescriptor(g.weightShape, t, dnnl_format_tag_any),
-                try dnnlDescriptor(g.outputShape, t, innerTags.destination))
     }
 
     private func makeBackwardData() throws -> (primitive: DNNLPrimitive, gradOutput: DNNLArgument, weights: DNNLArgument, gradInput: DNNLArgument) {
         if let backwardData { return backwardData }
-        let g = geometry
-        var (_, wei, diffDst) = try operationDescriptors()
-        var diffSrc = try dnnlDescriptor(g.inputShape, dnnl_f32, innerTags.source)
-        let strides = dnnlDims([g.strideH, g.strideW]), padding = dnnlDims([g.padH, g.padW])
-        var desc = dnnl_convolution_desc_t()
-        try dnnlCheck(dnnl_convolution_backward_data_desc_init(&desc, dnnl_convolution_direct, &diffSrc, &wei, &diffDst, strides, padding, padding),
-                      "\(g) backward data (\(precision))")
-        let primitive = try withUnsafePointer(to: &desc) {
-            try DNNLPrimitive(UnsafeRawPointer($0), hint: forwardPrimitive, "\(g) backward data (\(precision))")
+        let g = geometry, t = precision.inputType
+        let wei = try DNNLDescriptor(g.weightShape, t, dnnl_format_tag_any)
+        let diffDst = try DNNLDescriptor(g.outputShape, t, innerTags.destination)
+        let diffSrc = try DNNLDescriptor(g.inputShape, dnnl_f32, innerTags.source)
+        let (strides, dilations, padding) = Self.spatial(g)
+        let hint = forwardPrimitive.descriptor
+        let primitive = try DNNLPrimitive("\(g) backward data (\(precision))") { descriptor, engine, attributes in
+            dnnl_convolution_backward_data_primitive_desc_create(descriptor, engine, dnnl_convolution_direct, diffSrc.md, wei.md, diffDst.md,
+                                                                 strides, dilations, padding, padding, hint, attributes)
         }
         let made = (primitive,
-                    try DNNLArgument(user: try dnnlDescriptor(g.outputShape, dnnl_f32, Self.userTag(outputLayout)),
-                                     primitive: primitive.query(dnnl_query_diff_dst_md), role: .input, slot: 0),
-                    try DNNLArgument(user: try dnnlDescriptor(g.weightShape, dnnl_f32, dnnl_oihw), primitive: primitive.query(dnnl_query_weights_md), role: .input,
-                                     slot: 1),
-                    try DNNLArgument(user: try dnnlDescriptor(g.inputShape, dnnl_f32, Self.userTag(inputLayout)),
-                                     primitive: primitive.query(dnnl_query_diff_src_md), role: .accumulatingOutput, slot: 2))
+                    try DNNLArgument(user: try DNNLDescriptor(g.outputShape, dnnl_f32, Self.userTag(outputLayout)),
+                                     primitive: try primitive.query(dnnl_query_diff_dst_md), role: .input, slot: 0),
+                    try DNNLArgument(user: try DNNLDescriptor(g.weightShape, dnnl_f32, dnnl_oihw), primitive: try primitive.query(dnnl_query_weights_md),
+                                     role: .input, slot: 1),
+                    try DNNLArgument(user: try DNNLDescriptor(g.inputShape, dnnl_f32, Self.userTag(inputLayout)),
+                                     primitive: try primitive.query(dnnl_query_diff_src_md), role: .accumulatingOutput, slot: 2))
         backwardData = made
         return made
     }

@@ -296,31 +296,26 @@ final class MatmulPrimitive: @unchecked Sendable {
 
     let key: Key
     let primitive: DNNLPrimitive
-    let aDesc, bDesc, cDesc: dnnl_memory_desc_t
-    let biasDesc: dnnl_memory_desc_t?
+    let aDesc, bDesc, cDesc: DNNLDescriptor
+    let biasDesc: DNNLDescriptor?
+    /// alpha, where it is not 1: applied to the products' sum before the sum post-op (oneDNN's scale of
+    /// the weights, a runtime argument).
+    let alpha: DNNLMemory?
 
     init(_ key: Key) throws {
         self.key = key
         let (m, n, k) = (key.m, key.n, key.k)
         let what = "\(key.operands.rawValue) matmul \(key.batch.map(String.init).joined(separator: "x"))\(key.batch.isEmpty ? "" : " of ")\(m)x\(k) by \(k)x\(n)"
-        func strided(_ rows: Int, _ columns: Int, _ strides: [Int], _ type: dnnl_data_type_t) throws -> dnnl_memory_desc_t {
-            var desc = dnnl_memory_desc_t()
+        func strided(_ rows: Int, _ columns: Int, _ strides: [Int], _ type: dnnl_data_type_t) throws -> DNNLDescriptor {
             let dims = key.batch + [rows, columns]
             try require(strides.count == dims.count, what, "\(strides.count) strides for \(dims.count) dimensions")
-            try dnnlCheck(dnnl_memory_desc_init_by_strides(&desc, Int32(dims.count), dnnlDims(dims), type, dnnlDims(strides)), what)
-            return desc
+            return try DNNLDescriptor(dims, type, strides: strides)
         }
-        var a = try strided(m, k, key.aStrides, key.operands.inputType)
-        var b = try strided(k, n, key.bStrides, key.operands.inputType)
-        var c = try strided(m, n, key.cStrides, dnnl_f32)
-        var desc = dnnl_matmul_desc_t()
+        let a = try strided(m, k, key.aStrides, key.operands.inputType)
+        let b = try strided(k, n, key.bStrides, key.operands.inputType)
+        let c = try strided(m, n, key.cStrides, dnnl_f32)
         try require(!key.bias || key.batch.isEmpty, what, "a bias on a batched product")
-        var biasDesc = key.bias ? try strided(1, n, [n, 1], dnnl_f32) : nil
-        let status = withUnsafeMutablePointer(to: &biasDesc) { bias in
-            bias.pointee == nil ? dnnl_matmul_desc_init(&desc, &a, &b, nil, &c)
-                : withUnsafePointer(to: &bias.pointee!) { dnnl_matmul_desc_init(&desc, &a, &b, $0, &c) }
-        }
-        try dnnlCheck(status, what)
+        let biasDesc = key.bias ? try strided(1, n, [n, 1], dnnl_f32) : nil
         var attributes: dnnl_primitive_attr_t? = nil
         var postOps: dnnl_post_ops_t? = nil
         try dnnlCheck(dnnl_primitive_attr_create(&attributes), what)
@@ -329,15 +324,22 @@ final class MatmulPrimitive: @unchecked Sendable {
             dnnl_primitive_attr_destroy(attributes)
         }
         if key.alpha != 1 {
-            var scale = key.alpha
-            try dnnlCheck(dnnl_primitive_attr_set_output_scales(attributes, 1, 0, &scale), what)
+            try dnnlCheck(dnnl_primitive_attr_set_scales_mask(attributes, cdnnl_arg_weights(), 0), what)
+            let scale = try DNNLMemory(try DNNLDescriptor([1], dnnl_f32, dnnl_x), owning: true)
+            guard let handle = scale.handle else { throw ConvirtError("oneDNN: \(what): no buffer for its scale") }
+            handle.storeBytes(of: key.alpha, as: Float.self)
+            alpha = scale
+        } else {
+            alpha = nil
         }
         if key.beta != 0 {
             try dnnlCheck(dnnl_post_ops_create(&postOps), what)
-            try dnnlCheck(dnnl_post_ops_append_sum(postOps, key.beta), what)
+            try dnnlCheck(dnnl_post_ops_append_sum(postOps, key.beta, 0, dnnl_data_type_undef), what)
             try dnnlCheck(dnnl_primitive_attr_set_post_ops(attributes, postOps), what)
         }
-        primitive = try withUnsafePointer(to: &desc) { try DNNLPrimitive(UnsafeRawPointer($0), attributes: attributes, what) }
+        primitive = try DNNLPrimitive(attributes: attributes, what) { descriptor, engine, attributes in
+            dnnl_matmul_primitive_desc_create(descriptor, engine, a.md, b.md, biasDesc?.md, c.md, attributes)
+        }
         aDesc = a; bDesc = b; cDesc = c
         self.biasDesc = biasDesc
     }
@@ -360,7 +362,7 @@ final class MatmulPrimitive: @unchecked Sendable {
                          stream: DNNLStream?) throws {
         let what = "\(key.operands.rawValue) matmul"
         guard let stream else { throw ConvirtError("oneDNN: no stream could be created for a \(what)") }
-        var descs = [aDesc, bDesc, cDesc]
+        var descs: [DNNLDescriptor] = [aDesc, bDesc, cDesc]
         var pointers = [UnsafeMutableRawPointer(mutating: a), UnsafeMutableRawPointer(mutating: b), UnsafeMutableRawPointer(c)]
         var ids = [cdnnl_arg_src(), cdnnl_arg_weights(), cdnnl_arg_dst()]
         if let biasDesc {
@@ -372,8 +374,9 @@ final class MatmulPrimitive: @unchecked Sendable {
         var memories = [dnnl_memory_t?](repeating: nil, count: descs.count)
         defer { for memory in memories { if let memory { dnnl_memory_destroy(memory) } } }
         let engine = try DNNL.cpuEngine()
-        for i in 0..<descs.count { try dnnlCheck(dnnl_memory_create(&memories[i], &descs[i], engine, pointers[i]), "\(what) memory") }
-        let args = (0..<descs.count).map { dnnl_exec_arg_t(arg: ids[$0], memory: memories[$0]) }
+        for i in 0..<descs.count { try dnnlCheck(dnnl_memory_create(&memories[i], descs[i].md, engine, pointers[i]), "\(what) memory") }
+        var args = (0..<descs.count).map { dnnl_exec_arg_t(arg: ids[$0], memory: memories[$0]) }
+        if let alpha { args.append(dnnl_exec_arg_t(arg: cdnnl_arg_attr_scales() | cdnnl_arg_weights(), memory: alpha.memory)) }
         try primitive.execute(stream.stream, args, "\(what) \(key.batch) \(key.m)x\(key.k)x\(key.n)")
     }
 

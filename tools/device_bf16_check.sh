@@ -7,7 +7,11 @@
 # cost of gradient pieces in the paper step, oneDNN's own rates, and the paper step beside PyTorch at
 # 2, 8 and 16 threads. Writes everything to ${OUT:-/tmp/bf16-check}; the summary is the last lines.
 #
-#     swift build -c release --build-tests && tools/device_bf16_check.sh
+# Also: the share of the paper step inside oneDNN's primitives (tools/dnnl_share.py), convirt's step at
+# 1, 2, 8 and 16 threads, and a real `train --preset paper` run on 1 rank x 2 threads against 2 ranks x
+# 1 thread (pairs/s and time breakdown from metrics.jsonl).
+#
+#     scripts/install-deps.sh && swift build -c release --build-tests && tools/device_bf16_check.sh
 #     WORLD_ONLY=1 tools/device_bf16_check.sh     # the world-size table alone (a minute)
 set -u
 out=${OUT:-/tmp/bf16-check}
@@ -83,5 +87,26 @@ for t in 2 8 16; do
 done > "$out/bench_step.txt" 2>&1
 for p in fp32 bf16; do /usr/bin/time -f "$p peak %M KB" $bin bench step --preset paper --batch 32 --steps 1 --threads 16 --precision $p; done \
     > "$out/memory.txt" 2>&1
+for t in 2 16; do for p in bf16 fp32; do
+    python3 tools/dnnl_share.py --convirt "$bin" --precision $p --batch 8 --threads $t
+done; done > "$out/dnnl_share.txt" 2>&1
+for t in 1 2 8 16; do echo "threads $t: $($bin bench step --steps 2 --threads $t --precision bf16 | tail -1)"; done > "$out/threads.txt" 2>&1
+# A real paper-preset run: 1 rank x 2 threads against 2 ranks x 1 thread, global batch 8, bf16.
+work=$(mktemp -d)
+$bin synth mimic --out "$work/mimic" --studies 200 --image-size 256 --seed 3 > /dev/null
+$bin prepare mimic --root "$work/mimic" --out "$work/prepared" > /dev/null
+for layout in "1 2" "2 1"; do
+    set -- $layout
+    mpirun --oversubscribe --bind-to none -np $1 "$bin" train --data "$work/prepared" --run-dir "$work/run-$1x$2" --preset paper --global-batch 8 --steps 12 \
+        --retrieval-eval 0 --precision bf16 --threads $2 > "$work/run-$1x$2.log" 2>&1 || tail -3 "$work/run-$1x$2.log"
+    python3 - "$work/run-$1x$2/metrics.jsonl" "$1 rank(s) x $2 thread(s)" <<'EOF'
+import json, sys, statistics
+rows = [json.loads(l) for l in open(sys.argv[1]) if '"pairs_per_s"' in l][2:]
+keys = sorted(k for k in rows[0] if k.startswith("time_"))
+print(sys.argv[2], "pairs/s median", round(statistics.median(r["pairs_per_s"] for r in rows), 2),
+      " ".join(f"{k[5:]} {statistics.median(r[k] for r in rows):.3f}" for k in keys))
+EOF
+done > "$out/ranks.txt" 2>&1
+rm -rf "$work"
 grep -E "✘|Test run" "$out/tests.txt" | tail -n 15
-tail -n 30 "$out/world_size.txt" "$out/pieces.txt" "$out/machine.txt"
+tail -n 30 "$out/world_size.txt" "$out/pieces.txt" "$out/dnnl_share.txt" "$out/threads.txt" "$out/ranks.txt" "$out/machine.txt"

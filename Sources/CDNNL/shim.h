@@ -26,7 +26,7 @@ static inline const char *cdnnl_library_path(void) {
     return dladdr((void *)dnnl_version, &info) && info.dli_fname ? info.dli_fname : 0;
 }
 
-// libgomp, the OpenMP runtime Debian's oneDNN runs on: the entry point GCC compiles `#pragma omp parallel`
+// libgomp, the OpenMP runtime oneDNN's GNU OpenMP build runs on: the entry point GCC compiles `#pragma omp parallel`
 // to, so that our own parallel loops run on oneDNN's thread team instead of a second pool of threads
 // (one team of N threads for every kernel: no spinning OpenMP workers beside Dispatch's).
 extern void GOMP_parallel(void (*fn)(void *), void *data, unsigned num_threads, unsigned flags);

@@ -75,7 +75,7 @@ public enum BLASCore {
     }
 
     /// How the OpenMP threads wait between parallel regions, where the user set neither OMP_WAIT_POLICY
-    /// nor GOMP_SPINCOUNT. Debian's oneDNN runs on libgomp, and so do our own loops (`Parallel`): one team
+    /// nor GOMP_SPINCOUNT. oneDNN (its GNU OpenMP build) runs on libgomp, and so do our own loops (`Parallel`): one team
     /// of N threads per rank, and a step starts some 2,000 parallel regions. A passive thread sleeps at
     /// once and is woken by a futex for the next region: on a 2-core AMD EPYC VM that costs ~85 us a
     /// region (a C loop of regions: 107 us passive, 21 us spinning 50,000 times first), and the paper

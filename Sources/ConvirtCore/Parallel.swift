@@ -1,4 +1,5 @@
 import CDNNL
+import CKernels
 
 /// Data parallelism for every kernel: products (split into blocks of rows or columns, see `sgemm`),
 /// BatchNorm, im2col and the pointwise layers. Work is split by independent units (channels, rows,
@@ -54,6 +55,18 @@ public enum Parallel {
         threads = max(1, count)
         BLASThreads.set(1)
         DNNL.setThreads(threads)
+    }
+
+    /// A warning where the threads outnumber the CPUs this process may run on (its affinity mask): they
+    /// then take turns on them, and a step runs at a fraction of its speed (`mpirun -np 1 convirt train
+    /// --threads 2`, bound to one core by Open MPI's default, ran the paper preset at 3.4 pairs/s
+    /// against 9.6 with `--bind-to none` on a 2-core AMD EPYC). nil where every thread has a CPU.
+    public static var affinityWarning: String? {
+        let cpus = ck_available_cpus()
+        guard threads > cpus else { return nil }
+        return "warning: \(threads) threads per rank, but this process may run on \(cpus) CPU\(cpus == 1 ? "" : "s") (its affinity mask), "
+            + "so its threads take turns and every step is slower. mpirun binds each rank to one core by default with 2 ranks or "
+            + "fewer: start it with --bind-to none (or --map-by slot:PE=\(threads))."
     }
 }
 

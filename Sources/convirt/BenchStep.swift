@@ -35,6 +35,7 @@ struct BenchStep: ParsableCommand {
 
     func run() throws {
         Parallel.setThreads(threads)
+        if let warning = Parallel.affinityWarning { FileHandle.standardError.write(Data("convirt bench step: \(warning)\n".utf8)) }
         let config = ConVIRTConfig.preset(preset)
         let model = try ConVIRTModel(config: config)
         model.initialize(seed: 1)

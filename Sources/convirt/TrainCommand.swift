@@ -216,6 +216,7 @@ struct TrainCommand: ParsableCommand {
                   + "\(trainer.model.layout.trainableCount) trainable parameters, run directory \(runDir)")
             print("kernels: OpenBLAS core \(BLASCore.current) (\(BLASCore.origin)), oneDNN \(DNNL.version) ISA \(DNNL.isa) "
                   + "(OpenMP wait policy \(BLASCore.openMPWaitPolicy)), \(config.threads) thread(s) per rank")
+            if let warning = Parallel.affinityWarning { FileHandle.standardError.write(Data("convirt train: \(warning)\n".utf8)) }
             let precisionLine = precision == .auto && resume && config.productPrecision != precision.resolved()
                 ? "precision \(config.productPrecision.rawValue) (auto: the checkpoint's)" : precision.describe()
             print(precisionLine + (config.productPrecision == .bf16 ? ", gradient pieces of \(config.gradientPieceSamples) sample(s)" : ""))

@@ -97,6 +97,16 @@ struct CLITests {
         #expect(bad.status == 1 && bad.output.contains("CONVIRT_CONVOLUTION=winograd: expected one of auto, onednn, im2col"), "\(bad.output)")
     }
 
+    @Test("threads that outnumber the CPUs of the process's affinity mask are warned of, with mpirun's fix")
+    func affinityWarning() throws {
+        let args = ["bench", "step", "--preset", "tiny", "--batch", "2", "--steps", "1", "--tokens", "16"]
+        let squeezed = try run("/usr/bin/taskset", ["-c", "0", convirtPath()] + args + ["--threads", "2"])
+        #expect(squeezed.status == 0 && squeezed.output.contains("2 threads per rank, but this process may run on 1 CPU")
+                && squeezed.output.contains("--bind-to none"), "\(squeezed.output)")
+        let fitting = try run("/usr/bin/taskset", ["-c", "0", convirtPath()] + args + ["--threads", "1"])
+        #expect(fitting.status == 0 && !fitting.output.contains("warning"), "\(fitting.output)")
+    }
+
     @Test("under mpirun -np 2 the MPI bridge initialises and an all-reduce sums the ranks")
     func infoUnderMPIRun() throws {
         let mpirun = try #require(which("mpirun"), "mpirun is not installed (openmpi-bin)")

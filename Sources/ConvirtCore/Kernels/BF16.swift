@@ -98,7 +98,7 @@ public enum BF16 {
         return nil
     }()
 
-    /// Whether oneDNN runs bf16 products on this CPU at all (probed once: Debian's oneDNN 2.6 needs AVX-512).
+    /// Whether oneDNN runs bf16 products on this CPU at all (probed once: oneDNN 3.2 needs AVX-512, or AVX2-VNNI-2).
     public static let oneDNNRunsBF16: Bool = {
         (try? MatmulPrimitive(MatmulPrimitive.Key(m: 16, n: 16, k: 16, transposeA: false, transposeB: false, ldc: 16, alpha: 1, beta: 0))) != nil
     }()

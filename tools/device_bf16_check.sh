@@ -12,6 +12,8 @@
 # 1 thread (pairs/s and time breakdown from metrics.jsonl).
 #
 #     scripts/install-deps.sh && swift build -c release --build-tests && tools/device_bf16_check.sh
+#
+# On a machine without network, bring .deps/onednn (54 MB, scripts/install-onednn.sh) along with the tree.
 #     WORLD_ONLY=1 tools/device_bf16_check.sh     # the world-size table alone (a minute)
 set -u
 out=${OUT:-/tmp/bf16-check}

@@ -11,18 +11,26 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 prefix=.deps/onednn
-want="${DNNL_ROOT:-}"
-if [ -z "$want" ] && command -v pkg-config >/dev/null && pkg-config --exists 'dnnl >= 3' 2>/dev/null; then
-  want=$(pkg-config --variable=prefix dnnl)
+include="" lib="" origin=""
+if [ -n "${DNNL_ROOT:-}" ]; then
+  include="$DNNL_ROOT/include"
+  for dir in "$DNNL_ROOT/lib" "$DNNL_ROOT/lib64" "$DNNL_ROOT"/lib/*-linux-gnu; do
+    if [ -f "$dir/libdnnl.so.3" ]; then lib="$dir"; break; fi
+  done
+  origin="oneDNN at $DNNL_ROOT (DNNL_ROOT)"
+elif command -v pkg-config >/dev/null && pkg-config --exists 'dnnl >= 3' 2>/dev/null; then
+  include=$(pkg-config --variable=includedir dnnl)
+  lib=$(pkg-config --variable=libdir dnnl)
+  origin="oneDNN $(pkg-config --modversion dnnl) at $(pkg-config --variable=prefix dnnl) (pkg-config dnnl)"
 fi
-if [ -n "$want" ]; then
-  [ -f "$want/include/oneapi/dnnl/dnnl.h" ] && ls "$want"/lib*/libdnnl.so.3 >/dev/null 2>&1 || {
-    echo "oneDNN at $want: no include/oneapi/dnnl/dnnl.h and lib/libdnnl.so.3 (oneDNN 3.x) there" >&2; exit 1; }
-  if [ -n "${DNNL_ROOT:-}" ]; then origin="oneDNN at $want (DNNL_ROOT)"; else origin="oneDNN at $want (pkg-config dnnl)"; fi
+if [ -n "$origin" ]; then
+  if [ ! -f "$include/oneapi/dnnl/dnnl.h" ] || [ ! -f "$lib/libdnnl.so.3" ]; then
+    echo "$origin: no include/oneapi/dnnl/dnnl.h and lib/libdnnl.so.3 (oneDNN 3.x) there" >&2
+    exit 1
+  fi
   if [ "$(cat "$prefix/ORIGIN" 2>/dev/null)" = "$origin" ]; then exit 0; fi
   rm -rf "$prefix" && mkdir -p "$prefix"
-  ln -s "$want/include" "$prefix/include"
-  lib=$(dirname "$(ls "$want"/lib*/libdnnl.so.3 | head -1)")
+  ln -s "$include" "$prefix/include"
   ln -s "$lib" "$prefix/lib"
   echo "$origin" > "$prefix/ORIGIN"
   echo "oneDNN: $origin"

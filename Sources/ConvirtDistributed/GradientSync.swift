@@ -77,10 +77,19 @@ public final class GradientSync {
         var clock = Clock()
         if let buckets { try buckets.finish() }
         if mode == .zero1, let shard = shardGradients {
+            // Each run of trainable parameters is reduce-scattered on its own, cut where the shards cut it
+            // (its pieces, in rank order, tile it): the frozen parameters' gradients, zero on every rank
+            // (half the paper preset's arena), are not sent, and each rank's shard is the same as before.
             let own = arena.optimizerRange
-            try communicator.reduceScatterSum(UnsafeBufferPointer(start: arena.grads, count: arena.count), counts: shards.counts,
-                                              into: UnsafeMutableBufferPointer(start: shard, count: own.count))
-            (arena.grads + own.lowerBound).update(from: shard, count: own.count)
+            for run in arena.trainableRanges {
+                let pieces = shards.ranges.map { $0.clamped(to: run) }
+                let mine = pieces[communicator.rank]
+                try communicator.reduceScatterSum(UnsafeBufferPointer(start: arena.grads + run.lowerBound, count: run.count),
+                                                  counts: pieces.map(\.count),
+                                                  into: UnsafeMutableBufferPointer(start: shard + (mine.lowerBound - own.lowerBound),
+                                                                                   count: mine.count))
+                if !mine.isEmpty { (arena.grads + mine.lowerBound).update(from: shard + (mine.lowerBound - own.lowerBound), count: mine.count) }
+            }
         }
         return clock.lap()
     }
@@ -127,7 +136,12 @@ public final class GradientSync {
         Adam.step(arena, step: step, config: config)
         var clock = Clock()
         if mode == .zero1 && communicator.size > 1 {
-            try communicator.allGatherInPlace(UnsafeMutableBufferPointer(start: arena.params, count: arena.count), counts: shards.counts)
+            // Only the trainable runs change (cut as `finish` cuts them); frozen parameters and the
+            // running statistics (SyncBN's, the same on every rank) stay as every rank holds them.
+            for run in arena.trainableRanges {
+                try communicator.allGatherInPlace(UnsafeMutableBufferPointer(start: arena.params + run.lowerBound, count: run.count),
+                                                  counts: shards.ranges.map { $0.clamped(to: run).count })
+            }
         }
         return clock.lap()
     }

@@ -187,16 +187,15 @@ final class DNNLPrimitive {
         scratchpadDesc = scratchpadBytes > 0 ? scratchpad : nil
     }
 
-    /// Creates the primitive descriptor with `create` (one of oneDNN's *_primitive_desc_create, given
-    /// the attributes: the caller's, or fresh ones, set to the user scratchpad mode) and the primitive.
-    convenience init(attributes: dnnl_primitive_attr_t? = nil, _ what: String,
-                     _ create: (UnsafeMutablePointer<dnnl_primitive_desc_t?>, dnnl_engine_t, dnnl_primitive_attr_t?) -> dnnl_status_t) throws {
-        var descriptor: dnnl_primitive_desc_t? = nil
-        let engine = try DNNL.cpuEngine()
-        try dnnlWithUserScratchpad(attributes, what) { attributes in
-            try dnnlCheck(create(&descriptor, engine, attributes), what)
-        }
-        try self.init(descriptor!, what)
+    /// The forward primitive's descriptor a backward primitive was made from, kept as long as it.
+    private var hint: DNNLPrimitiveDescriptor?
+
+    /// Creates the primitive descriptor with `create` (`dnnlCreateDescriptor`) and the primitive;
+    /// `hint`, the descriptor `create` names as its forward hint, is kept with it.
+    convenience init(attributes: dnnl_primitive_attr_t? = nil, hint: DNNLPrimitiveDescriptor? = nil, _ what: String,
+                     _ create: DNNLCreate) throws {
+        try self.init(try dnnlCreateDescriptor(attributes: attributes, what, create), what)
+        self.hint = hint
     }
 
     deinit {
@@ -233,6 +232,27 @@ final class DNNLPrimitive {
         try dnnlCheck(dnnl_primitive_execute(primitive, stream, Int32(args.count), &args), what())
         try dnnlCheck(dnnl_stream_wait(stream), what())
     }
+}
+
+/// One of oneDNN's *_primitive_desc_create, given the descriptor to fill, the engine and the attributes.
+typealias DNNLCreate = (UnsafeMutablePointer<dnnl_primitive_desc_t?>, dnnl_engine_t, dnnl_primitive_attr_t?) -> dnnl_status_t
+
+/// A primitive descriptor from `create`, with `attributes` (the caller's, or fresh ones) set to the user
+/// scratchpad mode; the caller owns it.
+func dnnlCreateDescriptor(attributes: dnnl_primitive_attr_t?, _ what: String, _ create: DNNLCreate) throws -> dnnl_primitive_desc_t {
+    var descriptor: dnnl_primitive_desc_t? = nil
+    let engine = try DNNL.cpuEngine()
+    try dnnlWithUserScratchpad(attributes, what) { attributes in
+        try dnnlCheck(create(&descriptor, engine, attributes), what)
+    }
+    return descriptor!
+}
+
+/// A primitive descriptor alone, no kernel compiled for it: the forward hint of backward primitives.
+final class DNNLPrimitiveDescriptor {
+    let descriptor: dnnl_primitive_desc_t
+    init(_ what: String, _ create: DNNLCreate) throws { descriptor = try dnnlCreateDescriptor(attributes: nil, what, create) }
+    deinit { dnnl_primitive_desc_destroy(descriptor) }
 }
 
 /// Calls `body` with `attributes` (or fresh ones, destroyed after) set to the user scratchpad mode.

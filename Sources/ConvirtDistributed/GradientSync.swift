@@ -71,6 +71,12 @@ public final class GradientSync {
     /// `finish`); (0, 0) when nothing is all-reduced in buckets.
     public var bucketsOverlapped: (started: Int, of: Int) { (buckets?.startedEarly ?? 0, buckets?.buckets.count ?? 0) }
 
+    /// ZeRO-1's collectives: each run of trainable parameters, and its pieces in each rank's shard (in
+    /// rank order, they tile the run).
+    private var shardedRuns: [(run: Range<Int>, pieces: [Range<Int>])] {
+        arena.trainableRanges.map { run in (run, shards.ranges.map { $0.clamped(to: run) }) }
+    }
+
     /// After backward: the gradients summed over ranks (all of them, or this rank's ZeRO-1 shard).
     /// Returns the seconds spent communicating that backward did not hide.
     public func finish() throws -> Double {
@@ -81,8 +87,7 @@ public final class GradientSync {
             // (its pieces, in rank order, tile it): the frozen parameters' gradients, zero on every rank
             // (half the paper preset's arena), are not sent, and each rank's shard is the same as before.
             let own = arena.optimizerRange
-            for run in arena.trainableRanges {
-                let pieces = shards.ranges.map { $0.clamped(to: run) }
+            for (run, pieces) in shardedRuns {
                 let mine = pieces[communicator.rank]
                 try communicator.reduceScatterSum(UnsafeBufferPointer(start: arena.grads + run.lowerBound, count: run.count),
                                                   counts: pieces.map(\.count),
@@ -138,9 +143,9 @@ public final class GradientSync {
         if mode == .zero1 && communicator.size > 1 {
             // Only the trainable runs change (cut as `finish` cuts them); frozen parameters and the
             // running statistics (SyncBN's, the same on every rank) stay as every rank holds them.
-            for run in arena.trainableRanges {
+            for (run, pieces) in shardedRuns {
                 try communicator.allGatherInPlace(UnsafeMutableBufferPointer(start: arena.params + run.lowerBound, count: run.count),
-                                                  counts: shards.ranges.map { $0.clamped(to: run).count })
+                                                  counts: pieces.map(\.count))
             }
         }
         return clock.lap()

@@ -53,7 +53,8 @@ public final class ConvolutionPrimitives {
         let src = try DNNLDescriptor(g.inputShape, t, srcTag)
         let dst = try DNNLDescriptor(g.outputShape, bf16Output ? dnnl_bf16 : dnnl_f32, dstTag)
         let b = try Self.biasDescriptor(g)
-        forwardPrimitive = try Self.forwardPrimitive(g, source: src, destination: dst, bias: bias ? b : nil, precision: precision)
+        forwardPrimitive = try DNNLPrimitive("\(g) forward (\(precision))",
+                                             try Self.forward(g, source: src, destination: dst, bias: bias ? b : nil, precision: precision))
         source = try DNNLArgument(user: try DNNLDescriptor(g.inputShape, dnnl_f32, Self.userTag(inputLayout)),
                                   primitive: try forwardPrimitive.query(dnnl_query_src_md), role: .input, slot: 0)
         weights = try DNNLArgument(user: try DNNLDescriptor(g.weightShape, dnnl_f32, dnnl_oihw),
@@ -68,13 +69,14 @@ public final class ConvolutionPrimitives {
         (dnnlDims([g.strideH, g.strideW]), [0, 0], dnnlDims([g.padH, g.padW]))
     }
 
-    /// The forward (training) primitive of `g` from `source` to `destination`, the weights in the layout
-    /// oneDNN picks for `precision`. Also the hint every backward primitive of the same shapes needs.
-    private static func forwardPrimitive(_ g: Conv2dGeometry, source: DNNLDescriptor, destination: DNNLDescriptor, bias: DNNLDescriptor?,
-                                         precision: Precision) throws -> DNNLPrimitive {
+    /// The forward (training) operation of `g` from `source` to `destination`, the weights in the layout
+    /// oneDNN picks for `precision`: the forward primitive, and the hint every backward primitive of the
+    /// same shapes needs.
+    private static func forward(_ g: Conv2dGeometry, source: DNNLDescriptor, destination: DNNLDescriptor, bias: DNNLDescriptor?,
+                                precision: Precision) throws -> DNNLCreate {
         let wei = try DNNLDescriptor(g.weightShape, precision.inputType, dnnl_format_tag_any)
         let (strides, dilations, padding) = spatial(g)
-        return try DNNLPrimitive("\(g) forward (\(precision))") { descriptor, engine, attributes in
+        return { descriptor, engine, attributes in
             dnnl_convolution_forward_primitive_desc_create(descriptor, engine, dnnl_forward_training, dnnl_convolution_direct, source.md, wei.md,
                                                            bias?.md, destination.md, strides, dilations, padding, padding, attributes)
         }
@@ -348,10 +350,11 @@ public final class ConvolutionPrimitives {
     private func backwardWeightsPrimitive(_ pg: Conv2dGeometry, source: DNNLDescriptor, gradOutput: DNNLDescriptor, bias: Bool,
                                           _ what: String) throws -> DNNLPrimitive {
         let diffBias = try Self.biasDescriptor(pg)
-        let hint = try Self.forwardPrimitive(pg, source: source, destination: gradOutput, bias: bias ? diffBias : nil, precision: precision)
+        let hint = try DNNLPrimitiveDescriptor(what, try Self.forward(pg, source: source, destination: gradOutput, bias: bias ? diffBias : nil,
+                                                                     precision: precision))
         let diffWei = try DNNLDescriptor(pg.weightShape, dnnl_f32, dnnl_format_tag_any)
         let (strides, dilations, padding) = Self.spatial(pg)
-        return try DNNLPrimitive(what) { descriptor, engine, attributes in
+        return try DNNLPrimitive(hint: hint, what) { descriptor, engine, attributes in
             dnnl_convolution_backward_weights_primitive_desc_create(descriptor, engine, dnnl_convolution_direct, source.md, diffWei.md,
                                                                     bias ? diffBias.md : nil, gradOutput.md, strides, dilations, padding, padding,
                                                                     hint.descriptor, attributes)

@@ -6,7 +6,8 @@
 EventAccumulator loads every RUN_DIR/tensorboard/events.out.tfevents.* file as one run (a resumed run adds
 a file whose restart marker drops the steps it computes again). Checks: every metrics.jsonl field has its
 scalar (train/loss, train/loss_v2u, train/loss_u2v, train/lr, train/grad_norm, train/pairs_per_s,
-time/data, time/forward, time/backward, time/comm, time/optimizer, time/checkpoint, val/loss) at every
+time/data, time/forward, time/backward, time/comm, time/optimizer, time/checkpoint, val/loss, and with the
+outlier guard train/skipped, train/skipped_steps; train/tflops_per_rank, and train/peak_share with --peak-tflops) at every
 step, equal to the JSON value as a float32, each step once (one continuous curve); the held-out retrieval
 result, when RUN_DIR/heldout_retrieval.json exists; and, per --expect-tag, at least one tag starting with
 PREFIX (the evaluations' eval/...). Exit 1 on any difference.
@@ -22,7 +23,9 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 FIELDS = {"loss": "train/loss", "loss_v2u": "train/loss_v2u", "loss_u2v": "train/loss_u2v", "lr": "train/lr",
           "grad_norm": "train/grad_norm", "pairs_per_s": "train/pairs_per_s", "time_data_s": "time/data",
           "time_forward_s": "time/forward", "time_backward_s": "time/backward", "time_comm_s": "time/comm",
-          "time_optimizer_s": "time/optimizer", "time_checkpoint_s": "time/checkpoint", "val_loss": "val/loss"}
+          "time_optimizer_s": "time/optimizer", "time_checkpoint_s": "time/checkpoint", "val_loss": "val/loss",
+          "skipped": "train/skipped", "skipped_steps": "train/skipped_steps", "tflops_per_rank": "train/tflops_per_rank",
+          "peak_share": "train/peak_share", "excluded_negatives": "train/excluded_negatives"}
 
 
 def f32(x):

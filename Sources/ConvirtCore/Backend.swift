@@ -30,7 +30,9 @@ public struct EnvironmentSwitches: @unchecked Sendable {
         ("CONVIRT_MATMUL", "auto|onednn|openblas: fp32 matrix products"),
         ("CONVIRT_CONVOLUTION", "auto|onednn|im2col: convolutions"),
         ("CONVIRT_ACTIVATIONS", "nchw|nhwc|nchw16c: the ResNet's activation layout where oneDNN runs its convolutions"),
-        // Fault injection, for the tests of interrupted checkpoints.
+        // Fault injection, for the tests of interrupted checkpoints and of the collective watchdog.
+        ("CONVIRT_FAULT_STALL", "STEP:RANK: that rank stops (sleeps forever) at the start of training step STEP"),
+        ("CONVIRT_FAULT_SPIKE", "STEP:FACTOR: training step STEP's loss and gradients are multiplied by FACTOR on every rank"),
         ("CONVIRT_FAULT_KILL_AFTER_SHARD", "STEP:RANK: that rank kills itself after writing its shard of STEP's checkpoint"),
         ("CONVIRT_FAULT_KILL_AFTER_COMMIT", "STEP: rank 0 kills itself after publishing STEP's checkpoint"),
         ("CONVIRT_TEST_BLAS_PICKED", "a core name: pretend OpenBLAS chose it (tests the restart on any CPU)"),
@@ -68,9 +70,16 @@ public struct EnvironmentSwitches: @unchecked Sendable {
     public var matmul: FP32Matmul.Policy { variables["CONVIRT_MATMUL"].flatMap(FP32Matmul.Policy.init(rawValue:)) ?? .auto }
     public var convolution: Convolution.Policy { variables["CONVIRT_CONVOLUTION"].flatMap(Convolution.Policy.init(rawValue:)) ?? .auto }
     public var activations: ActivationLayout? { variables["CONVIRT_ACTIVATIONS"].flatMap(ActivationLayout.init(rawValue:)) }
-    public var killAfterShard: (step: Int, rank: Int)? {
-        guard let parts = variables["CONVIRT_FAULT_KILL_AFTER_SHARD"]?.split(separator: ":").compactMap({ Int($0) }), parts.count == 2 else { return nil }
+    public var killAfterShard: (step: Int, rank: Int)? { stepAndRank("CONVIRT_FAULT_KILL_AFTER_SHARD") }
+    private func stepAndRank(_ name: String) -> (step: Int, rank: Int)? {
+        guard let parts = variables[name]?.split(separator: ":").compactMap({ Int($0) }), parts.count == 2 else { return nil }
         return (parts[0], parts[1])
+    }
+    public var stall: (step: Int, rank: Int)? { stepAndRank("CONVIRT_FAULT_STALL") }
+    public var spike: (step: Int, factor: Double)? {
+        guard let parts = variables["CONVIRT_FAULT_SPIKE"]?.split(separator: ":"), parts.count == 2, let step = Int(parts[0]),
+              let factor = Double(parts[1]), factor.isFinite else { return nil }
+        return (step, factor)
     }
     public var killAfterCommit: Int? { variables["CONVIRT_FAULT_KILL_AFTER_COMMIT"].flatMap { Int($0) } }
     /// Whether mpirun or a PMI launcher started this process (so MPI_Init finds its job).
@@ -90,6 +99,8 @@ public struct EnvironmentSwitches: @unchecked Sendable {
                    check("CONVIRT_MATMUL", FP32Matmul.Policy.self), check("CONVIRT_CONVOLUTION", Convolution.Policy.self),
                    check("CONVIRT_ACTIVATIONS", ActivationLayout.self)].compactMap { $0 }
         if let v = variables["CONVIRT_FAULT_KILL_AFTER_SHARD"], killAfterShard == nil { out.append("CONVIRT_FAULT_KILL_AFTER_SHARD=\(v): expected STEP:RANK") }
+        if let v = variables["CONVIRT_FAULT_SPIKE"], spike == nil { out.append("CONVIRT_FAULT_SPIKE=\(v): expected STEP:FACTOR") }
+        if let v = variables["CONVIRT_FAULT_STALL"], stall == nil { out.append("CONVIRT_FAULT_STALL=\(v): expected STEP:RANK") }
         if let v = variables["CONVIRT_FAULT_KILL_AFTER_COMMIT"], killAfterCommit == nil { out.append("CONVIRT_FAULT_KILL_AFTER_COMMIT=\(v): expected a step") }
         return out
     }

@@ -37,6 +37,9 @@ public protocol Communicator: AnyObject {
     func test() throws -> Bool
     /// Waits for every started operation.
     func waitAll() throws
+    /// The deadline of this rank's collectives and what the rank is doing (see Watchdog.swift). Only
+    /// MPI's collectives can hang, but every communicator carries one, so that callers set it alike.
+    var watchdog: CollectiveWatchdog { get }
 }
 
 extension Communicator {
@@ -46,6 +49,7 @@ extension Communicator {
 /// One process: collectives are identities.
 public final class SingleProcessCommunicator: Communicator {
     public init() {}
+    public let watchdog = CollectiveWatchdog()
     public var rank: Int { 0 }
     public var size: Int { 1 }
     public func allReduceSum(_ buffer: UnsafeMutableBufferPointer<Float>) throws {}
@@ -78,12 +82,21 @@ public final class SingleProcessCommunicator: Communicator {
 }
 
 /// MPI_COMM_WORLD. Errors are returned (MPI_ERRORS_RETURN) and become `ConvirtError`s with MPI's text.
+/// Every collective and point-to-point call is started non-blocking and waited for under the watchdog
+/// (`wait`): past its deadline the ranks exchange what they were doing and `CollectiveTimeout` is thrown.
 public final class MPICommunicator: Communicator {
     public let rank: Int
     public let size: Int
     /// The thread support level MPI granted.
     public let threadLevel: Int32
+    public let watchdog = CollectiveWatchdog()
     private var finalized = false
+    /// The watchdog's own communicator (a duplicate of the world), so that its messages never match a
+    /// collective's or a checkpoint's.
+    private var watchdogComm = cmpi_comm_null()
+    /// The request of the collective being waited for (one, reused: no allocation per collective).
+    private var current: [MPI_Request?] = [cmpi_request_null()]
+    private var host = ""
 
     /// True when this process was started by mpirun / a PMI launcher (so MPI_Init will find its job).
     public static var launchedByMPI: Bool { EnvironmentSwitches.process.launchedByMPI }
@@ -104,6 +117,11 @@ public final class MPICommunicator: Communicator {
         MPI_Comm_size(cmpi_comm_world(), &s)
         rank = Int(r)
         size = Int(s)
+        try check(MPI_Comm_dup(cmpi_comm_world(), &watchdogComm), "MPI_Comm_dup")
+        MPI_Comm_set_errhandler(watchdogComm, cmpi_errors_return())
+        var name = [CChar](repeating: 0, count: 256)
+        gethostname(&name, 255)
+        host = String(decoding: name.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
     }
 
     deinit { finalize() }
@@ -129,59 +147,197 @@ public final class MPICommunicator: Communicator {
         if code != cmpi_success() { throw MPICommunicator.error(code, call) }
     }
 
+    // MARK: waiting under the watchdog
+
+    /// Starts one non-blocking call (`start` receives the request to fill) and waits for it.
+    private func run(_ call: String, bytes: Int, collective: Bool = true, _ start: (UnsafeMutablePointer<MPI_Request?>) -> Int32) throws {
+        current[0] = cmpi_request_null()
+        try check(current.withUnsafeMutableBufferPointer { start($0.baseAddress!) }, call)
+        try wait(call, bytes: bytes, requests: &current, collective: collective)
+    }
+
+    /// Tests `requests` until all complete. Every 50 ms it checks the deadline and whether another rank
+    /// reported a timeout; either ends the wait with `CollectiveTimeout`, after the exchange (`expire`).
+    private func wait(_ call: String, bytes: Int, requests: inout [MPI_Request?], collective: Bool) throws {
+        var done: Int32 = 0
+        try test(&requests, &done, call)
+        if done == 0 {
+            let start = Self.now()
+            var nextCheck = start + 0.05
+            while done == 0 {
+                try test(&requests, &done, call)
+                if done != 0 { break }
+                let now = Self.now()
+                guard now >= nextCheck else { continue }
+                nextCheck = now + 0.05
+                let late = watchdog.timeout.map { now - start > $0 } ?? false
+                if late || noticeArrived() {
+                    throw expire(call, bytes: bytes, waited: now - start, expiredHere: late)
+                }
+            }
+        }
+        if collective { watchdog.completed += 1 }
+    }
+
+    /// MPI_Test for one request (its error is the call's own), MPI_Testall for several.
+    private func test(_ requests: inout [MPI_Request?], _ done: inout Int32, _ call: String) throws {
+        if requests.count == 1 {
+            try check(MPI_Test(&requests[0], &done, cmpi_status_ignore()), call)
+        } else {
+            try check(MPI_Testall(Int32(requests.count), &requests, &done, cmpi_statuses_ignore()), call)
+        }
+    }
+
+    static func now() -> Double {
+        var t = timespec()
+        clock_gettime(CLOCK_MONOTONIC, &t)
+        return Double(t.tv_sec) + Double(t.tv_nsec) * 1e-9
+    }
+
+    private static let activityTag: Int32 = 1, doneTag: Int32 = 2
+
+    private func noticeArrived() -> Bool {
+        var flag: Int32 = 0
+        MPI_Iprobe(cmpi_any_source(), Self.activityTag, watchdogComm, &flag, cmpi_status_ignore())
+        return flag != 0
+    }
+
+    /// The exchange after a timeout: this rank's activity to every other rank, theirs back for the grace
+    /// period, the report written (run directory and stderr), then one more meeting of the ranks that
+    /// answered so that none ends the job before the others have written theirs.
+    private func expire(_ call: String, bytes: Int, waited: Double, expiredHere: Bool) -> CollectiveTimeout {
+        let mine = RankActivity(rank: rank, host: host, pid: Int(getpid()), step: watchdog.step, phase: watchdog.phase, collective: call,
+                                bytes: bytes, waitedSeconds: waited, sequence: watchdog.completed)
+        let record = RankActivity.recordBytes
+        // Buffers of non-blocking calls must outlive the calls: allocated, and freed only if they completed.
+        let outbox = UnsafeMutableRawPointer.allocate(byteCount: record, alignment: 16)
+        let inbox = UnsafeMutableRawPointer.allocate(byteCount: record * size, alignment: 16)
+        mine.record().withUnsafeBytes { outbox.copyMemory(from: $0.baseAddress!, byteCount: record) }
+        inbox.initializeMemory(as: UInt8.self, repeating: 0, count: record * size)
+        var receives = [MPI_Request?](repeating: cmpi_request_null(), count: size)
+        var sends = [MPI_Request?](repeating: cmpi_request_null(), count: size)
+        for peer in 0..<size where peer != rank {
+            MPI_Irecv(inbox + peer * record, Int32(record), cmpi_byte(), Int32(peer), Self.activityTag, watchdogComm, &receives[peer])
+            MPI_Isend(outbox, Int32(record), cmpi_byte(), Int32(peer), Self.activityTag, watchdogComm, &sends[peer])
+        }
+        var answered = Set([rank])
+        let deadline = Self.now() + watchdog.grace
+        while answered.count < size && Self.now() < deadline {
+            for peer in 0..<size where !answered.contains(peer) {
+                var flag: Int32 = 0
+                MPI_Test(&receives[peer], &flag, cmpi_status_ignore())
+                if flag != 0 { answered.insert(peer) }
+            }
+            usleep(1000)
+        }
+        var activities = [mine]
+        for peer in answered.sorted() where peer != rank {
+            if let activity = RankActivity(record: UnsafeRawBufferPointer(start: inbox + peer * record, count: record)) { activities.append(activity) }
+        }
+        let timeout = CollectiveTimeout(timeoutSeconds: watchdog.timeout ?? 0, graceSeconds: watchdog.grace, worldSize: size, this: mine, answered: activities,
+                                        silent: (0..<size).filter { !answered.contains($0) }, expiredHere: expiredHere)
+        var where_ = ""
+        if let directory = watchdog.reportDirectory {
+            let path = "\(directory)/\(CollectiveWatchdog.reportFile(rank: rank))"
+            let encoder = JSONEncoder()
+            encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
+            if let data = try? encoder.encode(timeout), FileManager.default.createFile(atPath: path, contents: data + Data("\n".utf8)) {
+                where_ = " Report: \(path)"
+            }
+        }
+        FileHandle.standardError.write(Data("convirt: \(timeout.summary)\(where_)\n".utf8))
+        // The meeting: a word to every rank that answered, and theirs, for at most another grace period.
+        var doneSends = [MPI_Request?](repeating: cmpi_request_null(), count: size)
+        var doneReceives = [MPI_Request?](repeating: cmpi_request_null(), count: size)
+        for peer in answered where peer != rank {
+            MPI_Irecv(nil, 0, cmpi_byte(), Int32(peer), Self.doneTag, watchdogComm, &doneReceives[peer])
+            MPI_Isend(nil, 0, cmpi_byte(), Int32(peer), Self.doneTag, watchdogComm, &doneSends[peer])
+        }
+        let meeting = Self.now() + watchdog.grace
+        var met: Int32 = 0
+        while met == 0 && Self.now() < meeting {
+            MPI_Testall(Int32(size), &doneReceives, &met, cmpi_statuses_ignore())
+            if met == 0 { usleep(1000) }
+        }
+        // The job ends next (MPI_Abort); sends to a silent rank may never complete, so nothing is freed.
+        return timeout
+    }
+
+    // MARK: collectives
+
     public func allReduceSum(_ buffer: UnsafeMutableBufferPointer<Float>) throws {
-        try check(MPI_Allreduce(cmpi_in_place(), buffer.baseAddress, Int32(buffer.count), cmpi_float(), cmpi_op_sum(), cmpi_comm_world()), "MPI_Allreduce")
+        try run("MPI_Allreduce", bytes: buffer.count * 4) {
+            MPI_Iallreduce(cmpi_in_place(), buffer.baseAddress, Int32(buffer.count), cmpi_float(), cmpi_op_sum(), cmpi_comm_world(), $0)
+        }
     }
 
     public func allReduceSum(_ buffer: UnsafeMutableBufferPointer<Double>) throws {
-        try check(MPI_Allreduce(cmpi_in_place(), buffer.baseAddress, Int32(buffer.count), cmpi_double(), cmpi_op_sum(), cmpi_comm_world()), "MPI_Allreduce")
+        try run("MPI_Allreduce", bytes: buffer.count * 8) {
+            MPI_Iallreduce(cmpi_in_place(), buffer.baseAddress, Int32(buffer.count), cmpi_double(), cmpi_op_sum(), cmpi_comm_world(), $0)
+        }
     }
 
     public func allGather(_ input: UnsafeBufferPointer<Float>, into output: UnsafeMutableBufferPointer<Float>) throws {
         precondition(output.count >= input.count * size, "all-gather output too small")
-        try check(MPI_Allgather(input.baseAddress, Int32(input.count), cmpi_float(), output.baseAddress, Int32(input.count), cmpi_float(),
-                                cmpi_comm_world()), "MPI_Allgather")
+        try run("MPI_Allgather", bytes: input.count * 4) {
+            MPI_Iallgather(input.baseAddress, Int32(input.count), cmpi_float(), output.baseAddress, Int32(input.count), cmpi_float(),
+                           cmpi_comm_world(), $0)
+        }
     }
 
     public func reduceScatterSum(_ input: UnsafeBufferPointer<Float>, into output: UnsafeMutableBufferPointer<Float>) throws {
         let block = input.count / size
         precondition(block * size == input.count && output.count >= block, "reduce-scatter sizes do not divide by the world size")
-        try check(MPI_Reduce_scatter_block(input.baseAddress, output.baseAddress, Int32(block), cmpi_float(), cmpi_op_sum(), cmpi_comm_world()),
-                  "MPI_Reduce_scatter_block")
+        try run("MPI_Reduce_scatter_block", bytes: input.count * 4) {
+            MPI_Ireduce_scatter_block(input.baseAddress, output.baseAddress, Int32(block), cmpi_float(), cmpi_op_sum(), cmpi_comm_world(), $0)
+        }
     }
 
     public func reduceScatterSum(_ input: UnsafeBufferPointer<Float>, counts: [Int], into output: UnsafeMutableBufferPointer<Float>) throws {
         precondition(counts.count == size && output.count >= counts[rank], "reduce-scatter counts")
-        var c = counts.map { Int32($0) }
-        try check(MPI_Reduce_scatter(input.baseAddress, output.baseAddress, &c, cmpi_float(), cmpi_op_sum(), cmpi_comm_world()), "MPI_Reduce_scatter")
+        // The counts stay valid until the call completes (inside this closure).
+        try counts.map { Int32($0) }.withUnsafeBufferPointer { c in
+            try run("MPI_Reduce_scatter", bytes: input.count * 4) {
+                MPI_Ireduce_scatter(input.baseAddress, output.baseAddress, c.baseAddress, cmpi_float(), cmpi_op_sum(), cmpi_comm_world(), $0)
+            }
+        }
     }
 
     public func allGatherInPlace(_ buffer: UnsafeMutableBufferPointer<Float>, counts: [Int]) throws {
         precondition(counts.count == size && counts.reduce(0, +) <= buffer.count, "all-gather counts")
-        var c = counts.map { Int32($0) }
         var displacements = [Int32](repeating: 0, count: size)
-        for r in 1..<max(size, 1) where r < size { displacements[r] = displacements[r - 1] + c[r - 1] }
-        try check(MPI_Allgatherv(cmpi_in_place(), 0, cmpi_float(), buffer.baseAddress, &c, &displacements, cmpi_float(), cmpi_comm_world()),
-                  "MPI_Allgatherv")
+        for r in 1..<max(size, 1) where r < size { displacements[r] = displacements[r - 1] + Int32(counts[r - 1]) }
+        try counts.map { Int32($0) }.withUnsafeBufferPointer { c in
+            try displacements.withUnsafeBufferPointer { d in
+                try run("MPI_Allgatherv", bytes: counts[rank] * 4) {
+                    MPI_Iallgatherv(cmpi_in_place(), 0, cmpi_float(), buffer.baseAddress, c.baseAddress, d.baseAddress, cmpi_float(),
+                                    cmpi_comm_world(), $0)
+                }
+            }
+        }
     }
 
     public func gather(_ input: [UInt8], root: Int) throws -> [UInt8] {
         var output = [UInt8](repeating: 0, count: rank == root ? input.count * size : 0)
         try input.withUnsafeBufferPointer { src in
             try output.withUnsafeMutableBufferPointer { dst in
-                try check(MPI_Gather(src.baseAddress, Int32(src.count), cmpi_byte(), dst.baseAddress, Int32(src.count), cmpi_byte(), Int32(root),
-                                     cmpi_comm_world()), "MPI_Gather")
+                try run("MPI_Gather", bytes: src.count) {
+                    MPI_Igather(src.baseAddress, Int32(src.count), cmpi_byte(), dst.baseAddress, Int32(src.count), cmpi_byte(), Int32(root),
+                                cmpi_comm_world(), $0)
+                }
             }
         }
         return output
     }
 
     public func broadcast(_ buffer: UnsafeMutableRawBufferPointer, root: Int) throws {
-        try check(MPI_Bcast(buffer.baseAddress, Int32(buffer.count), cmpi_byte(), Int32(root), cmpi_comm_world()), "MPI_Bcast")
+        try run("MPI_Bcast", bytes: buffer.count) {
+            MPI_Ibcast(buffer.baseAddress, Int32(buffer.count), cmpi_byte(), Int32(root), cmpi_comm_world(), $0)
+        }
     }
 
     public func barrier() throws {
-        try check(MPI_Barrier(cmpi_comm_world()), "MPI_Barrier")
+        try run("MPI_Barrier", bytes: 0) { MPI_Ibarrier(cmpi_comm_world(), $0) }
     }
 
     static let pointToPointPiece = 1 << 30
@@ -190,7 +346,9 @@ public final class MPICommunicator: Communicator {
         var offset = 0
         repeat {
             let n = min(MPICommunicator.pointToPointPiece, bytes.count - offset)
-            try check(MPI_Send(bytes.baseAddress.map { $0 + offset }, Int32(n), cmpi_byte(), Int32(destination), 7, cmpi_comm_world()), "MPI_Send")
+            try run("MPI_Send to rank \(destination)", bytes: n, collective: false) {
+                MPI_Isend(bytes.baseAddress.map { $0 + offset }, Int32(n), cmpi_byte(), Int32(destination), 7, cmpi_comm_world(), $0)
+            }
             offset += n
         } while offset < bytes.count
     }
@@ -199,19 +357,22 @@ public final class MPICommunicator: Communicator {
         var offset = 0
         repeat {
             let n = min(MPICommunicator.pointToPointPiece, bytes.count - offset)
-            try check(MPI_Recv(bytes.baseAddress.map { $0 + offset }, Int32(n), cmpi_byte(), Int32(source), 7, cmpi_comm_world(), cmpi_status_ignore()),
-                      "MPI_Recv")
+            try run("MPI_Recv from rank \(source)", bytes: n, collective: false) {
+                MPI_Irecv(bytes.baseAddress.map { $0 + offset }, Int32(n), cmpi_byte(), Int32(source), 7, cmpi_comm_world(), $0)
+            }
             offset += n
         } while offset < bytes.count
     }
 
     private var requests: [MPI_Request?] = []
+    private var requestBytes = 0
 
     public func startAllReduceSum(_ buffer: UnsafeMutableBufferPointer<Float>) throws -> Int {
         var request: MPI_Request? = cmpi_request_null()
         try check(MPI_Iallreduce(cmpi_in_place(), buffer.baseAddress, Int32(buffer.count), cmpi_float(), cmpi_op_sum(), cmpi_comm_world(),
                                  &request), "MPI_Iallreduce")
         requests.append(request)
+        requestBytes += buffer.count * 4
         return requests.count - 1
     }
 
@@ -222,10 +383,12 @@ public final class MPICommunicator: Communicator {
         return done != 0
     }
 
+    /// Waits for every started all-reduce (one collective for the watchdog's count: the gradient buckets).
     public func waitAll() throws {
         if requests.isEmpty { return }
-        try check(MPI_Waitall(Int32(requests.count), &requests, cmpi_statuses_ignore()), "MPI_Waitall")
-        requests.removeAll()
+        try wait("MPI_Iallreduce x\(requests.count)", bytes: requestBytes, requests: &requests, collective: true)
+        requests.removeAll(keepingCapacity: true)
+        requestBytes = 0
     }
 }
 

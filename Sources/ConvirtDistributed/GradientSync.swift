@@ -127,7 +127,11 @@ public final class GradientSync {
     /// Scales the gradients so that their norm (`norm`, from gradientNorm) is at most `maxNorm`.
     public func clip(norm: Double, to maxNorm: Double) {
         guard norm > maxNorm else { return }
-        let scale = Float(maxNorm / (norm + 1e-6))
+        scale(by: Float(maxNorm / (norm + 1e-6)))
+    }
+
+    /// Multiplies the trainable gradients this rank holds (all, or its ZeRO-1 shard) by `scale`.
+    public func scale(by scale: Float) {
         let grads = arena.grads
         for range in arena.trainableRanges(within: arena.optimizerRange) {
             Parallel.chunks(range.count) { part in for i in part { grads[range.lowerBound + i] *= scale } }

@@ -135,6 +135,7 @@ public final class InProcessCommunicator: Communicator {
     public let group: InProcessGroup
     public let rank: Int
     public var size: Int { group.size }
+    public let watchdog = CollectiveWatchdog()
 
     init(group: InProcessGroup, rank: Int) {
         self.group = group

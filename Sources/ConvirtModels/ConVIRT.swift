@@ -144,6 +144,10 @@ public enum ConVIRTLoss {
     public final class Workspace {
         let logits = Scratch<Float>(), probabilities = Scratch<Float>(), losses = Scratch<Float>(), weights = Scratch<Float>()
         let targets = Scratch<Int32>()
+        /// Pairs that are not negatives of each other (false negatives, `--exclude-identical-texts`): flat
+        /// indices r * N + c of this rank's rows against the global columns, the same in both directions.
+        /// Their logits are set to -inf, so they weigh nothing in the softmax and get no gradient.
+        public var excluded: [Int] = []
         public init() {}
     }
 
@@ -189,6 +193,7 @@ public enum ConVIRTLoss {
             let weight = direction == 0 ? lambda : 1 - lambda
             sgemm(Product(m: b, n: n, k: d, transposeB: true, alpha: scale),
                 a: Matrix(rowsP, ld: d), b: Matrix(columnsP, ld: d), c: MutableMatrix(logits, ld: n))
+            for k in ws.excluded { logits[k] = -.infinity }
             CrossEntropy.forward(losses: losses, probabilities: probabilities, logits: logits, targets: targets, rows: b, classes: n)
             var sum = 0.0
             for i in 0..<b { sum += Double(losses[i]) }

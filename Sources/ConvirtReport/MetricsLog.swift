@@ -13,7 +13,8 @@ import Foundation
 public struct MetricsLog: Sendable {
     /// The fields read besides `step`.
     public static let fields = ["epoch", "loss", "loss_v2u", "loss_u2v", "lr", "grad_norm", "pairs_per_s", "world_size",
-                                "time_data_s", "time_forward_s", "time_backward_s", "time_comm_s", "time_optimizer_s", "val_loss"]
+                                "time_data_s", "time_forward_s", "time_backward_s", "time_comm_s", "time_optimizer_s", "val_loss",
+                                "skipped_steps", "tflops_per_rank", "peak_share", "excluded_negatives"]
     static let fieldIndex: [String: Int] = Dictionary(uniqueKeysWithValues: fields.enumerated().map { ($0.element, $0.offset) })
 
     /// One row: its step and, per field, the value or nil when the row does not have it.

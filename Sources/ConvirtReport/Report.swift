@@ -172,7 +172,16 @@ private struct Builder {
             if let rate = log.mean("pairs_per_s", dropFirst: log.count > 1 ? 1 : 0) {
                 kpis.append(("Throughput", String(format: "%.0f", rate), "pairs/s, mean per step"))
             }
+            if let tflops = log.mean("tflops_per_rank", dropFirst: log.count > 1 ? 1 : 0) {
+                let share = log.mean("peak_share", dropFirst: log.count > 1 ? 1 : 0).map { String(format: ", %.0f%% of the given peak", 100 * $0) } ?? ""
+                kpis.append(("Achieved TFLOP/s", String(format: tflops < 1 ? "%.3f" : "%.2f", tflops), "per rank, model FLOPs over step time\(share)"))
+            }
             if let w = last["world_size"] { kpis.append(("World size", "\(Int(w))", "rank(s)")) }
+            if let excluded = log.mean("excluded_negatives", dropFirst: 0), let batch = config?["global_batch"]?.number {
+                kpis.append(("Excluded negatives", String(format: "%.1f", excluded),
+                             String(format: "false negatives (identical sentences) per step, of %.0f pairs", batch * (batch - 1))))
+            }
+            if let skipped = last["skipped_steps"] { kpis.append(("Skipped steps", "\(Int(skipped))", "not applied: loss or gradient norm outliers")) }
             let seconds = ["time_data_s", "time_forward_s", "time_backward_s", "time_comm_s", "time_optimizer_s"].reduce(0.0) { $0 + log.sum($1) }
             if seconds > 0 {
                 kpis.append(("Time per step", Self.duration(seconds / Double(log.count)), "mean of \(log.count) logged step(s)"))

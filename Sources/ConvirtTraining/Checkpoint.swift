@@ -33,12 +33,15 @@ public struct CheckpointManifest: Codable, Sendable {
         public var checks: Int
         /// The rate the last step before the checkpoint used (absent in checkpoints of older versions).
         public var lastStepLearningRate: Double?
+        /// The outlier guard's window and counts (absent when the guard is off, and in older checkpoints).
+        public var outlierGuard: OutlierGuard?
 
         public init(step: Int, epoch: Int, samplesSeen: Int, learningRate: Double, bestValidation: Double?, checksWithoutImprovement: Int, checks: Int,
-                    lastStepLearningRate: Double? = nil) {
+                    lastStepLearningRate: Double? = nil, outlierGuard: OutlierGuard? = nil) {
             self.step = step; self.epoch = epoch; self.samplesSeen = samplesSeen; self.learningRate = learningRate
             self.bestValidation = bestValidation; self.checksWithoutImprovement = checksWithoutImprovement; self.checks = checks
             self.lastStepLearningRate = lastStepLearningRate
+            self.outlierGuard = outlierGuard
         }
     }
     /// 2: the manifest carries a checksum of itself. Version 1 (no checksum) is still read.

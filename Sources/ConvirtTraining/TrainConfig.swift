@@ -62,6 +62,14 @@ public struct TrainConfig: Codable, Sendable {
     /// threads, it changes only how the sums are grouped (not a resume-refusing setting).
     public var gradientPiece: Int? = nil
     public var gradientPieceSamples: Int { gradientPiece ?? GradientPieces.standard(globalBatch: globalBatch / max(microBatches, 1)) }
+    /// The outlier guard (`OutlierGuard`); nil = off, as the paper trains.
+    public var outlierGuard: OutlierGuardConfig? = nil
+    /// A rank's peak TFLOP/s (`--peak-tflops`, from the CPU's data sheet or a measured product rate), for
+    /// metrics.jsonl's peak_share; nil: not known. Not a resume-refusing setting.
+    public var peakTFLOPs: Double? = nil
+    /// False negatives: each pair's negatives leave out the pairs whose sentence has the same token ids
+    /// (`--exclude-identical-texts`); nil = no, as the paper.
+    public var excludeIdenticalTexts: Bool? = nil
 
     enum CodingKeys: String, CodingKey {
         case preset, model, globalBatch = "global_batch", steps, epochs, seed, learningRate = "learning_rate", weightDecay = "weight_decay"
@@ -70,7 +78,8 @@ public struct TrainConfig: Codable, Sendable {
         case loaderWorkers = "loader_workers", swapLateralityOnFlip = "swap_laterality_on_flip", imageWeights = "image_weights"
         case textWeights = "text_weights", checkpointEvery = "checkpoint_every", keepCheckpoints = "keep_checkpoints"
         case zero1, overlapCommunication = "overlap_communication", checkpointIO = "checkpoint_io", asyncCheckpoint = "async_checkpoint"
-        case tensorboard, accumSteps = "accum_steps", precision, gradientPiece = "gradient_piece"
+        case tensorboard, accumSteps = "accum_steps", precision, gradientPiece = "gradient_piece", outlierGuard = "outlier_guard"
+        case peakTFLOPs = "peak_tflops", excludeIdenticalTexts = "exclude_identical_texts"
     }
 
     /// The preset's defaults: the paper's recipe for `paper`, a quicker one for `demo` and `tiny`.
@@ -117,6 +126,8 @@ public struct TrainConfig: Codable, Sendable {
         try require(warmupSteps >= 0, "train", "--warmup-steps must not be negative, got \(warmupSteps)")
         try require(maxTokens >= 2 && maxTokens <= model.text.maxPositionEmbeddings, "train",
                     "--max-tokens must be within 2...\(model.text.maxPositionEmbeddings), got \(maxTokens)")
+        try outlierGuard?.validate()
+        try require(peakTFLOPs.map { $0 > 0 && $0.isFinite } ?? true, "train", "--peak-tflops must be a positive number, got \(peakTFLOPs ?? 0)")
         try validatePieces(worldSize: worldSize)
     }
 
@@ -162,6 +173,8 @@ extension TrainConfig {
         compare("--lowercase", lowercase, other.lowercase)
         compare("laterality swap on flip", swapLateralityOnFlip, other.swapLateralityOnFlip)
         compare("--precision", productPrecision.rawValue, other.productPrecision.rawValue)
+        compare("--exclude-identical-texts", excludeIdenticalTexts ?? false, other.excludeIdenticalTexts ?? false)
+        compare("outlier guard", outlierGuard.map(\.description) ?? "off", other.outlierGuard.map(\.description) ?? "off")
         return out
     }
 }
@@ -204,5 +217,8 @@ extension TrainConfig {
         accumSteps = try c.decodeIfPresent(Int.self, forKey: .accumSteps)
         precision = try c.decodeIfPresent(Precision.self, forKey: .precision)
         gradientPiece = try c.decodeIfPresent(Int.self, forKey: .gradientPiece)
+        outlierGuard = try c.decodeIfPresent(OutlierGuardConfig.self, forKey: .outlierGuard)
+        peakTFLOPs = try c.decodeIfPresent(Double.self, forKey: .peakTFLOPs)
+        excludeIdenticalTexts = try c.decodeIfPresent(Bool.self, forKey: .excludeIdenticalTexts)
     }
 }

@@ -30,11 +30,22 @@ public struct StepMetrics: Codable, Sendable {
     /// Training time lost to checkpoints in this step (snapshot, and waiting at the commit).
     public var timeCheckpoint: Double = 0
     public var valLoss: Double?
+    /// With the outlier guard on: whether this step was skipped (not applied), and the skipped steps so far.
+    public var skipped: Bool? = nil
+    public var skippedSteps: Int? = nil
+    /// Achieved TFLOP/s of each rank: the model's FLOPs of the step (`ConVIRTModel.flopsPerPair`) over
+    /// the ranks and the step's time; and its share of the peak given by --peak-tflops.
+    public var tflopsPerRank: Double? = nil
+    public var peakShare: Double? = nil
+    /// With --exclude-identical-texts: the pairs of the global batch excluded as false negatives.
+    public var excludedNegatives: Int? = nil
 
     enum CodingKeys: String, CodingKey {
         case step, epoch, loss, lossV2U = "loss_v2u", lossU2V = "loss_u2v", lr, gradNorm = "grad_norm", pairsPerSecond = "pairs_per_s"
         case worldSize = "world_size", timeData = "time_data_s", timeForward = "time_forward_s", timeBackward = "time_backward_s"
         case timeComm = "time_comm_s", timeOptimizer = "time_optimizer_s", timeCheckpoint = "time_checkpoint_s", valLoss = "val_loss"
+        case skipped, skippedSteps = "skipped_steps", tflopsPerRank = "tflops_per_rank", peakShare = "peak_share"
+        case excludedNegatives = "excluded_negatives"
     }
 }
 
@@ -46,6 +57,11 @@ extension StepMetrics {
                                                    ("time/forward", timeForward), ("time/backward", timeBackward), ("time/comm", timeComm),
                                                    ("time/optimizer", timeOptimizer), ("time/checkpoint", timeCheckpoint)]
         if let valLoss { out.append(("val/loss", valLoss)) }
+        if let skipped { out.append(("train/skipped", skipped ? 1 : 0)) }
+        if let skippedSteps { out.append(("train/skipped_steps", Double(skippedSteps))) }
+        if let tflopsPerRank { out.append(("train/tflops_per_rank", tflopsPerRank)) }
+        if let peakShare { out.append(("train/peak_share", peakShare)) }
+        if let excludedNegatives { out.append(("train/excluded_negatives", Double(excludedNegatives))) }
         return out
     }
 }
@@ -72,6 +88,10 @@ public final class Trainer {
 
     /// The step to start from (0, or a restored checkpoint's).
     public private(set) var startStep = 0
+    /// The outlier guard's window and counts (used when `config.outlierGuard` is set).
+    public private(set) var outliers = OutlierGuard()
+    /// The model's FLOPs per pair, by the batch's token count.
+    private var flopsByTokens: [Int: Double] = [:]
 
     public init(config: TrainConfig, dataPath: String, runDirectory: String, vocabularyPath: String?, communicator: Communicator,
                 log: @escaping (String) -> Void) throws {
@@ -149,6 +169,7 @@ public final class Trainer {
             step += 1
             var stop = false
             if isValidationStep(step) {
+                communicator.watchdog.phase = "validation"
                 let decision = try validate(into: &row)
                 if decision?.improved == true {
                     try saveBest(step: step, loss: row.valLoss!, checkpoints)
@@ -156,6 +177,7 @@ public final class Trainer {
                 }
                 stop = decision?.stop ?? false
             }
+            communicator.watchdog.phase = "checkpoint"
             if try saveCheckpointIfDue(step: step, savedStep: savedStep, stopping: stop, checkpoints) { savedStep = step }
             row.timeCheckpoint = checkpoints.takeStall()
             // A step's row reaches the disk (fsync'd where a checkpoint is pending) before its checkpoint
@@ -172,6 +194,7 @@ public final class Trainer {
             progress?(row, totalSteps)
             if stop { break }
         }
+        communicator.watchdog.phase = "final checkpoint"
         try checkpoints.commit()
         if step > savedStep {
             try checkpoints.save(arena: model.arena, state: checkpointState(step: step), config: config)
@@ -183,16 +206,26 @@ public final class Trainer {
     /// One training step, in DESIGN.md's order: batch, forward, loss over the global batch, backward,
     /// gradient sync, optimizer step.
     func trainStep(_ step: Int, loader: Loader) throws -> StepMetrics {
+        let watchdog = communicator.watchdog
+        watchdog.step = step + 1
+        if let stall = EnvironmentSwitches.process.stall, stall.step == step + 1, stall.rank == communicator.rank {
+            while true { sleep(3600) }  // a stalled rank (fault injection): the others' watchdog must name it
+        }
         var clock = Clock()
+        watchdog.phase = "batch"
         let batch = try globallyPadded(loader.next())
+        let excluded = try excludeIdenticalTexts(batch)
         let timeData = clock.lap()
+        watchdog.phase = "forward"
         sync.begin()
-        let value: ConVIRTLoss.Value, timeForward: Double, timeBackward: Double
+        var value: ConVIRTLoss.Value, timeForward: Double, timeBackward: Double
         if config.microBatches == 1 {
             var context = passContext(step: step, batch: batch, training: true)
             let (v, u) = try encode(batch, context: context)
+            watchdog.phase = "loss"
             value = try loss.forwardBackward(v: v, u: u, rows: batch.size)
             timeForward = clock.lap() - loss.communicationTime
+            watchdog.phase = "backward"
             context.gradientsReady = sync.readyHandler
             try model.backwardImages(gradEmbeddings: loss.gradV, context: context)
             try model.backwardTexts(gradEmbeddings: loss.gradU, context: context)
@@ -200,30 +233,79 @@ public final class Trainer {
         } else {
             (value, timeForward, timeBackward) = try accumulatedStep(step, batch: batch, clock: &clock)
         }
+        watchdog.phase = "gradient sync"
         var timeComm = loss.communicationTime + (try sync.finish())
         _ = clock.lap()
+        if let spike = EnvironmentSwitches.process.spike, spike.step == step + 1 {
+            // A loss spike (fault injection, for the tests of the outlier guard).
+            sync.scale(by: Float(spike.factor))
+            value.loss *= spike.factor
+        }
+        watchdog.phase = "gradient norm"
         let norm = try sync.gradientNorm()
         // The same on every rank (both are sums over ranks): all stop together, before the update.
         guard value.loss.isFinite && norm.isFinite else {
             throw ConvirtError("step \(step + 1): the loss is \(value.loss) and the gradient norm \(norm); training stopped before the "
                                + "optimizer step (no checkpoint is written from here; try a lower --lr or --clip-grad-norm, and --resume from the last checkpoint)")
         }
-        if let clip = config.clipGradNorm { sync.clip(norm: norm, to: clip) }
         let rate = schedule.rate(step: step)
-        let gather = try sync.step(adam: AdamConfig(learningRate: rate, weightDecay: config.weightDecay, decoupled: false), step: step + 1)
-        // Every rank holds the same parameters after the step, so all decide alike without communicating.
-        let diverged = model.arena.nonFiniteParameterCount()
-        guard diverged == 0 else {
-            throw ConvirtError("step \(step + 1): at learning rate \(rate), \(diverged) parameter(s) or running statistics became NaN or infinite; training stopped "
-                               + "(no checkpoint is written from here; try a lower --lr or --clip-grad-norm, and --resume from the last checkpoint)")
+        let skip = try guardStep(step + 1, loss: value.loss, norm: norm)
+        var gather = 0.0
+        if !skip {
+            if let clip = config.clipGradNorm { sync.clip(norm: norm, to: clip) }
+            watchdog.phase = "optimizer"
+            gather = try sync.step(adam: AdamConfig(learningRate: rate, weightDecay: config.weightDecay, decoupled: false), step: step + 1)
+            // Every rank holds the same parameters after the step, so all decide alike without communicating.
+            let diverged = model.arena.nonFiniteParameterCount()
+            guard diverged == 0 else {
+                throw ConvirtError("step \(step + 1): at learning rate \(rate), \(diverged) parameter(s) or running statistics became NaN or infinite; training stopped "
+                                   + "(no checkpoint is written from here; try a lower --lr or --clip-grad-norm, and --resume from the last checkpoint)")
+            }
         }
         let timeOptimizer = clock.lap() - gather
         timeComm += gather
         let total = timeData + timeForward + timeBackward + timeComm + timeOptimizer
+        let tflops = try stepFLOPs(tokens: batch.tokens) / Double(communicator.size) / total / 1e12
         return StepMetrics(step: step + 1, epoch: batch.epoch, loss: value.loss, lossV2U: value.imageToText, lossU2V: value.textToImage,
                            lr: rate, gradNorm: norm, pairsPerSecond: Double(config.globalBatch) / total, worldSize: communicator.size,
                            timeData: timeData, timeForward: timeForward, timeBackward: timeBackward, timeComm: timeComm,
-                           timeOptimizer: timeOptimizer, valLoss: nil)
+                           timeOptimizer: timeOptimizer, valLoss: nil, skipped: config.outlierGuard == nil ? nil : skip,
+                           skippedSteps: config.outlierGuard == nil ? nil : outliers.skipped, tflopsPerRank: tflops,
+                           peakShare: config.peakTFLOPs.map { tflops / $0 }, excludedNegatives: excluded)
+    }
+
+    /// With --exclude-identical-texts: the batch's pairs of equal sentences leave the next loss's
+    /// negatives (`DistributedLoss.excludeIdenticalTexts`); returns how many (nil when the option is off).
+    func excludeIdenticalTexts(_ batch: TrainingBatch) throws -> Int? {
+        guard config.excludeIdenticalTexts == true else { return nil }
+        // Training batches are padded to the global batch's length already; validation's, for this only.
+        let padded = try globallyPadded(batch)
+        return try padded.ids.withUnsafeBufferPointer { try loss.excludeIdenticalTexts(ids: $0.baseAddress!, rows: padded.size, tokens: padded.tokens) }
+    }
+
+    /// The model's FLOPs of one step over all ranks (forward and backward of every pair of the global batch).
+    func stepFLOPs(tokens: Int) throws -> Double {
+        if let known = flopsByTokens[tokens] { return known }
+        let flops = try model.flopsPerPair(tokens: tokens, globalBatch: config.globalBatch).total * Double(config.globalBatch)
+        flopsByTokens[tokens] = flops
+        return flops
+    }
+
+    /// The outlier guard's decision on step `step` (1-based): true = do not apply it. The loss and the norm
+    /// are the same on every rank, so all decide alike. Throws after `maxConsecutive` skips in a row.
+    func guardStep(_ step: Int, loss: Double, norm: Double) throws -> Bool {
+        guard let guardConfig = config.outlierGuard else { return false }
+        let decision = outliers.decide(loss: loss, norm: norm, guardConfig)
+        guard decision.skip else { return false }
+        let why = [decision.lossZ.map { String(format: "loss %.4g (z %.1f)", loss, $0) }, decision.gradZ.map { String(format: "gradient norm %.4g (z %.1f)", norm, $0) }]
+            .compactMap { $0 }.joined(separator: ", ")
+        if outliers.consecutive >= guardConfig.maxConsecutive {
+            let count = outliers.consecutive == 1 ? "1 step skipped as an outlier" : "\(outliers.consecutive) steps in a row skipped as outliers"
+            throw ConvirtError("step \(step): \(count) (last: \(why), over the last \(guardConfig.window) applied steps; --max-consecutive-skips \(guardConfig.maxConsecutive)); "
+                               + "training stopped (no checkpoint is written from here; try a lower --lr or --clip-grad-norm, and --resume from the last checkpoint)")
+        }
+        if communicator.isRoot { log("step \(step) skipped as an outlier: \(why); \(outliers.skipped) skipped in all") }
+        return true
     }
 
     /// Exact contrastive accumulation (GradCache, open_clip's --accum-freq): this rank's rows as K
@@ -387,6 +469,7 @@ public final class Trainer {
             let batch = Loader.build(dataset: dataset, samples: samples, sampler: sampler, tokenizer: tokenizer, recipe: recipe, epoch: 0,
                                      step: k, permutation: Array(0..<samples.count))
             let context = passContext(step: 0, batch: batch, training: false)
+            _ = try excludeIdenticalTexts(batch)
             // With accumulation, in pieces of a micro-batch, so that validation needs no more memory than a step.
             let (v, u) = config.microBatches == 1 ? try encode(batch, context: context)
                 : try encodeInPieces(batch, rows: max(1, config.globalBatch / (communicator.size * config.microBatches)), context: context)
@@ -402,7 +485,8 @@ public final class Trainer {
         return CheckpointManifest.State(step: step, epoch: step / sampler.batchesPerEpoch, samplesSeen: step * config.globalBatch,
                                         learningRate: schedule.currentRate, bestValidation: plateau.flatMap { $0.best.isFinite ? $0.best : nil },
                                         checksWithoutImprovement: plateau?.sinceHalving ?? 0, checks: plateau?.checks ?? 0,
-                                        lastStepLearningRate: step > 0 ? schedule.rate(step: step - 1) : nil)
+                                        lastStepLearningRate: step > 0 ? schedule.rate(step: step - 1) : nil,
+                                        outlierGuard: config.outlierGuard == nil ? nil : outliers)
     }
 
     /// Restores the newest complete checkpoint of the run directory (leftovers of interrupted saves are
@@ -411,6 +495,7 @@ public final class Trainer {
     /// always an error. Returns the restored directory.
     /// `adoptPrecision` (--precision auto): continue in the checkpoint's precision, whatever this CPU would choose.
     public func resume(fallback: Bool = false, allowConfigChange: Bool = false, adoptPrecision: Bool = false) throws -> String? {
+        communicator.watchdog.phase = "resume"
         if communicator.isRoot {
             for leftover in Checkpoints.removeLeftovers(runDirectory: runDirectory) {
                 log("removed \(runDirectory)/checkpoints/\(leftover), the leftover of a checkpoint that was never committed")
@@ -458,6 +543,7 @@ public final class Trainer {
 
     func restore(_ state: CheckpointManifest.State) {
         startStep = state.step
+        outliers = state.outlierGuard ?? OutlierGuard()
         var plateau = schedule.plateau
         plateau?.best = state.bestValidation ?? .infinity
         plateau?.sinceHalving = state.checksWithoutImprovement
@@ -480,6 +566,8 @@ public final class DistributedLoss {
     let globalV = Scratch<Float>(), globalU = Scratch<Float>(), fullGradV = Scratch<Float>(), fullGradU = Scratch<Float>()
     /// This rank's embedding gradients [b, d] after `forwardBackward`.
     let localGradV = Scratch<Float>(), localGradU = Scratch<Float>()
+    /// Token ids as floats (exact below 2^24), this rank's [b, T] and the global batch's [N, T].
+    let localIDs = Scratch<Float>(), globalIDs = Scratch<Float>()
     /// Seconds spent in collectives by the last call.
     public private(set) var communicationTime = 0.0
 
@@ -503,7 +591,40 @@ public final class DistributedLoss {
         try run(v: v, u: u, rows: b, gradients: false)
     }
 
+    /// False negatives: excludes from the next loss (`forwardBackward` or `forward`) the pairs whose
+    /// sentences have the same token ids, over the whole global batch. `ids` [b, tokens] are this rank's
+    /// rows, padded to the global batch's length (so equal sentences have equal rows); they are
+    /// all-gathered, so every rank sees the same groups. Returns the pairs (i, j), i != j, excluded in the
+    /// global batch (each unordered pair counts twice, once per direction of a row).
+    public func excludeIdenticalTexts(ids: UnsafePointer<Int32>, rows b: Int, tokens t: Int) throws -> Int {
+        let n = b * communicator.size
+        let mine = localIDs.ensure(b * t), all = globalIDs.ensure(n * t)
+        for k in 0..<(b * t) { mine[k] = Float(ids[k]) }
+        try communicator.allGather(UnsafeBufferPointer(start: mine, count: b * t), into: UnsafeMutableBufferPointer(start: all, count: n * t))
+        // Rows grouped by content: by a hash of their ids, then compared exactly.
+        var groups: [UInt64: [[Int]]] = [:]
+        for row in 0..<n {
+            let ids = UnsafeBufferPointer(start: all + row * t, count: t)
+            var hash: UInt64 = 0xcbf2_9ce4_8422_2325
+            for x in ids { hash = (hash ^ UInt64(x.bitPattern)) &* 0x100_0000_01b3 }
+            var buckets = groups[hash, default: []]
+            if let k = buckets.firstIndex(where: { memcmp(all + $0[0] * t, all + row * t, t * 4) == 0 }) { buckets[k].append(row) } else { buckets.append([row]) }
+            groups[hash] = buckets
+        }
+        let offset = communicator.rank * b
+        workspace.excluded.removeAll(keepingCapacity: true)
+        var total = 0
+        for group in groups.values.joined() where group.count > 1 {
+            total += group.count * (group.count - 1)
+            for i in group where i >= offset && i < offset + b {
+                for j in group where j != i { workspace.excluded.append((i - offset) * n + j) }
+            }
+        }
+        return total
+    }
+
     private func run(v: UnsafePointer<Float>, u: UnsafePointer<Float>, rows b: Int, gradients: Bool) throws -> ConVIRTLoss.Value {
+        defer { workspace.excluded.removeAll(keepingCapacity: true) }  // each exclusion holds for one loss
         let n = b * communicator.size, d = features
         let allV = globalV.ensure(n * d), allU = globalU.ensure(n * d)
         var clock = Clock()

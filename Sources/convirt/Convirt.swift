@@ -106,16 +106,38 @@ struct Info: ParsableCommand {
     }
 }
 
-/// Runs `body` with the job's communicator. A failure at the start (see `agreeOnStart`) is printed once
-/// by rank 0 and every rank exits 1 cleanly; a failure later, on any rank, ends every rank (no hang).
-func withCommunicator(_ name: String, _ body: (Communicator) throws -> Void) throws {
+/// --collective-timeout, for every command that runs under mpirun.
+struct CollectiveOptions: ParsableArguments {
+    @Option(parsing: .unconditional,
+            help: ArgumentHelp("Seconds a collective may wait for the other ranks (0: forever). Past it, every rank that can still answer reports what "
+                               + "it waits in and names the ranks that do not (stderr, and collective-timeout.rank<R>.json in the run directory), "
+                               + "and the job ends non-zero (launch.sh --max-restarts resumes it)."))
+    var collectiveTimeout = CollectiveWatchdog.defaultTimeout
+
+    func validate() throws {
+        guard collectiveTimeout >= 0 && collectiveTimeout.isFinite else {
+            throw ValidationError("--collective-timeout must be a number of seconds (0: no deadline), got \(collectiveTimeout)")
+        }
+    }
+
+    var seconds: Double? { collectiveTimeout > 0 ? collectiveTimeout : nil }
+}
+
+/// Runs `body` with the job's communicator, its collectives under `collective`'s deadline. A failure at
+/// the start (see `agreeOnStart`) is printed once by rank 0 and every rank exits 1 cleanly; a failure
+/// later, on any rank, ends every rank (no hang); a collective timeout, already reported by every rank
+/// that could answer, ends the job too.
+func withCommunicator(_ name: String, _ collective: CollectiveOptions, _ body: (Communicator) throws -> Void) throws {
     let communicator = try makeCommunicator()
+    communicator.watchdog.timeout = collective.seconds
     do {
         try body(communicator)
         (communicator as? MPICommunicator)?.finalize()
     } catch let failure as StartFailure {
         (communicator as? MPICommunicator)?.finalize()
         throw ExitCode(failure.code)
+    } catch is CollectiveTimeout {
+        communicator.abort(code: 1)
     } catch {
         let message = error is ValidationError ? "\(error)" : describe(error)
         let rank = communicator.size > 1 ? " (rank \(communicator.rank) of \(communicator.size))" : ""

@@ -63,6 +63,7 @@ func requireImageSize(_ size: Int?) throws {
 }
 
 struct ClassificationArguments: ParsableArguments {
+    @OptionGroup var collective: CollectiveOptions
     @Option(help: "chexpert, rsna, covidx or mura.") var dataset: DownstreamDataset
     @Option(help: "The dataset's directory, as released.") var root: String
     @Option(help: "A ConVIRT checkpoint directory, or a run directory (its latest checkpoint).") var checkpoint: String?
@@ -119,7 +120,7 @@ struct ClassificationArguments: ParsableArguments {
 
     func run(protocol evaluationProtocol: EvaluationProtocol) throws {
         let name = evaluationProtocol.rawValue
-        try withCommunicator("eval \(name)") { communicator in
+        try withCommunicator("eval \(name)", collective) { communicator in
             Parallel.setThreads(threads)
             let root = communicator.isRoot
             let (source, data) = try agreeOnStart("eval \(name)", communicator) { () throws -> (EncoderSource, DownstreamData) in
@@ -214,6 +215,7 @@ struct EvalZeroShot: ParsableCommand {
     var precision = PrecisionChoice.auto
     @Option(help: "Results file (JSON).") var out: String?
     @Flag(help: "Print only the result line.") var quiet = false
+    @OptionGroup var collective: CollectiveOptions
 
     func validate() throws {
         try requirePositive(["--threads": threads])
@@ -221,7 +223,7 @@ struct EvalZeroShot: ParsableCommand {
     }
 
     func run() throws {
-        try withCommunicator("eval zeroshot") { communicator in
+        try withCommunicator("eval zeroshot", collective) { communicator in
             Parallel.setThreads(threads)
             let root = communicator.isRoot
             let (loaded, data, promptSets) = try agreeOnStart("eval zeroshot", communicator) { () throws -> (LoadedModel, DownstreamData, [String: PromptSet]) in
@@ -319,6 +321,7 @@ struct EvalRetrieval: ParsableCommand {
     @Flag(help: "Fine-tuning: shard the Adam state over the ranks (ZeRO-1).") var zero1 = false
     @Option(help: "Results file (JSON).") var out: String?
     @Flag(help: "Print only the precision@10 line.") var quiet = false
+    @OptionGroup var collective: CollectiveOptions
 
     func validate() throws {
         try requirePositive(["--threads": threads])
@@ -327,7 +330,7 @@ struct EvalRetrieval: ParsableCommand {
     }
 
     func run() throws {
-        try withCommunicator("eval retrieval") { communicator in
+        try withCommunicator("eval retrieval", collective) { communicator in
             Parallel.setThreads(threads)
             let (loaded, set) = try agreeOnStart("eval retrieval", communicator) {
                 (try LoadedModel(checkpoint: checkpoint, vocab: vocab, precision: precision), try Retrieval8x200.load(root: root, queries: queries))
@@ -374,6 +377,7 @@ struct EmbedCommand: ParsableCommand {
     var precision = PrecisionChoice.auto
     @Flag(help: "Fine-tuning: shard the Adam state over the ranks (ZeRO-1).") var zero1 = false
     @Option(help: "Output .safetensors: embeddings [N, d] (and features [N, F] for images).") var out: String
+    @OptionGroup var collective: CollectiveOptions
 
     func validate() throws {
         guard (images == nil) != (texts == nil) else { throw ValidationError("give exactly one of --images and --texts") }
@@ -382,7 +386,7 @@ struct EmbedCommand: ParsableCommand {
     }
 
     func run() throws {
-        try withCommunicator("embed") { communicator in
+        try withCommunicator("embed", collective) { communicator in
             Parallel.setThreads(threads)
             let loaded = try LoadedModel(checkpoint: checkpoint, vocab: vocab, precision: precision)
             let config = loaded.manifest.config

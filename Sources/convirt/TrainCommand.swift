@@ -85,10 +85,25 @@ struct TrainCommand: ParsableCommand {
     @Option(parsing: .unconditional, help: ArgumentHelp("bf16: samples per gradient piece, a divisor of each rank's micro-batch (default: 4, 2 or 1, the largest that "
                                + "every world size up to 8 cuts whole). Runs agree across world sizes at equal pieces."))
     var gradientPiece: Int?
+    @Option(parsing: .unconditional, help: ArgumentHelp("Outlier guard: do not apply a step whose loss is more than Z standard deviations above the mean "
+                                                        + "of the last --outlier-window applied steps (off by default, as the paper).")) var skipLossZ: Double?
+    @Option(parsing: .unconditional, help: "Outlier guard: the same for the gradient norm.") var skipGradZ: Double?
+    @Option(parsing: .unconditional, help: "Outlier guard: applied steps the mean and deviation are taken over (default 128; none is skipped before).")
+    var outlierWindow: Int?
+    @Option(parsing: .unconditional, help: "Outlier guard: skipped steps in a row that stop the run (default 5).") var maxConsecutiveSkips: Int?
+    @Option(parsing: .unconditional, help: ArgumentHelp("A rank's peak TFLOP/s (its cores' share of the CPU's data-sheet peak, or a measured product rate): "
+                                                        + "metrics.jsonl's peak_share is the achieved TFLOP/s over it.")) var peakTflops: Double?
+    @Flag(help: ArgumentHelp("False negatives: leave out of each pair's negatives the pairs of the global batch whose sentence has the same "
+                             + "token ids (a report shared by a study's images, or a common normal report); off by default, as the paper."))
+    var excludeIdenticalTexts = false
     @Flag(help: "Print the resolved configuration (the preset's defaults and the flags given) as JSON and exit.") var printConfig = false
+    @OptionGroup var collective: CollectiveOptions
 
     func validate() throws {
         if steps != nil && epochs != nil { throw ValidationError("give --steps or --epochs, not both") }
+        if (outlierWindow != nil || maxConsecutiveSkips != nil) && skipLossZ == nil && skipGradZ == nil {
+            throw ValidationError("--outlier-window and --max-consecutive-skips set the outlier guard, which --skip-loss-z or --skip-grad-z turns on")
+        }
         if !printConfig {
             if data == nil { throw ValidationError("Missing expected argument '--data <data>'") }
             if runDir == nil { throw ValidationError("Missing expected argument '--run-dir <run-dir>'") }
@@ -129,6 +144,12 @@ struct TrainCommand: ParsableCommand {
         if let accumSteps { c.accumSteps = accumSteps == 1 ? nil : accumSteps }
         c.precision = chosen ?? precision.resolved()
         if let gradientPiece { c.gradientPiece = gradientPiece }
+        if let peakTflops { c.peakTFLOPs = peakTflops }
+        if excludeIdenticalTexts { c.excludeIdenticalTexts = true }
+        if skipLossZ != nil || skipGradZ != nil {
+            c.outlierGuard = OutlierGuardConfig(lossZ: skipLossZ, gradZ: skipGradZ, window: outlierWindow ?? OutlierGuardConfig.defaultWindow,
+                                                maxConsecutive: maxConsecutiveSkips ?? OutlierGuardConfig.defaultMaxConsecutive)
+        }
         // The pieces a bf16 run uses, recorded in config.json.
         if c.productPrecision == .bf16 && c.gradientPiece == nil { c.gradientPiece = c.gradientPieceSamples }
         return c
@@ -139,7 +160,7 @@ struct TrainCommand: ParsableCommand {
             print(String(decoding: try prettyJSON(resolved()), as: UTF8.self))
             return
         }
-        try withCommunicator("train", train)
+        try withCommunicator("train", collective, train)
     }
 
     /// The files a run leaves in its directory (what --overwrite removes).
@@ -192,6 +213,7 @@ struct TrainCommand: ParsableCommand {
             }
         }
         try agreeOnStart("train", communicator) { if root { try createRunDirectory(runDir) } }
+        communicator.watchdog.reportDirectory = runDir
         // A progress line on a terminal; plain log lines otherwise and under mpirun (which forwards output).
         let tty = isatty(STDOUT_FILENO) != 0 && !MPICommunicator.launchedByMPI
         if resume {

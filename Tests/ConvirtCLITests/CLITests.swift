@@ -361,6 +361,19 @@ struct DistributedTrainingTests {
         let hostRows = try Self.rows(of: "\(dir)/run-hosts")
         #expect(hostRows.count == 20)
         for (a, b) in zip(one, hostRows) { #expect(abs(a.loss - b.loss) <= Self.lossBound(step: a.step) * abs(a.loss), "2 hosts, step \(a.step)") }
+        // The collective watchdog over TCP: the rank on the other host stops at step 6 and is named.
+        func stalledAttempt() throws -> (status: Int32, output: String) {
+            try run(cluster, ["run", "2", "--", "-x", "CONVIRT_FAULT_STALL", convirtPath(), "train", "--data", data, "--run-dir", "\(dir)/run-hosts-stalled",
+                              "--preset", "tiny", "--steps", "20", "--retrieval-eval", "0", "--precision", "fp32", "--collective-timeout", "3", "--overwrite"],
+                    environment: ["CONVIRT_CLUSTER_TIMEOUT": "90", "CONVIRT_FAULT_STALL": "6:1"], timeout: 150)
+        }
+        var stalled = try stalledAttempt()
+        if !stalled.output.contains("convirt train:") {
+            print("two hosts, stalled rank: Open MPI's start stalled (status \(stalled.status), no output from convirt); starting once more")
+            stalled = try stalledAttempt()
+        }
+        #expect(stalled.status != 0 && stalled.status != 124, "\(stalled.output)")
+        #expect(stalled.output.contains("collective timeout on rank 0 of 2") && stalled.output.contains("Rank 1 did not answer"), "\(stalled.output)")
     }
 
     @Test("resume: bitwise at the same world size, within rounding on 1 and 4 ranks; damaged checkpoints and fallback")
@@ -427,6 +440,127 @@ struct DistributedTrainingTests {
         let rows = try Self.rows(of: killed), reference = try Self.rows(of: "\(dir)/reference")
         #expect(rows.map(\.step) == Array(1...40), "\(mode): \(rows.map(\.step))")
         for (a, b) in zip(rows, reference) { #expect(a.loss == b.loss && a.grad_norm == b.grad_norm, "\(mode) step \(a.step)") }
+    }
+
+    /// A rank that stops (CONVIRT_FAULT_STALL: it sleeps at the start of step 12) leaves the others waiting
+    /// in a collective. Past --collective-timeout each of them reports what it waited in and names the
+    /// stalled rank (stderr and its report file), and the job ends non-zero with no rank left running;
+    /// relaunched with --resume, the run ends with the uninterrupted run's losses.
+    @Test("a stalled rank is named by every other rank within the collective timeout; the relaunched run resumes", arguments: [2, 4])
+    func stalledRank(np: Int) throws {
+        let mpirun = try #require(SharedRuns.mpirun)
+        let data = try shared.data()
+        let runDir = "\(dir)/stalled\(np)", victim = np / 2, timeout = 3.0
+        let arguments = ["--oversubscribe", "-np", "\(np)", convirtPath(), "train", "--data", data, "--run-dir", runDir, "--preset", "tiny",
+                         "--steps", "20", "--checkpoint-every", "5", "--retrieval-eval", "0", "--collective-timeout", "\(Int(timeout))"]
+        let started = Date()
+        let stalled = try run(mpirun, arguments, environment: Self.mpiEnvironment.merging(["CONVIRT_FAULT_STALL": "12:\(victim)"]) { $1 }, timeout: 120)
+        let seconds = Date().timeIntervalSince(started)
+        #expect(stalled.status != 0, "\(stalled.output)")
+        #expect(seconds < 60, "the stalled job took \(seconds) s to end")
+        let left = try run("/usr/bin/pgrep", ["-f", "convirt train --data \(data) --run-dir \(runDir) "]).output
+        #expect(left.trimmingCharacters(in: .whitespacesAndNewlines).isEmpty, "ranks left running: \(left)")
+        struct Report: Decodable {
+            struct Activity: Decodable { let rank: Int; let step: Int; let phase: String; let collective: String; let waited_s: Double; let sequence: Int }
+            let silent: [Int]; let answered: [Activity]; let this_rank: Activity; let expired_here: Bool; let timeout_s: Double; let verdict: String
+        }
+        for rank in 0..<np where rank != victim {
+            #expect(stalled.output.contains("collective timeout on rank \(rank) of \(np)"), "rank \(rank) printed no report: \(stalled.output)")
+            let path = "\(runDir)/collective-timeout.rank\(rank).json"
+            let report = try JSONDecoder().decode(Report.self, from: try #require(FileManager.default.contents(atPath: path), "no \(path)"))
+            #expect(report.silent == [victim] && report.timeout_s == timeout, "\(path): \(report.verdict)")
+            #expect(report.answered.map(\.rank) == (0..<np).filter { $0 != victim }, "\(path): \(report.verdict)")
+            #expect(report.verdict.hasPrefix("Rank \(victim) did not answer"), "\(path): \(report.verdict)")
+            // Every other rank waits in step 12's first collective; the one that timed out first waited the
+            // deadline (to within the 50 ms of its checks), the others at most that long.
+            #expect(report.this_rank.step == 12 && report.this_rank.phase == "batch" && report.this_rank.collective == "MPI_Allreduce")
+            #expect(Set(report.answered.map(\.sequence)).count == 1)
+            #expect(report.this_rank.waited_s < timeout + 0.5, "rank \(rank) waited \(report.this_rank.waited_s) s")
+            if report.expired_here { #expect(report.this_rank.waited_s >= timeout) }
+        }
+        #expect(!FileManager.default.fileExists(atPath: "\(runDir)/collective-timeout.rank\(victim).json"))
+        let resumed = try run(mpirun, arguments + ["--resume"], environment: Self.mpiEnvironment, timeout: 300)
+        // Step 5's checkpoint is committed by step 12 (step 10's may be too).
+        #expect(resumed.status == 0 && (resumed.output.contains("at step 5\n") || resumed.output.contains("at step 10\n")), "\(resumed.output)")
+        let rows = try Self.rows(of: runDir), reference = try shared.rows(np: np)
+        #expect(rows.map(\.step) == Array(1...20))
+        for (a, b) in zip(rows, reference) { #expect(a.loss == b.loss && a.grad_norm == b.grad_norm, "-np \(np) step \(a.step)") }
+    }
+
+    /// The outlier guard (llm.c's -sl / -sg) with a spike injected at step 16 (CONVIRT_FAULT_SPIKE: the
+    /// loss and the gradients x1000 on every rank): skipped and counted alike on 1 and 2 ranks, the steps
+    /// before it those of a run without guard; a run stopped at step 12 and resumed decides as the
+    /// uninterrupted one (the window travels in the checkpoint); one skip too many stops the run.
+    @Test("the outlier guard skips an injected spike alike on 1 and 2 ranks, resumes bitwise with its window, and stops after n in a row")
+    func outlierGuard() throws {
+        let mpirun = try #require(SharedRuns.mpirun)
+        let data = try shared.data()
+        struct GuardRow: Decodable { let step: Int; let loss: Double; let grad_norm: Double; let skipped: Bool?; let skipped_steps: Int? }
+        let guardFlags = ["--skip-loss-z", "6", "--skip-grad-z", "6", "--outlier-window", "8"]
+        func train(_ np: Int, _ runDir: String, _ extra: [String]) throws -> (status: Int32, output: String, rows: [GuardRow]) {
+            let result = try run(mpirun, ["--oversubscribe", "-np", "\(np)", convirtPath(), "train", "--data", data, "--run-dir", runDir,
+                                          "--preset", "tiny", "--retrieval-eval", "0"] + guardFlags + extra,
+                                 environment: Self.mpiEnvironment.merging(["CONVIRT_FAULT_SPIKE": "16:1000"]) { $1 }, timeout: 300)
+            let text = (try? String(contentsOfFile: "\(runDir)/metrics.jsonl", encoding: .utf8)) ?? ""
+            let rows = try text.split(separator: "\n").map { try JSONDecoder().decode(GuardRow.self, from: Data($0.utf8)) }
+            return (result.status, result.output, rows)
+        }
+        var runs: [[GuardRow]] = []
+        for np in [1, 2] {
+            let guarded = try train(np, "\(dir)/guard\(np)", ["--steps", "20", "--overwrite"])
+            #expect(guarded.status == 0, "\(guarded.output)")
+            #expect(guarded.rows.map(\.step) == Array(1...20))
+            #expect(guarded.rows.map { $0.skipped == true } == (1...20).map { $0 == 16 }, "-np \(np): \(guarded.rows.map { $0.skipped ?? false })")
+            #expect(guarded.rows.map { $0.skipped_steps ?? -1 } == (1...20).map { $0 < 16 ? 0 : 1 })
+            #expect(guarded.output.contains("step 16 skipped as an outlier"), "\(guarded.output)")
+            // Until the spike, the guard changes nothing; the spike's row shows the spiked loss.
+            let plain = try shared.rows(np: np)
+            for (a, b) in zip(guarded.rows.prefix(15), plain) { #expect(a.loss == b.loss && a.grad_norm == b.grad_norm, "-np \(np) step \(a.step)") }
+            #expect(guarded.rows[15].loss == plain[15].loss * 1000)
+            runs.append(guarded.rows)
+        }
+        for (a, b) in zip(runs[0], runs[1]) {
+            #expect(abs(a.loss - b.loss) <= Self.lossBound(step: a.step) * abs(a.loss), "step \(a.step): \(a.loss) on 1 rank, \(b.loss) on 2")
+        }
+        // Stopped at step 12 (a checkpoint at the end), resumed to 20: the uninterrupted run's rows, bit for bit.
+        let first = try train(2, "\(dir)/guard-resumed", ["--steps", "12", "--overwrite"])
+        #expect(first.status == 0, "\(first.output)")
+        let resumed = try train(2, "\(dir)/guard-resumed", ["--steps", "20", "--resume"])
+        #expect(resumed.status == 0 && resumed.output.contains("at step 12"), "\(resumed.output)")
+        #expect(resumed.rows.map(\.step) == Array(1...20))
+        for (a, b) in zip(resumed.rows, runs[1]) {
+            #expect(a.loss == b.loss && a.grad_norm == b.grad_norm && a.skipped == b.skipped && a.skipped_steps == b.skipped_steps, "resumed, step \(a.step)")
+        }
+        // One skip allowed in a row: the spike stops the run, on every rank, with no checkpoint past it.
+        let stopped = try train(2, "\(dir)/guard-stopped", ["--steps", "20", "--overwrite", "--max-consecutive-skips", "1"])
+        #expect(stopped.status != 0 && stopped.output.contains("step 16: 1 step skipped as an outlier (last: loss"), "\(stopped.output)")
+        #expect(stopped.rows.count == 15)
+    }
+
+    /// --exclude-identical-texts: the synthetic reports repeat, so some global batches hold equal
+    /// sentences; every world size finds the same pairs (all-gathered token ids) and trains alike. Steps
+    /// before the first exclusion are those of the plain run; the first one's loss is lower (fewer negatives).
+    @Test("false negatives: identical sentences are excluded alike on 1, 2 and 4 ranks, and counted")
+    func identicalTexts() throws {
+        struct FNRow: Decodable { let step: Int; let loss: Double; let excluded_negatives: Int?; let val_loss: Double? }
+        var counts: [[Int]] = [], runs: [[FNRow]] = []
+        for np in [1, 2, 4] {
+            _ = try shared.rows(np: np, ["--exclude-identical-texts"])
+            let runDir = "\(dir)/run\(np)--exclude-identical-texts"
+            let rows = try String(contentsOfFile: "\(runDir)/metrics.jsonl", encoding: .utf8).split(separator: "\n")
+                .map { try JSONDecoder().decode(FNRow.self, from: Data($0.utf8)) }
+            #expect(rows.count == 20)
+            counts.append(rows.map { $0.excluded_negatives ?? -1 })
+            runs.append(rows)
+        }
+        #expect(counts[0].allSatisfy { $0 >= 0 && $0 % 2 == 0 } && counts[0].reduce(0, +) > 0, "\(counts[0])")
+        #expect(counts[1] == counts[0] && counts[2] == counts[0], "\(counts)")
+        for rows in runs.dropFirst() {
+            for (a, b) in zip(runs[0], rows) { #expect(abs(a.loss - b.loss) <= Self.lossBound(step: a.step) * abs(a.loss), "step \(a.step)") }
+        }
+        let plain = try shared.rows(np: 1), first = try #require(counts[0].firstIndex { $0 > 0 })
+        for k in 0..<first { #expect(runs[0][k].loss == plain[k].loss, "step \(k + 1)") }
+        #expect(runs[0][first].loss < plain[first].loss)
     }
 
     @Test("a global batch that does not divide by the ranks is refused on every rank, without a hang")

@@ -20,11 +20,13 @@ private func randomUnitRows(_ rows: Int, _ d: Int, seed: UInt64) -> [Float] {
 @Suite("ConVIRT loss")
 struct LossTests {
     /// The loss in plain Double: L = (1/N) sum_i [lambda l_i(v->u) + (1-lambda) l_i(u->v)].
-    static func referenceLoss(_ v: [Double], _ u: [Double], n: Int, d: Int, tau: Double, lambda: Double) -> Double {
+    /// `excluded`: pairs (i, j) left out of row i's negatives (false negatives), in both directions.
+    static func referenceLoss(_ v: [Double], _ u: [Double], n: Int, d: Int, tau: Double, lambda: Double, excluded: Set<[Int]> = []) -> Double {
         func dotp(_ a: [Double], _ i: Int, _ b: [Double], _ k: Int) -> Double { (0..<d).reduce(0) { $0 + a[i * d + $1] * b[k * d + $1] } / tau }
         var total = 0.0
         for i in 0..<n {
-            let rowV = (0..<n).map { dotp(v, i, u, $0) }, rowU = (0..<n).map { dotp(u, i, v, $0) }
+            let kept = (0..<n).map { excluded.contains([i, $0]) ? -Double.infinity : 0 }
+            let rowV = (0..<n).map { dotp(v, i, u, $0) + kept[$0] }, rowU = (0..<n).map { dotp(u, i, v, $0) + kept[$0] }
             func nll(_ r: [Double]) -> Double { let m = r.max()!; return Double.log(r.reduce(0) { $0 + Double.exp($1 - m) }) + m - r[i] }
             total += lambda * nll(rowV) + (1 - lambda) * nll(rowU)
         }
@@ -54,6 +56,53 @@ struct LossTests {
         let scale = ngv.map(abs).max()!
         #expect(zip(gv, ngv).allSatisfy { abs(Double($0) - $1) < 1e-4 * scale })
         #expect(zip(gu, ngu).allSatisfy { abs(Double($0) - $1) < 1e-4 * scale })
+    }
+
+    /// --exclude-identical-texts: rows 0 and 3 share a sentence, as do 1, 4 and 5. Their pairs leave each
+    /// other's softmax in both directions; the loss and its gradients are those of the reference without
+    /// them, and the loss falls (fewer terms in each excluded row's denominator).
+    @Test("excluded pairs (false negatives): the loss without them, gradients equal finite differences, on 1 rank and in shares")
+    func excludedPairs() throws {
+        let (n, d) = (6, 5)
+        let v = randomUnitRows(n, d, seed: 7), u = randomUnitRows(n, d, seed: 8)
+        let groups = [[0, 3], [1, 4, 5]]
+        let pairs = Set(groups.flatMap { g in g.flatMap { i in g.filter { $0 != i }.map { [i, $0] } } })
+        let workspace = ConVIRTLoss.Workspace()
+        workspace.excluded = pairs.map { $0[0] * n + $0[1] }
+        var gv = [Float](repeating: 0, count: n * d), gu = gv
+        let value = ConVIRTLoss.forwardBackward(v: v, u: u, globalV: v, globalU: u, localRows: n, globalRows: n, features: d, offset: 0,
+                                                tau: 0.1, lambda: 0.75, gradV: &gv, gradU: &gu, workspace: workspace)
+        let vd = v.map(Double.init), ud = u.map(Double.init)
+        let expected = Self.referenceLoss(vd, ud, n: n, d: d, tau: 0.1, lambda: 0.75, excluded: pairs)
+        #expect(abs(value.loss - expected) / expected < 1e-5)
+        #expect(expected < Self.referenceLoss(vd, ud, n: n, d: d, tau: 0.1, lambda: 0.75))
+        func numeric(_ x: [Double], _ f: ([Double]) -> Double) -> [Double] {
+            (0..<x.count).map { i in
+                var p = x, m = x
+                p[i] += 1e-6; m[i] -= 1e-6
+                return (f(p) - f(m)) / 2e-6
+            }
+        }
+        let ngv = numeric(vd) { Self.referenceLoss($0, ud, n: n, d: d, tau: 0.1, lambda: 0.75, excluded: pairs) }
+        let ngu = numeric(ud) { Self.referenceLoss(vd, $0, n: n, d: d, tau: 0.1, lambda: 0.75, excluded: pairs) }
+        let scale = ngv.map(abs).max()!
+        #expect(zip(gv, ngv).allSatisfy { abs(Double($0) - $1) < 1e-4 * scale })
+        #expect(zip(gu, ngu).allSatisfy { abs(Double($0) - $1) < 1e-4 * scale })
+        // Two ranks of 3 rows each, each with its rows' exclusions: shares sum to the loss.
+        var shares = 0.0
+        for rank in 0..<2 {
+            let part = ConVIRTLoss.Workspace()
+            part.excluded = pairs.filter { $0[0] / 3 == rank }.map { ($0[0] - rank * 3) * n + $0[1] }
+            var pv = [Float](repeating: 0, count: n * d), pu = pv
+            shares += v.withUnsafeBufferPointer { vp in
+                u.withUnsafeBufferPointer { up in
+                    ConVIRTLoss.forwardBackward(v: vp.baseAddress! + rank * 3 * d, u: up.baseAddress! + rank * 3 * d, globalV: vp.baseAddress!,
+                                                globalU: up.baseAddress!, localRows: 3, globalRows: n, features: d, offset: rank * 3,
+                                                tau: 0.1, lambda: 0.75, gradV: &pv, gradU: &pu, workspace: part)
+                }
+            }.loss
+        }
+        #expect(abs(shares - value.loss) < 1e-6)
     }
 
     @Test("W ranks: shares sum to the loss, and summed (reduce-scattered) gradients equal one rank's", arguments: [2, 3, 4])

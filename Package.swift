@@ -80,7 +80,7 @@ let package = Package(
             name: "ConvirtDistributedTests",
             dependencies: ["ConvirtDistributed", "ConvirtCore", "ConvirtModels", "ConvirtData", "ConvirtText", "ConvirtTraining", "ConvirtEvaluation", "ConvirtTestSupport"]
         ),
-        .testTarget(name: "ConvirtEvaluationTests", dependencies: ["ConvirtEvaluation", "ConvirtReport", "ConvirtCore"], resources: [.copy("Fixtures")]),
+        .testTarget(name: "ConvirtEvaluationTests", dependencies: ["ConvirtEvaluation", "ConvirtReport", "ConvirtCore", "ConvirtIO"], resources: [.copy("Fixtures")]),
         .testTarget(name: "ConvirtReportTests", dependencies: ["ConvirtReport", "ConvirtEvaluation", "ConvirtTraining", "ConvirtCore", "ConvirtIO"]),
         .testTarget(name: "ConvirtIOTests", dependencies: ["ConvirtIO", "ConvirtCore"], resources: [.copy("Fixtures")]),
         .testTarget(name: "ConvirtModelsTests", dependencies: ["ConvirtModels", "ConvirtCore", "ConvirtIO", "ConvirtText"], resources: [.copy("Fixtures")]),

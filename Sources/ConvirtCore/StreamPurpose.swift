@@ -46,6 +46,8 @@ public enum StreamPurpose: UInt64, Sendable, CaseIterable {
     case synthCOVIDx = 0xC0F1
     /// Synthetic MURA patients (keys: split, patient).
     case synthMURA = 0x3A5A
+    /// Bootstrap resamples of a test set (keys: resample).
+    case bootstrap = 0xB0B5
 }
 
 /// Purposes of the per-sample draws (children of a `.sampleDraws` stream), so that each augmentation has

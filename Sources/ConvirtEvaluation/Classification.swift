@@ -33,6 +33,12 @@ public enum EncoderSource: Sendable {
         case .imagenet: return "imagenet"
         }
     }
+
+    /// The ConVIRT checkpoint directory (nil for random and ImageNet initialisation).
+    public var checkpointDirectory: String? {
+        if case .checkpoint(let directory) = self { return directory }
+        return nil
+    }
 }
 
 /// The paper's two classification protocols (App. B).
@@ -72,6 +78,8 @@ public struct ClassificationOptions: Sendable {
     public var keepBest = KeepBest.loss
     /// The precision of the encoder's and the classifier's products (bf16: mixed precision, see `BF16`).
     public var precision = Precision.fp32
+    /// Bootstrap resamples of the test set for the 95% intervals (0: none).
+    public var bootstrapResamples = Bootstrap.defaultResamples
     public enum KeepBest: String, Sendable, CaseIterable { case loss, metric }
     /// Fine-tuning: steps of the classifier alone first, and their learning rate.
     public var headSteps = 200
@@ -263,26 +271,9 @@ public final class ClassificationEvaluation {
     /// the warning about labels whose AUC is undefined.
     static func metric(data: DownstreamData, scores: [Float], split: LabeledArrays,
                        warn: (String) -> Void) throws -> (value: Double, perLabel: [String: Double]) {
-        let o = data.labelNames.count
-        // Aggregate by group (each image is its own group unless the dataset groups them).
-        var order: [String] = [], sums: [String: [Double]] = [:], counts: [String: Int] = [:], truth: [String: [Float]] = [:]
-        for i in 0..<split.count {
-            let g = split.groups[i]
-            if sums[g] == nil { order.append(g); sums[g] = [Double](repeating: 0, count: o); truth[g] = Array(split.targets[(i * o)..<((i + 1) * o)]) }
-            for k in 0..<o { sums[g]![k] += Double(scores[i * o + k]) }
-            counts[g, default: 0] += 1
-        }
-        let averaged = order.map { g in sums[g]!.map { $0 / Double(counts[g]!) } }
-        let labels = order.map { truth[$0]! }
+        let (averaged, labels) = groupScores(data: data, scores: scores, split: split)
         if data.task == .multiClass {
-            let predicted = averaged.map { row in row.indices.max { row[$0] < row[$1] }! }
-            let actual = labels.map { row in row.indices.max { row[$0] < row[$1] }! }
-            let accuracy = Metrics.accuracy(predicted: predicted, truth: actual)
-            var perClass: [String: Double] = [:]
-            for (k, name) in data.labelNames.enumerated() {
-                let members = actual.indices.filter { actual[$0] == k }
-                if !members.isEmpty { perClass[name] = Double(members.filter { predicted[$0] == k }.count) / Double(members.count) }
-            }
+            let (accuracy, perClass) = ClassificationConfidence.accuracy(names: data.labelNames, scores: averaged, targets: labels, units: averaged.indices)
             return (accuracy, perClass)
         }
         let columns = data.labelNames.indices.map { k in averaged.map { $0[k] } }
@@ -296,6 +287,32 @@ public final class ClassificationEvaluation {
             throw ConvirtError("\(data.dataset.rawValue) test split: no label has both classes, so no AUC is defined")
         }
         return (mean, perLabel)
+    }
+
+    /// The units the metric is computed over: each image, or each group of images (MURA's studies), with
+    /// the mean of its images' scores [units][outputs] and its targets, in first-seen order.
+    static func groupScores(data: DownstreamData, scores: [Float], split: LabeledArrays) -> (scores: [[Double]], targets: [[Float]]) {
+        let o = data.labelNames.count
+        var order: [String] = [], sums: [String: [Double]] = [:], counts: [String: Int] = [:], truth: [String: [Float]] = [:]
+        for i in 0..<split.count {
+            let g = split.groups[i]
+            if sums[g] == nil { order.append(g); sums[g] = [Double](repeating: 0, count: o); truth[g] = Array(split.targets[(i * o)..<((i + 1) * o)]) }
+            for k in 0..<o { sums[g]![k] += Double(scores[i * o + k]) }
+            counts[g, default: 0] += 1
+        }
+        return (order.map { g in sums[g]!.map { $0 / Double(counts[g]!) } }, order.map { truth[$0]! })
+    }
+
+    /// The 95% bootstrap intervals of a result over its test units (`ClassificationConfidence.bootstrap`),
+    /// from each run's test scores.
+    static func confidence(data: DownstreamData, runs: [[Float]], split: LabeledArrays, resamples: Int) -> ClassificationConfidence? {
+        guard resamples > 0, !runs.isEmpty else { return nil }
+        let grouped = runs.map { groupScores(data: data, scores: $0, split: split) }
+        let units = grouped[0].scores.count
+        guard units > 0 else { return nil }
+        return ClassificationConfidence.bootstrap(names: data.labelNames, multiClass: data.task == .multiClass, runs: grouped,
+                                                  draws: Bootstrap.draws(count: units, resamples: resamples),
+                                                  unit: split.groups.count == Set(split.groups).count ? "image" : "group")
     }
 
     // MARK: the classifier on fixed features
@@ -385,7 +402,7 @@ public final class ClassificationEvaluation {
         dropUnreadable("train", &train, &trainFeatures)
         dropUnreadable("validation", &validation, &validationFeatures)
         dropUnreadable("test", &test, &testFeatures)
-        var values: [Double] = [], perLabelRuns: [[String: Double]] = [], seeds: [UInt64] = []
+        var values: [Double] = [], perLabelRuns: [[String: Double]] = [], seeds: [UInt64] = [], testScores: [[Float]] = []
         var epochsRun: [Int] = [], stopReasons: [String] = []
         for run in 0..<options.runs {
             let seed = options.seed &+ UInt64(run)
@@ -420,14 +437,17 @@ public final class ClassificationEvaluation {
             }
             values.append(value)
             perLabelRuns.append(perLabel)
+            testScores.append(scores)
         }
         var checkpoint: String? = nil
         if case .checkpoint(let d) = source { checkpoint = d }
         if case .imagenet(_, let w) = source { checkpoint = w }
-        return ClassificationResult(dataset: data.dataset.rawValue, protocol: options.evaluationProtocol.rawValue, fraction: options.fraction,
-                                    metric: data.task == .multiClass ? "accuracy" : "auc", runs: values,
-                                    perLabel: ClassificationResult.perLabelMeans(perLabelRuns), initialization: source.name,
-                                    checkpoint: checkpoint, seeds: seeds, epochsRun: epochsRun, stopReasons: stopReasons)
+        var result = ClassificationResult(dataset: data.dataset.rawValue, protocol: options.evaluationProtocol.rawValue, fraction: options.fraction,
+                                          metric: data.task == .multiClass ? "accuracy" : "auc", runs: values,
+                                          perLabel: ClassificationResult.perLabelMeans(perLabelRuns), initialization: source.name,
+                                          checkpoint: checkpoint, seeds: seeds, epochsRun: epochsRun, stopReasons: stopReasons)
+        result.ci95 = Self.confidence(data: data, runs: testScores, split: test, resamples: options.bootstrapResamples)
+        return result
     }
 
     /// How a downstream training run ended: epochs trained, the epoch of the lowest validation loss, why.

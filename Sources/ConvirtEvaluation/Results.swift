@@ -11,6 +11,22 @@ import Foundation
 /// `"init"`, `"checkpoint"` and `"seeds"`. Metric values are fractions in [0, 1] (AUC or accuracy), `std`
 /// is the sample standard deviation over the runs (`Metrics.meanAndStd`). Decoding ignores other keys;
 /// a missing `mean`/`std` is computed from `runs`, a missing `per_label` is empty.
+/// The 95% percentile-bootstrap intervals of a classification result over its test set
+/// (`ClassificationEvaluation.confidence`): `{"mean": {"lower", "upper"}, "per_label": {...},
+/// "resamples": 1000, "unit": "image"|"group"}` (a group: MURA's study).
+public struct ClassificationConfidence: Codable, Sendable, Equatable {
+    public var mean: ConfidenceInterval
+    public var perLabel: [String: ConfidenceInterval]
+    public var resamples: Int
+    public var unit: String
+
+    enum CodingKeys: String, CodingKey { case mean, perLabel = "per_label", resamples, unit }
+
+    public init(mean: ConfidenceInterval, perLabel: [String: ConfidenceInterval], resamples: Int, unit: String) {
+        (self.mean, self.perLabel, self.resamples, self.unit) = (mean, perLabel, resamples, unit)
+    }
+}
+
 /// Why a downstream training run stopped.
 public enum StopReason: String, Codable, Sendable {
     /// The validation loss stopped falling (no lower value for the schedule's patience).
@@ -42,10 +58,12 @@ public struct ClassificationResult: Codable, Sendable, Equatable {
     /// "plateau" (no lower validation loss for the patience) or "max_epochs" (the cap ended it first).
     public var epochsRun: [Int]?
     public var stopReasons: [String]?
+    /// 95% bootstrap intervals over the test set of `mean` and of each label's value (JSON "ci95").
+    public var ci95: ClassificationConfidence?
 
     enum CodingKeys: String, CodingKey {
         case dataset, evaluationProtocol = "protocol", fraction, metric, runs, mean, std, perLabel = "per_label"
-        case initialization = "init", checkpoint, seeds, epochsRun = "epochs_run", stopReasons = "stop_reasons"
+        case initialization = "init", checkpoint, seeds, epochsRun = "epochs_run", stopReasons = "stop_reasons", ci95
     }
 
     /// A result from its runs; mean and std come from `Metrics.meanAndStd(runs)`.
@@ -82,6 +100,7 @@ public struct ClassificationResult: Codable, Sendable, Equatable {
         seeds = try c.decodeIfPresent([UInt64].self, forKey: .seeds)
         epochsRun = try c.decodeIfPresent([Int].self, forKey: .epochsRun)
         stopReasons = try c.decodeIfPresent([String].self, forKey: .stopReasons)
+        ci95 = try c.decodeIfPresent(ClassificationConfidence.self, forKey: .ci95)
     }
 
     /// DESIGN.md's keys; "runs" is left out when there are none (zero-shot has nothing to repeat).
@@ -100,6 +119,7 @@ public struct ClassificationResult: Codable, Sendable, Equatable {
         try c.encodeIfPresent(seeds, forKey: .seeds)
         try c.encodeIfPresent(epochsRun, forKey: .epochsRun)
         try c.encodeIfPresent(stopReasons, forKey: .stopReasons)
+        try c.encodeIfPresent(ci95, forKey: .ci95)
     }
 
     /// How many runs the epoch cap ended (nil when the result does not say).
@@ -142,9 +162,12 @@ public struct RetrievalResult: Codable, Sendable, Equatable {
     public var examples: [RetrievalExample]?
     public var checkpoint: String?
     public var root: String?
+    /// 95% bootstrap intervals of each mode's mean precision@k, queries resampled within their
+    /// categories: mode -> "precision@k" -> interval (JSON "ci95").
+    public var ci95: [String: [String: ConfidenceInterval]]?
 
     enum CodingKeys: String, CodingKey {
-        case imageToImage = "image_to_image", textToImage = "text_to_image", examples, checkpoint, root
+        case imageToImage = "image_to_image", textToImage = "text_to_image", examples, checkpoint, root, ci95
     }
 
     public init(imageToImage: [String: [String: Double]] = [:], textToImage: [String: [String: Double]] = [:],
@@ -167,6 +190,7 @@ public struct RetrievalResult: Codable, Sendable, Equatable {
         examples = try c.decodeIfPresent([RetrievalExample].self, forKey: .examples)
         checkpoint = try c.decodeIfPresent(String.self, forKey: .checkpoint)
         root = try c.decodeIfPresent(String.self, forKey: .root)
+        ci95 = try c.decodeIfPresent([String: [String: ConfidenceInterval]].self, forKey: .ci95)
     }
 
     public func encode(to encoder: Encoder) throws {
@@ -176,6 +200,7 @@ public struct RetrievalResult: Codable, Sendable, Equatable {
         try c.encodeIfPresent(examples, forKey: .examples)
         try c.encodeIfPresent(checkpoint, forKey: .checkpoint)
         try c.encodeIfPresent(root, forKey: .root)
+        try c.encodeIfPresent(ci95, forKey: .ci95)
     }
 
     /// The table of one mode ("image_to_image" or "text_to_image").

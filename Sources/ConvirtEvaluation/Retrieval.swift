@@ -75,21 +75,26 @@ public enum RetrievalEvaluation {
         let f = model.config.image.featureCount, d = model.config.projDim
         var result = RetrievalResult()
         var kept: [RetrievalExample] = []
+        var intervals: [String: [String: ConfidenceInterval]] = [:]
         func precisions(_ mode: String, queries: [(category: String, ranked: [Int], query: RetrievalExample.Query)], candidates: [RetrievalCandidate]) -> [String: [String: Double]] {
             var table: [String: [String: Double]] = [:]
             for k in RetrievalResult.ks {
-                var row: [String: Double] = [:]
+                var row: [String: Double] = [:], strata: [[Double]] = []
                 for category in set.categories {
                     let mine = queries.filter { $0.category == category }
                     guard !mine.isEmpty else { continue }
-                    row[category] = mine.map { q in
+                    let values = mine.map { q in
                         Metrics.precisionAtK(ranked: q.ranked, relevant: { set.relevant(candidates[$0], category) }, k: k)
-                    }.reduce(0, +) / Double(mine.count)
+                    }
+                    row[category] = values.reduce(0, +) / Double(mine.count)
+                    strata.append(values)
                 }
                 // The mean over categories in file order (a dictionary's order varies from run to run).
                 let present = set.categories.compactMap { row[$0] }
                 row["mean"] = present.reduce(0, +) / Double(max(1, present.count))
                 table["precision@\(k)"] = row
+                // Its 95% interval: the queries resampled within each category.
+                intervals[mode, default: [:]]["precision@\(k)"] = Bootstrap.stratifiedMean(strata)
             }
             var shown: [String: Int] = [:]
             for q in queries where shown[q.category, default: 0] < examples {
@@ -128,6 +133,7 @@ public enum RetrievalEvaluation {
             result.textToImage = precisions("text_to_image", queries: ranked, candidates: set.textCandidates)
         }
         result.examples = kept
+        result.ci95 = intervals.isEmpty ? nil : intervals
         return result
     }
 }

@@ -149,6 +149,7 @@ public enum ZeroShotEvaluation {
         var result = ClassificationResult(dataset: name, protocol: "zeroshot", fraction: 1, metric: data.task == .multiClass ? "accuracy" : "auc",
                                           runs: [value], perLabel: perLabel, initialization: "convirt", checkpoint: checkpoint)
         result.runs = []
+        result.ci95 = ClassificationEvaluation.confidence(data: data, runs: [scores], split: test, resamples: Bootstrap.defaultResamples)
         return result
     }
 }

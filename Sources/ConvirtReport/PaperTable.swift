@@ -50,17 +50,21 @@ public enum PaperTable {
         public var value: Double
         public var std: Double?
         public var runs: Int?
-        public init(value: Double, std: Double? = nil, runs: Int? = nil) {
+        /// Ours: the 95% bootstrap interval over the test set, in percent.
+        public var ci: ConfidenceInterval?
+        public init(value: Double, std: Double? = nil, runs: Int? = nil, ci: ConfidenceInterval? = nil) {
             self.value = value
             self.std = std
             self.runs = runs
+            self.ci = ci
         }
 
-        /// "87.3", or "86.9 ± 0.4" for ours over several runs.
+        /// "87.3", "86.9 ± 0.4" for ours over several runs, then its interval: "86.9 ± 0.4 [84.0, 89.5]".
         public var text: String {
-            let v = value.isFinite ? String(format: "%.1f", value) : "n/a"
-            guard let std, let runs, runs > 1 else { return v }
-            return v + " ± " + (std.isFinite ? String(format: "%.1f", std) : "n/a")
+            var v = value.isFinite ? String(format: "%.1f", value) : "n/a"
+            if let std, let runs, runs > 1 { v += " ± " + (std.isFinite ? String(format: "%.1f", std) : "n/a") }
+            if let ci { v += " " + ci.text("%.1f") }
+            return v
         }
     }
 
@@ -160,7 +164,8 @@ public enum PaperTable {
                 let column = fractionColumn(r.fraction)
                 guard let i = index(title(r.dataset), column) else { continue }
                 if cells[i] != nil { notes.append("\(label), \(title(r.dataset)) \(column): several results; the last one is shown") }
-                cells[i] = Cell(value: r.mean * 100, std: r.std * 100, runs: r.runs.count)
+                cells[i] = Cell(value: r.mean * 100, std: r.std * 100, runs: r.runs.count,
+                                ci: r.ci95.map { ConfidenceInterval(lower: $0.mean.lower * 100, upper: $0.mean.upper * 100) })
                 if r.metric.lowercased() != paperMetric(dataset: r.dataset) {
                     notes.append("\(label), \(title(r.dataset)) \(column): metric \(r.metric), the paper reports \(paperMetric(dataset: r.dataset))")
                 }
@@ -178,7 +183,7 @@ public enum PaperTable {
             : zeroShot ? "Linear classification, and zero-shot beside it" : evaluationProtocol
         notes.append("Percent; AUC for RSNA, CheXpert (mean over its labels) and MURA, accuracy for COVIDx; columns: share of the training labels. "
             + "Paper rows: Zhang et al., arXiv 2010.00747, Table 1 (mean of 5 runs); ours: mean ± \(Metrics.stdDescription) "
-            + "(no ± for a single run); - not reported.")
+            + "(no ± for a single run) [95% bootstrap interval over the test set, 1000 resamples]; - not reported.")
         return Grid(title: "\(name) (Table 1 of the paper)", groups: groups, rows: rows, notes: notes)
     }
 
@@ -193,10 +198,17 @@ public enum PaperTable {
             rows.append(Row(label: method, cells: cells, isOurs: false))
         }
         for (label, result) in ours {
-            let cells = modes.flatMap { mode in RetrievalResult.ks.map { k in result.precision(mode.0, k: k).map { Cell(value: $0 * 100) } } }
+            let cells = modes.flatMap { mode in
+                RetrievalResult.ks.map { k in
+                    result.precision(mode.0, k: k).map {
+                        Cell(value: $0 * 100, ci: result.ci95?[mode.0]?["precision@\(k)"].map { ConfidenceInterval(lower: $0.lower * 100, upper: $0.upper * 100) })
+                    }
+                }
+            }
             rows.append(Row(label: label, cells: cells, isOurs: true))
         }
-        let notes = ["Precision@k in percent over the 8 x 200 CheXpert queries (mean over queries); Random is chance (12.5). "
+        let notes = ["Precision@k in percent over the 8 x 200 CheXpert queries (mean over queries; ours with its 95% bootstrap interval, queries "
+            + "resampled within their categories); Random is chance (12.5). "
             + "Paper rows: Zhang et al., arXiv 2010.00747, Table 2; - not reported."]
         return Grid(title: "Retrieval on CheXpert 8x200 (Table 2 of the paper)", groups: groups, rows: rows, notes: notes)
     }

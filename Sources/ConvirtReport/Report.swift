@@ -48,7 +48,7 @@ public enum Report {
         let dir = "\(runDirectory)/eval"
         guard let names = try? FileManager.default.contentsOfDirectory(atPath: dir) else { return ([], [], []) }
         var classification: [(String, ClassificationResult)] = [], retrieval: [(String, RetrievalResult)] = [], notes: [String] = []
-        for name in names.filter({ $0.hasSuffix(".json") }).sorted() {
+        for name in names.filter({ $0.hasSuffix(".json") && !EvaluationManifest.isManifest($0) }).sorted() {
             do {
                 switch try ResultsFile.load("\(dir)/\(name)") {
                 case .classification(let r): classification.append(("eval/\(name)", r))
@@ -302,6 +302,13 @@ private struct Builder {
 
     // MARK: Evaluation
 
+    /// The manifest beside results file `file` (relative to the run directory), as one line; why not, where absent or damaged.
+    func manifestSummary(_ file: String) -> String {
+        let path = EvaluationManifest.path(forResults: "\(runDirectory)/\(file)")
+        guard FileManager.default.fileExists(atPath: path) else { return "none beside it" }
+        do { return try EvaluationManifest.load(path).summary } catch { return "unreadable: \(error)" }
+    }
+
     func evaluationSection(_ evaluation: (classification: [(file: String, result: ClassificationResult)],
                                           retrieval: [(file: String, result: RetrievalResult)], notes: [String])) -> String {
         var out = "<section class=\"card\"><h2>Evaluation against the paper</h2>"
@@ -315,7 +322,8 @@ private struct Builder {
         if !evaluation.classification.isEmpty {
             out += "<h3>Classification results</h3><table class=\"plain details\"><thead><tr><th class=\"label\">file</th><th class=\"label\">dataset</th>"
                 + "<th class=\"label\">protocol</th><th>labels</th><th class=\"label\">init</th><th class=\"label\">metric</th><th>runs</th><th>mean ± std</th>"
-                + "<th class=\"label\">epochs (stop)</th><th class=\"label\">per label (mean over runs)</th></tr></thead><tbody>"
+                + "<th class=\"label\">epochs (stop)</th><th class=\"label\">per label (mean over runs)</th><th class=\"label\">95% interval</th>"
+                + "<th class=\"label\">manifest</th></tr></thead><tbody>"
             for (file, r) in evaluation.classification {
                 let perLabel = r.perLabel.sorted { $0.key < $1.key }.map { "\(HTML.escape($0.key)) \(String(format: "%.1f", $0.value * 100))" }
                 out += "<tr><td class=\"label\"><code>\(HTML.escape(file))</code></td><td class=\"label\">\(HTML.escape(r.dataset))</td>"
@@ -323,7 +331,9 @@ private struct Builder {
                     + "<td class=\"label\">\(HTML.escape(r.initialization ?? "convirt"))</td><td class=\"label\">\(HTML.escape(r.metric))</td>"
                     + "<td>\(r.runs.isEmpty ? "-" : "\(r.runs.count)")</td>"
                     + "<td>\(r.runs.count > 1 ? String(format: "%.1f ± %.1f", r.mean * 100, r.std * 100) : String(format: "%.1f", r.mean * 100))</td>"
-                    + "<td class=\"label small\">\(Self.stopSummary(r))</td><td class=\"label small\">\(perLabel.joined(separator: " &middot; "))</td></tr>"
+                    + "<td class=\"label small\">\(Self.stopSummary(r))</td><td class=\"label small\">\(perLabel.joined(separator: " &middot; "))</td>"
+                    + "<td class=\"label small\">\(r.ci95.map { ConfidenceInterval(lower: $0.mean.lower * 100, upper: $0.mean.upper * 100).text("%.1f") } ?? "-")</td>"
+                    + "<td class=\"label small\">\(HTML.escape(manifestSummary(file)))</td></tr>"
             }
             out += "</tbody></table>"
         }
@@ -333,6 +343,7 @@ private struct Builder {
             out += Self.gridHTML(PaperTable.retrievalGrid(ours: ours))
             for (file, r) in evaluation.retrieval {
                 out += Self.categoryTable(label: Report.retrievalLabel(file, count: n), file: file, r)
+                out += "<p class=\"note\">\(HTML.escape(file)) manifest: \(HTML.escape(manifestSummary(file)))</p>"
             }
         }
         return out + "</section>\n"

@@ -92,6 +92,9 @@ struct ClassificationArguments: ParsableArguments {
     @Option(help: "Results file (JSON).") var out: String?
     @Flag(help: "Print only the result line (and warnings).") var quiet = false
     @Flag(help: "Print the validation loss of every tenth epoch of each run.") var verbose = false
+    @Option(help: ArgumentHelp("An evaluation manifest (NAME.manifest.json, written beside every --out): rerun exactly that evaluation, "
+                               + "its settings taken from it; a checkpoint or data whose hashes differ from the pinned ones is refused."))
+    var manifest: String?
 
     /// Where the evaluated encoder comes from.
     enum Initialization: String, ExpressibleByArgument, CaseIterable { case convirt, random, imagenet }
@@ -119,14 +122,25 @@ struct ClassificationArguments: ParsableArguments {
     }
 
     func run(protocol evaluationProtocol: EvaluationProtocol) throws {
+        let command = "eval \(evaluationProtocol.rawValue)"
+        try withPinned(command, collective, manifest: manifest, self, pin: pinned) { arguments, communicator, pinned in
+            try arguments.evaluate(evaluationProtocol, communicator, pinned: pinned, pinnedPath: manifest)
+        }
+    }
+
+    func evaluate(_ evaluationProtocol: EvaluationProtocol, _ communicator: Communicator, pinned: EvaluationManifest?, pinnedPath: String?) throws {
         let name = evaluationProtocol.rawValue
-        try withCommunicator("eval \(name)", collective) { communicator in
+        do {
             Parallel.setThreads(threads)
             let root = communicator.isRoot
             let (source, data) = try agreeOnStart("eval \(name)", communicator) { () throws -> (EncoderSource, DownstreamData) in
                 if quiet && verbose { throw ValidationError("give --quiet or --verbose, not both") }
                 let encoder = try self.source()
-                return (encoder, try DownstreamReader.load(dataset, root: self.root, options: downstreamOptions(seed: seed, uOnes: uOnes)))
+                let data = try DownstreamReader.load(dataset, root: self.root, options: downstreamOptions(seed: seed, uOnes: uOnes))
+                try refuseDifferences(pinned, EvaluationManifest(command: "eval \(name)", settings: [:], splits: downstreamSplits(data, root: self.root),
+                                                                 checkpoint: try encoder.checkpointDirectory.map(checkpointPin), program: "", precision: ""),
+                                      path: pinnedPath)
+                return (encoder, data)
             }
             if root && !quiet {
                 print("convirt eval \(name): \(dataset.rawValue) (\(data.task.rawValue), labels \(data.labelNames.joined(separator: ", "))): "
@@ -171,7 +185,13 @@ struct ClassificationArguments: ParsableArguments {
                 print("warning: \(capped) of \(result.runs.count) run(s) of \(dataset.rawValue) (\(source.name)) ended at the \(maxEpochs)-epoch cap "
                       + "before the validation loss stopped falling: not converged (give a larger --max-epochs)")
             }
-            if let out { try writeJSON(result.encoded(), to: out) }
+            if let out {
+                try writeJSON(result.encoded(), to: out)
+                try EvaluationManifest(command: "eval \(name)", settings: pinnedSettings(options), splits: downstreamSplits(data, root: self.root),
+                                       seeds: result.seeds, checkpoint: try source.checkpointDirectory.map(checkpointPin),
+                                       program: "convirt \(convirtVersion)", precision: options.precision.rawValue)
+                    .write(to: EvaluationManifest.path(forResults: out))
+            }
             // Under the run's TensorBoard as eval/PROTOCOL/DATASET/INIT/LABELS (and per label), at the checkpoint's step.
             if let checkpoint, let dir = try? Checkpoints.resolve(checkpoint), let step = try? Checkpoints.manifest(dir).state.step {
                 try logToTensorBoard(checkpoint: dir, classificationScalars("eval/\(name)/\(dataset.rawValue)/\(source.name)/\(PaperTable.fractionColumn(fraction))",
@@ -215,6 +235,9 @@ struct EvalZeroShot: ParsableCommand {
     var precision = PrecisionChoice.auto
     @Option(help: "Results file (JSON).") var out: String?
     @Flag(help: "Print only the result line.") var quiet = false
+    @Option(help: ArgumentHelp("An evaluation manifest (NAME.manifest.json, written beside every --out): rerun exactly that evaluation, "
+                               + "its settings taken from it; a checkpoint or data whose hashes differ from the pinned ones is refused."))
+    var manifest: String?
     @OptionGroup var collective: CollectiveOptions
 
     func validate() throws {
@@ -223,13 +246,24 @@ struct EvalZeroShot: ParsableCommand {
     }
 
     func run() throws {
-        try withCommunicator("eval zeroshot", collective) { communicator in
+        try withPinned("eval zeroshot", collective, manifest: manifest, self, pin: pinned) { arguments, communicator, pinned in
+            try arguments.evaluate(communicator, pinned: pinned, pinnedPath: manifest)
+        }
+    }
+
+    func evaluate(_ communicator: Communicator, pinned: EvaluationManifest?, pinnedPath: String?) throws {
+        do {
             Parallel.setThreads(threads)
             let root = communicator.isRoot
             let (loaded, data, promptSets) = try agreeOnStart("eval zeroshot", communicator) { () throws -> (LoadedModel, DownstreamData, [String: PromptSet]) in
                 let loaded = try LoadedModel(checkpoint: checkpoint, vocab: vocab, precision: precision)
                 let data = try DownstreamReader.load(dataset, root: self.root, options: downstreamOptions(seed: seed, uOnes: uOnes))
-                return (loaded, data, try prompts.map(ZeroShotPrompts.load) ?? ZeroShotPrompts.defaults(dataset))
+                let promptSets = try prompts.map(ZeroShotPrompts.load) ?? ZeroShotPrompts.defaults(dataset)
+                try refuseDifferences(pinned, EvaluationManifest(command: "eval zeroshot", settings: [:], splits: downstreamSplits(data, root: self.root),
+                                                                 promptsSHA256: SHA256.hex(Array(ZeroShotPrompts.json(promptSets).utf8)),
+                                                                 checkpoint: try checkpointPin(loaded.directory), program: "", precision: ""),
+                                      path: pinnedPath)
+                return (loaded, data, promptSets)
             }
             if root && !quiet {
                 print("convirt eval zeroshot: \(dataset.rawValue) (\(data.task.rawValue), labels \(data.labelNames.joined(separator: ", "))): "
@@ -244,7 +278,14 @@ struct EvalZeroShot: ParsableCommand {
             result.seeds = [seed]
             guard root else { return }
             print(String(format: "convirt zeroshot on %@: %@ %.4f (%.0f s)", dataset.rawValue, result.metric, result.mean, Date().timeIntervalSince(start)))
-            if let out { try writeJSON(result.encoded(), to: out) }
+            if let out {
+                try writeJSON(result.encoded(), to: out)
+                try EvaluationManifest(command: "eval zeroshot", settings: pinnedSettings(imageSize: imageSize ?? loaded.manifest.config.model.image.imageSize),
+                                       splits: downstreamSplits(data, root: self.root), promptsSHA256: SHA256.hex(Array(ZeroShotPrompts.json(promptSets).utf8)),
+                                       seeds: [seed], checkpoint: try checkpointPin(loaded.directory), program: "convirt \(convirtVersion)",
+                                       precision: precision.resolved().rawValue)
+                    .write(to: EvaluationManifest.path(forResults: out))
+            }
             try logToTensorBoard(checkpoint: loaded.directory, classificationScalars("eval/zeroshot/\(dataset.rawValue)/convirt/all", result),
                                  step: loaded.manifest.state.step)
             if quiet { return }
@@ -321,6 +362,9 @@ struct EvalRetrieval: ParsableCommand {
     @Flag(help: "Fine-tuning: shard the Adam state over the ranks (ZeRO-1).") var zero1 = false
     @Option(help: "Results file (JSON).") var out: String?
     @Flag(help: "Print only the precision@10 line.") var quiet = false
+    @Option(help: ArgumentHelp("An evaluation manifest (NAME.manifest.json, written beside every --out): rerun exactly that evaluation, "
+                               + "its settings taken from it; a checkpoint or data whose hashes differ from the pinned ones is refused."))
+    var manifest: String?
     @OptionGroup var collective: CollectiveOptions
 
     func validate() throws {
@@ -330,10 +374,20 @@ struct EvalRetrieval: ParsableCommand {
     }
 
     func run() throws {
-        try withCommunicator("eval retrieval", collective) { communicator in
+        try withPinned("eval retrieval", collective, manifest: manifest, self, pin: pinned) { arguments, communicator, pinned in
+            try arguments.evaluate(communicator, pinned: pinned, pinnedPath: manifest)
+        }
+    }
+
+    func evaluate(_ communicator: Communicator, pinned: EvaluationManifest?, pinnedPath: String?) throws {
+        do {
             Parallel.setThreads(threads)
-            let (loaded, set) = try agreeOnStart("eval retrieval", communicator) {
-                (try LoadedModel(checkpoint: checkpoint, vocab: vocab, precision: precision), try Retrieval8x200.load(root: root, queries: queries))
+            let (loaded, set) = try agreeOnStart("eval retrieval", communicator) { () throws -> (LoadedModel, RetrievalSet) in
+                let loaded = try LoadedModel(checkpoint: checkpoint, vocab: vocab, precision: precision), set = try Retrieval8x200.load(root: root, queries: queries)
+                try refuseDifferences(pinned, EvaluationManifest(command: "eval retrieval", settings: [:], splits: retrievalSplits(set, root: root),
+                                                                 checkpoint: try checkpointPin(loaded.directory), program: "", precision: ""),
+                                      path: pinnedPath)
+                return (loaded, set)
             }
             let isRoot = communicator.isRoot
             if isRoot && !quiet {
@@ -347,7 +401,15 @@ struct EvalRetrieval: ParsableCommand {
                                                           examples: examples) { if isRoot && !quiet { print($0) } }
             result.checkpoint = loaded.directory
             guard isRoot else { return }
-            if let out { try writeJSON(result.encoded(), to: out) }
+            if let out {
+                try writeJSON(result.encoded(), to: out)
+                try EvaluationManifest(command: "eval retrieval",
+                                       settings: ["image_size": "\(imageSize ?? loaded.manifest.config.model.image.imageSize)",
+                                                  "bootstrap_resamples": "\(Bootstrap.defaultResamples)"],
+                                       splits: retrievalSplits(set, root: root), checkpoint: try checkpointPin(loaded.directory),
+                                       program: "convirt \(convirtVersion)", precision: precision.resolved().rawValue)
+                    .write(to: EvaluationManifest.path(forResults: out))
+            }
             var scalars: [(tag: String, value: Double)] = []
             for (mode, table) in [("image_to_image", result.imageToImage), ("text_to_image", result.textToImage)] {
                 for k in RetrievalResult.ks { if let p = table["precision@\(k)"]?["mean"] { scalars.append(("eval/retrieval/\(mode)/precision@\(k)", p)) } }

@@ -194,8 +194,50 @@ struct EvalTests {
         let missing = try run(convirtPath(), ["eval", "zeroshot", "--dataset", "chexpert", "--root", "\(dir)/chexpert", "--checkpoint", "\(dir)/run",
                                               "--prompts", "\(dir)/missing.json"])
         #expect(missing.status == 1 && missing.output.contains("no prompts for Edema"), "\(missing.output)")
+        // Manifests beside every --out. A rerun from one (its settings from the manifest, not the flags)
+        // reproduces the result and the manifest byte for byte; data with one training row left out, another
+        // prompt set and an edited manifest are refused, naming what differs; the report shows the manifest.
+        let pinnedArguments = common + ["--cache", "\(dir)/cache1", "--fraction", "0.1", "--seed", "3"]
+        _ = try ok(["eval", "linear"] + pinnedArguments + ["--out", "\(dir)/run/eval/pinned.json"])
+        let manifestPath = "\(dir)/run/eval/pinned.manifest.json"
+        _ = try ok(["eval", "linear", "--dataset", "chexpert", "--root", "\(dir)/chexpert", "--manifest", manifestPath, "--runs", "1",
+                    "--cache", "\(dir)/cache1", "--out", "\(dir)/rerun.json"])
+        for (pinned, rerun) in [("\(dir)/run/eval/pinned.json", "\(dir)/rerun.json"), (manifestPath, "\(dir)/rerun.manifest.json")] {
+            #expect(FileManager.default.contents(atPath: pinned) == FileManager.default.contents(atPath: rerun), "\(rerun) differs from \(pinned)")
+        }
+        let manifestJSON = try #require(try JSONSerialization.jsonObject(with: Data(contentsOf: URL(fileURLWithPath: manifestPath))) as? [String: Any])
+        let settings = try #require(manifestJSON["settings"] as? [String: String]), splits = try #require(manifestJSON["splits"] as? [String: [String: Any]])
+        #expect(settings["runs"] == "2" && settings["seed"] == "3" && settings["fraction"] == "0.1" && (manifestJSON["seeds"] as? [Int]) == [3, 4])
+        #expect(Set(splits.keys) == ["train", "validation", "test"] && (manifestJSON["checkpoint"] as? [String: Any])?["step"] as? Int == 20)
+        let edited = "\(dir)/chexpert-edited/CheXpert-v1.0-small", released = "\(dir)/chexpert/CheXpert-v1.0-small"
+        try FileManager.default.createDirectory(atPath: edited, withIntermediateDirectories: true)
+        for name in ["train", "valid", "valid.csv"] { try FileManager.default.createSymbolicLink(atPath: "\(edited)/\(name)", withDestinationPath: "\(released)/\(name)") }
+        try (csvLines.enumerated().filter { $0.offset != 7 }.map(\.element).joined(separator: "\n") + "\n").write(toFile: "\(edited)/train.csv", atomically: true, encoding: .utf8)
+        let refused = try run(convirtPath(), ["eval", "linear", "--dataset", "chexpert", "--root", "\(dir)/chexpert-edited", "--manifest", manifestPath,
+                                              "--cache", "\(dir)/cache1"], environment: Self.environment)
+        let trainCount = try #require(splits["train"]?["count"] as? Int)
+        #expect(refused.status == 1 && refused.output.contains("this is not the pinned evaluation: train: \(trainCount) ids")
+                && refused.output.contains("\(trainCount - 1) ids") && refused.output.contains("nothing was evaluated")
+                && !refused.output.contains("validation:") && !refused.output.contains("test:"), "\(refused.output)")
+        var tampered = try String(contentsOfFile: manifestPath, encoding: .utf8)
+        tampered = tampered.replacingOccurrences(of: "\"runs\" : \"2\"", with: "\"runs\" : \"1\"")
+        try tampered.write(toFile: "\(dir)/tampered.manifest.json", atomically: true, encoding: .utf8)
+        let edits = try run(convirtPath(), ["eval", "linear", "--dataset", "chexpert", "--root", "\(dir)/chexpert", "--manifest", "\(dir)/tampered.manifest.json"],
+                            environment: Self.environment)
+        #expect(edits.status == 1 && edits.output.contains("checksum does not match its content"), "\(edits.output)")
+        let zeroManifest = "\(dir)/run/eval/zeroshot-chexpert.manifest.json"
+        let otherPrompts = try run(convirtPath(), ["eval", "zeroshot", "--dataset", "chexpert", "--root", "\(dir)/chexpert", "--checkpoint", "\(dir)/run",
+                                                   "--prompts", "\(dir)/prompts.json", "--manifest", zeroManifest], environment: Self.environment)
+        #expect(otherPrompts.status == 1 && otherPrompts.output.contains("prompts: sha256"), "\(otherPrompts.output)")
+        #expect(FileManager.default.fileExists(atPath: "\(dir)/eval/retrieval.manifest.json"))
+        let zeroRerun = try ok(["eval", "zeroshot", "--dataset", "chexpert", "--root", "\(dir)/chexpert", "--checkpoint", "\(dir)/run",
+                                "--manifest", zeroManifest, "--out", "\(dir)/zeroshot-rerun.json", "--quiet"])
+        #expect(FileManager.default.contents(atPath: "\(dir)/zeroshot-rerun.json") == FileManager.default.contents(atPath: "\(dir)/run/eval/zeroshot-chexpert.json"),
+                "\(zeroRerun)")
         let report = try ok(["report", "\(dir)/run"])
         #expect(report.contains("Linear classification, and zero-shot beside it"), "\(report)")
+        let reportHTML = try String(contentsOfFile: "\(dir)/run/report.html", encoding: .utf8)
+        #expect(reportHTML.contains("step 20 · test ") && reportHTML.contains("seeds 3-4") && !reportHTML.contains("skipped eval/pinned.manifest.json"))
         // The evaluations' results are in the run's TensorBoard files, with its training scalars.
         let board = try run("/usr/bin/env", ["python3", "\(repository)/tools/check_tensorboard.py", "\(dir)/run", "--expect-tag", "eval/linear/chexpert/convirt",
                                             "--expect-tag", "eval/zeroshot/chexpert/convirt/all", "--expect-tag", "eval/retrieval/text_to_image/precision@10"],

@@ -43,6 +43,7 @@ steps = rows[-1]["step"]
 batch = json.load(open(os.path.join(run, "config.json")))["global_batch"]
 pairs = [r["pairs_per_s"] for r in rows[1:]] or [rows[0]["pairs_per_s"]]
 pairs.sort()
+tflops = sorted(r["tflops_per_rank"] for r in rows[1:] if "tflops_per_rank" in r) or [float("nan")]
 train_s = sum(r.get(k, 0) for r in rows for k in ("time_data_s", "time_forward_s", "time_backward_s", "time_comm_s", "time_optimizer_s"))
 tail = [r["loss"] for r in rows[-50:]]
 val = [r["val_loss"] for r in rows if r.get("val_loss") is not None]
@@ -63,7 +64,9 @@ def cell(r):
     if r is None:
         return "-"
     capped = sum(1 for s in r.get("stop_reasons") or [] if s == "max_epochs")
-    return f"{r['mean'] * 100:.1f} ± {r['std'] * 100:.1f}" + (f" ({capped} capped)" if capped else "")
+    ci = (r.get("ci95") or {}).get("mean")
+    return (f"{r['mean'] * 100:.1f} ± {r['std'] * 100:.1f}" + (f" [{ci['lower'] * 100:.1f}, {ci['upper'] * 100:.1f}]" if ci else "")
+            + (f" ({capped} capped)" if capped else ""))
 
 
 names = {"chexpert": "CheXpert, 5 labels (mean AUC)", "rsna": "RSNA (AUC)", "covidx": "COVIDx, 3 classes (accuracy)",
@@ -78,14 +81,16 @@ lines = [
     + (f" (pretraining {stages.group(2)} s, linear evaluation, zero-shot and retrieval {stages.group(3)} s, fine-tuning {stages.group(4)} s)."
        if stages else "."),
     "",
-    f"- Pretraining: {steps} steps of {batch} pairs on 2 ranks in {train_s:.0f} s of steps, {pairs[len(pairs) // 2]:.0f} pairs/s (median per step);",
+    f"- Pretraining: {steps} steps of {batch} pairs on 2 ranks in {train_s:.0f} s of steps, {pairs[len(pairs) // 2]:.0f} pairs/s (median per step),",
+    f"  {tflops[len(tflops) // 2]:.3f} TFLOP/s per rank (the model's FLOPs per step over its time, metrics.jsonl's tflops_per_rank);",
     f"  loss at the last step {rows[-1]['loss']:.3f}, mean of the last {len(tail)} steps {sum(tail) / len(tail):.3f}, last validation loss",
     f"  {val[-1]:.3f}, against log({batch}) = {math.log(batch):.3f} at chance." if val else "  (no validation loss).",
     f"- Held-out image-to-text precision@10 over the {held['distinct']['sentences']} distinct sentences of {held['studies']} test studies: "
     f"{held['distinct']['precision@10']:.3f} (chance {held['distinct']['chance@10']:.3f}, best possible {held['distinct']['maximum@10']:.3f});",
     f"  by source study (every copy of a shared sentence counted apart): {held['precision@10']:.3f} (chance {held['chance@10']:.3f}).",
     "- Linear evaluation at 1%, 10% and all of the training labels, 2 ranks, 5 runs, `--lr 1e-3 --max-epochs 300 --min-epoch-steps 20",
-    "  --keep-best metric` (mean ± sample std, percent; \"capped\": runs that the epoch cap rather than the plateau ended):",
+    "  --keep-best metric` (mean ± sample std [95% bootstrap interval over the test set], percent; \"capped\": runs that the",
+    "  epoch cap rather than the plateau ended):",
     "",
     "| dataset (metric) | init | 1% | 10% | all |",
     "|---|---|---|---|---|",

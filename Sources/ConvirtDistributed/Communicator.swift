@@ -106,8 +106,16 @@ public final class MPICommunicator: Communicator {
         return String(cString: cmpi_library_version(&buffer, Int32(buffer.count)))
     }
 
+    /// Open MPI's non-blocking all-reduce (libnbc, which every all-reduce here runs on) takes a binomial
+    /// tree for in-place buffers unless told otherwise: on 2 ranks one rank sends the whole buffer and
+    /// gets it back. Reduce-scatter then all-gather (Rabenseifner; a ring where the buffer has fewer
+    /// elements than ranks) moves half: 34 MB in 14 ms against 35 ms on a 2-core AMD EPYC, as fast as
+    /// the blocking MPI_Allreduce (15 ms). Read at MPI_Init from the environment; a value set there is kept.
+    static let allReduceAlgorithm = (name: "OMPI_MCA_coll_libnbc_iallreduce_algorithm", value: "3")
+
     public init() throws {
         var provided: Int32 = 0
+        setenv(Self.allReduceAlgorithm.name, Self.allReduceAlgorithm.value, 0)
         let code = MPI_Init_thread(nil, nil, cmpi_thread_funneled(), &provided)
         guard code == cmpi_success() else { throw MPICommunicator.error(code, "MPI_Init_thread") }
         threadLevel = provided

@@ -33,6 +33,9 @@ public protocol Communicator: AnyObject {
     func abort(code: Int32) -> Never
     /// Starts an in-place sum over ranks that completes later (`test` / `waitAll`); returns a handle.
     func startAllReduceSum(_ buffer: UnsafeMutableBufferPointer<Float>) throws -> Int
+    /// Starts `reduceScatterSum(_:counts:into:)`, completing later (`test` / `waitAll`); `input` and
+    /// `output` must stay untouched until then.
+    func startReduceScatterSum(_ input: UnsafeBufferPointer<Float>, counts: [Int], into output: UnsafeMutableBufferPointer<Float>) throws -> Int
     /// Lets started operations progress; returns true when all of them have completed.
     func test() throws -> Bool
     /// Waits for every started operation.
@@ -77,6 +80,10 @@ public final class SingleProcessCommunicator: Communicator {
     }
     public func abort(code: Int32) -> Never { exit(code) }
     public func startAllReduceSum(_ buffer: UnsafeMutableBufferPointer<Float>) throws -> Int { 0 }
+    public func startReduceScatterSum(_ input: UnsafeBufferPointer<Float>, counts: [Int], into output: UnsafeMutableBufferPointer<Float>) throws -> Int {
+        try reduceScatterSum(input, counts: counts, into: output)
+        return 0
+    }
     public func test() throws -> Bool { true }
     public func waitAll() throws {}
 }
@@ -374,6 +381,8 @@ public final class MPICommunicator: Communicator {
 
     private var requests: [MPI_Request?] = []
     private var requestBytes = 0
+    /// The counts arrays of started reduce-scatters, which must live until they complete.
+    private var requestCounts: [UnsafeMutablePointer<Int32>] = []
 
     public func startAllReduceSum(_ buffer: UnsafeMutableBufferPointer<Float>) throws -> Int {
         var request: MPI_Request? = cmpi_request_null()
@@ -381,6 +390,19 @@ public final class MPICommunicator: Communicator {
                                  &request), "MPI_Iallreduce")
         requests.append(request)
         requestBytes += buffer.count * 4
+        return requests.count - 1
+    }
+
+    public func startReduceScatterSum(_ input: UnsafeBufferPointer<Float>, counts: [Int], into output: UnsafeMutableBufferPointer<Float>) throws -> Int {
+        precondition(counts.count == size && output.count >= counts[rank], "reduce-scatter counts")
+        let c = UnsafeMutablePointer<Int32>.allocate(capacity: size)
+        for r in 0..<size { c[r] = Int32(counts[r]) }
+        requestCounts.append(c)
+        var request: MPI_Request? = cmpi_request_null()
+        try check(MPI_Ireduce_scatter(input.baseAddress, output.baseAddress, c, cmpi_float(), cmpi_op_sum(), cmpi_comm_world(), &request),
+                  "MPI_Ireduce_scatter")
+        requests.append(request)
+        requestBytes += input.count * 4
         return requests.count - 1
     }
 
@@ -394,9 +416,11 @@ public final class MPICommunicator: Communicator {
     /// Waits for every started all-reduce (one collective for the watchdog's count: the gradient buckets).
     public func waitAll() throws {
         if requests.isEmpty { return }
-        try wait("MPI_Iallreduce x\(requests.count)", bytes: requestBytes, requests: &requests, collective: true)
+        try wait("gradient buckets x\(requests.count)", bytes: requestBytes, requests: &requests, collective: true)
         requests.removeAll(keepingCapacity: true)
         requestBytes = 0
+        for c in requestCounts { c.deallocate() }
+        requestCounts.removeAll(keepingCapacity: true)
     }
 }
 

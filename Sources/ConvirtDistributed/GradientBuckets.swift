@@ -6,21 +6,33 @@
 import ConvirtCore
 import Foundation
 
-/// The buckets of replicated data parallelism (used by `GradientSync`).
+/// The buckets of data parallelism (used by `GradientSync`): all-reduced (replicated), or reduce-scattered
+/// into each rank's shard (ZeRO-1).
 final class GradientBuckets {
     struct Bucket { var range: Range<Int>; var entries: Int; var pending: Int; var started: Bool }
 
+    /// What a bucket's collective does.
+    enum Collective {
+        /// Sums the bucket's gradients over ranks in place.
+        case allReduce
+        /// Leaves this rank's piece of the sum (the bucket cut where `shards` cut the arena) in
+        /// `output[i - own.lowerBound]` for arena index i of `own`, this rank's shard.
+        case reduceScatter(shards: ArenaShards, output: UnsafeMutablePointer<Float>, own: Range<Int>)
+    }
+
     let arena: ParameterArena
     let communicator: Communicator
+    let collective: Collective
     private(set) var buckets: [Bucket] = []
     private var bucketOfEntry: [Int: Int] = [:]
     private var ready = Set<Int>()
     /// Buckets started from `markReady` in this step, i.e. overlapped with backward.
     private(set) var startedEarly = 0
 
-    init(arena: ParameterArena, communicator: Communicator, capacity: Int = 1 << 22) {
+    init(arena: ParameterArena, communicator: Communicator, capacity: Int = 1 << 22, collective: Collective = .allReduce) {
         self.arena = arena
         self.communicator = communicator
+        self.collective = collective
         let entries = arena.layout.entries
         var current: (range: Range<Int>, members: [Int])? = nil
         func close() {
@@ -64,7 +76,17 @@ final class GradientBuckets {
     private func start(_ b: Int) throws {
         buckets[b].started = true
         let r = buckets[b].range
-        _ = try communicator.startAllReduceSum(UnsafeMutableBufferPointer(start: arena.grads + r.lowerBound, count: r.count))
+        switch collective {
+        case .allReduce:
+            _ = try communicator.startAllReduceSum(UnsafeMutableBufferPointer(start: arena.grads + r.lowerBound, count: r.count))
+        case .reduceScatter(let shards, let output, let own):
+            // The bucket's pieces in each rank's shard tile it in rank order, as ZeRO-1's shards tile the arena.
+            let pieces = shards.ranges.map { $0.clamped(to: r) }, mine = pieces[communicator.rank]
+            _ = try communicator.startReduceScatterSum(UnsafeBufferPointer(start: arena.grads + r.lowerBound, count: r.count),
+                                                       counts: pieces.map(\.count),
+                                                       into: UnsafeMutableBufferPointer(start: mine.isEmpty ? output : output + (mine.lowerBound - own.lowerBound),
+                                                                                         count: mine.count))
+        }
     }
 
     /// Starts whatever was not reported and waits for all buckets.

@@ -4,7 +4,7 @@
 //   begin()              zero the gradients, reset the buckets
 //   backward, with PassContext.gradientsReady = sync.readyHandler
 //                        replicated + overlap: each bucket's all-reduce starts once its gradients are final
-//   finish()             replicated: start what is left and wait; ZeRO-1: reduce-scatter, keep own shard
+//   finish()             start what is left and wait; ZeRO-1: keep the own shard
 //   gradientNorm(), clip(to:)
 //   step(adam:step:)     Adam over the ranges this rank holds state for; ZeRO-1: all-gather the parameters
 //
@@ -19,9 +19,16 @@ public final class GradientSync {
         /// Every rank holds all Adam state; gradients are all-reduced in buckets, started during backward
         /// (`overlap`) or after it.
         case replicated(overlap: Bool)
-        /// ZeRO-1: Adam state sharded by arena range; gradients reduce-scattered, the own shard updated,
-        /// parameters all-gathered.
-        case zero1
+        /// ZeRO-1: Adam state sharded by arena range; gradients reduce-scattered in buckets (started during
+        /// backward with `overlap`, as replicated buckets are), the own shard updated, parameters all-gathered.
+        case zero1(overlap: Bool)
+
+        public var shardsOptimizerState: Bool { if case .zero1 = self { return true }; return false }
+        var overlaps: Bool {
+            switch self {
+            case .replicated(let overlap), .zero1(let overlap): return overlap
+            }
+        }
     }
 
     public let mode: Mode
@@ -39,16 +46,23 @@ public final class GradientSync {
         self.communicator = communicator
         shards = ArenaShards(count: arena.count, communicator)
         let distributed = communicator.size > 1
-        if case .replicated = mode, distributed {
-            buckets = GradientBuckets(arena: arena, communicator: communicator, capacity: bucketCapacity)
-        } else {
-            buckets = nil
-        }
-        if mode == .zero1 {
-            arena.shardOptimizerState(shards[communicator.rank])
-            shardGradients = distributed ? UnsafeMutablePointer<Float>.allocate(capacity: max(1, shards[communicator.rank].count)) : nil
+        let own = shards[communicator.rank]
+        if mode.shardsOptimizerState {
+            arena.shardOptimizerState(own)
+            // Zeroed once: the alignment padding between entries is in no bucket, so it is never written and
+            // stays zero (as the padding of every arena buffer does).
+            shardGradients = distributed ? UnsafeMutablePointer<Float>.allocate(capacity: max(1, own.count)) : nil
+            shardGradients?.initialize(repeating: 0, count: max(1, own.count))
         } else {
             shardGradients = nil
+        }
+        if !distributed {
+            buckets = nil
+        } else if let shard = shardGradients {
+            buckets = GradientBuckets(arena: arena, communicator: communicator, capacity: bucketCapacity,
+                                      collective: .reduceScatter(shards: shards, output: shard, own: own))
+        } else {
+            buckets = GradientBuckets(arena: arena, communicator: communicator, capacity: bucketCapacity)
         }
     }
 
@@ -63,12 +77,12 @@ public final class GradientSync {
     /// What the models call during backward when a group of parameters has its final gradients
     /// (PassContext.gradientsReady); nil when nothing starts before `finish`.
     public var readyHandler: ((Range<Int>) throws -> Void)? {
-        guard let buckets, mode == .replicated(overlap: true) else { return nil }
+        guard let buckets, mode.overlaps else { return nil }
         return { range in try buckets.markReady(range) }
     }
 
     /// Gradient buckets, and how many of them the last step started during backward (the rest start in
-    /// `finish`); (0, 0) when nothing is all-reduced in buckets.
+    /// `finish`); (0, 0) on one rank.
     public var bucketsOverlapped: (started: Int, of: Int) { (buckets?.startedEarly ?? 0, buckets?.buckets.count ?? 0) }
 
     /// ZeRO-1's collectives: each run of trainable parameters, and its pieces in each rank's shard (in
@@ -82,18 +96,13 @@ public final class GradientSync {
     public func finish() throws -> Double {
         var clock = Clock()
         if let buckets { try buckets.finish() }
-        if mode == .zero1, let shard = shardGradients {
-            // Each run of trainable parameters is reduce-scattered on its own, cut where the shards cut it
-            // (its pieces, in rank order, tile it): the frozen parameters' gradients, zero on every rank
-            // (half the paper preset's arena), are not sent, and each rank's shard is the same as before.
+        if let shard = shardGradients {
+            // ZeRO-1: each bucket (trainable parameters only: the frozen ones' gradients, zero on every
+            // rank, half the paper preset's arena, are not sent) was reduce-scattered where the shards cut
+            // it; this rank's pieces of the sums go back into its own range of the gradients.
             let own = arena.optimizerRange
-            for (run, pieces) in shardedRuns {
-                let mine = pieces[communicator.rank]
-                try communicator.reduceScatterSum(UnsafeBufferPointer(start: arena.grads + run.lowerBound, count: run.count),
-                                                  counts: pieces.map(\.count),
-                                                  into: UnsafeMutableBufferPointer(start: shard + (mine.lowerBound - own.lowerBound),
-                                                                                   count: mine.count))
-                if !mine.isEmpty { (arena.grads + mine.lowerBound).update(from: shard + (mine.lowerBound - own.lowerBound), count: mine.count) }
+            for range in arena.trainableRanges(within: own) {
+                (arena.grads + range.lowerBound).update(from: shard + (range.lowerBound - own.lowerBound), count: range.count)
             }
         }
         return clock.lap()
@@ -120,7 +129,7 @@ public final class GradientSync {
             }
             for s in partial { squares[0] += s }
         }
-        if mode == .zero1 && communicator.size > 1 { try squares.withUnsafeMutableBufferPointer { try communicator.allReduceSum($0) } }
+        if mode.shardsOptimizerState && communicator.size > 1 { try squares.withUnsafeMutableBufferPointer { try communicator.allReduceSum($0) } }
         return squares[0].squareRoot()
     }
 
@@ -144,7 +153,7 @@ public final class GradientSync {
     public func step(adam config: AdamConfig, step: Int) throws -> Double {
         Adam.step(arena, step: step, config: config)
         var clock = Clock()
-        if mode == .zero1 && communicator.size > 1 {
+        if mode.shardsOptimizerState && communicator.size > 1 {
             // Only the trainable runs change (cut as `finish` cuts them); frozen parameters and the
             // running statistics (SyncBN's, the same on every rank) stay as every rank holds them.
             for (run, pieces) in shardedRuns {

@@ -525,7 +525,7 @@ public final class ClassificationEvaluation {
     }
 
     /// The step engine of fine-tuning (created once: with ZeRO-1 it shards the arena's Adam state).
-    lazy var sync = GradientSync(arena: model.arena, communicator: communicator, mode: options.zero1 ? .zero1 : .replicated(overlap: true))
+    lazy var sync = GradientSync(arena: model.arena, communicator: communicator, mode: options.zero1 ? .zero1(overlap: true) : .replicated(overlap: true))
 
     /// Fine-tuning: the classifier alone for `headSteps` steps on the frozen features, then the whole
     /// encoder with the plateau schedule, data-parallel on the step engine (SyncBN, gradient buckets

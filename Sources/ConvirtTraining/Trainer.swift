@@ -121,7 +121,7 @@ public final class Trainer {
         }
         if let dir = config.textWeights { try BertDirectory(path: dir).load(into: model.arena, prefix: "text.") }
         sync = GradientSync(arena: model.arena, communicator: communicator,
-                            mode: config.zero1 ? .zero1 : .replicated(overlap: config.overlapCommunication))
+                            mode: config.zero1 ? .zero1(overlap: config.overlapCommunication) : .replicated(overlap: config.overlapCommunication))
         loss = DistributedLoss(communicator: communicator, features: config.model.projDim, tau: config.model.tau, lambda: config.model.lambda)
         trainSamples = dataset.samples(split: "train")
         sampler = try GlobalBatchSampler(sampleCount: trainSamples.count, globalBatch: config.globalBatch, worldSize: communicator.size,

@@ -60,7 +60,7 @@ let package = Package(
         // The paper's evaluations (classification on the step engine, retrieval), metrics and results files.
         .target(name: "ConvirtEvaluation", dependencies: ["ConvirtCore", "ConvirtIO", "ConvirtModels", "ConvirtText", "ConvirtData", "ConvirtDistributed", "ConvirtTraining"]),
         // The HTML report, its charts, the paper's tables and the metrics log reader.
-        .target(name: "ConvirtReport", dependencies: ["ConvirtCore", "ConvirtIO", "ConvirtData", "ConvirtTraining", "ConvirtEvaluation"]),
+        .target(name: "ConvirtReport", dependencies: ["ConvirtCore", "ConvirtIO", "ConvirtData", "ConvirtDistributed", "ConvirtTraining", "ConvirtEvaluation"]),
         // Test-only oracles: checked tensor-level kernels (F) and plain reference loops (Reference).
         .target(name: "ConvirtTestSupport", dependencies: ["ConvirtCore", .product(name: "RealModule", package: "swift-numerics")]),
         .executableTarget(

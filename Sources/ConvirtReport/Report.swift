@@ -6,6 +6,7 @@
 // report (and in `Report.Written.notes`), a missing or unreadable image a grey placeholder that says why.
 
 import ConvirtCore
+import ConvirtDistributed
 import ConvirtData
 import ConvirtIO
 import ConvirtEvaluation
@@ -102,6 +103,7 @@ private struct Builder {
         notes += evaluation.notes
 
         var body = header(config: config)
+        body += collectiveTimeouts()
         body += overview(config: config, log: log)
         body += trainingSection(log: log)
         body += evaluationSection(evaluation)
@@ -116,6 +118,25 @@ private struct Builder {
         // Notes are collected while building; they go last but are known by now.
         body += notesSection()
         return page(title: "ConVIRT run report: \(URL(fileURLWithPath: runDirectory).lastPathComponent)", body: body)
+    }
+
+    /// The collective-timeout reports in the run directory (a job the watchdog ended; a resumed run may
+    /// have gone on since): the step and the verdict of each, from the lowest rank that wrote one.
+    mutating func collectiveTimeouts() -> String {
+        let names = ((try? FileManager.default.contentsOfDirectory(atPath: runDirectory)) ?? [])
+            .filter { $0.hasPrefix("collective-timeout.rank") && $0.hasSuffix(".json") }.sorted()
+        guard !names.isEmpty else { return "" }
+        var reports: [CollectiveTimeout] = []
+        for name in names {
+            do { reports.append(try JSONDecoder().decode(CollectiveTimeout.self, from: Files.read("\(runDirectory)/\(name)"))) } catch {
+                notes.append("\(name) could not be read: \(describeDecoding(error))")
+            }
+        }
+        guard let first = reports.min(by: { $0.this.rank < $1.this.rank }) else { return "" }
+        return "<section class=\"card\"><h2>Collective timeout</h2><p>A job of this run was ended by the collective watchdog at step "
+            + "\(first.this.step) (\(HTML.escape(first.this.phase))), after \(String(format: "%g", first.timeoutSeconds)) s: "
+            + "\(HTML.escape(first.verdict)).</p><p class=\"muted\">\(reports.count) rank(s) reported: "
+            + names.map { "<code>\(HTML.escape($0))</code>" }.joined(separator: ", ") + ".</p></section>\n"
     }
 
     mutating func readJSON(_ name: String) -> JSONValue? {

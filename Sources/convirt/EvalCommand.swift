@@ -336,14 +336,38 @@ struct EvalHeldOut: ParsableCommand {
     var precision = PrecisionChoice.auto
     @Option(help: "vocab.txt (default: the run's).") var vocab: String?
     @Option(help: "Results file (JSON).") var out: String?
+    @Option(help: ArgumentHelp("An evaluation manifest (NAME.manifest.json, written beside every --out): rerun exactly that evaluation, "
+                               + "its settings taken from it; a checkpoint or studies whose hashes differ from the pinned ones are refused."))
+    var manifest: String?
 
     func run() throws {
         guard studies >= 2 else { throw ValidationError("--studies must be at least 2") }
+        var arguments = self
+        let pinned = try pinnedManifest(manifest, command: "eval heldout")
+        if let pinned {
+            if let v = try pinnedValue(pinned, "split", { $0 }) { arguments.split = v }
+            if let v = try pinnedValue(pinned, "studies", Int.init) { arguments.studies = v }
+            if let v = PrecisionChoice(rawValue: pinned.precision) { arguments.precision = v }
+        }
+        try arguments.evaluate(pinned: pinned, pinnedPath: manifest)
+    }
+
+    func evaluate(pinned: EvaluationManifest?, pinnedPath: String?) throws {
         let loaded = try LoadedModel(checkpoint: checkpoint, vocab: vocab, precision: precision)
         let dataset = try PreparedDataset(path: data)
+        let splits = heldOutSplits(dataset, split: split, studies: studies)
+        try refuseDifferences(pinned, EvaluationManifest(command: "eval heldout", settings: [:], splits: splits,
+                                                         checkpoint: try checkpointPin(loaded.directory), program: "", precision: ""),
+                              path: pinnedPath)
         let result = try HeldOutRetrieval.evaluate(model: loaded.model, dataset: dataset, tokenizer: loaded.tokenizer, split: split,
                                                    maxStudies: studies, maxTokens: loaded.manifest.config.maxTokens)
-        if let out { try writeJSON(prettyJSON(result), to: out) }
+        if let out {
+            try writeJSON(prettyJSON(result), to: out)
+            try EvaluationManifest(command: "eval heldout", settings: ["split": split, "studies": "\(studies)"], splits: splits,
+                                   checkpoint: try checkpointPin(loaded.directory), program: "convirt \(convirtVersion)",
+                                   precision: precision.resolved().rawValue)
+                .write(to: EvaluationManifest.path(forResults: out))
+        }
         print(result.summary)
     }
 }

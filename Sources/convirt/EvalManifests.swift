@@ -141,6 +141,13 @@ extension EvalRetrieval {
     }
 }
 
+/// The held-out studies of a prepared dataset (the first `studies` of `split`, as `HeldOutRetrieval`
+/// takes them): each study's id with its sentences.
+func heldOutSplits(_ dataset: PreparedDataset, split: String, studies: Int) -> [String: EvaluationManifest.Split] {
+    let chosen = dataset.samples(split: split).prefix(studies).map { dataset.studies[$0] }
+    return ["studies": SplitHash.split(ids: chosen.map { "\($0.studyID)\t\($0.sentences.joined(separator: " | "))" })]
+}
+
 /// The candidate and query lists of CheXpert 8x200: paths relative to `root` (sentences as they are),
 /// each with its category.
 func retrievalSplits(_ set: RetrievalSet, root: String) -> [String: EvaluationManifest.Split] {

@@ -164,7 +164,15 @@ struct TrainCommand: ParsableCommand {
     }
 
     /// The files a run leaves in its directory (what --overwrite removes).
-    static let runFiles = ["checkpoints", "metrics.jsonl", "config.json", "vocab.txt", "heldout_retrieval.json", "report.html", "eval", "tensorboard"]
+    static let runFiles = ["checkpoints", "metrics.jsonl", "config.json", "vocab.txt", "heldout_retrieval.json", "heldout_retrieval.manifest.json",
+                           "report.html", "eval", "tensorboard"]
+
+    /// The files of `runDir` that a run left: `runFiles`, and the collective-timeout reports (one per rank).
+    static func heldFiles(_ runDir: String) -> [String] {
+        let fm = FileManager.default
+        let reports = ((try? fm.contentsOfDirectory(atPath: runDir)) ?? []).filter { $0.hasPrefix("collective-timeout.rank") }.sorted()
+        return runFiles.filter { fm.fileExists(atPath: "\(runDir)/\($0)") } + reports
+    }
 
     /// Refuses a run directory that is a file, or that already holds a run unless --resume (continue it)
     /// or --overwrite (remove it first). Changes nothing.
@@ -174,7 +182,7 @@ struct TrainCommand: ParsableCommand {
         if fm.fileExists(atPath: runDir, isDirectory: &isDirectory), !isDirectory.boolValue {
             throw ConvirtError("--run-dir \(runDir) is a file, not a directory")
         }
-        let held = Self.runFiles.filter { fm.fileExists(atPath: "\(runDir)/\($0)") }
+        let held = Self.heldFiles(runDir)
         if !held.isEmpty && !resume && !overwrite {
             throw ConvirtError("\(runDir) already holds a run (\(held.joined(separator: ", "))): give --resume to continue it, "
                                + "--overwrite to replace it, or a new --run-dir")
@@ -184,7 +192,7 @@ struct TrainCommand: ParsableCommand {
     /// Creates the run directory (after every check passed), removing the old run first with --overwrite.
     func createRunDirectory(_ runDir: String) throws {
         let fm = FileManager.default
-        let held = Self.runFiles.filter { fm.fileExists(atPath: "\(runDir)/\($0)") }
+        let held = Self.heldFiles(runDir)
         if !held.isEmpty && overwrite {
             for name in held { try? fm.removeItem(atPath: "\(runDir)/\(name)") }
             print("--overwrite: removed the run in \(runDir) (\(held.joined(separator: ", ")))")
@@ -263,6 +271,12 @@ struct TrainCommand: ParsableCommand {
                 let result = try HeldOutRetrieval.evaluate(model: trainer.model, dataset: trainer.dataset, tokenizer: trainer.tokenizer,
                                                            maxStudies: retrievalEval, maxTokens: config.maxTokens)
                 try Files.writeAtomically(prettyJSON(result), to: "\(runDir)/heldout_retrieval.json")
+                // What `eval heldout --manifest` reruns: the studies, the run's last checkpoint.
+                try EvaluationManifest(command: "eval heldout", settings: ["split": "test", "studies": "\(retrievalEval)"],
+                                       splits: heldOutSplits(trainer.dataset, split: "test", studies: retrievalEval),
+                                       checkpoint: try checkpointPin(Checkpoints.resolve(runDir)), program: "convirt \(convirtVersion)",
+                                       precision: config.productPrecision.rawValue)
+                    .write(to: EvaluationManifest.path(forResults: "\(runDir)/heldout_retrieval.json"))
                 try trainer.tensorboard?.scalars(result.tensorBoardScalars, step: trainer.totalSteps)
                 print(result.summary)
             }

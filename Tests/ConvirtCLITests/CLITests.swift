@@ -479,6 +479,9 @@ struct DistributedTrainingTests {
             if report.expired_here { #expect(report.this_rank.waited_s >= timeout) }
         }
         #expect(!FileManager.default.fileExists(atPath: "\(runDir)/collective-timeout.rank\(victim).json"))
+        let report = try run(convirtPath(), ["report", runDir])
+        let html = try String(contentsOfFile: "\(runDir)/report.html", encoding: .utf8)
+        #expect(report.status == 0 && html.contains("Collective timeout") && html.contains("Rank \(victim) did not answer"), "\(report.output)")
         let resumed = try run(mpirun, arguments + ["--resume"], environment: Self.mpiEnvironment, timeout: 300)
         // Step 5's checkpoint is committed by step 12 (step 10's may be too).
         #expect(resumed.status == 0 && (resumed.output.contains("at step 5\n") || resumed.output.contains("at step 10\n")), "\(resumed.output)")

@@ -225,6 +225,12 @@ struct EvalTests {
         let edits = try run(convirtPath(), ["eval", "linear", "--dataset", "chexpert", "--root", "\(dir)/chexpert", "--manifest", "\(dir)/tampered.manifest.json"],
                             environment: Self.environment)
         #expect(edits.status == 1 && edits.output.contains("checksum does not match its content"), "\(edits.output)")
+        // Held-out retrieval: its manifest pins the studies; a rerun from it ignores --studies and gives the same file.
+        _ = try ok(["eval", "heldout", "--checkpoint", "\(dir)/run", "--data", "\(dir)/prepared", "--studies", "10", "--out", "\(dir)/heldout.json"])
+        _ = try ok(["eval", "heldout", "--checkpoint", "\(dir)/run", "--data", "\(dir)/prepared", "--studies", "12",
+                    "--manifest", "\(dir)/heldout.manifest.json", "--out", "\(dir)/heldout-rerun.json"])
+        #expect(FileManager.default.contents(atPath: "\(dir)/heldout.json") == FileManager.default.contents(atPath: "\(dir)/heldout-rerun.json"))
+        #expect(FileManager.default.contents(atPath: "\(dir)/heldout.manifest.json") == FileManager.default.contents(atPath: "\(dir)/heldout-rerun.manifest.json"))
         let zeroManifest = "\(dir)/run/eval/zeroshot-chexpert.manifest.json"
         let otherPrompts = try run(convirtPath(), ["eval", "zeroshot", "--dataset", "chexpert", "--root", "\(dir)/chexpert", "--checkpoint", "\(dir)/run",
                                                    "--prompts", "\(dir)/prompts.json", "--manifest", zeroManifest], environment: Self.environment)

@@ -97,11 +97,11 @@ for t in 1 2 8 16; do echo "threads $t: $($bin bench step --steps 2 --threads $t
 work=$(mktemp -d)
 $bin synth mimic --out "$work/mimic" --studies 200 --image-size 256 --seed 3 > /dev/null
 $bin prepare mimic --root "$work/mimic" --out "$work/prepared" > /dev/null
-for layout in "1 2" "2 1"; do
+for layout in "1 2" "2 1" "2 1 --zero1"; do
     set -- $layout
     mpirun --oversubscribe --bind-to none -np $1 "$bin" train --data "$work/prepared" --run-dir "$work/run-$1x$2" --preset paper --global-batch 8 --steps 12 \
-        --retrieval-eval 0 --precision bf16 --threads $2 > "$work/run-$1x$2.log" 2>&1 || tail -3 "$work/run-$1x$2.log"
-    python3 - "$work/run-$1x$2/metrics.jsonl" "$1 rank(s) x $2 thread(s)" <<'EOF'
+        --retrieval-eval 0 --precision bf16 --threads $2 ${3:-} --overwrite > "$work/run-$1x$2.log" 2>&1 || tail -3 "$work/run-$1x$2.log"
+    python3 - "$work/run-$1x$2/metrics.jsonl" "$1 rank(s) x $2 thread(s) ${3:-}" <<'EOF'
 import json, sys, statistics
 rows = [json.loads(l) for l in open(sys.argv[1]) if '"pairs_per_s"' in l][2:]
 keys = sorted(k for k in rows[0] if k.startswith("time_"))

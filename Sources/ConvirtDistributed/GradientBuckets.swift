@@ -24,6 +24,9 @@ final class GradientBuckets {
     let communicator: Communicator
     let collective: Collective
     private(set) var buckets: [Bucket] = []
+    /// Reduce-scatter: per bucket, each rank's count (the bucket's pieces in the shards, which tile it in
+    /// rank order) and where this rank's piece goes in the output.
+    private var scatter: [(counts: [Int], output: UnsafeMutablePointer<Float>, count: Int)] = []
     private var bucketOfEntry: [Int: Int] = [:]
     private var ready = Set<Int>()
     /// Buckets started from `markReady` in this step, i.e. overlapped with backward.
@@ -53,6 +56,12 @@ final class GradientBuckets {
             previousTrainable = true
         }
         close()
+        if case .reduceScatter(let shards, let output, let own) = collective {
+            scatter = buckets.map { bucket in
+                let pieces = shards.ranges.map { $0.clamped(to: bucket.range) }, mine = pieces[communicator.rank]
+                return (pieces.map(\.count), mine.isEmpty ? output : output + (mine.lowerBound - own.lowerBound), mine.count)
+            }
+        }
     }
 
     /// Clears the state for a new step.
@@ -79,13 +88,10 @@ final class GradientBuckets {
         switch collective {
         case .allReduce:
             _ = try communicator.startAllReduceSum(UnsafeMutableBufferPointer(start: arena.grads + r.lowerBound, count: r.count))
-        case .reduceScatter(let shards, let output, let own):
-            // The bucket's pieces in each rank's shard tile it in rank order, as ZeRO-1's shards tile the arena.
-            let pieces = shards.ranges.map { $0.clamped(to: r) }, mine = pieces[communicator.rank]
+        case .reduceScatter:
             _ = try communicator.startReduceScatterSum(UnsafeBufferPointer(start: arena.grads + r.lowerBound, count: r.count),
-                                                       counts: pieces.map(\.count),
-                                                       into: UnsafeMutableBufferPointer(start: mine.isEmpty ? output : output + (mine.lowerBound - own.lowerBound),
-                                                                                         count: mine.count))
+                                                       counts: scatter[b].counts,
+                                                       into: UnsafeMutableBufferPointer(start: scatter[b].output, count: scatter[b].count))
         }
     }
 

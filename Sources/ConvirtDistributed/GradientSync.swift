@@ -154,7 +154,7 @@ public final class GradientSync {
         Adam.step(arena, step: step, config: config)
         var clock = Clock()
         if mode.shardsOptimizerState && communicator.size > 1 {
-            // Only the trainable runs change (cut as `finish` cuts them); frozen parameters and the
+            // Only the trainable runs change (each cut where the shards cut it); frozen parameters and the
             // running statistics (SyncBN's, the same on every rank) stay as every rank holds them.
             for (run, pieces) in shardedRuns {
                 try communicator.allGatherInPlace(UnsafeMutableBufferPointer(start: arena.params + run.lowerBound, count: run.count),

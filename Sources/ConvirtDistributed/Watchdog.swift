@@ -93,6 +93,12 @@ public final class CollectiveWatchdog: @unchecked Sendable {
 
     /// The report file of `rank`.
     public static func reportFile(rank: Int) -> String { "collective-timeout.rank\(rank).json" }
+
+    /// The report files in `directory` (one per rank that answered), sorted.
+    public static func reportFiles(in directory: String) -> [String] {
+        ((try? FileManager.default.contentsOfDirectory(atPath: directory)) ?? [])
+            .filter { $0.hasPrefix("collective-timeout.rank") && $0.hasSuffix(".json") }.sorted()
+    }
 }
 
 /// A collective that outlived the deadline (or another rank's), after the ranks that could still speak

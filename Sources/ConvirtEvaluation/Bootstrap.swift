@@ -16,6 +16,9 @@ public struct ConfidenceInterval: Codable, Sendable, Equatable {
 
     public init(lower: Double, upper: Double) { (self.lower, self.upper) = (lower, upper) }
 
+    /// Both ends times `factor` (fractions to percent: 100).
+    public func scaled(by factor: Double) -> ConfidenceInterval { ConfidenceInterval(lower: lower * factor, upper: upper * factor) }
+
     /// "[0.712, 0.781]".
     public func text(_ format: String = "%.3f") -> String { "[" + String(format: format, lower) + ", " + String(format: format, upper) + "]" }
 }

@@ -165,7 +165,7 @@ public enum PaperTable {
                 guard let i = index(title(r.dataset), column) else { continue }
                 if cells[i] != nil { notes.append("\(label), \(title(r.dataset)) \(column): several results; the last one is shown") }
                 cells[i] = Cell(value: r.mean * 100, std: r.std * 100, runs: r.runs.count,
-                                ci: r.ci95.map { ConfidenceInterval(lower: $0.mean.lower * 100, upper: $0.mean.upper * 100) })
+                                ci: r.ci95?.mean.scaled(by: 100))
                 if r.metric.lowercased() != paperMetric(dataset: r.dataset) {
                     notes.append("\(label), \(title(r.dataset)) \(column): metric \(r.metric), the paper reports \(paperMetric(dataset: r.dataset))")
                 }
@@ -201,7 +201,7 @@ public enum PaperTable {
             let cells = modes.flatMap { mode in
                 RetrievalResult.ks.map { k in
                     result.precision(mode.0, k: k).map {
-                        Cell(value: $0 * 100, ci: result.ci95?[mode.0]?["precision@\(k)"].map { ConfidenceInterval(lower: $0.lower * 100, upper: $0.upper * 100) })
+                        Cell(value: $0 * 100, ci: result.ci95?[mode.0]?["precision@\(k)"]?.scaled(by: 100))
                     }
                 }
             }

@@ -123,8 +123,7 @@ private struct Builder {
     /// The collective-timeout reports in the run directory (a job the watchdog ended; a resumed run may
     /// have gone on since): the step and the verdict of each, from the lowest rank that wrote one.
     mutating func collectiveTimeouts() -> String {
-        let names = ((try? FileManager.default.contentsOfDirectory(atPath: runDirectory)) ?? [])
-            .filter { $0.hasPrefix("collective-timeout.rank") && $0.hasSuffix(".json") }.sorted()
+        let names = CollectiveWatchdog.reportFiles(in: runDirectory)
         guard !names.isEmpty else { return "" }
         var reports: [CollectiveTimeout] = []
         for name in names {
@@ -353,7 +352,7 @@ private struct Builder {
                     + "<td>\(r.runs.isEmpty ? "-" : "\(r.runs.count)")</td>"
                     + "<td>\(r.runs.count > 1 ? String(format: "%.1f ± %.1f", r.mean * 100, r.std * 100) : String(format: "%.1f", r.mean * 100))</td>"
                     + "<td class=\"label small\">\(Self.stopSummary(r))</td><td class=\"label small\">\(perLabel.joined(separator: " &middot; "))</td>"
-                    + "<td class=\"label small\">\(r.ci95.map { ConfidenceInterval(lower: $0.mean.lower * 100, upper: $0.mean.upper * 100).text("%.1f") } ?? "-")</td>"
+                    + "<td class=\"label small\">\(r.ci95.map { $0.mean.scaled(by: 100).text("%.1f") } ?? "-")</td>"
                     + "<td class=\"label small\">\(HTML.escape(manifestSummary(file)))</td></tr>"
             }
             out += "</tbody></table>"

@@ -276,11 +276,10 @@ public final class Trainer {
 
     /// With --exclude-identical-texts: the batch's pairs of equal sentences leave the next loss's
     /// negatives (`DistributedLoss.excludeIdenticalTexts`); returns how many (nil when the option is off).
+    /// `batch` is padded to the global batch's length (`globallyPadded`), so equal sentences have equal rows.
     func excludeIdenticalTexts(_ batch: TrainingBatch) throws -> Int? {
         guard config.excludeIdenticalTexts == true else { return nil }
-        // Training batches are padded to the global batch's length already; validation's, for this only.
-        let padded = try globallyPadded(batch)
-        return try padded.ids.withUnsafeBufferPointer { try loss.excludeIdenticalTexts(ids: $0.baseAddress!, rows: padded.size, tokens: padded.tokens) }
+        return try batch.ids.withUnsafeBufferPointer { try loss.excludeIdenticalTexts(ids: $0.baseAddress!, rows: batch.size, tokens: batch.tokens) }
     }
 
     /// The model's FLOPs of one step over all ranks (forward and backward of every pair of the global batch).
@@ -469,7 +468,8 @@ public final class Trainer {
             let batch = Loader.build(dataset: dataset, samples: samples, sampler: sampler, tokenizer: tokenizer, recipe: recipe, epoch: 0,
                                      step: k, permutation: Array(0..<samples.count))
             let context = passContext(step: 0, batch: batch, training: false)
-            _ = try excludeIdenticalTexts(batch)
+            // Validation batches are not padded to the global length; for the exclusion only, they are.
+            if config.excludeIdenticalTexts == true { _ = try excludeIdenticalTexts(globallyPadded(batch)) }
             // With accumulation, in pieces of a micro-batch, so that validation needs no more memory than a step.
             let (v, u) = config.microBatches == 1 ? try encode(batch, context: context)
                 : try encodeInPieces(batch, rows: max(1, config.globalBatch / (communicator.size * config.microBatches)), context: context)

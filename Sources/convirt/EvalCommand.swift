@@ -260,7 +260,7 @@ struct EvalZeroShot: ParsableCommand {
                 let data = try DownstreamReader.load(dataset, root: self.root, options: downstreamOptions(seed: seed, uOnes: uOnes))
                 let promptSets = try prompts.map(ZeroShotPrompts.load) ?? ZeroShotPrompts.defaults(dataset)
                 try refuseDifferences(pinned, EvaluationManifest(command: "eval zeroshot", settings: [:], splits: downstreamSplits(data, root: self.root),
-                                                                 promptsSHA256: SHA256.hex(Array(ZeroShotPrompts.json(promptSets).utf8)),
+                                                                 promptsSHA256: promptsHash(promptSets),
                                                                  checkpoint: try checkpointPin(loaded.directory), program: "", precision: ""),
                                       path: pinnedPath)
                 return (loaded, data, promptSets)
@@ -281,7 +281,7 @@ struct EvalZeroShot: ParsableCommand {
             if let out {
                 try writeJSON(result.encoded(), to: out)
                 try EvaluationManifest(command: "eval zeroshot", settings: pinnedSettings(imageSize: imageSize ?? loaded.manifest.config.model.image.imageSize),
-                                       splits: downstreamSplits(data, root: self.root), promptsSHA256: SHA256.hex(Array(ZeroShotPrompts.json(promptSets).utf8)),
+                                       splits: downstreamSplits(data, root: self.root), promptsSHA256: promptsHash(promptSets),
                                        seeds: [seed], checkpoint: try checkpointPin(loaded.directory), program: "convirt \(convirtVersion)",
                                        precision: precision.resolved().rawValue)
                     .write(to: EvaluationManifest.path(forResults: out))

@@ -6,6 +6,7 @@ import ConvirtCore
 import ConvirtData
 import ConvirtDistributed
 import ConvirtEvaluation
+import ConvirtIO
 import ConvirtModels
 import ConvirtTraining
 import Foundation
@@ -140,6 +141,9 @@ extension EvalRetrieval {
         return a
     }
 }
+
+/// The SHA-256 of a prompt set, as `ZeroShotPrompts.json` writes it (sorted keys).
+func promptsHash(_ prompts: [String: PromptSet]) -> String { SHA256.hex(Array(ZeroShotPrompts.json(prompts).utf8)) }
 
 /// The held-out studies of a prepared dataset (the first `studies` of `split`, as `HeldOutRetrieval`
 /// takes them): each study's id with its sentences.

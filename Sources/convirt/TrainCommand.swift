@@ -169,9 +169,7 @@ struct TrainCommand: ParsableCommand {
 
     /// The files of `runDir` that a run left: `runFiles`, and the collective-timeout reports (one per rank).
     static func heldFiles(_ runDir: String) -> [String] {
-        let fm = FileManager.default
-        let reports = ((try? fm.contentsOfDirectory(atPath: runDir)) ?? []).filter { $0.hasPrefix("collective-timeout.rank") }.sorted()
-        return runFiles.filter { fm.fileExists(atPath: "\(runDir)/\($0)") } + reports
+        runFiles.filter { FileManager.default.fileExists(atPath: "\(runDir)/\($0)") } + CollectiveWatchdog.reportFiles(in: runDir)
     }
 
     /// Refuses a run directory that is a file, or that already holds a run unless --resume (continue it)

@@ -789,3 +789,38 @@ CK_CLONES void ck_layernorm_param_grads(float *restrict grad_gamma, float *restr
 CK_CLONES void ck_add(float *restrict dst, const float *restrict src, long count) {
     for (long i = 0; i < count; i++) dst[i] += src[i];
 }
+
+CK_CLONES void ck_sum_ranks(float *const *ranks, long count, long offset, long length, int everywhere, long own) {
+    // Blocks of 2048 floats (8 KB): the sum is built in the first destination and copied from there
+    // while it is still in L1, so each source is read once and each destination written once.
+    const long block = 2048;
+    for (long start = offset; start < offset + length; start += block) {
+        long n = start + block <= offset + length ? block : offset + length - start;
+        float *restrict out = ranks[everywhere ? 0 : own] + start;
+        if (everywhere || own == 0) {
+            // out is ranks[0]: add the others to it in rank order.
+            for (long r = 1; r < count; r++) {
+                const float *restrict src = ranks[r] + start;
+                for (long i = 0; i < n; i++) out[i] += src[i];
+            }
+        } else {
+            // out is the own rank's block: ranks[0] + ranks[1] + ..., the own one read before it is written.
+            float sum[2048];
+            const float *restrict first = ranks[0] + start;
+            for (long i = 0; i < n; i++) sum[i] = first[i];
+            for (long r = 1; r < count; r++) {
+                const float *restrict src = ranks[r] + start;
+                for (long i = 0; i < n; i++) sum[i] += src[i];
+            }
+            for (long i = 0; i < n; i++) out[i] = sum[i];
+        }
+        if (everywhere) {
+            for (long r = 1; r < count; r++) {
+                float *restrict dst = ranks[r] + start;
+                for (long i = 0; i < n; i++) dst[i] = out[i];
+            }
+        }
+    }
+}
+
+void ck_memory_fence(void) { __atomic_thread_fence(__ATOMIC_SEQ_CST); }

@@ -27,6 +27,8 @@ int cmpi_thread_single(void) { return MPI_THREAD_SINGLE; }
 int cmpi_thread_funneled(void) { return MPI_THREAD_FUNNELED; }
 int cmpi_thread_serialized(void) { return MPI_THREAD_SERIALIZED; }
 int cmpi_thread_multiple(void) { return MPI_THREAD_MULTIPLE; }
+int cmpi_comm_type_shared(void) { return MPI_COMM_TYPE_SHARED; }
+MPI_Info cmpi_info_null(void) { return MPI_INFO_NULL; }
 
 const char *cmpi_error_string(int code, char *buffer, int capacity) {
     if (capacity <= 0) return buffer;

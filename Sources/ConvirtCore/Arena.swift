@@ -95,8 +95,13 @@ public struct ParameterView: Sendable {
 public final class ParameterArena: @unchecked Sendable {
     public let layout: ParameterLayout
     public let count: Int
-    public let params: UnsafeMutablePointer<Float>
-    public let grads: UnsafeMutablePointer<Float>
+    /// The parameters (and buffers): the arena's own pages, or memory another owner keeps (`adoptParameters`).
+    public private(set) var params: UnsafeMutablePointer<Float>
+    private var parameterOwner: AnyObject? = nil
+    /// The gradients: the arena's own pages, or memory another owner keeps (`adoptGradients`).
+    public private(set) var grads: UnsafeMutablePointer<Float>
+    /// The owner of `grads` where the arena does not own them.
+    private var gradientOwner: AnyObject? = nil
 
     /// The arena range whose Adam moments this process holds: everything, or one ZeRO-1 shard.
     public private(set) var optimizerRange: Range<Int>
@@ -161,8 +166,30 @@ public final class ParameterArena: @unchecked Sendable {
         v.update(repeating: 0, count: r.count)
     }
 
+    /// Moves the gradients to `storage` (`count` floats, zero, which `owner` keeps mapped while the arena
+    /// holds it): a shared-memory buffer every rank of a machine reads. The trainable entries' values
+    /// move with them; the others' are zero in both (no kernel writes them), so their pages stay
+    /// untouched. Every kernel reads `grads` when it runs, so this may happen between any two steps.
+    public func adoptGradients(_ storage: UnsafeMutablePointer<Float>, owner: AnyObject) {
+        for r in trainableRanges { (storage + r.lowerBound).update(from: grads + r.lowerBound, count: r.count) }
+        if gradientOwner == nil { Self.free(grads, count) }
+        grads = storage
+        gradientOwner = owner
+    }
+
+    /// Moves the parameters, values and all, to `storage` (`count` floats, which `owner` keeps mapped
+    /// while the arena holds it): a shared-memory buffer every rank of a machine reads (ZeRO-1's
+    /// all-gather through shared memory). As `adoptGradients`, between any two steps.
+    public func adoptParameters(_ storage: UnsafeMutablePointer<Float>, owner: AnyObject) {
+        storage.update(from: params, count: count)
+        if parameterOwner == nil { Self.free(params, count) }
+        params = storage
+        parameterOwner = owner
+    }
+
     deinit {
-        for p in [params, grads] { Self.free(p, count) }
+        if parameterOwner == nil { Self.free(params, count) }
+        if gradientOwner == nil { Self.free(grads, count) }
         for p in [momentBases.0, momentBases.1] { Self.free(p, optimizerRange.count) }
     }
 

@@ -43,10 +43,15 @@ public protocol Communicator: AnyObject {
     /// The deadline of this rank's collectives and what the rank is doing (see Watchdog.swift). Only
     /// MPI's collectives can hang, but every communicator carries one, so that callers set it alike.
     var watchdog: CollectiveWatchdog { get }
+    /// Collective: a buffer of `floats` zero floats per rank that every rank maps (`SharedRegion`), with
+    /// the memory of the ranges `committing` reserved up front; nil where the ranks do not all run on
+    /// this machine. Throws, on every rank alike, where they do but the memory cannot be had.
+    func mapShared(floats: Int, committing: [Range<Int>]) throws -> SharedRegion?
 }
 
 extension Communicator {
     public var isRoot: Bool { rank == 0 }
+    public func mapShared(floats: Int, committing: [Range<Int>]) throws -> SharedRegion? { nil }
 }
 
 /// One process: collectives are identities.
@@ -348,6 +353,82 @@ public final class MPICommunicator: Communicator {
     public func broadcast(_ buffer: UnsafeMutableRawBufferPointer, root: Int) throws {
         try run("MPI_Bcast", bytes: buffer.count) {
             MPI_Ibcast(buffer.baseAddress, Int32(buffer.count), cmpi_byte(), Int32(root), cmpi_comm_world(), $0)
+        }
+    }
+
+    /// Whether every rank of the job runs on this machine (MPI's shared-memory split of the world).
+    public func allRanksShareMachine() throws -> Bool {
+        var node = cmpi_comm_null()
+        try check(MPI_Comm_split_type(cmpi_comm_world(), cmpi_comm_type_shared(), Int32(rank), cmpi_info_null(), &node), "MPI_Comm_split_type")
+        var nodeSize: Int32 = 0
+        MPI_Comm_size(node, &nodeSize)
+        MPI_Comm_free(&node)
+        return Int(nodeSize) == size
+    }
+
+    /// One POSIX shared-memory object per rank in /dev/shm, named after a token rank 0 draws: each rank
+    /// creates its own (reserving `committing` with posix_fallocate, so that a full /dev/shm is an error
+    /// here and never a SIGBUS later), maps the others' once all exist, and unlinks its own once every
+    /// rank has mapped it: nothing is left in /dev/shm, and the memory goes when the last rank unmaps it.
+    public func mapShared(floats count: Int, committing: [Range<Int>]) throws -> SharedRegion? {
+        guard size > 1, try allRanksShareMachine() else { return nil }
+        var token = [UInt8](repeating: 0, count: 64)
+        if rank == 0 {
+            let text = Array(String(format: "/convirt-%d-%016llx", getpid(), UInt64.random(in: 0...UInt64.max)).utf8)
+            token.replaceSubrange(0..<text.count, with: text)
+        }
+        try token.withUnsafeMutableBytes { try broadcast($0, root: 0) }
+        let prefix = String(decoding: token.prefix { $0 != 0 }, as: UTF8.self)
+        func name(_ r: Int) -> String { "\(prefix)-\(r)" }
+        let bytes = max(1, count) * 4
+        var mapped: [Int: UnsafeMutableRawPointer] = [:]
+        var created = false
+        func unmapAll() { for (_, p) in mapped { munmap(p, bytes) }; mapped = [:] }
+        func system(_ call: String) -> String { "\(call): \(String(cString: strerror(errno)))" }
+        /// Every rank learns whether any failed; a rank's own reason, or the first failed rank's number.
+        func agree(_ failure: String?, _ what: String) throws {
+            var flags = [Double](repeating: 0, count: size)
+            flags[rank] = failure == nil ? 0 : 1
+            try flags.withUnsafeMutableBufferPointer { try allReduceSum($0) }
+            guard let first = flags.firstIndex(where: { $0 != 0 }) else { return }
+            unmapAll()
+            if created { shm_unlink(name(rank)) }
+            throw ConvirtError("shared memory for the gradients (\(what)): " + (failure ?? "rank \(first) failed"))
+        }
+        var failure: String? = nil
+        let fd = shm_open(name(rank), O_CREAT | O_EXCL | O_RDWR, 0o600)
+        if fd < 0 {
+            failure = system("shm_open \(name(rank))")
+        } else {
+            created = true
+            if ftruncate(fd, off_t(bytes)) != 0 { failure = system("ftruncate \(name(rank)) to \(bytes) bytes") }
+            for range in committing where failure == nil && !range.isEmpty {
+                let code = posix_fallocate(fd, off_t(range.lowerBound * 4), off_t(range.count * 4))
+                if code != 0 {
+                    failure = "posix_fallocate of \(range.count * 4) bytes in \(name(rank)): \(String(cString: strerror(code)))"
+                        + (code == ENOSPC ? " (/dev/shm is full or too small: --gradient-exchange collectives does without it)" : "")
+                }
+            }
+            if failure == nil {
+                let p = mmap(nil, bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0)
+                if let p, p != MAP_FAILED { mapped[rank] = p } else { failure = system("mmap \(name(rank))") }
+            }
+            close(fd)
+        }
+        try agree(failure, "creating this rank's buffer")
+        for r in 0..<size where r != rank && failure == nil {
+            let peer = shm_open(name(r), O_RDWR, 0)
+            if peer < 0 { failure = system("shm_open \(name(r))"); break }
+            let p = mmap(nil, bytes, PROT_READ | PROT_WRITE, MAP_SHARED, peer, 0)
+            close(peer)
+            if let p, p != MAP_FAILED { mapped[r] = p } else { failure = system("mmap \(name(r))") }
+        }
+        try agree(failure, "mapping the other ranks' buffers")
+        shm_unlink(name(rank))
+        let buffers = (0..<size).map { mapped[$0]!.bindMemory(to: Float.self, capacity: max(1, count)) }
+        let all = mapped
+        return SharedRegion(buffers: buffers, rank: rank, count: count, location: "/dev/shm") {
+            for (_, p) in all { munmap(p, bytes) }
         }
     }
 

@@ -5,6 +5,8 @@
 //   backward, with PassContext.gradientsReady = sync.readyHandler
 //                        replicated + overlap: each bucket's all-reduce starts once its gradients are final
 //   finish()             start what is left and wait; ZeRO-1: keep the own shard
+//                        shared memory (ranks on one machine): each rank sums its slice over every
+//                        rank's gradient buffer (SharedGradients.swift) instead of the buckets
 //   gradientNorm(), clip(to:)
 //   step(adam:step:)     Adam over the ranges this rank holds state for; ZeRO-1: all-gather the parameters
 //
@@ -38,25 +40,61 @@ public final class GradientSync {
     public let shards: ArenaShards
     private let buckets: GradientBuckets?
     private let shardGradients: UnsafeMutablePointer<Float>?
+    /// The sums through shared memory, where the ranks share a machine (and `exchange` allows it).
+    private let shared: SharedGradientSum?
+    /// ZeRO-1 through shared memory: every rank's parameters, from which each copies the others' shards.
+    private let sharedParameters: SharedRegion?
+    /// How the gradients are summed over ranks, in words (for the run's log): "one rank", "shared
+    /// memory (/dev/shm)" or "MPI collectives", with the reason where auto fell back to them.
+    public let exchangeDescription: String
 
-    /// With `.zero1` the arena keeps only this rank's shard of the Adam moments from here on.
-    public init(arena: ParameterArena, communicator: Communicator, mode: Mode, bucketCapacity: Int = 1 << 22) {
+    /// With `.zero1` the arena keeps only this rank's shard of the Adam moments from here on. With
+    /// several ranks this is collective (every rank constructs its GradientSync at the same point), and
+    /// with shared memory the arena's gradients move into it (`ParameterArena.adoptGradients`).
+    public init(arena: ParameterArena, communicator: Communicator, mode: Mode, bucketCapacity: Int = 1 << 22,
+                exchange: GradientExchange = .auto) throws {
         self.mode = mode
         self.arena = arena
         self.communicator = communicator
         shards = ArenaShards(count: arena.count, communicator)
         let distributed = communicator.size > 1
         let own = shards[communicator.rank]
+        var shared: SharedGradientSum? = nil, sharedParameters: SharedRegion? = nil
+        var description = distributed ? "MPI collectives" : "one rank"
+        if distributed && exchange != .collectives {
+            do {
+                if let region = try communicator.mapShared(floats: arena.count, committing: arena.trainableRanges) {
+                    if mode.shardsOptimizerState, let parameters = try communicator.mapShared(floats: arena.count, committing: [0..<arena.count]) {
+                        arena.adoptParameters(parameters.own, owner: parameters)
+                        sharedParameters = parameters
+                    }
+                    arena.adoptGradients(region.own, owner: region)
+                    shared = SharedGradientSum(region: region, communicator: communicator, trainableRuns: arena.trainableRanges,
+                                               shard: mode.shardsOptimizerState ? own : nil)
+                    description = "shared memory (\(region.location))"
+                } else if exchange == .sharedMemory {
+                    throw ConvirtError("--gradient-exchange shared-memory: the \(communicator.size) ranks do not all run on one machine "
+                                       + "(--gradient-exchange auto or collectives sums them with MPI)")
+                } else {
+                    description += " (the ranks do not all run on one machine)"
+                }
+            } catch let error where exchange == .auto {
+                description += " (no shared memory: \(error))"
+            }
+        }
+        self.shared = shared
+        self.sharedParameters = sharedParameters
+        exchangeDescription = description
         if mode.shardsOptimizerState {
             arena.shardOptimizerState(own)
             // Zeroed once: the alignment padding between entries is in no bucket, so it is never written and
             // stays zero (as the padding of every arena buffer does).
-            shardGradients = distributed ? UnsafeMutablePointer<Float>.allocate(capacity: max(1, own.count)) : nil
+            shardGradients = distributed && shared == nil ? UnsafeMutablePointer<Float>.allocate(capacity: max(1, own.count)) : nil
             shardGradients?.initialize(repeating: 0, count: max(1, own.count))
         } else {
             shardGradients = nil
         }
-        if !distributed {
+        if !distributed || shared != nil {
             buckets = nil
         } else if let shard = shardGradients {
             buckets = GradientBuckets(arena: arena, communicator: communicator, capacity: bucketCapacity,
@@ -95,6 +133,10 @@ public final class GradientSync {
     /// Returns the seconds spent communicating that backward did not hide.
     public func finish() throws -> Double {
         var clock = Clock()
+        if let shared {
+            try shared.sum(everywhere: !mode.shardsOptimizerState)
+            return clock.lap()
+        }
         if let buckets { try buckets.finish() }
         if let shard = shardGradients {
             // ZeRO-1: each bucket (trainable parameters only: the frozen ones' gradients, zero on every
@@ -147,13 +189,26 @@ public final class GradientSync {
         }
     }
 
-    /// Adam over what this rank holds state for; with ZeRO-1 the updated shards are then all-gathered.
-    /// Returns the seconds of that all-gather.
+    /// Adam over what this rank holds state for; with ZeRO-1 the updated shards are then all-gathered
+    /// (through shared memory where the gradients are summed there). Returns the seconds of that all-gather.
     @discardableResult
     public func step(adam config: AdamConfig, step: Int) throws -> Double {
         Adam.step(arena, step: step, config: config)
         var clock = Clock()
-        if mode.shardsOptimizerState && communicator.size > 1 {
+        if let sharedParameters {
+            // Once every rank has updated its shard: each copies the others' shards of the trainable runs
+            // from their buffers. No rank changes its shard again before the next step's gradient sum,
+            // which meets every rank first, so no second meeting is needed here.
+            ck_memory_fence()
+            try communicator.barrier()
+            ck_memory_fence()
+            for (_, pieces) in shardedRuns {
+                for (peer, piece) in pieces.enumerated() where peer != communicator.rank && !piece.isEmpty {
+                    let source = sharedParameters.buffers[peer] + piece.lowerBound, target = arena.params + piece.lowerBound
+                    Parallel.chunks(piece.count) { part in (target + part.lowerBound).update(from: source + part.lowerBound, count: part.count) }
+                }
+            }
+        } else if mode.shardsOptimizerState && communicator.size > 1 {
             // Only the trainable runs change (each cut where the shards cut it); frozen parameters and the
             // running statistics (SyncBN's, the same on every rank) stay as every rank holds them.
             for (run, pieces) in shardedRuns {

@@ -18,6 +18,9 @@ public final class InProcessGroup: @unchecked Sendable {
     private var slots: [UnsafeRawPointer?]
     private var slotCounts: [Int]
     private var mailboxes: [Int: [[UInt8]]] = [:]
+    /// The ranks' shared buffers (`mapShared`), freed with the group: a rank may still read another's
+    /// after that one has returned (ZeRO-1's parameter copy meets no rank after it).
+    private var sharedBuffers: [(UnsafeMutableRawPointer, Int)] = []
 
     public init(size: Int) {
         precondition(size >= 1, "an in-process world needs at least one rank")
@@ -59,6 +62,17 @@ public final class InProcessGroup: @unchecked Sendable {
     /// The error of ranks released from a collective because another rank failed.
     public struct PeerFailure: Error, CustomStringConvertible {
         public let description: String
+    }
+
+    deinit { for (p, bytes) in sharedBuffers { munmap(p, bytes) } }
+
+    /// `bytes` zero bytes in anonymous pages (untouched pages take no memory), kept until the group ends.
+    func sharedBuffer(bytes: Int) -> UnsafeMutableRawPointer? {
+        guard let p = mmap(nil, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0), p != MAP_FAILED else { return nil }
+        condition.lock()
+        sharedBuffers.append((p, bytes))
+        condition.unlock()
+        return p
     }
 
     func fail(_ reason: String) {
@@ -236,6 +250,19 @@ public final class InProcessCommunicator: Communicator {
     }
 
     public func barrier() throws { try group.barrier() }
+
+    /// The ranks are threads of one process: each allocates its buffer (the group's, freed with it) and
+    /// all learn each other's addresses.
+    public func mapShared(floats count: Int, committing: [Range<Int>]) throws -> SharedRegion? {
+        guard size > 1 else { return nil }
+        let bytes = max(1, count) * 4
+        guard let mine = group.sharedBuffer(bytes: bytes) else { throw ConvirtError("shared gradient buffer: no memory for \(bytes) bytes") }
+        let buffers: [UnsafeMutablePointer<Float>] = try group.exchange(rank: rank, UnsafeRawPointer(mine), count: count) { pointers, counts in
+            precondition(counts.allSatisfy { $0 == count }, "shared buffers of different sizes over ranks")
+            return pointers.map { UnsafeMutableRawPointer(mutating: $0!).bindMemory(to: Float.self, capacity: max(1, count)) }
+        }
+        return SharedRegion(buffers: buffers, rank: rank, count: count, location: "this process") {}
+    }
 
     public func send(_ bytes: UnsafeRawBufferPointer, to destination: Int) throws {
         precondition(destination >= 0 && destination < size && destination != rank, "send to rank \(destination)")

@@ -90,6 +90,8 @@ public struct ClassificationOptions: Sendable {
     public var cacheDirectory: String? = nil
     /// Fine-tuning: Adam state sharded over the ranks (ZeRO-1) instead of replicated.
     public var zero1 = false
+    /// How fine-tuning sums gradients over ranks (`GradientExchange`).
+    public var gradientExchange: GradientExchange = .auto
     /// Log the validation loss of every tenth epoch (and the last) of each run.
     public var verbose = false
     public init() {}
@@ -525,7 +527,14 @@ public final class ClassificationEvaluation {
     }
 
     /// The step engine of fine-tuning (created once: with ZeRO-1 it shards the arena's Adam state).
-    lazy var sync = GradientSync(arena: model.arena, communicator: communicator, mode: options.zero1 ? .zero1(overlap: true) : .replicated(overlap: true))
+    private var syncEngine: GradientSync?
+    func makeSync() throws -> GradientSync {
+        if let syncEngine { return syncEngine }
+        let made = try GradientSync(arena: model.arena, communicator: communicator, mode: options.zero1 ? .zero1(overlap: true) : .replicated(overlap: true),
+                                    exchange: options.gradientExchange)
+        syncEngine = made
+        return made
+    }
 
     /// Fine-tuning: the classifier alone for `headSteps` steps on the frozen features, then the whole
     /// encoder with the plateau schedule, data-parallel on the step engine (SyncBN, gradient buckets
@@ -538,7 +547,7 @@ public final class ClassificationEvaluation {
         model.resetHead(seed: seed)
         trainHeadAlone(features, split, seed: seed)
         // 2. Everything, data-parallel: rank r takes rows [r b, (r+1) b) of each global batch.
-        let sync = self.sync
+        let sync = try makeSync()
         arena.zeroMoments()
         let w = communicator.size, r = communicator.rank, global = options.batch
         let s = options.imageSize, o = outputs

@@ -2,6 +2,7 @@
 
 import ConvirtCore
 import ConvirtData
+import ConvirtDistributed
 import ConvirtModels
 import Foundation
 
@@ -70,6 +71,9 @@ public struct TrainConfig: Codable, Sendable {
     /// False negatives: each pair's negatives leave out the pairs whose sentence has the same token ids
     /// (`--exclude-identical-texts`); nil = no, as the paper.
     public var excludeIdenticalTexts: Bool? = nil
+    /// How gradients are summed over ranks (`--gradient-exchange`); nil = auto (shared memory where every
+    /// rank runs on one machine). It changes only how the sums are carried: not a resume-refusing setting.
+    public var gradientExchange: GradientExchange? = nil
 
     enum CodingKeys: String, CodingKey {
         case preset, model, globalBatch = "global_batch", steps, epochs, seed, learningRate = "learning_rate", weightDecay = "weight_decay"
@@ -79,7 +83,7 @@ public struct TrainConfig: Codable, Sendable {
         case textWeights = "text_weights", checkpointEvery = "checkpoint_every", keepCheckpoints = "keep_checkpoints"
         case zero1, overlapCommunication = "overlap_communication", checkpointIO = "checkpoint_io", asyncCheckpoint = "async_checkpoint"
         case tensorboard, accumSteps = "accum_steps", precision, gradientPiece = "gradient_piece", outlierGuard = "outlier_guard"
-        case peakTFLOPs = "peak_tflops", excludeIdenticalTexts = "exclude_identical_texts"
+        case peakTFLOPs = "peak_tflops", excludeIdenticalTexts = "exclude_identical_texts", gradientExchange = "gradient_exchange"
     }
 
     /// The preset's defaults: the paper's recipe for `paper`, a quicker one for `demo` and `tiny`.
@@ -220,5 +224,6 @@ extension TrainConfig {
         outlierGuard = try c.decodeIfPresent(OutlierGuardConfig.self, forKey: .outlierGuard)
         peakTFLOPs = try c.decodeIfPresent(Double.self, forKey: .peakTFLOPs)
         excludeIdenticalTexts = try c.decodeIfPresent(Bool.self, forKey: .excludeIdenticalTexts)
+        gradientExchange = try c.decodeIfPresent(GradientExchange.self, forKey: .gradientExchange)
     }
 }

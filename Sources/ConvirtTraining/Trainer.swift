@@ -77,7 +77,7 @@ public final class Trainer {
     public let vocabularyPath: String
     let trainSamples: [Int]
     let sampler: GlobalBatchSampler
-    let sync: GradientSync
+    public let sync: GradientSync
     let loss: DistributedLoss
     var schedule: LearningRateSchedule
     var log: (String) -> Void
@@ -120,8 +120,9 @@ public final class Trainer {
             try Weights.load(SafeTensorsFile(path: path), into: model.arena, prefix: "image.")
         }
         if let dir = config.textWeights { try BertDirectory(path: dir).load(into: model.arena, prefix: "text.") }
-        sync = GradientSync(arena: model.arena, communicator: communicator,
-                            mode: config.zero1 ? .zero1(overlap: config.overlapCommunication) : .replicated(overlap: config.overlapCommunication))
+        sync = try GradientSync(arena: model.arena, communicator: communicator,
+                                mode: config.zero1 ? .zero1(overlap: config.overlapCommunication) : .replicated(overlap: config.overlapCommunication),
+                                exchange: config.gradientExchange ?? .auto)
         loss = DistributedLoss(communicator: communicator, features: config.model.projDim, tau: config.model.tau, lambda: config.model.lambda)
         trainSamples = dataset.samples(split: "train")
         sampler = try GlobalBatchSampler(sampleCount: trainSamples.count, globalBatch: config.globalBatch, worldSize: communicator.size,

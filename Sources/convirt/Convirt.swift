@@ -17,6 +17,7 @@ extension PrecisionChoice: ExpressibleByArgument {}
 extension Precision: ExpressibleByArgument {}
 extension ScheduleKind: ExpressibleByArgument {}
 extension CheckpointIO: ExpressibleByArgument {}
+extension GradientExchange: ExpressibleByArgument {}
 extension DownstreamDataset: ExpressibleByArgument {}
 
 @main

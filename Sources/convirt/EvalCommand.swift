@@ -89,6 +89,9 @@ struct ClassificationArguments: ParsableArguments {
     @Option(help: "Precision of the convolutions and matrix products: fp32, bf16 (mixed, as PyTorch's CPU autocast) or auto (bf16 where the CPU has AMX-BF16 or AVX512-BF16).")
     var precision = PrecisionChoice.auto
     @Flag(help: "Fine-tuning: shard the Adam state over the ranks (ZeRO-1).") var zero1 = false
+    @Option(help: ArgumentHelp("Fine-tuning: how gradients are summed over ranks (auto: shared memory where every rank runs on this machine, "
+                               + "MPI's collectives otherwise).", valueName: "auto|collectives|shared-memory"))
+    var gradientExchange = GradientExchange.auto
     @Option(help: "Results file (JSON).") var out: String?
     @Flag(help: "Print only the result line (and warnings).") var quiet = false
     @Flag(help: "Print the validation loss of every tenth epoch of each run.") var verbose = false
@@ -151,6 +154,7 @@ struct ClassificationArguments: ParsableArguments {
             var options = ClassificationOptions()
             options.evaluationProtocol = evaluationProtocol
             options.zero1 = zero1
+            options.gradientExchange = gradientExchange
             options.fraction = fraction
             options.runs = runs
             options.seed = seed

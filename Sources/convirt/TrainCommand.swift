@@ -79,6 +79,10 @@ struct TrainCommand: ParsableCommand {
     @Flag(help: "ZeRO-1: shard the Adam state over the ranks (reduce-scatter gradients, update the own shard, all-gather parameters).")
     var zero1 = false
     @Flag(help: "All-reduce the gradients only after backward (no overlap; to measure what the overlap hides).") var noOverlap = false
+    @Option(help: ArgumentHelp("How gradients are summed over ranks: auto (shared memory where every rank runs on this machine, MPI's "
+                               + "collectives otherwise), collectives, or shared-memory (an error where the ranks do not share a machine).",
+                               valueName: "auto|collectives|shared-memory"))
+    var gradientExchange: GradientExchange?
     @Option(parsing: .unconditional, help: ArgumentHelp("Exact accumulation (GradCache): each rank runs its rows of the global batch as K micro-batches; "
                                                         + "the loss still sees all --global-batch pairs as negatives.")) var accumSteps: Int?
     @Flag(help: "Write no TensorBoard event files (default: RUN/tensorboard/events.out.tfevents.*, rank 0).") var noTensorboard = false
@@ -140,6 +144,7 @@ struct TrainCommand: ParsableCommand {
         if let checkpointIo { c.checkpointIO = checkpointIo }
         if syncCheckpoint { c.asyncCheckpoint = false }
         if noOverlap { c.overlapCommunication = false }
+        if let gradientExchange { c.gradientExchange = gradientExchange == .auto ? nil : gradientExchange }
         if noTensorboard { c.tensorboard = false }
         if let accumSteps { c.accumSteps = accumSteps == 1 ? nil : accumSteps }
         c.precision = chosen ?? precision.resolved()
@@ -242,6 +247,7 @@ struct TrainCommand: ParsableCommand {
             if (try? Files.read("\(runDir)/vocab.txt")) != vocabulary { try Files.writeAtomically(vocabulary, to: "\(runDir)/vocab.txt") }
             print("convirt train: preset \(config.preset), \(communicator.size) rank(s), global batch \(config.globalBatch), \(trainer.totalSteps) steps, "
                   + "\(trainer.model.layout.trainableCount) trainable parameters, run directory \(runDir)")
+            if communicator.size > 1 { print("gradients summed over ranks by \(trainer.sync.exchangeDescription)") }
             print("kernels: OpenBLAS core \(BLASCore.current) (\(BLASCore.origin)), oneDNN \(DNNL.version) ISA \(DNNL.isa) "
                   + "(OpenMP wait policy \(BLASCore.openMPWaitPolicy)), \(config.threads) thread(s) per rank")
             if let warning = Parallel.affinityWarning { FileHandle.standardError.write(Data("convirt train: \(warning)\n".utf8)) }

@@ -332,6 +332,30 @@ struct DistributedTrainingTests {
         }
     }
 
+    /// Ranks on one machine sum their gradients through shared memory by default (each rank its slice,
+    /// over every rank's buffer, in rank order); MPI's collectives sum the same numbers in their own order.
+    /// A sum of two is the same either way round: bitwise on 2 ranks, replicated and ZeRO-1; within the
+    /// world-size bound on 4.
+    @Test("gradients summed through shared memory and by MPI's collectives: bitwise on 2 ranks, replicated and ZeRO-1; alike on 4")
+    func gradientExchange() throws {
+        for extra in [[], ["--zero1"]] {
+            let shm = try shared.rows(np: 2, extra), mpi = try shared.rows(np: 2, extra + ["--gradient-exchange", "collectives"])
+            #expect(shm.count == 20 && shm.map(\.loss) == mpi.map(\.loss) && shm.map(\.grad_norm) == mpi.map(\.grad_norm)
+                    && shm.map(\.val_loss) == mpi.map(\.val_loss), "2 ranks \(extra): shared memory and collectives differ")
+        }
+        let shm = try shared.rows(np: 4), mpi = try shared.rows(np: 4, ["--gradient-exchange", "collectives"])
+        #expect(shm.count == 20 && mpi.count == 20)
+        for (a, b) in zip(shm, mpi) { #expect(abs(a.loss - b.loss) <= Self.lossBound(step: a.step) * abs(a.loss), "4 ranks, step \(a.step)") }
+        // What the run says it does, and the flag's check.
+        let data = try shared.data(), mpirun = try #require(SharedRuns.mpirun)
+        let said = try run(mpirun, ["--oversubscribe", "-np", "2", convirtPath(), "train", "--data", data, "--run-dir", "\(dir)/exchange-said",
+                                    "--preset", "tiny", "--steps", "2", "--retrieval-eval", "0", "--gradient-exchange", "shared-memory"],
+                           environment: Self.mpiEnvironment, timeout: 300)
+        #expect(said.status == 0 && said.output.contains("gradients summed over ranks by shared memory (/dev/shm)"), "\(said.output)")
+        let left = (try? FileManager.default.contentsOfDirectory(atPath: "/dev/shm")) ?? []
+        #expect(!left.contains { $0.hasPrefix("convirt-") }, "shared-memory objects left in /dev/shm: \(left)")
+    }
+
     @Test("two ranks on two hosts (network namespaces, TCP) train as one process")
     func twoHosts() throws {
         let one = try shared.rows(np: 1)
@@ -358,6 +382,7 @@ struct DistributedTrainingTests {
             hosts = try attempt()
         }
         #expect(hosts.status == 0, "\(hosts.output)")
+        #expect(hosts.output.contains("gradients summed over ranks by MPI collectives (the ranks do not all run on one machine)"), "\(hosts.output)")
         let hostRows = try Self.rows(of: "\(dir)/run-hosts")
         #expect(hostRows.count == 20)
         for (a, b) in zip(one, hostRows) { #expect(abs(a.loss - b.loss) <= Self.lossBound(step: a.step) * abs(a.loss), "2 hosts, step \(a.step)") }

@@ -176,36 +176,76 @@ struct DistributedLossTests {
 
 @Suite("Gradient buckets")
 struct GradientBucketTests {
+    /// One training step's backward of the tiny ConVIRT on this rank's 2 samples, gradients summed by `sync`.
+    static func backward(_ model: ConVIRTModel, _ sync: GradientSync, _ comm: InProcessCommunicator) throws -> (started: Int, of: Int) {
+        let config = model.config
+        let b = 2, size = config.image.imageSize, tokens = 6
+        let stream = RandomStream(seed: 5, UInt64(comm.rank))
+        let images = (0..<(b * 3 * size * size)).map { stream.normal(at: UInt64($0)) }
+        let ids = (0..<(b * tokens)).map { Int32(5 + stream.integer(below: config.text.vocabSize - 5, at: UInt64(1_000_000 + $0))) }
+        let mask = [Int32](repeating: 1, count: b * tokens)
+        sync.begin()
+        var context = PassContext(training: true, reducer: syncBatchNormReducer(comm), stream: RandomStream(seed: 1),
+                                  sampleIndices: (0..<b).map { UInt64(comm.rank * b + $0) })
+        let v = try images.withUnsafeBufferPointer { try model.encodeImages($0.baseAddress!, batch: b, size: size, context: context) }
+        let u = try ids.withUnsafeBufferPointer { i in try mask.withUnsafeBufferPointer { m in
+            try model.encodeTexts(ids: i.baseAddress!, mask: m.baseAddress!, batch: b, tokens: tokens, context: context)
+        } }
+        let loss = DistributedLoss(communicator: comm, features: config.projDim, tau: config.tau, lambda: config.lambda)
+        _ = try loss.forwardBackward(v: v, u: u, rows: b)
+        context.gradientsReady = sync.readyHandler
+        try model.backwardImages(gradEmbeddings: loss.gradV, context: context)
+        try model.backwardTexts(gradEmbeddings: loss.gradU, context: context)
+        let overlapped = sync.bucketsOverlapped
+        _ = try sync.finish()
+        return overlapped
+    }
+
     /// Every trainable parameter group is reported during backward, so that with overlap no bucket is
     /// left for `finish` (a group the models forgot would still be reduced there, but not overlapped).
     @Test("with overlap, every gradient bucket of ConVIRT starts during backward")
     func everyBucketOverlaps() throws {
         let counts = try InProcessGroup.run(size: 2) { comm -> [Int] in
-            let config = ConVIRTConfig.preset(.tiny)
-            let model = try ConVIRTModel(config: config)
+            let model = try ConVIRTModel(config: ConVIRTConfig.preset(.tiny))
             model.initialize(seed: 1)
-            let sync = GradientSync(arena: model.arena, communicator: comm, mode: .replicated(overlap: true), bucketCapacity: 512)
-            let b = 2, size = config.image.imageSize, tokens = 6
-            let stream = RandomStream(seed: 5, UInt64(comm.rank))
-            let images = (0..<(b * 3 * size * size)).map { stream.normal(at: UInt64($0)) }
-            let ids = (0..<(b * tokens)).map { Int32(5 + stream.integer(below: config.text.vocabSize - 5, at: UInt64(1_000_000 + $0))) }
-            let mask = [Int32](repeating: 1, count: b * tokens)
-            sync.begin()
-            var context = PassContext(training: true, reducer: syncBatchNormReducer(comm), stream: RandomStream(seed: 1),
-                                      sampleIndices: (0..<b).map { UInt64(comm.rank * b + $0) })
-            let v = try images.withUnsafeBufferPointer { try model.encodeImages($0.baseAddress!, batch: b, size: size, context: context) }
-            let u = try ids.withUnsafeBufferPointer { i in try mask.withUnsafeBufferPointer { m in
-                try model.encodeTexts(ids: i.baseAddress!, mask: m.baseAddress!, batch: b, tokens: tokens, context: context)
-            } }
-            let loss = DistributedLoss(communicator: comm, features: config.projDim, tau: config.tau, lambda: config.lambda)
-            _ = try loss.forwardBackward(v: v, u: u, rows: b)
-            context.gradientsReady = sync.readyHandler
-            try model.backwardImages(gradEmbeddings: loss.gradV, context: context)
-            try model.backwardTexts(gradEmbeddings: loss.gradU, context: context)
-            let overlapped = sync.bucketsOverlapped
-            _ = try sync.finish()
+            let sync = try GradientSync(arena: model.arena, communicator: comm, mode: .replicated(overlap: true), bucketCapacity: 512,
+                                        exchange: .collectives)
+            let overlapped = try Self.backward(model, sync, comm)
             return [overlapped.started, overlapped.of]
         }
         #expect(counts.allSatisfy { $0[1] > 4 && $0[0] == $0[1] }, "buckets started during backward / all: \(counts)")
+    }
+
+    /// Shared memory sums the gradients in rank order, as the collectives do here: the same gradients
+    /// (replicated: all of them on every rank; ZeRO-1: each rank's shard) and, after Adam, the same
+    /// parameters, on 2 and 3 ranks.
+    @Test("shared-memory gradient sums equal the collectives'", arguments: [2, 3], [false, true])
+    func sharedMemoryEqualsCollectives(ranks: Int, zero1: Bool) throws {
+        func run(_ exchange: GradientExchange) throws -> [(grads: [Float], params: [Float], description: String)] {
+            try InProcessGroup.run(size: ranks) { comm in
+                let model = try ConVIRTModel(config: ConVIRTConfig.preset(.tiny))
+                model.initialize(seed: 1)
+                let sync = try GradientSync(arena: model.arena, communicator: comm, mode: zero1 ? .zero1(overlap: true) : .replicated(overlap: true),
+                                            exchange: exchange)
+                _ = try Self.backward(model, sync, comm)
+                let arena = model.arena
+                var grads: [Float] = []
+                for r in arena.trainableRanges(within: arena.optimizerRange) {
+                    grads += Array(UnsafeBufferPointer(start: arena.grads + r.lowerBound, count: r.count))
+                }
+                try sync.step(adam: AdamConfig(learningRate: 1e-3, weightDecay: 1e-6, decoupled: false), step: 1)
+                return (grads, Array(UnsafeBufferPointer(start: arena.params, count: arena.count)), sync.exchangeDescription)
+            }
+        }
+        let shared = try run(.sharedMemory), collectives = try run(.collectives)
+        #expect(shared.allSatisfy { $0.description.hasPrefix("shared memory") } && collectives.allSatisfy { $0.description == "MPI collectives" },
+                "\(shared.map(\.description)) \(collectives.map(\.description))")
+        for r in 0..<ranks {
+            #expect(shared[r].grads.count > 1000 && shared[r].grads == collectives[r].grads, "rank \(r): gradients differ")
+            #expect(shared[r].grads.contains { $0 != 0 }, "rank \(r): no gradient")
+            #expect(shared[r].params == collectives[r].params, "rank \(r): parameters after Adam differ")
+        }
+        // Replicated: every rank holds the same sums.
+        if !zero1 { #expect(shared.allSatisfy { $0.grads == shared[0].grads }) }
     }
 }

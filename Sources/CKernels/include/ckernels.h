@@ -100,3 +100,11 @@ void ck_layernorm_param_grads(float *grad_gamma, float *grad_beta, const float *
                               long rows, long features, long first, long last);
 // dst[i] += src[i] for i in [0, count).
 void ck_add(float *dst, const float *src, long count);
+
+// Sums over ranks in place, elements [offset, offset + length) of `count` buffers (one per rank, in rank
+// order): ranks[0][i] + ranks[1][i] + ... (added in rank order) goes to every buffer where `everywhere`
+// is nonzero, else to ranks[own] alone.
+void ck_sum_ranks(float *const *ranks, long count, long offset, long length, int everywhere, long own);
+
+// A full memory fence: stores before it are visible to other processes before any access after it.
+void ck_memory_fence(void);

@@ -30,6 +30,8 @@ int cmpi_thread_single(void);
 int cmpi_thread_funneled(void);
 int cmpi_thread_serialized(void);
 int cmpi_thread_multiple(void);
+int cmpi_comm_type_shared(void);
+MPI_Info cmpi_info_null(void);
 
 /// Writes MPI's text for `code` into `buffer` (always NUL-terminated) and returns `buffer`.
 const char *cmpi_error_string(int code, char *buffer, int capacity);

@@ -8,8 +8,9 @@
 # 2, 8 and 16 threads. Writes everything to ${OUT:-/tmp/bf16-check}; the summary is the last lines.
 #
 # Also: the share of the paper step inside oneDNN's primitives (tools/dnnl_share.py), convirt's step at
-# 1, 2, 8 and 16 threads, and a real `train --preset paper` run on 1 rank x 2 threads against 2 ranks x
-# 1 thread (pairs/s and time breakdown from metrics.jsonl).
+# 1, 2, 8 and 16 threads, a real `train --preset paper` run on 1 rank x 2 threads against 2 ranks x
+# 1 thread (gradients through shared memory and, with --zero1, by MPI's collectives), 1 x 16 and 4 x 4
+# (pairs/s and time breakdown from metrics.jsonl), and `bench exchange` on 2, 4 and 16 ranks.
 #
 #     scripts/install-deps.sh && swift build -c release --build-tests && tools/device_bf16_check.sh
 #
@@ -97,11 +98,11 @@ for t in 1 2 8 16; do echo "threads $t: $($bin bench step --steps 2 --threads $t
 work=$(mktemp -d)
 $bin synth mimic --out "$work/mimic" --studies 200 --image-size 256 --seed 3 > /dev/null
 $bin prepare mimic --root "$work/mimic" --out "$work/prepared" > /dev/null
-for layout in "1 2" "2 1" "2 1 --zero1"; do
+for layout in "1 2" "2 1" "2 1 --zero1" "2 1 --zero1 --gradient-exchange collectives" "1 16" "4 4 --zero1"; do
     set -- $layout
     mpirun --oversubscribe --bind-to none -np $1 "$bin" train --data "$work/prepared" --run-dir "$work/run-$1x$2" --preset paper --global-batch 8 --steps 12 \
-        --retrieval-eval 0 --precision bf16 --threads $2 ${3:-} --overwrite > "$work/run-$1x$2.log" 2>&1 || tail -3 "$work/run-$1x$2.log"
-    python3 - "$work/run-$1x$2/metrics.jsonl" "$1 rank(s) x $2 thread(s) ${3:-}" <<'EOF'
+        --retrieval-eval 0 --precision bf16 --threads $2 "${@:3}" --overwrite > "$work/run-$1x$2.log" 2>&1 || tail -3 "$work/run-$1x$2.log"
+    python3 - "$work/run-$1x$2/metrics.jsonl" "$1 rank(s) x $2 thread(s) ${*:3}" <<'EOF'
 import json, sys, statistics
 rows = [json.loads(l) for l in open(sys.argv[1]) if '"pairs_per_s"' in l][2:]
 keys = sorted(k for k in rows[0] if k.startswith("time_"))
@@ -109,6 +110,8 @@ print(sys.argv[2], "pairs/s median", round(statistics.median(r["pairs_per_s"] fo
       " ".join(f"{k[5:]} {statistics.median(r[k] for r in rows):.3f}" for k in keys))
 EOF
 done > "$out/ranks.txt" 2>&1
+# The gradient sums alone: shared memory against MPI's collectives, 2, 4 and 16 ranks of the paper preset.
+for np in 2 4 16; do mpirun --oversubscribe --bind-to none -np $np "$bin" bench exchange --preset paper --steps 5; done > "$out/exchange.txt" 2>&1
 rm -rf "$work"
 grep -E "✘|Test run" "$out/tests.txt" | tail -n 15
-tail -n 30 "$out/world_size.txt" "$out/pieces.txt" "$out/dnnl_share.txt" "$out/threads.txt" "$out/ranks.txt" "$out/machine.txt"
+tail -n 30 "$out/world_size.txt" "$out/pieces.txt" "$out/dnnl_share.txt" "$out/threads.txt" "$out/ranks.txt" "$out/exchange.txt" "$out/machine.txt"

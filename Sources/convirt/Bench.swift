@@ -6,7 +6,7 @@ import ConvirtCore
 import Foundation
 
 struct Bench: ParsableCommand {
-    static let configuration = CommandConfiguration(abstract: "Benchmarks that print figures.", subcommands: [Kernels.self, BenchStep.self, BenchData.self, BenchCheckpoint.self])
+    static let configuration = CommandConfiguration(abstract: "Benchmarks that print figures.", subcommands: [Kernels.self, BenchStep.self, BenchData.self, BenchCheckpoint.self, BenchExchange.self])
 }
 
 /// Seconds per call: the median of `repeats` timed runs after one warm-up, each run long enough to time.

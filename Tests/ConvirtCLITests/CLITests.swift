@@ -352,6 +352,12 @@ struct DistributedTrainingTests {
                                     "--preset", "tiny", "--steps", "2", "--retrieval-eval", "0", "--gradient-exchange", "shared-memory"],
                            environment: Self.mpiEnvironment, timeout: 300)
         #expect(said.status == 0 && said.output.contains("gradients summed over ranks by shared memory (/dev/shm)"), "\(said.output)")
+        // The benchmark of the sums alone checks every sum it times (each rank's gradients are r + 1).
+        let bench = try run(mpirun, ["--oversubscribe", "-np", "3", convirtPath(), "bench", "exchange", "--preset", "tiny", "--steps", "2"],
+                            environment: Self.mpiEnvironment, timeout: 300)
+        #expect(bench.status == 0 && bench.output.contains("sums checked on every rank")
+                && ["replicated shared memory (/dev/shm): sum", "replicated MPI collectives: sum", "ZeRO-1 shared memory (/dev/shm): sum",
+                    "ZeRO-1 MPI collectives: sum", "parameter all-gather"].allSatisfy { bench.output.contains($0) }, "\(bench.output)")
         let left = (try? FileManager.default.contentsOfDirectory(atPath: "/dev/shm")) ?? []
         #expect(!left.contains { $0.hasPrefix("convirt-") }, "shared-memory objects left in /dev/shm: \(left)")
     }

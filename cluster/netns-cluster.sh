@@ -4,6 +4,8 @@
 #
 #   cluster/netns-cluster.sh up 2        # hosts cvnode1, cvnode2 at 10.77.0.1, 10.77.0.2; bridge 10.77.0.254
 #   cluster/netns-cluster.sh run 2 -- convirt info            # 2 ranks, one per host, TCP only
+#   CONVIRT_CLUSTER_SLOTS=2 cluster/netns-cluster.sh run 2 -- convirt info   # 4 ranks, 2 per host (0 and 2 on
+#                                                             # the first, 1 and 3 on the second)
 #   cluster/netns-cluster.sh down 2
 #
 # Needs root (ip netns); the addresses are private to this machine's own namespaces.
@@ -37,8 +39,8 @@ down() {
 run() {
   shift 2
   [ "${1:-}" = "--" ] && shift
-  local hosts=""
-  for i in $(seq 1 "$count"); do hosts="$hosts${hosts:+,}$subnet.$i"; done
+  local hosts="" slots="${CONVIRT_CLUSTER_SLOTS:-1}"
+  for i in $(seq 1 "$count"); do hosts="$hosts${hosts:+,}$subnet.$i:$slots"; done
   export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
   # CONVIRT_CLUSTER_TIMEOUT=S bounds the whole job (exit status 124 when it was cut off).
   local limit=()
@@ -47,7 +49,7 @@ run() {
   # into shared memory at the same address, and about one start in six one of them crashed there
   # (hwloc_shmem_topology_write, SIGSEGV) while daemonized, so that mpirun waited for it forever. Real
   # clusters run one orted per machine and never race; 0 stalls in 100 starts with it, 4 in 20 without.
-  exec "${limit[@]}" mpirun --host "$hosts" -np "$count" --map-by node \
+  exec "${limit[@]}" mpirun --host "$hosts" -np "$((count * slots))" --map-by node \
     --mca plm_rsh_agent "$here/netns-agent.sh" --mca plm_rsh_no_tree_spawn 1 \
     --mca oob_tcp_if_include "$subnet.0/24" --mca btl tcp,self --mca btl_tcp_if_include "$subnet.0/24" \
     --mca rtc_hwloc_vmhole none \

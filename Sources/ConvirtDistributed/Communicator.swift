@@ -356,22 +356,42 @@ public final class MPICommunicator: Communicator {
         }
     }
 
-    /// Whether every rank of the job runs on this machine (MPI's shared-memory split of the world).
-    public func allRanksShareMachine() throws -> Bool {
+    /// How the job's ranks sit on its machines (MPI's shared-memory split of the world): this rank's
+    /// place among the ranks of its machine, their world ranks in that order, and the number of machines
+    /// where every machine runs the same number of ranks (nil otherwise).
+    public func machineLayout() throws -> (localRank: Int, peers: [Int], machines: Int?) {
         var node = cmpi_comm_null()
         try check(MPI_Comm_split_type(cmpi_comm_world(), cmpi_comm_type_shared(), Int32(rank), cmpi_info_null(), &node), "MPI_Comm_split_type")
-        var nodeSize: Int32 = 0
-        MPI_Comm_size(node, &nodeSize)
-        MPI_Comm_free(&node)
-        return Int(nodeSize) == size
+        defer { MPI_Comm_free(&node) }
+        var local: Int32 = 0, localSize: Int32 = 0
+        MPI_Comm_rank(node, &local)
+        MPI_Comm_size(node, &localSize)
+        var mine = Int32(rank), peers = [Int32](repeating: 0, count: Int(localSize))
+        try check(MPI_Allgather(&mine, 1, cmpi_int32(), &peers, 1, cmpi_int32(), node), "MPI_Allgather")
+        var sizes = [Double](repeating: 0, count: size)
+        sizes[rank] = Double(localSize)
+        try sizes.withUnsafeMutableBufferPointer { try allReduceSum($0) }
+        let uniform = sizes.allSatisfy { $0 == Double(localSize) }
+        return (Int(local), peers.map(Int.init), uniform ? size / Int(localSize) : nil)
     }
+
+    /// The ranks of each place on their machines, one communicator per place (for `SharedRegion.crossMachineSum`).
+    private var crossMachine = cmpi_comm_null()
 
     /// One POSIX shared-memory object per rank in /dev/shm, named after a token rank 0 draws: each rank
     /// creates its own (reserving `committing` with posix_fallocate, so that a full /dev/shm is an error
-    /// here and never a SIGBUS later), maps the others' once all exist, and unlinks its own once every
-    /// rank has mapped it: nothing is left in /dev/shm, and the memory goes when the last rank unmaps it.
+    /// here and never a SIGBUS later), maps those of its machine's other ranks once all exist, and
+    /// unlinks its own once they have mapped it: nothing is left in /dev/shm, and the memory goes when
+    /// the last rank unmaps it. nil on one rank, with one rank a machine, and where machines run
+    /// different numbers of ranks.
     public func mapShared(floats count: Int, committing: [Range<Int>]) throws -> SharedRegion? {
-        guard size > 1, try allRanksShareMachine() else { return nil }
+        guard size > 1 else { return nil }
+        let layout = try machineLayout()
+        guard let machines = layout.machines, layout.peers.count > 1 else { return nil }
+        if machines > 1 && crossMachine == cmpi_comm_null() {
+            try check(MPI_Comm_split(cmpi_comm_world(), Int32(layout.localRank), Int32(rank), &crossMachine), "MPI_Comm_split")
+            MPI_Comm_set_errhandler(crossMachine, cmpi_errors_return())
+        }
         var token = [UInt8](repeating: 0, count: 64)
         if rank == 0 {
             let text = Array(String(format: "/convirt-%d-%016llx", getpid(), UInt64.random(in: 0...UInt64.max)).utf8)
@@ -416,7 +436,7 @@ public final class MPICommunicator: Communicator {
             close(fd)
         }
         try agree(failure, "creating this rank's buffer")
-        for r in 0..<size where r != rank && failure == nil {
+        for r in layout.peers where r != rank && failure == nil {
             let peer = shm_open(name(r), O_RDWR, 0)
             if peer < 0 { failure = system("shm_open \(name(r))"); break }
             let p = mmap(nil, bytes, PROT_READ | PROT_WRITE, MAP_SHARED, peer, 0)
@@ -425,9 +445,19 @@ public final class MPICommunicator: Communicator {
         }
         try agree(failure, "mapping the other ranks' buffers")
         shm_unlink(name(rank))
-        let buffers = (0..<size).map { mapped[$0]!.bindMemory(to: Float.self, capacity: max(1, count)) }
-        let all = mapped
-        return SharedRegion(buffers: buffers, rank: rank, count: count, location: "/dev/shm") {
+        let buffers = layout.peers.map { mapped[$0]!.bindMemory(to: Float.self, capacity: max(1, count)) }
+        let all = mapped, cross = crossMachine
+        let across: (([UnsafeMutableBufferPointer<Float>]) throws -> Void)? = machines == 1 ? nil : { [unowned self] pieces in
+            for piece in pieces {
+                // MPI counts are 32-bit: pieces of at most 2^30 floats.
+                for start in stride(from: 0, to: piece.count, by: 1 << 30) {
+                    let n = min(1 << 30, piece.count - start), p = piece.baseAddress! + start
+                    try run("MPI_Allreduce", bytes: n * 4) { MPI_Iallreduce(cmpi_in_place(), p, Int32(n), cmpi_float(), cmpi_op_sum(), cross, $0) }
+                }
+            }
+        }
+        return SharedRegion(buffers: buffers, localRank: layout.localRank, count: count, machines: machines, location: "/dev/shm",
+                            crossMachineSum: across) {
             for (_, p) in all { munmap(p, bytes) }
         }
     }

@@ -64,19 +64,25 @@ public final class GradientSync {
         if distributed && exchange != .collectives {
             do {
                 if let region = try communicator.mapShared(floats: arena.count, committing: arena.trainableRanges) {
-                    if mode.shardsOptimizerState, let parameters = try communicator.mapShared(floats: arena.count, committing: [0..<arena.count]) {
+                    // ZeRO-1 on one machine: each rank sums its own shard, and copies the others' updated shards
+                    // from their parameter buffers. On several machines every rank gets all the sums (its
+                    // machine's share of the all-reduce) and the parameters are all-gathered by MPI.
+                    let oneMachine = region.machines == 1
+                    if mode.shardsOptimizerState && oneMachine,
+                       let parameters = try communicator.mapShared(floats: arena.count, committing: [0..<arena.count]) {
                         arena.adoptParameters(parameters.own, owner: parameters)
                         sharedParameters = parameters
                     }
                     arena.adoptGradients(region.own, owner: region)
                     shared = SharedGradientSum(region: region, communicator: communicator, trainableRuns: arena.trainableRanges,
-                                               shard: mode.shardsOptimizerState ? own : nil)
-                    description = "shared memory (\(region.location))"
+                                               shard: mode.shardsOptimizerState && oneMachine ? own : nil)
+                    description = oneMachine ? "shared memory (\(region.location))"
+                        : "shared memory (\(region.location)) within each of \(region.machines) machines, MPI across them"
                 } else if exchange == .sharedMemory {
-                    throw ConvirtError("--gradient-exchange shared-memory: the \(communicator.size) ranks do not all run on one machine "
-                                       + "(--gradient-exchange auto or collectives sums them with MPI)")
+                    throw ConvirtError("--gradient-exchange shared-memory: the \(communicator.size) ranks run one to a machine, or their machines "
+                                       + "run different numbers of them (--gradient-exchange auto or collectives sums them with MPI)")
                 } else {
-                    description += " (the ranks do not all run on one machine)"
+                    description += " (one rank to a machine, or machines with different numbers of ranks)"
                 }
             } catch let error where exchange == .auto {
                 description += " (no shared memory: \(error))"
@@ -134,7 +140,7 @@ public final class GradientSync {
     public func finish() throws -> Double {
         var clock = Clock()
         if let shared {
-            try shared.sum(everywhere: !mode.shardsOptimizerState)
+            try shared.sum()
             return clock.lap()
         }
         if let buckets { try buckets.finish() }

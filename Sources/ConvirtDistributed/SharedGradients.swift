@@ -1,7 +1,10 @@
-// Gradient sums through shared memory, for ranks that run on one machine. Each rank's gradient buffer
-// is a shared mapping that every other rank maps too; after backward each rank sums its slice of the
-// arena over all ranks' buffers (reading each once, in rank order) and writes the sum where it is
-// needed: into every rank's buffer (replicated) or into its own (ZeRO-1, its shard). No message is
+// Gradient sums through shared memory, for ranks that share a machine. Each rank's gradient buffer is a
+// shared mapping that every other rank of its machine maps too; after backward each rank sums its slice
+// of the arena over the machine's buffers (reading each once, in rank order) and writes the sum where it
+// is needed: into every buffer (replicated) or into its own (ZeRO-1, its shard). On several machines
+// (each with the same number of ranks) a rank then sums its slice with the ranks of its place on the
+// other machines (MPI's all-reduce, 1/L of the gradients each for L ranks a machine: Horovod's
+// hierarchical all-reduce), and copies the result into its machine's other buffers. No message is
 // sent and nothing is copied through a transport: on 2 ranks of a 2-core AMD EPYC, MPI's all-reduce of
 // the paper preset's 272 MB of gradients took 120-150 ms a step, all of it on the cores backward runs on.
 //
@@ -14,8 +17,9 @@ import Foundation
 
 /// How gradients are summed over ranks (`--gradient-exchange`).
 public enum GradientExchange: String, Codable, Sendable, CaseIterable {
-    /// Shared memory where every rank of the job runs on this machine and can map it, MPI's collectives
-    /// otherwise.
+    /// Shared memory among the ranks of each machine (and MPI's all-reduce between machines, where there
+    /// are several with the same number of ranks each, more than one); MPI's collectives otherwise, and
+    /// where the memory cannot be had.
     case auto
     /// MPI's collectives (all-reduce, or reduce-scatter for ZeRO-1), in buckets started during backward.
     case collectives
@@ -23,22 +27,35 @@ public enum GradientExchange: String, Codable, Sendable, CaseIterable {
     case sharedMemory = "shared-memory"
 }
 
-/// One float buffer per rank, mapped by every rank of a job (`Communicator.mapShared`).
+/// One float buffer per rank of a machine, mapped by every rank of that machine (`Communicator.mapShared`).
+/// Where the job spans several machines (each with the same number of ranks), `crossMachineSum` sums a
+/// rank's buffers with those of the ranks of the same place on the other machines.
 public final class SharedRegion {
-    /// Every rank's buffer, in rank order, as this process maps it.
+    /// The buffers of this machine's ranks, in the order of their ranks, as this process maps them.
     public let buffers: [UnsafeMutablePointer<Float>]
-    /// This rank's buffer.
+    /// This rank's place among them, and its buffer.
+    public let localRank: Int
     public let own: UnsafeMutablePointer<Float>
     public let count: Int
+    /// Machines of the job (1: every rank shares this one).
+    public let machines: Int
     /// Where the buffers live, for messages ("/dev/shm", "this process").
     public let location: String
+    /// Machines > 1: sums each buffer in place over the ranks of this `localRank` on every machine (all
+    /// of them call it alike: the same ranges, in the same order).
+    public let crossMachineSum: (([UnsafeMutableBufferPointer<Float>]) throws -> Void)?
     private let release: () -> Void
 
-    public init(buffers: [UnsafeMutablePointer<Float>], rank: Int, count: Int, location: String, release: @escaping () -> Void) {
+    public init(buffers: [UnsafeMutablePointer<Float>], localRank: Int, count: Int, machines: Int = 1, location: String,
+                crossMachineSum: (([UnsafeMutableBufferPointer<Float>]) throws -> Void)? = nil, release: @escaping () -> Void) {
+        precondition((machines == 1) == (crossMachineSum == nil), "a cross-machine sum goes with several machines")
         self.buffers = buffers
-        self.own = buffers[rank]
+        self.localRank = localRank
+        self.own = buffers[localRank]
         self.count = count
+        self.machines = machines
         self.location = location
+        self.crossMachineSum = crossMachineSum
         self.release = release
     }
 
@@ -51,19 +68,22 @@ struct SharedGradientSum {
     let communicator: Communicator
     /// The arena ranges (trainable parameters only) whose sums this rank computes.
     let slices: [Range<Int>]
+    /// Whether every buffer gets the sums (else each rank's own shard alone).
+    let everywhere: Bool
 
-    /// `shard`: the arena range whose sums this rank needs alone (ZeRO-1), nil where every rank needs
-    /// all of them (replicated: the trainable elements are then cut evenly over the ranks, each rank
-    /// summing its part for all).
+    /// `shard`: the arena range whose sums this rank needs alone (ZeRO-1 on one machine), nil where every
+    /// rank needs all of them (the trainable elements are then cut evenly over the machine's ranks, each
+    /// summing its part for all of them).
     init(region: SharedRegion, communicator: Communicator, trainableRuns: [Range<Int>], shard: Range<Int>?) {
         self.region = region
         self.communicator = communicator
+        everywhere = shard == nil
         if let shard {
             slices = trainableRuns.map { $0.clamped(to: shard) }.filter { !$0.isEmpty }
         } else {
-            // Trainable element k (counted along the runs) goes to rank k / ceil(total / ranks).
+            // Trainable element k (counted along the runs) goes to local rank k / ceil(total / local ranks).
             let total = trainableRuns.reduce(0) { $0 + $1.count }
-            let mine = ArenaShards(count: total, communicator)[communicator.rank]
+            let mine = ArenaShards(count: total, worldSize: region.buffers.count)[region.localRank]
             var slices: [Range<Int>] = [], start = 0
             for run in trainableRuns {
                 let lo = max(mine.lowerBound, start), hi = min(mine.upperBound, start + run.count)
@@ -74,19 +94,32 @@ struct SharedGradientSum {
         }
     }
 
-    /// Once every rank's gradients are final: this rank's slices summed over ranks, into every rank's
-    /// buffer (`everywhere`) or into its own. Meets every rank before (all gradients written) and after
-    /// (no rank reads or writes another's buffer any more, so each may zero its own for the next step).
-    func sum(everywhere: Bool) throws {
+    /// Once every rank's gradients are final: this rank's slices summed over the machine's buffers (in
+    /// their rank order), then over the machines (MPI, the ranks of this place on each), into every
+    /// buffer of the machine or into this rank's own. Meets every rank before (all gradients written)
+    /// and after (no rank reads or writes another's buffer any more, so each may zero its own).
+    func sum() throws {
         ck_memory_fence()
         try communicator.barrier()
         ck_memory_fence()
-        let ranks = region.buffers.count, own = communicator.rank
+        let ranks = region.buffers.count, local = region.localRank
+        let machineWide = everywhere && region.crossMachineSum == nil
         region.buffers.map { Optional($0) }.withUnsafeBufferPointer { pointers in
             let base = pointers.baseAddress!
             for slice in slices {
                 Parallel.chunks(slice.count, cost: ranks) { part in
-                    ck_sum_ranks(base, ranks, slice.lowerBound + part.lowerBound, part.count, everywhere ? 1 : 0, own)
+                    ck_sum_ranks(base, ranks, slice.lowerBound + part.lowerBound, part.count, machineWide ? 1 : 0, local)
+                }
+            }
+        }
+        if let across = region.crossMachineSum {
+            // The machine's sums of this rank's slices, summed over the machines, then copied to the other buffers.
+            try across(slices.map { UnsafeMutableBufferPointer(start: region.own + $0.lowerBound, count: $0.count) })
+            for (other, buffer) in region.buffers.enumerated() where other != local {
+                for slice in slices {
+                    Parallel.chunks(slice.count) { part in
+                        (buffer + slice.lowerBound + part.lowerBound).update(from: region.own + slice.lowerBound + part.lowerBound, count: part.count)
+                    }
                 }
             }
         }

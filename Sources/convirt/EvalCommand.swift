@@ -89,8 +89,8 @@ struct ClassificationArguments: ParsableArguments {
     @Option(help: "Precision of the convolutions and matrix products: fp32, bf16 (mixed, as PyTorch's CPU autocast) or auto (bf16 where the CPU has AMX-BF16 or AVX512-BF16).")
     var precision = PrecisionChoice.auto
     @Flag(help: "Fine-tuning: shard the Adam state over the ranks (ZeRO-1).") var zero1 = false
-    @Option(help: ArgumentHelp("Fine-tuning: how gradients are summed over ranks (auto: shared memory where every rank runs on this machine, "
-                               + "MPI's collectives otherwise).", valueName: "auto|collectives|shared-memory"))
+    @Option(help: ArgumentHelp("Fine-tuning: how gradients are summed over ranks (auto: shared memory among each machine's ranks, see "
+                               + "`convirt train --help`).", valueName: "auto|collectives|shared-memory"))
     var gradientExchange = GradientExchange.auto
     @Option(help: "Results file (JSON).") var out: String?
     @Flag(help: "Print only the result line (and warnings).") var quiet = false

@@ -79,8 +79,9 @@ struct TrainCommand: ParsableCommand {
     @Flag(help: "ZeRO-1: shard the Adam state over the ranks (reduce-scatter gradients, update the own shard, all-gather parameters).")
     var zero1 = false
     @Flag(help: "All-reduce the gradients only after backward (no overlap; to measure what the overlap hides).") var noOverlap = false
-    @Option(help: ArgumentHelp("How gradients are summed over ranks: auto (shared memory where every rank runs on this machine, MPI's "
-                               + "collectives otherwise), collectives, or shared-memory (an error where the ranks do not share a machine).",
+    @Option(help: ArgumentHelp("How gradients are summed over ranks: auto (shared memory among the ranks of each machine, and MPI's all-reduce "
+                               + "between machines where there are several, each with the same number of ranks; MPI's collectives otherwise), "
+                               + "collectives, or shared-memory (an error where auto would take the collectives).",
                                valueName: "auto|collectives|shared-memory"))
     var gradientExchange: GradientExchange?
     @Option(parsing: .unconditional, help: ArgumentHelp("Exact accumulation (GradCache): each rank runs its rows of the global batch as K micro-batches; "

@@ -405,15 +405,18 @@ public final class MPICommunicator: Communicator {
         var created = false
         func unmapAll() { for (_, p) in mapped { munmap(p, bytes) }; mapped = [:] }
         func system(_ call: String) -> String { "\(call): \(String(cString: strerror(errno)))" }
-        /// Every rank learns whether any failed; a rank's own reason, or the first failed rank's number.
+        /// Every rank learns whether any failed, and the first failed rank's reason.
         func agree(_ failure: String?, _ what: String) throws {
             var flags = [Double](repeating: 0, count: size)
             flags[rank] = failure == nil ? 0 : 1
             try flags.withUnsafeMutableBufferPointer { try allReduceSum($0) }
             guard let first = flags.firstIndex(where: { $0 != 0 }) else { return }
+            var reason = [UInt8](repeating: 0, count: 512)
+            if rank == first { reason.replaceSubrange(0..<min(511, failure!.utf8.count), with: failure!.utf8.prefix(511)) }
+            try reason.withUnsafeMutableBytes { try broadcast($0, root: first) }
             unmapAll()
             if created { shm_unlink(name(rank)) }
-            throw ConvirtError("shared memory for the gradients (\(what)): " + (failure ?? "rank \(first) failed"))
+            throw ConvirtError("shared memory for the gradients (\(what)), rank \(first): " + String(decoding: reason.prefix { $0 != 0 }, as: UTF8.self))
         }
         var failure: String? = nil
         let fd = shm_open(name(rank), O_CREAT | O_EXCL | O_RDWR, 0o600)
@@ -423,7 +426,8 @@ public final class MPICommunicator: Communicator {
             created = true
             if ftruncate(fd, off_t(bytes)) != 0 { failure = system("ftruncate \(name(rank)) to \(bytes) bytes") }
             for range in committing where failure == nil && !range.isEmpty {
-                let code = posix_fallocate(fd, off_t(range.lowerBound * 4), off_t(range.count * 4))
+                let code = EnvironmentSwitches.process.sharedMemoryFullRank == rank ? ENOSPC  // fault injection, for the tests
+                    : posix_fallocate(fd, off_t(range.lowerBound * 4), off_t(range.count * 4))
                 if code != 0 {
                     failure = "posix_fallocate of \(range.count * 4) bytes in \(name(rank)): \(String(cString: strerror(code)))"
                         + (code == ENOSPC ? " (/dev/shm is full or too small: --gradient-exchange collectives does without it)" : "")

@@ -387,7 +387,6 @@ struct EvalRetrieval: ParsableCommand {
     @Option(parsing: .unconditional, help: "Threads per rank.") var threads = 1
     @Option(help: "Precision of the convolutions and matrix products: fp32, bf16 (mixed, as PyTorch's CPU autocast) or auto (bf16 where the CPU has AMX-BF16 or AVX512-BF16).")
     var precision = PrecisionChoice.auto
-    @Flag(help: "Fine-tuning: shard the Adam state over the ranks (ZeRO-1).") var zero1 = false
     @Option(help: "Results file (JSON).") var out: String?
     @Flag(help: "Print only the precision@10 line.") var quiet = false
     @Option(help: ArgumentHelp("An evaluation manifest (NAME.manifest.json, written beside every --out): rerun exactly that evaluation, "
@@ -465,7 +464,6 @@ struct EmbedCommand: ParsableCommand {
     @Option(parsing: .unconditional, help: "Threads per rank.") var threads = 1
     @Option(help: "Precision of the convolutions and matrix products: fp32, bf16 (mixed, as PyTorch's CPU autocast) or auto (bf16 where the CPU has AMX-BF16 or AVX512-BF16).")
     var precision = PrecisionChoice.auto
-    @Flag(help: "Fine-tuning: shard the Adam state over the ranks (ZeRO-1).") var zero1 = false
     @Option(help: "Output .safetensors: embeddings [N, d] (and features [N, F] for images).") var out: String
     @OptionGroup var collective: CollectiveOptions
 

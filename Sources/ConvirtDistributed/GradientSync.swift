@@ -203,8 +203,8 @@ public final class GradientSync {
         var clock = Clock()
         if let sharedParameters {
             // Once every rank has updated its shard: each copies the others' shards of the trainable runs
-            // from their buffers. No rank changes its shard again before the next step's gradient sum,
-            // which meets every rank first, so no second meeting is needed here.
+            // from their buffers, and meets them again, so that no rank changes its parameters (the next
+            // update, or a restore of the best ones in fine-tuning) while another still reads them.
             ck_memory_fence()
             try communicator.barrier()
             ck_memory_fence()
@@ -214,6 +214,7 @@ public final class GradientSync {
                     Parallel.chunks(piece.count) { part in (target + part.lowerBound).update(from: source + part.lowerBound, count: part.count) }
                 }
             }
+            try communicator.barrier()
         } else if mode.shardsOptimizerState && communicator.size > 1 {
             // Only the trainable runs change (each cut where the shards cut it); frozen parameters and the
             // running statistics (SyncBN's, the same on every rank) stay as every rank holds them.

@@ -43,9 +43,10 @@ public protocol Communicator: AnyObject {
     /// The deadline of this rank's collectives and what the rank is doing (see Watchdog.swift). Only
     /// MPI's collectives can hang, but every communicator carries one, so that callers set it alike.
     var watchdog: CollectiveWatchdog { get }
-    /// Collective: a buffer of `floats` zero floats per rank that every rank maps (`SharedRegion`), with
-    /// the memory of the ranges `committing` reserved up front; nil where the ranks do not all run on
-    /// this machine. Throws, on every rank alike, where they do but the memory cannot be had.
+    /// Collective: a buffer of `floats` zero floats per rank that every rank of its machine maps
+    /// (`SharedRegion`), with the memory of the ranges `committing` reserved up front; nil where no
+    /// machine runs several ranks, or machines run different numbers of them. Throws, on every rank
+    /// alike, where the memory cannot be had.
     func mapShared(floats: Int, committing: [Range<Int>]) throws -> SharedRegion?
 }
 
@@ -453,9 +454,9 @@ public final class MPICommunicator: Communicator {
         let all = mapped, cross = crossMachine
         let across: (([UnsafeMutableBufferPointer<Float>]) throws -> Void)? = machines == 1 ? nil : { [unowned self] pieces in
             for piece in pieces {
-                // MPI counts are 32-bit: pieces of at most 2^30 floats.
-                for start in stride(from: 0, to: piece.count, by: 1 << 30) {
-                    let n = min(1 << 30, piece.count - start), p = piece.baseAddress! + start
+                // MPI counts are 32-bit: pieces of at most 2^30 floats, as point-to-point's of bytes.
+                for start in stride(from: 0, to: piece.count, by: Self.pointToPointPiece) {
+                    let n = min(Self.pointToPointPiece, piece.count - start), p = piece.baseAddress! + start
                     try run("MPI_Allreduce", bytes: n * 4) { MPI_Iallreduce(cmpi_in_place(), p, Int32(n), cmpi_float(), cmpi_op_sum(), cross, $0) }
                 }
             }

@@ -205,16 +205,13 @@ public final class GradientSync {
             // Once every rank has updated its shard: each copies the others' shards of the trainable runs
             // from their buffers, and meets them again, so that no rank changes its parameters (the next
             // update, or a restore of the best ones in fine-tuning) while another still reads them.
-            ck_memory_fence()
-            try communicator.barrier()
-            ck_memory_fence()
+            try communicator.meetSharingMemory()
             for (_, pieces) in shardedRuns {
                 for (peer, piece) in pieces.enumerated() where peer != communicator.rank && !piece.isEmpty {
-                    let source = sharedParameters.buffers[peer] + piece.lowerBound, target = arena.params + piece.lowerBound
-                    Parallel.chunks(piece.count) { part in (target + part.lowerBound).update(from: source + part.lowerBound, count: part.count) }
+                    parallelCopy(arena.params + piece.lowerBound, sharedParameters.buffers[peer] + piece.lowerBound, count: piece.count)
                 }
             }
-            try communicator.barrier()
+            try communicator.meetSharingMemory()
         } else if mode.shardsOptimizerState && communicator.size > 1 {
             // Only the trainable runs change (each cut where the shards cut it); frozen parameters and the
             // running statistics (SyncBN's, the same on every rank) stay as every rank holds them.

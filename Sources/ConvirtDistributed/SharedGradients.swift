@@ -62,6 +62,21 @@ public final class SharedRegion {
     deinit { release() }
 }
 
+extension Communicator {
+    /// A barrier between fences: what every rank wrote to shared memory before it is visible to every
+    /// rank after it.
+    func meetSharingMemory() throws {
+        ck_memory_fence()
+        try barrier()
+        ck_memory_fence()
+    }
+}
+
+/// target[i] = source[i] for i in 0..<count, split over the threads.
+func parallelCopy(_ target: UnsafeMutablePointer<Float>, _ source: UnsafePointer<Float>, count: Int) {
+    Parallel.chunks(count) { part in (target + part.lowerBound).update(from: source + part.lowerBound, count: part.count) }
+}
+
 /// The sums over ranks of a gradient arena whose buffers are a `SharedRegion`.
 struct SharedGradientSum {
     let region: SharedRegion
@@ -69,7 +84,10 @@ struct SharedGradientSum {
     /// The arena ranges (trainable parameters only) whose sums this rank computes.
     let slices: [Range<Int>]
     /// Whether every buffer gets the sums (else each rank's own shard alone).
-    let everywhere: Bool
+    var everywhere: Bool { shard == nil }
+    private let shard: Range<Int>?
+    /// The machine's buffers as `ck_sum_ranks` takes them.
+    private let pointers: [UnsafeMutablePointer<Float>?]
 
     /// `shard`: the arena range whose sums this rank needs alone (ZeRO-1 on one machine), nil where every
     /// rank needs all of them (the trainable elements are then cut evenly over the machine's ranks, each
@@ -77,7 +95,8 @@ struct SharedGradientSum {
     init(region: SharedRegion, communicator: Communicator, trainableRuns: [Range<Int>], shard: Range<Int>?) {
         self.region = region
         self.communicator = communicator
-        everywhere = shard == nil
+        self.shard = shard
+        pointers = region.buffers.map { Optional($0) }
         if let shard {
             slices = trainableRuns.map { $0.clamped(to: shard) }.filter { !$0.isEmpty }
         } else {
@@ -99,12 +118,10 @@ struct SharedGradientSum {
     /// buffer of the machine or into this rank's own. Meets every rank before (all gradients written)
     /// and after (no rank reads or writes another's buffer any more, so each may zero its own).
     func sum() throws {
-        ck_memory_fence()
-        try communicator.barrier()
-        ck_memory_fence()
+        try communicator.meetSharingMemory()
         let ranks = region.buffers.count, local = region.localRank
         let machineWide = everywhere && region.crossMachineSum == nil
-        region.buffers.map { Optional($0) }.withUnsafeBufferPointer { pointers in
+        pointers.withUnsafeBufferPointer { pointers in
             let base = pointers.baseAddress!
             for slice in slices {
                 Parallel.chunks(slice.count, cost: ranks) { part in
@@ -116,15 +133,9 @@ struct SharedGradientSum {
             // The machine's sums of this rank's slices, summed over the machines, then copied to the other buffers.
             try across(slices.map { UnsafeMutableBufferPointer(start: region.own + $0.lowerBound, count: $0.count) })
             for (other, buffer) in region.buffers.enumerated() where other != local {
-                for slice in slices {
-                    Parallel.chunks(slice.count) { part in
-                        (buffer + slice.lowerBound + part.lowerBound).update(from: region.own + slice.lowerBound + part.lowerBound, count: part.count)
-                    }
-                }
+                for slice in slices { parallelCopy(buffer + slice.lowerBound, region.own + slice.lowerBound, count: slice.count) }
             }
         }
-        ck_memory_fence()
-        try communicator.barrier()
-        ck_memory_fence()
+        try communicator.meetSharingMemory()
     }
 }

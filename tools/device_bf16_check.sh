@@ -5,7 +5,8 @@
 # tests on every backend the CPU runs), the world-size table of the tiny preset (step-1 gradient norms
 # and per-step losses on -np 1, 2, 4 and --zero1, per backend, and a resume from 2 ranks onto 1), the
 # cost of gradient pieces in the paper step, oneDNN's own rates, and the paper step beside PyTorch at
-# 2, 8 and 16 threads. Writes everything to ${OUT:-/tmp/bf16-check}; the summary is the last lines.
+# 2, 8 and 16 threads, and the passes between the products, ours against oneDNN's primitives
+# (tools/bench_passes.c). Writes everything to ${OUT:-/tmp/bf16-check}; the summary is the last lines.
 #
 # Also: the share of the paper step inside oneDNN's primitives (tools/dnnl_share.py), convirt's step at
 # 1, 2, 8 and 16 threads, a real `train --preset paper` run on 1 rank x 2 threads against 2 ranks x
@@ -78,6 +79,8 @@ done; done; done > "$out/pieces.txt" 2>&1
 
 cc -O2 -I.deps/onednn/include tools/bench_dnnl.c .deps/onednn/lib/libdnnl.so.3 -Wl,-rpath,$PWD/.deps/onednn/lib -o /tmp/bench_dnnl && for t in 2 8 16; do OMP_NUM_THREADS=$t /tmp/bench_dnnl; done > "$out/bench_dnnl.txt" 2>&1
 OMP_NUM_THREADS=2 BENCH_LAYOUT=nhwc /tmp/bench_dnnl > "$out/bench_dnnl_nhwc.txt" 2>&1
+clang -O2 -ffp-contract=off -I.deps/onednn/include -ISources/CKernels/include tools/bench_passes.c Sources/CKernels/kernels.c \
+    .deps/onednn/lib/libdnnl.so.3 -Wl,-rpath,$PWD/.deps/onednn/lib -lm -o /tmp/bench_passes && OMP_NUM_THREADS=1 /tmp/bench_passes > "$out/bench_passes.txt" 2>&1
 for t in 2 16; do $bin bench kernels --batch 8 --threads $t; done > "$out/bench_kernels.txt" 2>&1
 swift test -c release --disable-testable-imports --skip-build \
     --filter "BF16KernelTests|DNNLConvolutionTests|GradientPiecesTests|ModelParityTests|PrecisionCLITests|ChannelsLastTests|ResNetLayoutTests|parityOnOneDNN" \
@@ -114,4 +117,4 @@ done > "$out/ranks.txt" 2>&1
 for np in 2 4 16; do mpirun --oversubscribe --bind-to none -np $np "$bin" bench exchange --preset paper --steps 5; done > "$out/exchange.txt" 2>&1
 rm -rf "$work"
 grep -E "✘|Test run" "$out/tests.txt" | tail -n 15
-tail -n 30 "$out/world_size.txt" "$out/pieces.txt" "$out/dnnl_share.txt" "$out/threads.txt" "$out/ranks.txt" "$out/exchange.txt" "$out/machine.txt"
+tail -n 30 "$out/world_size.txt" "$out/pieces.txt" "$out/bench_passes.txt" "$out/dnnl_share.txt" "$out/threads.txt" "$out/ranks.txt" "$out/exchange.txt" "$out/machine.txt"

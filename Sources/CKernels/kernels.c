@@ -88,6 +88,7 @@ typedef int ck_i16 __attribute__((vector_size(64), aligned(4)));
 
 // (Macros rather than functions: a function taking or returning ck_v16 would need one ABI per clone.)
 #define ck_load(p) (*(const ck_v16 *)(p))
+#define ck_v16_of(x) ((ck_v16){x, x, x, x, x, x, x, x, x, x, x, x, x, x, x, x})
 #define ck_lane_total(lanes, total) do { float t_ = 0; for (int l_ = 0; l_ < CK_LANES; l_++) t_ += (lanes)[l_]; (total) = t_; } while (0)
 // total = the sum of x[0..<count] in 16 lanes (element i of the whole vectors into lane i % 16, the tail into
 // lanes 0, 1, ...), the lanes then added in order.
@@ -176,9 +177,21 @@ CK_CLONES void ck_blocked_gradient_sums(const float *restrict dy, const float *r
 
 // One row of ck_softmax_rows. Always inlined, so that each clone of its callers vectorizes it.
 static inline __attribute__((always_inline)) void ck_softmax_row(float *restrict row, const int32_t *restrict valid, long tokens) {
+    // The maximum over valid keys (a NaN never replaces it), in 16 lanes and then across them: the same
+    // value as one running maximum, whose chain of compares would not vectorize.
+    const ck_v16 none = ck_v16_of(-__builtin_inff());
+    ck_v16 lanes = none;
+    long i = 0;
+    for (; i + CK_LANES <= tokens; i += CK_LANES) {
+        const ck_i16 keep = *(const ck_i16 *)(valid + i) != 0;
+        const ck_i16 v = ((ck_i16)ck_load(row + i) & keep) | ((ck_i16)none & ~keep);
+        const ck_i16 above = (ck_v16)v > lanes;
+        lanes = (ck_v16)((v & above) | ((ck_i16)lanes & ~above));
+    }
     float m = -__builtin_inff();
-    for (long j = 0; j < tokens; j++) {
-        const float v = valid[j] != 0 ? row[j] : -__builtin_inff();
+    for (int l = 0; l < CK_LANES; l++) m = lanes[l] > m ? lanes[l] : m;
+    for (; i < tokens; i++) {
+        const float v = valid[i] != 0 ? row[i] : -__builtin_inff();
         m = v > m ? v : m;
     }
     // e^(x - max) at valid keys, 0 at masked ones (a select: the loop vectorizes).

@@ -91,6 +91,52 @@ struct FusedKernelTests {
         #expect(bits.elementsEqual(fast.lazy.map { BF16.bits($0) }), "GELU's bf16 bits")
     }
 
+    @Test("softmax rows give the bits of the plain loop: one running maximum over the valid keys, VectorMath's exp, the sum in 16 lanes")
+    func softmaxRows() {
+        // Scores with NaNs, infinities and zeros of both signs among ordinary values, masked keys, and
+        // row lengths below, at and between multiples of the 16 lanes.
+        let stream = RandomStream(seed: 11)
+        var drawn: UInt64 = 0
+        func next() -> UInt32 { drawn += 1; return stream.uint32(at: drawn) }
+        for tokens in [1, 7, 16, 17, 31, 32, 33, 128, 130] {
+            let rows = 5
+            let valid = (0..<tokens).map { _ in Int32(next() % 5 == 0 ? 0 : 1) }
+            var scores = (0..<rows * tokens).map { _ -> Float in
+                switch next() % 40 {
+                case 0: return .nan
+                case 1: return .infinity
+                case 2: return -.infinity
+                case 3: return 0
+                case 4: return -0.0
+                default: return Float(Int(next() % 20_001) - 10_000) / 400
+                }
+            }
+            // A row of zeros of both signs only, and a row of NaNs only.
+            for j in 0..<tokens { scores[j] = j % 2 == 0 ? 0 : -0.0; scores[tokens + j] = .nan }
+            var expected = scores
+            for r in 0..<rows {
+                let row = r * tokens
+                var m = -Float.infinity
+                for j in 0..<tokens {
+                    let v = valid[j] != 0 ? scores[row + j] : -.infinity
+                    m = v > m ? v : m
+                }
+                var lanes = [Float](repeating: 0, count: 16)
+                for j in 0..<tokens {
+                    let e = VectorMath.exp(scores[row + j] - m)
+                    expected[row + j] = valid[j] != 0 ? e : 0
+                }
+                for j in 0..<tokens { lanes[j < tokens / 16 * 16 ? j % 16 : j - tokens / 16 * 16] += expected[row + j] }
+                let inverse = 1 / lanes.reduce(0, +)
+                for j in 0..<tokens { expected[row + j] *= inverse }
+            }
+            var computed = scores
+            ck_softmax_rows(&computed, valid, rows, tokens)
+            let differences = zip(computed, expected).filter { $0.bitPattern != $1.bitPattern && !($0.isNaN && $1.isNaN) }.count
+            #expect(differences == 0, "\(tokens) tokens: \(differences) of \(rows * tokens) values differ")
+        }
+    }
+
     // Attention's weights on oneDNN's bf16 kernels: one pass for softmax, dropout and the bf16 copy the
     // product with V reads; the backward's softmax through the dropout, in fp32 and straight to bf16.
     @Test("attention's fused weights (softmax, dropout, bf16 bits) equal softmax, dropout and the bf16 copy in turn, bit for bit; its backward",

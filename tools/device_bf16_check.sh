@@ -95,6 +95,7 @@ for p in fp32 bf16; do /usr/bin/time -f "$p peak %M KB" $bin bench step --preset
     > "$out/memory.txt" 2>&1
 for t in 2 16; do for p in bf16 fp32; do
     python3 tools/dnnl_share.py --convirt "$bin" --precision $p --batch 8 --threads $t
+    if command -v perf > /dev/null; then python3 tools/dnnl_share.py --perf --convirt "$bin" --precision $p --batch 8 --threads $t --steps 8; fi
 done; done > "$out/dnnl_share.txt" 2>&1
 for t in 1 2 8 16; do echo "threads $t: $($bin bench step --steps 2 --threads $t --precision bf16 | tail -1)"; done > "$out/threads.txt" 2>&1
 # A real paper-preset run: 1 rank x 2 threads against 2 ranks x 1 thread, global batch 8, bf16.

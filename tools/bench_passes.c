@@ -6,7 +6,7 @@
 //
 //     clang -O2 -ffp-contract=off -I.deps/onednn/include -ISources/CKernels/include tools/bench_passes.c Sources/CKernels/kernels.c \
 //        .deps/onednn/lib/libdnnl.so.3 -Wl,-rpath,$PWD/.deps/onednn/lib -lm -o /tmp/bench_passes
-//     OMP_NUM_THREADS=1 /tmp/bench_passes
+//     OMP_NUM_THREADS=1 /tmp/bench_passes [--cold]
 //
 // Each line: the pass, milliseconds (median of 15 after a warm-up) ours / oneDNN's, oneDNN's time over
 // ours (above 1: ours is faster), the bytes the pass must move at least over our time, and the largest
@@ -14,9 +14,9 @@
 // same function, not the same bits; a bf16 output differs by its rounding, 3.9e-3).
 // Where our kernel fuses more than oneDNN's primitive can (a residual sum, a mask, dropout, a bf16
 // copy), the line says so and oneDNN's side runs what a primitive can do of it.
-// The data stay in cache between repetitions (3 to 26 MB): these are the passes' compute rates. Inside
-// the step, where a pass reads what the product before it wrote, the memory's rate bounds them too, and
-// a pass faster here may gain less there.
+// The data stay in cache between repetitions (3 to 26 MB): these are the passes' compute rates. With
+// --cold every run starts from memory instead, as inside the step, where a pass reads what the product
+// before it wrote and the memory's rate bounds it too.
 #include <oneapi/dnnl/dnnl.h>
 #include <oneapi/dnnl/dnnl_debug.h>
 #include <math.h>
@@ -48,10 +48,21 @@ static int by_value(const void *a, const void *b) {
 }
 
 typedef void (*body_t)(void *);
+// With --cold, each run starts after 256 MB were written elsewhere: the pass's data come from memory,
+// as inside the step, where a pass reads what the product before it wrote.
+static int cold = 0;
+enum { EVICT_BYTES = 256 << 20 };
+static char *evict;
+static void evict_caches(int round) {
+    if (cold) memset(evict, round, EVICT_BYTES);
+}
+
 static double time_ms(body_t body, void *context) {
     double t[REPEATS];
+    evict_caches(0);
     body(context);
     for (int r = 0; r < REPEATS; r++) {
+        evict_caches(r + 1);
         double start = now();
         body(context);
         t[r] = now() - start;
@@ -435,8 +446,11 @@ static void batchnorm(long images, long channels, long side) {
            "ours reads dy in fp32 (and its sums are global over ranks), oneDNN's in bf16");
 }
 
-int main(void) {
+int main(int argc, char **argv) {
+    cold = argc > 1 && strcmp(argv[1], "--cold") == 0;
+    if (cold && !(evict = malloc(EVICT_BYTES))) return 1;
     CHECK(dnnl_engine_create(&engine, dnnl_cpu, 0), "engine");
+    if (cold) printf("each run after 256 MB written elsewhere: the data from memory\n");
     CHECK(dnnl_stream_create(&stream, engine, dnnl_stream_default_flags), "stream");
     printf("pass                                         ours / oneDNN (ms)  oneDNN/ours  ours (GB/s)  difference  oneDNN's kernel\n");
     layernorm();

@@ -404,7 +404,14 @@ static void batchnorm(long images, long channels, long side) {
     dnnl_memory_desc_t data16 = md(4, dims, dnnl_bf16, dnnl_nChw16c), channel = md(1, (dnnl_dims_t){channels}, dnnl_f32, dnnl_a);
     unsigned flags = dnnl_use_scale | dnnl_use_shift | dnnl_fuse_norm_relu;
     dnnl_primitive_desc_t fpd, bpd;
-    CHECK(dnnl_batch_normalization_forward_primitive_desc_create(&fpd, engine, dnnl_forward_training, data16, data16, 1e-5f, flags, NULL), "bnorm fwd");
+    char name[96];
+    snprintf(name, sizeof name, "batchnorm+relu forward %ldx%ldx%ldx%ld bf16", images, channels, side, side);
+    const dnnl_status_t made = dnnl_batch_normalization_forward_primitive_desc_create(&fpd, engine, dnnl_forward_training, data16, data16, 1e-5f,
+                                                                                      flags, NULL);
+    if (made != dnnl_success) {  // oneDNN runs no bf16 batch norm below AVX-512
+        printf("%-44s %7.3f ms ours; oneDNN: %s\n", name, time_ms(bn_forward, &b), dnnl_status2str(made));
+        return;
+    }
     uint16_t *y2 = halves(n), *dx2 = halves(n), *dy16 = halves(n);
     ck_bf16_bits(dy16, b.dy, n);
     float *mean2 = floats(channels, 10, 0), *var2 = floats(channels, 11, 0), *gs = floats(channels, 12, 0), *gb = floats(channels, 13, 0);
@@ -414,9 +421,7 @@ static void batchnorm(long images, long channels, long side) {
     arg(&f, DNNL_ARG_SRC, data16, b.x16); arg(&f, DNNL_ARG_DST, data16, y2); arg(&f, DNNL_ARG_MEAN, channel, mean2);
     arg(&f, DNNL_ARG_VARIANCE, channel, var2); arg(&f, DNNL_ARG_SCALE, channel, b.scale); arg(&f, DNNL_ARG_SHIFT, channel, b.shift);
     arg(&f, DNNL_ARG_WORKSPACE, ws, workspace);
-    char name[96];
     double ours = time_ms(bn_forward, &b), theirs = time_ms(run_dnnl, &f);
-    snprintf(name, sizeof name, "batchnorm+relu forward %ldx%ldx%ldx%ld bf16", images, channels, side, side);
     report(name, ours, theirs, 6.0 * n, difference16(b.y16, y2, n), impl(fpd), "statistics and normalisation");
 
     // The normalisation with given statistics: oneDNN's inference kind (no workspace), ReLU fused.

@@ -17,7 +17,15 @@
 #
 # On a machine without network, bring .deps/onednn (54 MB, scripts/install-onednn.sh) along with the tree.
 #     WORLD_ONLY=1 tools/device_bf16_check.sh     # the world-size table alone (a minute)
+#
+# PARTS picks the parts to run (all by default), for a machine lent for minutes, in calls of at most ten:
+#     PARTS="passes share step" tools/device_bf16_check.sh
+# The parts: world (the world-size table), pieces, dnnl (oneDNN's rates), passes (tools/bench_passes.c),
+# kernels, tests, layouts, step (beside PyTorch at 2, 8 and 16 threads), memory, share, threads, ranks, exchange.
 set -u
+parts=" ${PARTS:-all} "
+[ -n "${WORLD_ONLY:-}" ] && parts=" world "
+want() { [[ "$parts" == *" all "* || "$parts" == *" $1 "* ]]; }
 out=${OUT:-/tmp/bf16-check}
 mkdir -p "$out"
 bin=$PWD/.build/release/convirt
@@ -29,6 +37,7 @@ export OPENBLAS_NUM_THREADS=1 OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CO
 } > "$out/machine.txt" 2>&1
 
 # The world-size table: tiny preset, 20 steps, bf16 on each backend this CPU runs.
+if want world; then
 work=$(mktemp -d)
 $bin synth mimic --out "$work/mimic" --studies 120 --image-size 64 --seed 2 > /dev/null
 $bin prepare mimic --root "$work/mimic" --out "$work/prepared" > /dev/null
@@ -70,39 +79,42 @@ for b in backends:
         print(f"{b} {other} vs {ref}: step-1 grad norm {g:.1e}, losses {max(d[:8]):.1e} / {max(d[8:] or [0]):.1e}, parts at {first}")
 EOF
 rm -rf "$work"
-[ -n "${WORLD_ONLY:-}" ] && { cat "$out/world_size.txt"; exit 0; }
+fi
 
 # The cost of gradient pieces in the paper step (bf16, batch 8 and 32), alternated.
-for batch in 8 32; do for round in 1 2; do for p in 1 2 4 $batch; do
+want pieces && for batch in 8 32; do for round in 1 2; do for p in 1 2 4 $batch; do
     echo "batch $batch pieces $p: $($bin bench step --steps 3 --threads 2 --precision bf16 --batch $batch --gradient-piece $p | tail -1)"
 done; done; done > "$out/pieces.txt" 2>&1
 
+if want dnnl; then
 cc -O2 -I.deps/onednn/include tools/bench_dnnl.c .deps/onednn/lib/libdnnl.so.3 -Wl,-rpath,$PWD/.deps/onednn/lib -o /tmp/bench_dnnl && for t in 2 8 16; do OMP_NUM_THREADS=$t /tmp/bench_dnnl; done > "$out/bench_dnnl.txt" 2>&1
 OMP_NUM_THREADS=2 BENCH_LAYOUT=nhwc /tmp/bench_dnnl > "$out/bench_dnnl_nhwc.txt" 2>&1
-clang -O2 -ffp-contract=off -I.deps/onednn/include -ISources/CKernels/include tools/bench_passes.c Sources/CKernels/kernels.c \
+fi
+want passes && clang -O2 -ffp-contract=off -I.deps/onednn/include -ISources/CKernels/include tools/bench_passes.c Sources/CKernels/kernels.c \
     .deps/onednn/lib/libdnnl.so.3 -Wl,-rpath,$PWD/.deps/onednn/lib -lm -o /tmp/bench_passes && { OMP_NUM_THREADS=1 /tmp/bench_passes; OMP_NUM_THREADS=1 /tmp/bench_passes --cold; } > "$out/bench_passes.txt" 2>&1
-for t in 2 16; do $bin bench kernels --batch 8 --threads $t; done > "$out/bench_kernels.txt" 2>&1
-swift test -c release --disable-testable-imports --skip-build \
+want kernels && for t in 2 16; do $bin bench kernels --batch 8 --threads $t; done > "$out/bench_kernels.txt" 2>&1
+want tests && swift test -c release --disable-testable-imports --skip-build \
     --filter "BF16KernelTests|DNNLConvolutionTests|GradientPiecesTests|ModelParityTests|PrecisionCLITests|ChannelsLastTests|ResNetLayoutTests|parityOnOneDNN" \
     > "$out/tests.txt" 2>&1
-for layout in "" nchw nhwc nchw16c; do
+want layouts && for layout in "" nchw nhwc nchw16c; do
     echo "CONVIRT_ACTIVATIONS=$layout"; CONVIRT_ACTIVATIONS=$layout $bin bench step --steps 2 --threads 2 --precision bf16
 done > "$out/layouts.txt" 2>&1
-for t in 2 8 16; do
+want step && for t in 2 8 16; do
     python3 tools/bench_step.py --precision both --batch 8 --tokens 128 --threads $t --steps 2 --convirt "$bin"
 done > "$out/bench_step.txt" 2>&1
-for p in fp32 bf16; do /usr/bin/time -f "$p peak %M KB" $bin bench step --preset paper --batch 32 --steps 1 --threads 16 --precision $p; done \
+want memory && for p in fp32 bf16; do /usr/bin/time -f "$p peak %M KB" $bin bench step --preset paper --batch 32 --steps 1 --threads 16 --precision $p; done \
     > "$out/memory.txt" 2>&1
-for t in 2 16; do for p in bf16 fp32; do
+want share && for t in 2 16; do for p in bf16 fp32; do
     python3 tools/dnnl_share.py --convirt "$bin" --precision $p --batch 8 --threads $t
     if command -v perf > /dev/null; then python3 tools/dnnl_share.py --perf --convirt "$bin" --precision $p --batch 8 --threads $t --steps 8; fi
 done; done > "$out/dnnl_share.txt" 2>&1
-for t in 1 2 8 16; do echo "threads $t: $($bin bench step --steps 2 --threads $t --precision bf16 | tail -1)"; done > "$out/threads.txt" 2>&1
+want threads && for t in 1 2 8 16; do echo "threads $t: $($bin bench step --steps 2 --threads $t --precision bf16 | tail -1)"; done > "$out/threads.txt" 2>&1
 # A real paper-preset run: 1 rank x 2 threads against 2 ranks x 1 thread, global batch 8, bf16.
+if want ranks || want exchange; then
 work=$(mktemp -d)
 $bin synth mimic --out "$work/mimic" --studies 200 --image-size 256 --seed 3 > /dev/null
 $bin prepare mimic --root "$work/mimic" --out "$work/prepared" > /dev/null
-for layout in "1 2" "2 1" "2 1 --zero1" "2 1 --zero1 --gradient-exchange collectives" "1 16" "4 4 --zero1"; do
+want ranks && for layout in "1 2" "2 1" "2 1 --zero1" "2 1 --zero1 --gradient-exchange collectives" "1 16" "4 4 --zero1"; do
     set -- $layout
     mpirun --oversubscribe --bind-to none -np $1 "$bin" train --data "$work/prepared" --run-dir "$work/run-$1x$2" --preset paper --global-batch 8 --steps 12 \
         --retrieval-eval 0 --precision bf16 --threads $2 "${@:3}" --overwrite > "$work/run-$1x$2.log" 2>&1 || tail -3 "$work/run-$1x$2.log"
@@ -115,7 +127,10 @@ print(sys.argv[2], "pairs/s median", round(statistics.median(r["pairs_per_s"] fo
 EOF
 done > "$out/ranks.txt" 2>&1
 # The gradient sums alone: shared memory against MPI's collectives, 2, 4 and 16 ranks of the paper preset.
-for np in 2 4 16; do mpirun --oversubscribe --bind-to none -np $np "$bin" bench exchange --preset paper --steps 5; done > "$out/exchange.txt" 2>&1
+want exchange && for np in 2 4 16; do mpirun --oversubscribe --bind-to none -np $np "$bin" bench exchange --preset paper --steps 5; done > "$out/exchange.txt" 2>&1
 rm -rf "$work"
-grep -E "✘|Test run" "$out/tests.txt" | tail -n 15
-tail -n 30 "$out/world_size.txt" "$out/pieces.txt" "$out/bench_passes.txt" "$out/dnnl_share.txt" "$out/threads.txt" "$out/ranks.txt" "$out/exchange.txt" "$out/machine.txt"
+fi
+[ -f "$out/tests.txt" ] && grep -E "✘|Test run" "$out/tests.txt" | tail -n 15
+for f in world_size pieces bench_passes dnnl_share threads ranks exchange machine; do
+    [ -f "$out/$f.txt" ] && { echo "==> $out/$f.txt <=="; tail -n 45 "$out/$f.txt"; }
+done

@@ -326,7 +326,21 @@ typedef struct {
     long images, channels, plane;
 } bn_t;
 
-// nChw16c: for each image and block of 16 channels, plane rows of 16 lanes.
+// nChw16c: for each image and block of 16 channels, plane rows of 16 lanes. The normalisation alone,
+// with the statistics given (after the sums over ranks).
+static void bn_normalize(void *c) {
+    bn_t *b = c;
+    const long blocks = b->channels / 16, run = b->plane * 16;
+    for (long i = 0; i < b->images; i++)
+        for (long j = 0; j < blocks; j++) {
+            float scale[16];
+            for (long l = 0; l < 16; l++) scale[l] = b->scale[j * 16 + l] * b->inv_std[j * 16 + l];
+            const long o = (i * blocks + j) * run;
+            ck_normalize_rows(NULL, b->y16 + o, NULL, b->x16 + o, b->plane, 16, b->mean + j * 16, scale, b->shift + j * 16, 1);
+        }
+}
+
+// The statistics, then the normalisation.
 static void bn_forward(void *c) {
     bn_t *b = c;
     const long blocks = b->channels / 16, run = b->plane * 16;
@@ -344,26 +358,7 @@ static void bn_forward(void *c) {
         b->mean[ch] = (float)mean;
         b->inv_std[ch] = (float)(1 / sqrt(var + 1e-5));
     }
-    for (long i = 0; i < b->images; i++)
-        for (long j = 0; j < blocks; j++) {
-            float scale[16];
-            for (long l = 0; l < 16; l++) scale[l] = b->scale[j * 16 + l] * b->inv_std[j * 16 + l];
-            const long o = (i * blocks + j) * run;
-            ck_normalize_rows(NULL, b->y16 + o, NULL, b->x16 + o, b->plane, 16, b->mean + j * 16, scale, b->shift + j * 16, 1);
-        }
-}
-
-// The normalisation alone, with the statistics given (after the sums over ranks).
-static void bn_normalize(void *c) {
-    bn_t *b = c;
-    const long blocks = b->channels / 16, run = b->plane * 16;
-    for (long i = 0; i < b->images; i++)
-        for (long j = 0; j < blocks; j++) {
-            float scale[16];
-            for (long l = 0; l < 16; l++) scale[l] = b->scale[j * 16 + l] * b->inv_std[j * 16 + l];
-            const long o = (i * blocks + j) * run;
-            ck_normalize_rows(NULL, b->y16 + o, NULL, b->x16 + o, b->plane, 16, b->mean + j * 16, scale, b->shift + j * 16, 1);
-        }
+    bn_normalize(b);
 }
 
 static void bn_backward(void *c) {

@@ -40,8 +40,7 @@ def main():
     if args.perf:
         return sampled(args)
     env = dict(os.environ, ONEDNN_VERBOSE="1", OPENBLAS_NUM_THREADS=os.environ.get("OPENBLAS_NUM_THREADS", "1"))
-    command = [args.convirt, "bench", "step", "--preset", args.preset, "--batch", str(args.batch), "--threads", str(args.threads),
-               "--steps", str(args.steps), "--precision", args.precision]
+    command = step_command(args)
     run = subprocess.run(command, env=env, capture_output=True, text=True)
     if run.returncode != 0:
         sys.exit(f"{' '.join(command)} failed:\n{run.stderr[-2000:]}")
@@ -71,12 +70,16 @@ def main():
     print(f"inside oneDNN {inside:.3f} s of {step:.3f} s per step: {100 * inside / step:.0f}%; outside {step - inside:.3f} s")
 
 
+def step_command(args):
+    return [args.convirt, "bench", "step", "--preset", args.preset, "--batch", str(args.batch), "--threads", str(args.threads),
+            "--steps", str(args.steps), "--precision", args.precision]
+
+
 def sampled(args):
     """The step's CPU samples by where they fell (perf record from --delay seconds on)."""
     import tempfile
     env = dict(os.environ, OPENBLAS_NUM_THREADS=os.environ.get("OPENBLAS_NUM_THREADS", "1"))
-    command = [args.convirt, "bench", "step", "--preset", args.preset, "--batch", str(args.batch), "--threads", str(args.threads),
-               "--steps", str(args.steps), "--precision", args.precision]
+    command = step_command(args)
     with tempfile.TemporaryDirectory() as work:
         data = os.path.join(work, "perf.data")
         run = subprocess.run(["perf", "record", "-q", "-F", "999", "-D", str(int(args.delay * 1000)), "-o", data] + command,

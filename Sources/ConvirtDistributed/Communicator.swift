@@ -461,7 +461,7 @@ public final class MPICommunicator: Communicator {
                 }
             }
         }
-        return SharedRegion(buffers: buffers, localRank: layout.localRank, count: count, machines: machines, location: "/dev/shm",
+        return SharedRegion(buffers: buffers, localRank: layout.localRank, machines: machines, location: "/dev/shm",
                             crossMachineSum: across) {
             for (_, p) in all { munmap(p, bytes) }
         }

@@ -261,7 +261,7 @@ public final class InProcessCommunicator: Communicator {
             precondition(counts.allSatisfy { $0 == count }, "shared buffers of different sizes over ranks")
             return pointers.map { UnsafeMutableRawPointer(mutating: $0!).bindMemory(to: Float.self, capacity: max(1, count)) }
         }
-        return SharedRegion(buffers: buffers, localRank: rank, count: count, location: "this process") {}
+        return SharedRegion(buffers: buffers, localRank: rank, location: "this process") {}
     }
 
     public func send(_ bytes: UnsafeRawBufferPointer, to destination: Int) throws {

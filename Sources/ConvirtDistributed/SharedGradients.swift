@@ -36,7 +36,6 @@ public final class SharedRegion {
     /// This rank's place among them, and its buffer.
     public let localRank: Int
     public let own: UnsafeMutablePointer<Float>
-    public let count: Int
     /// Machines of the job (1: every rank shares this one).
     public let machines: Int
     /// Where the buffers live, for messages ("/dev/shm", "this process").
@@ -46,13 +45,12 @@ public final class SharedRegion {
     public let crossMachineSum: (([UnsafeMutableBufferPointer<Float>]) throws -> Void)?
     private let release: () -> Void
 
-    public init(buffers: [UnsafeMutablePointer<Float>], localRank: Int, count: Int, machines: Int = 1, location: String,
+    public init(buffers: [UnsafeMutablePointer<Float>], localRank: Int, machines: Int = 1, location: String,
                 crossMachineSum: (([UnsafeMutableBufferPointer<Float>]) throws -> Void)? = nil, release: @escaping () -> Void) {
         precondition((machines == 1) == (crossMachineSum == nil), "a cross-machine sum goes with several machines")
         self.buffers = buffers
         self.localRank = localRank
         self.own = buffers[localRank]
-        self.count = count
         self.machines = machines
         self.location = location
         self.crossMachineSum = crossMachineSum

@@ -143,21 +143,32 @@ CK_CLONES void ck_blocked_sums(const float *restrict x, long count, double *sum,
     *squares = total_squares;
 }
 
-CK_CLONES void ck_blocked_gradient_sums(const float *restrict dy, const float *restrict x, const float *restrict mask, float mean,
-                                        float inv_std, long count, double *sum, double *product) {
+// A batch norm's output before its ReLU, (x - mean) * scale + shift, from the centred value x - mean: one
+// expression for the forward (ck_normalize_rows, ck_normalize_run) and for the ReLU's gate that the
+// backward recomputes from the input (ck_blocked_gradient_sums, ck_channel_sums, ck_bn_gradient_rows),
+// so both give the same bits (fp-contract is off, so neither fuses the multiply and the add).
+#define CK_BN_SHIFTED(centered, scale, shift) ((centered) * (scale) + (shift))
+
+CK_CLONES void ck_blocked_gradient_sums(const float *restrict dy, const float *restrict x, float mean, float inv_std, int relu,
+                                        float scale, float shift, long count, double *sum, double *product) {
     double total = 0, total_product = 0;
     const ck_v16 zero = {0};
     for (long start = 0; start < count; start += CK_BLOCK) {
         const long end = start + CK_BLOCK < count ? start + CK_BLOCK : count;
         ck_v16 s = {0}, q = {0};
         long i = start;
-        if (mask) {
+        if (relu) {
             for (; i + CK_LANES <= end; i += CK_LANES) {
-                // dy where mask > 0, else +0 (the comparison gives all-ones or zero lanes).
-                const ck_v16 g = (ck_v16)((ck_i16)ck_load(dy + i) & (ck_load(mask + i) > zero));
-                s += g; q += g * (ck_load(x + i) - mean);
+                // dy where the forward's output before its ReLU was positive, else +0 (the comparison gives
+                // all-ones or zero lanes).
+                const ck_v16 centered = ck_load(x + i) - mean;
+                const ck_v16 g = (ck_v16)((ck_i16)ck_load(dy + i) & (CK_BN_SHIFTED(centered, scale, shift) > zero));
+                s += g; q += g * centered;
             }
-            for (int l = 0; i < end; i++, l++) { const float d = dy[i], g = mask[i] > 0 ? d : 0.0f; s[l] += g; q[l] += g * (x[i] - mean); }
+            for (int l = 0; i < end; i++, l++) {
+                const float centered = x[i] - mean, g = CK_BN_SHIFTED(centered, scale, shift) > 0 ? dy[i] : 0.0f;
+                s[l] += g; q[l] += g * centered;
+            }
         } else {
             for (; i + CK_LANES <= end; i += CK_LANES) {
                 const ck_v16 g = ck_load(dy + i);
@@ -282,39 +293,40 @@ CK_CLONES void ck_dropout_backward(float *dx, const float *dy, long start, long 
 
 // Sums over `rows` rows (stride `stride` floats) of lanes 0..<width, as channelBlockedSums: float lanes
 // inside blocks of 256 rows, double across blocks. Without dy: sum(x), sum(x^2). With dy: sum(g) and
-// sum(g * (x - mean[l])), g = dy where mask > 0 (mask may be NULL: everywhere).
-// x16: x as bf16 bits instead of floats (x then NULL), the values the floats would hold.
+// sum(g * (x - mean[l])), g = dy, or with gate_scale (a ReLU fused after the forward) dy where the
+// forward's output before it, CK_BN_SHIFTED(x - mean[l], gate_scale[l], gate_shift[l]), was positive.
+// x16, dy16: x, dy as bf16 bits instead of floats (x, dy then NULL), the values the floats would hold.
 #define CK_X(o) (x16 ? ck_load_bf16(x16 + (o)) : ck_load(x + (o)))
 #define CK_XS(o) (x16 ? ck_float_of_bf16(x16[o]) : x[o])
-CK_CLONES void ck_channel_sums(const float *restrict x, const uint16_t *restrict x16, const float *restrict dy, const float *restrict mask,
-                               const uint16_t *restrict mask16, const float *restrict mean, long rows, long stride, long width,
+#define CK_DY(o) (dy16 ? ck_load_bf16(dy16 + (o)) : ck_load(dy + (o)))
+#define CK_DYS(o) (dy16 ? ck_float_of_bf16(dy16[o]) : dy[o])
+CK_CLONES void ck_channel_sums(const float *restrict x, const uint16_t *restrict x16, const float *restrict dy, const uint16_t *restrict dy16,
+                               const float *restrict mean,
+                               const float *restrict gate_scale, const float *restrict gate_shift, long rows, long stride, long width,
                                double *restrict first, double *restrict second) {
     const ck_v16 zero = {0};
+    const int gradient = dy || dy16;
     long j0 = 0;
     for (; j0 + CK_LANES <= width; j0 += CK_LANES) {
         double f[CK_LANES] = {0}, s[CK_LANES] = {0};
-        const ck_v16 mu = dy ? ck_load(mean + j0) : zero;
+        const ck_v16 mu = gradient ? ck_load(mean + j0) : zero;
+        const ck_v16 sc = gate_scale ? ck_load(gate_scale + j0) : zero, sh = gate_scale ? ck_load(gate_shift + j0) : zero;
         for (long start = 0; start < rows; start += CK_BLOCK) {
             const long end = start + CK_BLOCK < rows ? start + CK_BLOCK : rows;
             ck_v16 a = {0}, b = {0};
-            if (!dy) {
+            if (!gradient) {
                 for (long r = start; r < end; r++) { const ck_v16 v = CK_X(r * stride + j0); a += v; b += v * v; }
-            } else if (mask) {
+            } else if (gate_scale) {
                 for (long r = start; r < end; r++) {
                     const long o = r * stride + j0;
-                    const ck_v16 g = (ck_v16)((ck_i16)ck_load(dy + o) & (ck_load(mask + o) > zero));
-                    a += g; b += g * (CK_X(o) - mu);
-                }
-            } else if (mask16) {
-                for (long r = start; r < end; r++) {
-                    const long o = r * stride + j0;
-                    const ck_v16 g = (ck_v16)((ck_i16)ck_load(dy + o) & (ck_load_bf16(mask16 + o) > zero));
-                    a += g; b += g * (CK_X(o) - mu);
+                    const ck_v16 centered = CK_X(o) - mu;
+                    const ck_v16 g = (ck_v16)((ck_i16)CK_DY(o) & (CK_BN_SHIFTED(centered, sc, sh) > zero));
+                    a += g; b += g * centered;
                 }
             } else {
                 for (long r = start; r < end; r++) {
                     const long o = r * stride + j0;
-                    const ck_v16 g = ck_load(dy + o);
+                    const ck_v16 g = CK_DY(o);
                     a += g; b += g * (CK_X(o) - mu);
                 }
             }
@@ -329,11 +341,11 @@ CK_CLONES void ck_channel_sums(const float *restrict x, const uint16_t *restrict
             float a = 0, b = 0;
             for (long r = start; r < end; r++) {
                 const long o = r * stride + j;
-                if (!dy) { const float v = CK_XS(o); a += v; b += v * v; }
+                if (!gradient) { const float v = CK_XS(o); a += v; b += v * v; }
                 else {
-                    const float d = dy[o];
-                    const float g = mask ? (mask[o] > 0 ? d : 0.0f) : mask16 ? (ck_float_of_bf16(mask16[o]) > 0 ? d : 0.0f) : d;
-                    a += g; b += g * (CK_XS(o) - mean[j]);
+                    const float centered = CK_XS(o) - mean[j];
+                    const float g = !gate_scale || CK_BN_SHIFTED(centered, gate_scale[j], gate_shift[j]) > 0 ? CK_DYS(o) : 0.0f;
+                    a += g; b += g * centered;
                 }
             }
             f += (double)a; s += (double)b;
@@ -351,7 +363,7 @@ CK_CLONES void ck_normalize_rows(float *restrict y, uint16_t *restrict y16, cons
         const ck_v16 mu = ck_load(mean + j0), sc = ck_load(scale + j0), sh = ck_load(shift + j0);
         for (long r = 0; r < rows; r++) {
             const long o = r * lanes + j0;
-            const ck_v16 a = (CK_X(o) - mu) * sc + sh;
+            const ck_v16 a = CK_BN_SHIFTED(CK_X(o) - mu, sc, sh);
             // Swift's max(v, 0): 0 where 0 >= v, else v (NaN stays).
             const ck_v16 v = relu ? (ck_v16)((ck_i16)a & ~(zero >= a)) : a;
             if (y) *(ck_v16 *)(y + o) = v;
@@ -360,32 +372,42 @@ CK_CLONES void ck_normalize_rows(float *restrict y, uint16_t *restrict y16, cons
     }
     for (long j = j0; j < lanes; j++) {
         for (long r = 0; r < rows; r++) {
-            const float a = (CK_XS(r * lanes + j) - mean[j]) * scale[j] + shift[j], v = relu ? swift_max(a, 0.0f) : a;
+            const float a = CK_BN_SHIFTED(CK_XS(r * lanes + j) - mean[j], scale[j], shift[j]), v = relu ? swift_max(a, 0.0f) : a;
             if (y) y[r * lanes + j] = v;
             if (y16) y16[r * lanes + j] = ck_bf16_of(v);
         }
     }
 }
 
-// BatchNorm's input gradient over rows x lanes (contiguous), g = dy masked by a following ReLU's output
-// (mask NULL: none): training (sum_dy given) k[l] * (m * g - sum_dy[l] - (x - mean[l]) * inv_std[l] *
-// sum_dyx[l]); evaluation (sum_dy NULL) g * k[l]. dx is overwritten, or added to with accumulate.
-CK_CLONES void ck_bn_gradient_rows(float *restrict dx, uint16_t *restrict dx16, const float *restrict dy, const float *restrict x,
-                                   const uint16_t *restrict x16, const float *restrict mask, const uint16_t *restrict mask16, long rows, long lanes,
-                                   const float *restrict k, const float *restrict sum_dy, const float *restrict sum_dyx,
-                                   const float *restrict mean, const float *restrict inv_std, float m, int accumulate) {
+CK_CLONES void ck_normalize_run(float *restrict y, const float *restrict x, long count, float mean, float scale, float shift, int relu) {
+    if (relu) {
+        for (long i = 0; i < count; i++) y[i] = swift_max(CK_BN_SHIFTED(x[i] - mean, scale, shift), 0.0f);
+    } else {
+        for (long i = 0; i < count; i++) y[i] = CK_BN_SHIFTED(x[i] - mean, scale, shift);
+    }
+}
+
+// BatchNorm's input gradient over rows x lanes (contiguous), g = dy, or with gate_scale dy where the
+// forward's output before its ReLU was positive (as ck_channel_sums, about mean[l]): training (sum_dy
+// given) k[l] * (m * g - sum_dy[l] - (x - mean[l]) * inv_std[l] * sum_dyx[l]); evaluation (sum_dy NULL)
+// g * k[l]. dx is overwritten, or added to with accumulate. dy16: dy as bf16 bits (dy then NULL).
+CK_CLONES void ck_bn_gradient_rows(float *restrict dx, uint16_t *restrict dx16, const float *restrict dy, const uint16_t *restrict dy16,
+                                   const float *restrict x,
+                                   const uint16_t *restrict x16, long rows, long lanes, const float *restrict k, const float *restrict sum_dy,
+                                   const float *restrict sum_dyx, const float *restrict mean, const float *restrict inv_std,
+                                   const float *restrict gate_scale, const float *restrict gate_shift, float m, int accumulate) {
     const ck_v16 zero = {0};
     long j0 = 0;
     for (; j0 + CK_LANES <= lanes; j0 += CK_LANES) {
         const ck_v16 kv = ck_load(k + j0);
         const ck_v16 sd = sum_dy ? ck_load(sum_dy + j0) : zero, sx = sum_dy ? ck_load(sum_dyx + j0) : zero;
-        const ck_v16 mu = sum_dy ? ck_load(mean + j0) : zero, is = sum_dy ? ck_load(inv_std + j0) : zero;
+        const ck_v16 mu = sum_dy || gate_scale ? ck_load(mean + j0) : zero, is = sum_dy ? ck_load(inv_std + j0) : zero;
+        const ck_v16 sc = gate_scale ? ck_load(gate_scale + j0) : zero, sh = gate_scale ? ck_load(gate_shift + j0) : zero;
         for (long r = 0; r < rows; r++) {
             const long o = r * lanes + j0;
-            const ck_v16 d = ck_load(dy + o);
-            const ck_v16 g = mask ? (ck_v16)((ck_i16)d & (ck_load(mask + o) > zero))
-                           : mask16 ? (ck_v16)((ck_i16)d & (ck_load_bf16(mask16 + o) > zero)) : d;
-            const ck_v16 v = sum_dy ? kv * (m * g - sd - (CK_X(o) - mu) * is * sx) : g * kv;
+            const ck_v16 d = CK_DY(o), centered = sum_dy || gate_scale ? CK_X(o) - mu : zero;
+            const ck_v16 g = gate_scale ? (ck_v16)((ck_i16)d & (CK_BN_SHIFTED(centered, sc, sh) > zero)) : d;
+            const ck_v16 v = sum_dy ? kv * (m * g - sd - centered * is * sx) : g * kv;
             if (dx16) ck_store_bf16(dx16 + o, v);
             else *(ck_v16 *)(dx + o) = accumulate ? ck_load(dx + o) + v : v;
         }
@@ -393,11 +415,23 @@ CK_CLONES void ck_bn_gradient_rows(float *restrict dx, uint16_t *restrict dx16, 
     for (long j = j0; j < lanes; j++) {
         for (long r = 0; r < rows; r++) {
             const long o = r * lanes + j;
-            const float d = dy[o], g = mask ? (mask[o] > 0 ? d : 0.0f) : mask16 ? (ck_float_of_bf16(mask16[o]) > 0 ? d : 0.0f) : d;
-            const float v = sum_dy ? k[j] * (m * g - sum_dy[j] - (CK_XS(o) - mean[j]) * inv_std[j] * sum_dyx[j]) : g * k[j];
+            const float centered = sum_dy || gate_scale ? CK_XS(o) - mean[j] : 0.0f;
+            const float g = !gate_scale || CK_BN_SHIFTED(centered, gate_scale[j], gate_shift[j]) > 0 ? CK_DYS(o) : 0.0f;
+            const float v = sum_dy ? k[j] * (m * g - sum_dy[j] - centered * inv_std[j] * sum_dyx[j]) : g * k[j];
             if (dx16) dx16[o] = ck_bf16_of(v);
             else dx[o] = accumulate ? dx[o] + v : v;
         }
+    }
+}
+
+CK_CLONES void ck_bn_gradient_run(float *restrict dx, const float *restrict dy, const float *restrict x, long count, float k, int training,
+                                  float m, float sum_dy, float sum_dyx, float mean, float inv_std, int relu, float scale, float shift,
+                                  int accumulate) {
+    for (long i = 0; i < count; i++) {
+        const float centered = x[i] - mean;
+        const float g = !relu || CK_BN_SHIFTED(centered, scale, shift) > 0 ? dy[i] : 0.0f;
+        const float v = training ? k * (m * g - sum_dy - centered * inv_std * sum_dyx) : g * k;
+        dx[i] = accumulate ? dx[i] + v : v;
     }
 }
 
@@ -419,19 +453,24 @@ CK_CLONES void ck_residual_relu(float *y, uint16_t *restrict y16, const float *a
 }
 
 // Its backward: g = dy where y > 0, else 0; branch = g; identity = g, or += g with accumulate.
-CK_CLONES void ck_residual_relu_backward(float *restrict branch, float *restrict identity, int accumulate, const float *restrict dy,
-                                         const float *restrict y, long count) {
+CK_CLONES void ck_residual_relu_backward(float *restrict branch, uint16_t *restrict branch16, float *restrict identity,
+                                         uint16_t *restrict identity16, int accumulate, const float *restrict dy, const float *restrict y,
+                                         long count) {
     const ck_v16 zero = {0};
     long i = 0;
     for (; i + CK_LANES <= count; i += CK_LANES) {
         const ck_v16 g = (ck_v16)((ck_i16)ck_load(dy + i) & (ck_load(y + i) > zero));
-        *(ck_v16 *)(branch + i) = g;
-        *(ck_v16 *)(identity + i) = accumulate ? ck_load(identity + i) + g : g;
+        if (branch16) ck_store_bf16(branch16 + i, g);
+        else *(ck_v16 *)(branch + i) = g;
+        if (identity16) ck_store_bf16(identity16 + i, g);
+        else *(ck_v16 *)(identity + i) = accumulate ? ck_load(identity + i) + g : g;
     }
     for (; i < count; i++) {
         const float g = y[i] > 0 ? dy[i] : 0.0f;
-        branch[i] = g;
-        identity[i] = accumulate ? identity[i] + g : g;
+        if (branch16) branch16[i] = ck_bf16_of(g);
+        else branch[i] = g;
+        if (identity16) identity16[i] = ck_bf16_of(g);
+        else identity[i] = accumulate ? identity[i] + g : g;
     }
 }
 

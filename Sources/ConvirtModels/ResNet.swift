@@ -95,22 +95,24 @@ final class BatchNormLayer {
         }
     }
 
-    /// Overwrites gradInput, or writes its bf16 bits (accumulates the parameters' gradients).
-    /// `reluOutput`: the output of a forward with `relu` (the gradient then flows where it is positive),
-    /// as floats or as its bf16 copy.
-    func backward(_ arena: ParameterArena, gradInput: BatchNorm2d.Destination, gradOutput: UnsafePointer<Float>, input: RowValues,
-                  reluOutput: ReLUMask?, shape: BatchNorm2d.Shape, context: PassContext) throws {
+    /// Overwrites gradInput, or writes its bf16 bits (accumulates the parameters' gradients). `relu`: the
+    /// forward ran with `relu` (the gradient then flows where its output was positive, a gate batch
+    /// norm's backward recomputes from the input).
+    func backward(_ arena: ParameterArena, gradInput: BatchNorm2d.Destination, gradOutput: RowValues, input: RowValues,
+                  relu: Bool, shape: BatchNorm2d.Shape, context: PassContext) throws {
         let g = arena.grads, gradients = BatchNorm2d.ParameterGradients(gamma: g + weight.offset, beta: g + bias.offset)
         if context.training {
             var saved = BatchNorm2d.Saved(mean: mean.pointer, invStd: invStd.pointer,
                                           statistics: UnsafeMutableBufferPointer(start: statistics.pointer, count: 2 * channels + 1))
             saved.globalCount = globalCount
-            try BatchNorm2d.backwardTraining(shape, gradInput: gradInput, gradients: gradients, gradOutput: gradOutput, input: input,
-                                             gamma: arena.params + weight.offset, saved: saved, reducer: context.reducer, reluOutput: reluOutput,
-                                             accumulate: false)
+            try BatchNorm2d.backwardTraining(shape, gradInput: gradInput, gradients: gradients, gradOutput: gradOutput.floats,
+                                             gradOutputBF16: gradOutput.halves, input: input,
+                                             gamma: arena.params + weight.offset, beta: arena.params + bias.offset, saved: saved,
+                                             reducer: context.reducer, relu: relu, accumulate: false)
         } else {
-            BatchNorm2d.backwardInference(shape, gradInput: gradInput, gradients: gradients, gradOutput: gradOutput, input: input,
-                                          parameters: parameters(arena), reluOutput: reluOutput, accumulate: false)
+            BatchNorm2d.backwardInference(shape, gradInput: gradInput, gradients: gradients, gradOutput: gradOutput.floats,
+                                          gradOutputBF16: gradOutput.halves, input: input, parameters: parameters(arena), relu: relu,
+                                          accumulate: false)
         }
     }
 }
@@ -128,7 +130,8 @@ struct Activation {
 /// - The output gradients of the units inside a residual block live from the backward of the layer
 ///   after a unit to the unit's own: the block's units take turns with two rooms (the last unit the
 ///   first, its predecessor the second, and so on; the downsample the second, consumed before the
-///   units run), which every block reuses.
+///   units run), which every block reuses; two more take the same turns where a bf16 pass keeps those
+///   gradients as bf16 bits.
 /// - The blocks' output gradients: block k's in room k % 2, written by the backward of block k + 1 (its
 ///   first writer overwrites) and read by block k's, while block k + 1 reads the other room.
 /// - The outputs of the blocks' last units and of their downsamples are read only by the block's
@@ -139,17 +142,23 @@ struct Activation {
 final class SharedRooms {
     let convGradient = Scratch<Float>(), convGradientBF16 = Scratch<UInt16>()
     private let unitGradients = (Scratch<Float>(), Scratch<Float>())
+    private let unitGradientsBF16 = (Scratch<UInt16>(), Scratch<UInt16>())
     private let blockGradients = (Scratch<Float>(), Scratch<Float>())
     private let sumInputs = (branch: Scratch<Float>(), identity: Scratch<Float>())
     /// false: every unit and block gets a room of its own (the same values, more memory).
     let shares: Bool
     init(shares: Bool) { self.shares = shares }
 
-    private func room(_ shared: Scratch<Float>) -> Scratch<Float> { shares ? shared : Scratch<Float>() }
+    private func room<T>(_ shared: Scratch<T>) -> Scratch<T> { shares ? shared : Scratch<T>() }
 
     /// The output gradient's room of unit `k` of a block of `count` units (the downsample: `count`).
     func unitGradient(_ k: Int, of count: Int) -> Scratch<Float> {
         room(k == count || (count - 1 - k) % 2 == 1 ? unitGradients.1 : unitGradients.0)
+    }
+
+    /// The room of that gradient's bf16 bits, where a pass keeps it so (the same turns).
+    func unitGradientBF16(_ k: Int, of count: Int) -> Scratch<UInt16> {
+        room(k == count || (count - 1 - k) % 2 == 1 ? unitGradientsBF16.1 : unitGradientsBF16.0)
     }
 
     /// Block k's output gradient.
@@ -189,19 +198,22 @@ final class ConvBNUnit {
     /// room every block's unit in that place shares (`SharedRooms.sumInput`).
     let output: Scratch<Float>
     /// The output's gradient: the unit's own, or a room it shares with units whose gradients live at
-    /// other times (`SharedRooms.unitGradient`).
+    /// other times (`SharedRooms.unitGradient`); and the room of its bf16 bits, where a pass keeps them
+    /// instead (`UnitStep.gradOutputHalves`).
     let gradOutput: Scratch<Float>
+    let gradOutputBF16: Scratch<UInt16>
     /// oneDNN's primitives or im2col + sgemm, per geometry (`Convolution.policy`).
     let kernels = Convolution()
 
     init(_ layout: inout ParameterLayout, conv convName: String, bn bnName: String, inChannels: Int, outChannels: Int,
          kernel: Int, stride: Int, padding: Int, relu: Bool, rooms: SharedRooms, gradOutput: Scratch<Float>? = nil,
-         output: Scratch<Float>? = nil) throws {
+         gradOutputBF16: Scratch<UInt16>? = nil, output: Scratch<Float>? = nil) throws {
         // A shared output is gone by backward: only a unit without a ReLU (no mask to read) may have one.
         precondition(output == nil || !relu, "\(convName): a unit with a ReLU keeps its own output")
         self.rooms = rooms
         self.name = convName
         self.gradOutput = gradOutput ?? Scratch<Float>()
+        self.gradOutputBF16 = gradOutputBF16 ?? Scratch<UInt16>()
         self.output = output ?? Scratch<Float>()
         conv = try layout.add("\(convName).weight", shape: [outChannels, inChannels, kernel, kernel])
         bn = try BatchNormLayer(&layout, bnName, channels: outChannels)
@@ -244,24 +256,39 @@ final class ConvBNUnit {
         let x = convOutput(step)
         try bn.forward(arena, output: BatchNorm2d.Destination(floats: y, halves: y16), input: x, shape: normShape(step), relu: relu,
                        context: context)
-        if zeroGradient { gradOutput.zeroed(count) } else { gradOutput.ensure(count) }
+        if step.gradOutputHalves {
+            precondition(!zeroGradient, "\(name): a gradient kept in bf16 is written whole")
+            gradOutputBF16.ensure(count)
+        } else if zeroGradient {
+            gradOutput.zeroed(count)
+        } else {
+            gradOutput.ensure(count)
+        }
         return output(step)
     }
 
-    /// Consumes `gradOutput` (filled by the layers after this unit) and accumulates into gradInput, or
-    /// overwrites it where `accumulate` is false (the gradient of an input no other layer reads). Where
-    /// the convolution reads its output gradient in bf16 (`step.gradHalves`), batch norm's backward
-    /// writes only those bits.
-    func backward(_ arena: ParameterArena, gradInput: UnsafeMutablePointer<Float>?, input: Activation, step: UnitStep,
+    /// Where the layers after this unit write its output gradient in `step`: the floats, or the bf16 bits.
+    func gradientDestination(_ step: UnitStep) -> BatchNorm2d.Destination {
+        step.gradOutputHalves ? BatchNorm2d.Destination(halves: gradOutputBF16.pointer) : .floats(gradOutput.pointer)
+    }
+
+    /// Consumes `gradOutput` (filled by the layers after this unit; its floats rounded to bf16 here where
+    /// `step.roundsGradient`, or its bf16 bits) and accumulates into gradInput, or overwrites it where
+    /// `accumulate` is false (the gradient of an input no other layer reads); gradInput's bf16 bits are
+    /// written instead where the unit before keeps its gradient so. Where the convolution reads its
+    /// output gradient in bf16 (`step.gradHalves`), batch norm's backward writes only those bits.
+    func backward(_ arena: ParameterArena, gradInput: BatchNorm2d.Destination, input: Activation, step: UnitStep,
                   workspace: Scratch<Float>, accumulate: Bool = true, context: PassContext) throws {
         let g = step.geometry, count = g.outputCount
-        let y = output(step), x = convOutput(step)
-        let mask = relu ? ReLUMask(y.floats, y.halves) : nil
+        let x = convOutput(step)
         let dc = step.gradHalves ? nil : rooms.convGradient.ensure(count), dc16 = step.gradHalves ? rooms.convGradientBF16.ensure(count) : nil
-        try bn.backward(arena, gradInput: BatchNorm2d.Destination(floats: dc, halves: dc16), gradOutput: gradOutput.pointer, input: x,
-                        reluOutput: mask, shape: normShape(step), context: context)
-        try kernels.backward(gradInput: gradInput, gradWeight: arena.grads + conv.offset, gradOutput: dc.map { UnsafePointer($0) },
-                             gradOutputBF16: dc16.map { UnsafePointer($0) }, input: input.floats,
+        if step.roundsGradient && !step.gradOutputHalves { BF16.round(gradOutput.pointer, gradOutput.pointer, count: count) }
+        try bn.backward(arena, gradInput: BatchNorm2d.Destination(floats: dc, halves: dc16),
+                        gradOutput: step.gradOutputHalves ? .bf16(gradOutputBF16.pointer) : .fp32(gradOutput.pointer), input: x,
+                        relu: relu, shape: normShape(step), context: context)
+        precondition(gradInput.halves == nil || !accumulate, "\(name): a bf16 input gradient is written whole")
+        try kernels.backward(gradInput: gradInput.floats, gradInputBF16: gradInput.halves, gradWeight: arena.grads + conv.offset,
+                             gradOutput: dc.map { UnsafePointer($0) }, gradOutputBF16: dc16.map { UnsafePointer($0) }, input: input.floats,
                              inputBF16: step.inputHalves ? input.halves : nil,
                              weight: arena.params + conv.offset, geometry: g,
                              workspace: workspace.ensure(Convolution.workspaceCount(g, precision: context.precision)), precision: context.precision,
@@ -287,19 +314,20 @@ final class ResidualBlock {
         self.gradOutput = gradOutput
         let n = block == .basic ? 2 : 3
         func room(_ k: Int) -> Scratch<Float> { rooms.unitGradient(k, of: n) }
+        func roomBF16(_ k: Int) -> Scratch<UInt16> { rooms.unitGradientBF16(k, of: n) }
         switch block {
         case .basic:
             units = [
-                try ConvBNUnit(&layout, conv: "\(name).conv1", bn: "\(name).bn1", inChannels: inChannels, outChannels: planes, kernel: 3, stride: stride, padding: 1, relu: true, rooms: rooms, gradOutput: room(0)),
-                try ConvBNUnit(&layout, conv: "\(name).conv2", bn: "\(name).bn2", inChannels: planes, outChannels: planes, kernel: 3, stride: 1, padding: 1, relu: false, rooms: rooms, gradOutput: room(1),
+                try ConvBNUnit(&layout, conv: "\(name).conv1", bn: "\(name).bn1", inChannels: inChannels, outChannels: planes, kernel: 3, stride: stride, padding: 1, relu: true, rooms: rooms, gradOutput: room(0), gradOutputBF16: roomBF16(0)),
+                try ConvBNUnit(&layout, conv: "\(name).conv2", bn: "\(name).bn2", inChannels: planes, outChannels: planes, kernel: 3, stride: 1, padding: 1, relu: false, rooms: rooms, gradOutput: room(1), gradOutputBF16: roomBF16(1),
                                output: rooms.sumInput(identity: false)),
             ]
             outChannels = planes
         case .bottleneck:
             units = [
-                try ConvBNUnit(&layout, conv: "\(name).conv1", bn: "\(name).bn1", inChannels: inChannels, outChannels: planes, kernel: 1, stride: 1, padding: 0, relu: true, rooms: rooms, gradOutput: room(0)),
-                try ConvBNUnit(&layout, conv: "\(name).conv2", bn: "\(name).bn2", inChannels: planes, outChannels: planes, kernel: 3, stride: stride, padding: 1, relu: true, rooms: rooms, gradOutput: room(1)),
-                try ConvBNUnit(&layout, conv: "\(name).conv3", bn: "\(name).bn3", inChannels: planes, outChannels: planes * 4, kernel: 1, stride: 1, padding: 0, relu: false, rooms: rooms, gradOutput: room(2),
+                try ConvBNUnit(&layout, conv: "\(name).conv1", bn: "\(name).bn1", inChannels: inChannels, outChannels: planes, kernel: 1, stride: 1, padding: 0, relu: true, rooms: rooms, gradOutput: room(0), gradOutputBF16: roomBF16(0)),
+                try ConvBNUnit(&layout, conv: "\(name).conv2", bn: "\(name).bn2", inChannels: planes, outChannels: planes, kernel: 3, stride: stride, padding: 1, relu: true, rooms: rooms, gradOutput: room(1), gradOutputBF16: roomBF16(1)),
+                try ConvBNUnit(&layout, conv: "\(name).conv3", bn: "\(name).bn3", inChannels: planes, outChannels: planes * 4, kernel: 1, stride: 1, padding: 0, relu: false, rooms: rooms, gradOutput: room(2), gradOutputBF16: roomBF16(2),
                                output: rooms.sumInput(identity: false)),
             ]
             outChannels = planes * 4
@@ -307,7 +335,7 @@ final class ResidualBlock {
         if stride != 1 || inChannels != outChannels {
             downsample = try ConvBNUnit(&layout, conv: "\(name).downsample.0", bn: "\(name).downsample.1", inChannels: inChannels,
                                         outChannels: outChannels, kernel: 1, stride: stride, padding: 0, relu: false, rooms: rooms,
-                                        gradOutput: room(n), output: rooms.sumInput(identity: true))
+                                        gradOutput: room(n), gradOutputBF16: roomBF16(n), output: rooms.sumInput(identity: true))
         } else {
             downsample = nil
         }
@@ -346,19 +374,20 @@ final class ResidualBlock {
                   workspace: Scratch<Float>, context: PassContext) throws {
         let count = step.count
         // d(branch) = d(identity) = dy masked by the final ReLU, in one pass.
-        let last = units[units.count - 1]
+        let n = units.count, last = units[n - 1]
         if let downsample {
-            Residual.backwardReLU(gradBranch: last.gradOutput.pointer, gradIdentity: downsample.gradOutput.pointer, accumulateIdentity: false,
+            Residual.backwardReLU(gradBranch: last.gradientDestination(step.units[n - 1]),
+                                  gradIdentity: downsample.gradientDestination(step.downsample!), accumulateIdentity: false,
                                   gradOutput: gradOutput.pointer, output: output.pointer, count: count)
-            try downsample.backward(arena, gradInput: gradInput, input: input, step: step.downsample!, workspace: workspace, accumulate: false,
-                                    context: context)
+            try downsample.backward(arena, gradInput: .floats(gradInput), input: input, step: step.downsample!, workspace: workspace,
+                                    accumulate: false, context: context)
         } else {
-            Residual.backwardReLU(gradBranch: last.gradOutput.pointer, gradIdentity: gradInput, accumulateIdentity: false,
+            Residual.backwardReLU(gradBranch: last.gradientDestination(step.units[n - 1]), gradIdentity: .floats(gradInput), accumulateIdentity: false,
                                   gradOutput: gradOutput.pointer, output: output.pointer, count: count)
         }
-        for k in stride(from: units.count - 1, through: 0, by: -1) {
+        for k in stride(from: n - 1, through: 0, by: -1) {
             let unitInput = k == 0 ? input : units[k - 1].output(step.units[k - 1])
-            let unitGradInput = k == 0 ? gradInput : units[k - 1].gradOutput.pointer
+            let unitGradInput = k == 0 ? .floats(gradInput) : units[k - 1].gradientDestination(step.units[k - 1])
             try units[k].backward(arena, gradInput: unitGradInput, input: unitInput, step: step.units[k], workspace: workspace,
                                   accumulate: k == 0, context: context)
         }
@@ -524,8 +553,8 @@ public final class ResNet {
             MaxPool2d.backward(gradInput: stem.gradOutput.pointer, gradOutput: poolGrad.pointer, indices: poolIndices.pointer,
                                planes: planes, inPlane: inPlane, outPlane: outPlane)
         }
-        try stem.backward(arena, gradInput: nil, input: Activation(floats: inputImages.pointer), step: pass.stem, workspace: workspace,
-                          context: context)
+        try stem.backward(arena, gradInput: BatchNorm2d.Destination(), input: Activation(floats: inputImages.pointer), step: pass.stem,
+                          workspace: workspace, context: context)
         try context.gradientsReady?(stemRange)
     }
 

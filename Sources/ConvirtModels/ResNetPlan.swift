@@ -16,6 +16,11 @@ struct UnitStep {
     let convHalves: Bool
     /// Whether the convolution reads its input, and its output gradient, as bf16 bits.
     let inputHalves, gradHalves: Bool
+    /// Whether the unit's output gradient is rounded to bf16 before batch norm's backward reads it (a
+    /// bf16 pass, as autocast returns a bf16 layer's input gradient in bf16), and whether it is kept as
+    /// those bf16 bits (written so by the next convolution's backward, or by the residual sum's),
+    /// else as floats rounded in place.
+    let roundsGradient, gradOutputHalves: Bool
 }
 
 /// What one residual block does in a planned pass.
@@ -71,18 +76,28 @@ extension ResNet {
         let bf16Copies = key.bf16Copies && stem.kernels.takesBF16(precision, layout)
         needs.need(inputImages, batch * 3 * key.size * key.size, "images")
         var workspaceCount = 1
-        func unit(_ u: ConvBNUnit, height: Int, layouts: Convolution.Layouts, outputs: (floats: Bool, halves: Bool)) throws -> UnitStep {
+        /// `inBlock`: a residual block's unit, whose output gradient is rounded to bf16 in a bf16 pass (the
+        /// stem's comes from the max pool's backward, which keeps floats), and kept as bf16 bits where the
+        /// pass keeps bf16 copies (its writer, a convolution's backward on oneDNN's bf16 kernels or the
+        /// residual sum's, writes them as they are; batch norm reads them outside NCHW).
+        func unit(_ u: ConvBNUnit, height: Int, layouts: Convolution.Layouts, outputs: (floats: Bool, halves: Bool),
+                  inBlock: Bool = true) throws -> UnitStep {
             let g = try Conv2dGeometry(batch: batch, inChannels: u.inChannels, height: height, width: height, outChannels: u.outChannels,
                                        kernel: u.kernel, stride: u.stride, padding: u.padding)
             let step = UnitStep(geometry: g, layouts: layouts, outputs: outputs,
                                 convHalves: u.keepsBF16ConvOutput && u.kernels.takesBF16(precision, layouts.output),
-                                inputHalves: u.kernels.takesBF16(precision, layouts.input), gradHalves: u.kernels.takesBF16(precision, layouts.output))
+                                inputHalves: u.kernels.takesBF16(precision, layouts.input), gradHalves: u.kernels.takesBF16(precision, layouts.output),
+                                roundsGradient: inBlock && precision == .bf16, gradOutputHalves: inBlock && bf16Copies)
             let count = g.outputCount
             if step.convHalves { needs.need(u.convOutBF16, count, "\(u.name) output (bf16)") } else { needs.need(u.convOut, count, "\(u.name) output") }
             workspaceCount = max(workspaceCount, Convolution.workspaceCount(g, precision: precision))
             if outputs.floats { needs.need(u.output, count, "\(u.name) unit output") }
             if outputs.halves { needs.need(u.outputBF16, count, "\(u.name) unit output (bf16)") }
-            needs.need(u.gradOutput, count, "\(u.name) unit output gradient")
+            if step.gradOutputHalves {
+                needs.need(u.gradOutputBF16, count, "\(u.name) unit output gradient (bf16)")
+            } else {
+                needs.need(u.gradOutput, count, "\(u.name) unit output gradient")
+            }
             if step.gradHalves {
                 needs.need(rooms.convGradientBF16, count, "\(u.name) output gradient (bf16)")
             } else {
@@ -90,7 +105,8 @@ extension ResNet {
             }
             return step
         }
-        let stemStep = try unit(stem, height: key.size, layouts: Convolution.Layouts(input: .nchw, output: layout), outputs: (true, false))
+        let stemStep = try unit(stem, height: key.size, layouts: Convolution.Layouts(input: .nchw, output: layout), outputs: (true, false),
+                                inBlock: false)
         let s2 = MaxPool2d.outputSize(stemStep.geometry.outHeight, kernel: 3, stride: 2, padding: 1)
         let pooled = batch * config.width * s2 * s2
         needs.need(poolOutput, pooled, "max pool output")

@@ -60,16 +60,15 @@ struct ChannelsLastTests {
             try r.y.withUnsafeMutableBufferPointer { y in try r.dx.withUnsafeMutableBufferPointer { dx in
             try r.dGamma.withUnsafeMutableBufferPointer { dGamma in try r.dBeta.withUnsafeMutableBufferPointer { dBeta in
             let gradients = BatchNorm2d.ParameterGradients(gamma: dGamma.baseAddress!, beta: dBeta.baseAddress!)
-            let mask: ReLUMask? = relu ? .fp32(y.baseAddress!) : nil
             if training {
                 try BatchNorm2d.forwardTraining(shape, output: .floats(y.baseAddress!), input: input, parameters: parameters, saved: &saved,
                                                 relu: relu)
                 try BatchNorm2d.backwardTraining(shape, gradInput: .floats(dx.baseAddress!), gradients: gradients, gradOutput: dy, input: input,
-                                                 gamma: gamma, saved: saved, reluOutput: mask, accumulate: accumulate)
+                                                 gamma: gamma, beta: beta, saved: saved, relu: relu, accumulate: accumulate)
             } else {
                 BatchNorm2d.forwardInference(shape, output: .floats(y.baseAddress!), input: input, parameters: parameters, relu: relu)
                 BatchNorm2d.backwardInference(shape, gradInput: .floats(dx.baseAddress!), gradients: gradients, gradOutput: dy, input: input,
-                                              parameters: parameters, reluOutput: mask, accumulate: accumulate)
+                                              parameters: parameters, relu: relu, accumulate: accumulate)
             }
             } } } }
             }
@@ -130,7 +129,7 @@ struct ChannelsLastTests {
     }
 
     // The copies ResNet keeps for oneDNN's bf16 convolutions (ResNet.keepsBF16Activations).
-    @Test("BatchNorm's bf16 outputs are its float outputs' bf16 bits, and its bf16 ReLU mask acts as the float one",
+    @Test("BatchNorm's bf16 outputs are its float outputs' bf16 bits, and its bf16 input gradient the float one's",
           arguments: [(2, 16, 300), (3, 32, 49), (2, 20, 17)])
     func batchNormBF16(n: Int, c: Int, plane: Int) throws {
         let count = n * c * plane
@@ -158,19 +157,18 @@ struct ChannelsLastTests {
                     let gradients = BatchNorm2d.ParameterGradients(gamma: dGamma.baseAddress!, beta: dBeta.baseAddress!)
                     let both = BatchNorm2d.Destination(floats: y.baseAddress!, halves: y16.baseAddress!)
                     let halvesOnly = BatchNorm2d.Destination(halves: only16.baseAddress!)
-                    let mask: ReLUMask? = relu ? .bf16(only16.baseAddress!) : nil
                     if training {
                         try BatchNorm2d.forwardTraining(shape, output: both, input: input, parameters: parameters, saved: &saved, relu: relu)
                         try BatchNorm2d.forwardTraining(shape, output: halvesOnly, input: input, parameters: parameters2, saved: &saved,
                                                         relu: relu)
                         try BatchNorm2d.backwardTraining(shape, gradInput: BatchNorm2d.Destination(halves: dx16.baseAddress!), gradients: gradients,
-                                                         gradOutput: dy, input: input, gamma: gamma, saved: saved, reluOutput: mask,
-                                                         accumulate: false)
+                                                         gradOutput: dy, input: input, gamma: gamma, beta: beta, saved: saved,
+                                                         relu: relu, accumulate: false)
                     } else {
                         BatchNorm2d.forwardInference(shape, output: both, input: input, parameters: parameters, relu: relu)
                         BatchNorm2d.forwardInference(shape, output: halvesOnly, input: input, parameters: parameters, relu: relu)
                         BatchNorm2d.backwardInference(shape, gradInput: BatchNorm2d.Destination(halves: dx16.baseAddress!), gradients: gradients,
-                                                      gradOutput: dy, input: input, parameters: parameters, reluOutput: mask, accumulate: false)
+                                                      gradOutput: dy, input: input, parameters: parameters, relu: relu, accumulate: false)
                     }
                 } } } } } } }
                 }

@@ -254,22 +254,36 @@ struct FusedKernelTests {
         }
     }
 
-    @Test("BatchNorm with a fused ReLU equals BatchNorm then ReLU, forward and backward (training and evaluation)",
-          arguments: [(2, 3, 17), (3, 2, 64), (1, 5, 1)])
+    // The backward never reads the forward's output: it recomputes the ReLU's gate from the input with the
+    // forward's arithmetic (CK_BN_SHIFTED, the same scale), so the gate is that output's sign, bit for bit.
+    // Channels 0 and 1 are constant at the mean (training: the batch mean is exact; evaluation: the running
+    // mean), so their output before the ReLU is their beta: +0 (closed) and a subnormal 1e-40 (open);
+    // channel 2's beta is -0.
+    @Test("BatchNorm with a fused ReLU equals BatchNorm then ReLU bit for bit, forward and backward (every layout, training and evaluation, bf16 input)",
+          arguments: [(2, 3, 17), (3, 2, 64), (1, 5, 1), (2, 16, 300), (3, 32, 49)])
     func batchNormReLU(n: Int, c: Int, plane: Int) throws {
         let count = n * c * plane
-        let x = randomFloats(count, seed: 40, scale: 2), dy = randomFloats(count, seed: 41)
-        let gamma = randomFloats(c, seed: 42), beta = randomFloats(c, seed: 43)
-        for training in [true, false] {
+        var x = randomFloats(count, seed: 40, scale: 2)
+        for i in 0..<count where (i / plane) % c < 2 { x[i] = 0.5 }
+        let dy = randomFloats(count, seed: 41)
+        var gamma = randomFloats(c, seed: 42), beta = randomFloats(c, seed: 43)
+        beta[0] = 0
+        beta[1] = 1e-40
+        if c > 2 { beta[2] = -0.0 }
+        gamma[1] = -abs(gamma[1])
+        for layout in ActivationLayout.allCases where layout.holds(channels: c) {
+        for training in [true, false] { for halves in [false, true] where layout != .nchw || !halves {
+            let xl = toLayout(x, layout, n: n, c: c, plane: plane), dyl = toLayout(dy, layout, n: n, c: c, plane: plane)
+            let x16 = xl.map(BF16.bits)
             func run(fused: Bool) throws -> (y: [Float], dx: [Float], dGamma: [Float], dBeta: [Float]) {
                 var y = [Float](repeating: 0, count: count), dx = [Float](repeating: 7, count: count)
                 var dGamma = [Float](repeating: 0, count: c), dBeta = [Float](repeating: 0, count: c)
-                var runningMean = [Float](repeating: 0.1, count: c), runningVar = [Float](repeating: 0.9, count: c)
-                let shape = BatchNorm2d.Shape(batch: n, channels: c, plane: plane)
+                var runningMean = [Float](repeating: 0.5, count: c), runningVar = [Float](repeating: 0.9, count: c)
+                let shape = BatchNorm2d.Shape(batch: n, channels: c, plane: plane, layout: layout)
                 try withBatchNormScratch(channels: c) { saved in
                     try withBatchNormParameters(gamma: gamma, beta: beta, runningMean: &runningMean, runningVar: &runningVar) { parameters in
-                    try x.withUnsafeBufferPointer { xb in
-                        let input = RowValues.fp32(xb.baseAddress!)
+                    try xl.withUnsafeBufferPointer { xb in try x16.withUnsafeBufferPointer { x16b in
+                        let input: RowValues = halves ? .bf16(x16b.baseAddress!) : .fp32(xb.baseAddress!)
                         try y.withUnsafeMutableBufferPointer { yb in
                             if training {
                                 try BatchNorm2d.forwardTraining(shape, output: .floats(yb.baseAddress!), input: input, parameters: parameters,
@@ -279,31 +293,33 @@ struct FusedKernelTests {
                             }
                         }
                         if !fused { ReLU.forward(output: &y, input: y, count: count) }
-                        var g = dy
+                        var g = dyl
                         if !fused { ReLU.maskGradient(&g, output: y, count: count) }
-                        try y.withUnsafeBufferPointer { yb in try dx.withUnsafeMutableBufferPointer { dxb in
+                        try dx.withUnsafeMutableBufferPointer { dxb in
                         try dGamma.withUnsafeMutableBufferPointer { dg in try dBeta.withUnsafeMutableBufferPointer { db in
                             let gradients = BatchNorm2d.ParameterGradients(gamma: dg.baseAddress!, beta: db.baseAddress!)
-                            let mask: ReLUMask? = fused ? .fp32(yb.baseAddress!) : nil
                             if training {
                                 try BatchNorm2d.backwardTraining(shape, gradInput: .floats(dxb.baseAddress!), gradients: gradients, gradOutput: g,
-                                                                 input: input, gamma: gamma, saved: saved, reluOutput: mask, accumulate: !fused)
+                                                                 input: input, gamma: gamma, beta: beta, saved: saved, relu: fused, accumulate: false)
                             } else {
                                 BatchNorm2d.backwardInference(shape, gradInput: .floats(dxb.baseAddress!), gradients: gradients, gradOutput: g,
-                                                              input: input, parameters: parameters, reluOutput: mask, accumulate: !fused)
+                                                              input: input, parameters: parameters, relu: fused, accumulate: false)
                             }
-                        } } } }
-                    }
+                        } } }
+                    } }
                     }
                 }
-                // The separate path accumulated onto 7s; the fused one overwrote them.
-                return (y, fused ? dx : dx.map { $0 - 7 }, dGamma, dBeta)
+                return (y, dx, dGamma, dBeta)
             }
             let separate = try run(fused: false), fused = try run(fused: true)
-            #expect(fused.y == separate.y)
-            #expect(fused.dGamma == separate.dGamma && fused.dBeta == separate.dBeta)
-            let scale = separate.dx.map { abs($0) }.max() ?? 1
-            #expect(zip(fused.dx, separate.dx).allSatisfy { abs($0 - $1) <= 1e-6 * max(scale, 1) }, "training \(training)")
+            let what = "\(layout) n \(n) c \(c) plane \(plane) training \(training) bf16 input \(halves)"
+            #expect(fused.y.map(\.bitPattern) == separate.y.map(\.bitPattern), "output, \(what)")
+            #expect(fused.dx.map(\.bitPattern) == separate.dx.map(\.bitPattern), "input gradient, \(what)")
+            #expect(fused.dGamma == separate.dGamma && fused.dBeta == separate.dBeta, "parameter gradients, \(what)")
+            // The edge channels: +0 closes the gate, the subnormal opens it.
+            let first = toLayout((0..<count).map { Float(($0 / plane) % c) }, layout, n: n, c: c, plane: plane)
+            #expect(zip(first, fused.y).allSatisfy { $0 != 0 || $1 == 0 } && zip(first, fused.y).allSatisfy { $0 != 1 || $1 == 1e-40 }, "\(what)")
+        } }
         }
     }
 
@@ -324,10 +340,22 @@ struct FusedKernelTests {
         #expect(zip(y, expected).allSatisfy { $0.bitPattern == $1.bitPattern })
         let masked = zip(y, dy).map { $0 > 0 ? $1 : 0 }
         var branch = [Float](repeating: 9, count: count), identity = [Float](repeating: 2, count: count)
-        Residual.backwardReLU(gradBranch: &branch, gradIdentity: &identity, accumulateIdentity: true, gradOutput: dy, output: y, count: count)
-        #expect(branch == masked && identity == masked.map { $0 + 2 })
-        Residual.backwardReLU(gradBranch: &branch, gradIdentity: &identity, accumulateIdentity: false, gradOutput: dy, output: y, count: count)
-        #expect(branch == masked && identity == masked)
+        var branch16 = [UInt16](repeating: 9, count: count), identity16 = branch16
+        branch.withUnsafeMutableBufferPointer { branch in identity.withUnsafeMutableBufferPointer { identity in
+        branch16.withUnsafeMutableBufferPointer { branch16 in identity16.withUnsafeMutableBufferPointer { identity16 in
+            let (b, i) = (branch.baseAddress!, identity.baseAddress!), (b16, i16) = (branch16.baseAddress!, identity16.baseAddress!)
+            Residual.backwardReLU(gradBranch: .floats(b), gradIdentity: .floats(i), accumulateIdentity: true, gradOutput: dy, output: y, count: count)
+            #expect(Array(branch) == masked && Array(identity) == masked.map { $0 + 2 })
+            Residual.backwardReLU(gradBranch: .floats(b), gradIdentity: .floats(i), accumulateIdentity: false, gradOutput: dy, output: y, count: count)
+            #expect(Array(branch) == masked && Array(identity) == masked)
+            // Either gradient as bf16 bits (the units' gradients of a bf16 pass).
+            Residual.backwardReLU(gradBranch: BatchNorm2d.Destination(halves: b16), gradIdentity: .floats(i), accumulateIdentity: true,
+                                  gradOutput: dy, output: y, count: count)
+            #expect(Array(branch16) == masked.map(BF16.bits) && Array(identity) == masked.map { 2 * $0 })
+            Residual.backwardReLU(gradBranch: .floats(b), gradIdentity: BatchNorm2d.Destination(halves: i16), accumulateIdentity: false,
+                                  gradOutput: dy, output: y, count: count)
+            #expect(Array(branch) == masked && Array(identity16) == masked.map(BF16.bits))
+        } } } }
     }
 }
 

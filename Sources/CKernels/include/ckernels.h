@@ -19,8 +19,10 @@ void ck_bf16_round(float *dst, const float *src, long count);
 // elements (element i of a block into lane i % 16, the lanes then added in order), double across
 // blocks. sum(x) and sum(x^2):
 void ck_blocked_sums(const float *x, long count, double *sum, double *squares);
-// sum(g) and sum(g * (x - mean)) * invStd with g = dy, or g = dy where mask > 0 (mask may be NULL):
-void ck_blocked_gradient_sums(const float *dy, const float *x, const float *mask, float mean, float inv_std, long count,
+// sum(g) and sum(g * (x - mean)) * invStd with g = dy, or with relu (a ReLU fused after the forward) g = dy
+// where the forward's output before it, (x - mean) * scale + shift, was positive (the forward's arithmetic,
+// so the same gate as its output's sign):
+void ck_blocked_gradient_sums(const float *dy, const float *x, float mean, float inv_std, int relu, float scale, float shift, long count,
                               double *sum, double *product);
 
 // Each of the `rows` rows of `p` ([rows, tokens]) in place -> softmax over the keys j with valid[j] != 0
@@ -49,22 +51,31 @@ void ck_dropout_forward(float *out, const float *in, long start, long end, uint6
 // Backward: dx[i] += dy[i] * scale where draw >= limit (dx unchanged elsewhere).
 void ck_dropout_backward(float *dx, const float *dy, long start, long end, uint64_t seed, uint64_t stream, uint32_t limit, float scale);
 
-// BatchNorm over rows of channels. The input comes as floats (x) or as bf16 bits (x16, x then NULL). A
-// ReLU's output as a mask comes as floats (mask) or as its bf16 copy (mask16), either may be NULL; y16 /
-// dx16 (where given) take the output's bf16 bits (as ck_bf16_bits), y / dx may then be NULL (dx16
-// overwrites: accumulate 0).
-void ck_channel_sums(const float *x, const uint16_t *x16, const float *dy, const float *mask, const uint16_t *mask16, const float *mean,
-                     long rows, long stride, long width, double *first, double *second);
+// BatchNorm over rows of channels. The input, and the output gradient, come as floats (x, dy) or as bf16
+// bits (x16, dy16; the other then NULL); y16 / dx16 (where given) take the output's bf16 bits (as
+// ck_bf16_bits), y / dx may then be NULL (dx16 overwrites: accumulate 0). A ReLU fused after the forward is recomputed in the backward from the input:
+// gate_scale and gate_shift (NULL: no ReLU) are the forward's scale and shift, and the gradient flows
+// where (x - mean) * scale + shift, the forward's output before the ReLU, was positive.
+void ck_channel_sums(const float *x, const uint16_t *x16, const float *dy, const uint16_t *dy16, const float *mean, const float *gate_scale,
+                     const float *gate_shift, long rows, long stride, long width, double *first, double *second);
 void ck_normalize_rows(float *y, uint16_t *y16, const float *x, const uint16_t *x16, long rows, long lanes, const float *mean,
                        const float *scale, const float *shift, int relu);
-void ck_bn_gradient_rows(float *dx, uint16_t *dx16, const float *dy, const float *x, const uint16_t *x16, const float *mask,
-                         const uint16_t *mask16, long rows,
-                         long lanes, const float *k, const float *sum_dy, const float *sum_dyx, const float *mean, const float *inv_std,
-                         float m, int accumulate);
+// y = (x - mean) * scale + shift over one run of a plane (NCHW), max(that, 0) with relu.
+void ck_normalize_run(float *y, const float *x, long count, float mean, float scale, float shift, int relu);
+void ck_bn_gradient_rows(float *dx, uint16_t *dx16, const float *dy, const uint16_t *dy16, const float *x, const uint16_t *x16, long rows,
+                         long lanes,
+                         const float *k, const float *sum_dy, const float *sum_dyx, const float *mean, const float *inv_std,
+                         const float *gate_scale, const float *gate_shift, float m, int accumulate);
+// ck_bn_gradient_rows over one run of a plane (NCHW), with one channel's values: training (k * (m * g - sum_dy
+// - (x - mean) * inv_std * sum_dyx)) or evaluation (g * k); with relu, g = dy where (x - mean) * scale + shift > 0.
+void ck_bn_gradient_run(float *dx, const float *dy, const float *x, long count, float k, int training, float m, float sum_dy, float sum_dyx,
+                        float mean, float inv_std, int relu, float scale, float shift, int accumulate);
 // y = max(a + b, 0) and its bf16 bits into y16 (may be NULL); y may alias a or b.
 void ck_residual_relu(float *y, uint16_t *y16, const float *a, const float *b, long count);
-// g = dy where y > 0 (else 0): branch = g, identity = g (or += g with accumulate).
-void ck_residual_relu_backward(float *branch, float *identity, int accumulate, const float *dy, const float *y, long count);
+// g = dy where y > 0 (else 0): branch = g, identity = g (or += g with accumulate); branch16 / identity16
+// (where given) take g's bf16 bits instead of branch / identity (identity16: accumulate 0).
+void ck_residual_relu_backward(float *branch, uint16_t *branch16, float *identity, uint16_t *identity16, int accumulate, const float *dy,
+                               const float *y, long count);
 void ck_maxpool_rows(float *y, int32_t *idx, const float *x, long height, long width, long lanes, long oh, long ow, long kernel,
                      long stride, long padding, long first_row, long last_row);
 void ck_layernorm_rows(float *y, float *mean, float *inv_std, const float *x, const float *gamma, const float *beta, long rows,

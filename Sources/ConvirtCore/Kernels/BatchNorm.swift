@@ -20,38 +20,15 @@ func blockedSums(_ x: UnsafePointer<Float>, _ count: Int) -> (sum: Double, squar
     return (sum, squares)
 }
 
-/// sum(dy) and sum(dy * (x - mean) * invStd) over a run, blocked as `blockedSums`. With `mask` (the
-/// output of a ReLU that followed), dy counts only where mask > 0: the backward of that ReLU, fused.
+/// sum(dy) and sum(dy * (x - mean) * invStd) over a run, blocked as `blockedSums`. With `gate` (a ReLU
+/// fused after the forward, whose scale and shift it gives), dy counts only where the forward's output
+/// before the ReLU was positive, recomputed from x: the backward of that ReLU, fused.
 @inline(__always)
-func blockedGradientSums(_ dy: UnsafePointer<Float>, _ x: UnsafePointer<Float>, mask: UnsafePointer<Float>?, mean: Float, invStd: Float,
+func blockedGradientSums(_ dy: UnsafePointer<Float>, _ x: UnsafePointer<Float>, mean: Float, invStd: Float, gate: (scale: Float, shift: Float)?,
                          _ count: Int) -> (Double, Double) {
     var sum = 0.0, product = 0.0
-    ck_blocked_gradient_sums(dy, x, mask, mean, invStd, count, &sum, &product)
+    ck_blocked_gradient_sums(dy, x, mean, invStd, gate == nil ? 0 : 1, gate?.scale ?? 0, gate?.shift ?? 0, count, &sum, &product)
     return (sum, product)
-}
-
-/// y = (x - mean) * scale + shift over a run, or max(that, 0) with `relu` (the ReLU after it, fused).
-@inline(__always)
-func normalizeRun(_ y: UnsafeMutablePointer<Float>, _ x: UnsafePointer<Float>, mean: Float, scale: Float, shift: Float, relu: Bool,
-                  _ count: Int) {
-    if relu {
-        for p in 0..<count { y[p] = max((x[p] - mean) * scale + shift, 0) }
-    } else {
-        for p in 0..<count { y[p] = (x[p] - mean) * scale + shift }
-    }
-}
-
-/// dx = value(dy) or dx += value(dy) over a run, dy masked by a following ReLU's output when `mask` is given.
-/// (Every load is unconditional, a select picks: so the loops vectorize.)
-@inline(__always)
-func gradientRun(_ dx: UnsafeMutablePointer<Float>, _ dy: UnsafePointer<Float>, mask: UnsafePointer<Float>?, accumulate: Bool, _ count: Int,
-                 _ value: (Float, Int) -> Float) {
-    switch (mask, accumulate) {
-    case (let mask?, true): for p in 0..<count { let d = dy[p]; dx[p] += value(mask[p] > 0 ? d : 0, p) }
-    case (let mask?, false): for p in 0..<count { let d = dy[p]; dx[p] = value(mask[p] > 0 ? d : 0, p) }
-    case (nil, true): for p in 0..<count { dx[p] += value(dy[p], p) }
-    case (nil, false): for p in 0..<count { dx[p] = value(dy[p], p) }
-    }
 }
 
 public enum BatchNorm2d {
@@ -140,10 +117,10 @@ public enum BatchNorm2d {
         let means = saved.mean, invStds = saved.invStd, gamma = parameters.gamma, beta = parameters.beta
         Parallel.chunks(channels, cost: batch * plane) { range in
             for c in range {
-                let mean = means[c], scale = gamma[c] * invStds[c], shift = beta[c]
+                let mean = means[c], scale = trainingScale(gamma, invStds, c), shift = beta[c]
                 for n in 0..<batch {
                     let offset = (n * channels + c) * plane
-                    normalizeRun(y + offset, x + offset, mean: mean, scale: scale, shift: shift, relu: relu, plane)
+                    ck_normalize_run(y + offset, x + offset, plane, mean, scale, shift, relu ? 1 : 0)
                 }
             }
         }
@@ -178,10 +155,10 @@ public enum BatchNorm2d {
         Parallel.chunks(channels, cost: batch * plane) { range in
             for c in range {
                 // (x - mean) first: exact when x is close to the mean, where x * scale + shift would cancel.
-                let scale = p.gamma[c] / (p.runningVar[c] + shape.eps).squareRoot(), mean = p.runningMean[c], shift = p.beta[c]
+                let scale = inferenceScale(p, c, eps: shape.eps), mean = p.runningMean[c], shift = p.beta[c]
                 for n in 0..<batch {
                     let offset = (n * channels + c) * plane
-                    normalizeRun(y + offset, x + offset, mean: mean, scale: scale, shift: shift, relu: relu, plane)
+                    ck_normalize_run(y + offset, x + offset, plane, mean, scale, shift, relu ? 1 : 0)
                 }
             }
         }
@@ -192,30 +169,35 @@ public enum BatchNorm2d {
     /// by `reducer`) while dgamma += sum(dy * x^) and dbeta += sum(dy) take this rank's share only, since
     /// parameter gradients are summed over ranks afterwards. gradInput accumulates (+=) unless
     /// `accumulate` is false (then it is overwritten); outside NCHW it may be written as bf16 bits instead
-    /// of floats (overwritten). `reluOutput`: the output of the forward pass that ran with `relu: true`
-    /// (outside NCHW its bf16 copy may stand for it); dy then flows only where it is positive (ReLU's
-    /// backward, fused).
-    public static func backwardTraining(_ shape: Shape, gradInput: Destination, gradients: ParameterGradients, gradOutput: UnsafePointer<Float>,
-                                        input: RowValues, gamma: UnsafePointer<Float>, saved: Saved, reducer: StatisticsReducer? = nil,
-                                        reluOutput: ReLUMask? = nil, accumulate: Bool = true) throws {
+    /// of floats (overwritten). dy comes as floats, or outside NCHW as bf16 bits (`gradOutputBF16`, used
+    /// where given: a gradient a bf16 layer wrote). `relu`: the forward ran with `relu: true` (with this
+    /// `beta`); dy then flows only where the forward's output before the ReLU was positive (ReLU's
+    /// backward, fused), recomputed from the input with the forward's arithmetic (`ck_bn_gradient_rows`),
+    /// so the gate is the forward output's sign without reading that output.
+    public static func backwardTraining(_ shape: Shape, gradInput: Destination, gradients: ParameterGradients, gradOutput: UnsafePointer<Float>?,
+                                        gradOutputBF16: UnsafePointer<UInt16>? = nil, input: RowValues, gamma: UnsafePointer<Float>,
+                                        beta: UnsafePointer<Float>? = nil, saved: Saved, reducer: StatisticsReducer? = nil, relu: Bool = false,
+                                        accumulate: Bool = true) throws {
         let channels = shape.channels, batch = shape.batch, plane = shape.plane
         precondition(saved.statistics.count >= 2 * channels + 1, "batch norm statistics scratch too small")
+        precondition(!relu || beta != nil, "batch norm backward: a fused ReLU's gate needs the forward's beta")
+        guard let dy = RowValues(gradOutputBF16 == nil ? gradOutput : nil, gradOutputBF16) else { preconditionFailure("batch norm backward without dy") }
         if shape.layout != .nchw {
-            return try backwardTrainingRows(shape, gradInput: gradInput, gradients: gradients, gradOutput: gradOutput, input: input,
-                                            gamma: gamma, saved: saved, reducer: reducer, reluOutput: reluOutput, accumulate: accumulate)
+            return try backwardTrainingRows(shape, gradInput: gradInput, gradients: gradients, gradOutput: dy, input: input,
+                                            gamma: gamma, beta: beta, saved: saved, reducer: reducer, relu: relu, accumulate: accumulate)
         }
-        guard let dx = gradInput.floats, gradInput.halves == nil, let x = input.floats, reluOutput?.halves == nil else {
+        guard let dx = gradInput.floats, gradInput.halves == nil, let x = input.floats, let gradOutput = dy.floats else {
             preconditionFailure("batch norm backward over NCHW: floats only")
         }
-        let mask = reluOutput?.floats, stats = saved.statistics.baseAddress!
+        let stats = saved.statistics.baseAddress!
         let means = saved.mean, invStds = saved.invStd
+        func gate(_ c: Int) -> (scale: Float, shift: Float)? { relu ? (trainingScale(gamma, invStds, c), beta![c]) : nil }
         Parallel.chunks(channels, cost: batch * plane) { range in
             for c in range {
                 var sdy = 0.0, sdyx = 0.0
                 for n in 0..<batch {
                     let offset = (n * channels + c) * plane
-                    let (a, b) = blockedGradientSums(gradOutput + offset, x + offset, mask: mask.map { $0 + offset },
-                                                     mean: means[c], invStd: invStds[c], plane)
+                    let (a, b) = blockedGradientSums(gradOutput + offset, x + offset, mean: means[c], invStd: invStds[c], gate: gate(c), plane)
                     sdy += a; sdyx += b
                 }
                 stats[c] = sdy
@@ -229,43 +211,43 @@ public enum BatchNorm2d {
         let m = Float(saved.globalCount)
         Parallel.chunks(channels, cost: batch * plane) { range in
             for c in range {
-                let mean = means[c], invStd = invStds[c]
-                let k = gamma[c] * invStd / m
+                let k = gamma[c] * invStds[c] / m, gate = gate(c)
                 let sumDy = Float(stats[c]), sumDyX = Float(stats[channels + c])
                 for n in 0..<batch {
-                    let offset = (n * channels + c) * plane, xc = x + offset
-                    gradientRun(dx + offset, gradOutput + offset, mask: mask.map { $0 + offset }, accumulate: accumulate, plane) { dy, p in
-                        k * (m * dy - sumDy - (xc[p] - mean) * invStd * sumDyX)
-                    }
+                    let offset = (n * channels + c) * plane
+                    ck_bn_gradient_run(dx + offset, gradOutput + offset, x + offset, plane, k, 1, m, sumDy, sumDyX, means[c], invStds[c],
+                                       gate == nil ? 0 : 1, gate?.scale ?? 0, gate?.shift ?? 0, accumulate ? 1 : 0)
                 }
             }
         }
     }
 
     /// Backward of evaluation mode (frozen statistics): dx = dy * gamma / sqrt(runningVar + eps);
-    /// `gradInput` (none at all where no layer needs it), `reluOutput` and `accumulate` as in
-    /// `backwardTraining`.
-    public static func backwardInference(_ shape: Shape, gradInput: Destination, gradients: ParameterGradients, gradOutput: UnsafePointer<Float>,
-                                         input: RowValues, parameters: Parameters, reluOutput: ReLUMask? = nil, accumulate: Bool = true) {
+    /// `gradInput` (none at all where no layer needs it), `relu` and `accumulate` as in `backwardTraining`.
+    public static func backwardInference(_ shape: Shape, gradInput: Destination, gradients: ParameterGradients, gradOutput: UnsafePointer<Float>?,
+                                         gradOutputBF16: UnsafePointer<UInt16>? = nil, input: RowValues, parameters: Parameters,
+                                         relu: Bool = false, accumulate: Bool = true) {
+        guard let dy = RowValues(gradOutputBF16 == nil ? gradOutput : nil, gradOutputBF16) else { preconditionFailure("batch norm backward without dy") }
         if shape.layout != .nchw {
-            return backwardInferenceRows(shape, gradInput: gradInput, gradients: gradients, gradOutput: gradOutput, input: input,
-                                         parameters: parameters, reluOutput: reluOutput, accumulate: accumulate)
+            return backwardInferenceRows(shape, gradInput: gradInput, gradients: gradients, gradOutput: dy, input: input,
+                                         parameters: parameters, relu: relu, accumulate: accumulate)
         }
-        guard gradInput.halves == nil, reluOutput?.halves == nil, let x = input.floats else {
+        guard gradInput.halves == nil, let x = input.floats, let gradOutput = dy.floats else {
             preconditionFailure("batch norm backward over NCHW: floats only")
         }
         let channels = shape.channels, batch = shape.batch, plane = shape.plane, p = parameters, dx = gradInput.floats
         Parallel.chunks(channels, cost: batch * plane) { range in
             for c in range {
-                let invStd = 1 / (p.runningVar[c] + shape.eps).squareRoot(), mean = p.runningMean[c]
+                let invStd = 1 / (p.runningVar[c] + shape.eps).squareRoot(), mean = p.runningMean[c], k = p.gamma[c] * invStd
+                let gate = relu ? (scale: inferenceScale(p, c, eps: shape.eps), shift: p.beta[c]) : nil
                 var sdy = 0.0, sdyx = 0.0
                 for n in 0..<batch {
-                    let offset = (n * channels + c) * plane, mask = reluOutput?.floats.map { $0 + offset }
-                    let (a, b) = blockedGradientSums(gradOutput + offset, x + offset, mask: mask, mean: mean, invStd: invStd, plane)
+                    let offset = (n * channels + c) * plane
+                    let (a, b) = blockedGradientSums(gradOutput + offset, x + offset, mean: mean, invStd: invStd, gate: gate, plane)
                     sdy += a; sdyx += b
                     if let dx {
-                        let k = p.gamma[c] * invStd
-                        gradientRun(dx + offset, gradOutput + offset, mask: mask, accumulate: accumulate, plane) { dy, _ in dy * k }
+                        ck_bn_gradient_run(dx + offset, gradOutput + offset, x + offset, plane, k, 0, 0, 0, 0, mean, invStd,
+                                           gate == nil ? 0 : 1, gate?.scale ?? 0, gate?.shift ?? 0, accumulate ? 1 : 0)
                     }
                 }
                 gradients.beta[c] += Float(sdy)
@@ -273,4 +255,14 @@ public enum BatchNorm2d {
             }
         }
     }
+
+    /// The scale of the forward's normalisation of channel c, y = (x - mean) * scale + shift, in training:
+    /// gamma * invStd of the batch statistics. The forward and its backward's recomputed ReLU gate take it
+    /// from here (and shift = beta), so the gate is the sign the forward's output had.
+    @inline(__always)
+    static func trainingScale(_ gamma: UnsafePointer<Float>, _ invStd: UnsafePointer<Float>, _ c: Int) -> Float { gamma[c] * invStd[c] }
+
+    /// That scale in evaluation mode: gamma / sqrt(runningVar + eps).
+    @inline(__always)
+    static func inferenceScale(_ p: Parameters, _ c: Int, eps: Float) -> Float { p.gamma[c] / (p.runningVar[c] + eps).squareRoot() }
 }

@@ -67,13 +67,8 @@ struct LaneLayout {
     }
 }
 
-/// The output of a ReLU that followed a layer, as the mask of its backward (the gradient flows where
-/// it is positive): the floats, or their bf16 copy (the same mask: rounding to bf16 keeps the sign,
-/// and a positive float stays positive unless it is below bf16's smallest subnormal).
-public typealias ReLUMask = RowValues
-
-/// Values a kernel reads: floats, or bf16 bits (a ReLU's output as its mask, batch norm's input where
-/// the convolution before it wrote bf16).
+/// Values a kernel reads: floats, or bf16 bits (batch norm's input where the convolution before it wrote
+/// bf16, its output gradient where a bf16 convolution's backward or the residual sum's wrote bf16).
 public enum RowValues {
     case fp32(UnsafePointer<Float>)
     case bf16(UnsafePointer<UInt16>)
@@ -83,7 +78,7 @@ public enum RowValues {
         if let floats { self = .fp32(floats) } else if let halves { self = .bf16(halves) } else { return nil }
     }
 
-    @inline(__always) func advanced(by n: Int) -> ReLUMask {
+    @inline(__always) func advanced(by n: Int) -> RowValues {
         switch self {
         case .fp32(let p): .fp32(p + n)
         case .bf16(let p): .bf16(p + n)
@@ -95,21 +90,30 @@ public enum RowValues {
 
 /// Sums over the rows of [rows, channels] for the channels c0..<c0+width, into first[j] and second[j]
 /// (j = c): float inside blocks of 256 rows, double across blocks (as `blockedSums`). Without
-/// `gradient`: sum(x) and sum(x^2). With it (dy, and a following ReLU's output as `mask`): sum(g) and
-/// sum(g * (x - mean)), g = dy where mask > 0 (or everywhere without a mask). (`ck_channel_sums`: the
-/// chunk of 16 channels' sums in registers.)
-func channelBlockedSums(_ x: RowValues, gradient: (dy: UnsafePointer<Float>, mask: ReLUMask?, mean: UnsafePointer<Float>)?,
-                        rows: Int, channels: Int, c0: Int, width: Int, first: UnsafeMutablePointer<Double>, second: UnsafeMutablePointer<Double>) {
-    let mask = gradient?.mask?.advanced(by: c0), x = x.advanced(by: c0)
-    ck_channel_sums(x.floats, x.halves, gradient.map { $0.dy + c0 }, mask?.floats, mask?.halves, gradient.map { $0.mean + c0 }, rows, channels,
-                    width, first, second)
+/// `gradient`: sum(x) and sum(x^2). With it: sum(g) and sum(g * (x - mean)), g = dy, or with a gate (the
+/// forward's scale and shift, where a ReLU was fused after it) dy where the forward's output before the
+/// ReLU was positive. (`ck_channel_sums`: the chunk of 16 channels' sums in registers.)
+func channelBlockedSums(_ x: RowValues, gradient: LaneGradient?, rows: Int, channels: Int, c0: Int, width: Int,
+                        first: UnsafeMutablePointer<Double>, second: UnsafeMutablePointer<Double>) {
+    let x = x.advanced(by: c0)
+    let dy = gradient?.dy.advanced(by: c0)
+    ck_channel_sums(x.floats, x.halves, dy?.floats, dy?.halves, gradient.map { $0.mean + c0 }, gradient?.gate.map { $0.scale + c0 },
+                    gradient?.gate.map { $0.shift + c0 }, rows, channels, width, first, second)
+}
+
+/// The gradient a batch norm's backward sums: dy (floats or bf16 bits), the mean the input is centred on,
+/// and the fused ReLU's gate where there is one (per-channel arrays: the forward's scale and shift).
+struct LaneGradient {
+    var dy: RowValues
+    var mean: UnsafePointer<Float>
+    var gate: (scale: UnsafePointer<Float>, shift: UnsafePointer<Float>)?
 }
 
 /// Per channel of `shape`, the sums of `channelBlockedSums` over all its rows into first[c] and
 /// second[c]: each thread owns a range of channels and sums each over the outer index in order (one
 /// image after another in nChw16c), so the sums do not depend on the thread count. `gradient`'s mean
-/// is indexed by channel.
-func laneSums(_ x: RowValues, gradient: (dy: UnsafePointer<Float>, mask: ReLUMask?, mean: UnsafePointer<Float>)?,
+/// and gate are indexed by channel.
+func laneSums(_ x: RowValues, gradient: LaneGradient?,
               shape: LaneLayout, first: UnsafeMutablePointer<Double>, second: UnsafeMutablePointer<Double>) {
     let lanes = shape.lanes, run = shape.plane * lanes
     Parallel.chunks(shape.channels, cost: shape.outer * shape.plane) { range in
@@ -122,7 +126,8 @@ func laneSums(_ x: RowValues, gradient: (dy: UnsafePointer<Float>, mask: ReLUMas
                 second.advanced(by: c).update(repeating: 0, count: width)
                 for n in 0..<shape.outer {
                     let o = (n * shape.groups + g) * run
-                    channelBlockedSums(x.advanced(by: o), gradient: gradient.map { ($0.dy + o, $0.mask?.advanced(by: o), $0.mean + g * lanes) },
+                    channelBlockedSums(x.advanced(by: o), gradient: gradient.map { LaneGradient(dy: $0.dy.advanced(by: o), mean: $0.mean + g * lanes, gate: $0.gate.map {
+                                           ($0.scale + g * lanes, $0.shift + g * lanes) }) },
                                        rows: shape.plane, channels: lanes, c0: l0, width: width, first: a, second: b)
                     for j in 0..<width { first[c + j] += a[j]; second[c + j] += b[j] }
                 }
@@ -144,7 +149,7 @@ extension BatchNorm2d {
         withUnsafeTemporaryAllocation(of: Float.self, capacity: channels) { buffer in
             // The scale as the NCHW kernel forms it (gamma * invStd, then one multiply): equal outputs.
             let scales = buffer.baseAddress!
-            for c in 0..<channels { scales[c] = gamma[c] * invStds[c] }
+            for c in 0..<channels { scales[c] = trainingScale(gamma, invStds, c) }
             normalizeRows(output: output, input: input, mean: means, scale: scales, shift: parameters.beta, shape: shape, relu: relu)
         }
     }
@@ -168,39 +173,41 @@ extension BatchNorm2d {
         let channels = layer.channels
         withUnsafeTemporaryAllocation(of: Float.self, capacity: channels) { buffer in
             let scales = buffer.baseAddress!
-            for c in 0..<channels { scales[c] = p.gamma[c] / (p.runningVar[c] + layer.eps).squareRoot() }
+            for c in 0..<channels { scales[c] = inferenceScale(p, c, eps: layer.eps) }
             normalizeRows(output: output, input: input, mean: p.runningMean, scale: scales, shift: p.beta, shape: layer.rows, relu: relu)
         }
     }
 
-    /// Per channel: sum(dy) and sum(dy * (x - mean)) * invStd over the rows into first/second, dy masked
-    /// by a following ReLU's output where `mask` is given.
+    /// Per channel: sum(g) and sum(g * (x - mean)) * invStd over the rows into first/second, g = dy, or
+    /// dy gated by a fused ReLU (`gate`: the forward's scale and shift).
     private static func gradientSumsRows(_ first: UnsafeMutablePointer<Double>, _ second: UnsafeMutablePointer<Double>,
-                                         gradOutput: UnsafePointer<Float>, input: RowValues, mask: ReLUMask?,
-                                         mean: UnsafePointer<Float>, invStd: UnsafePointer<Float>, shape: LaneLayout) {
-        laneSums(input, gradient: (gradOutput, mask, mean), shape: shape, first: first, second: second)
+                                         gradOutput: RowValues, input: RowValues, mean: UnsafePointer<Float>,
+                                         invStd: UnsafePointer<Float>, gate: (scale: UnsafePointer<Float>, shift: UnsafePointer<Float>)?,
+                                         shape: LaneLayout) {
+        laneSums(input, gradient: LaneGradient(dy: gradOutput, mean: mean, gate: gate), shape: shape, first: first, second: second)
         for c in 0..<shape.channels { second[c] *= Double(invStd[c]) }
     }
 
-    /// `backwardTraining` over rows of channels; the input gradient as floats or (overwritten) as bf16 bits.
-    static func backwardTrainingRows(_ layer: Shape, gradInput: Destination, gradients: ParameterGradients, gradOutput: UnsafePointer<Float>,
-                                     input: RowValues, gamma: UnsafePointer<Float>, saved: Saved, reducer: StatisticsReducer?, reluOutput: ReLUMask?,
-                                     accumulate: Bool) throws {
+    /// `backwardTraining` over rows of channels; the input gradient as floats or as bf16 bits.
+    static func backwardTrainingRows(_ layer: Shape, gradInput: Destination, gradients: ParameterGradients, gradOutput: RowValues,
+                                     input: RowValues, gamma: UnsafePointer<Float>, beta: UnsafePointer<Float>?, saved: Saved,
+                                     reducer: StatisticsReducer?, relu: Bool, accumulate: Bool) throws {
         let gradInputBF16 = gradInput.halves, statistics = saved.statistics
         precondition((gradInput.floats == nil) != (gradInputBF16 == nil) && !(gradInputBF16 != nil && accumulate), "batch norm backward: one input gradient")
         let shape = layer.rows, stats = statistics.baseAddress!, channels = shape.channels, lanes = shape.lanes
         let means = saved.mean, invStds = saved.invStd
-        gradientSumsRows(stats, stats + channels, gradOutput: gradOutput, input: input, mask: reluOutput, mean: means, invStd: invStds,
-                         shape: shape)
-        for c in 0..<channels {
-            gradients.beta[c] += Float(stats[c])
-            gradients.gamma[c] += Float(stats[channels + c])
-        }
-        stats[2 * channels] = 0
-        try reducer?(statistics)
-        let m = Float(saved.globalCount)
-        withUnsafeTemporaryAllocation(of: Float.self, capacity: 3 * channels) { buffer in
-            let k = buffer.baseAddress!, sumDy = k + channels, sumDyX = sumDy + channels
+        try withUnsafeTemporaryAllocation(of: Float.self, capacity: 4 * channels) { buffer in
+            let k = buffer.baseAddress!, sumDy = k + channels, sumDyX = sumDy + channels, scales = sumDyX + channels
+            for c in 0..<channels { scales[c] = trainingScale(gamma, invStds, c) }
+            let gate = relu ? (scale: UnsafePointer(scales), shift: beta!) : nil
+            gradientSumsRows(stats, stats + channels, gradOutput: gradOutput, input: input, mean: means, invStd: invStds, gate: gate, shape: shape)
+            for c in 0..<channels {
+                gradients.beta[c] += Float(stats[c])
+                gradients.gamma[c] += Float(stats[channels + c])
+            }
+            stats[2 * channels] = 0
+            try reducer?(statistics)
+            let m = Float(saved.globalCount)
             for c in 0..<channels {
                 k[c] = gamma[c] * invStds[c] / m
                 sumDy[c] = Float(stats[c])
@@ -208,32 +215,32 @@ extension BatchNorm2d {
             }
             Parallel.chunks(shape.rows, cost: lanes) { range in
                 shape.runs(range) { rows, c0 in
-                    let o = rows.lowerBound * lanes
-                    let mask = reluOutput?.advanced(by: o), x = input.advanced(by: o)
-                    ck_bn_gradient_rows(gradInput.floats.map { $0 + o }, gradInputBF16.map { $0 + o }, gradOutput + o, x.floats, x.halves,
-                                        mask?.floats, mask?.halves, rows.count, lanes, k + c0, sumDy + c0,
-                                        sumDyX + c0, means + c0, invStds + c0, m, accumulate ? 1 : 0)
+                    let o = rows.lowerBound * lanes, x = input.advanced(by: o), dy = gradOutput.advanced(by: o)
+                    ck_bn_gradient_rows(gradInput.floats.map { $0 + o }, gradInputBF16.map { $0 + o }, dy.floats, dy.halves, x.floats, x.halves,
+                                        rows.count, lanes, k + c0, sumDy + c0, sumDyX + c0, means + c0, invStds + c0,
+                                        gate.map { $0.scale + c0 }, gate.map { $0.shift + c0 }, m, accumulate ? 1 : 0)
                 }
             }
         }
     }
 
     /// `backwardInference` over rows of channels.
-    static func backwardInferenceRows(_ layer: Shape, gradInput: Destination, gradients: ParameterGradients, gradOutput: UnsafePointer<Float>,
-                                      input: RowValues, parameters p: Parameters, reluOutput: ReLUMask?, accumulate: Bool) {
+    static func backwardInferenceRows(_ layer: Shape, gradInput: Destination, gradients: ParameterGradients, gradOutput: RowValues,
+                                      input: RowValues, parameters p: Parameters, relu: Bool, accumulate: Bool) {
         let (gradInputFloats, gradInputBF16) = (gradInput.floats, gradInput.halves)
         precondition(!(gradInputFloats != nil && gradInputBF16 != nil) && !(gradInputBF16 != nil && accumulate), "batch norm backward: one input gradient")
         let shape = layer.rows, channels = shape.channels, lanes = shape.lanes
         withUnsafeTemporaryAllocation(of: Double.self, capacity: 2 * channels) { sums in
-            withUnsafeTemporaryAllocation(of: Float.self, capacity: 2 * channels) { buffer in
-                let invStd = buffer.baseAddress!, k = invStd + channels
+            withUnsafeTemporaryAllocation(of: Float.self, capacity: 3 * channels) { buffer in
+                let invStd = buffer.baseAddress!, k = invStd + channels, scales = k + channels
                 for c in 0..<channels {
                     invStd[c] = 1 / (p.runningVar[c] + layer.eps).squareRoot()
                     k[c] = p.gamma[c] * invStd[c]
+                    scales[c] = inferenceScale(p, c, eps: layer.eps)
                 }
+                let gate = relu ? (scale: UnsafePointer(scales), shift: p.beta) : nil
                 let sdy = sums.baseAddress!, sdyx = sdy + channels
-                gradientSumsRows(sdy, sdyx, gradOutput: gradOutput, input: input, mask: reluOutput, mean: p.runningMean, invStd: invStd,
-                                 shape: shape)
+                gradientSumsRows(sdy, sdyx, gradOutput: gradOutput, input: input, mean: p.runningMean, invStd: invStd, gate: gate, shape: shape)
                 for c in 0..<channels {
                     gradients.beta[c] += Float(sdy[c])
                     gradients.gamma[c] += Float(sdyx[c])
@@ -241,11 +248,10 @@ extension BatchNorm2d {
                 guard gradInputFloats != nil || gradInputBF16 != nil else { return }
                 Parallel.chunks(shape.rows, cost: lanes) { range in
                     shape.runs(range) { rows, c0 in
-                        let o = rows.lowerBound * lanes, mask = reluOutput?.advanced(by: o), x = input.advanced(by: o)
-                        ck_bn_gradient_rows(gradInputFloats.map { $0 + o }, gradInputBF16.map { $0 + o }, gradOutput + o, x.floats, x.halves,
-                                            mask?.floats, mask?.halves,
-                                            rows.count, lanes, k + c0, nil,
-                                            nil, nil, nil, 0, accumulate ? 1 : 0)
+                        let o = rows.lowerBound * lanes, x = input.advanced(by: o), dy = gradOutput.advanced(by: o)
+                        ck_bn_gradient_rows(gradInputFloats.map { $0 + o }, gradInputBF16.map { $0 + o }, dy.floats, dy.halves, x.floats, x.halves,
+                                            rows.count, lanes, k + c0, nil, nil, p.runningMean + c0, nil,
+                                            gate.map { $0.scale + c0 }, gate.map { $0.shift + c0 }, 0, accumulate ? 1 : 0)
                     }
                 }
             }

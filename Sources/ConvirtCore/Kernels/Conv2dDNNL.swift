@@ -34,6 +34,8 @@ public final class ConvolutionPrimitives {
     let bias: DNNLMemory?
     // Backward, created on first use (an evaluation never differentiates).
     private var backwardData: (primitive: DNNLPrimitive, gradOutput: DNNLArgument, weights: DNNLArgument, gradInput: DNNLArgument)?
+    /// The same writing the input gradient as bf16 bits (`takesBF16Input`'s layouts), made on first use.
+    private var backwardDataBF16: (primitive: DNNLPrimitive, gradOutput: DNNLArgument, weights: DNNLArgument, gradInput: DNNLArgument)?
     /// The input gradient written, not accumulated: straight into the caller's buffer where the layouts agree.
     private var overwrittenGradInput: DNNLArgument?
     /// The weight gradient's primitives, by the images of a piece (`WeightPieces`).
@@ -118,6 +120,7 @@ public final class ConvolutionPrimitives {
     public var implementations: String {
         var names = ["forward \(forwardPrimitive.implementation)"]
         if let backwardData { names.append("backward data \(backwardData.primitive.implementation)") }
+        if let backwardDataBF16 { names.append("backward data to bf16 \(backwardDataBF16.primitive.implementation)") }
         for (images, each) in weightPieces.sorted(by: { $0.key < $1.key }) {
             names.append("backward weights \(each.primitive.implementation) in pieces of \(images) image\(images == 1 ? "" : "s")")
         }
@@ -170,11 +173,14 @@ public final class ConvolutionPrimitives {
     /// Accumulates the gradients of the weights (and bias, unless gradWeight is nil), and of the input
     /// unless gradInput is nil (overwrites it where `accumulateInput` is false, and the weights' where
     /// `overwriteWeight`). The output gradient and the input as floats or, where `takesBF16GradOutput` /
-    /// `takesBF16Input`, as bf16 bits (used where given).
+    /// `takesBF16Input`, as bf16 bits (used where given). The input gradient, where `takesBF16Input`, may
+    /// be written as bf16 bits instead (`gradInputBF16`, overwritten): each float of the input gradient
+    /// rounded to nearest even, as autocast's convolutions return their input's gradient in bf16.
     /// `pieceImages` (a divisor of the batch): the weight gradient, a sum over the batch's images, is
     /// made of pieces of that many images (`PieceWeights`); nil: pieces of one image in fp32, the whole
     /// batch in one piece in bf16.
-    public func backward(gradInput: UnsafeMutablePointer<Float>?, gradWeight: UnsafeMutablePointer<Float>?, gradBias: UnsafeMutablePointer<Float>?,
+    public func backward(gradInput: UnsafeMutablePointer<Float>?, gradInputBF16: UnsafeMutablePointer<UInt16>? = nil,
+                         gradWeight: UnsafeMutablePointer<Float>?, gradBias: UnsafeMutablePointer<Float>?,
                          gradOutput: UnsafePointer<Float>?, gradOutputBF16: UnsafePointer<UInt16>? = nil, input: UnsafePointer<Float>?,
                          inputBF16: UnsafePointer<UInt16>? = nil, weight: UnsafePointer<Float>, accumulateInput: Bool = true,
                          overwriteWeight: Bool = false, pieceImages: Int? = nil) throws {
@@ -200,8 +206,9 @@ public final class ConvolutionPrimitives {
             }
             try backwardWeights(each, gradWeight: gradWeight, gradBias: gradBias, overwriteWeight: overwriteWeight)
         }
-        guard let gradInput else { return }
-        let bd = try makeBackwardData()
+        guard gradInput != nil || gradInputBF16 != nil else { return }
+        precondition(gradInputBF16 == nil || (gradInput == nil && !accumulateInput && takesBF16Input), "\(geometry): a bf16 input gradient is written whole")
+        let bd = try makeBackwardData(bf16: gradInputBF16 != nil)
         // The output gradient is reordered once when both backward primitives want the same layout.
         let gradOutputInner: DNNLMemory
         if let weightsGradOutput, bd.gradOutput.inner.desc.same(as: weightsGradOutput.desc) {
@@ -215,6 +222,13 @@ public final class ConvolutionPrimitives {
             gradOutputInner = bd.gradOutput.inner
         }
         try bd.weights.input(weight, stream)
+        if let gradInputBF16 {
+            try bindBF16(bd.gradInput, UnsafePointer(gradInputBF16), shape: geometry.inputShape, layout: inputLayout)
+            try bd.primitive.execute(stream, [(cdnnl_arg_diff_dst(), gradOutputInner), (cdnnl_arg_weights(), bd.weights.inner),
+                                              (cdnnl_arg_diff_src(), bd.gradInput.inner)], "\(geometry) backward data")
+            return
+        }
+        guard let gradInput else { return }
         let dx: DNNLArgument
         if accumulateInput {
             dx = bd.gradInput
@@ -361,15 +375,18 @@ public final class ConvolutionPrimitives {
         }
     }
 
-    private func makeBackwardData() throws -> (primitive: DNNLPrimitive, gradOutput: DNNLArgument, weights: DNNLArgument, gradInput: DNNLArgument) {
-        if let backwardData { return backwardData }
+    /// The backward-data primitive and its arguments, writing the input gradient as floats or (`bf16`) as
+    /// bf16 bits in the primitive's layout, which is the caller's where `takesBF16Input`.
+    private func makeBackwardData(bf16: Bool = false) throws -> (primitive: DNNLPrimitive, gradOutput: DNNLArgument, weights: DNNLArgument,
+                                                                   gradInput: DNNLArgument) {
+        if let made = bf16 ? backwardDataBF16 : backwardData { return made }
         let g = geometry, t = precision.inputType
         let wei = try DNNLDescriptor(g.weightShape, t, dnnl_format_tag_any)
         let diffDst = try DNNLDescriptor(g.outputShape, t, innerTags.destination)
-        let diffSrc = try DNNLDescriptor(g.inputShape, dnnl_f32, innerTags.source)
+        let diffSrc = try DNNLDescriptor(g.inputShape, bf16 ? dnnl_bf16 : dnnl_f32, innerTags.source)
         let (strides, dilations, padding) = Self.spatial(g)
         let hint = forwardPrimitive.descriptor
-        let primitive = try DNNLPrimitive("\(g) backward data (\(precision))") { descriptor, engine, attributes in
+        let primitive = try DNNLPrimitive("\(g) backward data (\(precision)\(bf16 ? ", bf16 input gradient" : ""))") { descriptor, engine, attributes in
             dnnl_convolution_backward_data_primitive_desc_create(descriptor, engine, dnnl_convolution_direct, diffSrc.md, wei.md, diffDst.md,
                                                                  strides, dilations, padding, padding, hint, attributes)
         }
@@ -378,9 +395,10 @@ public final class ConvolutionPrimitives {
                                      primitive: try primitive.query(dnnl_query_diff_dst_md), role: .input, slot: 0),
                     try DNNLArgument(user: try DNNLDescriptor(g.weightShape, dnnl_f32, dnnl_oihw), primitive: try primitive.query(dnnl_query_weights_md),
                                      role: .input, slot: 1),
-                    try DNNLArgument(user: try DNNLDescriptor(g.inputShape, dnnl_f32, Self.userTag(inputLayout)),
-                                     primitive: try primitive.query(dnnl_query_diff_src_md), role: .accumulatingOutput, slot: 2))
-        backwardData = made
+                    // bf16 bits are bound as they are (`bindBF16`): no reorder of them is made.
+                    try DNNLArgument(user: try DNNLDescriptor(g.inputShape, bf16 ? dnnl_bf16 : dnnl_f32, Self.userTag(inputLayout)),
+                                     primitive: try primitive.query(dnnl_query_diff_src_md), role: bf16 ? .output : .accumulatingOutput, slot: 2))
+        if bf16 { backwardDataBF16 = made } else { backwardData = made }
         return made
     }
 
@@ -552,20 +570,24 @@ public final class Convolution {
     /// As `Conv2d.backward` (accumulating; the input gradient overwritten where `accumulateInput` is
     /// false, the weight gradient on oneDNN where `overwriteWeight`, im2col adding to its zeros); in bf16
     /// the output gradient is rounded to bf16 too. `gradOutputBF16` / `inputBF16`: bf16 bits instead of
-    /// the floats, where `takesBF16` for that side's layout.
+    /// the floats, where `takesBF16` for that side's layout; `gradInputBF16` likewise takes the input
+    /// gradient's bf16 bits (each float rounded to nearest even) instead of `gradInput`, overwritten.
     /// `pieceImages` (bf16; a divisor of the batch): the weight gradient made of pieces of that many
     /// images (`GradientPieces`), nil: one piece. On oneDNN's bf16 kernels a piece is one call of a
     /// primitive for that many images; the emulation's fp32 kernels sum image by image whatever the
     /// pieces (pieces of one image), but for CONVIRT_BF16=blocked (`blockedWeightGradient`).
-    public func backward(gradInput: UnsafeMutablePointer<Float>?, gradWeight: UnsafeMutablePointer<Float>, gradOutput: UnsafePointer<Float>?,
+    public func backward(gradInput: UnsafeMutablePointer<Float>?, gradInputBF16: UnsafeMutablePointer<UInt16>? = nil,
+                         gradWeight: UnsafeMutablePointer<Float>, gradOutput: UnsafePointer<Float>?,
                          gradOutputBF16: UnsafePointer<UInt16>? = nil, input: UnsafePointer<Float>?, inputBF16: UnsafePointer<UInt16>? = nil,
                          weight: UnsafePointer<Float>, geometry g: Conv2dGeometry,
                          workspace: UnsafeMutablePointer<Float>?, precision: Precision = .fp32, layouts: Layouts = Layouts(),
                          accumulateInput: Bool = true, overwriteWeight: Bool = false, pieceImages: Int? = nil) throws {
-        if gradOutputBF16 != nil || inputBF16 != nil {
-            precondition((gradOutputBF16 == nil || takesBF16(precision, layouts.output)) && (inputBF16 == nil || takesBF16(precision, layouts.input)),
+        if gradOutputBF16 != nil || inputBF16 != nil || gradInputBF16 != nil {
+            precondition((gradOutputBF16 == nil || takesBF16(precision, layouts.output))
+                         && (inputBF16 == nil && gradInputBF16 == nil || takesBF16(precision, layouts.input)),
                          "\(g): bf16 activations without oneDNN's bf16 kernels on them")
-            return try dnnl(g, .bf16, layouts).backward(gradInput: gradInput, gradWeight: gradWeight, gradBias: nil, gradOutput: gradOutput,
+            return try dnnl(g, .bf16, layouts).backward(gradInput: gradInput, gradInputBF16: gradInputBF16, gradWeight: gradWeight, gradBias: nil,
+                                                          gradOutput: gradOutput,
                                                           gradOutputBF16: gradOutputBF16, input: input, inputBF16: inputBF16, weight: weight,
                                                           accumulateInput: accumulateInput, overwriteWeight: overwriteWeight,
                                                           pieceImages: pieceImages ?? g.batch)

@@ -35,7 +35,7 @@ public struct EnvironmentSwitches: @unchecked Sendable {
         ("CONVIRT_FAULT_SPIKE", "STEP:FACTOR: training step STEP's loss and gradients are multiplied by FACTOR on every rank"),
         ("CONVIRT_FAULT_KILL_AFTER_SHARD", "STEP:RANK: that rank kills itself after writing its shard of STEP's checkpoint"),
         ("CONVIRT_FAULT_KILL_AFTER_COMMIT", "STEP: rank 0 kills itself after publishing STEP's checkpoint"),
-        ("CONVIRT_FAULT_SHM_FULL", "RANK: that rank finds /dev/shm full when it reserves its shared gradient buffer"),
+        ("CONVIRT_FAULT_SHM_FULL", "RANK: that rank finds /dev/shm full when it reserves its shared gradient buffer (RANK:parameters: its parameter buffer)"),
         ("CONVIRT_TEST_BLAS_PICKED", "a core name: pretend OpenBLAS chose it (tests the restart on any CPU)"),
         // The launcher's (mpirun, PMI).
         ("OMPI_COMM_WORLD_SIZE", "set by Open MPI's mpirun: launched as an MPI job"),
@@ -83,7 +83,14 @@ public struct EnvironmentSwitches: @unchecked Sendable {
         return (step, factor)
     }
     public var killAfterCommit: Int? { variables["CONVIRT_FAULT_KILL_AFTER_COMMIT"].flatMap { Int($0) } }
-    public var sharedMemoryFullRank: Int? { variables["CONVIRT_FAULT_SHM_FULL"].flatMap { Int($0) } }
+    /// CONVIRT_FAULT_SHM_FULL: the rank that finds /dev/shm full, and whether for its parameter buffer
+    /// (else its gradient buffer).
+    public var sharedMemoryFull: (rank: Int, parameters: Bool)? {
+        guard let value = variables["CONVIRT_FAULT_SHM_FULL"] else { return nil }
+        let parts = value.split(separator: ":", omittingEmptySubsequences: false)
+        guard let rank = Int(parts[0]), parts.count == 1 || (parts.count == 2 && parts[1] == "parameters") else { return nil }
+        return (rank, parts.count == 2)
+    }
     /// Whether mpirun or a PMI launcher started this process (so MPI_Init finds its job).
     public var launchedByMPI: Bool { ["OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK"].contains { variables[$0] != nil } }
     /// This process's rank as its launcher set it (before MPI starts), 0 when not launched so.
@@ -104,7 +111,7 @@ public struct EnvironmentSwitches: @unchecked Sendable {
         if let v = variables["CONVIRT_FAULT_SPIKE"], spike == nil { out.append("CONVIRT_FAULT_SPIKE=\(v): expected STEP:FACTOR") }
         if let v = variables["CONVIRT_FAULT_STALL"], stall == nil { out.append("CONVIRT_FAULT_STALL=\(v): expected STEP:RANK") }
         if let v = variables["CONVIRT_FAULT_KILL_AFTER_COMMIT"], killAfterCommit == nil { out.append("CONVIRT_FAULT_KILL_AFTER_COMMIT=\(v): expected a step") }
-        if let v = variables["CONVIRT_FAULT_SHM_FULL"], sharedMemoryFullRank == nil { out.append("CONVIRT_FAULT_SHM_FULL=\(v): expected a rank") }
+        if let v = variables["CONVIRT_FAULT_SHM_FULL"], sharedMemoryFull == nil { out.append("CONVIRT_FAULT_SHM_FULL=\(v): expected RANK or RANK:parameters") }
         return out
     }
 

@@ -46,13 +46,18 @@ public protocol Communicator: AnyObject {
     /// Collective: a buffer of `floats` zero floats per rank that every rank of its machine maps
     /// (`SharedRegion`), with the memory of the ranges `committing` reserved up front; nil where no
     /// machine runs several ranks, or machines run different numbers of them. Throws, on every rank
-    /// alike, where the memory cannot be had.
-    func mapShared(floats: Int, committing: [Range<Int>]) throws -> SharedRegion?
+    /// alike, where the memory cannot be had (naming what the buffer is `for`).
+    func mapShared(floats: Int, committing: [Range<Int>], for purpose: SharedBuffer) throws -> SharedRegion?
+}
+
+/// What a shared buffer holds (for messages, and for the fault injection of the tests).
+public enum SharedBuffer: String, Sendable {
+    case gradients, parameters
 }
 
 extension Communicator {
     public var isRoot: Bool { rank == 0 }
-    public func mapShared(floats: Int, committing: [Range<Int>]) throws -> SharedRegion? { nil }
+    public func mapShared(floats: Int, committing: [Range<Int>], for purpose: SharedBuffer) throws -> SharedRegion? { nil }
 }
 
 /// One process: collectives are identities.
@@ -385,7 +390,7 @@ public final class MPICommunicator: Communicator {
     /// unlinks its own once they have mapped it: nothing is left in /dev/shm, and the memory goes when
     /// the last rank unmaps it. nil on one rank, with one rank a machine, and where machines run
     /// different numbers of ranks.
-    public func mapShared(floats count: Int, committing: [Range<Int>]) throws -> SharedRegion? {
+    public func mapShared(floats count: Int, committing: [Range<Int>], for purpose: SharedBuffer) throws -> SharedRegion? {
         guard size > 1 else { return nil }
         let layout = try machineLayout()
         guard let machines = layout.machines, layout.peers.count > 1 else { return nil }
@@ -417,7 +422,7 @@ public final class MPICommunicator: Communicator {
             try reason.withUnsafeMutableBytes { try broadcast($0, root: first) }
             unmapAll()
             if created { shm_unlink(name(rank)) }
-            throw ConvirtError("shared memory for the gradients (\(what)), rank \(first): " + String(decoding: reason.prefix { $0 != 0 }, as: UTF8.self))
+            throw ConvirtError("shared memory for the \(purpose.rawValue) (\(what)), rank \(first): " + String(decoding: reason.prefix { $0 != 0 }, as: UTF8.self))
         }
         var failure: String? = nil
         let fd = shm_open(name(rank), O_CREAT | O_EXCL | O_RDWR, 0o600)
@@ -427,7 +432,8 @@ public final class MPICommunicator: Communicator {
             created = true
             if ftruncate(fd, off_t(bytes)) != 0 { failure = system("ftruncate \(name(rank)) to \(bytes) bytes") }
             for range in committing where failure == nil && !range.isEmpty {
-                let code = EnvironmentSwitches.process.sharedMemoryFullRank == rank ? ENOSPC  // fault injection, for the tests
+                let fault = EnvironmentSwitches.process.sharedMemoryFull  // fault injection, for the tests
+                let code = fault?.rank == rank && (fault?.parameters ?? false) == (purpose == .parameters) ? ENOSPC
                     : posix_fallocate(fd, off_t(range.lowerBound * 4), off_t(range.count * 4))
                 if code != 0 {
                     failure = "posix_fallocate of \(range.count * 4) bytes in \(name(rank)): \(String(cString: strerror(code)))"

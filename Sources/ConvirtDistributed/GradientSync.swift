@@ -8,7 +8,9 @@
 //                        shared memory (ranks on one machine): each rank sums its slice over every
 //                        rank's gradient buffer (SharedGradients.swift) instead of the buckets
 //   gradientNorm(), clip(to:)
-//   step(adam:step:)     Adam over the ranges this rank holds state for; ZeRO-1: all-gather the parameters
+//   step(adam:step:)     Adam over the ranges this rank holds state for; ZeRO-1: all-gather the parameters;
+//                        shared memory on one machine (either mode): each rank steps its own shard and
+//                        copies the others' from their parameter buffers
 //
 // Gradients are summed over ranks (the loss is normalised by the global batch), so W ranks train as one.
 
@@ -42,7 +44,8 @@ public final class GradientSync {
     private let shardGradients: UnsafeMutablePointer<Float>?
     /// The sums through shared memory, where the ranks share a machine (and `exchange` allows it).
     private let shared: SharedGradientSum?
-    /// ZeRO-1 through shared memory: every rank's parameters, from which each copies the others' shards.
+    /// Ranks on one machine sharing memory: every rank's parameters, from which each copies the others'
+    /// shards after updating its own.
     private let sharedParameters: SharedRegion?
     /// How the gradients are summed over ranks, in words (for the run's log): "one rank", "shared
     /// memory (/dev/shm)" or "MPI collectives", with the reason where auto fell back to them.
@@ -63,21 +66,30 @@ public final class GradientSync {
         var description = distributed ? "MPI collectives" : "one rank"
         if distributed && exchange != .collectives {
             do {
-                if let region = try communicator.mapShared(floats: arena.count, committing: arena.trainableRanges) {
-                    // ZeRO-1 on one machine: each rank sums its own shard, and copies the others' updated shards
-                    // from their parameter buffers. On several machines every rank gets all the sums (its
-                    // machine's share of the all-reduce) and the parameters are all-gathered by MPI.
+                if let region = try communicator.mapShared(floats: arena.count, committing: arena.trainableRanges, for: .gradients) {
+                    // On one machine each rank updates its own shard (ZeRO-1: the only one whose sums it takes;
+                    // replicated: every rank holds all the sums), and copies the others' updated shards from
+                    // their parameter buffers. On several machines every rank gets all the sums (its machine's
+                    // share of the all-reduce) and the parameters are all-gathered by MPI (ZeRO-1), or each
+                    // rank updates all of them (replicated).
                     let oneMachine = region.machines == 1
-                    if mode.shardsOptimizerState && oneMachine,
-                       let parameters = try communicator.mapShared(floats: arena.count, committing: [0..<arena.count]) {
-                        arena.adoptParameters(parameters.own, owner: parameters)
-                        sharedParameters = parameters
+                    var note = ""
+                    if oneMachine {
+                        do {
+                            if let parameters = try communicator.mapShared(floats: arena.count, committing: [0..<arena.count], for: .parameters) {
+                                arena.adoptParameters(parameters.own, owner: parameters)
+                                sharedParameters = parameters
+                            }
+                        } catch where !mode.shardsOptimizerState {
+                            // Replicated: the sums still go through shared memory, and each rank updates everything.
+                            note = "; each rank updates every parameter (no shared memory for them: \(error))"
+                        }
                     }
                     arena.adoptGradients(region.own, owner: region)
                     shared = SharedGradientSum(region: region, communicator: communicator, trainableRuns: arena.trainableRanges,
                                                shard: mode.shardsOptimizerState && oneMachine ? own : nil)
-                    description = oneMachine ? "shared memory (\(region.location))"
-                        : "shared memory (\(region.location)) within each of \(region.machines) machines, MPI across them"
+                    description = (oneMachine ? "shared memory (\(region.location))"
+                        : "shared memory (\(region.location)) within each of \(region.machines) machines, MPI across them") + note
                 } else if exchange == .sharedMemory {
                     throw ConvirtError("--gradient-exchange shared-memory: the \(communicator.size) ranks run one to a machine, or their machines "
                                        + "run different numbers of them (--gradient-exchange auto or collectives sums them with MPI)")
@@ -196,10 +208,21 @@ public final class GradientSync {
     }
 
     /// Adam over what this rank holds state for; with ZeRO-1 the updated shards are then all-gathered
-    /// (through shared memory where the gradients are summed there). Returns the seconds of that all-gather.
+    /// (through shared memory where the gradients are summed there). Replicated ranks sharing one
+    /// machine's memory split the update the same way: each steps its own shard (the checkpoint shard it
+    /// writes) and copies the others' from their buffers, instead of every rank repeating the whole
+    /// update (the same parameters bit for bit: Adam is elementwise). Their moments outside their own
+    /// shard are then left as they were: nothing reads them (a checkpoint takes each rank's shard of the
+    /// moments from that rank, `Checkpoints.save`). Returns the seconds of the all-gather.
     @discardableResult
     public func step(adam config: AdamConfig, step: Int) throws -> Double {
-        Adam.step(arena, step: step, config: config)
+        if sharedParameters != nil && !mode.shardsOptimizerState {
+            for range in arena.trainableRanges(within: shards[communicator.rank]) {
+                Adam.step(arena, range: range, step: step, config: config)
+            }
+        } else {
+            Adam.step(arena, step: step, config: config)
+        }
         var clock = Clock()
         if let sharedParameters {
             // Once every rank has updated its shard: each copies the others' shards of the trainable runs

@@ -253,10 +253,10 @@ public final class InProcessCommunicator: Communicator {
 
     /// The ranks are threads of one process: each allocates its buffer (the group's, freed with it) and
     /// all learn each other's addresses.
-    public func mapShared(floats count: Int, committing: [Range<Int>]) throws -> SharedRegion? {
+    public func mapShared(floats count: Int, committing: [Range<Int>], for purpose: SharedBuffer) throws -> SharedRegion? {
         guard size > 1 else { return nil }
         let bytes = max(1, count) * 4
-        guard let mine = group.sharedBuffer(bytes: bytes) else { throw ConvirtError("shared gradient buffer: no memory for \(bytes) bytes") }
+        guard let mine = group.sharedBuffer(bytes: bytes) else { throw ConvirtError("shared \(purpose.rawValue) buffer: no memory for \(bytes) bytes") }
         let buffers: [UnsafeMutablePointer<Float>] = try group.exchange(rank: rank, UnsafeRawPointer(mine), count: count) { pointers, counts in
             precondition(counts.allSatisfy { $0 == count }, "shared buffers of different sizes over ranks")
             return pointers.map { UnsafeMutableRawPointer(mutating: $0!).bindMemory(to: Float.self, capacity: max(1, count)) }

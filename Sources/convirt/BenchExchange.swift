@@ -12,7 +12,7 @@ import Foundation
 
 struct BenchExchange: ParsableCommand {
     static let configuration = CommandConfiguration(commandName: "exchange",
-                                                    abstract: "Gradient sums over ranks (mpirun): shared memory against MPI's collectives, ms per step.")
+                                                    abstract: "Gradient sums and the update over ranks (mpirun): shared memory against MPI's collectives, ms per step.")
 
     @Option(help: "tiny, demo or paper.") var preset = Preset.paper
     @Option(parsing: .unconditional, help: "Timed steps per variant (after one untimed).") var steps = 8
@@ -39,7 +39,7 @@ struct BenchExchange: ParsableCommand {
                     }
                     let runs = arena.trainableRanges
                     let floats = runs.reduce(0) { $0 + $1.count }
-                    var sums: [Double] = [], gathers: [Double] = []
+                    var sums: [Double] = [], gathers: [Double] = [], updates: [Double] = []
                     for step in 0...steps {
                         sync.begin()
                         let value = Float(communicator.rank + 1)
@@ -56,17 +56,21 @@ struct BenchExchange: ParsableCommand {
                                 throw ConvirtError("bench exchange: rank \(communicator.rank), \(exchange.rawValue): element \(i) sums to \(arena.grads[i]), not \(expected)")
                             }
                         }
-                        let gather = zero1 ? try sync.step(adam: AdamConfig(learningRate: 0, weightDecay: 0, decoupled: false), step: step + 1) : 0
-                        if step > 0 { sums.append(sum); gathers.append(gather) }
+                        // The update after the sums: Adam over what this rank steps, and the parameter all-gather.
+                        try communicator.barrier()
+                        clock = Clock()
+                        let gather = try sync.step(adam: AdamConfig(learningRate: 0, weightDecay: 0, decoupled: false), step: step + 1)
+                        let update = clock.lap()
+                        if step > 0 { sums.append(sum); gathers.append(gather); updates.append(update) }
                     }
                     // The slowest rank decides a step: each step's time is its maximum over ranks.
-                    let worst = try maxOverRanks(sums + gathers, communicator)
-                    let s = median(Array(worst[..<steps])), g = median(Array(worst[steps...]))
+                    let worst = try maxOverRanks(sums + gathers + updates, communicator)
+                    let s = median(Array(worst[..<steps])), g = median(Array(worst[steps..<2 * steps])), u = median(Array(worst[(2 * steps)...]))
                     if root {
                         let mb = Double(floats) * 4 / 1e6
-                        lines.append(String(format: "%@ %@: sum %.1f ms (%.1f GB/s of gradients)%@", zero1 ? "ZeRO-1" : "replicated",
-                                            sync.exchangeDescription, s * 1e3, mb / 1e3 / s,
-                                            zero1 ? String(format: ", parameter all-gather %.1f ms", g * 1e3) : ""))
+                        lines.append(String(format: "%@ %@: sum %.1f ms (%.1f GB/s of gradients), update %.1f ms (Adam%@)",
+                                            zero1 ? "ZeRO-1" : "replicated", sync.exchangeDescription, s * 1e3, mb / 1e3 / s, u * 1e3,
+                                            g > 0 ? String(format: ", then the parameter all-gather %.1f ms", g * 1e3) : ""))
                     }
                 }
             }

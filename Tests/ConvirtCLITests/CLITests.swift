@@ -357,6 +357,11 @@ struct DistributedTrainingTests {
         let full = try shared.rows(np: 2, ["--gradient-exchange", "auto"], environment: ["CONVIRT_FAULT_SHM_FULL": "1"])
         let collectives = try shared.rows(np: 2, ["--gradient-exchange", "collectives"])
         #expect(full.map(\.loss) == collectives.map(\.loss), "the fallback after a full /dev/shm is not the collectives' run")
+        // Replicated ranks on one machine split Adam's update through their shared parameters; without that
+        // memory each updates everything: the same run, bit for bit.
+        let unsplit = try shared.rows(np: 2, [], environment: ["CONVIRT_FAULT_SHM_FULL": "1:parameters"]), split = try shared.rows(np: 2, [])
+        #expect(unsplit.count == 20 && unsplit.map(\.loss) == split.map(\.loss) && unsplit.map(\.grad_norm) == split.map(\.grad_norm),
+                "replicated ranks updating everything against their own shards")
         let fallback = try run(mpirun, ["--oversubscribe", "-np", "2", convirtPath(), "train", "--data", data, "--run-dir", "\(dir)/exchange-full",
                                         "--preset", "tiny", "--steps", "1", "--retrieval-eval", "0", "--overwrite"],
                                environment: Self.mpiEnvironment.merging(["CONVIRT_FAULT_SHM_FULL": "1"]) { $1 }, timeout: 300)
@@ -367,6 +372,14 @@ struct DistributedTrainingTests {
                                        "--preset", "tiny", "--steps", "1", "--retrieval-eval", "0", "--gradient-exchange", "shared-memory", "--overwrite"],
                               environment: Self.mpiEnvironment.merging(["CONVIRT_FAULT_SHM_FULL": "1"]) { $1 }, timeout: 300)
         #expect(refused.status != 0 && refused.status != 124 && refused.output.contains("rank 1: posix_fallocate"), "\(refused.output)")
+        // Replicated ranks without shared memory for their parameters still sum through it, each then updating everything.
+        let noParameters = try run(mpirun, ["--oversubscribe", "-np", "2", convirtPath(), "train", "--data", data, "--run-dir", "\(dir)/exchange-parameters",
+                                            "--preset", "tiny", "--steps", "2", "--retrieval-eval", "0", "--overwrite"],
+                                   environment: Self.mpiEnvironment.merging(["CONVIRT_FAULT_SHM_FULL": "1:parameters"]) { $1 }, timeout: 300)
+        #expect(noParameters.status == 0 && noParameters.output.contains("gradients summed over ranks by shared memory (/dev/shm); each rank updates "
+                                                                         + "every parameter (no shared memory for them: shared memory for the "
+                                                                         + "parameters (creating this rank's buffer), rank 1: posix_fallocate"),
+                "\(noParameters.output)")
         // The benchmark of the sums alone checks every sum it times (each rank's gradients are r + 1).
         let bench = try run(mpirun, ["--oversubscribe", "-np", "3", convirtPath(), "bench", "exchange", "--preset", "tiny", "--steps", "2"],
                             environment: Self.mpiEnvironment, timeout: 300)

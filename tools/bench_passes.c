@@ -348,7 +348,7 @@ static void bn_forward(void *c) {
     for (long j = 0; j < blocks; j++) {
         for (long l = 0; l < 16; l++) b->first[j * 16 + l] = b->second[j * 16 + l] = 0;
         for (long i = 0; i < b->images; i++) {
-            ck_channel_sums(NULL, b->x16 + (i * blocks + j) * run, NULL, NULL, NULL, NULL, b->plane, 16, 16, f, s);
+            ck_channel_sums(NULL, b->x16 + (i * blocks + j) * run, NULL, NULL, NULL, NULL, NULL, b->plane, 16, 16, f, s);
             for (long l = 0; l < 16; l++) { b->first[j * 16 + l] += f[l]; b->second[j * 16 + l] += s[l]; }
         }
     }

@@ -208,7 +208,7 @@ final class ConvBNUnit {
     init(_ layout: inout ParameterLayout, conv convName: String, bn bnName: String, inChannels: Int, outChannels: Int,
          kernel: Int, stride: Int, padding: Int, relu: Bool, rooms: SharedRooms, gradOutput: Scratch<Float>? = nil,
          gradOutputBF16: Scratch<UInt16>? = nil, output: Scratch<Float>? = nil) throws {
-        // A shared output is gone by backward: only a unit without a ReLU (no mask to read) may have one.
+        // A shared output is gone by backward: only a unit without a ReLU (read by the residual sum alone, in forward) may have one.
         precondition(output == nil || !relu, "\(convName): a unit with a ReLU keeps its own output")
         self.rooms = rooms
         self.name = convName

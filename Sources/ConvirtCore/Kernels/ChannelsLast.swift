@@ -95,18 +95,25 @@ public enum RowValues {
 /// ReLU was positive. (`ck_channel_sums`: the chunk of 16 channels' sums in registers.)
 func channelBlockedSums(_ x: RowValues, gradient: LaneGradient?, rows: Int, channels: Int, c0: Int, width: Int,
                         first: UnsafeMutablePointer<Double>, second: UnsafeMutablePointer<Double>) {
-    let x = x.advanced(by: c0)
-    let dy = gradient?.dy.advanced(by: c0)
-    ck_channel_sums(x.floats, x.halves, dy?.floats, dy?.halves, gradient.map { $0.mean + c0 }, gradient?.gate.map { $0.scale + c0 },
-                    gradient?.gate.map { $0.shift + c0 }, rows, channels, width, first, second)
+    let x = x.advanced(by: c0), g = gradient?.advanced(by: c0, channel: c0)
+    ck_channel_sums(x.floats, x.halves, g?.dy.floats, g?.dy.halves, g?.mean, g?.gate?.scale, g?.gate?.shift, rows, channels, width,
+                    first, second)
 }
 
+/// A fused ReLU's gate as batch norm's backward recomputes it: the forward's per-channel scale and shift.
+typealias ReLUGate = (scale: UnsafePointer<Float>, shift: UnsafePointer<Float>)
+
 /// The gradient a batch norm's backward sums: dy (floats or bf16 bits), the mean the input is centred on,
-/// and the fused ReLU's gate where there is one (per-channel arrays: the forward's scale and shift).
+/// and the fused ReLU's gate where there is one (per-channel arrays).
 struct LaneGradient {
     var dy: RowValues
     var mean: UnsafePointer<Float>
-    var gate: (scale: UnsafePointer<Float>, shift: UnsafePointer<Float>)?
+    var gate: ReLUGate?
+
+    /// The same gradient from element `offset` of dy and channel `channel` of the per-channel arrays on.
+    @inline(__always) func advanced(by offset: Int, channel: Int) -> LaneGradient {
+        LaneGradient(dy: dy.advanced(by: offset), mean: mean + channel, gate: gate.map { ($0.scale + channel, $0.shift + channel) })
+    }
 }
 
 /// Per channel of `shape`, the sums of `channelBlockedSums` over all its rows into first[c] and
@@ -126,8 +133,7 @@ func laneSums(_ x: RowValues, gradient: LaneGradient?,
                 second.advanced(by: c).update(repeating: 0, count: width)
                 for n in 0..<shape.outer {
                     let o = (n * shape.groups + g) * run
-                    channelBlockedSums(x.advanced(by: o), gradient: gradient.map { LaneGradient(dy: $0.dy.advanced(by: o), mean: $0.mean + g * lanes, gate: $0.gate.map {
-                                           ($0.scale + g * lanes, $0.shift + g * lanes) }) },
+                    channelBlockedSums(x.advanced(by: o), gradient: gradient?.advanced(by: o, channel: g * lanes),
                                        rows: shape.plane, channels: lanes, c0: l0, width: width, first: a, second: b)
                     for j in 0..<width { first[c + j] += a[j]; second[c + j] += b[j] }
                 }
@@ -182,7 +188,7 @@ extension BatchNorm2d {
     /// dy gated by a fused ReLU (`gate`: the forward's scale and shift).
     private static func gradientSumsRows(_ first: UnsafeMutablePointer<Double>, _ second: UnsafeMutablePointer<Double>,
                                          gradOutput: RowValues, input: RowValues, mean: UnsafePointer<Float>,
-                                         invStd: UnsafePointer<Float>, gate: (scale: UnsafePointer<Float>, shift: UnsafePointer<Float>)?,
+                                         invStd: UnsafePointer<Float>, gate: ReLUGate?,
                                          shape: LaneLayout) {
         laneSums(input, gradient: LaneGradient(dy: gradOutput, mean: mean, gate: gate), shape: shape, first: first, second: second)
         for c in 0..<shape.channels { second[c] *= Double(invStd[c]) }
@@ -199,7 +205,7 @@ extension BatchNorm2d {
         try withUnsafeTemporaryAllocation(of: Float.self, capacity: 4 * channels) { buffer in
             let k = buffer.baseAddress!, sumDy = k + channels, sumDyX = sumDy + channels, scales = sumDyX + channels
             for c in 0..<channels { scales[c] = trainingScale(gamma, invStds, c) }
-            let gate = relu ? (scale: UnsafePointer(scales), shift: beta!) : nil
+            let gate: ReLUGate? = relu ? (UnsafePointer(scales), beta!) : nil
             gradientSumsRows(stats, stats + channels, gradOutput: gradOutput, input: input, mean: means, invStd: invStds, gate: gate, shape: shape)
             for c in 0..<channels {
                 gradients.beta[c] += Float(stats[c])
@@ -238,7 +244,7 @@ extension BatchNorm2d {
                     k[c] = p.gamma[c] * invStd[c]
                     scales[c] = inferenceScale(p, c, eps: layer.eps)
                 }
-                let gate = relu ? (scale: UnsafePointer(scales), shift: p.beta) : nil
+                let gate: ReLUGate? = relu ? (UnsafePointer(scales), p.beta) : nil
                 let sdy = sums.baseAddress!, sdyx = sdy + channels
                 gradientSumsRows(sdy, sdyx, gradOutput: gradOutput, input: input, mean: p.runningMean, invStd: invStd, gate: gate, shape: shape)
                 for c in 0..<channels {

@@ -1,4 +1,5 @@
 import CKernels
+import Synchronization
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -96,7 +97,7 @@ public final class ParameterArena: @unchecked Sendable {
     public let layout: ParameterLayout
     public let count: Int
     /// The parameters (and buffers): the arena's own pages, or memory another owner keeps (`adoptParameters`).
-    public private(set) var params: UnsafeMutablePointer<Float>
+    private var parameterStorage: UnsafeMutablePointer<Float>
     private var parameterOwner: AnyObject? = nil
     /// The gradients: the arena's own pages, or memory another owner keeps (`adoptGradients`).
     public private(set) var grads: UnsafeMutablePointer<Float>
@@ -108,10 +109,35 @@ public final class ParameterArena: @unchecked Sendable {
     /// Adam's first and second moments of `optimizerRange`, from its first element on.
     private var momentBases: (UnsafeMutablePointer<Float>, UnsafeMutablePointer<Float>)
 
+    /// The parameters and buffers, to read.
+    public var params: UnsafePointer<Float> { UnsafePointer(parameterStorage) }
+
+    /// The parameters to write where any entry may change, the frozen ones included: initialization, a
+    /// load, a restore, a broadcast, a test's perturbation. Taking it is a change of the frozen entries
+    /// (`frozenVersion`).
+    public var mutableParams: UnsafeMutablePointer<Float> {
+        frozenVersion = Self.newVersion()
+        return parameterStorage
+    }
+
+    /// The parameters to write where training changes them and leaves every frozen entry as it is: the
+    /// optimizer's update of the trainable entries, their copies between ranks, BatchNorm's running
+    /// statistics (buffers).
+    public var trainingParams: UnsafeMutablePointer<Float> { parameterStorage }
+
+    /// Changes whenever the frozen entries may have (`mutableParams` was taken), so that a copy made of
+    /// them (a frozen layer's bf16 weights) is known to be current while it is the same: the frozen
+    /// entries are otherwise written by nothing. Drawn from one counter for the process, so that no two
+    /// arenas (one freed, one made at its address) ever share a version.
+    public private(set) var frozenVersion: UInt64 = ParameterArena.newVersion()
+
+    private static let versions = Atomic<UInt64>(0)
+    private static func newVersion() -> UInt64 { versions.add(1, ordering: .relaxed).newValue }
+
     public init(layout: ParameterLayout) {
         self.layout = layout
         self.count = layout.totalCount
-        params = Self.make(layout.totalCount)
+        parameterStorage = Self.make(layout.totalCount)
         grads = Self.make(layout.totalCount)
         optimizerRange = 0..<layout.totalCount
         momentBases = (Self.make(layout.totalCount), Self.make(layout.totalCount))
@@ -181,14 +207,14 @@ public final class ParameterArena: @unchecked Sendable {
     /// while the arena holds it): a shared-memory buffer every rank of a machine reads (ZeRO-1's
     /// all-gather through shared memory). As `adoptGradients`, between any two steps.
     public func adoptParameters(_ storage: UnsafeMutablePointer<Float>, owner: AnyObject) {
-        storage.update(from: params, count: count)
-        if parameterOwner == nil { Self.free(params, count) }
-        params = storage
+        storage.update(from: parameterStorage, count: count)
+        if parameterOwner == nil { Self.free(parameterStorage, count) }
+        parameterStorage = storage
         parameterOwner = owner
     }
 
     deinit {
-        if parameterOwner == nil { Self.free(params, count) }
+        if parameterOwner == nil { Self.free(parameterStorage, count) }
         if gradientOwner == nil { Self.free(grads, count) }
         for p in [momentBases.0, momentBases.1] { Self.free(p, optimizerRange.count) }
     }
@@ -233,7 +259,7 @@ public final class ParameterArena: @unchecked Sendable {
     public func set(_ name: String, _ values: Tensor<Float>) throws {
         let v = try view(name)
         try values.expectShape(v.shape, name)
-        values.withUnsafeBufferPointer { (params + v.offset).update(from: $0.baseAddress!, count: v.count) }
+        values.withUnsafeBufferPointer { (mutableParams + v.offset).update(from: $0.baseAddress!, count: v.count) }
     }
 
     /// A copy of one parameter's gradient as a tensor.

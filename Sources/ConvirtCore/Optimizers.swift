@@ -57,7 +57,7 @@ public enum Adam {
     /// Steps the arena elements of `range` (which must lie in the arena's optimizer range).
     public static func step(_ arena: ParameterArena, range: Range<Int>, step: Int, config: AdamConfig) {
         let (m, v) = arena.moments(at: range.lowerBound)
-        Adam.step(params: arena.params + range.lowerBound, grads: arena.grads + range.lowerBound, m: m, v: v,
+        Adam.step(params: arena.trainingParams + range.lowerBound, grads: arena.grads + range.lowerBound, m: m, v: v,
                   count: range.count, step: step, config: config)
     }
 

@@ -231,7 +231,7 @@ public final class GradientSync {
             try communicator.meetSharingMemory()
             for (_, pieces) in shardedRuns {
                 for (peer, piece) in pieces.enumerated() where peer != communicator.rank && !piece.isEmpty {
-                    parallelCopy(arena.params + piece.lowerBound, sharedParameters.buffers[peer] + piece.lowerBound, count: piece.count)
+                    parallelCopy(arena.trainingParams + piece.lowerBound, sharedParameters.buffers[peer] + piece.lowerBound, count: piece.count)
                 }
             }
             try communicator.meetSharingMemory()
@@ -239,7 +239,7 @@ public final class GradientSync {
             // Only the trainable runs change (each cut where the shards cut it); frozen parameters and the
             // running statistics (SyncBN's, the same on every rank) stay as every rank holds them.
             for (run, pieces) in shardedRuns {
-                try communicator.allGatherInPlace(UnsafeMutableBufferPointer(start: arena.params + run.lowerBound, count: run.count),
+                try communicator.allGatherInPlace(UnsafeMutableBufferPointer(start: arena.trainingParams + run.lowerBound, count: run.count),
                                                   counts: pieces.map(\.count))
             }
         }

@@ -365,7 +365,7 @@ public final class ClassificationEvaluation {
         let head = model.headRange
         (model.arena.grads + head.lowerBound).update(repeating: 0, count: head.count)
         _ = model.backwardClassifier(gradLogits: g, features: x)
-        Adam.step(params: model.arena.params + head.lowerBound, grads: model.arena.grads + head.lowerBound, m: state.m.pointer, v: state.v.pointer,
+        Adam.step(params: model.arena.trainingParams + head.lowerBound, grads: model.arena.grads + head.lowerBound, m: state.m.pointer, v: state.v.pointer,
                   count: head.count, step: step, config: AdamConfig(learningRate: rate, weightDecay: options.weightDecay, decoupled: false))
     }
 
@@ -422,7 +422,7 @@ public final class ClassificationEvaluation {
             }
             let scores: [Float], stop: RunStop
             if options.evaluationProtocol == .linear {
-                model.arena.params.update(from: initialParameters, count: model.arena.count)
+                model.arena.mutableParams.update(from: initialParameters, count: model.arena.count)
                 model.resetHead(seed: seed)
                 stop = try trainClassifier(subsetFeatures, subset, validationFeatures.features, validation, seed: seed)
                 scores = self.scores(classifierLogits(testFeatures.features, rows: test.count), rows: test.count)
@@ -502,7 +502,7 @@ public final class ClassificationEvaluation {
             logEpoch(epoch, val, schedule, last: decision.stop || epoch + 1 == options.maxEpochs)
             if decision.stop { stop.reason = .plateau; break }
         }
-        best.withUnsafeBufferPointer { (model.arena.params + head.lowerBound).update(from: $0.baseAddress!, count: head.count) }
+        best.withUnsafeBufferPointer { (model.arena.mutableParams + head.lowerBound).update(from: $0.baseAddress!, count: head.count) }
         return stop
     }
 
@@ -543,7 +543,7 @@ public final class ClassificationEvaluation {
                   seed: UInt64) throws -> ([Float], RunStop) {
         var stop = RunStop()
         let arena = model.arena
-        arena.params.update(from: initialParameters, count: arena.count)
+        arena.mutableParams.update(from: initialParameters, count: arena.count)
         model.resetHead(seed: seed)
         trainHeadAlone(features, split, seed: seed)
         // 2. Everything, data-parallel: rank r takes rows [r b, (r+1) b) of each global batch.
@@ -597,7 +597,7 @@ public final class ClassificationEvaluation {
             logEpoch(epoch, val, schedule, last: decision.stop || epoch + 1 == options.maxEpochs)
             if decision.stop { stop.reason = .plateau; break }
         }
-        arena.params.update(from: best, count: arena.count)
+        arena.mutableParams.update(from: best, count: arena.count)
         return (scores(try evaluate(test), rows: test.count), stop)
     }
 

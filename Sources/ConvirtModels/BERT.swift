@@ -103,6 +103,14 @@ struct LinearLayer {
                        rows: rows, inFeatures: inFeatures, outFeatures: outFeatures, precision: precision, copies: copies)
     }
 
+    /// outputBF16 = GELU(forward) in bf16 on oneDNN's bf16 kernels (`Linear.forwardGELU`); false where it
+    /// cannot, with nothing written.
+    func forwardGELU(_ arena: ParameterArena, outputBF16: UnsafeMutablePointer<UInt16>, input: UnsafePointer<Float>, rows: Int,
+                     copies: Linear.Copies) -> Bool {
+        Linear.forwardGELU(outputBF16: outputBF16, input: input, weight: arena.params + weight.offset, bias: bias.map { arena.params + $0.offset },
+                           rows: rows, inFeatures: inFeatures, outFeatures: outFeatures, copies: copies)
+    }
+
     /// `accumulateInput` false: gradInput is overwritten (a gradient no other layer adds to).
     /// `pieceRows`: the rows of a gradient piece (`PassContext.pieceRows`), nil for one piece.
     func backward(_ arena: ParameterArena, gradInput: UnsafeMutablePointer<Float>?, gradOutput: UnsafePointer<Float>,
@@ -117,18 +125,18 @@ struct LinearLayer {
 
     /// N(0, std) weights and zero bias (BERT's initializer_range 0.02; heads use PyTorch's default instead).
     func initializeNormal(_ arena: ParameterArena, std: Float, stream: RandomStream) {
-        let w = arena.params + weight.offset
+        let w = arena.mutableParams + weight.offset
         stream.fillNormal(w, count: weight.count, scale: std)
-        if let bias { (arena.params + bias.offset).update(repeating: 0, count: bias.count) }
+        if let bias { (arena.mutableParams + bias.offset).update(repeating: 0, count: bias.count) }
     }
 
     /// torch.nn.Linear's default: U(-1/sqrt(in), 1/sqrt(in)) for weight and bias.
     func initializeUniform(_ arena: ParameterArena, stream: RandomStream) {
         let bound = 1 / Float(inFeatures).squareRoot()
-        let w = arena.params + weight.offset
+        let w = arena.mutableParams + weight.offset
         for i in 0..<weight.count { w[i] = bound * (2 * stream.uniform(at: UInt64(i)) - 1) }
         if let bias {
-            let b = arena.params + bias.offset
+            let b = arena.mutableParams + bias.offset
             for i in 0..<bias.count { b[i] = bound * (2 * stream.uniform(at: UInt64(weight.count + i)) - 1) }
         }
     }
@@ -171,8 +179,8 @@ struct LayerNormLayer {
     }
 
     func initialize(_ arena: ParameterArena) {
-        (arena.params + weight.offset).update(repeating: 1, count: features)
-        (arena.params + bias.offset).update(repeating: 0, count: features)
+        (arena.mutableParams + weight.offset).update(repeating: 1, count: features)
+        (arena.mutableParams + bias.offset).update(repeating: 0, count: features)
     }
 }
 
@@ -198,34 +206,36 @@ final class LayerGradientScratch {
     let gradQ = Scratch<Float>(), gradK = Scratch<Float>(), gradV = Scratch<Float>(), attentionWorkspace = Scratch<Float>()
     /// The output gradient of a linear layer in bf16, converted once for its two products.
     let gradOutputBF16 = BF16Operand()
-    /// Frozen layers' weights in bf16 (converted at every use: nothing reads them again).
-    let frozenWeightBF16 = BF16Operand()
-    /// Frozen layers' bf16 inputs of the intermediate and output layers (written by the layer before,
-    /// read by the one product).
-    let frozenHiddenBF16 = BF16Operand(), frozenActivatedBF16 = BF16Operand()
+    /// Frozen layers' bf16 inputs of the attention output, intermediate and output layers (written by
+    /// the layer before, read by the one product).
+    let frozenContextBF16 = BF16Operand(), frozenHiddenBF16 = BF16Operand(), frozenActivatedBF16 = BF16Operand()
 }
 
 /// The bf16 copies of an encoder layer's six linear layers (`Linear.Copies`): query, key and value share
-/// one copy of their common input. A frozen layer (never differentiated) keeps only that one, and shares
-/// with the other frozen layers the rooms where the layers before its intermediate and output products
-/// write those products' bf16 inputs: its weights and its other inputs are read once.
+/// one copy of their common input. A frozen layer (never differentiated) keeps its weights' copies from
+/// pass to pass while the arena's frozen entries are unchanged (`ParameterArena.frozenVersion`), and
+/// shares with the other frozen layers the rooms of its products' inputs, each read once.
 struct EncoderCopies {
-    let query, key, value: Linear.Copies
-    let attentionOutput: Linear.Copies?
-    let intermediate, output: Linear.Copies
+    let query, key, value, attentionOutput, intermediate, output: Linear.Copies
+    let frozen: Bool
 
     init(frozen: Bool, scratch: LayerGradientScratch) {
         let dy = scratch.gradOutputBF16, x = BF16Operand()
-        func weight() -> BF16Operand { frozen ? scratch.frozenWeightBF16 : BF16Operand() }
-        query = Linear.Copies(input: x, weight: weight(), gradOutput: dy)
-        key = Linear.Copies(input: x, weight: weight(), gradOutput: dy, reuseInput: true)
-        value = Linear.Copies(input: x, weight: weight(), gradOutput: dy, reuseInput: true)
-        func own() -> Linear.Copies { Linear.Copies(input: BF16Operand(), weight: BF16Operand(), gradOutput: dy) }
-        attentionOutput = frozen ? nil : own()
-        intermediate = frozen ? Linear.Copies(input: scratch.frozenHiddenBF16, weight: scratch.frozenWeightBF16, gradOutput: dy) : own()
-        output = frozen ? Linear.Copies(input: scratch.frozenActivatedBF16, weight: scratch.frozenWeightBF16, gradOutput: dy) : own()
+        self.frozen = frozen
+        query = Linear.Copies(input: x, weight: BF16Operand(), gradOutput: dy)
+        key = Linear.Copies(input: x, weight: BF16Operand(), gradOutput: dy, reuseInput: true)
+        value = Linear.Copies(input: x, weight: BF16Operand(), gradOutput: dy, reuseInput: true)
+        func input(_ shared: BF16Operand) -> BF16Operand { frozen ? shared : BF16Operand() }
+        attentionOutput = Linear.Copies(input: input(scratch.frozenContextBF16), weight: BF16Operand(), gradOutput: dy)
+        intermediate = Linear.Copies(input: input(scratch.frozenHiddenBF16), weight: BF16Operand(), gradOutput: dy)
+        output = Linear.Copies(input: input(scratch.frozenActivatedBF16), weight: BF16Operand(), gradOutput: dy)
     }
 
+    /// A forward's copies of one linear layer: a frozen layer's weights kept while `arena`'s frozen
+    /// entries are those they were converted from.
+    func forward(_ copies: Linear.Copies, _ arena: ParameterArena) -> Linear.Copies {
+        frozen ? copies.keepingWeights(at: arena.frozenVersion) : copies
+    }
 }
 
 /// One post-LN transformer encoder layer with its activations.
@@ -284,28 +294,38 @@ final class EncoderLayer {
         let rows = g.batch * g.tokens, h = c.hiddenSize, inter = c.intermediateSize
         let site = UInt64(index + 1) << 8, a = activations, copying = step.writesCopies
         let qp = a.q.ensure(rows * h), kp = a.k.ensure(rows * h), vp = a.v.ensure(rows * h)
-        query.forward(arena, output: qp, input: x, rows: rows, precision: ctx.precision, copies: copies.query.reusingInput(step.inputCopied))
-        key.forward(arena, output: kp, input: x, rows: rows, precision: ctx.precision, copies: copies.key)
-        value.forward(arena, output: vp, input: x, rows: rows, precision: ctx.precision, copies: copies.value)
+        let c = copies
+        query.forward(arena, output: qp, input: x, rows: rows, precision: ctx.precision, copies: c.forward(c.query, arena).reusingInput(step.inputCopied))
+        key.forward(arena, output: kp, input: x, rows: rows, precision: ctx.precision, copies: c.forward(c.key, arena))
+        value.forward(arena, output: vp, input: x, rows: rows, precision: ctx.precision, copies: c.forward(c.value, arena))
         Attention.forward(output: a.context.ensure(rows * h), probabilities: a.probabilities.ensure(g.probabilitiesCount),
                           q: qp, k: kp, v: vp, mask: mask, geometry: g, dropout: attentionDropout(step, geometry: g, context: ctx),
                           precision: ctx.precision, copies: activations.attentionCopies)
         let dense = a.attentionDense.ensure(rows * h)
-        attentionOutput.forward(arena, output: dense, input: a.context.pointer, rows: rows, precision: ctx.precision, copies: copies.attentionOutput)
+        attentionOutput.forward(arena, output: dense, input: a.context.pointer, rows: rows, precision: ctx.precision,
+                                copies: c.forward(c.attentionOutput, arena))
         let h1 = a.hidden1.ensure(rows * h)
         attentionNorm.forwardResidual(arena, sum: a.sum1.ensure(rows * h), output: h1,
                                       outputBF16: copying ? copies.intermediate.input.room(holding: h1, rows: rows, columns: h) : nil,
                                       mean: a.mean1.ensure(rows), invStd: a.invStd1.ensure(rows), dense: dense, residual: x, rows: rows,
                                       dropout: Self.dropout(step.hiddenDropout, site: site | 2, geometry: g, context: ctx))
         let i1 = a.inner.ensure(rows * inter), a1 = a.activated.ensure(rows * inter)
-        intermediate.forward(arena, output: i1, input: h1, rows: rows, precision: ctx.precision, copies: copies.intermediate.reusingInput(copying))
-        if copying {
-            GELU.forwardBF16(output: copies.output.input.room(holding: a1, rows: rows, columns: inter), input: i1, count: rows * inter)
+        let intermediateCopies = c.forward(c.intermediate, arena).reusingInput(copying)
+        // A frozen layer's GELU is the product's post-op on oneDNN (nothing differentiates it): its bf16
+        // output is all the next product reads.
+        if copying && frozen,
+           intermediate.forwardGELU(arena, outputBF16: copies.output.input.room(holding: a1, rows: rows, columns: inter), input: h1, rows: rows,
+                                    copies: intermediateCopies) {
         } else {
-            GELU.forward(output: a1, input: i1, count: rows * inter)
+            intermediate.forward(arena, output: i1, input: h1, rows: rows, precision: ctx.precision, copies: intermediateCopies)
+            if copying {
+                GELU.forwardBF16(output: copies.output.input.room(holding: a1, rows: rows, columns: inter), input: i1, count: rows * inter)
+            } else {
+                GELU.forward(output: a1, input: i1, count: rows * inter)
+            }
         }
         let o = a.outputDense.ensure(rows * h)
-        output.forward(arena, output: o, input: a1, rows: rows, precision: ctx.precision, copies: copies.output.reusingInput(copying))
+        output.forward(arena, output: o, input: a1, rows: rows, precision: ctx.precision, copies: c.forward(c.output, arena).reusingInput(copying))
         let h2 = a.hidden2.ensure(rows * h)
         outputNorm.forwardResidual(arena, sum: a.sum2.ensure(rows * h), output: h2,
                                    outputBF16: step.nextInput?.room(holding: h2, rows: rows, columns: h),
@@ -436,7 +456,7 @@ public final class BERT {
     /// Hugging Face's initialisation: N(0, 0.02) weights and embeddings, zero biases, LayerNorm 1 and 0.
     public func initialize(_ arena: ParameterArena, stream: RandomStream) {
         for (i, e) in [wordEmbeddings, positionEmbeddings, tokenTypeEmbeddings].enumerated() {
-            let p = arena.params + e.offset, s = stream.child(100, UInt64(i))
+            let p = arena.mutableParams + e.offset, s = stream.child(100, UInt64(i))
             s.fillNormal(p, count: e.count, scale: 0.02)
         }
         embeddingNorm.initialize(arena)

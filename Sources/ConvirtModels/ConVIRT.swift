@@ -270,7 +270,7 @@ public final class ConVIRTModel {
     public func restoreBuffers() {
         var at = 0
         for e in layout.entries where e.kind == .buffer {
-            (arena.params + e.offset).update(from: savedBuffers.pointer + at, count: e.count); at += e.count
+            (arena.trainingParams + e.offset).update(from: savedBuffers.pointer + at, count: e.count); at += e.count
         }
     }
 

@@ -62,15 +62,16 @@ final class BatchNormLayer {
 
     /// torchvision's initialisation: weight 1, bias 0, running mean 0, running variance 1.
     func initialize(_ arena: ParameterArena) {
-        (arena.params + weight.offset).update(repeating: 1, count: channels)
-        (arena.params + bias.offset).update(repeating: 0, count: channels)
-        (arena.params + runningMean.offset).update(repeating: 0, count: channels)
-        (arena.params + runningVar.offset).update(repeating: 1, count: channels)
+        let p = arena.mutableParams
+        (p + weight.offset).update(repeating: 1, count: channels)
+        (p + bias.offset).update(repeating: 0, count: channels)
+        (p + runningMean.offset).update(repeating: 0, count: channels)
+        (p + runningVar.offset).update(repeating: 1, count: channels)
     }
 
-    /// The layer's parameters and running statistics in `arena`.
+    /// The layer's parameters and running statistics in `arena` (which training updates).
     func parameters(_ arena: ParameterArena) -> BatchNorm2d.Parameters {
-        let p = arena.params
+        let p = arena.trainingParams
         return BatchNorm2d.Parameters(gamma: p + weight.offset, beta: p + bias.offset, runningMean: p + runningMean.offset,
                                       runningVar: p + runningVar.offset)
     }
@@ -224,7 +225,7 @@ final class ConvBNUnit {
     /// Kaiming normal (fan_out, ReLU gain), as torchvision initialises its convolutions.
     func initialize(_ arena: ParameterArena, stream: RandomStream) {
         let std = (2 / Float(outChannels * kernel * kernel)).squareRoot()
-        let w = arena.params + conv.offset
+        let w = arena.mutableParams + conv.offset
         stream.fillNormal(w, count: conv.count, scale: std)
         bn.initialize(arena)
     }

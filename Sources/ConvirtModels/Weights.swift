@@ -44,7 +44,7 @@ public enum Weights {
                                        + "a BatchNorm running variance is never below zero")
                 }
             }
-            tensor.withUnsafeBufferPointer { (arena.params + entry.offset).update(from: $0.baseAddress!, count: entry.count) }
+            tensor.withUnsafeBufferPointer { (arena.mutableParams + entry.offset).update(from: $0.baseAddress!, count: entry.count) }
             loaded += 1
         }
         let unexpected = file.names.filter { name in

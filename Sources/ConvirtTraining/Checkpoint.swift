@@ -271,7 +271,7 @@ public enum Checkpoints {
             guard t.shape == entry.shape else {
                 problems.append("\(entry.name): \(describe(shape: t.shape)) in the checkpoint, \(describe(shape: entry.shape)) here"); continue
             }
-            params.withUnsafeBufferPointer { (arena.params + entry.offset).update(from: $0.baseAddress! + t.offset, count: entry.count) }
+            params.withUnsafeBufferPointer { (arena.mutableParams + entry.offset).update(from: $0.baseAddress! + t.offset, count: entry.count) }
         }
         if !problems.isEmpty { throw ConvirtError("\(directory): \(problems.prefix(8).joined(separator: "; "))") }
         return manifest
@@ -286,7 +286,7 @@ public enum Checkpoints {
         let own = arena.optimizerRange
         try forEachShard(directory, manifest) { shard, planes in
             let lo = shard.range[0], count = shard.range[1] - lo
-            unshuffle(planes, count: count, elements: 0..<count, into: arena.params + lo)
+            unshuffle(planes, count: count, elements: 0..<count, into: arena.mutableParams + lo)
             // The part of this shard's moments that falls in our optimizer range.
             let a = max(lo, own.lowerBound), b = min(lo + count, own.upperBound)
             if a < b {
@@ -346,14 +346,14 @@ public enum Checkpoints {
                     let raw = try readShard(directory, shard)
                     raw.withUnsafeBytes { bytes in
                         let planes = bytes.bindMemory(to: UInt8.self).baseAddress ?? UnsafePointer(bitPattern: 1)!
-                        unshuffle(planes, count: count, elements: 0..<count, into: arena.params + lo)
+                        unshuffle(planes, count: count, elements: 0..<count, into: arena.mutableParams + lo)
                         unshuffle(planes + count * 4, count: count, elements: 0..<count, into: m)
                         unshuffle(planes + count * 8, count: count, elements: 0..<count, into: m + count)
                     }
                 } catch { failure = failed(error) }
             }
             try broadcastFailure(&failure, communicator)
-            try broadcastLarge(UnsafeMutableRawBufferPointer(start: arena.params + lo, count: count * 4), communicator)
+            try broadcastLarge(UnsafeMutableRawBufferPointer(start: arena.mutableParams + lo, count: count * 4), communicator)
             try broadcastLarge(UnsafeMutableRawBufferPointer(start: m, count: 2 * count * 4), communicator)
             let a = max(lo, own.lowerBound), b = min(lo + count, own.upperBound)
             if a < b {

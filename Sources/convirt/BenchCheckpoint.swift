@@ -53,7 +53,7 @@ struct BenchCheckpoint: ParsableCommand {
         // Compressed size with and without byte shuffling (zstd level 3), over the whole arena.
         var plain = 0
         let moments = arena.moments(at: 0)
-        for buffer in [arena.params, moments.m, moments.v] {
+        for buffer in [arena.params, UnsafePointer(moments.m), UnsafePointer(moments.v)] {
             plain += try Zstd.compress(UnsafeRawBufferPointer(start: buffer, count: arena.count * 4), level: 3).count
         }
 

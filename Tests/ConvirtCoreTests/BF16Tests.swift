@@ -275,6 +275,43 @@ struct BF16OperandTests {
         return y + dx + dw
     }
 
+    /// A frozen layer's product with GELU as its post-op (`Linear.forwardGELU`) against the product's
+    /// fp32 output put through our GELU and rounded: each rounds its own fp32 GELU to the nearest bf16,
+    /// so the two may land one bf16 step apart (at most 2^-7 of the value), and the two fp32 GELUs x Phi(x) differ by their Phi's error times |x|: ours is
+    /// within 3e-7 (`GELU.forward`), oneDNN's (erf to 1.5e-7, Abramowitz and Stegun 7.1.26) within 7.5e-8. Each row is computed as in a
+    /// product of fewer rows (a rank's share), and weights kept by version are converted anew at another.
+    @Test("a product with GELU as its post-op: within bf16 rounding and erf's error of GELU of the product, each row as alone",
+          .enabled(if: BF16.native, "oneDNN runs no bf16 kernels on this CPU: frozen layers run the product and GELU in turn"))
+    func geluPostOp() throws {
+        let (rows, inF, outF) = (37, 48, 40)
+        let x = randomFloats(rows * inF, seed: 11), bias = randomFloats(outF, seed: 13)
+        var w = randomFloats(outF * inF, seed: 12)
+        let copies = Linear.Copies(input: BF16Operand(), weight: BF16Operand(), gradOutput: BF16Operand())
+        func fused(_ range: Range<Int>, version: UInt64? = nil) -> [UInt16]? {
+            var y = [UInt16](repeating: 0xffff, count: range.count * outF)
+            let input = Array(x[range.lowerBound * inF..<range.upperBound * inF])
+            let done = Linear.forwardGELU(outputBF16: &y, input: input, weight: w, bias: bias, rows: range.count, inFeatures: inF, outFeatures: outF,
+                                          copies: copies.keepingWeights(at: version))
+            return done ? y : nil
+        }
+        let y = try #require(fused(0..<rows), "oneDNN refused the product")
+        var product = [Float](repeating: 0, count: rows * outF), reference = [UInt16](repeating: 0, count: rows * outF)
+        Linear.forward(output: &product, input: x, weight: w, bias: bias, rows: rows, inFeatures: inF, outFeatures: outF, precision: .bf16)
+        GELU.forwardBF16(output: &reference, input: product, count: rows * outF)
+        func float(_ bits: UInt16) -> Float { Float(bitPattern: UInt32(bits) << 16) }
+        let worst = (0..<y.count).map { i -> Float in
+            let bound = Float(0x1p-7) * abs(float(reference[i])) + 3.75e-7 * abs(product[i]) + Float.leastNormalMagnitude
+            return abs(float(y[i]) - float(reference[i])) / bound
+        }.max()!
+        #expect(worst <= 1, "GELU post-op: \(worst) of the bound")
+        #expect(y == fused(0..<20)! + fused(20..<rows)!, "rows of the whole product differ from those of its halves")
+        // Weights kept at a version: taken as they are at that version, converted anew at another.
+        let kept = fused(0..<rows, version: 1)
+        for i in w.indices { w[i] = w[i] * 0.5 + 0.01 }  // in place: the same block
+        #expect(fused(0..<rows, version: 1) == kept, "kept weights were converted anew")
+        #expect(fused(0..<rows, version: 2) == fused(0..<rows), "weights at a new version were not converted anew")
+    }
+
     // (Where bf16 runs as the rounded-fp32 emulation, no copies are kept and the two agree trivially.)
     @Test("a linear layer's kept bf16 copies give the products of fresh conversions bit for bit, new weights and inputs converted anew")
     func copiesMatchFreshConversions() {

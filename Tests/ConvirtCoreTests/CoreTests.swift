@@ -71,6 +71,29 @@ struct ArenaTests {
         #expect(throws: ConvirtError.self) { try layout.add("a.weight", shape: [1]) }
     }
 
+    /// The version that keeps copies of the frozen entries (a frozen layer's bf16 weights): it changes
+    /// with every write that may reach them, never with training's own writes, and no two arenas share one.
+    @Test("the frozen entries' version changes with each write that may reach them, and only then")
+    func frozenVersion() throws {
+        var layout = ParameterLayout()
+        try layout.add("w", shape: [4])
+        try layout.add("f", shape: [4], kind: .frozen)
+        let arena = ParameterArena(layout: layout), other = ParameterArena(layout: layout)
+        #expect(arena.frozenVersion != other.frozenVersion)
+        var version = arena.frozenVersion
+        for i in 0..<4 { arena.trainingParams[i] = 1; arena.grads[i] = 0.5 }
+        Adam.step(arena, step: 1, config: AdamConfig(learningRate: 0.1, weightDecay: 0.01, decoupled: true))
+        #expect(arena.params[0] != 1, "Adam changed nothing")
+        #expect(arena.frozenVersion == version, "training's writes changed the frozen entries' version")
+        _ = arena.params
+        #expect(arena.frozenVersion == version)
+        try arena.set("f", Tensor(shape: [4], [1, 2, 3, 4]))
+        #expect(arena.frozenVersion != version)
+        version = arena.frozenVersion
+        arena.mutableParams[20] = 5
+        #expect(arena.frozenVersion != version && arena.frozenVersion != other.frozenVersion)
+    }
+
     /// The gradients and moments of frozen entries are anonymous pages nothing writes: zero, and not
     /// resident (mincore), after zeroGrads and Adam over the trainable entries.
     @Test("a frozen entry's gradient and Adam moments read zero and take no memory")

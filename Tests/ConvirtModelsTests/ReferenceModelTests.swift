@@ -111,7 +111,7 @@ struct ReferenceModelTests {
         func images(_ seed: UInt64) -> [Float] { (0..<(b * 3 * size * size)).map { RandomStream(seed: seed).normal(at: UInt64($0)) } }
         var seed: UInt64 = 20, x = images(seed)
         func margin() throws -> Float {
-            model.arena.params.update(from: saved, count: saved.count)
+            model.arena.mutableParams.update(from: saved, count: saved.count)
             _ = try plain.forward(model.arena, images: x, ids: ids, mask: mask, activations, context: context)
             var m = Float.infinity
             for v in activations.image.arena.table.views where v.name.hasSuffix(".bn") || v.name.hasSuffix(".sum") {
@@ -126,13 +126,13 @@ struct ReferenceModelTests {
             x = images(seed)
         }
 
-        model.arena.params.update(from: saved, count: saved.count)
+        model.arena.mutableParams.update(from: saved, count: saved.count)
         model.arena.zeroGrads()
         let value = try plain.forward(model.arena, images: x, ids: ids, mask: mask, activations, context: context)
         try plain.backward(model.arena, activations, context: context)
         let plainGrads = Array(UnsafeBufferPointer(start: model.arena.grads, count: model.arena.count))
 
-        model.arena.params.update(from: saved, count: saved.count)
+        model.arena.mutableParams.update(from: saved, count: saved.count)
         model.arena.zeroGrads()
         let d = config.projDim
         let v = Array(UnsafeBufferPointer(start: try model.encodeImages(x, batch: b, size: size, context: context), count: b * d))

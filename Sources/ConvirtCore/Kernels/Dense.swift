@@ -13,18 +13,30 @@ public enum Linear {
         public let reuseInput: Bool
         /// Whether the backward takes `gradOutput`'s copy as it is (the layer after wrote it).
         public let reuseGradOutput: Bool
-        public init(input: BF16Operand, weight: BF16Operand, gradOutput: BF16Operand, reuseInput: Bool = false, reuseGradOutput: Bool = false) {
+        /// The weights' version where they are frozen (`ParameterArena.frozenVersion`): the forward takes
+        /// the weights' copy as it is where it was made at this version. nil: converted at every forward.
+        public let weightVersion: UInt64?
+        public init(input: BF16Operand, weight: BF16Operand, gradOutput: BF16Operand, reuseInput: Bool = false, reuseGradOutput: Bool = false,
+                    weightVersion: UInt64? = nil) {
             self.input = input; self.weight = weight; self.gradOutput = gradOutput; self.reuseInput = reuseInput
-            self.reuseGradOutput = reuseGradOutput
+            self.reuseGradOutput = reuseGradOutput; self.weightVersion = weightVersion
         }
         /// These copies, the input's taken as it is where `reuse` (the layer before wrote it: `BF16Operand.room`).
         public func reusingInput(_ reuse: Bool) -> Copies {
-            Copies(input: input, weight: weight, gradOutput: gradOutput, reuseInput: reuseInput || reuse, reuseGradOutput: reuseGradOutput)
+            Copies(input: input, weight: weight, gradOutput: gradOutput, reuseInput: reuseInput || reuse, reuseGradOutput: reuseGradOutput,
+                   weightVersion: weightVersion)
         }
         /// These copies, the output gradient's taken as it is where `reuse` (the layer after wrote it:
         /// `BF16Operand.room`, e.g. `GELU.backwardBF16`).
         public func reusingGradOutput(_ reuse: Bool) -> Copies {
-            Copies(input: input, weight: weight, gradOutput: gradOutput, reuseInput: reuseInput, reuseGradOutput: reuseGradOutput || reuse)
+            Copies(input: input, weight: weight, gradOutput: gradOutput, reuseInput: reuseInput, reuseGradOutput: reuseGradOutput || reuse,
+                   weightVersion: weightVersion)
+        }
+        /// These copies, the weights' kept while their version is `version` (frozen weights), or
+        /// converted at every forward (nil).
+        public func keepingWeights(at version: UInt64?) -> Copies {
+            Copies(input: input, weight: weight, gradOutput: gradOutput, reuseInput: reuseInput, reuseGradOutput: reuseGradOutput,
+                   weightVersion: version)
         }
     }
 
@@ -38,7 +50,18 @@ public enum Linear {
                                rows: Int, inFeatures: Int, outFeatures: Int, precision: Precision = .fp32, copies: Copies? = nil) {
         gemm(precision, Product(m: rows, n: outFeatures, k: inFeatures, transposeB: true),
             a: Matrix(input, ld: inFeatures), b: Matrix(weight, ld: inFeatures), c: MutableMatrix(output, ld: outFeatures), bias: bias,
-             copies: (copies.map { .init($0.input, reuse: $0.reuseInput) }, copies.map { .init($0.weight, reuse: false) }))
+             copies: (copies.map { .init($0.input, reuse: $0.reuseInput) }, copies.map { .init($0.weight, reuse: false, version: $0.weightVersion) }))
+    }
+
+    /// outputBF16 = GELU(input weight^T + bias) in bf16 on oneDNN's bf16 kernels, the GELU a post-op of
+    /// the product (`geluProductBF16`): a frozen layer's activations, which only the next product reads.
+    /// False where the products are not on oneDNN's bf16 kernels, or it has none for the shape; nothing is
+    /// written then, and `forward` with `GELU.forwardBF16` computes them.
+    public static func forwardGELU(outputBF16: UnsafeMutablePointer<UInt16>, input: UnsafePointer<Float>, weight: UnsafePointer<Float>,
+                                   bias: UnsafePointer<Float>?, rows: Int, inFeatures: Int, outFeatures: Int, copies: Copies) -> Bool {
+        geluProductBF16(Product(m: rows, n: outFeatures, k: inFeatures, transposeB: true), a: Matrix(input, ld: inFeatures),
+                        b: Matrix(weight, ld: inFeatures), c: outputBF16, bias: bias,
+                        copies: (.init(copies.input, reuse: copies.reuseInput), .init(copies.weight, reuse: false, version: copies.weightVersion)))
     }
 
     /// gradInput += gradOutput * weight (= where `accumulateInput` is false); gradWeight += gradOutput^T * input

@@ -135,11 +135,31 @@ public func piecewiseGradientProduct(m: Int, n: Int, rows: Int, pieceRows: Int, 
     }
 }
 
+/// C (bf16 bits, m x n, leading dimension n) = GELU(op(A) op(B) + bias) on oneDNN's bf16 kernels, the
+/// GELU (erf) a post-op of the product in fp32, rounded once to bf16: what a layer whose activations
+/// nothing differentiates needs for its next product (`Linear.forwardGELU`). False where the product is
+/// not on oneDNN's bf16 kernels, or oneDNN has none for the shape; nothing is written then.
+func geluProductBF16(_ p: Product, a: Matrix, b: Matrix, c: UnsafeMutablePointer<UInt16>, bias: UnsafePointer<Float>?,
+                     copies: (a: BF16Operand.Use?, b: BF16Operand.Use?), native: Bool = BF16.native) -> Bool {
+    precondition(p.alpha == 1 && p.beta == 0, "GELU of a scaled product or a sum")
+    let (m, n, k) = (p.m, p.n, p.k)
+    guard native, m > 0, n > 0, k > 0 else { return false }
+    let key = MatmulPrimitive.Key(m: m, n: n, k: k, transposeA: p.transposeA, transposeB: p.transposeB, ldc: n, alpha: 1, beta: 0,
+                                  bias: bias != nil, output: .geluBF16)
+    guard let primitive = try? MatmulPrimitive.cached(key) else { return false }
+    let (aRows, aColumns) = p.aStored, (bRows, bColumns) = p.bStored
+    let scratch = ThreadScratch.current
+    let base = scratch.ensure(bytes: 2 * (m * k + k * n) + 64).bindMemory(to: UInt16.self, capacity: m * k + k * n + 32)
+    let a16 = bf16Operand(copies.a, a.base, rows: aRows, columns: aColumns, ld: a.ld, room: base, parallel: true)
+    let b16 = bf16Operand(copies.b, b.base, rows: bRows, columns: bColumns, ld: b.ld, room: base + (m * k + 31) / 32 * 32, parallel: true)
+    return (try? primitive.execute(a: a16, b: b16, geluBF16: c, bias: bias, stream: scratch.stream)) != nil
+}
+
 /// An operand's block (rows x columns, leading dimension ld) in compact bf16: its kept copy where the
 /// caller keeps one (`copies`), else converted into `room`.
 private func bf16Operand(_ use: BF16Operand.Use?, _ x: UnsafePointer<Float>, rows: Int, columns: Int, ld: Int, room: UnsafeMutablePointer<UInt16>,
                          parallel: Bool) -> UnsafePointer<UInt16> {
-    if let use { return use.operand.bits(of: x, rows: rows, columns: columns, ld: ld, reuse: use.reuse) }
+    if let use { return use.operand.bits(of: x, rows: rows, columns: columns, ld: ld, reuse: use.reuse, version: use.version) }
     BF16.convertBlock(room, x, rows: rows, columns: columns, ld: ld, parallel: parallel)
     return UnsafePointer(room)
 }
@@ -208,28 +228,37 @@ func fp32Product(_ p: Product, a: Matrix, b: Matrix, c: MutableMatrix, bias: Uns
 /// operand: a layer's backward reads the weights and the input its forward converted (and its two
 /// products the same output gradient), so each is converted once. The caller vouches that a block it
 /// reuses did not change since it was converted; a different block (pointer, shape) is converted anew.
+/// A frozen layer's weights are kept from pass to pass, by version: the copy is current while the
+/// version it was made at is the caller's (`ParameterArena.frozenVersion`).
 public final class BF16Operand {
     private var storage = UnsafeMutablePointer<UInt16>.allocate(capacity: 1)
     private var capacity = 1
     private var held: (source: UnsafePointer<Float>, rows: Int, columns: Int, ld: Int)?
+    /// The version of the source `held` was converted at, nil where none was given.
+    private var heldVersion: UInt64?
 
     public init() {}
     deinit { storage.deallocate() }
 
     /// The copy used in one product: `reuse` false converts the block (its contents are new), true
-    /// takes the copy as it is where it holds the same block.
+    /// takes the copy as it is where it holds the same block. `version`: the source's version; a copy
+    /// of the same block made at that version is taken as it is too.
     public struct Use {
         public let operand: BF16Operand
         public let reuse: Bool
-        public init(_ operand: BF16Operand, reuse: Bool) { self.operand = operand; self.reuse = reuse }
+        public let version: UInt64?
+        public init(_ operand: BF16Operand, reuse: Bool, version: UInt64? = nil) {
+            self.operand = operand; self.reuse = reuse; self.version = version
+        }
     }
 
     /// The block rows x columns of `source` (leading dimension ld) in compact bf16.
-    func bits(of source: UnsafePointer<Float>, rows: Int, columns: Int, ld: Int, reuse: Bool) -> UnsafePointer<UInt16> {
-        if reuse, let held, held == (source, rows, columns, ld) { return UnsafePointer(storage) }
+    func bits(of source: UnsafePointer<Float>, rows: Int, columns: Int, ld: Int, reuse: Bool, version: UInt64? = nil) -> UnsafePointer<UInt16> {
+        if let held, held == (source, rows, columns, ld), reuse || (version != nil && version == heldVersion) { return UnsafePointer(storage) }
         reserve(rows * columns)
         BF16.convertBlock(storage, source, rows: rows, columns: columns, ld: ld, parallel: true)
         held = (source, rows, columns, ld)
+        heldVersion = version
         return UnsafePointer(storage)
     }
 
@@ -246,6 +275,7 @@ public final class BF16Operand {
     public func room(holding source: UnsafePointer<Float>, rows: Int, columns: Int) -> UnsafeMutablePointer<UInt16> {
         reserve(rows * columns)
         held = (source, rows, columns, columns)
+        heldVersion = nil
         return storage
     }
 
@@ -275,23 +305,27 @@ final class MatmulPrimitive: @unchecked Sendable {
         let alpha, beta: Float
         /// An fp32 bias [n] added to every row of C (two-dimensional products only).
         let bias: Bool
-        /// The type of A and B: bf16 (mixed precision), or fp32 (`fp32Product`). C is always fp32.
+        /// The type of A and B: bf16 (mixed precision), or fp32 (`fp32Product`).
         let operands: Precision
+        /// C's values: the product (fp32), or GELU (erf) of the product plus bias, rounded to bf16 (a
+        /// frozen layer's activations for the next product, `Linear.forwardGELU`).
+        let output: Output
+        enum Output: Hashable { case fp32, geluBF16 }
 
         init(m: Int, n: Int, k: Int, batch: [Int] = [], aStrides: [Int], bStrides: [Int], cStrides: [Int], alpha: Float = 1, beta: Float = 0,
-             bias: Bool = false, operands: Precision = .bf16) {
+             bias: Bool = false, operands: Precision = .bf16, output: Output = .fp32) {
             self.m = m; self.n = n; self.k = k; self.batch = batch
             self.aStrides = aStrides; self.bStrides = bStrides; self.cStrides = cStrides
-            self.alpha = alpha; self.beta = beta; self.bias = bias; self.operands = operands
+            self.alpha = alpha; self.beta = beta; self.bias = bias; self.operands = operands; self.output = output
         }
 
         /// C (m x n, leading dimension ldc) = alpha op(A) op(B) + beta C (+ bias) over op(A) and op(B)
         /// stored with leading dimensions lda and ldb (default: compact).
         init(m: Int, n: Int, k: Int, transposeA: Bool, transposeB: Bool, lda: Int? = nil, ldb: Int? = nil, ldc: Int, alpha: Float,
-             beta: Float, bias: Bool = false, operands: Precision = .bf16) {
+             beta: Float, bias: Bool = false, operands: Precision = .bf16, output: Output = .fp32) {
             let lda = lda ?? (transposeA ? m : k), ldb = ldb ?? (transposeB ? k : n)
             self.init(m: m, n: n, k: k, aStrides: transposeA ? [1, lda] : [lda, 1], bStrides: transposeB ? [1, ldb] : [ldb, 1],
-                      cStrides: [ldc, 1], alpha: alpha, beta: beta, bias: bias, operands: operands)
+                      cStrides: [ldc, 1], alpha: alpha, beta: beta, bias: bias, operands: operands, output: output)
         }
     }
 
@@ -314,8 +348,9 @@ final class MatmulPrimitive: @unchecked Sendable {
         }
         let a = try strided(m, k, key.aStrides, key.operands.inputType)
         let b = try strided(k, n, key.bStrides, key.operands.inputType)
-        let c = try strided(m, n, key.cStrides, dnnl_f32)
+        let c = try strided(m, n, key.cStrides, key.output == .geluBF16 ? dnnl_bf16 : dnnl_f32)
         try require(!key.bias || key.batch.isEmpty, what, "a bias on a batched product")
+        try require(key.output == .fp32 || (key.beta == 0 && key.operands == .bf16), what, "GELU on a sum or on fp32 operands")
         let biasDesc = key.bias ? try strided(1, n, [n, 1], dnnl_f32) : nil
         var attributes: dnnl_primitive_attr_t? = nil
         var postOps: dnnl_post_ops_t? = nil
@@ -337,6 +372,10 @@ final class MatmulPrimitive: @unchecked Sendable {
             try dnnlCheck(dnnl_post_ops_create(&postOps), what)
             try dnnlCheck(dnnl_post_ops_append_sum(postOps, key.beta, 0, dnnl_data_type_undef), what)
             try dnnlCheck(dnnl_primitive_attr_set_post_ops(attributes, postOps), what)
+        } else if key.output == .geluBF16 {
+            try dnnlCheck(dnnl_post_ops_create(&postOps), what)
+            try dnnlCheck(dnnl_post_ops_append_eltwise(postOps, dnnl_eltwise_gelu_erf, 0, 0), what)
+            try dnnlCheck(dnnl_primitive_attr_set_post_ops(attributes, postOps), what)
         }
         primitive = try DNNLPrimitive(attributes: attributes, what) { descriptor, engine, attributes in
             dnnl_matmul_primitive_desc_create(descriptor, engine, a.md, b.md, biasDesc?.md, c.md, attributes)
@@ -348,7 +387,14 @@ final class MatmulPrimitive: @unchecked Sendable {
     /// `bias`: [n], where the key has one.
     func execute(a: UnsafePointer<UInt16>, b: UnsafePointer<UInt16>, c: UnsafeMutablePointer<Float>, bias: UnsafePointer<Float>? = nil,
                  stream: DNNLStream?) throws {
-        precondition(key.operands == .bf16, "a bf16 matmul's operands for an fp32 one")
+        precondition(key.operands == .bf16 && key.output == .fp32, "a bf16 matmul's operands for an fp32 one")
+        try execute(raw: a, b, c: c, bias: bias, stream: stream)
+    }
+
+    /// A product whose output is GELU's in bf16 (`Output.geluBF16`).
+    func execute(a: UnsafePointer<UInt16>, b: UnsafePointer<UInt16>, geluBF16 c: UnsafeMutablePointer<UInt16>, bias: UnsafePointer<Float>?,
+                 stream: DNNLStream?) throws {
+        precondition(key.operands == .bf16 && key.output == .geluBF16, "a bf16 GELU output for a product without one")
         try execute(raw: a, b, c: c, bias: bias, stream: stream)
     }
 
@@ -359,7 +405,7 @@ final class MatmulPrimitive: @unchecked Sendable {
         try execute(raw: a, b, c: c, bias: bias, stream: stream)
     }
 
-    private func execute(raw a: UnsafeRawPointer, _ b: UnsafeRawPointer, c: UnsafeMutablePointer<Float>, bias: UnsafePointer<Float>?,
+    private func execute(raw a: UnsafeRawPointer, _ b: UnsafeRawPointer, c: UnsafeMutableRawPointer, bias: UnsafePointer<Float>?,
                          stream: DNNLStream?) throws {
         let what = "\(key.operands.rawValue) matmul"
         guard let stream else { throw ConvirtError("oneDNN: no stream could be created for a \(what)") }

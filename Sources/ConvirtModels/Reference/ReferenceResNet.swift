@@ -25,7 +25,7 @@ public final class ReferenceResNet {
 
         /// Batch norm's parameters and running statistics in `arena`.
         func parameters(_ arena: ParameterArena) -> BatchNorm2d.Parameters {
-            let p = arena.params
+            let p = arena.trainingParams
             return BatchNorm2d.Parameters(gamma: p + gamma.offset, beta: p + beta.offset, runningMean: p + runningMean.offset,
                                           runningVar: p + runningVar.offset)
         }

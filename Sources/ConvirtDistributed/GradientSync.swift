@@ -59,7 +59,7 @@ public final class GradientSync {
         self.mode = mode
         self.arena = arena
         self.communicator = communicator
-        shards = ArenaShards(count: arena.count, communicator)
+        shards = ArenaShards(arena: arena, worldSize: communicator.size)
         let distributed = communicator.size > 1
         let own = shards[communicator.rank]
         var shared: SharedGradientSum? = nil, sharedParameters: SharedRegion? = nil

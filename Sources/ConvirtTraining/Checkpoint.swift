@@ -411,6 +411,8 @@ public final class CheckpointWriter: @unchecked Sendable {
         var best: Bool
         var entries: [CheckpointManifest.Entry]
         var arenaCount: Int
+        /// The arena's cut (`ArenaShards(arena:worldSize:)`) and this rank's range of it.
+        var shards: ArenaShards
         var range: Range<Int>
         var temporary: String
     }
@@ -446,7 +448,7 @@ public final class CheckpointWriter: @unchecked Sendable {
     /// Allocates and touches the snapshot buffer before training, so that the first save does not pay
     /// for page faults on the training thread.
     public func reserve(arena: ParameterArena) {
-        let n = ArenaShards.split(arena.count, communicator).mine.count
+        let n = ArenaShards(arena: arena, worldSize: communicator.size)[communicator.rank].count
         snapshot.ensure(max(1, 3 * n)).initialize(repeating: 0, count: max(1, 3 * n))
     }
 
@@ -461,7 +463,7 @@ public final class CheckpointWriter: @unchecked Sendable {
         if job != nil { try commit() }
         var clock = Clock()
         let w = communicator.size, r = communicator.rank
-        let range = ArenaShards(count: arena.count, worldSize: w)[r]
+        let shards = ArenaShards(arena: arena, worldSize: w), range = shards[r]
         let n = range.count
         let copy = snapshot.ensure(max(1, 3 * n))
         copy.update(from: arena.params + range.lowerBound, count: n)
@@ -479,7 +481,7 @@ public final class CheckpointWriter: @unchecked Sendable {
         }
         written = false
         let job = Job(state: state, config: config, best: best, entries: communicator.isRoot ? Checkpoints.entries(of: arena) : [],
-                      arenaCount: arena.count, range: range, temporary: "\(root)/.tmp-\(Checkpoints.name(step: state.step))")
+                      arenaCount: arena.count, shards: shards, range: range, temporary: "\(root)/.tmp-\(Checkpoints.name(step: state.step))")
         self.job = job
         if asynchronous {
             Thread.detachNewThread { [self] in
@@ -603,7 +605,7 @@ public final class CheckpointWriter: @unchecked Sendable {
     private func publish(_ job: Job, report: [Double]) throws {
         let w = communicator.size
         let shards = (0..<w).map { k -> CheckpointManifest.Shard in
-            let range = ArenaShards(count: job.arenaCount, worldSize: w)[k]
+            let range = job.shards[k]
             return .init(file: Checkpoints.shardFile(rank: k, worldSize: w), range: [range.lowerBound, range.upperBound],
                          bytes: Int(report[3 * k + 1]), crc32: UInt32(report[3 * k + 2]), rawBytes: range.count * 12)
         }

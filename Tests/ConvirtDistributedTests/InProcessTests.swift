@@ -174,6 +174,34 @@ struct DistributedLossTests {
     }
 }
 
+@Suite("Arena shards")
+struct ArenaShardTests {
+    /// The optimizer's and the checkpoints' cut: contiguous ranges covering the arena, each rank's
+    /// holding ceil(T / W) trainable elements (the last ones fewer), each cut where a trainable element
+    /// starts; the paper preset's (BERT's frozen half in the middle) as evenly as a toy layout's.
+    @Test("the arena is cut into equal shares of its trainable elements", arguments: [1, 2, 3, 4, 7])
+    func balanced(world: Int) throws {
+        var layout = ParameterLayout()
+        try layout.add("a", shape: [100])
+        try layout.add("frozen", shape: [1000], kind: .frozen)
+        try layout.add("b", shape: [37])
+        try layout.add("running", shape: [5], kind: .buffer)
+        try layout.add("c", shape: [3])
+        let paper = try ConVIRTModel.layout(ConVIRTConfig.preset(.paper))
+        for (name, arena) in [("toy", ParameterArena(layout: layout)), ("paper", ParameterArena(layout: paper))] {
+            let shards = ArenaShards(arena: arena, worldSize: world)
+            #expect(shards.ranges.count == world && shards.ranges.first?.lowerBound == 0 && shards.ranges.last?.upperBound == arena.count)
+            #expect(zip(shards.ranges, shards.ranges.dropFirst()).allSatisfy { $0.upperBound == $1.lowerBound }, "\(name): not contiguous")
+            let total = arena.layout.trainableCount, size = (total + world - 1) / world
+            let shares = shards.ranges.map { r in arena.trainableRanges(within: r).reduce(0) { $0 + $1.count } }
+            #expect(shares == (0..<world).map { max(0, min(size, total - $0 * size)) }, "\(name), \(world) ranks: \(shares) of \(total)")
+            for r in shards.ranges.dropFirst() where r.lowerBound < arena.count {
+                #expect(arena.trainableRanges.contains { $0.contains(r.lowerBound) }, "\(name): a cut at \(r.lowerBound), inside no trainable run")
+            }
+        }
+    }
+}
+
 @Suite("Gradient buckets")
 struct GradientBucketTests {
     /// One training step's backward of the tiny ConVIRT on this rank's 2 samples, gradients summed by `sync`.

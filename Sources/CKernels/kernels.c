@@ -452,21 +452,23 @@ CK_CLONES void ck_residual_relu(float *y, uint16_t *restrict y16, const float *a
     }
 }
 
-// Its backward: g = dy where y > 0, else 0; branch = g; identity = g, or += g with accumulate.
+// Its backward: g = dy (+ dy2, the output's gradient in two parts) where y > 0, else 0; branch = g;
+// identity = g, or += g with accumulate.
 CK_CLONES void ck_residual_relu_backward(float *restrict branch, uint16_t *restrict branch16, float *restrict identity,
-                                         uint16_t *restrict identity16, int accumulate, const float *restrict dy, const float *restrict y,
-                                         long count) {
+                                         uint16_t *restrict identity16, int accumulate, const float *restrict dy,
+                                         const float *restrict dy2, const float *restrict y, long count) {
     const ck_v16 zero = {0};
     long i = 0;
     for (; i + CK_LANES <= count; i += CK_LANES) {
-        const ck_v16 g = (ck_v16)((ck_i16)ck_load(dy + i) & (ck_load(y + i) > zero));
+        const ck_v16 d = dy2 ? ck_load(dy + i) + ck_load(dy2 + i) : ck_load(dy + i);
+        const ck_v16 g = (ck_v16)((ck_i16)d & (ck_load(y + i) > zero));
         if (branch16) ck_store_bf16(branch16 + i, g);
         else *(ck_v16 *)(branch + i) = g;
         if (identity16) ck_store_bf16(identity16 + i, g);
         else *(ck_v16 *)(identity + i) = accumulate ? ck_load(identity + i) + g : g;
     }
     for (; i < count; i++) {
-        const float g = y[i] > 0 ? dy[i] : 0.0f;
+        const float g = y[i] > 0 ? (dy2 ? dy[i] + dy2[i] : dy[i]) : 0.0f;
         if (branch16) branch16[i] = ck_bf16_of(g);
         else branch[i] = g;
         if (identity16) identity16[i] = ck_bf16_of(g);

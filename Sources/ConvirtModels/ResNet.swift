@@ -145,6 +145,7 @@ final class SharedRooms {
     private let unitGradients = (Scratch<Float>(), Scratch<Float>())
     private let unitGradientsBF16 = (Scratch<UInt16>(), Scratch<UInt16>())
     private let blockGradients = (Scratch<Float>(), Scratch<Float>())
+    private let blockGradientParts = Scratch<Float>()
     private let sumInputs = (branch: Scratch<Float>(), identity: Scratch<Float>())
     /// false: every unit and block gets a room of its own (the same values, more memory).
     let shares: Bool
@@ -164,6 +165,10 @@ final class SharedRooms {
 
     /// Block k's output gradient.
     func blockGradient(_ k: Int) -> Scratch<Float> { room(k % 2 == 0 ? blockGradients.0 : blockGradients.1) }
+
+    /// The part of a block's output gradient that the next block's first unit writes (one room for all:
+    /// each block reads its part before its own first unit writes the previous block's).
+    func blockGradientPart() -> Scratch<Float> { room(blockGradientParts) }
 
     /// The output room of a block's last unit (`identity` false) or of its downsample.
     func sumInput(identity: Bool) -> Scratch<Float> { room(identity ? sumInputs.identity : sumInputs.branch) }
@@ -308,11 +313,16 @@ final class ResidualBlock {
     let output = Scratch<Float>(), outputBF16 = Scratch<UInt16>()
     /// The output's gradient, in the room this block shares with every other block but its neighbours.
     let gradOutput: Scratch<Float>
+    /// Where the next block takes its input in two parts (`BlockStep.gradOutputInParts`), the part its
+    /// first unit writes; `gradOutput` holds the identity's (or the downsample's). Its residual backward
+    /// adds the two as it reads them, the bits of adding one into the other first, a pass fewer.
+    let gradOutputPart: Scratch<Float>
 
     init(_ layout: inout ParameterLayout, _ name: String, block: ResNetConfig.Block, inChannels: Int, planes: Int, stride: Int,
          rooms: SharedRooms, gradOutput: Scratch<Float>) throws {
         self.name = name
         self.gradOutput = gradOutput
+        gradOutputPart = rooms.blockGradientPart()
         let n = block == .basic ? 2 : 3
         func room(_ k: Int) -> Scratch<Float> { rooms.unitGradient(k, of: n) }
         func roomBF16(_ k: Int) -> Scratch<UInt16> { rooms.unitGradientBF16(k, of: n) }
@@ -369,28 +379,30 @@ final class ResidualBlock {
         return output(step)
     }
 
-    /// Consumes gradOutput and writes gradInput (the previous layer's gradOutput, whose only reader is
-    /// this block): the identity's gradient or the downsample's overwrites it, the first unit's adds to it.
-    func backward(_ arena: ParameterArena, gradInput: UnsafeMutablePointer<Float>, input: Activation, step: BlockStep,
-                  workspace: Scratch<Float>, context: PassContext) throws {
+    /// Consumes gradOutput (and its part, `step.gradOutputInParts`) and writes gradInput (the previous
+    /// layer's gradOutput, whose only reader is this block): the identity's gradient or the downsample's
+    /// overwrites it; the first unit's overwrites `gradInputPart` where given, else adds to gradInput.
+    func backward(_ arena: ParameterArena, gradInput: UnsafeMutablePointer<Float>, gradInputPart: UnsafeMutablePointer<Float>?, input: Activation,
+                  step: BlockStep, workspace: Scratch<Float>, context: PassContext) throws {
         let count = step.count
         // d(branch) = d(identity) = dy masked by the final ReLU, in one pass.
         let n = units.count, last = units[n - 1]
+        let part = step.gradOutputInParts ? UnsafePointer(gradOutputPart.pointer) : nil
         if let downsample {
             Residual.backwardReLU(gradBranch: last.gradientDestination(step.units[n - 1]),
                                   gradIdentity: downsample.gradientDestination(step.downsample!), accumulateIdentity: false,
-                                  gradOutput: gradOutput.pointer, output: output.pointer, count: count)
+                                  gradOutput: gradOutput.pointer, gradOutputPart: part, output: output.pointer, count: count)
             try downsample.backward(arena, gradInput: .floats(gradInput), input: input, step: step.downsample!, workspace: workspace,
                                     accumulate: false, context: context)
         } else {
             Residual.backwardReLU(gradBranch: last.gradientDestination(step.units[n - 1]), gradIdentity: .floats(gradInput), accumulateIdentity: false,
-                                  gradOutput: gradOutput.pointer, output: output.pointer, count: count)
+                                  gradOutput: gradOutput.pointer, gradOutputPart: part, output: output.pointer, count: count)
         }
         for k in stride(from: n - 1, through: 0, by: -1) {
             let unitInput = k == 0 ? input : units[k - 1].output(step.units[k - 1])
-            let unitGradInput = k == 0 ? .floats(gradInput) : units[k - 1].gradientDestination(step.units[k - 1])
+            let unitGradInput = k == 0 ? .floats(gradInputPart ?? gradInput) : units[k - 1].gradientDestination(step.units[k - 1])
             try units[k].backward(arena, gradInput: unitGradInput, input: unitInput, step: step.units[k], workspace: workspace,
-                                  accumulate: k == 0, context: context)
+                                  accumulate: k == 0 && gradInputPart == nil, context: context)
         }
     }
 }
@@ -541,7 +553,9 @@ public final class ResNet {
         for k in stride(from: blocks.count - 1, through: 0, by: -1) {
             let input = k == 0 ? pooledOutput(pass) : blocks[k - 1].output(pass.blocks[k - 1])
             let gradInput = k == 0 ? poolGrad.pointer : blocks[k - 1].gradOutput.pointer
-            try blocks[k].backward(arena, gradInput: gradInput, input: input, step: pass.blocks[k], workspace: workspace, context: context)
+            let gradInputPart = k == 0 ? nil : blocks[k - 1].gradOutputPart.pointer
+            try blocks[k].backward(arena, gradInput: gradInput, gradInputPart: gradInputPart, input: input, step: pass.blocks[k],
+                                   workspace: workspace, context: context)
             try context.gradientsReady?(blockRanges[k])
         }
         let planes = batch * config.width

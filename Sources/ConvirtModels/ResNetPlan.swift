@@ -29,6 +29,9 @@ struct BlockStep {
     let downsample: UnitStep?
     /// Whether the block's output is written as bf16 bits too (for the next block's convolutions).
     let outputHalves: Bool
+    /// Whether its output gradient comes in two parts (`ResidualBlock.gradOutputPart`): every block's
+    /// but the last's, whose output only the pooling reads.
+    let gradOutputInParts: Bool
     /// Elements of the block's output.
     let count: Int
 }
@@ -124,10 +127,11 @@ extension ResNet {
             }
             let downsample = try block.downsample.map { try unit($0, height: height, layouts: Convolution.Layouts(layout), outputs: (true, false)) }
             let step = BlockStep(units: unitSteps, downsample: downsample, outputHalves: bf16Copies && k + 1 < blocks.count,
-                                 count: batch * block.outChannels * h * h)
+                                 gradOutputInParts: k + 1 < blocks.count, count: batch * block.outChannels * h * h)
             needs.need(block.output, step.count, "\(block.name) output")
             if step.outputHalves { needs.need(block.outputBF16, step.count, "\(block.name) output (bf16)") }
             needs.need(block.gradOutput, step.count, "\(block.name) output gradient")
+            if step.gradOutputInParts { needs.need(block.gradOutputPart, step.count, "\(block.name) output gradient (the next block's first unit's part)") }
             blockSteps.append(step)
             height = h
         }

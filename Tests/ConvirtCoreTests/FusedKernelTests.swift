@@ -355,6 +355,13 @@ struct FusedKernelTests {
             Residual.backwardReLU(gradBranch: .floats(b), gradIdentity: BatchNorm2d.Destination(halves: i16), accumulateIdentity: false,
                                   gradOutput: dy, output: y, count: count)
             #expect(Array(branch) == masked && Array(identity16) == masked.map(BF16.bits))
+            // The output's gradient in two parts (the next block's identity and first unit): added as read,
+            // the bits of adding the second into the first beforehand.
+            let part = randomFloats(count, seed: 53)
+            let summed = zip(dy, part).map { $0 + $1 }, maskedSum = zip(y, summed).map { $0 > 0 ? $1 : 0 }
+            Residual.backwardReLU(gradBranch: .floats(b), gradIdentity: BatchNorm2d.Destination(halves: i16), accumulateIdentity: false,
+                                  gradOutput: dy, gradOutputPart: part, output: y, count: count)
+            #expect(Array(branch) == maskedSum && Array(identity16) == maskedSum.map(BF16.bits))
         } } } }
     }
 }

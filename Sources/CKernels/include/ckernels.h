@@ -72,10 +72,11 @@ void ck_bn_gradient_run(float *dx, const float *dy, const float *x, long count, 
                         float mean, float inv_std, int relu, float scale, float shift, int accumulate);
 // y = max(a + b, 0) and its bf16 bits into y16 (may be NULL); y may alias a or b.
 void ck_residual_relu(float *y, uint16_t *y16, const float *a, const float *b, long count);
-// g = dy where y > 0 (else 0): branch = g, identity = g (or += g with accumulate); branch16 / identity16
-// (where given) take g's bf16 bits instead of branch / identity (identity16: accumulate 0).
+// g = dy (+ dy2 where given, in that order) where y > 0 (else 0): branch = g, identity = g (or += g with
+// accumulate); branch16 / identity16 (where given) take g's bf16 bits instead of branch / identity
+// (identity16: accumulate 0).
 void ck_residual_relu_backward(float *branch, uint16_t *branch16, float *identity, uint16_t *identity16, int accumulate, const float *dy,
-                               const float *y, long count);
+                               const float *dy2, const float *y, long count);
 void ck_maxpool_rows(float *y, int32_t *idx, const float *x, long height, long width, long lanes, long oh, long ow, long kernel,
                      long stride, long padding, long first_row, long last_row);
 void ck_layernorm_rows(float *y, float *mean, float *inv_std, const float *x, const float *gamma, const float *beta, long rows,

@@ -91,14 +91,18 @@ public enum Residual {
     /// The backward of `forwardReLU` in one pass: g = gradOutput where output > 0 (else 0); gradBranch = g;
     /// gradIdentity = g, or += g with `accumulateIdentity`. Either may be written as g's bf16 bits instead
     /// (`Destination.halves`, where a bf16 layer's backward reads it; the identity's then overwritten).
+    /// `gradOutputPart`: the output's gradient comes in two parts, gradOutput + gradOutputPart (added in
+    /// that order, the bits of adding the second into the first beforehand).
     public static func backwardReLU(gradBranch: BatchNorm2d.Destination, gradIdentity: BatchNorm2d.Destination, accumulateIdentity: Bool,
-                                    gradOutput: UnsafePointer<Float>, output: UnsafePointer<Float>, count: Int) {
+                                    gradOutput: UnsafePointer<Float>, gradOutputPart: UnsafePointer<Float>? = nil, output: UnsafePointer<Float>,
+                                    count: Int) {
         precondition((gradBranch.floats == nil) != (gradBranch.halves == nil) && (gradIdentity.floats == nil) != (gradIdentity.halves == nil)
                      && !(accumulateIdentity && gradIdentity.halves != nil), "residual backward: one copy of each gradient")
         Parallel.chunks(count) { r in
             let i = r.lowerBound
             ck_residual_relu_backward(gradBranch.floats.map { $0 + i }, gradBranch.halves.map { $0 + i }, gradIdentity.floats.map { $0 + i },
-                                      gradIdentity.halves.map { $0 + i }, accumulateIdentity ? 1 : 0, gradOutput + i, output + i, r.count)
+                                      gradIdentity.halves.map { $0 + i }, accumulateIdentity ? 1 : 0, gradOutput + i, gradOutputPart.map { $0 + i },
+                                      output + i, r.count)
         }
     }
 

@@ -690,6 +690,30 @@ CK_CLONES void ck_layernorm_backward_rows(float *restrict dx, const float *restr
     }
 }
 
+CK_CLONES void ck_layernorm_backward_residual_rows(float *restrict residual, int accumulate, float *restrict dense, const float *restrict dy,
+                                                  const float *restrict x, const float *restrict gamma, const float *restrict mean,
+                                                  const float *restrict inv_std, long rows, long features, int dropout, long first,
+                                                  uint64_t seed, uint64_t stream, uint32_t limit, float scale) {
+    for (long r = 0; r < rows; r++) {
+        float *restrict g = dense + r * features;
+        // LayerNorm's gradient into the dense layer's room (from zeros: 0 + v, as the plain kernel adds it).
+        for (long i = 0; i < features; i++) g[i] = 0.0f;
+        ck_layernorm_backward_rows(g, dy + r * features, x + r * features, gamma, mean + r, inv_std + r, 1, features);
+        if (residual) {
+            float *restrict s = residual + r * features;
+            if (accumulate) {
+                for (long i = 0; i < features; i++) s[i] = s[i] + g[i];
+            } else {
+                for (long i = 0; i < features; i++) s[i] = g[i];
+            }
+        }
+        if (dropout) {
+            const long start = first + r * features;
+            ck_dropout(g, g, start, start + features, seed, stream, limit, scale, 0);
+        }
+    }
+}
+
 // SplitMix64's finalizer, as Swift's mix64 (Random.swift).
 static inline uint64_t ck_mix64(uint64_t value) {
     uint64_t z = value + 0x9E3779B97F4A7C15ull;

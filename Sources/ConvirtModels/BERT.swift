@@ -169,6 +169,18 @@ struct LayerNormLayer {
                                   dropout: dropout)
     }
 
+    /// The backward of `forwardResidual` (`LayerNorm.backwardResidual`).
+    func backwardResidual(_ arena: ParameterArena, gradResidual: UnsafeMutablePointer<Float>?, accumulateResidual: Bool,
+                          gradDense: UnsafeMutablePointer<Float>, gradOutput: UnsafePointer<Float>, input: UnsafePointer<Float>,
+                          mean: UnsafePointer<Float>, invStd: UnsafePointer<Float>, rows: Int, pieceRows: Int?,
+                          dropout: (probability: Float, streams: [RandomStream], tokens: Int)?) {
+        let trainable = weight.kind == .trainable
+        LayerNorm.backwardResidual(gradResidual: gradResidual, accumulateResidual: accumulateResidual, gradDense: gradDense,
+                                   gradGamma: trainable ? arena.grads + weight.offset : nil, gradBeta: trainable ? arena.grads + bias.offset : nil,
+                                   gradOutput: gradOutput, input: input, gamma: arena.params + weight.offset, mean: mean, invStd: invStd, rows: rows,
+                                   features: features, pieceRows: pieceRows, dropout: dropout)
+    }
+
     /// `pieceRows`: the rows of a gradient piece (`PassContext.pieceRows`), nil for one piece.
     func backward(_ arena: ParameterArena, gradInput: UnsafeMutablePointer<Float>, gradOutput: UnsafePointer<Float>, input: UnsafePointer<Float>,
                   mean: UnsafePointer<Float>, invStd: UnsafePointer<Float>, rows: Int, pieceRows: Int? = nil) {
@@ -357,12 +369,11 @@ final class EncoderLayer {
         let site = UInt64(index + 1) << 8, a = activations, s = scratch
         let pieces = ctx.pieceRows(perSample: g.tokens)
         // out = LN2(dropout(dense(gelu(dense(h1)))) + h1)
-        let dSum2 = s.gradDense.zeroed(rows * h)
-        outputNorm.backward(arena, gradInput: dSum2, gradOutput: gradOutput.pointer, input: a.sum2.pointer, mean: a.mean2.pointer, invStd: a.invStd2.pointer, rows: rows,
-                             pieceRows: pieces)
-        let dH1 = s.gradHidden1.ensure(rows * h)
-        dH1.update(from: dSum2, count: rows * h)  // residual branch
-        Self.dropout(dSum2, batch: g.batch, perSample: g.tokens * h, probability: step.hiddenDropout, site: site | 3, context: ctx)
+        // LayerNorm's input gradient into the residual branch (dH1) and, through the dropout, the dense layer's (dSum2).
+        let dSum2 = s.gradDense.ensure(rows * h), dH1 = s.gradHidden1.ensure(rows * h)
+        outputNorm.backwardResidual(arena, gradResidual: dH1, accumulateResidual: false, gradDense: dSum2, gradOutput: gradOutput.pointer,
+                                    input: a.sum2.pointer, mean: a.mean2.pointer, invStd: a.invStd2.pointer, rows: rows, pieceRows: pieces,
+                                    dropout: Self.dropout(step.hiddenDropout, site: site | 3, geometry: g, context: ctx))
         // dA, dI and dCtx have one writer each: overwritten, not zeroed and accumulated.
         let dA = s.gradInner.ensure(rows * inter)
         output.backward(arena, gradInput: dA, gradOutput: dSum2, input: a.activated.pointer, rows: rows, precision: ctx.precision, accumulateInput: false,
@@ -378,11 +389,11 @@ final class EncoderLayer {
         intermediate.backward(arena, gradInput: dH1, gradOutput: dI, input: a.hidden1.pointer, rows: rows, precision: ctx.precision,
                               copies: copies.intermediate.reusingGradOutput(step.writesCopies), pieceRows: pieces)
         // h1 = LN1(dropout(dense(attention(x))) + x)
-        let dSum1 = s.gradDense.zeroed(rows * h)
-        attentionNorm.backward(arena, gradInput: dSum1, gradOutput: dH1, input: a.sum1.pointer, mean: a.mean1.pointer, invStd: a.invStd1.pointer, rows: rows,
-                                pieceRows: pieces)
-        if let gradInput { Residual.accumulate(gradInput, dSum1, count: rows * h) }
-        Self.dropout(dSum1, batch: g.batch, perSample: g.tokens * h, probability: step.hiddenDropout, site: site | 2, context: ctx)
+        // The same at the attention's end: the residual branch is this layer's input (nil below a frozen layer).
+        let dSum1 = s.gradDense.ensure(rows * h)
+        attentionNorm.backwardResidual(arena, gradResidual: gradInput, accumulateResidual: true, gradDense: dSum1, gradOutput: dH1,
+                                       input: a.sum1.pointer, mean: a.mean1.pointer, invStd: a.invStd1.pointer, rows: rows, pieceRows: pieces,
+                                       dropout: Self.dropout(step.hiddenDropout, site: site | 2, geometry: g, context: ctx))
         let dCtx = s.gradContext.ensure(rows * h)
         attentionOutput.backward(arena, gradInput: dCtx, gradOutput: dSum1, input: a.context.pointer, rows: rows, precision: ctx.precision,
                                  accumulateInput: false, copies: copies.attentionOutput, pieceRows: pieces)

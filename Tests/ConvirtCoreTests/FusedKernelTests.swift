@@ -254,6 +254,49 @@ struct FusedKernelTests {
         }
     }
 
+    @Test("its backward (LayerNorm's gradient into the residual and, through the dropout, the dense layer's) equals the layers in turn, bit for bit",
+          arguments: [(3, 5, 768), (2, 7, 37), (1, 1, 16)])
+    func residualLayerNormBackward(batch: Int, tokens: Int, features: Int) {
+        let rows = batch * tokens, count = rows * features
+        let sum = randomFloats(count, seed: 70, scale: 3), dy = randomFloats(count, seed: 71), prior = randomFloats(count, seed: 72)
+        let gamma = randomFloats(features, seed: 73), beta = randomFloats(features, seed: 74)
+        let streams = (0..<batch).map { RandomStream(seed: 75, UInt64($0), 9) }
+        var y = [Float](repeating: 0, count: count), mean = [Float](repeating: 0, count: rows), invStd = mean
+        LayerNorm.forward(output: &y, mean: &mean, invStd: &invStd, input: sum, gamma: gamma, beta: beta, rows: rows, features: features)
+        for p in [Float(0), 0.1, 0.5] { for accumulate in [false, true] { for pieces in [nil, tokens] as [Int?] {
+            // The layers in turn: LayerNorm's gradient into zeros, copied (or added) into the residual's, dropout in place.
+            var dx = [Float](repeating: 0, count: count), residual = accumulate ? prior : [Float](repeating: 0, count: count)
+            var dGamma = randomFloats(features, seed: 76), dBeta = randomFloats(features, seed: 77)
+            let (dGamma0, dBeta0) = (dGamma, dBeta)
+            LayerNorm.backward(gradInput: &dx, gradGamma: &dGamma, gradBeta: &dBeta, gradOutput: dy, input: sum, gamma: gamma, mean: mean,
+                               invStd: invStd, rows: rows, features: features, pieceRows: pieces)
+            if accumulate { Residual.accumulate(&residual, dx, count: count) } else { residual = dx }
+            if p > 0 {
+                for b in 0..<batch {
+                    dx.withUnsafeMutableBufferPointer {
+                        let x = $0.baseAddress! + b * tokens * features
+                        Dropout.forward(output: x, input: x, count: tokens * features, probability: p, stream: streams[b])
+                    }
+                }
+            }
+            var fusedResidual = accumulate ? prior : [Float](repeating: .nan, count: count), fusedDense = [Float](repeating: .nan, count: count)
+            var fusedGamma = dGamma0, fusedBeta = dBeta0
+            LayerNorm.backwardResidual(gradResidual: &fusedResidual, accumulateResidual: accumulate, gradDense: &fusedDense, gradGamma: &fusedGamma,
+                                       gradBeta: &fusedBeta, gradOutput: dy, input: sum, gamma: gamma, mean: mean, invStd: invStd, rows: rows,
+                                       features: features, pieceRows: pieces, dropout: p > 0 ? (p, streams, tokens) : nil)
+            let same = { (a: [Float], b: [Float]) in a.map(\.bitPattern) == b.map(\.bitPattern) }
+            #expect(same(fusedResidual, residual) && same(fusedDense, dx), "p \(p), accumulate \(accumulate), pieces \(String(describing: pieces))")
+            #expect(same(fusedGamma, dGamma) && same(fusedBeta, dBeta), "parameter gradients, p \(p)")
+            if !accumulate {
+                var onlyDense = [Float](repeating: .nan, count: count)
+                LayerNorm.backwardResidual(gradResidual: nil, accumulateResidual: false, gradDense: &onlyDense, gradGamma: nil, gradBeta: nil,
+                                           gradOutput: dy, input: sum, gamma: gamma, mean: mean, invStd: invStd, rows: rows, features: features,
+                                           dropout: p > 0 ? (p, streams, tokens) : nil)
+                #expect(same(onlyDense, dx), "without a residual gradient, p \(p)")
+            }
+        } } }
+    }
+
     // The backward never reads the forward's output: it recomputes the ReLU's gate from the input with the
     // forward's arithmetic (CK_BN_SHIFTED, the same scale), so the gate is that output's sign, bit for bit.
     // Channels 0 and 1 are constant at the mean (training: the batch mean is exact; evaluation: the running

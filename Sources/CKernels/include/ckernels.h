@@ -105,6 +105,14 @@ long ck_count_nonfinite(const float *x, long count);
 // LayerNorm's input gradient added to dx over rows x features (each row's sums in 16 lanes, added in order).
 void ck_layernorm_backward_rows(float *dx, const float *dy, const float *x, const float *gamma, const float *mean, const float *inv_std,
                                 long rows, long features);
+// The backward of a post-LN transformer's residual end over `rows` rows of one sample (sum = dropout(dense)
+// + residual; y = LayerNorm(sum)), from dy: LayerNorm's input gradient g (as ck_layernorm_backward_rows
+// adds it to zeros) into residual (or added to it with accumulate; residual may be NULL), and dropout(g)
+// (where `dropout`, as ck_dropout_forward over the sample stream's elements from `first`; else g) into
+// dense: the dense layer's output gradient.
+void ck_layernorm_backward_residual_rows(float *residual, int accumulate, float *dense, const float *dy, const float *x, const float *gamma,
+                                         const float *mean, const float *inv_std, long rows, long features, int dropout, long first,
+                                         uint64_t seed, uint64_t stream, uint32_t limit, float scale);
 // sum[c] += x[r * ld + c] over rows in order, for columns [first, last) (a bias gradient).
 void ck_column_sums(float *sum, const float *x, long rows, long ld, long first, long last);
 // LayerNorm's gamma and beta gradients for features [first, last), summed over rows in order.

@@ -174,6 +174,35 @@ public enum LayerNorm {
         }
     }
 
+    /// The backward of `forwardResidual` in one pass over each row: LayerNorm's input gradient g (the
+    /// bits `backward` adds to zeros) into `gradResidual` (added to it where `accumulateResidual`; nil:
+    /// the residual needs none), and dropout(g) into `gradDense` (the same mask as the forward's, from the
+    /// same streams: the bits of `Dropout.forward` on g); the parameter gradients as `backward`'s.
+    public static func backwardResidual(gradResidual: UnsafeMutablePointer<Float>?, accumulateResidual: Bool, gradDense: UnsafeMutablePointer<Float>,
+                                        gradGamma: UnsafeMutablePointer<Float>?, gradBeta: UnsafeMutablePointer<Float>?,
+                                        gradOutput: UnsafePointer<Float>, input: UnsafePointer<Float>, gamma: UnsafePointer<Float>,
+                                        mean: UnsafePointer<Float>, invStd: UnsafePointer<Float>, rows: Int, features: Int, pieceRows: Int? = nil,
+                                        dropout: (probability: Float, streams: [RandomStream], tokens: Int)? = nil) {
+        let p = dropout?.probability ?? 0
+        precondition(p >= 0 && p < 1, "dropout probability must be in [0, 1)")
+        let scale = p > 0 ? 1 / (1 - p) : 1, limit = Dropout.threshold(p)
+        Parallel.chunks(rows, cost: 8 * features) { range in
+            var r = range.lowerBound
+            while r < range.upperBound {
+                // Rows of one sample at a time (one dropout stream).
+                let tokens = dropout?.tokens ?? rows, sample = r / tokens, end = min(range.upperBound, (sample + 1) * tokens)
+                let stream = p > 0 ? dropout!.streams[sample] : RandomStream(seed: 0)
+                let o = r * features
+                ck_layernorm_backward_residual_rows(gradResidual.map { $0 + o }, accumulateResidual ? 1 : 0, gradDense + o, gradOutput + o, input + o,
+                                                    gamma, mean + r, invStd + r, end - r, features, p > 0 ? 1 : 0, (r - sample * tokens) * features,
+                                                    stream.seed, stream.streamID, limit, scale)
+                r = end
+            }
+        }
+        parameterGradients(gradGamma: gradGamma, gradBeta: gradBeta, gradOutput: gradOutput, input: input, mean: mean, invStd: invStd, rows: rows,
+                           features: features, pieceRows: pieceRows)
+    }
+
     /// dx = invStd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)) with dxhat = dy * gamma;
     /// gradGamma += sum_r dy * xhat; gradBeta += sum_r dy. gradGamma/gradBeta may be nil (frozen).
     /// `pieceRows`: the parameter gradients, sums over the rows, made of pieces of that many rows (a
@@ -188,6 +217,14 @@ public enum LayerNorm {
             let r = range.lowerBound, o = r * features
             ck_layernorm_backward_rows(gradInput + o, gradOutput + o, input + o, gamma, mean + r, invStd + r, range.count, features)
         }
+        parameterGradients(gradGamma: gradGamma, gradBeta: gradBeta, gradOutput: gradOutput, input: input, mean: mean, invStd: invStd, rows: rows,
+                           features: features, pieceRows: pieceRows)
+    }
+
+    /// gamma's and beta's gradients (nil: frozen) from `backward`'s rows.
+    private static func parameterGradients(gradGamma: UnsafeMutablePointer<Float>?, gradBeta: UnsafeMutablePointer<Float>?,
+                                           gradOutput: UnsafePointer<Float>, input: UnsafePointer<Float>, mean: UnsafePointer<Float>,
+                                           invStd: UnsafePointer<Float>, rows: Int, features: Int, pieceRows: Int?) {
         // Parameter gradients sum over rows: split by features so each column is summed in row order.
         // (`ck_layernorm_param_grads`: gamma += dy * (x - mean) * invStd and beta += dy, row by row.)
         guard let gradGamma, let gradBeta else { return }

@@ -156,19 +156,30 @@ public enum LayerNorm {
                                        residual: UnsafePointer<Float>, gamma: UnsafePointer<Float>, beta: UnsafePointer<Float>, rows: Int,
                                        features: Int, eps: Float = 1e-12,
                                        dropout: (probability: Float, streams: [RandomStream], tokens: Int)? = nil) {
+        sampleRuns(rows: rows, features: features, dropout: dropout) { r, n, d in
+            let o = r * features
+            ck_residual_layernorm_rows(sum + o, output + o, outputBF16.map { $0 + o }, mean + r, invStd + r, dense + o, residual + o, gamma, beta,
+                                       n, features, eps, d.on, d.first, d.seed, d.stream, d.limit, d.scale)
+        }
+    }
+
+    /// One run of a sample's rows and its dropout (`on` 0: none), as the C kernels take it.
+    struct DropoutRun { let on: Int32, first: Int, seed: UInt64, stream: UInt64, limit: UInt32, scale: Float }
+
+    /// Calls `body(row, count, dropout)` for runs of rows split over the threads, each within one
+    /// sample (`dropout.tokens` rows, one stream), `first` its first element in the sample's stream.
+    private static func sampleRuns(rows: Int, features: Int, dropout: (probability: Float, streams: [RandomStream], tokens: Int)?,
+                                   _ body: (Int, Int, DropoutRun) -> Void) {
         let p = dropout?.probability ?? 0
         precondition(p >= 0 && p < 1, "dropout probability must be in [0, 1)")
         let scale = p > 0 ? 1 / (1 - p) : 1, limit = Dropout.threshold(p)
         Parallel.chunks(rows, cost: 8 * features) { range in
             var r = range.lowerBound
             while r < range.upperBound {
-                // Rows of one sample at a time (one dropout stream).
                 let tokens = dropout?.tokens ?? rows, sample = r / tokens, end = min(range.upperBound, (sample + 1) * tokens)
                 let stream = p > 0 ? dropout!.streams[sample] : RandomStream(seed: 0)
-                let o = r * features
-                ck_residual_layernorm_rows(sum + o, output + o, outputBF16.map { $0 + o }, mean + r, invStd + r, dense + o, residual + o, gamma, beta,
-                                           end - r, features, eps, p > 0 ? 1 : 0, (r - sample * tokens) * features, stream.seed, stream.streamID,
-                                           limit, scale)
+                body(r, end - r, DropoutRun(on: p > 0 ? 1 : 0, first: (r - sample * tokens) * features, seed: stream.seed, stream: stream.streamID,
+                                            limit: limit, scale: scale))
                 r = end
             }
         }
@@ -183,21 +194,10 @@ public enum LayerNorm {
                                         gradOutput: UnsafePointer<Float>, input: UnsafePointer<Float>, gamma: UnsafePointer<Float>,
                                         mean: UnsafePointer<Float>, invStd: UnsafePointer<Float>, rows: Int, features: Int, pieceRows: Int? = nil,
                                         dropout: (probability: Float, streams: [RandomStream], tokens: Int)? = nil) {
-        let p = dropout?.probability ?? 0
-        precondition(p >= 0 && p < 1, "dropout probability must be in [0, 1)")
-        let scale = p > 0 ? 1 / (1 - p) : 1, limit = Dropout.threshold(p)
-        Parallel.chunks(rows, cost: 8 * features) { range in
-            var r = range.lowerBound
-            while r < range.upperBound {
-                // Rows of one sample at a time (one dropout stream).
-                let tokens = dropout?.tokens ?? rows, sample = r / tokens, end = min(range.upperBound, (sample + 1) * tokens)
-                let stream = p > 0 ? dropout!.streams[sample] : RandomStream(seed: 0)
-                let o = r * features
-                ck_layernorm_backward_residual_rows(gradResidual.map { $0 + o }, accumulateResidual ? 1 : 0, gradDense + o, gradOutput + o, input + o,
-                                                    gamma, mean + r, invStd + r, end - r, features, p > 0 ? 1 : 0, (r - sample * tokens) * features,
-                                                    stream.seed, stream.streamID, limit, scale)
-                r = end
-            }
+        sampleRuns(rows: rows, features: features, dropout: dropout) { r, n, d in
+            let o = r * features
+            ck_layernorm_backward_residual_rows(gradResidual.map { $0 + o }, accumulateResidual ? 1 : 0, gradDense + o, gradOutput + o, input + o,
+                                                gamma, mean + r, invStd + r, n, features, d.on, d.first, d.seed, d.stream, d.limit, d.scale)
         }
         parameterGradients(gradGamma: gradGamma, gradBeta: gradBeta, gradOutput: gradOutput, input: input, mean: mean, invStd: invStd, rows: rows,
                            features: features, pieceRows: pieceRows)

@@ -94,7 +94,7 @@ want passes && clang -O2 -ffp-contract=off -I.deps/onednn/include -ISources/CKer
     .deps/onednn/lib/libdnnl.so.3 -Wl,-rpath,$PWD/.deps/onednn/lib -lm -o /tmp/bench_passes && { OMP_NUM_THREADS=1 /tmp/bench_passes; OMP_NUM_THREADS=1 /tmp/bench_passes --cold; } > "$out/bench_passes.txt" 2>&1
 want kernels && for t in 2 16; do $bin bench kernels --batch 8 --threads $t; done > "$out/bench_kernels.txt" 2>&1
 want tests && swift test -c release --disable-testable-imports --skip-build \
-    --filter "BF16KernelTests|DNNLConvolutionTests|GradientPiecesTests|ModelParityTests|PrecisionCLITests|ChannelsLastTests|ResNetLayoutTests|parityOnOneDNN" \
+    --filter "BF16KernelTests|BF16OperandTests|frozenWeightCopies|DNNLConvolutionTests|GradientPiecesTests|ModelParityTests|PrecisionCLITests|ChannelsLastTests|ResNetLayoutTests|parityOnOneDNN" \
     > "$out/tests.txt" 2>&1
 want layouts && for layout in "" nchw nhwc nchw16c; do
     echo "CONVIRT_ACTIVATIONS=$layout"; CONVIRT_ACTIVATIONS=$layout $bin bench step --steps 2 --threads 2 --precision bf16

@@ -310,12 +310,15 @@ final class EncoderLayer {
         query.forward(arena, output: qp, input: x, rows: rows, precision: ctx.precision, copies: c.forward(c.query, arena).reusingInput(step.inputCopied))
         key.forward(arena, output: kp, input: x, rows: rows, precision: ctx.precision, copies: c.forward(c.key, arena))
         value.forward(arena, output: vp, input: x, rows: rows, precision: ctx.precision, copies: c.forward(c.value, arena))
-        Attention.forward(output: a.context.ensure(rows * h), probabilities: a.probabilities.ensure(g.probabilitiesCount),
+        // The attention's output in bf16 only, where the next product reads it so (nothing reads its floats).
+        let context = a.context.ensure(rows * h)
+        Attention.forward(output: context, outputBF16: copying ? c.attentionOutput.input.room(holding: context, rows: rows, columns: h) : nil,
+                          probabilities: a.probabilities.ensure(g.probabilitiesCount),
                           q: qp, k: kp, v: vp, mask: mask, geometry: g, dropout: attentionDropout(step, geometry: g, context: ctx),
                           precision: ctx.precision, copies: activations.attentionCopies)
         let dense = a.attentionDense.ensure(rows * h)
-        attentionOutput.forward(arena, output: dense, input: a.context.pointer, rows: rows, precision: ctx.precision,
-                                copies: c.forward(c.attentionOutput, arena))
+        attentionOutput.forward(arena, output: dense, input: context, rows: rows, precision: ctx.precision,
+                                copies: c.forward(c.attentionOutput, arena).reusingInput(copying))
         let h1 = a.hidden1.ensure(rows * h)
         attentionNorm.forwardResidual(arena, sum: a.sum1.ensure(rows * h), output: h1,
                                       outputBF16: copying ? copies.intermediate.input.room(holding: h1, rows: rows, columns: h) : nil,

@@ -196,6 +196,23 @@ struct BF16KernelTests {
         for b in 0..<g.batch { for h in 0..<g.heads { for i in 0..<g.tokens { for j in 0..<g.tokens where mask[b * g.tokens + j] == 0 {
             #expect(batched.p[((b * g.heads + h) * g.tokens + i) * g.tokens + j] == 0)
         } } } }
+        // The output in bf16 only (what BERT's next product reads): the last product rounds its fp32 sums
+        // once, to the nearest bf16 (2^-8 of the value at most), sums that may differ from those of the
+        // fp32 output by their order only (1e-5); the per-head path rounds its fp32 output. The floats
+        // are not written on oneDNN.
+        for native in [true, false] {
+            var out = [Float](repeating: .nan, count: count), p = [Float](repeating: .nan, count: g.probabilitiesCount)
+            var bits = [UInt16](repeating: 0xffff, count: count)
+            Attention.forward(output: &out, outputBF16: &bits, probabilities: &p, q: q, k: k, v: v, mask: mask, geometry: g, precision: .bf16,
+                              native: native)
+            var reference = [Float](repeating: .nan, count: count)
+            Attention.forward(output: &reference, probabilities: &p, q: q, k: k, v: v, mask: mask, geometry: g, precision: .bf16, native: native)
+            let values = bits.map { Float(bitPattern: UInt32($0) << 16) }
+            let largest = reference.map(abs).max()!
+            let worst = zip(values, reference).map { abs($0 - $1) / (Float(0x1p-8) * abs($1) + 1e-5 * largest) }.max()!
+            #expect(worst <= 1, "native \(native): bf16 output \(worst) of its bound")
+            if native { #expect(out.allSatisfy { $0.isNaN }, "the float output is written too") } else { #expect(bits == reference.map(BF16.bits)) }
+        }
     }
 
     @Test("attention's backward with dropout is the derivative of its forward (central differences in fp32, padding masked)")

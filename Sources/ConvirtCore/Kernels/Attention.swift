@@ -99,15 +99,20 @@ public enum Attention {
     ///   probabilities: [B, H, T, T], kept for backward.
     /// - copies: on oneDNN's bf16 kernels, where the bf16 operands are kept for `backward` (which then
     ///   takes the same copies, and leaves `dropout.dropped` alone); ignored elsewhere.
-    public static func forward(output: UnsafeMutablePointer<Float>, probabilities: UnsafeMutablePointer<Float>,
+    /// - outputBF16: where given, the output's bf16 bits ([B, T, H*D]) for the product that reads it; on
+    ///   oneDNN's bf16 kernels the last product writes them, rounding its fp32 sums once, and `output`
+    ///   is not written.
+    public static func forward(output: UnsafeMutablePointer<Float>, outputBF16: UnsafeMutablePointer<UInt16>? = nil,
+                               probabilities: UnsafeMutablePointer<Float>,
                                q: UnsafePointer<Float>, k: UnsafePointer<Float>, v: UnsafePointer<Float>,
                                mask: UnsafePointer<Int32>, geometry g: AttentionGeometry, dropout: AttentionDropout? = nil,
                                precision: Precision = .fp32, native: Bool = BF16.native, copies: AttentionCopies? = nil) {
         if precision == .bf16 && native,
-           (try? forwardOnDNNL(output: output, probabilities: probabilities, q: q, k: k, v: v, mask: mask, geometry: g, dropout: dropout,
-                               copies: copies)) != nil {
+           (try? forwardOnDNNL(output: output, outputBF16: outputBF16, probabilities: probabilities, q: q, k: k, v: v, mask: mask, geometry: g,
+                               dropout: dropout, copies: copies)) != nil {
             return
         }
+        defer { if let outputBF16 { BF16.bits(outputBF16, output, count: g.batch * g.tokens * g.width) } }
         let t = g.tokens, d = g.headSize, w = g.width
         Parallel.chunks(g.batch * g.heads, cost: 4 * t * t * d) { pairs in
         for pair in pairs {
@@ -158,33 +163,40 @@ public enum Attention {
     /// The products of a pass on oneDNN: each a batched bf16 matmul over every (sample, head),
     /// c = alpha a b + beta c with every operand [B, H, rows, columns] by its strides.
     private struct Products {
-        typealias Shape = (m: Int, n: Int, k: Int, a: [Int], b: [Int], c: [Int], alpha: Float, beta: Float)
+        typealias Shape = (m: Int, n: Int, k: Int, a: [Int], b: [Int], c: [Int], alpha: Float, beta: Float, output: MatmulPrimitive.Key.Output)
         let g: AttentionGeometry
         var primitives: [MatmulPrimitive] = []
 
         /// Scores = scale Q K^T; output = P' V.
         static func forward(_ g: AttentionGeometry) -> [Shape] {
             let (t, d) = (g.tokens, g.headSize)
-            return [(t, t, d, g.packedStrides, g.transposedPackedStrides, g.pairStrides, g.scale, 0),
-                    (t, d, t, g.pairStrides, g.packedStrides, g.headStrides, 1, 0)]
+            return [(t, t, d, g.packedStrides, g.transposedPackedStrides, g.pairStrides, g.scale, 0, .fp32),
+                    (t, d, t, g.pairStrides, g.packedStrides, g.headStrides, 1, 0, .fp32)]
+        }
+
+        /// `forward` with the output in bf16.
+        static func forwardBF16Output(_ g: AttentionGeometry) -> [Shape] {
+            var shapes = forward(g)
+            shapes[1].output = .bf16
+            return shapes
         }
 
         /// dV += P'^T dO; dP = dO V^T; dQ += scale dS K; dK += scale dS^T Q.
         static func backward(_ g: AttentionGeometry) -> [Shape] {
             let (t, d) = (g.tokens, g.headSize)
-            return [(t, d, t, g.transposedPairStrides, g.packedStrides, g.headStrides, 1, 1),
-                    (t, t, d, g.packedStrides, g.transposedPackedStrides, g.pairStrides, 1, 0),
-                    (t, d, t, g.pairStrides, g.packedStrides, g.headStrides, g.scale, 1),
-                    (t, d, t, g.transposedPairStrides, g.packedStrides, g.headStrides, g.scale, 1)]
+            return [(t, d, t, g.transposedPairStrides, g.packedStrides, g.headStrides, 1, 1, .fp32),
+                    (t, t, d, g.packedStrides, g.transposedPackedStrides, g.pairStrides, 1, 0, .fp32),
+                    (t, d, t, g.pairStrides, g.packedStrides, g.headStrides, g.scale, 1, .fp32),
+                    (t, d, t, g.transposedPairStrides, g.packedStrides, g.headStrides, g.scale, 1, .fp32)]
         }
 
         /// Makes the primitives of `shapes` (m, n, k, strides of a, b and c, alpha, beta) first, so that a
         /// shape oneDNN refuses is known before anything is accumulated.
         init(_ g: AttentionGeometry, _ shapes: [Shape]) throws {
             self.g = g
-            for (m, n, k, a, b, c, alpha, beta) in shapes {
+            for (m, n, k, a, b, c, alpha, beta, output) in shapes {
                 let key = MatmulPrimitive.Key(m: m, n: n, k: k, batch: [g.batch, g.heads], aStrides: a, bStrides: b, cStrides: c, alpha: alpha,
-                                              beta: beta)
+                                              beta: beta, output: output)
                 guard let primitive = try MatmulPrimitive.cached(key) else { throw ConvirtError("oneDNN refused the batched bf16 matmul \(key)") }
                 primitives.append(primitive)
             }
@@ -195,6 +207,15 @@ public enum Attention {
         func run(_ index: Int, a: UnsafePointer<UInt16>, b: UnsafePointer<UInt16>, c: UnsafeMutablePointer<Float>) {
             do {
                 try primitives[index].execute(a: a, b: b, c: c, stream: ThreadScratch.current.stream)
+            } catch {
+                preconditionFailure("attention: \(error)")
+            }
+        }
+
+        /// Runs product `index`, made with a bf16 output.
+        func run(_ index: Int, a: UnsafePointer<UInt16>, b: UnsafePointer<UInt16>, bf16 c: UnsafeMutablePointer<UInt16>) {
+            do {
+                try primitives[index].execute(a: a, b: b, bf16: c, stream: ThreadScratch.current.stream)
             } catch {
                 preconditionFailure("attention: \(error)")
             }
@@ -243,11 +264,12 @@ public enum Attention {
         }
     }
 
-    /// `forward` in bf16 with oneDNN's batched products; the bf16 operands into `copies` where given.
-    static func forwardOnDNNL(output: UnsafeMutablePointer<Float>, probabilities: UnsafeMutablePointer<Float>, q: UnsafePointer<Float>,
-                              k: UnsafePointer<Float>, v: UnsafePointer<Float>, mask: UnsafePointer<Int32>, geometry g: AttentionGeometry,
-                              dropout: AttentionDropout?, copies: AttentionCopies?) throws {
-        let products = try Products(g, Products.forward(g))
+    /// `forward` in bf16 with oneDNN's batched products; the bf16 operands into `copies` where given, the
+    /// output into `outputBF16` instead of `output` where given.
+    static func forwardOnDNNL(output: UnsafeMutablePointer<Float>, outputBF16: UnsafeMutablePointer<UInt16>?, probabilities: UnsafeMutablePointer<Float>,
+                              q: UnsafePointer<Float>, k: UnsafePointer<Float>, v: UnsafePointer<Float>, mask: UnsafePointer<Int32>,
+                              geometry g: AttentionGeometry, dropout: AttentionDropout?, copies: AttentionCopies?) throws {
+        let products = try Products(g, outputBF16 != nil ? Products.forwardBF16Output(g) : Products.forward(g))
         let rooms: [UnsafeMutablePointer<UInt16>]
         if let copies {
             let kept = copies.rooms(for: g)
@@ -259,7 +281,11 @@ public enum Attention {
         // Scores = scale * Q K^T, straight into the probabilities' buffer; then the weights, in bf16.
         products.run(0, a: rooms[0], b: rooms[1], c: probabilities)
         weights(probabilities, rooms[3], mask: mask, geometry: g, dropout: dropout, keepDropped: copies == nil)
-        products.run(1, a: rooms[3], b: rooms[2], c: output)
+        if let outputBF16 {
+            products.run(1, a: rooms[3], b: rooms[2], bf16: outputBF16)
+        } else {
+            products.run(1, a: rooms[3], b: rooms[2], c: output)
+        }
     }
 
     /// `backward` in bf16 with oneDNN's batched products; workspace: [B, H, T, T] floats. `copies`: those

@@ -307,10 +307,11 @@ final class MatmulPrimitive: @unchecked Sendable {
         let bias: Bool
         /// The type of A and B: bf16 (mixed precision), or fp32 (`fp32Product`).
         let operands: Precision
-        /// C's values: the product (fp32), or GELU (erf) of the product plus bias, rounded to bf16 (a
-        /// frozen layer's activations for the next product, `Linear.forwardGELU`).
+        /// C's values: the product (fp32), the product rounded to bf16 (an activation only the next
+        /// product reads), or GELU (erf) of the product plus bias, rounded to bf16 (a frozen layer's
+        /// activations for the next product, `Linear.forwardGELU`).
         let output: Output
-        enum Output: Hashable { case fp32, geluBF16 }
+        enum Output: Hashable { case fp32, bf16, geluBF16 }
 
         init(m: Int, n: Int, k: Int, batch: [Int] = [], aStrides: [Int], bStrides: [Int], cStrides: [Int], alpha: Float = 1, beta: Float = 0,
              bias: Bool = false, operands: Precision = .bf16, output: Output = .fp32) {
@@ -348,7 +349,7 @@ final class MatmulPrimitive: @unchecked Sendable {
         }
         let a = try strided(m, k, key.aStrides, key.operands.inputType)
         let b = try strided(k, n, key.bStrides, key.operands.inputType)
-        let c = try strided(m, n, key.cStrides, key.output == .geluBF16 ? dnnl_bf16 : dnnl_f32)
+        let c = try strided(m, n, key.cStrides, key.output == .fp32 ? dnnl_f32 : dnnl_bf16)
         try require(!key.bias || key.batch.isEmpty, what, "a bias on a batched product")
         try require(key.output == .fp32 || (key.beta == 0 && key.operands == .bf16), what, "GELU on a sum or on fp32 operands")
         let biasDesc = key.bias ? try strided(1, n, [n, 1], dnnl_f32) : nil
@@ -396,6 +397,12 @@ final class MatmulPrimitive: @unchecked Sendable {
                  stream: DNNLStream?) throws {
         precondition(key.operands == .bf16 && key.output == .geluBF16, "a bf16 GELU output for a product without one")
         try execute(raw: a, b, c: c, bias: bias, stream: stream)
+    }
+
+    /// A product whose output is its bf16 bits (`Output.bf16`).
+    func execute(a: UnsafePointer<UInt16>, b: UnsafePointer<UInt16>, bf16 c: UnsafeMutablePointer<UInt16>, stream: DNNLStream?) throws {
+        precondition(key.operands == .bf16 && key.output == .bf16, "a bf16 output for a product without one")
+        try execute(raw: a, b, c: c, bias: nil, stream: stream)
     }
 
     /// An fp32 product's operands.

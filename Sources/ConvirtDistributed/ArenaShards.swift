@@ -7,7 +7,8 @@ import ConvirtCore
 public struct ArenaShards: Sendable, Equatable {
     public let count: Int
     public let worldSize: Int
-    /// Rank r's range: consecutive blocks of ceil(count / W) items, the last ones shorter or empty.
+    /// Rank r's range: consecutive ranges covering 0..<count (an even cut: blocks of ceil(count / W) items,
+    /// the last ones shorter or empty; the arena's: `init(arena:worldSize:)`).
     public let ranges: [Range<Int>]
 
     public init(count: Int, worldSize: Int) {

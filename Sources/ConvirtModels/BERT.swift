@@ -400,10 +400,12 @@ final class EncoderLayer {
         let dCtx = s.gradContext.ensure(rows * h)
         attentionOutput.backward(arena, gradInput: dCtx, gradOutput: dSum1, input: a.context.pointer, rows: rows, precision: ctx.precision,
                                  accumulateInput: false, copies: copies.attentionOutput, pieceRows: pieces)
-        let dq = s.gradQ.zeroed(rows * h), dk = s.gradK.zeroed(rows * h), dv = s.gradV.zeroed(rows * h)
+        // dq, dk and dv have one writer each, the attention's backward: overwritten, not zeroed and accumulated.
+        let dq = s.gradQ.ensure(rows * h), dk = s.gradK.ensure(rows * h), dv = s.gradV.ensure(rows * h)
         Attention.backward(gradQ: dq, gradK: dk, gradV: dv, gradOutput: dCtx, probabilities: a.probabilities.pointer,
                            q: a.q.pointer, k: a.k.pointer, v: a.v.pointer, geometry: g, workspace: s.attentionWorkspace.ensure(g.workspaceCount),
-                           dropout: attentionDropout(step, geometry: g, context: ctx), precision: ctx.precision, copies: activations.attentionCopies)
+                           dropout: attentionDropout(step, geometry: g, context: ctx), precision: ctx.precision, copies: activations.attentionCopies,
+                           accumulate: false)
         query.backward(arena, gradInput: gradInput, gradOutput: dq, input: x, rows: rows, precision: ctx.precision, copies: copies.query,
                        pieceRows: pieces)
         key.backward(arena, gradInput: gradInput, gradOutput: dk, input: x, rows: rows, precision: ctx.precision, copies: copies.key,

@@ -157,6 +157,27 @@ struct BF16KernelTests {
         #expect(backward > 1e-4 && backward < 3e-2, "bf16 attention gradients \(backward) from fp32")
     }
 
+    @Test("attention's backward overwriting its gradients gives the bits of adding them to zeros, in every precision and route")
+    func attentionOverwrite() throws {
+        let g = try AttentionGeometry(batch: 2, tokens: 9, heads: 2, headSize: 8)
+        let count = g.batch * g.tokens * g.width
+        let q = randomFloats(count, seed: 21), k = randomFloats(count, seed: 22), v = randomFloats(count, seed: 23)
+        let dOut = randomFloats(count, seed: 24), mask = [Int32](repeating: 1, count: g.batch * g.tokens)
+        let routes: [(Precision, Bool)] = [(.fp32, false), (.bf16, false)] + (BF16.oneDNNRunsBF16 ? [(.bf16, true)] : [])
+        for (precision, native) in routes {
+            var out = [Float](repeating: 0, count: count), p = [Float](repeating: 0, count: g.probabilitiesCount)
+            var workspace = [Float](repeating: 0, count: g.workspaceCount)
+            Attention.forward(output: &out, probabilities: &p, q: q, k: k, v: v, mask: mask, geometry: g, precision: precision, native: native)
+            func gradients(accumulate: Bool) -> [Float] {
+                var dq = [Float](repeating: accumulate ? 0 : .nan, count: count), dk = dq, dv = dq
+                Attention.backward(gradQ: &dq, gradK: &dk, gradV: &dv, gradOutput: dOut, probabilities: p, q: q, k: k, v: v, geometry: g,
+                                   workspace: &workspace, precision: precision, native: native, accumulate: accumulate)
+                return dq + dk + dv
+            }
+            #expect(gradients(accumulate: false).map(\.bitPattern) == gradients(accumulate: true).map(\.bitPattern), "\(precision), native \(native)")
+        }
+    }
+
     @Test("bf16 attention on oneDNN's batched products equals the per-head products of bf16-rounded inputs, dropout and masks included")
     func attentionOnDNNL() throws {
         guard BF16.oneDNNRunsBF16 else { return }

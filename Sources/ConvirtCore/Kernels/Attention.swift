@@ -181,13 +181,13 @@ public enum Attention {
             return shapes
         }
 
-        /// dV += P'^T dO; dP = dO V^T; dQ += scale dS K; dK += scale dS^T Q.
-        static func backward(_ g: AttentionGeometry) -> [Shape] {
-            let (t, d) = (g.tokens, g.headSize)
-            return [(t, d, t, g.transposedPairStrides, g.packedStrides, g.headStrides, 1, 1, .fp32),
+        /// dV += P'^T dO; dP = dO V^T; dQ += scale dS K; dK += scale dS^T Q (= where `accumulate` is false).
+        static func backward(_ g: AttentionGeometry, accumulate: Bool = true) -> [Shape] {
+            let (t, d) = (g.tokens, g.headSize), beta: Float = accumulate ? 1 : 0
+            return [(t, d, t, g.transposedPairStrides, g.packedStrides, g.headStrides, 1, beta, .fp32),
                     (t, t, d, g.packedStrides, g.transposedPackedStrides, g.pairStrides, 1, 0, .fp32),
-                    (t, d, t, g.pairStrides, g.packedStrides, g.headStrides, g.scale, 1, .fp32),
-                    (t, d, t, g.transposedPairStrides, g.packedStrides, g.headStrides, g.scale, 1, .fp32)]
+                    (t, d, t, g.pairStrides, g.packedStrides, g.headStrides, g.scale, beta, .fp32),
+                    (t, d, t, g.transposedPairStrides, g.packedStrides, g.headStrides, g.scale, beta, .fp32)]
         }
 
         /// Makes the primitives of `shapes` (m, n, k, strides of a, b and c, alpha, beta) first, so that a
@@ -293,9 +293,10 @@ public enum Attention {
     static func backwardOnDNNL(gradQ: UnsafeMutablePointer<Float>, gradK: UnsafeMutablePointer<Float>, gradV: UnsafeMutablePointer<Float>,
                                gradOutput: UnsafePointer<Float>, probabilities: UnsafePointer<Float>, q: UnsafePointer<Float>,
                                k: UnsafePointer<Float>, v: UnsafePointer<Float>, geometry g: AttentionGeometry,
-                               workspace: UnsafeMutablePointer<Float>, dropout: AttentionDropout?, copies: AttentionCopies?) throws {
+                               workspace: UnsafeMutablePointer<Float>, dropout: AttentionDropout?, copies: AttentionCopies?,
+                               accumulate: Bool) throws {
         let t = g.tokens
-        let products = try Products(g, Products.backward(g))
+        let products = try Products(g, Products.backward(g, accumulate: accumulate))
         let q16, k16, v16, weights16, dO16, dS16: UnsafeMutablePointer<UInt16>
         if let copies {
             precondition(copies.held == g, "attention: backward of \(g) with the copies of another forward")
@@ -326,19 +327,21 @@ public enum Attention {
         products.run(3, a: dS16, b: q16, c: gradK)
     }
 
-    /// Accumulates gradQ, gradK, gradV ([B, T, H*D]) from gradOutput, using the saved probabilities.
+    /// Accumulates gradQ, gradK, gradV ([B, T, H*D]) from gradOutput, using the saved probabilities, or
+    /// overwrites them where `accumulate` is false (gradients no other layer adds to: no zeros to write first).
     /// workspace: `geometry.workspaceCount` floats. `copies`: those given to the forward (`AttentionCopies`).
     public static func backward(gradQ: UnsafeMutablePointer<Float>, gradK: UnsafeMutablePointer<Float>,
                                 gradV: UnsafeMutablePointer<Float>, gradOutput: UnsafePointer<Float>,
                                 probabilities: UnsafePointer<Float>, q: UnsafePointer<Float>, k: UnsafePointer<Float>,
                                 v: UnsafePointer<Float>, geometry g: AttentionGeometry, workspace: UnsafeMutablePointer<Float>,
                                 dropout: AttentionDropout? = nil, precision: Precision = .fp32, native: Bool = BF16.native,
-                                copies: AttentionCopies? = nil) {
+                                copies: AttentionCopies? = nil, accumulate: Bool = true) {
         if precision == .bf16 && native,
            (try? backwardOnDNNL(gradQ: gradQ, gradK: gradK, gradV: gradV, gradOutput: gradOutput, probabilities: probabilities, q: q, k: k, v: v,
-                                geometry: g, workspace: workspace, dropout: dropout, copies: copies)) != nil {
+                                geometry: g, workspace: workspace, dropout: dropout, copies: copies, accumulate: accumulate)) != nil {
             return
         }
+        let beta: Float = accumulate ? 1 : 0
         let t = g.tokens, d = g.headSize, w = g.width
         // Pairs run in parallel, each with its own t x t scratch inside `workspace`.
         Parallel.indexedChunks(g.batch * g.heads, cost: 8 * t * t * d) { part, pairs in
@@ -351,16 +354,16 @@ public enum Attention {
                 let dO = gradOutput + base
                 // dV += P'^T dO, with P' the (dropped) weights that multiplied V
                 let weights = dropout.map { UnsafePointer($0.dropped + (b * g.heads + h) * t * t) } ?? p
-                gemm(precision, Product(m: t, n: d, k: t, transposeA: true, beta: 1),
+                gemm(precision, Product(m: t, n: d, k: t, transposeA: true, beta: beta),
                     a: Matrix(weights, ld: t), b: Matrix(dO, ld: w), c: MutableMatrix(gradV + base, ld: w), parallel: false, native: native)
                 // dP = dO V^T (through the dropout mask), then dS = P * (dP - rowsum(dP * P))
                 gemm(precision, Product(m: t, n: t, k: d, transposeB: true),
                     a: Matrix(dO, ld: w), b: Matrix(v + base, ld: w), c: MutableMatrix(scratch, ld: t), parallel: false, native: native)
                 softmaxBackwardRows(scratch, probabilities: p, tokens: t, dropout: dropout.map { (UnsafePointer($0.dropped + pair * t * t), $0.probability) })
                 // dQ += scale * dS K;  dK += scale * dS^T Q
-                gemm(precision, Product(m: t, n: d, k: t, alpha: g.scale, beta: 1),
+                gemm(precision, Product(m: t, n: d, k: t, alpha: g.scale, beta: beta),
                     a: Matrix(scratch, ld: t), b: Matrix(k + base, ld: w), c: MutableMatrix(gradQ + base, ld: w), parallel: false, native: native)
-                gemm(precision, Product(m: t, n: d, k: t, transposeA: true, alpha: g.scale, beta: 1),
+                gemm(precision, Product(m: t, n: d, k: t, transposeA: true, alpha: g.scale, beta: beta),
                     a: Matrix(scratch, ld: t), b: Matrix(q + base, ld: w), c: MutableMatrix(gradK + base, ld: w), parallel: false, native: native)
             }
         }

@@ -326,15 +326,17 @@ final class EncoderLayer {
                                       dropout: Self.dropout(step.hiddenDropout, site: site | 2, geometry: g, context: ctx))
         let i1 = a.inner.ensure(rows * inter), a1 = a.activated.ensure(rows * inter)
         let intermediateCopies = c.forward(c.intermediate, arena).reusingInput(copying)
+        let activated16 = copying ? copies.output.input.room(holding: a1, rows: rows, columns: inter) : nil
         // A frozen layer's GELU is the product's post-op on oneDNN (nothing differentiates it): its bf16
         // output is all the next product reads.
-        if copying && frozen,
-           intermediate.forwardGELU(arena, outputBF16: copies.output.input.room(holding: a1, rows: rows, columns: inter), input: h1, rows: rows,
-                                    copies: intermediateCopies) {
-        } else {
+        var fused = false
+        if frozen, let activated16 {
+            fused = intermediate.forwardGELU(arena, outputBF16: activated16, input: h1, rows: rows, copies: intermediateCopies)
+        }
+        if !fused {
             intermediate.forward(arena, output: i1, input: h1, rows: rows, precision: ctx.precision, copies: intermediateCopies)
-            if copying {
-                GELU.forwardBF16(output: copies.output.input.room(holding: a1, rows: rows, columns: inter), input: i1, count: rows * inter)
+            if let activated16 {
+                GELU.forwardBF16(output: activated16, input: i1, count: rows * inter)
             } else {
                 GELU.forward(output: a1, input: i1, count: rows * inter)
             }

@@ -167,18 +167,11 @@ public enum Attention {
         let g: AttentionGeometry
         var primitives: [MatmulPrimitive] = []
 
-        /// Scores = scale Q K^T; output = P' V.
-        static func forward(_ g: AttentionGeometry) -> [Shape] {
+        /// Scores = scale Q K^T; output = P' V (in bf16 where `bf16Output`).
+        static func forward(_ g: AttentionGeometry, bf16Output: Bool = false) -> [Shape] {
             let (t, d) = (g.tokens, g.headSize)
             return [(t, t, d, g.packedStrides, g.transposedPackedStrides, g.pairStrides, g.scale, 0, .fp32),
-                    (t, d, t, g.pairStrides, g.packedStrides, g.headStrides, 1, 0, .fp32)]
-        }
-
-        /// `forward` with the output in bf16.
-        static func forwardBF16Output(_ g: AttentionGeometry) -> [Shape] {
-            var shapes = forward(g)
-            shapes[1].output = .bf16
-            return shapes
+                    (t, d, t, g.pairStrides, g.packedStrides, g.headStrides, 1, 0, bf16Output ? .bf16 : .fp32)]
         }
 
         /// dV += P'^T dO; dP = dO V^T; dQ += scale dS K; dK += scale dS^T Q (= where `accumulate` is false).
@@ -215,7 +208,7 @@ public enum Attention {
         /// Runs product `index`, made with a bf16 output.
         func run(_ index: Int, a: UnsafePointer<UInt16>, b: UnsafePointer<UInt16>, bf16 c: UnsafeMutablePointer<UInt16>) {
             do {
-                try primitives[index].execute(a: a, b: b, bf16: c, stream: ThreadScratch.current.stream)
+                try primitives[index].execute(a: a, b: b, bits: c, stream: ThreadScratch.current.stream)
             } catch {
                 preconditionFailure("attention: \(error)")
             }
@@ -269,7 +262,7 @@ public enum Attention {
     static func forwardOnDNNL(output: UnsafeMutablePointer<Float>, outputBF16: UnsafeMutablePointer<UInt16>?, probabilities: UnsafeMutablePointer<Float>,
                               q: UnsafePointer<Float>, k: UnsafePointer<Float>, v: UnsafePointer<Float>, mask: UnsafePointer<Int32>,
                               geometry g: AttentionGeometry, dropout: AttentionDropout?, copies: AttentionCopies?) throws {
-        let products = try Products(g, outputBF16 != nil ? Products.forwardBF16Output(g) : Products.forward(g))
+        let products = try Products(g, Products.forward(g, bf16Output: outputBF16 != nil))
         let rooms: [UnsafeMutablePointer<UInt16>]
         if let copies {
             let kept = copies.rooms(for: g)

@@ -34,10 +34,7 @@ public func gemm(_ precision: Precision, _ p: Product, a: Matrix, b: Matrix, c: 
                                       beta: p.beta, bias: bias != nil)
         do {
             guard let primitive = try MatmulPrimitive.cached(key) else { throw ConvirtError("oneDNN refused a bf16 matmul of \(m)x\(k)x\(n)") }
-            let base = scratch.ensure(bytes: 2 * (m * k + k * n) + 64).bindMemory(to: UInt16.self, capacity: m * k + k * n + 32)
-            let a16 = bf16Operand(copies.a, a.base, rows: aRows, columns: aColumns, ld: a.ld, room: base, parallel: parallel)
-            let b16 = bf16Operand(copies.b, b.base, rows: bRows, columns: bColumns, ld: b.ld, room: base + (m * k + 31) / 32 * 32,
-                                  parallel: parallel)
+            let (a16, b16) = bf16Operands(p, a: a, b: b, copies: copies, scratch: scratch, parallel: parallel)
             try primitive.execute(a: a16, b: b16, c: c.base, bias: bias, stream: scratch.stream)
             return
         } catch {
@@ -147,12 +144,20 @@ func geluProductBF16(_ p: Product, a: Matrix, b: Matrix, c: UnsafeMutablePointer
     let key = MatmulPrimitive.Key(m: m, n: n, k: k, transposeA: p.transposeA, transposeB: p.transposeB, ldc: n, alpha: 1, beta: 0,
                                   bias: bias != nil, output: .geluBF16)
     guard let primitive = try? MatmulPrimitive.cached(key) else { return false }
-    let (aRows, aColumns) = p.aStored, (bRows, bColumns) = p.bStored
     let scratch = ThreadScratch.current
+    let (a16, b16) = bf16Operands(p, a: a, b: b, copies: copies, scratch: scratch, parallel: true)
+    return (try? primitive.execute(a: a16, b: b16, bits: c, bias: bias, stream: scratch.stream)) != nil
+}
+
+/// op(A)'s and op(B)'s stored blocks of `p` in compact bf16: their kept copies where the caller keeps
+/// them, else converted into this thread's scratch.
+private func bf16Operands(_ p: Product, a: Matrix, b: Matrix, copies: (a: BF16Operand.Use?, b: BF16Operand.Use?), scratch: ThreadScratch,
+                          parallel: Bool) -> (UnsafePointer<UInt16>, UnsafePointer<UInt16>) {
+    let (aRows, aColumns) = p.aStored, (bRows, bColumns) = p.bStored
+    let (m, n, k) = (p.m, p.n, p.k)
     let base = scratch.ensure(bytes: 2 * (m * k + k * n) + 64).bindMemory(to: UInt16.self, capacity: m * k + k * n + 32)
-    let a16 = bf16Operand(copies.a, a.base, rows: aRows, columns: aColumns, ld: a.ld, room: base, parallel: true)
-    let b16 = bf16Operand(copies.b, b.base, rows: bRows, columns: bColumns, ld: b.ld, room: base + (m * k + 31) / 32 * 32, parallel: true)
-    return (try? primitive.execute(a: a16, b: b16, geluBF16: c, bias: bias, stream: scratch.stream)) != nil
+    return (bf16Operand(copies.a, a.base, rows: aRows, columns: aColumns, ld: a.ld, room: base, parallel: parallel),
+            bf16Operand(copies.b, b.base, rows: bRows, columns: bColumns, ld: b.ld, room: base + (m * k + 31) / 32 * 32, parallel: parallel))
 }
 
 /// An operand's block (rows x columns, leading dimension ld) in compact bf16: its kept copy where the
@@ -392,17 +397,11 @@ final class MatmulPrimitive: @unchecked Sendable {
         try execute(raw: a, b, c: c, bias: bias, stream: stream)
     }
 
-    /// A product whose output is GELU's in bf16 (`Output.geluBF16`).
-    func execute(a: UnsafePointer<UInt16>, b: UnsafePointer<UInt16>, geluBF16 c: UnsafeMutablePointer<UInt16>, bias: UnsafePointer<Float>?,
+    /// A product whose output is bf16 bits (`Output.bf16`, `.geluBF16`).
+    func execute(a: UnsafePointer<UInt16>, b: UnsafePointer<UInt16>, bits c: UnsafeMutablePointer<UInt16>, bias: UnsafePointer<Float>? = nil,
                  stream: DNNLStream?) throws {
-        precondition(key.operands == .bf16 && key.output == .geluBF16, "a bf16 GELU output for a product without one")
+        precondition(key.operands == .bf16 && key.output != .fp32, "a bf16 output for a product with an fp32 one")
         try execute(raw: a, b, c: c, bias: bias, stream: stream)
-    }
-
-    /// A product whose output is its bf16 bits (`Output.bf16`).
-    func execute(a: UnsafePointer<UInt16>, b: UnsafePointer<UInt16>, bf16 c: UnsafeMutablePointer<UInt16>, stream: DNNLStream?) throws {
-        precondition(key.operands == .bf16 && key.output == .bf16, "a bf16 output for a product without one")
-        try execute(raw: a, b, c: c, bias: nil, stream: stream)
     }
 
     /// An fp32 product's operands.

@@ -111,6 +111,14 @@ typedef uint16_t ck_h16 __attribute__((vector_size(32), aligned(2)));
 #define ck_load_bf16(p) ((ck_v16)(__builtin_convertvector(*(const ck_h16 *)(p), ck_u16v) << 16))
 static inline uint16_t ck_bf16_of(float f) { return (uint16_t)(ck_round_bits(float_to_bits(f)) >> 16); }
 static inline float ck_float_of_bf16(uint16_t h) { return bits_to_float((uint32_t)h << 16); }
+// A float rounded to bf16 and back, in 16 lanes: ck_round_bits of each lane.
+#define ck_round_v16(v) ({ \
+    const ck_u16v b_ = (ck_u16v)(v); \
+    const ck_u16v nan_ = (b_ | 0x00400000u) & 0xffff0000u, rounded_ = (b_ + 0x7fffu + ((b_ >> 16) & 1u)) & 0xffff0000u; \
+    const ck_u16v is_nan_ = (ck_u16v)((b_ & 0x7fffffffu) > 0x7f800000u); \
+    (ck_v16)((nan_ & is_nan_) | (rounded_ & ~is_nan_)); \
+})
+static inline float ck_rounded(float f) { return bits_to_float(ck_round_bits(float_to_bits(f))); }
 
 // Always inlined, so that each clone of its callers vectorizes it for its own ISA.
 static inline __attribute__((always_inline)) void ck_bits_run(uint16_t *restrict dst, const float *restrict src, long count) {
@@ -122,7 +130,7 @@ static inline __attribute__((always_inline)) void ck_bits_run(uint16_t *restrict
 CK_CLONES void ck_bf16_bits(uint16_t *restrict dst, const float *restrict src, long count) { ck_bits_run(dst, src, count); }
 
 CK_CLONES void ck_bf16_round(float *dst, const float *src, long count) {
-    for (long i = 0; i < count; i++) dst[i] = bits_to_float(ck_round_bits(float_to_bits(src[i])));
+    for (long i = 0; i < count; i++) dst[i] = ck_rounded(src[i]);
 }
 
 CK_CLONES void ck_blocked_sums(const float *restrict x, long count, double *sum, double *squares) {
@@ -435,40 +443,55 @@ CK_CLONES void ck_bn_gradient_run(float *restrict dx, const float *restrict dy, 
     }
 }
 
-// A residual block's end, y = max(a + b, 0) (Swift's max: NaN stays), and its bf16 copy into y16 where
-// given (y may alias a or b).
-CK_CLONES void ck_residual_relu(float *y, uint16_t *restrict y16, const float *a, const float *b, long count) {
+// A residual block's end, y = max(a + b, 0) (Swift's max: NaN stays), a and b each read from its bf16
+// bits where a16 or b16 is given, else from its floats. With round (a bf16 pass, whose residual stream
+// holds bf16 values as autocast's does), float inputs are rounded to bf16 first and the output after,
+// so the floats and the bits paths give the same values. The output into y (floats) and its bf16 bits
+// into y16, each where given (y may alias a or b).
+CK_CLONES void ck_residual_relu(float *y, uint16_t *restrict y16, const float *a, const uint16_t *restrict a16, const float *b,
+                                const uint16_t *restrict b16, int round, long count) {
     const ck_v16 zero = {0};
     long i = 0;
     for (; i + CK_LANES <= count; i += CK_LANES) {
-        const ck_v16 s = ck_load(a + i) + ck_load(b + i), v = (ck_v16)((ck_i16)s & ~(zero >= s));
-        *(ck_v16 *)(y + i) = v;
+        ck_v16 va = a16 ? ck_load_bf16(a16 + i) : ck_load(a + i), vb = b16 ? ck_load_bf16(b16 + i) : ck_load(b + i);
+        if (round && !a16) va = ck_round_v16(va);
+        if (round && !b16) vb = ck_round_v16(vb);
+        const ck_v16 s = va + vb;
+        ck_v16 v = (ck_v16)((ck_i16)s & ~(zero >= s));
+        if (round) v = ck_round_v16(v);
+        if (y) *(ck_v16 *)(y + i) = v;
         if (y16) ck_store_bf16(y16 + i, v);
     }
     for (; i < count; i++) {
-        const float v = swift_max(a[i] + b[i], 0.0f);
-        y[i] = v;
+        float va = a16 ? ck_float_of_bf16(a16[i]) : a[i], vb = b16 ? ck_float_of_bf16(b16[i]) : b[i];
+        if (round && !a16) va = ck_rounded(va);
+        if (round && !b16) vb = ck_rounded(vb);
+        float v = swift_max(va + vb, 0.0f);
+        if (round) v = ck_rounded(v);
+        if (y) y[i] = v;
         if (y16) y16[i] = ck_bf16_of(v);
     }
 }
 
-// Its backward: g = dy (+ dy2, the output's gradient in two parts) where y > 0, else 0; branch = g;
-// identity = g, or += g with accumulate.
+// Its backward: g = dy (+ dy2, the output's gradient in two parts) where y > 0 (y read from its bf16 bits
+// y16 where given), else 0; branch = g; identity = g, or += g with accumulate.
 CK_CLONES void ck_residual_relu_backward(float *restrict branch, uint16_t *restrict branch16, float *restrict identity,
                                          uint16_t *restrict identity16, int accumulate, const float *restrict dy,
-                                         const float *restrict dy2, const float *restrict y, long count) {
+                                         const float *restrict dy2, const float *restrict y, const uint16_t *restrict y16, long count) {
     const ck_v16 zero = {0};
     long i = 0;
     for (; i + CK_LANES <= count; i += CK_LANES) {
         const ck_v16 d = dy2 ? ck_load(dy + i) + ck_load(dy2 + i) : ck_load(dy + i);
-        const ck_v16 g = (ck_v16)((ck_i16)d & (ck_load(y + i) > zero));
+        const ck_v16 out = y16 ? ck_load_bf16(y16 + i) : ck_load(y + i);
+        const ck_v16 g = (ck_v16)((ck_i16)d & (out > zero));
         if (branch16) ck_store_bf16(branch16 + i, g);
         else *(ck_v16 *)(branch + i) = g;
         if (identity16) ck_store_bf16(identity16 + i, g);
         else *(ck_v16 *)(identity + i) = accumulate ? ck_load(identity + i) + g : g;
     }
     for (; i < count; i++) {
-        const float g = y[i] > 0 ? (dy2 ? dy[i] + dy2[i] : dy[i]) : 0.0f;
+        const float out = y16 ? ck_float_of_bf16(y16[i]) : y[i];
+        const float g = out > 0 ? (dy2 ? dy[i] + dy2[i] : dy[i]) : 0.0f;
         if (branch16) branch16[i] = ck_bf16_of(g);
         else branch[i] = g;
         if (identity16) identity16[i] = ck_bf16_of(g);

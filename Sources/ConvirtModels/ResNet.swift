@@ -136,7 +136,8 @@ struct Activation {
 /// - The blocks' output gradients: block k's in room k % 2, written by the backward of block k + 1 (its
 ///   first writer overwrites) and read by block k's, while block k + 1 reads the other room.
 /// - The outputs of the blocks' last units and of their downsamples are read only by the block's
-///   residual sum, in forward (neither has a ReLU whose mask backward reads): two rooms.
+///   residual sum, in forward (neither has a ReLU whose mask backward reads): two rooms, and two more
+///   where a bf16 pass keeps them as bf16 bits.
 /// (Each layer consumes its output gradient before it writes its input's, so one room would hold the
 /// values; two keep apart what one layer's backward reads and what it writes: the residual end's
 /// branch and identity gradients, a unit's output and input gradients, a block's and its input's.)
@@ -147,6 +148,7 @@ final class SharedRooms {
     private let blockGradients = (Scratch<Float>(), Scratch<Float>())
     private let blockGradientParts = Scratch<Float>()
     private let sumInputs = (branch: Scratch<Float>(), identity: Scratch<Float>())
+    private let sumInputsBF16 = (branch: Scratch<UInt16>(), identity: Scratch<UInt16>())
     /// false: every unit and block gets a room of its own (the same values, more memory).
     let shares: Bool
     init(shares: Bool) { self.shares = shares }
@@ -172,6 +174,9 @@ final class SharedRooms {
 
     /// The output room of a block's last unit (`identity` false) or of its downsample.
     func sumInput(identity: Bool) -> Scratch<Float> { room(identity ? sumInputs.identity : sumInputs.branch) }
+
+    /// The room of that output's bf16 bits, where a bf16 pass keeps it so.
+    func sumInputBF16(identity: Bool) -> Scratch<UInt16> { room(identity ? sumInputsBF16.identity : sumInputsBF16.branch) }
 }
 
 /// conv (no bias) -> batch norm -> optional ReLU, the unit ResNet is made of. It owns its activations
@@ -199,10 +204,10 @@ final class ConvBNUnit {
     }
     /// The network's rooms (the convolution's output gradient is always in the shared one).
     let rooms: SharedRooms
-    let outputBF16 = Scratch<UInt16>()
-    /// The output (floats): the unit's own, or, where only the residual sum of its block reads it, a
-    /// room every block's unit in that place shares (`SharedRooms.sumInput`).
+    /// The output (floats, and bf16 bits): the unit's own, or, where only the residual sum of its block
+    /// reads it, a room every block's unit in that place shares (`SharedRooms.sumInput`, `sumInputBF16`).
     let output: Scratch<Float>
+    let outputBF16: Scratch<UInt16>
     /// The output's gradient: the unit's own, or a room it shares with units whose gradients live at
     /// other times (`SharedRooms.unitGradient`); and the room of its bf16 bits, where a pass keeps them
     /// instead (`UnitStep.gradOutputHalves`).
@@ -213,14 +218,15 @@ final class ConvBNUnit {
 
     init(_ layout: inout ParameterLayout, conv convName: String, bn bnName: String, inChannels: Int, outChannels: Int,
          kernel: Int, stride: Int, padding: Int, relu: Bool, rooms: SharedRooms, gradOutput: Scratch<Float>? = nil,
-         gradOutputBF16: Scratch<UInt16>? = nil, output: Scratch<Float>? = nil) throws {
+         gradOutputBF16: Scratch<UInt16>? = nil, output: Scratch<Float>? = nil, outputBF16: Scratch<UInt16>? = nil) throws {
         // A shared output is gone by backward: only a unit without a ReLU (read by the residual sum alone, in forward) may have one.
-        precondition(output == nil || !relu, "\(convName): a unit with a ReLU keeps its own output")
+        precondition(output == nil && outputBF16 == nil || !relu, "\(convName): a unit with a ReLU keeps its own output")
         self.rooms = rooms
         self.name = convName
         self.gradOutput = gradOutput ?? Scratch<Float>()
         self.gradOutputBF16 = gradOutputBF16 ?? Scratch<UInt16>()
         self.output = output ?? Scratch<Float>()
+        self.outputBF16 = outputBF16 ?? Scratch<UInt16>()
         conv = try layout.add("\(convName).weight", shape: [outChannels, inChannels, kernel, kernel])
         bn = try BatchNormLayer(&layout, bnName, channels: outChannels)
         self.inChannels = inChannels; self.outChannels = outChannels
@@ -331,7 +337,7 @@ final class ResidualBlock {
             units = [
                 try ConvBNUnit(&layout, conv: "\(name).conv1", bn: "\(name).bn1", inChannels: inChannels, outChannels: planes, kernel: 3, stride: stride, padding: 1, relu: true, rooms: rooms, gradOutput: room(0), gradOutputBF16: roomBF16(0)),
                 try ConvBNUnit(&layout, conv: "\(name).conv2", bn: "\(name).bn2", inChannels: planes, outChannels: planes, kernel: 3, stride: 1, padding: 1, relu: false, rooms: rooms, gradOutput: room(1), gradOutputBF16: roomBF16(1),
-                               output: rooms.sumInput(identity: false)),
+                               output: rooms.sumInput(identity: false), outputBF16: rooms.sumInputBF16(identity: false)),
             ]
             outChannels = planes
         case .bottleneck:
@@ -339,14 +345,15 @@ final class ResidualBlock {
                 try ConvBNUnit(&layout, conv: "\(name).conv1", bn: "\(name).bn1", inChannels: inChannels, outChannels: planes, kernel: 1, stride: 1, padding: 0, relu: true, rooms: rooms, gradOutput: room(0), gradOutputBF16: roomBF16(0)),
                 try ConvBNUnit(&layout, conv: "\(name).conv2", bn: "\(name).bn2", inChannels: planes, outChannels: planes, kernel: 3, stride: stride, padding: 1, relu: true, rooms: rooms, gradOutput: room(1), gradOutputBF16: roomBF16(1)),
                 try ConvBNUnit(&layout, conv: "\(name).conv3", bn: "\(name).bn3", inChannels: planes, outChannels: planes * 4, kernel: 1, stride: 1, padding: 0, relu: false, rooms: rooms, gradOutput: room(2), gradOutputBF16: roomBF16(2),
-                               output: rooms.sumInput(identity: false)),
+                               output: rooms.sumInput(identity: false), outputBF16: rooms.sumInputBF16(identity: false)),
             ]
             outChannels = planes * 4
         }
         if stride != 1 || inChannels != outChannels {
             downsample = try ConvBNUnit(&layout, conv: "\(name).downsample.0", bn: "\(name).downsample.1", inChannels: inChannels,
                                         outChannels: outChannels, kernel: 1, stride: stride, padding: 0, relu: false, rooms: rooms,
-                                        gradOutput: room(n), gradOutputBF16: roomBF16(n), output: rooms.sumInput(identity: true))
+                                        gradOutput: room(n), gradOutputBF16: roomBF16(n), output: rooms.sumInput(identity: true),
+                                        outputBF16: rooms.sumInputBF16(identity: true))
         } else {
             downsample = nil
         }
@@ -354,14 +361,21 @@ final class ResidualBlock {
 
     var allUnits: [ConvBNUnit] { units + (downsample.map { [$0] } ?? []) }
 
-    /// The block's output in `step`: its floats, and its bf16 bits where the next block's convolutions read them.
+    /// The block's output in `step`: its bf16 bits where the next block's convolutions read them, else its floats.
     func output(_ step: BlockStep) -> Activation {
-        Activation(floats: UnsafePointer(output.pointer), halves: step.outputHalves ? UnsafePointer(outputBF16.pointer) : nil)
+        step.outputHalves ? Activation(halves: UnsafePointer(outputBF16.pointer)) : Activation(floats: UnsafePointer(output.pointer))
+    }
+
+    /// The block's output as its residual backward reads it (the ReLU's gate).
+    private func outputValues(_ step: BlockStep) -> RowValues {
+        step.outputHalves ? .bf16(outputBF16.pointer) : .fp32(output.pointer)
     }
 
     /// Residual sums and ReLUs are pointwise: the same in either layout. Inside the block, a unit whose
-    /// only reader is the next unit's convolution writes only its bf16 bits where that reads them, and the
-    /// output's bf16 bits are written too where the next block's convolutions read them (`step`).
+    /// only reader is the next unit's convolution writes only its bf16 bits where that reads them. In a
+    /// bf16 pass the residual stream holds bf16 values, as autocast's does: the sum's inputs (the last
+    /// unit's and the downsample's batch norm outputs, or the block's input) and its output are rounded
+    /// to bf16, kept as bits where the convolutions read bits (`step`), else as rounded floats.
     func forward(_ arena: ParameterArena, input: Activation, step: BlockStep, workspace: Scratch<Float>, context: PassContext) throws -> Activation {
         var x = input
         // Every unit's output gradient is written whole by `backward`: the last unit's and the
@@ -370,11 +384,12 @@ final class ResidualBlock {
             x = try unit.forward(arena, input: x, step: unitStep, workspace: workspace, zeroGradient: false, context: context)
         }
         let identity = try downsample.map { d in
-            try d.forward(arena, input: input, step: step.downsample!, workspace: workspace, zeroGradient: false, context: context).floats!
-        } ?? input.floats!
+            try d.forward(arena, input: input, step: step.downsample!, workspace: workspace, zeroGradient: false, context: context)
+        } ?? input
         let count = step.count
-        Residual.forwardReLU(output: output.ensure(count), outputBF16: step.outputHalves ? outputBF16.ensure(count) : nil, x.floats!, identity,
-                             count: count)
+        func values(_ a: Activation) -> RowValues { a.halves.map { .bf16($0) } ?? .fp32(a.floats!) }
+        Residual.forwardReLU(output: step.outputHalves ? BatchNorm2d.Destination(halves: outputBF16.ensure(count)) : .floats(output.ensure(count)),
+                             values(x), values(identity), rounding: context.precision == .bf16, count: count)
         gradOutput.ensure(count)
         return output(step)
     }
@@ -391,12 +406,12 @@ final class ResidualBlock {
         if let downsample {
             Residual.backwardReLU(gradBranch: last.gradientDestination(step.units[n - 1]),
                                   gradIdentity: downsample.gradientDestination(step.downsample!), accumulateIdentity: false,
-                                  gradOutput: gradOutput.pointer, gradOutputPart: part, output: output.pointer, count: count)
+                                  gradOutput: gradOutput.pointer, gradOutputPart: part, output: outputValues(step), count: count)
             try downsample.backward(arena, gradInput: .floats(gradInput), input: input, step: step.downsample!, workspace: workspace,
                                     accumulate: false, context: context)
         } else {
             Residual.backwardReLU(gradBranch: last.gradientDestination(step.units[n - 1]), gradIdentity: .floats(gradInput), accumulateIdentity: false,
-                                  gradOutput: gradOutput.pointer, gradOutputPart: part, output: output.pointer, count: count)
+                                  gradOutput: gradOutput.pointer, gradOutputPart: part, output: outputValues(step), count: count)
         }
         for k in stride(from: n - 1, through: 0, by: -1) {
             let unitInput = k == 0 ? input : units[k - 1].output(step.units[k - 1])

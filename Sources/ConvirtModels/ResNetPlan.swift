@@ -27,7 +27,8 @@ struct UnitStep {
 struct BlockStep {
     let units: [UnitStep]
     let downsample: UnitStep?
-    /// Whether the block's output is written as bf16 bits too (for the next block's convolutions).
+    /// Whether the block's output is kept as bf16 bits (for the next block's convolutions and its
+    /// residual sum), else as floats (rounded to bf16 in a bf16 pass).
     let outputHalves: Bool
     /// Whether its output gradient comes in two parts (`ResidualBlock.gradOutputPart`): every block's
     /// but the last's, whose output only the pooling reads.
@@ -120,16 +121,22 @@ extension ResNet {
         for (k, block) in blocks.enumerated() {
             var h = height, unitSteps: [UnitStep] = []
             for (j, u) in block.units.enumerated() {
-                // A unit whose only reader is the next unit's convolution writes just the bf16 bits where that reads them.
-                let halves = j + 1 < block.units.count && block.units[j + 1].kernels.takesBF16(precision, layout)
+                // A unit whose only reader is the next unit's convolution writes just the bf16 bits where that
+                // reads them; the last, read by the residual sum, just its bits where the pass keeps bf16 copies.
+                let halves = j + 1 < block.units.count ? block.units[j + 1].kernels.takesBF16(precision, layout) : bf16Copies
                 unitSteps.append(try unit(u, height: h, layouts: Convolution.Layouts(layout), outputs: (!halves, halves)))
                 h = unitSteps[j].geometry.outHeight
             }
-            let downsample = try block.downsample.map { try unit($0, height: height, layouts: Convolution.Layouts(layout), outputs: (true, false)) }
+            let downsample = try block.downsample.map {
+                try unit($0, height: height, layouts: Convolution.Layouts(layout), outputs: (!bf16Copies, bf16Copies))
+            }
             let step = BlockStep(units: unitSteps, downsample: downsample, outputHalves: bf16Copies && k + 1 < blocks.count,
                                  gradOutputInParts: k + 1 < blocks.count, count: batch * block.outChannels * h * h)
-            needs.need(block.output, step.count, "\(block.name) output")
-            if step.outputHalves { needs.need(block.outputBF16, step.count, "\(block.name) output (bf16)") }
+            if step.outputHalves {
+                needs.need(block.outputBF16, step.count, "\(block.name) output (bf16)")
+            } else {
+                needs.need(block.output, step.count, "\(block.name) output")
+            }
             needs.need(block.gradOutput, step.count, "\(block.name) output gradient")
             if step.gradOutputInParts { needs.need(block.gradOutputPart, step.count, "\(block.name) output gradient (the next block's first unit's part)") }
             blockSteps.append(step)

@@ -386,26 +386,66 @@ struct FusedKernelTests {
         var branch16 = [UInt16](repeating: 9, count: count), identity16 = branch16
         branch.withUnsafeMutableBufferPointer { branch in identity.withUnsafeMutableBufferPointer { identity in
         branch16.withUnsafeMutableBufferPointer { branch16 in identity16.withUnsafeMutableBufferPointer { identity16 in
+        y.withUnsafeBufferPointer { yb in
             let (b, i) = (branch.baseAddress!, identity.baseAddress!), (b16, i16) = (branch16.baseAddress!, identity16.baseAddress!)
-            Residual.backwardReLU(gradBranch: .floats(b), gradIdentity: .floats(i), accumulateIdentity: true, gradOutput: dy, output: y, count: count)
+            let yv = RowValues.fp32(yb.baseAddress!)
+            Residual.backwardReLU(gradBranch: .floats(b), gradIdentity: .floats(i), accumulateIdentity: true, gradOutput: dy, output: yv, count: count)
             #expect(Array(branch) == masked && Array(identity) == masked.map { $0 + 2 })
-            Residual.backwardReLU(gradBranch: .floats(b), gradIdentity: .floats(i), accumulateIdentity: false, gradOutput: dy, output: y, count: count)
+            Residual.backwardReLU(gradBranch: .floats(b), gradIdentity: .floats(i), accumulateIdentity: false, gradOutput: dy, output: yv, count: count)
             #expect(Array(branch) == masked && Array(identity) == masked)
             // Either gradient as bf16 bits (the units' gradients of a bf16 pass).
             Residual.backwardReLU(gradBranch: BatchNorm2d.Destination(halves: b16), gradIdentity: .floats(i), accumulateIdentity: true,
-                                  gradOutput: dy, output: y, count: count)
+                                  gradOutput: dy, output: yv, count: count)
             #expect(Array(branch16) == masked.map(BF16.bits) && Array(identity) == masked.map { 2 * $0 })
             Residual.backwardReLU(gradBranch: .floats(b), gradIdentity: BatchNorm2d.Destination(halves: i16), accumulateIdentity: false,
-                                  gradOutput: dy, output: y, count: count)
+                                  gradOutput: dy, output: yv, count: count)
             #expect(Array(branch) == masked && Array(identity16) == masked.map(BF16.bits))
             // The output's gradient in two parts (the next block's identity and first unit): added as read,
             // the bits of adding the second into the first beforehand.
             let part = randomFloats(count, seed: 53)
             let summed = zip(dy, part).map { $0 + $1 }, maskedSum = zip(y, summed).map { $0 > 0 ? $1 : 0 }
             Residual.backwardReLU(gradBranch: .floats(b), gradIdentity: BatchNorm2d.Destination(halves: i16), accumulateIdentity: false,
-                                  gradOutput: dy, gradOutputPart: part, output: y, count: count)
+                                  gradOutput: dy, gradOutputPart: part, output: yv, count: count)
             #expect(Array(branch) == maskedSum && Array(identity16) == maskedSum.map(BF16.bits))
-        } } } }
+        } } } } }
+    }
+
+    @Test("residual sum of a bf16 stream: float inputs rounded, bits read, the output rounded, alike on every path")
+    func residualReLURounded() {
+        let count = 101
+        var a = randomFloats(count, seed: 60), b = randomFloats(count, seed: 61)
+        let dy = randomFloats(count, seed: 62)
+        // A NaN, infinities, a sum that rounds to even, a tiny input that rounds away, and a sum above zero
+        // that the inputs' rounding makes zero (so the ReLU's gate closes).
+        (a[3], a[20], a[40], b[41]) = (.nan, .infinity, -.infinity, Float(bitPattern: 0x3F80_8000))
+        (a[41], a[42], b[42]) = (0, Float(bitPattern: 0x3F80_4000), Float(bitPattern: 0x3C00_0001))
+        (a[43], b[43]) = (Float(bitPattern: 0x3F80_6000), -1)
+        let rounded = { (x: Float) in BF16.round(x) }
+        let expected = zip(a, b).map { rounded(max(rounded($0) + rounded($1), 0)) }
+        let (a16, b16) = (a.map(BF16.bits), b.map(BF16.bits))
+        #expect(a[43] + b[43] > 0 && expected[43] == 0)
+        var y = [Float](repeating: 7, count: count), y16 = [UInt16](repeating: 7, count: count)
+        a.withUnsafeBufferPointer { ap in b.withUnsafeBufferPointer { bp in a16.withUnsafeBufferPointer { ah in b16.withUnsafeBufferPointer { bh in
+        y.withUnsafeMutableBufferPointer { yp in y16.withUnsafeMutableBufferPointer { yh in
+            let sources: [(RowValues, RowValues)] = [(.fp32(ap.baseAddress!), .fp32(bp.baseAddress!)), (.bf16(ah.baseAddress!), .fp32(bp.baseAddress!)),
+                                                     (.fp32(ap.baseAddress!), .bf16(bh.baseAddress!)), (.bf16(ah.baseAddress!), .bf16(bh.baseAddress!))]
+            for (x, z) in sources {
+                yp.update(repeating: 7); yh.update(repeating: 7)
+                Residual.forwardReLU(output: BatchNorm2d.Destination(floats: yp.baseAddress!, halves: yh.baseAddress!), x, z, rounding: true, count: count)
+                #expect(zip(yp, expected).allSatisfy { $0.bitPattern == $1.bitPattern }, "floats")
+                #expect(Array(yh) == expected.map(BF16.bits), "bits")
+                yh.update(repeating: 7)
+                Residual.forwardReLU(output: BatchNorm2d.Destination(halves: yh.baseAddress!), x, z, rounding: true, count: count)
+                #expect(Array(yh) == expected.map(BF16.bits), "bits alone")
+            }
+            // The backward's gate from the bits is the gate from the rounded floats.
+            var fromFloats = [Float](repeating: 1, count: count), fromBits = fromFloats, identity = fromFloats
+            Residual.backwardReLU(gradBranch: .floats(&fromFloats), gradIdentity: .floats(&identity), accumulateIdentity: false, gradOutput: dy,
+                                  output: .fp32(yp.baseAddress!), count: count)
+            Residual.backwardReLU(gradBranch: .floats(&fromBits), gradIdentity: .floats(&identity), accumulateIdentity: false, gradOutput: dy,
+                                  output: .bf16(yh.baseAddress!), count: count)
+            #expect(fromFloats == zip(expected, dy).map { $0 > 0 ? $1 : 0 } && fromBits == fromFloats)
+        } } } } } }
     }
 }
 

@@ -70,13 +70,16 @@ void ck_bn_gradient_rows(float *dx, uint16_t *dx16, const float *dy, const uint1
 // - (x - mean) * inv_std * sum_dyx)) or evaluation (g * k); with relu, g = dy where (x - mean) * scale + shift > 0.
 void ck_bn_gradient_run(float *dx, const float *dy, const float *x, long count, float k, int training, float m, float sum_dy, float sum_dyx,
                         float mean, float inv_std, int relu, float scale, float shift, int accumulate);
-// y = max(a + b, 0) and its bf16 bits into y16 (may be NULL); y may alias a or b.
-void ck_residual_relu(float *y, uint16_t *y16, const float *a, const float *b, long count);
-// g = dy (+ dy2 where given, in that order) where y > 0 (else 0): branch = g, identity = g (or += g with
-// accumulate); branch16 / identity16 (where given) take g's bf16 bits instead of branch / identity
-// (identity16: accumulate 0).
+// y = max(a + b, 0), a and b read from their bf16 bits a16 / b16 where given; with round, float inputs and the
+// output rounded to bf16 (round to nearest even); the output into y and its bf16 bits into y16, each where
+// given (may be NULL); y may alias a or b.
+void ck_residual_relu(float *y, uint16_t *y16, const float *a, const uint16_t *a16, const float *b, const uint16_t *b16, int round,
+                      long count);
+// g = dy (+ dy2 where given, in that order) where y > 0 (y from its bf16 bits y16 where given; else 0):
+// branch = g, identity = g (or += g with accumulate); branch16 / identity16 (where given) take g's bf16
+// bits instead of branch / identity (identity16: accumulate 0).
 void ck_residual_relu_backward(float *branch, uint16_t *branch16, float *identity, uint16_t *identity16, int accumulate, const float *dy,
-                               const float *dy2, const float *y, long count);
+                               const float *dy2, const float *y, const uint16_t *y16, long count);
 void ck_maxpool_rows(float *y, int32_t *idx, const float *x, long height, long width, long lanes, long oh, long ow, long kernel,
                      long stride, long padding, long first_row, long last_row);
 void ck_layernorm_rows(float *y, float *mean, float *inv_std, const float *x, const float *gamma, const float *beta, long rows,

@@ -83,8 +83,19 @@ public enum Residual {
     /// convolutions that read it in bf16. (`ck_residual_relu`, 16 lanes.)
     public static func forwardReLU(output: UnsafeMutablePointer<Float>, outputBF16: UnsafeMutablePointer<UInt16>? = nil, _ a: UnsafePointer<Float>,
                                    _ b: UnsafePointer<Float>, count: Int) {
+        forwardReLU(output: BatchNorm2d.Destination(floats: output, halves: outputBF16), .fp32(a), .fp32(b), rounding: false, count: count)
+    }
+
+    /// `forwardReLU` over inputs read from their floats or their bf16 bits, into the output's floats, its
+    /// bf16 bits, or both. `rounding` (a bf16 pass's residual stream, bf16 values as autocast keeps it):
+    /// float inputs are rounded to bf16 before the sum and the output after, so that a stream kept in
+    /// floats holds the values of one kept in bits.
+    public static func forwardReLU(output: BatchNorm2d.Destination, _ a: RowValues, _ b: RowValues, rounding: Bool, count: Int) {
+        precondition(output.floats != nil || output.halves != nil, "residual sum: no output")
         Parallel.chunks(count) { r in
-            ck_residual_relu(output + r.lowerBound, outputBF16.map { $0 + r.lowerBound }, a + r.lowerBound, b + r.lowerBound, r.count)
+            let i = r.lowerBound
+            ck_residual_relu(output.floats.map { $0 + i }, output.halves.map { $0 + i }, a.floats.map { $0 + i }, a.halves.map { $0 + i },
+                             b.floats.map { $0 + i }, b.halves.map { $0 + i }, rounding ? 1 : 0, r.count)
         }
     }
 
@@ -92,9 +103,10 @@ public enum Residual {
     /// gradIdentity = g, or += g with `accumulateIdentity`. Either may be written as g's bf16 bits instead
     /// (`Destination.halves`, where a bf16 layer's backward reads it; the identity's then overwritten).
     /// `gradOutputPart`: the output's gradient comes in two parts, gradOutput + gradOutputPart (added in
-    /// that order, the bits of adding the second into the first beforehand).
+    /// that order, the bits of adding the second into the first beforehand). The output is read from its
+    /// floats or its bf16 bits.
     public static func backwardReLU(gradBranch: BatchNorm2d.Destination, gradIdentity: BatchNorm2d.Destination, accumulateIdentity: Bool,
-                                    gradOutput: UnsafePointer<Float>, gradOutputPart: UnsafePointer<Float>? = nil, output: UnsafePointer<Float>,
+                                    gradOutput: UnsafePointer<Float>, gradOutputPart: UnsafePointer<Float>? = nil, output: RowValues,
                                     count: Int) {
         precondition((gradBranch.floats == nil) != (gradBranch.halves == nil) && (gradIdentity.floats == nil) != (gradIdentity.halves == nil)
                      && !(accumulateIdentity && gradIdentity.halves != nil), "residual backward: one copy of each gradient")
@@ -102,7 +114,7 @@ public enum Residual {
             let i = r.lowerBound
             ck_residual_relu_backward(gradBranch.floats.map { $0 + i }, gradBranch.halves.map { $0 + i }, gradIdentity.floats.map { $0 + i },
                                       gradIdentity.halves.map { $0 + i }, accumulateIdentity ? 1 : 0, gradOutput + i, gradOutputPart.map { $0 + i },
-                                      output + i, r.count)
+                                      output.floats.map { $0 + i }, output.halves.map { $0 + i }, r.count)
         }
     }
 

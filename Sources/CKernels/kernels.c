@@ -473,15 +473,27 @@ CK_CLONES void ck_residual_relu(float *y, uint16_t *restrict y16, const float *a
     }
 }
 
-// Its backward: g = dy (+ dy2, the output's gradient in two parts) where y > 0 (y read from its bf16 bits
-// y16 where given), else 0; branch = g; identity = g, or += g with accumulate.
+// Its backward: g = dy (+ dy2, the output's gradient in two parts) where y > 0, else 0; branch = g;
+// identity = g, or += g with accumulate. dy, dy2 and y are read from their bf16 bits where dy16, dy2_16
+// and y16 are given. With round (a bf16 pass, whose residual stream's gradients are bf16 values as
+// autocast's are), float parts are rounded to bf16 before the sum and the sum after, so the floats and
+// the bits paths give the same values.
 CK_CLONES void ck_residual_relu_backward(float *restrict branch, uint16_t *restrict branch16, float *restrict identity,
                                          uint16_t *restrict identity16, int accumulate, const float *restrict dy,
-                                         const float *restrict dy2, const float *restrict y, const uint16_t *restrict y16, long count) {
+                                         const uint16_t *restrict dy16, const float *restrict dy2, const uint16_t *restrict dy2_16,
+                                         int round, const float *restrict y, const uint16_t *restrict y16, long count) {
     const ck_v16 zero = {0};
+    const int parts = dy2 || dy2_16;
     long i = 0;
     for (; i + CK_LANES <= count; i += CK_LANES) {
-        const ck_v16 d = dy2 ? ck_load(dy + i) + ck_load(dy2 + i) : ck_load(dy + i);
+        ck_v16 d = dy16 ? ck_load_bf16(dy16 + i) : ck_load(dy + i);
+        if (round && !dy16) d = ck_round_v16(d);
+        if (parts) {
+            ck_v16 d2 = dy2_16 ? ck_load_bf16(dy2_16 + i) : ck_load(dy2 + i);
+            if (round && !dy2_16) d2 = ck_round_v16(d2);
+            d += d2;
+            if (round) d = ck_round_v16(d);
+        }
         const ck_v16 out = y16 ? ck_load_bf16(y16 + i) : ck_load(y + i);
         const ck_v16 g = (ck_v16)((ck_i16)d & (out > zero));
         if (branch16) ck_store_bf16(branch16 + i, g);
@@ -490,8 +502,16 @@ CK_CLONES void ck_residual_relu_backward(float *restrict branch, uint16_t *restr
         else *(ck_v16 *)(identity + i) = accumulate ? ck_load(identity + i) + g : g;
     }
     for (; i < count; i++) {
+        float d = dy16 ? ck_float_of_bf16(dy16[i]) : dy[i];
+        if (round && !dy16) d = ck_rounded(d);
+        if (parts) {
+            float d2 = dy2_16 ? ck_float_of_bf16(dy2_16[i]) : dy2[i];
+            if (round && !dy2_16) d2 = ck_rounded(d2);
+            d += d2;
+            if (round) d = ck_rounded(d);
+        }
         const float out = y16 ? ck_float_of_bf16(y16[i]) : y[i];
-        const float g = out > 0 ? (dy2 ? dy[i] + dy2[i] : dy[i]) : 0.0f;
+        const float g = out > 0 ? d : 0.0f;
         if (branch16) branch16[i] = ck_bf16_of(g);
         else branch[i] = g;
         if (identity16) identity16[i] = ck_bf16_of(g);

@@ -134,7 +134,8 @@ struct Activation {
 ///   units run), which every block reuses; two more take the same turns where a bf16 pass keeps those
 ///   gradients as bf16 bits.
 /// - The blocks' output gradients: block k's in room k % 2, written by the backward of block k + 1 (its
-///   first writer overwrites) and read by block k's, while block k + 1 reads the other room.
+///   first writer overwrites) and read by block k's, while block k + 1 reads the other room; two more
+///   take the same turns where a bf16 pass keeps them as bf16 bits (with the part, below).
 /// - The outputs of the blocks' last units and of their downsamples are read only by the block's
 ///   residual sum, in forward (neither has a ReLU whose mask backward reads): two rooms, and two more
 ///   where a bf16 pass keeps them as bf16 bits.
@@ -146,7 +147,8 @@ final class SharedRooms {
     private let unitGradients = (Scratch<Float>(), Scratch<Float>())
     private let unitGradientsBF16 = (Scratch<UInt16>(), Scratch<UInt16>())
     private let blockGradients = (Scratch<Float>(), Scratch<Float>())
-    private let blockGradientParts = Scratch<Float>()
+    private let blockGradientsBF16 = (Scratch<UInt16>(), Scratch<UInt16>())
+    private let blockGradientParts = Scratch<Float>(), blockGradientPartsBF16 = Scratch<UInt16>()
     private let sumInputs = (branch: Scratch<Float>(), identity: Scratch<Float>())
     private let sumInputsBF16 = (branch: Scratch<UInt16>(), identity: Scratch<UInt16>())
     /// false: every unit and block gets a room of its own (the same values, more memory).
@@ -168,9 +170,15 @@ final class SharedRooms {
     /// Block k's output gradient.
     func blockGradient(_ k: Int) -> Scratch<Float> { room(k % 2 == 0 ? blockGradients.0 : blockGradients.1) }
 
+    /// The room of its bf16 bits, where a pass keeps it so (the same turns).
+    func blockGradientBF16(_ k: Int) -> Scratch<UInt16> { room(k % 2 == 0 ? blockGradientsBF16.0 : blockGradientsBF16.1) }
+
     /// The part of a block's output gradient that the next block's first unit writes (one room for all:
     /// each block reads its part before its own first unit writes the previous block's).
     func blockGradientPart() -> Scratch<Float> { room(blockGradientParts) }
+
+    /// The room of that part's bf16 bits, where a pass keeps it so.
+    func blockGradientPartBF16() -> Scratch<UInt16> { room(blockGradientPartsBF16) }
 
     /// The output room of a block's last unit (`identity` false) or of its downsample.
     func sumInput(identity: Bool) -> Scratch<Float> { room(identity ? sumInputs.identity : sumInputs.branch) }
@@ -317,18 +325,24 @@ final class ResidualBlock {
     let downsample: ConvBNUnit?
     let outChannels: Int
     let output = Scratch<Float>(), outputBF16 = Scratch<UInt16>()
-    /// The output's gradient, in the room this block shares with every other block but its neighbours.
+    /// The output's gradient, in the room this block shares with every other block but its neighbours, and
+    /// the room of its bf16 bits, where a pass keeps it so (`BlockStep.gradOutputHalves`).
     let gradOutput: Scratch<Float>
+    let gradOutputBF16: Scratch<UInt16>
     /// Where the next block takes its input in two parts (`BlockStep.gradOutputInParts`), the part its
-    /// first unit writes; `gradOutput` holds the identity's (or the downsample's). Its residual backward
-    /// adds the two as it reads them, the bits of adding one into the other first, a pass fewer.
+    /// first unit writes (floats or bits, as `gradOutput`); `gradOutput` holds the identity's (or the
+    /// downsample's). Its residual backward adds the two as it reads them, the bits of adding one into the
+    /// other first, a pass fewer.
     let gradOutputPart: Scratch<Float>
+    let gradOutputPartBF16: Scratch<UInt16>
 
     init(_ layout: inout ParameterLayout, _ name: String, block: ResNetConfig.Block, inChannels: Int, planes: Int, stride: Int,
-         rooms: SharedRooms, gradOutput: Scratch<Float>) throws {
+         rooms: SharedRooms, gradOutput: Scratch<Float>, gradOutputBF16: Scratch<UInt16>) throws {
         self.name = name
         self.gradOutput = gradOutput
+        self.gradOutputBF16 = gradOutputBF16
         gradOutputPart = rooms.blockGradientPart()
+        gradOutputPartBF16 = rooms.blockGradientPartBF16()
         let n = block == .basic ? 2 : 3
         func room(_ k: Int) -> Scratch<Float> { rooms.unitGradient(k, of: n) }
         func roomBF16(_ k: Int) -> Scratch<UInt16> { rooms.unitGradientBF16(k, of: n) }
@@ -390,32 +404,48 @@ final class ResidualBlock {
         func values(_ a: Activation) -> RowValues { a.halves.map { .bf16($0) } ?? .fp32(a.floats!) }
         Residual.forwardReLU(output: step.outputHalves ? BatchNorm2d.Destination(halves: outputBF16.ensure(count)) : .floats(output.ensure(count)),
                              values(x), values(identity), rounding: context.precision == .bf16, count: count)
-        gradOutput.ensure(count)
+        if step.gradOutputHalves { gradOutputBF16.ensure(count) } else { gradOutput.ensure(count) }
         return output(step)
+    }
+
+    /// Where the next block's backward writes this block's output gradient in `step` (the identity's or the
+    /// downsample's part): its floats, or its bf16 bits.
+    func gradientDestination(_ step: BlockStep) -> BatchNorm2d.Destination {
+        step.gradOutputHalves ? BatchNorm2d.Destination(halves: gradOutputBF16.pointer) : .floats(gradOutput.pointer)
+    }
+
+    /// Where the next block's first unit writes the other part.
+    func gradientPartDestination(_ step: BlockStep) -> BatchNorm2d.Destination {
+        step.gradOutputHalves ? BatchNorm2d.Destination(halves: gradOutputPartBF16.pointer) : .floats(gradOutputPart.pointer)
     }
 
     /// Consumes gradOutput (and its part, `step.gradOutputInParts`) and writes gradInput (the previous
     /// layer's gradOutput, whose only reader is this block): the identity's gradient or the downsample's
-    /// overwrites it; the first unit's overwrites `gradInputPart` where given, else adds to gradInput.
-    func backward(_ arena: ParameterArena, gradInput: UnsafeMutablePointer<Float>, gradInputPart: UnsafeMutablePointer<Float>?, input: Activation,
+    /// overwrites it; the first unit's overwrites `gradInputPart` where given, else adds to gradInput (its
+    /// floats). In a bf16 pass the gradients of the residual stream are bf16 values, as autocast's: the
+    /// parts are rounded to bf16, then their sum (kept as bits where `step` says, else as rounded floats).
+    func backward(_ arena: ParameterArena, gradInput: BatchNorm2d.Destination, gradInputPart: BatchNorm2d.Destination?, input: Activation,
                   step: BlockStep, workspace: Scratch<Float>, context: PassContext) throws {
         let count = step.count
         // d(branch) = d(identity) = dy masked by the final ReLU, in one pass.
         let n = units.count, last = units[n - 1]
-        let part = step.gradOutputInParts ? UnsafePointer(gradOutputPart.pointer) : nil
+        let dy: RowValues = step.gradOutputHalves ? .bf16(gradOutputBF16.pointer) : .fp32(gradOutput.pointer)
+        let part: RowValues? = !step.gradOutputInParts ? nil
+            : step.gradOutputHalves ? .bf16(gradOutputPartBF16.pointer) : .fp32(gradOutputPart.pointer)
+        let rounding = context.precision == .bf16
         if let downsample {
             Residual.backwardReLU(gradBranch: last.gradientDestination(step.units[n - 1]),
                                   gradIdentity: downsample.gradientDestination(step.downsample!), accumulateIdentity: false,
-                                  gradOutput: gradOutput.pointer, gradOutputPart: part, output: outputValues(step), count: count)
-            try downsample.backward(arena, gradInput: .floats(gradInput), input: input, step: step.downsample!, workspace: workspace,
+                                  gradOutput: dy, gradOutputPart: part, rounding: rounding, output: outputValues(step), count: count)
+            try downsample.backward(arena, gradInput: gradInput, input: input, step: step.downsample!, workspace: workspace,
                                     accumulate: false, context: context)
         } else {
-            Residual.backwardReLU(gradBranch: last.gradientDestination(step.units[n - 1]), gradIdentity: .floats(gradInput), accumulateIdentity: false,
-                                  gradOutput: gradOutput.pointer, gradOutputPart: part, output: outputValues(step), count: count)
+            Residual.backwardReLU(gradBranch: last.gradientDestination(step.units[n - 1]), gradIdentity: gradInput, accumulateIdentity: false,
+                                  gradOutput: dy, gradOutputPart: part, rounding: rounding, output: outputValues(step), count: count)
         }
         for k in stride(from: n - 1, through: 0, by: -1) {
             let unitInput = k == 0 ? input : units[k - 1].output(step.units[k - 1])
-            let unitGradInput = k == 0 ? .floats(gradInputPart ?? gradInput) : units[k - 1].gradientDestination(step.units[k - 1])
+            let unitGradInput = k == 0 ? gradInputPart ?? gradInput : units[k - 1].gradientDestination(step.units[k - 1])
             try units[k].backward(arena, gradInput: unitGradInput, input: unitInput, step: step.units[k], workspace: workspace,
                                   accumulate: k == 0 && gradInputPart == nil, context: context)
         }
@@ -478,7 +508,7 @@ public final class ResNet {
                 let (block, range) = try layout.group {
                     try ResidualBlock(&$0, "\(prefix)layer\(stage + 1).\(i)", block: config.block, inChannels: inChannels,
                                       planes: planes, stride: i == 0 && stage > 0 ? 2 : 1, rooms: rooms,
-                                      gradOutput: rooms.blockGradient(blocks.count))
+                                      gradOutput: rooms.blockGradient(blocks.count), gradOutputBF16: rooms.blockGradientBF16(blocks.count))
                 }
                 inChannels = block.outChannels
                 blocks.append(block)
@@ -567,8 +597,8 @@ public final class ResNet {
         }
         for k in stride(from: blocks.count - 1, through: 0, by: -1) {
             let input = k == 0 ? pooledOutput(pass) : blocks[k - 1].output(pass.blocks[k - 1])
-            let gradInput = k == 0 ? poolGrad.pointer : blocks[k - 1].gradOutput.pointer
-            let gradInputPart = k == 0 ? nil : blocks[k - 1].gradOutputPart.pointer
+            let gradInput = k == 0 ? .floats(poolGrad.pointer) : blocks[k - 1].gradientDestination(pass.blocks[k - 1])
+            let gradInputPart = k == 0 ? nil : blocks[k - 1].gradientPartDestination(pass.blocks[k - 1])
             try blocks[k].backward(arena, gradInput: gradInput, gradInputPart: gradInputPart, input: input, step: pass.blocks[k],
                                    workspace: workspace, context: context)
             try context.gradientsReady?(blockRanges[k])

@@ -33,6 +33,9 @@ struct BlockStep {
     /// Whether its output gradient comes in two parts (`ResidualBlock.gradOutputPart`): every block's
     /// but the last's, whose output only the pooling reads.
     let gradOutputInParts: Bool
+    /// Whether those parts are kept as bf16 bits (written so by the next block's residual backward and
+    /// convolutions), else as floats.
+    let gradOutputHalves: Bool
     /// Elements of the block's output.
     let count: Int
 }
@@ -131,14 +134,22 @@ extension ResNet {
                 try unit($0, height: height, layouts: Convolution.Layouts(layout), outputs: (!bf16Copies, bf16Copies))
             }
             let step = BlockStep(units: unitSteps, downsample: downsample, outputHalves: bf16Copies && k + 1 < blocks.count,
-                                 gradOutputInParts: k + 1 < blocks.count, count: batch * block.outChannels * h * h)
+                                 gradOutputInParts: k + 1 < blocks.count, gradOutputHalves: bf16Copies && k + 1 < blocks.count,
+                                 count: batch * block.outChannels * h * h)
             if step.outputHalves {
                 needs.need(block.outputBF16, step.count, "\(block.name) output (bf16)")
             } else {
                 needs.need(block.output, step.count, "\(block.name) output")
             }
-            needs.need(block.gradOutput, step.count, "\(block.name) output gradient")
-            if step.gradOutputInParts { needs.need(block.gradOutputPart, step.count, "\(block.name) output gradient (the next block's first unit's part)") }
+            if step.gradOutputHalves {
+                needs.need(block.gradOutputBF16, step.count, "\(block.name) output gradient (bf16)")
+                needs.need(block.gradOutputPartBF16, step.count, "\(block.name) output gradient (bf16, the next block's first unit's part)")
+            } else {
+                needs.need(block.gradOutput, step.count, "\(block.name) output gradient")
+                if step.gradOutputInParts {
+                    needs.need(block.gradOutputPart, step.count, "\(block.name) output gradient (the next block's first unit's part)")
+                }
+            }
             blockSteps.append(step)
             height = h
         }

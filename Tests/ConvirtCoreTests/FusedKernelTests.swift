@@ -386,9 +386,9 @@ struct FusedKernelTests {
         var branch16 = [UInt16](repeating: 9, count: count), identity16 = branch16
         branch.withUnsafeMutableBufferPointer { branch in identity.withUnsafeMutableBufferPointer { identity in
         branch16.withUnsafeMutableBufferPointer { branch16 in identity16.withUnsafeMutableBufferPointer { identity16 in
-        y.withUnsafeBufferPointer { yb in
+        y.withUnsafeBufferPointer { yb in dy.withUnsafeBufferPointer { dyb in
             let (b, i) = (branch.baseAddress!, identity.baseAddress!), (b16, i16) = (branch16.baseAddress!, identity16.baseAddress!)
-            let yv = RowValues.fp32(yb.baseAddress!)
+            let (yv, dy) = (RowValues.fp32(yb.baseAddress!), RowValues.fp32(dyb.baseAddress!))
             Residual.backwardReLU(gradBranch: .floats(b), gradIdentity: .floats(i), accumulateIdentity: true, gradOutput: dy, output: yv, count: count)
             #expect(Array(branch) == masked && Array(identity) == masked.map { $0 + 2 })
             Residual.backwardReLU(gradBranch: .floats(b), gradIdentity: .floats(i), accumulateIdentity: false, gradOutput: dy, output: yv, count: count)
@@ -403,11 +403,13 @@ struct FusedKernelTests {
             // The output's gradient in two parts (the next block's identity and first unit): added as read,
             // the bits of adding the second into the first beforehand.
             let part = randomFloats(count, seed: 53)
-            let summed = zip(dy, part).map { $0 + $1 }, maskedSum = zip(y, summed).map { $0 > 0 ? $1 : 0 }
-            Residual.backwardReLU(gradBranch: .floats(b), gradIdentity: BatchNorm2d.Destination(halves: i16), accumulateIdentity: false,
-                                  gradOutput: dy, gradOutputPart: part, output: yv, count: count)
+            let summed = zip(dyb, part).map { $0 + $1 }, maskedSum = zip(y, summed).map { $0 > 0 ? $1 : 0 }
+            part.withUnsafeBufferPointer { part in
+                Residual.backwardReLU(gradBranch: .floats(b), gradIdentity: BatchNorm2d.Destination(halves: i16), accumulateIdentity: false,
+                                      gradOutput: dy, gradOutputPart: .fp32(part.baseAddress!), output: yv, count: count)
+            }
             #expect(Array(branch) == maskedSum && Array(identity16) == maskedSum.map(BF16.bits))
-        } } } } }
+        } } } } } }
     }
 
     @Test("residual sum of a bf16 stream: float inputs rounded, bits read, the output rounded, alike on every path")
@@ -438,13 +440,28 @@ struct FusedKernelTests {
                 Residual.forwardReLU(output: BatchNorm2d.Destination(halves: yh.baseAddress!), x, z, rounding: true, count: count)
                 #expect(Array(yh) == expected.map(BF16.bits), "bits alone")
             }
-            // The backward's gate from the bits is the gate from the rounded floats.
-            var fromFloats = [Float](repeating: 1, count: count), fromBits = fromFloats, identity = fromFloats
-            Residual.backwardReLU(gradBranch: .floats(&fromFloats), gradIdentity: .floats(&identity), accumulateIdentity: false, gradOutput: dy,
-                                  output: .fp32(yp.baseAddress!), count: count)
-            Residual.backwardReLU(gradBranch: .floats(&fromBits), gradIdentity: .floats(&identity), accumulateIdentity: false, gradOutput: dy,
-                                  output: .bf16(yh.baseAddress!), count: count)
-            #expect(fromFloats == zip(expected, dy).map { $0 > 0 ? $1 : 0 } && fromBits == fromFloats)
+            // The backward's gate from the bits is the gate from the rounded floats; the gradient's parts, read
+            // from their floats (rounded) or their bits, are summed and the sum rounded, alike.
+            let part = randomFloats(count, seed: 63)
+            let g = zip(expected, zip(dy, part)).map { $0 > 0 ? rounded(rounded($1.0) + rounded($1.1)) : 0 }
+            let (dy16, part16) = (dy.map(BF16.bits), part.map(BF16.bits))
+            dy.withUnsafeBufferPointer { d in part.withUnsafeBufferPointer { p in dy16.withUnsafeBufferPointer { d16 in
+            part16.withUnsafeBufferPointer { p16 in
+                let parts: [(RowValues, RowValues)] = [(.fp32(d.baseAddress!), .fp32(p.baseAddress!)), (.bf16(d16.baseAddress!), .fp32(p.baseAddress!)),
+                                                       (.fp32(d.baseAddress!), .bf16(p16.baseAddress!)), (.bf16(d16.baseAddress!), .bf16(p16.baseAddress!))]
+                for (first, second) in parts { for out in [RowValues.fp32(yp.baseAddress!), .bf16(yh.baseAddress!)] {
+                    var branch = [Float](repeating: 1, count: count), identity16 = [UInt16](repeating: 1, count: count)
+                    Residual.backwardReLU(gradBranch: .floats(&branch), gradIdentity: BatchNorm2d.Destination(halves: &identity16),
+                                          accumulateIdentity: false, gradOutput: first, gradOutputPart: second, rounding: true, output: out,
+                                          count: count)
+                    #expect(zip(branch, g).allSatisfy { $0.bitPattern == $1.bitPattern } && identity16 == g.map(BF16.bits))
+                } }
+                // One part (the last block's, from the pooling): rounded alone.
+                var branch = [Float](repeating: 1, count: count), identity = branch
+                Residual.backwardReLU(gradBranch: .floats(&branch), gradIdentity: .floats(&identity), accumulateIdentity: false,
+                                      gradOutput: .fp32(d.baseAddress!), rounding: true, output: .bf16(yh.baseAddress!), count: count)
+                #expect(branch == zip(expected, dy).map { $0 > 0 ? rounded($1) : 0 } && identity == branch)
+            } } } }
         } } } } } }
     }
 }

@@ -75,11 +75,13 @@ void ck_bn_gradient_run(float *dx, const float *dy, const float *x, long count, 
 // given (may be NULL); y may alias a or b.
 void ck_residual_relu(float *y, uint16_t *y16, const float *a, const uint16_t *a16, const float *b, const uint16_t *b16, int round,
                       long count);
-// g = dy (+ dy2 where given, in that order) where y > 0 (y from its bf16 bits y16 where given; else 0):
-// branch = g, identity = g (or += g with accumulate); branch16 / identity16 (where given) take g's bf16
-// bits instead of branch / identity (identity16: accumulate 0).
+// g = dy (+ dy2 where given, in that order) where y > 0 (else 0): branch = g, identity = g (or += g with
+// accumulate); branch16 / identity16 (where given) take g's bf16 bits instead of branch / identity
+// (identity16: accumulate 0). dy, dy2 and y are read from their bf16 bits dy16, dy2_16, y16 where given;
+// with round, float parts are rounded to bf16 before the sum and the sum after.
 void ck_residual_relu_backward(float *branch, uint16_t *branch16, float *identity, uint16_t *identity16, int accumulate, const float *dy,
-                               const float *dy2, const float *y, const uint16_t *y16, long count);
+                               const uint16_t *dy16, const float *dy2, const uint16_t *dy2_16, int round, const float *y,
+                               const uint16_t *y16, long count);
 void ck_maxpool_rows(float *y, int32_t *idx, const float *x, long height, long width, long lanes, long oh, long ow, long kernel,
                      long stride, long padding, long first_row, long last_row);
 void ck_layernorm_rows(float *y, float *mean, float *inv_std, const float *x, const float *gamma, const float *beta, long rows,

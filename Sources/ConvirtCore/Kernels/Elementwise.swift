@@ -103,18 +103,21 @@ public enum Residual {
     /// gradIdentity = g, or += g with `accumulateIdentity`. Either may be written as g's bf16 bits instead
     /// (`Destination.halves`, where a bf16 layer's backward reads it; the identity's then overwritten).
     /// `gradOutputPart`: the output's gradient comes in two parts, gradOutput + gradOutputPart (added in
-    /// that order, the bits of adding the second into the first beforehand). The output is read from its
-    /// floats or its bf16 bits.
+    /// that order, the bits of adding the second into the first beforehand). The output and the gradient's
+    /// parts are read from their floats or their bf16 bits. `rounding` (a bf16 pass's residual stream):
+    /// float parts are rounded to bf16 before the sum and the sum after, so that gradients kept in floats
+    /// hold the values of those kept in bits.
     public static func backwardReLU(gradBranch: BatchNorm2d.Destination, gradIdentity: BatchNorm2d.Destination, accumulateIdentity: Bool,
-                                    gradOutput: UnsafePointer<Float>, gradOutputPart: UnsafePointer<Float>? = nil, output: RowValues,
+                                    gradOutput: RowValues, gradOutputPart: RowValues? = nil, rounding: Bool = false, output: RowValues,
                                     count: Int) {
         precondition((gradBranch.floats == nil) != (gradBranch.halves == nil) && (gradIdentity.floats == nil) != (gradIdentity.halves == nil)
                      && !(accumulateIdentity && gradIdentity.halves != nil), "residual backward: one copy of each gradient")
         Parallel.chunks(count) { r in
             let i = r.lowerBound
             ck_residual_relu_backward(gradBranch.floats.map { $0 + i }, gradBranch.halves.map { $0 + i }, gradIdentity.floats.map { $0 + i },
-                                      gradIdentity.halves.map { $0 + i }, accumulateIdentity ? 1 : 0, gradOutput + i, gradOutputPart.map { $0 + i },
-                                      output.floats.map { $0 + i }, output.halves.map { $0 + i }, r.count)
+                                      gradIdentity.halves.map { $0 + i }, accumulateIdentity ? 1 : 0, gradOutput.floats.map { $0 + i },
+                                      gradOutput.halves.map { $0 + i }, gradOutputPart?.floats.map { $0 + i }, gradOutputPart?.halves.map { $0 + i },
+                                      rounding ? 1 : 0, output.floats.map { $0 + i }, output.halves.map { $0 + i }, r.count)
         }
     }
 

@@ -550,16 +550,19 @@ struct ResNetLayoutTests {
     /// distance from it, about 1e-6 of the largest value, is far below bf16's). Two bf16 layouts may legitimately
     /// differ: their kernels sum in other orders, a last-bit change flips the bf16 rounding of the next
     /// layer's input, and a rounding can flip a ReLU or decide a max-pool tie the other way. So each is
-    /// held to the arithmetic, not to the other. The bound: each of the D = 5 (basic: 9) convolutions on
-    /// the path to a feature, and the linear path itself, rounds its two operands and its output to bf16,
-    /// each a relative 2^-9 at most, and these add up along the path: features within 3 D 2^-9 of their
-    /// largest value; gradients, whose path runs up and down again, within twice that. A flipped ReLU or
+    /// held to the arithmetic, not to the other. The bound: each of the D = 5 (basic: 9) layers on the path
+    /// to a feature rounds at most four values to bf16, each a relative 2^-9 at most (a convolution's two
+    /// operands and its output; at a block's end, where the input is the stream's bf16 value already,
+    /// the weight, the output, batch norm's output and the residual sum), and these add up along the
+    /// path: features within 4 D 2^-9 of their largest value; gradients, whose path runs up and down
+    /// again (the stream's gradients rounded too), within twice that. A flipped ReLU or
     /// max-pool position moves a weight gradient by one of its terms, so the sums must hold many terms
     /// for the bound to mean anything: evaluation mode (a batch norm over the statistics of a few
     /// images, in training mode, amplifies any change past any bound arithmetic gives: on an AMX Xeon two
     /// bf16 layouts of the 40-pixel network above were 3x the largest gradient apart), 2 images of 256
     /// pixels (the last stage's sums over 128 terms). Measured on a 2-core AMD EPYC (AVX512-BF16): features
-    /// 0.46-0.53%, gradients 2.8-3.2% of the largest, in all three layouts.
+    /// 0.32-0.36%, gradients 3.4-3.9% of the largest, in all three layouts (bounds: 3.9% and 7.8%; basic
+    /// 7.0% and 14%).
     @Test("a bf16 ResNet in NCHW, NHWC and nChw16c is each within bf16's bound of exact arithmetic",
           .enabled(if: BF16.native, "oneDNN runs no bf16 kernels on this CPU: bf16 runs NCHW only"),
           arguments: [ResNetConfig.Block.basic, .bottleneck])
@@ -567,7 +570,7 @@ struct ResNetLayoutTests {
         let (batch, size) = (2, 256)
         let reference = try pass(nil, precision: .fp32, block: block, training: false, batch: batch, size: size, reference: true)
         let depth = Double(block == .basic ? 9 : 5)
-        let featureBound = 3 * depth * pow(2, -9), gradientBound = 2 * featureBound
+        let featureBound = 4 * depth * pow(2, -9), gradientBound = 2 * featureBound
         let fScale = reference.features.map(abs).max()!, gScale = reference.grads.map(abs).max()!
         for layout in [ActivationLayout.nchw, .nhwc, .blocked16] {
             let r = try pass(layout, precision: .bf16, block: block, training: false, batch: batch, size: size)

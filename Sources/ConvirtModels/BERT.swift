@@ -103,6 +103,14 @@ struct LinearLayer {
                        rows: rows, inFeatures: inFeatures, outFeatures: outFeatures, precision: precision, copies: copies)
     }
 
+    /// outputBF16 = forward's output in bf16 on oneDNN's bf16 kernels (`Linear.forwardBF16`); false where
+    /// it cannot, with nothing written.
+    func forwardBF16(_ arena: ParameterArena, outputBF16: UnsafeMutablePointer<UInt16>, input: UnsafePointer<Float>, rows: Int,
+                     copies: Linear.Copies) -> Bool {
+        Linear.forwardBF16(outputBF16: outputBF16, input: input, weight: arena.params + weight.offset, bias: bias.map { arena.params + $0.offset },
+                           rows: rows, inFeatures: inFeatures, outFeatures: outFeatures, copies: copies)
+    }
+
     /// outputBF16 = GELU(forward) in bf16 on oneDNN's bf16 kernels (`Linear.forwardGELU`); false where it
     /// cannot, with nothing written.
     func forwardGELU(_ arena: ParameterArena, outputBF16: UnsafeMutablePointer<UInt16>, input: UnsafePointer<Float>, rows: Int,
@@ -212,8 +220,12 @@ final class LayerActivations {
     let attentionCopies = AttentionCopies()
 }
 
-/// The temporaries of one layer's backward: layers run backward one at a time, so all share one set.
+/// The temporaries of one layer's backward (and of its forward: `qkvBF16`): layers run one at a time,
+/// so all share one set.
 final class LayerGradientScratch {
+    /// The bf16 outputs of the query, key and value products, which only the attention reads (packing
+    /// them per head), where the products write bf16 ([3, rows, H]).
+    let qkvBF16 = Scratch<UInt16>()
     let gradHidden1 = Scratch<Float>(), gradInner = Scratch<Float>(), gradDense = Scratch<Float>(), gradContext = Scratch<Float>()
     let gradQ = Scratch<Float>(), gradK = Scratch<Float>(), gradV = Scratch<Float>(), attentionWorkspace = Scratch<Float>()
     /// The output gradient of a linear layer in bf16, converted once for its two products.
@@ -305,16 +317,34 @@ final class EncoderLayer {
                  geometry g: AttentionGeometry, config c: BertConfig, context ctx: PassContext) {
         let rows = g.batch * g.tokens, h = c.hiddenSize, inter = c.intermediateSize
         let site = UInt64(index + 1) << 8, a = activations, copying = step.writesCopies
-        let qp = a.q.ensure(rows * h), kp = a.k.ensure(rows * h), vp = a.v.ensure(rows * h)
-        let c = copies
-        query.forward(arena, output: qp, input: x, rows: rows, precision: ctx.precision, copies: c.forward(c.query, arena).reusingInput(step.inputCopied))
-        key.forward(arena, output: kp, input: x, rows: rows, precision: ctx.precision, copies: c.forward(c.key, arena))
-        value.forward(arena, output: vp, input: x, rows: rows, precision: ctx.precision, copies: c.forward(c.value, arena))
-        // The attention's output in bf16 only, where the next product reads it so (nothing reads its floats).
-        let context = a.context.ensure(rows * h)
-        Attention.forward(output: context, outputBF16: copying ? c.attentionOutput.input.room(holding: context, rows: rows, columns: h) : nil,
+        let c = copies, n = rows * h
+        let queryCopies = c.forward(c.query, arena).reusingInput(step.inputCopied), keyCopies = c.forward(c.key, arena)
+        let valueCopies = c.forward(c.value, arena)
+        // Where the products write bf16, the attention reads only the bits of q, k and v (their floats have
+        // no room then: the pointers are not read); else their floats.
+        var qkvBF16: (q: UnsafePointer<UInt16>, k: UnsafePointer<UInt16>, v: UnsafePointer<UInt16>)?
+        if copying {
+            let bits = scratch.qkvBF16.ensure(3 * n)
+            if query.forwardBF16(arena, outputBF16: bits, input: x, rows: rows, copies: queryCopies),
+               key.forwardBF16(arena, outputBF16: bits + n, input: x, rows: rows, copies: keyCopies),
+               value.forwardBF16(arena, outputBF16: bits + 2 * n, input: x, rows: rows, copies: valueCopies) {
+                qkvBF16 = (UnsafePointer(bits), UnsafePointer(bits + n), UnsafePointer(bits + 2 * n))
+            }
+        }
+        let (qp, kp, vp) = qkvBF16 != nil ? (a.q.pointer, a.k.pointer, a.v.pointer) : (a.q.ensure(n), a.k.ensure(n), a.v.ensure(n))
+        if qkvBF16 == nil {
+            query.forward(arena, output: qp, input: x, rows: rows, precision: ctx.precision, copies: queryCopies)
+            key.forward(arena, output: kp, input: x, rows: rows, precision: ctx.precision, copies: keyCopies)
+            value.forward(arena, output: vp, input: x, rows: rows, precision: ctx.precision, copies: valueCopies)
+        }
+        // The attention's output in bf16 only, where the next product reads it so (nothing reads its floats,
+        // which then have no room: the pointer only names the copy).
+        let context = copying ? a.context.pointer : a.context.ensure(rows * h)
+        Attention.forward(output: copying ? nil : context,
+                          outputBF16: copying ? c.attentionOutput.input.room(holding: context, rows: rows, columns: h) : nil,
                           probabilities: a.probabilities.ensure(g.probabilitiesCount),
-                          q: qp, k: kp, v: vp, mask: mask, geometry: g, dropout: attentionDropout(step, geometry: g, context: ctx),
+                          q: qp, k: kp, v: vp, qkvBF16: qkvBF16, mask: mask, geometry: g,
+                          dropout: attentionDropout(step, geometry: g, context: ctx),
                           precision: ctx.precision, copies: activations.attentionCopies)
         let dense = a.attentionDense.ensure(rows * h)
         attentionOutput.forward(arena, output: dense, input: context, rows: rows, precision: ctx.precision,
@@ -324,16 +354,19 @@ final class EncoderLayer {
                                       outputBF16: copying ? copies.intermediate.input.room(holding: h1, rows: rows, columns: h) : nil,
                                       mean: a.mean1.ensure(rows), invStd: a.invStd1.ensure(rows), dense: dense, residual: x, rows: rows,
                                       dropout: Self.dropout(step.hiddenDropout, site: site | 2, geometry: g, context: ctx))
-        let i1 = a.inner.ensure(rows * inter), a1 = a.activated.ensure(rows * inter)
+        // Where GELU writes only the bf16 bits the output product reads, its floats have no room (the
+        // pointer only names the copy).
+        let a1 = copying ? a.activated.pointer : a.activated.ensure(rows * inter)
         let intermediateCopies = c.forward(c.intermediate, arena).reusingInput(copying)
         let activated16 = copying ? copies.output.input.room(holding: a1, rows: rows, columns: inter) : nil
         // A frozen layer's GELU is the product's post-op on oneDNN (nothing differentiates it): its bf16
-        // output is all the next product reads.
+        // output is all the next product reads, and the product's floats have no room (planned so).
         var fused = false
         if frozen, let activated16 {
             fused = intermediate.forwardGELU(arena, outputBF16: activated16, input: h1, rows: rows, copies: intermediateCopies)
         }
         if !fused {
+            let i1 = a.inner.ensure(rows * inter)
             intermediate.forward(arena, output: i1, input: h1, rows: rows, precision: ctx.precision, copies: intermediateCopies)
             if let activated16 {
                 GELU.forwardBF16(output: activated16, input: i1, count: rows * inter)

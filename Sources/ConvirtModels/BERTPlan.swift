@@ -93,8 +93,17 @@ extension BERT {
         }
         for (k, (layer, step)) in zip(layers, pass.layers).enumerated() {
             let a = layer.activations, n = "layer \(k)"
-            for (buffer, what) in [(a.q, "query"), (a.k, "key"), (a.v, "value"), (a.context, "attention context"),
-                                   (a.attentionDense, "attention output dense"), (a.sum1, "attention residual sum"),
+            // Where the layer writes its products' bf16 inputs, query, key and value, the attention's output and
+            // GELU's are those bits alone, and a frozen layer's GELU is its product's post-op: their floats are
+            // never written.
+            if step.writesCopies {
+                needs.need(layer.scratch.qkvBF16, 3 * rows * h, "\(n) query, key and value (bf16)")
+            } else {
+                for (buffer, what) in [(a.q, "query"), (a.k, "key"), (a.v, "value"), (a.context, "attention context")] {
+                    needs.need(buffer, rows * h, "\(n) \(what)")
+                }
+            }
+            for (buffer, what) in [(a.attentionDense, "attention output dense"), (a.sum1, "attention residual sum"),
                                    (a.hidden1, "attention LayerNorm output"), (a.outputDense, "output dense"), (a.sum2, "output residual sum"),
                                    (a.hidden2, "output LayerNorm output")] {
                 needs.need(buffer, rows * h, "\(n) \(what)")
@@ -105,8 +114,8 @@ extension BERT {
                                    (a.mean2, "output LayerNorm mean"), (a.invStd2, "output LayerNorm 1/std")] {
                 needs.need(buffer, rows, "\(n) \(what)")
             }
-            needs.need(a.inner, rows * inter, "\(n) intermediate dense")
-            needs.need(a.activated, rows * inter, "\(n) GELU")
+            if !(step.writesCopies && layer.frozen) { needs.need(a.inner, rows * inter, "\(n) intermediate dense") }
+            if !step.writesCopies { needs.need(a.activated, rows * inter, "\(n) GELU") }
             if step.hasGradOutput { needs.need(layer.gradOutput, rows * h, "\(n) output gradient") }
             guard step.runsBackward else { continue }
             let s = layer.scratch

@@ -234,6 +234,29 @@ struct BF16KernelTests {
             #expect(worst <= 1, "native \(native): bf16 output \(worst) of its bound")
             if native { #expect(out.allSatisfy { $0.isNaN }, "the float output is written too") } else { #expect(bits == reference.map(BF16.bits)) }
         }
+        // q, k and v given as their bf16 bits alone (what BERT's products write): the bits of the pass on
+        // their floats (which are rounded to those bits first), on either route, the floats never read;
+        // and without a float output at all.
+        let (q16, k16, v16) = (q.map(BF16.bits), k.map(BF16.bits), v.map(BF16.bits))
+        let garbage = [Float](repeating: .nan, count: count)
+        for native in [true, false] {
+            var fromFloats = [Float](repeating: 0, count: count), fromBits = fromFloats
+            var p = [Float](repeating: .nan, count: g.probabilitiesCount), pBits = p
+            Attention.forward(output: &fromFloats, probabilities: &p, q: q, k: k, v: v, mask: mask, geometry: g, precision: .bf16, native: native)
+            q16.withUnsafeBufferPointer { qb in k16.withUnsafeBufferPointer { kb in v16.withUnsafeBufferPointer { vb in
+                Attention.forward(output: &fromBits, probabilities: &pBits, q: garbage, k: garbage, v: garbage,
+                                  qkvBF16: (qb.baseAddress!, kb.baseAddress!, vb.baseAddress!), mask: mask, geometry: g, precision: .bf16,
+                                  native: native)
+                #expect(fromBits == fromFloats && pBits == p, "native \(native): bits against floats")
+                var bits = [UInt16](repeating: 0xffff, count: count), reference = bits
+                Attention.forward(output: nil, outputBF16: &bits, probabilities: &pBits, q: garbage, k: garbage, v: garbage,
+                                  qkvBF16: (qb.baseAddress!, kb.baseAddress!, vb.baseAddress!), mask: mask, geometry: g, precision: .bf16,
+                                  native: native)
+                Attention.forward(output: &fromFloats, outputBF16: &reference, probabilities: &p, q: q, k: k, v: v, mask: mask, geometry: g,
+                                  precision: .bf16, native: native)
+                #expect(bits == reference, "native \(native): bf16 output without floats")
+            } } }
+        }
     }
 
     @Test("attention's backward with dropout is the derivative of its forward (central differences in fp32, padding masked)")
@@ -348,6 +371,29 @@ struct BF16OperandTests {
         for i in w.indices { w[i] = w[i] * 0.5 + 0.01 }  // in place: the same block
         #expect(fused(0..<rows, version: 1) == kept, "kept weights were converted anew")
         #expect(fused(0..<rows, version: 2) == fused(0..<rows), "weights at a new version were not converted anew")
+    }
+
+    /// A linear layer whose only readers take bf16 (BERT's query, key and value) writes its output as bf16
+    /// bits (`Linear.forwardBF16`): each fp32 sum plus the bias, rounded once to the nearest even bf16, the
+    /// bits of `forward`'s floats rounded (the same sums, in one product), each row as in a product of fewer rows.
+    @Test("a product with a bf16 output gives the bits of the fp32 output rounded, each row as alone",
+          .enabled(if: BF16.native, "oneDNN runs no bf16 kernels on this CPU: the products write floats"))
+    func bf16OutputProduct() throws {
+        let (rows, inF, outF) = (37, 48, 40)
+        let x = randomFloats(rows * inF, seed: 21), w = randomFloats(outF * inF, seed: 22), bias = randomFloats(outF, seed: 23)
+        func bits(_ range: Range<Int>) -> [UInt16]? {
+            var y = [UInt16](repeating: 0xffff, count: range.count * outF)
+            let input = Array(x[range.lowerBound * inF..<range.upperBound * inF])
+            let copies = Linear.Copies(input: BF16Operand(), weight: BF16Operand(), gradOutput: BF16Operand())
+            let done = Linear.forwardBF16(outputBF16: &y, input: input, weight: w, bias: bias, rows: range.count, inFeatures: inF,
+                                          outFeatures: outF, copies: copies)
+            return done ? y : nil
+        }
+        let y = try #require(bits(0..<rows), "oneDNN refused the product")
+        var floats = [Float](repeating: 0, count: rows * outF)
+        Linear.forward(output: &floats, input: x, weight: w, bias: bias, rows: rows, inFeatures: inF, outFeatures: outF, precision: .bf16)
+        #expect(y == floats.map(BF16.bits))
+        #expect(y == bits(0..<20)! + bits(20..<rows)!, "rows of the whole product differ from those of its halves")
     }
 
     // (Where bf16 runs as the rounded-fp32 emulation, no copies are kept and the two agree trivially.)

@@ -101,19 +101,40 @@ public enum Attention {
     ///   takes the same copies, and leaves `dropout.dropped` alone); ignored elsewhere.
     /// - outputBF16: where given, the output's bf16 bits ([B, T, H*D]) for the product that reads it; on
     ///   oneDNN's bf16 kernels the last product writes them, rounding its fp32 sums once, and `output`
-    ///   is not written.
-    public static func forward(output: UnsafeMutablePointer<Float>, outputBF16: UnsafeMutablePointer<UInt16>? = nil,
+    ///   is not written. `output` may then be nil (the floats go to temporary memory where the batched
+    ///   products are unavailable).
+    /// - qkvBF16: where given (bf16 only), the bf16 bits of q, k and v ([B, T, H*D]), which the products
+    ///   that computed them wrote instead of their floats: q, k and v are then not read (they are only
+    ///   expanded from the bits where the batched products are unavailable).
+    public static func forward(output: UnsafeMutablePointer<Float>?, outputBF16: UnsafeMutablePointer<UInt16>? = nil,
                                probabilities: UnsafeMutablePointer<Float>,
                                q: UnsafePointer<Float>, k: UnsafePointer<Float>, v: UnsafePointer<Float>,
+                               qkvBF16: (q: UnsafePointer<UInt16>, k: UnsafePointer<UInt16>, v: UnsafePointer<UInt16>)? = nil,
                                mask: UnsafePointer<Int32>, geometry g: AttentionGeometry, dropout: AttentionDropout? = nil,
                                precision: Precision = .fp32, native: Bool = BF16.native, copies: AttentionCopies? = nil) {
+        precondition(qkvBF16 == nil || precision == .bf16, "attention: bf16 inputs of an fp32 pass")
         if precision == .bf16 && native,
-           (try? forwardOnDNNL(output: output, outputBF16: outputBF16, probabilities: probabilities, q: q, k: k, v: v, mask: mask, geometry: g,
-                               dropout: dropout, copies: copies)) != nil {
+           (try? forwardOnDNNL(output: output, outputBF16: outputBF16, probabilities: probabilities, q: q, k: k, v: v, qkvBF16: qkvBF16,
+                               mask: mask, geometry: g, dropout: dropout, copies: copies)) != nil {
             return
         }
-        defer { if let outputBF16 { BF16.bits(outputBF16, output, count: g.batch * g.tokens * g.width) } }
-        let t = g.tokens, d = g.headSize, w = g.width
+        precondition(output != nil || outputBF16 != nil, "attention: no output")
+        let t = g.tokens, d = g.headSize, w = g.width, n = g.batch * t * w, temporary = output == nil
+        let output = output ?? UnsafeMutablePointer<Float>.allocate(capacity: n)
+        // Inputs given as bits alone: their values as floats, in temporary memory.
+        let expanded = qkvBF16.map { bits in
+            let floats = UnsafeMutablePointer<Float>.allocate(capacity: 3 * n)
+            for (j, x) in [bits.q, bits.k, bits.v].enumerated() {
+                Parallel.chunks(n) { r in for i in r { floats[j * n + i] = BF16.value(x[i]) } }
+            }
+            return floats
+        }
+        let (q, k, v) = expanded.map { (UnsafePointer($0), UnsafePointer($0 + n), UnsafePointer($0 + 2 * n)) } ?? (q, k, v)
+        defer {
+            if let outputBF16 { BF16.bits(outputBF16, output, count: n) }
+            if temporary { output.deallocate() }
+            expanded?.deallocate()
+        }
         Parallel.chunks(g.batch * g.heads, cost: 4 * t * t * d) { pairs in
         for pair in pairs {
             let b = pair / g.heads, h = pair % g.heads
@@ -230,6 +251,19 @@ public enum Attention {
         }
     }
 
+    /// `pack` of tensors given as their bf16 bits: each block copied as it is.
+    private static func pack(_ g: AttentionGeometry, bits tensors: [UnsafePointer<UInt16>], into rooms: [UnsafeMutablePointer<UInt16>]) {
+        let (t, d, w) = (g.tokens, g.headSize, g.width)
+        for (x, copy) in zip(tensors, rooms) {
+            Parallel.chunks(g.batch * g.heads, cost: t * d) { pairs in
+                for pair in pairs {
+                    let b = pair / g.heads, h = pair % g.heads
+                    for row in 0..<t { (copy + (pair * t + row) * d).update(from: x + (b * t + row) * w + h * d, count: d) }
+                }
+            }
+        }
+    }
+
     /// Rooms in this thread's scratch for `count` tensors [B, T, H*D] and one [B, H, T, T] after them.
     private static func scratchRooms(_ g: AttentionGeometry, _ count: Int) -> [UnsafeMutablePointer<UInt16>] {
         let n = g.batch * g.tokens * g.width
@@ -259,8 +293,9 @@ public enum Attention {
 
     /// `forward` in bf16 with oneDNN's batched products; the bf16 operands into `copies` where given, the
     /// output into `outputBF16` instead of `output` where given.
-    static func forwardOnDNNL(output: UnsafeMutablePointer<Float>, outputBF16: UnsafeMutablePointer<UInt16>?, probabilities: UnsafeMutablePointer<Float>,
-                              q: UnsafePointer<Float>, k: UnsafePointer<Float>, v: UnsafePointer<Float>, mask: UnsafePointer<Int32>,
+    static func forwardOnDNNL(output: UnsafeMutablePointer<Float>?, outputBF16: UnsafeMutablePointer<UInt16>?, probabilities: UnsafeMutablePointer<Float>,
+                              q: UnsafePointer<Float>, k: UnsafePointer<Float>, v: UnsafePointer<Float>,
+                              qkvBF16: (q: UnsafePointer<UInt16>, k: UnsafePointer<UInt16>, v: UnsafePointer<UInt16>)?, mask: UnsafePointer<Int32>,
                               geometry g: AttentionGeometry, dropout: AttentionDropout?, copies: AttentionCopies?) throws {
         let products = try Products(g, Products.forward(g, bf16Output: outputBF16 != nil))
         let rooms: [UnsafeMutablePointer<UInt16>]
@@ -270,14 +305,18 @@ public enum Attention {
         } else {
             rooms = scratchRooms(g, 3)
         }
-        pack(g, [q, k, v], into: rooms)
+        if let qkvBF16 {
+            pack(g, bits: [qkvBF16.q, qkvBF16.k, qkvBF16.v], into: rooms)
+        } else {
+            pack(g, [q, k, v], into: rooms)
+        }
         // Scores = scale * Q K^T, straight into the probabilities' buffer; then the weights, in bf16.
         products.run(0, a: rooms[0], b: rooms[1], c: probabilities)
         weights(probabilities, rooms[3], mask: mask, geometry: g, dropout: dropout, keepDropped: copies == nil)
         if let outputBF16 {
             products.run(1, a: rooms[3], b: rooms[2], bf16: outputBF16)
         } else {
-            products.run(1, a: rooms[3], b: rooms[2], c: output)
+            products.run(1, a: rooms[3], b: rooms[2], c: output!)
         }
     }
 

@@ -52,6 +52,10 @@ public enum BF16 {
         return Float(bitPattern: (bits &+ 0x7fff &+ ((bits >> 16) & 1)) & 0xffff_0000)
     }
 
+    /// The value of bfloat16 bits, as a Float (exact).
+    @inline(__always)
+    public static func value(_ bits: UInt16) -> Float { Float(bitPattern: UInt32(bits) << 16) }
+
     /// The bfloat16 bits of `x` rounded to nearest even.
     @inline(__always)
     public static func bits(_ x: Float) -> UInt16 { UInt16(truncatingIfNeeded: round(x).bitPattern >> 16) }

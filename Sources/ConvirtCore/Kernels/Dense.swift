@@ -54,14 +54,29 @@ public enum Linear {
     }
 
     /// outputBF16 = GELU(input weight^T + bias) in bf16 on oneDNN's bf16 kernels, the GELU a post-op of
-    /// the product (`geluProductBF16`): a frozen layer's activations, which only the next product reads.
+    /// the product (`productBF16`): a frozen layer's activations, which only the next product reads.
     /// False where the products are not on oneDNN's bf16 kernels, or it has none for the shape; nothing is
     /// written then, and `forward` with `GELU.forwardBF16` computes them.
     public static func forwardGELU(outputBF16: UnsafeMutablePointer<UInt16>, input: UnsafePointer<Float>, weight: UnsafePointer<Float>,
                                    bias: UnsafePointer<Float>?, rows: Int, inFeatures: Int, outFeatures: Int, copies: Copies) -> Bool {
-        geluProductBF16(Product(m: rows, n: outFeatures, k: inFeatures, transposeB: true), a: Matrix(input, ld: inFeatures),
-                        b: Matrix(weight, ld: inFeatures), c: outputBF16, bias: bias,
-                        copies: (.init(copies.input, reuse: copies.reuseInput), .init(copies.weight, reuse: false, version: copies.weightVersion)))
+        bf16Output(outputBF16, input: input, weight: weight, bias: bias, rows: rows, inFeatures: inFeatures, outFeatures: outFeatures,
+                   gelu: true, copies: copies)
+    }
+
+    /// outputBF16 = input weight^T + bias in bf16 on oneDNN's bf16 kernels, each fp32 sum (the bias added
+    /// in fp32) rounded once: the bits `forward`'s floats round to, for a layer whose output only bf16
+    /// readers take (`productBF16`). False, with nothing written, where `forward` must run instead.
+    public static func forwardBF16(outputBF16: UnsafeMutablePointer<UInt16>, input: UnsafePointer<Float>, weight: UnsafePointer<Float>,
+                                   bias: UnsafePointer<Float>?, rows: Int, inFeatures: Int, outFeatures: Int, copies: Copies) -> Bool {
+        bf16Output(outputBF16, input: input, weight: weight, bias: bias, rows: rows, inFeatures: inFeatures, outFeatures: outFeatures,
+                   gelu: false, copies: copies)
+    }
+
+    private static func bf16Output(_ outputBF16: UnsafeMutablePointer<UInt16>, input: UnsafePointer<Float>, weight: UnsafePointer<Float>,
+                                   bias: UnsafePointer<Float>?, rows: Int, inFeatures: Int, outFeatures: Int, gelu: Bool, copies: Copies) -> Bool {
+        productBF16(Product(m: rows, n: outFeatures, k: inFeatures, transposeB: true), a: Matrix(input, ld: inFeatures),
+                    b: Matrix(weight, ld: inFeatures), c: outputBF16, bias: bias, gelu: gelu,
+                    copies: (.init(copies.input, reuse: copies.reuseInput), .init(copies.weight, reuse: false, version: copies.weightVersion)))
     }
 
     /// gradInput += gradOutput * weight (= where `accumulateInput` is false); gradWeight += gradOutput^T * input

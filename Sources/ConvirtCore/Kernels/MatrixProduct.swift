@@ -132,17 +132,18 @@ public func piecewiseGradientProduct(m: Int, n: Int, rows: Int, pieceRows: Int, 
     }
 }
 
-/// C (bf16 bits, m x n, leading dimension n) = GELU(op(A) op(B) + bias) on oneDNN's bf16 kernels, the
-/// GELU (erf) a post-op of the product in fp32, rounded once to bf16: what a layer whose activations
-/// nothing differentiates needs for its next product (`Linear.forwardGELU`). False where the product is
-/// not on oneDNN's bf16 kernels, or oneDNN has none for the shape; nothing is written then.
-func geluProductBF16(_ p: Product, a: Matrix, b: Matrix, c: UnsafeMutablePointer<UInt16>, bias: UnsafePointer<Float>?,
-                     copies: (a: BF16Operand.Use?, b: BF16Operand.Use?), native: Bool = BF16.native) -> Bool {
-    precondition(p.alpha == 1 && p.beta == 0, "GELU of a scaled product or a sum")
+/// C (bf16 bits, m x n, leading dimension n) = op(A) op(B) + bias on oneDNN's bf16 kernels, each fp32
+/// sum rounded once to bf16: a product whose only readers take bf16 (`Linear.forwardBF16`). With
+/// `gelu`, GELU (erf) of it, a post-op of the product in fp32, rounded once: what a layer whose
+/// activations nothing differentiates needs for its next product (`Linear.forwardGELU`). False where
+/// the product is not on oneDNN's bf16 kernels, or oneDNN has none for the shape; nothing is written then.
+func productBF16(_ p: Product, a: Matrix, b: Matrix, c: UnsafeMutablePointer<UInt16>, bias: UnsafePointer<Float>?, gelu: Bool,
+                 copies: (a: BF16Operand.Use?, b: BF16Operand.Use?), native: Bool = BF16.native) -> Bool {
+    precondition(p.alpha == 1 && p.beta == 0, "a bf16 output of a scaled product or a sum")
     let (m, n, k) = (p.m, p.n, p.k)
     guard native, m > 0, n > 0, k > 0 else { return false }
     let key = MatmulPrimitive.Key(m: m, n: n, k: k, transposeA: p.transposeA, transposeB: p.transposeB, ldc: n, alpha: 1, beta: 0,
-                                  bias: bias != nil, output: .geluBF16)
+                                  bias: bias != nil, output: gelu ? .geluBF16 : .bf16)
     guard let primitive = try? MatmulPrimitive.cached(key) else { return false }
     let scratch = ThreadScratch.current
     let (a16, b16) = bf16Operands(p, a: a, b: b, copies: copies, scratch: scratch, parallel: true)
@@ -174,7 +175,7 @@ private func bf16Operand(_ use: BF16Operand.Use?, _ x: UnsafePointer<Float>, row
 private func roundedOperand(_ dst: UnsafeMutablePointer<Float>, _ x: UnsafePointer<Float>, _ use: BF16Operand.Use?, rows: Int, columns: Int,
                             ld: Int, parallel: Bool) {
     if let use, use.reuse, let bits = use.operand.heldBits(of: x, rows: rows, columns: columns, ld: ld) {
-        for i in 0..<rows * columns { dst[i] = Float(bitPattern: UInt32(bits[i]) << 16) }
+        for i in 0..<rows * columns { dst[i] = BF16.value(bits[i]) }
     } else {
         BF16.roundBlock(dst, x, rows: rows, columns: columns, ld: ld, parallel: parallel)
     }

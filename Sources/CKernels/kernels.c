@@ -847,33 +847,44 @@ CK_CLONES void ck_attention_softmax_backward(uint16_t *ds16, float *restrict dp,
 CK_CLONES void ck_gelu_backward_bf16(float *restrict dx, uint16_t *restrict dx16, const float *restrict dy, const float *restrict x, long count) {
     long i = 0;
     for (; i + CK_LANES <= count; i += CK_LANES) {
+        float g[CK_LANES];
         for (int l = 0; l < CK_LANES; l++) {
             float cdf, density;
             ck_normal(x[i + l], &cdf, &density);
-            dx[i + l] = dy[i + l] * (cdf + x[i + l] * density);
+            g[l] = dy[i + l] * (cdf + x[i + l] * density);
         }
-        ck_store_bf16(dx16 + i, ck_load(dx + i));
+        if (dx) *(ck_v16 *)(dx + i) = ck_load(g);
+        ck_store_bf16(dx16 + i, ck_load(g));
     }
     for (; i < count; i++) {
         float cdf, density;
         ck_normal(x[i], &cdf, &density);
-        dx[i] = dy[i] * (cdf + x[i] * density);
-        dx16[i] = ck_bf16_of(dx[i]);
+        const float g = dy[i] * (cdf + x[i] * density);
+        if (dx) dx[i] = g;
+        dx16[i] = ck_bf16_of(g);
     }
 }
 
 // sum[c] += x[r * ld + c] over rows r in order, for columns [first, last) (a linear layer's bias
-// gradient): each column's additions in row order, as the plain loop, 16 columns at a time.
-CK_CLONES void ck_column_sums(float *restrict sum, const float *restrict x, long rows, long ld, long first, long last) {
+// gradient): each column's additions in row order, as the plain loop, 16 columns at a time. x is read
+// from its bf16 bits x16 where given, else from its floats, rounded to bf16 first with round.
+CK_CLONES void ck_column_sums(float *restrict sum, const float *restrict x, const uint16_t *restrict x16, int round, long rows, long ld,
+                              long first, long last) {
     long c = first;
     for (; c + CK_LANES <= last; c += CK_LANES) {
         ck_v16 s = ck_load(sum + c);
-        for (long r = 0; r < rows; r++) s += ck_load(x + r * ld + c);
+        if (x16) {
+            for (long r = 0; r < rows; r++) s += ck_load_bf16(x16 + r * ld + c);
+        } else if (round) {
+            for (long r = 0; r < rows; r++) s += ck_round_v16(ck_load(x + r * ld + c));
+        } else {
+            for (long r = 0; r < rows; r++) s += ck_load(x + r * ld + c);
+        }
         *(ck_v16 *)(sum + c) = s;
     }
     for (; c < last; c++) {
         float s = sum[c];
-        for (long r = 0; r < rows; r++) s += x[r * ld + c];
+        for (long r = 0; r < rows; r++) s += x16 ? ck_float_of_bf16(x16[r * ld + c]) : round ? ck_rounded(x[r * ld + c]) : x[r * ld + c];
         sum[c] = s;
     }
 }

@@ -417,9 +417,10 @@ final class EncoderLayer {
         output.backward(arena, gradInput: dA, gradOutput: dSum2, input: a.activated.pointer, rows: rows, precision: ctx.precision, accumulateInput: false,
                         copies: copies.output, pieceRows: pieces)
         // dInner = dA * gelu'(inner)
-        let dI = s.gradContext.ensure(rows * inter)
+        let dI = step.writesCopies ? s.gradContext.pointer : s.gradContext.ensure(rows * inter)
         if step.writesCopies {
-            GELU.backwardBF16(gradInput: dI, gradInputBF16: copies.intermediate.gradOutput.room(holding: dI, rows: rows, columns: inter),
+            // The bits alone: the intermediate layer's products and bias gradient read nothing else.
+            GELU.backwardBF16(gradInput: nil, gradInputBF16: copies.intermediate.gradOutput.room(holding: dI, rows: rows, columns: inter),
                               gradOutput: dA, input: a.inner.pointer, count: rows * inter)
         } else {
             GELU.backward(gradInput: dI, gradOutput: dA, input: a.inner.pointer, count: rows * inter, accumulate: false)

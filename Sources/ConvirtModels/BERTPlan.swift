@@ -124,7 +124,8 @@ extension BERT {
                 needs.need(buffer, rows * h, "\(n) \(what)")
             }
             needs.need(s.gradInner, rows * inter, "\(n) GELU gradient")
-            needs.need(s.gradContext, rows * max(inter, h), "\(n) intermediate and context gradients")
+            // The intermediate product's output gradient is GELU's bf16 bits alone where the layer writes copies.
+            needs.need(s.gradContext, rows * (step.writesCopies ? h : max(inter, h)), "\(n) intermediate and context gradients")
             needs.need(s.attentionWorkspace, g.workspaceCount, "\(n) attention backward workspace")
         }
         return needs

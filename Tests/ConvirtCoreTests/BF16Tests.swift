@@ -104,7 +104,7 @@ struct BF16KernelTests {
         }
     }
 
-    @Test("a bf16 linear layer equals the Double reference on rounded inputs; its bias adds in fp32")
+    @Test("a bf16 linear layer equals the Double reference on rounded inputs; its bias adds in fp32, its gradient sums the rounded gradient")
     func linear() {
         let (rows, inF, outF) = (9, 33, 17)
         let x = randomFloats(rows * inF, seed: 1), w = randomFloats(outF * inF, seed: 2), b = randomFloats(outF, seed: 3)
@@ -118,7 +118,7 @@ struct BF16KernelTests {
         let rdy = rounded(dy), rx = rounded(x), rw = rounded(w)
         var edx = [Double](repeating: 0, count: x.count), edw = [Double](repeating: 0, count: w.count), edb = [Double](repeating: 0, count: outF)
         for r in 0..<rows { for o in 0..<outF {
-            edb[o] += Double(dy[r * outF + o])
+            edb[o] += rdy[r * outF + o]
             for i in 0..<inF {
                 edx[r * inF + i] += rdy[r * outF + o] * rw[o * inF + i]
                 edw[o * inF + i] += rdy[r * outF + o] * rx[r * inF + i]

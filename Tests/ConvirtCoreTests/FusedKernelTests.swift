@@ -209,6 +209,25 @@ struct FusedKernelTests {
                         outFeatures: features)
         for r in 0..<rows { for o in 0..<features { expectedBias[o] += dy[r * features + o] } }
         #expect(bias.map(\.bitPattern) == expectedBias.map(\.bitPattern), "bias gradient")
+        // In bf16 the bias gradient sums the output gradient's bf16 values in one piece from zero, then adds
+        // it: from the floats rounded, or from the bits a layer after wrote alone (the floats never read).
+        var piece = [Float](repeating: 0, count: features)
+        for r in 0..<rows { for o in 0..<features { piece[o] += BF16.round(dy[r * features + o]) } }
+        let expectedBF16 = zip(start, piece).map { $0 + $1 }
+        var bias16 = start
+        Linear.backward(gradInput: nil, gradWeight: nil, gradBias: &bias16, gradOutput: dy, input: x, weight: x, rows: rows, inFeatures: features,
+                        outFeatures: features, precision: .bf16)
+        #expect(bias16.map(\.bitPattern) == expectedBF16.map(\.bitPattern), "bf16 bias gradient from the floats")
+        let unwritten = [Float](repeating: .nan, count: count)
+        let copies = Linear.Copies(input: BF16Operand(), weight: BF16Operand(), gradOutput: BF16Operand(), reuseGradOutput: true)
+        unwritten.withUnsafeBufferPointer { key in
+            let room = copies.gradOutput.room(holding: key.baseAddress!, rows: rows, columns: features)
+            for i in 0..<count { room[i] = BF16.bits(dy[i]) }
+            bias16 = start
+            Linear.backward(gradInput: nil, gradWeight: nil, gradBias: &bias16, gradOutput: key.baseAddress!, input: x, weight: x, rows: rows,
+                            inFeatures: features, outFeatures: features, precision: .bf16, copies: copies)
+        }
+        #expect(bias16.map(\.bitPattern) == expectedBF16.map(\.bitPattern), "bf16 bias gradient from the bits")
         var gamma = start, beta = start.map { -$0 }, expectedGamma = gamma, expectedBeta = beta, dx = [Float](repeating: 0, count: count)
         LayerNorm.backward(gradInput: &dx, gradGamma: &gamma, gradBeta: &beta, gradOutput: dy, input: x, gamma: start, mean: mean, invStd: invStd,
                            rows: rows, features: features)

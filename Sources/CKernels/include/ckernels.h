@@ -94,7 +94,7 @@ void ck_residual_layernorm_rows(float *sum, float *y, uint16_t *y16, float *mean
                                 uint64_t seed, uint64_t stream, uint32_t limit, float scale);
 // The bf16 bits of ck_gelu_forward's outputs.
 void ck_gelu_forward_bf16(uint16_t *y16, const float *x, long count);
-// ck_gelu_backward (overwriting dx) with dx's bf16 bits into dx16 too.
+// ck_gelu_backward's gradient as bf16 bits into dx16, and overwriting dx too where given (may be NULL).
 void ck_gelu_backward_bf16(float *dx, uint16_t *dx16, const float *dy, const float *x, long count);
 
 // The CPUs this process may run on (its affinity mask; 1 where unreadable).
@@ -119,7 +119,7 @@ void ck_layernorm_backward_residual_rows(float *residual, int accumulate, float 
                                          const float *mean, const float *inv_std, long rows, long features, int dropout, long first,
                                          uint64_t seed, uint64_t stream, uint32_t limit, float scale);
 // sum[c] += x[r * ld + c] over rows in order, for columns [first, last) (a bias gradient).
-void ck_column_sums(float *sum, const float *x, long rows, long ld, long first, long last);
+void ck_column_sums(float *sum, const float *x, const uint16_t *x16, int round, long rows, long ld, long first, long last);
 // LayerNorm's gamma and beta gradients for features [first, last), summed over rows in order.
 void ck_layernorm_param_grads(float *grad_gamma, float *grad_beta, const float *dy, const float *x, const float *mean, const float *inv_std,
                               long rows, long features, long first, long last);

@@ -83,7 +83,10 @@ public enum Linear {
     /// (= where `overwriteWeight`: its zeros claimed, `ParameterArena.claimZeroedGradient`);
     /// gradBias += column sums. gradInput, gradWeight and gradBias may each be nil when not needed (frozen
     /// weights, first layer). In bf16 both products take bf16-rounded inputs (the output gradient too) and
-    /// accumulate in fp32.
+    /// accumulate in fp32, and the bias gradient sums the output gradient's bf16 values too (as autocast's
+    /// bf16 output gradient), in fp32: the bits of its copy where one holds them (a layer after that
+    /// wrote only those bits, `Copies.reuseGradOutput`, leaves `gradOutput` unwritten), else the floats
+    /// rounded.
     /// `pieceRows` (bf16): the rows of one gradient piece (`GradientPieces`: a piece's samples times the
     /// rows of a sample), a divisor of `rows`; the weight and bias gradients, sums over the rows, are then
     /// made of pieces of that many rows, each computed alone and added in order. nil: one piece.
@@ -117,20 +120,25 @@ public enum Linear {
             }
         }
         if let gradBias {
+            let bits = precision == .bf16
+                ? copies.flatMap { $0.gradOutput.heldBits(of: gradOutput, rows: rows, columns: outFeatures, ld: outFeatures) } : nil
+            let values: RowValues = bits.map { .bf16($0) } ?? .fp32(gradOutput)
+            let rounding = precision == .bf16
             if let pieces {
-                columnSums(gradBias, gradOutput, rows: rows, columns: outFeatures, pieceRows: pieces)
+                columnSums(gradBias, values, rounding: rounding, rows: rows, columns: outFeatures, pieceRows: pieces)
             } else {
                 // Each column summed in row order (`ck_column_sums`), the columns split over the threads.
                 Parallel.chunks(outFeatures, cost: rows) { columns in
-                    ck_column_sums(gradBias, gradOutput, rows, outFeatures, columns.lowerBound, columns.upperBound)
+                    ck_column_sums(gradBias, values.floats, values.halves, rounding ? 1 : 0, rows, outFeatures, columns.lowerBound, columns.upperBound)
                 }
             }
         }
     }
 
     /// sum[c] += the column sums of x [rows, columns] made of pieces of `pieceRows` rows: each piece's
-    /// columns summed in row order from zero (`ck_column_sums`), the pieces then added in order.
-    static func columnSums(_ sum: UnsafeMutablePointer<Float>, _ x: UnsafePointer<Float>, rows: Int, columns: Int, pieceRows: Int) {
+    /// columns summed in row order from zero (`ck_column_sums`), the pieces then added in order. x is
+    /// read from its floats (rounded to bf16 first where `rounding`) or its bf16 bits.
+    static func columnSums(_ sum: UnsafeMutablePointer<Float>, _ x: RowValues, rounding: Bool = false, rows: Int, columns: Int, pieceRows: Int) {
         precondition(pieceRows > 0 && rows % pieceRows == 0, "column sums: \(rows) rows in pieces of \(pieceRows)")
         Parallel.chunks(columns, cost: rows) { range in
             // The chunk's columns from its first: piece[j] is column range.lowerBound + j's.
@@ -138,7 +146,8 @@ public enum Linear {
                 let piece = buffer.baseAddress!
                 for first in stride(from: 0, to: rows, by: pieceRows) {
                     buffer.update(repeating: 0)
-                    ck_column_sums(piece, x + first * columns + range.lowerBound, pieceRows, columns, 0, range.count)
+                    let block = x.advanced(by: first * columns + range.lowerBound)
+                    ck_column_sums(piece, block.floats, block.halves, rounding ? 1 : 0, pieceRows, columns, 0, range.count)
                     ck_add(sum + range.lowerBound, piece, range.count)
                 }
             }

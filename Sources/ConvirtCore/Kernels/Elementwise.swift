@@ -50,13 +50,14 @@ public enum GELU {
         }
     }
 
-    /// `backward` overwriting gradInput, with its bf16 bits into `gradInputBF16` too (for the linear layer
-    /// before it, whose products on oneDNN's bf16 kernels read them), in the same pass.
-    public static func backwardBF16(gradInput: UnsafeMutablePointer<Float>, gradInputBF16: UnsafeMutablePointer<UInt16>,
+    /// `backward`'s gradient as bf16 bits into `gradInputBF16` (for the linear layer before it, whose
+    /// products on oneDNN's bf16 kernels and bias gradient read them), and overwriting gradInput too where
+    /// given, in the same pass.
+    public static func backwardBF16(gradInput: UnsafeMutablePointer<Float>?, gradInputBF16: UnsafeMutablePointer<UInt16>,
                                     gradOutput: UnsafePointer<Float>, input: UnsafePointer<Float>, count: Int) {
         Parallel.chunks(count, cost: 30) { r in
             let o = r.lowerBound
-            ck_gelu_backward_bf16(gradInput + o, gradInputBF16 + o, gradOutput + o, input + o, r.count)
+            ck_gelu_backward_bf16(gradInput.map { $0 + o }, gradInputBF16 + o, gradOutput + o, input + o, r.count)
         }
     }
 

@@ -733,12 +733,14 @@ CK_CLONES void ck_layernorm_backward_rows(float *restrict dx, const float *restr
     }
 }
 
-CK_CLONES void ck_layernorm_backward_residual_rows(float *restrict residual, int accumulate, float *restrict dense, const float *restrict dy,
-                                                  const float *restrict x, const float *restrict gamma, const float *restrict mean,
-                                                  const float *restrict inv_std, long rows, long features, int dropout, long first,
-                                                  uint64_t seed, uint64_t stream, uint32_t limit, float scale) {
+CK_CLONES void ck_layernorm_backward_residual_rows(float *restrict residual, int accumulate, float *restrict dense, uint16_t *restrict dense16,
+                                                  const float *restrict dy, const float *restrict x, const float *restrict gamma,
+                                                  const float *restrict mean, const float *restrict inv_std, long rows, long features,
+                                                  int dropout, long first, uint64_t seed, uint64_t stream, uint32_t limit, float scale) {
+    // Without dense, each row's g in a row of its own (on the stack), its bits into dense16.
+    float row[dense ? 1 : features];
     for (long r = 0; r < rows; r++) {
-        float *restrict g = dense + r * features;
+        float *restrict g = dense ? dense + r * features : row;
         // LayerNorm's gradient into the dense layer's room (from zeros: 0 + v, as the plain kernel adds it).
         for (long i = 0; i < features; i++) g[i] = 0.0f;
         ck_layernorm_backward_rows(g, dy + r * features, x + r * features, gamma, mean + r, inv_std + r, 1, features);
@@ -754,6 +756,7 @@ CK_CLONES void ck_layernorm_backward_residual_rows(float *restrict residual, int
             const long start = first + r * features;
             ck_dropout(g, g, start, start + features, seed, stream, limit, scale, 0);
         }
+        if (dense16) ck_bits_run(dense16 + r * features, g, features);
     }
 }
 

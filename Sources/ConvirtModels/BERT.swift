@@ -177,14 +177,16 @@ struct LayerNormLayer {
                                   dropout: dropout)
     }
 
-    /// The backward of `forwardResidual` (`LayerNorm.backwardResidual`).
+    /// The backward of `forwardResidual` (`LayerNorm.backwardResidual`); the dense gradient as floats, or
+    /// as bf16 bits alone.
     func backwardResidual(_ arena: ParameterArena, gradResidual: UnsafeMutablePointer<Float>?, accumulateResidual: Bool,
-                          gradDense: UnsafeMutablePointer<Float>, gradOutput: UnsafePointer<Float>, input: UnsafePointer<Float>,
+                          gradDense: UnsafeMutablePointer<Float>?, gradDenseBF16: UnsafeMutablePointer<UInt16>?, gradOutput: UnsafePointer<Float>,
+                          input: UnsafePointer<Float>,
                           mean: UnsafePointer<Float>, invStd: UnsafePointer<Float>, rows: Int, pieceRows: Int?,
                           dropout: (probability: Float, streams: [RandomStream], tokens: Int)?) {
         let trainable = weight.kind == .trainable
         LayerNorm.backwardResidual(gradResidual: gradResidual, accumulateResidual: accumulateResidual, gradDense: gradDense,
-                                   gradGamma: trainable ? arena.grads + weight.offset : nil, gradBeta: trainable ? arena.grads + bias.offset : nil,
+                                   gradDenseBF16: gradDenseBF16, gradGamma: trainable ? arena.grads + weight.offset : nil, gradBeta: trainable ? arena.grads + bias.offset : nil,
                                    gradOutput: gradOutput, input: input, gamma: arena.params + weight.offset, mean: mean, invStd: invStd, rows: rows,
                                    features: features, pieceRows: pieceRows, dropout: dropout)
     }
@@ -407,18 +409,23 @@ final class EncoderLayer {
         let site = UInt64(index + 1) << 8, a = activations, s = scratch
         let pieces = ctx.pieceRows(perSample: g.tokens)
         // out = LN2(dropout(dense(gelu(dense(h1)))) + h1)
-        // LayerNorm's input gradient into the residual branch (dH1) and, through the dropout, the dense layer's (dSum2).
-        let dSum2 = s.gradDense.ensure(rows * h), dH1 = s.gradHidden1.ensure(rows * h)
-        outputNorm.backwardResidual(arena, gradResidual: dH1, accumulateResidual: false, gradDense: dSum2, gradOutput: gradOutput.pointer,
+        // LayerNorm's input gradient into the residual branch (dH1) and, through the dropout, the dense layer's
+        // (dSum2): where the layer writes copies, its bf16 bits alone, all that the dense layer's products and
+        // bias gradient read (its floats have no room then: the pointer only names the copy).
+        let copying = step.writesCopies
+        let dSum2 = copying ? s.gradDense.pointer : s.gradDense.ensure(rows * h), dH1 = s.gradHidden1.ensure(rows * h)
+        outputNorm.backwardResidual(arena, gradResidual: dH1, accumulateResidual: false, gradDense: copying ? nil : dSum2,
+                                    gradDenseBF16: copying ? copies.output.gradOutput.room(holding: dSum2, rows: rows, columns: h) : nil,
+                                    gradOutput: gradOutput.pointer,
                                     input: a.sum2.pointer, mean: a.mean2.pointer, invStd: a.invStd2.pointer, rows: rows, pieceRows: pieces,
                                     dropout: Self.dropout(step.hiddenDropout, site: site | 3, geometry: g, context: ctx))
         // dA, dI and dCtx have one writer each: overwritten, not zeroed and accumulated.
         let dA = s.gradInner.ensure(rows * inter)
         output.backward(arena, gradInput: dA, gradOutput: dSum2, input: a.activated.pointer, rows: rows, precision: ctx.precision, accumulateInput: false,
-                        copies: copies.output, pieceRows: pieces)
+                        copies: copies.output.reusingGradOutput(copying), pieceRows: pieces)
         // dInner = dA * gelu'(inner)
-        let dI = step.writesCopies ? s.gradContext.pointer : s.gradContext.ensure(rows * inter)
-        if step.writesCopies {
+        let dI = copying ? s.gradContext.pointer : s.gradContext.ensure(rows * inter)
+        if copying {
             // The bits alone: the intermediate layer's products and bias gradient read nothing else.
             GELU.backwardBF16(gradInput: nil, gradInputBF16: copies.intermediate.gradOutput.room(holding: dI, rows: rows, columns: inter),
                               gradOutput: dA, input: a.inner.pointer, count: rows * inter)
@@ -426,16 +433,18 @@ final class EncoderLayer {
             GELU.backward(gradInput: dI, gradOutput: dA, input: a.inner.pointer, count: rows * inter, accumulate: false)
         }
         intermediate.backward(arena, gradInput: dH1, gradOutput: dI, input: a.hidden1.pointer, rows: rows, precision: ctx.precision,
-                              copies: copies.intermediate.reusingGradOutput(step.writesCopies), pieceRows: pieces)
+                              copies: copies.intermediate.reusingGradOutput(copying), pieceRows: pieces)
         // h1 = LN1(dropout(dense(attention(x))) + x)
         // The same at the attention's end: the residual branch is this layer's input (nil below a frozen layer).
-        let dSum1 = s.gradDense.ensure(rows * h)
-        attentionNorm.backwardResidual(arena, gradResidual: gradInput, accumulateResidual: true, gradDense: dSum1, gradOutput: dH1,
+        let dSum1 = copying ? s.gradDense.pointer : s.gradDense.ensure(rows * h)
+        attentionNorm.backwardResidual(arena, gradResidual: gradInput, accumulateResidual: true, gradDense: copying ? nil : dSum1,
+                                       gradDenseBF16: copying ? copies.attentionOutput.gradOutput.room(holding: dSum1, rows: rows, columns: h) : nil,
+                                       gradOutput: dH1,
                                        input: a.sum1.pointer, mean: a.mean1.pointer, invStd: a.invStd1.pointer, rows: rows, pieceRows: pieces,
                                        dropout: Self.dropout(step.hiddenDropout, site: site | 2, geometry: g, context: ctx))
         let dCtx = s.gradContext.ensure(rows * h)
         attentionOutput.backward(arena, gradInput: dCtx, gradOutput: dSum1, input: a.context.pointer, rows: rows, precision: ctx.precision,
-                                 accumulateInput: false, copies: copies.attentionOutput, pieceRows: pieces)
+                                 accumulateInput: false, copies: copies.attentionOutput.reusingGradOutput(copying), pieceRows: pieces)
         // dq, dk and dv have one writer each, the attention's backward: overwritten, not zeroed and accumulated.
         let dq = s.gradQ.ensure(rows * h), dk = s.gradK.ensure(rows * h), dv = s.gradV.ensure(rows * h)
         Attention.backward(gradQ: dq, gradK: dk, gradV: dv, gradOutput: dCtx, probabilities: a.probabilities.pointer,

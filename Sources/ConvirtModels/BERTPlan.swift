@@ -119,7 +119,9 @@ extension BERT {
             if step.hasGradOutput { needs.need(layer.gradOutput, rows * h, "\(n) output gradient") }
             guard step.runsBackward else { continue }
             let s = layer.scratch
-            for (buffer, what) in [(s.gradDense, "residual sum gradient"), (s.gradHidden1, "attention LayerNorm output gradient"),
+            // The dense layers' output gradients are LayerNorm's bf16 bits alone where the layer writes copies.
+            if !step.writesCopies { needs.need(s.gradDense, rows * h, "\(n) residual sum gradient") }
+            for (buffer, what) in [(s.gradHidden1, "attention LayerNorm output gradient"),
                                    (s.gradQ, "query gradient"), (s.gradK, "key gradient"), (s.gradV, "value gradient")] {
                 needs.need(buffer, rows * h, "\(n) \(what)")
             }

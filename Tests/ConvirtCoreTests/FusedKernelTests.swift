@@ -313,6 +313,14 @@ struct FusedKernelTests {
                                            dropout: p > 0 ? (p, streams, tokens) : nil)
                 #expect(same(onlyDense, dx), "without a residual gradient, p \(p)")
             }
+            // The dense gradient as bf16 bits alone (what a bf16 dense layer reads): the floats' bits.
+            var bitsResidual = accumulate ? prior : [Float](repeating: .nan, count: count), bits = [UInt16](repeating: 0xffff, count: count)
+            var bitsGamma = dGamma0, bitsBeta = dBeta0
+            LayerNorm.backwardResidual(gradResidual: &bitsResidual, accumulateResidual: accumulate, gradDense: nil, gradDenseBF16: &bits,
+                                       gradGamma: &bitsGamma, gradBeta: &bitsBeta, gradOutput: dy, input: sum, gamma: gamma, mean: mean,
+                                       invStd: invStd, rows: rows, features: features, pieceRows: pieces, dropout: p > 0 ? (p, streams, tokens) : nil)
+            #expect(bits == dx.map(BF16.bits) && same(bitsResidual, residual) && same(bitsGamma, dGamma) && same(bitsBeta, dBeta),
+                    "bf16 dense gradient, p \(p), accumulate \(accumulate)")
         } } }
     }
 

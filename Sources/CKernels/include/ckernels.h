@@ -114,9 +114,9 @@ void ck_layernorm_backward_rows(float *dx, const float *dy, const float *x, cons
 // + residual; y = LayerNorm(sum)), from dy: LayerNorm's input gradient g (as ck_layernorm_backward_rows
 // adds it to zeros) into residual (or added to it with accumulate; residual may be NULL), and dropout(g)
 // (where `dropout`, as ck_dropout_forward over the sample stream's elements from `first`; else g) into
-// dense: the dense layer's output gradient.
-void ck_layernorm_backward_residual_rows(float *residual, int accumulate, float *dense, const float *dy, const float *x, const float *gamma,
-                                         const float *mean, const float *inv_std, long rows, long features, int dropout, long first,
+// dense: the dense layer's output gradient; its bf16 bits into dense16 where given (dense may then be NULL).
+void ck_layernorm_backward_residual_rows(float *residual, int accumulate, float *dense, uint16_t *dense16, const float *dy, const float *x,
+                                         const float *gamma, const float *mean, const float *inv_std, long rows, long features, int dropout, long first,
                                          uint64_t seed, uint64_t stream, uint32_t limit, float scale);
 // sum[c] += x[r * ld + c] over rows in order, for columns [first, last) (a bias gradient).
 void ck_column_sums(float *sum, const float *x, const uint16_t *x16, int round, long rows, long ld, long first, long last);

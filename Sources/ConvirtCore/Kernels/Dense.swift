@@ -213,14 +213,19 @@ public enum LayerNorm {
     /// bits `backward` adds to zeros) into `gradResidual` (added to it where `accumulateResidual`; nil:
     /// the residual needs none), and dropout(g) into `gradDense` (the same mask as the forward's, from the
     /// same streams: the bits of `Dropout.forward` on g); the parameter gradients as `backward`'s.
-    public static func backwardResidual(gradResidual: UnsafeMutablePointer<Float>?, accumulateResidual: Bool, gradDense: UnsafeMutablePointer<Float>,
+    /// `gradDenseBF16`: that gradient's bf16 bits (for the dense layer's bf16 products and bias), in which
+    /// case `gradDense` may be nil (no floats written).
+    public static func backwardResidual(gradResidual: UnsafeMutablePointer<Float>?, accumulateResidual: Bool, gradDense: UnsafeMutablePointer<Float>?,
+                                        gradDenseBF16: UnsafeMutablePointer<UInt16>? = nil,
                                         gradGamma: UnsafeMutablePointer<Float>?, gradBeta: UnsafeMutablePointer<Float>?,
                                         gradOutput: UnsafePointer<Float>, input: UnsafePointer<Float>, gamma: UnsafePointer<Float>,
                                         mean: UnsafePointer<Float>, invStd: UnsafePointer<Float>, rows: Int, features: Int, pieceRows: Int? = nil,
                                         dropout: (probability: Float, streams: [RandomStream], tokens: Int)? = nil) {
+        precondition(gradDense != nil || gradDenseBF16 != nil, "layer norm backward: no dense gradient")
         sampleRuns(rows: rows, features: features, dropout: dropout) { r, n, d in
             let o = r * features
-            ck_layernorm_backward_residual_rows(gradResidual.map { $0 + o }, accumulateResidual ? 1 : 0, gradDense + o, gradOutput + o, input + o,
+            ck_layernorm_backward_residual_rows(gradResidual.map { $0 + o }, accumulateResidual ? 1 : 0, gradDense.map { $0 + o },
+                                                gradDenseBF16.map { $0 + o }, gradOutput + o, input + o,
                                                 gamma, mean + r, invStd + r, n, features, d.on, d.first, d.seed, d.stream, d.limit, d.scale)
         }
         parameterGradients(gradGamma: gradGamma, gradBeta: gradBeta, gradOutput: gradOutput, input: input, mean: mean, invStd: invStd, rows: rows,

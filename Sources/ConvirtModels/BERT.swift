@@ -230,8 +230,9 @@ final class LayerGradientScratch {
     let qkvBF16 = Scratch<UInt16>()
     let gradHidden1 = Scratch<Float>(), gradInner = Scratch<Float>(), gradDense = Scratch<Float>(), gradContext = Scratch<Float>()
     let gradQ = Scratch<Float>(), gradK = Scratch<Float>(), gradV = Scratch<Float>(), attentionWorkspace = Scratch<Float>()
-    /// The output gradient of a linear layer in bf16, converted once for its two products.
-    let gradOutputBF16 = BF16Operand()
+    /// The output gradient of a linear layer in bf16, converted once for its two products (and its bias
+    /// gradient); the key's and the value's apart, written with the query's by the attention's backward.
+    let gradOutputBF16 = BF16Operand(), gradKeyBF16 = BF16Operand(), gradValueBF16 = BF16Operand()
     /// Frozen layers' bf16 inputs of the attention output, intermediate and output layers (written by
     /// the layer before, read by the one product).
     let frozenContextBF16 = BF16Operand(), frozenHiddenBF16 = BF16Operand(), frozenActivatedBF16 = BF16Operand()
@@ -249,8 +250,8 @@ struct EncoderCopies {
         let dy = scratch.gradOutputBF16, x = BF16Operand()
         self.frozen = frozen
         query = Linear.Copies(input: x, weight: BF16Operand(), gradOutput: dy)
-        key = Linear.Copies(input: x, weight: BF16Operand(), gradOutput: dy, reuseInput: true)
-        value = Linear.Copies(input: x, weight: BF16Operand(), gradOutput: dy, reuseInput: true)
+        key = Linear.Copies(input: x, weight: BF16Operand(), gradOutput: scratch.gradKeyBF16, reuseInput: true)
+        value = Linear.Copies(input: x, weight: BF16Operand(), gradOutput: scratch.gradValueBF16, reuseInput: true)
         func input(_ shared: BF16Operand) -> BF16Operand { frozen ? shared : BF16Operand() }
         attentionOutput = Linear.Copies(input: input(scratch.frozenContextBF16), weight: BF16Operand(), gradOutput: dy)
         intermediate = Linear.Copies(input: input(scratch.frozenHiddenBF16), weight: BF16Operand(), gradOutput: dy)
@@ -445,18 +446,24 @@ final class EncoderLayer {
         let dCtx = s.gradContext.ensure(rows * h)
         attentionOutput.backward(arena, gradInput: dCtx, gradOutput: dSum1, input: a.context.pointer, rows: rows, precision: ctx.precision,
                                  accumulateInput: false, copies: copies.attentionOutput.reusingGradOutput(copying), pieceRows: pieces)
-        // dq, dk and dv have one writer each, the attention's backward: overwritten, not zeroed and accumulated.
-        let dq = s.gradQ.ensure(rows * h), dk = s.gradK.ensure(rows * h), dv = s.gradV.ensure(rows * h)
-        Attention.backward(gradQ: dq, gradK: dk, gradV: dv, gradOutput: dCtx, probabilities: a.probabilities.pointer,
+        // dq, dk and dv have one writer each, the attention's backward: overwritten, not zeroed and accumulated;
+        // where the layer writes copies, as the bf16 bits alone that the three layers' products and bias
+        // gradients read (their floats have no room then: the pointers only name the copies).
+        let (dq, dk, dv) = copying ? (s.gradQ.pointer, s.gradK.pointer, s.gradV.pointer)
+            : (s.gradQ.ensure(rows * h), s.gradK.ensure(rows * h), s.gradV.ensure(rows * h))
+        let gradBF16 = copying ? (copies.query.gradOutput.room(holding: dq, rows: rows, columns: h),
+                                  copies.key.gradOutput.room(holding: dk, rows: rows, columns: h),
+                                  copies.value.gradOutput.room(holding: dv, rows: rows, columns: h)) : nil
+        Attention.backward(gradQ: dq, gradK: dk, gradV: dv, gradBF16: gradBF16, gradOutput: dCtx, probabilities: a.probabilities.pointer,
                            q: a.q.pointer, k: a.k.pointer, v: a.v.pointer, geometry: g, workspace: s.attentionWorkspace.ensure(g.workspaceCount),
                            dropout: attentionDropout(step, geometry: g, context: ctx), precision: ctx.precision, copies: activations.attentionCopies,
                            accumulate: false)
-        query.backward(arena, gradInput: gradInput, gradOutput: dq, input: x, rows: rows, precision: ctx.precision, copies: copies.query,
-                       pieceRows: pieces)
-        key.backward(arena, gradInput: gradInput, gradOutput: dk, input: x, rows: rows, precision: ctx.precision, copies: copies.key,
-                     pieceRows: pieces)
-        value.backward(arena, gradInput: gradInput, gradOutput: dv, input: x, rows: rows, precision: ctx.precision, copies: copies.value,
-                       pieceRows: pieces)
+        query.backward(arena, gradInput: gradInput, gradOutput: dq, input: x, rows: rows, precision: ctx.precision,
+                       copies: copies.query.reusingGradOutput(copying), pieceRows: pieces)
+        key.backward(arena, gradInput: gradInput, gradOutput: dk, input: x, rows: rows, precision: ctx.precision,
+                     copies: copies.key.reusingGradOutput(copying), pieceRows: pieces)
+        value.backward(arena, gradInput: gradInput, gradOutput: dv, input: x, rows: rows, precision: ctx.precision,
+                       copies: copies.value.reusingGradOutput(copying), pieceRows: pieces)
     }
 }
 

@@ -119,12 +119,15 @@ extension BERT {
             if step.hasGradOutput { needs.need(layer.gradOutput, rows * h, "\(n) output gradient") }
             guard step.runsBackward else { continue }
             let s = layer.scratch
-            // The dense layers' output gradients are LayerNorm's bf16 bits alone where the layer writes copies.
-            if !step.writesCopies { needs.need(s.gradDense, rows * h, "\(n) residual sum gradient") }
-            for (buffer, what) in [(s.gradHidden1, "attention LayerNorm output gradient"),
-                                   (s.gradQ, "query gradient"), (s.gradK, "key gradient"), (s.gradV, "value gradient")] {
-                needs.need(buffer, rows * h, "\(n) \(what)")
+            // The dense layers' output gradients are LayerNorm's bf16 bits alone where the layer writes copies, and
+            // the query's, key's and value's the attention's.
+            if !step.writesCopies {
+                for (buffer, what) in [(s.gradDense, "residual sum gradient"), (s.gradQ, "query gradient"), (s.gradK, "key gradient"),
+                                       (s.gradV, "value gradient")] {
+                    needs.need(buffer, rows * h, "\(n) \(what)")
+                }
             }
+            needs.need(s.gradHidden1, rows * h, "\(n) attention LayerNorm output gradient")
             needs.need(s.gradInner, rows * inter, "\(n) GELU gradient")
             // The intermediate product's output gradient is GELU's bf16 bits alone where the layer writes copies.
             needs.need(s.gradContext, rows * (step.writesCopies ? h : max(inter, h)), "\(n) intermediate and context gradients")

@@ -175,6 +175,20 @@ struct BF16KernelTests {
                 return dq + dk + dv
             }
             #expect(gradients(accumulate: false).map(\.bitPattern) == gradients(accumulate: true).map(\.bitPattern), "\(precision), native \(native)")
+            guard precision == .bf16 else { continue }
+            // The gradients as bf16 bits alone (what BERT's query, key and value layers read): the bits of the
+            // float gradients, the floats not written. (The products round their fp32 sums once, as the
+            // conversion of the floats does; oneDNN's bf16 destination flushes subnormals, which these are not.)
+            var bits = [UInt16](repeating: 0xffff, count: 3 * count)
+            var unwritten = [Float](repeating: .nan, count: 3 * count)
+            bits.withUnsafeMutableBufferPointer { b in unwritten.withUnsafeMutableBufferPointer { u in
+                let (floats, halves) = (u.baseAddress!, b.baseAddress!)
+                Attention.backward(gradQ: floats, gradK: floats + count, gradV: floats + 2 * count,
+                                   gradBF16: (halves, halves + count, halves + 2 * count), gradOutput: dOut, probabilities: p, q: q, k: k,
+                                   v: v, geometry: g, workspace: &workspace, precision: precision, native: native, accumulate: false)
+            } }
+            #expect(bits == gradients(accumulate: false).map(BF16.bits), "bf16 gradients, native \(native)")
+            #expect(unwritten.allSatisfy { $0.isNaN }, "the float gradients are written too, native \(native)")
         }
     }
 

@@ -195,13 +195,15 @@ public enum Attention {
                     (t, d, t, g.pairStrides, g.packedStrides, g.headStrides, 1, 0, bf16Output ? .bf16 : .fp32)]
         }
 
-        /// dV += P'^T dO; dP = dO V^T; dQ += scale dS K; dK += scale dS^T Q (= where `accumulate` is false).
-        static func backward(_ g: AttentionGeometry, accumulate: Bool = true) -> [Shape] {
+        /// dV += P'^T dO; dP = dO V^T; dQ += scale dS K; dK += scale dS^T Q (= where `accumulate` is false;
+        /// dV, dQ and dK in bf16 where `bf16Output`, which overwrites).
+        static func backward(_ g: AttentionGeometry, accumulate: Bool = true, bf16Output: Bool = false) -> [Shape] {
             let (t, d) = (g.tokens, g.headSize), beta: Float = accumulate ? 1 : 0
-            return [(t, d, t, g.transposedPairStrides, g.packedStrides, g.headStrides, 1, beta, .fp32),
+            let output: MatmulPrimitive.Key.Output = bf16Output ? .bf16 : .fp32
+            return [(t, d, t, g.transposedPairStrides, g.packedStrides, g.headStrides, 1, beta, output),
                     (t, t, d, g.packedStrides, g.transposedPackedStrides, g.pairStrides, 1, 0, .fp32),
-                    (t, d, t, g.pairStrides, g.packedStrides, g.headStrides, g.scale, beta, .fp32),
-                    (t, d, t, g.transposedPairStrides, g.packedStrides, g.headStrides, g.scale, beta, .fp32)]
+                    (t, d, t, g.pairStrides, g.packedStrides, g.headStrides, g.scale, beta, output),
+                    (t, d, t, g.transposedPairStrides, g.packedStrides, g.headStrides, g.scale, beta, output)]
         }
 
         /// Makes the primitives of `shapes` (m, n, k, strides of a, b and c, alpha, beta) first, so that a
@@ -321,14 +323,15 @@ public enum Attention {
     }
 
     /// `backward` in bf16 with oneDNN's batched products; workspace: [B, H, T, T] floats. `copies`: those
-    /// of the forward (else q, k, v and the dropped weights are converted again).
+    /// of the forward (else q, k, v and the dropped weights are converted again). `gradBF16`: the
+    /// gradients' bf16 bits, written by the products instead of their floats.
     static func backwardOnDNNL(gradQ: UnsafeMutablePointer<Float>, gradK: UnsafeMutablePointer<Float>, gradV: UnsafeMutablePointer<Float>,
-                               gradOutput: UnsafePointer<Float>, probabilities: UnsafePointer<Float>, q: UnsafePointer<Float>,
+                               gradBF16: Gradients?, gradOutput: UnsafePointer<Float>, probabilities: UnsafePointer<Float>, q: UnsafePointer<Float>,
                                k: UnsafePointer<Float>, v: UnsafePointer<Float>, geometry g: AttentionGeometry,
                                workspace: UnsafeMutablePointer<Float>, dropout: AttentionDropout?, copies: AttentionCopies?,
                                accumulate: Bool) throws {
         let t = g.tokens
-        let products = try Products(g, Products.backward(g, accumulate: accumulate))
+        let products = try Products(g, Products.backward(g, accumulate: accumulate, bf16Output: gradBF16 != nil))
         let q16, k16, v16, weights16, dO16, dS16: UnsafeMutablePointer<UInt16>
         if let copies {
             precondition(copies.held == g, "attention: backward of \(g) with the copies of another forward")
@@ -344,7 +347,7 @@ public enum Attention {
                               ld: t, parallel: true)
         }
         // dV += P'^T dO, with P' the (dropped) weights that multiplied V.
-        products.run(0, a: weights16, b: dO16, c: gradV)
+        if let gradBF16 { products.run(0, a: weights16, b: dO16, bf16: gradBF16.v) } else { products.run(0, a: weights16, b: dO16, c: gradV) }
         // dP = dO V^T (through the dropout mask: where P' is 0), then dS = P * (dP - rowsum(dP * P)), in bf16.
         products.run(1, a: dO16, b: v16, c: workspace)
         let scale = dropout.map { 1 / (1 - $0.probability) } ?? 1
@@ -355,26 +358,49 @@ public enum Attention {
             }
         }
         // dQ += scale * dS K;  dK += scale * dS^T Q.
-        products.run(2, a: dS16, b: k16, c: gradQ)
-        products.run(3, a: dS16, b: q16, c: gradK)
+        if let gradBF16 {
+            products.run(2, a: dS16, b: k16, bf16: gradBF16.q)
+            products.run(3, a: dS16, b: q16, bf16: gradBF16.k)
+        } else {
+            products.run(2, a: dS16, b: k16, c: gradQ)
+            products.run(3, a: dS16, b: q16, c: gradK)
+        }
     }
+
+    /// The bf16 bits of q's, k's and v's gradients ([B, T, H*D] each).
+    public typealias Gradients = (q: UnsafeMutablePointer<UInt16>, k: UnsafeMutablePointer<UInt16>, v: UnsafeMutablePointer<UInt16>)
 
     /// Accumulates gradQ, gradK, gradV ([B, T, H*D]) from gradOutput, using the saved probabilities, or
     /// overwrites them where `accumulate` is false (gradients no other layer adds to: no zeros to write first).
     /// workspace: `geometry.workspaceCount` floats. `copies`: those given to the forward (`AttentionCopies`).
+    /// `gradBF16` (bf16, overwriting): the gradients as bf16 bits instead (for the linear layers whose
+    /// products and bias gradients read them so), written by oneDNN's batched products, rounding their fp32
+    /// sums once; gradQ, gradK and gradV are then not written (elsewhere the floats are computed in
+    /// temporary memory and rounded).
     public static func backward(gradQ: UnsafeMutablePointer<Float>, gradK: UnsafeMutablePointer<Float>,
-                                gradV: UnsafeMutablePointer<Float>, gradOutput: UnsafePointer<Float>,
+                                gradV: UnsafeMutablePointer<Float>, gradBF16: Gradients? = nil, gradOutput: UnsafePointer<Float>,
                                 probabilities: UnsafePointer<Float>, q: UnsafePointer<Float>, k: UnsafePointer<Float>,
                                 v: UnsafePointer<Float>, geometry g: AttentionGeometry, workspace: UnsafeMutablePointer<Float>,
                                 dropout: AttentionDropout? = nil, precision: Precision = .fp32, native: Bool = BF16.native,
                                 copies: AttentionCopies? = nil, accumulate: Bool = true) {
+        precondition(gradBF16 == nil || (precision == .bf16 && !accumulate), "attention: bf16 gradients of an fp32 pass, or added to")
         if precision == .bf16 && native,
-           (try? backwardOnDNNL(gradQ: gradQ, gradK: gradK, gradV: gradV, gradOutput: gradOutput, probabilities: probabilities, q: q, k: k, v: v,
-                                geometry: g, workspace: workspace, dropout: dropout, copies: copies, accumulate: accumulate)) != nil {
+           (try? backwardOnDNNL(gradQ: gradQ, gradK: gradK, gradV: gradV, gradBF16: gradBF16, gradOutput: gradOutput, probabilities: probabilities,
+                                q: q, k: k, v: v, geometry: g, workspace: workspace, dropout: dropout, copies: copies,
+                                accumulate: accumulate)) != nil {
             return
         }
         let beta: Float = accumulate ? 1 : 0
-        let t = g.tokens, d = g.headSize, w = g.width
+        let t = g.tokens, d = g.headSize, w = g.width, n = g.batch * t * w
+        // Gradients wanted as bits alone: their floats in temporary memory, rounded at the end.
+        let temporary = gradBF16.map { _ in UnsafeMutablePointer<Float>.allocate(capacity: 3 * n) }
+        let (gradQ, gradK, gradV) = temporary.map { ($0, $0 + n, $0 + 2 * n) } ?? (gradQ, gradK, gradV)
+        defer {
+            if let gradBF16, let temporary {
+                for (bits, floats) in [(gradBF16.q, gradQ), (gradBF16.k, gradK), (gradBF16.v, gradV)] { BF16.bits(bits, floats, count: n) }
+                temporary.deallocate()
+            }
+        }
         // Pairs run in parallel, each with its own t x t scratch inside `workspace`.
         Parallel.indexedChunks(g.batch * g.heads, cost: 8 * t * t * d) { part, pairs in
         let scratch = workspace + part * t * t

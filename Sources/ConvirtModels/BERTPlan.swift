@@ -13,9 +13,11 @@ struct EncoderStep {
     /// of the two hidden states before their residual sums.
     let attentionDropout, hiddenDropout: Float
     /// Whether the layer writes the bf16 inputs of its products where they are computed (bf16 on
-    /// oneDNN's kernels): LayerNorm writes the intermediate product's, GELU writes only the bits the
-    /// output product reads (no floats), and GELU's backward the bits of the intermediate product's
-    /// output gradient. Elsewhere bf16 rounds the floats inside the products.
+    /// oneDNN's kernels, the attention's batched products included): LayerNorm writes the intermediate
+    /// product's, GELU writes only the bits the output product reads (no floats), the query, key and value
+    /// products and the attention their outputs' bits alone, and in backward LayerNorm, GELU and the
+    /// attention the bits alone of the linear layers' output gradients. Elsewhere bf16 rounds the floats
+    /// inside the products.
     let writesCopies: Bool
     /// Whether the layer before wrote this layer's input as bf16 bits into its query copy.
     let inputCopied: Bool
@@ -66,7 +68,9 @@ extension BERT {
     func planPass(_ key: PlannedPass, geometry g: AttentionGeometry) -> BERTPass {
         let c = config
         func dropout(_ p: Double) -> Float { key.training ? Float(p) : 0 }
-        let writesCopies = key.precision == .bf16 && key.nativeBF16
+        // Copies where every product runs on oneDNN's bf16 kernels, the attention's batched ones included: the
+        // layers then keep no floats of what only those read (the attention's own fallback, per head, would).
+        let writesCopies = key.precision == .bf16 && key.nativeBF16 && Attention.runsOnDNNL(g, bf16Outputs: true)
         let steps = layers.indices.map { k in
             EncoderStep(attentionDropout: dropout(c.attentionProbsDropoutProb), hiddenDropout: dropout(c.hiddenDropoutProb),
                         writesCopies: writesCopies, inputCopied: writesCopies && k > 0,

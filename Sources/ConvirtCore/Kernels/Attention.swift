@@ -158,9 +158,11 @@ public enum Attention {
     }
 
     /// Whether bf16 attention of geometry `g` runs on oneDNN's batched products (oneDNN makes all six;
-    /// else the per-head products of rounded inputs run).
-    public static func runsOnDNNL(_ g: AttentionGeometry) -> Bool {
-        BF16.oneDNNRunsBF16 && (try? Products(g, Products.forward(g) + Products.backward(g))) != nil
+    /// else the per-head products of rounded inputs run). `bf16Outputs`: with the output and the
+    /// overwritten gradients as bf16 bits (`forward`'s outputBF16, `backward`'s gradBF16).
+    public static func runsOnDNNL(_ g: AttentionGeometry, bf16Outputs: Bool = false) -> Bool {
+        BF16.oneDNNRunsBF16 && (try? Products(g, Products.forward(g, bf16Output: bf16Outputs)
+                                                  + Products.backward(g, accumulate: !bf16Outputs, bf16Output: bf16Outputs))) != nil
     }
 
     /// Each of the t rows of scores [t, t] in place -> softmax over the valid keys (masked keys get 0),

@@ -616,21 +616,24 @@ CK_CLONES void ck_residual_layernorm_rows(float *restrict sum, float *restrict y
     }
 }
 
-CK_CLONES void ck_gelu_forward_bf16(uint16_t *restrict y16, const float *restrict x, long count) {
+CK_CLONES void ck_gelu_forward_bf16(uint16_t *restrict y16, const float *restrict x, const uint16_t *restrict x16, long count) {
     long i = 0;
     for (; i + CK_LANES <= count; i += CK_LANES) {
-        float y[CK_LANES];
+        float y[CK_LANES], in[CK_LANES];
+        if (x16) *(ck_v16 *)in = ck_load_bf16(x16 + i);
+        else *(ck_v16 *)in = ck_load(x + i);
         for (int l = 0; l < CK_LANES; l++) {
             float cdf, density;
-            ck_normal(x[i + l], &cdf, &density);
-            y[l] = x[i + l] * cdf;
+            ck_normal(in[l], &cdf, &density);
+            y[l] = in[l] * cdf;
         }
         ck_store_bf16(y16 + i, ck_load(y));
     }
     for (; i < count; i++) {
+        const float v = x16 ? ck_float_of_bf16(x16[i]) : x[i];
         float cdf, density;
-        ck_normal(x[i], &cdf, &density);
-        y16[i] = ck_bf16_of(x[i] * cdf);
+        ck_normal(v, &cdf, &density);
+        y16[i] = ck_bf16_of(v * cdf);
     }
 }
 
@@ -847,22 +850,28 @@ CK_CLONES void ck_attention_softmax_backward(uint16_t *ds16, float *restrict dp,
 
 // GELU's backward with the gradient's bf16 bits: dx = dy * gelu'(x) (as ck_gelu_backward, overwriting)
 // and its bits into dx16.
-CK_CLONES void ck_gelu_backward_bf16(float *restrict dx, uint16_t *restrict dx16, const float *restrict dy, const float *restrict x, long count) {
+CK_CLONES void ck_gelu_backward_bf16(float *restrict dx, uint16_t *restrict dx16, const float *restrict dy, const uint16_t *restrict dy16,
+                                     const float *restrict x, const uint16_t *restrict x16, long count) {
     long i = 0;
     for (; i + CK_LANES <= count; i += CK_LANES) {
-        float g[CK_LANES];
+        float g[CK_LANES], in[CK_LANES], d[CK_LANES];
+        if (x16) *(ck_v16 *)in = ck_load_bf16(x16 + i);
+        else *(ck_v16 *)in = ck_load(x + i);
+        if (dy16) *(ck_v16 *)d = ck_load_bf16(dy16 + i);
+        else *(ck_v16 *)d = ck_load(dy + i);
         for (int l = 0; l < CK_LANES; l++) {
             float cdf, density;
-            ck_normal(x[i + l], &cdf, &density);
-            g[l] = dy[i + l] * (cdf + x[i + l] * density);
+            ck_normal(in[l], &cdf, &density);
+            g[l] = d[l] * (cdf + in[l] * density);
         }
         if (dx) *(ck_v16 *)(dx + i) = ck_load(g);
         ck_store_bf16(dx16 + i, ck_load(g));
     }
     for (; i < count; i++) {
+        const float v = x16 ? ck_float_of_bf16(x16[i]) : x[i], e = dy16 ? ck_float_of_bf16(dy16[i]) : dy[i];
         float cdf, density;
-        ck_normal(x[i], &cdf, &density);
-        const float g = dy[i] * (cdf + x[i] * density);
+        ck_normal(v, &cdf, &density);
+        const float g = e * (cdf + v * density);
         if (dx) dx[i] = g;
         dx16[i] = ck_bf16_of(g);
     }

@@ -121,10 +121,10 @@ struct LinearLayer {
 
     /// `accumulateInput` false: gradInput is overwritten (a gradient no other layer adds to).
     /// `pieceRows`: the rows of a gradient piece (`PassContext.pieceRows`), nil for one piece.
-    func backward(_ arena: ParameterArena, gradInput: UnsafeMutablePointer<Float>?, gradOutput: UnsafePointer<Float>,
-                  input: UnsafePointer<Float>, rows: Int, precision: Precision, accumulateInput: Bool = true, copies: Linear.Copies? = nil,
-                  pieceRows: Int? = nil) {
-        Linear.backward(gradInput: gradInput, gradWeight: trainable ? arena.grads + weight.offset : nil,
+    func backward(_ arena: ParameterArena, gradInput: UnsafeMutablePointer<Float>?, gradInputBF16: UnsafeMutablePointer<UInt16>? = nil,
+                  gradOutput: UnsafePointer<Float>, input: UnsafePointer<Float>, rows: Int, precision: Precision, accumulateInput: Bool = true,
+                  copies: Linear.Copies? = nil, pieceRows: Int? = nil) {
+        Linear.backward(gradInput: gradInput, gradInputBF16: gradInputBF16, gradWeight: trainable ? arena.grads + weight.offset : nil,
                         gradBias: trainable ? bias.map { arena.grads + $0.offset } : nil, gradOutput: gradOutput, input: input,
                         weight: arena.params + weight.offset, rows: rows, inFeatures: inFeatures, outFeatures: outFeatures,
                         precision: precision, accumulateInput: accumulateInput, overwriteWeight: trainable && arena.claimZeroedGradient(weight),
@@ -215,6 +215,9 @@ final class LayerActivations {
     let context = Scratch<Float>(), attentionDense = Scratch<Float>(), sum1 = Scratch<Float>()
     let hidden1 = Scratch<Float>(), mean1 = Scratch<Float>(), invStd1 = Scratch<Float>()
     let inner = Scratch<Float>(), activated = Scratch<Float>()                            // [rows, I]
+    /// The intermediate product's output as bf16 bits, where a trained layer writes copies: GELU's input,
+    /// forward and backward (autocast's bf16 linear output).
+    let innerBF16 = Scratch<UInt16>()
     let outputDense = Scratch<Float>(), sum2 = Scratch<Float>()
     let hidden2 = Scratch<Float>(), mean2 = Scratch<Float>(), invStd2 = Scratch<Float>()
     /// The attention's bf16 operands on oneDNN's bf16 kernels (q, k, v and the dropped weights), from
@@ -233,6 +236,8 @@ final class LayerGradientScratch {
     /// The output gradient of a linear layer in bf16, converted once for its two products (and its bias
     /// gradient); the key's and the value's apart, written with the query's by the attention's backward.
     let gradOutputBF16 = BF16Operand(), gradKeyBF16 = BF16Operand(), gradValueBF16 = BF16Operand()
+    /// The output layer's input gradient (GELU's output gradient) as bf16 bits, where the layer writes copies.
+    let gradInnerBF16 = Scratch<UInt16>()
     /// Frozen layers' bf16 inputs of the attention output, intermediate and output layers (written by
     /// the layer before, read by the one product).
     let frozenContextBF16 = BF16Operand(), frozenHiddenBF16 = BF16Operand(), frozenActivatedBF16 = BF16Operand()
@@ -369,12 +374,25 @@ final class EncoderLayer {
             fused = intermediate.forwardGELU(arena, outputBF16: activated16, input: h1, rows: rows, copies: intermediateCopies)
         }
         if !fused {
-            let i1 = a.inner.ensure(rows * inter)
-            intermediate.forward(arena, output: i1, input: h1, rows: rows, precision: ctx.precision, copies: intermediateCopies)
-            if let activated16 {
-                GELU.forwardBF16(output: activated16, input: i1, count: rows * inter)
+            // A trained layer's GELU reads the product's output in bf16 (autocast's bf16 linear output): its bits
+            // alone where the layer writes copies, else its floats rounded.
+            if !frozen, copying {
+                let i16 = a.innerBF16.ensure(rows * inter)
+                if !intermediate.forwardBF16(arena, outputBF16: i16, input: h1, rows: rows, copies: intermediateCopies) {
+                    let i1 = a.inner.ensure(rows * inter)
+                    intermediate.forward(arena, output: i1, input: h1, rows: rows, precision: ctx.precision, copies: intermediateCopies)
+                    BF16.bits(i16, i1, count: rows * inter)
+                }
+                GELU.forwardBF16(output: activated16!, input: .bf16(i16), count: rows * inter)
             } else {
-                GELU.forward(output: a1, input: i1, count: rows * inter)
+                let i1 = a.inner.ensure(rows * inter)
+                intermediate.forward(arena, output: i1, input: h1, rows: rows, precision: ctx.precision, copies: intermediateCopies)
+                if !frozen && ctx.precision == .bf16 { BF16.round(i1, i1, count: rows * inter) }
+                if let activated16 {
+                    GELU.forwardBF16(output: activated16, input: i1, count: rows * inter)
+                } else {
+                    GELU.forward(output: a1, input: i1, count: rows * inter)
+                }
             }
         }
         let o = a.outputDense.ensure(rows * h)
@@ -420,17 +438,20 @@ final class EncoderLayer {
                                     gradOutput: gradOutput.pointer,
                                     input: a.sum2.pointer, mean: a.mean2.pointer, invStd: a.invStd2.pointer, rows: rows, pieceRows: pieces,
                                     dropout: Self.dropout(step.hiddenDropout, site: site | 3, geometry: g, context: ctx))
-        // dA, dI and dCtx have one writer each: overwritten, not zeroed and accumulated.
-        let dA = s.gradInner.ensure(rows * inter)
-        output.backward(arena, gradInput: dA, gradOutput: dSum2, input: a.activated.pointer, rows: rows, precision: ctx.precision, accumulateInput: false,
-                        copies: copies.output.reusingGradOutput(copying), pieceRows: pieces)
+        // dA, dI and dCtx have one writer each: overwritten, not zeroed and accumulated. In bf16, dA is a bf16
+        // value (autocast's bf16 input gradient of the output layer): its bits alone where the layer writes
+        // copies, else its floats rounded.
+        let dA = copying ? s.gradInner.pointer : s.gradInner.ensure(rows * inter), dA16 = copying ? s.gradInnerBF16.ensure(rows * inter) : nil
+        output.backward(arena, gradInput: copying ? nil : dA, gradInputBF16: dA16, gradOutput: dSum2, input: a.activated.pointer, rows: rows,
+                        precision: ctx.precision, accumulateInput: false, copies: copies.output.reusingGradOutput(copying), pieceRows: pieces)
         // dInner = dA * gelu'(inner)
         let dI = copying ? s.gradContext.pointer : s.gradContext.ensure(rows * inter)
-        if copying {
+        if let dA16 {
             // The bits alone: the intermediate layer's products and bias gradient read nothing else.
             GELU.backwardBF16(gradInput: nil, gradInputBF16: copies.intermediate.gradOutput.room(holding: dI, rows: rows, columns: inter),
-                              gradOutput: dA, input: a.inner.pointer, count: rows * inter)
+                              gradOutput: .bf16(dA16), input: .bf16(a.innerBF16.pointer), count: rows * inter)
         } else {
+            if ctx.precision == .bf16 { BF16.round(dA, dA, count: rows * inter) }
             GELU.backward(gradInput: dI, gradOutput: dA, input: a.inner.pointer, count: rows * inter, accumulate: false)
         }
         intermediate.backward(arena, gradInput: dH1, gradOutput: dI, input: a.hidden1.pointer, rows: rows, precision: ctx.precision,

@@ -118,7 +118,13 @@ extension BERT {
                                    (a.mean2, "output LayerNorm mean"), (a.invStd2, "output LayerNorm 1/std")] {
                 needs.need(buffer, rows, "\(n) \(what)")
             }
-            if !(step.writesCopies && layer.frozen) { needs.need(a.inner, rows * inter, "\(n) intermediate dense") }
+            // Where the layer writes copies, a trained layer's intermediate product writes bf16 bits (GELU's input)
+            // and a frozen one's has GELU as its post-op.
+            if step.writesCopies {
+                if !layer.frozen { needs.need(a.innerBF16, rows * inter, "\(n) intermediate dense (bf16)") }
+            } else {
+                needs.need(a.inner, rows * inter, "\(n) intermediate dense")
+            }
             if !step.writesCopies { needs.need(a.activated, rows * inter, "\(n) GELU") }
             if step.hasGradOutput { needs.need(layer.gradOutput, rows * h, "\(n) output gradient") }
             guard step.runsBackward else { continue }
@@ -132,7 +138,11 @@ extension BERT {
                 }
             }
             needs.need(s.gradHidden1, rows * h, "\(n) attention LayerNorm output gradient")
-            needs.need(s.gradInner, rows * inter, "\(n) GELU gradient")
+            if step.writesCopies {
+                needs.need(s.gradInnerBF16, rows * inter, "\(n) GELU gradient (bf16)")
+            } else {
+                needs.need(s.gradInner, rows * inter, "\(n) GELU gradient")
+            }
             // The intermediate product's output gradient is GELU's bf16 bits alone where the layer writes copies.
             needs.need(s.gradContext, rows * (step.writesCopies ? h : max(inter, h)), "\(n) intermediate and context gradients")
             needs.need(s.attentionWorkspace, g.workspaceCount, "\(n) attention backward workspace")

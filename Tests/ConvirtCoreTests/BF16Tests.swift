@@ -408,6 +408,26 @@ struct BF16OperandTests {
         Linear.forward(output: &floats, input: x, weight: w, bias: bias, rows: rows, inFeatures: inF, outFeatures: outF, precision: .bf16)
         #expect(y == floats.map(BF16.bits))
         #expect(y == bits(0..<20)! + bits(20..<rows)!, "rows of the whole product differ from those of its halves")
+        // A backward whose input gradient is wanted in bf16 alone (BERT's output layer): the bits of the float
+        // input gradient, with and without the forward's copies; the weight gradient unchanged.
+        let dy = randomFloats(rows * outF, seed: 24)
+        for kept in [true, false] {
+            let copies = kept ? Linear.Copies(input: BF16Operand(), weight: BF16Operand(), gradOutput: BF16Operand()) : nil
+            func run(_ halves: Bool) -> (dx: [Float], dx16: [UInt16], dw: [Float]) {
+                var dx = [Float](repeating: 0, count: rows * inF), dx16 = [UInt16](repeating: 0xffff, count: rows * inF)
+                var dw = [Float](repeating: 0, count: outF * inF), scratch = [Float](repeating: 0, count: rows * outF)
+                Linear.forward(output: &scratch, input: x, weight: w, bias: nil, rows: rows, inFeatures: inF, outFeatures: outF, precision: .bf16,
+                               copies: copies)
+                dx.withUnsafeMutableBufferPointer { dx in dx16.withUnsafeMutableBufferPointer { dx16 in
+                    Linear.backward(gradInput: halves ? nil : dx.baseAddress!, gradInputBF16: halves ? dx16.baseAddress! : nil, gradWeight: &dw,
+                                    gradBias: nil, gradOutput: dy, input: x, weight: w, rows: rows, inFeatures: inF, outFeatures: outF,
+                                    precision: .bf16, accumulateInput: false, copies: copies)
+                } }
+                return (dx, dx16, dw)
+            }
+            let (floats, halves) = (run(false), run(true))
+            #expect(halves.dx16 == floats.dx.map(BF16.bits) && halves.dw == floats.dw, "copies kept \(kept)")
+        }
     }
 
     // (Where bf16 runs as the rounded-fp32 emulation, no copies are kept and the two agree trivially.)

@@ -89,6 +89,19 @@ struct FusedKernelTests {
         GELU.forward(output: &fast, input: xs, count: n)
         GELU.forwardBF16(output: &bits, input: xs, count: n)
         #expect(bits.elementsEqual(fast.lazy.map { BF16.bits($0) }), "GELU's bf16 bits")
+        // Inputs read from bf16 bits (a bf16 pass's intermediate product and output gradient): the bits of
+        // the same kernels on those values as floats, with no float gradient written.
+        let (x16, dy16) = (xs.map(BF16.bits), dy.map(BF16.bits))
+        let (xRounded, dyRounded) = (x16.map(BF16.value), dy16.map(BF16.value))
+        var fromBits = [UInt16](repeating: 0, count: n), fromFloats = fromBits
+        x16.withUnsafeBufferPointer { x in GELU.forwardBF16(output: &fromBits, input: .bf16(x.baseAddress!), count: n) }
+        GELU.forwardBF16(output: &fromFloats, input: xRounded, count: n)
+        #expect(fromBits == fromFloats, "GELU forward from bf16 bits")
+        GELU.backwardBF16(gradInput: nil, gradInputBF16: &fromFloats, gradOutput: dyRounded, input: xRounded, count: n)
+        x16.withUnsafeBufferPointer { x in dy16.withUnsafeBufferPointer { d in
+            GELU.backwardBF16(gradInput: nil, gradInputBF16: &fromBits, gradOutput: .bf16(d.baseAddress!), input: .bf16(x.baseAddress!), count: n)
+        } }
+        #expect(fromBits == fromFloats, "GELU backward from bf16 bits")
     }
 
     @Test("softmax rows give the bits of the plain loop: one running maximum over the valid keys, VectorMath's exp, the sum in 16 lanes")

@@ -93,9 +93,9 @@ void ck_residual_layernorm_rows(float *sum, float *y, uint16_t *y16, float *mean
                                 const float *gamma, const float *beta, long rows, long features, float eps, int dropout, long first,
                                 uint64_t seed, uint64_t stream, uint32_t limit, float scale);
 // The bf16 bits of ck_gelu_forward's outputs.
-void ck_gelu_forward_bf16(uint16_t *y16, const float *x, long count);
+void ck_gelu_forward_bf16(uint16_t *y16, const float *x, const uint16_t *x16, long count);
 // ck_gelu_backward's gradient as bf16 bits into dx16, and overwriting dx too where given (may be NULL).
-void ck_gelu_backward_bf16(float *dx, uint16_t *dx16, const float *dy, const float *x, long count);
+void ck_gelu_backward_bf16(float *dx, uint16_t *dx16, const float *dy, const uint16_t *dy16, const float *x, const uint16_t *x16, long count);
 
 // The CPUs this process may run on (its affinity mask; 1 where unreadable).
 long ck_available_cpus(void);

@@ -90,7 +90,11 @@ public enum Linear {
     /// `pieceRows` (bf16): the rows of one gradient piece (`GradientPieces`: a piece's samples times the
     /// rows of a sample), a divisor of `rows`; the weight and bias gradients, sums over the rows, are then
     /// made of pieces of that many rows, each computed alone and added in order. nil: one piece.
-    public static func backward(gradInput: UnsafeMutablePointer<Float>?, gradWeight: UnsafeMutablePointer<Float>?,
+    /// `gradInputBF16` (bf16, overwriting): the input gradient as bf16 bits instead of gradInput, written by
+    /// the product on oneDNN's bf16 kernels (each fp32 sum rounded once; elsewhere the floats are computed
+    /// in temporary memory and rounded).
+    public static func backward(gradInput: UnsafeMutablePointer<Float>?, gradInputBF16: UnsafeMutablePointer<UInt16>? = nil,
+                                gradWeight: UnsafeMutablePointer<Float>?,
                                 gradBias: UnsafeMutablePointer<Float>?, gradOutput: UnsafePointer<Float>,
                                 input: UnsafePointer<Float>, weight: UnsafePointer<Float>,
                                 rows: Int, inFeatures: Int, outFeatures: Int, precision: Precision = .fp32, accumulateInput: Bool = true,
@@ -101,7 +105,20 @@ public enum Linear {
             defer { gradOutputConverted = true }
             return copies.map { .init($0.gradOutput, reuse: gradOutputConverted) }
         }
-        if let gradInput {
+        if let gradInputBF16 {
+            precondition(precision == .bf16 && !accumulateInput && gradInput == nil, "linear backward: bf16 input gradient of an fp32 pass, or added to")
+            let p = Product(m: rows, n: inFeatures, k: outFeatures)
+            let copied = copies.map { (a: BF16Operand.Use?.some(.init($0.gradOutput, reuse: gradOutputConverted)), b: BF16Operand.Use?.some(.init($0.weight, reuse: true))) }
+            if !productBF16(p, a: Matrix(gradOutput, ld: outFeatures), b: Matrix(weight, ld: inFeatures), c: gradInputBF16, bias: nil, gelu: false,
+                            copies: copied ?? (nil, nil)) {
+                let floats = UnsafeMutablePointer<Float>.allocate(capacity: rows * inFeatures)
+                defer { floats.deallocate() }
+                gemm(precision, p, a: Matrix(gradOutput, ld: outFeatures), b: Matrix(weight, ld: inFeatures), c: MutableMatrix(floats, ld: inFeatures),
+                     copies: copied ?? (nil, nil))
+                BF16.bits(gradInputBF16, floats, count: rows * inFeatures)
+            }
+            gradOutputConverted = copies != nil
+        } else if let gradInput {
             gemm(precision, Product(m: rows, n: inFeatures, k: outFeatures, beta: accumulateInput ? 1 : 0),
                 a: Matrix(gradOutput, ld: outFeatures), b: Matrix(weight, ld: inFeatures), c: MutableMatrix(gradInput, ld: inFeatures),
                  copies: (gradOutputCopy(), copies.map { .init($0.weight, reuse: true) }))

@@ -31,7 +31,15 @@ public enum GELU {
     /// The bf16 bits of `forward`'s outputs only (for the linear layer after it on oneDNN's bf16
     /// kernels, where nothing else reads the floats: GELU's backward reads its input).
     public static func forwardBF16(output: UnsafeMutablePointer<UInt16>, input: UnsafePointer<Float>, count: Int) {
-        Parallel.chunks(count, cost: 20) { r in ck_gelu_forward_bf16(output + r.lowerBound, input + r.lowerBound, r.count) }
+        forwardBF16(output: output, input: .fp32(input), count: count)
+    }
+
+    /// `forwardBF16` of an input read from its floats or its bf16 bits.
+    public static func forwardBF16(output: UnsafeMutablePointer<UInt16>, input: RowValues, count: Int) {
+        Parallel.chunks(count, cost: 20) { r in
+            let x = input.advanced(by: r.lowerBound)
+            ck_gelu_forward_bf16(output + r.lowerBound, x.floats, x.halves, r.count)
+        }
     }
 
     /// `forward` as a plain Swift loop (the oracle of the C kernel's bits).
@@ -55,9 +63,15 @@ public enum GELU {
     /// given, in the same pass.
     public static func backwardBF16(gradInput: UnsafeMutablePointer<Float>?, gradInputBF16: UnsafeMutablePointer<UInt16>,
                                     gradOutput: UnsafePointer<Float>, input: UnsafePointer<Float>, count: Int) {
+        backwardBF16(gradInput: gradInput, gradInputBF16: gradInputBF16, gradOutput: .fp32(gradOutput), input: .fp32(input), count: count)
+    }
+
+    /// `backwardBF16` with the output gradient and the input each read from its floats or its bf16 bits.
+    public static func backwardBF16(gradInput: UnsafeMutablePointer<Float>?, gradInputBF16: UnsafeMutablePointer<UInt16>,
+                                    gradOutput: RowValues, input: RowValues, count: Int) {
         Parallel.chunks(count, cost: 30) { r in
-            let o = r.lowerBound
-            ck_gelu_backward_bf16(gradInput.map { $0 + o }, gradInputBF16 + o, gradOutput + o, input + o, r.count)
+            let o = r.lowerBound, dy = gradOutput.advanced(by: o), x = input.advanced(by: o)
+            ck_gelu_backward_bf16(gradInput.map { $0 + o }, gradInputBF16 + o, dy.floats, dy.halves, x.floats, x.halves, r.count)
         }
     }
 

@@ -233,9 +233,9 @@ static void residual_layernorm(void) {
 // ---- GELU over 1024 x 3072 ----
 typedef struct { float *y, *x, *dx, *dy; uint16_t *y16, *dx16; long n; } gelu_t;
 static void gelu_forward(void *c) { gelu_t *g = c; ck_gelu_forward(g->y, g->x, g->n); }
-static void gelu_forward16(void *c) { gelu_t *g = c; ck_gelu_forward_bf16(g->y16, g->x, g->n); }
+static void gelu_forward16(void *c) { gelu_t *g = c; ck_gelu_forward_bf16(g->y16, g->x, NULL, g->n); }
 static void gelu_backward(void *c) { gelu_t *g = c; ck_gelu_backward(g->dx, g->dy, g->x, g->n, 0); }
-static void gelu_backward16(void *c) { gelu_t *g = c; ck_gelu_backward_bf16(g->dx, g->dx16, g->dy, g->x, g->n); }
+static void gelu_backward16(void *c) { gelu_t *g = c; ck_gelu_backward_bf16(g->dx, g->dx16, g->dy, NULL, g->x, NULL, g->n); }
 
 static void gelu(void) {
     const long n = 1024 * 3072;

@@ -241,28 +241,20 @@ public enum Attention {
     }
 
     /// bf16 copies of tensors [B, T, H*D], each packed as [B, H, T, D] (compact operands run faster in
-    /// oneDNN's small products than strided ones), into `rooms`.
-    private static func pack(_ g: AttentionGeometry, _ tensors: [UnsafePointer<Float>], into rooms: [UnsafeMutablePointer<UInt16>]) {
+    /// oneDNN's small products than strided ones), into `rooms`: floats converted, bf16 bits copied as they are.
+    private static func pack(_ g: AttentionGeometry, _ tensors: [RowValues], into rooms: [UnsafeMutablePointer<UInt16>]) {
         let (t, d, w) = (g.tokens, g.headSize, g.width)
         for (x, copy) in zip(tensors, rooms) {
             // Row (b, h, t) of the copy is x[b, t, h*D..<(h+1)*D].
             Parallel.chunks(g.batch * g.heads, cost: t * d) { pairs in
                 for pair in pairs {
-                    let b = pair / g.heads, h = pair % g.heads
-                    BF16.convertBlock(copy + pair * t * d, x + b * t * w + h * d, rows: t, columns: d, ld: w, parallel: false)
-                }
-            }
-        }
-    }
-
-    /// `pack` of tensors given as their bf16 bits: each block copied as it is.
-    private static func pack(_ g: AttentionGeometry, bits tensors: [UnsafePointer<UInt16>], into rooms: [UnsafeMutablePointer<UInt16>]) {
-        let (t, d, w) = (g.tokens, g.headSize, g.width)
-        for (x, copy) in zip(tensors, rooms) {
-            Parallel.chunks(g.batch * g.heads, cost: t * d) { pairs in
-                for pair in pairs {
-                    let b = pair / g.heads, h = pair % g.heads
-                    for row in 0..<t { (copy + (pair * t + row) * d).update(from: x + (b * t + row) * w + h * d, count: d) }
+                    let b = pair / g.heads, h = pair % g.heads, block = copy + pair * t * d, first = b * t * w + h * d
+                    switch x {
+                    case .fp32(let floats):
+                        BF16.convertBlock(block, floats + first, rows: t, columns: d, ld: w, parallel: false)
+                    case .bf16(let bits):
+                        for row in 0..<t { (block + row * d).update(from: bits + first + row * w, count: d) }
+                    }
                 }
             }
         }
@@ -310,9 +302,9 @@ public enum Attention {
             rooms = scratchRooms(g, 3)
         }
         if let qkvBF16 {
-            pack(g, bits: [qkvBF16.q, qkvBF16.k, qkvBF16.v], into: rooms)
+            pack(g, [.bf16(qkvBF16.q), .bf16(qkvBF16.k), .bf16(qkvBF16.v)], into: rooms)
         } else {
-            pack(g, [q, k, v], into: rooms)
+            pack(g, [.fp32(q), .fp32(k), .fp32(v)], into: rooms)
         }
         // Scores = scale * Q K^T, straight into the probabilities' buffer; then the weights, in bf16.
         products.run(0, a: rooms[0], b: rooms[1], c: probabilities)
@@ -339,12 +331,12 @@ public enum Attention {
             precondition(copies.held == g, "attention: backward of \(g) with the copies of another forward")
             let kept = copies.rooms(for: g), rooms = scratchRooms(g, 1)
             (q16, k16, v16, weights16, dO16, dS16) = (kept.q, kept.k, kept.v, kept.weights, rooms[0], rooms[1])
-            pack(g, [gradOutput], into: [dO16])
+            pack(g, [.fp32(gradOutput)], into: [dO16])
         } else {
             let rooms = scratchRooms(g, 4)
             (q16, k16, v16, dO16, weights16) = (rooms[0], rooms[1], rooms[2], rooms[3], rooms[4])
             dS16 = weights16
-            pack(g, [q, k, v, gradOutput], into: rooms)
+            pack(g, [.fp32(q), .fp32(k), .fp32(v), .fp32(gradOutput)], into: rooms)
             BF16.convertBlock(weights16, dropout.map { UnsafePointer($0.dropped) } ?? probabilities, rows: g.batch * g.heads * t, columns: t,
                               ld: t, parallel: true)
         }

@@ -108,13 +108,14 @@ public enum Linear {
         if let gradInputBF16 {
             precondition(precision == .bf16 && !accumulateInput && gradInput == nil, "linear backward: bf16 input gradient of an fp32 pass, or added to")
             let p = Product(m: rows, n: inFeatures, k: outFeatures)
-            let copied = copies.map { (a: BF16Operand.Use?.some(.init($0.gradOutput, reuse: gradOutputConverted)), b: BF16Operand.Use?.some(.init($0.weight, reuse: true))) }
+            let operands = (copies.map { BF16Operand.Use($0.gradOutput, reuse: gradOutputConverted) }, copies.map { BF16Operand.Use($0.weight, reuse: true) })
             if !productBF16(p, a: Matrix(gradOutput, ld: outFeatures), b: Matrix(weight, ld: inFeatures), c: gradInputBF16, bias: nil, gelu: false,
-                            copies: copied ?? (nil, nil)) {
+                            copies: operands) {
+                // No bf16 destination for this product: its floats in temporary memory, then their bits.
                 let floats = UnsafeMutablePointer<Float>.allocate(capacity: rows * inFeatures)
                 defer { floats.deallocate() }
                 gemm(precision, p, a: Matrix(gradOutput, ld: outFeatures), b: Matrix(weight, ld: inFeatures), c: MutableMatrix(floats, ld: inFeatures),
-                     copies: copied ?? (nil, nil))
+                     copies: operands)
                 BF16.bits(gradInputBF16, floats, count: rows * inFeatures)
             }
             gradOutputConverted = copies != nil

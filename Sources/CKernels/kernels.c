@@ -102,15 +102,6 @@ typedef int ck_i16 __attribute__((vector_size(64), aligned(4)));
 // bf16 in 16 lanes: the bits of ck_round_bits (round to nearest even, a NaN stays a quiet NaN), and back.
 typedef uint32_t ck_u16v __attribute__((vector_size(64), aligned(4)));
 typedef uint16_t ck_h16 __attribute__((vector_size(32), aligned(2)));
-#define ck_store_bf16(p, v) do { \
-    const ck_u16v b_ = (ck_u16v)(v); \
-    const ck_u16v nan_ = (b_ | 0x00400000u) >> 16, rounded_ = (b_ + 0x7fffu + ((b_ >> 16) & 1u)) >> 16; \
-    const ck_u16v is_nan_ = (ck_u16v)((b_ & 0x7fffffffu) > 0x7f800000u); \
-    *(ck_h16 *)(p) = __builtin_convertvector((nan_ & is_nan_) | (rounded_ & ~is_nan_), ck_h16); \
-} while (0)
-#define ck_load_bf16(p) ((ck_v16)(__builtin_convertvector(*(const ck_h16 *)(p), ck_u16v) << 16))
-static inline uint16_t ck_bf16_of(float f) { return (uint16_t)(ck_round_bits(float_to_bits(f)) >> 16); }
-static inline float ck_float_of_bf16(uint16_t h) { return bits_to_float((uint32_t)h << 16); }
 // A float rounded to bf16 and back, in 16 lanes: ck_round_bits of each lane.
 #define ck_round_v16(v) ({ \
     const ck_u16v b_ = (ck_u16v)(v); \
@@ -118,6 +109,10 @@ static inline float ck_float_of_bf16(uint16_t h) { return bits_to_float((uint32_
     const ck_u16v is_nan_ = (ck_u16v)((b_ & 0x7fffffffu) > 0x7f800000u); \
     (ck_v16)((nan_ & is_nan_) | (rounded_ & ~is_nan_)); \
 })
+#define ck_store_bf16(p, v) (*(ck_h16 *)(p) = __builtin_convertvector((ck_u16v)ck_round_v16(v) >> 16, ck_h16))
+#define ck_load_bf16(p) ((ck_v16)(__builtin_convertvector(*(const ck_h16 *)(p), ck_u16v) << 16))
+static inline uint16_t ck_bf16_of(float f) { return (uint16_t)(ck_round_bits(float_to_bits(f)) >> 16); }
+static inline float ck_float_of_bf16(uint16_t h) { return bits_to_float((uint32_t)h << 16); }
 static inline float ck_rounded(float f) { return bits_to_float(ck_round_bits(float_to_bits(f))); }
 
 // Always inlined, so that each clone of its callers vectorizes it for its own ISA.

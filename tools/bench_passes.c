@@ -320,38 +320,50 @@ static void softmax(void) {
     report("softmax backward fp32", ours, theirs, 12.0 * n, difference(s.dp, dp2, n), impl(bpd), "ours in place (its copy not timed)");
 }
 
-// ---- batch norm over ResNet-50 activations, bf16 in the channel-blocked layout ----
+// ---- batch norm over ResNet-50 activations, bf16, in the step's two row layouts ----
+// nChw16c (AVX-512 without AMX): for each image and block of 16 channels, plane rows of 16 lanes. NHWC
+// (AMX's brgemm convolutions): for each image, plane rows of all the channels. Each call is the one the
+// step makes on one thread (`normalizeRows`, `laneSums`, `backwardTrainingRows` in ChannelsLast.swift).
 typedef struct {
     uint16_t *x16, *y16, *dx16, *dy16; float *dy, *mean, *scale, *shift, *k, *sum_dy, *sum_dyx, *inv_std, *gate; double *first, *second;
-    long images, channels, plane;
+    long images, channels, plane; int nhwc;
 } bn_t;
 
-// nChw16c: for each image and block of 16 channels, plane rows of 16 lanes. The normalisation alone,
-// with the statistics given (after the sums over ranks).
+// The calls' rows: (group count, lanes per row); group j of image i starts at (i * groups + j) * plane * lanes.
+static long bn_lanes(const bn_t *b) { return b->nhwc ? b->channels : 16; }
+static long bn_groups(const bn_t *b) { return b->channels / bn_lanes(b); }
+
+// The normalisation alone, with the statistics given (after the sums over ranks).
 static void bn_normalize(void *c) {
     bn_t *b = c;
-    const long blocks = b->channels / 16, run = b->plane * 16;
+    const long lanes = bn_lanes(b), groups = bn_groups(b), run = b->plane * lanes;
+    float scale[2048];
+    for (long ch = 0; ch < b->channels; ch++) scale[ch] = b->scale[ch] * b->inv_std[ch];
     for (long i = 0; i < b->images; i++)
-        for (long j = 0; j < blocks; j++) {
-            float scale[16];
-            for (long l = 0; l < 16; l++) scale[l] = b->scale[j * 16 + l] * b->inv_std[j * 16 + l];
-            const long o = (i * blocks + j) * run;
-            ck_normalize_rows(NULL, b->y16 + o, NULL, b->x16 + o, b->plane, 16, b->mean + j * 16, scale, b->shift + j * 16, 1);
+        for (long j = 0; j < groups; j++) {
+            const long o = (i * groups + j) * run;
+            ck_normalize_rows(NULL, b->y16 + o, NULL, b->x16 + o, b->plane, lanes, b->mean + j * lanes, scale + j * lanes, b->shift + j * lanes, 1);
+        }
+}
+
+// Per channel, the sums of x (dy NULL) or of the gated dy, image after image.
+static void bn_sums(bn_t *b, const uint16_t *dy16) {
+    const long lanes = bn_lanes(b), groups = bn_groups(b), run = b->plane * lanes;
+    double f[2048], s[2048];
+    for (long ch = 0; ch < b->channels; ch++) b->first[ch] = b->second[ch] = 0;
+    for (long j = 0; j < groups; j++)
+        for (long i = 0; i < b->images; i++) {
+            const long o = (i * groups + j) * run, c0 = j * lanes;
+            ck_channel_sums(NULL, b->x16 + o, NULL, dy16 ? dy16 + o : NULL, dy16 ? b->mean + c0 : NULL, dy16 ? b->gate + c0 : NULL,
+                            dy16 ? b->shift + c0 : NULL, b->plane, lanes, lanes, f, s);
+            for (long l = 0; l < lanes; l++) { b->first[c0 + l] += f[l]; b->second[c0 + l] += s[l]; }
         }
 }
 
 // The statistics, then the normalisation.
 static void bn_forward(void *c) {
     bn_t *b = c;
-    const long blocks = b->channels / 16, run = b->plane * 16;
-    double f[16], s[16];
-    for (long j = 0; j < blocks; j++) {
-        for (long l = 0; l < 16; l++) b->first[j * 16 + l] = b->second[j * 16 + l] = 0;
-        for (long i = 0; i < b->images; i++) {
-            ck_channel_sums(NULL, b->x16 + (i * blocks + j) * run, NULL, NULL, NULL, NULL, NULL, b->plane, 16, 16, f, s);
-            for (long l = 0; l < 16; l++) { b->first[j * 16 + l] += f[l]; b->second[j * 16 + l] += s[l]; }
-        }
-    }
+    bn_sums(b, NULL);
     const double count = (double)(b->images * b->plane);
     for (long ch = 0; ch < b->channels; ch++) {
         double mean = b->first[ch] / count, var = fmax(b->second[ch] / count - mean * mean, 0);
@@ -365,17 +377,9 @@ static void bn_forward(void *c) {
 // ReLU's gate recomputed from x with the forward's scale (gamma * inv_std) and shift, as the step does.
 static void bn_backward(void *c) {
     bn_t *b = c;
-    const long blocks = b->channels / 16, run = b->plane * 16;
-    double f[16], s[16];
+    const long lanes = bn_lanes(b), groups = bn_groups(b), run = b->plane * lanes;
     for (long ch = 0; ch < b->channels; ch++) b->gate[ch] = b->scale[ch] * b->inv_std[ch];
-    for (long j = 0; j < blocks; j++) {
-        for (long l = 0; l < 16; l++) b->first[j * 16 + l] = b->second[j * 16 + l] = 0;
-        for (long i = 0; i < b->images; i++) {
-            const long o = (i * blocks + j) * run;
-            ck_channel_sums(NULL, b->x16 + o, NULL, b->dy16 + o, b->mean + j * 16, b->gate + j * 16, b->shift + j * 16, b->plane, 16, 16, f, s);
-            for (long l = 0; l < 16; l++) { b->first[j * 16 + l] += f[l]; b->second[j * 16 + l] += s[l]; }
-        }
-    }
+    bn_sums(b, b->dy16);
     const float m = (float)(b->images * b->plane);
     for (long ch = 0; ch < b->channels; ch++) {
         b->sum_dy[ch] = (float)b->first[ch];
@@ -383,27 +387,28 @@ static void bn_backward(void *c) {
         b->k[ch] = b->scale[ch] * b->inv_std[ch] / m;
     }
     for (long i = 0; i < b->images; i++)
-        for (long j = 0; j < blocks; j++) {
-            const long o = (i * blocks + j) * run;
-            ck_bn_gradient_rows(NULL, b->dx16 + o, NULL, b->dy16 + o, NULL, b->x16 + o, b->plane, 16, b->k + j * 16, b->sum_dy + j * 16,
-                                b->sum_dyx + j * 16, b->mean + j * 16, b->inv_std + j * 16, b->gate + j * 16, b->shift + j * 16, m, 0);
+        for (long j = 0; j < groups; j++) {
+            const long o = (i * groups + j) * run, c0 = j * lanes;
+            ck_bn_gradient_rows(NULL, b->dx16 + o, NULL, b->dy16 + o, NULL, b->x16 + o, b->plane, lanes, b->k + c0, b->sum_dy + c0,
+                                b->sum_dyx + c0, b->mean + c0, b->inv_std + c0, b->gate + c0, b->shift + c0, m, 0);
         }
 }
 
-static void batchnorm(long images, long channels, long side) {
+static void batchnorm(long images, long channels, long side, int nhwc) {
     const long plane = side * side, n = images * channels * plane;
     bn_t b = {halves(n), halves(n), halves(n), NULL, floats(n, 1, 1), floats(channels, 2, 0), floats(channels, 3, 1), floats(channels, 4, 1),
               floats(channels, 5, 0), floats(channels, 6, 0), floats(channels, 7, 0), floats(channels, 8, 0), floats(channels, 10, 0),
-              calloc(channels, sizeof(double)), calloc(channels, sizeof(double)), images, channels, plane};
+              calloc(channels, sizeof(double)), calloc(channels, sizeof(double)), images, channels, plane, nhwc};
     float *xf = floats(n, 9, 2);
     for (long i = 0; i < n; i++) { xf[i] += 0.5f; ck_bf16_bits(b.x16 + i, xf + i, 1); }
     for (long ch = 0; ch < channels; ch++) b.scale[ch] += 1.5f;
     dnnl_dims_t dims = {images, channels, side, side};
-    dnnl_memory_desc_t data16 = md(4, dims, dnnl_bf16, dnnl_nChw16c), channel = md(1, (dnnl_dims_t){channels}, dnnl_f32, dnnl_a);
+    dnnl_memory_desc_t data16 = md(4, dims, dnnl_bf16, nhwc ? dnnl_nhwc : dnnl_nChw16c), channel = md(1, (dnnl_dims_t){channels}, dnnl_f32, dnnl_a);
     unsigned flags = dnnl_use_scale | dnnl_use_shift | dnnl_fuse_norm_relu;
     dnnl_primitive_desc_t fpd, bpd;
     char name[96];
-    snprintf(name, sizeof name, "batchnorm+relu forward %ldx%ldx%ldx%ld bf16", images, channels, side, side);
+    const char *layout = nhwc ? "nhwc" : "nChw16c";
+    snprintf(name, sizeof name, "batchnorm+relu forward %ldx%ldx%ldx%ld %s", images, channels, side, side, layout);
     const dnnl_status_t made = dnnl_batch_normalization_forward_primitive_desc_create(&fpd, engine, dnnl_forward_training, data16, data16, 1e-5f,
                                                                                       flags, NULL);
     if (made != dnnl_success) {  // oneDNN runs no bf16 batch norm below AVX-512
@@ -445,7 +450,7 @@ static void batchnorm(long images, long channels, long side) {
     arg(&k, DNNL_ARG_DIFF_SRC, data16, dx2); arg(&k, DNNL_ARG_DIFF_SCALE, channel, gs); arg(&k, DNNL_ARG_DIFF_SHIFT, channel, gb);
     ours = time_ms(bn_backward, &b);
     theirs = time_ms(run_dnnl, &k);
-    snprintf(name, sizeof name, "batchnorm+relu backward %ldx%ldx%ldx%ld", images, channels, side, side);
+    snprintf(name, sizeof name, "batchnorm+relu backward %ldx%ldx%ldx%ld %s", images, channels, side, side, layout);
     report(name, ours, theirs, 12.0 * n, difference16(b.dx16, dx2, n), impl(bpd),
            "ours recomputes the ReLU's gate from x (oneDNN reads its workspace), its sums global over ranks");
 }
@@ -461,9 +466,11 @@ int main(int argc, char **argv) {
     residual_layernorm();
     gelu();
     softmax();
-    batchnorm(8, 64, 56);
-    batchnorm(8, 256, 56);
-    batchnorm(8, 512, 28);
-    batchnorm(8, 2048, 7);
+    for (int nhwc = 0; nhwc <= 1; nhwc++) {
+        batchnorm(8, 64, 56, nhwc);
+        batchnorm(8, 256, 56, nhwc);
+        batchnorm(8, 512, 28, nhwc);
+        batchnorm(8, 2048, 7, nhwc);
+    }
     return 0;
 }

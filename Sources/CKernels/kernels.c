@@ -79,7 +79,7 @@ static inline uint32_t ck_round_bits(uint32_t b) {
 }
 
 
-enum { CK_LANES = 16, CK_BLOCK = 256 };
+enum { CK_LANES = 16, CK_BLOCK = 256, CK_GROUP = 4 };
 
 // 16 float lanes as one value (lowered to one AVX-512 register, two AVX2 or four SSE ones): the lanes'
 // arithmetic is elementwise, so every clone computes the same sums.
@@ -303,41 +303,67 @@ CK_CLONES void ck_dropout_backward(float *dx, const float *dy, long start, long 
 #define CK_XS(o) (x16 ? ck_float_of_bf16(x16[o]) : x[o])
 #define CK_DY(o) (dy16 ? ck_load_bf16(dy16 + (o)) : ck_load(dy + (o)))
 #define CK_DYS(o) (dy16 ? ck_float_of_bf16(dy16[o]) : dy[o])
+// One chunk's (16 lanes from j0) terms at element o into its sums a and b, for each kind of ck_channel_sums:
+// x and x^2; dy and dy (x - mean); the gated dy and dy (x - mean) (mu, sc, sh: the chunk's mean and gate).
+#define CK_SUMS_X(a, b, o) do { const ck_v16 v_ = CK_X(o); a += v_; b += v_ * v_; } while (0)
+#define CK_SUMS_DY(a, b, o, mu) do { const ck_v16 g_ = CK_DY(o); a += g_; b += g_ * (CK_X(o) - (mu)); } while (0)
+#define CK_SUMS_GATED(a, b, o, mu, sc, sh) do { \
+    const ck_v16 centered_ = CK_X(o) - (mu); \
+    const ck_v16 g_ = (ck_v16)((ck_i16)CK_DY(o) & (CK_BN_SHIFTED(centered_, sc, sh) > zero)); \
+    a += g_; b += g_ * centered_; \
+} while (0)
+// The sums of Q chunks (16 lanes each from channel c) over the rows [start, end) of one block, in registers,
+// then added to first and second in double.
+#define CK_SUMS_BLOCK(Q, c, start, end) do { \
+    ck_v16 a_[Q] = {{0}}, b_[Q] = {{0}}, mu_[Q], sc_[Q], sh_[Q]; \
+    for (int q_ = 0; q_ < (Q); q_++) { \
+        mu_[q_] = gradient ? ck_load(mean + (c) + q_ * CK_LANES) : zero; \
+        sc_[q_] = gate_scale ? ck_load(gate_scale + (c) + q_ * CK_LANES) : zero; \
+        sh_[q_] = gate_scale ? ck_load(gate_shift + (c) + q_ * CK_LANES) : zero; \
+    } \
+    if (!gradient) { \
+        for (long r_ = (start); r_ < (end); r_++) \
+            for (int q_ = 0; q_ < (Q); q_++) CK_SUMS_X(a_[q_], b_[q_], r_ * stride + (c) + q_ * CK_LANES); \
+    } else if (gate_scale) { \
+        for (long r_ = (start); r_ < (end); r_++) \
+            for (int q_ = 0; q_ < (Q); q_++) CK_SUMS_GATED(a_[q_], b_[q_], r_ * stride + (c) + q_ * CK_LANES, mu_[q_], sc_[q_], sh_[q_]); \
+    } else { \
+        for (long r_ = (start); r_ < (end); r_++) \
+            for (int q_ = 0; q_ < (Q); q_++) CK_SUMS_DY(a_[q_], b_[q_], r_ * stride + (c) + q_ * CK_LANES, mu_[q_]); \
+    } \
+    for (int q_ = 0; q_ < (Q); q_++) \
+        for (int l_ = 0; l_ < CK_LANES; l_++) { \
+            first[(c) + q_ * CK_LANES + l_] += (double)a_[q_][l_]; \
+            second[(c) + q_ * CK_LANES + l_] += (double)b_[q_][l_]; \
+        } \
+} while (0)
 CK_CLONES void ck_channel_sums(const float *restrict x, const uint16_t *restrict x16, const float *restrict dy, const uint16_t *restrict dy16,
                                const float *restrict mean,
                                const float *restrict gate_scale, const float *restrict gate_shift, long rows, long stride, long width,
                                double *restrict first, double *restrict second) {
     const ck_v16 zero = {0};
     const int gradient = dy || dy16;
-    long j0 = 0;
-    for (; j0 + CK_LANES <= width; j0 += CK_LANES) {
-        double f[CK_LANES] = {0}, s[CK_LANES] = {0};
-        const ck_v16 mu = gradient ? ck_load(mean + j0) : zero;
-        const ck_v16 sc = gate_scale ? ck_load(gate_scale + j0) : zero, sh = gate_scale ? ck_load(gate_shift + j0) : zero;
+    const long whole = width / CK_LANES * CK_LANES;
+    for (long j = 0; j < whole; j++) first[j] = second[j] = 0;
+    if (whole > CK_LANES) {
+        // Rows of several chunks (NHWC): block by block, CK_GROUP chunks at a time down the block's rows,
+        // so that the block's rows are read from memory once (the next chunks find them in cache) rather
+        // than once per chunk. Each lane adds its rows in the same order either way: the same sums.
         for (long start = 0; start < rows; start += CK_BLOCK) {
             const long end = start + CK_BLOCK < rows ? start + CK_BLOCK : rows;
-            ck_v16 a = {0}, b = {0};
-            if (!gradient) {
-                for (long r = start; r < end; r++) { const ck_v16 v = CK_X(r * stride + j0); a += v; b += v * v; }
-            } else if (gate_scale) {
-                for (long r = start; r < end; r++) {
-                    const long o = r * stride + j0;
-                    const ck_v16 centered = CK_X(o) - mu;
-                    const ck_v16 g = (ck_v16)((ck_i16)CK_DY(o) & (CK_BN_SHIFTED(centered, sc, sh) > zero));
-                    a += g; b += g * centered;
-                }
-            } else {
-                for (long r = start; r < end; r++) {
-                    const long o = r * stride + j0;
-                    const ck_v16 g = CK_DY(o);
-                    a += g; b += g * (CK_X(o) - mu);
-                }
-            }
-            for (int l = 0; l < CK_LANES; l++) { f[l] += (double)a[l]; s[l] += (double)b[l]; }
+            long c = 0;
+            for (; c + CK_GROUP * CK_LANES <= whole; c += CK_GROUP * CK_LANES) CK_SUMS_BLOCK(CK_GROUP, c, start, end);
+            if (c + 2 * CK_LANES <= whole) { CK_SUMS_BLOCK(2, c, start, end); c += 2 * CK_LANES; }
+            for (; c < whole; c += CK_LANES) CK_SUMS_BLOCK(1, c, start, end);
         }
-        for (int l = 0; l < CK_LANES; l++) { first[j0 + l] = f[l]; second[j0 + l] = s[l]; }
+    } else {
+        for (long c = 0; c < whole; c += CK_LANES)
+            for (long start = 0; start < rows; start += CK_BLOCK) {
+                const long end = start + CK_BLOCK < rows ? start + CK_BLOCK : rows;
+                CK_SUMS_BLOCK(1, c, start, end);
+            }
     }
-    for (long j = j0; j < width; j++) {
+    for (long j = whole; j < width; j++) {
         double f = 0, s = 0;
         for (long start = 0; start < rows; start += CK_BLOCK) {
             const long end = start + CK_BLOCK < rows ? start + CK_BLOCK : rows;
@@ -358,22 +384,30 @@ CK_CLONES void ck_channel_sums(const float *restrict x, const uint16_t *restrict
 }
 
 // y = (x - mean[l]) * scale[l] + shift[l] over rows x lanes (contiguous), max(that, 0) with relu.
+// One chunk of one row of ck_normalize_rows (mu, sc, sh: the chunk's per-channel values).
+#define CK_NORMALIZE_CHUNK(o, mu, sc, sh) do { \
+    const ck_v16 a_ = CK_BN_SHIFTED(CK_X(o) - (mu), sc, sh); \
+    /* Swift's max(v, 0): 0 where 0 >= v, else v (NaN stays). */ \
+    const ck_v16 v_ = relu ? (ck_v16)((ck_i16)a_ & ~(zero >= a_)) : a_; \
+    if (y) *(ck_v16 *)(y + (o)) = v_; \
+    if (y16) ck_store_bf16(y16 + (o), v_); \
+} while (0)
 CK_CLONES void ck_normalize_rows(float *restrict y, uint16_t *restrict y16, const float *restrict x, const uint16_t *restrict x16, long rows, long lanes,
                                  const float *restrict mean, const float *restrict scale, const float *restrict shift, int relu) {
     const ck_v16 zero = {0};
-    long j0 = 0;
-    for (; j0 + CK_LANES <= lanes; j0 += CK_LANES) {
-        const ck_v16 mu = ck_load(mean + j0), sc = ck_load(scale + j0), sh = ck_load(shift + j0);
-        for (long r = 0; r < rows; r++) {
-            const long o = r * lanes + j0;
-            const ck_v16 a = CK_BN_SHIFTED(CK_X(o) - mu, sc, sh);
-            // Swift's max(v, 0): 0 where 0 >= v, else v (NaN stays).
-            const ck_v16 v = relu ? (ck_v16)((ck_i16)a & ~(zero >= a)) : a;
-            if (y) *(ck_v16 *)(y + o) = v;
-            if (y16) ck_store_bf16(y16 + o, v);
+    const long whole = lanes / CK_LANES * CK_LANES;
+    if (whole > CK_LANES) {
+        // Rows of several chunks (NHWC): row after row, so that the rows are read and written in order.
+        for (long r = 0; r < rows; r++)
+            for (long j0 = 0; j0 < whole; j0 += CK_LANES)
+                CK_NORMALIZE_CHUNK(r * lanes + j0, ck_load(mean + j0), ck_load(scale + j0), ck_load(shift + j0));
+    } else {
+        for (long j0 = 0; j0 < whole; j0 += CK_LANES) {
+            const ck_v16 mu = ck_load(mean + j0), sc = ck_load(scale + j0), sh = ck_load(shift + j0);
+            for (long r = 0; r < rows; r++) CK_NORMALIZE_CHUNK(r * lanes + j0, mu, sc, sh);
         }
     }
-    for (long j = j0; j < lanes; j++) {
+    for (long j = whole; j < lanes; j++) {
         for (long r = 0; r < rows; r++) {
             const float a = CK_BN_SHIFTED(CK_XS(r * lanes + j) - mean[j], scale[j], shift[j]), v = relu ? swift_max(a, 0.0f) : a;
             if (y) y[r * lanes + j] = v;
@@ -394,28 +428,41 @@ CK_CLONES void ck_normalize_run(float *restrict y, const float *restrict x, long
 // forward's output before its ReLU was positive (as ck_channel_sums, about mean[l]): training (sum_dy
 // given) k[l] * (m * g - sum_dy[l] - (x - mean[l]) * inv_std[l] * sum_dyx[l]); evaluation (sum_dy NULL)
 // g * k[l]. dx is overwritten, or added to with accumulate. dy16: dy as bf16 bits (dy then NULL).
+// One chunk of one row of ck_bn_gradient_rows (the chunk's per-channel values: kv, sd, sx, mu, is, sc, sh).
+#define CK_BN_GRADIENT_CHUNK(o, kv, sd, sx, mu, is, sc, sh) do { \
+    const ck_v16 d_ = CK_DY(o), centered_ = sum_dy || gate_scale ? CK_X(o) - (mu) : zero; \
+    const ck_v16 g_ = gate_scale ? (ck_v16)((ck_i16)d_ & (CK_BN_SHIFTED(centered_, sc, sh) > zero)) : d_; \
+    const ck_v16 v_ = sum_dy ? (kv) * (m * g_ - (sd) - centered_ * (is) * (sx)) : g_ * (kv); \
+    if (dx16) ck_store_bf16(dx16 + (o), v_); \
+    else *(ck_v16 *)(dx + (o)) = accumulate ? ck_load(dx + (o)) + v_ : v_; \
+} while (0)
+// The chunk's per-channel values from channel j0 on (zero where the pass takes none).
+#define CK_BN_GRADIENT_VALUES(j0) \
+    const ck_v16 kv = ck_load(k + (j0)); \
+    const ck_v16 sd = sum_dy ? ck_load(sum_dy + (j0)) : zero, sx = sum_dy ? ck_load(sum_dyx + (j0)) : zero; \
+    const ck_v16 mu = sum_dy || gate_scale ? ck_load(mean + (j0)) : zero, is = sum_dy ? ck_load(inv_std + (j0)) : zero; \
+    const ck_v16 sc = gate_scale ? ck_load(gate_scale + (j0)) : zero, sh = gate_scale ? ck_load(gate_shift + (j0)) : zero
 CK_CLONES void ck_bn_gradient_rows(float *restrict dx, uint16_t *restrict dx16, const float *restrict dy, const uint16_t *restrict dy16,
                                    const float *restrict x,
                                    const uint16_t *restrict x16, long rows, long lanes, const float *restrict k, const float *restrict sum_dy,
                                    const float *restrict sum_dyx, const float *restrict mean, const float *restrict inv_std,
                                    const float *restrict gate_scale, const float *restrict gate_shift, float m, int accumulate) {
     const ck_v16 zero = {0};
-    long j0 = 0;
-    for (; j0 + CK_LANES <= lanes; j0 += CK_LANES) {
-        const ck_v16 kv = ck_load(k + j0);
-        const ck_v16 sd = sum_dy ? ck_load(sum_dy + j0) : zero, sx = sum_dy ? ck_load(sum_dyx + j0) : zero;
-        const ck_v16 mu = sum_dy || gate_scale ? ck_load(mean + j0) : zero, is = sum_dy ? ck_load(inv_std + j0) : zero;
-        const ck_v16 sc = gate_scale ? ck_load(gate_scale + j0) : zero, sh = gate_scale ? ck_load(gate_shift + j0) : zero;
-        for (long r = 0; r < rows; r++) {
-            const long o = r * lanes + j0;
-            const ck_v16 d = CK_DY(o), centered = sum_dy || gate_scale ? CK_X(o) - mu : zero;
-            const ck_v16 g = gate_scale ? (ck_v16)((ck_i16)d & (CK_BN_SHIFTED(centered, sc, sh) > zero)) : d;
-            const ck_v16 v = sum_dy ? kv * (m * g - sd - centered * is * sx) : g * kv;
-            if (dx16) ck_store_bf16(dx16 + o, v);
-            else *(ck_v16 *)(dx + o) = accumulate ? ck_load(dx + o) + v : v;
+    const long whole = lanes / CK_LANES * CK_LANES;
+    if (whole > CK_LANES) {
+        // Rows of several chunks (NHWC): row after row, so that the rows are read and written in order.
+        for (long r = 0; r < rows; r++)
+            for (long j0 = 0; j0 < whole; j0 += CK_LANES) {
+                CK_BN_GRADIENT_VALUES(j0);
+                CK_BN_GRADIENT_CHUNK(r * lanes + j0, kv, sd, sx, mu, is, sc, sh);
+            }
+    } else {
+        for (long j0 = 0; j0 < whole; j0 += CK_LANES) {
+            CK_BN_GRADIENT_VALUES(j0);
+            for (long r = 0; r < rows; r++) CK_BN_GRADIENT_CHUNK(r * lanes + j0, kv, sd, sx, mu, is, sc, sh);
         }
     }
-    for (long j = j0; j < lanes; j++) {
+    for (long j = whole; j < lanes; j++) {
         for (long r = 0; r < rows; r++) {
             const long o = r * lanes + j;
             const float centered = sum_dy || gate_scale ? CK_XS(o) - mean[j] : 0.0f;

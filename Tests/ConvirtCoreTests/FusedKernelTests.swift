@@ -605,3 +605,97 @@ struct OptimizerKernelTests {
         }
     }
 }
+
+extension FusedKernelTests {
+    // NHWC rows hold many chunks of 16 channels, which the kernels walk row by row (groups of chunks, all
+    // of a row at once); nChw16c rows hold one, walked down the rows. Each lane's arithmetic must not
+    // depend on the order: every width's sums and outputs equal those of its chunks taken one at a time.
+    @Test("batch norm's kernels on rows of many channels give the bits of their chunks of 16 channels taken one at a time",
+          arguments: [16, 32, 48, 64, 80, 112, 133, 256])
+    func batchNormRowsByChunks(width: Int) {
+        let rows = 300, rowStride = width + 16  // past one 256-row block; a thread's share of longer rows
+        let x = randomFloats(rows * rowStride, seed: 110, scale: 2).map { $0 + 0.5 }, dy = randomFloats(rows * rowStride, seed: 111)
+        let x16 = x.map(BF16.bits), dy16 = dy.map(BF16.bits)
+        let mean = randomFloats(width, seed: 112, scale: 0.5), scale = randomFloats(width, seed: 113), shift = randomFloats(width, seed: 114)
+        let k = randomFloats(width, seed: 115), sumDy = randomFloats(width, seed: 116), sumDyX = randomFloats(width, seed: 117)
+        let invStd = randomFloats(width, seed: 118).map { abs($0) + 0.5 }
+        // The chunks: 16 channels from c0, and the last width % 16 alone.
+        let chunks = stride(from: 0, to: width, by: 16).map { ($0, min(16, width - $0)) }
+        for halves in [false, true] {
+            for kind in 0..<3 {  // sum(x), sum(x^2); sum(dy), sum(dy (x - mean)); the same with dy gated
+                let what = "width \(width), \(halves ? "bf16" : "fp32"), sums of kind \(kind)"
+                func sums(_ c0: Int, _ w: Int) -> [Double] {
+                    var first = [Double](repeating: .nan, count: w), second = first
+                    x.withUnsafeBufferPointer { xp in x16.withUnsafeBufferPointer { xh in dy.withUnsafeBufferPointer { dp in
+                        dy16.withUnsafeBufferPointer { dh in mean.withUnsafeBufferPointer { mp in scale.withUnsafeBufferPointer { sp in
+                            shift.withUnsafeBufferPointer { hp in
+                                let gradient = kind > 0, gated = kind == 2
+                                ck_channel_sums(halves ? nil : xp.baseAddress! + c0, halves ? xh.baseAddress! + c0 : nil,
+                                                gradient && !halves ? dp.baseAddress! + c0 : nil, gradient && halves ? dh.baseAddress! + c0 : nil,
+                                                gradient ? mp.baseAddress! + c0 : nil, gated ? sp.baseAddress! + c0 : nil,
+                                                gated ? hp.baseAddress! + c0 : nil, rows, rowStride, w, &first, &second)
+                            }
+                        } } }
+                    } } }
+                    return first + second
+                }
+                let whole = sums(0, width)
+                var byChunks = [Double](repeating: 0, count: 2 * width)
+                for (c0, w) in chunks {
+                    let part = sums(c0, w)
+                    for j in 0..<w { byChunks[c0 + j] = part[j]; byChunks[width + c0 + j] = part[w + j] }
+                }
+                let differing = zip(whole, byChunks).filter { $0.bitPattern != $1.bitPattern }.count
+                #expect(differing == 0, "\(what): \(differing) of \(2 * width) sums differ")
+            }
+            // The pointwise passes over contiguous rows of `width` lanes against each chunk's lanes gathered
+            // into rows of their own.
+            let packedX = (0..<rows * width).map { x[$0 / width * rowStride + $0 % width] }, packedDy = (0..<rows * width).map { dy[$0 / width * rowStride + $0 % width] }
+            func gather(_ values: [Float], _ c0: Int, _ w: Int) -> [Float] { (0..<rows * w).map { values[$0 / w * width + c0 + $0 % w] } }
+            for relu in [false, true] {
+                for training in [false, true] {
+                    func passes(_ xs: [Float], _ dys: [Float], _ c0: Int, _ lanes: Int) -> (y: [UInt16], dx: [UInt16], dxFloats: [Float]) {
+                        var y = [UInt16](repeating: 1, count: xs.count), dx = y, dxFloats = [Float](repeating: 3, count: xs.count)
+                        let xh = xs.map(BF16.bits), dh = dys.map(BF16.bits)
+                        let gate = relu ? Array(scale[c0..<c0 + lanes]) : nil, gateShift = relu ? Array(shift[c0..<c0 + lanes]) : nil
+                        let m = Array(mean[c0..<c0 + lanes]), s = Array(scale[c0..<c0 + lanes]), h = Array(shift[c0..<c0 + lanes])
+                        let kk = Array(k[c0..<c0 + lanes]), sd = Array(sumDy[c0..<c0 + lanes]), sx = Array(sumDyX[c0..<c0 + lanes])
+                        let inv = Array(invStd[c0..<c0 + lanes])
+                        ck_normalize_rows(nil, &y, halves ? nil : xs, halves ? xh : nil, rows, lanes, m, s, h, relu ? 1 : 0)
+                        gate.withOptionalPointer { g in gateShift.withOptionalPointer { gs in
+                            ck_bn_gradient_rows(nil, &dx, halves ? nil : dys, halves ? dh : nil, halves ? nil : xs, halves ? xh : nil, rows, lanes, kk,
+                                                training ? sd : nil, training ? sx : nil, m, training ? inv : nil, g, gs, 300, 0)
+                            ck_bn_gradient_rows(&dxFloats, nil, halves ? nil : dys, halves ? dh : nil, halves ? nil : xs, halves ? xh : nil, rows, lanes,
+                                                kk, training ? sd : nil, training ? sx : nil, m, training ? inv : nil, g, gs, 300, 1)
+                        } }
+                        return (y, dx, dxFloats)
+                    }
+                    let whole = passes(packedX, packedDy, 0, width)
+                    var y = whole.y.map { _ in UInt16(0) }, dx = y, dxFloats = whole.dxFloats.map { _ in Float.nan }
+                    for (c0, w) in chunks {
+                        let part = passes(gather(packedX, c0, w), gather(packedDy, c0, w), c0, w)
+                        for i in 0..<rows * w {
+                            let o = i / w * width + c0 + i % w
+                            y[o] = part.y[i]; dx[o] = part.dx[i]; dxFloats[o] = part.dxFloats[i]
+                        }
+                    }
+                    let what = "width \(width), \(halves ? "bf16" : "fp32"), relu \(relu), training \(training)"
+                    let outputs = zip(whole.y, y).filter { $0 != $1 }.count, gradients = zip(whole.dx, dx).filter { $0 != $1 }.count
+                    let floatGradients = zip(whole.dxFloats, dxFloats).filter { $0.bitPattern != $1.bitPattern }.count
+                    #expect(outputs == 0 && gradients == 0 && floatGradients == 0,
+                            "\(what): \(outputs) outputs, \(gradients) bf16 and \(floatGradients) float input gradients of \(rows * width) differ")
+                }
+            }
+        }
+    }
+}
+
+private extension Optional where Wrapped == [Float] {
+    /// body(a pointer to the array's floats, or nil).
+    func withOptionalPointer<R>(_ body: (UnsafePointer<Float>?) -> R) -> R {
+        switch self {
+        case .some(let values): values.withUnsafeBufferPointer { body($0.baseAddress) }
+        case .none: body(nil)
+        }
+    }
+}

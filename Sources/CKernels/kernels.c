@@ -79,7 +79,7 @@ static inline uint32_t ck_round_bits(uint32_t b) {
 }
 
 
-enum { CK_LANES = 16, CK_BLOCK = 256, CK_GROUP = 4 };
+enum { CK_LANES = 16, CK_BLOCK = 256, CK_GROUP = 8 };
 
 // 16 float lanes as one value (lowered to one AVX-512 register, two AVX2 or four SSE ones): the lanes'
 // arithmetic is elementwise, so every clone computes the same sums.
@@ -353,6 +353,7 @@ CK_CLONES void ck_channel_sums(const float *restrict x, const uint16_t *restrict
             const long end = start + CK_BLOCK < rows ? start + CK_BLOCK : rows;
             long c = 0;
             for (; c + CK_GROUP * CK_LANES <= whole; c += CK_GROUP * CK_LANES) CK_SUMS_BLOCK(CK_GROUP, c, start, end);
+            if (c + 4 * CK_LANES <= whole) { CK_SUMS_BLOCK(4, c, start, end); c += 4 * CK_LANES; }
             if (c + 2 * CK_LANES <= whole) { CK_SUMS_BLOCK(2, c, start, end); c += 2 * CK_LANES; }
             for (; c < whole; c += CK_LANES) CK_SUMS_BLOCK(1, c, start, end);
         }

@@ -29,6 +29,16 @@ func toLayout(_ x: [Float], _ layout: ActivationLayout, n: Int, c: Int, plane: I
     }
 }
 
+/// x laid out in `layout` back to [N, C, H, W].
+func fromLayout(_ x: [Float], _ layout: ActivationLayout, n: Int, c: Int, plane: Int) -> [Float] {
+    precondition(x.count < 1 << 24, "element indices as floats must be exact")
+    // Where each NCHW element lies in `layout`: the indices themselves laid out.
+    let sources = toLayout((0..<x.count).map(Float.init), layout, n: n, c: c, plane: plane)
+    var y = [Float](repeating: 0, count: x.count)
+    for (place, source) in sources.enumerated() { y[Int(source)] = x[place] }
+    return y
+}
+
 /// The largest |a - b| (NaN where either is NaN at a place the other is not).
 func maxAbsDiff(_ a: [Float], _ b: [Float]) -> Float {
     precondition(a.count == b.count)
@@ -183,22 +193,36 @@ struct ChannelsLastTests {
         }
     }
 
-    @Test("BatchNorm on nChw16c gives the same sums for any thread count")
+    // The threads share out units of whole rows and add the units' partial sums in one order afterwards
+    // (`laneSums`), so neither the thread count nor the layout's row length changes a bit. Thread counts
+    // past the channels per row and past the units included.
+    @Test("BatchNorm gives the same bits for any thread count, on NHWC and nChw16c alike")
     func batchNormThreads() throws {
         let (n, c, plane) = (3, 48, 300)
-        let x = toBlocked16(randomFloats(n * c * plane, seed: 74, scale: 2).map { $0 + 1.5 }, n: n, c: c, plane: plane)
-        let dy = toBlocked16(randomFloats(n * c * plane, seed: 75), n: n, c: c, plane: plane)
+        let x = randomFloats(n * c * plane, seed: 74, scale: 2).map { $0 + 1.5 }, dy = randomFloats(n * c * plane, seed: 75)
         let gamma = randomFloats(c, seed: 76), beta = randomFloats(c, seed: 77)
         let previous = Parallel.threads
         defer { Parallel.threads = previous }
-        var results: [BNResult] = []
-        for threads in [1, 2, 3] {
-            Parallel.threads = threads
-            results.append(try batchNorm(x, dy, gamma: gamma, beta: beta, n: n, c: c, plane: plane, training: true, relu: true,
-                                         accumulate: false, layout: .blocked16))
-        }
-        for r in results.dropFirst() {
-            #expect(r.y == results[0].y && r.dx == results[0].dx && r.dGamma == results[0].dGamma && r.runningVar == results[0].runningVar)
+        for relu in [false, true] {
+            var results: [(what: String, result: BNResult)] = []
+            for layout in [ActivationLayout.nhwc, .blocked16] {
+                for threads in [1, 2, 3, 7, 64] {
+                    Parallel.threads = threads
+                    let r = try batchNorm(toLayout(x, layout, n: n, c: c, plane: plane), toLayout(dy, layout, n: n, c: c, plane: plane), gamma: gamma,
+                                          beta: beta, n: n, c: c, plane: plane, training: true, relu: relu, accumulate: false, layout: layout)
+                    // The outputs in one layout (NHWC), to compare across layouts.
+                    let y = toNHWC(fromLayout(r.y, layout, n: n, c: c, plane: plane), n: n, c: c, plane: plane)
+                    let dx = toNHWC(fromLayout(r.dx, layout, n: n, c: c, plane: plane), n: n, c: c, plane: plane)
+                    results.append(("\(layout), \(threads) thread(s), relu \(relu)", BNResult(y: y, dx: dx, dGamma: r.dGamma, dBeta: r.dBeta,
+                                                                                              runningMean: r.runningMean, runningVar: r.runningVar)))
+                }
+            }
+            let first = results[0].result
+            for (what, r) in results.dropFirst() {
+                #expect(r.y.map(\.bitPattern) == first.y.map(\.bitPattern) && r.dx.map(\.bitPattern) == first.dx.map(\.bitPattern), "outputs, \(what)")
+                #expect(r.dGamma == first.dGamma && r.dBeta == first.dBeta && r.runningMean == first.runningMean && r.runningVar == first.runningVar,
+                        "statistics and parameter gradients, \(what)")
+            }
         }
     }
 

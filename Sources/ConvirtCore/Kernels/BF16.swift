@@ -161,6 +161,8 @@ final class ThreadScratch {
     /// emulation's two block sums of a product (`emulatedProduct`), and of a convolution's weight
     /// gradient (`Convolution`).
     static let blockedProductSlot = 7, blockedConvolutionSlot = 8
+    /// Batch norm's partial sums of its units of rows (`laneSums`).
+    static let laneSumsSlot = 9
 
     /// Reorder slot `index`, with room for at least `count` bytes (its contents are lost when it grows).
     func reorderSlot(_ index: Int, bytes count: Int) -> UnsafeMutableRawPointer {

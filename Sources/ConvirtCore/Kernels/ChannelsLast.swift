@@ -92,7 +92,7 @@ public enum RowValues {
 /// (j = c): float inside blocks of 256 rows, double across blocks (as `blockedSums`). Without
 /// `gradient`: sum(x) and sum(x^2). With it: sum(g) and sum(g * (x - mean)), g = dy, or with a gate (the
 /// forward's scale and shift, where a ReLU was fused after it) dy where the forward's output before the
-/// ReLU was positive. (`ck_channel_sums`: the chunk of 16 channels' sums in registers.)
+/// ReLU was positive (`ck_channel_sums`).
 func channelBlockedSums(_ x: RowValues, gradient: LaneGradient?, rows: Int, channels: Int, c0: Int, width: Int,
                         first: UnsafeMutablePointer<Double>, second: UnsafeMutablePointer<Double>) {
     let x = x.advanced(by: c0), g = gradient?.advanced(by: c0, channel: c0)
@@ -117,31 +117,56 @@ struct LaneGradient {
 }
 
 /// Per channel of `shape`, the sums of `channelBlockedSums` over all its rows into first[c] and
-/// second[c]: each thread owns a range of channels and sums each over the outer index in order (one
-/// image after another in nChw16c), so the sums do not depend on the thread count. `gradient`'s mean
-/// and gate are indexed by channel.
+/// second[c], in one order whatever the thread count: float inside blocks of 256 rows of an image,
+/// double across an image's blocks in order, then across the outer index (images) in order. The threads
+/// share out units of whole rows: in NHWC one block of one image (its rows hold every channel, read
+/// once and in order), in nChw16c one image's plane of one group of 16 channels. Each unit's sums go to a
+/// partial of its own, and the partials are added in that order afterwards, so a channel's sums do not
+/// depend on how many threads there are, or on how many channels a row holds (`ck_channel_sums`).
+/// `gradient`'s mean and gate are indexed by channel.
 func laneSums(_ x: RowValues, gradient: LaneGradient?,
               shape: LaneLayout, first: UnsafeMutablePointer<Double>, second: UnsafeMutablePointer<Double>) {
-    let lanes = shape.lanes, run = shape.plane * lanes
-    Parallel.chunks(shape.channels, cost: shape.outer * shape.plane) { range in
-        withUnsafeTemporaryAllocation(of: Double.self, capacity: 2 * lanes) { buffer in
-            let a = buffer.baseAddress!, b = a + lanes
+    let lanes = shape.lanes, plane = shape.plane, groups = shape.groups
+    // Units of one block where rows hold many channels, else the whole plane (the kernel adds its blocks).
+    let unitRows = lanes > 16 ? laneSumsBlockRows : plane
+    let unitsPerPlane = (plane + unitRows - 1) / unitRows, units = shape.outer * groups * unitsPerPlane
+    let partials = ThreadScratch.current.reorderSlot(ThreadScratch.laneSumsSlot, bytes: units * 2 * lanes * MemoryLayout<Double>.size)
+        .assumingMemoryBound(to: Double.self)
+    Parallel.chunks(units, cost: unitRows * lanes) { range in
+        for u in range {
+            let part = u % unitsPerPlane, g = u / unitsPerPlane % groups, n = u / (unitsPerPlane * groups)
+            let r0 = part * unitRows, o = ((n * groups + g) * plane + r0) * lanes, p = partials + u * 2 * lanes
+            channelBlockedSums(x.advanced(by: o), gradient: gradient?.advanced(by: o, channel: g * lanes), rows: min(unitRows, plane - r0),
+                               channels: lanes, c0: 0, width: lanes, first: p, second: p + lanes)
+        }
+    }
+    // first[c] = sum over images (sum over the image's units), each sum from 0 in order.
+    Parallel.chunks(shape.channels, cost: 2 * units / groups) { range in
+        withUnsafeTemporaryAllocation(of: Double.self, capacity: 2 * range.count) { buffer in
+            let f = buffer.baseAddress!, s = f + range.count
             var c = range.lowerBound
             while c < range.upperBound {
                 let g = c / lanes, l0 = c % lanes, width = min(lanes - l0, range.upperBound - c)
-                first.advanced(by: c).update(repeating: 0, count: width)
-                second.advanced(by: c).update(repeating: 0, count: width)
+                let total = first + c, totalSecond = second + c
+                total.update(repeating: 0, count: width)
+                totalSecond.update(repeating: 0, count: width)
                 for n in 0..<shape.outer {
-                    let o = (n * shape.groups + g) * run
-                    channelBlockedSums(x.advanced(by: o), gradient: gradient?.advanced(by: o, channel: g * lanes),
-                                       rows: shape.plane, channels: lanes, c0: l0, width: width, first: a, second: b)
-                    for j in 0..<width { first[c + j] += a[j]; second[c + j] += b[j] }
+                    f.update(repeating: 0, count: width)
+                    s.update(repeating: 0, count: width)
+                    for part in 0..<unitsPerPlane {
+                        let p = partials + ((n * groups + g) * unitsPerPlane + part) * 2 * lanes + l0
+                        for j in 0..<width { f[j] += p[j]; s[j] += p[lanes + j] }
+                    }
+                    for j in 0..<width { total[j] += f[j]; totalSecond[j] += s[j] }
                 }
                 c += width
             }
         }
     }
 }
+
+/// The rows of a float block of `ck_channel_sums` (CK_BLOCK).
+let laneSumsBlockRows = 256
 
 extension BatchNorm2d {
     /// `forwardTraining` over rows of channels (NHWC or nChw16c); the output as floats, as bf16 bits, or both.

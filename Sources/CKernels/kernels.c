@@ -290,20 +290,19 @@ CK_CLONES void ck_dropout_backward(float *dx, const float *dy, long start, long 
     ck_dropout(dx + start, dy + start, start, end, seed, stream, limit, scale, 1);
 }
 
-// BatchNorm over rows of channels (NHWC, nChw16c: `LaneLayout` in ChannelsLast.swift). Each kernel walks
-// the lanes in chunks of 16, each chunk down all its rows, with the chunk's per-channel values held in
-// registers; lanes past the last whole chunk run one at a time with the same arithmetic.
+// BatchNorm over rows of channels (NHWC, nChw16c: `LaneLayout` in ChannelsLast.swift). The kernels take
+// the lanes in chunks of 16. A row of one chunk (nChw16c) is walked down all its rows with the chunk's
+// per-channel values in registers; rows of several chunks (NHWC) are taken in order, all of a row's
+// chunks at once (the sums: a block's rows, up to CK_GROUP chunks at a time in registers), so that each
+// row is read from memory once. Every lane's arithmetic, and its order over the rows, is the same either
+// way. Lanes past the last whole chunk run one at a time with the same arithmetic.
 
-// Sums over `rows` rows (stride `stride` floats) of lanes 0..<width, as channelBlockedSums: float lanes
-// inside blocks of 256 rows, double across blocks. Without dy: sum(x), sum(x^2). With dy: sum(g) and
-// sum(g * (x - mean[l])), g = dy, or with gate_scale (a ReLU fused after the forward) dy where the
-// forward's output before it, CK_BN_SHIFTED(x - mean[l], gate_scale[l], gate_shift[l]), was positive.
 // x16, dy16: x, dy as bf16 bits instead of floats (x, dy then NULL), the values the floats would hold.
 #define CK_X(o) (x16 ? ck_load_bf16(x16 + (o)) : ck_load(x + (o)))
 #define CK_XS(o) (x16 ? ck_float_of_bf16(x16[o]) : x[o])
 #define CK_DY(o) (dy16 ? ck_load_bf16(dy16 + (o)) : ck_load(dy + (o)))
 #define CK_DYS(o) (dy16 ? ck_float_of_bf16(dy16[o]) : dy[o])
-// One chunk's (16 lanes from j0) terms at element o into its sums a and b, for each kind of ck_channel_sums:
+// One chunk's terms at element o (16 lanes) into its sums a and b, for each kind of ck_channel_sums:
 // x and x^2; dy and dy (x - mean); the gated dy and dy (x - mean) (mu, sc, sh: the chunk's mean and gate).
 #define CK_SUMS_X(a, b, o) do { const ck_v16 v_ = CK_X(o); a += v_; b += v_ * v_; } while (0)
 #define CK_SUMS_DY(a, b, o, mu) do { const ck_v16 g_ = CK_DY(o); a += g_; b += g_ * (CK_X(o) - (mu)); } while (0)
@@ -337,6 +336,10 @@ CK_CLONES void ck_dropout_backward(float *dx, const float *dy, long start, long 
             second[(c) + q_ * CK_LANES + l_] += (double)b_[q_][l_]; \
         } \
 } while (0)
+// Sums over `rows` rows (stride `stride` floats) of lanes 0..<width, as channelBlockedSums: float lanes
+// inside blocks of 256 rows, double across blocks. Without dy: sum(x), sum(x^2). With dy: sum(g) and
+// sum(g * (x - mean[l])), g = dy, or with gate_scale (a ReLU fused after the forward) dy where the
+// forward's output before it, CK_BN_SHIFTED(x - mean[l], gate_scale[l], gate_shift[l]), was positive.
 CK_CLONES void ck_channel_sums(const float *restrict x, const uint16_t *restrict x16, const float *restrict dy, const uint16_t *restrict dy16,
                                const float *restrict mean,
                                const float *restrict gate_scale, const float *restrict gate_shift, long rows, long stride, long width,
@@ -384,7 +387,6 @@ CK_CLONES void ck_channel_sums(const float *restrict x, const uint16_t *restrict
     }
 }
 
-// y = (x - mean[l]) * scale[l] + shift[l] over rows x lanes (contiguous), max(that, 0) with relu.
 // One chunk of one row of ck_normalize_rows (mu, sc, sh: the chunk's per-channel values).
 #define CK_NORMALIZE_CHUNK(o, mu, sc, sh) do { \
     const ck_v16 a_ = CK_BN_SHIFTED(CK_X(o) - (mu), sc, sh); \
@@ -393,6 +395,7 @@ CK_CLONES void ck_channel_sums(const float *restrict x, const uint16_t *restrict
     if (y) *(ck_v16 *)(y + (o)) = v_; \
     if (y16) ck_store_bf16(y16 + (o), v_); \
 } while (0)
+// y = (x - mean[l]) * scale[l] + shift[l] over rows x lanes (contiguous), max(that, 0) with relu.
 CK_CLONES void ck_normalize_rows(float *restrict y, uint16_t *restrict y16, const float *restrict x, const uint16_t *restrict x16, long rows, long lanes,
                                  const float *restrict mean, const float *restrict scale, const float *restrict shift, int relu) {
     const ck_v16 zero = {0};
@@ -425,10 +428,6 @@ CK_CLONES void ck_normalize_run(float *restrict y, const float *restrict x, long
     }
 }
 
-// BatchNorm's input gradient over rows x lanes (contiguous), g = dy, or with gate_scale dy where the
-// forward's output before its ReLU was positive (as ck_channel_sums, about mean[l]): training (sum_dy
-// given) k[l] * (m * g - sum_dy[l] - (x - mean[l]) * inv_std[l] * sum_dyx[l]); evaluation (sum_dy NULL)
-// g * k[l]. dx is overwritten, or added to with accumulate. dy16: dy as bf16 bits (dy then NULL).
 // One chunk of one row of ck_bn_gradient_rows (the chunk's per-channel values: kv, sd, sx, mu, is, sc, sh).
 #define CK_BN_GRADIENT_CHUNK(o, kv, sd, sx, mu, is, sc, sh) do { \
     const ck_v16 d_ = CK_DY(o), centered_ = sum_dy || gate_scale ? CK_X(o) - (mu) : zero; \
@@ -443,6 +442,10 @@ CK_CLONES void ck_normalize_run(float *restrict y, const float *restrict x, long
     const ck_v16 sd = sum_dy ? ck_load(sum_dy + (j0)) : zero, sx = sum_dy ? ck_load(sum_dyx + (j0)) : zero; \
     const ck_v16 mu = sum_dy || gate_scale ? ck_load(mean + (j0)) : zero, is = sum_dy ? ck_load(inv_std + (j0)) : zero; \
     const ck_v16 sc = gate_scale ? ck_load(gate_scale + (j0)) : zero, sh = gate_scale ? ck_load(gate_shift + (j0)) : zero
+// BatchNorm's input gradient over rows x lanes (contiguous), g = dy, or with gate_scale dy where the
+// forward's output before its ReLU was positive (as ck_channel_sums, about mean[l]): training (sum_dy
+// given) k[l] * (m * g - sum_dy[l] - (x - mean[l]) * inv_std[l] * sum_dyx[l]); evaluation (sum_dy NULL)
+// g * k[l]. dx is overwritten, or added to with accumulate. dy16: dy as bf16 bits (dy then NULL).
 CK_CLONES void ck_bn_gradient_rows(float *restrict dx, uint16_t *restrict dx16, const float *restrict dy, const uint16_t *restrict dy16,
                                    const float *restrict x,
                                    const uint16_t *restrict x16, long rows, long lanes, const float *restrict k, const float *restrict sum_dy,

@@ -79,7 +79,7 @@ static inline uint32_t ck_round_bits(uint32_t b) {
 }
 
 
-enum { CK_LANES = 16, CK_BLOCK = 256, CK_GROUP = 8 };
+enum { CK_LANES = 16, CK_BLOCK = CK_BLOCK_ROWS, CK_GROUP = 8 };
 
 // 16 float lanes as one value (lowered to one AVX-512 register, two AVX2 or four SSE ones): the lanes'
 // arithmetic is elementwise, so every clone computes the same sums.

@@ -56,6 +56,8 @@ void ck_dropout_backward(float *dx, const float *dy, long start, long end, uint6
 // ck_bf16_bits), y / dx may then be NULL (dx16 overwrites: accumulate 0). A ReLU fused after the forward is recomputed in the backward from the input:
 // gate_scale and gate_shift (NULL: no ReLU) are the forward's scale and shift, and the gradient flows
 // where (x - mean) * scale + shift, the forward's output before the ReLU, was positive.
+// ck_channel_sums adds each lane in float inside blocks of CK_BLOCK_ROWS rows, in double across them.
+#define CK_BLOCK_ROWS 256
 void ck_channel_sums(const float *x, const uint16_t *x16, const float *dy, const uint16_t *dy16, const float *mean, const float *gate_scale,
                      const float *gate_shift, long rows, long stride, long width, double *first, double *second);
 void ck_normalize_rows(float *y, uint16_t *y16, const float *x, const uint16_t *x16, long rows, long lanes, const float *mean,

@@ -128,7 +128,7 @@ func laneSums(_ x: RowValues, gradient: LaneGradient?,
               shape: LaneLayout, first: UnsafeMutablePointer<Double>, second: UnsafeMutablePointer<Double>) {
     let lanes = shape.lanes, plane = shape.plane, groups = shape.groups
     // Units of one block where rows hold many channels, else the whole plane (the kernel adds its blocks).
-    let unitRows = lanes > 16 ? laneSumsBlockRows : plane
+    let unitRows = lanes > 16 ? Int(CK_BLOCK_ROWS) : plane
     let unitsPerPlane = (plane + unitRows - 1) / unitRows, units = shape.outer * groups * unitsPerPlane
     let partials = ThreadScratch.current.reorderSlot(ThreadScratch.laneSumsSlot, bytes: units * 2 * lanes * MemoryLayout<Double>.size)
         .assumingMemoryBound(to: Double.self)
@@ -164,9 +164,6 @@ func laneSums(_ x: RowValues, gradient: LaneGradient?,
         }
     }
 }
-
-/// The rows of a float block of `ck_channel_sums` (CK_BLOCK).
-let laneSumsBlockRows = 256
 
 extension BatchNorm2d {
     /// `forwardTraining` over rows of channels (NHWC or nChw16c); the output as floats, as bf16 bits, or both.

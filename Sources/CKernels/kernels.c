@@ -690,10 +690,41 @@ CK_CLONES void ck_gelu_forward_bf16(uint16_t *restrict y16, const float *restric
 // order; vector square roots and divisions round as the scalar ones): with decoupled, p *= shrink
 // first; g' = g + l2 * p; m = m + (1 - b1) * (g' - m); v = v * b2 + (1 - b2) * g' * g';
 // p -= step_size * (m / (sqrt(v) / bias2_sqrt + eps)).
-CK_CLONES void ck_adam(float *restrict p, const float *restrict g, float *restrict m, float *restrict v, long count, float step_size,
+// One element of Adam's update (the vector loop's arithmetic, lane by lane); returns the new p.
+static inline float ck_adam_one(float *restrict p, const float *restrict g, float *restrict m, float *restrict v, float step_size,
+                                float bias2_sqrt, float b2, float eps, float one_minus_b1, float one_minus_b2, float shrink, float l2,
+                                int decoupled) {
+    float pi = *p;
+    if (decoupled) pi *= shrink;
+    const float gi = *g + l2 * pi;
+    const float mi = *m + one_minus_b1 * (gi - *m);
+    const float vi = *v * b2 + one_minus_b2 * gi * gi;
+    *m = mi;
+    *v = vi;
+    const float denom = __builtin_sqrtf(vi) / bias2_sqrt + eps;
+    return *p = pi - step_size * (mi / denom);
+}
+
+typedef float ck_v16a __attribute__((vector_size(64), aligned(64)));
+
+// The elements are taken one at a time until p + i is 64-byte aligned, then 16 at a time: the same
+// arithmetic either way, so the result does not depend on where a range starts. Mirrors at p's
+// alignment get the vector stores as non-temporal ones (nothing reads them before the next step),
+// others ordinary stores; an sfence ends the stores either way.
+CK_CLONES long ck_adam(float *restrict p, const float *restrict g, float *restrict m, float *restrict v, long count, float step_size,
                        float bias2_sqrt, float b2, float eps, float one_minus_b1, float one_minus_b2, float shrink, float l2,
-                       int decoupled) {
-    long i = 0;
+                       int decoupled, float *const *mirrors, long mirror_count) {
+    long i = 0, bad = 0;
+#define CK_ADAM_SCALAR(i_) do { \
+        const float pn_ = ck_adam_one(p + (i_), g + (i_), m + (i_), v + (i_), step_size, bias2_sqrt, b2, eps, one_minus_b1, one_minus_b2, \
+                                      shrink, l2, decoupled); \
+        for (long k_ = 0; k_ < mirror_count; k_++) mirrors[k_][i_] = pn_; \
+        bad += (float_to_bits(pn_) & 0x7f800000u) == 0x7f800000u; \
+    } while (0)
+    for (; i < count && ((uintptr_t)(p + i) & 63) != 0; i++) CK_ADAM_SCALAR(i);
+    int streaming = 1;
+    for (long k = 0; k < mirror_count; k++) streaming &= ((uintptr_t)(mirrors[k] + i) & 63) == 0;
+    ck_i16 nonfinite = {0};
     for (; i + CK_LANES <= count; i += CK_LANES) {
         ck_v16 pv = ck_load(p + i);
         if (decoupled) pv = pv * shrink;
@@ -703,19 +734,21 @@ CK_CLONES void ck_adam(float *restrict p, const float *restrict g, float *restri
         *(ck_v16 *)(m + i) = mi;
         *(ck_v16 *)(v + i) = vi;
         const ck_v16 denom = __builtin_elementwise_sqrt(vi) / bias2_sqrt + eps;
-        *(ck_v16 *)(p + i) = pv - step_size * (mi / denom);
+        const ck_v16 pn = pv - step_size * (mi / denom);
+        *(ck_v16 *)(p + i) = pn;
+        if (streaming) {
+            for (long k = 0; k < mirror_count; k++) __builtin_nontemporal_store((ck_v16a)pn, (ck_v16a *)(mirrors[k] + i));
+        } else {
+            for (long k = 0; k < mirror_count; k++) *(ck_v16 *)(mirrors[k] + i) = pn;
+        }
+        nonfinite += (((ck_u16v)pn & 0x7f800000u) == 0x7f800000u);  // -1 where NaN or infinite
     }
-    for (; i < count; i++) {
-        float pi = p[i];
-        if (decoupled) pi *= shrink;
-        const float gi = g[i] + l2 * pi;
-        const float mi = m[i] + one_minus_b1 * (gi - m[i]);
-        const float vi = v[i] * b2 + one_minus_b2 * gi * gi;
-        m[i] = mi;
-        v[i] = vi;
-        const float denom = __builtin_sqrtf(vi) / bias2_sqrt + eps;
-        p[i] = pi - step_size * (mi / denom);
-    }
+    for (; i < count; i++) CK_ADAM_SCALAR(i);
+#undef CK_ADAM_SCALAR
+#if defined(__x86_64__)
+    if (mirror_count > 0) __builtin_ia32_sfence();
+#endif
+    return bad - __builtin_reduce_add(nonfinite);
 }
 
 typedef float ck_v8 __attribute__((vector_size(32), aligned(4)));

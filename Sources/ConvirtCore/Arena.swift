@@ -271,13 +271,22 @@ public final class ParameterArena: @unchecked Sendable {
     }
 
     /// How many parameters and buffers (BatchNorm's running statistics) are NaN or infinite: a diverged run.
-    public func nonFiniteParameterCount() -> Int {
+    public func nonFiniteParameterCount() -> Int { nonFiniteCount(in: [0..<count]) }
+
+    /// How many buffers (BatchNorm's running statistics: what changes in a step besides the trainable
+    /// parameters, whose count Adam returns) are NaN or infinite.
+    public func nonFiniteBufferCount() -> Int { nonFiniteCount(in: layout.entries.filter { $0.kind == .buffer }.map(\.range)) }
+
+    private func nonFiniteCount(in ranges: [Range<Int>]) -> Int {
         let p = params
-        let counts = UnsafeMutablePointer<Int>.allocate(capacity: max(1, Parallel.threads))
-        counts.initialize(repeating: 0, count: max(1, Parallel.threads))
-        defer { counts.deallocate() }
-        Parallel.indexedChunks(count) { part, range in counts[part] += ck_count_nonfinite(p + range.lowerBound, range.count) }
-        return (0..<max(1, Parallel.threads)).reduce(0) { $0 + counts[$1] }
+        let parts = max(1, Parallel.threads)
+        return withUnsafeTemporaryAllocation(of: Int.self, capacity: parts) { counts in
+            counts.initialize(repeating: 0)
+            for range in ranges {
+                Parallel.indexedChunks(range.count) { part, chunk in counts[part] += ck_count_nonfinite(p + range.lowerBound + chunk.lowerBound, chunk.count) }
+            }
+            return counts.reduce(0, +)
+        }
     }
 
     /// The trainable ranges clipped to `window` (a ZeRO-1 shard).

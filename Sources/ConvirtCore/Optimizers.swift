@@ -29,10 +29,12 @@ public enum Adam {
     /// torch.optim.Adam (single-tensor path): g = grad + wd * p; m = lerp(m, g, 1 - b1);
     /// v = b2 * v + (1 - b2) * g^2; p -= lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps).
     /// AdamW first does p *= 1 - lr * wd and adds nothing to the gradient.
-    /// The gradient buffer is left as it is.
+    /// The gradient buffer is left as it is. Each new params[i] is also written to mirror[mirrorOffset + i]
+    /// for every mirror (other copies of the parameters). Returns how many new parameters are NaN or infinite.
+    @discardableResult
     public static func step(params: UnsafeMutablePointer<Float>, grads: UnsafePointer<Float>,
                             m: UnsafeMutablePointer<Float>, v: UnsafeMutablePointer<Float>,
-                            count: Int, step: Int, config c: AdamConfig) {
+                            count: Int, step: Int, config c: AdamConfig, mirrors: [UnsafeMutablePointer<Float>] = [], mirrorOffset: Int = 0) -> Int {
         precondition(step >= 1, "Adam steps count from 1")
         // Scalars are formed in Double and rounded once to Float, as torch does with Python floats.
         let bias1 = 1 - Double.pow(c.beta1, Double(step))
@@ -47,25 +49,37 @@ public enum Adam {
         let decoupled = c.decoupled && wd != 0
         // Every element on its own: split over the threads, the result is the same bit for bit. The loop
         // is `ck_adam` (16 lanes where the CPU has AVX-512), the arithmetic per element as written above.
-        Parallel.chunks(count, cost: 8) { range in
-            let o = range.lowerBound
-            ck_adam(params + o, grads + o, m + o, v + o, range.count, stepSize, bias2Sqrt, b2, eps, oneMinusB1, oneMinusB2, shrink, l2,
-                    decoupled ? 1 : 0)
+        let parts = max(1, Parallel.threads)
+        return withUnsafeTemporaryAllocation(of: Int.self, capacity: parts) { counts in
+            counts.initialize(repeating: 0)
+            withUnsafeTemporaryAllocation(of: UnsafeMutablePointer<Float>?.self, capacity: max(1, mirrors.count * parts)) { shifted in
+                Parallel.indexedChunks(count, cost: 8) { part, range in
+                    let o = range.lowerBound
+                    let own = UnsafeMutableBufferPointer(rebasing: shifted[(part * mirrors.count)..<((part + 1) * mirrors.count)])
+                    for (k, mirror) in mirrors.enumerated() { own[k] = mirror + mirrorOffset + o }
+                    counts[part] += ck_adam(params + o, grads + o, m + o, v + o, range.count, stepSize, bias2Sqrt, b2, eps, oneMinusB1,
+                                            oneMinusB2, shrink, l2, decoupled ? 1 : 0, own.baseAddress, mirrors.count)
+                }
+            }
+            return counts.reduce(0, +)
         }
     }
 
-    /// Steps the arena elements of `range` (which must lie in the arena's optimizer range).
-    public static func step(_ arena: ParameterArena, range: Range<Int>, step: Int, config: AdamConfig) {
+    /// Steps the arena elements of `range` (which must lie in the arena's optimizer range), writing the
+    /// new parameters also to `mirrors` (other buffers laid out as the arena); returns how many are NaN
+    /// or infinite.
+    @discardableResult
+    public static func step(_ arena: ParameterArena, range: Range<Int>, step: Int, config: AdamConfig,
+                            mirrors: [UnsafeMutablePointer<Float>] = []) -> Int {
         let (m, v) = arena.moments(at: range.lowerBound)
-        Adam.step(params: arena.trainingParams + range.lowerBound, grads: arena.grads + range.lowerBound, m: m, v: v,
-                  count: range.count, step: step, config: config)
+        return Adam.step(params: arena.trainingParams + range.lowerBound, grads: arena.grads + range.lowerBound, m: m, v: v,
+                         count: range.count, step: step, config: config, mirrors: mirrors, mirrorOffset: range.lowerBound)
     }
 
     /// Steps every trainable range of an arena that this process holds optimizer state for (all of it,
-    /// or its ZeRO-1 shard).
-    public static func step(_ arena: ParameterArena, step: Int, config: AdamConfig) {
-        for range in arena.trainableRanges(within: arena.optimizerRange) {
-            Adam.step(arena, range: range, step: step, config: config)
-        }
+    /// or its ZeRO-1 shard); returns how many new parameters are NaN or infinite.
+    @discardableResult
+    public static func step(_ arena: ParameterArena, step: Int, config: AdamConfig) -> Int {
+        arena.trainableRanges(within: arena.optimizerRange).reduce(0) { $0 + Adam.step(arena, range: $1, step: step, config: config) }
     }
 }

@@ -9,8 +9,8 @@
 //                        rank's gradient buffer (SharedGradients.swift) instead of the buckets
 //   gradientNorm(), clip(to:)
 //   step(adam:step:)     Adam over the ranges this rank holds state for; ZeRO-1: all-gather the parameters;
-//                        shared memory on one machine (either mode): each rank steps its own shard and
-//                        copies the others' from their parameter buffers
+//                        shared memory on one machine (either mode): each rank steps its own shard,
+//                        writing the new parameters into every rank's parameter buffer
 //
 // Gradients are summed over ranks (the loss is normalised by the global batch), so W ranks train as one.
 
@@ -42,11 +42,18 @@ public final class GradientSync {
     public let shards: ArenaShards
     private let buckets: GradientBuckets?
     private let shardGradients: UnsafeMutablePointer<Float>?
+    /// The arena range whose sums over ranks this rank holds after `finish` (and updates): its shard
+    /// (ZeRO-1, or ranks splitting the update through shared parameters) or all of it.
+    public let summedRange: Range<Int>
+    /// Whether that is this rank's shard alone, of several.
+    private let holdsOwnSums: Bool
     /// The sums through shared memory, where the ranks share a machine (and `exchange` allows it).
     private let shared: SharedGradientSum?
-    /// Ranks on one machine sharing memory: every rank's parameters, from which each copies the others'
-    /// shards after updating its own.
+    /// Ranks on one machine sharing memory: every rank's parameters, into which each writes its own
+    /// shard's update.
     private let sharedParameters: SharedRegion?
+    /// The other ranks' buffers of `sharedParameters` (none without it).
+    private let peerParameters: [UnsafeMutablePointer<Float>]
     /// How the gradients are summed over ranks, in words (for the run's log): "one rank", "shared
     /// memory (/dev/shm)" or "MPI collectives", with the reason where auto fell back to them.
     public let exchangeDescription: String
@@ -86,8 +93,9 @@ public final class GradientSync {
                         }
                     }
                     arena.adoptGradients(region.own, owner: region)
+                    // Where each rank updates its own shard alone, the sums of its shard are all it needs.
                     shared = SharedGradientSum(region: region, communicator: communicator, trainableRuns: arena.trainableRanges,
-                                               shard: mode.shardsOptimizerState && oneMachine ? own : nil)
+                                               shard: mode.shardsOptimizerState && oneMachine || sharedParameters != nil ? own : nil)
                     description = (oneMachine ? "shared memory (\(region.location))"
                         : "shared memory (\(region.location)) within each of \(region.machines) machines, MPI across them") + note
                 } else if exchange == .sharedMemory {
@@ -101,7 +109,10 @@ public final class GradientSync {
             }
         }
         self.shared = shared
+        holdsOwnSums = distributed && (shared?.everywhere == false || mode.shardsOptimizerState)
+        summedRange = holdsOwnSums ? own : 0..<arena.count
         self.sharedParameters = sharedParameters
+        peerParameters = sharedParameters.map { region in region.buffers.enumerated().filter { $0.offset != region.localRank }.map(\.element) } ?? []
         exchangeDescription = description
         if mode.shardsOptimizerState {
             arena.shardOptimizerState(own)
@@ -168,17 +179,34 @@ public final class GradientSync {
         return clock.lap()
     }
 
-    /// The L2 norm of every trainable gradient (with ZeRO-1: each rank's shard, summed over ranks).
+    /// The L2 norm of every trainable gradient, summed over ranks. Its sum of squares has one structure
+    /// whoever holds the gradients, so that every way of summing them over W ranks gives the same bits:
+    /// each rank's shard (`shards`) in blocks of 16384 elements along its trainable runs (each block in
+    /// 8 double lanes, `ck_sum_squares`), the blocks added in order, and then the shards in rank order.
+    /// A rank that holds only its own shard's sums computes that shard's part and gets the others' by an
+    /// all-reduce in which each has a slot of its own (exact: every other term is zero). With one rank
+    /// this is the sum over the whole arena, for any thread count.
     public func gradientNorm() throws -> Double {
-        // Blocks of 16384 elements summed in parallel (each in 8 double lanes, `ck_sum_squares`), then the
-        // block sums in order: the same value for any thread count.
+        let size = communicator.size
+        var parts = [Double](repeating: 0, count: size)
+        if holdsOwnSums {
+            parts[communicator.rank] = squares(within: shards[communicator.rank])
+            try parts.withUnsafeMutableBufferPointer { try communicator.allReduceSum($0) }
+        } else {
+            for r in 0..<size { parts[r] = squares(within: shards[r]) }
+        }
+        return parts.reduce(0, +).squareRoot()
+    }
+
+    /// The sum of squares of the trainable gradients in `window`: blocks of 16384 elements along each
+    /// run, summed in parallel, then added one by one in order (the same value for any thread count).
+    private func squares(within window: Range<Int>) -> Double {
         let block = 16_384
-        var squares = [0.0]
+        var total = 0.0
         let grads = arena.grads
-        for range in arena.trainableRanges(within: arena.optimizerRange) {
+        for range in arena.trainableRanges(within: window) {
             let blocks = (range.count + block - 1) / block
-            var partial = [Double](repeating: 0, count: blocks)
-            partial.withUnsafeMutableBufferPointer { partial in
+            withUnsafeTemporaryAllocation(of: Double.self, capacity: blocks) { partial in
                 let sums = partial.baseAddress!
                 Parallel.chunks(blocks, cost: block) { part in
                     for b in part {
@@ -186,11 +214,10 @@ public final class GradientSync {
                         sums[b] = ck_sum_squares(grads + lo, hi - lo)
                     }
                 }
+                for b in 0..<blocks { total += sums[b] }
             }
-            for s in partial { squares[0] += s }
         }
-        if mode.shardsOptimizerState && communicator.size > 1 { try squares.withUnsafeMutableBufferPointer { try communicator.allReduceSum($0) } }
-        return squares[0].squareRoot()
+        return total
     }
 
     /// Scales the gradients so that their norm (`norm`, from gradientNorm) is at most `maxNorm`.
@@ -199,51 +226,69 @@ public final class GradientSync {
         scale(by: Float(maxNorm / (norm + 1e-6)))
     }
 
-    /// Multiplies the trainable gradients this rank holds (all, or its ZeRO-1 shard) by `scale`.
+    /// Multiplies the trainable gradients this rank holds sums of (`summedRange`) by `scale`.
     public func scale(by scale: Float) {
         let grads = arena.grads
-        for range in arena.trainableRanges(within: arena.optimizerRange) {
+        for range in arena.trainableRanges(within: summedRange) {
             Parallel.chunks(range.count) { part in for i in part { grads[range.lowerBound + i] *= scale } }
         }
     }
 
-    /// Adam over what this rank holds state for; with ZeRO-1 the updated shards are then all-gathered
-    /// (through shared memory where the gradients are summed there). Replicated ranks sharing one
-    /// machine's memory split the update the same way: each steps its own shard (the checkpoint shard it
-    /// writes) and copies the others' from their buffers, instead of every rank repeating the whole
-    /// update (the same parameters bit for bit: Adam is elementwise). Their moments outside their own
-    /// shard are then left as they were: nothing reads them (a checkpoint takes each rank's shard of the
-    /// moments from that rank, `Checkpoints.save`). Returns the seconds of the all-gather.
+    /// What `step` did: the seconds it spent bringing the ranks' updated parameters together, and how
+    /// many parameters and running statistics are NaN or infinite after it (the same on every rank).
+    public struct Update: Sendable {
+        public let gatherSeconds: Double
+        public let nonFinite: Int
+    }
+
+    /// Adam over what this rank holds state for; with ZeRO-1 the updated shards are then all-gathered.
+    /// Ranks sharing one machine's memory for their parameters (replicated or ZeRO-1) split the update:
+    /// each steps its own shard (the checkpoint shard it writes) and writes the new parameters into every
+    /// rank's buffer as it goes, instead of every rank repeating the whole update (the same parameters
+    /// bit for bit: Adam is elementwise). Replicated ranks' moments outside their own shard are then left
+    /// as they were: nothing reads them (a checkpoint takes each rank's shard of the moments from that
+    /// rank, `Checkpoints.save`). The non-finite count comes from Adam (each rank counts what it wrote,
+    /// summed over the ranks that split the update) and from this rank's running statistics; the frozen
+    /// parameters do not change.
     @discardableResult
-    public func step(adam config: AdamConfig, step: Int) throws -> Double {
-        if sharedParameters != nil && !mode.shardsOptimizerState {
-            for range in arena.trainableRanges(within: shards[communicator.rank]) {
-                Adam.step(arena, range: range, step: step, config: config)
+    public func step(adam config: AdamConfig, step: Int) throws -> Update {
+        let rank = communicator.rank
+        var nonFinite = 0, gather = 0.0
+        if !peerParameters.isEmpty {
+            // The other ranks read their own buffers only from the next step on (their forward), and none
+            // reads or writes this shard of them now: each is in its own shard's update (the gradient sums
+            // met every rank after backward). The sum of the counts meets every rank again, after every
+            // new parameter is written.
+            for range in arena.trainableRanges(within: shards[rank]) {
+                nonFinite += Adam.step(arena, range: range, step: step, config: config, mirrors: peerParameters)
             }
-        } else {
-            Adam.step(arena, step: step, config: config)
-        }
-        var clock = Clock()
-        if let sharedParameters {
-            // Once every rank has updated its shard: each copies the others' shards of the trainable runs
-            // from their buffers, and meets them again, so that no rank changes its parameters (the next
-            // update, or a restore of the best ones in fine-tuning) while another still reads them.
-            try communicator.meetSharingMemory()
-            for (_, pieces) in shardedRuns {
-                for (peer, piece) in pieces.enumerated() where peer != communicator.rank && !piece.isEmpty {
-                    parallelCopy(arena.trainingParams + piece.lowerBound, sharedParameters.buffers[peer] + piece.lowerBound, count: piece.count)
-                }
-            }
-            try communicator.meetSharingMemory()
+            var clock = Clock()
+            ck_memory_fence()
+            nonFinite = try summedOverRanks(nonFinite)
+            ck_memory_fence()
+            gather = clock.lap()
         } else if mode.shardsOptimizerState && communicator.size > 1 {
+            nonFinite = Adam.step(arena, step: step, config: config)
+            var clock = Clock()
             // Only the trainable runs change (each cut where the shards cut it); frozen parameters and the
             // running statistics (SyncBN's, the same on every rank) stay as every rank holds them.
             for (run, pieces) in shardedRuns {
                 try communicator.allGatherInPlace(UnsafeMutableBufferPointer(start: arena.trainingParams + run.lowerBound, count: run.count),
                                                   counts: pieces.map(\.count))
             }
+            nonFinite = try summedOverRanks(nonFinite)
+            gather = clock.lap()
+        } else {
+            nonFinite = Adam.step(arena, step: step, config: config)
         }
-        return clock.lap()
+        return Update(gatherSeconds: gather, nonFinite: nonFinite + arena.nonFiniteBufferCount())
+    }
+
+    /// A count summed over the ranks (exact: doubles hold every count a job can make).
+    private func summedOverRanks(_ count: Int) throws -> Int {
+        var total = [Double(count)]
+        try total.withUnsafeMutableBufferPointer { try communicator.allReduceSum($0) }
+        return Int(total[0])
     }
 }
 

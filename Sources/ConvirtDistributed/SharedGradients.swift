@@ -1,7 +1,8 @@
 // Gradient sums through shared memory, for ranks that share a machine. Each rank's gradient buffer is a
 // shared mapping that every other rank of its machine maps too; after backward each rank sums its slice
 // of the arena over the machine's buffers (reading each once, in rank order) and writes the sum where it
-// is needed: into every buffer (replicated) or into its own (ZeRO-1, its shard). On several machines
+// is needed: into its own buffer where each rank updates its own shard alone (ZeRO-1, and replicated
+// ranks that share their parameters), into every buffer where each updates everything. On several machines
 // (each with the same number of ranks) a rank then sums its slice with the ranks of its place on the
 // other machines (MPI's all-reduce, 1/L of the gradients each for L ranks a machine: Horovod's
 // hierarchical all-reduce), and copies the result into its machine's other buffers. No message is
@@ -87,9 +88,9 @@ struct SharedGradientSum {
     /// The machine's buffers as `ck_sum_ranks` takes them.
     private let pointers: [UnsafeMutablePointer<Float>?]
 
-    /// `shard`: the arena range whose sums this rank needs alone (ZeRO-1 on one machine), nil where every
-    /// rank needs all of them (the trainable elements are then cut evenly over the machine's ranks, each
-    /// summing its part for all of them).
+    /// `shard`: the arena range whose sums this rank needs alone (it updates that shard alone, on one
+    /// machine), nil where every rank needs all of them (the trainable elements are then cut evenly over
+    /// the machine's ranks, each summing its part for all of them).
     init(region: SharedRegion, communicator: Communicator, trainableRuns: [Range<Int>], shard: Range<Int>?) {
         self.region = region
         self.communicator = communicator

@@ -255,9 +255,10 @@ public final class Trainer {
         if !skip {
             if let clip = config.clipGradNorm { sync.clip(norm: norm, to: clip) }
             watchdog.phase = "optimizer"
-            gather = try sync.step(adam: AdamConfig(learningRate: rate, weightDecay: config.weightDecay, decoupled: false), step: step + 1)
-            // Every rank holds the same parameters after the step, so all decide alike without communicating.
-            let diverged = model.arena.nonFiniteParameterCount()
+            let update = try sync.step(adam: AdamConfig(learningRate: rate, weightDecay: config.weightDecay, decoupled: false), step: step + 1)
+            gather = update.gatherSeconds
+            // The count is the same on every rank, so all decide alike.
+            let diverged = update.nonFinite
             guard diverged == 0 else {
                 throw ConvirtError("step \(step + 1): at learning rate \(rate), \(diverged) parameter(s) or running statistics became NaN or infinite; training stopped "
                                    + "(no checkpoint is written from here; try a lower --lr or --clip-grad-norm, and --resume from the last checkpoint)")

@@ -51,7 +51,7 @@ struct BenchExchange: ParsableCommand {
                         _ = try sync.finish()
                         let sum = clock.lap()
                         let expected = Float(ranks * (ranks + 1) / 2)
-                        for r in arena.trainableRanges(within: arena.optimizerRange) where r.count > 0 {
+                        for r in arena.trainableRanges(within: sync.summedRange) where r.count > 0 {
                             for i in [r.lowerBound, (r.lowerBound + r.upperBound) / 2, r.upperBound - 1] where arena.grads[i] != expected {
                                 throw ConvirtError("bench exchange: rank \(communicator.rank), \(exchange.rawValue): element \(i) sums to \(arena.grads[i]), not \(expected)")
                             }
@@ -59,7 +59,7 @@ struct BenchExchange: ParsableCommand {
                         // The update after the sums: Adam over what this rank steps, and the parameter all-gather.
                         try communicator.barrier()
                         clock = Clock()
-                        let gather = try sync.step(adam: AdamConfig(learningRate: 0, weightDecay: 0, decoupled: false), step: step + 1)
+                        let gather = try sync.step(adam: AdamConfig(learningRate: 0, weightDecay: 0, decoupled: false), step: step + 1).gatherSeconds
                         let update = clock.lap()
                         if step > 0 { sums.append(sum); gathers.append(gather); updates.append(update) }
                     }

@@ -592,6 +592,50 @@ struct OptimizerKernelTests {
         }
     }
 
+    /// Each new parameter also goes to the mirrors (non-temporal stores where a mirror has the
+    /// parameters' alignment, ordinary ones elsewhere), and the count is that of the new NaN and infinite
+    /// parameters: whatever the range's start (the scalar head before the 64-byte boundary), its length
+    /// and the threads.
+    @Test("Adam writes its mirrors and counts the non-finite parameters it made", arguments: [1, 2])
+    func adamMirrorsAndCounts(threads: Int) {
+        let previous = Parallel.threads
+        Parallel.threads = threads
+        defer { Parallel.threads = previous }
+        let total = 70_000
+        func buffer(_ seed: UInt64, scale: Float = 1) -> UnsafeMutablePointer<Float> {
+            let b = UnsafeMutableRawPointer.allocate(byteCount: (total + 32) * 4, alignment: 64).bindMemory(to: Float.self, capacity: total + 32)
+            b.initialize(from: randomFloats(total + 32, seed: seed, scale: scale), count: total + 32)
+            return b
+        }
+        let config = AdamConfig(learningRate: 1e-3, weightDecay: 0.01)
+        for (start, count, shift) in [(0, 65_536, 0), (3, 40_001, 0), (17, 33, 5), (5, 7, 0), (1, 69_000, 3)] {
+            let p = buffer(80), g = buffer(81, scale: 3), m = buffer(82, scale: 0.1), v = buffer(83, scale: 0.1)
+            for i in 0..<(total + 32) { v[i] *= v[i] }
+            // A NaN and an infinite gradient, and an infinite parameter.
+            g[start] = .nan
+            if count > 100 { g[start + count - 1] = .infinity; p[start + 50] = -.infinity }
+            let (rp, rg, rm, rv) = (Array(UnsafeBufferPointer(start: p, count: total)), Array(UnsafeBufferPointer(start: g, count: total)),
+                                    Array(UnsafeBufferPointer(start: m, count: total)), Array(UnsafeBufferPointer(start: v, count: total)))
+            let aligned = buffer(84), shifted = buffer(85)
+            let before = Array(UnsafeBufferPointer(start: aligned, count: total))
+            // `shifted` is read from `shift` floats on: its stores are not at the parameters' alignment.
+            let bad = Adam.step(params: p + start, grads: g + start, m: m + start, v: v + start, count: count, step: 2, config: config,
+                                mirrors: [aligned, shifted + shift], mirrorOffset: start)
+            var expected = 0
+            for i in start..<(start + count) {
+                var (ep, em, ev) = (rp[i], rm[i], rv[i])
+                Self.reference(param: &ep, grad: rg[i], m: &em, v: &ev, step: 2, config: config)
+                #expect(p[i].bitPattern == ep.bitPattern && aligned[i].bitPattern == ep.bitPattern && shifted[shift + i].bitPattern == ep.bitPattern,
+                        "start \(start), count \(count), element \(i)")
+                if !ep.isFinite { expected += 1 }
+            }
+            #expect(bad == expected && expected == (count > 100 ? 3 : 1), "start \(start), count \(count): \(bad) non-finite, expected \(expected)")
+            #expect(aligned[start + count] == before[start + count] && (start == 0 || aligned[start - 1] == before[start - 1]),
+                    "a mirror was written outside the range")
+            for b in [p, g, m, v, aligned, shifted] { b.deallocate() }
+        }
+    }
+
     @Test("the sum of squares in double lanes is within double rounding of the plain sum; non-finite values are counted")
     func sumsAndCounts() {
         for count in [0, 1, 7, 8, 9, 16_384, 16_391] {

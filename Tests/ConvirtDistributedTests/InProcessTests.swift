@@ -244,9 +244,9 @@ struct GradientBucketTests {
         #expect(counts.allSatisfy { $0[1] > 4 && $0[0] == $0[1] }, "buckets started during backward / all: \(counts)")
     }
 
-    /// Shared memory sums the gradients in rank order, as the collectives do here: the same gradients
-    /// (replicated: all of them on every rank; ZeRO-1: each rank's shard) and, after Adam, the same
-    /// parameters, on 2 and 3 ranks.
+    /// Shared memory sums the gradients in rank order, as the collectives do here: the same sums of each
+    /// rank's shard (the one it updates: shared memory sums nothing else into its buffer) and, after
+    /// Adam, the same parameters, on 2 and 3 ranks.
     @Test("shared-memory gradient sums equal the collectives'", arguments: [2, 3], [false, true])
     func sharedMemoryEqualsCollectives(ranks: Int, zero1: Bool) throws {
         func run(_ exchange: GradientExchange) throws -> [(grads: [Float], params: [Float], description: String)] {
@@ -258,7 +258,7 @@ struct GradientBucketTests {
                 _ = try Self.backward(model, sync, comm)
                 let arena = model.arena
                 var grads: [Float] = []
-                for r in arena.trainableRanges(within: arena.optimizerRange) {
+                for r in arena.trainableRanges(within: sync.shards[comm.rank]) {
                     grads += Array(UnsafeBufferPointer(start: arena.grads + r.lowerBound, count: r.count))
                 }
                 try sync.step(adam: AdamConfig(learningRate: 1e-3, weightDecay: 1e-6, decoupled: false), step: 1)
@@ -273,7 +273,35 @@ struct GradientBucketTests {
             #expect(shared[r].grads.contains { $0 != 0 }, "rank \(r): no gradient")
             #expect(shared[r].params == collectives[r].params, "rank \(r): parameters after Adam differ")
         }
-        // Replicated: every rank holds the same sums.
-        if !zero1 { #expect(shared.allSatisfy { $0.grads == shared[0].grads }) }
+    }
+
+    /// The update's count of non-finite parameters is what a scan of every rank's arena finds, however the
+    /// update is split: each rank counts what it wrote, summed over the ranks that split it.
+    @Test("the update counts the NaN and infinite parameters of every rank's shard", arguments: [2, 3], [false, true])
+    func nonFiniteCount(ranks: Int, zero1: Bool) throws {
+        for exchange in [GradientExchange.sharedMemory, .collectives] {
+            let counts = try InProcessGroup.run(size: ranks) { comm -> [Int] in
+                let model = try ConVIRTModel(config: ConVIRTConfig.preset(.tiny))
+                model.initialize(seed: 1)
+                let sync = try GradientSync(arena: model.arena, communicator: comm, mode: zero1 ? .zero1(overlap: true) : .replicated(overlap: true),
+                                            exchange: exchange)
+                _ = try Self.backward(model, sync, comm)
+                // Every rank poisons the same gradients, in each rank's shard: what it holds of them is what it steps.
+                let arena = model.arena
+                var poisoned = 0
+                for shard in sync.shards.ranges {
+                    for r in arena.trainableRanges(within: shard).prefix(2) {
+                        arena.grads[r.lowerBound] = .nan
+                        arena.grads[r.upperBound - 1] = .infinity
+                        poisoned += r.count > 1 ? 2 : 1
+                    }
+                }
+                let update = try sync.step(adam: AdamConfig(learningRate: 1e-3), step: 1)
+                return [update.nonFinite, arena.nonFiniteParameterCount(), poisoned]
+            }
+            for (r, c) in counts.enumerated() {
+                #expect(c[0] == c[1] && c[0] == c[2] && c[2] >= 2 * ranks, "\(exchange), rank \(r): counted \(c[0]), scan \(c[1]), poisoned \(c[2])")
+            }
+        }
     }
 }

@@ -54,6 +54,8 @@ public final class GradientSync {
     private let sharedParameters: SharedRegion?
     /// The other ranks' buffers of `sharedParameters` (none without it).
     private let peerParameters: [UnsafeMutablePointer<Float>]
+    /// Whether this rank's machine shares the parameters: each rank updates its shard into every buffer.
+    public var sharesParameters: Bool { !peerParameters.isEmpty }
     /// How the gradients are summed over ranks, in words (for the run's log): "one rank", "shared
     /// memory (/dev/shm)" or "MPI collectives", with the reason where auto fell back to them.
     public let exchangeDescription: String

@@ -70,7 +70,8 @@ struct BenchExchange: ParsableCommand {
                         let mb = Double(floats) * 4 / 1e6
                         lines.append(String(format: "%@ %@: sum %.1f ms (%.1f GB/s of gradients), update %.1f ms (Adam%@)",
                                             zero1 ? "ZeRO-1" : "replicated", sync.exchangeDescription, s * 1e3, mb / 1e3 / s, u * 1e3,
-                                            g > 0 ? String(format: ", then the parameter all-gather %.1f ms", g * 1e3) : ""))
+                                            sync.sharesParameters ? String(format: " into every rank's buffer, then the ranks' meeting %.1f ms", g * 1e3)
+                                                : g > 0 ? String(format: ", then the parameter all-gather %.1f ms", g * 1e3) : ""))
                     }
                 }
             }

@@ -244,6 +244,16 @@ struct GradientBucketTests {
         #expect(counts.allSatisfy { $0[1] > 4 && $0[0] == $0[1] }, "buckets started during backward / all: \(counts)")
     }
 
+    /// The tiny ConVIRT after one backward on this rank, its gradients summed by a new step engine.
+    static func summed(_ comm: InProcessCommunicator, zero1: Bool, exchange: GradientExchange) throws -> (ConVIRTModel, GradientSync) {
+        let model = try ConVIRTModel(config: ConVIRTConfig.preset(.tiny))
+        model.initialize(seed: 1)
+        let sync = try GradientSync(arena: model.arena, communicator: comm, mode: zero1 ? .zero1(overlap: true) : .replicated(overlap: true),
+                                    exchange: exchange)
+        _ = try backward(model, sync, comm)
+        return (model, sync)
+    }
+
     /// Shared memory sums the gradients in rank order, as the collectives do here: the same sums of each
     /// rank's shard (the one it updates: shared memory sums nothing else into its buffer) and, after
     /// Adam, the same parameters, on 2 and 3 ranks.
@@ -251,11 +261,7 @@ struct GradientBucketTests {
     func sharedMemoryEqualsCollectives(ranks: Int, zero1: Bool) throws {
         func run(_ exchange: GradientExchange) throws -> [(grads: [Float], params: [Float], description: String)] {
             try InProcessGroup.run(size: ranks) { comm in
-                let model = try ConVIRTModel(config: ConVIRTConfig.preset(.tiny))
-                model.initialize(seed: 1)
-                let sync = try GradientSync(arena: model.arena, communicator: comm, mode: zero1 ? .zero1(overlap: true) : .replicated(overlap: true),
-                                            exchange: exchange)
-                _ = try Self.backward(model, sync, comm)
+                let (model, sync) = try Self.summed(comm, zero1: zero1, exchange: exchange)
                 let arena = model.arena
                 var grads: [Float] = []
                 for r in arena.trainableRanges(within: sync.shards[comm.rank]) {
@@ -281,11 +287,7 @@ struct GradientBucketTests {
     func nonFiniteCount(ranks: Int, zero1: Bool) throws {
         for exchange in [GradientExchange.sharedMemory, .collectives] {
             let counts = try InProcessGroup.run(size: ranks) { comm -> [Int] in
-                let model = try ConVIRTModel(config: ConVIRTConfig.preset(.tiny))
-                model.initialize(seed: 1)
-                let sync = try GradientSync(arena: model.arena, communicator: comm, mode: zero1 ? .zero1(overlap: true) : .replicated(overlap: true),
-                                            exchange: exchange)
-                _ = try Self.backward(model, sync, comm)
+                let (model, sync) = try Self.summed(comm, zero1: zero1, exchange: exchange)
                 // Every rank poisons the same gradients, in each rank's shard: what it holds of them is what it steps.
                 let arena = model.arena
                 var poisoned = 0

@@ -685,11 +685,6 @@ CK_CLONES void ck_gelu_forward_bf16(uint16_t *restrict y16, const float *restric
 
 // The optimizer's passes over the arena (Optimizers.swift, GradientSync.swift, Arena.swift).
 
-// One Adam(W) update of p, m, v over count elements, torch.optim's single-tensor arithmetic in fp32 as
-// `Adam.step` writes it (the Swift loop this replaces, bit for bit: the same operations in the same
-// order; vector square roots and divisions round as the scalar ones): with decoupled, p *= shrink
-// first; g' = g + l2 * p; m = m + (1 - b1) * (g' - m); v = v * b2 + (1 - b2) * g' * g';
-// p -= step_size * (m / (sqrt(v) / bias2_sqrt + eps)).
 // One element of Adam's update (the vector loop's arithmetic, lane by lane); returns the new p.
 static inline float ck_adam_one(float *restrict p, const float *restrict g, float *restrict m, float *restrict v, float step_size,
                                 float bias2_sqrt, float b2, float eps, float one_minus_b1, float one_minus_b2, float shrink, float l2,
@@ -707,10 +702,16 @@ static inline float ck_adam_one(float *restrict p, const float *restrict g, floa
 
 typedef float ck_v16a __attribute__((vector_size(64), aligned(64)));
 
-// The elements are taken one at a time until p + i is 64-byte aligned, then 16 at a time: the same
-// arithmetic either way, so the result does not depend on where a range starts. Mirrors at p's
-// alignment get the vector stores as non-temporal ones (nothing reads them before the next step),
-// others ordinary stores; an sfence ends the stores either way.
+// One Adam(W) update of p, m, v over count elements, torch.optim's single-tensor arithmetic in fp32 as
+// `Adam.step` writes it (the Swift loop this replaces, bit for bit: the same operations in the same
+// order; vector square roots and divisions round as the scalar ones): with decoupled, p *= shrink
+// first; g' = g + l2 * p; m = m + (1 - b1) * (g' - m); v = v * b2 + (1 - b2) * g' * g';
+// p -= step_size * (m / (sqrt(v) / bias2_sqrt + eps)).
+// Each new p also goes to mirrors[k][i] (other copies of the parameters); returns how many new p are
+// NaN or infinite. The elements are taken one at a time until p + i is 64-byte aligned, then 16 at a
+// time: the same arithmetic either way, so the result does not depend on where a range starts.
+// Mirrors at p's alignment get the vector stores as non-temporal ones (nothing reads them before the
+// next step), others ordinary stores; an sfence ends the mirrors' stores.
 CK_CLONES long ck_adam(float *restrict p, const float *restrict g, float *restrict m, float *restrict v, long count, float step_size,
                        float bias2_sqrt, float b2, float eps, float one_minus_b1, float one_minus_b2, float shrink, float l2,
                        int decoupled, float *const *mirrors, long mirror_count) {

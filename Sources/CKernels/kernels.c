@@ -707,24 +707,25 @@ typedef float ck_v16a __attribute__((vector_size(64), aligned(64)));
 // order; vector square roots and divisions round as the scalar ones): with decoupled, p *= shrink
 // first; g' = g + l2 * p; m = m + (1 - b1) * (g' - m); v = v * b2 + (1 - b2) * g' * g';
 // p -= step_size * (m / (sqrt(v) / bias2_sqrt + eps)).
-// Each new p also goes to mirrors[k][i] (other copies of the parameters); returns how many new p are
-// NaN or infinite. The elements are taken one at a time until p + i is 64-byte aligned, then 16 at a
-// time: the same arithmetic either way, so the result does not depend on where a range starts.
+// Each new p[i] also goes to mirrors[k][mirror_offset + i] (other copies of the parameters); returns
+// how many new p are NaN or infinite. The elements are taken one at a time until p + i is 64-byte
+// aligned, then 16 at a time: the same arithmetic either way, so the result does not depend on where a
+// range starts.
 // Mirrors at p's alignment get the vector stores as non-temporal ones (nothing reads them before the
 // next step), others ordinary stores; an sfence ends the mirrors' stores.
 CK_CLONES long ck_adam(float *restrict p, const float *restrict g, float *restrict m, float *restrict v, long count, float step_size,
                        float bias2_sqrt, float b2, float eps, float one_minus_b1, float one_minus_b2, float shrink, float l2,
-                       int decoupled, float *const *mirrors, long mirror_count) {
+                       int decoupled, float *const *mirrors, long mirror_count, long mirror_offset) {
     long i = 0, bad = 0;
 #define CK_ADAM_SCALAR(i_) do { \
         const float pn_ = ck_adam_one(p + (i_), g + (i_), m + (i_), v + (i_), step_size, bias2_sqrt, b2, eps, one_minus_b1, one_minus_b2, \
                                       shrink, l2, decoupled); \
-        for (long k_ = 0; k_ < mirror_count; k_++) mirrors[k_][i_] = pn_; \
+        for (long k_ = 0; k_ < mirror_count; k_++) mirrors[k_][mirror_offset + (i_)] = pn_; \
         bad += (float_to_bits(pn_) & 0x7f800000u) == 0x7f800000u; \
     } while (0)
     for (; i < count && ((uintptr_t)(p + i) & 63) != 0; i++) CK_ADAM_SCALAR(i);
     int streaming = 1;
-    for (long k = 0; k < mirror_count; k++) streaming &= ((uintptr_t)(mirrors[k] + i) & 63) == 0;
+    for (long k = 0; k < mirror_count; k++) streaming &= ((uintptr_t)(mirrors[k] + mirror_offset + i) & 63) == 0;
     ck_i16 nonfinite = {0};
     for (; i + CK_LANES <= count; i += CK_LANES) {
         ck_v16 pv = ck_load(p + i);
@@ -738,9 +739,9 @@ CK_CLONES long ck_adam(float *restrict p, const float *restrict g, float *restri
         const ck_v16 pn = pv - step_size * (mi / denom);
         *(ck_v16 *)(p + i) = pn;
         if (streaming) {
-            for (long k = 0; k < mirror_count; k++) __builtin_nontemporal_store((ck_v16a)pn, (ck_v16a *)(mirrors[k] + i));
+            for (long k = 0; k < mirror_count; k++) __builtin_nontemporal_store((ck_v16a)pn, (ck_v16a *)(mirrors[k] + mirror_offset + i));
         } else {
-            for (long k = 0; k < mirror_count; k++) *(ck_v16 *)(mirrors[k] + i) = pn;
+            for (long k = 0; k < mirror_count; k++) *(ck_v16 *)(mirrors[k] + mirror_offset + i) = pn;
         }
         nonfinite += (((ck_u16v)pn & 0x7f800000u) == 0x7f800000u);  // -1 where NaN or infinite
     }

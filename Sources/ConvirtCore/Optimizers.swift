@@ -52,13 +52,13 @@ public enum Adam {
         let parts = max(1, Parallel.threads)
         return withUnsafeTemporaryAllocation(of: Int.self, capacity: parts) { counts in
             counts.initialize(repeating: 0)
-            withUnsafeTemporaryAllocation(of: UnsafeMutablePointer<Float>?.self, capacity: max(1, mirrors.count * parts)) { shifted in
-                Parallel.indexedChunks(count, cost: 8) { part, range in
-                    let o = range.lowerBound
-                    let own = UnsafeMutableBufferPointer(rebasing: shifted[(part * mirrors.count)..<((part + 1) * mirrors.count)])
-                    for (k, mirror) in mirrors.enumerated() { own[k] = mirror + mirrorOffset + o }
-                    counts[part] += ck_adam(params + o, grads + o, m + o, v + o, range.count, stepSize, bias2Sqrt, b2, eps, oneMinusB1,
-                                            oneMinusB2, shrink, l2, decoupled ? 1 : 0, own.baseAddress, mirrors.count)
+            mirrors.withUnsafeBufferPointer { mirrors in
+                mirrors.withMemoryRebound(to: UnsafeMutablePointer<Float>?.self) { table in
+                    Parallel.indexedChunks(count, cost: 8) { part, range in
+                        let o = range.lowerBound
+                        counts[part] += ck_adam(params + o, grads + o, m + o, v + o, range.count, stepSize, bias2Sqrt, b2, eps, oneMinusB1,
+                                                oneMinusB2, shrink, l2, decoupled ? 1 : 0, table.baseAddress, table.count, mirrorOffset + o)
+                    }
                 }
             }
             return counts.reduce(0, +)

@@ -56,7 +56,7 @@ struct BenchExchange: ParsableCommand {
                                 throw ConvirtError("bench exchange: rank \(communicator.rank), \(exchange.rawValue): element \(i) sums to \(arena.grads[i]), not \(expected)")
                             }
                         }
-                        // The update after the sums: Adam over what this rank steps, and the parameter all-gather.
+                        // The update after the sums: Adam over what this rank steps, and the parameters' exchange.
                         try communicator.barrier()
                         clock = Clock()
                         let gather = try sync.step(adam: AdamConfig(learningRate: 0, weightDecay: 0, decoupled: false), step: step + 1).gatherSeconds

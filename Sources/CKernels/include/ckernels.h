@@ -103,10 +103,11 @@ void ck_gelu_backward_bf16(float *dx, uint16_t *dx16, const float *dy, const uin
 long ck_available_cpus(void);
 
 // One Adam(W) update over count elements (Adam.step's arithmetic, bit for bit); decoupled: p *= shrink first.
-// Each new p is also written to mirrors[0..<mirror_count] at the same index (other copies of the
-// parameters). Returns how many of the new p are NaN or infinite.
+// Each new p[i] is also written to mirrors[k][mirror_offset + i] for k < mirror_count (other copies of
+// the parameters). Returns how many of the new p are NaN or infinite.
 long ck_adam(float *p, const float *g, float *m, float *v, long count, float step_size, float bias2_sqrt, float b2, float eps,
-             float one_minus_b1, float one_minus_b2, float shrink, float l2, int decoupled, float *const *mirrors, long mirror_count);
+             float one_minus_b1, float one_minus_b2, float shrink, float l2, int decoupled, float *const *mirrors, long mirror_count,
+             long mirror_offset);
 // sum of x[i]^2 in double, in 8 lanes (element i into lane i % 8), the lanes then added in order.
 double ck_sum_squares(const float *x, long count);
 // How many of x[0..<count] are NaN or infinite.

@@ -4,10 +4,12 @@
 // the per-core rate, which the passes' split over threads keeps. The decision it informs: move a pass
 // into oneDNN where oneDNN's primitive is faster.
 //
-//     clang -O2 -ffp-contract=off -I.deps/onednn/include -ISources/CKernels/include tools/bench_passes.c Sources/CKernels/kernels.c \
+//     clang -O3 -ffp-contract=off -I.deps/onednn/include -ISources/CKernels/include tools/bench_passes.c Sources/CKernels/kernels.c \
 //        .deps/onednn/lib/libdnnl.so.3 -Wl,-rpath,$PWD/.deps/onednn/lib -lm -o /tmp/bench_passes
-//     OMP_NUM_THREADS=1 /tmp/bench_passes [--cold]
+//     OMP_NUM_THREADS=1 /tmp/bench_passes [--cold] [--integer-bf16]
 //
+// --integer-bf16 runs our kernels' integer bf16 rounding where the CPU would convert natively
+// (ck_set_native_bf16(0); the same bits, for timing the two).
 // Each line: the pass, milliseconds (median of 15 after a warm-up) ours / oneDNN's, oneDNN's time over
 // ours (above 1: ours is faster), the bytes the pass must move at least over our time, and the largest
 // difference between the two outputs relative to the output's largest magnitude (oneDNN computes the
@@ -456,7 +458,11 @@ static void batchnorm(long images, long channels, long side, int nhwc) {
 }
 
 int main(int argc, char **argv) {
-    cold = argc > 1 && strcmp(argv[1], "--cold") == 0;
+    for (int i = 1; i < argc; i++) {
+        if (strcmp(argv[i], "--cold") == 0) cold = 1;
+        else if (strcmp(argv[i], "--integer-bf16") == 0) ck_set_native_bf16(0);
+        else { fprintf(stderr, "usage: %s [--cold] [--integer-bf16]\n", argv[0]); return 2; }
+    }
     if (cold && !(evict = malloc(EVICT_BYTES))) return 1;
     CHECK(dnnl_engine_create(&engine, dnnl_cpu, 0), "engine");
     if (cold) printf("each run after 256 MB written elsewhere: the data from memory\n");

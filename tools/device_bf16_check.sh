@@ -90,8 +90,8 @@ if want dnnl; then
 cc -O2 -I.deps/onednn/include tools/bench_dnnl.c .deps/onednn/lib/libdnnl.so.3 -Wl,-rpath,$PWD/.deps/onednn/lib -o /tmp/bench_dnnl && for t in 2 8 16; do OMP_NUM_THREADS=$t /tmp/bench_dnnl; done > "$out/bench_dnnl.txt" 2>&1
 OMP_NUM_THREADS=2 BENCH_LAYOUT=nhwc /tmp/bench_dnnl > "$out/bench_dnnl_nhwc.txt" 2>&1
 fi
-want passes && clang -O2 -ffp-contract=off -I.deps/onednn/include -ISources/CKernels/include tools/bench_passes.c Sources/CKernels/kernels.c \
-    .deps/onednn/lib/libdnnl.so.3 -Wl,-rpath,$PWD/.deps/onednn/lib -lm -o /tmp/bench_passes && { OMP_NUM_THREADS=1 /tmp/bench_passes; OMP_NUM_THREADS=1 /tmp/bench_passes --cold; } > "$out/bench_passes.txt" 2>&1
+want passes && clang -O3 -ffp-contract=off -I.deps/onednn/include -ISources/CKernels/include tools/bench_passes.c Sources/CKernels/kernels.c \
+    .deps/onednn/lib/libdnnl.so.3 -Wl,-rpath,$PWD/.deps/onednn/lib -lm -o /tmp/bench_passes && { OMP_NUM_THREADS=1 /tmp/bench_passes; OMP_NUM_THREADS=1 /tmp/bench_passes --cold; OMP_NUM_THREADS=1 /tmp/bench_passes --cold --integer-bf16; } > "$out/bench_passes.txt" 2>&1
 want kernels && for t in 2 16; do $bin bench kernels --batch 8 --threads $t; done > "$out/bench_kernels.txt" 2>&1
 want tests && swift test -c release --disable-testable-imports --skip-build \
     --filter "BF16KernelTests|BF16OperandTests|frozenWeightCopies|DNNLConvolutionTests|GradientPiecesTests|ModelParityTests|PrecisionCLITests|ChannelsLastTests|ResNetLayoutTests|parityOnOneDNN" \

@@ -3,8 +3,14 @@
 
 #if defined(__x86_64__) && defined(__ELF__)
 #define CK_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+// The kernels that write bf16 bits have one more version, for CPUs with AVX512-BF16 (AMD Zen 4, Intel
+// Cooper Lake and Sapphire Rapids on): it converts with the CPU's instruction (vcvtneps2bf16) instead of
+// rounding the bits in integer arithmetic, and gives the same bits (ck_bf16_lanes).
+#define CK_NATIVE_BF16 1
+#define CK_NATIVE __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512bf16")))
 #else
 #define CK_CLONES
+#define CK_NATIVE_BF16 0
 #endif
 
 static inline float bits_to_float(uint32_t b) { float f; memcpy(&f, &b, 4); return f; }
@@ -109,20 +115,80 @@ typedef uint16_t ck_h16 __attribute__((vector_size(32), aligned(2)));
     const ck_u16v is_nan_ = (ck_u16v)((b_ & 0x7fffffffu) > 0x7f800000u); \
     (ck_v16)((nan_ & is_nan_) | (rounded_ & ~is_nan_)); \
 })
-#define ck_store_bf16(p, v) (*(ck_h16 *)(p) = __builtin_convertvector((ck_u16v)ck_round_v16(v) >> 16, ck_h16))
+#if CK_NATIVE_BF16
+typedef __bf16 ck_b16 __attribute__((vector_size(32), aligned(2)));
+// The bf16 bits of 16 lanes, ck_round_bits of each. Where `ck_native` (a constant of the kernel's version)
+// is set, by vcvtneps2bf16, which rounds to nearest even and quiets a NaN as ck_round_bits does, but reads
+// a subnormal input as zero: a vector holding one takes the integer rounding instead.
+#define ck_bf16_lanes(v) ({ \
+    const ck_v16 s_ = (v); \
+    ck_h16 h_; \
+    if (ck_native && !__builtin_reduce_or((ck_u16v)(((ck_u16v)s_ & 0x7fffffffu) - 1u < 0x007fffffu))) \
+        h_ = (ck_h16)__builtin_convertvector(s_, ck_b16); \
+    else \
+        h_ = __builtin_convertvector((ck_u16v)ck_round_v16(s_) >> 16, ck_h16); \
+    h_; \
+})
+#else
+#define ck_bf16_lanes(v) ((void)ck_native, __builtin_convertvector((ck_u16v)ck_round_v16(v) >> 16, ck_h16))
+#endif
+#define ck_store_bf16(p, v) (*(ck_h16 *)(p) = ck_bf16_lanes(v))
+// A float rounded to bf16 and back, in 16 lanes, as ck_round_v16 (by ck_bf16_lanes).
+#define ck_round_lanes(v) ((ck_v16)(__builtin_convertvector(ck_bf16_lanes(v), ck_u16v) << 16))
 #define ck_load_bf16(p) ((ck_v16)(__builtin_convertvector(*(const ck_h16 *)(p), ck_u16v) << 16))
 static inline uint16_t ck_bf16_of(float f) { return (uint16_t)(ck_round_bits(float_to_bits(f)) >> 16); }
 static inline float ck_float_of_bf16(uint16_t h) { return bits_to_float((uint32_t)h << 16); }
 static inline float ck_rounded(float f) { return bits_to_float(ck_round_bits(float_to_bits(f))); }
 
 // Always inlined, so that each clone of its callers vectorizes it for its own ISA.
-static inline __attribute__((always_inline)) void ck_bits_run(uint16_t *restrict dst, const float *restrict src, long count) {
+// Whether the kernels that write bf16 bits run their native versions: where the CPU has AVX512-BF16
+// (and the AVX-512 parts those versions use), unless ck_set_native_bf16(0) turned them off.
+#if CK_NATIVE_BF16
+int ck_native_bf16_supported(void) {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl")
+        && __builtin_cpu_supports("avx512dq");
+}
+#else
+int ck_native_bf16_supported(void) { return 0; }
+#endif
+static int ck_native_state = -1;
+static inline int ck_native_bf16(void) {
+    int state = __atomic_load_n(&ck_native_state, __ATOMIC_RELAXED);
+    if (state < 0) {
+        state = ck_native_bf16_supported();
+        __atomic_store_n(&ck_native_state, state, __ATOMIC_RELAXED);
+    }
+    return state;
+}
+int ck_set_native_bf16(int on) {
+    const int state = on && ck_native_bf16_supported();
+    __atomic_store_n(&ck_native_state, state, __ATOMIC_RELAXED);
+    return state;
+}
+int ck_native_bf16_enabled(void) { return ck_native_bf16(); }
+
+// A kernel that writes bf16 bits, from its body NAME_body(ck_native, ...): where the CPU converts natively
+// (ck_native_bf16), the version built for it, else the clones above; the same bits either way.
+#define CK_EXPAND(...) __VA_ARGS__
+#if CK_NATIVE_BF16
+#define CK_BF16_KERNEL(name, params, args) \
+    CK_CLONES static void name##_clones params { name##_body(0, CK_EXPAND args); } \
+    CK_NATIVE static void name##_native params { name##_body(1, CK_EXPAND args); } \
+    void name params { if (ck_native_bf16()) name##_native args; else name##_clones args; }
+#else
+#define CK_BF16_KERNEL(name, params, args) \
+    void name params { name##_body(0, CK_EXPAND args); }
+#endif
+
+static inline __attribute__((always_inline)) void ck_bits_run(const int ck_native, uint16_t *restrict dst, const float *restrict src, long count) {
     long i = 0;
     for (; i + CK_LANES <= count; i += CK_LANES) ck_store_bf16(dst + i, ck_load(src + i));
     for (; i < count; i++) dst[i] = ck_bf16_of(src[i]);
 }
 
-CK_CLONES void ck_bf16_bits(uint16_t *restrict dst, const float *restrict src, long count) { ck_bits_run(dst, src, count); }
+static inline __attribute__((always_inline)) void ck_bf16_bits_body(const int ck_native, uint16_t *restrict dst, const float *restrict src, long count) { ck_bits_run(ck_native, dst, src, count); }
+CK_BF16_KERNEL(ck_bf16_bits, (uint16_t *restrict dst, const float *restrict src, long count), (dst, src, count))
 
 CK_CLONES void ck_bf16_round(float *dst, const float *src, long count) {
     for (long i = 0; i < count; i++) dst[i] = ck_rounded(src[i]);
@@ -396,7 +462,7 @@ CK_CLONES void ck_channel_sums(const float *restrict x, const uint16_t *restrict
     if (y16) ck_store_bf16(y16 + (o), v_); \
 } while (0)
 // y = (x - mean[l]) * scale[l] + shift[l] over rows x lanes (contiguous), max(that, 0) with relu.
-CK_CLONES void ck_normalize_rows(float *restrict y, uint16_t *restrict y16, const float *restrict x, const uint16_t *restrict x16, long rows, long lanes,
+static inline __attribute__((always_inline)) void ck_normalize_rows_body(const int ck_native, float *restrict y, uint16_t *restrict y16, const float *restrict x, const uint16_t *restrict x16, long rows, long lanes,
                                  const float *restrict mean, const float *restrict scale, const float *restrict shift, int relu) {
     const ck_v16 zero = {0};
     const long whole = lanes / CK_LANES * CK_LANES;
@@ -419,6 +485,8 @@ CK_CLONES void ck_normalize_rows(float *restrict y, uint16_t *restrict y16, cons
         }
     }
 }
+CK_BF16_KERNEL(ck_normalize_rows, (float *restrict y, uint16_t *restrict y16, const float *restrict x, const uint16_t *restrict x16, long rows, long lanes,
+                                 const float *restrict mean, const float *restrict scale, const float *restrict shift, int relu), (y, y16, x, x16, rows, lanes, mean, scale, shift, relu))
 
 CK_CLONES void ck_normalize_run(float *restrict y, const float *restrict x, long count, float mean, float scale, float shift, int relu) {
     if (relu) {
@@ -446,7 +514,7 @@ CK_CLONES void ck_normalize_run(float *restrict y, const float *restrict x, long
 // forward's output before its ReLU was positive (as ck_channel_sums, about mean[l]): training (sum_dy
 // given) k[l] * (m * g - sum_dy[l] - (x - mean[l]) * inv_std[l] * sum_dyx[l]); evaluation (sum_dy NULL)
 // g * k[l]. dx is overwritten, or added to with accumulate. dy16: dy as bf16 bits (dy then NULL).
-CK_CLONES void ck_bn_gradient_rows(float *restrict dx, uint16_t *restrict dx16, const float *restrict dy, const uint16_t *restrict dy16,
+static inline __attribute__((always_inline)) void ck_bn_gradient_rows_body(const int ck_native, float *restrict dx, uint16_t *restrict dx16, const float *restrict dy, const uint16_t *restrict dy16,
                                    const float *restrict x,
                                    const uint16_t *restrict x16, long rows, long lanes, const float *restrict k, const float *restrict sum_dy,
                                    const float *restrict sum_dyx, const float *restrict mean, const float *restrict inv_std,
@@ -477,6 +545,11 @@ CK_CLONES void ck_bn_gradient_rows(float *restrict dx, uint16_t *restrict dx16, 
         }
     }
 }
+CK_BF16_KERNEL(ck_bn_gradient_rows, (float *restrict dx, uint16_t *restrict dx16, const float *restrict dy, const uint16_t *restrict dy16,
+                                   const float *restrict x,
+                                   const uint16_t *restrict x16, long rows, long lanes, const float *restrict k, const float *restrict sum_dy,
+                                   const float *restrict sum_dyx, const float *restrict mean, const float *restrict inv_std,
+                                   const float *restrict gate_scale, const float *restrict gate_shift, float m, int accumulate), (dx, dx16, dy, dy16, x, x16, rows, lanes, k, sum_dy, sum_dyx, mean, inv_std, gate_scale, gate_shift, m, accumulate))
 
 CK_CLONES void ck_bn_gradient_run(float *restrict dx, const float *restrict dy, const float *restrict x, long count, float k, int training,
                                   float m, float sum_dy, float sum_dyx, float mean, float inv_std, int relu, float scale, float shift,
@@ -494,17 +567,17 @@ CK_CLONES void ck_bn_gradient_run(float *restrict dx, const float *restrict dy, 
 // holds bf16 values as autocast's does), float inputs are rounded to bf16 first and the output after,
 // so the floats and the bits paths give the same values. The output into y (floats) and its bf16 bits
 // into y16, each where given (y may alias a or b).
-CK_CLONES void ck_residual_relu(float *y, uint16_t *restrict y16, const float *a, const uint16_t *restrict a16, const float *b,
+static inline __attribute__((always_inline)) void ck_residual_relu_body(const int ck_native, float *y, uint16_t *restrict y16, const float *a, const uint16_t *restrict a16, const float *b,
                                 const uint16_t *restrict b16, int round, long count) {
     const ck_v16 zero = {0};
     long i = 0;
     for (; i + CK_LANES <= count; i += CK_LANES) {
         ck_v16 va = a16 ? ck_load_bf16(a16 + i) : ck_load(a + i), vb = b16 ? ck_load_bf16(b16 + i) : ck_load(b + i);
-        if (round && !a16) va = ck_round_v16(va);
-        if (round && !b16) vb = ck_round_v16(vb);
+        if (round && !a16) va = ck_round_lanes(va);
+        if (round && !b16) vb = ck_round_lanes(vb);
         const ck_v16 s = va + vb;
         ck_v16 v = (ck_v16)((ck_i16)s & ~(zero >= s));
-        if (round) v = ck_round_v16(v);
+        if (round) v = ck_round_lanes(v);
         if (y) *(ck_v16 *)(y + i) = v;
         if (y16) ck_store_bf16(y16 + i, v);
     }
@@ -518,13 +591,15 @@ CK_CLONES void ck_residual_relu(float *y, uint16_t *restrict y16, const float *a
         if (y16) y16[i] = ck_bf16_of(v);
     }
 }
+CK_BF16_KERNEL(ck_residual_relu, (float *y, uint16_t *restrict y16, const float *a, const uint16_t *restrict a16, const float *b,
+                                const uint16_t *restrict b16, int round, long count), (y, y16, a, a16, b, b16, round, count))
 
 // Its backward: g = dy (+ dy2, the output's gradient in two parts) where y > 0, else 0; branch = g;
 // identity = g, or += g with accumulate. dy, dy2 and y are read from their bf16 bits where dy16, dy2_16
 // and y16 are given. With round (a bf16 pass, whose residual stream's gradients are bf16 values as
 // autocast's are), float parts are rounded to bf16 before the sum and the sum after, so the floats and
 // the bits paths give the same values.
-CK_CLONES void ck_residual_relu_backward(float *restrict branch, uint16_t *restrict branch16, float *restrict identity,
+static inline __attribute__((always_inline)) void ck_residual_relu_backward_body(const int ck_native, float *restrict branch, uint16_t *restrict branch16, float *restrict identity,
                                          uint16_t *restrict identity16, int accumulate, const float *restrict dy,
                                          const uint16_t *restrict dy16, const float *restrict dy2, const uint16_t *restrict dy2_16,
                                          int round, const float *restrict y, const uint16_t *restrict y16, long count) {
@@ -533,12 +608,12 @@ CK_CLONES void ck_residual_relu_backward(float *restrict branch, uint16_t *restr
     long i = 0;
     for (; i + CK_LANES <= count; i += CK_LANES) {
         ck_v16 d = dy16 ? ck_load_bf16(dy16 + i) : ck_load(dy + i);
-        if (round && !dy16) d = ck_round_v16(d);
+        if (round && !dy16) d = ck_round_lanes(d);
         if (parts) {
             ck_v16 d2 = dy2_16 ? ck_load_bf16(dy2_16 + i) : ck_load(dy2 + i);
-            if (round && !dy2_16) d2 = ck_round_v16(d2);
+            if (round && !dy2_16) d2 = ck_round_lanes(d2);
             d += d2;
-            if (round) d = ck_round_v16(d);
+            if (round) d = ck_round_lanes(d);
         }
         const ck_v16 out = y16 ? ck_load_bf16(y16 + i) : ck_load(y + i);
         const ck_v16 g = (ck_v16)((ck_i16)d & (out > zero));
@@ -564,6 +639,10 @@ CK_CLONES void ck_residual_relu_backward(float *restrict branch, uint16_t *restr
         else identity[i] = accumulate ? identity[i] + g : g;
     }
 }
+CK_BF16_KERNEL(ck_residual_relu_backward, (float *restrict branch, uint16_t *restrict branch16, float *restrict identity,
+                                         uint16_t *restrict identity16, int accumulate, const float *restrict dy,
+                                         const uint16_t *restrict dy16, const float *restrict dy2, const uint16_t *restrict dy2_16,
+                                         int round, const float *restrict y, const uint16_t *restrict y16, long count), (branch, branch16, identity, identity16, accumulate, dy, dy16, dy2, dy2_16, round, y, y16, count))
 
 // Max pool over rows of `lanes` channels (NHWC, nChw16c as NHWC images of 16 channels): the output rows
 // first_row..<last_row (row = image * oh + oy) of y [images, oh, ow, lanes] and idx (the argmax as y * W
@@ -642,7 +721,7 @@ CK_CLONES void ck_layernorm_rows(float *restrict y, float *restrict mean, float 
     }
 }
 
-CK_CLONES void ck_residual_layernorm_rows(float *restrict sum, float *restrict y, uint16_t *restrict y16, float *restrict mean,
+static inline __attribute__((always_inline)) void ck_residual_layernorm_rows_body(const int ck_native, float *restrict sum, float *restrict y, uint16_t *restrict y16, float *restrict mean,
                                           float *restrict inv_std, const float *restrict dense, const float *restrict residual,
                                           const float *restrict gamma, const float *restrict beta, long rows, long features, float eps,
                                           int dropout, long first, uint64_t seed, uint64_t stream, uint32_t limit, float scale) {
@@ -658,11 +737,15 @@ CK_CLONES void ck_residual_layernorm_rows(float *restrict sum, float *restrict y
         }
         float *restrict yr = y + r * features;
         ck_layernorm_row(yr, mean + r, inv_std + r, s, gamma, beta, features, eps);
-        if (y16) ck_bits_run(y16 + r * features, yr, features);
+        if (y16) ck_bits_run(ck_native, y16 + r * features, yr, features);
     }
 }
+CK_BF16_KERNEL(ck_residual_layernorm_rows, (float *restrict sum, float *restrict y, uint16_t *restrict y16, float *restrict mean,
+                                          float *restrict inv_std, const float *restrict dense, const float *restrict residual,
+                                          const float *restrict gamma, const float *restrict beta, long rows, long features, float eps,
+                                          int dropout, long first, uint64_t seed, uint64_t stream, uint32_t limit, float scale), (sum, y, y16, mean, inv_std, dense, residual, gamma, beta, rows, features, eps, dropout, first, seed, stream, limit, scale))
 
-CK_CLONES void ck_gelu_forward_bf16(uint16_t *restrict y16, const float *restrict x, const uint16_t *restrict x16, long count) {
+static inline __attribute__((always_inline)) void ck_gelu_forward_bf16_body(const int ck_native, uint16_t *restrict y16, const float *restrict x, const uint16_t *restrict x16, long count) {
     long i = 0;
     for (; i + CK_LANES <= count; i += CK_LANES) {
         float y[CK_LANES], in[CK_LANES];
@@ -682,6 +765,7 @@ CK_CLONES void ck_gelu_forward_bf16(uint16_t *restrict y16, const float *restric
         y16[i] = ck_bf16_of(v * cdf);
     }
 }
+CK_BF16_KERNEL(ck_gelu_forward_bf16, (uint16_t *restrict y16, const float *restrict x, const uint16_t *restrict x16, long count), (y16, x, x16, count))
 
 // The optimizer's passes over the arena (Optimizers.swift, GradientSync.swift, Arena.swift).
 
@@ -817,7 +901,7 @@ CK_CLONES void ck_layernorm_backward_rows(float *restrict dx, const float *restr
     }
 }
 
-CK_CLONES void ck_layernorm_backward_residual_rows(float *restrict residual, int accumulate, float *restrict dense, uint16_t *restrict dense16,
+static inline __attribute__((always_inline)) void ck_layernorm_backward_residual_rows_body(const int ck_native, float *restrict residual, int accumulate, float *restrict dense, uint16_t *restrict dense16,
                                                   const float *restrict dy, const float *restrict x, const float *restrict gamma,
                                                   const float *restrict mean, const float *restrict inv_std, long rows, long features,
                                                   int dropout, long first, uint64_t seed, uint64_t stream, uint32_t limit, float scale) {
@@ -840,9 +924,13 @@ CK_CLONES void ck_layernorm_backward_residual_rows(float *restrict residual, int
             const long start = first + r * features;
             ck_dropout(g, g, start, start + features, seed, stream, limit, scale, 0);
         }
-        if (dense16) ck_bits_run(dense16 + r * features, g, features);
+        if (dense16) ck_bits_run(ck_native, dense16 + r * features, g, features);
     }
 }
+CK_BF16_KERNEL(ck_layernorm_backward_residual_rows, (float *restrict residual, int accumulate, float *restrict dense, uint16_t *restrict dense16,
+                                                  const float *restrict dy, const float *restrict x, const float *restrict gamma,
+                                                  const float *restrict mean, const float *restrict inv_std, long rows, long features,
+                                                  int dropout, long first, uint64_t seed, uint64_t stream, uint32_t limit, float scale), (residual, accumulate, dense, dense16, dy, x, gamma, mean, inv_std, rows, features, dropout, first, seed, stream, limit, scale))
 
 // SplitMix64's finalizer, as Swift's mix64 (Random.swift).
 static inline uint64_t ck_mix64(uint64_t value) {
@@ -856,7 +944,7 @@ static inline uint64_t ck_mix64(uint64_t value) {
 // tokens]) in place -> softmax (as ck_softmax_rows), then w = dropout(p) (where `dropout`: row i draws
 // from the stream head_stream.child(i), element j from its draw j, as ck_dropout_forward), w into
 // `dropped` (where given) and its bf16 bits into w16.
-CK_CLONES void ck_attention_weights(float *restrict p, uint16_t *restrict w16, float *restrict dropped, const int32_t *restrict valid,
+static inline __attribute__((always_inline)) void ck_attention_weights_body(const int ck_native, float *restrict p, uint16_t *restrict w16, float *restrict dropped, const int32_t *restrict valid,
                                     long rows, long tokens, int dropout, uint64_t seed, uint64_t head_stream, uint32_t limit, float scale) {
     uint32_t draws[4 * CK_PHILOX_BLOCKS];
     for (long i = 0; i < rows; i++) {
@@ -865,7 +953,7 @@ CK_CLONES void ck_attention_weights(float *restrict p, uint16_t *restrict w16, f
         float *restrict out = dropped ? dropped + i * tokens : 0;
         ck_softmax_row(row, valid, tokens);
         if (!dropout) {
-            ck_bits_run(out16, row, tokens);
+            ck_bits_run(ck_native, out16, row, tokens);
             if (out) memcpy(out, row, (size_t)tokens * sizeof(float));
             continue;
         }
@@ -875,11 +963,13 @@ CK_CLONES void ck_attention_weights(float *restrict p, uint16_t *restrict w16, f
             const long count = tokens - base < 4 * CK_PHILOX_BLOCKS ? tokens - base : 4 * CK_PHILOX_BLOCKS;
             float w[4 * CK_PHILOX_BLOCKS];
             for (long j = 0; j < count; j++) w[j] = draws[j] >= limit ? row[base + j] * scale : 0.0f;
-            ck_bits_run(out16 + base, w, count);
+            ck_bits_run(ck_native, out16 + base, w, count);
             if (out) memcpy(out + base, w, (size_t)count * sizeof(float));
         }
     }
 }
+CK_BF16_KERNEL(ck_attention_weights, (float *restrict p, uint16_t *restrict w16, float *restrict dropped, const int32_t *restrict valid,
+                                    long rows, long tokens, int dropout, uint64_t seed, uint64_t head_stream, uint32_t limit, float scale), (p, w16, dropped, valid, rows, tokens, dropout, seed, head_stream, limit, scale))
 
 // sum_j p_j d_j over a row in 16 lanes (element j of the whole vectors into lane j % 16, the tail into
 // lanes 0, 1, ...), the lanes then added in order.
@@ -912,7 +1002,7 @@ CK_CLONES void ck_softmax_backward_rows(float *restrict dp, const float *restric
 // The same in bf16 for the products that read it, the dropout's mask from the weights' bf16 bits w16:
 // d (written into dp) as above, ds = p * (d - sum_j p_j d_j) as bf16 bits into ds16. ds16 may be w16
 // (each row's w16 is read before its ds16 is written).
-CK_CLONES void ck_attention_softmax_backward(uint16_t *ds16, float *restrict dp, const float *restrict p, const uint16_t *w16, long rows,
+static inline __attribute__((always_inline)) void ck_attention_softmax_backward_body(const int ck_native, uint16_t *ds16, float *restrict dp, const float *restrict p, const uint16_t *w16, long rows,
                                              long tokens, int dropout, float scale) {
     for (long i = 0; i < rows; i++) {
         float *restrict d = dp + i * tokens;
@@ -928,10 +1018,12 @@ CK_CLONES void ck_attention_softmax_backward(uint16_t *ds16, float *restrict dp,
         for (; j < tokens; j++) out[j] = ck_bf16_of(pr[j] * (d[j] - dot));
     }
 }
+CK_BF16_KERNEL(ck_attention_softmax_backward, (uint16_t *ds16, float *restrict dp, const float *restrict p, const uint16_t *w16, long rows,
+                                             long tokens, int dropout, float scale), (ds16, dp, p, w16, rows, tokens, dropout, scale))
 
 // GELU's backward with the gradient's bf16 bits: dx = dy * gelu'(x) (as ck_gelu_backward, overwriting)
 // and its bits into dx16.
-CK_CLONES void ck_gelu_backward_bf16(float *restrict dx, uint16_t *restrict dx16, const float *restrict dy, const uint16_t *restrict dy16,
+static inline __attribute__((always_inline)) void ck_gelu_backward_bf16_body(const int ck_native, float *restrict dx, uint16_t *restrict dx16, const float *restrict dy, const uint16_t *restrict dy16,
                                      const float *restrict x, const uint16_t *restrict x16, long count) {
     long i = 0;
     for (; i + CK_LANES <= count; i += CK_LANES) {
@@ -957,6 +1049,8 @@ CK_CLONES void ck_gelu_backward_bf16(float *restrict dx, uint16_t *restrict dx16
         dx16[i] = ck_bf16_of(g);
     }
 }
+CK_BF16_KERNEL(ck_gelu_backward_bf16, (float *restrict dx, uint16_t *restrict dx16, const float *restrict dy, const uint16_t *restrict dy16,
+                                     const float *restrict x, const uint16_t *restrict x16, long count), (dx, dx16, dy, dy16, x, x16, count))
 
 // sum[c] += x[r * ld + c] over rows r in order, for columns [first, last) (a linear layer's bias
 // gradient): each column's additions in row order, as the plain loop, 16 columns at a time. x is read

@@ -223,7 +223,8 @@ public struct Backend: @unchecked Sendable {
     public var lines: [String] {
         var out = ["kernels: fp32 products on \(fp32Matmul == .onednn ? "oneDNN" : "OpenBLAS"), convolutions on "
                    + "\(convolution == .onednn ? "oneDNN" : "im2col + OpenBLAS"); ResNet activations \(fp32Layout.rawValue) in fp32",
-                   "bf16: \(bf16Description)",
+                   "bf16: \(bf16Description); the passes between products round to bf16 "
+                   + (ck_native_bf16_enabled() != 0 ? "by the CPU's vcvtneps2bf16 (AVX512-BF16)" : "in integer arithmetic"),
                    "precision auto: \(autoPrecision.rawValue) (\(autoPrecisionReason))"]
         for s in switches.convirtSwitches { out.append("  \(s.name)=\(s.value) (\(s.meaning))") }
         return out

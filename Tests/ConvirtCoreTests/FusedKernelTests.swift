@@ -743,3 +743,125 @@ private extension Optional where Wrapped == [Float] {
         }
     }
 }
+
+@Suite("bf16 conversions by the CPU's instruction")
+struct NativeBF16Tests {
+    /// `body`'s result with the kernels' integer rounding, then with their native versions.
+    func bothWays<T>(_ body: () -> T) -> (integer: T, native: T) {
+        let before = ck_native_bf16_enabled()
+        defer { ck_set_native_bf16(before) }
+        ck_set_native_bf16(0)
+        let integer = body()
+        ck_set_native_bf16(1)
+        return (integer, body())
+    }
+
+    /// Floats of every kind the conversion treats apart (vcvtneps2bf16 reads a subnormal as zero): normal
+    /// values, halfway between two bf16 (ties), subnormals of both signs, NaN, infinities and zeros; each
+    /// mixed among the others, then runs of 40 subnormals and of 40 normal values, so that vectors holding
+    /// subnormals, vectors holding none and vectors made only of them all run.
+    static func mixed(_ count: Int, seed: UInt64, scale: Float = 1) -> [Float] {
+        let stream = RandomStream(seed: seed)
+        func draw(_ i: Int, _ kind: UInt64) -> Float {
+            let bits = stream.uint32(at: UInt64(i))
+            switch kind {
+            case 0: return Float(bitPattern: (bits & 0x8000_0000) | max(bits & 0x007f_ffff, 1))
+            case 1: return Float(bitPattern: (Float(2 * stream.uniform(at: UInt64(i)) - 1) * scale).bitPattern & 0xffff_0000 | 0x8000)
+            case 2: return [Float.nan, .infinity, -.infinity, 0, -0.0][Int(bits % 5)]
+            default: return scale * Float(2 * stream.uniform(at: UInt64(i)) - 1)
+            }
+        }
+        return (0..<count).map { i in
+            let run = (i / 40) % 5
+            if run == 1 { return draw(i, 0) }
+            if run == 3 { return draw(i, 3) }
+            return draw(i, [0, 1, 2, 3, 3, 3, 3][Int(stream.uint32(at: UInt64(i) &+ 1 << 40) % 7)])
+        }
+    }
+
+    /// Bits alike, any NaN matching any NaN (the payload an operation passes on is the compiler's choice).
+    func same(_ a: [UInt16], _ b: [UInt16]) -> Bool {
+        a.count == b.count && zip(a, b).allSatisfy { $0 == $1 || (BF16.value($0).isNaN && BF16.value($1).isNaN) }
+    }
+    func same(_ a: [Float], _ b: [Float]) -> Bool {
+        a.count == b.count && zip(a, b).allSatisfy { $0.bitPattern == $1.bitPattern || ($0.isNaN && $1.isNaN) }
+    }
+
+    @Test("every kernel that writes bf16 bits gives the same bits by the CPU's conversion as by integer rounding",
+          .enabled(if: ck_native_bf16_supported() != 0, "this CPU has no AVX512-BF16: only the integer rounding runs"))
+    func nativeEqualsInteger() {
+        let n = 1003, dropLimit = UInt32(0.1 * 4_294_967_296.0)
+        let xs = Self.mixed(n, seed: 1), dy = Self.mixed(n, seed: 2), other = Self.mixed(n, seed: 3)
+        // Conversions of every 4099th float bit pattern too.
+        let patterns = stride(from: UInt64(0), through: 0xffff_ffff, by: 4099).map { Float(bitPattern: UInt32($0)) }
+        let bits = bothWays { () -> [UInt16] in
+            var out = [UInt16](repeating: 0, count: patterns.count)
+            ck_bf16_bits(&out, patterns, patterns.count)
+            return out
+        }
+        #expect(same(bits.integer, bits.native), "ck_bf16_bits")
+        #expect(bits.native == patterns.map(BF16.bits), "ck_bf16_bits against BF16.bits")
+        let gelu = bothWays { () -> [UInt16] in
+            var y = [UInt16](repeating: 0, count: n), dx16 = y, dx = [Float](repeating: 0, count: n)
+            ck_gelu_forward_bf16(&y, xs, nil, n)
+            ck_gelu_backward_bf16(&dx, &dx16, dy, nil, xs, nil, n)
+            return y + dx16
+        }
+        #expect(same(gelu.integer, gelu.native), "GELU forward and backward")
+        // BatchNorm over rows of 16 and of 48 lanes (nChw16c and NHWC rows), with scales that make some of
+        // the outputs subnormal.
+        for lanes in [16, 48] {
+            let rows = n / lanes
+            let channel = { (seed: UInt64, scale: Float) in randomFloats(lanes, seed: seed, scale: scale) }
+            let mean = channel(4, 0.1), scale = (0..<lanes).map { $0 % 3 == 0 ? Float(1e-38) : 1 + Float($0) / 16 }, shift = channel(5, 0.5)
+            let (k, sumDy, sumDyx, invStd) = (channel(6, 1), channel(7, 1), channel(8, 1), channel(9, 2).map { 1 + abs($0) })
+            let batchNorm = bothWays { () -> [UInt16] in
+                var y = [UInt16](repeating: 0, count: rows * lanes), gated = y, dx = y
+                ck_normalize_rows(nil, &y, xs, nil, rows, lanes, mean, scale, shift, 0)
+                ck_normalize_rows(nil, &gated, xs, nil, rows, lanes, mean, scale, shift, 1)
+                ck_bn_gradient_rows(nil, &dx, dy, nil, xs, nil, rows, lanes, scale, sumDy, sumDyx, mean, invStd, k, shift, 1.0 / 64, 0)
+                return y + gated + dx
+            }
+            #expect(same(batchNorm.integer, batchNorm.native), "batch norm, \(lanes) lanes")
+        }
+        // A residual block's end and its backward, rounding its float inputs.
+        let residual = bothWays { () -> ([Float], [UInt16]) in
+            var y = [Float](repeating: 0, count: n), y16 = [UInt16](repeating: 0, count: n)
+            ck_residual_relu(&y, &y16, xs, nil, other, nil, 1, n)
+            var branch = [Float](repeating: 0, count: n), identity16 = [UInt16](repeating: 0, count: n)
+            ck_residual_relu_backward(&branch, nil, nil, &identity16, 0, dy, nil, other, nil, 1, y, nil, n)
+            return (y + branch, y16 + identity16)
+        }
+        #expect(same(residual.integer.0, residual.native.0) && same(residual.integer.1, residual.native.1), "residual sum and ReLU")
+        // A transformer's residual LayerNorm (rows of 48 features) and its backward.
+        let features = 48, rows = n / features
+        // (Some outputs subnormal: where gamma is and beta is 0, and from a gradient near the smallest normal.)
+        let gamma = (0..<features).map { $0 % 5 == 0 ? Float(1e-39) : 1 + Float($0) / 64 }
+        let beta = randomFloats(features, seed: 10, scale: 0.1).enumerated().map { $0.offset % 5 == 0 ? 0 : $0.element }
+        let tinyDy = dy.map { $0 * 1e-38 }
+        let layerNorm = bothWays { () -> [UInt16] in
+            var sum = [Float](repeating: 0, count: rows * features), y = sum, y16 = [UInt16](repeating: 0, count: rows * features)
+            var mean = [Float](repeating: 0, count: rows), invStd = mean
+            ck_residual_layernorm_rows(&sum, &y, &y16, &mean, &invStd, xs, other, gamma, beta, rows, features, 1e-12, 1, 0, 11, 12,
+                                       dropLimit, 1 / 0.9)
+            var gradResidual = [Float](repeating: 0, count: rows * features), dense16 = y16
+            ck_layernorm_backward_residual_rows(&gradResidual, 0, nil, &dense16, tinyDy, sum, gamma, mean, invStd, rows, features, 1, 0, 11, 12,
+                                                dropLimit, 1 / 0.9)
+            return y16 + dense16
+        }
+        #expect(same(layerNorm.integer, layerNorm.native), "residual LayerNorm, forward and backward")
+        // Attention's weights (scores spread so that some weights are subnormal) and their backward, 13 rows of
+        // 77 keys, the last 5 of them masked.
+        let tokens = 77, pairs = 13
+        let valid = (0..<tokens).map { Int32($0 < tokens - 5 ? 1 : 0) }
+        let scores = randomFloats(pairs * tokens, seed: 13, scale: 60)
+        let attention = bothWays { () -> [UInt16] in
+            var p = scores, w16 = [UInt16](repeating: 0, count: pairs * tokens)
+            ck_attention_weights(&p, &w16, nil, valid, pairs, tokens, 1, 14, 15, dropLimit, 1 / 0.9)
+            var dp = Array(dy.prefix(pairs * tokens)), ds16 = w16
+            ck_attention_softmax_backward(&ds16, &dp, p, w16, pairs, tokens, 1, 1 / 0.9)
+            return w16 + ds16
+        }
+        #expect(same(attention.integer, attention.native), "attention's weights and their backward")
+    }
+}

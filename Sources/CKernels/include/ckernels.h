@@ -10,6 +10,12 @@
 void ck_gelu_forward(float *y, const float *x, long count);
 // dx[i] (+)= dy[i] * (Phi(x[i]) + x[i] * phi(x[i])); accumulate 0 overwrites dx.
 void ck_gelu_backward(float *dx, const float *dy, const float *x, long count, int accumulate);
+// The kernels that write bf16 bits convert with the CPU's instruction where it has AVX512-BF16, with
+// the same bits as the integer rounding they use elsewhere: whether it has (supported), whether they do
+// now (enabled), and a switch for tests (on where supported; returns the state set).
+int ck_native_bf16_supported(void);
+int ck_native_bf16_enabled(void);
+int ck_set_native_bf16(int on);
 // dst[i] = the bf16 bits of src[i] rounded to nearest even (NaN stays a quiet NaN).
 void ck_bf16_bits(uint16_t *dst, const float *src, long count);
 // dst[i] = src[i] rounded to bf16 (as a float); dst may be src.

@@ -865,9 +865,12 @@ CK_CLONES long ck_count_nonfinite(const float *x, long count) {
 // LayerNorm's input gradient over rows x features, added to dx: with g = dy * gamma and
 // xhat = (x - mean[r]) * inv_std[r], dx += inv_std[r] * (g - mean(g) - xhat * mean(g * xhat)); each row's
 // two sums in 16 lanes (element i into lane i % 16, the tail into lanes 0, 1, ...), the lanes then
-// added in order.
-CK_CLONES void ck_layernorm_backward_rows(float *restrict dx, const float *restrict dy, const float *restrict x, const float *restrict gamma,
-                                         const float *restrict mean, const float *restrict inv_std, long rows, long features) {
+// added in order. (Always inlined into its callers' clones; with accumulate 0, dx is written 0 + v, the
+// bits of adding to zeros, without reading dx.)
+static inline __attribute__((always_inline)) void ck_layernorm_backward_run(float *restrict dx, int accumulate, const float *restrict dy,
+                                                                             const float *restrict x, const float *restrict gamma,
+                                                                             const float *restrict mean, const float *restrict inv_std,
+                                                                             long rows, long features) {
     const float n = (float)features;
     for (long r = 0; r < rows; r++) {
         const float *restrict xr = x + r * features, *restrict dyr = dy + r * features;
@@ -892,13 +895,19 @@ CK_CLONES void ck_layernorm_backward_rows(float *restrict dx, const float *restr
         i = 0;
         for (; i + CK_LANES <= features; i += CK_LANES) {
             const ck_v16 xhat = (ck_load(xr + i) - m) * rs;
-            *(ck_v16 *)(dxr + i) = ck_load(dxr + i) + rs * (ck_load(dyr + i) * ck_load(gamma + i) - mean_g - xhat * mean_gx);
+            const ck_v16 base = accumulate ? ck_load(dxr + i) : ck_v16_of(0.0f);
+            *(ck_v16 *)(dxr + i) = base + rs * (ck_load(dyr + i) * ck_load(gamma + i) - mean_g - xhat * mean_gx);
         }
         for (; i < features; i++) {
             const float xhat = (xr[i] - m) * rs;
-            dxr[i] += rs * (dyr[i] * gamma[i] - mean_g - xhat * mean_gx);
+            dxr[i] = (accumulate ? dxr[i] : 0.0f) + rs * (dyr[i] * gamma[i] - mean_g - xhat * mean_gx);
         }
     }
+}
+
+CK_CLONES void ck_layernorm_backward_rows(float *restrict dx, const float *restrict dy, const float *restrict x, const float *restrict gamma,
+                                         const float *restrict mean, const float *restrict inv_std, long rows, long features) {
+    ck_layernorm_backward_run(dx, 1, dy, x, gamma, mean, inv_std, rows, features);
 }
 
 static inline __attribute__((always_inline)) void ck_layernorm_backward_residual_rows_body(const int ck_native, float *restrict residual, int accumulate, float *restrict dense, uint16_t *restrict dense16,
@@ -909,9 +918,8 @@ static inline __attribute__((always_inline)) void ck_layernorm_backward_residual
     float row[dense ? 1 : features];
     for (long r = 0; r < rows; r++) {
         float *restrict g = dense ? dense + r * features : row;
-        // LayerNorm's gradient into the dense layer's room (from zeros: 0 + v, as the plain kernel adds it).
-        for (long i = 0; i < features; i++) g[i] = 0.0f;
-        ck_layernorm_backward_rows(g, dy + r * features, x + r * features, gamma, mean + r, inv_std + r, 1, features);
+        // LayerNorm's gradient into the dense layer's room (0 + v, as the plain kernel adds it to zeros).
+        ck_layernorm_backward_run(g, 0, dy + r * features, x + r * features, gamma, mean + r, inv_std + r, 1, features);
         if (residual) {
             float *restrict s = residual + r * features;
             if (accumulate) {

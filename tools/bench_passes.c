@@ -466,6 +466,7 @@ int main(int argc, char **argv) {
     if (cold && !(evict = malloc(EVICT_BYTES))) return 1;
     CHECK(dnnl_engine_create(&engine, dnnl_cpu, 0), "engine");
     if (cold) printf("each run after 256 MB written elsewhere: the data from memory\n");
+    if (!ck_native_bf16_enabled() && ck_native_bf16_supported()) printf("our kernels' bf16 rounding in integer arithmetic (--integer-bf16)\n");
     CHECK(dnnl_stream_create(&stream, engine, dnnl_stream_default_flags), "stream");
     printf("pass                                         ours / oneDNN (ms)  oneDNN/ours  ours (GB/s)  difference  oneDNN's kernel\n");
     layernorm();

@@ -20,6 +20,15 @@ public enum BF16Route: String, Sendable, Codable, CaseIterable {
     case blocked
 }
 
+/// How the passes between the products round to bf16 (`CONVIRT_BF16_ROUNDING`; by default the CPU's
+/// instruction where it has one): the same bits either way (`ck_native_bf16`).
+public enum BF16Rounding: String, Sendable, Codable, CaseIterable {
+    /// vcvtneps2bf16 (AVX512-BF16), a vector holding a subnormal rounded as `integer` rounds it.
+    case native
+    /// Round to nearest even in integer arithmetic on the bits, on every CPU.
+    case integer
+}
+
 /// The environment variables convirt reads, parsed once.
 public struct EnvironmentSwitches: @unchecked Sendable {
     /// Every variable read, with what it does (printed by `convirt info` where set).
@@ -30,6 +39,7 @@ public struct EnvironmentSwitches: @unchecked Sendable {
         ("CONVIRT_MATMUL", "auto|onednn|openblas: fp32 matrix products"),
         ("CONVIRT_CONVOLUTION", "auto|onednn|im2col: convolutions"),
         ("CONVIRT_ACTIVATIONS", "nchw|nhwc|nchw16c: the ResNet's activation layout where oneDNN runs its convolutions"),
+        ("CONVIRT_BF16_ROUNDING", "native|integer: how the passes between products round to bf16 (the same bits either way)"),
         // Fault injection, for the tests of interrupted checkpoints and of the collective watchdog.
         ("CONVIRT_FAULT_STALL", "STEP:RANK: that rank stops (sleeps forever) at the start of training step STEP"),
         ("CONVIRT_FAULT_SPIKE", "STEP:FACTOR: training step STEP's loss and gradients are multiplied by FACTOR on every rank"),
@@ -71,6 +81,7 @@ public struct EnvironmentSwitches: @unchecked Sendable {
     public var matmul: FP32Matmul.Policy { variables["CONVIRT_MATMUL"].flatMap(FP32Matmul.Policy.init(rawValue:)) ?? .auto }
     public var convolution: Convolution.Policy { variables["CONVIRT_CONVOLUTION"].flatMap(Convolution.Policy.init(rawValue:)) ?? .auto }
     public var activations: ActivationLayout? { variables["CONVIRT_ACTIVATIONS"].flatMap(ActivationLayout.init(rawValue:)) }
+    public var bf16Rounding: BF16Rounding? { variables["CONVIRT_BF16_ROUNDING"].flatMap(BF16Rounding.init(rawValue:)) }
     public var killAfterShard: (step: Int, rank: Int)? { stepAndRank("CONVIRT_FAULT_KILL_AFTER_SHARD") }
     private func stepAndRank(_ name: String) -> (step: Int, rank: Int)? {
         guard let parts = variables[name]?.split(separator: ":").compactMap({ Int($0) }), parts.count == 2 else { return nil }
@@ -106,7 +117,7 @@ public struct EnvironmentSwitches: @unchecked Sendable {
         }
         var out = [check("CONVIRT_PRECISION", Precision.self), check("CONVIRT_BF16", BF16Route.self),
                    check("CONVIRT_MATMUL", FP32Matmul.Policy.self), check("CONVIRT_CONVOLUTION", Convolution.Policy.self),
-                   check("CONVIRT_ACTIVATIONS", ActivationLayout.self)].compactMap { $0 }
+                   check("CONVIRT_ACTIVATIONS", ActivationLayout.self), check("CONVIRT_BF16_ROUNDING", BF16Rounding.self)].compactMap { $0 }
         if let v = variables["CONVIRT_FAULT_KILL_AFTER_SHARD"], killAfterShard == nil { out.append("CONVIRT_FAULT_KILL_AFTER_SHARD=\(v): expected STEP:RANK") }
         if let v = variables["CONVIRT_FAULT_SPIKE"], spike == nil { out.append("CONVIRT_FAULT_SPIKE=\(v): expected STEP:FACTOR") }
         if let v = variables["CONVIRT_FAULT_STALL"], stall == nil { out.append("CONVIRT_FAULT_STALL=\(v): expected STEP:RANK") }
@@ -155,6 +166,9 @@ public struct Backend: @unchecked Sendable {
     public let convolution: ConvolutionRoute
     /// The ResNet's activation layout in each precision (`Convolution.layout`).
     public let fp32Layout, bf16Layout: ActivationLayout
+    /// How the passes between the products round to bf16, and why.
+    public let bf16Rounding: BF16Rounding
+    public let bf16RoundingReason: String
 
     public init(switches: EnvironmentSwitches) {
         self.switches = switches
@@ -190,10 +204,22 @@ public struct Backend: @unchecked Sendable {
         }
         fp32Layout = Convolution.layout(precision: .fp32, onDNNL: convolution == .onednn, forced: switches.activations)
         bf16Layout = Convolution.layout(precision: .bf16, onDNNL: bf16 == .native, forced: switches.activations)
+        let converts = ck_native_bf16_supported() != 0
+        switch switches.bf16Rounding {
+        case .integer?: (bf16Rounding, bf16RoundingReason) = (.integer, "CONVIRT_BF16_ROUNDING=integer")
+        case .native? where converts: (bf16Rounding, bf16RoundingReason) = (.native, "CONVIRT_BF16_ROUNDING=native")
+        case .native?: (bf16Rounding, bf16RoundingReason) = (.integer, "CONVIRT_BF16_ROUNDING=native, but the CPU has no AVX512-BF16")
+        case nil where converts: (bf16Rounding, bf16RoundingReason) = (.native, "the CPU has AVX512-BF16")
+        case nil: (bf16Rounding, bf16RoundingReason) = (.integer, "the CPU has no AVX512-BF16")
+        }
     }
 
-    /// This process's.
-    public static let current = Backend(switches: .process)
+    /// This process's; resolving it sets the C kernels' bf16 rounding (every bf16 pass reads a route first).
+    public static let current: Backend = {
+        let backend = Backend(switches: .process)
+        ck_set_native_bf16(backend.bf16Rounding == .native ? 1 : 0)
+        return backend
+    }()
 
     /// The bf16 route in words.
     public var bf16Description: String {
@@ -214,7 +240,7 @@ public struct Backend: @unchecked Sendable {
     public var record: [String: String] {
         var out = ["auto_precision": autoPrecision.rawValue, "bf16_products": bf16.rawValue, "fp32_matmul": fp32Matmul.rawValue,
                    "convolution": convolution.rawValue, "activations_fp32": fp32Layout.rawValue, "activations_bf16": bf16Layout.rawValue,
-                   "onednn": "\(DNNL.version) \(DNNL.isa)", "openblas_core": BLASCore.current]
+                   "bf16_rounding": bf16Rounding.rawValue, "onednn": "\(DNNL.version) \(DNNL.isa)", "openblas_core": BLASCore.current]
         for s in switches.convirtSwitches { out["env " + s.name] = s.value }
         return out
     }
@@ -224,7 +250,7 @@ public struct Backend: @unchecked Sendable {
         var out = ["kernels: fp32 products on \(fp32Matmul == .onednn ? "oneDNN" : "OpenBLAS"), convolutions on "
                    + "\(convolution == .onednn ? "oneDNN" : "im2col + OpenBLAS"); ResNet activations \(fp32Layout.rawValue) in fp32",
                    "bf16: \(bf16Description); the passes between products round to bf16 "
-                   + (ck_native_bf16_enabled() != 0 ? "by the CPU's vcvtneps2bf16 (AVX512-BF16)" : "in integer arithmetic"),
+                   + (bf16Rounding == .native ? "by the CPU's vcvtneps2bf16" : "in integer arithmetic") + " (\(bf16RoundingReason))",
                    "precision auto: \(autoPrecision.rawValue) (\(autoPrecisionReason))"]
         for s in switches.convirtSwitches { out.append("  \(s.name)=\(s.value) (\(s.meaning))") }
         return out

@@ -3,6 +3,7 @@
 #if canImport(Glibc)
 import Glibc
 #endif
+import CKernels
 import ConvirtCore
 import ConvirtTestSupport
 import Testing
@@ -291,5 +292,11 @@ struct BackendTests {
         #expect(bad.problems.count == 3)
         #expect(bad.problems.first { $0.hasPrefix("CONVIRT_MATMUL=fast") }?.contains("auto, onednn, openblas") == true)
         #expect(Backend(switches: EnvironmentSwitches(["CONVIRT_PRECISION": "fp32"])).autoPrecision == .fp32)
+        // bf16 rounding: integer where asked, native only where the CPU converts.
+        let integer = Backend(switches: EnvironmentSwitches(["CONVIRT_BF16_ROUNDING": "integer"]))
+        #expect(integer.bf16Rounding == .integer && integer.record["bf16_rounding"] == "integer")
+        let native = Backend(switches: EnvironmentSwitches(["CONVIRT_BF16_ROUNDING": "native"]))
+        #expect(native.bf16Rounding == (ck_native_bf16_supported() != 0 ? .native : .integer))
+        #expect(EnvironmentSwitches(["CONVIRT_BF16_ROUNDING": "fast"]).problems == ["CONVIRT_BF16_ROUNDING=fast: expected one of native, integer"])
     }
 }

@@ -1,6 +1,7 @@
 // Behaviour of the models beyond parity: the distributed loss, freezing, dropout streams, weight
 // round trips, and gradients of whole models against finite differences.
 
+import CKernels
 import ConvirtCore
 import ConvirtIO
 import ConvirtModels
@@ -300,6 +301,41 @@ struct ModelBehaviourTests {
         // Two passes: the second adds to the first (BatchNorm's running statistics differ between the passes, the batch statistics do not).
         let twice = try gradients(claimed: true, passes: 2)
         #expect(relativeError(twice, overwritten.map { 2 * $0 }) < 1e-5)
+    }
+
+    @Test("a bf16 model computes the same bits whether its passes round to bf16 by the CPU's instruction or in integer arithmetic",
+          .enabled(if: ck_native_bf16_supported() != 0, "this CPU has no AVX512-BF16: only the integer rounding runs"))
+    func nativeRounding() throws {
+        var config = ConVIRTConfig.preset(.tiny)
+        config.frozenLayers = 1
+        let model = try ConVIRTModel(config: config)
+        model.initialize(seed: 11)
+        let b = 2, size = 64
+        let images = (0..<(b * 3 * size * size)).map { RandomStream(seed: 8).normal(at: UInt64($0)) }
+        let (ids, mask) = Self.texts(batch: b, tokens: 6)
+        let context = PassContext(training: true, sampleIndices: [0, 1], precision: .bf16)
+        let saved = Array(UnsafeBufferPointer(start: model.arena.params, count: model.arena.count))
+        let before = ck_native_bf16_enabled()
+        defer { ck_set_native_bf16(before) }
+        func pass(native: Bool) throws -> (embeddings: [Float], gradients: [Float]) {
+            #expect(ck_set_native_bf16(native ? 1 : 0) == (native ? 1 : 0))
+            model.arena.mutableParams.update(from: saved, count: saved.count)
+            model.arena.zeroGrads()
+            let v = try model.encodeImages(images, batch: b, size: size, context: context)
+            let u = try model.encodeTexts(ids: ids, mask: mask, batch: b, tokens: 6, context: context)
+            let gv = (0..<(b * model.config.projDim)).map { Float($0 % 7) - 3 + v[$0] }
+            let gu = (0..<(b * model.config.projDim)).map { Float($0 % 5) - 2 + u[$0] }
+            try model.backwardImages(gradEmbeddings: gv, context: context)
+            try model.backwardTexts(gradEmbeddings: gu, context: context)
+            let embeddings = Array(UnsafeBufferPointer(start: v, count: b * model.config.projDim))
+                + Array(UnsafeBufferPointer(start: u, count: b * model.config.projDim))
+            return (embeddings, Array(UnsafeBufferPointer(start: model.arena.grads, count: model.arena.count)))
+        }
+        let integer = try pass(native: false), native = try pass(native: true)
+        #expect(native.gradients.contains { $0 != 0 })
+        #expect(native.embeddings.map(\.bitPattern) == integer.embeddings.map(\.bitPattern), "embeddings")
+        let first = zip(native.gradients, integer.gradients).enumerated().first { $0.element.0.bitPattern != $0.element.1.bitPattern }
+        #expect(first == nil, "gradient element \(first?.offset ?? -1): \(first?.element.0 ?? 0) against \(first?.element.1 ?? 0)")
     }
 
     private func relativeError(_ a: [Float], _ b: [Float]) -> Double {

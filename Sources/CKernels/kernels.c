@@ -140,7 +140,6 @@ static inline uint16_t ck_bf16_of(float f) { return (uint16_t)(ck_round_bits(flo
 static inline float ck_float_of_bf16(uint16_t h) { return bits_to_float((uint32_t)h << 16); }
 static inline float ck_rounded(float f) { return bits_to_float(ck_round_bits(float_to_bits(f))); }
 
-// Always inlined, so that each clone of its callers vectorizes it for its own ISA.
 // Whether the kernels that write bf16 bits run their native versions: where the CPU has AVX512-BF16
 // (and the AVX-512 parts those versions use), unless ck_set_native_bf16(0) turned them off.
 #if CK_NATIVE_BF16
@@ -168,27 +167,34 @@ int ck_set_native_bf16(int on) {
 }
 int ck_native_bf16_enabled(void) { return ck_native_bf16(); }
 
-// A kernel that writes bf16 bits, from its body NAME_body(ck_native, ...): where the CPU converts natively
-// (ck_native_bf16), the version built for it, else the clones above; the same bits either way.
+// A kernel that writes bf16 bits: CK_BF16_KERNEL(name, (parameters), (arguments)) { body }, the body
+// seeing `ck_native` (1 in the version built for AVX512-BF16, 0 in the clones), and name() running the
+// native version where ck_native_bf16() says so, else the clones; the same bits either way.
 #define CK_EXPAND(...) __VA_ARGS__
+#define CK_BF16_BODY(name, params) static inline __attribute__((always_inline)) void name##_body(const int ck_native, CK_EXPAND params)
 #if CK_NATIVE_BF16
 #define CK_BF16_KERNEL(name, params, args) \
+    CK_BF16_BODY(name, params); \
     CK_CLONES static void name##_clones params { name##_body(0, CK_EXPAND args); } \
     CK_NATIVE static void name##_native params { name##_body(1, CK_EXPAND args); } \
-    void name params { if (ck_native_bf16()) name##_native args; else name##_clones args; }
+    void name params { if (ck_native_bf16()) name##_native args; else name##_clones args; } \
+    CK_BF16_BODY(name, params)
 #else
 #define CK_BF16_KERNEL(name, params, args) \
-    void name params { name##_body(0, CK_EXPAND args); }
+    CK_BF16_BODY(name, params); \
+    void name params { name##_body(0, CK_EXPAND args); } \
+    CK_BF16_BODY(name, params)
 #endif
 
+// Always inlined, so that each version of its callers vectorizes it for its own ISA.
 static inline __attribute__((always_inline)) void ck_bits_run(const int ck_native, uint16_t *restrict dst, const float *restrict src, long count) {
     long i = 0;
     for (; i + CK_LANES <= count; i += CK_LANES) ck_store_bf16(dst + i, ck_load(src + i));
     for (; i < count; i++) dst[i] = ck_bf16_of(src[i]);
 }
 
-static inline __attribute__((always_inline)) void ck_bf16_bits_body(const int ck_native, uint16_t *restrict dst, const float *restrict src, long count) { ck_bits_run(ck_native, dst, src, count); }
-CK_BF16_KERNEL(ck_bf16_bits, (uint16_t *restrict dst, const float *restrict src, long count), (dst, src, count))
+CK_BF16_KERNEL(ck_bf16_bits, (uint16_t *restrict dst, const float *restrict src, long count),
+               (dst, src, count)) { ck_bits_run(ck_native, dst, src, count); }
 
 CK_CLONES void ck_bf16_round(float *dst, const float *src, long count) {
     for (long i = 0; i < count; i++) dst[i] = ck_rounded(src[i]);
@@ -462,8 +468,10 @@ CK_CLONES void ck_channel_sums(const float *restrict x, const uint16_t *restrict
     if (y16) ck_store_bf16(y16 + (o), v_); \
 } while (0)
 // y = (x - mean[l]) * scale[l] + shift[l] over rows x lanes (contiguous), max(that, 0) with relu.
-static inline __attribute__((always_inline)) void ck_normalize_rows_body(const int ck_native, float *restrict y, uint16_t *restrict y16, const float *restrict x, const uint16_t *restrict x16, long rows, long lanes,
-                                 const float *restrict mean, const float *restrict scale, const float *restrict shift, int relu) {
+CK_BF16_KERNEL(ck_normalize_rows, (float *restrict y, uint16_t *restrict y16, const float *restrict x, const uint16_t *restrict x16,
+                                   long rows, long lanes, const float *restrict mean, const float *restrict scale, const float *restrict shift,
+                                   int relu),
+               (y, y16, x, x16, rows, lanes, mean, scale, shift, relu)) {
     const ck_v16 zero = {0};
     const long whole = lanes / CK_LANES * CK_LANES;
     if (whole > CK_LANES) {
@@ -485,8 +493,6 @@ static inline __attribute__((always_inline)) void ck_normalize_rows_body(const i
         }
     }
 }
-CK_BF16_KERNEL(ck_normalize_rows, (float *restrict y, uint16_t *restrict y16, const float *restrict x, const uint16_t *restrict x16, long rows, long lanes,
-                                 const float *restrict mean, const float *restrict scale, const float *restrict shift, int relu), (y, y16, x, x16, rows, lanes, mean, scale, shift, relu))
 
 CK_CLONES void ck_normalize_run(float *restrict y, const float *restrict x, long count, float mean, float scale, float shift, int relu) {
     if (relu) {
@@ -514,11 +520,12 @@ CK_CLONES void ck_normalize_run(float *restrict y, const float *restrict x, long
 // forward's output before its ReLU was positive (as ck_channel_sums, about mean[l]): training (sum_dy
 // given) k[l] * (m * g - sum_dy[l] - (x - mean[l]) * inv_std[l] * sum_dyx[l]); evaluation (sum_dy NULL)
 // g * k[l]. dx is overwritten, or added to with accumulate. dy16: dy as bf16 bits (dy then NULL).
-static inline __attribute__((always_inline)) void ck_bn_gradient_rows_body(const int ck_native, float *restrict dx, uint16_t *restrict dx16, const float *restrict dy, const uint16_t *restrict dy16,
-                                   const float *restrict x,
-                                   const uint16_t *restrict x16, long rows, long lanes, const float *restrict k, const float *restrict sum_dy,
-                                   const float *restrict sum_dyx, const float *restrict mean, const float *restrict inv_std,
-                                   const float *restrict gate_scale, const float *restrict gate_shift, float m, int accumulate) {
+CK_BF16_KERNEL(ck_bn_gradient_rows, (float *restrict dx, uint16_t *restrict dx16, const float *restrict dy, const uint16_t *restrict dy16,
+                                     const float *restrict x,
+                                     const uint16_t *restrict x16, long rows, long lanes, const float *restrict k, const float *restrict sum_dy,
+                                     const float *restrict sum_dyx, const float *restrict mean, const float *restrict inv_std,
+                                     const float *restrict gate_scale, const float *restrict gate_shift, float m, int accumulate),
+               (dx, dx16, dy, dy16, x, x16, rows, lanes, k, sum_dy, sum_dyx, mean, inv_std, gate_scale, gate_shift, m, accumulate)) {
     const ck_v16 zero = {0};
     const long whole = lanes / CK_LANES * CK_LANES;
     if (whole > CK_LANES) {
@@ -545,11 +552,6 @@ static inline __attribute__((always_inline)) void ck_bn_gradient_rows_body(const
         }
     }
 }
-CK_BF16_KERNEL(ck_bn_gradient_rows, (float *restrict dx, uint16_t *restrict dx16, const float *restrict dy, const uint16_t *restrict dy16,
-                                   const float *restrict x,
-                                   const uint16_t *restrict x16, long rows, long lanes, const float *restrict k, const float *restrict sum_dy,
-                                   const float *restrict sum_dyx, const float *restrict mean, const float *restrict inv_std,
-                                   const float *restrict gate_scale, const float *restrict gate_shift, float m, int accumulate), (dx, dx16, dy, dy16, x, x16, rows, lanes, k, sum_dy, sum_dyx, mean, inv_std, gate_scale, gate_shift, m, accumulate))
 
 CK_CLONES void ck_bn_gradient_run(float *restrict dx, const float *restrict dy, const float *restrict x, long count, float k, int training,
                                   float m, float sum_dy, float sum_dyx, float mean, float inv_std, int relu, float scale, float shift,
@@ -567,8 +569,9 @@ CK_CLONES void ck_bn_gradient_run(float *restrict dx, const float *restrict dy, 
 // holds bf16 values as autocast's does), float inputs are rounded to bf16 first and the output after,
 // so the floats and the bits paths give the same values. The output into y (floats) and its bf16 bits
 // into y16, each where given (y may alias a or b).
-static inline __attribute__((always_inline)) void ck_residual_relu_body(const int ck_native, float *y, uint16_t *restrict y16, const float *a, const uint16_t *restrict a16, const float *b,
-                                const uint16_t *restrict b16, int round, long count) {
+CK_BF16_KERNEL(ck_residual_relu, (float *y, uint16_t *restrict y16, const float *a, const uint16_t *restrict a16, const float *b,
+                                  const uint16_t *restrict b16, int round, long count),
+               (y, y16, a, a16, b, b16, round, count)) {
     const ck_v16 zero = {0};
     long i = 0;
     for (; i + CK_LANES <= count; i += CK_LANES) {
@@ -591,18 +594,17 @@ static inline __attribute__((always_inline)) void ck_residual_relu_body(const in
         if (y16) y16[i] = ck_bf16_of(v);
     }
 }
-CK_BF16_KERNEL(ck_residual_relu, (float *y, uint16_t *restrict y16, const float *a, const uint16_t *restrict a16, const float *b,
-                                const uint16_t *restrict b16, int round, long count), (y, y16, a, a16, b, b16, round, count))
 
 // Its backward: g = dy (+ dy2, the output's gradient in two parts) where y > 0, else 0; branch = g;
 // identity = g, or += g with accumulate. dy, dy2 and y are read from their bf16 bits where dy16, dy2_16
 // and y16 are given. With round (a bf16 pass, whose residual stream's gradients are bf16 values as
 // autocast's are), float parts are rounded to bf16 before the sum and the sum after, so the floats and
 // the bits paths give the same values.
-static inline __attribute__((always_inline)) void ck_residual_relu_backward_body(const int ck_native, float *restrict branch, uint16_t *restrict branch16, float *restrict identity,
-                                         uint16_t *restrict identity16, int accumulate, const float *restrict dy,
-                                         const uint16_t *restrict dy16, const float *restrict dy2, const uint16_t *restrict dy2_16,
-                                         int round, const float *restrict y, const uint16_t *restrict y16, long count) {
+CK_BF16_KERNEL(ck_residual_relu_backward, (float *restrict branch, uint16_t *restrict branch16, float *restrict identity,
+                                           uint16_t *restrict identity16, int accumulate, const float *restrict dy,
+                                           const uint16_t *restrict dy16, const float *restrict dy2, const uint16_t *restrict dy2_16,
+                                           int round, const float *restrict y, const uint16_t *restrict y16, long count),
+               (branch, branch16, identity, identity16, accumulate, dy, dy16, dy2, dy2_16, round, y, y16, count)) {
     const ck_v16 zero = {0};
     const int parts = dy2 || dy2_16;
     long i = 0;
@@ -639,10 +641,6 @@ static inline __attribute__((always_inline)) void ck_residual_relu_backward_body
         else identity[i] = accumulate ? identity[i] + g : g;
     }
 }
-CK_BF16_KERNEL(ck_residual_relu_backward, (float *restrict branch, uint16_t *restrict branch16, float *restrict identity,
-                                         uint16_t *restrict identity16, int accumulate, const float *restrict dy,
-                                         const uint16_t *restrict dy16, const float *restrict dy2, const uint16_t *restrict dy2_16,
-                                         int round, const float *restrict y, const uint16_t *restrict y16, long count), (branch, branch16, identity, identity16, accumulate, dy, dy16, dy2, dy2_16, round, y, y16, count))
 
 // Max pool over rows of `lanes` channels (NHWC, nChw16c as NHWC images of 16 channels): the output rows
 // first_row..<last_row (row = image * oh + oy) of y [images, oh, ow, lanes] and idx (the argmax as y * W
@@ -721,10 +719,11 @@ CK_CLONES void ck_layernorm_rows(float *restrict y, float *restrict mean, float 
     }
 }
 
-static inline __attribute__((always_inline)) void ck_residual_layernorm_rows_body(const int ck_native, float *restrict sum, float *restrict y, uint16_t *restrict y16, float *restrict mean,
-                                          float *restrict inv_std, const float *restrict dense, const float *restrict residual,
-                                          const float *restrict gamma, const float *restrict beta, long rows, long features, float eps,
-                                          int dropout, long first, uint64_t seed, uint64_t stream, uint32_t limit, float scale) {
+CK_BF16_KERNEL(ck_residual_layernorm_rows, (float *restrict sum, float *restrict y, uint16_t *restrict y16, float *restrict mean,
+                                            float *restrict inv_std, const float *restrict dense, const float *restrict residual,
+                                            const float *restrict gamma, const float *restrict beta, long rows, long features, float eps,
+                                            int dropout, long first, uint64_t seed, uint64_t stream, uint32_t limit, float scale),
+               (sum, y, y16, mean, inv_std, dense, residual, gamma, beta, rows, features, eps, dropout, first, seed, stream, limit, scale)) {
     for (long r = 0; r < rows; r++) {
         float *restrict s = sum + r * features;
         const float *restrict d = dense + r * features, *restrict x = residual + r * features;
@@ -740,12 +739,9 @@ static inline __attribute__((always_inline)) void ck_residual_layernorm_rows_bod
         if (y16) ck_bits_run(ck_native, y16 + r * features, yr, features);
     }
 }
-CK_BF16_KERNEL(ck_residual_layernorm_rows, (float *restrict sum, float *restrict y, uint16_t *restrict y16, float *restrict mean,
-                                          float *restrict inv_std, const float *restrict dense, const float *restrict residual,
-                                          const float *restrict gamma, const float *restrict beta, long rows, long features, float eps,
-                                          int dropout, long first, uint64_t seed, uint64_t stream, uint32_t limit, float scale), (sum, y, y16, mean, inv_std, dense, residual, gamma, beta, rows, features, eps, dropout, first, seed, stream, limit, scale))
 
-static inline __attribute__((always_inline)) void ck_gelu_forward_bf16_body(const int ck_native, uint16_t *restrict y16, const float *restrict x, const uint16_t *restrict x16, long count) {
+CK_BF16_KERNEL(ck_gelu_forward_bf16, (uint16_t *restrict y16, const float *restrict x, const uint16_t *restrict x16, long count),
+               (y16, x, x16, count)) {
     long i = 0;
     for (; i + CK_LANES <= count; i += CK_LANES) {
         float y[CK_LANES], in[CK_LANES];
@@ -765,7 +761,6 @@ static inline __attribute__((always_inline)) void ck_gelu_forward_bf16_body(cons
         y16[i] = ck_bf16_of(v * cdf);
     }
 }
-CK_BF16_KERNEL(ck_gelu_forward_bf16, (uint16_t *restrict y16, const float *restrict x, const uint16_t *restrict x16, long count), (y16, x, x16, count))
 
 // The optimizer's passes over the arena (Optimizers.swift, GradientSync.swift, Arena.swift).
 
@@ -910,10 +905,11 @@ CK_CLONES void ck_layernorm_backward_rows(float *restrict dx, const float *restr
     ck_layernorm_backward_run(dx, 1, dy, x, gamma, mean, inv_std, rows, features);
 }
 
-static inline __attribute__((always_inline)) void ck_layernorm_backward_residual_rows_body(const int ck_native, float *restrict residual, int accumulate, float *restrict dense, uint16_t *restrict dense16,
-                                                  const float *restrict dy, const float *restrict x, const float *restrict gamma,
-                                                  const float *restrict mean, const float *restrict inv_std, long rows, long features,
-                                                  int dropout, long first, uint64_t seed, uint64_t stream, uint32_t limit, float scale) {
+CK_BF16_KERNEL(ck_layernorm_backward_residual_rows, (float *restrict residual, int accumulate, float *restrict dense, uint16_t *restrict dense16,
+                                                     const float *restrict dy, const float *restrict x, const float *restrict gamma,
+                                                     const float *restrict mean, const float *restrict inv_std, long rows, long features,
+                                                     int dropout, long first, uint64_t seed, uint64_t stream, uint32_t limit, float scale),
+               (residual, accumulate, dense, dense16, dy, x, gamma, mean, inv_std, rows, features, dropout, first, seed, stream, limit, scale)) {
     // Without dense, each row's g in a row of its own (on the stack), its bits into dense16.
     float row[dense ? 1 : features];
     for (long r = 0; r < rows; r++) {
@@ -935,10 +931,6 @@ static inline __attribute__((always_inline)) void ck_layernorm_backward_residual
         if (dense16) ck_bits_run(ck_native, dense16 + r * features, g, features);
     }
 }
-CK_BF16_KERNEL(ck_layernorm_backward_residual_rows, (float *restrict residual, int accumulate, float *restrict dense, uint16_t *restrict dense16,
-                                                  const float *restrict dy, const float *restrict x, const float *restrict gamma,
-                                                  const float *restrict mean, const float *restrict inv_std, long rows, long features,
-                                                  int dropout, long first, uint64_t seed, uint64_t stream, uint32_t limit, float scale), (residual, accumulate, dense, dense16, dy, x, gamma, mean, inv_std, rows, features, dropout, first, seed, stream, limit, scale))
 
 // SplitMix64's finalizer, as Swift's mix64 (Random.swift).
 static inline uint64_t ck_mix64(uint64_t value) {
@@ -952,8 +944,9 @@ static inline uint64_t ck_mix64(uint64_t value) {
 // tokens]) in place -> softmax (as ck_softmax_rows), then w = dropout(p) (where `dropout`: row i draws
 // from the stream head_stream.child(i), element j from its draw j, as ck_dropout_forward), w into
 // `dropped` (where given) and its bf16 bits into w16.
-static inline __attribute__((always_inline)) void ck_attention_weights_body(const int ck_native, float *restrict p, uint16_t *restrict w16, float *restrict dropped, const int32_t *restrict valid,
-                                    long rows, long tokens, int dropout, uint64_t seed, uint64_t head_stream, uint32_t limit, float scale) {
+CK_BF16_KERNEL(ck_attention_weights, (float *restrict p, uint16_t *restrict w16, float *restrict dropped, const int32_t *restrict valid,
+                                      long rows, long tokens, int dropout, uint64_t seed, uint64_t head_stream, uint32_t limit, float scale),
+               (p, w16, dropped, valid, rows, tokens, dropout, seed, head_stream, limit, scale)) {
     uint32_t draws[4 * CK_PHILOX_BLOCKS];
     for (long i = 0; i < rows; i++) {
         float *restrict row = p + i * tokens;
@@ -976,8 +969,6 @@ static inline __attribute__((always_inline)) void ck_attention_weights_body(cons
         }
     }
 }
-CK_BF16_KERNEL(ck_attention_weights, (float *restrict p, uint16_t *restrict w16, float *restrict dropped, const int32_t *restrict valid,
-                                    long rows, long tokens, int dropout, uint64_t seed, uint64_t head_stream, uint32_t limit, float scale), (p, w16, dropped, valid, rows, tokens, dropout, seed, head_stream, limit, scale))
 
 // sum_j p_j d_j over a row in 16 lanes (element j of the whole vectors into lane j % 16, the tail into
 // lanes 0, 1, ...), the lanes then added in order.
@@ -1010,8 +1001,9 @@ CK_CLONES void ck_softmax_backward_rows(float *restrict dp, const float *restric
 // The same in bf16 for the products that read it, the dropout's mask from the weights' bf16 bits w16:
 // d (written into dp) as above, ds = p * (d - sum_j p_j d_j) as bf16 bits into ds16. ds16 may be w16
 // (each row's w16 is read before its ds16 is written).
-static inline __attribute__((always_inline)) void ck_attention_softmax_backward_body(const int ck_native, uint16_t *ds16, float *restrict dp, const float *restrict p, const uint16_t *w16, long rows,
-                                             long tokens, int dropout, float scale) {
+CK_BF16_KERNEL(ck_attention_softmax_backward, (uint16_t *ds16, float *restrict dp, const float *restrict p, const uint16_t *w16, long rows,
+                                               long tokens, int dropout, float scale),
+               (ds16, dp, p, w16, rows, tokens, dropout, scale)) {
     for (long i = 0; i < rows; i++) {
         float *restrict d = dp + i * tokens;
         const float *restrict pr = p + i * tokens;
@@ -1026,13 +1018,12 @@ static inline __attribute__((always_inline)) void ck_attention_softmax_backward_
         for (; j < tokens; j++) out[j] = ck_bf16_of(pr[j] * (d[j] - dot));
     }
 }
-CK_BF16_KERNEL(ck_attention_softmax_backward, (uint16_t *ds16, float *restrict dp, const float *restrict p, const uint16_t *w16, long rows,
-                                             long tokens, int dropout, float scale), (ds16, dp, p, w16, rows, tokens, dropout, scale))
 
 // GELU's backward with the gradient's bf16 bits: dx = dy * gelu'(x) (as ck_gelu_backward, overwriting)
 // and its bits into dx16.
-static inline __attribute__((always_inline)) void ck_gelu_backward_bf16_body(const int ck_native, float *restrict dx, uint16_t *restrict dx16, const float *restrict dy, const uint16_t *restrict dy16,
-                                     const float *restrict x, const uint16_t *restrict x16, long count) {
+CK_BF16_KERNEL(ck_gelu_backward_bf16, (float *restrict dx, uint16_t *restrict dx16, const float *restrict dy, const uint16_t *restrict dy16,
+                                       const float *restrict x, const uint16_t *restrict x16, long count),
+               (dx, dx16, dy, dy16, x, x16, count)) {
     long i = 0;
     for (; i + CK_LANES <= count; i += CK_LANES) {
         float g[CK_LANES], in[CK_LANES], d[CK_LANES];
@@ -1057,8 +1048,6 @@ static inline __attribute__((always_inline)) void ck_gelu_backward_bf16_body(con
         dx16[i] = ck_bf16_of(g);
     }
 }
-CK_BF16_KERNEL(ck_gelu_backward_bf16, (float *restrict dx, uint16_t *restrict dx16, const float *restrict dy, const uint16_t *restrict dy16,
-                                     const float *restrict x, const uint16_t *restrict x16, long count), (dx, dx16, dy, dy16, x, x16, count))
 
 // sum[c] += x[r * ld + c] over rows r in order, for columns [first, last) (a linear layer's bias
 // gradient): each column's additions in row order, as the plain loop, 16 columns at a time. x is read

@@ -145,6 +145,18 @@ struct ModelBehaviourTests {
         return model
     }
 
+    /// One forward and backward of both encoders (6 tokens a report), each embedding's gradient a fixed
+    /// pattern plus the embedding; the image then the text embeddings.
+    static func forwardBackward(_ model: ConVIRTModel, images: [Float], ids: [Int32], mask: [Int32], batch b: Int, size: Int,
+                                context: PassContext) throws -> [Float] {
+        let d = model.config.projDim
+        let v = Array(UnsafeBufferPointer(start: try model.encodeImages(images, batch: b, size: size, context: context), count: b * d))
+        let u = Array(UnsafeBufferPointer(start: try model.encodeTexts(ids: ids, mask: mask, batch: b, tokens: 6, context: context), count: b * d))
+        try model.backwardImages(gradEmbeddings: (0..<(b * d)).map { Float($0 % 7) - 3 + v[$0] }, context: context)
+        try model.backwardTexts(gradEmbeddings: (0..<(b * d)).map { Float($0 % 5) - 2 + u[$0] }, context: context)
+        return v + u
+    }
+
     static func texts(batch: Int, tokens: Int) -> ([Int32], [Int32]) {
         let s = RandomStream(seed: 5)
         let ids = (0..<(batch * tokens)).map { Int32(1 + s.integer(below: 999, at: UInt64($0))) }
@@ -281,12 +293,7 @@ struct ModelBehaviourTests {
             model.arena.zeroGrads()
             if !claimed { for e in model.layout.entries { _ = model.arena.claimZeroedGradient(e) } }
             for _ in 0..<passes {
-                let v = try model.encodeImages(images, batch: b, size: size, context: context)
-                let u = try model.encodeTexts(ids: ids, mask: mask, batch: b, tokens: 6, context: context)
-                let gv = (0..<(b * model.config.projDim)).map { Float($0 % 7) - 3 + v[$0] }
-                let gu = (0..<(b * model.config.projDim)).map { Float($0 % 5) - 2 + u[$0] }
-                try model.backwardImages(gradEmbeddings: gv, context: context)
-                try model.backwardTexts(gradEmbeddings: gu, context: context)
+                _ = try Self.forwardBackward(model, images: images, ids: ids, mask: mask, batch: b, size: size, context: context)
             }
             return Array(UnsafeBufferPointer(start: model.arena.grads, count: model.arena.count))
         }
@@ -321,14 +328,7 @@ struct ModelBehaviourTests {
             #expect(ck_set_native_bf16(native ? 1 : 0) == (native ? 1 : 0))
             model.arena.mutableParams.update(from: saved, count: saved.count)
             model.arena.zeroGrads()
-            let v = try model.encodeImages(images, batch: b, size: size, context: context)
-            let u = try model.encodeTexts(ids: ids, mask: mask, batch: b, tokens: 6, context: context)
-            let gv = (0..<(b * model.config.projDim)).map { Float($0 % 7) - 3 + v[$0] }
-            let gu = (0..<(b * model.config.projDim)).map { Float($0 % 5) - 2 + u[$0] }
-            try model.backwardImages(gradEmbeddings: gv, context: context)
-            try model.backwardTexts(gradEmbeddings: gu, context: context)
-            let embeddings = Array(UnsafeBufferPointer(start: v, count: b * model.config.projDim))
-                + Array(UnsafeBufferPointer(start: u, count: b * model.config.projDim))
+            let embeddings = try Self.forwardBackward(model, images: images, ids: ids, mask: mask, batch: b, size: size, context: context)
             return (embeddings, Array(UnsafeBufferPointer(start: model.arena.grads, count: model.arena.count)))
         }
         let integer = try pass(native: false), native = try pass(native: true)

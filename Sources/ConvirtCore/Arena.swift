@@ -275,7 +275,8 @@ public final class ParameterArena: @unchecked Sendable {
 
     /// How many buffers (BatchNorm's running statistics: what changes in a step besides the trainable
     /// parameters, whose count Adam returns) are NaN or infinite.
-    public func nonFiniteBufferCount() -> Int { nonFiniteCount(in: layout.entries.filter { $0.kind == .buffer }.map(\.range)) }
+    public func nonFiniteBufferCount() -> Int { nonFiniteCount(in: bufferRanges) }
+    private lazy var bufferRanges = layout.entries.filter { $0.kind == .buffer }.map(\.range)
 
     private func nonFiniteCount(in ranges: [Range<Int>]) -> Int {
         let p = params

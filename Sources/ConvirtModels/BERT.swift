@@ -212,25 +212,28 @@ struct LayerNormLayer {
 final class LayerActivations {
     let q = Scratch<Float>(), k = Scratch<Float>(), v = Scratch<Float>()
     let probabilities = Scratch<Float>(), dropped = Scratch<Float>()  // [B, heads, T, T]
-    let context = Scratch<Float>(), attentionDense = Scratch<Float>(), sum1 = Scratch<Float>()
+    let context = Scratch<Float>(), sum1 = Scratch<Float>()
     let hidden1 = Scratch<Float>(), mean1 = Scratch<Float>(), invStd1 = Scratch<Float>()
     let inner = Scratch<Float>(), activated = Scratch<Float>()                            // [rows, I]
     /// The intermediate product's output as bf16 bits, where a trained layer writes copies: GELU's input,
     /// forward and backward (autocast's bf16 linear output).
     let innerBF16 = Scratch<UInt16>()
-    let outputDense = Scratch<Float>(), sum2 = Scratch<Float>()
+    let sum2 = Scratch<Float>()
     let hidden2 = Scratch<Float>(), mean2 = Scratch<Float>(), invStd2 = Scratch<Float>()
     /// The attention's bf16 operands on oneDNN's bf16 kernels (q, k, v and the dropped weights), from
     /// forward for backward; with them `dropped` is not written.
     let attentionCopies = AttentionCopies()
 }
 
-/// The temporaries of one layer's backward (and of its forward: `qkvBF16`): layers run one at a time,
-/// so all share one set.
+/// The temporaries of one layer's backward (and of its forward: `qkvBF16`, `dense`): layers run one at
+/// a time, so all share one set.
 final class LayerGradientScratch {
     /// The bf16 outputs of the query, key and value products, which only the attention reads (packing
     /// them per head), where the products write bf16 ([3, rows, H]).
     let qkvBF16 = Scratch<UInt16>()
+    /// The attention output's and the output layer's products before their residual LayerNorm, which
+    /// alone reads them, in the same forward (backward reads the sums).
+    let dense = Scratch<Float>()
     let gradHidden1 = Scratch<Float>(), gradInner = Scratch<Float>(), gradDense = Scratch<Float>(), gradContext = Scratch<Float>()
     let gradQ = Scratch<Float>(), gradK = Scratch<Float>(), gradV = Scratch<Float>(), attentionWorkspace = Scratch<Float>()
     /// The output gradient of a linear layer in bf16, converted once for its two products (and its bias
@@ -354,7 +357,7 @@ final class EncoderLayer {
                           q: qp, k: kp, v: vp, qkvBF16: qkvBF16, mask: mask, geometry: g,
                           dropout: attentionDropout(step, geometry: g, context: ctx),
                           precision: ctx.precision, copies: activations.attentionCopies)
-        let dense = a.attentionDense.ensure(rows * h)
+        let dense = scratch.dense.ensure(rows * h)
         attentionOutput.forward(arena, output: dense, input: context, rows: rows, precision: ctx.precision,
                                 copies: c.forward(c.attentionOutput, arena).reusingInput(copying))
         let h1 = a.hidden1.ensure(rows * h)
@@ -395,7 +398,7 @@ final class EncoderLayer {
                 }
             }
         }
-        let o = a.outputDense.ensure(rows * h)
+        let o = scratch.dense.ensure(rows * h)
         output.forward(arena, output: o, input: a1, rows: rows, precision: ctx.precision, copies: c.forward(c.output, arena).reusingInput(copying))
         let h2 = a.hidden2.ensure(rows * h)
         outputNorm.forwardResidual(arena, sum: a.sum2.ensure(rows * h), output: h2,

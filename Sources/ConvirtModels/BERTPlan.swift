@@ -107,8 +107,8 @@ extension BERT {
                     needs.need(buffer, rows * h, "\(n) \(what)")
                 }
             }
-            for (buffer, what) in [(a.attentionDense, "attention output dense"), (a.sum1, "attention residual sum"),
-                                   (a.hidden1, "attention LayerNorm output"), (a.outputDense, "output dense"), (a.sum2, "output residual sum"),
+            needs.need(layer.scratch.dense, rows * h, "\(n) attention output and output dense")
+            for (buffer, what) in [(a.sum1, "attention residual sum"), (a.hidden1, "attention LayerNorm output"), (a.sum2, "output residual sum"),
                                    (a.hidden2, "output LayerNorm output")] {
                 needs.need(buffer, rows * h, "\(n) \(what)")
             }

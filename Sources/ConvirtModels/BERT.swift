@@ -283,12 +283,15 @@ final class EncoderLayer {
     let scratch: LayerGradientScratch
     /// bf16 copies of the linear layers' operands, from forward for backward.
     let copies: EncoderCopies
-    /// The gradient of this layer's output, accumulated by the next layer's backward.
-    let gradOutput = Scratch<Float>()
+    /// The gradient of this layer's output, written by the next layer's backward (or the encoder's,
+    /// for the last layer) and read by this layer's: layers of one parity share a room, since only two
+    /// adjacent layers' are live at once.
+    let gradOutput: Scratch<Float>
 
     init(_ layout: inout ParameterLayout, _ name: String, config c: BertConfig, index: Int, frozen: Bool,
-         activations: LayerActivations, scratch: LayerGradientScratch) throws {
+         activations: LayerActivations, scratch: LayerGradientScratch, gradOutput: Scratch<Float>) throws {
         self.activations = activations
+        self.gradOutput = gradOutput
         self.scratch = scratch
         let kind: ParameterLayout.Kind = frozen ? .frozen : .trainable
         let h = c.hiddenSize, eps = Float(c.layerNormEps)
@@ -405,7 +408,6 @@ final class EncoderLayer {
                                    outputBF16: step.nextInput?.room(holding: h2, rows: rows, columns: h),
                                    mean: a.mean2.ensure(rows), invStd: a.invStd2.ensure(rows), dense: o, residual: h1, rows: rows,
                                    dropout: Self.dropout(step.hiddenDropout, site: site | 3, geometry: g, context: ctx))
-        if step.runsBackward { gradOutput.zeroed(rows * h) }
     }
 
     /// The attention's dropout in this pass (its per-sample streams and where the dropped weights go), nil where it drops nothing.
@@ -423,8 +425,9 @@ final class EncoderLayer {
         return (probability, (0..<g.batch).map { context.stream(sample: $0, site: site) }, g.tokens)
     }
 
-    /// Consumes gradOutput ([rows, H]); accumulates into gradInput and the layer's parameter gradients,
-    /// as its step of the pass decided.
+    /// Consumes gradOutput ([rows, H]); writes gradInput, whose only writer it is (the attention's
+    /// LayerNorm overwrites it, the query, key and value products add to it), and accumulates the
+    /// layer's parameter gradients, as its step of the pass decided.
     func backward(_ arena: ParameterArena, gradInput: UnsafeMutablePointer<Float>?, input x: UnsafePointer<Float>, step: EncoderStep,
                   geometry g: AttentionGeometry, config c: BertConfig, context ctx: PassContext) {
         let rows = g.batch * g.tokens, h = c.hiddenSize, inter = c.intermediateSize
@@ -462,7 +465,7 @@ final class EncoderLayer {
         // h1 = LN1(dropout(dense(attention(x))) + x)
         // The same at the attention's end: the residual branch is this layer's input (nil below a frozen layer).
         let dSum1 = copying ? s.gradDense.pointer : s.gradDense.ensure(rows * h)
-        attentionNorm.backwardResidual(arena, gradResidual: gradInput, accumulateResidual: true, gradDense: copying ? nil : dSum1,
+        attentionNorm.backwardResidual(arena, gradResidual: gradInput, accumulateResidual: false, gradDense: copying ? nil : dSum1,
                                        gradDenseBF16: copying ? copies.attentionOutput.gradOutput.room(holding: dSum1, rows: rows, columns: h) : nil,
                                        gradOutput: dH1,
                                        input: a.sum1.pointer, mean: a.mean1.pointer, invStd: a.invStd1.pointer, rows: rows, pieceRows: pieces,
@@ -531,12 +534,13 @@ public final class BERT {
         tokenTypeEmbeddings = try layout.add("\(prefix)embeddings.token_type_embeddings.weight", shape: [config.typeVocabSize, h], kind: kind)
         embeddingNorm = try LayerNormLayer(&layout, "\(prefix)embeddings.LayerNorm", features: h, eps: Float(config.layerNormEps), kind: kind)
         embeddingRange = start..<layout.totalCount
-        let shared = [LayerActivations(), LayerActivations()], scratch = LayerGradientScratch()
+        let shared = [LayerActivations(), LayerActivations()], scratch = LayerGradientScratch(), gradOutputs = [Scratch<Float>(), Scratch<Float>()]
         var layers: [EncoderLayer] = [], ranges: [Range<Int>] = []
         for i in 0..<config.numHiddenLayers {
             let (layer, range) = try layout.group {
                 try EncoderLayer(&$0, "\(prefix)encoder.layer.\(i)", config: config, index: i, frozen: i < frozenLayers,
-                                 activations: i < frozenLayers ? shared[i % 2] : LayerActivations(), scratch: scratch)
+                                 activations: i < frozenLayers ? shared[i % 2] : LayerActivations(), scratch: scratch,
+                                 gradOutput: gradOutputs[i % 2])
             }
             layers.append(layer)
             ranges.append(range)
@@ -597,7 +601,6 @@ public final class BERT {
             layer.forward(arena, input: x, mask: mp, step: step, geometry: g, config: config, context: context)
             x = UnsafePointer(layer.activations.hidden2.pointer)
         }
-        if needsEmbeddingGradient { gradEmbeddingOutput.zeroed(rows * h) }
         return x
     }
 

@@ -724,8 +724,10 @@ CK_BF16_KERNEL(ck_residual_layernorm_rows, (float *restrict sum, float *restrict
                                             const float *restrict gamma, const float *restrict beta, long rows, long features, float eps,
                                             int dropout, long first, uint64_t seed, uint64_t stream, uint32_t limit, float scale),
                (sum, y, y16, mean, inv_std, dense, residual, gamma, beta, rows, features, eps, dropout, first, seed, stream, limit, scale)) {
+    // Without sum, each row's sum in a row of its own (on the stack).
+    float row[sum ? 1 : features];
     for (long r = 0; r < rows; r++) {
-        float *restrict s = sum + r * features;
+        float *restrict s = sum ? sum + r * features : row;
         const float *restrict d = dense + r * features, *restrict x = residual + r * features;
         if (dropout) {
             const long start = first + r * features;

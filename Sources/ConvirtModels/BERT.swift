@@ -168,7 +168,7 @@ struct LayerNormLayer {
     }
 
     /// output = LN(dropout(dense) + residual), the sum kept in `sum` (`LayerNorm.forwardResidual`).
-    func forwardResidual(_ arena: ParameterArena, sum: UnsafeMutablePointer<Float>, output: UnsafeMutablePointer<Float>,
+    func forwardResidual(_ arena: ParameterArena, sum: UnsafeMutablePointer<Float>?, output: UnsafeMutablePointer<Float>,
                          outputBF16: UnsafeMutablePointer<UInt16>?, mean: UnsafeMutablePointer<Float>, invStd: UnsafeMutablePointer<Float>,
                          dense: UnsafePointer<Float>, residual: UnsafePointer<Float>, rows: Int,
                          dropout: (probability: Float, streams: [RandomStream], tokens: Int)?) {
@@ -364,7 +364,8 @@ final class EncoderLayer {
         attentionOutput.forward(arena, output: dense, input: context, rows: rows, precision: ctx.precision,
                                 copies: c.forward(c.attentionOutput, arena).reusingInput(copying))
         let h1 = a.hidden1.ensure(rows * h)
-        attentionNorm.forwardResidual(arena, sum: a.sum1.ensure(rows * h), output: h1,
+        // The residual sums only where backward reads them.
+        attentionNorm.forwardResidual(arena, sum: step.runsBackward ? a.sum1.ensure(rows * h) : nil, output: h1,
                                       outputBF16: copying ? copies.intermediate.input.room(holding: h1, rows: rows, columns: h) : nil,
                                       mean: a.mean1.ensure(rows), invStd: a.invStd1.ensure(rows), dense: dense, residual: x, rows: rows,
                                       dropout: Self.dropout(step.hiddenDropout, site: site | 2, geometry: g, context: ctx))
@@ -404,7 +405,7 @@ final class EncoderLayer {
         let o = scratch.dense.ensure(rows * h)
         output.forward(arena, output: o, input: a1, rows: rows, precision: ctx.precision, copies: c.forward(c.output, arena).reusingInput(copying))
         let h2 = a.hidden2.ensure(rows * h)
-        outputNorm.forwardResidual(arena, sum: a.sum2.ensure(rows * h), output: h2,
+        outputNorm.forwardResidual(arena, sum: step.runsBackward ? a.sum2.ensure(rows * h) : nil, output: h2,
                                    outputBF16: step.nextInput?.room(holding: h2, rows: rows, columns: h),
                                    mean: a.mean2.ensure(rows), invStd: a.invStd2.ensure(rows), dense: o, residual: h1, rows: rows,
                                    dropout: Self.dropout(step.hiddenDropout, site: site | 3, geometry: g, context: ctx))

@@ -108,9 +108,12 @@ extension BERT {
                 }
             }
             needs.need(layer.scratch.dense, rows * h, "\(n) attention output and output dense")
-            for (buffer, what) in [(a.sum1, "attention residual sum"), (a.hidden1, "attention LayerNorm output"), (a.sum2, "output residual sum"),
-                                   (a.hidden2, "output LayerNorm output")] {
+            for (buffer, what) in [(a.hidden1, "attention LayerNorm output"), (a.hidden2, "output LayerNorm output")] {
                 needs.need(buffer, rows * h, "\(n) \(what)")
+            }
+            if step.runsBackward {
+                needs.need(a.sum1, rows * h, "\(n) attention residual sum")
+                needs.need(a.sum2, rows * h, "\(n) output residual sum")
             }
             needs.need(a.probabilities, g.probabilitiesCount, "\(n) attention probabilities")
             if step.attentionDropout > 0 { needs.need(a.dropped, g.probabilitiesCount, "\(n) dropped attention probabilities") }

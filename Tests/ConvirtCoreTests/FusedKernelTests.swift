@@ -283,6 +283,12 @@ struct FusedKernelTests {
                                       dropout: p > 0 ? (p, streams, tokens) : nil)
             #expect(fusedSum == sum && fusedY == y && fusedMean == mean && fusedInvStd == invStd, "p \(p)")
             #expect(bits == y.map(BF16.bits), "bf16 copy, p \(p)")
+            // Without the sums kept (a pass without backward): the same output.
+            var unkeptY = [Float](repeating: .nan, count: count)
+            LayerNorm.forwardResidual(sum: nil, output: &unkeptY, outputBF16: nil, mean: &fusedMean, invStd: &fusedInvStd, dense: dense,
+                                      residual: residual, gamma: gamma, beta: beta, rows: rows, features: features,
+                                      dropout: p > 0 ? (p, streams, tokens) : nil)
+            #expect(unkeptY == y && fusedMean == mean && fusedInvStd == invStd, "without the sums, p \(p)")
         }
     }
 

@@ -96,7 +96,8 @@ void ck_layernorm_rows(float *y, float *mean, float *inv_std, const float *x, co
                        long features, float eps);
 // A post-LN transformer's residual end over `rows` rows of one sample: sum = dropout(dense) + residual
 // (dropout, where `dropout`, as ck_dropout_forward over the sample stream's elements from `first`), y =
-// LayerNorm(sum) as ck_layernorm_rows, and y's bf16 bits into y16 where given. sum, dense: distinct.
+// LayerNorm(sum) as ck_layernorm_rows, and y's bf16 bits into y16 where given. sum, dense: distinct; sum
+// may be NULL (the sums are not kept).
 void ck_residual_layernorm_rows(float *sum, float *y, uint16_t *y16, float *mean, float *inv_std, const float *dense, const float *residual,
                                 const float *gamma, const float *beta, long rows, long features, float eps, int dropout, long first,
                                 uint64_t seed, uint64_t stream, uint32_t limit, float scale);

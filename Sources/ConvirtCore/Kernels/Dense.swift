@@ -192,15 +192,16 @@ public enum LayerNorm {
     /// into `outputBF16` where given (for the linear layer that reads it on oneDNN's bf16 kernels). The
     /// same bits as `Dropout.forward` on dense (in place), `Residual.forward` and `forward` in turn, with
     /// two fewer passes over memory. `dropout`: the probability and each sample's stream (rows are
-    /// `tokens` per sample), nil for none. sum, dense: [rows, features], distinct.
-    public static func forwardResidual(sum: UnsafeMutablePointer<Float>, output: UnsafeMutablePointer<Float>, outputBF16: UnsafeMutablePointer<UInt16>?,
+    /// `tokens` per sample), nil for none. sum, dense: [rows, features], distinct; sum nil: not kept (a
+    /// pass without backward).
+    public static func forwardResidual(sum: UnsafeMutablePointer<Float>?, output: UnsafeMutablePointer<Float>, outputBF16: UnsafeMutablePointer<UInt16>?,
                                        mean: UnsafeMutablePointer<Float>, invStd: UnsafeMutablePointer<Float>, dense: UnsafePointer<Float>,
                                        residual: UnsafePointer<Float>, gamma: UnsafePointer<Float>, beta: UnsafePointer<Float>, rows: Int,
                                        features: Int, eps: Float = 1e-12,
                                        dropout: (probability: Float, streams: [RandomStream], tokens: Int)? = nil) {
         sampleRuns(rows: rows, features: features, dropout: dropout) { r, n, d in
             let o = r * features
-            ck_residual_layernorm_rows(sum + o, output + o, outputBF16.map { $0 + o }, mean + r, invStd + r, dense + o, residual + o, gamma, beta,
+            ck_residual_layernorm_rows(sum.map { $0 + o }, output + o, outputBF16.map { $0 + o }, mean + r, invStd + r, dense + o, residual + o, gamma, beta,
                                        n, features, eps, d.on, d.first, d.seed, d.stream, d.limit, d.scale)
         }
     }

@@ -167,7 +167,7 @@ struct LayerNormLayer {
                           beta: arena.params + bias.offset, rows: rows, features: features, eps: eps)
     }
 
-    /// output = LN(dropout(dense) + residual), the sum kept in `sum` (`LayerNorm.forwardResidual`).
+    /// output = LN(dropout(dense) + residual), the sum kept in `sum` where given (`LayerNorm.forwardResidual`).
     func forwardResidual(_ arena: ParameterArena, sum: UnsafeMutablePointer<Float>?, output: UnsafeMutablePointer<Float>,
                          outputBF16: UnsafeMutablePointer<UInt16>?, mean: UnsafeMutablePointer<Float>, invStd: UnsafeMutablePointer<Float>,
                          dense: UnsafePointer<Float>, residual: UnsafePointer<Float>, rows: Int,

@@ -40,6 +40,7 @@ public struct EnvironmentSwitches: @unchecked Sendable {
         ("CONVIRT_CONVOLUTION", "auto|onednn|im2col: convolutions"),
         ("CONVIRT_ACTIVATIONS", "nchw|nhwc|nchw16c: the ResNet's activation layout where oneDNN runs its convolutions"),
         ("CONVIRT_BF16_ROUNDING", "native|integer: how the passes between products round to bf16 (the same bits either way)"),
+        ("CONVIRT_TEXT_ROWS", "packed|padded: whether ConVIRT's BERT runs its per-token layers on the valid tokens alone or on every padded position"),
         // Fault injection, for the tests of interrupted checkpoints and of the collective watchdog.
         ("CONVIRT_FAULT_STALL", "STEP:RANK: that rank stops (sleeps forever) at the start of training step STEP"),
         ("CONVIRT_FAULT_SPIKE", "STEP:FACTOR: training step STEP's loss and gradients are multiplied by FACTOR on every rank"),
@@ -82,6 +83,7 @@ public struct EnvironmentSwitches: @unchecked Sendable {
     public var convolution: Convolution.Policy { variables["CONVIRT_CONVOLUTION"].flatMap(Convolution.Policy.init(rawValue:)) ?? .auto }
     public var activations: ActivationLayout? { variables["CONVIRT_ACTIVATIONS"].flatMap(ActivationLayout.init(rawValue:)) }
     public var bf16Rounding: BF16Rounding? { variables["CONVIRT_BF16_ROUNDING"].flatMap(BF16Rounding.init(rawValue:)) }
+    public var textRows: TextRows? { variables["CONVIRT_TEXT_ROWS"].flatMap(TextRows.init(rawValue:)) }
     public var killAfterShard: (step: Int, rank: Int)? { stepAndRank("CONVIRT_FAULT_KILL_AFTER_SHARD") }
     private func stepAndRank(_ name: String) -> (step: Int, rank: Int)? {
         guard let parts = variables[name]?.split(separator: ":").compactMap({ Int($0) }), parts.count == 2 else { return nil }
@@ -117,7 +119,8 @@ public struct EnvironmentSwitches: @unchecked Sendable {
         }
         var out = [check("CONVIRT_PRECISION", Precision.self), check("CONVIRT_BF16", BF16Route.self),
                    check("CONVIRT_MATMUL", FP32Matmul.Policy.self), check("CONVIRT_CONVOLUTION", Convolution.Policy.self),
-                   check("CONVIRT_ACTIVATIONS", ActivationLayout.self), check("CONVIRT_BF16_ROUNDING", BF16Rounding.self)].compactMap { $0 }
+                   check("CONVIRT_ACTIVATIONS", ActivationLayout.self), check("CONVIRT_BF16_ROUNDING", BF16Rounding.self),
+                   check("CONVIRT_TEXT_ROWS", TextRows.self)].compactMap { $0 }
         if let v = variables["CONVIRT_FAULT_KILL_AFTER_SHARD"], killAfterShard == nil { out.append("CONVIRT_FAULT_KILL_AFTER_SHARD=\(v): expected STEP:RANK") }
         if let v = variables["CONVIRT_FAULT_SPIKE"], spike == nil { out.append("CONVIRT_FAULT_SPIKE=\(v): expected STEP:FACTOR") }
         if let v = variables["CONVIRT_FAULT_STALL"], stall == nil { out.append("CONVIRT_FAULT_STALL=\(v): expected STEP:RANK") }

@@ -120,15 +120,15 @@ struct LinearLayer {
     }
 
     /// `accumulateInput` false: gradInput is overwritten (a gradient no other layer adds to).
-    /// `pieceRows`: the rows of a gradient piece (`PassContext.pieceRows`), nil for one piece.
+    /// `pieces`: the gradient pieces of the rows (`TokenRows.pieces`), nil for one piece.
     func backward(_ arena: ParameterArena, gradInput: UnsafeMutablePointer<Float>?, gradInputBF16: UnsafeMutablePointer<UInt16>? = nil,
                   gradOutput: UnsafePointer<Float>, input: UnsafePointer<Float>, rows: Int, precision: Precision, accumulateInput: Bool = true,
-                  copies: Linear.Copies? = nil, pieceRows: Int? = nil) {
+                  copies: Linear.Copies? = nil, pieces: RowPieces? = nil) {
         Linear.backward(gradInput: gradInput, gradInputBF16: gradInputBF16, gradWeight: trainable ? arena.grads + weight.offset : nil,
                         gradBias: trainable ? bias.map { arena.grads + $0.offset } : nil, gradOutput: gradOutput, input: input,
                         weight: arena.params + weight.offset, rows: rows, inFeatures: inFeatures, outFeatures: outFeatures,
                         precision: precision, accumulateInput: accumulateInput, overwriteWeight: trainable && arena.claimZeroedGradient(weight),
-                        copies: copies, pieceRows: pieceRows)
+                        copies: copies, pieces: pieces)
     }
 
     /// N(0, std) weights and zero bias (BERT's initializer_range 0.02; heads use PyTorch's default instead).
@@ -171,7 +171,7 @@ struct LayerNormLayer {
     func forwardResidual(_ arena: ParameterArena, sum: UnsafeMutablePointer<Float>?, output: UnsafeMutablePointer<Float>,
                          outputBF16: UnsafeMutablePointer<UInt16>?, mean: UnsafeMutablePointer<Float>, invStd: UnsafeMutablePointer<Float>,
                          dense: UnsafePointer<Float>, residual: UnsafePointer<Float>, rows: Int,
-                         dropout: (probability: Float, streams: [RandomStream], tokens: Int)?) {
+                         dropout: (probability: Float, streams: [RandomStream], rows: TokenRows)?) {
         LayerNorm.forwardResidual(sum: sum, output: output, outputBF16: outputBF16, mean: mean, invStd: invStd, dense: dense, residual: residual,
                                   gamma: arena.params + weight.offset, beta: arena.params + bias.offset, rows: rows, features: features, eps: eps,
                                   dropout: dropout)
@@ -182,22 +182,22 @@ struct LayerNormLayer {
     func backwardResidual(_ arena: ParameterArena, gradResidual: UnsafeMutablePointer<Float>?, accumulateResidual: Bool,
                           gradDense: UnsafeMutablePointer<Float>?, gradDenseBF16: UnsafeMutablePointer<UInt16>?, gradOutput: UnsafePointer<Float>,
                           input: UnsafePointer<Float>,
-                          mean: UnsafePointer<Float>, invStd: UnsafePointer<Float>, rows: Int, pieceRows: Int?,
-                          dropout: (probability: Float, streams: [RandomStream], tokens: Int)?) {
+                          mean: UnsafePointer<Float>, invStd: UnsafePointer<Float>, rows: Int, pieces: RowPieces?,
+                          dropout: (probability: Float, streams: [RandomStream], rows: TokenRows)?) {
         let trainable = weight.kind == .trainable
         LayerNorm.backwardResidual(gradResidual: gradResidual, accumulateResidual: accumulateResidual, gradDense: gradDense,
                                    gradDenseBF16: gradDenseBF16, gradGamma: trainable ? arena.grads + weight.offset : nil, gradBeta: trainable ? arena.grads + bias.offset : nil,
                                    gradOutput: gradOutput, input: input, gamma: arena.params + weight.offset, mean: mean, invStd: invStd, rows: rows,
-                                   features: features, pieceRows: pieceRows, dropout: dropout)
+                                   features: features, pieces: pieces, dropout: dropout)
     }
 
-    /// `pieceRows`: the rows of a gradient piece (`PassContext.pieceRows`), nil for one piece.
+    /// `pieces`: the gradient pieces of the rows (`TokenRows.pieces`), nil for one piece.
     func backward(_ arena: ParameterArena, gradInput: UnsafeMutablePointer<Float>, gradOutput: UnsafePointer<Float>, input: UnsafePointer<Float>,
-                  mean: UnsafePointer<Float>, invStd: UnsafePointer<Float>, rows: Int, pieceRows: Int? = nil) {
+                  mean: UnsafePointer<Float>, invStd: UnsafePointer<Float>, rows: Int, pieces: RowPieces? = nil) {
         let trainable = weight.kind == .trainable
         LayerNorm.backward(gradInput: gradInput, gradGamma: trainable ? arena.grads + weight.offset : nil,
                            gradBeta: trainable ? arena.grads + bias.offset : nil, gradOutput: gradOutput, input: input,
-                           gamma: arena.params + weight.offset, mean: mean, invStd: invStd, rows: rows, features: features, pieceRows: pieceRows)
+                           gamma: arena.params + weight.offset, mean: mean, invStd: invStd, rows: rows, features: features, pieces: pieces)
     }
 
     func initialize(_ arena: ParameterArena) {
@@ -206,9 +206,10 @@ struct LayerNormLayer {
     }
 }
 
-/// The activations of an encoder layer ([rows, H] unless noted; rows = B*T). A trainable layer keeps its
-/// own until backward; frozen layers (never differentiated) take turns with two shared sets, since each
-/// only reads the previous one's output.
+/// The activations of an encoder layer ([rows, H] unless noted: the pass's `TokenRows`, B*T padded;
+/// q, k and v, the attention's inputs, are padded [B*T, H] always). A trainable layer keeps its own until
+/// backward; frozen layers (never differentiated) take turns with two shared sets, since each only reads
+/// the previous one's output.
 final class LayerActivations {
     let q = Scratch<Float>(), k = Scratch<Float>(), v = Scratch<Float>()
     let probabilities = Scratch<Float>(), dropped = Scratch<Float>()  // [B, heads, T, T]
@@ -229,7 +230,7 @@ final class LayerActivations {
 /// a time, so all share one set.
 final class LayerGradientScratch {
     /// The bf16 outputs of the query, key and value products, which only the attention reads (packing
-    /// them per head), where the products write bf16 ([3, rows, H]).
+    /// them per head), where the products write bf16 ([3, B*T, H], the attention's padded layout).
     let qkvBF16 = Scratch<UInt16>()
     /// The attention output's and the output layer's products before their residual LayerNorm, which
     /// alone reads them, in the same forward (backward reads the sums).
@@ -244,6 +245,15 @@ final class LayerGradientScratch {
     /// Frozen layers' bf16 inputs of the attention output, intermediate and output layers (written by
     /// the layer before, read by the one product).
     let frozenContextBF16 = BF16Operand(), frozenHiddenBF16 = BF16Operand(), frozenActivatedBF16 = BF16Operand()
+    /// Where the rows are packed (`TokenRows`), the attention's ends in its padded layout. In forward, the
+    /// query, key and value products' outputs in the rows ([3, rows, H]: floats, or bf16 bits where the
+    /// products write bf16) before they are scattered, and the attention's output padded ([B*T, H]:
+    /// floats or bits) before it is gathered. In backward, the attention's output gradient scattered
+    /// (`paddedContext`), and its query, key and value gradients padded before they are gathered: floats
+    /// in `packedQKV`, bits in `qkvBF16` (which the attention's backward does not read: it keeps its own
+    /// copies of q, k and v).
+    let packedQKV = Scratch<Float>(), packedQKVBF16 = Scratch<UInt16>()
+    let paddedContext = Scratch<Float>(), paddedContextBF16 = Scratch<UInt16>()
 }
 
 /// The bf16 copies of an encoder layer's six linear layers (`Linear.Copies`): query, key and value share
@@ -316,50 +326,70 @@ final class EncoderLayer {
         outputNorm.initialize(arena)
     }
 
-    /// Hidden dropout in place, per sample, with streams keyed by (sample, layer, site).
-    /// Forward and backward are the same operation: multiply by the regenerated mask / (1 - p).
-    static func dropout(_ x: UnsafeMutablePointer<Float>, batch: Int, perSample: Int, probability: Float, site: UInt64, context: PassContext) {
+    /// Hidden dropout in place on `rows` of `features` floats, per sample, with streams keyed by (sample,
+    /// layer, site) and each token's mask by its position; rows of no sample are left alone. Forward and
+    /// backward are the same operation: multiply by the regenerated mask / (1 - p).
+    static func dropout(_ x: UnsafeMutablePointer<Float>, rows: TokenRows, features: Int, probability: Float, site: UInt64, context: PassContext) {
         guard probability > 0 else { return }
-        for b in 0..<batch {
-            let p = x + b * perSample
-            Dropout.forward(output: p, input: p, count: perSample, probability: probability, stream: context.stream(sample: b, site: site))
+        let streams = (0..<rows.batch).map { context.stream(sample: $0, site: site) }
+        rows.runs(in: 0..<rows.count) { first, end, sample, position in
+            guard let sample else { return }
+            let p = x + first * features
+            Dropout.forward(output: p, input: p, count: (end - first) * features, probability: probability, stream: streams[sample],
+                            first: position * features)
         }
     }
 
-    /// Runs the layer on `x` ([rows, H]) as its step of the pass decides; the output is `activations.hidden2`.
+    /// Runs the layer on `x` ([rows, H], the rows of `tokenRows`) as its step of the pass decides; the
+    /// output is `activations.hidden2`. The attention runs on the padded layout of geometry `g`.
     func forward(_ arena: ParameterArena, input x: UnsafePointer<Float>, mask: UnsafePointer<Int32>, step: EncoderStep,
-                 geometry g: AttentionGeometry, config c: BertConfig, context ctx: PassContext) {
-        let rows = g.batch * g.tokens, h = c.hiddenSize, inter = c.intermediateSize
+                 geometry g: AttentionGeometry, rows tokenRows: TokenRows, config c: BertConfig, context ctx: PassContext) {
+        let rows = tokenRows.count, h = c.hiddenSize, inter = c.intermediateSize
         let site = UInt64(index + 1) << 8, a = activations, copying = step.writesCopies
-        let c = copies, n = rows * h
+        let c = copies, n = rows * h, padded = tokenRows.isPadded, np = g.batch * g.tokens * h
         let queryCopies = c.forward(c.query, arena).reusingInput(step.inputCopied), keyCopies = c.forward(c.key, arena)
         let valueCopies = c.forward(c.value, arena)
         // Where the products write bf16, the attention reads only the bits of q, k and v (their floats have
-        // no room then: the pointers are not read); else their floats.
+        // no room then: the pointers are not read); else their floats. Packed rows are scattered to the
+        // attention's padded layout.
         var qkvBF16: (q: UnsafePointer<UInt16>, k: UnsafePointer<UInt16>, v: UnsafePointer<UInt16>)?
         if copying {
-            let bits = scratch.qkvBF16.ensure(3 * n)
+            let bits = padded ? scratch.qkvBF16.ensure(3 * n) : scratch.packedQKVBF16.ensure(3 * n)
             if query.forwardBF16(arena, outputBF16: bits, input: x, rows: rows, copies: queryCopies),
                key.forwardBF16(arena, outputBF16: bits + n, input: x, rows: rows, copies: keyCopies),
                value.forwardBF16(arena, outputBF16: bits + 2 * n, input: x, rows: rows, copies: valueCopies) {
-                qkvBF16 = (UnsafePointer(bits), UnsafePointer(bits + n), UnsafePointer(bits + 2 * n))
+                let all = padded ? bits : scratch.qkvBF16.ensure(3 * np)
+                if !padded { for j in 0..<3 { tokenRows.scatter(bits + j * n, into: all + j * np, columns: h) } }
+                qkvBF16 = (UnsafePointer(all), UnsafePointer(all + np), UnsafePointer(all + 2 * np))
             }
         }
-        let (qp, kp, vp) = qkvBF16 != nil ? (a.q.pointer, a.k.pointer, a.v.pointer) : (a.q.ensure(n), a.k.ensure(n), a.v.ensure(n))
+        let (qp, kp, vp) = qkvBF16 != nil ? (a.q.pointer, a.k.pointer, a.v.pointer) : (a.q.ensure(np), a.k.ensure(np), a.v.ensure(np))
         if qkvBF16 == nil {
-            query.forward(arena, output: qp, input: x, rows: rows, precision: ctx.precision, copies: queryCopies)
-            key.forward(arena, output: kp, input: x, rows: rows, precision: ctx.precision, copies: keyCopies)
-            value.forward(arena, output: vp, input: x, rows: rows, precision: ctx.precision, copies: valueCopies)
+            let out = padded ? (qp, kp, vp) : { let p = scratch.packedQKV.ensure(3 * n); return (p, p + n, p + 2 * n) }()
+            query.forward(arena, output: out.0, input: x, rows: rows, precision: ctx.precision, copies: queryCopies)
+            key.forward(arena, output: out.1, input: x, rows: rows, precision: ctx.precision, copies: keyCopies)
+            value.forward(arena, output: out.2, input: x, rows: rows, precision: ctx.precision, copies: valueCopies)
+            if !padded {
+                for (packed, all) in [(out.0, qp), (out.1, kp), (out.2, vp)] { tokenRows.scatter(packed, into: all, columns: h) }
+            }
         }
         // The attention's output in bf16 only, where the next product reads it so (nothing reads its floats,
-        // which then have no room: the pointer only names the copy).
+        // which then have no room: the pointer only names the copy); gathered from the padded layout.
         let context = copying ? a.context.pointer : a.context.ensure(rows * h)
-        Attention.forward(output: copying ? nil : context,
-                          outputBF16: copying ? c.attentionOutput.input.room(holding: context, rows: rows, columns: h) : nil,
+        let context16 = copying ? c.attentionOutput.input.room(holding: context, rows: rows, columns: h) : nil
+        Attention.forward(output: copying ? nil : padded ? context : scratch.paddedContext.ensure(np),
+                          outputBF16: copying ? padded ? context16 : scratch.paddedContextBF16.ensure(np) : nil,
                           probabilities: a.probabilities.ensure(g.probabilitiesCount),
                           q: qp, k: kp, v: vp, qkvBF16: qkvBF16, mask: mask, geometry: g,
                           dropout: attentionDropout(step, geometry: g, context: ctx),
                           precision: ctx.precision, copies: activations.attentionCopies)
+        if !padded {
+            if let context16 {
+                tokenRows.gather(scratch.paddedContextBF16.pointer, into: context16, columns: h)
+            } else {
+                tokenRows.gather(scratch.paddedContext.pointer, into: context, columns: h)
+            }
+        }
         let dense = scratch.dense.ensure(rows * h)
         attentionOutput.forward(arena, output: dense, input: context, rows: rows, precision: ctx.precision,
                                 copies: c.forward(c.attentionOutput, arena).reusingInput(copying))
@@ -368,7 +398,7 @@ final class EncoderLayer {
         attentionNorm.forwardResidual(arena, sum: step.runsBackward ? a.sum1.ensure(rows * h) : nil, output: h1,
                                       outputBF16: copying ? copies.intermediate.input.room(holding: h1, rows: rows, columns: h) : nil,
                                       mean: a.mean1.ensure(rows), invStd: a.invStd1.ensure(rows), dense: dense, residual: x, rows: rows,
-                                      dropout: Self.dropout(step.hiddenDropout, site: site | 2, geometry: g, context: ctx))
+                                      dropout: Self.dropout(step.hiddenDropout, site: site | 2, rows: tokenRows, context: ctx))
         // Where GELU writes only the bf16 bits the output product reads, its floats have no room (the
         // pointer only names the copy).
         let a1 = copying ? a.activated.pointer : a.activated.ensure(rows * inter)
@@ -408,7 +438,7 @@ final class EncoderLayer {
         outputNorm.forwardResidual(arena, sum: step.runsBackward ? a.sum2.ensure(rows * h) : nil, output: h2,
                                    outputBF16: step.nextInput?.room(holding: h2, rows: rows, columns: h),
                                    mean: a.mean2.ensure(rows), invStd: a.invStd2.ensure(rows), dense: o, residual: h1, rows: rows,
-                                   dropout: Self.dropout(step.hiddenDropout, site: site | 3, geometry: g, context: ctx))
+                                   dropout: Self.dropout(step.hiddenDropout, site: site | 3, rows: tokenRows, context: ctx))
     }
 
     /// The attention's dropout in this pass (its per-sample streams and where the dropped weights go), nil where it drops nothing.
@@ -420,20 +450,20 @@ final class EncoderLayer {
     }
 
     /// Hidden dropout's probability and per-sample streams for `LayerNorm.forwardResidual`, nil where it drops nothing.
-    static func dropout(_ probability: Float, site: UInt64, geometry g: AttentionGeometry, context: PassContext)
-        -> (probability: Float, streams: [RandomStream], tokens: Int)? {
+    static func dropout(_ probability: Float, site: UInt64, rows: TokenRows, context: PassContext)
+        -> (probability: Float, streams: [RandomStream], rows: TokenRows)? {
         guard probability > 0 else { return nil }
-        return (probability, (0..<g.batch).map { context.stream(sample: $0, site: site) }, g.tokens)
+        return (probability, (0..<rows.batch).map { context.stream(sample: $0, site: site) }, rows)
     }
 
     /// Consumes gradOutput ([rows, H]); writes gradInput, whose only writer it is (the attention's
     /// LayerNorm overwrites it, the query, key and value products add to it), and accumulates the
     /// layer's parameter gradients, as its step of the pass decided.
     func backward(_ arena: ParameterArena, gradInput: UnsafeMutablePointer<Float>?, input x: UnsafePointer<Float>, step: EncoderStep,
-                  geometry g: AttentionGeometry, config c: BertConfig, context ctx: PassContext) {
-        let rows = g.batch * g.tokens, h = c.hiddenSize, inter = c.intermediateSize
+                  geometry g: AttentionGeometry, rows tokenRows: TokenRows, config c: BertConfig, context ctx: PassContext) {
+        let rows = tokenRows.count, h = c.hiddenSize, inter = c.intermediateSize
         let site = UInt64(index + 1) << 8, a = activations, s = scratch
-        let pieces = ctx.pieceRows(perSample: g.tokens)
+        let pieces = tokenRows.pieces, padded = tokenRows.isPadded, np = g.batch * g.tokens * h
         // out = LN2(dropout(dense(gelu(dense(h1)))) + h1)
         // LayerNorm's input gradient into the residual branch (dH1) and, through the dropout, the dense layer's
         // (dSum2): where the layer writes copies, its bf16 bits alone, all that the dense layer's products and
@@ -443,14 +473,14 @@ final class EncoderLayer {
         outputNorm.backwardResidual(arena, gradResidual: dH1, accumulateResidual: false, gradDense: copying ? nil : dSum2,
                                     gradDenseBF16: copying ? copies.output.gradOutput.room(holding: dSum2, rows: rows, columns: h) : nil,
                                     gradOutput: gradOutput.pointer,
-                                    input: a.sum2.pointer, mean: a.mean2.pointer, invStd: a.invStd2.pointer, rows: rows, pieceRows: pieces,
-                                    dropout: Self.dropout(step.hiddenDropout, site: site | 3, geometry: g, context: ctx))
+                                    input: a.sum2.pointer, mean: a.mean2.pointer, invStd: a.invStd2.pointer, rows: rows, pieces: pieces,
+                                    dropout: Self.dropout(step.hiddenDropout, site: site | 3, rows: tokenRows, context: ctx))
         // dA, dI and dCtx have one writer each: overwritten, not zeroed and accumulated. In bf16, dA is a bf16
         // value (autocast's bf16 input gradient of the output layer): its bits alone where the layer writes
         // copies, else its floats rounded.
         let dA = copying ? s.gradInner.pointer : s.gradInner.ensure(rows * inter), dA16 = copying ? s.gradInnerBF16.ensure(rows * inter) : nil
         output.backward(arena, gradInput: copying ? nil : dA, gradInputBF16: dA16, gradOutput: dSum2, input: a.activated.pointer, rows: rows,
-                        precision: ctx.precision, accumulateInput: false, copies: copies.output.reusingGradOutput(copying), pieceRows: pieces)
+                        precision: ctx.precision, accumulateInput: false, copies: copies.output.reusingGradOutput(copying), pieces: pieces)
         // dInner = dA * gelu'(inner)
         let dI = copying ? s.gradContext.pointer : s.gradContext.ensure(rows * inter)
         if let dA16 {
@@ -462,18 +492,18 @@ final class EncoderLayer {
             GELU.backward(gradInput: dI, gradOutput: dA, input: a.inner.pointer, count: rows * inter, accumulate: false)
         }
         intermediate.backward(arena, gradInput: dH1, gradOutput: dI, input: a.hidden1.pointer, rows: rows, precision: ctx.precision,
-                              copies: copies.intermediate.reusingGradOutput(copying), pieceRows: pieces)
+                              copies: copies.intermediate.reusingGradOutput(copying), pieces: pieces)
         // h1 = LN1(dropout(dense(attention(x))) + x)
         // The same at the attention's end: the residual branch is this layer's input (nil below a frozen layer).
         let dSum1 = copying ? s.gradDense.pointer : s.gradDense.ensure(rows * h)
         attentionNorm.backwardResidual(arena, gradResidual: gradInput, accumulateResidual: false, gradDense: copying ? nil : dSum1,
                                        gradDenseBF16: copying ? copies.attentionOutput.gradOutput.room(holding: dSum1, rows: rows, columns: h) : nil,
                                        gradOutput: dH1,
-                                       input: a.sum1.pointer, mean: a.mean1.pointer, invStd: a.invStd1.pointer, rows: rows, pieceRows: pieces,
-                                       dropout: Self.dropout(step.hiddenDropout, site: site | 2, geometry: g, context: ctx))
+                                       input: a.sum1.pointer, mean: a.mean1.pointer, invStd: a.invStd1.pointer, rows: rows, pieces: pieces,
+                                       dropout: Self.dropout(step.hiddenDropout, site: site | 2, rows: tokenRows, context: ctx))
         let dCtx = s.gradContext.ensure(rows * h)
         attentionOutput.backward(arena, gradInput: dCtx, gradOutput: dSum1, input: a.context.pointer, rows: rows, precision: ctx.precision,
-                                 accumulateInput: false, copies: copies.attentionOutput.reusingGradOutput(copying), pieceRows: pieces)
+                                 accumulateInput: false, copies: copies.attentionOutput.reusingGradOutput(copying), pieces: pieces)
         // dq, dk and dv have one writer each, the attention's backward: overwritten, not zeroed and accumulated;
         // where the layer writes copies, as the bf16 bits alone that the three layers' products and bias
         // gradients read (their floats have no room then: the pointers only name the copies).
@@ -482,16 +512,35 @@ final class EncoderLayer {
         let gradBF16 = copying ? (copies.query.gradOutput.room(holding: dq, rows: rows, columns: h),
                                   copies.key.gradOutput.room(holding: dk, rows: rows, columns: h),
                                   copies.value.gradOutput.room(holding: dv, rows: rows, columns: h)) : nil
-        Attention.backward(gradQ: dq, gradK: dk, gradV: dv, gradBF16: gradBF16, gradOutput: dCtx, probabilities: a.probabilities.pointer,
-                           q: a.q.pointer, k: a.k.pointer, v: a.v.pointer, geometry: g, workspace: s.attentionWorkspace.ensure(g.workspaceCount),
-                           dropout: attentionDropout(step, geometry: g, context: ctx), precision: ctx.precision, copies: activations.attentionCopies,
-                           accumulate: false)
+        if padded {
+            Attention.backward(gradQ: dq, gradK: dk, gradV: dv, gradBF16: gradBF16, gradOutput: dCtx, probabilities: a.probabilities.pointer,
+                               q: a.q.pointer, k: a.k.pointer, v: a.v.pointer, geometry: g, workspace: s.attentionWorkspace.ensure(g.workspaceCount),
+                               dropout: attentionDropout(step, geometry: g, context: ctx), precision: ctx.precision, copies: activations.attentionCopies,
+                               accumulate: false)
+        } else {
+            // The attention's output gradient scattered to its padded layout, its input gradients gathered
+            // from it (the padded context's room is free by now: its forward's gather is done).
+            let paddedGradContext = s.paddedContext.ensure(np)
+            tokenRows.scatter(dCtx, into: paddedGradContext, columns: h)
+            let grads = copying ? s.packedQKV.pointer : s.packedQKV.ensure(3 * np)
+            let bits = copying ? s.qkvBF16.ensure(3 * np) : nil
+            Attention.backward(gradQ: grads, gradK: grads + np, gradV: grads + 2 * np, gradBF16: bits.map { ($0, $0 + np, $0 + 2 * np) },
+                               gradOutput: paddedGradContext, probabilities: a.probabilities.pointer,
+                               q: a.q.pointer, k: a.k.pointer, v: a.v.pointer, geometry: g, workspace: s.attentionWorkspace.ensure(g.workspaceCount),
+                               dropout: attentionDropout(step, geometry: g, context: ctx), precision: ctx.precision, copies: activations.attentionCopies,
+                               accumulate: false)
+            if let bits, let gradBF16 {
+                for (j, room) in [gradBF16.0, gradBF16.1, gradBF16.2].enumerated() { tokenRows.gather(bits + j * np, into: room, columns: h) }
+            } else {
+                for (j, packed) in [dq, dk, dv].enumerated() { tokenRows.gather(grads + j * np, into: packed, columns: h) }
+            }
+        }
         query.backward(arena, gradInput: gradInput, gradOutput: dq, input: x, rows: rows, precision: ctx.precision,
-                       copies: copies.query.reusingGradOutput(copying), pieceRows: pieces)
+                       copies: copies.query.reusingGradOutput(copying), pieces: pieces)
         key.backward(arena, gradInput: gradInput, gradOutput: dk, input: x, rows: rows, precision: ctx.precision,
-                     copies: copies.key.reusingGradOutput(copying), pieceRows: pieces)
+                     copies: copies.key.reusingGradOutput(copying), pieces: pieces)
         value.backward(arena, gradInput: gradInput, gradOutput: dv, input: x, rows: rows, precision: ctx.precision,
-                       copies: copies.value.reusingGradOutput(copying), pieceRows: pieces)
+                       copies: copies.value.reusingGradOutput(copying), pieces: pieces)
     }
 }
 
@@ -510,8 +559,16 @@ public final class BERT {
     let embedded = Scratch<Float>(), embeddingOutput = Scratch<Float>(), embeddingMean = Scratch<Float>(), embeddingInvStd = Scratch<Float>()
     let gradEmbeddingOutput = Scratch<Float>(), gradEmbedded = Scratch<Float>(), gradEmbeddingSum = Scratch<Float>()
     let ids = Scratch<Int32>(), mask = Scratch<Int32>()
-    /// The last pass's plan (its layers' steps), which its backward follows.
+    /// Where the rows are packed, the last hidden state in the padded layout (its padding zero), and its
+    /// gradient gathered into the rows.
+    let lastHidden = Scratch<Float>()
+    /// Whether `forward` runs the per-token layers on the valid tokens alone (`TokenRows`): the padded
+    /// positions' outputs are then zero, not what Hugging Face's model computes for them (which nothing
+    /// reads where the output is pooled over the valid tokens, as ConVIRT's is).
+    public var packsTokens = false
+    /// The last pass's plan (its layers' steps), which its backward follows, and its rows.
     var pass: BERTPass?
+    var tokenRows: TokenRows?
     /// The rooms of the largest pass so far, in one activation arena (`BufferPlan`).
     var plan: BufferPlan?
 
@@ -567,62 +624,84 @@ public final class BERT {
     /// Last hidden state [batch, tokens, hidden]. ids are checked against the vocabulary; every sequence
     /// needs at least one valid token; tokens <= max_position_embeddings. The ids and mask are borrowed
     /// for this call: forward copies them into the arena as it checks them, and backward reads those.
-    /// The hidden state is a view of the arena, valid until the next forward.
+    /// The hidden state is a view of the arena, valid until the next forward. With `packsTokens`, the
+    /// per-token layers run on the valid tokens alone and the padded positions' hidden states are zero.
     public func forward(_ arena: ParameterArena, ids inputIds: UnsafePointer<Int32>, mask inputMask: UnsafePointer<Int32>,
                         batch: Int, tokens: Int, context: PassContext) throws -> UnsafePointer<Float> {
         try require(tokens <= config.maxPositionEmbeddings, "bert", "\(tokens) tokens exceed max_position_embeddings \(config.maxPositionEmbeddings)")
         let g = try AttentionGeometry(batch: batch, tokens: tokens, heads: config.numAttentionHeads, headSize: config.headSize)
-        let rows = batch * tokens, h = config.hiddenSize
+        let h = config.hiddenSize
         let pass = preparePlan(g, context: context)
-        let idp = ids.ensure(rows), mp = mask.ensure(rows)
-        for i in 0..<rows {
+        let mp = mask.ensure(batch * tokens)
+        for i in 0..<(batch * tokens) {
             let id = inputIds[i]
             try require(id >= 0 && Int(id) < config.vocabSize, "bert", "token id \(id) at position \(i) is outside the vocabulary of \(config.vocabSize)")
-            idp[i] = id
             mp[i] = inputMask[i]
         }
         for b in 0..<batch {
             try require((0..<tokens).contains { mp[b * tokens + $0] != 0 }, "bert", "sequence \(b) has no valid token in its attention mask")
         }
+        let tokenRows = pass.key.packed ? TokenRows(mask: mp, batch: batch, tokens: tokens, pieceSamples: pass.key.pieceSamples)
+            : TokenRows(batch: batch, tokens: tokens, pieceSamples: pass.key.pieceSamples)
+        self.tokenRows = tokenRows
+        let rows = tokenRows.count
+        // Each row's token (a row of no sample: padding at position 0).
+        let idp = ids.ensure(rows), pad = Int32(config.padTokenId)
+        for r in 0..<rows {
+            let p = Int(tokenRows.paddedRows[r])
+            idp[r] = p >= 0 ? inputIds[p] : pad
+        }
         // embeddings: word[id] + position[t] + token_type[0], LayerNorm, dropout
         let e = embedded.ensure(rows * h), p = arena.params
         Embedding.forward(output: e, table: p + wordEmbeddings.offset, ids: idp, rows: rows, features: h)
         let pos = p + positionEmbeddings.offset, type0 = p + tokenTypeEmbeddings.offset
-        for b in 0..<batch {
-            for t in 0..<tokens {
-                let row = e + (b * tokens + t) * h, pr = pos + t * h
-                for j in 0..<h { row[j] += pr[j] + type0[j] }
-            }
+        for r in 0..<rows {
+            let row = e + r * h, pr = pos + max(0, Int(tokenRows.paddedRows[r])) % tokens * h
+            for j in 0..<h { row[j] += pr[j] + type0[j] }
         }
         let out = embeddingOutput.ensure(rows * h)
         embeddingNorm.forward(arena, output: out, mean: embeddingMean.ensure(rows), invStd: embeddingInvStd.ensure(rows), input: e, rows: rows)
-        EncoderLayer.dropout(out, batch: batch, perSample: tokens * h, probability: pass.embeddingDropout, site: 1, context: context)
+        EncoderLayer.dropout(out, rows: tokenRows, features: h, probability: pass.embeddingDropout, site: 1, context: context)
         var x = UnsafePointer(out)
         for (layer, step) in zip(layers, pass.layers) {
-            layer.forward(arena, input: x, mask: mp, step: step, geometry: g, config: config, context: context)
+            layer.forward(arena, input: x, mask: mp, step: step, geometry: g, rows: tokenRows, config: config, context: context)
             x = UnsafePointer(layer.activations.hidden2.pointer)
         }
-        return x
+        guard !tokenRows.isPadded else { return x }
+        let padded = lastHidden.ensure(batch * tokens * h)
+        tokenRows.scatter(x, into: padded, columns: h)
+        return UnsafePointer(padded)
     }
 
     /// Accumulates gradients of the trainable layers from gradLastHidden [batch, tokens, hidden]. Frozen
     /// layers and frozen embeddings are skipped entirely.
     public func backward(_ arena: ParameterArena, gradLastHidden: UnsafePointer<Float>, context: PassContext) throws {
-        guard let pass else { preconditionFailure("backward before forward") }
-        let g = pass.geometry, rows = pass.rows, h = config.hiddenSize
+        guard let pass, let tokenRows else { preconditionFailure("backward before forward") }
+        let rows = tokenRows.count, h = config.hiddenSize
+        // The gradient of the rows' hidden states.
+        func gradRows(into destination: UnsafeMutablePointer<Float>) {
+            if tokenRows.isPadded {
+                destination.update(from: gradLastHidden, count: rows * h)
+            } else {
+                tokenRows.gather(gradLastHidden, into: destination, columns: h)
+            }
+        }
         if layers.isEmpty {
             if needsEmbeddingGradient {
-                embeddingBackward(arena, gradOutput: gradLastHidden, pass: pass, context: context)
+                let top = lastHidden.ensure(rows * h)
+                gradRows(into: top)
+                embeddingBackward(arena, gradOutput: top, pass: pass, context: context)
                 try context.gradientsReady?(embeddingRange)
             }
             return
         }
-        layers[layers.count - 1].gradOutput.ensure(rows * h).update(from: gradLastHidden, count: rows * h)
+        gradRows(into: layers[layers.count - 1].gradOutput.ensure(rows * h))
         for k in stride(from: layers.count - 1, through: firstTrainableLayer, by: -1) {
             let input = k == 0 ? UnsafePointer(embeddingOutput.pointer) : UnsafePointer(layers[k - 1].activations.hidden2.pointer)
             let needInputGradient = k > firstTrainableLayer || (k == 0 && needsEmbeddingGradient)
             let gradInput: UnsafeMutablePointer<Float>? = needInputGradient ? (k == 0 ? gradEmbeddingOutput.pointer : layers[k - 1].gradOutput.pointer) : nil
-            layers[k].backward(arena, gradInput: gradInput, input: input, step: pass.layers[k], geometry: g, config: config, context: context)
+            layers[k].backward(arena, gradInput: gradInput, input: input, step: pass.layers[k], geometry: pass.geometry, rows: tokenRows, config: config,
+                               context: context)
             try context.gradientsReady?(layerRanges[k])
         }
         if firstTrainableLayer == 0 && needsEmbeddingGradient {
@@ -632,22 +711,21 @@ public final class BERT {
     }
 
     private func embeddingBackward(_ arena: ParameterArena, gradOutput: UnsafePointer<Float>, pass: BERTPass, context: PassContext) {
-        let g = pass.geometry, rows = pass.rows, h = config.hiddenSize
+        guard let tokenRows else { return }
+        let rows = tokenRows.count, h = config.hiddenSize, tokens = pass.geometry.tokens
         let dOut = gradEmbedded.ensure(rows * h)
         dOut.update(from: gradOutput, count: rows * h)
-        EncoderLayer.dropout(dOut, batch: g.batch, perSample: g.tokens * h, probability: pass.embeddingDropout, site: 1, context: context)
+        EncoderLayer.dropout(dOut, rows: tokenRows, features: h, probability: pass.embeddingDropout, site: 1, context: context)
         let dE = gradEmbeddingSum.zeroed(rows * h)
         embeddingNorm.backward(arena, gradInput: dE, gradOutput: dOut, input: embedded.pointer, mean: embeddingMean.pointer,
-                               invStd: embeddingInvStd.pointer, rows: rows, pieceRows: context.pieceRows(perSample: g.tokens))
+                               invStd: embeddingInvStd.pointer, rows: rows, pieces: tokenRows.pieces)
         let gr = arena.grads
         Embedding.backward(gradTable: gr + wordEmbeddings.offset, gradOutput: dE, ids: ids.pointer, rows: rows, features: h,
                            paddingIndex: Int32(config.padTokenId))
         let dPos = gr + positionEmbeddings.offset, dType = gr + tokenTypeEmbeddings.offset
-        for b in 0..<g.batch {
-            for t in 0..<g.tokens {
-                let row = dE + (b * g.tokens + t) * h, pr = dPos + t * h
-                for j in 0..<h { pr[j] += row[j]; dType[j] += row[j] }
-            }
+        for r in 0..<rows {
+            let row = dE + r * h, pr = dPos + max(0, Int(tokenRows.paddedRows[r])) % tokens * h
+            for j in 0..<h { pr[j] += row[j]; dType[j] += row[j] }
         }
     }
 }

@@ -35,24 +35,30 @@ struct BERTPass {
     /// The embeddings' dropout probability in this pass.
     let embeddingDropout: Float
     let layers: [EncoderStep]
-    var rows: Int { geometry.batch * geometry.tokens }
+    /// The most rows of the per-token layers: the padded layout's, or the most that packed rows take
+    /// (`TokenRows.capacity`), so that any batch of this geometry fits the plan's rooms.
+    let rows: Int
 }
 
 extension BERT {
     /// What decides a pass: its geometry, the threads (attention's backward scratch is per thread), the
-    /// precision and whether its dropouts drop.
+    /// precision, whether its dropouts drop, whether its rows are packed (`packsTokens`) and the samples
+    /// of its gradient pieces (a training pass's: nothing sums over samples in one without backward).
     struct PlannedPass: Equatable {
         let batch, tokens, threads: Int
         let precision: Precision
         let training: Bool
         let nativeBF16: Bool
+        let packed: Bool
+        let pieceSamples: Int?
     }
 
     /// The plan of a pass of geometry `g`, with every buffer bound to a room of one arena (a larger
     /// arena where this pass needs more than the last plan holds).
     func preparePlan(_ g: AttentionGeometry, context: PassContext) -> BERTPass {
         let key = PlannedPass(batch: g.batch, tokens: g.tokens, threads: Parallel.threads, precision: context.precision,
-                              training: context.training, nativeBF16: BF16.native)
+                              training: context.training, nativeBF16: BF16.native, packed: packsTokens,
+                              pieceSamples: context.training ? context.pieceRows(perSample: 1) : nil)
         if let pass, pass.key == key { return pass }
         let pass = planPass(key, geometry: g)
         var needs = passNeeds(pass)
@@ -77,15 +83,17 @@ extension BERT {
                         nextInput: writesCopies && k + 1 < layers.count ? layers[k + 1].copies.query.input : nil,
                         runsBackward: !layers[k].frozen, hasGradOutput: !layers[k].frozen || k == layers.count - 1)
         }
-        return BERTPass(key: key, geometry: g, embeddingDropout: dropout(c.hiddenDropoutProb), layers: steps)
+        let rows = key.packed ? TokenRows.capacity(batch: g.batch, tokens: g.tokens, pieceSamples: key.pieceSamples) : g.batch * g.tokens
+        return BERTPass(key: key, geometry: g, embeddingDropout: dropout(c.hiddenDropoutProb), layers: steps, rows: rows)
     }
 
     /// The buffers of a pass, walked as `forward` and `backward` use them.
     func passNeeds(_ pass: BERTPass) -> BufferNeeds {
         var needs = BufferNeeds()
         let g = pass.geometry, rows = pass.rows, h = config.hiddenSize, inter = config.intermediateSize
+        let padded = g.batch * g.tokens
         needs.need(ids, rows, "token ids")
-        needs.need(mask, rows, "attention mask")
+        needs.need(mask, padded, "attention mask")
         needs.need(embedded, rows * h, "embeddings sum")
         needs.need(embeddingOutput, rows * h, "embeddings LayerNorm output")
         needs.need(embeddingMean, rows, "embeddings LayerNorm mean")
@@ -95,17 +103,35 @@ extension BERT {
             needs.need(gradEmbedded, rows * h, "embeddings dropout gradient")
             needs.need(gradEmbeddingSum, rows * h, "embeddings sum gradient")
         }
+        if pass.key.packed {
+            // The last hidden state in the padded layout (or, without layers, its gradient in the rows).
+            needs.need(lastHidden, max(padded, rows) * h, "last hidden state (padded)")
+        }
         for (k, (layer, step)) in zip(layers, pass.layers).enumerated() {
             let a = layer.activations, n = "layer \(k)"
             // Where the layer writes its products' bf16 inputs, query, key and value, the attention's output and
             // GELU's are those bits alone, and a frozen layer's GELU is its product's post-op: their floats are
             // never written.
+            // q, k and v in the attention's padded layout; where the rows are packed, the products' packed
+            // outputs before they are scattered, and the attention's output before it is gathered.
             if step.writesCopies {
-                needs.need(layer.scratch.qkvBF16, 3 * rows * h, "\(n) query, key and value (bf16)")
+                needs.need(layer.scratch.qkvBF16, 3 * padded * h, "\(n) query, key and value (bf16)")
             } else {
-                for (buffer, what) in [(a.q, "query"), (a.k, "key"), (a.v, "value"), (a.context, "attention context")] {
-                    needs.need(buffer, rows * h, "\(n) \(what)")
+                for (buffer, what) in [(a.q, "query"), (a.k, "key"), (a.v, "value")] {
+                    needs.need(buffer, padded * h, "\(n) \(what)")
                 }
+                needs.need(a.context, rows * h, "\(n) attention context")
+            }
+            if pass.key.packed {
+                let s = layer.scratch
+                if step.writesCopies {
+                    needs.need(s.packedQKVBF16, 3 * rows * h, "\(n) query, key and value rows (bf16)")
+                    needs.need(s.paddedContextBF16, padded * h, "\(n) attention output, padded (bf16)")
+                } else {
+                    needs.need(s.packedQKV, 3 * rows * h, "\(n) query, key and value rows")
+                }
+                // The attention output's floats, or in backward its gradient, padded.
+                needs.need(s.paddedContext, padded * h, "\(n) attention output or its gradient, padded")
             }
             needs.need(layer.scratch.dense, rows * h, "\(n) attention output and output dense")
             for (buffer, what) in [(a.hidden1, "attention LayerNorm output"), (a.hidden2, "output LayerNorm output")] {
@@ -149,6 +175,15 @@ extension BERT {
             // The intermediate product's output gradient is GELU's bf16 bits alone where the layer writes copies.
             needs.need(s.gradContext, rows * (step.writesCopies ? h : max(inter, h)), "\(n) intermediate and context gradients")
             needs.need(s.attentionWorkspace, g.workspaceCount, "\(n) attention backward workspace")
+            if pass.key.packed {
+                // The attention's input gradients padded: bits in the forward's room of q, k and v, floats in
+                // that of their rows.
+                if step.writesCopies {
+                    needs.need(s.qkvBF16, 3 * padded * h, "\(n) query, key and value (bf16), their gradients")
+                } else {
+                    needs.need(s.packedQKV, 3 * padded * h, "\(n) query, key and value rows, their padded gradients")
+                }
+            }
         }
         return needs
     }

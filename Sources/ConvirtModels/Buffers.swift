@@ -98,6 +98,12 @@ public struct PassContext {
         return gradientPiece * rowsPerSample
     }
 
+    /// The gradient pieces of `samples` samples of `rowsPerSample` rows each (`pieceRows`); nil where
+    /// the batch is one piece.
+    public func pieces(samples: Int, rowsPerSample: Int = 1) -> RowPieces? {
+        pieceRows(perSample: rowsPerSample).map { RowPieces(rows: samples * rowsPerSample, each: $0) }
+    }
+
     /// The dropout stream of local sample `b` at dropout site `site`.
     public func stream(sample b: Int, site: UInt64) -> RandomStream {
         stream.child(b < sampleIndices.count ? sampleIndices[b] : UInt64(b), site)

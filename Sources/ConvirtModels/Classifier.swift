@@ -84,13 +84,13 @@ public final class ImageClassifier {
         if masked {
             let gx = gradDropped.zeroed(rows * f)
             head.backward(arena, gradInput: gx, gradOutput: gradLogits, input: input, rows: rows, precision: context.precision,
-                          pieceRows: context.pieceRows(perSample: 1))
+                          pieces: context.pieces(samples: rows))
             for r in 0..<rows {
                 Dropout.backward(gradInput: g + r * f, gradOutput: gx + r * f, count: f, probability: dropout, stream: stream(context, row: r))
             }
         } else {
             head.backward(arena, gradInput: g, gradOutput: gradLogits, input: input, rows: rows, precision: context.precision,
-                          pieceRows: context.pieceRows(perSample: 1))
+                          pieces: context.pieces(samples: rows))
         }
         return UnsafePointer(g)
     }

@@ -116,14 +116,15 @@ public final class ProjectionHead {
     /// accumulate, made of gradient pieces of `pieceRows` rows (`PassContext.pieceRows`; nil: one).
     func backward(_ arena: ParameterArena, gradEmbeddings: UnsafePointer<Float>, pieceRows: Int?) -> UnsafePointer<Float> {
         precondition(hasInput, "backward before forward")
+        let pieces = pieceRows.map { RowPieces(rows: rows, each: $0) }
         let dz = gradProjected.zeroed(rows * second.outFeatures)
         L2Normalize.backward(gradInput: dz, gradOutput: gradEmbeddings, output: normalized.pointer, norms: norms.pointer, rows: rows, features: second.outFeatures)
         let dh = gradHidden.zeroed(rows * first.outFeatures)
-        second.backward(arena, gradInput: dh, gradOutput: dz, input: hidden.pointer, rows: rows, precision: precision, pieceRows: pieceRows)
+        second.backward(arena, gradInput: dh, gradOutput: dz, input: hidden.pointer, rows: rows, precision: precision, pieces: pieces)
         let h = hidden.pointer
         for i in 0..<(rows * first.outFeatures) where h[i] <= 0 { dh[i] = 0 }
         let dx = gradInput.zeroed(rows * first.inFeatures)
-        first.backward(arena, gradInput: dx, gradOutput: dh, input: input.pointer, rows: rows, precision: precision, pieceRows: pieceRows)
+        first.backward(arena, gradInput: dx, gradOutput: dh, input: input.pointer, rows: rows, precision: precision, pieces: pieces)
         return UnsafePointer(dx)
     }
 }
@@ -251,6 +252,9 @@ public final class ConVIRTModel {
         var layout = ParameterLayout()
         image = try ResNet(config: config.image, layout: &layout, prefix: "image.")
         text = try BERT(config: config.text, layout: &layout, prefix: "text.", frozenLayers: config.frozenLayers)
+        // The sentence embedding pools the valid tokens alone: the padding need not be computed
+        // (CONVIRT_TEXT_ROWS=padded computes it, for comparison).
+        text.packsTokens = EnvironmentSwitches.process.textRows != .padded
         imageHead = try ProjectionHead(&layout, "image_head.", inFeatures: config.image.featureCount, hiddenFeatures: config.projHidden, outFeatures: config.projDim)
         textHead = try ProjectionHead(&layout, "text_head.", inFeatures: config.text.hiddenSize, hiddenFeatures: config.projHidden, outFeatures: config.projDim)
         self.layout = layout

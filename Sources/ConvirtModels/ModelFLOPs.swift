@@ -33,11 +33,13 @@ extension ResNet {
 }
 
 extension BERT {
-    /// One sentence of `tokens` tokens (padding included: the products run over it).
-    public func flops(tokens: Int) -> PassFLOPs {
-        let t = Double(tokens), h = Double(config.hiddenSize), i = Double(config.intermediateSize)
+    /// One sentence padded to `tokens` tokens whose products run on `rows` of them: all `tokens` (the
+    /// padding included), or where the rows are packed (`packsTokens`) its valid tokens alone. The
+    /// attention runs on the padded layout, all `tokens`.
+    public func flops(tokens: Int, rows: Double? = nil) -> PassFLOPs {
+        let t = rows ?? Double(tokens), padded = Double(tokens), h = Double(config.hiddenSize), i = Double(config.intermediateSize)
         let projections = 2 * t * h * 3 * h, output = 2 * t * h * h, feedForward = 2 * 2 * t * h * i
-        let attention = 2 * 2 * t * t * h  // scores Q K^T and context P V, over all heads
+        let attention = 2 * 2 * padded * padded * h  // scores Q K^T and context P V, over all heads
         var flops = PassFLOPs(forward: 0, backward: 0)
         for layer in 0..<config.numHiddenLayers {
             let weights = projections + output + feedForward
@@ -53,16 +55,17 @@ extension BERT {
 }
 
 extension ConVIRTModel {
-    /// One training pair: image, sentence, both heads, and its share of the loss over `globalBatch`
-    /// pairs (its row of similarities against all columns, in both directions).
-    public func flopsPerPair(tokens: Int, globalBatch: Int) throws -> PassFLOPs {
+    /// One training pair: image, sentence (`BERT.flops`: padded to `tokens`, its products on `rows` of
+    /// them), both heads, and its share of the loss over `globalBatch` pairs (its row of similarities
+    /// against all columns, in both directions).
+    public func flopsPerPair(tokens: Int, rows: Double? = nil, globalBatch: Int) throws -> PassFLOPs {
         let c = config
         func head(_ inFeatures: Int) -> PassFLOPs {
             let forward = 2 * Double(inFeatures * c.projHidden + c.projHidden * c.projDim)
             return PassFLOPs(forward: forward, backward: 2 * forward)
         }
         let loss = 2 * 2 * Double(globalBatch * c.projDim)
-        return try image.flops(size: c.image.imageSize) + text.flops(tokens: tokens) + head(c.image.featureCount) + head(c.text.hiddenSize)
+        return try image.flops(size: c.image.imageSize) + text.flops(tokens: tokens, rows: rows) + head(c.image.featureCount) + head(c.text.hiddenSize)
             + PassFLOPs(forward: loss, backward: 2 * loss)
     }
 }

@@ -267,7 +267,7 @@ public final class Trainer {
         let timeOptimizer = clock.lap() - gather
         timeComm += gather
         let total = timeData + timeForward + timeBackward + timeComm + timeOptimizer
-        let tflops = try stepFLOPs(tokens: batch.tokens) / Double(communicator.size) / total / 1e12
+        let tflops = try stepFLOPs(batch) / Double(communicator.size) / total / 1e12
         return StepMetrics(step: step + 1, epoch: batch.epoch, loss: value.loss, lossV2U: value.imageToText, lossU2V: value.textToImage,
                            lr: rate, gradNorm: norm, pairsPerSecond: Double(config.globalBatch) / total, worldSize: communicator.size,
                            timeData: timeData, timeForward: timeForward, timeBackward: timeBackward, timeComm: timeComm,
@@ -284,12 +284,20 @@ public final class Trainer {
         return try batch.ids.withUnsafeBufferPointer { try loss.excludeIdenticalTexts(ids: $0.baseAddress!, rows: batch.size, tokens: batch.tokens) }
     }
 
-    /// The model's FLOPs of one step over all ranks (forward and backward of every pair of the global batch).
-    func stepFLOPs(tokens: Int) throws -> Double {
-        if let known = flopsByTokens[tokens] { return known }
-        let flops = try model.flopsPerPair(tokens: tokens, globalBatch: config.globalBatch).total * Double(config.globalBatch)
-        flopsByTokens[tokens] = flops
-        return flops
+    /// The model's FLOPs of one step over all ranks (forward and backward of every pair of the global
+    /// batch), its sentences' products counted on the rows they run on: where BERT packs its rows, this
+    /// rank's valid tokens per sentence (the ranks' batches are alike in the mean).
+    func stepFLOPs(_ batch: TrainingBatch) throws -> Double {
+        let tokens = batch.tokens
+        if flopsByTokens[tokens] == nil {
+            flopsByTokens[tokens] = try model.flopsPerPair(tokens: tokens, globalBatch: config.globalBatch).total
+        }
+        var perPair = flopsByTokens[tokens]!
+        if model.text.packsTokens {
+            let valid = Double(batch.mask.reduce(0) { $0 + ($1 != 0 ? 1 : 0) }) / Double(max(batch.size, 1))
+            perPair += model.text.flops(tokens: tokens, rows: valid).total - model.text.flops(tokens: tokens).total
+        }
+        return perPair * Double(config.globalBatch)
     }
 
     /// The outlier guard's decision on step `step` (1-based): true = do not apply it. The loss and the norm

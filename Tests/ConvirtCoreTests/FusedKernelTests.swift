@@ -280,14 +280,14 @@ struct FusedKernelTests {
             var fusedMean = [Float](repeating: .nan, count: rows), fusedInvStd = fusedMean
             LayerNorm.forwardResidual(sum: &fusedSum, output: &fusedY, outputBF16: &bits, mean: &fusedMean, invStd: &fusedInvStd, dense: dense,
                                       residual: residual, gamma: gamma, beta: beta, rows: rows, features: features,
-                                      dropout: p > 0 ? (p, streams, tokens) : nil)
+                                      dropout: p > 0 ? (p, streams, TokenRows(batch: batch, tokens: tokens, pieceSamples: nil)) : nil)
             #expect(fusedSum == sum && fusedY == y && fusedMean == mean && fusedInvStd == invStd, "p \(p)")
             #expect(bits == y.map(BF16.bits), "bf16 copy, p \(p)")
             // Without the sums kept (a pass without backward): the same output.
             var unkeptY = [Float](repeating: .nan, count: count)
             LayerNorm.forwardResidual(sum: nil, output: &unkeptY, outputBF16: nil, mean: &fusedMean, invStd: &fusedInvStd, dense: dense,
                                       residual: residual, gamma: gamma, beta: beta, rows: rows, features: features,
-                                      dropout: p > 0 ? (p, streams, tokens) : nil)
+                                      dropout: p > 0 ? (p, streams, TokenRows(batch: batch, tokens: tokens, pieceSamples: nil)) : nil)
             #expect(unkeptY == y && fusedMean == mean && fusedInvStd == invStd, "without the sums, p \(p)")
         }
     }
@@ -307,7 +307,7 @@ struct FusedKernelTests {
             var dGamma = randomFloats(features, seed: 76), dBeta = randomFloats(features, seed: 77)
             let (dGamma0, dBeta0) = (dGamma, dBeta)
             LayerNorm.backward(gradInput: &dx, gradGamma: &dGamma, gradBeta: &dBeta, gradOutput: dy, input: sum, gamma: gamma, mean: mean,
-                               invStd: invStd, rows: rows, features: features, pieceRows: pieces)
+                               invStd: invStd, rows: rows, features: features, pieces: pieces.map { RowPieces(rows: rows, each: $0) })
             if accumulate { Residual.accumulate(&residual, dx, count: count) } else { residual = dx }
             if p > 0 {
                 for b in 0..<batch {
@@ -321,7 +321,7 @@ struct FusedKernelTests {
             var fusedGamma = dGamma0, fusedBeta = dBeta0
             LayerNorm.backwardResidual(gradResidual: &fusedResidual, accumulateResidual: accumulate, gradDense: &fusedDense, gradGamma: &fusedGamma,
                                        gradBeta: &fusedBeta, gradOutput: dy, input: sum, gamma: gamma, mean: mean, invStd: invStd, rows: rows,
-                                       features: features, pieceRows: pieces, dropout: p > 0 ? (p, streams, tokens) : nil)
+                                       features: features, pieces: pieces.map { RowPieces(rows: rows, each: $0) }, dropout: p > 0 ? (p, streams, TokenRows(batch: batch, tokens: tokens, pieceSamples: nil)) : nil)
             let same = { (a: [Float], b: [Float]) in a.map(\.bitPattern) == b.map(\.bitPattern) }
             #expect(same(fusedResidual, residual) && same(fusedDense, dx), "p \(p), accumulate \(accumulate), pieces \(String(describing: pieces))")
             #expect(same(fusedGamma, dGamma) && same(fusedBeta, dBeta), "parameter gradients, p \(p)")
@@ -329,7 +329,7 @@ struct FusedKernelTests {
                 var onlyDense = [Float](repeating: .nan, count: count)
                 LayerNorm.backwardResidual(gradResidual: nil, accumulateResidual: false, gradDense: &onlyDense, gradGamma: nil, gradBeta: nil,
                                            gradOutput: dy, input: sum, gamma: gamma, mean: mean, invStd: invStd, rows: rows, features: features,
-                                           dropout: p > 0 ? (p, streams, tokens) : nil)
+                                           dropout: p > 0 ? (p, streams, TokenRows(batch: batch, tokens: tokens, pieceSamples: nil)) : nil)
                 #expect(same(onlyDense, dx), "without a residual gradient, p \(p)")
             }
             // The dense gradient as bf16 bits alone (what a bf16 dense layer reads): the floats' bits.
@@ -337,7 +337,7 @@ struct FusedKernelTests {
             var bitsGamma = dGamma0, bitsBeta = dBeta0
             LayerNorm.backwardResidual(gradResidual: &bitsResidual, accumulateResidual: accumulate, gradDense: nil, gradDenseBF16: &bits,
                                        gradGamma: &bitsGamma, gradBeta: &bitsBeta, gradOutput: dy, input: sum, gamma: gamma, mean: mean,
-                                       invStd: invStd, rows: rows, features: features, pieceRows: pieces, dropout: p > 0 ? (p, streams, tokens) : nil)
+                                       invStd: invStd, rows: rows, features: features, pieces: pieces.map { RowPieces(rows: rows, each: $0) }, dropout: p > 0 ? (p, streams, TokenRows(batch: batch, tokens: tokens, pieceSamples: nil)) : nil)
             #expect(bits == dx.map(BF16.bits) && same(bitsResidual, residual) && same(bitsGamma, dGamma) && same(bitsBeta, dBeta),
                     "bf16 dense gradient, p \(p), accumulate \(accumulate)")
         } } }

@@ -40,9 +40,14 @@ struct GradientPiecesTests {
 
         /// Rows `range` alone, in pieces of `pieceRows`, written over C.
         func gradient(_ range: Range<Int>, pieceRows: Int, native: Bool, blocked: Bool) -> [Float] {
+            gradient(range, pieces: RowPieces(rows: range.count, each: pieceRows), native: native, blocked: blocked)
+        }
+
+        /// Rows `range` alone, in `pieces` (of its rows), written over C.
+        func gradient(_ range: Range<Int>, pieces: RowPieces, native: Bool, blocked: Bool) -> [Float] {
             var c = [Float](repeating: .nan, count: m * n)
             a.withUnsafeBufferPointer { a in b.withUnsafeBufferPointer { b in c.withUnsafeMutableBufferPointer { c in
-                piecewiseGradientProduct(m: m, n: n, rows: range.count, pieceRows: pieceRows, a: Matrix(a.baseAddress! + range.lowerBound * m, ld: m),
+                piecewiseGradientProduct(m: m, n: n, pieces: pieces, a: Matrix(a.baseAddress! + range.lowerBound * m, ld: m),
                                          b: Matrix(b.baseAddress! + range.lowerBound * n, ld: n), c: MutableMatrix(c.baseAddress!, ld: n),
                                          overwrite: true, native: native, blocked: blocked)
             } } }
@@ -84,6 +89,25 @@ struct GradientPiecesTests {
         } }
     }
 
+    /// Pieces of different lengths (packed sentences: a piece's rows are its samples' valid tokens): two
+    /// ranks holding whole pieces compute the whole batch's gradient within fp32's rounding.
+    @Test("pieces of different lengths split over ranks at piece bounds give the whole batch's gradient, on every backend")
+    func unevenPieces() {
+        let p = Product(seed: 15), bound = p.bound
+        let whole = RowPieces(bounds: [0, 5, 13, 24, 30, 40, 48])
+        let shares = [(0..<24, RowPieces(bounds: [0, 5, 13, 24])), (24..<48, RowPieces(bounds: [0, 6, 16, 24]))]
+        for backend in backends {
+            let all = p.gradient(0..<p.rows, pieces: whole, native: backend.native, blocked: backend.blocked)
+            var split = [Float](repeating: 0, count: p.m * p.n)
+            for (rows, pieces) in shares {
+                let part = p.gradient(rows, pieces: pieces, native: backend.native, blocked: backend.blocked)
+                for i in split.indices { split[i] += part[i] }
+            }
+            let past = firstPast(split, all, bound: bound)
+            #expect(past == nil, "\(backend): \(past ?? "")")
+        }
+    }
+
     @Test("without pieces the blocked backend's weight gradient depends on the rows a rank holds (the failure pieces prevent); fp32 kernels' does not")
     func blockedNeedsPieces() {
         let p = Product(seed: 12), bound = p.bound
@@ -104,7 +128,7 @@ struct GradientPiecesTests {
         for backend in backends {
             var c = start
             p.a.withUnsafeBufferPointer { a in p.b.withUnsafeBufferPointer { b in c.withUnsafeMutableBufferPointer { c in
-                piecewiseGradientProduct(m: p.m, n: p.n, rows: p.rows, pieceRows: 8, a: Matrix(a.baseAddress!, ld: p.m), b: Matrix(b.baseAddress!, ld: p.n),
+                piecewiseGradientProduct(m: p.m, n: p.n, pieces: RowPieces(rows: p.rows, each: 8), a: Matrix(a.baseAddress!, ld: p.m), b: Matrix(b.baseAddress!, ld: p.n),
                                          c: MutableMatrix(c.baseAddress!, ld: p.n), overwrite: false, native: backend.native, blocked: backend.blocked)
             } } }
             let added = p.gradient(0..<p.rows, pieceRows: 8, native: backend.native, blocked: backend.blocked)
@@ -122,7 +146,7 @@ struct GradientPiecesTests {
         // The bias of a linear layer (bf16, pieces: the output gradient's bf16 values) against the plain loops.
         var bias = start, weights = [Float](repeating: 0, count: features * features)
         Linear.backward(gradInput: nil, gradWeight: &weights, gradBias: &bias, gradOutput: dy, input: x, weight: w, rows: rows, inFeatures: features,
-                        outFeatures: features, precision: .bf16, overwriteWeight: true, pieceRows: pieceRows)
+                        outFeatures: features, precision: .bf16, overwriteWeight: true, pieces: RowPieces(rows: rows, each: pieceRows))
         var expected = start
         for first in stride(from: 0, to: rows, by: pieceRows) {
             for c in 0..<features {
@@ -136,7 +160,7 @@ struct GradientPiecesTests {
         let mean = randomFloats(rows, seed: 25), invStd = randomFloats(rows, seed: 26).map { 1 + abs($0) }
         var gamma = start, beta = start.reversed() as [Float], dx = [Float](repeating: 0, count: rows * features)
         LayerNorm.backward(gradInput: &dx, gradGamma: &gamma, gradBeta: &beta, gradOutput: dy, input: x, gamma: w, mean: mean, invStd: invStd,
-                           rows: rows, features: features, pieceRows: pieceRows)
+                           rows: rows, features: features, pieces: RowPieces(rows: rows, each: pieceRows))
         var expectedGamma = start, expectedBeta = start.reversed() as [Float]
         for first in stride(from: 0, to: rows, by: pieceRows) {
             for i in 0..<features {

@@ -155,14 +155,71 @@ struct ReferenceModelTests {
     /// The fast BERT plans its buffers as rooms of one activation arena (`BufferPlan`): a model that runs
     /// passes of other batch sizes, lengths and modes in turn computes a fresh model's bits for each, no
     /// buffer outgrows its room, and rooms that layers share list each of their users.
-    @Test("BERT's plan holds every pass's buffers, across batch sizes, lengths and modes", arguments: [0, 1])
-    func bertPlans(frozen: Int) throws {
+    /// Packed rows (`BERT.packsTokens`, `TokenRows`) compute the padded BERT on the valid tokens: the same
+    /// products of the same rows, the same dropout masks (keyed by position), the attention on the same
+    /// padded layout, which gives the padding no weight. The padded BERT's padding rows receive no gradient
+    /// (the pooling reads the valid tokens alone), so their products add exact zeros to the weight
+    /// gradients; only the order and grouping of the sums' terms may differ. So fp32 is held to the fp32
+    /// parity bound (1e-4 of the largest value; measured on a 2-core AMD EPYC: at most 3.5e-8), and bf16, whose
+    /// kernels may round partial sums to bf16 by the sum's length (`GradientPieces`), to bf16's: 2^-8 of
+    /// each tensor's largest value. Sentences of 1 to 11 tokens, one with a hole in its mask; pieces of 2
+    /// samples in bf16, so that the pieces' rows are rounded up by rows of no sample.
+    @Test("BERT on packed rows computes the padded BERT's valid hidden states and its gradients", arguments: [Precision.fp32, .bf16], [0, 1])
+    func packedRows(precision: Precision, frozen: Int) throws {
+        var config = ConVIRTConfig.preset(.tiny).text
+        config.hiddenDropoutProb = 0.1
+        config.attentionProbsDropoutProb = 0.1
+        var layout = ParameterLayout()
+        let net = try BERT(config: config, layout: &layout, frozenLayers: frozen)
+        let arena = ParameterArena(layout: layout)
+        net.initialize(arena, stream: RandomStream(seed: 3))
+        let (batch, tokens, h) = (4, 11, config.hiddenSize)
+        let lengths = [3, 11, 1, 6]
+        var mask = (0..<(batch * tokens)).map { Int32($0 % tokens < lengths[$0 / tokens] ? 1 : 0) }
+        mask[3 * tokens + 2] = 0
+        let s = RandomStream(seed: 4)
+        let ids = (0..<(batch * tokens)).map { Int32(1 + s.integer(below: config.vocabSize - 1, at: UInt64($0))) }
+        // The gradient the pooling gives: on valid tokens alone.
+        let gradOut = (0..<(batch * tokens * h)).map { mask[$0 / h] != 0 ? s.normal(at: UInt64(10_000 + $0)) : 0 }
+        let context = PassContext(training: true, stream: RandomStream(seed: 9), sampleIndices: [5, 1, 7, 2], precision: precision,
+                                  gradientPiece: precision == .bf16 ? 2 : nil)
+        func run(packed: Bool) throws -> (hidden: [Float], grads: [Float]) {
+            net.packsTokens = packed
+            arena.zeroGrads()
+            let out = try net.forward(arena, ids: ids, mask: mask, batch: batch, tokens: tokens, context: context)
+            let hidden = Array(UnsafeBufferPointer(start: out, count: gradOut.count))
+            try net.backward(arena, gradLastHidden: gradOut, context: context)
+            return (hidden, Array(UnsafeBufferPointer(start: arena.grads, count: arena.count)))
+        }
+        let padded = try run(packed: false), packed = try run(packed: true)
+        let bound: Float = precision == .fp32 ? 1e-4 : 1.0 / 256
+        let valid = (0..<gradOut.count).filter { mask[$0 / h] != 0 }
+        let d = distance(valid.map { packed.hidden[$0] }, valid.map { padded.hidden[$0] })
+        #expect(d <= bound, "valid hidden states: \(d)")
+        #expect((0..<gradOut.count).allSatisfy { mask[$0 / h] != 0 || packed.hidden[$0] == 0 }, "a padded position's hidden state is not zero")
+        #expect(net.outgrownRooms == 0, "buffers outgrew their planned rooms")
+        let largest = padded.grads.map(abs).max()!
+        for e in layout.entries where e.kind == .trainable {
+            let a = Array(packed.grads[e.range]), b = Array(padded.grads[e.range])
+            if e.name.hasSuffix("attention.self.key.bias") {
+                // Softmax cancels it: rounding noise in both (see `expectGradients`).
+                #expect((a + b).map(abs).max()! <= 1e-5 * largest, "\(e.name)")
+            } else {
+                #expect(distance(a, b) <= bound, "\(e.name): \(distance(a, b))")
+                #expect(b.contains { $0 != 0 }, "\(e.name) has no gradient")
+            }
+        }
+    }
+
+    @Test("BERT's plan holds every pass's buffers, across batch sizes, lengths and modes", arguments: [0, 1], [false, true])
+    func bertPlans(frozen: Int, packed: Bool) throws {
         var config = ConVIRTConfig.preset(.tiny).text
         config.hiddenDropoutProb = 0.1
         config.attentionProbsDropoutProb = 0.1
         func fresh() throws -> (BERT, ParameterArena) {
             var layout = ParameterLayout()
             let net = try BERT(config: config, layout: &layout, frozenLayers: frozen)
+            net.packsTokens = packed
             let arena = ParameterArena(layout: layout)
             net.initialize(arena, stream: RandomStream(seed: 3))
             return (net, arena)

@@ -87,9 +87,9 @@ public enum Linear {
     /// bf16 output gradient), in fp32: the bits of its copy where one holds them (a layer after that
     /// wrote only those bits, `Copies.reuseGradOutput`, leaves `gradOutput` unwritten), else the floats
     /// rounded.
-    /// `pieceRows` (bf16): the rows of one gradient piece (`GradientPieces`: a piece's samples times the
-    /// rows of a sample), a divisor of `rows`; the weight and bias gradients, sums over the rows, are then
-    /// made of pieces of that many rows, each computed alone and added in order. nil: one piece.
+    /// `pieces` (bf16): the gradient pieces of the rows (`GradientPieces`: each piece a run of whole
+    /// samples' rows); the weight and bias gradients, sums over the rows, are then made of those pieces,
+    /// each computed alone and added in order. nil: one piece.
     /// `gradInputBF16` (bf16, overwriting): the input gradient as bf16 bits instead of gradInput, written by
     /// the product on oneDNN's bf16 kernels (each fp32 sum rounded once; elsewhere the floats are computed
     /// in temporary memory and rounded).
@@ -98,7 +98,7 @@ public enum Linear {
                                 gradBias: UnsafeMutablePointer<Float>?, gradOutput: UnsafePointer<Float>,
                                 input: UnsafePointer<Float>, weight: UnsafePointer<Float>,
                                 rows: Int, inFeatures: Int, outFeatures: Int, precision: Precision = .fp32, accumulateInput: Bool = true,
-                                overwriteWeight: Bool = false, copies: Copies? = nil, pieceRows: Int? = nil) {
+                                overwriteWeight: Bool = false, copies: Copies? = nil, pieces: RowPieces? = nil) {
         // The output gradient converted by the first product (or by the layer after), reused by the second.
         var gradOutputConverted = copies?.reuseGradOutput ?? false
         func gradOutputCopy() -> BF16Operand.Use? {
@@ -124,11 +124,12 @@ public enum Linear {
                 a: Matrix(gradOutput, ld: outFeatures), b: Matrix(weight, ld: inFeatures), c: MutableMatrix(gradInput, ld: inFeatures),
                  copies: (gradOutputCopy(), copies.map { .init($0.weight, reuse: true) }))
         }
-        // In bf16 the sums over the rows are made of pieces (one piece where `pieceRows` is nil).
-        let pieces = precision == .bf16 ? pieceRows ?? rows : nil
+        // In bf16 the sums over the rows are made of pieces (one piece where `pieces` is nil).
+        precondition(pieces == nil || pieces!.rows == rows, "linear backward: \(rows) rows in \(pieces!)")
+        let pieces = precision == .bf16 ? pieces ?? RowPieces(bounds: rows > 0 ? [0, rows] : [0]) : nil
         if let gradWeight {
             if let pieces {
-                piecewiseGradientProduct(m: outFeatures, n: inFeatures, rows: rows, pieceRows: pieces, a: Matrix(gradOutput, ld: outFeatures),
+                piecewiseGradientProduct(m: outFeatures, n: inFeatures, pieces: pieces, a: Matrix(gradOutput, ld: outFeatures),
                                          b: Matrix(input, ld: inFeatures), c: MutableMatrix(gradWeight, ld: inFeatures), overwrite: overwriteWeight,
                                          copies: (gradOutputCopy(), copies.map { .init($0.input, reuse: true) }))
             } else {
@@ -143,7 +144,7 @@ public enum Linear {
             let values: RowValues = bits.map { .bf16($0) } ?? .fp32(gradOutput)
             let rounding = precision == .bf16
             if let pieces {
-                columnSums(gradBias, values, rounding: rounding, rows: rows, columns: outFeatures, pieceRows: pieces)
+                columnSums(gradBias, values, rounding: rounding, columns: outFeatures, pieces: pieces)
             } else {
                 // Each column summed in row order (`ck_column_sums`), the columns split over the threads.
                 Parallel.chunks(outFeatures, cost: rows) { columns in
@@ -153,19 +154,18 @@ public enum Linear {
         }
     }
 
-    /// sum[c] += the column sums of x [rows, columns] made of pieces of `pieceRows` rows: each piece's
+    /// sum[c] += the column sums of x [rows, columns] made of `pieces` of its rows: each piece's
     /// columns summed in row order from zero (`ck_column_sums`), the pieces then added in order. x is
     /// read from its floats (rounded to bf16 first where `rounding`) or its bf16 bits.
-    static func columnSums(_ sum: UnsafeMutablePointer<Float>, _ x: RowValues, rounding: Bool = false, rows: Int, columns: Int, pieceRows: Int) {
-        precondition(pieceRows > 0 && rows % pieceRows == 0, "column sums: \(rows) rows in pieces of \(pieceRows)")
-        Parallel.chunks(columns, cost: rows) { range in
+    static func columnSums(_ sum: UnsafeMutablePointer<Float>, _ x: RowValues, rounding: Bool = false, columns: Int, pieces: RowPieces) {
+        Parallel.chunks(columns, cost: pieces.rows) { range in
             // The chunk's columns from its first: piece[j] is column range.lowerBound + j's.
             withUnsafeTemporaryAllocation(of: Float.self, capacity: range.count) { buffer in
                 let piece = buffer.baseAddress!
-                for first in stride(from: 0, to: rows, by: pieceRows) {
+                for rows in pieces.ranges {
                     buffer.update(repeating: 0)
-                    let block = x.advanced(by: first * columns + range.lowerBound)
-                    ck_column_sums(piece, block.floats, block.halves, rounding ? 1 : 0, pieceRows, columns, 0, range.count)
+                    let block = x.advanced(by: rows.lowerBound * columns + range.lowerBound)
+                    ck_column_sums(piece, block.floats, block.halves, rounding ? 1 : 0, rows.count, columns, 0, range.count)
                     ck_add(sum + range.lowerBound, piece, range.count)
                 }
             }
@@ -191,14 +191,14 @@ public enum LayerNorm {
     /// output = LayerNorm(sum) (mean and invStd kept as `forward` keeps them), and output's bf16 bits
     /// into `outputBF16` where given (for the linear layer that reads it on oneDNN's bf16 kernels). The
     /// same bits as `Dropout.forward` on dense (in place), `Residual.forward` and `forward` in turn, with
-    /// two fewer passes over memory. `dropout`: the probability and each sample's stream (rows are
-    /// `tokens` per sample), nil for none. sum, dense: [rows, features], distinct; sum nil: not kept (a
+    /// two fewer passes over memory. `dropout`: the probability and each sample's stream (and which rows
+    /// are the sample's), nil for none. sum, dense: [rows, features], distinct; sum nil: not kept (a
     /// pass without backward).
     public static func forwardResidual(sum: UnsafeMutablePointer<Float>?, output: UnsafeMutablePointer<Float>, outputBF16: UnsafeMutablePointer<UInt16>?,
                                        mean: UnsafeMutablePointer<Float>, invStd: UnsafeMutablePointer<Float>, dense: UnsafePointer<Float>,
                                        residual: UnsafePointer<Float>, gamma: UnsafePointer<Float>, beta: UnsafePointer<Float>, rows: Int,
                                        features: Int, eps: Float = 1e-12,
-                                       dropout: (probability: Float, streams: [RandomStream], tokens: Int)? = nil) {
+                                       dropout: (probability: Float, streams: [RandomStream], rows: TokenRows)? = nil) {
         sampleRuns(rows: rows, features: features, dropout: dropout) { r, n, d in
             let o = r * features
             ck_residual_layernorm_rows(sum.map { $0 + o }, output + o, outputBF16.map { $0 + o }, mean + r, invStd + r, dense + o, residual + o, gamma, beta,
@@ -209,21 +209,26 @@ public enum LayerNorm {
     /// One run of a sample's rows and its dropout (`on` 0: none), as the C kernels take it.
     struct DropoutRun { let on: Int32, first: Int, seed: UInt64, stream: UInt64, limit: UInt32, scale: Float }
 
-    /// Calls `body(row, count, dropout)` for runs of rows split over the threads, each within one
-    /// sample (`dropout.tokens` rows, one stream), `first` its first element in the sample's stream.
-    private static func sampleRuns(rows: Int, features: Int, dropout: (probability: Float, streams: [RandomStream], tokens: Int)?,
+    /// Calls `body(row, count, dropout)` for runs of rows split over the threads, each of one sample's
+    /// consecutive positions (`TokenRows.runs`: one stream per sample) or of rows of no sample (no
+    /// dropout), `first` the run's first element in the sample's stream (its position times the features).
+    private static func sampleRuns(rows: Int, features: Int, dropout: (probability: Float, streams: [RandomStream], rows: TokenRows)?,
                                    _ body: (Int, Int, DropoutRun) -> Void) {
         let p = dropout?.probability ?? 0
         precondition(p >= 0 && p < 1, "dropout probability must be in [0, 1)")
         let scale = p > 0 ? 1 / (1 - p) : 1, limit = Dropout.threshold(p)
         Parallel.chunks(rows, cost: 8 * features) { range in
-            var r = range.lowerBound
-            while r < range.upperBound {
-                let tokens = dropout?.tokens ?? rows, sample = r / tokens, end = min(range.upperBound, (sample + 1) * tokens)
-                let stream = p > 0 ? dropout!.streams[sample] : RandomStream(seed: 0)
-                body(r, end - r, DropoutRun(on: p > 0 ? 1 : 0, first: (r - sample * tokens) * features, seed: stream.seed, stream: stream.streamID,
-                                            limit: limit, scale: scale))
-                r = end
+            guard let dropout, p > 0 else {
+                body(range.lowerBound, range.count, DropoutRun(on: 0, first: 0, seed: 0, stream: 0, limit: limit, scale: scale))
+                return
+            }
+            dropout.rows.runs(in: range) { r, end, sample, position in
+                guard let sample else {
+                    body(r, end - r, DropoutRun(on: 0, first: 0, seed: 0, stream: 0, limit: limit, scale: scale))
+                    return
+                }
+                let stream = dropout.streams[sample]
+                body(r, end - r, DropoutRun(on: 1, first: position * features, seed: stream.seed, stream: stream.streamID, limit: limit, scale: scale))
             }
         }
     }
@@ -238,8 +243,8 @@ public enum LayerNorm {
                                         gradDenseBF16: UnsafeMutablePointer<UInt16>? = nil,
                                         gradGamma: UnsafeMutablePointer<Float>?, gradBeta: UnsafeMutablePointer<Float>?,
                                         gradOutput: UnsafePointer<Float>, input: UnsafePointer<Float>, gamma: UnsafePointer<Float>,
-                                        mean: UnsafePointer<Float>, invStd: UnsafePointer<Float>, rows: Int, features: Int, pieceRows: Int? = nil,
-                                        dropout: (probability: Float, streams: [RandomStream], tokens: Int)? = nil) {
+                                        mean: UnsafePointer<Float>, invStd: UnsafePointer<Float>, rows: Int, features: Int, pieces: RowPieces? = nil,
+                                        dropout: (probability: Float, streams: [RandomStream], rows: TokenRows)? = nil) {
         precondition(gradDense != nil || gradDenseBF16 != nil, "layer norm backward: no dense gradient")
         sampleRuns(rows: rows, features: features, dropout: dropout) { r, n, d in
             let o = r * features
@@ -248,49 +253,49 @@ public enum LayerNorm {
                                                 gamma, mean + r, invStd + r, n, features, d.on, d.first, d.seed, d.stream, d.limit, d.scale)
         }
         parameterGradients(gradGamma: gradGamma, gradBeta: gradBeta, gradOutput: gradOutput, input: input, mean: mean, invStd: invStd, rows: rows,
-                           features: features, pieceRows: pieceRows)
+                           features: features, pieces: pieces)
     }
 
     /// dx = invStd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)) with dxhat = dy * gamma;
     /// gradGamma += sum_r dy * xhat; gradBeta += sum_r dy. gradGamma/gradBeta may be nil (frozen).
-    /// `pieceRows`: the parameter gradients, sums over the rows, made of pieces of that many rows (a
-    /// divisor of `rows`; `GradientPieces`), each summed from zero and added in order; nil: the rows
-    /// added to the gradients one by one.
+    /// `pieces`: the parameter gradients, sums over the rows, made of those pieces of the rows
+    /// (`GradientPieces`), each summed from zero and added in order; nil: the rows added to the gradients
+    /// one by one.
     public static func backward(gradInput: UnsafeMutablePointer<Float>, gradGamma: UnsafeMutablePointer<Float>?,
                                 gradBeta: UnsafeMutablePointer<Float>?, gradOutput: UnsafePointer<Float>,
                                 input: UnsafePointer<Float>, gamma: UnsafePointer<Float>,
-                                mean: UnsafePointer<Float>, invStd: UnsafePointer<Float>, rows: Int, features: Int, pieceRows: Int? = nil) {
+                                mean: UnsafePointer<Float>, invStd: UnsafePointer<Float>, rows: Int, features: Int, pieces: RowPieces? = nil) {
         // Each row's two sums in 16 float lanes (`ck_layernorm_backward_rows`), as the forward's.
         Parallel.chunks(rows, cost: 6 * features) { range in
             let r = range.lowerBound, o = r * features
             ck_layernorm_backward_rows(gradInput + o, gradOutput + o, input + o, gamma, mean + r, invStd + r, range.count, features)
         }
         parameterGradients(gradGamma: gradGamma, gradBeta: gradBeta, gradOutput: gradOutput, input: input, mean: mean, invStd: invStd, rows: rows,
-                           features: features, pieceRows: pieceRows)
+                           features: features, pieces: pieces)
     }
 
     /// gamma's and beta's gradients (nil: frozen) from `backward`'s rows.
     private static func parameterGradients(gradGamma: UnsafeMutablePointer<Float>?, gradBeta: UnsafeMutablePointer<Float>?,
                                            gradOutput: UnsafePointer<Float>, input: UnsafePointer<Float>, mean: UnsafePointer<Float>,
-                                           invStd: UnsafePointer<Float>, rows: Int, features: Int, pieceRows: Int?) {
+                                           invStd: UnsafePointer<Float>, rows: Int, features: Int, pieces: RowPieces?) {
         // Parameter gradients sum over rows: split by features so each column is summed in row order.
         // (`ck_layernorm_param_grads`: gamma += dy * (x - mean) * invStd and beta += dy, row by row.)
         guard let gradGamma, let gradBeta else { return }
-        guard let pieceRows else {
+        guard let pieces else {
             Parallel.chunks(features, cost: 3 * rows) { columns in
                 ck_layernorm_param_grads(gradGamma, gradBeta, gradOutput, input, mean, invStd, rows, features, columns.lowerBound, columns.upperBound)
             }
             return
         }
-        precondition(pieceRows > 0 && rows % pieceRows == 0, "layer norm backward: \(rows) rows in pieces of \(pieceRows)")
+        precondition(pieces.rows == rows, "layer norm backward: \(rows) rows in \(pieces)")
         Parallel.chunks(features, cost: 3 * rows) { columns in
             // The chunk's features from its first: pieceGamma[j] is feature columns.lowerBound + j's.
             withUnsafeTemporaryAllocation(of: Float.self, capacity: 2 * columns.count) { buffer in
                 let pieceGamma = buffer.baseAddress!, pieceBeta = pieceGamma + columns.count
-                for first in stride(from: 0, to: rows, by: pieceRows) {
+                for piece in pieces.ranges {
                     buffer.update(repeating: 0)
-                    let o = first * features + columns.lowerBound
-                    ck_layernorm_param_grads(pieceGamma, pieceBeta, gradOutput + o, input + o, mean + first, invStd + first, pieceRows, features,
+                    let first = piece.lowerBound, o = first * features + columns.lowerBound
+                    ck_layernorm_param_grads(pieceGamma, pieceBeta, gradOutput + o, input + o, mean + first, invStd + first, piece.count, features,
                                              0, columns.count)
                     ck_add(gradGamma + columns.lowerBound, pieceGamma, columns.count)
                     ck_add(gradBeta + columns.lowerBound, pieceBeta, columns.count)

@@ -165,8 +165,9 @@ public enum Dropout {
         p >= 1 ? UInt32.max : UInt32(min(Double(p) * 4_294_967_296.0, 4_294_967_295.0))
     }
 
+    /// `first`: the stream's draw of element 0 (element i takes draw first + i).
     public static func forward(output: UnsafeMutablePointer<Float>, input: UnsafePointer<Float>, count: Int,
-                               probability p: Float, stream: RandomStream) {
+                               probability p: Float, stream: RandomStream, first: Int = 0) {
         precondition(p >= 0 && p < 1, "dropout probability must be in [0, 1)")
         if p == 0 {
             if UnsafePointer(output) != input { output.update(from: input, count: count) }
@@ -174,7 +175,7 @@ public enum Dropout {
         }
         let scale = 1 / (1 - p), limit = threshold(p)
         inBlocks(count) { start, end in
-            ck_dropout_forward(output, input, start, end, stream.seed, stream.streamID, limit, scale)
+            ck_dropout_forward(output - first, input - first, first + start, first + end, stream.seed, stream.streamID, limit, scale)
         }
     }
 

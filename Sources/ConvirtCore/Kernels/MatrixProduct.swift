@@ -82,18 +82,18 @@ func emulatedProduct(_ p: Product, a: Matrix, b: Matrix, c: MutableMatrix, bias:
 /// The gradient of a product's right operand over the rows of a batch in bf16: C [m, n] = A^T B (+ C),
 /// A [rows, m] and B [rows, n] stored by rows, the rows being a rank's samples or their
 /// tokens (a linear layer's weight gradient: A the output gradient, B the input). The sum over the rows
-/// runs in pieces of `pieceRows` rows (`GradientPieces`): each piece is a product of its own, of one
-/// shape whatever the batch, so that however the kernel blocks, orders or rounds its sum over the
-/// piece's rows, a piece's sum is the same on every world size; each is added to C as the product's
-/// output (beta 1: C's old values added in fp32, after the sum, as oneDNN's sum post-op and the
-/// emulation add them). Ranks of any world size then differ only by the fp32 additions that join the
-/// pieces (here, and in the all-reduce), as fp32 does. `overwrite`: C's old values are dropped (the
-/// first piece is written with beta 0). `copies`: A's and B's bf16 copies, as `gemm`'s.
+/// runs in `pieces` (`GradientPieces`): each piece is a product of its own, whose shape depends on the
+/// piece's samples alone, so that however the kernel blocks, orders or rounds its sum over the piece's
+/// rows, a piece's sum is the same on every world size; each is added to C as the product's output
+/// (beta 1: C's old values added in fp32, after the sum, as oneDNN's sum post-op and the emulation add
+/// them). Ranks of any world size then differ only by the fp32 additions that join the pieces (here,
+/// and in the all-reduce), as fp32 does. `overwrite`: C's old values are dropped (the first piece is
+/// written with beta 0). `copies`: A's and B's bf16 copies, as `gemm`'s.
 /// `blocked`: the emulation's sums as `emulatedProduct`'s under CONVIRT_BF16=blocked.
-public func piecewiseGradientProduct(m: Int, n: Int, rows: Int, pieceRows: Int, a: Matrix, b: Matrix, c: MutableMatrix, overwrite: Bool,
+public func piecewiseGradientProduct(m: Int, n: Int, pieces: RowPieces, a: Matrix, b: Matrix, c: MutableMatrix, overwrite: Bool,
                                      native: Bool = BF16.native, blocked: Bool = BF16.blockedReductions,
                                      copies: (a: BF16Operand.Use?, b: BF16Operand.Use?) = (nil, nil)) {
-    precondition(pieceRows > 0 && rows % pieceRows == 0, "piecewiseGradientProduct: \(rows) rows in pieces of \(pieceRows)")
+    let rows = pieces.rows
     guard m > 0, n > 0 else { return }
     if rows == 0 {
         if overwrite { for i in 0..<m { (c.base + i * c.ld).update(repeating: 0, count: n) } }
@@ -104,18 +104,20 @@ public func piecewiseGradientProduct(m: Int, n: Int, rows: Int, pieceRows: Int, 
     let scratch = ThreadScratch.current
     if native {
         do {
-            func primitive(beta: Float) throws -> MatmulPrimitive {
-                let key = MatmulPrimitive.Key(m: m, n: n, k: pieceRows, transposeA: true, transposeB: false, ldc: c.ld, alpha: 1, beta: beta)
-                guard let primitive = try MatmulPrimitive.cached(key) else { throw ConvirtError("oneDNN refused a bf16 matmul of \(m)x\(pieceRows)x\(n)") }
+            // Every piece's primitive (beta 0 for the first where it overwrites, else 1) before any runs, so
+            // that a shape oneDNN refuses leaves C as it was for the emulation.
+            let primitives = try pieces.ranges.map { piece in
+                let key = MatmulPrimitive.Key(m: m, n: n, k: piece.count, transposeA: true, transposeB: false, ldc: c.ld, alpha: 1,
+                                              beta: beta(piece.lowerBound))
+                guard let primitive = try MatmulPrimitive.cached(key) else { throw ConvirtError("oneDNN refused a bf16 matmul of \(m)x\(piece.count)x\(n)") }
                 return primitive
             }
-            // The first piece's (beta 0 where it overwrites) and the others' (beta 1).
-            let first = try primitive(beta: beta(0)), others = rows > pieceRows ? try primitive(beta: 1) : first
             let base = scratch.ensure(bytes: 2 * rows * (m + n) + 64).bindMemory(to: UInt16.self, capacity: rows * (m + n) + 32)
             let a16 = bf16Operand(copies.a, a.base, rows: rows, columns: m, ld: a.ld, room: base, parallel: true)
             let b16 = bf16Operand(copies.b, b.base, rows: rows, columns: n, ld: b.ld, room: base + (rows * m + 31) / 32 * 32, parallel: true)
-            for row in stride(from: 0, to: rows, by: pieceRows) {
-                try (row == 0 ? first : others).execute(a: a16 + row * m, b: b16 + row * n, c: c.base, stream: scratch.stream)
+            for (piece, primitive) in zip(pieces.ranges, primitives) {
+                let row = piece.lowerBound
+                try primitive.execute(a: a16 + row * m, b: b16 + row * n, c: c.base, stream: scratch.stream)
             }
             return
         } catch {
@@ -126,8 +128,9 @@ public func piecewiseGradientProduct(m: Int, n: Int, rows: Int, pieceRows: Int, 
     let aRounded = base, bRounded = base + (rows * m + 15) / 16 * 16
     roundedOperand(aRounded, a.base, native ? copies.a : nil, rows: rows, columns: m, ld: a.ld, parallel: true)
     roundedOperand(bRounded, b.base, native ? copies.b : nil, rows: rows, columns: n, ld: b.ld, parallel: true)
-    for first in stride(from: 0, to: rows, by: pieceRows) {
-        emulatedProduct(Product(m: m, n: n, k: pieceRows, transposeA: true, beta: beta(first)),
+    for piece in pieces.ranges {
+        let first = piece.lowerBound
+        emulatedProduct(Product(m: m, n: n, k: piece.count, transposeA: true, beta: beta(first)),
                         a: Matrix(aRounded + first * m, ld: m), b: Matrix(bRounded + first * n, ld: n), c: c, parallel: true, blocked: blocked)
     }
 }

@@ -11,7 +11,8 @@
 # Also: the share of the paper step inside oneDNN's primitives (tools/dnnl_share.py), convirt's step at
 # 1, 2, 8 and 16 threads, a real `train --preset paper` run on 1 rank x 2 threads against 2 ranks x
 # 1 thread (gradients through shared memory and, with --zero1, by MPI's collectives), 1 x 16 and 4 x 4
-# (pairs/s and time breakdown from metrics.jsonl), and `bench exchange` on 2, 4 and 16 ranks.
+# (pairs/s and time breakdown from metrics.jsonl), `bench exchange` on 2, 4 and 16 ranks, and the paper
+# preset's real step at its batch of 32 with BERT's rows packed and padded (tools/train_throughput.py).
 #
 #     scripts/install-deps.sh && swift build -c release --build-tests && tools/device_bf16_check.sh
 #
@@ -21,7 +22,7 @@
 # PARTS picks the parts to run (all by default), for a machine lent for minutes, in calls of at most ten:
 #     PARTS="passes share step" tools/device_bf16_check.sh
 # The parts: world (the world-size table), pieces, dnnl (oneDNN's rates), passes (tools/bench_passes.c),
-# kernels, tests, layouts, step (beside PyTorch at 2, 8 and 16 threads), memory, share, threads, ranks, exchange.
+# kernels, tests, layouts, step (beside PyTorch at 2, 8 and 16 threads), memory, share, threads, ranks, exchange, text.
 set -u
 parts=" ${PARTS:-all} "
 [ -n "${WORLD_ONLY:-}" ] && parts=" world "
@@ -110,7 +111,7 @@ want share && for t in 2 16; do for p in bf16 fp32; do
 done; done > "$out/dnnl_share.txt" 2>&1
 want threads && for t in 1 2 8 16; do echo "threads $t: $($bin bench step --steps 2 --threads $t --precision bf16 | tail -1)"; done > "$out/threads.txt" 2>&1
 # A real paper-preset run: 1 rank x 2 threads against 2 ranks x 1 thread, global batch 8, bf16.
-if want ranks || want exchange; then
+if want ranks || want exchange || want text; then
 work=$(mktemp -d)
 $bin synth mimic --out "$work/mimic" --studies 200 --image-size 256 --seed 3 > /dev/null
 $bin prepare mimic --root "$work/mimic" --out "$work/prepared" > /dev/null
@@ -128,9 +129,12 @@ EOF
 done > "$out/ranks.txt" 2>&1
 # The gradient sums alone: shared memory against MPI's collectives, 2, 4 and 16 ranks of the paper preset.
 want exchange && for np in 2 4 16; do mpirun --oversubscribe --bind-to none -np $np "$bin" bench exchange --preset paper --steps 5; done > "$out/exchange.txt" 2>&1
+# The paper preset's real step (batch 32, 2 threads) with BERT's per-token layers on the valid tokens, and on every padded position.
+want text && python3 tools/train_throughput.py --data "$work/prepared" --convirt "$bin" --variant packed --variant padded:CONVIRT_TEXT_ROWS=padded \
+    --rounds 2 --steps 24 > "$out/text_rows.txt" 2>&1
 rm -rf "$work"
 fi
 [ -f "$out/tests.txt" ] && grep -E "✘|Test run" "$out/tests.txt" | tail -n 15
-for f in world_size pieces bench_passes dnnl_share threads ranks exchange machine; do
+for f in world_size pieces bench_passes dnnl_share threads ranks exchange text_rows machine; do
     [ -f "$out/$f.txt" ] && { echo "==> $out/$f.txt <=="; tail -n 45 "$out/$f.txt"; }
 done

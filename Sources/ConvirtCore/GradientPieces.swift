@@ -8,9 +8,9 @@
 // sum over k by the product's size, so a rank of 4 samples and a rank of 8 parted at bf16's rounding
 // (1e-4 of the gradient norm), not fp32's. Pieces remove the dependence by construction: the batch is
 // cut into pieces of `samples` consecutive samples, aligned to the global sample index (a rank's share
-// is a whole number of pieces), every piece is a call of its own with a fixed shape, written alone (so
-// its value depends on its samples only, however the kernel sums), and the pieces are added in order
-// in fp32. Ranks of any world size then compute bitwise the same pieces, and only the fp32 additions
+// is a whole number of pieces), every piece is a call of its own whose shape depends on its samples
+// alone (a fixed number of images; a sentence piece's rows, `TokenRows`), written alone (so its value
+// depends on its samples only, however the kernel sums), and the pieces are added in order in fp32. Ranks of any world size then compute bitwise the same pieces, and only the fp32 additions
 // that join them (a rank's, then the all-reduce's) differ, as in fp32.
 
 /// The samples of a gradient piece (`PassContext.gradientPiece`, `--gradient-piece`, config.json's

@@ -43,7 +43,8 @@ struct BERTPass {
 extension BERT {
     /// What decides a pass: its geometry, the threads (attention's backward scratch is per thread), the
     /// precision, whether its dropouts drop, whether its rows are packed (`packsTokens`) and the samples
-    /// of its gradient pieces (a training pass's: nothing sums over samples in one without backward).
+    /// of its gradient pieces (the context's, where they divide the batch: a training batch is checked
+    /// against them before it runs, an evaluation pass sums nothing over its samples).
     struct PlannedPass: Equatable {
         let batch, tokens, threads: Int
         let precision: Precision
@@ -58,7 +59,7 @@ extension BERT {
     func preparePlan(_ g: AttentionGeometry, context: PassContext) -> BERTPass {
         let key = PlannedPass(batch: g.batch, tokens: g.tokens, threads: Parallel.threads, precision: context.precision,
                               training: context.training, nativeBF16: BF16.native, packed: packsTokens,
-                              pieceSamples: context.training ? context.pieceRows(perSample: 1) : nil)
+                              pieceSamples: context.pieceRows(perSample: 1).flatMap { g.batch % $0 == 0 ? $0 : nil })
         if let pass, pass.key == key { return pass }
         let pass = planPass(key, geometry: g)
         var needs = passNeeds(pass)

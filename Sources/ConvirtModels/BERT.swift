@@ -512,27 +512,28 @@ final class EncoderLayer {
         let gradBF16 = copying ? (copies.query.gradOutput.room(holding: dq, rows: rows, columns: h),
                                   copies.key.gradOutput.room(holding: dk, rows: rows, columns: h),
                                   copies.value.gradOutput.room(holding: dv, rows: rows, columns: h)) : nil
-        if padded {
-            Attention.backward(gradQ: dq, gradK: dk, gradV: dv, gradBF16: gradBF16, gradOutput: dCtx, probabilities: a.probabilities.pointer,
-                               q: a.q.pointer, k: a.k.pointer, v: a.v.pointer, geometry: g, workspace: s.attentionWorkspace.ensure(g.workspaceCount),
-                               dropout: attentionDropout(step, geometry: g, context: ctx), precision: ctx.precision, copies: activations.attentionCopies,
-                               accumulate: false)
-        } else {
-            // The attention's output gradient scattered to its padded layout, its input gradients gathered
-            // from it (the padded context's room is free by now: its forward's gather is done).
-            let paddedGradContext = s.paddedContext.ensure(np)
-            tokenRows.scatter(dCtx, into: paddedGradContext, columns: h)
-            let grads = copying ? s.packedQKV.pointer : s.packedQKV.ensure(3 * np)
-            let bits = copying ? s.qkvBF16.ensure(3 * np) : nil
-            Attention.backward(gradQ: grads, gradK: grads + np, gradV: grads + 2 * np, gradBF16: bits.map { ($0, $0 + np, $0 + 2 * np) },
-                               gradOutput: paddedGradContext, probabilities: a.probabilities.pointer,
-                               q: a.q.pointer, k: a.k.pointer, v: a.v.pointer, geometry: g, workspace: s.attentionWorkspace.ensure(g.workspaceCount),
-                               dropout: attentionDropout(step, geometry: g, context: ctx), precision: ctx.precision, copies: activations.attentionCopies,
-                               accumulate: false)
+        // Packed rows: the attention's output gradient scattered to its padded layout (the padded context's
+        // room is free by now: its forward's gather is done), its input gradients gathered from it.
+        var gradOutput = UnsafePointer(dCtx), grads = (dq, dk, dv), bits = gradBF16
+        if !padded {
+            let scattered = s.paddedContext.ensure(np)
+            tokenRows.scatter(dCtx, into: scattered, columns: h)
+            gradOutput = UnsafePointer(scattered)
+            let all = copying ? s.packedQKV.pointer : s.packedQKV.ensure(3 * np)
+            grads = (all, all + np, all + 2 * np)
+            bits = copying ? { let b = s.qkvBF16.ensure(3 * np); return (b, b + np, b + 2 * np) }() : nil
+        }
+        Attention.backward(gradQ: grads.0, gradK: grads.1, gradV: grads.2, gradBF16: bits, gradOutput: gradOutput,
+                           probabilities: a.probabilities.pointer, q: a.q.pointer, k: a.k.pointer, v: a.v.pointer, geometry: g,
+                           workspace: s.attentionWorkspace.ensure(g.workspaceCount), dropout: attentionDropout(step, geometry: g, context: ctx),
+                           precision: ctx.precision, copies: activations.attentionCopies, accumulate: false)
+        if !padded {
             if let bits, let gradBF16 {
-                for (j, room) in [gradBF16.0, gradBF16.1, gradBF16.2].enumerated() { tokenRows.gather(bits + j * np, into: room, columns: h) }
+                for (padded, room) in [(bits.0, gradBF16.0), (bits.1, gradBF16.1), (bits.2, gradBF16.2)] {
+                    tokenRows.gather(padded, into: room, columns: h)
+                }
             } else {
-                for (j, packed) in [dq, dk, dv].enumerated() { tokenRows.gather(grads + j * np, into: packed, columns: h) }
+                for (padded, packed) in [(grads.0, dq), (grads.1, dk), (grads.2, dv)] { tokenRows.gather(padded, into: packed, columns: h) }
             }
         }
         query.backward(arena, gradInput: gradInput, gradOutput: dq, input: x, rows: rows, precision: ctx.precision,

@@ -203,7 +203,7 @@ public struct Backend: @unchecked Sendable {
         switch switches.convolution {
         case .onednn: convolution = .onednn
         case .im2col: convolution = .im2col
-        case .auto: convolution = avx512 ? .onednn : .im2col
+        case .auto: convolution = .onednn
         }
         fp32Layout = Convolution.layout(precision: .fp32, onDNNL: convolution == .onednn, forced: switches.activations)
         bf16Layout = Convolution.layout(precision: .bf16, onDNNL: bf16 == .native, forced: switches.activations)

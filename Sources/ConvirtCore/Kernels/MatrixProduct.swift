@@ -201,7 +201,9 @@ public enum FP32Matmul {
     /// brg:avx512_core against OpenBLAS 0.3.21's SkylakeX sgemm, 2 threads, the BERT-base shapes of
     /// batch 8 x 128 tokens, forward, input gradient and weight gradient): oneDNN 175-212 GFLOP/s
     /// against 130-183, and 1.1-1.4x on every shape but one (768x1024x3072 with A transposed: equal).
-    /// Below AVX-512, oneDNN 2.6's fp32 matmul was its own gemm rather than brgemm: OpenBLAS stays.
+    /// Below AVX-512, oneDNN 2.6's fp32 matmul was its own gemm rather than brgemm, and 3.2's gains
+    /// nothing over OpenBLAS on AVX2 (2-core AMD EPYC Zen 3, the paper step's text forward and backward,
+    /// `convirt bench step --threads 2`, 4 alternated pairs: 1.30-1.56 s against 1.10-1.43): OpenBLAS stays.
     /// (oneDNN 3.2's brgemm rates on that CPU equal 2.6.3's: `tools/bench_dnnl.c`, 214-230 GFLOP/s.)
     /// CONVIRT_MATMUL (auto, onednn or openblas) overrides it; resolved once for the process (`Backend`),
     /// so that every rank of a job computes alike.

@@ -419,16 +419,15 @@ public final class ConvolutionPrimitives {
 /// 2.3e-7 of -np 1 over all 20 steps, im2col 2.0e-7; -np 4 9.5e-5 by step 20, im2col 3.9e-6). The paper
 /// preset's fp32 step (`convirt bench step --steps 3 --threads 2`, same CPU): image forward 0.39-0.43 s
 /// against 0.57-0.69 with im2col + sgemm, image backward 0.88-0.94 against 1.11-1.34 (0.85-0.94 with
-/// the whole batch's weight gradient: the per-image sums cost little). On a CPU with AVX2 alone (oneDNN's ISA
-/// avx2; 2-core AMD EPYC Zen 3, the same command, 5 alternated pairs) the paper preset's image pass ties
-/// with im2col + sgemm (forward 0.58-0.64 s against 0.58-0.78, backward 1.15-1.35 against 1.10-1.38), and
-/// the demo preset's narrow layers at 96 px run twice as fast (`--preset demo --batch 32 --tokens 32`: image
-/// forward 0.019-0.021 s against 0.039-0.050, backward 0.025-0.031 against 0.054-0.069). There the tiny
-/// preset's runs on -np 1 and 2 (seeds 2-5, 20-30 steps) part as im2col's do: by rounding, until a
-/// run's chaos amplifies it, on either route (oneDNN on two seeds, from steps 15 and 7; im2col on two,
-/// from 7 and 19). `im2col` keeps every
-/// convolution on im2col + sgemm (`Conv2d`, the arithmetic of earlier releases); `onednn` puts every one
-/// on oneDNN (the default's arithmetic by name).
+/// the whole batch's weight gradient: the per-image sums cost little). On a CPU with AVX2 alone (oneDNN's
+/// ISA avx2; 2-core AMD EPYC Zen 3, the same command, 5 alternated pairs) the paper preset's image pass
+/// ties with im2col + sgemm (forward 0.58-0.64 s against 0.58-0.78, backward 1.15-1.35 against 1.10-1.38),
+/// and the demo preset's narrow layers at 96 px run twice as fast (`--preset demo --batch 32 --tokens 32`:
+/// image forward 0.019-0.021 s against 0.039-0.050, backward 0.025-0.031 against 0.054-0.069). There the
+/// tiny preset's runs on -np 1 and 2 (seeds 2-5, 20-30 steps) part as im2col's do: by rounding, until a
+/// run's chaos amplifies it, on either route (oneDNN on two seeds, from steps 15 and 7; im2col on two, from
+/// 7 and 19). `im2col` keeps every convolution on im2col + sgemm (`Conv2d`, the arithmetic of earlier
+/// releases); `onednn` puts every one on oneDNN (the default's arithmetic by name).
 ///
 /// bf16 runs on oneDNN's bf16 kernels where `BF16.native` (AMX; AMD's AVX512-BF16), and elsewhere as
 /// the fp32 kernels above over bf16-rounded copies of the input, the weights and the output gradient

@@ -6,12 +6,13 @@
 // tokens. A rank computes its share of that sum, and the shares are added by the all-reduce. How a
 // kernel orders, blocks and rounds a sum depends on its length: oneDNN's bf16 kernels on AMX block the
 // sum over k by the product's size, so a rank of 4 samples and a rank of 8 parted at bf16's rounding
-// (1e-4 of the gradient norm), not fp32's. Pieces remove the dependence by construction: the batch is
-// cut into pieces of `samples` consecutive samples, aligned to the global sample index (a rank's share
-// is a whole number of pieces), every piece is a call of its own whose shape depends on its samples
-// alone (a fixed number of images; a sentence piece's rows, `TokenRows`), written alone (so its value
-// depends on its samples only, however the kernel sums), and the pieces are added in order in fp32. Ranks of any world size then compute bitwise the same pieces, and only the fp32 additions
-// that join them (a rank's, then the all-reduce's) differ, as in fp32.
+// (1e-4 of the gradient norm), not fp32's. Pieces remove the dependence by construction: the batch is cut
+// into pieces of `samples` consecutive samples, aligned to the global sample index (a rank's share is a
+// whole number of pieces), every piece is a call of its own whose shape depends on its samples alone (a
+// fixed number of images; a sentence piece's rows, `TokenRows`), written alone (so its value depends on
+// its samples only, however the kernel sums), and the pieces are added in order in fp32. Ranks of any
+// world size then compute bitwise the same pieces, and only the fp32 additions that join them (a rank's,
+// then the all-reduce's) differ, as in fp32.
 
 /// The samples of a gradient piece (`PassContext.gradientPiece`, `--gradient-piece`, config.json's
 /// `gradient_piece`).

@@ -136,6 +136,19 @@ typedef __bf16 ck_b16 __attribute__((vector_size(32), aligned(2)));
 // A float rounded to bf16 and back, in 16 lanes, as ck_round_v16 (by ck_bf16_lanes).
 #define ck_round_lanes(v) ((ck_v16)(__builtin_convertvector(ck_bf16_lanes(v), ck_u16v) << 16))
 #define ck_load_bf16(p) ((ck_v16)(__builtin_convertvector(*(const ck_h16 *)(p), ck_u16v) << 16))
+// 8 float lanes (one AVX2 register): the rows of oneDNN's nChw8c, one pixel's 8 channels of one group.
+typedef float ck_v8 __attribute__((vector_size(32), aligned(4)));
+typedef int ck_i8 __attribute__((vector_size(32), aligned(4)));
+typedef uint32_t ck_u8v __attribute__((vector_size(32), aligned(4)));
+typedef uint16_t ck_h8 __attribute__((vector_size(16), aligned(2)));
+#define ck_load8(p) (*(const ck_v8 *)(p))
+#define ck_load8_bf16(p) ((ck_v8)(__builtin_convertvector(*(const ck_h8 *)(p), ck_u8v) << 16))
+// The 16-lane loads under their width, for the macros written for either (ck_v##W, ck_i##W, ck_load##W).
+#define ck_load16(p) ck_load(p)
+#define ck_load16_bf16(p) ck_load_bf16(p)
+// 8 floats from p twice over (lanes l and l + 8 both p[l]): the per-channel values of two consecutive
+// nChw8c rows, which 16 lanes then hold together.
+#define ck_twice8(p) ({ const ck_v8 h_ = ck_load8(p); (ck_v16)__builtin_shufflevector(h_, h_, 0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3, 4, 5, 6, 7); })
 static inline uint16_t ck_bf16_of(float f) { return (uint16_t)(ck_round_bits(float_to_bits(f)) >> 16); }
 static inline float ck_float_of_bf16(uint16_t h) { return bits_to_float((uint32_t)h << 16); }
 static inline float ck_rounded(float f) { return bits_to_float(ck_round_bits(float_to_bits(f))); }
@@ -362,50 +375,53 @@ CK_CLONES void ck_dropout_backward(float *dx, const float *dy, long start, long 
     ck_dropout(dx + start, dy + start, start, end, seed, stream, limit, scale, 1);
 }
 
-// BatchNorm over rows of channels (NHWC, nChw16c: `LaneLayout` in ChannelsLast.swift). The kernels take
-// the lanes in chunks of 16. A row of one chunk (nChw16c) is walked down all its rows with the chunk's
-// per-channel values in registers; rows of several chunks (NHWC) are taken in order, all of a row's
-// chunks at once (the sums: a block's rows, up to CK_GROUP chunks at a time in registers), so that each
-// row is read from memory once. Every lane's arithmetic, and its order over the rows, is the same either
-// way. Lanes past the last whole chunk run one at a time with the same arithmetic.
+// BatchNorm over rows of channels (NHWC, nChw16c, nChw8c: `LaneLayout` in ChannelsLast.swift). The
+// kernels take the lanes in chunks of 16. A row of one chunk (nChw16c) is walked down all its rows with the
+// chunk's per-channel values in registers; rows of several chunks (NHWC) are taken in order, all of a
+// row's chunks at once (the sums: a block's rows, up to CK_GROUP chunks at a time in registers), so that
+// each row is read from memory once. Rows of 8 lanes (nChw8c) are walked down too: the sums in 8 lanes,
+// the pointwise passes two rows at a time in 16. Every lane's arithmetic, and its order over the rows, is
+// the same either way. The sums take 8 lanes past the last whole chunk as one more chunk; lanes past
+// the chunks run one at a time with the same arithmetic.
 
-// x16, dy16: x, dy as bf16 bits instead of floats (x, dy then NULL), the values the floats would hold.
-#define CK_X(o) (x16 ? ck_load_bf16(x16 + (o)) : ck_load(x + (o)))
+// x16, dy16: x, dy as bf16 bits instead of floats (x, dy then NULL), the values the floats would hold; W
+// lanes from element o (16 or 8).
+#define CK_X(W, o) (x16 ? ck_load##W##_bf16(x16 + (o)) : ck_load##W(x + (o)))
 #define CK_XS(o) (x16 ? ck_float_of_bf16(x16[o]) : x[o])
-#define CK_DY(o) (dy16 ? ck_load_bf16(dy16 + (o)) : ck_load(dy + (o)))
+#define CK_DY(W, o) (dy16 ? ck_load##W##_bf16(dy16 + (o)) : ck_load##W(dy + (o)))
 #define CK_DYS(o) (dy16 ? ck_float_of_bf16(dy16[o]) : dy[o])
-// One chunk's terms at element o (16 lanes) into its sums a and b, for each kind of ck_channel_sums:
+// One chunk's terms at element o (W lanes) into its sums a and b, for each kind of ck_channel_sums:
 // x and x^2; dy and dy (x - mean); the gated dy and dy (x - mean) (mu, sc, sh: the chunk's mean and gate).
-#define CK_SUMS_X(a, b, o) do { const ck_v16 v_ = CK_X(o); a += v_; b += v_ * v_; } while (0)
-#define CK_SUMS_DY(a, b, o, mu) do { const ck_v16 g_ = CK_DY(o); a += g_; b += g_ * (CK_X(o) - (mu)); } while (0)
-#define CK_SUMS_GATED(a, b, o, mu, sc, sh) do { \
-    const ck_v16 centered_ = CK_X(o) - (mu); \
-    const ck_v16 g_ = (ck_v16)((ck_i16)CK_DY(o) & (CK_BN_SHIFTED(centered_, sc, sh) > zero)); \
+#define CK_SUMS_X(W, a, b, o) do { const ck_v##W v_ = CK_X(W, o); a += v_; b += v_ * v_; } while (0)
+#define CK_SUMS_DY(W, a, b, o, mu) do { const ck_v##W g_ = CK_DY(W, o); a += g_; b += g_ * (CK_X(W, o) - (mu)); } while (0)
+#define CK_SUMS_GATED(W, a, b, o, mu, sc, sh) do { \
+    const ck_v##W centered_ = CK_X(W, o) - (mu); \
+    const ck_v##W g_ = (ck_v##W)((ck_i##W)CK_DY(W, o) & (CK_BN_SHIFTED(centered_, sc, sh) > (ck_v##W){0})); \
     a += g_; b += g_ * centered_; \
 } while (0)
-// The sums of Q chunks (16 lanes each from channel c) over the rows [start, end) of one block, in registers,
+// The sums of Q chunks (W lanes each from channel c) over the rows [start, end) of one block, in registers,
 // then added to first and second in double.
-#define CK_SUMS_BLOCK(Q, c, start, end) do { \
-    ck_v16 a_[Q] = {{0}}, b_[Q] = {{0}}, mu_[Q], sc_[Q], sh_[Q]; \
+#define CK_SUMS_BLOCK(W, Q, c, start, end) do { \
+    ck_v##W a_[Q] = {{0}}, b_[Q] = {{0}}, mu_[Q], sc_[Q], sh_[Q]; \
     for (int q_ = 0; q_ < (Q); q_++) { \
-        mu_[q_] = gradient ? ck_load(mean + (c) + q_ * CK_LANES) : zero; \
-        sc_[q_] = gate_scale ? ck_load(gate_scale + (c) + q_ * CK_LANES) : zero; \
-        sh_[q_] = gate_scale ? ck_load(gate_shift + (c) + q_ * CK_LANES) : zero; \
+        mu_[q_] = gradient ? ck_load##W(mean + (c) + q_ * (W)) : (ck_v##W){0}; \
+        sc_[q_] = gate_scale ? ck_load##W(gate_scale + (c) + q_ * (W)) : (ck_v##W){0}; \
+        sh_[q_] = gate_scale ? ck_load##W(gate_shift + (c) + q_ * (W)) : (ck_v##W){0}; \
     } \
     if (!gradient) { \
         for (long r_ = (start); r_ < (end); r_++) \
-            for (int q_ = 0; q_ < (Q); q_++) CK_SUMS_X(a_[q_], b_[q_], r_ * stride + (c) + q_ * CK_LANES); \
+            for (int q_ = 0; q_ < (Q); q_++) CK_SUMS_X(W, a_[q_], b_[q_], r_ * stride + (c) + q_ * (W)); \
     } else if (gate_scale) { \
         for (long r_ = (start); r_ < (end); r_++) \
-            for (int q_ = 0; q_ < (Q); q_++) CK_SUMS_GATED(a_[q_], b_[q_], r_ * stride + (c) + q_ * CK_LANES, mu_[q_], sc_[q_], sh_[q_]); \
+            for (int q_ = 0; q_ < (Q); q_++) CK_SUMS_GATED(W, a_[q_], b_[q_], r_ * stride + (c) + q_ * (W), mu_[q_], sc_[q_], sh_[q_]); \
     } else { \
         for (long r_ = (start); r_ < (end); r_++) \
-            for (int q_ = 0; q_ < (Q); q_++) CK_SUMS_DY(a_[q_], b_[q_], r_ * stride + (c) + q_ * CK_LANES, mu_[q_]); \
+            for (int q_ = 0; q_ < (Q); q_++) CK_SUMS_DY(W, a_[q_], b_[q_], r_ * stride + (c) + q_ * (W), mu_[q_]); \
     } \
     for (int q_ = 0; q_ < (Q); q_++) \
-        for (int l_ = 0; l_ < CK_LANES; l_++) { \
-            first[(c) + q_ * CK_LANES + l_] += (double)a_[q_][l_]; \
-            second[(c) + q_ * CK_LANES + l_] += (double)b_[q_][l_]; \
+        for (int l_ = 0; l_ < (W); l_++) { \
+            first[(c) + q_ * (W) + l_] += (double)a_[q_][l_]; \
+            second[(c) + q_ * (W) + l_] += (double)b_[q_][l_]; \
         } \
 } while (0)
 // Sums over `rows` rows (stride `stride` floats) of lanes 0..<width, as channelBlockedSums: float lanes
@@ -416,10 +432,10 @@ CK_CLONES void ck_channel_sums(const float *restrict x, const uint16_t *restrict
                                const float *restrict mean,
                                const float *restrict gate_scale, const float *restrict gate_shift, long rows, long stride, long width,
                                double *restrict first, double *restrict second) {
-    const ck_v16 zero = {0};
     const int gradient = dy || dy16;
-    const long whole = width / CK_LANES * CK_LANES;
-    for (long j = 0; j < whole; j++) first[j] = second[j] = 0;
+    // Chunks of 16 lanes, then one of 8 where 8 or more lanes are left (nChw8c's rows are one such).
+    const long whole = width / CK_LANES * CK_LANES, vectors = width - whole >= 8 ? whole + 8 : whole;
+    for (long j = 0; j < vectors; j++) first[j] = second[j] = 0;
     if (whole > CK_LANES) {
         // Rows of several chunks (NHWC): block by block, CK_GROUP chunks at a time down the block's rows,
         // so that the block's rows are read from memory once (the next chunks find them in cache) rather
@@ -427,19 +443,25 @@ CK_CLONES void ck_channel_sums(const float *restrict x, const uint16_t *restrict
         for (long start = 0; start < rows; start += CK_BLOCK) {
             const long end = start + CK_BLOCK < rows ? start + CK_BLOCK : rows;
             long c = 0;
-            for (; c + CK_GROUP * CK_LANES <= whole; c += CK_GROUP * CK_LANES) CK_SUMS_BLOCK(CK_GROUP, c, start, end);
-            if (c + 4 * CK_LANES <= whole) { CK_SUMS_BLOCK(4, c, start, end); c += 4 * CK_LANES; }
-            if (c + 2 * CK_LANES <= whole) { CK_SUMS_BLOCK(2, c, start, end); c += 2 * CK_LANES; }
-            for (; c < whole; c += CK_LANES) CK_SUMS_BLOCK(1, c, start, end);
+            for (; c + CK_GROUP * CK_LANES <= whole; c += CK_GROUP * CK_LANES) CK_SUMS_BLOCK(16, CK_GROUP, c, start, end);
+            if (c + 4 * CK_LANES <= whole) { CK_SUMS_BLOCK(16, 4, c, start, end); c += 4 * CK_LANES; }
+            if (c + 2 * CK_LANES <= whole) { CK_SUMS_BLOCK(16, 2, c, start, end); c += 2 * CK_LANES; }
+            for (; c < whole; c += CK_LANES) CK_SUMS_BLOCK(16, 1, c, start, end);
+            if (vectors > whole) CK_SUMS_BLOCK(8, 1, whole, start, end);
         }
     } else {
         for (long c = 0; c < whole; c += CK_LANES)
             for (long start = 0; start < rows; start += CK_BLOCK) {
                 const long end = start + CK_BLOCK < rows ? start + CK_BLOCK : rows;
-                CK_SUMS_BLOCK(1, c, start, end);
+                CK_SUMS_BLOCK(16, 1, c, start, end);
+            }
+        if (vectors > whole)
+            for (long start = 0; start < rows; start += CK_BLOCK) {
+                const long end = start + CK_BLOCK < rows ? start + CK_BLOCK : rows;
+                CK_SUMS_BLOCK(8, 1, whole, start, end);
             }
     }
-    for (long j = whole; j < width; j++) {
+    for (long j = vectors; j < width; j++) {
         double f = 0, s = 0;
         for (long start = 0; start < rows; start += CK_BLOCK) {
             const long end = start + CK_BLOCK < rows ? start + CK_BLOCK : rows;
@@ -461,7 +483,7 @@ CK_CLONES void ck_channel_sums(const float *restrict x, const uint16_t *restrict
 
 // One chunk of one row of ck_normalize_rows (mu, sc, sh: the chunk's per-channel values).
 #define CK_NORMALIZE_CHUNK(o, mu, sc, sh) do { \
-    const ck_v16 a_ = CK_BN_SHIFTED(CK_X(o) - (mu), sc, sh); \
+    const ck_v16 a_ = CK_BN_SHIFTED(CK_X(16, o) - (mu), sc, sh); \
     /* Swift's max(v, 0): 0 where 0 >= v, else v (NaN stays). */ \
     const ck_v16 v_ = relu ? (ck_v16)((ck_i16)a_ & ~(zero >= a_)) : a_; \
     if (y) *(ck_v16 *)(y + (o)) = v_; \
@@ -479,14 +501,20 @@ CK_BF16_KERNEL(ck_normalize_rows, (float *restrict y, uint16_t *restrict y16, co
         for (long r = 0; r < rows; r++)
             for (long j0 = 0; j0 < whole; j0 += CK_LANES)
                 CK_NORMALIZE_CHUNK(r * lanes + j0, ck_load(mean + j0), ck_load(scale + j0), ck_load(shift + j0));
+    } else if (lanes == 8) {
+        // nChw8c: two rows in 16 lanes, the per-channel values twice over (an odd count's last row below).
+        const ck_v16 mu = ck_twice8(mean), sc = ck_twice8(scale), sh = ck_twice8(shift);
+        for (long r = 0; r + 2 <= rows; r += 2) CK_NORMALIZE_CHUNK(r * 8, mu, sc, sh);
     } else {
         for (long j0 = 0; j0 < whole; j0 += CK_LANES) {
             const ck_v16 mu = ck_load(mean + j0), sc = ck_load(scale + j0), sh = ck_load(shift + j0);
             for (long r = 0; r < rows; r++) CK_NORMALIZE_CHUNK(r * lanes + j0, mu, sc, sh);
         }
     }
-    for (long j = whole; j < lanes; j++) {
-        for (long r = 0; r < rows; r++) {
+    // What no chunk covered: the lanes past the whole chunks, or with 8 lanes an odd count's last row.
+    const long j_rest = lanes == 8 ? 0 : whole, r_rest = lanes == 8 ? rows / 2 * 2 : 0;
+    for (long j = j_rest; j < lanes; j++) {
+        for (long r = r_rest; r < rows; r++) {
             const float a = CK_BN_SHIFTED(CK_XS(r * lanes + j) - mean[j], scale[j], shift[j]), v = relu ? swift_max(a, 0.0f) : a;
             if (y) y[r * lanes + j] = v;
             if (y16) y16[r * lanes + j] = ck_bf16_of(v);
@@ -504,7 +532,7 @@ CK_CLONES void ck_normalize_run(float *restrict y, const float *restrict x, long
 
 // One chunk of one row of ck_bn_gradient_rows (the chunk's per-channel values: kv, sd, sx, mu, is, sc, sh).
 #define CK_BN_GRADIENT_CHUNK(o, kv, sd, sx, mu, is, sc, sh) do { \
-    const ck_v16 d_ = CK_DY(o), centered_ = sum_dy || gate_scale ? CK_X(o) - (mu) : zero; \
+    const ck_v16 d_ = CK_DY(16, o), centered_ = sum_dy || gate_scale ? CK_X(16, o) - (mu) : zero; \
     const ck_v16 g_ = gate_scale ? (ck_v16)((ck_i16)d_ & (CK_BN_SHIFTED(centered_, sc, sh) > zero)) : d_; \
     const ck_v16 v_ = sum_dy ? (kv) * (m * g_ - (sd) - centered_ * (is) * (sx)) : g_ * (kv); \
     if (dx16) ck_store_bf16(dx16 + (o), v_); \
@@ -535,14 +563,22 @@ CK_BF16_KERNEL(ck_bn_gradient_rows, (float *restrict dx, uint16_t *restrict dx16
                 CK_BN_GRADIENT_VALUES(j0);
                 CK_BN_GRADIENT_CHUNK(r * lanes + j0, kv, sd, sx, mu, is, sc, sh);
             }
+    } else if (lanes == 8) {
+        // nChw8c: two rows in 16 lanes, as ck_normalize_rows.
+        const ck_v16 kv = ck_twice8(k);
+        const ck_v16 sd = sum_dy ? ck_twice8(sum_dy) : zero, sx = sum_dy ? ck_twice8(sum_dyx) : zero;
+        const ck_v16 mu = sum_dy || gate_scale ? ck_twice8(mean) : zero, is = sum_dy ? ck_twice8(inv_std) : zero;
+        const ck_v16 sc = gate_scale ? ck_twice8(gate_scale) : zero, sh = gate_scale ? ck_twice8(gate_shift) : zero;
+        for (long r = 0; r + 2 <= rows; r += 2) CK_BN_GRADIENT_CHUNK(r * 8, kv, sd, sx, mu, is, sc, sh);
     } else {
         for (long j0 = 0; j0 < whole; j0 += CK_LANES) {
             CK_BN_GRADIENT_VALUES(j0);
             for (long r = 0; r < rows; r++) CK_BN_GRADIENT_CHUNK(r * lanes + j0, kv, sd, sx, mu, is, sc, sh);
         }
     }
-    for (long j = whole; j < lanes; j++) {
-        for (long r = 0; r < rows; r++) {
+    const long j_rest = lanes == 8 ? 0 : whole, r_rest = lanes == 8 ? rows / 2 * 2 : 0;
+    for (long j = j_rest; j < lanes; j++) {
+        for (long r = r_rest; r < rows; r++) {
             const long o = r * lanes + j;
             const float centered = sum_dy || gate_scale ? CK_XS(o) - mean[j] : 0.0f;
             const float g = !gate_scale || CK_BN_SHIFTED(centered, gate_scale[j], gate_shift[j]) > 0 ? CK_DYS(o) : 0.0f;
@@ -642,10 +678,27 @@ CK_BF16_KERNEL(ck_residual_relu_backward, (float *restrict branch, uint16_t *res
     }
 }
 
-// Max pool over rows of `lanes` channels (NHWC, nChw16c as NHWC images of 16 channels): the output rows
-// first_row..<last_row (row = image * oh + oy) of y [images, oh, ow, lanes] and idx (the argmax as y * W
-// + x in the image's plane), as MaxPool2d.forwardNHWC: a larger value or a NaN takes the place, taps in
-// row-major order, ties to the first.
+// One output pixel's W lanes from channel j0 on (16 or 8: nChw8c's rows) of ck_maxpool_rows.
+#define CK_MAXPOOL_CHUNK(W, j0) do { \
+    ck_v##W best_ = {0}; \
+    ck_i##W at_ = {0}; \
+    best_ -= __builtin_inff(); \
+    at_ += (int)(y0 * width + x0); \
+    for (long iy = y0; iy < y1; iy++) { \
+        for (long ix = x0; ix < x1; ix++) { \
+            const ck_v##W v_ = ck_load##W(x + ((n * height + iy) * width + ix) * lanes + (j0)); \
+            const ck_i##W take_ = (v_ > best_) | (v_ != v_); \
+            best_ = (ck_v##W)(((ck_i##W)v_ & take_) | ((ck_i##W)best_ & ~take_)); \
+            at_ = ((int)(iy * width + ix) & take_) | (at_ & ~take_); \
+        } \
+    } \
+    *(ck_v##W *)(out + (j0)) = best_; \
+    *(ck_i##W *)(where + (j0)) = at_; \
+} while (0)
+// Max pool over rows of `lanes` channels (NHWC; nChw16c and nChw8c as NHWC images of 16 or 8 channels):
+// the output rows first_row..<last_row (row = image * oh + oy) of y [images, oh, ow, lanes] and idx (the
+// argmax as y * W + x in the image's plane), as MaxPool2d.forwardNHWC: a larger value or a NaN takes the
+// place, taps in row-major order, ties to the first.
 CK_CLONES void ck_maxpool_rows(float *restrict y, int32_t *restrict idx, const float *restrict x, long height, long width, long lanes,
                                long oh, long ow, long kernel, long stride, long padding, long first_row, long last_row) {
     for (long item = first_row; item < last_row; item++) {
@@ -658,22 +711,8 @@ CK_CLONES void ck_maxpool_rows(float *restrict y, int32_t *restrict idx, const f
             float *restrict out = y + ((n * oh + oy) * ow + ox) * lanes;
             int32_t *restrict where = idx + ((n * oh + oy) * ow + ox) * lanes;
             long j0 = 0;
-            for (; j0 + CK_LANES <= lanes; j0 += CK_LANES) {
-                ck_v16 best = {0};
-                ck_i16 at = {0};
-                best -= __builtin_inff();
-                at += (int)(y0 * width + x0);
-                for (long iy = y0; iy < y1; iy++) {
-                    for (long ix = x0; ix < x1; ix++) {
-                        const ck_v16 v = ck_load(x + ((n * height + iy) * width + ix) * lanes + j0);
-                        const ck_i16 take = (v > best) | (v != v);
-                        best = (ck_v16)(((ck_i16)v & take) | ((ck_i16)best & ~take));
-                        at = ((int)(iy * width + ix) & take) | (at & ~take);
-                    }
-                }
-                *(ck_v16 *)(out + j0) = best;
-                *(ck_i16 *)(where + j0) = at;
-            }
+            for (; j0 + CK_LANES <= lanes; j0 += CK_LANES) CK_MAXPOOL_CHUNK(16, j0);
+            if (j0 + 8 <= lanes) { CK_MAXPOOL_CHUNK(8, j0); j0 += 8; }
             for (long j = j0; j < lanes; j++) {
                 float best = -__builtin_inff();
                 int32_t at = (int32_t)(y0 * width + x0);

@@ -38,7 +38,7 @@ public struct EnvironmentSwitches: @unchecked Sendable {
         ("CONVIRT_BF16", "native|emulate|blocked: where bf16 products run"),
         ("CONVIRT_MATMUL", "auto|onednn|openblas: fp32 matrix products"),
         ("CONVIRT_CONVOLUTION", "auto|onednn|im2col: convolutions"),
-        ("CONVIRT_ACTIVATIONS", "nchw|nhwc|nchw16c: the ResNet's activation layout where oneDNN runs its convolutions"),
+        ("CONVIRT_ACTIVATIONS", "nchw|nhwc|nchw16c|nchw8c: the ResNet's activation layout where oneDNN runs its convolutions"),
         ("CONVIRT_BF16_ROUNDING", "native|integer: how the passes between products round to bf16 (the same bits either way)"),
         ("CONVIRT_TEXT_ROWS", "packed|padded: whether ConVIRT's BERT runs its per-token layers on the valid tokens alone or on every padded position"),
         // Fault injection, for the tests of interrupted checkpoints and of the collective watchdog.
@@ -231,6 +231,7 @@ public struct Backend: @unchecked Sendable {
             let layout = switch bf16Layout {
             case .nhwc: "ResNet activations NHWC from layer to layer"
             case .blocked16: "ResNet activations nChw16c from layer to layer (NCHW where the width is no multiple of 16)"
+            case .blocked8: "ResNet activations nChw8c from layer to layer (NCHW where the width is no multiple of 8)"
             case .nchw: "ResNet activations NCHW, reordered to oneDNN's blocked layout at each convolution"
             }
             return "bf16 products on oneDNN (ISA \(DNNL.isa); \(layout))"

@@ -1,5 +1,5 @@
 // The channels-last and blocked kernels (BatchNorm, max pool, global average pool, oneDNN's convolution
-// on NHWC and nChw16c) against their NCHW versions on the same tensors laid out so: the NCHW kernels are
+// on NHWC, nChw16c and nChw8c) against their NCHW versions on the same tensors laid out so: the NCHW kernels are
 // proven against PyTorch and finite differences elsewhere, so equality here carries those proofs over.
 
 import ConvirtCore
@@ -12,20 +12,23 @@ func toNHWC(_ x: [Float], n: Int, c: Int, plane: Int) -> [Float] {
     return y
 }
 
-/// [N, C, H, W] -> [N, C/16, H, W, 16] (oneDNN's nChw16c).
-func toBlocked16(_ x: [Float], n: Int, c: Int, plane: Int) -> [Float] {
-    precondition(c % 16 == 0)
+/// [N, C, H, W] -> [N, C/b, H, W, b] (oneDNN's nChw16c for b = 16, nChw8c for b = 8).
+func toBlocked(_ x: [Float], block b: Int, n: Int, c: Int, plane: Int) -> [Float] {
+    precondition(c % b == 0)
     var y = [Float](repeating: 0, count: x.count)
-    for i in 0..<n { for k in 0..<c { for p in 0..<plane { y[((i * c + k / 16 * 16) * plane + p * 16) + k % 16] = x[(i * c + k) * plane + p] } } }
+    for i in 0..<n { for k in 0..<c { for p in 0..<plane { y[((i * c + k / b * b) * plane + p * b) + k % b] = x[(i * c + k) * plane + p] } } }
     return y
 }
+
+/// [N, C, H, W] -> [N, C/16, H, W, 16] (oneDNN's nChw16c).
+func toBlocked16(_ x: [Float], n: Int, c: Int, plane: Int) -> [Float] { toBlocked(x, block: 16, n: n, c: c, plane: plane) }
 
 /// x [N, C, H, W] laid out in `layout`.
 func toLayout(_ x: [Float], _ layout: ActivationLayout, n: Int, c: Int, plane: Int) -> [Float] {
     switch layout {
     case .nchw: x
     case .nhwc: toNHWC(x, n: n, c: c, plane: plane)
-    case .blocked16: toBlocked16(x, n: n, c: c, plane: plane)
+    case .blocked16, .blocked8: toBlocked(x, block: layout.blockChannels!, n: n, c: c, plane: plane)
     }
 }
 
@@ -89,11 +92,11 @@ struct ChannelsLastTests {
 
     // What a bf16 convolution on oneDNN writes for the batch norm after it (ConvBNUnit).
     @Test("BatchNorm reads a bf16 input as the floats it stands for: the same outputs, gradients and statistics, bit for bit",
-          arguments: [(2, 16, 300), (3, 32, 49), (2, 20, 17), (1, 64, 300)])
+          arguments: [(2, 16, 300), (3, 32, 49), (2, 20, 17), (1, 64, 300), (3, 24, 49)])
     func batchNormBF16Input(n: Int, c: Int, plane: Int) throws {
         let count = n * c * plane
         let gamma = randomFloats(c, seed: 92), beta = randomFloats(c, seed: 93)
-        for layout in [ActivationLayout.nhwc, .blocked16] where layout.holds(channels: c) {
+        for layout in ActivationLayout.rowLayouts where layout.holds(channels: c) {
         for training in [true, false] { for relu in [false, true] { for accumulate in [false, true] {
             let x = toLayout(randomFloats(count, seed: 90, scale: 2).map { $0 + 1.5 }, layout, n: n, c: c, plane: plane)
             let dy = toLayout(randomFloats(count, seed: 91), layout, n: n, c: c, plane: plane)
@@ -114,14 +117,14 @@ struct ChannelsLastTests {
     }
 
     // Channel counts off the vector width, planes past one 256-row block, one image and several.
-    @Test("BatchNorm on NHWC and nChw16c equals BatchNorm on NCHW, training and evaluation, with and without the fused ReLU",
-          arguments: [(2, 3, 17), (1, 64, 300), (3, 20, 49), (2, 33, 9), (3, 32, 49), (2, 16, 300)])
+    @Test("BatchNorm on NHWC, nChw16c and nChw8c equals BatchNorm on NCHW, training and evaluation, with and without the fused ReLU",
+          arguments: [(2, 3, 17), (1, 64, 300), (3, 20, 49), (2, 33, 9), (3, 32, 49), (2, 16, 300), (3, 8, 301), (2, 24, 49)])
     func batchNorm(n: Int, c: Int, plane: Int) throws {
         let count = n * c * plane
         // An offset mean, so that the variance is a difference of large sums (as after a convolution).
         let x = randomFloats(count, seed: 70, scale: 2).map { $0 + 1.5 }, dy = randomFloats(count, seed: 71)
         let gamma = randomFloats(c, seed: 72), beta = randomFloats(c, seed: 73)
-        for layout in [ActivationLayout.nhwc, .blocked16] where layout.holds(channels: c) {
+        for layout in ActivationLayout.rowLayouts where layout.holds(channels: c) {
         for training in [true, false] { for relu in [false, true] { for accumulate in [false, true] {
             let a = try batchNorm(x, dy, gamma: gamma, beta: beta, n: n, c: c, plane: plane, training: training, relu: relu,
                                   accumulate: accumulate, layout: .nchw)
@@ -140,11 +143,11 @@ struct ChannelsLastTests {
 
     // The copies ResNet keeps for oneDNN's bf16 convolutions (ResNet.keepsBF16Activations).
     @Test("BatchNorm's bf16 outputs are its float outputs' bf16 bits, and its bf16 input gradient the float one's",
-          arguments: [(2, 16, 300), (3, 32, 49), (2, 20, 17)])
+          arguments: [(2, 16, 300), (3, 32, 49), (2, 20, 17), (3, 24, 49)])
     func batchNormBF16(n: Int, c: Int, plane: Int) throws {
         let count = n * c * plane
         let gamma = randomFloats(c, seed: 82), beta = randomFloats(c, seed: 83)
-        for layout in [ActivationLayout.nhwc, .blocked16] where layout.holds(channels: c) {
+        for layout in ActivationLayout.rowLayouts where layout.holds(channels: c) {
         for training in [true, false] { for relu in [false, true] {
             let x = toLayout(randomFloats(count, seed: 80, scale: 2).map { $0 + 0.5 }, layout, n: n, c: c, plane: plane)
             let dy = toLayout(randomFloats(count, seed: 81), layout, n: n, c: c, plane: plane)
@@ -196,7 +199,7 @@ struct ChannelsLastTests {
     // The threads share out units of whole rows and add the units' partial sums in one order afterwards
     // (`laneSums`), so neither the thread count nor the layout's row length changes a bit. Thread counts
     // past the channels per row and past the units included.
-    @Test("BatchNorm gives the same bits for any thread count, on NHWC and nChw16c alike")
+    @Test("BatchNorm gives the same bits for any thread count, on NHWC, nChw16c and nChw8c alike")
     func batchNormThreads() throws {
         let (n, c, plane) = (3, 48, 300)
         let x = randomFloats(n * c * plane, seed: 74, scale: 2).map { $0 + 1.5 }, dy = randomFloats(n * c * plane, seed: 75)
@@ -205,7 +208,7 @@ struct ChannelsLastTests {
         defer { Parallel.threads = previous }
         for relu in [false, true] {
             var results: [(what: String, result: BNResult)] = []
-            for layout in [ActivationLayout.nhwc, .blocked16] {
+            for layout in ActivationLayout.rowLayouts {
                 for threads in [1, 2, 3, 7, 64] {
                     Parallel.threads = threads
                     let r = try batchNorm(toLayout(x, layout, n: n, c: c, plane: plane), toLayout(dy, layout, n: n, c: c, plane: plane), gamma: gamma,
@@ -226,8 +229,8 @@ struct ChannelsLastTests {
         }
     }
 
-    @Test("max pool on NHWC and nChw16c equals max pool on NCHW: values, argmax and the backward scatter (ties and NaN included)",
-          arguments: [(2, 3, 9, 9), (1, 16, 12, 7), (2, 5, 112, 112), (2, 32, 9, 9)])
+    @Test("max pool on NHWC, nChw16c and nChw8c equals max pool on NCHW: values, argmax and the backward scatter (ties and NaN included)",
+          arguments: [(2, 3, 9, 9), (1, 16, 12, 7), (2, 5, 112, 112), (2, 32, 9, 9), (2, 24, 9, 9), (1, 8, 12, 7)])
     func maxPool(n: Int, c: Int, h: Int, w: Int) {
         let oh = MaxPool2d.outputSize(h, kernel: 3, stride: 2, padding: 1), ow = MaxPool2d.outputSize(w, kernel: 3, stride: 2, padding: 1)
         // Coarse values make ties; one NaN propagates as in PyTorch.
@@ -239,7 +242,7 @@ struct ChannelsLastTests {
         MaxPool2d.forward(output: &y, indices: &idx, input: x, planes: n * c, height: h, width: w)
         var dx = [Float](repeating: 1, count: x.count)
         MaxPool2d.backward(gradInput: &dx, gradOutput: dy, indices: idx, planes: n * c, inPlane: h * w, outPlane: oh * ow)
-        for layout in [ActivationLayout.nhwc, .blocked16] where layout.holds(channels: c) {
+        for layout in ActivationLayout.rowLayouts where layout.holds(channels: c) {
             let (images, lanes) = layout.pixelRows(batch: n, channels: c)
             var yl = [Float](repeating: 0, count: dy.count), idxl = [Int32](repeating: 0, count: dy.count)
             MaxPool2d.forwardNHWC(output: &yl, indices: &idxl, input: toLayout(x, layout, n: n, c: c, plane: h * w), batch: images,
@@ -254,7 +257,7 @@ struct ChannelsLastTests {
         }
     }
 
-    @Test("global average pool on NHWC and nChw16c gives the NCHW features exactly, and the same gradient")
+    @Test("global average pool on NHWC, nChw16c and nChw8c gives the NCHW features exactly, and the same gradient")
     func globalAveragePool() {
         let (n, c, plane) = (3, 48, 49)
         let x = randomFloats(n * c * plane, seed: 90), g = randomFloats(n * c, seed: 91)
@@ -262,7 +265,7 @@ struct ChannelsLastTests {
         GlobalAvgPool.forward(output: &f, input: x, rows: n * c, plane: plane)
         var dx = [Float](repeating: 2, count: x.count)
         GlobalAvgPool.backward(gradInput: &dx, gradOutput: g, rows: n * c, plane: plane)
-        for layout in [ActivationLayout.nhwc, .blocked16] {
+        for layout in ActivationLayout.rowLayouts {
             let (images, lanes) = layout.pixelRows(batch: n, channels: c)
             var fl = [Float](repeating: 0, count: n * c)
             GlobalAvgPool.forwardNHWC(output: &fl, input: toLayout(x, layout, n: n, c: c, plane: plane), batch: images, channels: lanes,
@@ -274,12 +277,12 @@ struct ChannelsLastTests {
         }
     }
 
-    /// Geometries whose channels nChw16c holds (the stem's input excepted): 3x3, a 1x1/2 downsample, a stem.
+    /// Geometries whose channels nChw16c and nChw8c hold (the stem's input excepted): 3x3, a 1x1/2 downsample, a stem.
     static let blockedCases: [(Int, Int, Int, Int, Int, Int, Int, Int)] = [
-        (2, 16, 9, 9, 32, 3, 1, 1), (2, 32, 8, 8, 16, 1, 2, 0), (2, 3, 17, 17, 16, 7, 2, 3),
+        (2, 16, 9, 9, 32, 3, 1, 1), (2, 32, 8, 8, 16, 1, 2, 0), (2, 3, 17, 17, 16, 7, 2, 3), (2, 8, 9, 9, 24, 3, 1, 1), (2, 24, 8, 8, 8, 1, 2, 0),
     ]
 
-    @Test("oneDNN's convolution on NHWC and nChw16c activations equals it on NCHW ones (forward, accumulating and overwriting backward), fp32 and bf16",
+    @Test("oneDNN's convolution on NHWC, nChw16c and nChw8c activations equals it on NCHW ones (forward, accumulating and overwriting backward), fp32 and bf16",
           arguments: 0..<(DNNLConvolutionTests.cases.count + blockedCases.count))
     func convolution(index: Int) throws {
         let g: Conv2dGeometry
@@ -304,7 +307,7 @@ struct ChannelsLastTests {
             var dxOnly = [Float](repeating: 0, count: x.count), dwOnly = dw0
             try plain.backward(gradInput: &dxOnly, gradWeight: &dwOnly, gradBias: nil, gradOutput: dy, input: x, weight: wt)
             // Between a layer (both sides in the layout) and a stem (NCHW images in).
-            for output in [ActivationLayout.nhwc, .blocked16] where output.holds(channels: o) {
+            for output in ActivationLayout.rowLayouts where output.holds(channels: o) {
                 for input in [output, .nchw] where input.holds(channels: c) {
                     let what = "\(g) \(precision) \(input) -> \(output)"
                     let conv = try ConvolutionPrimitives(geometry: g, precision: precision, inputLayout: input, outputLayout: output)

@@ -73,7 +73,9 @@ struct DNNLConvolutionTests {
     @Test("fp32: a batch computes as its images alone (output, input gradient), its weight gradient the images' summed in order",
           arguments: [(3, 20, 16, 7, 2, 3, false, ActivationLayout.nchw, ActivationLayout.blocked16), (16, 10, 16, 3, 1, 1, false, .blocked16, .blocked16),
                       (32, 8, 16, 1, 1, 0, false, .blocked16, .blocked16), (16, 8, 32, 1, 2, 0, false, .blocked16, .blocked16),
-                      (8, 9, 8, 3, 2, 1, false, .nchw, .nchw), (8, 7, 16, 3, 1, 1, true, .nchw, .nchw), (4, 12, 16, 1, 1, 0, false, .nchw, .nchw)])
+                      (8, 9, 8, 3, 2, 1, false, .nchw, .nchw), (8, 7, 16, 3, 1, 1, true, .nchw, .nchw), (4, 12, 16, 1, 1, 0, false, .nchw, .nchw),
+                      (3, 20, 8, 7, 2, 3, false, .nchw, .blocked8), (16, 10, 16, 3, 1, 1, false, .blocked8, .blocked8),
+                      (24, 8, 16, 1, 2, 0, false, .blocked8, .blocked8)])
     func batchAsImages(_ c: (Int, Int, Int, Int, Int, Int, Bool, ActivationLayout, ActivationLayout)) throws {
         let (channels, size, outChannels, kernel, stride, padding, bias, inputLayout, outputLayout) = c
         let batch = 5
@@ -136,13 +138,13 @@ struct DNNLConvolutionTests {
     }
 
     /// The output a ResNet's batch norm reads in bf16 (ConvBNUnit): each the float output's bf16 bits.
-    @Test("bf16 with a bf16 output (NHWC, nChw16c): the float output's bf16 bits, rounded to nearest even", arguments: 0..<6)
+    @Test("bf16 with a bf16 output (NHWC, nChw16c, nChw8c): the float output's bf16 bits, rounded to nearest even", arguments: 0..<6)
     func bf16Output(index: Int) throws {
         guard BF16.oneDNNRunsBF16 else { return }  // no bf16 kernels at all: `bf16` above checks the error
         let (n, c, h, w, o, kh, kw, s, p, _) = Self.cases[index]
         let g = try Conv2dGeometry(batch: n, inChannels: c, height: h, width: w, outChannels: o, kernel: (kh, kw), stride: (s, s), padding: (p, p))
         let x = randomFloats(g.inputCount, seed: 21), wt = randomFloats(g.weightCount, seed: 22)
-        for layout in [ActivationLayout.nhwc, .blocked16] where layout.holds(channels: c) && layout.holds(channels: o) {
+        for layout in ActivationLayout.rowLayouts where layout.holds(channels: c) && layout.holds(channels: o) {
             let floats = try ConvolutionPrimitives(geometry: g, precision: .bf16, inputLayout: layout, outputLayout: layout)
             let bits = try ConvolutionPrimitives(geometry: g, precision: .bf16, inputLayout: layout, outputLayout: layout, bf16Output: true)
             let input = toLayout(x, layout, n: n, c: c, plane: h * w)

@@ -673,12 +673,14 @@ struct OptimizerKernelTests {
 
 extension FusedKernelTests {
     // NHWC rows hold many chunks of 16 channels, which the kernels walk row by row (groups of chunks, all
-    // of a row at once); nChw16c rows hold one, walked down the rows. Each lane's arithmetic must not
-    // depend on the order: every width's sums and outputs equal those of its chunks taken one at a time.
+    // of a row at once); nChw16c rows hold one, walked down the rows; nChw8c rows (the last 8 of width 24,
+    // 141) are summed in 8 lanes and normalized two rows at a time (an odd count's last row alone). Each
+    // lane's arithmetic must not depend on the order: every width's sums and outputs equal those of its
+    // chunks taken one at a time.
     @Test("batch norm's kernels on rows of many channels give the bits of their chunks of 16 channels taken one at a time",
-          arguments: [16, 32, 48, 64, 80, 112, 133, 256])
+          arguments: [16, 24, 32, 48, 64, 80, 112, 133, 141, 256])
     func batchNormRowsByChunks(width: Int) {
-        let rows = 300, rowStride = width + 16  // past one 256-row block; a thread's share of longer rows
+        let rows = 301, rowStride = width + 16  // past one 256-row block, odd; a thread's share of longer rows
         let x = randomFloats(rows * rowStride, seed: 110, scale: 2).map { $0 + 0.5 }, dy = randomFloats(rows * rowStride, seed: 111)
         let x16 = x.map(BF16.bits), dy16 = dy.map(BF16.bits)
         let mean = randomFloats(width, seed: 112, scale: 0.5), scale = randomFloats(width, seed: 113), shift = randomFloats(width, seed: 114)

@@ -178,15 +178,6 @@ struct GradientPiecesTests {
     }
 }
 
-/// NCHW [batch, channels, plane] as nChw16c [batch, channels / 16, plane, 16].
-private func blocked16(_ x: [Float], batch: Int, channels: Int, plane: Int) -> [Float] {
-    var out = [Float](repeating: 0, count: x.count)
-    for n in 0..<batch { for c in 0..<channels { for p in 0..<plane {
-        out[((n * (channels / 16) + c / 16) * plane + p) * 16 + c % 16] = x[(n * channels + c) * plane + p]
-    } } }
-    return out
-}
-
 extension GradientPiecesTests {
     /// A convolution's weight gradient over images `range` of a batch of 4 (NCHW), in pieces of `pieceImages`.
     func convolutionGradient(_ x: [Float], _ dy: [Float], _ w: [Float], _ g: Conv2dGeometry, _ range: Range<Int>, pieceImages: Int,
@@ -217,12 +208,11 @@ extension GradientPiecesTests {
         let terms = Double(g.batch * g.outPlane)
         let bound = magnitudes.map { 2 * terms * unitRoundoff * $0 + 1e-30 }
         var cases = backends.map { ($0.native, $0.blocked, Convolution.Layouts()) }
-        if BF16.oneDNNRunsBF16 { cases.append((true, false, Convolution.Layouts(.blocked16))) }
+        if BF16.oneDNNRunsBF16 { cases += [(true, false, Convolution.Layouts(.blocked16)), (true, false, Convolution.Layouts(.blocked8))] }
         for (native, blocked, layouts) in cases { for pieceImages in [1, 2] {
-            // nChw16c on oneDNN: the caller's buffers in that layout hold the same numbers, reordered.
-            let (input, gradOutput) = layouts.input == .nchw ? (x, dy)
-                : (blocked16(x, batch: g.batch, channels: g.inChannels, plane: g.height * g.width),
-                   blocked16(dy, batch: g.batch, channels: g.outChannels, plane: g.outPlane))
+            // A blocked layout on oneDNN: the caller's buffers in that layout hold the same numbers, reordered.
+            let input = toLayout(x, layouts.input, n: g.batch, c: g.inChannels, plane: g.height * g.width)
+            let gradOutput = toLayout(dy, layouts.output, n: g.batch, c: g.outChannels, plane: g.outPlane)
             func share(_ range: Range<Int>) throws -> [Float] {
                 try convolutionGradient(input, gradOutput, w, g, range, pieceImages: pieceImages, native: native, blocked: blocked, layouts: layouts)
             }

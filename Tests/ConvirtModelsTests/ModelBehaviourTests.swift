@@ -508,7 +508,7 @@ struct ResNetLayoutTests {
     // plumbing: the stem's NCHW input, max pool, residual sums, downsampling, average pool and backward,
     // against the plain network (`ReferenceResNet`: the architecture in plain fp32 NCHW kernels, one
     // call per layer), in training and evaluation mode.
-    @Test("a ResNet in its default layout, NCHW, NHWC and nChw16c computes the plain network's features and gradients in fp32",
+    @Test("a ResNet in its default layout, NCHW, NHWC, nChw16c and nChw8c computes the plain network's features and gradients in fp32",
           arguments: [ResNetConfig.Block.basic, .bottleneck])
     func layouts(block: ResNetConfig.Block) throws {
         for training in [true, false] {
@@ -527,7 +527,7 @@ struct ResNetLayoutTests {
                 reference = try pass(nil, precision: .fp32, block: block, training: training, layers: [2, 1, 1, 1], reference: true, imageSeed: seed)
             }
             let fScale = reference.features.map(abs).max()!, gScale = reference.grads.map(abs).max()!
-            for layout in [nil, ActivationLayout.nchw, .nhwc, .blocked16] {
+            for layout in [nil, ActivationLayout.nchw] + ActivationLayout.rowLayouts {
                 let r = try pass(layout, precision: .fp32, block: block, training: training, layers: [2, 1, 1, 1], imageSeed: seed)
                 // Relative to the largest value, the fp32 parity bound (sums in other orders: oneDNN's
                 // against im2col + sgemm image by image; measured on a 2-core AMD EPYC: 1e-7 to 7e-6).
@@ -599,7 +599,7 @@ struct ResNetLayoutTests {
     /// pixels (the last stage's sums over 128 terms). Measured on a 2-core AMD EPYC (AVX512-BF16): features
     /// 0.32-0.36%, gradients 3.4-3.9% of the largest, in all three layouts (bounds: 3.9% and 7.8%; basic
     /// 7.0% and 14%).
-    @Test("a bf16 ResNet in NCHW, NHWC and nChw16c is each within bf16's bound of exact arithmetic",
+    @Test("a bf16 ResNet in NCHW, NHWC, nChw16c and nChw8c is each within bf16's bound of exact arithmetic",
           .enabled(if: BF16.native, "oneDNN runs no bf16 kernels on this CPU: bf16 runs NCHW only"),
           arguments: [ResNetConfig.Block.basic, .bottleneck])
     func bf16Layouts(block: ResNetConfig.Block) throws {
@@ -608,7 +608,7 @@ struct ResNetLayoutTests {
         let depth = Double(block == .basic ? 9 : 5)
         let featureBound = 4 * depth * pow(2, -9), gradientBound = 2 * featureBound
         let fScale = reference.features.map(abs).max()!, gScale = reference.grads.map(abs).max()!
-        for layout in [ActivationLayout.nchw, .nhwc, .blocked16] {
+        for layout in [ActivationLayout.nchw] + ActivationLayout.rowLayouts {
             let r = try pass(layout, precision: .bf16, block: block, training: false, batch: batch, size: size)
             let f = Double(maxAbsDiff(r.features, reference.features) / fScale), g = Double(maxAbsDiff(r.grads, reference.grads) / gScale)
             #expect(f <= featureBound, "features, \(layout) \(block): \(f) of the largest")
@@ -626,7 +626,7 @@ extension ResNetLayoutTests {
           .enabled(if: BF16.native, "oneDNN runs no bf16 kernels on this CPU: the copies are never made"),
           arguments: [ResNetConfig.Block.basic, .bottleneck])
     func bf16Copies(block: ResNetConfig.Block) throws {
-        for layout in [ActivationLayout.blocked16, .nhwc] { for training in [true, false] {
+        for layout in ActivationLayout.rowLayouts { for training in [true, false] {
             let reordered = try pass(layout, precision: .bf16, block: block, bf16Copies: false, training: training)
             let copied = try pass(layout, precision: .bf16, block: block, bf16Copies: true, training: training)
             #expect(copied.features == reordered.features, "features, \(layout) \(block) training \(training)")

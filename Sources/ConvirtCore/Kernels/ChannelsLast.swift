@@ -1,11 +1,12 @@
 // The ResNet's per-channel and spatial kernels over channels-last activations ([N, H, W, C], NHWC) and
-// over oneDNN's blocked nChw16c ([N, C/16, H, W, 16]): the layouts the network keeps from layer to layer
-// where its convolutions run on oneDNN and oneDNN picks them (`Convolution.layout`), so that no reorder
-// transposes an activation between two layers (with NCHW, every convolution's input and output went
-// through a reorder to and from oneDNN's blocked layout). NHWC holds any channel count and is the
-// layout of oneDNN's brgemm convolutions (AMX); nChw16c is the one of its AVX-512 convolutions and
-// needs channels in multiples of 16. Both are rows of `lanes` channels of one pixel (`LaneLayout`), so
-// one set of kernels serves both. Images enter as NCHW; the stem's reorder lays them out.
+// over oneDNN's blocked nChw16c ([N, C/16, H, W, 16]) and nChw8c ([N, C/8, H, W, 8]): the layouts the
+// network keeps from layer to layer where its convolutions run on oneDNN and oneDNN picks them
+// (`Convolution.layout`), so that no reorder transposes an activation between two layers (with NCHW,
+// every convolution's input and output went through a reorder to and from oneDNN's blocked layout). NHWC
+// holds any channel count and is the layout of oneDNN's brgemm convolutions (AMX); nChw16c is the one of
+// its AVX-512 convolutions, nChw8c of its AVX2 ones, and they need channels in multiples of 16 and 8.
+// All are rows of `lanes` channels of one pixel (`LaneLayout`), so one set of kernels serves them all.
+// Images enter as NCHW; the stem's reorder lays them out.
 //
 // The arithmetic per channel is the NCHW kernels' (sums in float inside blocks of 256 rows, double
 // across blocks); each thread owns a range of channels (sums) or of rows (pointwise passes), so the
@@ -21,34 +22,47 @@ public enum ActivationLayout: String, Sendable, Hashable, CaseIterable {
     case nhwc
     /// [N, C/16, H, W, 16] (oneDNN's nChw16c, its layout for AVX-512 convolutions): C a multiple of 16.
     case blocked16 = "nchw16c"
+    /// [N, C/8, H, W, 8] (oneDNN's nChw8c, its layout for AVX2 convolutions): C a multiple of 8.
+    case blocked8 = "nchw8c"
+
+    /// The layouts made of rows of channels (all but NCHW).
+    public static let rowLayouts: [ActivationLayout] = [.nhwc, .blocked16, .blocked8]
+
+    /// The channels of a blocked layout's block (16, 8); nil for NCHW and NHWC.
+    public var blockChannels: Int? {
+        switch self {
+        case .blocked16: 16
+        case .blocked8: 8
+        case .nchw, .nhwc: nil
+        }
+    }
 
     /// Whether an activation of `channels` channels can lie so.
-    public func holds(channels: Int) -> Bool { self != .blocked16 || channels % 16 == 0 }
+    public func holds(channels: Int) -> Bool { blockChannels.map { channels % $0 == 0 } ?? true }
 
     /// The rows of `lanes` channels (of one pixel) the layout is made of, for an activation [batch, C, H, W]
-    /// other than NCHW: (batch, C) in NHWC, (batch * C / 16, 16) in nChw16c. The pixel-wise kernels
-    /// (max pool, global average pool) run on either as on NHWC images of `images` images and `lanes`
-    /// channels: nChw16c is NHWC over each block of 16 channels.
+    /// other than NCHW: (batch, C) in NHWC, (batch * C / 16, 16) in nChw16c, (batch * C / 8, 8) in
+    /// nChw8c. The pixel-wise kernels (max pool, global average pool) run on each as on NHWC images of
+    /// `images` images and `lanes` channels: a blocked layout is NHWC over each block of channels.
     public func pixelRows(batch: Int, channels: Int) -> (images: Int, lanes: Int) {
         precondition(self != .nchw && holds(channels: channels), "\(self) holds no rows of \(channels) channels")
-        return self == .nhwc ? (batch, channels) : (batch * channels / 16, 16)
+        guard let block = blockChannels else { return (batch, channels) }
+        return (batch * channels / block, block)
     }
 }
 
 /// An activation in a layout other than NCHW as rows of `lanes` channels: the element (n, g, p, l) of
-/// channel g * lanes + l at ((n * groups + g) * plane + p) * lanes + l. NHWC is (N, 1, H*W, C),
-/// nChw16c (N, C/16, H*W, 16): the outer index is the image in both, so that sums over the batch are
-/// sums over images, one image after another (whatever the batch, an image's sums are the same).
+/// channel g * lanes + l at ((n * groups + g) * plane + p) * lanes + l. NHWC is (N, 1, H*W, C), nChw16c
+/// (N, C/16, H*W, 16), nChw8c (N, C/8, H*W, 8): the outer index is the image in each, so that sums over
+/// the batch are sums over images, one image after another (whatever the batch, an image's sums are the
+/// same).
 struct LaneLayout {
     let outer, groups, plane, lanes: Int
 
     init(_ layout: ActivationLayout, batch: Int, channels: Int, plane: Int) {
         precondition(layout != .nchw && layout.holds(channels: channels), "\(layout) does not hold \(channels) channels in rows")
-        if layout == .nhwc {
-            (outer, groups, self.plane, lanes) = (batch, 1, plane, channels)
-        } else {
-            (outer, groups, self.plane, lanes) = (batch, channels / 16, plane, 16)
-        }
+        let block = layout.blockChannels ?? channels
+        (outer, groups, self.plane, lanes) = (batch, channels / block, plane, block)
     }
 
     var channels: Int { groups * lanes }
@@ -120,9 +134,10 @@ struct LaneGradient {
 /// second[c], in one order whatever the thread count: float inside blocks of 256 rows of an image,
 /// double across an image's blocks in order, then across the outer index (images) in order. The threads
 /// share out units of whole rows: in NHWC one block of one image (its rows hold every channel, read
-/// once and in order), in nChw16c one image's plane of one group of 16 channels. Each unit's sums go to a
-/// partial of its own, and the partials are added in that order afterwards, so a channel's sums do not
-/// depend on how many threads there are, or on how many channels a row holds (`ck_channel_sums`).
+/// once and in order), in a blocked layout one image's plane of one group of 16 or 8 channels. Each
+/// unit's sums go to a partial of its own, and the partials are added in that order afterwards, so a
+/// channel's sums do not depend on how many threads there are, or on how many channels a row holds
+/// (`ck_channel_sums`).
 /// `gradient`'s mean and gate are indexed by channel.
 func laneSums(_ x: RowValues, gradient: LaneGradient?,
               shape: LaneLayout, first: UnsafeMutablePointer<Double>, second: UnsafeMutablePointer<Double>) {
@@ -166,7 +181,8 @@ func laneSums(_ x: RowValues, gradient: LaneGradient?,
 }
 
 extension BatchNorm2d {
-    /// `forwardTraining` over rows of channels (NHWC or nChw16c); the output as floats, as bf16 bits, or both.
+    /// `forwardTraining` over rows of channels (NHWC, nChw16c or nChw8c); the output as floats, as bf16
+    /// bits, or both.
     static func forwardTrainingRows(_ layer: Shape, output: Destination, input: RowValues, parameters: Parameters, saved: inout Saved,
                                     reducer: StatisticsReducer?, relu: Bool) throws {
         let shape = layer.rows, stats = saved.statistics.baseAddress!, channels = shape.channels, lanes = shape.lanes

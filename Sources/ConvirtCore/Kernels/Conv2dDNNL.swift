@@ -90,25 +90,27 @@ public final class ConvolutionPrimitives {
         case .nchw: dnnl_nchw
         case .nhwc: dnnl_nhwc
         case .blocked16: dnnl_nChw16c
+        case .blocked8: dnnl_nChw8c
         }
     }
     /// The primitive's layouts for its source and destination: NHWC on both sides where the caller holds
     /// either so (the stem takes NCHW images: left to oneDNN, NHWC next to an NHWC output picks its
-    /// reference kernel); nChw16c where the caller holds that side so (then no reorder transposes it); else
-    /// oneDNN's choice (its blocked layouts, which beat NCHW by far).
+    /// reference kernel); nChw16c or nChw8c where the caller holds that side so (then no reorder transposes
+    /// it); else oneDNN's choice (its blocked layouts, which beat NCHW by far).
     private var innerTags: (source: dnnl_format_tag_t, destination: dnnl_format_tag_t) { Self.innerTags(inputLayout, outputLayout) }
     private static func innerTags(_ input: ActivationLayout, _ output: ActivationLayout) -> (source: dnnl_format_tag_t, destination: dnnl_format_tag_t) {
         if input == .nhwc || output == .nhwc { return (dnnl_nhwc, dnnl_nhwc) }
-        return (input == .blocked16 ? dnnl_nChw16c : dnnl_format_tag_any, output == .blocked16 ? dnnl_nChw16c : dnnl_format_tag_any)
+        func inner(_ layout: ActivationLayout) -> dnnl_format_tag_t { layout.blockChannels == nil ? dnnl_format_tag_any : userTag(layout) }
+        return (inner(input), inner(output))
     }
 
     /// The layout oneDNN, left to choose, gives the source of a ResNet-50 3x3 convolution (64 -> 64 at
-    /// 56x56, batch 8) in `precision` on this CPU: NHWC, nChw16c, or NCHW for any other (nChw8c on AVX2)
-    /// and where it cannot make one.
+    /// 56x56, batch 8) in `precision` on this CPU: NHWC, nChw16c, nChw8c, or NCHW for any other and where
+    /// it cannot make one.
     static func preferredLayout(precision: Precision) -> ActivationLayout {
         guard let g = try? Conv2dGeometry(batch: 8, inChannels: 64, height: 56, width: 56, outChannels: 64, kernel: 3, padding: 1),
               let probe = try? ConvolutionPrimitives(geometry: g, precision: precision) else { return .nchw }
-        for layout in [ActivationLayout.nhwc, .blocked16] {
+        for layout in ActivationLayout.rowLayouts {
             if let desc = try? DNNLDescriptor(g.inputShape, precision.inputType, userTag(layout)), probe.source.inner.desc.same(as: desc) {
                 return layout
             }
@@ -452,13 +454,18 @@ public final class Convolution {
     /// The layout a network keeps its activations in for a pass in `precision`: NCHW for im2col +
     /// sgemm; on oneDNN, the layout oneDNN itself picks for a ResNet convolution (`preferredLayout`), so
     /// that no reorder transposes an activation between two layers: NHWC where its convolutions are
-    /// brgemm kernels on NHWC (AMX), nChw16c where it picks that blocked layout (AVX-512 without AMX:
-    /// there our pointwise kernels read nChw16c too, ChannelsLast.swift), NCHW for any other (nChw8c on
-    /// AVX2), reordered at each convolution. On a 2-core AMD EPYC with AVX512-BF16 (bf16, the paper
-    /// preset's `convirt bench step --steps 3 --threads 2`): image forward + backward 0.93 s in NCHW,
-    /// 0.79 s in nChw16c; reorders in the step's oneDNN trace 250 ms -> 149 ms. (NHWC measured slower
-    /// than NCHW there: convolutions 552 ms against 467, its brgemm/jit NHWC kernels being slower.)
-    /// CONVIRT_ACTIVATIONS=nchw|nhwc|nchw16c overrides the choice (where oneDNN runs the convolutions).
+    /// brgemm kernels on NHWC (AMX), nChw16c or nChw8c where it picks that blocked layout (AVX-512
+    /// without AMX; AVX2: our pointwise kernels read both, ChannelsLast.swift), NCHW for any other,
+    /// reordered at each convolution. On a 2-core AMD EPYC with AVX512-BF16 (bf16, the paper preset's
+    /// `convirt bench step --steps 3 --threads 2`): image forward + backward 0.93 s in NCHW, 0.79 s in
+    /// nChw16c; reorders in the step's oneDNN trace 250 ms -> 149 ms. (NHWC measured slower than NCHW
+    /// there: convolutions 552 ms against 467, its brgemm/jit NHWC kernels being slower.) On a 2-core AMD
+    /// EPYC with AVX2 alone (fp32, the same command, 6 alternated pairs): the paper preset's image forward
+    /// + backward 1.74-2.10 s in nChw8c against 1.83-2.49 s in NCHW (0.86 of it, the median pair's),
+    /// reorders 197 ms -> 30 ms; the demo preset's (`--preset demo --batch 32 --tokens 32`, 4 pairs)
+    /// 0.032-0.040 s against 0.050-0.064 s.
+    /// CONVIRT_ACTIVATIONS=nchw|nhwc|nchw16c|nchw8c overrides the choice (where oneDNN runs the
+    /// convolutions).
     public static func layout(precision: Precision, nativeBF16: Bool = BF16.native) -> ActivationLayout {
         let backend = Backend.current
         if precision == .bf16 && nativeBF16 != (backend.bf16 == .native) {

@@ -300,3 +300,25 @@ struct BackendTests {
         #expect(EnvironmentSwitches(["CONVIRT_BF16_ROUNDING": "fast"]).problems == ["CONVIRT_BF16_ROUNDING=fast: expected one of native, integer"])
     }
 }
+
+@Suite("A bounded cache of the most recently used values")
+struct RecentlyUsedTests {
+    @Test("past its capacity the least recently used value goes; a lookup or a new value counts as a use")
+    func evictsLeastRecentlyUsed() {
+        var cache = RecentlyUsed<Int, String?>(capacity: 3)
+        cache.insert("one", for: 1)
+        cache.insert(nil, for: 2)  // a held nil (oneDNN refused the shape) is a value like any other
+        cache.insert("three", for: 3)
+        #expect(cache.count == 3 && cache.value(for: 1) == .some("one") && cache.value(for: 2) == .some(nil))
+        cache.insert("four", for: 4)  // 3 is now the least recently used: 1 and 2 were looked up after it
+        #expect(cache.count == 3 && !cache.contains(3) && cache.contains(1) && cache.contains(2) && cache.contains(4))
+        #expect(cache.value(for: 3) == nil)
+        cache.insert("one again", for: 1)  // replacing a held key drops nothing
+        #expect(cache.count == 3 && cache.value(for: 1) == .some("one again") && cache.contains(2))
+        cache.insert("five", for: 5)  // 2 was used before 4 and 1
+        #expect(!cache.contains(2) && cache.contains(4) && cache.contains(1) && cache.contains(5))
+        // A long run of new keys keeps the count at the capacity and the newest keys in.
+        for key in 100..<1000 { cache.insert("\(key)", for: key) }
+        #expect(cache.count == 3 && (997..<1000).allSatisfy(cache.contains) && cache.value(for: 999) == .some("999"))
+    }
+}

@@ -442,20 +442,28 @@ final class MatmulPrimitive: @unchecked Sendable {
     /// oneDNN's name for the kernel it chose.
     var implementation: String { primitive.implementation }
 
-    /// nil: oneDNN refused the shape (kept, so that it is not asked again at every call).
-    private nonisolated(unsafe) static var cache: [Key: MatmulPrimitive?] = [:]
+    /// nil: oneDNN refused the shape (kept, so that it is not asked again at every call). At most
+    /// `cacheCapacity` shapes, the least recently used dropped past it: a packed text batch's rows vary
+    /// from batch to batch (in multiples of `TokenRows.rowMultiple`), so a long run keeps meeting new
+    /// shapes. A dropped primitive lives on while a product still runs it, and is made again when its
+    /// shape comes back (oneDNN's own primitive cache, 1024 by default, often still holds its kernels).
+    private nonisolated(unsafe) static var cache = RecentlyUsed<Key, MatmulPrimitive?>(capacity: cacheCapacity)
     private nonisolated(unsafe) static var lock = pthread_mutex_t()
     private static let lockReady: Bool = { pthread_mutex_init(&lock, nil); return true }()
+    /// The most primitives held: far past what training meets (with CONVIRT_MATMUL=onednn on 1 rank, the
+    /// paper preset 75 shapes in its first 20 steps, the demo preset 100 in 600), so that only a run
+    /// that keeps meeting new shapes drops any.
+    static let cacheCapacity = 2048
 
-    /// The primitive of `key`, created once per process (products run from any thread); nil where
-    /// oneDNN has no kernel for the shape in the key's precision.
+    /// The primitive of `key`, created once per process while it stays in the cache (products run from
+    /// any thread); nil where oneDNN has no kernel for the shape in the key's precision.
     static func cached(_ key: Key) throws -> MatmulPrimitive? {
         _ = lockReady
         pthread_mutex_lock(&lock)
         defer { pthread_mutex_unlock(&lock) }
-        if let p = cache[key] { return p }
+        if let p = cache.value(for: key) { return p }
         let p = try? MatmulPrimitive(key)
-        cache[key] = .some(p)
+        cache.insert(p, for: key)
         return p
     }
 }

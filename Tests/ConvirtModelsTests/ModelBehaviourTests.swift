@@ -597,8 +597,8 @@ struct ResNetLayoutTests {
     /// images, in training mode, amplifies any change past any bound arithmetic gives: on an AMX Xeon two
     /// bf16 layouts of the 40-pixel network above were 3x the largest gradient apart), 2 images of 256
     /// pixels (the last stage's sums over 128 terms). Measured on a 2-core AMD EPYC (AVX512-BF16): features
-    /// 0.32-0.36%, gradients 3.4-3.9% of the largest, in all three layouts (bounds: 3.9% and 7.8%; basic
-    /// 7.0% and 14%).
+    /// 0.32-0.36%, gradients 3.4-3.9% of the largest, in NCHW, NHWC and nChw16c (bounds: 3.9% and 7.8%;
+    /// basic 7.0% and 14%).
     @Test("a bf16 ResNet in NCHW, NHWC, nChw16c and nChw8c is each within bf16's bound of exact arithmetic",
           .enabled(if: BF16.native, "oneDNN runs no bf16 kernels on this CPU: bf16 runs NCHW only"),
           arguments: [ResNetConfig.Block.basic, .bottleneck])

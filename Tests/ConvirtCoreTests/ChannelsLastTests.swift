@@ -20,9 +20,6 @@ func toBlocked(_ x: [Float], block b: Int, n: Int, c: Int, plane: Int) -> [Float
     return y
 }
 
-/// [N, C, H, W] -> [N, C/16, H, W, 16] (oneDNN's nChw16c).
-func toBlocked16(_ x: [Float], n: Int, c: Int, plane: Int) -> [Float] { toBlocked(x, block: 16, n: n, c: c, plane: plane) }
-
 /// x [N, C, H, W] laid out in `layout`.
 func toLayout(_ x: [Float], _ layout: ActivationLayout, n: Int, c: Int, plane: Int) -> [Float] {
     switch layout {

@@ -88,6 +88,9 @@ public struct ClassificationOptions: Sendable {
     public var featureBatch = 16
     /// Where encoder features are cached between invocations (nil: only within this one).
     public var cacheDirectory: String? = nil
+    /// Fine-tuning: the bytes of decoded images each rank keeps in memory for later epochs
+    /// (`DecodedImageCache`; 0: every read decodes).
+    public var imageCacheBytes = 1 << 30
     /// Fine-tuning: Adam state sharded over the ranks (ZeRO-1) instead of replicated.
     public var zero1 = false
     /// How fine-tuning sums gradients over ranks (`GradientExchange`).
@@ -134,6 +137,8 @@ public final class ClassificationEvaluation {
     var learningRate: Double { options.learningRate ?? (data.dataset == .covidx ? 1e-3 : 1e-4) }
     /// Images that could not be decoded, per split (counted and reported, never fatal).
     public private(set) var unreadable: [String: Int] = [:]
+    /// Fine-tuning's decoded training and validation images, read again every epoch (nil: none kept).
+    let imageCache: DecodedImageCache?
 
     public init(data: DownstreamData, source: EncoderSource, options: ClassificationOptions, communicator: Communicator,
                 log: @escaping (String) -> Void) throws {
@@ -147,6 +152,8 @@ public final class ClassificationEvaluation {
         self.options = options
         self.communicator = communicator
         self.log = log
+        imageCache = options.evaluationProtocol == .finetune && options.imageCacheBytes > 0
+            ? DecodedImageCache(size: options.imageSize, budgetBytes: options.imageCacheBytes) : nil
         let config: ResNetConfig
         switch source {
         case .checkpoint(let dir): config = try Checkpoints.manifest(dir).config.model.image
@@ -441,6 +448,11 @@ public final class ClassificationEvaluation {
             perLabelRuns.append(perLabel)
             testScores.append(scores)
         }
+        if let imageCache, communicator.isRoot {
+            let kept = imageCache.statistics, megabytes = { (bytes: Int) in String(format: "%.0f MB", Double(bytes) / 1e6) }
+            log("decoded images kept in memory (rank 0): \(kept.images), \(megabytes(kept.bytes)) of \(megabytes(imageCache.budgetBytes)); "
+                + "reads from memory \(kept.hits), decoded \(kept.misses)")
+        }
         var checkpoint: String? = nil
         if case .checkpoint(let d) = source { checkpoint = d }
         if case .imagenet(_, let w) = source { checkpoint = w }
@@ -551,7 +563,7 @@ public final class ClassificationEvaluation {
         arena.zeroMoments()
         let w = communicator.size, r = communicator.rank, global = options.batch
         let s = options.imageSize, o = outputs
-        let prefetcher = ImagePrefetcher(size: s), targets = Scratch<Float>(global * o), gradLogits = Scratch<Float>(global * o)
+        let prefetcher = ImagePrefetcher(size: s, cache: imageCache), targets = Scratch<Float>(global * o), gradLogits = Scratch<Float>(global * o)
         var schedule = plateauSchedule()
         var best = Array(UnsafeBufferPointer(start: arena.params, count: arena.count))
         var step = 0
@@ -587,7 +599,7 @@ public final class ClassificationEvaluation {
                 _ = try sync.finish()
                 try sync.step(adam: AdamConfig(learningRate: schedule.rate(step: step), weightDecay: options.weightDecay, decoupled: false), step: step)
             }
-            let val = try evaluateLoss(validation)
+            let val = try evaluateLoss(validation, cache: imageCache)
             let decision = schedule.validated(val)!
             stop.epochs = epoch + 1
             if decision.improved {
@@ -620,12 +632,12 @@ public final class ClassificationEvaluation {
     }
 
     /// Logits [n, outputs] of a split through the current encoder and classifier (evaluation mode),
-    /// computed in slices over the ranks and gathered.
-    func evaluate(_ split: LabeledArrays) throws -> [Float] {
+    /// computed in slices over the ranks and gathered; the images through `cache`, where given.
+    func evaluate(_ split: LabeledArrays, cache: DecodedImageCache? = nil) throws -> [Float] {
         let o = outputs, n = split.count
         let (counts, mine) = ArenaShards.split(n, communicator)
         var logits = [Float](repeating: 0, count: n * o)
-        try ImagePrefetcher.batches(split.paths, mine, batch: options.featureBatch, size: options.imageSize) { slice, images, _ in
+        try ImagePrefetcher.batches(split.paths, mine, batch: options.featureBatch, size: options.imageSize, cache: cache) { slice, images, _ in
             let context = PassContext(training: false, precision: model.precision)
             let h = try model.features(images, batch: slice.count, size: options.imageSize, context: context)
             let y = model.classify(h, rows: slice.count, context: context)
@@ -635,8 +647,8 @@ public final class ClassificationEvaluation {
         return logits
     }
 
-    func evaluateLoss(_ split: LabeledArrays) throws -> Double {
-        let logits = try evaluate(split)
+    func evaluateLoss(_ split: LabeledArrays, cache: DecodedImageCache? = nil) throws -> Double {
+        let logits = try evaluate(split, cache: cache)
         return logits.withUnsafeBufferPointer { l in split.targets.withUnsafeBufferPointer { t in
             loss(logits: l.baseAddress!, targets: t.baseAddress!, rows: split.count, normalizer: split.count, gradient: nil)
         } } / Double(max(1, split.count))

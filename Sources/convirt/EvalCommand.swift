@@ -88,6 +88,8 @@ struct ClassificationArguments: ParsableArguments {
     @Option(parsing: .unconditional, help: "Threads per rank.") var threads = 1
     @Option(help: "Precision of the convolutions and matrix products: fp32, bf16 (mixed, as PyTorch's CPU autocast) or auto (bf16 where the CPU has AMX-BF16 or AVX512-BF16).")
     var precision = PrecisionChoice.auto
+    @Option(parsing: .unconditional, help: "Fine-tuning: MB of decoded training and validation images each rank keeps in memory for later epochs (0: decode them every epoch).")
+    var imageCacheMb = 1024
     @Flag(help: "Fine-tuning: shard the Adam state over the ranks (ZeRO-1).") var zero1 = false
     @Option(help: ArgumentHelp("Fine-tuning: how gradients are summed over ranks (auto: shared memory among each machine's ranks, see "
                                + "`convirt train --help`).", valueName: "auto|collectives|shared-memory"))
@@ -105,6 +107,7 @@ struct ClassificationArguments: ParsableArguments {
     func validate() throws {
         try requirePositive(["--max-epochs": maxEpochs, "--min-epoch-steps": minEpochSteps, "--runs": runs, "--batch": batch, "--threads": threads])
         guard headSteps >= 0 else { throw ValidationError("--head-steps must not be negative, got \(headSteps)") }
+        guard imageCacheMb >= 0 && imageCacheMb <= 1 << 30 else { throw ValidationError("--image-cache-mb must be within 0...\(1 << 30), got \(imageCacheMb)") }
         guard fraction > 0 && fraction <= 1 else { throw ValidationError("--fraction must be in (0, 1] (0.01, 0.1 or 1 in the paper), got \(fraction)") }
         if let lr { guard lr > 0 && lr.isFinite else { throw ValidationError("--lr must be a positive number, got \(lr)") } }
         try requireImageSize(imageSize)
@@ -165,6 +168,7 @@ struct ClassificationArguments: ParsableArguments {
             options.keepBest = keepBest
             options.precision = precision.resolved()
             options.headSteps = headSteps
+            options.imageCacheBytes = imageCacheMb * 1_000_000
             switch source {
             case .checkpoint(let dir): options.imageSize = try imageSize ?? Checkpoints.manifest(dir).config.model.image.imageSize
             case .random(let c), .imagenet(let c, _): options.imageSize = imageSize ?? c.imageSize

@@ -93,11 +93,17 @@ struct EvalTests {
         // Fine-tuning, data-parallel: one rank and two agree to float rounding over a short schedule.
         let tune = ["--dataset", "chexpert", "--root", "\(dir)/chexpert", "--checkpoint", "\(dir)/run", "--runs", "1", "--max-epochs", "2",
                     "--head-steps", "5", "--batch", "16"]
-        _ = try ok(["eval", "finetune"] + tune + ["--out", "\(dir)/eval/tune1.json"])
+        let tuned = try ok(["eval", "finetune"] + tune + ["--out", "\(dir)/eval/tune1.json"])
         _ = try ok(["eval", "finetune"] + tune + ["--out", "\(dir)/eval/tune2.json"], ranks: 2)
         let (c, d) = (try classification("\(dir)/eval/tune1.json"), try classification("\(dir)/eval/tune2.json"))
         #expect(c.protocol == "finetune" && c.runs.count == 1)
         #expect(abs(c.mean - d.mean) <= 0.02, "fine-tuning on 1 rank \(c.mean), on 2 ranks \(d.mean)")
+        // Later epochs read the decoded images kept in memory: the same run as decoding them every epoch,
+        // bit for bit (the truncated training image is never kept, and skipped alike).
+        #expect(tuned.contains("decoded images kept in memory (rank 0): ") && !tuned.contains("reads from memory 0,"), "\(tuned)")
+        _ = try ok(["eval", "finetune"] + tune + ["--image-cache-mb", "0", "--out", "\(dir)/eval/tune0.json"])
+        let uncached = try classification("\(dir)/eval/tune0.json")
+        #expect(uncached.runs == c.runs && uncached.mean == c.mean, "without the cache \(uncached.runs), with it \(c.runs)")
 
         // The other datasets (DICOM, multi-class accuracy, study-level AUC) and the random-init baseline.
         for (dataset, metric) in [("rsna", "auc"), ("covidx", "accuracy"), ("mura", "auc")] {

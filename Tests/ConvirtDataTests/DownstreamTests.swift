@@ -422,6 +422,42 @@ struct DownstreamTests {
         #expect(errorText { _ = try DownstreamReader.loadImage(path: "\(dir)/absent.jpg") }?.contains("absent.jpg: no such file") == true)
     }
 
+    @Test("decoded-image cache: kept images read bitwise as decoded ones, within the budget; unreadable ones never kept")
+    func decodedImageCache() throws {
+        let dir = try temporaryDirectory("image-cache")
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        var paths: [String] = []
+        for k in 0..<3 {
+            let width = 30 + 7 * k
+            let image = GrayImage(width: width, height: 20, pixels: (0..<(width * 20)).map { Float(($0 * (k + 3)) % 17) / 16 })
+            let path = "\(dir)/image\(k).\(k == 1 ? "png" : "jpg")"
+            try (k == 1 ? PNG.encode(image) : JPEG.encode(image, quality: 90)).write(to: URL(fileURLWithPath: path))
+            paths.append(path)
+        }
+        try Data("not an image".utf8).write(to: URL(fileURLWithPath: "\(dir)/broken.jpg"))
+        paths.append("\(dir)/broken.jpg")
+        let s = 32, plane = 3 * s * s
+        func read(_ cache: DecodedImageCache?) -> ([Float], [Bool]) {
+            var out = [Float](repeating: -7, count: paths.count * plane)
+            let ok = out.withUnsafeMutableBufferPointer { EvaluationInput.normalizedImages(paths, size: s, into: $0.baseAddress!, cache: cache) }
+            return (out, ok)
+        }
+        let (decoded, readable) = read(nil)
+        #expect(readable == [true, true, true, false])
+        // Room for two images: two of the three readable ones are kept, the third is decoded on every read.
+        let cache = DecodedImageCache(size: s, budgetBytes: 2 * s * s * MemoryLayout<Float>.size + 5)
+        for pass in 0..<3 {
+            let (out, ok) = read(cache)
+            #expect(ok == readable && out == decoded, "pass \(pass)")
+        }
+        let kept = cache.statistics
+        #expect(kept.images == 2 && kept.bytes == 2 * s * s * MemoryLayout<Float>.size)
+        #expect(kept.hits == 4 && kept.misses == 8, "\(kept)")
+        // No budget: nothing kept, every read decodes.
+        let none = DecodedImageCache(size: s, budgetBytes: 0)
+        #expect(read(none).0 == decoded && read(none).0 == decoded && none.statistics.images == 0 && none.statistics.hits == 0)
+    }
+
     @Test("CheXpert bad input: wrong header, unresolvable paths, missing images, bad values, malformed rows")
     func chexpertBadInput() throws {
         let out = try temporaryDirectory("chexpert-bad")

@@ -301,6 +301,25 @@ struct SamplingTests {
         #expect(out[(32 * 32) + 16 * 32 + 16].distance(to: expected).magnitude < 1e-4)
     }
 
+    @Test("Gaussian blur: eight pixels at a time, bitwise the one-tap-at-a-time reference; a constant image stays constant")
+    func gaussianBlur() {
+        var generator = SystemRandomNumberGenerator()
+        for s in [1, 2, 5, 8, 13, 17, 24, 31, 96, 97] {
+            for sigma: Float in [0.1, 0.34, 0.5, 1, 1.7, 2.2, 3, 12] {
+                let image = (0..<(s * s)).map { _ in Float.random(in: 0...1, using: &generator) }
+                var fast = image, reference = image, temp = [Float](repeating: .nan, count: s * s)
+                Augment.gaussianBlur(&fast, temp: &temp, size: s, sigma: sigma)
+                Augment.gaussianBlurReference(&reference, temp: &temp, size: s, sigma: sigma)
+                let first = fast.indices.first { fast[$0].bitPattern != reference[$0].bitPattern }
+                #expect(first == nil, "size \(s), sigma \(sigma): pixel \(first ?? 0) is \(fast[first ?? 0]), the reference \(reference[first ?? 0])")
+            }
+        }
+        // The kernel sums to 1 within rounding: a constant image stays constant, borders included.
+        var flat = [Float](repeating: 0.25, count: 40 * 40), temp = flat
+        Augment.gaussianBlur(&flat, temp: &temp, size: 40, sigma: 2.5)
+        #expect(flat.allSatisfy { abs($0 - 0.25) < 1e-6 })
+    }
+
     @Test("antialiased resize: constants stay constant, stripes average out, longer side as asked")
     func resize() {
         let constant = GrayImage(width: 300, height: 200, pixels: Array(repeating: 0.25, count: 60_000))

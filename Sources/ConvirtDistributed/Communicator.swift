@@ -184,6 +184,9 @@ public final class MPICommunicator: Communicator {
 
     /// Tests `requests` until all complete. Every 50 ms it checks the deadline and whether another rank
     /// reported a timeout; either ends the wait with `CollectiveTimeout`, after the exchange (`expire`).
+    /// Past `spinSeconds` it yields its core between tests: where ranks share cores with each other and
+    /// with their loaders (several ranks on one machine), the work being waited for runs instead of the
+    /// wait; on a core of its own the yield returns at once.
     private func wait(_ call: String, bytes: Int, requests: inout [MPI_Request?], collective: Bool) throws {
         var done: Int32 = 0
         try test(&requests, &done, call)
@@ -194,6 +197,7 @@ public final class MPICommunicator: Communicator {
                 try test(&requests, &done, call)
                 if done != 0 { break }
                 let now = Self.now()
+                if now - start > Self.spinSeconds { sched_yield() }
                 guard now >= nextCheck else { continue }
                 nextCheck = now + 0.05
                 let late = watchdog.timeout.map { now - start > $0 } ?? false
@@ -213,6 +217,9 @@ public final class MPICommunicator: Communicator {
             try check(MPI_Testall(Int32(requests.count), &requests, &done, cmpi_statuses_ignore()), call)
         }
     }
+
+    /// How long a wait tests without yielding: long enough for a collective among running ranks.
+    static let spinSeconds = 50e-6
 
     static func now() -> Double {
         var t = timespec()

@@ -45,11 +45,11 @@ public enum EvaluationInput {
 }
 
 /// Decoded evaluation images kept in memory for the passes that read them again (fine-tuning reads its
-/// training images and the validation split every epoch). An image is kept as `DownstreamReader.loadImage` returns it (gray,
-/// padded to square and resized to `size`), so a kept image is bitwise the image decoded again. Images
-/// are kept in the order they are first decoded while their bytes fit `budgetBytes`; past it, the rest
-/// are decoded on every read. An unreadable image is never kept (its reads fail, and are counted, each
-/// time). Safe to use from several threads.
+/// training images and the validation split every epoch). An image is kept as
+/// `DownstreamReader.loadImage` returns it (gray, padded to square and resized to `size`), so a kept
+/// image is bitwise the image decoded again. Images are kept in the order they are first decoded while
+/// their bytes fit `budgetBytes`; past it, the rest are decoded on every read. An unreadable image is
+/// never kept (its reads fail, and are counted, each time). Safe to use from several threads.
 public final class DecodedImageCache: @unchecked Sendable {
     public let size: Int
     public let budgetBytes: Int

@@ -89,8 +89,8 @@ public struct ClassificationOptions: Sendable {
     /// Where encoder features are cached between invocations (nil: only within this one).
     public var cacheDirectory: String? = nil
     /// Fine-tuning: the bytes of decoded images each rank keeps in memory for later epochs
-    /// (`DecodedImageCache`; 0: every read decodes).
-    public var imageCacheBytes = 1 << 30
+    /// (`DecodedImageCache`; 0: every read decodes), 1024 MB as `--image-cache-mb`'s default.
+    public var imageCacheBytes = 1024 * 1_000_000
     /// Fine-tuning: Adam state sharded over the ranks (ZeRO-1) instead of replicated.
     public var zero1 = false
     /// How fine-tuning sums gradients over ranks (`GradientExchange`).

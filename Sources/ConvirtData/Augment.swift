@@ -132,6 +132,9 @@ public enum Augment {
         return kernel
     }
 
+    /// Index i of a row or column of s pixels, reflected at its borders (i within -s..<2s).
+    @inline(__always) static func reflect(_ i: Int, _ s: Int) -> Int { i < 0 ? -i - 1 : (i >= s ? 2 * s - i - 1 : i) }
+
     /// Separable Gaussian blur of the s x s image `x` with radius ceil(3 sigma), reflecting at the
     /// borders; `temp` holds s^2 floats. Eight pixels at a time where a row's taps stay inside it (the
     /// horizontal pass) and across each row (the vertical pass): each pixel's sum runs over its taps in
@@ -141,7 +144,7 @@ public enum Augment {
         let kernel = blurKernel(size: s, sigma: sigma)
         if kernel.isEmpty { return }
         let radius = kernel.count / 2
-        @inline(__always) func reflect(_ i: Int) -> Int { i < 0 ? -i - 1 : (i >= s ? 2 * s - i - 1 : i) }
+        @inline(__always) func reflect(_ i: Int) -> Int { Self.reflect(i, s) }
         @inline(__always) func load(_ p: UnsafePointer<Float>) -> SIMD8<Float> { UnsafeRawPointer(p).loadUnaligned(as: SIMD8<Float>.self) }
         @inline(__always) func store(_ v: SIMD8<Float>, _ p: UnsafeMutablePointer<Float>) { UnsafeMutableRawPointer(p).storeBytes(of: v, as: SIMD8<Float>.self) }
         kernel.withUnsafeBufferPointer { k in
@@ -183,7 +186,7 @@ public enum Augment {
         let kernel = blurKernel(size: s, sigma: sigma)
         if kernel.isEmpty { return }
         let radius = kernel.count / 2
-        @inline(__always) func reflect(_ i: Int) -> Int { i < 0 ? -i - 1 : (i >= s ? 2 * s - i - 1 : i) }
+        @inline(__always) func reflect(_ i: Int) -> Int { Self.reflect(i, s) }
         kernel.withUnsafeBufferPointer { k in
             for y in 0..<s {
                 for xx in 0..<s {

@@ -174,8 +174,9 @@ public final class ClassificationEvaluation {
     // MARK: images and features
 
     /// Encoder features [n, F] of `paths` in evaluation mode, computed in slices over the ranks and
-    /// gathered on every rank, with a readable flag per image; cached on disk when asked.
-    func features(_ split: String, _ paths: [String]) throws -> (features: [Float], ok: [Bool]) {
+    /// gathered on every rank, with a readable flag per image; cached on disk when asked. The images
+    /// through `cache`, where given.
+    func features(_ split: String, _ paths: [String], cache: DecodedImageCache? = nil) throws -> (features: [Float], ok: [Bool]) {
         let f = model.featureCount, n = paths.count
         let cachePath = try cacheFile(split, paths)
         if let cachePath, let cached = try? SafeTensorsFile(path: cachePath),
@@ -186,7 +187,7 @@ public final class ClassificationEvaluation {
         let (counts, mine) = ArenaShards.split(n, communicator)
         var all = [Float](repeating: 0, count: n * f)
         var flags = [Float](repeating: 0, count: n)
-        try ImagePrefetcher.batches(paths, mine, batch: options.featureBatch, size: options.imageSize) { slice, images, ok in
+        try ImagePrefetcher.batches(paths, mine, batch: options.featureBatch, size: options.imageSize, cache: cache) { slice, images, ok in
             let h = try model.features(images, batch: slice.count, size: options.imageSize, context: PassContext(training: false, precision: model.precision))
             all.withUnsafeMutableBufferPointer { ($0.baseAddress! + slice.lowerBound * f).update(from: h, count: slice.count * f) }
             for (k, good) in ok.enumerated() { flags[slice.lowerBound + k] = good ? 1 : 0 }
@@ -393,7 +394,8 @@ public final class ClassificationEvaluation {
         var test = LabeledArrays(data.test, outputs: o)
         // Features of the frozen encoder, once for all runs (linear; and the fine-tuning's head-only phase).
         var trainFeatures = try features("train", train.paths)
-        var validationFeatures = try features("validation", validation.paths)
+        // Fine-tuning reads the validation split again every epoch, each rank the same share as here.
+        var validationFeatures = try features("validation", validation.paths, cache: imageCache)
         var testFeatures = try features("test", test.paths)
         func dropUnreadable(_ name: String, _ split: inout LabeledArrays, _ f: inout (features: [Float], ok: [Bool])) {
             let keep = f.ok.indices.filter { f.ok[$0] }

@@ -97,9 +97,18 @@ extension ClassificationConfidence {
     public static func bootstrap(names: [String], multiClass: Bool, runs: [(scores: [[Double]], targets: [[Float]])], draws: [Int],
                                  unit: String) -> ClassificationConfidence? {
         guard let units = runs.first?.scores.count, units > 0 else { return nil }
+        // Each run's label columns ranked once; a resample counts each unit as often as it was drawn.
+        let ranked = multiClass ? [] : runs.map { run in
+            names.indices.map { k in Metrics.RankedScores(scores: run.scores.map { $0[k] }, labels: run.targets.map { $0[k] >= 0.5 }) }
+        }
+        var counts = [Int](repeating: 0, count: units)
         let intervals = Bootstrap.intervals(draws: draws, count: units, statistics: 1 + names.count) { sample in
             var means: [Double] = [], labels = [[Double]](repeating: [], count: names.count)
-            for run in runs {
+            if !multiClass {
+                for i in counts.indices { counts[i] = 0 }
+                for u in sample { counts[u] += 1 }
+            }
+            for (r, run) in runs.enumerated() {
                 if multiClass {
                     let (value, perClass) = accuracy(names: names, scores: run.scores, targets: run.targets, units: sample)
                     means.append(value)
@@ -108,7 +117,7 @@ extension ClassificationConfidence {
                 }
                 var defined: [Double] = []
                 for k in names.indices {
-                    if let auc = Metrics.rocAUCIfDefined(scores: sample.map { run.scores[$0][k] }, labels: sample.map { run.targets[$0][k] >= 0.5 }) {
+                    if let auc = ranked[r][k].auc(counts: counts) {
                         defined.append(auc)
                         labels[k].append(auc)
                     }

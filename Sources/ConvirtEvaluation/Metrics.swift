@@ -24,33 +24,7 @@ public enum Metrics {
             throw ConvirtError("ROC AUC: only one class is present (\(labels.count) \(positives == 0 ? "negative" : "positive") "
                 + "label(s)); the AUC is not defined. Evaluate on a sample holding both classes")
         }
-        // Scores in decreasing order; the curve's points are the ends of runs of equal scores.
-        let order = scores.indices.sorted { scores[$0] > scores[$1] }
-        var tps: [Double] = [], fps: [Double] = []
-        var tp = 0.0, fp = 0.0
-        for (rank, i) in order.enumerated() {
-            if labels[i] { tp += 1 } else { fp += 1 }
-            if rank == order.count - 1 || scores[order[rank + 1]] != scores[i] {
-                tps.append(tp)
-                fps.append(fp)
-            }
-        }
-        // drop_intermediate: keep the ends and every point where the curve bends.
-        var keptTP: [Double] = [0], keptFP: [Double] = [0]
-        for k in tps.indices {
-            let isEnd = k == 0 || k == tps.count - 1
-            if isEnd || fps[k - 1] - 2 * fps[k] + fps[k + 1] != 0 || tps[k - 1] - 2 * tps[k] + tps[k + 1] != 0 {
-                keptTP.append(tps[k])
-                keptFP.append(fps[k])
-            }
-        }
-        let totalTP = keptTP[keptTP.count - 1], totalFP = keptFP[keptFP.count - 1]
-        var area = 0.0
-        for k in 1..<keptTP.count {
-            let dx = keptFP[k] / totalFP - keptFP[k - 1] / totalFP
-            area += dx * (keptTP[k] / totalTP + keptTP[k - 1] / totalTP) / 2
-        }
-        return area
+        return RankedScores(scores: scores, labels: labels).auc()!
     }
 
     /// `rocAUC` that does not throw: nil when the AUC is undefined (one class present) or the input is
@@ -111,3 +85,78 @@ public enum Metrics {
     /// How `meanAndStd` spreads, for table footers.
     public static let stdDescription = "sample standard deviation (ddof = 1) over the runs"
 }
+
+extension Metrics {
+    /// Scores ranked once, for the ROC AUC of many weightings of the same samples: the bootstrap's
+    /// resamples count each sample as often as it was drawn, and `auc(counts:)` walks the one ranking
+    /// instead of sorting every resample anew. The result is bitwise `rocAUC` of the resampled scores and
+    /// labels: the curve's points are the same integer counts at the same distinct scores, and the area
+    /// is summed over them in the same order.
+    public struct RankedScores: Sendable {
+        /// Sample indices by decreasing score (finite scores only).
+        private let order: [Int]
+        /// Per rank: the sample is positive; it ends a run of equal scores.
+        private let positive: [Bool], endsRun: [Bool]
+        /// Samples whose score is NaN or infinite: a weighting that counts one has no AUC.
+        private let nonFinite: [Int]
+        public let count: Int
+
+        public init(scores: [Double], labels: [Bool]) {
+            precondition(scores.count == labels.count, "ROC AUC: \(scores.count) scores for \(labels.count) labels")
+            count = scores.count
+            nonFinite = scores.indices.filter { !scores[$0].isFinite }
+            let order = scores.indices.filter { scores[$0].isFinite }.sorted { scores[$0] > scores[$1] }
+            positive = order.map { labels[$0] }
+            endsRun = order.indices.map { r in r == order.count - 1 || scores[order[r + 1]] != scores[order[r]] }
+            self.order = order
+        }
+
+        /// The ROC AUC with sample i counted `counts[i]` times (every sample once where nil); nil where the
+        /// counted samples hold one class only or a non-finite score.
+        public func auc(counts: [Int]? = nil) -> Double? {
+            if let counts {
+                precondition(counts.count == count, "ROC AUC: \(counts.count) counts for \(count) samples")
+                if nonFinite.contains(where: { counts[$0] > 0 }) { return nil }
+            } else if !nonFinite.isEmpty {
+                return nil
+            }
+            var positives = 0, negatives = 0
+            for r in order.indices {
+                let w = counts?[order[r]] ?? 1
+                if positive[r] { positives += w } else { negatives += w }
+            }
+            if positives == 0 || negatives == 0 { return nil }
+            let totalTP = Double(positives), totalFP = Double(negatives)
+            // The curve's points are the ends of runs of equal counted scores; drop_intermediate keeps the
+            // first and last and every point where the curve bends, and each kept point adds its
+            // trapezoid. Points stream through with a lag of one, to see a point's successor.
+            var tp = 0.0, fp = 0.0, inRun = 0
+            var keptTP = 0.0, keptFP = 0.0                       // the last kept point, from (0, 0)
+            var area = 0.0
+            func keep(_ pointTP: Double, _ pointFP: Double) {
+                let dx = pointFP / totalFP - keptFP / totalFP
+                area += dx * (pointTP / totalTP + keptTP / totalTP) / 2
+                (keptTP, keptFP) = (pointTP, pointFP)
+            }
+            var points = 0
+            var previous = (tp: 0.0, fp: 0.0), pending = (tp: 0.0, fp: 0.0)
+            for r in order.indices {
+                let w = counts?[order[r]] ?? 1
+                if positive[r] { tp += Double(w) } else { fp += Double(w) }
+                inRun += w
+                guard endsRun[r], inRun > 0 else { continue }
+                inRun = 0
+                if points == 1 {
+                    keep(pending.tp, pending.fp)
+                } else if points > 1, previous.fp - 2 * pending.fp + fp != 0 || previous.tp - 2 * pending.tp + tp != 0 {
+                    keep(pending.tp, pending.fp)
+                }
+                (previous, pending) = (pending, (tp, fp))
+                points += 1
+            }
+            keep(pending.tp, pending.fp)
+            return area
+        }
+    }
+}
+

@@ -62,6 +62,32 @@ struct MetricsTests {
         #expect(Metrics.rocAUCIfDefined(scores: [.nan, 1], labels: [true, false]) == nil)
     }
 
+    @Test("ROC AUC of counted samples (the bootstrap's resamples) is bitwise rocAUC of the samples repeated")
+    func rocAUCCounted() throws {
+        for trial in 0..<60 {
+            let stream = RandomStream(seed: UInt64(trial), 7)
+            let n = 1 + stream.integer(below: 120, at: 0)
+            // Few distinct scores on some trials (many ties), near-continuous ones on others.
+            let levels = trial % 3 == 0 ? 4 : 1_000_000
+            var scores = (0..<n).map { Double(stream.integer(below: levels, at: 1000 + UInt64($0))) / Double(levels) }
+            let labels = (0..<n).map { stream.uniform(at: 2000 + UInt64($0)) < (trial % 4 == 1 ? 0.1 : 0.4) }
+            if trial % 10 == 9 { scores[stream.integer(below: n, at: 3)] = trial % 20 == 9 ? .nan : -.infinity }
+            let ranked = Metrics.RankedScores(scores: scores, labels: labels)
+            #expect(ranked.auc() == Metrics.rocAUCIfDefined(scores: scores, labels: labels), "trial \(trial)")
+            for b in 0..<20 {
+                var counts = [Int](repeating: 0, count: n), sample: [Int] = []
+                for i in 0..<n {
+                    let u = stream.integer(below: n, at: 10_000 + UInt64(b * n + i))
+                    counts[u] += 1
+                    sample.append(u)
+                }
+                let expected = Metrics.rocAUCIfDefined(scores: sample.map { scores[$0] }, labels: sample.map { labels[$0] })
+                let counted = ranked.auc(counts: counts)
+                #expect(counted?.bitPattern == expected?.bitPattern, "trial \(trial), resample \(b): \(String(describing: counted)) against \(String(describing: expected))")
+            }
+        }
+    }
+
     @Test("Mean ROC AUC over labels leaves out the undefined ones")
     func meanAUC() throws {
         let r = try Metrics.meanROCAUC(scores: [[0.9, 0.1, 0.5], [0.2, 0.8, 0.4], [0.3, 0.3, 0.3]],

@@ -53,7 +53,7 @@ let package = Package(
         .target(name: "ConvirtText", dependencies: ["ConvirtCore"]),
         .target(
             name: "ConvirtData",
-            dependencies: ["ConvirtCore", "ConvirtIO", "ConvirtText", .product(name: "RealModule", package: "swift-numerics")]
+            dependencies: ["ConvirtCore", "ConvirtIO", "ConvirtText", "CKernels", .product(name: "RealModule", package: "swift-numerics")]
         ),
         // Pretraining: the loop, schedules, checkpoints, the run directory.
         .target(name: "ConvirtTraining", dependencies: ["ConvirtCore", "ConvirtIO", "ConvirtModels", "ConvirtText", "ConvirtData", "ConvirtDistributed"]),

@@ -1181,3 +1181,50 @@ CK_CLONES void ck_sum_ranks(float *const *ranks, long count, long offset, long l
 }
 
 void ck_memory_fence(void) { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
+
+// A row of the warp in chunks: the coordinates and weights of a chunk's pixels (vectorised), their four
+// source pixels (scalar loads), then the interpolation (vectorised).
+#define CK_WARP_CHUNK 64
+CK_CLONES void ck_affine_warp(float *restrict out, long s, const uint8_t *restrict pixels, long width, long height, float cos_t,
+                              float sin_t, float tx, float ty, float sx, float sy, float crop_x, float crop_y, int flip) {
+    const float c = (float)s * 0.5f, size = (float)s, w = (float)width, h = (float)height;
+    for (long v = 0; v < s; v++) {
+        const float dy = (float)v + 0.5f - c - ty;
+        for (long u0 = 0; u0 < s; u0 += CK_WARP_CHUNK) {
+            const int n = (int)(s - u0 < CK_WARP_CHUNK ? s - u0 : CK_WARP_CHUNK);
+            int32_t base[CK_WARP_CHUNK], right[CK_WARP_CHUNK], down[CK_WARP_CHUNK], inside[CK_WARP_CHUNK];
+            float ax[CK_WARP_CHUNK], ay[CK_WARP_CHUNK];
+            for (int j = 0; j < n; j++) {
+                const float dx = (float)(u0 + j) + 0.5f - c - tx;
+                float qx = cos_t * dx + sin_t * dy + c, qy = -sin_t * dx + cos_t * dy + c;
+                const int in_view = qx >= 0 && qy >= 0 && qx <= size && qy <= size;
+                if (flip) qx = size - qx;
+                qy = swift_max(qy, 0);
+                const float x = crop_x + qx * sx, y = crop_y + qy * sy;
+                const int in_image = x >= 0 && y >= 0 && x <= w && y <= h;
+                const float fx = x - 0.5f, fy = y - 0.5f, x0 = __builtin_floorf(fx), y0 = __builtin_floorf(fy);
+                ax[j] = fx - x0; ay[j] = fy - y0;
+                // Clamped in float, then converted: the same integers as clamping the converted floor
+                // (x0 is a whole number; far outside the image the pixel is 0 anyway).
+                const float cx0 = swift_min(swift_max(x0, 0), w - 1), cx1 = swift_min(swift_max(x0 + 1, 0), w - 1);
+                const float cy0 = swift_min(swift_max(y0, 0), h - 1), cy1 = swift_min(swift_max(y0 + 1, 0), h - 1);
+                const int32_t ix0 = (int32_t)cx0, iy0 = (int32_t)cy0;
+                inside[j] = in_view & in_image;
+                base[j] = inside[j] ? iy0 * (int32_t)width + ix0 : 0;
+                right[j] = inside[j] ? (int32_t)cx1 - ix0 : 0;
+                down[j] = inside[j] ? ((int32_t)cy1 - iy0) * (int32_t)width : 0;
+            }
+            float p00[CK_WARP_CHUNK], p10[CK_WARP_CHUNK], p01[CK_WARP_CHUNK], p11[CK_WARP_CHUNK];
+            for (int j = 0; j < n; j++) {
+                const uint8_t *p = pixels + base[j];
+                p00[j] = p[0]; p10[j] = p[right[j]]; p01[j] = p[down[j]]; p11[j] = p[down[j] + right[j]];
+            }
+            float *o = out + v * s + u0;
+            for (int j = 0; j < n; j++) {
+                const float top = p00[j] * (1 - ax[j]) + p10[j] * ax[j], bottom = p01[j] * (1 - ax[j]) + p11[j] * ax[j];
+                const float value = (top * (1 - ay[j]) + bottom * ay[j]) * (1.0f / 255);
+                o[j] = inside[j] ? value : 0;
+            }
+        }
+    }
+}

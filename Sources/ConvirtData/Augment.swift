@@ -5,6 +5,7 @@
 // factors in [0.6, 1.4], Gaussian blur sigma in [0.1, 3.0]; then ImageNet normalisation, gray to 3 channels.
 // Crop, flip, affine and resize are one inverse map sampled once with bilinear interpolation.
 
+import CKernels
 import ConvirtCore
 import Foundation
 import RealModule
@@ -89,23 +90,7 @@ public enum Augment {
     public static func apply(_ image: GrayBytes, _ p: AugmentParameters, outputSize s: Int,
                              output: UnsafeMutablePointer<Float>, scratch: UnsafeMutablePointer<Float>) {
         let gray = scratch, temp = scratch + s * s
-        // Inverse affine about the output centre: output (u, v) -> point q in the cropped-resized image.
-        let theta = p.angle * Double.pi / 180
-        let cosT = Float(Double.cos(theta) / p.scale), sinT = Float(Double.sin(theta) / p.scale)
-        let c = Float(s) * 0.5
-        let tx = Float(p.translateX), ty = Float(p.translateY)
-        let sx = Float(p.crop.width) / Float(s), sy = Float(p.crop.height) / Float(s)
-        let cropX = Float(p.crop.x), cropY = Float(p.crop.y)
-        for v in 0..<s {
-            for u in 0..<s {
-                let dx = Float(u) + 0.5 - c - tx, dy = Float(v) + 0.5 - c - ty
-                var qx = cosT * dx + sinT * dy + c, qy = -sinT * dx + cosT * dy + c
-                if qx < 0 || qy < 0 || qx > Float(s) || qy > Float(s) { gray[v * s + u] = 0; continue }
-                if p.flip { qx = Float(s) - qx }
-                qy = max(qy, 0)
-                gray[v * s + u] = image.sample(cropX + qx * sx, cropY + qy * sy)
-            }
-        }
+        affineWarp(image, p, outputSize: s, gray: gray)
         // Brightness, then contrast around the mean gray level; clamped to [0, 1].
         let count = s * s
         let b = Float(p.brightness)
@@ -118,6 +103,48 @@ public enum Augment {
         for ch in 0..<3 {
             let m = imagenetMean[ch], inv = 1 / imagenetStd[ch], o = output + ch * count
             for i in 0..<count { o[i] = (gray[i] - m) * inv }
+        }
+    }
+
+    /// The warp's inverse affine about the output centre: output (u, v) -> a point of the cropped and
+    /// resized view (rotation and scale, then translation), scaled to the source image by the crop.
+    struct Warp {
+        let cosT: Float, sinT: Float, tx: Float, ty: Float, sx: Float, sy: Float, cropX: Float, cropY: Float
+
+        init(_ p: AugmentParameters, outputSize s: Int) {
+            let theta = p.angle * Double.pi / 180
+            cosT = Float(Double.cos(theta) / p.scale); sinT = Float(Double.sin(theta) / p.scale)
+            tx = Float(p.translateX); ty = Float(p.translateY)
+            sx = Float(p.crop.width) / Float(s); sy = Float(p.crop.height) / Float(s)
+            cropX = Float(p.crop.x); cropY = Float(p.crop.y)
+        }
+    }
+
+    /// The crop, flip, affine and resize of `apply` as one inverse map, sampled once with bilinear
+    /// interpolation into `gray` [S, S], values in [0, 1] (0 where the map leaves the image).
+    public static func affineWarp(_ image: GrayBytes, _ p: AugmentParameters, outputSize s: Int, gray: UnsafeMutablePointer<Float>) {
+        guard let pixels = image.pixels.baseAddress, image.width > 0, image.height > 0 else {
+            gray.update(repeating: 0, count: s * s)
+            return
+        }
+        let w = Warp(p, outputSize: s)
+        ck_affine_warp(gray, s, pixels, image.width, image.height, w.cosT, w.sinT, w.tx, w.ty, w.sx, w.sy, w.cropX, w.cropY, p.flip ? 1 : 0)
+    }
+
+    /// The affine warp of `apply` one pixel at a time into `gray` [S, S], values in [0, 1]: the oracle of
+    /// `ck_affine_warp`, which gives the same bits.
+    public static func affineWarpReference(_ image: GrayBytes, _ p: AugmentParameters, outputSize s: Int, gray: UnsafeMutablePointer<Float>) {
+        let w = Warp(p, outputSize: s)
+        let c = Float(s) * 0.5
+        for v in 0..<s {
+            for u in 0..<s {
+                let dx = Float(u) + 0.5 - c - w.tx, dy = Float(v) + 0.5 - c - w.ty
+                var qx = w.cosT * dx + w.sinT * dy + c, qy = -w.sinT * dx + w.cosT * dy + c
+                if qx < 0 || qy < 0 || qx > Float(s) || qy > Float(s) { gray[v * s + u] = 0; continue }
+                if p.flip { qx = Float(s) - qx }
+                qy = max(qy, 0)
+                gray[v * s + u] = image.sample(w.cropX + qx * w.sx, w.cropY + qy * w.sy)
+            }
         }
     }
 

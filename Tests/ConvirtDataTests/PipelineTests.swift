@@ -301,6 +301,40 @@ struct SamplingTests {
         #expect(out[(32 * 32) + 16 * 32 + 16].distance(to: expected).magnitude < 1e-4)
     }
 
+    @Test("Affine warp: the vectorised kernel gives the bits of the pixel-at-a-time reference, for any crop, flip, rotation and scale")
+    func affineWarp() {
+        var config = AugmentConfig.none(outputSize: 32)
+        config.cropScale = 0.6...1; config.flipProbability = 0.5; config.rotationDegrees = 20; config.translate = 0.1; config.scale = 0.95...1.05
+        var wild = config
+        wild.rotationDegrees = 180; wild.translate = 0.6; wild.scale = 0.3...3; wild.cropScale = 0.05...1
+        var checked = 0, zeros = 0, total = 0
+        for (width, height) in [(1, 1), (2, 3), (7, 5), (50, 40), (96, 96), (300, 257)] {
+            let image = (0..<(width * height)).map { UInt8(truncatingIfNeeded: ($0 &* 2654435761) >> 7) }
+            for s in [1, 5, 32, 65, 96, 224] {
+                for (k, c) in [config, wild].enumerated() {
+                    var c = c
+                    c.outputSize = s
+                    for trial in 0..<4 {
+                        let p = AugmentParameters.draw(c, width: width, height: height, stream: RandomStream(seed: UInt64(trial), UInt64(k), UInt64(s)))
+                        var fast = [Float](repeating: .nan, count: s * s), reference = fast
+                        image.withUnsafeBufferPointer { px in
+                            let view = GrayBytes(width: width, height: height, pixels: px)
+                            Augment.affineWarp(view, p, outputSize: s, gray: &fast)
+                            Augment.affineWarpReference(view, p, outputSize: s, gray: &reference)
+                        }
+                        let first = fast.indices.first { fast[$0].bitPattern != reference[$0].bitPattern }
+                        #expect(first == nil, "\(width)x\(height) -> \(s), \(p): pixel \(first ?? 0) is \(fast[first ?? 0]), the reference \(reference[first ?? 0])")
+                        checked += 1
+                        zeros += fast.filter { $0 == 0 }.count
+                        total += fast.count
+                    }
+                }
+            }
+        }
+        // The wild parameters take many output pixels outside the image.
+        #expect(checked == 288 && zeros > total / 20 && zeros < total * 9 / 10, "\(zeros) of \(total) pixels are 0")
+    }
+
     @Test("Gaussian blur: eight pixels at a time, bitwise the one-tap-at-a-time reference; a constant image stays constant")
     func gaussianBlur() {
         var generator = SystemRandomNumberGenerator()

@@ -145,3 +145,11 @@ void ck_sum_ranks(float *const *ranks, long count, long offset, long length, int
 
 // A full memory fence: stores before it are visible to other processes before any access after it.
 void ck_memory_fence(void);
+
+// The augmentation's affine warp (Augment.affineWarpReference, operation for operation): out [s, s] from
+// the 8-bit image `pixels` [height, width]. Output pixel (u, v) maps by the inverse rotation and scale
+// (cos_t, sin_t, already divided by the scale) about the centre and the translation (tx, ty) to a point
+// of the s x s view, mirrored where flip; that point scaled by (sx, sy) and offset by the crop's corner
+// is sampled bilinearly (edges replicated, 0 outside), divided by 255. 0 where the point leaves the view.
+void ck_affine_warp(float *out, long s, const uint8_t *pixels, long width, long height, float cos_t, float sin_t,
+                    float tx, float ty, float sx, float sy, float crop_x, float crop_y, int flip);

@@ -203,8 +203,10 @@ public enum ChestRenderer {
             }
         }
         // exposure, quantum noise and a slight blur of the detector
+        var normals = [Float](repeating: 0, count: w * h)
+        normals.withUnsafeMutableBufferPointer { noise.normals(from: 0, into: $0) }
         for i in 0..<(w * h) {
-            img[i] = min(1, max(0, img[i] * exposure + 0.025 * noise.normal(at: UInt64(i))))
+            img[i] = min(1, max(0, img[i] * exposure + 0.025 * normals[i]))
         }
         return img
     }

@@ -541,6 +541,19 @@ struct PhiloxLanesTests {
         }
     }
 
+    @Test("normals in runs of sixteen are normal(at:)'s, bit for bit, from any first index and count")
+    func normals() {
+        let stream = RandomStream(seed: 11, 4)
+        for first: UInt64 in [0, 1, 2, 15, 16, 17, (1 << 33) - 5] {
+            for count in [0, 1, 2, 15, 16, 17, 31, 32, 33, 100, 1001] {
+                var out = [Float](repeating: .nan, count: count)
+                out.withUnsafeMutableBufferPointer { stream.normals(from: first, into: $0) }
+                let bad = (0..<count).first { out[$0].bitPattern != stream.normal(at: first + UInt64($0)).bitPattern }
+                #expect(bad == nil, "first \(first), count \(count): index \(bad ?? 0)")
+            }
+        }
+    }
+
     @Test("dropout's masks are the stream's draws at every length (vector blocks, single blocks, a partial block)")
     func dropoutMask() {
         let stream = RandomStream(seed: 3, 17)

@@ -113,9 +113,10 @@ if [ $# -eq 0 ] || { [ $# -eq 1 ] && [ "$1" = "--full" ]; }; then
     for fraction in $fractions; do
       for init in convirt random; do
         printf '== '
-        mpirun --oversubscribe "${mpi_flags[@]}" -np 2 "$bin" eval "$protocol" --dataset "$dataset" --root "$data/eval/$dataset" \
-          --checkpoint "$run" --init "$init" --fraction "$fraction" "$@" --out "$run/eval/$protocol-$dataset-$init-$fraction.json" --quiet \
-          2> >(cap_warnings "$protocol" >&2)
+        # stderr through cap_warnings, stdout as it is; the pipeline fails where mpirun does (pipefail).
+        { mpirun --oversubscribe "${mpi_flags[@]}" -np 2 "$bin" eval "$protocol" --dataset "$dataset" --root "$data/eval/$dataset" \
+            --checkpoint "$run" --init "$init" --fraction "$fraction" "$@" --out "$run/eval/$protocol-$dataset-$init-$fraction.json" --quiet \
+            2>&1 1>&3 3>&- | cap_warnings "$protocol" >&2; } 3>&1
       done
     done
   }

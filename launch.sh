@@ -94,7 +94,7 @@ if [ $# -eq 0 ] || { [ $# -eq 1 ] && [ "$1" = "--full" ]; }; then
     fi
   done
   # Fine-tuning's short protocol ends its runs at the 10-epoch cap by design, and each line counts them
-  # ("2 at the cap"): convirt's warning about the cap, one per cell, is left out there.
+  # ("2 at the cap"): convirt's warning about the cap (on stdout), one per cell, is left out there.
   cap_warnings() {
     if [ "$1" = finetune ] && [ "$full" != 1 ]; then
       grep -v -E '^warning: [0-9]+ of [0-9]+ run\(s\) of .* ended at the [0-9]+-epoch cap before' || true
@@ -113,10 +113,10 @@ if [ $# -eq 0 ] || { [ $# -eq 1 ] && [ "$1" = "--full" ]; }; then
     for fraction in $fractions; do
       for init in convirt random; do
         printf '== '
-        # stderr through cap_warnings, stdout as it is; the pipeline fails where mpirun does (pipefail).
-        { mpirun --oversubscribe "${mpi_flags[@]}" -np 2 "$bin" eval "$protocol" --dataset "$dataset" --root "$data/eval/$dataset" \
-            --checkpoint "$run" --init "$init" --fraction "$fraction" "$@" --out "$run/eval/$protocol-$dataset-$init-$fraction.json" --quiet \
-            2>&1 1>&3 3>&- | cap_warnings "$protocol" >&2; } 3>&1
+        # The pipeline fails where mpirun does (pipefail).
+        mpirun --oversubscribe "${mpi_flags[@]}" -np 2 "$bin" eval "$protocol" --dataset "$dataset" --root "$data/eval/$dataset" \
+          --checkpoint "$run" --init "$init" --fraction "$fraction" "$@" --out "$run/eval/$protocol-$dataset-$init-$fraction.json" --quiet \
+          | cap_warnings "$protocol"
       done
     done
   }

@@ -2,14 +2,21 @@
 """Writes the tokenizer reference: Hugging Face BertTokenizer ids for a set of hard sentences, with a
 lowercasing and a cased tokenizer over the same vocabulary, for convirt's WordPiece tests.
 
-    pip install transformers tokenizers
+    pip install "transformers>=5" tokenizers
     python3 tools/make_tokenizer_reference.py VOCAB.txt OUT.json
+
+The reference is transformers 5's BertTokenizer, which runs the tokenizers library (BertTokenizerFast
+in transformers 4). Each case also records whether transformers 4's Python tokenizer, kept in
+transformers 5 as BertTokenizerLegacy, gives the same ids: it differs on unassigned code points, which
+it removes, and, when cased, on text that Unicode's NFC composition changes, which it composes.
 """
 import json
 import sys
 
 import torch_compat  # noqa: F401  (before transformers)
-from transformers import BertTokenizer, BertTokenizerFast
+import transformers
+from transformers import BertTokenizer
+from transformers.models.bert.tokenization_bert_legacy import BertTokenizerLegacy
 
 SENTENCES = [
     "There is a small left pleural effusion.",
@@ -30,6 +37,13 @@ SENTENCES = [
     "   ",
     "",
     "Findings: 1. Lines/tubes: none. 2. Lungs: clear. IMPRESSION: No acute cardiopulmonary process.",
+    "line\u2028and paragraph\u2029separators",
+    "[UNK]\u0301 after a special token, x[SEP]y and [MASK]\u00e9",
+    "unassigned \u0378 code\U000E0080points\uFFFF kept",
+    "decomposed cafe\u0301 re\u0301sume\u0301 and composed caf\u00e9",
+    "compatibility \uF902 \u037E singletons \u2329x\u232A",
+    "ΟΔΟΣ ΟΔΟΣ. σίγμα ΣΊΓΜΑ",
+    "extension E \U0002B820\U0002B921 ideographs",
 ]
 
 
@@ -37,16 +51,16 @@ def main():
     vocab, out = sys.argv[1], sys.argv[2]
     cases = []
     for lower in (True, False):
-        slow = BertTokenizer(vocab, do_lower_case=lower)
-        fast = BertTokenizerFast(vocab, do_lower_case=lower)
+        tokenizer = BertTokenizer(vocab, do_lower_case=lower)
+        legacy = BertTokenizerLegacy(vocab, do_lower_case=lower)
         for s in SENTENCES:
-            ids = slow(s)["input_ids"]
-            truncated = slow(s, truncation=True, max_length=8)["input_ids"]
+            ids = tokenizer(s)["input_ids"]
+            truncated = tokenizer(s, truncation=True, max_length=8)["input_ids"]
             cases.append({"text": s, "lowercase": lower, "ids": ids, "max_length_8": truncated,
-                          "fast_agrees": fast(s)["input_ids"] == ids})
+                          "legacy_agrees": legacy(s)["input_ids"] == ids})
     with open(out, "w") as f:
-        json.dump({"tokenizer": "transformers.BertTokenizer", "cases": cases}, f, ensure_ascii=False, indent=1)
-    print(f"wrote {out}: {len(cases)} cases; fast tokenizer disagrees on {sum(not c['fast_agrees'] for c in cases)}")
+        json.dump({"tokenizer": f"transformers {transformers.__version__} BertTokenizer", "cases": cases}, f, ensure_ascii=False, indent=1)
+    print(f"wrote {out}: {len(cases)} cases; transformers 4's Python tokenizer differs on {sum(not c['legacy_agrees'] for c in cases)}")
 
 
 if __name__ == "__main__":

@@ -7,7 +7,9 @@ import Foundation
 
 public struct Vocabulary: Sendable {
     public let tokens: [String]
-    public let ids: [String: Int32]
+    /// Ids by each token's UTF-8 bytes, so that lookups are exact, code point by code point, as Hugging
+    /// Face's (a Swift String key would take canonically equivalent spellings, "é" and "e\u{301}", as one).
+    let ids: [[UInt8]: Int32]
     /// Where it was read from (for messages).
     public let source: String
 
@@ -30,13 +32,14 @@ public struct Vocabulary: Sendable {
         guard !tokens.isEmpty else { throw ConvirtError("vocabulary \(source) is empty") }
         self.source = source
         self.tokens = tokens
-        var ids: [String: Int32] = [:]
-        for (i, t) in tokens.enumerated() { ids[t] = Int32(i) }
+        var ids: [[UInt8]: Int32] = [:]
+        for (i, t) in tokens.enumerated() { ids[Array(t.utf8)] = Int32(i) }
         self.ids = ids
     }
 
     public var count: Int { tokens.count }
-    public subscript(token: String) -> Int32? { ids[token] }
+    public subscript(token: String) -> Int32? { ids[Array(token.utf8)] }
+    subscript(utf8 token: [UInt8]) -> Int32? { ids[token] }
 }
 
 public struct WordPieceTokenizer: Sendable {
@@ -66,14 +69,21 @@ public struct WordPieceTokenizer: Sendable {
 
     // MARK: character classes (as BertTokenizer's helpers)
 
+    /// Space separators (Zs), the line and paragraph separators U+2028 and U+2029, tab and line ends:
+    /// Unicode's White_Space characters that the cleaning leaves (the others are controls).
     static func isWhitespace(_ s: Unicode.Scalar) -> Bool {
-        s == " " || s == "\t" || s == "\n" || s == "\r" || s.properties.generalCategory == .spaceSeparator
+        s == " " || s == "\t" || s == "\n" || s == "\r" || s.value == 0x2028 || s.value == 0x2029
+            || s.properties.generalCategory == .spaceSeparator
     }
 
+    /// Characters the cleaning removes: controls, formats, surrogates and private use (Cc, Cf, Cs, Co), as
+    /// the tokenizers library's BertNormalizer, which BertTokenizer runs (transformers 5; BertTokenizerFast
+    /// before). Unassigned code points (Cn) stay and become [UNK], as there; only the Python tokenizer of
+    /// transformers 4 (now `BertTokenizerLegacy`) removed them too.
     static func isControl(_ s: Unicode.Scalar) -> Bool {
         if s == "\t" || s == "\n" || s == "\r" { return false }
         switch s.properties.generalCategory {
-        case .control, .format, .surrogate, .privateUse, .unassigned: return true
+        case .control, .format, .surrogate, .privateUse: return true
         default: return false
         }
     }
@@ -88,10 +98,12 @@ public struct WordPieceTokenizer: Sendable {
         }
     }
 
+    /// The CJK ideograph blocks of Hugging Face's BertNormalizer, whose fifth range starts at U+2B920
+    /// (the Python tokenizer's at U+2B820).
     static func isCJK(_ s: Unicode.Scalar) -> Bool {
         switch s.value {
         case 0x4E00...0x9FFF, 0x3400...0x4DBF, 0x20000...0x2A6DF, 0x2A700...0x2B73F, 0x2B740...0x2B81F,
-             0x2B820...0x2CEAF, 0xF900...0xFAFF, 0x2F800...0x2FA1F: return true
+             0x2B920...0x2CEAF, 0xF900...0xFAFF, 0x2F800...0x2FA1F: return true
         default: return false
         }
     }
@@ -124,9 +136,10 @@ public struct WordPieceTokenizer: Sendable {
                 cleaned.append(Self.isWhitespace(s) ? " " : s)
             }
         }
-        let normalized = String(cleaned).precomposedStringWithCanonicalMapping
+        // No Unicode normalisation apart from the accent stripping's NFD, as Hugging Face's BertNormalizer
+        // (the Python tokenizer of transformers 4 composed the text to NFC first).
         var result: [String] = []
-        for word in Self.splitOnWhitespace(normalized) {
+        for word in Self.splitOnWhitespace(String(cleaned)) {
             var token = word
             if lowercase { token = token.lowercased() }
             if stripAccents {
@@ -151,17 +164,23 @@ public struct WordPieceTokenizer: Sendable {
     /// Greedy longest-match-first word pieces of one word; [UNK] when a piece cannot be matched or the
     /// word has more than 100 characters.
     public func wordPieces(_ word: String, into ids: inout [Int32]) {
-        let chars = Array(word.unicodeScalars)
-        if chars.count > maxCharactersPerWord { ids.append(unknownID); return }
+        let bytes = Array(word.utf8)
+        // The UTF-8 offset of each character (code point) and of the end.
+        var offsets = [0]
+        for s in word.unicodeScalars { offsets.append(offsets.last! + UTF8.width(s)) }
+        let count = offsets.count - 1
+        if count > maxCharactersPerWord { ids.append(unknownID); return }
         var pieces: [Int32] = []
+        var key: [UInt8] = []
         var start = 0
-        while start < chars.count {
-            var end = chars.count
+        while start < count {
+            var end = count
             var found: Int32?
             while start < end {
-                var sub = String(String.UnicodeScalarView(chars[start..<end]))
-                if start > 0 { sub = "##" + sub }
-                if let id = vocabulary[sub] { found = id; break }
+                key.removeAll(keepingCapacity: true)
+                if start > 0 { key.append(contentsOf: "##".utf8) }
+                key.append(contentsOf: bytes[offsets[start]..<offsets[end]])
+                if let id = vocabulary[utf8: key] { found = id; break }
                 end -= 1
             }
             guard let id = found else { ids.append(unknownID); return }
@@ -182,21 +201,26 @@ public struct WordPieceTokenizer: Sendable {
         return ids
     }
 
+    /// The text's pieces around the special tokens written in it ("[MASK]"), leftmost first, found code
+    /// point by code point: a Swift Character would hide "[UNK]" before a combining mark.
     private func splitOnSpecialTokens(_ text: String) -> [(String, Int32?)] {
-        guard text.contains("[") else { return [(text, nil)] }
+        let scalars = Array(text.unicodeScalars)
+        guard scalars.contains("[") else { return [(text, nil)] }
+        let specials = Self.specialTokens.compactMap { t in vocabulary[t].map { (Array(t.unicodeScalars), $0) } }
+        func segment(_ range: Range<Int>) -> (String, Int32?) { (String(String.UnicodeScalarView(scalars[range])), nil) }
         var parts: [(String, Int32?)] = []
-        var rest = Substring(text)
-        outer: while !rest.isEmpty {
-            var earliest: (Range<Substring.Index>, Int32)?
-            for token in Self.specialTokens {
-                guard let id = vocabulary[token], let r = rest.range(of: token) else { continue }
-                if earliest == nil || r.lowerBound < earliest!.0.lowerBound { earliest = (r, id) }
+        var start = 0, i = 0
+        while i < scalars.count {
+            if scalars[i] == "[", let (token, id) = specials.first(where: { scalars[i...].starts(with: $0.0) }) {
+                if start < i { parts.append(segment(start..<i)) }
+                parts.append(("", id))
+                i += token.count
+                start = i
+            } else {
+                i += 1
             }
-            guard let (r, id) = earliest else { parts.append((String(rest), nil)); break outer }
-            if r.lowerBound > rest.startIndex { parts.append((String(rest[..<r.lowerBound]), nil)) }
-            parts.append(("", id))
-            rest = rest[r.upperBound...]
         }
+        if start < scalars.count { parts.append(segment(start..<scalars.count)) }
         return parts
     }
 

@@ -136,13 +136,14 @@ struct EvalTests {
         let sentences = "There is a LARGE left pleural effusion.\nNo acute cardiopulmonary process; heart size is normal.\n"
             + "Élevated right hemidiaphragm, unchanged since 2019-03-04 (see prior).\n"
             + String(repeating: "Bibasilar atelectasis and a small effusion. ", count: 6) + "\n"
+            + "Line\u{2028}separator, [UNK]\u{301} after a token, unassigned \u{378}, cafe\u{301}\n"
         try sentences.write(toFile: "\(dir)/sentences.txt", atomically: true, encoding: .utf8)
         let ids = try run(convirtPath(), ["tokenize", "--vocab", "\(dir)/run/vocab.txt", "--lowercase", "--max-length", "24"], input: sentences)
         #expect(ids.status == 0, "\(ids.output)")
         try ids.output.write(toFile: "\(dir)/sentences.ids", atomically: true, encoding: .utf8)
         let hf = try run("/usr/bin/env", ["python3", "\(repository)/tools/load_export.py", "\(dir)/export", "--check-tokenizer",
                                          "\(dir)/sentences.txt", "\(dir)/sentences.ids"], timeout: 300)
-        #expect(hf.status == 0 && hf.output.contains("4 of 4 lines with equal ids") && hf.output.contains("do_lower_case=True"),
+        #expect(hf.status == 0 && hf.output.contains("5 of 5 lines with equal ids") && hf.output.contains("do_lower_case=True"),
                 "BertTokenizer.from_pretrained(export/text_encoder) (test.sh installs transformers): \(hf.output)")
         _ = try ok(["eval", "linear", "--init", "imagenet", "--image-weights", "\(dir)/export/image_encoder.safetensors", "--checkpoint", "\(dir)/run",
                     "--dataset", "rsna", "--root", "\(dir)/rsna", "--runs", "1", "--max-epochs", "5", "--out", "\(dir)/eval/rsna-weights.json"])

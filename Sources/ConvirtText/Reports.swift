@@ -1,12 +1,45 @@
 // Radiology report sections: the Findings and Impression sections of a free-text report, split into
-// sentences, as ConVIRT samples one sentence per pair. Headers are lines' leading "NAME:" in any case
-// ("FINDINGS:", "Findings:", "IMPRESSION:", "IMPRESSIONS:", ...); every other section is dropped.
+// sentences, as ConVIRT samples one sentence per pair. Sections are found and named as MIMIC-CXR's own
+// section parser (`section_parser.py` in the MIMIC-CXR code) does: a header is a line's leading
+// "NAME:" in capitals ("FINDINGS:", "CHEST, PA AND LATERAL:"), and its name is normalised ("FINDINGS AND
+// IMPRESSION" and "CONCLUSION" are the impression, "CHEST, TWO VIEWS" the findings, misspellings as
+// MIMIC-CXR has them). A name in other case is a header only where it names a known section
+// ("Findings:", "Clinical history:"), so that a labelled line inside a section ("Lungs: clear.") stays
+// its text. Every other section is dropped.
 
 import Foundation
 
 public enum ReportSections {
-    /// Section names kept, upper-cased, with their common variants.
-    public static let kept: Set<String> = ["FINDINGS", "FINDING", "IMPRESSION", "IMPRESSIONS", "CONCLUSION", "CONCLUSIONS"]
+    /// The sections kept, by normalised name.
+    public static let kept: Set<String> = ["findings", "impression"]
+
+    /// Normalised names of MIMIC-CXR's section names, their variants and misspellings (lowercased).
+    static let aliases: [String: String] = [
+        "impression": "impression", "impressions": "impression", "conclusion": "impression", "conclusions": "impression",
+        "findings and impression": "impression", "findings/impression": "impression", "findings/ impression": "impression",
+        "impresson": "impression", "imprression": "impression", "imoression": "impression", "impressoin": "impression",
+        "imprssion": "impression", "impresion": "impression", "imperssion": "impression", "mpression": "impression",
+        "impession": "impression",
+        "findings": "findings", "finding": "findings", "chest, two views": "findings", "reference findings": "findings",
+        "findins": "findings", "findindgs": "findings", "findgings": "findings", "findngs": "findings",
+        "findnings": "findings", "finidngs": "findings",
+        "preamble": "preamble", "comparison": "comparison", "comparisons": "comparison", "reference exam": "comparison",
+        "comparison exam": "comparison", "comparison film": "comparison", "comparision": "comparison",
+        "comparsion": "comparison", "comparrison": "comparison", "comparisions": "comparison",
+        "indication": "indication", "idication": "indication", "reason for examination": "indication",
+        "reason for exam": "indication", "clinical indication": "indication",
+        "examination": "examination", "exam": "examination", "type of examination": "examination",
+        "technique": "technique", "history": "history", "clinical history": "history", "clinical information": "history",
+        "patient history": "history", "pfi": "history", "notification": "notification",
+        "recommendation(s)": "recommendations", "recommendations": "recommendations", "recommendation": "recommendations",
+        "addendum": "addendum", "date": "date", "comment": "comment", "wet read": "wet read", "wetread": "wet read",
+    ]
+    /// Words that name a section wherever they stand in a name ("IMPRESSION AND RECOMMENDATION"), in order.
+    static let sectionWords = ["impression", "findings", "history", "comparison", "addendum"]
+    /// Phrases of capitalised names that describe the views, and head the findings ("PA AND LATERAL VIEWS").
+    static let viewPhrases = ["chest", "portable", "pa and lateral", "lateral and pa", "ap and lateral", "lateral and ap",
+                              "frontal and", "two views", "frontal view", "pa view", "ap view", "one view", "lateral view",
+                              "bone window", "frontal upright", "frontal semi-upright", "ribs", "pa and lat"]
 
     /// The text of the kept sections, in report order.
     public static func keptText(_ report: String) -> String {
@@ -30,15 +63,31 @@ public enum ReportSections {
         return kept.joined(separator: "\n")
     }
 
-    /// A header at the start of a line: up to four words of letters followed by ':'.
-    static func header(_ line: String) -> (String, String)? {
+    /// The normalised section a known name stands for (nil: none); `capitals` also reads view
+    /// descriptions as the findings.
+    static func section(named name: String, capitals: Bool) -> String? {
+        let n = name.lowercased()
+        if let s = aliases[n] { return s }
+        if let word = sectionWords.first(where: { n.contains($0) }) { return word }
+        if capitals && viewPhrases.contains(where: { n.contains($0) }) { return "findings" }
+        return nil
+    }
+
+    /// A header at the start of a line, its normalised name and the rest of the line: a name in capitals
+    /// (letters, spaces and "()/,-&"), or a known section's name in any case of letters, spaces and "/&",
+    /// then ':' and a space or the line's end.
+    public static func header(_ line: String) -> (String, String)? {
         let trimmed = line.drop { $0 == " " || $0 == "\t" }
         guard let colon = trimmed.firstIndex(of: ":") else { return nil }
+        let rest = trimmed[trimmed.index(after: colon)...]
+        guard rest.first.map({ $0 == " " || $0 == "\t" }) ?? true else { return nil }
         let name = trimmed[..<colon].trimmingCharacters(in: .whitespaces)
-        guard !name.isEmpty, name.count <= 40,
-              name.allSatisfy({ $0.isLetter || $0 == " " || $0 == "/" || $0 == "&" }),
-              name.split(separator: " ").count <= 4 else { return nil }
-        return (name.uppercased(), String(trimmed[trimmed.index(after: colon)...]))
+        guard name.contains(where: \.isLetter) else { return nil }
+        if name.allSatisfy({ ("A"..."Z").contains($0) || " ()/,-&".contains($0) }) {
+            return (section(named: name, capitals: true) ?? name.lowercased(), String(rest))
+        }
+        guard name.allSatisfy({ $0.isLetter || " /&".contains($0) }), let known = section(named: name, capitals: false) else { return nil }
+        return (known, String(rest))
     }
 
     /// Sentences of the kept sections with at least `minimumWords` words. Sentences end at '.', '!' or

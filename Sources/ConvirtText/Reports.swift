@@ -90,9 +90,12 @@ public enum ReportSections {
         return (known, String(rest))
     }
 
+    /// Abbreviations whose period ends no sentence ("Dr. ___", "10:30 a.m. on ___"), lowercased.
+    static let abbreviations: Set<String> = ["dr", "drs", "mr", "mrs", "ms", "vs", "approx", "e.g", "i.e", "a.m", "p.m"]
+
     /// Sentences of the kept sections with at least `minimumWords` words. Sentences end at '.', '!' or
-    /// '?' followed by whitespace (so "4.5 cm" stays whole), and at blank lines; list numbers ("1.")
-    /// are removed.
+    /// '?' followed by whitespace (so "4.5 cm" stays whole; not after the `abbreviations`), and at blank
+    /// lines (spaces alone count as blank, as MIMIC-CXR writes them); list numbers ("1.") are removed.
     public static func sentences(_ report: String, minimumWords: Int = 3) -> [String] {
         let text = keptText(report)
         var sentences: [String] = []
@@ -104,19 +107,30 @@ public enum ReportSections {
             if s.split(separator: " ").count >= minimumWords { sentences.append(s) }
             current = ""
         }
+        func blankLineFollows(_ i: Int) -> Bool {
+            var j = i + 1
+            while j < scalars.count && (scalars[j] == " " || scalars[j] == "\t") { j += 1 }
+            return j < scalars.count && scalars[j] == "\n"
+        }
         while i < scalars.count {
             let c = scalars[i]
             current.unicodeScalars.append(c)
             let next = i + 1 < scalars.count ? scalars[i + 1] : " "
             if (c == "." || c == "!" || c == "?") && (next == " " || next == "\n" || next == "\t") {
-                if !isListNumber(current) { finish() }
-            } else if c == "\n" && next == "\n" {
+                if !isListNumber(current) && !(c == "." && endsWithAbbreviation(current)) { finish() }
+            } else if c == "\n" && blankLineFollows(i) {
                 finish()
             }
             i += 1
         }
         finish()
         return sentences
+    }
+
+    /// Whether `text`, ending in '.', ends with one of the `abbreviations` (a whole word).
+    static func endsWithAbbreviation(_ text: String) -> Bool {
+        let word = text.dropLast().reversed().prefix { !$0.isWhitespace && $0 != "(" }
+        return abbreviations.contains(String(word.reversed()).lowercased())
     }
 
     static func isListNumber(_ s: String) -> Bool {

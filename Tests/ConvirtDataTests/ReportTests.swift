@@ -72,6 +72,11 @@ struct ReportTests {
             "Unchanged mild cardiomegaly.",
             "Lines and tubes are in place.",
         ], "\(sentences)")
+        // Abbreviations end no sentence; a line of spaces is a blank line (MIMIC-CXR writes " \n").
+        let notified = " IMPRESSION:\n No pneumothorax is seen\n \n Findings discussed with Dr. ___ at 10:30 a.m. on ___. "
+            + "Mild edema vs. atelectasis at the bases. The end.\n"
+        #expect(ReportSections.sentences(notified) == ["No pneumothorax is seen", "Findings discussed with Dr. ___ at 10:30 a.m. on ___.",
+                                                        "Mild edema vs. atelectasis at the bases."], "\(ReportSections.sentences(notified))")
         #expect(ReportSections.header(" FINDINGS AND IMPRESSION:")?.0 == "impression")
         #expect(ReportSections.header(" Impressions: x")?.0 == "impression")
         #expect(ReportSections.header(" Lungs: clear") == nil)

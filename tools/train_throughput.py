@@ -11,7 +11,7 @@ Runs `convirt train --data DATA --preset P --steps N --precision X --threads T -
 variant per round, alternating them (A B A B ...), each with its environment variables and into a fresh
 run directory under /tmp, and prints the medians over the steps past the first third (the warm-up: first
 passes, primitives made for new shapes) of metrics.jsonl's pairs/s, forward, backward, gradient exchange
-and optimizer seconds, and the achieved TFLOP/s. A variant may name another build instead
+and optimizer seconds, and the achieved TFLOP/s per rank. A variant may name another build instead
 (LABEL:BINARY=/path/to/convirt), or another layout of ranks and threads (LABEL:RANKS=2,THREADS=1: under
 `mpirun --oversubscribe -np 2`; pairs/s is then the job's). The data is what `convirt prepare` writes, e.g. from `convirt synth mimic
 --studies 2000`: its report sentences, sampled and padded to each batch's longest, are what the text
@@ -72,7 +72,7 @@ def main():
     args = parser.parse_args()
     variants = [variant(spec, args.convirt, args.threads) for spec in args.variant or ["default"]]
     keys = [("pairs/s", "pairs_per_s"), ("forward s", "time_forward_s"), ("backward s", "time_backward_s"),
-            ("exchange s", "time_comm_s"), ("optimizer s", "time_optimizer_s"), ("TFLOP/s", "tflops_per_rank")]
+            ("exchange s", "time_comm_s"), ("optimizer s", "time_optimizer_s"), ("TFLOP/s per rank", "tflops_per_rank")]
     print(f"convirt train --preset {args.preset} --precision {args.precision} --threads {args.threads} --steps {args.steps} "
           f"(ranks and threads as a variant sets them): "
           f"medians of steps {args.steps // 3 + 1}-{args.steps}")

@@ -6,8 +6,9 @@ differ, by Unicode category (Python's unicodedata), with examples.
     pip install "transformers>=5" tokenizers
     python3 tools/tokenizer_sweep.py VOCAB.txt [--convirt .build/release/convirt] [--legacy] [--check]
 
-The reference is transformers 5's BertTokenizer (the tokenizers library's BertNormalizer, BertPreTokenizer
-and WordPiece); --legacy also compares with transformers 4's Python tokenizer (BertTokenizerLegacy).
+The reference is the tokenizers library's BERT tokenizer (BertNormalizer, BertPreTokenizer and WordPiece):
+transformers 5's BertTokenizer, BertTokenizerFast in transformers 4 and 5 alike; --legacy (transformers 5)
+also compares with transformers 4's Python tokenizer (BertTokenizerLegacy).
 Surrogates are skipped, and so are the characters that end a line (stdin is read line by line).
 
 --check (the test suite's): exit 1 unless convirt equals BertTokenizer on every code point below U+0600
@@ -30,7 +31,7 @@ def main():
     parser.add_argument("--legacy", action="store_true")
     parser.add_argument("--check", action="store_true")
     args = parser.parse_args()
-    from transformers import BertTokenizer
+    from transformers import BertTokenizerFast
     line_ends = set(map(ord, "\n\r\x85\u2028\u2029\x0b\x0c\x1c\x1d\x1e"))
     points = [c for c in range(0x30000) if not 0xD800 <= c <= 0xDFFF and c not in line_ends]
     texts = [f"a{chr(c)}b {chr(c)}" for c in points]
@@ -43,7 +44,7 @@ def main():
         if done.returncode != 0:
             sys.exit(f"convirt tokenize failed: {done.stderr.decode()[-2000:]}")
         ours = [[int(i) for i in line.split()] for line in done.stdout.decode().split("\n")[:len(texts)]]
-        references = [("BertTokenizer", BertTokenizer(args.vocab, do_lower_case=lower))]
+        references = [("BertTokenizer", BertTokenizerFast(args.vocab, do_lower_case=lower))]
         if args.legacy:
             from transformers.models.bert.tokenization_bert_legacy import BertTokenizerLegacy
             references.append(("BertTokenizerLegacy", BertTokenizerLegacy(args.vocab, do_lower_case=lower)))

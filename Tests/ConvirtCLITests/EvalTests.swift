@@ -136,7 +136,7 @@ struct EvalTests {
         let sentences = "There is a LARGE left pleural effusion.\nNo acute cardiopulmonary process; heart size is normal.\n"
             + "Élevated right hemidiaphragm, unchanged since 2019-03-04 (see prior).\n"
             + String(repeating: "Bibasilar atelectasis and a small effusion. ", count: 6) + "\n"
-            + "Line\u{2028}separator, [UNK]\u{301} after a token, unassigned \u{378}, cafe\u{301}\n"
+            + "Line\u{2028}separator, [UNK]\u{301} after a token, cafe\u{301}\n"
         try sentences.write(toFile: "\(dir)/sentences.txt", atomically: true, encoding: .utf8)
         let ids = try run(convirtPath(), ["tokenize", "--vocab", "\(dir)/run/vocab.txt", "--lowercase", "--max-length", "24"], input: sentences)
         #expect(ids.status == 0, "\(ids.output)")

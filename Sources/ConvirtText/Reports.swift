@@ -13,26 +13,27 @@ public enum ReportSections {
     /// The sections kept, by normalised name.
     public static let kept: Set<String> = ["findings", "impression"]
 
-    /// Normalised names of MIMIC-CXR's section names, their variants and misspellings (lowercased).
+    /// Normalised names of MIMIC-CXR's section names, their variants and misspellings (lowercased; a name
+    /// holding one of the `sectionWords` needs no entry).
     static let aliases: [String: String] = [
-        "impression": "impression", "impressions": "impression", "conclusion": "impression", "conclusions": "impression",
+        "impressions": "impression", "conclusion": "impression", "conclusions": "impression",
         "findings and impression": "impression", "findings/impression": "impression", "findings/ impression": "impression",
         "impresson": "impression", "imprression": "impression", "imoression": "impression", "impressoin": "impression",
         "imprssion": "impression", "impresion": "impression", "imperssion": "impression", "mpression": "impression",
         "impession": "impression",
-        "findings": "findings", "finding": "findings", "chest, two views": "findings", "reference findings": "findings",
+        "finding": "findings", "chest, two views": "findings", "reference findings": "findings",
         "findins": "findings", "findindgs": "findings", "findgings": "findings", "findngs": "findings",
         "findnings": "findings", "finidngs": "findings",
-        "preamble": "preamble", "comparison": "comparison", "comparisons": "comparison", "reference exam": "comparison",
+        "preamble": "preamble", "comparisons": "comparison", "reference exam": "comparison",
         "comparison exam": "comparison", "comparison film": "comparison", "comparision": "comparison",
         "comparsion": "comparison", "comparrison": "comparison", "comparisions": "comparison",
         "indication": "indication", "idication": "indication", "reason for examination": "indication",
         "reason for exam": "indication", "clinical indication": "indication",
         "examination": "examination", "exam": "examination", "type of examination": "examination",
-        "technique": "technique", "history": "history", "clinical history": "history", "clinical information": "history",
+        "technique": "technique", "clinical history": "history", "clinical information": "history",
         "patient history": "history", "pfi": "history", "notification": "notification",
         "recommendation(s)": "recommendations", "recommendations": "recommendations", "recommendation": "recommendations",
-        "addendum": "addendum", "date": "date", "comment": "comment", "wet read": "wet read", "wetread": "wet read",
+        "date": "date", "comment": "comment", "wet read": "wet read", "wetread": "wet read",
     ]
     /// Words that name a section wherever they stand in a name ("IMPRESSION AND RECOMMENDATION"), in order.
     static let sectionWords = ["impression", "findings", "history", "comparison", "addendum"]

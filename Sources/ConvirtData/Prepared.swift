@@ -33,12 +33,16 @@ public struct PreparedImage: Sendable, Equatable {
         withUnsafeBytes(of: UInt64(offset).littleEndian) { data.append(contentsOf: $0) }
     }
 
-    static func read(_ raw: UnsafeRawBufferPointer, at i: Int) -> PreparedImage {
+    /// Record i of an index; nil where its offset does not fit an Int (a damaged index).
+    static func read(_ raw: UnsafeRawBufferPointer, at i: Int) -> PreparedImage? {
         let base = i * recordSize
         func u32(_ k: Int) -> Int { Int(UInt32(littleEndian: raw.loadUnaligned(fromByteOffset: base + 4 * k, as: UInt32.self))) }
-        let offset = Int(UInt64(littleEndian: raw.loadUnaligned(fromByteOffset: base + 16, as: UInt64.self)))
+        guard let offset = Int(exactly: UInt64(littleEndian: raw.loadUnaligned(fromByteOffset: base + 16, as: UInt64.self))) else { return nil }
         return PreparedImage(shard: u32(0), offset: offset, width: u32(1), height: u32(2), study: u32(3))
     }
+
+    /// The longest side a prepared image may have (`prepare` writes 256 by default).
+    static let maxSide = 1 << 15
 }
 
 public struct PreparedManifest: Codable, Sendable {
@@ -83,11 +87,18 @@ public final class PreparedDataset: @unchecked Sendable {
         }
         manifest = try StrictJSON.decode(PreparedManifest.self, from: Files.read(manifestPath), source: manifestPath)
         studies = try StrictJSON.decode([PreparedStudy].self, from: Files.read("\(path)/studies.json"), source: "\(path)/studies.json")
+        guard studies.count == manifest.studies else {
+            throw ConvirtError("\(path)/studies.json: \(studies.count) studies, the manifest says \(manifest.studies) (replaced or damaged)")
+        }
         let index = try MappedFile(path: "\(path)/images.idx")
         guard index.bytes.count == manifest.images * PreparedImage.recordSize else {
             throw ConvirtError("\(path)/images.idx: \(index.bytes.count) bytes, expected \(manifest.images * PreparedImage.recordSize) (truncated?)")
         }
-        images = (0..<manifest.images).map { PreparedImage.read(index.bytes, at: $0) }
+        let indexPath = "\(path)/images.idx"
+        images = try (0..<manifest.images).map { i in
+            guard let image = PreparedImage.read(index.bytes, at: i) else { throw ConvirtError("\(indexPath): record \(i) has an offset past any file") }
+            return image
+        }
         shards = try manifest.shards.map { shard in
             let file = try MappedFile(path: "\(path)/\(shard.file)")
             guard file.bytes.count == shard.bytes else {
@@ -96,9 +107,30 @@ public final class PreparedDataset: @unchecked Sendable {
             return file
         }
         for (i, image) in images.enumerated() {
-            guard image.shard < shards.count, image.offset + image.width * image.height <= shards[image.shard].bytes.count,
-                  image.study < studies.count else {
-                throw ConvirtError("\(path)/images.idx: record \(i) points outside its shard")
+            guard (1...PreparedImage.maxSide).contains(image.width), (1...PreparedImage.maxSide).contains(image.height) else {
+                throw ConvirtError("\(indexPath): record \(i) has a \(image.width)x\(image.height) image (sides from 1 to \(PreparedImage.maxSide))")
+            }
+            guard image.shard < shards.count, image.offset <= shards[image.shard].bytes.count - image.width * image.height else {
+                throw ConvirtError("\(indexPath): record \(i) points outside its shard")
+            }
+            guard image.study < studies.count else {
+                throw ConvirtError("\(indexPath): record \(i) names study \(image.study); studies.json holds \(studies.count)")
+            }
+        }
+        let studiesPath = "\(path)/studies.json"
+        for (k, study) in studies.enumerated() {
+            let name = "study \(k) (\(study.studyID))"
+            guard MIMICPrepare.splits.contains(study.split) else {
+                throw ConvirtError("\(studiesPath): \(name) has split \"\(study.split)\" (not one of \(MIMICPrepare.splits.sorted().joined(separator: ", ")))")
+            }
+            if let bad = study.images.first(where: { !images.indices.contains($0) }) {
+                throw ConvirtError("\(studiesPath): \(name) names image \(bad); images.idx holds \(images.count)")
+            }
+            if let bad = study.images.first(where: { images[$0].study != k }) {
+                throw ConvirtError("\(studiesPath): \(name) names image \(bad), whose record in images.idx belongs to study \(images[bad].study)")
+            }
+            guard study.labels.count == manifest.labelNames.count else {
+                throw ConvirtError("\(studiesPath): \(name) has \(study.labels.count) labels; the manifest names \(manifest.labelNames.count)")
             }
         }
     }

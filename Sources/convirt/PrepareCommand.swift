@@ -5,7 +5,7 @@ import Foundation
 
 struct PrepareCommand: ParsableCommand {
     static let configuration = CommandConfiguration(commandName: "prepare", abstract: "Prepare a dataset for training.",
-                                                    subcommands: [PrepareMIMICCommand.self])
+                                                    subcommands: [PrepareMIMICCommand.self, PrepareVerifyCommand.self])
 }
 
 struct PrepareMIMICCommand: ParsableCommand {
@@ -39,5 +39,32 @@ struct PrepareMIMICCommand: ParsableCommand {
         for (reason, d) in summary.kept.sorted(by: { $0.key < $1.key }) {
             print("kept \(d.count) \(reason), e.g. \(d.examples.prefix(3).joined(separator: "; "))")
         }
+    }
+}
+
+struct PrepareVerifyCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "verify",
+        abstract: "Check a prepared dataset: its manifest, index and studies, and every shard's size and CRC-32; exit 1 on any problem.")
+
+    @Argument(help: "The prepared dataset's directory (the one that holds manifest.json).") var directory: String
+
+    func run() throws {
+        let problems: [String]
+        let dataset: PreparedDataset
+        do {
+            dataset = try PreparedDataset(path: directory)
+            problems = dataset.verify()
+        } catch {
+            print("\(directory): FAILED: \(error)")
+            throw ExitCode(1)
+        }
+        guard problems.isEmpty else {
+            print("\(directory): FAILED: \(problems.joined(separator: "; "))")
+            throw ExitCode(1)
+        }
+        let bytes = dataset.manifest.shards.reduce(0) { $0 + $1.bytes }
+        print(String(format: "%@: OK (%d studies, %d images, %d shard(s), %.1f MB checked)", directory as NSString, dataset.studies.count,
+                     dataset.images.count, dataset.manifest.shards.count, Double(bytes) / 1e6))
     }
 }

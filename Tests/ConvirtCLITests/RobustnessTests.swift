@@ -169,6 +169,68 @@ struct RobustnessTests {
                 && fallback.output.contains("resuming from \(runDir)/checkpoints/step-00000002 at step 2"), "\(fallback.output)")
     }
 
+    /// One way of damaging a prepared dataset: the file it edits, the edit, and what the error must say.
+    struct PreparedDamage: Sendable, CustomTestStringConvertible {
+        let name, file, expected: String
+        let edit: @Sendable (inout Data) -> Void
+        var testDescription: String { name }
+
+        /// Record `record`'s 32-bit field `field` (shard, width, height, study) or, with field 4, its 64-bit offset, set to `value`.
+        static func index(_ name: String, record: Int, field: Int, _ value: UInt64, expected: String) -> PreparedDamage {
+            PreparedDamage(name: name, file: "images.idx", expected: expected) { data in
+                let at = record * 24 + 4 * field
+                if field == 4 { withUnsafeBytes(of: value.littleEndian) { data.replaceSubrange(at..<(at + 8), with: $0) } }
+                else { withUnsafeBytes(of: UInt32(truncatingIfNeeded: value).littleEndian) { data.replaceSubrange(at..<(at + 4), with: $0) } }
+            }
+        }
+
+        /// studies.json with `edit` applied to the decoded list of studies.
+        static func studies(_ name: String, expected: String, _ edit: @escaping @Sendable (inout [[String: Any]]) -> Void) -> PreparedDamage {
+            PreparedDamage(name: name, file: "studies.json", expected: expected) { data in
+                var studies = try! JSONSerialization.jsonObject(with: data) as! [[String: Any]]
+                edit(&studies)
+                data = try! JSONSerialization.data(withJSONObject: studies)
+            }
+        }
+    }
+
+    static let preparedDamage: [PreparedDamage] = [
+        .index("an offset past Int.max", record: 0, field: 4, .max, expected: "images.idx: record 0 has an offset past any file"),
+        .index("an offset past the shard", record: 1, field: 4, 1 << 40, expected: "images.idx: record 1 points outside its shard"),
+        .index("a 0-pixel-wide image", record: 0, field: 1, 0, expected: "images.idx: record 0 has a 0x"),
+        .index("sides whose product overflows", record: 2, field: 1, 0xFFFF_FFFF, expected: "images.idx: record 2 has a 4294967295x"),
+        .index("a shard that does not exist", record: 0, field: 0, 7, expected: "images.idx: record 0 points outside its shard"),
+        .index("a study past the list", record: 0, field: 3, 100_000, expected: "images.idx: record 0 names study 100000"),
+        .studies("an image index past the index", expected: "names image 99999; images.idx holds") { $0[0]["images"] = [99999] },
+        .studies("a negative image index", expected: "names image -1") { $0[0]["images"] = [-1] },
+        .studies("another study's image", expected: "whose record in images.idx belongs to study 1") { $0[0]["images"] = $0[1]["images"] },
+        .studies("a split that MIMIC-CXR does not have", expected: "has split \"bogus\"") { $0[0]["split"] = "bogus" },
+        .studies("labels short of the manifest's names", expected: "has 1 labels; the manifest names 14") { $0[0]["labels"] = [1] },
+        .studies("a study removed", expected: "studies, the manifest says") { $0.removeLast() },
+        PreparedDamage(name: "a flipped byte in a shard", file: "images-00000.bin", expected: "images-00000.bin: checksum") { $0[100] ^= 0xFF },
+    ]
+
+    @Test("a damaged prepared dataset: prepare verify and train name the file and the problem, never a signal", arguments: preparedDamage)
+    func damagedPreparedDataset(_ damage: PreparedDamage) throws {
+        let copy = "\(dir)/prepared-\(UUID().uuidString)"
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        try FileManager.default.copyItem(atPath: try SharedRuns.shared.data(), toPath: copy)
+        defer { try? FileManager.default.removeItem(atPath: copy) }
+        let intact = try run(convirtPath(), ["prepare", "verify", copy])
+        #expect(intact.status == 0 && intact.output.contains(": OK ("), "\(intact.output)")
+        let path = "\(copy)/\(damage.file)"
+        var data = try Data(contentsOf: URL(fileURLWithPath: path))
+        damage.edit(&data)
+        try data.write(to: URL(fileURLWithPath: path))
+        let verify = try run(convirtPath(), ["prepare", "verify", copy])
+        #expect(verify.status == 1 && verify.output.contains("FAILED") && verify.output.contains(damage.expected), "\(verify.output)")
+        // train opens the dataset the same way; a shard's checksum is prepare verify's to check (train would read every byte).
+        guard damage.file != "images-00000.bin" else { return }
+        let train = try run(convirtPath(), ["train", "--data", copy, "--run-dir", "\(copy)-run", "--preset", "tiny", "--steps", "1", "--retrieval-eval", "0"])
+        defer { try? FileManager.default.removeItem(atPath: "\(copy)-run") }
+        #expect(failedCleanly(train.status) && train.output.contains(damage.expected) && train.output.contains(copy), "\(train.output)")
+    }
+
     @Test("--global-batch 0 or below is refused as not positive, not as indivisible", arguments: ["0", "-8"])
     func nonPositiveBatch(value: String) throws {
         let r = try run(convirtPath(), ["train", "--data", try SharedRuns.shared.data(), "--run-dir", "\(dir)/batch\(value)", "--global-batch", value])

@@ -67,6 +67,16 @@ public struct WordPieceTokenizer: Sendable {
         try self.init(vocabulary: Vocabulary(path: vocabularyPath), lowercase: lowercase)
     }
 
+    /// Refuses a vocabulary with more tokens than the text encoder has embedding rows (`vocabSize`, its
+    /// config's vocab_size): a word whose id lies past them would stop a run only when a sentence first
+    /// holds it. `model` names where the encoder's size comes from.
+    public func requireFits(vocabSize: Int, model: String) throws {
+        guard vocabulary.count <= vocabSize else {
+            throw ConvirtError("vocabulary \(vocabulary.source) has \(vocabulary.count) tokens, but \(model) has \(vocabSize) "
+                               + "(vocab_size): its last \(vocabulary.count - vocabSize) have no embedding (a vocab.txt from another model?)")
+        }
+    }
+
     // MARK: character classes (as BertTokenizer's helpers)
 
     /// Space separators (Zs), the line and paragraph separators U+2028 and U+2029, tab and line ends:

@@ -112,6 +112,8 @@ public final class Trainer {
         } else {
             config.model.text.vocabSize = tokenizer.vocabulary.count
         }
+        try tokenizer.requireFits(vocabSize: config.model.text.vocabSize,
+                                  model: config.textWeights.map { "the text weights' \($0)/config.json" } ?? "the text encoder")
         try config.validate(worldSize: communicator.size)
         self.config = config
         model = try ConVIRTModel(config: config.model)

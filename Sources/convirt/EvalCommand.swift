@@ -329,6 +329,7 @@ struct LoadedModel {
             throw ConvirtError("no vocabulary for \(directory): tried \(candidates.joined(separator: ", ")) (give --vocab)")
         }
         tokenizer = try WordPieceTokenizer(vocabularyPath: found, lowercase: manifest.config.lowercase)
+        try tokenizer.requireFits(vocabSize: manifest.config.model.text.vocabSize, model: "the text encoder of \(directory)")
     }
 }
 

@@ -231,6 +231,19 @@ struct RobustnessTests {
         #expect(failedCleanly(train.status) && train.output.contains(damage.expected) && train.output.contains(copy), "\(train.output)")
     }
 
+    @Test("a vocabulary with more tokens than the text encoder's embeddings is refused before any sentence runs")
+    func vocabularyPastTheEmbeddings() throws {
+        let runDir = try tinyRun("source")
+        let vocab = try String(contentsOfFile: "\(runDir)/vocab.txt", encoding: .utf8)
+        let bigger = "\(dir)/bigger-vocab-\(UUID().uuidString).txt", texts = "\(dir)/texts-\(UUID().uuidString).txt"
+        try (vocab + "zzextra1\nzzextra2\n").write(toFile: bigger, atomically: true, encoding: .utf8)
+        try "no effusion\n".write(toFile: texts, atomically: true, encoding: .utf8)
+        let embed = try run(convirtPath(), ["embed", "--checkpoint", runDir, "--texts", texts, "--vocab", bigger, "--out", "\(dir)/never.safetensors"])
+        #expect(failedCleanly(embed.status) && embed.output.contains("vocabulary \(bigger) has") && embed.output.contains("its last 2 have no embedding"),
+                "\(embed.output)")
+        #expect(!FileManager.default.fileExists(atPath: "\(dir)/never.safetensors"))
+    }
+
     @Test("--global-batch 0 or below is refused as not positive, not as indivisible", arguments: ["0", "-8"])
     func nonPositiveBatch(value: String) throws {
         let r = try run(convirtPath(), ["train", "--data", try SharedRuns.shared.data(), "--run-dir", "\(dir)/batch\(value)", "--global-batch", value])

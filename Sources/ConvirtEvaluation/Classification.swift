@@ -181,8 +181,12 @@ public final class ClassificationEvaluation {
         let cachePath = try cacheFile(split, paths)
         if let cachePath, let cached = try? SafeTensorsFile(path: cachePath),
            let values = try? cached.floats("features"), let flags = try? cached.floats("readable"), values.shape == [n, f], flags.shape == [n] {
-            if communicator.isRoot { log("\(split): \(n) cached features from \(cachePath)") }
-            return (values.scalars, flags.scalars.map { $0 != 0 })
+            // A cache written with its checksum and still matching it; any other is computed and written again.
+            if cached.metadata["crc32"] == Self.checksum(values.scalars, flags.scalars) {
+                if communicator.isRoot { log("\(split): \(n) cached features from \(cachePath)") }
+                return (values.scalars, flags.scalars.map { $0 != 0 })
+            }
+            if communicator.isRoot { log("\(split): the cached features in \(cachePath) fail their checksum; computing them again") }
         }
         let (counts, mine) = ArenaShards.split(n, communicator)
         var all = [Float](repeating: 0, count: n * f)
@@ -195,13 +199,20 @@ public final class ClassificationEvaluation {
         try all.withUnsafeMutableBufferPointer { try communicator.allGatherInPlace($0, counts: counts.map { $0 * f }) }
         try flags.withUnsafeMutableBufferPointer { try communicator.allGatherInPlace($0, counts: counts) }
         if communicator.isRoot, let cachePath {
-            var writer = SafeTensorsWriter(metadata: ["split": split, "images": "\(n)"])
+            var writer = SafeTensorsWriter(metadata: ["split": split, "images": "\(n)", "crc32": Self.checksum(all, flags)])
             try writer.add("features", Tensor(shape: [n, f], all))
             try writer.add("readable", Tensor(shape: [n], flags))
             try? FileManager.default.createDirectory(atPath: (cachePath as NSString).deletingLastPathComponent, withIntermediateDirectories: true)
             try writer.write(to: cachePath)
         }
         return (all, flags.map { $0 != 0 })
+    }
+
+    /// The CRC-32 of a cache's features and flags, as its metadata holds it.
+    static func checksum(_ features: [Float], _ flags: [Float]) -> String {
+        var crc: UInt32 = 0
+        for part in [features, flags] { crc = part.withUnsafeBytes { crc32Update(crc, $0) } }
+        return String(crc, radix: 16)
     }
 
     /// The cache file of a split's features: keyed by the encoder, the image size and the images (path,

@@ -79,6 +79,14 @@ struct EvalTests {
         }
         let (byLoss, byMetric) = (try classification("\(dir)/eval/keep-loss.json"), try classification("\(dir)/eval/keep-metric.json"))
         #expect(byLoss.runs == plain.runs && byMetric.runs.count == 2 && byMetric.runs.allSatisfy { $0 >= 0 && $0 <= 1 }, "\(byLoss.runs) \(byMetric.runs)")
+        // A cache file damaged on the disk (a flipped bit among its features) fails its checksum and is computed again.
+        let testCache = try #require(try FileManager.default.contentsOfDirectory(atPath: "\(dir)/cache1").first { $0.hasPrefix("chexpert-test-") })
+        var cacheBytes = try Data(contentsOf: URL(fileURLWithPath: "\(dir)/cache1/\(testCache)"))
+        cacheBytes[cacheBytes.count - 4 * 40] ^= 0x10
+        try cacheBytes.write(to: URL(fileURLWithPath: "\(dir)/cache1/\(testCache)"))
+        let rechecked = try ok(["eval", "linear"] + common + ["--cache", "\(dir)/cache1", "--fraction", "0.1", "--out", "\(dir)/eval/damaged-cache.json"])
+        #expect(rechecked.contains("fail their checksum; computing them again"), "\(rechecked)")
+        #expect(try classification("\(dir)/eval/damaged-cache.json").runs == plain.runs, "the recomputed features give the same results")
         // A changed image under the same path is not served stale features: the cache is keyed by content.
         let csvLines = csv.split(separator: "\n")
         let secondPath = try #require(csvLines.dropFirst(2).first?.split(separator: ",").first).dropFirst("CheXpert-v1.0-small/".count)

@@ -81,10 +81,11 @@ public enum Retrieval8x200 {
         let imageQueryTable = try table("image-retrieval/query.csv", ["Variable", "Path"])
         let textQueryTable = try table("text-retrieval/query.csv", ["Variable", "Text"])
         var categories: [String] = []
-        for (t, _) in [(imageQueryTable, 0), (textQueryTable, 1)] {
-            for row in t.rows {
+        var firstSeen: [String: String] = [:]  // where each category first appears: "file line N"
+        for t in [imageQueryTable, textQueryTable] {
+            for (row, line) in zip(t.rows, t.rowLines) {
                 let c = t.value(row, "Variable").trimmingCharacters(in: .whitespaces)
-                if !c.isEmpty && !categories.contains(c) { categories.append(c) }
+                if !c.isEmpty && !categories.contains(c) { categories.append(c); firstSeen[c] = "\(t.path) line \(line)" }
             }
         }
         guard !categories.isEmpty else { throw ConvirtError("\(queries)/image-retrieval/query.csv: no query (no Variable values)") }
@@ -94,7 +95,11 @@ public enum Retrieval8x200 {
             return try ReleasePaths.detect(root: dir, file: t.path, rows: rows)
         }
         func candidates(_ name: String) throws -> [RetrievalCandidate] {
-            let t = try table(name, ["Path"] + categories)
+            let t = try table(name, ["Path"])
+            if let unknown = categories.first(where: { t.column($0) == nil }) {
+                throw ConvirtError("\(firstSeen[unknown] ?? queries): query category \(unknown.debugDescription) is not a label column of \(t.path) "
+                                   + "(the 8x200 categories: \(Retrieval8x200.categories.joined(separator: ", ")))")
+            }
             let resolver = try paths(t, "Path")
             var out: [RetrievalCandidate] = []
             for (row, line) in zip(t.rows, t.rowLines) {

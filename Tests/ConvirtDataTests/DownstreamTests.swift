@@ -110,6 +110,15 @@ struct DownstreamTests {
         // Candidates and queries are training images, as in the released set.
         let train = try text("\(summary.root)/train.csv")
         #expect(set.candidates.allSatisfy { train.contains($0.relativePath) })
+        // A query category that no candidate column names (a misspelling) is an error at the query's line.
+        let queryPath = "\(out)/chexpert_8x200/image-retrieval/query.csv"
+        let queries = try text(queryPath)
+        var lines = queries.components(separatedBy: "\n")
+        lines[3] = "Pleural Efusion," + lines[3].split(separator: ",", maxSplits: 1)[1]
+        try lines.joined(separator: "\n").write(toFile: queryPath, atomically: true, encoding: .utf8)
+        let misspelt = errorText { _ = try Retrieval8x200.load(root: out, queries: "\(out)/chexpert_8x200") }
+        #expect(misspelt?.contains("image-retrieval/query.csv line 4: query category \"Pleural Efusion\" is not a label column of") == true, "\(misspelt ?? "")")
+        try queries.write(toFile: queryPath, atomically: true, encoding: .utf8)
         // A missing file is an error naming it.
         try FileManager.default.removeItem(atPath: "\(out)/chexpert_8x200/text-retrieval/query.csv")
         #expect(errorText { _ = try Retrieval8x200.load(root: out, queries: "\(out)/chexpert_8x200") }?.contains("text-retrieval/query.csv") == true)

@@ -3,7 +3,8 @@
 # ./launch.sh -np N [--hostfile F] [--max-restarts K] [mpirun options] -- SUBCOMMAND [convirt options]
 #                                  run `convirt SUBCOMMAND ...` on N ranks under mpirun; `train` resumes
 #                                  from the run directory's latest checkpoint and a failed job is
-#                                  restarted up to K times
+#                                  restarted up to K times; SIGUSR1 to launch.sh (or mpirun) makes every
+#                                  rank checkpoint and stop (status 75, not restarted)
 #
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -174,10 +175,27 @@ shift
 args=("$@")
 # Training always continues from the run directory's latest complete checkpoint, if it has one.
 if [ "${args[0]:-}" = "train" ] && ! printf '%s\n' "${args[@]}" | grep -qx -- "--resume"; then args+=(--resume); fi
+# The job, with SIGUSR1 (checkpoint and stop) passed on to mpirun, which passes it to every rank.
+run_job() {
+  mpirun --oversubscribe "${mpi_flags[@]}" "${mpirun_args[@]}" "$bin" "${args[@]}" &
+  local job=$!
+  trap 'kill -USR1 "$job" 2>/dev/null' USR1
+  while :; do
+    wait "$job"; status=$?
+    # A wait cut short by the trap returns above 128 while the job goes on.
+    if [ "$status" -gt 128 ] && kill -0 "$job" 2>/dev/null; then continue; fi
+    break
+  done
+  trap - USR1
+  return "$status"
+}
 attempt=0
-until mpirun --oversubscribe "${mpi_flags[@]}" "${mpirun_args[@]}" "$bin" "${args[@]}"; do
-  status=$?
+until run_job; do
   attempt=$((attempt + 1))
+  if [ "$status" -eq 75 ]; then
+    echo "launch.sh: the job stopped on request (SIGUSR1) after writing a checkpoint; the same command resumes it" >&2
+    exit "$status"
+  fi
   if [ "$status" -gt 128 ]; then echo "launch.sh: a rank was killed by signal $((status - 128)) (status $status)" >&2; fi
   if [ "$attempt" -gt "$max_restarts" ]; then exit "$status"; fi
   echo "launch.sh: the job failed (status $status); restart $attempt of $max_restarts from the latest checkpoint" >&2

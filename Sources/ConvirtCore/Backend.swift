@@ -46,6 +46,7 @@ public struct EnvironmentSwitches: @unchecked Sendable {
         ("CONVIRT_FAULT_SPIKE", "STEP:FACTOR: training step STEP's loss and gradients are multiplied by FACTOR on every rank"),
         ("CONVIRT_FAULT_KILL_AFTER_SHARD", "STEP:RANK: that rank kills itself after writing its shard of STEP's checkpoint"),
         ("CONVIRT_FAULT_KILL_AFTER_COMMIT", "STEP: rank 0 kills itself after publishing STEP's checkpoint"),
+        ("CONVIRT_FAULT_STOP_SIGNAL", "STEP:RANK: that rank sends itself SIGUSR1 (the request to checkpoint and stop) during training step STEP"),
         ("CONVIRT_FAULT_SHM_FULL", "RANK: that rank finds /dev/shm full when it reserves its shared gradient buffer (RANK:parameters: its parameter buffer)"),
         ("CONVIRT_TEST_BLAS_PICKED", "a core name: pretend OpenBLAS chose it (tests the restart on any CPU)"),
         // The launcher's (mpirun, PMI).
@@ -90,6 +91,7 @@ public struct EnvironmentSwitches: @unchecked Sendable {
         return (parts[0], parts[1])
     }
     public var stall: (step: Int, rank: Int)? { stepAndRank("CONVIRT_FAULT_STALL") }
+    public var stopSignal: (step: Int, rank: Int)? { stepAndRank("CONVIRT_FAULT_STOP_SIGNAL") }
     public var spike: (step: Int, factor: Double)? {
         guard let parts = variables["CONVIRT_FAULT_SPIKE"]?.split(separator: ":"), parts.count == 2, let step = Int(parts[0]),
               let factor = Double(parts[1]), factor.isFinite else { return nil }
@@ -124,6 +126,7 @@ public struct EnvironmentSwitches: @unchecked Sendable {
         if let v = variables["CONVIRT_FAULT_KILL_AFTER_SHARD"], killAfterShard == nil { out.append("CONVIRT_FAULT_KILL_AFTER_SHARD=\(v): expected STEP:RANK") }
         if let v = variables["CONVIRT_FAULT_SPIKE"], spike == nil { out.append("CONVIRT_FAULT_SPIKE=\(v): expected STEP:FACTOR") }
         if let v = variables["CONVIRT_FAULT_STALL"], stall == nil { out.append("CONVIRT_FAULT_STALL=\(v): expected STEP:RANK") }
+        if let v = variables["CONVIRT_FAULT_STOP_SIGNAL"], stopSignal == nil { out.append("CONVIRT_FAULT_STOP_SIGNAL=\(v): expected STEP:RANK") }
         if let v = variables["CONVIRT_FAULT_KILL_AFTER_COMMIT"], killAfterCommit == nil { out.append("CONVIRT_FAULT_KILL_AFTER_COMMIT=\(v): expected a step") }
         if let v = variables["CONVIRT_FAULT_SHM_FULL"], sharedMemoryFull == nil { out.append("CONVIRT_FAULT_SHM_FULL=\(v): expected RANK or RANK:parameters") }
         return out

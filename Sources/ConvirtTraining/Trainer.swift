@@ -88,6 +88,9 @@ public final class Trainer {
 
     /// The step to start from (0, or a restored checkpoint's).
     public private(set) var startStep = 0
+    /// Whether the last `run` stopped before its last step because a rank was asked to (`StopRequest`),
+    /// its checkpoint written.
+    public private(set) var stoppedOnRequest = false
     /// The outlier guard's window and counts (used when `config.outlierGuard` is set).
     public private(set) var outliers = OutlierGuard()
     /// The model's FLOPs per pair, by the batch's token count.
@@ -156,6 +159,7 @@ public final class Trainer {
         let checkpoints = try CheckpointWriter(communicator: communicator, runDirectory: runDirectory, mode: config.checkpointIO,
                                                asynchronous: config.asyncCheckpoint, keep: config.keepCheckpoints)
         if config.asyncCheckpoint { checkpoints.reserve(arena: model.arena) }
+        StopRequest.install()
         // An error with a checkpoint in flight takes this rank's part of it away (see `abandon`).
         do { return try loop(loader, checkpoints, metrics, progress) } catch {
             checkpoints.abandon()
@@ -179,6 +183,11 @@ public final class Trainer {
                     savedStep = step
                 }
                 stop = decision?.stop ?? false
+            }
+            if try stopRequested(afterStep: step), step < totalSteps {
+                stop = true
+                stoppedOnRequest = true
+                log("\(StopRequest.name) at step \(step) of \(totalSteps): writing a checkpoint and stopping")
             }
             communicator.watchdog.phase = "checkpoint"
             if try saveCheckpointIfDue(step: step, savedStep: savedStep, stopping: stop, checkpoints) { savedStep = step }
@@ -204,6 +213,16 @@ public final class Trainer {
             try checkpoints.commit()
         }
         return rows
+    }
+
+    /// Whether any rank was asked to stop (`StopRequest`) by the end of step `step`: every rank learns it
+    /// from the same all-reduce, so all stop after the same step.
+    func stopRequested(afterStep step: Int) throws -> Bool {
+        if let fault = EnvironmentSwitches.process.stopSignal, fault.step == step, fault.rank == communicator.rank { raise(StopRequest.signal) }
+        communicator.watchdog.phase = "stop request"
+        var flag = [StopRequest.received ? 1.0 : 0.0]
+        try flag.withUnsafeMutableBufferPointer { try communicator.allReduceSum($0) }
+        return flag[0] > 0
     }
 
     /// One training step, in DESIGN.md's order: batch, forward, loss over the global batch, backward,

@@ -137,6 +137,9 @@ func withCommunicator(_ name: String, _ collective: CollectiveOptions, _ body: (
     } catch let failure as StartFailure {
         (communicator as? MPICommunicator)?.finalize()
         throw ExitCode(failure.code)
+    } catch is StoppedOnRequest {
+        (communicator as? MPICommunicator)?.finalize()
+        throw ExitCode(StopRequest.exitStatus)
     } catch is CollectiveTimeout {
         communicator.abort(code: 1)
     } catch {
@@ -147,6 +150,9 @@ func withCommunicator(_ name: String, _ collective: CollectiveOptions, _ body: (
         throw ExitCode(1)
     }
 }
+
+/// A run that every rank stopped, checkpointed, at a rank's request (`StopRequest`): exit 75 once finalized.
+struct StoppedOnRequest: Error {}
 
 /// A start that failed on some rank, already reported by rank 0: exit 64 for a bad flag, 1 otherwise.
 struct StartFailure: Error { let code: Int32 }

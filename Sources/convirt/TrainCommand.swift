@@ -267,6 +267,13 @@ struct TrainCommand: ParsableCommand {
             if tty { FileHandle.standardOutput.write(Data(("\r" + line + (row.step == total ? "\n" : "")).utf8)) }
             else if row.step % every == 0 || row.step == total || row.valLoss != nil { print(line) }
         }
+        if trainer.stoppedOnRequest {
+            if root {
+                print("stopped on \(StopRequest.name) after step \(rows.last?.step ?? trainer.startStep) of \(trainer.totalSteps), its checkpoint written: "
+                      + "the same command with --resume goes on (launch.sh adds it); exit status \(StopRequest.exitStatus)")
+            }
+            throw StoppedOnRequest()
+        }
         if root {
             let seconds = Date().timeIntervalSince(start)
             let last = rows.last

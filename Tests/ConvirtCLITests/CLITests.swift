@@ -527,12 +527,7 @@ struct DistributedTrainingTests {
         let data = try shared.data()
         let killed = "\(dir)/killed\(mode.joined())"
         try killOneRank(mpirun: mpirun, data: data, runDir: killed, extra: mode)
-        if !FileManager.default.fileExists(atPath: "\(dir)/reference/checkpoints/latest") {
-            let reference = try run(mpirun, ["--oversubscribe", "-np", "2", convirtPath(), "train", "--data", data, "--run-dir", "\(dir)/reference",
-                                             "--preset", "demo", "--steps", "40", "--global-batch", "8", "--retrieval-eval", "0"],
-                                    environment: Self.mpiEnvironment, timeout: 300)
-            #expect(reference.status == 0, "\(reference.output)")
-        }
+        _ = try referenceRun(mpirun: mpirun, data: data)
         let relaunched = try run(mpirun, ["--oversubscribe", "-np", "2", convirtPath(), "train", "--data", data, "--run-dir", killed,
                                           "--preset", "demo", "--steps", "40", "--global-batch", "8", "--checkpoint-every", "5", "--resume",
                                           "--retrieval-eval", "0"] + mode, environment: Self.mpiEnvironment, timeout: 300)
@@ -550,6 +545,93 @@ struct DistributedTrainingTests {
         let rows = try Self.rows(of: killed), reference = try Self.rows(of: "\(dir)/reference")
         #expect(rows.map(\.step) == Array(1...40), "\(mode): \(rows.map(\.step))")
         for (a, b) in zip(rows, reference) { #expect(a.loss == b.loss && a.grad_norm == b.grad_norm, "\(mode) step \(a.step)") }
+    }
+
+    /// The demo preset's 40 steps on 2 ranks, never interrupted (run once).
+    func referenceRun(mpirun: String, data: String) throws -> String {
+        if !FileManager.default.fileExists(atPath: "\(dir)/reference/checkpoints/latest") {
+            let reference = try run(mpirun, ["--oversubscribe", "-np", "2", convirtPath(), "train", "--data", data, "--run-dir", "\(dir)/reference",
+                                             "--preset", "demo", "--steps", "40", "--global-batch", "8", "--retrieval-eval", "0"],
+                                    environment: Self.mpiEnvironment, timeout: 300)
+            #expect(reference.status == 0, "\(reference.output)")
+        }
+        return "\(dir)/reference"
+    }
+
+    /// SIGUSR1 on one rank (CONVIRT_FAULT_STOP_SIGNAL: rank 1 sends it to itself during step 13): both ranks
+    /// stop after step 13 with its checkpoint and exit 75; resumed, the run ends as the uninterrupted one.
+    /// Then the signal as a user or Slurm sends it, to launch.sh, which passes it to mpirun and on to the ranks.
+    @Test("SIGUSR1 stops every rank after the same step with its checkpoint (exit 75); the resumed run ends as an uninterrupted one")
+    func stopOnRequest() throws {
+        let mpirun = try #require(SharedRuns.mpirun)
+        let data = try shared.data()
+        let reference = try referenceRun(mpirun: mpirun, data: data)
+        let stopped = "\(dir)/stopped"
+        try? FileManager.default.removeItem(atPath: stopped)
+        let train = ["--oversubscribe", "-np", "2", convirtPath(), "train", "--data", data, "--run-dir", stopped, "--preset", "demo", "--steps", "40",
+                     "--global-batch", "8", "--retrieval-eval", "0"]
+        let first = try run(mpirun, train, environment: Self.mpiEnvironment.merging(["CONVIRT_FAULT_STOP_SIGNAL": "13:1"]) { $1 }, timeout: 300)
+        #expect(first.status == 75 && first.output.contains("stopped on SIGUSR1 after step 13 of 40, its checkpoint written"), "\(first.output)")
+        #expect(try Self.rows(of: stopped).map(\.step) == Array(1...13))
+        #expect((try? String(contentsOfFile: "\(stopped)/checkpoints/latest", encoding: .utf8))?.contains("step-00000013") == true)
+        let resumed = try run(mpirun, train + ["--resume"], environment: Self.mpiEnvironment, timeout: 300)
+        #expect(resumed.status == 0 && resumed.output.contains("resuming from") && resumed.output.contains("at step 13"), "\(resumed.output)")
+        let rows = try Self.rows(of: stopped), expected = try Self.rows(of: reference)
+        #expect(rows.map(\.step) == Array(1...40))
+        for (a, b) in zip(rows, expected) { #expect(a.loss == b.loss && a.grad_norm == b.grad_norm, "step \(a.step)") }
+
+        // The signal from outside, to launch.sh: the job stops at once after a checkpoint and is not restarted.
+        // launch.sh's build is a stand-in swift that links the tested binary (as in launchBuildsOnce).
+        let build = "\(dir)/stop-build", tools = "\(dir)/stop-tools"
+        try FileManager.default.createDirectory(atPath: "\(build)/release", withIntermediateDirectories: true)
+        try FileManager.default.createDirectory(atPath: tools, withIntermediateDirectories: true)
+        try """
+            #!/bin/sh
+            case "$*" in
+              *--show-bin-path*) echo \(build)/release ;;
+              *) ln -sf \(convirtPath()) \(build)/release/convirt ;;
+            esac
+            """.write(toFile: "\(tools)/swift", atomically: true, encoding: .utf8)
+        chmod("\(tools)/swift", 0o755)
+        let long = "\(dir)/stopped-long"
+        try? FileManager.default.removeItem(atPath: long)
+        // Started as a shell starts it, with no signal blocked (this test process blocks most, and a child
+        // inherits the mask: bash cannot unblock a signal to trap it).
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: "/usr/bin/perl")
+        process.arguments = ["-e", "use POSIX; sigprocmask(SIG_SETMASK, POSIX::SigSet->new) or die; exec @ARGV or die", "--",
+                             "\(repository)/launch.sh", "-np", "2", "--max-restarts", "3", "--", "train", "--data", data, "--run-dir", long,
+                             "--preset", "tiny", "--steps", "1000000", "--retrieval-eval", "0"]
+        var env = ProcessInfo.processInfo.environment
+        for (k, v) in Self.mpiEnvironment { env[k] = v }
+        env["CONVIRT_BUILD_PATH"] = build
+        env["PATH"] = tools + ":" + (env["PATH"] ?? "/usr/bin:/bin")
+        process.environment = env
+        let log = "\(dir)/stopped-long.log"
+        _ = FileManager.default.createFile(atPath: log, contents: nil)
+        let handle = try FileHandle(forWritingTo: URL(fileURLWithPath: log))
+        process.standardOutput = handle
+        process.standardError = handle
+        try process.run()
+        let deadline = Date().addingTimeInterval(120)
+        while Date() < deadline, process.isRunning, ((try? String(contentsOfFile: "\(long)/metrics.jsonl", encoding: .utf8))?.split(separator: "\n").count ?? 0) < 3 {
+            Thread.sleep(forTimeInterval: 0.05)
+        }
+        kill(process.processIdentifier, SIGUSR1)
+        let signalled = Date()
+        while process.isRunning && Date().timeIntervalSince(signalled) < 60 { Thread.sleep(forTimeInterval: 0.05) }
+        if process.isRunning {
+            Issue.record("the job still ran 60 s after SIGUSR1")
+            kill(process.processIdentifier, SIGKILL)
+            _ = try run("/usr/bin/pkill", ["-KILL", "-f", "--run-dir \(long)"])
+        }
+        process.waitUntilExit()
+        let output = (try? String(contentsOfFile: log, encoding: .utf8)) ?? ""
+        #expect(process.terminationStatus == 75 && output.contains("launch.sh: the job stopped on request (SIGUSR1)") && !output.contains("restart 1"),
+                "\(output)")
+        let last = try #require(try Self.rows(of: long).last?.step)
+        #expect((try? String(contentsOfFile: "\(long)/checkpoints/latest", encoding: .utf8))?.contains(String(format: "step-%08d", last)) == true,
+                "the checkpoint of the last step, \(last)")
     }
 
     /// A rank that stops (CONVIRT_FAULT_STALL: it sleeps at the start of step 12) leaves the others waiting

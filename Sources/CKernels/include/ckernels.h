@@ -109,6 +109,12 @@ void ck_gelu_backward_bf16(float *dx, uint16_t *dx16, const float *dy, const uin
 // The CPUs this process may run on (its affinity mask; 1 where unreadable).
 long ck_available_cpus(void);
 
+// A handler for signal_number that records its arrival and nothing else (SA_RESTART), the signal unblocked
+// in the calling thread: 0 on success.
+int ck_stop_signal_install(int signal_number);
+// The signal number recorded by that handler, 0 while none has come.
+int ck_stop_signal_received(void);
+
 // One Adam(W) update over count elements (Adam.step's arithmetic, bit for bit); decoupled: p *= shrink first.
 // Each new p[i] is also written to mirrors[k][mirror_offset + i] for k < mirror_count (other copies of
 // the parameters). Returns how many of the new p are NaN or infinite.

@@ -1,6 +1,7 @@
 // A request to stop a run cleanly: SIGUSR1, which mpirun forwards to every rank and Slurm sends ahead
 // of a job's time limit (`#SBATCH --signal=B:USR1@SECONDS`). The handler records it and nothing else;
-// the training loop looks at the end of each step, the ranks agree, and the run checkpoints and stops.
+// the ranks learn of it as they start the next step (with the global batch's lengths), all stop before
+// it, and the run checkpoints and stops.
 // SIGTERM and SIGINT keep their default action (a job being killed ends at once).
 
 import CKernels

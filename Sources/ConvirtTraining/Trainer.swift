@@ -172,8 +172,13 @@ public final class Trainer {
         var savedStep = startStep
         var step = startStep
         while step < totalSteps {
-            var row = try trainStep(step, loader: loader)
+            guard var row = try trainStep(step, loader: loader) else {
+                stoppedOnRequest = true
+                log("\(StopRequest.name): stopping after step \(step) of \(totalSteps)" + (step > savedStep ? ", with its checkpoint" : ""))
+                break
+            }
             step += 1
+            if let fault = EnvironmentSwitches.process.stopSignal, fault.step == step, fault.rank == communicator.rank { raise(StopRequest.signal) }
             var stop = false
             if isValidationStep(step) {
                 communicator.watchdog.phase = "validation"
@@ -183,11 +188,6 @@ public final class Trainer {
                     savedStep = step
                 }
                 stop = decision?.stop ?? false
-            }
-            if try stopRequested(afterStep: step), step < totalSteps {
-                stop = true
-                stoppedOnRequest = true
-                log("\(StopRequest.name) at step \(step) of \(totalSteps): writing a checkpoint and stopping")
             }
             communicator.watchdog.phase = "checkpoint"
             if try saveCheckpointIfDue(step: step, savedStep: savedStep, stopping: stop, checkpoints) { savedStep = step }
@@ -215,19 +215,10 @@ public final class Trainer {
         return rows
     }
 
-    /// Whether any rank was asked to stop (`StopRequest`) by the end of step `step`: every rank learns it
-    /// from the same all-reduce, so all stop after the same step.
-    func stopRequested(afterStep step: Int) throws -> Bool {
-        if let fault = EnvironmentSwitches.process.stopSignal, fault.step == step, fault.rank == communicator.rank { raise(StopRequest.signal) }
-        communicator.watchdog.phase = "stop request"
-        var flag = [StopRequest.received ? 1.0 : 0.0]
-        try flag.withUnsafeMutableBufferPointer { try communicator.allReduceSum($0) }
-        return flag[0] > 0
-    }
-
     /// One training step, in DESIGN.md's order: batch, forward, loss over the global batch, backward,
-    /// gradient sync, optimizer step.
-    func trainStep(_ step: Int, loader: Loader) throws -> StepMetrics {
+    /// gradient sync, optimizer step. Nil, with nothing computed, where a rank was asked to stop
+    /// (`StopRequest`): the ranks learn it with the batch's lengths, so all stop before the same step.
+    func trainStep(_ step: Int, loader: Loader) throws -> StepMetrics? {
         let watchdog = communicator.watchdog
         watchdog.step = step + 1
         if let stall = EnvironmentSwitches.process.stall, stall.step == step + 1, stall.rank == communicator.rank {
@@ -235,7 +226,8 @@ public final class Trainer {
         }
         var clock = Clock()
         watchdog.phase = "batch"
-        let batch = try globallyPadded(loader.next())
+        let (batch, stopRequested) = try globallyPadded(loader.next())
+        if stopRequested { return nil }
         let excluded = try excludeIdenticalTexts(batch)
         let timeData = clock.lap()
         watchdog.phase = "forward"
@@ -393,13 +385,16 @@ public final class Trainer {
 
     /// This rank's share of a global batch with its rows padded to the longest of the global batch
     /// (each rank's longest, summed over ranks as a vector of one entry per rank), so that every
-    /// sample's rows, and a gradient piece's shape, are the same on every world size.
-    func globallyPadded(_ batch: TrainingBatch) throws -> TrainingBatch {
-        guard communicator.size > 1 else { return batch }
-        var lengths = [Double](repeating: 0, count: communicator.size)
+    /// sample's rows, and a gradient piece's shape, are the same on every world size; and whether any
+    /// rank has received the request to stop (`StopRequest`), a last entry of the same all-reduce.
+    func globallyPadded(_ batch: TrainingBatch) throws -> (batch: TrainingBatch, stopRequested: Bool) {
+        let size = communicator.size
+        guard size > 1 else { return (batch, StopRequest.received) }
+        var lengths = [Double](repeating: 0, count: size + 1)
         lengths[communicator.rank] = Double(batch.tokens)
+        lengths[size] = StopRequest.received ? 1 : 0
         try lengths.withUnsafeMutableBufferPointer { try communicator.allReduceSum($0) }
-        return batch.padded(toTokens: Int(lengths.max()!), padID: tokenizer.padID)
+        return (batch.padded(toTokens: Int(lengths[..<size].max()!), padID: tokenizer.padID), lengths[size] > 0)
     }
 
     /// The pass context of a step: SyncBN when asked, and dropout keyed by (seed, step, global sample).
@@ -500,7 +495,7 @@ public final class Trainer {
                                      step: k, permutation: Array(0..<samples.count))
             let context = passContext(step: 0, batch: batch, training: false)
             // Validation batches are not padded to the global length; for the exclusion only, they are.
-            if config.excludeIdenticalTexts == true { _ = try excludeIdenticalTexts(globallyPadded(batch)) }
+            if config.excludeIdenticalTexts == true { _ = try excludeIdenticalTexts(globallyPadded(batch).batch) }
             // With accumulation, in pieces of a micro-batch, so that validation needs no more memory than a step.
             let (v, u) = config.microBatches == 1 ? try encode(batch, context: context)
                 : try encodeInPieces(batch, rows: max(1, config.globalBatch / (communicator.size * config.microBatches)), context: context)

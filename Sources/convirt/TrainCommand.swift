@@ -269,8 +269,9 @@ struct TrainCommand: ParsableCommand {
         }
         if trainer.stoppedOnRequest {
             if root {
-                print("stopped on \(StopRequest.name) after step \(rows.last?.step ?? trainer.startStep) of \(trainer.totalSteps), its checkpoint written: "
-                      + "the same command with --resume goes on (launch.sh adds it); exit status \(StopRequest.exitStatus)")
+                let last = rows.last?.step ?? trainer.startStep
+                print("stopped on \(StopRequest.name) " + (last > 0 ? "after step \(last) of \(trainer.totalSteps), its checkpoint written" : "before its first step")
+                      + ": the same command with --resume goes on (launch.sh adds it); exit status \(StopRequest.exitStatus)")
             }
             throw StoppedOnRequest()
         }

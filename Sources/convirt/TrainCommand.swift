@@ -207,6 +207,8 @@ struct TrainCommand: ParsableCommand {
     }
 
     func train(_ communicator: Communicator) throws {
+        // From here on SIGUSR1 asks the run to stop at its next step (before its first, while it starts).
+        StopRequest.install()
         let data = data!, runDir = runDir!
         let root = communicator.isRoot
         // `auto` follows rank 0's CPU, so that ranks on different CPUs cannot train in different precisions.

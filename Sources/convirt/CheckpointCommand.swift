@@ -7,7 +7,7 @@ import ConvirtTraining
 import Foundation
 
 struct CheckpointCommand: ParsableCommand {
-    static let configuration = CommandConfiguration(commandName: "checkpoint", abstract: "Verify and inspect sharded checkpoints.",
+    static let configuration = CommandConfiguration(commandName: "checkpoint", abstract: "Verify, inspect and export sharded checkpoints.",
                                                     subcommands: [Verify.self, Inspect.self, Export.self])
 
     /// A checkpoint directory, or a run directory (its latest checkpoint).

@@ -14,7 +14,7 @@ import ConvirtTraining
 import Foundation
 
 struct EvalCommand: ParsableCommand {
-    static let configuration = CommandConfiguration(commandName: "eval", abstract: "The paper's evaluations: linear, fine-tuned, retrieval.",
+    static let configuration = CommandConfiguration(commandName: "eval", abstract: "The paper's evaluations: linear, fine-tuned, zero-shot, retrieval.",
                                                     subcommands: [EvalLinear.self, EvalFinetune.self, EvalZeroShot.self, EvalRetrieval.self, EvalHeldOut.self])
 }
 

@@ -30,7 +30,7 @@ struct ParityCommand: ParsableCommand {
         let report = try Parity.run(path: fixture, dumpPath: dump, precision: precision, reference: reference)
         for line in report.lines {
             let own = line.autocastDeviation.map { String(format: "  (ours vs PyTorch's fp32; autocast vs its fp32 %.3e, limit %.3e)", $0, line.limit) } ?? ""
-            print(String(format: "%@ %.3e %@%@", line.name.padding(toLength: 72, withPad: " ", startingAt: 0) as NSString, line.error,
+            print(String(format: "%@ %.3e %@%@", line.name.padding(toLength: max(72, line.name.count), withPad: " ", startingAt: 0) as NSString, line.error,
                          line.ok ? "ok" : "FAIL (limit \(line.limit))", own))
         }
         let worst = report.lines.max { $0.error / $0.limit < $1.error / $1.limit }

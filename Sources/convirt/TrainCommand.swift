@@ -13,23 +13,36 @@ struct TrainCommand: ParsableCommand {
     static let configuration = CommandConfiguration(commandName: "train", abstract: "ConVIRT pretraining (data-parallel under mpirun).",
                                                     discussion: presetTable)
 
-    /// Each preset's defaults, for --help (every one of them is in `--print-config`).
+    /// Each preset's defaults, for --help (every one of them is in `--print-config`): a table of the
+    /// settings that differ between presets, columns as wide as their widest cell so that no value is
+    /// cut, and one line for the settings every preset shares. It fits 80 columns, which --help wraps at.
     static var presetTable: String {
-        var out = "PRESET DEFAULTS (flags override them; `convirt train --preset P --print-config` prints all):\n"
-        out += "  preset  global-batch  steps               lr      schedule  checkpoint-every  threads  image  text layers\n"
-        for p in Preset.allCases {
-            let c = TrainConfig.preset(p)
-            let steps = c.steps.map(String.init) ?? "until \(c.maxChecks) val checks"
-            out += "  " + [p.rawValue.padding(toLength: 6, withPad: " ", startingAt: 0),
-                           "\(c.globalBatch)".padding(toLength: 12, withPad: " ", startingAt: 0),
-                           steps.padding(toLength: 18, withPad: " ", startingAt: 0),
-                           String(format: "%g", c.learningRate).padding(toLength: 6, withPad: " ", startingAt: 0),
-                           c.schedule.rawValue.padding(toLength: 8, withPad: " ", startingAt: 0),
-                           (c.checkpointEvery.map(String.init) ?? "end").padding(toLength: 16, withPad: " ", startingAt: 0),
-                           "\(c.threads)".padding(toLength: 7, withPad: " ", startingAt: 0),
-                           "\(c.model.image.imageSize)".padding(toLength: 5, withPad: " ", startingAt: 0),
-                           "\(c.model.text.numHiddenLayers)"].joined(separator: "  ") + "\n"
+        let configs = Preset.allCases.map { ($0, TrainConfig.preset($0)) }
+        let columns: [(String, (TrainConfig) -> String)] = [
+            ("batch", { "\($0.globalBatch)" }),
+            ("steps", { $0.steps.map(String.init) ?? "until \($0.maxChecks) val checks" }),
+            ("lr", { String(format: "%g", $0.learningRate) }),
+            ("schedule", { $0.schedule.rawValue }),
+            ("threads", { "\($0.threads)" }),
+            ("checkpoints", { $0.checkpointEvery.map { "every \($0)" } ?? "at the end" }),
+            ("image px", { "\($0.model.image.imageSize)" }),
+            ("BERT layers", { "\($0.model.text.numHiddenLayers)" }),
+        ]
+        var varying: [(String, [String])] = [("preset", configs.map { $0.0.rawValue })]
+        var shared: [String] = []
+        for (name, value) in columns {
+            let cells = configs.map { value($0.1) }
+            if Set(cells).count == 1 { shared.append("\(name) \(cells[0])") } else { varying.append((name, cells)) }
         }
+        let widths = varying.map { column in max(column.0.count, column.1.map(\.count).max() ?? 0) }
+        func row(_ cells: [String]) -> String {
+            "  " + zip(cells, widths).map { $0.padding(toLength: $1, withPad: " ", startingAt: 0) }.joined(separator: "  ")
+                .trimmingCharacters(in: .whitespaces) + "\n"
+        }
+        var out = "PRESET DEFAULTS (flags override them; `convirt train --preset P --print-config` prints all):\n"
+        out += row(varying.map(\.0))
+        for i in configs.indices { out += row(varying.map { $0.1[i] }) }
+        if !shared.isEmpty { out += "  Every preset: " + shared.joined(separator: ", ") + ".\n" }
         return out
     }
 

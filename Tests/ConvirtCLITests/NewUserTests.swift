@@ -65,12 +65,19 @@ struct NewUserTests {
     func presetDefaults() throws {
         let help = try run(convirtPath(), ["train", "--help"])
         #expect(help.status == 0 && help.output.contains("PRESET DEFAULTS"), "\(help.output)")
-        for line in ["paper   32", "demo    32", "tiny    8"] { #expect(help.output.contains(line), "\(line) in \(help.output)") }
+        let lines = help.output.split(separator: "\n").map(String.init)
         for preset in ["tiny", "demo", "paper"] {
             let r = try run(convirtPath(), ["train", "--preset", preset, "--print-config"])
             let config = try #require(try JSONSerialization.jsonObject(with: Data(r.output.utf8)) as? [String: Any], "\(r.output)")
             #expect(r.status == 0 && config["preset"] as? String == preset && config["global_batch"] as? Int != nil && config["learning_rate"] != nil)
+            // The preset's row holds its batch, steps and image size whole, on one line of the wrapped help.
+            let cells = try #require(lines.first { $0.hasPrefix("  \(preset) ") }, "\(preset)'s row in \(help.output)")
+                .split(separator: " ").map(String.init)
+            let steps = (config["steps"] as? Int).map { "\($0)" } ?? "until \(config["max_checks"] ?? "?") val checks"
+            #expect(cells.count >= 4 && cells[1] == "\(config["global_batch"] ?? "?")"
+                        && cells.joined(separator: " ").contains(" \(steps) "), "\(preset): \(cells) against \(config)")
         }
+        #expect(lines.allSatisfy { $0.count <= 80 }, "\(help.output)")
         let flags = try run(convirtPath(), ["train", "--preset", "demo", "--print-config", "--global-batch", "64", "--no-lowercase", "--steps", "7"])
         let config = try #require(try JSONSerialization.jsonObject(with: Data(flags.output.utf8)) as? [String: Any], "\(flags.output)")
         #expect(config["global_batch"] as? Int == 64 && config["lowercase"] as? Bool == false && config["steps"] as? Int == 7, "\(config)")

@@ -18,7 +18,7 @@ struct BenchStep: ParsableCommand {
     @Option(parsing: .unconditional, help: "Tokens per report (all valid).")
     var tokens = 128
 
-    @Option(parsing: .unconditional, help: "BLAS threads.")
+    @Option(parsing: .unconditional, help: "Threads (products and loops).")
     var threads = 2
 
     @Option(parsing: .unconditional, help: "Timed steps after one warm-up step.")

@@ -14,7 +14,7 @@ import ConvirtTraining
 import Foundation
 
 struct EvalCommand: ParsableCommand {
-    static let configuration = CommandConfiguration(commandName: "eval", abstract: "The paper's evaluations: linear, fine-tuned, zero-shot, retrieval.",
+    static let configuration = CommandConfiguration(commandName: "eval", abstract: "Evaluations: linear, fine-tuned, zero-shot, CheXpert 8x200 and held-out retrieval.",
                                                     subcommands: [EvalLinear.self, EvalFinetune.self, EvalZeroShot.self, EvalRetrieval.self, EvalHeldOut.self])
 }
 

@@ -12,7 +12,7 @@ struct ParityCommand: ParsableCommand {
     @Argument(help: "A parity fixture (.safetensors) written by tools/make_parity_fixture.py.")
     var fixture: String
 
-    @Option(parsing: .unconditional, help: "BLAS threads.")
+    @Option(parsing: .unconditional, help: "Threads (products and loops).")
     var threads = 1
 
     @Option(help: "Also write our gradients (grad.<name>) to this safetensors file.")

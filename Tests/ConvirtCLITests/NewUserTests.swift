@@ -90,6 +90,40 @@ struct NewUserTests {
         #expect(cased.status == 0 && cased.output == "2 1 5 3\n", "\(cased.output)")
     }
 
+    @Test("every flag of every command is in docs/USAGE.md")
+    func flagsDocumented() throws {
+        let usage = try String(contentsOfFile: "\(repository)/docs/USAGE.md", encoding: .utf8)
+        var commands: [[String]] = [[]], missing: [String] = [], visited = 0
+        while let command = commands.popLast() {
+            visited += 1
+            let help = try run(convirtPath(), command + ["--help"])
+            #expect(help.status == 0, "\(command): \(help.output)")
+            var section = ""
+            for line in help.output.split(separator: "\n", omittingEmptySubsequences: false).map(String.init) {
+                if !line.hasPrefix(" ") && line.hasSuffix(":") { section = line; continue }
+                if line.isEmpty { section = ""; continue }
+                guard line.hasPrefix("  "), !line.hasPrefix("   ") else { continue }
+                let first = String(line.dropFirst(2).prefix { $0 != " " })
+                if section == "SUBCOMMANDS:" {
+                    // A subcommand's name ("(default)" may follow it); the walk is at most three deep.
+                    #expect(first.allSatisfy { $0.isLowercase || $0.isNumber || $0 == "-" } && command.count < 3, "\(command) lists \(line)")
+                    if first.allSatisfy({ $0.isLowercase || $0.isNumber || $0 == "-" }) && command.count < 3 { commands.append(command + [first]) }
+                } else if section == "OPTIONS:" {
+                    // "--name <value>", "-h, --help", "--lowercase/--no-lowercase": each long name.
+                    let names = line.dropFirst(2).split(separator: " ").prefix { $0.hasPrefix("-") }
+                        .flatMap { $0.split(separator: "/") }.map { $0.trimmingCharacters(in: CharacterSet(charactersIn: ",")) }
+                    for name in names where name.hasPrefix("--") && name != "--help" {
+                        if usage.range(of: "\(name)(?![a-z0-9-])", options: .regularExpression) == nil {
+                            missing.append("convirt \(command.joined(separator: " ")) \(name)")
+                        }
+                    }
+                }
+            }
+        }
+        #expect(visited > 20, "walked \(visited) commands")
+        #expect(missing.isEmpty, "flags docs/USAGE.md does not mention: \(missing)")
+    }
+
     @Test("checkpoint inspect gives the rate of the last step; held-out precision is a plain fraction in JSON")
     func labelledNumbers() throws {
         let runDir = "\(dir)/runs/cosine"

@@ -1,13 +1,36 @@
 #!/usr/bin/env bash
-# ./launch.sh                      set up and run the main job on embedded defaults
-# ./launch.sh -np N [--hostfile F] [--max-restarts K] [mpirun options] -- SUBCOMMAND [convirt options]
-#                                  run `convirt SUBCOMMAND ...` on N ranks under mpirun; `train` resumes
-#                                  from the run directory's latest checkpoint and a failed job is
-#                                  restarted up to K times; SIGUSR1 to launch.sh (or mpirun) makes every
-#                                  rank checkpoint and stop (status 75, not restarted)
-#
+# The README's first command: set-up and the demo job with no arguments, or any convirt subcommand under
+# mpirun with resume and restarts (usage below, or ./launch.sh --help).
 set -euo pipefail
 cd "$(dirname "$0")"
+
+usage() {
+  cat <<'USAGE'
+usage: ./launch.sh [--full]
+         set up (Debian packages, oneDNN 3, a release build) and run the demo job: synthetic MIMIC-CXR,
+         2-rank pretraining, every evaluation, the report (--full: the paper's fine-tuning protocol)
+       ./launch.sh -np N [--hostfile F] [--max-restarts K] [mpirun options] -- SUBCOMMAND [convirt options]
+         run `convirt SUBCOMMAND` on N ranks; `train` resumes from the run directory's latest checkpoint,
+         a failed job is restarted up to K times, and SIGUSR1 makes every rank checkpoint and stop
+         (status 75, not restarted). `convirt --help` (in .build/release) lists the subcommands.
+USAGE
+}
+# The arguments are checked before anything is installed or built: help, or a usage error (status 64).
+case "${1:-}" in
+  -h | --help) usage; exit 0 ;;
+esac
+if [ $# -gt 0 ] && ! { [ $# -eq 1 ] && [ "$1" = "--full" ]; }; then
+  separator=0 previous=""
+  for argument in "$@"; do
+    if [ "$argument" = "--" ]; then separator=1; break; fi
+    if [ "$previous" = "--max-restarts" ] && ! [[ "$argument" =~ ^[0-9]+$ ]]; then
+      echo "launch.sh: --max-restarts takes a number of restarts, got '$argument'" >&2; exit 64
+    fi
+    previous=$argument
+  done
+  if [ "$separator" = 0 ] || [ "$previous" = "--max-restarts" ]; then usage >&2; exit 64; fi
+fi
+
 scripts/install-deps.sh   # apt only when a package is missing (dpkg-query otherwise)
 
 # One release build, shared with ./test.sh (which builds with the same flags: no testable imports), and
@@ -167,11 +190,11 @@ fi
 mpirun_args=()
 max_restarts=0
 while [ $# -gt 0 ] && [ "$1" != "--" ]; do
-  if [ "$1" = "--max-restarts" ]; then max_restarts="${2:?--max-restarts needs a number}"; shift 2; continue; fi
+  if [ "$1" = "--max-restarts" ]; then max_restarts="$2"; shift 2; continue; fi
   mpirun_args+=("$1"); shift
 done
-[ "${1:-}" = "--" ] || { echo "usage: ./launch.sh -np N [--hostfile F] [--max-restarts K] [mpirun options] -- SUBCOMMAND [options]" >&2; exit 2; }
-shift
+shift  # the "--" (checked above)
+[ $# -gt 0 ] || { usage >&2; exit 64; }
 args=("$@")
 # Training always continues from the run directory's latest complete checkpoint, if it has one.
 if [ "${args[0]:-}" = "train" ] && ! printf '%s\n' "${args[@]}" | grep -qx -- "--resume"; then args+=(--resume); fi

@@ -158,7 +158,7 @@ struct NewUserTests {
                 && html.contains("Time in steps") && !html.contains(">Final loss<") && !html.contains(">Step time<"), "\(report.output)")
     }
 
-    @Test("launch.sh builds once: a second call reuses the build without calling swift or apt")
+    @Test("launch.sh checks its arguments first, and builds once: a second call reuses the build without calling swift or apt")
     func launchBuildsOnce() throws {
         let mpirun = try #require(SharedRuns.mpirun, "mpirun is not installed (openmpi-bin)")
         _ = mpirun
@@ -184,6 +184,15 @@ struct NewUserTests {
         var environment = DistributedTrainingTests.mpiEnvironment
         environment["PATH"] = tools + ":" + (ProcessInfo.processInfo.environment["PATH"] ?? "/usr/bin:/bin")
         environment["CONVIRT_BUILD_PATH"] = build
+        // Help and usage errors come before anything is installed or built.
+        let help = try run("\(repository)/launch.sh", ["--help"], environment: environment, timeout: 60)
+        #expect(help.status == 0 && help.output.contains("usage: ./launch.sh [--full]") && help.output.contains("-- SUBCOMMAND"), "\(help.output)")
+        for (arguments, message) in [(["-np", "2", "info"], "usage: ./launch.sh"), (["--bogus"], "usage: ./launch.sh"),
+                                     (["-np", "1", "--max-restarts", "x", "--", "info"], "--max-restarts takes a number of restarts, got 'x'")] {
+            let bad = try run("\(repository)/launch.sh", arguments, environment: environment, timeout: 60)
+            #expect(bad.status == 64 && bad.output.contains(message), "\(arguments): \(bad.status) \(bad.output)")
+        }
+        #expect(!FileManager.default.fileExists(atPath: log), "no swift or apt call before the arguments are checked")
         let first = try run("\(repository)/launch.sh", ["-np", "1", "--", "info"], environment: environment, timeout: 120)
         #expect(first.status == 0 && first.output.contains("building convirt") && first.output.contains("convirt 0."), "\(first.output)")
         let second = try run("\(repository)/launch.sh", ["-np", "1", "--", "info"], environment: environment, timeout: 120)

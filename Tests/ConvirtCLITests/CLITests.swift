@@ -558,6 +558,32 @@ struct DistributedTrainingTests {
         return "\(dir)/reference"
     }
 
+    /// cluster/convirt.sbatch outside Slurm (mpirun then runs the ranks on this machine): the first
+    /// submission starts the run, the same command submitted again continues it from its checkpoint, and
+    /// the 20 steps are bitwise those of one uninterrupted run on 2 ranks.
+    @Test("cluster/convirt.sbatch submitted again resumes its run")
+    func slurmScriptResumes() throws {
+        let uninterrupted = try shared.rows(np: 2)
+        let data = try shared.data()
+        let runDir = "\(dir)/run-sbatch"
+        try? FileManager.default.removeItem(atPath: runDir)
+        var environment = Self.mpiEnvironment
+        environment["CONVIRT_BIN"] = convirtPath()
+        environment["SLURM_SUBMIT_DIR"] = dir
+        environment["SLURM_NTASKS_PER_NODE"] = "2"
+        environment["SLURM_CPUS_PER_TASK"] = "1"
+        environment["OMPI_MCA_rmaps_base_oversubscribe"] = "1"
+        let script = "\(repository)/cluster/convirt.sbatch"
+        let arguments = ["--data", data, "--run-dir", runDir, "--preset", "tiny", "--retrieval-eval", "0", "--checkpoint-every", "5"]
+        let first = try run(script, arguments + ["--steps", "10"], environment: environment, timeout: 180)
+        #expect(first.status == 0 && first.output.contains("no checkpoint in"), "\(first.output)")
+        let second = try run(script, arguments + ["--steps", "20"], environment: environment, timeout: 180)
+        #expect(second.status == 0 && second.output.contains("at step 10"), "\(second.output)")
+        let rows = try Self.rows(of: runDir)
+        #expect(rows.map(\.step) == Array(1...20) && rows.allSatisfy { $0.world_size == 2 }, "\(rows.map(\.step))")
+        for (a, b) in zip(uninterrupted, rows) { #expect(a.loss == b.loss && a.grad_norm == b.grad_norm, "step \(a.step): \(a.loss) against \(b.loss)") }
+    }
+
     /// SIGUSR1 on one rank (CONVIRT_FAULT_STOP_SIGNAL: rank 1 sends it to itself during step 13): both ranks
     /// stop after step 13 with its checkpoint and exit 75; resumed, the run ends as the uninterrupted one.
     /// Then the signal as a user or Slurm sends it, to launch.sh, which passes it to mpirun and on to the ranks.

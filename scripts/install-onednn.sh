@@ -4,6 +4,8 @@
 #   - DNNL_ROOT=/path (a site's module, Spack or oneAPI install of oneDNN 3.x with include/ and lib/):
 #     .deps/onednn links to it;
 #   - else a oneDNN 3.x that pkg-config finds (dnnl.pc), linked likewise;
+#     either must be built for GNU OpenMP (its libdnnl.so.3 depends on libgomp), whose threads convirt
+#     shares with it: another runtime is refused under DNNL_ROOT and passed over from pkg-config;
 #   - else the vendor's own CPU build for GNU OpenMP, from PyPI (onednn-cpu-gomp and
 #     onednn-devel-cpu-gomp 2023.2.0: oneDNN 3.2.0, libdnnl.so.3 depending on libgomp only), checked
 #     against pinned SHA-256 sums and unpacked into .deps/onednn. No Python runs it at run time.
@@ -28,6 +30,29 @@ if [ -n "$origin" ]; then
     echo "$origin: no include/oneapi/dnnl/dnnl.h and lib/libdnnl.so.3 (oneDNN 3.x) there" >&2
     exit 1
   fi
+  # convirt runs its own loops on the OpenMP team that runs oneDNN's primitives: it needs a oneDNN built
+  # for GNU OpenMP (its library depends on libgomp). oneAPI's default build runs on SYCL and finds no CPU
+  # engine without a SYCL CPU device; an Intel or LLVM OpenMP build would bring a second OpenMP runtime.
+  needed=" $(ldd "$lib/libdnnl.so.3" 2>/dev/null | awk '{print $1}' | tr '\n' ' ') "
+  if [[ "$needed" != *" libgomp.so.1 "* ]]; then
+    case "$needed" in
+      *" libsycl.so"*) runtime="SYCL (it depends on libsycl)" ;;
+      *" libiomp5.so "*) runtime="Intel OpenMP (libiomp5)" ;;
+      *" libomp.so"*) runtime="LLVM OpenMP (libomp)" ;;
+      *" libtbb.so"*) runtime="TBB" ;;
+      *) runtime="no OpenMP (none among its dependencies)" ;;
+    esac
+    problem="$lib/libdnnl.so.3 runs its CPU kernels on $runtime, not on GNU OpenMP (libgomp), whose threads convirt shares with it"
+    if [ -n "${DNNL_ROOT:-}" ]; then
+      echo "$origin: $problem. Give DNNL_ROOT a oneDNN 3 built for GNU OpenMP (oneAPI: its cpu_gomp configuration;" \
+        "Spack: onednn cpu_runtime=omp built with GCC), or unset it to install Intel's CPU build for GNU OpenMP from PyPI." >&2
+      exit 1
+    fi
+    echo "note: $origin: $problem; installing Intel's CPU build for GNU OpenMP from PyPI instead"
+    origin=""
+  fi
+fi
+if [ -n "$origin" ]; then
   if [ "$(cat "$prefix/ORIGIN" 2>/dev/null)" = "$origin" ]; then exit 0; fi
   rm -rf "$prefix" && mkdir -p "$prefix"
   ln -s "$include" "$prefix/include"

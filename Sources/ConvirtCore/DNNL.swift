@@ -25,8 +25,31 @@ public enum DNNL {
     }()
 
     static func cpuEngine() throws -> dnnl_engine_t {
-        guard let engine else { throw ConvirtError("oneDNN: no CPU engine could be created") }
+        guard let engine else { throw ConvirtError(engineProblem ?? "oneDNN: no CPU engine could be created") }
         return engine
+    }
+
+    /// Why oneDNN has no CPU engine here (nil where it has one): the library, its threading runtime and
+    /// what to install instead.
+    public static var engineProblem: String? {
+        guard engine == nil else { return nil }
+        let sycl = cpuRuntime == "SYCL" ? ", which finds no SYCL CPU device here" : ""
+        return "oneDNN \(version) (\(origin)) creates no CPU engine: its CPU kernels run on \(cpuRuntime)\(sycl). convirt needs "
+            + "a oneDNN 3 built for GNU OpenMP: scripts/install-onednn.sh installs Intel's own where DNNL_ROOT is not set"
+    }
+
+    /// The threading runtime oneDNN's CPU kernels run on (`dnnl_version()`'s cpu_runtime). convirt's own
+    /// loops run on GNU OpenMP's team, which a oneDNN built for OpenMP shares (`Parallel.region`).
+    public static var cpuRuntime: String {
+        guard let v = dnnl_version() else { return "an unknown runtime" }
+        switch v.pointee.cpu_runtime {
+        case DNNL_RUNTIME_OMP: return "OpenMP"
+        case DNNL_RUNTIME_SEQ: return "no threads (sequential)"
+        case DNNL_RUNTIME_TBB: return "TBB"
+        case DNNL_RUNTIME_THREADPOOL: return "a threadpool"
+        case DNNL_RUNTIME_SYCL: return "SYCL"
+        case let other: return "runtime \(other)"
+        }
     }
 
     /// The instruction set oneDNN's kernels use on this CPU (e.g. avx2, avx512_core_amx).

@@ -88,8 +88,9 @@ struct Info: ParsableCommand {
         if communicator.isRoot {
             print("convirt \(convirtVersion)")
             print("BLAS: \(BLASThreads.configuration), \(BLASThreads.current) thread(s); core \(BLASCore.current) (\(BLASCore.origin))")
-            print("oneDNN: \(DNNL.version), ISA \(DNNL.isa); OpenMP wait policy \(BLASCore.openMPWaitPolicy)")
+            print("oneDNN: \(DNNL.version), ISA \(DNNL.isa), CPU runtime \(DNNL.cpuRuntime); OpenMP wait policy \(BLASCore.openMPWaitPolicy)")
             print("oneDNN library: \(DNNL.origin)")
+            if let problem = DNNL.engineProblem { print("error: \(problem)") }
             for line in Backend.current.lines { print(line) }
             print("MPI: \(MPICommunicator.libraryVersion.split(separator: "\n").first ?? "")")
             if communicator is MPICommunicator {
@@ -104,6 +105,7 @@ struct Info: ParsableCommand {
         }
         (communicator as? MPICommunicator)?.finalize()
         if ranks[0] != expected { throw ValidationError("all-reduce returned \(ranks[0]), expected \(expected)") }
+        if DNNL.engineProblem != nil { throw ExitCode(1) }
     }
 }
 

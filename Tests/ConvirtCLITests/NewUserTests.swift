@@ -229,3 +229,47 @@ struct EarlierCheckpointTests {
         #expect(r.output.contains("learning rate of step 2000 3.24e-10 (cosine schedule, base 0.0005)"), "\(r.output)")
     }
 }
+
+@Suite("oneDNN from a site's install")
+struct SiteOneDNNTests {
+    /// scripts/install-onednn.sh with DNNL_ROOT: a oneDNN built for GNU OpenMP is linked into .deps/onednn;
+    /// one built for another threading runtime (oneAPI's default SYCL build here) is refused with the
+    /// reason and what to install instead, and nothing is linked. The "libraries" are stubs that carry
+    /// only the dependency the script reads; the script runs in a copy of the repository's layout.
+    @Test("install-onednn.sh links a site's oneDNN for GNU OpenMP and refuses one for SYCL")
+    func siteRuntime() throws {
+        let root = SharedRuns.shared.dir + "/site-onednn"
+        try? FileManager.default.removeItem(atPath: root)
+        try FileManager.default.createDirectory(atPath: "\(root)/repo/scripts", withIntermediateDirectories: true)
+        try FileManager.default.copyItem(atPath: "\(repository)/scripts/install-onednn.sh", toPath: "\(root)/repo/scripts/install-onednn.sh")
+        try "int stub;\n".write(toFile: "\(root)/stub.c", atomically: true, encoding: .utf8)
+        for site in ["gomp", "sycl"] {
+            try FileManager.default.createDirectory(atPath: "\(root)/\(site)/include/oneapi/dnnl", withIntermediateDirectories: true)
+            try FileManager.default.createDirectory(atPath: "\(root)/\(site)/lib", withIntermediateDirectories: true)
+            FileManager.default.createFile(atPath: "\(root)/\(site)/include/oneapi/dnnl/dnnl.h", contents: Data())
+        }
+        // A C compiler: the Swift toolchain's clang, or the system's.
+        let path = (ProcessInfo.processInfo.environment["PATH"] ?? "/usr/bin").split(separator: ":").map(String.init)
+        let cc = try #require(["clang", "cc", "gcc"].lazy.flatMap { name in path.map { "\($0)/\(name)" } }
+                                .first { FileManager.default.isExecutableFile(atPath: $0) }, "no C compiler on the PATH")
+        let gomp = try #require(["/usr/lib/x86_64-linux-gnu/libgomp.so.1", "/usr/lib/aarch64-linux-gnu/libgomp.so.1", "/usr/lib64/libgomp.so.1"]
+                                    .first { FileManager.default.fileExists(atPath: $0) }, "no libgomp.so.1")
+        let sycl = try run(cc, ["-shared", "-fPIC", "-Wl,-soname,libsycl.so.8", "-o", "\(root)/sycl/lib/libsycl.so.8", "\(root)/stub.c"])
+        #expect(sycl.status == 0, "\(sycl.output)")
+        for (site, library) in [("gomp", gomp), ("sycl", "\(root)/sycl/lib/libsycl.so.8")] {
+            let built = try run(cc, ["-shared", "-fPIC", "-Wl,--no-as-needed", "-Wl,-soname,libdnnl.so.3", "-o", "\(root)/\(site)/lib/libdnnl.so.3",
+                                     "\(root)/stub.c", library])
+            #expect(built.status == 0, "\(built.output)")
+        }
+        let script = "\(root)/repo/scripts/install-onednn.sh"
+        let refused = try run(script, [], environment: ["DNNL_ROOT": "\(root)/sycl"])
+        #expect(refused.status == 1 && refused.output.contains("libdnnl.so.3 runs its CPU kernels on SYCL")
+                    && refused.output.contains("cpu_gomp") && refused.output.contains("unset it"), "\(refused.output)")
+        #expect(!FileManager.default.fileExists(atPath: "\(root)/repo/.deps/onednn"), "nothing linked for a refused oneDNN")
+        let linked = try run(script, [], environment: ["DNNL_ROOT": "\(root)/gomp"])
+        #expect(linked.status == 0, "\(linked.output)")
+        let origin = try String(contentsOfFile: "\(root)/repo/.deps/onednn/ORIGIN", encoding: .utf8)
+        #expect(origin == "oneDNN at \(root)/gomp (DNNL_ROOT)\n", "\(origin)")
+        #expect(try FileManager.default.destinationOfSymbolicLink(atPath: "\(root)/repo/.deps/onednn/lib") == "\(root)/gomp/lib")
+    }
+}

@@ -214,10 +214,21 @@ final class DNNLPrimitive {
     private var hint: DNNLPrimitiveDescriptor?
 
     /// Creates the primitive descriptor with `create` (`dnnlCreateDescriptor`) and the primitive;
-    /// `hint`, the descriptor `create` names as its forward hint, is kept with it.
-    convenience init(attributes: dnnl_primitive_attr_t? = nil, hint: DNNLPrimitiveDescriptor? = nil, _ what: String,
-                     _ create: DNNLCreate) throws {
-        try self.init(try dnnlCreateDescriptor(attributes: attributes, what, create), what)
+    /// `hint`, the descriptor `create` names as its forward hint, is kept with it. Implementations whose
+    /// name `declines` (oneDNN's kernels known to be wrong for these shapes) are passed over for the next
+    /// one oneDNN offers.
+    convenience init(attributes: dnnl_primitive_attr_t? = nil, hint: DNNLPrimitiveDescriptor? = nil, declines: ((String) -> Bool)? = nil,
+                     _ what: String, _ create: DNNLCreate) throws {
+        let descriptor = try dnnlCreateDescriptor(attributes: attributes, what, create)
+        if let declines {
+            while declines(dnnlImplementation(descriptor)) {
+                guard dnnl_primitive_desc_next_impl(descriptor) == dnnl_success else {
+                    dnnl_primitive_desc_destroy(descriptor)
+                    throw ConvirtError("oneDNN: \(what): no implementation but \(dnnlImplementation(descriptor)), which gives wrong results here")
+                }
+            }
+        }
+        try self.init(descriptor, what)
         self.hint = hint
     }
 
@@ -232,11 +243,7 @@ final class DNNLPrimitive {
     }
 
     /// oneDNN's name for the kernel it chose (e.g. jit:avx2, brg:avx512_core_amx).
-    var implementation: String {
-        var name: UnsafePointer<CChar>? = nil
-        _ = dnnl_primitive_desc_query(descriptor, dnnl_query_impl_info_str, 0, &name)
-        return name.map { String(cString: $0) } ?? "?"
-    }
+    var implementation: String { dnnlImplementation(descriptor) }
 
     func execute(_ stream: DNNLStream, _ arguments: [(Int32, DNNLMemory)], _ what: @autoclosure () -> String) throws {
         try execute(stream.stream, arguments.map { dnnl_exec_arg_t(arg: $0.0, memory: $0.1.memory) }, what())
@@ -255,6 +262,13 @@ final class DNNLPrimitive {
         try dnnlCheck(dnnl_primitive_execute(primitive, stream, Int32(args.count), &args), what())
         try dnnlCheck(dnnl_stream_wait(stream), what())
     }
+}
+
+/// oneDNN's name for the kernel a primitive descriptor stands for (e.g. jit:avx2, brg:avx512_core_amx).
+func dnnlImplementation(_ descriptor: dnnl_primitive_desc_t) -> String {
+    var name: UnsafePointer<CChar>? = nil
+    _ = dnnl_primitive_desc_query(descriptor, dnnl_query_impl_info_str, 0, &name)
+    return name.map { String(cString: $0) } ?? "?"
 }
 
 /// One of oneDNN's *_primitive_desc_create, given the descriptor to fill, the engine and the attributes.

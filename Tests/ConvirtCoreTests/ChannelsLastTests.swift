@@ -277,6 +277,9 @@ struct ChannelsLastTests {
     /// Geometries whose channels nChw16c and nChw8c hold (the stem's input excepted): 3x3, a 1x1/2 downsample, a stem.
     static let blockedCases: [(Int, Int, Int, Int, Int, Int, Int, Int)] = [
         (2, 16, 9, 9, 32, 3, 1, 1), (2, 32, 8, 8, 16, 1, 2, 0), (2, 3, 17, 17, 16, 7, 2, 3), (2, 8, 9, 9, 24, 3, 1, 1), (2, 24, 8, 8, 8, 1, 2, 0),
+        // A strided 1x1 convolution with fewer input channels than a block (the small ResNets' downsampling):
+        // oneDNN's jit_1x1 weight gradient is wrong there, and convirt declines it.
+        (1, 4, 10, 10, 8, 1, 2, 0), (2, 4, 10, 10, 8, 1, 2, 0),
     ]
 
     @Test("oneDNN's convolution on NHWC, nChw16c and nChw8c activations equals it on NCHW ones (forward, accumulating and overwriting backward), fp32 and bf16",

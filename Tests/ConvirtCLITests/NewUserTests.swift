@@ -106,8 +106,9 @@ struct NewUserTests {
                 let first = String(line.dropFirst(2).prefix { $0 != " " })
                 if section == "SUBCOMMANDS:" {
                     // A subcommand's name ("(default)" may follow it); the walk is at most three deep.
-                    #expect(first.allSatisfy { $0.isLowercase || $0.isNumber || $0 == "-" } && command.count < 3, "\(command) lists \(line)")
-                    if first.allSatisfy({ $0.isLowercase || $0.isNumber || $0 == "-" }) && command.count < 3 { commands.append(command + [first]) }
+                    let subcommand = first.allSatisfy { $0.isLowercase || $0.isNumber || $0 == "-" } && command.count < 3
+                    #expect(subcommand, "\(command) lists \(line)")
+                    if subcommand { commands.append(command + [first]) }
                 } else if section == "OPTIONS:" {
                     // "--name <value>", "-h, --help", "--lowercase/--no-lowercase": each long name.
                     let names = line.dropFirst(2).split(separator: " ").prefix { $0.hasPrefix("-") }

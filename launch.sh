@@ -15,20 +15,29 @@ usage: ./launch.sh [--full]
          (status 75, not restarted). `convirt --help` (in .build/release) lists the subcommands.
 USAGE
 }
-# The arguments are checked before anything is installed or built: help, or a usage error (status 64).
+# The arguments are read before anything is installed or built: help, or a usage error (status 64).
 case "${1:-}" in
   -h | --help) usage; exit 0 ;;
 esac
-if [ $# -gt 0 ] && ! { [ $# -eq 1 ] && [ "$1" = "--full" ]; }; then
-  separator=0 previous=""
-  for argument in "$@"; do
-    if [ "$argument" = "--" ]; then separator=1; break; fi
-    if [ "$previous" = "--max-restarts" ] && ! [[ "$argument" =~ ^[0-9]+$ ]]; then
-      echo "launch.sh: --max-restarts takes a number of restarts, got '$argument'" >&2; exit 64
+demo=0
+if [ $# -eq 0 ] || { [ $# -eq 1 ] && [ "$1" = "--full" ]; }; then
+  demo=1
+else
+  # -np N [mpirun options] [--max-restarts K] -- SUBCOMMAND ...
+  mpirun_args=() max_restarts=0
+  while [ $# -gt 0 ] && [ "$1" != "--" ]; do
+    if [ "$1" = "--max-restarts" ]; then
+      if ! [[ "${2:-}" =~ ^[0-9]+$ ]]; then
+        [ $# -ge 2 ] && [ "$2" != "--" ] || { usage >&2; exit 64; }
+        echo "launch.sh: --max-restarts takes a number of restarts, got '$2'" >&2; exit 64
+      fi
+      max_restarts=$2; shift 2; continue
     fi
-    previous=$argument
+    mpirun_args+=("$1"); shift
   done
-  if [ "$separator" = 0 ] || [ "$previous" = "--max-restarts" ]; then usage >&2; exit 64; fi
+  [ $# -ge 2 ] || { usage >&2; exit 64; }  # the "--" and a subcommand
+  shift
+  args=("$@")
 fi
 
 scripts/install-deps.sh   # apt only when a package is missing (dpkg-query otherwise)
@@ -75,7 +84,7 @@ fi
 # Single-node runs use shared memory and loopback only (no probing of other interfaces).
 export OMPI_MCA_btl="${OMPI_MCA_btl:-self,vader,tcp}" OMPI_MCA_btl_tcp_if_include="${OMPI_MCA_btl_tcp_if_include:-lo}"
 
-if [ $# -eq 0 ] || { [ $# -eq 1 ] && [ "$1" = "--full" ]; }; then
+if [ "$demo" = 1 ]; then
   # The main job on embedded defaults: synthetic MIMIC-CXR, prepared, 2-rank demo pretraining, then the
   # held-out retrieval check. Set CONVIRT_DATA / CONVIRT_RUN to use other directories.
   data="${CONVIRT_DATA:-data}" run="${CONVIRT_RUN:-runs/demo}"
@@ -187,15 +196,6 @@ if [ $# -eq 0 ] || { [ $# -eq 1 ] && [ "$1" = "--full" ]; }; then
   exit 0
 fi
 
-mpirun_args=()
-max_restarts=0
-while [ $# -gt 0 ] && [ "$1" != "--" ]; do
-  if [ "$1" = "--max-restarts" ]; then max_restarts="$2"; shift 2; continue; fi
-  mpirun_args+=("$1"); shift
-done
-shift  # the "--" (checked above)
-[ $# -gt 0 ] || { usage >&2; exit 64; }
-args=("$@")
 # Training always continues from the run directory's latest complete checkpoint, if it has one.
 if [ "${args[0]:-}" = "train" ] && ! printf '%s\n' "${args[@]}" | grep -qx -- "--resume"; then args+=(--resume); fi
 # The job, with SIGUSR1 (checkpoint and stop) passed on to mpirun, which passes it to every rank.

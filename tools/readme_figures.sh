@@ -40,7 +40,12 @@ cpu = cpu_line(open(os.path.join(work, "info.txt")).read())
 
 rows = [json.loads(line) for line in open(os.path.join(run, "metrics.jsonl"))]
 steps = rows[-1]["step"]
-batch = json.load(open(os.path.join(run, "config.json")))["global_batch"]
+config = json.load(open(os.path.join(run, "config.json")))
+batch = config["global_batch"]
+# The arithmetic the run chose (--precision auto: bf16 where the CPU has AMX-BF16 or AVX512-BF16), and
+# that of the evaluations (their manifests).
+eval_precisions = sorted({json.load(open(f)).get("precision", "?") for f in glob.glob(os.path.join(run, "eval", "*.manifest.json"))})
+precision = config["precision"] + ("" if eval_precisions in ([], [config["precision"]]) else f", evaluations {'/'.join(eval_precisions)}")
 pairs = [r["pairs_per_s"] for r in rows[1:]] or [rows[0]["pairs_per_s"]]
 pairs.sort()
 tflops = sorted(r["tflops_per_rank"] for r in rows[1:] if "tflops_per_rank" in r) or [float("nan")]
@@ -75,7 +80,7 @@ retrieval = json.load(open(os.path.join(run, "eval", "retrieval.json")))
 p = lambda mode, k: retrieval[mode][f"precision@{k}"]["mean"] * 100
 m, s = divmod(round(job_s), 60)
 lines = [
-    f"Measured by `tools/readme_figures.sh` on {cpu}:",
+    f"Measured by `tools/readme_figures.sh` on {cpu}, in {precision} (`--precision auto`):",
     f"`./launch.sh` in a fresh clone took {build_s / 60:.1f} min to build (release, once; later calls reuse the build) and then {m} min {s:02d} s",
     "for the job: synthetic data, pretraining, every evaluation and the report"
     + (f" (pretraining {stages.group(2)} s, linear evaluation, zero-shot and retrieval {stages.group(3)} s, fine-tuning {stages.group(4)} s)."

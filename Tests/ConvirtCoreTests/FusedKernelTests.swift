@@ -105,10 +105,10 @@ struct FusedKernelTests {
         // Inputs read from bf16 bits (a bf16 pass's intermediate product and output gradient): the bits of
         // the same kernels on those values as floats, with no float gradient written. The bits are read in
         // pieces of 1,009 (serial, at offsets no multiple of a vector), so that each value meets the other
-        // side's vector body in its scalar tail and the other way round: the result of an element does not
-        // depend on where a chunk starts. A NaN matches any NaN here: an AVX2 clone's vector body and its
-        // scalar tail pass on a NaN input's sign differently (which operand's NaN an operation passes on,
-        // and the sign of |x|'s NaN, are not fixed by IEEE 754), and the chunks follow the thread count.
+        // side's vector body in its scalar tail and the other way round: an element's value does not depend
+        // on where a chunk starts. A NaN matches any NaN here: an AVX2 clone's vector body and its scalar
+        // tail pass on a NaN input's sign differently (which operand's NaN an operation passes on, and the
+        // sign of |x|'s NaN, are not fixed by IEEE 754), and the chunks follow the thread count.
         let (x16, dy16) = (xs.map(BF16.bits), dy.map(BF16.bits))
         let (xRounded, dyRounded) = (x16.map(BF16.value), dy16.map(BF16.value))
         var fromBits = [UInt16](repeating: 0, count: n), fromFloats = fromBits
